@@ -1,0 +1,1 @@
+"""cryoptycho.daemon — the live reconstruction service, its CLI and its storage."""

@@ -1,0 +1,1 @@
+"""Benchmarks behind `cryoptycho bench …`; each module exposes one click command."""

@@ -1,0 +1,1 @@
+"""Files the daemon reads and writes: datasets, spools and results."""

@@ -1,0 +1,125 @@
+"""The cryoptycho dataset file (HDF5), documented in README.md § "Dataset file".
+
+Layout (all SI units; names carry their unit):
+
+    /                      attrs: format = "cryoptycho-dataset", format_version = 1
+    /frames                (K, M, M) counts, detector order (zero frequency at [M//2, M//2]),
+                           integer or float32; bitshuffle-LZ4 compressed
+    /positions_m           (K, 2) float64, (y, x) of the probe centre in the sample frame
+    /energy_eV             scalar
+    /pixel_size_m          scalar real-space pixel size   } exactly one of the two
+    /detector_pixel_angle_rad  scalar                     }
+    /mask                  (M, M) uint8, 1 = valid pixel (optional; default all valid)
+    /probe                 (M, M) complex64, sample-plane probe, centred, Σ|ψ|² = counts/pattern
+                           (optional; else /probe_model)
+    /probe_model           group with attrs kind, semiangle_rad, defocus_m, cs_m, zones,
+                           diameter_m, seed (optional)
+    /truth/object          (Ny, Nx) complex64 ground truth (simulations), attr origin_m = (y, x)
+    /truth/probe           (M, M) complex64 ground truth probe
+    /metadata              attr json = free metadata as a JSON string
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin
+import numpy as np
+
+from cryoptycho.gpu.data import ProbeModel, PtychoData
+
+FORMAT = "cryoptycho-dataset"
+FORMAT_VERSION = 1
+
+
+def compression() -> dict[str, Any]:
+    """h5py dataset options for bitshuffle-LZ4 (through hdf5plugin)."""
+    return dict(hdf5plugin.Bitshuffle(cname="lz4"))
+
+
+def write_dataset(path: str | Path, data: PtychoData) -> Path:
+    """Write ``data`` to ``path`` (overwriting)."""
+    data.validate()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        m = data.frame_shape
+        f.create_dataset("frames", data=data.frames, chunks=(min(64, len(data.frames)), *m), **compression())
+        f.create_dataset("positions_m", data=np.asarray(data.positions, dtype=np.float64))
+        f["energy_eV"] = float(data.energy)
+        if data.pixel_size is not None:
+            f["pixel_size_m"] = float(data.pixel_size)
+        else:
+            f["detector_pixel_angle_rad"] = float(data.detector_pixel_angle)  # type: ignore[arg-type]
+        if data.mask is not None:
+            f["mask"] = np.asarray(data.mask, dtype=np.uint8)
+        if data.probe is not None:
+            f["probe"] = np.asarray(data.probe, dtype=np.complex64)
+        if data.probe_model is not None:
+            g = f.create_group("probe_model")
+            pm = data.probe_model
+            g.attrs.update(
+                kind=pm.kind, semiangle_rad=pm.semiangle, cs_m=pm.cs, zones=pm.zones, seed=pm.seed
+            )
+            if pm.defocus is not None:
+                g.attrs["defocus_m"] = pm.defocus
+            if pm.diameter is not None:
+                g.attrs["diameter_m"] = pm.diameter
+        if data.truth_object is not None:
+            d = f.create_dataset("truth/object", data=np.asarray(data.truth_object, np.complex64))
+            if data.truth_origin is not None:
+                d.attrs["origin_m"] = np.asarray(data.truth_origin, dtype=np.float64)
+        if data.truth_probe is not None:
+            f["truth/probe"] = np.asarray(data.truth_probe, dtype=np.complex64)
+        f.create_group("metadata").attrs["json"] = json.dumps(data.metadata)
+    return path
+
+
+def read_dataset(path: str | Path) -> PtychoData:
+    """Read a dataset file; a missing or malformed field is a ValueError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a cryoptycho dataset (attribute 'format' != {FORMAT!r})")
+        for name in ("frames", "positions_m", "energy_eV"):
+            if name not in f:
+                raise ValueError(f"{path}: missing required dataset '/{name}'")
+        probe_model = None
+        if "probe_model" in f:
+            a = f["probe_model"].attrs
+            probe_model = ProbeModel(
+                kind=str(a["kind"]),
+                semiangle=float(a["semiangle_rad"]),
+                defocus=float(a["defocus_m"]) if "defocus_m" in a else None,
+                cs=float(a.get("cs_m", 0.0)),
+                zones=int(a.get("zones", 8)),
+                diameter=float(a["diameter_m"]) if "diameter_m" in a else None,
+                seed=int(a.get("seed", 0)),
+            )
+        truth_origin = None
+        if "truth/object" in f and "origin_m" in f["truth/object"].attrs:
+            truth_origin = tuple(float(v) for v in f["truth/object"].attrs["origin_m"])
+        meta = json.loads(f["metadata"].attrs["json"]) if "metadata" in f else {}
+        return PtychoData(
+            frames=f["frames"][()],
+            positions=f["positions_m"][()],
+            energy=float(f["energy_eV"][()]),
+            pixel_size=float(f["pixel_size_m"][()]) if "pixel_size_m" in f else None,
+            detector_pixel_angle=(
+                float(f["detector_pixel_angle_rad"][()]) if "detector_pixel_angle_rad" in f else None
+            ),
+            probe=f["probe"][()] if "probe" in f else None,
+            probe_model=probe_model,
+            mask=f["mask"][()].astype(bool) if "mask" in f else None,
+            truth_object=f["truth/object"][()] if "truth/object" in f else None,
+            truth_probe=f["truth/probe"][()] if "truth/probe" in f else None,
+            truth_origin=truth_origin,  # type: ignore[arg-type]
+            metadata=meta,
+        )

@@ -1,0 +1,1 @@
+"""The live browser viewer (`cryoptycho view`): server and static page."""

@@ -1,0 +1,184 @@
+"""The ptychographic forward model and its adjoints, for a batch of (sub-pixel) positions.
+
+Exit wave of position k:  z_k = F[ S_{δk} ψ · R_{k} T ]
+    R_k   extracts the M×M window of the object T whose top-left pixel is floor(p_k),
+    S_δ   shifts the probe by the fractional part δ_k = p_k − floor(p_k) (Fourier shift),
+    F     is the unitary 2-D FFT (zero frequency at index 0, "FFT order").
+
+Every linear piece has an adjoint here, checked by the adjoint tests. Detector frames arrive
+with zero frequency at the centre: :func:`to_fft_order` converts them once on arrival.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import array_module, complex_of, fft2, ifft2
+
+#: Fractional offsets closer than this (pixels) share one shifted probe.
+SUBPIXEL_QUANTUM = 1e-3
+
+
+def to_fft_order(frames: Any) -> Any:
+    """Detector order (zero frequency at index M//2) → FFT order (zero frequency at 0)."""
+    xp = array_module(frames)
+    return xp.fft.ifftshift(frames, axes=(-2, -1))
+
+
+def from_fft_order(frames: Any) -> Any:
+    """FFT order → detector order (zero frequency at the centre, index M//2)."""
+    xp = array_module(frames)
+    return xp.fft.fftshift(frames, axes=(-2, -1))
+
+
+@dataclass
+class Batch:
+    """Index bookkeeping for one batch of positions, computed once and reused by the adjoints."""
+
+    flat_index: Any  #: (B, M, M) int: linear index into the object of each window pixel
+    group: Any  #: (B,) int: which shifted probe each position uses
+    shifts: Any  #: (G, 2) float: fractional shift of each group's probe
+    object_shape: tuple[int, int]
+
+    @property
+    def size(self) -> int:
+        return int(self.flat_index.shape[0])
+
+
+def make_batch(pixels: Any, object_shape: tuple[int, int], probe_shape: tuple[int, int]) -> Batch:
+    """Prepare the gather/scatter indices for probe windows with top-left corners ``pixels``
+    (K, 2) in fractional object pixels. Windows must lie inside the object."""
+    xp = array_module(pixels)
+    pix = xp.asarray(pixels, dtype=np.float64).reshape(-1, 2)
+    ny, nx = object_shape
+    my, mx = probe_shape
+    corner = xp.floor(pix)
+    frac = pix - corner
+    # A fraction that rounds to 1 means the next pixel, with no shift.
+    roll = frac > 1.0 - SUBPIXEL_QUANTUM
+    corner = corner + roll
+    frac = xp.where(roll, 0.0, frac)
+    corner = corner.astype(np.int64)
+    if pix.shape[0]:
+        bad = (corner[:, 0] < 0) | (corner[:, 1] < 0) | (corner[:, 0] + my > ny) | (corner[:, 1] + mx > nx)
+        if bool(xp.any(bad)):
+            first = int(xp.argmax(bad))
+            raise ValueError(
+                f"position {first} (window at pixel {corner[first].tolist()}) lies outside the "
+                f"object canvas {object_shape} for a {probe_shape} probe"
+            )
+    rows = corner[:, 0, None] + xp.arange(my)[None, :]
+    cols = corner[:, 1, None] + xp.arange(mx)[None, :]
+    flat = rows[:, :, None] * nx + cols[:, None, :]
+    key = xp.round(frac / SUBPIXEL_QUANTUM).astype(np.int64)
+    packed = key[:, 0] * (10 * int(1 / SUBPIXEL_QUANTUM)) + key[:, 1]
+    uniq, group = xp.unique(packed, return_inverse=True)
+    scale = 10 * int(1 / SUBPIXEL_QUANTUM)
+    shifts = xp.stack([uniq // scale, uniq % scale], axis=-1).astype(np.float64) * SUBPIXEL_QUANTUM
+    return Batch(flat_index=flat, group=group.reshape(-1), shifts=shifts, object_shape=object_shape)
+
+
+def _shift_ramps(shifts: Any, shape: tuple[int, int], dtype: Any) -> Any:
+    """exp(-2πi q·δ) for each shift δ (G, 2): multiplying a spectrum by it shifts by +δ."""
+    xp = array_module(shifts)
+    qy = xp.fft.fftfreq(shape[0])[None, :, None]
+    qx = xp.fft.fftfreq(shape[1])[None, None, :]
+    phase = -2.0 * np.pi * (qy * shifts[:, 0, None, None] + qx * shifts[:, 1, None, None])
+    return xp.exp(1j * phase).astype(dtype)
+
+
+def shifted_probes(probe: Any, batch: Batch) -> Any:
+    """The G distinct shifted probes S_δ ψ, shape (G, M, M)."""
+    xp = array_module(probe)
+    if batch.shifts.shape[0] == 1 and not bool(xp.any(batch.shifts)):
+        return probe[None]
+    ramps = _shift_ramps(batch.shifts, probe.shape, complex_of(probe.dtype))
+    return ifft2(fft2(probe)[None] * ramps)
+
+
+def shift_back(per_group: Any, batch: Batch) -> Any:
+    """Adjoint of :func:`shifted_probes`: Σ_g S_{δg}^H a_g for a_g of shape (G, M, M)."""
+    xp = array_module(per_group)
+    if batch.shifts.shape[0] == 1 and not bool(xp.any(batch.shifts)):
+        return per_group[0]
+    ramps = _shift_ramps(batch.shifts, per_group.shape[-2:], per_group.dtype)
+    return ifft2((fft2(per_group) * ramps.conj()).sum(axis=0))
+
+
+def extract(obj: Any, batch: Batch) -> Any:
+    """R_k T for every position: (B, M, M) windows of the object."""
+    return obj.reshape(-1)[batch.flat_index]
+
+
+def scatter_add(windows: Any, batch: Batch) -> Any:
+    """Adjoint of :func:`extract`: Σ_k R_k^H w_k onto a zero object canvas."""
+    xp = array_module(windows)
+    n = batch.object_shape[0] * batch.object_shape[1]
+    idx = batch.flat_index.reshape(-1)
+    w = windows.reshape(-1)
+    if xp.iscomplexobj(w):
+        out = xp.bincount(idx, weights=w.real, minlength=n) + 1j * xp.bincount(
+            idx, weights=w.imag, minlength=n
+        )
+        dtype = complex_of(windows.dtype)
+    else:
+        out = xp.bincount(idx, weights=w, minlength=n)
+        dtype = windows.dtype
+    return out.astype(dtype, copy=False).reshape(batch.object_shape)
+
+
+def group_sum(per_position: Any, batch: Batch) -> Any:
+    """Sum (B, M, M) arrays over the positions of each probe-shift group → (G, M, M)."""
+    xp = array_module(per_position)
+    g = batch.shifts.shape[0]
+    if g == 1:
+        return per_position.sum(axis=0)[None]
+    out = xp.zeros((g,) + per_position.shape[1:], dtype=per_position.dtype)
+    # Loop over groups, not positions: G is small (distinct sub-pixel offsets of the batch).
+    for gi in range(g):
+        out[gi] = per_position[batch.group == gi].sum(axis=0)
+    return out
+
+
+def exit_waves(obj: Any, probe: Any, batch: Batch) -> tuple[Any, Any, Any]:
+    """Real-space exit waves (B, M, M), plus the windows and shifted probes for reuse."""
+    windows = extract(obj, batch)
+    probes = shifted_probes(probe, batch)
+    psi = probes[batch.group] if probes.shape[0] > 1 else probes
+    return psi * windows, windows, probes
+
+
+def forward(obj: Any, probe: Any, batch: Batch) -> Any:
+    """Far-field waves z_k = F[S_δ ψ · R_k T], (B, M, M), FFT order."""
+    waves, _, _ = exit_waves(obj, probe, batch)
+    return fft2(waves)
+
+
+def adjoint_object(far: Any, probe: Any, batch: Batch, probes: Any | None = None) -> Any:
+    """Adjoint of T ↦ forward(T, ψ): Σ_k R_k^H [ conj(S_δ ψ) · F^H g_k ]."""
+    if probes is None:
+        probes = shifted_probes(probe, batch)
+    psi = probes[batch.group] if probes.shape[0] > 1 else probes
+    return scatter_add(psi.conj() * ifft2(far), batch)
+
+
+def adjoint_probe(far: Any, obj: Any, batch: Batch, windows: Any | None = None) -> Any:
+    """Adjoint of ψ ↦ forward(T, ψ): Σ_g S_g^H Σ_{k∈g} conj(R_k T) · F^H g_k."""
+    if windows is None:
+        windows = extract(obj, batch)
+    return shift_back(group_sum(windows.conj() * ifft2(far), batch), batch)
+
+
+def illumination(probe: Any, batch: Batch) -> Any:
+    """Σ_k R_k^H |S_δ ψ|² — the total probe intensity at each object pixel (for step scaling
+    and coverage maps)."""
+    probes = shifted_probes(probe, batch)
+    xp = array_module(probe)
+    inten = xp.abs(probes) ** 2
+    per_pos = inten[batch.group] if probes.shape[0] > 1 else xp.broadcast_to(
+        inten, (batch.size,) + inten.shape[1:]
+    )
+    return scatter_add(per_pos, batch)

@@ -1,0 +1,1 @@
+"""The virtual microscope: specimens from atomic models, ptychography and cryo-EM simulation."""

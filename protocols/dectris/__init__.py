@@ -1,0 +1,1 @@
+"""DECTRIS SIMPLON Stream V1/V2 ingest: schema, decode, simulated senders."""
