@@ -1,0 +1,48 @@
+"""The denoiser interface behind the sparse prior (eq. 13): T_sparse = D(T).
+
+A denoiser maps a real 2-D image (NumPy or CuPy, float) and a noise level σ (None = estimate
+from the image) to a denoised image of the same shape, module and dtype. Denoisers register by
+name; ``get_denoiser("bm3d")`` is the open BM3D of :mod:`cryoptycho.gpu.bm3d` once registered,
+``"bm3d-package"`` the optional non-commercial reference implementation (extra ``[bm3d]``).
+
+Complex fields are denoised through :func:`denoise_complex` (one convention for the engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class Denoiser(Protocol):
+    def __call__(self, image: Any, sigma: float | None = None) -> Any: ...
+
+
+_REGISTRY: dict[str, Callable[..., Denoiser]] = {}
+
+
+def register_denoiser(name: str, factory: Callable[..., Denoiser]) -> None:
+    """Register ``factory(**params) -> Denoiser`` under ``name`` (later registrations win)."""
+    _REGISTRY[name] = factory
+
+
+def available_denoisers() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_denoiser(name: str, **params: Any) -> Denoiser:
+    """The denoiser registered as ``name``; a clear error lists the known names."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown denoiser {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**params)
+
+
+def _load_builtin() -> None:
+    # Import for the side effect of registration; modules that are not written yet are absent.
+    import importlib.util  # noqa: PLC0415
+
+    for mod in ("cryoptycho.gpu.bm3d", "cryoptycho.gpu.denoisers"):
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
