@@ -46,3 +46,30 @@ def _load_builtin() -> None:
     for mod in ("cryoptycho.gpu.bm3d", "cryoptycho.gpu.denoisers"):
         if importlib.util.find_spec(mod) is not None:
             importlib.import_module(mod)
+
+
+def denoise_complex(t: Any, denoiser: Denoiser, sigma: float | None = None) -> Any:
+    """Denoise a complex transmission function T with a real-image denoiser.
+
+    Convention: rotate out the mean (ice) phase, denoise the phase and the log-amplitude as two
+    real images, recombine, rotate the mean phase back. Why phase & log-amplitude rather than
+    real & imaginary parts: for a weak-phase object T ≈ exp(iφ − a) the two are the physical
+    signals (projected potential and absorption) with separate noise levels, and they are linear
+    in the potential, whereas Re/Im mix both and carry the ice phase's cos/sin. Removing the
+    mean phase first keeps φ small so the phase does not wrap inside the particle.
+    ``sigma`` (the noise level of the phase image) is passed to the denoiser for the phase; the
+    log-amplitude gets its own estimate (None).
+    """
+    from .backend import array_module  # noqa: PLC0415  (keeps the registry import-light)
+
+    xp = array_module(t)
+    mean = t.mean()
+    rot = complex(mean) / abs(complex(mean)) if abs(complex(mean)) > 0 else 1.0 + 0.0j
+    centred = t * xp.asarray(rot, dtype=t.dtype).conj()
+    real_dtype = t.real.dtype
+    phase = xp.angle(centred).astype(real_dtype, copy=False)
+    logamp = xp.log(xp.maximum(xp.abs(centred), 1e-6)).astype(real_dtype, copy=False)
+    phase_d = denoiser(phase, sigma)
+    logamp_d = denoiser(logamp, None)
+    out = xp.exp(logamp_d + 1j * phase_d).astype(t.dtype, copy=False)
+    return out * xp.asarray(rot, dtype=t.dtype)

@@ -25,6 +25,26 @@ class StreamOptions(_Strict):
     uniformly from all frames received so far)."""
     initial_capacity: int = Field(1024, ge=1)
     """Frames the store holds before it first grows (it grows geometrically, in place)."""
+    growth: float = Field(1.5, gt=1.0, le=4.0)
+    """Factor by which a full frame store grows (amortised O(1) appends)."""
+    step_size: float = Field(0.5, gt=0, le=2.0)
+    """Object step as a fraction of the illumination-normalised gradient. 0.5 is the Newton
+    step of the Poisson deviance on |z| near the fit (curvature 4 vs gradient 2(|z|−y/|z|))."""
+    probe_step_size: float = Field(0.5, gt=0, le=2.0)
+    """Probe step as a fraction of the object-intensity-normalised probe gradient."""
+    illumination_floor: float = Field(0.1, gt=0, le=10.0)
+    """δ of the preconditioner Σ|ψ|² + δ, relative to its maximum over the batch: keeps the
+    step bounded in the probe's dim tails (as rPIE's α)."""
+    memory_sweeps: float = Field(1.0, gt=0, le=1000.0)
+    """The object step is normalised by the illumination accumulated over about this many
+    sweeps of the frames received so far (exponential forgetting): fresh regions take a full
+    ePIE-like step, well-visited ones average the batches of a sweep like recursive least
+    squares, which removes the mini-batch noise floor."""
+    probe_warmup_steps: int = Field(20, ge=0)
+    """Mini-batch steps with a fixed probe before the probe joins (``refine_probe`` permitting)."""
+    canvas_slack: float = Field(0.25, ge=0, le=4.0)
+    """When a position falls outside the canvas, grow it by at least this share of its size on
+    the side that overflowed, so a scan that runs past its declared field re-pads rarely."""
 
 
 class ReconOptions(_Strict):
@@ -55,7 +75,12 @@ class ReconOptions(_Strict):
     refine_probe: bool = True
     probe_start_iteration: int = Field(10, ge=0)
 
+    chunk_size: int = Field(256, ge=1)
+    """Positions per chunk of a full-batch evaluation (bounds device memory; same result)."""
+
     init: Literal["random", "spectral", "ones"] = "random"
+    spectral_iterations: int = Field(60, ge=1)
+    """Power iterations of the spectral initialisation (paper: 50–70)."""
     init_phase_mean: float = 0.1
     init_phase_std: float = Field(0.1, ge=0)
 

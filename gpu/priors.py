@@ -1,0 +1,115 @@
+"""Priors of the MAP objective (eq. 12 and 13): Tikhonov gradient prior and the sparse
+(denoiser) prior, each as (loss, conjugate Wirtinger gradient ∂R/∂T̄).
+
+Scaling (κ). The paper's κ (after Thibault & Guizar-Sicairos 2012, ref. 42) is garbled in our
+copy; we use the form that makes μ₀ ∈ [1e-2, 1e-1] the useful range, as in ptypy's ML engine:
+
+    κ = N_m · ‖y‖₁ / (8 N_pix²) = N_m² ȳ / (8 N_pix²)
+
+with N_m the number of valid measurements, ȳ the mean count per valid measurement (so
+‖y‖₁ = N_m ȳ, the total counts) and N_pix the number of illuminated object pixels. Why: the data
+term's curvature per object pixel is the illumination, ≈ ‖y‖₁ / N_pix; the prior's is
+μ₀ κ · λ(DᵀD) with λ ≤ 8. Their ratio at the highest spatial frequency is μ₀ · N_m / N_pix,
+i.e. μ₀ times the measurement redundancy (10²–10³ in ptychography), so μ₀ = 1e-2 … 1e-1 runs
+from gentle to strong smoothing independently of dose and detector size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backend import array_module
+from .denoise import denoise_complex, get_denoiser
+
+
+def kappa(n_valid_measurements: int, mean_counts: float, n_object_pixels: int) -> float:
+    """κ of the module docstring. ``mean_counts`` is the mean count per *valid measurement*
+    (detector pixel of one pattern); ``n_object_pixels`` the illuminated object pixels."""
+    if n_valid_measurements <= 0:
+        raise ValueError(f"n_valid_measurements must be positive, got {n_valid_measurements}")
+    if not mean_counts > 0:
+        raise ValueError(f"mean_counts must be positive, got {mean_counts} (no counts recorded?)")
+    if n_object_pixels <= 0:
+        raise ValueError(f"n_object_pixels must be positive, got {n_object_pixels}")
+    n_m = float(n_valid_measurements)
+    return n_m * n_m * float(mean_counts) / (8.0 * float(n_object_pixels) ** 2)
+
+
+def _diffs(obj: Any) -> tuple[Any, Any]:
+    xp = array_module(obj)
+    return xp.diff(obj, axis=0), xp.diff(obj, axis=1)
+
+
+def tikhonov(obj: Any, weight: float) -> tuple[float, Any]:
+    """R = weight · Σ |D_y T|² + |D_x T|² (forward differences, no wrap-around) and
+    ∂R/∂T̄ = weight · (D_yᴴ D_y + D_xᴴ D_x) T."""
+    xp = array_module(obj)
+    dy, dx = _diffs(obj)
+    loss = weight * float((dy.real**2 + dy.imag**2).sum() + (dx.real**2 + dx.imag**2).sum())
+    grad = xp.zeros_like(obj)
+    # Dᴴ of a forward difference: −d on the upper pixel, +d on the lower one.
+    grad[:-1, :] -= dy
+    grad[1:, :] += dy
+    grad[:, :-1] -= dx
+    grad[:, 1:] += dx
+    return loss, grad * weight
+
+
+class SparsePrior:
+    """R = μ₁ · scale · Σ |T − T_sparse|² with T_sparse = D(T) refreshed every ``every``
+    iterations (the denoiser is costly) and held fixed in between, so the term stays a smooth
+    quadratic that the line search can trust."""
+
+    def __init__(
+        self, denoiser_name: str, mu1: float, every: int = 10, sigma: float | None = None,
+        **denoiser_params: Any,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"denoise_every must be ≥ 1, got {every}")
+        if mu1 < 0:
+            raise ValueError(f"mu1 must be ≥ 0, got {mu1}")
+        self.denoiser_name = denoiser_name
+        self.denoiser = get_denoiser(denoiser_name, **denoiser_params)
+        self.mu1 = float(mu1)
+        self.every = int(every)
+        self.sigma = sigma
+        self.target: Any | None = None
+        self.last_update: int | None = None
+
+    def update(self, obj: Any, iteration: int) -> bool:
+        """Refresh T_sparse when due; True when it changed (the objective changed with it)."""
+        due = self.target is None or (
+            self.last_update is not None and iteration - self.last_update >= self.every
+        )
+        if not due:
+            return False
+        self.target = denoise_complex(obj, self.denoiser, self.sigma)
+        self.last_update = iteration
+        return True
+
+    def term(self, obj: Any, scale: float = 1.0) -> tuple[float, Any]:
+        if self.target is None:
+            raise RuntimeError("SparsePrior.term called before update(): no denoised target yet")
+        diff = obj - self.target
+        w = self.mu1 * scale
+        return w * float((diff.real**2 + diff.imag**2).sum()), w * diff
+
+
+def prior_term(
+    obj: Any, options: Any, kappa: float, iteration: int | None = None,
+    sparse: SparsePrior | None = None,
+) -> tuple[float, Any]:
+    """The prior selected by ``options.prior`` ("none", "tikhonov", "sparse"), scaled by κ.
+    For "sparse", ``sparse`` must be given; with ``iteration`` it is refreshed when due."""
+    xp = array_module(obj)
+    if options.prior == "none":
+        return 0.0, xp.zeros_like(obj)
+    if options.prior == "tikhonov":
+        return tikhonov(obj, options.mu0 * kappa)
+    if options.prior == "sparse":
+        if sparse is None:
+            raise ValueError("prior 'sparse' needs a SparsePrior (sparse=...)")
+        if iteration is not None:
+            sparse.update(obj, iteration)
+        return sparse.term(obj, scale=kappa)
+    raise ValueError(f"unknown prior {options.prior!r}: choose none, tikhonov or sparse")

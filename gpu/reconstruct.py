@@ -1,0 +1,295 @@
+"""Offline (full-batch) reconstruction: data → device problem → MAP by nonlinear CG.
+
+The objective is  L(T, ψ) = D(T, ψ̂) + R(T),  ψ̂ = ψ · √P / ‖ψ‖:  the data term of the chosen
+noise model (Poisson deviance, or the amplitude model scaled ×2 so that both share the same
+curvature at the fit — the Gaussian NLL of √y, whose variance is ¼ — and a prior weighs the same
+against either), plus the prior. Writing the probe through its normalisation ψ̂ keeps the power
+constraint Σ|ψ̂|² = P (the measured counts per pattern) exact and the objective smooth, so CG
+needs no projection step; the chain rule gives the probe gradient (see :func:`_normalised`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .backend import array_module, asarray, complex_dtype, get_xp, real_dtype
+from .cg import minimize
+from .data import PtychoData
+from .geometry import ScanGeometry, fit_geometry
+from .init import flat_object, random_object, spectral_object
+from .objective import data_term
+from .operators import Batch, illumination, make_batch, to_fft_order
+from .options import ReconOptions
+from .priors import SparsePrior, kappa as kappa_of, prior_term
+from .probes import make_probe, normalise_probe
+from .state import ReconState
+
+#: The amplitude model's loss is doubled: Var(√y) ≈ ¼ for Poisson y, so 2(|z| − √y)² is its
+#: Gaussian NLL and matches the Poisson deviance's curvature at the fit (fair prior weights).
+AMPLITUDE_NLL_SCALE = 2.0
+
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass
+class Problem:
+    """Everything the optimiser needs, on the device."""
+
+    xp: ModuleType
+    options: ReconOptions
+    counts_fft: Any  #: (K, M, M) counts, FFT order, in the frames' own dtype
+    mask: Any | None  #: (M, M) real 0/1, FFT order; None = all valid
+    batch: Batch
+    geometry: ScanGeometry
+    probe: Any  #: initial probe, normalised to ``probe_power``
+    object: Any  #: initial object
+    positions: np.ndarray  #: (K, 2) m
+    probe_power: float  #: Σ|ψ|² = measured counts per pattern
+    kappa: float
+    energy: float
+
+
+def _as_options(options: ReconOptions | dict[str, Any] | None) -> ReconOptions:
+    if options is None:
+        return ReconOptions()
+    if isinstance(options, ReconOptions):
+        return options
+    return ReconOptions.from_dict(options)
+
+
+def measured_probe_power(counts_fft: Any, mask: Any | None, probe: Any | None = None) -> float:
+    """Mean counts per pattern, corrected for masked pixels by the share of the probe's
+    diffraction power that falls on valid pixels (without a probe: valid pixels only)."""
+    xp = array_module(counts_fft)
+    if mask is None:
+        total = float(counts_fft.sum(dtype=np.float64))
+        return total / counts_fft.shape[0]
+    total = float((counts_fft * mask).sum(dtype=np.float64))
+    share = 1.0
+    if probe is not None:
+        from .backend import fft2  # noqa: PLC0415
+
+        spec = xp.abs(fft2(probe)) ** 2
+        share = float((spec * mask).sum()) / max(float(spec.sum()), 1e-300)
+    return total / counts_fft.shape[0] / max(share, 1e-12)
+
+
+def _initial_probe(data: PtychoData, options: ReconOptions, xp: ModuleType, counts_fft: Any) -> Any:
+    m = data.frame_shape
+    if data.probe is not None:
+        return asarray(data.probe, xp, complex_dtype(options.precision))
+    if data.probe_model is not None:
+        pm = data.probe_model
+        return make_probe(
+            pm.kind, m, data.real_pixel_size, data.energy, pm.semiangle, pm.defocus, pm.cs,
+            1.0, pm.zones, pm.diameter, pm.seed, xp, options.precision,
+        )
+    if not options.refine_probe:
+        raise ValueError(
+            "the dataset has neither /probe nor /probe_model and refine_probe is off: "
+            "there is no probe to reconstruct with"
+        )
+    # No probe given: the focused probe whose vacuum pattern is the mean pattern (flat phase);
+    # probe refinement must then do the rest.
+    from .backend import ifft2  # noqa: PLC0415
+
+    mean = counts_fft.astype(real_dtype(options.precision)).mean(axis=0)
+    probe = xp.fft.fftshift(ifft2(xp.sqrt(mean).astype(complex_dtype(options.precision))))
+    return probe
+
+
+def illuminated_pixels(probe: Any, batch: Batch, threshold: float = 0.01) -> int:
+    """Object pixels whose total illumination exceeds ``threshold`` × its maximum."""
+    illum = illumination(probe, batch)
+    return int((illum > threshold * float(illum.max())).sum())
+
+
+def problem_kappa(counts_fft: Any, mask: Any | None, probe: Any, batch: Batch) -> float:
+    k, m1, m2 = counts_fft.shape
+    valid = m1 * m2 if mask is None else int(float(mask.sum()))
+    n_m = k * valid
+    total = float((counts_fft if mask is None else counts_fft * mask).sum(dtype=np.float64))
+    if total <= 0:
+        raise ValueError("the dataset holds no counts in valid pixels: nothing to reconstruct")
+    return kappa_of(n_m, total / n_m, illuminated_pixels(probe, batch))
+
+
+def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = None) -> Problem:
+    """Validate ``data`` and move it to the options' backend, with geometry, probe (normalised
+    to the measured power), initial object and κ."""
+    opts = _as_options(options)
+    data.validate()
+    xp = get_xp(opts.backend)
+    rdt = real_dtype(opts.precision)
+    m = data.frame_shape
+    counts_fft = xp.asarray(np.ascontiguousarray(to_fft_order(np.asarray(data.frames))))
+    mask = None
+    if data.mask is not None:
+        mask = xp.asarray(to_fft_order(np.asarray(data.mask, dtype=rdt)))
+        if not bool(mask.any()):
+            raise ValueError("mask marks every detector pixel invalid")
+    positions = np.asarray(data.positions, dtype=np.float64)
+    geometry = fit_geometry(positions, data.real_pixel_size, m)
+    batch = make_batch(xp.asarray(geometry.to_pixels(positions)), geometry.object_shape, m)
+    probe = _initial_probe(data, opts, xp, counts_fft)
+    power = measured_probe_power(counts_fft, mask, probe)
+    if power <= 0:
+        raise ValueError("the dataset holds no counts in valid pixels: nothing to reconstruct")
+    probe = normalise_probe(probe, power).astype(complex_dtype(opts.precision))
+    if opts.init == "random":
+        obj = random_object(geometry.object_shape, opts, xp)
+    elif opts.init == "ones":
+        obj = flat_object(geometry.object_shape, opts, xp)
+    else:
+        obj = spectral_object(
+            counts_fft, batch, probe, geometry.object_shape, mask,
+            iterations=opts.spectral_iterations, seed=opts.seed,
+        )
+    return Problem(
+        xp=xp, options=opts, counts_fft=counts_fft, mask=mask, batch=batch, geometry=geometry,
+        probe=probe, object=obj, positions=positions, probe_power=power,
+        kappa=problem_kappa(counts_fft, mask, probe, batch), energy=float(data.energy),
+    )
+
+
+def _sub_batch(batch: Batch, sl: slice) -> Batch:
+    return Batch(batch.flat_index[sl], batch.group[sl], batch.shifts, batch.object_shape)
+
+
+def _normalised(probe: Any, power: float) -> tuple[Any, float]:
+    xp = array_module(probe)
+    norm = float(xp.sqrt((probe.real**2 + probe.imag**2).sum()))
+    if norm == 0 or not math.isfinite(norm):
+        raise FloatingPointError("probe became zero or non-finite")
+    return probe * (math.sqrt(power) / norm), math.sqrt(power) / norm
+
+
+def refine_full_batch(
+    obj: Any,
+    probe: Any,
+    counts_fft: Any,
+    batch: Batch,
+    mask: Any | None,
+    options: ReconOptions | dict[str, Any],
+    iterations: int,
+    time_budget_s: float | None = None,
+    start_iteration: int = 0,
+    sparse: SparsePrior | None = None,
+    *,
+    kappa: float | None = None,
+    probe_power: float | None = None,
+    progress: Progress | None = None,
+) -> tuple[Any, Any, list[float]]:
+    """Run ``iterations`` full-batch CG iterations (numbered from ``start_iteration``) on all
+    positions of ``batch``. The probe keeps its power Σ|ψ|² (or ``probe_power``) and joins at
+    ``options.probe_start_iteration`` when ``options.refine_probe``. Returns the object, the
+    (normalised) probe and the loss after each iteration (data term + prior)."""
+    opts = _as_options(options)
+    xp = array_module(obj)
+    if counts_fft.shape[0] != batch.size:
+        raise ValueError(
+            f"counts hold {counts_fft.shape[0]} patterns but the batch has {batch.size} positions"
+        )
+    if counts_fft.shape[1:] != probe.shape:
+        raise ValueError(f"frame shape {counts_fft.shape[1:]} does not match probe {probe.shape}")
+    power = float((abs(probe) ** 2).sum()) if probe_power is None else float(probe_power)
+    kap = problem_kappa(counts_fft, mask, probe, batch) if kappa is None else float(kappa)
+    if opts.prior == "sparse" and sparse is None:
+        sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
+    if sparse is not None:
+        sparse.update(obj, start_iteration)
+    chunk = opts.chunk_size
+    slices = [slice(i, min(i + chunk, batch.size)) for i in range(0, batch.size, chunk)]
+    subs = [_sub_batch(batch, sl) for sl in slices]
+    scale = AMPLITUDE_NLL_SCALE if opts.noise_model == "amplitude" else 1.0
+
+    def fun(x: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        t = x["object"]
+        psi, s = _normalised(x["probe"], power)
+        loss = 0.0
+        g_obj = xp.zeros_like(t)
+        g_psi = xp.zeros_like(psi)
+        for sl, sub in zip(slices, subs):
+            dt = data_term(
+                t, psi, counts_fft[sl], sub, model=opts.noise_model, truncation=opts.truncation,
+                alpha_h=opts.alpha_h, mask=mask, want_probe=True,
+            )
+            loss += dt.loss
+            g_obj += dt.grad_object
+            g_psi += dt.grad_probe
+        loss *= scale
+        g_obj *= scale
+        g_psi *= scale
+        p_loss, p_grad = prior_term(t, opts, kap, None, sparse)
+        # Chain rule through ψ̂ = s ψ, s = √P/‖ψ‖: the radial part of the gradient vanishes.
+        radial = float(xp.vdot(psi.ravel(), g_psi.ravel()).real) / power
+        g_raw = s * (g_psi - radial * psi)
+        return loss + p_loss, {"object": g_obj + p_grad, "probe": g_raw}
+
+    illum = illumination(probe, batch)
+    damping = 0.05 * float(illum.max())
+    if opts.prior == "tikhonov":
+        damping += 4.0 * opts.mu0 * kap
+    elif opts.prior == "sparse":
+        damping += opts.mu1 * kap
+    precond = {
+        "object": (1.0 / (illum + damping)).astype(illum.dtype),
+        "probe": 1.0 / max(float(batch.size) * float((abs(obj) ** 2).mean()), 1e-30),
+    }
+
+    def active(it: int) -> set[str]:
+        if opts.refine_probe and it >= opts.probe_start_iteration:
+            return {"object", "probe"}
+        return {"object"}
+
+    total = start_iteration + iterations
+
+    def callback(it: int, x: dict[str, Any], loss: float) -> bool:
+        if progress is not None:
+            progress(it + 1, total, loss)
+        if sparse is not None and opts.prior == "sparse":
+            return sparse.update(x["object"], it + 1)
+        return False
+
+    budget = time_budget_s if time_budget_s is not None else opts.time_budget_s
+    res = minimize(
+        fun, {"object": obj, "probe": probe}, iterations, budget, callback, active, precond,
+        start_iteration=start_iteration,
+    )
+    final_probe, _ = _normalised(res.x["probe"], power)
+    return res.x["object"], final_probe, res.losses
+
+
+def reconstruct(
+    data: PtychoData,
+    options: ReconOptions | dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> ReconState:
+    """Full offline reconstruction of ``data``; ``progress(iteration, total, loss)`` is called
+    after each iteration."""
+    problem = prepare(data, options)
+    opts = problem.options
+    obj, probe, losses = refine_full_batch(
+        problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts,
+        opts.iterations, kappa=problem.kappa, probe_power=problem.probe_power, progress=progress,
+    )
+    state = ReconState(
+        object=obj, probe=probe, geometry=problem.geometry, iteration=len(losses),
+        options=opts.to_dict(), frames_used=int(problem.counts_fft.shape[0]),
+        positions=problem.positions, energy=problem.energy,
+    )
+    for i, value in enumerate(losses, start=1):
+        state.record_loss(i, value)
+    return state
+
+
+__all__ = [
+    "Problem", "prepare", "reconstruct", "refine_full_batch", "measured_probe_power",
+    "problem_kappa", "illuminated_pixels", "AMPLITUDE_NLL_SCALE",
+]
