@@ -1,0 +1,44 @@
+"""Errors of the wire protocol: every rejected byte is a :class:`ProtocolError` naming field and rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProtocolError(ValueError):
+    """A message broke the protocol (PROTOCOL.md § Validation).
+
+    ``field`` is the dotted path of the offending header key or array (``"data"``,
+    ``"scan.positions_m"``, ``"arrays[1].dtype"``; ``"message"`` for the multipart envelope) and
+    ``rule`` the short, stable name of the rule it broke (``"max_frame_side"``, ``"known_scan"``, …;
+    the table in PROTOCOL.md lists them all). Receivers publish and count these and carry on.
+    """
+
+    def __init__(self, field: str, rule: str, message: str, scan_id: str | None = None) -> None:
+        super().__init__(f"{field}: {message} [rule {rule}]")
+        self.field = field
+        self.rule = rule
+        self.message = message
+        self.scan_id = scan_id
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields of an ``error`` event on the publish socket."""
+        return {"field": self.field, "rule": self.rule, "message": self.message, "scan_id": self.scan_id}
+
+
+class ProducerTimeout(TimeoutError):
+    """The daemon did not take a message within the producer's send timeout (backpressure or no daemon)."""
+
+
+class ControlTimeout(TimeoutError):
+    """No reply from the control socket after every retry (Lazy Pirate gave up)."""
+
+
+class ControlError(RuntimeError):
+    """The daemon answered a control request with ``success: False``; ``reply`` holds the answer."""
+
+    def __init__(self, method: str, msg: str, reply: Any = None) -> None:
+        super().__init__(f"control method {method!r} failed: {msg}")
+        self.method = method
+        self.msg = msg
+        self.reply = reply

@@ -1,0 +1,215 @@
+"""The multipart envelope shared by every message (PROTOCOL.md § Envelope).
+
+A message is ``[header, part_1, …, part_n]``: ``header`` is a msgpack map with ``protocol``,
+``version``, ``type`` and ``arrays`` (one descriptor per following part, in order); each part is
+one array's little-endian bytes, raw or compressed. Array names are dotted paths into the header
+tree (``"scan.positions_m"``), so any message can carry arrays wherever its schema puts them.
+Receiving never copies a raw array: it is ``np.frombuffer`` over the zmq frame's own buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .compression import compress, decompress
+from .errors import ProtocolError
+from .limits import Limits
+
+PROTOCOL = "cryoptycho"
+VERSION = 1
+
+#: wire dtype name → little-endian numpy dtype (bool is one byte, 0 or 1)
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in (
+        "bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+        "float32", "float64", "complex64", "complex128",
+    )
+}
+_NAMES = {np.dtype(name).newbyteorder("="): name for name in DTYPES}
+MAX_NDIM = 4
+
+
+def wire_dtype(dtype: Any) -> str:
+    """The wire name of a numpy dtype; a dtype the protocol lacks is a ValueError naming it."""
+    dt = np.dtype(dtype).newbyteorder("=")
+    if dt not in _NAMES:
+        raise ValueError(f"dtype {np.dtype(dtype)} cannot travel; wire dtypes: {', '.join(DTYPES)}")
+    return _NAMES[dt]
+
+
+def pack(header: dict[str, Any], arrays: Mapping[str, np.ndarray], codecs: Mapping[str, str] | None = None) -> list[Any]:
+    """Header and named arrays → message parts (arrays ≥ 64 kB go out without a copy).
+
+    ``header`` must already hold ``type``; ``protocol``, ``version`` and ``arrays`` are added.
+    """
+    descriptors = []
+    parts: list[Any] = [b""]
+    for name, array in arrays.items():
+        codec = (codecs or {}).get(name, "none")
+        arr = np.ascontiguousarray(array, dtype=np.asarray(array).dtype.newbyteorder("<"))
+        if arr.ndim > MAX_NDIM:
+            raise ValueError(f"array {name!r} has {arr.ndim} dimensions; at most {MAX_NDIM} travel")
+        buf = compress(arr, codec)
+        descriptors.append(
+            {"name": name, "dtype": wire_dtype(arr.dtype), "shape": list(arr.shape),
+             "compression": codec, "nbytes": memoryview(buf).nbytes}
+        )
+        parts.append(buf)
+    head = {"protocol": PROTOCOL, "version": VERSION, **header, "arrays": descriptors}
+    parts[0] = msgpack.packb(head, use_bin_type=True)
+    return parts
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("header", "no_ext_types", f"msgpack extension type {code} is not allowed")
+
+
+def _buffer(part: Any) -> memoryview:
+    # zmq.Frame (received with copy=False) exposes its bytes without a copy via .buffer
+    buf = getattr(part, "buffer", part)
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def read_header(parts: Sequence[Any], limits: Limits) -> dict[str, Any]:
+    """Check the envelope (sizes, msgpack, protocol, version) and return the header map."""
+    if len(parts) == 0:
+        raise ProtocolError("message", "part_count", "empty message (no header part)")
+    total = sum(_buffer(p).nbytes for p in parts)
+    if total > limits.max_message_bytes:
+        raise ProtocolError(
+            "message", "max_message_bytes", f"{total} bytes exceed the limit of {limits.max_message_bytes}"
+        )
+    head = _buffer(parts[0])
+    if head.nbytes > limits.max_header_bytes:
+        raise ProtocolError(
+            "header", "max_header_bytes", f"{head.nbytes} bytes exceed the limit of {limits.max_header_bytes}"
+        )
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True, ext_hook=_no_ext, timestamp=0)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError("header", "msgpack", f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header", "map", f"header must be a msgpack map, got {type(header).__name__}")
+    if header.get("protocol") != PROTOCOL:
+        raise ProtocolError("protocol", "value", f"expected {PROTOCOL!r}, got {header.get('protocol')!r}")
+    version = header.get("version")
+    if version != VERSION or isinstance(version, bool):
+        raise ProtocolError(
+            "version", "supported", f"version {version!r} is not supported; this side speaks {VERSION}"
+        )
+    return header
+
+
+def unpack(
+    parts: Sequence[Any], limits: Limits
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, str]]:
+    """Check the envelope of a received message and decode its arrays (raw ones zero-copy).
+
+    Returns the header (with ``arrays`` removed), ``{name: array}`` and ``{name: codec}``; arrays
+    keep their wire dtype and raw ones are read-only views of the received buffers.
+    """
+    header = read_header(parts, limits)
+    views = [_buffer(p) for p in parts]
+    descriptors = header.pop("arrays", [])
+    if not isinstance(descriptors, list):
+        raise ProtocolError("arrays", "list", "arrays must be a list of descriptors")
+    if len(parts) != 1 + len(descriptors):
+        raise ProtocolError(
+            "message", "part_count", f"{len(parts)} parts, but the header describes {len(descriptors)} arrays (+1 header)"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    codecs: dict[str, str] = {}
+    for i, (desc, view) in enumerate(zip(descriptors, views[1:])):
+        name, array = _decode_array(i, desc, view, limits)
+        if name in arrays:
+            raise ProtocolError(f"arrays[{i}].name", "unique", f"array {name!r} appears twice")
+        arrays[name] = array
+        codecs[name] = desc.get("compression", "none")
+    return header, arrays, codecs
+
+
+def _decode_array(i: int, desc: Any, view: memoryview, limits: Limits) -> tuple[str, np.ndarray]:
+    where = f"arrays[{i}]"
+    if not isinstance(desc, dict):
+        raise ProtocolError(where, "map", "an array descriptor must be a map")
+    unknown = set(desc) - {"name", "dtype", "shape", "compression", "nbytes"}
+    if unknown:
+        raise ProtocolError(f"{where}.{sorted(unknown)[0]}", "extra_forbidden", "unknown descriptor key")
+    name = desc.get("name")
+    if not isinstance(name, str) or not name or len(name) > 256:
+        raise ProtocolError(f"{where}.name", "string_type", "name must be a non-empty string (≤ 256 chars)")
+    dtype_name = desc.get("dtype")
+    if dtype_name not in DTYPES:
+        raise ProtocolError(f"{where}.dtype", "allowed_dtype", f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+    shape = desc.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+    ):
+        raise ProtocolError(f"{where}.shape", "shape", f"shape must be ≤ {MAX_NDIM} non-negative integers, got {shape!r}")
+    codec = desc.get("compression", "none")
+    if codec not in limits.compressions:
+        raise ProtocolError(
+            f"{where}.compression", "allowed_compression", f"{codec!r} is not one of {', '.join(limits.compressions)}"
+        )
+    nbytes = desc.get("nbytes", view.nbytes)
+    if nbytes != view.nbytes:
+        raise ProtocolError(f"{where}.nbytes", "size_match", f"descriptor says {nbytes} bytes, part has {view.nbytes}")
+    dtype = DTYPES[dtype_name]
+    decoded = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    if decoded > limits.max_message_bytes:
+        raise ProtocolError(
+            f"{where}.shape", "max_message_bytes", f"{name!r} would decode to {decoded} bytes, over the limit"
+        )
+    if codec == "none":
+        if view.nbytes != decoded:
+            raise ProtocolError(
+                f"{where}.nbytes", "size_match", f"{name!r}: {view.nbytes} bytes for shape {shape} {dtype_name} ({decoded})"
+            )
+        array = np.frombuffer(view, dtype=dtype).reshape(shape)
+    else:
+        array = decompress(view, codec, dtype, tuple(shape), f"{where}.data")
+    return name, array
+
+
+def nest(tree: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Put arrays back into the header tree at their dotted paths (for free-form messages)."""
+    for name, array in arrays.items():
+        node = tree
+        *path, leaf = name.split(".")
+        for key in path:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ProtocolError(name, "array_path", f"array path {name!r} crosses a non-map value")
+        node[leaf] = array
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Split a tree into its msgpack-native part and its arrays (dotted path → array)."""
+    plain: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in tree.items():
+        if not isinstance(key, str) or "." in key:
+            raise ValueError(f"map keys must be strings without dots, got {key!r}")
+        path = f"{prefix}{key}"
+        if isinstance(value, np.ndarray):
+            arrays[path] = value
+        elif isinstance(value, Mapping):
+            sub, sub_arrays = flatten(value, f"{path}.")
+            plain[key] = sub
+            arrays.update(sub_arrays)
+        elif isinstance(value, np.generic):
+            plain[key] = value.item()
+        else:
+            plain[key] = value
+    return plain, arrays
