@@ -1,0 +1,90 @@
+"""Decoded DECTRIS stream messages, version-neutral (Stream V1 and V2 map onto the same records).
+
+Units are converted on decoding so that nothing downstream needs to know the detector's:
+energies in eV, lengths in metres, times in seconds, pixel coordinates as (y, x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+
+class DectrisError(Exception):
+    """Anything wrong with a DECTRIS stream."""
+
+
+class DecodeError(DectrisError):
+    """A message that cannot be decoded: truncated, malformed, or using an unknown encoding."""
+
+
+class SeriesError(DectrisError):
+    """Messages out of order: an image or end without its start, a duplicate image, …"""
+
+
+@dataclass(frozen=True)
+class SeriesStart:
+    """``start`` (V2) / ``dheader-1.0`` + config parts (V1): one per arm."""
+
+    version: int
+    series_id: int
+    series_unique_id: str | None = None
+    channels: tuple[str, ...] = ()
+    image_shape: tuple[int, int] | None = None  #: (height, width) pixels
+    image_dtype: np.dtype | None = None
+    number_of_images: int | None = None
+    energy_ev: float | None = None
+    wavelength_m: float | None = None
+    beam_center_px: tuple[float, float] | None = None  #: (y, x), detector pixels
+    pixel_size_m: tuple[float, float] | None = None  #: (y, x)
+    detector_distance_m: float | None = None
+    count_time_s: float | None = None
+    frame_time_s: float | None = None
+    saturation_value: int | None = None
+    #: channel → uint32 DECTRIS mask (0 = good pixel, bits flag gap / dead / hot / …)
+    pixel_mask: dict[str, np.ndarray] = field(default_factory=dict)
+    user_data: Any = None
+    arm_date: datetime | None = None
+    detector_description: str | None = None
+    header_detail: str | None = None  #: V1 only: all / basic / none
+    #: every decoded key of the message (unknown keys included) for callers that need more
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Image:
+    """``image`` (V2) / ``dimage-1.0`` parts (V1): one exposure, every channel."""
+
+    version: int
+    series_id: int
+    series_unique_id: str | None
+    image_id: int
+    data: dict[str, np.ndarray] = field(repr=False)  #: channel → (height, width) pixels
+    real_time_s: Fraction | None = None
+    start_time_s: Fraction | None = None
+    stop_time_s: Fraction | None = None
+    user_data: Any = None
+
+
+@dataclass(frozen=True)
+class SeriesEnd:
+    """``end`` (V2) / ``dseries_end-1.0`` (V1)."""
+
+    version: int
+    series_id: int
+    series_unique_id: str | None = None
+
+
+Message = SeriesStart | Image | SeriesEnd
+
+#: V2 typed-array tags (RFC 8746) → numpy dtype; 68 is uint8 "clamped", same bytes
+TYPED_ARRAY_DTYPES: dict[int, str] = {
+    64: "u1", 65: ">u2", 66: ">u4", 67: ">u8", 68: "u1", 69: "<u2", 70: "<u4", 71: "<u8",
+    72: "i1", 73: ">i2", 74: ">i4", 75: ">i8", 77: "<i2", 78: "<i4", 79: "<i8",
+    80: ">f2", 81: ">f4", 82: ">f8", 84: "<f2", 85: "<f4", 86: "<f8",
+}
+DTYPE_TYPED_ARRAY_TAGS: dict[str, int] = {"uint8": 64, "uint16": 69, "uint32": 70, "float32": 85}
