@@ -1,0 +1,144 @@
+"""One BM3D stage over the whole image: tiles → block matching → collaborative filter → aggregation.
+
+Tiles partition the *reference blocks*; each tile carries the image margin its search windows
+need, so every reference block sees exactly the candidates it would see in an untiled run and
+tiling changes only the order of floating-point additions in the aggregation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .backend import array_module
+from .bm3d_matching import Matches, match_blocks, reference_grid
+from .bm3d_transforms import block_transform, haar_matrix, kaiser_window
+
+
+def filter_stage(
+    noisy: Any,
+    basic: Any | None,
+    sigma: float,
+    params: Any,
+    lambda_3d: float,
+    tile_refs: int,
+) -> Any:
+    """Hard-thresholding stage (``basic`` None) or Wiener stage (guided by ``basic``).
+
+    ``noisy`` and ``basic`` are on the 0–255 working scale, ``sigma`` too.
+    """
+    xp = array_module(noisy)
+    dtype = noisy.dtype
+    h, w = noisy.shape
+    b = params.block
+    half = params.window // 2
+    grid_y = reference_grid(h, b, params.step)
+    grid_x = reference_grid(w, b, params.step)
+    numerator = xp.zeros(h * w, dtype=np.float64)
+    denominator = xp.zeros(h * w, dtype=np.float64)
+    fwd_host, inv_host = block_transform(params.transform, b)
+    fwd = xp.asarray(fwd_host, dtype=dtype)
+    inv = xp.asarray(inv_host, dtype=dtype)
+    kaiser = xp.asarray(kaiser_window(b, params.beta), dtype=dtype)
+    guide_image = noisy if basic is None else basic
+
+    for ty in range(0, grid_y.size, tile_refs):
+        refs_y = grid_y[ty : ty + tile_refs]
+        y_lo = max(0, int(refs_y[0]) - half)
+        y_hi = min(h, int(refs_y[-1]) + half + b)
+        for tx in range(0, grid_x.size, tile_refs):
+            refs_x = grid_x[tx : tx + tile_refs]
+            x_lo = max(0, int(refs_x[0]) - half)
+            x_hi = min(w, int(refs_x[-1]) + half + b)
+            guide = guide_image[y_lo:y_hi, x_lo:x_hi]
+            matches = match_blocks(
+                guide,
+                refs_y - y_lo,
+                refs_x - x_lo,
+                block=b,
+                window=params.window,
+                max_group=params.max_group,
+                tau=params.tau_match,
+            )
+            spectra_noisy = _block_spectra(noisy[y_lo:y_hi, x_lo:x_hi], fwd)
+            spectra_basic = None if basic is None else _block_spectra(guide, fwd)
+            for size in _sizes(matches, params.max_group):
+                sel = xp.nonzero(matches.size == size)[0]
+                if sel.size == 0:
+                    continue
+                gy = matches.ys[sel, :size]
+                gx = matches.xs[sel, :size]
+                group = spectra_noisy[gy, gx]  # (n, size, b, b)
+                haar = xp.asarray(haar_matrix(size), dtype=dtype)
+                if spectra_basic is None:
+                    blocks, weight = _hard_threshold(group, haar, inv, sigma * lambda_3d, sigma)
+                else:
+                    guide_group = spectra_basic[gy, gx]
+                    blocks, weight = _wiener(group, guide_group, haar, inv, sigma)
+                _aggregate(
+                    numerator, denominator, blocks, weight, kaiser, gy + y_lo, gx + x_lo, w
+                )
+    return (numerator / denominator).reshape(h, w).astype(dtype)
+
+
+def _sizes(matches: Matches, max_group: int) -> list[int]:
+    sizes, s = [], 1
+    while s <= max_group:
+        sizes.append(s)
+        s *= 2
+    return sizes
+
+
+def _block_spectra(tile: Any, fwd: Any) -> Any:
+    """2-D transform of every block of the tile: (h-b+1, w-b+1, b, b)."""
+    xp = array_module(tile)
+    b = fwd.shape[0]
+    blocks = xp.lib.stride_tricks.sliding_window_view(tile, (b, b))
+    return fwd @ blocks @ fwd.T
+
+
+def _hard_threshold(group: Any, haar: Any, inv: Any, threshold: float, sigma: float) -> tuple:
+    xp = array_module(group)
+    spec = xp.einsum("ij,njab->niab", haar, group)
+    keep = xp.abs(spec) > threshold
+    spec = spec * keep
+    nonzero = keep.sum(axis=(1, 2, 3))
+    # Fewer retained coefficients = less residual noise in the group estimate = more weight.
+    weight = 1.0 / (sigma**2 * xp.maximum(nonzero, 1).astype(group.dtype))
+    blocks = inv @ xp.einsum("ji,njab->niab", haar, spec) @ inv.T
+    return blocks, weight
+
+
+def _wiener(group: Any, guide: Any, haar: Any, inv: Any, sigma: float) -> tuple:
+    xp = array_module(group)
+    spec = xp.einsum("ij,njab->niab", haar, group)
+    energy = xp.einsum("ij,njab->niab", haar, guide) ** 2
+    gain = energy / (energy + sigma**2)
+    spec = spec * gain
+    weight = 1.0 / (sigma**2 * xp.maximum((gain**2).sum(axis=(1, 2, 3)), 1e-12))
+    blocks = inv @ xp.einsum("ji,njab->niab", haar, spec) @ inv.T
+    return blocks, weight.astype(group.dtype)
+
+
+def _aggregate(
+    numerator: Any,
+    denominator: Any,
+    blocks: Any,
+    weight: Any,
+    kaiser: Any,
+    ys: Any,
+    xs: Any,
+    width: int,
+) -> None:
+    """Add weighted blocks (n, s, b, b) with corners (ys, xs) (n, s) into the flat accumulators."""
+    xp = array_module(blocks)
+    b = blocks.shape[-1]
+    ar = xp.arange(b)
+    flat = (ys[:, :, None, None] + ar[:, None]) * width + (xs[:, :, None, None] + ar[None, :])
+    flat = flat.reshape(-1)
+    wk = weight[:, None, None, None] * kaiser  # (n, 1, b, b)
+    n = numerator.size
+    numerator += xp.bincount(flat, weights=(blocks * wk).reshape(-1), minlength=n)
+    wk_full = xp.broadcast_to(wk, blocks.shape)
+    denominator += xp.bincount(flat, weights=wk_full.reshape(-1), minlength=n)
