@@ -1,0 +1,185 @@
+"""Configuration of `cryoptycho serve`: one validated settings object.
+
+Precedence (lowest first): built-in defaults < environment (``CRYOPTYCHO_<KEY>``, nested keys with
+``__``, e.g. ``CRYOPTYCHO_OPTIONS__ITERATIONS=50``) < TOML file (``--config``) < command line.
+The TOML file is read here rather than by pydantic-settings' own TOML source so that an unknown key
+is reported with the file it came from (the model itself forbids unknown keys too).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cryoptycho.gpu.options import ReconOptions
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "CRYOPTYCHO_"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key and its source."""
+
+
+class ServiceConfig(BaseSettings):
+    """Every setting of the live service. Units are in the names (``_s``, ``_bytes``, ``_hz``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    ingest: str = "tcp://127.0.0.1:5600"
+    """Endpoint the ingest PULL socket binds (producers PUSH scans here)."""
+    publish: str = "tcp://127.0.0.1:5601"
+    """Endpoint the PUB socket binds (previews, metrics, results, events)."""
+    control: str = "tcp://127.0.0.1:5602"
+    """Endpoint the control ROUTER socket binds."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9640, ge=0, le=65535)
+    """Prometheus HTTP port; 0 picks a free port (reported by the control `status` reply)."""
+    metrics_enabled: bool = True
+
+    spool_dir: Path = Path("cryoptycho-spool")
+    """Every received frame is written here before it counts as received."""
+    results_dir: Path = Path("cryoptycho-results")
+    spool_fsync: bool = False
+    """fsync the spool after every message (survives power loss, not only a process crash)."""
+    keep_spool: bool = False
+    """Keep a finished scan's spool file (its raw frames are copied into the result file anyway)."""
+    recover: bool = True
+    """At start, finish the unfinished scans found in the spool directory."""
+    recover_wait_s: float = Field(30.0, ge=0)
+    """A recovered scan whose producer never sent scan_end waits this long for more frames."""
+    acquisition_timeout_s: float = Field(600.0, gt=0)
+    """A scan that receives nothing for this long while acquiring is ended with what it has."""
+
+    drain_timeout_s: float = Field(20.0, ge=0)
+    """On SIGTERM, how long workers get to checkpoint before the service exits anyway."""
+
+    max_concurrent_scans: int = Field(2, ge=1)
+    """Scans reconstructed at the same time; further scans are spooled and queued."""
+    max_queued_scans: int = Field(8, ge=0)
+    host_memory_budget_bytes: int = Field(8 * 2**30, gt=0)
+    """Host memory all running scans together may use (engine estimate)."""
+    device_memory_budget_bytes: int | None = Field(None, gt=0)
+    """GPU memory budget (CuPy backend); None = the device's free memory at scan start."""
+    queue_capacity_frames: int = Field(65536, ge=1)
+    """Frames waiting for a scan's worker; beyond this, ingest of that scan is paused (backpressure)."""
+
+    preview_hz: float = Field(5.0, gt=0, le=100)
+    """Live previews per second per scan (latest-only)."""
+    metrics_publish_hz: float = Field(2.0, gt=0, le=100)
+    resolution_interval_s: float = Field(20.0, ge=0)
+    """Period of the live half-set FRC resolution estimate; 0 disables it."""
+    resolution_share: float = Field(0.25, gt=0, le=1)
+    """Share of a worker's compute the two half-set reconstructions may take."""
+    refine_time_budget_s: float = Field(60.0, gt=0)
+    """Budget of the full-batch refinement after scan_end (options.time_budget_s wins if smaller)."""
+    divergence_factor: float = Field(1e3, gt=1)
+    """A loss this many times above the best so far counts as divergence (rolled back)."""
+    max_rollbacks: int = Field(3, ge=0)
+
+    options: ReconOptions = Field(default_factory=ReconOptions)
+    """Default reconstruction options; a scan's overrides are merged on top."""
+
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    watchdog: bool = True
+    """Send WATCHDOG=1 to systemd from the main loop when $WATCHDOG_USEC is set."""
+
+    @field_validator("ingest", "publish", "control")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(f"must be a ZeroMQ endpoint like tcp://127.0.0.1:5600, got {value!r}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (TOML merged with CLI by load_config) beats the environment; no dotenv/secret files.
+        return (init_settings, env_settings)
+
+
+def _check_keys(table: dict[str, Any], model: type, where: str, prefix: str = "") -> None:
+    fields = model.model_fields  # type: ignore[attr-defined]
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}' (known: {', '.join(sorted(fields))})")
+        sub = fields[key].annotation
+        if isinstance(value, dict) and isinstance(sub, type) and hasattr(sub, "model_fields"):
+            _check_keys(value, sub, where, f"{prefix}{key}.")
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The settings table of a TOML file (top level, or a ``[cryoptycho]`` table if present)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if set(table) == {"cryoptycho"} and isinstance(table["cryoptycho"], dict):
+        table = table["cryoptycho"]
+    _check_keys(table, ServiceConfig, str(path))
+    return table
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServiceConfig:
+    """Build the configuration: defaults < environment < ``path`` (TOML) < ``overrides`` (CLI).
+
+    ``overrides`` may hold nested dicts (``{"options": {"iterations": 5}}``); ``None`` values are
+    ignored so that unset command-line flags do not mask the file or the environment.
+    """
+    init: dict[str, Any] = read_toml(path) if path is not None else {}
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_keys(cli, ServiceConfig, "command line")
+    init = _deep_merge(init, cli)
+    if "options" in init:
+        # ReconOptions is a plain model: merge the environment's nested options below the file's.
+        env_cfg = _env_only()
+        init["options"] = _deep_merge(env_cfg.options.to_dict(), init["options"])
+    try:
+        return ServiceConfig(**init)
+    except ValidationError as exc:
+        source = f"{path} / environment / command line" if path else "environment / command line"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration ({source}): {problems}") from None
+
+
+def _env_only() -> ServiceConfig:
+    try:
+        return ServiceConfig()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid environment configuration: {problems}") from None

@@ -1,0 +1,137 @@
+"""The hand-over from worker threads to the PUB socket, which only the manager thread touches.
+
+ZeroMQ sockets are not thread-safe, so workers never send: they :meth:`Outbox.post` events and
+:meth:`Outbox.offer` previews/metrics, and wake the manager's poller through a socketpair. Previews
+and metrics are *latest-only* per (scan, topic): a preview that was not yet sent when a newer one
+arrives is replaced, so a slow publisher path never builds a backlog of stale images. Events and
+results are never dropped (FIFO). Slow *subscribers* are handled by ZeroMQ itself: the PUB socket
+drops messages for a subscriber whose queue (SNDHWM) is full, so ingest never waits for viewers.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+import numpy as np
+
+#: (topic, payload dict); the manager turns payloads into wire messages
+Post = tuple[str, dict[str, Any]]
+
+
+class Outbox:
+    """Thread-safe outbox with a wake-up file descriptor for a zmq Poller."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fifo: deque[Post] = deque()
+        self._latest: OrderedDict[tuple[str, str], Post] = OrderedDict()
+        self._rx, self._tx = socket.socketpair()
+        self._rx.setblocking(False)
+        self._tx.setblocking(False)
+        self.replaced = 0  #: latest-only posts superseded before they were sent
+
+    @property
+    def fd(self) -> int:
+        """Readable when something was posted; register it with ``zmq.Poller``."""
+        return self._rx.fileno()
+
+    def post(self, topic: str, payload: dict[str, Any]) -> None:
+        """Queue an event or result; delivered in order, never dropped."""
+        with self._lock:
+            self._fifo.append((topic, payload))
+        self.wake()
+
+    def offer(self, scan_id: str, topic: str, payload: dict[str, Any]) -> None:
+        """Offer the latest preview/metrics of a scan; replaces an unsent one of the same topic."""
+        key = (scan_id, topic)
+        with self._lock:
+            if key in self._latest:
+                self.replaced += 1
+                del self._latest[key]
+            self._latest[key] = (topic, payload)
+        self.wake()
+
+    def take(self) -> list[Post]:
+        """Everything pending: events first (in order), then the latest previews/metrics."""
+        try:
+            while self._rx.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            out = list(self._fifo) + list(self._latest.values())
+            self._fifo.clear()
+            self._latest.clear()
+        return out
+
+    def wake(self) -> None:
+        """Wake the manager's poller (used by workers that exit)."""
+        try:
+            self._tx.send(b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the manager is already due to wake up
+
+    def close(self) -> None:
+        self._rx.close()
+        self._tx.close()
+
+
+def to_message(topic: str, payload: Any) -> Any:
+    """The wire message for an outbox post (posts may already be messages)."""
+    from cryoptycho.protocols import messages as m
+
+    if not isinstance(payload, dict):
+        return payload
+    p = payload
+    if topic == "preview":
+        obj = np.asarray(p["object"])
+        return m.Preview(
+            scan_id=p["scan_id"], iteration=p["iteration"], frames_used=p["frames_used"],
+            pixel_size_m=p["pixel_size_m"], origin_m=tuple(p["origin_m"]),
+            object_phase=np.angle(obj).astype(np.float32), probe=np.asarray(p["probe"], np.complex64),
+            object_amplitude=np.abs(obj).astype(np.float32), coverage=p.get("coverage"), time_s=time.time(),
+        )
+    if topic == "metrics":
+        frames = p.get("frames", {})
+        res = p.get("resolution_m")
+        return m.Metrics(
+            scan_id=p["scan_id"], frames_received=int(frames.get("received", 0)),
+            frames_used=int(p.get("frames_used") or 0), frames_dropped=int(frames.get("duplicates", 0)),
+            iteration=int(p.get("iteration") or 0), loss=_finite(p.get("loss")),
+            resolution_m=res if res is not None and np.isfinite(res) and res > 0 else None,
+            latency_s=_finite(p.get("latency_s")), state=str(p.get("state", "")), time_s=time.time(),
+        )
+    if topic == "result":
+        return m.Result(
+            scan_id=p["scan_id"], iterations=int(p["iteration"]), pixel_size_m=p["pixel_size_m"],
+            origin_m=tuple(p["origin_m"]), object=np.asarray(p["object"], np.complex64),
+            probe=np.asarray(p["probe"], np.complex64), positions_m=np.asarray(p["positions_m"], np.float64),
+            loss=_finite(p.get("loss")), files={"result": p["result_path"]} if p.get("result_path") else {},
+            metadata={"resolution_m": _finite(p.get("resolution_m"))}, time_s=time.time(),
+        )
+    if topic == "error":
+        return m.ErrorEvent(field=p["field"], rule=p["rule"], message=p["message"],
+                            scan_id=p.get("scan_id"), time_s=time.time())
+    if topic.startswith("scan."):
+        info = {k: v for k, v in p.items() if k not in ("scan_id", "reason")}
+        return m.ScanEvent(scan_id=p["scan_id"], event=topic[5:], reason=str(p.get("reason", "")),
+                           info=_jsonable(info), time_s=time.time())
+    raise ValueError(f"no wire message for outbox topic {topic!r}")
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

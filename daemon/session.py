@@ -1,0 +1,184 @@
+"""One scan's session: its state machine, its frame ledger and its engine-facing description.
+
+States: announced → acquiring → refining → finished, or aborted / failed from any live state.
+The manager thread owns every Session; workers report through their queues and the Session's
+``lock``-protected fields (state, figures) that the control handlers read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+
+class State(str, Enum):
+    ANNOUNCED = "announced"
+    ACQUIRING = "acquiring"
+    REFINING = "refining"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (State.FINISHED, State.ABORTED, State.FAILED)
+
+
+STATES = tuple(s.value for s in State)
+OUTCOMES = ("finished", "aborted", "failed", "refused")
+#: why a frame that arrived was not used; the metric label values
+DROP_REASONS = ("duplicate", "invalid", "unknown_scan", "scan_closed", "cancelled", "out_of_field")
+
+_ALLOWED = {
+    State.ANNOUNCED: {State.ACQUIRING, State.REFINING, State.ABORTED, State.FAILED},
+    State.ACQUIRING: {State.REFINING, State.ABORTED, State.FAILED},
+    State.REFINING: {State.FINISHED, State.ABORTED, State.FAILED},
+}
+
+
+class TransitionError(RuntimeError):
+    pass
+
+
+@dataclass
+class ScanSpec:
+    """Everything the engine needs to know about a scan, independent of the wire format."""
+
+    scan_id: str
+    frame_shape: tuple[int, int]
+    frame_dtype: str
+    pixel_size_m: float
+    energy_eV: float
+    probe: np.ndarray  #: (M, M) complex, sample plane, centred
+    expected_frames: int | None = None
+    positions_m: np.ndarray | None = None  #: (K, 2) if declared up front
+    extent_m: tuple[tuple[float, float], tuple[float, float]] | None = None
+    mask: np.ndarray | None = None  #: (M, M) bool, detector order, True = valid
+    options: dict[str, Any] = field(default_factory=dict)  #: overrides merged on the service defaults
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def field_px(self) -> tuple[int, int]:
+        """Object canvas (pixels) the declared field needs: extent plus one probe window."""
+        m = self.frame_shape
+        if self.extent_m is None:
+            return (2 * m[0], 2 * m[1])
+        (y0, y1), (x0, x1) = self.extent_m
+        return (
+            int(np.ceil((y1 - y0) / self.pixel_size_m)) + m[0] + 5,
+            int(np.ceil((x1 - x0) / self.pixel_size_m)) + m[1] + 5,
+        )
+
+
+class FrameLedger:
+    """Which frame indices have arrived: detects duplicates, reordering and (at the end) gaps."""
+
+    def __init__(self, expected: int | None = None) -> None:
+        self._seen = np.zeros(max(expected or 0, 1024), dtype=bool)
+        self.expected = expected
+        self.received = 0
+        self.duplicates = 0
+        self.reordered = 0
+        self.highest = -1
+
+    def admit(self, indices: np.ndarray) -> np.ndarray:
+        """Boolean mask of the indices to keep (first arrival); updates the counters."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and idx.min() < 0:
+            raise ValueError("frame indices must be non-negative")
+        top = int(idx.max()) + 1 if idx.size else 0
+        if top > self._seen.size:
+            grown = np.zeros(max(top, 2 * self._seen.size), dtype=bool)
+            grown[: self._seen.size] = self._seen
+            self._seen = grown
+        keep = ~self._seen[idx]
+        # duplicates inside this very batch: keep the first occurrence only
+        _, first = np.unique(idx, return_index=True)
+        unique_mask = np.zeros(idx.size, dtype=bool)
+        unique_mask[first] = True
+        keep &= unique_mask
+        self.duplicates += int(idx.size - keep.sum())
+        kept = idx[keep]
+        self._seen[kept] = True
+        self.received += int(kept.size)
+        # a kept index below the highest seen so far arrived out of order
+        running = np.maximum.accumulate(np.concatenate([[self.highest], kept]))[:-1]
+        self.reordered += int((kept < running).sum())
+        if kept.size:
+            self.highest = max(self.highest, int(kept.max()))
+        return keep
+
+    @property
+    def gaps(self) -> int:
+        """Indices below the expected count (or the highest seen) that never arrived."""
+        top = self.expected if self.expected is not None else self.highest + 1
+        return int(top - self._seen[:top].sum()) if top > 0 else 0
+
+    def missing(self, limit: int = 100) -> list[int]:
+        top = self.expected if self.expected is not None else self.highest + 1
+        return [int(i) for i in np.flatnonzero(~self._seen[:top])[:limit]]
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "received": self.received,
+            "duplicates": self.duplicates,
+            "reordered": self.reordered,
+            "gaps": self.gaps,
+            "highest_index": self.highest,
+        }
+
+
+class Session:
+    """A scan's live record. Mutations of ``state`` go through :meth:`transition`."""
+
+    def __init__(self, spec: ScanSpec, reserved_bytes: dict[str, int], recovered: bool = False) -> None:
+        self.spec = spec
+        self.scan_id = spec.scan_id
+        self.reserved_bytes = reserved_bytes
+        self.recovered = recovered
+        self.lock = threading.Lock()
+        self.state = State.ANNOUNCED
+        self.ledger = FrameLedger(spec.expected_frames)
+        self.created = time.time()
+        self.last_activity = time.monotonic()
+        self.ended = False  #: scan_end received (or implied)
+        self.end_count: int | None = None
+        self.started = False  #: a worker has been given this scan
+        self.error: str | None = None
+        self.result_path: str | None = None
+        self.figures: dict[str, Any] = {}  #: latest engine figures (iteration, loss, resolution, …)
+        self.worker: Any = None
+
+    def transition(self, new: State, error: str | None = None) -> bool:
+        """Move to ``new``; False (and no change) if the session is already final."""
+        with self.lock:
+            if self.state.final:
+                return False
+            if new not in _ALLOWED[self.state]:
+                raise TransitionError(f"scan {self.scan_id}: cannot go from {self.state.value} to {new.value}")
+            self.state = new
+            if error is not None:
+                self.error = error
+            return True
+
+    def update_figures(self, **values: Any) -> None:
+        with self.lock:
+            self.figures.update(values)
+
+    def summary(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "scan_id": self.scan_id,
+                "state": self.state.value,
+                "frames": self.ledger.as_dict(),
+                "expected_frames": self.spec.expected_frames,
+                "recovered": self.recovered,
+                "error": self.error,
+                "result_path": self.result_path,
+                "created": self.created,
+                **{k: v for k, v in self.figures.items() if np.isscalar(v) or v is None},
+            }

@@ -1,0 +1,239 @@
+"""The spool: every received frame on disk before it counts as received.
+
+One HDF5 file per scan, ``<spool_dir>/<scan_id>.spool.h5``, whose raw part follows the
+NXcxi_ptycho / CXI layout, so a spool file is also a valid raw-data file:
+
+    /                                   attrs format="cryoptycho-spool", format_version, scan_id,
+                                        status ∈ {open, ended, finished, aborted, failed}
+    /scan                               attrs json = the scan description (ScanSpec without arrays)
+    /scan/probe  /scan/mask  /scan/positions_declared_m          (when given)
+    /entry_1                            NXentry, definition = NXcxi_ptycho
+    /entry_1/data_1/data                (K, M, M) frames, wire dtype, bitshuffle-LZ4, resizable
+    /entry_1/data_1/frame_index         (K,) int64, the producer's frame indices
+    /entry_1/data_1/positions_m         (K, 2) float64 (y, x) probe centres
+    /entry_1/sample_1/geometry_1/translation   (K, 3) float64 (x, y, z) m, CXI order
+    /entry_1/instrument_1/detector_1/data      hard link to /entry_1/data_1/data
+    /entry_1/instrument_1/source_1/energy      J (CXI unit)
+
+``/entry_1/data_1`` attr ``count`` is written *after* the rows and before the flush: a crash
+mid-append leaves the previous count, so a reader never sees a half-written frame.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from cryoptycho.daemon.session import ScanSpec
+from cryoptycho.daemon.storage.dataset import compression
+
+FORMAT = "cryoptycho-spool"
+FORMAT_VERSION = 1
+SUFFIX = ".spool.h5"
+_ELECTRON_VOLT_J = 1.602176634e-19
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+DATA = "entry_1/data_1"
+
+
+def spool_path(spool_dir: str | Path, scan_id: str) -> Path:
+    if not _SAFE_ID.match(scan_id) or scan_id.startswith("."):
+        raise ValueError(
+            f"scan_id {scan_id!r} cannot name a spool file: use 1-200 of A-Z a-z 0-9 . _ : -"
+        )
+    return Path(spool_dir) / f"{scan_id.replace(':', '_')}{SUFFIX}"
+
+
+def _spec_header(spec: ScanSpec) -> str:
+    return json.dumps(
+        {
+            "scan_id": spec.scan_id,
+            "frame_shape": list(spec.frame_shape),
+            "frame_dtype": spec.frame_dtype,
+            "pixel_size_m": spec.pixel_size_m,
+            "energy_eV": spec.energy_eV,
+            "expected_frames": spec.expected_frames,
+            "extent_m": spec.extent_m,
+            "options": spec.options,
+            "metadata": spec.metadata,
+        }
+    )
+
+
+class SpoolWriter:
+    """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
+
+    def __init__(self, path: Path, file: h5py.File, fsync: bool = False) -> None:
+        self.path = path
+        self._f = file
+        self._fsync = fsync
+        g = file[DATA]
+        self._data = g["data"]
+        self._index = g["frame_index"]
+        self._pos = g["positions_m"]
+        self._xyz = file["entry_1/sample_1/geometry_1/translation"]
+        self.count = int(g.attrs["count"])
+
+    @classmethod
+    def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False) -> SpoolWriter:
+        path = spool_path(spool_dir, spec.scan_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            raise FileExistsError(f"spool file {path} already exists (scan_id {spec.scan_id!r} reused)")
+        m = spec.frame_shape
+        f = h5py.File(path, "w")
+        try:
+            f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, scan_id=spec.scan_id, status="open")
+            s = f.create_group("scan")
+            s.attrs["json"] = _spec_header(spec)
+            s["probe"] = np.asarray(spec.probe, dtype=np.complex64)
+            if spec.mask is not None:
+                s["mask"] = np.asarray(spec.mask, dtype=np.uint8)
+            if spec.positions_m is not None:
+                s["positions_declared_m"] = np.asarray(spec.positions_m, dtype=np.float64)
+            entry = f.create_group("entry_1")
+            entry.attrs["NX_class"] = "NXentry"
+            entry["definition"] = "NXcxi_ptycho"
+            g = entry.create_group("data_1")
+            g.attrs["NX_class"] = "NXdata"
+            g.attrs["count"] = 0
+            chunk = max(1, min(64, (1 << 20) // max(1, m[0] * m[1] * np.dtype(spec.frame_dtype).itemsize)))
+            g.create_dataset(
+                "data", shape=(0, *m), maxshape=(None, *m), dtype=spec.frame_dtype,
+                chunks=(chunk, *m), **compression(),
+            )
+            g.create_dataset("frame_index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+            g.create_dataset("positions_m", shape=(0, 2), maxshape=(None, 2), dtype=np.float64, chunks=(4096, 2))
+            geo = entry.create_group("sample_1/geometry_1")
+            geo.create_dataset("translation", shape=(0, 3), maxshape=(None, 3), dtype=np.float64, chunks=(4096, 3))
+            det = entry.create_group("instrument_1/detector_1")
+            det["data"] = g["data"]
+            det["x_pixel_size"] = spec.pixel_size_m  # real-space pixel size of the frames' sampling
+            det["y_pixel_size"] = spec.pixel_size_m
+            entry["instrument_1/source_1/energy"] = spec.energy_eV * _ELECTRON_VOLT_J
+            f.flush()
+        except BaseException:
+            f.close()
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, f, fsync)
+
+    @classmethod
+    def reopen(cls, path: str | Path, fsync: bool = False) -> SpoolWriter:
+        """Append to an existing spool file (recovery): rows beyond ``count`` are discarded."""
+        f = h5py.File(path, "r+")
+        writer = cls(Path(path), f, fsync)
+        writer._truncate(writer.count)
+        return writer
+
+    def _truncate(self, n: int) -> None:
+        for ds in (self._data, self._index, self._pos, self._xyz):
+            if ds.shape[0] != n:
+                ds.resize(n, axis=0)
+
+    def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray) -> None:
+        """Write a batch of frames (wire dtype), their indices and (y, x) positions, then flush."""
+        n = len(frames)
+        if n == 0:
+            return
+        k = self.count
+        self._truncate(k + n)
+        self._data[k:] = frames
+        self._index[k:] = indices
+        self._pos[k:] = positions_m
+        xyz = np.zeros((n, 3))
+        xyz[:, 0] = positions_m[:, 1]
+        xyz[:, 1] = positions_m[:, 0]
+        self._xyz[k:] = xyz
+        self._f[DATA].attrs["count"] = k + n  # commit point: rows first, then the count
+        self._flush()
+        self.count = k + n
+
+    def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frames, indices and positions of rows [start, stop) (the writer's own view)."""
+        stop = self.count if stop is None else min(stop, self.count)
+        return self._data[start:stop], self._index[start:stop], self._pos[start:stop]
+
+    def set_status(self, status: str) -> None:
+        self._f.attrs["status"] = status
+        self._flush()
+
+    def _flush(self) -> None:
+        self._f.flush()
+        if self._fsync:
+            os.fsync(self._f.id.get_vfd_handle())
+
+    @property
+    def raw_group(self) -> h5py.Group:
+        return self._f["entry_1"]
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+
+@dataclass
+class SpoolContents:
+    path: Path
+    status: str
+    spec: ScanSpec
+    frames: np.ndarray
+    indices: np.ndarray
+    positions_m: np.ndarray
+
+
+def read_spool(path: str | Path, frames: bool = True) -> SpoolContents:
+    """Read a spool file (committed rows only); a malformed file is a ValueError naming the problem."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a cryoptycho spool file (attribute 'format' != {FORMAT!r})")
+        for name in ("scan", DATA + "/data", DATA + "/frame_index", DATA + "/positions_m"):
+            if name not in f:
+                raise ValueError(f"{path}: missing '/{name}'")
+        head: dict[str, Any] = json.loads(f["scan"].attrs["json"])
+        g = f[DATA]
+        n = int(g.attrs["count"])
+        ext = head.get("extent_m")
+        spec = ScanSpec(
+            scan_id=head["scan_id"],
+            frame_shape=tuple(head["frame_shape"]),  # type: ignore[arg-type]
+            frame_dtype=head["frame_dtype"],
+            pixel_size_m=float(head["pixel_size_m"]),
+            energy_eV=float(head["energy_eV"]),
+            probe=f["scan/probe"][()],
+            expected_frames=head.get("expected_frames"),
+            positions_m=f["scan/positions_declared_m"][()] if "scan/positions_declared_m" in f else None,
+            extent_m=(tuple(ext[0]), tuple(ext[1])) if ext else None,  # type: ignore[arg-type]
+            mask=f["scan/mask"][()].astype(bool) if "scan/mask" in f else None,
+            options=head.get("options") or {},
+            metadata=head.get("metadata") or {},
+        )
+        m = spec.frame_shape
+        return SpoolContents(
+            path=path,
+            status=str(f.attrs.get("status", "open")),
+            spec=spec,
+            frames=g["data"][:n] if frames else np.zeros((0, *m), spec.frame_dtype),
+            indices=g["frame_index"][:n],
+            positions_m=g["positions_m"][:n],
+        )
+
+
+def unfinished_spools(spool_dir: str | Path) -> list[Path]:
+    """Spool files whose scan never reached a final state (oldest first)."""
+    out = []
+    for path in sorted(Path(spool_dir).glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("format") == FORMAT and f.attrs.get("status") in ("open", "ended"):
+                    out.append(path)
+        except OSError:
+            out.append(path)  # unreadable: let recovery report it rather than silently skip it
+    return out

@@ -1,0 +1,376 @@
+"""One worker thread per active scan: drives its StreamingReconstructor, fed through a queue.
+
+Why threads (not processes): the manager thread must stay responsive (sockets, metrics, control)
+while engines compute. NumPy's FFTs and BLAS, and every CuPy call, release the GIL, so a worker
+spends most of its time outside the interpreter lock and the manager's zmq poll loop keeps
+running; frames are handed over without pickling or copying. A process per scan would isolate
+crashes better but would copy every frame once more; an engine *exception* is already contained
+here (the scan fails, the daemon lives), and a NaN or diverging loss rolls the engine back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from cryoptycho.gpu.options import ReconOptions
+
+from .config import ServiceConfig
+from .ingest import MODEL_PROBE
+from .metrics import ServiceMetrics
+from .publisher import Outbox
+from .resolution import HalfSetEstimator
+from .session import Session, State
+
+log = logging.getLogger("cryoptycho.worker")
+
+
+@dataclass
+class FrameBatch:
+    frames: np.ndarray  #: (n, M, M) wire dtype, detector order
+    positions_m: np.ndarray  #: (n, 2)
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EndOfScan:
+    reason: str = "scan_end"
+
+
+@dataclass
+class Cancel:
+    reason: str = "cancelled"
+
+
+@dataclass
+class Interrupt:
+    """Shutdown: stop without a final state; the scan stays in the spool and is recovered later."""
+
+
+class EngineDiverged(RuntimeError):
+    pass
+
+
+def scale_probe(probe: np.ndarray, frames: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Probe scaled to Σ|ψ|² = mean counts per pattern (the engine's convention), counting
+    only valid detector pixels and the share of the probe's far field that falls on them."""
+    valid = np.ones(frames.shape[1:], bool) if mask is None else np.asarray(mask, bool)
+    counts = float(frames[:, valid].sum(dtype=np.float64)) / max(len(frames), 1)
+    far = np.abs(np.fft.fftshift(np.fft.fft2(probe, norm="ortho"))) ** 2
+    share = float(far[valid].sum() / max(far.sum(), 1e-30))
+    power = float((np.abs(probe) ** 2).sum())
+    if counts <= 0 or power <= 0:
+        return probe
+    return (probe * np.sqrt(counts / max(share, 1e-6) / power)).astype(probe.dtype)
+
+
+def make_engine(session: Session, options: ReconOptions) -> Any:
+    from cryoptycho.gpu.stream import StreamingReconstructor
+
+    spec = session.spec
+    return StreamingReconstructor(
+        frame_shape=spec.frame_shape,
+        frame_dtype=np.dtype(spec.frame_dtype),
+        pixel_size=spec.pixel_size_m,
+        probe=spec.probe,
+        options=options,
+        mask=spec.mask,
+        extent_m=spec.extent_m,
+        expected_frames=spec.expected_frames,
+    )
+
+
+def restore_state(engine: Any, state: Any) -> None:
+    """Put a checkpoint's object and probe back into ``engine``. The canvas may have grown since
+    the checkpoint (it only grows): the old object goes back at its place in metres."""
+    xp = engine.xp
+    old, new = state.geometry, engine.geometry
+    off = np.rint((np.asarray(old.origin) - np.asarray(new.origin)) / new.pixel_size).astype(int)
+    ny, nx = np.shape(state.object)
+    engine.obj[off[0] : off[0] + ny, off[1] : off[1] + nx] = xp.asarray(state.object, dtype=engine.obj.dtype)
+    engine.probe[...] = xp.asarray(state.probe, dtype=engine.probe.dtype)
+
+
+class ScanWorker:
+    """Runs one scan from its first frame to its final result on its own thread."""
+
+    def __init__(
+        self,
+        session: Session,
+        options: ReconOptions,
+        config: ServiceConfig,
+        outbox: Outbox,
+        metrics: ServiceMetrics,
+        finish: Callable[[Session, Any], None],
+        on_exit: Callable[[Session], None],
+    ) -> None:
+        self.session = session
+        self.options = options
+        self.config = config
+        self.outbox = outbox
+        self.metrics = metrics
+        self._finish = finish
+        self._on_exit = on_exit
+        self.inbox: queue.SimpleQueue[FrameBatch | EndOfScan | Cancel | Interrupt] = queue.SimpleQueue()
+        self._queued = 0
+        self._queued_lock = threading.Lock()
+        self._options_update: ReconOptions | None = None
+        self._snapshot_request = threading.Event()
+        self.engine: Any = None
+        self.thread = threading.Thread(target=self._run, name=f"worker-{session.scan_id}", daemon=True)
+
+    # -- called from the manager thread -------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, item: FrameBatch | EndOfScan | Cancel | Interrupt) -> None:
+        if isinstance(item, FrameBatch):
+            with self._queued_lock:
+                self._queued += len(item.frames)
+        self.inbox.put(item)
+
+    @property
+    def queued_frames(self) -> int:
+        with self._queued_lock:
+            return self._queued
+
+    def set_options(self, options: ReconOptions) -> None:
+        """Apply new options at the next step (the engine is only touched by this thread)."""
+        self._options_update = options
+
+    # -- the worker thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        s = self.session
+        try:
+            self._main()
+        except Exception as exc:  # the scan fails; the daemon and other scans carry on
+            log.exception("scan failed", extra={"scan_id": s.scan_id})
+            if s.transition(State.FAILED, error=f"{type(exc).__name__}: {exc}"):
+                self.outbox.post("scan.failed", {"scan_id": s.scan_id, "error": s.error})
+        finally:
+            self._on_exit(s)
+
+    def _main(self) -> None:
+        s, cfg = self.session, self.config
+        halves: HalfSetEstimator | None = None
+        preview_every = 1.0 / cfg.preview_hz
+        next_preview = time.monotonic() + preview_every
+        next_resolution = time.monotonic() + cfg.resolution_interval_s
+        unpreviewed: list[tuple[float, int]] = []  # (arrival time, frames) not yet in a preview
+        self._good: Any = None
+        self._best_loss = np.inf
+        rollbacks = 0
+        ended = False
+        while not ended:
+            for item in self._drain(block=self.engine is None or self.engine.n_frames == 0):
+                if isinstance(item, Cancel):
+                    self._abort(item.reason)
+                    return
+                if isinstance(item, Interrupt):
+                    log.info("interrupted by shutdown", extra={"scan_id": s.scan_id})
+                    return
+                if isinstance(item, EndOfScan):
+                    ended = True
+                    continue
+                if self.engine is None:
+                    self._start_engines(item.frames)
+                    if cfg.resolution_interval_s > 0:
+                        halves = HalfSetEstimator(
+                            lambda: make_engine(s, self.options), s.spec.pixel_size_m,
+                            cfg.resolution_share, seed=self.options.seed + 1,
+                        )
+                self.engine.add_frames(item.frames, item.positions_m)
+                if halves is not None:
+                    halves.add_frames(item.frames, item.positions_m)
+                unpreviewed.append((item.arrived, len(item.frames)))
+                if s.state is State.ANNOUNCED:
+                    s.transition(State.ACQUIRING)
+            if self.engine is None or self.engine.n_frames == 0:
+                if ended:
+                    raise RuntimeError("the scan ended without a single frame")
+                continue
+            self._apply_options()
+            try:
+                self._step(halves)
+            except EngineDiverged as exc:
+                rollbacks += 1
+                if rollbacks > cfg.max_rollbacks:
+                    raise RuntimeError(f"engine diverged {rollbacks} times; last: {exc}") from None
+                self._rollback(str(exc))
+            if halves is not None:
+                halves.maybe_step()
+            now = time.monotonic()
+            if now >= next_preview:
+                next_preview = now + preview_every
+                self._preview()
+                done = time.monotonic()
+                if unpreviewed:
+                    s.update_figures(latency_s=done - unpreviewed[-1][0])
+                for arrived, n in unpreviewed:
+                    for _ in range(n):
+                        self.metrics.preview_latency.observe(done - arrived)
+                unpreviewed.clear()
+            if halves is not None and now >= next_resolution:
+                next_resolution = now + cfg.resolution_interval_s
+                self._resolution(halves)
+        self._refine(halves)
+
+    def _start_engines(self, first: np.ndarray) -> None:
+        """Create the engine at the first frames: a model probe gets its power from them."""
+        spec = self.session.spec
+        if spec.metadata.get(MODEL_PROBE):
+            spec.probe = scale_probe(spec.probe, first, spec.mask)
+        self.engine = make_engine(self.session, self.options)
+
+    def _drain(self, block: bool) -> list[FrameBatch | EndOfScan | Cancel | Interrupt]:
+        items = []
+        try:
+            if block:
+                items.append(self.inbox.get(timeout=0.2))
+            while True:
+                items.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        n = sum(len(i.frames) for i in items if isinstance(i, FrameBatch))
+        if n:
+            with self._queued_lock:
+                self._queued -= n
+        return items
+
+    def _step(self, halves: HalfSetEstimator | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = self.engine.step()
+        except FloatingPointError as exc:
+            raise EngineDiverged(str(exc)) from None
+        dt = time.perf_counter() - t0
+        if halves is not None:
+            halves.account_main(dt)
+        self._check_loss(result.loss)
+        self.metrics.update_duration.observe(dt)
+        self.metrics.iterations.inc()
+        self.metrics.loss.set(result.loss)
+        self.session.update_figures(
+            iteration=result.iteration, loss=float(result.loss), n_frames=result.n_frames,
+            frames_used=self._frames_used(),
+        )
+
+    def _frames_used(self) -> int:
+        store = getattr(self.engine, "frame_store", None)
+        if store is None:
+            return int(self.engine.n_frames)
+        return int(np.count_nonzero(store.visits[: store.n]))
+
+    def _check_loss(self, loss: float) -> None:
+        if not np.isfinite(loss):
+            raise EngineDiverged(f"loss became {loss}")
+        if loss > self.config.divergence_factor * self._best_loss:
+            raise EngineDiverged(f"loss {loss:.4g} > {self.config.divergence_factor:g} × best {self._best_loss:.4g}")
+        self._best_loss = min(self._best_loss, float(loss))
+
+    def _rollback(self, why: str) -> None:
+        """Restore the last good object and probe (checkpointed at each preview)."""
+        self.metrics.rollbacks.inc()
+        log.warning("rolling back engine: %s", why, extra={"scan_id": self.session.scan_id})
+        if self._good is None:
+            raise RuntimeError(f"engine diverged ({why}) before any good state was checkpointed")
+        restore_state(self.engine, self._good)
+        self.outbox.post("error", {"scan_id": self.session.scan_id, "field": "engine", "rule": "rollback",
+                                   "message": f"engine rolled back to its last good state: {why}"})
+
+    def _apply_options(self) -> None:
+        new, self._options_update = self._options_update, None
+        if new is not None:
+            self.options = new
+            self.engine.options = new
+
+    def _preview(self) -> None:
+        """Publish the current images (latest-only) and checkpoint them as the last good state."""
+        state = self.engine.snapshot()
+        self._good = state
+        s = self.session
+        payload = {
+            "scan_id": s.scan_id,
+            "iteration": int(state.iteration),
+            "frames_used": self._frames_used(),
+            "object": np.asarray(state.object),
+            "probe": np.asarray(state.probe),
+            "coverage": np.asarray(self.engine.coverage(), dtype=np.float32),
+            "pixel_size_m": float(state.geometry.pixel_size),
+            "origin_m": tuple(state.geometry.origin),
+        }
+        s.update_figures(last_preview=payload)
+        self.outbox.offer(s.scan_id, "preview", payload)
+        self._publish_metrics()
+
+    def _publish_metrics(self) -> None:
+        self.outbox.offer(self.session.scan_id, "metrics", self.session.summary())
+
+    def _resolution(self, halves: HalfSetEstimator) -> None:
+        res = halves.estimate()
+        if res is not None and np.isfinite(res):
+            self.metrics.resolution.set(res)
+            self.session.update_figures(resolution_m=res)
+
+    def _abort(self, reason: str) -> None:
+        s = self.session
+        if s.transition(State.ABORTED, error=reason):
+            self.outbox.post("scan.aborted", {"scan_id": s.scan_id, "reason": reason})
+
+    def _refine(self, halves: HalfSetEstimator | None) -> None:
+        s, cfg = self.session, self.config
+        s.transition(State.REFINING)
+        self._publish_metrics()
+        budget = cfg.refine_time_budget_s
+        if self.options.time_budget_s is not None:
+            budget = min(budget, self.options.time_budget_s)
+        last = [time.monotonic()]
+        cancelled: list[str] = []
+
+        def callback(iteration: int, loss: float) -> bool:
+            self._check_loss(loss)
+            self.metrics.iterations.inc()
+            self.metrics.loss.set(loss)
+            s.update_figures(iteration=iteration, loss=float(loss))
+            for item in self._drain(False):
+                if isinstance(item, (Cancel, Interrupt)):
+                    cancelled.append(getattr(item, "reason", "shutdown"))
+            if time.monotonic() - last[0] >= 1.0 / cfg.preview_hz:
+                last[0] = time.monotonic()
+                self._preview()
+            return bool(cancelled)  # True stops the refinement
+
+        t0 = time.perf_counter()
+        self.engine.refine(self.options.iterations, time_budget_s=budget, callback=callback)
+        s.update_figures(refine_s=time.perf_counter() - t0)
+        if cancelled == ["shutdown"]:
+            log.info("refinement interrupted by shutdown", extra={"scan_id": s.scan_id})
+            return
+        if cancelled:
+            self._abort(cancelled[0])
+            return
+        if halves is not None:
+            self._resolution(halves)
+        state = self.engine.snapshot()
+        self._finish(s, state)  # writes the result file (sets s.result_path)
+        payload = {
+            "scan_id": s.scan_id,
+            "object": np.asarray(state.object),
+            "probe": np.asarray(state.probe),
+            "positions_m": np.asarray(self.engine.frame_store.positions[: self.engine.n_frames]),
+            "pixel_size_m": float(state.geometry.pixel_size),
+            "origin_m": tuple(state.geometry.origin),
+            "result_path": s.result_path,
+            "iteration": int(state.iteration),
+            "loss": s.figures.get("loss"),
+            "resolution_m": s.figures.get("resolution_m"),
+        }
+        s.transition(State.FINISHED)
+        self.outbox.post("result", payload)
+        self.outbox.post("scan.finished", {"scan_id": s.scan_id, "result_path": s.result_path})
