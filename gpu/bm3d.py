@@ -3,8 +3,9 @@
 BM3D is the denoiser behind the sparse prior (Pelz et al. 2017, eq. 13/19). Two stages:
 
 1. hard thresholding: group similar blocks of the noisy image, take a separable 3-D transform
-   (2-D biorthogonal 1.5 wavelet per block, orthonormal Haar along the group), zero coefficients below λ₃D·σ, invert,
-   and aggregate every block estimate with weight ``1/(σ² N_nonzero)`` × a Kaiser window;
+   (2-D biorthogonal 1.5 wavelet per block, orthonormal Haar along the group), zero the
+   coefficients below λ₃D·σ, invert, and aggregate every block estimate with weight
+   ``1/(σ² N_nonzero)`` × a Kaiser window;
 2. Wiener filtering: match again on this *basic* estimate, and shrink the 3-D spectrum of the
    noisy groups (2-D DCT × Haar) by the empirical Wiener gain ``|B|²/(|B|² + σ²)`` of the
    basic groups.

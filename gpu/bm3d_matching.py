@@ -75,12 +75,13 @@ def match_blocks(
     ref_region = tile[y0:y1, x0:x1]
     ry_rel = ry - y0
     rx_rel = rx - x0
-    cols = (x0 + half + xp.asarray(offsets))[:, None] + xp.arange(x1 - x0)[None, :]
+    width = x1 - x0
 
     dist = xp.empty((n_off, nry, n_off, nrx), dtype=tile.dtype)
     for i, dy in enumerate(offsets):
-        rows = padded[y0 + half + dy : y1 + half + dy]
-        shifted = rows[:, cols]  # (rows, dx, cols)
+        rows = padded[y0 + half + dy : y1 + half + dy, x0 : x1 + 2 * half]
+        # A strided view, not a copy: (rows, dx, cols) with dx running over the window.
+        shifted = xp.lib.stride_tricks.sliding_window_view(rows, width, axis=1)
         sq = (ref_region[:, None, :] - shifted) ** 2
         box_rows = sq[ry_rel]
         for k in range(1, block):

@@ -98,26 +98,32 @@ def _block_spectra(tile: Any, fwd: Any) -> Any:
     return fwd @ blocks @ fwd.T
 
 
+def _along_group(matrix: Any, group: Any) -> Any:
+    """Apply an (s×s) matrix along the group axis of (n, s, b, b) blocks, as one batched matmul."""
+    n, s, b, _ = group.shape
+    return (matrix @ group.reshape(n, s, b * b)).reshape(n, s, b, b)
+
+
 def _hard_threshold(group: Any, haar: Any, inv: Any, threshold: float, sigma: float) -> tuple:
     xp = array_module(group)
-    spec = xp.einsum("ij,njab->niab", haar, group)
+    spec = _along_group(haar, group)
     keep = xp.abs(spec) > threshold
     spec = spec * keep
     nonzero = keep.sum(axis=(1, 2, 3))
     # Fewer retained coefficients = less residual noise in the group estimate = more weight.
     weight = 1.0 / (sigma**2 * xp.maximum(nonzero, 1).astype(group.dtype))
-    blocks = inv @ xp.einsum("ji,njab->niab", haar, spec) @ inv.T
+    blocks = inv @ _along_group(haar.T, spec) @ inv.T
     return blocks, weight
 
 
 def _wiener(group: Any, guide: Any, haar: Any, inv: Any, sigma: float) -> tuple:
     xp = array_module(group)
-    spec = xp.einsum("ij,njab->niab", haar, group)
-    energy = xp.einsum("ij,njab->niab", haar, guide) ** 2
+    spec = _along_group(haar, group)
+    energy = _along_group(haar, guide) ** 2
     gain = energy / (energy + sigma**2)
     spec = spec * gain
     weight = 1.0 / (sigma**2 * xp.maximum((gain**2).sum(axis=(1, 2, 3)), 1e-12))
-    blocks = inv @ xp.einsum("ji,njab->niab", haar, spec) @ inv.T
+    blocks = inv @ _along_group(haar.T, spec) @ inv.T
     return blocks, weight.astype(group.dtype)
 
 
