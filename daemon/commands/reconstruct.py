@@ -1,0 +1,124 @@
+"""`cryoptycho reconstruct DATASET.h5 -o RESULT.h5`: offline full-batch reconstruction.
+
+Options are layered: defaults < ``--options file.json`` < the named flags < ``--set key=value``
+(values parsed as JSON when they parse, else taken as strings; ``stream.batch_size=32`` sets a
+nested field). The result is written with :func:`write_result`, plus phase exports
+(RESULT.phase.mrc / .png) unless ``--no-export``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from cryoptycho.gpu.options import ReconOptions
+
+
+def parse_set(items: tuple[str, ...]) -> dict[str, Any]:
+    """``("mu0=0.05", "stream.batch_size=32")`` → nested override dict."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, got {item!r}", param_hint="--set")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise click.BadParameter(f"{key!r} nests under a non-section", param_hint="--set")
+        node[parts[-1]] = value
+    return out
+
+
+def build_options(
+    options_file: Path | None, flags: dict[str, Any], sets: tuple[str, ...]
+) -> ReconOptions:
+    base = ReconOptions()
+    if options_file is not None:
+        try:
+            loaded = json.loads(Path(options_file).read_text())
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"{options_file}: not valid JSON ({exc})", param_hint="--options")
+        if not isinstance(loaded, dict):
+            raise click.BadParameter(f"{options_file}: expected a JSON object", param_hint="--options")
+        base = base.merged(loaded)
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return base.merged(given).merged(parse_set(sets))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise click.UsageError(f"invalid options: {problems}") from exc
+
+
+@click.command("reconstruct")
+@click.argument("dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Result file (HDF5) to write.")
+@click.option("--options", "options_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSON file of reconstruction options.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Set any option (repeatable).")
+@click.option("-n", "--iterations", type=click.IntRange(min=0), help="CG iterations.")
+@click.option("--backend", type=click.Choice(["numpy", "cupy"]))
+@click.option("--precision", type=click.Choice(["single", "double"]))
+@click.option("--noise-model", type=click.Choice(["poisson", "amplitude"]))
+@click.option("--truncation", type=click.Choice(["none", "chen-candes", "high-intensity"]))
+@click.option("--alpha-h", type=float, help="Truncation threshold α_h (inf disables).")
+@click.option("--prior", type=click.Choice(["none", "tikhonov", "sparse"]))
+@click.option("--mu0", type=float, help="Tikhonov weight μ₀ (times κ).")
+@click.option("--mu1", type=float, help="Sparse-prior weight μ₁ (times κ).")
+@click.option("--denoiser", type=str, help="Denoiser of the sparse prior (bm3d, gaussian, …).")
+@click.option("--refine-probe/--fixed-probe", default=None, help="Refine the probe jointly.")
+@click.option("--init", type=click.Choice(["random", "spectral", "ones"]))
+@click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds.")
+@click.option("--seed", type=int)
+@click.option("--export/--no-export", default=True, help="Also write phase MRC and PNG.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def command(
+    dataset: Path, output: Path, options_file: Path | None, sets: tuple[str, ...],
+    export: bool, quiet: bool, **flags: Any,
+) -> None:
+    """Reconstruct DATASET.h5 (cryoptycho dataset file) into a result file."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+    from cryoptycho.daemon.storage.dataset import read_dataset  # noqa: PLC0415
+    from cryoptycho.daemon.storage.result import export_phase, write_result  # noqa: PLC0415
+    from cryoptycho.gpu.reconstruct import reconstruct  # noqa: PLC0415
+
+    options = build_options(options_file, flags, sets)
+    try:
+        data = read_dataset(dataset)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(f"cannot read dataset: {exc}") from exc
+    columns = (
+        TextColumn("[bold]reconstruct"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.6g}"), TimeElapsedColumn(),
+    )
+    with Progress(*columns, disable=quiet, transient=False) as bar:
+        task = bar.add_task("cg", total=options.iterations, loss=float("nan"))
+
+        def progress(iteration: int, total: int, loss: float) -> None:
+            bar.update(task, completed=iteration, total=total, loss=loss)
+
+        try:
+            state = reconstruct(data, options, progress=progress)
+        except (ValueError, FloatingPointError) as exc:
+            raise click.ClickException(f"reconstruction failed: {exc}") from exc
+    write_result(output, state, data)
+    written = [output]
+    if export:
+        written += export_phase(state, output.with_suffix("").with_name(output.stem + ".phase"))
+    final = f"{state.loss_values[-1]:.6g}" if state.loss_values else "n/a"
+    click.echo(f"{state.iteration} iterations, final loss {final}; wrote "
+               + ", ".join(str(p) for p in written))
