@@ -266,11 +266,12 @@ ARRAYS: dict[str, dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]] | Non
 # ---------------------------------------------------------------------------------------- encode
 
 
-def encode(msg: Message) -> list[Any]:
+def encode(msg: Message, checksum: bool = False) -> list[Any]:
     """Message → multipart parts ``[header, arrays…]`` (buffers, not copies, for large arrays).
 
     The header is checked against the schema (ProtocolError); array checks that depend on
     limits or on the scan are :func:`.validate.check`'s (the Producer runs them).
+    ``checksum`` adds a CRC-32 per array part (raw counts have no other integrity check).
     """
     header, arrays, codecs = _to_wire(msg)
     header = {"type": msg.type, **header}
@@ -285,7 +286,7 @@ def encode(msg: Message) -> list[Any]:
             dtypes = spec[name][0]
             if wire_dtype(np.asarray(array).dtype) not in dtypes:
                 arrays[name] = np.asarray(array).astype(dtypes[0])
-    return pack(header, arrays, codecs)
+    return pack(header, arrays, codecs, checksum)
 
 
 def _to_wire(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, str]]:

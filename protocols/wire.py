@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import zlib
+
 import msgpack
 import numpy as np
 
@@ -42,10 +44,16 @@ def wire_dtype(dtype: Any) -> str:
     return _NAMES[dt]
 
 
-def pack(header: dict[str, Any], arrays: Mapping[str, np.ndarray], codecs: Mapping[str, str] | None = None) -> list[Any]:
+def pack(
+    header: dict[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    codecs: Mapping[str, str] | None = None,
+    checksum: bool = False,
+) -> list[Any]:
     """Header and named arrays → message parts (arrays ≥ 64 kB go out without a copy).
 
     ``header`` must already hold ``type``; ``protocol``, ``version`` and ``arrays`` are added.
+    ``checksum`` adds the CRC-32 of each part's wire bytes, which receivers then verify.
     """
     descriptors = []
     parts: list[Any] = [b""]
@@ -55,10 +63,11 @@ def pack(header: dict[str, Any], arrays: Mapping[str, np.ndarray], codecs: Mappi
         if arr.ndim > MAX_NDIM:
             raise ValueError(f"array {name!r} has {arr.ndim} dimensions; at most {MAX_NDIM} travel")
         buf = compress(arr, codec)
-        descriptors.append(
-            {"name": name, "dtype": wire_dtype(arr.dtype), "shape": list(arr.shape),
-             "compression": codec, "nbytes": memoryview(buf).nbytes}
-        )
+        desc = {"name": name, "dtype": wire_dtype(arr.dtype), "shape": list(arr.shape),
+                "compression": codec, "nbytes": memoryview(buf).nbytes}
+        if checksum:
+            desc["crc32"] = zlib.crc32(memoryview(buf).cast("B"))
+        descriptors.append(desc)
         parts.append(buf)
     head = {"protocol": PROTOCOL, "version": VERSION, **header, "arrays": descriptors}
     parts[0] = msgpack.packb(head, use_bin_type=True)
@@ -140,7 +149,7 @@ def _decode_array(i: int, desc: Any, view: memoryview, limits: Limits) -> tuple[
     where = f"arrays[{i}]"
     if not isinstance(desc, dict):
         raise ProtocolError(where, "map", "an array descriptor must be a map")
-    unknown = set(desc) - {"name", "dtype", "shape", "compression", "nbytes"}
+    unknown = set(desc) - {"name", "dtype", "shape", "compression", "nbytes", "crc32"}
     if unknown:
         raise ProtocolError(f"{where}.{sorted(unknown)[0]}", "extra_forbidden", "unknown descriptor key")
     name = desc.get("name")
@@ -164,6 +173,9 @@ def _decode_array(i: int, desc: Any, view: memoryview, limits: Limits) -> tuple[
     nbytes = desc.get("nbytes", view.nbytes)
     if nbytes != view.nbytes:
         raise ProtocolError(f"{where}.nbytes", "size_match", f"descriptor says {nbytes} bytes, part has {view.nbytes}")
+    crc = desc.get("crc32")
+    if crc is not None and crc != zlib.crc32(view):
+        raise ProtocolError(f"{where}.crc32", "checksum", f"part of {name!r} does not match its CRC-32")
     dtype = DTYPES[dtype_name]
     decoded = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
     if decoded > limits.max_message_bytes:

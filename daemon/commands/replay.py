@@ -1,0 +1,146 @@
+"""`cryoptycho replay DATA.h5`: stream a recorded scan to a daemon at a chosen frame rate.
+
+The reading side is :func:`read_source` (file → :class:`ReplaySource`); the sending side
+:func:`replay` (source → Producer). To replay another file kind, teach ``read_source`` to
+recognise it and build a ReplaySource.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import h5py
+import numpy as np
+
+from cryoptycho.daemon.storage.dataset import FORMAT as DATASET_FORMAT
+from cryoptycho.daemon.storage.dataset import read_dataset
+from cryoptycho.protocols.faults import Faults
+from cryoptycho.protocols.messages import ProbeModelSpec, ScanStart
+from cryoptycho.protocols.producer import DEFAULT_INGEST, Producer
+from cryoptycho.protocols.security import ClientCurve
+
+
+@dataclass
+class ReplaySource:
+    """One scan ready to send: its declaration, frames in the wire dtype, and positions."""
+
+    start: ScanStart
+    frames: np.ndarray  #: (K, M, M)
+    positions_m: np.ndarray  #: (K, 2)
+
+
+def read_source(path: str | Path, scan_id: str | None = None, stream_positions: bool = False) -> ReplaySource:
+    """Read a recorded scan. Knows cryoptycho dataset files (daemon/storage/dataset.py)."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        fmt = f.attrs.get("format")
+    if fmt != DATASET_FORMAT:
+        raise ValueError(f"{path}: cannot replay format {fmt!r}; replay reads {DATASET_FORMAT!r} files")
+    data = read_dataset(path)
+    frames = _wire_frames(data.frames)
+    pm = data.probe_model
+    positions = np.asarray(data.positions, dtype=np.float64)
+    start = ScanStart(
+        scan_id=scan_id or path.stem,
+        energy_eV=data.energy,
+        frame_shape=data.frame_shape,
+        frame_dtype=str(frames.dtype),
+        expected_frames=len(frames),
+        pixel_size_m=data.pixel_size,
+        detector_pixel_angle_rad=data.detector_pixel_angle,
+        probe=None if data.probe is None else np.asarray(data.probe, np.complex64),
+        probe_model=None if pm is None or data.probe is not None else ProbeModelSpec(
+            pm.kind, pm.semiangle, pm.defocus, pm.cs, pm.zones, pm.diameter, pm.seed
+        ),
+        positions_m=None if stream_positions else positions,
+        mask=None if data.mask is None else np.asarray(data.mask, np.uint8),
+        metadata={**data.metadata, "replayed_from": str(path)},
+    )
+    return ReplaySource(start, frames, positions)
+
+
+def _wire_frames(frames: np.ndarray) -> np.ndarray:
+    """Counts in the narrowest wire dtype that holds them (frames are never rescaled)."""
+    if frames.dtype.kind == "f":
+        return frames.astype(np.float32, copy=False)
+    top = int(frames.max()) if frames.size else 0
+    if int(frames.min()) < 0:
+        raise ValueError("frames contain negative counts")
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dt).max:
+            return frames.astype(dt, copy=False) if frames.dtype != dt else frames
+    raise ValueError(f"counts up to {top} do not fit uint32")
+
+
+def replay(source: ReplaySource, producer: Producer, rate: float = 0.0, batch: int = 64) -> float:
+    """Send the scan, paced to ``rate`` frames/s (0 = as fast as the daemon takes them).
+
+    Returns the achieved frame rate.
+    """
+    if batch < 1:
+        raise ValueError("batch must be ≥ 1")
+    start = source.start
+    producer.start_scan(start)
+    streamed = start.positions_streamed
+    n = len(source.frames)
+    t0 = time.perf_counter()
+    for lo in range(0, n, batch):
+        hi = min(n, lo + batch)
+        if rate > 0:
+            # an absolute schedule, so per-batch jitter does not accumulate into drift
+            delay = t0 + lo / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        producer.send_frames(
+            source.frames[lo:hi], np.arange(lo, hi),
+            positions_m=source.positions_m[lo:hi] if streamed else None,
+        )
+    producer.end_scan(n)
+    return n / max(time.perf_counter() - t0, 1e-9)
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--endpoint", default=DEFAULT_INGEST, show_default=True, help="Daemon ingest (PULL) endpoint.")
+@click.option("--rate", type=float, default=2000.0, show_default=True, help="Frames per second; 0 = unpaced.")
+@click.option("--batch", type=int, default=64, show_default=True, help="Frames per message.")
+@click.option("--scan-id", default=None, help="Scan id (default: the file's stem).")
+@click.option("--compression", type=click.Choice(["none", "lz4", "bslz4"]), default="none", show_default=True)
+@click.option("--stream-positions", is_flag=True, help="Send positions with the frames, not at scan start.")
+@click.option("--checksum", is_flag=True, help="Add a CRC-32 to every array part.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Send timeout, s.")
+@click.option("--client-key", type=click.Path(exists=True, path_type=Path), default=None,
+              help="CURVE: this client's .key_secret file (needs --server-key).")
+@click.option("--server-key", type=click.Path(exists=True, path_type=Path), default=None,
+              help="CURVE: the daemon's public server.key file.")
+@click.option("--drop", type=float, default=0.0, help="Fault drill: drop this share of frames messages.")
+@click.option("--duplicate", type=float, default=0.0, help="Fault drill: duplicate this share.")
+@click.option("--reorder", type=float, default=0.0, help="Fault drill: swap this share with the next.")
+@click.option("--corrupt", type=float, default=0.0, help="Fault drill: corrupt this share.")
+@click.option("--seed", type=int, default=0, help="Seed of the fault draws.")
+def command(
+    path: Path, endpoint: str, rate: float, batch: int, scan_id: str | None, compression: str,
+    stream_positions: bool, checksum: bool, timeout: float, client_key: Path | None,
+    server_key: Path | None, drop: float, duplicate: float, reorder: float, corrupt: float, seed: int,
+) -> None:
+    """Stream the dataset file PATH to a daemon, as a microscope would."""
+    if (client_key is None) != (server_key is None):
+        raise click.BadParameter("give both --client-key and --server-key, or neither")
+    curve = ClientCurve(client_key, server_key) if client_key and server_key else None
+    faults = None
+    if drop or duplicate or reorder or corrupt:
+        faults = Faults(drop=drop, duplicate=duplicate, reorder=reorder, corrupt=corrupt, seed=seed)
+    try:
+        source = read_source(path, scan_id, stream_positions)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    with Producer(endpoint, send_timeout_s=timeout, compression=compression, checksum=checksum,
+                  curve=curve, hook=faults) as producer:
+        achieved = replay(source, producer, rate, batch)
+    n = len(source.frames)
+    click.echo(f"sent scan {source.start.scan_id!r}: {n} frames at {achieved:.0f} frames/s to {endpoint}")
+    if faults is not None:
+        click.echo("faults: " + ", ".join(f"{k}={v}" for k, v in sorted(faults.stats.items())))

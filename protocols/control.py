@@ -1,0 +1,211 @@
+"""The control channel: client REQ/DEALER → daemon ROUTER, ``Request`` → ``Reply``.
+
+Server side: :func:`handle` takes the parts a ROUTER received and returns the parts to send
+back; :func:`dispatch` runs a method → handler table in which a handler's exception, bad
+parameters or an unknown method all become ``Reply(success=False, msg=…)`` — never a crash.
+Client side: :class:`ControlClient`, a Lazy-Pirate REQ client (timeout, close, reopen, retry).
+Retried requests may run twice, so every standard method is idempotent.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields, is_dataclass
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from .errors import ControlError, ControlTimeout, ProtocolError
+from .limits import Limits
+from .messages import Reply, Request, decode, encode
+from .security import ClientCurve, apply_curve
+
+DEFAULT_CONTROL = "tcp://127.0.0.1:5602"
+
+#: the standard methods (PROTOCOL.md § Control) and their parameters
+METHODS: dict[str, tuple[str, ...]] = {
+    "ping": (),
+    "status": (),
+    "list_scans": (),
+    "snapshot": ("scan_id",),
+    "cancel": ("scan_id", "reason"),
+    "set_options": ("scan_id", "options"),
+}
+
+Handler = Callable[..., Any]
+
+
+def dispatch(table: Mapping[str, Handler], request: Request) -> Reply:
+    """Run ``table[request.method](**request.params)``.
+
+    A handler returns a dict (the reply's ``result``; NumPy arrays anywhere in it travel as
+    array parts), a message dataclass (sent as its field tree) or None. Exceptions become failed
+    replies whose ``msg`` names the exception; a ProtocolError also sets ``result.field/rule``.
+    """
+    handler = table.get(request.method)
+    if handler is None:
+        return Reply(False, f"unknown method {request.method!r}; known: {', '.join(sorted(table))}")
+    try:
+        inspect.signature(handler).bind(**request.params)
+    except TypeError as exc:
+        return Reply(False, f"bad params for {request.method!r}: {exc}")
+    try:
+        result = handler(**request.params)
+    except ProtocolError as exc:
+        return Reply(False, str(exc), {"field": exc.field, "rule": exc.rule})
+    except Exception as exc:  # a handler bug is the caller's reply, never the server's crash
+        return Reply(False, f"{request.method} failed: {type(exc).__name__}: {exc}")
+    if result is None:
+        result = {}
+    elif is_dataclass(result) and not isinstance(result, type):
+        result = as_tree(result)
+    if not isinstance(result, dict):
+        return Reply(False, f"handler of {request.method!r} returned {type(result).__name__}, not a dict")
+    return Reply(True, "ok", result)
+
+
+def split_envelope(parts: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """ROUTER parts → (routing envelope, body). REQ peers add an empty delimiter; DEALERs may not."""
+    if len(parts) >= 2 and memoryview(getattr(parts[1], "buffer", parts[1])).nbytes == 0:
+        return list(parts[:2]), list(parts[2:])
+    return list(parts[:1]), list(parts[1:])
+
+
+def handle(parts: Sequence[Any], table: Mapping[str, Handler], limits: Limits | None = None) -> list[Any]:
+    """A ROUTER message → the reply parts to send back (with the routing envelope).
+
+    Returns ``[]`` when there is nobody to answer (no identity frame).
+    """
+    if len(parts) < 2:
+        return []
+    envelope, body = split_envelope(parts)
+    try:
+        request = decode(body, limits)
+        if not isinstance(request, Request):
+            raise ProtocolError("type", "request_expected", f"the control socket takes requests, not {request.type!r}")
+    except ProtocolError as exc:
+        reply = Reply(False, str(exc), {"field": exc.field, "rule": exc.rule})
+    else:
+        reply = dispatch(table, request)
+    reply.time_s = time.time()
+    try:
+        return envelope + encode(reply)
+    except Exception as exc:  # a result msgpack cannot carry is still answered
+        return envelope + encode(Reply(False, f"reply of {request.method!r} could not be encoded: {exc}"))
+
+
+def as_tree(msg: Any) -> dict[str, Any]:
+    """A message dataclass as a plain tree (``type`` + fields) to embed in a reply."""
+    tree: dict[str, Any] = {"type": msg.type}
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if value is None:
+            continue
+        if is_dataclass(value):
+            value = as_tree(value) if hasattr(value, "type") else {g.name: getattr(value, g.name) for g in fields(value)}
+        elif isinstance(value, tuple):
+            value = list(value)
+        tree[f.name] = value
+    return tree
+
+
+class ControlClient:
+    """Talk to a daemon's control socket; every call has a timeout and retries (Lazy Pirate).
+
+    ``call`` returns the result dict or raises :class:`ControlError` (``success: False``) or
+    :class:`ControlTimeout` (no reply after ``retries`` attempts of ``timeout_s`` each).
+    """
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_CONTROL,
+        *,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        limits: Limits | None = None,
+        curve: ClientCurve | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        if timeout_s <= 0 or retries < 1:
+            raise ValueError("timeout_s must be > 0 and retries ≥ 1")
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.limits = limits or Limits()
+        self._curve = curve
+        self._ctx = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+
+    def request(self, method: str, **params: Any) -> Reply:
+        """Send one request and return the daemon's reply, whatever its ``success``."""
+        parts = encode(Request(method, params, time.time()))
+        for _ in range(self.retries):
+            sock = self._connect()
+            try:
+                sock.send_multipart(parts, copy=False)
+            except zmq.Again:
+                self._reset()
+                continue
+            if sock.poll(int(self.timeout_s * 1000)):
+                reply = decode(sock.recv_multipart(copy=False), self.limits)
+                if not isinstance(reply, Reply):
+                    raise ProtocolError("type", "reply_expected", f"control answered with {reply.type!r}")
+                return reply
+            # a REQ socket that missed its reply is stuck in "expect reply": start over
+            self._reset()
+        raise ControlTimeout(
+            f"no reply from {self.endpoint} to {method!r} after {self.retries} tries of {self.timeout_s} s"
+        )
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        reply = self.request(method, **params)
+        if not reply.success:
+            raise ControlError(method, reply.msg, reply)
+        return reply.result
+
+    def ping(self) -> dict[str, Any]:
+        return self.call("ping")
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def list_scans(self) -> list[dict[str, Any]]:
+        return list(self.call("list_scans").get("scans", []))
+
+    def snapshot(self, scan_id: str) -> dict[str, Any]:
+        """Current state of a scan for a late joiner: the daemon's latest preview and metrics
+        (as trees, arrays included) and its scan summary."""
+        return self.call("snapshot", scan_id=scan_id)
+
+    def cancel(self, scan_id: str, reason: str = "") -> dict[str, Any]:
+        return self.call("cancel", scan_id=scan_id, reason=reason)
+
+    def set_options(self, scan_id: str, options: dict[str, Any]) -> dict[str, Any]:
+        return self.call("set_options", scan_id=scan_id, options=options)
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self._ctx.socket(zmq.REQ)
+            sock.linger = 0
+            sock.sndtimeo = int(self.timeout_s * 1000)
+            apply_curve(sock, self._curve)
+            sock.connect(self.endpoint)
+            self._socket = sock
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
