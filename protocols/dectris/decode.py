@@ -282,6 +282,7 @@ class V1Parser:
     that cannot start a message while none is open (binary leftovers of a stream joined
     mid-series) are skipped and counted, as the detector's own clients do. A message broken
     off by the start of another is reported through ``on_error`` and the new one is decoded.
+    A split header is held until the next part shows whether it is an appendix.
     """
 
     def __init__(self, on_error: Callable[[DectrisError], None] | None = None) -> None:
@@ -290,6 +291,7 @@ class V1Parser:
         self._needed = 0
         self._kind: str | None = None
         self._complete: Message | None = None  # finished, waiting for its appendix
+        self._split = False  # the open header arrived as several ZeroMQ messages
         self.skipped_parts = 0
 
     def feed(self, part: bytes, more: bool) -> list[Message]:
@@ -311,6 +313,8 @@ class V1Parser:
                 self._parts.append(part)
                 if len(self._parts) == self._needed:
                     self._finish(more, out)
+                elif not more:
+                    self._split = True
                 return out
         header = _json_part(part)
         htype = header.get("htype") if header else None
@@ -329,8 +333,11 @@ class V1Parser:
                 self._needed = 1 + _HEADER_EXTRA_PARTS[detail]
             else:
                 self._needed = 4
+            self._split = False
             if len(self._parts) == self._needed:
                 self._finish(more, out)
+            elif not more:
+                self._split = True
         else:
             self.skipped_parts += 1
         return out
@@ -352,7 +359,9 @@ class V1Parser:
         except DecodeError as exc:
             self._on_error(exc)
             return
-        if more:
+        # A header that came in pieces may have its appendix in a piece of its own, so it waits
+        # for the next part; otherwise RCVMORE says whether an appendix follows.
+        if more or (kind == "header" and self._split):
             self._complete = msg
         else:
             out.append(msg)

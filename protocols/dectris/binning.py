@@ -1,0 +1,113 @@
+"""Crop about the beam centre and bin, on arrival, keeping counts integer.
+
+A binned pixel is the exact sum of its b×b detector pixels, so Poisson statistics survive; it is
+valid only when all of them are (a masked or saturated sub-pixel would bias the sum low), and
+invalid pixels contribute 0 to the sum rather than a detector flag value such as 65535.
+The window is placed so that the beam centre lands on pixel M//2 of the output (the engine's
+"detector order"); parts of it beyond the detector are zero and invalid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FrameReducer:
+    """Crop-and-bin of one detector geometry; build it with :meth:`build`."""
+
+    detector_shape: tuple[int, int]  #: (height, width) of detector frames
+    corner: tuple[int, int]  #: (y, x) detector pixel of the window's top-left (may be outside)
+    window: int  #: window side in detector pixels (a multiple of ``bin``)
+    bin: int
+    static_valid: np.ndarray  #: (M, M) bool after crop and bin: mask, gaps, outside-detector
+    saturation_value: int | None  #: largest valid count; larger values are invalid
+    out_dtype: np.dtype
+
+    @property
+    def frame_side(self) -> int:
+        return self.window // self.bin
+
+    @classmethod
+    def build(
+        cls,
+        detector_shape: tuple[int, int],
+        in_dtype: np.dtype,
+        *,
+        beam_center_px: tuple[float, float] | None = None,
+        crop: int | None = None,
+        bin: int = 1,
+        bad_pixels: np.ndarray | None = None,
+        saturation_value: int | None = None,
+    ) -> FrameReducer:
+        """``crop`` is the window side in detector pixels (None: the whole detector, which must
+        then be square); ``bad_pixels`` is True where the detector's pixel mask flags a pixel;
+        without a beam centre the window is centred on the detector."""
+        h, w = (int(v) for v in detector_shape)
+        in_dtype = np.dtype(in_dtype)
+        if in_dtype.kind != "u":
+            raise ValueError(f"image dtype must be unsigned integer counts, got {in_dtype}")
+        if not isinstance(bin, (int, np.integer)) or bin < 1:
+            raise ValueError(f"bin must be a positive integer, got {bin!r}")
+        if crop is None:
+            if h != w:
+                raise ValueError(f"detector frames are {h}×{w}, not square: set crop (a side in pixels)")
+            crop = h
+        if crop < bin or crop % bin:
+            raise ValueError(f"crop {crop} must be a positive multiple of bin {bin}")
+        cy, cx = beam_center_px if beam_center_px is not None else ((h - 1) / 2, (w - 1) / 2)
+        m = crop // bin
+        # centre of output pixel M//2 in detector coordinates = beam centre
+        off = bin * (m // 2) + (bin - 1) / 2
+        corner = (int(np.floor(cy - off + 0.5)), int(np.floor(cx - off + 0.5)))
+        valid = np.ones((h, w), dtype=bool)
+        if bad_pixels is not None:
+            if bad_pixels.shape != (h, w):
+                raise ValueError(f"pixel mask shape {bad_pixels.shape} differs from images {(h, w)}")
+            valid &= ~bad_pixels.astype(bool)
+        window_valid = np.zeros((crop, crop), dtype=bool)
+        src, dst = _overlap(corner, crop, (h, w))
+        window_valid[dst] = valid[src]
+        static = window_valid.reshape(m, bin, m, bin).all(axis=(1, 3))
+        top = saturation_value if saturation_value is not None else np.iinfo(in_dtype).max
+        out_dtype = next(np.dtype(t) for t in ("uint8", "uint16", "uint32", "uint64")
+                         if np.iinfo(t).max >= top * bin * bin and np.dtype(t).itemsize >= in_dtype.itemsize)
+        if out_dtype.itemsize > 4:
+            raise ValueError(f"bin {bin} of {in_dtype} counts can overflow uint32")
+        return cls((h, w), corner, crop, bin, static, saturation_value, out_dtype)
+
+    def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reduce (n, H, W) or (H, W) images → (counts (n, M, M) ``out_dtype``, valid (n, M, M)
+        bool: the static mask and this frame's saturated pixels)."""
+        stack = frames[None] if frames.ndim == 2 else frames
+        if stack.shape[1:] != self.detector_shape:
+            raise ValueError(f"images are {stack.shape[1:]}, the reducer was built for {self.detector_shape}")
+        n, c, b, m = stack.shape[0], self.window, self.bin, self.frame_side
+        window = np.zeros((n, c, c), dtype=self.out_dtype)
+        src, dst = _overlap(self.corner, c, self.detector_shape)
+        window[(slice(None), *dst)] = stack[(slice(None), *src)]
+        # The NODATA flag (dtype max) lies above any saturation value, so one test covers both.
+        top = self.saturation_value if self.saturation_value is not None else np.iinfo(stack.dtype).max - 1
+        over = window > top
+        window[over] = 0
+        counts = window.reshape(n, m, b, m, b).sum(axis=(2, 4), dtype=self.out_dtype)
+        saturated = over.reshape(n, m, b, m, b).any(axis=(2, 4))
+        valid = self.static_valid[None] & ~saturated
+        counts[~valid] = 0
+        return counts, valid
+
+
+def _overlap(corner: tuple[int, int], side: int, shape: tuple[int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """(detector slices, window slices) of the part of the window that lies on the detector."""
+    src, dst = [], []
+    for c, n in zip(corner, shape):
+        lo, hi = max(c, 0), min(c + side, n)
+        if hi <= lo:
+            src.append(slice(0, 0))
+            dst.append(slice(0, 0))
+        else:
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - c, hi - c))
+    return (src[0], src[1]), (dst[0], dst[1])
