@@ -1,0 +1,73 @@
+"""`cryoptycho broker`: place scans on a fleet of daemons (one per GPU), one scan on one daemon."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+import click
+
+from ..broker import Broker, BrokerOptions, parse_backend
+from ..logs import setup_logging
+from ..notify import SystemdNotifier
+
+
+def _backends(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[Any]:
+    try:
+        return [parse_backend(v) for v in values]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+@click.command(context_settings={"auto_envvar_prefix": "CRYOPTYCHO_BROKER"})
+@click.option("--ingest", default=BrokerOptions.ingest, show_default=True,
+              help="Endpoint producers PUSH to (the broker's PULL socket binds it).")
+@click.option("--control", default=BrokerOptions.control, show_default=True,
+              help="Control ROUTER endpoint: ping, status, register, unregister.")
+@click.option("--backend", "backends", multiple=True, callback=_backends,
+              metavar="INGEST[,control=ENDPOINT][,slots=N]",
+              help="A daemon: its ingest endpoint, optionally its control endpoint (polled for "
+                   "status and liveness) and the scans it takes at once (default: its reported "
+                   "max_concurrent_scans, else 1). Repeat per daemon; env CRYOPTYCHO_BROKER_BACKENDS "
+                   "takes a space-separated list.")
+@click.option("--hold-bytes", type=click.IntRange(min=1), default=BrokerOptions.hold_bytes,
+              show_default=True, help="Memory for scans waiting for a free daemon; beyond it "
+                                      "producers block.")
+@click.option("--poll-interval", "poll_interval_s", type=click.FloatRange(min=0.05),
+              default=BrokerOptions.poll_interval_s, show_default=True,
+              help="Seconds between status requests to each daemon's control socket.")
+@click.option("--dead-after", "dead_after_s", type=click.FloatRange(min=0.1),
+              default=BrokerOptions.dead_after_s, show_default=True,
+              help="A daemon silent this long (seconds) gets no new scans.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
+              show_default=True)
+def command(ingest: str, control: str, backends: list[Any], hold_bytes: int, poll_interval_s: float,
+            dead_after_s: float, log_format: str, log_level: str) -> None:
+    """Route each scan to a free daemon and keep all of its frames there.
+
+    Producers send to the broker exactly as to a daemon. Daemons are listed with --backend or
+    register themselves on the control socket. See deploy/README.md, "Scale-out".
+    """
+    setup_logging(log_format, log_level)
+    if "://" not in ingest or (control and "://" not in control):
+        raise click.BadParameter("endpoints look like tcp://127.0.0.1:5590", param_hint="--ingest/--control")
+    options = BrokerOptions(ingest=ingest, control=control or None, hold_bytes=hold_bytes,
+                            poll_interval_s=poll_interval_s, dead_after_s=dead_after_s)
+    broker = Broker(options, backends)
+    notifier = SystemdNotifier()
+
+    def stop(signum: int, frame: Any) -> None:
+        logging.getLogger("cryoptycho.broker").info("signal %d: stopping", signum)
+        notifier.stopping()
+        broker.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if not backends:
+        click.echo("no --backend given: waiting for daemons to register on the control socket", err=True)
+    broker.run(
+        on_ready=lambda: notifier.ready(f"routing {broker.ingest_endpoint} to {len(broker.backends)} daemons"),
+        on_tick=notifier.watchdog,
+    )
