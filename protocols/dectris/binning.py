@@ -2,7 +2,7 @@
 
 A binned pixel is the exact sum of its b×b detector pixels, so Poisson statistics survive; it is
 valid only when all of them are (a masked or saturated sub-pixel would bias the sum low), and
-invalid pixels contribute 0 to the sum rather than a detector flag value such as 65535.
+masked pixels contribute 0 to the sum rather than a detector flag value such as 65535.
 The window is placed so that the beam centre lands on pixel M//2 of the output (the engine's
 "detector order"); parts of it beyond the detector are zero and invalid.
 """
@@ -23,6 +23,7 @@ class FrameReducer:
     window: int  #: window side in detector pixels (a multiple of ``bin``)
     bin: int
     static_valid: np.ndarray  #: (M, M) bool after crop and bin: mask, gaps, outside-detector
+    window_valid: np.ndarray  #: (window, window) bool before binning
     saturation_value: int | None  #: largest valid count; larger values are invalid
     out_dtype: np.dtype
 
@@ -71,16 +72,19 @@ class FrameReducer:
         src, dst = _overlap(corner, crop, (h, w))
         window_valid[dst] = valid[src]
         static = window_valid.reshape(m, bin, m, bin).all(axis=(1, 3))
-        top = saturation_value if saturation_value is not None else np.iinfo(in_dtype).max
+        top = saturation_threshold(in_dtype, saturation_value)
         out_dtype = next(np.dtype(t) for t in ("uint8", "uint16", "uint32", "uint64")
                          if np.iinfo(t).max >= top * bin * bin and np.dtype(t).itemsize >= in_dtype.itemsize)
         if out_dtype.itemsize > 4:
             raise ValueError(f"bin {bin} of {in_dtype} counts can overflow uint32")
-        return cls((h, w), corner, crop, bin, static, saturation_value, out_dtype)
+        return cls((h, w), corner, crop, bin, static, window_valid, saturation_value, out_dtype)
 
     def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Reduce (n, H, W) or (H, W) images → (counts (n, M, M) ``out_dtype``, valid (n, M, M)
-        bool: the static mask and this frame's saturated pixels)."""
+        """Reduce (n, H, W) or (H, W) images → (counts (n, M, M) ``out_dtype``, valid (n, M, M)).
+
+        ``valid`` is the static mask less this frame's saturated pixels. A saturated pixel
+        counts as the saturation value, a lower bound of its true count; pixels of the static
+        mask count 0."""
         stack = frames[None] if frames.ndim == 2 else frames
         if stack.shape[1:] != self.detector_shape:
             raise ValueError(f"images are {stack.shape[1:]}, the reducer was built for {self.detector_shape}")
@@ -88,15 +92,19 @@ class FrameReducer:
         window = np.zeros((n, c, c), dtype=self.out_dtype)
         src, dst = _overlap(self.corner, c, self.detector_shape)
         window[(slice(None), *dst)] = stack[(slice(None), *src)]
-        # The NODATA flag (dtype max) lies above any saturation value, so one test covers both.
-        top = self.saturation_value if self.saturation_value is not None else np.iinfo(stack.dtype).max - 1
+        window *= self.window_valid
+        top = saturation_threshold(stack.dtype, self.saturation_value)
         over = window > top
-        window[over] = 0
+        np.minimum(window, top, out=window)
         counts = window.reshape(n, m, b, m, b).sum(axis=(2, 4), dtype=self.out_dtype)
         saturated = over.reshape(n, m, b, m, b).any(axis=(2, 4))
-        valid = self.static_valid[None] & ~saturated
-        counts[~valid] = 0
-        return counts, valid
+        return counts, self.static_valid[None] & ~saturated
+
+
+def saturation_threshold(dtype: np.dtype, saturation_value: int | None) -> int:
+    """Largest valid count: the detector's saturation value, else one below the dtype's maximum
+    (DECTRIS marks gaps and defective pixels with the maximum)."""
+    return int(saturation_value) if saturation_value is not None else int(np.iinfo(dtype).max) - 1
 
 
 def _overlap(corner: tuple[int, int], side: int, shape: tuple[int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
