@@ -1,11 +1,13 @@
-"""Control-socket handlers: method name → handler(params) → reply dict.
+"""Control-socket handlers: method name → handler(**params) → result dict.
 
-The protocol's ``dispatch`` turns any exception into ``{success: False, msg}``, so a handler may
-simply raise; replies here always carry ``success`` and ``msg`` and run on the manager thread.
+The protocol's ``dispatch`` (protocols/control.py) wraps results in ``{success: True, msg,
+result}`` and turns any exception into ``{success: False, msg}``, so a handler simply raises on
+bad input. Handlers run on the manager thread; none of them waits for an engine.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -18,15 +20,14 @@ from .session import State
 if TYPE_CHECKING:
     from .service import Service
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[..., dict[str, Any]]
 
 
 class HandlerError(ValueError):
     """A request the service cannot honour; its message becomes the reply's ``msg``."""
 
 
-def _session(service: Service, params: dict[str, Any]) -> Any:
-    scan_id = params.get("scan_id")
+def _session(service: Service, scan_id: Any) -> Any:
     if not isinstance(scan_id, str) or not scan_id:
         raise HandlerError("params.scan_id: required (a scan id string)")
     session = service.scans.sessions.get(scan_id)
@@ -38,14 +39,12 @@ def _session(service: Service, params: dict[str, Any]) -> Any:
 def build_table(service: Service) -> dict[str, Handler]:
     """The control table of ``service`` (closures over it)."""
 
-    def ping(params: dict[str, Any]) -> dict[str, Any]:
-        return {"success": True, "msg": "pong", "time_s": time.time(), "pid": os.getpid()}
+    def ping() -> dict[str, Any]:
+        return {"pong": True, "time_s": time.time(), "pid": os.getpid()}
 
-    def status(params: dict[str, Any]) -> dict[str, Any]:
+    def status() -> dict[str, Any]:
         scans = service.scans
         return {
-            "success": True,
-            "msg": "ok",
             "uptime_s": time.monotonic() - service.started_at,
             "endpoints": service.endpoints,
             "metrics_port": service.metrics_port,
@@ -58,21 +57,22 @@ def build_table(service: Service) -> dict[str, Handler]:
             "scans": {sid: s.summary() for sid, s in scans.sessions.items() if not s.state.final},
         }
 
-    def list_scans(params: dict[str, Any]) -> dict[str, Any]:
-        want = params.get("state")
+    def list_scans(state: str | None = None) -> dict[str, Any]:
+        want = state
         if want is not None and want not in {s.value for s in State}:
             raise HandlerError(f"params.state: must be one of {', '.join(s.value for s in State)}")
         out = [s.summary() for s in service.scans.sessions.values() if want in (None, s.state.value)]
-        return {"success": True, "msg": f"{len(out)} scans", "scans": out}
+        return {"scans": out}
 
-    def snapshot(params: dict[str, Any]) -> dict[str, Any]:
-        session = _session(service, params)
+    def snapshot(scan_id: str) -> dict[str, Any]:
+        """The latest preview of a scan (late joiners), with its summary; images are absent
+        until the worker published its first preview."""
+        session = _session(service, scan_id)
         summary = session.summary()
         with session.lock:
             preview = session.figures.get("last_preview")
-        reply: dict[str, Any] = {"success": True, "msg": "ok", "scan": summary}
+        reply: dict[str, Any] = {"scan": summary}
         if preview is None:
-            reply["msg"] = "no reconstruction yet"
             return reply
         obj = np.asarray(preview["object"])
         reply.update(
@@ -85,27 +85,26 @@ def build_table(service: Service) -> dict[str, Handler]:
         )
         return reply
 
-    def cancel(params: dict[str, Any]) -> dict[str, Any]:
-        session = _session(service, params)
+    def cancel(scan_id: str, reason: str = "") -> dict[str, Any]:
+        session = _session(service, scan_id)
         if session.state.final:
             raise HandlerError(f"scan {session.scan_id!r} is already {session.state.value}")
-        reason = str(params.get("reason") or "cancelled by control request")
-        service.scans.abort_scan(session, reason)
-        return {"success": True, "msg": f"cancelling {session.scan_id}"}
+        service.scans.abort_scan(session, reason or "cancelled by control request")
+        return {"scan_id": session.scan_id, "state": session.state.value}
 
-    def set_options(params: dict[str, Any]) -> dict[str, Any]:
-        """Change reconstruction options: of one scan (``scan_id``) or the defaults of new scans."""
-        overrides = params.get("options")
+    def set_options(options: dict[str, Any], scan_id: str | None = None) -> dict[str, Any]:
+        """Change reconstruction options: of one running scan (``scan_id``) or, without it, the
+        defaults of scans that start later."""
+        overrides = options
         if not isinstance(overrides, dict) or not overrides:
             raise HandlerError("params.options: required (a dict of ReconOptions fields)")
-        scan_id = params.get("scan_id")
         if scan_id is None:
             try:
                 service.config.options = service.config.options.merged(overrides)
             except ValidationError as exc:
                 raise HandlerError(_first_error(exc)) from None
-            return {"success": True, "msg": "defaults updated", "options": service.config.options.to_dict()}
-        session = _session(service, params)
+            return {"scope": "defaults", "options": service.config.options.to_dict()}
+        session = _session(service, scan_id)
         worker = service.scans.running.get(session.scan_id)
         if worker is None:
             raise HandlerError(f"scan {session.scan_id!r} has no running worker ({session.state.value})")
@@ -117,9 +116,9 @@ def build_table(service: Service) -> dict[str, Handler]:
         except ValidationError as exc:
             raise HandlerError(_first_error(exc)) from None
         worker.set_options(new)
-        return {"success": True, "msg": f"options of {session.scan_id} updated", "options": new.to_dict()}
+        return {"scope": session.scan_id, "options": new.to_dict()}
 
-    return {
+    table = {
         "ping": ping,
         "status": status,
         "list_scans": list_scans,
@@ -127,6 +126,23 @@ def build_table(service: Service) -> dict[str, Handler]:
         "cancel": cancel,
         "set_options": set_options,
     }
+    return {name: _counted(service, name, fn) for name, fn in table.items()}
+
+
+def _counted(service: Service, name: str, fn: Handler) -> Handler:
+    """Count calls by method and outcome; keeps ``fn``'s signature for dispatch's parameter check."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception:
+            service.metrics.control_requests.labels(method=name, success="false").inc()
+            raise
+        service.metrics.control_requests.labels(method=name, success="true").inc()
+        return result
+
+    return wrapper
 
 
 def _first_error(exc: ValidationError) -> str:

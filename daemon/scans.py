@@ -227,19 +227,25 @@ class ScanManager:
 
     # -- called from worker threads ------------------------------------------------------------
     def finish_result(self, session: Session, state: Any) -> None:
-        """Write the result file (engine result + the spool's raw NXcxi part); worker thread."""
-        from .storage.result import write_result
+        """Write the result file (engine result + the spool's NXcxi raw part under /raw) and the
+        phase exports (MRC, PNG); then retire the spool. Runs on the worker thread."""
+        from .storage.result import export_phase, write_result
 
-        path = self.config.results_dir / f"{session.scan_id.replace(':', '_')}.h5"
-        extra = {"scan_id": session.scan_id, "frames": session.ledger.as_dict(),
-                 "recovered": session.recovered, "metadata": session.spec.metadata}
-        if session.figures.get("resolution_m") is not None:
-            extra["resolution_m"] = session.figures["resolution_m"]
-        write_result(path, state, extra=extra)
+        stem = self.config.results_dir / session.scan_id.replace(":", "_")
+        path = stem.with_suffix(".h5")
         spool_file = spool_path(self.config.spool_dir, session.scan_id)
-        with h5py.File(spool_file, "r") as src, h5py.File(path, "r+") as dst:
-            if "entry_1" not in dst:
-                src.copy(src["entry_1"], dst, "entry_1")
+        extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,
+                                 **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
+        if session.figures.get("resolution_m") is not None:
+            extra["resolution_m"] = float(session.figures["resolution_m"])
+
+        def raw(group: h5py.Group) -> None:
+            with h5py.File(spool_file, "r") as src:
+                src.copy(src["entry_1"], group, "entry_1")
+                src.copy(src["scan"], group, "scan")
+
+        write_result(path, state, extra=extra, raw=raw)
+        export_phase(state, stem)
         with h5py.File(spool_file, "r+") as f:
             f.attrs["status"] = "finished"
         if not self.config.keep_spool:

@@ -18,10 +18,11 @@ import numpy as np
 import zmq
 from prometheus_client import start_http_server
 
-from cryoptycho.protocols.control import dispatch
+from cryoptycho.protocols.control import handle
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits
 from cryoptycho.protocols.messages import Abort, ErrorEvent, Frames, ScanEnd, ScanEvent, ScanStart, decode, encode
+from cryoptycho.protocols.topics import encode_event
 
 from .config import ServiceConfig
 from .handlers import build_table
@@ -219,21 +220,15 @@ class Service:
                 parts = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            # ROUTER envelope: identity (+ empty delimiter from REQ clients), then the message
-            split = next((i + 1 for i, p in enumerate(parts[:-1]) if len(p.buffer) == 0), 1)
-            envelope = [p.bytes for p in parts[:split]]
-            reply, method = dispatch(self.table, parts[split:], self.limits)
-            self.metrics.control_requests.labels(method=method, success=str(reply.success).lower()).inc()
-            self.control.send_multipart(envelope + encode(reply), copy=False)
+            reply = handle(parts, self.table, self.limits)
+            if reply:
+                self.control.send_multipart(reply, copy=False)
 
     # -- publish -----------------------------------------------------------------------------
     def _flush_outbox(self) -> None:
         for topic, payload in self.outbox.take():
-            msg = to_message(topic, payload)
-            if msg is None:
-                continue
             try:
-                self.publish.send_multipart([topic.encode()] + encode(msg), zmq.NOBLOCK, copy=False)
+                self.publish.send_multipart(encode_event(to_message(topic, payload)), zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 pass  # only when every subscriber is over its HWM: they skip this message
 

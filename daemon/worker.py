@@ -57,6 +57,14 @@ class EngineDiverged(RuntimeError):
     pass
 
 
+class _Stop(Exception):
+    """Raised from the refinement callback to leave a cancelled or interrupted refinement."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def scale_probe(probe: np.ndarray, frames: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """Probe scaled to Σ|ψ|² = mean counts per pattern (the engine's convention), counting
     only valid detector pixels and the share of the probe's far field that falls on them."""
@@ -83,6 +91,7 @@ def make_engine(session: Session, options: ReconOptions) -> Any:
         mask=spec.mask,
         extent_m=spec.extent_m,
         expected_frames=spec.expected_frames,
+        energy_eV=spec.energy_eV,
     )
 
 
@@ -331,30 +340,37 @@ class ScanWorker:
         if self.options.time_budget_s is not None:
             budget = min(budget, self.options.time_budget_s)
         last = [time.monotonic()]
-        cancelled: list[str] = []
 
-        def callback(iteration: int, loss: float) -> bool:
+        def callback(iteration: int, total: int, loss: float) -> None:
+            loss = loss / self.engine.n_frames  # refine reports the sum; steps report per position
             self._check_loss(loss)
             self.metrics.iterations.inc()
             self.metrics.loss.set(loss)
-            s.update_figures(iteration=iteration, loss=float(loss))
+            s.update_figures(iteration=int(self.engine.iteration) + 1, loss=float(loss))
             for item in self._drain(False):
-                if isinstance(item, (Cancel, Interrupt)):
-                    cancelled.append(getattr(item, "reason", "shutdown"))
+                if isinstance(item, Cancel):
+                    raise _Stop(item.reason)
+                if isinstance(item, Interrupt):
+                    raise _Stop("shutdown")
             if time.monotonic() - last[0] >= 1.0 / cfg.preview_hz:
                 last[0] = time.monotonic()
-                self._preview()
-            return bool(cancelled)  # True stops the refinement
+                self._publish_metrics()
 
         t0 = time.perf_counter()
-        self.engine.refine(self.options.iterations, time_budget_s=budget, callback=callback)
+        try:
+            self.engine.refine(self.options.iterations, time_budget_s=budget, callback=callback)
+        except _Stop as stop:
+            if stop.reason == "shutdown":
+                log.info("refinement interrupted by shutdown", extra={"scan_id": s.scan_id})
+            else:
+                self._abort(stop.reason)
+            return
+        except EngineDiverged as exc:
+            # the refinement's objects were never installed: the streamed state is still good
+            log.warning("refinement diverged (%s): keeping the streamed result", exc,
+                        extra={"scan_id": s.scan_id})
+            self.metrics.rollbacks.inc()
         s.update_figures(refine_s=time.perf_counter() - t0)
-        if cancelled == ["shutdown"]:
-            log.info("refinement interrupted by shutdown", extra={"scan_id": s.scan_id})
-            return
-        if cancelled:
-            self._abort(cancelled[0])
-            return
         if halves is not None:
             self._resolution(halves)
         state = self.engine.snapshot()

@@ -1,0 +1,116 @@
+"""`cryoptycho serve`: run the live reconstruction service until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cryoptycho.daemon.config import ConfigError, load_config
+
+log = logging.getLogger("cryoptycho.serve")
+
+
+def _set_pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--set options.iterations=50`` → nested dict; values parsed as JSON when they parse."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML configuration file (keys as in daemon/SERVICE.md).")
+@click.option("--ingest", help="Ingest PULL endpoint [tcp://127.0.0.1:5600].")
+@click.option("--publish", help="Publish PUB endpoint [tcp://127.0.0.1:5601].")
+@click.option("--control", help="Control ROUTER endpoint [tcp://127.0.0.1:5602].")
+@click.option("--metrics-port", type=int, help="Prometheus HTTP port [9640]; 0 = any free port.")
+@click.option("--spool-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--max-concurrent-scans", type=int)
+@click.option("--backend", type=click.Choice(["numpy", "cupy"]), help="Engine backend of new scans.")
+@click.option("--recover/--no-recover", default=None, help="Finish unfinished scans found in the spool.")
+@click.option("--log-format", type=click.Choice(["text", "json"]))
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Any setting, dotted for nested ones (e.g. options.iterations=50). Repeatable.")
+@click.option("--source", metavar="URL",
+              help="Also ingest a DECTRIS stream, e.g. dectris2://HOST:31001 (bridged into the ingest socket).")
+def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None, source: str | None,
+            **flags: Any) -> None:
+    """Run the live reconstruction service (ZeroMQ ingest/publish/control + Prometheus).
+
+    On start it prints one JSON line with the bound endpoints (useful with port 0).
+    """
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides = _merge(overrides, _set_pairs(sets))
+    if backend is not None:
+        overrides = _merge(overrides, {"options": {"backend": backend}})
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    from cryoptycho.daemon.logs import setup_logging
+    from cryoptycho.daemon.service import Service
+
+    setup_logging(config.log_format, config.log_level)
+    service = Service(config)
+    try:
+        service.start()
+    except RuntimeError as exc:
+        service.close()
+        raise click.ClickException(str(exc)) from None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: service.request_stop())
+    bridge_stop = threading.Event()
+    if source is not None:
+        _start_bridge(source, service.endpoints["ingest"], config, bridge_stop, service)
+    click.echo(json.dumps({"event": "ready", **service.endpoints, "metrics_port": service.metrics_port}))
+    sys.stdout.flush()
+    try:
+        service.run()
+    finally:
+        bridge_stop.set()
+        service.close()
+    log.info("stopped")
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _start_bridge(source: str, ingest: str, config: Any, stop: threading.Event, service: Any) -> None:
+    """Run the DECTRIS bridge on its own thread; its failure is logged and stops the service
+    (a daemon started for one detector stream is of no use once that stream is gone)."""
+    from cryoptycho.protocols.dectris.bridge import run_bridge
+
+    def target() -> None:
+        try:
+            run_bridge(source, ingest, config, stop)
+        except Exception:
+            log.exception("DECTRIS bridge failed; stopping the service", extra={"source": source})
+            service.request_stop()
+
+    threading.Thread(target=target, name="dectris-bridge", daemon=True).start()

@@ -1,0 +1,149 @@
+"""Shared helpers of the daemon tests: a small synthetic scan and the real daemon as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from cryoptycho.gpu.geometry import ScanGeometry, fit_geometry
+from cryoptycho.gpu.metrics import nrmse
+from cryoptycho.gpu.operators import forward, from_fft_order, make_batch
+from cryoptycho.gpu.probes import make_probe
+
+PIXEL_M = 1e-10
+
+
+@dataclass
+class Scan:
+    frames: np.ndarray  #: (K, M, M) uint16 counts, detector order
+    positions: np.ndarray  #: (K, 2) m
+    probe: np.ndarray  #: (M, M) complex64, Σ|ψ|² = counts per pattern
+    truth: np.ndarray  #: complex object on ``geometry``
+    geometry: ScanGeometry
+
+    def start_fields(self, scan_id: str, **extra: Any) -> dict[str, Any]:
+        """Keyword arguments of Producer.start_scan for this scan."""
+        m = self.frames.shape[1]
+        return dict(scan_id=scan_id, energy_eV=300e3, frame_shape=(m, m), frame_dtype="uint16",
+                    expected_frames=len(self.frames), pixel_size_m=PIXEL_M, probe=self.probe,
+                    positions_m=self.positions, **extra)
+
+    def score(self, obj: np.ndarray, origin: tuple[float, float], margin: int = 14) -> tuple[float, float]:
+        """(NRMSE of ``obj`` against the truth, NRMSE of a flat object) inside the scanned area."""
+        g = self.geometry
+        off = np.rint((np.asarray(origin) - np.asarray(g.origin)) / g.pixel_size).astype(int)
+        ny, nx = g.object_shape
+        sl_t = (slice(margin, ny - margin), slice(margin, nx - margin))
+        sl_r = (slice(margin - off[0], ny - margin - off[0]), slice(margin - off[1], nx - margin - off[1]))
+        truth = self.truth[sl_t]
+        return nrmse(np.asarray(obj)[sl_r], truth), nrmse(np.full_like(truth, np.exp(0.1j)), truth)
+
+
+def synthetic_scan(n_side: int = 16, m: int = 32, step_px: int = 3, counts: float = 5000.0, seed: int = 0) -> Scan:
+    """A weak-phase object (≤ 0.5 rad) scanned by a defocused probe, Poisson counts."""
+    rng = np.random.default_rng(seed)
+    iy, ix = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
+    pos = np.stack([iy.ravel(), ix.ravel()], 1) * step_px * PIXEL_M
+    pos = pos + rng.normal(0, 0.3 * PIXEL_M, pos.shape)
+    geo = fit_geometry(pos, PIXEL_M, (m, m))
+    phase = gaussian_filter(rng.normal(size=geo.object_shape), 2.0)
+    obj = np.exp(0.5j * phase / np.abs(phase).max()).astype(np.complex64)
+    probe = make_probe("defocused", (m, m), PIXEL_M, semiangle=8e-3, defocus=60e-9)
+    probe = (probe * np.sqrt(counts / (np.abs(probe) ** 2).sum())).astype(np.complex64)
+    batch = make_batch(geo.to_pixels(pos), geo.object_shape, (m, m))
+    intensity = np.abs(forward(obj, probe, batch)) ** 2
+    frames = rng.poisson(from_fft_order(intensity)).astype(np.uint16)
+    return Scan(frames, pos, probe, obj, geo)
+
+
+@dataclass
+class Daemon:
+    """A running `cryoptycho serve` subprocess and its bound endpoints."""
+
+    proc: subprocess.Popen
+    ready: dict[str, Any]
+    workdir: Path
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def ingest(self) -> str:
+        return self.ready["ingest"]
+
+    @property
+    def publish(self) -> str:
+        return self.ready["publish"]
+
+    @property
+    def control(self) -> str:
+        return self.ready["control"]
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ready['metrics_port']}/metrics"
+
+    def log(self) -> str:
+        return "\n".join(self.log_lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"daemon ignored signal {sig} for {timeout} s\n{self.log()}") from None
+
+
+def start_daemon(workdir: Path, *args: str, timeout: float = 60) -> Daemon:
+    """Start the real daemon on loopback with random ports; waits for its ready line."""
+    cmd = [
+        sys.executable, "-m", "cryoptycho.daemon.cli", "serve",
+        "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*",
+        "--control", "tcp://127.0.0.1:*", "--metrics-port", "0",
+        "--spool-dir", str(workdir / "spool"), "--results-dir", str(workdir / "results"),
+        "--log-format", "json", *args,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    daemon = Daemon(proc, {}, workdir)
+    threading.Thread(target=_pump, args=(proc.stderr, daemon.log_lines), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    while line and not line.startswith("{") and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+    if not line:
+        proc.wait(10)
+        raise AssertionError(f"daemon exited before ready (rc {proc.returncode})\n{daemon.log()}")
+    daemon.ready = json.loads(line)
+    threading.Thread(target=_pump, args=(proc.stdout, daemon.log_lines), daemon=True).start()
+    return daemon
+
+
+def _pump(stream: Any, sink: list[str]) -> None:
+    for line in stream:
+        sink.append(line.rstrip())
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, daemon: Daemon | None = None) -> Any:
+    """Poll ``predicate`` until truthy; fail naming ``what`` (with the daemon's log) on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{daemon.log()}" if daemon else ""))
