@@ -33,7 +33,7 @@ def compress(array: np.ndarray, codec: str) -> Any:
     if codec == "none":
         return array
     if codec == "lz4":
-        return lz4.block.compress(memoryview(array).cast("B"), store_size=False)
+        return lz4.block.compress(array.reshape(-1).view(np.uint8), store_size=False)
     if codec == "bslz4":
         flat = array.reshape(-1)
         block = default_block_elements(array.itemsize)

@@ -103,7 +103,7 @@ class Faults:
         elif kind == "drop_part" and len(parts) > 1:
             parts.pop()
         elif kind in ("truncate", "flip") and len(parts) > 1:
-            tail = bytearray(memoryview(parts[-1]).cast("B"))
+            tail = bytearray(bytes(np.ascontiguousarray(parts[-1]).reshape(-1).view(np.uint8)) if isinstance(parts[-1], np.ndarray) else bytes(parts[-1]))
             if kind == "truncate":
                 del tail[len(tail) // 2 :]
             elif tail:

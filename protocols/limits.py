@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MiB = 1 << 20
 
@@ -36,3 +36,19 @@ class Limits(BaseModel):
     """Wire dtypes accepted for frames (a subset of FRAME_DTYPES)."""
     compressions: tuple[str, ...] = COMPRESSIONS
     """Codecs accepted for array parts (a subset of COMPRESSIONS)."""
+
+    @field_validator("frame_dtypes")
+    @classmethod
+    def _known_dtypes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = set(value) - set(FRAME_DTYPES)
+        if unknown or not value:
+            raise ValueError(f"frame_dtypes must be a non-empty subset of {FRAME_DTYPES}, got {value}")
+        return value
+
+    @field_validator("compressions")
+    @classmethod
+    def _known_codecs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = set(value) - set(COMPRESSIONS)
+        if unknown or not value:
+            raise ValueError(f"compressions must be a non-empty subset of {COMPRESSIONS}, got {value}")
+        return value

@@ -6,8 +6,8 @@ Published (daemon → subscribers): :class:`ScanEvent`, :class:`Preview`, :class
 
 ``encode(msg)`` gives the multipart parts; ``decode(parts, limits, scans)`` checks every header
 key and array against the schema, the limits and (with ``scans``) the scan's declaration, and
-raises :class:`~.errors.ProtocolError` naming field and rule. Received arrays are read-only views
-of the message buffers, in their wire dtype.
+raises :class:`~.errors.ProtocolError` naming field and rule. Received arrays are views of the
+message buffers (not copies), in their wire dtype.
 """
 
 from __future__ import annotations
@@ -280,8 +280,9 @@ def encode(msg: Message, checksum: bool = False) -> list[Any]:
     # refuse here what every receiver would refuse, so the sender sees the field and rule
     schema.parse_header(header)
     spec = ARRAYS[msg.type]
-    if spec is not None:
-        # published arrays travel in their declared dtype (a float64 phase map becomes float32)
+    if spec is not None and isinstance(msg, EVENT_TYPES):
+        # published images travel in their declared dtype (a float64 phase map becomes float32);
+        # ingest arrays are never converted: counts must arrive exactly as measured
         for name, array in arrays.items():
             dtypes = spec[name][0]
             if wire_dtype(np.asarray(array).dtype) not in dtypes:

@@ -66,7 +66,7 @@ def pack(
         desc = {"name": name, "dtype": wire_dtype(arr.dtype), "shape": list(arr.shape),
                 "compression": codec, "nbytes": memoryview(buf).nbytes}
         if checksum:
-            desc["crc32"] = zlib.crc32(memoryview(buf).cast("B"))
+            desc["crc32"] = zlib.crc32(_buffer(buf))
         descriptors.append(desc)
         parts.append(buf)
     head = {"protocol": PROTOCOL, "version": VERSION, **header, "arrays": descriptors}
@@ -81,6 +81,9 @@ def _no_ext(code: int, data: bytes) -> Any:
 def _buffer(part: Any) -> memoryview:
     # zmq.Frame (received with copy=False) exposes its bytes without a copy via .buffer
     buf = getattr(part, "buffer", part)
+    if isinstance(buf, np.ndarray):
+        # memoryview.cast refuses empty arrays; a flat byte view of a contiguous array does not
+        return memoryview(buf.reshape(-1).view(np.uint8))
     view = memoryview(buf)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
@@ -123,7 +126,7 @@ def unpack(
     """Check the envelope of a received message and decode its arrays (raw ones zero-copy).
 
     Returns the header (with ``arrays`` removed), ``{name: array}`` and ``{name: codec}``; arrays
-    keep their wire dtype and raw ones are read-only views of the received buffers.
+    keep their wire dtype and raw ones are views of the received buffers, never copies.
     """
     header = read_header(parts, limits)
     views = [_buffer(p) for p in parts]
