@@ -27,19 +27,23 @@ class StreamOptions(_Strict):
     """Frames the store holds before it first grows (it grows geometrically, in place)."""
     growth: float = Field(1.5, gt=1.0, le=4.0)
     """Factor by which a full frame store grows (amortised O(1) appends)."""
-    step_size: float = Field(0.5, gt=0, le=2.0)
-    """Object step as a fraction of the illumination-normalised gradient. 0.5 is the Newton
-    step of the Poisson deviance on |z| near the fit (curvature 4 vs gradient 2(|z|−y/|z|))."""
+    step_size: float = Field(1.0, gt=0, le=2.0)
+    """Object step as a fraction of the illumination-normalised gradient (see STREAMING.md for
+    the measurements behind the default)."""
     probe_step_size: float = Field(0.5, gt=0, le=2.0)
     """Probe step as a fraction of the object-intensity-normalised probe gradient."""
     illumination_floor: float = Field(0.1, gt=0, le=10.0)
     """δ of the preconditioner Σ|ψ|² + δ, relative to its maximum over the batch: keeps the
     step bounded in the probe's dim tails (as rPIE's α)."""
-    memory_sweeps: float = Field(1.0, gt=0, le=1000.0)
+    memory_sweeps: float = Field(4.0, gt=0, le=1000.0)
     """The object step is normalised by the illumination accumulated over about this many
     sweeps of the frames received so far (exponential forgetting): fresh regions take a full
     ePIE-like step, well-visited ones average the batches of a sweep like recursive least
     squares, which removes the mini-batch noise floor."""
+    momentum: float = Field(0.3, ge=0, lt=1.0)
+    """Heavy-ball momentum of the object update, as the decay of the velocity over one sweep
+    of the data (per step: momentum ** (batch / frames)). The low spatial frequencies of the
+    phase converge slowly under a diagonal preconditioner; momentum carries them along."""
     probe_warmup_steps: int = Field(20, ge=0)
     """Mini-batch steps with a fixed probe before the probe joins (``refine_probe`` permitting)."""
     canvas_slack: float = Field(0.25, ge=0, le=4.0)
@@ -55,7 +59,7 @@ class ReconOptions(_Strict):
     seed: int = 0
 
     noise_model: Literal["poisson", "amplitude"] = "poisson"
-    truncation: Literal["none", "chen-candes", "high-intensity"] = "none"
+    truncation: Literal["none", "chen-candes", "high-intensity", "poisson-floor"] = "none"
     alpha_h: float = Field(5.0, gt=0)
     """Truncation threshold α_h of eq. 20 (∞ disables truncation)."""
 

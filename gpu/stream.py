@@ -1,0 +1,539 @@
+"""The live engine: mini-batch Poisson MAP updates while frames are still arriving.
+
+Each :meth:`StreamingReconstructor.step` draws a batch that mixes frames never visited before
+(oldest first, so none waits long) with frames drawn uniformly from those already visited, and
+takes one illumination-normalised gradient step on the object (and, after a warm-up, on the
+probe). There is no iteration count: the daemon calls ``step`` for as long as it likes, and
+``refine`` runs full-batch CG (:func:`cryoptycho.gpu.reconstruct.refine_full_batch`) after the
+scan has ended. See ``STREAMING.md`` for the update rule and why it is scaled the way it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import (
+    array_module,
+    asarray,
+    complex_dtype,
+    fft2,
+    get_xp,
+    real_dtype,
+    to_numpy,
+)
+from .framestore import FrameStore
+from .geometry import ScanGeometry, fit_geometry
+from .objective import data_term
+from .operators import Batch, extract, illumination, make_batch, to_fft_order
+from .options import ReconOptions
+from .priors import SparsePrior, prior_term
+from .priors import kappa as kappa_of
+from .reconstruct import refine_full_batch
+from .state import ReconState
+
+#: Spare object pixels kept around every probe window (sub-pixel shifts need one).
+CANVAS_MARGIN_PX = 2
+#: Frames per chunk when the whole store is swept (illumination refresh): bounds work memory.
+SWEEP_CHUNK = 512
+
+Extent = tuple[tuple[float, float], tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Outcome of one mini-batch step."""
+
+    loss: float  #: data-term loss per position of the batch (before the update)
+    batch_size: int  #: positions in the batch
+    iteration: int  #: steps taken so far, this one included
+    n_frames: int  #: frames in the store when the step ran
+    fresh: int  #: positions of the batch that were visited for the first time
+    probe_updated: bool
+    kept_fraction: float  #: share of valid measurements kept by the truncation rule
+
+
+class StreamingReconstructor:
+    """Object (and probe) reconstruction that grows with the scan. Driven from ONE thread."""
+
+    def __init__(
+        self,
+        *,
+        frame_shape: tuple[int, int],
+        frame_dtype: Any,
+        pixel_size: float,
+        probe: Any,
+        options: ReconOptions,
+        mask: Any | None = None,
+        extent_m: Extent | None = None,
+        expected_frames: int | None = None,
+        energy_eV: float | None = None,
+    ) -> None:
+        shape = tuple(int(s) for s in frame_shape)
+        if len(shape) != 2 or shape[0] != shape[1] or shape[0] < 2:
+            raise ValueError(f"frame_shape must be square (M, M) with M ≥ 2, got {frame_shape!r}")
+        if not np.isfinite(pixel_size) or pixel_size <= 0:
+            raise ValueError(f"pixel_size must be a positive number of metres, got {pixel_size!r}")
+        if tuple(np.shape(probe)) != shape:
+            raise ValueError(f"probe shape {np.shape(probe)} does not match frame shape {shape}")
+        if expected_frames is not None and expected_frames < 1:
+            raise ValueError(f"expected_frames must be ≥ 1 when given, got {expected_frames}")
+        if extent_m is not None:
+            ext = np.asarray(extent_m, dtype=np.float64)
+            if ext.shape != (2, 2) or not np.all(np.isfinite(ext)) or np.any(ext[:, 1] < ext[:, 0]):
+                raise ValueError(
+                    f"extent_m must be ((ymin, ymax), (xmin, xmax)) in metres, got {extent_m!r}"
+                )
+        self.options = options
+        self.xp = get_xp(options.backend)
+        self._rdtype = real_dtype(options.precision)
+        self._cdtype = complex_dtype(options.precision)
+        self._pixel_size = float(pixel_size)
+        self._extent = extent_m
+        self._rng = np.random.default_rng(options.seed)
+        xp = self.xp
+        self.probe = asarray(probe, xp, self._cdtype).copy()
+        if not bool(xp.all(xp.isfinite(self.probe))) or float(xp.abs(self.probe).max()) == 0:
+            raise ValueError("probe must be finite and not all zero")
+        self.mask = None
+        if mask is not None:
+            if tuple(np.shape(mask)) != shape:
+                raise ValueError(f"mask shape {np.shape(mask)} does not match frame shape {shape}")
+            self.mask = to_fft_order(asarray(mask, xp).astype(bool)).astype(self._rdtype)
+            if not bool(xp.any(self.mask)):
+                raise ValueError("mask marks no detector pixel as valid")
+        stream = options.stream
+        capacity = expected_frames if expected_frames is not None else stream.initial_capacity
+        self.frame_store = FrameStore(shape, frame_dtype, capacity, xp, stream.growth)
+        self.geometry: ScanGeometry | None = None
+        self.obj: Any = None
+        self._illum: Any = None  # Σ over received frames of |S_δ ψ|², canvas-shaped
+        self._illum_stale = False
+        self._steps_since_refresh = 0
+        self._next_fresh = 0  # frames [0, _next_fresh) have been drawn at least once
+        self._valid_counts = 0.0  # Σ counts over valid pixels of all frames received
+        self._iteration = 0
+        self._visits = 0  # frame visits by mini-batch steps, all frames together
+        self._loss_history: list[float] = []
+        self._sparse: SparsePrior | None = None
+        self._refined = 0  # full-batch CG iterations run by refine()
+        self._energy = energy_eV
+        if extent_m is not None:
+            self._new_canvas(np.zeros((0, 2)))
+
+    # --- public state -----------------------------------------------------------------------
+
+    @property
+    def n_frames(self) -> int:
+        return self.frame_store.n
+
+    @property
+    def iteration(self) -> int:
+        return self._iteration
+
+    @property
+    def loss_history(self) -> list[float]:
+        """Per-position loss of every step (mini-batch) and refinement iteration."""
+        return list(self._loss_history)
+
+    @property
+    def mean_counts(self) -> float:
+        """Mean counts per pattern over the valid detector pixels."""
+        return self._valid_counts / self.n_frames if self.n_frames else 0.0
+
+    def coverage(self) -> np.ndarray:
+        """Host copy of the illumination map Σ_k |S_δ ψ|² over all frames received (canvas
+        shaped; zeros before the first frame) — the previews' "where have we been" layer."""
+        if self.obj is None:
+            return np.zeros((0, 0), dtype=self._rdtype)
+        if self._illum_stale:
+            self._refresh_illumination()
+        return to_numpy(self._illum).copy()
+
+    # --- frames in --------------------------------------------------------------------------
+
+    def add_frames(self, frames: Any, positions_m: Any, indices: Any | None = None) -> None:
+        """Add ``frames`` (n, M, M) counts in detector order at probe positions (n, 2) metres.
+
+        ``indices`` are the frames' scan indices (default: arrival order). Positions outside
+        the canvas grow it (new pixels get the initial object value).
+        """
+        store = self.frame_store
+        frames_mod = array_module(frames)
+        if not hasattr(frames, "dtype"):
+            frames = np.asarray(frames)
+        if frames.ndim != 3 or tuple(frames.shape[1:]) != store.frame_shape:
+            raise ValueError(
+                f"frames must have shape (n, {store.frame_shape[0]}, {store.frame_shape[1]}), "
+                f"got {tuple(frames.shape)}"
+            )
+        if frames.dtype.kind not in "uif":
+            raise ValueError(f"frames must hold counts (integer or float), got dtype {frames.dtype}")
+        if not np.can_cast(frames.dtype, store.dtype, casting="safe"):
+            raise ValueError(
+                f"frames dtype {frames.dtype} does not fit the store's dtype {store.dtype} "
+                "(declared frame_dtype) without loss"
+            )
+        n = int(frames.shape[0])
+        pos = np.asarray(to_numpy(positions_m), dtype=np.float64)
+        if pos.shape != (n, 2):
+            raise ValueError(f"positions_m must have shape ({n}, 2) to match frames, got {pos.shape}")
+        if not np.all(np.isfinite(pos)):
+            raise ValueError("positions_m contain NaN or infinite values")
+        if indices is not None and np.shape(indices) != (n,):
+            raise ValueError(f"indices must have shape ({n},), got {np.shape(indices)}")
+        if n == 0:
+            return
+        if frames.dtype.kind == "f" and not bool(frames_mod.all(frames_mod.isfinite(frames))):
+            raise ValueError("frames contain NaN or infinite counts")
+        if frames.dtype.kind in "if" and bool((frames < 0).any()):
+            raise ValueError("frames contain negative counts")
+
+        self._ensure_canvas(pos)
+        where = store.append(frames, pos, indices)
+        stored = store.frames[where]
+        if self.mask is None:
+            self._valid_counts += float(stored.sum(dtype=np.float64))
+        else:
+            self._valid_counts += float((stored * self.mask).sum(dtype=np.float64))
+        batch = self._batch(np.arange(where.start, where.stop))
+        self._illum += illumination(self.probe, batch).astype(self._rdtype, copy=False)
+
+    # --- mini-batch step ------------------------------------------------------------------
+
+    def step(self) -> StepResult:
+        """One mini-batch update of the object (and of the probe after the warm-up)."""
+        if self.n_frames == 0:
+            raise RuntimeError("step() needs frames: call add_frames first")
+        opts = self.options
+        stream = opts.stream
+        which, fresh = self._draw_batch()
+        batch = self._batch(which)
+        want_probe = opts.refine_probe and self._iteration >= stream.probe_warmup_steps
+        term = data_term(
+            self.obj,
+            self.probe,
+            self.frame_store.counts(which),
+            batch,
+            model=opts.noise_model,
+            truncation=opts.truncation,
+            alpha_h=opts.alpha_h,
+            mask=self.mask,
+            want_probe=want_probe,
+        )
+        if not np.isfinite(term.loss):
+            raise FloatingPointError(
+                f"non-finite loss at step {self._iteration}: lower stream.step_size "
+                f"(now {stream.step_size})"
+            )
+        illum = illumination(self.probe, batch).astype(self._rdtype, copy=False)
+        self._curv *= self._forget(batch.size)
+        self._curv += illum
+        floor = stream.illumination_floor * float(self._curv.max())
+        grad = term.grad_object
+        if opts.prior != "none":
+            kappa = self._kappa()
+            grad = grad + self._prior_share(illum) * self._prior_grad(kappa)
+            floor += stream.memory_sweeps * self._prior_curvature(kappa)
+        probe_precond = None
+        if want_probe:
+            windows = extract(self.obj, batch)
+            inten = (windows.real**2 + windows.imag**2).sum(axis=0)
+            probe_precond = inten + stream.illumination_floor * float(inten.max())
+        delta = (-stream.step_size * grad / (self._curv + floor)).astype(self._cdtype, copy=False)
+        if stream.momentum > 0:
+            # Momentum is set per sweep of the data, so its memory (in data) does not depend
+            # on the batch size: per step it is momentum ** (B / n).
+            self._velocity *= stream.momentum ** (batch.size / self.n_frames)
+            self._velocity += delta
+            delta = self._velocity
+        self.obj += delta
+        if want_probe:
+            self.probe -= (stream.probe_step_size * term.grad_probe / probe_precond).astype(
+                self._cdtype, copy=False
+            )
+            self._constrain_probe_power()
+            self._illum_stale = True
+        self.frame_store.visits[which] += 1
+        self._visits += len(which)
+        self._iteration += 1
+        self._steps_since_refresh += 1
+        loss = term.loss / batch.size
+        self._loss_history.append(loss)
+        return StepResult(
+            loss=loss,
+            batch_size=batch.size,
+            iteration=self._iteration,
+            n_frames=self.n_frames,
+            fresh=fresh,
+            probe_updated=want_probe,
+            kept_fraction=term.kept_fraction,
+        )
+
+    def _forget(self, batch_size: int) -> float:
+        """Decay of the accumulated illumination per step, so that it remembers about
+        ``memory_sweeps`` passes over the frames received so far."""
+        sweeps = self.options.stream.memory_sweeps
+        return float(np.exp(-batch_size / (self.n_frames * sweeps)))
+
+    def _draw_batch(self) -> tuple[np.ndarray, int]:
+        """Store indices of the next batch (sorted) and how many of them are fresh."""
+        stream = self.options.stream
+        n = self.n_frames
+        size = min(stream.batch_size, n)
+        unvisited = n - self._next_fresh
+        earlier = self._next_fresh
+        n_fresh = min(unvisited, int(round(stream.fresh_fraction * size)))
+        n_old = min(earlier, size - n_fresh)
+        n_fresh = min(unvisited, size - n_old)  # too few earlier frames: take more fresh ones
+        fresh = np.arange(self._next_fresh, self._next_fresh + n_fresh)
+        old = self._rng.choice(earlier, size=n_old, replace=False) if n_old else fresh[:0]
+        self._next_fresh += n_fresh
+        return np.sort(np.concatenate([fresh, old])), n_fresh
+
+    # --- priors and probe -----------------------------------------------------------------
+
+    def _prior_share(self, batch_illum: Any) -> Any:
+        """Per-pixel share of the data this batch holds, D_batch / D_all: weighting the prior
+        gradient by it makes the prior's total pull over one sweep of the data equal to its
+        full-batch pull, whatever the batch size (see STREAMING.md)."""
+        if self._illum_stale and self._steps_since_refresh * self.options.stream.batch_size >= (
+            self.n_frames
+        ):
+            self._refresh_illumination()
+        floor = self.options.stream.illumination_floor * float(self._illum.max())
+        return batch_illum / (self._illum + floor)
+
+    def _prior_curvature(self, kappa: float) -> float:
+        """Mean curvature of the prior per object pixel (Tikhonov: 4 μ₀κ, the mean eigenvalue
+        of the discrete Laplacian; sparse: μ₁κ), added to the step's normaliser as CG's
+        preconditioner does, so a strong prior cannot make the step unstable."""
+        opts = self.options
+        if opts.prior == "tikhonov":
+            return 4.0 * opts.mu0 * kappa
+        if opts.prior == "sparse":
+            return opts.mu1 * kappa
+        return 0.0
+
+    def _prior_grad(self, kappa: float) -> Any:
+        opts = self.options
+        if opts.prior == "sparse" and self._sparse is None:
+            self._sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
+        # The sparse prior's denoiser runs every `denoise_every` *sweeps* of the data, not
+        # steps: a mini-batch step is a small fraction of a full-batch iteration.
+        _loss, grad = prior_term(self.obj, opts, kappa, self.sweeps, self._sparse)
+        return grad
+
+    def _kappa(self) -> float:
+        """κ of :func:`cryoptycho.gpu.priors.kappa` for the frames received so far."""
+        m = self.frame_store.frame_shape
+        per_frame = int(float(self.mask.sum())) if self.mask is not None else m[0] * m[1]
+        n_valid = per_frame * self.n_frames
+        lit = int((self._illum > 0.01 * float(self._illum.max())).sum())
+        return kappa_of(n_valid, max(self._valid_counts, 1e-12) / n_valid, max(lit, 1))
+
+    @property
+    def sweeps(self) -> int:
+        """Completed passes over the frames received so far (frame visits ÷ frames)."""
+        return self._visits // self.n_frames if self.n_frames else 0
+
+    def probe_power(self) -> float:
+        """Σ|ψ|² the measured data ask for: mean counts per pattern on the valid pixels,
+        divided by the share of the probe's diffraction power that falls on them."""
+        if self.mask is None:
+            return self.mean_counts
+        far = fft2(self.probe)
+        far_int = far.real**2 + far.imag**2
+        share = float((far_int * self.mask).sum()) / max(float(far_int.sum()), 1e-30)
+        return self.mean_counts / max(share, 1e-6)
+
+    def _constrain_probe_power(self) -> None:
+        power = float((self.probe.real**2 + self.probe.imag**2).sum())
+        target = self.probe_power()
+        if power > 0 and target > 0:
+            self.probe *= self.xp.asarray(np.sqrt(target / power), dtype=self._rdtype)
+
+    # --- after the scan -------------------------------------------------------------------
+
+    def refine(
+        self,
+        iterations: int,
+        time_budget_s: float | None = None,
+        callback: Callable[[int, int, float], None] | None = None,
+    ) -> list[float]:
+        """Full-batch CG over every frame received (after scan end). ``callback(iteration,
+        total, loss)`` runs after each CG iteration. Returns the loss per position of each
+        iteration. CG state does not persist between calls: call once with the whole budget
+        rather than in pieces (each call restarts from steepest descent)."""
+        if self.n_frames == 0:
+            raise RuntimeError("refine() needs frames: call add_frames first")
+        if iterations < 0:
+            raise ValueError(f"iterations must be ≥ 0, got {iterations}")
+        opts = self.options
+        n = self.n_frames
+        batch = self._batch(np.arange(n))
+        # Iterations continue the sweep count, so a probe the stream already refines keeps
+        # being refined and the sparse prior's schedule goes on.
+        start = self.sweeps
+        if opts.refine_probe and self._iteration > opts.stream.probe_warmup_steps:
+            start = max(start, opts.probe_start_iteration)
+        if opts.prior == "sparse" and self._sparse is None:
+            self._sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
+        self._constrain_probe_power()
+        obj, probe, losses = refine_full_batch(
+            self.obj, self.probe, self.frame_store.frames[:n], batch, self.mask, opts,
+            iterations, time_budget_s, start_iteration=start, sparse=self._sparse,
+            kappa=self._kappa(), probe_power=self.probe_power(), progress=callback,
+        )
+        self.obj = obj.astype(self._cdtype, copy=False)
+        self.probe = probe.astype(self._cdtype, copy=False)
+        self._velocity[...] = 0
+        self._illum_stale = True
+        per_position = [value / n for value in losses]
+        for value in per_position:
+            self._iteration += 1
+            self._loss_history.append(value)
+        self._refined += len(losses)
+        return per_position
+
+    def snapshot(self) -> ReconState:
+        """Host copies of object, probe and bookkeeping, safe to hand to another thread."""
+        if self.obj is None:
+            raise RuntimeError("snapshot() before any frame or declared extent: no canvas yet")
+        n = self.n_frames
+        state = ReconState(
+            object=np.array(to_numpy(self.obj), copy=True),
+            probe=np.array(to_numpy(self.probe), copy=True),
+            geometry=self.geometry,
+            iteration=self._iteration,
+            options=self.options.to_dict(),
+            frames_used=n,
+            positions=self.frame_store.positions[:n].copy(),
+            energy=self._energy,
+        )
+        start = self._iteration - len(self._loss_history) + 1
+        state.loss_epochs = list(range(start, self._iteration + 1))
+        state.loss_values = list(self._loss_history)
+        return state
+
+    @staticmethod
+    def memory_estimate(
+        frame_shape: tuple[int, int],
+        frame_dtype: Any,
+        n_frames: int,
+        field_px: int | tuple[int, int],
+        options: ReconOptions,
+    ) -> dict[str, int]:
+        """Bytes a scan of ``n_frames`` frames over an object canvas of ``field_px`` pixels
+        needs on the options' backend, by part (``total`` = the peak: store + canvas + the
+        larger of the mini-batch and the refinement work). Counted from the arrays the code
+        allocates (see STREAMING.md); the daemon refuses scans that cannot fit."""
+        if n_frames < 0:
+            raise ValueError(f"n_frames must be ≥ 0, got {n_frames}")
+        m2 = int(frame_shape[0]) * int(frame_shape[1])
+        ny, nx = (field_px, field_px) if np.ndim(field_px) == 0 else field_px
+        canvas = int(ny) * int(nx)
+        c = complex_dtype(options.precision).itemsize
+        r = real_dtype(options.precision).itemsize
+        item = np.dtype(frame_dtype).itemsize
+        frame_store = n_frames * (m2 * item + 2 * 8 + 8 + 4)
+        # object, velocity, prior gradient, update; illumination, accumulated illumination,
+        # prior share; scatter_add's float64 bincount pair for the complex gradient.
+        canvas_bytes = canvas * (4 * c + 3 * r + 2 * 8)
+        probe = 4 * m2 * c
+        batch = min(options.stream.batch_size, max(n_frames, 1))
+        # per position-pixel in data_term: windows, waves, far field, its gradient, the back-
+        # propagated gradient and the shifted probes (complex), intensity, counts and factor
+        # (real), the gather/scatter index (int64).
+        per_position = m2 * (6 * c + 3 * r + 8)
+        stream_work = batch * per_position
+        chunk = min(options.chunk_size, max(n_frames, 1))
+        # refine_full_batch: the index of every position (int64), chunked data-term work,
+        # and the CG vectors (x, gradient, preconditioned gradient, direction, trial, old).
+        refine_work = n_frames * m2 * 8 + chunk * per_position + 6 * (canvas * c + m2 * c)
+        total = frame_store + canvas_bytes + probe + max(stream_work, refine_work)
+        return {
+            "frame_store": int(frame_store),
+            "object": int(canvas_bytes),
+            "probe": int(probe),
+            "stream_work": int(stream_work),
+            "refine_work": int(refine_work),
+            "total": int(total),
+        }
+
+    # --- canvas ---------------------------------------------------------------------------
+
+    def _batch(self, which: np.ndarray) -> Batch:
+        assert self.geometry is not None
+        pixels = self.geometry.to_pixels(self.frame_store.positions[which])
+        return make_batch(self.xp.asarray(pixels), self.geometry.object_shape, self.frame_store.frame_shape)
+
+    def _initial_object(self, shape: tuple[int, int]) -> Any:
+        """Fresh canvas pixels: unit amplitude, phase N(init_phase_mean, init_phase_std)
+        (``init="ones"``: unit transmission). A spectral start needs the data, so a live scan
+        starts from the random one."""
+        opts = self.options
+        if opts.init == "ones":
+            values = np.ones(shape, dtype=self._cdtype)
+        else:
+            phase = self._rng.normal(opts.init_phase_mean, opts.init_phase_std, size=shape)
+            values = np.exp(1j * phase).astype(self._cdtype)
+        return asarray(values, self.xp)
+
+    def _new_canvas(self, positions: np.ndarray) -> None:
+        m = self.frame_store.frame_shape
+        self.geometry = fit_geometry(
+            positions, self._pixel_size, m, margin_px=CANVAS_MARGIN_PX, extent_m=self._extent
+        )
+        self.obj = self._initial_object(self.geometry.object_shape)
+        self._illum = self.xp.zeros(self.geometry.object_shape, dtype=self._rdtype)
+        self._curv = self.xp.zeros(self.geometry.object_shape, dtype=self._rdtype)
+        self._velocity = self.xp.zeros(self.geometry.object_shape, dtype=self._cdtype)
+
+    def _ensure_canvas(self, positions: np.ndarray) -> None:
+        """Grow the canvas (and everything canvas-shaped) so every window of ``positions``
+        fits with the margin; the old content keeps its place in metres."""
+        if self.geometry is None:
+            self._new_canvas(positions)
+            return
+        geo = self.geometry
+        px = geo.to_pixels(positions)
+        size = np.asarray(geo.object_shape)
+        m = np.asarray(geo.probe_shape)
+        before = np.maximum(0, np.ceil(CANVAS_MARGIN_PX - px.min(axis=0))).astype(int)
+        after = np.maximum(0, np.ceil(px.max(axis=0) + m + 1 + CANVAS_MARGIN_PX - size)).astype(int)
+        if not (before.any() or after.any()):
+            return
+        slack = np.ceil(self.options.stream.canvas_slack * size).astype(int)
+        before = np.where(before > 0, np.maximum(before, slack), 0)
+        after = np.where(after > 0, np.maximum(after, slack), 0)
+        shape = tuple(int(s) for s in size + before + after)
+        obj = self._initial_object(shape)
+        illum = self.xp.zeros(shape, dtype=self._rdtype)
+        inner = (slice(before[0], before[0] + size[0]), slice(before[1], before[1] + size[1]))
+        obj[inner] = self.obj
+        illum[inner] = self._illum
+        curv = self.xp.zeros(shape, dtype=self._rdtype)
+        curv[inner] = self._curv
+        self._curv = curv
+        velocity = self.xp.zeros(shape, dtype=self._cdtype)
+        velocity[inner] = self._velocity
+        self._velocity = velocity
+        origin = (geo.origin[0] - before[0] * geo.pixel_size, geo.origin[1] - before[1] * geo.pixel_size)
+        self.geometry = ScanGeometry(geo.pixel_size, origin, shape, geo.probe_shape)
+        self.obj = obj
+        self._illum = illum
+        self._sparse = None  # its denoised target was canvas-shaped; rebuilt on next use
+
+    def _refresh_illumination(self) -> None:
+        """Recompute Σ|S_δ ψ|² over all frames with the current probe, in chunks."""
+        illum = self.xp.zeros(self.geometry.object_shape, dtype=self._rdtype)
+        for lo in range(0, self.n_frames, SWEEP_CHUNK):
+            batch = self._batch(np.arange(lo, min(lo + SWEEP_CHUNK, self.n_frames)))
+            illum += illumination(self.probe, batch).astype(self._rdtype, copy=False)
+        self._illum = illum
+        self._illum_stale = False
+        self._steps_since_refresh = 0
