@@ -1,0 +1,36 @@
+"""`cryoptycho view`: a live browser viewer of a running daemon (read-only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+
+
+@click.command()
+@click.option("--publish", default="tcp://127.0.0.1:5601", show_default=True,
+              help="The daemon's publish endpoint.")
+@click.option("--control", default="tcp://127.0.0.1:5602", show_default=True,
+              help="The daemon's control endpoint (snapshots for late joiners).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on; loopback by default. Set a token before exposing it.")
+@click.option("--port", default=8640, show_default=True, type=int)
+@click.option("--token", default=lambda: os.environ.get("CRYOPTYCHO_VIEW_TOKEN"),
+              help="Access token required by the page (env CRYOPTYCHO_VIEW_TOKEN).")
+@click.option("--max-side", default=512, show_default=True, type=int,
+              help="Images are downsampled to at most this many pixels per side.")
+def command(publish: str, control: str, host: str, port: int, token: str | None, max_side: int) -> None:
+    """Serve the live viewer: object, probe, coverage, loss and resolution per scan."""
+    import uvicorn  # noqa: PLC0415  (server start-up cost only when the viewer is used)
+
+    from cryoptycho.daemon.web.hub import Hub  # noqa: PLC0415
+    from cryoptycho.daemon.web.server import create_app  # noqa: PLC0415
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        raise click.UsageError(f"refusing to serve on {host} without --token (the viewer shows your data)")
+    logging.basicConfig(level=logging.INFO)
+    app = create_app(Hub(publish, control, max_side=max_side), token=token)
+    url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    click.echo(f"cryoptycho viewer on {url}  (daemon: publish {publish}, control {control})")
+    uvicorn.run(app, host=host, port=port, log_level="warning", ws="websockets")

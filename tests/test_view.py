@@ -1,0 +1,180 @@
+"""The live browser viewer: image encoding, latest-only fan-out, snapshot-then-updates over a
+real WebSocket against a fake daemon (real PUB and ROUTER sockets), the access token."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+from starlette.testclient import TestClient
+
+from cryoptycho.daemon.web import images
+from cryoptycho.daemon.web.hub import ClientSlot, Hub
+from cryoptycho.daemon.web.server import create_app
+from cryoptycho.protocols.control import handle
+from cryoptycho.protocols.messages import Metrics, Preview, Result, ScanEvent
+from cryoptycho.protocols.topics import encode_event
+
+
+def test_encode_roundtrip_and_downsampling():
+    rng = np.random.default_rng(0)
+    img = rng.uniform(-0.3, 0.5, (600, 300))
+    enc = images.encode(img, max_side=256, value_range=(-0.3, 0.5))
+    assert enc.scale == 3 and enc.shape == (200, 100)
+    back = images.decode(enc)
+    block = img.reshape(200, 3, 100, 3).mean(axis=(1, 3))
+    # 8-bit over a 0.8 rad range: half a quantum is 0.8 / 255 / 2
+    assert np.max(np.abs(back - block)) <= 0.8 / 255 / 2 + 1e-9
+    assert images.encode(np.full((8, 8), np.nan)).png  # all-NaN image still encodes
+
+
+def test_specimen_phase_removes_ice_phase():
+    obj = np.exp(1j * (1.3 + np.pad(np.full((4, 4), 0.2), 10)))
+    phase = images.specimen_phase(obj)
+    assert abs(float(np.median(phase))) < 1e-6
+    assert phase.max() == pytest.approx(0.2, abs=1e-5)
+
+
+def test_slot_keeps_only_newest_preview_but_every_event():
+    import asyncio
+
+    async def run():
+        slot = ClientSlot()
+        for i in range(10):
+            slot.put({"kind": "preview", "scan_id": "a", "iteration": i})
+        slot.put({"kind": "preview", "scan_id": "b", "iteration": 0})
+        slot.put({"kind": "scan", "scan_id": "a", "state": "acquiring"})
+        slot.put({"kind": "scan", "scan_id": "a", "state": "refining"})
+        return slot, await slot.take()
+
+    slot, got = asyncio.run(run())
+    assert [m["state"] for m in got if m["kind"] == "scan"] == ["acquiring", "refining"]
+    previews = {m["scan_id"]: m["iteration"] for m in got if m["kind"] == "preview"}
+    assert previews == {"a": 9, "b": 0}
+    assert slot.skipped == 9
+
+
+def _preview(scan_id="s1", iteration=3, size=40):
+    yy, xx = np.mgrid[:size, :size]
+    phase = (0.3 * np.exp(-((yy - 20) ** 2 + (xx - 20) ** 2) / 50.0)).astype(np.float32)
+    probe = np.exp(1j * np.linspace(0, 1, 16 * 16)).reshape(16, 16).astype(np.complex64)
+    return Preview(scan_id, iteration, 100, 2e-10, (0.0, 0.0), phase, probe,
+                   np.ones_like(phase), np.ones_like(phase))
+
+
+def test_hub_folds_events_and_only_serves_announced_files(tmp_path):
+    hub = Hub("tcp://127.0.0.1:1", "tcp://127.0.0.1:1")
+    hub.apply(ScanEvent("s1", "acquiring", info={"expected_frames": 100}))
+    hub.apply(Metrics("s1", frames_received=50, frames_used=40, iteration=7, loss=2.5, state="acquiring"))
+    hub.apply(_preview())
+    out = tmp_path / "s1.h5"
+    out.write_bytes(b"result")
+    obj = np.exp(1j * _preview().object_phase).astype(np.complex64)
+    hub.apply(Result("s1", 20, 2e-10, (0.0, 0.0), obj, _preview().probe, np.zeros((3, 2)),
+                     files={"hdf5": str(out)}))
+    kinds = [m["kind"] for m in hub.state_messages()]
+    assert kinds == ["scan", "metrics", "preview"]
+    state = hub.state_messages()
+    assert state[0]["state"] == "finished" and state[0]["files"] == ["hdf5"]
+    assert state[1]["loss_history"] == [[7, 2.5]] or state[1]["loss_history"] == [(7, 2.5)]
+    assert state[2]["final"] is True
+    assert hub.file_for("s1", "hdf5") == out
+    assert hub.file_for("s1", "../../etc/passwd") is None
+    assert hub.file_for("nope", "hdf5") is None
+
+
+@pytest.fixture
+def fake_daemon():
+    """Real PUB and ROUTER sockets on random loopback ports; the ROUTER answers list_scans and
+    snapshot like the daemon's control table."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
+    router = ctx.socket(zmq.ROUTER)
+    ctl_port = router.bind_to_random_port("tcp://127.0.0.1")
+    snap = _preview("late", 11)
+    table = {
+        "list_scans": lambda: {"scans": [{"scan_id": "late", "state": "acquiring", "expected_frames": 64}]},
+        "snapshot": lambda scan_id: {
+            "scan": {"scan_id": scan_id},
+            "object": np.exp(1j * snap.object_phase).astype(np.complex64),
+            "probe": snap.probe,
+            "coverage": snap.coverage,
+            "iteration": 11,
+            "pixel_size_m": 2e-10,
+            "origin_m": [0.0, 0.0],
+        },
+    }
+    stop = threading.Event()
+
+    def serve():
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        while not stop.is_set():
+            if poller.poll(50):
+                router.send_multipart(handle(router.recv_multipart(copy=False), table))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield pub, f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{ctl_port}"
+    stop.set()
+    thread.join(2)
+    pub.close(0)
+    router.close(0)
+    ctx.term()
+
+
+def _receive_until(ws, predicate, limit=50):
+    for _ in range(limit):
+        msg = ws.receive_json()
+        if predicate(msg):
+            return msg
+    raise AssertionError("expected message never arrived")
+
+
+def test_browser_gets_snapshot_then_live_updates(fake_daemon):
+    pub, pub_ep, ctl_ep = fake_daemon
+    app = create_app(Hub(pub_ep, ctl_ep), token="s3cret")
+    with TestClient(app) as client:
+        assert client.get("/").status_code == 401
+        assert client.get("/?token=s3cret").status_code == 200
+        assert "cryoptycho" in client.get("/?token=s3cret").text
+        assert client.get("/static/app.js").status_code == 200
+        assert client.get("/healthz").json()["ok"] is True
+        with client.websocket_connect("/ws?token=s3cret") as ws:
+            hello = ws.receive_json()
+            assert hello == {"kind": "hello", "control": "ok"}
+            late = _receive_until(ws, lambda m: m["kind"] == "preview")
+            assert late["scan_id"] == "late" and late["iteration"] == 11
+            assert late["phase"]["png"].startswith("data:image/png;base64,")
+            # PUB drops messages until the viewer's SUB has joined: publish until the hub saw one
+            for attempt in range(200):
+                pub.send_multipart(encode_event(Metrics("live", 10, 8, iteration=attempt, loss=1.0)),
+                                   copy=False)
+                pub.send_multipart(encode_event(_preview("live", attempt)), copy=False)
+                state = client.get("/api/state?token=s3cret").json()
+                if any(m.get("scan_id") == "live" and m["kind"] == "preview" for m in state):
+                    break
+                time.sleep(0.05)
+            got = _receive_until(ws, lambda m: m["kind"] == "preview" and m["scan_id"] == "live")
+            assert got["pixel_size_m"] == pytest.approx(2e-10)
+
+
+def test_websocket_without_token_is_refused(fake_daemon):
+    _, pub_ep, ctl_ep = fake_daemon
+    app = create_app(Hub(pub_ep, ctl_ep), token="s3cret")
+    with TestClient(app) as client:
+        with pytest.raises(Exception):
+            with client.websocket_connect("/ws") as ws:
+                ws.receive_json()
+
+
+def test_unreachable_daemon_is_reported_not_fatal():
+    app = create_app(Hub("tcp://127.0.0.1:9", "tcp://127.0.0.1:9", control_timeout_s=0.2))
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws") as ws:
+            hello = ws.receive_json()
+            assert hello["kind"] == "hello" and "unavailable" in hello["control"]
