@@ -1,0 +1,270 @@
+"""Re-processing many recorded scans on a Dask cluster (`cryoptycho batch`).
+
+Each input (a dataset file or a daemon spool file) becomes one Dask task that reconstructs it
+with :func:`cryoptycho.gpu.reconstruct.reconstruct` and writes a result file; optionally a final
+task aligns and averages the results (single-particle averaging). Scheduling, retries on lost
+workers and data locality are Dask's: there is no scheduler here.
+
+GPUs: one Dask worker per GPU, each pinned with ``CUDA_VISIBLE_DEVICES`` and advertising the
+resource ``GPU=1``; every task asks for ``GPU: 1``, so a GPU never runs two reconstructions at
+once however many threads its worker has. On a laptop the same code runs on a ``LocalCluster``
+with the NumPy backend. A remote cluster is joined with its scheduler address (workers started
+with ``dask worker SCHEDULER --nthreads 1 --resources GPU=1``, one per GPU).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+RESULT_SUFFIX = ".result.h5"
+DATASET_FORMAT = "cryoptycho-dataset"
+SPOOL_FORMAT = "cryoptycho-spool"
+
+
+@dataclass(frozen=True)
+class Job:
+    source: str
+    output: str
+
+
+@dataclass
+class JobResult:
+    source: str
+    output: str
+    ok: bool
+    seconds: float
+    iterations: int = 0
+    final_loss: float | None = None
+    frames: int = 0
+    backend: str = ""
+    worker: str = ""
+    error: str | None = None
+
+
+@dataclass
+class ClusterSpec:
+    """Where the tasks run: an existing scheduler, one worker per listed GPU, or local CPU workers."""
+
+    scheduler: str | None = None
+    gpus: list[int] = field(default_factory=list)
+    workers: int = 1
+    processes: bool = True
+    """Local workers as processes (True) or threads in this process (False, light, for tests)."""
+
+
+# --------------------------------------------------------------------------------------- planning
+
+
+def discover(inputs: Sequence[str | Path]) -> list[Path]:
+    """Input files from paths, directories (every ``*.h5`` in them, results excluded) and globs."""
+    found: list[Path] = []
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir():
+            candidates = sorted(p for p in path.glob("*.h5") if not p.name.endswith(RESULT_SUFFIX))
+        elif path.exists():
+            candidates = [path]
+        else:
+            candidates = sorted(Path(p) for p in glob.glob(text))
+            if not candidates:
+                raise FileNotFoundError(f"input {text!r} matches no file")
+        found.extend(candidates)
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise FileNotFoundError("no input files (give dataset or spool files, directories or globs)")
+    return unique
+
+
+def plan(inputs: Sequence[Path], out_dir: Path, skip_existing: bool = False) -> list[Job]:
+    """One job per input, writing ``out_dir/<name>.result.h5``; two inputs with one name clash."""
+    jobs: list[Job] = []
+    owner: dict[str, Path] = {}
+    for path in inputs:
+        name = path.name.removesuffix(".h5").removesuffix(".spool")
+        if name in owner:
+            raise ValueError(f"inputs {owner[name]} and {path} would both write {name}{RESULT_SUFFIX}")
+        owner[name] = path
+        output = out_dir / f"{name}{RESULT_SUFFIX}"
+        if skip_existing and output.exists():
+            continue
+        jobs.append(Job(str(path), str(output)))
+    return jobs
+
+
+def merged_options(overrides: dict[str, Any], scan_overrides: dict[str, Any] | None = None) -> Any:
+    """Defaults < the scan's own overrides (spool files) < the batch's overrides, validated."""
+    from cryoptycho.gpu.options import ReconOptions
+
+    return ReconOptions().merged(scan_overrides or {}).merged(overrides)
+
+
+# ------------------------------------------------------------------------------------ on a worker
+
+
+def load_input(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(PtychoData, the scan's own option overrides) from a dataset or a spool file."""
+    from cryoptycho.gpu.data import PtychoData
+
+    from .storage.dataset import read_dataset
+    from .storage.spool import read_spool
+
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        kind = f.attrs.get("format")
+    if kind == DATASET_FORMAT:
+        return read_dataset(path), {}
+    if kind == SPOOL_FORMAT:
+        spool = read_spool(path)
+        if len(spool.frames) == 0:
+            raise ValueError(f"{path}: the spool holds no frames")
+        spec = spool.spec
+        data = PtychoData(
+            frames=np.asarray(spool.frames), positions=np.asarray(spool.positions_m),
+            energy=spec.energy_eV, pixel_size=spec.pixel_size_m, probe=spec.probe, mask=spec.mask,
+            metadata={**spec.metadata, "scan_id": spec.scan_id, "spool_status": spool.status},
+        )
+        return data, dict(spec.options)
+    raise ValueError(f"{path}: neither a cryoptycho dataset nor a spool file (format attribute {kind!r})")
+
+
+def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobResult:
+    """Reconstruct one input and write its result. Failures are returned, not raised, so that
+    one bad file is reported with its reason while the rest of the batch goes on."""
+    from cryoptycho.gpu.reconstruct import reconstruct
+
+    from .storage.result import export_phase, write_result
+
+    started = time.perf_counter()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpu:
+        worker += f":gpu{gpu}"
+    try:
+        data, scan_overrides = load_input(job.source)
+        options = merged_options(overrides, scan_overrides)
+        state = reconstruct(data, options)
+        write_result(job.output, state, data, extra={"source": job.source})
+        if export:
+            export_phase(state, Path(job.output).with_suffix("").with_suffix(".phase"))
+    except Exception as exc:  # reported per job in the summary; the batch exit code says it failed
+        return JobResult(job.source, job.output, False, time.perf_counter() - started, worker=worker,
+                         error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+    return JobResult(
+        job.source, job.output, True, time.perf_counter() - started, iterations=state.iteration,
+        final_loss=state.loss_values[-1] if state.loss_values else None, frames=state.frames_used,
+        backend=state.backend, worker=worker,
+    )
+
+
+def average_results(outputs: Sequence[str], path: str, export: bool = True) -> dict[str, Any]:
+    """Align every result's mean-removed phase to the first by cross-correlation (sub-pixel
+    translation) and average them; written as a result file whose /extra holds the shifts."""
+    from cryoptycho.gpu.metrics import fourier_shift, register_translation
+    from cryoptycho.gpu.state import ReconState
+
+    from .storage.result import centred_phase, export_phase, read_result, write_result
+
+    if not outputs:
+        raise ValueError("nothing to average: no reconstruction succeeded")
+    first = read_result(outputs[0]).state
+    reference = centred_phase(first.object)
+    total = np.zeros_like(reference, dtype=np.float64)
+    shifts = []
+    for out in outputs:
+        state = read_result(out).state
+        if state.geometry.pixel_size != first.geometry.pixel_size or state.object.shape != first.object.shape:
+            raise ValueError(
+                f"{out}: object {state.object.shape} at {state.geometry.pixel_size:.4g} m/px cannot be averaged "
+                f"with {outputs[0]} ({first.object.shape} at {first.geometry.pixel_size:.4g} m/px)"
+            )
+        phase = centred_phase(state.object)
+        shift = register_translation(reference, phase)
+        shifts.append(shift)
+        total += fourier_shift(phase, shift)
+    mean = total / len(outputs)
+    averaged = ReconState(
+        object=np.exp(1j * mean).astype(np.complex64), probe=first.probe, geometry=first.geometry,
+        iteration=0, options=first.options, frames_used=0, positions=first.positions, energy=first.energy,
+    )
+    write_result(path, averaged, extra={"n_averaged": len(outputs), "shifts_px": np.asarray(shifts),
+                                        "sources": json.dumps(list(outputs))})
+    if export:
+        export_phase(averaged, Path(path).with_suffix("").with_suffix(".phase"))
+    return {"path": path, "n_averaged": len(outputs), "shifts_px": [list(s) for s in shifts]}
+
+
+# ------------------------------------------------------------------------------------- the cluster
+
+
+def make_client(spec: ClusterSpec) -> Any:
+    """A ``distributed.Client`` on the cluster ``spec`` describes (closing it closes the cluster)."""
+    try:
+        from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+    except ImportError:
+        raise RuntimeError('cryoptycho batch needs Dask: pip install "cryoptycho[batch]"') from None
+    if spec.scheduler is not None:
+        return Client(spec.scheduler)
+    if spec.gpus:
+        # One worker process per GPU, pinned by CUDA_VISIBLE_DEVICES before CuPy initialises.
+        workers = {
+            f"gpu-{gpu}": {
+                "cls": Nanny,
+                "options": {"nthreads": 1, "resources": {"GPU": 1},
+                            "env": {"CUDA_VISIBLE_DEVICES": str(gpu)}},
+            }
+            for gpu in spec.gpus
+        }
+        cluster = SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
+        return Client(cluster, set_as_default=False)
+    cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=spec.processes,
+                           dashboard_address=":0")
+    return Client(cluster, set_as_default=False)
+
+
+def run_batch(client: Any, jobs: Sequence[Job], overrides: dict[str, Any], *, gpu: bool = False,
+              export: bool = False, on_done: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+    """Run every job on ``client``'s cluster; results in completion order.
+
+    With ``gpu``, each task claims the ``GPU`` resource (one reconstruction per GPU at a time).
+    """
+    from distributed import as_completed
+
+    resources = {"GPU": 1} if gpu else None
+    futures = [
+        client.submit(run_job, job, overrides, export, key=f"reconstruct-{i}-{Path(job.source).name}",
+                      resources=resources, pure=False)
+        for i, job in enumerate(jobs)
+    ]
+    results: list[JobResult] = []
+    for future in as_completed(futures, loop=client.loop):
+        result = future.result()  # run_job returns failures; an exception here is Dask's own
+        results.append(result)
+        if on_done is not None:
+            on_done(result)
+    return results
+
+
+def write_summary(path: Path, results: Sequence[JobResult], average: dict[str, Any] | None) -> Path:
+    """A JSON record of the batch: one entry per input, plus the average if one was made."""
+    ok = sum(r.ok for r in results)
+    payload = {
+        "inputs": len(results), "succeeded": ok, "failed": len(results) - ok,
+        "jobs": [asdict(r) for r in sorted(results, key=lambda r: r.source)],
+        "average": average,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path
