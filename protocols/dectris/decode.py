@@ -282,7 +282,8 @@ class V1Parser:
     that cannot start a message while none is open (binary leftovers of a stream joined
     mid-series) are skipped and counted, as the detector's own clients do. A message broken
     off by the start of another is reported through ``on_error`` and the new one is decoded.
-    A split header is held until the next part shows whether it is an appendix.
+    A header is held until the next part shows whether that part is its appendix; an image
+    whose ZeroMQ message ends early is reported as truncated.
     """
 
     def __init__(self, on_error: Callable[[DectrisError], None] | None = None) -> None:
@@ -291,7 +292,6 @@ class V1Parser:
         self._needed = 0
         self._kind: str | None = None
         self._complete: Message | None = None  # finished, waiting for its appendix
-        self._split = False  # the open header arrived as several ZeroMQ messages
         self.skipped_parts = 0
 
     def feed(self, part: bytes, more: bool) -> list[Message]:
@@ -305,7 +305,8 @@ class V1Parser:
                 return out
             out.append(done)  # not an appendix after all: a new message
         if self._kind is not None:
-            header = _json_part(part) if self._expects_json() else None
+            # Message-opening parts are small JSON; a large part is pixel data, never parsed.
+            header = _json_part(part) if len(part) < 4096 else None
             if header is not None and header.get("htype") in _V1_HTYPES:
                 self._fail(f"V1 {self._kind} message broken off after {len(self._parts)} parts "
                            f"by a new {header['htype']} part")
@@ -313,8 +314,9 @@ class V1Parser:
                 self._parts.append(part)
                 if len(self._parts) == self._needed:
                     self._finish(more, out)
-                elif not more:
-                    self._split = True
+                elif not more and self._kind == "image":
+                    # a detector never splits an image over several ZeroMQ messages
+                    self._fail(f"V1 image message truncated: it ended after {len(self._parts)} of 4 parts")
                 return out
         header = _json_part(part)
         htype = header.get("htype") if header else None
@@ -333,19 +335,13 @@ class V1Parser:
                 self._needed = 1 + _HEADER_EXTRA_PARTS[detail]
             else:
                 self._needed = 4
-            self._split = False
             if len(self._parts) == self._needed:
                 self._finish(more, out)
-            elif not more:
-                self._split = True
+            elif not more and self._kind == "image":
+                self._fail("V1 image message truncated: it ended after 1 of 4 parts")
         else:
             self.skipped_parts += 1
         return out
-
-    def _expects_json(self) -> bool:
-        # Image parts 2 and 4 and header parts 2, 3, 5, 7 are JSON; the others are binary.
-        n = len(self._parts)
-        return n in (1, 3) if self._kind == "image" else n in (1, 2, 4, 6)
 
     def _fail(self, reason: str) -> None:
         self._kind, self._parts, self._needed = None, [], 0
@@ -359,9 +355,9 @@ class V1Parser:
         except DecodeError as exc:
             self._on_error(exc)
             return
-        # A header that came in pieces may have its appendix in a piece of its own, so it waits
-        # for the next part; otherwise RCVMORE says whether an appendix follows.
-        if more or (kind == "header" and self._split):
+        # A header sent in pieces may have its appendix in a piece of its own, so a header
+        # always waits for the next part; for an image RCVMORE says whether one follows.
+        if more or kind == "header":
             self._complete = msg
         else:
             out.append(msg)

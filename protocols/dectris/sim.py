@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -78,7 +79,8 @@ class SimSeries:
 
     def centre(self) -> tuple[float, float]:
         k, h, w = self.shape
-        return self.beam_center_px if self.beam_center_px is not None else (h / 2, w / 2)
+        # the zero frequency of a centred (detector-order) frame is pixel (H//2, W//2)
+        return self.beam_center_px if self.beam_center_px is not None else (h // 2, w // 2)
 
 
 # --------------------------------------------------------------------------------- Stream V2
@@ -261,13 +263,20 @@ class SimSender:
             self._sock.send_multipart(parts)
 
     def send_series(self, series: SimSeries, split_header: bool = False,
-                    stop: threading.Event | None = None) -> int:
-        """Send a whole series (blocks until a receiver takes it); returns messages sent."""
+                    stop: threading.Event | None = None, rate: float = 0.0) -> int:
+        """Send a whole series (blocks until a receiver takes it), paced to ``rate`` images/s
+        (0 = as fast as the receiver takes them); returns messages sent."""
         sent = 0
         messages = v2_messages(series) if self.version == 2 else v1_messages(series, split_header)
+        t0 = time.perf_counter()
         for msg in messages:
             if stop is not None and stop.is_set():
                 break
+            if rate > 0 and sent > 1:
+                # an absolute schedule, so jitter does not accumulate into drift
+                delay = t0 + (sent - 1) / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
             self.send_raw(msg)
             sent += 1
         return sent
