@@ -445,10 +445,13 @@ class StreamingReconstructor:
         canvas_bytes = canvas * (4 * c + 3 * r + 2 * 8)
         probe = 4 * m2 * c
         batch = min(options.stream.batch_size, max(n_frames, 1))
-        # per position-pixel in data_term: windows, waves, far field, its gradient, the back-
-        # propagated gradient and the shifted probes (complex), intensity, counts and factor
-        # (real), the gather/scatter index (int64).
-        per_position = m2 * (6 * c + 3 * r + 8)
+        # Per position-pixel in one step: windows, waves, far field, its gradient, the back-
+        # propagated gradient, the per-position shifted probes and the ramps/FFTs that make
+        # them (complex; two of them again for the batch illumination), the likelihood's
+        # intensity/count/factor temporaries (real) and the gather/scatter index (int64).
+        # Checked against the tracemalloc peak of a step with distinct sub-pixel shifts (the
+        # worst case) in tests/test_stream_engine.py.
+        per_position = m2 * (12 * c + 6 * r + 8)
         stream_work = batch * per_position
         chunk = min(options.chunk_size, max(n_frames, 1))
         # refine_full_batch: the index of every position (int64), chunked data-term work,

@@ -1,0 +1,86 @@
+"""The growable frame store: own dtype, FFT order, amortised growth, exact allocation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cryoptycho.gpu.backend import to_numpy
+from cryoptycho.gpu.framestore import FrameStore
+
+
+def _frames(rng, n, m, dtype=np.uint16):
+    return rng.integers(0, 50, size=(n, m, m)).astype(dtype)
+
+
+@pytest.mark.parametrize("m", [6, 7])
+def test_append_stores_fft_order_in_own_dtype(xp, m):
+    rng = np.random.default_rng(0)
+    frames = _frames(rng, 9, m)
+    store = FrameStore((m, m), np.uint16, capacity=4, xp=xp)
+    store.append(frames[:5], np.zeros((5, 2)))
+    store.append(xp.asarray(frames[5:]), np.ones((4, 2)))
+    assert store.frames.dtype == np.uint16
+    assert store.n == 9
+    # ifftshift by hand: zero frequency (detector index M//2) moves to index 0.
+    expected = np.roll(frames, (-(m // 2), -(m // 2)), axis=(1, 2))
+    np.testing.assert_array_equal(to_numpy(store.frames[:9]), expected)
+    np.testing.assert_array_equal(store.positions[5:9], np.ones((4, 2)))
+    np.testing.assert_array_equal(store.indices[:9], np.arange(9))
+    assert store.visits[:9].sum() == 0
+
+
+def test_growth_is_geometric_not_per_append(xp):
+    rng = np.random.default_rng(1)
+    store = FrameStore((4, 4), np.uint8, capacity=8, xp=xp, growth=1.5)
+    n = 1000
+    for k in range(n):
+        store.append(_frames(rng, 1, 4, np.uint8), [[k, 0.0]], indices=[10 * k])
+    # 8 · 1.5^r ≥ 1000 needs r = 12 growth events; one per append would be ~1000.
+    assert store.reallocations <= math.ceil(math.log(n / 8) / math.log(1.5)) + 1
+    assert store.reallocations >= 1
+    assert store.frames.dtype == np.uint8
+    assert store.positions[n - 1, 0] == n - 1
+    assert store.indices[n - 1] == 10 * (n - 1)
+
+
+def test_exact_allocation_when_frame_count_known(xp):
+    rng = np.random.default_rng(2)
+    m, n = 64, 40
+    store = FrameStore((m, m), np.uint16, capacity=n, xp=xp)
+    for lo in range(0, n, 7):
+        k = min(7, n - lo)
+        store.append(_frames(rng, k, m), np.zeros((k, 2)))
+    assert store.reallocations == 0
+    assert store.raw_nbytes == n * m * m * 2
+    assert store.nbytes <= 1.05 * store.raw_nbytes
+
+
+def test_growth_keeps_earlier_frames(xp):
+    rng = np.random.default_rng(3)
+    frames = _frames(rng, 30, 5)
+    store = FrameStore((5, 5), np.int32, capacity=2, xp=xp)
+    for k in range(30):
+        store.append(frames[k : k + 1].astype(np.int32), [[0.0, k]])
+    store.visits[:30] = np.arange(30)
+    store.reserve(100)
+    expected = np.roll(frames, (-2, -2), axis=(1, 2))
+    np.testing.assert_array_equal(to_numpy(store.frames[:30]), expected)
+    np.testing.assert_array_equal(store.visits[:30], np.arange(30))
+    np.testing.assert_array_equal(store.positions[:30, 1], np.arange(30))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(frame_shape=(0, 4), dtype=np.uint16, capacity=1), "frame_shape"),
+        (dict(frame_shape=(4, 4), dtype=np.complex64, capacity=1), "dtype"),
+        (dict(frame_shape=(4, 4), dtype=np.uint16, capacity=0), "capacity"),
+        (dict(frame_shape=(4, 4), dtype=np.uint16, capacity=1, growth=1.0), "growth"),
+    ],
+)
+def test_bad_store_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FrameStore(**kwargs)
