@@ -29,10 +29,10 @@ DEFAULT_CONTROL = "tcp://127.0.0.1:5602"
 METHODS: dict[str, tuple[str, ...]] = {
     "ping": (),
     "status": (),
-    "list_scans": (),
+    "list_scans": ("state",),
     "snapshot": ("scan_id",),
     "cancel": ("scan_id", "reason"),
-    "set_options": ("scan_id", "options"),
+    "set_options": ("options", "scan_id"),
 }
 
 Handler = Callable[..., Any]
@@ -172,19 +172,26 @@ class ControlClient:
     def status(self) -> dict[str, Any]:
         return self.call("status")
 
-    def list_scans(self) -> list[dict[str, Any]]:
-        return list(self.call("list_scans").get("scans", []))
+    def list_scans(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Summaries of the daemon's scans, optionally only those in ``state``."""
+        params = {} if state is None else {"state": state}
+        return list(self.call("list_scans", **params).get("scans", []))
 
     def snapshot(self, scan_id: str) -> dict[str, Any]:
-        """Current state of a scan for a late joiner: the daemon's latest preview and metrics
-        (as trees, arrays included) and its scan summary."""
+        """A late joiner's starting point: the scan's summary and its latest images (``object``,
+        ``probe``, ``coverage`` arrays, ``iteration``, ``pixel_size_m``, ``origin_m``) once the
+        first preview exists. Subscribe first, then snapshot, then apply newer previews."""
         return self.call("snapshot", scan_id=scan_id)
 
     def cancel(self, scan_id: str, reason: str = "") -> dict[str, Any]:
         return self.call("cancel", scan_id=scan_id, reason=reason)
 
-    def set_options(self, scan_id: str, options: dict[str, Any]) -> dict[str, Any]:
-        return self.call("set_options", scan_id=scan_id, options=options)
+    def set_options(self, scan_id: str | None, options: dict[str, Any]) -> dict[str, Any]:
+        """Change ReconOptions of a running scan, or (``scan_id=None``) the defaults of later scans."""
+        params: dict[str, Any] = {"options": options}
+        if scan_id is not None:
+            params["scan_id"] = scan_id
+        return self.call("set_options", **params)
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
