@@ -16,8 +16,10 @@ result does not depend on the tile size (each reference block sees its full sear
 
 Published parameters (N1 = 8, step 3, 39×39 window, 16/32 blocks per group, λ₃D = 2.7,
 τ_match 2500/400) are defined on the 0–255 grey scale. Images here have any scale (a phase in
-radians, a log-amplitude), so the image is mapped onto 0–255 by its ``data_range`` first;
-the default estimates that range robustly from block means, and a known range can be given.
+radians, a log-amplitude), so the image is first scaled so that the noise σ becomes
+``SIGMA_GREY`` = 15 grey levels: the thresholds then keep the same meaning relative to the noise
+at every scale (on camera/brick/moon crops at σ = 5…50 this is within 0.1 dB of running on the
+true 0–255 scale). A known ``data_range`` instead maps that range onto 0–255, as the papers do.
 
 Licence: BSD-3 like the rest of cryoptycho; written from the papers, no reference code used.
 """
@@ -30,12 +32,13 @@ from typing import Any
 import numpy as np
 
 from .backend import array_module, real_of
-from .bm3d_matching import match_blocks, reference_grid
-from .bm3d_transforms import bior15_matrix, dct_matrix, haar_matrix, kaiser_window
+from .bm3d_stages import filter_stage
 from .denoise import register_denoiser
 
 #: Grey scale on which the published thresholds are defined.
 GREY_SCALE = 255.0
+#: Without a data range the image is scaled so that σ is this many grey levels.
+SIGMA_GREY = 15.0
 
 
 @dataclass(frozen=True)
@@ -116,16 +119,6 @@ def estimate_sigma(image: Any) -> float:
     return float(xp.median(xp.abs(hh))) / 0.6745
 
 
-def estimate_data_range(image: Any) -> float:
-    """Range of the noise-free image, estimated from 4×4 block means (noise σ shrinks 4×)."""
-    xp = array_module(image)
-    h, w = image.shape
-    b = 4 if min(h, w) >= 16 else 1
-    hb, wb = h // b, w // b
-    means = image[: hb * b, : wb * b].astype(np.float64).reshape(hb, b, wb, b).mean(axis=(1, 3))
-    return float(xp.max(means) - xp.min(means))
-
-
 def bm3d(
     image: Any,
     sigma: float | None = None,
@@ -137,9 +130,9 @@ def bm3d(
     """Denoise a real 2-D image (NumPy or CuPy) with BM3D; returns the same module and dtype.
 
     ``sigma`` is the noise standard deviation on the image's own scale (None: estimated with
-    :func:`estimate_sigma`). ``data_range`` is the image's signal range, mapped to 0–255 where the
-    published thresholds hold (None: :func:`estimate_data_range`). ``stages=1`` stops after the
-    hard-thresholding (basic) estimate.
+    :func:`estimate_sigma`). ``data_range`` is the image's signal range, mapped onto 0–255 where the
+    published thresholds hold (None: scale so that σ is ``SIGMA_GREY`` grey levels). ``stages=1``
+    stops after the hard-thresholding (basic) estimate.
     """
     xp = array_module(image)
     img = xp.asarray(image)
@@ -163,22 +156,16 @@ def bm3d(
     sigma = float(sigma)
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
-    span = estimate_data_range(img) if data_range is None else float(data_range)
-    if not np.isfinite(span) or span < 0:
-        raise ValueError(f"data_range must be a finite number >= 0, got {data_range}")
+    if data_range is not None and not (np.isfinite(data_range) and data_range > 0):
+        raise ValueError(f"data_range must be a finite number > 0, got {data_range}")
     if sigma == 0:
         return img.astype(out_dtype, copy=True)
-    if span == 0:
-        # A flat signal: the best estimate of every pixel is the image mean.
-        return xp.full(img.shape, float(img.mean()), dtype=out_dtype)
 
-    scale = GREY_SCALE / span
+    scale = SIGMA_GREY / sigma if data_range is None else GREY_SCALE / float(data_range)
     offset = float(img.min())
     noisy = ((img.astype(work) - offset) * scale).astype(work)
     sigma255 = sigma * scale
     prof = prof.for_sigma(sigma255)
-    from .bm3d_stages import filter_stage  # noqa: PLC0415  (kept separate: one role per module)
-
     basic = filter_stage(noisy, None, sigma255, prof.hard, prof.lambda_3d, prof.tile_refs)
     result = basic
     if stages == 2:
@@ -201,16 +188,4 @@ def _factory(**params: Any) -> Any:
 
 register_denoiser("bm3d", _factory)
 
-__all__ = [
-    "BM3DProfile",
-    "StageParams",
-    "bm3d",
-    "estimate_data_range",
-    "estimate_sigma",
-    "bior15_matrix",
-    "dct_matrix",
-    "haar_matrix",
-    "kaiser_window",
-    "match_blocks",
-    "reference_grid",
-]
+__all__ = ["BM3DProfile", "StageParams", "bm3d", "estimate_sigma"]

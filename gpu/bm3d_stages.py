@@ -43,12 +43,11 @@ def filter_stage(
     kaiser = xp.asarray(kaiser_window(b, params.beta), dtype=dtype)
     guide_image = noisy if basic is None else basic
 
-    for ty in range(0, grid_y.size, tile_refs):
-        refs_y = grid_y[ty : ty + tile_refs]
+    # Equal tiles (not a full tile and a sliver): the per-offset work is then evenly batched.
+    for refs_y in np.array_split(grid_y, -(-grid_y.size // tile_refs)):
         y_lo = max(0, int(refs_y[0]) - half)
         y_hi = min(h, int(refs_y[-1]) + half + b)
-        for tx in range(0, grid_x.size, tile_refs):
-            refs_x = grid_x[tx : tx + tile_refs]
+        for refs_x in np.array_split(grid_x, -(-grid_x.size // tile_refs)):
             x_lo = max(0, int(refs_x[0]) - half)
             x_hi = min(w, int(refs_x[-1]) + half + b)
             guide = guide_image[y_lo:y_hi, x_lo:x_hi]
