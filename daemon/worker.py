@@ -217,17 +217,11 @@ class ScanWorker:
             now = time.monotonic()
             if now >= next_preview:
                 next_preview = now + preview_every
-                self._preview()
-                done = time.monotonic()
-                if unpreviewed:
-                    s.update_figures(latency_s=done - unpreviewed[-1][0])
-                for arrived, n in unpreviewed:
-                    for _ in range(n):
-                        self.metrics.preview_latency.observe(done - arrived)
-                unpreviewed.clear()
+                self._preview(unpreviewed)
             if halves is not None and now >= next_resolution:
                 next_resolution = now + cfg.resolution_interval_s
                 self._resolution(halves)
+        self._preview(unpreviewed)  # the scan's last frames are in an image before refinement
         self._refine(halves)
 
     def _start_engines(self, first: np.ndarray) -> None:
@@ -299,8 +293,9 @@ class ScanWorker:
             self.options = new
             self.engine.options = new
 
-    def _preview(self) -> None:
-        """Publish the current images (latest-only) and checkpoint them as the last good state."""
+    def _preview(self, unpreviewed: list[tuple[float, int]]) -> None:
+        """Publish the current images (latest-only) and checkpoint them as the last good state;
+        ``unpreviewed`` (arrival time, frames) are now in an image: their latency is recorded."""
         state = self.engine.snapshot()
         self._good = state
         s = self.session
@@ -316,6 +311,13 @@ class ScanWorker:
         }
         s.update_figures(last_preview=payload)
         self.outbox.offer(s.scan_id, "preview", payload)
+        done = time.monotonic()
+        if unpreviewed:
+            s.update_figures(latency_s=done - unpreviewed[-1][0])
+        for arrived, n in unpreviewed:
+            for _ in range(n):
+                self.metrics.preview_latency.observe(done - arrived)
+        unpreviewed.clear()
         self._publish_metrics()
 
     def _publish_metrics(self) -> None:

@@ -36,9 +36,10 @@ class Scan:
     def start_fields(self, scan_id: str, **extra: Any) -> dict[str, Any]:
         """Keyword arguments of Producer.start_scan for this scan."""
         m = self.frames.shape[1]
-        return dict(scan_id=scan_id, energy_eV=300e3, frame_shape=(m, m), frame_dtype="uint16",
-                    expected_frames=len(self.frames), pixel_size_m=PIXEL_M, probe=self.probe,
-                    positions_m=self.positions, **extra)
+        fields = dict(scan_id=scan_id, energy_eV=300e3, frame_shape=(m, m), frame_dtype="uint16",
+                      expected_frames=len(self.frames), pixel_size_m=PIXEL_M, probe=self.probe,
+                      positions_m=self.positions)
+        return {**fields, **extra}
 
     def score(self, obj: np.ndarray, origin: tuple[float, float], margin: int = 14) -> tuple[float, float]:
         """(NRMSE of ``obj`` against the truth, NRMSE of a flat object) inside the scanned area."""

@@ -69,16 +69,20 @@ def test_streamed_scan_previews_result_and_metrics(daemon, scan):
     time.sleep(0.3)  # SUB connects asynchronously: a slow joiner would miss the first events
     with Producer(daemon.ingest) as producer:
         producer.start_scan(**scan.start_fields("one"))
-        for lo in range(0, len(scan.frames), 16):
+        half = len(scan.frames) // 2
+        for lo in range(0, half, 16):
             producer.send_frames(scan.frames[lo : lo + 16])
-            time.sleep(0.02)  # a microscope's pace: previews must come while acquiring
+        # the scan is still acquiring: a preview of the first half must come before the rest
+        early = collect(sub, lambda ev: isinstance(ev, Preview), timeout=30)
+        assert early[-1].frames_used > 0 and early[-1].object_phase.ndim == 2
+        for lo in range(half, len(scan.frames), 16):
+            producer.send_frames(scan.frames[lo : lo + 16])
         producer.end_scan()
-    events = collect(sub, finished("one"))
+    events = early + collect(sub, finished("one"))
     sub.close()
     kinds = [(type(e).__name__, getattr(e, "event", "")) for e in events]
     assert ("ScanEvent", "finished") in kinds, daemon.log()
-    ended_at = kinds.index(("ScanEvent", "ended"))
-    assert any(k == ("Preview", "") for k in kinds[:ended_at]), "no preview while acquiring"
+    assert kinds.index(("Preview", "")) < kinds.index(("ScanEvent", "ended"))
     result = next(e for e in events if isinstance(e, Result))
     err, flat = scan.score(result.object, result.origin_m)
     assert err < 0.7 * flat, f"NRMSE {err:.4f} vs flat-object {flat:.4f}"
@@ -131,3 +135,143 @@ def test_control_methods(daemon, scan):
         m = metrics_of(daemon)
         assert m["cryoptycho_control_requests_total{method=cancel,success=true}"] == 1
         assert m["cryoptycho_scans_total{outcome=aborted}"] == 1
+
+
+def _send_bad_messages(endpoint: str, scan: Scan) -> set[str]:
+    """Send one message per kind of mistake on a raw PUSH socket; returns the expected rules."""
+    import zmq
+
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(endpoint)
+    good = encode(Frames("conc-a", np.arange(2, dtype=np.uint32), scan.frames[:2]))
+    push.send_multipart([b"\x00garbage"])  # not msgpack
+    push.send_multipart(encode(Frames("ghost", np.arange(2, dtype=np.uint32), scan.frames[:2])))
+    push.send_multipart(encode(Frames("conc-a", np.arange(2, dtype=np.uint32), scan.frames[:2, :16, :16])))
+    push.send_multipart(good[:1])  # header promises arrays that are missing
+    with Producer(endpoint) as p:
+        p.start_scan(**scan.start_fields("bad-options", options={"iterations": -1}))
+        p.scan = None
+        p.start_scan(**scan.start_fields("too-big", expected_frames=10_000_000, positions_m=None))
+        p.scan = None
+        p.start_scan(**scan.start_fields("conc-a"))  # a second start of a live scan
+        p.scan = None
+    push.close(linger=2000)
+    return {"known_scan", "recon_options", "memory_budget", "unique_scan"}
+
+
+def test_concurrent_scans_bad_messages_and_a_stalled_subscriber(tmp_path, scan):
+    import threading
+
+    import zmq
+
+    daemon = start_daemon(tmp_path, *FAST, "--set", "host_memory_budget_bytes=2000000000")
+    try:
+        sub = Subscriber(daemon.publish, latest_only=False)
+        stalled = zmq.Context.instance().socket(zmq.SUB)  # connected, never reads
+        stalled.rcvhwm = 1
+        stalled.setsockopt(zmq.SUBSCRIBE, b"")
+        stalled.connect(daemon.publish)
+        time.sleep(0.3)
+        other = synthetic_scan(seed=1)
+
+        def stream(scan_id: str, data: Scan) -> None:
+            with Producer(daemon.ingest) as producer:
+                producer.start_scan(**data.start_fields(scan_id))
+                for lo in range(0, len(data.frames), 32):
+                    producer.send_frames(data.frames[lo : lo + 32])
+                    time.sleep(0.02)
+                producer.end_scan()
+
+        threads = [threading.Thread(target=stream, args=a) for a in (("conc-a", scan), ("conc-b", other))]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        expected_rules = _send_bad_messages(daemon.ingest, scan)
+        for t in threads:
+            t.join(60)
+        events = []
+        done: set[str] = set()
+        deadline = time.monotonic() + 90
+        while done != {"conc-a", "conc-b"} and time.monotonic() < deadline:
+            ev = sub.recv(timeout_s=0.5)
+            if ev is None:
+                continue
+            events.append(ev)
+            if isinstance(ev, ScanEvent) and ev.event in ("finished", "failed"):
+                assert ev.event == "finished", (ev, daemon.log())
+                done.add(ev.scan_id)
+        assert done == {"conc-a", "conc-b"}, daemon.log()
+        rules = {e.rule for e in events if isinstance(e, ErrorEvent)}
+        assert expected_rules <= rules, rules
+        errors = [e for e in events if isinstance(e, ErrorEvent)]
+        assert len(errors) >= 7 and all(e.field and e.rule and e.message for e in errors), errors
+        assert {"data", "options.iterations", "expected_frames", "scan_id"} <= {e.field for e in errors}, errors
+        results = {e.scan_id: e for e in events if isinstance(e, Result)}
+        for scan_id, data in (("conc-a", scan), ("conc-b", other)):
+            err, flat = data.score(results[scan_id].object, results[scan_id].origin_m)
+            assert err < 0.7 * flat, (scan_id, err, flat)
+        m = metrics_of(daemon)
+        assert m["cryoptycho_frames_received_total"] == 2 * len(scan.frames)
+        assert m["cryoptycho_scans_total{outcome=refused}"] >= 2
+        assert m["cryoptycho_frames_dropped_total{reason=unknown_scan}"] >= 1
+        assert sum(v for k, v in m.items() if k.startswith("cryoptycho_messages_rejected_total")) >= 6
+        stalled.close(linger=0)
+        sub.close()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+
+
+def test_kill_9_then_recover_from_spool(tmp_path, scan):
+    from cryoptycho.daemon.storage.spool import read_spool
+
+    daemon = start_daemon(tmp_path, *FAST)
+    with ControlClient(daemon.control, timeout_s=5) as ctl, Producer(daemon.ingest) as producer:
+        producer.start_scan(**scan.start_fields("crash"))
+        producer.send_frames(scan.frames[:160])
+        received = wait_for(
+            lambda: ctl.status()["scans"].get("crash", {}).get("frames", {}).get("received", 0) >= 160,
+            30, "160 frames received", daemon)
+        assert received
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(10)
+        producer.scan = None
+    spooled = read_spool(tmp_path / "spool" / "crash.spool.h5")
+    assert spooled.status == "open"
+    np.testing.assert_array_equal(np.sort(spooled.indices), np.arange(160))
+    np.testing.assert_array_equal(spooled.frames[np.argsort(spooled.indices)], scan.frames[:160])
+
+    # the restarted daemon finds the scan, waits briefly for its producer, then finishes it
+    daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=1")
+    try:
+        sub = Subscriber(daemon.publish, latest_only=False)
+        with ControlClient(daemon.control, timeout_s=5) as ctl:
+            wait_for(lambda: any(s["scan_id"] == "crash" and s["state"] == "finished" for s in ctl.list_scans()),
+                     90, "the recovered scan to finish", daemon)
+            info = next(s for s in ctl.list_scans() if s["scan_id"] == "crash")
+        assert info["recovered"] is True and info["frames"]["received"] == 160
+        with h5py.File(info["result_path"]) as f:
+            assert f["raw/entry_1/data_1/data"].shape[0] == 160
+        sub.close()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+
+
+def test_sigterm_drains_and_keeps_open_scans_for_recovery(tmp_path, scan):
+    from cryoptycho.daemon.storage.spool import read_spool
+
+    daemon = start_daemon(tmp_path, *FAST)
+    with ControlClient(daemon.control, timeout_s=5) as ctl, Producer(daemon.ingest) as producer:
+        producer.start_scan(**scan.start_fields("drain"))
+        producer.send_frames(scan.frames[:100])
+        wait_for(lambda: ctl.status()["scans"].get("drain", {}).get("state") == "acquiring", 30,
+                 "the scan to acquire", daemon)
+        assert daemon.stop(signal.SIGTERM) == 0
+        producer.scan = None
+    assert "draining" in daemon.log()
+    spooled = read_spool(tmp_path / "spool" / "drain.spool.h5")
+    assert spooled.status == "open" and len(spooled.indices) == 100
