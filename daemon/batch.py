@@ -159,7 +159,7 @@ def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobRes
         write_result(job.output, state, data, extra={"source": job.source})
         if export:
             export_phase(state, Path(job.output).with_suffix("").with_suffix(".phase"))
-    except Exception as exc:  # reported per job in the summary; the batch exit code says it failed
+    except Exception as exc:  # noqa: BLE001 - reported per job in the summary; the exit code says so
         return JobResult(job.source, job.output, False, time.perf_counter() - started, worker=worker,
                          error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
     return JobResult(

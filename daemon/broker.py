@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-
 from cryoptycho.protocols.control import handle
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits

@@ -9,8 +9,6 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from engine_helpers import synthetic_dataset
-
 from cryoptycho.daemon.batch import Job, average_results, load_input, plan
 from cryoptycho.daemon.commands.batch import command as batch_command
 from cryoptycho.daemon.storage.dataset import write_dataset
@@ -18,6 +16,7 @@ from cryoptycho.daemon.storage.result import centred_phase, read_result, write_r
 from cryoptycho.gpu.geometry import ScanGeometry
 from cryoptycho.gpu.metrics import fourier_shift
 from cryoptycho.gpu.state import ReconState
+from engine_helpers import synthetic_dataset
 
 
 def tiny(path: Path, seed: int) -> Path:

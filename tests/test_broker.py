@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 import zmq
 from click.testing import CliRunner
-
 from cryoptycho.daemon.broker import Backend, Broker, BrokerOptions, parse_backend
 from cryoptycho.daemon.commands.broker import command as broker_command
 from cryoptycho.protocols.control import ControlClient, handle
-from cryoptycho.protocols.messages import Frames, ProbeModelSpec, ScanEnd, ScanStart, decode, encode, peek
+from cryoptycho.protocols.messages import (
+    Frames,
+    ProbeModelSpec,
+    ScanEnd,
+    ScanStart,
+    decode,
+    encode,
+    peek,
+)
 
 M = 8
 WAIT_S = 10.0  # upper bound for waiting on sockets; never a speed assertion

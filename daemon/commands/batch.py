@@ -54,7 +54,14 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..batch import (
-        ClusterSpec, average_results, discover, make_client, merged_options, plan, run_batch, write_summary,
+        ClusterSpec,
+        average_results,
+        discover,
+        make_client,
+        merged_options,
+        plan,
+        run_batch,
+        write_summary,
     )
 
     overrides = _overrides(options_file, sets)

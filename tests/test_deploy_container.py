@@ -1,0 +1,142 @@
+"""Container images, the compose stack and the health probe (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+import pytest
+from cryoptycho.daemon.metrics import ServiceMetrics
+from deploy_support import (
+    DEPLOY,
+    ROOT,
+    config_with_env,
+    default_ports,
+    docker_env,
+    dockerfile,
+    port,
+    yaml_docs,
+)
+from prometheus_client import start_http_server
+
+IMAGES = {"gpu": DEPLOY / "docker" / "Dockerfile", "cpu": DEPLOY / "docker" / "Dockerfile.cpu"}
+
+
+def _args(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    out = {}
+    for word, args in instructions:
+        if word == "ARG" and "=" in args:
+            key, _, value = args.partition("=")
+            out.setdefault(key, value)
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_image_runs_as_a_user_exposes_ports_and_checks_health(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ins = dockerfile(IMAGES[kind])
+    words = [w for w, _ in ins]
+    assert set(words) <= {"FROM", "ARG", "RUN", "ENV", "WORKDIR", "COPY", "LABEL", "EXPOSE", "VOLUME",
+                          "USER", "HEALTHCHECK", "STOPSIGNAL", "ENTRYPOINT", "CMD"}, words
+    final = ins[max(i for i, w in enumerate(words) if w == "FROM"):]
+    users = [a for w, a in final if w == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the daemon must not run as root"
+    # the user exists: created in the final stage by name
+    assert any(w == "RUN" and "useradd" in a and users[-1].split(":")[0] in a for w, a in final)
+    exposed = {int(p) for w, a in final if w == "EXPOSE" for p in a.split()}
+    env = docker_env(ins)
+    config = config_with_env(monkeypatch, env)  # every ENV is a real setting, and it wins
+    assert {port(config.ingest), port(config.publish), port(config.control), config.metrics_port} == exposed
+    assert exposed == set(default_ports().values())
+    assert config.metrics_host == "0.0.0.0"  # reachable from outside the container's loopback
+    health = [a for w, a in final if w == "HEALTHCHECK"]
+    assert len(health) == 1 and "CMD" in health[0]
+    probe = re.search(r'"(/[^"]*healthcheck\.py)"', health[0]).group(1)
+    copies = [a.split() for w, a in final if w == "COPY"]
+    assert any(c[-1] == probe and (ROOT / c[-2]).is_file() for c in copies), "health probe not copied"
+    entry = [a for w, a in final if w == "ENTRYPOINT"][-1]
+    cmd = [a for w, a in final if w == "CMD"][-1]
+    assert '"cryoptycho"' in entry and '"serve"' in cmd
+    config_path = re.search(r'"--config", "([^"]+)"', cmd).group(1)
+    assert any(c[-1] == config_path for c in copies), "the site config the CMD names is not copied"
+    assert config.options.backend == ("cupy" if kind == "gpu" else "numpy")
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_build_context_holds_what_the_image_copies(kind: str) -> None:
+    ins = dockerfile(IMAGES[kind])
+    ignore = (IMAGES[kind].parent / f"{IMAGES[kind].name}.dockerignore").read_text().splitlines()
+    allowed = [p[1:].removesuffix("/**") for p in ignore if p.startswith("!")]
+    assert "**" in ignore, "the ignore file must start from nothing"
+    for word, args in ins:
+        if word == "COPY" and "--from" not in args:
+            *sources, _ = args.split()
+            for src in sources:
+                assert (ROOT / src).exists(), f"COPY {src}: missing from the repository"
+                assert src in allowed, f"COPY {src}: excluded from the build context by the .dockerignore"
+
+
+def test_gpu_image_pairs_cuda_base_with_the_matching_cupy_extra() -> None:
+    ins = dockerfile(IMAGES["gpu"])
+    args = _args(ins)
+    froms = [a for w, a in ins if w == "FROM"]
+    assert all(f.startswith("nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04") for f in froms)
+    major = args["CUDA_VERSION"].split(".")[0]
+    assert major in ("12", "13") and args["CUDA_EXTRA"] == f"cuda{major}"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"cupy-cuda{major}x" in " ".join(extras[args["CUDA_EXTRA"]])
+    assert any(w == "RUN" and '.[${CUDA_EXTRA}]' in a for w, a in ins)
+
+
+def test_compose_stack_matches_the_daemon_defaults() -> None:
+    (compose,) = yaml_docs(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    assert set(services) == {"cryoptycho", "prometheus", "grafana"}
+    daemon = services["cryoptycho"]
+    container_ports = {int(p.rsplit(":", 1)[1]) for p in daemon["ports"]}
+    assert container_ports == set(default_ports().values())
+    assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", [])), \
+        "publish on loopback only"
+    assert (DEPLOY / daemon["build"]["context"] / daemon["build"]["dockerfile"]).is_file()
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"compose mounts missing {source}"
+            else:
+                assert source in compose["volumes"], f"undeclared named volume {source}"
+    # the drain after SIGTERM must not be cut short
+    assert daemon["stop_grace_period"].endswith("m") and int(daemon["stop_grace_period"][:-1]) >= 5
+    (gpu,) = yaml_docs(DEPLOY / "compose.gpu.yaml")
+    override = gpu["services"]["cryoptycho"]
+    assert (ROOT / override["build"]["dockerfile"]).is_file()
+    assert override["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def _healthcheck_module():
+    spec = importlib.util.spec_from_file_location("healthcheck", DEPLOY / "docker" / "healthcheck.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_health_probe_reads_the_daemons_up_metric() -> None:
+    health = _healthcheck_module()
+    metrics = ServiceMetrics()
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=metrics.registry)
+    port_ = server.server_port
+    try:
+        metrics.up.set(1)
+        assert health.main(["--port", str(port_)]) == 0
+        metrics.up.set(0)
+        assert health.main(["--port", str(port_)]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    healthy, reason = health.probe(f"http://127.0.0.1:{port_}/metrics", 1.0)
+    assert not healthy and "unreachable" in reason
