@@ -29,7 +29,9 @@ BLOCK_BYTES = 8192
 
 def _openmp_setter() -> Any:
     """``omp_set_num_threads`` of the OpenMP runtime bitshuffle uses, or None."""
-    libs = sorted((Path(bitshuffle.__file__).parent.parent / "bitshuffle.libs").glob("libgomp*.so*"))
+    libs = sorted(
+        (Path(bitshuffle.__file__).parent.parent / "bitshuffle.libs").glob("libgomp*.so*")
+    )
     name = str(libs[0]) if libs else ctypes.util.find_library("gomp")
     if name is None:
         return None
@@ -73,7 +75,9 @@ def compress(array: np.ndarray, codec: str) -> Any:
     raise ValueError(f"unknown codec {codec!r}; known: none, lz4, bslz4")
 
 
-def decompress(buf: Any, codec: str, dtype: np.dtype, shape: tuple[int, ...], field: str) -> np.ndarray:
+def decompress(
+    buf: Any, codec: str, dtype: np.dtype, shape: tuple[int, ...], field: str
+) -> np.ndarray:
     """Decode one part to an array of ``shape``/``dtype``; any inconsistency is a ProtocolError.
 
     The decoded size is known before anything is allocated (shape × itemsize, already checked
@@ -83,10 +87,12 @@ def decompress(buf: Any, codec: str, dtype: np.dtype, shape: tuple[int, ...], fi
     if codec == "lz4":
         try:
             raw = lz4.block.decompress(buf, uncompressed_size=nbytes)
-        except Exception as exc:  # lz4 raises LZ4BlockError, a plain Exception subclass
+        except lz4.block.LZ4BlockError as exc:
             raise ProtocolError(field, "decompress", f"corrupt lz4 block: {exc}") from None
         if len(raw) != nbytes:
-            raise ProtocolError(field, "decoded_size", f"lz4 block decodes to {len(raw)} bytes, expected {nbytes}")
+            raise ProtocolError(
+                field, "decoded_size", f"lz4 block decodes to {len(raw)} bytes, expected {nbytes}"
+            )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
     if codec == "bslz4":
         return _decompress_bslz4(memoryview(buf).cast("B"), dtype, shape, nbytes, field)
@@ -97,18 +103,24 @@ def _decompress_bslz4(
     view: memoryview, dtype: np.dtype, shape: tuple[int, ...], nbytes: int, field: str
 ) -> np.ndarray:
     if len(view) < _HEADER.size:
-        raise ProtocolError(field, "decompress", f"bslz4 part of {len(view)} bytes has no 12-byte header")
+        raise ProtocolError(
+            field, "decompress", f"bslz4 part of {len(view)} bytes has no 12-byte header"
+        )
     declared, block_bytes = _HEADER.unpack_from(view)
     if declared != nbytes:
         raise ProtocolError(
-            field, "decoded_size", f"bslz4 header says {declared} bytes, shape and dtype say {nbytes}"
+            field,
+            "decoded_size",
+            f"bslz4 header says {declared} bytes, shape and dtype say {nbytes}",
         )
     item = dtype.itemsize
     if block_bytes == 0:  # the LiberTEM simulator writes a zero header; 0 means "default"
         block = default_block_elements(item)
     elif block_bytes % (8 * item) or block_bytes > (1 << 24):
         raise ProtocolError(
-            field, "decompress", f"bslz4 block size {block_bytes} B is not a multiple of 8×{item} up to 16 MiB"
+            field,
+            "decompress",
+            f"bslz4 block size {block_bytes} B is not a multiple of 8×{item} up to 16 MiB",
         )
     else:
         block = block_bytes // item
@@ -119,12 +131,14 @@ def _decompress_bslz4(
     _one_openmp_thread()
     try:
         out = bitshuffle.decompress_lz4(body, shape, dtype, block)
-    except Exception as exc:  # bitshuffle raises RuntimeError / ValueError on a bad stream
+    except (RuntimeError, ValueError) as exc:
         raise ProtocolError(field, "decompress", f"corrupt bslz4 stream: {exc}") from None
     return out
 
 
-def _check_bslz4_blocks(body: np.ndarray, n_elements: int, block: int, item: int, field: str) -> None:
+def _check_bslz4_blocks(
+    body: np.ndarray, n_elements: int, block: int, item: int, field: str
+) -> None:
     full, rem = divmod(n_elements, block)
     last = rem - rem % 8
     n_blocks = full + (1 if last else 0)
@@ -134,10 +148,14 @@ def _check_bslz4_blocks(body: np.ndarray, n_elements: int, block: int, item: int
     data = body.data
     for _ in range(n_blocks):
         if pos + 4 > size:
-            raise ProtocolError(field, "decompress", "bslz4 stream is truncated (block header past the end)")
+            raise ProtocolError(
+                field, "decompress", "bslz4 stream is truncated (block header past the end)"
+            )
         pos += 4 + int.from_bytes(data[pos : pos + 4], "big")
         if pos > size:
-            raise ProtocolError(field, "decompress", "bslz4 stream is truncated (block past the end)")
+            raise ProtocolError(
+                field, "decompress", "bslz4 stream is truncated (block past the end)"
+            )
     if pos + tail != size:
         raise ProtocolError(
             field, "decompress", f"bslz4 stream has {size - pos - tail:+d} bytes beyond its blocks"

@@ -56,25 +56,32 @@ def dispatch(table: Mapping[str, Handler], request: Request) -> Reply:
         result = handler(**request.params)
     except ProtocolError as exc:
         return Reply(False, str(exc), {"field": exc.field, "rule": exc.rule})
-    except Exception as exc:  # a handler bug is the caller's reply, never the server's crash
+    except Exception as exc:  # noqa: BLE001 - a handler bug is the caller's reply, never a crash
         return Reply(False, f"{request.method} failed: {type(exc).__name__}: {exc}")
     if result is None:
         result = {}
     elif is_dataclass(result) and not isinstance(result, type):
         result = as_tree(result)
     if not isinstance(result, dict):
-        return Reply(False, f"handler of {request.method!r} returned {type(result).__name__}, not a dict")
+        return Reply(
+            False, f"handler of {request.method!r} returned {type(result).__name__}, not a dict"
+        )
     return Reply(True, "ok", result)
 
 
 def split_envelope(parts: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-    """ROUTER parts → (routing envelope, body). REQ peers add an empty delimiter; DEALERs may not."""
+    """ROUTER parts → (routing envelope, body).
+
+    REQ peers add an empty delimiter frame after the identity; DEALERs may not.
+    """
     if len(parts) >= 2 and memoryview(getattr(parts[1], "buffer", parts[1])).nbytes == 0:
         return list(parts[:2]), list(parts[2:])
     return list(parts[:1]), list(parts[1:])
 
 
-def handle(parts: Sequence[Any], table: Mapping[str, Handler], limits: Limits | None = None) -> list[Any]:
+def handle(
+    parts: Sequence[Any], table: Mapping[str, Handler], limits: Limits | None = None
+) -> list[Any]:
     """A ROUTER message → the reply parts to send back (with the routing envelope).
 
     Returns ``[]`` when there is nobody to answer (no identity frame).
@@ -85,7 +92,11 @@ def handle(parts: Sequence[Any], table: Mapping[str, Handler], limits: Limits | 
     try:
         request = decode(body, limits)
         if not isinstance(request, Request):
-            raise ProtocolError("type", "request_expected", f"the control socket takes requests, not {request.type!r}")
+            raise ProtocolError(
+                "type",
+                "request_expected",
+                f"the control socket takes requests, not {request.type!r}",
+            )
     except ProtocolError as exc:
         reply = Reply(False, str(exc), {"field": exc.field, "rule": exc.rule})
     else:
@@ -93,8 +104,10 @@ def handle(parts: Sequence[Any], table: Mapping[str, Handler], limits: Limits | 
     reply.time_s = time.time()
     try:
         return envelope + encode(reply)
-    except Exception as exc:  # a result msgpack cannot carry is still answered
-        return envelope + encode(Reply(False, f"reply of {request.method!r} could not be encoded: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - a result msgpack cannot carry is still answered
+        return envelope + encode(
+            Reply(False, f"reply of {request.method!r} could not be encoded: {exc}")
+        )
 
 
 def as_tree(msg: Any) -> dict[str, Any]:
@@ -105,7 +118,11 @@ def as_tree(msg: Any) -> dict[str, Any]:
         if value is None:
             continue
         if is_dataclass(value):
-            value = as_tree(value) if hasattr(value, "type") else {g.name: getattr(value, g.name) for g in fields(value)}
+            value = (
+                as_tree(value)
+                if hasattr(value, "type")
+                else {g.name: getattr(value, g.name) for g in fields(value)}
+            )
         elif isinstance(value, tuple):
             value = list(value)
         tree[f.name] = value
@@ -152,12 +169,15 @@ class ControlClient:
             if sock.poll(int(self.timeout_s * 1000)):
                 reply = decode(sock.recv_multipart(copy=False), self.limits)
                 if not isinstance(reply, Reply):
-                    raise ProtocolError("type", "reply_expected", f"control answered with {reply.type!r}")
+                    raise ProtocolError(
+                        "type", "reply_expected", f"control answered with {reply.type!r}"
+                    )
                 return reply
             # a REQ socket that missed its reply is stuck in "expect reply": start over
             self._reset()
         raise ControlTimeout(
-            f"no reply from {self.endpoint} to {method!r} after {self.retries} tries of {self.timeout_s} s"
+            f"no reply from {self.endpoint} to {method!r} "
+            f"after {self.retries} tries of {self.timeout_s} s"
         )
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
@@ -187,7 +207,8 @@ class ControlClient:
         return self.call("cancel", scan_id=scan_id, reason=reason)
 
     def set_options(self, scan_id: str | None, options: dict[str, Any]) -> dict[str, Any]:
-        """Change ReconOptions of a running scan, or (``scan_id=None``) the defaults of later scans."""
+        """Change ReconOptions of a running scan, or with ``scan_id=None`` the defaults of
+        later scans."""
         params: dict[str, Any] = {"options": options}
         if scan_id is not None:
             params["scan_id"] = scan_id
@@ -214,5 +235,10 @@ class ControlClient:
     def __enter__(self) -> ControlClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()

@@ -1,4 +1,4 @@
-"""Errors of the wire protocol: every rejected byte is a :class:`ProtocolError` naming field and rule."""
+"""Errors of the wire protocol; every rejected byte is a :class:`ProtocolError` naming its rule."""
 
 from __future__ import annotations
 
@@ -23,11 +23,16 @@ class ProtocolError(ValueError):
 
     def to_dict(self) -> dict[str, Any]:
         """The fields of an ``error`` event on the publish socket."""
-        return {"field": self.field, "rule": self.rule, "message": self.message, "scan_id": self.scan_id}
+        return {
+            "field": self.field,
+            "rule": self.rule,
+            "message": self.message,
+            "scan_id": self.scan_id,
+        }
 
 
 class ProducerTimeout(TimeoutError):
-    """The daemon did not take a message within the producer's send timeout (backpressure or no daemon)."""
+    """The daemon took no message within the producer's send timeout (stalled or absent)."""
 
 
 class ControlTimeout(TimeoutError):

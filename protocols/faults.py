@@ -40,12 +40,19 @@ class Faults:
         types: tuple[str, ...] = ("frames",),
         seed: int = 0,
     ) -> None:
-        for name, p in (("drop", drop), ("duplicate", duplicate), ("reorder", reorder), ("corrupt", corrupt)):
+        for name, p in (
+            ("drop", drop),
+            ("duplicate", duplicate),
+            ("reorder", reorder),
+            ("corrupt", corrupt),
+        ):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} probability must lie in [0, 1], got {p}")
         unknown = set(corruptions) - set(CORRUPTIONS)
         if unknown or not corruptions:
-            raise ValueError(f"corruptions must be a non-empty subset of {CORRUPTIONS}, got {corruptions}")
+            raise ValueError(
+                f"corruptions must be a non-empty subset of {CORRUPTIONS}, got {corruptions}"
+            )
         self.drop, self.duplicate, self.reorder, self.corrupt = drop, duplicate, reorder, corrupt
         self.corruptions = tuple(corruptions)
         self.types = tuple(types)
@@ -103,7 +110,11 @@ class Faults:
         elif kind == "drop_part" and len(parts) > 1:
             parts.pop()
         elif kind in ("truncate", "flip") and len(parts) > 1:
-            tail = bytearray(bytes(np.ascontiguousarray(parts[-1]).reshape(-1).view(np.uint8)) if isinstance(parts[-1], np.ndarray) else bytes(parts[-1]))
+            tail = bytearray(
+                bytes(np.ascontiguousarray(parts[-1]).reshape(-1).view(np.uint8))
+                if isinstance(parts[-1], np.ndarray)
+                else bytes(parts[-1])
+            )
             if kind == "truncate":
                 del tail[len(tail) // 2 :]
             elif tail:

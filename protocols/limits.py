@@ -42,7 +42,9 @@ class Limits(BaseModel):
     def _known_dtypes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         unknown = set(value) - set(FRAME_DTYPES)
         if unknown or not value:
-            raise ValueError(f"frame_dtypes must be a non-empty subset of {FRAME_DTYPES}, got {value}")
+            raise ValueError(
+                f"frame_dtypes must be a non-empty subset of {FRAME_DTYPES}, got {value}"
+            )
         return value
 
     @field_validator("compressions")
@@ -50,5 +52,7 @@ class Limits(BaseModel):
     def _known_codecs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         unknown = set(value) - set(COMPRESSIONS)
         if unknown or not value:
-            raise ValueError(f"compressions must be a non-empty subset of {COMPRESSIONS}, got {value}")
+            raise ValueError(
+                f"compressions must be a non-empty subset of {COMPRESSIONS}, got {value}"
+            )
         return value

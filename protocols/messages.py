@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -28,7 +28,7 @@ _DEFAULT_LIMITS = Limits()
 
 @dataclass
 class ProbeModelSpec:
-    """A parametric probe (fields of ``cryoptycho.gpu.data.ProbeModel``, with units in the names)."""
+    """A parametric probe: the fields of ``cryoptycho.gpu.data.ProbeModel``, units in the names."""
 
     kind: str = "defocused"
     semiangle_rad: float = 9.2e-3
@@ -226,7 +226,19 @@ class Reply:
     time_s: float | None = None
 
 
-Message = Union[ScanStart, Frames, ScanEnd, Abort, ScanEvent, Preview, Metrics, Result, ErrorEvent, Request, Reply]
+Message = (
+    ScanStart
+    | Frames
+    | ScanEnd
+    | Abort
+    | ScanEvent
+    | Preview
+    | Metrics
+    | Result
+    | ErrorEvent
+    | Request
+    | Reply
+)
 INGEST_TYPES = (ScanStart, Frames, ScanEnd, Abort)
 EVENT_TYPES = (ScanEvent, Preview, Metrics, Result, ErrorEvent)
 
@@ -301,8 +313,11 @@ def _to_wire(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[
     if isinstance(msg, (Request, Reply)):
         key = "params" if isinstance(msg, Request) else "result"
         tree, arrays = flatten(getattr(msg, key), f"{key}.")
-        head = {"method": msg.method, "params": tree} if isinstance(msg, Request) else {
-            "success": bool(msg.success), "msg": msg.msg, "result": tree}
+        head = (
+            {"method": msg.method, "params": tree}
+            if isinstance(msg, Request)
+            else {"success": bool(msg.success), "msg": msg.msg, "result": tree}
+        )
         return head, arrays, {}
     names = ARRAYS[msg.type] or {}
     values = {k: v for k, v in _fields(msg).items() if k not in ("time_s",)}
@@ -314,7 +329,9 @@ def _to_wire(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[
     return _native(values), arrays, {}
 
 
-def _scan_start_to_wire(msg: ScanStart) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, str]]:
+def _scan_start_to_wire(
+    msg: ScanStart,
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, str]]:
     head: dict[str, Any] = {
         "scan_id": msg.scan_id,
         "energy_eV": float(msg.energy_eV),
@@ -341,8 +358,11 @@ def _scan_start_to_wire(msg: ScanStart) -> tuple[dict[str, Any], dict[str, np.nd
     elif msg.raster is not None:
         r = msg.raster
         head["scan"] = {
-            "kind": "raster", "shape": [int(v) for v in r.shape], "step_m": [float(v) for v in r.step_m],
-            "rotation_rad": float(r.rotation_rad), "serpentine": bool(r.serpentine),
+            "kind": "raster",
+            "shape": [int(v) for v in r.shape],
+            "step_m": [float(v) for v in r.step_m],
+            "rotation_rad": float(r.rotation_rad),
+            "serpentine": bool(r.serpentine),
             "origin_m": [float(v) for v in r.origin_m],
         }
     else:
@@ -387,10 +407,14 @@ def decode(
     if scans is not None and isinstance(msg, INGEST_TYPES):
         known = msg.scan_id in scans
         if isinstance(msg, ScanStart) and known:
-            raise ProtocolError("scan_id", "unique_scan", f"scan {msg.scan_id!r} was already started", sid)
+            raise ProtocolError(
+                "scan_id", "unique_scan", f"scan {msg.scan_id!r} was already started", sid
+            )
         if not isinstance(msg, ScanStart):
             if not known:
-                raise ProtocolError("scan_id", "known_scan", f"no scan {msg.scan_id!r} was started", sid)
+                raise ProtocolError(
+                    "scan_id", "known_scan", f"no scan {msg.scan_id!r} was started", sid
+                )
             scan = scans[msg.scan_id]
     validate.check(msg, limits, scan)
     return msg
@@ -405,7 +429,9 @@ def _check_arrays(kind: str, arrays: Mapping[str, np.ndarray], sid: str | None) 
             raise ProtocolError(name, "known_array", f"a {kind} message has no array {name!r}", sid)
         dtypes, ndims, _ = spec[name]
         if wire_dtype(array.dtype) not in dtypes:
-            raise ProtocolError(name, "array_dtype", f"dtype {array.dtype} is not {' or '.join(dtypes)}", sid)
+            raise ProtocolError(
+                name, "array_dtype", f"dtype {array.dtype} is not {' or '.join(dtypes)}", sid
+            )
         if array.ndim not in ndims:
             raise ProtocolError(name, "ndim", f"{array.ndim} dimensions, expected {ndims}", sid)
     for name, (_, _, required) in spec.items():
@@ -419,25 +445,42 @@ def _from_wire(h: Any, arrays: dict[str, np.ndarray], codec: str) -> Message:
         raster = None
         if h.scan.kind == "raster":
             s = h.scan
-            raster = RasterScan(tuple(s.shape), tuple(s.step_m), s.rotation_rad, s.serpentine, tuple(s.origin_m))
+            raster = RasterScan(
+                tuple(s.shape), tuple(s.step_m), s.rotation_rad, s.serpentine, tuple(s.origin_m)
+            )
         if h.scan.kind == "positions" and "scan.positions_m" not in arrays:
-            raise ProtocolError("scan.positions_m", "missing", "scan kind 'positions' needs the array", h.scan_id)
+            raise ProtocolError(
+                "scan.positions_m", "missing", "scan kind 'positions' needs the array", h.scan_id
+            )
         if h.scan.kind != "positions" and "scan.positions_m" in arrays:
             raise ProtocolError(
-                "scan.positions_m", "known_array", f"scan kind {h.scan.kind!r} carries no positions", h.scan_id
+                "scan.positions_m",
+                "known_array",
+                f"scan kind {h.scan.kind!r} carries no positions",
+                h.scan_id,
             )
         pm = h.probe_model
         return ScanStart(
-            scan_id=h.scan_id, energy_eV=h.energy_eV, frame_shape=tuple(h.frame_shape),
-            frame_dtype=h.frame_dtype, expected_frames=h.expected_frames,
-            pixel_size_m=h.pixel_size_m, detector_pixel_angle_rad=h.detector_pixel_angle_rad,
+            scan_id=h.scan_id,
+            energy_eV=h.energy_eV,
+            frame_shape=tuple(h.frame_shape),
+            frame_dtype=h.frame_dtype,
+            expected_frames=h.expected_frames,
+            pixel_size_m=h.pixel_size_m,
+            detector_pixel_angle_rad=h.detector_pixel_angle_rad,
             probe=arrays.get("probe"),
             probe_model=ProbeModelSpec(**pm.model_dump()) if pm is not None else None,
-            positions_m=arrays.get("scan.positions_m"), raster=raster, mask=arrays.get("mask"),
-            options=h.options, metadata=h.metadata, time_s=h.time_s,
+            positions_m=arrays.get("scan.positions_m"),
+            raster=raster,
+            mask=arrays.get("mask"),
+            options=h.options,
+            metadata=h.metadata,
+            time_s=h.time_s,
         )
     if kind == "frames":
-        return Frames(h.scan_id, arrays["indices"], arrays["data"], arrays.get("positions_m"), codec, h.time_s)
+        return Frames(
+            h.scan_id, arrays["indices"], arrays["data"], arrays.get("positions_m"), codec, h.time_s
+        )
     if kind == "request":
         return Request(h.method, nest(dict(h.params), _strip(arrays, "params.")), h.time_s)
     if kind == "reply":
@@ -454,13 +497,18 @@ def _strip(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarra
     for name, array in arrays.items():
         if not name.startswith(prefix):
             raise ProtocolError(name, "array_path", f"array names here must start with {prefix!r}")
-        out[name[len(prefix):]] = array
+        out[name[len(prefix) :]] = array
     return out
 
 
 _CLASSES: dict[str, type] = {
-    "scan_end": ScanEnd, "abort": Abort, "scan_event": ScanEvent, "preview": Preview,
-    "metrics": Metrics, "result": Result, "error": ErrorEvent,
+    "scan_end": ScanEnd,
+    "abort": Abort,
+    "scan_event": ScanEvent,
+    "preview": Preview,
+    "metrics": Metrics,
+    "result": Result,
+    "error": ErrorEvent,
 }
 
 

@@ -66,7 +66,9 @@ class Producer:
         self.endpoint = endpoint
         self.limits = limits or Limits()
         if compression not in self.limits.compressions:
-            raise ValueError(f"compression {compression!r} is not one of {self.limits.compressions}")
+            raise ValueError(
+                f"compression {compression!r} is not one of {self.limits.compressions}"
+            )
         if batch_frames < 1:
             raise ValueError("batch_frames must be ≥ 1")
         self.compression = compression
@@ -89,7 +91,9 @@ class Producer:
     def start_scan(self, start: ScanStart | None = None, /, **fields: Any) -> ScanStart:
         """Open a scan from a ScanStart or its fields (``scan_id`` defaults to a fresh UUID)."""
         if self.scan is not None:
-            raise RuntimeError(f"scan {self.scan.scan_id!r} is still open; end_scan() or abort() it first")
+            raise RuntimeError(
+                f"scan {self.scan.scan_id!r} is still open; end_scan() or abort() it first"
+            )
         if start is None:
             fields.setdefault("scan_id", f"scan-{uuid.uuid4().hex[:12]}")
             start = ScanStart(**fields)
@@ -117,7 +121,11 @@ class Producer:
         if data.ndim == 2:
             data = data[None]
         n = data.shape[0]
-        idx = np.arange(self._next_index, self._next_index + n) if indices is None else np.asarray(indices)
+        idx = (
+            np.arange(self._next_index, self._next_index + n)
+            if indices is None
+            else np.asarray(indices)
+        )
         if idx.shape != (n,):
             raise ValueError(f"indices shape {idx.shape} does not match {n} frames")
         if idx.size and (idx.min() < 0 or idx.max() > np.iinfo(np.uint32).max):
@@ -132,8 +140,12 @@ class Producer:
         for lo in range(0, n, step):
             sl = slice(lo, lo + step)
             msg = Frames(
-                scan.scan_id, idx[sl].astype(np.uint32), data[sl],
-                None if pos is None else pos[sl], codec, time.time(),
+                scan.scan_id,
+                idx[sl].astype(np.uint32),
+                data[sl],
+                None if pos is None else pos[sl],
+                codec,
+                time.time(),
             )
             validate.check(msg, self.limits, scan)
             self.send(msg)
@@ -145,7 +157,9 @@ class Producer:
     def end_scan(self, frame_count: int | None = None) -> ScanEnd:
         """Close the scan; ``frame_count`` defaults to the frames sent."""
         scan = self._open()
-        msg = ScanEnd(scan.scan_id, self.frames_sent if frame_count is None else frame_count, time.time())
+        msg = ScanEnd(
+            scan.scan_id, self.frames_sent if frame_count is None else frame_count, time.time()
+        )
         validate.check(msg, self.limits, scan)
         self._flush_hook()
         self.send(msg)
@@ -195,7 +209,12 @@ class Producer:
     def __enter__(self) -> Producer:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             if self.scan is not None and exc is not None and not isinstance(exc, ProducerTimeout):
                 self.abort(f"producer failed: {exc_type.__name__ if exc_type else ''}: {exc}")

@@ -8,7 +8,7 @@ the scan's declaration live in :mod:`.validate`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -60,7 +60,7 @@ class StreamedScanHeader(_Strict):
 
 
 ScanPattern = Annotated[
-    Union[PositionsScanHeader, RasterScanHeader, StreamedScanHeader], Field(discriminator="kind")
+    PositionsScanHeader | RasterScanHeader | StreamedScanHeader, Field(discriminator="kind")
 ]
 
 
@@ -180,7 +180,9 @@ def parse_header(header: dict[str, Any]) -> _Header:
     kind = header.get("type")
     model = HEADERS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        raise ProtocolError("type", "known_type", f"unknown message type {kind!r}; known: {', '.join(HEADERS)}")
+        raise ProtocolError(
+            "type", "known_type", f"unknown message type {kind!r}; known: {', '.join(HEADERS)}"
+        )
     try:
         return model.model_validate(header)
     except ValidationError as exc:

@@ -42,10 +42,12 @@ class ClientCurve:
 
 
 def generate_server_keys(keys_dir: str | Path) -> Path:
-    """Create the server key pair in ``keys_dir`` (refuses to overwrite); returns the public file."""
+    """Create the server key pair in ``keys_dir`` (never overwrites); returns the public file."""
     d = Path(keys_dir)
     if (d / f"{SERVER_NAME}.key_secret").exists():
-        raise FileExistsError(f"{d / SERVER_NAME}.key_secret exists; remove it first to make a new server key")
+        raise FileExistsError(
+            f"{d / SERVER_NAME}.key_secret exists; remove it first to make a new server key"
+        )
     d.mkdir(parents=True, exist_ok=True)
     (d / CLIENTS_DIR).mkdir(exist_ok=True)
     public, secret = zmq.auth.create_certificates(str(d), SERVER_NAME)
@@ -57,7 +59,9 @@ def generate_client_keys(keys_dir: str | Path, name: str) -> Path:
     """Create client ``name``'s key pair under ``private/`` and admit its public key
     (copied to ``clients/``); returns the secret file to hand to the client."""
     if not name or "/" in name or name.startswith(".") or name == SERVER_NAME:
-        raise ValueError(f"client name {name!r} must be a plain file name other than {SERVER_NAME!r}")
+        raise ValueError(
+            f"client name {name!r} must be a plain file name other than {SERVER_NAME!r}"
+        )
     d = Path(keys_dir)
     private = d / PRIVATE_DIR
     if (private / f"{name}.key_secret").exists():
@@ -88,7 +92,9 @@ def start_authenticator(
     """
     clients = Path(keys_dir) / CLIENTS_DIR
     if not clients.is_dir():
-        raise FileNotFoundError(f"no allowed-clients directory {clients} (run `cryoptycho keys {keys_dir}`)")
+        raise FileNotFoundError(
+            f"no allowed-clients directory {clients} (run `cryoptycho keys {keys_dir}`)"
+        )
     auth = ThreadAuthenticator(context)
     auth.start()
     if allow_ips:
@@ -98,7 +104,9 @@ def start_authenticator(
 
 
 def apply_client_curve(
-    socket: zmq.Socket, client_keys: str | Path | tuple[bytes, bytes], server_public: str | Path | bytes
+    socket: zmq.Socket,
+    client_keys: str | Path | tuple[bytes, bytes],
+    server_public: str | Path | bytes,
 ) -> None:
     """Make ``socket`` a CURVE client (before connect).
 
@@ -126,7 +134,9 @@ def apply_curve(socket: zmq.Socket, curve: ClientCurve | None) -> None:
 
 def _load(path: Path, need_secret: bool) -> tuple[bytes, bytes | None]:
     if not path.is_file():
-        raise FileNotFoundError(f"CURVE key file {path} does not exist (make keys with `cryoptycho keys`)")
+        raise FileNotFoundError(
+            f"CURVE key file {path} does not exist (make keys with `cryoptycho keys`)"
+        )
     public, secret = zmq.auth.load_certificate(str(path))
     if need_secret and not secret:
         raise ValueError(f"{path} holds no secret key; pass the .key_secret file")

@@ -13,7 +13,6 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Any
 
 import zmq
 
@@ -65,11 +64,11 @@ class Subscriber:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not self._pending:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._socket.poll(None if wait is None else int(wait * 1000)):
-                if deadline is not None and time.monotonic() >= deadline:
-                    return None
-                continue
-            self._drain()
+            if self._socket.poll(None if wait is None else int(wait * 1000)):
+                self._drain()
+            # skipped invalid messages must not extend the wait beyond the deadline
+            if not self._pending and deadline is not None and time.monotonic() >= deadline:
+                return None
         item = self._pending.popleft()
         if isinstance(item, ProtocolError):
             raise item
@@ -121,5 +120,10 @@ class Subscriber:
     def __enter__(self) -> Subscriber:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()

@@ -22,8 +22,14 @@ if TYPE_CHECKING:
 def check(msg: Any, limits: Limits, scan: ScanStart | None = None) -> None:
     """Run the checks of ``msg``'s type; ``scan`` is the declaration frames/scan_end refer to."""
     kind = msg.type
-    if hasattr(msg, "scan_id") and isinstance(msg.scan_id, str) and len(msg.scan_id) > limits.max_scan_id_length:
-        raise ProtocolError("scan_id", "max_length", f"longer than {limits.max_scan_id_length} characters")
+    if (
+        hasattr(msg, "scan_id")
+        and isinstance(msg.scan_id, str)
+        and len(msg.scan_id) > limits.max_scan_id_length
+    ):
+        raise ProtocolError(
+            "scan_id", "max_length", f"longer than {limits.max_scan_id_length} characters"
+        )
     if kind == "scan_start":
         check_scan_start(msg, limits)
     elif kind == "frames":
@@ -42,18 +48,38 @@ def check_scan_start(msg: ScanStart, limits: Limits) -> None:
     if len(m) != 2 or m[0] != m[1]:
         fail("frame_shape", "square", f"frames must be square M×M, got {m}")
     if m[0] > limits.max_frame_side:
-        fail("frame_shape", "max_frame_side", f"side {m[0]} exceeds the limit of {limits.max_frame_side}")
+        fail(
+            "frame_shape",
+            "max_frame_side",
+            f"side {m[0]} exceeds the limit of {limits.max_frame_side}",
+        )
     if msg.frame_dtype not in limits.frame_dtypes:
-        fail("frame_dtype", "allowed_dtype", f"{msg.frame_dtype!r} is not one of {', '.join(limits.frame_dtypes)}")
+        fail(
+            "frame_dtype",
+            "allowed_dtype",
+            f"{msg.frame_dtype!r} is not one of {', '.join(limits.frame_dtypes)}",
+        )
     if msg.expected_frames > limits.max_frames_per_scan:
-        fail("expected_frames", "max_frames_per_scan", f"{msg.expected_frames} exceeds {limits.max_frames_per_scan}")
+        fail(
+            "expected_frames",
+            "max_frames_per_scan",
+            f"{msg.expected_frames} exceeds {limits.max_frames_per_scan}",
+        )
     if (msg.pixel_size_m is None) == (msg.detector_pixel_angle_rad is None):
-        fail("pixel_size_m", "exactly_one", "give exactly one of pixel_size_m and detector_pixel_angle_rad")
+        fail(
+            "pixel_size_m",
+            "exactly_one",
+            "give exactly one of pixel_size_m and detector_pixel_angle_rad",
+        )
     if (msg.probe is None) == (msg.probe_model is None):
         fail("probe", "exactly_one", "give exactly one of probe (array) and probe_model")
     if msg.probe is not None:
         if tuple(msg.probe.shape) != m:
-            fail("probe", "shape", f"probe shape {tuple(msg.probe.shape)} differs from frame shape {m}")
+            fail(
+                "probe",
+                "shape",
+                f"probe shape {tuple(msg.probe.shape)} differs from frame shape {m}",
+            )
         if not np.all(np.isfinite(msg.probe)):
             fail("probe", "finite", "probe contains NaN or infinite values")
         if not np.any(msg.probe):
@@ -65,10 +91,18 @@ def check_scan_start(msg: ScanStart, limits: Limits) -> None:
     if msg.raster is not None:
         ny, nx = msg.raster.shape
         if ny * nx != msg.expected_frames:
-            fail("scan.shape", "count_match", f"raster {ny}×{nx} ≠ expected_frames {msg.expected_frames}")
+            fail(
+                "scan.shape",
+                "count_match",
+                f"raster {ny}×{nx} ≠ expected_frames {msg.expected_frames}",
+            )
         corners = msg.raster.positions()[[0, nx - 1, (ny - 1) * nx, ny * nx - 1]]
         if np.abs(corners).max() > limits.max_abs_position_m:
-            fail("scan", "max_abs_position_m", f"raster reaches beyond ±{limits.max_abs_position_m} m")
+            fail(
+                "scan",
+                "max_abs_position_m",
+                f"raster reaches beyond ±{limits.max_abs_position_m} m",
+            )
 
 
 def check_frames(msg: Frames, limits: Limits, scan: ScanStart | None) -> None:
@@ -84,7 +118,11 @@ def check_frames(msg: Frames, limits: Limits, scan: ScanStart | None) -> None:
     if n == 0:
         fail("data", "non_empty", "a frames message carries at least one frame")
     if n > limits.max_frames_per_message:
-        fail("data", "max_frames_per_message", f"{n} frames exceed the limit of {limits.max_frames_per_message}")
+        fail(
+            "data",
+            "max_frames_per_message",
+            f"{n} frames exceed the limit of {limits.max_frames_per_message}",
+        )
     if my != mx:
         fail("data", "square", f"frames must be square, got {my}×{mx}")
     if my > limits.max_frame_side:
@@ -106,13 +144,25 @@ def check_frames(msg: Frames, limits: Limits, scan: ScanStart | None) -> None:
     if scan is None:
         return
     if (my, mx) != tuple(scan.frame_shape):
-        fail("data", "frame_shape", f"frames are {my}×{mx}, the scan declared {tuple(scan.frame_shape)}")
+        fail(
+            "data",
+            "frame_shape",
+            f"frames are {my}×{mx}, the scan declared {tuple(scan.frame_shape)}",
+        )
     if dtype != scan.frame_dtype:
         fail("data", "frame_dtype", f"frames are {dtype}, the scan declared {scan.frame_dtype}")
     if int(idx.max()) >= scan.expected_frames:
-        fail("indices", "index_range", f"index {int(idx.max())} ≥ expected_frames {scan.expected_frames}")
+        fail(
+            "indices",
+            "index_range",
+            f"index {int(idx.max())} ≥ expected_frames {scan.expected_frames}",
+        )
     if scan.positions_streamed and msg.positions_m is None:
-        fail("positions_m", "required", "this scan streams positions: every frames message carries them")
+        fail(
+            "positions_m",
+            "required",
+            "this scan streams positions: every frames message carries them",
+        )
     if not scan.positions_streamed and msg.positions_m is not None:
         fail("positions_m", "declared_by_scan", "this scan declared its positions at scan_start")
 
@@ -120,8 +170,10 @@ def check_frames(msg: Frames, limits: Limits, scan: ScanStart | None) -> None:
 def check_scan_end(msg: ScanEnd, scan: ScanStart) -> None:
     if msg.frame_count > scan.expected_frames:
         raise ProtocolError(
-            "frame_count", "max_expected",
-            f"{msg.frame_count} frames sent but the scan expected {scan.expected_frames}", msg.scan_id,
+            "frame_count",
+            "max_expected",
+            f"{msg.frame_count} frames sent but the scan expected {scan.expected_frames}",
+            msg.scan_id,
         )
 
 
@@ -132,5 +184,8 @@ def _check_positions(pos: np.ndarray, n: int, field: str, limits: Limits, sid: s
         raise ProtocolError(field, "finite", "positions contain NaN or infinite values", sid)
     if n and np.abs(pos).max() > limits.max_abs_position_m:
         raise ProtocolError(
-            field, "max_abs_position_m", f"a position lies beyond ±{limits.max_abs_position_m} m (unit error?)", sid
+            field,
+            "max_abs_position_m",
+            f"a position lies beyond ±{limits.max_abs_position_m} m (unit error?)",
+            sid,
         )

@@ -9,10 +9,9 @@ Receiving never copies a raw array: it is ``np.frombuffer`` over the zmq frame's
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import zlib
 
 import msgpack
 import numpy as np
@@ -28,8 +27,19 @@ VERSION = 1
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
     for name in (
-        "bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
-        "float32", "float64", "complex64", "complex128",
+        "bool",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
     )
 }
 _NAMES = {np.dtype(name).newbyteorder("="): name for name in DTYPES}
@@ -63,8 +73,13 @@ def pack(
         if arr.ndim > MAX_NDIM:
             raise ValueError(f"array {name!r} has {arr.ndim} dimensions; at most {MAX_NDIM} travel")
         buf = compress(arr, codec)
-        desc = {"name": name, "dtype": wire_dtype(arr.dtype), "shape": list(arr.shape),
-                "compression": codec, "nbytes": memoryview(buf).nbytes}
+        desc = {
+            "name": name,
+            "dtype": wire_dtype(arr.dtype),
+            "shape": list(arr.shape),
+            "compression": codec,
+            "nbytes": memoryview(buf).nbytes,
+        }
         if checksum:
             desc["crc32"] = zlib.crc32(_buffer(buf))
         descriptors.append(desc)
@@ -95,27 +110,39 @@ def read_header(parts: Sequence[Any], limits: Limits) -> dict[str, Any]:
     total = sum(_buffer(p).nbytes for p in parts)
     if total > limits.max_message_bytes:
         raise ProtocolError(
-            "message", "max_message_bytes", f"{total} bytes exceed the limit of {limits.max_message_bytes}"
+            "message",
+            "max_message_bytes",
+            f"{total} bytes exceed the limit of {limits.max_message_bytes}",
         )
     head = _buffer(parts[0])
     if head.nbytes > limits.max_header_bytes:
         raise ProtocolError(
-            "header", "max_header_bytes", f"{head.nbytes} bytes exceed the limit of {limits.max_header_bytes}"
+            "header",
+            "max_header_bytes",
+            f"{head.nbytes} bytes exceed the limit of {limits.max_header_bytes}",
         )
     try:
-        header = msgpack.unpackb(head, raw=False, strict_map_key=True, ext_hook=_no_ext, timestamp=0)
+        header = msgpack.unpackb(
+            head, raw=False, strict_map_key=True, ext_hook=_no_ext, timestamp=0
+        )
     except ProtocolError:
         raise
-    except Exception as exc:
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ProtocolError("header", "msgpack", f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
-        raise ProtocolError("header", "map", f"header must be a msgpack map, got {type(header).__name__}")
+        raise ProtocolError(
+            "header", "map", f"header must be a msgpack map, got {type(header).__name__}"
+        )
     if header.get("protocol") != PROTOCOL:
-        raise ProtocolError("protocol", "value", f"expected {PROTOCOL!r}, got {header.get('protocol')!r}")
+        raise ProtocolError(
+            "protocol", "value", f"expected {PROTOCOL!r}, got {header.get('protocol')!r}"
+        )
     version = header.get("version")
     if version != VERSION or isinstance(version, bool):
         raise ProtocolError(
-            "version", "supported", f"version {version!r} is not supported; this side speaks {VERSION}"
+            "version",
+            "supported",
+            f"version {version!r} is not supported; this side speaks {VERSION}",
         )
     return header
 
@@ -135,7 +162,9 @@ def unpack(
         raise ProtocolError("arrays", "list", "arrays must be a list of descriptors")
     if len(parts) != 1 + len(descriptors):
         raise ProtocolError(
-            "message", "part_count", f"{len(parts)} parts, but the header describes {len(descriptors)} arrays (+1 header)"
+            "message",
+            "part_count",
+            f"{len(parts)} parts, but the header describes {len(descriptors)} arrays (+1 header)",
         )
     arrays: dict[str, np.ndarray] = {}
     codecs: dict[str, str] = {}
@@ -154,41 +183,63 @@ def _decode_array(i: int, desc: Any, view: memoryview, limits: Limits) -> tuple[
         raise ProtocolError(where, "map", "an array descriptor must be a map")
     unknown = set(desc) - {"name", "dtype", "shape", "compression", "nbytes", "crc32"}
     if unknown:
-        raise ProtocolError(f"{where}.{sorted(unknown)[0]}", "extra_forbidden", "unknown descriptor key")
+        raise ProtocolError(f"{where}.{min(unknown)}", "extra_forbidden", "unknown descriptor key")
     name = desc.get("name")
     if not isinstance(name, str) or not name or len(name) > 256:
-        raise ProtocolError(f"{where}.name", "string_type", "name must be a non-empty string (≤ 256 chars)")
+        raise ProtocolError(
+            f"{where}.name", "string_type", "name must be a non-empty string (≤ 256 chars)"
+        )
     dtype_name = desc.get("dtype")
     if dtype_name not in DTYPES:
-        raise ProtocolError(f"{where}.dtype", "allowed_dtype", f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+        raise ProtocolError(
+            f"{where}.dtype",
+            "allowed_dtype",
+            f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}",
+        )
     shape = desc.get("shape")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
     ):
-        raise ProtocolError(f"{where}.shape", "shape", f"shape must be ≤ {MAX_NDIM} non-negative integers, got {shape!r}")
+        raise ProtocolError(
+            f"{where}.shape",
+            "shape",
+            f"shape must be ≤ {MAX_NDIM} non-negative integers, got {shape!r}",
+        )
     codec = desc.get("compression", "none")
     if codec not in limits.compressions:
         raise ProtocolError(
-            f"{where}.compression", "allowed_compression", f"{codec!r} is not one of {', '.join(limits.compressions)}"
+            f"{where}.compression",
+            "allowed_compression",
+            f"{codec!r} is not one of {', '.join(limits.compressions)}",
         )
     nbytes = desc.get("nbytes", view.nbytes)
     if nbytes != view.nbytes:
-        raise ProtocolError(f"{where}.nbytes", "size_match", f"descriptor says {nbytes} bytes, part has {view.nbytes}")
+        raise ProtocolError(
+            f"{where}.nbytes",
+            "size_match",
+            f"descriptor says {nbytes} bytes, part has {view.nbytes}",
+        )
     crc = desc.get("crc32")
     if crc is not None and crc != zlib.crc32(view):
-        raise ProtocolError(f"{where}.crc32", "checksum", f"part of {name!r} does not match its CRC-32")
+        raise ProtocolError(
+            f"{where}.crc32", "checksum", f"part of {name!r} does not match its CRC-32"
+        )
     dtype = DTYPES[dtype_name]
     decoded = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
     if decoded > limits.max_message_bytes:
         raise ProtocolError(
-            f"{where}.shape", "max_message_bytes", f"{name!r} would decode to {decoded} bytes, over the limit"
+            f"{where}.shape",
+            "max_message_bytes",
+            f"{name!r} would decode to {decoded} bytes, over the limit",
         )
     if codec == "none":
         if view.nbytes != decoded:
             raise ProtocolError(
-                f"{where}.nbytes", "size_match", f"{name!r}: {view.nbytes} bytes for shape {shape} {dtype_name} ({decoded})"
+                f"{where}.nbytes",
+                "size_match",
+                f"{name!r}: {view.nbytes} bytes for shape {shape} {dtype_name} ({decoded})",
             )
         array = np.frombuffer(view, dtype=dtype).reshape(shape)
     else:
@@ -204,12 +255,16 @@ def nest(tree: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, An
         for key in path:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ProtocolError(name, "array_path", f"array path {name!r} crosses a non-map value")
+                raise ProtocolError(
+                    name, "array_path", f"array path {name!r} crosses a non-map value"
+                )
         node[leaf] = array
     return tree
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def flatten(
+    tree: Mapping[str, Any], prefix: str = ""
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Split a tree into its msgpack-native part and its arrays (dotted path → array)."""
     plain: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}

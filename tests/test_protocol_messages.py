@@ -5,17 +5,29 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zmq
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from cryoptycho.protocols.compression import compress, decompress
 from cryoptycho.protocols.limits import Limits
 from cryoptycho.protocols.messages import (
-    Abort, ErrorEvent, Frames, Metrics, Preview, ProbeModelSpec, RasterScan, Reply, Request, Result,
-    ScanEnd, ScanEvent, ScanStart, decode, encode, peek,
+    Abort,
+    ErrorEvent,
+    Frames,
+    Metrics,
+    Preview,
+    ProbeModelSpec,
+    RasterScan,
+    Reply,
+    Request,
+    Result,
+    ScanEnd,
+    ScanEvent,
+    ScanStart,
+    decode,
+    encode,
+    peek,
 )
 from cryoptycho.protocols.topics import decode_event, encode_event
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from protocol_helpers import scan_start
 
 FAST = settings(max_examples=15, deadline=None)
@@ -69,36 +81,58 @@ def counts(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.n
 
 @FAST
 @given(
-    n=st.integers(1, 40), m=st.integers(1, 48), dtype=frame_dtypes, codec=codecs,
-    streamed=st.booleans(), seed=st.integers(0, 2**31),
+    n=st.integers(1, 40),
+    m=st.integers(1, 48),
+    dtype=frame_dtypes,
+    codec=codecs,
+    streamed=st.booleans(),
+    seed=st.integers(0, 2**31),
 )
 def test_frames_round_trip(n, m, dtype, codec, streamed, seed):
     rng = np.random.default_rng(seed)
     msg = Frames(
-        "scan-1", rng.permutation(10 * n)[:n].astype(np.uint32), counts(rng, (n, m, m), dtype),
-        rng.normal(0, 1e-8, (n, 2)) if streamed else None, codec, time_s=1.5,
+        "scan-1",
+        rng.permutation(10 * n)[:n].astype(np.uint32),
+        counts(rng, (n, m, m), dtype),
+        rng.normal(0, 1e-8, (n, 2)) if streamed else None,
+        codec,
+        time_s=1.5,
     )
     assert_same(decode(encode(msg)), msg)
 
 
 @FAST
 @given(
-    m=st.integers(1, 32), kind=st.sampled_from(["positions", "raster", "streamed"]),
-    measured_probe=st.booleans(), with_mask=st.booleans(), angle=st.booleans(), seed=st.integers(0, 99),
+    m=st.integers(1, 32),
+    kind=st.sampled_from(["positions", "raster", "streamed"]),
+    measured_probe=st.booleans(),
+    with_mask=st.booleans(),
+    angle=st.booleans(),
+    seed=st.integers(0, 99),
 )
 def test_scan_start_round_trip(m, kind, measured_probe, with_mask, angle, seed):
     rng = np.random.default_rng(seed)
     k = 6
     probe = (rng.normal(size=(m, m)) + 1j * rng.normal(size=(m, m))).astype(np.complex64)
     msg = ScanStart(
-        scan_id="a.b-c:1", energy_eV=200e3, frame_shape=(m, m), frame_dtype="uint8", expected_frames=k,
-        pixel_size_m=None if angle else 5e-11, detector_pixel_angle_rad=1e-3 if angle else None,
+        scan_id="a.b-c:1",
+        energy_eV=200e3,
+        frame_shape=(m, m),
+        frame_dtype="uint8",
+        expected_frames=k,
+        pixel_size_m=None if angle else 5e-11,
+        detector_pixel_angle_rad=1e-3 if angle else None,
         probe=probe if measured_probe else None,
-        probe_model=None if measured_probe else ProbeModelSpec("fzp", 20e-3, 1e-8, 1e-3, 12, 5e-9, 3),
+        probe_model=None
+        if measured_probe
+        else ProbeModelSpec("fzp", 20e-3, 1e-8, 1e-3, 12, 5e-9, 3),
         positions_m=rng.normal(0, 1e-8, (k, 2)) if kind == "positions" else None,
-        raster=RasterScan((2, 3), (1e-10, 2e-10), 0.3, True, (1e-9, -1e-9)) if kind == "raster" else None,
+        raster=RasterScan((2, 3), (1e-10, 2e-10), 0.3, True, (1e-9, -1e-9))
+        if kind == "raster"
+        else None,
         mask=rng.integers(0, 2, (m, m), dtype=np.uint8) if with_mask else None,
-        options={"iterations": 5, "stream": {"batch_size": 32}}, metadata={"operator": "ä", "n": [1, 2.5]},
+        options={"iterations": 5, "stream": {"batch_size": 32}},
+        metadata={"operator": "ä", "n": [1, 2.5]},
     )
     assert_same(decode(encode(msg)), msg)
 
@@ -106,17 +140,40 @@ def test_scan_start_round_trip(m, kind, measured_probe, with_mask, angle, seed):
 def test_small_messages_round_trip():
     rng = np.random.default_rng(0)
     messages = [
-        ScanEnd("s", 17, time_s=3.0), Abort("s", "stage crashed"),
+        ScanEnd("s", 17, time_s=3.0),
+        Abort("s", "stage crashed"),
         ScanEvent("s", "rejected", "does not fit", {"needed_bytes": 10}),
         Metrics("s", 10, 8, 2, 5, 0.25, 2e-10, 0.1, "acquiring"),
         ErrorEvent("data", "frame_dtype", "frames are uint8", "s"),
-        Preview("s", 4, 9, 1e-10, (1e-9, 2e-9), rng.random((7, 9)).astype(np.float32),
-                np.ones((3, 5, 5), np.complex64), rng.random((7, 9)).astype(np.float32),
-                rng.random((7, 9)).astype(np.float32)),
-        Result("s", 50, 1e-10, (0.0, 0.0), np.ones((6, 6), np.complex128), np.ones((4, 4), np.complex64),
-               rng.normal(size=(3, 2)), 1.5, {"hdf5": "/tmp/s.h5"}, {"k": 1}),
+        Preview(
+            "s",
+            4,
+            9,
+            1e-10,
+            (1e-9, 2e-9),
+            rng.random((7, 9)).astype(np.float32),
+            np.ones((3, 5, 5), np.complex64),
+            rng.random((7, 9)).astype(np.float32),
+            rng.random((7, 9)).astype(np.float32),
+        ),
+        Result(
+            "s",
+            50,
+            1e-10,
+            (0.0, 0.0),
+            np.ones((6, 6), np.complex128),
+            np.ones((4, 4), np.complex64),
+            rng.normal(size=(3, 2)),
+            1.5,
+            {"hdf5": "/tmp/s.h5"},
+            {"k": 1},
+        ),
         Request("snapshot", {"scan_id": "s", "region": {"mask": np.ones((2, 2), bool)}}),
-        Reply(True, "ok", {"preview": {"phase": np.zeros((2, 3), np.float32), "iteration": 3}, "n": None}),
+        Reply(
+            True,
+            "ok",
+            {"preview": {"phase": np.zeros((2, 3), np.float32), "iteration": 3}, "n": None},
+        ),
     ]
     for msg in messages:
         assert_same(decode(encode(msg)), msg)
@@ -174,7 +231,8 @@ def test_large_frames_are_not_copied_on_receive():
 @given(
     shape=st.tuples(st.integers(0, 9), st.integers(1, 33), st.integers(1, 33)),
     dtype=st.sampled_from(["uint8", "uint16", "uint32", "float32", "float64", "complex64"]),
-    codec=st.sampled_from(["lz4", "bslz4"]), seed=st.integers(0, 99),
+    codec=st.sampled_from(["lz4", "bslz4"]),
+    seed=st.integers(0, 99),
 )
 def test_compression_round_trip(shape, dtype, codec, seed):
     rng = np.random.default_rng(seed)
@@ -203,7 +261,10 @@ def test_compressed_frames_are_smaller_for_sparse_counts():
     data = np.random.default_rng(2).poisson(0.05, (64, 32, 32)).astype(np.uint16)
     raw = sum(memoryview(p).nbytes for p in encode(Frames("s", np.arange(64), data)))
     for codec in ("lz4", "bslz4"):
-        packed = sum(memoryview(p).nbytes for p in encode(Frames("s", np.arange(64), data, compression=codec)))
+        packed = sum(
+            memoryview(p).nbytes
+            for p in encode(Frames("s", np.arange(64), data, compression=codec))
+        )
         assert packed < raw / 3, codec
 
 

@@ -13,17 +13,29 @@ import pytest
 import zmq
 import zmq.auth
 from click.testing import CliRunner
-
 from cryoptycho.protocols.control import ControlClient, handle
 from cryoptycho.protocols.errors import ControlError, ControlTimeout, ProducerTimeout, ProtocolError
 from cryoptycho.protocols.faults import Faults
 from cryoptycho.protocols.messages import (
-    Abort, ErrorEvent, Frames, Metrics, Preview, ProbeModelSpec, Reply, ScanEnd, ScanEvent, ScanStart,
-    decode, encode,
+    Abort,
+    ErrorEvent,
+    Frames,
+    Metrics,
+    Preview,
+    ProbeModelSpec,
+    ScanEnd,
+    ScanEvent,
+    ScanStart,
+    decode,
+    encode,
 )
 from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.security import (
-    ClientCurve, apply_server_curve, generate_client_keys, generate_server_keys, start_authenticator,
+    ClientCurve,
+    apply_server_curve,
+    generate_client_keys,
+    generate_server_keys,
+    start_authenticator,
 )
 from cryoptycho.protocols.subscriber import Subscriber
 from cryoptycho.protocols.topics import encode_event
@@ -38,7 +50,9 @@ def ctx():
     context.destroy(linger=0)
 
 
-def bind(ctx: zmq.Context, kind: int, setup: Callable[[zmq.Socket], None] | None = None) -> tuple[zmq.Socket, str]:
+def bind(
+    ctx: zmq.Context, kind: int, setup: Callable[[zmq.Socket], None] | None = None
+) -> tuple[zmq.Socket, str]:
     sock = ctx.socket(kind)
     sock.linger = 0
     if setup:
@@ -47,7 +61,9 @@ def bind(ctx: zmq.Context, kind: int, setup: Callable[[zmq.Socket], None] | None
     return sock, f"tcp://127.0.0.1:{port}"
 
 
-def receive_all(pull: zmq.Socket, until: Callable[[Any], bool], scans: dict | None = None) -> list[Any]:
+def receive_all(
+    pull: zmq.Socket, until: Callable[[Any], bool], scans: dict | None = None
+) -> list[Any]:
     """Decode messages (ProtocolErrors included, in order) until ``until(msg)``."""
     out: list[Any] = []
     scans = {} if scans is None else scans
@@ -67,9 +83,17 @@ def receive_all(pull: zmq.Socket, until: Callable[[Any], bool], scans: dict | No
 
 def start_fields(n: int, m: int = 16, **over: Any) -> dict[str, Any]:
     fields = dict(
-        scan_id="live-1", energy_eV=300e3, frame_shape=(m, m), frame_dtype="uint16", expected_frames=n,
-        pixel_size_m=1e-10, probe_model=ProbeModelSpec(),
-        positions_m=np.stack(np.meshgrid(np.arange(n // 5), np.arange(5), indexing="ij"), -1).reshape(-1, 2) * 1e-10,
+        scan_id="live-1",
+        energy_eV=300e3,
+        frame_shape=(m, m),
+        frame_dtype="uint16",
+        expected_frames=n,
+        pixel_size_m=1e-10,
+        probe_model=ProbeModelSpec(),
+        positions_m=np.stack(
+            np.meshgrid(np.arange(n // 5), np.arange(5), indexing="ij"), -1
+        ).reshape(-1, 2)
+        * 1e-10,
     )
     fields.update(over)
     return fields
@@ -111,10 +135,9 @@ def test_producer_checks_frames_before_sending(ctx):
 
 def test_exception_in_block_aborts_the_scan(ctx):
     pull, endpoint = bind(ctx, zmq.PULL)
-    with pytest.raises(KeyError):
-        with Producer(endpoint, context=ctx) as p:
-            p.start_scan(**start_fields(10))
-            raise KeyError("stage lost")
+    with pytest.raises(KeyError), Producer(endpoint, context=ctx) as p:
+        p.start_scan(**start_fields(10))
+        raise KeyError("stage lost")
     msgs = receive_all(pull, lambda m: isinstance(m, Abort))
     assert "stage lost" in msgs[-1].reason
 
@@ -165,13 +188,19 @@ def test_subscriber_skips_stale_previews(ctx):
         pass
     img = np.zeros((4, 4), np.float32)
     for i in range(20):
-        pub.send_multipart(encode_event(Preview("a", i, i, 1e-10, (0, 0), img + i, np.ones((2, 2), np.complex64))))
-        pub.send_multipart(encode_event(Preview("b", i, i, 1e-10, (0, 0), img, np.ones((2, 2), np.complex64))))
+        pub.send_multipart(
+            encode_event(Preview("a", i, i, 1e-10, (0, 0), img + i, np.ones((2, 2), np.complex64)))
+        )
+        pub.send_multipart(
+            encode_event(Preview("b", i, i, 1e-10, (0, 0), img, np.ones((2, 2), np.complex64)))
+        )
     pub.send_multipart(encode_event(ScanEvent("a", "ended")))
     pub.send_multipart([b"metrics", b"garbage"])
     got = [sub.recv(timeout_s=1) for _ in range(3)]
     assert [(type(e).__name__, e.scan_id, getattr(e, "iteration", None)) for e in got] == [
-        ("Preview", "a", 19), ("Preview", "b", 19), ("ScanEvent", "a", None)
+        ("Preview", "a", 19),
+        ("Preview", "b", 19),
+        ("ScanEvent", "a", None),
     ]
     assert got[0].object_phase[0, 0] == 19
     with pytest.raises(ProtocolError) as info:
@@ -183,7 +212,7 @@ def test_subscriber_skips_stale_previews(ctx):
 
 
 class FakeDaemon:
-    """A ROUTER served by protocols.control.handle in a thread; ``ignore`` first requests go unanswered."""
+    """A ROUTER answered by control.handle in a thread; ignores the first ``ignore`` requests."""
 
     def __init__(self, ctx: zmq.Context, table: dict, ignore: int = 0, setup=None) -> None:
         self.sock, self.endpoint = bind(ctx, zmq.ROUTER, setup)
@@ -230,7 +259,9 @@ def test_control_client_calls_and_errors(ctx):
             assert c.ping() == {"pong": True}
             snap = c.snapshot("s")
             assert snap["preview"]["iteration"] == 7
-            np.testing.assert_array_equal(snap["preview"]["object_phase"], np.full((3, 3), 0.5, np.float32))
+            np.testing.assert_array_equal(
+                snap["preview"]["object_phase"], np.full((3, 3), 0.5, np.float32)
+            )
             with pytest.raises(ControlError, match="KeyError"):
                 c.snapshot("zz")
             with pytest.raises(ControlError, match="ZeroDivisionError"):
@@ -310,7 +341,9 @@ def test_curve_admits_known_clients_only(ctx, keys):
         try:
             with ControlClient(daemon.endpoint, curve=alice, timeout_s=2, context=ctx) as c:
                 assert c.ping() == {"pong": True}
-            with ControlClient(daemon.endpoint, curve=mallory, timeout_s=0.2, retries=1, context=ctx) as c:
+            with ControlClient(
+                daemon.endpoint, curve=mallory, timeout_s=0.2, retries=1, context=ctx
+            ) as c:
                 with pytest.raises(ControlTimeout):
                     c.ping()
         finally:
@@ -323,10 +356,15 @@ def test_keys_command(tmp_path: Path):
     from cryoptycho.daemon.commands.keys import command
 
     runner = CliRunner()
-    result = runner.invoke(command, [str(tmp_path / "k"), "--client", "scope1", "--client", "viewer"])
+    result = runner.invoke(
+        command, [str(tmp_path / "k"), "--client", "scope1", "--client", "viewer"]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "k/server.key_secret").is_file()
-    assert sorted(p.name for p in (tmp_path / "k/clients").iterdir()) == ["scope1.key", "viewer.key"]
+    assert sorted(p.name for p in (tmp_path / "k/clients").iterdir()) == [
+        "scope1.key",
+        "viewer.key",
+    ]
     again = runner.invoke(command, [str(tmp_path / "k")])
     assert again.exit_code != 0 and "exists" in again.output
 
@@ -337,9 +375,13 @@ def _dataset(path: Path, n: int = 40) -> Path:
 
     rng = np.random.default_rng(3)
     data = PtychoData(
-        frames=rng.poisson(0.3, (n, 16, 16)).astype(np.int64), positions=rng.normal(0, 1e-9, (n, 2)),
-        energy=300e3, pixel_size=1e-10, probe_model=ProbeModel("defocused", 20e-3, 1e-8),
-        mask=np.ones((16, 16), bool), metadata={"sample": "test"},
+        frames=rng.poisson(0.3, (n, 16, 16)).astype(np.int64),
+        positions=rng.normal(0, 1e-9, (n, 2)),
+        energy=300e3,
+        pixel_size=1e-10,
+        probe_model=ProbeModel("defocused", 20e-3, 1e-8),
+        mask=np.ones((16, 16), bool),
+        metadata={"sample": "test"},
     )
     return write_dataset(path, data)
 
@@ -373,8 +415,21 @@ def test_replay_command_streams_a_file(ctx, tmp_path):
 
     path = _dataset(tmp_path / "scan7.h5", n=12)
     pull, endpoint = bind(ctx, zmq.PULL)
-    result = CliRunner().invoke(command, [str(path), "--endpoint", endpoint, "--rate", "0", "--batch", "5",
-                                          "--compression", "lz4", "--checksum"])
+    result = CliRunner().invoke(
+        command,
+        [
+            str(path),
+            "--endpoint",
+            endpoint,
+            "--rate",
+            "0",
+            "--batch",
+            "5",
+            "--compression",
+            "lz4",
+            "--checksum",
+        ],
+    )
     assert result.exit_code == 0, result.output
     msgs = receive_all(pull, lambda m: isinstance(m, ScanEnd))
     start = msgs[0]
@@ -386,7 +441,6 @@ def test_replay_command_streams_a_file(ctx, tmp_path):
 
 def test_replay_refuses_other_files(tmp_path):
     import h5py
-
     from cryoptycho.daemon.commands.replay import read_source
 
     with h5py.File(tmp_path / "x.h5", "w") as f:

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
-
 from cryoptycho.protocols.compression import compress
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits
 from cryoptycho.protocols.messages import (
-    Frames, Metrics, ProbeModelSpec, RasterScan, Reply, Request, ScanEnd, ScanEvent, decode, encode,
+    Frames,
+    Metrics,
+    ProbeModelSpec,
+    RasterScan,
+    Request,
+    ScanEnd,
+    ScanEvent,
+    decode,
+    encode,
 )
 from cryoptycho.protocols.topics import decode_event, encode_event
-
 from protocol_helpers import frames, scan_start
 
 SCANS = {"s1": scan_start()}
@@ -40,6 +47,7 @@ def setter(path: str, value: Any) -> Callable[[dict], None]:
             del h[leaf]
         else:
             h[leaf] = value
+
     return fn
 
 
@@ -52,6 +60,7 @@ def arr(i: int, key: str, value: Any) -> Callable[[dict], None]:
             del h["arrays"][i][key]
         else:
             h["arrays"][i][key] = value
+
     return fn
 
 
@@ -66,159 +75,640 @@ def frame_parts(**over) -> list[Any]:
 # (id, parts, scans, limits, field, rule)
 CASES: list[tuple[str, Callable[[], list[Any]], Any, Limits | None, str, str]] = [
     # envelope
-    ("empty", lambda: [], None, None, "message", "part_count"),
-    ("message too big", lambda: frame_parts(n=8), None, Limits(max_message_bytes=4096), "message", "max_message_bytes"),
-    ("header too big", lambda: encode(ScanEvent("s", "accepted", "x" * 400)), None, Limits(max_header_bytes=256),
-     "header", "max_header_bytes"),
+    ("empty", list, None, None, "message", "part_count"),
+    (
+        "message too big",
+        lambda: frame_parts(n=8),
+        None,
+        Limits(max_message_bytes=4096),
+        "message",
+        "max_message_bytes",
+    ),
+    (
+        "header too big",
+        lambda: encode(ScanEvent("s", "accepted", "x" * 400)),
+        None,
+        Limits(max_header_bytes=256),
+        "header",
+        "max_header_bytes",
+    ),
     ("not msgpack", lambda: [b"\xc1\xc1"], None, None, "header", "msgpack"),
-    ("ext type", lambda: [msgpack.packb(msgpack.ExtType(5, b"x"))], None, None, "header", "no_ext_types"),
+    (
+        "ext type",
+        lambda: [msgpack.packb(msgpack.ExtType(5, b"x"))],
+        None,
+        None,
+        "header",
+        "no_ext_types",
+    ),
     ("not a map", lambda: [msgpack.packb([1, 2])], None, None, "header", "map"),
-    ("wrong protocol", lambda: edit(start_parts(), setter("protocol", "ptypy")), None, None, "protocol", "value"),
-    ("future version", lambda: edit(start_parts(), setter("version", 2)), None, None, "version", "supported"),
-    ("bool version", lambda: edit(start_parts(), setter("version", True)), None, None, "version", "supported"),
-    ("unknown type", lambda: edit(start_parts(), setter("type", "pickle")), None, None, "type", "known_type"),
-    ("arrays not a list", lambda: edit(frame_parts(), setter("arrays", {})), None, None, "arrays", "list"),
+    (
+        "wrong protocol",
+        lambda: edit(start_parts(), setter("protocol", "ptypy")),
+        None,
+        None,
+        "protocol",
+        "value",
+    ),
+    (
+        "future version",
+        lambda: edit(start_parts(), setter("version", 2)),
+        None,
+        None,
+        "version",
+        "supported",
+    ),
+    (
+        "bool version",
+        lambda: edit(start_parts(), setter("version", True)),
+        None,
+        None,
+        "version",
+        "supported",
+    ),
+    (
+        "unknown type",
+        lambda: edit(start_parts(), setter("type", "pickle")),
+        None,
+        None,
+        "type",
+        "known_type",
+    ),
+    (
+        "arrays not a list",
+        lambda: edit(frame_parts(), setter("arrays", {})),
+        None,
+        None,
+        "arrays",
+        "list",
+    ),
     ("part missing", lambda: frame_parts()[:-1], None, None, "message", "part_count"),
     ("extra part", lambda: [*frame_parts(), b"x"], None, None, "message", "part_count"),
-    ("descriptor not a map", lambda: edit(frame_parts(), lambda h: h["arrays"].__setitem__(0, 3)), None, None,
-     "arrays[0]", "map"),
-    ("descriptor extra key", lambda: edit(frame_parts(), arr(0, "order", "F")), None, None, "arrays[0].order",
-     "extra_forbidden"),
-    ("descriptor bad name", lambda: edit(frame_parts(), arr(0, "name", 7)), None, None, "arrays[0].name", "string_type"),
-    ("array dtype unknown", lambda: edit(frame_parts(), arr(1, "dtype", "object")), None, None, "arrays[1].dtype",
-     "allowed_dtype"),
-    ("big-endian dtype", lambda: edit(frame_parts(), arr(1, "dtype", ">u2")), None, None, "arrays[1].dtype",
-     "allowed_dtype"),
-    ("array shape negative", lambda: edit(frame_parts(), arr(1, "shape", [-4, 16, 16])), None, None,
-     "arrays[1].shape", "shape"),
-    ("array shape 5-d", lambda: edit(frame_parts(), arr(1, "shape", [1, 1, 4, 16, 16])), None, None,
-     "arrays[1].shape", "shape"),
-    ("unknown codec", lambda: edit(frame_parts(), arr(1, "compression", "zstd")), None, None,
-     "arrays[1].compression", "allowed_compression"),
-    ("codec not allowed here", lambda: frame_parts(compression="lz4"), None, Limits(compressions=("none",)),
-     "arrays[1].compression", "allowed_compression"),
-    ("nbytes lies", lambda: edit(frame_parts(), arr(1, "nbytes", 5)), None, None, "arrays[1].nbytes", "size_match"),
-    ("raw size mismatch", lambda: edit(frame_parts(), arr(1, "shape", [4, 16, 15])) , None, None,
-     "arrays[1].nbytes", "size_match"),
-    ("decoded too large", lambda: edit(frame_parts(compression="lz4"), arr(1, "shape", [4096, 1024, 1024])), None,
-     None, "arrays[1].shape", "max_message_bytes"),
-    ("duplicate array", lambda: edit([*frame_parts(), frame_parts()[1]],
-                                     lambda h: h["arrays"].append(dict(h["arrays"][0]))), None, None,
-     "arrays[2].name", "unique"),
-    ("bad checksum", lambda: edit(encode(frames(), checksum=True), arr(1, "crc32", 1)), None, None,
-     "arrays[1].crc32", "checksum"),
+    (
+        "descriptor not a map",
+        lambda: edit(frame_parts(), lambda h: h["arrays"].__setitem__(0, 3)),
+        None,
+        None,
+        "arrays[0]",
+        "map",
+    ),
+    (
+        "descriptor extra key",
+        lambda: edit(frame_parts(), arr(0, "order", "F")),
+        None,
+        None,
+        "arrays[0].order",
+        "extra_forbidden",
+    ),
+    (
+        "descriptor bad name",
+        lambda: edit(frame_parts(), arr(0, "name", 7)),
+        None,
+        None,
+        "arrays[0].name",
+        "string_type",
+    ),
+    (
+        "array dtype unknown",
+        lambda: edit(frame_parts(), arr(1, "dtype", "object")),
+        None,
+        None,
+        "arrays[1].dtype",
+        "allowed_dtype",
+    ),
+    (
+        "big-endian dtype",
+        lambda: edit(frame_parts(), arr(1, "dtype", ">u2")),
+        None,
+        None,
+        "arrays[1].dtype",
+        "allowed_dtype",
+    ),
+    (
+        "array shape negative",
+        lambda: edit(frame_parts(), arr(1, "shape", [-4, 16, 16])),
+        None,
+        None,
+        "arrays[1].shape",
+        "shape",
+    ),
+    (
+        "array shape 5-d",
+        lambda: edit(frame_parts(), arr(1, "shape", [1, 1, 4, 16, 16])),
+        None,
+        None,
+        "arrays[1].shape",
+        "shape",
+    ),
+    (
+        "unknown codec",
+        lambda: edit(frame_parts(), arr(1, "compression", "zstd")),
+        None,
+        None,
+        "arrays[1].compression",
+        "allowed_compression",
+    ),
+    (
+        "codec not allowed here",
+        lambda: frame_parts(compression="lz4"),
+        None,
+        Limits(compressions=("none",)),
+        "arrays[1].compression",
+        "allowed_compression",
+    ),
+    (
+        "nbytes lies",
+        lambda: edit(frame_parts(), arr(1, "nbytes", 5)),
+        None,
+        None,
+        "arrays[1].nbytes",
+        "size_match",
+    ),
+    (
+        "raw size mismatch",
+        lambda: edit(frame_parts(), arr(1, "shape", [4, 16, 15])),
+        None,
+        None,
+        "arrays[1].nbytes",
+        "size_match",
+    ),
+    (
+        "decoded too large",
+        lambda: edit(frame_parts(compression="lz4"), arr(1, "shape", [4096, 1024, 1024])),
+        None,
+        None,
+        "arrays[1].shape",
+        "max_message_bytes",
+    ),
+    (
+        "duplicate array",
+        lambda: edit(
+            [*frame_parts(), frame_parts()[1]], lambda h: h["arrays"].append(dict(h["arrays"][0]))
+        ),
+        None,
+        None,
+        "arrays[2].name",
+        "unique",
+    ),
+    (
+        "bad checksum",
+        lambda: edit(encode(frames(), checksum=True), arr(1, "crc32", 1)),
+        None,
+        None,
+        "arrays[1].crc32",
+        "checksum",
+    ),
     # codecs
-    ("lz4 garbage", lambda: swap_data(frame_parts(compression="lz4"), b"\xff" * 40), None, None,
-     "arrays[1].data", "decompress"),
+    (
+        "lz4 garbage",
+        lambda: swap_data(frame_parts(compression="lz4"), b"\xff" * 40),
+        None,
+        None,
+        "arrays[1].data",
+        "decompress",
+    ),
     ("lz4 short", lambda: lz4_short(), None, None, "arrays[1].data", "decoded_size"),
-    ("bslz4 no header", lambda: swap_data(frame_parts(compression="bslz4"), b"\0" * 5), None, None,
-     "arrays[1].data", "decompress"),
-    ("bslz4 size header lies", lambda: bslz4_header(size=999), None, None, "arrays[1].data", "decoded_size"),
-    ("bslz4 odd block size", lambda: bslz4_header(block=12), None, None, "arrays[1].data", "decompress"),
+    (
+        "bslz4 no header",
+        lambda: swap_data(frame_parts(compression="bslz4"), b"\0" * 5),
+        None,
+        None,
+        "arrays[1].data",
+        "decompress",
+    ),
+    (
+        "bslz4 size header lies",
+        lambda: bslz4_header(size=999),
+        None,
+        None,
+        "arrays[1].data",
+        "decoded_size",
+    ),
+    (
+        "bslz4 odd block size",
+        lambda: bslz4_header(block=12),
+        None,
+        None,
+        "arrays[1].data",
+        "decompress",
+    ),
     ("bslz4 truncated", lambda: bslz4_cut(-3), None, None, "arrays[1].data", "decompress"),
     ("bslz4 trailing bytes", lambda: bslz4_cut(+3), None, None, "arrays[1].data", "decompress"),
-    ("bslz4 forged block length", lambda: bslz4_forged(), None, None, "arrays[1].data", "decompress"),
+    (
+        "bslz4 forged block length",
+        lambda: bslz4_forged(),
+        None,
+        None,
+        "arrays[1].data",
+        "decompress",
+    ),
     # schema (pydantic rule names)
-    ("missing key", lambda: edit(start_parts(), setter("energy_eV", DELETE)), None, None, "energy_eV", "missing"),
-    ("unknown key", lambda: edit(start_parts(), setter("energy_keV", 300)), None, None, "energy_keV",
-     "extra_forbidden"),
-    ("energy negative", lambda: edit(start_parts(), setter("energy_eV", -1.0)), None, None, "energy_eV",
-     "greater_than"),
-    ("energy NaN", lambda: edit(start_parts(), setter("energy_eV", float("nan"))), None, None, "energy_eV",
-     "finite_number"),
-    ("string for number", lambda: edit(start_parts(), setter("expected_frames", "12")), None, None,
-     "expected_frames", "int_type"),
-    ("bad scan id", lambda: edit(start_parts(), setter("scan_id", "../etc")), None, None, "scan_id",
-     "string_pattern_mismatch"),
-    ("unknown scan kind", lambda: edit(start_parts(), setter("scan.kind", "spiral")), None, None, "scan",
-     "union_tag_invalid"),
-    ("raster step zero", lambda: edit(start_parts(), setter("scan.step_m", [0.0, 1e-10])), None, None,
-     "scan.raster.step_m.0", "greater_than"),
-    ("unknown probe kind", lambda: edit(start_parts(), setter("probe_model.kind", "airy")), None, None,
-     "probe_model.kind", "literal_error"),
-    ("options not a map", lambda: edit(start_parts(), setter("options", [1])), None, None, "options", "dict_type"),
-    ("frame count negative", lambda: edit(encode(ScanEnd("s1", 1)), setter("frame_count", -1)), None, None,
-     "frame_count", "greater_than_equal"),
-    ("unknown event", lambda: edit(encode(ScanEvent("s1", "accepted")), setter("event", "exploded")), None, None,
-     "event", "literal_error"),
-    ("bad method name", lambda: edit(encode(Request("ping")), setter("method", "__init__")), None, None, "method",
-     "string_pattern_mismatch"),
+    (
+        "missing key",
+        lambda: edit(start_parts(), setter("energy_eV", DELETE)),
+        None,
+        None,
+        "energy_eV",
+        "missing",
+    ),
+    (
+        "unknown key",
+        lambda: edit(start_parts(), setter("energy_keV", 300)),
+        None,
+        None,
+        "energy_keV",
+        "extra_forbidden",
+    ),
+    (
+        "energy negative",
+        lambda: edit(start_parts(), setter("energy_eV", -1.0)),
+        None,
+        None,
+        "energy_eV",
+        "greater_than",
+    ),
+    (
+        "energy NaN",
+        lambda: edit(start_parts(), setter("energy_eV", float("nan"))),
+        None,
+        None,
+        "energy_eV",
+        "finite_number",
+    ),
+    (
+        "string for number",
+        lambda: edit(start_parts(), setter("expected_frames", "12")),
+        None,
+        None,
+        "expected_frames",
+        "int_type",
+    ),
+    (
+        "bad scan id",
+        lambda: edit(start_parts(), setter("scan_id", "../etc")),
+        None,
+        None,
+        "scan_id",
+        "string_pattern_mismatch",
+    ),
+    (
+        "unknown scan kind",
+        lambda: edit(start_parts(), setter("scan.kind", "spiral")),
+        None,
+        None,
+        "scan",
+        "union_tag_invalid",
+    ),
+    (
+        "raster step zero",
+        lambda: edit(start_parts(), setter("scan.step_m", [0.0, 1e-10])),
+        None,
+        None,
+        "scan.raster.step_m.0",
+        "greater_than",
+    ),
+    (
+        "unknown probe kind",
+        lambda: edit(start_parts(), setter("probe_model.kind", "airy")),
+        None,
+        None,
+        "probe_model.kind",
+        "literal_error",
+    ),
+    (
+        "options not a map",
+        lambda: edit(start_parts(), setter("options", [1])),
+        None,
+        None,
+        "options",
+        "dict_type",
+    ),
+    (
+        "frame count negative",
+        lambda: edit(encode(ScanEnd("s1", 1)), setter("frame_count", -1)),
+        None,
+        None,
+        "frame_count",
+        "greater_than_equal",
+    ),
+    (
+        "unknown event",
+        lambda: edit(encode(ScanEvent("s1", "accepted")), setter("event", "exploded")),
+        None,
+        None,
+        "event",
+        "literal_error",
+    ),
+    (
+        "bad method name",
+        lambda: edit(encode(Request("ping")), setter("method", "__init__")),
+        None,
+        None,
+        "method",
+        "string_pattern_mismatch",
+    ),
     # arrays per message type
-    ("unknown array", lambda: edit(frame_parts(), arr(1, "name", "frames")), None, None, "frames", "known_array"),
+    (
+        "unknown array",
+        lambda: edit(frame_parts(), arr(1, "name", "frames")),
+        None,
+        None,
+        "frames",
+        "known_array",
+    ),
     ("required array missing", lambda: drop_array(frame_parts(), 1), None, None, "data", "missing"),
-    ("indices not uint32", lambda: retype(frame_parts(), 0, "int32"), None, None, "indices", "array_dtype"),
-    ("data 2-d", lambda: edit(frame_parts(), arr(1, "shape", [64, 16])), None, None, "data", "ndim"),
-    ("frames in complex", lambda: encode(Frames("s1", np.arange(2), np.ones((2, 4, 4), np.complex64))), None, None,
-     "data", "array_dtype"),
-    ("positions for non-positions scan", lambda: with_scan_positions(), None, None, "scan.positions_m",
-     "known_array"),
-    ("positions kind without array", lambda: drop_array(start_parts(raster=None, positions_m=np.zeros((12, 2))), 0),
-     None, None, "scan.positions_m", "missing"),
-    ("request arrays outside params", lambda: edit(encode(Request("x", {"a": np.ones(2)})), arr(0, "name", "a")),
-     None, None, "a", "array_path"),
+    (
+        "indices not uint32",
+        lambda: retype(frame_parts(), 0, "int32"),
+        None,
+        None,
+        "indices",
+        "array_dtype",
+    ),
+    (
+        "data 2-d",
+        lambda: edit(frame_parts(), arr(1, "shape", [64, 16])),
+        None,
+        None,
+        "data",
+        "ndim",
+    ),
+    (
+        "frames in complex",
+        lambda: encode(Frames("s1", np.arange(2), np.ones((2, 4, 4), np.complex64))),
+        None,
+        None,
+        "data",
+        "array_dtype",
+    ),
+    (
+        "positions for non-positions scan",
+        lambda: with_scan_positions(),
+        None,
+        None,
+        "scan.positions_m",
+        "known_array",
+    ),
+    (
+        "positions kind without array",
+        lambda: drop_array(start_parts(raster=None, positions_m=np.zeros((12, 2))), 0),
+        None,
+        None,
+        "scan.positions_m",
+        "missing",
+    ),
+    (
+        "request arrays outside params",
+        lambda: edit(encode(Request("x", {"a": np.ones(2)})), arr(0, "name", "a")),
+        None,
+        None,
+        "a",
+        "array_path",
+    ),
     # scan_start semantics
-    ("long scan id", lambda: start_parts(scan_id="s" * 20), None, Limits(max_scan_id_length=8), "scan_id",
-     "max_length"),
+    (
+        "long scan id",
+        lambda: start_parts(scan_id="s" * 20),
+        None,
+        Limits(max_scan_id_length=8),
+        "scan_id",
+        "max_length",
+    ),
     ("not square", lambda: start_parts(frame_shape=(16, 32)), None, None, "frame_shape", "square"),
-    ("frame side", lambda: start_parts(frame_shape=(2048, 2048)), None, None, "frame_shape", "max_frame_side"),
-    ("frame dtype", lambda: start_parts(frame_dtype="int16"), None, None, "frame_dtype", "allowed_dtype"),
-    ("too many frames", lambda: start_parts(expected_frames=12), None, Limits(max_frames_per_scan=10),
-     "expected_frames", "max_frames_per_scan"),
-    ("two pixel sizes", lambda: start_parts(detector_pixel_angle_rad=1e-3), None, None, "pixel_size_m",
-     "exactly_one"),
-    ("no pixel size", lambda: start_parts(pixel_size_m=None), None, None, "pixel_size_m", "exactly_one"),
+    (
+        "frame side",
+        lambda: start_parts(frame_shape=(2048, 2048)),
+        None,
+        None,
+        "frame_shape",
+        "max_frame_side",
+    ),
+    (
+        "frame dtype",
+        lambda: start_parts(frame_dtype="int16"),
+        None,
+        None,
+        "frame_dtype",
+        "allowed_dtype",
+    ),
+    (
+        "too many frames",
+        lambda: start_parts(expected_frames=12),
+        None,
+        Limits(max_frames_per_scan=10),
+        "expected_frames",
+        "max_frames_per_scan",
+    ),
+    (
+        "two pixel sizes",
+        lambda: start_parts(detector_pixel_angle_rad=1e-3),
+        None,
+        None,
+        "pixel_size_m",
+        "exactly_one",
+    ),
+    (
+        "no pixel size",
+        lambda: start_parts(pixel_size_m=None),
+        None,
+        None,
+        "pixel_size_m",
+        "exactly_one",
+    ),
     ("no probe", lambda: start_parts(probe_model=None), None, None, "probe", "exactly_one"),
-    ("two probes", lambda: start_parts(probe=np.ones((16, 16), np.complex64)), None, None, "probe", "exactly_one"),
-    ("probe shape", lambda: start_parts(probe_model=None, probe=np.ones((8, 8), np.complex64)), None, None,
-     "probe", "shape"),
-    ("probe NaN", lambda: start_parts(probe_model=None, probe=np.full((16, 16), np.nan, np.complex64)), None,
-     None, "probe", "finite"),
-    ("probe zero", lambda: start_parts(probe_model=None, probe=np.zeros((16, 16), np.complex64)), None, None,
-     "probe", "non_zero"),
-    ("mask shape", lambda: start_parts(mask=np.ones((8, 8), np.uint8)), None, None, "mask", "shape"),
-    ("positions count", lambda: start_parts(raster=None, positions_m=np.zeros((5, 2))), None, None,
-     "scan.positions_m", "shape"),
-    ("positions NaN", lambda: start_parts(raster=None, positions_m=np.full((12, 2), np.nan)), None, None,
-     "scan.positions_m", "finite"),
-    ("positions in nm", lambda: start_parts(raster=None, positions_m=np.full((12, 2), 50.0)), None, None,
-     "scan.positions_m", "max_abs_position_m"),
-    ("raster count", lambda: start_parts(raster=RasterScan((3, 3), (1e-10, 1e-10))), None, None, "scan.shape",
-     "count_match"),
-    ("raster too wide", lambda: start_parts(raster=RasterScan((3, 4), (1.0, 1.0))), None, None, "scan",
-     "max_abs_position_m"),
+    (
+        "two probes",
+        lambda: start_parts(probe=np.ones((16, 16), np.complex64)),
+        None,
+        None,
+        "probe",
+        "exactly_one",
+    ),
+    (
+        "probe shape",
+        lambda: start_parts(probe_model=None, probe=np.ones((8, 8), np.complex64)),
+        None,
+        None,
+        "probe",
+        "shape",
+    ),
+    (
+        "probe NaN",
+        lambda: start_parts(probe_model=None, probe=np.full((16, 16), np.nan, np.complex64)),
+        None,
+        None,
+        "probe",
+        "finite",
+    ),
+    (
+        "probe zero",
+        lambda: start_parts(probe_model=None, probe=np.zeros((16, 16), np.complex64)),
+        None,
+        None,
+        "probe",
+        "non_zero",
+    ),
+    (
+        "mask shape",
+        lambda: start_parts(mask=np.ones((8, 8), np.uint8)),
+        None,
+        None,
+        "mask",
+        "shape",
+    ),
+    (
+        "positions count",
+        lambda: start_parts(raster=None, positions_m=np.zeros((5, 2))),
+        None,
+        None,
+        "scan.positions_m",
+        "shape",
+    ),
+    (
+        "positions NaN",
+        lambda: start_parts(raster=None, positions_m=np.full((12, 2), np.nan)),
+        None,
+        None,
+        "scan.positions_m",
+        "finite",
+    ),
+    (
+        "positions in nm",
+        lambda: start_parts(raster=None, positions_m=np.full((12, 2), 50.0)),
+        None,
+        None,
+        "scan.positions_m",
+        "max_abs_position_m",
+    ),
+    (
+        "raster count",
+        lambda: start_parts(raster=RasterScan((3, 3), (1e-10, 1e-10))),
+        None,
+        None,
+        "scan.shape",
+        "count_match",
+    ),
+    (
+        "raster too wide",
+        lambda: start_parts(raster=RasterScan((3, 4), (1.0, 1.0))),
+        None,
+        None,
+        "scan",
+        "max_abs_position_m",
+    ),
     ("scan started twice", lambda: start_parts(), SCANS, None, "scan_id", "unique_scan"),
     # frames semantics
     ("unknown scan", lambda: frame_parts(scan_id="nope"), SCANS, None, "scan_id", "known_scan"),
-    ("scan_end of unknown scan", lambda: encode(ScanEnd("nope", 3)), SCANS, None, "scan_id", "known_scan"),
+    (
+        "scan_end of unknown scan",
+        lambda: encode(ScanEnd("nope", 3)),
+        SCANS,
+        None,
+        "scan_id",
+        "known_scan",
+    ),
     ("no frames", lambda: frame_parts(n=0), None, None, "data", "non_empty"),
-    ("too many per message", lambda: frame_parts(n=9), None, Limits(max_frames_per_message=8), "data",
-     "max_frames_per_message"),
-    ("frames not square", lambda: encode(frames(data=np.zeros((4, 16, 8), np.uint16))), None, None, "data",
-     "square"),
+    (
+        "too many per message",
+        lambda: frame_parts(n=9),
+        None,
+        Limits(max_frames_per_message=8),
+        "data",
+        "max_frames_per_message",
+    ),
+    (
+        "frames not square",
+        lambda: encode(frames(data=np.zeros((4, 16, 8), np.uint16))),
+        None,
+        None,
+        "data",
+        "square",
+    ),
     ("frames too big", lambda: frame_parts(n=1, m=1100), None, None, "data", "max_frame_side"),
-    ("frame dtype not accepted", lambda: frame_parts(dtype=np.uint32), None,
-     Limits(frame_dtypes=("uint8", "uint16")), "data", "allowed_dtype"),
-    ("indices length", lambda: encode(frames(indices=np.arange(3, dtype=np.uint32))), None, None, "indices",
-     "shape"),
-    ("indices repeat", lambda: encode(frames(indices=np.array([1, 2, 2, 3], np.uint32))), None, None, "indices",
-     "unique"),
-    ("positions shape", lambda: encode(frames(positions_m=np.zeros((4, 3)))), STREAMED, None, "positions_m",
-     "shape"),
-    ("positions infinite", lambda: encode(frames(positions_m=np.full((4, 2), np.inf))), STREAMED, None,
-     "positions_m", "finite"),
-    ("positions far", lambda: encode(frames(positions_m=np.full((4, 2), 1.0))), STREAMED, None, "positions_m",
-     "max_abs_position_m"),
-    ("float counts NaN", lambda: encode(frames(data=np.full((4, 16, 16), np.nan, np.float32))), None, None,
-     "data", "finite"),
-    ("float counts negative", lambda: encode(frames(data=np.full((4, 16, 16), -1, np.float32))), None, None,
-     "data", "non_negative"),
+    (
+        "frame dtype not accepted",
+        lambda: frame_parts(dtype=np.uint32),
+        None,
+        Limits(frame_dtypes=("uint8", "uint16")),
+        "data",
+        "allowed_dtype",
+    ),
+    (
+        "indices length",
+        lambda: encode(frames(indices=np.arange(3, dtype=np.uint32))),
+        None,
+        None,
+        "indices",
+        "shape",
+    ),
+    (
+        "indices repeat",
+        lambda: encode(frames(indices=np.array([1, 2, 2, 3], np.uint32))),
+        None,
+        None,
+        "indices",
+        "unique",
+    ),
+    (
+        "positions shape",
+        lambda: encode(frames(positions_m=np.zeros((4, 3)))),
+        STREAMED,
+        None,
+        "positions_m",
+        "shape",
+    ),
+    (
+        "positions infinite",
+        lambda: encode(frames(positions_m=np.full((4, 2), np.inf))),
+        STREAMED,
+        None,
+        "positions_m",
+        "finite",
+    ),
+    (
+        "positions far",
+        lambda: encode(frames(positions_m=np.full((4, 2), 1.0))),
+        STREAMED,
+        None,
+        "positions_m",
+        "max_abs_position_m",
+    ),
+    (
+        "float counts NaN",
+        lambda: encode(frames(data=np.full((4, 16, 16), np.nan, np.float32))),
+        None,
+        None,
+        "data",
+        "finite",
+    ),
+    (
+        "float counts negative",
+        lambda: encode(frames(data=np.full((4, 16, 16), -1, np.float32))),
+        None,
+        None,
+        "data",
+        "non_negative",
+    ),
     ("wrong frame shape", lambda: frame_parts(m=8), SCANS, None, "data", "frame_shape"),
     ("wrong frame dtype", lambda: frame_parts(dtype=np.uint8), SCANS, None, "data", "frame_dtype"),
     ("index beyond scan", lambda: frame_parts(first=10), SCANS, None, "indices", "index_range"),
     ("positions missing", lambda: frame_parts(), STREAMED, None, "positions_m", "required"),
-    ("positions already declared", lambda: encode(frames(positions_m=np.zeros((4, 2)))), SCANS, None,
-     "positions_m", "declared_by_scan"),
-    ("scan_end beyond expected", lambda: encode(ScanEnd("s1", 13)), SCANS, None, "frame_count", "max_expected"),
+    (
+        "positions already declared",
+        lambda: encode(frames(positions_m=np.zeros((4, 2)))),
+        SCANS,
+        None,
+        "positions_m",
+        "declared_by_scan",
+    ),
+    (
+        "scan_end beyond expected",
+        lambda: encode(ScanEnd("s1", 13)),
+        SCANS,
+        None,
+        "frame_count",
+        "max_expected",
+    ),
 ]
 
 
@@ -245,7 +735,9 @@ def bslz4_header(size: int | None = None, block: int | None = None) -> list[Any]
 
 def bslz4_cut(delta: int) -> list[Any]:
     blob = bytes(frame_parts(compression="bslz4")[2])
-    return swap_data(frame_parts(compression="bslz4"), blob[:delta] if delta < 0 else blob + b"\0" * delta)
+    return swap_data(
+        frame_parts(compression="bslz4"), blob[:delta] if delta < 0 else blob + b"\0" * delta
+    )
 
 
 def bslz4_forged() -> list[Any]:
@@ -282,9 +774,18 @@ def test_every_rule_in_the_code_has_a_case():
     import pathlib
     import re
 
-    src = "".join(p.read_text() for p in pathlib.Path(__file__).parents[1].joinpath("protocols").glob("*.py"))
-    named = set(re.findall(r'(?:ProtocolError\([^()]*?|fail\()\s*"?[^,]*,\s*"([a-z_]+)"', src, re.S))
-    tested = {c[5] for c in CASES} | {"topic_match", "event_type", "request_expected", "reply_expected"}
+    src = "".join(
+        p.read_text() for p in pathlib.Path(__file__).parents[1].joinpath("protocols").glob("*.py")
+    )
+    named = set(
+        re.findall(r'(?:ProtocolError\([^()]*?|fail\()\s*"?[^,]*,\s*"([a-z_]+)"', src, re.DOTALL)
+    )
+    tested = {c[5] for c in CASES} | {
+        "topic_match",
+        "event_type",
+        "request_expected",
+        "reply_expected",
+    }
     assert named - tested == set()
 
 
@@ -306,7 +807,10 @@ def test_error_carries_scan_id_for_publishing():
     with pytest.raises(ProtocolError) as info:
         decode(frame_parts(m=8), None, SCANS)
     assert info.value.to_dict() == {
-        "field": "data", "rule": "frame_shape", "scan_id": "s1", "message": info.value.message,
+        "field": "data",
+        "rule": "frame_shape",
+        "scan_id": "s1",
+        "message": info.value.message,
     }
 
 
@@ -326,5 +830,12 @@ def test_limits_reject_unknown_dtypes():
 
 def test_good_messages_pass_with_state():
     assert decode(frame_parts(), None, SCANS).indices.tolist() == [0, 1, 2, 3]
-    assert decode(encode(frames(positions_m=np.zeros((4, 2)))), None, STREAMED).positions_m.shape == (4, 2)
-    assert decode(start_parts(probe_model=ProbeModelSpec("randomized", diameter_m=1e-9)), None, {}).scan_id == "s1"
+    assert decode(
+        encode(frames(positions_m=np.zeros((4, 2)))), None, STREAMED
+    ).positions_m.shape == (4, 2)
+    assert (
+        decode(
+            start_parts(probe_model=ProbeModelSpec("randomized", diameter_m=1e-9)), None, {}
+        ).scan_id
+        == "s1"
+    )

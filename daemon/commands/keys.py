@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
 from cryoptycho.protocols.security import (
     SERVER_NAME,
     generate_client_keys,
@@ -15,8 +14,13 @@ from cryoptycho.protocols.security import (
 
 @click.command()
 @click.argument("keys_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--client", "clients", multiple=True, metavar="NAME",
-              help="Also make a key pair for client NAME and admit it (repeatable).")
+@click.option(
+    "--client",
+    "clients",
+    multiple=True,
+    metavar="NAME",
+    help="Also make a key pair for client NAME and admit it (repeatable).",
+)
 @click.option("--no-server", is_flag=True, help="Only add clients to an existing key directory.")
 def command(keys_dir: Path, clients: tuple[str, ...], no_server: bool) -> None:
     """Create the server key pair in KEYS_DIR and admit clients.
@@ -30,7 +34,9 @@ def command(keys_dir: Path, clients: tuple[str, ...], no_server: bool) -> None:
             public = generate_server_keys(keys_dir)
             click.echo(f"server public key: {public}")
         elif not (keys_dir / f"{SERVER_NAME}.key_secret").exists():
-            raise click.ClickException(f"{keys_dir} has no server key; run without --no-server first")
+            raise click.ClickException(
+                f"{keys_dir} has no server key; run without --no-server first"
+            )
         for name in clients:
             secret = generate_client_keys(keys_dir, name)
             click.echo(f"client {name}: {secret} (give it with {keys_dir / SERVER_NAME}.key)")

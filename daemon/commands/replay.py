@@ -14,7 +14,6 @@ from pathlib import Path
 import click
 import h5py
 import numpy as np
-
 from cryoptycho.daemon.storage.dataset import FORMAT as DATASET_FORMAT
 from cryoptycho.daemon.storage.dataset import read_dataset
 from cryoptycho.protocols.faults import Faults
@@ -32,13 +31,17 @@ class ReplaySource:
     positions_m: np.ndarray  #: (K, 2)
 
 
-def read_source(path: str | Path, scan_id: str | None = None, stream_positions: bool = False) -> ReplaySource:
+def read_source(
+    path: str | Path, scan_id: str | None = None, stream_positions: bool = False
+) -> ReplaySource:
     """Read a recorded scan. Knows cryoptycho dataset files (daemon/storage/dataset.py)."""
     path = Path(path)
     with h5py.File(path, "r") as f:
         fmt = f.attrs.get("format")
     if fmt != DATASET_FORMAT:
-        raise ValueError(f"{path}: cannot replay format {fmt!r}; replay reads {DATASET_FORMAT!r} files")
+        raise ValueError(
+            f"{path}: cannot replay format {fmt!r}; replay reads {DATASET_FORMAT!r} files"
+        )
     data = read_dataset(path)
     frames = _wire_frames(data.frames)
     pm = data.probe_model
@@ -52,7 +55,9 @@ def read_source(path: str | Path, scan_id: str | None = None, stream_positions: 
         pixel_size_m=data.pixel_size,
         detector_pixel_angle_rad=data.detector_pixel_angle,
         probe=None if data.probe is None else np.asarray(data.probe, np.complex64),
-        probe_model=None if pm is None or data.probe is not None else ProbeModelSpec(
+        probe_model=None
+        if pm is None or data.probe is not None
+        else ProbeModelSpec(
             pm.kind, pm.semiangle, pm.defocus, pm.cs, pm.zones, pm.diameter, pm.seed
         ),
         positions_m=None if stream_positions else positions,
@@ -95,7 +100,8 @@ def replay(source: ReplaySource, producer: Producer, rate: float = 0.0, batch: i
             if delay > 0:
                 time.sleep(delay)
         producer.send_frames(
-            source.frames[lo:hi], np.arange(lo, hi),
+            source.frames[lo:hi],
+            np.arange(lo, hi),
             positions_m=source.positions_m[lo:hi] if streamed else None,
         )
     producer.end_scan(n)
@@ -104,27 +110,60 @@ def replay(source: ReplaySource, producer: Producer, rate: float = 0.0, batch: i
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--endpoint", default=DEFAULT_INGEST, show_default=True, help="Daemon ingest (PULL) endpoint.")
-@click.option("--rate", type=float, default=2000.0, show_default=True, help="Frames per second; 0 = unpaced.")
+@click.option(
+    "--endpoint", default=DEFAULT_INGEST, show_default=True, help="Daemon ingest (PULL) endpoint."
+)
+@click.option(
+    "--rate", type=float, default=2000.0, show_default=True, help="Frames per second; 0 = unpaced."
+)
 @click.option("--batch", type=int, default=64, show_default=True, help="Frames per message.")
 @click.option("--scan-id", default=None, help="Scan id (default: the file's stem).")
-@click.option("--compression", type=click.Choice(["none", "lz4", "bslz4"]), default="none", show_default=True)
-@click.option("--stream-positions", is_flag=True, help="Send positions with the frames, not at scan start.")
+@click.option(
+    "--compression", type=click.Choice(["none", "lz4", "bslz4"]), default="none", show_default=True
+)
+@click.option(
+    "--stream-positions", is_flag=True, help="Send positions with the frames, not at scan start."
+)
 @click.option("--checksum", is_flag=True, help="Add a CRC-32 to every array part.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Send timeout, s.")
-@click.option("--client-key", type=click.Path(exists=True, path_type=Path), default=None,
-              help="CURVE: this client's .key_secret file (needs --server-key).")
-@click.option("--server-key", type=click.Path(exists=True, path_type=Path), default=None,
-              help="CURVE: the daemon's public server.key file.")
-@click.option("--drop", type=float, default=0.0, help="Fault drill: drop this share of frames messages.")
+@click.option(
+    "--client-key",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="CURVE: this client's .key_secret file (needs --server-key).",
+)
+@click.option(
+    "--server-key",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="CURVE: the daemon's public server.key file.",
+)
+@click.option(
+    "--drop", type=float, default=0.0, help="Fault drill: drop this share of frames messages."
+)
 @click.option("--duplicate", type=float, default=0.0, help="Fault drill: duplicate this share.")
-@click.option("--reorder", type=float, default=0.0, help="Fault drill: swap this share with the next.")
+@click.option(
+    "--reorder", type=float, default=0.0, help="Fault drill: swap this share with the next."
+)
 @click.option("--corrupt", type=float, default=0.0, help="Fault drill: corrupt this share.")
 @click.option("--seed", type=int, default=0, help="Seed of the fault draws.")
 def command(
-    path: Path, endpoint: str, rate: float, batch: int, scan_id: str | None, compression: str,
-    stream_positions: bool, checksum: bool, timeout: float, client_key: Path | None,
-    server_key: Path | None, drop: float, duplicate: float, reorder: float, corrupt: float, seed: int,
+    path: Path,
+    endpoint: str,
+    rate: float,
+    batch: int,
+    scan_id: str | None,
+    compression: str,
+    stream_positions: bool,
+    checksum: bool,
+    timeout: float,
+    client_key: Path | None,
+    server_key: Path | None,
+    drop: float,
+    duplicate: float,
+    reorder: float,
+    corrupt: float,
+    seed: int,
 ) -> None:
     """Stream the dataset file PATH to a daemon, as a microscope would."""
     if (client_key is None) != (server_key is None):
@@ -137,10 +176,18 @@ def command(
         source = read_source(path, scan_id, stream_positions)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    with Producer(endpoint, send_timeout_s=timeout, compression=compression, checksum=checksum,
-                  curve=curve, hook=faults) as producer:
+    with Producer(
+        endpoint,
+        send_timeout_s=timeout,
+        compression=compression,
+        checksum=checksum,
+        curve=curve,
+        hook=faults,
+    ) as producer:
         achieved = replay(source, producer, rate, batch)
     n = len(source.frames)
-    click.echo(f"sent scan {source.start.scan_id!r}: {n} frames at {achieved:.0f} frames/s to {endpoint}")
+    click.echo(
+        f"sent scan {source.start.scan_id!r}: {n} frames at {achieved:.0f} frames/s to {endpoint}"
+    )
     if faults is not None:
         click.echo("faults: " + ", ".join(f"{k}={v}" for k, v in sorted(faults.stats.items())))
