@@ -11,6 +11,11 @@ import numpy as np
 from .backend import array_module, complex_dtype
 from .operators import Batch, adjoint_object, forward, illumination
 
+#: Pixels lit by less than this share of the peak illumination are left out of the spectral
+#: eigenproblem: (QᴴQ)⁻¹ would amplify them and the leading eigenvector would sit on the scan's
+#: faint rim instead of the object.
+LIT_FRACTION = 0.1
+
 
 def random_object(shape: tuple[int, int], options: Any, xp: ModuleType = np) -> Any:
     """Unit amplitude, phase ~ N(init_phase_mean, init_phase_std) per pixel (paper: 0.1, 0.1),
@@ -57,14 +62,15 @@ def spectral_object(
     if not bool(weight.any()):
         raise ValueError("spectral initialisation: the dataset holds no counts in valid pixels")
     illum = illumination(probe, batch)
-    lit = illum > 1e-3 * float(illum.max())
+    lit = illum > LIT_FRACTION * float(illum.max())
     inv = xp.where(lit, 1.0 / xp.maximum(illum, 1e-30), 0.0).astype(real)
+    # Start from the flat object, not from noise: the leading eigenspace is nearly degenerate
+    # (every smooth object fills the bright-field disc), so a random start keeps its
+    # high-frequency content for hundreds of iterations; the flat start only picks up the
+    # structure the weighted intensities put there. ``seed`` adds a tiny perturbation.
     rng = np.random.default_rng(seed)
-    v = xp.asarray(
-        (rng.standard_normal(object_shape) + 1j * rng.standard_normal(object_shape)).astype(
-            probe.dtype
-        )
-    )
+    noise = rng.standard_normal(object_shape) + 1j * rng.standard_normal(object_shape)
+    v = xp.asarray((1.0 + 1e-3 * noise).astype(probe.dtype)) * lit
     for _ in range(iterations):
         v = inv * adjoint_object(weight * forward(v, probe, batch), probe, batch)
         norm = float(xp.linalg.norm(v))

@@ -21,7 +21,7 @@ import numpy as np
 from .backend import array_module, real_of
 
 NoiseModel = Literal["poisson", "amplitude"]
-TruncationRule = Literal["none", "chen-candes", "high-intensity"]
+TruncationRule = Literal["none", "chen-candes", "high-intensity", "poisson-floor"]
 
 #: Intensity floor that keeps log(I) finite where the model predicts (near) zero counts.
 INTENSITY_FLOOR = 1e-6
@@ -107,6 +107,11 @@ def truncation_keep(
     ``high-intensity``: the same test, but the per-measurement amplitude is floored at rms(|z|),
     so a rare count where the model predicts little intensity (the high-angle events that carry
     resolution at < 1 e⁻/pixel) is not discarded.
+    ``poisson-floor``: keep i when it passes the Chen–Candès test *or* the Poisson-noise test
+    |y_i − I_i| ≤ α_h · √max(I_i, 1): a measurement is dropped only when its residual is large
+    both against the current misfit and against counting noise (floored at one count), so a
+    lone detected electron is never discarded (α_h ≥ 1) while hot pixels and grossly
+    inconsistent patterns still are.
     ``alpha_h = inf`` or rule ``none`` disables truncation.
     """
     if rule == "none" or not np.isfinite(alpha_h):
@@ -125,6 +130,9 @@ def truncation_keep(
         scale = amp / rms
     elif rule == "high-intensity":
         scale = xp.maximum(amp, rms) / rms
+    elif rule == "poisson-floor":
+        keep = (resid <= alpha_h * k_t * amp / rms) | (resid <= alpha_h * xp.sqrt(xp.maximum(inten, 1.0)))
+        return keep.astype(amp.dtype)
     else:
         raise ValueError(f"unknown truncation rule {rule!r}")
     return (resid <= alpha_h * k_t * scale).astype(amp.dtype)

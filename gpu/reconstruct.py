@@ -170,6 +170,53 @@ def _normalised(probe: Any, power: float) -> tuple[Any, float]:
     return probe * (math.sqrt(power) / norm), math.sqrt(power) / norm
 
 
+class FullBatchObjective:
+    """x = {"object": T, "probe": ψ} ↦ (L, {"object": ∂L/∂T̄, "probe": ∂L/∂ψ̄}) over all
+    positions, evaluated in chunks of ``options.chunk_size`` positions (memory bound only)."""
+
+    def __init__(
+        self, counts_fft: Any, batch: Batch, mask: Any | None, options: ReconOptions,
+        kappa: float, probe_power: float, sparse: SparsePrior | None = None,
+    ) -> None:
+        if probe_power <= 0:
+            raise ValueError(f"probe power must be positive, got {probe_power}")
+        self.counts_fft = counts_fft
+        self.mask = mask
+        self.options = options
+        self.kappa = float(kappa)
+        self.power = float(probe_power)
+        self.sparse = sparse
+        chunk = options.chunk_size
+        self.slices = [slice(i, min(i + chunk, batch.size)) for i in range(0, batch.size, chunk)]
+        self.batches = [_sub_batch(batch, sl) for sl in self.slices]
+        self.scale = AMPLITUDE_NLL_SCALE if options.noise_model == "amplitude" else 1.0
+
+    def __call__(self, x: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        opts = self.options
+        t = x["object"]
+        xp = array_module(t)
+        psi, s = _normalised(x["probe"], self.power)
+        loss = 0.0
+        g_obj = xp.zeros_like(t)
+        g_psi = xp.zeros_like(psi)
+        for sl, sub in zip(self.slices, self.batches):
+            dt = data_term(
+                t, psi, self.counts_fft[sl], sub, model=opts.noise_model,
+                truncation=opts.truncation, alpha_h=opts.alpha_h, mask=self.mask, want_probe=True,
+            )
+            loss += dt.loss
+            g_obj += dt.grad_object
+            g_psi += dt.grad_probe
+        loss *= self.scale
+        g_obj *= self.scale
+        g_psi *= self.scale
+        p_loss, p_grad = prior_term(t, opts, self.kappa, None, self.sparse)
+        # Chain rule through ψ̂ = s ψ, s = √P/‖ψ‖: the radial part of the gradient vanishes.
+        radial = float(xp.vdot(psi.ravel(), g_psi.ravel()).real) / self.power
+        g_raw = s * (g_psi - radial * psi)
+        return loss + p_loss, {"object": g_obj + p_grad, "probe": g_raw}
+
+
 def refine_full_batch(
     obj: Any,
     probe: Any,
@@ -191,7 +238,6 @@ def refine_full_batch(
     ``options.probe_start_iteration`` when ``options.refine_probe``. Returns the object, the
     (normalised) probe and the loss after each iteration (data term + prior)."""
     opts = _as_options(options)
-    xp = array_module(obj)
     if counts_fft.shape[0] != batch.size:
         raise ValueError(
             f"counts hold {counts_fft.shape[0]} patterns but the batch has {batch.size} positions"
@@ -204,34 +250,7 @@ def refine_full_batch(
         sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
     if sparse is not None:
         sparse.update(obj, start_iteration)
-    chunk = opts.chunk_size
-    slices = [slice(i, min(i + chunk, batch.size)) for i in range(0, batch.size, chunk)]
-    subs = [_sub_batch(batch, sl) for sl in slices]
-    scale = AMPLITUDE_NLL_SCALE if opts.noise_model == "amplitude" else 1.0
-
-    def fun(x: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-        t = x["object"]
-        psi, s = _normalised(x["probe"], power)
-        loss = 0.0
-        g_obj = xp.zeros_like(t)
-        g_psi = xp.zeros_like(psi)
-        for sl, sub in zip(slices, subs):
-            dt = data_term(
-                t, psi, counts_fft[sl], sub, model=opts.noise_model, truncation=opts.truncation,
-                alpha_h=opts.alpha_h, mask=mask, want_probe=True,
-            )
-            loss += dt.loss
-            g_obj += dt.grad_object
-            g_psi += dt.grad_probe
-        loss *= scale
-        g_obj *= scale
-        g_psi *= scale
-        p_loss, p_grad = prior_term(t, opts, kap, None, sparse)
-        # Chain rule through ψ̂ = s ψ, s = √P/‖ψ‖: the radial part of the gradient vanishes.
-        radial = float(xp.vdot(psi.ravel(), g_psi.ravel()).real) / power
-        g_raw = s * (g_psi - radial * psi)
-        return loss + p_loss, {"object": g_obj + p_grad, "probe": g_raw}
-
+    fun = FullBatchObjective(counts_fft, batch, mask, opts, kap, power, sparse)
     illum = illumination(probe, batch)
     damping = 0.05 * float(illum.max())
     if opts.prior == "tikhonov":
@@ -290,6 +309,6 @@ def reconstruct(
 
 
 __all__ = [
-    "Problem", "prepare", "reconstruct", "refine_full_batch", "measured_probe_power",
+    "Problem", "FullBatchObjective", "prepare", "reconstruct", "refine_full_batch", "measured_probe_power",
     "problem_kappa", "illuminated_pixels", "AMPLITUDE_NLL_SCALE",
 ]

@@ -14,16 +14,19 @@ PIXEL = 1.0e-10  # 1 Å object pixels
 ENERGY = 300e3
 
 
-def weak_phase_object(shape: tuple[int, int], seed: int = 0, peak: float = 0.35) -> np.ndarray:
+def weak_phase_object(
+    shape: tuple[int, int], seed: int = 0, peak: float = 0.35,
+    radius_px: tuple[float, float] = (1.0, 3.0),
+) -> np.ndarray:
     """Unit-amplitude-ish object: random Gaussian blobs of phase (peak ≈ ``peak`` rad) with a
     little absorption, plus a uniform 'ice' phase of 1.2 rad."""
     rng = np.random.default_rng(seed)
     ny, nx = shape
     yy, xx = np.mgrid[0:ny, 0:nx]
     phase = np.zeros(shape)
-    for _ in range(max(6, ny * nx // 60)):
+    for _ in range(max(6, int(ny * nx / (6 * radius_px[1] ** 2)))):
         cy, cx = rng.uniform(0, ny), rng.uniform(0, nx)
-        r = rng.uniform(1.0, 3.0)
+        r = rng.uniform(*radius_px)
         phase += rng.uniform(0.3, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
     phase *= peak / phase.max()
     return np.exp(1j * (phase + 1.2) - 0.1 * phase)
@@ -38,6 +41,7 @@ def synthetic_dataset(
     defocus: float = 60e-9,
     semiangle: float = 8e-3,
     noiseless: bool = False,
+    radius_px: tuple[float, float] = (1.0, 3.0),
 ) -> PtychoData:
     rng = np.random.default_rng(seed)
     probe = make_probe("defocused", (m, m), PIXEL, ENERGY, semiangle, defocus, precision="double",
@@ -46,7 +50,7 @@ def synthetic_dataset(
     pos = np.stack([iy.ravel(), ix.ravel()], axis=1) * step_px * PIXEL
     pos = pos + rng.uniform(-0.3, 0.3, pos.shape) * PIXEL  # sub-pixel jitter
     geometry = fit_geometry(pos, PIXEL, (m, m))
-    truth = weak_phase_object(geometry.object_shape, seed)
+    truth = weak_phase_object(geometry.object_shape, seed, radius_px=radius_px)
     batch = operators.make_batch(geometry.to_pixels(pos), geometry.object_shape, (m, m))
     inten = np.abs(operators.forward(truth, probe, batch)) ** 2
     frames = inten.astype(np.float32) if noiseless else rng.poisson(inten).astype(np.uint16)

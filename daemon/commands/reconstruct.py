@@ -73,7 +73,7 @@ def build_options(
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]))
 @click.option("--precision", type=click.Choice(["single", "double"]))
 @click.option("--noise-model", type=click.Choice(["poisson", "amplitude"]))
-@click.option("--truncation", type=click.Choice(["none", "chen-candes", "high-intensity"]))
+@click.option("--truncation", type=click.Choice(["none", "chen-candes", "high-intensity", "poisson-floor"]))
 @click.option("--alpha-h", type=float, help="Truncation threshold α_h (inf disables).")
 @click.option("--prior", type=click.Choice(["none", "tikhonov", "sparse"]))
 @click.option("--mu0", type=float, help="Tikhonov weight μ₀ (times κ).")
