@@ -149,7 +149,7 @@ class Producer:
             )
             validate.check(msg, self.limits, scan)
             self.send(msg)
-        self.frames_sent += n
+            self.frames_sent += len(msg.indices)
         if n:
             self._next_index = max(self._next_index, int(idx.max()) + 1)
         return n

@@ -265,7 +265,11 @@ def nest(tree: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, An
 def flatten(
     tree: Mapping[str, Any], prefix: str = ""
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Split a tree into its msgpack-native part and its arrays (dotted path → array)."""
+    """Split a tree into its msgpack-native part and its arrays (dotted path → array).
+
+    Arrays may be map values at any depth, not list items (a list has no path to name them).
+    NumPy scalars become Python numbers, tuples become lists.
+    """
     plain: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
     for key, value in tree.items():
@@ -278,8 +282,21 @@ def flatten(
             sub, sub_arrays = flatten(value, f"{path}.")
             plain[key] = sub
             arrays.update(sub_arrays)
-        elif isinstance(value, np.generic):
-            plain[key] = value.item()
         else:
-            plain[key] = value
+            plain[key] = _plain(value, path)
     return plain, arrays
+
+
+def _plain(value: Any, path: str) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        sub, arrays = flatten(value, f"{path}.")
+        if arrays:
+            raise ValueError(f"{path}: arrays inside lists cannot travel; put them in a map")
+        return sub
+    if isinstance(value, np.ndarray):
+        raise ValueError(f"{path}: arrays inside lists cannot travel; put them in a map")
+    return value

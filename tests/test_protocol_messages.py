@@ -272,3 +272,10 @@ def test_compressed_frames_are_smaller_for_sparse_counts():
 def test_checksum_is_optional(checksum):
     parts = encode(Frames("s", np.arange(2), np.ones((2, 4, 4), np.uint8)), checksum=checksum)
     assert decode(parts).data.sum() == 32
+
+
+def test_control_trees_carry_numpy_scalars_but_not_arrays_in_lists():
+    reply = Reply(True, "ok", {"scans": [{"n": np.int64(3), "t": (1, np.float32(2.5))}]})
+    assert decode(encode(reply)).result == {"scans": [{"n": 3, "t": [1, 2.5]}]}
+    with pytest.raises(ValueError, match=r"result\.l\[0\]: arrays inside lists"):
+        encode(Reply(True, "ok", {"l": [np.ones(2)]}))

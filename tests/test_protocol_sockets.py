@@ -23,6 +23,7 @@ from cryoptycho.protocols.messages import (
     Metrics,
     Preview,
     ProbeModelSpec,
+    Request,
     ScanEnd,
     ScanEvent,
     ScanStart,
@@ -447,3 +448,9 @@ def test_replay_refuses_other_files(tmp_path):
         f.attrs["format"] = "something-else"
     with pytest.raises(ValueError, match="cannot replay format"):
         read_source(tmp_path / "x.h5")
+
+
+def test_control_answers_when_a_result_cannot_travel():
+    bad = {"listed": lambda: {"images": [np.ones(2)]}}
+    reply = decode(handle([b"id", b"", *encode(Request("listed"))], bad)[2:])
+    assert not reply.success and "could not be encoded" in reply.msg
