@@ -1,0 +1,182 @@
+"""Unit tests of the daemon's parts that need no running service."""
+
+from __future__ import annotations
+
+import socket
+
+import h5py
+import numpy as np
+import pytest
+
+from cryoptycho.daemon.config import ConfigError, load_config
+from cryoptycho.daemon.notify import SystemdNotifier
+from cryoptycho.daemon.publisher import Outbox
+from cryoptycho.daemon.session import FrameLedger, ScanSpec, Session, State, TransitionError
+from cryoptycho.daemon.storage.spool import DATA, SpoolWriter, read_spool, spool_path, unfinished_spools
+from cryoptycho.daemon.worker import scale_probe
+
+
+# -- configuration -------------------------------------------------------------------------------
+def test_config_precedence_default_env_file_cli(tmp_path, monkeypatch):
+    assert load_config().max_concurrent_scans == 2  # default
+    monkeypatch.setenv("CRYOPTYCHO_MAX_CONCURRENT_SCANS", "3")
+    monkeypatch.setenv("CRYOPTYCHO_PREVIEW_HZ", "7")
+    monkeypatch.setenv("CRYOPTYCHO_OPTIONS__ITERATIONS", "11")
+    cfg = load_config()
+    assert (cfg.max_concurrent_scans, cfg.preview_hz, cfg.options.iterations) == (3, 7.0, 11)
+    toml = tmp_path / "c.toml"
+    toml.write_text('max_concurrent_scans = 4\n[options]\nseed = 5\n')
+    cfg = load_config(toml)
+    assert (cfg.max_concurrent_scans, cfg.preview_hz) == (4, 7.0)  # file beats env; env kept
+    assert (cfg.options.iterations, cfg.options.seed) == (11, 5)  # nested: env below file
+    cfg = load_config(toml, {"max_concurrent_scans": 6, "preview_hz": None})
+    assert (cfg.max_concurrent_scans, cfg.preview_hz) == (6, 7.0)  # CLI beats file; None = unset
+
+
+def test_config_errors_name_the_key_and_the_file(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_concurent_scans = 4\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml.*unknown key 'max_concurent_scans'"):
+        load_config(bad)
+    bad.write_text("[options]\nbogus = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'options\.bogus'"):
+        load_config(bad)
+    bad.write_text("preview_hz = -1\n")
+    with pytest.raises(ConfigError, match="preview_hz"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="ZeroMQ endpoint"):
+        load_config(overrides={"ingest": "localhost:5600"})
+    monkeypatch.setenv("CRYOPTYCHO_OPTIONS__ITERATIONS", "many")
+    with pytest.raises(ConfigError, match="ITERATIONS"):
+        load_config(overrides={"options": {"seed": 1}})
+
+
+# -- sessions ------------------------------------------------------------------------------------
+def test_ledger_counts_duplicates_reordering_and_gaps():
+    ledger = FrameLedger(expected=10)
+    keep = ledger.admit(np.array([0, 1, 2, 2]))  # a duplicate inside one message
+    assert keep.tolist() == [True, True, True, False]
+    assert ledger.admit(np.array([5, 3, 1])).tolist() == [True, True, False]
+    assert ledger.admit(np.array([2000])).tolist() == [True]  # beyond the table: it grows
+    d = ledger.as_dict()
+    assert d == {"received": 6, "duplicates": 2, "reordered": 1, "gaps": 5, "highest_index": 2000}
+    assert ledger.missing() == [4, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match="non-negative"):
+        ledger.admit(np.array([-1]))
+
+
+def _spec(scan_id: str = "s1", m: int = 8) -> ScanSpec:
+    return ScanSpec(scan_id=scan_id, frame_shape=(m, m), frame_dtype="uint16", pixel_size_m=1e-10,
+                    energy_eV=300e3, probe=np.ones((m, m), np.complex64), expected_frames=20,
+                    extent_m=((0.0, 1e-9), (0.0, 2e-9)), options={"iterations": 3}, metadata={"who": "t"})
+
+
+def test_session_state_machine():
+    s = Session(_spec(), {"host": 1})
+    s.transition(State.ACQUIRING)
+    with pytest.raises(TransitionError, match="acquiring to finished"):
+        s.transition(State.FINISHED)
+    s.transition(State.REFINING)
+    assert s.transition(State.FAILED, error="boom")
+    assert not s.transition(State.ABORTED)  # final states are final
+    assert s.summary()["state"] == "failed" and s.summary()["error"] == "boom"
+
+
+# -- spool ---------------------------------------------------------------------------------------
+def test_spool_round_trip_cxi_layout_and_uncommitted_rows(tmp_path):
+    spec = _spec()
+    w = SpoolWriter.create(tmp_path, spec)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 50, (12, 8, 8)).astype(np.uint16)
+    pos = rng.normal(size=(12, 2)) * 1e-9
+    w.append(frames[:7], np.arange(7), pos[:7])
+    w.append(frames[7:], np.arange(7, 12)[::-1], pos[7:])
+    # a crash in the middle of an append: rows written, count not yet committed
+    w._data.resize(15, axis=0)
+    w._data[12:] = 999
+    w.close()
+    got = read_spool(spool_path(tmp_path, "s1"))
+    assert got.status == "open" and got.spec.options == {"iterations": 3} and got.spec.metadata == {"who": "t"}
+    np.testing.assert_array_equal(got.frames, frames)
+    np.testing.assert_array_equal(got.indices, np.r_[np.arange(7), np.arange(7, 12)[::-1]])
+    np.testing.assert_allclose(got.positions_m, pos)
+    with h5py.File(spool_path(tmp_path, "s1")) as f:
+        assert f["entry_1/definition"][()] == b"NXcxi_ptycho"
+        np.testing.assert_allclose(f["entry_1/sample_1/geometry_1/translation"][:, :2], pos[:, ::-1])
+        assert f["entry_1/instrument_1/detector_1/data"].shape == (15, 8, 8)  # same dataset (hard link)
+        assert f[DATA]["data"].id.get_create_plist().get_filter(0)[0] == 32008  # bitshuffle(-LZ4)
+    assert unfinished_spools(tmp_path) == [spool_path(tmp_path, "s1")]
+    w = SpoolWriter.reopen(spool_path(tmp_path, "s1"))  # recovery drops the uncommitted rows
+    assert w.count == 12 and w.read()[0].shape == (12, 8, 8)
+    w.set_status("finished")
+    w.close()
+    assert unfinished_spools(tmp_path) == []
+    with pytest.raises(FileExistsError):
+        SpoolWriter.create(tmp_path, spec)
+    with pytest.raises(ValueError, match="scan_id"):
+        spool_path(tmp_path, "../evil")
+
+
+def test_replay_reads_spool_files(tmp_path):
+    from cryoptycho.daemon.commands.replay import read_source
+
+    w = SpoolWriter.create(tmp_path, _spec("rep"))
+    frames = np.arange(3 * 64, dtype=np.uint16).reshape(3, 8, 8)
+    w.append(frames, np.array([2, 0, 1]), np.array([[2.0, 0], [0, 0], [1, 0]]) * 1e-10)
+    w.close()
+    src = read_source(spool_path(tmp_path, "rep"))
+    assert src.start.scan_id == "rep" and src.start.expected_frames == 3
+    np.testing.assert_array_equal(src.frames, frames[[1, 2, 0]])  # back in frame-index order
+    np.testing.assert_allclose(src.positions_m[:, 0], [0, 1e-10, 2e-10])
+
+
+# -- publisher hand-over, notify, probe power ------------------------------------------------------
+def test_outbox_keeps_events_and_only_the_latest_preview():
+    box = Outbox()
+    box.post("scan.accepted", {"scan_id": "a"})
+    for i in range(5):
+        box.offer("a", "preview", {"i": i})
+    box.offer("b", "preview", {"i": 9})
+    box.post("scan.ended", {"scan_id": "a"})
+    assert socket.socket(fileno=socket.dup(box.fd)).recv(1, socket.MSG_PEEK)  # readable: wakes poll
+    got = box.take()
+    assert [t for t, _ in got[:2]] == ["scan.accepted", "scan.ended"]
+    assert [p["i"] for t, p in got[2:]] == [4, 9] and box.replaced == 4
+    assert box.take() == []
+    box.close()
+
+
+def test_systemd_notify_datagrams(tmp_path, monkeypatch):
+    addr = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(addr)
+    monkeypatch.setenv("NOTIFY_SOCKET", addr)
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    n = SystemdNotifier()
+    assert n.enabled and n.watchdog_interval_s == 1.0
+    n.ready("up")
+    n.watchdog()
+    n.watchdog()  # within the interval: not sent again
+    n.stopping()
+    server.settimeout(1)
+    got = [server.recv(100) for _ in range(3)]
+    assert got == [b"READY=1\nSTATUS=up", b"WATCHDOG=1", b"STOPPING=1"]
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert SystemdNotifier().notify("READY=1") is False  # not under systemd: a no-op
+
+
+def test_model_probe_scaled_to_the_measured_counts():
+    probe = np.zeros((16, 16), np.complex64)
+    probe[6:10, 6:10] = 1
+    frames = np.full((4, 16, 16), 3, np.uint16)
+    scaled = scale_probe(probe, frames, None)
+    assert np.isclose((np.abs(scaled) ** 2).sum(), 3 * 256, rtol=1e-5)
+    mask = np.ones((16, 16), bool)
+    mask[0] = False  # a masked detector row: the target counts only the valid pixels' share
+    far = np.abs(np.fft.fftshift(np.fft.fft2(probe, norm="ortho"))) ** 2
+    share = far[mask].sum() / far.sum()
+    scaled = scale_probe(probe, frames, mask)
+    assert np.isclose((np.abs(scaled) ** 2).sum(), 3 * 240 / share, rtol=1e-5)
