@@ -59,10 +59,7 @@ class FrameReducer:
         if crop < bin or crop % bin:
             raise ValueError(f"crop {crop} must be a positive multiple of bin {bin}")
         cy, cx = beam_center_px if beam_center_px is not None else ((h - 1) / 2, (w - 1) / 2)
-        m = crop // bin
-        # centre of output pixel M//2 in detector coordinates = beam centre
-        off = bin * (m // 2) + (bin - 1) / 2
-        corner = (int(np.floor(cy - off + 0.5)), int(np.floor(cx - off + 0.5)))
+        corner = (_corner(cy, h, crop, bin), _corner(cx, w, crop, bin))
         valid = np.ones((h, w), dtype=bool)
         if bad_pixels is not None:
             if bad_pixels.shape != (h, w):
@@ -71,6 +68,7 @@ class FrameReducer:
         window_valid = np.zeros((crop, crop), dtype=bool)
         src, dst = _overlap(corner, crop, (h, w))
         window_valid[dst] = valid[src]
+        m = crop // bin
         static = window_valid.reshape(m, bin, m, bin).all(axis=(1, 3))
         top = saturation_threshold(in_dtype, saturation_value)
         out_dtype = next(np.dtype(t) for t in ("uint8", "uint16", "uint32", "uint64")
@@ -105,6 +103,16 @@ def saturation_threshold(dtype: np.dtype, saturation_value: int | None) -> int:
     """Largest valid count: the detector's saturation value, else one below the dtype's maximum
     (DECTRIS marks gaps and defective pixels with the maximum)."""
     return int(saturation_value) if saturation_value is not None else int(np.iinfo(dtype).max) - 1
+
+
+def _corner(centre: float, size: int, crop: int, b: int) -> int:
+    """Window start along one axis: the beam's pixel must fall in output pixel M//2; within
+    that, the beam is put mid-bin, unless a shift keeps the window on the detector."""
+    half = b * ((crop // b) // 2)
+    ideal = int(np.floor(centre - half - (b - 1) / 2 + 0.5))
+    beam = int(np.floor(centre + 0.5))
+    lo, hi = max(beam - half - b + 1, 0), min(beam - half, size - crop)
+    return min(max(ideal, lo), hi) if lo <= hi else ideal
 
 
 def _overlap(corner: tuple[int, int], side: int, shape: tuple[int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:

@@ -49,7 +49,7 @@ class BridgeConfig(BaseModel):
     raster: RasterSpec | None = None
     """Scan pattern when neither user_data nor the side channel gives one."""
     positions_endpoint: str | None = None
-    """Side channel: the bridge binds PULL here for ``dectris.positions`` messages."""
+    """Side channel: the bridge binds PULL here for ``dectris_positions`` messages."""
     energy_eV: float | None = Field(None, gt=0)
     beam_center_px: tuple[float, float] | None = None
     """(y, x) detector pixels."""
@@ -66,6 +66,8 @@ class BridgeConfig(BaseModel):
     frames_per_message: int = Field(64, ge=1, le=4096)
     flush_interval_s: float = Field(0.05, gt=0)
     """A partial batch leaves after this long, so the live view does not wait for a full one."""
+    position_wait_s: float = Field(5.0, ge=0)
+    """After a series' end, how long images still wait for side-channel positions."""
 
 
 @dataclass
@@ -97,6 +99,8 @@ class SeriesConverter:
         self.tracker = SeriesTracker()
         self.plan: _Plan | None = None
         self._positions: dict[tuple[int | None, int], np.ndarray] = {}
+        self._closing: _Plan | None = None  # ended, still waiting for side-channel positions
+        self._closing_deadline = 0.0
         self.stats: dict[str, int] = {"series": 0, "frames_sent": 0, "failed_series": 0,
                                       "skipped_images": 0, "missing_images": 0,
                                       "images_without_position": 0, "saturated_frames": 0}
@@ -113,7 +117,7 @@ class SeriesConverter:
         return self._end(msg)
 
     def _start(self, start: SeriesStart) -> list[IngestMessage]:
-        out: list[IngestMessage] = []
+        out = self._finish(self._closing) if self._closing is not None else []
         if self.plan is not None and self.plan.scan_start is not None:
             out.append(Abort(self.plan.scan_id, f"detector series {self.plan.start.series_id} "
                              f"was replaced by series {start.series_id} before its end"))
@@ -278,18 +282,29 @@ class SeriesConverter:
         for i, p in zip(image_ids, positions_m):
             self._positions[(series_id, int(i))] = np.asarray(p, dtype=np.float64)
         out: list[IngestMessage] = []
-        plan = self.plan
-        if plan is not None and plan.streamed:
-            for i in [i for i in plan.waiting if self._position(plan, i) is not None]:
-                self._queue(plan, i, plan.waiting.pop(i), out)
+        for plan in (self._closing, self.plan):
+            if plan is not None and plan.streamed:
+                for i in [i for i in plan.waiting if self._position(plan, i) is not None]:
+                    self._queue(plan, i, plan.waiting.pop(i), out)
+        if self._closing is not None and not self._closing.waiting:
+            out += self._finish(self._closing)
         return out
 
     def flush(self, min_age_s: float = 0.0) -> list[IngestMessage]:
-        """The partial batch, when it is at least ``min_age_s`` old."""
-        plan = self.plan
-        if plan is None or not plan.batch or time.monotonic() - plan.batch_since < min_age_s:
-            return []
-        return self._take_batch(plan)
+        """The partial batch when it is at least ``min_age_s`` old, and the end of a series
+        whose wait for side-channel positions has run out."""
+        out: list[IngestMessage] = []
+        if self._closing is not None and time.monotonic() >= self._closing_deadline:
+            out += self._finish(self._closing)
+        for plan in (self._closing, self.plan):
+            if plan is not None and plan.batch and time.monotonic() - plan.batch_since >= min_age_s:
+                out += self._take_batch(plan)
+        return out
+
+    @property
+    def closing(self) -> bool:
+        """A series has ended but waits for side-channel positions of some of its images."""
+        return self._closing is not None
 
     def _end(self, end: SeriesEnd) -> list[IngestMessage]:
         summary = self.tracker.end(end)
@@ -305,6 +320,17 @@ class SeriesConverter:
             log.error("DECTRIS series %s ended without any usable image; no scan was started",
                       plan.start.series_id)
             return []
+        out = self._finish(self._closing) if self._closing is not None else []
+        if plan.waiting and self.config.position_wait_s > 0:
+            # positions travel on another socket and may lag the images
+            self._closing = plan
+            self._closing_deadline = time.monotonic() + self.config.position_wait_s
+            return out + self._take_batch(plan)
+        return out + self._finish(plan)
+
+    def _finish(self, plan: _Plan) -> list[IngestMessage]:
+        if plan is self._closing:
+            self._closing = None
         out = self._take_batch(plan)
         if plan.waiting:
             self.stats["images_without_position"] += len(plan.waiting)
@@ -315,11 +341,12 @@ class SeriesConverter:
         return out
 
     def stop(self, reason: str) -> list[IngestMessage]:
-        """Abort the scan in progress, if any (the bridge is shutting down)."""
+        """End a series still waiting for positions, abort the scan in progress (shutdown)."""
+        out = self._finish(self._closing) if self._closing is not None else []
         plan, self.plan = self.plan, None
-        if plan is None or plan.scan_start is None:
-            return []
-        return [Abort(plan.scan_id, reason)]
+        if plan is not None and plan.scan_start is not None:
+            out.append(Abort(plan.scan_id, reason))
+        return out
 
 
 def _first(*values: Any) -> Any:
@@ -394,7 +421,7 @@ def run_bridge(
     prod = producer or Producer(ingest_endpoint, context=ctx)
     ended = 0
     try:
-        while not stop.is_set() and (max_series is None or ended < max_series):
+        while not stop.is_set() and (max_series is None or ended < max_series or converter.closing):
             out: list[IngestMessage] = []
             if side is not None:
                 out += _drain_side_channel(side, converter, stats)
@@ -435,7 +462,7 @@ def _drain_side_channel(sock: zmq.Socket, converter: SeriesConverter, stats: Bri
         try:
             msg = decode(parts)
             if not isinstance(msg, Request):
-                raise ValueError(f"type: expected a request with method 'dectris.positions', got {msg.type!r}")
+                raise ValueError(f"type: expected a request with method 'dectris_positions', got {msg.type!r}")
             series, ids, pos = parse_positions(msg)
         except (ProtocolError, ValueError) as exc:
             stats.position_errors += 1

@@ -6,7 +6,7 @@ In order of precedence:
    ``header_appendix``, V1's header appendix part), under the key ``"cryoptycho"`` — the schema is
    :class:`ScanDescription`, documented in README.md with a SIMPLON REST example;
 2. a positions side channel: our own protocol's ``request`` messages with method
-   ``dectris.positions`` (image ids → positions), see :func:`positions_message`;
+   ``dectris_positions`` (image ids → positions), see :func:`positions_message`;
 3. the bridge configuration (a raster nx × ny, step, rotation, serpentine).
 """
 
@@ -22,7 +22,7 @@ from ..messages import RasterScan, Request
 from .schema import DecodeError
 
 USER_DATA_KEY = "cryoptycho"
-POSITIONS_METHOD = "dectris.positions"
+POSITIONS_METHOD = "dectris_positions"
 
 
 class _Strict(BaseModel):

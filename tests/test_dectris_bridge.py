@@ -1,0 +1,350 @@
+"""DECTRIS series → ingest scans: series bookkeeping, geometry precedence, socket round trips."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from cryoptycho.protocols.dectris.bridge import BridgeConfig, SeriesConverter, bridge_messages, run_bridge
+from cryoptycho.protocols.dectris.decode import decode_v2
+from cryoptycho.protocols.dectris.receiver import DectrisReceiver, SeriesTracker, parse_source
+from cryoptycho.protocols.dectris.scan import positions_message
+from cryoptycho.protocols.dectris.schema import Image, SeriesEnd, SeriesError, SeriesStart
+from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v2_messages
+from cryoptycho.protocols.messages import Abort, Frames, ScanEnd, ScanStart, decode, encode
+
+STEP = 2e-10
+USER_SCAN = {"kind": "raster", "shape": [2, 3], "step_m": [STEP, STEP]}
+
+
+def _frames(n: int = 6, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).poisson(2, (n, size, size)).astype(np.uint16)
+
+
+def _series(frames: np.ndarray | None = None, user: dict | None = None, **kw: Any) -> SimSeries:
+    frames = _frames() if frames is None else frames
+    kw.setdefault("detector_distance_m", 0.1)
+    return SimSeries(frames, user_data=None if user is None else {"cryoptycho": user}, **kw)
+
+
+def _decoded(series: SimSeries) -> list:
+    return [decode_v2(m) for m in v2_messages(series)]
+
+
+# ------------------------------------------------------------------------------ series tracker
+
+
+def test_tracker_rejects_and_counts_images_of_unknown_series() -> None:
+    start, *images, end = _decoded(_series())
+    tracker = SeriesTracker()
+    assert not tracker.accept(images[0])  # no start yet
+    tracker.begin(start)
+    stranger = Image(2, start.series_id + 1, start.series_unique_id, 0, {})
+    impostor = Image(2, start.series_id, "01OTHERSERIES", 1, {})
+    assert not tracker.accept(stranger) and not tracker.accept(impostor)
+    assert tracker.accept(images[0]) and not tracker.accept(images[0])
+    beyond = Image(2, start.series_id, start.series_unique_id, 6, {})
+    assert not tracker.accept(beyond)
+    assert tracker.rejected == {"no_start": 1, "unknown_series": 2, "duplicate": 1, "image_id_range": 1}
+    summary = tracker.end(end)
+    assert summary.received == 1 and summary.missing_image_ids == [1, 2, 3, 4, 5]
+
+
+def test_end_without_start_is_a_series_error() -> None:
+    with pytest.raises(SeriesError, match="end of series 3 arrived without its start"):
+        SeriesTracker().end(SeriesEnd(2, 3, "x"))
+    tracker = SeriesTracker()
+    tracker.begin(SeriesStart(2, 1, "a"))
+    with pytest.raises(SeriesError, match="the open series is 1/a"):
+        tracker.end(SeriesEnd(2, 1, "b"))
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [("dectris2://dcu.local", (2, "tcp://dcu.local:31001")), ("dectris1://10.0.0.5", (1, "tcp://10.0.0.5:9999")),
+     ("dectris2://127.0.0.1:4000", (2, "tcp://127.0.0.1:4000"))],
+)
+def test_source_urls(url: str, expected: tuple[int, str]) -> None:
+    assert parse_source(url) == expected
+
+
+def test_bad_source_url_names_the_scheme() -> None:
+    with pytest.raises(ValueError, match="scheme must be dectris2://"):
+        parse_source("tcp://127.0.0.1:31001")
+
+
+# ------------------------------------------------------------------------- geometry precedence
+
+
+def _convert(series: SimSeries, config: BridgeConfig, side: bool = False,
+             positions: tuple | None = None) -> tuple[list, SeriesConverter]:
+    conv = SeriesConverter(config, side_channel=side)
+    out = []
+    msgs = _decoded(series)
+    for msg in msgs[:-1]:
+        out += conv.feed(msg)
+    if positions is not None:
+        out += conv.add_positions(*positions)
+    out += conv.feed(msgs[-1])
+    return out, conv
+
+
+CONFIG_RASTER = {"kind": "raster", "shape": [3, 2], "step_m": [5e-10, 5e-10], "serpentine": True}
+
+
+def test_user_data_scan_wins_over_side_channel_and_config() -> None:
+    cfg = BridgeConfig(raster=CONFIG_RASTER, detector_pixel_angle_rad=1e-3)
+    out, _ = _convert(_series(user=dict(scan=USER_SCAN)), cfg, side=True,
+                      positions=(None, np.arange(6), np.zeros((6, 2))))
+    start = out[0]
+    assert isinstance(start, ScanStart)
+    assert start.raster is not None and start.raster.shape == (2, 3) and start.raster.step_m == (STEP, STEP)
+    assert start.metadata["geometry_from"] == "user_data"
+    assert all(f.positions_m is None for f in out if isinstance(f, Frames))
+
+
+def test_side_channel_wins_over_config_and_frames_wait_for_positions() -> None:
+    cfg = BridgeConfig(raster=CONFIG_RASTER, detector_pixel_angle_rad=1e-3, frames_per_message=4)
+    pos = np.arange(12, dtype=float).reshape(6, 2) * 1e-10
+    conv = SeriesConverter(cfg, side_channel=True)
+    start, *images, end = _decoded(_series())
+    assert conv.feed(start) == []
+    out = conv.feed(images[0])  # the scan opens; the frame waits for its position
+    assert [type(m) for m in out] == [ScanStart]
+    assert out[0].positions_streamed and out[0].metadata["geometry_from"] == "side_channel"
+    for img in images[1:]:
+        assert conv.feed(img) == []
+    released = conv.add_positions(start.series_id, np.arange(6)[::-1], pos[::-1])
+    released += conv.feed(end)
+    frames = [m for m in released if isinstance(m, Frames)]
+    assert [len(f.indices) for f in frames] == [4, 2]
+    for f in frames:
+        np.testing.assert_array_equal(f.positions_m, pos[f.indices])
+    assert isinstance(released[-1], ScanEnd) and released[-1].frame_count == 6
+
+
+def test_config_raster_is_the_last_resort() -> None:
+    cfg = BridgeConfig(raster=CONFIG_RASTER, detector_pixel_angle_rad=1e-3)
+    out, _ = _convert(_series(), cfg)
+    assert out[0].raster.shape == (3, 2) and out[0].raster.serpentine
+    assert out[0].metadata["geometry_from"] == "config"
+    assert sum(len(m.indices) for m in out if isinstance(m, Frames)) == 6
+
+
+def test_no_geometry_skips_the_series_with_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        out, conv = _convert(_series(), BridgeConfig(detector_pixel_angle_rad=1e-3))
+    assert out == []
+    assert conv.stats["failed_series"] == 1 and conv.stats["skipped_images"] == 6
+    assert "no scan geometry" in caplog.text
+
+
+def test_invalid_user_data_is_not_silently_replaced_by_the_config(caplog: pytest.LogCaptureFixture) -> None:
+    bad = {"scan": {"kind": "raster", "shape": [2, 3], "step_m": [-1.0, 1e-10]}}
+    with caplog.at_level(logging.ERROR):
+        out, conv = _convert(_series(user=bad), BridgeConfig(raster=CONFIG_RASTER, detector_pixel_angle_rad=1e-3))
+    assert out == [] and conv.stats["failed_series"] == 1
+    assert "user_data.cryoptycho.scan.raster.step_m.0" in caplog.text
+
+
+def test_scan_and_series_sizes_must_agree(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        out, _ = _convert(_series(), BridgeConfig(raster={"kind": "raster", "shape": [2, 2], "step_m": [1e-10, 1e-10]},
+                                                  detector_pixel_angle_rad=1e-3))
+    assert out == [] and "4 positions but the detector series 6 images" in caplog.text
+
+
+def test_energy_and_pixel_angle_precedence() -> None:
+    cfg = BridgeConfig(raster=CONFIG_RASTER, energy_eV=80e3, camera_length_m=0.2, bin=2, crop=16)
+    # detector header: 300 keV, 100 µm pixels, detector_distance 0.1 m; config camera length wins
+    out, _ = _convert(_series(), cfg)
+    assert out[0].energy_eV == 300e3
+    assert out[0].detector_pixel_angle_rad == pytest.approx(2 * 100e-6 / 0.2)
+    user = dict(scan=USER_SCAN, energy_eV=200e3, detector_pixel_angle_rad=3e-4)
+    out, _ = _convert(_series(user=user), cfg)
+    assert out[0].energy_eV == 200e3 and out[0].detector_pixel_angle_rad == pytest.approx(6e-4)
+    out, _ = _convert(_series(energy_ev=None), cfg)
+    assert out[0].energy_eV == 80e3
+
+
+def test_frames_are_binned_sums_and_the_mask_covers_bad_and_flagged_pixels() -> None:
+    frames = _frames(size=16)
+    frames[:, 0, 0] = 65535  # a gap pixel, flagged in every image but absent from the header
+    mask = np.zeros((16, 16), np.uint32)
+    mask[8, 9] = 4  # a hot pixel from the header's pixel mask
+    out = list(bridge_messages(_decoded(_series(frames, user=dict(scan=USER_SCAN), pixel_mask=mask)),
+                               BridgeConfig(bin=2, detector_pixel_angle_rad=1e-3)))
+    start = out[0]
+    expected_mask = np.ones((8, 8), np.uint8)
+    expected_mask[0, 0] = expected_mask[4, 4] = 0
+    np.testing.assert_array_equal(start.mask, expected_mask)
+    data = np.concatenate([m.data for m in out if isinstance(m, Frames)])
+    clean = frames.astype(np.int64)
+    clean[:, 0, 0] = clean[:, 8, 9] = 0
+    np.testing.assert_array_equal(data, clean.reshape(6, 8, 2, 8, 2).sum(axis=(2, 4)))
+    assert start.frame_dtype == "uint32" and data.dtype == np.uint32
+
+
+def test_a_new_start_aborts_the_unfinished_scan() -> None:
+    first = _decoded(_series(user=dict(scan=USER_SCAN)))
+    second = _decoded(_series(user=dict(scan=USER_SCAN), series_id=2, series_unique_id="01SECOND"))
+    out = list(bridge_messages(first[:3] + second, BridgeConfig(detector_pixel_angle_rad=1e-3)))
+    aborts = [m for m in out if isinstance(m, Abort)]
+    assert len(aborts) == 1 and "replaced by series 2" in aborts[0].reason
+    assert [type(m) for m in out].count(ScanStart) == 2 and isinstance(out[-1], ScanEnd)
+
+
+# ------------------------------------------------------------------------------ over sockets
+
+
+@pytest.fixture
+def daemon() -> Iterator[tuple[str, zmq.Socket]]:
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:*")
+    yield sock.getsockopt_string(zmq.LAST_ENDPOINT), sock
+    sock.close()
+
+
+def _received(sock: zmq.Socket) -> list:
+    out = []
+    while sock.poll(300):
+        out.append(decode(sock.recv_multipart()))
+    return out
+
+
+def _bridge(sender: SimSender, send: Any, endpoint: str, config: dict, series: int = 1) -> Any:
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    stop = threading.Event()
+    timer = threading.Timer(20.0, stop.set)  # a safety net, not a timing assertion
+    timer.start()
+    try:
+        stats = run_bridge(sender.url, endpoint, config, stop, max_series=series)
+    finally:
+        timer.cancel()
+    thread.join(5)
+    return stats
+
+
+@pytest.mark.parametrize("version", [2, 1])
+@pytest.mark.parametrize("compression", ["bslz4", "lz4"])
+def test_round_trip_over_sockets(daemon: tuple[str, zmq.Socket], version: int, compression: str) -> None:
+    endpoint, sock = daemon
+    frames = _frames(size=32)
+    series = _series(frames, user=dict(scan=USER_SCAN, scan_id="round-trip", detector_pixel_angle_rad=1e-3),
+                     compression=compression)
+    with SimSender(version) as sender:
+        stats = _bridge(sender, lambda: sender.send_series(series, split_header=version == 1), endpoint,
+                        {"crop": 16, "bin": 2, "frames_per_message": 4})
+    msgs = _received(sock)
+    assert [type(m) for m in msgs] == [ScanStart, Frames, Frames, ScanEnd]
+    start = msgs[0]
+    assert start.scan_id == "round-trip" and start.frame_shape == (8, 8) and start.expected_frames == 6
+    assert start.detector_pixel_angle_rad == pytest.approx(2e-3)
+    data = np.concatenate([m.data for m in msgs[1:3]])
+    idx = np.concatenate([m.indices for m in msgs[1:3]])
+    np.testing.assert_array_equal(idx, np.arange(6))
+    window = frames[:, 8:24, 8:24].astype(np.int64)  # beam centre (16, 16), 16-pixel crop
+    np.testing.assert_array_equal(data, window.reshape(6, 8, 2, 8, 2).sum(axis=(2, 4)))
+    assert msgs[-1].frame_count == 6
+    assert stats.frames_sent == 6 and stats.decode_errors == 0 and stats.rejected_images == {}
+
+
+def test_side_channel_positions_over_sockets(daemon: tuple[str, zmq.Socket]) -> None:
+    endpoint, sock = daemon
+    ctx = zmq.Context.instance()
+    probe = ctx.socket(zmq.PULL)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close()  # a free port for the bridge's side channel
+    side_ep = f"tcp://127.0.0.1:{port}"
+    pos = np.random.default_rng(5).uniform(-1e-9, 1e-9, (6, 2))
+    with SimSender(2) as sender:
+        def send() -> None:
+            push = ctx.socket(zmq.PUSH)
+            push.connect(side_ep)
+            push.send_multipart(encode(positions_message(np.arange(6), pos, series_id=1)))
+            sender.send_series(_series())
+            push.close(linger=2000)
+
+        stats = _bridge(sender, send, endpoint, {"positions_endpoint": side_ep,
+                                                 "detector_pixel_angle_rad": 1e-3})
+    msgs = _received(sock)
+    assert msgs[0].positions_streamed
+    frames = [m for m in msgs if isinstance(m, Frames)]
+    got = np.concatenate([f.positions_m for f in frames])
+    np.testing.assert_array_equal(got, pos[np.concatenate([f.indices for f in frames])])
+    assert stats.frames_sent == 6 and stats.converter["images_without_position"] == 0
+
+
+def test_bad_messages_are_counted_and_the_series_still_arrives(
+    daemon: tuple[str, zmq.Socket], caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint, sock = daemon
+    series = _series(user=dict(scan=USER_SCAN, detector_pixel_angle_rad=1e-3), image_ids=[0, 1, 2, 4, 5])
+    start, *images, end = list(v2_messages(series))
+    stranger = list(v2_messages(_series(series_id=99, series_unique_id="01STRANGER")))[1]
+
+    def send() -> None:
+        sender.send_raw(end)  # a stale end from an earlier series: no start yet
+        sender.send_raw(start)
+        sender.send_raw(images[0][: len(images[0]) // 3])  # truncated
+        sender.send_raw(stranger)
+        for img in images[1:]:
+            sender.send_raw(img)
+        sender.send_raw(end)
+
+    with caplog.at_level(logging.WARNING), SimSender(2) as sender:
+        stats = _bridge(sender, send, endpoint, {}, series=2)
+    msgs = _received(sock)
+    assert [type(m) for m in msgs] == [ScanStart, Frames, ScanEnd]
+    np.testing.assert_array_equal(msgs[1].indices, [1, 2, 4, 5])
+    assert stats.decode_errors == 1 and stats.series_errors == 1
+    assert stats.rejected_images == {"unknown_series": 1}
+    assert stats.converter["missing_images"] == 2  # image 0 (truncated) and 3 (never sent)
+    assert "truncated Stream V2 message" in caplog.text
+    assert "end of series 1 arrived without its start" in caplog.text
+    assert "2 of 6 images never arrived (ids [0, 3])" in caplog.text
+
+
+def test_receiver_decodes_only_the_chosen_channel() -> None:
+    frames = {"threshold_1": _frames(2), "threshold_2": _frames(2, seed=1)}
+    series = SimSeries(frames)
+    with SimSender(2) as sender, DectrisReceiver(sender.endpoint, 2, channels=["threshold_2"]) as rx:
+        threading.Thread(target=sender.send_series, args=(series,), daemon=True).start()
+        got: list = []
+        stop = threading.Event()
+        for msg in rx.messages(stop):
+            got.append(msg)
+            if isinstance(msg, SeriesEnd):
+                stop.set()
+    images = [m for m in got if isinstance(m, Image)]
+    assert [list(m.data) for m in images] == [["threshold_2"], ["threshold_2"]]
+    np.testing.assert_array_equal(images[1].data["threshold_2"], frames["threshold_2"][1])
+
+
+def test_series_end_waits_for_lagging_positions_then_gives_up() -> None:
+    start, *images, end = _decoded(_series())
+    pos = np.zeros((6, 2))
+    conv = SeriesConverter(BridgeConfig(raster=CONFIG_RASTER, detector_pixel_angle_rad=1e-3), side_channel=True)
+    out = [m for msg in (start, *images, end) for m in conv.feed(msg)]
+    assert [type(m) for m in out] == [ScanStart] and conv.closing
+    assert conv.add_positions(None, np.arange(3), pos[:3]) == [] and conv.closing  # three still wait
+    (partial,) = conv.flush()
+    np.testing.assert_array_equal(partial.indices, [0, 1, 2])
+    out = conv.add_positions(None, np.arange(3, 6), pos[3:])
+    assert [type(m) for m in out] == [Frames, ScanEnd] and out[-1].frame_count == 6
+
+    conv = SeriesConverter(BridgeConfig(raster=CONFIG_RASTER, detector_pixel_angle_rad=1e-3,
+                                        position_wait_s=0), side_channel=True)
+    out = [m for msg in (start, *images) for m in conv.feed(msg)]
+    out += conv.add_positions(start.series_id, np.arange(4), pos[:4])
+    out += conv.feed(end)
+    assert isinstance(out[-1], ScanEnd) and out[-1].frame_count == 4
+    assert conv.stats["images_without_position"] == 2
