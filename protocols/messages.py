@@ -239,7 +239,7 @@ EVENT_TYPES = (ScanEvent, Preview, Metrics, Result, ErrorEvent)
 
 # The codec lives in its own module; it is re-exported here so that one import gives the
 # message types and their encode/decode.
-from .codec import decode, encode, peek
+from .codec import decode, encode, peek  # noqa: E402
 
 __all__ = [
     "EVENT_TYPES",
