@@ -17,7 +17,7 @@ import numpy as np
 from . import schema, validate
 from .errors import ProtocolError
 from .limits import FRAME_DTYPES, Limits
-from .messages import (
+from .message_types import (
     EVENT_TYPES,
     INGEST_TYPES,
     Abort,

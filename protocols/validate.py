@@ -16,7 +16,7 @@ from .limits import Limits
 from .wire import wire_dtype
 
 if TYPE_CHECKING:
-    from .messages import Frames, ScanEnd, ScanStart
+    from .message_types import Frames, ScanEnd, ScanStart
 
 
 def check(msg: Any, limits: Limits, scan: ScanStart | None = None) -> None:
