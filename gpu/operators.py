@@ -82,12 +82,16 @@ def make_batch(pixels: Any, object_shape: tuple[int, int], probe_shape: tuple[in
 
 
 def _shift_ramps(shifts: Any, shape: tuple[int, int], dtype: Any) -> Any:
-    """exp(-2πi q·δ) for each shift δ (G, 2): multiplying a spectrum by it shifts by +δ."""
+    """exp(-2πi q·δ) for each shift δ (G, 2): multiplying a spectrum by it shifts by +δ.
+
+    The ramp is separable, exp(-2πi qy δy) · exp(-2πi qx δx): G·(My + Mx) complex
+    exponentials instead of G·My·Mx (this was the hottest line of a batch evaluation)."""
     xp = array_module(shifts)
-    qy = xp.fft.fftfreq(shape[0])[None, :, None]
-    qx = xp.fft.fftfreq(shape[1])[None, None, :]
-    phase = -2.0 * np.pi * (qy * shifts[:, 0, None, None] + qx * shifts[:, 1, None, None])
-    return xp.exp(1j * phase).astype(dtype)
+    qy = xp.fft.fftfreq(shape[0])[None, :]
+    qx = xp.fft.fftfreq(shape[1])[None, :]
+    ey = xp.exp(-2j * np.pi * qy * shifts[:, 0, None]).astype(dtype)
+    ex = xp.exp(-2j * np.pi * qx * shifts[:, 1, None]).astype(dtype)
+    return ey[:, :, None] * ex[:, None, :]
 
 
 def shifted_probes(probe: Any, batch: Batch) -> Any:
@@ -116,6 +120,8 @@ def extract(obj: Any, batch: Batch) -> Any:
 def scatter_add(windows: Any, batch: Batch) -> Any:
     """Adjoint of :func:`extract`: Σ_k R_k^H w_k onto a zero object canvas."""
     xp = array_module(windows)
+    if xp is np and windows.ndim == 3:
+        return _scatter_blocks(windows, batch)
     n = batch.object_shape[0] * batch.object_shape[1]
     idx = batch.flat_index.reshape(-1)
     w = windows.reshape(-1)
@@ -130,12 +136,40 @@ def scatter_add(windows: Any, batch: Batch) -> Any:
     return out.astype(dtype, copy=False).reshape(batch.object_shape)
 
 
+def _scatter_blocks(windows: Any, batch: Batch) -> np.ndarray:
+    """NumPy path of :func:`scatter_add`: every window is a contiguous block of the canvas
+    (``make_batch`` builds them so), and one in-place slice add per position is ~20× faster
+    on a CPU than ``bincount`` over all window pixels (which also widens to float64). On the
+    GPU a Python loop per position would be launch-bound, so CuPy keeps ``bincount``."""
+    my, mx = windows.shape[-2:]
+    ny, nx = batch.object_shape
+    flat = np.asarray(batch.flat_index)
+    rows, cols = np.divmod(flat[:, 0, 0], nx)
+    # Guard the block assumption: the last pixel of each window must be where a block puts it.
+    if not np.array_equal(flat[:, -1, -1], (rows + my - 1) * nx + cols + mx - 1):
+        raise ValueError("batch windows are not contiguous blocks of the object canvas")
+    out = np.zeros((ny, nx), dtype=windows.dtype)
+    for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+        out[r : r + my, c : c + mx] += windows[k]
+    return out
+
+
 def group_sum(per_position: Any, batch: Batch) -> Any:
     """Sum (B, M, M) arrays over the positions of each probe-shift group → (G, M, M)."""
     xp = array_module(per_position)
     g = batch.shifts.shape[0]
     if g == 1:
         return per_position.sum(axis=0)[None]
+    if xp is np:
+        # Sort positions by group and sum runs: O(B) whatever G is (with jittered positions
+        # every position is its own group, and a loop over groups would be O(B·G)).
+        # A sub-batch (a chunk of a larger batch) keeps all G shifts but may lack groups.
+        order = np.argsort(batch.group, kind="stable")
+        ordered = batch.group[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        out = np.zeros((g,) + per_position.shape[1:], dtype=per_position.dtype)
+        out[ordered[starts]] = np.add.reduceat(per_position[order], starts, axis=0)
+        return out
     out = xp.zeros((g,) + per_position.shape[1:], dtype=per_position.dtype)
     # Loop over groups, not positions: G is small (distinct sub-pixel offsets of the batch).
     for gi in range(g):
