@@ -95,10 +95,18 @@ def test_gpu_image_pairs_cuda_base_with_the_matching_cupy_extra() -> None:
 def test_compose_stack_matches_the_daemon_defaults() -> None:
     (compose,) = yaml_docs(DEPLOY / "compose.yaml")
     services = compose["services"]
-    assert set(services) == {"cryoptycho", "prometheus", "grafana"}
+    assert set(services) == {"cryoptycho", "prometheus", "grafana", "viewer"}
     daemon = services["cryoptycho"]
     container_ports = {int(p.rsplit(":", 1)[1]) for p in daemon["ports"]}
-    assert container_ports == set(default_ports().values())
+    ports = default_ports()
+    assert container_ports == set(ports.values())
+    viewer = services["viewer"]
+    assert viewer["image"] == daemon["image"] and viewer["profiles"] == ["viewer"]
+    args = viewer["command"]
+    assert args[0] == "view"
+    assert args[args.index("--publish") + 1] == f"tcp://cryoptycho:{ports['publish']}"
+    assert args[args.index("--control") + 1] == f"tcp://cryoptycho:{ports['control']}"
+    assert "CRYOPTYCHO_VIEW_TOKEN" in viewer["environment"]  # it refuses 0.0.0.0 without a token
     assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", [])), \
         "publish on loopback only"
     assert (DEPLOY / daemon["build"]["context"] / daemon["build"]["dockerfile"]).is_file()

@@ -167,3 +167,24 @@ def test_broker_knows_every_daemon_of_the_stateful_set() -> None:
     service = docs["Service/cryoptycho-broker"]
     container_ports = {p["name"] for p in broker["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+
+
+def test_broker_unit_and_env_route_to_the_instances_of_this_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryoptycho.daemon.commands.broker import command as broker_command
+
+    unit = unit_file(DEPLOY / "systemd" / "cryoptycho-broker.service")["Service"]
+    assert unit["Type"] == ["notify"] and seconds(unit["WatchdogSec"][0]) > 0
+    assert unit["Restart"] == ["on-failure"] and unit["User"][0] not in ("root", "0")
+    assert unit["ExecStart"][0].split()[1] == "broker"
+    done = subprocess.run(["sh", str(DEPLOY / "systemd" / "broker-env.sh"), "0", "2"],
+                          capture_output=True, text=True, check=True)
+    env = {k: v.strip('"') for k, v in env_text(done.stdout).items()}  # systemd strips the quotes
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ctx = broker_command.make_context("broker", [])
+    backends = ctx.params["backends"]
+    for gpu, backend in zip((0, 2), backends, strict=True):
+        daemon = env_text(instance_env(str(gpu)).stdout)
+        assert backend.ingest == daemon["CRYOPTYCHO_INGEST"]
+        assert backend.control == daemon["CRYOPTYCHO_CONTROL"]
+    assert ctx.params["ingest"] == env["CRYOPTYCHO_BROKER_INGEST"]
