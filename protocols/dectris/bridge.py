@@ -167,15 +167,17 @@ class SeriesConverter:
 
     def _pixel_angle(self, start: SeriesStart, desc: ScanDescription | None) -> float:
         cfg = self.config
-        explicit = _first(desc and desc.detector_pixel_angle_rad, cfg.detector_pixel_angle_rad)
-        if explicit is not None:
-            return explicit
-        length = _first(desc and desc.camera_length_m, cfg.camera_length_m, start.detector_distance_m)
         size = start.pixel_size_m[0] if start.pixel_size_m else cfg.pixel_size_m
-        if length is None or size is None:
-            raise DectrisError("no detector pixel angle: give detector_pixel_angle_rad or "
-                               "camera_length_m (user_data or bridge config) and a pixel size")
-        return size / length
+        sources = [(cfg.detector_pixel_angle_rad, cfg.camera_length_m), (None, start.detector_distance_m)]
+        if desc is not None:
+            sources.insert(0, (desc.detector_pixel_angle_rad, desc.camera_length_m))
+        for angle, length in sources:
+            if angle is not None:
+                return angle
+            if length is not None and size is not None:
+                return size / length
+        raise DectrisError("no detector pixel angle: give detector_pixel_angle_rad, or camera_length_m "
+                           "and a pixel size, in user_data or the bridge config")
 
     def _open_scan(self, plan: _Plan, first: np.ndarray) -> ScanStart:
         cfg, start = self.config, plan.start
@@ -401,6 +403,9 @@ def run_bridge(
     until ``stop_event`` is set or ``max_series`` series have ended. A scan still open then is
     aborted. Decode errors and rejected images are logged and counted, never fatal."""
     version, endpoint = parse_source(source_url)
+    if config is not None and not isinstance(config, (BridgeConfig, dict)):
+        raise TypeError(f"config must be a BridgeConfig or a dict of its fields, not "
+                        f"{type(config).__name__} (pass the daemon configuration's DECTRIS section)")
     cfg = config if isinstance(config, BridgeConfig) else BridgeConfig.model_validate(config or {})
     stop = stop_event or threading.Event()
     ctx = context or zmq.Context.instance()
