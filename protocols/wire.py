@@ -9,6 +9,7 @@ Receiving never copies a raw array: it is ``np.frombuffer`` over the zmq frame's
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -190,7 +191,7 @@ def _decode_array(i: int, desc: Any, view: memoryview, limits: Limits) -> tuple[
             f"{where}.name", "string_type", "name must be a non-empty string (≤ 256 chars)"
         )
     dtype_name = desc.get("dtype")
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise ProtocolError(
             f"{where}.dtype",
             "allowed_dtype",
@@ -227,7 +228,8 @@ def _decode_array(i: int, desc: Any, view: memoryview, limits: Limits) -> tuple[
             f"{where}.crc32", "checksum", f"part of {name!r} does not match its CRC-32"
         )
     dtype = DTYPES[dtype_name]
-    decoded = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    # Python integers: a forged shape must not overflow into a small product
+    decoded = math.prod(shape) * dtype.itemsize
     if decoded > limits.max_message_bytes:
         raise ProtocolError(
             f"{where}.shape",

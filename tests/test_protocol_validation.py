@@ -16,6 +16,7 @@ from cryoptycho.protocols.messages import (
     Metrics,
     ProbeModelSpec,
     RasterScan,
+    Reply,
     Request,
     ScanEnd,
     ScanEvent,
@@ -23,6 +24,8 @@ from cryoptycho.protocols.messages import (
     encode,
 )
 from cryoptycho.protocols.topics import decode_event, encode_event
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from protocol_helpers import frames, scan_start
 
 SCANS = {"s1": scan_start()}
@@ -839,3 +842,34 @@ def test_good_messages_pass_with_state():
         ).scan_id
         == "s1"
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    which=st.sampled_from(["start", "frames", "bslz4", "lz4", "reply"]),
+    part=st.integers(0, 3),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.integers(0, 40),
+)
+def test_mangled_bytes_only_ever_raise_protocol_errors(which, part, edits, cut):
+    """Whatever bytes arrive, the receiver answers with a ProtocolError or a valid message."""
+    parts = {
+        "start": lambda: start_parts(probe_model=None, probe=np.ones((16, 16), np.complex64)),
+        "frames": lambda: encode(frames(positions_m=np.zeros((4, 2)))),
+        "bslz4": lambda: frame_parts(compression="bslz4"),
+        "lz4": lambda: frame_parts(compression="lz4"),
+        "reply": lambda: encode(Reply(True, "ok", {"a": {"b": np.ones(3)}})),
+    }[which]()
+    parts = [
+        bytes(memoryview(p).cast("B")) if isinstance(p, np.ndarray) else bytes(p) for p in parts
+    ]
+    k = part % len(parts)
+    blob = bytearray(parts[k])
+    for pos, value in edits:
+        if blob:
+            blob[pos % len(blob)] = value
+    parts[k] = bytes(blob[: max(0, len(blob) - cut)])
+    try:
+        decode(parts, None, STREAMED if which == "frames" else SCANS if which != "start" else {})
+    except ProtocolError:
+        pass
