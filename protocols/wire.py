@@ -157,6 +157,20 @@ def unpack(
     keep their wire dtype and raw ones are views of the received buffers, never copies.
     """
     header = read_header(parts, limits)
+    try:
+        arrays, codecs = _decode_arrays(header, parts, limits)
+    except ProtocolError as exc:
+        # the header was readable: name the scan, so the error can be routed to its producer
+        sid = header.get("scan_id")
+        if exc.scan_id is None and isinstance(sid, str):
+            exc.scan_id = sid
+        raise
+    return header, arrays, codecs
+
+
+def _decode_arrays(
+    header: dict[str, Any], parts: Sequence[Any], limits: Limits
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     views = [_buffer(p) for p in parts]
     descriptors = header.pop("arrays", [])
     if not isinstance(descriptors, list):
@@ -165,7 +179,8 @@ def unpack(
         raise ProtocolError(
             "message",
             "part_count",
-            f"{len(parts)} parts, but the header describes {len(descriptors)} arrays (+1 header)",
+            f"{len(parts)} parts, but the header describes {len(descriptors)} arrays "
+            f"({1 + len(descriptors)} parts expected)",
         )
     arrays: dict[str, np.ndarray] = {}
     codecs: dict[str, str] = {}
@@ -175,7 +190,7 @@ def unpack(
             raise ProtocolError(f"arrays[{i}].name", "unique", f"array {name!r} appears twice")
         arrays[name] = array
         codecs[name] = desc.get("compression", "none")
-    return header, arrays, codecs
+    return arrays, codecs
 
 
 def _decode_array(i: int, desc: Any, view: memoryview, limits: Limits) -> tuple[str, np.ndarray]:

@@ -873,3 +873,9 @@ def test_mangled_bytes_only_ever_raise_protocol_errors(which, part, edits, cut):
         decode(parts, None, STREAMED if which == "frames" else SCANS if which != "start" else {})
     except ProtocolError:
         pass
+
+
+def test_envelope_errors_name_the_scan_when_the_header_is_readable():
+    with pytest.raises(ProtocolError) as info:
+        decode(frame_parts(scan_id="scan-9")[:-1])
+    assert (info.value.rule, info.value.scan_id) == ("part_count", "scan-9")
