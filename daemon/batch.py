@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import socket
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,29 +211,40 @@ def average_results(outputs: Sequence[str], path: str, export: bool = True) -> d
 # ------------------------------------------------------------------------------------- the cluster
 
 
-def make_client(spec: ClusterSpec) -> Any:
-    """A ``distributed.Client`` on the cluster ``spec`` describes (closing it closes the cluster)."""
+@contextmanager
+def open_client(spec: ClusterSpec) -> Iterator[Any]:
+    """A ``distributed.Client`` on the cluster ``spec`` describes; a cluster started here is
+    closed on exit (a Client does not close a cluster it was handed)."""
     try:
-        from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+        from distributed import Client, LocalCluster, Scheduler, SpecCluster
     except ImportError:
         raise RuntimeError('cryoptycho batch needs Dask: pip install "cryoptycho[batch]"') from None
     if spec.scheduler is not None:
-        return Client(spec.scheduler)
+        with Client(spec.scheduler, set_as_default=False) as client:
+            yield client
+        return
     if spec.gpus:
-        # One worker process per GPU, pinned by CUDA_VISIBLE_DEVICES before CuPy initialises.
-        workers = {
-            f"gpu-{gpu}": {
-                "cls": Nanny,
-                "options": {"nthreads": 1, "resources": {"GPU": 1},
-                            "env": {"CUDA_VISIBLE_DEVICES": str(gpu)}},
-            }
-            for gpu in spec.gpus
+        cluster = SpecCluster(workers=gpu_workers(spec.gpus), silence_logs=logging.WARNING,
+                              scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
+    else:
+        cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=spec.processes,
+                               dashboard_address=":0", silence_logs=logging.WARNING)
+    with cluster, Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+def gpu_workers(gpus: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """SpecCluster workers: one process per GPU, pinned by CUDA_VISIBLE_DEVICES before CuPy
+    initialises, with one thread and the resource ``GPU=1`` that every task claims."""
+    from distributed import Nanny
+
+    return {
+        f"gpu-{gpu}": {
+            "cls": Nanny,
+            "options": {"nthreads": 1, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(gpu)}},
         }
-        cluster = SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
-        return Client(cluster, set_as_default=False)
-    cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=spec.processes,
-                           dashboard_address=":0")
-    return Client(cluster, set_as_default=False)
+        for gpu in gpus
+    }
 
 
 def run_batch(client: Any, jobs: Sequence[Job], overrides: dict[str, Any], *, gpu: bool = False,

@@ -133,7 +133,8 @@ class Broker:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()  # guards status() reads from other threads
+        # The loop holds it while it changes state, so status() may be called from any thread.
+        self._lock = threading.RLock()
         self._initial = list(backends or [])
         self.ingest_endpoint: str | None = None
         self.control_endpoint: str | None = None
@@ -197,23 +198,14 @@ class Broker:
         self._ready.set()
         if on_ready is not None:
             on_ready()
-        poller = zmq.Poller()
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                self._poll_backends(now)
-                poller = self._build_poller(ingest, control)
+                with self._lock:
+                    self._poll_backends(time.monotonic())
+                    poller = self._build_poller(ingest, control)
                 events = dict(poller.poll(100))
-                if control is not None and events.get(control.socket):
-                    control.handle()
-                for backend in list(self.backends.values()):
-                    if backend.socket is not None and events.get(backend.socket, 0) & zmq.POLLOUT:
-                        self._flush(backend)
-                    if backend.monitor is not None and events.get(backend.monitor.socket, 0) & zmq.POLLIN:
-                        backend.monitor.receive(time.monotonic())
-                if events.get(ingest, 0) & zmq.POLLIN:
-                    self._drain_ingest(ingest)
-                self._place_waiting(time.monotonic())
+                with self._lock:
+                    self._handle(events, ingest, control)
                 if on_tick is not None:
                     on_tick()
         finally:
@@ -222,6 +214,18 @@ class Broker:
             if control is not None:
                 control.close()
             ingest.close(0)
+
+    def _handle(self, events: dict[Any, int], ingest: zmq.Socket, control: ControlEndpoint | None) -> None:
+        if control is not None and events.get(control.socket):
+            control.handle()
+        for backend in list(self.backends.values()):
+            if backend.socket is not None and events.get(backend.socket, 0) & zmq.POLLOUT:
+                self._flush(backend)
+            if backend.monitor is not None and events.get(backend.monitor.socket, 0) & zmq.POLLIN:
+                backend.monitor.receive(time.monotonic())
+        if events.get(ingest, 0) & zmq.POLLIN:
+            self._drain_ingest(ingest)
+        self._place_waiting(time.monotonic())
 
     def _build_poller(self, ingest: zmq.Socket, control: ControlEndpoint | None) -> zmq.Poller:
         poller = zmq.Poller()
@@ -261,9 +265,12 @@ class Broker:
             self._drop("not_ingest", f"message type {kind!r} (scan id {scan_id!r}) is not routable")
             return
         if kind == "scan_start":
-            if scan_id in self.routes or scan_id in self.waiting:
-                # the daemon that holds it answers "unique_scan"; keep it next to the original
-                self._send(self.routes.get(scan_id), scan_id, parts)
+            # a repeated scan_start stays with the original: its daemon answers "unique_scan"
+            if scan_id in self.waiting:
+                self._hold(scan_id, parts)
+                return
+            if scan_id in self.routes:
+                self._send(self.routes[scan_id], parts)
                 return
             self.ended.pop(scan_id, None)  # an id reused after its end is a new scan
             backend = self._pick(time.monotonic())
@@ -274,7 +281,7 @@ class Broker:
                 self._hold(scan_id, parts)
             else:
                 self._assign(scan_id, backend)
-                self._send(backend, scan_id, parts)
+                self._send(backend, parts)
             return
         if scan_id in self.waiting:
             self._hold(scan_id, parts)
@@ -283,7 +290,7 @@ class Broker:
         if backend is None:
             self._drop("unknown_scan", f"{kind} for scan {scan_id!r}, which no scan_start opened")
             return
-        self._send(backend, scan_id, parts)
+        self._send(backend, parts)
         if kind in ("scan_end", "abort") and scan_id in self.routes:
             self._finish(scan_id)
 
@@ -322,15 +329,12 @@ class Broker:
             self._assign(scan_id, backend)
             for parts in messages:
                 self.held_bytes -= _size(parts)
-                self._send(backend, scan_id, parts)
+                self._send(backend, parts)
                 kind, _ = peek(parts, self.options.limits)
                 if kind in ("scan_end", "abort") and scan_id in self.routes:
                     self._finish(scan_id)
 
-    def _send(self, backend: Backend | None, scan_id: str, parts: list[Any]) -> None:
-        if backend is None:
-            self._drop("unknown_scan", f"duplicate scan_start for held scan {scan_id!r}")
-            return
+    def _send(self, backend: Backend, parts: list[Any]) -> None:
         backend.messages += 1
         if backend.pending or not self._try_send(backend, parts):
             backend.pending.append(parts)
@@ -411,6 +415,10 @@ class Broker:
     # ------------------------------------------------------------------ control
 
     def status(self) -> dict[str, Any]:
+        with self._lock:
+            return self._status()
+
+    def _status(self) -> dict[str, Any]:
         now = time.monotonic()
         return {
             "ingest": self.ingest_endpoint,

@@ -123,3 +123,17 @@ def test_spool_files_are_inputs_too(tmp_path: Path) -> None:
     np.testing.assert_allclose(loaded.positions, data.positions)
     assert scan_options == {"iterations": 7}
     assert loaded.metadata["scan_id"] == "live-7"
+
+
+
+def test_gpu_cluster_spec_has_one_pinned_worker_per_gpu() -> None:
+    from cryoptycho.daemon.batch import gpu_workers
+    from distributed import Nanny
+
+    # Starting the worker processes costs ~10 s on 2 cores; the spec is what cryoptycho decides.
+    spec = gpu_workers([0, 3])
+    assert set(spec) == {"gpu-0", "gpu-3"}
+    for gpu, worker in zip((0, 3), spec.values(), strict=True):
+        assert worker["cls"] is Nanny  # a process of its own, so the pin precedes CUDA's start-up
+        assert worker["options"]["env"] == {"CUDA_VISIBLE_DEVICES": str(gpu)}
+        assert worker["options"]["resources"] == {"GPU": 1} and worker["options"]["nthreads"] == 1

@@ -57,8 +57,8 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
         ClusterSpec,
         average_results,
         discover,
-        make_client,
         merged_options,
+        open_client,
         plan,
         run_batch,
         write_summary,
@@ -85,7 +85,7 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
     spec = ClusterSpec(scheduler=scheduler, gpus=gpus, workers=workers, processes=not threads)
     columns = (TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn())
-    with make_client(spec) as client, Progress(*columns, disable=quiet) as bar:
+    with open_client(spec) as client, Progress(*columns, disable=quiet) as bar:
         task = bar.add_task("jobs", total=len(jobs), failed=0)
         failed = 0
 
