@@ -2,19 +2,31 @@
 
 Decode + validate throughput (frames/s) of ``frames`` messages as the daemon sees them, for
 uint16 frames of 64×64 and 96×96, raw and bitshuffle-LZ4, all measured side by side in one
-run; plus encode throughput and the bytes on the wire. Frames are Poisson counts at a low dose
-(λ = 0.1 per pixel), the regime the daemon is built for; compression ratios depend on it.
+run; plus encode throughput, the bytes on the wire, and the end-to-end rate of the SDK
+Producer into a PULL socket that decodes, over TCP loopback (sender thread and receiver in one
+process, so both share its cores). Frames are Poisson counts at a low dose (λ = 0.1 per pixel),
+the regime the daemon is built for; compression ratios depend on it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import click
 import numpy as np
+import zmq
 from cryoptycho.protocols.limits import Limits
-from cryoptycho.protocols.messages import Frames, ProbeModelSpec, ScanStart, decode, encode
+from cryoptycho.protocols.messages import (
+    Frames,
+    ProbeModelSpec,
+    RasterScan,
+    ScanStart,
+    decode,
+    encode,
+)
+from cryoptycho.protocols.producer import Producer
 
 
 def _time_per_call(fn: Any, seconds: float) -> float:
@@ -69,6 +81,75 @@ def measure(
     }
 
 
+def measure_loopback(side: int, batch: int, codec: str, seconds: float, dose: float = 0.1) -> float:
+    """Frames/s from ``Producer.send_frames`` to decoded messages on a PULL socket (TCP)."""
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    data = np.random.default_rng(1).poisson(dose, (batch, side, side)).astype(np.uint16)
+    rounds = 1_000_000 // batch
+    total = rounds * batch
+    scan = ScanStart(
+        "loop",
+        300e3,
+        (side, side),
+        "uint16",
+        total,
+        pixel_size_m=1e-10,
+        probe_model=ProbeModelSpec(),
+        raster=RasterScan((rounds, batch), (1e-10, 1e-10)),
+    )
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            with Producer(
+                f"tcp://127.0.0.1:{port}",
+                compression=codec,
+                batch_frames=batch,
+                send_timeout_s=10,
+                context=ctx,
+            ) as producer:
+                producer.start_scan(scan)
+                for i in range(rounds):
+                    if stop.is_set():
+                        break
+                    producer.send_frames(data, np.arange(i * batch, (i + 1) * batch))
+                producer.abort("benchmark done")
+        except BaseException as exc:  # re-raised in the measuring thread
+            failure.append(exc)
+
+    sender = threading.Thread(target=send, name="bench-producer")
+    sender.start()
+    scans: dict[str, ScanStart] = {}
+    received, t0 = 0, None
+    try:
+        while True:
+            if not pull.poll(10_000):
+                raise RuntimeError(f"loopback stalled: {failure[0] if failure else 'no message'}")
+            msg = decode(pull.recv_multipart(copy=False), None, scans)
+            if isinstance(msg, ScanStart):
+                scans[msg.scan_id] = msg
+                t0 = time.perf_counter()
+                continue
+            if not isinstance(msg, Frames):
+                break
+            received += len(msg.indices)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds:
+                break
+    finally:
+        stop.set()
+        sender.join()
+        pull.close()
+        ctx.term()
+    if failure and not isinstance(failure[0], zmq.ContextTerminated):
+        raise failure[0]
+    return received / elapsed
+
+
 @click.command()
 @click.option(
     "--batch",
@@ -88,10 +169,12 @@ def command(batches: tuple[int, ...], seconds: float) -> None:
     for side in (64, 96):
         for batch in batches:
             for codec in ("none", "bslz4", "lz4"):
-                rows.append((side, batch, codec, measure(side, batch, codec, seconds)))
+                r = measure(side, batch, codec, seconds)
+                r["loopback_fps"] = measure_loopback(side, batch, codec, seconds)
+                rows.append((side, batch, codec, r))
     click.echo(
         f"{'frame':>7} {'batch':>5} {'codec':>6} {'decode f/s':>12} {'encode f/s':>12} "
-        f"{'wire B/frame':>12} {'ratio':>6} {'dec vs raw':>10}"
+        f"{'wire B/frame':>12} {'ratio':>6} {'dec vs raw':>10} {'loopback f/s':>12}"
     )
     raw_rate = {(s, b): r["decode_fps"] for s, b, c, r in rows if c == "none"}
     for side, batch, codec, r in rows:
@@ -99,9 +182,10 @@ def command(batches: tuple[int, ...], seconds: float) -> None:
             f"{side:>3}×{side:<3} {batch:>5} {codec:>6} {r['decode_fps']:>12,.0f} "
             f"{r['encode_fps']:>12,.0f} {r['wire_bytes_per_frame']:>12,.0f} "
             f"{r['raw_bytes_per_frame'] / r['wire_bytes_per_frame']:>6.1f} "
-            f"{r['decode_fps'] / raw_rate[(side, batch)]:>10.3f}"
+            f"{r['decode_fps'] / raw_rate[(side, batch)]:>10.3f} {r['loopback_fps']:>12,.0f}"
         )
     click.echo(
         "ratio = raw bytes / wire bytes; dec vs raw = decode rate relative to the raw case "
-        "(same run, same process, one core)."
+        "(same run, same process, one core); loopback = Producer → TCP → PULL + decode, "
+        "sender and receiver threads in one process."
     )
