@@ -454,3 +454,25 @@ def test_control_answers_when_a_result_cannot_travel():
     bad = {"listed": lambda: {"images": [np.ones(2)]}}
     reply = decode(handle([b"id", b"", *encode(Request("listed"))], bad)[2:])
     assert not reply.success and "could not be encoded" in reply.msg
+
+
+@pytest.mark.parametrize(
+    ("kind", "rule"),
+    [
+        ("header", None),
+        ("truncate", "size_match"),
+        ("drop_part", "part_count"),
+        ("flip", "checksum"),
+    ],
+)
+def test_each_corruption_is_caught(kind, rule):
+    faults = Faults(corrupt=1.0, corruptions=(kind,), seed=2)
+    msg = Frames("s1", np.arange(4, dtype=np.uint32), np.ones((4, 16, 16), np.uint16))
+    (parts,) = faults.process(msg, encode(msg, checksum=True))
+    with pytest.raises(ProtocolError) as info:
+        decode(parts)
+    if rule is None:  # random header bytes fail somewhere in the envelope checks
+        assert info.value.field in ("header", "protocol", "version")
+    else:
+        assert info.value.rule == rule
+    assert faults.lost_indices == [0, 1, 2, 3]
