@@ -56,6 +56,14 @@ class HalfSetEstimator:
         self._spent += time.perf_counter() - t0
         return True
 
+    def refine(self, iterations: int, time_budget_s: float) -> None:
+        """Full-batch refinement of both halves after scan end, within ``time_budget_s`` in all
+        (the estimate describes the refined result only if the halves are refined too)."""
+        if not self.enabled or self._a.n_frames == 0:
+            return
+        self._a.refine(iterations, time_budget_s=time_budget_s / 2)
+        self._b.refine(iterations, time_budget_s=time_budget_s / 2)
+
     def estimate(self) -> float | None:
         """FRC resolution (m) of the two halves' current phases, restricted to the scanned area."""
         if not self.enabled or self._a.n_frames == 0:

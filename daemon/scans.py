@@ -87,7 +87,8 @@ class ScanManager:
         spool = SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync)
         session = Session(spec, need)
         self._register(session, spool)
-        self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "memory_bytes": need})
+        self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "memory_bytes": need,
+                                           "expected_frames": spec.expected_frames})
         log.info("scan accepted", extra={"scan_id": spec.scan_id, "memory_bytes": need})
         return session
 
@@ -351,6 +352,7 @@ class ScanManager:
             log.info("recovered scan from spool (%d frames, %s)", spool.count, contents.status,
                      extra={"scan_id": spec.scan_id})
             self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "recovered": True,
+                                               "expected_frames": spec.expected_frames,
                                                "frames": session.ledger.as_dict()})
         self.admit()
         return recovered

@@ -242,6 +242,32 @@ class Service:
             del self._declared[scan_id]  # forgotten with the session history
 
 
+class BackgroundService:
+    """A started :class:`Service` whose manager loop runs on a thread (demo, benchmarks):
+    its exception is kept in ``error`` and re-raised by :meth:`stop`."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.service = Service(config)
+        self.service.start()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="service", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.service.run()
+        except BaseException as exc:
+            log.exception("service loop failed")
+            self.error = exc
+
+    def stop(self) -> None:
+        self.service.request_stop()
+        self.thread.join(self.service.config.drain_timeout_s + 30)
+        self.service.close()
+        if self.error is not None:
+            raise self.error
+
+
 def _declaration(spec: ScanSpec) -> ScanStart:
     """A ScanStart equivalent to a recovered scan's spooled description (for frame validation)."""
     return ScanStart(

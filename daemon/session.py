@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -33,6 +34,9 @@ STATES = tuple(s.value for s in State)
 OUTCOMES = ("finished", "aborted", "failed", "refused")
 #: why a frame that arrived was not used; the metric label values
 DROP_REASONS = ("duplicate", "invalid", "unknown_scan", "scan_closed", "cancelled", "out_of_field")
+
+#: frames whose preview latency `status` summarises (p50/p95)
+LATENCY_WINDOW = 20000
 
 _ALLOWED = {
     State.ANNOUNCED: {State.ACQUIRING, State.REFINING, State.ABORTED, State.FAILED},
@@ -151,6 +155,8 @@ class Session:
         self.error: str | None = None
         self.result_path: str | None = None
         self.figures: dict[str, Any] = {}  #: latest engine figures (iteration, loss, resolution, …)
+        #: frame-to-preview latencies (s) of the most recent frames, one entry per frame
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.worker: Any = None
 
     def transition(self, new: State, error: str | None = None) -> bool:
@@ -169,9 +175,23 @@ class Session:
         with self.lock:
             self.figures.update(values)
 
+    def record_latency(self, seconds: float, frames: int) -> None:
+        with self.lock:
+            self.latencies.extend([seconds] * frames)
+
+    def latency_percentiles(self) -> dict[str, float | None]:
+        with self.lock:
+            lat = np.fromiter(self.latencies, float, len(self.latencies))
+        if not lat.size:
+            return {"latency_p50_s": None, "latency_p95_s": None}
+        p50, p95 = np.percentile(lat, [50, 95])
+        return {"latency_p50_s": float(p50), "latency_p95_s": float(p95)}
+
     def summary(self) -> dict[str, Any]:
+        latency = self.latency_percentiles()
         with self.lock:
             return {
+                **latency,
                 "scan_id": self.scan_id,
                 "state": self.state.value,
                 "frames": self.ledger.as_dict(),

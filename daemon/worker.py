@@ -315,6 +315,7 @@ class ScanWorker:
         if unpreviewed:
             s.update_figures(latency_s=done - unpreviewed[-1][0])
         for arrived, n in unpreviewed:
+            s.record_latency(done - arrived, n)
             for _ in range(n):
                 self.metrics.preview_latency.observe(done - arrived)
         unpreviewed.clear()
@@ -374,6 +375,7 @@ class ScanWorker:
             self.metrics.rollbacks.inc()
         s.update_figures(refine_s=time.perf_counter() - t0)
         if halves is not None:
+            halves.refine(self.options.iterations, self.config.resolution_share * budget)
             self._resolution(halves)
         state = self.engine.snapshot()
         self._finish(s, state)  # writes the result file (sets s.result_path)

@@ -1,0 +1,204 @@
+"""`cryoptycho bench live`: the live service measured end to end, in one process run.
+
+A simulated scan is streamed to an in-process service over real loopback sockets with the SDK
+Producer; the figures come from the publish socket and the control socket, as any client sees
+them:
+
+* frames/s folded into the model while streaming: slope of ``frames_used`` (frames visited by at
+  least one mini-batch step) over the acquiring phase, from the published metrics;
+* frame-to-preview latency p50/p95: per frame, arrival on the ingest socket → the first preview
+  that contains it (the service's own per-frame record, read through ``list_scans``);
+* time from the last frame sent to the final result received;
+* NRMSE (vs the ground truth) of the live result at scan end ÷ that of a converged offline
+  reconstruction (:func:`cryoptycho.gpu.reconstruct.reconstruct`) of the same frames.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+
+def _simulate(frame_size: int, margin_m: float, dose: float, seed: int) -> Any:
+    from cryoptycho.gpu.sim.ptycho import simulate_ptychography
+
+    return simulate_ptychography(frame_size=frame_size, margin=margin_m, dose=dose, seed=seed)
+
+
+def _nrmse(obj: np.ndarray, origin: tuple[float, float], data: Any) -> float:
+    from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
+
+    return evaluate_against_truth(obj, origin, data.truth_object, data.truth_origin, data.real_pixel_size,
+                                  np.asarray(data.positions)).nrmse
+
+
+def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: Path) -> dict[str, Any]:
+    """Stream ``data`` at ``rate`` frames/s to an in-process service; the live figures."""
+    from cryoptycho.daemon.commands.replay import ReplaySource, replay
+    from cryoptycho.daemon.config import load_config
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.messages import Metrics, Preview, Result, ScanEvent, ScanStart
+    from cryoptycho.protocols.producer import Producer
+    from cryoptycho.protocols.subscriber import Subscriber
+
+    config = load_config(overrides={
+        "ingest": "tcp://127.0.0.1:*", "publish": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*",
+        "metrics_port": 0, "spool_dir": str(workdir / "spool"), "results_dir": str(workdir / "results"),
+        "refine_time_budget_s": refine_s, "recover": False, "options": {"iterations": iterations},
+    })
+    n = len(data.frames)
+    start = ScanStart(
+        scan_id="bench-live", energy_eV=data.energy, frame_shape=data.frame_shape,
+        frame_dtype=str(data.frames.dtype), expected_frames=n, pixel_size_m=data.real_pixel_size,
+        probe=np.asarray(data.probe, np.complex64) if data.probe is not None else None,
+        probe_model=None if data.probe is not None else _probe_model(data),
+        positions_m=np.asarray(data.positions, np.float64),
+    )
+    source = ReplaySource(start, data.frames, np.asarray(data.positions, np.float64))
+    bg = BackgroundService(config)
+    ep = bg.service.endpoints
+    sub = Subscriber(ep["publish"], latest_only=False)
+    time.sleep(0.3)
+    sent: dict[str, float] = {}
+    errors: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            with Producer(ep["ingest"]) as producer:
+                sent["t0"] = time.monotonic()
+                replay(source, producer, rate=rate, batch=32)
+                sent["t1"] = time.monotonic()
+        except BaseException as exc:
+            errors.append(exc)
+
+    used: list[tuple[float, int]] = []  # (receive time, frames_used) while acquiring
+    last_preview: Preview | None = None  # refinement publishes no previews: the last one before
+    result: Result | None = None  # the result is the live state at scan end
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 600 + refine_s
+        while result is None and time.monotonic() < deadline:
+            if errors or bg.error is not None:
+                raise click.ClickException(f"benchmark run failed: {errors[0] if errors else bg.error}")
+            ev = sub.recv(timeout_s=0.5)
+            if isinstance(ev, Metrics) and ev.state == "acquiring":
+                used.append((time.monotonic(), ev.frames_used))
+            elif isinstance(ev, Preview):
+                last_preview = ev
+            elif isinstance(ev, ScanEvent) and ev.event in ("failed", "aborted"):
+                raise click.ClickException(f"scan {ev.event}: {ev.reason}")
+            elif isinstance(ev, Result):
+                result = ev
+        if result is None:
+            raise click.ClickException("no result within the benchmark's deadline")
+        t_result = time.monotonic()
+        with ControlClient(ep["control"]) as ctl:
+            info = next(s for s in ctl.list_scans() if s["scan_id"] == "bench-live")
+    finally:
+        sub.close()
+        bg.stop()
+    thread.join(10)
+    return {
+        "frames": n,
+        "ingest_frames_per_s": n / max(sent["t1"] - sent["t0"], 1e-9),
+        "fold_frames_per_s": _slope(used, n),
+        "latency_p50_s": info["latency_p50_s"],
+        "latency_p95_s": info["latency_p95_s"],
+        "last_frame_to_result_s": t_result - sent["t1"],
+        "live_nrmse": _nrmse(np.asarray(result.object), result.origin_m, data),
+        "live_at_scan_end_nrmse": None if last_preview is None else _nrmse(
+            np.asarray(last_preview.object_amplitude) * np.exp(1j * np.asarray(last_preview.object_phase)),
+            last_preview.origin_m, data),
+        "iterations": result.iterations,
+    }
+
+
+def _probe_model(data: Any) -> Any:
+    from cryoptycho.protocols.messages import ProbeModelSpec
+
+    pm = data.probe_model
+    return ProbeModelSpec(pm.kind, pm.semiangle, pm.defocus, pm.cs, pm.zones, pm.diameter, pm.seed)
+
+
+def _slope(points: list[tuple[float, int]], n: int) -> float | None:
+    """Frames folded per second: least-squares slope of frames_used over the acquiring phase,
+    from 10 % of the frames to the last point before the scan ended."""
+    pts = [(t, u) for t, u in points if u >= 0.1 * n]
+    if len(pts) < 2:
+        return None
+    t, u = np.asarray(pts, dtype=float).T
+    return float(np.polyfit(t - t[0], u, 1)[0])
+
+
+def run_offline(data: Any, iterations: int) -> tuple[float, float]:
+    """(NRMSE, seconds) of a converged offline reconstruction with the service's default options."""
+    from cryoptycho.gpu.options import ReconOptions
+    from cryoptycho.gpu.reconstruct import reconstruct
+
+    t0 = time.perf_counter()
+    state = reconstruct(data, ReconOptions(iterations=iterations))
+    return _nrmse(np.asarray(state.object), state.geometry.origin, data), time.perf_counter() - t0
+
+
+@click.command()
+@click.option("--frame-size", type=int, default=64, show_default=True)
+@click.option("--margin", "margin_m", type=float, default=6e-9, show_default=True,
+              help="Ice around the particle, m (sets the number of positions).")
+@click.option("--dose", type=float, default=20.0, show_default=True, help="e⁻/Å².")
+@click.option("--rate", type=float, default=2000.0, show_default=True,
+              help="Frames/s the producer offers (above the target, so the service sets the pace).")
+@click.option("--refine-s", type=float, default=30.0, show_default=True, help="Refinement budget after scan end.")
+@click.option("--iterations", type=int, default=100, show_default=True, help="Refinement CG iterations.")
+@click.option("--offline-iterations", type=int, default=300, show_default=True,
+              help="Iterations of the converged offline reference.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def command(frame_size: int, margin_m: float, dose: float, rate: float, refine_s: float, iterations: int,
+            offline_iterations: int, seed: int, as_json: bool) -> None:
+    """Live service: fold rate, preview latency, time to final image, live/offline NRMSE."""
+    import tempfile
+
+    console = Console()
+    with console.status("simulating…"):
+        data = _simulate(frame_size, margin_m, dose, seed)
+    with tempfile.TemporaryDirectory() as tmp, console.status(f"streaming {len(data.frames)} frames…"):
+        live = run_live(data, rate, refine_s, iterations, Path(tmp))
+    with console.status(f"offline reference ({offline_iterations} iterations)…"):
+        offline_nrmse, offline_s = run_offline(data, offline_iterations)
+    figures = {**live, "offline_nrmse": offline_nrmse, "offline_s": offline_s,
+               "nrmse_ratio": live["live_nrmse"] / offline_nrmse,
+               "nrmse_ratio_at_scan_end": None if live["live_at_scan_end_nrmse"] is None
+               else live["live_at_scan_end_nrmse"] / offline_nrmse,
+               "frame_size": frame_size, "dose": dose, "refine_s": refine_s}
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    table = Table(title=f"bench live — {len(data.frames)} frames of {frame_size}×{frame_size}, {dose:g} e⁻/Å²")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+
+    def fmt(v: Any, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    table.add_row("frames/s folded while streaming", fmt(figures["fold_frames_per_s"], ".0f"), "≥ 500")
+    table.add_row("frames/s ingested", fmt(figures["ingest_frames_per_s"], ".0f"), "")
+    table.add_row("frame→preview latency p50 (s)", fmt(figures["latency_p50_s"], ".3f"), "")
+    table.add_row("frame→preview latency p95 (s)", fmt(figures["latency_p95_s"], ".3f"), "≤ 0.5")
+    table.add_row("last frame → final image (s)", fmt(figures["last_frame_to_result_s"], ".1f"),
+                  f"budget {refine_s:g} s")
+    table.add_row("NRMSE live (final) ÷ offline", fmt(figures["nrmse_ratio"], ".3f"), "≤ 1.10")
+    table.add_row("NRMSE live (at scan end, before refinement) ÷ offline",
+                  fmt(figures["nrmse_ratio_at_scan_end"], ".3f"), "")
+    table.add_row("NRMSE offline (converged)", fmt(offline_nrmse, ".4f"), "")
+    console.print(table)

@@ -1,0 +1,123 @@
+"""`cryoptycho watch`: follow a daemon's scans in the terminal (rich progress bars).
+
+Subscribes to the publish socket (latest-only: a slow terminal skips stale previews), seeds the
+table from the control socket (``list_scans``) so scans that started earlier show up too, and
+with ``--save-dir`` writes each scan's latest preview phase and its final result as PNG.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+
+from cryoptycho.protocols.control import DEFAULT_CONTROL, ControlClient
+from cryoptycho.protocols.errors import ControlError, ControlTimeout
+from cryoptycho.protocols.subscriber import DEFAULT_PUBLISH, Subscriber
+
+#: previews written to --save-dir at most this often per scan (the daemon sends up to 5 Hz)
+SAVE_EVERY_S = 1.0
+
+
+def save_phase_png(phase: np.ndarray, path: Path) -> Path:
+    """8-bit PNG of a phase image (mean removed, 0.5–99.5 % stretch)."""
+    from PIL import Image
+
+    ph = np.asarray(phase, dtype=np.float64)
+    ph = ph - np.mean(ph)
+    lo, hi = np.percentile(ph, [0.5, 99.5])
+    scaled = np.clip((ph - lo) / max(hi - lo, 1e-12), 0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((scaled * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+class Board:
+    """One progress bar per scan, fed by published events."""
+
+    def __init__(self, progress: Progress, save_dir: Path | None) -> None:
+        self.progress = progress
+        self.save_dir = save_dir
+        self.tasks: dict[str, TaskID] = {}
+        self.totals: dict[str, int | None] = {}
+        self.saved_at: dict[str, float] = {}
+        self.results = 0
+
+    def task(self, scan_id: str, total: int | None = None) -> TaskID:
+        if scan_id not in self.tasks:
+            self.tasks[scan_id] = self.progress.add_task(scan_id, total=total, info="announced")
+        elif total is not None:
+            self.progress.update(self.tasks[scan_id], total=total)
+        return self.tasks[scan_id]
+
+    def seed(self, scans: list[dict[str, Any]]) -> None:
+        for s in scans:
+            tid = self.task(s["scan_id"], s.get("expected_frames"))
+            self.progress.update(tid, completed=s.get("frames", {}).get("received", 0), info=s.get("state", ""))
+
+    def on_event(self, ev: Any) -> None:
+        kind = type(ev).__name__
+        scan_id = getattr(ev, "scan_id", None)
+        if kind == "ErrorEvent":
+            self.progress.console.print(f"[red]error[/red] {ev.scan_id or ''} {ev.field}: {ev.message} [{ev.rule}]")
+            return
+        if scan_id is None:
+            return
+        if kind == "ScanEvent":
+            tid = self.task(scan_id, ev.info.get("expected_frames"))
+            self.progress.update(tid, info=ev.event + (f": {ev.reason}" if ev.reason else ""))
+        elif kind == "Metrics":
+            tid = self.task(scan_id)
+            loss = "—" if ev.loss is None else f"{ev.loss:.3g}"
+            res = "—" if ev.resolution_m is None else f"{ev.resolution_m * 1e10:.1f} Å"
+            self.progress.update(tid, completed=ev.frames_received,
+                                 info=f"{ev.state} it {ev.iteration} loss {loss} res {res}")
+        elif kind == "Preview" and self.save_dir is not None:
+            now = time.monotonic()
+            if now - self.saved_at.get(scan_id, 0.0) >= SAVE_EVERY_S:
+                self.saved_at[scan_id] = now
+                save_phase_png(ev.object_phase, self.save_dir / f"{scan_id}.preview.png")
+        elif kind == "Result":
+            self.results += 1
+            if self.save_dir is not None:
+                path = save_phase_png(np.angle(ev.object), self.save_dir / f"{scan_id}.result.png")
+                self.progress.console.print(f"{scan_id}: final image → {path}")
+            tid = self.task(scan_id)
+            task = self.progress.tasks[self.progress.task_ids.index(tid)]
+            if task.total is not None:
+                self.progress.update(tid, completed=task.total)
+
+
+@click.command()
+@click.option("--publish", default=DEFAULT_PUBLISH, show_default=True, help="Daemon publish endpoint.")
+@click.option("--control", default=DEFAULT_CONTROL, show_default=True,
+              help="Daemon control endpoint (to list scans that started before we joined).")
+@click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each scan's latest preview and final phase here (PNG).")
+@click.option("--exit-after-results", type=int, default=0,
+              help="Exit after this many final results (0 = run until Ctrl-C).")
+@click.option("--timeout", type=float, default=0.0, help="Exit after this many seconds (0 = never).")
+def command(publish: str, control: str, save_dir: Path | None, exit_after_results: int, timeout: float) -> None:
+    """Follow the daemon's scans: progress, loss and resolution, live."""
+    console = Console()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), console=console)
+    board = Board(progress, save_dir)
+    with Subscriber(publish) as sub, progress:
+        try:
+            with ControlClient(control, timeout_s=2.0, retries=1) as ctl:
+                board.seed(ctl.list_scans())
+        except (ControlTimeout, ControlError) as exc:
+            console.print(f"[yellow]no scan list from {control}: {exc}[/yellow]")
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        while deadline is None or time.monotonic() < deadline:
+            ev = sub.recv(timeout_s=0.5)
+            if ev is not None:
+                board.on_event(ev)
+            if exit_after_results and board.results >= exit_after_results:
+                break

@@ -1,0 +1,62 @@
+"""`cryoptycho watch` and `cryoptycho demo` as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from daemon_support import start_daemon, synthetic_scan
+from PIL import Image
+
+from cryoptycho.protocols.producer import Producer
+
+pytestmark = pytest.mark.subprocess
+
+
+def test_watch_follows_a_scan_and_saves_images(tmp_path):
+    scan = synthetic_scan()
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=5", "--set", "preview_hz=10",
+                          "--set", "resolution_interval_s=0")
+    try:
+        save = tmp_path / "images"
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "cryoptycho.daemon.cli", "watch", "--publish", daemon.publish,
+             "--control", daemon.control, "--save-dir", str(save), "--exit-after-results", "1",
+             "--timeout", "90"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        time.sleep(2.0)  # the watcher imports and subscribes before the scan starts
+        with Producer(daemon.ingest) as producer:
+            producer.start_scan(**scan.start_fields("watched"))
+            for lo in range(0, len(scan.frames), 32):
+                producer.send_frames(scan.frames[lo : lo + 32])
+                time.sleep(0.05)
+            producer.end_scan()
+        out, _ = watch.communicate(timeout=120)
+        assert watch.returncode == 0, out
+        assert "watched" in out and "final image" in out, out
+        for name in ("watched.preview.png", "watched.result.png"):
+            with Image.open(save / name) as img:
+                assert img.size[0] > 32 and img.mode == "L"
+    finally:
+        daemon.stop()
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cryoptycho.daemon.cli", "demo", "--out", str(out), "--rate", "2000",
+         "--refine-s", "3"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["frames"] > 100 and report["iterations"] > 0
+    assert set(report["resolution_vs_truth_m"]) == {"1-bit", "1/2-bit", "0.143"}
+    for path in report["files"].values():
+        assert Path(path).is_file(), path  # absolute: --out was absolute
+    assert "report.json" in proc.stdout
