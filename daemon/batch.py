@@ -172,40 +172,34 @@ def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobRes
 
 
 def average_results(outputs: Sequence[str], path: str, export: bool = True) -> dict[str, Any]:
-    """Align every result's mean-removed phase to the first by cross-correlation (sub-pixel
-    translation) and average them; written as a result file whose /extra holds the shifts."""
-    from cryoptycho.gpu.metrics import fourier_shift, register_translation
+    """Align the results translationally and average them (:func:`cryoptycho.gpu.average.
+    align_and_average`); written as a result file whose /extra holds the shifts and sources."""
+    from cryoptycho.gpu.average import align_and_average
     from cryoptycho.gpu.state import ReconState
 
-    from .storage.result import centred_phase, export_phase, read_result, write_result
+    from .storage.result import export_phase, read_result, write_result
 
     if not outputs:
         raise ValueError("nothing to average: no reconstruction succeeded")
-    first = read_result(outputs[0]).state
-    reference = centred_phase(first.object)
-    total = np.zeros_like(reference, dtype=np.float64)
-    shifts = []
-    for out in outputs:
-        state = read_result(out).state
+    states = [read_result(out).state for out in outputs]
+    first = states[0]
+    for out, state in zip(outputs, states, strict=True):
         if state.geometry.pixel_size != first.geometry.pixel_size or state.object.shape != first.object.shape:
             raise ValueError(
                 f"{out}: object {state.object.shape} at {state.geometry.pixel_size:.4g} m/px cannot be averaged "
                 f"with {outputs[0]} ({first.object.shape} at {first.geometry.pixel_size:.4g} m/px)"
             )
-        phase = centred_phase(state.object)
-        shift = register_translation(reference, phase)
-        shifts.append(shift)
-        total += fourier_shift(phase, shift)
-    mean = total / len(outputs)
+    result = align_and_average([s.object for s in states])
     averaged = ReconState(
-        object=np.exp(1j * mean).astype(np.complex64), probe=first.probe, geometry=first.geometry,
-        iteration=0, options=first.options, frames_used=0, positions=first.positions, energy=first.energy,
+        object=result.average.astype(np.complex64), probe=first.probe, geometry=first.geometry,
+        iteration=0, options=first.options, frames_used=sum(s.frames_used for s in states),
+        positions=first.positions, energy=first.energy,
     )
-    write_result(path, averaged, extra={"n_averaged": len(outputs), "shifts_px": np.asarray(shifts),
+    write_result(path, averaged, extra={"n_averaged": len(outputs), "shifts_px": result.shifts,
                                         "sources": json.dumps(list(outputs))})
     if export:
         export_phase(averaged, Path(path).with_suffix("").with_suffix(".phase"))
-    return {"path": path, "n_averaged": len(outputs), "shifts_px": [list(s) for s in shifts]}
+    return {"path": path, "n_averaged": len(outputs), "shifts_px": result.shifts.tolist()}
 
 
 # ------------------------------------------------------------------------------------- the cluster

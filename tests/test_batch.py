@@ -86,8 +86,9 @@ def test_average_aligns_translated_particles(tmp_path: Path) -> None:
         outputs.append(str(write_result(tmp_path / f"r{i}.result.h5", state)))
     report = average_results(outputs, str(tmp_path / "avg.result.h5"), export=False)
     found = np.asarray(report["shifts_px"])
+    # shifts are relative to the running reference: compare them to the first image's; the
     # parabolic sub-pixel peak interpolation is biased by up to ~0.15 px between grid points
-    np.testing.assert_allclose(found, -np.asarray(applied), atol=0.2)
+    np.testing.assert_allclose(found - found[0], -(np.asarray(applied) - applied[0]), atol=0.2)
     avg_phase = np.angle(read_result(tmp_path / "avg.result.h5").state.object)
     ref = blob - blob.mean()
     got = avg_phase - avg_phase.mean()
