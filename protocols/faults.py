@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .messages import Message
+from .wire import byte_view
 
 #: ways to corrupt a message; each is caught by a different receiver rule
 CORRUPTIONS = (
@@ -106,15 +107,11 @@ class Faults:
         self.stats[f"corrupt_{kind}"] += 1
         parts = list(parts)
         if kind == "header":
-            parts[0] = self.rng.bytes(max(1, len(bytes(parts[0])) // 2))
+            parts[0] = self.rng.bytes(max(1, byte_view(parts[0]).nbytes // 2))
         elif kind == "drop_part" and len(parts) > 1:
             parts.pop()
         elif kind in ("truncate", "flip") and len(parts) > 1:
-            tail = bytearray(
-                bytes(np.ascontiguousarray(parts[-1]).reshape(-1).view(np.uint8))
-                if isinstance(parts[-1], np.ndarray)
-                else bytes(parts[-1])
-            )
+            tail = bytearray(byte_view(parts[-1]))
             if kind == "truncate":
                 del tail[len(tail) // 2 :]
             elif tail:

@@ -82,7 +82,7 @@ def pack(
             "nbytes": memoryview(buf).nbytes,
         }
         if checksum:
-            desc["crc32"] = zlib.crc32(_buffer(buf))
+            desc["crc32"] = zlib.crc32(byte_view(buf))
         descriptors.append(desc)
         parts.append(buf)
     head = {"protocol": PROTOCOL, "version": VERSION, **header, "arrays": descriptors}
@@ -94,7 +94,8 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("header", "no_ext_types", f"msgpack extension type {code} is not allowed")
 
 
-def _buffer(part: Any) -> memoryview:
+def byte_view(part: Any) -> memoryview:
+    """A flat byte view of a message part (bytes, array, or zmq.Frame), without copying."""
     # zmq.Frame (received with copy=False) exposes its bytes without a copy via .buffer
     buf = getattr(part, "buffer", part)
     if isinstance(buf, np.ndarray):
@@ -108,14 +109,14 @@ def read_header(parts: Sequence[Any], limits: Limits) -> dict[str, Any]:
     """Check the envelope (sizes, msgpack, protocol, version) and return the header map."""
     if len(parts) == 0:
         raise ProtocolError("message", "part_count", "empty message (no header part)")
-    total = sum(_buffer(p).nbytes for p in parts)
+    total = sum(byte_view(p).nbytes for p in parts)
     if total > limits.max_message_bytes:
         raise ProtocolError(
             "message",
             "max_message_bytes",
             f"{total} bytes exceed the limit of {limits.max_message_bytes}",
         )
-    head = _buffer(parts[0])
+    head = byte_view(parts[0])
     if head.nbytes > limits.max_header_bytes:
         raise ProtocolError(
             "header",
@@ -171,7 +172,7 @@ def unpack(
 def _decode_arrays(
     header: dict[str, Any], parts: Sequence[Any], limits: Limits
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    views = [_buffer(p) for p in parts]
+    views = [byte_view(p) for p in parts]
     descriptors = header.pop("arrays", [])
     if not isinstance(descriptors, list):
         raise ProtocolError("arrays", "list", "arrays must be a list of descriptors")
