@@ -33,8 +33,8 @@ class StreamOptions(_Strict):
     probe_step_size: float = Field(0.5, gt=0, le=2.0)
     """Probe step as a fraction of the object-intensity-normalised probe gradient."""
     illumination_floor: float = Field(0.1, gt=0, le=10.0)
-    """δ of the preconditioner Σ|ψ|² + δ, relative to its maximum over the batch: keeps the
-    step bounded in the probe's dim tails (as rPIE's α)."""
+    """δ of the step's normaliser (accumulated illumination + δ), relative to its maximum:
+    keeps the step bounded in the probe's dim tails (as rPIE's α)."""
     memory_sweeps: float = Field(4.0, gt=0, le=1000.0)
     """The object step is normalised by the illumination accumulated over about this many
     sweeps of the frames received so far (exponential forgetting): fresh regions take a full
@@ -44,6 +44,11 @@ class StreamOptions(_Strict):
     """Heavy-ball momentum of the object update, as the decay of the velocity over one sweep
     of the data (per step: momentum ** (batch / frames)). The low spatial frequencies of the
     phase converge slowly under a diagonal preconditioner; momentum carries them along."""
+    subpixel_quantum: float = Field(1e-3, gt=0, le=0.5)
+    """Pixels to which the live steps round the probe's sub-pixel offsets. Each distinct
+    offset in a batch costs an FFT pair, and jittered stage positions are all distinct;
+    a coarser quantum (1/16 px: ≤ 0.03 px error) caps them at (1/quantum)² per batch, which
+    pays off for batches larger than that. ``refine`` always uses exact offsets (1e-3 px)."""
     probe_warmup_steps: int = Field(20, ge=0)
     """Mini-batch steps with a fixed probe before the probe joins (``refine_probe`` permitting)."""
     canvas_slack: float = Field(0.25, ge=0, le=4.0)

@@ -28,7 +28,7 @@ from .backend import (
 from .framestore import FrameStore
 from .geometry import ScanGeometry, fit_geometry
 from .objective import data_term
-from .operators import Batch, extract, make_batch, scatter_add, to_fft_order
+from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, scatter_add, to_fft_order
 from .options import ReconOptions
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
@@ -374,7 +374,7 @@ class StreamingReconstructor:
             raise ValueError(f"iterations must be ≥ 0, got {iterations}")
         opts = self.options
         n = self.n_frames
-        batch = self._batch(np.arange(n))
+        batch = self._batch(np.arange(n), SUBPIXEL_QUANTUM)
         # Iterations continue the sweep count, so a probe the stream already refines keeps
         # being refined and the sparse prior's schedule goes on.
         start = self.sweeps
@@ -469,10 +469,15 @@ class StreamingReconstructor:
 
     # --- canvas ---------------------------------------------------------------------------
 
-    def _batch(self, which: np.ndarray) -> Batch:
+    def _batch(self, which: np.ndarray, quantum: float | None = None) -> Batch:
+        """Windows of the stored frames ``which``; sub-pixel offsets rounded to ``quantum``
+        (default: the live steps' ``stream.subpixel_quantum``)."""
         assert self.geometry is not None
         pixels = self.geometry.to_pixels(self.frame_store.positions[which])
-        return make_batch(self.xp.asarray(pixels), self.geometry.object_shape, self.frame_store.frame_shape)
+        q = self.options.stream.subpixel_quantum if quantum is None else quantum
+        return make_batch(
+            self.xp.asarray(pixels), self.geometry.object_shape, self.frame_store.frame_shape, q
+        )
 
     def _illumination(self, batch: Batch) -> Any:
         """Σ_k R_k^H |ψ|² — the probe intensity placed at each window without its sub-pixel

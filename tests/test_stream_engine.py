@@ -59,8 +59,12 @@ def _nrmse(recon: np.ndarray, origin, scan) -> float:
 
 
 def _options(xp, **kw) -> ReconOptions:
+    """Options for these tests; μ₀ is pinned (not the default, which is tuned for low dose):
+    at 10⁴ counts per pattern a weak prior is best for both engines."""
     stream = kw.pop("stream", {})
-    base = dict(backend=backend_name(xp), init="ones", refine_probe=False, prior="tikhonov")
+    base = dict(
+        backend=backend_name(xp), init="ones", refine_probe=False, prior="tikhonov", mu0=1e-3
+    )
     base.update(kw)
     return ReconOptions(stream={"batch_size": 16, **stream}, **base)
 
@@ -88,7 +92,7 @@ def _stream(engine, scan, sweeps: int, chunk: int = 24, steps_per_chunk: int = 3
 
 def test_streaming_matches_full_batch_cg_at_equal_visits(xp, scan):
     """Live regime (10 sweeps): mini-batches while the scan arrives end within 10 % of
-    full-batch CG given the same number of frame visits (measured: 0.083 vs 0.102)."""
+    full-batch CG given the same number of frame visits (measured: 0.086 vs 0.093)."""
     opts = _options(xp)
     engine = _engine(xp, scan, opts)
     visits = _stream(engine, scan, sweeps=10)

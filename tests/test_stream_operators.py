@@ -57,3 +57,24 @@ def test_separable_ramps_match_two_dimensional_ramp(batch):
     qx = np.fft.fftfreq(shape[1])[None, None, :]
     phase = -2 * np.pi * (qy * batch.shifts[:, 0, None, None] + qx * batch.shifts[:, 1, None, None])
     np.testing.assert_allclose(ramps, np.exp(1j * phase), atol=1e-12)
+
+
+@pytest.mark.parametrize("quantum", [1e-3, 1 / 16])
+def test_subpixel_quantum_bounds_position_error(quantum):
+    rng = np.random.default_rng(7)
+    pix = rng.uniform(2, 20, size=(300, 2))
+    pix[0] = [3.0 - quantum / 4, 5.0]  # rounds up to the next whole pixel, no shift
+    batch = operators.make_batch(pix, (40, 40), (8, 8), quantum=quantum)
+    corner = np.stack(np.divmod(batch.flat_index[:, 0, 0], 40), axis=-1)
+    placed = corner + batch.shifts[batch.group]
+    assert np.abs(placed - pix).max() <= quantum / 2 + 1e-12
+    assert batch.shifts.max() < 1.0
+    np.testing.assert_array_equal(corner[0], [3, 5])
+    assert batch.shifts.shape[0] <= (round(1 / quantum)) ** 2
+    if quantum == 1 / 16:
+        assert batch.shifts.shape[0] <= 256 < 300
+
+
+def test_bad_quantum_is_refused():
+    with pytest.raises(ValueError, match="quantum"):
+        operators.make_batch(np.zeros((1, 2)), (10, 10), (4, 4), quantum=0.0)
