@@ -60,6 +60,9 @@ def test_template_unit_is_a_notify_service_with_watchdog_restart_and_user() -> N
     assert seconds(service["TimeoutStopSec"][0]) >= 2 * config.refine_time_budget_s
     assert service["KillSignal"] == ["SIGTERM"]
     assert "%i" in service["StateDirectory"][0]
+    # with ProtectSystem=strict only the state directory is writable: caches under $HOME go there
+    assert service["ProtectSystem"] == ["strict"]
+    assert f"HOME=/var/lib/{service['StateDirectory'][0]}" in service["Environment"]
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
