@@ -2,16 +2,18 @@
 (denoiser) prior, each as (loss, conjugate Wirtinger gradient ∂R/∂T̄).
 
 Scaling (κ). The paper's κ (after Thibault & Guizar-Sicairos 2012, ref. 42) is garbled in our
-copy; we use the form that makes μ₀ ∈ [1e-2, 1e-1] the useful range, as in ptypy's ML engine:
+copy. We define it from the curvatures of the two terms:
 
-    κ = N_m · ‖y‖₁ / (8 N_pix²) = N_m² ȳ / (8 N_pix²)
+    κ = N_m · ‖y‖₁ / N_pix² = N_m² ȳ / N_pix²
 
 with N_m the number of valid measurements, ȳ the mean count per valid measurement (so
 ‖y‖₁ = N_m ȳ, the total counts) and N_pix the number of illuminated object pixels. Why: the data
 term's curvature per object pixel is the illumination, ≈ ‖y‖₁ / N_pix; the prior's is
-μ₀ κ · λ(DᵀD) with λ ≤ 8. Their ratio at the highest spatial frequency is μ₀ · N_m / N_pix,
-i.e. μ₀ times the measurement redundancy (10²–10³ in ptychography), so μ₀ = 1e-2 … 1e-1 runs
-from gentle to strong smoothing independently of dose and detector size.
+μ₀ κ · λ(DᴴD) with λ ∈ [0, 8]. Their ratio is μ₀ · λ · N_m / N_pix: μ₀ times the measurement
+redundancy N_m / N_pix (10²–10³ in ptychography), independent of the dose and the detector
+size. Measured on synthetic weak-phase objects (ENGINE.md), the best μ₀ is ≈ 0.01 at
+200 e⁻/Å², ≈ 0.04 at 20 e⁻/Å² and ≈ 0.04–0.1 at 5 e⁻/Å²: μ₀ ∈ [1e-2, 1e-1] is the useful range.
+(ptypy's ML engine uses the same form divided by 8, which moves that range to [0.1, 1].)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def kappa(n_valid_measurements: int, mean_counts: float, n_object_pixels: int) -
     if n_object_pixels <= 0:
         raise ValueError(f"n_object_pixels must be positive, got {n_object_pixels}")
     n_m = float(n_valid_measurements)
-    return n_m * n_m * float(mean_counts) / (8.0 * float(n_object_pixels) ** 2)
+    return n_m * n_m * float(mean_counts) / float(n_object_pixels) ** 2
 
 
 def _diffs(obj: Any) -> tuple[Any, Any]:

@@ -3,6 +3,7 @@ the same prior and the same iteration budget for every configuration:
 
     python tests/engine_measure.py truncation [--doses 5,20,200] [--seeds 3] [--outliers 0]
     python tests/engine_measure.py mu0 [--doses 5,20,200] [--seeds 3]
+    python tests/engine_measure.py prior [--doses 20] [--seeds 2]
 
 Prints markdown tables: mean ± sd over seeds of the FRC resolution at thresholds 0.5 and 0.143
 (cycles/pixel, larger = finer, pooled rings), the NRMSE and the phase correlation with the truth
@@ -85,17 +86,23 @@ def run(configs: dict[str, dict], args: argparse.Namespace, what: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["truncation", "mu0"])
+    ap.add_argument("what", choices=["truncation", "mu0", "prior"])
     ap.add_argument("--doses", default="5,20,200")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--grid", type=int, default=12)
-    ap.add_argument("--mu0", type=float, default=1e-1)
+    ap.add_argument("--mu0", type=float, default=0.0125)
     ap.add_argument("--outliers", type=float, default=0.0)
     args = ap.parse_args()
     if args.what == "mu0":
         configs = {f"{model} mu0={mu:g}": {"noise_model": model, "mu0": mu}
-                   for model in ("poisson", "amplitude") for mu in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)}
+                   for model in ("poisson", "amplitude") for mu in (0.0004, 0.00125, 0.004, 0.0125, 0.04, 0.125)}
+    elif args.what == "prior":
+        configs = {"tikhonov mu0=0.03": {"prior": "tikhonov", "mu0": 0.03}}
+        for den in ("gaussian", "bm3d", "bm3d-package"):
+            for mu1 in (0.08, 0.3):
+                configs[f"sparse {den} mu1={mu1:g}"] = {"prior": "sparse", "denoiser": den,
+                                                       "mu1": mu1, "denoise_every": 10}
     else:
         configs = {"poisson, none": {}, "amplitude, none": {"noise_model": "amplitude"}}
         for rule, alphas in (("chen-candes", (5, 10, 25)), ("high-intensity", (5, 10)),

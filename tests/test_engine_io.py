@@ -191,12 +191,12 @@ def test_reconstruct_command(tmp_path, tiny):
     out = tmp_path / "out" / "r.h5"
     runner = CliRunner()
     result = runner.invoke(main, ["reconstruct", str(dataset), "-o", str(out), "-n", "3", "-q",
-                                  "--options", str(opts), "--fixed-probe", "--set", "mu0=0.03",
+                                  "--options", str(opts), "--fixed-probe", "--set", "mu0=0.04",
                                   "--set", "stream.batch_size=8"])
     assert result.exit_code == 0, result.output
     res = read_result(out)
     assert res.state.iteration == 3
-    assert res.state.options["mu0"] == 0.03 and res.state.options["seed"] == 5
+    assert res.state.options["mu0"] == 0.04 and res.state.options["seed"] == 5
     assert res.state.options["refine_probe"] is False
     assert res.state.options["stream"]["batch_size"] == 8
     with mrcfile.open(tmp_path / "out" / "r.phase.mrc") as mrc:

