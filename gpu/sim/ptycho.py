@@ -117,14 +117,16 @@ def simulate_ptychography(
     hydrogens: bool = True,
     noise: bool = True,
     backend: str = "numpy",
+    probe_seed: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PtychoData:
     """Simulate one ptychographic scan of ``sample`` at ``dose`` e⁻/Å².
 
     ``sample``: a name (hemoglobin, proteasome, ribosome30s, ribosome), a PDB/mmCIF path or an
     :class:`AtomicModel`. ``probe``: defocused | fzp | randomized. ``noise=False`` returns the
-    expected intensities (float32) instead of counts. ``progress(done, total)`` is called as
-    positions are simulated."""
+    expected intensities (float32) instead of counts. ``seed`` drives the noise, a random scan
+    and orientation, and (unless ``probe_seed`` is given) the randomized probe's phase plate.
+    ``progress(done, total)`` is called as positions are simulated."""
     if not dose > 0 or not np.isfinite(dose):
         raise ValueError(f"dose must be a positive number of e⁻/Å², got {dose!r}")
     if frame_size < 8:
@@ -137,12 +139,13 @@ def simulate_ptychography(
         model = model.randomly_oriented(rng).centred()
     specimen = Specimen(model, ice_thickness=ice_thickness)
     det = get_detector(detector)
+    p_seed = seed if probe_seed is None else probe_seed
 
     shape = (frame_size, frame_size)
     if defocus is None and probe in ("defocused", "fzp"):
         defocus = fitting_defocus(probe, frame_size, pixel_size, semiangle)
     unit_probe = make_probe(
-        probe, shape, pixel_size, energy, semiangle=semiangle, defocus=defocus, seed=seed,  # type: ignore[arg-type]
+        probe, shape, pixel_size, energy, semiangle=semiangle, defocus=defocus, seed=p_seed,  # type: ignore[arg-type]
         xp=xp, precision="double",
     )
     step = step_for_overlap(unit_probe, pixel_size, overlap)
@@ -202,7 +205,7 @@ def simulate_ptychography(
         positions=positions,
         energy=energy,
         pixel_size=pixel_size,
-        probe_model=ProbeModel(kind=probe, semiangle=semiangle, defocus=defocus, seed=seed),
+        probe_model=ProbeModel(kind=probe, semiangle=semiangle, defocus=defocus, seed=p_seed),
         truth_object=to_numpy(sliced.projected()).astype(np.complex64),
         truth_probe=to_numpy(truth_probe).astype(np.complex64),
         truth_origin=geometry.origin,
