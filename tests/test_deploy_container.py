@@ -10,8 +10,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+import threading
+
 import pytest
+import zmq
 from cryoptycho.daemon.metrics import ServiceMetrics
+from cryoptycho.protocols.control import handle
 from deploy_support import (
     DEPLOY,
     ROOT,
@@ -132,19 +136,46 @@ def _healthcheck_module():
     return module
 
 
-def test_health_probe_reads_the_daemons_up_metric() -> None:
+def test_health_probe_needs_a_ping_and_the_up_metric() -> None:
     health = _healthcheck_module()
     metrics = ServiceMetrics()
     server, thread = start_http_server(0, addr="127.0.0.1", registry=metrics.registry)
-    port_ = server.server_port
+    ctx = zmq.Context()
+    control = ctx.socket(zmq.ROUTER)
+    control.bind("tcp://127.0.0.1:*")
+    endpoint = control.getsockopt_string(zmq.LAST_ENDPOINT)
+    answering = threading.Event()
+    stop = threading.Event()
+
+    def serve() -> None:  # a daemon's control loop: answers ping only while "answering"
+        while not stop.is_set():
+            if control.poll(20):
+                parts = control.recv_multipart(copy=False)
+                if answering.is_set():
+                    control.send_multipart(handle(parts, {"ping": lambda: {"pong": True}}))
+
+    loop = threading.Thread(target=serve, daemon=True)
+    loop.start()
+    args = ["--port", str(server.server_port), "--control", endpoint, "--timeout", "0.5"]
     try:
         metrics.up.set(1)
-        assert health.main(["--port", str(port_)]) == 0
+        answering.set()
+        assert health.main(args) == 0
         metrics.up.set(0)
-        assert health.main(["--port", str(port_)]) == 1
+        assert health.main(args) == 1
+        metrics.up.set(1)
+        answering.clear()  # the loop is wedged: the socket listens, nobody answers
+        assert health.main(args) == 1
+        assert health.main([*args, "--no-control"]) == 0
     finally:
+        stop.set()
+        loop.join(5)
+        control.close(0)
+        ctx.term()
         server.shutdown()
         server.server_close()
         thread.join(5)
-    healthy, reason = health.probe(f"http://127.0.0.1:{port_}/metrics", 1.0)
+    healthy, reason = health.probe_metrics(f"http://127.0.0.1:{server.server_port}/metrics", 1.0)
     assert not healthy and "unreachable" in reason
+    assert health.loopback("tcp://0.0.0.0:5602") == "tcp://127.0.0.1:5602"
+    assert health.loopback("tcp://10.1.2.3:5602") == "tcp://10.1.2.3:5602"
