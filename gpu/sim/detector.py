@@ -85,7 +85,7 @@ def poisson(mean: Any, rng: np.random.Generator) -> Any:
     if xp is np:
         return rng.poisson(mean)
     seed = int(rng.integers(0, 2**63 - 1))
-    return xp.random.default_rng(seed).poisson(mean)
+    return xp.random.RandomState(seed).poisson(mean)
 
 
 #: named detectors: "k2" (K2 Summit class, counting) and "ideal" (Poisson only)
