@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-control", action="store_true", help="skip the control ping")
     parser.add_argument("--host", default="127.0.0.1" if host in _ANY else host)
     parser.add_argument("--port", type=int, default=int(os.environ.get("CRYOPTYCHO_METRICS_PORT", "9640")))
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds per check")
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds per check (two checks)")
     args = parser.parse_args(argv)
     checks = [probe_metrics(f"http://{args.host}:{args.port}/metrics", args.timeout)]
     if not args.no_control:
