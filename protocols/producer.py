@@ -25,6 +25,7 @@ from .security import ClientCurve, apply_curve
 from .wire import wire_dtype
 
 DEFAULT_INGEST = "tcp://127.0.0.1:5600"
+HEARTBEAT_MS = 5000
 
 
 class Hook(Protocol):
@@ -80,6 +81,9 @@ class Producer:
         self._socket = self._ctx.socket(zmq.PUSH)
         self._socket.sndhwm = hwm
         self._socket.sndtimeo = -1 if send_timeout_s is None else int(send_timeout_s * 1000)
+        # ZMTP heartbeats notice a daemon host that vanished without closing the connection
+        self._socket.heartbeat_ivl = HEARTBEAT_MS
+        self._socket.heartbeat_timeout = 3 * HEARTBEAT_MS
         apply_curve(self._socket, curve)
         self._socket.connect(endpoint)
         self.scan: ScanStart | None = None

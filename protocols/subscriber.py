@@ -18,6 +18,7 @@ import zmq
 
 from .errors import ProtocolError
 from .limits import Limits
+from .producer import HEARTBEAT_MS
 from .security import ClientCurve, apply_curve
 from .topics import CONFLATED_TOPICS, Event, decode_event, topic_of
 
@@ -54,6 +55,9 @@ class Subscriber:
         self._ctx = context or zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.SUB)
         self._socket.rcvhwm = rcvhwm
+        # heartbeats: a silent publisher and a dead one look alike without them
+        self._socket.heartbeat_ivl = HEARTBEAT_MS
+        self._socket.heartbeat_timeout = 3 * HEARTBEAT_MS
         apply_curve(self._socket, curve)
         for t in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, t.encode())
