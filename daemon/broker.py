@@ -127,7 +127,7 @@ class Broker:
         self.ended: OrderedDict[str, Backend] = OrderedDict()
         self.waiting: OrderedDict[str, list[list[Any]]] = OrderedDict()
         self.held_bytes = 0
-        self.counters: dict[str, int] = {"messages": 0, "scans_placed": 0, "scans_held": 0}
+        self.counters: dict[str, int] = {"messages": 0, "scans_placed": 0, "scans_held": 0, "aborted_while_held": 0}
         self.dropped: dict[str, int] = {}
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -284,6 +284,10 @@ class Broker:
                 self._send(backend, parts)
             return
         if scan_id in self.waiting:
+            if kind == "abort":  # never placed: no daemon needs to hear of it
+                self.held_bytes -= sum(_size(p) for p in self.waiting.pop(scan_id))
+                self.counters["aborted_while_held"] += 1
+                return
             self._hold(scan_id, parts)
             return
         backend = self.routes.get(scan_id) or self.ended.get(scan_id)

@@ -15,6 +15,7 @@ from cryoptycho.daemon.broker import Backend, Broker, BrokerOptions, parse_backe
 from cryoptycho.daemon.commands.broker import command as broker_command
 from cryoptycho.protocols.control import ControlClient, handle
 from cryoptycho.protocols.messages import (
+    Abort,
     Frames,
     ProbeModelSpec,
     ScanEnd,
@@ -156,14 +157,19 @@ def test_scan_waits_for_a_free_backend_then_follows_in_order(ctx: zmq.Context) -
         send(push, frames("first", 0, 3))
         send(push, scan_start("second"))
         send(push, frames("second", 0, 3))
+        send(push, scan_start("given-up"))
+        send(push, frames("given-up", 0, 3))
+        send(push, Abort("given-up", "operator stopped"))  # never placed: no daemon hears of it
         d.collect(lambda: len(d.received) == 2)
         wait_for(lambda: broker.status()["waiting"] == ["second"], broker, "the second scan to be held")
+        assert broker.status()["counters"]["aborted_while_held"] == 1
         assert broker.status()["held_bytes"] > 0
         assert not d.socket.poll(200), "a held scan must not reach the busy daemon"
         send(push, ScanEnd("first", 3))
         d.collect(lambda: len(d.received) == 5)
         assert d.received[2:] == [("scan_end", "first"), ("scan_start", "second"), ("frames", "second")]
         wait_for(lambda: broker.status()["held_bytes"] == 0, broker, "the held bytes to be released")
+        assert not d.socket.poll(200), "the aborted held scan must not reach the daemon"
     finally:
         broker.stop()
 
