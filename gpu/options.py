@@ -64,9 +64,17 @@ class ReconOptions(_Strict):
     seed: int = 0
 
     noise_model: Literal["poisson", "amplitude"] = "poisson"
-    truncation: Literal["none", "chen-candes", "high-intensity", "poisson-floor"] = "none"
+    truncation: Literal["none", "chen-candes", "high-intensity", "poisson-floor"] = "poisson-floor"
+    """Truncation rule of the likelihood gradient (gpu/likelihood.py). "poisson-floor" (drop a
+    measurement only when its residual is large against both the current misfit and counting
+    noise floored at one count) is the one rule never worse than none in our measurements
+    (ENGINE.md): identical to none at 5 and 20 e⁻/Å² (a lone electron is never dropped),
+    and with 0.1 % unmasked outliers it keeps the clean-data quality (phase correlation
+    0.41 vs 0.18 without truncation at 20 e⁻/Å²). The Chen–Candès rule lowered quality at
+    every dose ≤ 200 e⁻/Å² without outliers."""
     alpha_h: float = Field(5.0, gt=0)
-    """Truncation threshold α_h of eq. 20 (∞ disables truncation)."""
+    """Truncation threshold α_h of eq. 20 (∞ disables truncation). 5 as in the paper; 3 cut
+    genuine measurements at 200 e⁻/Å²."""
 
     prior: Literal["none", "tikhonov", "sparse"] = "tikhonov"
     mu0: float = Field(3e-2, ge=0)

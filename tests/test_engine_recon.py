@@ -157,3 +157,39 @@ def test_cg_solves_a_complex_quadratic(xp):
     assert all(b2 <= a2 for a2, b2 in zip(res.losses, res.losses[1:]))
     early = minimize(fun, x0, max_iter=3, active=lambda it: {"object"})
     assert np.array_equal(to_numpy(early.x["probe"]), np.zeros(4))  # inactive: untouched
+
+
+def _with_outliers(data, fraction: float, seed: int):
+    """Unmasked hot pixels / X-ray hits: rare measurements with 20 spurious counts."""
+    hit = np.random.default_rng(1000 + seed).random(data.frames.shape) < fraction
+    data.frames = data.frames + (hit * 20).astype(data.frames.dtype)
+    return data
+
+
+def test_poisson_floor_truncation_keeps_lone_electrons():
+    """At 5 e⁻/Å² (0.04 e⁻/pixel) no measurement fails the counting-noise test, so the default
+    rule reconstructs exactly what no truncation does, whereas the Chen–Candès rule drops the
+    detected electrons (measured: phase correlation 0.20 → −0.01 over seeds 0–2)."""
+    data = synthetic_dataset(5 * 9, grid=6, seed=0)
+    common = {"iterations": 8, "refine_probe": False}
+    none = reconstruct(data, {**common, "truncation": "none"})
+    floor = reconstruct(data, {**common, "truncation": "poisson-floor", "alpha_h": 5.0})
+    chen = reconstruct(data, {**common, "truncation": "chen-candes", "alpha_h": 5.0})
+    assert np.array_equal(none.object, floor.object)
+    assert not np.allclose(none.object, chen.object)
+
+
+def test_truncation_rejects_outliers_at_low_dose():
+    """With 0.1 % unmasked outlier measurements at 20 e⁻/Å², truncation restores the outlier-free
+    quality. Measured over seeds 0–2: phase correlation 0.18 ± 0.12 (none) vs 0.41 ± 0.03
+    (poisson-floor, α_h = 5); NRMSE 0.179 vs 0.088 (0.087 without outliers)."""
+    data = _with_outliers(synthetic_dataset(20 * 9, grid=12, seed=0, radius_px=(2.5, 5.0)), 1e-3, 0)
+    region = scored_region(data.truth_object, 12)
+    common = {"iterations": 40, "mu0": 0.0125, "refine_probe": False}
+    none = reconstruct(data, {**common, "truncation": "none"})
+    floor = reconstruct(data, {**common, "truncation": "poisson-floor"})
+    err_none = nrmse(none.object, data.truth_object, region)
+    err_floor = nrmse(floor.object, data.truth_object, region)
+    assert err_floor < 0.7 * err_none, (err_none, err_floor)
+    assert phase_corr(floor.object, data.truth_object, region) > phase_corr(
+        none.object, data.truth_object, region) + 0.1
