@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -257,3 +263,35 @@ def test_backend_descriptions_are_validated() -> None:
             parse_backend(bad)
     result = CliRunner().invoke(broker_command, ["--backend", "h:5600"])
     assert result.exit_code == 2 and "params.ingest" in result.output
+
+
+@pytest.mark.subprocess
+def test_broker_command_notifies_systemd_routes_and_stops_on_sigterm(ctx: zmq.Context, tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(WAIT_S)
+    d = FakeDaemon(ctx)
+    ingest = f"ipc://{tmp_path}/broker-ingest"
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "CRYOPTYCHO_BROKER_BACKENDS": d.endpoint}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cryoptycho.daemon.cli", "broker", "--ingest", ingest,
+         "--control", f"ipc://{tmp_path}/broker-control"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert notify.recv(4096).decode().startswith("READY=1")
+        push = ctx.socket(zmq.PUSH)
+        push.linger = 0
+        push.connect(ingest)
+        send(push, scan_start("cli"))
+        d.collect(lambda: len(d.received) == 1)
+        assert d.received == [("scan_start", "cli")]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT_S) == 0
+        assert notify.recv(4096) == b"STOPPING=1"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate()[0]
+        notify.close()
+    assert "scan placed" in output
