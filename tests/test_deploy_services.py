@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 try:
     import tomllib
@@ -191,3 +193,29 @@ def test_broker_unit_and_env_route_to_the_instances_of_this_host(monkeypatch: py
         assert backend.ingest == daemon["CRYOPTYCHO_INGEST"]
         assert backend.control == daemon["CRYOPTYCHO_CONTROL"]
     assert ctx.params["ingest"] == env["CRYOPTYCHO_BROKER_INGEST"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize("name", ["cryoptycho@.service", "cryoptycho-broker.service"])
+def test_units_pass_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
+    # verify needs an existing ExecStart binary and, for a template, an instance name
+    text = (DEPLOY / "systemd" / name).read_text().replace("/opt/cryoptycho/bin/cryoptycho", "/bin/true")
+    path = tmp_path / name.replace("@.", "@0.")
+    path.write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomization_renders() -> None:
+    done = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    rendered = [d for d in yaml.safe_load_all(done.stdout) if d]
+    kinds = sorted(d["kind"] for d in rendered)
+    assert kinds == sorted(["Namespace", "ConfigMap", "StatefulSet", "Service", "Service", "Deployment",
+                            "PodMonitor"])
+    assert all(d["metadata"].get("namespace") == "cryoptycho" for d in rendered if d["kind"] != "Namespace")
+    images = {c["image"] for d in rendered if d["kind"] in ("StatefulSet", "Deployment")
+              for c in d["spec"]["template"]["spec"]["containers"]}
+    assert len(images) == 1 and "/" in images.pop()  # the kustomization's image replaced "cryoptycho"
