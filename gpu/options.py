@@ -27,7 +27,7 @@ class StreamOptions(_Strict):
     """Frames the store holds before it first grows (it grows geometrically, in place)."""
     growth: float = Field(1.5, gt=1.0, le=4.0)
     """Factor by which a full frame store grows (amortised O(1) appends)."""
-    step_size: float = Field(1.0, gt=0, le=2.0)
+    step_size: float = Field(1.5, gt=0, le=2.0)
     """Object step as a fraction of the illumination-normalised gradient (see STREAMING.md for
     the measurements behind the default)."""
     probe_step_size: float = Field(0.5, gt=0, le=2.0)

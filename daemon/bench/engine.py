@@ -188,7 +188,8 @@ def mini_batch_rate(scan: Scan, xp: ModuleType, steps: int, batch_size: int) -> 
 
 
 def growth_overhead(scan: Scan, xp: ModuleType) -> dict[str, float]:
-    """Store bytes ÷ raw bytes when the frame count is *not* known (geometric growth)."""
+    """Store bytes ÷ raw bytes when the frame count is *not* known: the store starts at 64
+    frames and grows geometrically (×1.5)."""
     opts = ReconOptions(backend="cupy" if xp is not np else "numpy", stream={"initial_capacity": 64})
     engine = StreamingReconstructor(
         frame_shape=scan.frames.shape[1:], frame_dtype=scan.frames.dtype, pixel_size=PIXEL,

@@ -1,0 +1,28 @@
+"""`cryoptycho bench engine` runs end to end on a tiny problem and reports what it claims."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from cryoptycho.daemon.cli import main
+
+
+def test_bench_engine_json_figures():
+    args = ["bench", "engine", "--frames", "32", "--size", "16", "--stream-frames", "128",
+            "--batch", "16", "--steps", "2", "--repeats", "1", "--cg-iterations", "1", "--json"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    full = figures["full_batch"]
+    assert full["frames"] == 32 and full["groups"] > 1  # jittered: distinct sub-pixel shifts
+    assert figures["full_batch_on_grid"]["groups"] == 1
+    for ratio in (full["evaluation_ratio"], full["cg_iteration_ratio"]):
+        assert ratio > 1.0  # the FFT pair is part of every evaluation
+    for size in ("64", "128"):
+        live = figures["mini_batch"][size]
+        assert live["frames_per_s"] > 0
+        assert 1.0 <= live["store_over_raw"] <= 1.05  # frame count declared: exact allocation
+        assert live["peak_over_raw"] >= live["store_over_raw"]
+    assert figures["store_growth"]["reallocations"] >= 1
