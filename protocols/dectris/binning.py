@@ -90,19 +90,32 @@ class FrameReducer:
         window = np.zeros((n, c, c), dtype=self.out_dtype)
         src, dst = _overlap(self.corner, c, self.detector_shape)
         window[(slice(None), *dst)] = stack[(slice(None), *src)]
-        window *= self.window_valid
+        if not self.window_valid.all():
+            window *= self.window_valid
         top = saturation_threshold(stack.dtype, self.saturation_value)
         over = window > top
+        if not over.any():  # the common case: nothing saturated
+            return _block_sum(window, b), np.broadcast_to(self.static_valid, (n, m, m)).copy()
         np.minimum(window, top, out=window)
-        counts = window.reshape(n, m, b, m, b).sum(axis=(2, 4), dtype=self.out_dtype)
-        saturated = over.reshape(n, m, b, m, b).any(axis=(2, 4))
-        return counts, self.static_valid[None] & ~saturated
+        saturated = _block_sum(over.astype(np.uint32), b) > 0
+        return _block_sum(window, b), self.static_valid[None] & ~saturated
 
 
 def saturation_threshold(dtype: np.dtype, saturation_value: int | None) -> int:
     """Largest valid count: the detector's saturation value, else one below the dtype's maximum
     (DECTRIS marks gaps and defective pixels with the maximum)."""
     return int(saturation_value) if saturation_value is not None else int(np.iinfo(dtype).max) - 1
+
+
+def _block_sum(window: np.ndarray, b: int) -> np.ndarray:
+    """Sum of b×b blocks of (n, c, c). Adding the b² strided sub-grids is several times faster
+    than a reduction over a reshaped 5-D view, which NumPy walks with poor locality."""
+    out = window[:, ::b, ::b].copy()
+    for i in range(b):
+        for j in range(b):
+            if i or j:
+                out += window[:, i::b, j::b]
+    return out
 
 
 def _corner(centre: float, size: int, crop: int, b: int) -> int:

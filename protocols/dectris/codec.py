@@ -10,10 +10,12 @@ clear :class:`DecodeError` rather than whatever the C code makes of it.
 from __future__ import annotations
 
 import struct
+import threading
 
 import bitshuffle
 import lz4.block
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .schema import DecodeError
 
@@ -21,6 +23,21 @@ _HEADER = struct.Struct(">QI")
 _BLOCK_LEN = struct.Struct(">I")
 #: the block size DECTRIS detectors use (bytes); also bitshuffle's default for 2-byte pixels
 DEFAULT_BLOCK_BYTES = 8192
+
+
+_thread_state = threading.local()
+
+
+def _bitshuffle_single_threaded() -> None:
+    """Run bitshuffle's OpenMP loop on one thread (set once per calling thread: OpenMP thread
+    counts are per thread). One frame is a few blocks, so extra threads cannot help, and their
+    spin-waiting made decoding 10-50x slower whenever other work shared the cores."""
+    if getattr(_thread_state, "limited", False):
+        return
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api == "openmp" and "bitshuffle" in lib.filepath:
+            lib.set_num_threads(1)
+    _thread_state.limited = True
 
 
 def decompress(algorithm: str, modifier: int, payload: bytes, itemsize: int) -> bytes:
@@ -55,6 +72,7 @@ def bslz4_decompress(payload: bytes, elem_size: int, expected_bytes: int | None 
         raise DecodeError(f"bslz4 block size {block_bytes} is not a multiple of 8 elements")
     block_elems = block_bytes // elem_size
     _check_bslz4_framing(view[_HEADER.size :], nbytes // elem_size, elem_size, block_elems)
+    _bitshuffle_single_threaded()
     try:
         out = bitshuffle.decompress_lz4(
             np.frombuffer(view, np.uint8, offset=_HEADER.size),
@@ -102,6 +120,7 @@ def bslz4_compress(array: np.ndarray, block_bytes: int = DEFAULT_BLOCK_BYTES) ->
     elem = flat.dtype.itemsize
     if block_bytes <= 0 or block_bytes % (8 * elem):
         raise ValueError(f"block_bytes must be a positive multiple of {8 * elem}, got {block_bytes}")
+    _bitshuffle_single_threaded()
     body = bitshuffle.compress_lz4(flat, block_bytes // elem)
     return _HEADER.pack(flat.nbytes, block_bytes) + body.tobytes()
 
