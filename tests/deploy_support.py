@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
+import dockerfile as dockerfile_parser
 import pytest
 import yaml
 from cryoptycho.daemon.config import ServiceConfig, load_config
@@ -16,37 +16,23 @@ DEPLOY = ROOT / "deploy"
 SITE_TOML = DEPLOY / "config" / "cryoptycho.toml"
 
 
-def dockerfile(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        full = (pending + line).strip()
-        pending = ""
-        word, _, rest = full.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    assert not pending, f"{path}: dangling line continuation"
-    return out
+def dockerfile(path: Path) -> tuple[Any, ...]:
+    """The instructions of a Dockerfile, parsed by BuildKit's own parser (``dockerfile`` package):
+    each has ``cmd`` (upper case), ``flags``, ``value`` (arguments) and ``json`` (exec form)."""
+    return tuple(dockerfile_parser.parse_file(str(path)))
 
 
-def docker_env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+def final_stage(instructions: tuple[Any, ...]) -> tuple[Any, ...]:
+    last_from = max(i for i, c in enumerate(instructions) if c.cmd == "FROM")
+    return instructions[last_from:]
+
+
+def docker_env(instructions: tuple[Any, ...]) -> dict[str, str]:
     """Every ENV key=value of the final stage."""
-    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
     env: dict[str, str] = {}
-    for word, args in instructions[last_from:]:
-        if word == "ENV":
-            for item in shlex.split(args):
-                key, sep, value = item.partition("=")
-                assert sep, f"ENV {item!r}: use the KEY=VALUE form"
-                env[key] = value
+    for c in final_stage(instructions):
+        if c.cmd == "ENV":
+            env.update(zip(c.value[::2], c.value[1::2], strict=True))
     return env
 
 

@@ -23,6 +23,7 @@ from deploy_support import (
     default_ports,
     docker_env,
     dockerfile,
+    final_stage,
     port,
     yaml_docs,
 )
@@ -31,11 +32,11 @@ from prometheus_client import start_http_server
 IMAGES = {"gpu": DEPLOY / "docker" / "Dockerfile", "cpu": DEPLOY / "docker" / "Dockerfile.cpu"}
 
 
-def _args(instructions: list[tuple[str, str]]) -> dict[str, str]:
-    out = {}
-    for word, args in instructions:
-        if word == "ARG" and "=" in args:
-            key, _, value = args.partition("=")
+def _args(instructions: tuple) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for c in instructions:
+        if c.cmd == "ARG" and "=" in c.value[0]:
+            key, _, value = c.value[0].partition("=")
             out.setdefault(key, value)
     return out
 
@@ -43,30 +44,31 @@ def _args(instructions: list[tuple[str, str]]) -> dict[str, str]:
 @pytest.mark.parametrize("kind", sorted(IMAGES))
 def test_image_runs_as_a_user_exposes_ports_and_checks_health(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     ins = dockerfile(IMAGES[kind])
-    words = [w for w, _ in ins]
-    assert set(words) <= {"FROM", "ARG", "RUN", "ENV", "WORKDIR", "COPY", "LABEL", "EXPOSE", "VOLUME",
-                          "USER", "HEALTHCHECK", "STOPSIGNAL", "ENTRYPOINT", "CMD"}, words
-    final = ins[max(i for i, w in enumerate(words) if w == "FROM"):]
-    users = [a for w, a in final if w == "USER"]
+    final = final_stage(ins)
+    users = [c.value[0] for c in final if c.cmd == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the daemon must not run as root"
-    # the user exists: created in the final stage by name
-    assert any(w == "RUN" and "useradd" in a and users[-1].split(":")[0] in a for w, a in final)
-    exposed = {int(p) for w, a in final if w == "EXPOSE" for p in a.split()}
+    user = users[-1].split(":")[0]
+    assert any(c.cmd == "RUN" and re.search(rf"useradd\b.*\s{user}(\s|$)", c.value[0]) for c in final), \
+        f"user {user} is not created in the final stage"
+    exposed = {int(p) for c in final if c.cmd == "EXPOSE" for p in c.value}
     env = docker_env(ins)
     config = config_with_env(monkeypatch, env)  # every ENV is a real setting, and it wins
     assert {port(config.ingest), port(config.publish), port(config.control), config.metrics_port} == exposed
     assert exposed == set(default_ports().values())
     assert config.metrics_host == "0.0.0.0"  # reachable from outside the container's loopback
-    health = [a for w, a in final if w == "HEALTHCHECK"]
-    assert len(health) == 1 and "CMD" in health[0]
-    probe = re.search(r'"(/[^"]*healthcheck\.py)"', health[0]).group(1)
-    copies = [a.split() for w, a in final if w == "COPY"]
-    assert any(c[-1] == probe and (ROOT / c[-2]).is_file() for c in copies), "health probe not copied"
-    entry = [a for w, a in final if w == "ENTRYPOINT"][-1]
-    cmd = [a for w, a in final if w == "CMD"][-1]
-    assert '"cryoptycho"' in entry and '"serve"' in cmd
-    config_path = re.search(r'"--config", "([^"]+)"', cmd).group(1)
-    assert any(c[-1] == config_path for c in copies), "the site config the CMD names is not copied"
+    (health,) = [c for c in final if c.cmd == "HEALTHCHECK"]
+    assert health.value[0] == "CMD" and health.json, "exec-form HEALTHCHECK"
+    probe = next(v for v in health.value if v.endswith("healthcheck.py"))
+    copies = [c for c in final if c.cmd == "COPY" and not c.flags]
+    assert any(c.value[-1] == probe and (ROOT / c.value[0]).is_file() for c in copies), "probe not copied"
+    (entry,) = [c for c in final if c.cmd == "ENTRYPOINT"]
+    (cmd,) = [c for c in final if c.cmd == "CMD"]
+    # exec form: the daemon is PID 1 and receives SIGTERM itself (a shell would swallow it)
+    assert entry.json and cmd.json
+    assert entry.value == ("cryoptycho",) and cmd.value[0] == "serve"
+    config_path = cmd.value[cmd.value.index("--config") + 1]
+    assert any(c.value[-1] == config_path for c in copies), "the site config the CMD names is not copied"
+    assert [c.value for c in final if c.cmd == "STOPSIGNAL"] == [("SIGTERM",)]
     assert config.options.backend == ("cupy" if kind == "gpu" else "numpy")
 
 
@@ -76,10 +78,9 @@ def test_build_context_holds_what_the_image_copies(kind: str) -> None:
     ignore = (IMAGES[kind].parent / f"{IMAGES[kind].name}.dockerignore").read_text().splitlines()
     allowed = [p[1:].removesuffix("/**") for p in ignore if p.startswith("!")]
     assert "**" in ignore, "the ignore file must start from nothing"
-    for word, args in ins:
-        if word == "COPY" and "--from" not in args:
-            *sources, _ = args.split()
-            for src in sources:
+    for c in ins:
+        if c.cmd == "COPY" and not any(f.startswith("--from") for f in c.flags):
+            for src in c.value[:-1]:
                 assert (ROOT / src).exists(), f"COPY {src}: missing from the repository"
                 assert src in allowed, f"COPY {src}: excluded from the build context by the .dockerignore"
 
@@ -87,13 +88,13 @@ def test_build_context_holds_what_the_image_copies(kind: str) -> None:
 def test_gpu_image_pairs_cuda_base_with_the_matching_cupy_extra() -> None:
     ins = dockerfile(IMAGES["gpu"])
     args = _args(ins)
-    froms = [a for w, a in ins if w == "FROM"]
-    assert all(f.startswith("nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04") for f in froms)
+    froms = [c.value[0] for c in ins if c.cmd == "FROM"]
+    assert len(froms) == 2 and all(f == "nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04" for f in froms)
     major = args["CUDA_VERSION"].split(".")[0]
     assert major in ("12", "13") and args["CUDA_EXTRA"] == f"cuda{major}"
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert f"cupy-cuda{major}x" in " ".join(extras[args["CUDA_EXTRA"]])
-    assert any(w == "RUN" and '.[${CUDA_EXTRA}]' in a for w, a in ins)
+    assert any(c.cmd == "RUN" and '.[${CUDA_EXTRA}]' in c.value[0] for c in ins)
 
 
 def test_compose_stack_matches_the_daemon_defaults() -> None:
