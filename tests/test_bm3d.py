@@ -9,7 +9,7 @@ import scipy.fft
 
 from cryoptycho.gpu.backend import to_numpy
 from cryoptycho.gpu.bm3d import BM3DProfile, StageParams, bm3d, estimate_sigma
-from cryoptycho.gpu.bm3d_matching import match_blocks, reference_grid
+from cryoptycho.gpu.bm3d_matching import match_blocks, reference_grid, window_sums
 from cryoptycho.gpu.bm3d_transforms import bior15_matrix, dct_matrix, haar_matrix
 from cryoptycho.gpu.denoise import available_denoisers, get_denoiser
 
@@ -225,3 +225,13 @@ def test_block_matching_equals_brute_force() -> None:
         ]
         # Same distances as the brute-force best `size` (ties may pick different members).
         np.testing.assert_allclose(sorted(got_d), [f[0] for f in found[:size]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 3, 8, 11])
+def test_window_sums_equal_direct_sums(length: int) -> None:
+    a = np.random.default_rng(12).normal(size=(30, 4, 25))
+    starts = np.array([0, 2, 7, 30 - length])
+    direct = np.stack([a[s : s + length].sum(axis=0) for s in starts])
+    np.testing.assert_allclose(window_sums(a, starts, length, axis=0), direct, atol=1e-12)
+    direct_x = np.stack([a[..., s : s + length].sum(axis=-1) for s in starts[:3]], axis=-1)
+    np.testing.assert_allclose(window_sums(a, starts[:3], length, axis=2), direct_x, atol=1e-12)

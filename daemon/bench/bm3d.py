@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cryoptycho.gpu.backend import get_xp, synchronize, to_numpy
+from cryoptycho.gpu.backend import BackendUnavailable, get_xp, synchronize, to_numpy
 from cryoptycho.gpu.bm3d import bm3d
 
 
@@ -89,7 +89,10 @@ def command(backend: str, sizes: str, sigmas: str, repeat: int, reference: bool,
         raise click.BadParameter("every size must be >= 8", param_hint="--sizes")
     if not sigma_list or min(sigma_list) <= 0:
         raise click.BadParameter("every sigma must be > 0", param_hint="--sigmas")
-    xp = get_xp(backend)
+    try:
+        xp = get_xp(backend)
+    except BackendUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
     package = _reference() if reference else None
     console = Console()
     if reference and package is None:
