@@ -43,13 +43,16 @@ class ServiceConfig(BaseSettings):
     control: str = "tcp://127.0.0.1:5602"
     """Endpoint the control ROUTER socket binds."""
     metrics_host: str = "127.0.0.1"
+    """Address the Prometheus HTTP endpoint binds (0.0.0.0 to expose it)."""
     metrics_port: int = Field(9640, ge=0, le=65535)
     """Prometheus HTTP port; 0 picks a free port (reported by the control `status` reply)."""
     metrics_enabled: bool = True
+    """Serve the Prometheus endpoint at all."""
 
     spool_dir: Path = Path("cryoptycho-spool")
     """Every received frame is written here before it counts as received."""
     results_dir: Path = Path("cryoptycho-results")
+    """One result file per scan (HDF5 + phase MRC/PNG) is written here."""
     spool_fsync: bool = False
     """fsync the spool after every message (survives power loss, not only a process crash)."""
     keep_spool: bool = False
@@ -67,16 +70,17 @@ class ServiceConfig(BaseSettings):
     max_concurrent_scans: int = Field(2, ge=1)
     """Scans reconstructed at the same time; further scans are spooled and queued."""
     max_queued_scans: int = Field(8, ge=0)
+    """Accepted scans that may wait for a free slot (their frames are spooled meanwhile)."""
     host_memory_budget_bytes: int = Field(8 * 2**30, gt=0)
     """Host memory all running scans together may use (engine estimate)."""
     device_memory_budget_bytes: int | None = Field(None, gt=0)
     """GPU memory budget (CuPy backend); None = the device's free memory at scan start."""
     queue_capacity_frames: int = Field(65536, ge=1)
-    """Frames waiting for a scan's worker; beyond this, ingest of that scan is paused (backpressure)."""
+    """Frames waiting for a scan's worker; beyond this the service stops reading the ingest
+    socket until the worker catches up (producers block: backpressure, not loss)."""
 
     preview_hz: float = Field(5.0, gt=0, le=100)
     """Live previews per second per scan (latest-only)."""
-    metrics_publish_hz: float = Field(2.0, gt=0, le=100)
     resolution_interval_s: float = Field(20.0, ge=0)
     """Period of the live half-set FRC resolution estimate; 0 disables it."""
     resolution_share: float = Field(0.25, gt=0, le=1)
@@ -86,11 +90,13 @@ class ServiceConfig(BaseSettings):
     divergence_factor: float = Field(1e3, gt=1)
     """A loss this many times above the best so far counts as divergence (rolled back)."""
     max_rollbacks: int = Field(3, ge=0)
+    """Rollbacks a scan may take before it is marked failed."""
 
     options: ReconOptions = Field(default_factory=ReconOptions)
     """Default reconstruction options; a scan's overrides are merged on top."""
 
     log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line (ts, level, logger, msg, thread, scan_id, …)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     watchdog: bool = True
     """Send WATCHDOG=1 to systemd from the main loop when $WATCHDOG_USEC is set."""

@@ -34,7 +34,7 @@ class ServiceMetrics:
             f"{p}_frames_dropped", "Frames not used, by reason", ["reason"], registry=r
         )
         self.frames_used = Counter(
-            f"{p}_frames_used", "Frames folded into a reconstruction model", registry=r
+            f"{p}_frames_used", "Frames visited by at least one model update", registry=r
         )
         self.received_bytes = Counter(f"{p}_received_bytes", "Bytes of ingest messages", registry=r)
         self.messages_rejected = Counter(
@@ -63,7 +63,7 @@ class ServiceMetrics:
         self.last_frame = Gauge(
             f"{p}_last_frame_timestamp_seconds", "Unix time of the last frame received", registry=r
         )
-        self.gpu_memory_used = Gauge(f"{p}_gpu_memory_used_bytes", "GPU memory in use (CuPy pool)", registry=r)
+        self.gpu_memory_used = Gauge(f"{p}_gpu_memory_used_bytes", "GPU memory in use on the device (all processes)", registry=r)
         self.gpu_memory_total = Gauge(f"{p}_gpu_memory_total_bytes", "GPU memory of the device", registry=r)
         self.memory_reserved = Gauge(
             f"{p}_memory_reserved_bytes", "Engine memory reserved by running scans", ["device"], registry=r

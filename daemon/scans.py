@@ -357,11 +357,14 @@ class ScanManager:
         self.admit()
         return recovered
 
-    def interrupt_all(self) -> None:
-        """Shutdown: stop workers without a final state; open scans stay in the spool for recovery."""
+    def interrupt(self, ended_too: bool) -> None:
+        """Shutdown: stop workers without a final state (their scans stay in the spool and are
+        recovered at the next start). Scans whose scan_end arrived are left to finish unless
+        ``ended_too``."""
         self.stopping = True
         for worker in self.running.values():
-            worker.put(Interrupt())
+            if ended_too or not worker.session.ended:
+                worker.put(Interrupt())
 
     def close(self) -> None:
         for scan_id in list(self.spools):

@@ -130,19 +130,26 @@ class Service:
             if now - last_housekeeping >= 0.5:
                 last_housekeeping = now
                 self._housekeeping()
-            self.notifier.watchdog()
+            if self.config.watchdog:
+                self.notifier.watchdog()
         self._drain()
 
     def _drain(self) -> None:
-        """SIGTERM: stop ingest, let workers checkpoint (their spools stay open), flush, close."""
+        """SIGTERM: stop reading ingest; scans still acquiring are checkpointed (they are in the
+        spool, recovered at the next start); scans past scan_end may finish within
+        ``drain_timeout_s``, then they are interrupted too and recovered like the others."""
         self.notifier.stopping()
         log.info("draining", extra={"running": sorted(self.scans.running)})
-        self.scans.interrupt_all()
+        self.scans.interrupt(ended_too=False)
         deadline = time.monotonic() + self.config.drain_timeout_s
         for worker in list(self.scans.running.values()):
             worker.thread.join(max(0.0, deadline - time.monotonic()))
+        self.scans.interrupt(ended_too=True)
+        for worker in list(self.scans.running.values()):
+            worker.thread.join(10.0)
             if worker.thread.is_alive():
-                log.error("worker did not stop within the drain timeout", extra={"scan_id": worker.session.scan_id})
+                log.error("worker did not stop; its scan will be recovered from the spool",
+                          extra={"scan_id": worker.session.scan_id})
         self.scans.reap()
         self._flush_outbox()
         self.scans.close()

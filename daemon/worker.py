@@ -132,6 +132,7 @@ class ScanWorker:
         self._options_update: ReconOptions | None = None
         self._snapshot_request = threading.Event()
         self.engine: Any = None
+        self._used = 0  #: frames visited by at least one update
         self.thread = threading.Thread(target=self._run, name=f"worker-{session.scan_id}", daemon=True)
 
     # -- called from the manager thread -------------------------------------------------------
@@ -259,16 +260,16 @@ class ScanWorker:
         self.metrics.update_duration.observe(dt)
         self.metrics.iterations.inc()
         self.metrics.loss.set(result.loss)
+        self._fold(result.fresh)
         self.session.update_figures(
             iteration=result.iteration, loss=float(result.loss), n_frames=result.n_frames,
-            frames_used=self._frames_used(),
+            frames_used=self._used,
         )
 
-    def _frames_used(self) -> int:
-        store = getattr(self.engine, "frame_store", None)
-        if store is None:
-            return int(self.engine.n_frames)
-        return int(np.count_nonzero(store.visits[: store.n]))
+    def _fold(self, frames: int) -> None:
+        """Count frames visited by the model for the first time."""
+        self._used += frames
+        self.metrics.frames_used.inc(frames)
 
     def _check_loss(self, loss: float) -> None:
         if not np.isfinite(loss):
@@ -302,7 +303,7 @@ class ScanWorker:
         payload = {
             "scan_id": s.scan_id,
             "iteration": int(state.iteration),
-            "frames_used": self._frames_used(),
+            "frames_used": self._used,
             "object": np.asarray(state.object),
             "probe": np.asarray(state.probe),
             "coverage": np.asarray(self.engine.coverage(), dtype=np.float32),
@@ -374,6 +375,8 @@ class ScanWorker:
                         extra={"scan_id": s.scan_id})
             self.metrics.rollbacks.inc()
         s.update_figures(refine_s=time.perf_counter() - t0)
+        self._fold(self.engine.n_frames - self._used)  # full-batch refinement visits every frame
+        s.update_figures(frames_used=self._used)
         if halves is not None:
             halves.refine(self.options.iterations, self.config.resolution_share * budget)
             self._resolution(halves)

@@ -41,6 +41,25 @@ class Scan:
                       positions_m=self.positions)
         return {**fields, **extra}
 
+    def offline_nrmse(self, iterations: int) -> float:
+        """NRMSE of an offline full-batch reconstruction of the same frames (the engine alone)."""
+        from cryoptycho.gpu.data import PtychoData
+        from cryoptycho.gpu.options import ReconOptions
+        from cryoptycho.gpu.reconstruct import reconstruct
+
+        data = PtychoData(frames=self.frames, positions=self.positions, energy=300e3, pixel_size=PIXEL_M,
+                          probe=self.probe)
+        state = reconstruct(data, ReconOptions(iterations=iterations))
+        return self.score(state.object, state.geometry.origin)[0]
+
+    def check_live(self, obj: np.ndarray, origin: tuple[float, float], iterations: int) -> None:
+        """The daemon's result is as good as the engine run offline on the same frames (so no
+        frame, position or probe was lost on the way) and clearly better than a flat object."""
+        err, flat = self.score(obj, origin)
+        offline = self.offline_nrmse(iterations)
+        assert err <= 1.15 * offline and err < 0.95 * flat, (
+            f"live NRMSE {err:.4f}, offline {offline:.4f}, flat object {flat:.4f}")
+
     def score(self, obj: np.ndarray, origin: tuple[float, float], margin: int = 14) -> tuple[float, float]:
         """(NRMSE of ``obj`` against the truth, NRMSE of a flat object) inside the scanned area."""
         g = self.geometry
