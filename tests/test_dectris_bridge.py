@@ -10,8 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
-
-from cryoptycho.protocols.dectris.bridge import BridgeConfig, SeriesConverter, bridge_messages, run_bridge
+from cryoptycho.protocols.dectris.bridge import (
+    BridgeConfig,
+    SeriesConverter,
+    bridge_messages,
+    run_bridge,
+)
 from cryoptycho.protocols.dectris.decode import decode_v2
 from cryoptycho.protocols.dectris.receiver import DectrisReceiver, SeriesTracker, parse_source
 from cryoptycho.protocols.dectris.scan import positions_message
@@ -100,7 +104,7 @@ CONFIG_RASTER = {"kind": "raster", "shape": [3, 2], "step_m": [5e-10, 5e-10], "s
 
 def test_user_data_scan_wins_over_side_channel_and_config() -> None:
     cfg = BridgeConfig(raster=CONFIG_RASTER, detector_pixel_angle_rad=1e-3)
-    out, _ = _convert(_series(user=dict(scan=USER_SCAN)), cfg, side=True,
+    out, _ = _convert(_series(user={"scan": USER_SCAN}), cfg, side=True,
                       positions=(None, np.arange(6), np.zeros((6, 2))))
     start = out[0]
     assert isinstance(start, ScanStart)
@@ -166,7 +170,7 @@ def test_energy_and_pixel_angle_precedence() -> None:
     out, _ = _convert(_series(), cfg)
     assert out[0].energy_eV == 300e3
     assert out[0].detector_pixel_angle_rad == pytest.approx(2 * 100e-6 / 0.2)
-    user = dict(scan=USER_SCAN, energy_eV=200e3, detector_pixel_angle_rad=3e-4)
+    user = {"scan": USER_SCAN, "energy_eV": 200e3, "detector_pixel_angle_rad": 3e-4}
     out, _ = _convert(_series(user=user), cfg)
     assert out[0].energy_eV == 200e3 and out[0].detector_pixel_angle_rad == pytest.approx(6e-4)
     out, _ = _convert(_series(energy_ev=None), cfg)
@@ -178,7 +182,7 @@ def test_frames_are_binned_sums_and_the_mask_covers_bad_and_flagged_pixels() -> 
     frames[:, 0, 0] = 65535  # a gap pixel, flagged in every image but absent from the header
     mask = np.zeros((16, 16), np.uint32)
     mask[8, 9] = 4  # a hot pixel from the header's pixel mask
-    out = list(bridge_messages(_decoded(_series(frames, user=dict(scan=USER_SCAN), pixel_mask=mask)),
+    out = list(bridge_messages(_decoded(_series(frames, user={"scan": USER_SCAN}, pixel_mask=mask)),
                                BridgeConfig(bin=2, detector_pixel_angle_rad=1e-3)))
     start = out[0]
     expected_mask = np.ones((8, 8), np.uint8)
@@ -192,8 +196,8 @@ def test_frames_are_binned_sums_and_the_mask_covers_bad_and_flagged_pixels() -> 
 
 
 def test_a_new_start_aborts_the_unfinished_scan() -> None:
-    first = _decoded(_series(user=dict(scan=USER_SCAN)))
-    second = _decoded(_series(user=dict(scan=USER_SCAN), series_id=2, series_unique_id="01SECOND"))
+    first = _decoded(_series(user={"scan": USER_SCAN}))
+    second = _decoded(_series(user={"scan": USER_SCAN}, series_id=2, series_unique_id="01SECOND"))
     out = list(bridge_messages(first[:3] + second, BridgeConfig(detector_pixel_angle_rad=1e-3)))
     aborts = [m for m in out if isinstance(m, Abort)]
     assert len(aborts) == 1 and "replaced by series 2" in aborts[0].reason
@@ -238,7 +242,7 @@ def _bridge(sender: SimSender, send: Any, endpoint: str, config: dict, series: i
 def test_round_trip_over_sockets(daemon: tuple[str, zmq.Socket], version: int, compression: str) -> None:
     endpoint, sock = daemon
     frames = _frames(size=32)
-    series = _series(frames, user=dict(scan=USER_SCAN, scan_id="round-trip", detector_pixel_angle_rad=1e-3),
+    series = _series(frames, user={"scan": USER_SCAN, "scan_id": "round-trip", "detector_pixel_angle_rad": 1e-3},
                      compression=compression)
     with SimSender(version) as sender:
         stats = _bridge(sender, lambda: sender.send_series(series, split_header=version == 1), endpoint,
@@ -288,7 +292,7 @@ def test_bad_messages_are_counted_and_the_series_still_arrives(
     daemon: tuple[str, zmq.Socket], caplog: pytest.LogCaptureFixture
 ) -> None:
     endpoint, sock = daemon
-    series = _series(user=dict(scan=USER_SCAN, detector_pixel_angle_rad=1e-3), image_ids=[0, 1, 2, 4, 5])
+    series = _series(user={"scan": USER_SCAN, "detector_pixel_angle_rad": 1e-3}, image_ids=[0, 1, 2, 4, 5])
     start, *images, end = list(v2_messages(series))
     stranger = list(v2_messages(_series(series_id=99, series_unique_id="01STRANGER")))[1]
 
@@ -355,7 +359,7 @@ def test_series_end_waits_for_lagging_positions_then_gives_up() -> None:
 
 def test_user_camera_length_wins_over_config_pixel_angle() -> None:
     cfg = BridgeConfig(detector_pixel_angle_rad=1e-3)
-    out, _ = _convert(_series(user=dict(scan=USER_SCAN, camera_length_m=0.5)), cfg)
+    out, _ = _convert(_series(user={"scan": USER_SCAN, "camera_length_m": 0.5}), cfg)
     assert out[0].detector_pixel_angle_rad == pytest.approx(100e-6 / 0.5)
-    out, _ = _convert(_series(user=dict(scan=USER_SCAN)), cfg)
+    out, _ = _convert(_series(user={"scan": USER_SCAN}), cfg)
     assert out[0].detector_pixel_angle_rad == pytest.approx(1e-3)

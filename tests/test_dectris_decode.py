@@ -11,7 +11,6 @@ from pathlib import Path
 import cbor2
 import numpy as np
 import pytest
-
 from cryoptycho.protocols.dectris.codec import (
     bslz4_compress,
     bslz4_decompress,
@@ -283,7 +282,7 @@ def test_v1_leading_binary_parts_are_skipped_and_counted() -> None:
 
 def test_v1_size_mismatch_is_a_truncation_error() -> None:
     frames = np.ones((1, 4, 4), np.uint16)
-    header, image, end = list(v1_messages(SimSeries(frames, compression="none")))
+    header, image, _ = list(v1_messages(SimSeries(frames, compression="none")))
     bad = list(image)
     bad[2] = bad[2][:-2]
     bad[0] = json.dumps({**json.loads(bad[0]), "hash": hashlib.md5(bad[2]).hexdigest()}).encode()

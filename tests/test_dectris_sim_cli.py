@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cryoptycho.daemon.storage.dataset import write_dataset
 from cryoptycho.gpu.data import ProbeModel, PtychoData
 from cryoptycho.protocols.dectris.bridge import BridgeConfig, bridge_messages

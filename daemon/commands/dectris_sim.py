@@ -14,12 +14,11 @@ from typing import Any
 
 import click
 import numpy as np
-
 from cryoptycho.daemon.storage.dataset import read_dataset
 from cryoptycho.gpu.geometry import wavelength
 from cryoptycho.protocols.dectris.receiver import DEFAULT_PORTS
 from cryoptycho.protocols.dectris.scan import USER_DATA_KEY, ScanDescription
-from cryoptycho.protocols.dectris.sim import SimSeries, SimSender
+from cryoptycho.protocols.dectris.sim import SimSender, SimSeries
 
 
 def dataset_series(path: Path, with_user_data: bool = True) -> SimSeries:
@@ -51,9 +50,8 @@ def dataset_series(path: Path, with_user_data: bool = True) -> SimSeries:
 
 
 def _counts(frames: np.ndarray) -> np.ndarray:
-    if frames.dtype.kind == "f":
-        if not np.array_equal(frames, np.round(frames)):
-            raise ValueError("dataset frames are not integer counts; a detector sends integers")
+    if frames.dtype.kind == "f" and not np.array_equal(frames, np.round(frames)):
+        raise ValueError("dataset frames are not integer counts; a detector sends integers")
     top = int(frames.max()) if frames.size else 0
     for dt in (np.uint8, np.uint16, np.uint32):
         if top < np.iinfo(dt).max:  # the maximum is the detector's no-data flag

@@ -88,3 +88,10 @@ TYPED_ARRAY_DTYPES: dict[int, str] = {
     80: ">f2", 81: ">f4", 82: ">f8", 84: "<f2", 85: "<f4", 86: "<f8",
 }
 DTYPE_TYPED_ARRAY_TAGS: dict[str, int] = {"uint8": 64, "uint16": 69, "uint32": 70, "float32": 85}
+
+
+def parse_dtype(name: str, field_name: str) -> np.dtype:
+    """A pixel dtype named in a header; DecodeError naming the field otherwise."""
+    if name not in ("uint8", "uint16", "uint32", "float32"):
+        raise DecodeError(f"{field_name} {name!r} is not one of uint8, uint16, uint32, float32")
+    return np.dtype(name)

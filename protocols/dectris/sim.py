@@ -21,7 +21,6 @@ import numpy as np
 import zmq
 
 from .codec import bslz4_compress, lz4_hdf5_compress, v1_encode
-from .decode import V1_CHANNEL
 from .schema import DTYPE_TYPED_ARRAY_TAGS
 
 TIME_BASE = 50_000_000  #: ticks per second of the rationals, as on real detectors
@@ -78,7 +77,7 @@ class SimSeries:
         return list(range(self.shape[0])) if self.image_ids is None else list(self.image_ids)
 
     def centre(self) -> tuple[float, float]:
-        k, h, w = self.shape
+        _, h, w = self.shape
         # the zero frequency of a centred (detector-order) frame is pixel (H//2, W//2)
         return self.beam_center_px if self.beam_center_px is not None else (h // 2, w // 2)
 

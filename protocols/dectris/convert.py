@@ -1,0 +1,369 @@
+"""DECTRIS series → our ingest protocol's messages (ScanStart / Frames / ScanEnd / Abort).
+
+:class:`SeriesConverter` is pure (decoded DECTRIS messages in, ingest messages out; no sockets);
+:func:`bridge_messages` wraps it as a generator. The runner with sockets is :mod:`.bridge`.
+Geometry precedence is documented in :mod:`.scan` and README.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import constants
+
+from ..messages import Abort, Frames, ProbeModelSpec, ScanEnd, ScanStart
+from .binning import FrameReducer, saturation_threshold
+from .receiver import SeriesTracker
+from .scan import PositionList, ProbeSpec, RasterSpec, ScanDescription, scan_description
+from .schema import DectrisError, Image, Message, SeriesEnd, SeriesStart
+
+log = logging.getLogger(__name__)
+
+IngestMessage = ScanStart | Frames | ScanEnd | Abort
+
+
+class BridgeConfig(BaseModel):
+    """How to turn a detector's series into scans. Detector-header values win over the
+    ``*_fallback``-style fields here (``energy_eV``, ``beam_center_px``, …), which only fill
+    gaps; a ``user_data`` scan description wins over both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: str | None = None
+    """Image channel to use (e.g. ``threshold_1``); default: the series' first channel."""
+    crop: int | None = Field(None, ge=1)
+    """Side of the square window about the beam centre, detector pixels (None: whole frame)."""
+    bin: int = Field(1, ge=1)
+    """Sum bin × bin detector pixels into one (crop must be a multiple)."""
+    raster: RasterSpec | None = None
+    """Scan pattern when neither user_data nor the side channel gives one."""
+    positions_endpoint: str | None = None
+    """Side channel: the bridge binds PULL here for ``dectris_positions`` messages."""
+    energy_eV: float | None = Field(None, gt=0)
+    beam_center_px: tuple[float, float] | None = None
+    """(y, x) detector pixels."""
+    detector_pixel_angle_rad: float | None = Field(None, gt=0)
+    """Scattering angle of one unbinned pixel; or give camera_length_m."""
+    camera_length_m: float | None = Field(None, gt=0)
+    pixel_size_m: float | None = Field(None, gt=0)
+    """Physical detector pixel size, when the header lacks it."""
+    saturation_value: int | None = Field(None, ge=1)
+    probe_model: ProbeSpec = Field(default_factory=ProbeSpec)
+    options: dict[str, Any] = Field(default_factory=dict)
+    """ReconOptions overrides for every scan (user_data ``options`` are applied on top)."""
+    scan_id_prefix: str = Field("dectris", min_length=1, max_length=64)
+    frames_per_message: int = Field(64, ge=1, le=4096)
+    flush_interval_s: float = Field(0.05, gt=0)
+    """A partial batch leaves after this long, so the live view does not wait for a full one."""
+    position_wait_s: float = Field(5.0, ge=0)
+    """After a series' end, how long images still wait for side-channel positions."""
+
+
+@dataclass
+class _Plan:
+    start: SeriesStart
+    scan_id: str
+    channel: str
+    expected: int
+    energy_ev: float
+    angle_rad: float
+    description: ScanDescription | None
+    streamed: bool
+    scan_start: ScanStart | None = None
+    reducer: FrameReducer | None = None
+    sent: int = 0
+    saturated_frames: int = 0
+    batch: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    batch_since: float = 0.0
+    waiting: dict[int, np.ndarray] = field(default_factory=dict)  #: image id → frame, no position yet
+
+
+class SeriesConverter:
+    """DECTRIS messages → ingest messages. Errors in a series are logged and counted in
+    ``stats`` and skip that series; an end without its start raises :class:`SeriesError`."""
+
+    def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False) -> None:
+        self.config = config or BridgeConfig()
+        self.side_channel = side_channel
+        self.tracker = SeriesTracker()
+        self.plan: _Plan | None = None
+        self._positions: dict[tuple[int | None, int], np.ndarray] = {}
+        self._closing: _Plan | None = None  # ended, still waiting for side-channel positions
+        self._closing_deadline = 0.0
+        self.stats: dict[str, int] = {"series": 0, "frames_sent": 0, "failed_series": 0,
+                                      "skipped_images": 0, "missing_images": 0,
+                                      "images_without_position": 0, "saturated_frames": 0}
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        return self.tracker.rejected
+
+    def feed(self, msg: Message) -> list[IngestMessage]:
+        if isinstance(msg, SeriesStart):
+            return self._start(msg)
+        if isinstance(msg, Image):
+            return self._image(msg)
+        return self._end(msg)
+
+    def _start(self, start: SeriesStart) -> list[IngestMessage]:
+        out = self._finish(self._closing) if self._closing is not None else []
+        if self.plan is not None and self.plan.scan_start is not None:
+            out.append(Abort(self.plan.scan_id, f"detector series {self.plan.start.series_id} "
+                             f"was replaced by series {start.series_id} before its end"))
+        self.tracker.begin(start)
+        self.stats["series"] += 1
+        try:
+            self.plan = self._plan(start)
+        except (DectrisError, ValueError) as exc:
+            self.plan = None
+            self.stats["failed_series"] += 1
+            log.error("DECTRIS series %s skipped: %s", start.series_id, exc)
+        return out
+
+    def _plan(self, start: SeriesStart) -> _Plan:
+        cfg = self.config
+        desc = scan_description(start.user_data)
+        channel = cfg.channel or (start.channels[0] if start.channels else None)
+        if channel is None:
+            raise DectrisError("the start message lists no channels: set the bridge's channel")
+        if start.channels and channel not in start.channels:
+            raise DectrisError(f"channel {channel!r} is not among the series' channels {list(start.channels)}")
+        streamed = desc is None and self.side_channel
+        if desc is not None:
+            expected = desc.scan.count
+        elif streamed:
+            if start.number_of_images is None:
+                raise DectrisError("positions come from the side channel but the start message "
+                                   "gives no number_of_images")
+            expected = start.number_of_images
+        elif cfg.raster is not None:
+            expected = cfg.raster.count
+        else:
+            raise DectrisError("no scan geometry: give a cryoptycho scan in user_data "
+                               "(header_appendix), a positions side channel, or a raster in the config")
+        if start.number_of_images is not None and start.number_of_images != expected:
+            raise DectrisError(f"the scan has {expected} positions but the detector series "
+                               f"{start.number_of_images} images")
+        energy = _first(desc and desc.energy_eV, start.energy_ev,
+                        _electron_energy(start.wavelength_m), cfg.energy_eV)
+        if energy is None:
+            raise DectrisError("no beam energy: set incident_energy on the detector, energy_eV "
+                               "in user_data, or energy_eV in the bridge config")
+        angle = self._pixel_angle(start, desc)
+        unique = start.series_unique_id or f"{start.series_id}-{time.strftime('%Y%m%dT%H%M%S')}"
+        scan_id = (desc.scan_id if desc and desc.scan_id else f"{cfg.scan_id_prefix}-{unique}")
+        return _Plan(start, scan_id, channel, expected, energy, angle, desc, streamed)
+
+    def _pixel_angle(self, start: SeriesStart, desc: ScanDescription | None) -> float:
+        cfg = self.config
+        size = start.pixel_size_m[0] if start.pixel_size_m else cfg.pixel_size_m
+        sources = [(cfg.detector_pixel_angle_rad, cfg.camera_length_m), (None, start.detector_distance_m)]
+        if desc is not None:
+            sources.insert(0, (desc.detector_pixel_angle_rad, desc.camera_length_m))
+        for angle, length in sources:
+            if angle is not None:
+                return angle
+            if length is not None and size is not None:
+                return size / length
+        raise DectrisError("no detector pixel angle: give detector_pixel_angle_rad, or camera_length_m "
+                           "and a pixel size, in user_data or the bridge config")
+
+    def _open_scan(self, plan: _Plan, first: np.ndarray) -> ScanStart:
+        cfg, start = self.config, plan.start
+        mask = start.pixel_mask.get(plan.channel)
+        bad = np.zeros(first.shape, bool) if mask is None else mask != 0
+        # Pixels flagged in the first image are gaps or dead pixels when the header had no mask.
+        saturation = _first(start.saturation_value, cfg.saturation_value)
+        bad |= first > saturation_threshold(first.dtype, saturation)
+        plan.reducer = reducer = FrameReducer.build(
+            first.shape, first.dtype, beam_center_px=_first(start.beam_center_px, cfg.beam_center_px),
+            crop=cfg.crop, bin=cfg.bin, bad_pixels=bad, saturation_value=saturation,
+        )
+        desc = plan.description
+        probe = desc.probe_model if desc and desc.probe_model else cfg.probe_model
+        positions = raster = None
+        if desc is not None:
+            scan = desc.scan
+            if isinstance(scan, PositionList):
+                positions = np.asarray(scan.positions_m, dtype=np.float64)
+            else:
+                raster = scan.to_raster()
+        elif not plan.streamed:
+            assert cfg.raster is not None
+            raster = cfg.raster.to_raster()
+        metadata = {
+            "source": "dectris", "stream_version": start.version, "series_id": start.series_id,
+            "series_unique_id": start.series_unique_id, "detector": start.detector_description,
+            "channel": plan.channel, "crop": reducer.window, "bin": reducer.bin,
+            "window_corner_px": list(reducer.corner),
+            "geometry_from": "user_data" if desc else ("side_channel" if plan.streamed else "config"),
+            **(desc.metadata if desc else {}),
+        }
+        return ScanStart(
+            scan_id=plan.scan_id, energy_eV=plan.energy_ev,
+            frame_shape=(reducer.frame_side, reducer.frame_side), frame_dtype=reducer.out_dtype.name,
+            expected_frames=plan.expected, detector_pixel_angle_rad=plan.angle_rad * reducer.bin,
+            probe_model=ProbeModelSpec(**probe.model_dump()),
+            positions_m=positions, raster=raster, mask=reducer.static_valid.astype(np.uint8),
+            options={**cfg.options, **(desc.options if desc else {})}, metadata=metadata,
+        )
+
+    def _image(self, image: Image) -> list[IngestMessage]:
+        if not self.tracker.accept(image):
+            return []
+        plan = self.plan
+        if plan is None:
+            self.stats["skipped_images"] += 1
+            return []
+        if plan.channel not in image.data:
+            raise DectrisError(f"image {image.image_id} lacks channel {plan.channel!r}")
+        frame = image.data[plan.channel]
+        out: list[IngestMessage] = []
+        if plan.scan_start is None:
+            try:
+                plan.scan_start = self._open_scan(plan, frame)
+            except (DectrisError, ValueError) as exc:
+                self.plan = None
+                self.stats["failed_series"] += 1
+                log.error("DECTRIS series %s skipped: %s", plan.start.series_id, exc)
+                return []
+            out.append(plan.scan_start)
+        assert plan.reducer is not None
+        counts, valid = plan.reducer(frame)
+        if (plan.reducer.static_valid & ~valid[0]).any():
+            plan.saturated_frames += 1
+            self.stats["saturated_frames"] += 1
+            if plan.saturated_frames == 1:
+                log.warning("scan %s: saturated pixels outside the mask in image %d; they count as "
+                            "the saturation value (our protocol carries no per-frame mask)",
+                            plan.scan_id, image.image_id)
+        if plan.streamed and self._position(plan, image.image_id) is None:
+            plan.waiting[image.image_id] = counts[0]
+            return out
+        self._queue(plan, image.image_id, counts[0], out)
+        return out
+
+    def _queue(self, plan: _Plan, image_id: int, counts: np.ndarray, out: list[IngestMessage]) -> None:
+        if not plan.batch:
+            plan.batch_since = time.monotonic()
+        plan.batch.append((image_id, counts))
+        if len(plan.batch) >= self.config.frames_per_message:
+            out.extend(self._take_batch(plan))
+
+    def _take_batch(self, plan: _Plan) -> list[IngestMessage]:
+        if not plan.batch:
+            return []
+        ids = np.array([i for i, _ in plan.batch], dtype=np.uint32)
+        data = np.stack([c for _, c in plan.batch])
+        positions = None
+        if plan.streamed:
+            positions = np.stack([self._position(plan, int(i)) for i in ids])  # type: ignore[misc]
+        plan.batch = []
+        plan.sent += len(ids)
+        self.stats["frames_sent"] += len(ids)
+        return [Frames(plan.scan_id, ids, data, positions)]
+
+    def _position(self, plan: _Plan, image_id: int) -> np.ndarray | None:
+        key = (plan.start.series_id, image_id)
+        return self._positions.get(key, self._positions.get((None, image_id)))
+
+    def add_positions(self, series_id: int | None, image_ids: np.ndarray,
+                      positions_m: np.ndarray) -> list[IngestMessage]:
+        """Side-channel positions; releases images that were waiting for them."""
+        for i, p in zip(image_ids, positions_m):
+            self._positions[(series_id, int(i))] = np.asarray(p, dtype=np.float64)
+        out: list[IngestMessage] = []
+        for plan in (self._closing, self.plan):
+            if plan is not None and plan.streamed:
+                for i in [i for i in plan.waiting if self._position(plan, i) is not None]:
+                    self._queue(plan, i, plan.waiting.pop(i), out)
+        if self._closing is not None and not self._closing.waiting:
+            out += self._finish(self._closing)
+        return out
+
+    def flush(self, min_age_s: float = 0.0) -> list[IngestMessage]:
+        """The partial batch when it is at least ``min_age_s`` old, and the end of a series
+        whose wait for side-channel positions has run out."""
+        out: list[IngestMessage] = []
+        if self._closing is not None and time.monotonic() >= self._closing_deadline:
+            out += self._finish(self._closing)
+        for plan in (self._closing, self.plan):
+            if plan is not None and plan.batch and time.monotonic() - plan.batch_since >= min_age_s:
+                out += self._take_batch(plan)
+        return out
+
+    @property
+    def closing(self) -> bool:
+        """A series has ended but waits for side-channel positions of some of its images."""
+        return self._closing is not None
+
+    def _end(self, end: SeriesEnd) -> list[IngestMessage]:
+        summary = self.tracker.end(end)
+        plan, self.plan = self.plan, None
+        if plan is None:
+            return []
+        if summary.missing_image_ids:
+            self.stats["missing_images"] += len(summary.missing_image_ids)
+            ids = summary.missing_image_ids
+            log.error("scan %s: %d of %d images never arrived (ids %s%s)", plan.scan_id, len(ids),
+                      plan.expected, ids[:20], " …" if len(ids) > 20 else "")
+        if plan.scan_start is None:
+            log.error("DECTRIS series %s ended without any usable image; no scan was started",
+                      plan.start.series_id)
+            return []
+        out = self._finish(self._closing) if self._closing is not None else []
+        if plan.waiting and self.config.position_wait_s > 0:
+            # positions travel on another socket and may lag the images
+            self._closing = plan
+            self._closing_deadline = time.monotonic() + self.config.position_wait_s
+            return out + self._take_batch(plan)
+        return out + self._finish(plan)
+
+    def _finish(self, plan: _Plan) -> list[IngestMessage]:
+        if plan is self._closing:
+            self._closing = None
+        out = self._take_batch(plan)
+        if plan.waiting:
+            self.stats["images_without_position"] += len(plan.waiting)
+            log.error("scan %s: %d images never got a position on the side channel (ids %s)",
+                      plan.scan_id, len(plan.waiting), sorted(plan.waiting)[:20])
+        self._positions = {k: v for k, v in self._positions.items() if k[0] not in (None, plan.start.series_id)}
+        out.append(ScanEnd(plan.scan_id, plan.sent))
+        return out
+
+    def stop(self, reason: str) -> list[IngestMessage]:
+        """End a series still waiting for positions, abort the scan in progress (shutdown)."""
+        out = self._finish(self._closing) if self._closing is not None else []
+        plan, self.plan = self.plan, None
+        if plan is not None and plan.scan_start is not None:
+            out.append(Abort(plan.scan_id, reason))
+        return out
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None and v is not False and v != ""), None)
+
+
+def _electron_energy(wavelength_m: float | None) -> float | None:
+    """Beam energy (eV) of electrons of de Broglie wavelength λ (relativistic)."""
+    if wavelength_m is None or wavelength_m <= 0:
+        return None
+    mc2 = constants.m_e * constants.c**2
+    pc = constants.h * constants.c / wavelength_m
+    return float((np.sqrt(mc2**2 + pc**2) - mc2) / constants.e)
+
+
+def bridge_messages(
+    messages: Iterable[Message], config: BridgeConfig | None = None
+) -> Iterator[IngestMessage]:
+    """Ingest messages for a stream of decoded DECTRIS messages (geometry from user_data or
+    the config; the side channel needs :func:`run_bridge`)."""
+    converter = SeriesConverter(config)
+    for msg in messages:
+        yield from converter.feed(msg)
