@@ -107,6 +107,7 @@ def test_compose_stack_matches_the_daemon_defaults() -> None:
     assert container_ports == set(ports.values())
     viewer = services["viewer"]
     assert viewer["image"] == daemon["image"] and viewer["profiles"] == ["viewer"]
+    assert viewer["build"] == daemon["build"]  # built here too, so the GPU override leaves it whole
     args = viewer["command"]
     assert args[0] == "view"
     assert args[args.index("--publish") + 1] == f"tcp://cryoptycho:{ports['publish']}"
