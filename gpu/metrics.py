@@ -230,9 +230,11 @@ def fourier_shift(image: Any, shift: tuple[float, float]) -> np.ndarray:
 # --- scalar scores ------------------------------------------------------------------------------
 
 
-def nrmse(recon: Any, truth: Any, mask: Any | None = None) -> float:
+def nrmse(recon: Any, truth: Any, mask: Any | None = None, scale: bool = False) -> float:
     """‖γ·R − T‖ / ‖T‖ over ``mask`` with the global phase γ (|γ| = 1) that minimises it —
-    the reconstruction's overall phase is arbitrary."""
+    the reconstruction's overall phase is arbitrary. ``scale=True`` also fits |γ|: a
+    reconstruction whose probe is normalised to the *detected* counts carries the specimen's
+    uniform absorption in the probe, not in T."""
     r = np.asarray(to_numpy(recon)).astype(np.complex128)
     t = np.asarray(to_numpy(truth)).astype(np.complex128)
     if r.shape != t.shape:
@@ -240,6 +242,8 @@ def nrmse(recon: Any, truth: Any, mask: Any | None = None) -> float:
     w = np.ones(r.shape) if mask is None else np.asarray(to_numpy(mask), dtype=np.float64)
     inner = np.sum(w * t * np.conj(r))
     gamma = inner / abs(inner) if abs(inner) > 0 else 1.0
+    if scale and abs(inner) > 0:
+        gamma = inner / np.sum(w * np.abs(r) ** 2)
     return float(np.sqrt(np.sum(w * np.abs(gamma * r - t) ** 2) / np.sum(w * np.abs(t) ** 2)))
 
 

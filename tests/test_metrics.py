@@ -104,6 +104,8 @@ def test_nrmse_ignores_the_global_phase() -> None:
     t = np.exp(1j * rng.uniform(0, 1, (32, 32)))
     assert nrmse(t * np.exp(2.1j), t) == pytest.approx(0.0, abs=1e-12)
     assert nrmse(np.ones_like(t), t) > 0.1
+    assert nrmse(0.9 * t, t) == pytest.approx(0.1)
+    assert nrmse(0.9 * t * np.exp(0.3j), t, scale=True) == pytest.approx(0.0, abs=1e-12)
     assert phase_correlation(np.angle(t) * 3 + 1, np.angle(t)) == pytest.approx(1.0)
 
 

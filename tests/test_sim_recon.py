@@ -32,6 +32,7 @@ def test_high_dose_reconstruction_recovers_the_true_phase() -> None:
         np.asarray(state.object), state.geometry.origin, data.truth_object, data.truth_origin,
         data.pixel_size, data.positions,
     )
-    assert ev.nrmse < 0.1
+    # (the brief asks < 0.1; the random start already scores ≈ 0.1 because ice dominates T)
+    assert ev.nrmse < 0.03
     assert ev.phase_correlation > 0.8
     assert ev.resolutions["particle/pooled/1-bit"] < 8e-10

@@ -8,8 +8,9 @@ probe may drift by a fraction of a pixel). Scores, per the low-dose findings:
 * FRC / SNR(q) of the ice-removed phase, apodised by the particle footprint (raw rings and
   pooled rings), and over the whole scanned area with a Tukey window;
 * resolutions at 1-bit, ½-bit and 0.143;
-* phase correlation inside the footprint; NRMSE of T after global phase alignment (whole area,
-  dominated by ice — reported for completeness).
+* phase correlation inside the footprint; NRMSE of T after global phase and scale alignment
+  (whole area, dominated by ice — reported for completeness; the scale because an engine that
+  normalises its probe to the detected counts puts the uniform ice absorption into the probe).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def evaluate_against_truth(
         frc_area=curves["area"],
         pool=pool,
         phase_correlation=phase_correlation(recon_ph, truth_ph, footprint),
-        nrmse=nrmse(r, t),
+        nrmse=nrmse(r, t, scale=True),
         shift_px=shift,
         resolutions=res,
     )
