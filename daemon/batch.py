@@ -241,6 +241,20 @@ def gpu_workers(gpus: Sequence[int]) -> dict[str, dict[str, Any]]:
     }
 
 
+def require_gpu_workers(client: Any, timeout_s: float = 60.0) -> int:
+    """Number of workers that advertise the ``GPU`` resource; an error if none does (tasks that
+    claim it would otherwise wait forever)."""
+    client.wait_for_workers(1, timeout=timeout_s)
+    workers = client.scheduler_info()["workers"].values()
+    gpus = sum(1 for w in workers if w.get("resources", {}).get("GPU", 0) >= 1)
+    if gpus == 0:
+        raise RuntimeError(
+            f"none of the {len(workers)} Dask workers advertises the GPU resource; start one worker "
+            "per GPU with `dask worker SCHEDULER --nthreads 1 --resources GPU=1`"
+        )
+    return gpus
+
+
 def run_batch(client: Any, jobs: Sequence[Job], overrides: dict[str, Any], *, gpu: bool = False,
               export: bool = False, on_done: Callable[[JobResult], None] | None = None) -> list[JobResult]:
     """Run every job on ``client``'s cluster; results in completion order.

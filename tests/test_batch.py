@@ -138,3 +138,11 @@ def test_gpu_cluster_spec_has_one_pinned_worker_per_gpu() -> None:
         assert worker["cls"] is Nanny  # a process of its own, so the pin precedes CUDA's start-up
         assert worker["options"]["env"] == {"CUDA_VISIBLE_DEVICES": str(gpu)}
         assert worker["options"]["resources"] == {"GPU": 1} and worker["options"]["nthreads"] == 1
+
+
+def test_gpu_tasks_refuse_a_cluster_without_gpu_workers() -> None:
+    from cryoptycho.daemon.batch import ClusterSpec, open_client, require_gpu_workers
+
+    with open_client(ClusterSpec(workers=1, processes=False)) as client, \
+            pytest.raises(RuntimeError, match="advertises the GPU resource"):
+        require_gpu_workers(client, timeout_s=10)

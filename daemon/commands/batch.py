@@ -60,6 +60,7 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
         merged_options,
         open_client,
         plan,
+        require_gpu_workers,
         run_batch,
         write_summary,
     )
@@ -86,6 +87,11 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
     columns = (TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn())
     with open_client(spec) as client, Progress(*columns, disable=quiet) as bar:
+        if gpu:
+            try:
+                require_gpu_workers(client)
+            except (RuntimeError, TimeoutError) as exc:
+                raise click.ClickException(str(exc)) from None
         task = bar.add_task("jobs", total=len(jobs), failed=0)
         failed = 0
 
