@@ -36,7 +36,7 @@ def filter_stage(
     grid_y = reference_grid(h, b, params.step)
     grid_x = reference_grid(w, b, params.step)
     numerator = xp.zeros(h * w, dtype=np.float64)
-    denominator = xp.zeros(h * w, dtype=np.float64)
+    corner_weight = xp.zeros(h * w, dtype=np.float64)
     fwd_host, inv_host = block_transform(params.transform, b)
     fwd = xp.asarray(fwd_host, dtype=dtype)
     inv = xp.asarray(inv_host, dtype=dtype)
@@ -76,9 +76,10 @@ def filter_stage(
                     guide_group = spectra_basic[gy, gx]
                     blocks, weight = _wiener(group, guide_group, haar, inv, sigma)
                 _aggregate(
-                    numerator, denominator, blocks, weight, kaiser, gy + y_lo, gx + x_lo, w
+                    numerator, corner_weight, blocks, weight, kaiser, gy + y_lo, gx + x_lo, w
                 )
-    return (numerator / denominator).reshape(h, w).astype(dtype)
+    denominator = _spread(corner_weight.reshape(h, w), kaiser.astype(np.float64))
+    return (numerator.reshape(h, w) / denominator).astype(dtype)
 
 
 def _sizes(matches: Matches, max_group: int) -> list[int]:
@@ -126,9 +127,26 @@ def _wiener(group: Any, guide: Any, haar: Any, inv: Any, sigma: float) -> tuple:
     return blocks, weight.astype(group.dtype)
 
 
+def _spread(corner_weight: Any, kaiser: Any) -> Any:
+    """Σ of weight × Kaiser window over all blocks, from the total weight at each block corner.
+
+    Every block of a corner shares the same window, so the per-pixel scatter of the
+    denominator reduces to b² shifted additions of one image.
+    """
+    xp = array_module(corner_weight)
+    h, w = corner_weight.shape
+    b = kaiser.shape[0]
+    out = xp.zeros_like(corner_weight)
+    corners = corner_weight[: h - b + 1, : w - b + 1]
+    for a in range(b):
+        for c in range(b):
+            out[a : a + h - b + 1, c : c + w - b + 1] += kaiser[a, c] * corners
+    return out
+
+
 def _aggregate(
     numerator: Any,
-    denominator: Any,
+    corner_weight: Any,
     blocks: Any,
     weight: Any,
     kaiser: Any,
@@ -136,7 +154,8 @@ def _aggregate(
     xs: Any,
     width: int,
 ) -> None:
-    """Add weighted blocks (n, s, b, b) with corners (ys, xs) (n, s) into the flat accumulators."""
+    """Add weighted blocks (n, s, b, b) with corners (ys, xs) (n, s) into the flat numerator,
+    and their weights into the flat per-corner weight sum."""
     xp = array_module(blocks)
     b = blocks.shape[-1]
     ar = xp.arange(b)
@@ -145,5 +164,6 @@ def _aggregate(
     wk = weight[:, None, None, None] * kaiser  # (n, 1, b, b)
     n = numerator.size
     numerator += xp.bincount(flat, weights=(blocks * wk).reshape(-1), minlength=n)
-    wk_full = xp.broadcast_to(wk, blocks.shape)
-    denominator += xp.bincount(flat, weights=wk_full.reshape(-1), minlength=n)
+    corners = (ys * width + xs).reshape(-1)
+    block_weight = xp.broadcast_to(weight[:, None], ys.shape).reshape(-1)
+    corner_weight += xp.bincount(corners, weights=block_weight, minlength=n)
