@@ -78,9 +78,10 @@ class SparsePrior:
         self.target: Any | None = None
         self.last_update: int | None = None
 
-    def update(self, obj: Any, iteration: int) -> bool:
-        """Refresh T_sparse when due; True when it changed (the objective changed with it)."""
-        due = self.target is None or (
+    def update(self, obj: Any, iteration: int, force: bool = False) -> bool:
+        """Refresh T_sparse when due (or ``force``); True when it changed (the objective
+        changed with it)."""
+        due = force or self.target is None or (
             self.last_update is not None and iteration - self.last_update >= self.every
         )
         if not due:

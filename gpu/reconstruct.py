@@ -11,6 +11,7 @@ needs no projection step; the chain rule gives the probe gradient (see :func:`_n
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -277,12 +278,24 @@ def refine_full_batch(
         return False
 
     budget = time_budget_s if time_budget_s is not None else opts.time_budget_s
-    res = minimize(
-        fun, {"object": obj, "probe": probe}, iterations, budget, callback, active, precond,
-        start_iteration=start_iteration,
-    )
-    final_probe, _ = _normalised(res.x["probe"], power)
-    return res.x["object"], final_probe, res.losses
+    t_start = time.perf_counter()
+    x = {"object": obj, "probe": probe}
+    losses: list[float] = []
+    it = start_iteration
+    while it < total:
+        left = None if budget is None else budget - (time.perf_counter() - t_start)
+        res = minimize(fun, x, total - it, left, callback, active, precond, start_iteration=it)
+        x = res.x
+        losses += res.losses
+        it += res.iterations
+        # With the sparse prior the objective is only stationary until T_sparse moves: when CG
+        # has converged on the current target, refresh it early instead of stopping.
+        if res.stopped not in ("converged", "no_descent") or sparse is None or it >= total:
+            break
+        sparse.update(x["object"], it, force=True)
+        it += 0 if res.iterations else 1  # count a fruitless attempt, so the loop ends
+    final_probe, _ = _normalised(x["probe"], power)
+    return x["object"], final_probe, losses
 
 
 def reconstruct(

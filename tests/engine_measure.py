@@ -99,10 +99,10 @@ def main() -> None:
                    for model in ("poisson", "amplitude") for mu in (0.0004, 0.00125, 0.004, 0.0125, 0.04, 0.125)}
     elif args.what == "prior":
         configs = {"tikhonov mu0=0.03": {"prior": "tikhonov", "mu0": 0.03}}
-        for den in ("gaussian", "bm3d", "bm3d-package"):
-            for mu1 in (0.08, 0.3):
+        for den in ("gaussian", "bm3d"):
+            for mu1 in (0.001, 0.003, 0.01, 0.03, 0.08):
                 configs[f"sparse {den} mu1={mu1:g}"] = {"prior": "sparse", "denoiser": den,
-                                                       "mu1": mu1, "denoise_every": 10}
+                                                       "mu1": mu1, "denoise_every": 5}
     else:
         configs = {"poisson, none": {}, "amplitude, none": {"noise_model": "amplitude"}}
         for rule, alphas in (("chen-candes", (5, 10, 25)), ("high-intensity", (5, 10)),
