@@ -29,6 +29,15 @@ from typing import Any
 
 import h5py
 import numpy as np
+from cryoptycho.gpu.average import align_and_average
+from cryoptycho.gpu.data import PtychoData
+from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.reconstruct import reconstruct
+from cryoptycho.gpu.state import ReconState
+
+from .storage.dataset import read_dataset
+from .storage.result import export_phase, read_result, write_result
+from .storage.spool import read_spool
 
 RESULT_SUFFIX = ".result.h5"
 DATASET_FORMAT = "cryoptycho-dataset"
@@ -106,23 +115,16 @@ def plan(inputs: Sequence[Path], out_dir: Path, skip_existing: bool = False) -> 
     return jobs
 
 
-def merged_options(overrides: dict[str, Any], scan_overrides: dict[str, Any] | None = None) -> Any:
+def merged_options(overrides: dict[str, Any], scan_overrides: dict[str, Any] | None = None) -> ReconOptions:
     """Defaults < the scan's own overrides (spool files) < the batch's overrides, validated."""
-    from cryoptycho.gpu.options import ReconOptions
-
     return ReconOptions().merged(scan_overrides or {}).merged(overrides)
 
 
 # ------------------------------------------------------------------------------------ on a worker
 
 
-def load_input(path: str | Path) -> tuple[Any, dict[str, Any]]:
+def load_input(path: str | Path) -> tuple[PtychoData, dict[str, Any]]:
     """(PtychoData, the scan's own option overrides) from a dataset or a spool file."""
-    from cryoptycho.gpu.data import PtychoData
-
-    from .storage.dataset import read_dataset
-    from .storage.spool import read_spool
-
     path = Path(path)
     with h5py.File(path, "r") as f:
         kind = f.attrs.get("format")
@@ -145,10 +147,6 @@ def load_input(path: str | Path) -> tuple[Any, dict[str, Any]]:
 def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobResult:
     """Reconstruct one input and write its result. Failures are returned, not raised, so that
     one bad file is reported with its reason while the rest of the batch goes on."""
-    from cryoptycho.gpu.reconstruct import reconstruct
-
-    from .storage.result import export_phase, write_result
-
     started = time.perf_counter()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -174,11 +172,6 @@ def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobRes
 def average_results(outputs: Sequence[str], path: str, export: bool = True) -> dict[str, Any]:
     """Align the results translationally and average them (:func:`cryoptycho.gpu.average.
     align_and_average`); written as a result file whose /extra holds the shifts and sources."""
-    from cryoptycho.gpu.average import align_and_average
-    from cryoptycho.gpu.state import ReconState
-
-    from .storage.result import export_phase, read_result, write_result
-
     if not outputs:
         raise ValueError("nothing to average: no reconstruction succeeded")
     states = [read_result(out).state for out in outputs]
@@ -193,7 +186,7 @@ def average_results(outputs: Sequence[str], path: str, export: bool = True) -> d
     averaged = ReconState(
         object=result.average.astype(np.complex64), probe=first.probe, geometry=first.geometry,
         iteration=0, options=first.options, frames_used=sum(s.frames_used for s in states),
-        positions=first.positions, energy=first.energy,
+        positions=None, energy=first.energy,  # an average has no single scan pattern
     )
     write_result(path, averaged, extra={"n_averaged": len(outputs), "shifts_px": result.shifts,
                                         "sources": json.dumps(list(outputs))})
