@@ -147,7 +147,7 @@ def frc(a: Any, b: Any, pixel_size: float, ring_width: float = 1.0) -> FRCCurve:
 
 def tukey_window(shape: tuple[int, int], edge: float = 0.15) -> np.ndarray:
     """Separable Tukey window with cosine edges ``edge`` × size wide (kills edge leakage)."""
-    from scipy.signal.windows import tukey  # noqa: PLC0415
+    from scipy.signal.windows import tukey
 
     return tukey(shape[0], 2 * edge)[:, None] * tukey(shape[1], 2 * edge)[None, :]
 

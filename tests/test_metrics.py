@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cryoptycho.gpu.average import align_and_average
 from cryoptycho.gpu.metrics import (
     binomial_split,

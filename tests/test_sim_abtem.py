@@ -16,8 +16,8 @@ import pytest
 abtem = pytest.importorskip("abtem")
 ase = pytest.importorskip("ase")
 
-from cryoptycho.gpu.sim.potential import Grid, projected_maps  # noqa: E402
-from cryoptycho.gpu.sim.specimen import load_model  # noqa: E402
+from cryoptycho.gpu.sim.potential import Grid, projected_maps
+from cryoptycho.gpu.sim.specimen import load_model
 
 N, D = 256, 0.4  # grid points, Å
 

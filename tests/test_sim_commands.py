@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from cryoptycho.daemon.cli import main
 from cryoptycho.daemon.storage.dataset import read_dataset
 from cryoptycho.daemon.storage.result import write_result

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.constants as sc
-
 from cryoptycho.gpu.geometry import interaction_constant, wavelength
 from cryoptycho.gpu.sim.cryoem import image_intensity, transfer_function
 from cryoptycho.gpu.sim.detector import DetectorModel, record
@@ -41,7 +40,7 @@ def test_single_atom_integrates_to_its_scattering_factor(xp, element: str, fe0_p
     assert integral_v_a3 == pytest.approx(POTENTIAL_PREFACTOR_V_A2 * fe0_published, rel=1e-3)
     # the potential peaks at the atom (sub-pixel position honoured)
     peak = np.unravel_index(int(np.argmax(np.asarray(pot.get() if hasattr(pot, "get") else pot))), pot.shape)
-    assert peak == (int(round((0.3 + 16) / 0.5)), int(round((-1.7 + 16) / 0.5)))
+    assert peak == (round((0.3 + 16) / 0.5), round((-1.7 + 16) / 0.5))
 
 
 def test_riding_hydrogens_add_to_the_potential_like_hydrogen_atoms() -> None:

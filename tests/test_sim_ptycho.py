@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cryoptycho.daemon.storage.dataset import read_dataset, write_dataset
 from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.operators import exit_waves, make_batch
@@ -14,7 +13,7 @@ from cryoptycho.gpu.sim.scan import disc_overlap, scan_positions, step_for_overl
 from cryoptycho.gpu.sim.specimen import AtomicModel, load_model
 
 PX = 1.6e-10
-SMALL = dict(frame_size=32, pixel_size=PX, semiangle=4.6e-3, margin=0.5e-9)
+SMALL = {"frame_size": 32, "pixel_size": PX, "semiangle": 4.6e-3, "margin": 0.5e-9}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def test_disc_overlap_and_step() -> None:
     step = step_for_overlap(probe, 1e-10, 0.75)
     # the real probe-area mask shifted by that step keeps ≈ 75 % of its area
     mask = np.asarray(probe_area_mask(probe))
-    shift = int(round(step / 1e-10))
+    shift = round(step / 1e-10)
     kept = (mask & np.roll(mask, shift, axis=1)).sum() / mask.sum()
     assert kept == pytest.approx(0.75, abs=0.05)
     with pytest.raises(ValueError, match="overlap"):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.reconstruct import reconstruct
 from cryoptycho.gpu.sim.evaluation import evaluate_against_truth

@@ -61,15 +61,20 @@ def _paper(v: float | None) -> str:
 
 def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, Any]:
     """All doses (and the averaging) of one sample → figures and curves."""
-    from cryoptycho.gpu.average import align_and_average  # noqa: PLC0415
-    from cryoptycho.gpu.metrics import frc, ice_phase_removed, particle_footprint, tukey_window  # noqa: PLC0415
-    from cryoptycho.gpu.options import ReconOptions  # noqa: PLC0415
-    from cryoptycho.gpu.reconstruct import reconstruct  # noqa: PLC0415
-    from cryoptycho.gpu.sim.cryoem import reference_image, simulate_cryoem  # noqa: PLC0415
-    from cryoptycho.gpu.sim.evaluation import evaluate_against_truth, evaluate_image, scanned_box  # noqa: PLC0415
-    from cryoptycho.gpu.sim.potential import Grid, Specimen  # noqa: PLC0415
-    from cryoptycho.gpu.sim.ptycho import simulate_ptychography  # noqa: PLC0415
-    from cryoptycho.gpu.sim.specimen import load_model  # noqa: PLC0415
+    from cryoptycho.gpu.average import align_and_average
+    from cryoptycho.gpu.metrics import frc, ice_phase_removed, particle_footprint, tukey_window
+    from cryoptycho.gpu.options import ReconOptions
+    from cryoptycho.gpu.reconstruct import reconstruct
+    from cryoptycho.gpu.sim.cryoem import reference_image, simulate_cryoem
+    from cryoptycho.gpu.sim.evaluation import (
+        evaluate_against_truth,
+        evaluate_image,
+        resample,
+        scanned_box,
+    )
+    from cryoptycho.gpu.sim.potential import Grid, Specimen
+    from cryoptycho.gpu.sim.ptycho import simulate_ptychography
+    from cryoptycho.gpu.sim.specimen import load_model
 
     model = load_model(sample).centred()
     opts = ReconOptions(iterations=cfg.iterations, refine_probe=False, backend=cfg.backend)  # type: ignore[arg-type]
@@ -84,7 +89,7 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
     def recon(data: Any) -> np.ndarray:
         state = reconstruct(data, opts)
         bar.advance(task)
-        from cryoptycho.gpu.backend import to_numpy  # noqa: PLC0415
+        from cryoptycho.gpu.backend import to_numpy
 
         return to_numpy(state.object), state.geometry.origin
 
@@ -114,15 +119,15 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
             "ptychography": ev.summary(),
             "cryoem": em,
             "counts_per_pattern": data.metadata["counts_per_pattern"],
-            "positions": int(len(data.positions)),
+            "positions": len(data.positions),
             "seconds": time.perf_counter() - t0,
             "frc_particle": ev.frc_particle,
         }
         out["images"][("truth", dose)] = truth_ph
-        out["images"][("ptychography", dose)] = ice_phase_removed(
-            obj[tuple(slice(s.start + int(round((data.truth_origin[i] - origin[i]) / cfg.pixel_size)),
-                            s.stop + int(round((data.truth_origin[i] - origin[i]) / cfg.pixel_size)))
-                      for i, s in enumerate((sy, sx)))], foot)
+        box_origin = (data.truth_origin[0] + sy.start * cfg.pixel_size,
+                      data.truth_origin[1] + sx.start * cfg.pixel_size)
+        recon_box = resample(obj, origin, cfg.pixel_size, box_origin, truth_ph.shape)
+        out["images"][("ptychography", dose)] = ice_phase_removed(recon_box, foot)
         if dose == max(cfg.doses):
             first = (data, obj, origin)
 
@@ -151,10 +156,10 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
 
 
 def _plots(result: dict[str, Any], outdir: Path) -> list[Path]:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     sample = result["sample"]
     paths = []
@@ -188,8 +193,8 @@ def _plots(result: dict[str, Any], outdir: Path) -> list[Path]:
 
 def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
     lines = [
-        "| sample | dose (e⁻/Å²) | ptycho 1-bit raw | ptycho 1-bit pooled | phase corr. | defocus 1-bit | "
-        "phase plate 1-bit | paper ptycho 1-bit | paper phase plate |",
+        ("| sample | dose (e⁻/Å²) | ptycho 1-bit raw | ptycho 1-bit pooled | phase corr. | defocus 1-bit | "
+         "phase plate 1-bit | paper ptycho 1-bit | paper phase plate |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -217,10 +222,10 @@ def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
                 f"{_fmt(a['half_bit_pooled'])} | {_fmt(a['single_pair_half_bit_pooled'])} | "
                 f"{_paper(PAPER_AVERAGED.get(r['sample']))} |"
             )
-    lines += ["", f"Resolutions in Å (full period); n/r = never above threshold. Settings: "
+    lines += ["", (f"Resolutions in Å (full period); n/r = below threshold from the first ring. Settings: "
               f"{cfg.frame_size}×{cfg.frame_size} frames, {cfg.pixel_size * 1e10:.2f} Å pixels, randomized "
               f"probe, 75 % overlap, 50 nm ice, K2 detector, {cfg.iterations} CG iterations, "
-              f"backend {cfg.backend}."]
+              f"backend {cfg.backend}.")]
     return "\n".join(lines)
 
 

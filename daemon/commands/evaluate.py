@@ -15,18 +15,17 @@ from typing import Any
 
 import click
 import numpy as np
+from cryoptycho.gpu.metrics import THRESHOLDS, FRCCurve
 from rich.console import Console
 from rich.table import Table
-
-from cryoptycho.gpu.metrics import THRESHOLDS, FRCCurve
 
 
 def plot_frc(curves: dict[str, FRCCurve], path: Path, title: str, pool: int = 3) -> Path:
     """FRC (raw and pooled) with the 1-bit / ½-bit / 0.143 thresholds, and SNR(q), side by side."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, (ax_f, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for label, curve in curves.items():
@@ -64,10 +63,10 @@ def _angstrom(v: float) -> str:
               help="Output stem for STEM.json and STEM.frc.png.")
 def command(result: Path, truth: Path | None, half: Path | None, pool: int, stem: Path | None) -> None:
     """Resolution figures (FRC/SNR) of a reconstruction."""
-    from cryoptycho.daemon.storage.dataset import read_dataset  # noqa: PLC0415
-    from cryoptycho.daemon.storage.result import read_result  # noqa: PLC0415
-    from cryoptycho.gpu.metrics import frc, half_set_resolution, unwrapped_phase  # noqa: PLC0415
-    from cryoptycho.gpu.sim.evaluation import evaluate_against_truth  # noqa: PLC0415
+    from cryoptycho.daemon.storage.dataset import read_dataset
+    from cryoptycho.daemon.storage.result import read_result
+    from cryoptycho.gpu.metrics import frc, half_set_resolution, unwrapped_phase
+    from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
 
     if truth is None and half is None:
         raise click.UsageError("give --truth DATA.h5 (simulations) or --half OTHER.h5 (half sets)")

@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from cryoptycho.gpu.sim.scan import SCANS
 from cryoptycho.gpu.sim.specimen import SAMPLES
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 @click.command("simulate")
@@ -55,8 +54,8 @@ def command(
     output: Path,
 ) -> None:
     """Simulate a low-dose ptychography scan of an atomic model in vitreous ice."""
-    from cryoptycho.daemon.storage.dataset import write_dataset  # noqa: PLC0415
-    from cryoptycho.gpu.sim.ptycho import simulate_ptychography  # noqa: PLC0415
+    from cryoptycho.daemon.storage.dataset import write_dataset
+    from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 
     console = Console(stderr=True)
     with Progress(

@@ -116,7 +116,7 @@ POTENTIAL_PREFACTOR_V_A2 = PLANCK**2 / (2.0 * np.pi * ELECTRON_MASS * ELEMENTARY
 
 def check_elements(symbols: Any) -> None:
     """Raise ValueError naming any element without coefficients."""
-    missing = sorted(set(str(s) for s in symbols) - set(LOBATO))
+    missing = sorted({str(s) for s in symbols} - set(LOBATO))
     if missing:
         raise ValueError(
             f"no Lobato scattering-factor coefficients for element(s) {missing}; "

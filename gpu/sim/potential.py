@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import array_module, complex_dtype
 from ..geometry import interaction_constant
 from .elements import POTENTIAL_PREFACTOR_V_A2, fe0, scattering_factor
 from .specimen import PARTIAL_SPECIFIC_VOLUME, AtomicModel
@@ -129,14 +130,8 @@ class SlicedSpecimen:
 
     def projected(self) -> Any:
         """The thin-object transmission: the product of all slices and the ice factor."""
-        xp = _xp_of(self.slices)
+        xp = array_module(self.slices)
         return xp.prod(self.slices, axis=0) * self.ice_factor
-
-
-def _xp_of(arr: Any) -> ModuleType:
-    from ..backend import array_module  # noqa: PLC0415
-
-    return array_module(arr)
 
 
 @dataclass
@@ -173,8 +168,6 @@ class Specimen:
         """Slices of ``slice_thickness`` through the particle (atoms binned by depth)."""
         if slice_thickness <= 0:
             raise ValueError(f"slice_thickness must be positive, got {slice_thickness!r}")
-        from ..backend import complex_dtype  # noqa: PLC0415
-
         sigma = interaction_constant(energy)
         mip = float(self.ice_mip) if self._solvent_present() else 0.0
         z = self.model.positions[:, 0]

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import complex_dtype, fft2, get_xp, ifft2, to_numpy
+from ..backend import array_module, complex_dtype, fft2, get_xp, ifft2, to_numpy
 from ..data import ProbeModel, PtychoData
 from ..geometry import ScanGeometry, fit_geometry, wavelength
 from ..operators import extract, from_fft_order, make_batch, shifted_probes
@@ -59,7 +59,7 @@ def exit_wave_intensities(
     progress: Callable[[int], None] | None = None,
 ) -> Any:
     """Expected far-field intensities (K, M, M), *FFT order*, for each position."""
-    xp = get_xp("cupy") if type(probe).__module__.startswith("cupy") else np
+    xp = array_module(probe)
     m = probe.shape
     pix = geometry.to_pixels(positions)
     n_slices = sliced.slices.shape[0]

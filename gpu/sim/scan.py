@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
+
 from ..backend import to_numpy
 from ..probes import probe_area_mask
 
@@ -54,13 +55,13 @@ def scan_positions(
     if ly <= 0 or lx <= 0:
         raise ValueError(f"scan extent must be positive, got {extent!r}")
     if kind == "raster":
-        ny = max(1, int(round(ly / step)))
-        nx = max(1, int(round(lx / step)))
+        ny = max(1, round(ly / step))
+        nx = max(1, round(lx / step))
         y = (np.arange(ny) - (ny - 1) / 2.0) * step
         x = (np.arange(nx) - (nx - 1) / 2.0) * step
         yy, xx = np.meshgrid(y, x, indexing="ij")
         return np.stack([yy.ravel(), xx.ravel()], axis=-1)
-    n = max(1, int(round(ly * lx / step**2)))
+    n = max(1, round(ly * lx / step**2))
     if kind == "spiral":
         # Fermat spiral: each point owns step² of area; keep those inside the rectangle
         k = np.arange(int(n * 4 / np.pi * max(ly, lx) ** 2 / (ly * lx)) + 4)

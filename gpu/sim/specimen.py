@@ -15,7 +15,6 @@ alone. Crystallographic waters are dropped by default: the ice model supplies th
 
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -108,19 +107,12 @@ def resolve_sample(sample: str | os.PathLike[str]) -> Path:
     )
 
 
-def _read(path: Path) -> gemmi.Structure:
-    if path.suffix == ".gz" and ".cif" in path.name:
-        with gzip.open(path, "rt") as fh:
-            return gemmi.make_structure_from_block(gemmi.cif.read_string(fh.read())[0])
-    return gemmi.read_structure(str(path))
-
-
 def load_model(
     sample: str | os.PathLike[str], hydrogens: bool = True, keep_waters: bool = False
 ) -> AtomicModel:
     """Read the first model of a PDB/mmCIF file (or a named sample), add hydrogens."""
     path = resolve_sample(sample)
-    st = _read(path)
+    st = gemmi.read_structure(str(path))  # PDB or mmCIF, gzipped or not
     if len(st) == 0:
         raise ValueError(f"{path}: the structure has no models")
     st.setup_entities()
