@@ -403,6 +403,8 @@ class Broker:
             )
         self._close_backend(backend)
         del self.backends[ingest]
+        for scan_id in [sid for sid, b in self.ended.items() if b is backend]:
+            del self.ended[scan_id]  # late messages of its ended scans are now unroutable
 
     def _close_backend(self, backend: Backend) -> None:
         if backend.monitor is not None:
