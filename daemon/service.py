@@ -21,7 +21,8 @@ from prometheus_client import start_http_server
 from cryoptycho.protocols.control import handle
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits
-from cryoptycho.protocols.messages import Abort, ErrorEvent, Frames, ScanEnd, ScanEvent, ScanStart, decode, encode
+from cryoptycho.protocols.messages import Abort, ErrorEvent, Frames, ScanEnd, ScanEvent, ScanStart, decode, peek
+from cryoptycho.protocols.wire import unpack
 from cryoptycho.protocols.topics import encode_event
 
 from .config import ServiceConfig
@@ -180,16 +181,16 @@ class Service:
                 msg = decode(parts, self.limits, self._declared)
                 self._handle(msg, arrived)
             except ProtocolError as exc:
-                self._reject(exc)
-            except ScanRefused as exc:
-                self._reject(ProtocolError(exc.field, exc.rule, exc.message, getattr(exc, "scan_id", None)))
+                self._reject(exc, parts)
             if self.scans.backpressure():
                 return
 
-    def _reject(self, exc: ProtocolError) -> None:
+    def _reject(self, exc: ProtocolError, parts: list[Any]) -> None:
         self.metrics.messages_rejected.labels(rule=exc.rule).inc()
-        if exc.rule == "known_scan":
-            self.metrics.frames_dropped.labels(reason="unknown_scan").inc()
+        n = _frames_in(parts, self.limits)
+        if n:
+            reason = {"known_scan": "unknown_scan", "open_scan": "scan_closed"}.get(exc.rule, "invalid")
+            self.metrics.frames_dropped.labels(reason=reason).inc(n)
         log.warning("rejected message: %s", exc, extra={"scan_id": exc.scan_id, "rule": exc.rule})
         self.outbox.post("error", ErrorEvent.from_error(exc, time.time()))
 
@@ -209,7 +210,6 @@ class Service:
         session = self.scans.sessions[msg.scan_id]
         if isinstance(msg, Frames):
             if session.state.final or session.ended:
-                self.metrics.frames_dropped.labels(reason="scan_closed").inc(len(msg.indices))
                 raise ProtocolError("scan_id", "open_scan", f"scan {msg.scan_id!r} is {session.state.value}"
                                     + (" (scan_end received)" if session.ended else ""), msg.scan_id)
             positions = frame_positions(msg, session.spec)
@@ -273,6 +273,17 @@ class BackgroundService:
         self.service.close()
         if self.error is not None:
             raise self.error
+
+
+def _frames_in(parts: list[Any], limits: Limits) -> int:
+    """Frames a refused message carried (0 when it is not a readable frames message)."""
+    try:
+        if peek(parts, limits)[0] != "frames":
+            return 0
+        _, arrays, _ = unpack(parts, limits)
+        return int(np.size(arrays.get("indices", ())))
+    except ProtocolError:
+        return 0
 
 
 def _declaration(spec: ScanSpec) -> ScanStart:

@@ -33,7 +33,7 @@ class State(str, Enum):
 STATES = tuple(s.value for s in State)
 OUTCOMES = ("finished", "aborted", "failed", "refused")
 #: why a frame that arrived was not used; the metric label values
-DROP_REASONS = ("duplicate", "invalid", "unknown_scan", "scan_closed", "cancelled", "out_of_field")
+DROP_REASONS = ("duplicate", "invalid", "unknown_scan", "scan_closed")
 
 #: frames whose preview latency `status` summarises (p50/p95)
 LATENCY_WINDOW = 20000

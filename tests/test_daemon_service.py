@@ -221,7 +221,8 @@ def test_concurrent_scans_bad_messages_and_a_stalled_subscriber(tmp_path, scan):
         m = metrics_of(daemon)
         assert m["cryoptycho_frames_received_total"] == 2 * len(scan.frames)
         assert m["cryoptycho_scans_total{outcome=refused}"] >= 2
-        assert m["cryoptycho_frames_dropped_total{reason=unknown_scan}"] >= 1
+        assert m["cryoptycho_frames_dropped_total{reason=unknown_scan}"] == 2  # the "ghost" message
+        assert m["cryoptycho_frames_dropped_total{reason=invalid}"] == 2  # the 16×16 frames
         assert sum(v for k, v in m.items() if k.startswith("cryoptycho_messages_rejected_total")) >= 6
         stalled.close(linger=0)
         sub.close()
