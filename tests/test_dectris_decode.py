@@ -22,6 +22,8 @@ from cryoptycho.protocols.dectris.codec import (
 from cryoptycho.protocols.dectris.decode import V1_CHANNEL, V1Parser, decode_v2
 from cryoptycho.protocols.dectris.schema import DecodeError, Image, SeriesEnd, SeriesStart
 from cryoptycho.protocols.dectris.sim import SimSeries, v1_messages, v2_messages
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 compression = pytest.importorskip("dectris.compression")
 
@@ -300,3 +302,22 @@ def test_v2_simulated_series_round_trips(comp: str) -> None:
         for name, arr in frames.items():
             np.testing.assert_array_equal(img.data[name], arr[img.image_id])
     assert isinstance(out[-1], SeriesEnd)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from([np.uint8, np.uint16, np.uint32]),
+    n=st.integers(1, 3000),
+    block_elems=st.sampled_from([8, 64, 512, 2048]),
+    seed=st.integers(0, 2**16),
+)
+def test_codecs_agree_with_the_reference_for_any_size_and_block(dtype: type, n: int, block_elems: int,
+                                                                  seed: int) -> None:
+    arr = np.random.default_rng(seed).poisson(5, n).astype(dtype)
+    block = block_elems * arr.dtype.itemsize
+    for algorithm, packed, ours in (
+        ("bslz4", bslz4_compress(arr, block), lambda b: bslz4_decompress(b, arr.dtype.itemsize)),
+        ("lz4", lz4_hdf5_compress(arr, block), lz4_hdf5_decompress),
+    ):
+        assert compression.decompress(packed, algorithm, elem_size=arr.dtype.itemsize) == arr.tobytes()
+        assert ours(packed) == arr.tobytes()
