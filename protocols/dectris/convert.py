@@ -29,9 +29,12 @@ IngestMessage = ScanStart | Frames | ScanEnd | Abort
 
 
 class BridgeConfig(BaseModel):
-    """How to turn a detector's series into scans. Detector-header values win over the
-    ``*_fallback``-style fields here (``energy_eV``, ``beam_center_px``, …), which only fill
-    gaps; a ``user_data`` scan description wins over both."""
+    """How to turn a detector's series into scans (the daemon's ``dectris`` settings).
+
+    ``energy_eV``, ``beam_center_px``, ``pixel_size_m`` and ``saturation_value`` only fill gaps
+    in the detector's header; a ``user_data`` scan description wins over both. The pixel angle
+    (or camera length) given here wins over the header's ``detector_distance``, which is the
+    physical distance, not the effective camera length of a microscope's projector system."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -178,8 +181,8 @@ class SeriesConverter:
         cfg, start = self.config, plan.start
         mask = start.pixel_mask.get(plan.channel)
         bad = np.zeros(first.shape, bool) if mask is None else mask != 0
-        # Pixels flagged in the first image are gaps or dead pixels when the header had no mask.
         saturation = _first(start.saturation_value, cfg.saturation_value)
+        # Pixels flagged in the first image are gaps or dead pixels when the header had no mask.
         bad |= first > saturation_threshold(first.dtype, saturation)
         plan.reducer = reducer = FrameReducer.build(
             first.shape, first.dtype, beam_center_px=_first(start.beam_center_px, cfg.beam_center_px),
