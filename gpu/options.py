@@ -79,7 +79,7 @@ class ReconOptions(_Strict):
     prior: Literal["none", "tikhonov", "sparse"] = "tikhonov"
     mu0: float = Field(3e-2, ge=0)
     """Weight of the Tikhonov gradient prior (eq. 12), scaled by κ (gpu/priors.py). 0.03: on
-    synthetic weak-phase objects the best of 4e-4…0.125 was ≈ 0.04 at 20 e⁻/Å² and ≈ 0.01 at
+    synthetic weak-phase objects the best of 4e-4…0.125 was ≈ 0.04 at 20 e⁻/Å² and ≈ 0.0125 at
     200 e⁻/Å² (ENGINE.md); the low-dose regime decides the default."""
     mu1: float = Field(8e-2, ge=0)
     """Weight of the sparse (denoiser) prior (eq. 13)."""

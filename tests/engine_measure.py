@@ -76,7 +76,7 @@ def run(configs: dict[str, dict], args: argparse.Namespace, what: str) -> None:
             for name, cfg in configs.items():
                 t0 = time.perf_counter()
                 opts = {"iterations": args.iterations, "refine_probe": False, "seed": seed,
-                        "prior": "tikhonov", "mu0": args.mu0, **cfg}
+                        "prior": "tikhonov", "mu0": args.mu0, "truncation": "none", **cfg}
                 state = reconstruct(data, opts)
                 rows[name].append((*score(state, data), time.perf_counter() - t0))
         counts = dose * STEP_PX**2
@@ -96,7 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.what == "mu0":
         configs = {f"{model} mu0={mu:g}": {"noise_model": model, "mu0": mu}
-                   for model in ("poisson", "amplitude") for mu in (0.0004, 0.00125, 0.004, 0.0125, 0.04, 0.125)}
+                   for model in ("poisson", "amplitude") for mu in (0.000375, 0.00125, 0.00375, 0.0125, 0.0375, 0.125)}
     elif args.what == "prior":
         configs = {"tikhonov mu0=0.03": {"prior": "tikhonov", "mu0": 0.03}}
         for den in ("gaussian", "bm3d"):
