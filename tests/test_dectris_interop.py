@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cryoptycho.protocols.dectris.decode import V1_CHANNEL
 from cryoptycho.protocols.dectris.receiver import DectrisReceiver
 from cryoptycho.protocols.dectris.schema import Image, SeriesEnd, SeriesStart
