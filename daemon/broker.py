@@ -10,7 +10,9 @@ The broker therefore routes by *scan*, not by message:
 * when no backend is free, the new scan is held (with its frames) in broker memory, in arrival
   order, and placed on the first backend that frees (the zguide "LRU queue" idea: work waits for a
   ready worker, not on a fixed one); beyond ``hold_bytes`` the broker stops reading its ingest
-  socket, so producers block (PUSH backpressure) instead of the broker running out of memory;
+  socket, so producers block (PUSH backpressure) instead of the broker running out of memory, and
+  hands the oldest held scan to the least-loaded live daemon, which queues it (else the paused
+  ingest would also hold back the scan_end that frees a slot: a deadlock);
 * a backend is free according to the broker's own accounting (scans placed minus scans ended) and,
   when it has a control endpoint, to its ``status`` reply (running + waiting scans, its
   ``max_concurrent_scans``, whether it is stopping). A backend whose control socket stops answering
@@ -127,7 +129,8 @@ class Broker:
         self.ended: OrderedDict[str, Backend] = OrderedDict()
         self.waiting: OrderedDict[str, list[list[Any]]] = OrderedDict()
         self.held_bytes = 0
-        self.counters: dict[str, int] = {"messages": 0, "scans_placed": 0, "scans_held": 0, "aborted_while_held": 0}
+        self.counters: dict[str, int] = {"messages": 0, "scans_placed": 0, "scans_held": 0, "aborted_while_held": 0,
+                                         "scans_overcommitted": 0}
         self.dropped: dict[str, int] = {}
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -301,9 +304,11 @@ class Broker:
     def _pick(self, now: float) -> Backend | None:
         """The free backend with the most spare slots (ties: fewest scans placed so far)."""
         free = [b for b in self.backends.values() if b.free(now)]
-        if not free:
-            return None
-        return min(free, key=lambda b: (b.load() - b.capacity(), b.placed))
+        return min(free, key=lambda b: (b.load() - b.capacity(), b.placed)) if free else None
+
+    def _least_loaded(self, now: float) -> Backend | None:
+        live = [b for b in self.backends.values() if b.available(now)]
+        return min(live, key=lambda b: (b.load() - b.capacity(), b.placed)) if live else None
 
     def _assign(self, scan_id: str, backend: Backend) -> None:
         self.routes[scan_id] = backend
@@ -327,6 +332,15 @@ class Broker:
         while self.waiting:
             scan_id = next(iter(self.waiting))
             backend = self._pick(now)
+            if backend is None and self.held_bytes >= self.options.hold_bytes:
+                # Held frames fill the budget, so ingest is paused — which would also hold back
+                # the scan_end that frees a slot (deadlock). Hand the oldest held scan to a live
+                # daemon beyond its slots instead: the daemon queues it, spooled to disk.
+                backend = self._least_loaded(now)
+                if backend is not None:
+                    self.counters["scans_overcommitted"] += 1
+                    log.warning("hold budget full: scan queued on %s beyond its slots", backend.ingest,
+                                extra={"scan_id": scan_id})
             if backend is None:
                 return
             messages = self.waiting.pop(scan_id)

@@ -180,6 +180,24 @@ def test_scan_waits_for_a_free_backend_then_follows_in_order(ctx: zmq.Context) -
         broker.stop()
 
 
+def test_a_full_hold_budget_hands_the_held_scan_over_instead_of_deadlocking(ctx: zmq.Context) -> None:
+    d = FakeDaemon(ctx)
+    one_message = sum(len(memoryview(p)) for p in encode(frames("b", 0, 3)))
+    broker, push = start_broker(ctx, [Backend(d.endpoint, slots=1)], hold_bytes=2 * one_message)
+    try:
+        send(push, scan_start("a"))
+        send(push, scan_start("b"))  # no free slot: held
+        for first in (0, 3, 6):
+            send(push, frames("b", first, 3))  # exceeds the budget: ingest pauses
+        send(push, ScanEnd("a", 0))  # only arrives if the broker did not deadlock
+        d.collect(lambda: ("scan_end", "a") in d.received)
+        d.collect(lambda: len(d.received) == 6)
+        assert [r for r in d.received if r[1] == "b"] == [("scan_start", "b")] + [("frames", "b")] * 3
+        assert broker.status()["counters"]["scans_overcommitted"] == 1
+    finally:
+        broker.stop()
+
+
 def test_daemon_status_decides_who_is_free_and_silent_daemons_get_nothing(ctx: zmq.Context) -> None:
     busy, idle, silent = FakeDaemon(ctx), FakeDaemon(ctx), FakeDaemon(ctx)
     busy_ctl = FakeControl(ctx, {"running": ["elsewhere"], "waiting": [], "max_concurrent_scans": 1})
