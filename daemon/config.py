@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.protocols.dectris.convert import BridgeConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,6 +95,12 @@ class ServiceConfig(BaseSettings):
 
     options: ReconOptions = Field(default_factory=ReconOptions)
     """Default reconstruction options; a scan's overrides are merged on top."""
+
+    source: str | None = None
+    """Also ingest a DECTRIS detector stream (``dectris2://HOST:31001`` or ``dectris1://…``),
+    bridged into the ingest socket (protocols/dectris)."""
+    dectris: BridgeConfig = Field(default_factory=BridgeConfig)
+    """How DECTRIS series become scans (``[dectris]`` table: crop, bin, raster, energy, …)."""
 
     log_format: Literal["text", "json"] = "text"
     """``json``: one JSON object per line (ts, level, logger, msg, thread, scan_id, …)."""

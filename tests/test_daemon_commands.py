@@ -60,3 +60,31 @@ def test_demo_runs_end_to_end(tmp_path):
     for path in report["files"].values():
         assert Path(path).is_file(), path  # absolute: --out was absolute
     assert "report.json" in proc.stdout
+
+
+def test_serve_bridges_a_dectris_stream(tmp_path):
+    from daemon_support import wait_for
+
+    from cryoptycho.protocols.control import ControlClient
+
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0", "--frames", "64",
+         "--size", "32", "--rate", "200"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        line = sim.stdout.readline()
+        source = line[line.index("dectris2://"):].split()[0].rstrip(")")
+        daemon = start_daemon(tmp_path, "--source", source, "--set", "options.iterations=3",
+                              "--set", "resolution_interval_s=0")
+        try:
+            with ControlClient(daemon.control) as ctl:
+                scans = wait_for(lambda: [s for s in ctl.list_scans() if s["state"] == "finished"], 90,
+                                 "the bridged scan to finish", daemon)
+            assert scans[0]["frames"]["received"] == 64
+            assert Path(scans[0]["result_path"]).is_file()
+        finally:
+            daemon.stop()
+    finally:
+        sim.kill()
+        sim.wait(10)

@@ -54,8 +54,7 @@ def _set_pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
               help="Any setting, dotted for nested ones (e.g. options.iterations=50). Repeatable.")
 @click.option("--source", metavar="URL",
               help="Also ingest a DECTRIS stream, e.g. dectris2://HOST:31001 (bridged into the ingest socket).")
-def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None, source: str | None,
-            **flags: Any) -> None:
+def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None, **flags: Any) -> None:
     """Run the live reconstruction service (ZeroMQ ingest/publish/control + Prometheus).
 
     On start it prints one JSON line with the bound endpoints (useful with port 0).
@@ -82,8 +81,8 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.request_stop())
     bridge_stop = threading.Event()
-    if source is not None:
-        _start_bridge(source, service.endpoints["ingest"], config, bridge_stop, service)
+    if config.source is not None:
+        _start_bridge(config.source, service.endpoints["ingest"], config.dectris, bridge_stop, service)
     click.echo(json.dumps({"event": "ready", **service.endpoints, "metrics_port": service.metrics_port}))
     sys.stdout.flush()
     try:
