@@ -150,6 +150,7 @@ def mini_batch_rate(scan: Scan, xp: ModuleType, steps: int, batch_size: int) -> 
         backend=backend, prior="tikhonov", refine_probe=True,
         stream={"batch_size": batch_size, "probe_warmup_steps": 0},
     )
+    waves = xp.ones((batch_size,) + tuple(m), dtype=np.complex64)  # before tracing starts
     if xp is np:
         tracemalloc.start()
     else:
@@ -161,27 +162,33 @@ def mini_batch_rate(scan: Scan, xp: ModuleType, steps: int, batch_size: int) -> 
     for lo in range(0, k, batch_size):
         engine.add_frames(scan.frames[lo : lo + batch_size], scan.positions[lo : lo + batch_size])
         engine.step()
-    synchronize(xp)
-    t0 = time.perf_counter()
-    visited = 0
+    ifft2(fft2(waves))
+    # Each step is followed by the bare FFT pair of one batch, so both see the same load;
+    # medians, as steps differ a little (batch content, illumination refreshes).
+    t_step, t_fft, visited = [], [], []
     for _ in range(steps):
-        visited += engine.step().batch_size
-    synchronize(xp)
-    elapsed = time.perf_counter() - t0
+        synchronize(xp)
+        t0 = time.perf_counter()
+        visited.append(engine.step().batch_size)
+        synchronize(xp)
+        t1 = time.perf_counter()
+        ifft2(fft2(waves))
+        synchronize(xp)
+        t_step.append(t1 - t0)
+        t_fft.append(time.perf_counter() - t1)
     if xp is np:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     else:
         peak = _pool_bytes(xp)
     raw = engine.frame_store.raw_nbytes
-    waves = xp.ones((batch_size,) + tuple(m), dtype=np.complex64)
-    t_fft = _best_times({"fft": lambda: ifft2(fft2(waves))}, xp, 5)["fft"]
-    rate = visited / elapsed
+    step_s = float(np.median(t_step))
+    rate = float(np.median(visited)) / step_s
     return {
         "frames": float(k),
         "batch": float(batch_size),
         "frames_per_s": rate,
-        "step_ratio": (elapsed / steps) / t_fft,
+        "step_ratio": step_s / float(np.median(t_fft)),
         "store_over_raw": engine.frame_store.nbytes / raw,
         "peak_over_raw": peak / raw,
     }
