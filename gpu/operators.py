@@ -185,8 +185,13 @@ def group_sum(per_position: Any, batch: Batch) -> Any:
         out[ordered[starts]] = np.add.reduceat(per_position[order], starts, axis=0)
         return out
     out = xp.zeros((g,) + per_position.shape[1:], dtype=per_position.dtype)
-    # Loop over groups, not positions: G is small (distinct sub-pixel offsets of the batch).
-    for gi in range(g):
+    # Only the groups present: a chunk of a jittered scan's batch keeps all K shifts, and a
+    # loop over all of them per chunk would be O(K) kernel launches.
+    present = xp.unique(batch.group)
+    if present.size == batch.size:  # each position its own group: a plain scatter
+        out[batch.group] = per_position
+        return out
+    for gi in present.tolist():
         out[gi] = per_position[batch.group == gi].sum(axis=0)
     return out
 
