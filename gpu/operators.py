@@ -123,7 +123,26 @@ def shift_back(per_group: Any, batch: Batch) -> Any:
 
 def extract(obj: Any, batch: Batch) -> Any:
     """R_k T for every position: (B, M, M) windows of the object."""
+    if array_module(obj) is np and batch.flat_index.ndim == 3:
+        rows, cols, my, mx = _blocks(batch)
+        out = np.empty((batch.size, my, mx), dtype=obj.dtype)
+        # Slice copies, as in the block scatter: no pass over the int64 index per pixel.
+        for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+            out[k] = obj[r : r + my, c : c + mx]
+        return out
     return obj.reshape(-1)[batch.flat_index]
+
+
+def _blocks(batch: Batch) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Top-left (row, col) of every window and the window shape, checking that each window
+    is the contiguous block ``make_batch`` builds."""
+    flat = np.asarray(batch.flat_index)
+    _, my, mx = flat.shape
+    nx = batch.object_shape[1]
+    rows, cols = np.divmod(flat[:, 0, 0], nx)
+    if not np.array_equal(flat[:, -1, -1], (rows + my - 1) * nx + cols + mx - 1):
+        raise ValueError("batch windows are not contiguous blocks of the object canvas")
+    return rows, cols, my, mx
 
 
 def scatter_add(windows: Any, batch: Batch) -> Any:
@@ -150,14 +169,8 @@ def _scatter_blocks(windows: Any, batch: Batch) -> np.ndarray:
     (``make_batch`` builds them so), and one in-place slice add per position is ~20× faster
     on a CPU than ``bincount`` over all window pixels (which also widens to float64). On the
     GPU a Python loop per position would be launch-bound, so CuPy keeps ``bincount``."""
-    my, mx = windows.shape[-2:]
-    ny, nx = batch.object_shape
-    flat = np.asarray(batch.flat_index)
-    rows, cols = np.divmod(flat[:, 0, 0], nx)
-    # Guard the block assumption: the last pixel of each window must be where a block puts it.
-    if not np.array_equal(flat[:, -1, -1], (rows + my - 1) * nx + cols + mx - 1):
-        raise ValueError("batch windows are not contiguous blocks of the object canvas")
-    out = np.zeros((ny, nx), dtype=windows.dtype)
+    rows, cols, my, mx = _blocks(batch)
+    out = np.zeros(batch.object_shape, dtype=windows.dtype)
     for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
         out[r : r + my, c : c + mx] += windows[k]
     return out

@@ -78,3 +78,9 @@ def test_subpixel_quantum_bounds_position_error(quantum):
 def test_bad_quantum_is_refused():
     with pytest.raises(ValueError, match="quantum"):
         operators.make_batch(np.zeros((1, 2)), (10, 10), (4, 4), quantum=0.0)
+
+
+def test_block_extract_matches_fancy_indexing(batch):
+    rng = np.random.default_rng(8)
+    obj = rng.standard_normal((50, 48)) + 1j * rng.standard_normal((50, 48))
+    np.testing.assert_array_equal(operators.extract(obj, batch), obj.reshape(-1)[batch.flat_index])
