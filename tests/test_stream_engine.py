@@ -220,6 +220,7 @@ def test_memory_estimate_counts_store_and_bounds_peak(scan):
     engine.add_frames(scan.frames, scan.pos)
     assert est["frame_store"] == engine.frame_store.nbytes
     assert engine.frame_store.nbytes <= 1.05 * engine.frame_store.raw_nbytes
+    assert engine.frame_store.reallocations == 0
     engine.step()
     tracemalloc.start()
     tracemalloc.reset_peak()
