@@ -103,10 +103,9 @@ def minimize(
             d is None or keys != keys_old or since_restart >= restart_every
             or pg_old is None or g_old is None
         )
-        if not restart:
-            # Powell: successive gradients far from orthogonal → conjugacy is lost.
-            if abs(_dot(g, pg_old, keys)) >= 0.2 * gpg:
-                restart = True
+        # Powell: successive gradients far from orthogonal → conjugacy is lost.
+        if not restart and abs(_dot(g, pg_old, keys)) >= 0.2 * gpg:
+            restart = True
         if restart:
             d = {k: -pg[k] for k in keys}
             since_restart = 0

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .backend import array_module
+
 
 class Denoiser(Protocol):
     def __call__(self, image: Any, sigma: float | None = None) -> Any: ...
@@ -41,7 +43,7 @@ def get_denoiser(name: str, **params: Any) -> Denoiser:
 
 def _load_builtin() -> None:
     # Import for the side effect of registration; modules that are not written yet are absent.
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
     for mod in ("cryoptycho.gpu.bm3d", "cryoptycho.gpu.denoisers"):
         if importlib.util.find_spec(mod) is not None:
@@ -60,8 +62,6 @@ def denoise_complex(t: Any, denoiser: Denoiser, sigma: float | None = None) -> A
     ``sigma`` (the noise level of the phase image) is passed to the denoiser for the phase; the
     log-amplitude gets its own estimate (None).
     """
-    from .backend import array_module  # noqa: PLC0415  (keeps the registry import-light)
-
     xp = array_module(t)
     mean = t.mean()
     rot = complex(mean) / abs(complex(mean)) if abs(complex(mean)) > 0 else 1.0 + 0.0j

@@ -43,16 +43,16 @@ class GaussianDenoiser:
     def __call__(self, image: Any, sigma: float | None = None) -> Any:
         xp = array_module(image)
         if xp is np:
-            from scipy.ndimage import gaussian_filter  # noqa: PLC0415
+            from scipy.ndimage import gaussian_filter
         else:
-            from cupyx.scipy.ndimage import gaussian_filter  # noqa: PLC0415
+            from cupyx.scipy.ndimage import gaussian_filter
         return gaussian_filter(image, self.width_px, mode="nearest").astype(image.dtype, copy=False)
 
 
 class Bm3dPackageDenoiser:
     def __init__(self, profile: str = "np") -> None:
         try:
-            import bm3d  # noqa: PLC0415  (optional, non-commercial licence)
+            import bm3d  # optional and non-commercial: never imported unless asked for
         except ImportError as exc:
             raise ImportError(
                 "denoiser 'bm3d-package' needs the optional bm3d package: "

@@ -84,4 +84,4 @@ def spectral_object(
     return xp.exp(1j * phase).astype(probe.dtype)
 
 
-__all__ = ["random_object", "flat_object", "spectral_object"]
+__all__ = ["flat_object", "random_object", "spectral_object"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, asarray, complex_dtype, get_xp, real_dtype
+from .backend import array_module, asarray, complex_dtype, fft2, get_xp, ifft2, real_dtype
 from .cg import minimize
 from .data import PtychoData
 from .geometry import ScanGeometry, fit_geometry
@@ -27,7 +27,8 @@ from .init import flat_object, random_object, spectral_object
 from .objective import data_term
 from .operators import Batch, illumination, make_batch, to_fft_order
 from .options import ReconOptions
-from .priors import SparsePrior, kappa as kappa_of, prior_term
+from .priors import SparsePrior, prior_term
+from .priors import kappa as kappa_of
 from .probes import make_probe, normalise_probe
 from .state import ReconState
 
@@ -74,8 +75,6 @@ def measured_probe_power(counts_fft: Any, mask: Any | None, probe: Any | None = 
     total = float((counts_fft * mask).sum(dtype=np.float64))
     share = 1.0
     if probe is not None:
-        from .backend import fft2  # noqa: PLC0415
-
         spec = xp.abs(fft2(probe)) ** 2
         share = float((spec * mask).sum()) / max(float(spec.sum()), 1e-300)
     return total / counts_fft.shape[0] / max(share, 1e-12)
@@ -98,8 +97,6 @@ def _initial_probe(data: PtychoData, options: ReconOptions, xp: ModuleType, coun
         )
     # No probe given: the focused probe whose vacuum pattern is the mean pattern (flat phase);
     # probe refinement must then do the rest.
-    from .backend import ifft2  # noqa: PLC0415
-
     mean = counts_fft.astype(real_dtype(options.precision)).mean(axis=0)
     probe = xp.fft.fftshift(ifft2(xp.sqrt(mean).astype(complex_dtype(options.precision))))
     return probe
@@ -322,6 +319,13 @@ def reconstruct(
 
 
 __all__ = [
-    "Problem", "FullBatchObjective", "prepare", "reconstruct", "refine_full_batch", "measured_probe_power",
-    "problem_kappa", "illuminated_pixels", "AMPLITUDE_NLL_SCALE",
+    "AMPLITUDE_NLL_SCALE",
+    "FullBatchObjective",
+    "Problem",
+    "illuminated_pixels",
+    "measured_probe_power",
+    "prepare",
+    "problem_kappa",
+    "reconstruct",
+    "refine_full_batch",
 ]

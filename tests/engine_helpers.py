@@ -3,8 +3,9 @@ the engine under test: the simulation uses only the forward operator and NumPy's
 
 from __future__ import annotations
 
-import numpy as np
+import itertools
 
+import numpy as np
 from cryoptycho.gpu import operators
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.geometry import fit_geometry
@@ -101,7 +102,7 @@ def frc_resolution(rec: np.ndarray, truth: np.ndarray, region: tuple[slice, slic
     width = 2.0 / min(ny, nx)
     edges = np.arange(0.0, 0.5 + width, width)
     curve = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         ring = (q >= lo) & (q < hi)
         num = np.abs((fa[ring] * fb[ring].conj()).sum())
         den = np.sqrt((np.abs(fa[ring]) ** 2).sum() * (np.abs(fb[ring]) ** 2).sum())

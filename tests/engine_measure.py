@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+# engine_helpers sits beside this script (tests/ is not a package).
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_helpers import frc_resolution, nrmse, scored_region, synthetic_dataset  # noqa: E402
-
-from cryoptycho.gpu.reconstruct import reconstruct  # noqa: E402
+from cryoptycho.gpu.reconstruct import reconstruct
+from engine_helpers import frc_resolution, nrmse, scored_region, synthetic_dataset
 
 STEP_PX = 3.0
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cryoptycho.gpu import operators, priors
 from cryoptycho.gpu.backend import to_numpy
 from cryoptycho.gpu.objective import data_term
@@ -71,6 +70,7 @@ def test_tikhonov_gradient(xp):
     t = _rand_c(xp, rng, (9, 11))
     d = _rand_c(xp, rng, (9, 11))
     loss, grad = priors.tikhonov(t, 0.37)
+    assert loss > 0
     _check(xp, lambda x: priors.tikhonov(x, 0.37)[0], grad, t, d)
     # A constant image has no gradient to penalise.
     flat_loss, flat_grad = priors.tikhonov(xp.full((5, 5), 2 - 1j), 1.0)

@@ -9,9 +9,6 @@ import mrcfile
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from engine_helpers import synthetic_dataset
-from PIL import Image
-
 from cryoptycho.daemon.cli import main
 from cryoptycho.daemon.storage.dataset import write_dataset
 from cryoptycho.daemon.storage.result import read_result, write_result
@@ -23,6 +20,8 @@ from cryoptycho.gpu.init import random_object
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.priors import kappa
 from cryoptycho.gpu.reconstruct import prepare, reconstruct, refine_full_batch
+from engine_helpers import synthetic_dataset
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,8 @@ def tiny():
 
 
 def _kwargs(data: PtychoData) -> dict:
-    return dict(frames=data.frames, positions=data.positions, energy=data.energy,
-                pixel_size=data.pixel_size, probe=data.probe)
+    return {"frames": data.frames, "positions": data.positions, "energy": data.energy,
+            "pixel_size": data.pixel_size, "probe": data.probe}
 
 
 @pytest.mark.parametrize(
@@ -170,7 +169,7 @@ def test_result_file_round_trip(tmp_path, tiny):
     with h5py.File(path) as f:  # ptychodus names and units
         px = tiny.pixel_size
         assert f["object"].attrs["pixel_width_m"] == px == f["probe"].attrs["pixel_height_m"]
-        ny, nx = f["object"].shape
+        nx = f["object"].shape[1]
         origin = state.geometry.origin
         assert np.isclose(f["object"].attrs["center_x_m"], origin[1] + (nx - 1) / 2 * px)
         assert np.allclose(f["probe_position_x_m"][()], tiny.positions[:, 1])

@@ -4,14 +4,15 @@ full-batch refinement API and the optimiser itself."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-from engine_helpers import ENERGY, PIXEL, frc_resolution, nrmse, scored_region, synthetic_dataset
-
 from cryoptycho.gpu.backend import backend_name, to_numpy
 from cryoptycho.gpu.cg import minimize
 from cryoptycho.gpu.probes import make_probe
 from cryoptycho.gpu.reconstruct import prepare, reconstruct, refine_full_batch
+from engine_helpers import ENERGY, PIXEL, frc_resolution, nrmse, scored_region, synthetic_dataset
 
 
 def phase_corr(rec, truth, region) -> float:
@@ -117,7 +118,7 @@ def test_refine_full_batch_continues_a_reconstruction(high_dose):
         problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask,
         problem.options, iterations=6, start_iteration=10,
     )
-    assert len(losses) == 6 and all(b <= a for a, b in zip(losses, losses[1:]))
+    assert len(losses) == 6 and all(b <= a for a, b in itertools.pairwise(losses))
     assert obj.shape == problem.object.shape and probe.shape == problem.probe.shape
     # The probe joined at iteration 12 (it moved) and kept its power.
     assert not np.allclose(to_numpy(probe), to_numpy(problem.probe))

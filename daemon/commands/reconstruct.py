@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
-
 from cryoptycho.gpu.options import ReconOptions
+from pydantic import ValidationError
 
 
 def parse_set(items: tuple[str, ...]) -> dict[str, Any]:
@@ -90,11 +89,17 @@ def command(
     export: bool, quiet: bool, **flags: Any,
 ) -> None:
     """Reconstruct DATASET.h5 (cryoptycho dataset file) into a result file."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
-
-    from cryoptycho.daemon.storage.dataset import read_dataset  # noqa: PLC0415
-    from cryoptycho.daemon.storage.result import export_phase, write_result  # noqa: PLC0415
-    from cryoptycho.gpu.reconstruct import reconstruct  # noqa: PLC0415
+    # Imported here, not at module level, so that `cryoptycho --help` stays fast.
+    from cryoptycho.daemon.storage.dataset import read_dataset
+    from cryoptycho.daemon.storage.result import export_phase, write_result
+    from cryoptycho.gpu.reconstruct import reconstruct
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     options = build_options(options_file, flags, sets)
     try:

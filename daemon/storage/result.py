@@ -32,7 +32,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.state import ReconState
 
@@ -160,8 +159,8 @@ def centred_phase(obj: Any) -> np.ndarray:
 def export_phase(state: ReconState, stem: str | Path) -> list[Path]:
     """Write ``stem``.mrc (phase in rad, voxel size in Å) and ``stem``.png (8-bit, 0.5–99.5 %
     percentile stretch) of the mean-removed phase; returns the paths."""
-    import mrcfile  # noqa: PLC0415  (only the exports need it)
-    from PIL import Image  # noqa: PLC0415
+    import mrcfile  # only the exports need it: keep the module import light
+    from PIL import Image
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
