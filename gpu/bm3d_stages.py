@@ -7,20 +7,23 @@ tiling changes only the order of floating-point additions in the aggregation.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .backend import array_module
-from .bm3d_matching import Matches, match_blocks, reference_grid
+from .bm3d_matching import match_blocks, reference_grid
 from .bm3d_transforms import block_transform, haar_matrix, kaiser_window
+
+if TYPE_CHECKING:
+    from .bm3d import StageParams
 
 
 def filter_stage(
     noisy: Any,
     basic: Any | None,
     sigma: float,
-    params: Any,
+    params: StageParams,
     lambda_3d: float,
     tile_refs: int,
 ) -> Any:
@@ -40,7 +43,8 @@ def filter_stage(
     fwd_host, inv_host = block_transform(params.transform, b)
     fwd = xp.asarray(fwd_host, dtype=dtype)
     inv = xp.asarray(inv_host, dtype=dtype)
-    kaiser = xp.asarray(kaiser_window(b, params.beta), dtype=dtype)
+    kaiser_host = kaiser_window(b, params.beta)
+    kaiser = xp.asarray(kaiser_host, dtype=dtype)
     guide_image = noisy if basic is None else basic
 
     # Equal tiles (not a full tile and a sliver): the per-offset work is then evenly batched.
@@ -62,7 +66,8 @@ def filter_stage(
             )
             spectra_noisy = _block_spectra(noisy[y_lo:y_hi, x_lo:x_hi], fwd)
             spectra_basic = None if basic is None else _block_spectra(guide, fwd)
-            for size in _sizes(matches, params.max_group):
+            # Group sizes are powers of two: one batch per size, ≤ log2(N2) + 1 batches.
+            for size in (1 << i for i in range(params.max_group.bit_length())):
                 sel = xp.nonzero(matches.size == size)[0]
                 if sel.size == 0:
                     continue
@@ -78,16 +83,8 @@ def filter_stage(
                 _aggregate(
                     numerator, corner_weight, blocks, weight, kaiser, gy + y_lo, gx + x_lo, w
                 )
-    denominator = _spread(corner_weight.reshape(h, w), kaiser.astype(np.float64))
+    denominator = _spread(corner_weight.reshape(h, w), kaiser_host)
     return (numerator.reshape(h, w) / denominator).astype(dtype)
-
-
-def _sizes(matches: Matches, max_group: int) -> list[int]:
-    sizes, s = [], 1
-    while s <= max_group:
-        sizes.append(s)
-        s *= 2
-    return sizes
 
 
 def _block_spectra(tile: Any, fwd: Any) -> Any:
@@ -127,7 +124,7 @@ def _wiener(group: Any, guide: Any, haar: Any, inv: Any, sigma: float) -> tuple:
     return blocks, weight.astype(group.dtype)
 
 
-def _spread(corner_weight: Any, kaiser: Any) -> Any:
+def _spread(corner_weight: Any, kaiser: np.ndarray) -> Any:
     """Σ of weight × Kaiser window over all blocks, from the total weight at each block corner.
 
     Every block of a corner shares the same window, so the per-pixel scatter of the
@@ -140,7 +137,7 @@ def _spread(corner_weight: Any, kaiser: Any) -> Any:
     corners = corner_weight[: h - b + 1, : w - b + 1]
     for a in range(b):
         for c in range(b):
-            out[a : a + h - b + 1, c : c + w - b + 1] += kaiser[a, c] * corners
+            out[a : a + h - b + 1, c : c + w - b + 1] += float(kaiser[a, c]) * corners
     return out
 
 
