@@ -61,7 +61,8 @@ def minimize(
 ) -> CGResult:
     """Minimise ``fun`` over the complex arrays of ``x0`` (dict; updated copies returned).
 
-    ``active(iteration)`` names the keys being optimised (others held fixed; default all).
+    ``active(iteration)`` names the keys being optimised (others held fixed; default all);
+    ``fun`` may leave inactive keys out of its gradient dict.
     ``precondition`` maps keys to positive scalars or arrays multiplying their gradients.
     ``callback(iteration, x, loss)`` runs after each iteration; returning True means "the
     objective changed" (e.g. a prior's target was refreshed): loss and gradient are recomputed
@@ -92,6 +93,13 @@ def minimize(
         unknown = keys - all_keys
         if unknown:
             raise ValueError(f"active() named unknown variables {sorted(unknown)}")
+        if not keys <= set(g):
+            # A variable just joined and ``fun`` did not return its gradient until now.
+            f, g = fun(x)
+            result.evaluations += 1
+            missing = keys - set(g)
+            if missing:
+                raise ValueError(f"fun() returned no gradient for active {sorted(missing)}")
         pg = _scaled(g, precond, keys)
         gpg = _dot(g, pg, keys)
         if not math.isfinite(f) or not math.isfinite(gpg):

@@ -188,6 +188,9 @@ class FullBatchObjective:
         self.slices = [slice(i, min(i + chunk, batch.size)) for i in range(0, batch.size, chunk)]
         self.batches = [_sub_batch(batch, sl) for sl in self.slices]
         self.scale = AMPLITUDE_NLL_SCALE if options.noise_model == "amplitude" else 1.0
+        #: Compute the probe gradient (skipped while the probe is fixed: it costs a group sum
+        #: and a shift-back per chunk). Without it the result has no "probe" key.
+        self.want_probe = True
 
     def __call__(self, x: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         opts = self.options
@@ -200,19 +203,21 @@ class FullBatchObjective:
         for sl, sub in zip(self.slices, self.batches):
             dt = data_term(
                 t, psi, self.counts_fft[sl], sub, model=opts.noise_model,
-                truncation=opts.truncation, alpha_h=opts.alpha_h, mask=self.mask, want_probe=True,
+                truncation=opts.truncation, alpha_h=opts.alpha_h, mask=self.mask,
+                want_probe=self.want_probe,
             )
             loss += dt.loss
             g_obj += dt.grad_object
-            g_psi += dt.grad_probe
-        loss *= self.scale
-        g_obj *= self.scale
-        g_psi *= self.scale
+            if self.want_probe:
+                g_psi += dt.grad_probe
         p_loss, p_grad = prior_term(t, opts, self.kappa, None, self.sparse)
-        # Chain rule through ψ̂ = s ψ, s = √P/‖ψ‖: the radial part of the gradient vanishes.
-        radial = float(xp.vdot(psi.ravel(), g_psi.ravel()).real) / self.power
-        g_raw = s * (g_psi - radial * psi)
-        return loss + p_loss, {"object": g_obj + p_grad, "probe": g_raw}
+        grads = {"object": self.scale * g_obj + p_grad}
+        if self.want_probe:
+            g_psi *= self.scale
+            # Chain rule through ψ̂ = s ψ, s = √P/‖ψ‖: the radial part of the gradient vanishes.
+            radial = float(xp.vdot(psi.ravel(), g_psi.ravel()).real) / self.power
+            grads["probe"] = s * (g_psi - radial * psi)
+        return self.scale * loss + p_loss, grads
 
 
 def refine_full_batch(
@@ -261,9 +266,8 @@ def refine_full_batch(
     }
 
     def active(it: int) -> set[str]:
-        if opts.refine_probe and it >= opts.probe_start_iteration:
-            return {"object", "probe"}
-        return {"object"}
+        fun.want_probe = opts.refine_probe and it >= opts.probe_start_iteration
+        return {"object", "probe"} if fun.want_probe else {"object"}
 
     total = start_iteration + iterations
 
