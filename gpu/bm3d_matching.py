@@ -137,7 +137,7 @@ def match_blocks(
     count = xp.minimum(ok.sum(axis=1), k)
     count = xp.maximum(count, 1)  # the reference is always there, even if tau is tiny
 
-    from .bm3d_transforms import power_of_two_floor  # noqa: PLC0415
+    from .bm3d_transforms import power_of_two_floor
 
     size = power_of_two_floor(count)
     dy_idx = best // n_off - half

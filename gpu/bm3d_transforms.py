@@ -64,7 +64,7 @@ def kaiser_window(n: int, beta: float) -> np.ndarray:
 
 def power_of_two_floor(counts: np.ndarray | object) -> object:
     """Largest power of two ≤ each (positive integer) count, element-wise, on either backend."""
-    from .backend import array_module  # noqa: PLC0415  (keeps this module import-light)
+    from .backend import array_module
 
     xp = array_module(counts)
     c = xp.maximum(xp.asarray(counts), 1)
@@ -74,7 +74,9 @@ def power_of_two_floor(counts: np.ndarray | object) -> object:
 
 #: Biorthogonal 1.5 analysis filters (Cohen–Daubechies–Feauveau spline wavelet with a Haar
 #: synthesis side), in units of 1/128 and scaled by 1/√2. The detail filter is plain Haar.
-_BIOR15_LO = np.array([3, -3, -22, 22, 128, 128, 22, -22, -3, 3], dtype=np.float64) / (128 * np.sqrt(2))
+_BIOR15_LO = np.array([3, -3, -22, 22, 128, 128, 22, -22, -3, 3], dtype=np.float64) / (
+    128 * np.sqrt(2)
+)
 _BIOR15_HI = np.array([0, 0, 0, 0, -1, 1, 0, 0, 0, 0], dtype=np.float64) / np.sqrt(2)
 
 

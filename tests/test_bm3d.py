@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.fft
-
 from cryoptycho.gpu.backend import to_numpy
 from cryoptycho.gpu.bm3d import BM3DProfile, StageParams, bm3d, estimate_sigma
 from cryoptycho.gpu.bm3d_matching import match_blocks, reference_grid, window_sums
@@ -148,9 +147,21 @@ def test_zero_sigma_returns_a_copy() -> None:
         (np.zeros((16, 16)), {"sigma": -1.0}, "sigma"),
         (np.zeros((16, 16)), {"sigma": 1.0, "data_range": 0.0}, "data_range"),
         (np.zeros((16, 16)), {"sigma": 1.0, "stages": 3}, "stages"),
-        (np.zeros((16, 16)), {"profile": BM3DProfile(hard=StageParams(max_group=12))}, "hard.max_group"),
-        (np.zeros((16, 16)), {"profile": BM3DProfile(wiener=StageParams(window=8))}, "wiener.window"),
-        (np.zeros((16, 16)), {"profile": BM3DProfile(hard=StageParams(transform="db4"))}, "transform"),
+        (
+            np.zeros((16, 16)),
+            {"profile": BM3DProfile(hard=StageParams(max_group=12))},
+            "hard.max_group",
+        ),
+        (
+            np.zeros((16, 16)),
+            {"profile": BM3DProfile(wiener=StageParams(window=8))},
+            "wiener.window",
+        ),
+        (
+            np.zeros((16, 16)),
+            {"profile": BM3DProfile(hard=StageParams(transform="db4"))},
+            "transform",
+        ),
         (np.zeros((16, 16)), {"profile": BM3DProfile(lambda_3d=0)}, "lambda_3d"),
     ],
 )
@@ -173,7 +184,9 @@ def test_registered_as_default_denoiser(camera: np.ndarray) -> None:
 
 def test_dct_matrix_is_scipy_orthonormal_dct() -> None:
     x = np.random.default_rng(0).normal(size=(8, 5))
-    np.testing.assert_allclose(dct_matrix(8) @ x, scipy.fft.dct(x, axis=0, norm="ortho"), atol=1e-12)
+    np.testing.assert_allclose(
+        dct_matrix(8) @ x, scipy.fft.dct(x, axis=0, norm="ortho"), atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 16, 32])
@@ -188,7 +201,10 @@ def test_haar_matrix_is_orthonormal_haar(n: int) -> None:
 def test_bior15_matrix_matches_pywavelets() -> None:
     pywt = pytest.importorskip("pywt")
     with pytest.warns(UserWarning):  # pywt warns that level 3 touches the 8-sample boundary
-        cols = [np.concatenate(pywt.wavedec(e, "bior1.5", mode="periodization", level=3)) for e in np.eye(8)]
+        cols = [
+            np.concatenate(pywt.wavedec(e, "bior1.5", mode="periodization", level=3))
+            for e in np.eye(8)
+        ]
     expected = np.array(cols).T
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(bior15_matrix(8), expected, atol=1e-12)

@@ -15,17 +15,16 @@ from typing import Any
 
 import click
 import numpy as np
-from rich.console import Console
-from rich.table import Table
-
 from cryoptycho.gpu.backend import BackendUnavailable, get_xp, synchronize, to_numpy
 from cryoptycho.gpu.bm3d import bm3d
+from rich.console import Console
+from rich.table import Table
 
 
 def bench_image(size: int) -> tuple[np.ndarray, str]:
     """A size×size grey image on 0–255 and its name."""
     try:
-        from skimage import data  # noqa: PLC0415  (optional: test extra only)
+        from skimage import data
     except ImportError:
         return synthetic_image(size), "synthetic"
     cam = data.camera().astype(np.float64)
@@ -51,18 +50,29 @@ def _psnr(estimate: np.ndarray, clean: np.ndarray) -> float:
     return 10 * np.log10(255.0**2 / mse)
 
 
-def _timed(fn: Any, repeat: int) -> tuple[Any, float]:
+def _timed(fn: Any, repeat: int, *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and its best wall time of ``repeat`` runs."""
     best, out = np.inf, None
     for _ in range(repeat):
         start = time.perf_counter()
-        out = fn()
+        out = fn(*args)
         best = min(best, time.perf_counter() - start)
     return out, best
 
 
+def _ours(xp: Any, image: Any, sigma: float) -> Any:
+    out = bm3d(image, sigma)
+    synchronize(xp)  # a GPU call returns before the work is done
+    return out
+
+
+def _reference_run(package: Any, image: np.ndarray, sigma: float) -> np.ndarray:
+    return package.bm3d(image / 255.0, sigma / 255.0) * 255.0
+
+
 def _reference() -> Any | None:
     try:
-        import bm3d as package  # noqa: PLC0415  (optional, non-commercial: never a dependency)
+        import bm3d as package
     except ImportError:
         return None
     return package
@@ -73,18 +83,30 @@ def _reference() -> Any | None:
 @click.option("--sizes", default="256,512", show_default=True, help="Comma-separated image sides.")
 @click.option("--sigmas", default="10,25,50", show_default=True, help="Noise σ on 0–255.")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(1), help="Best of N.")
-@click.option("--reference/--no-reference", default=True, show_default=True,
-              help="Also run the `bm3d` package (when installed).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the rows as JSON here.")
-def command(backend: str, sizes: str, sigmas: str, repeat: int, reference: bool,
-            json_path: str | None) -> None:
+@click.option(
+    "--reference/--no-reference",
+    default=True,
+    show_default=True,
+    help="Also run the `bm3d` package (when installed).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the rows as JSON here.",
+)
+def command(
+    backend: str, sizes: str, sigmas: str, repeat: int, reference: bool, json_path: str | None
+) -> None:
     """Time and PSNR of the open BM3D vs the reference `bm3d` package."""
     try:
         size_list = [int(s) for s in sizes.split(",") if s.strip()]
         sigma_list = [float(s) for s in sigmas.split(",") if s.strip()]
     except ValueError as exc:
-        raise click.BadParameter(f"sizes and sigmas must be comma-separated numbers ({exc})") from exc
+        raise click.BadParameter(
+            f"sizes and sigmas must be comma-separated numbers ({exc})"
+        ) from exc
     if not size_list or min(size_list) < 8:
         raise click.BadParameter("every size must be >= 8", param_hint="--sizes")
     if not sigma_list or min(sigma_list) <= 0:
@@ -106,28 +128,38 @@ def command(backend: str, sizes: str, sigmas: str, repeat: int, reference: bool,
     for size in size_list:
         clean, name = bench_image(size)
         for sigma in sigma_list:
-            noisy = clean + np.random.default_rng(int(size * 1000 + sigma)).normal(0, sigma, clean.shape)
+            noisy = clean + np.random.default_rng(int(size * 1000 + sigma)).normal(
+                0, sigma, clean.shape
+            )
             noisy = noisy.astype(np.float32)
             device = xp.asarray(noisy)
 
-            def ours() -> Any:
-                out = bm3d(device, sigma)
-                synchronize(xp)
-                return out
-
-            est, t_ours = _timed(ours, repeat)
-            row = {"image": name, "size": size, "sigma": sigma, "backend": backend,
-                   "psnr_noisy": _psnr(noisy, clean), "psnr_ours": _psnr(to_numpy(est), clean),
-                   "time_ours_s": t_ours}
+            est, t_ours = _timed(_ours, repeat, xp, device, sigma)
+            row = {
+                "image": name,
+                "size": size,
+                "sigma": sigma,
+                "backend": backend,
+                "psnr_noisy": _psnr(noisy, clean),
+                "psnr_ours": _psnr(to_numpy(est), clean),
+                "time_ours_s": t_ours,
+            }
             if package is not None:
-                ref_est, t_ref = _timed(lambda: package.bm3d(noisy / 255.0, sigma / 255.0), repeat)
-                row.update(psnr_ref=_psnr(ref_est * 255.0, clean), time_ref_s=t_ref)
+                ref_est, t_ref = _timed(_reference_run, repeat, package, noisy, sigma)
+                row.update(psnr_ref=_psnr(ref_est, clean), time_ref_s=t_ref)
                 row.update(psnr_delta=row["psnr_ours"] - row["psnr_ref"], speedup=t_ref / t_ours)
             rows.append(row)
-            console.print(f"{size}² σ={sigma:g}: ours {row['psnr_ours']:.2f} dB in {t_ours:.2f} s"
-                          + (f", reference {row['psnr_ref']:.2f} dB in {row['time_ref_s']:.2f} s"
-                             if package is not None else ""))
-    console.print(_table(rows, package is not None, title=f"BM3D, ours ({backend}) vs `bm3d` package"))
+            console.print(
+                f"{size}² σ={sigma:g}: ours {row['psnr_ours']:.2f} dB in {t_ours:.2f} s"
+                + (
+                    f", reference {row['psnr_ref']:.2f} dB in {row['time_ref_s']:.2f} s"
+                    if package is not None
+                    else ""
+                )
+            )
+    console.print(
+        _table(rows, package is not None, title=f"BM3D, ours ({backend}) vs `bm3d` package")
+    )
     if json_path:
         with open(json_path, "w", encoding="utf-8") as fh:
             json.dump(rows, fh, indent=2)
@@ -141,10 +173,20 @@ def _table(rows: list[dict], with_ref: bool, title: str | None) -> Table:
         for col in ("PSNR ref", "ΔPSNR", "time ref [s]", "ref/ours time"):
             table.add_column(col, justify="right")
     for r in rows:
-        cells = [r["image"], f"{r['size']}²", f"{r['sigma']:g}", f"{r['psnr_noisy']:.2f}",
-                 f"{r['psnr_ours']:.2f}", f"{r['time_ours_s']:.2f}"]
+        cells = [
+            r["image"],
+            f"{r['size']}²",
+            f"{r['sigma']:g}",
+            f"{r['psnr_noisy']:.2f}",
+            f"{r['psnr_ours']:.2f}",
+            f"{r['time_ours_s']:.2f}",
+        ]
         if with_ref:
-            cells += [f"{r['psnr_ref']:.2f}", f"{r['psnr_delta']:+.2f}", f"{r['time_ref_s']:.2f}",
-                      f"{r['speedup']:.2f}×"]
+            cells += [
+                f"{r['psnr_ref']:.2f}",
+                f"{r['psnr_delta']:+.2f}",
+                f"{r['time_ref_s']:.2f}",
+                f"{r['speedup']:.2f}×",
+            ]
         table.add_row(*cells)
     return table
