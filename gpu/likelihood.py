@@ -92,12 +92,24 @@ def loss_and_grad(
     raise ValueError(f"unknown noise model {model!r}: choose 'poisson' or 'amplitude'")
 
 
+def truncation_sums(z: Any, y: Any, mask: Any | None = None) -> tuple[float, float, float]:
+    """(Σ w|y − I|, Σ w I, Σ w) of a batch: summed over the chunks of a full batch, they give
+    the statistics K_t = Σ w|y − I| / Σ w and rms² = Σ w I / Σ w of the whole scan."""
+    xp = array_module(z)
+    inten = z.real**2 + z.imag**2
+    resid = xp.abs(y.astype(inten.dtype, copy=False) - inten)
+    w = _weights(inten, mask)
+    wsum = float(xp.broadcast_to(w, inten.shape).sum())
+    return float((w * resid).sum()), float((w * inten).sum()), wsum
+
+
 def truncation_keep(
     z: Any,
     y: Any,
     alpha_h: float = 5.0,
     rule: TruncationRule = "chen-candes",
     mask: Any | None = None,
+    sums: tuple[float, float, float] | None = None,
 ) -> Any | None:
     """Measurements kept by the truncated-gradient rule (eq. 20/21), or None for "keep all".
 
@@ -113,6 +125,8 @@ def truncation_keep(
     lone detected electron is never discarded (α_h ≥ 1) while hot pixels and grossly
     inconsistent patterns still are.
     ``alpha_h = inf`` or rule ``none`` disables truncation.
+    ``sums`` (:func:`truncation_sums` over a larger set, e.g. all chunks of a full batch) sets
+    K_t and rms; by default they come from this batch.
     """
     if rule == "none" or not np.isfinite(alpha_h):
         return None
@@ -120,12 +134,11 @@ def truncation_keep(
     amp = xp.abs(z)
     inten = amp * amp
     resid = xp.abs(y.astype(amp.dtype, copy=False) - inten)
-    w = _weights(amp, mask)
-    wsum = float(xp.broadcast_to(w, amp.shape).sum())
+    resid_sum, inten_sum, wsum = truncation_sums(z, y, mask) if sums is None else sums
     if wsum <= 0:
         return None
-    k_t = float((w * resid).sum()) / wsum
-    rms = float(xp.sqrt((w * inten).sum() / wsum)) + 1e-12
+    k_t = resid_sum / wsum
+    rms = float(np.sqrt(inten_sum / wsum)) + 1e-12
     if rule == "chen-candes":
         scale = amp / rms
     elif rule == "high-intensity":

@@ -34,15 +34,17 @@ def data_term(
     alpha_h: float = 5.0,
     mask: Any | None = None,
     want_probe: bool = True,
+    truncation_sums: tuple[float, float, float] | None = None,
 ) -> DataTerm:
     """Loss and gradients for measured ``counts`` (B, M, M) in FFT order (any dtype; converted
     on the fly, so the frame store stays in its integer dtype). ``mask`` (M, M) in FFT order,
-    1 = valid pixel."""
+    1 = valid pixel. ``truncation_sums`` (likelihood.truncation_sums over the whole scan) makes
+    the truncation statistics those of the full batch when it is evaluated in chunks."""
     xp = array_module(obj)
     waves, windows, probes = exit_waves(obj, probe, batch)
     far = fft2(waves)
     y = counts if counts.dtype == far.real.dtype else counts.astype(far.real.dtype)
-    keep = truncation_keep(far, y, alpha_h, truncation, mask)
+    keep = truncation_keep(far, y, alpha_h, truncation, mask, truncation_sums)
     loss, g_far = loss_and_grad(far, y, model, mask, keep)
     back = ifft2(g_far)
     psi = probes[batch.group] if probes.shape[0] > 1 else probes

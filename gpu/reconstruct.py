@@ -24,8 +24,9 @@ from .cg import minimize
 from .data import PtychoData
 from .geometry import ScanGeometry, fit_geometry
 from .init import flat_object, random_object, spectral_object
+from .likelihood import truncation_sums
 from .objective import data_term
-from .operators import Batch, illumination, make_batch, to_fft_order
+from .operators import Batch, forward, illumination, make_batch, to_fft_order
 from .options import ReconOptions
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
@@ -157,7 +158,11 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
 
 
 def _sub_batch(batch: Batch, sl: slice) -> Batch:
-    return Batch(batch.flat_index[sl], batch.group[sl], batch.shifts, batch.object_shape)
+    """The positions ``sl`` of ``batch``, with only the probe shifts they use: a chunk must not
+    shift the probe for every sub-pixel group of the whole scan (up to one per position)."""
+    xp = array_module(batch.group)
+    used, group = xp.unique(batch.group[sl], return_inverse=True)
+    return Batch(batch.flat_index[sl], group.reshape(-1), batch.shifts[used], batch.object_shape)
 
 
 def _normalised(probe: Any, power: float) -> tuple[Any, float]:
@@ -192,6 +197,21 @@ class FullBatchObjective:
         #: and a shift-back per chunk). Without it the result has no "probe" key.
         self.want_probe = True
 
+    def _truncation_sums(self, t: Any, psi: Any) -> tuple[float, float, float] | None:
+        """Scan-wide truncation statistics. With several chunks they need a pass of their own
+        (one extra forward FFT per position), so that chunking never changes the result."""
+        opts = self.options
+        if len(self.slices) == 1 or opts.truncation == "none" or not math.isfinite(opts.alpha_h):
+            return None
+        total = [0.0, 0.0, 0.0]
+        for sl, sub in zip(self.slices, self.batches):
+            far = forward(t, psi, sub)
+            y = self.counts_fft[sl]
+            part = truncation_sums(far, y if y.dtype == far.real.dtype else y.astype(far.real.dtype),
+                                   self.mask)
+            total = [a + b for a, b in zip(total, part)]
+        return total[0], total[1], total[2]
+
     def __call__(self, x: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         opts = self.options
         t = x["object"]
@@ -200,11 +220,12 @@ class FullBatchObjective:
         loss = 0.0
         g_obj = xp.zeros_like(t)
         g_psi = xp.zeros_like(psi)
+        sums = self._truncation_sums(t, psi)
         for sl, sub in zip(self.slices, self.batches):
             dt = data_term(
                 t, psi, self.counts_fft[sl], sub, model=opts.noise_model,
                 truncation=opts.truncation, alpha_h=opts.alpha_h, mask=self.mask,
-                want_probe=self.want_probe,
+                want_probe=self.want_probe, truncation_sums=sums,
             )
             loss += dt.loss
             g_obj += dt.grad_object
