@@ -13,7 +13,7 @@ from cryoptycho.daemon.cli import main
 from cryoptycho.daemon.storage.dataset import write_dataset
 from cryoptycho.daemon.storage.result import read_result, write_result
 from cryoptycho.gpu import operators
-from cryoptycho.gpu.backend import to_numpy
+from cryoptycho.gpu.backend import cupy_available, to_numpy
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.denoise import denoise_complex, get_denoiser
 from cryoptycho.gpu.init import random_object
@@ -209,6 +209,14 @@ def test_reconstruct_command(tmp_path, tiny):
     assert bad.exit_code != 0 and "mu0" in bad.output
     bad = runner.invoke(main, ["reconstruct", str(dataset), "-o", str(out), "--set", "nokey"])
     assert bad.exit_code != 0 and "key=value" in bad.output
+
+
+@pytest.mark.skipif(cupy_available(), reason="needs a machine without a usable CuPy")
+def test_reconstruct_command_without_gpu_is_a_clear_error(tmp_path, tiny):
+    dataset = write_dataset(tmp_path / "d.h5", tiny)
+    result = CliRunner().invoke(main, ["reconstruct", str(dataset), "-o", str(tmp_path / "r.h5"),
+                                       "-n", "1", "-q", "--backend", "cupy"])
+    assert result.exit_code == 1 and "CuPy" in result.output
 
 
 def test_random_object_follows_options():

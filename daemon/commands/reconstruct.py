@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryoptycho.gpu.backend import BackendUnavailable
 from cryoptycho.gpu.options import ReconOptions
 from pydantic import ValidationError
 
@@ -118,7 +119,7 @@ def command(
 
         try:
             state = reconstruct(data, options, progress=progress)
-        except (ValueError, FloatingPointError) as exc:
+        except (ValueError, FloatingPointError, BackendUnavailable) as exc:
             raise click.ClickException(f"reconstruction failed: {exc}") from exc
     write_result(output, state, data)
     written = [output]
