@@ -90,6 +90,15 @@ def make_batch(
     return Batch(flat_index=flat, group=group.reshape(-1), shifts=shifts, object_shape=object_shape)
 
 
+def sub_batch(batch: Batch, part: slice) -> Batch:
+    """The positions ``part`` of ``batch`` as a batch of their own, keeping only the probe
+    shifts they use: a chunk that kept all of its parent's G shifts would shift (FFT) the
+    probe G times per chunk instead of once per distinct shift."""
+    xp = array_module(batch.group)
+    used, group = xp.unique(batch.group[part], return_inverse=True)
+    return Batch(batch.flat_index[part], group.reshape(-1), batch.shifts[used], batch.object_shape)
+
+
 def _shift_ramps(shifts: Any, shape: tuple[int, int], dtype: Any) -> Any:
     """exp(-2πi q·δ) for each shift δ (G, 2): multiplying a spectrum by it shifts by +δ.
 

@@ -84,3 +84,10 @@ def test_block_extract_matches_fancy_indexing(batch):
     rng = np.random.default_rng(8)
     obj = rng.standard_normal((50, 48)) + 1j * rng.standard_normal((50, 48))
     np.testing.assert_array_equal(operators.extract(obj, batch), obj.reshape(-1)[batch.flat_index])
+
+
+def test_sub_batch_keeps_only_its_shifts(batch):
+    sub = operators.sub_batch(batch, slice(12, 20))
+    assert sub.shifts.shape[0] == 8  # eight jittered positions, eight distinct shifts
+    np.testing.assert_array_equal(sub.shifts[sub.group], batch.shifts[batch.group[12:20]])
+    np.testing.assert_array_equal(sub.flat_index, batch.flat_index[12:20])

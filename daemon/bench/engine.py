@@ -69,7 +69,7 @@ def synthetic_scan(n_frames: int, size: int, seed: int = 0) -> Scan:
     batch = operators.make_batch(geo.to_pixels(pos), geo.object_shape, (size, size))
     frames = np.empty((n_frames, size, size), dtype=np.uint16)
     for lo in range(0, n_frames, 256):
-        sub = operators.Batch(batch.flat_index[lo : lo + 256], batch.group[lo : lo + 256], batch.shifts, batch.object_shape)
+        sub = operators.sub_batch(batch, slice(lo, lo + 256))
         inten = np.abs(operators.forward(obj, probe, sub)) ** 2
         frames[lo : lo + 256] = operators.from_fft_order(rng.poisson(inten)).astype(np.uint16)
     return Scan(frames, pos, probe.astype(np.complex64))
@@ -111,7 +111,7 @@ def full_batch_ratio(
     waves = xp.ones(counts.shape, dtype=np.complex64)
     chunk = opts.chunk_size
     subs = [
-        (slice(lo, lo + chunk), operators.Batch(batch.flat_index[lo : lo + chunk], batch.group[lo : lo + chunk], batch.shifts, batch.object_shape))
+        (slice(lo, lo + chunk), operators.sub_batch(batch, slice(lo, lo + chunk)))
         for lo in range(0, batch.size, chunk)
     ]
 
