@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, real_of
+from .backend import array_module, free_device_bytes, real_of
 from .bm3d_stages import filter_stage
 from .denoise import register_denoiser
 
@@ -83,7 +83,8 @@ class BM3DProfile:
     high_noise_sigma: float = 40.0
     high_noise_tau: tuple[float, float] = (5000.0, 3500.0)
     #: Tile side in reference blocks: bounds memory (~25 bytes × tile² × window², with the
-    #: argpartition indices). None: 48 on NumPy (≈ 90 MB), 128 on CuPy (≈ 0.6 GB, fewer launches).
+    #: argpartition indices). None: 48 on NumPy (≈ 90 MB); on CuPy up to 128 (≈ 0.6 GB, fewer
+    #: launches), bounded by a quarter of the free device memory.
     tile_refs: int | None = None
 
     def for_sigma(self, sigma255: float) -> BM3DProfile:
@@ -167,12 +168,27 @@ def bm3d(
     noisy = ((img.astype(work) - offset) * scale).astype(work)
     sigma255 = sigma * scale
     prof = prof.for_sigma(sigma255)
-    tile = prof.tile_refs or (48 if xp is np else 128)
+    tile = prof.tile_refs or _default_tile(xp, max(prof.hard.window, prof.wiener.window))
     basic = filter_stage(noisy, None, sigma255, prof.hard, prof.lambda_3d, tile)
     result = basic
     if stages == 2:
         result = filter_stage(noisy, basic, sigma255, prof.wiener, prof.lambda_3d, tile)
     return (result / scale + offset).astype(out_dtype)
+
+
+#: Working bytes per (reference block, candidate) pair of a tile: distances, their transposed
+#: copy, the validity mask and the argpartition indices, with slack.
+_BYTES_PER_PAIR = 32
+
+
+def _default_tile(xp: Any, window: int) -> int:
+    """Tile side in reference blocks: 48 on the host; on a GPU up to 128 (fewer kernel
+    launches), less when a quarter of the free device memory cannot hold the tile."""
+    free = free_device_bytes(xp)
+    if free is None:
+        return 48
+    fits = int(np.sqrt(free / 4 / (_BYTES_PER_PAIR * window * window)))
+    return max(8, min(128, fits))
 
 
 def _factory(**params: Any) -> Any:

@@ -10,7 +10,7 @@ import pytest
 import scipy.fft
 from cryoptycho.gpu.backend import to_numpy
 from cryoptycho.gpu.bm3d import BM3DProfile, StageParams, bm3d, estimate_sigma
-from cryoptycho.gpu.bm3d_matching import match_blocks, reference_grid, window_sums
+from cryoptycho.gpu.bm3d_matching import Matches, match_blocks, reference_grid, window_sums
 from cryoptycho.gpu.bm3d_transforms import bior15_matrix, dct_matrix, haar_matrix
 from cryoptycho.gpu.denoise import available_denoisers, get_denoiser
 
@@ -219,12 +219,15 @@ def test_reference_grid_covers_the_last_block() -> None:
     np.testing.assert_array_equal(reference_grid(8, 8, 3), [0])
 
 
-def test_block_matching_equals_brute_force() -> None:
+def test_block_matching_equals_brute_force(xp) -> None:
     rng = np.random.default_rng(11)
     img = np.round(rng.uniform(0, 40, size=(17, 19))).astype(np.float32)
     block, window, k, tau = 4, 7, 8, 300.0
     ry, rx = reference_grid(17, block, 3), reference_grid(19, block, 3)
-    got = match_blocks(img, ry, rx, block=block, window=window, max_group=k, tau=tau)
+    found_xp = match_blocks(
+        xp.asarray(img), ry, rx, block=block, window=window, max_group=k, tau=tau
+    )
+    got = Matches(*(to_numpy(a) for a in (found_xp.ys, found_xp.xs, found_xp.size)))
     half = window // 2
     for i, (y, x) in enumerate((y, x) for y in ry for x in rx):
         ref = img[y : y + block, x : x + block]
