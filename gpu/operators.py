@@ -67,7 +67,7 @@ def make_batch(
     ny, nx = object_shape
     my, mx = probe_shape
     corner = xp.floor(pix)
-    steps = int(round(1.0 / quantum))
+    steps = round(1.0 / quantum)
     key = xp.round((pix - corner) / quantum).astype(np.int64)
     # A fraction that rounds to 1 means the next pixel, with no shift.
     roll = key >= steps

@@ -286,7 +286,7 @@ class StreamingReconstructor:
         size = min(stream.batch_size, n)
         unvisited = n - self._next_fresh
         earlier = self._next_fresh
-        n_fresh = min(unvisited, int(round(stream.fresh_fraction * size)))
+        n_fresh = min(unvisited, round(stream.fresh_fraction * size))
         n_old = min(earlier, size - n_fresh)
         n_fresh = min(unvisited, size - n_old)  # too few earlier frames: take more fresh ones
         fresh = np.arange(self._next_fresh, self._next_fresh + n_fresh)

@@ -8,8 +8,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from scipy.ndimage import gaussian_filter
-
 from cryoptycho.gpu import operators
 from cryoptycho.gpu.backend import backend_name, to_numpy
 from cryoptycho.gpu.geometry import fit_geometry
@@ -17,6 +15,7 @@ from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.probes import make_probe
 from cryoptycho.gpu.reconstruct import refine_full_batch
 from cryoptycho.gpu.stream import StreamingReconstructor
+from scipy.ndimage import gaussian_filter
 
 M = 32
 PIXEL = 1e-10
@@ -62,9 +61,9 @@ def _options(xp, **kw) -> ReconOptions:
     """Options for these tests; μ₀ is pinned (not the default, which is tuned for low dose):
     at 10⁴ counts per pattern a weak prior is best for both engines."""
     stream = kw.pop("stream", {})
-    base = dict(
-        backend=backend_name(xp), init="ones", refine_probe=False, prior="tikhonov", mu0=1e-3
-    )
+    base = {
+        "backend": backend_name(xp), "init": "ones", "refine_probe": False, "prior": "tikhonov", "mu0": 1e-3
+    }
     base.update(kw)
     return ReconOptions(stream={"batch_size": 16, **stream}, **base)
 
@@ -236,21 +235,21 @@ def test_memory_estimate_counts_store_and_bounds_peak(scan):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(frame_shape=(32, 30)), "square"),
-        (dict(pixel_size=-1.0), "pixel_size"),
-        (dict(probe=np.ones((16, 16), complex)), "probe shape"),
-        (dict(probe=np.zeros((M, M), complex)), "probe"),
-        (dict(mask=np.zeros((M, M), bool)), "mask"),
-        (dict(mask=np.ones((8, 8), bool)), "mask shape"),
-        (dict(extent_m=((1.0, 0.0), (0.0, 1.0))), "extent_m"),
-        (dict(expected_frames=0), "expected_frames"),
+        ({"frame_shape": (32, 30)}, "square"),
+        ({"pixel_size": -1.0}, "pixel_size"),
+        ({"probe": np.ones((16, 16), complex)}, "probe shape"),
+        ({"probe": np.zeros((M, M), complex)}, "probe"),
+        ({"mask": np.zeros((M, M), bool)}, "mask"),
+        ({"mask": np.ones((8, 8), bool)}, "mask shape"),
+        ({"extent_m": ((1.0, 0.0), (0.0, 1.0))}, "extent_m"),
+        ({"expected_frames": 0}, "expected_frames"),
     ],
 )
 def test_bad_constructor_arguments(scan, change, message):
-    kwargs = dict(
-        frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=PIXEL, probe=scan.probe,
-        options=ReconOptions(),
-    )
+    kwargs = {
+        "frame_shape": (M, M), "frame_dtype": np.uint16, "pixel_size": PIXEL, "probe": scan.probe,
+        "options": ReconOptions(),
+    }
     kwargs.update(change)
     with pytest.raises(ValueError, match=message):
         StreamingReconstructor(**kwargs)

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from cryoptycho.gpu.backend import to_numpy
 from cryoptycho.gpu.framestore import FrameStore
 
@@ -75,10 +74,10 @@ def test_growth_keeps_earlier_frames(xp):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(frame_shape=(0, 4), dtype=np.uint16, capacity=1), "frame_shape"),
-        (dict(frame_shape=(4, 4), dtype=np.complex64, capacity=1), "dtype"),
-        (dict(frame_shape=(4, 4), dtype=np.uint16, capacity=0), "capacity"),
-        (dict(frame_shape=(4, 4), dtype=np.uint16, capacity=1, growth=1.0), "growth"),
+        ({"frame_shape": (0, 4), "dtype": np.uint16, "capacity": 1}, "frame_shape"),
+        ({"frame_shape": (4, 4), "dtype": np.complex64, "capacity": 1}, "dtype"),
+        ({"frame_shape": (4, 4), "dtype": np.uint16, "capacity": 0}, "capacity"),
+        ({"frame_shape": (4, 4), "dtype": np.uint16, "capacity": 1, "growth": 1.0}, "growth"),
     ],
 )
 def test_bad_store_arguments(kwargs, message):

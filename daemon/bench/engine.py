@@ -26,9 +26,6 @@ from typing import Any
 
 import click
 import numpy as np
-from rich.console import Console
-from rich.table import Table
-
 from cryoptycho.gpu import operators
 from cryoptycho.gpu.backend import fft2, get_xp, ifft2, synchronize
 from cryoptycho.gpu.geometry import fit_geometry
@@ -37,6 +34,8 @@ from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.probes import make_probe
 from cryoptycho.gpu.reconstruct import refine_full_batch
 from cryoptycho.gpu.stream import StreamingReconstructor
+from rich.console import Console
+from rich.table import Table
 
 PIXEL = 1e-10  #: m; 300 keV, so the largest sampled semi-angle is 9.8 mrad
 SEMIANGLE = 8e-3  #: rad
