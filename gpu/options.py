@@ -41,7 +41,7 @@ class StreamOptions(_Strict):
     ePIE-like step, well-visited ones average the batches of a sweep like recursive least
     squares, which removes the mini-batch noise floor."""
     momentum: float = Field(0.3, ge=0, lt=1.0)
-    """Heavy-ball momentum of the object update, as the decay of the velocity over one sweep
+    """Nesterov momentum of the object update, as the decay of the velocity over one sweep
     of the data (per step: momentum ** (batch / frames)). The low spatial frequencies of the
     phase converge slowly under a diagonal preconditioner; momentum carries them along."""
     subpixel_quantum: float = Field(1e-3, gt=0, le=0.5)

@@ -246,10 +246,12 @@ class StreamingReconstructor:
         delta = (-stream.step_size * grad / (self._curv + floor)).astype(self._cdtype, copy=False)
         if stream.momentum > 0:
             # Momentum is set per sweep of the data, so its memory (in data) does not depend
-            # on the batch size: per step it is momentum ** (B / n).
-            self._velocity *= stream.momentum ** (batch.size / self.n_frames)
+            # on the batch size: per step it is momentum ** (B / n). Nesterov's form (step +
+            # β·velocity) beat heavy ball at every sweep count measured (STREAMING.md).
+            beta = stream.momentum ** (batch.size / self.n_frames)
+            self._velocity *= beta
             self._velocity += delta
-            delta = self._velocity
+            delta = delta + beta * self._velocity
         self.obj += delta
         if want_probe:
             self.probe -= (stream.probe_step_size * term.grad_probe / probe_precond).astype(
