@@ -131,7 +131,8 @@ class ScanManager:
     def add_frames(self, session: Session, frames: np.ndarray, indices: np.ndarray, positions: np.ndarray,
                    arrived: float) -> int:
         """Spool, then count, then hand to the worker. Returns the number of frames kept."""
-        keep = session.ledger.admit(indices)
+        with session.lock:  # summaries read the ledger from other threads
+            keep = session.ledger.admit(indices)
         dup = int((~keep).sum())
         if dup:
             self.metrics.frames_dropped.labels(reason="duplicate").inc(dup)
@@ -276,12 +277,12 @@ class ScanManager:
         state = session.state
         if state.final:
             self.metrics.scans.labels(outcome=state.value).inc()
-            spool = self.spools.get(session.scan_id)
+            spool = self.spools.pop(session.scan_id, None)
             if spool is not None:
                 spool.set_status(state.value)
-            self._close_spool(session.scan_id)
-            if state is State.FAILED:
-                self._mark_spool(session.scan_id, "failed")
+                spool.close()
+            elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
+                self._mark_spool(session.scan_id, state.value)
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
 
