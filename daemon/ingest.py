@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from cryoptycho.gpu.geometry import real_space_pixel_size
 from cryoptycho.gpu.probes import make_probe
 from cryoptycho.protocols.errors import ProtocolError

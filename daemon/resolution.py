@@ -10,10 +10,10 @@ share of the worker's compute (``resolution_share``) so they cannot starve the m
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-
 from cryoptycho.gpu.metrics import binomial_split, half_set_resolution
 
 

@@ -11,15 +11,13 @@ import logging
 import queue
 import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from pydantic import ValidationError
-
 from cryoptycho.gpu.backend import free_device_bytes, get_xp
 from cryoptycho.gpu.options import ReconOptions
+from pydantic import ValidationError
 
 from .config import ServiceConfig
 from .metrics import ServiceMetrics

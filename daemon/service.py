@@ -16,14 +16,22 @@ from typing import Any
 
 import numpy as np
 import zmq
-from prometheus_client import start_http_server
-
 from cryoptycho.protocols.control import handle
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits
-from cryoptycho.protocols.messages import Abort, ErrorEvent, Frames, ScanEnd, ScanEvent, ScanStart, decode, peek
-from cryoptycho.protocols.wire import unpack
+from cryoptycho.protocols.messages import (
+    Abort,
+    ErrorEvent,
+    Frames,
+    ScanEnd,
+    ScanEvent,
+    ScanStart,
+    decode,
+    peek,
+)
 from cryoptycho.protocols.topics import encode_event
+from cryoptycho.protocols.wire import unpack
+from prometheus_client import start_http_server
 
 from .config import ServiceConfig
 from .handlers import build_table
@@ -256,14 +264,14 @@ class BackgroundService:
     def __init__(self, config: ServiceConfig) -> None:
         self.service = Service(config)
         self.service.start()
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self.thread = threading.Thread(target=self._run, name="service", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
             self.service.run()
-        except BaseException as exc:
+        except Exception as exc:  # kept, logged, re-raised by stop()
             log.exception("service loop failed")
             self.error = exc
 

@@ -14,11 +14,11 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
 from cryoptycho.gpu.options import ReconOptions
 
 from .config import ServiceConfig

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
-
 from cryoptycho.gpu.geometry import ScanGeometry, fit_geometry
 from cryoptycho.gpu.metrics import nrmse
 from cryoptycho.gpu.operators import forward, from_fft_order, make_batch
 from cryoptycho.gpu.probes import make_probe
+from scipy.ndimage import gaussian_filter
 
 PIXEL_M = 1e-10
 
@@ -36,9 +35,9 @@ class Scan:
     def start_fields(self, scan_id: str, **extra: Any) -> dict[str, Any]:
         """Keyword arguments of Producer.start_scan for this scan."""
         m = self.frames.shape[1]
-        fields = dict(scan_id=scan_id, energy_eV=300e3, frame_shape=(m, m), frame_dtype="uint16",
-                      expected_frames=len(self.frames), pixel_size_m=PIXEL_M, probe=self.probe,
-                      positions_m=self.positions)
+        fields = {"scan_id": scan_id, "energy_eV": 300e3, "frame_shape": (m, m), "frame_dtype": "uint16",
+                  "expected_frames": len(self.frames), "pixel_size_m": PIXEL_M, "probe": self.probe,
+                  "positions_m": self.positions}
         return {**fields, **extra}
 
     def offline_nrmse(self, iterations: int) -> float:

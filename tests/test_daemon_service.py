@@ -9,14 +9,13 @@ import urllib.request
 import h5py
 import numpy as np
 import pytest
-from daemon_support import Scan, start_daemon, synthetic_scan, wait_for
-from prometheus_client.parser import text_string_to_metric_families
-
 from cryoptycho.protocols.control import ControlClient
 from cryoptycho.protocols.errors import ControlError
 from cryoptycho.protocols.messages import ErrorEvent, Frames, Preview, Result, ScanEvent, encode
 from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
+from daemon_support import Scan, start_daemon, synthetic_scan, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.subprocess
 
@@ -64,8 +63,12 @@ def metrics_of(daemon) -> dict[str, float]:
 def metrics_when(daemon, key: str, value: float) -> dict[str, float]:
     """The metrics once ``key`` reaches ``value`` (outcomes are counted when the manager reaps
     the scan's worker, just after the scan's final event is published)."""
-    return wait_for(lambda: (lambda m: m if m.get(key) == value else None)(metrics_of(daemon)), 10,
-                    f"{key} == {value}", daemon)
+
+    def reached() -> dict[str, float] | None:
+        m = metrics_of(daemon)
+        return m if m.get(key) == value else None
+
+    return wait_for(reached, 10, f"{key} == {value}", daemon)
 
 
 def finished(scan_id: str):

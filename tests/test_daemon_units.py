@@ -7,12 +7,17 @@ import socket
 import h5py
 import numpy as np
 import pytest
-
 from cryoptycho.daemon.config import ConfigError, load_config
 from cryoptycho.daemon.notify import SystemdNotifier
 from cryoptycho.daemon.publisher import Outbox
 from cryoptycho.daemon.session import FrameLedger, ScanSpec, Session, State, TransitionError
-from cryoptycho.daemon.storage.spool import DATA, SpoolWriter, read_spool, spool_path, unfinished_spools
+from cryoptycho.daemon.storage.spool import (
+    DATA,
+    SpoolWriter,
+    read_spool,
+    spool_path,
+    unfinished_spools,
+)
 from cryoptycho.daemon.worker import scale_probe
 
 

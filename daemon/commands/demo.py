@@ -16,22 +16,21 @@ from typing import Any
 
 import click
 import numpy as np
+from cryoptycho.daemon.config import load_config
+from cryoptycho.daemon.service import BackgroundService
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cryoptycho.daemon.config import load_config
-from cryoptycho.daemon.service import BackgroundService
 
-
-def _stream(source: Any, endpoint: str, rate: float, errors: list[BaseException]) -> None:
+def _stream(source: Any, endpoint: str, rate: float, errors: list[Exception]) -> None:
     from cryoptycho.daemon.commands.replay import replay
     from cryoptycho.protocols.producer import Producer
 
     try:
         with Producer(endpoint) as producer:
             replay(source, producer, rate=rate, batch=16)
-    except BaseException as exc:  # surfaced by the main thread
+    except Exception as exc:  # noqa: BLE001 — surfaced by the main thread
         errors.append(exc)
 
 
@@ -104,7 +103,7 @@ def command(out: Path, sample: str, dose: float, probe: str, rate: float, refine
                   f"control {endpoints['control']}, metrics http://127.0.0.1:{service.service.metrics_port}/metrics")
     sub = Subscriber(endpoints["publish"])
     time.sleep(0.2)  # let the subscription reach the publisher before the scan's first event
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
     producer = threading.Thread(target=_stream, args=(source, endpoints["ingest"], rate, errors), daemon=True)
     state: dict[str, Any] = {}
     result: Result | None = None
@@ -184,11 +183,10 @@ def _report(out: Path, data: Any, result: Any, state: dict[str, Any], elapsed: f
 
 
 def _compare_figure(path: Path, recon: np.ndarray, truth: np.ndarray) -> Path:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    import matplotlib.pyplot as plt
     from cryoptycho.daemon.storage.result import centred_phase
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)

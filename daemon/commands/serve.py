@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from cryoptycho.daemon.config import ConfigError, load_config
 
 log = logging.getLogger("cryoptycho.serve")

@@ -13,12 +13,11 @@ from typing import Any
 
 import click
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
-
 from cryoptycho.protocols.control import DEFAULT_CONTROL, ControlClient
 from cryoptycho.protocols.errors import ControlError, ControlTimeout
 from cryoptycho.protocols.subscriber import DEFAULT_PUBLISH, Subscriber
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
 #: previews written to --save-dir at most this often per scan (the daemon sends up to 5 Hz)
 SAVE_EVERY_S = 1.0

@@ -30,7 +30,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-
 from cryoptycho.daemon.session import ScanSpec
 from cryoptycho.daemon.storage.dataset import compression
 
