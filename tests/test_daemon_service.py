@@ -127,6 +127,8 @@ def test_control_methods(daemon, scan):
         with Producer(daemon.ingest) as producer:
             producer.start_scan(**scan.start_fields("ctl"))
             producer.send_frames(scan.frames[:128])
+            # ingest (PUSH) carries no acknowledgement: the control socket may be served first
+            wait_for(lambda: any(s["scan_id"] == "ctl" for s in ctl.list_scans()), 30, "the scan to register", daemon)
             wait_for(lambda: "object" in ctl.snapshot("ctl"), 30, "a snapshot with images", daemon)
             snap = ctl.snapshot("ctl")
             assert snap["object"].ndim == 2 and snap["probe"].shape == (32, 32)
