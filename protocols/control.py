@@ -13,15 +13,15 @@ import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields, is_dataclass
-from types import TracebackType
 from typing import Any
 
 import zmq
 
+from .client import SocketClient, connect
 from .errors import ControlError, ControlTimeout, ProtocolError
 from .limits import Limits
 from .messages import Reply, Request, decode, encode
-from .security import ClientCurve, apply_curve
+from .security import ClientCurve
 
 DEFAULT_CONTROL = "tcp://127.0.0.1:5602"
 
@@ -129,7 +129,7 @@ def as_tree(msg: Any) -> dict[str, Any]:
     return tree
 
 
-class ControlClient:
+class ControlClient(SocketClient):
     """Talk to a daemon's control socket; every call has a timeout and retries (Lazy Pirate).
 
     ``call`` returns the result dict or raises :class:`ControlError` (``success: False``) or
@@ -153,8 +153,8 @@ class ControlClient:
         self.retries = retries
         self.limits = limits or Limits()
         self._curve = curve
-        self._ctx = context or zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
+        self._ctx = context
+        self._socket: zmq.Socket | None = None  # opened by the first request
 
     def request(self, method: str, **params: Any) -> Reply:
         """Send one request and return the daemon's reply, whatever its ``success``."""
@@ -216,12 +216,16 @@ class ControlClient:
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
-            sock = self._ctx.socket(zmq.REQ)
-            sock.linger = 0
-            sock.sndtimeo = int(self.timeout_s * 1000)
-            apply_curve(sock, self._curve)
-            sock.connect(self.endpoint)
-            self._socket = sock
+            # a REQ socket is replaced after every missed reply: heartbeats would not help
+            self._socket = connect(
+                zmq.REQ,
+                self.endpoint,
+                curve=self._curve,
+                context=self._ctx,
+                heartbeat=False,
+                linger=0,
+                sndtimeo=int(self.timeout_s * 1000),
+            )
         return self._socket
 
     def _reset(self) -> None:
@@ -231,14 +235,3 @@ class ControlClient:
 
     def close(self) -> None:
         self._reset()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -18,14 +18,14 @@ import numpy as np
 import zmq
 
 from . import validate
+from .client import SocketClient, connect
 from .errors import ProducerTimeout
 from .limits import Limits
 from .messages import Abort, Frames, Message, ScanEnd, ScanStart, encode
-from .security import ClientCurve, apply_curve
+from .security import ClientCurve
 from .wire import wire_dtype
 
 DEFAULT_INGEST = "tcp://127.0.0.1:5600"
-HEARTBEAT_MS = 5000
 
 
 class Hook(Protocol):
@@ -36,7 +36,7 @@ class Hook(Protocol):
     def flush(self) -> Iterable[list[Any]]: ...
 
 
-class Producer:
+class Producer(SocketClient):
     """Send scans to a daemon. Use as a context manager::
 
         with Producer("tcp://127.0.0.1:5600") as p:
@@ -77,15 +77,14 @@ class Producer:
         self.send_timeout_s = send_timeout_s
         self.hook = hook
         self.checksum = checksum
-        self._ctx = context or zmq.Context.instance()
-        self._socket = self._ctx.socket(zmq.PUSH)
-        self._socket.sndhwm = hwm
-        self._socket.sndtimeo = -1 if send_timeout_s is None else int(send_timeout_s * 1000)
-        # ZMTP heartbeats notice a daemon host that vanished without closing the connection
-        self._socket.heartbeat_ivl = HEARTBEAT_MS
-        self._socket.heartbeat_timeout = 3 * HEARTBEAT_MS
-        apply_curve(self._socket, curve)
-        self._socket.connect(endpoint)
+        self._socket = connect(
+            zmq.PUSH,
+            endpoint,
+            curve=curve,
+            context=context,
+            sndhwm=hwm,
+            sndtimeo=-1 if send_timeout_s is None else int(send_timeout_s * 1000),
+        )
         self.scan: ScanStart | None = None
         self.frames_sent = 0
         self._next_index = 0
@@ -209,9 +208,6 @@ class Producer:
             return
         linger = self.send_timeout_s if linger_s is None else linger_s
         self._socket.close(linger=-1 if linger is None else int(linger * 1000))
-
-    def __enter__(self) -> Producer:
-        return self
 
     def __exit__(
         self,

@@ -12,20 +12,19 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from types import TracebackType
 
 import zmq
 
+from .client import SocketClient, connect
 from .errors import ProtocolError
 from .limits import Limits
-from .producer import HEARTBEAT_MS
-from .security import ClientCurve, apply_curve
+from .security import ClientCurve
 from .topics import CONFLATED_TOPICS, Event, decode_event, topic_of
 
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5601"
 
 
-class Subscriber:
+class Subscriber(SocketClient):
     """Subscribe to topic prefixes (``""`` = everything) of a daemon's publish socket.
 
     ``for event in Subscriber(...)`` blocks for ever; ``recv(timeout_s)`` returns None on
@@ -52,16 +51,9 @@ class Subscriber:
         self.invalid = 0
         self.skipped = 0  #: stale previews/metrics dropped by latest_only
         self._pending: deque[Event | ProtocolError] = deque()
-        self._ctx = context or zmq.Context.instance()
-        self._socket = self._ctx.socket(zmq.SUB)
-        self._socket.rcvhwm = rcvhwm
-        # heartbeats: a silent publisher and a dead one look alike without them
-        self._socket.heartbeat_ivl = HEARTBEAT_MS
-        self._socket.heartbeat_timeout = 3 * HEARTBEAT_MS
-        apply_curve(self._socket, curve)
+        self._socket = connect(zmq.SUB, endpoint, curve=curve, context=context, rcvhwm=rcvhwm)
         for t in topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, t.encode())
-        self._socket.connect(endpoint)
 
     def recv(self, timeout_s: float | None = None) -> Event | None:
         """The next event, or None when nothing arrives within ``timeout_s`` (None = wait)."""
@@ -117,17 +109,3 @@ class Subscriber:
                 continue
             keep.append(item)
         return keep
-
-    def close(self) -> None:
-        self._socket.close(linger=0)
-
-    def __enter__(self) -> Subscriber:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

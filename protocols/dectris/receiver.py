@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from ..client import SocketClient, connect
 from .decode import V1Parser, decode_v2
 from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, SeriesError, SeriesStart
 
@@ -40,7 +41,7 @@ def parse_source(url: str) -> tuple[int, str]:
     return version, f"tcp://{host}:{port}"
 
 
-class DectrisReceiver:
+class DectrisReceiver(SocketClient):
     """PULL socket connected to a Stream V1 or V2 sender, yielding decoded messages.
 
     ``channels`` limits which V2 image channels are decompressed. Undecodable messages go to
@@ -65,13 +66,11 @@ class DectrisReceiver:
         self._on_error = on_error or _raise
         self.decode_errors = 0
         self._parser = V1Parser(on_error=self._error)
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
+        self._socket = connect(
+            zmq.PULL, endpoint, context=context, heartbeat=False, rcvhwm=rcvhwm, linger=0
+        )
         self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._socket, zmq.POLLIN)
 
     @property
     def skipped_parts(self) -> int:
@@ -90,10 +89,10 @@ class DectrisReceiver:
             return out
         while not out:
             try:
-                part = self._sock.recv(zmq.NOBLOCK, copy=True)
+                part = self._socket.recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 break
-            more = bool(self._sock.getsockopt(zmq.RCVMORE))
+            more = bool(self._socket.getsockopt(zmq.RCVMORE))
             if self.version == 2:
                 out += self._decode_v2(part, more)
             else:
@@ -102,8 +101,8 @@ class DectrisReceiver:
 
     def _decode_v2(self, part: bytes, more: bool) -> list[Message]:
         if more:  # V2 messages are single-part: drain the rest and report it
-            while self._sock.getsockopt(zmq.RCVMORE):
-                self._sock.recv()
+            while self._socket.getsockopt(zmq.RCVMORE):
+                self._socket.recv()
             self._error(DecodeError("multipart message on a Stream V2 socket (is the sender V1?)"))
             return []
         try:
@@ -117,15 +116,6 @@ class DectrisReceiver:
         stop = stop or threading.Event()
         while not stop.is_set():
             yield from self.poll(poll_s)
-
-    def close(self) -> None:
-        self._sock.close(linger=0)
-
-    def __enter__(self) -> DectrisReceiver:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _raise(exc: DectrisError) -> None:

@@ -20,6 +20,7 @@ import cbor2
 import numpy as np
 import zmq
 
+from ..client import SocketClient
 from .codec import bslz4_compress, lz4_hdf5_compress, v1_encode
 from .schema import DTYPE_TYPED_ARRAY_TAGS
 
@@ -230,7 +231,7 @@ def v1_messages(series: SimSeries, split_header: bool = False) -> Iterator[list[
 # ------------------------------------------------------------------------------------ sender
 
 
-class SimSender:
+class SimSender(SocketClient):
     """A PUSH socket bound like a detector control unit's; ``port=0`` picks a free port."""
 
     def __init__(self, version: int, port: int = 0, host: str = "127.0.0.1",
@@ -239,14 +240,14 @@ class SimSender:
             raise ValueError(f"version must be 1 or 2, got {version!r}")
         self.version = version
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self._sock.setsockopt(zmq.LINGER, 2000)
+        self._socket = self._ctx.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.SNDHWM, sndhwm)
+        self._socket.setsockopt(zmq.LINGER, 2000)
         if port:
-            self._sock.bind(f"tcp://{host}:{port}")
+            self._socket.bind(f"tcp://{host}:{port}")
         else:
-            self._sock.bind(f"tcp://{host}:*")
-        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._socket.bind(f"tcp://{host}:*")
+        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.port = int(self.endpoint.rsplit(":", 1)[1])
 
     @property
@@ -257,9 +258,9 @@ class SimSender:
     def send_raw(self, parts: list[bytes] | bytes) -> None:
         """One message as given (single part or multipart); for malformed-input tests."""
         if isinstance(parts, bytes):
-            self._sock.send(parts)
+            self._socket.send(parts)
         else:
-            self._sock.send_multipart(parts)
+            self._socket.send_multipart(parts)
 
     def send_series(self, series: SimSeries, split_header: bool = False,
                     stop: threading.Event | None = None, rate: float = 0.0) -> int:
@@ -281,10 +282,4 @@ class SimSender:
         return sent
 
     def close(self, linger_s: float = 2.0) -> None:
-        self._sock.close(linger=int(linger_s * 1000))
-
-    def __enter__(self) -> SimSender:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._socket.close(linger=int(linger_s * 1000))
