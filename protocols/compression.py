@@ -3,56 +3,43 @@
 ``bslz4`` is the HDF5 bitshuffle-filter framing that DECTRIS Stream V2 also uses: a 12-byte
 big-endian header (u64 decoded size in bytes, u32 block size in bytes, 0 = default) followed by
 bitshuffle's LZ4 blocks (each a u32 big-endian compressed length, then an LZ4 block), and the
-``n_elements % 8`` trailing elements raw. A detector's bslz4 blob is therefore accepted as is.
+``n_elements % 8`` trailing elements raw. A detector's bslz4 blob is therefore accepted as is,
+and :func:`bslz4_compress` / :func:`bslz4_decompress` serve the DECTRIS decoder as well.
 ``lz4`` is one raw LZ4 block with no framing; its decoded size follows from shape and dtype.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import math
 import struct
 import threading
-from pathlib import Path
 from typing import Any
 
 import bitshuffle
 import lz4.block
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .errors import ProtocolError
 
 _HEADER = struct.Struct(">QI")
 #: bitshuffle's own default (BSHUF_TARGET_BLOCK_SIZE_B); 8192 B is also what DECTRIS detectors send
 BLOCK_BYTES = 8192
-
-
-def _openmp_setter() -> Any:
-    """``omp_set_num_threads`` of the OpenMP runtime bitshuffle uses, or None."""
-    libs = sorted(
-        (Path(bitshuffle.__file__).parent.parent / "bitshuffle.libs").glob("libgomp*.so*")
-    )
-    name = str(libs[0]) if libs else ctypes.util.find_library("gomp")
-    if name is None:
-        return None
-    try:
-        return ctypes.CDLL(name).omp_set_num_threads
-    except (OSError, AttributeError):
-        return None
-
-
-_SET_OMP_THREADS = _openmp_setter()
+_MAX_BLOCK_BYTES = 1 << 24
 _serial = threading.local()
 
 
 def _one_openmp_thread() -> None:
     # bitshuffle parallelises over blocks with OpenMP. On a shared host its spinning threads
-    # made decoding 3-5x slower (measured: 130 vs 410 MB/s under load, 2 cores), and they would
-    # compete with the engine. The OpenMP thread count is a per-thread setting, so this limits
+    # made decoding 3-50x slower (measured: 130 vs 410 MB/s under load, 2 cores), and a frame is
+    # only a few blocks anyway. The OpenMP thread count is a per-thread setting, so this limits
     # only the thread that encodes or decodes (e.g. the daemon's socket thread).
-    if _SET_OMP_THREADS is not None and not getattr(_serial, "done", False):
-        _SET_OMP_THREADS(1)
-        _serial.done = True
+    if getattr(_serial, "done", False):
+        return
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api == "openmp" and "bitshuffle" in lib.filepath:
+            lib.set_num_threads(1)
+    _serial.done = True
 
 
 def default_block_elements(itemsize: int) -> int:
@@ -67,11 +54,7 @@ def compress(array: np.ndarray, codec: str) -> Any:
     if codec == "lz4":
         return lz4.block.compress(array.reshape(-1).view(np.uint8), store_size=False)
     if codec == "bslz4":
-        _one_openmp_thread()
-        flat = array.reshape(-1)
-        block = default_block_elements(array.itemsize)
-        body = bitshuffle.compress_lz4(flat, block)
-        return _HEADER.pack(array.nbytes, block * array.itemsize) + body.tobytes()
+        return bslz4_compress(array)
     raise ValueError(f"unknown codec {codec!r}; known: none, lz4, bslz4")
 
 
@@ -83,8 +66,8 @@ def decompress(
     The decoded size is known before anything is allocated (shape × itemsize, already checked
     against the limits by the caller), so a crafted part cannot inflate beyond it.
     """
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if codec == "lz4":
+        nbytes = math.prod(shape) * dtype.itemsize
         try:
             raw = lz4.block.decompress(buf, uncompressed_size=nbytes)
         except lz4.block.LZ4BlockError as exc:
@@ -95,28 +78,62 @@ def decompress(
             )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
     if codec == "bslz4":
-        return _decompress_bslz4(memoryview(buf).cast("B"), dtype, shape, nbytes, field)
+        return bslz4_decompress(buf, dtype, shape, field)
     raise ProtocolError(field, "allowed_compression", f"unknown codec {codec!r}")
 
 
-def _decompress_bslz4(
-    view: memoryview, dtype: np.dtype, shape: tuple[int, ...], nbytes: int, field: str
+def bslz4_compress(array: np.ndarray, block_bytes: int = BLOCK_BYTES) -> bytes:
+    """The 12-byte-header bslz4 blob of an array's bytes (what a DECTRIS detector sends)."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    item = flat.dtype.itemsize
+    if block_bytes <= 0 or block_bytes % (8 * item) or block_bytes > _MAX_BLOCK_BYTES:
+        raise ValueError(
+            f"block_bytes must be a positive multiple of {8 * item} up to 16 MiB, got {block_bytes}"
+        )
+    _one_openmp_thread()
+    body = bitshuffle.compress_lz4(flat, block_bytes // item)
+    return _HEADER.pack(flat.nbytes, block_bytes) + body.tobytes()
+
+
+def bslz4_decompress(
+    buf: Any,
+    dtype: np.dtype,
+    shape: tuple[int, ...] | None = None,
+    field: str = "data",
+    *,
+    zero_size_ok: bool = False,
 ) -> np.ndarray:
+    """Decode a bslz4 blob to ``shape``/``dtype`` (shape None: 1-D, sized by the header).
+
+    Any inconsistency is a ProtocolError on ``field`` (rule ``decompress`` or
+    ``decoded_size``). ``zero_size_ok`` accepts a header size of 0 when ``shape`` is given, as
+    LiberTEM's DECTRIS simulator writes; the protocol itself requires the true size.
+    """
+    view = memoryview(buf).cast("B")
     if len(view) < _HEADER.size:
         raise ProtocolError(
-            field, "decompress", f"bslz4 part of {len(view)} bytes has no 12-byte header"
+            field, "decompress", f"truncated bslz4 stream: {len(view)} bytes, the header needs 12"
         )
     declared, block_bytes = _HEADER.unpack_from(view)
-    if declared != nbytes:
+    item = dtype.itemsize
+    if shape is None:
+        if declared % item:
+            raise ProtocolError(
+                field,
+                "decoded_size",
+                f"bslz4 header says {declared} bytes, not a whole number of {item}-byte elements",
+            )
+        shape = (declared // item,)
+    nbytes = math.prod(shape) * item
+    if declared != nbytes and not (zero_size_ok and declared == 0):
         raise ProtocolError(
             field,
             "decoded_size",
             f"bslz4 header says {declared} bytes, shape and dtype say {nbytes}",
         )
-    item = dtype.itemsize
-    if block_bytes == 0:  # the LiberTEM simulator writes a zero header; 0 means "default"
+    if block_bytes == 0:  # 0 means bitshuffle's default (simulators write it)
         block = default_block_elements(item)
-    elif block_bytes % (8 * item) or block_bytes > (1 << 24):
+    elif block_bytes % (8 * item) or block_bytes > _MAX_BLOCK_BYTES:
         raise ProtocolError(
             field,
             "decompress",
@@ -130,33 +147,37 @@ def _decompress_bslz4(
     _check_bslz4_blocks(body, nbytes // item, block, item, field)
     _one_openmp_thread()
     try:
-        out = bitshuffle.decompress_lz4(body, shape, dtype, block)
+        return bitshuffle.decompress_lz4(body, shape, dtype, block)
     except (RuntimeError, ValueError) as exc:
         raise ProtocolError(field, "decompress", f"corrupt bslz4 stream: {exc}") from None
-    return out
 
 
 def _check_bslz4_blocks(
     body: np.ndarray, n_elements: int, block: int, item: int, field: str
 ) -> None:
+    # bitshuffle's layout: full blocks, one shorter block rounded down to a multiple of 8
+    # elements, then the remaining (< 8) elements stored raw
     full, rem = divmod(n_elements, block)
-    last = rem - rem % 8
-    n_blocks = full + (1 if last else 0)
+    n_blocks = full + (1 if rem // 8 else 0)
     tail = (rem % 8) * item
     size = body.shape[0]
     pos = 0
     data = body.data
-    for _ in range(n_blocks):
+    for i in range(n_blocks):
         if pos + 4 > size:
             raise ProtocolError(
-                field, "decompress", "bslz4 stream is truncated (block header past the end)"
+                field, "decompress", f"truncated bslz4 stream: block {i} of {n_blocks} is missing"
             )
         pos += 4 + int.from_bytes(data[pos : pos + 4], "big")
         if pos > size:
             raise ProtocolError(
-                field, "decompress", "bslz4 stream is truncated (block past the end)"
+                field,
+                "decompress",
+                f"truncated bslz4 stream: block {i} ends at byte {pos}, the stream has {size}",
             )
     if pos + tail != size:
         raise ProtocolError(
-            field, "decompress", f"bslz4 stream has {size - pos - tail:+d} bytes beyond its blocks"
+            field,
+            "decompress",
+            f"bslz4 stream has {size - pos - tail:+d} bytes beyond its blocks and raw tail",
         )

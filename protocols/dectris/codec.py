@@ -1,43 +1,27 @@
 """DECTRIS pixel-data codecs: the tag-56500 algorithms (V2) and the V1 ``encoding`` strings.
 
-The block codecs come from libraries (``bitshuffle`` for bitshuffle-LZ4, ``lz4.block`` for LZ4);
-this module only reads and writes the HDF5-filter framing around them, which DECTRIS re-uses:
+Bitshuffle-LZ4 is the protocol's own ``bslz4`` codec (:mod:`..compression`, the one
+implementation, framing walked before bitshuffle sees a block); this module adds the DECTRIS
+names around it and the HDF5-filter framing of plain LZ4 (``lz4.block`` per block):
 ``u64 BE uncompressed bytes, u32 BE block bytes`` then, per block, ``u32 BE length + bytes``.
-The framing is walked before any block is handed to a library, so a truncated payload is a
-clear :class:`DecodeError` rather than whatever the C code makes of it.
+A truncated or malformed payload is a clear :class:`DecodeError`.
 """
 
 from __future__ import annotations
 
 import struct
-import threading
 
-import bitshuffle
 import lz4.block
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
+from .. import compression
+from ..errors import ProtocolError
 from .schema import DecodeError
 
 _HEADER = struct.Struct(">QI")
 _BLOCK_LEN = struct.Struct(">I")
-#: the block size DECTRIS detectors use (bytes); also bitshuffle's default for 2-byte pixels
-DEFAULT_BLOCK_BYTES = 8192
-
-
-_thread_state = threading.local()
-
-
-def _bitshuffle_single_threaded() -> None:
-    """Run bitshuffle's OpenMP loop on one thread (set once per calling thread: OpenMP thread
-    counts are per thread). One frame is a few blocks, so extra threads cannot help, and their
-    spin-waiting made decoding 10-50x slower whenever other work shared the cores."""
-    if getattr(_thread_state, "limited", False):
-        return
-    for lib in ThreadpoolController().lib_controllers:
-        if lib.user_api == "openmp" and "bitshuffle" in lib.filepath:
-            lib.set_num_threads(1)
-    _thread_state.limited = True
+#: the block size DECTRIS detectors use (bytes); also bitshuffle's default
+DEFAULT_BLOCK_BYTES = compression.BLOCK_BYTES
 
 
 def decompress(algorithm: str, modifier: int, payload: bytes, itemsize: int) -> bytes:
@@ -58,71 +42,24 @@ def _read_header(payload: bytes | memoryview, what: str) -> tuple[int, int]:
 
 
 def bslz4_decompress(payload: bytes, elem_size: int, expected_bytes: int | None = None) -> bytes:
-    """Bitshuffle-LZ4 with the 12-byte HDF5 header. A block size of 0 (as written by some
-    simulators) means bitshuffle's default, which is what the detectors' own readers assume."""
-    view = memoryview(payload)
-    nbytes, block_bytes = _read_header(view, "bslz4")
-    if nbytes == 0 and expected_bytes:
-        nbytes = expected_bytes  # LiberTEM's simulator leaves the whole header zero
-    if expected_bytes is not None and nbytes != expected_bytes:
-        raise DecodeError(f"bslz4 header says {nbytes} bytes, the image needs {expected_bytes}")
-    if nbytes % elem_size:
-        raise DecodeError(f"bslz4 size {nbytes} is not a multiple of the element size {elem_size}")
-    if block_bytes % (8 * elem_size):
-        raise DecodeError(f"bslz4 block size {block_bytes} is not a multiple of 8 elements")
-    block_elems = block_bytes // elem_size
-    _check_bslz4_framing(view[_HEADER.size :], nbytes // elem_size, elem_size, block_elems)
-    _bitshuffle_single_threaded()
+    """Bitshuffle-LZ4 with the 12-byte HDF5 header. A zero header (as LiberTEM's simulator
+    writes) means ``expected_bytes`` and bitshuffle's default block, as the detectors' own
+    readers assume."""
+    if expected_bytes is not None and expected_bytes % elem_size:
+        raise DecodeError(f"bslz4 size {expected_bytes} is not a multiple of the element size {elem_size}")
+    shape = None if expected_bytes is None else (expected_bytes // elem_size,)
     try:
-        out = bitshuffle.decompress_lz4(
-            np.frombuffer(view, np.uint8, offset=_HEADER.size),
-            (nbytes // elem_size,),
-            np.dtype(f"u{elem_size}"),
-            block_elems,
+        out = compression.bslz4_decompress(
+            payload, np.dtype(f"u{elem_size}"), shape, "payload", zero_size_ok=True
         )
-    except (RuntimeError, ValueError) as exc:
-        raise DecodeError(f"corrupt bslz4 payload: {exc}") from exc
+    except ProtocolError as exc:
+        raise DecodeError(exc.message) from exc
     return out.tobytes()
-
-
-def _check_bslz4_framing(body: memoryview, n_elems: int, elem_size: int, block_elems: int) -> None:
-    # Mirror of bitshuffle's block layout: full blocks, one shorter block rounded down to a
-    # multiple of 8 elements, then the remaining (< 8) elements stored raw.
-    if block_elems == 0:
-        block_elems = _bitshuffle_default_block(elem_size)
-    sizes = [block_elems] * (n_elems // block_elems)
-    last = (n_elems % block_elems) // 8 * 8
-    if last:
-        sizes.append(last)
-    pos = 0
-    for i, _ in enumerate(sizes):
-        if pos + 4 > len(body):
-            raise DecodeError(f"truncated bslz4 payload: block {i} of {len(sizes)} is missing")
-        (clen,) = _BLOCK_LEN.unpack_from(body, pos)
-        pos += 4 + clen
-        if pos > len(body):
-            raise DecodeError(f"truncated bslz4 payload: block {i} needs {pos} bytes, have {len(body)}")
-    raw_tail = (n_elems % 8) * elem_size
-    if len(body) - pos != raw_tail:
-        raise DecodeError(
-            f"bslz4 payload has {len(body) - pos} bytes after its blocks, expected {raw_tail}"
-        )
-
-
-def _bitshuffle_default_block(elem_size: int) -> int:
-    # bitshuffle's BSHUF_TARGET_BLOCK_SIZE_B = 8192 bytes, at least 128 elements, multiple of 8.
-    return max(128, 8192 // elem_size) // 8 * 8
 
 
 def bslz4_compress(array: np.ndarray, block_bytes: int = DEFAULT_BLOCK_BYTES) -> bytes:
     """Inverse of :func:`bslz4_decompress`: the payload a DECTRIS detector would send."""
-    flat = np.ascontiguousarray(array).reshape(-1)
-    elem = flat.dtype.itemsize
-    if block_bytes <= 0 or block_bytes % (8 * elem):
-        raise ValueError(f"block_bytes must be a positive multiple of {8 * elem}, got {block_bytes}")
-    _bitshuffle_single_threaded()
-    body = bitshuffle.compress_lz4(flat, block_bytes // elem)
-    return _HEADER.pack(flat.nbytes, block_bytes) + body.tobytes()
+    return compression.bslz4_compress(array, block_bytes)
 
 
 def lz4_hdf5_decompress(payload: bytes, expected_bytes: int | None = None) -> bytes:
