@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from .security import ClientCurve, apply_curve
+
+if TYPE_CHECKING:  # typing.Self is Python ≥ 3.11
+    from typing_extensions import Self
 
 HEARTBEAT_MS = 5000
 
