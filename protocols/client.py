@@ -46,6 +46,9 @@ class SocketClient:
     def close(self) -> None:
         self._socket.close(linger=0)
 
+    def _before_close(self, exc: BaseException | None) -> None:
+        """Leaving the ``with`` block (``exc``: what ended it); subclasses tidy up here."""
+
     def __enter__(self) -> Self:
         return self
 
@@ -55,4 +58,7 @@ class SocketClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        try:
+            self._before_close(exc)
+        finally:
+            self.close()

@@ -18,21 +18,15 @@ from . import schema, validate
 from .errors import ProtocolError
 from .limits import FRAME_DTYPES, Limits
 from .message_types import (
+    CLASSES,
     EVENT_TYPES,
     INGEST_TYPES,
-    Abort,
-    ErrorEvent,
     Frames,
     Message,
-    Metrics,
-    Preview,
     ProbeModelSpec,
     RasterScan,
     Reply,
     Request,
-    Result,
-    ScanEnd,
-    ScanEvent,
     ScanStart,
 )
 from .wire import flatten, nest, pack, read_header, unpack, wire_dtype
@@ -282,7 +276,7 @@ def _from_wire(h: Any, arrays: dict[str, np.ndarray], codec: str) -> Message:
         return Request(h.method, nest(dict(h.params), _strip(arrays, "params.")), h.time_s)
     if kind == "reply":
         return Reply(h.success, h.msg, nest(dict(h.result), _strip(arrays, "result.")), h.time_s)
-    cls = _CLASSES[kind]
+    cls = CLASSES[kind]
     values = h.model_dump(exclude={"type"})
     if "origin_m" in values:
         values["origin_m"] = tuple(values["origin_m"])
@@ -296,17 +290,6 @@ def _strip(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarra
             raise ProtocolError(name, "array_path", f"array names here must start with {prefix!r}")
         out[name[len(prefix) :]] = array
     return out
-
-
-_CLASSES: dict[str, type] = {
-    "scan_end": ScanEnd,
-    "abort": Abort,
-    "scan_event": ScanEvent,
-    "preview": Preview,
-    "metrics": Metrics,
-    "result": Result,
-    "error": ErrorEvent,
-}
 
 
 def peek(parts: Sequence[Any], limits: Limits | None = None) -> tuple[str, str | None]:

@@ -230,3 +230,25 @@ Message = (
 )
 INGEST_TYPES = (ScanStart, Frames, ScanEnd, Abort)
 EVENT_TYPES = (ScanEvent, Preview, Metrics, Result, ErrorEvent)
+#: wire ``type`` → message class
+CLASSES: dict[str, type] = {cls.type: cls for cls in (*INGEST_TYPES, *EVENT_TYPES, Request, Reply)}
+
+__all__ = [
+    "CLASSES",
+    "EVENT_TYPES",
+    "INGEST_TYPES",
+    "Abort",
+    "ErrorEvent",
+    "Frames",
+    "Message",
+    "Metrics",
+    "Preview",
+    "ProbeModelSpec",
+    "RasterScan",
+    "Reply",
+    "Request",
+    "Result",
+    "ScanEnd",
+    "ScanEvent",
+    "ScanStart",
+]

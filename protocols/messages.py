@@ -10,44 +10,9 @@ raises :class:`~.errors.ProtocolError` naming field and rule. Received arrays ar
 message buffers (not copies), in their wire dtype. PROTOCOL.md is the normative text.
 """
 
+from . import message_types
 from .codec import decode, encode, peek
-from .message_types import (
-    EVENT_TYPES,
-    INGEST_TYPES,
-    Abort,
-    ErrorEvent,
-    Frames,
-    Message,
-    Metrics,
-    Preview,
-    ProbeModelSpec,
-    RasterScan,
-    Reply,
-    Request,
-    Result,
-    ScanEnd,
-    ScanEvent,
-    ScanStart,
-)
+from .message_types import *  # noqa: F403 - this module is the types' public home
 
-__all__ = [
-    "EVENT_TYPES",
-    "INGEST_TYPES",
-    "Abort",
-    "ErrorEvent",
-    "Frames",
-    "Message",
-    "Metrics",
-    "Preview",
-    "ProbeModelSpec",
-    "RasterScan",
-    "Reply",
-    "Request",
-    "Result",
-    "ScanEnd",
-    "ScanEvent",
-    "ScanStart",
-    "decode",
-    "encode",
-    "peek",
-]
+__all__ = ["decode", "encode", "peek"]
+__all__ += message_types.__all__

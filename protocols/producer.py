@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any, Protocol
 
 import numpy as np
@@ -209,17 +208,9 @@ class Producer(SocketClient):
         linger = self.send_timeout_s if linger_s is None else linger_s
         self._socket.close(linger=-1 if linger is None else int(linger * 1000))
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            if self.scan is not None and exc is not None and not isinstance(exc, ProducerTimeout):
-                self.abort(f"producer failed: {exc_type.__name__ if exc_type else ''}: {exc}")
-        finally:
-            self.close()
+    def _before_close(self, exc: BaseException | None) -> None:
+        if self.scan is not None and exc is not None and not isinstance(exc, ProducerTimeout):
+            self.abort(f"producer failed: {type(exc).__name__}: {exc}")
 
     # -- helpers -------------------------------------------------------------------------------
 
