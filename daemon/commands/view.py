@@ -33,4 +33,4 @@ def command(publish: str, control: str, host: str, port: int, token: str | None,
     app = create_app(Hub(publish, control, max_side=max_side), token=token)
     url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
     click.echo(f"cryoptycho viewer on {url}  (daemon: publish {publish}, control {control})")
-    uvicorn.run(app, host=host, port=port, log_level="warning", ws="websockets")
+    uvicorn.run(app, host=host, port=port, log_level="warning", ws="auto")  # the sans-I/O websockets implementation where uvicorn has it
