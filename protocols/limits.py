@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MiB = 1 << 20
 
@@ -37,22 +37,15 @@ class Limits(BaseModel):
     compressions: tuple[str, ...] = COMPRESSIONS
     """Codecs accepted for array parts (a subset of COMPRESSIONS)."""
 
-    @field_validator("frame_dtypes")
+    @field_validator("frame_dtypes", "compressions")
     @classmethod
-    def _known_dtypes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = set(value) - set(FRAME_DTYPES)
-        if unknown or not value:
+    def _known_subset(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        known = _KNOWN[info.field_name]
+        if not value or set(value) - set(known):
             raise ValueError(
-                f"frame_dtypes must be a non-empty subset of {FRAME_DTYPES}, got {value}"
+                f"{info.field_name} must be a non-empty subset of {known}, got {value}"
             )
         return value
 
-    @field_validator("compressions")
-    @classmethod
-    def _known_codecs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = set(value) - set(COMPRESSIONS)
-        if unknown or not value:
-            raise ValueError(
-                f"compressions must be a non-empty subset of {COMPRESSIONS}, got {value}"
-            )
-        return value
+
+_KNOWN = {"frame_dtypes": FRAME_DTYPES, "compressions": COMPRESSIONS}

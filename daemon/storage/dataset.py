@@ -28,7 +28,7 @@ from typing import Any
 import h5py
 import hdf5plugin
 import numpy as np
-
+from cryoptycho.daemon.storage.h5format import open_checked
 from cryoptycho.gpu.data import ProbeModel, PtychoData
 
 FORMAT = "cryoptycho-dataset"
@@ -82,15 +82,7 @@ def write_dataset(path: str | Path, data: PtychoData) -> Path:
 
 def read_dataset(path: str | Path) -> PtychoData:
     """Read a dataset file; a missing or malformed field is a ValueError naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset file {path} does not exist")
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a cryoptycho dataset (attribute 'format' != {FORMAT!r})")
-        for name in ("frames", "positions_m", "energy_eV"):
-            if name not in f:
-                raise ValueError(f"{path}: missing required dataset '/{name}'")
+    with open_checked(path, FORMAT, "dataset", ("frames", "positions_m", "energy_eV")) as f:
         probe_model = None
         if "probe_model" in f:
             a = f["probe_model"].attrs

@@ -32,6 +32,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from cryoptycho.daemon.storage.h5format import open_checked
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.state import ReconState
 
@@ -113,15 +114,8 @@ def write_result(
 
 def read_result(path: str | Path) -> Result:
     """Read a result file; a missing or malformed field is a ValueError naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"result file {path} does not exist")
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a cryoptycho result (attribute 'format' != {FORMAT!r})")
-        for name in ("object", "probe", "loss_epochs", "loss_values"):
-            if name not in f:
-                raise ValueError(f"{path}: missing required dataset '/{name}'")
+    required = ("object", "probe", "loss_epochs", "loss_values")
+    with open_checked(path, FORMAT, "result", required) as f:
         a = f["object"].attrs
         positions = None
         if "probe_position_x_m" in f and "probe_position_y_m" in f:

@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 from cryoptycho.daemon.session import ScanSpec
 from cryoptycho.daemon.storage.dataset import compression
+from cryoptycho.daemon.storage.h5format import open_checked
 
 FORMAT = "cryoptycho-spool"
 FORMAT_VERSION = 1
@@ -190,12 +191,8 @@ class SpoolContents:
 def read_spool(path: str | Path, frames: bool = True) -> SpoolContents:
     """Read a spool file (committed rows only); a malformed file is a ValueError naming the problem."""
     path = Path(path)
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a cryoptycho spool file (attribute 'format' != {FORMAT!r})")
-        for name in ("scan", DATA + "/data", DATA + "/frame_index", DATA + "/positions_m"):
-            if name not in f:
-                raise ValueError(f"{path}: missing '/{name}'")
+    required = ("scan", DATA + "/data", DATA + "/frame_index", DATA + "/positions_m")
+    with open_checked(path, FORMAT, "spool", required) as f:
         head: dict[str, Any] = json.loads(f["scan"].attrs["json"])
         g = f[DATA]
         n = int(g.attrs["count"])
