@@ -25,7 +25,7 @@ class BackendUnavailable(RuntimeError):
 @functools.cache
 def _cupy() -> ModuleType:
     try:
-        import cupy  # noqa: PLC0415  (lazy by design: CuPy is optional and slow to import)
+        import cupy
     except ImportError as exc:
         raise BackendUnavailable(
             "backend 'cupy' requested but CuPy is not installed; install the extra that matches "
@@ -117,7 +117,7 @@ def real_of(dtype: Any) -> np.dtype:
 def fft2(x: Any) -> Any:
     xp = array_module(x)
     if xp is np:
-        import scipy.fft as sfft  # noqa: PLC0415
+        import scipy.fft as sfft
 
         return sfft.fft2(x, norm="ortho", workers=-1, overwrite_x=False)
     return xp.fft.fft2(x, norm="ortho")
@@ -126,7 +126,7 @@ def fft2(x: Any) -> Any:
 def ifft2(x: Any) -> Any:
     xp = array_module(x)
     if xp is np:
-        import scipy.fft as sfft  # noqa: PLC0415
+        import scipy.fft as sfft
 
         return sfft.ifft2(x, norm="ortho", workers=-1, overwrite_x=False)
     return xp.fft.ifft2(x, norm="ortho")

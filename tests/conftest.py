@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from cryoptycho.gpu.backend import cupy_available, get_xp
 
 

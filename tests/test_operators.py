@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cryoptycho.gpu import likelihood, operators
 from cryoptycho.gpu.backend import fft2, ifft2, to_numpy
 from cryoptycho.gpu.geometry import fit_geometry, wavelength
@@ -41,14 +40,14 @@ def test_fft_is_unitary(xp):
 
 
 def test_extract_scatter_adjoint(setup):
-    xp, rng, batch, obj, probe, far = setup
+    xp, _, batch, obj, _, far = setup
     lhs = _inner(xp, operators.extract(obj, batch), far)
     rhs = _inner(xp, obj, operators.scatter_add(far, batch))
     assert abs(lhs - rhs) < 1e-9 * abs(lhs)
 
 
 def test_probe_shift_adjoint(setup):
-    xp, rng, batch, obj, probe, far = setup
+    xp, rng, batch, _, probe, _ = setup
     assert batch.shifts.shape[0] > 1, "test needs several sub-pixel groups"
     g = _rand_c(xp, rng, (batch.shifts.shape[0],) + probe.shape)
     lhs = _inner(xp, operators.shifted_probes(probe, batch), g)
@@ -57,14 +56,14 @@ def test_probe_shift_adjoint(setup):
 
 
 def test_forward_adjoint_object(setup):
-    xp, rng, batch, obj, probe, far = setup
+    xp, _, batch, obj, probe, far = setup
     lhs = _inner(xp, operators.forward(obj, probe, batch), far)
     rhs = _inner(xp, obj, operators.adjoint_object(far, probe, batch))
     assert abs(lhs - rhs) < 1e-9 * abs(lhs)
 
 
 def test_forward_adjoint_probe(setup):
-    xp, rng, batch, obj, probe, far = setup
+    xp, _, batch, obj, probe, far = setup
     lhs = _inner(xp, operators.forward(obj, probe, batch), far)
     rhs = _inner(xp, probe, operators.adjoint_probe(far, obj, batch))
     assert abs(lhs - rhs) < 1e-9 * abs(lhs)
@@ -75,7 +74,6 @@ def test_subpixel_shift_matches_integer_shift(xp):
     through the Fourier ramp (on a periodic probe the two agree exactly)."""
     rng = np.random.default_rng(3)
     m = 16
-    obj = _rand_c(xp, rng, (40, 40))
     probe = _rand_c(xp, rng, (m, m))
     b_int = operators.make_batch(xp.asarray([[5.0, 7.0]]), (40, 40), (m, m))
     shifted = operators.shifted_probes(probe, operators.make_batch(xp.asarray([[5.5, 7.25]]), (40, 40), (m, m)))
@@ -114,11 +112,11 @@ def test_likelihood_gradient_matches_finite_differences(xp, model, target):
     if target == "object":
         grad = operators.adjoint_object(gz, probe, batch)
         d = _rand_c(xp, rng, shape)
-        f = lambda t: loss(obj + t * d, probe)  # noqa: E731
+        f = lambda t: loss(obj + t * d, probe)
     else:
         grad = operators.adjoint_probe(gz, obj, batch)
         d = _rand_c(xp, rng, (m, m))
-        f = lambda t: loss(obj, probe + t * d)  # noqa: E731
+        f = lambda t: loss(obj, probe + t * d)
     t = 1e-6
     fd = (f(t) - f(-t)) / (2 * t)
     analytic = 2 * _inner(xp, grad, d).real

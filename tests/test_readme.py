@@ -14,7 +14,6 @@ from cryoptycho.daemon.storage.result import read_result
 from cryoptycho.gpu import operators
 from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.probes import make_probe
-
 from engine_helpers import nrmse, scored_region, weak_phase_object
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +21,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.DOTALL)
 
 
 def test_readme_starts_with_the_demo_and_the_ci_test_command() -> None:
@@ -36,7 +35,7 @@ def test_readme_starts_with_the_demo_and_the_ci_test_command() -> None:
 
 def test_every_command_the_readme_names_exists() -> None:
     code = "\n".join(re.findall(r"`([^`\n]+)`", README) + _blocks("bash"))
-    named = set(re.findall(r"(?:^|[\s&])cryoptycho ([a-z][a-z0-9-]+)", code, flags=re.M))
+    named = set(re.findall(r"(?:^|[\s&])cryoptycho ([a-z][a-z0-9-]+)", code, flags=re.MULTILINE))
     assert {"demo", "serve", "reconstruct"} <= named
     unknown = named - set(COMMANDS)
     assert not unknown, f"README names commands the CLI lacks: {sorted(unknown)}"
@@ -73,7 +72,7 @@ def test_the_dataset_snippet_writes_a_file_the_engine_reconstructs(tmp_path, mon
 
     snippet = next(b for b in _blocks("python") if "cryoptycho-dataset" in b)
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet, "README.md", "exec"), {"frames": frames, "positions": positions})
+    exec(compile(snippet, "README.md", "exec"), {"frames": frames, "positions": positions})  # noqa: S102 (the README's own code)
 
     data = read_dataset(tmp_path / "scan.h5")
     np.testing.assert_array_equal(data.frames, frames)

@@ -9,14 +9,14 @@ import time
 import numpy as np
 import pytest
 import zmq
-from starlette.testclient import TestClient
-
 from cryoptycho.daemon.web import images
 from cryoptycho.daemon.web.hub import ClientSlot, Hub
 from cryoptycho.daemon.web.server import create_app
 from cryoptycho.protocols.control import handle
 from cryoptycho.protocols.messages import Metrics, Preview, Result, ScanEvent
 from cryoptycho.protocols.topics import encode_event
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 
 def test_encode_roundtrip_and_downsampling():
@@ -166,15 +166,12 @@ def test_browser_gets_snapshot_then_live_updates(fake_daemon):
 def test_websocket_without_token_is_refused(fake_daemon):
     _, pub_ep, ctl_ep = fake_daemon
     app = create_app(Hub(pub_ep, ctl_ep), token="s3cret")
-    with TestClient(app) as client:
-        with pytest.raises(Exception):
-            with client.websocket_connect("/ws") as ws:
-                ws.receive_json()
+    with TestClient(app) as client, pytest.raises(WebSocketDisconnect), client.websocket_connect("/ws") as ws:
+        ws.receive_json()
 
 
 def test_unreachable_daemon_is_reported_not_fatal():
     app = create_app(Hub("tcp://127.0.0.1:9", "tcp://127.0.0.1:9", control_timeout_s=0.2))
-    with TestClient(app) as client:
-        with client.websocket_connect("/ws") as ws:
-            hello = ws.receive_json()
-            assert hello["kind"] == "hello" and "unavailable" in hello["control"]
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        hello = ws.receive_json()
+        assert hello["kind"] == "hello" and "unavailable" in hello["control"]

@@ -22,10 +22,9 @@ import click
               help="Images are downsampled to at most this many pixels per side.")
 def command(publish: str, control: str, host: str, port: int, token: str | None, max_side: int) -> None:
     """Serve the live viewer: object, probe, coverage, loss and resolution per scan."""
-    import uvicorn  # noqa: PLC0415  (server start-up cost only when the viewer is used)
-
-    from cryoptycho.daemon.web.hub import Hub  # noqa: PLC0415
-    from cryoptycho.daemon.web.server import create_app  # noqa: PLC0415
+    import uvicorn
+    from cryoptycho.daemon.web.hub import Hub
+    from cryoptycho.daemon.web.server import create_app
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise click.UsageError(f"refusing to serve on {host} without --token (the viewer shows your data)")

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
+import zmq
 from cryoptycho.protocols.control import ControlClient
+from cryoptycho.protocols.errors import ControlError, ControlTimeout
 from cryoptycho.protocols.messages import ErrorEvent, Metrics, Preview, Result, ScanEvent
 from cryoptycho.protocols.subscriber import Subscriber
 
@@ -236,7 +237,7 @@ class Hub:
                     view = self._view(sid)
                     view.summary = {k: v for k, v in summary.items() if np.isscalar(v) or v is None}
                     view.state = str(summary.get("state", view.state))
-                    if view.preview is None and not view.state in ("finished", "failed", "aborted"):
+                    if view.preview is None and view.state not in ("finished", "failed", "aborted"):
                         snap = ctl.snapshot(sid)
                         if "object" in snap:
                             obj = np.asarray(snap["object"])
@@ -245,7 +246,8 @@ class Hub:
                                 float(snap["pixel_size_m"]), images.specimen_phase(obj), np.abs(obj),
                                 np.asarray(snap["probe"]), np.asarray(snap.get("coverage")),
                             )
-        except Exception as exc:  # the daemon may be down; the page says so and keeps updating
+        except (ControlError, ControlTimeout, zmq.ZMQError) as exc:
+            # the daemon may be down or the scan gone; the page says so and keeps updating
             return f"control socket {self.control_endpoint} unavailable: {exc}"
         return None
 
