@@ -41,21 +41,26 @@ def _time_per_call(fn: Any, seconds: float) -> float:
             return elapsed / calls
 
 
+def _scan(scan_id: str, side: int, frames: int, **pattern: Any) -> ScanStart:
+    """A 300 kV scan of ``frames`` uint16 side×side frames; ``pattern`` places them."""
+    return ScanStart(
+        scan_id,
+        300e3,
+        (side, side),
+        "uint16",
+        frames,
+        pixel_size_m=1e-10,
+        probe_model=ProbeModelSpec(),
+        **pattern,
+    )
+
+
 def measure(
     side: int, batch: int, codec: str, seconds: float, dose: float = 0.1
 ) -> dict[str, float]:
     """Decode/encode rates (frames/s) and wire bytes per frame for one configuration."""
     n_scan = batch * 4
-    scan = ScanStart(
-        "bench",
-        300e3,
-        (side, side),
-        "uint16",
-        n_scan,
-        pixel_size_m=1e-10,
-        probe_model=ProbeModelSpec(),
-        positions_m=np.zeros((n_scan, 2)),
-    )
+    scan = _scan("bench", side, n_scan, positions_m=np.zeros((n_scan, 2)))
     scans = {"bench": scan}
     limits = Limits()
     data = np.random.default_rng(0).poisson(dose, (batch, side, side)).astype(np.uint16)
@@ -90,16 +95,7 @@ def measure_loopback(side: int, batch: int, codec: str, seconds: float, dose: fl
     data = np.random.default_rng(1).poisson(dose, (batch, side, side)).astype(np.uint16)
     rounds = 1_000_000 // batch
     total = rounds * batch
-    scan = ScanStart(
-        "loop",
-        300e3,
-        (side, side),
-        "uint16",
-        total,
-        pixel_size_m=1e-10,
-        probe_model=ProbeModelSpec(),
-        raster=RasterScan((rounds, batch), (1e-10, 1e-10)),
-    )
+    scan = _scan("loop", side, total, raster=RasterScan((rounds, batch), (1e-10, 1e-10)))
     stop = threading.Event()
     failure: list[BaseException] = []
 
