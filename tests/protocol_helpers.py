@@ -6,7 +6,8 @@ import numpy as np
 from cryoptycho.protocols.messages import Frames, ProbeModelSpec, RasterScan, ScanStart
 
 
-def scan_start(**over) -> ScanStart:
+def scan_fields(**over) -> dict:
+    """The fields of a small raster scan (12 uint16 frames of 16×16), ``over`` replacing some."""
     fields = dict(
         scan_id="s1",
         energy_eV=300e3,
@@ -18,7 +19,11 @@ def scan_start(**over) -> ScanStart:
         raster=RasterScan((3, 4), (2e-10, 2e-10)),
     )
     fields.update(over)
-    return ScanStart(**fields)
+    return fields
+
+
+def scan_start(**over) -> ScanStart:
+    return ScanStart(**scan_fields(**over))
 
 
 def frames(n: int = 4, m: int = 16, dtype=np.uint16, first: int = 0, **over) -> Frames:

@@ -22,7 +22,7 @@ from cryoptycho.protocols.messages import (
     Frames,
     Metrics,
     Preview,
-    ProbeModelSpec,
+    RasterScan,
     Request,
     ScanEnd,
     ScanEvent,
@@ -40,6 +40,7 @@ from cryoptycho.protocols.security import (
 )
 from cryoptycho.protocols.subscriber import Subscriber
 from cryoptycho.protocols.topics import encode_event
+from protocol_helpers import frames, scan_fields
 
 WAIT_MS = 5000  # generous waits for a loaded CI machine; never asserted on
 
@@ -82,22 +83,9 @@ def receive_all(
             return out
 
 
-def start_fields(n: int, m: int = 16, **over: Any) -> dict[str, Any]:
-    fields = dict(
-        scan_id="live-1",
-        energy_eV=300e3,
-        frame_shape=(m, m),
-        frame_dtype="uint16",
-        expected_frames=n,
-        pixel_size_m=1e-10,
-        probe_model=ProbeModelSpec(),
-        positions_m=np.stack(
-            np.meshgrid(np.arange(n // 5), np.arange(5), indexing="ij"), -1
-        ).reshape(-1, 2)
-        * 1e-10,
-    )
-    fields.update(over)
-    return fields
+def start_fields(n: int) -> dict[str, Any]:
+    """A raster scan of n frames (a multiple of 5), as ``Producer.start_scan`` takes it."""
+    return scan_fields(expected_frames=n, raster=RasterScan((n // 5, 5), (1e-10, 1e-10)))
 
 
 def test_producer_streams_a_scan_in_batches(ctx):
@@ -467,7 +455,7 @@ def test_control_answers_when_a_result_cannot_travel():
 )
 def test_each_corruption_is_caught(kind, rule):
     faults = Faults(corrupt=1.0, corruptions=(kind,), seed=2)
-    msg = Frames("s1", np.arange(4, dtype=np.uint32), np.ones((4, 16, 16), np.uint16))
+    msg = frames()
     (parts,) = faults.process(msg, encode(msg, checksum=True))
     with pytest.raises(ProtocolError) as info:
         decode(parts)
