@@ -288,6 +288,15 @@ CASES: list[tuple[str, Callable[[], list[Any]], Any, Limits | None, str, str]] =
         "decoded_size",
     ),
     (
+        # LiberTEM's simulator writes 0 here; the DECTRIS bridge accepts it, the protocol does not
+        "bslz4 zero size header",
+        lambda: bslz4_header(size=0),
+        None,
+        None,
+        "arrays[1].data",
+        "decoded_size",
+    ),
+    (
         "bslz4 odd block size",
         lambda: bslz4_header(block=12),
         None,
@@ -826,9 +835,14 @@ def test_encode_refuses_what_decode_would():
     assert (info.value.field, info.value.rule) == ("frames_received", "greater_than_equal")
 
 
-def test_limits_reject_unknown_dtypes():
-    with pytest.raises(ValueError, match="frame_dtypes"):
-        Limits(frame_dtypes=("int64",))
+@pytest.mark.parametrize(
+    "field, value",
+    [("frame_dtypes", ("int64",)), ("frame_dtypes", ()), ("compressions", ("zstd",))],
+)
+def test_limits_accept_only_known_subsets(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a non-empty subset"):
+        Limits(**{field: value})
+    assert Limits(**{field: ("uint8",) if field == "frame_dtypes" else ("lz4",)})
 
 
 def test_good_messages_pass_with_state():
