@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backend import array_module, fft2, ifft2
-from .likelihood import NoiseModel, TruncationRule, loss_and_grad, truncation_keep
-from .operators import Batch, exit_waves, group_sum, scatter_add, shift_back
+from .likelihood import FarFieldTerms, NoiseModel, TruncationRule, far_field_terms
+from .operators import Batch, exit_waves, probe_adjoint, scatter_add
 
 
 @dataclass
@@ -40,21 +40,34 @@ def data_term(
     on the fly, so the frame store stays in its integer dtype). ``mask`` (M, M) in FFT order,
     1 = valid pixel. ``truncation_sums`` (likelihood.truncation_sums over the whole scan) makes
     the truncation statistics those of the full batch when it is evaluated in chunks."""
-    xp = array_module(obj)
-    waves, windows, probes = exit_waves(obj, probe, batch)
+    waves, windows, psi = exit_waves(obj, probe, batch)
     far = fft2(waves)
-    y = counts if counts.dtype == far.real.dtype else counts.astype(far.real.dtype)
-    keep = truncation_keep(far, y, alpha_h, truncation, mask, truncation_sums)
-    loss, g_far = loss_and_grad(far, y, model, mask, keep)
-    back = ifft2(g_far)
-    psi = probes[batch.group] if probes.shape[0] > 1 else probes
-    g_obj = scatter_add(psi.conj() * back, batch)
+    del waves
+    terms = far_field_terms(
+        far, counts, model, mask, truncation, alpha_h, truncation_sums, overwrite=True
+    )
+    del far
+    return _back_propagate(terms, windows, psi, batch, want_probe)
+
+
+def _back_propagate(
+    terms: FarFieldTerms, windows: Any, psi: Any, batch: Batch, want_probe: bool
+) -> DataTerm:
+    """Object and probe gradients from the far-field gradient: one inverse FFT, then the
+    adjoints of the window product. ``windows`` and ``psi`` are the caller's temporaries and
+    are overwritten (conjugated in place): no (B, M, M) copies on the way back."""
+    xp = array_module(windows)
+    back = ifft2(terms.grad)
+    terms.grad = None
     g_probe = None
     if want_probe:
-        g_probe = shift_back(group_sum(windows.conj() * back, batch), batch)
-    if keep is None:
-        kept = 1.0
-    else:
-        valid = float(xp.broadcast_to(mask, keep.shape).sum()) if mask is not None else keep.size
-        kept = float((keep if mask is None else keep * mask).sum()) / max(valid, 1.0)
-    return DataTerm(loss, g_obj, g_probe, kept, batch.size)
+        xp.conjugate(windows, out=windows)
+        windows *= back
+        g_probe = probe_adjoint(windows, batch)
+    del windows
+    # psi of shape (1, M, M) may be the caller's own probe (a view): conjugate a copy
+    psi_c = psi.conj() if psi.shape[0] == 1 else xp.conjugate(psi, out=psi)
+    back *= psi_c
+    g_obj = scatter_add(back, batch)
+    kept = terms.kept / max(terms.valid, 1.0)
+    return DataTerm(terms.loss, g_obj, g_probe, kept, batch.size)

@@ -11,6 +11,7 @@ with zero frequency at the centre: :func:`to_fft_order` converts them once on ar
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,17 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.flat_index.shape[0])
+
+    @functools.cached_property
+    def distinct_groups(self) -> bool:
+        """Every position has a probe shift of its own (a jittered scan). The shifted probes
+        are then made directly in position order — no gather of G probes to B positions and
+        no group sum back — as the G FFTs are the same B FFTs either way."""
+        g = int(self.shifts.shape[0])
+        if self.size < 2 or g < self.size:
+            return False
+        xp = array_module(self.group)
+        return int(xp.unique(self.group).size) == self.size
 
 
 def make_batch(
@@ -99,35 +111,94 @@ def sub_batch(batch: Batch, part: slice) -> Batch:
     return Batch(batch.flat_index[part], group.reshape(-1), batch.shifts[used], batch.object_shape)
 
 
-def _shift_ramps(shifts: Any, shape: tuple[int, int], dtype: Any) -> Any:
-    """exp(-2πi q·δ) for each shift δ (G, 2): multiplying a spectrum by it shifts by +δ.
-
-    The ramp is separable, exp(-2πi qy δy) · exp(-2πi qx δx): G·(My + Mx) complex
-    exponentials instead of G·My·Mx (this was the hottest line of a batch evaluation)."""
+def _shift_factors(shifts: Any, shape: tuple[int, int], dtype: Any) -> tuple[Any, Any]:
+    """The separable factors exp(-2πi qy δy) (G, My, 1) and exp(-2πi qx δx) (G, 1, Mx) of
+    the shift ramp: G·(My + Mx) complex exponentials instead of G·My·Mx."""
     xp = array_module(shifts)
     qy = xp.fft.fftfreq(shape[0])[None, :]
     qx = xp.fft.fftfreq(shape[1])[None, :]
     ey = xp.exp(-2j * np.pi * qy * shifts[:, 0, None]).astype(dtype)
     ex = xp.exp(-2j * np.pi * qx * shifts[:, 1, None]).astype(dtype)
-    return ey[:, :, None] * ex[:, None, :]
+    return ey[:, :, None], ex[:, None, :]
+
+
+def _shift_ramps(shifts: Any, shape: tuple[int, int], dtype: Any) -> Any:
+    """exp(-2πi q·δ) for each shift δ (G, 2): multiplying a spectrum by it shifts by +δ."""
+    ey, ex = _shift_factors(shifts, shape, dtype)
+    return ey * ex
+
+
+def _unshifted(batch: Batch) -> bool:
+    xp = array_module(batch.shifts)
+    return batch.shifts.shape[0] == 1 and not bool(xp.any(batch.shifts))
+
+
+def _factors(batch: Batch, per_position: bool, shape: tuple[int, int], dtype: Any) -> tuple[Any, Any]:
+    """:func:`_shift_factors` of the batch's shifts (per group, or per position), made once
+    per batch and kept on it: a batch is evaluated many times (CG, line searches)."""
+    key = (per_position, tuple(shape), np.dtype(dtype).str)
+    cache = batch.__dict__.setdefault("_factor_cache", {})
+    if key not in cache:
+        shifts = batch.shifts[batch.group] if per_position else batch.shifts
+        cache[key] = _shift_factors(shifts, shape, dtype)
+    return cache[key]
+
+
+def _shift(probe: Any, factors: tuple[Any, Any]) -> Any:
+    """S_δ ψ for each shift δ of ``factors`` → (G, M, M). The ramp is applied as its two
+    separable factors in place: no (G, M, M) ramp array is built."""
+    ey, ex = factors
+    spec = fft2(probe)[None] * ey
+    spec *= ex
+    return ifft2(spec)
+
+
+def _shift_back_sum(per_group: Any, factors: tuple[Any, Any]) -> Any:
+    """Σ_g S_{δg}^H a_g for a_g (G, M, M); ``per_group`` is overwritten."""
+    xp = array_module(per_group)
+    ey, ex = factors
+    spec = fft2(per_group)
+    spec *= xp.conj(ey)
+    spec *= xp.conj(ex)
+    return ifft2(spec.sum(axis=0))
 
 
 def shifted_probes(probe: Any, batch: Batch) -> Any:
     """The G distinct shifted probes S_δ ψ, shape (G, M, M)."""
-    xp = array_module(probe)
-    if batch.shifts.shape[0] == 1 and not bool(xp.any(batch.shifts)):
+    if _unshifted(batch):
         return probe[None]
-    ramps = _shift_ramps(batch.shifts, probe.shape, complex_of(probe.dtype))
-    return ifft2(fft2(probe)[None] * ramps)
+    return _shift(probe, _factors(batch, False, probe.shape, complex_of(probe.dtype)))
 
 
 def shift_back(per_group: Any, batch: Batch) -> Any:
     """Adjoint of :func:`shifted_probes`: Σ_g S_{δg}^H a_g for a_g of shape (G, M, M)."""
-    xp = array_module(per_group)
-    if batch.shifts.shape[0] == 1 and not bool(xp.any(batch.shifts)):
+    if _unshifted(batch):
         return per_group[0]
-    ramps = _shift_ramps(batch.shifts, per_group.shape[-2:], per_group.dtype)
-    return ifft2((fft2(per_group) * ramps.conj()).sum(axis=0))
+    factors = _factors(batch, False, per_group.shape[-2:], complex_of(per_group.dtype))
+    return _shift_back_sum(per_group.copy(), factors)
+
+
+def position_probes(probe: Any, batch: Batch) -> Any:
+    """S_{δk} ψ for every position k: (B, M, M), or (1, M, M) when all share one probe."""
+    if _unshifted(batch):
+        return probe[None]
+    distinct = batch.distinct_groups
+    probes = _shift(probe, _factors(batch, distinct, probe.shape, complex_of(probe.dtype)))
+    if distinct or probes.shape[0] == 1:
+        return probes
+    return probes[batch.group]
+
+
+def probe_adjoint(per_position: Any, batch: Batch) -> Any:
+    """Adjoint of :func:`position_probes`: Σ_k S_{δk}^H a_k for a_k (B, M, M). ``per_position``
+    may be overwritten (it is the caller's temporary)."""
+    if _unshifted(batch):
+        return per_position.sum(axis=0)
+    distinct = batch.distinct_groups
+    factors = _factors(batch, distinct, per_position.shape[-2:], complex_of(per_position.dtype))
+    if distinct:
+        return _shift_back_sum(per_position, factors)
+    return _shift_back_sum(group_sum(per_position, batch), factors)
 
 
 def extract(obj: Any, batch: Batch) -> Any:
@@ -219,11 +290,11 @@ def group_sum(per_position: Any, batch: Batch) -> Any:
 
 
 def exit_waves(obj: Any, probe: Any, batch: Batch) -> tuple[Any, Any, Any]:
-    """Real-space exit waves (B, M, M), plus the windows and shifted probes for reuse."""
+    """Real-space exit waves (B, M, M), plus the windows and the per-position probes
+    (:func:`position_probes`, (B, M, M) or (1, M, M)) for reuse."""
     windows = extract(obj, batch)
-    probes = shifted_probes(probe, batch)
-    psi = probes[batch.group] if probes.shape[0] > 1 else probes
-    return psi * windows, windows, probes
+    psi = position_probes(probe, batch)
+    return psi * windows, windows, psi
 
 
 def forward(obj: Any, probe: Any, batch: Batch) -> Any:
@@ -233,10 +304,9 @@ def forward(obj: Any, probe: Any, batch: Batch) -> Any:
 
 
 def adjoint_object(far: Any, probe: Any, batch: Batch, probes: Any | None = None) -> Any:
-    """Adjoint of T ↦ forward(T, ψ): Σ_k R_k^H [ conj(S_δ ψ) · F^H g_k ]."""
-    if probes is None:
-        probes = shifted_probes(probe, batch)
-    psi = probes[batch.group] if probes.shape[0] > 1 else probes
+    """Adjoint of T ↦ forward(T, ψ): Σ_k R_k^H [ conj(S_δ ψ) · F^H g_k ].
+    ``probes``: :func:`position_probes` of ``probe`` when the caller has them."""
+    psi = position_probes(probe, batch) if probes is None else probes
     return scatter_add(psi.conj() * ifft2(far), batch)
 
 
@@ -244,7 +314,7 @@ def adjoint_probe(far: Any, obj: Any, batch: Batch, windows: Any | None = None) 
     """Adjoint of ψ ↦ forward(T, ψ): Σ_g S_g^H Σ_{k∈g} conj(R_k T) · F^H g_k."""
     if windows is None:
         windows = extract(obj, batch)
-    return shift_back(group_sum(windows.conj() * ifft2(far), batch), batch)
+    return probe_adjoint(windows.conj() * ifft2(far), batch)
 
 
 def illumination(probe: Any, batch: Batch) -> Any:
