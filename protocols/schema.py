@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ProtocolError
 
-ScanId = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")]
+#: what a scan id may hold (its length is a limit: ``Limits.max_scan_id_length``)
+SCAN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"
+ScanId = Annotated[str, Field(min_length=1, pattern=SCAN_ID_PATTERN)]
 Positive = Annotated[float, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Pair = Annotated[list[float], Field(min_length=2, max_length=2)]

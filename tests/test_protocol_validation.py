@@ -893,3 +893,24 @@ def test_envelope_errors_name_the_scan_when_the_header_is_readable():
     with pytest.raises(ProtocolError) as info:
         decode(frame_parts(scan_id="scan-9")[:-1])
     assert (info.value.rule, info.value.scan_id) == ("part_count", "scan-9")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scan_id=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}", fullmatch=True),
+)
+def test_every_scan_id_the_protocol_accepts_names_a_spool_file(scan_id):
+    """The daemon spools every accepted scan; its file name must not refuse a valid id."""
+    from cryoptycho.daemon.storage.spool import spool_path
+
+    assert decode(start_parts(scan_id=scan_id)).scan_id == scan_id
+    path = spool_path("spool", scan_id)
+    assert path.parent.name == "spool" and path.name.endswith(".spool.h5")
+
+
+@pytest.mark.parametrize("scan_id", ["-x", "a/b", "a b", "a\n", "x" * 201])
+def test_spool_names_refuse_what_the_protocol_refuses(scan_id):
+    from cryoptycho.daemon.storage.spool import spool_path
+
+    with pytest.raises(ValueError, match="cannot name a spool file"):
+        spool_path("spool", scan_id)

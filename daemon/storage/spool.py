@@ -33,19 +33,22 @@ import numpy as np
 from cryoptycho.daemon.session import ScanSpec
 from cryoptycho.daemon.storage.dataset import compression
 from cryoptycho.daemon.storage.h5format import open_checked
+from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 
 FORMAT = "cryoptycho-spool"
 FORMAT_VERSION = 1
 SUFFIX = ".spool.h5"
 _ELECTRON_VOLT_J = 1.602176634e-19
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+_MAX_ID_CHARS = 200  # a file name holds 255 bytes, the suffix included
 DATA = "entry_1/data_1"
 
 
 def spool_path(spool_dir: str | Path, scan_id: str) -> Path:
-    if not _SAFE_ID.match(scan_id) or scan_id.startswith("."):
+    # every scan id the protocol accepts (at the default length limit) must name a spool file
+    if not re.fullmatch(SCAN_ID_PATTERN, scan_id) or len(scan_id) > _MAX_ID_CHARS:
         raise ValueError(
-            f"scan_id {scan_id!r} cannot name a spool file: use 1-200 of A-Z a-z 0-9 . _ : -"
+            f"scan_id {scan_id!r} cannot name a spool file: use 1-{_MAX_ID_CHARS} of "
+            "A-Z a-z 0-9 . _ : @ + -, starting with a letter or digit"
         )
     return Path(spool_dir) / f"{scan_id.replace(':', '_')}{SUFFIX}"
 
