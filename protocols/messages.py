@@ -12,7 +12,7 @@ message buffers (not copies), in their wire dtype. PROTOCOL.md is the normative 
 
 from . import message_types
 from .codec import decode, encode, peek
-from .message_types import *  # noqa: F403 - this module is the types' public home
+from .message_types import *  # this module is the public home of the message types
 
 __all__ = ["decode", "encode", "peek"]
 __all__ += message_types.__all__
