@@ -520,8 +520,10 @@ class StreamingReconstructor:
         px = geo.to_pixels(positions)
         size = np.asarray(geo.object_shape)
         m = np.asarray(geo.probe_shape)
-        before = np.maximum(0, np.ceil(CANVAS_MARGIN_PX - px.min(axis=0))).astype(int)
-        after = np.maximum(0, np.ceil(px.max(axis=0) + m + 1 + CANVAS_MARGIN_PX - size)).astype(int)
+        # rounding of positions → pixels (1e-15 px) must not count as leaving the canvas
+        tol = 1e-6
+        before = np.maximum(0, np.ceil(CANVAS_MARGIN_PX - px.min(axis=0) - tol)).astype(int)
+        after = np.maximum(0, np.ceil(px.max(axis=0) + m + 1 + CANVAS_MARGIN_PX - size - tol)).astype(int)
         if not (before.any() or after.any()):
             return
         slack = np.ceil(self.options.stream.canvas_slack * size).astype(int)

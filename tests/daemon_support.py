@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from cryoptycho.gpu.geometry import ScanGeometry, fit_geometry
 from cryoptycho.gpu.metrics import nrmse
 from cryoptycho.gpu.operators import forward, from_fft_order, make_batch
 from cryoptycho.gpu.probes import make_probe
+from prometheus_client.parser import text_string_to_metric_families
 from scipy.ndimage import gaussian_filter
 
 PIXEL_M = 1e-10
@@ -166,3 +168,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, daemon: Da
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}" + (f"\n{daemon.log()}" if daemon else ""))
+
+
+def metrics_of(daemon: Daemon) -> dict[str, float]:
+    """The daemon's Prometheus samples, keyed ``name{label=value,…}``."""
+    text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-import urllib.request
 
 import h5py
 import numpy as np
@@ -14,8 +13,7 @@ from cryoptycho.protocols.errors import ControlError
 from cryoptycho.protocols.messages import ErrorEvent, Frames, Preview, Result, ScanEvent, encode
 from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
-from daemon_support import Scan, start_daemon, synthetic_scan, wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from daemon_support import Scan, metrics_of, start_daemon, synthetic_scan, wait_for
 
 pytestmark = pytest.mark.subprocess
 
@@ -48,16 +46,6 @@ def collect(sub: Subscriber, until, timeout: float = 90.0) -> list:
         if until(ev):
             return events
     raise AssertionError(f"no terminal event within {timeout} s; got {[type(e).__name__ for e in events]}")
-
-
-def metrics_of(daemon) -> dict[str, float]:
-    text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
-    return out
 
 
 def metrics_when(daemon, key: str, value: float) -> dict[str, float]:

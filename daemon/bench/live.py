@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,11 @@ def _nrmse(obj: np.ndarray, origin: tuple[float, float], data: Any) -> float:
                                   np.asarray(data.positions)).nrmse
 
 
-def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: Path) -> dict[str, Any]:
-    """Stream ``data`` at ``rate`` frames/s to an in-process service; the live figures."""
+def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: Path,
+             on_ready: Callable[[dict[str, str]], None] | None = None) -> dict[str, Any]:
+    """Stream ``data`` at ``rate`` frames/s to an in-process service; the live figures.
+    ``on_ready(endpoints)`` runs once the service is bound, before the first frame (e.g. to
+    attach viewers whose cost is measured)."""
     from cryoptycho.daemon.commands.replay import ReplaySource, replay
     from cryoptycho.daemon.config import load_config
     from cryoptycho.daemon.service import BackgroundService
@@ -67,6 +71,13 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
     bg = BackgroundService(config)
     ep = bg.service.endpoints
     sub = Subscriber(ep["publish"], latest_only=False)
+    if on_ready is not None:
+        try:
+            on_ready(dict(ep))
+        except BaseException:
+            sub.close()
+            bg.stop()
+            raise
     time.sleep(0.3)
     sent: dict[str, float] = {}
     errors: list[Exception] = []

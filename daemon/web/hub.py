@@ -182,6 +182,8 @@ class Hub:
                 event.scan_id, event.iteration, event.frames_used, event.pixel_size_m,
                 event.object_phase, event.object_amplitude, event.probe, event.coverage,
             )
+            # the daemon's publish time lets a page (and `bench view`) measure publish → drawn
+            message["published_s"] = event.time_s
             self._view(event.scan_id).preview = message
             self._broadcast(message)
         elif isinstance(event, Metrics):

@@ -5,6 +5,7 @@ const token = new URLSearchParams(location.search).get("token");
 const q = token ? "?token=" + encodeURIComponent(token) : "";
 const scans = new Map();   // scan_id → {info, metrics, preview, loss: [[it, loss]]}
 let selected = null;
+const drawLog = window.cryoptychoDraws = [];
 const $ = (id) => document.getElementById(id);
 
 // Perceptually ordered colour map (viridis, 9 stops, linearly interpolated).
@@ -58,8 +59,10 @@ function drawCoverage(canvas, img, show) {
 function niceLength(nm) { for (const v of [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]) if (v >= nm) return v; return nm; }
 
 function scaleBar(preview) {
-  const canvas = $("object"), shown = canvas.getBoundingClientRect().width || canvas.width;
-  const nmPerScreenPx = preview.pixel_size_m * 1e9 * canvas.width / shown;
+  // the canvas is drawn "contain"-fitted in its box: the smaller of the two stretches applies
+  const canvas = $("object"), box = canvas.getBoundingClientRect();
+  const stretch = Math.min(box.width / canvas.width, box.height / canvas.height) || 1;
+  const nmPerScreenPx = preview.pixel_size_m * 1e9 / stretch;
   const len = niceLength(nmPerScreenPx * 80);
   $("scalebar").querySelector("i").style.width = (len / nmPerScreenPx) + "px";
   $("scalebar").querySelector("span").textContent = len + " nm";
@@ -124,6 +127,9 @@ async function renderScan(images) {
   await draw($("probe-amp"), p.probe_amplitude, (t) => [t * 255, t * 255, t * 255]);
   await draw($("probe-phase"), p.probe_phase, hsv);
   scaleBar(p);
+  // publish → drawn times of the last previews, read by `cryoptycho bench view` and the tests
+  drawLog.push({ scan_id: selected, iteration: p.iteration, published_s: p.published_s, drawn_s: Date.now() / 1000 });
+  if (drawLog.length > 1000) drawLog.shift();
 }
 
 function entry(id) {
