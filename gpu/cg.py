@@ -6,8 +6,11 @@ search suits the Poisson objective, which is smooth but far from quadratic at lo
 analytic first step (the last accepted step, 1 for the first — the Newton step of the
 preconditioned quadratic model), then one secant step on φ'(t) = 2 Re⟨∇f(x + t d), d⟩ when the
 first trial is not already good (strong-Wolfe-like test |φ'(t)| ≤ 0.3 |φ'(0)|), then halving.
-Every trial evaluates loss *and* gradient, and the accepted trial's gradient is reused, so a
-typical iteration costs 1–2 evaluations.
+A trial needs φ(t) and φ'(t) only. By default each trial evaluates loss *and* gradient and the
+accepted trial's gradient is reused (1–2 evaluations per typical iteration); an objective with
+a ``line(x, d, keys)`` method supplies a cheaper model of φ (the full-batch objective's far field
+is quadratic in t: trials cost no FFT, see ``line_model.py``) and is asked for the gradient at
+the accepted step only.
 
 Gradients are conjugate Wirtinger derivatives (CONVENTIONS.md): f(x + t d) ≈ f(x) + 2t Re⟨g, d⟩.
 """
@@ -159,40 +162,68 @@ class _Trial:
     evaluations: int
 
 
+class _Direct:
+    """Trial steps by evaluating ``fun`` at x + t d (loss and gradient each time); the
+    accepted trial's gradient is kept, so accepting costs nothing more."""
+
+    def __init__(self, fun: Fun, x: Vars, d: Vars, keys: set[str]) -> None:
+        self.fun, self.x, self.d, self.keys = fun, x, d, keys
+        self.seen: dict[float, tuple[Vars, float, Vars]] = {}
+
+    def value(self, t: float) -> tuple[float, float]:
+        xt = dict(self.x)
+        for k in self.keys:
+            xt[k] = self.x[k] + t * self.d[k]
+        ft, gt = self.fun(xt)
+        self.seen[t] = (xt, ft, gt)
+        return ft, 2.0 * _dot(gt, self.d, self.keys)
+
+    def point(self, t: float) -> tuple[Vars, float, Vars]:
+        return self.seen[t]
+
+
+def _line(fun: Fun, x: Vars, d: Vars, keys: set[str]) -> Any:
+    """``fun.line(x, d, keys)`` when the objective offers a cheaper model of f along the line
+    (an object with ``value(t) -> (f, f')`` and ``point(t) -> (x_t, f, g)``, e.g. the
+    full-batch objective, whose far field is quadratic in t), else direct evaluations."""
+    make = getattr(fun, "line", None)
+    line = make(x, d, keys) if make is not None else None
+    return line if line is not None else _Direct(fun, x, d, keys)
+
+
 def _line_search(
     fun: Fun, x: Vars, f0: float, d: Vars, keys: set[str], slope0: float, t0: float,
     max_halvings: int = 6,
 ) -> _Trial:
-    def at(t: float) -> tuple[Vars, float, Vars, float]:
-        xt = dict(x)
-        for k in keys:
-            xt[k] = x[k] + t * d[k]
-        ft, gt = fun(xt)
-        return xt, ft, gt, 2.0 * _dot(gt, d, keys)
+    line = _line(fun, x, d, keys)
+
+    def accept(t: float, evals: int) -> _Trial:
+        xt, ft, gt = line.point(t)
+        return _Trial(t, xt, ft, gt, evals)
 
     evals = 1
     t1 = t0
-    x1, f1, g1, s1 = at(t1)
-    best = (t1, x1, f1, g1) if f1 < f0 else None
+    f1, s1 = line.value(t1)
+    best = (t1, f1) if f1 < f0 else None
     if best is not None and abs(s1) <= 0.3 * abs(slope0):
-        return _Trial(t1, x1, f1, g1, evals)
+        return accept(t1, evals)
     # Secant step on φ'(t): exact for a quadratic φ; bounded to [t/10, 10 t] for safety.
     if s1 > slope0 and math.isfinite(f1):
         t2 = t1 * slope0 / (slope0 - s1)
         t2 = min(max(t2, 0.1 * t1), 10.0 * t1)
     else:
         t2 = 4.0 * t1 if best is not None else 0.25 * t1
-    x2, f2, g2, _ = at(t2)
+    f2, _ = line.value(t2)
     evals += 1
-    if f2 < f0 and (best is None or f2 < best[2]):
-        best = (t2, x2, f2, g2)
+    if f2 < f0 and (best is None or f2 < best[1]):
+        best = (t2, f2)
     if best is not None:
-        return _Trial(best[0], best[1], best[2], best[3], evals)
+        return accept(best[0], evals)
     t = min(t1, t2)
     for _ in range(max_halvings):
         t *= 0.5
-        xt, ft, gt, _ = at(t)
+        ft, _ = line.value(t)
         evals += 1
         if ft < f0:
-            return _Trial(t, xt, ft, gt, evals)
+            return accept(t, evals)
     return _Trial(None, x, f0, {}, evals)

@@ -47,10 +47,10 @@ def data_term(
         far, counts, model, mask, truncation, alpha_h, truncation_sums, overwrite=True
     )
     del far
-    return _back_propagate(terms, windows, psi, batch, want_probe)
+    return back_propagate(terms, windows, psi, batch, want_probe)
 
 
-def _back_propagate(
+def back_propagate(
     terms: FarFieldTerms, windows: Any, psi: Any, batch: Batch, want_probe: bool
 ) -> DataTerm:
     """Object and probe gradients from the far-field gradient: one inverse FFT, then the

@@ -25,6 +25,7 @@ from .data import PtychoData
 from .geometry import ScanGeometry, fit_geometry
 from .init import flat_object, random_object, spectral_object
 from .likelihood import truncation_sums
+from .line_model import full_batch_line
 from .objective import data_term
 from .operators import Batch, forward, illumination, make_batch, to_fft_order
 from .options import ReconOptions
@@ -211,6 +212,11 @@ class FullBatchObjective:
                                    self.mask)
             total = [a + b for a, b in zip(total, part)]
         return total[0], total[1], total[2]
+
+    def line(self, x: dict[str, Any], d: dict[str, Any], keys: set[str]) -> Any:
+        """CG's line search model along ``d`` (trials at elementwise cost, line_model.py), or
+        None when its far fields do not fit in memory."""
+        return full_batch_line(self, x, d, keys)
 
     def __call__(self, x: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         opts = self.options

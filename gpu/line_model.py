@@ -1,0 +1,247 @@
+"""Line searches of the full-batch objective at elementwise cost.
+
+Along a CG direction (dT, dψ) the exit wave of position k is a quadratic polynomial in the step:
+
+    S ψ_t · R T_t = S ψ · R T  +  t (S ψ · R dT + S dψ · R T)  +  t² S dψ · R dT,
+
+and F, S and R are linear, so the far field is z(t) = s(t) [A + t B + t² C] with A, B, C the
+FFTs of the three terms (C = 0 while the probe is fixed) and s(t) = √P / ‖ψ + t dψ‖ the probe
+normalisation (:class:`~cryoptycho.gpu.reconstruct.FullBatchObjective`). After B and C are made
+once per direction (A is the far field of the last accepted point), every trial step of the line
+search costs no FFT: the loss and φ'(t) = 2 Re⟨∂L/∂z̄, z'(t)⟩ are elementwise in z(t) and z'(t).
+Only the accepted step pays for the gradient (one inverse FFT per position and the adjoints).
+
+The three far fields are held for every position, so the model is used only when they fit the
+memory budget (:func:`line_budget_bytes`); otherwise CG evaluates the objective at each trial.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import array_module, fft2, free_device_bytes
+from .likelihood import far_field_terms, intensity_sums
+from .objective import back_propagate
+from .operators import extract, position_probes
+from .priors import prior_term
+
+#: Share of the free memory (device, or host RAM on NumPy) the stored far fields may take.
+LINE_MEMORY_SHARE = 0.5
+#: The far field carried over from accepted steps is recomputed after this many reuses, so
+#: float rounding of A ← A + tB + t²C cannot build up over a long run.
+REFRESH_EVERY = 20
+
+
+def line_budget_bytes(xp: Any) -> int:
+    """Bytes the stored far fields may take: a share of the free device memory (CuPy) or of
+    the available host memory (NumPy, Linux ``sysconf``; 2 GiB where that is unknown)."""
+    free = free_device_bytes(xp)
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = 2 << 30
+    return int(LINE_MEMORY_SHARE * free)
+
+
+@dataclass
+class _Carry:
+    """The far fields (unnormalised probe) of the last accepted point, per chunk."""
+
+    obj: Any
+    probe: Any
+    far: list[Any]
+    reuses: int
+
+
+class FullBatchLine:
+    """φ(t) = f(x + t d) of a FullBatchObjective, with ``value(t) -> (φ, φ')`` at elementwise
+    cost and ``point(t) -> (x_t, f, gradient)`` for the accepted step."""
+
+    def __init__(self, fun: Any, x: dict[str, Any], d: dict[str, Any], keys: set[str]) -> None:
+        self.fun = fun
+        self.x = x
+        self.t_obj = x["object"]
+        self.d_obj = d["object"] if "object" in keys else None
+        self.d_probe = d["probe"] if "probe" in keys else None
+        probe = x["probe"]
+        xp = array_module(self.t_obj)
+        self.xp = xp
+        self.root_p = math.sqrt(fun.power)
+        # ‖ψ + t dψ‖² = n0 + 2 t a + t² b
+        self.n0 = float(xp.vdot(probe.ravel(), probe.ravel()).real)
+        self.a = self.b = 0.0
+        if self.d_probe is not None:
+            self.a = float(xp.vdot(probe.ravel(), self.d_probe.ravel()).real)
+            self.b = float(xp.vdot(self.d_probe.ravel(), self.d_probe.ravel()).real)
+        carry: _Carry | None = getattr(fun, "_line_carry", None)
+        reuse = (
+            carry is not None and carry.obj is x["object"] and carry.probe is probe
+            and carry.reuses < REFRESH_EVERY
+        )
+        self.terms: list[tuple[Any, Any, Any]] = []
+        for i, sub in enumerate(fun.batches):
+            p0 = position_probes(probe, sub)
+            w0 = extract(self.t_obj, sub)
+            far_a = carry.far[i] if reuse else fft2(p0 * w0)
+            far_b = far_c = None
+            p1 = position_probes(self.d_probe, sub) if self.d_probe is not None else None
+            if self.d_obj is not None:
+                w1 = extract(self.d_obj, sub)
+                wave = p0 * w1
+                if p1 is not None:
+                    wave += p1 * w0
+                    far_c = fft2(p1 * w1)
+                far_b = fft2(wave)
+            elif p1 is not None:
+                far_b = fft2(p1 * w0)
+            self.terms.append((far_a, far_b, far_c))
+        self.reuses = carry.reuses + 1 if reuse else 0
+
+    # --- the scalar probe normalisation along the line ------------------------------------
+
+    def _scale(self, t: float) -> tuple[float, float]:
+        """s(t) = √P/‖ψ + t dψ‖ and s'(t)."""
+        n = self.n0 + 2.0 * t * self.a + t * t * self.b
+        if n <= 0 or not math.isfinite(n):
+            raise FloatingPointError("probe became zero or non-finite")
+        return self.root_p / math.sqrt(n), -self.root_p * (self.a + t * self.b) / n**1.5
+
+    def _unscaled(self, i: int, t: float) -> Any:
+        far_a, far_b, far_c = self.terms[i]
+        u = far_a.copy() if far_b is None else far_b * t
+        if far_b is not None:
+            u += far_a
+        if far_c is not None:
+            u += far_c * (t * t)
+        return u
+
+    def _truncating(self) -> bool:
+        opts = self.fun.options
+        return opts.truncation != "none" and math.isfinite(opts.alpha_h)
+
+    def _first_pass(self, t: float, s: float, ds: float | None) -> tuple[list[Any], list[Any], Any]:
+        """Per chunk: |z(t)|² and (with ``ds``) the real weights h with Re(z̄ z') = h, and the
+        scan-wide truncation sums. z' = s' u + s v with v = B + 2tC, so h = (s'/s)|z|² +
+        s·Re(z̄ v): real arithmetic only, the complex gradient f·z is never formed."""
+        fun = self.fun
+        intens, weights = [], []
+        total = [0.0, 0.0, 0.0]
+        for i, sl in enumerate(fun.slices):
+            _, far_b, far_c = self.terms[i]
+            z = self._unscaled(i, t)
+            z *= s
+            inten = z.real * z.real
+            inten += z.imag * z.imag
+            if ds is not None:
+                if far_b is None:
+                    h = inten * (ds / s)
+                else:
+                    v = far_b if far_c is None else far_b + far_c * (2.0 * t)
+                    h = z.real * v.real
+                    h += z.imag * v.imag
+                    del v
+                    h *= s
+                    h += inten * (ds / s)
+                weights.append(h)
+            del z
+            if self._truncating():
+                part = intensity_sums(inten, self._counts(sl, inten), fun.mask)
+                total = [p + q for p, q in zip(total, part)]
+            intens.append(inten)
+        sums = (total[0], total[1], total[2]) if self._truncating() else None
+        return intens, weights, sums
+
+    def _counts(self, sl: slice, like: Any) -> Any:
+        y = self.fun.counts_fft[sl]
+        rdt = like.dtype
+        return y if np.can_cast(y.dtype, rdt, casting="safe") else y.astype(rdt)
+
+    def _object_at(self, t: float) -> Any:
+        return self.t_obj if self.d_obj is None else self.t_obj + t * self.d_obj
+
+    def value(self, t: float) -> tuple[float, float]:
+        """(φ(t), φ'(t)) without an FFT."""
+        fun, opts, xp = self.fun, self.fun.options, self.xp
+        s, ds = self._scale(t)
+        intens, weights, sums = self._first_pass(t, s, ds)
+        loss = slope = 0.0
+        for sl, inten, h in zip(fun.slices, intens, weights):
+            terms = far_field_terms(
+                None, fun.counts_fft[sl], opts.noise_model, fun.mask, opts.truncation,
+                opts.alpha_h, sums, want_grad=False, inten=inten,
+            )
+            loss += terms.loss
+            slope += 2.0 * float(xp.vdot(terms.factor.ravel(), h.ravel()))
+        del intens, weights
+        obj_t = self._object_at(t)
+        p_loss, p_grad = prior_term(obj_t, opts, fun.kappa, None, fun.sparse)
+        p_slope = 0.0
+        if self.d_obj is not None:
+            p_slope = 2.0 * float(xp.vdot(p_grad.ravel(), self.d_obj.ravel()).real)
+        return fun.scale * loss + p_loss, fun.scale * slope + p_slope
+
+    def point(self, t: float) -> tuple[dict[str, Any], float, dict[str, Any]]:
+        """x + t d, the objective there and its gradient (as ``fun(x + t d)`` returns them)."""
+        fun, opts, xp = self.fun, self.fun.options, self.xp
+        x_t = dict(self.x)
+        obj_t = self._object_at(t)
+        x_t["object"] = obj_t
+        probe_t = self.x["probe"] if self.d_probe is None else self.x["probe"] + t * self.d_probe
+        x_t["probe"] = probe_t
+        norm = float(xp.sqrt((probe_t.real**2 + probe_t.imag**2).sum()))
+        if norm == 0 or not math.isfinite(norm):
+            raise FloatingPointError("probe became zero or non-finite")
+        s = self.root_p / norm
+        psi = probe_t * s
+        intens, _, sums = self._first_pass(t, s, None)
+        loss = 0.0
+        g_obj = xp.zeros_like(obj_t)
+        g_psi = xp.zeros_like(psi)
+        carried = []
+        for i, (sl, sub) in enumerate(zip(fun.slices, fun.batches)):
+            u = self._unscaled(i, t)
+            carried.append(u)
+            z = u * s
+            terms = far_field_terms(
+                z, fun.counts_fft[sl], opts.noise_model, fun.mask, opts.truncation,
+                opts.alpha_h, sums, overwrite=True, inten=intens[i],
+            )
+            intens[i] = None
+            dt = back_propagate(
+                terms, extract(obj_t, sub), position_probes(psi, sub), sub, fun.want_probe
+            )
+            loss += dt.loss
+            g_obj += dt.grad_object
+            if fun.want_probe:
+                g_psi += dt.grad_probe
+        fun._line_carry = _Carry(obj_t, probe_t, carried, self.reuses)
+        p_loss, p_grad = prior_term(obj_t, opts, fun.kappa, None, fun.sparse)
+        grads = {"object": fun.scale * g_obj + p_grad}
+        if fun.want_probe:
+            g_psi *= fun.scale
+            radial = float(xp.vdot(psi.ravel(), g_psi.ravel()).real) / fun.power
+            grads["probe"] = s * (g_psi - radial * psi)
+        return x_t, fun.scale * loss + p_loss, grads
+
+
+def full_batch_line(fun: Any, x: dict[str, Any], d: dict[str, Any], keys: set[str]) -> FullBatchLine | None:
+    """The line model of ``fun`` (a FullBatchObjective) along ``d``, or None when its far
+    fields (up to three complex arrays the size of all frames) exceed the memory budget."""
+    t_obj = x["object"]
+    xp = array_module(t_obj)
+    frames = int(fun.counts_fft.shape[0]) * int(np.prod(fun.counts_fft.shape[1:]))
+    item = np.dtype(t_obj.dtype).itemsize
+    arrays = 1 + ("object" in keys) + ("object" in keys and "probe" in keys)
+    # + the carried far field of the last point, alive while the new ones are made, and a
+    # trial's |z|² and slope weights (two real arrays = one complex) for every frame
+    need = (arrays + 2) * frames * item
+    if need > line_budget_bytes(xp):
+        fun._line_carry = None
+        return None
+    return FullBatchLine(fun, x, d, keys)
