@@ -9,8 +9,14 @@ FRC crossing inside the particle footprint: raw rings at 1-bit (the paper's crit
 pooled-ring curve beside it (stable at low dose). Averaging: 2 × N datasets at the highest dose
 (new noise each, same particle and scan), two averages of N, FRC between them at ½-bit (paper).
 
-``--quick``: hemoglobin at 5 and 20 e⁻/Å², 2 × 3 datasets averaged, 20 iterations — a few
-minutes on 2 cores. Writes OUT/paper.md (table beside the paper's figures), OUT/paper.json and
+Beside each dose the table gives the *quantum limit*: an ideal Zernike phase-contrast image at
+the same dose (every surviving electron, no aberrations, DQE 1), scored the same way
+(:func:`cryoptycho.gpu.sim.evaluation.quantum_limit`) — what any linear phase measurement of
+this specimen can reach. Read the paper's figures against it (gpu/ENGINE.md, "Low-dose quality").
+
+``--quick``: hemoglobin at 5 and 20 e⁻/Å², 2 × 3 datasets averaged, 40 iterations (20 stopped
+short: phase correlation 0.355 → 0.376 at 40, 0.377 at 100 on the demo dataset) — a few minutes
+on 2 cores. Writes OUT/paper.md (table beside the paper's figures), OUT/paper.json and
 OUT/<sample>_frc.png, OUT/<sample>_images.png.
 """
 
@@ -69,6 +75,7 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
     from cryoptycho.gpu.sim.evaluation import (
         evaluate_against_truth,
         evaluate_image,
+        quantum_limit,
         resample,
         scanned_box,
     )
@@ -115,8 +122,11 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
             em[mode] = evaluate_image(img.image[sy, sx].astype(np.float64), ref[sy, sx], cfg.pixel_size, foot)
             out["images"][(mode, dose)] = img.image[sy, sx]
         bar.advance(task)
+        limit = quantum_limit(data.truth_object, data.truth_origin, cfg.pixel_size, data.positions, dose,
+                              seed=cfg.seed, pool=ev.pool)
         out["doses"][dose] = {
             "ptychography": ev.summary(),
+            "quantum_limit": limit.summary(),
             "cryoem": em,
             "counts_per_pattern": data.metadata["counts_per_pattern"],
             "positions": len(data.positions),
@@ -193,21 +203,26 @@ def _plots(result: dict[str, Any], outdir: Path) -> list[Path]:
 
 def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
     lines = [
-        ("| sample | dose (e⁻/Å²) | ptycho 1-bit raw | ptycho 1-bit pooled | phase corr. | defocus 1-bit | "
-         "phase plate 1-bit | paper ptycho 1-bit | paper phase plate |"),
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| sample | dose (e⁻/Å²) | ptycho 1-bit raw | ptycho 1-bit pooled | phase corr. | quantum limit 1-bit "
+         "raw / pooled | q. l. phase corr. | defocus 1-bit | phase plate 1-bit | paper ptycho 1-bit | "
+         "paper phase plate |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["sample"]
         if "error" in r:
-            lines.append(f"| {s} | – | skipped: {r['error']} | | | | | | |")
+            lines.append(f"| {s} | – | skipped: {r['error']} | | | | | | | | |")
             continue
         for dose, d in r["doses"].items():
             res = d["ptychography"]["resolution_m"]
             em = d["cryoem"]
+            lim = d["quantum_limit"]
             lines.append(
                 f"| {s} | {dose:g} | {_fmt(res['particle/raw/1-bit'])} | {_fmt(res['particle/pooled/1-bit'])} | "
-                f"{d['ptychography']['phase_correlation']:.2f} | {_fmt(em['defocus']['particle/raw/1-bit'])} | "
+                f"{d['ptychography']['phase_correlation']:.2f} | "
+                f"{_fmt(lim['resolution_m']['particle/raw/1-bit'])} / "
+                f"{_fmt(lim['resolution_m']['particle/pooled/1-bit'])} | {lim['phase_correlation']:.2f} | "
+                f"{_fmt(em['defocus']['particle/raw/1-bit'])} | "
                 f"{_fmt(em['phase-plate']['particle/raw/1-bit'])} | "
                 f"{_paper(PAPER_PTYCHO.get(s, {}).get(int(dose)))} | "
                 f"{_paper(PAPER_PHASE_PLATE.get(s, {}).get(int(dose)))} |"
@@ -231,7 +246,7 @@ def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
 
 @click.command("paper")
 @click.option("--quick", is_flag=True,
-              help="Defaults for a few minutes on 2 cores: hemoglobin, 2 × 3 averaged, 20 iterations.")
+              help="Defaults for a few minutes on 2 cores: hemoglobin, 2 × 3 averaged, 40 iterations.")
 @click.option("--samples", help="Comma-separated  [default: hemoglobin,proteasome,ribosome]")
 @click.option("--doses", default="5,20", show_default=True, help="Comma-separated, e⁻/Å².")
 @click.option("--average", type=click.IntRange(min=0),
@@ -251,7 +266,7 @@ def command(quick: bool, samples: str | None, doses: str, average: int | None, i
     """Regenerate the paper's resolution comparison (ptychography vs defocus vs phase plate)."""
     if structures is not None:
         os.environ["CRYOPTYCHO_STRUCTURES"] = str(structures)
-    defaults = ("hemoglobin", 3, 20) if quick else ("hemoglobin,proteasome,ribosome", 30, 60)
+    defaults = ("hemoglobin", 3, 40) if quick else ("hemoglobin,proteasome,ribosome", 30, 60)
     samples = samples if samples is not None else defaults[0]
     average = average if average is not None else defaults[1]
     iterations = iterations if iterations is not None else defaults[2]
