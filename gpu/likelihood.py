@@ -144,7 +144,7 @@ def far_field_terms(
         kept = valid
     else:
         weight = keep if mask is None else keep * mask
-        kept = float(weight.sum())
+        kept = float(xp.count_nonzero(keep)) if mask is None else float(weight.sum())
     factor, term = _factor_and_term(xp, inten, yv, model, weight)
     grad = None
     if want_grad:
@@ -195,19 +195,19 @@ def _keep_by_squares(
     xp: Any, inten: Any, y: Any, alpha_h: float, rule: str, mask: Any | None,
     sums: tuple[float, float, float] | None,
 ) -> Any | None:
-    """:func:`truncation_keep` on squared residuals and thresholds (0/1, real dtype)."""
+    """:func:`truncation_keep` on squared residuals and thresholds (boolean)."""
     if rule == "none" or not np.isfinite(alpha_h):
         return None
     if rule not in ("chen-candes", "high-intensity", "poisson-floor"):
         raise ValueError(f"unknown truncation rule {rule!r}")
     resid = xp.subtract(y, inten)
+    xp.abs(resid, out=resid)
     if sums is None:
-        w = _weights(inten, mask)
-        wsum = float(xp.broadcast_to(w, inten.shape).sum())
-        absr = xp.abs(resid)
-        sums = (float((absr * w).sum() if mask is not None else absr.sum()),
-                float((w * inten).sum() if mask is not None else inten.sum()), wsum)
-        del absr
+        if mask is None:
+            sums = (float(resid.sum()), float(inten.sum()), float(inten.size))
+        else:
+            wsum = float(mask.sum()) * (inten.size // mask.size)
+            sums = (float((resid * mask).sum()), float((inten * mask).sum()), wsum)
     resid_sum, inten_sum, wsum = sums
     if wsum <= 0:
         return None
@@ -224,8 +224,8 @@ def _keep_by_squares(
         # max(c·I, α²·max(I, 1)) = max(max(c, α²)·I, α²)
         thr = inten * max(c, alpha_h * alpha_h)
         xp.maximum(thr, alpha_h * alpha_h, out=thr)
-    keep = xp.less_equal(resid, thr)
-    return keep.astype(inten.dtype)
+    # boolean: multiplying by it casts on the fly, no float copy of the mask
+    return xp.less_equal(resid, thr)
 
 
 def truncation_sums(z: Any, y: Any, mask: Any | None = None) -> tuple[float, float, float]:
