@@ -180,7 +180,7 @@ def _factor_and_term(xp: Any, inten: Any, y: Any, model: str, weight: Any | None
         factor = xp.subtract(1.0, ratio, out=ratio)
     else:
         amp = xp.sqrt(inten, out=inten)
-        root = xp.sqrt(y).astype(amp.dtype, copy=False)
+        root = xp.sqrt(y.astype(amp.dtype))  # sqrt of uint16 alone would be float32
         term = amp - root
         root /= xp.maximum(amp, np.sqrt(INTENSITY_FLOOR))
         factor = xp.subtract(1.0, root, out=root)
