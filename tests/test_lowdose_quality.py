@@ -67,13 +67,15 @@ def test_demo_fixes_the_known_probe_and_reports_the_dose_limit() -> None:
 
     refine = next(p for p in command.params if p.name == "refine_probe")
     assert refine.default is False
+    ours = {"particle/raw/1-bit": 2.86e-9, "particle/pooled/1-bit": 2.0e-9}
+    ideal = {"particle/raw/1-bit": 1.5e-9, "particle/pooled/1-bit": float("inf")}
     report = {
-        "resolution_vs_truth_m": {"1-bit": 2.0e-9, "1/2-bit": 1.24e-9, "0.143": 1e-9},
+        "resolutions_m": ours,
         "phase_correlation": 0.377,
-        "quantum_limit": {"resolution_m": {"1-bit": 1.5e-9, "1/2-bit": float("inf")}, "phase_correlation": 0.51},
+        "quantum_limit": {"resolutions_m": ideal, "phase_correlation": 0.51},
         "live_half_set_resolution_m": None,
     }
     text = "\n".join(summary_lines(report, "hemoglobin", 20.0))
-    assert "1-bit 20.0 Å" in text and "phase correlation 0.38" in text
-    assert "1-bit 15.0 Å" in text and "½-bit not resolved" in text and "0.51" in text
+    assert "28.6 Å raw rings, 20.0 Å pooled; phase correlation 0.38" in text
+    assert "15.0 Å raw, not resolved pooled; phase correlation 0.51" in text
     assert "half-set" not in text
