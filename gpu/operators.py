@@ -12,7 +12,6 @@ with zero frequency at the centre: :func:`to_fft_order` converts them once on ar
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,18 +34,53 @@ def from_fft_order(frames: Any) -> Any:
     return xp.fft.fftshift(frames, axes=(-2, -1))
 
 
-@dataclass
 class Batch:
-    """Index bookkeeping for one batch of positions, computed once and reused by the adjoints."""
+    """Index bookkeeping for one batch of positions, computed once and reused by the adjoints.
 
-    flat_index: Any  #: (B, M, M) int: linear index into the object of each window pixel
-    group: Any  #: (B,) int: which shifted probe each position uses
-    shifts: Any  #: (G, 2) float: fractional shift of each group's probe
-    object_shape: tuple[int, int]
+    :func:`make_batch` keeps only the top-left corner of each window (``corners``, (B, 2)) and
+    the window shape: the per-pixel linear index ``flat_index`` (B, M, M) is made on demand
+    (CuPy's gather and scatter use it per chunk; NumPy's block copies need only the corners).
+    An index kept for every position cost 8 bytes per detector pixel of the scan — four
+    times a uint16 frame store — during full-batch refinement. A batch can also be built
+    from an explicit ``flat_index`` (any windows, e.g. in tests)."""
+
+    def __init__(
+        self,
+        flat_index: Any | None,
+        group: Any,
+        shifts: Any,
+        object_shape: tuple[int, int],
+        *,
+        corners: Any | None = None,
+        window: tuple[int, int] | None = None,
+    ) -> None:
+        if flat_index is None and (corners is None or window is None):
+            raise ValueError("a Batch needs flat_index, or corners and the window shape")
+        self._flat = flat_index
+        self.corners = corners  #: (B, 2) int top-left pixel of each window, or None
+        self.window = window  #: (My, Mx) window shape when built from corners
+        self.group = group  #: (B,) int: which shifted probe each position uses
+        self.shifts = shifts  #: (G, 2) float: fractional shift of each group's probe
+        self.object_shape = object_shape
+
+    @property
+    def flat_index(self) -> Any:
+        """(B, M, M) int: linear index into the object of each window pixel."""
+        if self._flat is not None:
+            return self._flat
+        xp = array_module(self.corners)
+        my, mx = self.window
+        rows = self.corners[:, 0, None] + xp.arange(my)[None, :]
+        cols = self.corners[:, 1, None] + xp.arange(mx)[None, :]
+        return rows[:, :, None] * self.object_shape[1] + cols[:, None, :]
 
     @property
     def size(self) -> int:
-        return int(self.flat_index.shape[0])
+        return int((self.corners if self._flat is None else self._flat).shape[0])
+
+    def __repr__(self) -> str:
+        return (f"Batch(size={self.size}, groups={int(self.shifts.shape[0])}, "
+                f"object_shape={self.object_shape})")
 
     @functools.cached_property
     def distinct_groups(self) -> bool:
@@ -93,13 +127,10 @@ def make_batch(
                 f"position {first} (window at pixel {corner[first].tolist()}) lies outside the "
                 f"object canvas {object_shape} for a {probe_shape} probe"
             )
-    rows = corner[:, 0, None] + xp.arange(my)[None, :]
-    cols = corner[:, 1, None] + xp.arange(mx)[None, :]
-    flat = rows[:, :, None] * nx + cols[:, None, :]
     scale = steps + 1
     uniq, group = xp.unique(key[:, 0] * scale + key[:, 1], return_inverse=True)
     shifts = xp.stack([uniq // scale, uniq % scale], axis=-1).astype(np.float64) * quantum
-    return Batch(flat_index=flat, group=group.reshape(-1), shifts=shifts, object_shape=object_shape)
+    return Batch(None, group.reshape(-1), shifts, object_shape, corners=corner, window=(my, mx))
 
 
 def sub_batch(batch: Batch, part: slice) -> Batch:
@@ -108,6 +139,9 @@ def sub_batch(batch: Batch, part: slice) -> Batch:
     probe G times per chunk instead of once per distinct shift."""
     xp = array_module(batch.group)
     used, group = xp.unique(batch.group[part], return_inverse=True)
+    if batch.corners is not None:
+        return Batch(None, group.reshape(-1), batch.shifts[used], batch.object_shape,
+                     corners=batch.corners[part], window=batch.window)
     return Batch(batch.flat_index[part], group.reshape(-1), batch.shifts[used], batch.object_shape)
 
 
@@ -203,7 +237,7 @@ def probe_adjoint(per_position: Any, batch: Batch) -> Any:
 
 def extract(obj: Any, batch: Batch) -> Any:
     """R_k T for every position: (B, M, M) windows of the object."""
-    if array_module(obj) is np and batch.flat_index.ndim == 3:
+    if array_module(obj) is np and (batch.corners is not None or batch.flat_index.ndim == 3):
         rows, cols, my, mx = _blocks(batch)
         out = np.empty((batch.size, my, mx), dtype=obj.dtype)
         # Slice copies, as in the block scatter: no pass over the int64 index per pixel.
@@ -216,6 +250,9 @@ def extract(obj: Any, batch: Batch) -> Any:
 def _blocks(batch: Batch) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Top-left (row, col) of every window and the window shape, checking that each window
     is the contiguous block ``make_batch`` builds."""
+    if batch.corners is not None:
+        corners = np.asarray(batch.corners)
+        return corners[:, 0], corners[:, 1], batch.window[0], batch.window[1]
     flat = np.asarray(batch.flat_index)
     _, my, mx = flat.shape
     nx = batch.object_shape[1]
@@ -317,13 +354,23 @@ def adjoint_probe(far: Any, obj: Any, batch: Batch, windows: Any | None = None) 
     return probe_adjoint(windows.conj() * ifft2(far), batch)
 
 
+#: Positions per chunk of :func:`illumination`: bounds its work memory on a full scan.
+ILLUMINATION_CHUNK = 512
+
+
 def illumination(probe: Any, batch: Batch) -> Any:
     """Σ_k R_k^H |S_δ ψ|² — the total probe intensity at each object pixel (for step scaling
-    and coverage maps)."""
-    probes = shifted_probes(probe, batch)
+    and coverage maps). In chunks: the shifted probes of a whole jittered scan at once would
+    take 8 bytes per detector pixel of the scan."""
     xp = array_module(probe)
-    inten = xp.abs(probes) ** 2
-    per_pos = inten[batch.group] if probes.shape[0] > 1 else xp.broadcast_to(
-        inten, (batch.size,) + inten.shape[1:]
-    )
-    return scatter_add(per_pos, batch)
+    total = None
+    for lo in range(0, max(batch.size, 1), ILLUMINATION_CHUNK):
+        part = batch if batch.size <= ILLUMINATION_CHUNK else sub_batch(batch, slice(lo, lo + ILLUMINATION_CHUNK))
+        probes = shifted_probes(probe, part)
+        inten = probes.real**2 + probes.imag**2
+        per_pos = inten[part.group] if probes.shape[0] > 1 else xp.broadcast_to(
+            inten, (part.size,) + inten.shape[1:]
+        )
+        chunk = scatter_add(per_pos, part)
+        total = chunk if total is None else total + chunk
+    return total

@@ -27,7 +27,7 @@ from .init import flat_object, random_object, spectral_object
 from .likelihood import truncation_sums
 from .line_model import full_batch_line
 from .objective import data_term
-from .operators import Batch, forward, illumination, make_batch, to_fft_order
+from .operators import Batch, forward, illumination, make_batch, sub_batch, to_fft_order
 from .options import ReconOptions
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
@@ -161,9 +161,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
 def _sub_batch(batch: Batch, sl: slice) -> Batch:
     """The positions ``sl`` of ``batch``, with only the probe shifts they use: a chunk must not
     shift the probe for every sub-pixel group of the whole scan (up to one per position)."""
-    xp = array_module(batch.group)
-    used, group = xp.unique(batch.group[sl], return_inverse=True)
-    return Batch(batch.flat_index[sl], group.reshape(-1), batch.shifts[used], batch.object_shape)
+    return sub_batch(batch, sl)
 
 
 def _normalised(probe: Any, power: float) -> tuple[Any, float]:
