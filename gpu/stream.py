@@ -456,9 +456,11 @@ class StreamingReconstructor:
         per_position = m2 * (12 * c + 6 * r + 8)
         stream_work = batch * per_position
         chunk = min(options.chunk_size, max(n_frames, 1))
-        # refine_full_batch: the index of every position (int64), chunked data-term work,
-        # and the CG vectors (x, gradient, preconditioned gradient, direction, trial, old).
-        refine_work = n_frames * m2 * 8 + chunk * per_position + 6 * (canvas * c + m2 * c)
+        # refine_full_batch: chunked data-term work and the CG vectors (x, gradient,
+        # preconditioned gradient, direction, trial, old). Batches keep window corners, not a
+        # per-pixel index. CG's line model (line_model.py: up to five far fields per frame) is
+        # used only when it fits half the free memory, so it is not part of the requirement.
+        refine_work = chunk * per_position + 6 * (canvas * c + m2 * c)
         total = frame_store + canvas_bytes + probe + max(stream_work, refine_work)
         return {
             "frame_store": int(frame_store),
