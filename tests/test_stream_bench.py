@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 from cryoptycho.daemon.cli import main
 
@@ -17,11 +19,26 @@ def test_bench_engine_json_figures():
     full = figures["full_batch"]
     assert full["frames"] == 32 and full["groups"] > 1  # jittered: distinct sub-pixel shifts
     assert figures["full_batch_on_grid"]["groups"] == 1
-    for ratio in (full["evaluation_ratio"], full["cg_iteration_ratio"]):
+    for ratio in (full["evaluation_ratio"], full["cg_iteration_ratio"], full["cg_direct_iteration_ratio"]):
         assert ratio > 1.0  # the FFT pair is part of every evaluation
+    # frames + what refinement allocates: at least the frames, and the work is not free
+    assert full["refine_peak_over_raw"] > 1.0 and full["refine_direct_peak_over_raw"] > 1.0
     for size in ("64", "128"):
         live = figures["mini_batch"][size]
         assert live["frames_per_s"] > 0
         assert 1.0 <= live["store_over_raw"] <= 1.05  # frame count declared: exact allocation
         assert live["peak_over_raw"] >= live["store_over_raw"]
     assert figures["store_growth"]["reallocations"] >= 1
+
+
+def test_bench_engine_profile_shares():
+    args = ["bench", "engine", "--frames", "32", "--size", "16", "--stream-frames", "64",
+            "--batch", "16", "--steps", "1", "--repeats", "1", "--cg-iterations", "1", "--json",
+            "--profile"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    full = json.loads(result.output)["full_batch"]
+    for key in ("profile_evaluation", "profile_cg_iteration"):
+        shares = full[key]
+        assert sum(shares.values()) == pytest.approx(1.0)
+        assert shares["fft"] > 0 and shares["likelihood"] > 0 and shares["gather_scatter"] > 0

@@ -4,7 +4,11 @@ Figures, all measured side by side in one run on one backend:
 
 * full-batch ratio — one CG iteration of ``refine_full_batch`` (and, beside it, one
   objective+gradient evaluation) over K frames ÷ one bare batched FFT + inverse FFT of the same
-  K frames. The data term needs exactly that FFT pair per frame; the rest is overhead.
+  K frames. The data term needs exactly that FFT pair per frame; the rest is overhead. CG is
+  timed with its line model (trial steps without FFTs, ``gpu/line_model.py``) and without it
+  (every trial a full evaluation); ``refine_*_peak_over_raw`` is (frame bytes + the peak
+  that one such run allocates) ÷ frame bytes. ``--profile`` adds where an evaluation and a
+  CG run spend their time (NumPy: cProfile own time by function group).
 * mini-batch rate — frames visited per second by ``StreamingReconstructor.step`` (object and
   probe updates, Tikhonov prior) for 64×64 and 128×128 frames, with the bare FFT pair of one
   batch for the same ratio.
@@ -16,17 +20,20 @@ Figures, all measured side by side in one run on one backend:
 
 from __future__ import annotations
 
+import contextlib
+import cProfile
 import json
+import pstats
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import click
 import numpy as np
-from cryoptycho.gpu import operators
+from cryoptycho.gpu import line_model, operators
 from cryoptycho.gpu.backend import fft2, get_xp, ifft2, synchronize
 from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.objective import data_term
@@ -92,8 +99,9 @@ def _best_times(fns: dict[str, Callable[[], Any]], xp: ModuleType, repeats: int)
 
 
 def full_batch_ratio(
-    scan: Scan, xp: ModuleType, repeats: int, cg_iterations: int, on_grid: bool = False
-) -> dict[str, float]:
+    scan: Scan, xp: ModuleType, repeats: int, cg_iterations: int, on_grid: bool = False,
+    profile: bool = False,
+) -> dict[str, Any]:
     """Full-batch cost ÷ bare FFT pair. ``on_grid`` rounds the positions to whole pixels, so
     all windows share one unshifted probe: the difference to the jittered scan is the cost
     of the sub-pixel probe shifts (an extra FFT pair per distinct shift)."""
@@ -121,19 +129,96 @@ def full_batch_ratio(
     def cg() -> None:
         refine_full_batch(obj, probe, counts, batch, None, opts, cg_iterations)
 
+    def cg_direct() -> None:
+        with _without_line_model():
+            cg()
+
     best = _best_times(
-        {"fft": lambda: ifft2(fft2(waves)), "evaluation": evaluation, "cg": cg}, xp, repeats
+        {"fft": lambda: ifft2(fft2(waves)), "evaluation": evaluation, "cg": cg,
+         "cg_direct": cg_direct}, xp, repeats
     )
-    t_fft, t_eval, t_cg = best["fft"], best["evaluation"], best["cg"] / cg_iterations
-    return {
+    t_fft, t_eval = best["fft"], best["evaluation"]
+    t_cg, t_direct = best["cg"] / cg_iterations, best["cg_direct"] / cg_iterations
+    raw = float(counts.nbytes)
+    result = {
         "frames": float(batch.size),
         "groups": float(batch.shifts.shape[0]),
         "fft_pair_s": t_fft,
         "evaluation_s": t_eval,
         "cg_iteration_s": t_cg,
+        "cg_direct_iteration_s": t_direct,
         "evaluation_ratio": t_eval / t_fft,
         "cg_iteration_ratio": t_cg / t_fft,
+        "cg_direct_iteration_ratio": t_direct / t_fft,
+        "refine_peak_over_raw": (raw + _peak_bytes(cg, xp)) / raw,
+        "refine_direct_peak_over_raw": (raw + _peak_bytes(cg_direct, xp)) / raw,
     }
+    if profile:
+        result["profile_evaluation"] = profile_shares(evaluation)
+        result["profile_cg_iteration"] = profile_shares(cg)
+    return result
+
+
+@contextlib.contextmanager
+def _without_line_model() -> Iterator[None]:
+    """CG evaluating the objective at every line-search trial (the line model's memory share
+    set to zero), for the side-by-side figure."""
+    share = line_model.LINE_MEMORY_SHARE
+    line_model.LINE_MEMORY_SHARE = 0.0
+    try:
+        yield
+    finally:
+        line_model.LINE_MEMORY_SHARE = share
+
+
+def _peak_bytes(fn: Callable[[], Any], xp: ModuleType) -> int:
+    """Bytes ``fn`` allocates at its peak beyond what exists before it (NumPy: tracemalloc;
+    CuPy: growth of the memory pool, emptied first)."""
+    if xp is np:
+        tracemalloc.start()
+        try:
+            fn()
+            return int(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    pool = xp.get_default_memory_pool()
+    pool.free_all_blocks()
+    before = _pool_bytes(xp)
+    fn()
+    synchronize(xp)
+    return _pool_bytes(xp) - before
+
+
+#: Where the time of an evaluation goes, by the function that spends it (cProfile, own time).
+_GATHER_SCATTER = {"extract", "scatter_add", "_scatter_blocks", "_blocks", "group_sum", "flat_index"}
+_SHIFTS = {"_shift", "_shift_back_sum", "_shift_factors", "_factors", "position_probes", "probe_adjoint",
+           "shifted_probes", "shift_back"}
+
+
+def profile_shares(fn: Callable[[], Any]) -> dict[str, float]:
+    """Shares of ``fn``'s time (NumPy: cProfile own time) spent in FFTs, window gather/scatter,
+    the likelihood (gpu/likelihood.py), the sub-pixel shift ramps, and everything else (the
+    elementwise products of objective/line model/CG and NumPy reductions)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    shares = {"fft": 0.0, "gather_scatter": 0.0, "likelihood": 0.0, "shift_ramps": 0.0, "other": 0.0}
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    for (filename, _line, name), (_cc, _nc, own, _cum, _callers) in stats.items():
+        if "pocketfft" in filename or name in ("c2c", "c2r", "r2c"):
+            key = "fft"
+        elif name in _GATHER_SCATTER or "bincount" in name:
+            key = "gather_scatter"
+        elif filename.endswith("likelihood.py"):
+            key = "likelihood"
+        elif name in _SHIFTS:
+            key = "shift_ramps"
+        else:
+            key = "other"
+        shares[key] += own
+    total = sum(shares.values()) or 1.0
+    return {k: v / total for k, v in shares.items()}
 
 
 def _pool_bytes(xp: ModuleType) -> int:
@@ -220,15 +305,19 @@ def growth_overhead(scan: Scan, xp: ModuleType) -> dict[str, float]:
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("--cg-iterations", type=click.IntRange(1, 1000), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the figures as JSON instead of tables")
+@click.option("--profile", is_flag=True,
+              help="also report where the time goes (FFT, gather/scatter, likelihood, shifts, other)")
 def command(
     backend: str, n_frames: int, size: int, stream_frames: int, batch_size: int, steps: int,
-    repeats: int, cg_iterations: int, as_json: bool,
+    repeats: int, cg_iterations: int, as_json: bool, profile: bool,
 ) -> None:
     """Engine cost ÷ bare batched FFTs, live frames/s, and memory ÷ raw frame bytes."""
     xp = get_xp(backend)
+    if profile and xp is not np:
+        raise click.UsageError("--profile needs --backend numpy (cProfile sees CPU time only)")
     scan = synthetic_scan(n_frames, size)
-    full = full_batch_ratio(scan, xp, repeats, cg_iterations)
-    grid = full_batch_ratio(scan, xp, repeats, cg_iterations, on_grid=True)
+    full = full_batch_ratio(scan, xp, repeats, cg_iterations, profile=profile)
+    grid = full_batch_ratio(scan, xp, repeats, cg_iterations, on_grid=True, profile=profile)
     del scan
     live = {}
     for m in (64, 128):
@@ -249,6 +338,7 @@ def command(
         ("bare batched FFT + inverse FFT", "fft_pair"),
         ("objective + gradients (1 evaluation)", "evaluation"),
         ("CG iteration (refine_full_batch)", "cg_iteration"),
+        ("CG iteration, no line model", "cg_direct_iteration"),
     ):
         ratio = "1.00" if key == "fft_pair" else f"{full[key + '_ratio']:.2f}"
         ratio_g = "1.00" if key == "fft_pair" else f"{grid[key + '_ratio']:.2f}"
@@ -258,6 +348,22 @@ def command(
         f"  distinct sub-pixel probe shifts: jittered {int(full['groups'])} of "
         f"{int(full['frames'])} positions, on grid {int(grid['groups'])}"
     )
+    console.print(
+        f"  refine peak ÷ raw frame bytes (jittered): {full['refine_peak_over_raw']:.1f} with the "
+        f"line model, {full['refine_direct_peak_over_raw']:.1f} without"
+    )
+    if profile:
+        tp = Table(title="Where the time goes (share of cProfile own time)")
+        for col in ("", "fft", "gather_scatter", "likelihood", "shift_ramps", "other"):
+            tp.add_column(col, justify="right")
+        for label, row in (
+            ("evaluation, jittered", full["profile_evaluation"]),
+            ("evaluation, on grid", grid["profile_evaluation"]),
+            ("CG run, jittered", full["profile_cg_iteration"]),
+            ("CG run, on grid", grid["profile_cg_iteration"]),
+        ):
+            tp.add_row(label, *(f"{row[k]:.0%}" for k in ("fft", "gather_scatter", "likelihood", "shift_ramps", "other")))
+        console.print(tp)
     t2 = Table(title=f"Live mini-batch steps, batch {batch_size}, object + probe + prior ({backend})")
     for col in ("frame", "frames", "frames/s", "step ÷ FFT+iFFT of a batch", "store ÷ raw", "peak ÷ raw"):
         t2.add_column(col, justify="right")
