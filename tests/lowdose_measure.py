@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import numpy as np
 from cryoptycho.gpu.backend import to_numpy
@@ -62,42 +65,43 @@ def _streamed(data, refine_probe: bool):  # type: ignore[no-untyped-def]
     return engine.snapshot()
 
 
+def measure_seed(seed: int, dose: float, only: set[str], table: dict[str, list[dict[str, float]]]) -> None:
+    """Every requested run on the dataset of noise seed ``seed``; rows appended to ``table``."""
+    data = simulate_ptychography(dose=dose, seed=seed, probe_seed=0)
+    px, tp = data.real_pixel_size, data.truth_probe
+    if "quantum" in only:
+        row = _scores(quantum_limit(data.truth_object, data.truth_origin, px, data.positions, dose, seed=seed),
+                      None, tp)
+        table["quantum-limit"].append(row)
+        print(f"seed {seed} quantum-limit  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    runs: list[tuple[str, Callable[[], Any]]] = []
+    if "fixed" in only:
+        runs += [(f"fixed-{n}", partial(reconstruct, data, ReconOptions(iterations=n, refine_probe=False)))
+                 for n in (20, 40, 100)]
+    if "refined" in only:
+        runs.append(("refined-100", partial(reconstruct, data, ReconOptions(iterations=100))))
+    if "stream" in only:
+        runs += [("stream-refined", partial(_streamed, data, True)), ("stream-fixed", partial(_streamed, data, False))]
+    for name, run in runs:
+        t0 = time.perf_counter()
+        state = run()
+        ev = evaluate_against_truth(to_numpy(state.object), state.geometry.origin, data.truth_object,
+                                    data.truth_origin, px, data.positions)
+        row = _scores(ev, to_numpy(state.probe), tp)
+        table[name].append(row)
+        print(f"seed {seed} {name:<15} {time.perf_counter() - t0:5.1f} s  "
+              + "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--dose", type=float, default=20.0)
     ap.add_argument("--only", default="quantum,fixed,refined,stream")
     args = ap.parse_args()
-    only = set(args.only.split(","))
     table: dict[str, list[dict[str, float]]] = defaultdict(list)
     for seed in (int(s) for s in args.seeds.split(",")):
-        data = simulate_ptychography(dose=args.dose, seed=seed, probe_seed=0)
-        px, tp = data.real_pixel_size, data.truth_probe
-
-        def score(state, name: str, t0: float) -> None:  # type: ignore[no-untyped-def]
-            ev = evaluate_against_truth(to_numpy(state.object), state.geometry.origin, data.truth_object,
-                                        data.truth_origin, px, data.positions)
-            row = _scores(ev, to_numpy(state.probe), tp)
-            table[name].append(row)
-            print(f"seed {seed} {name:<15} {time.perf_counter() - t0:5.1f} s  "
-                  + "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
-
-        runs = []
-        if "quantum" in only:
-            row = _scores(quantum_limit(data.truth_object, data.truth_origin, px, data.positions, args.dose,
-                                        seed=seed), None, tp)
-            table["quantum-limit"].append(row)
-            print(f"seed {seed} quantum-limit  " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
-        if "fixed" in only:
-            runs += [(f"fixed-{n}", lambda n=n: reconstruct(data, ReconOptions(iterations=n, refine_probe=False)))
-                     for n in (20, 40, 100)]
-        if "refined" in only:
-            runs.append(("refined-100", lambda: reconstruct(data, ReconOptions(iterations=100))))
-        if "stream" in only:
-            runs += [("stream-refined", lambda: _streamed(data, True)), ("stream-fixed", lambda: _streamed(data, False))]
-        for name, run in runs:
-            t0 = time.perf_counter()
-            score(run(), name, t0)
+        measure_seed(seed, args.dose, set(args.only.split(",")), table)
     print("\n| run | phase corr. | FRC 1-bit raw (Å) | FRC 1-bit pooled (Å) | NRMSE | probe overlap |")
     print("|---|---|---|---|---|---|")
     for name, rows in table.items():

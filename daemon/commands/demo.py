@@ -166,12 +166,12 @@ def summary_lines(report: dict[str, Any], sample: str, dose: float) -> list[str]
     """What the user is told about the result's quality, beside what the dose allows."""
     res, lim = report["resolutions_m"], report["quantum_limit"]["resolutions_m"]
     lines = [
-        f"{sample} at {dose:g} e⁻/Å² against the ground truth, FRC 1-bit inside the particle "
-        f"(the paper's criterion): {_angstrom(res['particle/raw/1-bit'])} raw rings, "
-        f"{_angstrom(res['particle/pooled/1-bit'])} pooled; phase correlation {report['phase_correlation']:.2f}",
-        f"dose limit — a perfect phase-contrast image at {dose:g} e⁻/Å², scored the same way: "
-        f"{_angstrom(lim['particle/raw/1-bit'])} raw, {_angstrom(lim['particle/pooled/1-bit'])} pooled; "
-        f"phase correlation {report['quantum_limit']['phase_correlation']:.2f} (best low-pass)",
+        (f"{sample} at {dose:g} e⁻/Å² against the ground truth, FRC 1-bit inside the particle "
+         f"(the paper's criterion): {_angstrom(res['particle/raw/1-bit'])} raw rings, "
+         f"{_angstrom(res['particle/pooled/1-bit'])} pooled; phase correlation {report['phase_correlation']:.2f}"),
+        (f"dose limit — a perfect phase-contrast image at {dose:g} e⁻/Å², scored the same way: "
+         f"{_angstrom(lim['particle/raw/1-bit'])} raw, {_angstrom(lim['particle/pooled/1-bit'])} pooled; "
+         f"phase correlation {report['quantum_limit']['phase_correlation']:.2f} (best low-pass)"),
     ]
     half = report["live_half_set_resolution_m"]
     if half is not None:
