@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -265,9 +266,11 @@ def test_round_trip_over_sockets(daemon: tuple[str, zmq.Socket], version: int, c
 def test_side_channel_positions_over_sockets(daemon: tuple[str, zmq.Socket]) -> None:
     endpoint, sock = daemon
     ctx = zmq.Context.instance()
-    probe = ctx.socket(zmq.PULL)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close()  # a free port for the bridge's side channel
+    # A free port for the bridge's side channel, from a plain socket: a ZeroMQ socket closes
+    # asynchronously, and a PUSH connecting meanwhile would hand the positions to the dying one.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     side_ep = f"tcp://127.0.0.1:{port}"
     pos = np.random.default_rng(5).uniform(-1e-9, 1e-9, (6, 2))
     with SimSender(2) as sender:
