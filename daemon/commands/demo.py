@@ -189,14 +189,15 @@ def _report(out: Path, data: Any, result: Any, state: dict[str, Any], elapsed: f
                                 data.truth_origin, data.real_pixel_size, np.asarray(data.positions))
     frc_png = plot_frc({"particle": ev.frc_particle, "scanned area": ev.frc_area}, out / "frc.png",
                        "live reconstruction vs ground truth", ev.pool)
-    compare_png = _compare_figure(out / "phase_vs_truth.png", np.asarray(result.object), data.truth_object)
+    limit = quantum_limit(data.truth_object, data.truth_origin, data.real_pixel_size,
+                          np.asarray(data.positions), dose, seed=seed, pool=ev.pool)
+    compare_png = _compare_figure(out / "phase_vs_truth.png", np.asarray(result.object), result.origin_m, data,
+                                  dose, seed, limit.lowpass_px)
     files = {"result (HDF5)": result.files.get("result", ""), "phase (MRC)": "", "phase (PNG)": ""}
     stem = Path(files["result (HDF5)"]).with_suffix("")
     files["phase (MRC)"], files["phase (PNG)"] = f"{stem}.mrc", f"{stem}.png"
     files.update({"phase vs truth": str(compare_png), "FRC plot": str(frc_png),
                   "report (JSON)": str(out / "report.json"), "dataset (HDF5)": str(out / "dataset.h5")})
-    limit = quantum_limit(data.truth_object, data.truth_origin, data.real_pixel_size,
-                          np.asarray(data.positions), dose, seed=seed, pool=ev.pool)
     prefix = "particle/pooled/"
     thr = {k[len(prefix):]: v for k, v in ev.resolutions.items() if k.startswith(prefix)}
     lim = {k[len(prefix):]: v for k, v in limit.resolutions.items() if k.startswith(prefix)}
@@ -218,19 +219,33 @@ def _report(out: Path, data: Any, result: Any, state: dict[str, Any], elapsed: f
     return report
 
 
-def _compare_figure(path: Path, recon: np.ndarray, truth: np.ndarray) -> Path:
+def _compare_figure(path: Path, recon: np.ndarray, origin: tuple[float, float], data: Any, dose: float,
+                    seed: int, lowpass_px: float) -> Path:
+    """Reconstruction, the dose limit and the truth on one grid: the scanned box of the truth."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from cryoptycho.daemon.storage.result import centred_phase
+    from cryoptycho.gpu.metrics import ice_phase_removed, particle_footprint
+    from cryoptycho.gpu.sim.evaluation import ideal_phase_image, resample, scanned_box
+    from scipy import ndimage
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)
-    for ax, img, title in ((axes[0], recon, "live reconstruction"), (axes[1], truth, "ground truth")):
-        ph = centred_phase(img)
-        lo, hi = np.percentile(ph, [0.5, 99.5])
-        ax.imshow(ph, cmap="gray", vmin=lo, vmax=hi)
-        ax.set(title=f"{title} (phase, rad)", xticks=[], yticks=[])
+    px = data.real_pixel_size
+    sy, sx = scanned_box(data.positions, data.truth_origin, px, data.truth_object.shape)
+    truth = data.truth_object[sy, sx].astype(np.complex128)
+    box_origin = (data.truth_origin[0] + sy.start * px, data.truth_origin[1] + sx.start * px)
+    foot = particle_footprint(ice_phase_removed(truth))
+    ours = ice_phase_removed(resample(recon.astype(np.complex128), origin, px, box_origin, truth.shape), foot)
+    ideal = ideal_phase_image(data.truth_object, dose, px, np.random.default_rng(seed))
+    ideal = ndimage.gaussian_filter(ideal, lowpass_px)[sy, sx] if lowpass_px > 0 else ideal[sy, sx]
+    panels = ((ours, "live reconstruction"),
+              (ideal, f"dose limit: ideal phase contrast\n(low-pass σ = {lowpass_px:g} px)"),
+              (ice_phase_removed(truth, foot), "ground truth (noiseless)"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6), constrained_layout=True)
+    for ax, (img, title) in zip(axes, panels):
+        lo, hi = np.percentile(img, [0.5, 99.5])
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        ax.set(title=f"{title}, phase at {dose:g} e⁻/Å²" if "truth" not in title else title, xticks=[], yticks=[])
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

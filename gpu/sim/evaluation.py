@@ -54,6 +54,7 @@ class Evaluation:
     nrmse: float
     shift_px: tuple[float, float]
     resolutions: dict[str, float] = field(default_factory=dict)  #: key "<region>/<curve>/<thr>"
+    lowpass_px: float = 0.0  #: :func:`quantum_limit` only: the Gaussian σ of its phase correlation
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -190,9 +191,10 @@ def quantum_limit(
                                       positions, pool=pool, register=False)
 
     raw = score(0.0)
-    best = max((score(s) for s in QUANTUM_LIMIT_FILTERS_PX if s > 0), key=lambda e: e.phase_correlation)
+    sigma, best = max(((s, score(s)) for s in QUANTUM_LIMIT_FILTERS_PX if s > 0),
+                      key=lambda pair: pair[1].phase_correlation)
     if best.phase_correlation > raw.phase_correlation:
-        raw.phase_correlation, raw.nrmse = best.phase_correlation, best.nrmse
+        raw.phase_correlation, raw.nrmse, raw.lowpass_px = best.phase_correlation, best.nrmse, sigma
     return raw
 
 
