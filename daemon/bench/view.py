@@ -199,7 +199,7 @@ def command(browsers: str, frame_size: int, margin_m: float, dose: float, rate: 
         return
     table = Table(title=f"bench view — {len(data.frames)} frames of {frame_size}×{frame_size} at "
                         f"{rate:g} frames/s")
-    for col in ("browsers", "folded/s", "÷ none", "frame→preview p50/p95 s",
+    for col in ("browsers", "folded/s", "÷ none", "folded by scan end", "frame→preview p50/p95 s",
                 "publish→drawn p50/p95 s", "drawn"):
         table.add_column(col, justify="right")
 
@@ -209,6 +209,7 @@ def command(browsers: str, frame_size: int, margin_m: float, dose: float, rate: 
     for r in runs:
         table.add_row(str(r["browsers"]), fmt(r["fold_frames_per_s"], ".0f"),
                       fmt(r["fold_ratio_to_no_browser"], ".2f"),
+                      f"{r['frames_used_at_scan_end']} / {r['frames']}",
                       f"{fmt(r['latency_p50_s'], '.3f')} / {fmt(r['latency_p95_s'], '.3f')}",
                       f"{fmt(r['draw_p50_s'], '.3f')} / {fmt(r['draw_p95_s'], '.3f')}",
                       str(r["previews_drawn"]))
