@@ -97,11 +97,15 @@ def frc_threshold(kind: Threshold, n: Any) -> np.ndarray:
 def crossing_resolution(
     freq: np.ndarray, curve: np.ndarray, threshold: np.ndarray, pixel_size: float
 ) -> float:
-    """Full period (m) where ``curve`` first drops below ``threshold`` (skipping ring 0)."""
+    """Full period (m) where ``curve`` first drops below ``threshold`` (skipping ring 0); ``inf``
+    when it is already below at the first ring (nothing resolved: interpolating towards ring 0,
+    whose value says nothing about resolution, gave absurd figures)."""
     below = np.nonzero(curve[1:] < threshold[1:])[0]
     if below.size == 0:
         return 2.0 * pixel_size
     i = int(below[0]) + 1
+    if i == 1:
+        return float("inf")
     d0 = curve[i - 1] - threshold[i - 1]
     d1 = curve[i] - threshold[i]
     t = d0 / (d0 - d1) if d0 != d1 else 0.0

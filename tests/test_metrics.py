@@ -42,6 +42,13 @@ def test_frc_of_independent_noise_is_near_zero() -> None:
     assert curve.resolution("1/2-bit") > 20 * PX  # crosses at once
 
 
+def test_a_curve_below_threshold_from_the_first_ring_resolves_nothing() -> None:
+    img = band_limited_noise((96, 96), 0.2, np.random.default_rng(4))
+    reversed_contrast = frc(img, -img, PX)
+    assert reversed_contrast.resolution("1-bit") == float("inf")
+    assert reversed_contrast.resolution("1/2-bit") == float("inf")
+
+
 def test_thresholds_follow_van_heel_and_schatz() -> None:
     # SNR of 1 bit is 1 and of ½ bit √2−1; for large rings the threshold tends to the FRC of
     # that SNR, FRC = SNR / (1 + SNR)
