@@ -7,7 +7,7 @@ import importlib
 import click
 
 #: benchmark name → module under cryoptycho.daemon.bench exposing ``command``
-BENCHES = {"engine": "engine", "paper": "paper", "live": "live", "protocol": "protocol", "bm3d": "bm3d", "view": "view"}
+BENCHES = {"engine": "engine", "paper": "paper", "live": "live", "protocol": "protocol", "bm3d": "bm3d", "view": "view", "dectris": "dectris"}
 
 
 class _BenchGroup(click.Group):

@@ -10,6 +10,7 @@ The window is placed so that the beam centre lands on pixel M//2 of the output (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -84,37 +85,87 @@ class FrameReducer:
         counts as the saturation value, a lower bound of its true count; pixels of the static
         mask count 0."""
         stack = frames[None] if frames.ndim == 2 else frames
+        n, b, m = stack.shape[0], self.bin, self.frame_side
+        window = self._window(stack)
+        top = saturation_threshold(stack.dtype, self.saturation_value)
+        if not window.size or window.max() <= top:  # the common case: nothing saturated
+            counts = _block_sum(window, b, np.empty((n, m, m), self.out_dtype))
+            return counts, np.broadcast_to(self.static_valid, (n, m, m)).copy()
+        window = self._window(stack, copy=True)
+        over = window > top
+        np.minimum(window, top, out=window)
+        saturated = _block_sum(over, b, np.empty((n, m, m), np.uint32)) > 0
+        counts = _block_sum(window, b, np.empty((n, m, m), self.out_dtype))
+        return counts, self.static_valid[None] & ~saturated
+
+    def reduce_frame(self, frame: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+        """One (H, W) image → (counts (M, M), whether a pixel of a valid bin saturated): the
+        bridge's per-arrival path. It builds no per-frame mask unless something saturated (the
+        mask is then ``static_valid``), and writes the counts into ``out`` when given (a row
+        of the batch being filled, which saves gathering the frames again)."""
+        m = self.frame_side
+        if out is None:
+            out = np.empty((m, m), self.out_dtype)
+        window = self._window(frame[None])
+        if window.max() <= saturation_threshold(frame.dtype, self.saturation_value):
+            _block_sum(window, self.bin, out[None])
+            return out, False
+        counts, valid = self(frame)
+        out[...] = counts[0]
+        return out, bool((self.static_valid & ~valid[0]).any())
+
+    def _window(self, stack: np.ndarray, copy: bool = False) -> np.ndarray:
+        """(n, c, c) window with masked pixels 0: a view of the images when it lies on the
+        detector and nothing in it is masked (and ``copy`` is False), else an ``out_dtype`` copy."""
         if stack.shape[1:] != self.detector_shape:
             raise ValueError(f"images are {stack.shape[1:]}, the reducer was built for {self.detector_shape}")
-        n, c, b, m = stack.shape[0], self.window, self.bin, self.frame_side
-        window = np.zeros((n, c, c), dtype=self.out_dtype)
-        src, dst = _overlap(self.corner, c, self.detector_shape)
-        window[(slice(None), *dst)] = stack[(slice(None), *src)]
-        if not self.window_valid.all():
+        src, dst, on_detector = self._overlap
+        if on_detector and self.all_valid and not copy:
+            return stack[src]
+        if on_detector:
+            window = stack[src].astype(self.out_dtype)
+        else:
+            window = np.zeros((stack.shape[0], self.window, self.window), dtype=self.out_dtype)
+            window[dst] = stack[src]
+        if not self.all_valid:
             window *= self.window_valid
-        top = saturation_threshold(stack.dtype, self.saturation_value)
-        over = window > top
-        if not over.any():  # the common case: nothing saturated
-            return _block_sum(window, b), np.broadcast_to(self.static_valid, (n, m, m)).copy()
-        np.minimum(window, top, out=window)
-        saturated = _block_sum(over.astype(np.uint32), b) > 0
-        return _block_sum(window, b), self.static_valid[None] & ~saturated
+        return window
+
+    @cached_property
+    def all_valid(self) -> bool:
+        """No pixel of the window is masked or off the detector."""
+        return bool(self.window_valid.all())
+
+    @cached_property
+    def _overlap(self) -> tuple[tuple[slice, ...], tuple[slice, ...], bool]:
+        """(image-stack slices, window-stack slices, whether the window lies on the detector)."""
+        c = self.window
+        src, dst = _overlap(self.corner, c, self.detector_shape)
+        on = src[0].stop - src[0].start == c and src[1].stop - src[1].start == c
+        return (slice(None), *src), (slice(None), *dst), on
 
 
+@lru_cache(maxsize=64)
 def saturation_threshold(dtype: np.dtype, saturation_value: int | None) -> int:
     """Largest valid count: the detector's saturation value, else one below the dtype's maximum
     (DECTRIS marks gaps and defective pixels with the maximum)."""
     return int(saturation_value) if saturation_value is not None else int(np.iinfo(dtype).max) - 1
 
 
-def _block_sum(window: np.ndarray, b: int) -> np.ndarray:
-    """Sum of b×b blocks of (n, c, c). Adding the b² strided sub-grids is several times faster
-    than a reduction over a reshaped 5-D view, which NumPy walks with poor locality."""
-    out = window[:, ::b, ::b].copy()
-    for i in range(b):
-        for j in range(b):
-            if i or j:
-                out += window[:, i::b, j::b]
+def _block_sum(window: np.ndarray, b: int, out: np.ndarray) -> np.ndarray:
+    """Sums of b×b blocks of (n, c, c) into ``out`` (n, c/b, c/b), accumulating in its dtype:
+    rows of each block first (contiguous rows, the larger add), then columns. Adding strided
+    sub-grids is ten times faster than a reduction over a reshaped 5-D view, which NumPy walks
+    with poor locality (192×192 uint16 → 96×96: about 15 µs against 400 µs)."""
+    if b == 1:
+        out[...] = window
+        return out
+    rows = np.add(window[:, 0::b], window[:, 1::b], dtype=out.dtype)
+    for i in range(2, b):
+        rows += window[:, i::b]
+    np.add(rows[..., 0::b], rows[..., 1::b], out=out)
+    for j in range(2, b):
+        out += rows[..., j::b]
     return out
 
 

@@ -20,16 +20,18 @@ from .schema import DecodeError
 
 _HEADER = struct.Struct(">QI")
 _BLOCK_LEN = struct.Struct(">I")
+_UINT = {n: np.dtype(f"u{n}") for n in (1, 2, 4, 8)}
 #: the block size DECTRIS detectors use (bytes); also bitshuffle's default
 DEFAULT_BLOCK_BYTES = compression.BLOCK_BYTES
 
 
-def decompress(algorithm: str, modifier: int, payload: bytes, itemsize: int) -> bytes:
-    """Raw little-endian pixel bytes of a tag-56500 ``[algorithm, modifier, payload]``."""
+def decompress(algorithm: str, modifier: int, payload: bytes, itemsize: int) -> bytes | np.ndarray:
+    """Raw little-endian pixel bytes of a tag-56500 ``[algorithm, modifier, payload]``: bytes,
+    or a uint8 array (bslz4, handed over without a copy)."""
     if algorithm == "bslz4":
         if modifier not in (1, 2, 4, 8):
             raise DecodeError(f"bslz4 element size (modifier) must be 1, 2, 4 or 8, got {modifier}")
-        return bslz4_decompress(payload, modifier)
+        return _bslz4_array(payload, modifier, None).view(np.uint8)
     if algorithm == "lz4":
         return lz4_hdf5_decompress(payload)
     raise DecodeError(f"unsupported DECTRIS compression algorithm {algorithm!r} (know bslz4, lz4)")
@@ -45,16 +47,19 @@ def bslz4_decompress(payload: bytes, elem_size: int, expected_bytes: int | None 
     """Bitshuffle-LZ4 with the 12-byte HDF5 header. A zero header (as LiberTEM's simulator
     writes) means ``expected_bytes`` and bitshuffle's default block, as the detectors' own
     readers assume."""
+    return _bslz4_array(payload, elem_size, expected_bytes).tobytes()
+
+
+def _bslz4_array(payload: bytes, elem_size: int, expected_bytes: int | None) -> np.ndarray:
     if expected_bytes is not None and expected_bytes % elem_size:
         raise DecodeError(f"bslz4 size {expected_bytes} is not a multiple of the element size {elem_size}")
     shape = None if expected_bytes is None else (expected_bytes // elem_size,)
     try:
-        out = compression.bslz4_decompress(
-            payload, np.dtype(f"u{elem_size}"), shape, "payload", zero_size_ok=True
+        return compression.bslz4_decompress(
+            payload, _UINT[elem_size], shape, "payload", zero_size_ok=True
         )
     except ProtocolError as exc:
         raise DecodeError(exc.message) from exc
-    return out.tobytes()
 
 
 def bslz4_compress(array: np.ndarray, block_bytes: int = DEFAULT_BLOCK_BYTES) -> bytes:

@@ -82,7 +82,8 @@ class _Plan:
     reducer: FrameReducer | None = None
     sent: int = 0
     saturated_frames: int = 0
-    batch: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    batch: list[int] = field(default_factory=list)  #: image ids of the batch being filled
+    batch_data: np.ndarray | None = None  #: (frames_per_message, M, M), rows filled in order
     batch_since: float = 0.0
     waiting: dict[int, np.ndarray] = field(default_factory=dict)  #: image id → frame, no position yet
 
@@ -238,8 +239,8 @@ class SeriesConverter:
                 return []
             out.append(plan.scan_start)
         assert plan.reducer is not None
-        counts, valid = plan.reducer(frame)
-        if (plan.reducer.static_valid & ~valid[0]).any():
+        counts, saturated = plan.reducer.reduce_frame(frame, out=self._slot(plan))
+        if saturated:
             plan.saturated_frames += 1
             self.stats["saturated_frames"] += 1
             if plan.saturated_frames == 1:
@@ -247,27 +248,42 @@ class SeriesConverter:
                             "the saturation value (our protocol carries no per-frame mask)",
                             plan.scan_id, image.image_id)
         if plan.streamed and self._position(plan, image.image_id) is None:
-            plan.waiting[image.image_id] = counts[0]
+            plan.waiting[image.image_id] = counts.copy()  # the slot is the next image's
             return out
-        self._queue(plan, image.image_id, counts[0], out)
+        self._commit(plan, image.image_id, out)
         return out
 
+    def _slot(self, plan: _Plan) -> np.ndarray:
+        """The batch row the next frame goes to; a batch gets a fresh buffer, since the
+        Producer may still hold the last one (it sends large arrays without a copy)."""
+        if plan.batch_data is None:
+            assert plan.reducer is not None
+            m = plan.reducer.frame_side
+            plan.batch_data = np.empty((self.config.frames_per_message, m, m), plan.reducer.out_dtype)
+        return plan.batch_data[len(plan.batch)]
+
     def _queue(self, plan: _Plan, image_id: int, counts: np.ndarray, out: list[IngestMessage]) -> None:
+        self._slot(plan)[...] = counts
+        self._commit(plan, image_id, out)
+
+    def _commit(self, plan: _Plan, image_id: int, out: list[IngestMessage]) -> None:
+        """The frame in the current slot belongs to ``image_id``; a full batch leaves."""
         if not plan.batch:
             plan.batch_since = time.monotonic()
-        plan.batch.append((image_id, counts))
+        plan.batch.append(image_id)
         if len(plan.batch) >= self.config.frames_per_message:
             out.extend(self._take_batch(plan))
 
     def _take_batch(self, plan: _Plan) -> list[IngestMessage]:
         if not plan.batch:
             return []
-        ids = np.array([i for i, _ in plan.batch], dtype=np.uint32)
-        data = np.stack([c for _, c in plan.batch])
+        assert plan.batch_data is not None
+        ids = np.array(plan.batch, dtype=np.uint32)
+        data = plan.batch_data[: len(ids)]
         positions = None
         if plan.streamed:
             positions = np.stack([self._position(plan, int(i)) for i in ids])  # type: ignore[misc]
-        plan.batch = []
+        plan.batch, plan.batch_data = [], None
         plan.sent += len(ids)
         self.stats["frames_sent"] += len(ids)
         return [Frames(plan.scan_id, ids, data, positions)]

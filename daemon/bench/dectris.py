@@ -1,0 +1,324 @@
+"""`cryoptycho bench dectris`: DECTRIS Stream V2 ingest cost, stage by stage, in one process.
+
+Images are what an ARINA sends: 192×192 uint16, bslz4 (tag 56500) in a CBOR message, with
+Poisson counts in a bright-field disc and a dimmer dark field. Two doses: ``sparse`` (cryo
+low dose, pixels mostly 0 or 1) and ``dense``. Measured side by side, interleaved in rounds so
+that the load of a shared host falls on all stages alike:
+
+* ``decode``: CBOR + bslz4 of one channel with our decoder (``decode_v2``) and, as the
+  reference, ``cbor2.loads`` + DECTRIS' own ``dectris.compression.decompress`` when installed;
+* ``codec``: bslz4 alone on the same payloads: ours (the decoder ``compression`` picks), our
+  ``bitshuffle`` fallback, and the reference;
+* ``bin``: crop and bin 192 → 96 (:class:`FrameReducer`, one frame at a time as it arrives);
+* ``full``: what the bridge does per socket message, up to the encoded ingest messages: decode,
+  series bookkeeping, bin, batch, then the Producer's validate + encode (the bytes are
+  dropped instead of sent, so the socket and the daemon are not part of the figure).
+
+Target (issue 6): ``full`` ≥ 20,000 frames/s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import pstats
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import cbor2
+import click
+import numpy as np
+from cryoptycho.protocols import compression
+from cryoptycho.protocols.dectris.binning import FrameReducer
+from cryoptycho.protocols.dectris.bridge import (
+    BridgeConfig,
+    BridgeStats,
+    SeriesConverter,
+    _dispatch,
+)
+from cryoptycho.protocols.dectris.decode import V2_MAGIC, decode_v2
+from cryoptycho.protocols.dectris.sim import SimSeries, v2_messages
+from cryoptycho.protocols.producer import Producer
+
+try:
+    from dectris.compression import decompress as reference_decompress
+except ImportError:  # the reference is optional (test extra); its columns are then null
+    reference_decompress = None
+
+TARGET_FPS = 20_000
+CHANNEL = "threshold_1"
+#: case → (counts per pixel in the bright-field disc, in the dark field)
+DOSES = {"sparse": (0.5, 0.02), "dense": (20.0, 1.0)}
+
+
+def make_frames(n: int, side: int, disc: float, dark: float, seed: int = 0) -> np.ndarray:
+    """``n`` uint16 diffraction patterns: Poisson counts, a bright-field disc of radius side/5."""
+    yy, xx = np.mgrid[:side, :side] - side // 2
+    lam = np.where(yy**2 + xx**2 <= (side / 5) ** 2, disc, dark)
+    return np.random.default_rng(seed).poisson(lam, (n, side, side)).astype(np.uint16)
+
+
+def make_series(frames: np.ndarray, pixel_angle_rad: float = 1e-4) -> list[bytes]:
+    """Stream V2 start, images, end of ``frames``, with a raster scan in ``user_data``."""
+    n = frames.shape[0]
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, n], "step_m": [1e-10, 1e-10]},
+                           "detector_pixel_angle_rad": pixel_angle_rad}}
+    return list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user)))
+
+
+def image_payload(raw: bytes) -> bytes:
+    """The bslz4 bytes of an image's first channel, read with plain cbor2 (no tag hooks)."""
+    return cbor2.loads(raw[len(V2_MAGIC):])["data"][CHANNEL].value[1].value.value[2]
+
+
+def reference_decode(raw: bytes, shape: tuple[int, int]) -> np.ndarray:
+    """DECTRIS' own decoder on one image message (what a reader built on their library does)."""
+    assert reference_decompress is not None
+    payload = cbor2.loads(raw[len(V2_MAGIC):])["data"][CHANNEL].value[1].value.value[2]
+    return np.frombuffer(reference_decompress(payload, "bslz4", elem_size=2), np.uint16).reshape(shape)
+
+
+class _Sink:
+    """Producer hook that keeps nothing: messages end encoded, ready for the socket."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+
+    def process(self, msg: Any, parts: list[Any]) -> Iterable[list[Any]]:
+        self.messages += 1
+        return ()
+
+    def flush(self) -> Iterable[list[Any]]:
+        return ()
+
+
+class FullPath:
+    """The bridge's per-message work (``run_bridge``'s loop body) without its sockets."""
+
+    def __init__(self, series: list[bytes], config: BridgeConfig) -> None:
+        self.series, self.config = series, config
+        self.sink = _Sink()
+        # connect() is lazy: nothing listens, and the hook keeps every message off the socket
+        self.producer = Producer("tcp://127.0.0.1:9", hook=self.sink, send_timeout_s=1)
+        self.frames = 0
+
+    def run_series(self) -> int:
+        """Feed one whole series; returns the images fed."""
+        conv, stats = SeriesConverter(self.config), BridgeStats()
+        channels = (self.config.channel,)
+        for raw in self.series:
+            out = conv.feed(decode_v2(raw, channels))
+            out += conv.flush(self.config.flush_interval_s)
+            _dispatch(self.producer, out, conv, stats)
+        if stats.series_errors or conv.stats["frames_sent"] != len(self.series) - 2:
+            raise RuntimeError(f"the bridge sent {conv.stats['frames_sent']} of "
+                               f"{len(self.series) - 2} frames: {stats.to_dict()}")
+        self.frames += conv.stats["frames_sent"]
+        return len(self.series) - 2
+
+    def close(self) -> None:
+        self.producer.close(linger_s=0)
+
+
+def _interleaved(stages: dict[str, Callable[[], int]], seconds: float, rounds: int
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """(frames per wall-clock second, frames per CPU second of this thread) of each stage;
+    each call returns the frames it did. Stages take turns, ``rounds`` times, each for
+    ``seconds / rounds`` per turn, after one warm-up call. On a shared host the CPU figure is
+    what a core of one's own would do; the wall figure is what this run got."""
+    done = dict.fromkeys(stages, 0)
+    wall = dict.fromkeys(stages, 0.0)
+    cpu = dict.fromkeys(stages, 0.0)
+    for fn in stages.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in stages.items():
+            t0, c0 = time.perf_counter(), time.thread_time()
+            while True:
+                done[name] += fn()
+                elapsed = time.perf_counter() - t0
+                if elapsed >= seconds / rounds:
+                    break
+            wall[name] += elapsed
+            cpu[name] += time.thread_time() - c0
+    return ({k: done[k] / wall[k] for k in stages},
+            {k: done[k] / max(cpu[k], 1e-9) for k in stages})
+
+
+def _over(items: list[Any], fn: Callable[[Any], Any]) -> Callable[[], int]:
+    def run() -> int:
+        for x in items:
+            fn(x)
+        return len(items)
+    return run
+
+
+def measure_case(frames: np.ndarray, seconds: float, rounds: int, bin_: int = 2) -> dict[str, Any]:
+    """All stages for one set of frames; raises if any decoder disagrees with the frames."""
+    n, side, _ = frames.shape
+    series = make_series(frames)
+    images = series[1:-1]
+    payloads = [image_payload(raw) for raw in images]
+    shape = (side, side)
+    # correctness first: every decoder must give back the frames that were encoded
+    for i, raw in enumerate(images):
+        ours = decode_v2(raw, (CHANNEL,)).data[CHANNEL]
+        if not np.array_equal(ours, frames[i]):
+            raise RuntimeError(f"decode_v2 differs from the encoded frame {i}")
+        if not np.array_equal(compression.bslz4_decompress(payloads[i], frames.dtype, shape, decoder="bitshuffle"), frames[i]):
+            raise RuntimeError(f"the bitshuffle decoder differs from the encoded frame {i}")
+        if reference_decompress is not None and not np.array_equal(reference_decode(raw, shape), frames[i]):
+            raise RuntimeError(f"dectris.compression differs from the encoded frame {i}")
+    reducer = FrameReducer.build(shape, frames.dtype, crop=side, bin=bin_)
+    config = BridgeConfig(channel=CHANNEL, crop=side, bin=bin_, energy_eV=300e3)
+    full = FullPath(series, config)
+    u16 = np.dtype(np.uint16)
+    stages: dict[str, Callable[[], int]] = {
+        "decode_ours": _over(images, lambda raw: decode_v2(raw, (CHANNEL,))),
+        "codec_ours": _over(payloads, lambda p: compression.bslz4_decompress(p, u16, shape)),
+        "codec_bitshuffle": _over(payloads, lambda p: compression.bslz4_decompress(p, u16, shape, decoder="bitshuffle")),
+        "bin": _over(list(frames), reducer.reduce_frame),
+        "full": full.run_series,
+    }
+    if reference_decompress is not None:
+        stages["decode_reference"] = _over(images, lambda raw: reference_decode(raw, shape))
+        stages["codec_reference"] = _over(payloads, lambda p: reference_decompress(p, "bslz4", elem_size=2))
+    try:
+        fps, fps_cpu = _interleaved(stages, seconds, rounds)
+    finally:
+        full.close()
+
+    def ratio(stage: str, reference: str) -> float | None:
+        return round(fps_cpu[stage] / fps_cpu[reference], 3) if reference in fps_cpu else None
+
+    return {
+        "frames": n,
+        "frame_shape": [side, side],
+        "binned_shape": [side // bin_, side // bin_],
+        "compressed_bytes_per_frame": float(np.mean([len(p) for p in payloads])),
+        "mean_count": float(frames.mean()),
+        "fps": {k: round(v, 1) for k, v in fps.items()},
+        "fps_cpu": {k: round(v, 1) for k, v in fps_cpu.items()},
+        "ratio_to_reference": {
+            "decode_ours": ratio("decode_ours", "decode_reference"),
+            "codec_ours": ratio("codec_ours", "codec_reference"),
+            "codec_bitshuffle": ratio("codec_bitshuffle", "codec_reference"),
+            "full": ratio("full", "decode_reference"),
+        },
+        "decoded_equal_to_frames": True,
+        "target_fps": TARGET_FPS,
+        "target_met": fps["full"] >= TARGET_FPS,
+        "target_met_cpu": fps_cpu["full"] >= TARGET_FPS,
+    }
+
+
+#: profile groups, by the source file a function lives in
+_GROUPS = (
+    ("protocols/dectris/decode", "cbor_decode"), ("cbor2", "cbor_decode"), ("fractions", "cbor_decode"),
+    ("protocols/compression", "bslz4"), ("protocols/dectris/codec", "bslz4"), ("bitshuffle", "bslz4"),
+    ("dectris.compression", "bslz4"),
+    ("protocols/dectris/binning", "binning"),
+    ("protocols/dectris/convert", "converter"), ("protocols/dectris/receiver", "converter"),
+    ("protocols/producer", "producer_encode"), ("protocols/messages", "producer_encode"),
+    ("protocols/validate", "producer_encode"), ("protocols/codec", "producer_encode"),
+    ("protocols/wire", "producer_encode"), ("protocols/dectris/bridge", "producer_encode"),
+)
+
+
+def _group(func: tuple[str, int, str]) -> str | None:
+    where = f"{func[0]} {func[2]}".replace("\\", "/")
+    return next((g for key, g in _GROUPS if key in where), None)
+
+
+def profile_shares(fn: Callable[[], Any]) -> dict[str, float]:
+    """Share of ``fn``'s time per group. A function outside every group (a C builtin, NumPy)
+    is charged to its callers' groups in proportion to the time each call site spent in it."""
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    memo: dict[Any, dict[str, float]] = {}
+
+    def owner(func: Any, depth: int = 0) -> dict[str, float]:
+        if func in memo:
+            return memo[func]
+        group = _group(func)
+        if group is not None or depth > 12 or func not in stats or not stats[func][4]:
+            memo[func] = {group or "other": 1.0}
+            return memo[func]
+        callers = stats[func][4]
+        total = sum(c[2] for c in callers.values()) or 1.0
+        share: dict[str, float] = {}
+        for caller, c in callers.items():
+            for g, w in owner(caller, depth + 1).items():
+                share[g] = share.get(g, 0.0) + w * c[2] / total
+        memo[func] = share
+        return share
+
+    totals: dict[str, float] = {}
+    for func, (_, _, tottime, _, _) in stats.items():
+        for g, w in owner(func).items():
+            totals[g] = totals.get(g, 0.0) + tottime * w
+    whole = sum(totals.values()) or 1.0
+    return {g: round(t / whole, 3) for g, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def _profile_full(frames: np.ndarray, series: int = 3) -> dict[str, float]:
+    full = FullPath(make_series(frames), BridgeConfig(channel=CHANNEL, crop=192, bin=2, energy_eV=300e3))
+    try:
+        return profile_shares(lambda: [full.run_series() for _ in range(series)])
+    finally:
+        full.close()
+
+
+def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "reference": "dectris.compression" if reference_decompress is not None else None,
+        "bslz4_decoder": compression.BSLZ4_DECODER,
+        "cases": {},
+    }
+    for case in cases:
+        disc, dark = DOSES[case]
+        frames = make_frames(n, 192, disc, dark)
+        out["cases"][case] = row = measure_case(frames, seconds, rounds)
+        if profile:
+            row["profile_shares_full"] = _profile_full(frames)
+    return out
+
+
+@click.command()
+@click.option("--frames", "n", type=click.IntRange(1, 100_000), default=512, show_default=True,
+              help="Images per series (distinct messages).")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Timing window per stage.")
+@click.option("--rounds", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Stages take turns this many times within their window.")
+@click.option("--case", "cases", type=click.Choice(sorted(DOSES)), multiple=True,
+              default=("sparse", "dense"), show_default=True, help="Dose case (repeatable).")
+@click.option("--profile/--no-profile", default=False, show_default=True,
+              help="Also profile the full path (cProfile) and give time shares by stage.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile: bool, as_json: bool) -> None:
+    """DECTRIS V2 ingest: decode + bin + enqueue frames/s, 192×192 bslz4 → 96×96 (target ≥ 20,000)."""
+    result = run(n, seconds, rounds, cases, profile)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"bslz4 decoder: {result['bslz4_decoder']}; reference: {result['reference'] or 'not installed'}")
+    stages = ("decode_ours", "decode_reference", "codec_ours", "codec_bitshuffle", "codec_reference", "bin", "full")
+    click.echo(f"{'case':>7} {'clock':>5} {'B/frame':>8} " + " ".join(f"{s:>16}" for s in stages)
+               + "   full/ref  target")
+    for case, row in result["cases"].items():
+        for clock, key, met in (("wall", "fps", "target_met"), ("cpu", "fps_cpu", "target_met_cpu")):
+            fps = row[key]
+            cells = " ".join(f"{fps[s]:>16,.0f}" if s in fps else f"{'—':>16}" for s in stages)
+            ratio = row["ratio_to_reference"]["full"] if clock == "cpu" else None
+            click.echo(f"{case:>7} {clock:>5} {row['compressed_bytes_per_frame']:>8,.0f} {cells}   "
+                       f"{'' if ratio is None else f'{ratio:8.3f}':>8}  {'met' if row[met] else 'missed'}")
+        if "profile_shares_full" in row:
+            click.echo("        full-path time shares: " + ", ".join(
+                f"{g} {100 * s:.0f}%" for g, s in row["profile_shares_full"].items()))
+    click.echo("frames/s in one process, stages measured side by side in one run (interleaved rounds); "
+               "wall = clock time, cpu = per CPU-second of the measuring thread (a core of its own); "
+               "full/ref = full path ÷ (cbor2 + dectris.compression decode), CPU time; full = decode + "
+               "bookkeeping + bin + batch + validate + encode, no socket.")

@@ -1,0 +1,134 @@
+"""`cryoptycho bench dectris` and the fast paths it measures: both bslz4 decoders, the
+per-arrival binning, and the JSON the benchmark reports."""
+
+from __future__ import annotations
+
+import json
+
+import cbor2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from cryoptycho.daemon.bench.dectris import DOSES, make_frames, make_series
+from cryoptycho.daemon.cli import main
+from cryoptycho.protocols import compression
+from cryoptycho.protocols.dectris.binning import FrameReducer
+from cryoptycho.protocols.dectris.decode import decode_v2
+from cryoptycho.protocols.errors import ProtocolError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+reference = pytest.importorskip("dectris.compression")
+
+
+def test_bench_reports_every_stage_and_its_frames_decode_like_the_reference() -> None:
+    result = CliRunner().invoke(main, ["bench", "dectris", "--frames", "4", "--seconds", "0.01",
+                                       "--rounds", "1", "--case", "sparse", "--profile", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["reference"] == "dectris.compression" and out["bslz4_decoder"] == "dectris"
+    row = out["cases"]["sparse"]
+    stages = {"decode_ours", "decode_reference", "codec_ours", "codec_bitshuffle", "codec_reference", "bin", "full"}
+    assert set(row["fps"]) == set(row["fps_cpu"]) == stages
+    assert all(v > 0 for v in row["fps"].values())
+    assert set(row["ratio_to_reference"]) == {"decode_ours", "codec_ours", "codec_bitshuffle", "full"}
+    assert row["ratio_to_reference"]["full"] == pytest.approx(
+        row["fps_cpu"]["full"] / row["fps_cpu"]["decode_reference"], rel=1e-2)
+    assert row["frame_shape"] == [192, 192] and row["binned_shape"] == [96, 96]
+    assert row["decoded_equal_to_frames"] is True
+    assert row["target_met"] == (row["fps"]["full"] >= 20_000)
+    assert sum(row["profile_shares_full"].values()) == pytest.approx(1.0, abs=0.01)
+    assert {"cbor_decode", "bslz4", "binning"} <= set(row["profile_shares_full"])
+
+    # the benchmark's messages, decoded here by DECTRIS' library and by ours, give its frames
+    frames = make_frames(4, 192, *DOSES["sparse"])
+    assert frames.max() >= 1 and (frames == 0).mean() > 0.5  # low dose: mostly zeros
+    for i, raw in enumerate(make_series(frames)[1:-1]):
+        typed = cbor2.loads(raw[3:])["data"]["threshold_1"].value[1]
+        algorithm, elem, payload = typed.value.value
+        assert (typed.tag, algorithm, elem) == (69, "bslz4", 2)
+        theirs = np.frombuffer(reference.decompress(payload, algorithm, elem_size=elem), "<u2")
+        np.testing.assert_array_equal(theirs.reshape(192, 192), frames[i])
+        np.testing.assert_array_equal(decode_v2(raw, ("threshold_1",)).data["threshold_1"], frames[i])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([np.uint8, np.uint16, np.uint32]),
+    n=st.integers(0, 3000),
+    block_elems=st.sampled_from([0, 8, 64, 256, 4096]),
+    lam=st.sampled_from([0.05, 1.0, 300.0]),
+)
+def test_both_bslz4_decoders_agree_with_the_reference(dtype: type, n: int, block_elems: int, lam: float) -> None:
+    data = np.random.default_rng(n).poisson(lam, n).astype(dtype)
+    item = data.dtype.itemsize
+    blob = compression.bslz4_compress(data, block_elems * item or compression.BLOCK_BYTES)
+    if block_elems == 0:  # a zero block size in the header means bitshuffle's default
+        blob = blob[:8] + bytes(4) + blob[12:]
+    expected = np.frombuffer(reference.decompress(blob, "bslz4", elem_size=item), dtype) if block_elems else data
+    for decoder in compression.BSLZ4_DECODERS:
+        out = compression.bslz4_decompress(blob, data.dtype, (n,), decoder=decoder)
+        assert out.dtype == data.dtype
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(out, data)
+
+
+@pytest.mark.parametrize("decoder", compression.BSLZ4_DECODERS)
+def test_broken_bslz4_streams_are_refused_alike_by_both_decoders(decoder: str) -> None:
+    data = np.random.default_rng(1).poisson(2.0, 5000).astype(np.uint16)
+    blob = compression.bslz4_compress(data, 1024)
+    shape, u16 = (5000,), np.dtype(np.uint16)
+    with pytest.raises(ProtocolError, match="beyond its blocks"):
+        compression.bslz4_decompress(blob + b"\0", u16, shape, decoder=decoder)
+    with pytest.raises(ProtocolError, match="truncated bslz4 stream"):
+        compression.bslz4_decompress(blob[:-20], u16, shape, decoder=decoder)
+    # framing intact, LZ4 content garbage: the decoder itself must notice
+    first_len = int.from_bytes(blob[12:16], "big")
+    corrupt = blob[:16] + bytes([0xF0]) * first_len + blob[16 + first_len:]
+    with pytest.raises(ProtocolError, match="corrupt bslz4 stream"):
+        compression.bslz4_decompress(corrupt, u16, shape, decoder=decoder)
+
+
+def test_unknown_or_missing_decoder_is_named() -> None:
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        compression.bslz4_decompress(compression.bslz4_compress(np.zeros(8, np.uint16)),
+                                     np.dtype(np.uint16), decoder="zstd")
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "flag"),
+    [
+        ((192, 192), {"crop": 192, "bin": 2}, None),  # the window is the detector: a view
+        ((200, 210), {"crop": 96, "bin": 4, "beam_center_px": (90.0, 120.0)}, None),
+        ((64, 64), {"crop": 64, "bin": 2, "beam_center_px": (4.0, 40.0)}, None),  # beyond the edge
+        ((64, 64), {"crop": 32, "bin": 2, "saturation_value": 50}, "saturate"),
+        ((64, 64), {"crop": 32, "bin": 2}, "mask"),
+    ],
+)
+def test_per_arrival_binning_equals_the_batch_reducer(shape: tuple[int, int], kwargs: dict, flag: str | None) -> None:
+    frames = np.random.default_rng(2).poisson(3.0, (5, *shape)).astype(np.uint16)
+    if flag == "mask":
+        bad = np.zeros(shape, bool)
+        bad[30:33, 31] = True
+        frames[:, bad] = 65535
+        kwargs = {**kwargs, "bad_pixels": bad}
+    if flag == "saturate":
+        frames[2, 32, 32] = 60
+    red = FrameReducer.build(shape, np.uint16, **kwargs)
+    counts, valid = red(frames)
+    m = red.frame_side
+    row = np.full((m, m), 7, red.out_dtype)
+    for i, frame in enumerate(frames):
+        one, saturated = red.reduce_frame(frame, out=row)
+        assert one is row
+        np.testing.assert_array_equal(one, counts[i])
+        assert saturated == bool((red.static_valid & ~valid[i]).any())
+    assert (flag == "saturate") == any(red.reduce_frame(f)[1] for f in frames)
+    # every binned pixel is the exact sum of its block, here with an independent int64 sum
+    window = np.zeros((5, red.window, red.window), np.int64)
+    (y0, x0), c = red.corner, red.window
+    ys, xs = slice(max(y0, 0), min(y0 + c, shape[0])), slice(max(x0, 0), min(x0 + c, shape[1]))
+    window[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = frames[:, ys, xs]
+    window = np.where(red.window_valid, np.minimum(window, red.saturation_value or 65534), 0)
+    b = red.bin
+    np.testing.assert_array_equal(counts, window.reshape(5, m, b, m, b).sum(axis=(2, 4)))
