@@ -6,9 +6,17 @@ data said otherwise; where they did, the field's docstring says why.
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+#: Default of ``ReconOptions.probe_refine_min_counts`` (mean counts per pattern): above the
+#: whole measured range, 300–10⁶, in which refinement never beat the fixed probe.
+PROBE_REFINE_MIN_COUNTS = 1e7
 
 
 class _Strict(BaseModel):
@@ -91,12 +99,24 @@ class ReconOptions(_Strict):
     """Full-batch conjugate-gradient iterations (offline, and refinement after scan end)."""
     time_budget_s: float | None = Field(None, gt=0)
 
-    refine_probe: bool = True
-    """Refine the probe jointly with the object. Helps at high dose (ENGINE.md: 0.71 → 0.81 at
-    11,000 e⁻/Å² from a wrong defocus) but fits shot noise at low dose: hemoglobin at
-    20 e⁻/Å² lost phase correlation from the exact probe (0.40 → 0.18) and from a 20 nm-defocused
-    one (0.27 → 0.17). At ≤ 20 e⁻/Å² fix a probe measured at high dose (ENGINE.md, "Low-dose
-    quality at 20 e⁻/Å²")."""
+    refine_probe: bool | Literal["auto"] = "auto"
+    """Refine the probe jointly with the object: true, false, or "auto" — refine only when the
+    mean counts per pattern (valid pixels) reach ``probe_refine_min_counts``, decided when the
+    probe would join (offline: from the dataset; live: at the end of the warm-up) and recorded
+    as true/false in the options saved with the result. A dataset with no probe and no probe
+    model is always refined (there is nothing to fix). Refinement fits shot noise at low dose:
+    hemoglobin at 20 e⁻/Å² (340 counts) lost phase correlation from the exact probe
+    (0.36 → 0.18) and from a 20 nm-defocused one (0.27 → 0.19); see ``probe_refine_min_counts``
+    for the measurements (ENGINE.md, "Probe refinement against counts per pattern")."""
+    probe_refine_min_counts: float = Field(PROBE_REFINE_MIN_COUNTS, gt=0)
+    """Mean counts per pattern from which ``refine_probe="auto"`` refines the probe. Measured
+    with the engine defaults (100 CG, Tikhonov μ₀ = 0.03, probe from iteration 10;
+    tests/probe_refine_measure.py, ENGINE.md) at 300–10⁶ counts, from the exact probe and from
+    one 15–30 nm out of focus: refinement never beat the fixed probe — it fits shot noise below
+    ≈ 3·10³ counts (hemoglobin, 64×64 frames: phase correlation 0.36 → 0.18 at 300 counts, probe
+    overlap 0.49) and costs 0.03–0.15 of phase correlation above, even at 10⁶ counts where the
+    probe it finds matches the truth to 0.999 (0.84 → 0.71). Hence a default above the measured
+    range: "auto" keeps a given probe fixed at every dose this product sees."""
     probe_start_iteration: int = Field(10, ge=0)
 
     chunk_size: int = Field(256, ge=1)
@@ -109,6 +129,27 @@ class ReconOptions(_Strict):
     init_phase_std: float = Field(0.1, ge=0)
 
     stream: StreamOptions = Field(default_factory=StreamOptions)
+
+    def refines_probe(self, mean_counts: float, has_probe: bool = True) -> bool:
+        """Whether the probe is refined on data of ``mean_counts`` mean counts per pattern
+        (valid pixels): ``refine_probe`` when it is a bool; for "auto", whether the counts
+        reach ``probe_refine_min_counts`` (always, when ``has_probe`` is false: there is no
+        known probe to keep)."""
+        if self.refine_probe != "auto":
+            return bool(self.refine_probe)
+        if not math.isfinite(mean_counts) or mean_counts < 0:
+            raise ValueError(f"mean counts per pattern must be a finite number ≥ 0, got {mean_counts!r}")
+        refine = not has_probe or mean_counts >= self.probe_refine_min_counts
+        reason = ("no probe given" if not has_probe else
+                  f"{mean_counts:.4g} mean counts per pattern "
+                  f"{'≥' if refine else '<'} probe_refine_min_counts {self.probe_refine_min_counts:.4g}")
+        log.info("refine_probe auto: %s → probe %s", reason, "refined" if refine else "fixed")
+        return refine
+
+    def with_probe_decision(self, mean_counts: float, has_probe: bool = True) -> ReconOptions:
+        """A copy whose ``refine_probe`` is the decision of :meth:`refines_probe` (true/false):
+        what the engines run with and save with their results."""
+        return self.model_copy(update={"refine_probe": self.refines_probe(mean_counts, has_probe)})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-native dict (for result files and the wire)."""
