@@ -263,9 +263,12 @@ def refine_full_batch(
 ) -> tuple[Any, Any, list[float]]:
     """Run ``iterations`` full-batch CG iterations (numbered from ``start_iteration``) on all
     positions of ``batch``. The probe keeps its power Σ|ψ|² (or ``probe_power``) and joins at
-    ``options.probe_start_iteration`` when ``options.refine_probe``. Returns the object, the
+    ``options.probe_start_iteration`` when ``options.refine_probe`` (for "auto": when the mean
+    valid counts per pattern of ``counts_fft`` reach the threshold). Returns the object, the
     (normalised) probe and the loss after each iteration (data term + prior)."""
     opts = _as_options(options)
+    if opts.refine_probe == "auto":
+        opts = opts.with_probe_decision(measured_probe_power(counts_fft, mask))
     if counts_fft.shape[0] != batch.size:
         raise ValueError(
             f"counts hold {counts_fft.shape[0]} patterns but the batch has {batch.size} positions"
@@ -332,7 +335,11 @@ def reconstruct(
     """Full offline reconstruction of ``data``; ``progress(iteration, total, loss)`` is called
     after each iteration."""
     problem = prepare(data, options)
-    opts = problem.options
+    # refine_probe "auto" is decided here, from the dataset's mean valid counts per pattern; the
+    # state saves the decision (true/false) with the options.
+    has_probe = data.probe is not None or data.probe_model is not None
+    opts = problem.options.with_probe_decision(
+        measured_probe_power(problem.counts_fft, problem.mask), has_probe)
     obj, probe, losses = refine_full_batch(
         problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts,
         opts.iterations, kappa=problem.kappa, probe_power=problem.probe_power, progress=progress,
