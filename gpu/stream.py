@@ -120,6 +120,7 @@ class StreamingReconstructor:
         self._loss_history: list[float] = []
         self._sparse: SparsePrior | None = None
         self._refined = 0  # full-batch CG iterations run by refine()
+        self._probe_decision: bool | None = None  # refine_probe "auto", once decided
         self._energy = energy_eV
         if extent_m is not None:
             self._new_canvas(np.zeros((0, 2)))
@@ -212,7 +213,7 @@ class StreamingReconstructor:
         stream = opts.stream
         which, fresh = self._draw_batch()
         batch = self._batch(which)
-        want_probe = opts.refine_probe and self._iteration >= stream.probe_warmup_steps
+        want_probe = self._iteration >= stream.probe_warmup_steps and self.refines_probe()
         term = data_term(
             self.obj,
             self.probe,
@@ -342,6 +343,23 @@ class StreamingReconstructor:
         """Completed passes over the frames received so far (frame visits ÷ frames)."""
         return self._visits // self.n_frames if self.n_frames else 0
 
+    def refines_probe(self) -> bool:
+        """``options.refine_probe``; "auto" is decided once, from the mean counts per pattern
+        received by the time of the first call: the end of the warm-up, when the probe would
+        join (or ``refine``, whichever comes first)."""
+        if self.options.refine_probe != "auto":
+            return bool(self.options.refine_probe)
+        if self._probe_decision is None:
+            self._probe_decision = self.options.refines_probe(self.mean_counts)
+        return self._probe_decision
+
+    def decided_options(self) -> ReconOptions:
+        """The options with refine_probe "auto" replaced by its decision once made (what
+        snapshots save)."""
+        if self.options.refine_probe == "auto" and self._probe_decision is not None:
+            return self.options.model_copy(update={"refine_probe": self._probe_decision})
+        return self.options
+
     def probe_power(self) -> float:
         """Σ|ψ|² the measured data ask for: mean counts per pattern on the valid pixels,
         divided by the share of the probe's diffraction power that falls on them."""
@@ -374,12 +392,13 @@ class StreamingReconstructor:
             raise RuntimeError("refine() needs frames: call add_frames first")
         if iterations < 0:
             raise ValueError(f"iterations must be ≥ 0, got {iterations}")
-        opts = self.options
+        self.refines_probe()  # "auto" decides now if the warm-up has not ended yet
         n = self.n_frames
         batch = self._batch(np.arange(n), SUBPIXEL_QUANTUM)
         # Iterations continue the sweep count, so a probe the stream already refines keeps
         # being refined and the sparse prior's schedule goes on.
         start = self.sweeps
+        opts = self.decided_options()
         if opts.refine_probe and self._iteration > opts.stream.probe_warmup_steps:
             start = max(start, opts.probe_start_iteration)
         if opts.prior == "sparse" and self._sparse is None:
@@ -411,7 +430,7 @@ class StreamingReconstructor:
             probe=np.array(to_numpy(self.probe), copy=True),
             geometry=self.geometry,
             iteration=self._iteration,
-            options=self.options.to_dict(),
+            options=self.decided_options().to_dict(),
             frames_used=n,
             positions=self.frame_store.positions[:n].copy(),
             energy=self._energy,
