@@ -116,7 +116,7 @@ def test_poisson_beats_amplitude_at_low_dose():
 
 
 def test_refine_full_batch_continues_a_reconstruction(high_dose):
-    problem = prepare(high_dose, {"iterations": 10, "probe_start_iteration": 12})
+    problem = prepare(high_dose, {"iterations": 10, "refine_probe": True, "probe_start_iteration": 12})
     obj, probe, losses = refine_full_batch(
         problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask,
         problem.options, iterations=6, start_iteration=10,
