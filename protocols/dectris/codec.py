@@ -50,6 +50,15 @@ def bslz4_decompress(payload: bytes, elem_size: int, expected_bytes: int | None 
     return _bslz4_array(payload, elem_size, expected_bytes).tobytes()
 
 
+def bslz4_array(payload: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A bslz4 payload of ``dtype`` elements (the element size) decoded to ``shape``; the
+    header's size must match it, or be 0 (as LiberTEM's simulator writes)."""
+    try:
+        return compression.bslz4_decompress(payload, dtype, shape, "payload", zero_size_ok=True)
+    except ProtocolError as exc:
+        raise DecodeError(exc.message) from exc
+
+
 def _bslz4_array(payload: bytes, elem_size: int, expected_bytes: int | None) -> np.ndarray:
     if expected_bytes is not None and expected_bytes % elem_size:
         raise DecodeError(f"bslz4 size {expected_bytes} is not a multiple of the element size {elem_size}")

@@ -12,12 +12,13 @@ import math
 from collections.abc import Collection
 from datetime import datetime
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 import cbor2
 import numpy as np
 
-from .codec import decompress
+from .codec import bslz4_array, decompress
 from .decode_v1 import V1_CHANNEL, V1Parser
 from .schema import (
     TYPED_ARRAY_DTYPES,
@@ -55,7 +56,7 @@ def _typed_array(tag: cbor2.CBORTag) -> np.ndarray:
         raise DecodeError(f"typed-array tag {tag.tag} must wrap a byte string")
     if len(raw) % dtype.itemsize:
         raise DecodeError(f"typed array of {len(raw)} bytes is not a whole number of {dtype}")
-    flat = np.frombuffer(raw, dtype)
+    flat = raw.view(dtype) if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype)
     return flat if dtype.isnative else flat.astype(dtype.newbyteorder("="))
 
 
@@ -64,9 +65,17 @@ def _multi_dim(tag: cbor2.CBORTag) -> np.ndarray:
     v = tag.value
     if not (isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[1], cbor2.CBORTag)
             and 64 <= v[1].tag <= 87 and isinstance(v[0], (list, tuple))
-            and all(type(d) is int for d in v[0])):
+            and all(type(d) is int and d >= 0 for d in v[0])):
         raise DecodeError("tag 40 must wrap [dims: [uint, …], typed array]")
-    flat = _typed_array(v[1])
+    dims, typed = v
+    dtype, inner = _DTYPES.get(typed.tag), typed.value
+    if (dtype is not None and dtype.isnative and isinstance(inner, cbor2.CBORTag)
+            and inner.tag == 56500 and isinstance(inner.value, (list, tuple)) and len(inner.value) == 3
+            and inner.value[0] == "bslz4" and inner.value[1] == dtype.itemsize
+            and isinstance(inner.value[2], bytes)):
+        # what DECTRIS detectors send: decoded straight to the image's shape, no copies
+        return bslz4_array(inner.value[2], dtype, tuple(dims))
+    flat = _typed_array(typed)
     if math.prod(v[0]) != flat.size:
         raise DecodeError(f"array dims {list(v[0])} need {math.prod(v[0])} elements, "
                           f"the data holds {flat.size}")
@@ -152,8 +161,13 @@ def _rational(msg: dict[str, Any], key: str) -> Fraction | None:
     if type(value) in (list, tuple) and len(value) == 2:
         num, den = value
         if type(num) is int and type(den) is int and den:
-            return Fraction(num, den)
+            return _fraction(num, den)
     raise DecodeError(f"field {key!r} must be a rational [numerator, denominator ≠ 0], got {value!r}")
+
+
+#: Fractions are immutable and costly to build (1.5 µs); an image's start_time is the last
+#: image's stop_time and real_time repeats, so two of its three rationals come from here
+_fraction = lru_cache(maxsize=256)(Fraction)
 
 
 def _pair(msg: dict[str, Any], y_key: str, x_key: str, scale: float = 1.0) -> tuple[float, float] | None:
