@@ -9,7 +9,11 @@ import logging
 import click
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from cryoptycho.daemon.cli import main
 from cryoptycho.daemon.commands.reconstruct import build_options
+from cryoptycho.daemon.storage.dataset import write_dataset
+from cryoptycho.daemon.storage.result import read_result
 from cryoptycho.gpu.backend import backend_name, to_numpy
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.reconstruct import reconstruct
@@ -165,3 +169,14 @@ def test_cli_defaults_to_auto_and_flags_force_either_way() -> None:
     assert build_options(None, {}, ("refine_probe=auto", "probe_refine_min_counts=5e4")).probe_refine_min_counts == 5e4
     with pytest.raises(click.UsageError, match="refine_probe"):
         build_options(None, {}, ("refine_probe=sometimes",))
+
+
+@pytest.mark.parametrize(("flags", "refined"), [((), False), (("--refine-probe",), True),
+                                                (("--set", "probe_refine_min_counts=100"), True)])
+def test_cli_result_file_records_the_decision(tmp_path, flags, refined) -> None:  # type: ignore[no-untyped-def]
+    dataset = write_dataset(tmp_path / "d.h5", _data(300.0))
+    out = tmp_path / "r.h5"
+    result = CliRunner().invoke(main, ["reconstruct", str(dataset), "-o", str(out), "-n", "2", "-q",
+                                       "--no-export", *flags])
+    assert result.exit_code == 0, result.output
+    assert read_result(out).state.options["refine_probe"] is refined

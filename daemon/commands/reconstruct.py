@@ -79,7 +79,9 @@ def build_options(
 @click.option("--mu0", type=float, help="Tikhonov weight μ₀ (times κ).")
 @click.option("--mu1", type=float, help="Sparse-prior weight μ₁ (times κ).")
 @click.option("--denoiser", type=str, help="Denoiser of the sparse prior (bm3d, gaussian, …).")
-@click.option("--refine-probe/--fixed-probe", default=None, help="Refine the probe jointly.")
+@click.option("--refine-probe/--fixed-probe", default=None,
+              help="Refine the probe jointly, or keep it fixed. Default: auto (refine_probe=auto: "
+                   "refined only from probe_refine_min_counts mean counts per pattern).")
 @click.option("--init", type=click.Choice(["random", "spectral", "ones"]))
 @click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds.")
 @click.option("--seed", type=int)
