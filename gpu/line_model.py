@@ -84,13 +84,22 @@ class FullBatchLine:
             carry is not None and carry.obj is x["object"] and carry.probe is probe
             and carry.reuses < REFRESH_EVERY
         )
+        # The shifted probes S ψ of every position: kept on ``fun`` while the probe is fixed
+        # (the same array from one iteration to the next), as a jittered scan pays an FFT per
+        # position to make them.
+        kept = getattr(fun, "_line_probes", None)
+        if kept is not None and kept[0] is probe:
+            self.p0s = kept[1]
+        else:
+            self.p0s = [position_probes(probe, sub) for sub in fun.batches]
+        fun._line_probes = (probe, self.p0s) if self.d_probe is None else None
         self.terms: list[tuple[Any, Any, Any]] = []
         for i, sub in enumerate(fun.batches):
-            p0 = position_probes(probe, sub)
-            w0 = extract(self.t_obj, sub)
+            p0 = self.p0s[i]
+            p1 = position_probes(self.d_probe, sub) if self.d_probe is not None else None
+            w0 = extract(self.t_obj, sub) if p1 is not None or not reuse else None
             far_a = carry.far[i] if reuse else fft2(p0 * w0)
             far_b = far_c = None
-            p1 = position_probes(self.d_probe, sub) if self.d_probe is not None else None
             if self.d_obj is not None:
                 w1 = extract(self.d_obj, sub)
                 wave = p0 * w1
@@ -102,6 +111,9 @@ class FullBatchLine:
                 far_b = fft2(p1 * w0)
             self.terms.append((far_a, far_b, far_c))
         self.reuses = carry.reuses + 1 if reuse else 0
+        self.d, self.keys = d, keys
+        self._first: float | None = None
+        self._points: dict[float, tuple[dict[str, Any], float, dict[str, Any]]] = {}
 
     # --- the scalar probe normalisation along the line ------------------------------------
 
@@ -166,8 +178,12 @@ class FullBatchLine:
         return self.t_obj if self.d_obj is None else self.t_obj + t * self.d_obj
 
     def value(self, t: float) -> tuple[float, float]:
-        """(φ(t), φ'(t)) without an FFT."""
+        """(φ(t), φ'(t)) without an FFT (but see :meth:`_speculate`)."""
         fun, opts, xp = self.fun, self.fun.options, self.xp
+        if self._first is None:
+            self._first = t
+            if getattr(fun, "_line_first_accepted", False):
+                return self._speculate(t)
         s, ds = self._scale(t)
         intens, weights, sums = self._first_pass(t, s, ds)
         loss = slope = 0.0
@@ -186,8 +202,25 @@ class FullBatchLine:
             p_slope = 2.0 * float(xp.vdot(p_grad.ravel(), self.d_obj.ravel()).real)
         return fun.scale * loss + p_loss, fun.scale * slope + p_slope
 
+    def _speculate(self, t: float) -> tuple[float, float]:
+        """(φ(t), φ'(t)) through the full gradient at t, kept for :meth:`point`. Once CG has
+        settled, the first trial (its last step length) is usually accepted (≈ 1.3 trials per
+        iteration): its gradient is then already there, as with direct evaluations, but
+        without their forward FFTs. Used when the previous line accepted its first trial."""
+        _, f_t, g_t = self._points[t] = self._evaluate(t)
+        xp = self.xp
+        slope = sum(2.0 * float(xp.vdot(g_t[k].ravel(), self.d[k].ravel()).real) for k in self.keys)
+        return f_t, slope
+
     def point(self, t: float) -> tuple[dict[str, Any], float, dict[str, Any]]:
-        """x + t d, the objective there and its gradient (as ``fun(x + t d)`` returns them)."""
+        """x + t d, the objective there and its gradient (as ``fun(x + t d)`` returns them):
+        the accepted step."""
+        self.fun._line_first_accepted = t == self._first
+        if t in self._points:
+            return self._points[t]
+        return self._evaluate(t)
+
+    def _evaluate(self, t: float) -> tuple[dict[str, Any], float, dict[str, Any]]:
         fun, opts, xp = self.fun, self.fun.options, self.xp
         x_t = dict(self.x)
         obj_t = self._object_at(t)
@@ -213,9 +246,9 @@ class FullBatchLine:
                 opts.alpha_h, sums, overwrite=True, inten=intens[i],
             )
             intens[i] = None
-            dt = back_propagate(
-                terms, extract(obj_t, sub), position_probes(psi, sub), sub, fun.want_probe
-            )
+            # S(sψ) = s·Sψ: with the probe fixed its shifted copies need no FFT
+            psi_k = self.p0s[i] * s if self.d_probe is None else position_probes(psi, sub)
+            dt = back_propagate(terms, extract(obj_t, sub), psi_k, sub, fun.want_probe)
             loss += dt.loss
             g_obj += dt.grad_object
             if fun.want_probe:
@@ -238,9 +271,10 @@ def full_batch_line(fun: Any, x: dict[str, Any], d: dict[str, Any], keys: set[st
     frames = int(fun.counts_fft.shape[0]) * int(np.prod(fun.counts_fft.shape[1:]))
     item = np.dtype(t_obj.dtype).itemsize
     arrays = 1 + ("object" in keys) + ("object" in keys and "probe" in keys)
-    # + the carried far field of the last point, alive while the new ones are made, and a
-    # trial's |z|² and slope weights (two real arrays = one complex) for every frame
-    need = (arrays + 2) * frames * item
+    # + the carried far field of the last point, alive while the new ones are made, a
+    # trial's |z|² and slope weights (two real arrays = one complex) for every frame, and
+    # the shifted probes of every position (jittered scans)
+    need = (arrays + 3) * frames * item
     if need > line_budget_bytes(xp):
         fun._line_carry = None
         return None

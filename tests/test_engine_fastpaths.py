@@ -97,10 +97,13 @@ def full_batch(xp):
     return fun, start, direction
 
 
+@pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("keys", [{"object"}, {"object", "probe"}])
-def test_line_model_matches_direct_evaluations(full_batch, keys):
+def test_line_model_matches_direct_evaluations(full_batch, keys, speculate):
     fun, x, d = full_batch
     fun.want_probe = "probe" in keys
+    # after a line whose first trial was accepted, the next first trial takes its gradient
+    fun._line_first_accepted = speculate
     model = line_model.full_batch_line(fun, x, d, keys)
     assert isinstance(model, line_model.FullBatchLine)
     direct = _Direct(fun, x, d, keys)
