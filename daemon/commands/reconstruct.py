@@ -128,5 +128,8 @@ def command(
     if export:
         written += export_phase(state, output.with_suffix("").with_name(output.stem + ".phase"))
     final = f"{state.loss_values[-1]:.6g}" if state.loss_values else "n/a"
-    click.echo(f"{state.iteration} iterations, final loss {final}; wrote "
+    probe = "refined" if state.options.get("refine_probe") else "fixed"
+    if options.refine_probe == "auto":
+        probe += f" (auto: from {options.probe_refine_min_counts:g} counts per pattern)"
+    click.echo(f"{state.iteration} iterations, probe {probe}, final loss {final}; wrote "
                + ", ".join(str(p) for p in written))
