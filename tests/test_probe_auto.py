@@ -181,4 +181,4 @@ def test_cli_result_file_records_the_decision(tmp_path, flags, refined) -> None:
     assert result.exit_code == 0, result.output
     assert read_result(out).state.options["refine_probe"] is refined
     assert f"probe {'refined' if refined else 'fixed'}" in result.output
-    assert ("(auto: from" in result.output) is (not flags or flags[0] == "--set")
+    assert ("(auto: refined from" in result.output) is (not flags or flags[0] == "--set")

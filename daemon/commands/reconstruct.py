@@ -130,6 +130,6 @@ def command(
     final = f"{state.loss_values[-1]:.6g}" if state.loss_values else "n/a"
     probe = "refined" if state.options.get("refine_probe") else "fixed"
     if options.refine_probe == "auto":
-        probe += f" (auto: from {options.probe_refine_min_counts:g} counts per pattern)"
+        probe += f" (auto: refined from {options.probe_refine_min_counts:g} counts per pattern)"
     click.echo(f"{state.iteration} iterations, probe {probe}, final loss {final}; wrote "
                + ", ".join(str(p) for p in written))
