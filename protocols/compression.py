@@ -34,7 +34,7 @@ BLOCK_BYTES = 8192
 _MAX_BLOCK_BYTES = 1 << 24
 _serial = threading.local()
 #: bslz4 decoders; ``dectris`` (the ``dectris-compression`` package) decodes 192×192 uint16
-#: frames 2.5-3x faster than bitshuffle's Python binding (``cryoptycho bench dectris``) and is
+#: frames 2.2x faster than bitshuffle's Python binding (``cryoptycho bench dectris``) and is
 #: used whenever it is installed. Both give the same bytes; the block walk below checks the
 #: framing first for either.
 BSLZ4_DECODERS = ("dectris", "bitshuffle")
