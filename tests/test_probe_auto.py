@@ -16,7 +16,7 @@ from cryoptycho.daemon.storage.dataset import write_dataset
 from cryoptycho.daemon.storage.result import read_result
 from cryoptycho.gpu.backend import backend_name, to_numpy
 from cryoptycho.gpu.options import ReconOptions
-from cryoptycho.gpu.reconstruct import reconstruct
+from cryoptycho.gpu.reconstruct import prepare, reconstruct, refine_full_batch
 from cryoptycho.gpu.stream import StreamingReconstructor
 from engine_helpers import synthetic_dataset
 from pydantic import ValidationError
@@ -75,6 +75,16 @@ def test_offline_decision_is_logged(xp, caplog) -> None:  # type: ignore[no-unty
         _offline(xp, _data(300.0), iterations=1)
     line = next(r.getMessage() for r in caplog.records if "refine_probe auto" in r.getMessage())
     assert "probe fixed" in line and "< probe_refine_min_counts" in line
+
+
+@pytest.mark.parametrize(("threshold", "refined"), [(250.0, True), (400.0, False)])
+def test_refine_full_batch_decides_auto_itself(xp, threshold, refined) -> None:  # type: ignore[no-untyped-def]
+    """Called directly (as the live engine and scripts do), the full-batch refinement decides
+    "auto" from the counts it is given (300 per pattern here)."""
+    p = prepare(_data(300.0), {"backend": backend_name(xp), "probe_refine_min_counts": threshold,
+                               "probe_start_iteration": 0})
+    _, probe, _ = refine_full_batch(p.object, p.probe, p.counts_fft, p.batch, p.mask, p.options, 3)
+    assert bool(_moved(probe, to_numpy(p.probe)) > 1e-6) is refined
 
 
 def _engine(xp, data, **kw) -> StreamingReconstructor:  # type: ignore[no-untyped-def]
