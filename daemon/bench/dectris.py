@@ -31,12 +31,7 @@ import click
 import numpy as np
 from cryoptycho.protocols import compression
 from cryoptycho.protocols.dectris.binning import FrameReducer
-from cryoptycho.protocols.dectris.bridge import (
-    BridgeConfig,
-    BridgeStats,
-    SeriesConverter,
-    _dispatch,
-)
+from cryoptycho.protocols.dectris.bridge import BridgeConfig, BridgeStats, SeriesConverter, dispatch
 from cryoptycho.protocols.dectris.decode import V2_MAGIC, decode_v2
 from cryoptycho.protocols.dectris.sim import SimSeries, v2_messages
 from cryoptycho.protocols.producer import Producer
@@ -75,7 +70,7 @@ def image_payload(raw: bytes) -> bytes:
 def reference_decode(raw: bytes, shape: tuple[int, int]) -> np.ndarray:
     """DECTRIS' own decoder on one image message (what a reader built on their library does)."""
     assert reference_decompress is not None
-    payload = cbor2.loads(raw[len(V2_MAGIC):])["data"][CHANNEL].value[1].value.value[2]
+    payload = image_payload(raw)
     return np.frombuffer(reference_decompress(payload, "bslz4", elem_size=2), np.uint16).reshape(shape)
 
 
@@ -101,21 +96,24 @@ class FullPath:
         self.sink = _Sink()
         # connect() is lazy: nothing listens, and the hook keeps every message off the socket
         self.producer = Producer("tcp://127.0.0.1:9", hook=self.sink, send_timeout_s=1)
-        self.frames = 0
 
     def run_series(self) -> int:
         """Feed one whole series; returns the images fed."""
         conv, stats = SeriesConverter(self.config), BridgeStats()
         channels = (self.config.channel,)
+        encoded = self.sink.messages
         for raw in self.series:
             out = conv.feed(decode_v2(raw, channels))
             out += conv.flush(self.config.flush_interval_s)
-            _dispatch(self.producer, out, conv, stats)
-        if stats.series_errors or conv.stats["frames_sent"] != len(self.series) - 2:
-            raise RuntimeError(f"the bridge sent {conv.stats['frames_sent']} of "
-                               f"{len(self.series) - 2} frames: {stats.to_dict()}")
-        self.frames += conv.stats["frames_sent"]
-        return len(self.series) - 2
+            dispatch(self.producer, out, conv, stats)
+        n = len(self.series) - 2
+        batches = -(-n // self.config.frames_per_message)
+        # every frame converted; scan start, the frames messages (more when a slow batch was
+        # flushed part-full) and scan end encoded
+        if stats.series_errors or conv.stats["frames_sent"] != n or self.sink.messages - encoded < batches + 2:
+            raise RuntimeError(f"the bridge sent {conv.stats['frames_sent']} of {n} frames in "
+                               f"{self.sink.messages - encoded} messages: {stats.to_dict()}")
+        return n
 
     def close(self) -> None:
         self.producer.close(linger_s=0)

@@ -21,7 +21,8 @@ from .receiver import DectrisReceiver, parse_source
 from .scan import parse_positions
 from .schema import DectrisError, SeriesEnd, SeriesStart
 
-__all__ = ["BridgeConfig", "BridgeStats", "IngestMessage", "SeriesConverter", "bridge_messages", "run_bridge"]
+__all__ = ["BridgeConfig", "BridgeStats", "IngestMessage", "SeriesConverter", "bridge_messages", "dispatch",
+           "run_bridge"]
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,8 @@ def run_bridge(
                     log.error("DECTRIS stream %s: %s", source_url, exc)
                 ended += isinstance(msg, SeriesEnd)
             out += converter.flush(cfg.flush_interval_s)
-            _dispatch(prod, out, converter, stats)
-        _dispatch(prod, converter.stop("the DECTRIS bridge stopped before the series ended"), converter, stats)
+            dispatch(prod, out, converter, stats)
+        dispatch(prod, converter.stop("the DECTRIS bridge stopped before the series ended"), converter, stats)
     finally:
         receiver.close()
         if side is not None:
@@ -128,8 +129,10 @@ def _drain_side_channel(sock: zmq.Socket, converter: SeriesConverter, stats: Bri
         out += converter.add_positions(series, ids, pos)
 
 
-def _dispatch(producer: Producer, messages: list[IngestMessage], converter: SeriesConverter,
-              stats: BridgeStats) -> None:
+def dispatch(producer: Producer, messages: list[IngestMessage], converter: SeriesConverter,
+             stats: BridgeStats) -> None:
+    """Send the converter's messages through ``producer``; a message our protocol refuses
+    stops (and aborts) its scan, counted in ``stats``."""
     for msg in messages:
         if producer.scan is None and not isinstance(msg, ScanStart):
             continue  # the scan's start was refused; its frames and end go nowhere
