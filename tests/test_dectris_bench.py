@@ -1,9 +1,10 @@
 """`cryoptycho bench dectris` and the fast paths it measures: both bslz4 decoders, the
-per-arrival binning, and the JSON the benchmark reports."""
+per-arrival binning, the receiver's batched drain, and the JSON the benchmark reports."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import cbor2
 import numpy as np
@@ -15,6 +16,9 @@ from cryoptycho.daemon.cli import main
 from cryoptycho.protocols import compression
 from cryoptycho.protocols.dectris.binning import FrameReducer
 from cryoptycho.protocols.dectris.decode import decode_v2
+from cryoptycho.protocols.dectris.receiver import DectrisReceiver
+from cryoptycho.protocols.dectris.schema import DecodeError, Image, SeriesEnd, SeriesStart
+from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v1_messages, v2_messages
 from cryoptycho.protocols.errors import ProtocolError
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,7 +41,7 @@ def test_bench_reports_every_stage_and_its_frames_decode_like_the_reference() ->
     assert out["reference"] == "dectris.compression" and out["bslz4_decoder"] == "dectris"
     row = out["cases"]["sparse"]
     stages = {"decode_ours", "decode_reference", "codec_ours", "codec_bitshuffle", "codec_reference", "bin", "full"}
-    assert set(row["fps"]) == set(row["fps_cpu"]) == stages
+    assert set(row["fps"]) == stages | {"bridge_sockets"} and set(row["fps_cpu"]) == stages
     assert all(v > 0 for v in row["fps"].values())
     assert set(row["ratio_to_reference"]) == {"decode_ours", "codec_ours", "codec_bitshuffle", "full"}
     assert row["ratio_to_reference"]["full"] == pytest.approx(
@@ -62,7 +66,7 @@ def test_bench_reports_every_stage_and_its_frames_decode_like_the_reference() ->
 
 def test_bench_without_the_reference_leaves_its_columns_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "reference_decompress", None)
-    out = bench.run(3, 0.005, 1, ["dense"], profile=False)
+    out = bench.run(3, 0.005, 1, ["dense"], profile=False, sockets=False)
     row = out["cases"]["dense"]
     assert out["reference"] is None
     assert set(row["fps"]) == {"decode_ours", "codec_ours", "codec_bitshuffle", "bin", "full"}
@@ -151,3 +155,38 @@ def test_per_arrival_binning_equals_the_batch_reducer(shape: tuple[int, int], kw
     window = np.where(red.window_valid, np.minimum(window, red.saturation_value or 65534), 0)
     b = red.bin
     np.testing.assert_array_equal(counts, window.reshape(5, m, b, m, b).sum(axis=(2, 4)))
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_drain_takes_waiting_messages_in_batches_without_splitting_one(version: int) -> None:
+    frames = make_frames(5, 16, 2.0, 0.1)
+    series = SimSeries(frames)
+    messages = list(v2_messages(series)) if version == 2 else list(v1_messages(series))
+    errors: list = []
+    with SimSender(version) as sender, DectrisReceiver(sender.endpoint, version, on_error=errors.append) as rx:
+        if version == 2:  # a stray multipart message: one decode error, then the series
+            sender.send_raw([b"a", b"b", b"c"])
+        for msg in messages:
+            sender.send_raw(msg)
+        got: list = []
+        deadline = time.monotonic() + 10
+        while not any(isinstance(m, SeriesEnd) for m in got) and time.monotonic() < deadline:
+            got += list(rx.drain(0.1, max_parts=2))  # V1 images are 4 parts: never cut
+    assert [type(m) for m in got] == [SeriesStart] + [Image] * 5 + [SeriesEnd]
+    assert [m.image_id for m in got[1:-1]] == list(range(5))
+    for m in got[1:-1]:
+        (frame,) = m.data.values()  # V1 names its one channel differently
+        np.testing.assert_array_equal(frame, frames[m.image_id])
+    assert rx.decode_errors == len(errors) == (1 if version == 2 else 0)
+    assert all("multipart message on a Stream V2 socket" in str(e) for e in errors)
+
+
+def test_drain_keeps_the_parts_after_a_raising_error_for_the_next_call() -> None:
+    start, *_ = v2_messages(SimSeries(make_frames(1, 8, 1.0, 1.0)))
+    with SimSender(2) as sender, DectrisReceiver(sender.endpoint, 2) as rx:  # errors raise
+        # two parts drained in one go (as from the socket), the first one bad
+        rx._pending.extend([(b"not cbor", False), (start, False)])
+        with pytest.raises(DecodeError, match="not a Stream V2 message"):
+            list(rx.drain(0.1))
+        assert [type(m) for m in rx.drain(0.1)] == [SeriesStart]
+        assert list(rx.drain(0.01)) == []

@@ -22,6 +22,7 @@ from __future__ import annotations
 import cProfile
 import json
 import pstats
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,11 +30,19 @@ from typing import Any
 import cbor2
 import click
 import numpy as np
+import zmq
 from cryoptycho.protocols import compression
 from cryoptycho.protocols.dectris.binning import FrameReducer
-from cryoptycho.protocols.dectris.bridge import BridgeConfig, BridgeStats, SeriesConverter, dispatch
+from cryoptycho.protocols.dectris.bridge import (
+    BridgeConfig,
+    BridgeStats,
+    SeriesConverter,
+    dispatch,
+    run_bridge,
+)
 from cryoptycho.protocols.dectris.decode import V2_MAGIC, decode_v2
-from cryoptycho.protocols.dectris.sim import SimSeries, v2_messages
+from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v2_messages
+from cryoptycho.protocols.messages import decode
 from cryoptycho.protocols.producer import Producer
 
 try:
@@ -72,6 +81,10 @@ def reference_decode(raw: bytes, shape: tuple[int, int]) -> np.ndarray:
     assert reference_decompress is not None
     payload = image_payload(raw)
     return np.frombuffer(reference_decompress(payload, "bslz4", elem_size=2), np.uint16).reshape(shape)
+
+
+def _config(side: int = 192, bin_: int = 2) -> BridgeConfig:
+    return BridgeConfig(channel=CHANNEL, crop=side, bin=bin_, energy_eV=300e3)
 
 
 class _Sink:
@@ -169,8 +182,7 @@ def measure_case(frames: np.ndarray, seconds: float, rounds: int, bin_: int = 2)
         if reference_decompress is not None and not np.array_equal(reference_decode(raw, shape), frames[i]):
             raise RuntimeError(f"dectris.compression differs from the encoded frame {i}")
     reducer = FrameReducer.build(shape, frames.dtype, crop=side, bin=bin_)
-    config = BridgeConfig(channel=CHANNEL, crop=side, bin=bin_, energy_eV=300e3)
-    full = FullPath(series, config)
+    full = FullPath(series, _config(side, bin_))
     u16 = np.dtype(np.uint16)
     stages: dict[str, Callable[[], int]] = {
         "decode_ours": _over(images, lambda raw: decode_v2(raw, (CHANNEL,))),
@@ -209,6 +221,58 @@ def measure_case(frames: np.ndarray, seconds: float, rounds: int, bin_: int = 2)
         "target_met": fps["full"] >= TARGET_FPS,
         "target_met_cpu": fps_cpu["full"] >= TARGET_FPS,
     }
+
+
+def measure_sockets(series: list[bytes], config: BridgeConfig, repeats: int = 3) -> float:
+    """Frames/s (wall) of ``run_bridge`` end to end over TCP loopback: a simulated detector
+    thread pushes the series as fast as it is taken, the bridge converts it, and a stand-in
+    daemon thread pulls the ingest messages. All three share this process (and its cores);
+    best of ``repeats`` series, from the bridge's start to its return."""
+    ctx = zmq.Context()
+    daemon = ctx.socket(zmq.PULL)
+    port = daemon.bind_to_random_port("tcp://127.0.0.1")
+    failures: list[BaseException] = []
+
+    def take_scan() -> None:
+        try:
+            while daemon.poll(20_000):
+                if decode(daemon.recv_multipart()).type in ("scan_end", "abort"):
+                    return
+            raise RuntimeError("the bridge sent nothing for 20 s")
+        except Exception as exc:  # noqa: BLE001 — re-raised in the measuring thread
+            failures.append(exc)
+
+    best = 0.0
+    try:
+        for _ in range(repeats):
+            with SimSender(2, context=ctx) as sender:
+                taker = threading.Thread(target=take_scan, name="bench-daemon")
+                pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in series],
+                                          name="bench-detector", daemon=True)
+                taker.start()
+                stop = threading.Event()
+                timer = threading.Timer(60.0, stop.set)  # a safety net for a stalled run
+                timer.start()
+                t0 = time.perf_counter()
+                pusher.start()
+                try:
+                    stats = run_bridge(sender.url, f"tcp://127.0.0.1:{port}", config, stop,
+                                       max_series=1, context=ctx)
+                finally:
+                    timer.cancel()
+                elapsed = time.perf_counter() - t0
+                taker.join(30)
+                pusher.join(30)
+            if failures:
+                raise failures[0]
+            if stats.frames_sent != len(series) - 2:
+                raise RuntimeError(f"the bridge sent {stats.frames_sent} of {len(series) - 2} frames: "
+                                   f"{stats.to_dict()}")
+            best = max(best, stats.frames_sent / elapsed)
+    finally:
+        daemon.close(linger=0)
+        ctx.term()
+    return best
 
 
 #: profile groups, by the source file a function lives in
@@ -262,14 +326,15 @@ def profile_shares(fn: Callable[[], Any]) -> dict[str, float]:
 
 
 def _profile_full(frames: np.ndarray, series: int = 3) -> dict[str, float]:
-    full = FullPath(make_series(frames), BridgeConfig(channel=CHANNEL, crop=192, bin=2, energy_eV=300e3))
+    full = FullPath(make_series(frames), _config())
     try:
         return profile_shares(lambda: [full.run_series() for _ in range(series)])
     finally:
         full.close()
 
 
-def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool) -> dict[str, Any]:
+def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool,
+        sockets: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
         "reference": "dectris.compression" if reference_decompress is not None else None,
         "bslz4_decoder": compression.BSLZ4_DECODER,
@@ -279,6 +344,8 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
         disc, dark = DOSES[case]
         frames = make_frames(n, 192, disc, dark)
         out["cases"][case] = row = measure_case(frames, seconds, rounds)
+        if sockets:
+            row["fps"]["bridge_sockets"] = round(measure_sockets(make_series(frames), _config()), 1)
         if profile:
             row["profile_shares_full"] = _profile_full(frames)
     return out
@@ -295,15 +362,19 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
               default=("sparse", "dense"), show_default=True, help="Dose case (repeatable).")
 @click.option("--profile/--no-profile", default=False, show_default=True,
               help="Also profile the full path (cProfile) and give time shares by stage.")
+@click.option("--sockets/--no-sockets", default=True, show_default=True,
+              help="Also run the bridge end to end over TCP loopback (wall clock).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile: bool, as_json: bool) -> None:
+def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile: bool,
+            sockets: bool, as_json: bool) -> None:
     """DECTRIS V2 ingest: decode + bin + enqueue frames/s, 192×192 bslz4 → 96×96 (target ≥ 20,000)."""
-    result = run(n, seconds, rounds, cases, profile)
+    result = run(n, seconds, rounds, cases, profile, sockets)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(f"bslz4 decoder: {result['bslz4_decoder']}; reference: {result['reference'] or 'not installed'}")
-    stages = ("decode_ours", "decode_reference", "codec_ours", "codec_bitshuffle", "codec_reference", "bin", "full")
+    stages = ("decode_ours", "decode_reference", "codec_ours", "codec_bitshuffle", "codec_reference", "bin", "full",
+              "bridge_sockets")
     click.echo(f"{'case':>7} {'clock':>5} {'B/frame':>8} " + " ".join(f"{s:>16}" for s in stages)
                + "   full/ref  target")
     for case, row in result["cases"].items():
@@ -319,4 +390,5 @@ def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile
     click.echo("frames/s in one process, stages measured side by side in one run (interleaved rounds); "
                "wall = clock time, cpu = per CPU-second of the measuring thread (a core of its own); "
                "full/ref = full path ÷ (cbor2 + dectris.compression decode), CPU time; full = decode + "
-               "bookkeeping + bin + batch + validate + encode, no socket.")
+               "bookkeeping + bin + batch + validate + encode, no socket; bridge_sockets = run_bridge end "
+               "to end over TCP loopback, detector and daemon stand-ins in the same process, best series.")

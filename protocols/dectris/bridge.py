@@ -83,8 +83,7 @@ def run_bridge(
             out: list[IngestMessage] = []
             if side is not None:
                 out += _drain_side_channel(side, converter, stats)
-            msgs = receiver.poll(min(0.05, cfg.flush_interval_s))
-            for msg in msgs:
+            for msg in receiver.drain(min(0.05, cfg.flush_interval_s)):
                 if isinstance(msg, SeriesStart) and cfg.channel is None and msg.channels:
                     receiver.channels = (msg.channels[0],)  # decompress only what is used
                 try:
@@ -93,6 +92,8 @@ def run_bridge(
                     stats.series_errors += 1
                     log.error("DECTRIS stream %s: %s", source_url, exc)
                 ended += isinstance(msg, SeriesEnd)
+                if max_series is not None and ended >= max_series and not converter.closing:
+                    break  # the rest belongs to series this run does not take
             out += converter.flush(cfg.flush_interval_s)
             dispatch(prod, out, converter, stats)
         dispatch(prod, converter.stop("the DECTRIS bridge stopped before the series ended"), converter, stats)

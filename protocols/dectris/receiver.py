@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -66,6 +67,8 @@ class DectrisReceiver(SocketClient):
         self._on_error = on_error or _raise
         self.decode_errors = 0
         self._parser = V1Parser(on_error=self._error)
+        self._pending: deque[tuple[bytes, bool]] = deque()  #: drained parts not yet decoded
+        self._in_multipart = False
         self._socket = connect(
             zmq.PULL, endpoint, context=context, heartbeat=False, rcvhwm=rcvhwm, linger=0
         )
@@ -99,6 +102,41 @@ class DectrisReceiver(SocketClient):
                 out += self._parser.feed(part, more)
         return out
 
+    def drain(self, timeout_s: float, max_parts: int = 256) -> Iterator[Message]:
+        """Like :meth:`poll`, but takes every part already waiting (up to ``max_parts``, and
+        then to the end of the message under way) in one go, and decodes them one at a time as
+        the caller iterates. A poll per message cost 9 of the 65 µs to receive and decode a
+        192×192 image; decoding the whole batch up front was slower still, as every decoded
+        frame of the batch then stays in memory at once. Parts not reached (the caller stopped
+        iterating, or ``on_error`` raised) are decoded by the next call, and the caller's
+        changes to :attr:`channels` apply from the next message on."""
+        if not self._pending:
+            if not self._poller.poll(int(timeout_s * 1000)):
+                return
+            more = False
+            while len(self._pending) < max_parts or more:  # a multipart message arrives whole
+                try:
+                    part = self._socket.recv(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                more = bool(self._socket.getsockopt(zmq.RCVMORE))
+                self._pending.append((part, more))
+        while self._pending:
+            part, more = self._pending.popleft()
+            if self.version == 1:
+                yield from self._parser.feed(part, more)
+            elif more or self._in_multipart:  # V2 messages are single-part: report the rest once
+                self._in_multipart = more
+                if not more:
+                    self._error(DecodeError("multipart message on a Stream V2 socket (is the sender V1?)"))
+            else:
+                try:
+                    msg = decode_v2(part, self.channels)
+                except DecodeError as exc:
+                    self._error(exc)
+                    continue
+                yield msg
+
     def _decode_v2(self, part: bytes, more: bool) -> list[Message]:
         if more:  # V2 messages are single-part: drain the rest and report it
             while self._socket.getsockopt(zmq.RCVMORE):
@@ -115,7 +153,7 @@ class DectrisReceiver(SocketClient):
         """Decoded messages until ``stop`` is set."""
         stop = stop or threading.Event()
         while not stop.is_set():
-            yield from self.poll(poll_s)
+            yield from self.drain(poll_s)
 
 
 def _raise(exc: DectrisError) -> None:
