@@ -106,17 +106,17 @@ class ReconOptions(_Strict):
     as true/false in the options saved with the result. A dataset with no probe and no probe
     model is always refined (there is nothing to fix). Refinement fits shot noise at low dose:
     hemoglobin at 20 e⁻/Å² (340 counts) lost phase correlation from the exact probe
-    (0.36 → 0.18) and from a 20 nm-defocused one (0.27 → 0.19); see ``probe_refine_min_counts``
+    (0.37 → 0.20) and from a 20 nm-defocused one (0.29 → 0.19); see ``probe_refine_min_counts``
     for the measurements (ENGINE.md, "Probe refinement against counts per pattern")."""
     probe_refine_min_counts: float = Field(PROBE_REFINE_MIN_COUNTS, gt=0)
     """Mean counts per pattern from which ``refine_probe="auto"`` refines the probe. Measured
     with the engine defaults (100 CG, Tikhonov μ₀ = 0.03, probe from iteration 10;
     tests/probe_refine_measure.py, ENGINE.md) at 300–10⁶ counts, from the exact probe and from
     one 15–30 nm out of focus: refinement never beat the fixed probe — it fits shot noise below
-    ≈ 3·10³ counts (hemoglobin, 64×64 frames: phase correlation 0.36 → 0.18 at 300 counts, probe
-    overlap 0.49) and costs 0.03–0.15 of phase correlation above, even at 10⁶ counts where the
-    probe it finds matches the truth to 0.999 (0.84 → 0.71). Hence a default above the measured
-    range: "auto" keeps a given probe fixed at every dose this product sees."""
+    ≈ 3·10³ counts (hemoglobin, 64×64 frames: phase correlation 0.37 → 0.20 at 300 counts, probe
+    overlap 0.48) and costs up to 0.15 of phase correlation above, even at 10⁶ counts where the
+    probe it finds keeps overlap 1.00 with the truth (0.84 → 0.71). Hence a default above the
+    measured range: "auto" keeps a given probe fixed at every dose this product sees."""
     probe_start_iteration: int = Field(10, ge=0)
 
     chunk_size: int = Field(256, ge=1)
