@@ -30,8 +30,9 @@ from .objective import back_propagate
 from .operators import extract, position_probes
 from .priors import prior_term
 
-#: Share of the free memory (device, or host RAM on NumPy) the stored far fields may take.
-LINE_MEMORY_SHARE = 0.5
+#: Share of the free memory (device, or host RAM on NumPy) the stored far fields may take: a
+#: quarter, as a daemon may refine one scan while others stream on the same device.
+LINE_MEMORY_SHARE = 0.25
 #: The far field carried over from accepted steps is recomputed after this many reuses, so
 #: float rounding of A ← A + tB + t²C cannot build up over a long run.
 REFRESH_EVERY = 20
@@ -51,7 +52,9 @@ def line_budget_bytes(xp: Any) -> int:
 
 @dataclass
 class _Carry:
-    """The far fields (unnormalised probe) of the last accepted point, per chunk."""
+    """The far fields (unnormalised probe) of the last accepted point, per chunk. Matched to
+    the next line's start by array identity: CG makes new arrays for every point and never
+    changes one in place."""
 
     obj: Any
     probe: Any

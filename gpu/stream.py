@@ -478,7 +478,7 @@ class StreamingReconstructor:
         # refine_full_batch: chunked data-term work and the CG vectors (x, gradient,
         # preconditioned gradient, direction, trial, old). Batches keep window corners, not a
         # per-pixel index. CG's line model (line_model.py: up to five far fields per frame) is
-        # used only when it fits half the free memory, so it is not part of the requirement.
+        # used only when it fits a quarter of the free memory: not part of the requirement.
         refine_work = chunk * per_position + 6 * (canvas * c + m2 * c)
         total = frame_store + canvas_bytes + probe + max(stream_work, refine_work)
         return {
