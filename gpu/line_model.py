@@ -162,7 +162,8 @@ class FullBatchLine:
                     h += z.imag * v.imag
                     del v
                     h *= s
-                    h += inten * (ds / s)
+                    if ds != 0.0:  # s is constant while the probe is fixed
+                        h += inten * (ds / s)
                 weights.append(h)
             del z
             if self._truncating():
