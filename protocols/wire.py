@@ -316,5 +316,5 @@ def _plain(value: Any, path: str) -> Any:
             raise ValueError(f"{path}: arrays inside lists cannot travel; put them in a map")
         return sub
     if isinstance(value, np.ndarray):
-        raise ValueError(f"{path}: arrays inside lists cannot travel; put them in a map")
+        raise ValueError(f"{path}: arrays inside lists cannot travel; put them in a map")  # noqa: TRY004 (a message error)
     return value

@@ -59,14 +59,14 @@ def assert_same(a, b) -> None:
 
 def assert_same_tree(x: dict, y: dict) -> None:
     assert x.keys() == y.keys()
-    for k in x:
-        if isinstance(x[k], np.ndarray):
-            assert x[k].dtype == y[k].dtype
-            np.testing.assert_array_equal(x[k], y[k])
-        elif isinstance(x[k], dict):
-            assert_same_tree(x[k], y[k])
+    for k, value in x.items():
+        if isinstance(value, np.ndarray):
+            assert value.dtype == y[k].dtype
+            np.testing.assert_array_equal(value, y[k])
+        elif isinstance(value, dict):
+            assert_same_tree(value, y[k])
         else:
-            assert x[k] == y[k]
+            assert value == y[k]
 
 
 def counts(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:

@@ -224,7 +224,7 @@ class FakeDaemon:
                     self.ignore -= 1
                     continue
                 self.sock.send_multipart(handle(parts, self.table), copy=False)
-        except BaseException as exc:  # surfaced by close()
+        except BaseException as exc:  # noqa: BLE001 (surfaced by close())
             self.error = exc
 
     def close(self) -> None:
@@ -274,9 +274,9 @@ def test_control_client_retries_then_gives_up(ctx):
             assert c.ping() == {"pong": True}  # third try answered
     finally:
         daemon.close()
-    with ControlClient("tcp://127.0.0.1:9", timeout_s=0.05, retries=2, context=ctx) as c:
-        with pytest.raises(ControlTimeout, match="after 2 tries"):
-            c.ping()
+    with (ControlClient("tcp://127.0.0.1:9", timeout_s=0.05, retries=2, context=ctx) as c,
+          pytest.raises(ControlTimeout, match="after 2 tries")):
+        c.ping()
 
 
 def test_control_answers_non_requests_with_an_error():
@@ -297,9 +297,8 @@ def test_control_client_rejects_non_replies(ctx):
 
     t = threading.Thread(target=answer_wrongly)
     t.start()
-    with ControlClient(endpoint, timeout_s=2, context=ctx) as c:
-        with pytest.raises(ProtocolError) as info:
-            c.ping()
+    with ControlClient(endpoint, timeout_s=2, context=ctx) as c, pytest.raises(ProtocolError) as info:
+        c.ping()
     t.join()
     assert info.value.rule == "reply_expected"
 
@@ -335,9 +334,8 @@ def test_curve_admits_known_clients_only(ctx, keys):
                 assert c.ping() == {"pong": True}
             with ControlClient(
                 daemon.endpoint, curve=mallory, timeout_s=0.2, retries=1, context=ctx
-            ) as c:
-                with pytest.raises(ControlTimeout):
-                    c.ping()
+            ) as c, pytest.raises(ControlTimeout):
+                c.ping()
         finally:
             daemon.close()
     finally:

@@ -114,7 +114,7 @@ def measure_loopback(side: int, batch: int, codec: str, seconds: float, dose: fl
                         break
                     producer.send_frames(data, np.arange(i * batch, (i + 1) * batch))
                 producer.abort("benchmark done")
-        except BaseException as exc:  # re-raised in the measuring thread
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the measuring thread)
             failure.append(exc)
 
     sender = threading.Thread(target=send, name="bench-producer")
