@@ -167,8 +167,10 @@ def test_scan_waits_for_a_free_backend_then_follows_in_order(ctx: zmq.Context) -
         send(push, frames("given-up", 0, 3))
         send(push, Abort("given-up", "operator stopped"))  # never placed: no daemon hears of it
         d.collect(lambda: len(d.received) == 2)
-        wait_for(lambda: broker.status()["waiting"] == ["second"], broker, "the second scan to be held")
-        assert broker.status()["counters"]["aborted_while_held"] == 1
+        # "second" is also the only waiting scan before "given-up" is read: wait for the abort
+        wait_for(lambda: broker.status()["counters"]["aborted_while_held"] == 1, broker,
+                 "the held scan's abort")
+        assert broker.status()["waiting"] == ["second"]
         assert broker.status()["held_bytes"] > 0
         assert not d.socket.poll(200), "a held scan must not reach the busy daemon"
         send(push, ScanEnd("first", 3))
