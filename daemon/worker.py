@@ -344,13 +344,15 @@ class ScanWorker:
         if self.options.time_budget_s is not None:
             budget = min(budget, self.options.time_budget_s)
         last = [time.monotonic()]
+        done = [0]  # the engine counts refinement iterations only once refine() returns
 
         def callback(iteration: int, total: int, loss: float) -> None:
             loss = loss / self.engine.n_frames  # refine reports the sum; steps report per position
             self._check_loss(loss)
             self.metrics.iterations.inc()
             self.metrics.loss.set(loss)
-            s.update_figures(iteration=int(self.engine.iteration) + 1, loss=float(loss))
+            done[0] += 1
+            s.update_figures(iteration=int(self.engine.iteration) + done[0], loss=float(loss))
             for item in self._drain(False):
                 if isinstance(item, Cancel):
                     raise _Stop(item.reason)
