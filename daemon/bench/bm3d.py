@@ -5,12 +5,20 @@ the same process; the table gives the PSNR of each, their difference, the wall t
 the time ratio (reference / ours: > 1 means ours is faster). The test image is scikit-image's
 ``camera`` (when scikit-image is installed; 512² native, 256² by 2×2 binning, other sizes by
 cropping or tiling) or else a synthetic piecewise-smooth image with texture.
+
+``--recon``: the denoiser's effect on a low-dose reconstruction instead. For each dose one
+simulated scan of hemoglobin (as `bench paper` simulates it) is reconstructed with the same
+iterations, seed and fixed true probe under each prior — none, Tikhonov (default μ₀) and the
+sparse prior with our BM3D (default μ₁ and refresh interval, or the ``--mu1`` values given) —
+and scored against the truth like `bench paper` (gpu/sim/evaluation.py), beside the dose's
+quantum limit. See gpu/BM3D.md, "Effect on a low-dose reconstruction".
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -78,6 +86,192 @@ def _reference() -> Any | None:
     return package
 
 
+#: figures taken from an evaluation's summary into a row (key in the row ← key in the summary)
+_RESOLUTIONS = {
+    "frc_raw_1bit_m": "particle/raw/1-bit",
+    "frc_pooled_1bit_m": "particle/pooled/1-bit",
+}
+
+
+@dataclass
+class ReconConfig:
+    """One `--recon` run: the same simulated data per dose under every prior."""
+
+    doses: list[float]
+    priors: list[str]
+    mu1: list[float]  #: sparse-prior weights (one sparse reconstruction each)
+    denoise_every: int
+    iterations: int
+    frame_size: int
+    pixel_size: float  #: m
+    backend: str
+    seed: int
+    sim_options: dict[str, Any] = field(
+        default_factory=dict
+    )  #: extra simulate_ptychography keywords
+
+
+def _scores(ev: Any) -> dict[str, float]:
+    summary = ev.summary()
+    row = {key: summary["resolution_m"][name] for key, name in _RESOLUTIONS.items()}
+    row.update(phase_correlation=summary["phase_correlation"], nrmse=summary["nrmse"])
+    return row
+
+
+def recon_rows(model: Any, cfg: ReconConfig, report: Any = None) -> list[dict[str, Any]]:
+    """Per dose: one row per prior (and per μ₁ of the sparse prior), then the quantum limit.
+    ``report(row)`` is called as each row is done."""
+    from cryoptycho.gpu.options import ReconOptions
+    from cryoptycho.gpu.reconstruct import reconstruct
+    from cryoptycho.gpu.sim.evaluation import evaluate_against_truth, quantum_limit
+    from cryoptycho.gpu.sim.ptycho import simulate_ptychography
+
+    runs: list[tuple[str, dict[str, Any]]] = []
+    for prior in cfg.priors:
+        if prior == "sparse":
+            runs += [
+                (prior, {"mu1": mu1, "denoise_every": cfg.denoise_every, "denoiser": "bm3d"})
+                for mu1 in cfg.mu1
+            ]
+        else:
+            runs.append((prior, {}))
+    rows = []
+    for dose in cfg.doses:
+        data = simulate_ptychography(
+            model,
+            dose=dose,
+            frame_size=cfg.frame_size,
+            pixel_size=cfg.pixel_size,
+            seed=cfg.seed,
+            probe_seed=cfg.seed,
+            backend=cfg.backend,
+            **cfg.sim_options,
+        )
+        pool = 3
+        for prior, extra in runs:
+            # Same data, iterations, seed (random start) and fixed true probe: only the prior differs.
+            opts = ReconOptions(
+                iterations=cfg.iterations,
+                refine_probe=False,
+                backend=cfg.backend,  # type: ignore[arg-type]
+                seed=cfg.seed,
+                prior=prior,
+                **extra,
+            )  # type: ignore[arg-type]
+            start = time.perf_counter()
+            state = reconstruct(data, opts)
+            seconds = time.perf_counter() - start
+            ev = evaluate_against_truth(
+                to_numpy(state.object),
+                state.geometry.origin,
+                data.truth_object,
+                data.truth_origin,
+                cfg.pixel_size,
+                data.positions,
+                pool=pool,
+            )
+            row = {
+                "dose": dose,
+                "prior": prior,
+                "weight": opts.mu1
+                if prior == "sparse"
+                else (opts.mu0 if prior == "tikhonov" else None),
+                **_scores(ev),
+                "seconds": seconds,
+                "counts_per_pattern": float(data.metadata["counts_per_pattern"]),
+            }
+            if prior == "sparse":
+                row["denoise_every"] = opts.denoise_every
+            rows.append(row)
+            if report is not None:
+                report(row)
+        limit = quantum_limit(
+            data.truth_object,
+            data.truth_origin,
+            cfg.pixel_size,
+            data.positions,
+            dose,
+            seed=cfg.seed,
+            pool=pool,
+        )
+        rows.append(
+            {
+                "dose": dose,
+                "prior": "quantum limit",
+                "weight": None,
+                **_scores(limit),
+                "seconds": None,
+                "counts_per_pattern": float(data.metadata["counts_per_pattern"]),
+            }
+        )
+    return rows
+
+
+def _angstrom(v: float) -> str:
+    return f"{v * 1e10:.1f}" if np.isfinite(v) else "n/r"  # n/r: below threshold from ring 1
+
+
+def recon_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
+    table = Table(title=title)
+    for col in (
+        "dose [e⁻/Å²]",
+        "prior",
+        "μ",
+        "1-bit raw [Å]",
+        "1-bit pooled [Å]",
+        "phase corr.",
+        "NRMSE",
+        "time [s]",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            f"{r['dose']:g}",
+            r["prior"],
+            "–" if r["weight"] is None else f"{r['weight']:g}",
+            _angstrom(r["frc_raw_1bit_m"]),
+            _angstrom(r["frc_pooled_1bit_m"]),
+            f"{r['phase_correlation']:.3f}",
+            f"{r['nrmse']:.3f}",
+            "–" if r["seconds"] is None else f"{r['seconds']:.1f}",
+        )
+    return table
+
+
+def _json_safe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Unresolved (∞) resolutions as null: JSON has no infinity."""
+    return [
+        {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
+        for r in rows
+    ]
+
+
+_IMAGE_ONLY = ("sizes", "sigmas", "repeat", "reference")
+_RECON_ONLY = (
+    "sample",
+    "doses",
+    "iterations",
+    "frame_size",
+    "pixel_size",
+    "priors",
+    "mu1",
+    "denoise_every",
+    "seed",
+)
+
+
+def _numbers(text: str, kind: type, hint: str) -> list[Any]:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"must be comma-separated numbers ({exc})", param_hint=hint
+        ) from exc
+    if not values:
+        raise click.BadParameter("needs at least one value", param_hint=hint)
+    return values
+
+
 @click.command(name="bm3d")
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy", show_default=True)
 @click.option("--sizes", default="256,512", show_default=True, help="Comma-separated image sides.")
@@ -90,26 +284,106 @@ def _reference() -> Any | None:
     help="Also run the `bm3d` package (when installed).",
 )
 @click.option(
+    "--recon",
+    is_flag=True,
+    help="Instead: FRC of a simulated low-dose reconstruction with the BM3D prior vs Tikhonov vs none.",
+)
+@click.option(
+    "--sample", default="hemoglobin", show_default=True, help="--recon: simulated specimen."
+)
+@click.option("--doses", default="5,20", show_default=True, help="--recon: comma-separated, e⁻/Å².")
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=1),
+    default=40,
+    show_default=True,
+    help="--recon: CG iterations of every reconstruction.",
+)
+@click.option(
+    "--frame-size", type=click.IntRange(min=16), default=64, show_default=True, help="--recon."
+)
+@click.option(
+    "--pixel-size",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.8,
+    show_default=True,
+    help="--recon: Å.",
+)
+@click.option(
+    "--priors", default="none,tikhonov,sparse", show_default=True, help="--recon: comma-separated."
+)
+@click.option(
+    "--mu1",
+    default=None,
+    help="--recon: comma-separated sparse-prior weights  [default: engine's μ₁]",
+)
+@click.option(
+    "--denoise-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--recon: iterations between BM3D refreshes  [default: engine's]",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="--recon: noise, probe and start."
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False),
     default=None,
     help="Also write the rows as JSON here.",
 )
+@click.pass_context
 def command(
-    backend: str, sizes: str, sigmas: str, repeat: int, reference: bool, json_path: str | None
+    ctx: click.Context,
+    backend: str,
+    sizes: str,
+    sigmas: str,
+    repeat: int,
+    reference: bool,
+    recon: bool,
+    sample: str,
+    doses: str,
+    iterations: int,
+    frame_size: int,
+    pixel_size: float,
+    priors: str,
+    mu1: str | None,
+    denoise_every: int | None,
+    seed: int,
+    json_path: str | None,
 ) -> None:
-    """Time and PSNR of the open BM3D vs the reference `bm3d` package."""
-    try:
-        size_list = [int(s) for s in sizes.split(",") if s.strip()]
-        sigma_list = [float(s) for s in sigmas.split(",") if s.strip()]
-    except ValueError as exc:
-        raise click.BadParameter(
-            f"sizes and sigmas must be comma-separated numbers ({exc})"
-        ) from exc
-    if not size_list or min(size_list) < 8:
+    """Time and PSNR of the open BM3D vs the reference `bm3d` package (or, with --recon, its
+    effect as the sparse prior of a low-dose reconstruction)."""
+    given = {
+        name
+        for name in _IMAGE_ONLY + _RECON_ONLY
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    }
+    stray = sorted(given & set(_RECON_ONLY if not recon else _IMAGE_ONLY))
+    if stray:
+        opts = ", ".join("--" + n.replace("_", "-") for n in stray)
+        raise click.UsageError(f"{opts} {'need' if not recon else 'do not apply to'} --recon")
+    if recon:
+        _recon_command(
+            backend,
+            sample,
+            doses,
+            iterations,
+            frame_size,
+            pixel_size,
+            priors,
+            mu1,
+            denoise_every,
+            seed,
+            json_path,
+        )
+        return
+    size_list = _numbers(sizes, int, "--sizes")
+    sigma_list = _numbers(sigmas, float, "--sigmas")
+    if min(size_list) < 8:
         raise click.BadParameter("every size must be >= 8", param_hint="--sizes")
-    if not sigma_list or min(sigma_list) <= 0:
+    if min(sigma_list) <= 0:
         raise click.BadParameter("every sigma must be > 0", param_hint="--sigmas")
     try:
         xp = get_xp(backend)
@@ -163,6 +437,80 @@ def command(
     if json_path:
         with open(json_path, "w", encoding="utf-8") as fh:
             json.dump(rows, fh, indent=2)
+
+
+def _recon_command(
+    backend: str,
+    sample: str,
+    doses: str,
+    iterations: int,
+    frame_size: int,
+    pixel_size: float,
+    priors: str,
+    mu1: str | None,
+    denoise_every: int | None,
+    seed: int,
+    json_path: str | None,
+) -> None:
+    from cryoptycho.gpu.options import ReconOptions
+    from cryoptycho.gpu.sim.specimen import load_model
+
+    dose_list = _numbers(doses, float, "--doses")
+    if min(dose_list) <= 0:
+        raise click.BadParameter("every dose must be > 0", param_hint="--doses")
+    prior_list = [p.strip() for p in priors.split(",") if p.strip()]
+    unknown = sorted(set(prior_list) - {"none", "tikhonov", "sparse"})
+    if unknown or not prior_list:
+        raise click.BadParameter(
+            f"choose from none, tikhonov, sparse (got {priors!r})", param_hint="--priors"
+        )
+    defaults = ReconOptions()
+    mu1_list = _numbers(mu1, float, "--mu1") if mu1 is not None else [defaults.mu1]
+    if min(mu1_list) < 0:
+        raise click.BadParameter("every weight must be >= 0", param_hint="--mu1")
+    try:
+        get_xp(backend)
+    except BackendUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        model = load_model(sample).centred()
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="--sample") from exc
+    cfg = ReconConfig(
+        doses=dose_list,
+        priors=prior_list,
+        mu1=mu1_list,
+        denoise_every=denoise_every if denoise_every is not None else defaults.denoise_every,
+        iterations=iterations,
+        frame_size=frame_size,
+        pixel_size=pixel_size * 1e-10,
+        backend=backend,
+        seed=seed,
+    )
+    console = Console()
+
+    def report(r: dict[str, Any]) -> None:
+        weight = "" if r["weight"] is None else f" μ={r['weight']:g}"
+        console.print(
+            f"{r['dose']:g} e⁻/Å² {r['prior']}{weight}: phase corr. {r['phase_correlation']:.3f}, "
+            f"1-bit pooled {_angstrom(r['frc_pooled_1bit_m'])} Å in {r['seconds']:.1f} s"
+        )
+
+    start = time.perf_counter()
+    rows = recon_rows(model, cfg, report)
+    console.print(
+        recon_table(
+            rows,
+            title=(
+                f"{sample}: prior effect, {iterations} CG iterations, {frame_size}² frames, {pixel_size:g} Å pixels, "
+                f"true probe fixed, sparse = open BM3D every {cfg.denoise_every} it., backend {backend}"
+            ),
+        )
+    )
+    console.print(f"wall time {time.perf_counter() - start:.0f} s")
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump(_json_safe(rows), fh, indent=2)
 
 
 def _table(rows: list[dict], with_ref: bool, title: str | None) -> Table:
