@@ -71,25 +71,32 @@ def test_cli_recon_writes_json(
     monkeypatch.setattr(specimen, "load_model", load_fragment)
     out = tmp_path / "recon.json"
     args = ["bench", "bm3d", "--recon", "--doses", "20", "--iterations", "2", "--frame-size", "16",
-            "--pixel-size", "1.0", "--mu1", "0.02,0.3", "--denoise-every", "1", "--json", str(out)]
+            "--pixel-size", "1.0", "--mu1", "0.02,0.3", "--denoise-every", "1", "--sparse-sigma", "est,0.2",
+            "--json", str(out)]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert loaded == ["hemoglobin"]
     rows = json.loads(out.read_text())
-    assert [(r["prior"], r["weight"]) for r in rows] == [
-        ("none", None), ("tikhonov", 0.03), ("sparse", 0.02), ("sparse", 0.3), ("quantum limit", None)]
+    assert [(r["prior"], r["weight"], r.get("sigma")) for r in rows] == [
+        ("none", None, None), ("tikhonov", 0.03, None), ("sparse", 0.02, None), ("sparse", 0.02, 0.2),
+        ("sparse", 0.3, None), ("sparse", 0.3, 0.2), ("quantum limit", None, None)]
     assert all(r["denoise_every"] == 1 for r in rows if r["prior"] == "sparse")
+    # a fixed σ changes what BM3D removes, hence the result
+    sparse = [r["phase_correlation"] for r in rows if r["prior"] == "sparse"]
+    assert sparse[0] != sparse[1] and sparse[2] != sparse[3]
     for r in rows:
         assert math.isfinite(r["phase_correlation"])
         assert r["frc_pooled_1bit_m"] is None or r["frc_pooled_1bit_m"] > 0  # null = not resolved
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--recon", "--sizes", "64"], "--sizes do not apply to --recon"),
-    (["--doses", "5"], "--doses need --recon"),
+    (["--recon", "--sizes", "64"], "--sizes: not with --recon"),
+    (["--doses", "5"], "--doses: only with --recon"),
     (["--recon", "--priors", "none,bm4d"], "choose from none, tikhonov, sparse"),
     (["--recon", "--doses", "5,-1"], "every dose must be > 0"),
     (["--recon", "--mu1", "a"], "comma-separated numbers"),
+    (["--recon", "--sparse-sigma", "est,-0.1"], "σ must be > 0"),
+    (["--sparse-sigma", "0.1"], "--sparse-sigma: only with --recon"),
 ])
 def test_cli_recon_rejects_bad_options(args: list[str], message: str) -> None:
     result = CliRunner().invoke(main, ["bench", "bm3d", *args])

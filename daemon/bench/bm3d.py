@@ -99,16 +99,17 @@ class ReconConfig:
 
     doses: list[float]
     priors: list[str]
-    mu1: list[float]  #: sparse-prior weights (one sparse reconstruction each)
+    mu1: list[float]  #: sparse-prior weights (one sparse reconstruction per weight and σ)
     denoise_every: int
     iterations: int
     frame_size: int
     pixel_size: float  #: m
     backend: str
     seed: int
-    sim_options: dict[str, Any] = field(
-        default_factory=dict
-    )  #: extra simulate_ptychography keywords
+    #: BM3D noise σ (rad) of the sparse prior; None: estimated from each iterate (the engine)
+    sigmas: list[float | None] = field(default_factory=lambda: [None])
+    #: extra simulate_ptychography keywords
+    sim_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _scores(ev: Any) -> dict[str, float]:
@@ -118,24 +119,52 @@ def _scores(ev: Any) -> dict[str, float]:
     return row
 
 
+def _reconstruct(data: Any, opts: Any, sigma: float | None) -> tuple[np.ndarray, Any]:
+    """The object and its origin after ``opts.iterations`` CG iterations (probe fixed)."""
+    from cryoptycho.gpu.priors import SparsePrior
+    from cryoptycho.gpu.reconstruct import prepare, reconstruct, refine_full_batch
+
+    if sigma is None:
+        state = reconstruct(data, opts)
+        return to_numpy(state.object), state.geometry.origin
+    # The engine's sparse prior estimates σ from each iterate; a fixed σ needs the prior built
+    # here and handed to the same CG loop reconstruct() runs.
+    problem = prepare(data, opts)
+    sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every, sigma=sigma)
+    obj, _, _ = refine_full_batch(
+        problem.object,
+        problem.probe,
+        problem.counts_fft,
+        problem.batch,
+        problem.mask,
+        opts,
+        opts.iterations,
+        sparse=sparse,
+        kappa=problem.kappa,
+        probe_power=problem.probe_power,
+    )
+    return to_numpy(obj), problem.geometry.origin
+
+
 def recon_rows(model: Any, cfg: ReconConfig, report: Any = None) -> list[dict[str, Any]]:
-    """Per dose: one row per prior (and per μ₁ of the sparse prior), then the quantum limit.
-    ``report(row)`` is called as each row is done."""
+    """Per dose: one row per prior (the sparse prior once per μ₁ and σ), then the quantum
+    limit. ``report(row)`` is called as each row is done."""
     from cryoptycho.gpu.options import ReconOptions
-    from cryoptycho.gpu.reconstruct import reconstruct
     from cryoptycho.gpu.sim.evaluation import evaluate_against_truth, quantum_limit
     from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 
-    runs: list[tuple[str, dict[str, Any]]] = []
+    runs: list[tuple[str, dict[str, Any], float | None]] = []
     for prior in cfg.priors:
-        if prior == "sparse":
-            runs += [
-                (prior, {"mu1": mu1, "denoise_every": cfg.denoise_every, "denoiser": "bm3d"})
-                for mu1 in cfg.mu1
-            ]
-        else:
-            runs.append((prior, {}))
+        if prior != "sparse":
+            runs.append((prior, {}, None))
+            continue
+        runs += [
+            (prior, {"mu1": mu1, "denoise_every": cfg.denoise_every, "denoiser": "bm3d"}, sigma)
+            for mu1 in cfg.mu1
+            for sigma in cfg.sigmas
+        ]
     rows = []
+    pool = 3
     for dose in cfg.doses:
         data = simulate_ptychography(
             model,
@@ -147,8 +176,8 @@ def recon_rows(model: Any, cfg: ReconConfig, report: Any = None) -> list[dict[st
             backend=cfg.backend,
             **cfg.sim_options,
         )
-        pool = 3
-        for prior, extra in runs:
+        common = {"dose": dose, "counts_per_pattern": float(data.metadata["counts_per_pattern"])}
+        for prior, extra, sigma in runs:
             # Same data, iterations, seed (random start) and fixed true probe: only the prior differs.
             opts = ReconOptions(
                 iterations=cfg.iterations,
@@ -159,29 +188,21 @@ def recon_rows(model: Any, cfg: ReconConfig, report: Any = None) -> list[dict[st
                 **extra,
             )  # type: ignore[arg-type]
             start = time.perf_counter()
-            state = reconstruct(data, opts)
+            obj, origin = _reconstruct(data, opts, sigma)
             seconds = time.perf_counter() - start
             ev = evaluate_against_truth(
-                to_numpy(state.object),
-                state.geometry.origin,
+                obj,
+                origin,
                 data.truth_object,
                 data.truth_origin,
                 cfg.pixel_size,
                 data.positions,
                 pool=pool,
             )
-            row = {
-                "dose": dose,
-                "prior": prior,
-                "weight": opts.mu1
-                if prior == "sparse"
-                else (opts.mu0 if prior == "tikhonov" else None),
-                **_scores(ev),
-                "seconds": seconds,
-                "counts_per_pattern": float(data.metadata["counts_per_pattern"]),
-            }
+            weight = {"sparse": opts.mu1, "tikhonov": opts.mu0}.get(prior)
+            row = {**common, "prior": prior, "weight": weight, **_scores(ev), "seconds": seconds}
             if prior == "sparse":
-                row["denoise_every"] = opts.denoise_every
+                row.update(denoise_every=opts.denoise_every, sigma=sigma)
             rows.append(row)
             if report is not None:
                 report(row)
@@ -195,14 +216,7 @@ def recon_rows(model: Any, cfg: ReconConfig, report: Any = None) -> list[dict[st
             pool=pool,
         )
         rows.append(
-            {
-                "dose": dose,
-                "prior": "quantum limit",
-                "weight": None,
-                **_scores(limit),
-                "seconds": None,
-                "counts_per_pattern": float(data.metadata["counts_per_pattern"]),
-            }
+            {**common, "prior": "quantum limit", "weight": None, **_scores(limit), "seconds": None}
         )
     return rows
 
@@ -211,12 +225,19 @@ def _angstrom(v: float) -> str:
     return f"{v * 1e10:.1f}" if np.isfinite(v) else "n/r"  # n/r: below threshold from ring 1
 
 
+def _sigma(row: dict[str, Any]) -> str:
+    if row["prior"] != "sparse":
+        return "–"
+    return "est." if row.get("sigma") is None else f"{row['sigma']:g}"
+
+
 def recon_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
     table = Table(title=title)
     for col in (
         "dose [e⁻/Å²]",
         "prior",
         "μ",
+        "σ [rad]",
         "1-bit raw [Å]",
         "1-bit pooled [Å]",
         "phase corr.",
@@ -229,6 +250,7 @@ def recon_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
             f"{r['dose']:g}",
             r["prior"],
             "–" if r["weight"] is None else f"{r['weight']:g}",
+            _sigma(r),
             _angstrom(r["frc_raw_1bit_m"]),
             _angstrom(r["frc_pooled_1bit_m"]),
             f"{r['phase_correlation']:.3f}",
@@ -256,6 +278,7 @@ _RECON_ONLY = (
     "priors",
     "mu1",
     "denoise_every",
+    "sparse_sigma",
     "seed",
 )
 
@@ -324,6 +347,13 @@ def _numbers(text: str, kind: type, hint: str) -> list[Any]:
     help="--recon: iterations between BM3D refreshes  [default: engine's]",
 )
 @click.option(
+    "--sparse-sigma",
+    default="est",
+    show_default=True,
+    help="--recon: comma-separated BM3D noise σ (rad) for the sparse prior; est = estimated "
+    "from each iterate (the engine)",
+)
+@click.option(
     "--seed", type=int, default=0, show_default=True, help="--recon: noise, probe and start."
 )
 @click.option(
@@ -350,6 +380,7 @@ def command(
     priors: str,
     mu1: str | None,
     denoise_every: int | None,
+    sparse_sigma: str,
     seed: int,
     json_path: str | None,
 ) -> None:
@@ -363,21 +394,9 @@ def command(
     stray = sorted(given & set(_RECON_ONLY if not recon else _IMAGE_ONLY))
     if stray:
         opts = ", ".join("--" + n.replace("_", "-") for n in stray)
-        raise click.UsageError(f"{opts} {'need' if not recon else 'do not apply to'} --recon")
+        raise click.UsageError(f"{opts}: {'only with' if not recon else 'not with'} --recon")
     if recon:
-        _recon_command(
-            backend,
-            sample,
-            doses,
-            iterations,
-            frame_size,
-            pixel_size,
-            priors,
-            mu1,
-            denoise_every,
-            seed,
-            json_path,
-        )
+        _recon_command(ctx.params)
         return
     size_list = _numbers(sizes, int, "--sizes")
     sigma_list = _numbers(sigmas, float, "--sigmas")
@@ -439,77 +458,91 @@ def command(
             json.dump(rows, fh, indent=2)
 
 
-def _recon_command(
-    backend: str,
-    sample: str,
-    doses: str,
-    iterations: int,
-    frame_size: int,
-    pixel_size: float,
-    priors: str,
-    mu1: str | None,
-    denoise_every: int | None,
-    seed: int,
-    json_path: str | None,
-) -> None:
+def _sigmas(text: str) -> list[float | None]:
+    values: list[float | None] = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        if item == "est":
+            values.append(None)
+            continue
+        try:
+            value = float(item)
+        except ValueError as exc:
+            raise click.BadParameter(
+                f"each value must be a number (rad) or est, got {item!r}",
+                param_hint="--sparse-sigma",
+            ) from exc
+        if not value > 0:
+            raise click.BadParameter(f"σ must be > 0, got {item!r}", param_hint="--sparse-sigma")
+        values.append(value)
+    if not values:
+        raise click.BadParameter("needs at least one value", param_hint="--sparse-sigma")
+    return values
+
+
+def _recon_command(params: dict[str, Any]) -> None:
+    """``--recon``: parse the command's ``params``, run :func:`recon_rows`, print and save."""
     from cryoptycho.gpu.options import ReconOptions
     from cryoptycho.gpu.sim.specimen import load_model
 
-    dose_list = _numbers(doses, float, "--doses")
+    dose_list = _numbers(params["doses"], float, "--doses")
     if min(dose_list) <= 0:
         raise click.BadParameter("every dose must be > 0", param_hint="--doses")
-    prior_list = [p.strip() for p in priors.split(",") if p.strip()]
-    unknown = sorted(set(prior_list) - {"none", "tikhonov", "sparse"})
-    if unknown or not prior_list:
+    prior_list = [p.strip() for p in params["priors"].split(",") if p.strip()]
+    if not prior_list or set(prior_list) - {"none", "tikhonov", "sparse"}:
         raise click.BadParameter(
-            f"choose from none, tikhonov, sparse (got {priors!r})", param_hint="--priors"
+            f"choose from none, tikhonov, sparse (got {params['priors']!r})", param_hint="--priors"
         )
     defaults = ReconOptions()
+    mu1 = params["mu1"]
     mu1_list = _numbers(mu1, float, "--mu1") if mu1 is not None else [defaults.mu1]
     if min(mu1_list) < 0:
         raise click.BadParameter("every weight must be >= 0", param_hint="--mu1")
+    backend = params["backend"]
     try:
         get_xp(backend)
     except BackendUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     try:
-        model = load_model(sample).centred()
+        model = load_model(params["sample"]).centred()
     except FileNotFoundError as exc:
         raise click.BadParameter(str(exc), param_hint="--sample") from exc
+    every = params["denoise_every"]
     cfg = ReconConfig(
         doses=dose_list,
         priors=prior_list,
         mu1=mu1_list,
-        denoise_every=denoise_every if denoise_every is not None else defaults.denoise_every,
-        iterations=iterations,
-        frame_size=frame_size,
-        pixel_size=pixel_size * 1e-10,
+        denoise_every=every if every is not None else defaults.denoise_every,
+        iterations=params["iterations"],
+        frame_size=params["frame_size"],
+        pixel_size=params["pixel_size"] * 1e-10,
         backend=backend,
-        seed=seed,
+        seed=params["seed"],
+        sigmas=_sigmas(params["sparse_sigma"]),
     )
     console = Console()
 
     def report(r: dict[str, Any]) -> None:
         weight = "" if r["weight"] is None else f" μ={r['weight']:g}"
+        sigma = f" σ={_sigma(r)}" if r["prior"] == "sparse" else ""
         console.print(
-            f"{r['dose']:g} e⁻/Å² {r['prior']}{weight}: phase corr. {r['phase_correlation']:.3f}, "
-            f"1-bit pooled {_angstrom(r['frc_pooled_1bit_m'])} Å in {r['seconds']:.1f} s"
+            f"{r['dose']:g} e⁻/Å² {r['prior']}{weight}{sigma}: phase corr. "
+            f"{r['phase_correlation']:.3f}, 1-bit pooled {_angstrom(r['frc_pooled_1bit_m'])} Å "
+            f"in {r['seconds']:.1f} s"
         )
 
     start = time.perf_counter()
     rows = recon_rows(model, cfg, report)
-    console.print(
-        recon_table(
-            rows,
-            title=(
-                f"{sample}: prior effect, {iterations} CG iterations, {frame_size}² frames, {pixel_size:g} Å pixels, "
-                f"true probe fixed, sparse = open BM3D every {cfg.denoise_every} it., backend {backend}"
-            ),
-        )
+    title = (
+        f"{params['sample']}: {cfg.iterations} CG iterations, {cfg.frame_size}² frames, "
+        f"{params['pixel_size']:g} Å pixels, true probe fixed, sparse = open BM3D every "
+        f"{cfg.denoise_every} it., {backend}"
     )
+    console.print(recon_table(rows, title=title))
     console.print(f"wall time {time.perf_counter() - start:.0f} s")
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as fh:
+    if params["json_path"]:
+        with open(params["json_path"], "w", encoding="utf-8") as fh:
             json.dump(_json_safe(rows), fh, indent=2)
 
 
