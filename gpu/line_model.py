@@ -258,13 +258,8 @@ class FullBatchLine:
             if fun.want_probe:
                 g_psi += dt.grad_probe
         fun._line_carry = _Carry(obj_t, probe_t, carried, self.reuses)
-        p_loss, p_grad = prior_term(obj_t, opts, fun.kappa, None, fun.sparse)
-        grads = {"object": fun.scale * g_obj + p_grad}
-        if fun.want_probe:
-            g_psi *= fun.scale
-            radial = float(xp.vdot(psi.ravel(), g_psi.ravel()).real) / fun.power
-            grads["probe"] = s * (g_psi - radial * psi)
-        return x_t, fun.scale * loss + p_loss, grads
+        total, grads = fun.finish(obj_t, psi, s, loss, g_obj, g_psi)
+        return x_t, total, grads
 
 
 def full_batch_line(fun: Any, x: dict[str, Any], d: dict[str, Any], keys: set[str]) -> FullBatchLine | None:

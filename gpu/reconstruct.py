@@ -235,7 +235,14 @@ class FullBatchObjective:
             g_obj += dt.grad_object
             if self.want_probe:
                 g_psi += dt.grad_probe
-        p_loss, p_grad = prior_term(t, opts, self.kappa, None, self.sparse)
+        return self.finish(t, psi, s, loss, g_obj, g_psi)
+
+    def finish(self, t: Any, psi: Any, s: float, loss: float, g_obj: Any, g_psi: Any
+               ) -> tuple[float, dict[str, Any]]:
+        """Total loss and gradients from the data term's sums at object ``t`` and normalised
+        probe ``psi = s·probe``: scaling, the prior, and the probe's power constraint."""
+        xp = array_module(t)
+        p_loss, p_grad = prior_term(t, self.options, self.kappa, None, self.sparse)
         grads = {"object": self.scale * g_obj + p_grad}
         if self.want_probe:
             g_psi *= self.scale
