@@ -9,8 +9,8 @@ cropping or tiling) or else a synthetic piecewise-smooth image with texture.
 ``--recon``: the denoiser's effect on a low-dose reconstruction instead. For each dose one
 simulated scan of hemoglobin (as `bench paper` simulates it) is reconstructed with the same
 iterations, seed and fixed true probe under each prior — none, Tikhonov (default μ₀) and the
-sparse prior with our BM3D (default μ₁ and refresh interval, or the ``--mu1`` values given) —
-and scored against the truth like `bench paper` (gpu/sim/evaluation.py), beside the dose's
+sparse prior with our BM3D (default μ₁, refresh interval and σ estimated from the iterate, or
+the ``--mu1`` / ``--denoise-every`` / ``--sparse-sigma`` values given) — and scored against the truth like `bench paper` (gpu/sim/evaluation.py), beside the dose's
 quantum limit. See gpu/BM3D.md, "Effect on a low-dose reconstruction".
 """
 
