@@ -7,26 +7,20 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from cryoptycho.daemon.bench.bm3d import ReconConfig, recon_rows
 from cryoptycho.daemon.cli import main
 from cryoptycho.gpu.sim import specimen
-from cryoptycho.gpu.sim.specimen import AtomicModel, load_model
+from cryoptycho.gpu.sim.specimen import AtomicModel
+from sim_helpers import hemoglobin_fragment
 
 SMALL_SIM = {"semiangle": 4.6e-3, "margin": 0.5e-9}
 
 
 @pytest.fixture(scope="module")
 def fragment() -> AtomicModel:
-    model = load_model("hemoglobin").centred()
-    keep = np.linalg.norm(model.positions, axis=1) < 1e-9
-    return AtomicModel(
-        positions=model.positions[keep], elements=model.elements[keep],
-        occupancy=model.occupancy[keep], hydrogens=model.hydrogens[keep],
-        volume=model.volume[keep], name="fragment",
-    )
+    return hemoglobin_fragment(1e-9)
 
 
 def test_recon_rows_cover_every_prior_at_every_dose(fragment: AtomicModel) -> None:

@@ -10,7 +10,8 @@ from cryoptycho.gpu.operators import exit_waves, make_batch
 from cryoptycho.gpu.probes import make_probe, probe_area_mask
 from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 from cryoptycho.gpu.sim.scan import disc_overlap, scan_positions, step_for_overlap
-from cryoptycho.gpu.sim.specimen import AtomicModel, load_model
+from cryoptycho.gpu.sim.specimen import AtomicModel
+from sim_helpers import hemoglobin_fragment
 
 PX = 1.6e-10
 SMALL = {"frame_size": 32, "pixel_size": PX, "semiangle": 4.6e-3, "margin": 0.5e-9}
@@ -18,14 +19,7 @@ SMALL = {"frame_size": 32, "pixel_size": PX, "semiangle": 4.6e-3, "margin": 0.5e
 
 @pytest.fixture(scope="module")
 def fragment() -> AtomicModel:
-    """Hemoglobin atoms within 1 nm of its centre: a small, real piece of protein."""
-    model = load_model("hemoglobin").centred()
-    keep = np.linalg.norm(model.positions, axis=1) < 1e-9
-    return AtomicModel(
-        positions=model.positions[keep], elements=model.elements[keep],
-        occupancy=model.occupancy[keep], hydrogens=model.hydrogens[keep],
-        volume=model.volume[keep], name="fragment",
-    )
+    return hemoglobin_fragment(1e-9)
 
 
 def test_noiseless_counts_match_the_dose(fragment: AtomicModel) -> None:

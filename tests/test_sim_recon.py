@@ -7,22 +7,12 @@ from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.reconstruct import reconstruct
 from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
 from cryoptycho.gpu.sim.ptycho import simulate_ptychography
-from cryoptycho.gpu.sim.specimen import AtomicModel, load_model
-
-
-def fragment(radius: float) -> AtomicModel:
-    model = load_model("hemoglobin").centred()
-    keep = np.linalg.norm(model.positions, axis=1) < radius
-    return AtomicModel(
-        positions=model.positions[keep], elements=model.elements[keep],
-        occupancy=model.occupancy[keep], hydrogens=model.hydrogens[keep],
-        volume=model.volume[keep], name="fragment",
-    )
+from sim_helpers import hemoglobin_fragment
 
 
 def test_high_dose_reconstruction_recovers_the_true_phase() -> None:
     data = simulate_ptychography(
-        fragment(1.2e-9), dose=5000.0, frame_size=32, pixel_size=1.6e-10, semiangle=4.6e-3,
+        hemoglobin_fragment(1.2e-9), dose=5000.0, frame_size=32, pixel_size=1.6e-10, semiangle=4.6e-3,
         margin=0.4e-9, seed=0,
     )
     state = reconstruct(data, ReconOptions(iterations=25, refine_probe=False))
