@@ -23,7 +23,7 @@ from .config import ServiceConfig
 from .metrics import ServiceMetrics
 from .publisher import Outbox
 from .session import ScanSpec, Session, State
-from .storage.spool import SpoolWriter, read_spool, spool_path, unfinished_spools
+from .storage.spool import SpoolWriter, file_stem, read_spool, spool_path, unfinished_spools
 from .worker import Cancel, EndOfScan, FrameBatch, Interrupt, ScanWorker
 
 log = logging.getLogger("cryoptycho.scans")
@@ -231,7 +231,7 @@ class ScanManager:
         phase exports (MRC, PNG); then retire the spool. Runs on the worker thread."""
         from .storage.result import export_phase, write_result
 
-        stem = self.config.results_dir / session.scan_id.replace(":", "_")
+        stem = self.config.results_dir / file_stem(session.scan_id)
         path = stem.with_suffix(".h5")
         spool_file = spool_path(self.config.spool_dir, session.scan_id)
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,

@@ -908,6 +908,15 @@ def test_every_scan_id_the_protocol_accepts_names_a_spool_file(scan_id):
     assert path.parent.name == "spool" and path.name.endswith(".spool.h5")
 
 
+def test_distinct_scan_ids_name_distinct_files():
+    from cryoptycho.daemon.storage.spool import file_stem, spool_path
+
+    ids = ["a:b", "a_b", "a:3Ab", "a.b"]
+    assert len({spool_path("spool", i) for i in ids}) == len(ids)
+    assert len({file_stem(i) for i in ids}) == len(ids)
+    assert ":" not in file_stem("run:7:scan:2")
+
+
 @pytest.mark.parametrize("scan_id", ["-x", "a/b", "a b", "a\n", "x" * 201])
 def test_spool_names_refuse_what_the_protocol_refuses(scan_id):
     from cryoptycho.daemon.storage.spool import spool_path

@@ -50,7 +50,13 @@ def spool_path(spool_dir: str | Path, scan_id: str) -> Path:
             f"scan_id {scan_id!r} cannot name a spool file: use 1-{_MAX_ID_CHARS} of "
             "A-Z a-z 0-9 . _ : @ + -, starting with a letter or digit"
         )
-    return Path(spool_dir) / f"{scan_id.replace(':', '_')}{SUFFIX}"
+    return Path(spool_dir) / f"{file_stem(scan_id)}{SUFFIX}"
+
+
+def file_stem(scan_id: str) -> str:
+    """The scan's name in file names (spool and results). ':' is not portable (Windows, SMB
+    shares), so it becomes '%3A'; '%' is never part of a scan id, so no two ids share a stem."""
+    return scan_id.replace(":", "%3A")
 
 
 def _spec_header(spec: ScanSpec) -> str:
