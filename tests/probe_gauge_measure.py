@@ -1,6 +1,7 @@
 """Why joint probe refinement loses (gpu/ENGINE.md, "Why joint probe refinement loses"). Not a test:
 
     python tests/probe_gauge_measure.py [--counts 1e5] [--seeds 0,1] [--iterations 100]
+        [--truncation poisson-floor|none|...] [--probe-only]
 
 The engine tests' synthetic weak-phase data (tests/engine_helpers.py, as in
 tests/probe_refine_measure.py), reconstructed with the probe fixed and refined, with the default
@@ -61,12 +62,12 @@ def phase_errors(obj: np.ndarray, truth: np.ndarray, region: tuple[slice, slice]
 
 
 def run(counts: float, seed: int, error_m: float, refine: bool, mu0: float, iterations: int,
-        noiseless: bool) -> str:
+        noiseless: bool, truncation: str = "poisson-floor") -> str:
     data = synthetic_dataset(counts, grid=8, step_px=3.0, seed=seed, radius_px=(2.5, 5.0),
                              noiseless=noiseless)
     truth_probe = np.asarray(data.truth_probe)
     probe = truth_probe if error_m == 0 else defocused(truth_probe, data.real_pixel_size, data.energy, error_m)
-    opts = ReconOptions(iterations=iterations, refine_probe=refine, seed=seed, mu0=mu0)
+    opts = ReconOptions(iterations=iterations, refine_probe=refine, seed=seed, mu0=mu0, truncation=truncation)
     pb = prepare(replace(data, probe=probe), opts)
     obj, pr, losses = refine_full_batch(pb.object, pb.probe, pb.counts_fft, pb.batch, pb.mask, opts,
                                         iterations, kappa=pb.kappa, probe_power=pb.probe_power)
@@ -115,6 +116,7 @@ def main() -> None:
     ap.add_argument("--counts", type=float, default=1e5)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--truncation", default="poisson-floor")
     ap.add_argument("--probe-only", action="store_true")
     args = ap.parse_args()
     if args.probe_only:
@@ -127,8 +129,8 @@ def main() -> None:
             for error_m in ((0.0,) if noiseless else (0.0, 30e-9)):
                 for mu0 in (0.03, 0.0):
                     for refine in (False, True):
-                        print(run(args.counts, seed, error_m, refine, mu0, args.iterations, noiseless),
-                              flush=True)
+                        print(run(args.counts, seed, error_m, refine, mu0, args.iterations, noiseless,
+                                  args.truncation), flush=True)
 
 
 if __name__ == "__main__":
