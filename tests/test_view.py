@@ -80,6 +80,7 @@ def test_hub_folds_events_and_only_serves_announced_files(tmp_path):
     state = hub.state_messages()
     assert state[0]["state"] == "finished" and state[0]["files"] == ["hdf5"]
     assert state[1]["loss_history"] == [[7, 2.5]] or state[1]["loss_history"] == [(7, 2.5)]
+    assert state[1]["state"] == "finished", "a late joiner's metrics must not carry an older state"
     assert state[2]["final"] is True
     assert hub.file_for("s1", "hdf5") == out
     assert hub.file_for("s1", "../../etc/passwd") is None

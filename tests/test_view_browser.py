@@ -90,6 +90,11 @@ def test_browser_follows_a_streamed_scan(tmp_path):
                 links = driver.execute_script(
                     "return [...document.querySelectorAll('#files a')].map(a => a.textContent)")
                 assert "result" in links or any("h5" in k for k in links), links
+                # a late joiner (reload) sees the final state too, not the last metrics' state
+                driver.refresh()
+                wait_for(lambda: _text(driver, "scan-state") == "finished" and _object_pixels(driver),
+                         60, "the final state after a reload", daemon)
+                assert "final result" in _text(driver, "range")
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(str(ARTIFACTS / "viewer.png"))
             finally:

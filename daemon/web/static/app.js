@@ -147,7 +147,9 @@ function handle(msg) {
     s.metrics = msg;
     if (msg.loss_history) s.loss = msg.loss_history.slice();
     else if (msg.loss_point && msg.loss_point.length) s.loss.push(msg.loss_point[0]);
-    if (msg.state && msg.state !== s.info.state) { s.info.state = msg.state; renderList(); }
+    // metrics may be older than the scan's final event (snapshots replay them after it)
+    const final = ["finished", "failed", "aborted", "rejected"].includes(s.info.state);
+    if (msg.state && msg.state !== s.info.state && !final) { s.info.state = msg.state; renderList(); }
   } else if (msg.kind === "preview") { s.preview = msg; }
   if (msg.scan_id === selected) renderScan(msg.kind === "preview");
 }
