@@ -162,7 +162,8 @@ class Hub:
         for view in views:
             out.append(view.as_json())
             if view.metrics is not None:
-                out.append(view.metrics | {"loss_history": list(view.loss)})
+                # the scan's own state: the last metrics may predate its final event
+                out.append(view.metrics | {"loss_history": list(view.loss), "state": view.state})
             if view.preview is not None:
                 out.append(view.preview)
         return out
@@ -209,16 +210,12 @@ class Hub:
         elif isinstance(event, ScanEvent):
             view = self._view(event.scan_id)
             view.state, view.reason = event.event, event.reason
-            if view.metrics is not None:  # a late joiner must not see the last metrics' older state
-                view.metrics["state"] = view.state
             view.summary.update({k: v for k, v in event.info.items() if np.isscalar(v)})
             self._broadcast(view.as_json())
         elif isinstance(event, Result):
             view = self._view(event.scan_id)
             view.files = {k: str(v) for k, v in event.files.items()}
             view.state = "finished"
-            if view.metrics is not None:
-                view.metrics["state"] = view.state
             message = self._preview_message(
                 event.scan_id, event.iterations, None, event.pixel_size_m,
                 images.specimen_phase(np.asarray(event.object)), np.abs(event.object),
