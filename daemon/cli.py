@@ -9,6 +9,7 @@ when that subcommand is used).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import click
 
