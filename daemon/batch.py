@@ -23,7 +23,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,11 @@ def discover(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def plan(inputs: Sequence[Path], out_dir: Path, skip_existing: bool = False) -> list[Job]:
-    """One job per input, writing ``out_dir/<name>.result.h5``; two inputs with one name clash."""
+    """One job per input, writing ``out_dir/<name>.result.h5``; two inputs with one name clash.
+
+    Paths are made absolute here, on the client: a relative path would be resolved in each
+    worker's own working directory, which on a cluster is not the client's."""
+    out_dir = Path(out_dir).resolve()
     jobs: list[Job] = []
     owner: dict[str, Path] = {}
     for path in inputs:
@@ -111,7 +115,7 @@ def plan(inputs: Sequence[Path], out_dir: Path, skip_existing: bool = False) -> 
         output = out_dir / f"{name}{RESULT_SUFFIX}"
         if skip_existing and output.exists():
             continue
-        jobs.append(Job(str(path), str(output)))
+        jobs.append(Job(str(Path(path).resolve()), str(output)))
     return jobs
 
 
@@ -269,6 +273,21 @@ def run_batch(client: Any, jobs: Sequence[Job], overrides: dict[str, Any], *, gp
         if on_done is not None:
             on_done(result)
     return results
+
+
+def confirm_outputs(results: Sequence[JobResult]) -> list[JobResult]:
+    """Mark as failed every job whose worker reported success but whose result file this
+    machine cannot see (a worker without the shared filesystem, or with it mounted elsewhere):
+    the summary must not claim a result the user cannot open."""
+    checked = []
+    for r in results:
+        if r.ok and not Path(r.output).is_file():
+            r = replace(r, ok=False, error=(
+                f"the worker {r.worker} reported writing {r.output}, but that file does not exist here: "
+                "inputs and the output folder must be on a filesystem shared by the client and every "
+                "worker, at the same path"))
+        checked.append(r)
+    return checked
 
 
 def write_summary(path: Path, results: Sequence[JobResult], average: dict[str, Any] | None) -> Path:

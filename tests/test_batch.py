@@ -146,3 +146,55 @@ def test_gpu_tasks_refuse_a_cluster_without_gpu_workers() -> None:
     with open_client(ClusterSpec(workers=1, processes=False)) as client, \
             pytest.raises(RuntimeError, match="advertises the GPU resource"):
         require_gpu_workers(client, timeout_s=10)
+
+
+def test_relative_output_goes_where_the_client_is_not_the_workers_cwd(tmp_path: Path, monkeypatch) -> None:
+    """A worker in another working directory (as on any cluster) still writes into the folder
+    the user named relative to *their* shell: the client resolves paths before submitting."""
+    import os
+    import subprocess
+    import sys
+
+    from distributed import LocalCluster
+
+    client_dir, worker_dir = tmp_path / "client", tmp_path / "worker"
+    worker_dir.mkdir()
+    tiny(client_dir / "data" / "scan.h5", 6)
+    monkeypatch.chdir(client_dir)
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp", dashboard_address=":0") as cluster:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+             "--nthreads", "1", "--no-dashboard"],
+            cwd=worker_dir, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            result = CliRunner().invoke(batch_command, [
+                "data/scan.h5", "-o", "out", "--scheduler", cluster.scheduler_address,
+                "--set", "iterations=2", "-q"])
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+    assert result.exit_code == 0, result.output
+    assert (client_dir / "out" / "scan.result.h5").is_file()
+    assert not (worker_dir / "out").exists()
+    job = json.loads((client_dir / "out" / "batch-summary.json").read_text())["jobs"][0]
+    assert job["output"] == str(client_dir.resolve() / "out" / "scan.result.h5")
+    assert job["source"] == str(client_dir.resolve() / "data" / "scan.h5")
+
+
+def test_success_is_claimed_only_for_results_visible_to_the_client(tmp_path: Path, monkeypatch) -> None:
+    """A worker that writes somewhere the client cannot see (no shared filesystem) fails its job
+    in the summary and the exit status, with the reason."""
+    from cryoptycho.daemon import batch
+
+    elsewhere = tmp_path / "worker-local-disk"
+    real_write = batch.write_result
+    monkeypatch.setattr(batch, "write_result",
+                        lambda path, *a, **k: real_write(elsewhere / Path(path).name, *a, **k))
+    tiny(tmp_path / "p.h5", 7)
+    result = CliRunner().invoke(batch_command, [str(tmp_path / "p.h5"), "-o", str(tmp_path / "out"),
+                                                "--threads", "--set", "iterations=2", "-q"])
+    assert result.exit_code == 1, result.output
+    assert (elsewhere / "p.result.h5").is_file()  # the worker did write, just not here
+    job = json.loads((tmp_path / "out" / "batch-summary.json").read_text())["jobs"][0]
+    assert not job["ok"] and "does not exist here" in job["error"] and "shared" in job["error"]
+    assert "0/1 reconstructed" in result.output

@@ -11,6 +11,9 @@ from pydantic import ValidationError
 
 from .reconstruct import parse_set
 
+#: How long a batch on a scheduler waits for its first worker before saying so (not forever).
+WORKER_WAIT_S = 60.0
+
 
 def _gpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int]:
     if not value:
@@ -56,6 +59,7 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
     from ..batch import (
         ClusterSpec,
         average_results,
+        confirm_outputs,
         discover,
         merged_options,
         open_client,
@@ -66,6 +70,7 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
     )
 
     overrides = _overrides(options_file, sets)
+    output_dir = output_dir.resolve()  # the workers' working directories are not this one
     gpu = bool(gpus) or gpu_flag
     if gpu_flag and not scheduler:
         raise click.UsageError("--gpu goes with --scheduler; for local GPUs use --gpus 0,1,…")
@@ -87,11 +92,13 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
     columns = (TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn())
     with open_client(spec) as client, Progress(*columns, disable=quiet) as bar:
-        if gpu:
-            try:
+        try:
+            if gpu:
                 require_gpu_workers(client)
-            except (RuntimeError, TimeoutError) as exc:
-                raise click.ClickException(str(exc)) from None
+            elif scheduler:
+                client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except (RuntimeError, TimeoutError) as exc:
+            raise click.ClickException(f"scheduler {scheduler}: {exc}" if scheduler else str(exc)) from None
         task = bar.add_task("jobs", total=len(jobs), failed=0)
         failed = 0
 
@@ -102,7 +109,11 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
             if not result.ok:
                 bar.console.print(f"[red]failed[/red] {result.source}: {result.error.splitlines()[0]}")
 
-        results = run_batch(client, jobs, overrides, gpu=gpu, export=export, on_done=done)
+        reported = run_batch(client, jobs, overrides, gpu=gpu, export=export, on_done=done)
+        results = confirm_outputs(reported)
+        for before, after in zip(reported, results, strict=True):
+            if before.ok and not after.ok:
+                bar.console.print(f"[red]missing[/red] {after.source}: {after.error}")
         summary_avg = None
         if average:
             good = sorted(r.output for r in results if r.ok)
@@ -112,6 +123,10 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
             except ValueError as exc:
                 summary_avg = {"error": str(exc)}
                 bar.console.print(f"[red]average failed[/red]: {exc}")
+            else:
+                if not Path(summary_avg["path"]).is_file():
+                    summary_avg["error"] = f"the worker wrote {summary_avg['path']}, but it does not exist here"
+                    bar.console.print(f"[red]average missing[/red]: {summary_avg['error']}")
     summary = write_summary(output_dir / "batch-summary.json", results, summary_avg)
     ok = sum(r.ok for r in results)
     click.echo(f"{ok}/{len(results)} reconstructed into {output_dir}; summary {summary}")
