@@ -330,6 +330,8 @@ class ScanWorker:
         if res is not None and np.isfinite(res):
             self.metrics.resolution.set(res)
             self.session.update_figures(resolution_m=res)
+        elif res == np.inf:  # estimated, and nothing resolved: said so, not left blank
+            self.session.update_figures(resolution_m=res)
 
     def _abort(self, reason: str) -> None:
         s = self.session

@@ -3,6 +3,7 @@ real WebSocket against a fake daemon (real PUB and ROUTER sockets), the access t
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 
@@ -79,7 +80,7 @@ def test_hub_folds_events_and_only_serves_announced_files(tmp_path):
     assert kinds == ["scan", "metrics", "preview"]
     state = hub.state_messages()
     assert state[0]["state"] == "finished" and state[0]["files"] == ["hdf5"]
-    assert state[1]["loss_history"] == [[7, 2.5]] or state[1]["loss_history"] == [(7, 2.5)]
+    assert [list(p) for p in state[1]["loss_history"]] == [[7, 2.5, 40]]  # iteration, loss, frames
     assert state[1]["state"] == "finished", "a late joiner's metrics must not carry an older state"
     assert state[2]["final"] is True
     assert hub.file_for("s1", "hdf5") == out
@@ -176,3 +177,105 @@ def test_unreachable_daemon_is_reported_not_fatal():
     with TestClient(app) as client, client.websocket_connect("/ws") as ws:
         hello = ws.receive_json()
         assert hello["kind"] == "hello" and "unavailable" in hello["control"]
+
+
+def _control(table):
+    """A ROUTER on a random loopback port answering ``table`` like the daemon's control socket."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve():
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        while not stop.is_set():
+            if poller.poll(50):
+                router.send_multipart(handle(router.recv_multipart(copy=False), table))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def close():
+        stop.set()
+        thread.join(2)
+        router.close(0)
+        ctx.term()
+
+    return f"tcp://127.0.0.1:{port}", close
+
+
+def test_viewer_opened_after_the_scan_shows_its_result_file(tmp_path):
+    """Nothing was published while this viewer ran: the finished scan's images come from the
+    result file its summary names, its figures from the summary, and the file is downloadable."""
+    from cryoptycho.daemon.storage.result import write_result
+    from cryoptycho.gpu.geometry import ScanGeometry
+    from cryoptycho.gpu.state import ReconState
+
+    phase = _preview().object_phase
+    state = ReconState(object=np.exp(1j * phase).astype(np.complex64), probe=_preview().probe,
+                       geometry=ScanGeometry(2e-10, (0.0, 0.0), phase.shape, (16, 16)),
+                       iteration=30, energy=300e3)
+    path = write_result(tmp_path / "done.h5", state)
+    summaries = [
+        {"scan_id": "done", "state": "finished", "result_path": str(path), "iteration": 30,
+         "frames": {"received": 64, "duplicates": 0}, "frames_used": 64, "loss": 12.5,
+         "resolution_m": float("inf"), "expected_frames": 64},
+        {"scan_id": "elsewhere", "state": "finished", "result_path": str(tmp_path / "gone.h5")},
+    ]
+    ctl, close = _control({"list_scans": lambda: {"scans": summaries}})
+    try:
+        app = create_app(Hub("tcp://127.0.0.1:9", ctl))
+        with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+            assert ws.receive_json() == {"kind": "hello", "control": "ok"}
+            final = _receive_until(ws, lambda m: m["kind"] == "preview" and m["scan_id"] == "done")
+            assert final["final"] and final["iteration"] == 30
+            assert final["pixel_size_m"] == pytest.approx(2e-10)
+            enc = final["phase"]
+            png = base64.b64decode(enc["png"].split(",", 1)[1])
+            back = images.decode(images.EncodedImage(png, *enc["range"], tuple(enc["shape"]), enc["scale"]))
+            truth = images.specimen_phase(state.object)
+            assert np.corrcoef(back.ravel(), truth.ravel())[0, 1] > 0.99  # the file's image, not a blank
+            state_now = client.get("/api/state").json()  # also proves the state is valid JSON (no ∞)
+            metrics = next(m for m in state_now if m["kind"] == "metrics" and m["scan_id"] == "done")
+            assert metrics["resolution_m"] is None and metrics["resolution_note"] == "not resolved"
+            assert (metrics["frames_received"], metrics["loss"]) == (64, 12.5)
+            assert client.get("/files/done/result").content == path.read_bytes()
+            missing = next(m for m in state_now if m["kind"] == "scan" and m["scan_id"] == "elsewhere")
+            assert "not readable here" in missing["reason"] and "gone.h5" in missing["reason"]
+    finally:
+        close()
+
+
+def test_unresolved_half_set_estimate_reaches_the_page_in_words():
+    """A running scan whose half-set FRC resolved nothing (+∞ in the daemon's summary; the wire
+    carries finite values only) is marked "not resolved", and a later metrics message without an
+    estimate keeps the note."""
+    summaries = [{"scan_id": "run", "state": "acquiring", "resolution_m": float("inf")}]
+    ctl, close = _control({"list_scans": lambda: {"scans": summaries}})
+    try:
+        hub = Hub("tcp://127.0.0.1:9", ctl)
+        hub.apply(Metrics("run", 10, 8, iteration=3, loss=1.0, state="acquiring"))
+        hub.poll_once()
+        assert hub.scans["run"].metrics["resolution_note"] == "not resolved"
+        hub.apply(Metrics("run", 20, 16, iteration=4, loss=1.0, state="acquiring"))
+        assert hub.scans["run"].metrics["resolution_note"] == "not resolved"
+        hub.apply(Metrics("run", 30, 24, iteration=5, loss=1.0, resolution_m=9e-10, state="acquiring"))
+        assert hub.scans["run"].metrics["resolution_note"] is None
+        assert hub.scans["run"].metrics["resolution_m"] == 9e-10
+    finally:
+        close()
+
+
+def test_worker_records_an_unresolved_estimate_but_keeps_it_off_the_gauge():
+    from types import SimpleNamespace
+
+    from cryoptycho.daemon.worker import ScanWorker
+
+    figures, gauge = {}, []
+    fake = SimpleNamespace(metrics=SimpleNamespace(resolution=SimpleNamespace(set=gauge.append)),
+                           session=SimpleNamespace(update_figures=lambda **kw: figures.update(kw)))
+    ScanWorker._resolution(fake, SimpleNamespace(estimate=lambda: float("inf")))
+    assert figures == {"resolution_m": float("inf")} and gauge == []
+    ScanWorker._resolution(fake, SimpleNamespace(estimate=lambda: 4e-10))
+    assert figures == {"resolution_m": 4e-10} and gauge == [4e-10]

@@ -5,6 +5,7 @@ selenium are absent (`.ci/run` installs them)."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -97,6 +98,26 @@ def test_browser_follows_a_streamed_scan(tmp_path):
                 assert "final result" in _text(driver, "range")
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(str(ARTIFACTS / "viewer.png"))
+                # the curve is a per-frame figure: it does not grow with the frames folded in
+                # (a sum over 16 → 256 frames would grow 16×)
+                with urllib.request.urlopen(url + "api/state") as reply:
+                    state = json.load(reply)
+                history = next(m for m in state if m["kind"] == "metrics")["loss_history"]
+                streamed = [(frames, loss) for _, loss, frames in history if frames < n]
+                assert len(streamed) >= 2, history
+                early, late = min(streamed)[1], max(streamed)[1]
+                assert late < 2 * early, (early, late)
+                assert "per frame" in _text(driver, "st-loss-label")
+                # a viewer started after the scan ended shows its result (read from the file)
+                with viewer_server(daemon.publish, daemon.control) as late_url:
+                    driver.get(late_url)
+                    wait_for(lambda: _text(driver, "scan-state") == "finished" and _object_pixels(driver),
+                             60, "the finished scan in a viewer opened afterwards", daemon)
+                    wait_for(lambda: "final result" in _text(driver, "range"), 30, "the result image", daemon)
+                    assert _text(driver, "st-frames").startswith(f"{n} / {n}")
+                    links = driver.execute_script(
+                        "return [...document.querySelectorAll('#files a')].map(a => a.href)")
+                    assert links and urllib.request.urlopen(links[0]).read(8) == b"\x89HDF\r\n\x1a\n"
             finally:
                 frozen.socket.close()  # dropped, as a crashed browser would
                 driver.quit()

@@ -99,6 +99,7 @@ class Hub:
         *,
         max_side: int = images.DEFAULT_MAX_SIDE,
         control_timeout_s: float = 2.0,
+        poll_s: float = 2.0,
     ) -> None:
         self.publish_endpoint = publish_endpoint
         self.control_endpoint = control_endpoint
@@ -110,17 +111,57 @@ class Hub:
         self._clients: dict[ClientSlot, asyncio.AbstractEventLoop] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._poller: threading.Thread | None = None
+        self.poll_s = poll_s
         self.failure: BaseException | None = None  #: why the subscriber thread died, if it did
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="viewer-subscriber", daemon=True)
         self._thread.start()
+        self._poller = threading.Thread(target=self._poll, name="viewer-control-poll", daemon=True)
+        self._poller.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for thread in (self._thread, self._poller):
+            if thread is not None:
+                thread.join(timeout=5)
+
+    def _poll(self) -> None:
+        """While browsers watch a running scan, read the daemon's scan summaries every
+        ``poll_s``: they say what the published metrics cannot (a half-set estimate that
+        resolved nothing is +∞ there, and the wire carries finite values only)."""
+        try:
+            while not self._stop.wait(self.poll_s):
+                with self._lock:
+                    watched = bool(self._clients) and any(
+                        v.state in ("acquiring", "refining") for v in self.scans.values())
+                if watched:
+                    self.poll_once()
+        except BaseException as exc:  # surfaced through /healthz and the log, never swallowed
+            self.failure = exc
+            log.exception("viewer control-poll thread died")
+            raise
+
+    def poll_once(self) -> None:
+        """One read of ``list_scans``; an unreachable daemon is skipped (the subscriber still
+        shows what is published)."""
+        try:
+            with ControlClient(self.control_endpoint, timeout_s=self.control_timeout_s, retries=1) as ctl:
+                summaries = ctl.list_scans()
+        except (ControlError, ControlTimeout, zmq.ZMQError) as exc:
+            log.debug("control poll failed: %s", exc)
+            return
+        for summary in summaries:
+            with self._lock:
+                view = self.scans.get(str(summary.get("scan_id")))
+            if view is None or view.metrics is None or view.metrics.get("resolution_m") is not None:
+                continue
+            note = _resolution(summary.get("resolution_m"))["resolution_note"]
+            if note != view.metrics.get("resolution_note"):
+                view.metrics = view.metrics | {"resolution_note": note}
+                self._broadcast(view.metrics | {"loss_point": list(view.loss)[-1:] if view.loss else []})
 
     def _run(self) -> None:
         try:
@@ -190,7 +231,7 @@ class Hub:
         elif isinstance(event, Metrics):
             view = self._view(event.scan_id)
             if event.loss is not None and np.isfinite(event.loss):
-                view.loss.append((int(event.iteration), float(event.loss)))
+                view.loss.append((int(event.iteration), float(event.loss), int(event.frames_used)))
             message = {
                 "kind": "metrics",
                 "scan_id": event.scan_id,
@@ -198,11 +239,14 @@ class Hub:
                 "frames_used": event.frames_used,
                 "frames_dropped": event.frames_dropped,
                 "iteration": event.iteration,
-                "loss": event.loss,
-                "resolution_m": event.resolution_m,
+                "loss": _finite(event.loss),
+                **_resolution(event.resolution_m),
                 "latency_s": event.latency_s,
                 "state": event.state,
             }
+            if message["resolution_m"] is None and view.metrics is not None:
+                # the wire has no ∞: "not resolved" comes from the control poll and stays
+                message["resolution_note"] = view.metrics.get("resolution_note")
             if event.state:
                 view.state = event.state
             view.metrics = message
@@ -238,9 +282,14 @@ class Hub:
                 for summary in scans:
                     sid = str(summary["scan_id"])
                     view = self._view(sid)
-                    view.summary = {k: v for k, v in summary.items() if np.isscalar(v) or v is None}
+                    view.summary = {k: v for k, v in summary.items()
+                                    if (np.isscalar(v) and _json_safe(v)) or v is None}
                     view.state = str(summary.get("state", view.state))
-                    if view.preview is None and view.state not in ("finished", "failed", "aborted"):
+                    if view.metrics is None:
+                        view.metrics = _metrics_from_summary(sid, summary)
+                    if view.state == "finished" and not (view.preview or {}).get("final"):
+                        self._load_result(view, summary.get("result_path"))
+                    elif view.preview is None and view.state not in ("finished", "failed", "aborted"):
                         snap = ctl.snapshot(sid)
                         if "object" in snap:
                             obj = np.asarray(snap["object"])
@@ -253,6 +302,26 @@ class Hub:
             # the daemon may be down or the scan gone; the page says so and keeps updating
             return f"control socket {self.control_endpoint} unavailable: {exc}"
         return None
+
+    def _load_result(self, view: ScanView, path: Any) -> None:
+        """A finished scan's images from its result file (a viewer opened after the scan ended
+        has seen no live message). A file this host cannot read is said in the scan's reason."""
+        if not path:
+            return
+        from cryoptycho.daemon.storage.result import read_result
+
+        try:
+            state = read_result(path).state
+        except (OSError, ValueError, KeyError) as exc:
+            view.reason = f"result {path} not readable here: {exc}"
+            log.warning("result file of %s not readable: %s", view.scan_id, exc)
+            return
+        obj = np.asarray(state.object)
+        view.files = {"result": str(path)}
+        view.preview = self._preview_message(
+            view.scan_id, int(state.iteration), int(state.frames_used), float(state.geometry.pixel_size),
+            images.specimen_phase(obj), np.abs(obj), np.asarray(state.probe), None, final=True,
+        )
 
     def _preview_message(
         self, scan_id: str, iteration: int, frames_used: int | None, pixel_size_m: float,
@@ -288,3 +357,37 @@ class Hub:
             view = self.scans.get(scan_id)
             path = view.files.get(kind) if view else None
         return Path(path) if path else None
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _json_safe(value: Any) -> bool:
+    return not (isinstance(value, float | np.floating) and not np.isfinite(value))
+
+
+def _resolution(value: Any) -> dict[str, Any]:
+    """The half-set estimate for the page: metres, or ``+inf`` — the FRC was below threshold at
+    its first ring, nothing is resolved yet — which the page says in words (JSON has no ∞)."""
+    if value is not None and np.isinf(value) and value > 0:
+        return {"resolution_m": None, "resolution_note": "not resolved"}
+    return {"resolution_m": _finite(value), "resolution_note": None}
+
+
+def _metrics_from_summary(scan_id: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """A metrics message from a control ``list_scans`` summary, for scans that ended before
+    this viewer subscribed."""
+    frames = summary.get("frames") or {}
+    return {
+        "kind": "metrics",
+        "scan_id": scan_id,
+        "frames_received": frames.get("received"),
+        "frames_used": summary.get("frames_used"),
+        "frames_dropped": frames.get("duplicates"),
+        "iteration": summary.get("iteration"),
+        "loss": _finite(summary.get("loss")),
+        **_resolution(summary.get("resolution_m")),
+        "latency_s": _finite(summary.get("latency_s")),
+        "state": str(summary.get("state", "")),
+    }

@@ -82,19 +82,25 @@ function renderList() {
   }
 }
 
+// The loss is the daemon's per-frame figure (data-term loss divided by the frames it covers), so
+// it does not grow as frames arrive. Linear axis reaching a quarter below the minimum: a ±2 %
+// wobble must not fill the plot and read as divergence.
 function renderLoss(points) {
   const c = $("loss"), ctx = c.getContext("2d"); ctx.clearRect(0, 0, c.width, c.height);
   if (points.length < 2) return;
-  const xs = points.map(p => p[0]), ys = points.map(p => Math.log10(Math.max(p[1], 1e-30)));
-  const x0 = Math.min(...xs), x1 = Math.max(...xs) || 1, y0 = Math.min(...ys), y1 = Math.max(...ys);
+  const xs = points.map(p => p[0]), ys = points.map(p => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs) || 1, y1 = Math.max(...ys) || 1;
+  const lo = Math.min(...ys), y0 = lo - Math.max(0.25 * Math.abs(lo), 1e-12);  // losses may be < 0
   ctx.strokeStyle = "#4fb3ff"; ctx.beginPath();
   points.forEach((p, i) => {
     const x = 4 + (c.width - 8) * (p[0] - x0) / ((x1 - x0) || 1);
-    const y = c.height - 4 - (c.height - 8) * (ys[i] - y0) / ((y1 - y0) || 1);
+    const y = c.height - 4 - (c.height - 20) * (ys[i] - y0) / (y1 - y0);
     i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
   });
   ctx.stroke();
-  ctx.fillStyle = "#8a93a0"; ctx.fillText("log10 loss " + fmt(Math.pow(10, ys[ys.length - 1])), 6, 12);
+  const last = points[points.length - 1];
+  ctx.fillStyle = "#8a93a0";
+  ctx.fillText(`loss per frame ${fmt(last[1])}` + (last[2] ? ` (${last[2]} frames)` : "") + ` · axis ${fmt(y0)} … ${fmt(y1)}`, 6, 12);
 }
 
 async function renderScan(images) {
@@ -107,7 +113,9 @@ async function renderScan(images) {
   $("st-frames").textContent = `${m.frames_received ?? "–"} / ${expected ?? "?"} (used ${m.frames_used ?? "–"})`;
   $("st-iter").textContent = m.iteration ?? (s.preview ? s.preview.iteration : "–");
   $("st-loss").textContent = fmt(m.loss);
-  $("st-res").textContent = m.resolution_m ? (m.resolution_m * 1e10).toFixed(1) + " Å" : "–";
+  const ended = ["finished", "failed", "aborted", "rejected"].includes(s.info.state);
+  $("st-res").textContent = m.resolution_m ? (m.resolution_m * 1e10).toFixed(1) + " Å"
+    : (m.resolution_note || (ended ? "no estimate" : "pending"));
   $("st-lat").textContent = m.latency_s ? (m.latency_s * 1e3).toFixed(0) + " ms" : "–";
   $("st-drop").textContent = m.frames_dropped ?? "–";
   renderLoss(s.loss);
