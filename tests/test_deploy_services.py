@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -205,6 +206,34 @@ def test_units_pass_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
     done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
+
+
+def _offline_security_supported() -> bool:
+    if shutil.which("systemd-analyze") is None:
+        return False
+    done = subprocess.run(["systemd-analyze", "security", "--help"], capture_output=True, text=True, check=False)
+    return "--offline" in done.stdout  # systemd >= 250
+
+
+@pytest.mark.skipif(not _offline_security_supported(), reason="no systemd-analyze security --offline (systemd >= 250)")
+@pytest.mark.parametrize(("name", "limit"), [("cryoptycho@.service", 2.0), ("cryoptycho-broker.service", 1.5)])
+def test_units_are_hardened_per_systemd_analyze_security(name: str, limit: float, tmp_path: Path) -> None:
+    """The exposure score systemd computes for the unit file (both units scored 6.0–6.5 MEDIUM
+    before the hardening options were added); the GPU daemon keeps its device nodes, W+X pages
+    for CUDA's JIT and the network (deploy/README.md)."""
+    text = (DEPLOY / "systemd" / name).read_text().replace("/opt/cryoptycho/bin/cryoptycho", "/bin/true")
+    path = tmp_path / name.replace("@.", "@0.")
+    path.write_text(text)
+    done = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(path)],
+                          capture_output=True, text=True, check=False)
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    assert float(found.group(1)) <= limit, done.stdout
+    # what the daemon cannot live with stays off, so a later "fix" does not break CUDA
+    service = unit_file(DEPLOY / "systemd" / name)["Service"]
+    assert "MemoryDenyWriteExecute" not in service
+    if name.startswith("cryoptycho@"):
+        assert "PrivateDevices" not in service and "DevicePolicy" not in service
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
