@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -179,3 +181,95 @@ def test_alerts_have_severity_and_summary() -> None:
 def test_dashboard_file_is_stable_json(tmp_path: Path) -> None:
     text = DASHBOARD.read_text()
     assert text.endswith("\n") and json.dumps(json.loads(text), indent=2, ensure_ascii=False) + "\n" == text
+
+
+# --- Kubernetes (Prometheus Operator) and promtool --------------------------------------------
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: apt-get install prometheus)")
+
+
+def _k8s_doc(kind: str) -> dict[str, Any]:
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in yaml_docs(path):
+            if doc.get("kind") == kind:
+                return doc
+    raise AssertionError(f"no {kind} in deploy/k8s")
+
+
+def podmonitor_job() -> str:
+    """The `job` label the Prometheus Operator gives the PodMonitor's targets: the value of the
+    pod label named by spec.jobLabel, else "<namespace>/<PodMonitor name>"; a relabeling that
+    targets `job` (applied after the operator's own) wins over both."""
+    monitor = _k8s_doc("PodMonitor")
+    pod_labels = _k8s_doc("StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    (kustom,) = yaml_docs(DEPLOY / "k8s" / "kustomization.yaml")
+    job = f"{kustom['namespace']}/{monitor['metadata']['name']}"
+    if monitor["spec"].get("jobLabel"):
+        job = pod_labels[monitor["spec"]["jobLabel"]]
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        for relabel in endpoint.get("relabelings", []):
+            if relabel.get("targetLabel") == "job" and relabel.get("action", "replace") == "replace":
+                job = relabel["replacement"]
+    return job
+
+
+def test_prometheus_rule_carries_the_alerts_file() -> None:
+    (rules,) = yaml_docs(DEPLOY / "prometheus" / "alerts.yml")
+    assert _k8s_doc("PrometheusRule")["spec"] == rules
+
+
+def test_podmonitor_job_is_the_one_the_alerts_select() -> None:
+    job = podmonitor_job()
+    assert job == "cryoptycho"
+    assert f'job="{job}"' in dict(alert_exprs())["CryoptychoDown"]
+
+
+@needs_promtool
+def test_promtool_accepts_the_rules_and_the_prometheus_config(tmp_path: Path) -> None:
+    import yaml
+
+    rule = tmp_path / "k8s-rules.yml"
+    rule.write_text(yaml.safe_dump(_k8s_doc("PrometheusRule")["spec"]))
+    alerts = DEPLOY / "prometheus" / "alerts.yml"
+    done = subprocess.run([PROMTOOL, "check", "rules", str(alerts), str(rule)], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # the scrape config, with its rule file where the compose stack mounts it
+    config = (DEPLOY / "prometheus" / "prometheus.yml").read_text().replace("/etc/prometheus/alerts.yml", str(alerts))
+    (tmp_path / "prometheus.yml").write_text(config)
+    done = subprocess.run([PROMTOOL, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_promtool
+@pytest.mark.parametrize("where", ["kubernetes", "compose"])
+def test_daemon_down_alert_fires_for_the_job_each_deployment_gives(where: str, tmp_path: Path) -> None:
+    """promtool's rule unit test: a target of the job the PodMonitor (or prometheus.yml) really
+    produces goes down, and CryoptychoDown fires for it."""
+    import yaml
+
+    (config,) = yaml_docs(DEPLOY / "prometheus" / "prometheus.yml")
+    job = podmonitor_job() if where == "kubernetes" else config["scrape_configs"][0]["job_name"]
+    instance = "10.1.2.3:9640"
+    (rules,) = yaml_docs(DEPLOY / "prometheus" / "alerts.yml")
+    down = next(r for r in rules["groups"][0]["rules"] if r["alert"] == "CryoptychoDown")
+    annotations = {k: v.replace("{{ $labels.instance }}", instance) for k, v in down["annotations"].items()}
+    case = {
+        "rule_files": [str(DEPLOY / "prometheus" / "alerts.yml")],
+        "evaluation_interval": "15s",
+        "tests": [{
+            "interval": "15s",
+            "input_series": [{"series": f'up{{job="{job}", instance="{instance}"}}', "values": "1 1 0x12"}],
+            "alert_rule_test": [{
+                "eval_time": "3m30s", "alertname": "CryoptychoDown",
+                "exp_alerts": [{"exp_labels": {"severity": "critical", "job": job, "instance": instance},
+                                "exp_annotations": annotations}],
+            }],
+        }],
+    }
+    path = tmp_path / "down_test.yml"
+    path.write_text(yaml.safe_dump(case))
+    done = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -243,8 +243,58 @@ def test_kustomization_renders() -> None:
     rendered = [d for d in yaml.safe_load_all(done.stdout) if d]
     kinds = sorted(d["kind"] for d in rendered)
     assert kinds == sorted(["Namespace", "ConfigMap", "StatefulSet", "Service", "Service", "Deployment",
-                            "PodMonitor"])
+                            "PodMonitor", "PrometheusRule", "NetworkPolicy", "NetworkPolicy"])
     assert all(d["metadata"].get("namespace") == "cryoptycho" for d in rendered if d["kind"] != "Namespace")
     images = {c["image"] for d in rendered if d["kind"] in ("StatefulSet", "Deployment")
               for c in d["spec"]["template"]["spec"]["containers"]}
     assert len(images) == 1 and "/" in images.pop()  # the kustomization's image replaced "cryoptycho"
+
+
+def test_manifests_validate_against_the_kubernetes_schemas() -> None:
+    """Every built-in kind against the Kubernetes OpenAPI schemas (kubernetes-validate, strict:
+    unknown fields fail). The Prometheus Operator kinds have no schema there; their structure is
+    checked by tests/test_deploy_monitoring.py."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    version = kubernetes_validate.latest_version()
+    checked = set()
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml_docs(path):
+            if doc["apiVersion"].startswith(("monitoring.coreos.com/", "kustomize.config.k8s.io/")):
+                continue
+            kubernetes_validate.validate(doc, version, strict=True)
+            checked.add(doc["kind"])
+    assert {"StatefulSet", "Service", "Deployment", "NetworkPolicy", "ConfigMap"} <= checked
+
+
+def _port_names(pod_spec: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in pod_spec["containers"] for p in c["ports"]}
+
+
+def test_network_policies_open_ingest_and_control_only_to_the_broker_and_labelled_clients() -> None:
+    docs = _k8s()
+    pods = {"daemon": docs["StatefulSet/cryoptycho"], "broker": docs["Deployment/cryoptycho-broker"]}
+    broker_labels = pods["broker"]["spec"]["template"]["metadata"]["labels"]
+    client = {"cryoptycho.io/client": "true"}
+    for component, workload in pods.items():
+        template = workload["spec"]["template"]
+        policy = docs[f"NetworkPolicy/cryoptycho-{component}"]["spec"]
+        assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+        assert policy["policyTypes"] == ["Ingress"]
+        names = _port_names(template["spec"])
+        opened: dict[str, list[dict]] = {}
+        for rule in policy["ingress"]:
+            assert rule.get("from"), "a rule without `from` would admit every pod"
+            for p in rule["ports"]:
+                assert p["port"] in names, f"{component}: no container port named {p['port']}"
+                opened.setdefault(p["port"], []).extend(rule["from"])
+        assert set(opened) == set(names), f"{component}: every port is covered, none by accident"
+        for name in ("ingest", "control"):
+            peers = opened[name]
+            for peer in peers:
+                labels = peer["podSelector"]["matchLabels"]
+                assert labels == client or (component == "daemon" and labels.items() <= broker_labels.items()), peer
+            assert any(p["podSelector"]["matchLabels"] == client for p in peers)
+    metrics_peers = [p["podSelector"]["matchLabels"] for p in
+                     next(r for r in docs["NetworkPolicy/cryoptycho-daemon"]["spec"]["ingress"]
+                          if any(p["port"] == "metrics" for p in r["ports"]))["from"]]
+    assert metrics_peers == [{"app.kubernetes.io/name": "prometheus"}]
