@@ -48,6 +48,9 @@ class ServiceConfig(BaseSettings):
     """Prometheus HTTP port; 0 picks a free port (reported by the control `status` reply)."""
     metrics_enabled: bool = True
     """Serve the Prometheus endpoint at all."""
+    curve_keys_dir: Path | None = None
+    """CURVE on all three sockets: the key directory of ``cryoptycho keys`` (``server.key_secret``
+    and ``clients/*.key``, the admitted clients). Unset: no encryption or authentication."""
 
     spool_dir: Path = Path("cryoptycho-spool")
     """Every received frame is written here before it counts as received."""

@@ -71,6 +71,7 @@ class Service:
         self._stop_tx.setblocking(False)
         self._ctx = zmq.Context()
         self._metrics_server: Any = None
+        self._auth: Any = None  #: the CURVE authenticator (ZAP handler), when CURVE is on
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -82,6 +83,13 @@ class Service:
         self.control = ctx.socket(zmq.ROUTER)
         for sock in (self.ingest, self.publish, self.control):
             sock.setsockopt(zmq.LINGER, 1000)
+        if self.config.curve_keys_dir is not None:
+            from cryoptycho.protocols.security import apply_server_curve, start_authenticator
+
+            # the authenticator must run before the sockets bind, or the first peers go unchecked
+            self._auth = start_authenticator(ctx, self.config.curve_keys_dir)
+            for sock in (self.ingest, self.publish, self.control):
+                apply_server_curve(sock, self.config.curve_keys_dir)
         self.ingest.setsockopt(zmq.RCVHWM, 256)
         for name, sock in (("ingest", self.ingest), ("publish", self.publish), ("control", self.control)):
             endpoint = getattr(self.config, name)
@@ -168,6 +176,8 @@ class Service:
         for sock in (getattr(self, n, None) for n in ("ingest", "publish", "control")):
             if sock is not None:
                 sock.close()
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -8,8 +8,10 @@ Healthy means both:
   not shut down).
 
 Endpoints come from the daemon's own settings (``CRYOPTYCHO_CONTROL``, ``CRYOPTYCHO_METRICS_HOST``,
-``CRYOPTYCHO_METRICS_PORT``, defaults as the daemon's) or the command line. ``--no-control`` skips
-the ping (e.g. when the control socket requires CURVE keys the probe does not hold).
+``CRYOPTYCHO_METRICS_PORT``, defaults as the daemon's) or the command line. With CURVE on
+(``CRYOPTYCHO_CURVE_KEYS_DIR``), the ping uses the client key pair ``private/health.key_secret``
+of that directory (``cryoptycho keys DIR --client health``; another name with ``--client``).
+``--no-control`` skips the ping.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import urllib.request
 
 from cryoptycho.protocols.control import ControlClient
 from cryoptycho.protocols.errors import ControlError, ControlTimeout, ProtocolError
+from cryoptycho.protocols.security import ClientCurve
 from prometheus_client.parser import text_string_to_metric_families
 
 UP_METRIC = "cryoptycho_up"
@@ -46,10 +49,10 @@ def probe_metrics(url: str, timeout_s: float) -> tuple[bool, str]:
     return False, f"{UP_METRIC} missing from {url}"
 
 
-def probe_control(endpoint: str, timeout_s: float) -> tuple[bool, str]:
+def probe_control(endpoint: str, timeout_s: float, curve: ClientCurve | None = None) -> tuple[bool, str]:
     """(healthy, reason) for a ``ping`` on the control socket at ``endpoint``."""
     try:
-        with ControlClient(endpoint, timeout_s=timeout_s, retries=1) as client:
+        with ControlClient(endpoint, timeout_s=timeout_s, retries=1, curve=curve) as client:
             client.ping()
     except (ControlTimeout, ControlError, ProtocolError) as exc:
         return False, f"control {endpoint} did not answer ping: {exc}"
@@ -72,10 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1" if host in _ANY else host)
     parser.add_argument("--port", type=int, default=int(os.environ.get("CRYOPTYCHO_METRICS_PORT", "9640")))
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds per check (two checks)")
+    parser.add_argument("--curve-keys-dir", default=os.environ.get("CRYOPTYCHO_CURVE_KEYS_DIR"),
+                        help="the daemon's CURVE key directory (server.key, private/<client>.key_secret)")
+    parser.add_argument("--client", default="health", help="CURVE client name whose key pair the probe uses")
     args = parser.parse_args(argv)
+    curve = ClientCurve.from_keys_dir(args.curve_keys_dir, args.client) if args.curve_keys_dir else None
     checks = [probe_metrics(f"http://{args.host}:{args.port}/metrics", args.timeout)]
     if not args.no_control:
-        checks.append(probe_control(loopback(args.control), args.timeout))
+        checks.append(probe_control(loopback(args.control), args.timeout, curve))
     failed = [reason for ok, reason in checks if not ok]
     print("; ".join(failed) or "healthy", file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0

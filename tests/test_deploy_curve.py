@@ -1,0 +1,61 @@
+"""CURVE on the real daemon, as deploy/k8s switches it on: keys made by `cryoptycho keys`, the
+daemon given the directory (CRYOPTYCHO_CURVE_KEYS_DIR, from a Secret in Kubernetes); admitted
+clients get through, others get no answer; the container health probe uses its own key."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryoptycho.protocols.control import ControlClient
+from cryoptycho.protocols.errors import ControlTimeout
+from cryoptycho.protocols.producer import Producer
+from cryoptycho.protocols.security import ClientCurve
+from daemon_support import metrics_of, start_daemon, synthetic_scan, wait_for
+from deploy_support import DEPLOY
+
+
+def _healthcheck():
+    spec = importlib.util.spec_from_file_location("healthcheck", DEPLOY / "docker" / "healthcheck.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_daemon_with_curve_admits_only_its_clients(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    made = subprocess.run(["cryoptycho", "keys", str(keys), "--client", "health", "--client", "producer"],
+                          capture_output=True, text=True, check=False, env=os.environ.copy())
+    assert made.returncode == 0, made.stderr
+    daemon = start_daemon(tmp_path, "--set", f"curve_keys_dir={keys}")
+    try:
+        with ControlClient(daemon.control, timeout_s=5, retries=1,
+                           curve=ClientCurve.from_keys_dir(keys, "health")) as ctl:
+            assert ctl.ping()["pong"] is True
+        with ControlClient(daemon.control, timeout_s=1, retries=1) as plain, pytest.raises(ControlTimeout):
+            plain.ping()  # no keys: the handshake fails, nothing is answered
+        stranger = tmp_path / "stranger"
+        subprocess.run(["cryoptycho", "keys", str(stranger), "--client", "x"], check=True, capture_output=True)
+        with ControlClient(daemon.control, timeout_s=1, retries=1, curve=ClientCurve(
+                stranger / "private" / "x.key_secret", keys / "server.key")) as unknown, \
+                pytest.raises(ControlTimeout):
+            unknown.ping()  # a valid key pair the daemon never admitted
+
+        scan = synthetic_scan(n_side=6)
+        with Producer(daemon.ingest, curve=ClientCurve.from_keys_dir(keys, "producer")) as producer:
+            producer.start_scan(**scan.start_fields("curve"))
+            producer.send_frames(scan.frames)
+            producer.end_scan()
+        wait_for(lambda: metrics_of(daemon).get("cryoptycho_frames_received_total") == len(scan.frames),
+                 60, "the frames sent over CURVE", daemon)
+
+        health = _healthcheck()
+        port = daemon.ready["metrics_port"]
+        args = ["--port", str(port), "--control", daemon.control, "--timeout", "2"]
+        assert health.main([*args, "--curve-keys-dir", str(keys)]) == 0
+        assert health.main(args) == 1  # the probe without the key cannot ping
+    finally:
+        daemon.stop()
