@@ -38,6 +38,7 @@ from cryoptycho.protocols.control import handle
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits
 from cryoptycho.protocols.messages import Reply, Request, decode, encode, peek
+from cryoptycho.protocols.security import ClientCurve, apply_client_curve
 
 log = logging.getLogger("cryoptycho.broker")
 
@@ -115,6 +116,9 @@ class BrokerOptions:
     sndhwm: int = 1000
     """Messages queued per backend socket before it reports full (then the broker holds them)."""
     limits: Limits = field(default_factory=Limits)
+    curve: ClientCurve | None = None
+    """The broker's CURVE client keys towards daemons that run with CURVE (its own sockets
+    stay plain: put it behind a NetworkPolicy or firewall, deploy/README.md)."""
 
 
 class Broker:
@@ -397,6 +401,7 @@ class Broker:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, self.options.sndhwm)
         sock.setsockopt(zmq.LINGER, 2000)  # give queued frames a moment to leave on shutdown
+        _client_curve(sock, self.options.curve)
         sock.connect(backend.ingest)
         backend.socket = sock
         if backend.control:
@@ -506,6 +511,7 @@ class BackendMonitor:
         self.socket = ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 4)
+        _client_curve(self.socket, options.curve)
         self.socket.connect(endpoint)
         self.created = time.monotonic()
         self.last_request = -float("inf")
@@ -605,3 +611,8 @@ def parse_backend(text: str) -> Backend:
 
 def _size(parts: list[Any]) -> int:
     return sum(memoryview(getattr(p, "buffer", p)).nbytes for p in parts)
+
+
+def _client_curve(sock: zmq.Socket, curve: ClientCurve | None) -> None:
+    if curve is not None:
+        apply_client_curve(sock, curve.secret_file, curve.server_public_file)

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryoptycho.daemon.broker import Broker, BrokerOptions, parse_backend
 from cryoptycho.protocols.control import ControlClient
 from cryoptycho.protocols.errors import ControlTimeout
 from cryoptycho.protocols.producer import Producer
@@ -27,7 +28,8 @@ def _healthcheck():
 
 def test_daemon_with_curve_admits_only_its_clients(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
-    made = subprocess.run(["cryoptycho", "keys", str(keys), "--client", "health", "--client", "producer"],
+    made = subprocess.run(["cryoptycho", "keys", str(keys), "--client", "health", "--client", "producer",
+                           "--client", "broker"],
                           capture_output=True, text=True, check=False, env=os.environ.copy())
     assert made.returncode == 0, made.stderr
     daemon = start_daemon(tmp_path, "--set", f"curve_keys_dir={keys}")
@@ -51,6 +53,24 @@ def test_daemon_with_curve_admits_only_its_clients(tmp_path: Path) -> None:
             producer.end_scan()
         wait_for(lambda: metrics_of(daemon).get("cryoptycho_frames_received_total") == len(scan.frames),
                  60, "the frames sent over CURVE", daemon)
+
+        # the broker forwards to a CURVE daemon with its own client key (plain producers → broker)
+        broker = Broker(BrokerOptions(ingest="tcp://127.0.0.1:*", control=None,
+                                      curve=ClientCurve.from_keys_dir(keys, "broker")),
+                        [parse_backend(f"{daemon.ingest},control={daemon.control}")]).start()
+        try:
+            wait_for(lambda: broker.status()["backends"][0]["last_status_age_s"] is not None, 30,
+                     "the daemon's status over CURVE", daemon)
+            again = synthetic_scan(n_side=6, seed=1)
+            with Producer(broker.ingest_endpoint) as producer:
+                producer.start_scan(**again.start_fields("via-broker"))
+                producer.send_frames(again.frames)
+                producer.end_scan()
+            total = len(scan.frames) + len(again.frames)
+            wait_for(lambda: metrics_of(daemon).get("cryoptycho_frames_received_total") == total,
+                     60, "the frames the broker forwarded over CURVE", daemon)
+        finally:
+            broker.stop()
 
         health = _healthcheck()
         port = daemon.ready["metrics_port"]

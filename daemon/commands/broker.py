@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 import click
+from cryoptycho.protocols.security import ClientCurve
 
 from ..broker import Broker, BrokerOptions, parse_backend
 from ..logs import setup_logging
@@ -40,11 +42,17 @@ def _backends(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
 @click.option("--dead-after", "dead_after_s", type=click.FloatRange(min=0.1),
               default=BrokerOptions.dead_after_s, show_default=True,
               help="A daemon silent this long (seconds) gets no new scans.")
+@click.option("--curve-keys-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Daemons run with CURVE: the key directory holding server.key and "
+                   "private/<--curve-client>.key_secret (`cryoptycho keys DIR --client broker`).")
+@click.option("--curve-client", default="broker", show_default=True,
+              help="Client name of the broker's key pair in --curve-keys-dir.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
               show_default=True)
 def command(ingest: str, control: str, backends: list[Any], hold_bytes: int, poll_interval_s: float,
-            dead_after_s: float, log_format: str, log_level: str) -> None:
+            dead_after_s: float, curve_keys_dir: Path | None, curve_client: str, log_format: str,
+            log_level: str) -> None:
     """Route each scan to a free daemon and keep all of its frames there.
 
     Producers send to the broker exactly as to a daemon. Daemons are listed with --backend or
@@ -53,8 +61,14 @@ def command(ingest: str, control: str, backends: list[Any], hold_bytes: int, pol
     setup_logging(log_format, log_level)
     if "://" not in ingest or (control and "://" not in control):
         raise click.BadParameter("endpoints look like tcp://127.0.0.1:5590", param_hint="--ingest/--control")
+    curve = None
+    if curve_keys_dir is not None:
+        curve = ClientCurve.from_keys_dir(curve_keys_dir, curve_client)
+        for needed in (curve.secret_file, curve.server_public_file):
+            if not needed.is_file():
+                raise click.BadParameter(f"{needed} does not exist", param_hint="--curve-keys-dir")
     options = BrokerOptions(ingest=ingest, control=control or None, hold_bytes=hold_bytes,
-                            poll_interval_s=poll_interval_s, dead_after_s=dead_after_s)
+                            poll_interval_s=poll_interval_s, dead_after_s=dead_after_s, curve=curve)
     broker = Broker(options, backends)
     notifier = SystemdNotifier()
 
