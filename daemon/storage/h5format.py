@@ -7,7 +7,8 @@ datasets or groups it cannot do without, and otherwise fail naming the one that 
 
 Frames are bitshuffle-LZ4 compressed (HDF5 filter 32008). h5py reads them only once the filter
 is registered: ``import hdf5plugin`` before opening the file (our own readers do). Without it
-h5py says "can't read data (filter not available)"; :func:`explain_filter_errors` turns that
+h5py says "can't read data (filter not available)" (HDF5 1.14: "can't find plugin");
+:func:`explain_filter_errors` turns that
 into a message saying what to do.
 """
 
@@ -46,7 +47,8 @@ def explain_filter_errors(path: str | Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if "filter" not in str(exc).lower():
+        text = str(exc).lower()
+        if "filter" not in text and "plugin" not in text:  # HDF5 1.14 says "can't find plugin"
             raise
         raise OSError(
             f"{path}: {exc}. The frames are {FILTER_NOTE}; our readers import it themselves, so "

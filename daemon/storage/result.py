@@ -152,8 +152,11 @@ def _ptychodus_fields(f: h5py.File, energy: float, frame_side: int, pixel: float
     if raw_index in f and raw_pos in f:
         count = int(f["raw/entry_1/data_1"].attrs.get("count", f[raw_index].shape[0]))
         idx, pos = f[raw_index][:count], f[raw_pos][:count]
-        if len(idx) == n and np.allclose(pos, positions):
-            indexes = idx.astype(np.int64)
+        # the engine's frames are the raw rows as received, or sorted by frame index (open_recorded)
+        for order in (np.arange(len(idx)), np.argsort(idx, kind="stable")):
+            if len(idx) == n and np.array_equal(pos[order], positions):
+                indexes = idx[order].astype(np.int64)
+                break
     f["probe_position_indexes"] = indexes
     grid = None
     if "raw/nav_shape" in f:
