@@ -255,6 +255,12 @@ def test_open_recorded_reads_every_kind_and_says_what_it_is(tmp_path):
     (tmp_path / "text.h5").write_text("not hdf5")
     with pytest.raises(ValueError, match="not an HDF5 file"):
         identify(tmp_path / "text.h5")
+    from cryoptycho.daemon.batch import load_input
+    from cryoptycho.daemon.commands.replay import read_source
+
+    replayed = read_source(result)
+    assert replayed.start.scan_id == "interop-1" and len(replayed.frames) == 36
+    assert load_input(result)[0].frames.shape == (36, 32, 32)
     bare = write_result(tmp_path / "bare.h5", kinds["dataset"] and _tiny_reconstruction(kinds["dataset"].data),
                         kinds["dataset"].data)
     with pytest.raises(ValueError, match="holds no raw frames"):
