@@ -118,16 +118,20 @@ def test_reading_frames_without_the_filter_names_hdf5plugin(tmp_path):
 # ------------------------------------------------------------------------ NeXus (nxvalidate)
 
 
-def test_spool_passes_nexus_validation_as_nxcxi_ptycho(tmp_path):
+@pytest.mark.parametrize("where", ["spool", "result /raw"])
+def test_nxcxi_ptycho_entry_passes_nexus_validation(tmp_path, where):
     validate = pytest.importorskip("nexusformat.nexus.validate")
     path = _spool(tmp_path)
+    entry = "/entry_1"
+    if where != "spool":
+        path, entry = _result_from_spool(tmp_path, path), "/raw/entry_1"
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     validate.logger.addHandler(handler)
     old = validate.logger.level
     validate.logger.setLevel(logging.WARNING)
     try:
-        warnings, errors = validate.validate_application(str(path), application="NXcxi_ptycho")
+        warnings, errors = validate.validate_application(str(path), path=entry, application="NXcxi_ptycho")
     finally:
         validate.logger.removeHandler(handler)
         validate.logger.setLevel(old)

@@ -123,9 +123,25 @@ def write_result(
                     g[key] = np.asarray(value)
         if raw is not None:
             raw(f.create_group("raw"))
+            _relocate_nexus_links(f["raw"])
         _ptychodus_fields(f, energy=float(energy), frame_side=int(d["probe"].shape[-1]), pixel=px,
                           positions=positions, metadata=data.metadata if data is not None else None)
     return path
+
+
+def _relocate_nexus_links(group: h5py.Group) -> None:
+    """A NeXus link names its target by absolute path (attribute ``target``); the spool's
+    ``/entry_1/…`` lives under ``/raw/entry_1/…`` here, so the targets move with it."""
+    prefix = group.name.rstrip("/")
+
+    def visit(_name: str, obj: Any) -> None:
+        target = obj.attrs.get("target")
+        if isinstance(target, bytes):
+            target = target.decode()
+        if isinstance(target, str) and target.startswith("/") and not target.startswith(prefix + "/"):
+            obj.attrs["target"] = prefix + target
+
+    group.visititems(visit)
 
 
 def _ptychodus_fields(f: h5py.File, energy: float, frame_side: int, pixel: float,
