@@ -250,7 +250,7 @@ class NxcxiEntry:
         _field(beam, "incident_energy_spread", np.nan, "eV", description="not measured")
         det = _group(instrument, "detector_1", "NXdetector")
         det.attrs["signal"] = "data"
-        det.attrs["axes"] = [".", "y_pixel", "x_pixel"]
+        det.attrs["axes"] = [".", ".", "."]  # frames × detector rows × columns, no axis fields
         chunk = max(1, min(64, (1 << 20) // max(1, m[0] * m[1] * np.dtype(frame_dtype).itemsize)))
         data = det.create_dataset(
             "data", shape=(0, *m), maxshape=(None, *m), dtype=frame_dtype, chunks=(chunk, *m),

@@ -124,8 +124,10 @@ def write_result(
         if raw is not None:
             raw(f.create_group("raw"))
             _relocate_nexus_links(f["raw"])
+        meta = {**(data.metadata if data is not None else {}), **({"scan_id": extra["scan_id"]}
+                                                                    if extra and "scan_id" in extra else {})}
         _ptychodus_fields(f, energy=float(energy), frame_side=int(d["probe"].shape[-1]), pixel=px,
-                          positions=positions, metadata=data.metadata if data is not None else None)
+                          positions=positions, metadata=meta)
     return path
 
 
