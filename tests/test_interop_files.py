@@ -284,3 +284,15 @@ def test_reconstruct_command_takes_a_spool_and_a_result_file(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert out.is_file() and "36 frames" in proc.stdout
         assert ("cryoptycho spool" if source == spool else "cryoptycho result") in proc.stdout
+
+
+def test_evaluate_names_the_kind_of_a_wrong_file(tmp_path):
+    from click.testing import CliRunner
+    from cryoptycho.daemon.cli import main
+
+    spool = _spool(tmp_path)
+    result = _result_from_spool(tmp_path, spool)
+    out = CliRunner().invoke(main, ["evaluate", str(spool), "--truth", str(spool)])
+    assert out.exit_code == 2 and "RESULT" in out.output and "cryoptycho spool file" in out.output, out.output
+    out = CliRunner().invoke(main, ["evaluate", str(result), "--truth", str(result)])
+    assert out.exit_code == 2 and "--truth" in out.output and "ground truth" in out.output, out.output

@@ -185,7 +185,8 @@ def test_bad_dectris_series_are_counted_published_and_never_fatal(tmp_path):
     sender = SimSender(2)
     try:
         daemon = start_daemon(tmp_path, "--source", sender.url, "--set", "options.iterations=2",
-                              "--set", "resolution_interval_s=0", "--set", "refine_time_budget_s=5")
+                              "--set", "resolution_interval_s=0", "--set", "refine_time_budget_s=5",
+                              "--set", "keep_spool=true")
         try:
             sub = _subscribed(daemon)
             # 1: an uncalibrated DCU (distance 0) and no camera length anywhere: skipped
@@ -220,8 +221,27 @@ def test_bad_dectris_series_are_counted_published_and_never_fatal(tmp_path):
             assert m["cryoptycho_dectris_header_warnings_total{field=beam_center}"] == 2
             with ControlClient(daemon.control) as ctl:
                 assert ctl.ping() is not None
+                scans = {s["scan_id"]: s for s in ctl.list_scans()}
             sub.close()
+            _check_files_of_a_dectris_scan(tmp_path, scans["grid3-series2"]["result_path"])
         finally:
             assert daemon.stop() == 0, daemon.log()
     finally:
         sender.close(linger_s=0)
+
+
+def _check_files_of_a_dectris_scan(workdir: Path, result_path: str) -> None:
+    """The daemon's spool and result files carry the detector the DECTRIS header and user_data
+    described (100 µm pixels at a pixel angle of 1.2 mrad), as ptychodus reads them."""
+    ptychodus_io = pytest.importorskip("ptychodus.api.io")
+    from ptychodus.plugins.cxi_file import CXIDiffractionFileReader
+
+    camera_length = 100e-6 / 1.2e-3
+    spool = next((workdir / "spool").glob("grid3-series2*.spool.h5"))
+    md = CXIDiffractionFileReader().read(spool).get_metadata()
+    assert md.detector_pixel_geometry.width_m == pytest.approx(100e-6)
+    assert md.detector_distance_m == pytest.approx(camera_length)
+    product = ptychodus_io.load_product(Path(result_path))
+    assert product.metadata.detector_distance_m == pytest.approx(camera_length)
+    assert len(product.probe_positions) == 6
+    np.testing.assert_array_equal(product.probe_positions.get_indexes(), np.arange(6))
