@@ -45,7 +45,6 @@ from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 FORMAT = "cryoptycho-spool"
 FORMAT_VERSION = 1
 SUFFIX = ".spool.h5"
-_ELECTRON_VOLT_J = 1.602176634e-19
 _MAX_ID_CHARS = 200  # a file name holds 255 bytes, the suffix included
 DATA = "entry_1/data_1"
 
