@@ -296,3 +296,30 @@ def test_evaluate_names_the_kind_of_a_wrong_file(tmp_path):
     assert out.exit_code == 2 and "RESULT" in out.output and "cryoptycho spool file" in out.output, out.output
     out = CliRunner().invoke(main, ["evaluate", str(result), "--truth", str(result)])
     assert out.exit_code == 2 and "--truth" in out.output and "ground truth" in out.output, out.output
+
+
+def test_a_spool_of_the_earlier_layout_is_still_recovered(tmp_path):
+    """A daemon upgraded while scans were unfinished reopens their spool files (recovery)."""
+    from cryoptycho.daemon.storage.spool import read_spool
+
+    scan = synthetic_scan(n_side=3, m=16)
+    path = tmp_path / "old.spool.h5"
+    spec_json = ('{"scan_id": "old", "frame_shape": [16, 16], "frame_dtype": "uint16", "pixel_size_m": 1e-10, '
+                 '"energy_eV": 300000.0, "expected_frames": 9, "extent_m": null, "options": {}, "metadata": {}}')
+    with h5py.File(path, "w") as f:  # the layout written before the NXcxi_ptycho entry was completed
+        f.attrs.update(format="cryoptycho-spool", format_version=1, scan_id="old", status="open")
+        f.create_group("scan").attrs["json"] = spec_json
+        f["scan/probe"] = scan.probe
+        g = f.create_group("entry_1/data_1")
+        g.attrs["count"] = 0
+        g.create_dataset("data", shape=(0, 16, 16), maxshape=(None, 16, 16), dtype="uint16", chunks=(4, 16, 16))
+        g.create_dataset("frame_index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(64,))
+        g.create_dataset("positions_m", shape=(0, 2), maxshape=(None, 2), dtype=np.float64, chunks=(64, 2))
+        f.create_dataset("entry_1/sample_1/geometry_1/translation", shape=(0, 3), maxshape=(None, 3),
+                         dtype=np.float64, chunks=(64, 3))
+    writer = SpoolWriter.reopen(path)
+    writer.append(scan.frames, np.arange(9), scan.positions)
+    writer.close()
+    back = read_spool(path)
+    np.testing.assert_array_equal(back.frames, scan.frames)
+    np.testing.assert_array_equal(back.positions_m, scan.positions)

@@ -213,12 +213,18 @@ class NxcxiEntry:
     def __init__(self, f: h5py.File) -> None:
         self.file = f
         d = f[DATA]
-        t = f["entry_1/sample_1/transformations"]
         self.data = d["data"]
         self.frame_index = d["frame_index"]
         self.positions_m = d["positions_m"]
-        self.translation = f[TRANSLATION]
-        self.x, self.y = t["x"], t["y"]
+        # spool files of earlier releases (recovered after an upgrade) kept the translation only
+        # in sample_1/geometry_1 and had no x/y transformations: they go on in their own layout
+        self.translation = f[TRANSLATION] if TRANSLATION in f else f["entry_1/sample_1/geometry_1/translation"]
+        t = f.get("entry_1/sample_1/transformations")
+        self.x, self.y = (t["x"], t["y"]) if t is not None else (None, None)
+
+    def _rows(self) -> list[h5py.Dataset]:
+        rows = [self.data, self.frame_index, self.positions_m, self.translation, self.x, self.y]
+        return [ds for ds in rows if ds is not None]
 
     @classmethod
     def create(
@@ -308,7 +314,7 @@ class NxcxiEntry:
         return int(self.file[DATA].attrs.get("count", 0))
 
     def truncate(self, n: int) -> None:
-        for ds in (self.data, self.frame_index, self.positions_m, self.translation, self.x, self.y):
+        for ds in self._rows():
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
 
@@ -324,6 +330,7 @@ class NxcxiEntry:
         xyz = np.zeros((n, 3))
         xyz[:, 0], xyz[:, 1] = pos[:, 1], pos[:, 0]
         self.translation[k:] = xyz
-        self.x[k:], self.y[k:] = pos[:, 1], pos[:, 0]
+        if self.x is not None and self.y is not None:
+            self.x[k:], self.y[k:] = pos[:, 1], pos[:, 0]
         self.file[DATA].attrs["count"] = k + n
         return k + n
