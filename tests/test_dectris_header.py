@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from cryoptycho.protocols.dectris.convert import BridgeConfig, SeriesConverter, SeriesNotice
 from cryoptycho.protocols.dectris.decode import decode_v2
+from cryoptycho.protocols.dectris.schema import DectrisError
 from cryoptycho.protocols.dectris.sim import SimSeries, v2_messages
 from cryoptycho.protocols.messages import Frames, ScanEnd, ScanStart
 from scipy import constants
@@ -116,6 +117,20 @@ def test_an_unexpected_error_skips_only_its_series(monkeypatch):
     out = [m for raw in v2_messages(_series({}, detector_distance_m=0.2, series_id=2, series_unique_id="B"))
            for m in conv.feed(decode_v2(raw))]
     assert len(_starts(out)) == 1
+
+
+def test_an_unexpected_error_on_one_image_is_a_dectris_error_for_that_image(monkeypatch):
+    conv = SeriesConverter(BridgeConfig())
+    start, first, second, *rest = [decode_v2(raw) for raw in v2_messages(_series({}, detector_distance_m=0.2))]
+    conv.feed(start)
+    conv.feed(first)
+    real = conv._slot
+    monkeypatch.setattr(conv, "_slot", lambda plan: (_ for _ in ()).throw(KeyError("slot")))
+    with pytest.raises(DectrisError, match=r"image 1: KeyError"):
+        conv.feed(second)
+    monkeypatch.setattr(conv, "_slot", real)
+    out = [m for msg in rest for m in conv.feed(msg)]
+    assert isinstance(out[-1], ScanEnd)  # the series went on to its end
 
 
 def test_a_header_appendix_scan_id_repeated_over_series_names_one_scan_per_series():

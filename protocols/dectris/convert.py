@@ -232,10 +232,19 @@ class SeriesConverter:
         return self.tracker.rejected
 
     def feed(self, msg: Message) -> list[IngestMessage]:
+        """The ingest messages ``msg`` completes. Raises only :class:`DectrisError` (or
+        ValueError) for one message the caller logs and counts; the series goes on."""
         if isinstance(msg, SeriesStart):
             return self._start(msg)
         if isinstance(msg, Image):
-            return self._image(msg)
+            try:
+                return self._image(msg)
+            except (DectrisError, ValueError):
+                raise
+            except Exception as exc:  # one image must not end the stream, whatever it holds
+                log.error("DECTRIS image %s of series %s: unexpected error", msg.image_id, msg.series_id,
+                          exc_info=exc)
+                raise DectrisError(f"image {msg.image_id}: {type(exc).__name__}: {exc}") from exc
         return self._end(msg)
 
     def _start(self, start: SeriesStart) -> list[IngestMessage]:
