@@ -241,6 +241,11 @@ def _check_files_of_a_dectris_scan(workdir: Path, result_path: str) -> None:
     md = CXIDiffractionFileReader().read(spool).get_metadata()
     assert md.detector_pixel_geometry.width_m == pytest.approx(100e-6)
     assert md.detector_distance_m == pytest.approx(camera_length)
+    import h5py
+
+    for path in (spool, Path(result_path)):  # the declared raster's grid, for LiberTEM / py4DSTEM
+        with h5py.File(path, "r") as f:
+            assert list(f["nav_shape"][()]) == [2, 3]
     product = ptychodus_io.load_product(Path(result_path))
     assert product.metadata.detector_distance_m == pytest.approx(camera_length)
     assert len(product.probe_positions) == 6
