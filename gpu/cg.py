@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import array_module
+from .backend import array_module, dev_float, host_floats, on_device
 
 Vars = dict[str, Any]
 Fun = Callable[[Vars], tuple[float, Vars]]
@@ -38,11 +38,13 @@ class CGResult:
     stopped: str = "max_iter"  #: max_iter | time_budget | converged | no_descent
 
 
-def _dot(a: Vars, b: Vars, keys: set[str]) -> float:
+def _dot(a: Vars, b: Vars, keys: set[str]) -> Any:
+    """Re⟨a, b⟩ over ``keys``: a float on the host, a float64 0-d array on a device (read back
+    with the iteration's other scalars in one transfer, :func:`host_floats`)."""
     total = 0.0
     for k in keys:
         xp = array_module(a[k])
-        total += float(xp.vdot(a[k].ravel(), b[k].ravel()).real)
+        total += dev_float(xp.vdot(a[k].ravel(), b[k].ravel()).real)
     return total
 
 
@@ -85,6 +87,7 @@ def minimize(
     d: Vars | None = None
     pg_old: Vars | None = None
     g_old: Vars | None = None
+    gpg_old = 0.0  # ⟨g_old, P g_old⟩, the last iteration's gpg
     keys_old: set[str] = set()
     step = 1.0
     since_restart = 0
@@ -104,26 +107,36 @@ def minimize(
             if missing:
                 raise ValueError(f"fun() returned no gradient for active {sorted(missing)}")
         pg = _scaled(g, precond, keys)
-        gpg = _dot(g, pg, keys)
+        restart = (
+            d is None or keys != keys_old or since_restart >= restart_every
+            or pg_old is None or g_old is None
+        )
+        # Every scalar the iteration needs, read back together: one device synchronisation.
+        # On a device the slope along the new direction comes from the same dot products
+        # (⟨g, -Pg + βd⟩ = -⟨g, Pg⟩ + β⟨g, d⟩) instead of a second read after d is made.
+        device = on_device(f) or any(on_device(g[k]) for k in keys)
+        if restart:
+            f, gpg = host_floats(f, _dot(g, pg, keys))
+            g_pgo = g_d = 0.0
+        else:
+            f, gpg, g_pgo, g_d = host_floats(
+                f, _dot(g, pg, keys), _dot(g, pg_old, keys), _dot(g, d, keys) if device else 0.0)
         if not math.isfinite(f) or not math.isfinite(gpg):
             raise FloatingPointError(f"objective became non-finite at iteration {it} (loss {f})")
         if gpg <= rtol * max(abs(f), 1e-300):
             result.stopped = "converged"
             break
-        restart = (
-            d is None or keys != keys_old or since_restart >= restart_every
-            or pg_old is None or g_old is None
-        )
         # Powell: successive gradients far from orthogonal → conjugacy is lost.
-        if not restart and abs(_dot(g, pg_old, keys)) >= 0.2 * gpg:
+        if not restart and abs(g_pgo) >= 0.2 * gpg:
             restart = True
         if restart:
             d = {k: -pg[k] for k in keys}
             since_restart = 0
+            slope0 = -2.0 * gpg
         else:
-            beta = max(0.0, (gpg - _dot(g, pg_old, keys)) / _dot(g_old, pg_old, keys))
+            beta = max(0.0, (gpg - g_pgo) / gpg_old)
             d = {k: -pg[k] + beta * d[k] for k in keys}
-        slope0 = 2.0 * _dot(g, d, keys)
+            slope0 = 2.0 * (beta * g_d - gpg) if device else 2.0 * _dot(g, d, keys)
         if slope0 >= 0:  # not a descent direction: fall back to steepest descent
             d = {k: -pg[k] for k in keys}
             slope0 = -2.0 * gpg
@@ -139,7 +152,7 @@ def minimize(
             continue
         step = accepted.t
         x = accepted.x
-        g_old, pg_old, keys_old = g, pg, keys
+        g_old, pg_old, keys_old, gpg_old = g, pg, keys, gpg
         f, g = accepted.f, accepted.g
         since_restart += 1
         result.losses.append(f)
@@ -175,8 +188,9 @@ class _Direct:
         for k in self.keys:
             xt[k] = self.x[k] + t * self.d[k]
         ft, gt = self.fun(xt)
+        ft, slope = host_floats(ft, 2.0 * _dot(gt, self.d, self.keys))  # one read per trial
         self.seen[t] = (xt, ft, gt)
-        return ft, 2.0 * _dot(gt, self.d, self.keys)
+        return ft, slope
 
     def point(self, t: float) -> tuple[Vars, float, Vars]:
         return self.seen[t]
