@@ -91,6 +91,24 @@ def minimize(
     keys_old: set[str] = set()
     step = 1.0
     since_restart = 0
+    # The loss of an accepted step is read back with the next iteration's dot products (one
+    # device synchronisation for both); until then the iteration's report (losses, callback)
+    # waits in ``report``.
+    report: int | None = None
+
+    def read(*extra: Any) -> tuple[bool, tuple[float, ...]]:
+        """Host values of f and ``extra`` in one transfer; reports a pending iteration.
+        Returns (the callback said the objective changed, the extra values)."""
+        nonlocal f, report
+        values = host_floats(f, *extra)
+        f = values[0]
+        changed = False
+        if report is not None:
+            done, report = report, None
+            result.losses.append(f)
+            changed = bool(callback is not None and callback(done, x, f))
+        return changed, values[1:]
+
     for it in range(start_iteration, start_iteration + max_iter):
         if time_budget_s is not None and time.perf_counter() - t_start >= time_budget_s:
             result.stopped = "time_budget"
@@ -101,26 +119,36 @@ def minimize(
             raise ValueError(f"active() named unknown variables {sorted(unknown)}")
         if not keys <= set(g):
             # A variable just joined and ``fun`` did not return its gradient until now.
+            changed, _ = read()
             f, g = fun(x)
             result.evaluations += 1
             missing = keys - set(g)
             if missing:
                 raise ValueError(f"fun() returned no gradient for active {sorted(missing)}")
-        pg = _scaled(g, precond, keys)
-        restart = (
-            d is None or keys != keys_old or since_restart >= restart_every
-            or pg_old is None or g_old is None
-        )
-        # Every scalar the iteration needs, read back together: one device synchronisation.
-        # On a device the slope along the new direction comes from the same dot products
-        # (⟨g, -Pg + βd⟩ = -⟨g, Pg⟩ + β⟨g, d⟩) instead of a second read after d is made.
-        device = on_device(f) or any(on_device(g[k]) for k in keys)
-        if restart:
-            f, gpg = host_floats(f, _dot(g, pg, keys))
-            g_pgo = g_d = 0.0
-        else:
-            f, gpg, g_pgo, g_d = host_floats(
-                f, _dot(g, pg, keys), _dot(g, pg_old, keys), _dot(g, d, keys) if device else 0.0)
+            if changed:
+                d = None
+        while True:
+            pg = _scaled(g, precond, keys)
+            restart = (
+                d is None or keys != keys_old or since_restart >= restart_every
+                or pg_old is None or g_old is None
+            )
+            # Every scalar the iteration needs, read back together: one synchronisation. On a
+            # device the slope along the new direction comes from the same dot products
+            # (⟨g, -Pg + βd⟩ = -⟨g, Pg⟩ + β⟨g, d⟩) instead of a second read once d is made.
+            device = on_device(f) or any(on_device(g[k]) for k in keys)
+            if restart:
+                changed, (gpg,) = read(_dot(g, pg, keys))
+                g_pgo = g_d = 0.0
+            else:
+                changed, (gpg, g_pgo, g_d) = read(
+                    _dot(g, pg, keys), _dot(g, pg_old, keys), _dot(g, d, keys) if device else 0.0)
+            if not changed:
+                break
+            # the callback changed the objective: new loss and gradient, steepest descent
+            f, g = fun(x)
+            result.evaluations += 1
+            d = None
         if not math.isfinite(f) or not math.isfinite(gpg):
             raise FloatingPointError(f"objective became non-finite at iteration {it} (loss {f})")
         if gpg <= rtol * max(abs(f), 1e-300):
@@ -155,13 +183,11 @@ def minimize(
         g_old, pg_old, keys_old, gpg_old = g, pg, keys, gpg
         f, g = accepted.f, accepted.g
         since_restart += 1
-        result.losses.append(f)
         result.iterations += 1
         result.x = x
-        if callback is not None and callback(it, x, f):
-            f, g = fun(x)
-            result.evaluations += 1
-            d = None
+        report = it
+    if report is not None:
+        read()  # the last iteration's loss and callback
     result.x = x
     return result
 
@@ -170,7 +196,7 @@ def minimize(
 class _Trial:
     t: float | None
     x: Vars
-    f: float
+    f: Any  #: the loss at the accepted step: a float, or a device scalar not read yet
     g: Vars
     evaluations: int
 

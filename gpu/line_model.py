@@ -243,8 +243,8 @@ class FullBatchLine:
         self.fun._line_first_accepted = t == self._first
         if t in self._points:
             return self._points[t]
-        x_t, f_t, g_t = self._evaluate(t)
-        return x_t, host_floats(f_t)[0], g_t
+        # the loss may stay on the device: CG reads it with its next dot products
+        return self._evaluate(t)
 
     def _evaluate(self, t: float) -> tuple[dict[str, Any], float, dict[str, Any]]:
         fun, opts, xp = self.fun, self.fun.options, self.xp

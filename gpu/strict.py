@@ -87,9 +87,13 @@ class Counters:
 counters = Counters()
 
 
+_SKIP = (_THIS_FILE, os.path.join(os.path.dirname(_THIS_FILE), "backend.py"))
+
+
 def _caller() -> str:
-    for frame in reversed(traceback.extract_stack(limit=12)[:-1]):
-        if os.path.abspath(frame.filename) != _THIS_FILE:
+    """The first frame outside this module and backend.py: the engine line that asked."""
+    for frame in reversed(traceback.extract_stack(limit=16)[:-1]):
+        if os.path.abspath(frame.filename) not in _SKIP:
             return f"{os.path.basename(frame.filename)}:{frame.lineno} {frame.name}"
     return "?"
 
