@@ -208,6 +208,11 @@ class ScanWorker:
             self._apply_options()
             try:
                 self._step(halves)
+                now = time.monotonic()
+                if now >= next_preview:
+                    # the steps' losses are read (and checked) here, not per step
+                    next_preview = now + preview_every
+                    self._preview(unpreviewed)
             except EngineDiverged as exc:
                 rollbacks += 1
                 if rollbacks > cfg.max_rollbacks:
@@ -216,13 +221,14 @@ class ScanWorker:
             if halves is not None:
                 halves.maybe_step()
             now = time.monotonic()
-            if now >= next_preview:
-                next_preview = now + preview_every
-                self._preview(unpreviewed)
             if halves is not None and now >= next_resolution:
                 next_resolution = now + cfg.resolution_interval_s
                 self._resolution(halves)
-        self._preview(unpreviewed)  # the scan's last frames are in an image before refinement
+        try:
+            self._preview(unpreviewed)  # the scan's last frames are in an image before refinement
+        except EngineDiverged as exc:
+            self._rollback(str(exc))
+            self._preview(unpreviewed)
         self._refine(halves)
 
     def _start_engines(self, first: np.ndarray) -> None:
@@ -256,15 +262,26 @@ class ScanWorker:
         dt = time.perf_counter() - t0
         if halves is not None:
             halves.account_main(dt)
-        self._check_loss(result.loss)
         self.metrics.update_duration.observe(dt)
         self.metrics.iterations.inc()
-        self.metrics.loss.set(result.loss)
         self._fold(result.fresh)
         self.session.update_figures(
-            iteration=result.iteration, loss=float(result.loss), n_frames=result.n_frames,
-            frames_used=self._used,
+            iteration=result.iteration, n_frames=result.n_frames, frames_used=self._used,
         )
+
+    def _read_losses(self) -> None:
+        """The losses of the steps since the last read, in one transfer (on a GPU, reading one
+        per step would make every step wait for the device): each is checked for divergence,
+        the last is published."""
+        try:
+            losses = self.engine.flush_losses()
+        except FloatingPointError as exc:
+            raise EngineDiverged(str(exc)) from None
+        for loss in losses:
+            self._check_loss(loss)
+        if losses:
+            self.metrics.loss.set(losses[-1])
+            self.session.update_figures(loss=float(losses[-1]))
 
     def _fold(self, frames: int) -> None:
         """Count frames visited by the model for the first time."""
@@ -296,7 +313,10 @@ class ScanWorker:
 
     def _preview(self, unpreviewed: list[tuple[float, int]]) -> None:
         """Publish the current images (latest-only) and checkpoint them as the last good state;
-        ``unpreviewed`` (arrival time, frames) are now in an image: their latency is recorded."""
+        ``unpreviewed`` (arrival time, frames) are now in an image: their latency is recorded.
+        Raises EngineDiverged (before anything is published or checkpointed) when a step since
+        the last preview diverged."""
+        self._read_losses()
         state = self.engine.snapshot()
         self._good = state
         s = self.session

@@ -43,6 +43,9 @@ from .state import ReconState
 CANVAS_MARGIN_PX = 2
 #: Frames per chunk when the whole store is swept (illumination refresh): bounds work memory.
 SWEEP_CHUNK = 512
+#: Step losses kept on the device before they are read back even if nobody asked (an engine
+#: whose losses are never read — the half-set estimator's — must not grow without bound).
+MAX_PENDING_LOSSES = 1024
 
 Extent = tuple[tuple[float, float], tuple[float, float]]
 
@@ -315,6 +318,8 @@ class StreamingReconstructor:
         loss = term.loss / batch.size
         if on_device(loss):
             self._pending_losses.append(loss)  # read back when a metric is due
+            if len(self._pending_losses) >= MAX_PENDING_LOSSES:
+                self.flush_losses()
         else:
             self._loss_history.append(loss)
         return StepResult(
