@@ -10,6 +10,7 @@ scan has ended. See ``STREAMING.md`` for the update rule and why it is scaled th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -459,11 +460,14 @@ class StreamingReconstructor:
         iterations: int,
         time_budget_s: float | None = None,
         callback: Callable[[int, int, float], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> list[float]:
         """Full-batch CG over every frame received (after scan end). ``callback(iteration,
         total, loss)`` runs after each CG iteration. Returns the loss per position of each
         iteration. CG state does not persist between calls: call once with the whole budget
-        rather than in pieces (each call restarts from steepest descent)."""
+        rather than in pieces (each call restarts from steepest descent). ``time_budget_s``
+        counts from this call, set-up included (``clock`` is injectable for tests)."""
+        t_entry = clock()
         if self.n_frames == 0:
             raise RuntimeError("refine() needs frames: call add_frames first")
         if iterations < 0:
@@ -482,10 +486,12 @@ class StreamingReconstructor:
         self._constrain_probe_power()
         self.flush_losses()
         kappa, power = host_floats(self._kappa(), self.probe_power())
+        if time_budget_s is not None:
+            time_budget_s = max(0.0, time_budget_s - (clock() - t_entry))
         obj, probe, losses = refine_full_batch(
             self.obj, self.probe, self.frame_store.frames[:n], batch, self.mask, opts,
             iterations, time_budget_s, start_iteration=start, sparse=self._sparse,
-            kappa=kappa, probe_power=power, progress=callback,
+            kappa=kappa, probe_power=power, progress=callback, clock=clock,
         )
         self.obj = obj.astype(self._cdtype, copy=False)
         self.probe = probe.astype(self._cdtype, copy=False)
