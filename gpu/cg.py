@@ -87,6 +87,9 @@ def minimize(
     result = CGResult(x=x)
     if max_iter == 0:
         return result
+    if time_budget_s is not None and time_budget_s <= 0:
+        result.stopped = "time_budget"  # not even the first evaluation fits
+        return result
     f, g = fun(x)
     result.evaluations += 1
     d: Vars | None = None

@@ -168,7 +168,18 @@ def _counts_as(y: Any, dtype: Any) -> Any:
 
 
 def _factor_and_term(xp: Any, inten: Any, y: Any, model: str, weight: Any | None) -> tuple[Any, Any]:
-    """(w·∂L/∂|z|²-like factor, w·loss per measurement); ``inten`` = |z|² is consumed."""
+    """(w·∂L/∂|z|²-like factor, w·loss per measurement); ``inten`` = |z|² is consumed. On CuPy
+    the Poisson pair is one fused kernel (:func:`fused_poisson`); this code is its reference."""
+    if model == "poisson" and fused_available(xp):
+        return fused_poisson(inten, y, weight)
+    return factor_and_term_reference(xp, inten, y, model, weight)
+
+
+def factor_and_term_reference(
+    xp: Any, inten: Any, y: Any, model: str, weight: Any | None
+) -> tuple[Any, Any]:
+    """:func:`_factor_and_term` as array operations (NumPy, and the reference of the fused
+    CuPy kernel); ``inten`` is consumed."""
     if model == "poisson":
         inten += INTENSITY_FLOOR
         ratio = xp.divide(y, inten)
@@ -190,6 +201,51 @@ def _factor_and_term(xp: Any, inten: Any, y: Any, model: str, weight: Any | None
         term *= weight
         factor *= weight
     return factor, term
+
+
+# --- fused element-wise kernels (CuPy) ------------------------------------------------------
+# The Poisson factor and loss are ~9 element-wise passes over the far field as array
+# operations; one CUDA kernel reads |z|², y and the weight once and writes both results.
+
+_POISSON_BODY = """
+    const T i = inten + (T)FLOOR;
+    const T r = (T)y / i;
+    const T t = (T)y * log(r > (T)TINY ? r : (T)TINY) + i - (T)y;
+    factor = ((T)1 - r) WEIGHT;
+    term = t WEIGHT;
+"""
+
+
+def fused_available(xp: Any) -> bool:
+    """The fused kernels exist for CuPy only (NumPy and the strict test backend use the
+    reference array code)."""
+    return xp.__name__.startswith("cupy")
+
+
+def _poisson_kernel(weighted: bool, dtype: Any) -> Any:
+    import cupy
+
+    tiny = float(np.finfo(dtype).tiny)
+    body = (_POISSON_BODY.replace("FLOOR", repr(INTENSITY_FLOOR)).replace("TINY", repr(tiny))
+            .replace("WEIGHT", "* (T)w" if weighted else ""))
+    params = "T inten, Y y, W w" if weighted else "T inten, Y y"
+    return cupy.ElementwiseKernel(params, "T factor, T term", body,
+                                  f"cryoptycho_poisson_{'w' if weighted else 'u'}_{np.dtype(dtype).char}")
+
+
+_KERNELS: dict[tuple[bool, str], Any] = {}
+
+
+def fused_poisson(inten: Any, y: Any, weight: Any | None) -> tuple[Any, Any]:
+    """(factor, term) of the Poisson model in one CuPy kernel; equal to
+    :func:`factor_and_term_reference` up to float rounding (tests/test_fused_kernels.py)."""
+    key = (weight is not None, np.dtype(inten.dtype).char)
+    if key not in _KERNELS:
+        _KERNELS[key] = _poisson_kernel(weight is not None, inten.dtype)
+    kernel = _KERNELS[key]
+    if weight is None:
+        return kernel(inten, y)
+    return kernel(inten, y, weight)
 
 
 def _keep_by_squares(

@@ -304,6 +304,11 @@ def refine_full_batch(
     opts = _as_options(options)
     if opts.refine_probe == "auto":
         opts = opts.with_probe_decision(measured_probe_power(counts_fft, mask))
+    budget = time_budget_s if time_budget_s is not None else opts.time_budget_s
+    if budget is not None and budget <= 0:
+        final, _ = _normalised(probe, float(probe_power) if probe_power is not None
+                               else host_floats((abs(probe) ** 2).sum())[0])
+        return obj, final, []  # no time: no set-up is paid for
     if counts_fft.shape[0] != batch.size:
         raise ValueError(
             f"counts hold {counts_fft.shape[0]} patterns but the batch has {batch.size} positions"
@@ -342,7 +347,6 @@ def refine_full_batch(
             return sparse.update(x["object"], it + 1)
         return False
 
-    budget = time_budget_s if time_budget_s is not None else opts.time_budget_s
     x = {"object": obj, "probe": probe}
     losses: list[float] = []
     it = start_iteration

@@ -472,6 +472,8 @@ class StreamingReconstructor:
             raise RuntimeError("refine() needs frames: call add_frames first")
         if iterations < 0:
             raise ValueError(f"iterations must be ≥ 0, got {iterations}")
+        if time_budget_s is not None and time_budget_s <= 0:
+            return []  # no time: the streamed state stands, no set-up is paid for
         self.refines_probe()  # "auto" decides now if the warm-up has not ended yet
         n = self.n_frames
         batch = self._batch(np.arange(n), SUBPIXEL_QUANTUM)
