@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
@@ -364,16 +364,16 @@ class _Stream:
     def synchronize(self) -> None:
         _record("sync", "stream", None)
 
-    def __enter__(self) -> _Stream:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         return None
 
 
 class _Runtime:
     @staticmethod
-    def memGetInfo() -> tuple[int, int]:  # noqa: N802 (CuPy's name)
+    def memGetInfo() -> tuple[int, int]:
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -382,7 +382,7 @@ class _Runtime:
         return int(free), int(total)
 
     @staticmethod
-    def getDeviceCount() -> int:  # noqa: N802
+    def getDeviceCount() -> int:
         return 1
 
 

@@ -7,7 +7,6 @@ import json
 import subprocess
 
 import pytest
-
 from click.testing import CliRunner
 from cryoptycho.daemon.cli import main
 from cryoptycho.gpu.backend import cupy_available

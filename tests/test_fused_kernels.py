@@ -33,6 +33,7 @@ def test_fused_poisson_matches_the_reference(dtype, rtol, weight):
     # and the device reference (array operations on CuPy) agrees too
     dev_f, dev_t = likelihood.factor_and_term_reference(cp, cp.asarray(inten), cp.asarray(y), "poisson", dev_w)
     np.testing.assert_allclose(to_numpy(got_f), to_numpy(dev_f), rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(to_numpy(got_t), to_numpy(dev_t), rtol=rtol, atol=rtol * float(np.abs(ref_t).max()))
 
 
 def test_far_field_terms_use_the_fused_kernel_on_cupy():

@@ -14,8 +14,8 @@ from cryoptycho.gpu import strict
 from cryoptycho.gpu.backend import array_module, backend_name, get_xp, host_floats, to_numpy
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.stream import MAX_PENDING_LOSSES, StreamingReconstructor
-from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.messages import Result, ScanEvent
+from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
 from daemon_support import start_daemon, synthetic_scan
 
@@ -116,7 +116,7 @@ def test_no_synchronisation_in_a_mini_batch_step(scan, options):
 
 
 def test_pending_losses_are_bounded(scan, monkeypatch):
-    import cryoptycho.gpu.stream as stream
+    from cryoptycho.gpu import stream
 
     monkeypatch.setattr(stream, "MAX_PENDING_LOSSES", 5)
     engine = _engine(scan)
