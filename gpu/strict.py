@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
@@ -364,11 +364,6 @@ class _Stream:
     def synchronize(self) -> None:
         _record("sync", "stream", None)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 class _Runtime:

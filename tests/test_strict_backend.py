@@ -5,6 +5,7 @@ trial is accepted, no frame copied between host and device once stored."""
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 
@@ -149,7 +150,7 @@ def test_cg_iterations_synchronise_twice_and_never_copy_frames(scan):
         losses = engine.refine(20, callback=lambda i, n, loss: marks.append(len(c.events)))
     assert len(losses) == len(marks) == 20
     per_iteration = [
-        sum(1 for e in c.events[a:b] if e.kind in ("sync", "d2h")) for a, b in zip(marks, marks[1:])
+        sum(1 for e in c.events[a:b] if e.kind in ("sync", "d2h")) for a, b in itertools.pairwise(marks)
     ]
     # one read for the iteration's scalars (the last loss and the dot products) and one per
     # line-search trial: 2 when the first trial is accepted, 3 when a secant step is needed
