@@ -197,13 +197,14 @@ class FullBatchLine:
     def _object_at(self, t: float) -> Any:
         return self.t_obj if self.d_obj is None else self.t_obj + t * self.d_obj
 
-    def value(self, t: float) -> tuple[float, float]:
-        """(φ(t), φ'(t)) without an FFT (but see :meth:`_speculate`)."""
+    def value(self, t: float, read: bool = True) -> tuple[Any, Any]:
+        """(φ(t), φ'(t)) without an FFT (but see :meth:`_speculate`): host floats (one
+        read-back), or with ``read=False`` as they are (device scalars on a device)."""
         fun, opts, xp = self.fun, self.fun.options, self.xp
         if self._first is None:
             self._first = t
             if getattr(fun, "_line_first_accepted", False):
-                return self._speculate(t)
+                return self._speculate(t, read)
         s, ds = self._scale(t)
         intens, weights, sums = self._first_pass(t, s, ds)
         loss = slope = 0.0
@@ -220,11 +221,10 @@ class FullBatchLine:
         p_slope = 0.0
         if self.d_obj is not None:
             p_slope = 2.0 * dev_float(xp.vdot(p_grad.ravel(), self.d_obj.ravel()).real)
-        # the trial's one read-back
-        f_t, slope_t = host_floats(fun.scale * loss + p_loss, fun.scale * slope + p_slope)
-        return f_t, slope_t
+        f_t, slope_t = fun.scale * loss + p_loss, fun.scale * slope + p_slope
+        return host_floats(f_t, slope_t) if read else (f_t, slope_t)
 
-    def _speculate(self, t: float) -> tuple[float, float]:
+    def _speculate(self, t: float, read: bool = True) -> tuple[Any, Any]:
         """(φ(t), φ'(t)) through the full gradient at t, kept for :meth:`point`. Once CG has
         settled, the first trial (its last step length) is usually accepted (≈ 1.3 trials per
         iteration): its gradient is then already there, as with direct evaluations, but
@@ -233,9 +233,8 @@ class FullBatchLine:
         xp = self.xp
         slope = sum(2.0 * dev_float(xp.vdot(g_t[k].ravel(), self.d[k].ravel()).real)
                     for k in self.keys)
-        f_t, slope = host_floats(f_t, slope)  # the trial's one read-back
         self._points[t] = (x_t, f_t, g_t)
-        return f_t, slope
+        return host_floats(f_t, slope) if read else (f_t, slope)
 
     def point(self, t: float) -> tuple[dict[str, Any], float, dict[str, Any]]:
         """x + t d, the objective there and its gradient (as ``fun(x + t d)`` returns them):
