@@ -192,7 +192,6 @@ class ScanWorker:
         unpreviewed: list[tuple[float, int]] = []  # (arrival time, frames) not yet in a preview
         self._good: Any = None
         self._preview_s = 0.0  # cost of the last preview (snapshot + publish)
-        self._step_s_per_frame: float | None = None
         self._scan_end: float | None = None  # when scan_end arrived: the budget's start
         self._best_loss = np.inf
         rollbacks = 0
@@ -281,10 +280,6 @@ class ScanWorker:
         except FloatingPointError as exc:
             raise EngineDiverged(str(exc)) from None
         dt = time.perf_counter() - t0
-        # seconds per frame visited, smoothed: what a full-batch evaluation will cost
-        per_frame = dt / max(result.batch_size, 1)
-        self._step_s_per_frame = per_frame if self._step_s_per_frame is None else (
-            0.9 * self._step_s_per_frame + 0.1 * per_frame)
         if halves is not None:
             halves.account_main(dt)
         self.metrics.update_duration.observe(dt)
@@ -399,16 +394,9 @@ class ScanWorker:
             budget = min(budget, self.options.time_budget_s)
         t_end = self._scan_end if self._scan_end is not None else time.monotonic()
         share = cfg.resolution_share if halves is not None and halves.enabled else 0.0
+        # the engines skip a refinement whose set-up and first evaluation would not fit
         main_s, _ = split_budget(budget, time.monotonic() - t_end, self._finish_reserve(), share)
-        # A refinement pays its set-up and one full evaluation before CG can check the clock:
-        # about two sweeps of mini-batch steps over all frames. Not started when that does not fit.
-        first_s = 2.0 * self.engine.n_frames * (self._step_s_per_frame or 0.0)
-        if main_s < first_s:
-            log.info("refinement skipped: %.2f s left, a first evaluation takes ≈ %.2f s", main_s, first_s,
-                     extra={"scan_id": s.scan_id})
-            main_s = 0.0
         last = [time.monotonic()]
-        stamps: list[float] = []  # when each CG iteration ended
         done = [0]  # the engine counts refinement iterations only once refine() returns
 
         def callback(iteration: int, total: int, loss: float) -> None:
@@ -417,7 +405,6 @@ class ScanWorker:
             self.metrics.iterations.inc()
             self.metrics.loss.set(loss)
             done[0] += 1
-            stamps.append(time.perf_counter())
             s.update_figures(iteration=int(self.engine.iteration) + done[0], loss=float(loss))
             for item in self._drain(False):
                 if isinstance(item, Cancel):
@@ -448,10 +435,7 @@ class ScanWorker:
         if halves is not None:
             t_halves = time.perf_counter()
             _, halves_s = split_budget(budget, time.monotonic() - t_end, self._finish_reserve(), 1.0)
-            # each half: set-up, a first evaluation and at least one iteration must fit
-            iteration_s = float(np.median(np.diff([t0, *stamps]))) if stamps else first_s
-            if halves_s >= 2.0 * (first_s + iteration_s):
-                halves.refine(self.options.iterations, halves_s)
+            halves.refine(self.options.iterations, halves_s)
             self._resolution(halves)
             s.update_figures(halves_refine_s=time.perf_counter() - t_halves)
         t_finish = time.perf_counter()

@@ -78,6 +78,23 @@ def test_stream_refine_counts_its_set_up_against_the_budget():
     assert len(free) == 3
 
 
+def test_refine_is_not_started_when_its_first_evaluation_cannot_fit():
+    """The steps' pace (seconds per frame visited) predicts a refinement's set-up and first
+    evaluation: a budget shorter than that leaves the streamed state as it is."""
+    scan = synthetic_scan(n_side=6)
+    engine = StreamingReconstructor(frame_shape=scan.frames.shape[1:], frame_dtype=np.uint16,
+                                    pixel_size=1e-10, probe=scan.probe, options=ReconOptions())
+    engine.add_frames(scan.frames, scan.positions)
+    engine.step()
+    assert engine.step_seconds_per_frame > 0  # measured by the step
+    engine.step_seconds_per_frame = 0.1  # 36 frames: ≈ 7 s for set-up and a first evaluation
+    before = engine.obj.copy()
+    assert engine.refine(20, time_budget_s=5.0, clock=lambda: 0.0) == []
+    np.testing.assert_array_equal(engine.obj, before)
+    assert len(engine.refine(2, time_budget_s=8.0, clock=lambda: 0.0)) == 2
+    assert len(engine.refine(2)) == 2  # no budget, no limit
+
+
 def test_split_budget_keeps_the_promise():
     main, halves = split_budget(30.0, spent_s=2.0, reserve_s=1.0, halves_share=0.25)
     assert (main, halves) == (pytest.approx(20.25), pytest.approx(6.75))
