@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +35,7 @@ import pytest
 from cryoptycho.daemon.cli import COMMANDS
 from cryoptycho.daemon.commands.bench import BENCHES
 from cryoptycho.protocols.control import ControlClient
+from daemon_support import wait_for
 from deploy_support import DEPLOY, ROOT, dockerfile
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -195,14 +195,13 @@ def test_simulate_serve_replay_from_the_installed_command(install: Install) -> N
         ready = json.loads(serve.stdout.readline() or "{}")
         assert ready.get("event") == "ready", (serve.wait(TIMEOUT_S), log.read_text())
         install.cryoptycho("replay", str(work / "tiny.h5"), "--endpoint", ready["ingest"], "--rate", "0")
+        def ended() -> list:
+            assert serve.poll() is None, log.read_text()
+            scans = [s for s in ctl.list_scans() if s["scan_id"] == "tiny"]
+            return scans if any(s["state"] in ("finished", "failed") for s in scans) else []
+
         with ControlClient(ready["control"], timeout_s=10) as ctl:
-            deadline = time.monotonic() + TIMEOUT_S
-            scans: list = []
-            while not any(s["state"] in ("finished", "failed") for s in scans):
-                assert time.monotonic() < deadline, f"the replayed scan did not finish: {scans}"
-                assert serve.poll() is None, log.read_text()
-                scans = [s for s in ctl.list_scans() if s["scan_id"] == "tiny"]
-                time.sleep(0.1)  # poll interval of the wait for the scan's end
+            scans = wait_for(ended, TIMEOUT_S, "the replayed scan to end")
         (scan,) = scans
         assert scan["state"] == "finished" and scan["frames"]["received"] == scan["expected_frames"], scan
         with h5py.File(scan["result_path"]) as f:
