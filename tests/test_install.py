@@ -135,10 +135,30 @@ def install(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Install:
     if made.returncode != 0:
         pytest.skip(f"cannot create a virtual environment here: {made.stderr.strip()}")
     inst = Install(root, wheel)
-    # --no-index: every dependency must already be satisfied by what `pip install -e ".[test]"`
-    # installed (as declared for this Python); nothing is downloaded
-    inst.run(str(inst.python), "-m", "pip", "install", "--no-index", "--quiet", str(wheel))
+    # the dependencies are those `pip install -e ".[test]"` installed (checked below, as pip's
+    # resolver would: resolving them again over the site packages costs seconds)
+    inst.run(str(inst.python), "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", str(wheel))
     return inst
+
+
+def test_installed_wheel_finds_every_requirement_it_declares(install: Install) -> None:
+    script = """
+import importlib.metadata as md
+from packaging.requirements import Requirement
+for raw in md.requires("cryoptycho"):
+    req = Requirement(raw)
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue  # an extra's, or another Python's
+    try:
+        have = md.version(req.name)
+    except md.PackageNotFoundError:
+        print(f"missing: {raw}")
+        continue
+    if not req.specifier.contains(have, prereleases=True):
+        print(f"{raw}: {have} installed")
+"""
+    out = install.run(str(install.python), "-c", script)
+    assert not out.stdout.strip(), out.stdout
 
 
 def test_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
