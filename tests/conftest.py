@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# ptychodus (test extra) pulls in pydantic-ai and with it logfire, whose pydantic plugin is loaded
+# by every process that defines a pydantic model: about 1 s more per daemon or CLI subprocess.
+# Our tests do not use it; switch it off here, for this process and the subprocesses it starts.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "logfire-plugin")
 from cryoptycho.gpu.backend import cupy_available, get_xp
 
 
