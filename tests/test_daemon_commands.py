@@ -29,7 +29,7 @@ def test_watch_follows_a_scan_and_saves_images(tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         time.sleep(2.0)  # the watcher imports and subscribes before the scan starts
-        with Producer(daemon.ingest) as producer:
+        with Producer(daemon.ingest, control=daemon.control) as producer:
             producer.start_scan(**scan.start_fields("watched"))
             for lo in range(0, len(scan.frames), 32):
                 producer.send_frames(scan.frames[lo : lo + 32])

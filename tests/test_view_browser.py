@@ -60,7 +60,7 @@ def test_browser_follows_a_streamed_scan(tmp_path):
             try:
                 def stream() -> None:
                     try:
-                        with Producer(daemon.ingest) as producer:
+                        with Producer(daemon.ingest, control=daemon.control) as producer:
                             producer.start_scan(**scan.start_fields("browser"))
                             for i in range(0, n, 16):  # about 4 s of acquisition
                                 producer.send_frames(scan.frames[i:i + 16])
