@@ -12,6 +12,7 @@ own rules before it leaves.
 
 from __future__ import annotations
 
+import atexit
 import re
 import time
 import uuid
@@ -24,9 +25,9 @@ import numpy as np
 import zmq
 
 # pyzmq releases zero-copy buffers through a collector that it stops at interpreter exit; importing
-# it here registers its exit hook before any Producer registers its own (weakref.finalize), and
-# exit hooks run last-in first-out: a producer's context is terminated (its queue sent) while the
-# collector still holds the buffers. The other order freed buffers under the I/O thread (SIGSEGV).
+# it here registers its exit hook before ours (below), and exit hooks run last-in first-out: open
+# producers are closed (their queues sent, their contexts terminated) while the collector still
+# holds the buffers. The other order freed buffers under the I/O thread (SIGSEGV).
 import zmq.utils.garbage
 
 from . import validate
@@ -151,6 +152,8 @@ class Producer(SocketClient):
             self, _shutdown, self._socket, self._helpers,
             self._ctx if self._own_context else None, _linger_ms(send_timeout_s),
         )
+        self._finalizer.atexit = False  # _close_at_exit does it, in the right order
+        _open.add(self)
         self.scan: ScanStart | None = None
         self.frames_sent = 0
         self._next_index = 0
@@ -304,6 +307,7 @@ class Producer(SocketClient):
         messages to leave, and terminate the producer's own context (so the process can exit
         at once, cleanly). Safe to call twice."""
         self._control = None
+        _open.discard(self)
         if not self._finalizer.alive:
             return
         self._finalizer.detach()
@@ -344,8 +348,9 @@ class Producer(SocketClient):
             assert self.control is not None
             # short tries: a busy daemon answers between ingest bursts, and the confirmation
             # loop retries until its own no-progress timeout
+            per_try = 2.0 if self.send_timeout_s is None else min(2.0, max(self.send_timeout_s, 0.05))
             self._control = ControlClient(
-                self.control, timeout_s=2.0, retries=1, limits=self.limits, curve=self._curve,
+                self.control, timeout_s=per_try, retries=1, limits=self.limits, curve=self._curve,
                 context=self._ctx,
             )
             self._helpers.append(self._control)
@@ -456,6 +461,16 @@ class Producer(SocketClient):
         if self.hook is not None:
             for p in self.hook.flush():
                 self.send_parts(p)
+
+
+#: producers not closed yet: closed at interpreter exit, before pyzmq's collector stops
+_open: weakref.WeakSet[Producer] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for producer in list(_open):
+        producer.close()
 
 
 def _linger_ms(seconds: float | None) -> int:

@@ -191,6 +191,22 @@ def test_the_sender_is_told_what_the_daemon_does_not_hold(daemon, small):
         assert info.value.unacknowledged == 10
 
 
+def test_finish_scan_reconstructs_an_open_scan_now(daemon, small):
+    _, scan = small
+    with ControlClient(daemon.control, timeout_s=5) as ctl, \
+            Producer(daemon.ingest, control=daemon.control) as p:
+        p.start_scan(**scan.start_fields("early"))
+        p.send_frames(scan.frames[:80])
+        assert p.flush().acknowledged == 80
+        # the sender is gone (or stuck) without scan_end: the operator does not wait for the timeout
+        assert ctl.finish_scan("early")["frames"]["received"] == 80
+        assert_finished_with(ctl, daemon, "early", scan.frames[:80])
+        assert ctl.call("receipt", scan_id="early")["end_reason"] == "finish_scan"
+        p.send_frames(scan.frames[80:])  # too late: the sender is told, not misled
+        with pytest.raises(DeliveryError, match="holds 80 of the 144 frames"):
+            p.end_scan()
+
+
 def test_no_acknowledgement_is_a_timeout_naming_the_frames(daemon, small):
     import zmq
 
@@ -242,7 +258,7 @@ KILLED = textwrap.dedent("""
 def test_a_sender_killed_mid_scan_leaves_a_scan_that_can_still_be_finished(tmp_path, small):
     _, scan = small
     np.savez(tmp_path / "scan.npz", frames=scan.frames, positions=scan.positions, probe=scan.probe)
-    daemon = start_daemon(tmp_path, *QUICK, "--set", "acquisition_timeout_s=2")
+    daemon = start_daemon(tmp_path, *QUICK, "--set", "acquisition_timeout_s=3")
     try:
         sender = subprocess.Popen([sys.executable, "-c", KILLED, daemon.ingest, daemon.control,
                                    str(tmp_path / "scan.npz")], stdout=subprocess.PIPE, text=True)
