@@ -123,12 +123,17 @@ def build_table(service: Service) -> dict[str, Handler]:
     def receipt(scan_id: str) -> dict[str, Any]:
         """What the daemon holds of a scan: frames received (spooled), whether its scan_end was
         read. Cheap enough to poll: producers confirm delivery with it (PROTOCOL.md § Delivery)."""
-        refused = service.scans.refused.get(scan_id) if isinstance(scan_id, str) else None
-        if refused is not None and scan_id not in service.scans.sessions:
-            return {"scan_id": scan_id, "state": "refused", "ended": True, "end_reason": None,
-                    "end_count": None, "expected_frames": None, "frames": {"received": 0},
-                    "missing": [], "error": refused[1], "refused_at": refused[0]}
-        session = _session(service, scan_id)
+        if not isinstance(scan_id, str) or not scan_id:
+            raise HandlerError("params.scan_id: required (a scan id string)")
+        session = service.scans.sessions.get(scan_id)
+        if session is None:
+            # not (yet) read, refused, or long forgotten: the daemon holds nothing of it
+            refused = service.scans.refused.get(scan_id)
+            return {"scan_id": scan_id, "state": "unknown" if refused is None else "refused",
+                    "ended": refused is not None, "end_reason": None, "end_count": None,
+                    "expected_frames": None, "frames": {"received": 0}, "missing": [],
+                    "error": None if refused is None else refused[1],
+                    "refused_at": None if refused is None else refused[0]}
         with session.lock:
             ledger = session.ledger
             closed = session.ended or session.state.final

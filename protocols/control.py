@@ -218,8 +218,9 @@ class ControlClient(SocketClient):
 
     def receipt(self, scan_id: str) -> dict[str, Any]:
         """What the daemon holds of a scan: ``frames`` (``received``, ``gaps``, …), ``ended``
-        (its scan_end was read), ``end_reason``, ``state``, ``missing`` (first missing indices
-        once the scan takes no more frames). Producers poll it to confirm delivery."""
+        (its scan_end was read), ``end_reason``, ``state`` (``"unknown"`` before the daemon read
+        the scan's start, ``"refused"`` after a refusal), ``missing`` (first missing indices once
+        the scan takes no more frames). Producers poll it to confirm delivery."""
         return self.call("receipt", scan_id=scan_id)
 
     def finish_scan(self, scan_id: str) -> dict[str, Any]:

@@ -365,8 +365,6 @@ class Producer(SocketClient):
         except ControlTimeout:
             return None
         except ControlError as exc:
-            if "unknown scan" in exc.msg:
-                return {"scan_id": scan_id, "state": "unknown", "frames": {"received": 0}}
             raise DeliveryError(
                 f"the daemon at {self.control} cannot acknowledge scan {scan_id!r} ({exc.msg}); "
                 "an older daemon has no `receipt`: use confirm=False to send unconfirmed",
