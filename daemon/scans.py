@@ -367,6 +367,8 @@ class ScanManager:
         reopened.ledger.admit(contents.indices)
         reopened.ended, reopened.end_reason = True, "finish_scan"
         del self.sessions[session.scan_id]  # the stopped record is replaced by the live one
+        while session.scan_id in self.waiting:  # stopped while waiting: admit() had not dropped it
+            self.waiting.remove(session.scan_id)
         self._register(reopened, spool)
         log.info("scan re-opened from its spool to finish (%d frames)", spool.count,
                  extra={"scan_id": spec.scan_id})
