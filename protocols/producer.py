@@ -380,8 +380,9 @@ class Producer(SocketClient):
             if self.send_timeout_s is not None and time.monotonic() - waited > self.send_timeout_s:
                 raise ProducerTimeout(
                     f"no answer from the daemon's control socket {self.control} for "
-                    f"{self.send_timeout_s} s: delivery cannot be confirmed (give control=... of "
-                    "the daemon, or confirm=False)"
+                    f"{self.send_timeout_s} s: delivery cannot be confirmed (name the daemon's "
+                    "control endpoint: Producer(control=...), `replay --control`; or send "
+                    "unconfirmed: confirm=False, `replay --no-confirm`)"
                 )
         if answer["state"] == "refused":
             self._stale_refusal = answer.get("refused_at")
