@@ -80,7 +80,7 @@ def final(ctl: ControlClient, scan_id: str) -> dict | None:
 
 def assert_finished_with(ctl: ControlClient, daemon: Daemon, scan_id: str, frames: np.ndarray) -> None:
     """The scan finished holding every frame, and its result file's raw part is those frames."""
-    info = wait_for(lambda: final(ctl, scan_id), 120, f"scan {scan_id} to end", daemon)
+    info = wait_for(lambda: final(ctl, scan_id), 300, f"scan {scan_id} to end", daemon)
     assert info["state"] == "finished", info
     assert info["frames"]["received"] == len(frames), info
     assert info["frames"]["gaps"] == info["expected_frames"] - len(frames), info
