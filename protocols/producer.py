@@ -99,7 +99,7 @@ class Producer(SocketClient):
     then returns once the messages are queued, and ``close()`` waits up to its linger for them
     to leave. An exception inside the ``with`` block aborts the open scan. Arrays passed in are
     sent without a copy when large: do not write into them before ``flush()`` or ``end_scan()``
-    returned (the producer keeps them alive until then).
+    returned (with ``confirm=False``: before ``close()``); the producer keeps them alive.
     """
 
     def __init__(
@@ -160,6 +160,7 @@ class Producer(SocketClient):
         self._given = np.zeros(0, dtype=bool)  #: frame indices given to this scan (delivery check)
         self._stale_refusal: float | None = None  #: an earlier refusal of the open scan's id
         self._started = 0.0
+        self._stalled = False  #: a send or confirmation timed out: close() does not linger
 
     # -- scan lifecycle ------------------------------------------------------------------------
 
@@ -297,25 +298,27 @@ class Producer(SocketClient):
             # zero-copy costs more than it saves
             self._socket.send_multipart(parts, copy=False)
         except zmq.Again:
+            self._stalled = True
             raise ProducerTimeout(
                 f"the daemon at {self.endpoint} took no message for {self.send_timeout_s} s "
                 "(not running, unreachable, CURVE key refused, or its queue is full)"
             ) from None
 
     def close(self, linger_s: float | None = None) -> None:
-        """Close the sockets, waiting up to ``linger_s`` (default: the send timeout) for queued
-        messages to leave, and terminate the producer's own context (so the process can exit
-        at once, cleanly). Safe to call twice."""
+        """Close the sockets, waiting up to ``linger_s`` (default: the send timeout, or 0 once a
+        send or confirmation timed out: the daemon takes nothing) for queued messages to leave,
+        and terminate the producer's own context (so the process can exit at once, cleanly).
+        Safe to call twice."""
         self._control = None
         _open.discard(self)
         if not self._finalizer.alive:
             return
         self._finalizer.detach()
+        if linger_s is None:
+            linger_s = 0.0 if self._stalled else self.send_timeout_s
         _shutdown(
-            self._socket,
-            self._helpers,
-            self._ctx if self._own_context else None,
-            _linger_ms(self.send_timeout_s if linger_s is None else linger_s),
+            self._socket, self._helpers, self._ctx if self._own_context else None,
+            _linger_ms(linger_s),
         )
 
     def _before_close(self, exc: BaseException | None) -> None:
@@ -441,6 +444,7 @@ class Producer(SocketClient):
                            "refused before it was recorded (see the published `error` events)")
                 else:
                     why = "stalled, or frames were lost on the way"
+                self._stalled = True
                 raise DeliveryTimeout(
                     f"scan {scan_id!r}: the daemon acknowledged {held} of {sent} frames "
                     f"({sent - held} unacknowledged) and nothing more for {timeout} s ({why})",
