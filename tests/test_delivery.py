@@ -63,7 +63,8 @@ def passes(scan: Scan, n: int) -> Scan:
 
 
 def replay_cli(daemon: Daemon, path: Path, scan_id: str, timeout: float = 180) -> tuple[int, float]:
-    """`cryoptycho replay --rate 0` in its own process; returns (frames acknowledged, frames/s)."""
+    """`cryoptycho replay --rate 0` in its own process; returns (frames acknowledged, frames/s
+    from its scan_start to the acknowledgement of its last frame)."""
     proc = subprocess.run([*CLI, "replay", str(path), "--rate", "0", "--endpoint", daemon.ingest,
                            "--control", daemon.control, "--scan-id", scan_id],
                           capture_output=True, text=True, timeout=timeout, check=False)
