@@ -131,6 +131,20 @@ def test_replay_30_times_in_a_row_every_scan_finishes_whole(daemon, small):
     print(f"30 replays of {len(scan.frames)} frames: {min(rates):.0f}–{max(rates):.0f} frames/s end to end")
 
 
+def test_a_fault_drill_reports_what_the_daemon_lacks(daemon, small):
+    path, scan = small
+    proc = subprocess.run([*CLI, "replay", str(path), "--rate", "0", "--batch", "8", "--endpoint", daemon.ingest,
+                           "--control", daemon.control, "--scan-id", "drill", "--drop", "0.3", "--seed", "1"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    held = re.search(r"acknowledged (\d+) of (\d+) frames \((\d+) lost by the fault drill\)", proc.stdout)
+    assert held, proc.stdout
+    with ControlClient(daemon.control, timeout_s=5) as ctl:
+        receipt = ctl.receipt("drill")
+    assert int(held[1]) == receipt["frames"]["received"] < len(scan.frames) == int(held[2])
+    assert int(held[3]) == receipt["frames"]["gaps"] > 0 and receipt["ended"]
+
+
 SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
