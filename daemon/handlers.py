@@ -122,7 +122,7 @@ def build_table(service: Service) -> dict[str, Handler]:
 
     def receipt(scan_id: str) -> dict[str, Any]:
         """What the daemon holds of a scan: frames received (spooled), whether its scan_end was
-        read. Cheap enough to poll: producers confirm delivery with it (PROTOCOL.md § Delivery)."""
+        read. Cheap enough to poll: producers confirm delivery with it (PROTOCOL.md § 4.5)."""
         if not isinstance(scan_id, str) or not scan_id:
             raise HandlerError("params.scan_id: required (a scan id string)")
         session = service.scans.sessions.get(scan_id)
