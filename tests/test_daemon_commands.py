@@ -37,7 +37,7 @@ def test_watch_follows_a_scan_and_saves_images(tmp_path):
         # the watcher has subscribed once it prints an event the daemon published
         publish_probe_until(daemon, lambda: any(ln.startswith("error") for ln in list(lines)) or watch.poll() is not None,
                             "the watcher to print a published event")
-        with Producer(daemon.ingest) as producer:
+        with Producer(daemon.ingest, control=daemon.control) as producer:
             producer.start_scan(**scan.start_fields("watched"))
             for lo in range(0, len(scan.frames), 32):
                 producer.send_frames(scan.frames[lo : lo + 32])

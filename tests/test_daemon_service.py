@@ -66,7 +66,7 @@ def finished(scan_id: str):
 def test_streamed_scan_previews_result_and_metrics(daemon, scan):
     sub = Subscriber(daemon.publish, latest_only=False)
     wait_subscribed(daemon, sub)  # SUB connects asynchronously: a slow joiner would miss the first events
-    with Producer(daemon.ingest) as producer:
+    with Producer(daemon.ingest, control=daemon.control) as producer:
         producer.start_scan(**scan.start_fields("one"))
         half = len(scan.frames) // 2
         for lo in range(0, half, 16):
@@ -112,7 +112,7 @@ def test_control_methods(daemon, scan):
             ctl.snapshot("nope")
         with pytest.raises(ControlError, match="unknown method"):
             ctl.call("reboot")
-        with Producer(daemon.ingest) as producer:
+        with Producer(daemon.ingest, control=daemon.control) as producer:
             producer.start_scan(**scan.start_fields("ctl"))
             producer.send_frames(scan.frames[:128])
             # ingest (PUSH) carries no acknowledgement: the control socket may be served first
@@ -150,7 +150,7 @@ def _send_bad_messages(endpoint: str, scan: Scan) -> set[str]:
     push.send_multipart(encode(Frames("ghost", np.arange(2, dtype=np.uint32), scan.frames[:2])))
     push.send_multipart(encode(Frames("conc-a", np.arange(2, dtype=np.uint32), scan.frames[:2, :16, :16])))
     push.send_multipart(good[:1])  # header promises arrays that are missing
-    with Producer(endpoint) as p:
+    with Producer(endpoint, confirm=False) as p:  # it sends scans the daemon refuses, on purpose
         p.start_scan(**scan.start_fields("bad-options", options={"iterations": -1}))
         p.scan = None
         p.start_scan(**scan.start_fields("too-big", expected_frames=10_000_000, positions_m=None))
@@ -192,7 +192,7 @@ def test_concurrent_scans_bad_messages_and_a_stalled_subscriber(tmp_path, scan):
         resume = threading.Event()
 
         def stream(scan_id: str, data: Scan) -> None:
-            with Producer(daemon.ingest) as producer:
+            with Producer(daemon.ingest, control=daemon.control) as producer:
                 producer.start_scan(**data.start_fields(scan_id))
                 for lo in range(0, len(data.frames), 32):
                     if lo == 128:  # the bad messages arrive while both scans acquire
@@ -250,7 +250,7 @@ def test_kill_9_then_recover_from_spool(tmp_path, scan):
     from cryoptycho.daemon.storage.spool import read_spool
 
     daemon = start_daemon(tmp_path, *FAST)
-    with ControlClient(daemon.control, timeout_s=5) as ctl, Producer(daemon.ingest) as producer:
+    with ControlClient(daemon.control, timeout_s=5) as ctl, Producer(daemon.ingest, control=daemon.control) as producer:
         producer.start_scan(**scan.start_fields("crash"))
         producer.send_frames(scan.frames[:160])
         received = wait_for(
@@ -287,7 +287,7 @@ def test_sigterm_drains_and_keeps_open_scans_for_recovery(tmp_path, scan):
     from cryoptycho.daemon.storage.spool import read_spool
 
     daemon = start_daemon(tmp_path, *FAST)
-    with ControlClient(daemon.control, timeout_s=5) as ctl, Producer(daemon.ingest) as producer:
+    with ControlClient(daemon.control, timeout_s=5) as ctl, Producer(daemon.ingest, control=daemon.control) as producer:
         producer.start_scan(**scan.start_fields("drain"))
         producer.send_frames(scan.frames[:100])
         wait_for(lambda: ctl.status()["scans"].get("drain", {}).get("state") == "acquiring", 30,

@@ -61,7 +61,7 @@ def test_browser_follows_a_streamed_scan(tmp_path):
             # a frozen browser: it connects and never reads a message
             frozen = websockets.sync.client.connect(url.replace("http", "ws") + "ws", max_size=None)
             try:
-                with Producer(daemon.ingest) as producer:
+                with Producer(daemon.ingest, control=daemon.control) as producer:
                     producer.start_scan(**scan.start_fields("browser"))
                     for i in range(0, n // 2, 16):
                         producer.send_frames(scan.frames[i:i + 16])
