@@ -24,6 +24,8 @@ def spec_from_scan_start(msg: ScanStart) -> ScanSpec:
     else:
         raise ProtocolError("pixel_size_m", "geometry", "give pixel_size_m or detector_pixel_angle_rad", msg.scan_id)
     metadata = dict(msg.metadata)
+    if msg.raster is not None:  # the grid shape goes into the spool and result (h5format.nav_shape_of)
+        metadata.update(nav_shape=list(msg.raster.shape), raster_serpentine=bool(msg.raster.serpentine))
     if msg.probe is not None:
         probe = np.asarray(msg.probe, dtype=np.complex64)
     else:

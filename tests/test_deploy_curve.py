@@ -83,7 +83,8 @@ def test_daemon_with_curve_admits_only_its_clients(tmp_path: Path) -> None:
             unknown.ping()  # a valid key pair the daemon never admitted
 
         scan = synthetic_scan(n_side=6)
-        with Producer(daemon.ingest, curve=ClientCurve.from_keys_dir(keys, "producer")) as producer:
+        with Producer(daemon.ingest, control=daemon.control,
+                      curve=ClientCurve.from_keys_dir(keys, "producer")) as producer:
             producer.start_scan(**scan.start_fields("curve"))
             producer.send_frames(scan.frames)
             producer.end_scan()
@@ -98,7 +99,8 @@ def test_daemon_with_curve_admits_only_its_clients(tmp_path: Path) -> None:
             wait_for(lambda: broker.status()["backends"][0]["last_status_age_s"] is not None, 30,
                      "the daemon's status over CURVE", daemon)
             again = synthetic_scan(n_side=6, seed=1)
-            with Producer(broker.ingest_endpoint) as producer:
+            # the broker's own ingest is plain (a relay: no delivery receipt); the frames count below
+            with Producer(broker.ingest_endpoint, confirm=False) as producer:
                 producer.start_scan(**again.start_fields("via-broker"))
                 producer.send_frames(again.frames)
                 producer.end_scan()

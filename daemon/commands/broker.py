@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryoptycho.protocols.limits import limits_with, parse_limit_pairs
 from cryoptycho.protocols.security import ClientCurve
 
 from ..broker import Broker, BrokerOptions, parse_backend
@@ -47,12 +48,14 @@ def _backends(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
                    "private/<--curve-client>.key_secret (`cryoptycho keys DIR --client broker`).")
 @click.option("--curve-client", default="broker", show_default=True,
               help="Client name of the broker's key pair in --curve-keys-dir.")
+@click.option("--limit", "limit_pairs", multiple=True, metavar="KEY=VALUE",
+              help="A protocol limit, as the daemons' [limits] table (e.g. max_frame_side=2048). Repeatable.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
               show_default=True)
 def command(ingest: str, control: str, backends: list[Any], hold_bytes: int, poll_interval_s: float,
-            dead_after_s: float, curve_keys_dir: Path | None, curve_client: str, log_format: str,
-            log_level: str) -> None:
+            dead_after_s: float, curve_keys_dir: Path | None, curve_client: str, limit_pairs: tuple[str, ...],
+            log_format: str, log_level: str) -> None:
     """Route each scan to a free daemon and keep all of its frames there.
 
     Producers send to the broker exactly as to a daemon. Daemons are listed with --backend or
@@ -67,8 +70,13 @@ def command(ingest: str, control: str, backends: list[Any], hold_bytes: int, pol
         for needed in (curve.secret_file, curve.server_public_file):
             if not needed.is_file():
                 raise click.BadParameter(f"{needed} does not exist", param_hint="--curve-keys-dir")
+    try:
+        limits = limits_with(parse_limit_pairs(limit_pairs))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--limit") from None
     options = BrokerOptions(ingest=ingest, control=control or None, hold_bytes=hold_bytes,
-                            poll_interval_s=poll_interval_s, dead_after_s=dead_after_s, curve=curve)
+                            poll_interval_s=poll_interval_s, dead_after_s=dead_after_s, limits=limits,
+                            curve=curve)
     broker = Broker(options, backends)
     notifier = SystemdNotifier()
 
