@@ -279,3 +279,35 @@ def test_worker_records_an_unresolved_estimate_but_keeps_it_off_the_gauge():
     assert figures == {"resolution_m": float("inf")} and gauge == []
     ScanWorker._resolution(fake, SimpleNamespace(estimate=lambda: 4e-10))
     assert figures == {"resolution_m": 4e-10} and gauge == [4e-10]
+
+
+def test_the_daemon_publishes_a_per_frame_loss_that_does_not_grow_with_the_frames(tmp_path):
+    """The figure the viewer plots, from the real daemon: as the frames used grow eightfold the
+    loss stays within a factor 2 (a sum over the frames would grow eightfold)."""
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import start_daemon, synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=16)
+    n, chunk = len(scan.frames), len(scan.frames) // 8
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=2")
+    points = []
+    try:
+        with ControlClient(daemon.control, timeout_s=5) as ctl, \
+                Producer(daemon.ingest, control=daemon.control) as producer:
+            def summary():
+                return next((s for s in ctl.list_scans() if s["scan_id"] == "loss"), None)
+
+            producer.start_scan(**scan.start_fields("loss"))
+            for i in range(0, n - chunk, chunk):  # the last chunk is held back: still acquiring
+                producer.send_frames(scan.frames[i:i + chunk])
+                got = wait_for(lambda i=i: (s := summary()) and (s.get("frames_used") or 0) >= i + chunk
+                               and s.get("loss") is not None and s, 60, "the frames folded in", daemon)
+                points.append((got["frames_used"], got["loss"]))
+            producer.send_frames(scan.frames[n - chunk:])
+            producer.end_scan()
+    finally:
+        daemon.stop()
+    assert points[-1][0] >= 7 * points[0][0], points
+    losses = [loss for _, loss in points]
+    assert max(losses) < 2 * min(losses), points

@@ -5,7 +5,6 @@ selenium are absent (`.ci/run` installs them)."""
 
 from __future__ import annotations
 
-import json
 import os
 import urllib.error
 import urllib.request
@@ -94,15 +93,7 @@ def test_browser_follows_a_streamed_scan(tmp_path):
                 assert "final result" in _text(driver, "range")
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(str(ARTIFACTS / "viewer.png"))
-                # the curve is a per-frame figure: it does not grow with the frames folded in
-                # (a sum over 16 → 256 frames would grow 16×)
-                with urllib.request.urlopen(url + "api/state") as reply:
-                    state = json.load(reply)
-                history = next(m for m in state if m["kind"] == "metrics")["loss_history"]
-                streamed = [(frames, loss) for _, loss, frames in history if frames < n]
-                assert len(streamed) >= 2, history
-                early, late = min(streamed)[1], max(streamed)[1]
-                assert late < 2 * early, (early, late)
+                # the curve is labelled as what it is (tests/test_view.py checks the figure itself)
                 assert "per frame" in _text(driver, "st-loss-label")
                 # a viewer started after the scan ended shows its result (read from the file)
                 with viewer_server(daemon.publish, daemon.control) as late_url:
