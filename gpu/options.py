@@ -119,6 +119,24 @@ class ReconOptions(_Strict):
     measured range: "auto" keeps a given probe fixed at every dose this product sees."""
     probe_start_iteration: int = Field(10, ge=0)
 
+    refine_positions: bool = False
+    """Refine the probe positions from the data (gpu/positions.py): Gauss–Newton updates of a
+    scan model — an affine map of the nominal positions plus small per-position residuals —
+    alternating with the object CG. For scans whose positions are nominal (scan-coil
+    distortion, jitter, drift)."""
+    position_model: Literal["affine", "free"] = "affine"
+    """"affine": the positions follow an affine map of the nominal scan plus residuals with a
+    Gaussian prior of rms ``position_residual_px``; "free": every position on its own."""
+    position_residual_px: float = Field(0.5, ge=0)
+    """Prior rms (object pixels) of each position's residual from the affine scan model; 0 =
+    a purely affine scan."""
+    position_start_iteration: int = Field(10, ge=0)
+    """CG iterations before the first position update (the object must show some structure)."""
+    position_every: int = Field(5, ge=1)
+    """CG iterations between position updates (none in the last ``position_every``)."""
+    position_max_step_px: float = Field(1.0, gt=0)
+    """Largest move of any position in one update, object pixels (a trust region)."""
+
     chunk_size: int = Field(256, ge=1)
     """Positions per chunk of a full-batch evaluation (bounds device memory; same result)."""
 

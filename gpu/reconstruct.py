@@ -29,6 +29,8 @@ from .line_model import full_batch_line
 from .objective import data_term
 from .operators import Batch, forward, illumination, make_batch, sub_batch, to_fft_order
 from .options import ReconOptions
+from .positions import ScanModel, refine_with_positions
+from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
 from .probes import make_probe, normalise_probe
@@ -135,7 +137,12 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
         if not bool(mask.any()):
             raise ValueError("mask marks every detector pixel invalid")
     positions = np.asarray(data.positions, dtype=np.float64)
-    geometry = fit_geometry(positions, data.real_pixel_size, m)
+    margin = 2
+    if opts.refine_positions:
+        # refined positions may leave the nominal scan's canvas: room for a few per cent
+        span = float(np.ptp(positions, axis=0).max()) / data.real_pixel_size if len(positions) else 0.0
+        margin = position_margin_px(span)
+    geometry = fit_geometry(positions, data.real_pixel_size, m, margin_px=margin)
     batch = make_batch(xp.asarray(geometry.to_pixels(positions)), geometry.object_shape, m)
     probe = _initial_probe(data, opts, xp, counts_fft)
     power = measured_probe_power(counts_fft, mask, probe)
@@ -334,6 +341,33 @@ def refine_full_batch(
     return x["object"], final_probe, losses
 
 
+def _refine_with_positions(
+    problem: Problem, opts: ReconOptions, progress: Progress | None,
+) -> tuple[Any, Any, list[float], np.ndarray]:
+    """:func:`refine_full_batch` alternating with position updates (gpu/positions.py); the
+    positions returned are the refined ones, in metres."""
+    geo = problem.geometry
+    scan = ScanModel(geo.to_pixels(problem.positions))
+    total = opts.iterations
+    budget = opts.time_budget_s
+    t_start = time.perf_counter()
+
+    def run_cg(obj: Any, probe: Any, batch: Batch, n: int, start: int) -> tuple[Any, Any, list[float]]:
+        left = None if budget is None else max(budget - (time.perf_counter() - t_start), 1e-3)
+        report = None if progress is None else (lambda it, _total, loss: progress(it, total, loss))
+        return refine_full_batch(
+            obj, probe, problem.counts_fft, batch, problem.mask, opts, n, left, start,
+            kappa=problem.kappa, probe_power=problem.probe_power, progress=report,
+        )
+
+    scale = AMPLITUDE_NLL_SCALE if opts.noise_model == "amplitude" else 1.0
+    obj, probe, losses, _updates = refine_with_positions(
+        run_cg, problem.object, problem.probe, problem.counts_fft, scan, geo.object_shape,
+        problem.mask, opts, total, problem.probe_power, scale,
+    )
+    return obj, probe, losses, geo.to_metres(scan.positions)
+
+
 def reconstruct(
     data: PtychoData,
     options: ReconOptions | dict[str, Any] | None = None,
@@ -347,14 +381,20 @@ def reconstruct(
     has_probe = data.probe is not None or data.probe_model is not None
     opts = problem.options.with_probe_decision(
         measured_probe_power(problem.counts_fft, problem.mask), has_probe)
-    obj, probe, losses = refine_full_batch(
-        problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts,
-        opts.iterations, kappa=problem.kappa, probe_power=problem.probe_power, progress=progress,
-    )
+    positions = problem.positions
+    nominal = None
+    if opts.refine_positions:
+        obj, probe, losses, positions = _refine_with_positions(problem, opts, progress)
+        nominal = problem.positions
+    else:
+        obj, probe, losses = refine_full_batch(
+            problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts,
+            opts.iterations, kappa=problem.kappa, probe_power=problem.probe_power, progress=progress,
+        )
     state = ReconState(
         object=obj, probe=probe, geometry=problem.geometry, iteration=len(losses),
         options=opts.to_dict(), frames_used=int(problem.counts_fft.shape[0]),
-        positions=problem.positions, energy=problem.energy,
+        positions=positions, energy=problem.energy, nominal_positions=nominal,
     )
     for i, value in enumerate(losses, start=1):
         state.record_loss(i, value)
