@@ -137,6 +137,22 @@ class ReconOptions(_Strict):
     position_max_step_px: float = Field(1.0, gt=0)
     """Largest move of any position in one update, object pixels (a trust region)."""
 
+    refine_aberrations: bool = False
+    """Refine the probe as the nominal probe plus the aberration coefficients ``aberrations``
+    (gpu/aberrations.py: a few parameters instead of M×M free pixels), alternating with the
+    object CG. Exclusive with ``refine_probe`` (which must then be false, or "auto" deciding
+    false)."""
+    aberrations: list[Literal["C10", "C12a", "C12b", "C21a", "C21b", "C30"]] = Field(
+        default_factory=lambda: ["C10", "C12a", "C12b", "C21a", "C21b", "C30"], min_length=1)
+    """Coefficients refined by ``refine_aberrations``: defocus, two-fold astigmatism (two
+    components), coma (two), spherical aberration."""
+    aberration_start_iteration: int = Field(5, ge=0)
+    """CG iterations before the first aberration fit."""
+    aberration_every: int = Field(5, ge=1)
+    """CG iterations between aberration fits (none in the last ``aberration_every``)."""
+    aberration_fit_iterations: int = Field(10, ge=1)
+    """L-BFGS iterations of one aberration fit (object held)."""
+
     chunk_size: int = Field(256, ge=1)
     """Positions per chunk of a full-batch evaluation (bounds device memory; same result)."""
 

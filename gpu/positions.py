@@ -21,7 +21,7 @@ its own data. The mean shift is held fixed: a common translation of all position
 gauge of ptychography (the object moves with it). Steps are capped, and an update that raises
 the data term is halved (up to three times) or dropped.
 
-Updates alternate with the object/probe CG (:func:`refine_with_positions`): after
+Updates alternate with the object/probe CG (reconstruct.py): after
 ``position_start_iteration`` CG iterations, every ``position_every`` iterations.
 """
 
@@ -127,7 +127,7 @@ class ScanModel:
 
     def gauss_newton(
         self, grad: np.ndarray, fisher: np.ndarray, residual_px: float, model: str = "affine",
-        damping: float = 1e-3,
+        damping: float = 1e-3, keep_residual: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The model's Gauss–Newton update from the per-position gradient and Fisher
         information: (matrix, offset, residual) of the new positions. The targets are the
@@ -147,7 +147,7 @@ class ScanModel:
         jac = np.zeros((k, 2, 6))
         jac[:, 0, 0], jac[:, 0, 1], jac[:, 0, 2] = u[:, 0], u[:, 1], 1.0
         jac[:, 1, 3], jac[:, 1, 4], jac[:, 1, 5] = u[:, 0], u[:, 1], 1.0
-        residual = self.residual.copy() if residual_px > 0 else np.zeros_like(p)
+        residual = self.residual.copy() if residual_px > 0 or keep_residual else np.zeros_like(p)
         theta = np.array([*self.matrix[0], self.offset[0], *self.matrix[1], self.offset[1]])
         for _ in range(3):
             rhs_k = info_target - np.einsum("kab,kb->ka", h, self.centre + residual)
@@ -155,7 +155,7 @@ class ScanModel:
             rhs = np.einsum("kai,ka->i", jac, rhs_k)
             ridge = 1e-9 * np.trace(normal) / 6 + 1e-30
             theta = np.linalg.solve(normal + ridge * np.eye(6), rhs + ridge * theta)
-            if lam == 0:
+            if lam == 0 or keep_residual:
                 break
             affine = self.centre + np.einsum("kai,i->ka", jac, theta)
             residual = np.linalg.solve(
@@ -227,53 +227,94 @@ def update_positions(
     return PositionUpdate(False, before, before, 0.0, scan.matrix)
 
 
+def warp_object(obj: Any, matrix: np.ndarray, centre: np.ndarray, new_centre: np.ndarray) -> Any:
+    """The object carried along an affine move of the scan: T'(x') = T(c + D⁻¹(x' − c')),
+    D = ``matrix``, c = ``centre`` and c' = ``new_centre`` in object pixels (cubic spline,
+    real and imaginary parts; the edges repeat)."""
+    xp = array_module(obj)
+    if xp is np:
+        from scipy.ndimage import affine_transform
+    else:  # pragma: no cover - needs a GPU
+        from cupyx.scipy.ndimage import affine_transform
+    inv = np.linalg.inv(matrix)
+    offset = np.asarray(centre, dtype=np.float64) - inv @ np.asarray(new_centre, dtype=np.float64)
+    inv_d, off_d = (inv, offset) if xp is np else (xp.asarray(inv), xp.asarray(offset))
+
+    def part(a: Any) -> Any:
+        return affine_transform(a, inv_d, offset=off_d, order=3, mode="nearest")
+
+    return (part(obj.real) + 1j * part(obj.imag)).astype(obj.dtype)
+
+
+def affine_valley_step(
+    obj: Any, probe: Any, counts_fft: Any, scan: ScanModel, object_shape: tuple[int, int],
+    mask: Any | None, options: Any, objective: Callable[[Any, Batch], float],
+    scale: float = 1.0, chunk: int = 256, factors: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0),
+) -> tuple[Any, float]:
+    """Move the affine scan model *with the object*: the positions by the Gauss–Newton affine
+    change times a factor, the object warped by the same map (:func:`warp_object`), the factor
+    chosen by ``objective(object, batch)`` (data term + prior) among ``factors``.
+
+    Why: reconstructed from nominal positions, the object is a distorted copy of the specimen
+    that fits those positions; moving the positions alone misaligns them with it, so the data
+    term's curvature at fixed object is much larger than along the joint direction (positions
+    and object moved together, which changes the data only through the probe's own scale), and
+    alternating updates crawl along that valley. Returns the object and the factor taken (0 when
+    none lowered the objective)."""
+    xp = array_module(obj)
+    m = tuple(probe.shape)
+    batch = make_batch(xp.asarray(scan.positions), object_shape, m)
+    grads, fishers = [], []
+    for sl in _chunks(batch.size, chunk):
+        _, g, h = position_terms(obj, probe, counts_fft[sl], sub_batch(batch, sl),
+                                 model=options.noise_model, mask=mask, scale=scale)
+        grads.append(g)
+        fishers.append(h)
+    matrix, offset, _ = scan.gauss_newton(np.concatenate(grads), np.concatenate(fishers), 0.0,
+                                          keep_residual=True)
+    half = np.asarray(m, dtype=np.float64) / 2.0
+    centre = scan.centre + half  # object pixel under the probe centre of the mean nominal position
+    base = objective(obj, batch)
+    best = (0.0, base, obj, scan.matrix, scan.offset)
+    hi = np.asarray(object_shape, dtype=np.float64) - np.asarray(m, dtype=np.float64) - 1.0
+    inv_cur = np.linalg.inv(scan.matrix)
+    for f in factors:
+        mat = scan.matrix + f * (matrix - scan.matrix)
+        off = scan.offset + f * (offset - scan.offset)
+        trial = ScanModel(scan.nominal, mat, off, scan.residual)
+        pos = trial.positions
+        # a common translation is a gauge: keep the mean position
+        shift = pos.mean(axis=0) - scan.positions.mean(axis=0)
+        off = off - shift
+        pos = pos - shift
+        if not (np.all(pos >= 0) and np.all(pos <= hi)):
+            break
+        warped = warp_object(obj, mat @ inv_cur, centre + scan.offset, centre + off)
+        value = objective(warped, make_batch(xp.asarray(pos), object_shape, m))
+        if value < best[1]:
+            best = (f, value, warped, mat, off)
+        else:
+            break
+    factor, _, new_obj, mat, off = best
+    if factor:
+        scan.matrix, scan.offset = mat, off
+    log.info("positions: affine valley step ×%g, objective %.6g → %.6g", factor, base, best[1])
+    return new_obj, factor
+
+
 def margin_px(positions_px_extent: float) -> int:
     """Spare canvas pixels on each side for positions that may move: 3 % of the scan's extent
     (a scale error of a few per cent moves the edge positions by that much) plus 4."""
     return 2 + math.ceil(0.03 * positions_px_extent) + 4
 
 
-def refine_with_positions(
-    run_cg: Callable[[Any, Any, Batch, int, int], tuple[Any, Any, list[float]]],
-    obj: Any, probe: Any, counts_fft: Any, scan: ScanModel, object_shape: tuple[int, int],
-    mask: Any | None, options: Any, iterations: int, probe_power: float, scale: float = 1.0,
-) -> tuple[Any, Any, list[float], list[PositionUpdate]]:
-    """Alternate CG on object/probe (``run_cg(obj, probe, batch, n_iterations, start)``) with
-    position updates: the first after ``position_start_iteration`` iterations, then every
-    ``position_every``, none in the last ``position_every`` (CG converges at the final
-    positions). Returns object, probe, losses and the updates made."""
-    xp = array_module(obj)
-    m = tuple(probe.shape)
-    losses: list[float] = []
-    updates: list[PositionUpdate] = []
-    every = options.position_every
-    stops = list(range(options.position_start_iteration, iterations - every + 1, every))
-    it = 0
-    for stop in stops + [iterations]:
-        if stop > it:
-            batch = make_batch(xp.asarray(scan.positions), object_shape, m)
-            obj, probe, part = run_cg(obj, probe, batch, stop - it, it)
-            losses += part
-            # CG may stop early (converged on these positions): the schedule goes on
-            it = stop
-        if stop >= iterations:
-            break
-        norm = float(xp.sqrt((probe.real**2 + probe.imag**2).sum()))
-        psi = probe * (math.sqrt(probe_power) / norm)
-        upd = update_positions(obj, psi, counts_fft, scan, object_shape, mask, options, scale)
-        updates.append(upd)
-        log.info("positions: iteration %d, %s, data term %.6g → %.6g, largest move %.3f px",
-                 it, "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
-                 upd.max_shift_px)
-    return obj, probe, losses, updates
-
-
 __all__ = [
     "PositionUpdate",
     "ScanModel",
+    "affine_valley_step",
     "data_loss",
     "margin_px",
     "position_terms",
-    "refine_with_positions",
     "update_positions",
+    "warp_object",
 ]

@@ -10,6 +10,7 @@ needs no projection step; the chain rule gives the probe gradient (see :func:`_n
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .aberrations import ParametricProbe, fit_aberrations
 from .backend import array_module, asarray, complex_dtype, fft2, get_xp, ifft2, real_dtype
 from .cg import minimize
 from .data import PtychoData
@@ -29,7 +31,7 @@ from .line_model import full_batch_line
 from .objective import data_term
 from .operators import Batch, forward, illumination, make_batch, sub_batch, to_fft_order
 from .options import ReconOptions
-from .positions import ScanModel, refine_with_positions
+from .positions import ScanModel, affine_valley_step, data_loss, update_positions
 from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
@@ -39,6 +41,8 @@ from .state import ReconState
 #: The amplitude model's loss is doubled: Var(√y) ≈ ¼ for Poisson y, so 2(|z| − √y)² is its
 #: Gaussian NLL and matches the Poisson deviance's curvature at the fit (fair prior weights).
 AMPLITUDE_NLL_SCALE = 2.0
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]
 
@@ -341,31 +345,97 @@ def refine_full_batch(
     return x["object"], final_probe, losses
 
 
-def _refine_with_positions(
+def _total_objective(problem: Problem, opts: ReconOptions, psi: Any, scale: float
+                     ) -> Callable[[Any, Batch], float]:
+    """(object, batch) ↦ data term (no truncation) + prior at the normalised probe ``psi``."""
+
+    def value(obj: Any, batch: Batch) -> float:
+        data = sum(
+            data_loss(obj, psi, problem.counts_fft[sl], sub_batch(batch, sl),
+                      model=opts.noise_model, mask=problem.mask, scale=scale)
+            for sl in (slice(i, min(i + opts.chunk_size, batch.size))
+                       for i in range(0, batch.size, opts.chunk_size))
+        )
+        return data + prior_term(obj, opts, problem.kappa)[0]
+
+    return value
+
+
+def _probe_loss(fun: FullBatchObjective, obj: Any) -> Callable[[Any], tuple[float, Any]]:
+    """ψ ↦ (L, ∂L/∂ψ̄) of ``fun`` with the object held at ``obj``."""
+
+    def loss_and_grad(psi: Any) -> tuple[float, Any]:
+        loss, grads = fun({"object": obj, "probe": psi})
+        return loss, grads["probe"]
+
+    return loss_and_grad
+
+
+def _refine_alternating(
     problem: Problem, opts: ReconOptions, progress: Progress | None,
 ) -> tuple[Any, Any, list[float], np.ndarray]:
-    """:func:`refine_full_batch` alternating with position updates (gpu/positions.py); the
-    positions returned are the refined ones, in metres."""
+    """:func:`refine_full_batch` alternating with updates of the positions (gpu/positions.py)
+    and of the probe's aberration coefficients (gpu/aberrations.py), with the object held
+    between CG runs: after ``*_start_iteration`` CG iterations, every ``*_every``, none in the
+    last ``*_every`` (CG converges at the final positions and probe). Returns the object, the
+    probe, the losses and the positions (metres, refined or not)."""
     geo = problem.geometry
-    scan = ScanModel(geo.to_pixels(problem.positions))
     total = opts.iterations
     budget = opts.time_budget_s
     t_start = time.perf_counter()
-
-    def run_cg(obj: Any, probe: Any, batch: Batch, n: int, start: int) -> tuple[Any, Any, list[float]]:
-        left = None if budget is None else max(budget - (time.perf_counter() - t_start), 1e-3)
-        report = None if progress is None else (lambda it, _total, loss: progress(it, total, loss))
-        return refine_full_batch(
-            obj, probe, problem.counts_fft, batch, problem.mask, opts, n, left, start,
-            kappa=problem.kappa, probe_power=problem.probe_power, progress=report,
-        )
-
     scale = AMPLITUDE_NLL_SCALE if opts.noise_model == "amplitude" else 1.0
-    obj, probe, losses, _updates = refine_with_positions(
-        run_cg, problem.object, problem.probe, problem.counts_fft, scan, geo.object_shape,
-        problem.mask, opts, total, problem.probe_power, scale,
-    )
-    return obj, probe, losses, geo.to_metres(scan.positions)
+    scan = ScanModel(geo.to_pixels(problem.positions)) if opts.refine_positions else None
+    model = None
+    if opts.refine_aberrations:
+        model = ParametricProbe(problem.probe, geo.pixel_size, problem.energy, opts.aberrations)
+    due: dict[int, set[str]] = {}
+    if scan is not None:
+        for s in range(opts.position_start_iteration, total - opts.position_every + 1, opts.position_every):
+            due.setdefault(s, set()).add("positions")
+    if model is not None:
+        for s in range(opts.aberration_start_iteration, total - opts.aberration_every + 1,
+                       opts.aberration_every):
+            due.setdefault(s, set()).add("aberrations")
+    xp = problem.xp
+    m = geo.probe_shape
+    obj, probe = problem.object, problem.probe
+    losses: list[float] = []
+    it = 0
+    report = None if progress is None else (lambda i, _total, loss: progress(i, total, loss))
+    for stop in sorted(due) + [total]:
+        batch = problem.batch if scan is None else make_batch(xp.asarray(scan.positions), geo.object_shape, m)
+        if stop > it:
+            left = None if budget is None else max(budget - (time.perf_counter() - t_start), 1e-3)
+            obj, probe, part = refine_full_batch(
+                obj, probe, problem.counts_fft, batch, problem.mask, opts, stop - it, left, it,
+                kappa=problem.kappa, probe_power=problem.probe_power, progress=report,
+            )
+            losses += part
+            it = stop  # CG may stop early (converged at these positions/probe): the schedule goes on
+        if stop >= total or (budget is not None and time.perf_counter() - t_start >= budget):
+            break
+        if "aberrations" in due[stop] and model is not None:
+            fun = FullBatchObjective(problem.counts_fft, batch, problem.mask, opts, problem.kappa,
+                                     problem.probe_power)
+            before, after, evals = fit_aberrations(
+                model, _probe_loss(fun, obj), opts.aberration_fit_iterations)
+            probe = model.probe()
+            log.info("aberrations: iteration %d, objective %.6g → %.6g (%d evaluations), %s", it,
+                     before, after, evals,
+                     ", ".join(f"{k} {v * 1e9:+.2f} nm" for k, v in model.as_dict().items()))
+        if "positions" in due[stop] and scan is not None:
+            psi, _ = _normalised(probe, problem.probe_power)
+            if opts.position_model == "affine":
+                obj, _ = affine_valley_step(
+                    obj, psi, problem.counts_fft, scan, geo.object_shape, problem.mask, opts,
+                    _total_objective(problem, opts, psi, scale), scale)
+            upd = update_positions(obj, psi, problem.counts_fft, scan, geo.object_shape, problem.mask,
+                                   opts, scale)
+            log.info("positions: iteration %d, %s, data term %.6g → %.6g, largest move %.3f px", it,
+                     "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
+                     upd.max_shift_px)
+    positions = problem.positions if scan is None else geo.to_metres(scan.positions)
+    return obj, probe, losses, positions
 
 
 def reconstruct(
@@ -383,9 +453,11 @@ def reconstruct(
         measured_probe_power(problem.counts_fft, problem.mask), has_probe)
     positions = problem.positions
     nominal = None
-    if opts.refine_positions:
-        obj, probe, losses, positions = _refine_with_positions(problem, opts, progress)
-        nominal = problem.positions
+    if opts.refine_positions or opts.refine_aberrations:
+        if opts.refine_aberrations and opts.refine_probe:
+            raise ValueError("refine_aberrations and refine_probe both refine the probe: choose one")
+        obj, probe, losses, positions = _refine_alternating(problem, opts, progress)
+        nominal = problem.positions if opts.refine_positions else None
     else:
         obj, probe, losses = refine_full_batch(
             problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts,
