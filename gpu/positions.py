@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,81 +226,6 @@ def update_positions(
     return PositionUpdate(False, before, before, 0.0, scan.matrix)
 
 
-def warp_object(obj: Any, matrix: np.ndarray, centre: np.ndarray, new_centre: np.ndarray) -> Any:
-    """The object carried along an affine move of the scan: T'(x') = T(c + D⁻¹(x' − c')),
-    D = ``matrix``, c = ``centre`` and c' = ``new_centre`` in object pixels (cubic spline,
-    real and imaginary parts; the edges repeat)."""
-    xp = array_module(obj)
-    if xp is np:
-        from scipy.ndimage import affine_transform
-    else:  # pragma: no cover - needs a GPU
-        from cupyx.scipy.ndimage import affine_transform
-    inv = np.linalg.inv(matrix)
-    offset = np.asarray(centre, dtype=np.float64) - inv @ np.asarray(new_centre, dtype=np.float64)
-    inv_d, off_d = (inv, offset) if xp is np else (xp.asarray(inv), xp.asarray(offset))
-
-    def part(a: Any) -> Any:
-        return affine_transform(a, inv_d, offset=off_d, order=3, mode="nearest")
-
-    return (part(obj.real) + 1j * part(obj.imag)).astype(obj.dtype)
-
-
-def affine_valley_step(
-    obj: Any, probe: Any, counts_fft: Any, scan: ScanModel, object_shape: tuple[int, int],
-    mask: Any | None, options: Any, objective: Callable[[Any, Batch], float],
-    scale: float = 1.0, chunk: int = 256, factors: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0),
-) -> tuple[Any, float]:
-    """Move the affine scan model *with the object*: the positions by the Gauss–Newton affine
-    change times a factor, the object warped by the same map (:func:`warp_object`), the factor
-    chosen by ``objective(object, batch)`` (data term + prior) among ``factors``.
-
-    Why: reconstructed from nominal positions, the object is a distorted copy of the specimen
-    that fits those positions; moving the positions alone misaligns them with it, so the data
-    term's curvature at fixed object is much larger than along the joint direction (positions
-    and object moved together, which changes the data only through the probe's own scale), and
-    alternating updates crawl along that valley. Returns the object and the factor taken (0 when
-    none lowered the objective)."""
-    xp = array_module(obj)
-    m = tuple(probe.shape)
-    batch = make_batch(xp.asarray(scan.positions), object_shape, m)
-    grads, fishers = [], []
-    for sl in _chunks(batch.size, chunk):
-        _, g, h = position_terms(obj, probe, counts_fft[sl], sub_batch(batch, sl),
-                                 model=options.noise_model, mask=mask, scale=scale)
-        grads.append(g)
-        fishers.append(h)
-    matrix, offset, _ = scan.gauss_newton(np.concatenate(grads), np.concatenate(fishers), 0.0,
-                                          keep_residual=True)
-    half = np.asarray(m, dtype=np.float64) / 2.0
-    centre = scan.centre + half  # object pixel under the probe centre of the mean nominal position
-    base = objective(obj, batch)
-    best = (0.0, base, obj, scan.matrix, scan.offset)
-    hi = np.asarray(object_shape, dtype=np.float64) - np.asarray(m, dtype=np.float64) - 1.0
-    inv_cur = np.linalg.inv(scan.matrix)
-    for f in factors:
-        mat = scan.matrix + f * (matrix - scan.matrix)
-        off = scan.offset + f * (offset - scan.offset)
-        trial = ScanModel(scan.nominal, mat, off, scan.residual)
-        pos = trial.positions
-        # a common translation is a gauge: keep the mean position
-        shift = pos.mean(axis=0) - scan.positions.mean(axis=0)
-        off = off - shift
-        pos = pos - shift
-        if not (np.all(pos >= 0) and np.all(pos <= hi)):
-            break
-        warped = warp_object(obj, mat @ inv_cur, centre + scan.offset, centre + off)
-        value = objective(warped, make_batch(xp.asarray(pos), object_shape, m))
-        if value < best[1]:
-            best = (f, value, warped, mat, off)
-        else:
-            break
-    factor, _, new_obj, mat, off = best
-    if factor:
-        scan.matrix, scan.offset = mat, off
-    log.info("positions: affine valley step ×%g, objective %.6g → %.6g", factor, base, best[1])
-    return new_obj, factor
-
-
 def margin_px(positions_px_extent: float) -> int:
     """Spare canvas pixels on each side for positions that may move: 3 % of the scan's extent
     (a scale error of a few per cent moves the edge positions by that much) plus 4."""
@@ -311,10 +235,8 @@ def margin_px(positions_px_extent: float) -> int:
 __all__ = [
     "PositionUpdate",
     "ScanModel",
-    "affine_valley_step",
     "data_loss",
     "margin_px",
     "position_terms",
     "update_positions",
-    "warp_object",
 ]

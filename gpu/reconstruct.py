@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .aberrations import ParametricProbe, fit_aberrations
-from .backend import array_module, asarray, complex_dtype, fft2, get_xp, ifft2, real_dtype
+from .backend import array_module, asarray, complex_dtype, fft2, get_xp, ifft2, real_dtype, to_numpy
 from .cg import minimize
 from .data import PtychoData
 from .geometry import ScanGeometry, fit_geometry
@@ -31,7 +31,7 @@ from .line_model import full_batch_line
 from .objective import data_term
 from .operators import Batch, forward, illumination, make_batch, sub_batch, to_fft_order
 from .options import ReconOptions
-from .positions import ScanModel, affine_valley_step, data_loss, update_positions
+from .positions import ScanModel, update_positions
 from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
@@ -345,20 +345,36 @@ def refine_full_batch(
     return x["object"], final_probe, losses
 
 
-def _total_objective(problem: Problem, opts: ReconOptions, psi: Any, scale: float
-                     ) -> Callable[[Any, Batch], float]:
-    """(object, batch) ↦ data term (no truncation) + prior at the normalised probe ``psi``."""
+def _spectral_centroid(probe: Any) -> np.ndarray:
+    """Circular centroid (cycles per pixel, y and x) of the probe's power spectrum."""
+    xp = array_module(probe)
+    power = xp.abs(fft2(probe)) ** 2
+    out = []
+    for axis, n in ((1, probe.shape[0]), (0, probe.shape[1])):
+        marginal = power.sum(axis=axis)
+        phase = xp.exp(2j * np.pi * xp.arange(n) / n)
+        out.append(float(np.angle(complex(to_numpy((marginal * phase).sum())))) / (2 * np.pi))
+    return np.asarray(out)
 
-    def value(obj: Any, batch: Batch) -> float:
-        data = sum(
-            data_loss(obj, psi, problem.counts_fft[sl], sub_batch(batch, sl),
-                      model=opts.noise_model, mask=problem.mask, scale=scale)
-            for sl in (slice(i, min(i + opts.chunk_size, batch.size))
-                       for i in range(0, batch.size, opts.chunk_size))
-        )
-        return data + prior_term(obj, opts, problem.kappa)[0]
 
-    return value
+def fix_phase_ramp(obj: Any, probe: Any, reference_probe: Any) -> tuple[Any, Any]:
+    """Fix the exact gauge between probe and object: a ramp e^{2πi q·r} on the object with
+    e^{−2πi q·r} on the probe leaves every intensity unchanged (the product gains a constant
+    phase per position), so a refined probe may drift along it and tilt the object's phase.
+    The probe's spectral centroid is put back where ``reference_probe`` (the starting probe)
+    has it, and the object takes the opposite ramp."""
+    xp = array_module(obj)
+    dq = _spectral_centroid(probe) - _spectral_centroid(reference_probe)
+    dq = (dq + 0.5) % 1.0 - 0.5
+    if not np.any(dq):
+        return obj, probe
+
+    def ramp(shape: tuple[int, int], sign: float) -> Any:
+        y = xp.arange(shape[0])[:, None]
+        x = xp.arange(shape[1])[None, :]
+        return xp.exp(sign * 2j * np.pi * (dq[0] * y + dq[1] * x))
+
+    return (obj * ramp(obj.shape, 1.0)).astype(obj.dtype), (probe * ramp(probe.shape, -1.0)).astype(probe.dtype)
 
 
 def _probe_loss(fun: FullBatchObjective, obj: Any) -> Callable[[Any], tuple[float, Any]]:
@@ -425,10 +441,6 @@ def _refine_alternating(
                      ", ".join(f"{k} {v * 1e9:+.2f} nm" for k, v in model.as_dict().items()))
         if "positions" in due[stop] and scan is not None:
             psi, _ = _normalised(probe, problem.probe_power)
-            if opts.position_model == "affine":
-                obj, _ = affine_valley_step(
-                    obj, psi, problem.counts_fft, scan, geo.object_shape, problem.mask, opts,
-                    _total_objective(problem, opts, psi, scale), scale)
             upd = update_positions(obj, psi, problem.counts_fft, scan, geo.object_shape, problem.mask,
                                    opts, scale)
             log.info("positions: iteration %d, %s, data term %.6g → %.6g, largest move %.3f px", it,
@@ -463,6 +475,8 @@ def reconstruct(
             problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts,
             opts.iterations, kappa=problem.kappa, probe_power=problem.probe_power, progress=progress,
         )
+    if opts.refine_probe is True:
+        obj, probe = fix_phase_ramp(obj, probe, problem.probe)
     state = ReconState(
         object=obj, probe=probe, geometry=problem.geometry, iteration=len(losses),
         options=opts.to_dict(), frames_used=int(problem.counts_fft.shape[0]),
@@ -477,6 +491,7 @@ __all__ = [
     "AMPLITUDE_NLL_SCALE",
     "FullBatchObjective",
     "Problem",
+    "fix_phase_ramp",
     "illuminated_pixels",
     "measured_probe_power",
     "prepare",

@@ -100,6 +100,6 @@ def test_reconstruction_with_aberration_refinement_beats_the_wrong_nominal_probe
     exact, _ = score(data)
     wrong = dataclasses.replace(data, probe=nominal)
     fixed, _ = score(wrong)
-    refined, state = score(wrong, refine_aberrations=True, aberrations=["C10", "C12a", "C12b"])
+    refined, _ = score(wrong, refine_aberrations=True, aberrations=["C10", "C12a", "C12b"])
     assert fixed > exact
     assert refined < fixed - 0.5 * (fixed - exact), (exact, fixed, refined)

@@ -90,7 +90,7 @@ def test_position_fisher_is_the_hessian_on_noiseless_data() -> None:
     k = next(i for i in range(len(px)) if _fractional_inside(px, i))
     eps = 2e-3
     for a, c in ((0, 0), (1, 1), (0, 1)):
-        def at(da: float, dc: float) -> float:
+        def at(da: float, dc: float, a: int = a, c: int = c) -> float:
             q = px.copy()
             q[k, a] += da
             q[k, c] += dc

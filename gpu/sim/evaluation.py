@@ -38,7 +38,9 @@ from ..metrics import (
     nrmse,
     particle_footprint,
     phase_correlation,
+    phase_ramp,
     register_translation,
+    remove_phase_ramp,
     soft_mask,
     tukey_window,
 )
@@ -55,6 +57,7 @@ class Evaluation:
     shift_px: tuple[float, float]
     resolutions: dict[str, float] = field(default_factory=dict)  #: key "<region>/<curve>/<thr>"
     lowpass_px: float = 0.0  #: :func:`quantum_limit` only: the Gaussian σ of its phase correlation
+    ramp_rad_per_px: tuple[float, float] = (0.0, 0.0)  #: the phase ramp removed (y, x)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -62,6 +65,7 @@ class Evaluation:
             "phase_correlation": self.phase_correlation,
             "nrmse": self.nrmse,
             "registration_shift_px": list(self.shift_px),
+            "phase_ramp_rad_per_px": list(self.ramp_rad_per_px),
             "pixel_size_m": self.pixel_size,
         }
 
@@ -102,9 +106,12 @@ def resample(obj: np.ndarray, origin: tuple[float, float], pixel_size: float,
 def evaluate_against_truth(
     recon: np.ndarray, recon_origin: tuple[float, float], truth: np.ndarray,
     truth_origin: tuple[float, float], pixel_size: float, positions: np.ndarray,
-    pool: int = 3, register: bool = True,
+    pool: int = 3, register: bool = True, deramp: bool = True,
 ) -> Evaluation:
-    """Scores of ``recon`` against ``truth`` (both complex transmissions, same pixel size)."""
+    """Scores of ``recon`` against ``truth`` (both complex transmissions, same pixel size).
+    ``register``: a sub-pixel translation is removed first; ``deramp``: then the linear phase
+    ramp of recon relative to truth over the scanned box (metrics.phase_ramp — the exact gauge
+    between object and probe; a fixed probe leaves ≈ 10⁻³ rad/px)."""
     sy, sx = scanned_box(positions, truth_origin, pixel_size, truth.shape)
     t = np.asarray(truth)[sy, sx].astype(np.complex128)
     box_origin = (truth_origin[0] + sy.start * pixel_size, truth_origin[1] + sx.start * pixel_size)
@@ -122,6 +129,11 @@ def evaluate_against_truth(
         if shift != (0.0, 0.0):
             r = fourier_shift(r, shift)
             recon_ph = ice_phase_removed(r, footprint)
+    ramp = (0.0, 0.0)
+    if deramp:
+        ramp = phase_ramp(r, t, tukey_window(t.shape))
+        r = remove_phase_ramp(r, ramp)
+        recon_ph = ice_phase_removed(r, footprint)
     w_particle = soft_mask(footprint, 2.0) * tukey_window(t.shape, 0.05)
     w_area = tukey_window(t.shape)
     curves = {
@@ -142,6 +154,7 @@ def evaluate_against_truth(
         nrmse=nrmse(r, t, scale=True),
         shift_px=shift,
         resolutions=res,
+        ramp_rad_per_px=ramp,
     )
 
 
