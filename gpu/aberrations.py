@@ -102,4 +102,51 @@ def fit_aberrations(
     return before, before, calls[0]
 
 
-__all__ = ["ParametricProbe", "fit_aberrations"]
+def search_aberrations(
+    model: ParametricProbe, reduced_loss: Any, step_rad: float = 2.0, rounds: int = 1,
+) -> tuple[float, float, int]:
+    """Coordinate-wise parabolic search of the *reduced* objective ``reduced_loss(probe)`` —
+    the objective after a short object reconstruction with that probe, from a common start.
+
+    Why not the gradient at a held object (:func:`fit_aberrations`): a reconstructed object
+    absorbs a probe error (hemoglobin at 20 e⁻/Å², 20 nm defocus error: the fit at the object
+    reconstructed with the nominal probe stays within 0.3 nm of it, while at the true object it
+    finds 19.0 nm), yet the reduced objective still has its minimum near the true probe (ENGINE.md).
+    Each coordinate: the values at c − h, c, c + h, the parabola's vertex (within ±2h) tried
+    as well, the best point kept; each round halves h. Returns (loss before, after, evaluations)."""
+    x = model.scaled().copy()
+    calls = [0]
+
+    def f(v: np.ndarray) -> float:
+        calls[0] += 1
+        return float(reduced_loss(model.probe(v)))
+
+    best = f(x)
+    start = best
+    h = float(step_rad)
+    for _ in range(rounds):
+        for j in range(len(x)):
+            c = x[j]
+            values = {c: best}
+            for v in (c - h, c + h):
+                trial = x.copy()
+                trial[j] = v
+                values[v] = f(trial)
+            lo, mid, hi = values[c - h], values[c], values[c + h]
+            curvature = lo + hi - 2.0 * mid
+            if curvature > 0:
+                vertex = c + 0.5 * h * (lo - hi) / curvature
+                vertex = float(np.clip(vertex, c - 2 * h, c + 2 * h))
+                if all(abs(vertex - k) > 1e-3 * h for k in values):
+                    trial = x.copy()
+                    trial[j] = vertex
+                    values[vertex] = f(trial)
+            arg = min(values, key=values.get)
+            x[j] = arg
+            best = values[arg]
+        h *= 0.5
+    model.set_scaled(x)
+    return start, best, calls[0]
+
+
+__all__ = ["ParametricProbe", "fit_aberrations", "search_aberrations"]

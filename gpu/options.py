@@ -153,6 +153,18 @@ class ReconOptions(_Strict):
     aberration_fit_iterations: int = Field(10, ge=1)
     """L-BFGS iterations of one aberration fit (object held)."""
 
+    aberration_search: bool = False
+    """Before the reconstruction, search the aberrations ``aberrations`` of the nominal probe on
+    the reduced objective (the objective after ``aberration_search_iterations`` CG iterations
+    of the object with each trial probe; gpu/aberrations.py, ``search_aberrations``), then
+    reconstruct with the probe found. Costs about 3 × (number of coefficients) × rounds short
+    reconstructions."""
+    aberration_search_iterations: int = Field(15, ge=1)
+    aberration_search_step_rad: float = Field(2.0, gt=0)
+    """First step of the search, radians of aberration phase at the edge of the probe's
+    spectral support (20 nm of defocus at 9.2 mrad and 300 keV: 2.7 rad)."""
+    aberration_search_rounds: int = Field(1, ge=1)
+
     chunk_size: int = Field(256, ge=1)
     """Positions per chunk of a full-batch evaluation (bounds device memory; same result)."""
 

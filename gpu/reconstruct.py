@@ -10,6 +10,7 @@ needs no projection step; the chain rule gives the probe gradient (see :func:`_n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .aberrations import ParametricProbe, fit_aberrations
+from .aberrations import ParametricProbe, fit_aberrations, search_aberrations
 from .backend import array_module, asarray, complex_dtype, fft2, get_xp, ifft2, real_dtype, to_numpy
 from .cg import minimize
 from .data import PtychoData
@@ -377,6 +378,25 @@ def fix_phase_ramp(obj: Any, probe: Any, reference_probe: Any) -> tuple[Any, Any
     return (obj * ramp(obj.shape, 1.0)).astype(obj.dtype), (probe * ramp(probe.shape, -1.0)).astype(probe.dtype)
 
 
+def _search_aberrations(problem: Problem, opts: ReconOptions) -> Problem:
+    """``problem`` with its probe replaced by the one :func:`search_aberrations` finds."""
+    model = ParametricProbe(problem.probe, problem.geometry.pixel_size, problem.energy, opts.aberrations)
+    fixed = opts.model_copy(update={"refine_probe": False})
+
+    def reduced(psi: Any) -> float:
+        _, _, losses = refine_full_batch(
+            problem.object, psi, problem.counts_fft, problem.batch, problem.mask, fixed,
+            opts.aberration_search_iterations, kappa=problem.kappa, probe_power=problem.probe_power,
+        )
+        return losses[-1] if losses else math.inf
+
+    before, after, evals = search_aberrations(model, reduced, opts.aberration_search_step_rad,
+                                              opts.aberration_search_rounds)
+    log.info("aberration search: reduced objective %.6g → %.6g (%d short reconstructions), %s",
+             before, after, evals, ", ".join(f"{k} {v * 1e9:+.2f} nm" for k, v in model.as_dict().items()))
+    return dataclasses.replace(problem, probe=model.probe().astype(problem.probe.dtype))
+
+
 def _probe_loss(fun: FullBatchObjective, obj: Any) -> Callable[[Any], tuple[float, Any]]:
     """ψ ↦ (L, ∂L/∂ψ̄) of ``fun`` with the object held at ``obj``."""
 
@@ -463,6 +483,8 @@ def reconstruct(
     has_probe = data.probe is not None or data.probe_model is not None
     opts = problem.options.with_probe_decision(
         measured_probe_power(problem.counts_fft, problem.mask), has_probe)
+    if opts.aberration_search:
+        problem = _search_aberrations(problem, opts)
     positions = problem.positions
     nominal = None
     if opts.refine_positions or opts.refine_aberrations:

@@ -211,6 +211,43 @@ def quantum_limit(
     return raw
 
 
+#: Doses (× the reconstruction's) at which :func:`dose_efficiency` scores the ideal image
+DOSE_EFFICIENCY_GRID: tuple[float, ...] = tuple(float(v) for v in np.geomspace(0.05, 2.0, 17))
+
+
+def dose_efficiency(
+    resolution_m: float, truth: np.ndarray, truth_origin: tuple[float, float], pixel_size: float,
+    positions: np.ndarray, dose: float, key: str = "particle/pooled/1-bit", seeds: tuple[int, ...] = (0, 1),
+    pool: int = 3,
+) -> float:
+    """The dose at which the ideal phase-contrast image (:func:`ideal_phase_image`, scored like a
+    reconstruction) first reaches ``resolution_m`` (its ``key`` resolution, median over
+    ``seeds``), divided by ``dose``: ½ is Dwyer & Paganin's bound for unbiased 4D-STEM
+    ptychography. Log-linear interpolation between the doses of :data:`DOSE_EFFICIENCY_GRID`;
+    0 when the reconstruction resolves nothing, the grid's top (2) when even that dose does not
+    reach it — a lower bound."""
+    if not np.isfinite(resolution_m):
+        return 0.0
+    prev: tuple[float, float] | None = None
+    for f in DOSE_EFFICIENCY_GRID:
+        res = float(np.median([
+            evaluate_against_truth(
+                np.exp(1j * ideal_phase_image(truth, f * dose, pixel_size, np.random.default_rng(s))),
+                truth_origin, truth, truth_origin, pixel_size, positions, pool=pool, register=False,
+                deramp=False,
+            ).resolutions[key]
+            for s in seeds
+        ]))
+        if res <= resolution_m:
+            if prev is None or not np.isfinite(prev[1]) or prev[1] <= res:
+                return f
+            # log-dose interpolation between the grid points that bracket the resolution
+            w = (prev[1] - resolution_m) / (prev[1] - res)
+            return float(np.exp(np.log(prev[0]) + w * (np.log(f) - np.log(prev[0]))))
+        prev = (f, res)
+    return DOSE_EFFICIENCY_GRID[-1]
+
+
 def evaluate_image(image: np.ndarray, reference: np.ndarray, pixel_size: float,
                    footprint: np.ndarray, pool: int = 3) -> dict[str, float]:
     """FRC resolutions of a cryo-EM image against the reference image (same grid), inside the
