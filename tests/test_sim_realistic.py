@@ -63,7 +63,8 @@ def test_simulation_records_the_true_probe_at_the_true_positions() -> None:
 def test_simulate_realistic_cli_then_reconstruct_with_position_refinement(tmp_path) -> None:
     ds = tmp_path / "real.h5"
     out = _cli("simulate", "--realistic", "--frame-size", "32", "--detector", "ideal", "--thin",
-               "--dose", "200", "--jitter", "0.1", "--scan-scale", "3", "0", "-o", str(ds))
+               "--dose", "200", "--overlap", "0.4", "--jitter", "0.1", "--scan-scale", "3", "0",
+               "-o", str(ds))
     assert out.returncode == 0, out.stderr
     assert "truth under /truth" in out.stderr
     data = read_dataset(ds)

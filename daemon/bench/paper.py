@@ -41,7 +41,8 @@ PAPER_PTYCHO = {"hemoglobin": {5: 12.0, 20: 8.9}, "proteasome": {5: 10.9, 20: 9.
 PAPER_PHASE_PLATE = {"hemoglobin": {20: 8.7}, "ribosome": {20: 5.1}}
 PAPER_AVERAGED = {"hemoglobin": 3.4, "proteasome": 3.1, "ribosome": 2.9}
 #: options of the "refined" column of ``--realistic`` (gpu/ENGINE.md, "Realistic experiments")
-REFINEMENT = {"refine_positions": True, "aberration_search": True, "aberrations": ["C10", "C12a", "C12b"]}
+REFINEMENT = {"refine_positions": True, "aberration_search": True, "aberrations": ["C10"],
+              "aberration_search_iterations": 30, "aberration_search_rounds": 2}
 
 
 @dataclass
@@ -289,7 +290,7 @@ def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
             runs = [("oracle (true probe and positions)", oracle, d.get("oracle_seconds")),
                     ("realistic, nominal probe and positions", d["realistic"]["nominal"],
                      d["realistic"]["nominal"]["seconds"]),
-                    ("realistic, refined (aberration search + positions)", d["realistic"]["refined"],
+                    ("realistic, refined (defocus search + positions)", d["realistic"]["refined"],
                      d["realistic"]["refined"]["seconds"])]
             for name, e, sec in runs:
                 res = e["resolution_m"]

@@ -110,8 +110,8 @@ def evaluate_against_truth(
 ) -> Evaluation:
     """Scores of ``recon`` against ``truth`` (both complex transmissions, same pixel size).
     ``register``: a sub-pixel translation is removed first; ``deramp``: then the linear phase
-    ramp of recon relative to truth over the scanned box (metrics.phase_ramp — the exact gauge
-    between object and probe; a fixed probe leaves ≈ 10⁻³ rad/px)."""
+    ramp of recon relative to truth, fitted on the ice of the scanned box (metrics.phase_ramp —
+    the exact gauge between object and probe; a fixed probe leaves ≈ 10⁻³ rad/px)."""
     sy, sx = scanned_box(positions, truth_origin, pixel_size, truth.shape)
     t = np.asarray(truth)[sy, sx].astype(np.complex128)
     box_origin = (truth_origin[0] + sy.start * pixel_size, truth_origin[1] + sx.start * pixel_size)
@@ -131,7 +131,10 @@ def evaluate_against_truth(
             recon_ph = ice_phase_removed(r, footprint)
     ramp = (0.0, 0.0)
     if deramp:
-        ramp = phase_ramp(r, t, tukey_window(t.shape))
+        # fitted on the ice: the gauge is one plane everywhere, and where the particle is a
+        # wrong reconstruction's structure would pass for a ramp
+        ice = tukey_window(t.shape) * ~footprint
+        ramp = phase_ramp(r, t, ice if ice.sum() > 0.1 * t.size else tukey_window(t.shape))
         r = remove_phase_ramp(r, ramp)
         recon_ph = ice_phase_removed(r, footprint)
     w_particle = soft_mask(footprint, 2.0) * tukey_window(t.shape, 0.05)
