@@ -14,7 +14,7 @@ from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.probes import aberrate, aberration_basis, make_probe
 from cryoptycho.gpu.reconstruct import FullBatchObjective, problem_kappa, reconstruct
-from engine_helpers import ENERGY, PIXEL, nrmse, scored_region, synthetic_dataset
+from engine_helpers import ENERGY, PIXEL, synthetic_dataset
 
 M = 32
 
@@ -83,23 +83,23 @@ def test_fit_recovers_defocus_and_astigmatism_with_the_object_held() -> None:
         assert got[name] == pytest.approx(value, abs=0.3e-9), (name, got)
 
 
-def test_reconstruction_with_aberration_refinement_beats_the_wrong_nominal_probe() -> None:
-    """Low counts (300 per pattern): the nominal probe is 20 nm out of focus with 8 nm of
-    astigmatism; refining 3 coefficients recovers most of the loss."""
-    data = synthetic_dataset(300, m=M, grid=8, seed=1)
-    error = {"C10": 20e-9, "C12a": 8e-9}
+@pytest.mark.parametrize("options", [
+    {"refine_aberrations": True},
+    {"aberration_search": True, "aberration_search_iterations": 20, "aberration_search_rounds": 2},
+], ids=["gradient", "search"])
+def test_reconstruction_finds_the_probe_from_a_defocused_nominal_one(options: dict) -> None:
+    """10⁴ counts per pattern, the nominal probe 30 nm out of focus (overlap 0.67 with the
+    truth): refining the defocus alone, by gradient with the object held or by the search on
+    the reduced objective, brings the probe back (overlap > 0.9)."""
+    data = synthetic_dataset(1e4, m=M, grid=8, seed=1)
     nominal = aberrate(data.truth_probe.astype(np.complex128), PIXEL, ENERGY,
-                       {k: -v for k, v in error.items()}).astype(np.complex64)
-    region = scored_region(data.truth_object, M // 2 + 2)
-    base = {"iterations": 60, "precision": "double"}
+                       {"C10": -30e-9}).astype(np.complex64)
 
-    def score(d, **extra):
-        st = reconstruct(d, {**base, **extra})
-        return nrmse(st.object, data.truth_object, region), st
+    def overlap(p: np.ndarray) -> float:
+        t = data.truth_probe
+        return float(abs(np.vdot(p, t)) / np.linalg.norm(p) / np.linalg.norm(t))
 
-    exact, _ = score(data)
-    wrong = dataclasses.replace(data, probe=nominal)
-    fixed, _ = score(wrong)
-    refined, _ = score(wrong, refine_aberrations=True, aberrations=["C10", "C12a", "C12b"])
-    assert fixed > exact
-    assert refined < fixed - 0.5 * (fixed - exact), (exact, fixed, refined)
+    assert overlap(nominal) < 0.7
+    state = reconstruct(dataclasses.replace(data, probe=nominal),
+                        {"iterations": 30, "mu0": 1e-3, "aberrations": ["C10"], **options})
+    assert overlap(state.probe) > 0.9
