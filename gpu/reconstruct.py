@@ -407,7 +407,7 @@ def _probe_loss(fun: FullBatchObjective, obj: Any) -> Callable[[Any], tuple[floa
     return loss_and_grad
 
 
-def _refine_alternating(
+def refine_alternating(
     problem: Problem, opts: ReconOptions, progress: Progress | None,
 ) -> tuple[Any, Any, list[float], np.ndarray]:
     """:func:`refine_full_batch` alternating with updates of the positions (gpu/positions.py)
@@ -490,7 +490,7 @@ def reconstruct(
     if opts.refine_positions or opts.refine_aberrations:
         if opts.refine_aberrations and opts.refine_probe:
             raise ValueError("refine_aberrations and refine_probe both refine the probe: choose one")
-        obj, probe, losses, positions = _refine_alternating(problem, opts, progress)
+        obj, probe, losses, positions = refine_alternating(problem, opts, progress)
         nominal = problem.positions if opts.refine_positions else None
     else:
         obj, probe, losses = refine_full_batch(
@@ -519,5 +519,6 @@ __all__ = [
     "prepare",
     "problem_kappa",
     "reconstruct",
+    "refine_alternating",
     "refine_full_batch",
 ]

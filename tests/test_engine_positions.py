@@ -135,3 +135,23 @@ def test_reconstruction_from_nominal_positions_improves_with_refinement() -> Non
     pos_error = np.linalg.norm(positions - true, axis=1).mean() / PIXEL
     assert pos_error < 0.35, pos_error  # nominal: 0.60 px
     assert refined < fixed - 0.4 * (fixed - oracle), (oracle, fixed, refined)
+
+
+def test_live_engine_refines_positions_at_scan_end() -> None:
+    """The streaming engine's ``refine`` (scan end in the service) with refine_positions: the
+    stored positions move towards the true ones and the snapshot keeps the received ones."""
+    from cryoptycho.gpu.stream import StreamingReconstructor
+
+    nominal, true, frames, _truth, _geo, probe = _distorted_scan(1e5)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=5)
+    engine = StreamingReconstructor(frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames), nominal)
+    for _ in range(20):
+        engine.step()
+    engine.refine(40)
+    state = engine.snapshot()
+    np.testing.assert_allclose(state.nominal_positions, nominal, rtol=0, atol=1e-16)
+    before = np.linalg.norm(nominal - true, axis=1).mean() / PIXEL
+    after = np.linalg.norm(state.positions - true, axis=1).mean() / PIXEL
+    assert before > 0.5 and after < 0.4, (before, after)
