@@ -12,7 +12,7 @@ import pytest
 from cryoptycho.protocols.messages import Result, ScanEvent
 from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
-from daemon_support import PIXEL_M, start_daemon, synthetic_scan
+from daemon_support import PIXEL_M, start_daemon, synthetic_scan, wait_subscribed
 
 pytestmark = pytest.mark.subprocess
 
@@ -22,9 +22,9 @@ def test_scan_with_refine_positions_saves_refined_and_nominal_positions(tmp_path
     daemon = start_daemon(tmp_path, "--set", "options.iterations=12", "--set", "refine_time_budget_s=30")
     try:
         sub = Subscriber(daemon.publish, latest_only=False)
-        time.sleep(0.3)  # SUB connects asynchronously: a slow joiner would miss the first events
+        wait_subscribed(daemon, sub)  # SUB connects asynchronously: a slow joiner would miss the first events
         options = {"refine_positions": True, "position_start_iteration": 3, "position_every": 3}
-        with Producer(daemon.ingest) as producer:
+        with Producer(daemon.ingest, control=daemon.control) as producer:
             producer.start_scan(**scan.start_fields("pos", options=options))
             for lo in range(0, len(scan.frames), 20):
                 producer.send_frames(scan.frames[lo:lo + 20])
