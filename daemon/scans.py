@@ -11,11 +11,12 @@ import logging
 import queue
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from cryoptycho.gpu.backend import free_device_bytes, get_xp
+from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
 from cryoptycho.gpu.options import ReconOptions
 from pydantic import ValidationError
 
@@ -65,6 +66,10 @@ class ScanManager:
         self.spools: dict[str, SpoolWriter] = {}
         self._exited: queue.SimpleQueue[Session] = queue.SimpleQueue()
         self.stopping = False
+        # the engine module is imported now rather than inside the first scan_start, where its
+        # import (~50 ms) would hold up the manager loop
+        import cryoptycho.gpu.stream  # noqa: F401
+
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         config.results_dir.mkdir(parents=True, exist_ok=True)
         metrics.queue_capacity.set(config.queue_capacity_frames)
@@ -72,6 +77,19 @@ class ScanManager:
     # -- scan lifecycle (manager thread) -------------------------------------------------------
     def start_scan(self, spec: ScanSpec) -> Session:
         """Accept a scan or raise :class:`ScanRefused`; nothing is written for a refused scan."""
+        _, need = self.admission(spec)
+        spool = SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync)
+        session = Session(spec, need)
+        self._register(session, spool)
+        self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "memory_bytes": need,
+                                           "expected_frames": spec.expected_frames})
+        log.info("scan accepted", extra={"scan_id": spec.scan_id, "memory_bytes": need})
+        return session
+
+    def admission(self, spec: ScanSpec) -> tuple[ReconOptions, dict[str, int]]:
+        """Raise :class:`ScanRefused` unless the scan may start; else its options and memory.
+        Needs only the declaration (shape, count, extent, options), never the probe or the
+        positions, so the service refuses a scan before it builds anything large."""
         if spec.scan_id in self.sessions or spool_path(self.config.spool_dir, spec.scan_id).exists():
             raise ScanRefused("scan_id", "unique_scan_id", f"scan {spec.scan_id!r} already exists")
         if self.stopping:
@@ -81,22 +99,20 @@ class ScanManager:
         ):
             raise ScanRefused("scan_id", "max_queued_scans", f"{len(self.waiting)} scans are already waiting")
         options = self._options_for(spec)
-        need = self._reservation(spec, options)
-        spool = SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync)
-        session = Session(spec, need)
-        self._register(session, spool)
-        self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "memory_bytes": need,
-                                           "expected_frames": spec.expected_frames})
-        log.info("scan accepted", extra={"scan_id": spec.scan_id, "memory_bytes": need})
-        return session
+        return options, self._reservation(spec, options)
 
     def _options_for(self, spec: ScanSpec) -> ReconOptions:
         try:
-            return self.config.options.merged(spec.options)
+            options = self.config.options.merged(spec.options)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             raise ScanRefused(f"options.{where}", "recon_options", err["msg"]) from None
+        try:
+            get_xp(options.backend)  # valid but not installed here (CuPy without a GPU)
+        except BackendUnavailable as exc:
+            raise ScanRefused("options.backend", "backend_available", str(exc)) from None
+        return options
 
     def _reservation(self, spec: ScanSpec, options: ReconOptions) -> dict[str, int]:
         """Memory the scan needs, checked against the budgets before any frame is accepted."""
@@ -178,6 +194,20 @@ class ScanManager:
             spool.set_status("aborted")
             self._close_spool(session.scan_id)
 
+    def fail_scan(self, session: Session, reason: str) -> None:
+        """End a scan as failed after an internal error (its spool is kept, marked failed)."""
+        worker = self.running.get(session.scan_id)
+        if worker is not None:
+            # the worker owns the engine: it stops at its next turn and ends the scan failed
+            worker.put(Cancel(reason, failed=True))
+        elif session.transition(State.FAILED, error=reason):
+            self.outbox.post("scan.failed", {"scan_id": session.scan_id, "error": reason})
+            self._settle(session)
+        spool = self.spools.get(session.scan_id)
+        if spool is not None:
+            spool.set_status(session.state.value if session.state.final else "failed")
+            self._close_spool(session.scan_id)
+
     def _close_spool(self, scan_id: str) -> None:
         spool = self.spools.pop(scan_id, None)
         if spool is not None:
@@ -204,7 +234,13 @@ class ScanManager:
             if self.running and any(used[d] + b > budget[d] for d, b in session.reserved_bytes.items()):
                 return  # wait for a running scan to free its memory
             self.waiting.pop(0)
-            self._start_worker(session)
+            try:
+                self._start_worker(session)
+            except Exception as exc:  # e.g. the defaults changed under it: this scan fails, not the loop
+                log.exception("cannot start the worker", extra={"scan_id": session.scan_id})
+                self.running.pop(session.scan_id, None)
+                self.metrics.internal_errors.labels(where="housekeeping").inc()
+                self.fail_scan(session, f"cannot start: {type(exc).__name__}: {exc}")
         self._update_gauges()
 
     def _start_worker(self, session: Session) -> None:
@@ -226,13 +262,14 @@ class ScanManager:
         log.info("worker started", extra={"scan_id": session.scan_id})
 
     # -- called from worker threads ------------------------------------------------------------
-    def finish_result(self, session: Session, state: Any) -> None:
+    def finish_result(self, session: Session, state: Any) -> dict[str, str]:
         """Write the result file (engine result + the spool's NXcxi raw part under /raw) and the
-        phase exports (MRC, PNG); then retire the spool. Runs on the worker thread."""
+        phase exports (MRC, PNG); then retire the spool. Runs on the worker thread. Returns
+        every file written, kind → path (the ``files`` of the published result)."""
         from .storage.result import export_phase, write_result
 
         stem = self.config.results_dir / file_stem(session.scan_id)
-        path = stem.with_suffix(".h5")
+        path = Path(f"{stem}.h5")  # not with_suffix: a scan id "a.b" would lose its ".b"
         spool_file = spool_path(self.config.spool_dir, session.scan_id)
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,
                                  **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
@@ -245,12 +282,13 @@ class ScanManager:
                 src.copy(src["scan"], group, "scan")
 
         write_result(path, state, extra=extra, raw=raw)
-        export_phase(state, stem)
+        mrc, png = export_phase(state, stem)
         with h5py.File(spool_file, "r+") as f:
             f.attrs["status"] = "finished"
         if not self.config.keep_spool:
             spool_file.unlink()
         session.result_path = str(path)
+        return {"result": str(path), "phase_mrc": str(mrc), "phase_png": str(png)}
 
     def worker_exited(self, session: Session) -> None:
         self._exited.put(session)

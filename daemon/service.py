@@ -35,12 +35,12 @@ from prometheus_client import start_http_server
 
 from .config import ServiceConfig
 from .handlers import build_table
-from .ingest import frame_positions, spec_from_scan_start
+from .ingest import frame_positions, outline_from_scan_start, spec_from_scan_start
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier
-from .publisher import Outbox, to_message
+from .publisher import ErrorThrottle, Outbox, to_message
 from .scans import ScanManager, ScanRefused
-from .session import ScanSpec
+from .session import ScanSpec, Session, State
 
 log = logging.getLogger("cryoptycho.service")
 
@@ -48,6 +48,9 @@ log = logging.getLogger("cryoptycho.service")
 INGEST_BURST = 64
 #: PUB send queue per subscriber: a slow viewer loses old messages instead of slowing ingest
 PUB_HWM = 64
+#: error events published one by one per second; the rest are summarised (publisher.ErrorThrottle),
+#: so a flood of bad messages stays well inside PUB_HWM and the subscribers' queues
+ERROR_BURST = 20
 
 
 class Service:
@@ -65,6 +68,7 @@ class Service:
         self.metrics_port: int | None = None
         self.started_at = time.monotonic()
         self._declared: dict[str, ScanStart] = {}
+        self.error_throttle = ErrorThrottle(ERROR_BURST)
         self._stop = threading.Event()
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
@@ -133,12 +137,12 @@ class Service:
                 self._read_ingest()
             if events.get(self.control):
                 self._read_control()
-            self.scans.reap()
+            self._guarded("housekeeping", self.scans.reap)
             self._flush_outbox()
             now = time.monotonic()
             if now - last_housekeeping >= 0.5:
                 last_housekeeping = now
-                self._housekeeping()
+                self._guarded("housekeeping", self._housekeeping)
             if self.config.watchdog:
                 self.notifier.watchdog()
         self._drain()
@@ -185,11 +189,14 @@ class Service:
                 return
             arrived = time.monotonic()
             self.metrics.received_bytes.inc(sum(len(p.buffer) for p in parts))
+            msg = None
             try:
                 msg = decode(parts, self.limits, self._declared)
                 self._handle(msg, arrived)
             except ProtocolError as exc:
                 self._reject(exc, parts)
+            except Exception as exc:  # a bug or a storage fault: only this message's scan fails
+                self._ingest_fault(exc, msg, parts)
             if self.scans.backpressure():
                 return
 
@@ -200,11 +207,54 @@ class Service:
             reason = {"known_scan": "unknown_scan", "open_scan": "scan_closed"}.get(exc.rule, "invalid")
             self.metrics.frames_dropped.labels(reason=reason).inc(n)
         log.warning("rejected message: %s", exc, extra={"scan_id": exc.scan_id, "rule": exc.rule})
-        self.outbox.post("error", ErrorEvent.from_error(exc, time.time()))
+        self._publish_error(ErrorEvent.from_error(exc, time.time()))
+
+    def _publish_error(self, event: ErrorEvent) -> None:
+        """Publish an error event through the rate limit (see ERROR_BURST)."""
+        if self.error_throttle.admit(event.rule, event.scan_id, time.monotonic()):
+            self.outbox.post("error", event)
+        else:
+            self.metrics.errors_suppressed.inc()
+
+    def _ingest_fault(self, exc: Exception, msg: Any, parts: list[Any]) -> None:
+        """An unexpected exception while handling an ingest message: log it with its traceback,
+        count it, publish a named error and fail the scan it concerns; the daemon goes on."""
+        sid = getattr(msg, "scan_id", None)
+        if sid is None:
+            try:
+                sid = peek(parts, self.limits)[1]
+            except ProtocolError:
+                sid = None
+        text = f"{type(exc).__name__}: {exc}"
+        log.error("internal error on an ingest message: %s", text, exc_info=exc, extra={"scan_id": sid})
+        self.metrics.internal_errors.labels(where="ingest").inc()
+        self._publish_error(ErrorEvent("message", "internal_error", f"the daemon failed on this message: {text}",
+                                       sid, time.time()))
+        session = self.scans.sessions.get(sid) if sid is not None else None
+        if session is not None:
+            self._guarded("ingest", self.scans.fail_scan, session, f"internal error: {text}")
+        elif isinstance(msg, ScanStart):  # it failed before it was registered: its producer waits for a verdict
+            self.metrics.scans.labels(outcome="refused").inc()
+            self.outbox.post("scan.rejected", ScanEvent(msg.scan_id, "rejected", f"internal error: {text}",
+                                                        {"field": "message", "rule": "internal_error"}))
+
+    def _guarded(self, where: str, fn: Any, *args: Any) -> None:
+        """Run one step of the loop; an unexpected exception is logged, counted and published
+        as an error event instead of ending the manager loop."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            log.error("internal error in %s: %s", where, text, exc_info=exc)
+            self.metrics.internal_errors.labels(where=where).inc()
+            self.outbox.post("error", ErrorEvent(where, "internal_error", text, None, time.time()))
 
     def _handle(self, msg: Any, arrived: float) -> None:
         if isinstance(msg, ScanStart):
             try:
+                # refuse from the declaration alone, before a probe or positions are built:
+                # a scan that cannot fit must not hold up the loop (PROTOCOL.md § Control)
+                self.scans.admission(outline_from_scan_start(msg))
                 spec = spec_from_scan_start(msg)
                 self.scans.start_scan(spec)
             except ScanRefused as exc:
@@ -215,7 +265,9 @@ class Service:
             self._declared[msg.scan_id] = msg
             self.scans.admit()
             return
-        session = self.scans.sessions[msg.scan_id]
+        session = self.scans.sessions.get(msg.scan_id)
+        if session is None:  # forgotten with the session history since it was declared
+            raise ProtocolError("scan_id", "known_scan", f"scan {msg.scan_id!r} is no longer known", msg.scan_id)
         if isinstance(msg, Frames):
             if session.state.final or session.ended:
                 raise ProtocolError("scan_id", "open_scan", f"scan {msg.scan_id!r} is {session.state.value}"
@@ -235,15 +287,30 @@ class Service:
                 parts = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            reply = handle(parts, self.table, self.limits)
-            if reply:
-                self.control.send_multipart(reply, copy=False)
+            self._guarded("control", self._answer, parts)
+
+    def _answer(self, parts: list[Any]) -> None:
+        reply = handle(parts, self.table, self.limits)
+        if reply:
+            self.control.send_multipart(reply, zmq.NOBLOCK, copy=False)
 
     # -- publish -----------------------------------------------------------------------------
     def _flush_outbox(self) -> None:
+        summary = self.error_throttle.summary(time.monotonic())
+        if summary is not None:
+            self.outbox.post("error", summary)
         for topic, payload in self.outbox.take():
             try:
-                self.publish.send_multipart(encode_event(to_message(topic, payload)), zmq.NOBLOCK, copy=False)
+                parts = encode_event(to_message(topic, payload))
+            except Exception as exc:  # a post the wire cannot carry: say so instead of dying
+                text = f"{type(exc).__name__}: {exc}"
+                log.error("cannot publish %s: %s", topic, text, exc_info=exc)
+                self.metrics.internal_errors.labels(where="publish").inc()
+                sid = payload.get("scan_id") if isinstance(payload, dict) else getattr(payload, "scan_id", None)
+                parts = encode_event(ErrorEvent("publish", "internal_error", f"{topic} could not be published: {text}",
+                                                sid if isinstance(sid, str) else None, time.time()))
+            try:
+                self.publish.send_multipart(parts, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 pass  # only when every subscriber is over its HWM: they skip this message
 

@@ -46,6 +46,7 @@ class EndOfScan:
 @dataclass
 class Cancel:
     reason: str = "cancelled"
+    failed: bool = False  #: the manager met an internal error on this scan: end it failed, not aborted
 
 
 @dataclass
@@ -60,9 +61,9 @@ class EngineDiverged(RuntimeError):
 class _Stop(Exception):
     """Raised from the refinement callback to leave a cancelled or interrupted refinement."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, failed: bool = False) -> None:
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.failed = reason, failed
 
 
 def scale_probe(probe: np.ndarray, frames: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -116,7 +117,7 @@ class ScanWorker:
         config: ServiceConfig,
         outbox: Outbox,
         metrics: ServiceMetrics,
-        finish: Callable[[Session, Any], None],
+        finish: Callable[[Session, Any], dict[str, str]],
         on_exit: Callable[[Session], None],
     ) -> None:
         self.session = session
@@ -161,6 +162,7 @@ class ScanWorker:
             self._main()
         except Exception as exc:  # the scan fails; the daemon and other scans carry on
             log.exception("scan failed", extra={"scan_id": s.scan_id})
+            self.metrics.internal_errors.labels(where="worker").inc()
             if s.transition(State.FAILED, error=f"{type(exc).__name__}: {exc}"):
                 self.outbox.post("scan.failed", {"scan_id": s.scan_id, "error": s.error})
         finally:
@@ -180,7 +182,7 @@ class ScanWorker:
         while not ended:
             for item in self._drain(block=self.engine is None or self.engine.n_frames == 0):
                 if isinstance(item, Cancel):
-                    self._abort(item.reason)
+                    self._abort(item.reason, item.failed)
                     return
                 if isinstance(item, Interrupt):
                     log.info("interrupted by shutdown", extra={"scan_id": s.scan_id})
@@ -331,9 +333,12 @@ class ScanWorker:
             self.metrics.resolution.set(res)
             self.session.update_figures(resolution_m=res)
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str, failed: bool = False) -> None:
         s = self.session
-        if s.transition(State.ABORTED, error=reason):
+        if failed:
+            if s.transition(State.FAILED, error=reason):
+                self.outbox.post("scan.failed", {"scan_id": s.scan_id, "error": reason})
+        elif s.transition(State.ABORTED, error=reason):
             self.outbox.post("scan.aborted", {"scan_id": s.scan_id, "reason": reason})
 
     def _refine(self, halves: HalfSetEstimator | None) -> None:
@@ -355,7 +360,7 @@ class ScanWorker:
             s.update_figures(iteration=int(self.engine.iteration) + done[0], loss=float(loss))
             for item in self._drain(False):
                 if isinstance(item, Cancel):
-                    raise _Stop(item.reason)
+                    raise _Stop(item.reason, item.failed)
                 if isinstance(item, Interrupt):
                     raise _Stop("shutdown")
             if time.monotonic() - last[0] >= 1.0 / cfg.preview_hz:
@@ -369,7 +374,7 @@ class ScanWorker:
             if stop.reason == "shutdown":
                 log.info("refinement interrupted by shutdown", extra={"scan_id": s.scan_id})
             else:
-                self._abort(stop.reason)
+                self._abort(stop.reason, stop.failed)
             return
         except EngineDiverged as exc:
             # the refinement's objects were never installed: the streamed state is still good
@@ -383,7 +388,7 @@ class ScanWorker:
             halves.refine(self.options.iterations, self.config.resolution_share * budget)
             self._resolution(halves)
         state = self.engine.snapshot()
-        self._finish(s, state)  # writes the result file (sets s.result_path)
+        files = self._finish(s, state)  # writes the result files (sets s.result_path)
         payload = {
             "scan_id": s.scan_id,
             "object": np.asarray(state.object),
@@ -392,6 +397,7 @@ class ScanWorker:
             "pixel_size_m": float(state.geometry.pixel_size),
             "origin_m": tuple(state.geometry.origin),
             "result_path": s.result_path,
+            "files": files,
             "iteration": int(state.iteration),
             "loss": s.figures.get("loss"),
             "resolution_m": s.figures.get("resolution_m"),

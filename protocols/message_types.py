@@ -39,16 +39,17 @@ class RasterScan:
     serpentine: bool = False
     origin_m: tuple[float, float] = (0.0, 0.0)  #: (y, x) of frame 0
 
-    def positions(self) -> np.ndarray:
-        """(ny·nx, 2) float64 probe centres in acquisition order."""
+    def positions(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """(ny·nx, 2) float64 probe centres in acquisition order (or those of ``indices``)."""
         ny, nx = self.shape
-        i, j = np.divmod(np.arange(ny * nx), nx)
+        k = np.arange(ny * nx) if indices is None else np.asarray(indices, dtype=np.int64)
+        i, j = np.divmod(k, nx)
         if self.serpentine:
             j = np.where(i % 2 == 1, nx - 1 - j, j)
         y, x = i * self.step_m[0], j * self.step_m[1]
         c, s = np.cos(self.rotation_rad), np.sin(self.rotation_rad)
         # counter-clockwise in the (x, y) plane: x' = c·x − s·y, y' = s·x + c·y
-        out = np.empty((ny * nx, 2))
+        out = np.empty((len(k), 2))
         out[:, 0] = self.origin_m[0] + s * x + c * y
         out[:, 1] = self.origin_m[1] + c * x - s * y
         return out
