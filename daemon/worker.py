@@ -58,6 +58,11 @@ class EngineDiverged(RuntimeError):
     pass
 
 
+class ScanFailed(RuntimeError):
+    """An expected way for a scan to fail (no frames, diverging again and again): the scan's
+    own outcome, not a fault of the service (not counted as an internal error)."""
+
+
 class _Stop(Exception):
     """Raised from the refinement callback to leave a cancelled or interrupted refinement."""
 
@@ -162,7 +167,8 @@ class ScanWorker:
             self._main()
         except Exception as exc:  # the scan fails; the daemon and other scans carry on
             log.exception("scan failed", extra={"scan_id": s.scan_id})
-            self.metrics.internal_errors.labels(where="worker").inc()
+            if not isinstance(exc, ScanFailed):
+                self.metrics.internal_errors.labels(where="worker").inc()
             if s.transition(State.FAILED, error=f"{type(exc).__name__}: {exc}"):
                 self.outbox.post("scan.failed", {"scan_id": s.scan_id, "error": s.error})
         finally:
@@ -205,7 +211,7 @@ class ScanWorker:
                     s.transition(State.ACQUIRING)
             if self.engine is None or self.engine.n_frames == 0:
                 if ended:
-                    raise RuntimeError("the scan ended without a single frame")
+                    raise ScanFailed("the scan ended without a single frame")
                 continue
             self._apply_options()
             try:
@@ -213,7 +219,7 @@ class ScanWorker:
             except EngineDiverged as exc:
                 rollbacks += 1
                 if rollbacks > cfg.max_rollbacks:
-                    raise RuntimeError(f"engine diverged {rollbacks} times; last: {exc}") from None
+                    raise ScanFailed(f"engine diverged {rollbacks} times; last: {exc}") from None
                 self._rollback(str(exc))
             if halves is not None:
                 halves.maybe_step()
@@ -285,7 +291,7 @@ class ScanWorker:
         self.metrics.rollbacks.inc()
         log.warning("rolling back engine: %s", why, extra={"scan_id": self.session.scan_id})
         if self._good is None:
-            raise RuntimeError(f"engine diverged ({why}) before any good state was checkpointed")
+            raise ScanFailed(f"engine diverged ({why}) before any good state was checkpointed")
         restore_state(self.engine, self._good)
         self.outbox.post("error", {"scan_id": self.session.scan_id, "field": "engine", "rule": "rollback",
                                    "message": f"engine rolled back to its last good state: {why}"})

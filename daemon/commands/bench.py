@@ -8,7 +8,7 @@ import importlib.util
 import click
 
 #: benchmark name → module under cryoptycho.daemon.bench exposing ``command``
-BENCHES = {"engine": "engine", "paper": "paper", "live": "live", "protocol": "protocol", "bm3d": "bm3d", "view": "view", "dectris": "dectris"}
+BENCHES = {"engine": "engine", "paper": "paper", "live": "live", "protocol": "protocol", "bm3d": "bm3d", "view": "view", "dectris": "dectris", "fuzz": "fuzz"}
 
 
 class _BenchGroup(click.Group):
