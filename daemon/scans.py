@@ -75,10 +75,18 @@ class ScanManager:
         metrics.queue_capacity.set(config.queue_capacity_frames)
 
     # -- scan lifecycle (manager thread) -------------------------------------------------------
-    def start_scan(self, spec: ScanSpec) -> Session:
-        """Accept a scan or raise :class:`ScanRefused`; nothing is written for a refused scan."""
-        _, need = self.admission(spec)
-        spool = SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync)
+    def start_scan(self, spec: ScanSpec, spool: SpoolWriter | None = None) -> Session:
+        """Accept a scan or raise :class:`ScanRefused`; nothing is kept for a refused scan.
+        ``spool``: its spool file, already made by :meth:`create_spool` (off this thread)."""
+        try:
+            _, need = self.admission(spec, own_spool=spool is not None)
+        except ScanRefused:
+            if spool is not None:
+                spool.close()
+                spool.path.unlink(missing_ok=True)
+            raise
+        if spool is None:
+            spool = self.create_spool(spec)
         session = Session(spec, need)
         self._register(session, spool)
         self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "memory_bytes": need,
@@ -86,11 +94,18 @@ class ScanManager:
         log.info("scan accepted", extra={"scan_id": spec.scan_id, "memory_bytes": need})
         return session
 
-    def admission(self, spec: ScanSpec) -> tuple[ReconOptions, dict[str, int]]:
+    def create_spool(self, spec: ScanSpec) -> SpoolWriter:
+        """The scan's spool file (any thread: it touches no state of the manager)."""
+        return SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync)
+
+    def admission(self, spec: ScanSpec, own_spool: bool = False) -> tuple[ReconOptions, dict[str, int]]:
         """Raise :class:`ScanRefused` unless the scan may start; else its options and memory.
         Needs only the declaration (shape, count, extent, options), never the probe or the
-        positions, so the service refuses a scan before it builds anything large."""
-        if spec.scan_id in self.sessions or spool_path(self.config.spool_dir, spec.scan_id).exists():
+        positions, so the service refuses a scan before it builds anything large.
+        ``own_spool``: the spool file that exists is this scan's own (made by create_spool)."""
+        if spec.scan_id in self.sessions or (
+            not own_spool and spool_path(self.config.spool_dir, spec.scan_id).exists()
+        ):
             raise ScanRefused("scan_id", "unique_scan_id", f"scan {spec.scan_id!r} already exists")
         if self.stopping:
             raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
@@ -268,7 +283,8 @@ class ScanManager:
         every file written, kind → path (the ``files`` of the published result)."""
         from .storage.result import export_phase, write_result
 
-        stem = self.config.results_dir / file_stem(session.scan_id)
+        # absolute: subscribers do not share the daemon's working directory
+        stem = self.config.results_dir.absolute() / file_stem(session.scan_id)
         path = Path(f"{stem}.h5")  # not with_suffix: a scan id "a.b" would lose its ".b"
         spool_file = spool_path(self.config.spool_dir, session.scan_id)
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,

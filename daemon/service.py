@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from .metrics import ServiceMetrics
 from .notify import SystemdNotifier
 from .publisher import ErrorThrottle, Outbox, to_message
 from .scans import ScanManager, ScanRefused
-from .session import ScanSpec, Session, State
+from .session import ScanSpec
 
 log = logging.getLogger("cryoptycho.service")
 
@@ -69,6 +70,10 @@ class Service:
         self.started_at = time.monotonic()
         self._declared: dict[str, ScanStart] = {}
         self.error_throttle = ErrorThrottle(ERROR_BURST)
+        # a scan_start's probe, positions and spool file are built on this thread while the
+        # manager keeps answering (ingest pauses until it is done, so message order holds)
+        self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="scan-start")
+        self._preparing: tuple[ScanStart, Future[tuple[ScanSpec, Any]]] | None = None
         self._stop = threading.Event()
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
@@ -125,7 +130,7 @@ class Service:
         ingest_registered = False
         last_housekeeping = 0.0
         while not self._stop.is_set():
-            want_ingest = not self.scans.backpressure()
+            want_ingest = self._preparing is None and not self.scans.backpressure()
             if want_ingest != ingest_registered:
                 if want_ingest:
                     poller.register(self.ingest, zmq.POLLIN)
@@ -137,6 +142,8 @@ class Service:
                 self._read_ingest()
             if events.get(self.control):
                 self._read_control()
+            if self._preparing is not None and self._preparing[1].done():
+                self._finish_start()
             self._guarded("housekeeping", self.scans.reap)
             self._flush_outbox()
             now = time.monotonic()
@@ -152,6 +159,9 @@ class Service:
         spool, recovered at the next start); scans past scan_end may finish within
         ``drain_timeout_s``, then they are interrupted too and recovered like the others."""
         self.notifier.stopping()
+        if self._preparing is not None:  # registered like any accepted scan: recovered at the next start
+            self._preparing[1].exception()
+            self._finish_start()
         log.info("draining", extra={"running": sorted(self.scans.running)})
         self.scans.interrupt(ended_too=False)
         deadline = time.monotonic() + self.config.drain_timeout_s
@@ -169,6 +179,7 @@ class Service:
         self.metrics.up.set(0)
 
     def close(self) -> None:
+        self._prepare_pool.shutdown(wait=True)
         for sock in (getattr(self, n, None) for n in ("ingest", "publish", "control")):
             if sock is not None:
                 sock.close()
@@ -195,9 +206,9 @@ class Service:
                 self._handle(msg, arrived)
             except ProtocolError as exc:
                 self._reject(exc, parts)
-            except Exception as exc:  # a bug or a storage fault: only this message's scan fails
+            except Exception as exc:  # noqa: BLE001 - a bug or a storage fault: only this message's scan fails
                 self._ingest_fault(exc, msg, parts)
-            if self.scans.backpressure():
+            if self._preparing is not None or self.scans.backpressure():
                 return
 
     def _reject(self, exc: ProtocolError, parts: list[Any]) -> None:
@@ -208,6 +219,34 @@ class Service:
             self.metrics.frames_dropped.labels(reason=reason).inc(n)
         log.warning("rejected message: %s", exc, extra={"scan_id": exc.scan_id, "rule": exc.rule})
         self._publish_error(ErrorEvent.from_error(exc, time.time()))
+
+    def _refuse(self, msg: ScanStart, exc: ScanRefused) -> None:
+        self.metrics.scans.labels(outcome="refused").inc()
+        self.outbox.post("scan.rejected", ScanEvent(msg.scan_id, "rejected", str(exc),
+                                                    {"field": exc.field, "rule": exc.rule}))
+        raise ProtocolError(exc.field, exc.rule, exc.message, msg.scan_id) from None
+
+    def _prepare(self, msg: ScanStart) -> tuple[ScanSpec, Any]:
+        """The slow part of accepting a scan (probe model, positions, spool file); off the
+        manager thread, which registers the scan when this is done (:meth:`_finish_start`)."""
+        spec = spec_from_scan_start(msg)
+        return spec, self.scans.create_spool(spec)
+
+    def _finish_start(self) -> None:
+        assert self._preparing is not None
+        (msg, future), self._preparing = self._preparing, None
+        try:
+            try:
+                spec, spool = future.result()
+                self.scans.start_scan(spec, spool)
+            except ScanRefused as exc:
+                self._refuse(msg, exc)
+            self._declared[msg.scan_id] = msg
+            self.scans.admit()
+        except ProtocolError as exc:
+            self._reject(exc, [])
+        except Exception as exc:  # noqa: BLE001 - logged, counted and published by _ingest_fault
+            self._ingest_fault(exc, msg, [])
 
     def _publish_error(self, event: ErrorEvent) -> None:
         """Publish an error event through the rate limit (see ERROR_BURST)."""
@@ -253,17 +292,13 @@ class Service:
         if isinstance(msg, ScanStart):
             try:
                 # refuse from the declaration alone, before a probe or positions are built:
-                # a scan that cannot fit must not hold up the loop (PROTOCOL.md § Control)
+                # a scan that cannot fit must not hold up the loop (PROTOCOL.md § 7)
                 self.scans.admission(outline_from_scan_start(msg))
-                spec = spec_from_scan_start(msg)
-                self.scans.start_scan(spec)
             except ScanRefused as exc:
-                self.metrics.scans.labels(outcome="refused").inc()
-                self.outbox.post("scan.rejected", ScanEvent(msg.scan_id, "rejected", str(exc),
-                                                            {"field": exc.field, "rule": exc.rule}))
-                raise ProtocolError(exc.field, exc.rule, exc.message, msg.scan_id) from None
-            self._declared[msg.scan_id] = msg
-            self.scans.admit()
+                self._refuse(msg, exc)
+            future = self._prepare_pool.submit(self._prepare, msg)
+            future.add_done_callback(lambda _: self.outbox.wake())
+            self._preparing = (msg, future)
             return
         session = self.scans.sessions.get(msg.scan_id)
         if session is None:  # forgotten with the session history since it was declared

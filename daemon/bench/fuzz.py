@@ -40,6 +40,7 @@ import zmq
 from cryoptycho.protocols.control import ControlClient
 from cryoptycho.protocols.errors import ControlError, ControlTimeout
 from cryoptycho.protocols.messages import (
+    Abort,
     ErrorEvent,
     Frames,
     Metrics,
@@ -206,7 +207,7 @@ def base_parts(kind: str, scan_id: str, rng: np.random.Generator) -> list[bytes]
     if kind == "scan_end":
         return _raw(encode(ScanEnd(scan_id, int(rng.integers(0, 20)))))
     if kind == "abort":
-        return _raw(encode(Abort_(scan_id)))
+        return abort_parts(scan_id)
     if kind == "request":
         return _raw(encode(Request("ping", {"x": 1})))
     if kind == "reply":
@@ -223,10 +224,8 @@ def base_parts(kind: str, scan_id: str, rng: np.random.Generator) -> list[bytes]
     raise ValueError(kind)
 
 
-def Abort_(scan_id: str) -> Any:  # noqa: N802 - the message class, imported late to keep the list above short
-    from cryoptycho.protocols.messages import Abort
-
-    return Abort(scan_id, "fuzz")
+def abort_parts(scan_id: str) -> list[bytes]:
+    return _raw(encode(Abort(scan_id, "fuzz")))
 
 
 def set_path(header: dict[str, Any], path: list[str], value: Any) -> None:
@@ -254,6 +253,7 @@ class Harness:
         self.n = 0
         self.errors_seen = 0  #: error events received, a 'suppressed' one counting its number
         self.pending_aborts: set[str] = set()
+        self.recent_errors: list[str] = []
         self.own = {OPEN_SCAN}  #: the harness's own scans (the others are fuzzed: aborted when accepted)
         self.open_scan = open_scan
         self._wait_subscribed()
@@ -286,9 +286,8 @@ class Harness:
             raise FuzzFailure(f"no control reply to {note}\n{self.d.log_tail()}") from None
         except (TypeError, ValueError):
             reply = None  # the client itself refused to encode it: nothing was sent
-        if reply is not None and not reply.success:
-            if not ({"field", "rule"} <= set(reply.result)):
-                raise FuzzFailure(f"failed control reply without field/rule: {reply.msg!r} ({note})")
+        if reply is not None and not reply.success and not ({"field", "rule"} <= set(reply.result)):
+            raise FuzzFailure(f"failed control reply without field/rule: {reply.msg!r} ({note})")
         self.check(note)
 
     def send_raw_control(self, body: list[bytes], note: str) -> None:
@@ -345,8 +344,11 @@ class Harness:
             if self.errors_seen == rejected + ingest_internal and not self.pending_aborts:
                 self.fig.rejected = int(rejected)
                 return
-            if self.errors_seen > rejected + ingest_internal:
-                raise FuzzFailure(f"{self.errors_seen} error events for {rejected} rejections ({note})")
+            if self.errors_seen > rejected + ingest_internal and time.monotonic() > deadline - 8.0:
+                # more events than rejections, still after 2 s (the metrics are read before the
+                # events are drained, so a fresh rejection can briefly look like this)
+                raise FuzzFailure(f"{self.errors_seen} error events for {rejected} rejections ({note}); "
+                                  f"last events {self.recent_errors}\n{self.d.log_tail()}")
             if time.monotonic() > deadline:
                 raise FuzzFailure(f"{rejected:.0f} rejections but {self.errors_seen} error events "
                                   f"(pending aborts {sorted(self.pending_aborts)}) after: {note}\n{self.d.log_tail()}")
@@ -361,13 +363,15 @@ class Harness:
         if isinstance(ev, ErrorEvent):
             if not ev.field or not ev.rule:
                 raise FuzzFailure(f"an error event without field/rule: {ev}")
-            self.errors_seen += int(ev.message.split()[0]) if ev.rule == "suppressed" else 1
+            self.recent_errors = [*self.recent_errors[-4:], f"{ev.field}/{ev.rule} {ev.scan_id}: {ev.message[:120]}"]
+            if ev.field != "engine":  # a worker's rollback notice, not a rejected message
+                self.errors_seen += int(ev.message.split()[0]) if ev.rule == "suppressed" else 1
         elif isinstance(ev, ScanEvent) and ev.scan_id not in self.own:
             if ev.event == "accepted" and not ev.info.get("recovered"):
                 # a fuzzed scan_start was valid: end it, so scans do not pile up
                 self.fig.accepted_scans += 1
                 self.pending_aborts.add(ev.scan_id)
-                self.d.push.send_multipart(_raw(encode(Abort_(ev.scan_id))))
+                self.d.push.send_multipart(abort_parts(ev.scan_id))
             elif ev.event in ("aborted", "failed", "finished"):
                 self.pending_aborts.discard(ev.scan_id)
         self.last_event = ev
@@ -387,9 +391,10 @@ class Harness:
             self.d.push.send_multipart(probe)
             ev = self.d.sub.recv(timeout_s=0.3)
             if isinstance(ev, ErrorEvent):
+                while self.d.sub.recv(timeout_s=0.5) is not None:
+                    pass  # the other probes' events: gone once nothing arrives for 0.5 s
                 sent = sum(v for k, v in self.d.metrics().items() if k.startswith("cryoptycho_messages_rejected_total"))
-                self.errors_seen = int(sent)  # the probes before the subscription took hold count as seen
-                self.d.push.send_multipart(probe)  # and this one must arrive: the accounting starts here
+                self.errors_seen = int(sent)  # every probe counts as seen; the accounting starts here
                 self._account("the subscription probe")
                 return
         raise FuzzFailure("the subscriber never received an event")
@@ -430,7 +435,7 @@ class Harness:
 
     def finish(self) -> None:
         if self.open_scan:
-            self.d.push.send_multipart(_raw(encode(Abort_(OPEN_SCAN))))
+            self.d.push.send_multipart(abort_parts(OPEN_SCAN))
 
 
 # ------------------------------------------------------------------------------------- strategies
@@ -564,27 +569,36 @@ def fuzz(workdir: Path, examples: int, seed: int, check_every: int = 0,
          progress: Callable[[Figures], None] | None = None, figures: Figures | None = None) -> Figures:
     """Run ``examples`` Hypothesis inputs (seeded) against a fresh daemon; raises FuzzFailure on
     the first broken invariant (Hypothesis then shrinks it), returns the figures otherwise."""
-    from hypothesis import HealthCheck, given, seed as hseed, settings
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
 
     figures = figures if figures is not None else Figures()
     daemon = FuzzDaemon(workdir / "daemon")
+    failures: list[FuzzFailure] = []
     try:
         harness = Harness(daemon, figures)
 
+        # the daemon is state that Hypothesis cannot rewind: a failing input is not replayed or
+        # shrunk (its message, with the daemon's log, is the report); the run stops at it
         @hseed(seed)
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
+        @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))
         @given(strategies())
         def one(example: tuple[str, dict[str, Any]]) -> None:
-            if not daemon.alive():
-                raise FuzzFailure("the daemon is dead")
-            run_input(harness, example)
-            if check_every and figures.inputs % check_every == 0:
-                harness.valid_scan_completes()
+            if failures:
+                return
+            try:
+                run_input(harness, example)
+                if check_every and figures.inputs % check_every == 0:
+                    harness.valid_scan_completes()
+            except FuzzFailure as exc:
+                failures.append(exc)
             if progress is not None:
                 progress(figures)
 
         one()
+        if failures:
+            raise failures[0]
         harness.finish()
         harness.valid_scan_completes()
         harness.check("the final valid scan")
