@@ -14,7 +14,7 @@ from .session import DROP_REASONS, OUTCOMES, STATES
 
 PREFIX = "cryoptycho"
 #: where the service catches an unexpected exception (label values of ``internal_errors``)
-INTERNAL_ERROR_PLACES = ("ingest", "control", "publish", "housekeeping", "worker")
+INTERNAL_ERROR_PLACES = ("ingest", "control", "publish", "housekeeping", "worker", "spool")
 
 #: seconds; previews are due every 0.2 s at 5 Hz, so resolve well below and up to several seconds
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,8 @@ log = logging.getLogger("cryoptycho.scans")
 
 #: finished sessions kept for `list_scans`/`status` after their worker exits
 HISTORY = 256
+#: frame bytes waiting for the spool thread above which the manager stops reading ingest
+SPOOL_BACKLOG_BYTES = 64 << 20
 
 
 class ScanRefused(ValueError):
@@ -66,6 +71,14 @@ class ScanManager:
         self.spools: dict[str, SpoolWriter] = {}
         self._exited: queue.SimpleQueue[Session] = queue.SimpleQueue()
         self.stopping = False
+        # Every spool operation runs on ONE thread, in the order the manager asked for it:
+        # writing a large frames message takes ~10 ms per MiB, which would stall the manager
+        # loop (and ping) for as long; one FIFO thread keeps appends, status changes, closes and
+        # the hand-overs to workers that must follow them in order.
+        self._disk = ThreadPoolExecutor(1, thread_name_prefix="spool")
+        self._disk_backlog = 0
+        self._disk_lock = threading.Lock()
+        self._disk_failed: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         # the engine module is imported now rather than inside the first scan_start, where its
         # import (~50 ms) would hold up the manager loop
         import cryoptycho.gpu.stream  # noqa: F401
@@ -169,15 +182,45 @@ class ScanManager:
             return 0
         if not keep.all():
             frames, indices, positions = frames[keep], indices[keep], positions[keep]
-        self.spools[session.scan_id].append(frames, indices, positions)
+        spool = self.spools[session.scan_id]
         n = len(frames)
-        self.metrics.frames_received.inc(n)
-        self.metrics.last_frame.set(time.time())
         session.last_activity = time.monotonic()
         worker = self.running.get(session.scan_id)
-        if worker is not None:
-            worker.put(FrameBatch(frames, positions, arrived))
+
+        def write() -> None:  # on the spool thread: a frame counts as received once on disk
+            spool.append(frames, indices, positions)
+            self.metrics.frames_received.inc(n)
+            self.metrics.last_frame.set(time.time())
+            if worker is not None:
+                worker.put(FrameBatch(frames, positions, arrived))
+
+        self._on_disk(session.scan_id, write, frames.nbytes)
         return n
+
+    def _on_disk(self, scan_id: str, fn: Callable[[], None], nbytes: int = 0) -> None:
+        """Run ``fn`` on the spool thread after every spool operation asked for before it. A
+        failure is logged and counted there and fails the scan (the manager, told through
+        :meth:`reap`, publishes it)."""
+        with self._disk_lock:
+            self._disk_backlog += nbytes
+
+        def task() -> None:
+            try:
+                fn()
+            except Exception as exc:  # any storage fault: logged, counted, and only this scan fails
+                log.exception("spool operation failed", extra={"scan_id": scan_id})
+                self.metrics.internal_errors.labels(where="spool").inc()
+                self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
+            finally:
+                with self._disk_lock:
+                    self._disk_backlog -= nbytes
+            self.outbox.wake()  # the manager may read ingest again, or has a failure to report
+
+        self._disk.submit(task)
+
+    def flush_disk(self) -> None:
+        """Wait until every spool operation asked for so far is done (shutdown, tests)."""
+        self._disk.submit(lambda: None).result()
 
     def end_scan(self, session: Session, reason: str = "scan_end", frame_count: int | None = None) -> None:
         if session.ended:
@@ -187,12 +230,19 @@ class ScanManager:
         if frame_count is not None and session.spec.expected_frames is None:
             session.ledger.expected = frame_count
         spool = self.spools.get(session.scan_id)
-        if spool is not None:
-            spool.set_status("ended")
         worker = self.running.get(session.scan_id)
         if worker is not None:
-            self._close_spool(session.scan_id)
-            worker.put(EndOfScan(reason))
+            self.spools.pop(session.scan_id, None)
+
+        def task() -> None:  # after the scan's last frames are on disk and with its worker
+            if spool is not None:
+                spool.set_status("ended")
+            if worker is not None:
+                if spool is not None:
+                    spool.close()
+                worker.put(EndOfScan(reason))
+
+        self._on_disk(session.scan_id, task)
         self.outbox.post("scan.ended", {"scan_id": session.scan_id, "reason": reason,
                                         "frames": session.ledger.as_dict()})
 
@@ -204,10 +254,7 @@ class ScanManager:
         elif session.transition(State.ABORTED, error=reason):
             self.outbox.post("scan.aborted", {"scan_id": session.scan_id, "reason": reason})
             self._settle(session)
-        spool = self.spools.get(session.scan_id)
-        if spool is not None:
-            spool.set_status("aborted")
-            self._close_spool(session.scan_id)
+        self._close_spool(session.scan_id, "aborted")
 
     def fail_scan(self, session: Session, reason: str) -> None:
         """End a scan as failed after an internal error (its spool is kept, marked failed)."""
@@ -218,15 +265,21 @@ class ScanManager:
         elif session.transition(State.FAILED, error=reason):
             self.outbox.post("scan.failed", {"scan_id": session.scan_id, "error": reason})
             self._settle(session)
-        spool = self.spools.get(session.scan_id)
-        if spool is not None:
-            spool.set_status(session.state.value if session.state.final else "failed")
-            self._close_spool(session.scan_id)
+        self._close_spool(session.scan_id, "failed")
 
-    def _close_spool(self, scan_id: str) -> None:
+    def _close_spool(self, scan_id: str, status: str | None = None) -> None:
+        """Close the scan's spool on the spool thread (after its pending appends), setting its
+        status first when given."""
         spool = self.spools.pop(scan_id, None)
-        if spool is not None:
+        if spool is None:
+            return
+
+        def task() -> None:
+            if status is not None:
+                spool.set_status(status)
             spool.close()
+
+        self._on_disk(scan_id, task)
 
     # -- admission -----------------------------------------------------------------------------
     def reserved(self) -> dict[str, int]:
@@ -266,12 +319,19 @@ class ScanManager:
         session.started = True
         self.running[session.scan_id] = worker
         spool = self.spools[session.scan_id]
-        if spool.count:  # frames spooled while the scan waited (or before a crash)
-            frames, _, positions = spool.read()
-            worker.put(FrameBatch(frames, positions))
-        if session.ended:
-            self._close_spool(session.scan_id)
-            worker.put(EndOfScan("scan_end"))
+        ended = session.ended
+        if ended:
+            self.spools.pop(session.scan_id)
+
+        def task() -> None:  # after every append asked for so far: none is missed or doubled
+            if spool.count:  # frames spooled while the scan waited (or before a crash)
+                frames, _, positions = spool.read()
+                worker.put(FrameBatch(frames, positions))
+            if ended:
+                spool.close()
+                worker.put(EndOfScan("scan_end"))
+
+        self._on_disk(session.scan_id, task)
         worker.start()
         self.outbox.post("scan.acquiring", {"scan_id": session.scan_id})
         log.info("worker started", extra={"scan_id": session.scan_id})
@@ -316,6 +376,16 @@ class ScanManager:
         changed = False
         while True:
             try:
+                scan_id, why = self._disk_failed.get_nowait()
+            except queue.Empty:
+                break
+            self.outbox.post("error", {"scan_id": scan_id, "field": "spool", "rule": "internal_error",
+                                       "message": f"the spool file could not be written: {why}"})
+            failed = self.sessions.get(scan_id)
+            if failed is not None and not failed.state.final:
+                self.fail_scan(failed, f"spool: {why}")
+        while True:
+            try:
                 session = self._exited.get_nowait()
             except queue.Empty:
                 break
@@ -329,12 +399,11 @@ class ScanManager:
         state = session.state
         if state.final:
             self.metrics.scans.labels(outcome=state.value).inc()
-            spool = self.spools.pop(session.scan_id, None)
-            if spool is not None:
-                spool.set_status(state.value)
-                spool.close()
+            if session.scan_id in self.spools:
+                self._close_spool(session.scan_id, state.value)
             elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
-                self._mark_spool(session.scan_id, state.value)
+                sid, value = session.scan_id, state.value
+                self._on_disk(sid, lambda: self._mark_spool(sid, value))
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
 
@@ -359,7 +428,11 @@ class ScanManager:
         return sum(w.queued_frames for w in self.running.values())
 
     def backpressure(self) -> bool:
-        """True while any worker's queue is over capacity: the manager stops reading ingest."""
+        """True while any worker's queue is over capacity, or the spool thread is behind by more
+        than SPOOL_BACKLOG_BYTES: the manager stops reading ingest."""
+        with self._disk_lock:
+            if self._disk_backlog > SPOOL_BACKLOG_BYTES:
+                return True
         return any(w.queued_frames > self.config.queue_capacity_frames for w in self.running.values())
 
     def _update_gauges(self) -> None:
@@ -422,3 +495,4 @@ class ScanManager:
     def close(self) -> None:
         for scan_id in list(self.spools):
             self._close_spool(scan_id)
+        self._disk.shutdown(wait=True)
