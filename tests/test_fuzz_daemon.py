@@ -184,9 +184,12 @@ def test_refusing_a_scan_that_cannot_fit_builds_nothing_large():
     assert peak < 4 * 2**20, f"the refusal allocated {peak / 2**20:.0f} MiB (16 Mi positions are 256 MiB)"
 
 
-def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch):
-    """The general rule: a handler's unexpected exception is logged, counted, published as a
-    named error, and fails only the scan concerned; the loop goes on."""
+@pytest.mark.parametrize("where", ["ingest", "spool"])
+def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch, where):
+    """The general rule: a handler's unexpected exception (here in the ingest handler, or in the
+    spool thread's write) is logged, counted, published as a named error, and fails only the
+    scan concerned; the loop goes on."""
+    from cryoptycho.daemon.storage.spool import SpoolWriter
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
@@ -201,7 +204,10 @@ def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch):
         def broken(*args, **kwargs):
             raise RuntimeError("disk on fire")
 
-        monkeypatch.setattr(svc.scans, "add_frames", broken)
+        if where == "ingest":
+            monkeypatch.setattr(svc.scans, "add_frames", broken)
+        else:
+            monkeypatch.setattr(SpoolWriter, "append", broken)
         sub = Subscriber(svc.endpoints["publish"], latest_only=False)
         ctl = ControlClient(svc.endpoints["control"], timeout_s=10)
         with Producer(svc.endpoints["ingest"]) as p:
@@ -221,8 +227,9 @@ def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch):
                 isinstance(e, ScanEvent) and e.event == "failed" for e in events), 30, "the scan to fail")
         errors = [e for e in events if isinstance(e, ErrorEvent) and e.rule == "internal_error"]
         assert errors and errors[0].scan_id == "hot" and "disk on fire" in errors[0].message
+        assert errors[0].field == ("message" if where == "ingest" else "spool")
         assert ctl.ping()["pong"] is True
-        assert svc.metrics.internal_errors.labels(where="ingest")._value.get() == 1
+        assert svc.metrics.internal_errors.labels(where=where)._value.get() == 1
         assert {s["scan_id"]: s["state"] for s in ctl.list_scans()} == {"hot": "failed"}
         # a post the wire cannot carry is published as a named error, not a dead loop
         svc.outbox.post("scan.accepted", {"scan_id": "not a valid id"})
