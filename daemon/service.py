@@ -9,10 +9,12 @@ engine code, so it stays responsive while scans compute (see worker.py for why t
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from cryoptycho.protocols.messages import (
     decode,
     peek,
 )
+from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 from cryoptycho.protocols.topics import encode_event
 from cryoptycho.protocols.wire import unpack
 from prometheus_client import start_http_server
@@ -249,7 +252,13 @@ class Service:
             self._ingest_fault(exc, msg, [])
 
     def _publish_error(self, event: ErrorEvent) -> None:
-        """Publish an error event through the rate limit (see ERROR_BURST)."""
+        """Publish an error event through the rate limit (see ERROR_BURST). What it quotes from
+        the bad message is bounded, and a scan id that is not one (too long, bad characters)
+        moves into the text: subscribers must be able to read every event the daemon sends."""
+        sid = event.scan_id
+        if sid is not None and (len(sid) > self.limits.max_scan_id_length or not re.fullmatch(SCAN_ID_PATTERN, sid)):
+            event = replace(event, scan_id=None, message=f"{event.message} (scan_id {_clip(sid, 80)!r})")
+        event = replace(event, field=_clip(event.field, 256), message=_clip(event.message, 2048))
         if self.error_throttle.admit(event.rule, event.scan_id, time.monotonic()):
             self.outbox.post("error", event)
         else:
@@ -383,6 +392,10 @@ class BackgroundService:
         self.service.close()
         if self.error is not None:
             raise self.error
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _frames_in(parts: list[Any], limits: Limits) -> int:

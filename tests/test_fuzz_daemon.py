@@ -272,3 +272,16 @@ def test_open_scan_constant_is_a_valid_scan_id():
     from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 
     assert re.fullmatch(SCAN_ID_PATTERN, OPEN_SCAN)
+
+
+@pytest.mark.parametrize("scan_id", ["x" * 300, ":" * 137, "bad id\n"])
+def test_error_events_stay_readable_whatever_scan_id_was_sent(harness, scan_id):
+    """Found by the fuzz: an error event quoting a 137-character scan id broke every SDK
+    subscriber (max_length). The id now moves into the message, clipped."""
+    before = harness.errors_seen
+    header = msgpack.unpackb(_raw(encode(ScanEnd("s1", 3)))[0], raw=False)
+    header["scan_id"] = scan_id
+    harness.d.push.send_multipart([msgpack.packb(header)])
+    _error_for(harness, before)  # the harness's subscriber decoded it
+    ev = harness.last_event
+    assert ev.scan_id is None and "scan_id" in ev.message

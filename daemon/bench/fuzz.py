@@ -38,7 +38,7 @@ import msgpack
 import numpy as np
 import zmq
 from cryoptycho.protocols.control import ControlClient
-from cryoptycho.protocols.errors import ControlError, ControlTimeout
+from cryoptycho.protocols.errors import ControlError, ControlTimeout, ProtocolError
 from cryoptycho.protocols.messages import (
     Abort,
     ErrorEvent,
@@ -354,10 +354,16 @@ class Harness:
                                   f"(pending aborts {sorted(self.pending_aborts)}) after: {note}\n{self.d.log_tail()}")
 
     def _drain(self, timeout_s: float) -> None:
-        ev = self.d.sub.recv(timeout_s=timeout_s)
+        ev = self._recv(timeout_s)
         while ev is not None:
             self._on_event(ev)
-            ev = self.d.sub.recv(timeout_s=0)
+            ev = self._recv(0)
+
+    def _recv(self, timeout_s: float) -> Any:
+        try:
+            return self.d.sub.recv(timeout_s=timeout_s)
+        except ProtocolError as exc:
+            raise FuzzFailure(f"the daemon published an event its subscribers refuse: {exc}") from None
 
     def _on_event(self, ev: Any) -> None:
         if isinstance(ev, ErrorEvent):
@@ -389,7 +395,7 @@ class Harness:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             self.d.push.send_multipart(probe)
-            ev = self.d.sub.recv(timeout_s=0.3)
+            ev = self._recv(0.3)
             if isinstance(ev, ErrorEvent):
                 while self.d.sub.recv(timeout_s=0.5) is not None:
                     pass  # the other probes' events: gone once nothing arrives for 0.5 s
@@ -402,7 +408,7 @@ class Harness:
     def _await_event(self, pred: Callable[[Any], bool], what: str, timeout: float = 60) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            ev = self.d.sub.recv(timeout_s=0.2)
+            ev = self._recv(0.2)
             if ev is None:
                 continue
             self._on_event(ev)
