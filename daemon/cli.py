@@ -8,10 +8,9 @@ when that subcommand is used).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import click
+
+from .lazy_group import LazyGroup
 
 #: subcommand name → module under cryoptycho.daemon.commands
 COMMANDS: dict[str, str] = {
@@ -31,23 +30,12 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name, mod in COMMANDS.items() if _exists(mod))
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        mod = COMMANDS.get(name)
-        if mod is None or not _exists(mod):
-            return None
-        module = importlib.import_module(f"cryoptycho.daemon.commands.{mod}")
-        return module.command
-
-
-def _exists(mod: str) -> bool:
-    return importlib.util.find_spec(f"cryoptycho.daemon.commands.{mod}") is not None
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup,
+    package="cryoptycho.daemon.commands",
+    modules=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(package_name="cryoptycho")
 def main() -> None:
     """cryoptycho — live low-dose electron ptychography."""
