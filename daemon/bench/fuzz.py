@@ -491,7 +491,8 @@ def strategies() -> Any:
                              values, max_size=3)
     control = st.tuples(st.just("control"), st.fixed_dictionaries({"method": methods, "params": params}))
     raw_control = st.tuples(st.just("raw_control"), st.one_of(mutated, mangled))
-    return st.one_of(ingest, ingest, ingest, control, raw_control)
+    # seven in ten inputs go to ingest (the socket every producer and detector bridge reaches)
+    return st.integers(0, 9).flatmap(lambda k: ingest if k < 7 else control if k < 9 else raw_control)
 
 
 def _nested(depth: int) -> dict[str, Any]:
