@@ -364,7 +364,10 @@ class ScanManager:
         if not self.config.keep_spool:
             spool_file.unlink()
         session.result_path = str(path)
-        return {"result": str(path), "phase_mrc": str(mrc), "phase_png": str(png)}
+        files = {"result": str(path), "phase_mrc": str(mrc), "phase_png": str(png)}
+        if self.config.keep_spool:
+            files["spool"] = str(spool_file.absolute())
+        return files
 
     def worker_exited(self, session: Session) -> None:
         self._exited.put(session)

@@ -189,9 +189,9 @@ def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch, wher
     """The general rule: a handler's unexpected exception (here in the ingest handler, or in the
     spool thread's write) is logged, counted, published as a named error, and fails only the
     scan concerned; the loop goes on."""
-    from cryoptycho.daemon.storage.spool import SpoolWriter
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import SpoolWriter
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
     from cryoptycho.protocols.subscriber import Subscriber
@@ -285,3 +285,26 @@ def test_error_events_stay_readable_whatever_scan_id_was_sent(harness, scan_id):
     _error_for(harness, before)  # the harness's subscriber decoded it
     ev = harness.last_event
     assert ev.scan_id is None and "scan_id" in ev.message
+
+
+def test_result_files_name_every_file_kept(tmp_path):
+    """With keep_spool the spool file stays, and the published result lists it too."""
+    daemon = FuzzDaemon(tmp_path, "--set", "keep_spool=true")
+    try:
+        h = Harness(daemon, open_scan=False)
+        results: list = []
+        original = h._on_event
+
+        def spy(ev):
+            if getattr(ev, "type", "") == "result":
+                results.append(ev)
+            original(ev)
+
+        h._on_event = spy
+        h.valid_scan_completes()
+        files = results[0].files
+        assert set(files) == {"result", "phase_mrc", "phase_png", "spool"}, files
+        assert all(Path(p).is_absolute() and Path(p).exists() for p in files.values())
+        assert Path(files["spool"]).parent.name == "spool"
+    finally:
+        daemon.close()
