@@ -154,7 +154,7 @@ class Service:
                 last_housekeeping = now
                 self._guarded("housekeeping", self._housekeeping)
             if self.config.watchdog:
-                self.notifier.watchdog()
+                self._guarded("housekeeping", self.notifier.watchdog)  # a vanished notify socket is not fatal
         self._drain()
 
     def _drain(self) -> None:
@@ -208,9 +208,9 @@ class Service:
                 msg = decode(parts, self.limits, self._declared)
                 self._handle(msg, arrived)
             except ProtocolError as exc:
-                self._reject(exc, parts)
+                self._guarded("ingest", self._reject, exc, parts)
             except Exception as exc:  # noqa: BLE001 - a bug or a storage fault: only this message's scan fails
-                self._ingest_fault(exc, msg, parts)
+                self._guarded("ingest", self._ingest_fault, exc, msg, parts)
             if self._preparing is not None or self.scans.backpressure():
                 return
 
