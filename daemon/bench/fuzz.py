@@ -330,7 +330,7 @@ class Harness:
 
     def _account(self, note: str) -> None:
         """Wait until every rejection the daemon counted arrived as an error event."""
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + 30.0  # generous: it only bounds a failure, on a loaded host
         while True:
             m = self.d.metrics()
             rejected = sum(v for k, v in m.items() if k.startswith("cryoptycho_messages_rejected_total"))
@@ -344,7 +344,7 @@ class Harness:
             if self.errors_seen == rejected + ingest_internal and not self.pending_aborts:
                 self.fig.rejected = int(rejected)
                 return
-            if self.errors_seen > rejected + ingest_internal and time.monotonic() > deadline - 8.0:
+            if self.errors_seen > rejected + ingest_internal and time.monotonic() > deadline - 28.0:
                 # more events than rejections, still after 2 s (the metrics are read before the
                 # events are drained, so a fresh rejection can briefly look like this)
                 raise FuzzFailure(f"{self.errors_seen} error events for {rejected} rejections ({note}); "
