@@ -66,11 +66,14 @@ def spec_from_scan_start(msg: ScanStart) -> ScanSpec:
         pm = msg.probe_model
         if pm is None:
             raise ProtocolError("probe", "probe", "give a measured probe or a probe_model", msg.scan_id)
-        probe = make_probe(
-            pm.kind,  # type: ignore[arg-type]
-            shape, pixel_size, energy_ev=msg.energy_eV, semiangle=pm.semiangle_rad,
-            defocus=pm.defocus_m, cs=pm.cs_m, zones=pm.zones, diameter=pm.diameter_m, seed=pm.seed,
-        )
+        try:
+            probe = make_probe(
+                pm.kind,  # type: ignore[arg-type]
+                shape, pixel_size, energy_ev=msg.energy_eV, semiangle=pm.semiangle_rad,
+                defocus=pm.defocus_m, cs=pm.cs_m, zones=pm.zones, diameter=pm.diameter_m, seed=pm.seed,
+            )
+        except ValueError as exc:  # e.g. a semi-angle beyond what the pixel size samples
+            raise ProtocolError("probe_model", "probe_model", str(exc), msg.scan_id) from None
         metadata[MODEL_PROBE] = True
     positions = msg.scan_positions()
     extent = declared_extent(msg)

@@ -241,12 +241,15 @@ class Service:
         try:
             try:
                 spec, spool = future.result()
+            except ProtocolError as exc:  # its probe model or geometry cannot be built
+                self._refuse(msg, ScanRefused(exc.field, exc.rule, exc.message))
+            try:
                 self.scans.start_scan(spec, spool)
             except ScanRefused as exc:
                 self._refuse(msg, exc)
             self._declared[msg.scan_id] = msg
             self.scans.admit()
-        except ProtocolError as exc:
+        except ProtocolError as exc:  # refused: scan.rejected is out, now the error event
             self._reject(exc, [])
         except Exception as exc:  # noqa: BLE001 - logged, counted and published by _ingest_fault
             self._ingest_fault(exc, msg, [])

@@ -614,6 +614,148 @@ def fuzz(workdir: Path, examples: int, seed: int, check_every: int = 0,
     return figures
 
 
+# ------------------------------------------------------------------------------ DECTRIS receiver
+
+
+DX_STEP = 2e-10
+
+
+def dectris_series(sid: str, series_id: int, n: int = 6, side: int = 16) -> Any:
+    """A valid Stream V2 series whose user_data makes it scan ``sid`` (2×3 raster)."""
+    from cryoptycho.protocols.dectris.sim import SimSeries
+
+    frames = np.random.default_rng(series_id).poisson(2, (n, side, side)).astype(np.uint16)
+    user = {"cryoptycho": {"scan_id": sid, "detector_pixel_angle_rad": 2e-3,
+                           "scan": {"kind": "raster", "shape": [2, n // 2], "step_m": [DX_STEP, DX_STEP]},
+                           "options": {"iterations": 3, "time_budget_s": 5.0}}}
+    return SimSeries(frames, series_id=series_id, series_unique_id=f"01FUZZ{series_id:020d}",
+                     detector_distance_m=0.1, user_data=user, compression="bslz4")
+
+
+def dectris_strategy() -> Any:
+    from hypothesis import strategies as st
+
+    text = st.text(max_size=10)
+    leaves = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | text
+              | st.binary(max_size=6) | st.sampled_from([0, 0.0, -1.0, 1e300, float("nan"), "cupy"]))
+    values = st.recursive(leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(text, c, max_size=3),
+                          max_leaves=6)
+    start_keys = st.sampled_from([
+        "type", "series_id", "series_unique_id", "beam_center_x", "beam_center_y", "channels", "count_time",
+        "frame_time", "image_dtype", "image_size_x", "image_size_y", "number_of_images", "pixel_size_x",
+        "pixel_size_y", "pixel_mask_enabled", "incident_energy", "detector_distance", "saturation_value",
+        "user_data", "user_data.cryoptycho", "user_data.cryoptycho.scan", "user_data.cryoptycho.scan.shape",
+        "user_data.cryoptycho.scan.step_m", "user_data.cryoptycho.detector_pixel_angle_rad",
+        "user_data.cryoptycho.energy_eV", "user_data.cryoptycho.options", "user_data.cryoptycho.scan_id",
+    ]) | text
+    image_keys = st.sampled_from(["type", "series_id", "series_unique_id", "image_id", "real_time", "start_time",
+                                  "data", "data.threshold_1", "user_data"]) | text
+    # the header's physical values at their edges (an uncalibrated control unit sends zeros),
+    # with the user's pixel angle removed so that the header's geometry is what counts
+    edge = st.tuples(st.sampled_from(["detector_distance", "beam_center_x", "beam_center_y", "incident_energy",
+                                      "pixel_size_x", "pixel_size_y", "count_time", "frame_time",
+                                      "number_of_images", "image_size_x", "saturation_value"]),
+                     st.sampled_from([0, 0.0, -1.0, float("nan"), float("inf"), 1e300, 1e-300, 2**40]))
+    hostile = st.lists(edge, min_size=1, max_size=3).map(
+        lambda e: [("user_data.cryoptycho.detector_pixel_angle_rad", _DELETE), *e])
+    which = st.sampled_from(["start", "image", "end"])
+    return st.fixed_dictionaries({
+        "which": which,
+        # deleting the user's pixel angle makes the header's detector_distance count
+        "start_edits": hostile | st.lists(st.tuples(start_keys, values | st.just(_DELETE)), max_size=3),
+        "image_edits": st.lists(st.tuples(image_keys, values), max_size=2),
+        "mangle": st.none() | st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.integers(0, 40)),
+        "drop_end": st.booleans(),
+    })
+
+
+def _cbor_edit(blob: bytes, edits: list[tuple[str, Any]]) -> bytes:
+    import cbor2
+
+    outer = cbor2.loads(blob)
+    msg = outer.value if isinstance(outer, cbor2.CBORTag) else outer
+    for path, value in edits:
+        if isinstance(msg, dict):
+            set_path(msg, path.split("."), value)
+    return cbor2.dumps(cbor2.CBORTag(55799, msg))
+
+
+def dectris_fuzz(workdir: Path, examples: int, seed: int, figures: Figures | None = None,
+                 progress: Callable[[Figures], None] | None = None) -> Figures:
+    """Hostile Stream V2 series (headers set to arbitrary values, mangled bytes, missing ends)
+    from a simulated detector into ``serve --source dectris2://``; after each: the daemon lives,
+    answers ping and accounts for every rejection; at the end a valid series becomes a finished
+    scan with every frame."""
+    from cryoptycho.protocols.dectris.sim import SimSender, v2_messages
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
+
+    figures = figures if figures is not None else Figures()
+    sender = SimSender(2)
+    daemon = FuzzDaemon(workdir / "dectris", "--source", sender.url)
+    failures: list[FuzzFailure] = []
+    counter = [0]
+    try:
+        harness = Harness(daemon, figures, open_scan=False)
+
+        @hseed(seed)
+        @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(dectris_strategy())
+        def one(spec: dict[str, Any]) -> None:
+            if failures:
+                return
+            counter[0] += 1
+            sid = f"dx{counter[0]}"
+            start, *images, end = list(v2_messages(dectris_series(sid, 1000 + counter[0])))
+            unedited = ""
+            try:
+                start = _cbor_edit(start, spec["start_edits"])
+                images[0] = _cbor_edit(images[0], spec["image_edits"])
+            except Exception as exc:  # noqa: BLE001 - an edit CBOR cannot carry: the rest is still sent
+                unedited = f" (edit not encodable: {type(exc).__name__})"
+            msgs = [start, *images] + ([] if spec["drop_end"] else [end])
+            if spec["mangle"] is not None:
+                pos, value, cut = spec["mangle"]
+                k = {"start": 0, "image": 1, "end": len(msgs) - 1}[spec["which"]]
+                blob = bytearray(msgs[k])
+                blob[pos % len(blob)] = value
+                msgs[k] = bytes(blob[: max(1, len(blob) - cut)])
+            figures.inputs += 1
+            note = f"DECTRIS series {sid}: {spec!r:.400}{unedited}"
+            harness.own.add(sid)  # its scan may finish on its own; it is not aborted
+            try:
+                for m in msgs:
+                    sender.send_raw(m)
+                harness.check(note)
+            except FuzzFailure as exc:
+                failures.append(exc)
+            if progress is not None:
+                progress(figures)
+
+        one()
+        if failures:
+            raise failures[0]
+        counter[0] += 1
+        sid = f"dx{counter[0]}-final"
+        harness.own.add(sid)
+        sender.send_series(dectris_series(sid, 1000 + counter[0]))
+        ev = harness._await_event(lambda e: isinstance(e, ScanEvent) and e.scan_id == sid
+                                  and e.event in ("finished", "failed", "aborted", "rejected"),
+                                  f"the valid DECTRIS series {sid}", timeout=120)
+        if ev.event != "finished":
+            raise FuzzFailure(f"valid DECTRIS series {sid} ended {ev.event}: {ev.reason}\n{daemon.log_tail()}")
+        got = {s["scan_id"]: s for s in daemon.control.list_scans()}[sid]["frames"]
+        if got.get("received") != 6:
+            raise FuzzFailure(f"valid DECTRIS series {sid} finished with frames {got}, expected 6")
+        figures.checks += 1
+        harness.check("the final DECTRIS series")
+    finally:
+        daemon.close()
+        sender.close(linger_s=0)
+    return figures
+
+
 @click.command()
 @click.option("--examples", default=2000, show_default=True, help="Hypothesis inputs to try.")
 @click.option("--seed", default=0, show_default=True)
@@ -621,8 +763,11 @@ def fuzz(workdir: Path, examples: int, seed: int, check_every: int = 0,
               help="Send a valid scan (which must finish with every frame) every N inputs; 0 = only at the end.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Scratch folder of the daemon [a temporary one].")
+@click.option("--dectris", "dectris_examples", default=0, show_default=True,
+              help="Also send this many hostile DECTRIS Stream V2 series through `serve --source dectris2://`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def command(examples: int, seed: int, check_every: int, workdir: Path | None, as_json: bool) -> None:
+def command(examples: int, seed: int, check_every: int, workdir: Path | None, dectris_examples: int,
+            as_json: bool) -> None:
     """Fuzz a real daemon over ingest and control (Hypothesis): inputs, crashes, ping p99."""
     import tempfile
 
@@ -643,6 +788,8 @@ def command(examples: int, seed: int, check_every: int, workdir: Path | None, as
         failure = None
         try:
             fuzz(Path(workdir or tmp), examples, seed, check_every, progress, figures)
+            if dectris_examples:
+                dectris_fuzz(Path(workdir or tmp), dectris_examples, seed, figures, progress)
         except FuzzFailure as exc:
             failure = str(exc)
     out = figures.summary() | {"seconds": time.monotonic() - t0, "failure": failure}
