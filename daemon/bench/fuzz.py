@@ -16,6 +16,10 @@ control requests with random methods and parameters — and after EVERY input ch
 * no file was written outside the spool and results folders.
 
 At the end (and every ``--check-every`` inputs) a valid scan must complete with every frame.
+``--dectris N`` then sends N hostile DECTRIS Stream V2 series (edge header values, arbitrary
+keys, mangled bytes, missing ends) from a simulated detector through ``serve --source
+dectris2://``, with the same checks after each (the bridge's own drops are logged, not
+published, so there the error accounting covers what reaches the ingest socket).
 The test suite runs the same harness seeded and bounded (tests/test_fuzz_daemon.py).
 """
 
