@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from cryoptycho.gpu.average import align_and_average
 from cryoptycho.gpu.data import PtychoData
@@ -35,9 +34,8 @@ from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.reconstruct import reconstruct
 from cryoptycho.gpu.state import ReconState
 
-from .storage.dataset import read_dataset
+from .storage.open import open_recorded
 from .storage.result import export_phase, read_result, write_result
-from .storage.spool import read_spool
 
 RESULT_SUFFIX = ".result.h5"
 DATASET_FORMAT = "cryoptycho-dataset"
@@ -124,24 +122,9 @@ def merged_options(overrides: dict[str, Any], scan_overrides: dict[str, Any] | N
 
 
 def load_input(path: str | Path) -> tuple[PtychoData, dict[str, Any]]:
-    """(PtychoData, the scan's own option overrides) from a dataset or a spool file."""
-    path = Path(path)
-    with h5py.File(path, "r") as f:
-        kind = f.attrs.get("format")
-    if kind == DATASET_FORMAT:
-        return read_dataset(path), {}
-    if kind == SPOOL_FORMAT:
-        spool = read_spool(path)
-        if len(spool.frames) == 0:
-            raise ValueError(f"{path}: the spool holds no frames")
-        spec = spool.spec
-        data = PtychoData(
-            frames=np.asarray(spool.frames), positions=np.asarray(spool.positions_m),
-            energy=spec.energy_eV, pixel_size=spec.pixel_size_m, probe=spec.probe, mask=spec.mask,
-            metadata={**spec.metadata, "scan_id": spec.scan_id, "spool_status": spool.status},
-        )
-        return data, dict(spec.options)
-    raise ValueError(f"{path}: neither a cryoptycho dataset nor a spool file (format attribute {kind!r})")
+    """(PtychoData, the scan's own option overrides) from a dataset, spool or result file."""
+    recorded = open_recorded(path)
+    return recorded.data, recorded.options
 
 
 def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobResult:

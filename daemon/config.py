@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.protocols.dectris.convert import BridgeConfig
+from cryoptycho.protocols.limits import Limits
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -101,6 +102,10 @@ class ServiceConfig(BaseSettings):
     dectris: BridgeConfig = Field(default_factory=BridgeConfig)
     """How DECTRIS series become scans (``[dectris]`` table: crop, bin, raster, energy, …)."""
 
+    limits: Limits = Field(default_factory=Limits)
+    """What one message may hold (``[limits]`` table: max_frame_side, max_message_bytes, …;
+    protocols/limits.py). Raise ``max_frame_side`` for detectors read out beyond 1024²."""
+
     log_format: Literal["text", "json"] = "text"
     """``json``: one JSON object per line (ts, level, logger, msg, thread, scan_id, …)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -173,10 +178,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     cli = {k: v for k, v in (overrides or {}).items() if v is not None}
     _check_keys(cli, ServiceConfig, "command line")
     init = _deep_merge(init, cli)
-    if "options" in init:
-        # ReconOptions is a plain model: merge the environment's nested options below the file's.
+    nested = [key for key in ("options", "limits", "dectris") if key in init]
+    if nested:
+        # nested models are plain models: merge the environment's nested keys below the file's
         env_cfg = _env_only()
-        init["options"] = _deep_merge(env_cfg.options.to_dict(), init["options"])
+        for key in nested:
+            below = env_cfg.options.to_dict() if key == "options" else getattr(env_cfg, key).model_dump(
+                exclude_unset=True)
+            init[key] = _deep_merge(below, init[key])
     try:
         return ServiceConfig(**init)
     except ValidationError as exc:

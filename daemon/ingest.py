@@ -60,6 +60,8 @@ def spec_from_scan_start(msg: ScanStart) -> ScanSpec:
     shape = (int(msg.frame_shape[0]), int(msg.frame_shape[1]))
     pixel_size = _pixel_size(msg, shape)
     metadata = dict(msg.metadata)
+    if msg.raster is not None:  # the grid shape goes into the spool and result (h5format.nav_shape_of)
+        metadata.update(nav_shape=list(msg.raster.shape), raster_serpentine=bool(msg.raster.serpentine))
     if msg.probe is not None:
         probe = np.asarray(msg.probe, dtype=np.complex64)
     else:

@@ -73,6 +73,12 @@ class ServiceMetrics:
         self.control_requests = Counter(
             f"{p}_control_requests", "Control requests, by method and success", ["method", "success"], registry=r
         )
+        self.dectris_series = Counter(
+            f"{p}_dectris_series", "DECTRIS series that did not become scans, by outcome (skipped: the "
+            "header could not make a scan; rejected: our protocol refused it)", ["outcome", "field"], registry=r)
+        self.dectris_header_warnings = Counter(
+            f"{p}_dectris_header_warnings", "Implausible DECTRIS header values set aside, by header key",
+            ["field"], registry=r)
         self.rollbacks = Counter(f"{p}_rollbacks", "Engine states rolled back after NaN or divergence", registry=r)
         self.up = Gauge(f"{p}_up", "1 while the service loop runs", registry=r)
         self.internal_errors = Counter(

@@ -356,6 +356,8 @@ class ScanManager:
             with h5py.File(spool_file, "r") as src:
                 src.copy(src["entry_1"], group, "entry_1")
                 src.copy(src["scan"], group, "scan")
+                if "nav_shape" in src:
+                    src.copy(src["nav_shape"], group, "nav_shape")
 
         write_result(path, state, extra=extra, raw=raw)
         mrc, png = export_phase(state, stem)

@@ -62,7 +62,7 @@ class Service:
 
     def __init__(self, config: ServiceConfig, limits: Limits | None = None) -> None:
         self.config = config
-        self.limits = limits or Limits()
+        self.limits = limits or config.limits
         self.metrics = ServiceMetrics()
         self.outbox = Outbox()
         self.scans = ScanManager(config, self.metrics, self.outbox)

@@ -41,6 +41,7 @@ class FrameBatch:
 @dataclass
 class EndOfScan:
     reason: str = "scan_end"
+    arrived: float = field(default_factory=time.monotonic)  #: the refinement budget starts here
 
 
 @dataclass
@@ -61,6 +62,22 @@ class EngineDiverged(RuntimeError):
 class ScanFailed(RuntimeError):
     """An expected way for a scan to fail (no frames, diverging again and again): the scan's
     own outcome, not a fault of the service (not counted as an internal error)."""
+
+
+#: Bytes per second assumed for writing the result file (the spool's frames are copied into it)
+#: when the refinement budget keeps time for it: a slow local disk's rate, so the estimate errs
+#: towards finishing early.
+RESULT_WRITE_BYTES_PER_S = 100e6
+
+
+def split_budget(budget_s: float, spent_s: float, reserve_s: float, halves_share: float) -> tuple[float, float]:
+    """(main refinement, half-set refinements) seconds out of a post-scan budget: the budget is
+    a promise from scan end to the final image, so what was already spent (the last preview)
+    and what must follow the refinements (``reserve_s``: resolution, result file) come out of
+    it, and the half sets take their share of the rest rather than time on top of it."""
+    left = max(0.0, budget_s - spent_s - reserve_s)
+    halves = left * halves_share
+    return left - halves, halves
 
 
 class _Stop(Exception):
@@ -182,6 +199,8 @@ class ScanWorker:
         next_resolution = time.monotonic() + cfg.resolution_interval_s
         unpreviewed: list[tuple[float, int]] = []  # (arrival time, frames) not yet in a preview
         self._good: Any = None
+        self._preview_s = 0.0  # cost of the last preview (snapshot + publish)
+        self._scan_end: float | None = None  # when scan_end arrived: the budget's start
         self._best_loss = np.inf
         rollbacks = 0
         ended = False
@@ -195,6 +214,7 @@ class ScanWorker:
                     return
                 if isinstance(item, EndOfScan):
                     ended = True
+                    self._scan_end = item.arrived
                     continue
                 if self.engine is None:
                     self._start_engines(item.frames)
@@ -216,6 +236,11 @@ class ScanWorker:
             self._apply_options()
             try:
                 self._step(halves)
+                now = time.monotonic()
+                if now >= next_preview:
+                    # the steps' losses are read (and checked) here, not per step
+                    next_preview = now + preview_every
+                    self._preview(unpreviewed)
             except EngineDiverged as exc:
                 rollbacks += 1
                 if rollbacks > cfg.max_rollbacks:
@@ -224,13 +249,14 @@ class ScanWorker:
             if halves is not None:
                 halves.maybe_step()
             now = time.monotonic()
-            if now >= next_preview:
-                next_preview = now + preview_every
-                self._preview(unpreviewed)
             if halves is not None and now >= next_resolution:
                 next_resolution = now + cfg.resolution_interval_s
                 self._resolution(halves)
-        self._preview(unpreviewed)  # the scan's last frames are in an image before refinement
+        try:
+            self._preview(unpreviewed)  # the scan's last frames are in an image before refinement
+        except EngineDiverged as exc:
+            self._rollback(str(exc))
+            self._preview(unpreviewed)
         self._refine(halves)
 
     def _start_engines(self, first: np.ndarray) -> None:
@@ -264,15 +290,26 @@ class ScanWorker:
         dt = time.perf_counter() - t0
         if halves is not None:
             halves.account_main(dt)
-        self._check_loss(result.loss)
         self.metrics.update_duration.observe(dt)
         self.metrics.iterations.inc()
-        self.metrics.loss.set(result.loss)
         self._fold(result.fresh)
         self.session.update_figures(
-            iteration=result.iteration, loss=float(result.loss), n_frames=result.n_frames,
-            frames_used=self._used,
+            iteration=result.iteration, n_frames=result.n_frames, frames_used=self._used,
         )
+
+    def _read_losses(self) -> None:
+        """The losses of the steps since the last read, in one transfer (on a GPU, reading one
+        per step would make every step wait for the device): each is checked for divergence,
+        the last is published."""
+        try:
+            losses = self.engine.flush_losses()
+        except FloatingPointError as exc:
+            raise EngineDiverged(str(exc)) from None
+        for loss in losses:
+            self._check_loss(loss)
+        if losses:
+            self.metrics.loss.set(losses[-1])
+            self.session.update_figures(loss=float(losses[-1]))
 
     def _fold(self, frames: int) -> None:
         """Count frames visited by the model for the first time."""
@@ -304,7 +341,11 @@ class ScanWorker:
 
     def _preview(self, unpreviewed: list[tuple[float, int]]) -> None:
         """Publish the current images (latest-only) and checkpoint them as the last good state;
-        ``unpreviewed`` (arrival time, frames) are now in an image: their latency is recorded."""
+        ``unpreviewed`` (arrival time, frames) are now in an image: their latency is recorded.
+        Raises EngineDiverged (before anything is published or checkpointed) when a step since
+        the last preview diverged."""
+        self._read_losses()
+        t0 = time.perf_counter()
         state = self.engine.snapshot()
         self._good = state
         s = self.session
@@ -320,6 +361,7 @@ class ScanWorker:
         }
         s.update_figures(last_preview=payload)
         self.outbox.offer(s.scan_id, "preview", payload)
+        self._preview_s = time.perf_counter() - t0
         done = time.monotonic()
         if unpreviewed:
             s.update_figures(latency_s=done - unpreviewed[-1][0])
@@ -329,6 +371,13 @@ class ScanWorker:
                 self.metrics.preview_latency.observe(done - arrived)
         unpreviewed.clear()
         self._publish_metrics()
+
+    def _finish_reserve(self) -> float:
+        """Seconds kept for what follows the refinement: snapshots and the resolution estimate
+        (about two previews' cost) and the result file, into which the spool's frames are
+        copied (estimated from their bytes)."""
+        frames = self.engine.frame_store.raw_nbytes if self.engine is not None else 0
+        return 2.0 * self._preview_s + 2.0 * frames / RESULT_WRITE_BYTES_PER_S
 
     def _publish_metrics(self) -> None:
         self.outbox.offer(self.session.scan_id, "metrics", self.session.summary())
@@ -354,6 +403,10 @@ class ScanWorker:
         budget = cfg.refine_time_budget_s
         if self.options.time_budget_s is not None:
             budget = min(budget, self.options.time_budget_s)
+        t_end = self._scan_end if self._scan_end is not None else time.monotonic()
+        share = cfg.resolution_share if halves is not None and halves.enabled else 0.0
+        # the engines skip a refinement whose set-up and first evaluation would not fit
+        main_s, _ = split_budget(budget, time.monotonic() - t_end, self._finish_reserve(), share)
         last = [time.monotonic()]
         done = [0]  # the engine counts refinement iterations only once refine() returns
 
@@ -375,7 +428,7 @@ class ScanWorker:
 
         t0 = time.perf_counter()
         try:
-            self.engine.refine(self.options.iterations, time_budget_s=budget, callback=callback)
+            self.engine.refine(self.options.iterations, time_budget_s=main_s, callback=callback)
         except _Stop as stop:
             if stop.reason == "shutdown":
                 log.info("refinement interrupted by shutdown", extra={"scan_id": s.scan_id})
@@ -391,10 +444,18 @@ class ScanWorker:
         self._fold(self.engine.n_frames - self._used)  # full-batch refinement visits every frame
         s.update_figures(frames_used=self._used)
         if halves is not None:
-            halves.refine(self.options.iterations, self.config.resolution_share * budget)
+            t_halves = time.perf_counter()
+            _, halves_s = split_budget(budget, time.monotonic() - t_end, self._finish_reserve(), 1.0)
+            halves.refine(self.options.iterations, halves_s)
             self._resolution(halves)
+            s.update_figures(halves_refine_s=time.perf_counter() - t_halves)
+        t_finish = time.perf_counter()
         state = self.engine.snapshot()
         files = self._finish(s, state)  # writes the result files (sets s.result_path)
+        final_s = time.monotonic() - t_end
+        s.update_figures(finish_s=time.perf_counter() - t_finish, final_image_s=final_s)
+        log.info("final image %.2f s after scan end (budget %.1f s)", final_s, budget,
+                 extra={"scan_id": s.scan_id})
         payload = {
             "scan_id": s.scan_id,
             "object": np.asarray(state.object),

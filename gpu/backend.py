@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-BackendName = Literal["numpy", "cupy"]
+BackendName = Literal["numpy", "cupy", "strict"]
 
 #: Default precision: single, as detectors give < 24 bits of signal and GPUs are fastest there.
 DEFAULT_PRECISION: Literal["single", "double"] = "single"
@@ -49,34 +49,128 @@ def cupy_available() -> bool:
     return True
 
 
+def _strict() -> ModuleType:
+    from . import strict
+
+    return strict.xp
+
+
 def get_xp(name: BackendName | str = "numpy") -> ModuleType:
-    """The array module for a backend name: ``"numpy"`` or ``"cupy"`` (alias ``"gpu"``)."""
+    """The array module for a backend name: ``"numpy"`` or ``"cupy"`` (alias ``"gpu"``);
+    ``"strict"`` is the test backend of :mod:`cryoptycho.gpu.strict` (CuPy's semantics on the
+    CPU, with every synchronisation counted)."""
     key = str(name).lower()
     if key in ("numpy", "cpu", "np"):
         return np
     if key in ("cupy", "gpu", "cuda", "cp"):
         return _cupy()
+    if key == "strict":
+        return _strict()
     raise ValueError(f"unknown backend {name!r}: choose 'numpy' or 'cupy'")
 
 
+def _is_strict(arr: Any) -> bool:
+    return type(arr).__name__ == "StrictArray" and type(arr).__module__.endswith("gpu.strict")
+
+
 def array_module(*arrays: Any) -> ModuleType:
-    """The array module (numpy or cupy) of the given arrays; NumPy for non-arrays."""
+    """The array module (numpy, cupy or the strict test backend) of the given arrays; NumPy
+    for non-arrays."""
     for arr in arrays:
         mod = type(arr).__module__
         if mod.startswith("cupy"):
             return _cupy()
+        if _is_strict(arr):
+            return _strict()
     return np
 
 
 def backend_name(xp: ModuleType) -> BackendName:
-    return "cupy" if xp.__name__.startswith("cupy") else "numpy"
+    if xp.__name__.startswith("cupy"):
+        return "cupy"
+    return "strict" if xp.__name__.endswith("gpu.strict.xp") else "numpy"
 
 
 def to_numpy(arr: Any) -> np.ndarray:
-    """A host (NumPy) copy or view of ``arr``, whatever its backend."""
-    if type(arr).__module__.startswith("cupy"):
+    """A host (NumPy) copy or view of ``arr``, whatever its backend (from a device: one
+    transfer, a synchronisation)."""
+    if type(arr).__module__.startswith("cupy") or _is_strict(arr):
         return arr.get()
     return np.asarray(arr)
+
+
+def on_device(value: Any) -> bool:
+    """``value`` lives on a device backend (CuPy or the strict test backend)."""
+    mod = type(value).__module__
+    return mod.startswith("cupy") or _is_strict(value)
+
+
+def dev_float(value: Any) -> Any:
+    """``value`` (a 0-d array, scalar or number) as a float *where it lives*: a float64 0-d
+    device array on a device (no synchronisation), a Python ``float`` on the host (exactly
+    what ``float(value)`` gave). What the engine keeps instead of ``float(x)`` until a host
+    value is really needed (:func:`host_floats`)."""
+    if on_device(value):
+        return value.astype(np.float64)
+    return float(value)
+
+
+def scalar_as(value: Any, dtype: Any) -> Any:
+    """A scalar from :func:`dev_float` ready to scale arrays of ``dtype``: host floats as they
+    are (Python floats do not widen float32 arrays), device scalars cast to ``dtype`` (a
+    float64 0-d array would widen the result)."""
+    if on_device(value):
+        return value.astype(dtype)
+    return value
+
+
+def host_floats(*values: Any) -> tuple[float, ...]:
+    """Python floats of ``values`` (device 0-d arrays, host scalars or numbers), with ONE
+    device → host transfer for all the device ones: one synchronisation instead of one per
+    value."""
+    device = [i for i, v in enumerate(values) if on_device(v)]
+    out = [0.0 if i in device else float(v) for i, v in enumerate(values)]
+    if device:
+        xp = array_module(values[device[0]])
+        host = to_numpy(xp.stack([values[i].astype(np.float64).reshape(()) for i in device]))
+        for i, v in zip(device, host.tolist()):
+            out[i] = float(v)
+    return tuple(out)
+
+
+def index_sum(index: Any, values: Any, n: int) -> Any:
+    """``out[i] = Σ_{k: index[k] = i} values[k]`` for i < n — a scatter-add along the first axis,
+    summed in float64 (real and imaginary parts apart) and returned in ``values``' precision,
+    without a host round trip on a device."""
+    xp = array_module(values)
+    rdt = real_of(values.dtype)
+    shape = (n,) + tuple(values.shape[1:])
+    parts = (values.real, values.imag) if values.dtype.kind == "c" else (values,)
+    sums = []
+    for part in parts:
+        acc = xp.zeros(shape, dtype=np.float64)
+        scatter_add_flat(acc, index, part)
+        sums.append(acc.astype(rdt, copy=False))
+    if len(sums) == 1:
+        return sums[0]
+    out = xp.empty(shape, dtype=complex_of(rdt))
+    out.real[...] = sums[0]
+    out.imag[...] = sums[1]
+    return out
+
+
+def scatter_add_flat(out: Any, index: Any, values: Any) -> None:
+    """``out[index] += values`` with repeated indices summed, in place and without a host
+    round trip (CuPy's ``bincount`` reads ``max(index)`` on the host: a synchronisation)."""
+    xp = array_module(out)
+    if xp is np:
+        np.add.at(out, index, values)
+    elif xp.__name__.startswith("cupy"):
+        import cupyx
+
+        cupyx.scatter_add(out, index, values)
+    else:
+        xp.scatter_add(out, index, values)
 
 
 def asarray(arr: Any, xp: ModuleType, dtype: Any = None) -> Any:
@@ -130,6 +224,19 @@ def ifft2(x: Any) -> Any:
 
         return sfft.ifft2(x, norm="ortho", workers=-1, overwrite_x=False)
     return xp.fft.ifft2(x, norm="ortho")
+
+
+def ndimage(xp: ModuleType) -> ModuleType:
+    """scipy.ndimage for ``xp``: SciPy's on NumPy, cupyx's on CuPy."""
+    if xp is np:
+        import scipy.ndimage
+
+        return scipy.ndimage
+    if xp.__name__.startswith("cupy"):
+        import cupyx.scipy.ndimage
+
+        return cupyx.scipy.ndimage
+    return xp.ndimage
 
 
 def fftfreq(n: int, d: float, xp: ModuleType = np) -> Any:

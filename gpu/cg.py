@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import array_module
+from .backend import array_module, dev_float, host_floats, on_device, real_of, scalar_as
 
 Vars = dict[str, Any]
 Fun = Callable[[Vars], tuple[float, Vars]]
@@ -38,11 +38,13 @@ class CGResult:
     stopped: str = "max_iter"  #: max_iter | time_budget | converged | no_descent
 
 
-def _dot(a: Vars, b: Vars, keys: set[str]) -> float:
+def _dot(a: Vars, b: Vars, keys: set[str]) -> Any:
+    """Re⟨a, b⟩ over ``keys``: a float on the host, a float64 0-d array on a device (read back
+    with the iteration's other scalars in one transfer, :func:`host_floats`)."""
     total = 0.0
     for k in keys:
         xp = array_module(a[k])
-        total += float(xp.vdot(a[k].ravel(), b[k].ravel()).real)
+        total += dev_float(xp.vdot(a[k].ravel(), b[k].ravel()).real)
     return total
 
 
@@ -61,6 +63,7 @@ def minimize(
     start_iteration: int = 0,
     restart_every: int = 50,
     rtol: float = 1e-10,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> CGResult:
     """Minimise ``fun`` over the complex arrays of ``x0`` (dict; updated copies returned).
 
@@ -70,65 +73,144 @@ def minimize(
     ``callback(iteration, x, loss)`` runs after each iteration; returning True means "the
     objective changed" (e.g. a prior's target was refreshed): loss and gradient are recomputed
     and CG restarts from steepest descent.
+    ``time_budget_s`` is a promise, not a start deadline: an iteration starts only when the
+    last one's duration (the estimate of the next) still fits in what is left, so the run
+    ends within the budget up to the spread of iteration times. ``clock`` (seconds) is
+    injectable for tests.
     """
     if max_iter < 0:
         raise ValueError(f"max_iter must be ≥ 0, got {max_iter}")
-    t_start = time.perf_counter()
+    t_start = clock()
     precond = precondition or {}
     x = {k: v.copy() for k, v in x0.items()}
     all_keys = set(x)
     result = CGResult(x=x)
     if max_iter == 0:
         return result
+    if time_budget_s is not None and time_budget_s <= 0:
+        result.stopped = "time_budget"  # not even the first evaluation fits
+        return result
     f, g = fun(x)
     result.evaluations += 1
     d: Vars | None = None
     pg_old: Vars | None = None
     g_old: Vars | None = None
+    gpg_old = 0.0  # ⟨g_old, P g_old⟩, the last iteration's gpg
     keys_old: set[str] = set()
     step = 1.0
     since_restart = 0
+    # The loss of an accepted step is read back with the next iteration's dot products (one
+    # device synchronisation for both); until then the iteration's report (losses, callback)
+    # waits in ``report``.
+    report: int | None = None
+
+    def read(*extra: Any) -> tuple[bool, tuple[float, ...]]:
+        """Host values of f and ``extra`` in one transfer; reports a pending iteration.
+        Returns (the callback said the objective changed, the extra values)."""
+        nonlocal f, report
+        values = host_floats(f, *extra)
+        f = values[0]
+        changed = False
+        if report is not None:
+            done, report = report, None
+            result.losses.append(f)
+            changed = bool(callback is not None and callback(done, x, f))
+        return changed, values[1:]
+
+    t_iter = t_start  # when the current iteration started
+    last_s = 0.0  # duration of the last iteration: the estimate of the next one's
     for it in range(start_iteration, start_iteration + max_iter):
-        if time_budget_s is not None and time.perf_counter() - t_start >= time_budget_s:
-            result.stopped = "time_budget"
-            break
         keys = set(active(it)) if active is not None else all_keys
         unknown = keys - all_keys
         if unknown:
             raise ValueError(f"active() named unknown variables {sorted(unknown)}")
         if not keys <= set(g):
             # A variable just joined and ``fun`` did not return its gradient until now.
+            changed, _ = read()
             f, g = fun(x)
             result.evaluations += 1
             missing = keys - set(g)
             if missing:
                 raise ValueError(f"fun() returned no gradient for active {sorted(missing)}")
-        pg = _scaled(g, precond, keys)
-        gpg = _dot(g, pg, keys)
+            if changed:
+                d = None
+        device = on_device(f) or any(on_device(g[k]) for k in keys)
+        if device:
+            # The budget is checked before any work of the iteration: on a device the
+            # previous iteration is reported (read back) together with this one's first trial.
+            now = clock()
+            last_s = now - t_iter
+            t_iter = now
+            if time_budget_s is not None and (
+                now - t_start >= time_budget_s or now - t_start + last_s > time_budget_s
+            ):
+                result.stopped = "time_budget"
+                break
+        first: tuple[float, float] | None = None
+        line: Any = None
+        while True:
+            pg = _scaled(g, precond, keys)
+            restart = (
+                d is None or keys != keys_old or since_restart >= restart_every
+                or pg_old is None or g_old is None
+            )
+            if device:
+                # One synchronisation per iteration: β, the restart tests and the direction are
+                # formed on the device, and the line search's first trial is evaluated before
+                # anything is read; its loss and slope come back with the iteration's scalars.
+                d_new, gpg_d, slope_d, restarted_d = _direction_on_device(
+                    g, pg, d, pg_old, gpg_old, keys, restart)
+                line = _line(fun, x, d_new, keys)
+                f1_d, s1_d = line.value(step, read=False)
+                changed, (gpg, slope0, restarted, f1, s1) = read(gpg_d, slope_d, restarted_d, f1_d, s1_d)
+                first = (f1, s1)
+            elif restart:
+                changed, (gpg,) = read(_dot(g, pg, keys))
+                g_pgo = 0.0
+            else:
+                changed, (gpg, g_pgo) = read(_dot(g, pg, keys), _dot(g, pg_old, keys))
+            if not changed:
+                break
+            # the callback changed the objective: new loss and gradient, steepest descent
+            f, g = fun(x)
+            result.evaluations += 1
+            d = None
+        if not device:
+            # After the last iteration's report (its callback is part of its time).
+            now = clock()
+            last_s = now - t_iter  # the first time: the initial evaluation, about one iteration
+            t_iter = now
+            if time_budget_s is not None and (
+                now - t_start >= time_budget_s or now - t_start + last_s > time_budget_s
+            ):
+                result.stopped = "time_budget"
+                break
         if not math.isfinite(f) or not math.isfinite(gpg):
             raise FloatingPointError(f"objective became non-finite at iteration {it} (loss {f})")
         if gpg <= rtol * max(abs(f), 1e-300):
             result.stopped = "converged"
             break
-        restart = (
-            d is None or keys != keys_old or since_restart >= restart_every
-            or pg_old is None or g_old is None
-        )
-        # Powell: successive gradients far from orthogonal → conjugacy is lost.
-        if not restart and abs(_dot(g, pg_old, keys)) >= 0.2 * gpg:
-            restart = True
-        if restart:
-            d = {k: -pg[k] for k in keys}
-            since_restart = 0
+        if device:
+            d = d_new
+            if restart or restarted:
+                since_restart = 0
         else:
-            beta = max(0.0, (gpg - _dot(g, pg_old, keys)) / _dot(g_old, pg_old, keys))
-            d = {k: -pg[k] + beta * d[k] for k in keys}
-        slope0 = 2.0 * _dot(g, d, keys)
-        if slope0 >= 0:  # not a descent direction: fall back to steepest descent
-            d = {k: -pg[k] for k in keys}
-            slope0 = -2.0 * gpg
-            since_restart = 0
-        accepted = _line_search(fun, x, f, d, keys, slope0, step)
+            # Powell: successive gradients far from orthogonal → conjugacy is lost.
+            if not restart and abs(g_pgo) >= 0.2 * gpg:
+                restart = True
+            if restart:
+                d = {k: -pg[k] for k in keys}
+                since_restart = 0
+                slope0 = -2.0 * gpg
+            else:
+                beta = max(0.0, (gpg - g_pgo) / gpg_old)
+                d = {k: -pg[k] + beta * d[k] for k in keys}
+                slope0 = 2.0 * _dot(g, d, keys)
+            if slope0 >= 0:  # not a descent direction: fall back to steepest descent
+                d = {k: -pg[k] for k in keys}
+                slope0 = -2.0 * gpg
+                since_restart = 0
+        accepted = _line_search(fun, x, f, d, keys, slope0, step, line=line, first=first)
         result.evaluations += accepted.evaluations
         if accepted.t is None:
             if since_restart == 0:
@@ -139,25 +221,46 @@ def minimize(
             continue
         step = accepted.t
         x = accepted.x
-        g_old, pg_old, keys_old = g, pg, keys
+        g_old, pg_old, keys_old, gpg_old = g, pg, keys, gpg
         f, g = accepted.f, accepted.g
         since_restart += 1
-        result.losses.append(f)
         result.iterations += 1
         result.x = x
-        if callback is not None and callback(it, x, f):
-            f, g = fun(x)
-            result.evaluations += 1
-            d = None
+        report = it
+    if report is not None:
+        read()  # the last iteration's loss and callback
     result.x = x
     return result
+
+
+def _direction_on_device(
+    g: Vars, pg: Vars, d: Vars | None, pg_old: Vars | None, gpg_old: float, keys: set[str],
+    restart: bool,
+) -> tuple[Vars, Any, Any, Any]:
+    """The host path's direction rule (PR+ β, Powell's test, the descent fallback) with
+    device scalars: (direction, ⟨g, Pg⟩, slope along it φ'(0), restarted flag)."""
+    gpg = _dot(g, pg, keys)
+    if restart or d is None or pg_old is None:
+        return {k: -pg[k] for k in keys}, gpg, -2.0 * gpg, 1.0
+    xp = array_module(gpg)
+    g_pgo = _dot(g, pg_old, keys)
+    g_d = _dot(g, d, keys)
+    powell = abs(g_pgo) >= 0.2 * gpg  # successive gradients far from orthogonal
+    beta = xp.where(powell, 0.0, xp.maximum(0.0, (gpg - g_pgo) / gpg_old))
+    # ⟨g, -Pg + βd⟩ = -⟨g, Pg⟩ + β⟨g, d⟩; not a descent direction → steepest descent
+    slope = 2.0 * (beta * g_d - gpg)
+    uphill = slope >= 0
+    beta = xp.where(uphill, 0.0, beta)
+    slope = xp.where(uphill, -2.0 * gpg, slope)
+    direction = {k: -pg[k] + scalar_as(beta, real_of(pg[k].dtype)) * d[k] for k in keys}
+    return direction, gpg, slope, powell | uphill
 
 
 @dataclass
 class _Trial:
     t: float | None
     x: Vars
-    f: float
+    f: Any  #: the loss at the accepted step: a float, or a device scalar not read yet
     g: Vars
     evaluations: int
 
@@ -170,13 +273,15 @@ class _Direct:
         self.fun, self.x, self.d, self.keys = fun, x, d, keys
         self.seen: dict[float, tuple[Vars, float, Vars]] = {}
 
-    def value(self, t: float) -> tuple[float, float]:
+    def value(self, t: float, read: bool = True) -> tuple[Any, Any]:
+        """(φ(t), φ'(t)): host floats (one read), or with ``read=False`` as they are."""
         xt = dict(self.x)
         for k in self.keys:
             xt[k] = self.x[k] + t * self.d[k]
         ft, gt = self.fun(xt)
+        slope = 2.0 * _dot(gt, self.d, self.keys)
         self.seen[t] = (xt, ft, gt)
-        return ft, 2.0 * _dot(gt, self.d, self.keys)
+        return host_floats(ft, slope) if read else (ft, slope)
 
     def point(self, t: float) -> tuple[Vars, float, Vars]:
         return self.seen[t]
@@ -193,9 +298,12 @@ def _line(fun: Fun, x: Vars, d: Vars, keys: set[str]) -> Any:
 
 def _line_search(
     fun: Fun, x: Vars, f0: float, d: Vars, keys: set[str], slope0: float, t0: float,
-    max_halvings: int = 6,
+    max_halvings: int = 6, line: Any = None, first: tuple[float, float] | None = None,
 ) -> _Trial:
-    line = _line(fun, x, d, keys)
+    """``line`` and ``first`` (φ(t0), φ'(t0)): the line and its first trial when the caller
+    has evaluated them already."""
+    if line is None:
+        line = _line(fun, x, d, keys)
 
     def accept(t: float, evals: int) -> _Trial:
         xt, ft, gt = line.point(t)
@@ -203,7 +311,7 @@ def _line_search(
 
     evals = 1
     t1 = t0
-    f1, s1 = line.value(t1)
+    f1, s1 = line.value(t1) if first is None else first
     best = (t1, f1) if f1 < f0 else None
     if best is not None and abs(s1) <= 0.3 * abs(slope0):
         return accept(t1, evals)

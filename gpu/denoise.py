@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .backend import array_module
+from .backend import array_module, host_floats
 
 
 class Denoiser(Protocol):
@@ -63,8 +63,9 @@ def denoise_complex(t: Any, denoiser: Denoiser, sigma: float | None = None) -> A
     log-amplitude gets its own estimate (None).
     """
     xp = array_module(t)
-    mean = t.mean()
-    rot = complex(mean) / abs(complex(mean)) if abs(complex(mean)) > 0 else 1.0 + 0.0j
+    re, im = host_floats(t.mean().real, t.mean().imag)  # one read-back per denoising
+    mean = complex(re, im)
+    rot = mean / abs(mean) if abs(mean) > 0 else 1.0 + 0.0j
     centred = t * xp.asarray(rot, dtype=t.dtype).conj()
     real_dtype = t.real.dtype
     phase = xp.angle(centred).astype(real_dtype, copy=False)

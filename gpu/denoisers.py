@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, to_numpy
+from .backend import array_module, ndimage, to_numpy
 from .denoise import Denoiser, register_denoiser
 
 
@@ -41,11 +41,7 @@ class GaussianDenoiser:
         self.width_px = float(width_px)
 
     def __call__(self, image: Any, sigma: float | None = None) -> Any:
-        xp = array_module(image)
-        if xp is np:
-            from scipy.ndimage import gaussian_filter
-        else:
-            from cupyx.scipy.ndimage import gaussian_filter
+        gaussian_filter = ndimage(array_module(image)).gaussian_filter
         return gaussian_filter(image, self.width_px, mode="nearest").astype(image.dtype, copy=False)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, complex_dtype
+from .backend import array_module, complex_dtype, host_floats
 from .operators import Batch, adjoint_object, forward, illumination
 
 #: Pixels lit by less than this share of the peak illumination are left out of the spectral
@@ -55,14 +55,15 @@ def spectral_object(
     y = counts_fft.astype(real)
     valid = xp.ones(y.shape[-2:], dtype=bool) if mask is None else mask > 0
     values = y[:, valid]
-    eps = float(xp.quantile(values.astype(np.float64), 1.0 - keep_fraction)) if values.size else 0.0
+    # A one-off start: its few scalars are read back explicitly.
+    eps = host_floats(xp.quantile(values.astype(np.float64), 1.0 - keep_fraction))[0] if values.size else 0.0
     weight = xp.where((y > eps) & valid, y, 0.0).astype(real)
-    if not bool(weight.any()):
+    if not host_floats(weight.any())[0]:
         weight = xp.where((y > 0) & valid, y, 0.0).astype(real)
-    if not bool(weight.any()):
+    if not host_floats(weight.any())[0]:
         raise ValueError("spectral initialisation: the dataset holds no counts in valid pixels")
     illum = illumination(probe, batch)
-    lit = illum > LIT_FRACTION * float(illum.max())
+    lit = illum > LIT_FRACTION * host_floats(illum.max())[0]
     inv = xp.where(lit, 1.0 / xp.maximum(illum, 1e-30), 0.0).astype(real)
     # Start from the flat object, not from noise: the leading eigenspace is nearly degenerate
     # (every smooth object fills the bright-field disc), so a random start keeps its
@@ -73,11 +74,12 @@ def spectral_object(
     v = xp.asarray((1.0 + 1e-3 * noise).astype(probe.dtype)) * lit
     for _ in range(iterations):
         v = inv * adjoint_object(weight * forward(v, probe, batch), probe, batch)
-        norm = float(xp.linalg.norm(v))
+        (norm,) = host_floats(xp.linalg.norm(v))
         if norm == 0 or not np.isfinite(norm):
             raise FloatingPointError("spectral initialisation diverged (zero or non-finite vector)")
         v = v / norm
-    mean = complex(v[lit].sum())
+    total = v[lit].sum()
+    mean = complex(*host_floats(total.real, total.imag))
     if abs(mean) > 0:
         v = v * (abs(mean) / mean)
     phase = xp.where(lit, xp.angle(v), 0.0)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .backend import array_module, real_of
+from .backend import array_module, dev_float, host_floats, on_device, real_of, scalar_as
 
 NoiseModel = Literal["poisson", "amplitude"]
 TruncationRule = Literal["none", "chen-candes", "high-intensity", "poisson-floor"]
@@ -45,7 +45,7 @@ def poisson_loss(z: Any, y: Any, mask: Any | None = None, keep: Any | None = Non
     w = _weights(yf, mask)
     if keep is not None:
         w = w * keep
-    return float((w * term).sum())
+    return host_floats((w * term).sum())[0]
 
 
 def poisson_grad(z: Any, y: Any, mask: Any | None = None, keep: Any | None = None) -> Any:
@@ -65,7 +65,7 @@ def amplitude_loss(z: Any, y: Any, mask: Any | None = None, keep: Any | None = N
     w = _weights(amp, mask)
     if keep is not None:
         w = w * keep
-    return float((w * diff * diff).sum())
+    return host_floats((w * diff * diff).sum())[0]
 
 
 def amplitude_grad(z: Any, y: Any, mask: Any | None = None, keep: Any | None = None) -> Any:
@@ -94,7 +94,7 @@ def loss_and_grad(
     inten = _intensity(z)
     weight = mask if keep is None else (keep if mask is None else keep * mask)
     factor, term = _factor_and_term(xp, inten, _counts_as(y, inten.dtype), model, weight)
-    return float(term.sum()), factor * z
+    return host_floats(term.sum())[0], factor * z
 
 
 @dataclass
@@ -138,20 +138,21 @@ def far_field_terms(
     yv = _counts_as(y, inten.dtype)
     keep = _keep_by_squares(xp, inten, yv, alpha_h, truncation, mask, sums)
     n = inten.size
-    valid = float(n if mask is None else float(mask.sum()) * (n // mask.size))
+    # counts stay where they are made (device scalars): reading them is the caller's choice
+    valid = float(n) if mask is None else dev_float(mask.sum()) * (n // mask.size)
     if keep is None:
         weight = mask
         kept = valid
     else:
         weight = keep if mask is None else keep * mask
-        kept = float(xp.count_nonzero(keep)) if mask is None else float(weight.sum())
+        kept = dev_float(xp.count_nonzero(keep)) if mask is None else dev_float(weight.sum())
     factor, term = _factor_and_term(xp, inten, yv, model, weight)
     grad = None
     if want_grad:
         grad = z if overwrite else z.copy()
         grad *= factor
         factor = None
-    return FarFieldTerms(float(term.sum()), grad, factor, kept, valid)
+    return FarFieldTerms(dev_float(term.sum()), grad, factor, kept, valid)
 
 
 def _intensity(z: Any) -> Any:
@@ -167,7 +168,18 @@ def _counts_as(y: Any, dtype: Any) -> Any:
 
 
 def _factor_and_term(xp: Any, inten: Any, y: Any, model: str, weight: Any | None) -> tuple[Any, Any]:
-    """(w·∂L/∂|z|²-like factor, w·loss per measurement); ``inten`` = |z|² is consumed."""
+    """(w·∂L/∂|z|²-like factor, w·loss per measurement); ``inten`` = |z|² is consumed. On CuPy
+    the Poisson pair is one fused kernel (:func:`fused_poisson`); this code is its reference."""
+    if model == "poisson" and fused_available(xp):
+        return fused_poisson(inten, y, weight)
+    return factor_and_term_reference(xp, inten, y, model, weight)
+
+
+def factor_and_term_reference(
+    xp: Any, inten: Any, y: Any, model: str, weight: Any | None
+) -> tuple[Any, Any]:
+    """:func:`_factor_and_term` as array operations (NumPy, and the reference of the fused
+    CuPy kernel); ``inten`` is consumed."""
     if model == "poisson":
         inten += INTENSITY_FLOOR
         ratio = xp.divide(y, inten)
@@ -191,6 +203,51 @@ def _factor_and_term(xp: Any, inten: Any, y: Any, model: str, weight: Any | None
     return factor, term
 
 
+# --- fused element-wise kernels (CuPy) ------------------------------------------------------
+# The Poisson factor and loss are ~9 element-wise passes over the far field as array
+# operations; one CUDA kernel reads |z|², y and the weight once and writes both results.
+
+_POISSON_BODY = """
+    const T i = inten + (T)FLOOR;
+    const T r = (T)y / i;
+    const T t = (T)y * log(r > (T)TINY ? r : (T)TINY) + i - (T)y;
+    factor = ((T)1 - r) WEIGHT;
+    term = t WEIGHT;
+"""
+
+
+def fused_available(xp: Any) -> bool:
+    """The fused kernels exist for CuPy only (NumPy and the strict test backend use the
+    reference array code)."""
+    return xp.__name__.startswith("cupy")
+
+
+def _poisson_kernel(weighted: bool, dtype: Any) -> Any:
+    import cupy
+
+    tiny = float(np.finfo(dtype).tiny)
+    body = (_POISSON_BODY.replace("FLOOR", repr(INTENSITY_FLOOR)).replace("TINY", repr(tiny))
+            .replace("WEIGHT", "* (T)w" if weighted else ""))
+    params = "T inten, Y y, W w" if weighted else "T inten, Y y"
+    return cupy.ElementwiseKernel(params, "T factor, T term", body,
+                                  f"cryoptycho_poisson_{'w' if weighted else 'u'}_{np.dtype(dtype).char}")
+
+
+_KERNELS: dict[tuple[bool, str], Any] = {}
+
+
+def fused_poisson(inten: Any, y: Any, weight: Any | None) -> tuple[Any, Any]:
+    """(factor, term) of the Poisson model in one CuPy kernel; equal to
+    :func:`factor_and_term_reference` up to float rounding (tests/test_fused_kernels.py)."""
+    key = (weight is not None, np.dtype(inten.dtype).char)
+    if key not in _KERNELS:
+        _KERNELS[key] = _poisson_kernel(weight is not None, inten.dtype)
+    kernel = _KERNELS[key]
+    if weight is None:
+        return kernel(inten, y)
+    return kernel(inten, y, weight)
+
+
 def _keep_by_squares(
     xp: Any, inten: Any, y: Any, alpha_h: float, rule: str, mask: Any | None,
     sums: tuple[float, float, float] | None,
@@ -204,25 +261,29 @@ def _keep_by_squares(
     xp.abs(resid, out=resid)
     if sums is None:
         if mask is None:
-            sums = (float(resid.sum()), float(inten.sum()), float(inten.size))
+            sums = (dev_float(resid.sum()), dev_float(inten.sum()), float(inten.size))
         else:
-            wsum = float(mask.sum()) * (inten.size // mask.size)
-            sums = (float((resid * mask).sum()), float((inten * mask).sum()), wsum)
+            wsum = dev_float(mask.sum()) * (inten.size // mask.size)
+            sums = (dev_float((resid * mask).sum()), dev_float((inten * mask).sum()), wsum)
     resid_sum, inten_sum, wsum = sums
-    if wsum <= 0:
+    # A device sum is not read back to test it: masks are checked to keep a valid pixel.
+    if not on_device(wsum) and wsum <= 0:
         return None
     k_t = resid_sum / wsum
-    rms = float(np.sqrt(inten_sum / wsum)) + 1e-12
+    on_dev = on_device(inten_sum) or on_device(k_t)
+    rms = (xp.sqrt(inten_sum / wsum) if on_dev else float(np.sqrt(inten_sum / wsum))) + 1e-12
     c = (alpha_h * k_t / rms) ** 2
     resid *= resid
+    rdt = inten.dtype
     if rule == "chen-candes":
-        thr = inten * c
+        thr = inten * scalar_as(c, rdt)
     elif rule == "high-intensity":
-        thr = xp.maximum(inten, rms * rms)
-        thr *= c
+        thr = xp.maximum(inten, scalar_as(rms * rms, rdt))
+        thr *= scalar_as(c, rdt)
     else:
         # max(c·I, α²·max(I, 1)) = max(max(c, α²)·I, α²)
-        thr = inten * max(c, alpha_h * alpha_h)
+        top = xp.maximum(c, alpha_h * alpha_h) if on_dev else max(c, alpha_h * alpha_h)
+        thr = inten * scalar_as(top, rdt)
         xp.maximum(thr, alpha_h * alpha_h, out=thr)
     # boolean: multiplying by it casts on the fly, no float copy of the mask
     return xp.less_equal(resid, thr)
@@ -239,8 +300,8 @@ def intensity_sums(inten: Any, y: Any, mask: Any | None = None) -> tuple[float, 
     xp = array_module(inten)
     resid = xp.abs(y.astype(inten.dtype, copy=False) - inten)
     w = _weights(inten, mask)
-    wsum = float(xp.broadcast_to(w, inten.shape).sum())
-    return float((w * resid).sum()), float((w * inten).sum()), wsum
+    wsum = float(inten.size) if mask is None else dev_float(xp.broadcast_to(w, inten.shape).sum())
+    return dev_float((w * resid).sum()), dev_float((w * inten).sum()), wsum
 
 
 def truncation_keep(
@@ -275,10 +336,10 @@ def truncation_keep(
     inten = amp * amp
     resid = xp.abs(y.astype(amp.dtype, copy=False) - inten)
     resid_sum, inten_sum, wsum = truncation_sums(z, y, mask) if sums is None else sums
-    if wsum <= 0:
+    if not on_device(wsum) and wsum <= 0:
         return None
     k_t = resid_sum / wsum
-    rms = float(np.sqrt(inten_sum / wsum)) + 1e-12
+    rms = xp.sqrt(inten_sum / wsum) + 1e-12 if on_device(inten_sum) else float(np.sqrt(inten_sum / wsum)) + 1e-12
     if rule == "chen-candes":
         scale = amp / rms
     elif rule == "high-intensity":

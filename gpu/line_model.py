@@ -24,7 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, fft2, free_device_bytes
+from .backend import (
+    array_module,
+    dev_float,
+    fft2,
+    free_device_bytes,
+    host_floats,
+    on_device,
+    real_of,
+    scalar_as,
+)
 from .likelihood import far_field_terms, intensity_sums
 from .objective import back_propagate
 from .operators import extract, position_probes
@@ -76,12 +85,13 @@ class FullBatchLine:
         xp = array_module(self.t_obj)
         self.xp = xp
         self.root_p = math.sqrt(fun.power)
-        # ‖ψ + t dψ‖² = n0 + 2 t a + t² b
-        self.n0 = float(xp.vdot(probe.ravel(), probe.ravel()).real)
+        # ‖ψ + t dψ‖² = n0 + 2 t a + t² b (device scalars on a device: not read back)
+        self.n0 = dev_float(xp.vdot(probe.ravel(), probe.ravel()).real)
         self.a = self.b = 0.0
         if self.d_probe is not None:
-            self.a = float(xp.vdot(probe.ravel(), self.d_probe.ravel()).real)
-            self.b = float(xp.vdot(self.d_probe.ravel(), self.d_probe.ravel()).real)
+            self.a = dev_float(xp.vdot(probe.ravel(), self.d_probe.ravel()).real)
+            self.b = dev_float(xp.vdot(self.d_probe.ravel(), self.d_probe.ravel()).real)
+        self.rdt = real_of(self.t_obj.dtype)
         carry: _Carry | None = getattr(fun, "_line_carry", None)
         reuse = (
             carry is not None and carry.obj is x["object"] and carry.probe is probe
@@ -120,9 +130,13 @@ class FullBatchLine:
 
     # --- the scalar probe normalisation along the line ------------------------------------
 
-    def _scale(self, t: float) -> tuple[float, float]:
-        """s(t) = √P/‖ψ + t dψ‖ and s'(t)."""
+    def _scale(self, t: float) -> tuple[Any, Any]:
+        """s(t) = √P/‖ψ + t dψ‖ and s'(t) (on a device: device scalars, and a zero probe shows
+        as a non-finite loss instead of being read back here)."""
         n = self.n0 + 2.0 * t * self.a + t * t * self.b
+        if on_device(n):
+            root = self.xp.sqrt(n)
+            return self.root_p / root, -self.root_p * (self.a + t * self.b) / (n * root)
         if n <= 0 or not math.isfinite(n):
             raise FloatingPointError("probe became zero or non-finite")
         return self.root_p / math.sqrt(n), -self.root_p * (self.a + t * self.b) / n**1.5
@@ -140,30 +154,32 @@ class FullBatchLine:
         opts = self.fun.options
         return opts.truncation != "none" and math.isfinite(opts.alpha_h)
 
-    def _first_pass(self, t: float, s: float, ds: float | None) -> tuple[list[Any], list[Any], Any]:
+    def _first_pass(self, t: float, s: Any, ds: Any | None) -> tuple[list[Any], list[Any], Any]:
         """Per chunk: |z(t)|² and (with ``ds``) the real weights h with Re(z̄ z') = h, and the
         scan-wide truncation sums. z' = s' u + s v with v = B + 2tC, so h = (s'/s)|z|² +
         s·Re(z̄ v): real arithmetic only, the complex gradient f·z is never formed."""
         fun = self.fun
         intens, weights = [], []
-        total = [0.0, 0.0, 0.0]
+        total: list[Any] = [0.0, 0.0, 0.0]
+        s_r = scalar_as(s, self.rdt)
+        ratio = None if ds is None else scalar_as(ds / s, self.rdt)
         for i, sl in enumerate(fun.slices):
             _, far_b, far_c = self.terms[i]
             z = self._unscaled(i, t)
-            z *= s
+            z *= s_r
             inten = z.real * z.real
             inten += z.imag * z.imag
             if ds is not None:
                 if far_b is None:
-                    h = inten * (ds / s)
+                    h = inten * ratio
                 else:
                     v = far_b if far_c is None else far_b + far_c * (2.0 * t)
                     h = z.real * v.real
                     h += z.imag * v.imag
                     del v
-                    h *= s
-                    if ds != 0.0:  # s is constant while the probe is fixed
-                        h += inten * (ds / s)
+                    h *= s_r
+                    if self.d_probe is not None and (on_device(ds) or ds != 0.0):
+                        h += inten * ratio  # s is constant while the probe is fixed
                 weights.append(h)
             del z
             if self._truncating():
@@ -181,13 +197,14 @@ class FullBatchLine:
     def _object_at(self, t: float) -> Any:
         return self.t_obj if self.d_obj is None else self.t_obj + t * self.d_obj
 
-    def value(self, t: float) -> tuple[float, float]:
-        """(φ(t), φ'(t)) without an FFT (but see :meth:`_speculate`)."""
+    def value(self, t: float, read: bool = True) -> tuple[Any, Any]:
+        """(φ(t), φ'(t)) without an FFT (but see :meth:`_speculate`): host floats (one
+        read-back), or with ``read=False`` as they are (device scalars on a device)."""
         fun, opts, xp = self.fun, self.fun.options, self.xp
         if self._first is None:
             self._first = t
             if getattr(fun, "_line_first_accepted", False):
-                return self._speculate(t)
+                return self._speculate(t, read)
         s, ds = self._scale(t)
         intens, weights, sums = self._first_pass(t, s, ds)
         loss = slope = 0.0
@@ -197,24 +214,27 @@ class FullBatchLine:
                 opts.alpha_h, sums, want_grad=False, inten=inten,
             )
             loss += terms.loss
-            slope += 2.0 * float(xp.vdot(terms.factor.ravel(), h.ravel()))
+            slope += 2.0 * dev_float(xp.vdot(terms.factor.ravel(), h.ravel()))
         del intens, weights
         obj_t = self._object_at(t)
         p_loss, p_grad = prior_term(obj_t, opts, fun.kappa, None, fun.sparse)
         p_slope = 0.0
         if self.d_obj is not None:
-            p_slope = 2.0 * float(xp.vdot(p_grad.ravel(), self.d_obj.ravel()).real)
-        return fun.scale * loss + p_loss, fun.scale * slope + p_slope
+            p_slope = 2.0 * dev_float(xp.vdot(p_grad.ravel(), self.d_obj.ravel()).real)
+        f_t, slope_t = fun.scale * loss + p_loss, fun.scale * slope + p_slope
+        return host_floats(f_t, slope_t) if read else (f_t, slope_t)
 
-    def _speculate(self, t: float) -> tuple[float, float]:
+    def _speculate(self, t: float, read: bool = True) -> tuple[Any, Any]:
         """(φ(t), φ'(t)) through the full gradient at t, kept for :meth:`point`. Once CG has
         settled, the first trial (its last step length) is usually accepted (≈ 1.3 trials per
         iteration): its gradient is then already there, as with direct evaluations, but
         without their forward FFTs. Used when the previous line accepted its first trial."""
-        _, f_t, g_t = self._points[t] = self._evaluate(t)
+        x_t, f_t, g_t = self._evaluate(t)
         xp = self.xp
-        slope = sum(2.0 * float(xp.vdot(g_t[k].ravel(), self.d[k].ravel()).real) for k in self.keys)
-        return f_t, slope
+        slope = sum(2.0 * dev_float(xp.vdot(g_t[k].ravel(), self.d[k].ravel()).real)
+                    for k in self.keys)
+        self._points[t] = (x_t, f_t, g_t)
+        return host_floats(f_t, slope) if read else (f_t, slope)
 
     def point(self, t: float) -> tuple[dict[str, Any], float, dict[str, Any]]:
         """x + t d, the objective there and its gradient (as ``fun(x + t d)`` returns them):
@@ -222,6 +242,7 @@ class FullBatchLine:
         self.fun._line_first_accepted = t == self._first
         if t in self._points:
             return self._points[t]
+        # the loss may stay on the device: CG reads it with its next dot products
         return self._evaluate(t)
 
     def _evaluate(self, t: float) -> tuple[dict[str, Any], float, dict[str, Any]]:
@@ -231,11 +252,12 @@ class FullBatchLine:
         x_t["object"] = obj_t
         probe_t = self.x["probe"] if self.d_probe is None else self.x["probe"] + t * self.d_probe
         x_t["probe"] = probe_t
-        norm = float(xp.sqrt((probe_t.real**2 + probe_t.imag**2).sum()))
-        if norm == 0 or not math.isfinite(norm):
+        norm = dev_float(xp.sqrt((probe_t.real**2 + probe_t.imag**2).sum()))
+        if not on_device(norm) and (norm == 0 or not math.isfinite(norm)):
             raise FloatingPointError("probe became zero or non-finite")
         s = self.root_p / norm
-        psi = probe_t * s
+        s_r = scalar_as(s, self.rdt)
+        psi = probe_t * s_r
         intens, _, sums = self._first_pass(t, s, None)
         loss = 0.0
         g_obj = xp.zeros_like(obj_t)
@@ -244,14 +266,14 @@ class FullBatchLine:
         for i, (sl, sub) in enumerate(zip(fun.slices, fun.batches)):
             u = self._unscaled(i, t)
             carried.append(u)
-            z = u * s
+            z = u * s_r
             terms = far_field_terms(
                 z, fun.counts_fft[sl], opts.noise_model, fun.mask, opts.truncation,
                 opts.alpha_h, sums, overwrite=True, inten=intens[i],
             )
             intens[i] = None
             # S(sψ) = s·Sψ: with the probe fixed its shifted copies need no FFT
-            psi_k = self.p0s[i] * s if self.d_probe is None else position_probes(psi, sub)
+            psi_k = self.p0s[i] * s_r if self.d_probe is None else position_probes(psi, sub)
             dt = back_propagate(terms, extract(obj_t, sub), psi_k, sub, fun.want_probe)
             loss += dt.loss
             g_obj += dt.grad_object

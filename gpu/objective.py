@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .backend import array_module, fft2, ifft2
+from .backend import array_module, fft2, ifft2, on_device
 from .likelihood import FarFieldTerms, NoiseModel, TruncationRule, far_field_terms
 from .operators import Batch, exit_waves, probe_adjoint, scatter_add
 
@@ -69,5 +69,7 @@ def back_propagate(
     psi_c = psi.conj() if psi.shape[0] == 1 else xp.conjugate(psi, out=psi)
     back *= psi_c
     g_obj = scatter_add(back, batch)
-    kept = terms.kept / max(terms.valid, 1.0)
+    valid = terms.valid
+    # a device count stays on the device (no read-back per batch)
+    kept = terms.kept / (array_module(valid).maximum(valid, 1.0) if on_device(valid) else max(valid, 1.0))
     return DataTerm(terms.loss, g_obj, g_probe, kept, batch.size)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .backend import array_module, complex_of, fft2, ifft2
+from .backend import array_module, complex_of, fft2, ifft2, index_sum, to_numpy
 
 #: Fractional offsets closer than this (pixels) share one shifted probe.
 SUBPIXEL_QUANTUM = 1e-3
@@ -63,6 +63,16 @@ class Batch:
         self.group = group  #: (B,) int: which shifted probe each position uses
         self.shifts = shifts  #: (G, 2) float: fractional shift of each group's probe
         self.object_shape = object_shape
+        #: host copies of ``group`` and ``shifts`` (made with the batch by make_batch): the
+        #: decisions taken per evaluation (shifted or not, which groups) read them, not the
+        #: device arrays, so they cost no device synchronisation
+        self.host: tuple[np.ndarray, np.ndarray] | None = None
+
+    def host_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(group, shifts) on the host: kept from make_batch, else copied once."""
+        if self.host is None:
+            self.host = (to_numpy(self.group), to_numpy(self.shifts))
+        return self.host
 
     @property
     def flat_index(self) -> Any:
@@ -91,8 +101,18 @@ class Batch:
         g = int(self.shifts.shape[0])
         if self.size < 2 or g < self.size:
             return False
-        xp = array_module(self.group)
-        return int(xp.unique(self.group).size) == self.size
+        return int(np.unique(self.host_index()[0]).size) == self.size
+
+    @functools.cached_property
+    def unshifted(self) -> bool:
+        """One probe for every position, not shifted (an integer-pixel scan)."""
+        shifts = self.host_index()[1]
+        return shifts.shape[0] == 1 and not shifts.any()
+
+    @functools.cached_property
+    def present_groups(self) -> np.ndarray:
+        """The probe-shift groups this batch's positions use (host, sorted)."""
+        return np.unique(self.host_index()[0])
 
 
 def make_batch(
@@ -100,17 +120,23 @@ def make_batch(
     object_shape: tuple[int, int],
     probe_shape: tuple[int, int],
     quantum: float = SUBPIXEL_QUANTUM,
+    xp: Any = None,
 ) -> Batch:
     """Prepare the gather/scatter indices for probe windows with top-left corners ``pixels``
     (K, 2) in fractional object pixels. Windows must lie inside the object.
 
     Fractional offsets are rounded to multiples of ``quantum`` pixels; each distinct offset
     costs an FFT pair per evaluation (shifted probe, and its adjoint), so a coarser quantum
-    (e.g. 1/16 px, ≤ 0.03 px position error) bounds that cost for jittered scans."""
+    (e.g. 1/16 px, ≤ 0.03 px position error) bounds that cost for jittered scans.
+
+    The index bookkeeping is done on the host (positions are a few numbers per frame; a device
+    would synchronise to check the bounds and to size ``unique``'s result) and the arrays are
+    placed on ``xp`` (default: the backend of ``pixels``)."""
     if not 0 < quantum <= 0.5:
         raise ValueError(f"sub-pixel quantum must be in (0, 0.5] pixels, got {quantum}")
-    xp = array_module(pixels)
-    pix = xp.asarray(pixels, dtype=np.float64).reshape(-1, 2)
+    dest = array_module(pixels) if xp is None else xp
+    xp = np
+    pix = np.asarray(to_numpy(pixels), dtype=np.float64).reshape(-1, 2)
     ny, nx = object_shape
     my, mx = probe_shape
     corner = xp.floor(pix)
@@ -131,7 +157,14 @@ def make_batch(
     scale = steps + 1
     uniq, group = xp.unique(key[:, 0] * scale + key[:, 1], return_inverse=True)
     shifts = xp.stack([uniq // scale, uniq % scale], axis=-1).astype(np.float64) * quantum
-    return Batch(None, group.reshape(-1), shifts, object_shape, corners=corner, window=(my, mx))
+    group = group.reshape(-1)
+    if dest is np:
+        batch = Batch(None, group, shifts, object_shape, corners=corner, window=(my, mx))
+    else:
+        batch = Batch(None, dest.asarray(group), dest.asarray(shifts), object_shape,
+                      corners=dest.asarray(corner), window=(my, mx))
+    batch.host = (group, shifts)
+    return batch
 
 
 def sub_batch(batch: Batch, part: slice) -> Batch:
@@ -139,11 +172,18 @@ def sub_batch(batch: Batch, part: slice) -> Batch:
     shifts they use: a chunk that kept all of its parent's G shifts would shift (FFT) the
     probe G times per chunk instead of once per distinct shift."""
     xp = array_module(batch.group)
-    used, group = xp.unique(batch.group[part], return_inverse=True)
+    host_group, host_shifts = batch.host_index()
+    used, group = np.unique(host_group[part], return_inverse=True)
+    group = group.reshape(-1)
+    shifts = host_shifts[used]
+    dev_group, dev_shifts = (group, shifts) if xp is np else (xp.asarray(group), xp.asarray(shifts))
     if batch.corners is not None:
-        return Batch(None, group.reshape(-1), batch.shifts[used], batch.object_shape,
-                     corners=batch.corners[part], window=batch.window)
-    return Batch(batch.flat_index[part], group.reshape(-1), batch.shifts[used], batch.object_shape)
+        sub = Batch(None, dev_group, dev_shifts, batch.object_shape,
+                    corners=batch.corners[part], window=batch.window)
+    else:
+        sub = Batch(batch.flat_index[part], dev_group, dev_shifts, batch.object_shape)
+    sub.host = (group, shifts)
+    return sub
 
 
 def _shift_factors(shifts: Any, shape: tuple[int, int], dtype: Any) -> tuple[Any, Any]:
@@ -164,8 +204,7 @@ def _shift_ramps(shifts: Any, shape: tuple[int, int], dtype: Any) -> Any:
 
 
 def _unshifted(batch: Batch) -> bool:
-    xp = array_module(batch.shifts)
-    return batch.shifts.shape[0] == 1 and not bool(xp.any(batch.shifts))
+    return batch.unshifted
 
 
 def _factors(batch: Batch, per_position: bool, shape: tuple[int, int], dtype: Any) -> tuple[Any, Any]:
@@ -269,15 +308,9 @@ def scatter_add(windows: Any, batch: Batch) -> Any:
     n = batch.object_shape[0] * batch.object_shape[1]
     idx = batch.flat_index.reshape(-1)
     w = windows.reshape(-1)
-    if xp.iscomplexobj(w):
-        out = xp.bincount(idx, weights=w.real, minlength=n) + 1j * xp.bincount(
-            idx, weights=w.imag, minlength=n
-        )
-        dtype = complex_of(windows.dtype)
-    else:
-        out = xp.bincount(idx, weights=w, minlength=n)
-        dtype = windows.dtype
-    return out.astype(dtype, copy=False).reshape(batch.object_shape)
+    # A scatter-add, not bincount: CuPy's bincount reads max(index) on the host (a device
+    # synchronisation per call); the sums are float64, as bincount's were.
+    return index_sum(idx, w, n).reshape(batch.object_shape)
 
 
 def _scatter_blocks(windows: Any, batch: Batch) -> np.ndarray:
@@ -313,16 +346,13 @@ def group_sum(per_position: Any, batch: Batch) -> Any:
         out = np.zeros((g,) + per_position.shape[1:], dtype=per_position.dtype)
         out[ordered[starts]] = np.add.reduceat(per_position[order], starts, axis=0)
         return out
-    out = xp.zeros((g,) + per_position.shape[1:], dtype=per_position.dtype)
-    # Only the groups present: a chunk of a jittered scan's batch keeps all K shifts, and a
-    # loop over all of them per chunk would be O(K) kernel launches.
-    present = xp.unique(batch.group)
-    if present.size == batch.size:  # each position its own group: a plain scatter
+    if batch.present_groups.size == batch.size:  # each position its own group: a scatter
+        out = xp.zeros((g,) + per_position.shape[1:], dtype=per_position.dtype)
         out[batch.group] = per_position
         return out
-    for gi in present.tolist():
-        out[gi] = per_position[batch.group == gi].sum(axis=0)
-    return out
+    # One scatter-add over all positions (no loop over groups, no boolean masks: each
+    # would be a kernel launch and a device synchronisation)
+    return index_sum(batch.group, per_position, g)
 
 
 def exit_waves(obj: Any, probe: Any, batch: Batch) -> tuple[Any, Any, Any]:

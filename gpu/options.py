@@ -67,7 +67,8 @@ class StreamOptions(_Strict):
 class ReconOptions(_Strict):
     """Options of one reconstruction (offline or live)."""
 
-    backend: Literal["numpy", "cupy"] = "numpy"
+    backend: Literal["numpy", "cupy", "strict"] = "numpy"
+    """"strict" is the test backend (gpu/strict.py): CuPy's semantics on the CPU, counted."""
     precision: Literal["single", "double"] = "single"
     seed: int = 0
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import array_module
+from .backend import array_module, dev_float, on_device, real_of, scalar_as
 from .denoise import denoise_complex, get_denoiser
 
 
@@ -31,9 +31,14 @@ def kappa(n_valid_measurements: int, mean_counts: float, n_object_pixels: int) -
         raise ValueError(f"n_valid_measurements must be positive, got {n_valid_measurements}")
     if not mean_counts > 0:
         raise ValueError(f"mean_counts must be positive, got {mean_counts} (no counts recorded?)")
+    n_m = float(n_valid_measurements)
+    if on_device(n_object_pixels):
+        # a count still on the device (the live engine's lit pixels): κ stays there too,
+        # the count floored at one pixel instead of checked on the host
+        pixels = array_module(n_object_pixels).maximum(n_object_pixels, 1).astype("float64")
+        return n_m * n_m * float(mean_counts) / pixels**2
     if n_object_pixels <= 0:
         raise ValueError(f"n_object_pixels must be positive, got {n_object_pixels}")
-    n_m = float(n_valid_measurements)
     return n_m * n_m * float(mean_counts) / float(n_object_pixels) ** 2
 
 
@@ -47,14 +52,14 @@ def tikhonov(obj: Any, weight: float) -> tuple[float, Any]:
     ∂R/∂T̄ = weight · (D_yᴴ D_y + D_xᴴ D_x) T."""
     xp = array_module(obj)
     dy, dx = _diffs(obj)
-    loss = weight * float((dy.real**2 + dy.imag**2).sum() + (dx.real**2 + dx.imag**2).sum())
+    loss = weight * dev_float((dy.real**2 + dy.imag**2).sum() + (dx.real**2 + dx.imag**2).sum())
     grad = xp.zeros_like(obj)
     # Dᴴ of a forward difference: −d on the upper pixel, +d on the lower one.
     grad[:-1, :] -= dy
     grad[1:, :] += dy
     grad[:, :-1] -= dx
     grad[:, 1:] += dx
-    return loss, grad * weight
+    return loss, grad * scalar_as(weight, real_of(obj.dtype))
 
 
 class SparsePrior:
@@ -95,7 +100,7 @@ class SparsePrior:
             raise RuntimeError("SparsePrior.term called before update(): no denoised target yet")
         diff = obj - self.target
         w = self.mu1 * scale
-        return w * float((diff.real**2 + diff.imag**2).sum()), w * diff
+        return w * dev_float((diff.real**2 + diff.imag**2).sum()), scalar_as(w, real_of(obj.dtype)) * diff
 
 
 def prior_term(

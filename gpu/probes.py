@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .backend import array_module, complex_dtype, fft2, ifft2
+from .backend import array_module, complex_dtype, dev_float, fft2, host_floats, ifft2, scalar_as
 from .geometry import wavelength
 
 ProbeKind = Literal["defocused", "fzp", "randomized"]
@@ -129,7 +129,7 @@ def make_probe(
 def normalise_probe(probe: Any, total_intensity: float) -> Any:
     """Scale so that Σ|ψ|² = total_intensity (the mean counts per pattern)."""
     xp = array_module(probe)
-    power = float(xp.sum(xp.abs(probe) ** 2))
+    (power,) = host_floats(xp.sum(xp.abs(probe) ** 2))
     if power <= 0:
         raise ValueError("probe has zero intensity")
     return probe * np.sqrt(total_intensity / power)
@@ -139,7 +139,7 @@ def probe_area_mask(probe: Any, threshold: float = 0.01) -> Any:
     """Pixels where |ψ|² exceeds ``threshold`` × max — the paper's probe area (1 %)."""
     xp = array_module(probe)
     inten = xp.abs(probe) ** 2
-    return inten > threshold * float(inten.max())
+    return inten > scalar_as(threshold * dev_float(inten.max()), inten.dtype)
 
 
 def probe_diffraction_pattern(probe: Any) -> Any:

@@ -19,7 +19,20 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, asarray, complex_dtype, fft2, get_xp, ifft2, real_dtype
+from .backend import (
+    array_module,
+    asarray,
+    complex_dtype,
+    dev_float,
+    fft2,
+    get_xp,
+    host_floats,
+    ifft2,
+    on_device,
+    real_dtype,
+    real_of,
+    scalar_as,
+)
 from .cg import minimize
 from .data import PtychoData
 from .geometry import ScanGeometry, fit_geometry
@@ -72,13 +85,15 @@ def measured_probe_power(counts_fft: Any, mask: Any | None, probe: Any | None = 
     diffraction power that falls on valid pixels (without a probe: valid pixels only)."""
     xp = array_module(counts_fft)
     if mask is None:
-        total = float(counts_fft.sum(dtype=np.float64))
+        (total,) = host_floats(counts_fft.sum(dtype=np.float64))
         return total / counts_fft.shape[0]
-    total = float((counts_fft * mask).sum(dtype=np.float64))
-    share = 1.0
-    if probe is not None:
-        spec = xp.abs(fft2(probe)) ** 2
-        share = float((spec * mask).sum()) / max(float(spec.sum()), 1e-300)
+    if probe is None:
+        (total,) = host_floats((counts_fft * mask).sum(dtype=np.float64))
+        return total / counts_fft.shape[0]
+    spec = xp.abs(fft2(probe)) ** 2
+    total, on, whole = host_floats(
+        (counts_fft * mask).sum(dtype=np.float64), (spec * mask).sum(), spec.sum())
+    share = on / max(whole, 1e-300)
     return total / counts_fft.shape[0] / max(share, 1e-12)
 
 
@@ -107,14 +122,18 @@ def _initial_probe(data: PtychoData, options: ReconOptions, xp: ModuleType, coun
 def illuminated_pixels(probe: Any, batch: Batch, threshold: float = 0.01) -> int:
     """Object pixels whose total illumination exceeds ``threshold`` × its maximum."""
     illum = illumination(probe, batch)
-    return int((illum > threshold * float(illum.max())).sum())
+    xp = array_module(illum)
+    top = scalar_as(threshold * dev_float(illum.max()), illum.dtype)
+    return int(host_floats(xp.count_nonzero(illum > top))[0])
 
 
 def problem_kappa(counts_fft: Any, mask: Any | None, probe: Any, batch: Batch) -> float:
     k, m1, m2 = counts_fft.shape
-    valid = m1 * m2 if mask is None else int(float(mask.sum()))
-    n_m = k * valid
-    total = float((counts_fft if mask is None else counts_fft * mask).sum(dtype=np.float64))
+    total, valid = host_floats(
+        (counts_fft if mask is None else counts_fft * mask).sum(dtype=np.float64),
+        m1 * m2 if mask is None else mask.sum(),
+    )
+    n_m = k * int(valid)
     if total <= 0:
         raise ValueError("the dataset holds no counts in valid pixels: nothing to reconstruct")
     return kappa_of(n_m, total / n_m, illuminated_pixels(probe, batch))
@@ -131,12 +150,13 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     counts_fft = xp.asarray(np.ascontiguousarray(to_fft_order(np.asarray(data.frames))))
     mask = None
     if data.mask is not None:
-        mask = xp.asarray(to_fft_order(np.asarray(data.mask, dtype=rdt)))
-        if not bool(mask.any()):
+        mask_host = to_fft_order(np.asarray(data.mask, dtype=rdt))
+        if not mask_host.any():
             raise ValueError("mask marks every detector pixel invalid")
+        mask = xp.asarray(mask_host)
     positions = np.asarray(data.positions, dtype=np.float64)
     geometry = fit_geometry(positions, data.real_pixel_size, m)
-    batch = make_batch(xp.asarray(geometry.to_pixels(positions)), geometry.object_shape, m)
+    batch = make_batch(geometry.to_pixels(positions), geometry.object_shape, m, xp=xp)
     probe = _initial_probe(data, opts, xp, counts_fft)
     power = measured_probe_power(counts_fft, mask, probe)
     if power <= 0:
@@ -164,12 +184,15 @@ def _sub_batch(batch: Batch, sl: slice) -> Batch:
     return sub_batch(batch, sl)
 
 
-def _normalised(probe: Any, power: float) -> tuple[Any, float]:
+def _normalised(probe: Any, power: float) -> tuple[Any, Any]:
+    """ψ·s with s = √P/‖ψ‖ (on a device s stays there: a zero or non-finite probe then shows
+    as a non-finite loss, which CG refuses, instead of being read back here)."""
     xp = array_module(probe)
-    norm = float(xp.sqrt((probe.real**2 + probe.imag**2).sum()))
-    if norm == 0 or not math.isfinite(norm):
+    norm = dev_float(xp.sqrt((probe.real**2 + probe.imag**2).sum()))
+    if not on_device(norm) and (norm == 0 or not math.isfinite(norm)):
         raise FloatingPointError("probe became zero or non-finite")
-    return probe * (math.sqrt(power) / norm), math.sqrt(power) / norm
+    s = math.sqrt(power) / norm
+    return probe * scalar_as(s, real_of(probe.dtype)), s
 
 
 class FullBatchObjective:
@@ -202,7 +225,7 @@ class FullBatchObjective:
         opts = self.options
         if len(self.slices) == 1 or opts.truncation == "none" or not math.isfinite(opts.alpha_h):
             return None
-        total = [0.0, 0.0, 0.0]
+        total: list[Any] = [0.0, 0.0, 0.0]
         for sl, sub in zip(self.slices, self.batches):
             far = forward(t, psi, sub)
             y = self.counts_fft[sl]
@@ -247,8 +270,9 @@ class FullBatchObjective:
         if self.want_probe:
             g_psi *= self.scale
             # Chain rule through ψ̂ = s ψ, s = √P/‖ψ‖: the radial part of the gradient vanishes.
-            radial = float(xp.vdot(psi.ravel(), g_psi.ravel()).real) / self.power
-            grads["probe"] = s * (g_psi - radial * psi)
+            radial = dev_float(xp.vdot(psi.ravel(), g_psi.ravel()).real) / self.power
+            rdt = real_of(psi.dtype)
+            grads["probe"] = scalar_as(s, rdt) * (g_psi - scalar_as(radial, rdt) * psi)
         return self.scale * loss + p_loss, grads
 
 
@@ -267,22 +291,31 @@ def refine_full_batch(
     kappa: float | None = None,
     probe_power: float | None = None,
     progress: Progress | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[Any, Any, list[float]]:
     """Run ``iterations`` full-batch CG iterations (numbered from ``start_iteration``) on all
     positions of ``batch``. The probe keeps its power Σ|ψ|² (or ``probe_power``) and joins at
     ``options.probe_start_iteration`` when ``options.refine_probe`` (for "auto": when the mean
     valid counts per pattern of ``counts_fft`` reach the threshold). Returns the object, the
-    (normalised) probe and the loss after each iteration (data term + prior)."""
+    (normalised) probe and the loss after each iteration (data term + prior). The time budget
+    counts from the call (the set-up is part of it) and is kept as CG keeps it
+    (:func:`cryoptycho.gpu.cg.minimize`); ``clock`` is injectable for tests."""
+    t_start = clock()
     opts = _as_options(options)
     if opts.refine_probe == "auto":
         opts = opts.with_probe_decision(measured_probe_power(counts_fft, mask))
+    budget = time_budget_s if time_budget_s is not None else opts.time_budget_s
+    if budget is not None and budget <= 0:
+        final, _ = _normalised(probe, float(probe_power) if probe_power is not None
+                               else host_floats((abs(probe) ** 2).sum())[0])
+        return obj, final, []  # no time: no set-up is paid for
     if counts_fft.shape[0] != batch.size:
         raise ValueError(
             f"counts hold {counts_fft.shape[0]} patterns but the batch has {batch.size} positions"
         )
     if counts_fft.shape[1:] != probe.shape:
         raise ValueError(f"frame shape {counts_fft.shape[1:]} does not match probe {probe.shape}")
-    power = float((abs(probe) ** 2).sum()) if probe_power is None else float(probe_power)
+    power = host_floats((abs(probe) ** 2).sum())[0] if probe_power is None else float(probe_power)
     kap = problem_kappa(counts_fft, mask, probe, batch) if kappa is None else float(kappa)
     if opts.prior == "sparse" and sparse is None:
         sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
@@ -290,14 +323,15 @@ def refine_full_batch(
         sparse.update(obj, start_iteration)
     fun = FullBatchObjective(counts_fft, batch, mask, opts, kap, power, sparse)
     illum = illumination(probe, batch)
-    damping = 0.05 * float(illum.max())
+    illum_max, obj_power = host_floats(illum.max(), (abs(obj) ** 2).mean())
+    damping = 0.05 * illum_max
     if opts.prior == "tikhonov":
         damping += 4.0 * opts.mu0 * kap
     elif opts.prior == "sparse":
         damping += opts.mu1 * kap
     precond = {
         "object": (1.0 / (illum + damping)).astype(illum.dtype),
-        "probe": 1.0 / max(float(batch.size) * float((abs(obj) ** 2).mean()), 1e-30),
+        "probe": 1.0 / max(float(batch.size) * obj_power, 1e-30),
     }
 
     def active(it: int) -> set[str]:
@@ -313,14 +347,13 @@ def refine_full_batch(
             return sparse.update(x["object"], it + 1)
         return False
 
-    budget = time_budget_s if time_budget_s is not None else opts.time_budget_s
-    t_start = time.perf_counter()
     x = {"object": obj, "probe": probe}
     losses: list[float] = []
     it = start_iteration
     while it < total:
-        left = None if budget is None else budget - (time.perf_counter() - t_start)
-        res = minimize(fun, x, total - it, left, callback, active, precond, start_iteration=it)
+        left = None if budget is None else budget - (clock() - t_start)
+        res = minimize(fun, x, total - it, left, callback, active, precond, start_iteration=it,
+                       clock=clock)
         x = res.x
         losses += res.losses
         it += res.iterations

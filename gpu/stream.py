@@ -10,6 +10,7 @@ scan has ended. See ``STREAMING.md`` for the update rule and why it is scaled th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +21,13 @@ from .backend import (
     array_module,
     asarray,
     complex_dtype,
+    dev_float,
     fft2,
     get_xp,
+    host_floats,
+    on_device,
     real_dtype,
+    scalar_as,
     to_numpy,
 )
 from .framestore import FrameStore
@@ -39,21 +44,30 @@ from .state import ReconState
 CANVAS_MARGIN_PX = 2
 #: Frames per chunk when the whole store is swept (illumination refresh): bounds work memory.
 SWEEP_CHUNK = 512
+#: Step losses kept on the device before they are read back even if nobody asked (an engine
+#: whose losses are never read — the half-set estimator's — must not grow without bound).
+MAX_PENDING_LOSSES = 1024
+#: A refinement's set-up and first full evaluation cost about this many sweeps of mini-batch
+#: steps over all frames (measured ≈ 1.4 on a CPU); ``refine`` does not start when they do not fit.
+FIRST_EVALUATION_SWEEPS = 2.0
 
 Extent = tuple[tuple[float, float], tuple[float, float]]
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """Outcome of one mini-batch step."""
+    """Outcome of one mini-batch step. ``loss`` and ``kept_fraction`` stay where they were
+    computed — a 0-d device array on a device backend, a float on NumPy — so that a step does
+    not wait for the device; :meth:`StreamingReconstructor.flush_losses` reads the losses of
+    many steps in one transfer when a metric is due."""
 
-    loss: float  #: data-term loss per position of the batch (before the update)
+    loss: Any  #: data-term loss per position of the batch (before the update)
     batch_size: int  #: positions in the batch
     iteration: int  #: steps taken so far, this one included
     n_frames: int  #: frames in the store when the step ran
     fresh: int  #: positions of the batch that were visited for the first time
     probe_updated: bool
-    kept_fraction: float  #: share of valid measurements kept by the truncation rule
+    kept_fraction: Any  #: share of valid measurements kept by the truncation rule
 
 
 class StreamingReconstructor:
@@ -95,16 +109,22 @@ class StreamingReconstructor:
         self._extent = extent_m
         self._rng = np.random.default_rng(options.seed)
         xp = self.xp
-        self.probe = asarray(probe, xp, self._cdtype).copy()
-        if not bool(xp.all(xp.isfinite(self.probe))) or float(xp.abs(self.probe).max()) == 0:
+        # Inputs are checked on the host (where they usually come from) before they move.
+        probe_host = to_numpy(probe)
+        if not np.all(np.isfinite(probe_host)) or np.abs(probe_host).max() == 0:
             raise ValueError("probe must be finite and not all zero")
+        self.probe = asarray(probe_host, xp, self._cdtype).copy()
         self.mask = None
+        #: valid pixels, detector order, on the host: frames arriving from the host are
+        #: counted there, before they are stored (no device reduction read back per batch)
+        self._mask_host: np.ndarray | None = None
         if mask is not None:
             if tuple(np.shape(mask)) != shape:
                 raise ValueError(f"mask shape {np.shape(mask)} does not match frame shape {shape}")
-            self.mask = to_fft_order(asarray(mask, xp).astype(bool)).astype(self._rdtype)
-            if not bool(xp.any(self.mask)):
+            self._mask_host = np.asarray(to_numpy(mask)).astype(bool)
+            if not self._mask_host.any():
                 raise ValueError("mask marks no detector pixel as valid")
+            self.mask = to_fft_order(asarray(self._mask_host, xp)).astype(self._rdtype)
         stream = options.stream
         capacity = expected_frames if expected_frames is not None else stream.initial_capacity
         self.frame_store = FrameStore(shape, frame_dtype, capacity, xp, stream.growth)
@@ -118,6 +138,11 @@ class StreamingReconstructor:
         self._iteration = 0
         self._visits = 0  # frame visits by mini-batch steps, all frames together
         self._loss_history: list[float] = []
+        self._pending_losses: list[Any] = []  # device losses of steps not read back yet
+        #: wall seconds per frame visited by the steps (smoothed; on a device the host runs at
+        #: most a launch queue ahead, so on average this is the device's pace): what a
+        #: full-batch evaluation will cost, for keeping ``refine``'s time budget
+        self.step_seconds_per_frame: float | None = None
         self._sparse: SparsePrior | None = None
         self._refined = 0  # full-batch CG iterations run by refine()
         self._probe_decision: bool | None = None  # refine_probe "auto", once decided
@@ -138,7 +163,27 @@ class StreamingReconstructor:
     @property
     def loss_history(self) -> list[float]:
         """Per-position loss of every step (mini-batch) and refinement iteration."""
+        self.flush_losses()
         return list(self._loss_history)
+
+    def flush_losses(self) -> list[float]:
+        """Read back the losses of the steps taken since the last call — one device → host
+        transfer for all of them — append them to :attr:`loss_history` and return them.
+        Raises FloatingPointError when one is not finite (the step did not raise: checking
+        would have made every step wait for the device)."""
+        pending, self._pending_losses = self._pending_losses, []
+        if not pending:
+            return []
+        values = list(host_floats(*pending))
+        first = self._iteration - len(pending) + 1
+        self._loss_history.extend(values)
+        for i, value in enumerate(values):
+            if not np.isfinite(value):
+                raise FloatingPointError(
+                    f"non-finite loss at step {first + i}: lower stream.step_size "
+                    f"(now {self.options.stream.step_size})"
+                )
+        return values
 
     @property
     def mean_counts(self) -> float:
@@ -188,18 +233,30 @@ class StreamingReconstructor:
             raise ValueError(f"indices must have shape ({n},), got {np.shape(indices)}")
         if n == 0:
             return
-        if frames.dtype.kind == "f" and not bool(frames_mod.all(frames_mod.isfinite(frames))):
+        # On the frames' own backend; device frames are read back once for all checks.
+        checks = []
+        if frames.dtype.kind == "f":
+            checks.append(frames_mod.all(frames_mod.isfinite(frames)))
+        if frames.dtype.kind in "if":
+            checks.append(~(frames < 0).any())
+        if frames_mod is np:
+            valid = frames if self._mask_host is None else frames * self._mask_host
+            counted = float(valid.sum(dtype=np.float64))
+        else:
+            valid = frames if self.mask is None else frames * self._mask_host_dev(frames_mod)
+            checks.append(valid.sum(dtype=np.float64))
+        flags = host_floats(*checks) if frames_mod is not np else [float(c) for c in checks]
+        if frames_mod is not np:
+            counted = flags[-1]
+            flags = flags[:-1]
+        if frames.dtype.kind == "f" and not flags[0]:
             raise ValueError("frames contain NaN or infinite counts")
-        if frames.dtype.kind in "if" and bool((frames < 0).any()):
+        if frames.dtype.kind in "if" and not flags[-1]:
             raise ValueError("frames contain negative counts")
 
         self._ensure_canvas(pos)
         where = store.append(frames, pos, indices)
-        stored = store.frames[where]
-        if self.mask is None:
-            self._valid_counts += float(stored.sum(dtype=np.float64))
-        else:
-            self._valid_counts += float((stored * self.mask).sum(dtype=np.float64))
+        self._valid_counts += counted
         batch = self._batch(np.arange(where.start, where.stop))
         self._illum += self._illumination(batch)
 
@@ -209,6 +266,7 @@ class StreamingReconstructor:
         """One mini-batch update of the object (and of the probe after the warm-up)."""
         if self.n_frames == 0:
             raise RuntimeError("step() needs frames: call add_frames first")
+        t_start = time.perf_counter()
         opts = self.options
         stream = opts.stream
         which, fresh = self._draw_batch()
@@ -225,7 +283,7 @@ class StreamingReconstructor:
             mask=self.mask,
             want_probe=want_probe,
         )
-        if not np.isfinite(term.loss):
+        if not on_device(term.loss) and not np.isfinite(term.loss):
             raise FloatingPointError(
                 f"non-finite loss at step {self._iteration}: lower stream.step_size "
                 f"(now {stream.step_size})"
@@ -233,7 +291,7 @@ class StreamingReconstructor:
         illum = self._illumination(batch)
         self._curv *= self._forget(batch.size)
         self._curv += illum
-        floor = stream.illumination_floor * float(self._curv.max())
+        floor = stream.illumination_floor * dev_float(self._curv.max())
         grad = term.grad_object
         if opts.prior != "none":
             kappa = self._kappa()
@@ -243,8 +301,10 @@ class StreamingReconstructor:
         if want_probe:
             windows = extract(self.obj, batch)
             inten = (windows.real**2 + windows.imag**2).sum(axis=0)
-            probe_precond = inten + stream.illumination_floor * float(inten.max())
-        delta = (-stream.step_size * grad / (self._curv + floor)).astype(self._cdtype, copy=False)
+            probe_precond = inten + scalar_as(
+                stream.illumination_floor * dev_float(inten.max()), inten.dtype)
+        delta = (-stream.step_size * grad / (self._curv + scalar_as(floor, self._rdtype))).astype(
+            self._cdtype, copy=False)
         if stream.momentum > 0:
             # Momentum is set per sweep of the data, so its memory (in data) does not depend
             # on the batch size: per step it is momentum ** (B / n). Nesterov's form (step +
@@ -264,8 +324,16 @@ class StreamingReconstructor:
         self._visits += len(which)
         self._iteration += 1
         self._steps_since_refresh += 1
+        per_frame = (time.perf_counter() - t_start) / batch.size
+        old = self.step_seconds_per_frame
+        self.step_seconds_per_frame = per_frame if old is None else 0.9 * old + 0.1 * per_frame
         loss = term.loss / batch.size
-        self._loss_history.append(loss)
+        if on_device(loss):
+            self._pending_losses.append(loss)  # read back when a metric is due
+            if len(self._pending_losses) >= MAX_PENDING_LOSSES:
+                self.flush_losses()
+        else:
+            self._loss_history.append(loss)
         return StepResult(
             loss=loss,
             batch_size=batch.size,
@@ -275,6 +343,10 @@ class StreamingReconstructor:
             probe_updated=want_probe,
             kept_fraction=term.kept_fraction,
         )
+
+    def _mask_host_dev(self, xp: Any) -> Any:
+        """The detector-order mask on ``xp`` (for frames that arrive on the device)."""
+        return xp.asarray(self._mask_host, dtype=self._rdtype)
 
     def _forget(self, batch_size: int) -> float:
         """Decay of the accumulated illumination per step, so that it remembers about
@@ -307,8 +379,8 @@ class StreamingReconstructor:
             self.n_frames
         ):
             self._refresh_illumination()
-        floor = self.options.stream.illumination_floor * float(self._illum.max())
-        return batch_illum / (self._illum + floor)
+        floor = self.options.stream.illumination_floor * dev_float(self._illum.max())
+        return batch_illum / (self._illum + scalar_as(floor, self._rdtype))
 
     def _prior_curvature(self, kappa: float) -> float:
         """Mean curvature of the prior per object pixel (Tikhonov: 4 μ₀κ, the mean eigenvalue
@@ -333,10 +405,14 @@ class StreamingReconstructor:
     def _kappa(self) -> float:
         """κ of :func:`cryoptycho.gpu.priors.kappa` for the frames received so far."""
         m = self.frame_store.frame_shape
-        per_frame = int(float(self.mask.sum())) if self.mask is not None else m[0] * m[1]
+        per_frame = int(self._mask_host.sum()) if self._mask_host is not None else m[0] * m[1]
         n_valid = per_frame * self.n_frames
-        lit = int((self._illum > 0.01 * float(self._illum.max())).sum())
-        return kappa_of(n_valid, max(self._valid_counts, 1e-12) / n_valid, max(lit, 1))
+        top = scalar_as(0.01 * dev_float(self._illum.max()), self._rdtype)
+        lit = self.xp.count_nonzero(self._illum > top)
+        if not on_device(lit):
+            lit = max(int(lit), 1)
+        # on a device κ stays there (kappa_of floors the count at one pixel)
+        return kappa_of(n_valid, max(self._valid_counts, 1e-12) / n_valid, lit)
 
     @property
     def sweeps(self) -> int:
@@ -367,12 +443,24 @@ class StreamingReconstructor:
             return self.mean_counts
         far = fft2(self.probe)
         far_int = far.real**2 + far.imag**2
-        share = float((far_int * self.mask).sum()) / max(float(far_int.sum()), 1e-30)
+        share_on = dev_float((far_int * self.mask).sum())
+        total = dev_float(far_int.sum())
+        if on_device(share_on):
+            xp = self.xp
+            return self.mean_counts / xp.maximum(share_on / xp.maximum(total, 1e-30), 1e-6)
+        share = share_on / max(total, 1e-30)
         return self.mean_counts / max(share, 1e-6)
 
     def _constrain_probe_power(self) -> None:
-        power = float((self.probe.real**2 + self.probe.imag**2).sum())
+        power = dev_float((self.probe.real**2 + self.probe.imag**2).sum())
         target = self.probe_power()
+        if on_device(power) or on_device(target):
+            # the same rule without reading the device: a zero power or target scales by 1
+            xp = self.xp
+            ok = (power > 0) & (target > 0)
+            scale = xp.where(ok, xp.sqrt(target / xp.where(ok, power, 1.0)), 1.0)
+            self.probe *= scale.astype(self._rdtype)
+            return
         if power > 0 and target > 0:
             self.probe *= self.xp.asarray(np.sqrt(target / power), dtype=self._rdtype)
 
@@ -383,15 +471,23 @@ class StreamingReconstructor:
         iterations: int,
         time_budget_s: float | None = None,
         callback: Callable[[int, int, float], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> list[float]:
         """Full-batch CG over every frame received (after scan end). ``callback(iteration,
         total, loss)`` runs after each CG iteration. Returns the loss per position of each
         iteration. CG state does not persist between calls: call once with the whole budget
-        rather than in pieces (each call restarts from steepest descent)."""
+        rather than in pieces (each call restarts from steepest descent). ``time_budget_s``
+        counts from this call, set-up included (``clock`` is injectable for tests)."""
+        t_entry = clock()
         if self.n_frames == 0:
             raise RuntimeError("refine() needs frames: call add_frames first")
         if iterations < 0:
             raise ValueError(f"iterations must be ≥ 0, got {iterations}")
+        if time_budget_s is not None and (time_budget_s <= 0 or (
+            self.step_seconds_per_frame is not None
+            and time_budget_s < FIRST_EVALUATION_SWEEPS * self.n_frames * self.step_seconds_per_frame
+        )):
+            return []  # no time for even the first evaluation: the streamed state stands
         self.refines_probe()  # "auto" decides now if the warm-up has not ended yet
         n = self.n_frames
         batch = self._batch(np.arange(n), SUBPIXEL_QUANTUM)
@@ -404,10 +500,14 @@ class StreamingReconstructor:
         if opts.prior == "sparse" and self._sparse is None:
             self._sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
         self._constrain_probe_power()
+        self.flush_losses()
+        kappa, power = host_floats(self._kappa(), self.probe_power())
+        if time_budget_s is not None:
+            time_budget_s = max(0.0, time_budget_s - (clock() - t_entry))
         obj, probe, losses = refine_full_batch(
             self.obj, self.probe, self.frame_store.frames[:n], batch, self.mask, opts,
             iterations, time_budget_s, start_iteration=start, sparse=self._sparse,
-            kappa=self._kappa(), probe_power=self.probe_power(), progress=callback,
+            kappa=kappa, probe_power=power, progress=callback, clock=clock,
         )
         self.obj = obj.astype(self._cdtype, copy=False)
         self.probe = probe.astype(self._cdtype, copy=False)
@@ -424,6 +524,7 @@ class StreamingReconstructor:
         """Host copies of object, probe and bookkeeping, safe to hand to another thread."""
         if self.obj is None:
             raise RuntimeError("snapshot() before any frame or declared extent: no canvas yet")
+        self.flush_losses()
         n = self.n_frames
         state = ReconState(
             object=np.array(to_numpy(self.obj), copy=True),
@@ -498,8 +599,9 @@ class StreamingReconstructor:
         assert self.geometry is not None
         pixels = self.geometry.to_pixels(self.frame_store.positions[which])
         q = self.options.stream.subpixel_quantum if quantum is None else quantum
+        # made on the host (positions live there) and moved: no device round trip per step
         return make_batch(
-            self.xp.asarray(pixels), self.geometry.object_shape, self.frame_store.frame_shape, q
+            pixels, self.geometry.object_shape, self.frame_store.frame_shape, q, xp=self.xp
         )
 
     def _illumination(self, batch: Batch) -> Any:

@@ -1,8 +1,16 @@
-"""Configured limits a receiver enforces on every message (PROTOCOL.md § Limits)."""
+"""Configured limits a receiver enforces on every message (PROTOCOL.md § Limits).
+
+The daemon takes them from its configuration (``[limits]`` table, ``CRYOPTYCHO_LIMITS__<KEY>``,
+``--limit KEY=VALUE``; daemon/SERVICE.md), the broker from ``--limit KEY=VALUE``.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 MiB = 1 << 20
 
@@ -14,7 +22,8 @@ COMPRESSIONS = ("none", "lz4", "bslz4")
 
 class Limits(BaseModel):
     """Receiver-side limits. Defaults suit a 1k×1k detector at full frame rate on one host;
-    the daemon exposes every field in its configuration."""
+    the daemon exposes every field in its configuration (e.g. ``max_frame_side = 2048`` for a
+    2k detector read out whole)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,3 +58,30 @@ class Limits(BaseModel):
 
 
 _KNOWN = {"frame_dtypes": FRAME_DTYPES, "compressions": COMPRESSIONS}
+
+
+def parse_limit_pairs(pairs: Iterable[str]) -> dict[str, Any]:
+    """``("max_frame_side=2048", "compressions=[\"lz4\"]")`` → overrides (values parsed as
+    JSON when they parse); ValueError naming the pair or the unknown key."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        if key not in Limits.model_fields:
+            raise ValueError(f"unknown limit {key!r} (known: {', '.join(Limits.model_fields)})")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def limits_with(overrides: dict[str, Any], base: Limits | None = None) -> Limits:
+    """``base`` (default limits) with ``overrides``; ValueError naming each bad key."""
+    try:
+        return Limits.model_validate({**(base or Limits()).model_dump(), **overrides})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid limits: {problems}") from None

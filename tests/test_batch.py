@@ -38,7 +38,7 @@ def test_batch_reconstructs_every_dataset_and_reports_failures(tmp_path: Path) -
     summary = json.loads((out / "batch-summary.json").read_text())
     assert (summary["inputs"], summary["succeeded"], summary["failed"]) == (3, 2, 1)
     by_name = {Path(j["source"]).name: j for j in summary["jobs"]}
-    assert "neither a cryoptycho dataset nor a spool" in by_name["broken.h5"]["error"]
+    assert "not a cryoptycho dataset, spool or result file" in by_name["broken.h5"]["error"]
     for name in ("particle_a", "particle_b"):
         job = by_name[f"{name}.h5"]
         assert job["ok"] and job["iterations"] == 3 and job["frames"] == 16

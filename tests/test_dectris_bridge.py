@@ -252,7 +252,7 @@ def test_round_trip_over_sockets(daemon: tuple[str, zmq.Socket], version: int, c
     assert type(msgs[0]) is ScanStart and type(msgs[-1]) is ScanEnd
     assert all(type(m) is Frames for m in msgs[1:-1])
     start = msgs[0]
-    assert start.scan_id == "round-trip" and start.frame_shape == (8, 8) and start.expected_frames == 6
+    assert start.scan_id == "round-trip-series1" and start.frame_shape == (8, 8) and start.expected_frames == 6
     assert start.detector_pixel_angle_rad == pytest.approx(2e-3)
     data = np.concatenate([m.data for m in msgs[1:-1]])
     idx = np.concatenate([m.indices for m in msgs[1:-1]])

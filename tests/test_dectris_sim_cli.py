@@ -58,7 +58,7 @@ def test_dataset_streamed_by_the_cli_reaches_a_receiver(tmp_path: Path, version:
     out = list(bridge_messages(got, BridgeConfig()))
     start = out[0]
     assert isinstance(start, ScanStart)
-    assert start.scan_id == "scan" and start.energy_eV == 200e3
+    assert start.scan_id == "scan-series1" and start.energy_eV == 200e3  # header_appendix id + series
     assert start.detector_pixel_angle_rad == pytest.approx(1.5e-3)
     np.testing.assert_array_equal(start.positions_m, positions)
     np.testing.assert_array_equal(start.mask, mask)

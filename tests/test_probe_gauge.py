@@ -5,7 +5,7 @@ object tilted in phase, and scores of refined reconstructions must remove the ra
 from __future__ import annotations
 
 import numpy as np
-from cryoptycho.gpu.backend import to_numpy
+from cryoptycho.gpu.backend import backend_name, to_numpy
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.reconstruct import FullBatchObjective, prepare, refine_full_batch
 from engine_helpers import nrmse, scored_region, synthetic_dataset
@@ -31,7 +31,7 @@ def _deramped(obj: np.ndarray, truth: np.ndarray, region: tuple[slice, slice]) -
 
 def test_phase_ramp_moves_between_probe_and_object_at_no_cost(xp):
     data = synthetic_dataset(1e5, grid=4, seed=0)
-    opts = ReconOptions(mu0=0.0, backend="numpy" if xp is np else "cupy", precision="double")
+    opts = ReconOptions(mu0=0.0, backend=backend_name(xp), precision="double")
     pb = prepare(data, opts)
     fun = FullBatchObjective(pb.counts_fft, pb.batch, pb.mask, opts, pb.kappa, pb.probe_power)
     m = pb.probe.shape[0]

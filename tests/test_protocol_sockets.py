@@ -435,7 +435,7 @@ def test_replay_refuses_other_files(tmp_path):
 
     with h5py.File(tmp_path / "x.h5", "w") as f:
         f.attrs["format"] = "something-else"
-    with pytest.raises(ValueError, match="cannot replay format"):
+    with pytest.raises(ValueError, match="not a cryoptycho dataset, spool or result file"):
         read_source(tmp_path / "x.h5")
 
 

@@ -258,6 +258,8 @@ class Harness:
         self.errors_seen = 0  #: error events received, a 'suppressed' one counting its number
         self.pending_aborts: set[str] = set()
         self.recent_errors: list[str] = []
+        #: abort fuzzed scans once accepted (ingest fuzz); DECTRIS series are small and end on their own
+        self.abort_accepted = True
         self.own = {OPEN_SCAN}  #: the harness's own scans (the others are fuzzed: aborted when accepted)
         self.open_scan = open_scan
         self._wait_subscribed()
@@ -376,7 +378,7 @@ class Harness:
             self.recent_errors = [*self.recent_errors[-4:], f"{ev.field}/{ev.rule} {ev.scan_id}: {ev.message[:120]}"]
             if ev.field != "engine":  # a worker's rollback notice, not a rejected message
                 self.errors_seen += int(ev.message.split()[0]) if ev.rule == "suppressed" else 1
-        elif isinstance(ev, ScanEvent) and ev.scan_id not in self.own:
+        elif isinstance(ev, ScanEvent) and self.abort_accepted and ev.scan_id not in self.own:
             if ev.event == "accepted" and not ev.info.get("recovered"):
                 # a fuzzed scan_start was valid: end it, so scans do not pile up
                 self.fig.accepted_scans += 1
@@ -701,6 +703,7 @@ def dectris_fuzz(workdir: Path, examples: int, seed: int, figures: Figures | Non
     counter = [0]
     try:
         harness = Harness(daemon, figures, open_scan=False)
+        harness.abort_accepted = False
 
         @hseed(seed)
         @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
@@ -727,7 +730,6 @@ def dectris_fuzz(workdir: Path, examples: int, seed: int, figures: Figures | Non
                 msgs[k] = bytes(blob[: max(1, len(blob) - cut)])
             figures.inputs += 1
             note = f"DECTRIS series {sid}: {spec!r:.400}{unedited}"
-            harness.own.add(sid)  # its scan may finish on its own; it is not aborted
             try:
                 for m in msgs:
                     sender.send_raw(m)
@@ -741,9 +743,9 @@ def dectris_fuzz(workdir: Path, examples: int, seed: int, figures: Figures | Non
         if failures:
             raise failures[0]
         counter[0] += 1
-        sid = f"dx{counter[0]}-final"
-        harness.own.add(sid)
-        sender.send_series(dectris_series(sid, 1000 + counter[0]))
+        series_id = 1000 + counter[0]
+        sender.send_series(dectris_series(f"dx{counter[0]}-final", series_id))
+        sid = f"dx{counter[0]}-final-series{series_id}"  # the bridge's scan id of a user_data scan_id
         ev = harness._await_event(lambda e: isinstance(e, ScanEvent) and e.scan_id == sid
                                   and e.event in ("finished", "failed", "aborted", "rejected"),
                                   f"the valid DECTRIS series {sid}", timeout=120)

@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 import click
+from cryoptycho.protocols.limits import limits_with, parse_limit_pairs
 
 from ..broker import Broker, BrokerOptions, parse_backend
 from ..logs import setup_logging
@@ -40,11 +41,13 @@ def _backends(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
 @click.option("--dead-after", "dead_after_s", type=click.FloatRange(min=0.1),
               default=BrokerOptions.dead_after_s, show_default=True,
               help="A daemon silent this long (seconds) gets no new scans.")
+@click.option("--limit", "limit_pairs", multiple=True, metavar="KEY=VALUE",
+              help="A protocol limit, as the daemons' [limits] table (e.g. max_frame_side=2048). Repeatable.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
               show_default=True)
 def command(ingest: str, control: str, backends: list[Any], hold_bytes: int, poll_interval_s: float,
-            dead_after_s: float, log_format: str, log_level: str) -> None:
+            dead_after_s: float, limit_pairs: tuple[str, ...], log_format: str, log_level: str) -> None:
     """Route each scan to a free daemon and keep all of its frames there.
 
     Producers send to the broker exactly as to a daemon. Daemons are listed with --backend or
@@ -53,8 +56,12 @@ def command(ingest: str, control: str, backends: list[Any], hold_bytes: int, pol
     setup_logging(log_format, log_level)
     if "://" not in ingest or (control and "://" not in control):
         raise click.BadParameter("endpoints look like tcp://127.0.0.1:5590", param_hint="--ingest/--control")
+    try:
+        limits = limits_with(parse_limit_pairs(limit_pairs))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--limit") from None
     options = BrokerOptions(ingest=ingest, control=control or None, hold_bytes=hold_bytes,
-                            poll_interval_s=poll_interval_s, dead_after_s=dead_after_s)
+                            poll_interval_s=poll_interval_s, dead_after_s=dead_after_s, limits=limits)
     broker = Broker(options, backends)
     notifier = SystemdNotifier()
 

@@ -64,12 +64,21 @@ def _angstrom(v: float) -> str:
 def command(result: Path, truth: Path | None, half: Path | None, pool: int, stem: Path | None) -> None:
     """Resolution figures (FRC/SNR) of a reconstruction."""
     from cryoptycho.daemon.storage.dataset import read_dataset
+    from cryoptycho.daemon.storage.open import identify
     from cryoptycho.daemon.storage.result import read_result
     from cryoptycho.gpu.metrics import frc, half_set_resolution, unwrapped_phase
     from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
 
     if truth is None and half is None:
         raise click.UsageError("give --truth DATA.h5 (simulations) or --half OTHER.h5 (half sets)")
+    try:
+        for path, want, role in ((result, "result", "RESULT"), (half, "result", "--half"),
+                                 (truth, "dataset", "--truth")):
+            if path is not None and (kind := identify(path)) != want:
+                raise click.UsageError(f"{role} {path} is a cryoptycho {kind} file; it takes a {want} file"
+                                       + (" (the ground truth is in simulated datasets)" if want == "dataset" else ""))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     console = Console()
     state = read_result(result).state
     px = float(state.geometry.pixel_size)

@@ -1,6 +1,8 @@
 """`cryoptycho reconstruct DATASET.h5 -o RESULT.h5`: offline full-batch reconstruction.
 
-Options are layered: defaults < ``--options file.json`` < the named flags < ``--set key=value``
+DATASET.h5 is any recorded scan: a dataset, a daemon spool file or a result file (its /raw
+frames), read through storage/open.py. Options are layered: defaults < the scan's own
+overrides (spool and result files) < ``--options file.json`` < the named flags < ``--set key=value``
 (values parsed as JSON when they parse, else taken as strings; ``stream.batch_size=32`` sets a
 nested field). The result is written with :func:`write_result`, plus phase exports
 (RESULT.phase.mrc / .png) unless ``--no-export``.
@@ -41,9 +43,13 @@ def parse_set(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 def build_options(
-    options_file: Path | None, flags: dict[str, Any], sets: tuple[str, ...]
+    options_file: Path | None, flags: dict[str, Any], sets: tuple[str, ...],
+    scan_overrides: dict[str, Any] | None = None,
 ) -> ReconOptions:
-    base = ReconOptions()
+    try:
+        base = ReconOptions().merged(scan_overrides or {})
+    except ValidationError as exc:
+        raise click.UsageError(f"the scan's own options are invalid: {exc}") from exc
     if options_file is not None:
         try:
             loaded = json.loads(Path(options_file).read_text())
@@ -91,9 +97,9 @@ def command(
     dataset: Path, output: Path, options_file: Path | None, sets: tuple[str, ...],
     export: bool, quiet: bool, **flags: Any,
 ) -> None:
-    """Reconstruct DATASET.h5 (cryoptycho dataset file) into a result file."""
+    """Reconstruct DATASET.h5 (a cryoptycho dataset, spool or result file) into a result file."""
     # Imported here, not at module level, so that `cryoptycho --help` stays fast.
-    from cryoptycho.daemon.storage.dataset import read_dataset
+    from cryoptycho.daemon.storage.open import open_recorded
     from cryoptycho.daemon.storage.result import export_phase, write_result
     from cryoptycho.gpu.reconstruct import reconstruct
     from rich.progress import (
@@ -104,11 +110,14 @@ def command(
         TimeElapsedColumn,
     )
 
-    options = build_options(options_file, flags, sets)
     try:
-        data = read_dataset(dataset)
+        recorded = open_recorded(dataset)
     except (ValueError, OSError) as exc:
         raise click.ClickException(f"cannot read dataset: {exc}") from exc
+    data = recorded.data
+    options = build_options(options_file, flags, sets, recorded.options)
+    if not quiet:
+        click.echo(recorded.describe())
     columns = (
         TextColumn("[bold]reconstruct"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.6g}"), TimeElapsedColumn(),

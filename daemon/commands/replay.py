@@ -1,8 +1,7 @@
 """`cryoptycho replay DATA.h5`: stream a recorded scan to a daemon at a chosen frame rate.
 
-The reading side is :func:`read_source` (file → :class:`ReplaySource`); the sending side
-:func:`replay` (source → Producer). To replay another file kind, teach ``read_source`` to
-recognise it and build a ReplaySource.
+The reading side is :func:`read_source` (dataset, spool or result file → :class:`ReplaySource`,
+through storage/open.py); the sending side :func:`replay` (source → Producer).
 """
 
 from __future__ import annotations
@@ -12,12 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import h5py
 import numpy as np
-from cryoptycho.daemon.storage.dataset import FORMAT as DATASET_FORMAT
-from cryoptycho.daemon.storage.dataset import read_dataset
-from cryoptycho.daemon.storage.spool import FORMAT as SPOOL_FORMAT
-from cryoptycho.daemon.storage.spool import read_spool
+from cryoptycho.daemon.storage.open import open_recorded
 from cryoptycho.protocols.faults import Faults
 from cryoptycho.protocols.messages import ProbeModelSpec, ScanStart
 from cryoptycho.protocols.producer import DEFAULT_INGEST, Producer
@@ -36,24 +31,16 @@ class ReplaySource:
 def read_source(
     path: str | Path, scan_id: str | None = None, stream_positions: bool = False
 ) -> ReplaySource:
-    """Read a recorded scan. Knows cryoptycho dataset files (daemon/storage/dataset.py) and
-    daemon spool files (daemon/storage/spool.py)."""
+    """Read a recorded scan: a dataset, spool or result file (daemon/storage/open.py); spooled
+    frames are sent in frame-index order."""
     path = Path(path)
-    with h5py.File(path, "r") as f:
-        fmt = f.attrs.get("format")
-    if fmt == SPOOL_FORMAT:
-        return _spool_source(path, scan_id, stream_positions)
-    if fmt != DATASET_FORMAT:
-        raise ValueError(
-            f"{path}: cannot replay format {fmt!r}; replay reads {DATASET_FORMAT!r} "
-            f"and {SPOOL_FORMAT!r} files"
-        )
-    data = read_dataset(path)
+    rec = open_recorded(path)
+    data = rec.data
     frames = _wire_frames(data.frames)
     pm = data.probe_model
     positions = np.asarray(data.positions, dtype=np.float64)
     start = ScanStart(
-        scan_id=scan_id or path.stem,
+        scan_id=scan_id or rec.scan_id or path.stem,
         energy_eV=data.energy,
         frame_shape=data.frame_shape,
         frame_dtype=str(frames.dtype),
@@ -68,29 +55,8 @@ def read_source(
         ),
         positions_m=None if stream_positions else positions,
         mask=None if data.mask is None else np.asarray(data.mask, np.uint8),
+        options=rec.options,
         metadata={**data.metadata, "replayed_from": str(path)},
-    )
-    return ReplaySource(start, frames, positions)
-
-
-def _spool_source(path: Path, scan_id: str | None, stream_positions: bool) -> ReplaySource:
-    """A daemon spool file (daemon/storage/spool.py): its spooled frames in frame-index order."""
-    spool = read_spool(path)
-    spec = spool.spec
-    order = np.argsort(spool.indices, kind="stable")
-    frames, positions = spool.frames[order], np.asarray(spool.positions_m[order], np.float64)
-    start = ScanStart(
-        scan_id=scan_id or spec.scan_id,
-        energy_eV=spec.energy_eV,
-        frame_shape=spec.frame_shape,
-        frame_dtype=spec.frame_dtype,
-        expected_frames=max(len(frames), 1),
-        pixel_size_m=spec.pixel_size_m,
-        probe=np.asarray(spec.probe, np.complex64),
-        positions_m=None if stream_positions else positions,
-        mask=None if spec.mask is None else spec.mask.astype(np.uint8),
-        options=spec.options,
-        metadata={**spec.metadata, "replayed_from": str(path)},
     )
     return ReplaySource(start, frames, positions)
 

@@ -53,7 +53,10 @@ def _set_pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
               help="Any setting, dotted for nested ones (e.g. options.iterations=50). Repeatable.")
 @click.option("--source", metavar="URL",
               help="Also ingest a DECTRIS stream, e.g. dectris2://HOST:31001 (bridged into the ingest socket).")
-def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None, **flags: Any) -> None:
+@click.option("--limit", "limit_pairs", multiple=True, metavar="KEY=VALUE",
+              help="A protocol limit (the [limits] table), e.g. max_frame_side=2048. Repeatable.")
+def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None,
+            limit_pairs: tuple[str, ...], **flags: Any) -> None:
     """Run the live reconstruction service (ZeroMQ ingest/publish/control + Prometheus).
 
     On start it prints one JSON line with the bound endpoints (useful with port 0).
@@ -62,6 +65,13 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
     overrides = _merge(overrides, _set_pairs(sets))
     if backend is not None:
         overrides = _merge(overrides, {"options": {"backend": backend}})
+    if limit_pairs:
+        from cryoptycho.protocols.limits import parse_limit_pairs
+
+        try:
+            overrides = _merge(overrides, {"limits": parse_limit_pairs(limit_pairs)})
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--limit") from None
     try:
         config = load_config(config_path, overrides)
     except ConfigError as exc:
@@ -99,14 +109,37 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def dectris_notice_handler(service: Any) -> Any:
+    """What the service does with a DECTRIS series notice (protocols/dectris/convert.SeriesNotice):
+    count it (``cryoptycho_dectris_series_total`` by outcome and field, or
+    ``cryoptycho_dectris_header_warnings_total`` by field) and publish it as an ``error`` event
+    (field ``dectris.<key>``, rule ``dectris_series_skipped`` / ``_rejected`` /
+    ``dectris_header_implausible``). Called on the bridge's thread: both are thread-safe."""
+    import time
+
+    from cryoptycho.protocols.messages import ErrorEvent
+
+    def handle(notice: Any) -> None:
+        if notice.outcome == "warning":
+            service.metrics.dectris_header_warnings.labels(field=notice.field).inc()
+        else:
+            service.metrics.dectris_series.labels(outcome=notice.outcome, field=notice.field).inc()
+        service.outbox.post("error", ErrorEvent(f"dectris.{notice.field}", notice.rule, notice.message,
+                                                notice.scan_id, time.time()))
+
+    return handle
+
+
 def _start_bridge(source: str, ingest: str, config: Any, stop: threading.Event, service: Any) -> None:
     """Run the DECTRIS bridge on its own thread; its failure is logged and stops the service
-    (a daemon started for one detector stream is of no use once that stream is gone)."""
+    (a daemon started for one detector stream is of no use once that stream is gone). A bad
+    series never fails it: it is skipped, counted and published (:func:`dectris_notice_handler`)."""
     from cryoptycho.protocols.dectris.bridge import run_bridge
 
     def target() -> None:
         try:
-            run_bridge(source, ingest, config, stop)
+            run_bridge(source, ingest, config, stop, on_notice=dectris_notice_handler(service),
+                       limits=service.limits)
         except Exception:
             log.exception("DECTRIS bridge failed; stopping the service", extra={"source": source})
             service.request_stop()

@@ -17,27 +17,35 @@ Layout (all SI units; names carry their unit):
     /truth/object          (Ny, Nx) complex64 ground truth (simulations), attr origin_m = (y, x)
     /truth/probe           (M, M) complex64 ground truth probe
     /metadata              attr json = free metadata as a JSON string
+    /nav_shape             (ny, nx) int64 raster grid (rows, positions per row) when the positions
+                           are a raster: LiberTEM's nav_shape, py4DSTEM's scan shape (R_Nx, R_Ny);
+                           attr serpentine (odd rows reversed). Absent for other scans.
+
+Reading /frames with plain h5py needs ``import hdf5plugin`` first (the bitshuffle-LZ4 filter).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import h5py
-import hdf5plugin
 import numpy as np
-from cryoptycho.daemon.storage.h5format import open_checked
+from cryoptycho.daemon.storage.h5format import (
+    FILTER_NOTE,
+    compression,
+    nav_shape_of,
+    open_checked,
+    read_nav_shape,
+    write_nav_shape,
+)
 from cryoptycho.gpu.data import ProbeModel, PtychoData
 
 FORMAT = "cryoptycho-dataset"
 FORMAT_VERSION = 1
 
 
-def compression() -> dict[str, Any]:
-    """h5py dataset options for bitshuffle-LZ4 (through hdf5plugin)."""
-    return dict(hdf5plugin.Bitshuffle(cname="lz4"))
+__all__ = ["FORMAT", "FORMAT_VERSION", "compression", "read_dataset", "write_dataset"]
 
 
 def write_dataset(path: str | Path, data: PtychoData) -> Path:
@@ -49,7 +57,12 @@ def write_dataset(path: str | Path, data: PtychoData) -> Path:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         m = data.frame_shape
-        f.create_dataset("frames", data=data.frames, chunks=(min(64, len(data.frames)), *m), **compression())
+        frames = f.create_dataset("frames", data=data.frames, chunks=(min(64, len(data.frames)), *m),
+                                  **compression())
+        frames.attrs["compression"] = FILTER_NOTE
+        grid = nav_shape_of(np.asarray(data.positions), data.metadata)
+        if grid is not None:
+            write_nav_shape(f, *grid)
         f.create_dataset("positions_m", data=np.asarray(data.positions, dtype=np.float64))
         f["energy_eV"] = float(data.energy)
         if data.pixel_size is not None:
@@ -99,6 +112,10 @@ def read_dataset(path: str | Path) -> PtychoData:
         if "truth/object" in f and "origin_m" in f["truth/object"].attrs:
             truth_origin = tuple(float(v) for v in f["truth/object"].attrs["origin_m"])
         meta = json.loads(f["metadata"].attrs["json"]) if "metadata" in f else {}
+        grid = read_nav_shape(f)
+        if grid is not None:  # travels on with the scan (replay, spool, result)
+            meta.setdefault("nav_shape", list(grid))
+            meta.setdefault("raster_serpentine", bool(f["nav_shape"].attrs.get("serpentine", False)))
         return PtychoData(
             frames=f["frames"][()],
             positions=f["positions_m"][()],

@@ -1,9 +1,14 @@
-"""The reconstruction result file (HDF5), ptychodus-compatible names with unit suffixes.
+"""The reconstruction result file (HDF5): a ptychodus product file (``ptychodus.api.io.
+load_product`` reads it, checked in tests/test_interop_files.py) with cryoptycho's additions.
 
 Layout:
 
     /                      attrs: format = "cryoptycho-result", format_version = 1,
-                           probe_energy_eV, iteration, frames_used, options (JSON string),
+                           electron_energy_eV (the beam), probe_energy_eV (the same; older name),
+                           photon_energy_eV (hc/λ of the electrons: ptychodus, an X-ray tool,
+                           derives λ from it), detector_object_distance_m (the camera length,
+                           or the equivalent detector's, see h5format.detector_geometry), name,
+                           iteration, frames_used, options (JSON string),
                            cryoptycho_version, backend, created_utc, host
     /object                (Ny, Nx) complex64 transmission function; attrs pixel_width_m,
                            pixel_height_m, center_x_m, center_y_m (of the array centre),
@@ -11,6 +16,9 @@ Layout:
     /probe                 (M, M) complex64 sample-plane probe, Σ|ψ|² = counts per pattern;
                            attrs pixel_width_m, pixel_height_m
     /probe_position_x_m, /probe_position_y_m   (K,) probe centres of the frames used
+    /probe_position_indexes                    (K,) their frame indices (0…K-1 unless the raw
+                                               part says which frames they were)
+    /nav_shape             (ny, nx) raster grid, when the scan was a raster (h5format)
     /loss_epochs, /loss_values                 (n,) iteration number and objective value
     /extra                 optional: caller's arrays (datasets) and scalars (attrs)
     /raw                   optional: written by the caller's ``raw`` hook (e.g. NXcxi_ptycho)
@@ -32,7 +40,13 @@ from typing import Any
 
 import h5py
 import numpy as np
-from cryoptycho.daemon.storage.h5format import open_checked
+from cryoptycho.daemon.storage.h5format import (
+    detector_geometry,
+    nav_shape_of,
+    open_checked,
+    photon_equivalent_energy_eV,
+    write_nav_shape,
+)
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.state import ReconState
 
@@ -109,7 +123,66 @@ def write_result(
                     g[key] = np.asarray(value)
         if raw is not None:
             raw(f.create_group("raw"))
+            _relocate_nexus_links(f["raw"])
+        meta = {**(data.metadata if data is not None else {}), **({"scan_id": extra["scan_id"]}
+                                                                    if extra and "scan_id" in extra else {})}
+        _ptychodus_fields(f, energy=float(energy), frame_side=int(d["probe"].shape[-1]), pixel=px,
+                          positions=positions, metadata=meta)
     return path
+
+
+def _relocate_nexus_links(group: h5py.Group) -> None:
+    """A NeXus link names its target by absolute path (attribute ``target``); the spool's
+    ``/entry_1/…`` lives under ``/raw/entry_1/…`` here, so the targets move with it."""
+    prefix = group.name.rstrip("/")
+
+    def visit(_name: str, obj: Any) -> None:
+        target = obj.attrs.get("target")
+        if isinstance(target, bytes):
+            target = target.decode()
+        if isinstance(target, str) and target.startswith("/") and not target.startswith(prefix + "/"):
+            obj.attrs["target"] = prefix + target
+
+    group.visititems(visit)
+
+
+def _ptychodus_fields(f: h5py.File, energy: float, frame_side: int, pixel: float,
+                      positions: np.ndarray | None, metadata: dict[str, Any] | None) -> None:
+    """What ptychodus' product reader needs beyond our own names: the detector distance (the
+    raw part's, which is the scan's detector, else :func:`detector_geometry`'s), the photon
+    energy of the electrons' wavelength, and every position's index."""
+    raw_det = "raw/entry_1/instrument_1/detector_1/distance"
+    if raw_det in f:
+        distance = float(f[raw_det][()])
+    else:
+        distance = detector_geometry(energy, frame_side, pixel, metadata).distance_m
+    f.attrs.update(
+        electron_energy_eV=energy, photon_energy_eV=photon_equivalent_energy_eV(energy),
+        detector_object_distance_m=distance,
+    )
+    if "name" not in f.attrs:
+        f.attrs["name"] = str((metadata or {}).get("scan_id", f.filename.rsplit("/", 1)[-1]))
+    if positions is None:
+        return
+    n = len(positions)
+    indexes = np.arange(n, dtype=np.int64)
+    raw_index, raw_pos = "raw/entry_1/data_1/frame_index", "raw/entry_1/data_1/positions_m"
+    if raw_index in f and raw_pos in f:
+        count = int(f["raw/entry_1/data_1"].attrs.get("count", f[raw_index].shape[0]))
+        idx, pos = f[raw_index][:count], f[raw_pos][:count]
+        # the engine's frames are the raw rows as received, or sorted by frame index (open_recorded)
+        for order in (np.arange(len(idx)), np.argsort(idx, kind="stable")):
+            if len(idx) == n and np.array_equal(pos[order], positions):
+                indexes = idx[order].astype(np.int64)
+                break
+    f["probe_position_indexes"] = indexes
+    grid = None
+    if "raw/nav_shape" in f:
+        grid = (tuple(int(v) for v in f["raw/nav_shape"][()]), bool(f["raw/nav_shape"].attrs.get("serpentine")))
+    elif n > 1:
+        grid = nav_shape_of(positions, metadata)
+    if grid is not None and grid[0][0] * grid[0][1] == n:
+        write_nav_shape(f, *grid)
 
 
 def read_result(path: str | Path) -> Result:
@@ -131,7 +204,7 @@ def read_result(path: str | Path) -> Result:
             "options": json.loads(f.attrs.get("options", "{}")),
             "frames_used": int(f.attrs.get("frames_used", 0)),
             "positions_m": positions,
-            "energy_eV": float(f.attrs["probe_energy_eV"]),
+            "energy_eV": float(f.attrs.get("electron_energy_eV", f.attrs["probe_energy_eV"])),
         })
         provenance = {
             k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()

@@ -7,13 +7,16 @@ NXcxi_ptycho / CXI layout, so a spool file is also a valid raw-data file:
                                         status ∈ {open, ended, finished, aborted, failed}
     /scan                               attrs json = the scan description (ScanSpec without arrays)
     /scan/probe  /scan/mask  /scan/positions_declared_m          (when given)
-    /entry_1                            NXentry, definition = NXcxi_ptycho
+    /nav_shape                          (ny, nx) when the scan is a declared raster
+    /entry_1                            NXentry, definition = NXcxi_ptycho (h5format.NxcxiEntry:
+                                        validated by nxvalidate, read by ptychodus' CXI reader)
     /entry_1/data_1/data                (K, M, M) frames, wire dtype, bitshuffle-LZ4, resizable
     /entry_1/data_1/frame_index         (K,) int64, the producer's frame indices
     /entry_1/data_1/positions_m         (K, 2) float64 (y, x) probe centres
     /entry_1/sample_1/geometry_1/translation   (K, 3) float64 (x, y, z) m, CXI order
     /entry_1/instrument_1/detector_1/data      hard link to /entry_1/data_1/data
-    /entry_1/instrument_1/source_1/energy      J (CXI unit)
+    /entry_1/instrument_1/detector_1/{x,y}_pixel_size, distance   the detector (or an equivalent)
+    /entry_1/instrument_1/source_1/energy      J (CXI unit; photon energy of the electrons' λ)
 
 ``/entry_1/data_1`` attr ``count`` is written *after* the rows and before the flush: a crash
 mid-append leaves the previous count, so a reader never sees a half-written frame.
@@ -32,14 +35,17 @@ from typing import Any
 import h5py
 import numpy as np
 from cryoptycho.daemon.session import ScanSpec
-from cryoptycho.daemon.storage.dataset import compression
-from cryoptycho.daemon.storage.h5format import open_checked
+from cryoptycho.daemon.storage.h5format import (
+    NxcxiEntry,
+    nav_shape_of,
+    open_checked,
+    write_nav_shape,
+)
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 
 FORMAT = "cryoptycho-spool"
 FORMAT_VERSION = 1
 SUFFIX = ".spool.h5"
-_ELECTRON_VOLT_J = 1.602176634e-19
 #: bytes of a file stem: a file name holds 255 bytes, and ".spool.h5" / ".h5" / ".mrc" / ".png"
 #: must still fit behind it
 MAX_STEM = 200
@@ -99,12 +105,11 @@ class SpoolWriter:
         self.path = path
         self._f = file
         self._fsync = fsync
-        g = file[DATA]
-        self._data = g["data"]
-        self._index = g["frame_index"]
-        self._pos = g["positions_m"]
-        self._xyz = file["entry_1/sample_1/geometry_1/translation"]
-        self.count = int(g.attrs["count"])
+        self._entry = NxcxiEntry(file)
+        self._data = self._entry.data
+        self._index = self._entry.frame_index
+        self._pos = self._entry.positions_m
+        self.count = self._entry.count
 
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False) -> SpoolWriter:
@@ -123,26 +128,14 @@ class SpoolWriter:
                 s["mask"] = np.asarray(spec.mask, dtype=np.uint8)
             if spec.positions_m is not None:
                 s["positions_declared_m"] = np.asarray(spec.positions_m, dtype=np.float64)
-            entry = f.create_group("entry_1")
-            entry.attrs["NX_class"] = "NXentry"
-            entry["definition"] = "NXcxi_ptycho"
-            g = entry.create_group("data_1")
-            g.attrs["NX_class"] = "NXdata"
-            g.attrs["count"] = 0
-            chunk = max(1, min(64, (1 << 20) // max(1, m[0] * m[1] * np.dtype(spec.frame_dtype).itemsize)))
-            g.create_dataset(
-                "data", shape=(0, *m), maxshape=(None, *m), dtype=spec.frame_dtype,
-                chunks=(chunk, *m), **compression(),
+            NxcxiEntry.create(
+                f, title=spec.scan_id, frame_shape=m, frame_dtype=spec.frame_dtype,
+                energy_eV=spec.energy_eV, pixel_size_m=spec.pixel_size_m, metadata=spec.metadata,
+                mask=spec.mask,
             )
-            g.create_dataset("frame_index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-            g.create_dataset("positions_m", shape=(0, 2), maxshape=(None, 2), dtype=np.float64, chunks=(4096, 2))
-            geo = entry.create_group("sample_1/geometry_1")
-            geo.create_dataset("translation", shape=(0, 3), maxshape=(None, 3), dtype=np.float64, chunks=(4096, 3))
-            det = entry.create_group("instrument_1/detector_1")
-            det["data"] = g["data"]
-            det["x_pixel_size"] = spec.pixel_size_m  # real-space pixel size of the frames' sampling
-            det["y_pixel_size"] = spec.pixel_size_m
-            entry["instrument_1/source_1/energy"] = spec.energy_eV * _ELECTRON_VOLT_J
+            if spec.positions_m is not None:
+                grid = nav_shape_of(spec.positions_m, spec.metadata)
+                write_nav_shape(f, *(grid or (None, False)))
             f.flush()
         except BaseException:
             f.close()
@@ -159,27 +152,16 @@ class SpoolWriter:
         return writer
 
     def _truncate(self, n: int) -> None:
-        for ds in (self._data, self._index, self._pos, self._xyz):
-            if ds.shape[0] != n:
-                ds.resize(n, axis=0)
+        self._entry.truncate(n)
 
     def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray) -> None:
         """Write a batch of frames (wire dtype), their indices and (y, x) positions, then flush."""
         n = len(frames)
         if n == 0:
             return
-        k = self.count
-        self._truncate(k + n)
-        self._data[k:] = frames
-        self._index[k:] = indices
-        self._pos[k:] = positions_m
-        xyz = np.zeros((n, 3))
-        xyz[:, 0] = positions_m[:, 1]
-        xyz[:, 1] = positions_m[:, 0]
-        self._xyz[k:] = xyz
-        self._f[DATA].attrs["count"] = k + n  # commit point: rows first, then the count
+        count = self._entry.append(frames, indices, positions_m)  # commits rows, then the count
         self._flush()
-        self.count = k + n
+        self.count = count
 
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames, indices and positions of rows [start, stop) (the writer's own view)."""
@@ -219,33 +201,38 @@ def read_spool(path: str | Path, frames: bool = True) -> SpoolContents:
     path = Path(path)
     required = ("scan", DATA + "/data", DATA + "/frame_index", DATA + "/positions_m")
     with open_checked(path, FORMAT, "spool", required) as f:
-        head: dict[str, Any] = json.loads(f["scan"].attrs["json"])
-        g = f[DATA]
-        n = int(g.attrs["count"])
-        ext = head.get("extent_m")
-        spec = ScanSpec(
-            scan_id=head["scan_id"],
-            frame_shape=tuple(head["frame_shape"]),  # type: ignore[arg-type]
-            frame_dtype=head["frame_dtype"],
-            pixel_size_m=float(head["pixel_size_m"]),
-            energy_eV=float(head["energy_eV"]),
-            probe=f["scan/probe"][()],
-            expected_frames=head.get("expected_frames"),
-            positions_m=f["scan/positions_declared_m"][()] if "scan/positions_declared_m" in f else None,
-            extent_m=(tuple(ext[0]), tuple(ext[1])) if ext else None,  # type: ignore[arg-type]
-            mask=f["scan/mask"][()].astype(bool) if "scan/mask" in f else None,
-            options=head.get("options") or {},
-            metadata=head.get("metadata") or {},
-        )
-        m = spec.frame_shape
-        return SpoolContents(
-            path=path,
-            status=str(f.attrs.get("status", "open")),
-            spec=spec,
-            frames=g["data"][:n] if frames else np.zeros((0, *m), spec.frame_dtype),
-            indices=g["frame_index"][:n],
-            positions_m=g["positions_m"][:n],
-        )
+        return spool_contents(path, f, frames)
+
+
+def spool_contents(path: Path, f: h5py.Group, frames: bool = True) -> SpoolContents:
+    """The spool part held by group ``f`` (a spool file's root, or a result file's /raw)."""
+    head: dict[str, Any] = json.loads(f["scan"].attrs["json"])
+    g = f[DATA]
+    n = int(g.attrs["count"])
+    ext = head.get("extent_m")
+    spec = ScanSpec(
+        scan_id=head["scan_id"],
+        frame_shape=tuple(head["frame_shape"]),  # type: ignore[arg-type]
+        frame_dtype=head["frame_dtype"],
+        pixel_size_m=float(head["pixel_size_m"]),
+        energy_eV=float(head["energy_eV"]),
+        probe=f["scan/probe"][()],
+        expected_frames=head.get("expected_frames"),
+        positions_m=f["scan/positions_declared_m"][()] if "scan/positions_declared_m" in f else None,
+        extent_m=(tuple(ext[0]), tuple(ext[1])) if ext else None,  # type: ignore[arg-type]
+        mask=f["scan/mask"][()].astype(bool) if "scan/mask" in f else None,
+        options=head.get("options") or {},
+        metadata=head.get("metadata") or {},
+    )
+    m = spec.frame_shape
+    return SpoolContents(
+        path=path,
+        status=str(f.attrs.get("status", "open")),
+        spec=spec,
+        frames=g["data"][:n] if frames else np.zeros((0, *m), spec.frame_dtype),
+        indices=g["frame_index"][:n],
+        positions_m=g["positions_m"][:n],
+    )
 
 
 def unfinished_spools(spool_dir: str | Path) -> list[Path]:

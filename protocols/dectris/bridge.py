@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import zmq
 
 from ..errors import ProtocolError
+from ..limits import Limits
 from ..messages import Frames, Request, ScanEnd, ScanStart, decode
 from ..producer import Producer
-from .convert import BridgeConfig, IngestMessage, SeriesConverter, bridge_messages
+from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, bridge_messages
 from .receiver import DectrisReceiver, parse_source
 from .scan import parse_positions
 from .schema import DectrisError, SeriesEnd, SeriesStart
 
-__all__ = ["BridgeConfig", "BridgeStats", "IngestMessage", "SeriesConverter", "bridge_messages", "dispatch",
-           "run_bridge"]
+__all__ = ["BridgeConfig", "BridgeStats", "IngestMessage", "SeriesConverter", "SeriesNotice", "bridge_messages",
+           "dispatch", "run_bridge"]
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,14 @@ def run_bridge(
     max_series: int | None = None,
     context: zmq.Context | None = None,
     producer: Producer | None = None,
+    on_notice: Callable[[SeriesNotice], None] | None = None,
+    limits: Limits | None = None,
 ) -> BridgeStats:
     """Receive a DECTRIS stream from ``source_url`` (``dectris2://host:31001`` or
     ``dectris1://host:9999``) and push each series as a scan to the daemon's ingest endpoint,
     until ``stop_event`` is set or ``max_series`` series have ended. A scan still open then is
-    aborted. Decode errors and rejected images are logged and counted, never fatal."""
+    aborted. Decode errors and rejected images are logged and counted, never fatal; a skipped
+    or rejected series and an implausible header value also go to ``on_notice``."""
     version, endpoint = parse_source(source_url)
     if config is not None and not isinstance(config, (BridgeConfig, dict)):
         raise TypeError(f"config must be a BridgeConfig or a dict of its fields, not "
@@ -63,7 +68,7 @@ def run_bridge(
     stop = stop_event or threading.Event()
     ctx = context or zmq.Context.instance()
     stats = BridgeStats()
-    converter = SeriesConverter(cfg, side_channel=cfg.positions_endpoint is not None)
+    converter = SeriesConverter(cfg, side_channel=cfg.positions_endpoint is not None, on_notice=on_notice)
 
     def on_error(exc: DectrisError) -> None:
         log.error("DECTRIS stream %s: %s", source_url, exc)
@@ -76,7 +81,7 @@ def run_bridge(
         side.setsockopt(zmq.LINGER, 0)
         side.bind(cfg.positions_endpoint)
     own_producer = producer is None
-    prod = producer or Producer(ingest_endpoint, context=ctx)
+    prod = producer or Producer(ingest_endpoint, context=ctx, limits=limits)  # the daemon's limits
     ended = 0
     try:
         while not stop.is_set() and (max_series is None or ended < max_series or converter.closing):
@@ -149,7 +154,6 @@ def dispatch(producer: Producer, messages: list[IngestMessage], converter: Serie
         except ProtocolError as exc:
             # Our own checks refused the message (e.g. positions beyond the field limit).
             stats.series_errors += 1
-            log.error("scan %s refused by the ingest protocol: %s", msg.scan_id, exc)
-            converter.stop(str(exc))
+            converter.refused(msg.scan_id, exc.field, str(exc))  # logged, counted and reported there
             if producer.scan is not None:
                 producer.abort(f"bridge: {exc}")

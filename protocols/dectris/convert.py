@@ -8,20 +8,23 @@ Geometry precedence is documented in :mod:`.scan` and README.md.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from scipy import constants
 
 from ..messages import Abort, Frames, ProbeModelSpec, ScanEnd, ScanStart
 from .binning import FrameReducer, saturation_threshold
+from .header import check_header, electron_energy
 from .receiver import SeriesTracker
 from .scan import PositionList, ProbeSpec, RasterSpec, ScanDescription, scan_description
-from .schema import DectrisError, Image, Message, SeriesEnd, SeriesStart
+from .schema import DectrisError, HeaderError, Image, Message, SeriesEnd, SeriesStart
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,11 @@ class BridgeConfig(BaseModel):
     """Physical detector pixel size, when the header lacks it."""
     saturation_value: int | None = Field(None, ge=1)
     probe_model: ProbeSpec = Field(default_factory=ProbeSpec)
+    """Parametric probe, when neither user_data nor ``probe_file`` gives one."""
+    probe_file: Path | None = None
+    """Measured probe (sample plane, centred, M × M after crop and bin): ``.npy``, or HDF5 whose
+    ``/probe`` is it (a cryoptycho dataset or result file, a ptychodus product: first mode).
+    Read and checked when the configuration loads; scaled to each series' first image counts."""
     options: dict[str, Any] = Field(default_factory=dict)
     """ReconOptions overrides for every scan (user_data ``options`` are applied on top)."""
     scan_id_prefix: str = Field("dectris", min_length=1, max_length=64)
@@ -66,6 +74,81 @@ class BridgeConfig(BaseModel):
     """A partial batch leaves after this long, so the live view does not wait for a full one."""
     position_wait_s: float = Field(5.0, ge=0)
     """After a series' end, how long images still wait for side-channel positions."""
+
+    _probe: np.ndarray | None = PrivateAttr(None)
+    _probe_pixel_m: float | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _load_probe(self) -> BridgeConfig:
+        if self.probe_file is not None:
+            self._probe, self._probe_pixel_m = load_probe_file(self.probe_file)
+            side = self.crop // self.bin if self.crop is not None else None
+            if side is not None and self._probe.shape != (side, side):
+                raise ValueError(f"probe_file {self.probe_file}: the probe is {self._probe.shape[0]}×"
+                                 f"{self._probe.shape[1]} but frames are {side}×{side} (crop {self.crop}, "
+                                 f"bin {self.bin})")
+        return self
+
+    @property
+    def measured_probe(self) -> tuple[np.ndarray, float | None] | None:
+        """(probe, its real-space pixel in m when the file says) read from ``probe_file``."""
+        return None if self._probe is None else (self._probe, self._probe_pixel_m)
+
+
+def load_probe_file(path: Path) -> tuple[np.ndarray, float | None]:
+    """(M × M complex64 probe, real-space pixel size or None) from ``.npy`` or HDF5 ``/probe``;
+    ValueError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"probe_file {path} does not exist")
+    pixel = None
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            import h5py
+            import hdf5plugin  # noqa: F401 - registers the compression filters a probe may use
+
+            with h5py.File(path, "r") as f:
+                if "probe" not in f or not isinstance(f["probe"], h5py.Dataset):
+                    raise ValueError(f"probe_file {path}: no /probe dataset (an HDF5 probe file holds "
+                                     "the probe at /probe, as cryoptycho and ptychodus files do)")
+                arr = f["probe"][()]
+                if "pixel_width_m" in f["probe"].attrs:
+                    pixel = float(f["probe"].attrs["pixel_width_m"])
+    except (OSError, ValueError) as exc:
+        if str(exc).startswith("probe_file"):
+            raise
+        raise ValueError(f"probe_file {path}: cannot read it as .npy or HDF5 ({exc})") from None
+    arr = np.asarray(arr)
+    while arr.ndim > 2 and arr.shape[0] >= 1:
+        arr = arr[0]  # ptychodus stores (modes, M, M) or (opr, modes, M, M): the first mode
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] < 8:
+        raise ValueError(f"probe_file {path}: expected a square M × M probe (M ≥ 8), got shape {arr.shape}")
+    if arr.dtype.kind not in "fciu" or not np.isfinite(arr).all() or not np.abs(arr).any():
+        raise ValueError(f"probe_file {path}: the probe must be finite numbers, not all zero")
+    return arr.astype(np.complex64), pixel
+
+
+@dataclass(frozen=True)
+class SeriesNotice:
+    """A series that did not become a scan (skipped), one whose scan our protocol refused
+    (rejected), or a header value that was set aside (warning). Published by the daemon as an
+    ``error`` event with rule :attr:`rule` and field ``dectris.<field>``, and counted."""
+
+    outcome: Literal["skipped", "rejected", "warning"]
+    series_id: int | None
+    field: str  #: the header, configuration or user_data key concerned
+    message: str
+    scan_id: str | None = None
+
+    @property
+    def rule(self) -> str:
+        return RULES[self.outcome]
+
+
+RULES = {"skipped": "dectris_series_skipped", "rejected": "dectris_series_rejected",
+         "warning": "dectris_header_implausible"}
 
 
 @dataclass
@@ -78,6 +161,7 @@ class _Plan:
     angle_rad: float
     description: ScanDescription | None
     streamed: bool
+    detector: dict[str, float]  #: detector_pixel_size_m / camera_length_m when known (unbinned)
     scan_start: ScanStart | None = None
     reducer: FrameReducer | None = None
     sent: int = 0
@@ -89,30 +173,78 @@ class _Plan:
 
 
 class SeriesConverter:
-    """DECTRIS messages → ingest messages. Errors in a series are logged and counted in
-    ``stats`` and skip that series; an end without its start raises :class:`SeriesError`."""
+    """DECTRIS messages → ingest messages. Errors in a series are logged, counted in ``stats``
+    and reported to ``on_notice`` (:class:`SeriesNotice`), and skip that series — whatever the
+    error, a header never stops the converter; an end without its start raises
+    :class:`SeriesError`."""
 
-    def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False) -> None:
+    def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False,
+                 on_notice: Callable[[SeriesNotice], None] | None = None) -> None:
         self.config = config or BridgeConfig()
         self.side_channel = side_channel
+        self.on_notice = on_notice
+        self._used_ids: set[str] = set()
         self.tracker = SeriesTracker()
         self.plan: _Plan | None = None
         self._positions: dict[tuple[int | None, int], np.ndarray] = {}
         self._closing: _Plan | None = None  # ended, still waiting for side-channel positions
         self._closing_deadline = 0.0
         self.stats: dict[str, int] = {"series": 0, "frames_sent": 0, "failed_series": 0,
+                                      "rejected_series": 0, "header_warnings": 0,
                                       "skipped_images": 0, "missing_images": 0,
                                       "images_without_position": 0, "saturated_frames": 0}
+
+    def _notice(self, notice: SeriesNotice) -> None:
+        if notice.outcome == "warning":
+            self.stats["header_warnings"] += 1
+            log.warning("DECTRIS series %s: %s", notice.series_id, notice.message)
+        else:
+            self.stats["failed_series" if notice.outcome == "skipped" else "rejected_series"] += 1
+            log.error("DECTRIS series %s %s (%s): %s", notice.series_id, notice.outcome, notice.field,
+                      notice.message)
+        if self.on_notice is not None:
+            try:
+                self.on_notice(notice)
+            except Exception:  # the listener's failure must not stop the stream
+                log.exception("DECTRIS notice listener failed on %s", notice)
+
+    def _skip(self, start: SeriesStart, exc: BaseException) -> None:
+        """Report a series that cannot become a scan; ``exc`` names why."""
+        if isinstance(exc, HeaderError):
+            fld, text = exc.field, str(exc)
+        elif isinstance(exc, (DectrisError, ValueError)):
+            fld, text = "header", str(exc)
+        else:
+            fld, text = "internal", f"{type(exc).__name__}: {exc}"
+            log.error("DECTRIS series %s: unexpected error", start.series_id, exc_info=exc)
+        self._notice(SeriesNotice("skipped", start.series_id, fld, f"series skipped: {text}"))
+
+    def refused(self, scan_id: str, field: str, reason: str) -> list[IngestMessage]:
+        """Our ingest protocol refused the scan's message (the bridge's producer said so):
+        reported as a rejected series, and the scan in progress is dropped."""
+        series = self.plan.start.series_id if self.plan is not None and self.plan.scan_id == scan_id else None
+        self._notice(SeriesNotice("rejected", series, field, f"scan {scan_id} refused by the ingest "
+                                  f"protocol: {reason}", scan_id))
+        return self.stop(reason)
 
     @property
     def rejected(self) -> dict[str, int]:
         return self.tracker.rejected
 
     def feed(self, msg: Message) -> list[IngestMessage]:
+        """The ingest messages ``msg`` completes. Raises only :class:`DectrisError` (or
+        ValueError) for one message the caller logs and counts; the series goes on."""
         if isinstance(msg, SeriesStart):
             return self._start(msg)
         if isinstance(msg, Image):
-            return self._image(msg)
+            try:
+                return self._image(msg)
+            except (DectrisError, ValueError):
+                raise
+            except Exception as exc:  # one image must not end the stream, whatever it holds
+                log.error("DECTRIS image %s of series %s: unexpected error", msg.image_id, msg.series_id,
+                          exc_info=exc)
+                raise DectrisError(f"image {msg.image_id}: {type(exc).__name__}: {exc}") from exc
         return self._end(msg)
 
     def _start(self, start: SeriesStart) -> list[IngestMessage]:
@@ -122,12 +254,14 @@ class SeriesConverter:
                              f"was replaced by series {start.series_id} before its end"))
         self.tracker.begin(start)
         self.stats["series"] += 1
+        self.plan = None
         try:
+            start, warnings = check_header(start)
+            for key, text in warnings:
+                self._notice(SeriesNotice("warning", start.series_id, key, text))
             self.plan = self._plan(start)
-        except (DectrisError, ValueError) as exc:
-            self.plan = None
-            self.stats["failed_series"] += 1
-            log.error("DECTRIS series %s skipped: %s", start.series_id, exc)
+        except Exception as exc:  # noqa: BLE001 - any header fault skips its series, never the bridge
+            self._skip(start, exc)
         return out
 
     def _plan(self, start: SeriesStart) -> _Plan:
@@ -135,48 +269,71 @@ class SeriesConverter:
         desc = scan_description(start.user_data)
         channel = cfg.channel or (start.channels[0] if start.channels else None)
         if channel is None:
-            raise DectrisError("the start message lists no channels: set the bridge's channel")
+            raise HeaderError("channels", "the start message lists no channels: set the bridge's channel")
         if start.channels and channel not in start.channels:
-            raise DectrisError(f"channel {channel!r} is not among the series' channels {list(start.channels)}")
+            raise HeaderError("channels", f"channel {channel!r} is not among the series' channels "
+                              f"{list(start.channels)}")
         streamed = desc is None and self.side_channel
         if desc is not None:
             expected = desc.scan.count
         elif streamed:
             if start.number_of_images is None:
-                raise DectrisError("positions come from the side channel but the start message "
-                                   "gives no number_of_images")
+                raise HeaderError("number_of_images", "positions come from the side channel but the "
+                                  "start message gives no number_of_images")
             expected = start.number_of_images
         elif cfg.raster is not None:
             expected = cfg.raster.count
         else:
-            raise DectrisError("no scan geometry: give a cryoptycho scan in user_data "
-                               "(header_appendix), a positions side channel, or a raster in the config")
+            raise HeaderError("user_data", "no scan geometry: give a cryoptycho scan in user_data "
+                              "(header_appendix), a positions side channel, or a raster in the config")
         if start.number_of_images is not None and start.number_of_images != expected:
-            raise DectrisError(f"the scan has {expected} positions but the detector series "
-                               f"{start.number_of_images} images")
+            raise HeaderError("number_of_images", f"the scan has {expected} positions but the detector "
+                              f"series {start.number_of_images} images")
         energy = _first(desc and desc.energy_eV, start.energy_ev,
-                        _electron_energy(start.wavelength_m), cfg.energy_eV)
+                        electron_energy(start.wavelength_m), cfg.energy_eV)
         if energy is None:
-            raise DectrisError("no beam energy: set incident_energy on the detector, energy_eV "
-                               "in user_data, or energy_eV in the bridge config")
-        angle = self._pixel_angle(start, desc)
-        unique = start.series_unique_id or f"{start.series_id}-{time.strftime('%Y%m%dT%H%M%S')}"
-        scan_id = (desc.scan_id if desc and desc.scan_id else f"{cfg.scan_id_prefix}-{unique}")
-        return _Plan(start, scan_id, channel, expected, energy, angle, desc, streamed)
+            raise HeaderError("incident_energy", "no beam energy: set incident_energy on the detector, "
+                              "energy_eV in user_data, or energy_eV in the bridge config")
+        angle, detector = self._pixel_angle(start, desc)
+        return _Plan(start, self._scan_id(start, desc), channel, expected, energy, angle, desc, streamed,
+                     detector)
 
-    def _pixel_angle(self, start: SeriesStart, desc: ScanDescription | None) -> float:
+    def _scan_id(self, start: SeriesStart, desc: ScanDescription | None) -> str:
+        """``<user_data scan_id>-series<N>``: a scan id set in the SIMPLON header_appendix stays
+        on the detector for every later series, and each series must be a scan of its own.
+        Without one, ``<prefix>-<series_unique_id>`` (or the series id and the time)."""
+        if desc is not None and desc.scan_id:
+            scan_id = f"{desc.scan_id}-series{start.series_id}"
+            if scan_id in self._used_ids:  # the detector's series counter restarted
+                scan_id += f"-{start.series_unique_id or time.strftime('%Y%m%dT%H%M%S')}"
+        else:
+            unique = start.series_unique_id or f"{start.series_id}-{time.strftime('%Y%m%dT%H%M%S')}"
+            scan_id = f"{self.config.scan_id_prefix}-{unique}"
+        self._used_ids.add(scan_id)
+        return scan_id
+
+    def _pixel_angle(self, start: SeriesStart, desc: ScanDescription | None) -> tuple[float, dict[str, float]]:
+        """The unbinned pixel's scattering angle, and what is known of the detector (its pixel,
+        the camera length) for the files' geometry. Precedence: user_data, the config, the
+        header's detector_distance, then the z of its detector_translation (V2)."""
         cfg = self.config
         size = start.pixel_size_m[0] if start.pixel_size_m else cfg.pixel_size_m
-        sources = [(cfg.detector_pixel_angle_rad, cfg.camera_length_m), (None, start.detector_distance_m)]
+        translation = start.detector_translation_m
+        sources = [(cfg.detector_pixel_angle_rad, cfg.camera_length_m), (None, start.detector_distance_m),
+                   (None, translation[2] if translation is not None else None)]
         if desc is not None:
             sources.insert(0, (desc.detector_pixel_angle_rad, desc.camera_length_m))
         for angle, length in sources:
-            if angle is not None:
-                return angle
-            if length is not None and size is not None:
-                return size / length
-        raise DectrisError("no detector pixel angle: give detector_pixel_angle_rad, or camera_length_m "
-                           "and a pixel size, in user_data or the bridge config")
+            if angle is None and length is not None and length > 0 and size is not None:
+                angle = size / length
+            if angle is not None and math.isfinite(angle) and angle > 0:
+                detector = {"detector_pixel_size_m": size} if size else {}
+                if size is None and length is not None:
+                    detector["camera_length_m"] = length
+                return angle, detector
+        raise HeaderError("detector_distance", "no detector pixel angle: give detector_pixel_angle_rad, or "
+                          "camera_length_m and a pixel size, in user_data or the [dectris] config (the header "
+                          "has no usable detector_distance or detector_translation)")
 
     def _open_scan(self, plan: _Plan, first: np.ndarray) -> ScanStart:
         cfg, start = self.config, plan.start
@@ -191,6 +348,9 @@ class SeriesConverter:
         )
         desc = plan.description
         probe = desc.probe_model if desc and desc.probe_model else cfg.probe_model
+        measured = None
+        if not (desc and desc.probe_model) and cfg.measured_probe is not None:
+            measured = self._measured_probe(plan, reducer, first)
         positions = raster = None
         if desc is not None:
             scan = desc.scan
@@ -207,16 +367,45 @@ class SeriesConverter:
             "channel": plan.channel, "crop": reducer.window, "bin": reducer.bin,
             "window_corner_px": list(reducer.corner),
             "geometry_from": "user_data" if desc else ("side_channel" if plan.streamed else "config"),
+            **({"user_scan_id": desc.scan_id} if desc and desc.scan_id else {}),
+            **({"detector_pixel_size_m": plan.detector["detector_pixel_size_m"] * reducer.bin}
+               if "detector_pixel_size_m" in plan.detector else plan.detector),
+            **({"probe_file": str(cfg.probe_file)} if measured is not None else {}),
             **(desc.metadata if desc else {}),
         }
         return ScanStart(
             scan_id=plan.scan_id, energy_eV=plan.energy_ev,
             frame_shape=(reducer.frame_side, reducer.frame_side), frame_dtype=reducer.out_dtype.name,
             expected_frames=plan.expected, detector_pixel_angle_rad=plan.angle_rad * reducer.bin,
-            probe_model=ProbeModelSpec(**probe.model_dump()),
+            probe=measured,
+            probe_model=None if measured is not None else ProbeModelSpec(**probe.model_dump()),
             positions_m=positions, raster=raster, mask=reducer.static_valid.astype(np.uint8),
             options={**cfg.options, **(desc.options if desc else {})}, metadata=metadata,
         )
+
+    def _measured_probe(self, plan: _Plan, reducer: FrameReducer, first: np.ndarray) -> np.ndarray:
+        """The config's probe file for this series: its side and sampling must be the frames',
+        its power is set to the counts of the series' first image (Σ|ψ|² = counts per pattern)."""
+        cfg = self.config
+        probe, pixel = cfg.measured_probe  # type: ignore[misc]
+        m = reducer.frame_side
+        if probe.shape != (m, m):
+            raise HeaderError("probe_file", f"probe_file {cfg.probe_file} is {probe.shape[0]}×{probe.shape[1]}, "
+                              f"the frames {m}×{m} (crop {reducer.window}, bin {reducer.bin})")
+        lam = constants.h * constants.c / math.sqrt(
+            plan.energy_ev * constants.e * (2 * constants.m_e * constants.c**2 + plan.energy_ev * constants.e))
+        sampling = lam / (m * plan.angle_rad * reducer.bin)
+        if pixel is not None and abs(pixel - sampling) > 1e-3 * sampling:
+            raise HeaderError("probe_file", f"probe_file {cfg.probe_file} is sampled at {pixel:.4g} m/px, "
+                              f"this series at {sampling:.4g} m/px")
+        counts = float(reducer.reduce_frame(first, out=np.empty((m, m), reducer.out_dtype))[0].sum())
+        power = float((np.abs(probe) ** 2).sum())
+        if counts > 0:
+            probe = probe * np.float32(math.sqrt(counts / power))
+        else:
+            log.warning("scan %s: the first image has no counts; the probe file is used at its own scale",
+                        plan.scan_id)
+        return probe.astype(np.complex64)
 
     def _image(self, image: Image) -> list[IngestMessage]:
         if not self.tracker.accept(image):
@@ -232,10 +421,9 @@ class SeriesConverter:
         if plan.scan_start is None:
             try:
                 plan.scan_start = self._open_scan(plan, frame)
-            except (DectrisError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - skips the series, never the bridge
                 self.plan = None
-                self.stats["failed_series"] += 1
-                log.error("DECTRIS series %s skipped: %s", plan.start.series_id, exc)
+                self._skip(plan.start, exc)
                 return []
             out.append(plan.scan_start)
         assert plan.reducer is not None
@@ -333,8 +521,8 @@ class SeriesConverter:
             log.error("scan %s: %d of %d images never arrived (ids %s%s)", plan.scan_id, len(ids),
                       plan.expected, ids[:20], " …" if len(ids) > 20 else "")
         if plan.scan_start is None:
-            log.error("DECTRIS series %s ended without any usable image; no scan was started",
-                      plan.start.series_id)
+            self._notice(SeriesNotice("skipped", plan.start.series_id, "images",
+                                      "series skipped: it ended without any usable image"))
             return []
         out = self._finish(self._closing) if self._closing is not None else []
         if plan.waiting and self.config.position_wait_s > 0:
@@ -367,15 +555,6 @@ class SeriesConverter:
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None and v is not False and v != ""), None)
-
-
-def _electron_energy(wavelength_m: float | None) -> float | None:
-    """Beam energy (eV) of electrons of de Broglie wavelength λ (relativistic)."""
-    if wavelength_m is None or wavelength_m <= 0:
-        return None
-    mc2 = constants.m_e * constants.c**2
-    pc = constants.h * constants.c / wavelength_m
-    return float((np.sqrt(mc2**2 + pc**2) - mc2) / constants.e)
 
 
 def bridge_messages(

@@ -176,6 +176,15 @@ def _pair(msg: dict[str, Any], y_key: str, x_key: str, scale: float = 1.0) -> tu
     return (_check(msg, y_key, float) * scale, _check(msg, x_key, float) * scale)
 
 
+def _triple(msg: dict[str, Any], key: str) -> tuple[float, float, float] | None:
+    value = _opt(msg, key, (list, tuple))
+    if value is None:
+        return None
+    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise DecodeError(f"field {key!r} must be 3 numbers (x, y, z metres), got {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
 def _v2_image(msg: dict[str, Any], channels: Collection[str] | None) -> Image:
     data = _req(msg, "data", dict)
     wanted = list(data) if channels is None else list(channels)
@@ -232,6 +241,7 @@ def _v2_start(msg: dict[str, Any]) -> SeriesStart:
         beam_center_px=_pair(msg, "beam_center_y", "beam_center_x"),
         pixel_size_m=_pair(msg, "pixel_size_y", "pixel_size_x"),
         detector_distance_m=_opt(msg, "detector_distance", float),
+        detector_translation_m=_triple(msg, "detector_translation"),
         count_time_s=_opt(msg, "count_time", float),
         frame_time_s=_opt(msg, "frame_time", float),
         saturation_value=_opt(msg, "saturation_value", int),

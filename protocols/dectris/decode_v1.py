@@ -187,6 +187,7 @@ def _v1_header(parts: list[bytes]) -> SeriesStart:
         beam_center_px=_v1_pair(config, "beam_center_y", "beam_center_x"),
         pixel_size_m=_v1_pair(config, "y_pixel_size", "x_pixel_size"),
         detector_distance_m=_num(config, "detector_distance"),
+        detector_translation_m=_v1_triple(config, "detector_translation"),
         count_time_s=_num(config, "count_time"),
         frame_time_s=_num(config, "frame_time"),
         saturation_value=_saturation(config),
@@ -211,6 +212,14 @@ def _num(config: dict[str, Any], *keys: str) -> float | None:
         value = config.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+    return None
+
+
+def _v1_triple(config: dict[str, Any], key: str) -> tuple[float, float, float] | None:
+    value = config.get(key)
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return (float(value[0]), float(value[1]), float(value[2]))
     return None
 
 

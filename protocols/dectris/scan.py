@@ -80,8 +80,9 @@ class ScanDescription(_Strict):
 
     version: Literal[1] = 1
     scan: RasterSpec | PositionList = Field(discriminator="kind")
-    scan_id: str | None = Field(None, min_length=1, max_length=128)
-    """Name of the scan in cryoptycho; default ``<prefix>-<series_unique_id or series_id>``."""
+    scan_id: str | None = Field(None, min_length=1, max_length=100)
+    """Name of the scan in cryoptycho, suffixed ``-series<N>`` per series (the header_appendix
+    stays set across series); default ``<prefix>-<series_unique_id or series_id>``."""
     energy_eV: float | None = Field(None, gt=0)
     detector_pixel_angle_rad: float | None = Field(None, gt=0)
     """Scattering angle of one unbinned detector pixel."""

@@ -26,6 +26,15 @@ class SeriesError(DectrisError):
     """Messages out of order: an image or end without its start, a duplicate image, …"""
 
 
+class HeaderError(DectrisError):
+    """A series that cannot become a scan: ``field`` names the header key (or configuration or
+    user_data key) that is missing or unusable."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SeriesStart:
     """``start`` (V2) / ``dheader-1.0`` + config parts (V1): one per arm."""
@@ -42,6 +51,8 @@ class SeriesStart:
     beam_center_px: tuple[float, float] | None = None  #: (y, x), detector pixels
     pixel_size_m: tuple[float, float] | None = None  #: (y, x)
     detector_distance_m: float | None = None
+    #: (x, y, z) metres; V2 headers may give the distance only as its z
+    detector_translation_m: tuple[float, float, float] | None = None
     count_time_s: float | None = None
     frame_time_s: float | None = None
     saturation_value: int | None = None

@@ -1,0 +1,104 @@
+"""The refinement budget is a promise (issue 15): CG starts an iteration only when the last
+one's duration still fits, refinement set-up counts against the budget, and the service's
+post-scan budget covers the half sets and the result file. Time is injected: no wall clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryoptycho.daemon.worker import split_budget
+from cryoptycho.gpu.cg import minimize
+from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.stream import StreamingReconstructor
+from daemon_support import synthetic_scan
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _quadratic(n: int = 40, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    diag = rng.uniform(1.0, 50.0, n)
+    b = rng.standard_normal(n) + 1j * rng.standard_normal(n)
+
+    def fun(x):
+        r = diag * x["v"] - b
+        return float(np.vdot(x["v"], diag * x["v"]).real - 2 * np.vdot(b, x["v"]).real), {"v": r}
+
+    return fun, {"v": np.zeros(n, complex)}
+
+
+@pytest.mark.parametrize("budget, cost, expected", [(5.5, 1.0, 4), (5.0, 1.0, 4), (1.5, 1.0, 0), (10.0, 3.0, 2)])
+def test_cg_stops_before_an_iteration_that_would_overrun(budget, cost, expected):
+    """The initial evaluation and each iteration cost ``cost`` seconds of the injected clock:
+    CG runs the iterations that fit and ends within the budget (the former start-deadline
+    check ran one more and overran, e.g. to 6 s of a 5.5 s budget)."""
+    fun, x0 = _quadratic()
+    clock = FakeClock()
+
+    def callback(it, x, loss):
+        clock.t += cost
+
+    # the first estimate is the initial evaluation's cost: make it one iteration's too
+    def timed(x):
+        if not timed.started:
+            clock.t += cost
+            timed.started = True
+        return fun(x)
+
+    timed.started = False
+    t0 = clock()
+    result = minimize(timed, x0, 100, time_budget_s=budget, callback=callback, clock=clock, rtol=0.0)
+    assert result.stopped == "time_budget"
+    assert result.iterations == expected
+    assert clock() - t0 <= budget + 1e-12
+
+
+def test_stream_refine_counts_its_set_up_against_the_budget():
+    """Work done before CG starts (batches, κ, probe power) comes out of the budget: a clock
+    that jumps past the budget during the set-up leaves no iteration to run."""
+    scan = synthetic_scan(n_side=6)
+    engine = StreamingReconstructor(frame_shape=scan.frames.shape[1:], frame_dtype=np.uint16,
+                                    pixel_size=1e-10, probe=scan.probe, options=ReconOptions())
+    engine.add_frames(scan.frames, scan.positions)
+    engine.step()
+    calls = []
+
+    def clock() -> float:
+        calls.append(None)
+        return 0.0 if len(calls) == 1 else 10.0  # the set-up "took" 10 s
+
+    assert engine.refine(20, time_budget_s=5.0, clock=clock) == []
+    free = engine.refine(3, time_budget_s=5.0, clock=lambda: 0.0)
+    assert len(free) == 3
+
+
+def test_refine_is_not_started_when_its_first_evaluation_cannot_fit():
+    """The steps' pace (seconds per frame visited) predicts a refinement's set-up and first
+    evaluation: a budget shorter than that leaves the streamed state as it is."""
+    scan = synthetic_scan(n_side=6)
+    engine = StreamingReconstructor(frame_shape=scan.frames.shape[1:], frame_dtype=np.uint16,
+                                    pixel_size=1e-10, probe=scan.probe, options=ReconOptions())
+    engine.add_frames(scan.frames, scan.positions)
+    engine.step()
+    assert engine.step_seconds_per_frame > 0  # measured by the step
+    engine.step_seconds_per_frame = 0.1  # 36 frames: ≈ 7 s for set-up and a first evaluation
+    before = engine.obj.copy()
+    assert engine.refine(20, time_budget_s=5.0, clock=lambda: 0.0) == []
+    np.testing.assert_array_equal(engine.obj, before)
+    assert len(engine.refine(2, time_budget_s=8.0, clock=lambda: 0.0)) == 2
+    assert len(engine.refine(2)) == 2  # no budget, no limit
+
+
+def test_split_budget_keeps_the_promise():
+    main, halves = split_budget(30.0, spent_s=2.0, reserve_s=1.0, halves_share=0.25)
+    assert (main, halves) == (pytest.approx(20.25), pytest.approx(6.75))
+    assert main + halves + 2.0 + 1.0 == pytest.approx(30.0)
+    assert split_budget(30.0, 2.0, 1.0, 0.0) == (pytest.approx(27.0), 0.0)
+    # already over: nothing left to refine with, never a negative budget
+    assert split_budget(5.0, spent_s=4.0, reserve_s=2.0, halves_share=0.25) == (0.0, 0.0)
