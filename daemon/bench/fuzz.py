@@ -775,8 +775,11 @@ def dectris_fuzz(workdir: Path, examples: int, seed: int, figures: Figures | Non
 def command(examples: int, seed: int, check_every: int, workdir: Path | None, dectris_examples: int,
             as_json: bool) -> None:
     """Fuzz a real daemon over ingest and control (Hypothesis): inputs, crashes, ping p99."""
+    import signal
     import tempfile
 
+    # SIGTERM unwinds like Ctrl-C, so the daemon subprocess is stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         import hypothesis  # noqa: F401
     except ImportError:
