@@ -155,9 +155,14 @@ class ErrorThrottle:
         self._sent = 0
         self._suppressed: dict[str, int] = {}
         self._scans: set[str] = set()
+        self._lock = threading.Lock()  # the manager and the DECTRIS bridge thread report errors
 
     def admit(self, rule: str, scan_id: str | None, now: float) -> bool:
         """True: publish this error now; False: it was counted into the next summary."""
+        with self._lock:
+            return self._admit(rule, scan_id, now)
+
+    def _admit(self, rule: str, scan_id: str | None, now: float) -> bool:
         if now - self._window_start >= self.window_s and not self._suppressed:
             self._window_start, self._sent = now, 0
         if self._sent < self.burst:
@@ -171,6 +176,10 @@ class ErrorThrottle:
     def summary(self, now: float) -> dict[str, Any] | None:
         """The ``suppressed`` error event once the window is over (None when there is none yet);
         a new window starts with it."""
+        with self._lock:
+            return self._summary(now)
+
+    def _summary(self, now: float) -> dict[str, Any] | None:
         if not self._suppressed or now - self._window_start < self.window_s:
             return None
         n = sum(self._suppressed.values())

@@ -221,7 +221,7 @@ class Service:
             reason = {"known_scan": "unknown_scan", "open_scan": "scan_closed"}.get(exc.rule, "invalid")
             self.metrics.frames_dropped.labels(reason=reason).inc(n)
         log.warning("rejected message: %s", exc, extra={"scan_id": exc.scan_id, "rule": exc.rule})
-        self._publish_error(ErrorEvent.from_error(exc, time.time()))
+        self.publish_error(ErrorEvent.from_error(exc, time.time()))
 
     def _refuse(self, msg: ScanStart, exc: ScanRefused) -> None:
         self.metrics.scans.labels(outcome="refused").inc()
@@ -254,8 +254,9 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - logged, counted and published by _ingest_fault
             self._ingest_fault(exc, msg, [])
 
-    def _publish_error(self, event: ErrorEvent) -> None:
-        """Publish an error event through the rate limit (see ERROR_BURST). What it quotes from
+    def publish_error(self, event: ErrorEvent) -> None:
+        """Publish an error event through the rate limit (see ERROR_BURST); thread-safe (the
+        DECTRIS bridge reports its dropped series here). What it quotes from
         the bad message is bounded, and a scan id that is not one (too long, bad characters)
         moves into the text: subscribers must be able to read every event the daemon sends."""
         sid = event.scan_id
@@ -279,7 +280,7 @@ class Service:
         text = f"{type(exc).__name__}: {exc}"
         log.error("internal error on an ingest message: %s", text, exc_info=exc, extra={"scan_id": sid})
         self.metrics.internal_errors.labels(where="ingest").inc()
-        self._publish_error(ErrorEvent("message", "internal_error", f"the daemon failed on this message: {text}",
+        self.publish_error(ErrorEvent("message", "internal_error", f"the daemon failed on this message: {text}",
                                        sid, time.time()))
         session = self.scans.sessions.get(sid) if sid is not None else None
         if session is not None:

@@ -258,6 +258,7 @@ class Harness:
         self.errors_seen = 0  #: error events received, a 'suppressed' one counting its number
         self.pending_aborts: set[str] = set()
         self.recent_errors: list[str] = []
+        self._base = (self.fig.rejected, self.fig.crashes)  # figures of earlier daemons in this run
         #: abort fuzzed scans once accepted (ingest fuzz); DECTRIS series are small and end on their own
         self.abort_accepted = True
         self.own = {OPEN_SCAN}  #: the harness's own scans (the others are fuzzed: aborted when accepted)
@@ -341,14 +342,18 @@ class Harness:
             m = self.d.metrics()
             rejected = sum(v for k, v in m.items() if k.startswith("cryoptycho_messages_rejected_total"))
             internal = sum(v for k, v in m.items() if k.startswith("cryoptycho_internal_errors_total"))
-            if internal > self.fig.crashes:
+            if internal + self._base[1] > self.fig.crashes:
                 self.fig.crash_notes.append(note)
-                self.fig.crashes = int(internal)
+                self.fig.crashes = int(internal) + self._base[1]
                 raise FuzzFailure(f"the daemon met an unexpected exception on: {note}\n{self.d.log_tail()}")
             self._drain(0.05)
-            ingest_internal = m.get("cryoptycho_internal_errors_total{where=ingest}", 0)
+            # errors that are not rejected messages: ingest faults, and DECTRIS series the bridge
+            # dropped or header values it set aside (each published as an error event too)
+            ingest_internal = m.get("cryoptycho_internal_errors_total{where=ingest}", 0) + sum(
+                v for k, v in m.items() if k.startswith(("cryoptycho_dectris_series_total",
+                                                         "cryoptycho_dectris_header_warnings_total")))
             if self.errors_seen == rejected + ingest_internal and not self.pending_aborts:
-                self.fig.rejected = int(rejected)
+                self.fig.rejected = int(rejected) + self._base[0]
                 return
             if self.errors_seen > rejected + ingest_internal and time.monotonic() > deadline - 28.0:
                 # more events than rejections, still after 2 s (the metrics are read before the
