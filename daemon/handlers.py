@@ -18,6 +18,7 @@ from cryoptycho.gpu.backend import BackendUnavailable, get_xp
 from cryoptycho.protocols.errors import ProtocolError
 from pydantic import ValidationError
 
+from .scans import ScanRefused
 from .session import State
 
 if TYPE_CHECKING:
@@ -138,6 +139,49 @@ def build_table(service: Service) -> dict[str, Handler]:
         worker.set_options(new)
         return {"scope": session.scan_id, "options": new.to_dict()}
 
+    def receipt(scan_id: str) -> dict[str, Any]:
+        """What the daemon holds of a scan: frames received (spooled), whether its scan_end was
+        read. Cheap enough to poll: producers confirm delivery with it (PROTOCOL.md § 4.5)."""
+        if not isinstance(scan_id, str) or not scan_id:
+            raise HandlerError("params.scan_id: required (a scan id string)")
+        # frames are counted when read and written by the spool thread just after: wait for it,
+        # so that every frame this receipt counts is on disk (the delivery guarantee)
+        service.scans.flush_disk()
+        session = service.scans.sessions.get(scan_id)
+        if session is None:
+            # not (yet) read, refused, or long forgotten: the daemon holds nothing of it
+            refused = service.scans.refused.get(scan_id)
+            return {"scan_id": scan_id, "state": "unknown" if refused is None else "refused",
+                    "ended": refused is not None, "end_reason": None, "end_count": None,
+                    "expected_frames": None, "frames": {"received": 0}, "missing": [],
+                    "error": None if refused is None else refused[1],
+                    "refused_at": None if refused is None else refused[0]}
+        with session.lock:
+            ledger = session.ledger
+            closed = session.ended or session.state.final
+            return {
+                "scan_id": session.scan_id,
+                "state": session.state.value,
+                "ended": session.ended,
+                "end_reason": session.end_reason,
+                "end_count": session.end_count,
+                "expected_frames": session.spec.expected_frames,
+                "frames": ledger.as_dict(),
+                # once nothing more is accepted, the first missing indices (at most 100)
+                "missing": ledger.missing() if closed else [],
+                "error": session.error,
+            }
+
+    def finish_scan(scan_id: str) -> dict[str, Any]:
+        """Reconstruct what a scan received, now: ends an open scan whose producer is gone, or
+        re-opens a scan stopped without a result (acquisition timeout, cancel) from its spool."""
+        session = _session(service, scan_id)
+        try:
+            live = service.scans.finish_scan(session)
+        except ScanRefused as exc:
+            raise HandlerError(exc.message, f"params.{exc.field}", exc.rule) from None
+        return {"scan_id": live.scan_id, "state": live.state.value, "frames": live.ledger.as_dict()}
+
     table = {
         "ping": ping,
         "status": status,
@@ -145,6 +189,8 @@ def build_table(service: Service) -> dict[str, Handler]:
         "snapshot": snapshot,
         "cancel": cancel,
         "set_options": set_options,
+        "receipt": receipt,
+        "finish_scan": finish_scan,
     }
     return {name: _counted(service, name, fn) for name, fn in table.items()}
 

@@ -70,6 +70,8 @@ class ScanManager:
         self.running: dict[str, ScanWorker] = {}
         self.spools: dict[str, SpoolWriter] = {}
         self._exited: queue.SimpleQueue[Session] = queue.SimpleQueue()
+        #: refused scan_starts (scan id → (time, reason)), newest last, for control `receipt`
+        self.refused: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self.stopping = False
         # Every spool operation runs on ONE thread, in the order the manager asked for it:
         # writing a large frames message takes ~10 ms per MiB, which would stall the manager
@@ -101,11 +103,20 @@ class ScanManager:
         if spool is None:
             spool = self.create_spool(spec)
         session = Session(spec, need)
+        self.refused.pop(spec.scan_id, None)
         self._register(session, spool)
         self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "memory_bytes": need,
                                            "expected_frames": spec.expected_frames})
         log.info("scan accepted", extra={"scan_id": spec.scan_id, "memory_bytes": need})
         return session
+
+    def remember_refusal(self, scan_id: str, reason: str) -> None:
+        """Keep why a scan_start was refused, so that its producer can learn it (control
+        ``receipt``); the service calls this for every refusal, at whichever step it happened."""
+        self.refused[scan_id] = (time.time(), reason)
+        self.refused.move_to_end(scan_id)
+        while len(self.refused) > HISTORY:
+            self.refused.popitem(last=False)
 
     def create_spool(self, spec: ScanSpec) -> SpoolWriter:
         """The scan's spool file (any thread: it touches no state of the manager)."""
@@ -226,6 +237,8 @@ class ScanManager:
         if session.ended:
             return
         session.ended = True
+        if session.end_reason is None:  # a scan_end after a cancel keeps the cancel's reason
+            session.end_reason = reason
         session.end_count = frame_count
         if frame_count is not None and session.spec.expected_frames is None:
             session.ledger.expected = frame_count
@@ -248,6 +261,8 @@ class ScanManager:
 
     def abort_scan(self, session: Session, reason: str) -> None:
         """Cancel a scan (producer abort or control `cancel`); its spool is kept, marked aborted."""
+        if session.end_reason is None:
+            session.end_reason = reason  # `receipt` and `finish_scan` see why while the worker stops
         worker = self.running.get(session.scan_id)
         if worker is not None:
             worker.put(Cancel(reason))
@@ -424,10 +439,69 @@ class ScanManager:
             if session.state.final or session.ended:
                 continue
             limit = self.config.recover_wait_s if session.recovered else self.config.acquisition_timeout_s
-            if now - session.last_activity > limit:
+            if now - session.last_activity <= limit:
+                continue
+            ledger = session.ledger
+            if session.recovered or session.spec.expected_frames is None or ledger.received >= ledger.expected:
                 log.warning("no frames for %.0f s: ending scan with what it has", limit,
                             extra={"scan_id": session.scan_id})
                 self.end_scan(session, reason="acquisition_timeout")
+                continue
+            # the sender went silent mid-scan (killed, crashed, cable): a partial reconstruction
+            # labelled "finished" would hide the loss, so the scan stops with its frames kept in
+            # the spool, and `finish_scan` reconstructs them if the operator wants that
+            reason = (f"acquisition_timeout: no frame for {limit:.0f} s after {ledger.received} of "
+                      f"{ledger.expected} frames (the sender stopped without scan_end); the frames are "
+                      "kept in the spool: control `finish_scan` reconstructs them")
+            log.warning(reason, extra={"scan_id": session.scan_id})
+            self.abort_scan(session, reason)
+
+    def finish_scan(self, session: Session) -> Session:
+        """Control `finish_scan`: reconstruct what a scan received, now. An open scan is ended
+        (its producer is gone or done without scan_end); a scan stopped without a result
+        (acquisition timeout, cancel, abort, failure) is re-opened from its spool and refined.
+        Idempotent: a scan already ended or re-opened is left as it is. Returns the live session."""
+        if not session.state.final:
+            if not session.ended and session.end_reason is not None:
+                raise ScanRefused("scan_id", "scan_stopping",
+                                  f"scan {session.scan_id!r} is stopping ({session.end_reason}); "
+                                  "ask again once it is aborted")
+            self.end_scan(session, reason="finish_scan")
+            self.admit()
+            return session
+        if session.state is State.FINISHED:
+            raise ScanRefused("scan_id", "scan_finished", f"scan {session.scan_id!r} is already finished")
+        if session.scan_id in self.running:
+            raise ScanRefused("scan_id", "scan_stopping",
+                              f"scan {session.scan_id!r} is still stopping; ask again in a moment")
+        if self.stopping:
+            raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
+        self.flush_disk()  # the spool thread may still be closing this file
+        path = spool_path(self.config.spool_dir, session.scan_id)
+        if not path.exists():
+            raise ScanRefused("scan_id", "spool_kept", f"scan {session.scan_id!r} has no spool file left "
+                              f"({path.name})")
+        contents = read_spool(path, frames=False)
+        if not len(contents.indices):
+            raise ScanRefused("scan_id", "frames_received", f"scan {session.scan_id!r} received no frame")
+        spec = contents.spec
+        need = self._reservation(spec, self._options_for(spec))
+        spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync)
+        spool.set_status("ended")
+        reopened = Session(spec, need)
+        reopened.ledger.admit(contents.indices)
+        reopened.ended, reopened.end_reason = True, "finish_scan"
+        del self.sessions[session.scan_id]  # the stopped record is replaced by the live one
+        while session.scan_id in self.waiting:  # stopped while waiting: admit() had not dropped it
+            self.waiting.remove(session.scan_id)
+        self._register(reopened, spool)
+        log.info("scan re-opened from its spool to finish (%d frames)", spool.count,
+                 extra={"scan_id": spec.scan_id})
+        self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "reopened": True,
+                                           "expected_frames": spec.expected_frames,
+                                           "frames": reopened.ledger.as_dict()})
+        self.admit()
+        return reopened
 
     def queued_frames(self) -> int:
         return sum(w.queued_frames for w in self.running.values())

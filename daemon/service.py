@@ -225,6 +225,7 @@ class Service:
 
     def _refuse(self, msg: ScanStart, exc: ScanRefused) -> None:
         self.metrics.scans.labels(outcome="refused").inc()
+        self.scans.remember_refusal(msg.scan_id, str(exc))
         self.outbox.post("scan.rejected", ScanEvent(msg.scan_id, "rejected", str(exc),
                                                     {"field": exc.field, "rule": exc.rule}))
         raise ProtocolError(exc.field, exc.rule, exc.message, msg.scan_id) from None
@@ -287,6 +288,7 @@ class Service:
             self._guarded("ingest", self.scans.fail_scan, session, f"internal error: {text}")
         elif isinstance(msg, ScanStart):  # it failed before it was registered: its producer waits for a verdict
             self.metrics.scans.labels(outcome="refused").inc()
+            self.scans.remember_refusal(msg.scan_id, f"internal error: {text}")
             self.outbox.post("scan.rejected", ScanEvent(msg.scan_id, "rejected", f"internal error: {text}",
                                                         {"field": "message", "rule": "internal_error"}))
 

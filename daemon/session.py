@@ -151,6 +151,7 @@ class Session:
         self.last_activity = time.monotonic()
         self.ended = False  #: scan_end received (or implied)
         self.end_count: int | None = None
+        self.end_reason: str | None = None  #: why it ended ("scan_end", "acquisition_timeout", …) or is stopping
         self.started = False  #: a worker has been given this scan
         self.error: str | None = None
         self.result_path: str | None = None
@@ -196,6 +197,8 @@ class Session:
                 "state": self.state.value,
                 "frames": self.ledger.as_dict(),
                 "expected_frames": self.spec.expected_frames,
+                "ended": self.ended,
+                "end_reason": self.end_reason,
                 "recovered": self.recovered,
                 "error": self.error,
                 "result_path": self.result_path,

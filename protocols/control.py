@@ -33,6 +33,8 @@ METHODS: dict[str, tuple[str, ...]] = {
     "snapshot": ("scan_id",),
     "cancel": ("scan_id", "reason"),
     "set_options": ("options", "scan_id"),
+    "receipt": ("scan_id",),
+    "finish_scan": ("scan_id",),
 }
 
 Handler = Callable[..., Any]
@@ -230,6 +232,18 @@ class ControlClient(SocketClient):
         if scan_id is not None:
             params["scan_id"] = scan_id
         return self.call("set_options", **params)
+
+    def receipt(self, scan_id: str) -> dict[str, Any]:
+        """What the daemon holds of a scan: ``frames`` (``received``, ``gaps``, …), ``ended``
+        (its scan_end was read), ``end_reason``, ``state`` (``"unknown"`` before the daemon read
+        the scan's start, ``"refused"`` after a refusal), ``missing`` (first missing indices once
+        the scan takes no more frames). Producers poll it to confirm delivery."""
+        return self.call("receipt", scan_id=scan_id)
+
+    def finish_scan(self, scan_id: str) -> dict[str, Any]:
+        """Reconstruct what the scan received now: ends an open scan, or re-opens one that was
+        stopped without a result (e.g. its sender went silent) from the daemon's spool."""
+        return self.call("finish_scan", scan_id=scan_id)
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:

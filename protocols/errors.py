@@ -35,6 +35,32 @@ class ProducerTimeout(TimeoutError):
     """The daemon took no message within the producer's send timeout (stalled or absent)."""
 
 
+class DeliveryError(RuntimeError):
+    """The daemon does not hold every frame a producer gave it (PROTOCOL.md § Delivery).
+
+    ``sent`` counts the distinct frame indices the producer was given for ``scan_id``,
+    ``acknowledged`` those the daemon reports as received (spooled); ``receipt`` is the daemon's
+    last answer (None when it never answered).
+    """
+
+    def __init__(
+        self, message: str, scan_id: str, sent: int, acknowledged: int, receipt: Any = None
+    ) -> None:
+        super().__init__(message)
+        self.scan_id = scan_id
+        self.sent = sent
+        self.acknowledged = acknowledged
+        self.receipt = receipt
+
+    @property
+    def unacknowledged(self) -> int:
+        return max(0, self.sent - self.acknowledged)
+
+
+class DeliveryTimeout(DeliveryError, ProducerTimeout):
+    """The daemon acknowledged nothing more within the producer's timeout (stalled or absent)."""
+
+
 class ControlTimeout(TimeoutError):
     """No reply from the control socket after every retry (Lazy Pirate gave up)."""
 

@@ -170,6 +170,36 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, daemon: Da
     raise AssertionError(f"timed out waiting for {what}" + (f"\n{daemon.log()}" if daemon else ""))
 
 
+def publish_probe_until(daemon: Daemon, seen: Callable[[], Any], what: str, timeout: float = 60) -> None:
+    """Make the daemon publish an error event (it rejects a one-part message that is not msgpack)
+    until ``seen()`` is truthy. A SUB socket gets nothing published before its subscription has
+    reached the daemon (ZeroMQ's slow joiner): only an event that arrives proves it has."""
+    import zmq
+
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(daemon.ingest)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            push.send_multipart([b"\x00subscription probe"])
+            again = time.monotonic() + 0.2  # one probe per 0.2 s: the daemon is not flooded
+            while time.monotonic() < again:
+                if seen():
+                    return
+                time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}\n{daemon.log()}")
+    finally:
+        push.close(linger=0)
+
+
+def wait_subscribed(daemon: Daemon, sub: Any) -> None:
+    """Return once the Subscriber ``sub`` receives what ``daemon`` publishes."""
+    from cryoptycho.protocols.messages import ErrorEvent
+
+    publish_probe_until(daemon, lambda: isinstance(sub.recv(timeout_s=0), ErrorEvent),
+                        "the subscriber to receive the daemon's events")
+
+
 def metrics_of(daemon: Daemon) -> dict[str, float]:
     """The daemon's Prometheus samples, keyed ``name{label=value,…}``."""
     text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from cryoptycho.gpu import operators
+from cryoptycho.gpu import metrics, operators
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.probes import make_probe
@@ -73,12 +73,17 @@ def scored_region(truth: np.ndarray, margin: int) -> tuple[slice, slice]:
 
 
 def nrmse(rec: np.ndarray, truth: np.ndarray, region: tuple[slice, slice]) -> float:
-    """NRMSE of the complex transmission after the best global complex scale (the global phase
-    and, with a refined probe, the amplitude are not determined by the data)."""
-    a = np.asarray(rec)[region].ravel()
-    b = np.asarray(truth)[region].ravel()
-    c = np.vdot(a, b) / np.vdot(a, a)
-    return float(np.linalg.norm(c * a - b) / np.linalg.norm(b))
+    """The product's NRMSE (gpu/metrics.py) inside ``region``, after the best global complex
+    scale (the global phase and, with a refined probe, the amplitude are not determined by the
+    data)."""
+    return metrics.nrmse(np.asarray(rec)[region], np.asarray(truth)[region], scale=True)
+
+
+def phase_corr(rec: np.ndarray, truth: np.ndarray, region: tuple[slice, slice]) -> float:
+    """The product's phase correlation (gpu/metrics.py) of the phases inside ``region``, each
+    taken relative to its mean transmission there."""
+    return metrics.phase_correlation(metrics.unwrapped_phase(np.asarray(rec)[region]),
+                                     metrics.unwrapped_phase(np.asarray(truth)[region]))
 
 
 def frc_resolution(rec: np.ndarray, truth: np.ndarray, region: tuple[slice, slice],

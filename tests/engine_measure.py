@@ -21,19 +21,9 @@ import numpy as np
 # engine_helpers sits beside this script (tests/ is not a package).
 sys.path.insert(0, str(Path(__file__).parent))
 from cryoptycho.gpu.reconstruct import reconstruct
-from engine_helpers import frc_resolution, nrmse, scored_region, synthetic_dataset
+from engine_helpers import frc_resolution, nrmse, phase_corr, scored_region, synthetic_dataset
 
 STEP_PX = 3.0
-
-
-def phase_corr(rec: np.ndarray, truth: np.ndarray, region: tuple[slice, slice]) -> float:
-    def ph(t: np.ndarray) -> np.ndarray:
-        t = np.asarray(t)[region]
-        p = np.angle(t * np.exp(-1j * np.angle(t.mean())))
-        return (p - p.mean()).ravel()
-
-    a, b = ph(rec), ph(truth)
-    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
 
 
 def score(state, data) -> tuple[float, float, float, float]:

@@ -32,8 +32,7 @@ from cryoptycho.gpu.cg import minimize
 from cryoptycho.gpu.metrics import fourier_shift, register_translation
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.reconstruct import FullBatchObjective, _normalised, prepare, refine_full_batch
-from engine_helpers import nrmse, scored_region, synthetic_dataset
-from engine_measure import phase_corr
+from engine_helpers import nrmse, phase_corr, scored_region, synthetic_dataset
 from probe_refine_measure import defocused, overlap
 
 

@@ -39,8 +39,7 @@ from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.probes import aberration_phase
 from cryoptycho.gpu.reconstruct import reconstruct
 from cryoptycho.gpu.state import ReconState
-from engine_helpers import nrmse, scored_region, synthetic_dataset
-from engine_measure import phase_corr
+from engine_helpers import nrmse, phase_corr, scored_region, synthetic_dataset
 
 STEP_PX = 3.0
 

@@ -11,7 +11,11 @@ import pytest
 from click.testing import CliRunner
 from cryoptycho.daemon.bench.bm3d import ReconConfig, recon_rows
 from cryoptycho.daemon.cli import main
+from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.reconstruct import reconstruct
 from cryoptycho.gpu.sim import specimen
+from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
+from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 from cryoptycho.gpu.sim.specimen import AtomicModel
 from sim_helpers import hemoglobin_fragment
 
@@ -34,8 +38,7 @@ def test_recon_rows_cover_every_prior_at_every_dose(fragment: AtomicModel) -> No
         at = {r["prior"]: r for r in rows if r["dose"] == dose}
         assert list(at) == ["none", "tikhonov", "sparse", "quantum limit"]
         for r in at.values():
-            assert math.isfinite(r["phase_correlation"]) and -1 <= r["phase_correlation"] <= 1
-            assert math.isfinite(r["nrmse"]) and r["nrmse"] > 0
+            assert math.isfinite(r["phase_correlation"]) and math.isfinite(r["nrmse"])
             for key in ("frc_raw_1bit_m", "frc_pooled_1bit_m"):
                 # a period of at least two pixels, or ∞ when not resolved: never NaN
                 assert r[key] >= 2 * cfg.pixel_size * 0.99
@@ -45,11 +48,25 @@ def test_recon_rows_cover_every_prior_at_every_dose(fragment: AtomicModel) -> No
         assert len({r["counts_per_pattern"] for r in at.values()}) == 1
         assert at["tikhonov"]["weight"] == pytest.approx(0.03)
         assert at["sparse"]["weight"] == pytest.approx(0.08)
-        # the priors really differ: the same start and data give different objects
-        assert at["sparse"]["phase_correlation"] != at["none"]["phase_correlation"]
-        assert at["tikhonov"]["phase_correlation"] != at["none"]["phase_correlation"]
     counts = [r["counts_per_pattern"] for r in rows]
     assert max(counts) == pytest.approx(4 * min(counts), rel=0.05)  # 20 vs 5 e⁻/Å²
+
+    # What the bench promises (gpu/BM3D.md): each row is the reconstruction of the dose's one
+    # simulated scan with the same iterations, seed and fixed true probe, only the prior changed,
+    # scored by gpu/sim/evaluation.py. Rebuilt here through the public API, each row must match.
+    data = simulate_ptychography(fragment, dose=20.0, frame_size=cfg.frame_size, pixel_size=cfg.pixel_size,
+                                 seed=cfg.seed, probe_seed=cfg.seed, backend="numpy", **SMALL_SIM)
+    at = {r["prior"]: r for r in rows if r["dose"] == 20.0}
+    for prior, extra in (("none", {}), ("tikhonov", {}),
+                         ("sparse", {"mu1": 0.08, "denoise_every": 2, "denoiser": "bm3d"})):
+        state = reconstruct(data, ReconOptions(iterations=cfg.iterations, refine_probe=False, seed=cfg.seed,
+                                               prior=prior, **extra))
+        ev = evaluate_against_truth(state.object, state.geometry.origin, data.truth_object, data.truth_origin,
+                                    cfg.pixel_size, data.positions, pool=3)
+        assert at[prior]["phase_correlation"] == pytest.approx(ev.phase_correlation, rel=1e-6), prior
+        assert at[prior]["nrmse"] == pytest.approx(ev.nrmse, rel=1e-6), prior
+    # the priors act: the same start and data give three different objects
+    assert len({at[p]["nrmse"] for p in ("none", "tikhonov", "sparse")}) == 3
 
 
 def test_cli_recon_writes_json(

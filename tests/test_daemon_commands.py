@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from cryoptycho.protocols.producer import Producer
-from daemon_support import start_daemon, synthetic_scan
+from daemon_support import publish_probe_until, start_daemon, synthetic_scan
 from PIL import Image
 
 pytestmark = pytest.mark.subprocess
@@ -27,15 +29,23 @@ def test_watch_follows_a_scan_and_saves_images(tmp_path):
              "--control", daemon.control, "--save-dir", str(save), "--exit-after-results", "1",
              "--timeout", "90"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        time.sleep(2.0)  # the watcher imports and subscribes before the scan starts
-        with Producer(daemon.ingest) as producer:
+        lines: list[str] = []
+        pump = threading.Thread(target=lambda: lines.extend(watch.stdout), daemon=True)
+        pump.start()
+        # the watcher has subscribed once it prints an event the daemon published
+        publish_probe_until(daemon, lambda: any(ln.startswith("error") for ln in list(lines)) or watch.poll() is not None,
+                            "the watcher to print a published event")
+        with Producer(daemon.ingest, control=daemon.control) as producer:
             producer.start_scan(**scan.start_fields("watched"))
             for lo in range(0, len(scan.frames), 32):
                 producer.send_frames(scan.frames[lo : lo + 32])
                 time.sleep(0.05)
             producer.end_scan()
-        out, _ = watch.communicate(timeout=120)
+        watch.wait(120)
+        pump.join(10)
+        out = "".join(lines)
         assert watch.returncode == 0, out
         assert "watched" in out and "final image" in out, out
         for name in ("watched.preview.png", "watched.result.png"):

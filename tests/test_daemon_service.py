@@ -13,7 +13,7 @@ from cryoptycho.protocols.errors import ControlError
 from cryoptycho.protocols.messages import ErrorEvent, Frames, Preview, Result, ScanEvent, encode
 from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
-from daemon_support import Scan, metrics_of, start_daemon, synthetic_scan, wait_for
+from daemon_support import Scan, metrics_of, start_daemon, synthetic_scan, wait_for, wait_subscribed
 
 pytestmark = pytest.mark.subprocess
 
@@ -65,8 +65,8 @@ def finished(scan_id: str):
 
 def test_streamed_scan_previews_result_and_metrics(daemon, scan):
     sub = Subscriber(daemon.publish, latest_only=False)
-    time.sleep(0.3)  # SUB connects asynchronously: a slow joiner would miss the first events
-    with Producer(daemon.ingest) as producer:
+    wait_subscribed(daemon, sub)  # SUB connects asynchronously: a slow joiner would miss the first events
+    with Producer(daemon.ingest, control=daemon.control) as producer:
         producer.start_scan(**scan.start_fields("one"))
         half = len(scan.frames) // 2
         for lo in range(0, half, 16):
@@ -112,7 +112,7 @@ def test_control_methods(daemon, scan):
             ctl.snapshot("nope")
         with pytest.raises(ControlError, match="unknown method"):
             ctl.call("reboot")
-        with Producer(daemon.ingest) as producer:
+        with Producer(daemon.ingest, control=daemon.control) as producer:
             producer.start_scan(**scan.start_fields("ctl"))
             producer.send_frames(scan.frames[:128])
             # ingest (PUSH) carries no acknowledgement: the control socket may be served first
@@ -150,7 +150,7 @@ def _send_bad_messages(endpoint: str, scan: Scan) -> set[str]:
     push.send_multipart(encode(Frames("ghost", np.arange(2, dtype=np.uint32), scan.frames[:2])))
     push.send_multipart(encode(Frames("conc-a", np.arange(2, dtype=np.uint32), scan.frames[:2, :16, :16])))
     push.send_multipart(good[:1])  # header promises arrays that are missing
-    with Producer(endpoint) as p:
+    with Producer(endpoint, confirm=False) as p:  # it sends scans the daemon refuses, on purpose
         p.start_scan(**scan.start_fields("bad-options", options={"iterations": -1}))
         p.scan = None
         p.start_scan(**scan.start_fields("too-big", expected_frames=10_000_000, positions_m=None))
@@ -173,36 +173,57 @@ def test_concurrent_scans_bad_messages_and_a_stalled_subscriber(tmp_path, scan):
         stalled.rcvhwm = 1
         stalled.setsockopt(zmq.SUBSCRIBE, b"")
         stalled.connect(daemon.publish)
-        time.sleep(0.3)
+        wait_subscribed(daemon, sub)
         other = synthetic_scan(seed=1)
+        # read all along: a subscriber that stops reading loses events (PUB drops at its HWM)
+        events: list = []
+        reading = threading.Event()
+        reading.set()
+
+        def read() -> None:
+            while reading.is_set():
+                ev = sub.recv(timeout_s=0.2)
+                if ev is not None:
+                    events.append(ev)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        halfway = {"conc-a": threading.Event(), "conc-b": threading.Event()}
+        resume = threading.Event()
 
         def stream(scan_id: str, data: Scan) -> None:
-            with Producer(daemon.ingest) as producer:
+            with Producer(daemon.ingest, control=daemon.control) as producer:
                 producer.start_scan(**data.start_fields(scan_id))
                 for lo in range(0, len(data.frames), 32):
+                    if lo == 128:  # the bad messages arrive while both scans acquire
+                        halfway[scan_id].set()
+                        resume.wait(60)
                     producer.send_frames(data.frames[lo : lo + 32])
                     time.sleep(0.02)
                 producer.end_scan()
 
-        threads = [threading.Thread(target=stream, args=a) for a in (("conc-a", scan), ("conc-b", other))]
+        threads = [threading.Thread(target=stream, args=a, daemon=True) for a in (("conc-a", scan), ("conc-b", other))]
         for t in threads:
             t.start()
-        time.sleep(0.2)
+        with ControlClient(daemon.control, timeout_s=5) as ctl:
+            wait_for(lambda: all(e.is_set() for e in halfway.values())
+                     and {"conc-a", "conc-b"} <= {s["scan_id"] for s in ctl.list_scans()}, 30,
+                     "both scans to register", daemon)
         expected_rules = _send_bad_messages(daemon.ingest, scan)
+        wait_for(lambda: expected_rules <= {e.rule for e in list(events) if isinstance(e, ErrorEvent)}, 30,
+                 "an error event for every bad message", daemon)
+        resume.set()
         for t in threads:
             t.join(60)
-        events = []
-        done: set[str] = set()
-        deadline = time.monotonic() + 90
-        while done != {"conc-a", "conc-b"} and time.monotonic() < deadline:
-            ev = sub.recv(timeout_s=0.5)
-            if ev is None:
-                continue
-            events.append(ev)
-            if isinstance(ev, ScanEvent) and ev.event in ("finished", "failed"):
-                assert ev.event == "finished", (ev, daemon.log())
-                done.add(ev.scan_id)
-        assert done == {"conc-a", "conc-b"}, daemon.log()
+
+        def finished_scans() -> set[str]:
+            ends = [e for e in list(events) if isinstance(e, ScanEvent) and e.event in ("finished", "failed")]
+            assert all(e.event == "finished" for e in ends), (ends, daemon.log())
+            return {e.scan_id for e in ends}
+
+        wait_for(lambda: finished_scans() == {"conc-a", "conc-b"}, 90, "both scans to finish", daemon)
+        reading.clear()
+        reader.join(5)
         rules = {e.rule for e in events if isinstance(e, ErrorEvent)}
         assert expected_rules <= rules, rules
         errors = [e for e in events if isinstance(e, ErrorEvent)]
@@ -229,7 +250,7 @@ def test_kill_9_then_recover_from_spool(tmp_path, scan):
     from cryoptycho.daemon.storage.spool import read_spool
 
     daemon = start_daemon(tmp_path, *FAST)
-    with ControlClient(daemon.control, timeout_s=5) as ctl, Producer(daemon.ingest) as producer:
+    with ControlClient(daemon.control, timeout_s=5) as ctl, Producer(daemon.ingest, control=daemon.control) as producer:
         producer.start_scan(**scan.start_fields("crash"))
         producer.send_frames(scan.frames[:160])
         received = wait_for(
@@ -266,7 +287,7 @@ def test_sigterm_drains_and_keeps_open_scans_for_recovery(tmp_path, scan):
     from cryoptycho.daemon.storage.spool import read_spool
 
     daemon = start_daemon(tmp_path, *FAST)
-    with ControlClient(daemon.control, timeout_s=5) as ctl, Producer(daemon.ingest) as producer:
+    with ControlClient(daemon.control, timeout_s=5) as ctl, Producer(daemon.ingest, control=daemon.control) as producer:
         producer.start_scan(**scan.start_fields("drain"))
         producer.send_frames(scan.frames[:100])
         wait_for(lambda: ctl.status()["scans"].get("drain", {}).get("state") == "acquiring", 30,

@@ -12,17 +12,15 @@ from cryoptycho.gpu.backend import backend_name, to_numpy
 from cryoptycho.gpu.cg import minimize
 from cryoptycho.gpu.probes import make_probe
 from cryoptycho.gpu.reconstruct import prepare, reconstruct, refine_full_batch
-from engine_helpers import ENERGY, PIXEL, frc_resolution, nrmse, scored_region, synthetic_dataset
-
-
-def phase_corr(rec, truth, region) -> float:
-    def ph(t):
-        t = np.asarray(t)[region]
-        p = np.angle(t * np.exp(-1j * np.angle(t.mean())))
-        return (p - p.mean()).ravel()
-
-    a, b = ph(rec), ph(truth)
-    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+from engine_helpers import (
+    ENERGY,
+    PIXEL,
+    frc_resolution,
+    nrmse,
+    phase_corr,
+    scored_region,
+    synthetic_dataset,
+)
 
 
 def probe_overlap(a, b) -> float:
@@ -87,32 +85,31 @@ def test_probe_refinement_improves_object():
 
 
 def test_poisson_beats_amplitude_at_low_dose():
-    """The paper's core claim, measured fairly: truncated Poisson vs the amplitude model with the
-    same truncation rule (the default poisson-floor, α_h = 5; it drops nothing here, so the
-    numbers equal those without truncation), same Tikhonov prior (μ₀ = 0.0125, times κ), same
-    40 iterations, same data at 20 e⁻/Å² (0.18 e⁻ per detector pixel). Measured over seeds 0–2
-    (tests/engine_measure.py, ENGINE.md): NRMSE 0.087 ± 0.001 (Poisson) vs 0.155 ± 0.002
-    (amplitude), phase correlation 0.42 ± 0.03 vs 0.27 ± 0.09, FRC@0.5 0.071 ± 0.020 vs
-    0.043 ± 0.000 cycles/px. The FRC on this 36-pixel region moves in steps of 0.021 and the
-    amplitude model's phase correlation varies much between seeds, so on the one seed asserted
-    here (Poisson 0.40 vs 0.37, NRMSE 0.086 vs 0.152, equal FRC) the robust margin is the
-    NRMSE; the FRC and phase correlation must not be worse."""
-    data = synthetic_dataset(20 * 9, grid=12, seed=0, radius_px=(2.5, 5.0))
-    region = scored_region(data.truth_object, 12)
-    scores = {}
-    for model in ("poisson", "amplitude"):
-        state = reconstruct(data, {"noise_model": model, "iterations": 40, "mu0": 0.0125,
-                                   "truncation": "poisson-floor", "alpha_h": 5.0,
-                                   "refine_probe": False})
-        scores[model] = (
-            frc_resolution(state.object, data.truth_object, region)[0],
-            phase_corr(state.object, data.truth_object, region),
-            nrmse(state.object, data.truth_object, region),
-        )
-    (frc_p, pc_p, err_p), (frc_a, pc_a, err_a) = scores["poisson"], scores["amplitude"]
-    assert err_p < 0.7 * err_a, scores
-    assert frc_p >= frc_a, scores
-    assert pc_p > pc_a, scores
+    """The paper's core claim with the engine's defaults (μ₀ 0.03, poisson-floor truncation,
+    probe fixed below its refinement threshold): the truncated Poisson model against the
+    amplitude model on the same data at 20 e⁻/Å² (0.18 e⁻ per detector pixel), the same
+    40-iteration budget. Measured on seeds 0–4 (2026-12, loaded 2-core machine): NRMSE 0.064–0.077
+    (Poisson) vs 0.119–0.134 (amplitude) at every seed; phase correlation 0.22–0.49 vs 0.18–0.39,
+    better at every seed but by as little as 0.02, so it is compared on the mean over seeds; the
+    pooled-ring FRC moves in steps of 0.043 cycles/px and ties at single seeds (seed 0), so its
+    mean is compared too. The defaults' 100 iterations rank the models the same way."""
+    seeds = (0, 1, 2)
+    scores: dict[str, list[tuple[float, float, float]]] = {"poisson": [], "amplitude": []}
+    for seed in seeds:
+        data = synthetic_dataset(20 * 9, grid=12, seed=seed, radius_px=(2.5, 5.0))
+        region = scored_region(data.truth_object, 12)
+        for model, rows in scores.items():
+            state = reconstruct(data, {"noise_model": model, "iterations": 40})
+            rows.append((
+                frc_resolution(state.object, data.truth_object, region)[0],
+                phase_corr(state.object, data.truth_object, region),
+                nrmse(state.object, data.truth_object, region),
+            ))
+    frc_p, pc_p, err_p = np.asarray(scores["poisson"]).T
+    frc_a, pc_a, err_a = np.asarray(scores["amplitude"]).T
+    assert np.all(err_p < 0.7 * err_a), scores  # at every seed, by a wide margin
+    assert pc_p.mean() > pc_a.mean() + 0.05, scores
+    assert frc_p.mean() > frc_a.mean(), scores  # strictly: a tie is not "beats"
 
 
 def test_refine_full_batch_continues_a_reconstruction(high_dose):

@@ -137,7 +137,7 @@ def test_a_2k_detector_needs_only_configuration(tmp_path):
     daemon = start_daemon(tmp_path, "--config", str(config))
     try:
         sub = _subscribed(daemon)
-        with Producer(daemon.ingest, limits=Limits(max_frame_side=2048)) as producer:
+        with Producer(daemon.ingest, control=daemon.control, limits=Limits(max_frame_side=2048)) as producer:
             producer.start_scan(_wide_scan("wide"))
             producer.send_frames(frames)
             producer.abort("the test has seen what it needed")

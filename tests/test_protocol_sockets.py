@@ -91,7 +91,7 @@ def start_fields(n: int) -> dict[str, Any]:
 def test_producer_streams_a_scan_in_batches(ctx):
     pull, endpoint = bind(ctx, zmq.PULL)
     data = np.random.default_rng(0).poisson(0.4, (50, 16, 16)).astype(np.uint16)
-    with Producer(endpoint, batch_frames=16, compression="bslz4", context=ctx) as p:
+    with Producer(endpoint, batch_frames=16, compression="bslz4", context=ctx, confirm=False) as p:
         p.start_scan(**start_fields(50))
         p.send_frames(data[:30])
         p.send_frames(data[30:])
@@ -107,7 +107,7 @@ def test_producer_streams_a_scan_in_batches(ctx):
 
 def test_producer_checks_frames_before_sending(ctx):
     pull, endpoint = bind(ctx, zmq.PULL)
-    with Producer(endpoint, context=ctx) as p:
+    with Producer(endpoint, context=ctx, confirm=False) as p:
         p.start_scan(**start_fields(10))
         with pytest.raises(ValueError, match="uint8"):
             p.send_frames(np.zeros((2, 16, 16), np.uint8))
@@ -124,7 +124,7 @@ def test_producer_checks_frames_before_sending(ctx):
 
 def test_exception_in_block_aborts_the_scan(ctx):
     pull, endpoint = bind(ctx, zmq.PULL)
-    with pytest.raises(KeyError), Producer(endpoint, context=ctx) as p:
+    with pytest.raises(KeyError), Producer(endpoint, context=ctx, confirm=False) as p:
         p.start_scan(**start_fields(10))
         raise KeyError("stage lost")
     msgs = receive_all(pull, lambda m: isinstance(m, Abort))
@@ -134,7 +134,7 @@ def test_exception_in_block_aborts_the_scan(ctx):
 def test_send_timeout_raises_instead_of_hanging(ctx):
     # nobody listens: PUSH queues up to its high-water mark, then blocks; the timeout ends that
     dead = "tcp://127.0.0.1:9"
-    p = Producer(dead, hwm=1, send_timeout_s=0.1, context=ctx)
+    p = Producer(dead, hwm=1, send_timeout_s=0.1, context=ctx, confirm=False)
     with pytest.raises(ProducerTimeout, match="took no message"):
         p.start_scan(**start_fields(10))
         for _ in range(50):
@@ -383,7 +383,7 @@ def test_replay_with_faults_delivers_what_the_hook_did_not_lose(ctx, tmp_path):
     assert source.frames.dtype == np.uint8  # narrowest dtype that holds the counts
     pull, endpoint = bind(ctx, zmq.PULL)
     faults = Faults(drop=0.15, duplicate=0.15, reorder=0.3, corrupt=0.15, seed=5)
-    with Producer(endpoint, context=ctx, hook=faults) as p:
+    with Producer(endpoint, context=ctx, hook=faults, confirm=False) as p:
         replay(source, p, rate=0, batch=2)
     msgs = receive_all(pull, lambda m: isinstance(m, ScanEnd))
     good = [m for m in msgs if isinstance(m, Frames)]
@@ -418,6 +418,7 @@ def test_replay_command_streams_a_file(ctx, tmp_path):
             "--compression",
             "lz4",
             "--checksum",
+            "--no-confirm",
         ],
     )
     assert result.exit_code == 0, result.output

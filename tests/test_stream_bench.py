@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -18,13 +19,16 @@ def test_bench_engine_json_figures():
     full = figures["full_batch"]
     assert full["frames"] == 32 and full["groups"] > 1  # jittered: distinct sub-pixel shifts
     assert figures["full_batch_on_grid"]["groups"] == 1
-    for ratio in (full["evaluation_ratio"], full["cg_iteration_ratio"], full["cg_direct_iteration_ratio"]):
-        assert ratio > 1.0  # the FFT pair is part of every evaluation
-    # frames + what refinement allocates: at least the frames, and the work is not free
-    assert full["refine_peak_over_raw"] > 1.0 and full["refine_direct_peak_over_raw"] > 1.0
+    # the ratios are the times they are said to divide (never a timing assertion: noise decides)
+    for name in ("evaluation", "cg_iteration", "cg_direct_iteration"):
+        assert math.isfinite(full[f"{name}_s"]) and full[f"{name}_s"] > 0
+        assert full[f"{name}_ratio"] == pytest.approx(full[f"{name}_s"] / full["fft_pair_s"])
+    # the line model keeps its trial-step arrays: it buys fewer FFTs with memory (ENGINE.md:
+    # 22.1× raw with it, 9.1× without); tracemalloc counts bytes, so this is no timing figure
+    assert full["refine_peak_over_raw"] > full["refine_direct_peak_over_raw"] > 1.0
     for size in ("64", "128"):
         live = figures["mini_batch"][size]
-        assert live["frames_per_s"] > 0
+        assert math.isfinite(live["frames_per_s"]) and live["frames_per_s"] > 0
         assert 1.0 <= live["store_over_raw"] <= 1.05  # frame count declared: exact allocation
         assert live["peak_over_raw"] >= live["store_over_raw"]
     assert figures["store_growth"]["reallocations"] >= 1

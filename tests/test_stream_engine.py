@@ -11,6 +11,7 @@ import pytest
 from cryoptycho.gpu import operators
 from cryoptycho.gpu.backend import backend_name, to_numpy
 from cryoptycho.gpu.geometry import fit_geometry
+from cryoptycho.gpu.metrics import nrmse
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.probes import make_probe
 from cryoptycho.gpu.reconstruct import refine_full_batch
@@ -52,9 +53,7 @@ def _nrmse(recon: np.ndarray, origin, scan) -> float:
     ny, nx = scan.geo.object_shape
     rec = to_numpy(recon)[off[0] : off[0] + ny, off[1] : off[1] + nx]
     inner = (slice(M // 2, -M // 2), slice(M // 2, -M // 2))
-    a, b = rec[inner], scan.obj[inner]
-    gain = np.vdot(a, b) / np.vdot(a, a)
-    return float(np.linalg.norm(gain * a - b) / np.linalg.norm(b))
+    return nrmse(rec[inner], scan.obj[inner], scale=True)
 
 
 def _options(xp, **kw) -> ReconOptions:

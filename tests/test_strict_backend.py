@@ -190,7 +190,7 @@ def test_daemon_scan_end_to_end_on_the_strict_backend(tmp_path):
     try:
         sub = Subscriber(d.publish, latest_only=False)
         time.sleep(0.3)  # SUB connects asynchronously
-        with Producer(d.ingest) as producer:
+        with Producer(d.ingest, control=d.control) as producer:
             producer.start_scan(**data.start_fields("strict"))
             for lo in range(0, len(data.frames), 20):
                 producer.send_frames(data.frames[lo : lo + 20])

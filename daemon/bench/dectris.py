@@ -108,7 +108,7 @@ class FullPath:
         self.series, self.config = series, config
         self.sink = _Sink()
         # connect() is lazy: nothing listens, and the hook keeps every message off the socket
-        self.producer = Producer("tcp://127.0.0.1:9", hook=self.sink, send_timeout_s=1)
+        self.producer = Producer("tcp://127.0.0.1:9", hook=self.sink, send_timeout_s=1, confirm=False)
 
     def run_series(self) -> int:
         """Feed one whole series; returns the images fed."""

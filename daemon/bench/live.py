@@ -84,7 +84,7 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
 
     def stream() -> None:
         try:
-            with Producer(ep["ingest"]) as producer:
+            with Producer(ep["ingest"], control=ep["control"]) as producer:
                 sent["t0"] = time.monotonic()
                 replay(source, producer, rate=rate, batch=32)
                 sent["t1"] = time.monotonic()

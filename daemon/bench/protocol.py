@@ -107,6 +107,7 @@ def measure_loopback(side: int, batch: int, codec: str, seconds: float, dose: fl
                 batch_frames=batch,
                 send_timeout_s=10,
                 context=ctx,
+                confirm=False,  # a bare PULL socket, not a daemon: nobody acknowledges
             ) as producer:
                 producer.start_scan(scan)
                 for i in range(rounds):

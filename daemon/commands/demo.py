@@ -30,12 +30,12 @@ from rich.live import Live
 from rich.table import Table
 
 
-def _stream(source: Any, endpoint: str, rate: float, errors: list[Exception]) -> None:
+def _stream(source: Any, endpoint: str, control: str, rate: float, errors: list[Exception]) -> None:
     from cryoptycho.daemon.commands.replay import replay
     from cryoptycho.protocols.producer import Producer
 
     try:
-        with Producer(endpoint) as producer:
+        with Producer(endpoint, control=control) as producer:
             replay(source, producer, rate=rate, batch=16)
     except Exception as exc:  # noqa: BLE001 — surfaced by the main thread
         errors.append(exc)
@@ -115,7 +115,7 @@ def command(out: Path, sample: str, dose: float, probe: str, rate: float, refine
     sub = Subscriber(endpoints["publish"])
     time.sleep(0.2)  # let the subscription reach the publisher before the scan's first event
     errors: list[Exception] = []
-    producer = threading.Thread(target=_stream, args=(source, endpoints["ingest"], rate, errors), daemon=True)
+    producer = threading.Thread(target=_stream, args=(source, endpoints["ingest"], endpoints["control"], rate, errors), daemon=True)
     state: dict[str, Any] = {}
     result: Result | None = None
     t_stream = time.monotonic()

@@ -13,9 +13,10 @@ from pathlib import Path
 import click
 import numpy as np
 from cryoptycho.daemon.storage.open import open_recorded
+from cryoptycho.protocols.errors import DeliveryError, ProducerTimeout
 from cryoptycho.protocols.faults import Faults
 from cryoptycho.protocols.messages import ProbeModelSpec, ScanStart
-from cryoptycho.protocols.producer import DEFAULT_INGEST, Producer
+from cryoptycho.protocols.producer import DEFAULT_INGEST, Producer, Receipt
 from cryoptycho.protocols.security import ClientCurve
 
 
@@ -74,10 +75,12 @@ def _wire_frames(frames: np.ndarray) -> np.ndarray:
     raise ValueError(f"counts up to {top} do not fit uint32")
 
 
-def replay(source: ReplaySource, producer: Producer, rate: float = 0.0, batch: int = 64) -> float:
+def replay(source: ReplaySource, producer: Producer, rate: float = 0.0, batch: int = 64) -> Receipt:
     """Send the scan, paced to ``rate`` frames/s (0 = as fast as the daemon takes them).
 
-    Returns the achieved frame rate.
+    Returns the daemon's acknowledgement (``Producer.end_scan``): frames it holds and the rate
+    from the first message to the acknowledgement of the last. Raises DeliveryError when the
+    daemon does not hold every frame.
     """
     if batch < 1:
         raise ValueError("batch must be ≥ 1")
@@ -98,8 +101,7 @@ def replay(source: ReplaySource, producer: Producer, rate: float = 0.0, batch: i
             np.arange(lo, hi),
             positions_m=source.positions_m[lo:hi] if streamed else None,
         )
-    producer.end_scan(n)
-    return n / max(time.perf_counter() - t0, 1e-9)
+    return producer.end_scan(n)
 
 
 @click.command()
@@ -119,7 +121,23 @@ def replay(source: ReplaySource, producer: Producer, rate: float = 0.0, batch: i
     "--stream-positions", is_flag=True, help="Send positions with the frames, not at scan start."
 )
 @click.option("--checksum", is_flag=True, help="Add a CRC-32 to every array part.")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Send timeout, s.")
+@click.option(
+    "--control",
+    default=None,
+    help="Daemon control endpoint, for the delivery acknowledgement [default: ingest port + 2].",
+)
+@click.option(
+    "--no-confirm",
+    is_flag=True,
+    help="Do not wait for the daemon's acknowledgement (relays, bare PULL sockets).",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds without progress (sending or acknowledgement) before giving up.",
+)
 @click.option(
     "--client-key",
     type=click.Path(exists=True, path_type=Path),
@@ -150,6 +168,8 @@ def command(
     compression: str,
     stream_positions: bool,
     checksum: bool,
+    control: str | None,
+    no_confirm: bool,
     timeout: float,
     client_key: Path | None,
     server_key: Path | None,
@@ -159,7 +179,11 @@ def command(
     corrupt: float,
     seed: int,
 ) -> None:
-    """Stream the dataset file PATH to a daemon, as a microscope would."""
+    """Stream the dataset file PATH to a daemon, as a microscope would.
+
+    Returns once the daemon acknowledged every frame (through its control socket), and reports
+    the frames it holds; exits with status 1, naming the frames it lacks, when it does not.
+    """
     if (client_key is None) != (server_key is None):
         raise click.BadParameter("give both --client-key and --server-key, or neither")
     curve = ClientCurve(client_key, server_key) if client_key and server_key else None
@@ -170,18 +194,42 @@ def command(
         source = read_source(path, scan_id, stream_positions)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    with Producer(
-        endpoint,
-        send_timeout_s=timeout,
-        compression=compression,
-        checksum=checksum,
-        curve=curve,
-        hook=faults,
-    ) as producer:
-        achieved = replay(source, producer, rate, batch)
     n = len(source.frames)
-    click.echo(
-        f"sent scan {source.start.scan_id!r}: {n} frames at {achieved:.0f} frames/s to {endpoint}"
-    )
+    lost: DeliveryError | None = None
+    try:
+        with Producer(
+            endpoint,
+            control=control,
+            confirm=not no_confirm,
+            send_timeout_s=timeout,
+            compression=compression,
+            checksum=checksum,
+            curve=curve,
+            hook=faults,
+        ) as producer:
+            try:
+                receipt: Receipt | None = replay(source, producer, rate, batch)
+            except DeliveryError as exc:
+                if faults is None:
+                    raise
+                lost, receipt = exc, None  # a fault drill loses frames on purpose: report them
+    except ValueError as exc:  # e.g. no control endpoint can be derived from --endpoint
+        raise click.ClickException(str(exc)) from None
+    except (DeliveryError, ProducerTimeout) as exc:
+        raise click.ClickException(str(exc)) from None
+    scan_id = source.start.scan_id
+    if lost is not None:
+        click.echo(f"scan {scan_id!r}: the daemon acknowledged {lost.acknowledged} of {n} frames "
+                   f"({lost.unacknowledged} lost by the fault drill) at {endpoint}")
+    elif receipt is not None and receipt.acknowledged is not None:
+        click.echo(
+            f"scan {scan_id!r}: the daemon acknowledged {receipt.acknowledged} of {n} frames in "
+            f"{receipt.elapsed_s:.2f} s ({receipt.rate:.0f} frames/s end to end) at {endpoint}"
+        )
+    elif receipt is not None:
+        click.echo(
+            f"sent scan {scan_id!r}: {n} frames in {receipt.elapsed_s:.2f} s to {endpoint} "
+            "(not acknowledged: --no-confirm)"
+        )
     if faults is not None:
         click.echo("faults: " + ", ".join(f"{k}={v}" for k, v in sorted(faults.stats.items())))

@@ -81,7 +81,9 @@ def run_bridge(
         side.setsockopt(zmq.LINGER, 0)
         side.bind(cfg.positions_endpoint)
     own_producer = producer is None
-    prod = producer or Producer(ingest_endpoint, context=ctx, limits=limits)  # the daemon's limits
+    # confirm=False: the detector's stream has no acknowledgement to pass on, and waiting for
+    # the daemon's at each series end would stall the detector's stream behind it
+    prod = producer or Producer(ingest_endpoint, context=ctx, limits=limits, confirm=False)  # the daemon's limits
     ended = 0
     try:
         while not stop.is_set() and (max_series is None or ended < max_series or converter.closing):

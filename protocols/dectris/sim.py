@@ -239,7 +239,10 @@ class SimSender(SocketClient):
         if version not in (1, 2):
             raise ValueError(f"version must be 1 or 2, got {version!r}")
         self.version = version
-        self._ctx = context or zmq.Context.instance()
+        # an own context, terminated by close(): only zmq_ctx_term waits for queued messages, so
+        # a simulator that exits right after its last image still delivers the whole series
+        self._own_context = context is None
+        self._ctx = zmq.Context() if context is None else context
         self._socket = self._ctx.socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, sndhwm)
         self._socket.setsockopt(zmq.LINGER, 2000)
@@ -282,4 +285,7 @@ class SimSender(SocketClient):
         return sent
 
     def close(self, linger_s: float = 2.0) -> None:
+        """Close the socket, waiting up to ``linger_s`` for queued messages to leave."""
         self._socket.close(linger=int(linger_s * 1000))
+        if self._own_context and not self._ctx.closed:
+            self._ctx.term()
