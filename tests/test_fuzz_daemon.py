@@ -210,7 +210,7 @@ def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch, wher
             monkeypatch.setattr(SpoolWriter, "append", broken)
         sub = Subscriber(svc.endpoints["publish"], latest_only=False)
         ctl = ControlClient(svc.endpoints["control"], timeout_s=10)
-        with Producer(svc.endpoints["ingest"]) as p:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p:
             # the subscription joins asynchronously: wait until a refused message's error arrives
             def joined() -> bool:
                 p._socket.send_multipart([msgpack.packb({"protocol": "cryoptycho", "version": 1, "type": "x"})])
