@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cryoptycho.gpu.backend import BackendUnavailable, get_xp
+from cryoptycho.protocols.errors import ProtocolError
 from pydantic import ValidationError
 
 from .scans import ScanRefused
@@ -25,16 +27,25 @@ if TYPE_CHECKING:
 Handler = Callable[..., dict[str, Any]]
 
 
-class HandlerError(ValueError):
-    """A request the service cannot honour; its message becomes the reply's ``msg``."""
+class HandlerError(ProtocolError):
+    """A request the service cannot honour; its message becomes the reply's ``msg`` and its
+    ``field``/``rule`` the reply's ``result`` (like a protocol error). Without ``field``, a
+    message ``"params.x: text"`` names field ``params.x``."""
+
+    def __init__(self, message: str, field: str | None = None, rule: str = "invalid_params") -> None:
+        if field is None:
+            head, sep, rest = message.partition(": ")
+            field, message = (head, rest) if sep and head.startswith("params") and " " not in head else (
+                "params", message)
+        super().__init__(field, rule, message)
 
 
 def _session(service: Service, scan_id: Any) -> Any:
     if not isinstance(scan_id, str) or not scan_id:
-        raise HandlerError("params.scan_id: required (a scan id string)")
+        raise HandlerError("required (a scan id string)", "params.scan_id", "string_type")
     session = service.scans.sessions.get(scan_id)
     if session is None:
-        raise HandlerError(f"params.scan_id: unknown scan {scan_id!r}")
+        raise HandlerError(f"unknown scan {scan_id!r}", "params.scan_id", "known_scan")
     return session
 
 
@@ -62,7 +73,7 @@ def build_table(service: Service) -> dict[str, Handler]:
     def list_scans(state: str | None = None) -> dict[str, Any]:
         want = state
         if want is not None and want not in {s.value for s in State}:
-            raise HandlerError(f"params.state: must be one of {', '.join(s.value for s in State)}")
+            raise HandlerError(f"must be one of {', '.join(s.value for s in State)}", "params.state", "literal_error")
         out = [s.summary() for s in service.scans.sessions.values() if want in (None, s.state.value)]
         return {"scans": out}
 
@@ -90,7 +101,8 @@ def build_table(service: Service) -> dict[str, Handler]:
     def cancel(scan_id: str, reason: str = "") -> dict[str, Any]:
         session = _session(service, scan_id)
         if session.state.final:
-            raise HandlerError(f"scan {session.scan_id!r} is already {session.state.value}")
+            raise HandlerError(f"scan {session.scan_id!r} is already {session.state.value}", "params.scan_id",
+                               "live_scan")
         service.scans.abort_scan(session, reason or "cancelled by control request")
         return {"scan_id": session.scan_id, "state": session.state.value}
 
@@ -99,24 +111,31 @@ def build_table(service: Service) -> dict[str, Handler]:
         defaults of scans that start later."""
         overrides = options
         if not isinstance(overrides, dict) or not overrides:
-            raise HandlerError("params.options: required (a dict of ReconOptions fields)")
+            raise HandlerError("required (a dict of ReconOptions fields)", "params.options", "dict_type")
         if scan_id is None:
             try:
-                service.config.options = service.config.options.merged(overrides)
+                merged = service.config.options.merged(overrides)
             except ValidationError as exc:
-                raise HandlerError(_first_error(exc)) from None
+                raise _options_error(exc) from None
+            try:
+                # valid but not installed here: refused now, not at the next scan (or worse)
+                get_xp(merged.backend)
+            except BackendUnavailable as exc:
+                raise HandlerError(str(exc), "params.options.backend", "backend_available") from None
+            service.config.options = merged
             return {"scope": "defaults", "options": service.config.options.to_dict()}
         session = _session(service, scan_id)
         worker = service.scans.running.get(session.scan_id)
         if worker is None:
-            raise HandlerError(f"scan {session.scan_id!r} has no running worker ({session.state.value})")
+            raise HandlerError(f"scan {session.scan_id!r} has no running worker ({session.state.value})",
+                               "params.scan_id", "running_scan")
         for key in overrides:
             if key in ("backend", "precision"):
-                raise HandlerError(f"params.options.{key}: cannot change while a scan runs")
+                raise HandlerError("cannot change while a scan runs", f"params.options.{key}", "fixed_while_running")
         try:
             new = worker.options.merged(overrides)
         except ValidationError as exc:
-            raise HandlerError(_first_error(exc)) from None
+            raise _options_error(exc) from None
         worker.set_options(new)
         return {"scope": session.scan_id, "options": new.to_dict()}
 
@@ -125,6 +144,9 @@ def build_table(service: Service) -> dict[str, Handler]:
         read. Cheap enough to poll: producers confirm delivery with it (PROTOCOL.md § 4.5)."""
         if not isinstance(scan_id, str) or not scan_id:
             raise HandlerError("params.scan_id: required (a scan id string)")
+        # frames are counted when read and written by the spool thread just after: wait for it,
+        # so that every frame this receipt counts is on disk (the delivery guarantee)
+        service.scans.flush_disk()
         session = service.scans.sessions.get(scan_id)
         if session is None:
             # not (yet) read, refused, or long forgotten: the daemon holds nothing of it
@@ -157,7 +179,7 @@ def build_table(service: Service) -> dict[str, Handler]:
         try:
             live = service.scans.finish_scan(session)
         except ScanRefused as exc:
-            raise HandlerError(exc.message) from None
+            raise HandlerError(exc.message, f"params.{exc.field}", exc.rule) from None
         return {"scan_id": live.scan_id, "state": live.state.value, "frames": live.ledger.as_dict()}
 
     table = {
@@ -189,6 +211,7 @@ def _counted(service: Service, name: str, fn: Handler) -> Handler:
     return wrapper
 
 
-def _first_error(exc: ValidationError) -> str:
+def _options_error(exc: ValidationError) -> HandlerError:
+    """The first option error, named like a protocol error (field path, pydantic's type as rule)."""
     err = exc.errors()[0]
-    return f"params.options.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    return HandlerError(err["msg"], f"params.options.{'.'.join(str(p) for p in err['loc'])}", err["type"])

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from .session import DROP_REASONS, OUTCOMES, STATES
 
 PREFIX = "cryoptycho"
+#: where the service catches an unexpected exception (label values of ``internal_errors``)
+INTERNAL_ERROR_PLACES = ("ingest", "control", "publish", "housekeeping", "worker", "spool")
 
 #: seconds; previews are due every 0.2 s at 5 Hz, so resolve well below and up to several seconds
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -79,6 +81,15 @@ class ServiceMetrics:
             ["field"], registry=r)
         self.rollbacks = Counter(f"{p}_rollbacks", "Engine states rolled back after NaN or divergence", registry=r)
         self.up = Gauge(f"{p}_up", "1 while the service loop runs", registry=r)
+        self.internal_errors = Counter(
+            f"{p}_internal_errors",
+            "Unexpected exceptions the service caught and survived, by where they happened",
+            ["where"], registry=r,
+        )
+        self.errors_suppressed = Counter(
+            f"{p}_error_events_suppressed",
+            "Error events folded into a 'suppressed' summary event by the publish rate limit", registry=r,
+        )
         for reason in DROP_REASONS:
             self.frames_dropped.labels(reason=reason)
         for outcome in OUTCOMES:
@@ -87,3 +98,5 @@ class ServiceMetrics:
             self.scans_in_state.labels(state=state)
         for device in ("host", "device"):
             self.memory_reserved.labels(device=device)
+        for where in INTERNAL_ERROR_PLACES:
+            self.internal_errors.labels(where=where)

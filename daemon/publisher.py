@@ -110,7 +110,7 @@ def to_message(topic: str, payload: Any) -> Any:
             scan_id=p["scan_id"], iterations=int(p["iteration"]), pixel_size_m=p["pixel_size_m"],
             origin_m=tuple(p["origin_m"]), object=np.asarray(p["object"], np.complex64),
             probe=np.asarray(p["probe"], np.complex64), positions_m=np.asarray(p["positions_m"], np.float64),
-            loss=_finite(p.get("loss")), files={"result": p["result_path"]} if p.get("result_path") else {},
+            loss=_finite(p.get("loss")), files=dict(p.get("files") or {}),
             metadata={"resolution_m": _finite(p.get("resolution_m"))}, time_s=time.time(),
         )
     if topic == "error":
@@ -135,3 +135,59 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+class ErrorThrottle:
+    """Rate limit of published ``error`` events, so that a flood of bad messages cannot overrun
+    the subscribers' queues (PUB drops what does not fit, silently for both sides).
+
+    Within each ``window_s`` the first ``burst`` errors are published one by one; the rest are
+    counted by rule and published as ONE error event (field ``message``, rule ``suppressed``)
+    whose message starts with their number. Every error is therefore accounted for on the
+    publish socket: the individual events plus the numbers of the ``suppressed`` events equal
+    the errors (and the ``messages_rejected`` counter).
+    """
+
+    def __init__(self, burst: int = 20, window_s: float = 1.0) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self._window_start = -float("inf")
+        self._sent = 0
+        self._suppressed: dict[str, int] = {}
+        self._scans: set[str] = set()
+        self._lock = threading.Lock()  # the manager and the DECTRIS bridge thread report errors
+
+    def admit(self, rule: str, scan_id: str | None, now: float) -> bool:
+        """True: publish this error now; False: it was counted into the next summary."""
+        with self._lock:
+            return self._admit(rule, scan_id, now)
+
+    def _admit(self, rule: str, scan_id: str | None, now: float) -> bool:
+        if now - self._window_start >= self.window_s and not self._suppressed:
+            self._window_start, self._sent = now, 0
+        if self._sent < self.burst:
+            self._sent += 1
+            return True
+        self._suppressed[rule] = self._suppressed.get(rule, 0) + 1
+        if scan_id is not None and len(self._scans) < 8:
+            self._scans.add(scan_id)
+        return False
+
+    def summary(self, now: float) -> dict[str, Any] | None:
+        """The ``suppressed`` error event once the window is over (None when there is none yet);
+        a new window starts with it."""
+        with self._lock:
+            return self._summary(now)
+
+    def _summary(self, now: float) -> dict[str, Any] | None:
+        if not self._suppressed or now - self._window_start < self.window_s:
+            return None
+        n = sum(self._suppressed.values())
+        rules = ", ".join(f"{rule} {k}" for rule, k in sorted(self._suppressed.items(), key=lambda x: -x[1]))
+        scans = f"; scans {', '.join(sorted(self._scans))}" if self._scans else ""
+        message = (f"{n} more errors in {now - self._window_start:.1f} s were not published one by one "
+                   f"(by rule: {rules}{scans})")
+        self._suppressed.clear()
+        self._scans.clear()
+        self._window_start, self._sent = now, 0
+        return {"field": "message", "rule": "suppressed", "message": message, "scan_id": None}

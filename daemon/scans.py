@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from cryoptycho.gpu.backend import free_device_bytes, get_xp
+from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
 from cryoptycho.gpu.options import ReconOptions
 from pydantic import ValidationError
 
@@ -30,6 +34,8 @@ log = logging.getLogger("cryoptycho.scans")
 
 #: finished sessions kept for `list_scans`/`status` after their worker exits
 HISTORY = 256
+#: frame bytes waiting for the spool thread above which the manager stops reading ingest
+SPOOL_BACKLOG_BYTES = 64 << 20
 
 
 class ScanRefused(ValueError):
@@ -67,27 +73,63 @@ class ScanManager:
         #: refused scan_starts (scan id → (time, reason)), newest last, for control `receipt`
         self.refused: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self.stopping = False
+        # Every spool operation runs on ONE thread, in the order the manager asked for it:
+        # writing a large frames message takes ~10 ms per MiB, which would stall the manager
+        # loop (and ping) for as long; one FIFO thread keeps appends, status changes, closes and
+        # the hand-overs to workers that must follow them in order.
+        self._disk = ThreadPoolExecutor(1, thread_name_prefix="spool")
+        self._disk_backlog = 0
+        self._disk_lock = threading.Lock()
+        self._disk_failed: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        # the engine module is imported now rather than inside the first scan_start, where its
+        # import (~50 ms) would hold up the manager loop
+        import cryoptycho.gpu.stream  # noqa: F401
+
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         config.results_dir.mkdir(parents=True, exist_ok=True)
         metrics.queue_capacity.set(config.queue_capacity_frames)
 
     # -- scan lifecycle (manager thread) -------------------------------------------------------
-    def start_scan(self, spec: ScanSpec) -> Session:
-        """Accept a scan or raise :class:`ScanRefused`; nothing is written for a refused scan,
-        but the refusal is remembered (``refused``) so that its producer can learn why."""
+    def start_scan(self, spec: ScanSpec, spool: SpoolWriter | None = None) -> Session:
+        """Accept a scan or raise :class:`ScanRefused`; nothing is kept for a refused scan.
+        ``spool``: its spool file, already made by :meth:`create_spool` (off this thread)."""
         try:
-            session = self._accept(spec)
-        except ScanRefused as exc:
-            self.refused[spec.scan_id] = (time.time(), str(exc))
-            self.refused.move_to_end(spec.scan_id)
-            while len(self.refused) > HISTORY:
-                self.refused.popitem(last=False)
+            _, need = self.admission(spec, own_spool=spool is not None)
+        except ScanRefused:
+            if spool is not None:
+                spool.close()
+                spool.path.unlink(missing_ok=True)
             raise
+        if spool is None:
+            spool = self.create_spool(spec)
+        session = Session(spec, need)
         self.refused.pop(spec.scan_id, None)
+        self._register(session, spool)
+        self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "memory_bytes": need,
+                                           "expected_frames": spec.expected_frames})
+        log.info("scan accepted", extra={"scan_id": spec.scan_id, "memory_bytes": need})
         return session
 
-    def _accept(self, spec: ScanSpec) -> Session:
-        if spec.scan_id in self.sessions or spool_path(self.config.spool_dir, spec.scan_id).exists():
+    def remember_refusal(self, scan_id: str, reason: str) -> None:
+        """Keep why a scan_start was refused, so that its producer can learn it (control
+        ``receipt``); the service calls this for every refusal, at whichever step it happened."""
+        self.refused[scan_id] = (time.time(), reason)
+        self.refused.move_to_end(scan_id)
+        while len(self.refused) > HISTORY:
+            self.refused.popitem(last=False)
+
+    def create_spool(self, spec: ScanSpec) -> SpoolWriter:
+        """The scan's spool file (any thread: it touches no state of the manager)."""
+        return SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync)
+
+    def admission(self, spec: ScanSpec, own_spool: bool = False) -> tuple[ReconOptions, dict[str, int]]:
+        """Raise :class:`ScanRefused` unless the scan may start; else its options and memory.
+        Needs only the declaration (shape, count, extent, options), never the probe or the
+        positions, so the service refuses a scan before it builds anything large.
+        ``own_spool``: the spool file that exists is this scan's own (made by create_spool)."""
+        if spec.scan_id in self.sessions or (
+            not own_spool and spool_path(self.config.spool_dir, spec.scan_id).exists()
+        ):
             raise ScanRefused("scan_id", "unique_scan_id", f"scan {spec.scan_id!r} already exists")
         if self.stopping:
             raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
@@ -96,22 +138,20 @@ class ScanManager:
         ):
             raise ScanRefused("scan_id", "max_queued_scans", f"{len(self.waiting)} scans are already waiting")
         options = self._options_for(spec)
-        need = self._reservation(spec, options)
-        spool = SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync)
-        session = Session(spec, need)
-        self._register(session, spool)
-        self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "memory_bytes": need,
-                                           "expected_frames": spec.expected_frames})
-        log.info("scan accepted", extra={"scan_id": spec.scan_id, "memory_bytes": need})
-        return session
+        return options, self._reservation(spec, options)
 
     def _options_for(self, spec: ScanSpec) -> ReconOptions:
         try:
-            return self.config.options.merged(spec.options)
+            options = self.config.options.merged(spec.options)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             raise ScanRefused(f"options.{where}", "recon_options", err["msg"]) from None
+        try:
+            get_xp(options.backend)  # valid but not installed here (CuPy without a GPU)
+        except BackendUnavailable as exc:
+            raise ScanRefused("options.backend", "backend_available", str(exc)) from None
+        return options
 
     def _reservation(self, spec: ScanSpec, options: ReconOptions) -> dict[str, int]:
         """Memory the scan needs, checked against the budgets before any frame is accepted."""
@@ -153,15 +193,45 @@ class ScanManager:
             return 0
         if not keep.all():
             frames, indices, positions = frames[keep], indices[keep], positions[keep]
-        self.spools[session.scan_id].append(frames, indices, positions)
+        spool = self.spools[session.scan_id]
         n = len(frames)
-        self.metrics.frames_received.inc(n)
-        self.metrics.last_frame.set(time.time())
         session.last_activity = time.monotonic()
         worker = self.running.get(session.scan_id)
-        if worker is not None:
-            worker.put(FrameBatch(frames, positions, arrived))
+
+        def write() -> None:  # on the spool thread: a frame counts as received once on disk
+            spool.append(frames, indices, positions)
+            self.metrics.frames_received.inc(n)
+            self.metrics.last_frame.set(time.time())
+            if worker is not None:
+                worker.put(FrameBatch(frames, positions, arrived))
+
+        self._on_disk(session.scan_id, write, frames.nbytes)
         return n
+
+    def _on_disk(self, scan_id: str, fn: Callable[[], None], nbytes: int = 0) -> None:
+        """Run ``fn`` on the spool thread after every spool operation asked for before it. A
+        failure is logged and counted there and fails the scan (the manager, told through
+        :meth:`reap`, publishes it)."""
+        with self._disk_lock:
+            self._disk_backlog += nbytes
+
+        def task() -> None:
+            try:
+                fn()
+            except Exception as exc:  # any storage fault: logged, counted, and only this scan fails
+                log.exception("spool operation failed", extra={"scan_id": scan_id})
+                self.metrics.internal_errors.labels(where="spool").inc()
+                self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
+            finally:
+                with self._disk_lock:
+                    self._disk_backlog -= nbytes
+            self.outbox.wake()  # the manager may read ingest again, or has a failure to report
+
+        self._disk.submit(task)
+
+    def flush_disk(self) -> None:
+        """Wait until every spool operation asked for so far is done (shutdown, tests)."""
+        self._disk.submit(lambda: None).result()
 
     def end_scan(self, session: Session, reason: str = "scan_end", frame_count: int | None = None) -> None:
         if session.ended:
@@ -173,12 +243,19 @@ class ScanManager:
         if frame_count is not None and session.spec.expected_frames is None:
             session.ledger.expected = frame_count
         spool = self.spools.get(session.scan_id)
-        if spool is not None:
-            spool.set_status("ended")
         worker = self.running.get(session.scan_id)
         if worker is not None:
-            self._close_spool(session.scan_id)
-            worker.put(EndOfScan(reason))
+            self.spools.pop(session.scan_id, None)
+
+        def task() -> None:  # after the scan's last frames are on disk and with its worker
+            if spool is not None:
+                spool.set_status("ended")
+            if worker is not None:
+                if spool is not None:
+                    spool.close()
+                worker.put(EndOfScan(reason))
+
+        self._on_disk(session.scan_id, task)
         self.outbox.post("scan.ended", {"scan_id": session.scan_id, "reason": reason,
                                         "frames": session.ledger.as_dict()})
 
@@ -192,15 +269,32 @@ class ScanManager:
         elif session.transition(State.ABORTED, error=reason):
             self.outbox.post("scan.aborted", {"scan_id": session.scan_id, "reason": reason})
             self._settle(session)
-        spool = self.spools.get(session.scan_id)
-        if spool is not None:
-            spool.set_status("aborted")
-            self._close_spool(session.scan_id)
+        self._close_spool(session.scan_id, "aborted")
 
-    def _close_spool(self, scan_id: str) -> None:
+    def fail_scan(self, session: Session, reason: str) -> None:
+        """End a scan as failed after an internal error (its spool is kept, marked failed)."""
+        worker = self.running.get(session.scan_id)
+        if worker is not None:
+            # the worker owns the engine: it stops at its next turn and ends the scan failed
+            worker.put(Cancel(reason, failed=True))
+        elif session.transition(State.FAILED, error=reason):
+            self.outbox.post("scan.failed", {"scan_id": session.scan_id, "error": reason})
+            self._settle(session)
+        self._close_spool(session.scan_id, "failed")
+
+    def _close_spool(self, scan_id: str, status: str | None = None) -> None:
+        """Close the scan's spool on the spool thread (after its pending appends), setting its
+        status first when given."""
         spool = self.spools.pop(scan_id, None)
-        if spool is not None:
+        if spool is None:
+            return
+
+        def task() -> None:
+            if status is not None:
+                spool.set_status(status)
             spool.close()
+
+        self._on_disk(scan_id, task)
 
     # -- admission -----------------------------------------------------------------------------
     def reserved(self) -> dict[str, int]:
@@ -223,7 +317,13 @@ class ScanManager:
             if self.running and any(used[d] + b > budget[d] for d, b in session.reserved_bytes.items()):
                 return  # wait for a running scan to free its memory
             self.waiting.pop(0)
-            self._start_worker(session)
+            try:
+                self._start_worker(session)
+            except Exception as exc:  # e.g. the defaults changed under it: this scan fails, not the loop
+                log.exception("cannot start the worker", extra={"scan_id": session.scan_id})
+                self.running.pop(session.scan_id, None)
+                self.metrics.internal_errors.labels(where="housekeeping").inc()
+                self.fail_scan(session, f"cannot start: {type(exc).__name__}: {exc}")
         self._update_gauges()
 
     def _start_worker(self, session: Session) -> None:
@@ -234,24 +334,33 @@ class ScanManager:
         session.started = True
         self.running[session.scan_id] = worker
         spool = self.spools[session.scan_id]
-        if spool.count:  # frames spooled while the scan waited (or before a crash)
-            frames, _, positions = spool.read()
-            worker.put(FrameBatch(frames, positions))
-        if session.ended:
-            self._close_spool(session.scan_id)
-            worker.put(EndOfScan("scan_end"))
+        ended = session.ended
+        if ended:
+            self.spools.pop(session.scan_id)
+
+        def task() -> None:  # after every append asked for so far: none is missed or doubled
+            if spool.count:  # frames spooled while the scan waited (or before a crash)
+                frames, _, positions = spool.read()
+                worker.put(FrameBatch(frames, positions))
+            if ended:
+                spool.close()
+                worker.put(EndOfScan("scan_end"))
+
+        self._on_disk(session.scan_id, task)
         worker.start()
         self.outbox.post("scan.acquiring", {"scan_id": session.scan_id})
         log.info("worker started", extra={"scan_id": session.scan_id})
 
     # -- called from worker threads ------------------------------------------------------------
-    def finish_result(self, session: Session, state: Any) -> None:
+    def finish_result(self, session: Session, state: Any) -> dict[str, str]:
         """Write the result file (engine result + the spool's NXcxi raw part under /raw) and the
-        phase exports (MRC, PNG); then retire the spool. Runs on the worker thread."""
+        phase exports (MRC, PNG); then retire the spool. Runs on the worker thread. Returns
+        every file written, kind → path (the ``files`` of the published result)."""
         from .storage.result import export_phase, write_result
 
-        stem = self.config.results_dir / file_stem(session.scan_id)
-        path = stem.with_suffix(".h5")
+        # absolute: subscribers do not share the daemon's working directory
+        stem = self.config.results_dir.absolute() / file_stem(session.scan_id)
+        path = Path(f"{stem}.h5")  # not with_suffix: a scan id "a.b" would lose its ".b"
         spool_file = spool_path(self.config.spool_dir, session.scan_id)
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,
                                  **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
@@ -266,12 +375,16 @@ class ScanManager:
                     src.copy(src["nav_shape"], group, "nav_shape")
 
         write_result(path, state, extra=extra, raw=raw)
-        export_phase(state, stem)
+        mrc, png = export_phase(state, stem)
         with h5py.File(spool_file, "r+") as f:
             f.attrs["status"] = "finished"
         if not self.config.keep_spool:
             spool_file.unlink()
         session.result_path = str(path)
+        files = {"result": str(path), "phase_mrc": str(mrc), "phase_png": str(png)}
+        if self.config.keep_spool:
+            files["spool"] = str(spool_file.absolute())
+        return files
 
     def worker_exited(self, session: Session) -> None:
         self._exited.put(session)
@@ -281,6 +394,16 @@ class ScanManager:
     def reap(self) -> None:
         """Settle scans whose workers have exited, then admit waiting ones."""
         changed = False
+        while True:
+            try:
+                scan_id, why = self._disk_failed.get_nowait()
+            except queue.Empty:
+                break
+            self.outbox.post("error", {"scan_id": scan_id, "field": "spool", "rule": "internal_error",
+                                       "message": f"the spool file could not be written: {why}"})
+            failed = self.sessions.get(scan_id)
+            if failed is not None and not failed.state.final:
+                self.fail_scan(failed, f"spool: {why}")
         while True:
             try:
                 session = self._exited.get_nowait()
@@ -296,12 +419,11 @@ class ScanManager:
         state = session.state
         if state.final:
             self.metrics.scans.labels(outcome=state.value).inc()
-            spool = self.spools.pop(session.scan_id, None)
-            if spool is not None:
-                spool.set_status(state.value)
-                spool.close()
+            if session.scan_id in self.spools:
+                self._close_spool(session.scan_id, state.value)
             elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
-                self._mark_spool(session.scan_id, state.value)
+                sid, value = session.scan_id, state.value
+                self._on_disk(sid, lambda: self._mark_spool(sid, value))
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
 
@@ -354,6 +476,7 @@ class ScanManager:
                               f"scan {session.scan_id!r} is still stopping; ask again in a moment")
         if self.stopping:
             raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
+        self.flush_disk()  # the spool thread may still be closing this file
         path = spool_path(self.config.spool_dir, session.scan_id)
         if not path.exists():
             raise ScanRefused("scan_id", "spool_kept", f"scan {session.scan_id!r} has no spool file left "
@@ -384,7 +507,11 @@ class ScanManager:
         return sum(w.queued_frames for w in self.running.values())
 
     def backpressure(self) -> bool:
-        """True while any worker's queue is over capacity: the manager stops reading ingest."""
+        """True while any worker's queue is over capacity, or the spool thread is behind by more
+        than SPOOL_BACKLOG_BYTES: the manager stops reading ingest."""
+        with self._disk_lock:
+            if self._disk_backlog > SPOOL_BACKLOG_BYTES:
+                return True
         return any(w.queued_frames > self.config.queue_capacity_frames for w in self.running.values())
 
     def _update_gauges(self) -> None:
@@ -447,3 +574,4 @@ class ScanManager:
     def close(self) -> None:
         for scan_id in list(self.spools):
             self._close_spool(scan_id)
+        self._disk.shutdown(wait=True)

@@ -9,9 +9,12 @@ engine code, so it stays responsive while scans compute (see worker.py for why t
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,16 +32,17 @@ from cryoptycho.protocols.messages import (
     decode,
     peek,
 )
+from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 from cryoptycho.protocols.topics import encode_event
 from cryoptycho.protocols.wire import unpack
 from prometheus_client import start_http_server
 
 from .config import ServiceConfig
 from .handlers import build_table
-from .ingest import frame_positions, spec_from_scan_start
+from .ingest import frame_positions, outline_from_scan_start, spec_from_scan_start
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier
-from .publisher import Outbox, to_message
+from .publisher import ErrorThrottle, Outbox, to_message
 from .scans import ScanManager, ScanRefused
 from .session import ScanSpec
 
@@ -48,6 +52,9 @@ log = logging.getLogger("cryoptycho.service")
 INGEST_BURST = 64
 #: PUB send queue per subscriber: a slow viewer loses old messages instead of slowing ingest
 PUB_HWM = 64
+#: error events published one by one per second; the rest are summarised (publisher.ErrorThrottle),
+#: so a flood of bad messages stays well inside PUB_HWM and the subscribers' queues
+ERROR_BURST = 20
 
 
 class Service:
@@ -65,6 +72,11 @@ class Service:
         self.metrics_port: int | None = None
         self.started_at = time.monotonic()
         self._declared: dict[str, ScanStart] = {}
+        self.error_throttle = ErrorThrottle(ERROR_BURST)
+        # a scan_start's probe, positions and spool file are built on this thread while the
+        # manager keeps answering (ingest pauses until it is done, so message order holds)
+        self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="scan-start")
+        self._preparing: tuple[ScanStart, Future[tuple[ScanSpec, Any]]] | None = None
         self._stop = threading.Event()
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
@@ -129,7 +141,7 @@ class Service:
         ingest_registered = False
         last_housekeeping = 0.0
         while not self._stop.is_set():
-            want_ingest = not self.scans.backpressure()
+            want_ingest = self._preparing is None and not self.scans.backpressure()
             if want_ingest != ingest_registered:
                 if want_ingest:
                     poller.register(self.ingest, zmq.POLLIN)
@@ -141,14 +153,16 @@ class Service:
                 self._read_ingest()
             if events.get(self.control):
                 self._read_control()
-            self.scans.reap()
+            if self._preparing is not None and self._preparing[1].done():
+                self._finish_start()
+            self._guarded("housekeeping", self.scans.reap)
             self._flush_outbox()
             now = time.monotonic()
             if now - last_housekeeping >= 0.5:
                 last_housekeeping = now
-                self._housekeeping()
+                self._guarded("housekeeping", self._housekeeping)
             if self.config.watchdog:
-                self.notifier.watchdog()
+                self._guarded("housekeeping", self.notifier.watchdog)  # a vanished notify socket is not fatal
         self._drain()
 
     def _drain(self) -> None:
@@ -156,6 +170,9 @@ class Service:
         spool, recovered at the next start); scans past scan_end may finish within
         ``drain_timeout_s``, then they are interrupted too and recovered like the others."""
         self.notifier.stopping()
+        if self._preparing is not None:  # registered like any accepted scan: recovered at the next start
+            self._preparing[1].exception()
+            self._finish_start()
         log.info("draining", extra={"running": sorted(self.scans.running)})
         self.scans.interrupt(ended_too=False)
         deadline = time.monotonic() + self.config.drain_timeout_s
@@ -173,6 +190,7 @@ class Service:
         self.metrics.up.set(0)
 
     def close(self) -> None:
+        self._prepare_pool.shutdown(wait=True)
         for sock in (getattr(self, n, None) for n in ("ingest", "publish", "control")):
             if sock is not None:
                 sock.close()
@@ -195,12 +213,15 @@ class Service:
                 return
             arrived = time.monotonic()
             self.metrics.received_bytes.inc(sum(len(p.buffer) for p in parts))
+            msg = None
             try:
                 msg = decode(parts, self.limits, self._declared)
                 self._handle(msg, arrived)
             except ProtocolError as exc:
-                self._reject(exc, parts)
-            if self.scans.backpressure():
+                self._guarded("ingest", self._reject, exc, parts)
+            except Exception as exc:  # noqa: BLE001 - a bug or a storage fault: only this message's scan fails
+                self._guarded("ingest", self._ingest_fault, exc, msg, parts)
+            if self._preparing is not None or self.scans.backpressure():
                 return
 
     def _reject(self, exc: ProtocolError, parts: list[Any]) -> None:
@@ -210,22 +231,103 @@ class Service:
             reason = {"known_scan": "unknown_scan", "open_scan": "scan_closed"}.get(exc.rule, "invalid")
             self.metrics.frames_dropped.labels(reason=reason).inc(n)
         log.warning("rejected message: %s", exc, extra={"scan_id": exc.scan_id, "rule": exc.rule})
-        self.outbox.post("error", ErrorEvent.from_error(exc, time.time()))
+        self.publish_error(ErrorEvent.from_error(exc, time.time()))
+
+    def _refuse(self, msg: ScanStart, exc: ScanRefused) -> None:
+        self.metrics.scans.labels(outcome="refused").inc()
+        self.scans.remember_refusal(msg.scan_id, str(exc))
+        self.outbox.post("scan.rejected", ScanEvent(msg.scan_id, "rejected", str(exc),
+                                                    {"field": exc.field, "rule": exc.rule}))
+        raise ProtocolError(exc.field, exc.rule, exc.message, msg.scan_id) from None
+
+    def _prepare(self, msg: ScanStart) -> tuple[ScanSpec, Any]:
+        """The slow part of accepting a scan (probe model, positions, spool file); off the
+        manager thread, which registers the scan when this is done (:meth:`_finish_start`)."""
+        spec = spec_from_scan_start(msg)
+        return spec, self.scans.create_spool(spec)
+
+    def _finish_start(self) -> None:
+        assert self._preparing is not None
+        (msg, future), self._preparing = self._preparing, None
+        try:
+            try:
+                spec, spool = future.result()
+            except ProtocolError as exc:  # its probe model or geometry cannot be built
+                self._refuse(msg, ScanRefused(exc.field, exc.rule, exc.message))
+            try:
+                self.scans.start_scan(spec, spool)
+            except ScanRefused as exc:
+                self._refuse(msg, exc)
+            self._declared[msg.scan_id] = msg
+            self.scans.admit()
+        except ProtocolError as exc:  # refused: scan.rejected is out, now the error event
+            self._reject(exc, [])
+        except Exception as exc:  # noqa: BLE001 - logged, counted and published by _ingest_fault
+            self._ingest_fault(exc, msg, [])
+
+    def publish_error(self, event: ErrorEvent) -> None:
+        """Publish an error event through the rate limit (see ERROR_BURST); thread-safe (the
+        DECTRIS bridge reports its dropped series here). What it quotes from
+        the bad message is bounded, and a scan id that is not one (too long, bad characters)
+        moves into the text: subscribers must be able to read every event the daemon sends."""
+        sid = event.scan_id
+        if sid is not None and (len(sid) > self.limits.max_scan_id_length or not re.fullmatch(SCAN_ID_PATTERN, sid)):
+            event = replace(event, scan_id=None, message=f"{event.message} (scan_id {_clip(sid, 80)!r})")
+        event = replace(event, field=_clip(event.field, 256), message=_clip(event.message, 2048))
+        if self.error_throttle.admit(event.rule, event.scan_id, time.monotonic()):
+            self.outbox.post("error", event)
+        else:
+            self.metrics.errors_suppressed.inc()
+
+    def _ingest_fault(self, exc: Exception, msg: Any, parts: list[Any]) -> None:
+        """An unexpected exception while handling an ingest message: log it with its traceback,
+        count it, publish a named error and fail the scan it concerns; the daemon goes on."""
+        sid = getattr(msg, "scan_id", None)
+        if sid is None:
+            try:
+                sid = peek(parts, self.limits)[1]
+            except ProtocolError:
+                sid = None
+        text = f"{type(exc).__name__}: {exc}"
+        log.error("internal error on an ingest message: %s", text, exc_info=exc, extra={"scan_id": sid})
+        self.metrics.internal_errors.labels(where="ingest").inc()
+        self.publish_error(ErrorEvent("message", "internal_error", f"the daemon failed on this message: {text}",
+                                       sid, time.time()))
+        session = self.scans.sessions.get(sid) if sid is not None else None
+        if session is not None:
+            self._guarded("ingest", self.scans.fail_scan, session, f"internal error: {text}")
+        elif isinstance(msg, ScanStart):  # it failed before it was registered: its producer waits for a verdict
+            self.metrics.scans.labels(outcome="refused").inc()
+            self.scans.remember_refusal(msg.scan_id, f"internal error: {text}")
+            self.outbox.post("scan.rejected", ScanEvent(msg.scan_id, "rejected", f"internal error: {text}",
+                                                        {"field": "message", "rule": "internal_error"}))
+
+    def _guarded(self, where: str, fn: Any, *args: Any) -> None:
+        """Run one step of the loop; an unexpected exception is logged, counted and published
+        as an error event instead of ending the manager loop."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            log.error("internal error in %s: %s", where, text, exc_info=exc)
+            self.metrics.internal_errors.labels(where=where).inc()
+            self.outbox.post("error", ErrorEvent(where, "internal_error", text, None, time.time()))
 
     def _handle(self, msg: Any, arrived: float) -> None:
         if isinstance(msg, ScanStart):
             try:
-                spec = spec_from_scan_start(msg)
-                self.scans.start_scan(spec)
+                # refuse from the declaration alone, before a probe or positions are built:
+                # a scan that cannot fit must not hold up the loop (PROTOCOL.md § 7)
+                self.scans.admission(outline_from_scan_start(msg))
             except ScanRefused as exc:
-                self.metrics.scans.labels(outcome="refused").inc()
-                self.outbox.post("scan.rejected", ScanEvent(msg.scan_id, "rejected", str(exc),
-                                                            {"field": exc.field, "rule": exc.rule}))
-                raise ProtocolError(exc.field, exc.rule, exc.message, msg.scan_id) from None
-            self._declared[msg.scan_id] = msg
-            self.scans.admit()
+                self._refuse(msg, exc)
+            future = self._prepare_pool.submit(self._prepare, msg)
+            future.add_done_callback(lambda _: self.outbox.wake())
+            self._preparing = (msg, future)
             return
-        session = self.scans.sessions[msg.scan_id]
+        session = self.scans.sessions.get(msg.scan_id)
+        if session is None:  # forgotten with the session history since it was declared
+            raise ProtocolError("scan_id", "known_scan", f"scan {msg.scan_id!r} is no longer known", msg.scan_id)
         if isinstance(msg, Frames):
             if session.state.final or session.ended:
                 raise ProtocolError("scan_id", "open_scan", f"scan {msg.scan_id!r} is {session.state.value}"
@@ -245,15 +347,30 @@ class Service:
                 parts = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            reply = handle(parts, self.table, self.limits)
-            if reply:
-                self.control.send_multipart(reply, copy=False)
+            self._guarded("control", self._answer, parts)
+
+    def _answer(self, parts: list[Any]) -> None:
+        reply = handle(parts, self.table, self.limits)
+        if reply:
+            self.control.send_multipart(reply, zmq.NOBLOCK, copy=False)
 
     # -- publish -----------------------------------------------------------------------------
     def _flush_outbox(self) -> None:
+        summary = self.error_throttle.summary(time.monotonic())
+        if summary is not None:
+            self.outbox.post("error", summary)
         for topic, payload in self.outbox.take():
             try:
-                self.publish.send_multipart(encode_event(to_message(topic, payload)), zmq.NOBLOCK, copy=False)
+                parts = encode_event(to_message(topic, payload))
+            except Exception as exc:  # a post the wire cannot carry: say so instead of dying
+                text = f"{type(exc).__name__}: {exc}"
+                log.error("cannot publish %s: %s", topic, text, exc_info=exc)
+                self.metrics.internal_errors.labels(where="publish").inc()
+                sid = payload.get("scan_id") if isinstance(payload, dict) else getattr(payload, "scan_id", None)
+                parts = encode_event(ErrorEvent("publish", "internal_error", f"{topic} could not be published: {text}",
+                                                sid if isinstance(sid, str) else None, time.time()))
+            try:
+                self.publish.send_multipart(parts, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 pass  # only when every subscriber is over its HWM: they skip this message
 
@@ -291,6 +408,10 @@ class BackgroundService:
         self.service.close()
         if self.error is not None:
             raise self.error
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _frames_in(parts: list[Any], limits: Limits) -> int:

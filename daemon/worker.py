@@ -47,6 +47,7 @@ class EndOfScan:
 @dataclass
 class Cancel:
     reason: str = "cancelled"
+    failed: bool = False  #: the manager met an internal error on this scan: end it failed, not aborted
 
 
 @dataclass
@@ -56,6 +57,11 @@ class Interrupt:
 
 class EngineDiverged(RuntimeError):
     pass
+
+
+class ScanFailed(RuntimeError):
+    """An expected way for a scan to fail (no frames, diverging again and again): the scan's
+    own outcome, not a fault of the service (not counted as an internal error)."""
 
 
 #: Bytes per second assumed for writing the result file (the spool's frames are copied into it)
@@ -77,9 +83,9 @@ def split_budget(budget_s: float, spent_s: float, reserve_s: float, halves_share
 class _Stop(Exception):
     """Raised from the refinement callback to leave a cancelled or interrupted refinement."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, failed: bool = False) -> None:
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.failed = reason, failed
 
 
 def scale_probe(probe: np.ndarray, frames: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -133,7 +139,7 @@ class ScanWorker:
         config: ServiceConfig,
         outbox: Outbox,
         metrics: ServiceMetrics,
-        finish: Callable[[Session, Any], None],
+        finish: Callable[[Session, Any], dict[str, str]],
         on_exit: Callable[[Session], None],
     ) -> None:
         self.session = session
@@ -178,6 +184,8 @@ class ScanWorker:
             self._main()
         except Exception as exc:  # the scan fails; the daemon and other scans carry on
             log.exception("scan failed", extra={"scan_id": s.scan_id})
+            if not isinstance(exc, ScanFailed):
+                self.metrics.internal_errors.labels(where="worker").inc()
             if s.transition(State.FAILED, error=f"{type(exc).__name__}: {exc}"):
                 self.outbox.post("scan.failed", {"scan_id": s.scan_id, "error": s.error})
         finally:
@@ -200,7 +208,7 @@ class ScanWorker:
         while not ended:
             for item in self._drain(block=self.engine is None or self.engine.n_frames == 0):
                 if isinstance(item, Cancel):
-                    self._abort(item.reason)
+                    self._abort(item.reason, item.failed)
                     return
                 if isinstance(item, Interrupt):
                     log.info("interrupted by shutdown", extra={"scan_id": s.scan_id})
@@ -224,7 +232,7 @@ class ScanWorker:
                     s.transition(State.ACQUIRING)
             if self.engine is None or self.engine.n_frames == 0:
                 if ended:
-                    raise RuntimeError("the scan ended without a single frame")
+                    raise ScanFailed("the scan ended without a single frame")
                 continue
             self._apply_options()
             try:
@@ -237,7 +245,7 @@ class ScanWorker:
             except EngineDiverged as exc:
                 rollbacks += 1
                 if rollbacks > cfg.max_rollbacks:
-                    raise RuntimeError(f"engine diverged {rollbacks} times; last: {exc}") from None
+                    raise ScanFailed(f"engine diverged {rollbacks} times; last: {exc}") from None
                 self._rollback(str(exc))
             if halves is not None:
                 halves.maybe_step()
@@ -326,7 +334,7 @@ class ScanWorker:
         self.metrics.rollbacks.inc()
         log.warning("rolling back engine: %s", why, extra={"scan_id": self.session.scan_id})
         if self._good is None:
-            raise RuntimeError(f"engine diverged ({why}) before any good state was checkpointed")
+            raise ScanFailed(f"engine diverged ({why}) before any good state was checkpointed")
         restore_state(self.engine, self._good)
         self.outbox.post("error", {"scan_id": self.session.scan_id, "field": "engine", "rule": "rollback",
                                    "message": f"engine rolled back to its last good state: {why}"})
@@ -388,9 +396,12 @@ class ScanWorker:
         elif res == np.inf:  # estimated, and nothing resolved: said so, not left blank
             self.session.update_figures(resolution_m=res)
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: str, failed: bool = False) -> None:
         s = self.session
-        if s.transition(State.ABORTED, error=reason):
+        if failed:
+            if s.transition(State.FAILED, error=reason):
+                self.outbox.post("scan.failed", {"scan_id": s.scan_id, "error": reason})
+        elif s.transition(State.ABORTED, error=reason):
             self.outbox.post("scan.aborted", {"scan_id": s.scan_id, "reason": reason})
 
     def _refine(self, halves: HalfSetEstimator | None) -> None:
@@ -416,7 +427,7 @@ class ScanWorker:
             s.update_figures(iteration=int(self.engine.iteration) + done[0], loss=float(loss))
             for item in self._drain(False):
                 if isinstance(item, Cancel):
-                    raise _Stop(item.reason)
+                    raise _Stop(item.reason, item.failed)
                 if isinstance(item, Interrupt):
                     raise _Stop("shutdown")
             if time.monotonic() - last[0] >= 1.0 / cfg.preview_hz:
@@ -430,7 +441,7 @@ class ScanWorker:
             if stop.reason == "shutdown":
                 log.info("refinement interrupted by shutdown", extra={"scan_id": s.scan_id})
             else:
-                self._abort(stop.reason)
+                self._abort(stop.reason, stop.failed)
             return
         except EngineDiverged as exc:
             # the refinement's objects were never installed: the streamed state is still good
@@ -448,7 +459,7 @@ class ScanWorker:
             s.update_figures(halves_refine_s=time.perf_counter() - t_halves)
         t_finish = time.perf_counter()
         state = self.engine.snapshot()
-        self._finish(s, state)  # writes the result file (sets s.result_path)
+        files = self._finish(s, state)  # writes the result files (sets s.result_path)
         final_s = time.monotonic() - t_end
         s.update_figures(finish_s=time.perf_counter() - t_finish, final_image_s=final_s)
         log.info("final image %.2f s after scan end (budget %.1f s)", final_s, budget,
@@ -461,6 +472,7 @@ class ScanWorker:
             "pixel_size_m": float(state.geometry.pixel_size),
             "origin_m": tuple(state.geometry.origin),
             "result_path": s.result_path,
+            "files": files,
             "iteration": int(state.iteration),
             "loss": s.figures.get("loss"),
             "resolution_m": s.figures.get("resolution_m"),

@@ -43,6 +43,8 @@ class PtychoData:
     truth_object: np.ndarray | None = None
     truth_probe: np.ndarray | None = None
     truth_origin: tuple[float, float] | None = None  #: (y, x) m of truth_object pixel (0, 0)
+    #: (K, 2) m, where the probe really was (a realistic simulation; ``positions`` are nominal)
+    truth_positions: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,5 +93,10 @@ class PtychoData:
         m = self.frame_shape
         if self.probe is not None and tuple(self.probe.shape) != m:
             raise ValueError(f"probe shape {self.probe.shape} does not match frame shape {m}")
+        if self.truth_positions is not None and np.shape(self.truth_positions) != pos.shape:
+            raise ValueError(
+                f"truth positions must have shape {pos.shape} like positions, got "
+                f"{np.shape(self.truth_positions)}"
+            )
         if self.mask is not None and tuple(np.shape(self.mask)) != m:
             raise ValueError(f"mask shape {np.shape(self.mask)} does not match frame shape {m}")

@@ -222,9 +222,8 @@ def fused_available(xp: Any) -> bool:
     return xp.__name__.startswith("cupy")
 
 
-def _poisson_kernel(weighted: bool, dtype: Any) -> Any:
-    import cupy
-
+def _poisson_kernel(cupy: Any, weighted: bool, dtype: Any) -> Any:
+    """The kernel, compiled once per (weighted, dtype) by ``cupy`` (the module of the arrays)."""
     tiny = float(np.finfo(dtype).tiny)
     body = (_POISSON_BODY.replace("FLOOR", repr(INTENSITY_FLOOR)).replace("TINY", repr(tiny))
             .replace("WEIGHT", "* (T)w" if weighted else ""))
@@ -241,7 +240,7 @@ def fused_poisson(inten: Any, y: Any, weight: Any | None) -> tuple[Any, Any]:
     :func:`factor_and_term_reference` up to float rounding (tests/test_fused_kernels.py)."""
     key = (weight is not None, np.dtype(inten.dtype).char)
     if key not in _KERNELS:
-        _KERNELS[key] = _poisson_kernel(weight is not None, inten.dtype)
+        _KERNELS[key] = _poisson_kernel(array_module(inten), weight is not None, inten.dtype)
     kernel = _KERNELS[key]
     if weight is None:
         return kernel(inten, y)

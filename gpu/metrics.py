@@ -197,6 +197,32 @@ def particle_footprint(
 # --- alignment ----------------------------------------------------------------------------------
 
 
+def phase_ramp(recon: Any, truth: Any, weight: Any | None = None) -> tuple[float, float]:
+    """The linear phase (rad per pixel along y, x) of ``recon`` relative to ``truth`` (complex
+    transmissions), by weighted least squares on the phase of recon·conj(truth) with its mean
+    removed. A ramp e^{ik·r} on the object with e^{−ik·r} on the probe leaves every
+    intensity unchanged (an exact gauge of ptychography), so scores should not see it."""
+    r = np.asarray(to_numpy(recon)).astype(np.complex128)
+    t = np.asarray(to_numpy(truth)).astype(np.complex128)
+    if r.shape != t.shape:
+        raise ValueError(f"recon {r.shape} and truth {t.shape} differ in shape")
+    w = np.ones(r.shape) if weight is None else np.asarray(weight, dtype=np.float64)
+    prod = r * np.conj(t)
+    mean = np.sum(w * prod)
+    diff = np.angle(prod * np.conj(mean)) if abs(mean) > 0 else np.angle(prod)
+    yy, xx = np.mgrid[0:r.shape[0], 0:r.shape[1]].astype(np.float64)
+    design = np.stack([np.ones(r.size), yy.ravel(), xx.ravel()], axis=1) * np.sqrt(w.ravel())[:, None]
+    coef, *_ = np.linalg.lstsq(design, diff.ravel() * np.sqrt(w.ravel()), rcond=None)
+    return float(coef[1]), float(coef[2])
+
+
+def remove_phase_ramp(recon: Any, ramp: tuple[float, float]) -> np.ndarray:
+    """``recon`` × e^{−i(a_y y + a_x x)}: the ramp of :func:`phase_ramp` taken out."""
+    r = np.asarray(to_numpy(recon))
+    yy, xx = np.mgrid[0:r.shape[0], 0:r.shape[1]]
+    return r * np.exp(-1j * (ramp[0] * yy + ramp[1] * xx))
+
+
 def register_translation(reference: Any, image: Any) -> tuple[float, float]:
     """Shift (dy, dx) in pixels that, applied to ``image``, best aligns it to ``reference``
     (FFT cross-correlation peak, refined to sub-pixel by a parabola through its neighbours)."""

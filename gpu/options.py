@@ -120,6 +120,57 @@ class ReconOptions(_Strict):
     measured range: "auto" keeps a given probe fixed at every dose this product sees."""
     probe_start_iteration: int = Field(10, ge=0)
 
+    refine_positions: bool = False
+    """Refine the probe positions from the data (gpu/positions.py): Gauss–Newton updates of a
+    scan model — an affine map of the nominal positions plus small per-position residuals —
+    alternating with the object CG. For scans whose positions are nominal (scan-coil
+    distortion, jitter, drift). Off by default: on hemoglobin with the realistic preset it gained
+    nothing at 20 e⁻/Å² (0.318 → 0.316 phase correlation; the 0.3 Å jitter is below a single
+    position's Cramér–Rao bound of 0.8 Å there) and 0.564 → 0.586 at 200 e⁻/Å² (oracle 0.668;
+    ENGINE.md, "Realistic scans")."""
+    position_model: Literal["affine", "free"] = "affine"
+    """"affine": the positions follow an affine map of the nominal scan plus residuals with a
+    Gaussian prior of rms ``position_residual_px``; "free": every position on its own."""
+    position_residual_px: float = Field(0.5, ge=0)
+    """Prior rms (object pixels) of each position's residual from the affine scan model; 0 =
+    a purely affine scan."""
+    position_start_iteration: int = Field(10, ge=0)
+    """CG iterations before the first position update (the object must show some structure)."""
+    position_every: int = Field(5, ge=1)
+    """CG iterations between position updates (none in the last ``position_every``)."""
+    position_max_step_px: float = Field(1.0, gt=0)
+    """Largest move of any position in one update, object pixels (a trust region)."""
+
+    refine_aberrations: bool = False
+    """Refine the probe as the nominal probe plus the aberration coefficients ``aberrations``
+    (gpu/aberrations.py: a few parameters instead of M×M free pixels), alternating with the
+    object CG. Exclusive with ``refine_probe`` (which must then be false, or "auto" deciding
+    false)."""
+    aberrations: list[Literal["C10", "C12a", "C12b", "C21a", "C21b", "C30"]] = Field(
+        default_factory=lambda: ["C10", "C12a", "C12b", "C21a", "C21b", "C30"], min_length=1)
+    """Coefficients refined by ``refine_aberrations``: defocus, two-fold astigmatism (two
+    components), coma (two), spherical aberration."""
+    aberration_start_iteration: int = Field(5, ge=0)
+    """CG iterations before the first aberration fit."""
+    aberration_every: int = Field(5, ge=1)
+    """CG iterations between aberration fits (none in the last ``aberration_every``)."""
+    aberration_fit_iterations: int = Field(10, ge=1)
+    """L-BFGS iterations of one aberration fit (object held)."""
+
+    aberration_search: bool = False
+    """Before the reconstruction, search the aberrations ``aberrations`` of the nominal probe on
+    the reduced objective (the objective after ``aberration_search_iterations`` CG iterations
+    of the object with each trial probe; gpu/aberrations.py, ``search_aberrations``), then
+    reconstruct with the probe found. Costs about 3 × (number of coefficients) × rounds short
+    reconstructions. Off by default: with the realistic preset it recovers part of the probe
+    error at 100 e⁻/Å² and none at 20 e⁻/Å², where the reduced objective is flat in the defocus
+    (ENGINE.md, "Realistic scans")."""
+    aberration_search_iterations: int = Field(15, ge=1)
+    aberration_search_step_rad: float = Field(2.0, gt=0)
+    """First step of the search, radians of aberration phase at the edge of the probe's
+    spectral support (20 nm of defocus at 9.2 mrad and 300 keV: 2.7 rad)."""
+    aberration_search_rounds: int = Field(1, ge=1)
+
     chunk_size: int = Field(256, ge=1)
     """Positions per chunk of a full-batch evaluation (bounds device memory; same result)."""
 

@@ -15,7 +15,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .backend import array_module, complex_dtype, dev_float, fft2, host_floats, ifft2, scalar_as
+from .backend import (
+    array_module,
+    complex_dtype,
+    complex_of,
+    dev_float,
+    fft2,
+    host_floats,
+    ifft2,
+    scalar_as,
+)
 from .geometry import wavelength
 
 ProbeKind = Literal["defocused", "fzp", "randomized"]
@@ -87,6 +96,50 @@ def random_phase_plate(
     smooth = np.fft.fft2(np.fft.ifft2(noise) * envelope)
     phase = np.angle(smooth)
     return xp.asarray(np.exp(1j * phase))
+
+
+#: Aberration coefficients of :func:`aberration_basis`, in metres (Krivanek's names; C10 here
+#: is the defocus Δf of :func:`make_probe`, > 0 underfocus).
+ABERRATIONS: tuple[str, ...] = ("C10", "C12a", "C12b", "C21a", "C21b", "C30")
+
+
+def aberration_basis(
+    shape: tuple[int, int], pixel_size: float, energy_ev: float, names: tuple[str, ...] = ABERRATIONS,
+    xp: ModuleType = np,
+) -> Any:
+    """χ per metre of each coefficient of ``names`` on the FFT-ordered grid, (n, M, M) radians/m:
+    χ(k) = (2π/λ)[½ C10 ω² + ½ ω² (C12a cos 2φ + C12b sin 2φ) + ⅓ ω³ (C21a cos φ + C21b sin φ)
+    + ¼ C30 ω⁴], ω = λ|k| and φ the azimuth of k (x towards y). χ is linear in the
+    coefficients, so a probe's aberrations are a dot product with this basis."""
+    lam = wavelength(energy_ev)
+    ky, kx = _k_grid(shape, pixel_size, xp)
+    k2 = ky * ky + kx * kx
+    terms = {
+        "C10": 0.5 * lam**2 * k2,
+        "C12a": 0.5 * lam**2 * (kx * kx - ky * ky),
+        "C12b": lam**2 * kx * ky,
+        "C21a": lam**3 * k2 * kx / 3.0,
+        "C21b": lam**3 * k2 * ky / 3.0,
+        "C30": 0.25 * lam**4 * k2 * k2,
+    }
+    unknown = [n for n in names if n not in terms]
+    if unknown:
+        raise ValueError(f"unknown aberration(s) {unknown}: choose from {ABERRATIONS}")
+    scale = 2.0 * np.pi / lam
+    return xp.stack([xp.broadcast_to(scale * terms[n], (shape[0], shape[1])) for n in names])
+
+
+def aberrate(probe: Any, pixel_size: float, energy_ev: float, coefficients: dict[str, float]) -> Any:
+    """``probe`` with the extra aberrations ``coefficients`` (metres, names of
+    :data:`ABERRATIONS`): ψ' = F⁻¹[F ψ · exp(−i χ)]. Its power is unchanged."""
+    xp = array_module(probe)
+    names = tuple(coefficients)
+    if not names:
+        return probe.copy()
+    basis = aberration_basis(tuple(probe.shape), pixel_size, energy_ev, names, xp)
+    c = xp.asarray([float(coefficients[n]) for n in names])
+    chi = (basis * c[:, None, None]).sum(axis=0)
+    return ifft2(fft2(probe) * xp.exp(-1j * chi).astype(complex_of(probe.dtype)))
 
 
 def make_probe(

@@ -10,6 +10,8 @@ needs no projection step; the chain rule gives the probe gradient (see :func:`_n
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .aberrations import ParametricProbe, fit_aberrations, search_aberrations
 from .backend import (
     array_module,
     asarray,
@@ -32,6 +35,7 @@ from .backend import (
     real_dtype,
     real_of,
     scalar_as,
+    to_numpy,
 )
 from .cg import minimize
 from .data import PtychoData
@@ -42,6 +46,8 @@ from .line_model import full_batch_line
 from .objective import data_term
 from .operators import Batch, forward, illumination, make_batch, sub_batch, to_fft_order
 from .options import ReconOptions
+from .positions import ScanModel, update_positions
+from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
 from .probes import make_probe, normalise_probe
@@ -50,6 +56,8 @@ from .state import ReconState
 #: The amplitude model's loss is doubled: Var(√y) ≈ ¼ for Poisson y, so 2(|z| − √y)² is its
 #: Gaussian NLL and matches the Poisson deviance's curvature at the fit (fair prior weights).
 AMPLITUDE_NLL_SCALE = 2.0
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]
 
@@ -155,7 +163,12 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
             raise ValueError("mask marks every detector pixel invalid")
         mask = xp.asarray(mask_host)
     positions = np.asarray(data.positions, dtype=np.float64)
-    geometry = fit_geometry(positions, data.real_pixel_size, m)
+    margin = 2
+    if opts.refine_positions:
+        # refined positions may leave the nominal scan's canvas: room for a few per cent
+        span = float(np.ptp(positions, axis=0).max()) / data.real_pixel_size if len(positions) else 0.0
+        margin = position_margin_px(span)
+    geometry = fit_geometry(positions, data.real_pixel_size, m, margin_px=margin)
     batch = make_batch(geometry.to_pixels(positions), geometry.object_shape, m, xp=xp)
     probe = _initial_probe(data, opts, xp, counts_fft)
     power = measured_probe_power(counts_fft, mask, probe)
@@ -367,6 +380,130 @@ def refine_full_batch(
     return x["object"], final_probe, losses
 
 
+def _spectral_centroid(probe: Any) -> np.ndarray:
+    """Circular centroid (cycles per pixel, y and x) of the probe's power spectrum."""
+    xp = array_module(probe)
+    power = xp.abs(fft2(probe)) ** 2
+    out = []
+    for axis, n in ((1, probe.shape[0]), (0, probe.shape[1])):
+        marginal = power.sum(axis=axis)
+        phase = xp.exp(2j * np.pi * xp.arange(n) / n)
+        out.append(float(np.angle(complex(to_numpy((marginal * phase).sum())))) / (2 * np.pi))
+    return np.asarray(out)
+
+
+def fix_phase_ramp(obj: Any, probe: Any, reference_probe: Any) -> tuple[Any, Any]:
+    """Fix the exact gauge between probe and object: a ramp e^{2πi q·r} on the object with
+    e^{−2πi q·r} on the probe leaves every intensity unchanged (the product gains a constant
+    phase per position), so a refined probe may drift along it and tilt the object's phase.
+    The probe's spectral centroid is put back where ``reference_probe`` (the starting probe)
+    has it, and the object takes the opposite ramp."""
+    xp = array_module(obj)
+    dq = _spectral_centroid(probe) - _spectral_centroid(reference_probe)
+    dq = (dq + 0.5) % 1.0 - 0.5
+    if not np.any(dq):
+        return obj, probe
+
+    def ramp(shape: tuple[int, int], sign: float) -> Any:
+        y = xp.arange(shape[0])[:, None]
+        x = xp.arange(shape[1])[None, :]
+        return xp.exp(sign * 2j * np.pi * (dq[0] * y + dq[1] * x))
+
+    return (obj * ramp(obj.shape, 1.0)).astype(obj.dtype), (probe * ramp(probe.shape, -1.0)).astype(probe.dtype)
+
+
+def _search_aberrations(problem: Problem, opts: ReconOptions) -> Problem:
+    """``problem`` with its probe replaced by the one :func:`search_aberrations` finds."""
+    model = ParametricProbe(problem.probe, problem.geometry.pixel_size, problem.energy, opts.aberrations)
+    fixed = opts.model_copy(update={"refine_probe": False})
+
+    def reduced(psi: Any) -> float:
+        _, _, losses = refine_full_batch(
+            problem.object, psi, problem.counts_fft, problem.batch, problem.mask, fixed,
+            opts.aberration_search_iterations, kappa=problem.kappa, probe_power=problem.probe_power,
+        )
+        return losses[-1] if losses else math.inf
+
+    before, after, evals = search_aberrations(model, reduced, opts.aberration_search_step_rad,
+                                              opts.aberration_search_rounds)
+    log.info("aberration search: reduced objective %.6g → %.6g (%d short reconstructions), %s",
+             before, after, evals, ", ".join(f"{k} {v * 1e9:+.2f} nm" for k, v in model.as_dict().items()))
+    return dataclasses.replace(problem, probe=model.probe().astype(problem.probe.dtype))
+
+
+def _probe_loss(fun: FullBatchObjective, obj: Any) -> Callable[[Any], tuple[float, Any]]:
+    """ψ ↦ (L, ∂L/∂ψ̄) of ``fun`` with the object held at ``obj``."""
+
+    def loss_and_grad(psi: Any) -> tuple[float, Any]:
+        loss, grads = fun({"object": obj, "probe": psi})
+        return loss, grads["probe"]
+
+    return loss_and_grad
+
+
+def refine_alternating(
+    problem: Problem, opts: ReconOptions, progress: Progress | None,
+) -> tuple[Any, Any, list[float], np.ndarray]:
+    """:func:`refine_full_batch` alternating with updates of the positions (gpu/positions.py)
+    and of the probe's aberration coefficients (gpu/aberrations.py), with the object held
+    between CG runs: after ``*_start_iteration`` CG iterations, every ``*_every``, none in the
+    last ``*_every`` (CG converges at the final positions and probe). Returns the object, the
+    probe, the losses and the positions (metres, refined or not)."""
+    geo = problem.geometry
+    total = opts.iterations
+    budget = opts.time_budget_s
+    t_start = time.perf_counter()
+    scale = AMPLITUDE_NLL_SCALE if opts.noise_model == "amplitude" else 1.0
+    scan = ScanModel(geo.to_pixels(problem.positions)) if opts.refine_positions else None
+    model = None
+    if opts.refine_aberrations:
+        model = ParametricProbe(problem.probe, geo.pixel_size, problem.energy, opts.aberrations)
+    due: dict[int, set[str]] = {}
+    if scan is not None:
+        for s in range(opts.position_start_iteration, total - opts.position_every + 1, opts.position_every):
+            due.setdefault(s, set()).add("positions")
+    if model is not None:
+        for s in range(opts.aberration_start_iteration, total - opts.aberration_every + 1,
+                       opts.aberration_every):
+            due.setdefault(s, set()).add("aberrations")
+    xp = problem.xp
+    m = geo.probe_shape
+    obj, probe = problem.object, problem.probe
+    losses: list[float] = []
+    it = 0
+    report = None if progress is None else (lambda i, _total, loss: progress(i, total, loss))
+    for stop in sorted(due) + [total]:
+        batch = problem.batch if scan is None else make_batch(scan.positions, geo.object_shape, m, xp=xp)
+        if stop > it:
+            left = None if budget is None else max(budget - (time.perf_counter() - t_start), 1e-3)
+            obj, probe, part = refine_full_batch(
+                obj, probe, problem.counts_fft, batch, problem.mask, opts, stop - it, left, it,
+                kappa=problem.kappa, probe_power=problem.probe_power, progress=report,
+            )
+            losses += part
+            it = stop  # CG may stop early (converged at these positions/probe): the schedule goes on
+        if stop >= total or (budget is not None and time.perf_counter() - t_start >= budget):
+            break
+        if "aberrations" in due[stop] and model is not None:
+            fun = FullBatchObjective(problem.counts_fft, batch, problem.mask, opts, problem.kappa,
+                                     problem.probe_power)
+            before, after, evals = fit_aberrations(
+                model, _probe_loss(fun, obj), opts.aberration_fit_iterations)
+            probe = model.probe()
+            log.info("aberrations: iteration %d, objective %.6g → %.6g (%d evaluations), %s", it,
+                     before, after, evals,
+                     ", ".join(f"{k} {v * 1e9:+.2f} nm" for k, v in model.as_dict().items()))
+        if "positions" in due[stop] and scan is not None:
+            psi, _ = _normalised(probe, problem.probe_power)
+            upd = update_positions(obj, psi, problem.counts_fft, scan, geo.object_shape, problem.mask,
+                                   opts, scale)
+            log.info("positions: iteration %d, %s, data term %.6g → %.6g, largest move %.3f px", it,
+                     "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
+                     upd.max_shift_px)
+    positions = problem.positions if scan is None else geo.to_metres(scan.positions)
+    return obj, probe, losses, positions
+
+
 def reconstruct(
     data: PtychoData,
     options: ReconOptions | dict[str, Any] | None = None,
@@ -380,14 +517,26 @@ def reconstruct(
     has_probe = data.probe is not None or data.probe_model is not None
     opts = problem.options.with_probe_decision(
         measured_probe_power(problem.counts_fft, problem.mask), has_probe)
-    obj, probe, losses = refine_full_batch(
-        problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts,
-        opts.iterations, kappa=problem.kappa, probe_power=problem.probe_power, progress=progress,
-    )
+    if opts.aberration_search:
+        problem = _search_aberrations(problem, opts)
+    positions = problem.positions
+    nominal = None
+    if opts.refine_positions or opts.refine_aberrations:
+        if opts.refine_aberrations and opts.refine_probe:
+            raise ValueError("refine_aberrations and refine_probe both refine the probe: choose one")
+        obj, probe, losses, positions = refine_alternating(problem, opts, progress)
+        nominal = problem.positions if opts.refine_positions else None
+    else:
+        obj, probe, losses = refine_full_batch(
+            problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts,
+            opts.iterations, kappa=problem.kappa, probe_power=problem.probe_power, progress=progress,
+        )
+    if opts.refine_probe is True:
+        obj, probe = fix_phase_ramp(obj, probe, problem.probe)
     state = ReconState(
         object=obj, probe=probe, geometry=problem.geometry, iteration=len(losses),
         options=opts.to_dict(), frames_used=int(problem.counts_fft.shape[0]),
-        positions=problem.positions, energy=problem.energy,
+        positions=positions, energy=problem.energy, nominal_positions=nominal,
     )
     for i, value in enumerate(losses, start=1):
         state.record_loss(i, value)
@@ -398,10 +547,12 @@ __all__ = [
     "AMPLITUDE_NLL_SCALE",
     "FullBatchObjective",
     "Problem",
+    "fix_phase_ramp",
     "illuminated_pixels",
     "measured_probe_power",
     "prepare",
     "problem_kappa",
     "reconstruct",
+    "refine_alternating",
     "refine_full_batch",
 ]

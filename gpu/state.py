@@ -24,6 +24,8 @@ class ReconState:
     frames_used: int = 0
     positions: Any | None = None  #: (K, 2) m, (y, x) probe centres of the frames used
     energy: float | None = None  #: eV
+    #: (K, 2) m, the nominal positions when ``positions`` were refined from the data
+    nominal_positions: Any | None = None
 
     @property
     def backend(self) -> str:
@@ -46,6 +48,8 @@ class ReconState:
             frames_used=self.frames_used,
             positions=None if self.positions is None else np.array(to_numpy(self.positions)),
             energy=self.energy,
+            nominal_positions=None if self.nominal_positions is None
+            else np.array(to_numpy(self.nominal_positions)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +72,8 @@ class ReconState:
             out["positions_m"] = np.asarray(to_numpy(self.positions), dtype=np.float64)
         if self.energy is not None:
             out["energy_eV"] = float(self.energy)
+        if self.nominal_positions is not None:
+            out["nominal_positions_m"] = np.asarray(to_numpy(self.nominal_positions), dtype=np.float64)
         return out
 
     @classmethod
@@ -84,6 +90,7 @@ class ReconState:
             probe_shape=tuple(int(v) for v in probe.shape),  # type: ignore[arg-type]
         )
         positions = d.get("positions_m")
+        nominal = d.get("nominal_positions_m")
         return cls(
             object=obj,
             probe=probe,
@@ -95,4 +102,5 @@ class ReconState:
             frames_used=int(d.get("frames_used", 0)),
             positions=None if positions is None else np.asarray(positions, dtype=np.float64),
             energy=None if d.get("energy_eV") is None else float(d["energy_eV"]),
+            nominal_positions=None if nominal is None else np.asarray(nominal, dtype=np.float64),
         )

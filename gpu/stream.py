@@ -37,7 +37,7 @@ from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, scatter_add
 from .options import ReconOptions
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
-from .reconstruct import refine_full_batch
+from .reconstruct import Problem, refine_alternating, refine_full_batch
 from .state import ReconState
 
 #: Spare object pixels kept around every probe window (sub-pixel shifts need one).
@@ -147,6 +147,8 @@ class StreamingReconstructor:
         self._refined = 0  # full-batch CG iterations run by refine()
         self._probe_decision: bool | None = None  # refine_probe "auto", once decided
         self._energy = energy_eV
+        #: the positions as received, once ``refine`` has refined them (refine_positions)
+        self._nominal_positions: np.ndarray | None = None
         if extent_m is not None:
             self._new_canvas(np.zeros((0, 2)))
 
@@ -504,11 +506,14 @@ class StreamingReconstructor:
         kappa, power = host_floats(self._kappa(), self.probe_power())
         if time_budget_s is not None:
             time_budget_s = max(0.0, time_budget_s - (clock() - t_entry))
-        obj, probe, losses = refine_full_batch(
-            self.obj, self.probe, self.frame_store.frames[:n], batch, self.mask, opts,
-            iterations, time_budget_s, start_iteration=start, sparse=self._sparse,
-            kappa=kappa, probe_power=power, progress=callback, clock=clock,
-        )
+        if opts.refine_positions or opts.refine_aberrations:
+            obj, probe, losses = self._refine_alternating(opts, batch, iterations, time_budget_s, callback)
+        else:
+            obj, probe, losses = refine_full_batch(
+                self.obj, self.probe, self.frame_store.frames[:n], batch, self.mask, opts,
+                iterations, time_budget_s, start_iteration=start, sparse=self._sparse,
+                kappa=kappa, probe_power=power, progress=callback, clock=clock,
+            )
         self.obj = obj.astype(self._cdtype, copy=False)
         self.probe = probe.astype(self._cdtype, copy=False)
         self._velocity[...] = 0
@@ -519,6 +524,35 @@ class StreamingReconstructor:
             self._loss_history.append(value)
         self._refined += len(losses)
         return per_position
+
+    def _refine_alternating(
+        self, opts: ReconOptions, batch: Batch, iterations: int, time_budget_s: float | None,
+        callback: Callable[[int, int, float], None] | None,
+    ) -> tuple[Any, Any, list[float]]:
+        """The offline engine's CG alternating with position and/or aberration updates
+        (reconstruct.refine_alternating) on every frame received; refined positions replace
+        the stored ones, the received ones are kept for the snapshot."""
+        assert self.geometry is not None
+        n = self.n_frames
+        if opts.refine_aberrations and self._energy is None:
+            raise ValueError("refine_aberrations needs the beam energy (energy_eV)")
+        problem = Problem(
+            xp=self.xp, options=opts, counts_fft=self.frame_store.frames[:n], mask=self.mask,
+            batch=batch, geometry=self.geometry, probe=self.probe, object=self.obj,
+            positions=self.frame_store.positions[:n].copy(), probe_power=self.probe_power(),
+            kappa=self._kappa(), energy=float(self._energy or 0.0),
+        )
+        run = opts.model_copy(update={"iterations": iterations, "time_budget_s": time_budget_s})
+        obj, probe, losses, positions = refine_alternating(problem, run, callback)
+        if opts.refine_positions:
+            received = problem.positions  # as stored before this call
+            if self._nominal_positions is None:
+                self._nominal_positions = received.copy()
+            elif len(self._nominal_positions) < n:  # frames that arrived since the last refine
+                self._nominal_positions = np.concatenate(
+                    [self._nominal_positions, received[len(self._nominal_positions):]])
+            self.frame_store.positions[:n] = positions
+        return obj, probe, losses
 
     def snapshot(self) -> ReconState:
         """Host copies of object, probe and bookkeeping, safe to hand to another thread."""
@@ -535,6 +569,8 @@ class StreamingReconstructor:
             frames_used=n,
             positions=self.frame_store.positions[:n].copy(),
             energy=self._energy,
+            nominal_positions=None if self._nominal_positions is None
+            else self._nominal_positions[:n].copy(),
         )
         start = self._iteration - len(self._loss_history) + 1
         state.loss_epochs = list(range(start, self._iteration + 1))

@@ -32,6 +32,7 @@ from .message_types import (
 from .wire import flatten, nest, pack, read_header, unpack, wire_dtype
 
 _DEFAULT_LIMITS = Limits()
+INGEST_TYPE_NAMES = tuple(cls.type for cls in INGEST_TYPES)
 
 #: type → {array name: (wire dtypes, allowed ndims, required)}; None = free-form (control)
 ARRAYS: dict[str, dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]] | None] = {
@@ -184,7 +185,8 @@ def decode(
 ) -> Message:
     """Parts (bytes or zmq.Frame) → validated message, or ProtocolError naming field and rule.
 
-    With ``scans`` (scan id → its ScanStart), frames/scan_end/abort must name a known scan and
+    With ``scans`` (scan id → its ScanStart) the message must be an ingest type,
+    frames/scan_end/abort must name a known scan and
     are checked against its declaration (frame shape, dtype, index range, positions), and a
     scan_start must not reuse a known id.
     """
@@ -192,6 +194,15 @@ def decode(
     raw_header, arrays, codecs = unpack(parts, limits)
     header = schema.parse_header(raw_header)
     sid = getattr(header, "scan_id", None)
+    if scans is not None and header.type not in INGEST_TYPE_NAMES:
+        # with session state this is the ingest socket: a reply, request or event sent here is
+        # a peer wired to the wrong socket, refused by name like any other bad message
+        raise ProtocolError(
+            "type",
+            "ingest_expected",
+            f"the ingest socket takes {', '.join(INGEST_TYPE_NAMES)}, not {header.type!r}",
+            sid,
+        )
     _check_arrays(header.type, arrays, sid)
     msg = _from_wire(header, arrays, codecs.get("data", "none"))
     scan = None

@@ -49,17 +49,30 @@ def dispatch(table: Mapping[str, Handler], request: Request) -> Reply:
     """
     handler = table.get(request.method)
     if handler is None:
-        return Reply(False, f"unknown method {request.method!r}; known: {', '.join(sorted(table))}")
+        known = ", ".join(sorted(table))
+        return Reply(
+            False,
+            f"unknown method {request.method!r}; known: {known}",
+            {"field": "method", "rule": "known_method"},
+        )
     try:
         inspect.signature(handler).bind(**request.params)
     except TypeError as exc:
-        return Reply(False, f"bad params for {request.method!r}: {exc}")
+        return Reply(
+            False,
+            f"bad params for {request.method!r}: {exc}",
+            {"field": "params", "rule": "signature"},
+        )
     try:
         result = handler(**request.params)
     except ProtocolError as exc:
         return Reply(False, str(exc), {"field": exc.field, "rule": exc.rule})
     except Exception as exc:  # noqa: BLE001 - a handler bug is the caller's reply, never a crash
-        return Reply(False, f"{request.method} failed: {type(exc).__name__}: {exc}")
+        return Reply(
+            False,
+            f"{request.method} failed: {type(exc).__name__}: {exc}",
+            {"field": "method", "rule": "internal_error"},
+        )
     if result is None:
         result = {}
     elif is_dataclass(result) and not isinstance(result, type):
@@ -108,7 +121,11 @@ def handle(
         return envelope + encode(reply)
     except Exception as exc:  # noqa: BLE001 - a result msgpack cannot carry is still answered
         return envelope + encode(
-            Reply(False, f"reply of {request.method!r} could not be encoded: {exc}")
+            Reply(
+                False,
+                f"reply of {request.method!r} could not be encoded: {exc}",
+                {"field": "result", "rule": "encodable"},
+            )
         )
 
 

@@ -96,7 +96,8 @@ def check_scan_start(msg: ScanStart, limits: Limits) -> None:
                 "count_match",
                 f"raster {ny}×{nx} ≠ expected_frames {msg.expected_frames}",
             )
-        corners = msg.raster.positions()[[0, nx - 1, (ny - 1) * nx, ny * nx - 1]]
+        # an affine grid reaches farthest at its corners: four positions, not ny·nx of them
+        corners = msg.raster.positions(np.array([0, nx - 1, (ny - 1) * nx, ny * nx - 1]))
         if np.abs(corners).max() > limits.max_abs_position_m:
             fail(
                 "scan",

@@ -23,6 +23,9 @@ from .limits import Limits
 
 PROTOCOL = "cryoptycho"
 VERSION = 1
+#: nesting depth of maps and lists a header may have (free-form ``metadata``/``options`` included);
+#: receivers store headers as JSON, and deeper trees would exhaust the recursion of its encoder
+MAX_DEPTH = 32
 
 #: wire dtype name → little-endian numpy dtype (bool is one byte, 0 or 1)
 DTYPES: dict[str, np.dtype] = {
@@ -94,6 +97,30 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ProtocolError("header", "no_ext_types", f"msgpack extension type {code} is not allowed")
 
 
+def _check_tree(header: dict[str, Any]) -> None:
+    """Values msgpack can carry but the protocol cannot store: the timestamp extension (which
+    msgpack decodes itself, past ``ext_hook``), binary strings (headers hold text; bytes travel
+    as array parts), binary map keys, and trees nested deeper than :data:`MAX_DEPTH`."""
+    stack: list[tuple[str, Any, int]] = [("", header, 0)]
+    while stack:
+        path, node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError(path, "max_depth", f"maps and lists nest deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise ProtocolError(
+                        path or "header", "string_key", f"map key {key!r} is not a UTF-8 string"
+                    )
+                stack.append((f"{path}.{key}" if path else key, value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in enumerate(node))
+        elif isinstance(node, msgpack.Timestamp):
+            raise ProtocolError(path, "no_ext_types", "msgpack extension type -1 (timestamp) is not allowed")
+        elif isinstance(node, (bytes, bytearray)):
+            raise ProtocolError(path, "no_binary", "binary values are not allowed in headers (send an array)")
+
+
 def byte_view(part: Any) -> memoryview:
     """A flat byte view of a message part (bytes, array, or zmq.Frame), without copying."""
     # zmq.Frame (received with copy=False) exposes its bytes without a copy via .buffer
@@ -135,12 +162,18 @@ def read_header(parts: Sequence[Any], limits: Limits) -> dict[str, Any]:
         raise ProtocolError(
             "header", "map", f"header must be a msgpack map, got {type(header).__name__}"
         )
+    try:
+        _check_tree(header)
+    except ProtocolError as exc:
+        sid = header.get("scan_id")
+        exc.scan_id = sid if isinstance(sid, str) else None
+        raise
     if header.get("protocol") != PROTOCOL:
         raise ProtocolError(
             "protocol", "value", f"expected {PROTOCOL!r}, got {header.get('protocol')!r}"
         )
     version = header.get("version")
-    if version != VERSION or isinstance(version, bool):
+    if type(version) is not int or version != VERSION:  # 1.0 and True are not the integer 1
         raise ProtocolError(
             "version",
             "supported",
@@ -232,14 +265,14 @@ def _decode_array(i: int, desc: Any, view: memoryview, limits: Limits) -> tuple[
             f"{codec!r} is not one of {', '.join(limits.compressions)}",
         )
     nbytes = desc.get("nbytes", view.nbytes)
-    if nbytes != view.nbytes:
+    if type(nbytes) is not int or nbytes != view.nbytes:  # a float 100.0 is not an int
         raise ProtocolError(
             f"{where}.nbytes",
             "size_match",
             f"descriptor says {nbytes} bytes, part has {view.nbytes}",
         )
     crc = desc.get("crc32")
-    if crc is not None and crc != zlib.crc32(view):
+    if crc is not None and (type(crc) is not int or crc != zlib.crc32(view)):
         raise ProtocolError(
             f"{where}.crc32", "checksum", f"part of {name!r} does not match its CRC-32"
         )

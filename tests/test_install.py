@@ -214,7 +214,8 @@ def test_simulate_serve_replay_from_the_installed_command(install: Install) -> N
     try:
         ready = json.loads(serve.stdout.readline() or "{}")
         assert ready.get("event") == "ready", (serve.wait(TIMEOUT_S), log.read_text())
-        install.cryoptycho("replay", str(work / "tiny.h5"), "--endpoint", ready["ingest"], "--rate", "0")
+        install.cryoptycho("replay", str(work / "tiny.h5"), "--endpoint", ready["ingest"],
+                          "--control", ready["control"], "--rate", "0")
         def ended() -> list:
             assert serve.poll() is None, log.read_text()
             scans = [s for s in ctl.list_scans() if s["scan_id"] == "tiny"]

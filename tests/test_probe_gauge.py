@@ -5,6 +5,7 @@ object tilted in phase, and scores of refined reconstructions must remove the ra
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from cryoptycho.gpu.backend import backend_name, to_numpy
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.reconstruct import FullBatchObjective, prepare, refine_full_batch
@@ -60,3 +61,39 @@ def test_refined_probe_costs_only_a_phase_ramp_without_prior():
     truth = data.truth_object
     region = scored_region(truth, 12)
     assert nrmse(_deramped(obj, truth, region), truth, region) < 3e-3
+
+
+def test_reconstruct_fixes_the_ramp_gauge_of_a_refined_probe():
+    """The same noiseless, prior-free refinement through ``reconstruct``: the ramp the probe
+    picked up is handed back (the probe's spectral centroid returns to the starting probe's),
+    so the object itself, not only its deramped copy, is the truth."""
+    from cryoptycho.gpu.reconstruct import reconstruct
+
+    data = synthetic_dataset(1e5, grid=6, seed=0, noiseless=True, radius_px=(2.5, 5.0))
+    region = scored_region(data.truth_object, 12)
+    opts = {"iterations": 60, "refine_probe": True, "mu0": 0.0, "seed": 0}
+    state = reconstruct(data, opts)
+    raw = nrmse(to_numpy(state.object), data.truth_object, region)
+    pb = prepare(data, ReconOptions(**opts))
+    unfixed, _, _ = refine_full_batch(pb.object, pb.probe, pb.counts_fft, pb.batch, pb.mask,
+                                      ReconOptions(**opts), 60, kappa=pb.kappa, probe_power=pb.probe_power)
+    before = nrmse(to_numpy(unfixed), data.truth_object, region)
+    assert raw < 0.3 * before, (before, raw)
+    assert raw < 5e-3
+
+
+def test_scores_remove_the_phase_ramp_gauge():
+    from cryoptycho.gpu.metrics import phase_ramp
+    from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
+
+    truth = synthetic_dataset(1e4, grid=8, seed=2, radius_px=(2.5, 5.0)).truth_object.astype(np.complex128)
+    y, x = np.mgrid[0:truth.shape[0], 0:truth.shape[1]]
+    tilted = truth * np.exp(1j * (0.004 * y - 0.006 * x))
+    assert phase_ramp(tilted, truth) == pytest.approx((0.004, -0.006), abs=1e-9)
+    positions = np.stack(np.meshgrid(np.arange(20, 40), np.arange(20, 40), indexing="ij"), -1).reshape(-1, 2) * 1e-10
+    origin = (0.0, 0.0)
+    kept = evaluate_against_truth(tilted, origin, truth, origin, 1e-10, positions, register=False, deramp=False)
+    removed = evaluate_against_truth(tilted, origin, truth, origin, 1e-10, positions, register=False)
+    assert removed.phase_correlation > 0.999 and removed.nrmse < 1e-6
+    assert kept.phase_correlation < removed.phase_correlation - 0.01
+    assert removed.ramp_rad_per_px == pytest.approx((0.004, -0.006), abs=1e-6)

@@ -12,6 +12,7 @@ from cryoptycho.protocols.compression import compress
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits
 from cryoptycho.protocols.messages import (
+    ErrorEvent,
     Frames,
     Metrics,
     ProbeModelSpec,
@@ -55,6 +56,13 @@ def setter(path: str, value: Any) -> Callable[[dict], None]:
 
 
 DELETE = object()
+
+
+def _nested(depth: int) -> dict:
+    tree: dict = {}
+    for _ in range(depth):
+        tree = {"a": tree}
+    return tree
 
 
 def arr(i: int, key: str, value: Any) -> Callable[[dict], None]:
@@ -105,6 +113,66 @@ CASES: list[tuple[str, Callable[[], list[Any]], Any, Limits | None, str, str]] =
         "no_ext_types",
     ),
     ("not a map", lambda: [msgpack.packb([1, 2])], None, None, "header", "map"),
+    (
+        "timestamp in metadata",
+        lambda: edit(start_parts(), setter("metadata", {"when": msgpack.Timestamp(1, 0)})),
+        None,
+        None,
+        "metadata.when",
+        "no_ext_types",
+    ),
+    (
+        "timestamp as time_s",
+        lambda: edit(start_parts(), setter("time_s", msgpack.Timestamp(1, 0))),
+        None,
+        None,
+        "time_s",
+        "no_ext_types",
+    ),
+    (
+        "binary in metadata",
+        lambda: edit(start_parts(), setter("metadata", {"raw": [1, b"\x00"]})),
+        None,
+        None,
+        "metadata.raw[1]",
+        "no_binary",
+    ),
+    (
+        "binary map key",
+        lambda: edit(start_parts(), setter("options", {b"iterations": 3})),
+        None,
+        None,
+        "options",
+        "string_key",
+    ),
+    (
+        "nested too deep",
+        lambda: edit(start_parts(), setter("metadata", _nested(40))),
+        None,
+        None,
+        "metadata" + ".a" * 32,
+        "max_depth",
+    ),
+    (
+        "float version",
+        lambda: edit(start_parts(), setter("version", 1.0)),
+        None,
+        None,
+        "version",
+        "supported",
+    ),
+    (
+        "float nbytes",
+        lambda: edit(frame_parts(), arr(0, "nbytes", 16.0)),
+        SCANS,
+        None,
+        "arrays[0].nbytes",
+        "size_match",
+    ),
+    ("request on ingest", lambda: encode(Request("ping")), {}, None, "type", "ingest_expected"),
+    ("reply on ingest", lambda: encode(Reply(True)), SCANS, None, "type", "ingest_expected"),
+    ("event on ingest", lambda: encode(ScanEvent("s1", "accepted")), SCANS, None, "type", "ingest_expected"),
+    ("error on ingest", lambda: encode(ErrorEvent("f", "r", "m", "s1")), SCANS, None, "type", "ingest_expected"),
     (
         "wrong protocol",
         lambda: edit(start_parts(), setter("protocol", "ptypy")),
@@ -917,9 +985,43 @@ def test_distinct_scan_ids_name_distinct_files():
     assert ":" not in file_stem("run:7:scan:2")
 
 
-@pytest.mark.parametrize("scan_id", ["-x", "a/b", "a b", "a\n", "x" * 201])
+@pytest.mark.parametrize("scan_id", ["-x", "a/b", "a b", "a\n", ""])
 def test_spool_names_refuse_what_the_protocol_refuses(scan_id):
     from cryoptycho.daemon.storage.spool import spool_path
 
     with pytest.raises(ValueError, match="cannot name a spool file"):
         spool_path("spool", scan_id)
+
+
+@pytest.mark.parametrize("scan_id", ["a" + ":" * 127, "b" * 1024, "c:" * 400, "x" * 201])
+def test_long_scan_ids_name_files_the_file_system_takes(tmp_path, scan_id):
+    """127 ':' escape to 382 bytes, over the 255 a file name holds: stems are bounded."""
+    from cryoptycho.daemon.storage.spool import MAX_STEM, file_stem, spool_path
+
+    assert decode(start_parts(scan_id=scan_id[:128])).scan_id == scan_id[:128]
+    stem = file_stem(scan_id)
+    assert len(stem) <= MAX_STEM and "/" not in stem and ":" not in stem
+    for name in (spool_path(tmp_path, scan_id), tmp_path / f"{stem}.phase.png", tmp_path / f"{stem}.h5"):
+        name.write_bytes(b"x")  # the file system takes the name
+        assert name.exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    a=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,300}", fullmatch=True),
+    b=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,300}", fullmatch=True),
+)
+def test_file_stems_are_injective(a, b):
+    from cryoptycho.daemon.storage.spool import file_stem
+
+    assert (file_stem(a) == file_stem(b)) == (a == b)
+
+
+def test_shortened_stems_differ_from_full_ones_and_each_other():
+    from cryoptycho.daemon.storage.spool import MAX_STEM, file_stem
+
+    base = "r" * (MAX_STEM - 10)
+    ids = [base + ":" * k for k in range(12)] + [base + ":" * 11 + "a", base + ":" * 11 + "b"]
+    stems = [file_stem(i) for i in ids]
+    assert len(set(stems)) == len(ids)
+    assert any("~" in s for s in stems) and any("~" not in s for s in stems)

@@ -22,6 +22,7 @@ OUT/<sample>_frc.png, OUT/<sample>_images.png.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -39,6 +40,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 PAPER_PTYCHO = {"hemoglobin": {5: 12.0, 20: 8.9}, "proteasome": {5: 10.9, 20: 9.1}, "ribosome": {5: 10.3, 20: 5.4}}
 PAPER_PHASE_PLATE = {"hemoglobin": {20: 8.7}, "ribosome": {20: 5.1}}
 PAPER_AVERAGED = {"hemoglobin": 3.4, "proteasome": 3.1, "ribosome": 2.9}
+#: options of the "refined" column of ``--realistic`` (gpu/ENGINE.md, "Realistic experiments")
+REFINEMENT = {"refine_positions": True, "aberration_search": True, "aberrations": ["C10"],
+              "aberration_search_iterations": 30, "aberration_search_rounds": 2}
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Config:
     pixel_size: float
     backend: str
     seed: int
+    realistic: bool = False
 
 
 def _fmt(v: float | None) -> str:
@@ -72,7 +77,9 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
     from cryoptycho.gpu.options import ReconOptions
     from cryoptycho.gpu.reconstruct import reconstruct
     from cryoptycho.gpu.sim.cryoem import reference_image, simulate_cryoem
+    from cryoptycho.gpu.sim.errors import ExperimentErrors
     from cryoptycho.gpu.sim.evaluation import (
+        dose_efficiency,
         evaluate_against_truth,
         evaluate_image,
         quantum_limit,
@@ -85,26 +92,58 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
 
     model = load_model(sample).centred()
     opts = ReconOptions(iterations=cfg.iterations, refine_probe=False, backend=cfg.backend)  # type: ignore[arg-type]
+    #: realistic runs: the nominal probe's defocus and astigmatism searched, positions refined
+    opts_refined = opts.merged(REFINEMENT)
     out: dict[str, Any] = {"sample": sample, "doses": {}, "images": {}}
 
-    def simulate(dose: float, seed: int) -> Any:
-        return simulate_ptychography(
-            model, dose=dose, frame_size=cfg.frame_size, pixel_size=cfg.pixel_size, seed=seed,
-            probe_seed=cfg.seed, backend=cfg.backend,
-        )
+    errors = ExperimentErrors.realistic(cfg.seed) if cfg.realistic else None
 
-    def recon(data: Any) -> np.ndarray:
-        state = reconstruct(data, opts)
+    def simulate_pair(dose: float, seed: int) -> tuple[Any, Any]:
+        """(oracle, nominal): with ``--realistic`` the same frames with the true probe and
+        positions, and with the nominal ones; else the dataset and None."""
+        data = simulate_ptychography(
+            model, dose=dose, frame_size=cfg.frame_size, pixel_size=cfg.pixel_size, seed=seed,
+            probe_seed=cfg.seed, backend=cfg.backend, errors=errors,
+        )
+        if errors is None:
+            return data, None
+        oracle = dataclasses.replace(data, positions=data.truth_positions, probe=data.truth_probe,
+                                     probe_model=None)
+        return oracle, data
+
+    def simulate(dose: float, seed: int) -> Any:
+        return simulate_pair(dose, seed)[0]
+
+    def recon(data: Any, options: Any = opts) -> np.ndarray:
+        state = reconstruct(data, options)
         bar.advance(task)
         from cryoptycho.gpu.backend import to_numpy
 
         return to_numpy(state.object), state.geometry.origin
 
+    def realistic(data: Any, nominal: Any, dose: float) -> dict[str, Any]:
+        """Nominal probe and positions, without and with refinement, beside the oracle."""
+        rows = {}
+        for name, options in (("nominal", opts), ("refined", opts_refined)):
+            t1 = time.perf_counter()
+            o, org = recon(nominal, options)
+            ev = evaluate_against_truth(o, org, data.truth_object, data.truth_origin, cfg.pixel_size,
+                                        data.positions)
+            rows[name] = {**ev.summary(), "seconds": time.perf_counter() - t1,
+                          "dose_efficiency": efficiency(ev, data, dose)}
+        return rows
+
+    def efficiency(ev: Any, data: Any, dose: float) -> float:
+        return dose_efficiency(ev.resolutions["particle/pooled/1-bit"], data.truth_object,
+                               data.truth_origin, cfg.pixel_size, data.positions, dose)
+
     first = None
     for dose in cfg.doses:
         t0 = time.perf_counter()
-        data = simulate(dose, cfg.seed)
+        data, nominal = simulate_pair(dose, cfg.seed)
+        t_recon = time.perf_counter()
         obj, origin = recon(data)
+        recon_seconds = time.perf_counter() - t_recon
         ev = evaluate_against_truth(obj, origin, data.truth_object, data.truth_origin,
                                     cfg.pixel_size, data.positions)
         # cryo-EM on the truth canvas, scored inside the same footprint of the scanned box
@@ -132,7 +171,11 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
             "positions": len(data.positions),
             "seconds": time.perf_counter() - t0,
             "frc_particle": ev.frc_particle,
+            "dose_efficiency": efficiency(ev, data, dose),
         }
+        if errors is not None:
+            out["doses"][dose]["oracle_seconds"] = recon_seconds
+            out["doses"][dose]["realistic"] = realistic(data, nominal, dose)
         out["images"][("truth", dose)] = truth_ph
         box_origin = (data.truth_origin[0] + sy.start * cfg.pixel_size,
                       data.truth_origin[1] + sx.start * cfg.pixel_size)
@@ -203,15 +246,15 @@ def _plots(result: dict[str, Any], outdir: Path) -> list[Path]:
 
 def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
     lines = [
-        ("| sample | dose (e⁻/Å²) | ptycho 1-bit raw | ptycho 1-bit pooled | phase corr. | quantum limit 1-bit "
+        ("| sample | dose (e⁻/Å²) | ptycho 1-bit raw | ptycho 1-bit pooled | phase corr. | dose eff. | quantum limit 1-bit "
          "raw / pooled | q. l. phase corr. | defocus 1-bit | phase plate 1-bit | paper ptycho 1-bit | "
          "paper phase plate |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["sample"]
         if "error" in r:
-            lines.append(f"| {s} | – | skipped: {r['error']} | | | | | | | | |")
+            lines.append(f"| {s} | – | skipped: {r['error']} | | | | | | | | | |")
             continue
         for dose, d in r["doses"].items():
             res = d["ptychography"]["resolution_m"]
@@ -219,7 +262,7 @@ def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
             lim = d["quantum_limit"]
             lines.append(
                 f"| {s} | {dose:g} | {_fmt(res['particle/raw/1-bit'])} | {_fmt(res['particle/pooled/1-bit'])} | "
-                f"{d['ptychography']['phase_correlation']:.2f} | "
+                f"{d['ptychography']['phase_correlation']:.2f} | {d['dose_efficiency']:.2f} | "
                 f"{_fmt(lim['resolution_m']['particle/raw/1-bit'])} / "
                 f"{_fmt(lim['resolution_m']['particle/pooled/1-bit'])} | {lim['phase_correlation']:.2f} | "
                 f"{_fmt(em['defocus']['particle/raw/1-bit'])} | "
@@ -237,6 +280,28 @@ def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
                 f"{_fmt(a['half_bit_pooled'])} | {_fmt(a['single_pair_half_bit_pooled'])} | "
                 f"{_paper(PAPER_AVERAGED.get(r['sample']))} |"
             )
+    real = [(r["sample"], dose, d) for r in results if "error" not in r
+            for dose, d in r["doses"].items() if "realistic" in d]
+    if real:
+        lines += ["", ("| sample | dose (e⁻/Å²) | run | phase corr. | NRMSE | 1-bit raw | 1-bit pooled | "
+                       "dose efficiency | wall time (s) |"), "|---|---|---|---|---|---|---|---|---|"]
+        for s, dose, d in real:
+            oracle = {**d["ptychography"], "dose_efficiency": d["dose_efficiency"]}
+            runs = [("oracle (true probe and positions)", oracle, d.get("oracle_seconds")),
+                    ("realistic, nominal probe and positions", d["realistic"]["nominal"],
+                     d["realistic"]["nominal"]["seconds"]),
+                    ("realistic, refined (defocus search + positions)", d["realistic"]["refined"],
+                     d["realistic"]["refined"]["seconds"])]
+            for name, e, sec in runs:
+                res = e["resolution_m"]
+                lines.append(
+                    f"| {s} | {dose:g} | {name} | {e['phase_correlation']:.3f} | {e['nrmse']:.4f} | "
+                    f"{_fmt(res['particle/raw/1-bit'])} | {_fmt(res['particle/pooled/1-bit'])} | "
+                    f"{e['dose_efficiency']:.2f} | {'–' if sec is None else f'{sec:.0f}'} |")
+        lines += ["", ("Realistic: `cryoptycho simulate --realistic` errors (20 nm defocus and 10 nm "
+                       "astigmatism off; 2 %/−1 % scan scale, 0.5° rotation, 1 % shear; 0.3 Å jitter; "
+                       "1 Å drift), the same frames for all three runs, scored against the truth at the "
+                       "true positions.")]
     lines += ["", (f"Resolutions in Å (full period); n/r = below threshold from the first ring. Settings: "
               f"{cfg.frame_size}×{cfg.frame_size} frames, {cfg.pixel_size * 1e10:.2f} Å pixels, randomized "
               f"probe, 75 % overlap, 50 nm ice, K2 detector, {cfg.iterations} CG iterations, "
@@ -258,11 +323,15 @@ def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy", show_default=True)
 @click.option("--structures", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of PDB/mmCIF files for samples not shipped (default $CRYOPTYCHO_STRUCTURES).")
+@click.option("--realistic", is_flag=True,
+              help="Simulate realistic errors (probe aberrations, scan distortion, jitter, drift) and "
+                   "add the nominal and the refined reconstructions beside the oracle one.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-paper"), show_default=True)
 def command(quick: bool, samples: str | None, doses: str, average: int | None, iterations: int | None, frame_size: int,
-            pixel_size: float, backend: str, structures: Path | None, seed: int, outdir: Path) -> None:
+            pixel_size: float, backend: str, structures: Path | None, realistic: bool, seed: int,
+            outdir: Path) -> None:
     """Regenerate the paper's resolution comparison (ptychography vs defocus vs phase plate)."""
     if structures is not None:
         os.environ["CRYOPTYCHO_STRUCTURES"] = str(structures)
@@ -277,13 +346,13 @@ def command(quick: bool, samples: str | None, doses: str, average: int | None, i
     cfg = Config(
         samples=[s.strip() for s in samples.split(",") if s.strip()], doses=dose_list, average=average,
         iterations=iterations, frame_size=frame_size, pixel_size=pixel_size * 1e-10, backend=backend,
-        seed=seed,
+        seed=seed, realistic=realistic,
     )
     outdir.mkdir(parents=True, exist_ok=True)
     console = Console()
     results = []
     t0 = time.perf_counter()
-    steps = len(cfg.samples) * (2 * len(cfg.doses) + max(0, 2 * cfg.average - 1))
+    steps = len(cfg.samples) * ((4 if realistic else 2) * len(cfg.doses) + max(0, 2 * cfg.average - 1))
     with Progress(TextColumn("[bold]bench paper[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("", total=steps)

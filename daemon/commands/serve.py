@@ -124,8 +124,9 @@ def dectris_notice_handler(service: Any) -> Any:
             service.metrics.dectris_header_warnings.labels(field=notice.field).inc()
         else:
             service.metrics.dectris_series.labels(outcome=notice.outcome, field=notice.field).inc()
-        service.outbox.post("error", ErrorEvent(f"dectris.{notice.field}", notice.rule, notice.message,
-                                                notice.scan_id, time.time()))
+        # through the service's error path: rate-limited, clipped, a bad scan id kept out of scan_id
+        service.publish_error(ErrorEvent(f"dectris.{notice.field}", notice.rule, notice.message,
+                                         notice.scan_id, time.time()))
 
     return handle
 

@@ -8,9 +8,12 @@ Writes the dataset file (daemon/storage/dataset.py) with ground-truth object and
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
+import numpy as np
+from cryoptycho.gpu.sim.errors import ExperimentErrors
 from cryoptycho.gpu.sim.scan import SCANS
 from cryoptycho.gpu.sim.specimen import SAMPLES
 from rich.console import Console
@@ -43,6 +46,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
               show_default=True, help="Multislice slice thickness, nm.")
 @click.option("--random-orientation", is_flag=True, help="Rotate the particle randomly (seeded).")
 @click.option("--no-hydrogens", is_flag=True, help="Do not add the hydrogens the model omits.")
+@click.option("--realistic", is_flag=True,
+              help="A realistic experiment: the true probe and positions differ from the nominal ones "
+                   "the dataset gives (20 nm defocus and 10 nm astigmatism off; 2 %/−1 % scan scale, "
+                   "0.5° rotation, 1 % shear; 0.3 Å jitter; 1 Å drift). The error flags below override "
+                   "single values; the truth is written under /truth.")
+@click.option("--defocus-error", type=float, help="True − nominal defocus, nm (> 0: more underfocus).")
+@click.option("--astigmatism", type=click.FloatRange(min=0), help="Two-fold astigmatism |C12| of the true probe, nm.")
+@click.option("--astigmatism-angle", type=float, help="Azimuth of the astigmatism, degrees.")
+@click.option("--scan-scale", type=(float, float), help="Scan scale error along y and x, per cent.")
+@click.option("--scan-rotation", type=float, help="Scan rotation, degrees.")
+@click.option("--scan-shear", type=float, help="Scan shear (x per y), per cent.")
+@click.option("--jitter", type=click.FloatRange(min=0), help="Rms per-axis position jitter, Å.")
+@click.option("--drift", type=(float, float), help="Drift (y, x) over the whole scan, Å.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -50,13 +66,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 def command(
     sample: str, dose: float, probe: str, frame_size: int, pixel_size: float, overlap: float,
     scan: str, ice: float, energy: float, semiangle: float, detector: str, thin: bool,
-    slice_thickness: float, random_orientation: bool, no_hydrogens: bool, seed: int, backend: str,
+    slice_thickness: float, random_orientation: bool, no_hydrogens: bool, realistic: bool,
+    defocus_error: float | None, astigmatism: float | None, astigmatism_angle: float | None,
+    scan_scale: tuple[float, float] | None, scan_rotation: float | None, scan_shear: float | None,
+    jitter: float | None, drift: tuple[float, float] | None, seed: int, backend: str,
     output: Path,
 ) -> None:
     """Simulate a low-dose ptychography scan of an atomic model in vitreous ice."""
     from cryoptycho.daemon.storage.dataset import write_dataset
     from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 
+    errors = experiment_errors(
+        realistic, seed, defocus_error=defocus_error, astigmatism=astigmatism,
+        astigmatism_angle=astigmatism_angle, scan_scale=scan_scale, scan_rotation=scan_rotation,
+        scan_shear=scan_shear, jitter=jitter, drift=drift,
+    )
     console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]simulating[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -74,7 +98,7 @@ def command(
                 ice_thickness=ice * 1e-9, energy=energy * 1e3, detector=detector, seed=seed,
                 semiangle=semiangle * 1e-3, multislice=not thin,
                 slice_thickness=slice_thickness * 1e-9, random_orientation=random_orientation,
-                hydrogens=not no_hydrogens, backend=backend, progress=progress,
+                hydrogens=not no_hydrogens, backend=backend, progress=progress, errors=errors,
             )
         except (ValueError, FileNotFoundError) as exc:
             raise click.UsageError(str(exc)) from exc
@@ -86,3 +110,40 @@ def command(
         f"{m['counts_per_pattern']:.0f} e⁻ incident per pattern "
         f"({data.frames.mean():.3f} counts per detector pixel), {m['n_slices']} slice(s)"
     )
+    if errors is not None:
+        shift = np.linalg.norm(data.truth_positions - data.positions, axis=1)
+        console.print(
+            f"realistic: nominal probe and positions in the file, truth under /truth; "
+            f"true probe {', '.join(f'{k} {v * 1e9:+.1f} nm' for k, v in errors.probe_errors.items()) or 'nominal'}; "
+            f"positions off by {shift.mean() * 1e10:.2f} Å on average (max {shift.max() * 1e10:.2f} Å)"
+        )
+
+
+def experiment_errors(
+    realistic: bool, seed: int, *, defocus_error: float | None = None, astigmatism: float | None = None,
+    astigmatism_angle: float | None = None, scan_scale: tuple[float, float] | None = None,
+    scan_rotation: float | None = None, scan_shear: float | None = None, jitter: float | None = None,
+    drift: tuple[float, float] | None = None,
+) -> ExperimentErrors | None:
+    """The errors the flags ask for (CLI units: nm, degrees, per cent, Å), on top of the
+    ``--realistic`` preset when given; None when there are none (an oracle experiment)."""
+    base = ExperimentErrors.realistic(seed) if realistic else ExperimentErrors(seed=seed)
+    updates: dict[str, object] = {}
+    if defocus_error is not None:
+        updates["defocus"] = defocus_error * 1e-9
+    if astigmatism is not None:
+        updates["astigmatism"] = astigmatism * 1e-9
+    if astigmatism_angle is not None:
+        updates["astigmatism_angle"] = float(np.deg2rad(astigmatism_angle))
+    if scan_scale is not None:
+        updates["scale"] = (scan_scale[0] * 1e-2, scan_scale[1] * 1e-2)
+    if scan_rotation is not None:
+        updates["rotation"] = float(np.deg2rad(scan_rotation))
+    if scan_shear is not None:
+        updates["shear"] = scan_shear * 1e-2
+    if jitter is not None:
+        updates["jitter"] = jitter * 1e-10
+    if drift is not None:
+        updates["drift"] = (drift[0] * 1e-10, drift[1] * 1e-10)
+    errors = dataclasses.replace(base, **updates)  # type: ignore[arg-type]
+    return errors if errors.any else None

@@ -16,6 +16,8 @@ Layout (all SI units; names carry their unit):
                            diameter_m, seed (optional)
     /truth/object          (Ny, Nx) complex64 ground truth (simulations), attr origin_m = (y, x)
     /truth/probe           (M, M) complex64 ground truth probe
+    /truth/positions_m     (K, 2) float64 true probe centres when /positions_m are nominal
+                           (a realistic simulation: scan distortion, jitter, drift)
     /metadata              attr json = free metadata as a JSON string
     /nav_shape             (ny, nx) int64 raster grid (rows, positions per row) when the positions
                            are a raster: LiberTEM's nav_shape, py4DSTEM's scan shape (R_Nx, R_Ny);
@@ -89,6 +91,8 @@ def write_dataset(path: str | Path, data: PtychoData) -> Path:
                 d.attrs["origin_m"] = np.asarray(data.truth_origin, dtype=np.float64)
         if data.truth_probe is not None:
             f["truth/probe"] = np.asarray(data.truth_probe, dtype=np.complex64)
+        if data.truth_positions is not None:
+            f["truth/positions_m"] = np.asarray(data.truth_positions, dtype=np.float64)
         f.create_group("metadata").attrs["json"] = json.dumps(data.metadata)
     return path
 
@@ -130,5 +134,6 @@ def read_dataset(path: str | Path) -> PtychoData:
             truth_object=f["truth/object"][()] if "truth/object" in f else None,
             truth_probe=f["truth/probe"][()] if "truth/probe" in f else None,
             truth_origin=truth_origin,  # type: ignore[arg-type]
+            truth_positions=f["truth/positions_m"][()] if "truth/positions_m" in f else None,
             metadata=meta,
         )

@@ -19,6 +19,8 @@ Layout:
     /probe_position_indexes                    (K,) their frame indices (0…K-1 unless the raw
                                                part says which frames they were)
     /nav_shape             (ny, nx) raster grid, when the scan was a raster (h5format)
+    /nominal_probe_position_x_m, /nominal_probe_position_y_m   (K,) the nominal centres, present
+                           when the positions above were refined from the data
     /loss_epochs, /loss_values                 (n,) iteration number and objective value
     /extra                 optional: caller's arrays (datasets) and scalars (attrs)
     /raw                   optional: written by the caller's ``raw`` hook (e.g. NXcxi_ptycho)
@@ -112,6 +114,10 @@ def write_result(
         if positions is not None:
             f["probe_position_y_m"] = positions[:, 0]
             f["probe_position_x_m"] = positions[:, 1]
+        nominal = d.get("nominal_positions_m")
+        if nominal is not None:  # the positions above were refined from the data
+            f["nominal_probe_position_y_m"] = nominal[:, 0]
+            f["nominal_probe_position_x_m"] = nominal[:, 1]
         f["loss_epochs"] = d["loss_epochs"]
         f["loss_values"] = d["loss_values"]
         if extra:
@@ -193,6 +199,10 @@ def read_result(path: str | Path) -> Result:
         positions = None
         if "probe_position_x_m" in f and "probe_position_y_m" in f:
             positions = np.stack([f["probe_position_y_m"][()], f["probe_position_x_m"][()]], axis=1)
+        nominal = None
+        if "nominal_probe_position_x_m" in f and "nominal_probe_position_y_m" in f:
+            nominal = np.stack([f["nominal_probe_position_y_m"][()],
+                                f["nominal_probe_position_x_m"][()]], axis=1)
         state = ReconState.from_dict({
             "object": f["object"][()],
             "probe": f["probe"][()],
@@ -204,6 +214,7 @@ def read_result(path: str | Path) -> Result:
             "options": json.loads(f.attrs.get("options", "{}")),
             "frames_used": int(f.attrs.get("frames_used", 0)),
             "positions_m": positions,
+            "nominal_positions_m": nominal,
             "energy_eV": float(f.attrs.get("electron_energy_eV", f.attrs["probe_energy_eV"])),
         })
         provenance = {

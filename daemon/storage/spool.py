@@ -24,6 +24,7 @@ mid-append leaves the previous count, so a reader never sees a half-written fram
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -45,24 +46,40 @@ from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 FORMAT = "cryoptycho-spool"
 FORMAT_VERSION = 1
 SUFFIX = ".spool.h5"
-_MAX_ID_CHARS = 200  # a file name holds 255 bytes, the suffix included
+#: bytes of a file stem: a file name holds 255 bytes, and ".spool.h5" / ".h5" / ".mrc" / ".png"
+#: must still fit behind it
+MAX_STEM = 200
+_HASH_HEX = 32  # 128 bits of SHA-256: no two scan ids share a stem in practice
 DATA = "entry_1/data_1"
 
 
 def spool_path(spool_dir: str | Path, scan_id: str) -> Path:
-    # every scan id the protocol accepts (at the default length limit) must name a spool file
-    if not re.fullmatch(SCAN_ID_PATTERN, scan_id) or len(scan_id) > _MAX_ID_CHARS:
+    # every scan id the protocol accepts, at any configured length limit, names a spool file
+    if not isinstance(scan_id, str) or not re.fullmatch(SCAN_ID_PATTERN, scan_id):
         raise ValueError(
-            f"scan_id {scan_id!r} cannot name a spool file: use 1-{_MAX_ID_CHARS} of "
-            "A-Z a-z 0-9 . _ : @ + -, starting with a letter or digit"
+            f"scan_id {scan_id!r} cannot name a spool file: use A-Z a-z 0-9 . _ : @ + -, "
+            "starting with a letter or digit"
         )
     return Path(spool_dir) / f"{file_stem(scan_id)}{SUFFIX}"
 
 
 def file_stem(scan_id: str) -> str:
-    """The scan's name in file names (spool and results). ':' is not portable (Windows, SMB
-    shares), so it becomes '%3A'; '%' is never part of a scan id, so no two ids share a stem."""
-    return scan_id.replace(":", "%3A")
+    """The scan's name in file names (spool and results), at most :data:`MAX_STEM` bytes.
+
+    ':' is not portable (Windows, SMB shares), so it becomes '%3A'; '%' is never part of a scan
+    id, so escaping alone is injective. An escaped id longer than :data:`MAX_STEM` keeps its
+    first characters (readable in a listing) and ends in '~' and a SHA-256 of the whole id:
+    '~' appears in no scan id and in no escaped stem, so a shortened stem never equals a full
+    one, and two shortened stems differ unless their ids' hashes collide."""
+    stem = scan_id.replace(":", "%3A")
+    if len(stem) <= MAX_STEM:
+        return stem
+    digest = hashlib.sha256(scan_id.encode()).hexdigest()[:_HASH_HEX]
+    head = stem[: MAX_STEM - _HASH_HEX - 1]
+    cut = head.rfind("%", len(head) - 2)  # never cut an escape in half
+    if cut >= 0:
+        head = head[:cut]
+    return f"{head}~{digest}"
 
 
 def _spec_header(spec: ScanSpec) -> str:

@@ -29,6 +29,7 @@ from ..geometry import ScanGeometry, fit_geometry, wavelength
 from ..operators import extract, from_fft_order, make_batch, shifted_probes
 from ..probes import make_probe
 from .detector import DetectorModel, get_detector, record
+from .errors import ExperimentErrors
 from .potential import Grid, SlicedSpecimen, Specimen
 from .scan import ScanKind, scan_positions, step_for_overlap
 from .specimen import AtomicModel, load_model
@@ -119,6 +120,7 @@ def simulate_ptychography(
     backend: str = "numpy",
     probe_seed: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    errors: ExperimentErrors | None = None,
 ) -> PtychoData:
     """Simulate one ptychographic scan of ``sample`` at ``dose`` e⁻/Å².
 
@@ -126,7 +128,10 @@ def simulate_ptychography(
     :class:`AtomicModel`. ``probe``: defocused | fzp | randomized. ``noise=False`` returns the
     expected intensities (float32) instead of counts. ``seed`` drives the noise, a random scan
     and orientation, and (unless ``probe_seed`` is given) the randomized probe's phase plate.
-    ``progress(done, total)`` is called as positions are simulated."""
+    ``progress(done, total)`` is called as positions are simulated. ``errors``: a realistic
+    experiment (gpu/sim/errors.py) — frames are recorded with the aberrated true probe at the
+    distorted true positions, while the dataset's ``probe_model`` and ``positions`` stay the
+    nominal ones; the truth is in ``truth_probe`` and ``truth_positions``."""
     if not dose > 0 or not np.isfinite(dose):
         raise ValueError(f"dose must be a positive number of e⁻/Å², got {dose!r}")
     if frame_size < 8:
@@ -151,13 +156,19 @@ def simulate_ptychography(
     step = step_for_overlap(unit_probe, pixel_size, overlap)
     extent = np.maximum(model.extent[1:], 0.0) + 2.0 * margin
     positions = scan_positions(scan, (float(extent[0]), float(extent[1])), step, rng)
+    true_positions = positions
+    if errors is not None and errors.any:
+        true_positions = errors.true_positions(positions)
+        unit_true = errors.true_probe(unit_probe, pixel_size, energy)
+    else:
+        unit_true = unit_probe
     area_per_position = float(extent[0] * extent[1]) / len(positions)
     if scan == "raster":
         area_per_position = step * step
     counts_per_pattern = dose * 1e20 * area_per_position
-    truth_probe = unit_probe * np.sqrt(counts_per_pattern)
+    truth_probe = unit_true * np.sqrt(counts_per_pattern)
 
-    geometry = fit_geometry(positions, pixel_size, shape, margin_px=2)
+    geometry = fit_geometry(np.vstack([positions, true_positions]), pixel_size, shape, margin_px=2)
     # the canvas holds the particle plus margin plus half a window on every side, so the
     # periodic potential never wraps an atom across it
     grid = Grid(geometry.object_shape, pixel_size, geometry.origin)
@@ -171,7 +182,7 @@ def simulate_ptychography(
             progress(done[0], total)
 
     expected = exit_wave_intensities(
-        sliced, truth_probe.astype(complex_dtype("single")), geometry, positions, energy,
+        sliced, truth_probe.astype(complex_dtype("single")), geometry, true_positions, energy,
         multislice, tick,
     )
     frames_fft = expected if not noise else record(expected, det, rng)
@@ -200,6 +211,8 @@ def simulate_ptychography(
         "noise": noise,
         "seed": seed,
     }
+    if errors is not None and errors.any:
+        meta["errors"] = errors.to_dict()
     return PtychoData(
         frames=frames,
         positions=positions,
@@ -209,5 +222,6 @@ def simulate_ptychography(
         truth_object=to_numpy(sliced.projected()).astype(np.complex64),
         truth_probe=to_numpy(truth_probe).astype(np.complex64),
         truth_origin=geometry.origin,
+        truth_positions=None if true_positions is positions else true_positions,
         metadata=meta,
     )

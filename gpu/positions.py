@@ -1,0 +1,242 @@
+"""Position correction: the probe positions refined from the data.
+
+A real scan's positions are nominal: scan coils add a few per cent of affine error (scale,
+rotation, shear), the stage jitters and drifts. The exit wave of position k depends on its
+sub-pixel offset δ_k through the Fourier shift theorem (operators.py),
+
+    z_k = F[ S_{δk} ψ · R_k T ],   S_δ ψ = F⁻¹[ F ψ · e^{−2πi q·δ} ],
+
+so ∂z_k/∂δ_a = F[ F⁻¹(F ψ · e^{−2πi q·δ} · (−2πi q_a)) · R_k T ] (the window R_k stays where it
+is for an infinitesimal move), and with the noise model's ∂L/∂z̄ = f·z (likelihood.py)
+
+    ∂L/∂δ_a = Σ f · ∂I/∂δ_a,   ∂I/∂δ_a = 2 Re(z̄ ∂z/∂δ_a),
+    H_ab   = Σ w ∂I/∂δ_a ∂I/∂δ_b / I          (the Fisher information of the position).
+
+One Gauss–Newton step of the positions then fits a *model* of the scan rather than K free
+shifts: p_k = c + A (u_k − ū) + b + r_k, u_k the nominal positions, A and b an affine scan
+error (6 parameters shared by every position: the data of the whole scan decide them) and r_k
+small residuals (jitter) with a Gaussian prior of rms ``position_residual_px``: a position with
+little information (a flat region, low dose) stays on the affine model, one with much follows
+its own data. The mean shift is held fixed: a common translation of all positions is an exact
+gauge of ptychography (the object moves with it). Steps are capped, and an update that raises
+the data term is halved (up to three times) or dropped.
+
+Updates alternate with the object/probe CG (reconstruct.py): after
+``position_start_iteration`` CG iterations, every ``position_every`` iterations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backend import array_module, complex_of, fft2, ifft2, to_numpy
+from .likelihood import INTENSITY_FLOOR, far_field_terms
+from .operators import Batch, _factors, extract, make_batch, position_probes, sub_batch
+
+log = logging.getLogger(__name__)
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def position_terms(
+    obj: Any, probe: Any, counts: Any, batch: Batch, *, model: str = "poisson",
+    mask: Any | None = None, scale: float = 1.0,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Data term, its gradient with respect to each position (B, 2) — loss per pixel of
+    (y, x) shift — and the 2×2 Fisher information of each position (B, 2, 2), on the host.
+    ``probe`` is the normalised probe ψ̂; ``scale`` the noise model's loss scale
+    (FullBatchObjective.scale). No truncation: the rule's keep-mask would make the loss of a
+    moved position jump."""
+    xp = array_module(obj)
+    cdt = complex_of(probe.dtype)
+    m = probe.shape
+    ey, ex = _factors(batch, True, m, cdt)
+    spec = fft2(probe)[None] * ey
+    spec *= ex
+    windows = extract(obj, batch)
+    psi = ifft2(spec)
+    z = fft2(psi * windows)
+    del psi
+    qy = xp.fft.fftfreq(m[0]).astype(np.float64)
+    qx = xp.fft.fftfreq(m[1]).astype(np.float64)
+    d_inten = []
+    for ramp in ((-2j * np.pi * qy)[:, None].astype(cdt), (-2j * np.pi * qx)[None, :].astype(cdt)):
+        dz = fft2(ifft2(spec * ramp) * windows)
+        dz *= z.conj()
+        d_inten.append(2.0 * dz.real)
+    del spec, windows
+    inten = z.real * z.real + z.imag * z.imag
+    fisher_w = 1.0 / (inten + INTENSITY_FLOOR)
+    if mask is not None:
+        fisher_w *= mask
+    terms = far_field_terms(z, counts, model, mask, "none", math.inf, want_grad=False, overwrite=True)
+    f = terms.factor
+    axes = (-2, -1)
+    grad = xp.stack([(f * d).sum(axis=axes) for d in d_inten], axis=-1) * scale
+    hyy = (fisher_w * d_inten[0] * d_inten[0]).sum(axis=axes)
+    hxx = (fisher_w * d_inten[1] * d_inten[1]).sum(axis=axes)
+    hxy = (fisher_w * d_inten[0] * d_inten[1]).sum(axis=axes)
+    fisher = xp.stack([xp.stack([hyy, hxy], -1), xp.stack([hxy, hxx], -1)], -2) * scale
+    return scale * terms.loss, to_numpy(grad).astype(np.float64), to_numpy(fisher).astype(np.float64)
+
+
+def data_loss(
+    obj: Any, probe: Any, counts: Any, batch: Batch, *, model: str = "poisson",
+    mask: Any | None = None, scale: float = 1.0,
+) -> float:
+    """The data term (no truncation) at the batch's positions: the test of a position step."""
+    windows = extract(obj, batch)
+    z = fft2(position_probes(probe, batch) * windows)
+    terms = far_field_terms(z, counts, model, mask, "none", math.inf, want_grad=False, overwrite=True)
+    return scale * terms.loss
+
+
+@dataclass
+class ScanModel:
+    """Positions (top-left window corners, object pixels) as an affine map of the nominal ones
+    plus per-position residuals."""
+
+    nominal: np.ndarray  #: (K, 2) nominal pixels
+    matrix: np.ndarray = field(default_factory=lambda: np.eye(2))  #: A
+    offset: np.ndarray = field(default_factory=lambda: np.zeros(2))  #: b
+    residual: np.ndarray | None = None  #: (K, 2) r_k
+
+    def __post_init__(self) -> None:
+        self.nominal = np.asarray(self.nominal, dtype=np.float64).reshape(-1, 2)
+        self.centre = self.nominal.mean(axis=0)
+        if self.residual is None:
+            self.residual = np.zeros_like(self.nominal)
+
+    def affine_part(self, matrix: np.ndarray | None = None, offset: np.ndarray | None = None) -> np.ndarray:
+        a = self.matrix if matrix is None else matrix
+        b = self.offset if offset is None else offset
+        return self.centre + (self.nominal - self.centre) @ a.T + b
+
+    @property
+    def positions(self) -> np.ndarray:
+        assert self.residual is not None
+        return self.affine_part() + self.residual
+
+    def gauss_newton(
+        self, grad: np.ndarray, fisher: np.ndarray, residual_px: float, model: str = "affine",
+        damping: float = 1e-3, keep_residual: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The model's Gauss–Newton update from the per-position gradient and Fisher
+        information: (matrix, offset, residual) of the new positions. The targets are the
+        per-position Newton points in information form, H_k t_k = H_k p_k − g_k (no inverse of a
+        possibly singular H_k); the affine part is their H-weighted least-squares fit and the
+        residuals their shrinkage towards it under the prior ½|r|²/σ²."""
+        p = self.positions
+        k = len(p)
+        h = fisher + damping * (np.trace(fisher, axis1=1, axis2=2).mean() / 2 + 1e-12) * np.eye(2)
+        info_target = np.einsum("kab,kb->ka", h, p) - grad
+        lam = 0.0 if residual_px <= 0 else 1.0 / residual_px**2
+        if model == "free":
+            new = np.linalg.solve(h, info_target[..., None])[..., 0]
+            return self.matrix, self.offset, new - self.affine_part()
+        u = self.nominal - self.centre
+        # a_k = centre + A u_k + b  =  J_k θ + centre,  θ = (A_yy, A_yx, b_y, A_xy, A_xx, b_x)
+        jac = np.zeros((k, 2, 6))
+        jac[:, 0, 0], jac[:, 0, 1], jac[:, 0, 2] = u[:, 0], u[:, 1], 1.0
+        jac[:, 1, 3], jac[:, 1, 4], jac[:, 1, 5] = u[:, 0], u[:, 1], 1.0
+        residual = self.residual.copy() if residual_px > 0 or keep_residual else np.zeros_like(p)
+        theta = np.array([*self.matrix[0], self.offset[0], *self.matrix[1], self.offset[1]])
+        for _ in range(3):
+            rhs_k = info_target - np.einsum("kab,kb->ka", h, self.centre + residual)
+            normal = np.einsum("kai,kab,kbj->ij", jac, h, jac)
+            rhs = np.einsum("kai,ka->i", jac, rhs_k)
+            ridge = 1e-9 * np.trace(normal) / 6 + 1e-30
+            theta = np.linalg.solve(normal + ridge * np.eye(6), rhs + ridge * theta)
+            if lam == 0 or keep_residual:
+                break
+            affine = self.centre + np.einsum("kai,i->ka", jac, theta)
+            residual = np.linalg.solve(
+                h + lam * np.eye(2), (info_target - np.einsum("kab,kb->ka", h, affine))[..., None]
+            )[..., 0]
+        matrix = np.array([[theta[0], theta[1]], [theta[3], theta[4]]])
+        offset = np.array([theta[2], theta[5]])
+        return matrix, offset, residual
+
+
+@dataclass
+class PositionUpdate:
+    accepted: bool
+    loss_before: float
+    loss_after: float
+    max_shift_px: float  #: largest move of this update
+    matrix: np.ndarray  #: the scan model's affine matrix after the update
+
+
+def update_positions(
+    obj: Any, probe: Any, counts_fft: Any, scan: ScanModel, object_shape: tuple[int, int],
+    mask: Any | None, options: Any, scale: float = 1.0, chunk: int = 256,
+) -> PositionUpdate:
+    """One Gauss–Newton update of ``scan`` (in place when accepted) at object ``obj`` and
+    normalised probe ``probe``."""
+    xp = array_module(obj)
+    m = tuple(probe.shape)
+    old = scan.positions
+    batch = make_batch(old, object_shape, m, xp=xp)
+    grads, fishers, before = [], [], 0.0
+    for sl in _chunks(batch.size, chunk):
+        loss, g, h = position_terms(obj, probe, counts_fft[sl], sub_batch(batch, sl),
+                                    model=options.noise_model, mask=mask, scale=scale)
+        before += loss
+        grads.append(g)
+        fishers.append(h)
+    grad = np.concatenate(grads)
+    fisher = np.concatenate(fishers)
+    matrix, offset, residual = scan.gauss_newton(
+        grad, fisher, options.position_residual_px, options.position_model)
+    trial = ScanModel(scan.nominal, matrix, offset, residual)
+    new = trial.positions
+    # a common translation is a gauge (the object would move with it): keep the mean
+    shift = (new - old).mean(axis=0)
+    offset = offset - shift
+    step = new - shift - old
+    biggest = float(np.abs(step).max()) if len(step) else 0.0
+    cap = float(options.position_max_step_px)
+    factor = min(1.0, cap / biggest) if biggest > 0 else 1.0
+    hi = np.asarray(object_shape, dtype=np.float64) - np.asarray(m, dtype=np.float64) - 1.0
+    for _ in range(4):
+        mat_t = scan.matrix + factor * (matrix - scan.matrix)
+        off_t = scan.offset + factor * (offset - scan.offset)
+        res_t = scan.residual + factor * (residual - scan.residual)
+        cand = ScanModel(scan.nominal, mat_t, off_t, res_t)
+        pos = cand.positions
+        if np.all(pos >= 0) and np.all(pos <= hi):
+            cand_batch = make_batch(pos, object_shape, m, xp=xp)
+            after = sum(
+                data_loss(obj, probe, counts_fft[sl], sub_batch(cand_batch, sl),
+                          model=options.noise_model, mask=mask, scale=scale)
+                for sl in _chunks(cand_batch.size, chunk)
+            )
+            if after < before:
+                scan.matrix, scan.offset, scan.residual = mat_t, off_t, res_t
+                moved = float(np.abs(pos - old).max())
+                return PositionUpdate(True, before, after, moved, mat_t)
+        factor *= 0.5
+    return PositionUpdate(False, before, before, 0.0, scan.matrix)
+
+
+def margin_px(positions_px_extent: float) -> int:
+    """Spare canvas pixels on each side for positions that may move: 3 % of the scan's extent
+    (a scale error of a few per cent moves the edge positions by that much) plus 4."""
+    return 2 + math.ceil(0.03 * positions_px_extent) + 4
+
+
+__all__ = [
+    "PositionUpdate",
+    "ScanModel",
+    "data_loss",
+    "margin_px",
+    "position_terms",
+    "update_positions",
+]

@@ -1,0 +1,157 @@
+"""Position correction (gpu/positions.py): the position gradient and Fisher information against
+finite differences of the data term, recovery of a known affine scan error and jitter, and
+the offline reconstruction from nominal positions against the one without refinement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryoptycho.gpu import operators
+from cryoptycho.gpu.data import PtychoData
+from cryoptycho.gpu.geometry import fit_geometry
+from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.positions import ScanModel, data_loss, position_terms, update_positions
+from cryoptycho.gpu.probes import make_probe
+from cryoptycho.gpu.reconstruct import reconstruct
+from cryoptycho.gpu.sim.errors import ExperimentErrors
+from cryoptycho.gpu.sim.evaluation import resample
+from engine_helpers import ENERGY, PIXEL, nrmse, synthetic_dataset, weak_phase_object
+
+M = 32
+#: a randomized (speckle) probe: sharp features make positions well determined
+ERRORS = ExperimentErrors(scale=(0.04, -0.03), rotation=np.deg2rad(2.0), shear=0.02,
+                          jitter=0.3 * PIXEL, seed=1)
+
+
+def _distorted_scan(counts: float, grid: int = 8, step_px: float = 3.0, seed: int = 0):
+    """Frames recorded at distorted positions; returns (nominal m, true m, frames in FFT order,
+    truth object, truth geometry, probe)."""
+    rng = np.random.default_rng(seed)
+    probe = make_probe("randomized", (M, M), PIXEL, ENERGY, 7e-3, 0.0, precision="double",
+                       total_intensity=counts, diameter=12 * PIXEL, seed=seed)
+    iy, ix = np.mgrid[0:grid, 0:grid]
+    nominal = np.stack([iy.ravel(), ix.ravel()], axis=1) * step_px * PIXEL
+    true = ERRORS.true_positions(nominal)
+    geo = fit_geometry(np.vstack([nominal, true]), PIXEL, (M, M))
+    truth = weak_phase_object(geo.object_shape, seed)
+    batch = operators.make_batch(geo.to_pixels(true), geo.object_shape, (M, M))
+    frames = rng.poisson(np.abs(operators.forward(truth, probe, batch)) ** 2).astype(np.uint16)
+    return nominal, true, frames, truth, geo, probe
+
+
+def _fractional_inside(px: np.ndarray, k: int) -> bool:
+    # a move across a whole pixel changes the window (the shifted probe wraps differently)
+    frac = px[k] - np.floor(px[k])
+    return bool(np.all((frac > 0.1) & (frac < 0.9)))
+
+
+@pytest.mark.parametrize("model", ["poisson", "amplitude"])
+def test_position_gradient_matches_finite_differences(model: str) -> None:
+    d = synthetic_dataset(1e4, m=M, grid=4, seed=3)
+    geo = fit_geometry(d.positions, PIXEL, (M, M))
+    px = geo.to_pixels(d.positions)
+    y = operators.to_fft_order(d.frames)
+    obj = d.truth_object.astype(np.complex128) * np.exp(0.05j)  # not the exact optimum
+    probe = d.truth_probe.astype(np.complex128)
+
+    def loss_at(q: np.ndarray) -> float:
+        b = operators.make_batch(q, geo.object_shape, (M, M), quantum=1e-7)
+        return data_loss(obj, probe, y, b, model=model, scale=2.0)
+
+    b = operators.make_batch(px, geo.object_shape, (M, M), quantum=1e-7)
+    loss, grad, _ = position_terms(obj, probe, y, b, model=model, scale=2.0)
+    assert loss == pytest.approx(loss_at(px), rel=1e-10)
+    checked = 0
+    eps = 1e-3
+    for k in range(len(px)):
+        if not _fractional_inside(px, k):
+            continue
+        for a in (0, 1):
+            up, down = px.copy(), px.copy()
+            up[k, a] += eps
+            down[k, a] -= eps
+            fd = (loss_at(up) - loss_at(down)) / (2 * eps)
+            assert grad[k, a] == pytest.approx(fd, rel=1e-3, abs=1e-4 * max(1.0, abs(fd)))
+        checked += 1
+    assert checked >= 4
+
+
+def test_position_fisher_is_the_hessian_on_noiseless_data() -> None:
+    """At the truth with noiseless intensities the Poisson data term's Hessian with respect to
+    a position equals the Fisher information (the Gauss–Newton term is exact there)."""
+    d = synthetic_dataset(1e4, m=M, grid=4, seed=4, noiseless=True)
+    geo = fit_geometry(d.positions, PIXEL, (M, M))
+    px = geo.to_pixels(d.positions)
+    y = operators.to_fft_order(d.frames).astype(np.float64)
+    obj = d.truth_object.astype(np.complex128)
+    probe = d.truth_probe.astype(np.complex128)
+    b = operators.make_batch(px, geo.object_shape, (M, M), quantum=1e-7)
+    _, _, fisher = position_terms(obj, probe, y, b)
+    k = next(i for i in range(len(px)) if _fractional_inside(px, i))
+    eps = 2e-3
+    for a, c in ((0, 0), (1, 1), (0, 1)):
+        def at(da: float, dc: float, a: int = a, c: int = c) -> float:
+            q = px.copy()
+            q[k, a] += da
+            q[k, c] += dc
+            return data_loss(obj, probe, y, operators.make_batch(q, geo.object_shape, (M, M), quantum=1e-7))
+        hess = (at(eps, eps) - at(eps, -eps) - at(-eps, eps) + at(-eps, -eps)) / (4 * eps * eps)
+        assert fisher[k, a, c] == pytest.approx(hess, rel=2e-2)
+
+
+def test_updates_recover_affine_scan_error_and_jitter_with_the_true_object() -> None:
+    nominal, true, frames, truth, geo, probe = _distorted_scan(1e5)
+    scan = ScanModel(geo.to_pixels(nominal))
+    target = geo.to_pixels(true)
+    before = np.linalg.norm(scan.positions - target, axis=1).mean()
+    opts = ReconOptions(position_residual_px=0.5)
+    for _ in range(6):
+        upd = update_positions(truth, probe, frames, scan, geo.object_shape, None, opts)
+    assert upd.loss_after <= upd.loss_before
+    after = np.linalg.norm(scan.positions - target, axis=1).mean()
+    # the jitter is 0.3 px rms per axis: the affine model alone cannot go below ≈ 0.37 px
+    assert before > 0.5 and after < 0.25, (before, after)
+    np.testing.assert_allclose(scan.matrix, ERRORS.affine(), atol=0.015)
+
+
+def test_reconstruction_from_nominal_positions_improves_with_refinement() -> None:
+    nominal, true, frames, truth, geo, probe = _distorted_scan(1e5)
+    margin = M // 2 + 3
+    shape = (geo.object_shape[0] - 2 * margin, geo.object_shape[1] - 2 * margin)
+    origin = (geo.origin[0] + margin * PIXEL, geo.origin[1] + margin * PIXEL)
+    region = (slice(None), slice(None))
+    target = truth[margin:margin + shape[0], margin:margin + shape[1]]
+
+    def run(positions: np.ndarray, refine: bool) -> tuple[float, np.ndarray]:
+        data = PtychoData(frames=operators.from_fft_order(frames), positions=positions, energy=ENERGY,
+                          pixel_size=PIXEL, probe=probe.astype(np.complex64))
+        state = reconstruct(data, {"iterations": 60, "mu0": 1e-3, "refine_positions": refine})
+        rec = resample(state.object, state.geometry.origin, PIXEL, origin, shape)
+        return nrmse(rec, target, region), np.asarray(state.positions)
+
+    fixed, _ = run(nominal, False)
+    refined, positions = run(nominal, True)
+    oracle, _ = run(true, False)
+    pos_error = np.linalg.norm(positions - true, axis=1).mean() / PIXEL
+    assert pos_error < 0.35, pos_error  # nominal: 0.60 px
+    assert refined < fixed - 0.4 * (fixed - oracle), (oracle, fixed, refined)
+
+
+def test_live_engine_refines_positions_at_scan_end() -> None:
+    """The streaming engine's ``refine`` (scan end in the service) with refine_positions: the
+    stored positions move towards the true ones and the snapshot keeps the received ones."""
+    from cryoptycho.gpu.stream import StreamingReconstructor
+
+    nominal, true, frames, _truth, _geo, probe = _distorted_scan(1e5)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=5)
+    engine = StreamingReconstructor(frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames), nominal)
+    for _ in range(20):
+        engine.step()
+    engine.refine(40)
+    state = engine.snapshot()
+    np.testing.assert_allclose(state.nominal_positions, nominal, rtol=0, atol=1e-16)
+    before = np.linalg.norm(nominal - true, axis=1).mean() / PIXEL
+    after = np.linalg.norm(state.positions - true, axis=1).mean() / PIXEL
+    assert before > 0.5 and after < 0.4, (before, after)
