@@ -191,6 +191,8 @@ def test_compose_stack_matches_the_daemon_defaults() -> None:
     override = gpu["services"]["cryoptycho"]
     assert (ROOT / override["build"]["dockerfile"]).is_file()
     assert override["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    # every build argument is one the Dockerfile declares (a stale one would be silently ignored)
+    assert set(override["build"]["args"]) <= set(_args(dockerfile(ROOT / override["build"]["dockerfile"])))
 
 
 def _healthcheck_module():
