@@ -245,3 +245,15 @@ def test_health_probe_needs_a_ping_and_the_up_metric() -> None:
     assert not healthy and "unreachable" in reason
     assert health.loopback("tcp://0.0.0.0:5602") == "tcp://127.0.0.1:5602"
     assert health.loopback("tcp://10.1.2.3:5602") == "tcp://10.1.2.3:5602"
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
+def test_compose_files_follow_the_compose_specification(name: str) -> None:
+    """The schema `docker compose config` enforces, as pydantic models generated from the
+    Compose Specification (compose-pydantic; unknown keys fail): no Docker engine here."""
+    compose_pydantic = pytest.importorskip("compose_pydantic")
+    (doc,) = yaml_docs(DEPLOY / name)
+    compose_pydantic.ComposeSpecification.model_validate(doc)
+    doc["services"]["cryoptycho"]["stop_grace_perod"] = "15m"  # the check does catch a typo
+    with pytest.raises(ValueError, match="stop_grace_perod"):
+        compose_pydantic.ComposeSpecification.model_validate(doc)
