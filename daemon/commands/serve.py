@@ -52,7 +52,8 @@ def _set_pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Any setting, dotted for nested ones (e.g. options.iterations=50). Repeatable.")
 @click.option("--source", metavar="URL",
-              help="Also ingest a DECTRIS stream, e.g. dectris2://HOST:31001 (bridged into the ingest socket).")
+              help="Also read a detector stream directly, e.g. dectris2://HOST:31001 (frames enter the scans "
+                   "without the ingest socket).")
 def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None, **flags: Any) -> None:
     """Run the live reconstruction service (ZeroMQ ingest/publish/control + Prometheus).
 
@@ -81,7 +82,11 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
         signal.signal(sig, lambda *_: service.request_stop())
     bridge_stop = threading.Event()
     if config.source is not None:
-        _start_bridge(config.source, service.endpoints["ingest"], config.dectris, bridge_stop, service)
+        try:
+            _start_source(config, bridge_stop, service)
+        except (ValueError, TypeError) as exc:
+            service.close()
+            raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({"event": "ready", **service.endpoints, "metrics_port": service.metrics_port}))
     sys.stdout.flush()
     try:
@@ -99,16 +104,23 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _start_bridge(source: str, ingest: str, config: Any, stop: threading.Event, service: Any) -> None:
-    """Run the DECTRIS bridge on its own thread; its failure is logged and stops the service
-    (a daemon started for one detector stream is of no use once that stream is gone)."""
-    from cryoptycho.protocols.dectris.bridge import run_bridge
+def _start_source(config: Any, stop: threading.Event, service: Any) -> None:
+    """Run the detector source named by ``config.source`` on its own thread, delivering into
+    the service's direct sink; its failure is logged and stops the service (a daemon started
+    for one detector stream is of no use once that stream is gone)."""
+    from cryoptycho.protocols.sources import source_class
+
+    url = config.source
+    cls = source_class(url)
+    settings = getattr(config, cls.config_section) if cls.config_section else None
+    source = cls(url, settings, workers=config.source_workers)
 
     def target() -> None:
         try:
-            run_bridge(source, ingest, config, stop)
+            stats = source.run(service.direct, stop)
+            log.info("source %s stopped: %s", url, stats)
         except Exception:
-            log.exception("DECTRIS bridge failed; stopping the service", extra={"source": source})
+            log.exception("detector source failed; stopping the service", extra={"source": url})
             service.request_stop()
 
-    threading.Thread(target=target, name="dectris-bridge", daemon=True).start()
+    threading.Thread(target=target, name="source", daemon=True).start()

@@ -11,6 +11,8 @@ NXcxi_ptycho / CXI layout, so a spool file is also a valid raw-data file:
     /entry_1/data_1/data                (K, M, M) frames, wire dtype, bitshuffle-LZ4, resizable
     /entry_1/data_1/frame_index         (K,) int64, the producer's frame indices
     /entry_1/data_1/positions_m         (K, 2) float64 (y, x) probe centres
+    /entry_1/data_1/detector_frames     (K, H, W) unbinned frames of a detector source (DECTRIS),
+                                        one bitshuffle-LZ4 chunk per frame, as the detector sent it
     /entry_1/sample_1/geometry_1/translation   (K, 3) float64 (x, y, z) m, CXI order
     /entry_1/instrument_1/detector_1/data      hard link to /entry_1/data_1/data
     /entry_1/instrument_1/source_1/energy      J (CXI unit)
@@ -22,6 +24,7 @@ mid-append leaves the previous count, so a reader never sees a half-written fram
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -34,6 +37,9 @@ from cryoptycho.daemon.session import ScanSpec
 from cryoptycho.daemon.storage.dataset import compression
 from cryoptycho.daemon.storage.h5format import open_checked
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
+from cryoptycho.protocols.sources import RawChunks
+
+log = logging.getLogger("cryoptycho.spool")
 
 FORMAT = "cryoptycho-spool"
 FORMAT_VERSION = 1
@@ -41,6 +47,9 @@ SUFFIX = ".spool.h5"
 _ELECTRON_VOLT_J = 1.602176634e-19
 _MAX_ID_CHARS = 200  # a file name holds 255 bytes, the suffix included
 DATA = "entry_1/data_1"
+#: unbinned frames of a detector source, beside ``data`` (HDF5 bitshuffle filter id)
+DETECTOR_FRAMES = "detector_frames"
+BITSHUFFLE_FILTER = "32008"
 
 
 def spool_path(spool_dir: str | Path, scan_id: str) -> Path:
@@ -142,18 +151,43 @@ class SpoolWriter:
         return writer
 
     def _truncate(self, n: int) -> None:
-        for ds in (self._data, self._index, self._pos, self._xyz):
-            if ds.shape[0] != n:
+        detector = self._f[DATA].get(DETECTOR_FRAMES)
+        for ds in (self._data, self._index, self._pos, self._xyz, detector):
+            if ds is not None and ds.shape[0] != n:
                 ds.resize(n, axis=0)
 
-    def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray) -> None:
-        """Write a batch of frames (wire dtype), their indices and (y, x) positions, then flush."""
+    def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray, *,
+               binned: RawChunks | None = None, raw: RawChunks | None = None) -> None:
+        """Write a batch of frames (wire dtype), their indices and (y, x) positions, then flush.
+
+        ``binned``: the same frames as bitshuffle-LZ4 chunks, one per frame, written as they
+        are (HDF5 direct chunk write, no compression here). ``raw``: the unbinned detector
+        frames they came from, in the same format, kept in ``detector_frames`` row for row."""
         n = len(frames)
         if n == 0:
             return
         k = self.count
+        if binned is not None and k == 0 and self._data.chunks[0] != 1:
+            self._chunk_per_frame()
+        if raw is not None and DETECTOR_FRAMES not in self._f[DATA]:
+            self._create_detector_frames(raw)
+        det = self._f[DATA].get(DETECTOR_FRAMES)
+        if raw is not None and not self._direct_ok(det, raw, n):
+            # a source bug, not bad input: the frames still count; their detector rows stay empty
+            log.error("spool %s: %d detector frames %s %s do not fit its %s %s; not kept",
+                      self.path.name, len(raw.chunks), raw.shape, raw.dtype, det.shape[1:], det.dtype)
+            raw = None
         self._truncate(k + n)
-        self._data[k:] = frames
+        if binned is not None and self._direct_ok(self._data, binned, n):
+            write = self._data.id.write_direct_chunk
+            for i, chunk in enumerate(binned.chunks):
+                write((k + i, 0, 0), chunk)
+        else:
+            self._data[k:] = frames
+        if raw is not None:
+            write = det.id.write_direct_chunk
+            for i, chunk in enumerate(raw.chunks):
+                write((k + i, 0, 0), chunk)
         self._index[k:] = indices
         self._pos[k:] = positions_m
         xyz = np.zeros((n, 3))
@@ -163,6 +197,31 @@ class SpoolWriter:
         self._f[DATA].attrs["count"] = k + n  # commit point: rows first, then the count
         self._flush()
         self.count = k + n
+
+    @staticmethod
+    def _direct_ok(ds: h5py.Dataset, chunks: RawChunks, n: int) -> bool:
+        return (len(chunks.chunks) == n and ds.chunks == (1, *chunks.shape) and ds.dtype == chunks.dtype
+                and BITSHUFFLE_FILTER in ds._filters)
+
+    def _chunk_per_frame(self) -> None:
+        """Re-create the (still empty) frames dataset with one frame per chunk, so that a
+        source's compressed frames can be written as chunks (only before the first frame)."""
+        g, old = self._f[DATA], self._data
+        m, dtype = old.shape[1:], old.dtype
+        del g["data"]
+        self._data = g.create_dataset("data", shape=(0, *m), maxshape=(None, *m), dtype=dtype,
+                                      chunks=(1, *m), **compression())
+        det = self._f["entry_1/instrument_1/detector_1"]
+        del det["data"]
+        det["data"] = self._data
+
+    def _create_detector_frames(self, raw: RawChunks) -> None:
+        h, w = raw.shape
+        ds = self._f[DATA].create_dataset(
+            DETECTOR_FRAMES, shape=(self.count, h, w), maxshape=(None, h, w), dtype=raw.dtype,
+            chunks=(1, h, w), **compression())
+        ds.attrs["description"] = ("unbinned detector frames, row for row with data, "
+                                   "as the detector sent them (bitshuffle-LZ4 chunks)")
 
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames, indices and positions of rows [start, stop) (the writer's own view)."""
