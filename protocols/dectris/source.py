@@ -49,9 +49,10 @@ from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, Series
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">QI")
-#: images per decoding job: large enough that a batch is binned in one pass, small enough
-#: that a slow stream is not held back (a job also ends with each socket drain)
-BATCH = 64
+#: images per decoding job, and so per frames message into the daemon: the spool's cost per
+#: append (resizing five datasets, the commit count, a flush) is shared by this many frames;
+#: a slow stream is not held back, as a job also ends with each socket drain
+BATCH = 256
 
 
 def spool_chunk(payload: bytes, nbytes: int) -> bytes:
