@@ -475,7 +475,9 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
 
     n = len(series) - 2
     series = series[:-1]
-    mp = multiprocessing.get_context("fork")
+    # spawn, not fork: a forked child shares the parent's ZeroMQ contexts (their signalling
+    # descriptors), and its exit can swallow the wake-ups of the daemon's sockets
+    mp = multiprocessing.get_context("spawn")
     port_q, go = mp.Queue(), mp.Event()
     proc = mp.Process(target=_detector, args=(series, port_q, go), daemon=True)
     proc.start()

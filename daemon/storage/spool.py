@@ -27,6 +27,8 @@ import json
 import logging
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ import numpy as np
 from cryoptycho.daemon.session import ScanSpec
 from cryoptycho.daemon.storage.dataset import compression
 from cryoptycho.daemon.storage.h5format import open_checked
+from cryoptycho.protocols.compression import bslz4_compress as compression_bslz4
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 from cryoptycho.protocols.sources import RawChunks
 
@@ -50,6 +53,18 @@ DATA = "entry_1/data_1"
 #: unbinned frames of a detector source, beside ``data`` (HDF5 bitshuffle filter id)
 DETECTOR_FRAMES = "detector_frames"
 BITSHUFFLE_FILTER = "32008"
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _compress_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="spool-compress")
+        return _pool
 
 
 def spool_path(spool_dir: str | Path, scan_id: str) -> Path:
@@ -121,7 +136,8 @@ class SpoolWriter:
             g = entry.create_group("data_1")
             g.attrs["NX_class"] = "NXdata"
             g.attrs["count"] = 0
-            chunk = max(1, min(64, (1 << 20) // max(1, m[0] * m[1] * np.dtype(spec.frame_dtype).itemsize)))
+            rows = max(1, min(64, (1 << 20) // max(1, m[0] * m[1] * np.dtype(spec.frame_dtype).itemsize)))
+            chunk = 1 << (rows.bit_length() - 1)  # a power of two: producers' batches fill whole chunks
             g.create_dataset(
                 "data", shape=(0, *m), maxshape=(None, *m), dtype=spec.frame_dtype,
                 chunks=(chunk, *m), **compression(),
@@ -183,7 +199,7 @@ class SpoolWriter:
             for i, chunk in enumerate(binned.chunks):
                 write((k + i, 0, 0), chunk)
         else:
-            self._data[k:] = frames
+            self._write_frames(k, frames)
         if raw is not None:
             write = det.id.write_direct_chunk
             for i, chunk in enumerate(raw.chunks):
@@ -197,6 +213,26 @@ class SpoolWriter:
         self._f[DATA].attrs["count"] = k + n  # commit point: rows first, then the count
         self._flush()
         self.count = k + n
+
+    def _write_frames(self, k: int, frames: np.ndarray) -> None:
+        """Rows [k, k + n) of ``data``. Whole chunks are compressed here, on threads (bitshuffle
+        releases the GIL; HDF5's filter, run by h5py, holds it) and written as chunks; rows of a
+        partly filled chunk go through the filter. The bytes are those the filter would write."""
+        ds, n = self._data, len(frames)
+        c = ds.chunks[0]
+        first, last = -(-k // c) * c, (k + n) // c * c  # whole chunks: rows [first, last)
+        if c == 1 or last - first < c or frames.dtype != ds.dtype or BITSHUFFLE_FILTER not in ds._filters:
+            ds[k:] = frames
+            return
+        if first > k:
+            ds[k:first] = frames[: first - k]
+        starts = range(first, last, c)
+        blobs = _compress_pool().map(compression_bslz4, [frames[a - k : a - k + c] for a in starts])
+        write = ds.id.write_direct_chunk
+        for a, blob in zip(starts, blobs):
+            write((a,) + (0,) * (ds.ndim - 1), blob)
+        if last < k + n:
+            ds[last:] = frames[last - k :]
 
     @staticmethod
     def _direct_ok(ds: h5py.Dataset, chunks: RawChunks, n: int) -> bool:

@@ -66,21 +66,32 @@ def spool_chunk(payload: bytes, nbytes: int) -> bytes:
 
 @dataclass
 class DecodedBatch:
-    """A decoding job's result: the images that decoded (metadata only), their frames, their
-    spool chunks, and, when the job knew the series' reducer, the binned frames."""
+    """A decoding job's result: the images that decoded (metadata only), their spool chunks,
+    and either their binned frames (the job knew the series' reducer) or the detector frames
+    themselves (it did not: the series' first frames, which build the reducer)."""
 
     images: list[Image] = field(default_factory=list)
-    stack: np.ndarray | None = None  #: (k, H, W) detector frames
+    shape: tuple[int, int] = (0, 0)  #: (H, W) of the detector frames
+    dtype: np.dtype = field(default_factory=lambda: np.dtype(np.uint16))
     raw: list[bytes] = field(default_factory=list)
     errors: list[DectrisError] = field(default_factory=list)
     reducer: Any = None  #: the FrameReducer the binned frames came from
-    counts: np.ndarray | None = None
-    saturated: np.ndarray | None = None
+    counts: np.ndarray | None = None  #: (k, M, M) binned frames
+    saturated: np.ndarray | None = None  #: (k,) whether a valid bin of the frame saturated
     binned_chunks: list[bytes] | None = None
+    frames: list[np.ndarray] | None = None  #: the detector frames, when not binned
+
+    def stack(self, rows: list[int]) -> np.ndarray:
+        assert self.frames is not None
+        return np.stack([self.frames[j] for j in rows]) if rows else np.empty((0, *self.shape), self.dtype)
 
 
 class Decoder:
-    """The workers' job, with a count of decompressed frames (one per image: tests check it)."""
+    """The workers' job, with a count of decompressed frames (one per image: tests check it).
+
+    Each frame is decompressed, binned and its binned frame compressed before the next one is
+    touched, so that it is still in the core's cache; a job over a whole stack at once was
+    slower, its 19 MB of temporaries going through memory several times."""
 
     def __init__(self) -> None:
         self.decoded = 0
@@ -89,6 +100,7 @@ class Decoder:
     def __call__(self, items: list[bytes | Image], channel: str | None, reducer: Any) -> DecodedBatch:
         out = DecodedBatch(reducer=reducer)
         payloads: list[ImagePayload] = []
+        images: list[Image] = []
         for item in items:
             try:
                 if isinstance(item, bytes):
@@ -110,35 +122,45 @@ class Decoder:
             except DecodeError as exc:
                 out.errors.append(exc)
                 continue
-            out.images.append(msg)
+            images.append(msg)
             payloads.append(payload)
         if not payloads:
             return out
         shape, dtype = payloads[0].shape, payloads[0].dtype
+        out.shape, out.dtype = shape, dtype
         nbytes = shape[0] * shape[1] * dtype.itemsize
-        stack = np.empty((len(payloads), *shape), dtype)
-        keep = []
-        for i, p in enumerate(payloads):
+        binning = reducer is not None and reducer.detector_shape == shape
+        if binning:
+            m = reducer.frame_side
+            counts = np.empty((len(payloads), m, m), reducer.out_dtype)
+            saturated = np.zeros(len(payloads), bool)
+            out.binned_chunks = []
+        else:
+            out.frames = []
+        k = 0
+        for msg, p in zip(images, payloads):
             try:
                 if p.bslz4 is not None:
-                    stack[i] = bslz4_array(p.bslz4, dtype, shape)
-                    out.raw.append(spool_chunk(p.bslz4, nbytes))
+                    frame = bslz4_array(p.bslz4, dtype, shape)
+                    chunk = spool_chunk(p.bslz4, nbytes)
                 else:
-                    stack[i] = p.array
-                    out.raw.append(compression.bslz4_compress(stack[i]))
+                    frame = p.array
+                    chunk = compression.bslz4_compress(frame)
             except DecodeError as exc:
                 out.errors.append(exc)
                 continue
-            keep.append(i)
+            out.images.append(msg)
+            out.raw.append(chunk)
+            if binning:
+                _, saturated[k] = reducer.reduce_frame(frame, out=counts[k])
+                out.binned_chunks.append(compression.bslz4_compress(counts[k]))  # type: ignore[union-attr]
+            else:
+                out.frames.append(frame)  # type: ignore[union-attr]
+            k += 1
         with self._lock:
-            self.decoded += len(keep)
-        if len(keep) < len(payloads):
-            stack = stack[keep]
-            out.images = [out.images[i] for i in keep]
-        out.stack = stack
-        if reducer is not None and reducer.detector_shape == shape:
-            out.counts, out.saturated = reducer.reduce_batch(stack)
-            out.binned_chunks = [compression.bslz4_compress(c) for c in out.counts]
+            self.decoded += k
+        if binning:
+            out.counts, out.saturated = counts[:k], saturated[:k]
         return out
 
 
@@ -164,9 +186,11 @@ class DirectConverter(SeriesConverter):
                 self.stats["skipped_images"] += 1
                 continue
             if plan.scan_start is None:
-                assert batch.stack is not None
+                if batch.frames is None:  # binned by a reducer of an earlier plan: cannot open a scan
+                    self.stats["skipped_images"] += 1
+                    continue
                 try:
-                    plan.scan_start = self._open_scan(plan, batch.stack[j])
+                    plan.scan_start = self._open_scan(plan, batch.frames[j])
                 except (DectrisError, ValueError) as exc:
                     self.plan = None
                     self.stats["failed_series"] += 1
@@ -177,25 +201,28 @@ class DirectConverter(SeriesConverter):
         plan = self.plan
         if not accepted or plan is None or plan.reducer is None:
             return out
-        assert batch.stack is not None
         reducer = plan.reducer
-        if batch.stack.shape[1:] != reducer.detector_shape:
+        if batch.shape != reducer.detector_shape:
             self.stats["skipped_images"] += len(accepted)
             log.error("scan %s: %d images of %s, the series' first image was %s; skipped", plan.scan_id,
-                      len(accepted), batch.stack.shape[1:], reducer.detector_shape)
+                      len(accepted), batch.shape, reducer.detector_shape)
             return out
         if batch.reducer is reducer and batch.counts is not None and batch.binned_chunks is not None:
             counts, saturated = batch.counts[accepted], batch.saturated[accepted]  # type: ignore[index]
             binned = [batch.binned_chunks[j] for j in accepted]
-        else:  # the batch was decoded before the series' first frame built its reducer
-            counts, saturated = reducer.reduce_batch(batch.stack[accepted])
+        elif batch.frames is not None:  # decoded before the series' first frame built its reducer
+            counts, saturated = reducer.reduce_batch(batch.stack(accepted))
             binned = [compression.bslz4_compress(c) for c in counts]
+        else:  # binned by another series' reducer of the same detector shape
+            self.stats["skipped_images"] += len(accepted)
+            log.error("scan %s: %d images were binned for another series; skipped", plan.scan_id, len(accepted))
+            return out
         raw = [batch.raw[j] for j in accepted]
         ids = np.array([batch.images[j].image_id for j in accepted], dtype=np.uint32)
         self._count_saturated(plan, ids, saturated)
-        m, (h, w) = reducer.frame_side, batch.stack.shape[1:]
+        m = reducer.frame_side
         binned_kind = RawChunks((m, m), reducer.out_dtype, [])
-        raw_kind = RawChunks((h, w), batch.stack.dtype, [])
+        raw_kind = RawChunks(batch.shape, batch.dtype, [])
         positions = None
         if plan.streamed:
             found = [self._position(plan, int(i)) for i in ids]
