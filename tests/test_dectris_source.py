@@ -21,7 +21,7 @@ from cryoptycho.protocols import compression, sources
 from cryoptycho.protocols.dectris.binning import FrameReducer
 from cryoptycho.protocols.dectris.bridge import BridgeConfig
 from cryoptycho.protocols.dectris.codec import bslz4_compress
-from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v2_messages
+from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v1_messages, v2_messages
 from cryoptycho.protocols.dectris.source import DectrisSource, spool_chunk
 from cryoptycho.protocols.sources import (
     Source,
@@ -66,10 +66,11 @@ def service(tmp_path: Path) -> Iterator[BackgroundService]:
         bg.stop()
 
 
-def _run(service: BackgroundService, messages: list[Any], workers: int = 2, **cfg: Any) -> Any:
+def _run(service: BackgroundService, messages: list[Any], workers: int = 2, version: int = 2, **cfg: Any) -> Any:
     """Push ``messages`` from a simulated detector through a DectrisSource into ``service``."""
-    with SimSender(2) as sender:
-        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3, **cfg),
+    with SimSender(version) as sender:
+        cfg.setdefault("channel", CHANNEL)
+        source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, **cfg),
                                workers=workers, batch=16)
         pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
         pusher.start()
@@ -232,3 +233,18 @@ def test_sources_are_found_by_url_scheme() -> None:
         assert isinstance(open_source("merlin://host:6341"), Merlin)
     finally:
         sources._registry.pop("merlin")
+
+
+def test_stream_v1_images_arrive_and_their_detector_frames_are_kept(service) -> None:
+    frames = _frames(20, seed=4)
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, 20], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": ANGLE, "scan_id": "direct-v1"}}
+    messages = list(v1_messages(SimSeries(frames, compression="bslz4", user_data=user)))
+    source, stats = _run(service, messages, version=1, channel=None)  # V1 has one, unnamed
+    assert stats.frames_sent == 20 and source.decoder.decoded == 20
+    _ended(service, "direct-v1")
+    spool = service.service.config.spool_dir / "direct-v1.spool.h5"
+    service.stop()
+    with h5py.File(spool, "r") as f:
+        idx = f[DATA]["frame_index"][:]
+        np.testing.assert_array_equal(f[DATA][DETECTOR_FRAMES][:], frames[idx])
