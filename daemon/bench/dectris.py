@@ -140,8 +140,8 @@ class FullPath:
         self.producer.close(linger_s=0)
 
 
-def _interleaved(stages: dict[str, Callable[[], int]], seconds: float, rounds: int
-                 ) -> tuple[dict[str, float], dict[str, float]]:
+def _interleaved(stages: dict[str, Callable[[], int]], seconds: float, rounds: int,
+                 cpu_clock: Callable[[], float] = time.thread_time) -> tuple[dict[str, float], dict[str, float]]:
     """(frames per wall-clock second, frames per CPU second of this thread) of each stage;
     each call returns the frames it did. Stages take turns, ``rounds`` times, each for
     ``seconds / rounds`` per turn, after one warm-up call. On a shared host the CPU figure is
@@ -153,14 +153,14 @@ def _interleaved(stages: dict[str, Callable[[], int]], seconds: float, rounds: i
         fn()
     for _ in range(rounds):
         for name, fn in stages.items():
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0, c0 = time.perf_counter(), cpu_clock()
             while True:
                 done[name] += fn()
                 elapsed = time.perf_counter() - t0
                 if elapsed >= seconds / rounds:
                     break
             wall[name] += elapsed
-            cpu[name] += time.thread_time() - c0
+            cpu[name] += cpu_clock() - c0
     return ({k: done[k] / wall[k] for k in stages},
             {k: done[k] / max(cpu[k], 1e-9) for k in stages})
 
@@ -555,12 +555,12 @@ def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True)
 
 
 def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int = 64) -> dict[str, float]:
-    """CPU µs per frame of each stage of both paths, one thread, side by side (interleaved):
-    new: ``decode_job`` (CBOR + bslz4 + bin a batch + compress its binned frames: the
-    workers' job), ``spool_direct`` (binned and detector chunks as they are); old: ``bridge``
-    (decode + bin + encode our protocol), ``daemon_decode`` (the daemon's decode + validate of
-    those messages), ``spool_filter`` (the HDF5 filter compresses); both: ``frame_store`` (the
-    engine takes the frames)."""
+    """CPU µs per frame of each stage of both paths (this process's CPU time, the spool's
+    compression threads included), side by side (interleaved): new: ``decode_job`` (CBOR +
+    bslz4 + bin: the workers' job), ``spool_direct`` (binned frames, and the detector's chunks
+    as they are); old: ``bridge`` (decode + bin + encode our protocol), ``daemon_decode`` (the
+    daemon's decode + validate of those messages), ``spool_filter`` (the binned frames only);
+    both: ``frame_store`` (the engine takes the frames)."""
     import tempfile
     from pathlib import Path
 
@@ -627,7 +627,8 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
         "frame_store": frame_store,
     }
     try:
-        _, fps_cpu = _interleaved(stages, seconds, rounds)
+        # the process's CPU time: the spool compresses on its own threads
+        _, fps_cpu = _interleaved(stages, seconds, rounds, time.process_time)
     finally:
         full.close()
         for w in writers.values():

@@ -5,9 +5,8 @@ Three stages, on threads:
 
 * the receiver (the thread that calls :meth:`DectrisSource.run`) reads the socket, decodes the
   rare start and end messages itself, and gathers image messages, still compressed, in batches;
-* decoding workers (a thread pool) parse each image's CBOR, decompress its channel once, bin the
-  batch in one NumPy pass and compress the binned frames for the spool. bslz4 decompression
-  (``dectris-compression`` or ``bitshuffle``), bitshuffle compression and NumPy's arithmetic all
+* decoding workers (a thread pool) parse each image's CBOR, decompress its channel once and bin
+  it. bslz4 decompression (``dectris-compression`` or ``bitshuffle``) and NumPy's arithmetic
   release the GIL (checked: a pure-Python thread keeps running beside them), so threads spread
   this work over the cores without pickling frames to other processes;
 * the receiver takes the workers' results back in arrival order, runs the series bookkeeping
@@ -78,7 +77,6 @@ class DecodedBatch:
     reducer: Any = None  #: the FrameReducer the binned frames came from
     counts: np.ndarray | None = None  #: (k, M, M) binned frames
     saturated: np.ndarray | None = None  #: (k,) whether a valid bin of the frame saturated
-    binned_chunks: list[bytes] | None = None
     frames: list[np.ndarray] | None = None  #: the detector frames, when not binned
 
     def stack(self, rows: list[int]) -> np.ndarray:
@@ -89,9 +87,10 @@ class DecodedBatch:
 class Decoder:
     """The workers' job, with a count of decompressed frames (one per image: tests check it).
 
-    Each frame is decompressed, binned and its binned frame compressed before the next one is
-    touched, so that it is still in the core's cache; a job over a whole stack at once was
-    slower, its 19 MB of temporaries going through memory several times."""
+    Each frame is decompressed and binned before the next one is touched, while it is in the
+    core's cache; a job over a whole stack at once was slower, its 19 MB of temporaries going
+    through memory several times. The binned frames are compressed by the spool, a chunk of
+    frames at a time (one HDF5 call per chunk rather than per frame)."""
 
     def __init__(self) -> None:
         self.decoded = 0
@@ -134,7 +133,6 @@ class Decoder:
             m = reducer.frame_side
             counts = np.empty((len(payloads), m, m), reducer.out_dtype)
             saturated = np.zeros(len(payloads), bool)
-            out.binned_chunks = []
         else:
             out.frames = []
         k = 0
@@ -153,7 +151,6 @@ class Decoder:
             out.raw.append(chunk)
             if binning:
                 _, saturated[k] = reducer.reduce_frame(frame, out=counts[k])
-                out.binned_chunks.append(compression.bslz4_compress(counts[k]))  # type: ignore[union-attr]
             else:
                 out.frames.append(frame)  # type: ignore[union-attr]
             k += 1
@@ -166,13 +163,13 @@ class Decoder:
 
 class DirectConverter(SeriesConverter):
     """:class:`SeriesConverter` fed decoded batches: frames leave as :class:`DetectorFrames`
-    (one per batch, with their spool chunks) instead of being copied into message batches."""
+    (one per batch, with the detector's chunks) instead of being copied into message batches."""
 
     def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False) -> None:
         super().__init__(config, side_channel)
-        #: (scan id, image id) → (binned chunk, raw chunk) of frames waiting for a position
-        self._held: dict[tuple[str, int], tuple[bytes, bytes]] = {}
-        self._held_shapes: dict[str, tuple[RawChunks, RawChunks]] = {}
+        #: (scan id, image id) → detector chunk of frames waiting for a position
+        self._held: dict[tuple[str, int], bytes] = {}
+        self._held_kind: dict[str, RawChunks] = {}
 
     def feed_batch(self, batch: DecodedBatch) -> list[SourceMessage]:
         out: list[SourceMessage] = []
@@ -207,12 +204,10 @@ class DirectConverter(SeriesConverter):
             log.error("scan %s: %d images of %s, the series' first image was %s; skipped", plan.scan_id,
                       len(accepted), batch.shape, reducer.detector_shape)
             return out
-        if batch.reducer is reducer and batch.counts is not None and batch.binned_chunks is not None:
+        if batch.reducer is reducer and batch.counts is not None:
             counts, saturated = batch.counts[accepted], batch.saturated[accepted]  # type: ignore[index]
-            binned = [batch.binned_chunks[j] for j in accepted]
         elif batch.frames is not None:  # decoded before the series' first frame built its reducer
             counts, saturated = reducer.reduce_batch(batch.stack(accepted))
-            binned = [compression.bslz4_compress(c) for c in counts]
         else:  # binned by another series' reducer of the same detector shape
             self.stats["skipped_images"] += len(accepted)
             log.error("scan %s: %d images were binned for another series; skipped", plan.scan_id, len(accepted))
@@ -220,32 +215,26 @@ class DirectConverter(SeriesConverter):
         raw = [batch.raw[j] for j in accepted]
         ids = np.array([batch.images[j].image_id for j in accepted], dtype=np.uint32)
         self._count_saturated(plan, ids, saturated)
-        m = reducer.frame_side
-        binned_kind = RawChunks((m, m), reducer.out_dtype, [])
-        raw_kind = RawChunks(batch.shape, batch.dtype, [])
         positions = None
         if plan.streamed:
             found = [self._position(plan, int(i)) for i in ids]
             ready = np.array([p is not None for p in found], bool)
             for k in np.flatnonzero(~ready):
                 plan.waiting[int(ids[k])] = counts[k].copy()
-                self._held[(plan.scan_id, int(ids[k]))] = (binned[k], raw[k])
-            self._held_shapes[plan.scan_id] = (binned_kind, raw_kind)
+                self._held[(plan.scan_id, int(ids[k]))] = raw[k]
+            self._held_kind[plan.scan_id] = RawChunks(batch.shape, batch.dtype, [])
             if not ready.all():
                 sel = np.flatnonzero(ready)
                 ids, counts = ids[sel], counts[sel]
-                binned, raw = [binned[k] for k in sel], [raw[k] for k in sel]
+                raw = [raw[k] for k in sel]
                 found = [found[k] for k in sel]
             if not len(ids):
                 return out
             positions = np.stack(found)  # type: ignore[arg-type]
         plan.sent += len(ids)
         self.stats["frames_sent"] += len(ids)
-        out.append(DetectorFrames(
-            Frames(plan.scan_id, ids, counts, positions),
-            binned=RawChunks(binned_kind.shape, binned_kind.dtype, binned),
-            raw=RawChunks(raw_kind.shape, raw_kind.dtype, raw),
-        ))
+        out.append(DetectorFrames(Frames(plan.scan_id, ids, counts, positions),
+                                  raw=RawChunks(batch.shape, batch.dtype, raw)))
         return out
 
     def _count_saturated(self, plan: _Plan, ids: np.ndarray, saturated: np.ndarray) -> None:
@@ -263,14 +252,12 @@ class DirectConverter(SeriesConverter):
         """Frames released by side-channel positions leave with the chunks they were held with."""
         out: list[Any] = []
         for msg in super()._take_batch(plan):
-            kinds = self._held_shapes.get(plan.scan_id)
+            kind = self._held_kind.get(plan.scan_id)
             held = [self._held.pop((plan.scan_id, int(i)), None) for i in msg.indices]
-            if kinds is None or any(h is None for h in held):
+            if kind is None or any(h is None for h in held):
                 out.append(msg)
                 continue
-            out.append(DetectorFrames(
-                msg, binned=RawChunks(kinds[0].shape, kinds[0].dtype, [h[0] for h in held]),  # type: ignore[index]
-                raw=RawChunks(kinds[1].shape, kinds[1].dtype, [h[1] for h in held])))  # type: ignore[index]
+            out.append(DetectorFrames(msg, raw=RawChunks(kind.shape, kind.dtype, held)))  # type: ignore[arg-type]
         return out
 
 
