@@ -165,8 +165,8 @@ class DirectIngest:
     def _wake(self) -> None:
         try:
             self._tx.send(b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
+        except OSError:
+            pass  # full of wake-ups already, or closed: the daemon stopped and reads no more
 
     def close(self) -> None:
         """Refuse further messages and wake every blocked ``put``."""

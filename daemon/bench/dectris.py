@@ -472,7 +472,6 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
 
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
-    from cryoptycho.protocols.dectris.source import DectrisSource
 
     n = len(series) - 2
     series = series[:-1]
@@ -495,6 +494,8 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
         def run_source() -> None:
             try:
                 if path == "direct":
+                    from cryoptycho.protocols.dectris.source import DectrisSource
+
                     DectrisSource(url, config, workers=workers).run(bg.service.direct, stop)
                 else:
                     run_bridge(url, bg.service.endpoints["ingest"], config, stop)
