@@ -248,3 +248,17 @@ def test_stream_v1_images_arrive_and_their_detector_frames_are_kept(service) -> 
     with h5py.File(spool, "r") as f:
         idx = f[DATA]["frame_index"][:]
         np.testing.assert_array_equal(f[DATA][DETECTOR_FRAMES][:], frames[idx])
+
+
+def test_batch_binning_matches_the_reducer_and_flags_saturated_frames() -> None:
+    frames = _frames(5, seed=5)
+    frames[3, 30, 31] = 65535  # over the saturation threshold, inside the window
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=48, bin=2)
+    counts, saturated = reducer.reduce_batch(frames)
+    expected, valid = reducer(frames)
+    np.testing.assert_array_equal(counts, expected)
+    assert saturated.tolist() == [False, False, False, True, False]
+    assert valid[3].sum() == reducer.static_valid.sum() - 1  # one bin lost to the saturated pixel
+    quiet, none_saturated = reducer.reduce_batch(frames[:3])
+    np.testing.assert_array_equal(quiet, expected[:3])
+    assert not none_saturated.any()
