@@ -262,3 +262,15 @@ def test_batch_binning_matches_the_reducer_and_flags_saturated_frames() -> None:
     quiet, none_saturated = reducer.reduce_batch(frames[:3])
     np.testing.assert_array_equal(quiet, expected[:3])
     assert not none_saturated.any()
+
+
+def test_serve_names_the_known_schemes_for_an_unknown_source(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from cryoptycho.daemon.cli import main
+
+    result = CliRunner().invoke(main, [
+        "serve", "--source", "merlin://detector:6341", "--ingest", "tcp://127.0.0.1:*",
+        "--publish", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*", "--metrics-port", "0",
+        "--spool-dir", str(tmp_path / "spool"), "--results-dir", str(tmp_path / "results")])
+    assert result.exit_code == 1
+    assert "unknown scheme merlin://" in result.output and "dectris2://" in result.output

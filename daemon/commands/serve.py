@@ -70,6 +70,13 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
 
     from cryoptycho.daemon.logs import setup_logging
     from cryoptycho.daemon.service import Service
+    from cryoptycho.protocols.sources import source_class
+
+    if config.source is not None:
+        try:
+            source_class(config.source)  # an unknown scheme fails before anything is bound
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
 
     setup_logging(config.log_format, config.log_level)
     service = Service(config)
