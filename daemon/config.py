@@ -100,8 +100,11 @@ class ServiceConfig(BaseSettings):
     """Default reconstruction options; a scan's overrides are merged on top."""
 
     source: str | None = None
-    """Also ingest a DECTRIS detector stream (``dectris2://HOST:31001`` or ``dectris1://…``),
-    bridged into the ingest socket (protocols/dectris)."""
+    """Also read a detector stream directly, by URL scheme (protocols/sources.py): a DECTRIS
+    detector at ``dectris2://HOST:31001`` or ``dectris1://…``; its frames enter the scans
+    without passing the ingest socket."""
+    source_workers: int = Field(2, ge=1, le=64)
+    """Threads that decode and bin the source's frames (about one per core)."""
     dectris: BridgeConfig = Field(default_factory=BridgeConfig)
     """How DECTRIS series become scans (``[dectris]`` table: crop, bin, raster, energy, …)."""
 

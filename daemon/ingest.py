@@ -1,12 +1,23 @@
-"""From validated wire messages (protocols.messages) to the service's own scan description."""
+"""From validated wire messages (protocols.messages) to the service's own scan description, and
+the sink through which sources in this process (detectors read directly) deliver them."""
 
 from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from cryoptycho.gpu.geometry import real_space_pixel_size
 from cryoptycho.gpu.probes import make_probe
+from cryoptycho.protocols import validate
 from cryoptycho.protocols.errors import ProtocolError
-from cryoptycho.protocols.messages import Frames, ScanStart
+from cryoptycho.protocols.limits import Limits
+from cryoptycho.protocols.messages import Abort, Frames, ScanEnd, ScanStart
+from cryoptycho.protocols.sources import DetectorFrames, SinkClosed, SourceMessage
 
 from .session import ScanSpec
 
@@ -107,3 +118,107 @@ def frame_positions(msg: Frames, spec: ScanSpec) -> np.ndarray:
         raise ProtocolError("indices", "index_range", f"index {int(idx.max())} ≥ {len(spec.positions_m)} declared "
                             "positions", msg.scan_id)
     return spec.positions_m[idx]
+
+
+def check_direct(msg: Any, limits: Limits, declared: Mapping[str, ScanStart]) -> None:
+    """The checks :func:`cryoptycho.protocols.messages.decode` applies to a message from the
+    ingest socket, for a message a source in this process built: known or unique scan id,
+    then the limits and the scan's declaration (shape, dtype, index range, positions)."""
+    if not isinstance(msg, (ScanStart, Frames, ScanEnd, Abort)):
+        raise ProtocolError("type", "known_type", f"a source sent a {type(msg).__name__}, not an ingest message")
+    known = msg.scan_id in declared
+    if isinstance(msg, ScanStart):
+        if known:
+            raise ProtocolError("scan_id", "unique_scan", f"scan {msg.scan_id!r} was already started", msg.scan_id)
+        validate.check(msg, limits, None)
+        return
+    if not known:
+        raise ProtocolError("scan_id", "known_scan", f"no scan {msg.scan_id!r} was started", msg.scan_id)
+    validate.check(msg, limits, declared[msg.scan_id])
+
+
+def check_chunks(detector: DetectorFrames, scan: ScanStart) -> None:
+    """A detector source's chunks must be one per frame, the binned ones of the declared
+    frame shape and dtype (the spool writes them as they are)."""
+    n = len(detector.frames.indices)
+    for name, chunks in (("binned", detector.binned), ("raw", detector.raw)):
+        if chunks is not None and len(chunks.chunks) != n:
+            raise ProtocolError(name, "chunk_count", f"{len(chunks.chunks)} chunks for {n} frames", scan.scan_id)
+    b = detector.binned
+    if b is not None and (tuple(b.shape) != tuple(scan.frame_shape) or b.dtype != np.dtype(scan.frame_dtype)):
+        raise ProtocolError("binned", "declared_shape", f"chunks of {b.shape} {b.dtype}, the scan declared "
+                            f"{tuple(scan.frame_shape)} {scan.frame_dtype}", scan.scan_id)
+
+
+class DirectIngest:
+    """The sink of sources running in the daemon (:mod:`cryoptycho.protocols.sources`): a
+    queue the manager thread drains as it reads its ingest socket. ``put`` blocks while more
+    than ``capacity_frames`` frames wait (back-pressure reaches the detector's socket, as it
+    does for the ingest socket), and raises :class:`SinkClosed` once the daemon stops."""
+
+    def __init__(self, capacity_frames: int = 4096) -> None:
+        self.capacity_frames = capacity_frames
+        self._items: deque[tuple[Any, float]] = deque()
+        self._frames = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._rx, self._tx = socket.socketpair()
+        self._rx.setblocking(False)
+        self._tx.setblocking(False)
+
+    @property
+    def fd(self) -> int:
+        """Readable while messages wait (for the manager's poller)."""
+        return self._rx.fileno()
+
+    def put(self, msg: SourceMessage) -> None:
+        n = _frame_count(msg)
+        with self._cond:
+            while not self._closed and self._frames and self._frames + n > self.capacity_frames:
+                self._cond.wait(0.5)
+            if self._closed:
+                raise SinkClosed("the daemon is stopping")
+            self._items.append((msg, time.monotonic()))
+            self._frames += n
+            first = len(self._items) == 1
+        if first:
+            self._wake()
+
+    def take(self, limit: int) -> list[tuple[Any, float]]:
+        """Up to ``limit`` waiting messages with their arrival times (monotonic)."""
+        try:
+            while self._rx.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._cond:
+            out = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+            self._frames -= sum(_frame_count(m) for m, _ in out)
+            left = bool(self._items)
+            self._cond.notify_all()
+        if left:
+            self._wake()
+        return out
+
+    def _wake(self) -> None:
+        try:
+            self._tx.send(b"\0")
+        except OSError:
+            pass  # full of wake-ups already, or closed: the daemon stopped and reads no more
+
+    def close(self) -> None:
+        """Refuse further messages and wake every blocked ``put``."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        self.close()
+        self._rx.close()
+        self._tx.close()
+
+
+def _frame_count(msg: Any) -> int:
+    if isinstance(msg, DetectorFrames):
+        msg = msg.frames
+    return len(msg.indices) if isinstance(msg, Frames) else 0

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
 from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.protocols.sources import DetectorFrames
 from pydantic import ValidationError
 
 from .config import ServiceConfig
@@ -182,8 +183,9 @@ class ScanManager:
         self._trim_history()
 
     def add_frames(self, session: Session, frames: np.ndarray, indices: np.ndarray, positions: np.ndarray,
-                   arrived: float) -> int:
-        """Spool, then count, then hand to the worker. Returns the number of frames kept."""
+                   arrived: float, detector: DetectorFrames | None = None) -> int:
+        """Spool, then count, then hand to the worker. Returns the number of frames kept.
+        ``detector``: the frames' compressed chunks from a detector source, spooled as they are."""
         with session.lock:  # summaries read the ledger from other threads
             keep = session.ledger.admit(indices)
         dup = int((~keep).sum())
@@ -191,15 +193,19 @@ class ScanManager:
             self.metrics.frames_dropped.labels(reason="duplicate").inc(dup)
         if not keep.any():
             return 0
+        binned = raw = None
+        if detector is not None:
+            binned, raw = detector.binned, detector.raw
         if not keep.all():
             frames, indices, positions = frames[keep], indices[keep], positions[keep]
+            binned, raw = (None if c is None else c.select(keep) for c in (binned, raw))
         spool = self.spools[session.scan_id]
         n = len(frames)
         session.last_activity = time.monotonic()
         worker = self.running.get(session.scan_id)
 
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
-            spool.append(frames, indices, positions)
+            spool.append(frames, indices, positions, binned=binned, raw=raw)
             self.metrics.frames_received.inc(n)
             self.metrics.last_frame.set(time.time())
             if worker is not None:

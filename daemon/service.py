@@ -33,13 +33,21 @@ from cryoptycho.protocols.messages import (
     peek,
 )
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
+from cryoptycho.protocols.sources import DetectorFrames
 from cryoptycho.protocols.topics import encode_event
 from cryoptycho.protocols.wire import unpack
 from prometheus_client import start_http_server
 
 from .config import ServiceConfig
 from .handlers import build_table
-from .ingest import frame_positions, outline_from_scan_start, spec_from_scan_start
+from .ingest import (
+    DirectIngest,
+    check_chunks,
+    check_direct,
+    frame_positions,
+    outline_from_scan_start,
+    spec_from_scan_start,
+)
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier
 from .publisher import ErrorThrottle, Outbox, to_message
@@ -84,6 +92,8 @@ class Service:
         self._ctx = zmq.Context()
         self._metrics_server: Any = None
         self._auth: Any = None  #: the CURVE authenticator (ZAP handler), when CURVE is on
+        #: sources in this process (``--source``) deliver here, validated like the ingest socket
+        self.direct = DirectIngest()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,14 +153,17 @@ class Service:
         while not self._stop.is_set():
             want_ingest = self._preparing is None and not self.scans.backpressure()
             if want_ingest != ingest_registered:
-                if want_ingest:
-                    poller.register(self.ingest, zmq.POLLIN)
-                else:
-                    poller.unregister(self.ingest)
+                for sock in (self.ingest, self.direct.fd):
+                    if want_ingest:
+                        poller.register(sock, zmq.POLLIN)
+                    else:
+                        poller.unregister(sock)
                 ingest_registered = want_ingest
             events = dict(poller.poll(100))
             if events.get(self.ingest):
                 self._read_ingest()
+            if events.get(self.direct.fd):
+                self._read_direct()
             if events.get(self.control):
                 self._read_control()
             if self._preparing is not None and self._preparing[1].done():
@@ -170,6 +183,7 @@ class Service:
         spool, recovered at the next start); scans past scan_end may finish within
         ``drain_timeout_s``, then they are interrupted too and recovered like the others."""
         self.notifier.stopping()
+        self.direct.close()
         if self._preparing is not None:  # registered like any accepted scan: recovered at the next start
             self._preparing[1].exception()
             self._finish_start()
@@ -201,6 +215,7 @@ class Service:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         self.outbox.close()
+        self.direct.release()
         self._stop_rx.close()
         self._stop_tx.close()
 
@@ -224,9 +239,36 @@ class Service:
             if self._preparing is not None or self.scans.backpressure():
                 return
 
-    def _reject(self, exc: ProtocolError, parts: list[Any]) -> None:
+    def _read_direct(self) -> None:
+        """Messages of sources in this process: the ingest socket's checks, no decoding. Like
+        the socket, reading pauses while a scan start is being prepared (order is kept)."""
+        for _ in range(INGEST_BURST):
+            taken = self.direct.take(1)
+            if not taken:
+                return
+            msg, arrived = taken[0]
+            detector = msg if isinstance(msg, DetectorFrames) else None
+            if detector is not None:
+                msg = detector.frames
+            try:
+                check_direct(msg, self.limits, self._declared)
+                if detector is not None:
+                    check_chunks(detector, self._declared[msg.scan_id])
+                self._handle(msg, arrived, detector)
+            except (ProtocolError, ValueError) as exc:
+                # a source builds messages in this process, so a value the daemon cannot use
+                # (e.g. a probe its sampling cannot hold) arrives as a ValueError, not on the wire
+                err = exc if isinstance(exc, ProtocolError) else ProtocolError(
+                    "message", "invalid", str(exc), getattr(msg, "scan_id", None))
+                self._guarded("ingest", self._reject, err, [], len(msg.indices) if isinstance(msg, Frames) else 0)
+            except Exception as exc:  # noqa: BLE001 - a bug or a storage fault: only this message's scan fails
+                self._guarded("ingest", self._ingest_fault, exc, msg, [])
+            if self._preparing is not None or self.scans.backpressure():
+                return
+
+    def _reject(self, exc: ProtocolError, parts: list[Any], frames: int | None = None) -> None:
         self.metrics.messages_rejected.labels(rule=exc.rule).inc()
-        n = _frames_in(parts, self.limits)
+        n = _frames_in(parts, self.limits) if frames is None else frames
         if n:
             reason = {"known_scan": "unknown_scan", "open_scan": "scan_closed"}.get(exc.rule, "invalid")
             self.metrics.frames_dropped.labels(reason=reason).inc(n)
@@ -313,7 +355,7 @@ class Service:
             self.metrics.internal_errors.labels(where=where).inc()
             self.outbox.post("error", ErrorEvent(where, "internal_error", text, None, time.time()))
 
-    def _handle(self, msg: Any, arrived: float) -> None:
+    def _handle(self, msg: Any, arrived: float, detector: DetectorFrames | None = None) -> None:
         if isinstance(msg, ScanStart):
             try:
                 # refuse from the declaration alone, before a probe or positions are built:
@@ -333,7 +375,8 @@ class Service:
                 raise ProtocolError("scan_id", "open_scan", f"scan {msg.scan_id!r} is {session.state.value}"
                                     + (" (scan_end received)" if session.ended else ""), msg.scan_id)
             positions = frame_positions(msg, session.spec)
-            self.scans.add_frames(session, msg.data, np.asarray(msg.indices, dtype=np.int64), positions, arrived)
+            self.scans.add_frames(session, msg.data, np.asarray(msg.indices, dtype=np.int64), positions, arrived,
+                                  detector)
         elif isinstance(msg, ScanEnd):
             self.scans.end_scan(session, "scan_end", msg.frame_count)
             self.scans.admit()

@@ -35,7 +35,8 @@ DECODERS = [d for d in compression.BSLZ4_DECODERS if d != "dectris" or reference
 @needs_reference
 def test_bench_reports_every_stage_and_its_frames_decode_like_the_reference() -> None:
     result = CliRunner().invoke(main, ["bench", "dectris", "--frames", "4", "--seconds", "0.01",
-                                       "--rounds", "1", "--case", "sparse", "--profile", "--json"])
+                                       "--rounds", "1", "--case", "sparse", "--profile", "--daemon-frames", "0",
+                                       "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["reference"] == "dectris.compression" and out["bslz4_decoder"] == "dectris"
@@ -190,3 +191,18 @@ def test_drain_keeps_the_parts_after_a_raising_error_for_the_next_call() -> None
             list(rx.drain(0.1))
         assert [type(m) for m in rx.drain(0.1)] == [SeriesStart]
         assert list(rx.drain(0.01)) == []
+
+
+def test_bench_runs_both_paths_end_to_end_into_a_daemon() -> None:
+    result = CliRunner().invoke(main, ["bench", "dectris", "--frames", "4", "--seconds", "0.01", "--rounds", "1",
+                                       "--case", "sparse", "--no-sockets", "--daemon-frames", "48",
+                                       "--daemon-rounds", "1", "--no-live", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)["cases"]["sparse"]
+    assert set(row["daemon"]) == {"bridge_paused", "direct_1_paused", "direct_2_paused"}
+    for figures in row["daemon"].values():
+        # every frame reached the store, after it was received (spooled and counted)
+        assert figures["fps_received"] >= figures["fps"] > 0 and figures["cpu_us_per_frame"] > 0
+    stages = row["stages_cpu_us_per_frame"]
+    assert stages["direct_total"] == pytest.approx(
+        stages["decode_job"] + stages["spool_direct"] + stages["frame_store"], abs=0.2)

@@ -14,17 +14,25 @@ that the load of a shared host falls on all stages alike:
   series bookkeeping, bin, batch, then the Producer's validate + encode (the bytes are
   dropped instead of sent, so the socket and the daemon are not part of the figure).
 
-Target (issue 6): ``full`` ≥ 20,000 frames/s on 2 cores.
+End to end into a real daemon (``--daemon-frames``): a detector process streams a series into
+a :class:`BackgroundService` (spool and frame store included), along the old path (the bridge:
+decode, bin, re-encode our protocol, the ingest socket, decode again) and the new one (the
+daemon's DECTRIS source: decode and bin once on worker threads, spool the detector's chunks as
+they are), with 1 and 2 decoding threads, engine paused and live; plus the CPU cost per frame of
+each stage of both paths (``stages_cpu_us_per_frame``).
+
+Target (issue 15): end to end into the daemon ≥ 20,000 frames/s on 2 cores, engine paused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import json
 import pstats
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import cbor2
@@ -132,8 +140,8 @@ class FullPath:
         self.producer.close(linger_s=0)
 
 
-def _interleaved(stages: dict[str, Callable[[], int]], seconds: float, rounds: int
-                 ) -> tuple[dict[str, float], dict[str, float]]:
+def _interleaved(stages: dict[str, Callable[[], int]], seconds: float, rounds: int,
+                 cpu_clock: Callable[[], float] = time.thread_time) -> tuple[dict[str, float], dict[str, float]]:
     """(frames per wall-clock second, frames per CPU second of this thread) of each stage;
     each call returns the frames it did. Stages take turns, ``rounds`` times, each for
     ``seconds / rounds`` per turn, after one warm-up call. On a shared host the CPU figure is
@@ -145,14 +153,14 @@ def _interleaved(stages: dict[str, Callable[[], int]], seconds: float, rounds: i
         fn()
     for _ in range(rounds):
         for name, fn in stages.items():
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0, c0 = time.perf_counter(), cpu_clock()
             while True:
                 done[name] += fn()
                 elapsed = time.perf_counter() - t0
                 if elapsed >= seconds / rounds:
                     break
             wall[name] += elapsed
-            cpu[name] += time.thread_time() - c0
+            cpu[name] += cpu_clock() - c0
     return ({k: done[k] / wall[k] for k in stages},
             {k: done[k] / max(cpu[k], 1e-9) for k in stages})
 
@@ -334,7 +342,7 @@ def _profile_full(frames: np.ndarray, series: int = 3) -> dict[str, float]:
 
 
 def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool,
-        sockets: bool = True) -> dict[str, Any]:
+        sockets: bool = True, daemon_frames: int = 0, daemon_rounds: int = 2, live: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
         "reference": "dectris.compression" if reference_decompress is not None else None,
         "bslz4_decoder": compression.BSLZ4_DECODER,
@@ -348,6 +356,10 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
             row["fps"]["bridge_sockets"] = round(measure_sockets(make_series(frames), _config()), 1)
         if profile:
             row["profile_shares_full"] = _profile_full(frames)
+        if daemon_frames:
+            big = make_frames(daemon_frames, 192, disc, dark, seed=1)
+            row["stages_cpu_us_per_frame"] = measure_stages(big[:512], seconds, rounds)
+            row["daemon"] = measure_daemon_paths(big, daemon_rounds, live)
     return out
 
 
@@ -364,11 +376,19 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
               help="Also profile the full path (cProfile) and give time shares by stage.")
 @click.option("--sockets/--no-sockets", default=True, show_default=True,
               help="Also run the bridge end to end over TCP loopback (wall clock).")
+@click.option("--daemon-frames", type=click.IntRange(0, 200_000), default=4096, show_default=True,
+              help="Frames per series end to end into a real daemon (spool and frame store included), "
+                   "old path (bridge) and new (direct source, 1 and 2 decoding threads); 0 = skip.")
+@click.option("--daemon-rounds", type=click.IntRange(1, 20), default=2, show_default=True,
+              help="End-to-end runs of each path, interleaved (the best is reported).")
+@click.option("--live/--no-live", default=True, show_default=True,
+              help="Also run the direct path end to end with the live engine reconstructing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile: bool,
-            sockets: bool, as_json: bool) -> None:
-    """DECTRIS V2 ingest: decode + bin + enqueue frames/s, 192×192 bslz4 → 96×96 (target ≥ 20,000)."""
-    result = run(n, seconds, rounds, cases, profile, sockets)
+            sockets: bool, daemon_frames: int, daemon_rounds: int, live: bool, as_json: bool) -> None:
+    """DECTRIS V2 ingest: decode + bin + enqueue frames/s, 192×192 bslz4 → 96×96, and end to end
+    into the daemon (target ≥ 20,000 frames/s on 2 cores, engine paused)."""
+    result = run(n, seconds, rounds, cases, profile, sockets, daemon_frames, daemon_rounds, live)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -387,8 +407,235 @@ def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile
         if "profile_shares_full" in row:
             click.echo("        full-path time shares: " + ", ".join(
                 f"{g} {100 * s:.0f}%" for g, s in row["profile_shares_full"].items()))
+        if "daemon" in row:
+            click.echo("        end to end into the daemon, frames/s received / stored (CPU µs per frame): " + ", ".join(
+                f"{k} {v['fps_received']:,.0f} / {v['fps']:,.0f} ({v['cpu_us_per_frame']:,.0f})"
+                for k, v in row["daemon"].items()))
+            click.echo("        CPU µs/frame by stage: " + ", ".join(
+                f"{k} {v:,.1f}" for k, v in row["stages_cpu_us_per_frame"].items()))
     click.echo("frames/s in one process, stages measured side by side in one run (interleaved rounds); "
                "wall = clock time, cpu = per CPU-second of the measuring thread (a core of its own); "
                "full/ref = full path ÷ (cbor2 + dectris.compression decode), CPU time; full = decode + "
                "bookkeeping + bin + batch + validate + encode, no socket; bridge_sockets = run_bridge end "
-               "to end over TCP loopback, detector and daemon stand-ins in the same process, best series.")
+               "to end over TCP loopback, detector and daemon stand-ins in the same process, best series. "
+               "End to end into the daemon: detector in its own process, daemon in this one, from the first "
+               "message to every frame spooled and counted (received) / also in the frame store (stored); bridge = old path (decode, "
+               "re-encode, ingest socket), direct_N = the daemon's DECTRIS source with N decoding threads; "
+               "paused = no reconstruction step, live = the engine runs.")
+
+
+# ----------------------------------------------------------------- end to end into the daemon
+
+
+@contextlib.contextmanager
+def engine_paused() -> Iterator[None]:
+    """Workers take frames into their engine's frame store but run no reconstruction step
+    (and wait for frames instead of spinning), so that ingest alone is measured."""
+    from cryoptycho.daemon.worker import ScanWorker
+
+    step, drain, preview = ScanWorker._step, ScanWorker._drain, ScanWorker._preview
+    ScanWorker._step = lambda self, halves: None  # type: ignore[method-assign]
+    ScanWorker._preview = lambda self, unpreviewed: None  # type: ignore[method-assign]
+    ScanWorker._drain = lambda self, block: drain(self, True)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ScanWorker._step, ScanWorker._drain, ScanWorker._preview = step, drain, preview  # type: ignore[method-assign]
+
+
+def _detector(series: list[bytes], port: Any, go: Any) -> None:
+    """A simulated detector in a process of its own (as a real one is): bind PUSH, report the
+    port, send the series when told."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    port.put(sock.bind_to_random_port("tcp://127.0.0.1"))
+    go.wait()
+    for raw in series:
+        sock.send(raw, copy=False)
+    sock.close(linger=-1)
+    ctx.term()
+
+
+def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers: int = 2,
+                   paused: bool = True, timeout_s: float = 120.0) -> dict[str, float]:
+    """One series end to end into a real daemon (:class:`BackgroundService`, spool included):
+    from the detector's first message until every frame is spooled and counted (``fps_received``)
+    and until they are all in the scan's frame store too (``fps``). ``path``: ``direct`` (the daemon's DECTRIS source, ``workers`` decoding
+    threads) or ``bridge`` (the old path: bridge → our protocol → the ingest socket).
+    The series' end is not sent: the scan is aborted when the frames are in, so that no final
+    refinement runs into the next measurement. Returns frames/s (wall) and CPU µs per frame of
+    this process (every thread)."""
+    import multiprocessing
+    import tempfile
+    from pathlib import Path
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+
+    n = len(series) - 2
+    series = series[:-1]
+    # spawn, not fork: a forked child shares the parent's ZeroMQ contexts (their signalling
+    # descriptors), and its exit can swallow the wake-ups of the daemon's sockets
+    mp = multiprocessing.get_context("spawn")
+    port_q, go = mp.Queue(), mp.Event()
+    proc = mp.Process(target=_detector, args=(series, port_q, go), daemon=True)
+    proc.start()
+    url = f"dectris2://127.0.0.1:{port_q.get(timeout=30)}"
+    with tempfile.TemporaryDirectory(prefix="bench-dectris-") as tmp, \
+            (engine_paused() if paused else contextlib.nullcontext()):
+        cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
+                            metrics_enabled=False, spool_dir=Path(tmp) / "spool", results_dir=Path(tmp) / "res",
+                            resolution_interval_s=0, drain_timeout_s=0)
+        bg = BackgroundService(cfg)
+        stop = threading.Event()
+        failures: list[BaseException] = []
+
+        def run_source() -> None:
+            try:
+                if path == "direct":
+                    from cryoptycho.protocols.dectris.source import DectrisSource
+
+                    DectrisSource(url, config, workers=workers).run(bg.service.direct, stop)
+                else:
+                    run_bridge(url, bg.service.endpoints["ingest"], config, stop)
+            except BaseException as exc:  # noqa: BLE001 — re-raised by the measuring thread
+                failures.append(exc)
+
+        runner = threading.Thread(target=run_source, name=f"bench-{path}")
+        try:
+            runner.start()
+            time.sleep(0.3)  # the PULL socket connects before the detector starts sending
+            t0, c0 = time.perf_counter(), time.process_time()
+            go.set()
+            scans = bg.service.scans
+            t_received: float | None = None
+            deadline = t0 + timeout_s
+            while True:
+                # cheap reads only, 50 times a second: this loop shares the GIL with the daemon
+                session = next(iter(scans.sessions.values()), None)
+                worker = scans.running.get(session.scan_id) if session is not None else None
+                received = session.ledger.received if session is not None else 0
+                if received >= n and t_received is None:
+                    t_received = time.perf_counter() - t0
+                if received >= n and worker is not None and worker.queued_frames == 0:
+                    break
+                if failures or time.perf_counter() > deadline:
+                    raise RuntimeError(f"{path}: {received} of {n} frames after {timeout_s} s: {failures}")
+                time.sleep(0.02)
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            stop.set()
+            runner.join(30)
+            bg.stop()
+            proc.join(10)
+    assert t_received is not None
+    return {"fps": n / elapsed, "fps_received": n / t_received, "cpu_us_per_frame": 1e6 * cpu / n}
+
+
+def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True) -> dict[str, Any]:
+    """The old and the new path side by side, interleaved ``rounds`` times (best of each):
+    bridge (before), direct with 1 and 2 decoding threads, engine paused; and direct with 2
+    threads while the live engine runs."""
+    series = make_series(frames)
+    config = _config(frames.shape[1])
+    cases: dict[str, tuple[str, int, bool]] = {
+        "bridge_paused": ("bridge", 1, True),
+        "direct_1_paused": ("direct", 1, True),
+        "direct_2_paused": ("direct", 2, True),
+    }
+    if live:
+        cases["direct_2_live"] = ("direct", 2, False)
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):
+        for name, (path, workers, paused) in cases.items():
+            r = measure_daemon(series, config, path, workers, paused)
+            if name not in best or r["fps"] > best[name]["fps"]:
+                best[name] = r
+    return {k: {m: round(v, 1) for m, v in r.items()} for k, r in best.items()}
+
+
+def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int = 64) -> dict[str, float]:
+    """CPU µs per frame of each stage of both paths (this process's CPU time, the spool's
+    compression threads included), side by side (interleaved): new: ``decode_job`` (CBOR +
+    bslz4 + bin: the workers' job), ``spool_direct`` (binned frames, and the detector's chunks
+    as they are); old: ``bridge`` (decode + bin + encode our protocol), ``daemon_decode`` (the
+    daemon's decode + validate of those messages), ``spool_filter`` (the binned frames only);
+    both: ``frame_store`` (the engine takes the frames)."""
+    import tempfile
+    from pathlib import Path
+
+    from cryoptycho.daemon.ingest import spec_from_scan_start
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+    from cryoptycho.gpu.options import ReconOptions
+    from cryoptycho.gpu.stream import StreamingReconstructor
+    from cryoptycho.protocols.dectris.source import Decoder, DirectConverter
+    from cryoptycho.protocols.messages import ScanStart, encode
+    from cryoptycho.protocols.sources import DetectorFrames
+
+    series = make_series(frames)
+    config = _config(frames.shape[1])
+    images = series[1:-1]
+    jobs = [images[i:i + batch] for i in range(0, len(images), batch)]
+    decoder = Decoder()
+    conv = DirectConverter(config)
+    conv.feed(decode_v2(series[0]))
+    out: list[Any] = []
+    for job in jobs:
+        out += conv.feed_batch(decoder(job, CHANNEL, conv.plan.reducer if conv.plan else None))
+    start = next(m for m in out if isinstance(m, ScanStart))
+    direct = [m for m in out if isinstance(m, DetectorFrames)]
+    reducer = conv.plan.reducer if conv.plan else None
+    messages = [[bytes(memoryview(np.ascontiguousarray(p)).cast("B")) if isinstance(p, np.ndarray) else bytes(p)
+                 for p in encode(m.frames)] for m in direct]
+    spec = spec_from_scan_start(start)
+    n = len(images)
+    positions = [np.zeros((len(m.frames.indices), 2)) for m in direct]
+    tmp = tempfile.TemporaryDirectory(prefix="bench-stages-")
+    writers: dict[bool, SpoolWriter] = {}
+
+    def spool(chunks: bool) -> int:
+        """Appends to one spool file per variant (a scan's file is made once, not per batch)."""
+        if chunks not in writers:
+            spec.scan_id = f"stage-{int(chunks)}"
+            writers[chunks] = SpoolWriter.create(Path(tmp.name), spec)
+        writer = writers[chunks]
+        for m, pos in zip(direct, positions):
+            f = m.frames
+            writer.append(f.data, np.asarray(f.indices, np.int64), pos,
+                          binned=m.binned if chunks else None, raw=m.raw if chunks else None)
+        return n
+
+    def frame_store(repeats: int = 4) -> int:
+        """A scan's engine takes ``repeats`` series (its creation is part of the figure)."""
+        engine = StreamingReconstructor(
+            frame_shape=spec.frame_shape, frame_dtype=np.dtype(spec.frame_dtype), pixel_size=spec.pixel_size_m,
+            probe=spec.probe, options=ReconOptions(), mask=spec.mask, extent_m=spec.extent_m,
+            expected_frames=repeats * n, energy_eV=spec.energy_eV)
+        for _ in range(repeats):
+            for m, pos in zip(direct, positions):
+                engine.add_frames(m.frames.data, pos)
+        return repeats * n
+
+    declared = {start.scan_id: start}
+    full = FullPath(series, config)
+    stages: dict[str, Callable[[], int]] = {
+        "decode_job": lambda: sum(len(decoder(job, CHANNEL, reducer).images) for job in jobs),
+        "spool_direct": lambda: spool(True),
+        "bridge": full.run_series,
+        "daemon_decode": lambda: sum(len(decode(parts, None, declared).indices) for parts in messages),
+        "spool_filter": lambda: spool(False),
+        "frame_store": frame_store,
+    }
+    try:
+        # the process's CPU time: the spool compresses on its own threads
+        _, fps_cpu = _interleaved(stages, seconds, rounds, time.process_time)
+    finally:
+        full.close()
+        for w in writers.values():
+            w.close()
+        tmp.cleanup()
+    us = {k: round(1e6 / v, 1) for k, v in fps_cpu.items()}
+    us["direct_total"] = round(us["decode_job"] + us["spool_direct"] + us["frame_store"], 1)
+    us["old_total"] = round(us["bridge"] + us["daemon_decode"] + us["spool_filter"] + us["frame_store"], 1)
+    return us

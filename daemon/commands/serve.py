@@ -52,7 +52,8 @@ def _set_pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Any setting, dotted for nested ones (e.g. options.iterations=50). Repeatable.")
 @click.option("--source", metavar="URL",
-              help="Also ingest a DECTRIS stream, e.g. dectris2://HOST:31001 (bridged into the ingest socket).")
+              help="Also read a detector stream directly, e.g. dectris2://HOST:31001 (frames enter the scans "
+                   "without the ingest socket).")
 @click.option("--limit", "limit_pairs", multiple=True, metavar="KEY=VALUE",
               help="A protocol limit (the [limits] table), e.g. max_frame_side=2048. Repeatable.")
 def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None,
@@ -79,6 +80,13 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
 
     from cryoptycho.daemon.logs import setup_logging
     from cryoptycho.daemon.service import Service
+    from cryoptycho.protocols.sources import source_class
+
+    if config.source is not None:
+        try:
+            source_class(config.source)  # an unknown scheme fails before anything is bound
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
 
     setup_logging(config.log_format, config.log_level)
     service = Service(config)
@@ -91,7 +99,11 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
         signal.signal(sig, lambda *_: service.request_stop())
     bridge_stop = threading.Event()
     if config.source is not None:
-        _start_bridge(config.source, service.endpoints["ingest"], config.dectris, bridge_stop, service)
+        try:
+            _start_source(config, bridge_stop, service)
+        except (ValueError, TypeError) as exc:
+            service.close()
+            raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({"event": "ready", **service.endpoints, "metrics_port": service.metrics_port}))
     sys.stdout.flush()
     try:
@@ -114,7 +126,7 @@ def dectris_notice_handler(service: Any) -> Any:
     count it (``cryoptycho_dectris_series_total`` by outcome and field, or
     ``cryoptycho_dectris_header_warnings_total`` by field) and publish it as an ``error`` event
     (field ``dectris.<key>``, rule ``dectris_series_skipped`` / ``_rejected`` /
-    ``dectris_header_implausible``). Called on the bridge's thread: both are thread-safe."""
+    ``dectris_header_implausible``). Called on the source's thread: both are thread-safe."""
     import time
 
     from cryoptycho.protocols.messages import ErrorEvent
@@ -131,18 +143,23 @@ def dectris_notice_handler(service: Any) -> Any:
     return handle
 
 
-def _start_bridge(source: str, ingest: str, config: Any, stop: threading.Event, service: Any) -> None:
-    """Run the DECTRIS bridge on its own thread; its failure is logged and stops the service
-    (a daemon started for one detector stream is of no use once that stream is gone). A bad
-    series never fails it: it is skipped, counted and published (:func:`dectris_notice_handler`)."""
-    from cryoptycho.protocols.dectris.bridge import run_bridge
+def _start_source(config: Any, stop: threading.Event, service: Any) -> None:
+    """Run the detector source named by ``config.source`` on its own thread, delivering into
+    the service's direct sink; its failure is logged and stops the service (a daemon started
+    for one detector stream is of no use once that stream is gone)."""
+    from cryoptycho.protocols.sources import source_class
+
+    url = config.source
+    cls = source_class(url)
+    settings = getattr(config, cls.config_section) if cls.config_section else None
+    source = cls(url, settings, workers=config.source_workers, on_notice=dectris_notice_handler(service))
 
     def target() -> None:
         try:
-            run_bridge(source, ingest, config, stop, on_notice=dectris_notice_handler(service),
-                       limits=service.limits)
+            stats = source.run(service.direct, stop)
+            log.info("source %s stopped: %s", url, stats)
         except Exception:
-            log.exception("DECTRIS bridge failed; stopping the service", extra={"source": source})
+            log.exception("detector source failed; stopping the service", extra={"source": url})
             service.request_stop()
 
-    threading.Thread(target=target, name="dectris-bridge", daemon=True).start()
+    threading.Thread(target=target, name="source", daemon=True).start()

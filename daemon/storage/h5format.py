@@ -14,7 +14,7 @@ into a message saying what to do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,8 +223,23 @@ class NxcxiEntry:
         self.x, self.y = (t["x"], t["y"]) if t is not None else (None, None)
 
     def _rows(self) -> list[h5py.Dataset]:
-        rows = [self.data, self.frame_index, self.positions_m, self.translation, self.x, self.y]
+        # a detector source's unbinned frames (spool.DETECTOR_FRAMES) grow row for row too
+        rows = [self.data, self.frame_index, self.positions_m, self.translation, self.x, self.y,
+                self.file[DATA].get("detector_frames")]
         return [ds for ds in rows if ds is not None]
+
+    def replace_data(self, data: h5py.Dataset) -> None:
+        """Make ``data`` (a new, empty frames dataset made elsewhere in the file) the entry's
+        frames under every name the layout gives them."""
+        old = self.data
+        for group in (self.file[DETECTOR], self.file[DATA], self.file.get("entry_1/data")):
+            if group is None:
+                continue
+            for name, item in list(group.items()):
+                if isinstance(item, h5py.Dataset) and item.id == old.id:
+                    del group[name]
+                    group[name] = data
+        self.data = data
 
     @classmethod
     def create(
@@ -257,7 +272,8 @@ class NxcxiEntry:
         det = _group(instrument, "detector_1", "NXdetector")
         det.attrs["signal"] = "data"
         det.attrs["axes"] = [".", ".", "."]  # frames × detector rows × columns, no axis fields
-        chunk = max(1, min(64, (1 << 20) // max(1, m[0] * m[1] * np.dtype(frame_dtype).itemsize)))
+        rows = max(1, min(64, (1 << 20) // max(1, m[0] * m[1] * np.dtype(frame_dtype).itemsize)))
+        chunk = 1 << (rows.bit_length() - 1)  # a power of two: producers' batches fill whole chunks
         data = det.create_dataset(
             "data", shape=(0, *m), maxshape=(None, *m), dtype=frame_dtype, chunks=(chunk, *m),
             **compression(),
@@ -318,12 +334,18 @@ class NxcxiEntry:
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
 
-    def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray) -> int:
+    def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray,
+               write_frames: Callable[[int], None] | None = None) -> int:
         """Write rows after the committed ones, then commit them (attribute ``count`` of
-        ``entry_1/data_1``, written last: a crash mid-append leaves the previous count)."""
+        ``entry_1/data_1``, written last: a crash mid-append leaves the previous count).
+        ``write_frames(first_row)`` writes the frames instead of a plain assignment (the spool's
+        chunk-wise writers)."""
         n, k = len(frames), self.count
         self.truncate(k + n)
-        self.data[k:] = frames
+        if write_frames is None:
+            self.data[k:] = frames
+        else:
+            write_frames(k)
         self.frame_index[k:] = indices
         pos = np.asarray(positions_m, dtype=np.float64)
         self.positions_m[k:] = pos

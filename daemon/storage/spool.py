@@ -13,6 +13,8 @@ NXcxi_ptycho / CXI layout, so a spool file is also a valid raw-data file:
     /entry_1/data_1/data                (K, M, M) frames, wire dtype, bitshuffle-LZ4, resizable
     /entry_1/data_1/frame_index         (K,) int64, the producer's frame indices
     /entry_1/data_1/positions_m         (K, 2) float64 (y, x) probe centres
+    /entry_1/data_1/detector_frames     (K, H, W) unbinned frames of a detector source (DECTRIS),
+                                        one bitshuffle-LZ4 chunk per frame, as the detector sent it
     /entry_1/sample_1/geometry_1/translation   (K, 3) float64 (x, y, z) m, CXI order
     /entry_1/instrument_1/detector_1/data      hard link to /entry_1/data_1/data
     /entry_1/instrument_1/detector_1/{x,y}_pixel_size, distance   the detector (or an equivalent)
@@ -26,8 +28,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +40,18 @@ from typing import Any
 import h5py
 import numpy as np
 from cryoptycho.daemon.session import ScanSpec
+from cryoptycho.daemon.storage.dataset import compression
 from cryoptycho.daemon.storage.h5format import (
     NxcxiEntry,
     nav_shape_of,
     open_checked,
     write_nav_shape,
 )
+from cryoptycho.protocols.compression import bslz4_compress as compression_bslz4
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
+from cryoptycho.protocols.sources import RawChunks
+
+log = logging.getLogger("cryoptycho.spool")
 
 FORMAT = "cryoptycho-spool"
 FORMAT_VERSION = 1
@@ -51,6 +61,21 @@ SUFFIX = ".spool.h5"
 MAX_STEM = 200
 _HASH_HEX = 32  # 128 bits of SHA-256: no two scan ids share a stem in practice
 DATA = "entry_1/data_1"
+#: unbinned frames of a detector source, beside ``data`` (HDF5 bitshuffle filter id)
+DETECTOR_FRAMES = "detector_frames"
+BITSHUFFLE_FILTER = "32008"
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _compress_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="spool-compress")
+        return _pool
 
 
 def spool_path(spool_dir: str | Path, scan_id: str) -> Path:
@@ -154,14 +179,90 @@ class SpoolWriter:
     def _truncate(self, n: int) -> None:
         self._entry.truncate(n)
 
-    def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray) -> None:
-        """Write a batch of frames (wire dtype), their indices and (y, x) positions, then flush."""
+    def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray, *,
+               binned: RawChunks | None = None, raw: RawChunks | None = None) -> None:
+        """Write a batch of frames (wire dtype), their indices and (y, x) positions, then flush.
+
+        ``binned``: the same frames as bitshuffle-LZ4 chunks, one per frame, written as they
+        are (HDF5 direct chunk write, no compression here). ``raw``: the unbinned detector
+        frames they came from, in the same format, kept in ``detector_frames`` row for row."""
         n = len(frames)
         if n == 0:
             return
-        count = self._entry.append(frames, indices, positions_m)  # commits rows, then the count
+        if binned is not None and self._entry.count == 0 and self._data.chunks[0] != 1:
+            self._chunk_per_frame()
+        if raw is not None and DETECTOR_FRAMES not in self._f[DATA]:
+            self._create_detector_frames(raw)
+        det = self._f[DATA].get(DETECTOR_FRAMES)
+        if raw is not None and not self._direct_ok(det, raw, n):
+            # a source bug, not bad input: the frames still count; their detector rows stay empty
+            log.error("spool %s: %d detector frames %s %s do not fit its %s %s; not kept",
+                      self.path.name, len(raw.chunks), raw.shape, raw.dtype, det.shape[1:], det.dtype)
+            raw = None
+
+        def write_frames(k: int) -> None:
+            if binned is not None and self._direct_ok(self._data, binned, n):
+                write = self._data.id.write_direct_chunk
+                for i, chunk in enumerate(binned.chunks):
+                    write((k + i, 0, 0), chunk)
+            else:
+                self._write_frames(k, frames)
+            if raw is not None:
+                write = det.id.write_direct_chunk
+                for i, chunk in enumerate(raw.chunks):
+                    write((k + i, 0, 0), chunk)
+
+        # commits rows, then the count
+        count = self._entry.append(frames, indices, positions_m, write_frames=write_frames)
         self._flush()
         self.count = count
+
+    def _write_frames(self, k: int, frames: np.ndarray) -> None:
+        """Rows [k, k + n) of ``data``. Whole chunks are compressed here, on threads (bitshuffle
+        releases the GIL; HDF5's filter, run by h5py, holds it) and written as chunks; rows of a
+        partly filled chunk go through the filter. The bytes are those the filter would write."""
+        ds, n = self._data, len(frames)
+        c = ds.chunks[0]
+        first, last = -(-k // c) * c, (k + n) // c * c  # whole chunks: rows [first, last)
+        if c == 1 or last - first < c or frames.dtype != ds.dtype or BITSHUFFLE_FILTER not in ds._filters:
+            ds[k:] = frames
+            return
+        if first > k:
+            ds[k:first] = frames[: first - k]
+        starts = range(first, last, c)
+        blobs = _compress_pool().map(compression_bslz4, [frames[a - k : a - k + c] for a in starts])
+        write = ds.id.write_direct_chunk
+        for a, blob in zip(starts, blobs):
+            write((a,) + (0,) * (ds.ndim - 1), blob)
+        if last < k + n:
+            ds[last:] = frames[last - k :]
+
+    @staticmethod
+    def _direct_ok(ds: h5py.Dataset, chunks: RawChunks, n: int) -> bool:
+        return (len(chunks.chunks) == n and ds.chunks == (1, *chunks.shape) and ds.dtype == chunks.dtype
+                and BITSHUFFLE_FILTER in ds._filters)
+
+    def _chunk_per_frame(self) -> None:
+        """Re-create the (still empty) frames dataset with one frame per chunk, so that a
+        source's compressed frames can be written as chunks (only before the first frame)."""
+        old = self._data
+        m, dtype = old.shape[1:], old.dtype
+        det = self._f["entry_1/instrument_1/detector_1"]
+        new = det.create_dataset("data_per_frame", shape=(0, *m), maxshape=(None, *m), dtype=dtype,
+                                 chunks=(1, *m), **compression())
+        for key, value in old.attrs.items():
+            new.attrs[key] = value
+        self._entry.replace_data(new)  # every name of the frames now points at the new dataset
+        del det["data_per_frame"]
+        self._data = new
+
+    def _create_detector_frames(self, raw: RawChunks) -> None:
+        h, w = raw.shape
+        ds = self._f[DATA].create_dataset(
+            DETECTOR_FRAMES, shape=(self.count, h, w), maxshape=(None, h, w), dtype=raw.dtype,
+            chunks=(1, h, w), **compression())
+        ds.attrs["description"] = ("unbinned detector frames, row for row with data, "
+                                   "as the detector sent them (bitshuffle-LZ4 chunks)")
 
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames, indices and positions of rows [start, stop) (the writer's own view)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
 from functools import lru_cache
@@ -30,7 +31,7 @@ from .schema import (
     parse_dtype,
 )
 
-__all__ = ["V1_CHANNEL", "V2_MAGIC", "V1Parser", "decode_v2"]
+__all__ = ["V1_CHANNEL", "V2_MAGIC", "ImagePayload", "V1Parser", "decode_v2", "is_v2_image", "split_v2_image"]
 
 V2_MAGIC = b"\xd9\xd9\xf7"  #: CBOR self-described tag 55799 that starts every V2 message
 _ANGSTROM = 1e-10
@@ -82,6 +83,63 @@ def _multi_dim(tag: cbor2.CBORTag) -> np.ndarray:
     return flat.reshape(v[0])
 
 
+@dataclass(frozen=True)
+class ImagePayload:
+    """One channel of an image as it arrived: the bslz4 bytes (with their HDF5-filter header)
+    when the detector sent bslz4, else the decoded array (``array``)."""
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+    bslz4: bytes | None = None
+    array: np.ndarray | None = None
+
+
+#: ``"type": "image"`` as CBOR text keys, which every image message starts with
+_IMAGE_KEY = b"\x64type\x65image"
+
+
+def is_v2_image(raw: bytes) -> bool:
+    """Whether a V2 message is (announces itself as) an image: a byte search in its first
+    bytes, so that only images go to the decoding workers and start/end stay in order."""
+    return raw.startswith(V2_MAGIC) and _IMAGE_KEY in raw[:16]
+
+
+def split_v2_image(raw: bytes, channel: str) -> tuple[Message, ImagePayload | None]:
+    """Decode a V2 message but leave ``channel`` of an image compressed: (the image's ids as an
+    :class:`Image` without data, times or user data; the channel's payload). Other messages
+    come back decoded, with None.
+    The payload's framing is checked when it is decompressed (:func:`.codec.bslz4_array`)."""
+    parsed = _parse_v2(raw)
+    if parsed["type"] != "image":
+        return _v2_message(parsed, ()), None
+    body = _req(parsed, "data", dict)
+    # only the ids: the source uses no image timestamps, and their rationals cost a quarter of
+    # an image's parse, under the GIL
+    msg = Image(version=2, series_id=_req(parsed, "series_id", int),
+                series_unique_id=_opt(parsed, "series_unique_id", str),
+                image_id=_req(parsed, "image_id", int), data={})
+    if channel not in body:
+        raise DecodeError(f"image {msg.image_id} has no channel {channel!r} (it has {sorted(body)})")
+    tag = body[channel]
+    if not _is_multi_dim(tag):
+        raise DecodeError(f"channel {channel!r} is not a multi-dimensional array (tag 40)")
+    v = tag.value
+    if (isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[1], cbor2.CBORTag)
+            and isinstance(v[0], (list, tuple)) and len(v[0]) == 2
+            and all(type(d) is int and d > 0 for d in v[0])):
+        dims, typed = v
+        dtype, inner = _DTYPES.get(typed.tag), typed.value
+        if (dtype is not None and dtype.isnative and isinstance(inner, cbor2.CBORTag)
+                and inner.tag == 56500 and isinstance(inner.value, (list, tuple)) and len(inner.value) == 3
+                and inner.value[0] == "bslz4" and inner.value[1] == dtype.itemsize
+                and isinstance(inner.value[2], bytes)):
+            return msg, ImagePayload((dims[0], dims[1]), dtype, bslz4=inner.value[2])
+    arr = _multi_dim(tag)
+    if arr.ndim != 2:
+        raise DecodeError(f"channel {channel!r} has {arr.ndim} dims, images have 2 (y, x)")
+    return msg, ImagePayload((arr.shape[0], arr.shape[1]), arr.dtype, array=arr)
+
+
 def _is_multi_dim(value: Any) -> bool:
     return isinstance(value, cbor2.CBORTag) and value.tag == 40
 
@@ -103,6 +161,10 @@ def _materialise(value: Any) -> Any:
 def decode_v2(raw: bytes, channels: Collection[str] | None = None) -> Message:
     """Decode one Stream V2 message. ``channels`` limits which image channels are decompressed
     (None = all); a requested channel that the image lacks is an error."""
+    return _v2_message(_parse_v2(raw), channels)
+
+
+def _parse_v2(raw: bytes) -> dict[str, Any]:
     if not raw.startswith(V2_MAGIC):
         raise DecodeError("not a Stream V2 message: it does not start with CBOR tag 55799 (d9 d9 f7)")
     try:
@@ -122,6 +184,10 @@ def decode_v2(raw: bytes, channels: Collection[str] | None = None) -> Message:
     first = next(iter(msg))
     if first != "type":
         raise DecodeError(f"the first key of a Stream V2 message must be 'type', got {first!r}")
+    return msg
+
+
+def _v2_message(msg: dict[str, Any], channels: Collection[str] | None) -> Message:
     kind = msg["type"]
     if kind == "image":
         return _v2_image(msg, channels)

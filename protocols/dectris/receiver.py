@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from ..client import SocketClient, connect
-from .decode import V1Parser, decode_v2
+from .decode import V1Parser, decode_v2, is_v2_image
 from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, SeriesError, SeriesStart
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,39 @@ class DectrisReceiver(SocketClient):
                     self._error(exc)
                     continue
                 yield msg
+
+    def drain_split(self, timeout_s: float, max_parts: int = 256) -> list[bytes | Message]:
+        """Like :meth:`drain`, but V2 images come back undecoded (their raw message bytes),
+        for decoding workers; start and end messages are decoded here, in order. V1 messages
+        are all decoded (the V1 parser assembles them from their parts)."""
+        if self.version == 1:
+            return list(self.drain(timeout_s, max_parts))
+        out: list[bytes | Message] = []
+        if not self._pending:
+            if not self._poller.poll(int(timeout_s * 1000)):
+                return out
+            more = False
+            while len(self._pending) < max_parts or more:
+                try:
+                    part = self._socket.recv(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                more = bool(self._socket.getsockopt(zmq.RCVMORE))
+                self._pending.append((part, more))
+        while self._pending:
+            part, more = self._pending.popleft()
+            if more or self._in_multipart:
+                self._in_multipart = more
+                if not more:
+                    self._error(DecodeError("multipart message on a Stream V2 socket (is the sender V1?)"))
+            elif is_v2_image(part):
+                out.append(part)
+            else:
+                try:
+                    out.append(decode_v2(part, self.channels))
+                except DecodeError as exc:
+                    self._error(exc)
+        return out
 
     def _decode_v2(self, part: bytes, more: bool) -> list[Message]:
         if more:  # V2 messages are single-part: drain the rest and report it

@@ -1,0 +1,141 @@
+"""Detector sources: streams that are not our wire protocol, read by the daemon itself.
+
+A source turns a detector's stream into the ingest protocol's messages (ScanStart, Frames,
+ScanEnd, Abort) and hands them, as Python objects, to a :class:`FrameSink` — the daemon's
+manager thread, which validates them as it validates its ingest socket. Nothing is encoded for
+our protocol and nothing crosses a second socket. Frames may carry the detector's own
+compressed chunks (:class:`DetectorFrames`) so that the spool keeps the unbinned frames as
+they arrived, without recompressing them.
+
+Sources are found by URL scheme (:func:`open_source`). A detector family is a package under
+``protocols/`` whose source class is named in :data:`_BUILTIN` (or registered with
+:func:`register_source`); the daemon knows only this module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from .messages import Abort, Frames, ScanEnd, ScanStart
+
+__all__ = ["DetectorFrames", "FrameSink", "RawChunks", "SinkClosed", "Source", "open_source",
+           "register_source", "source_class", "source_schemes"]
+
+
+class SinkClosed(Exception):
+    """The sink stopped taking messages (the daemon is shutting down)."""
+
+
+@dataclass(frozen=True)
+class RawChunks:
+    """Frames as compressed HDF5 chunks, one frame per chunk: bitshuffle-LZ4 with the HDF5
+    filter's 12-byte header (filter 32008, LZ4), exactly the bytes a DECTRIS detector sends."""
+
+    shape: tuple[int, int]  #: (height, width) of one frame
+    dtype: np.dtype
+    chunks: list[bytes]
+
+    def select(self, keep: np.ndarray) -> RawChunks:
+        """The chunks of the frames where ``keep`` (bool, one per frame) is True."""
+        return RawChunks(self.shape, self.dtype, [c for c, k in zip(self.chunks, keep) if k])
+
+
+@dataclass(frozen=True)
+class DetectorFrames:
+    """A frames message plus what the spool can write as it is: ``binned`` (one chunk per
+    frame of ``frames.data``, same format) and ``raw`` (the unbinned detector frames)."""
+
+    frames: Frames
+    binned: RawChunks | None = None
+    raw: RawChunks | None = None
+
+
+SourceMessage = ScanStart | Frames | ScanEnd | Abort | DetectorFrames
+
+
+class FrameSink(Protocol):
+    """Where a source delivers. ``put`` blocks while the daemon applies back-pressure and
+    raises :class:`SinkClosed` once it stops; a message it refuses is logged and counted by
+    the daemon (never raised to the source)."""
+
+    def put(self, msg: SourceMessage) -> None: ...
+
+
+@dataclass
+class SourceStats:
+    """What a source did, for its log line at the end."""
+
+    series: int = 0
+    frames_sent: int = 0
+    decode_errors: int = 0
+    series_errors: int = 0
+    rejected_images: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Source(ABC):
+    """One detector stream. ``config_section`` names the daemon configuration table whose
+    value is passed as ``config`` (e.g. ``dectris``)."""
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+    config_section: ClassVar[str | None] = None
+
+    @abstractmethod
+    def __init__(self, url: str, config: Any = None, *, workers: int = 2,
+                 on_notice: Callable[[Any], None] | None = None) -> None:
+        """``on_notice`` receives what the source skipped, rejected or doubted (a notice with
+        ``outcome``, ``field``, ``rule``, ``message`` and ``scan_id``), so that the daemon
+        counts and publishes it instead of leaving it in the log."""
+
+    @abstractmethod
+    def run(self, sink: FrameSink, stop: threading.Event) -> SourceStats:
+        """Deliver scans until ``stop`` is set (or the sink closes); a scan still open then is
+        aborted. Bad detector messages are counted and logged, never raised."""
+
+
+#: scheme → "module:Class", imported on first use (a detector's decoders load only when used)
+_BUILTIN: dict[str, str] = {
+    "dectris": "cryoptycho.protocols.dectris.source:DectrisSource",
+    "dectris1": "cryoptycho.protocols.dectris.source:DectrisSource",
+    "dectris2": "cryoptycho.protocols.dectris.source:DectrisSource",
+}
+_registry: dict[str, str | type[Source]] = dict(_BUILTIN)
+
+
+def register_source(scheme: str, cls: str | type[Source]) -> None:
+    """Make ``scheme://…`` open ``cls`` (a Source subclass or its "module:Class" path)."""
+    if not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
+        raise ValueError(f"bad URL scheme {scheme!r}")
+    _registry[scheme.lower()] = cls
+
+
+def source_schemes() -> list[str]:
+    return sorted(_registry)
+
+
+def source_class(url: str) -> type[Source]:
+    """The source class for ``url``'s scheme; ValueError naming the known schemes otherwise."""
+    scheme = urlsplit(url).scheme.lower()
+    entry = _registry.get(scheme)
+    if entry is None:
+        raise ValueError(f"source {url!r}: unknown scheme {scheme + '://' if scheme else '(none)'}; "
+                         f"known: {', '.join(s + '://' for s in source_schemes())}")
+    if isinstance(entry, str):
+        module, _, name = entry.partition(":")
+        entry = getattr(importlib.import_module(module), name)
+        _registry[scheme] = entry
+    assert isinstance(entry, type) and issubclass(entry, Source), entry
+    return entry
+
+
+def open_source(url: str, config: Any = None, *, workers: int = 2) -> Source:
+    """A source for ``url`` (its scheme picks the class); ``config`` is its settings table."""
+    return source_class(url)(url, config, workers=workers)

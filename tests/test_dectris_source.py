@@ -1,0 +1,276 @@
+"""The DECTRIS detector as a direct source of the daemon: frames decoded once, binned once,
+spooled with the detector's own chunks, validated like the ingest socket, never fatal."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+from cryoptycho.daemon.config import ServiceConfig
+from cryoptycho.daemon.service import BackgroundService
+from cryoptycho.daemon.storage.spool import DATA, DETECTOR_FRAMES
+from cryoptycho.protocols import compression, sources
+from cryoptycho.protocols.dectris.binning import FrameReducer
+from cryoptycho.protocols.dectris.bridge import BridgeConfig
+from cryoptycho.protocols.dectris.codec import bslz4_compress
+from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v1_messages, v2_messages
+from cryoptycho.protocols.dectris.source import DectrisSource, spool_chunk
+from cryoptycho.protocols.sources import (
+    Source,
+    open_source,
+    register_source,
+    source_class,
+    source_schemes,
+)
+
+CHANNEL = "threshold_1"
+SIDE = 64
+#: scattering angle of one detector pixel: the binned 32×32 frames sample the default probe
+ANGLE = 5e-4
+
+
+def _frames(n: int, seed: int = 0) -> np.ndarray:
+    yy, xx = np.mgrid[:SIDE, :SIDE] - SIDE // 2
+    lam = np.where(yy**2 + xx**2 <= (SIDE / 5) ** 2, 3.0, 0.05)
+    return np.random.default_rng(seed).poisson(lam, (n, SIDE, SIDE)).astype(np.uint16)
+
+
+def _series(frames: np.ndarray, scan_id: str, **kw: Any) -> list[bytes]:
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, len(frames)], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": ANGLE, "scan_id": scan_id}}
+    return list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user, **kw)))
+
+
+def _payload(raw: bytes) -> bytes:
+    import cbor2
+
+    return cbor2.loads(raw[3:])["data"][CHANNEL].value[1].value.value[2]
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[BackgroundService]:
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
+                        metrics_enabled=False, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                        resolution_interval_s=0, drain_timeout_s=0)
+    bg = BackgroundService(cfg)
+    yield bg
+    if bg.thread.is_alive():
+        bg.stop()
+
+
+def _run(service: BackgroundService, messages: list[Any], workers: int = 2, version: int = 2, **cfg: Any) -> Any:
+    """Push ``messages`` from a simulated detector through a DectrisSource into ``service``."""
+    with SimSender(version) as sender:
+        cfg.setdefault("channel", CHANNEL)
+        source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, **cfg),
+                               workers=workers, batch=16)
+        pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
+        pusher.start()
+        stop = threading.Event()
+        timer = threading.Timer(30.0, stop.set)  # a safety net, not a timing assertion
+        timer.start()
+        try:
+            stats = source.run(service.service.direct, stop, max_series=1)
+        finally:
+            timer.cancel()
+        pusher.join(10)
+    return source, stats
+
+
+def _wait(predicate: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _ended(service: BackgroundService, scan_id: str) -> Any:
+    def check() -> Any:
+        s = service.service.scans.sessions.get(scan_id)
+        return s if s is not None and s.ended else None
+    return _wait(check, f"scan {scan_id} to end")
+
+
+def test_frames_are_decoded_once_and_spooled_as_the_detector_sent_them(service, monkeypatch) -> None:
+    calls = {"n": 0}
+    real = compression.bslz4_decompress
+
+    def counting(*args: Any, **kw: Any) -> np.ndarray:
+        calls["n"] += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(compression, "bslz4_decompress", counting)
+    frames = _frames(40)
+    messages = _series(frames, "direct-once")
+    source, stats = _run(service, messages)
+    assert stats.frames_sent == 40 and stats.decode_errors == 0
+    assert source.decoder.decoded == 40
+    assert calls["n"] == 40  # one decompression per image in the whole process, daemon included
+    session = _ended(service, "direct-once")
+    assert session.ledger.as_dict()["received"] == 40
+    spool = service.service.config.spool_dir / "direct-once.spool.h5"
+    service.stop()  # the spool is read once the daemon has let go of it
+    sent = [_payload(m) for m in messages[1:-1]]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    with h5py.File(spool, "r") as f:
+        g = f[DATA]
+        assert int(g.attrs["count"]) == 40
+        idx = g["frame_index"][:]
+        det = g[DETECTOR_FRAMES]
+        assert det.shape == (40, SIDE, SIDE) and det.chunks == (1, SIDE, SIDE)
+        for row, image_id in enumerate(idx):
+            mask, chunk = det.id.read_direct_chunk((row, 0, 0))
+            assert mask == 0 and chunk == sent[image_id]  # byte for byte what the detector sent
+        np.testing.assert_array_equal(det[:], frames[idx])  # and readable through hdf5plugin
+        np.testing.assert_array_equal(g["data"][:], reducer(frames[idx])[0])
+        assert f["entry_1/instrument_1/detector_1/data"].shape == g["data"].shape
+
+
+def test_a_zero_size_header_is_completed_for_the_hdf5_filter(tmp_path: Path) -> None:
+    frame = _frames(1)[0]
+    sent = bytearray(bslz4_compress(frame))
+    sent[:8] = b"\0" * 8  # as LiberTEM's simulator writes
+    chunk = spool_chunk(bytes(sent), frame.nbytes)
+    assert struct.unpack_from(">Q", chunk)[0] == frame.nbytes and chunk[8:] == bytes(sent[8:])
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        ds = f.create_dataset("d", shape=(1, SIDE, SIDE), dtype=np.uint16, chunks=(1, SIDE, SIDE),
+                              **hdf5plugin.Bitshuffle(cname="lz4"))
+        ds.id.write_direct_chunk((0, 0, 0), chunk)
+        np.testing.assert_array_equal(ds[0], frame)
+    intact = bslz4_compress(frame)
+    assert spool_chunk(intact, frame.nbytes) is intact  # a true header: the very same bytes
+
+
+def test_bad_images_are_counted_and_the_rest_of_the_scan_arrives(service) -> None:
+    frames = _frames(24, seed=1)
+    messages = _series(frames, "direct-bad")
+    images = messages[1:-1]
+    corrupt = bytearray(images[5])
+    cut = corrupt.index(_payload(images[5])) + 20
+    corrupt[cut:cut + 40] = b"\xff" * 40  # inside the bslz4 blocks
+    stream = [messages[0], *images[:5], bytes(corrupt), *images[6:], images[7], b"\xd9\xd9\xf7garbage",
+              messages[-1]]
+    _, stats = _run(service, stream)
+    assert stats.decode_errors == 2  # the corrupt image and the garbage message
+    assert stats.rejected_images == {"duplicate": 1}
+    assert stats.frames_sent == 23
+    session = _ended(service, "direct-bad")
+    assert session.ledger.as_dict()["received"] == 23
+    assert service.thread.is_alive() and service.error is None
+
+
+def test_the_daemon_validates_what_a_source_delivers(service) -> None:
+    # a series whose probe its binned sampling cannot hold: refused by the daemon, which lives on
+    frames = _frames(8)
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, 8], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": 1e-5, "scan_id": "direct-refused"}}
+    messages = list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user)))
+    _, stats = _run(service, messages)
+    assert stats.frames_sent == 8  # the source delivered; the daemon refused
+    rejected = service.service.metrics.messages_rejected
+
+    def rejections() -> float:
+        return sum(x.value for m in rejected.collect() for x in m.samples if x.name.endswith("_total"))
+
+    _wait(lambda: rejections() >= 2, "the scan start and its frames to be rejected")  # start + frames
+    assert "direct-refused" not in service.service.scans.sessions
+    # the next series is taken
+    frames = _frames(8, seed=3)
+    _run(service, _series(frames, "direct-after"))
+    assert _ended(service, "direct-after").ledger.as_dict()["received"] == 8
+    assert service.error is None
+
+
+def test_one_and_two_workers_give_the_same_frames(tmp_path: Path) -> None:
+    frames = _frames(48, seed=2)
+    got = {}
+    for workers in (1, 2):
+        cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
+                            metrics_enabled=False, spool_dir=tmp_path / f"s{workers}",
+                            results_dir=tmp_path / f"r{workers}", resolution_interval_s=0, drain_timeout_s=0)
+        bg = BackgroundService(cfg)
+        try:
+            _run(bg, _series(frames, "workers"), workers=workers)
+            _ended(bg, "workers")
+        finally:
+            bg.stop()
+        with h5py.File(cfg.spool_dir / "workers.spool.h5", "r") as f:
+            order = np.argsort(f[DATA]["frame_index"][:])
+            got[workers] = f[DATA]["data"][:][order]
+    np.testing.assert_array_equal(got[1], got[2])
+
+
+def test_sources_are_found_by_url_scheme() -> None:
+    assert {"dectris", "dectris1", "dectris2"} <= set(source_schemes())
+    src = open_source("dectris1://detector.example:9999", {"bin": 2}, workers=3)
+    assert isinstance(src, DectrisSource) and src.version == 1 and src.workers == 3
+    assert src.endpoint == "tcp://detector.example:9999" and src.config.bin == 2
+    with pytest.raises(ValueError, match=r"unknown scheme merlin://; known: .*dectris2://"):
+        source_class("merlin://host:6341")
+
+    class Merlin(Source):
+        schemes = ("merlin",)
+
+        def __init__(self, url: str, config: Any = None, *, workers: int = 2) -> None:
+            self.url = url
+
+        def run(self, sink: Any, stop: threading.Event) -> Any:
+            return None
+
+    register_source("merlin", Merlin)
+    try:
+        assert isinstance(open_source("merlin://host:6341"), Merlin)
+    finally:
+        sources._registry.pop("merlin")
+
+
+def test_stream_v1_images_arrive_and_their_detector_frames_are_kept(service) -> None:
+    frames = _frames(20, seed=4)
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, 20], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": ANGLE, "scan_id": "direct-v1"}}
+    messages = list(v1_messages(SimSeries(frames, compression="bslz4", user_data=user)))
+    source, stats = _run(service, messages, version=1, channel=None)  # V1 has one, unnamed
+    assert stats.frames_sent == 20 and source.decoder.decoded == 20
+    _ended(service, "direct-v1")
+    spool = service.service.config.spool_dir / "direct-v1.spool.h5"
+    service.stop()
+    with h5py.File(spool, "r") as f:
+        idx = f[DATA]["frame_index"][:]
+        np.testing.assert_array_equal(f[DATA][DETECTOR_FRAMES][:], frames[idx])
+
+
+def test_batch_binning_matches_the_reducer_and_flags_saturated_frames() -> None:
+    frames = _frames(5, seed=5)
+    frames[3, 30, 31] = 65535  # over the saturation threshold, inside the window
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=48, bin=2)
+    counts, saturated = reducer.reduce_batch(frames)
+    expected, valid = reducer(frames)
+    np.testing.assert_array_equal(counts, expected)
+    assert saturated.tolist() == [False, False, False, True, False]
+    assert valid[3].sum() == reducer.static_valid.sum() - 1  # one bin lost to the saturated pixel
+    quiet, none_saturated = reducer.reduce_batch(frames[:3])
+    np.testing.assert_array_equal(quiet, expected[:3])
+    assert not none_saturated.any()
+
+
+def test_serve_names_the_known_schemes_for_an_unknown_source(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from cryoptycho.daemon.cli import main
+
+    result = CliRunner().invoke(main, [
+        "serve", "--source", "merlin://detector:6341", "--ingest", "tcp://127.0.0.1:*",
+        "--publish", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*", "--metrics-port", "0",
+        "--spool-dir", str(tmp_path / "spool"), "--results-dir", str(tmp_path / "results")])
+    assert result.exit_code == 1
+    assert "unknown scheme merlin://" in result.output and "dectris2://" in result.output
