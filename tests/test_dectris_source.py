@@ -117,9 +117,9 @@ def test_frames_are_decoded_once_and_spooled_as_the_detector_sent_them(service, 
     assert stats.frames_sent == 40 and stats.decode_errors == 0
     assert source.decoder.decoded == 40
     assert calls["n"] == 40  # one decompression per image in the whole process, daemon included
-    session = _ended(service, "direct-once")
+    session = _ended(service, "direct-once-series1")
     assert session.ledger.as_dict()["received"] == 40
-    spool = service.service.config.spool_dir / "direct-once.spool.h5"
+    spool = service.service.config.spool_dir / "direct-once-series1.spool.h5"
     service.stop()  # the spool is read once the daemon has let go of it
     sent = [_payload(m) for m in messages[1:-1]]
     reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
@@ -165,7 +165,7 @@ def test_bad_images_are_counted_and_the_rest_of_the_scan_arrives(service) -> Non
     assert stats.decode_errors == 2  # the corrupt image and the garbage message
     assert stats.rejected_images == {"duplicate": 1}
     assert stats.frames_sent == 23
-    session = _ended(service, "direct-bad")
+    session = _ended(service, "direct-bad-series1")
     assert session.ledger.as_dict()["received"] == 23
     assert service.thread.is_alive() and service.error is None
 
@@ -184,11 +184,11 @@ def test_the_daemon_validates_what_a_source_delivers(service) -> None:
         return sum(x.value for m in rejected.collect() for x in m.samples if x.name.endswith("_total"))
 
     _wait(lambda: rejections() >= 2, "the scan start and its frames to be rejected")  # start + frames
-    assert "direct-refused" not in service.service.scans.sessions
+    assert "direct-refused-series1" not in service.service.scans.sessions
     # the next series is taken
     frames = _frames(8, seed=3)
     _run(service, _series(frames, "direct-after"))
-    assert _ended(service, "direct-after").ledger.as_dict()["received"] == 8
+    assert _ended(service, "direct-after-series1").ledger.as_dict()["received"] == 8
     assert service.error is None
 
 
@@ -202,10 +202,10 @@ def test_one_and_two_workers_give_the_same_frames(tmp_path: Path) -> None:
         bg = BackgroundService(cfg)
         try:
             _run(bg, _series(frames, "workers"), workers=workers)
-            _ended(bg, "workers")
+            _ended(bg, "workers-series1")
         finally:
             bg.stop()
-        with h5py.File(cfg.spool_dir / "workers.spool.h5", "r") as f:
+        with h5py.File(cfg.spool_dir / "workers-series1.spool.h5", "r") as f:
             order = np.argsort(f[DATA]["frame_index"][:])
             got[workers] = f[DATA]["data"][:][order]
     np.testing.assert_array_equal(got[1], got[2])
@@ -242,8 +242,8 @@ def test_stream_v1_images_arrive_and_their_detector_frames_are_kept(service) -> 
     messages = list(v1_messages(SimSeries(frames, compression="bslz4", user_data=user)))
     source, stats = _run(service, messages, version=1, channel=None)  # V1 has one, unnamed
     assert stats.frames_sent == 20 and source.decoder.decoded == 20
-    _ended(service, "direct-v1")
-    spool = service.service.config.spool_dir / "direct-v1.spool.h5"
+    _ended(service, "direct-v1-series1")
+    spool = service.service.config.spool_dir / "direct-v1-series1.spool.h5"
     service.stop()
     with h5py.File(spool, "r") as f:
         idx = f[DATA]["frame_index"][:]
