@@ -43,7 +43,7 @@ def _scores(ev: Evaluation, probe: np.ndarray | None, truth_probe: np.ndarray) -
 
 
 def _streamed(data, refine_probe: bool):  # type: ignore[no-untyped-def]
-    from cryoptycho.daemon.worker import scale_probe
+    from cryoptycho.gpu.probes import scale_probe
     from cryoptycho.gpu.probes import make_probe
 
     pm = data.probe_model

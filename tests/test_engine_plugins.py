@@ -1,0 +1,168 @@
+"""The engine boundary (gpu/engines.py): a second algorithm plugs in without touching the daemon.
+
+``tests/plugins/flat_engine.py`` is a plug-in as another package would ship it; here it is
+installed the way pip installs one (a ``*.dist-info`` with an entry point in the group
+``cryoptycho.engines`` on the Python path) and chosen by option alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from cryoptycho.gpu import engines
+from cryoptycho.gpu.data import PtychoData
+from cryoptycho.gpu.engines import Algorithm, EngineSpec, LiveEngine, MemoryEstimate, create_engine
+from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.stream import StreamingReconstructor
+from cryoptycho.protocols.messages import Result, ScanEvent
+from cryoptycho.protocols.producer import Producer
+from cryoptycho.protocols.subscriber import Subscriber
+from daemon_support import PIXEL_M, start_daemon, synthetic_scan, wait_subscribed
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def install_plugin(site: Path) -> None:
+    """What ``pip install`` of a package declaring the entry point leaves on the path."""
+    info = site / "flat_engine_plugin-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flat-engine-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[cryoptycho.engines]\nflat = flat_engine:ALGORITHM\n")
+
+
+@pytest.fixture
+def flat_registered(monkeypatch, tmp_path):
+    """The plug-in installed for this process; the registry rediscovers entry points."""
+    install_plugin(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(engines, "_discovered", False)
+    monkeypatch.setattr(engines, "_REGISTRY", dict(engines._REGISTRY))
+    yield
+    sys.modules.pop("flat_engine", None)
+
+
+def spec_of(scan) -> EngineSpec:
+    m = scan.frames.shape[1]
+    return EngineSpec(frame_shape=(m, m), frame_dtype=scan.frames.dtype, pixel_size_m=PIXEL_M,
+                      probe=scan.probe, expected_frames=len(scan.frames), energy_eV=300e3)
+
+
+def test_unknown_algorithm_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown algorithm 'lsqml'; available: .*map-cg"):
+        ReconOptions(algorithm="lsqml")
+    assert ReconOptions().algorithm == engines.DEFAULT_ALGORITHM == "map-cg"
+
+
+def test_entry_point_plugin_is_found_and_runs_offline(flat_registered):
+    assert "flat" in engines.available_engines()
+    scan = synthetic_scan(n_side=6)
+    data = PtychoData(frames=scan.frames, positions=scan.positions, energy=300e3, pixel_size=PIXEL_M,
+                      probe=scan.probe)
+    # the offline entry point dispatches by name; "flat" has no offline path: its live engine
+    # gets every frame and is refined
+    from cryoptycho.gpu.reconstruct import reconstruct
+
+    state = reconstruct(data, {"algorithm": "flat", "iterations": 3})
+    assert state.options["algorithm"] == "flat" and state.iteration == 3
+    np.testing.assert_array_equal(state.object, 1)
+    np.testing.assert_array_equal(state.positions, scan.positions)
+
+
+def test_map_cg_through_the_boundary_restores_after_the_canvas_grew():
+    scan = synthetic_scan(n_side=8)
+    engine = create_engine(spec_of(scan), ReconOptions(stream={"batch_size": 16}))
+    assert isinstance(engine, StreamingReconstructor) and isinstance(engine, LiveEngine)
+    half = len(scan.frames) // 2
+    engine.add_frames(scan.frames[:half], scan.positions[:half])
+    engine.step()
+    good = engine.snapshot()
+    engine.add_frames(scan.frames[half:], scan.positions[half:])  # grows the canvas
+    engine.step()
+    assert engine.snapshot().object.shape != good.object.shape
+    engine.restore(good)
+    after = engine.snapshot()
+    off = np.rint((np.asarray(good.geometry.origin) - np.asarray(after.geometry.origin)) / PIXEL_M).astype(int)
+    ny, nx = good.object.shape
+    np.testing.assert_array_equal(after.object[off[0]:off[0] + ny, off[1]:off[1] + nx], good.object)
+    np.testing.assert_array_equal(after.probe, good.probe)
+    np.testing.assert_array_equal(engine.positions(), scan.positions)
+
+
+def test_memory_estimate_is_typed_and_drives_the_daemons_admission(tmp_path, monkeypatch):
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.metrics import ServiceMetrics
+    from cryoptycho.daemon.publisher import Outbox
+    from cryoptycho.daemon.scans import ScanManager, ScanRefused
+    from cryoptycho.daemon.session import ScanSpec
+
+    est = engines.memory_estimate(ReconOptions(), frame_shape=(64, 64), frame_dtype="uint16",
+                                  n_frames=1000, field_px=(300, 300))
+    assert isinstance(est, MemoryEstimate) and est.total >= sum(v for k, v in est.parts.items()
+                                                                if k in ("frame_store", "object", "probe"))
+    monkeypatch.setattr(engines, "_REGISTRY", dict(engines._REGISTRY))
+    huge = Algorithm(live=engines.get_algorithm("map-cg").live,
+                     memory_estimate=lambda options, **_: MemoryEstimate(total=1 << 50))
+    engines.register_engine("needs-a-petabyte", huge)
+    manager = ScanManager(ServiceConfig(spool_dir=tmp_path / "s", results_dir=tmp_path / "r"),
+                          ServiceMetrics(), Outbox())
+
+    def spec(options: dict) -> ScanSpec:
+        return ScanSpec(scan_id=str(options.get("algorithm", "default")), frame_shape=(32, 32),
+                        frame_dtype="uint16", pixel_size_m=PIXEL_M, energy_eV=300e3,
+                        probe=np.zeros((0, 0), np.complex64), expected_frames=100, options=options)
+
+    manager.admission(spec({}))  # the default algorithm fits
+    with pytest.raises(ScanRefused) as info:
+        manager.admission(spec({"algorithm": "needs-a-petabyte"}))
+    assert info.value.rule == "memory_budget"
+    with pytest.raises(ScanRefused) as info:
+        manager.admission(spec({"algorithm": "lsqml"}))
+    assert info.value.field == "options.algorithm" and "unknown algorithm 'lsqml'" in info.value.message
+
+
+@pytest.mark.subprocess
+def test_daemon_runs_an_installed_plugin_chosen_by_option(tmp_path, monkeypatch):
+    install_plugin(tmp_path / "site")
+    path = [str(tmp_path / "site"), str(PLUGINS), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
+    scan = synthetic_scan(n_side=8)
+    daemon = start_daemon(tmp_path, "--set", "options.algorithm=flat", "--set", "options.iterations=4",
+                          "--set", "preview_hz=20")
+    try:
+        sub = Subscriber(daemon.publish, latest_only=False)
+        wait_subscribed(daemon, sub)
+        with Producer(daemon.ingest, control=daemon.control) as producer:
+            producer.start_scan(**scan.start_fields("flat-scan"))
+            for lo in range(0, len(scan.frames), 16):
+                producer.send_frames(scan.frames[lo:lo + 16])
+            producer.end_scan()
+        result = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ev = sub.recv(timeout_s=0.5)
+            if isinstance(ev, Result):
+                result = ev
+            if isinstance(ev, ScanEvent) and ev.scan_id == "flat-scan" and ev.event in ("finished", "failed"):
+                assert ev.event == "finished", daemon.log()
+                break
+        sub.close()
+        assert result is not None, daemon.log()
+        # the flat engine's object, probe as given and positions as sent: the daemon ran the
+        # plug-in, through the boundary only
+        np.testing.assert_array_equal(result.object, 1)
+        np.testing.assert_allclose(np.sort(result.positions_m, axis=0), np.sort(scan.positions, axis=0),
+                                   rtol=0, atol=1e-16)
+        with h5py.File(result.files["result"]) as f:
+            assert json.loads(f.attrs["options"])["algorithm"] == "flat"
+            np.testing.assert_array_equal(f["object"][()], 1)
+    finally:
+        daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
