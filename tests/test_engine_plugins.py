@@ -77,6 +77,24 @@ def test_entry_point_plugin_is_found_and_runs_offline(flat_registered):
     np.testing.assert_array_equal(state.positions, scan.positions)
 
 
+def test_reconstruct_command_runs_the_plugin_by_option(flat_registered, tmp_path):
+    from click.testing import CliRunner
+    from cryoptycho.daemon.cli import main
+    from cryoptycho.daemon.storage.dataset import write_dataset
+    from cryoptycho.daemon.storage.result import read_result
+
+    scan = synthetic_scan(n_side=6)
+    dataset = write_dataset(tmp_path / "d.h5", PtychoData(
+        frames=scan.frames, positions=scan.positions, energy=300e3, pixel_size=PIXEL_M, probe=scan.probe))
+    out = tmp_path / "r.h5"
+    run = CliRunner().invoke(main, ["reconstruct", str(dataset), "-o", str(out), "-n", "2", "-q",
+                                    "--no-export", "--set", "algorithm=flat"])
+    assert run.exit_code == 0, run.output
+    res = read_result(out)
+    assert res.state.options["algorithm"] == "flat" and res.state.iteration == 2
+    np.testing.assert_array_equal(res.state.object, 1)
+
+
 def test_map_cg_through_the_boundary_restores_after_the_canvas_grew():
     scan = synthetic_scan(n_side=8)
     engine = create_engine(spec_of(scan), ReconOptions(stream={"batch_size": 16}))
