@@ -22,7 +22,7 @@ from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.engines import Algorithm, EngineSpec, LiveEngine, MemoryEstimate, create_engine
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.stream import StreamingReconstructor
-from cryoptycho.protocols.messages import Result, ScanEvent
+from cryoptycho.protocols.messages import ErrorEvent, Preview, Result, ScanEvent
 from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
 from daemon_support import PIXEL_M, start_daemon, synthetic_scan, wait_subscribed
@@ -35,7 +35,8 @@ def install_plugin(site: Path) -> None:
     info = site / "flat_engine_plugin-1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flat-engine-plugin\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[cryoptycho.engines]\nflat = flat_engine:ALGORITHM\n")
+    (info / "entry_points.txt").write_text(
+        "[cryoptycho.engines]\nflat = flat_engine:ALGORITHM\ndiverging = flat_engine:DIVERGING\n")
 
 
 @pytest.fixture
@@ -147,6 +148,38 @@ def test_memory_estimate_is_typed_and_drives_the_daemons_admission(tmp_path, mon
     assert info.value.field == "options.algorithm" and "unknown algorithm 'lsqml'" in info.value.message
 
 
+def run_scan(daemon, scan, scan_id: str, **extra) -> tuple[Result, list]:
+    """Stream ``scan``; half of it only after a first preview (so the engine is stepped after
+    a snapshot). Returns the result and every event of the scan."""
+    sub = Subscriber(daemon.publish, latest_only=False)
+    wait_subscribed(daemon, sub)
+    events: list = []
+
+    def until(done, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev = sub.recv(timeout_s=0.5)
+            if ev is not None and getattr(ev, "scan_id", None) == scan_id:
+                events.append(ev)
+                if done(ev):
+                    return
+        raise AssertionError(f"timed out; events {[type(e).__name__ for e in events]}\n{daemon.log()}")
+
+    half = len(scan.frames) // 2
+    with Producer(daemon.ingest, control=daemon.control) as producer:
+        producer.start_scan(**scan.start_fields(scan_id, **extra))
+        producer.send_frames(scan.frames[:half])
+        until(lambda ev: isinstance(ev, Preview))
+        producer.send_frames(scan.frames[half:])
+        producer.end_scan()
+    until(lambda ev: isinstance(ev, ScanEvent) and ev.event in ("finished", "failed"))
+    sub.close()
+    assert events[-1].event == "finished", daemon.log()
+    results = [ev for ev in events if isinstance(ev, Result)]
+    assert len(results) == 1, daemon.log()
+    return results[0], events
+
+
 @pytest.mark.subprocess
 def test_daemon_runs_an_installed_plugin_chosen_by_option(tmp_path, monkeypatch):
     install_plugin(tmp_path / "site")
@@ -156,24 +189,7 @@ def test_daemon_runs_an_installed_plugin_chosen_by_option(tmp_path, monkeypatch)
     daemon = start_daemon(tmp_path, "--set", "options.algorithm=flat", "--set", "options.iterations=4",
                           "--set", "preview_hz=20")
     try:
-        sub = Subscriber(daemon.publish, latest_only=False)
-        wait_subscribed(daemon, sub)
-        with Producer(daemon.ingest, control=daemon.control) as producer:
-            producer.start_scan(**scan.start_fields("flat-scan"))
-            for lo in range(0, len(scan.frames), 16):
-                producer.send_frames(scan.frames[lo:lo + 16])
-            producer.end_scan()
-        result = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ev = sub.recv(timeout_s=0.5)
-            if isinstance(ev, Result):
-                result = ev
-            if isinstance(ev, ScanEvent) and ev.scan_id == "flat-scan" and ev.event in ("finished", "failed"):
-                assert ev.event == "finished", daemon.log()
-                break
-        sub.close()
-        assert result is not None, daemon.log()
+        result, _ = run_scan(daemon, scan, "flat-scan")
         # the flat engine's object, probe as given and positions as sent: the daemon ran the
         # plug-in, through the boundary only
         np.testing.assert_array_equal(result.object, 1)
@@ -182,5 +198,11 @@ def test_daemon_runs_an_installed_plugin_chosen_by_option(tmp_path, monkeypatch)
         with h5py.File(result.files["result"]) as f:
             assert json.loads(f.attrs["options"])["algorithm"] == "flat"
             np.testing.assert_array_equal(f["object"][()], 1)
+
+        # a scan chooses its own algorithm; a diverging step is rolled back through restore()
+        result, events = run_scan(daemon, scan, "diverging-scan", options={"algorithm": "diverging"})
+        rollbacks = [ev for ev in events if isinstance(ev, ErrorEvent) and ev.rule == "rollback"]
+        assert len(rollbacks) == 1, events
+        np.testing.assert_allclose(result.probe, scan.probe, rtol=1e-6)
     finally:
         daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)

@@ -96,3 +96,29 @@ def memory(options: ReconOptions, *, frame_shape: tuple[int, int], frame_dtype: 
 
 
 ALGORITHM = Algorithm(live=FlatEngine, memory_estimate=memory, description="flat object (a test plug-in)")
+
+
+class DivergingEngine(FlatEngine):
+    """"flat" whose loss turns NaN once, at the first losses read after a snapshot — and whose
+    probe is doubled at that moment: the daemon must roll the engine back (``restore``) to the
+    last snapshot, so the probe in its result is the one given."""
+
+    def __init__(self, spec: EngineSpec, options: ReconOptions) -> None:
+        super().__init__(spec, options)
+        self._snapshots = 0
+        self.diverged = False
+
+    def snapshot(self) -> ReconState:
+        self._snapshots += 1
+        return super().snapshot()
+
+    def flush_losses(self) -> list[float]:
+        losses = super().flush_losses()
+        if losses and self._snapshots and not self.diverged:
+            self.diverged = True
+            self.probe = 2 * self.probe
+            losses[-1] = float("nan")
+        return losses
+
+
+DIVERGING = Algorithm(live=DivergingEngine, memory_estimate=memory, description="diverges once (a test plug-in)")
