@@ -149,7 +149,7 @@ class Algorithm:
 
 
 _REGISTRY: dict[str, Algorithm] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # discovery registers while holding it
 _discovered = False
 
 
@@ -276,16 +276,15 @@ def _discover() -> None:
     ``cryoptycho.engines``); a plug-in that fails to load is logged and skipped, not fatal:
     the algorithms that did load stay usable and an unknown name still errors clearly."""
     global _discovered
-    with _LOCK:
+    with _LOCK:  # held throughout: no thread sees the registry half-discovered
         if _discovered:
             return
         _discovered = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            algorithm = ep.load()
-            register_engine(ep.name, algorithm)
-        except Exception:
-            log.exception("algorithm plug-in %r (%s) failed to load", ep.name, ep.value)
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                register_engine(ep.name, ep.load())
+            except Exception:
+                log.exception("algorithm plug-in %r (%s) failed to load: skipped", ep.name, ep.value)
 
 
 __all__ = [

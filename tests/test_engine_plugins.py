@@ -78,6 +78,20 @@ def test_entry_point_plugin_is_found_and_runs_offline(flat_registered):
     np.testing.assert_array_equal(state.positions, scan.positions)
 
 
+def test_a_broken_plugin_is_logged_and_skipped(monkeypatch, tmp_path, caplog):
+    info = tmp_path / "broken_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[cryoptycho.engines]\nmissing = no_such_module_xyz:ALGORITHM\nnot-one = json:dumps\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(engines, "_discovered", False)
+    monkeypatch.setattr(engines, "_REGISTRY", dict(engines._REGISTRY))
+    assert engines.available_engines() == ["map-cg"]
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "'missing'" in logged and "'not-one'" in logged and "failed to load" in logged
+
+
 def test_reconstruct_command_runs_the_plugin_by_option(flat_registered, tmp_path):
     from click.testing import CliRunner
     from cryoptycho.daemon.cli import main
