@@ -135,7 +135,7 @@ class LiveEngine(Protocol):
 
 LiveFactory = Callable[[EngineSpec, ReconOptions], LiveEngine]
 MemoryFunction = Callable[..., MemoryEstimate]
-OfflineFunction = Callable[[PtychoData, ReconOptions, "Progress | None"], ReconState]
+OfflineFunction = Callable[[PtychoData, ReconOptions, Progress | None], ReconState]
 
 
 @dataclass(frozen=True)

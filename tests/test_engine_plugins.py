@@ -22,6 +22,8 @@ from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.engines import Algorithm, EngineSpec, LiveEngine, MemoryEstimate, create_engine
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.stream import StreamingReconstructor
+from cryoptycho.protocols.control import ControlClient
+from cryoptycho.protocols.errors import ControlError
 from cryoptycho.protocols.messages import ErrorEvent, Preview, Result, ScanEvent
 from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
@@ -162,9 +164,9 @@ def test_memory_estimate_is_typed_and_drives_the_daemons_admission(tmp_path, mon
     assert info.value.field == "options.algorithm" and "unknown algorithm 'lsqml'" in info.value.message
 
 
-def run_scan(daemon, scan, scan_id: str, **extra) -> tuple[Result, list]:
+def run_scan(daemon, scan, scan_id: str, while_running=None, **extra) -> tuple[Result, list]:
     """Stream ``scan``; half of it only after a first preview (so the engine is stepped after
-    a snapshot). Returns the result and every event of the scan."""
+    a snapshot; ``while_running()`` runs then). Returns the result and every event of the scan."""
     sub = Subscriber(daemon.publish, latest_only=False)
     wait_subscribed(daemon, sub)
     events: list = []
@@ -184,6 +186,8 @@ def run_scan(daemon, scan, scan_id: str, **extra) -> tuple[Result, list]:
         producer.start_scan(**scan.start_fields(scan_id, **extra))
         producer.send_frames(scan.frames[:half])
         until(lambda ev: isinstance(ev, Preview))
+        if while_running is not None:
+            while_running()
         producer.send_frames(scan.frames[half:])
         producer.end_scan()
     until(lambda ev: isinstance(ev, ScanEvent) and ev.event in ("finished", "failed"))
@@ -203,7 +207,16 @@ def test_daemon_runs_an_installed_plugin_chosen_by_option(tmp_path, monkeypatch)
     daemon = start_daemon(tmp_path, "--set", "options.algorithm=flat", "--set", "options.iterations=4",
                           "--set", "preview_hz=20")
     try:
-        result, _ = run_scan(daemon, scan, "flat-scan")
+        def switch_algorithm() -> None:
+            control = ControlClient(daemon.control)
+            try:
+                with pytest.raises(ControlError) as info:
+                    control.set_options("flat-scan", {"algorithm": "map-cg"})
+            finally:
+                control.close()
+            assert "params.options.algorithm" in info.value.msg and "cannot change" in info.value.msg
+
+        result, _ = run_scan(daemon, scan, "flat-scan", while_running=switch_algorithm)
         # the flat engine's object, probe as given and positions as sent: the daemon ran the
         # plug-in, through the boundary only
         np.testing.assert_array_equal(result.object, 1)
