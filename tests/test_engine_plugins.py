@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 from cryoptycho.gpu import engines
+from cryoptycho.gpu.backend import backend_name
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.engines import Algorithm, EngineSpec, LiveEngine, MemoryEstimate, create_engine
 from cryoptycho.gpu.options import ReconOptions
@@ -112,9 +113,9 @@ def test_reconstruct_command_runs_the_plugin_by_option(flat_registered, tmp_path
     np.testing.assert_array_equal(res.state.object, 1)
 
 
-def test_map_cg_through_the_boundary_restores_after_the_canvas_grew():
+def test_map_cg_through_the_boundary_restores_after_the_canvas_grew(xp):
     scan = synthetic_scan(n_side=8)
-    engine = create_engine(spec_of(scan), ReconOptions(stream={"batch_size": 16}))
+    engine = create_engine(spec_of(scan), ReconOptions(backend=backend_name(xp), stream={"batch_size": 16}))
     assert isinstance(engine, StreamingReconstructor) and isinstance(engine, LiveEngine)
     half = len(scan.frames) // 2
     engine.add_frames(scan.frames[:half], scan.positions[:half])
