@@ -130,7 +130,7 @@ def build_table(service: Service) -> dict[str, Handler]:
             raise HandlerError(f"scan {session.scan_id!r} has no running worker ({session.state.value})",
                                "params.scan_id", "running_scan")
         for key in overrides:
-            if key in ("backend", "precision"):
+            if key in ("backend", "precision", "algorithm"):
                 raise HandlerError("cannot change while a scan runs", f"params.options.{key}", "fixed_while_running")
         try:
             new = worker.options.merged(overrides)

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
+from cryoptycho.gpu.engines import LiveEngine
 from cryoptycho.gpu.metrics import binomial_split, half_set_resolution
 
 
 class HalfSetEstimator:
     """Two half-dose streaming reconstructions stepped at a bounded share of the main one's time."""
 
-    def __init__(self, make_engine: Callable[[], Any], pixel_size: float, share: float, seed: int = 0) -> None:
+    def __init__(self, make_engine: Callable[[], LiveEngine], pixel_size: float, share: float, seed: int = 0) -> None:
         self._a = make_engine()
         self._b = make_engine()
         self._rng = np.random.default_rng(seed)

@@ -20,6 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
+from cryoptycho.gpu.engines import memory_estimate
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.protocols.sources import DetectorFrames
 from pydantic import ValidationError
@@ -48,17 +49,12 @@ class ScanRefused(ValueError):
 
 
 def estimate_bytes(spec: ScanSpec, options: ReconOptions) -> int:
-    """Engine memory of the scan (frame store + object + probe + work buffers), all halves included."""
-    from cryoptycho.gpu.stream import StreamingReconstructor
-
-    est = StreamingReconstructor.memory_estimate(
-        frame_shape=spec.frame_shape,
-        frame_dtype=np.dtype(spec.frame_dtype),
-        n_frames=spec.expected_frames or options.stream.initial_capacity,
-        field_px=spec.field_px(),
-        options=options,
-    )
-    return int(est["total"]) if isinstance(est, dict) and "total" in est else int(sum(est.values()))
+    """Memory of one engine of the scan, by options.algorithm's own estimate (frame store,
+    object, probe, work buffers); the caller counts the engines a scan runs."""
+    return memory_estimate(
+        options, frame_shape=spec.frame_shape, frame_dtype=spec.frame_dtype,
+        n_frames=spec.expected_frames or options.stream.initial_capacity, field_px=spec.field_px(),
+    ).total
 
 
 class ScanManager:

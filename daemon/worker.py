@@ -19,14 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cryoptycho.gpu.engines import EngineSpec, LiveEngine, create_engine
 from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.probes import scale_probe
+from cryoptycho.gpu.state import ReconState
 
 from .config import ServiceConfig
 from .ingest import MODEL_PROBE
 from .metrics import ServiceMetrics
 from .publisher import Outbox
 from .resolution import HalfSetEstimator
-from .session import Session, State
+from .session import ScanSpec, Session, State
 
 log = logging.getLogger("cryoptycho.worker")
 
@@ -88,45 +91,23 @@ class _Stop(Exception):
         self.reason, self.failed = reason, failed
 
 
-def scale_probe(probe: np.ndarray, frames: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Probe scaled to Σ|ψ|² = mean counts per pattern (the engine's convention), counting
-    only valid detector pixels and the share of the probe's far field that falls on them."""
-    valid = np.ones(frames.shape[1:], bool) if mask is None else np.asarray(mask, bool)
-    counts = float(frames[:, valid].sum(dtype=np.float64)) / max(len(frames), 1)
-    far = np.abs(np.fft.fftshift(np.fft.fft2(probe, norm="ortho"))) ** 2
-    share = float(far[valid].sum() / max(far.sum(), 1e-30))
-    power = float((np.abs(probe) ** 2).sum())
-    if counts <= 0 or power <= 0:
-        return probe
-    return (probe * np.sqrt(counts / max(share, 1e-6) / power)).astype(probe.dtype)
-
-
-def make_engine(session: Session, options: ReconOptions) -> Any:
-    from cryoptycho.gpu.stream import StreamingReconstructor
-
-    spec = session.spec
-    return StreamingReconstructor(
+def engine_spec(spec: ScanSpec, first: np.ndarray | None = None) -> EngineSpec:
+    """The engine's view of the scan. A probe from a model (nominal lens settings) gets its
+    power from the ``first`` frames (gpu/probes.py::scale_probe); ``spec`` itself is not
+    changed (the manager thread owns the session)."""
+    probe = spec.probe
+    if first is not None and spec.metadata.get(MODEL_PROBE):
+        probe = scale_probe(probe, first, spec.mask)
+    return EngineSpec(
         frame_shape=spec.frame_shape,
         frame_dtype=np.dtype(spec.frame_dtype),
-        pixel_size=spec.pixel_size_m,
-        probe=spec.probe,
-        options=options,
+        pixel_size_m=spec.pixel_size_m,
+        probe=probe,
         mask=spec.mask,
         extent_m=spec.extent_m,
         expected_frames=spec.expected_frames,
         energy_eV=spec.energy_eV,
     )
-
-
-def restore_state(engine: Any, state: Any) -> None:
-    """Put a checkpoint's object and probe back into ``engine``. The canvas may have grown since
-    the checkpoint (it only grows): the old object goes back at its place in metres."""
-    xp = engine.xp
-    old, new = state.geometry, engine.geometry
-    off = np.rint((np.asarray(old.origin) - np.asarray(new.origin)) / new.pixel_size).astype(int)
-    ny, nx = np.shape(state.object)
-    engine.obj[off[0] : off[0] + ny, off[1] : off[1] + nx] = xp.asarray(state.object, dtype=engine.obj.dtype)
-    engine.probe[...] = xp.asarray(state.probe, dtype=engine.probe.dtype)
 
 
 class ScanWorker:
@@ -154,7 +135,8 @@ class ScanWorker:
         self._queued_lock = threading.Lock()
         self._options_update: ReconOptions | None = None
         self._snapshot_request = threading.Event()
-        self.engine: Any = None
+        self.engine: LiveEngine | None = None
+        self._engine_spec: EngineSpec | None = None
         self._used = 0  #: frames visited by at least one update
         self.thread = threading.Thread(target=self._run, name=f"worker-{session.scan_id}", daemon=True)
 
@@ -198,7 +180,7 @@ class ScanWorker:
         next_preview = time.monotonic() + preview_every
         next_resolution = time.monotonic() + cfg.resolution_interval_s
         unpreviewed: list[tuple[float, int]] = []  # (arrival time, frames) not yet in a preview
-        self._good: Any = None
+        self._good: ReconState | None = None
         self._preview_s = 0.0  # cost of the last preview (snapshot + publish)
         self._scan_end: float | None = None  # when scan_end arrived: the budget's start
         self._best_loss = np.inf
@@ -221,7 +203,7 @@ class ScanWorker:
                     self._start_engines(item.frames)
                     if cfg.resolution_interval_s > 0:
                         halves = HalfSetEstimator(
-                            lambda: make_engine(s, self.options), s.spec.pixel_size_m,
+                            self._new_engine, s.spec.pixel_size_m,
                             cfg.resolution_share, seed=self.options.seed + 1,
                         )
                 self.engine.add_frames(item.frames, item.positions_m)
@@ -262,10 +244,13 @@ class ScanWorker:
 
     def _start_engines(self, first: np.ndarray) -> None:
         """Create the engine at the first frames: a model probe gets its power from them."""
-        spec = self.session.spec
-        if spec.metadata.get(MODEL_PROBE):
-            spec.probe = scale_probe(spec.probe, first, spec.mask)
-        self.engine = make_engine(self.session, self.options)
+        self._engine_spec = engine_spec(self.session.spec, first)
+        self.engine = self._new_engine()
+
+    def _new_engine(self) -> LiveEngine:
+        """An engine of the scan's algorithm (options.algorithm, gpu/engines.py)."""
+        assert self._engine_spec is not None
+        return create_engine(self._engine_spec, self.options)
 
     def _drain(self, block: bool) -> list[FrameBatch | EndOfScan | Cancel | Interrupt]:
         items = []
@@ -335,7 +320,7 @@ class ScanWorker:
         log.warning("rolling back engine: %s", why, extra={"scan_id": self.session.scan_id})
         if self._good is None:
             raise ScanFailed(f"engine diverged ({why}) before any good state was checkpointed")
-        restore_state(self.engine, self._good)
+        self.engine.restore(self._good)
         self.outbox.post("error", {"scan_id": self.session.scan_id, "field": "engine", "rule": "rollback",
                                    "message": f"engine rolled back to its last good state: {why}"})
 
@@ -382,7 +367,9 @@ class ScanWorker:
         """Seconds kept for what follows the refinement: snapshots and the resolution estimate
         (about two previews' cost) and the result file, into which the spool's frames are
         copied (estimated from their bytes)."""
-        frames = self.engine.frame_store.raw_nbytes if self.engine is not None else 0
+        spec = self.session.spec
+        n = self.engine.n_frames if self.engine is not None else 0
+        frames = n * spec.frame_shape[0] * spec.frame_shape[1] * np.dtype(spec.frame_dtype).itemsize
         return 2.0 * self._preview_s + 2.0 * frames / RESULT_WRITE_BYTES_PER_S
 
     def _publish_metrics(self) -> None:
@@ -468,7 +455,7 @@ class ScanWorker:
             "scan_id": s.scan_id,
             "object": np.asarray(state.object),
             "probe": np.asarray(state.probe),
-            "positions_m": np.asarray(self.engine.frame_store.positions[: self.engine.n_frames]),
+            "positions_m": self.engine.positions(),
             "pixel_size_m": float(state.geometry.pixel_size),
             "origin_m": tuple(state.geometry.origin),
             "result_path": s.result_path,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,13 @@ class StreamOptions(_Strict):
     the side that overflowed, so a scan that runs past its declared field re-pads rarely."""
 
 
+def _known_algorithm(name: str) -> str:
+    from .engines import get_algorithm  # the registry imports this module
+
+    get_algorithm(name)  # ValueError naming the known algorithms
+    return name
+
+
 class ReconOptions(_Strict):
     """Options of one reconstruction (offline or live)."""
 
@@ -71,6 +78,9 @@ class ReconOptions(_Strict):
     """"strict" is the test backend (gpu/strict.py): CuPy's semantics on the CPU, counted."""
     precision: Literal["single", "double"] = "single"
     seed: int = 0
+    algorithm: Annotated[str, AfterValidator(_known_algorithm)] = "map-cg"
+    """The reconstruction algorithm (gpu/engines.py): "map-cg" (Poisson MAP, mini-batch steps
+    while streaming, full-batch CG after) or a registered plug-in (ENGINE.md, "Adding an algorithm")."""
 
     noise_model: Literal["poisson", "amplitude"] = "poisson"
     truncation: Literal["none", "chen-candes", "high-intensity", "poisson-floor"] = "poisson-floor"

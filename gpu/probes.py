@@ -188,6 +188,21 @@ def normalise_probe(probe: Any, total_intensity: float) -> Any:
     return probe * np.sqrt(total_intensity / power)
 
 
+def scale_probe(probe: np.ndarray, frames: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Probe scaled to Σ|ψ|² = mean counts per pattern (the engines' convention), counting
+    only valid detector pixels (``mask`` True, detector order) and the share of the probe's far
+    field that falls on them: a probe from nominal lens settings gets its power from the first
+    frames of a scan. Host arrays; the probe comes back unchanged when there are no counts."""
+    valid = np.ones(frames.shape[1:], bool) if mask is None else np.asarray(mask, bool)
+    counts = float(frames[:, valid].sum(dtype=np.float64)) / max(len(frames), 1)
+    far = np.abs(np.fft.fftshift(np.fft.fft2(probe, norm="ortho"))) ** 2
+    share = float(far[valid].sum() / max(far.sum(), 1e-30))
+    power = float((np.abs(probe) ** 2).sum())
+    if counts <= 0 or power <= 0:
+        return probe
+    return (probe * np.sqrt(counts / max(share, 1e-6) / power)).astype(probe.dtype)
+
+
 def probe_area_mask(probe: Any, threshold: float = 0.01) -> Any:
     """Pixels where |ψ|² exceeds ``threshold`` × max — the paper's probe area (1 %)."""
     xp = array_module(probe)

@@ -509,8 +509,21 @@ def reconstruct(
     options: ReconOptions | dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> ReconState:
-    """Full offline reconstruction of ``data``; ``progress(iteration, total, loss)`` is called
-    after each iteration."""
+    """Full offline reconstruction of ``data`` with the algorithm ``options.algorithm`` names
+    (gpu/engines.py; the default "map-cg" is :func:`full_batch_reconstruct`);
+    ``progress(iteration, total, loss)`` is called after each iteration."""
+    from .engines import reconstruct as by_algorithm
+
+    return by_algorithm(data, _as_options(options), progress)
+
+
+def full_batch_reconstruct(
+    data: PtychoData,
+    options: ReconOptions | dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> ReconState:
+    """The "map-cg" offline reconstruction: full-batch CG of the Poisson MAP objective (with
+    position and aberration refinement when the options ask for them)."""
     problem = prepare(data, options)
     # refine_probe "auto" is decided here, from the dataset's mean valid counts per pattern; the
     # state saves the decision (true/false) with the options.
@@ -548,6 +561,7 @@ __all__ = [
     "FullBatchObjective",
     "Problem",
     "fix_phase_ramp",
+    "full_batch_reconstruct",
     "illuminated_pixels",
     "measured_probe_power",
     "prepare",

@@ -627,6 +627,24 @@ class StreamingReconstructor:
             "total": int(total),
         }
 
+    # --- the engine boundary (gpu/engines.py::LiveEngine) -----------------------------------
+
+    def restore(self, state: ReconState) -> None:
+        """Put a :meth:`snapshot`'s object and probe back (a rollback). The canvas may have
+        grown since the snapshot (it only grows): the old object goes back at its place in metres."""
+        if self.obj is None or self.geometry is None:
+            raise RuntimeError("restore() before any frame or declared extent: no canvas yet")
+        xp, old, new = self.xp, state.geometry, self.geometry
+        off = np.rint((np.asarray(old.origin) - np.asarray(new.origin)) / new.pixel_size).astype(int)
+        ny, nx = np.shape(state.object)
+        self.obj[off[0] : off[0] + ny, off[1] : off[1] + nx] = xp.asarray(state.object, dtype=self.obj.dtype)
+        self.probe[...] = xp.asarray(state.probe, dtype=self.probe.dtype)
+        self._illum_stale = True  # the illumination follows the probe
+
+    def positions(self) -> np.ndarray:
+        """(n_frames, 2) probe positions in metres, as refined (refine_positions) or as received."""
+        return self.frame_store.positions[: self.n_frames].copy()
+
     # --- canvas ---------------------------------------------------------------------------
 
     def _batch(self, which: np.ndarray, quantum: float | None = None) -> Batch:

@@ -43,8 +43,7 @@ def _scores(ev: Evaluation, probe: np.ndarray | None, truth_probe: np.ndarray) -
 
 
 def _streamed(data, refine_probe: bool):  # type: ignore[no-untyped-def]
-    from cryoptycho.daemon.worker import scale_probe
-    from cryoptycho.gpu.probes import make_probe
+    from cryoptycho.gpu.probes import make_probe, scale_probe
 
     pm = data.probe_model
     probe = make_probe(pm.kind, data.frame_shape, data.real_pixel_size, data.energy, pm.semiangle, pm.defocus,

@@ -18,7 +18,7 @@ from cryoptycho.daemon.storage.spool import (
     spool_path,
     unfinished_spools,
 )
-from cryoptycho.daemon.worker import scale_probe
+from cryoptycho.gpu.probes import scale_probe
 
 
 # -- configuration -------------------------------------------------------------------------------
