@@ -184,7 +184,6 @@ class ScanWorker:
         self._preview_s = 0.0  # cost of the last preview (snapshot + publish)
         self._scan_end: float | None = None  # when scan_end arrived: the budget's start
         self._best_loss = np.inf
-        self._losses_read = 0  #: entries of the engine's loss history already published
         rollbacks = 0
         ended = False
         while not ended:
@@ -288,14 +287,9 @@ class ScanWorker:
         per step would make every step wait for the device): each is checked for divergence,
         the last is published."""
         try:
-            self.engine.flush_losses()  # device losses join the history, in one transfer
+            losses = self.engine.flush_losses()  # device losses come back in one transfer
         except FloatingPointError as exc:
             raise EngineDiverged(str(exc)) from None
-        # a NumPy engine records its losses in the history at once (nothing is pending there):
-        # read what is new in the history, so the live loss is published on every backend
-        history = self.engine.loss_history
-        start = self._losses_read if self._losses_read <= len(history) else 0
-        losses, self._losses_read = history[start:], len(history)
         for loss in losses:
             self._check_loss(loss)
         if losses:

@@ -138,6 +138,7 @@ class StreamingReconstructor:
         self._iteration = 0
         self._visits = 0  # frame visits by mini-batch steps, all frames together
         self._loss_history: list[float] = []
+        self._losses_reported = 0  #: entries of the history flush_losses has returned
         self._pending_losses: list[Any] = []  # device losses of steps not read back yet
         #: wall seconds per frame visited by the steps (smoothed; on a device the host runs at
         #: most a launch queue ahead, so on average this is the device's pace): what a
@@ -165,14 +166,22 @@ class StreamingReconstructor:
     @property
     def loss_history(self) -> list[float]:
         """Per-position loss of every step (mini-batch) and refinement iteration."""
-        self.flush_losses()
+        self._read_pending()
         return list(self._loss_history)
 
     def flush_losses(self) -> list[float]:
-        """Read back the losses of the steps taken since the last call — one device → host
-        transfer for all of them — append them to :attr:`loss_history` and return them.
+        """The losses of the steps and iterations since the last call, on every backend (the
+        engine boundary's contract): device losses come back in one transfer for all of them.
         Raises FloatingPointError when one is not finite (the step did not raise: checking
         would have made every step wait for the device)."""
+        self._read_pending()
+        new = self._loss_history[self._losses_reported:]
+        self._losses_reported = len(self._loss_history)
+        return new
+
+    def _read_pending(self) -> list[float]:
+        """Read back the device losses not yet read, append them to :attr:`loss_history` and
+        return them (one transfer; FloatingPointError when one is not finite)."""
         pending, self._pending_losses = self._pending_losses, []
         if not pending:
             return []
@@ -333,7 +342,7 @@ class StreamingReconstructor:
         if on_device(loss):
             self._pending_losses.append(loss)  # read back when a metric is due
             if len(self._pending_losses) >= MAX_PENDING_LOSSES:
-                self.flush_losses()
+                self._read_pending()
         else:
             self._loss_history.append(loss)
         return StepResult(
@@ -502,7 +511,7 @@ class StreamingReconstructor:
         if opts.prior == "sparse" and self._sparse is None:
             self._sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
         self._constrain_probe_power()
-        self.flush_losses()
+        self._read_pending()
         kappa, power = host_floats(self._kappa(), self.probe_power())
         if time_budget_s is not None:
             time_budget_s = max(0.0, time_budget_s - (clock() - t_entry))
@@ -558,7 +567,7 @@ class StreamingReconstructor:
         """Host copies of object, probe and bookkeeping, safe to hand to another thread."""
         if self.obj is None:
             raise RuntimeError("snapshot() before any frame or declared extent: no canvas yet")
-        self.flush_losses()
+        self._read_pending()
         n = self.n_frames
         state = ReconState(
             object=np.array(to_numpy(self.obj), copy=True),
