@@ -35,7 +35,8 @@ from cryoptycho.gpu.reconstruct import reconstruct
 from cryoptycho.gpu.state import ReconState
 
 from .storage.open import open_recorded
-from .storage.result import export_phase, read_result, write_result
+from .storage.outputs import ALL_FORMATS, save_outputs, stem_of
+from .storage.result import read_result
 
 RESULT_SUFFIX = ".result.h5"
 DATASET_FORMAT = "cryoptycho-dataset"
@@ -139,9 +140,8 @@ def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobRes
         data, scan_overrides = load_input(job.source)
         options = merged_options(overrides, scan_overrides)
         state = reconstruct(data, options)
-        write_result(job.output, state, data, extra={"source": job.source})
-        if export:
-            export_phase(state, Path(job.output).with_suffix("").with_suffix(".phase"))
+        save_outputs(stem_of(job.output), state, data, formats=ALL_FORMATS if export else ("h5",),
+                     extra={"source": job.source})
     except Exception as exc:  # noqa: BLE001 - reported per job in the summary; the exit code says so
         return JobResult(job.source, job.output, False, time.perf_counter() - started, worker=worker,
                          error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
@@ -171,10 +171,9 @@ def average_results(outputs: Sequence[str], path: str, export: bool = True) -> d
         iteration=0, options=first.options, frames_used=sum(s.frames_used for s in states),
         positions=None, energy=first.energy,  # an average has no single scan pattern
     )
-    write_result(path, averaged, extra={"n_averaged": len(outputs), "shifts_px": result.shifts,
-                                        "sources": json.dumps(list(outputs))})
-    if export:
-        export_phase(averaged, Path(path).with_suffix("").with_suffix(".phase"))
+    save_outputs(stem_of(path), averaged, formats=ALL_FORMATS if export else ("h5",),
+                 extra={"n_averaged": len(outputs), "shifts_px": result.shifts,
+                        "sources": json.dumps(list(outputs))})
     return {"path": path, "n_averaged": len(outputs), "shifts_px": result.shifts.tolist()}
 
 

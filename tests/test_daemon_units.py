@@ -125,7 +125,7 @@ def test_spool_round_trip_cxi_layout_and_uncommitted_rows(tmp_path):
 
 
 def test_replay_reads_spool_files(tmp_path):
-    from cryoptycho.daemon.commands.replay import read_source
+    from cryoptycho.daemon.replay import read_source
 
     w = SpoolWriter.create(tmp_path, _spec("rep"))
     frames = np.arange(3 * 64, dtype=np.uint16).reshape(3, 8, 8)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from .reconstruct import parse_set
+from ..overrides import parse_set
 
 
 def _gpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int]:
