@@ -128,7 +128,7 @@ def load_input(path: str | Path) -> tuple[PtychoData, dict[str, Any]]:
     return recorded.data, recorded.options
 
 
-def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobResult:
+def run_job(job: Job, overrides: dict[str, Any], formats: Sequence[str] = ("h5",)) -> JobResult:
     """Reconstruct one input and write its result. Failures are returned, not raised, so that
     one bad file is reported with its reason while the rest of the batch goes on."""
     started = time.perf_counter()
@@ -140,8 +140,7 @@ def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobRes
         data, scan_overrides = load_input(job.source)
         options = merged_options(overrides, scan_overrides)
         state = reconstruct(data, options)
-        save_outputs(stem_of(job.output), state, data, formats=ALL_FORMATS if export else ("h5",),
-                     extra={"source": job.source})
+        save_outputs(stem_of(job.output), state, data, formats=formats, extra={"source": job.source})
     except Exception as exc:  # noqa: BLE001 - reported per job in the summary; the exit code says so
         return JobResult(job.source, job.output, False, time.perf_counter() - started, worker=worker,
                          error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
@@ -152,7 +151,7 @@ def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobRes
     )
 
 
-def average_results(outputs: Sequence[str], path: str, export: bool = True) -> dict[str, Any]:
+def average_results(outputs: Sequence[str], path: str, formats: Sequence[str] = ALL_FORMATS) -> dict[str, Any]:
     """Align the results translationally and average them (:func:`cryoptycho.gpu.average.
     align_and_average`); written as a result file whose /extra holds the shifts and sources."""
     if not outputs:
@@ -171,7 +170,7 @@ def average_results(outputs: Sequence[str], path: str, export: bool = True) -> d
         iteration=0, options=first.options, frames_used=sum(s.frames_used for s in states),
         positions=None, energy=first.energy,  # an average has no single scan pattern
     )
-    save_outputs(stem_of(path), averaged, formats=ALL_FORMATS if export else ("h5",),
+    save_outputs(stem_of(path), averaged, formats=formats,
                  extra={"n_averaged": len(outputs), "shifts_px": result.shifts,
                         "sources": json.dumps(list(outputs))})
     return {"path": path, "n_averaged": len(outputs), "shifts_px": result.shifts.tolist()}
@@ -231,7 +230,8 @@ def require_gpu_workers(client: Any, timeout_s: float = 60.0) -> int:
 
 
 def run_batch(client: Any, jobs: Sequence[Job], overrides: dict[str, Any], *, gpu: bool = False,
-              export: bool = False, on_done: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+              formats: Sequence[str] = ("h5",), on_done: Callable[[JobResult], None] | None = None,
+              ) -> list[JobResult]:
     """Run every job on ``client``'s cluster; results in completion order.
 
     With ``gpu``, each task claims the ``GPU`` resource (one reconstruction per GPU at a time).
@@ -240,7 +240,7 @@ def run_batch(client: Any, jobs: Sequence[Job], overrides: dict[str, Any], *, gp
 
     resources = {"GPU": 1} if gpu else None
     futures = [
-        client.submit(run_job, job, overrides, export, key=f"reconstruct-{i}-{Path(job.source).name}",
+        client.submit(run_job, job, overrides, tuple(formats), key=f"reconstruct-{i}-{Path(job.source).name}",
                       resources=resources, pure=False)
         for i, job in enumerate(jobs)
     ]

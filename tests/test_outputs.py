@@ -91,3 +91,30 @@ def test_only_the_cli_imports_the_command_modules() -> None:
             if module.startswith(commands + ".") and module != commands + ".__init__":
                 offenders.add(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert sorted(offenders) == [], "only daemon/cli.py imports daemon/commands/*"
+
+
+def test_reconstruct_and_batch_write_the_formats_asked_for(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from cryoptycho.daemon.cli import main
+    from cryoptycho.daemon.storage.dataset import write_dataset
+    from engine_helpers import synthetic_dataset
+
+    dataset = write_dataset(tmp_path / "in" / "d.h5", synthetic_dataset(2000.0, m=16, grid=4, step_px=3.0, seed=1))
+    runner = CliRunner()
+    base = ["-n", "1", "--fixed-probe", "-q"]
+    out = runner.invoke(main, ["reconstruct", str(dataset), "-o", str(tmp_path / "a" / "r.h5"), *base,
+                               "--formats", "h5,png"])
+    assert out.exit_code == 0, out.output
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["r.h5", "r.phase.png"]
+    out = runner.invoke(main, ["reconstruct", str(dataset), "-o", str(tmp_path / "b" / "r.h5"), *base])
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["r.h5", "r.phase.mrc", "r.phase.png"]
+    bad = runner.invoke(main, ["reconstruct", str(dataset), "-o", str(tmp_path / "c.h5"), *base, "--formats", "png"])
+    assert bad.exit_code == 2 and "lack 'h5'" in bad.output
+    bad = runner.invoke(main, ["reconstruct", str(dataset), "-o", str(tmp_path / "c.h5"), *base,
+                               "--formats", "h5", "--no-export"])
+    assert bad.exit_code == 2 and "not both" in bad.output
+    out = runner.invoke(main, ["batch", str(tmp_path / "in"), "-o", str(tmp_path / "batch"), "--threads",
+                               "--set", "iterations=1", "--formats", "h5,mrc", "-q"])
+    assert out.exit_code == 0, out.output
+    assert {p.name for p in (tmp_path / "batch").iterdir()} == {
+        "d.result.h5", "d.result.phase.mrc", "batch-summary.json"}

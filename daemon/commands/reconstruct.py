@@ -70,16 +70,17 @@ def build_options(
 @click.option("--init", type=click.Choice(["random", "spectral", "ones"]))
 @click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds.")
 @click.option("--seed", type=int)
-@click.option("--export/--no-export", default=True, help="Also write phase MRC and PNG.")
+@click.option("--export/--no-export", default=None, help="Also write phase MRC and PNG (default: yes).")
+@click.option("--formats", metavar="LIST", help="Outputs to write, e.g. h5,png (h5 always; default h5,mrc,png).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def command(
     dataset: Path, output: Path, options_file: Path | None, sets: tuple[str, ...],
-    export: bool, quiet: bool, **flags: Any,
+    export: bool | None, formats: str | None, quiet: bool, **flags: Any,
 ) -> None:
     """Reconstruct DATASET.h5 (a cryoptycho dataset, spool or result file) into a result file."""
     # Imported here, not at module level, so that `cryoptycho --help` stays fast.
     from cryoptycho.daemon.storage.open import open_recorded
-    from cryoptycho.daemon.storage.outputs import ALL_FORMATS, save_outputs, stem_of
+    from cryoptycho.daemon.storage.outputs import formats_for, save_outputs, stem_of
     from cryoptycho.gpu.reconstruct import reconstruct
     from rich.progress import (
         BarColumn,
@@ -89,6 +90,10 @@ def command(
         TimeElapsedColumn,
     )
 
+    try:
+        chosen = formats_for(formats, export, export_default=True)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         recorded = open_recorded(dataset)
     except (ValueError, OSError) as exc:
@@ -111,7 +116,7 @@ def command(
             state = reconstruct(data, options, progress=progress)
         except (ValueError, FloatingPointError, BackendUnavailable) as exc:
             raise click.ClickException(f"reconstruction failed: {exc}") from exc
-    written = save_outputs(stem_of(output), state, data, formats=ALL_FORMATS if export else ("h5",)).values()
+    written = save_outputs(stem_of(output), state, data, formats=chosen).values()
     final = f"{state.loss_values[-1]:.6g}" if state.loss_values else "n/a"
     probe = "refined" if state.options.get("refine_probe") else "fixed"
     if options.refine_probe == "auto":

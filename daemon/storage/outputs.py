@@ -10,7 +10,8 @@ is added here once and appears everywhere. Names, for a stem ``S``:
 
 The daemon's stem is ``<results_dir>/<file_stem(scan_id)>``; offline, it is the ``--output``
 path without its ``.h5`` suffix. Which formats are written is configuration
-(``output_formats`` of the service, ``--export/--no-export`` of the CLI commands); the HDF5
+(``output_formats`` of the service, ``--formats`` or ``--export/--no-export`` of the
+``reconstruct`` and ``batch`` commands); the HDF5
 result is always written, because it is the record the others are views of (``batch --average``,
 ``view``, ``evaluate`` and recovery read it).
 """
@@ -48,6 +49,21 @@ def check_formats(formats: Iterable[str]) -> tuple[OutputFormat, ...]:
     if len(set(given)) != len(given):
         raise ValueError(f"output formats {list(given)} name a format twice")
     return given  # type: ignore[return-value]  # checked against ALL_FORMATS above
+
+
+def parse_formats(text: str) -> tuple[OutputFormat, ...]:
+    """``"h5,mrc"`` (a command-line value) → checked formats."""
+    return check_formats(f.strip() for f in text.split(",") if f.strip())
+
+
+def formats_for(formats: str | None, export: bool | None, export_default: bool) -> tuple[OutputFormat, ...]:
+    """The formats a command writes: ``--formats LIST``, or ``--export`` (all) / ``--no-export``
+    (the HDF5 result only); giving both is an error (ValueError)."""
+    if formats is not None:
+        if export is not None:
+            raise ValueError("give --formats or --export/--no-export, not both")
+        return parse_formats(formats)
+    return ALL_FORMATS if (export_default if export is None else export) else ("h5",)
 
 
 def stem_of(result_path: str | Path) -> Path:
