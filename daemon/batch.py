@@ -35,7 +35,8 @@ from cryoptycho.gpu.reconstruct import reconstruct
 from cryoptycho.gpu.state import ReconState
 
 from .storage.open import open_recorded
-from .storage.result import export_phase, read_result, write_result
+from .storage.outputs import ALL_FORMATS, save_outputs, stem_of
+from .storage.result import read_result
 
 RESULT_SUFFIX = ".result.h5"
 DATASET_FORMAT = "cryoptycho-dataset"
@@ -131,7 +132,7 @@ def load_input(path: str | Path) -> tuple[PtychoData, dict[str, Any]]:
     return recorded.data, recorded.options
 
 
-def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobResult:
+def run_job(job: Job, overrides: dict[str, Any], formats: Sequence[str] = ("h5",)) -> JobResult:
     """Reconstruct one input and write its result. Failures are returned, not raised, so that
     one bad file is reported with its reason while the rest of the batch goes on."""
     started = time.perf_counter()
@@ -143,9 +144,7 @@ def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobRes
         data, scan_overrides = load_input(job.source)
         options = merged_options(overrides, scan_overrides)
         state = reconstruct(data, options)
-        write_result(job.output, state, data, extra={"source": job.source})
-        if export:
-            export_phase(state, Path(job.output).with_suffix("").with_suffix(".phase"))
+        save_outputs(stem_of(job.output), state, data, formats=formats, extra={"source": job.source})
     except Exception as exc:  # noqa: BLE001 - reported per job in the summary; the exit code says so
         return JobResult(job.source, job.output, False, time.perf_counter() - started, worker=worker,
                          error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
@@ -156,7 +155,7 @@ def run_job(job: Job, overrides: dict[str, Any], export: bool = False) -> JobRes
     )
 
 
-def average_results(outputs: Sequence[str], path: str, export: bool = True) -> dict[str, Any]:
+def average_results(outputs: Sequence[str], path: str, formats: Sequence[str] = ALL_FORMATS) -> dict[str, Any]:
     """Align the results translationally and average them (:func:`cryoptycho.gpu.average.
     align_and_average`); written as a result file whose /extra holds the shifts and sources."""
     if not outputs:
@@ -175,10 +174,9 @@ def average_results(outputs: Sequence[str], path: str, export: bool = True) -> d
         iteration=0, options=first.options, frames_used=sum(s.frames_used for s in states),
         positions=None, energy=first.energy,  # an average has no single scan pattern
     )
-    write_result(path, averaged, extra={"n_averaged": len(outputs), "shifts_px": result.shifts,
-                                        "sources": json.dumps(list(outputs))})
-    if export:
-        export_phase(averaged, Path(path).with_suffix("").with_suffix(".phase"))
+    save_outputs(stem_of(path), averaged, formats=formats,
+                 extra={"n_averaged": len(outputs), "shifts_px": result.shifts,
+                        "sources": json.dumps(list(outputs))})
     return {"path": path, "n_averaged": len(outputs), "shifts_px": result.shifts.tolist()}
 
 
@@ -236,7 +234,8 @@ def require_gpu_workers(client: Any, timeout_s: float = 60.0) -> int:
 
 
 def run_batch(client: Any, jobs: Sequence[Job], overrides: dict[str, Any], *, gpu: bool = False,
-              export: bool = False, on_done: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+              formats: Sequence[str] = ("h5",), on_done: Callable[[JobResult], None] | None = None,
+              ) -> list[JobResult]:
     """Run every job on ``client``'s cluster; results in completion order.
 
     With ``gpu``, each task claims the ``GPU`` resource (one reconstruction per GPU at a time).
@@ -245,7 +244,7 @@ def run_batch(client: Any, jobs: Sequence[Job], overrides: dict[str, Any], *, gp
 
     resources = {"GPU": 1} if gpu else None
     futures = [
-        client.submit(run_job, job, overrides, export, key=f"reconstruct-{i}-{Path(job.source).name}",
+        client.submit(run_job, job, overrides, tuple(formats), key=f"reconstruct-{i}-{Path(job.source).name}",
                       resources=resources, pure=False)
         for i, job in enumerate(jobs)
     ]

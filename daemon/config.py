@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from cryoptycho.daemon.storage.outputs import ALL_FORMATS, OutputFormat, check_formats
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.protocols.dectris.convert import BridgeConfig
 from cryoptycho.protocols.limits import Limits
@@ -59,6 +60,9 @@ class ServiceConfig(BaseSettings):
     """One result file per scan (HDF5 + phase MRC/PNG) is written here."""
     spool_fsync: bool = False
     """fsync the spool after every message (survives power loss, not only a process crash)."""
+    output_formats: tuple[OutputFormat, ...] = ALL_FORMATS
+    """What each scan's outputs are (``storage/outputs.py``): the HDF5 result (always) and the
+    phase exports ``mrc`` and ``png``."""
     keep_spool: bool = False
     """Keep a finished scan's spool file (its raw frames are copied into the result file anyway)."""
     recover: bool = True
@@ -124,6 +128,11 @@ class ServiceConfig(BaseSettings):
         if "://" not in value:
             raise ValueError(f"must be a ZeroMQ endpoint like tcp://127.0.0.1:5600, got {value!r}")
         return value
+
+    @field_validator("output_formats")
+    @classmethod
+    def _formats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_formats(value)
 
     @classmethod
     def settings_customise_sources(

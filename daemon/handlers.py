@@ -87,14 +87,15 @@ def build_table(service: Service) -> dict[str, Handler]:
         reply: dict[str, Any] = {"scan": summary}
         if preview is None:
             return reply
-        obj = np.asarray(preview["object"])
+        # the last typed Preview the worker published; the reply keeps its complex object
+        amplitude = preview.object_amplitude if preview.object_amplitude is not None else 1.0
         reply.update(
-            object=obj.astype(np.complex64),
-            probe=np.asarray(preview["probe"], dtype=np.complex64),
-            coverage=np.asarray(preview["coverage"], dtype=np.float32),
-            iteration=int(preview["iteration"]),
-            pixel_size_m=float(preview["pixel_size_m"]),
-            origin_m=[float(v) for v in preview["origin_m"]],
+            object=(amplitude * np.exp(1j * preview.object_phase)).astype(np.complex64),
+            probe=preview.probe,
+            coverage=preview.coverage,
+            iteration=preview.iteration,
+            pixel_size_m=preview.pixel_size_m,
+            origin_m=list(preview.origin_m),
         )
         return reply
 

@@ -14,12 +14,16 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cryoptycho.protocols.message_types import ErrorEvent, Metrics, Preview, Result, ScanEvent
 
-#: (topic, payload dict); the manager turns payloads into wire messages
-Post = tuple[str, dict[str, Any]]
+if TYPE_CHECKING:
+    from cryoptycho.gpu.state import ReconState
+
+#: (topic, payload): a typed message (previews, results) or a dict the manager converts
+Post = tuple[str, Any]
 
 
 class Outbox:
@@ -39,13 +43,13 @@ class Outbox:
         """Readable when something was posted; register it with ``zmq.Poller``."""
         return self._rx.fileno()
 
-    def post(self, topic: str, payload: dict[str, Any]) -> None:
+    def post(self, topic: str, payload: Any) -> None:
         """Queue an event or result; delivered in order, never dropped."""
         with self._lock:
             self._fifo.append((topic, payload))
         self.wake()
 
-    def offer(self, scan_id: str, topic: str, payload: dict[str, Any]) -> None:
+    def offer(self, scan_id: str, topic: str, payload: Any) -> None:
         """Offer the latest preview/metrics of a scan; replaces an unsent one of the same topic."""
         key = (scan_id, topic)
         with self._lock:
@@ -80,47 +84,61 @@ class Outbox:
         self._tx.close()
 
 
-def to_message(topic: str, payload: Any) -> Any:
-    """The wire message for an outbox post (posts may already be messages)."""
-    from cryoptycho.protocols import messages as m
+def preview_message(scan_id: str, state: ReconState, frames_used: int, coverage: Any) -> Preview:
+    """The typed preview of an engine snapshot. Called on the worker thread: the phase and
+    amplitude of the whole canvas (tens of MB for a 2k × 2k canvas) are computed there, never on
+    the manager thread that owns the sockets."""
+    obj = np.asarray(state.object)
+    return Preview(
+        scan_id=scan_id, iteration=int(state.iteration), frames_used=int(frames_used),
+        pixel_size_m=float(state.geometry.pixel_size), origin_m=_origin(state),
+        object_phase=np.angle(obj).astype(np.float32), probe=np.asarray(state.probe, np.complex64),
+        object_amplitude=np.abs(obj).astype(np.float32),
+        coverage=None if coverage is None else np.asarray(coverage, np.float32), time_s=time.time(),
+    )
 
+
+def result_message(scan_id: str, state: ReconState, positions_m: Any, files: dict[str, str],
+                   loss: float | None, resolution_m: float | None) -> Result:
+    """The typed final result of a scan (worker thread); ``files`` lists every file written."""
+    return Result(
+        scan_id=scan_id, iterations=int(state.iteration), pixel_size_m=float(state.geometry.pixel_size),
+        origin_m=_origin(state), object=np.asarray(state.object, np.complex64),
+        probe=np.asarray(state.probe, np.complex64), positions_m=np.asarray(positions_m, np.float64),
+        loss=_finite(loss), files={str(k): str(v) for k, v in files.items()},
+        metadata={"resolution_m": _finite(resolution_m)}, time_s=time.time(),
+    )
+
+
+def _origin(state: ReconState) -> tuple[float, float]:
+    oy, ox = state.geometry.origin
+    return float(oy), float(ox)
+
+
+def to_message(topic: str, payload: Any) -> Any:
+    """The wire message for an outbox post: previews and results are posted as typed messages
+    (built on the worker thread); events, metrics and errors as dicts, converted here."""
     if not isinstance(payload, dict):
         return payload
     p = payload
-    if topic == "preview":
-        obj = np.asarray(p["object"])
-        return m.Preview(
-            scan_id=p["scan_id"], iteration=p["iteration"], frames_used=p["frames_used"],
-            pixel_size_m=p["pixel_size_m"], origin_m=tuple(p["origin_m"]),
-            object_phase=np.angle(obj).astype(np.float32), probe=np.asarray(p["probe"], np.complex64),
-            object_amplitude=np.abs(obj).astype(np.float32), coverage=p.get("coverage"), time_s=time.time(),
-        )
     if topic == "metrics":
         frames = p.get("frames", {})
         res = p.get("resolution_m")
-        return m.Metrics(
+        return Metrics(
             scan_id=p["scan_id"], frames_received=int(frames.get("received", 0)),
             frames_used=int(p.get("frames_used") or 0), frames_dropped=int(frames.get("duplicates", 0)),
             iteration=int(p.get("iteration") or 0), loss=_finite(p.get("loss")),
             resolution_m=res if res is not None and np.isfinite(res) and res > 0 else None,
             latency_s=_finite(p.get("latency_s")), state=str(p.get("state", "")), time_s=time.time(),
         )
-    if topic == "result":
-        return m.Result(
-            scan_id=p["scan_id"], iterations=int(p["iteration"]), pixel_size_m=p["pixel_size_m"],
-            origin_m=tuple(p["origin_m"]), object=np.asarray(p["object"], np.complex64),
-            probe=np.asarray(p["probe"], np.complex64), positions_m=np.asarray(p["positions_m"], np.float64),
-            loss=_finite(p.get("loss")), files=dict(p.get("files") or {}),
-            metadata={"resolution_m": _finite(p.get("resolution_m"))}, time_s=time.time(),
-        )
     if topic == "error":
-        return m.ErrorEvent(field=p["field"], rule=p["rule"], message=p["message"],
-                            scan_id=p.get("scan_id"), time_s=time.time())
+        return ErrorEvent(field=p["field"], rule=p["rule"], message=p["message"],
+                          scan_id=p.get("scan_id"), time_s=time.time())
     if topic.startswith("scan."):
         info = {k: v for k, v in p.items() if k not in ("scan_id", "reason")}
-        return m.ScanEvent(scan_id=p["scan_id"], event=topic[5:], reason=str(p.get("reason", "")),
-                           info=_jsonable(info), time_s=time.time())
-    raise ValueError(f"no wire message for outbox topic {topic!r}")
+        return ScanEvent(scan_id=p["scan_id"], event=topic[5:], reason=str(p.get("reason", "")),
+                         info=_jsonable(info), time_s=time.time())
+    raise ValueError(f"no wire message for outbox topic {topic!r} (previews and results are posted typed)")
 
 
 def _finite(value: Any) -> float | None:

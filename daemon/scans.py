@@ -14,7 +14,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import h5py
@@ -356,13 +355,12 @@ class ScanManager:
     # -- called from worker threads ------------------------------------------------------------
     def finish_result(self, session: Session, state: Any) -> dict[str, str]:
         """Write the result file (engine result + the spool's NXcxi raw part under /raw) and the
-        phase exports (MRC, PNG); then retire the spool. Runs on the worker thread. Returns
-        every file written, kind → path (the ``files`` of the published result)."""
-        from .storage.result import export_phase, write_result
+        phase exports (``output_formats``); then retire the spool. Runs on the worker thread.
+        Returns every file written, kind → path (the ``files`` of the published result)."""
+        from .storage.outputs import save_outputs
 
         # absolute: subscribers do not share the daemon's working directory
         stem = self.config.results_dir.absolute() / file_stem(session.scan_id)
-        path = Path(f"{stem}.h5")  # not with_suffix: a scan id "a.b" would lose its ".b"
         spool_file = spool_path(self.config.spool_dir, session.scan_id)
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,
                                  **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
@@ -376,14 +374,13 @@ class ScanManager:
                 if "nav_shape" in src:
                     src.copy(src["nav_shape"], group, "nav_shape")
 
-        write_result(path, state, extra=extra, raw=raw)
-        mrc, png = export_phase(state, stem)
+        written = save_outputs(stem, state, formats=self.config.output_formats, extra=extra, raw=raw)
         with h5py.File(spool_file, "r+") as f:
             f.attrs["status"] = "finished"
         if not self.config.keep_spool:
             spool_file.unlink()
-        session.result_path = str(path)
-        files = {"result": str(path), "phase_mrc": str(mrc), "phase_png": str(png)}
+        session.result_path = str(written["result"])
+        files = {kind: str(p) for kind, p in written.items()}
         if self.config.keep_spool:
             files["spool"] = str(spool_file.absolute())
         return files

@@ -27,7 +27,7 @@ from cryoptycho.gpu.state import ReconState
 from .config import ServiceConfig
 from .ingest import MODEL_PROBE
 from .metrics import ServiceMetrics
-from .publisher import Outbox
+from .publisher import Outbox, preview_message, result_message
 from .resolution import HalfSetEstimator
 from .session import ScanSpec, Session, State
 
@@ -334,18 +334,9 @@ class ScanWorker:
         state = self.engine.snapshot()
         self._good = state
         s = self.session
-        payload = {
-            "scan_id": s.scan_id,
-            "iteration": int(state.iteration),
-            "frames_used": self._used,
-            "object": np.asarray(state.object),
-            "probe": np.asarray(state.probe),
-            "coverage": np.asarray(self.engine.coverage(), dtype=np.float32),
-            "pixel_size_m": float(state.geometry.pixel_size),
-            "origin_m": tuple(state.geometry.origin),
-        }
-        s.update_figures(last_preview=payload)
-        self.outbox.offer(s.scan_id, "preview", payload)
+        preview = preview_message(s.scan_id, state, self._used, self.engine.coverage())
+        s.update_figures(last_preview=preview)  # what the control `snapshot` serves
+        self.outbox.offer(s.scan_id, "preview", preview)
         self._preview_s = time.perf_counter() - t0
         done = time.monotonic()
         if unpreviewed:
@@ -445,19 +436,8 @@ class ScanWorker:
         s.update_figures(finish_s=time.perf_counter() - t_finish, final_image_s=final_s)
         log.info("final image %.2f s after scan end (budget %.1f s)", final_s, budget,
                  extra={"scan_id": s.scan_id})
-        payload = {
-            "scan_id": s.scan_id,
-            "object": np.asarray(state.object),
-            "probe": np.asarray(state.probe),
-            "positions_m": self.engine.positions(),
-            "pixel_size_m": float(state.geometry.pixel_size),
-            "origin_m": tuple(state.geometry.origin),
-            "result_path": s.result_path,
-            "files": files,
-            "iteration": int(state.iteration),
-            "loss": s.figures.get("loss"),
-            "resolution_m": s.figures.get("resolution_m"),
-        }
+        result = result_message(s.scan_id, state, self.engine.positions(),
+                                files, s.figures.get("loss"), s.figures.get("resolution_m"))
         s.transition(State.FINISHED)
-        self.outbox.post("result", payload)
+        self.outbox.post("result", result)
         self.outbox.post("scan.finished", {"scan_id": s.scan_id, "result_path": s.result_path})

@@ -84,7 +84,7 @@ def test_average_aligns_translated_particles(tmp_path: Path) -> None:
         state = ReconState(object=np.exp(1j * phase), probe=np.ones((8, 8), np.complex64), geometry=geometry,
                            energy=300e3)
         outputs.append(str(write_result(tmp_path / f"r{i}.result.h5", state)))
-    report = average_results(outputs, str(tmp_path / "avg.result.h5"), export=False)
+    report = average_results(outputs, str(tmp_path / "avg.result.h5"), formats=("h5",))
     found = np.asarray(report["shifts_px"])
     # shifts are relative to the running reference: compare them to the first image's; the
     # parabolic sub-pixel peak interpolation is biased by up to ~0.15 px between grid points
@@ -98,7 +98,7 @@ def test_average_aligns_translated_particles(tmp_path: Path) -> None:
                        geometry=ScanGeometry(1e-10, (0.0, 0.0), (40, 40), (8, 8)), energy=300e3)
     outputs.append(str(write_result(tmp_path / "odd.result.h5", other)))
     with pytest.raises(ValueError, match="cannot be averaged"):
-        average_results(outputs, str(tmp_path / "bad.result.h5"), export=False)
+        average_results(outputs, str(tmp_path / "bad.result.h5"), formats=("h5",))
 
 
 def test_plan_names_outputs_and_refuses_clashes(tmp_path: Path) -> None:

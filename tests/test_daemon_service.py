@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -92,8 +93,10 @@ def test_streamed_scan_previews_result_and_metrics(daemon, scan):
         assert raw.shape == scan.frames.shape
         np.testing.assert_array_equal(np.sort(f["raw/entry_1/data_1/frame_index"][()]), np.arange(len(scan.frames)))
         assert f["object"].shape == result.object.shape
-    assert (daemon.workdir / "results" / "one.png").exists()
-    assert (daemon.workdir / "results" / "one.mrc").exists()
+    # one naming scheme (storage/outputs.py), every file written listed in the result's files
+    assert {k: os.path.basename(p) for k, p in result.files.items()} == {
+        "result": "one.h5", "phase_mrc": "one.phase.mrc", "phase_png": "one.phase.png"}
+    assert all(os.path.isfile(daemon.workdir / "results" / os.path.basename(p)) for p in result.files.values())
     assert not list((daemon.workdir / "spool").glob("*.h5")), "a finished scan's spool is retired"
 
     m = metrics_when(daemon, "cryoptycho_scans_total{outcome=finished}", 1)

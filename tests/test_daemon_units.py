@@ -125,7 +125,7 @@ def test_spool_round_trip_cxi_layout_and_uncommitted_rows(tmp_path):
 
 
 def test_replay_reads_spool_files(tmp_path):
-    from cryoptycho.daemon.commands.replay import read_source
+    from cryoptycho.daemon.replay import read_source
 
     w = SpoolWriter.create(tmp_path, _spec("rep"))
     frames = np.arange(3 * 64, dtype=np.uint16).reshape(3, 8, 8)
@@ -185,3 +185,59 @@ def test_model_probe_scaled_to_the_measured_counts():
     share = far[mask].sum() / far.sum()
     scaled = scale_probe(probe, frames, mask)
     assert np.isclose((np.abs(scaled) ** 2).sum(), 3 * 240 / share, rtol=1e-5)
+
+
+# -- typed live outputs --------------------------------------------------------------------------
+def _recon_state(seed: int = 0):
+    from cryoptycho.gpu.geometry import ScanGeometry
+    from cryoptycho.gpu.state import ReconState
+
+    rng = np.random.default_rng(seed)
+    obj = (rng.uniform(0.5, 1.5, (12, 20)) * np.exp(1j * rng.uniform(-3, 3, (12, 20)))).astype(np.complex64)
+    geometry = ScanGeometry(pixel_size=1.5e-10, origin=(-2e-10, 3e-10), object_shape=obj.shape, probe_shape=(8, 8))
+    return ReconState(object=obj, probe=(1 + 1j) * np.ones((8, 8), np.complex64), geometry=geometry,
+                      iteration=4, energy=300e3)
+
+
+def test_worker_builds_typed_previews_and_results_that_go_on_the_wire_unchanged():
+    from cryoptycho.daemon.publisher import preview_message, result_message, to_message
+    from cryoptycho.protocols.messages import Preview, Result, decode, encode
+
+    state = _recon_state()
+    cov = np.arange(240, dtype=np.float64).reshape(12, 20)
+    preview = preview_message("s1", state, 17, cov)
+    assert isinstance(preview, Preview) and (preview.iteration, preview.frames_used) == (4, 17)
+    assert preview.origin_m == (-2e-10, 3e-10) and preview.pixel_size_m == 1.5e-10
+    np.testing.assert_allclose(preview.object_phase, np.angle(state.object), atol=1e-6)
+    np.testing.assert_allclose(preview.object_amplitude, np.abs(state.object), rtol=1e-6)
+    assert preview.coverage.dtype == np.float32 and preview.probe.dtype == np.complex64
+    result = result_message("s1", state, np.zeros((5, 2)), {"result": "/x/s1.h5"}, float("nan"), 2e-10)
+    assert isinstance(result, Result) and result.loss is None and result.metadata == {"resolution_m": 2e-10}
+    for message in (preview, result):
+        assert to_message(message.type, message) is message  # the manager thread only encodes
+        back = decode(encode(message))
+        assert type(back) is type(message) and back.scan_id == "s1"
+    np.testing.assert_array_equal(decode(encode(preview)).object_phase, preview.object_phase)
+    with pytest.raises(ValueError, match="posted typed"):
+        to_message("preview", {"scan_id": "s1"})
+
+
+def test_snapshot_serves_the_last_typed_preview():
+    from types import SimpleNamespace
+
+    from cryoptycho.daemon.handlers import build_table
+    from cryoptycho.daemon.metrics import ServiceMetrics
+    from cryoptycho.daemon.publisher import preview_message
+
+    session = Session(_spec(), {"host": 1})
+    service = SimpleNamespace(scans=SimpleNamespace(sessions={"s1": session}), metrics=ServiceMetrics())
+    snapshot = build_table(service)["snapshot"]
+    assert "object" not in snapshot("s1")  # no preview yet: the summary only
+    state = _recon_state(1)
+    session.update_figures(last_preview=preview_message("s1", state, 9, np.ones((12, 20))))
+    reply = snapshot("s1")
+    assert reply["scan"]["scan_id"] == "s1" and reply["iteration"] == 4
+    assert reply["object"].dtype == np.complex64
+    np.testing.assert_allclose(reply["object"], state.object, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(reply["probe"], state.probe)
+    assert reply["origin_m"] == [-2e-10, 3e-10] and reply["pixel_size_m"] == 1.5e-10

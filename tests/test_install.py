@@ -227,7 +227,7 @@ def test_simulate_serve_replay_from_the_installed_command(install: Install) -> N
         assert scan["state"] == "finished" and scan["frames"]["received"] == scan["expected_frames"], scan
         with h5py.File(scan["result_path"]) as f:
             assert f["object"].ndim == 2
-        assert {p.name for p in (work / "results").iterdir()} >= {"tiny.h5", "tiny.mrc", "tiny.png"}
+        assert {p.name for p in (work / "results").iterdir()} >= {"tiny.h5", "tiny.phase.mrc", "tiny.phase.png"}
     finally:
         if serve.poll() is None:
             serve.send_signal(signal.SIGTERM)

@@ -260,7 +260,7 @@ def test_open_recorded_reads_every_kind_and_says_what_it_is(tmp_path):
     with pytest.raises(ValueError, match="not an HDF5 file"):
         identify(tmp_path / "text.h5")
     from cryoptycho.daemon.batch import load_input
-    from cryoptycho.daemon.commands.replay import read_source
+    from cryoptycho.daemon.replay import read_source
 
     replayed = read_source(result)
     assert replayed.start.scan_id == "interop-1" and len(replayed.frames) == 36

@@ -377,7 +377,7 @@ def _dataset(path: Path, n: int = 40) -> Path:
 
 
 def test_replay_with_faults_delivers_what_the_hook_did_not_lose(ctx, tmp_path):
-    from cryoptycho.daemon.commands.replay import read_source, replay
+    from cryoptycho.daemon.replay import read_source, replay
 
     source = read_source(_dataset(tmp_path / "d.h5"), stream_positions=True)
     assert source.frames.dtype == np.uint8  # narrowest dtype that holds the counts
@@ -432,7 +432,7 @@ def test_replay_command_streams_a_file(ctx, tmp_path):
 
 def test_replay_refuses_other_files(tmp_path):
     import h5py
-    from cryoptycho.daemon.commands.replay import read_source
+    from cryoptycho.daemon.replay import read_source
 
     with h5py.File(tmp_path / "x.h5", "w") as f:
         f.attrs["format"] = "something-else"

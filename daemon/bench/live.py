@@ -46,8 +46,8 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
     """Stream ``data`` at ``rate`` frames/s to an in-process service; the live figures.
     ``on_ready(endpoints)`` runs once the service is bound, before the first frame (e.g. to
     attach viewers whose cost is measured)."""
-    from cryoptycho.daemon.commands.replay import ReplaySource, replay
     from cryoptycho.daemon.config import load_config
+    from cryoptycho.daemon.replay import ReplaySource, replay
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.messages import Metrics, Preview, Result, ScanEvent, ScanStart

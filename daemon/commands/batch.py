@@ -9,7 +9,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from .reconstruct import parse_set
+from ..overrides import parse_set
 
 #: How long a batch on a scheduler waits for its first worker before saying so (not forever).
 WORKER_WAIT_S = 60.0
@@ -44,11 +44,12 @@ def _gpus(ctx: click.Context, param: click.Parameter, value: str | None) -> list
 @click.option("--threads", is_flag=True, help="Local workers as threads of this process, not processes.")
 @click.option("--average", is_flag=True, help="Align and average all results into average.result.h5.")
 @click.option("--skip-existing", is_flag=True, help="Leave out inputs whose result file exists (resume).")
-@click.option("--export/--no-export", default=False, help="Also write phase MRC and PNG per result.")
+@click.option("--export/--no-export", default=None, help="Also write phase MRC and PNG per result (default: no).")
+@click.option("--formats", metavar="LIST", help="Outputs per result, e.g. h5,png (h5 always; default h5).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None, sets: tuple[str, ...],
             scheduler: str | None, gpus: list[int], gpu_flag: bool, workers: int, threads: bool,
-            average: bool, skip_existing: bool, export: bool, quiet: bool) -> None:
+            average: bool, skip_existing: bool, export: bool | None, formats: str | None, quiet: bool) -> None:
     """Reconstruct every INPUT (dataset or spool files, folders of them, or globs) in parallel.
 
     The same command runs on a laptop (local CPU workers), on a multi-GPU host (--gpus) and on a
@@ -68,7 +69,12 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
         run_batch,
         write_summary,
     )
+    from ..storage.outputs import formats_for
 
+    try:
+        chosen = formats_for(formats, export, export_default=False)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     overrides = _overrides(options_file, sets)
     output_dir = output_dir.resolve()  # the workers' working directories are not this one
     gpu = bool(gpus) or gpu_flag
@@ -109,7 +115,7 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
             if not result.ok:
                 bar.console.print(f"[red]failed[/red] {result.source}: {result.error.splitlines()[0]}")
 
-        reported = run_batch(client, jobs, overrides, gpu=gpu, export=export, on_done=done)
+        reported = run_batch(client, jobs, overrides, gpu=gpu, formats=chosen, on_done=done)
         results = confirm_outputs(reported)
         for before, after in zip(reported, results, strict=True):
             if before.ok and not after.ok:
@@ -119,7 +125,7 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
             good = sorted(r.output for r in results if r.ok)
             try:
                 summary_avg = client.submit(average_results, good, str(output_dir / "average.result.h5"),
-                                            pure=False).result()
+                                            chosen, pure=False).result()
             except ValueError as exc:
                 summary_avg = {"error": str(exc)}
                 bar.console.print(f"[red]average failed[/red]: {exc}")

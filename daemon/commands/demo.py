@@ -31,7 +31,7 @@ from rich.table import Table
 
 
 def _stream(source: Any, endpoint: str, control: str, rate: float, errors: list[Exception]) -> None:
-    from cryoptycho.daemon.commands.replay import replay
+    from cryoptycho.daemon.replay import replay
     from cryoptycho.protocols.producer import Producer
 
     try:
@@ -73,7 +73,7 @@ def _progress_table(state: dict[str, Any], total: int) -> Table:
 def command(out: Path, sample: str, dose: float, probe: str, rate: float, refine_s: float, refine_probe: bool,
             seed: int) -> None:
     """Simulate a low-dose scan, reconstruct it live, and report its resolution."""
-    from cryoptycho.daemon.commands.replay import ReplaySource
+    from cryoptycho.daemon.replay import ReplaySource
     from cryoptycho.daemon.storage.dataset import write_dataset
     from cryoptycho.gpu.sim.ptycho import simulate_ptychography
     from cryoptycho.protocols.messages import ProbeModelSpec, Result, ScanEvent, ScanStart
@@ -182,7 +182,7 @@ def summary_lines(report: dict[str, Any], sample: str, dose: float) -> list[str]
 def _report(out: Path, data: Any, result: Any, state: dict[str, Any], elapsed: float, dose: float,
             seed: int) -> dict[str, Any]:
     """Score the live result against the ground truth: FRC plot, phase images, JSON report."""
-    from cryoptycho.daemon.commands.evaluate import plot_frc
+    from cryoptycho.daemon.plots import plot_frc
     from cryoptycho.gpu.sim.evaluation import evaluate_against_truth, quantum_limit
 
     ev = evaluate_against_truth(np.asarray(result.object), result.origin_m, data.truth_object,
@@ -193,9 +193,8 @@ def _report(out: Path, data: Any, result: Any, state: dict[str, Any], elapsed: f
                           np.asarray(data.positions), dose, seed=seed, pool=ev.pool)
     compare_png = _compare_figure(out / "phase_vs_truth.png", np.asarray(result.object), result.origin_m, data,
                                   dose, seed, limit.lowpass_px)
-    files = {"result (HDF5)": result.files.get("result", ""), "phase (MRC)": "", "phase (PNG)": ""}
-    stem = Path(files["result (HDF5)"]).with_suffix("")
-    files["phase (MRC)"], files["phase (PNG)"] = f"{stem}.mrc", f"{stem}.png"
+    labels = {"result": "result (HDF5)", "phase_mrc": "phase (MRC)", "phase_png": "phase (PNG)"}
+    files = {labels.get(kind, kind): str(path) for kind, path in result.files.items()}
     files.update({"phase vs truth": str(compare_png), "FRC plot": str(frc_png),
                   "report (JSON)": str(out / "report.json"), "dataset (HDF5)": str(out / "dataset.h5")})
     prefix = "particle/pooled/"

@@ -4,8 +4,8 @@ DATASET.h5 is any recorded scan: a dataset, a daemon spool file or a result file
 frames), read through storage/open.py. Options are layered: defaults < the scan's own
 overrides (spool and result files) < ``--options file.json`` < the named flags < ``--set key=value``
 (values parsed as JSON when they parse, else taken as strings; ``stream.batch_size=32`` sets a
-nested field). The result is written with :func:`write_result`, plus phase exports
-(RESULT.phase.mrc / .png) unless ``--no-export``.
+nested field). The result is written with ``save_outputs``, plus phase exports
+(RESULT.phase.mrc / .png, named by ``storage/outputs.py``) unless ``--no-export``.
 """
 
 from __future__ import annotations
@@ -15,31 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryoptycho.daemon.overrides import parse_set
 from cryoptycho.gpu.backend import BackendUnavailable
 from cryoptycho.gpu.options import ReconOptions
 from pydantic import ValidationError
-
-
-def parse_set(items: tuple[str, ...]) -> dict[str, Any]:
-    """``("mu0=0.05", "stream.batch_size=32")`` → nested override dict."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise click.BadParameter(f"expected key=value, got {item!r}", param_hint="--set")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise click.BadParameter(f"{key!r} nests under a non-section", param_hint="--set")
-        node[parts[-1]] = value
-    return out
 
 
 def build_options(
@@ -91,16 +70,17 @@ def build_options(
 @click.option("--init", type=click.Choice(["random", "spectral", "ones"]))
 @click.option("--time-budget", "time_budget_s", type=float, help="Stop after this many seconds.")
 @click.option("--seed", type=int)
-@click.option("--export/--no-export", default=True, help="Also write phase MRC and PNG.")
+@click.option("--export/--no-export", default=None, help="Also write phase MRC and PNG (default: yes).")
+@click.option("--formats", metavar="LIST", help="Outputs to write, e.g. h5,png (h5 always; default h5,mrc,png).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def command(
     dataset: Path, output: Path, options_file: Path | None, sets: tuple[str, ...],
-    export: bool, quiet: bool, **flags: Any,
+    export: bool | None, formats: str | None, quiet: bool, **flags: Any,
 ) -> None:
     """Reconstruct DATASET.h5 (a cryoptycho dataset, spool or result file) into a result file."""
     # Imported here, not at module level, so that `cryoptycho --help` stays fast.
     from cryoptycho.daemon.storage.open import open_recorded
-    from cryoptycho.daemon.storage.result import export_phase, write_result
+    from cryoptycho.daemon.storage.outputs import formats_for, save_outputs, stem_of
     from cryoptycho.gpu.reconstruct import reconstruct
     from rich.progress import (
         BarColumn,
@@ -110,6 +90,10 @@ def command(
         TimeElapsedColumn,
     )
 
+    try:
+        chosen = formats_for(formats, export, export_default=True)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         recorded = open_recorded(dataset)
     except (ValueError, OSError) as exc:
@@ -132,10 +116,7 @@ def command(
             state = reconstruct(data, options, progress=progress)
         except (ValueError, FloatingPointError, BackendUnavailable) as exc:
             raise click.ClickException(f"reconstruction failed: {exc}") from exc
-    write_result(output, state, data)
-    written = [output]
-    if export:
-        written += export_phase(state, output.with_suffix("").with_name(output.stem + ".phase"))
+    written = save_outputs(stem_of(output), state, data, formats=chosen).values()
     final = f"{state.loss_values[-1]:.6g}" if state.loss_values else "n/a"
     probe = "refined" if state.options.get("refine_probe") else "fixed"
     if options.refine_probe == "auto":

@@ -25,8 +25,7 @@ Layout:
     /extra                 optional: caller's arrays (datasets) and scalars (attrs)
     /raw                   optional: written by the caller's ``raw`` hook (e.g. NXcxi_ptycho)
 
-Phase exports (:func:`export_phase`): MRC (float32, voxel size in Å) and 8-bit PNG of the phase
-with the mean (ice) phase removed.
+The phase exports (MRC, PNG) beside it are written by ``storage/outputs.py: save_outputs``.
 """
 
 from __future__ import annotations
@@ -233,22 +232,3 @@ def centred_phase(obj: Any) -> np.ndarray:
     t = np.asarray(obj)
     return np.angle(t * np.exp(-1j * np.angle(t.mean()))).astype(np.float32)
 
-
-def export_phase(state: ReconState, stem: str | Path) -> list[Path]:
-    """Write ``stem``.mrc (phase in rad, voxel size in Å) and ``stem``.png (8-bit, 0.5–99.5 %
-    percentile stretch) of the mean-removed phase; returns the paths."""
-    import mrcfile  # only the exports need it: keep the module import light
-    from PIL import Image
-
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    phase = centred_phase(state.snapshot().object)
-    mrc_path = Path(f"{stem}.mrc")
-    with mrcfile.new(mrc_path, overwrite=True) as mrc:
-        mrc.set_data(phase)
-        mrc.voxel_size = state.geometry.pixel_size * 1e10
-    lo, hi = np.percentile(phase, [0.5, 99.5])
-    scaled = np.clip((phase - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    png_path = Path(f"{stem}.png")
-    Image.fromarray((scaled * 255).round().astype(np.uint8)).save(png_path)
-    return [mrc_path, png_path]

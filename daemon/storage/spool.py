@@ -56,7 +56,7 @@ log = logging.getLogger("cryoptycho.spool")
 FORMAT = "cryoptycho-spool"
 FORMAT_VERSION = 1
 SUFFIX = ".spool.h5"
-#: bytes of a file stem: a file name holds 255 bytes, and ".spool.h5" / ".h5" / ".mrc" / ".png"
+#: bytes of a file stem: a file name holds 255 bytes, and ".spool.h5" / ".h5" / ".phase.mrc" / ".phase.png"
 #: must still fit behind it
 MAX_STEM = 200
 _HASH_HEX = 32  # 128 bits of SHA-256: no two scan ids share a stem in practice
