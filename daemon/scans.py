@@ -201,6 +201,8 @@ class ScanManager:
 
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
             spool.append(frames, indices, positions, binned=binned, raw=raw)
+            with session.lock:
+                session.ledger.stored(n)
             self.metrics.frames_received.inc(n)
             self.metrics.last_frame.set(time.time())
             if worker is not None:
@@ -488,7 +490,7 @@ class ScanManager:
         spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync)
         spool.set_status("ended")
         reopened = Session(spec, need)
-        reopened.ledger.admit(contents.indices)
+        reopened.ledger.stored(int(reopened.ledger.admit(contents.indices).sum()))
         reopened.ended, reopened.end_reason = True, "finish_scan"
         del self.sessions[session.scan_id]  # the stopped record is replaced by the live one
         while session.scan_id in self.waiting:  # stopped while waiting: admit() had not dropped it
@@ -549,7 +551,7 @@ class ScanManager:
                                            "message": f"{path}: {exc}", "scan_id": None})
                 continue
             session = Session(spec, need, recovered=True)
-            session.ledger.admit(contents.indices)
+            session.ledger.stored(int(session.ledger.admit(contents.indices).sum()))
             session.ended = contents.status == "ended"
             self._register(session, spool)
             recovered.append(spec.scan_id)

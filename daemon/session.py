@@ -79,7 +79,11 @@ class ScanSpec:
 
 
 class FrameLedger:
-    """Which frame indices have arrived: detects duplicates, reordering and (at the end) gaps."""
+    """Which frame indices have arrived: detects duplicates, reordering and (at the end) gaps.
+
+    ``received`` counts frames once they are durable (:meth:`stored`, called after the spool
+    write), not when :meth:`admit` lets them in: a status or receipt never reports a frame a
+    crash could still lose."""
 
     def __init__(self, expected: int | None = None) -> None:
         self._seen = np.zeros(max(expected or 0, 1024), dtype=bool)
@@ -108,13 +112,16 @@ class FrameLedger:
         self.duplicates += int(idx.size - keep.sum())
         kept = idx[keep]
         self._seen[kept] = True
-        self.received += int(kept.size)
         # a kept index below the highest seen so far arrived out of order
         running = np.maximum.accumulate(np.concatenate([[self.highest], kept]))[:-1]
         self.reordered += int((kept < running).sum())
         if kept.size:
             self.highest = max(self.highest, int(kept.max()))
         return keep
+
+    def stored(self, n: int) -> None:
+        """``n`` admitted frames are on disk: they count as received."""
+        self.received += int(n)
 
     @property
     def gaps(self) -> int:

@@ -65,6 +65,8 @@ def test_ledger_counts_duplicates_reordering_and_gaps():
     assert keep.tolist() == [True, True, True, False]
     assert ledger.admit(np.array([5, 3, 1])).tolist() == [True, True, False]
     assert ledger.admit(np.array([2000])).tolist() == [True]  # beyond the table: it grows
+    assert ledger.as_dict()["received"] == 0  # admitted, not yet on disk: not received
+    ledger.stored(6)
     d = ledger.as_dict()
     assert d == {"received": 6, "duplicates": 2, "reordered": 1, "gaps": 5, "highest_index": 2000}
     assert ledger.missing() == [4, 6, 7, 8, 9]
