@@ -187,9 +187,9 @@ def test_success_is_claimed_only_for_results_visible_to_the_client(tmp_path: Pat
     from cryoptycho.daemon import batch
 
     elsewhere = tmp_path / "worker-local-disk"
-    real_write = batch.write_result
-    monkeypatch.setattr(batch, "write_result",
-                        lambda path, *a, **k: real_write(elsewhere / Path(path).name, *a, **k))
+    real_save = batch.save_outputs
+    monkeypatch.setattr(batch, "save_outputs",
+                        lambda stem, *a, **k: real_save(elsewhere / Path(stem).name, *a, **k))
     tiny(tmp_path / "p.h5", 7)
     result = CliRunner().invoke(batch_command, [str(tmp_path / "p.h5"), "-o", str(tmp_path / "out"),
                                                 "--threads", "--set", "iterations=2", "-q"])
