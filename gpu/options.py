@@ -122,7 +122,7 @@ class ReconOptions(_Strict):
     probe_refine_min_counts: float = Field(PROBE_REFINE_MIN_COUNTS, gt=0)
     """Mean counts per pattern from which ``refine_probe="auto"`` refines the probe. Measured
     with the engine defaults (100 CG, Tikhonov μ₀ = 0.03, probe from iteration 10;
-    tests/probe_refine_measure.py, ENGINE.md) at 300–10⁶ counts, from the exact probe and from
+    tests/measure/probe_refine_measure.py, ENGINE.md) at 300–10⁶ counts, from the exact probe and from
     one 15–30 nm out of focus: refinement never beat the fixed probe — it fits shot noise below
     ≈ 3·10³ counts (hemoglobin, 64×64 frames: phase correlation 0.37 → 0.20 at 300 counts, probe
     overlap 0.48) and costs up to 0.15 of phase correlation above, even at 10⁶ counts where the

@@ -1,10 +1,10 @@
 """Why joint probe refinement loses (gpu/ENGINE.md, "Why joint probe refinement loses"). Not a test:
 
-    python tests/probe_gauge_measure.py [--counts 1e5] [--seeds 0,1] [--iterations 100]
+    python tests/measure/probe_gauge_measure.py [--counts 1e5] [--seeds 0,1] [--iterations 100]
         [--truncation poisson-floor|none|...] [--probe-only]
 
 The engine tests' synthetic weak-phase data (tests/engine_helpers.py, as in
-tests/probe_refine_measure.py), reconstructed with the probe fixed and refined, with the default
+tests/measure/probe_refine_measure.py), reconstructed with the probe fixed and refined, with the default
 prior (μ₀ = 0.03) and without (μ₀ = 0), on Poisson and on noiseless intensities, from the exact
 probe and from a 30 nm-defocused one. For each run: the final objective (data term + prior), the
 phase correlation and NRMSE as scored elsewhere, the same after removing the best-fitting phase
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # the other measure scripts
+sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/: engine_helpers
 from cryoptycho.gpu.backend import to_numpy
 from cryoptycho.gpu.cg import minimize
 from cryoptycho.gpu.metrics import fourier_shift, register_translation

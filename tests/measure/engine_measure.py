@@ -1,9 +1,9 @@
 """Measurements behind the engine defaults (not a test), on synthetic weak-phase objects with
 the same prior and the same iteration budget for every configuration:
 
-    python tests/engine_measure.py truncation [--doses 5,20,200] [--seeds 3] [--outliers 0]
-    python tests/engine_measure.py mu0 [--doses 5,20,200] [--seeds 3]
-    python tests/engine_measure.py prior [--doses 20] [--seeds 2]
+    python tests/measure/engine_measure.py truncation [--doses 5,20,200] [--seeds 3] [--outliers 0]
+    python tests/measure/engine_measure.py mu0 [--doses 5,20,200] [--seeds 3]
+    python tests/measure/engine_measure.py prior [--doses 20] [--seeds 2]
 
 Prints markdown tables: mean ± sd over seeds of the FRC resolution at thresholds 0.5 and 0.143
 (cycles/pixel, larger = finer, pooled rings), the NRMSE and the phase correlation with the truth
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-# engine_helpers sits beside this script (tests/ is not a package).
-sys.path.insert(0, str(Path(__file__).parent))
+# engine_helpers sits in tests/, one level up (tests/ is not a package).
+sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/: engine_helpers
 from cryoptycho.gpu.reconstruct import reconstruct
 from engine_helpers import frc_resolution, nrmse, phase_corr, scored_region, synthetic_dataset
 

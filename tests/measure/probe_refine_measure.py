@@ -1,7 +1,7 @@
 """Where probe refinement starts to pay: the measurement behind ``probe_refine_min_counts``
 (gpu/options.py; gpu/ENGINE.md, "Probe refinement against counts per pattern"). Not a test:
 
-    python tests/probe_refine_measure.py [--data synthetic|hemoglobin] [--counts 300,1e3,...]
+    python tests/measure/probe_refine_measure.py [--data synthetic|hemoglobin] [--counts 300,1e3,...]
         [--seeds 0,1] [--defocus-errors 15e-9,30e-9] [--iterations 100]
 
 ENGINE.md's tables: the defaults (synthetic, ≈ 2 min on 2 shared cores), and
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-# engine_helpers / engine_measure sit beside this script (tests/ is not a package).
-sys.path.insert(0, str(Path(__file__).parent))
+# engine_helpers sits in tests/, one level up (tests/ is not a package).
+sys.path.insert(0, str(Path(__file__).parent.parent))
 from cryoptycho.gpu.backend import to_numpy
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.options import ReconOptions

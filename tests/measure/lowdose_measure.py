@@ -1,6 +1,6 @@
 """Measurements behind gpu/ENGINE.md, "Low-dose quality at 20 e⁻/Å²" (not a test: run by hand).
 
-    python tests/lowdose_measure.py [--seeds 0,1,2] [--dose 20] [--only quantum,fixed,refined,stream]
+    python tests/measure/lowdose_measure.py [--seeds 0,1,2] [--dose 20] [--only quantum,fixed,refined,stream]
 
 The demo's dataset (hemoglobin, 50 nm ice, randomized probe, 64×64 frames, 0.8 Å; noise seed
 varies, probe seed 0) reconstructed in the ways the demo and `bench paper` do, each scored by
