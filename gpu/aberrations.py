@@ -1,6 +1,6 @@
 """A parametric probe: the nominal probe with a few aberration coefficients refined from data.
 
-At low dose a free M×M probe has thousands of parameters and fits the shot noise (ENGINE.md,
+At low dose a free M×M probe has thousands of parameters and fits the shot noise (MEASUREMENTS.md,
 "Probe refinement against counts per pattern"). A probe error from lens settings is a handful
 of aberrations — defocus C10, two-fold astigmatism C12, coma C21, spherical aberration C30 —
 so the probe is written as
@@ -111,7 +111,7 @@ def search_aberrations(
     Why not the gradient at a held object (:func:`fit_aberrations`): a reconstructed object
     absorbs a probe error (hemoglobin at 20 e⁻/Å², 20 nm defocus error: the fit at the object
     reconstructed with the nominal probe stays within 0.3 nm of it, while at the true object it
-    finds 19.0 nm), yet the reduced objective still has its minimum near the true probe (ENGINE.md).
+    finds 19.0 nm), yet the reduced objective still has its minimum near the true probe (MEASUREMENTS.md).
     Each coordinate: the values at c − h, c, c + h, the parabola's vertex (within ±2h) tried
     as well, the best point kept; each round halves h. Returns (loss before, after, evaluations)."""
     x = model.scaled().copy()

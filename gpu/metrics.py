@@ -6,7 +6,7 @@ information curve  T(n_r) = (ε + (2√ε + 1)/√n_r) / (1 + ε + 2√ε/√n_r
 and the fixed 0.143 threshold. Resolutions are reported as the full period 1/q (metres) at the
 first crossing, linearly interpolated between rings.
 
-Low-dose scoring (measured in gpu/ENGINE.md, "Low-dose quality"): a raw ring's FRC is noisy
+Low-dose scoring (measured in gpu/MEASUREMENTS.md, "Low-dose quality"): a raw ring's FRC is noisy
 at < 1 count per pixel, so beside the raw curve we report a *pooled* one (each point the FRC of
 a band of adjacent rings, with the pooled pixel count in the threshold). Scores are computed on
 the phase after removing the mean ice phase, inside an apodised region.

@@ -87,7 +87,7 @@ class ReconOptions(_Strict):
     """Truncation rule of the likelihood gradient (gpu/likelihood.py). "poisson-floor" (drop a
     measurement only when its residual is large against both the current misfit and counting
     noise floored at one count) is the one rule never worse than none in our measurements
-    (ENGINE.md): identical to none at 5 and 20 e⁻/Å² (a lone electron is never dropped),
+    (MEASUREMENTS.md): identical to none at 5 and 20 e⁻/Å² (a lone electron is never dropped),
     and with 0.1 % unmasked outliers it keeps the clean-data quality (phase correlation
     0.41 vs 0.18 without truncation at 20 e⁻/Å²). The Chen–Candès rule lowered quality at
     every dose ≤ 200 e⁻/Å² without outliers."""
@@ -99,7 +99,7 @@ class ReconOptions(_Strict):
     mu0: float = Field(3e-2, ge=0)
     """Weight of the Tikhonov gradient prior (eq. 12), scaled by κ (gpu/priors.py). 0.03: on
     synthetic weak-phase objects the best of 4e-4…0.125 was ≈ 0.04 at 20 e⁻/Å² and ≈ 0.0125 at
-    200 e⁻/Å² (ENGINE.md); the low-dose regime decides the default."""
+    200 e⁻/Å² (MEASUREMENTS.md); the low-dose regime decides the default."""
     mu1: float = Field(8e-2, ge=0)
     """Weight of the sparse (denoiser) prior (eq. 13)."""
     denoiser: str = "bm3d"
@@ -118,11 +118,11 @@ class ReconOptions(_Strict):
     model is always refined (there is nothing to fix). Refinement fits shot noise at low dose:
     hemoglobin at 20 e⁻/Å² (340 counts) lost phase correlation from the exact probe
     (0.37 → 0.20) and from a 20 nm-defocused one (0.29 → 0.19); see ``probe_refine_min_counts``
-    for the measurements (ENGINE.md, "Probe refinement against counts per pattern")."""
+    for the measurements (MEASUREMENTS.md, "Probe refinement against counts per pattern")."""
     probe_refine_min_counts: float = Field(PROBE_REFINE_MIN_COUNTS, gt=0)
     """Mean counts per pattern from which ``refine_probe="auto"`` refines the probe. Measured
     with the engine defaults (100 CG, Tikhonov μ₀ = 0.03, probe from iteration 10;
-    tests/measure/probe_refine_measure.py, ENGINE.md) at 300–10⁶ counts, from the exact probe and from
+    tests/measure/probe_refine_measure.py, MEASUREMENTS.md) at 300–10⁶ counts, from the exact probe and from
     one 15–30 nm out of focus: refinement never beat the fixed probe — it fits shot noise below
     ≈ 3·10³ counts (hemoglobin, 64×64 frames: phase correlation 0.37 → 0.20 at 300 counts, probe
     overlap 0.48) and costs up to 0.15 of phase correlation above, even at 10⁶ counts where the
@@ -137,7 +137,7 @@ class ReconOptions(_Strict):
     distortion, jitter, drift). Off by default: on hemoglobin with the realistic preset it gained
     nothing at 20 e⁻/Å² (0.318 → 0.316 phase correlation; the 0.3 Å jitter is below a single
     position's Cramér–Rao bound of 0.8 Å there) and 0.564 → 0.586 at 200 e⁻/Å² (oracle 0.668;
-    ENGINE.md, "Realistic scans")."""
+    MEASUREMENTS.md, "Realistic scans")."""
     position_model: Literal["affine", "free"] = "affine"
     """"affine": the positions follow an affine map of the nominal scan plus residuals with a
     Gaussian prior of rms ``position_residual_px``; "free": every position on its own."""
@@ -174,7 +174,7 @@ class ReconOptions(_Strict):
     reconstruct with the probe found. Costs about 3 × (number of coefficients) × rounds short
     reconstructions. Off by default: with the realistic preset it recovers part of the probe
     error at 100 e⁻/Å² and none at 20 e⁻/Å², where the reduced objective is flat in the defocus
-    (ENGINE.md, "Realistic scans")."""
+    (MEASUREMENTS.md, "Realistic scans")."""
     aberration_search_iterations: int = Field(15, ge=1)
     aberration_search_step_rad: float = Field(2.0, gt=0)
     """First step of the search, radians of aberration phase at the edge of the probe's

@@ -11,7 +11,7 @@ with N_m the number of valid measurements, ȳ the mean count per valid measureme
 term's curvature per object pixel is the illumination, ≈ ‖y‖₁ / N_pix; the prior's is
 μ₀ κ · λ(DᴴD) with λ ∈ [0, 8]. Their ratio is μ₀ · λ · N_m / N_pix: μ₀ times the measurement
 redundancy N_m / N_pix (10²–10³ in ptychography), independent of the dose and the detector
-size. Measured on synthetic weak-phase objects (ENGINE.md), the best μ₀ is ≈ 0.01 at
+size. Measured on synthetic weak-phase objects (MEASUREMENTS.md), the best μ₀ is ≈ 0.01 at
 200 e⁻/Å², ≈ 0.04 at 20 e⁻/Å² and ≈ 0.04–0.1 at 5 e⁻/Å²: μ₀ ∈ [1e-2, 1e-1] is the useful range.
 (ptypy's ML engine uses the same form divided by 8, which moves that range to [0.1, 1].)
 """

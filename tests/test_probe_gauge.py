@@ -1,4 +1,4 @@
-"""The gauge behind "Why joint probe refinement loses" (gpu/ENGINE.md): a linear phase ramp moved
+"""The gauge behind "Why joint probe refinement loses" (gpu/MEASUREMENTS.md): a linear phase ramp moved
 from the probe to the object leaves every intensity unchanged, so a refined probe can leave the
 object tilted in phase, and scores of refined reconstructions must remove the ramp."""
 
@@ -50,7 +50,7 @@ def test_phase_ramp_moves_between_probe_and_object_at_no_cost(xp):
 
 def test_refined_probe_costs_only_a_phase_ramp_without_prior():
     """Noiseless data, no prior, refinement from the exact probe: the object is the truth up to a
-    phase ramp (ENGINE.md measured NRMSE 0.0150 raw, 0.0004 deramped after 100 CG on the
+    phase ramp (MEASUREMENTS.md measured NRMSE 0.0150 raw, 0.0004 deramped after 100 CG on the
     8×8 scan; the fixed probe gives 0.0001)."""
     data = synthetic_dataset(1e5, grid=6, seed=0, noiseless=True, radius_px=(2.5, 5.0))
     opts = ReconOptions(iterations=60, refine_probe=True, mu0=0.0, seed=0)

@@ -23,7 +23,7 @@ def test_bench_engine_json_figures():
     for name in ("evaluation", "cg_iteration", "cg_direct_iteration"):
         assert math.isfinite(full[f"{name}_s"]) and full[f"{name}_s"] > 0
         assert full[f"{name}_ratio"] == pytest.approx(full[f"{name}_s"] / full["fft_pair_s"])
-    # the line model keeps its trial-step arrays: it buys fewer FFTs with memory (ENGINE.md:
+    # the line model keeps its trial-step arrays: it buys fewer FFTs with memory (gpu/MEASUREMENTS.md, "Speed":
     # 22.1× raw with it, 9.1× without); tracemalloc counts bytes, so this is no timing figure
     assert full["refine_peak_over_raw"] > full["refine_direct_peak_over_raw"] > 1.0
     for size in ("64", "128"):

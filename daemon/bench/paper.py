@@ -12,7 +12,7 @@ pooled-ring curve beside it (stable at low dose). Averaging: 2 × N datasets at 
 Beside each dose the table gives the *quantum limit*: an ideal Zernike phase-contrast image at
 the same dose (every surviving electron, no aberrations, DQE 1), scored the same way
 (:func:`cryoptycho.gpu.sim.evaluation.quantum_limit`) — what any linear phase measurement of
-this specimen can reach. Read the paper's figures against it (gpu/ENGINE.md, "Low-dose quality").
+this specimen can reach. Read the paper's figures against it (gpu/MEASUREMENTS.md, "Low-dose quality").
 
 ``--quick``: hemoglobin at 5 and 20 e⁻/Å², 2 × 3 datasets averaged, 40 iterations (20 stopped
 short: phase correlation 0.355 → 0.376 at 40, 0.377 at 100 on the demo dataset) — a few minutes
@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 PAPER_PTYCHO = {"hemoglobin": {5: 12.0, 20: 8.9}, "proteasome": {5: 10.9, 20: 9.1}, "ribosome": {5: 10.3, 20: 5.4}}
 PAPER_PHASE_PLATE = {"hemoglobin": {20: 8.7}, "ribosome": {20: 5.1}}
 PAPER_AVERAGED = {"hemoglobin": 3.4, "proteasome": 3.1, "ribosome": 2.9}
-#: options of the "refined" column of ``--realistic`` (gpu/ENGINE.md, "Realistic experiments")
+#: options of the "refined" column of ``--realistic`` (gpu/MEASUREMENTS.md, "Realistic scans")
 REFINEMENT = {"refine_positions": True, "aberration_search": True, "aberrations": ["C10"],
               "aberration_search_iterations": 30, "aberration_search_rounds": 2}
 

@@ -8,7 +8,7 @@ and writes the final images and an FRC report against the ground truth.
 The simulation's probe is known exactly, so the demo reconstructs with it fixed: at 20 e⁻/Å²
 (≈ 340 counts per pattern) refining the probe fits the shot noise — the exact probe's overlap
 with the truth fell from 1.00 to 0.40 and the phase correlation from 0.38 to 0.09
-(gpu/ENGINE.md, "Low-dose quality at 20 e⁻/Å²"). ``--refine-probe`` shows that effect. The report
+(gpu/MEASUREMENTS.md, "Low-dose quality at 20 e⁻/Å²"). ``--refine-probe`` shows that effect. The report
 sets the figures beside the quantum limit: an ideal phase-contrast image at the same dose,
 scored the same way.
 """

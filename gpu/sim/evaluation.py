@@ -18,7 +18,7 @@ would be interpolated (or extrapolated) from ring 0, the DC term, into a meaning
 :func:`quantum_limit` scores the ideal linear phase measurement at the same dose — a perfect
 Zernike phase-contrast image (every electron that survives the ice, transfer 2φ at every
 frequency, no aberrations, DQE 1) — in exactly the same way, so that a reconstruction's figures
-can be read against what the dose allows for this specimen (gpu/ENGINE.md, "Low-dose quality").
+can be read against what the dose allows for this specimen (gpu/MEASUREMENTS.md, "Low-dose quality").
 """
 
 from __future__ import annotations

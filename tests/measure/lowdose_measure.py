@@ -1,4 +1,4 @@
-"""Measurements behind gpu/ENGINE.md, "Low-dose quality at 20 e⁻/Å²" (not a test: run by hand).
+"""Measurements behind gpu/MEASUREMENTS.md, "Low-dose quality at 20 e⁻/Å²" (not a test: run by hand).
 
     python tests/measure/lowdose_measure.py [--seeds 0,1,2] [--dose 20] [--only quantum,fixed,refined,stream]
 

@@ -1,4 +1,4 @@
-"""Why joint probe refinement loses (gpu/ENGINE.md, "Why joint probe refinement loses"). Not a test:
+"""Why joint probe refinement loses (gpu/MEASUREMENTS.md, "Why joint probe refinement loses"). Not a test:
 
     python tests/measure/probe_gauge_measure.py [--counts 1e5] [--seeds 0,1] [--iterations 100]
         [--truncation poisson-floor|none|...] [--probe-only]

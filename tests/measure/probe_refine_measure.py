@@ -1,10 +1,10 @@
 """Where probe refinement starts to pay: the measurement behind ``probe_refine_min_counts``
-(gpu/options.py; gpu/ENGINE.md, "Probe refinement against counts per pattern"). Not a test:
+(gpu/options.py; gpu/MEASUREMENTS.md, "Probe refinement against counts per pattern"). Not a test:
 
     python tests/measure/probe_refine_measure.py [--data synthetic|hemoglobin] [--counts 300,1e3,...]
         [--seeds 0,1] [--defocus-errors 15e-9,30e-9] [--iterations 100]
 
-ENGINE.md's tables: the defaults (synthetic, ≈ 2 min on 2 shared cores), and
+gpu/MEASUREMENTS.md's tables: the defaults (synthetic, ≈ 2 min on 2 shared cores), and
 ``--data hemoglobin --seeds 0,1 --defocus-errors 20e-9`` (≈ 15 s a run, ≈ 16 min).
 
 For each dataset, mean counts per pattern and start probe — (a) the exact probe, (b) the exact
