@@ -1,27 +1,5 @@
-"""The cryoptycho dataset file (HDF5), documented in README.md § "Dataset file".
-
-Layout (all SI units; names carry their unit):
-
-    /                      attrs: format = "cryoptycho-dataset", format_version = 1
-    /frames                (K, M, M) counts, detector order (zero frequency at [M//2, M//2]),
-                           integer or float32; bitshuffle-LZ4 compressed
-    /positions_m           (K, 2) float64, (y, x) of the probe centre in the sample frame
-    /energy_eV             scalar
-    /pixel_size_m          scalar real-space pixel size   } exactly one of the two
-    /detector_pixel_angle_rad  scalar                     }
-    /mask                  (M, M) uint8, 1 = valid pixel (optional; default all valid)
-    /probe                 (M, M) complex64, sample-plane probe, centred, Σ|ψ|² = counts/pattern
-                           (optional; else /probe_model)
-    /probe_model           group with attrs kind, semiangle_rad, defocus_m, cs_m, zones,
-                           diameter_m, seed (optional)
-    /truth/object          (Ny, Nx) complex64 ground truth (simulations), attr origin_m = (y, x)
-    /truth/probe           (M, M) complex64 ground truth probe
-    /truth/positions_m     (K, 2) float64 true probe centres when /positions_m are nominal
-                           (a realistic simulation: scan distortion, jitter, drift)
-    /metadata              attr json = free metadata as a JSON string
-    /nav_shape             (ny, nx) int64 raster grid (rows, positions per row) when the positions
-                           are a raster: LiberTEM's nav_shape, py4DSTEM's scan shape (R_Nx, R_Ny);
-                           attr serpentine (odd rows reversed). Absent for other scans.
+"""The cryoptycho dataset file (HDF5). Its layout (every path, units, what is optional) has one
+reference, daemon/storage/FORMATS.md § "Dataset file": change it there with this module.
 
 Reading /frames with plain h5py needs ``import hdf5plugin`` first (the bitshuffle-LZ4 filter).
 """

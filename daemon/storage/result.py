@@ -1,29 +1,8 @@
 """The reconstruction result file (HDF5): a ptychodus product file (``ptychodus.api.io.
 load_product`` reads it, checked in tests/test_interop_files.py) with cryoptycho's additions.
 
-Layout:
-
-    /                      attrs: format = "cryoptycho-result", format_version = 1,
-                           electron_energy_eV (the beam), probe_energy_eV (the same; older name),
-                           photon_energy_eV (hc/λ of the electrons: ptychodus, an X-ray tool,
-                           derives λ from it), detector_object_distance_m (the camera length,
-                           or the equivalent detector's, see h5format.detector_geometry), name,
-                           iteration, frames_used, options (JSON string),
-                           cryoptycho_version, backend, created_utc, host
-    /object                (Ny, Nx) complex64 transmission function; attrs pixel_width_m,
-                           pixel_height_m, center_x_m, center_y_m (of the array centre),
-                           origin_m = (y, x) of pixel (0, 0)
-    /probe                 (M, M) complex64 sample-plane probe, Σ|ψ|² = counts per pattern;
-                           attrs pixel_width_m, pixel_height_m
-    /probe_position_x_m, /probe_position_y_m   (K,) probe centres of the frames used
-    /probe_position_indexes                    (K,) their frame indices (0…K-1 unless the raw
-                                               part says which frames they were)
-    /nav_shape             (ny, nx) raster grid, when the scan was a raster (h5format)
-    /nominal_probe_position_x_m, /nominal_probe_position_y_m   (K,) the nominal centres, present
-                           when the positions above were refined from the data
-    /loss_epochs, /loss_values                 (n,) iteration number and objective value
-    /extra                 optional: caller's arrays (datasets) and scalars (attrs)
-    /raw                   optional: written by the caller's ``raw`` hook (e.g. NXcxi_ptycho)
+Layout (every dataset and attribute): daemon/storage/FORMATS.md § "Result file", the one reference;
+change it there with this module.
 
 The phase exports (MRC, PNG) beside it are written by ``storage/outputs.py: save_outputs``.
 """

@@ -1,24 +1,8 @@
 """The spool: every received frame on disk before it counts as received.
 
 One HDF5 file per scan, ``<spool_dir>/<scan_id>.spool.h5``, whose raw part follows the
-NXcxi_ptycho / CXI layout, so a spool file is also a valid raw-data file:
-
-    /                                   attrs format="cryoptycho-spool", format_version, scan_id,
-                                        status ∈ {open, ended, finished, aborted, failed}
-    /scan                               attrs json = the scan description (ScanSpec without arrays)
-    /scan/probe  /scan/mask  /scan/positions_declared_m          (when given)
-    /nav_shape                          (ny, nx) when the scan is a declared raster
-    /entry_1                            NXentry, definition = NXcxi_ptycho (h5format.NxcxiEntry:
-                                        validated by nxvalidate, read by ptychodus' CXI reader)
-    /entry_1/data_1/data                (K, M, M) frames, wire dtype, bitshuffle-LZ4, resizable
-    /entry_1/data_1/frame_index         (K,) int64, the producer's frame indices
-    /entry_1/data_1/positions_m         (K, 2) float64 (y, x) probe centres
-    /entry_1/data_1/detector_frames     (K, H, W) unbinned frames of a detector source (DECTRIS),
-                                        one bitshuffle-LZ4 chunk per frame, as the detector sent it
-    /entry_1/sample_1/geometry_1/translation   (K, 3) float64 (x, y, z) m, CXI order
-    /entry_1/instrument_1/detector_1/data      hard link to /entry_1/data_1/data
-    /entry_1/instrument_1/detector_1/{x,y}_pixel_size, distance   the detector (or an equivalent)
-    /entry_1/instrument_1/source_1/energy      J (CXI unit; photon energy of the electrons' λ)
+NXcxi_ptycho / CXI layout, so a spool file is also a valid raw-data file. Layout: daemon/storage/
+FORMATS.md § "Spool file", the one reference; change it there with this module.
 
 ``/entry_1/data_1`` attr ``count`` is written *after* the rows and before the flush: a crash
 mid-append leaves the previous count, so a reader never sees a half-written frame.
