@@ -135,16 +135,28 @@ def illuminated_pixels(probe: Any, batch: Batch, threshold: float = 0.01) -> int
     return int(host_floats(xp.count_nonzero(illum > top))[0])
 
 
-def problem_kappa(counts_fft: Any, mask: Any | None, probe: Any, batch: Batch) -> float:
+def _count_stats(counts_fft: Any, mask: Any | None, probe: Any, batch: Batch) -> tuple[int, float, int]:
+    """(valid measurements, total valid counts, illuminated object pixels)."""
     k, m1, m2 = counts_fft.shape
     total, valid = host_floats(
         (counts_fft if mask is None else counts_fft * mask).sum(dtype=np.float64),
         m1 * m2 if mask is None else mask.sum(),
     )
-    n_m = k * int(valid)
     if total <= 0:
         raise ValueError("the dataset holds no counts in valid pixels: nothing to reconstruct")
-    return kappa_of(n_m, total / n_m, illuminated_pixels(probe, batch))
+    return k * int(valid), total, illuminated_pixels(probe, batch)
+
+
+def problem_kappa(counts_fft: Any, mask: Any | None, probe: Any, batch: Batch) -> float:
+    n_m, total, lit = _count_stats(counts_fft, mask, probe, batch)
+    return kappa_of(n_m, total / n_m, lit)
+
+
+def counts_per_object_pixel(counts_fft: Any, mask: Any | None, probe: Any, batch: Batch) -> float:
+    """Detected electrons per illuminated object pixel, ‖y‖₁ / N_pix: the dose as the data
+    see it, which ``mu0="auto"`` turns into μ₀ (``priors.auto_mu0``)."""
+    _, total, lit = _count_stats(counts_fft, mask, probe, batch)
+    return total / max(lit, 1)
 
 
 def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = None) -> Problem:
@@ -329,6 +341,8 @@ def refine_full_batch(
     if counts_fft.shape[1:] != probe.shape:
         raise ValueError(f"frame shape {counts_fft.shape[1:]} does not match probe {probe.shape}")
     power = host_floats((abs(probe) ** 2).sum())[0] if probe_power is None else float(probe_power)
+    if opts.mu0 == "auto":
+        opts = opts.with_mu0_decision(counts_per_object_pixel(counts_fft, mask, probe, batch))
     kap = problem_kappa(counts_fft, mask, probe, batch) if kappa is None else float(kappa)
     if opts.prior == "sparse" and sparse is None:
         sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
@@ -517,6 +531,9 @@ def reconstruct(
     has_probe = data.probe is not None or data.probe_model is not None
     opts = problem.options.with_probe_decision(
         measured_probe_power(problem.counts_fft, problem.mask), has_probe)
+    if opts.mu0 == "auto":
+        opts = opts.with_mu0_decision(
+            counts_per_object_pixel(problem.counts_fft, problem.mask, problem.probe, problem.batch))
     if opts.aberration_search:
         problem = _search_aberrations(problem, opts)
     positions = problem.positions
@@ -547,6 +564,7 @@ __all__ = [
     "AMPLITUDE_NLL_SCALE",
     "FullBatchObjective",
     "Problem",
+    "counts_per_object_pixel",
     "fix_phase_ramp",
     "illuminated_pixels",
     "measured_probe_power",

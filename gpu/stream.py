@@ -135,6 +135,7 @@ class StreamingReconstructor:
         self._steps_since_refresh = 0
         self._next_fresh = 0  # frames [0, _next_fresh) have been drawn at least once
         self._valid_counts = 0.0  # Σ counts over valid pixels of all frames received
+        self._mu0_decision: tuple[int, ReconOptions] | None = None  # (frames, options) of mu0 "auto"
         self._iteration = 0
         self._visits = 0  # frame visits by mini-batch steps, all frames together
         self._loss_history: list[float] = []
@@ -384,11 +385,23 @@ class StreamingReconstructor:
         floor = self.options.stream.illumination_floor * dev_float(self._illum.max())
         return batch_illum / (self._illum + scalar_as(floor, self._rdtype))
 
+    def _prior_options(self) -> ReconOptions:
+        """The options with mu0 "auto" decided from the frames received so far; decided again
+        whenever the scan has grown by 10 % (one host read each time)."""
+        if self.options.mu0 != "auto" or self.options.prior != "tikhonov":
+            return self.options
+        if self._mu0_decision is None or self.n_frames >= 1.1 * self._mu0_decision[0]:
+            top = scalar_as(0.01 * dev_float(self._illum.max()), self._rdtype)
+            (lit,) = host_floats(self.xp.count_nonzero(self._illum > top))
+            decided = self.options.with_mu0_decision(max(self._valid_counts, 1e-12) / max(lit, 1.0))
+            self._mu0_decision = (self.n_frames, decided)
+        return self._mu0_decision[1]
+
     def _prior_curvature(self, kappa: float) -> float:
         """Mean curvature of the prior per object pixel (Tikhonov: 4 μ₀κ, the mean eigenvalue
         of the discrete Laplacian; sparse: μ₁κ), added to the step's normaliser as CG's
         preconditioner does, so a strong prior cannot make the step unstable."""
-        opts = self.options
+        opts = self._prior_options()
         if opts.prior == "tikhonov":
             return 4.0 * opts.mu0 * kappa
         if opts.prior == "sparse":
@@ -396,7 +409,7 @@ class StreamingReconstructor:
         return 0.0
 
     def _prior_grad(self, kappa: float) -> Any:
-        opts = self.options
+        opts = self._prior_options()
         if opts.prior == "sparse" and self._sparse is None:
             self._sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
         # The sparse prior's denoiser runs every `denoise_every` *sweeps* of the data, not
@@ -432,11 +445,14 @@ class StreamingReconstructor:
         return self._probe_decision
 
     def decided_options(self) -> ReconOptions:
-        """The options with refine_probe "auto" replaced by its decision once made (what
-        snapshots save)."""
-        if self.options.refine_probe == "auto" and self._probe_decision is not None:
-            return self.options.model_copy(update={"refine_probe": self._probe_decision})
-        return self.options
+        """The options with refine_probe and mu0 "auto" replaced by their decisions once made
+        (what snapshots save)."""
+        opts = self.options
+        if opts.mu0 == "auto" and self._mu0_decision is not None:
+            opts = opts.model_copy(update={"mu0": self._mu0_decision[1].mu0})
+        if opts.refine_probe == "auto" and self._probe_decision is not None:
+            return opts.model_copy(update={"refine_probe": self._probe_decision})
+        return opts
 
     def probe_power(self) -> float:
         """Σ|ψ|² the measured data ask for: mean counts per pattern on the valid pixels,
