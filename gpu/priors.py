@@ -58,9 +58,14 @@ MU0_AUTO_EXPONENT = 0.85
 MU0_AUTO_RANGE = (1e-3, 0.1)
 
 
-def auto_mu0(counts_per_pixel: float) -> float:
+def auto_mu0(counts_per_pixel: Any) -> Any:
     """μ₀ for data of ``counts_per_pixel`` detected electrons per illuminated object pixel
-    (the law of ``MU0_AUTO_*`` above)."""
+    (the law of ``MU0_AUTO_*`` above). A device scalar gives a device scalar (no read-back:
+    the live engine decides at every step), the count floored at 1e-12."""
+    if on_device(counts_per_pixel):
+        xp = array_module(counts_per_pixel)
+        ratio = xp.maximum(counts_per_pixel, 1e-12) / MU0_AUTO_COUNTS_REF
+        return xp.clip(MU0_AUTO_REF * ratio**-MU0_AUTO_EXPONENT, *MU0_AUTO_RANGE)
     if not math.isfinite(counts_per_pixel) or counts_per_pixel <= 0:
         raise ValueError(f"counts per object pixel must be a positive number, got {counts_per_pixel!r}")
     mu0 = MU0_AUTO_REF * (counts_per_pixel / MU0_AUTO_COUNTS_REF) ** -MU0_AUTO_EXPONENT

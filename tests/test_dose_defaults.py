@@ -109,3 +109,34 @@ def test_streaming_engine_decides_live_and_saves_the_number() -> None:
     state = engine.snapshot()
     assert isinstance(state.options["mu0"], float)
     assert np.isfinite(to_numpy(state.object)).all()
+
+
+def _stalling_minimize(monkeypatch, seen: list[float]):  # type: ignore[no-untyped-def]
+    """reconstruct.minimize as CG behaves when the truncation rule's discontinuities stop it:
+    a few real iterations, then "no_descent"."""
+    from cryoptycho.gpu import reconstruct as rc
+
+    real = rc.minimize
+
+    def stalls(fun, x, max_iter, *args, **kw):  # type: ignore[no-untyped-def]
+        seen.append(fun.options.alpha_h)
+        res = real(fun, x, min(max_iter, 3), *args, **kw)
+        res.stopped = "no_descent"
+        return res
+
+    monkeypatch.setattr(rc, "minimize", stalls)
+
+
+def test_cg_stalled_by_truncation_goes_on_with_a_wider_threshold(monkeypatch) -> None:
+    """Item 5 of issue 14: on a ribosome at 20 e⁻/Å², CG stopped after 38 iterations because a
+    measurement flipping between dropped and kept made every trial step look uphill; the
+    refinement widens α_h (×2, at most twice) and continues instead of stopping."""
+    data = synthetic_dataset(300.0, grid=5, seed=1)
+    seen: list[float] = []
+    _stalling_minimize(monkeypatch, seen)
+    state = reconstruct(data, {"iterations": 20, "refine_probe": False})
+    assert seen == [5.0, 10.0, 20.0]  # two widenings, then the stall ends the run
+    assert state.iteration == 9 and state.options["alpha_h"] == 5.0  # the user's setting is kept
+    seen.clear()
+    state = reconstruct(data, {"iterations": 20, "refine_probe": False, "truncation": "none"})
+    assert seen == [5.0] and state.iteration == 3  # no truncation: a stall is a stall
