@@ -235,6 +235,14 @@ class FullBatchObjective:
     ) -> None:
         if probe_power <= 0:
             raise ValueError(f"probe power must be positive, got {probe_power}")
+        if options.mu0 == "auto" and options.prior == "tikhonov":
+            # κ = N_m ‖y‖₁ / N_pix², so the counts per illuminated pixel ‖y‖₁ / N_pix that
+            # decide μ₀ are √(‖y‖₁ κ / N_m): no probe needed
+            k, m1, m2 = counts_fft.shape
+            total, valid = host_floats(
+                (counts_fft if mask is None else counts_fft * mask).sum(dtype=np.float64),
+                m1 * m2 if mask is None else mask.sum())
+            options = options.with_mu0_decision(math.sqrt(max(total, 1e-12) * kappa / max(k * valid, 1.0)))
         self.counts_fft = counts_fft
         self.mask = mask
         self.options = options

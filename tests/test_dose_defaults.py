@@ -140,3 +140,13 @@ def test_cg_stalled_by_truncation_goes_on_with_a_wider_threshold(monkeypatch) ->
     seen.clear()
     state = reconstruct(data, {"iterations": 20, "refine_probe": False, "truncation": "none"})
     assert seen == [5.0] and state.iteration == 3  # no truncation: a stall is a stall
+
+
+def test_objective_built_directly_decides_the_same_weight() -> None:
+    from cryoptycho.gpu.reconstruct import FullBatchObjective
+
+    data = synthetic_dataset(300.0, grid=5, seed=1)
+    p = prepare(data)
+    counts = counts_per_object_pixel(p.counts_fft, p.mask, p.probe, p.batch)
+    fun = FullBatchObjective(p.counts_fft, p.batch, p.mask, p.options, p.kappa, p.probe_power)
+    assert fun.options.mu0 == pytest.approx(auto_mu0(counts))
