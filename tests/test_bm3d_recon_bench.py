@@ -89,8 +89,10 @@ def test_cli_recon_writes_json(
     assert result.exit_code == 0, result.output
     assert loaded == ["hemoglobin"]
     rows = json.loads(out.read_text())
+    assert 1e-3 <= rows[1]["weight"] <= 0.1  # μ₀ "auto": the weight the dose decided
+    rows[1]["weight"] = "auto"
     assert [(r["prior"], r["weight"], r.get("sigma")) for r in rows] == [
-        ("none", None, None), ("tikhonov", 0.03, None), ("sparse", 0.02, None), ("sparse", 0.02, 0.2),
+        ("none", None, None), ("tikhonov", "auto", None), ("sparse", 0.02, None), ("sparse", 0.02, 0.2),
         ("sparse", 0.3, None), ("sparse", 0.3, 0.2), ("quantum limit", None, None)]
     assert all(r["denoise_every"] == 1 for r in rows if r["prior"] == "sparse")
     # a fixed σ changes what BM3D removes, hence the result
