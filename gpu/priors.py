@@ -49,12 +49,13 @@ def kappa(n_valid_measurements: int, mean_counts: float, n_object_pixels: int) -
 #: pixel area, as the data see it). Why a power of e: the data term's curvature per pixel grows
 #: as e while the object's spectrum does not, so the weight of the prior *relative* to the data
 #: (which μ₀ is, κ carrying the dose) must fall as the counting noise falls — as a Wiener filter's
-#: 1/SNR. The constants are fitted to the best fixed μ₀ of a grid on hemoglobin at 5, 20 and
-#: 100 e⁻/Å² (0.8 Å pixels) and the proteasome at 20 e⁻/Å² (1.6 Å pixels): ENGINE.md,
-#: "Dose-aware μ₀", tests/dose_measure.py.
-MU0_AUTO_REF = 0.02
-MU0_AUTO_COUNTS_REF = 6.0
-MU0_AUTO_EXPONENT = 0.85
+#: 1/SNR. The constants are fitted to the best fixed μ₀ of a grid on hemoglobin and the
+#: proteasome at 5, 20 and 100 e⁻/Å² (0.8 Å pixels): ENGINE.md, "Dose-aware μ₀",
+#: tests/dose_measure.py. The larger particle prefers a smaller μ₀ at the same dose; the law
+#: sits between the two.
+MU0_AUTO_REF = 0.01
+MU0_AUTO_COUNTS_REF = 7.5
+MU0_AUTO_EXPONENT = 0.64
 MU0_AUTO_RANGE = (1e-3, 0.1)
 
 

@@ -57,8 +57,9 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--frame-size", type=int, default=64)
     ap.add_argument("--no-auto", action="store_true", help="only the fixed grid")
+    ap.add_argument("--only-auto", action="store_true", help="only mu0 'auto' (lines, no table)")
     args = ap.parse_args()
-    grid = [float(v) for v in args.mu0.split(",")]
+    grid = [] if args.only_auto else [float(v) for v in args.mu0.split(",")]
     rows = []
     for sample in args.samples.split(","):
         for dose in (float(d) for d in args.doses.split(",")):
@@ -70,6 +71,8 @@ def main() -> None:
                     scores.setdefault(str(mu0), []).append((pc, res, used))
                     print(f"{sample} {dose:g} seed {seed} mu0 {mu0!s:>6} (used {used:.4g}): phase corr "
                           f"{pc:.3f}, pooled 1-bit {res:.1f} Å, {s:.0f} s", flush=True)
+            if not grid:
+                continue
             mean = {k: np.mean(np.asarray(v), axis=0) for k, v in scores.items()}
             best_pc = max(mean[str(m)][0] for m in grid)
             best_res = min(mean[str(m)][1] for m in grid)
