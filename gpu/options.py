@@ -10,7 +10,7 @@ import logging
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,14 @@ class ReconOptions(_Strict):
     genuine measurements at 200 e⁻/Å²."""
 
     prior: Literal["none", "tikhonov", "sparse"] = "tikhonov"
-    mu0: float = Field(3e-2, ge=0)
-    """Weight of the Tikhonov gradient prior (eq. 12), scaled by κ (gpu/priors.py). 0.03: on
-    synthetic weak-phase objects the best of 4e-4…0.125 was ≈ 0.04 at 20 e⁻/Å² and ≈ 0.0125 at
-    200 e⁻/Å² (MEASUREMENTS.md); the low-dose regime decides the default."""
+    mu0: float | Literal["auto"] = "auto"
+    """Weight of the Tikhonov gradient prior (eq. 12), scaled by κ (gpu/priors.py), ≥ 0, or
+    "auto" (the default): chosen from the data's counts per illuminated object pixel e by the
+    law of ``priors.auto_mu0`` (μ₀ = 0.01 (e / 7.5)^−0.64 within [1e-3, 0.1]), decided when
+    the engine starts (offline: from the dataset; live: from the frames received so far) and
+    saved as the number it chose. A fixed μ₀ is best at one dose only: on hemoglobin (0.8 Å pixels) the best of a
+    grid 0.003…0.3 was 0.03–0.1 at 5 e⁻/Å², 0.01–0.03 at 20 and 0.003–0.01 at 100, on the
+    proteasome 0.01 at 5 and 0.003–0.01 at 20 (MEASUREMENTS.md, "Dose-aware μ₀")."""
     mu1: float = Field(8e-2, ge=0)
     """Weight of the sparse (denoiser) prior (eq. 13)."""
     denoiser: str = "bm3d"
@@ -212,6 +216,24 @@ class ReconOptions(_Strict):
         """A copy whose ``refine_probe`` is the decision of :meth:`refines_probe` (true/false):
         what the engines run with and save with their results."""
         return self.model_copy(update={"refine_probe": self.refines_probe(mean_counts, has_probe)})
+
+    @field_validator("mu0")
+    @classmethod
+    def _mu0_not_negative(cls, value: float | str) -> float | str:
+        if value != "auto" and not value >= 0:  # also rejects NaN
+            raise ValueError(f"mu0 must be ≥ 0 or 'auto', got {value!r}")
+        return value
+
+    def with_mu0_decision(self, counts_per_pixel: float) -> ReconOptions:
+        """A copy whose ``mu0`` is a number: for "auto", the law of ``priors.auto_mu0`` at
+        ``counts_per_pixel`` detected electrons per illuminated object pixel."""
+        if self.mu0 != "auto":
+            return self
+        from .priors import auto_mu0
+
+        mu0 = auto_mu0(counts_per_pixel)
+        log.info("mu0 auto: %.4g counts per object pixel → μ₀ = %.4g", counts_per_pixel, mu0)
+        return self.model_copy(update={"mu0": mu0})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-native dict (for result files and the wire)."""

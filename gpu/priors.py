@@ -18,6 +18,7 @@ size. Measured on synthetic weak-phase objects (MEASUREMENTS.md), the best μ₀
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .backend import array_module, dev_float, on_device, real_of, scalar_as
@@ -40,6 +41,36 @@ def kappa(n_valid_measurements: int, mean_counts: float, n_object_pixels: int) -
     if n_object_pixels <= 0:
         raise ValueError(f"n_object_pixels must be positive, got {n_object_pixels}")
     return n_m * n_m * float(mean_counts) / float(n_object_pixels) ** 2
+
+
+#: The dose-aware Tikhonov weight (``mu0="auto"``, the default):
+#: μ₀ = MU0_AUTO_REF · (e / MU0_AUTO_COUNTS_REF)^(−MU0_AUTO_EXPONENT), clipped to MU0_AUTO_RANGE,
+#: e = ‖y‖₁ / N_pix the detected electrons per illuminated object pixel (the dose times the
+#: pixel area, as the data see it). Why a power of e: the data term's curvature per pixel grows
+#: as e while the object's spectrum does not, so the weight of the prior *relative* to the data
+#: (which μ₀ is, κ carrying the dose) must fall as the counting noise falls — as a Wiener filter's
+#: 1/SNR. The constants are fitted to the best fixed μ₀ of a grid on hemoglobin and the
+#: proteasome at 5, 20 and 100 e⁻/Å² (0.8 Å pixels): MEASUREMENTS.md, "Dose-aware μ₀",
+#: tests/measure/dose_measure.py. The larger particle prefers a smaller μ₀ at the same dose; the law
+#: sits between the two.
+MU0_AUTO_REF = 0.01
+MU0_AUTO_COUNTS_REF = 7.5
+MU0_AUTO_EXPONENT = 0.64
+MU0_AUTO_RANGE = (1e-3, 0.1)
+
+
+def auto_mu0(counts_per_pixel: Any) -> Any:
+    """μ₀ for data of ``counts_per_pixel`` detected electrons per illuminated object pixel
+    (the law of ``MU0_AUTO_*`` above). A device scalar gives a device scalar (no read-back:
+    the live engine decides at every step), the count floored at 1e-12."""
+    if on_device(counts_per_pixel):
+        xp = array_module(counts_per_pixel)
+        ratio = xp.maximum(counts_per_pixel, 1e-12) / MU0_AUTO_COUNTS_REF
+        return xp.clip(MU0_AUTO_REF * ratio**-MU0_AUTO_EXPONENT, *MU0_AUTO_RANGE)
+    if not math.isfinite(counts_per_pixel) or counts_per_pixel <= 0:
+        raise ValueError(f"counts per object pixel must be a positive number, got {counts_per_pixel!r}")
+    mu0 = MU0_AUTO_REF * (counts_per_pixel / MU0_AUTO_COUNTS_REF) ** -MU0_AUTO_EXPONENT
+    return float(min(max(mu0, MU0_AUTO_RANGE[0]), MU0_AUTO_RANGE[1]))
 
 
 def _diffs(obj: Any) -> tuple[Any, Any]:
@@ -113,6 +144,9 @@ def prior_term(
     if options.prior == "none":
         return 0.0, xp.zeros_like(obj)
     if options.prior == "tikhonov":
+        if options.mu0 == "auto":
+            raise ValueError("mu0 'auto' must be decided before the prior is evaluated "
+                             "(ReconOptions.with_mu0_decision)")
         return tikhonov(obj, options.mu0 * kappa)
     if options.prior == "sparse":
         if sparse is None:

@@ -59,6 +59,11 @@ AMPLITUDE_NLL_SCALE = 2.0
 
 log = logging.getLogger(__name__)
 
+#: Times a refinement widens α_h (×2 each) when the truncation rule's discontinuities stop CG
+#: (see refine_full_batch): 5 → at most 20, which still drops a 20-count hit where ≲ 1 is
+#: expected.
+TRUNCATION_RELAXATIONS = 2
+
 Progress = Callable[[int, int, float], None]
 
 
@@ -135,16 +140,28 @@ def illuminated_pixels(probe: Any, batch: Batch, threshold: float = 0.01) -> int
     return int(host_floats(xp.count_nonzero(illum > top))[0])
 
 
-def problem_kappa(counts_fft: Any, mask: Any | None, probe: Any, batch: Batch) -> float:
+def _count_stats(counts_fft: Any, mask: Any | None, probe: Any, batch: Batch) -> tuple[int, float, int]:
+    """(valid measurements, total valid counts, illuminated object pixels)."""
     k, m1, m2 = counts_fft.shape
     total, valid = host_floats(
         (counts_fft if mask is None else counts_fft * mask).sum(dtype=np.float64),
         m1 * m2 if mask is None else mask.sum(),
     )
-    n_m = k * int(valid)
     if total <= 0:
         raise ValueError("the dataset holds no counts in valid pixels: nothing to reconstruct")
-    return kappa_of(n_m, total / n_m, illuminated_pixels(probe, batch))
+    return k * int(valid), total, illuminated_pixels(probe, batch)
+
+
+def problem_kappa(counts_fft: Any, mask: Any | None, probe: Any, batch: Batch) -> float:
+    n_m, total, lit = _count_stats(counts_fft, mask, probe, batch)
+    return kappa_of(n_m, total / n_m, lit)
+
+
+def counts_per_object_pixel(counts_fft: Any, mask: Any | None, probe: Any, batch: Batch) -> float:
+    """Detected electrons per illuminated object pixel, ‖y‖₁ / N_pix: the dose as the data
+    see it, which ``mu0="auto"`` turns into μ₀ (``priors.auto_mu0``)."""
+    _, total, lit = _count_stats(counts_fft, mask, probe, batch)
+    return total / max(lit, 1)
 
 
 def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = None) -> Problem:
@@ -218,6 +235,14 @@ class FullBatchObjective:
     ) -> None:
         if probe_power <= 0:
             raise ValueError(f"probe power must be positive, got {probe_power}")
+        if options.mu0 == "auto" and options.prior == "tikhonov":
+            # κ = N_m ‖y‖₁ / N_pix², so the counts per illuminated pixel ‖y‖₁ / N_pix that
+            # decide μ₀ are √(‖y‖₁ κ / N_m): no probe needed
+            k, m1, m2 = counts_fft.shape
+            total, valid = host_floats(
+                (counts_fft if mask is None else counts_fft * mask).sum(dtype=np.float64),
+                m1 * m2 if mask is None else mask.sum())
+            options = options.with_mu0_decision(math.sqrt(max(total, 1e-12) * kappa / max(k * valid, 1.0)))
         self.counts_fft = counts_fft
         self.mask = mask
         self.options = options
@@ -329,6 +354,8 @@ def refine_full_batch(
     if counts_fft.shape[1:] != probe.shape:
         raise ValueError(f"frame shape {counts_fft.shape[1:]} does not match probe {probe.shape}")
     power = host_floats((abs(probe) ** 2).sum())[0] if probe_power is None else float(probe_power)
+    if opts.mu0 == "auto":
+        opts = opts.with_mu0_decision(counts_per_object_pixel(counts_fft, mask, probe, batch))
     kap = problem_kappa(counts_fft, mask, probe, batch) if kappa is None else float(kappa)
     if opts.prior == "sparse" and sparse is None:
         sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
@@ -363,6 +390,7 @@ def refine_full_batch(
     x = {"object": obj, "probe": probe}
     losses: list[float] = []
     it = start_iteration
+    relaxed = 0  # widenings of α_h after the truncation rule stalled CG
     while it < total:
         left = None if budget is None else budget - (clock() - t_start)
         res = minimize(fun, x, total - it, left, callback, active, precond, start_iteration=it,
@@ -370,6 +398,18 @@ def refine_full_batch(
         x = res.x
         losses += res.losses
         it += res.iterations
+        if (res.stopped == "no_descent" and it < total and relaxed < TRUNCATION_RELAXATIONS
+                and fun.options.truncation != "none" and math.isfinite(fun.options.alpha_h)):
+            # The truncation rule makes the objective discontinuous: along a line, a measurement
+            # near its threshold flips from dropped to kept and the loss jumps by its deviance
+            # (ribosome, 20 e⁻/Å²: +5.7 at every trial step while φ' promised −0.07), so the
+            # line search finds no descent long before CG has converged. A wider α_h keeps the
+            # marginal measurements (outliers far above it stay dropped) and CG goes on.
+            relaxed += 1
+            fun.options = fun.options.model_copy(update={"alpha_h": 2.0 * fun.options.alpha_h})
+            log.info("CG stalled on the truncation rule at iteration %d: alpha_h → %g", it,
+                     fun.options.alpha_h)
+            continue
         # With the sparse prior the objective is only stationary until T_sparse moves: when CG
         # has converged on the current target, refresh it early instead of stopping.
         if res.stopped not in ("converged", "no_descent") or sparse is None or it >= total:
@@ -530,6 +570,9 @@ def full_batch_reconstruct(
     has_probe = data.probe is not None or data.probe_model is not None
     opts = problem.options.with_probe_decision(
         measured_probe_power(problem.counts_fft, problem.mask), has_probe)
+    if opts.mu0 == "auto":
+        opts = opts.with_mu0_decision(
+            counts_per_object_pixel(problem.counts_fft, problem.mask, problem.probe, problem.batch))
     if opts.aberration_search:
         problem = _search_aberrations(problem, opts)
     positions = problem.positions
@@ -560,6 +603,7 @@ __all__ = [
     "AMPLITUDE_NLL_SCALE",
     "FullBatchObjective",
     "Problem",
+    "counts_per_object_pixel",
     "fix_phase_ramp",
     "full_batch_reconstruct",
     "illuminated_pixels",

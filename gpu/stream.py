@@ -35,7 +35,7 @@ from .geometry import ScanGeometry, fit_geometry
 from .objective import data_term
 from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, scatter_add, to_fft_order
 from .options import ReconOptions
-from .priors import SparsePrior, prior_term
+from .priors import SparsePrior, auto_mu0, prior_term
 from .priors import kappa as kappa_of
 from .reconstruct import Problem, refine_alternating, refine_full_batch
 from .state import ReconState
@@ -135,6 +135,7 @@ class StreamingReconstructor:
         self._steps_since_refresh = 0
         self._next_fresh = 0  # frames [0, _next_fresh) have been drawn at least once
         self._valid_counts = 0.0  # Σ counts over valid pixels of all frames received
+        self._unit_mu0: ReconOptions | None = None  # the options with μ₀ = 1 (mu0 "auto")
         self._iteration = 0
         self._visits = 0  # frame visits by mini-batch steps, all frames together
         self._loss_history: list[float] = []
@@ -393,11 +394,29 @@ class StreamingReconstructor:
         floor = self.options.stream.illumination_floor * dev_float(self._illum.max())
         return batch_illum / (self._illum + scalar_as(floor, self._rdtype))
 
+    def _auto_mu0(self) -> Any:
+        """μ₀ of ``priors.auto_mu0`` for the frames received so far (a device scalar on a
+        device: the steps stay free of read-backs)."""
+        top = scalar_as(0.01 * dev_float(self._illum.max()), self._rdtype)
+        lit = self.xp.count_nonzero(self._illum > top)
+        if not on_device(lit):
+            return auto_mu0(max(self._valid_counts, 1e-12) / max(int(lit), 1))
+        return auto_mu0(max(self._valid_counts, 1e-12) / self.xp.maximum(lit, 1).astype("float64"))
+
+    def _prior_options(self, kappa: Any) -> tuple[ReconOptions, Any]:
+        """(options, κ) for the prior; with mu0 "auto" the μ₀ decided from the frames so far
+        is folded into κ (options with μ₀ = 1), so that it may stay a device scalar."""
+        if self.options.mu0 != "auto" or self.options.prior != "tikhonov":
+            return self.options, kappa
+        if self._unit_mu0 is None:
+            self._unit_mu0 = self.options.model_copy(update={"mu0": 1.0})
+        return self._unit_mu0, self._auto_mu0() * kappa
+
     def _prior_curvature(self, kappa: float) -> float:
         """Mean curvature of the prior per object pixel (Tikhonov: 4 μ₀κ, the mean eigenvalue
         of the discrete Laplacian; sparse: μ₁κ), added to the step's normaliser as CG's
         preconditioner does, so a strong prior cannot make the step unstable."""
-        opts = self.options
+        opts, kappa = self._prior_options(kappa)
         if opts.prior == "tikhonov":
             return 4.0 * opts.mu0 * kappa
         if opts.prior == "sparse":
@@ -405,7 +424,7 @@ class StreamingReconstructor:
         return 0.0
 
     def _prior_grad(self, kappa: float) -> Any:
-        opts = self.options
+        opts, kappa = self._prior_options(kappa)
         if opts.prior == "sparse" and self._sparse is None:
             self._sparse = SparsePrior(opts.denoiser, opts.mu1, opts.denoise_every)
         # The sparse prior's denoiser runs every `denoise_every` *sweeps* of the data, not
@@ -441,11 +460,14 @@ class StreamingReconstructor:
         return self._probe_decision
 
     def decided_options(self) -> ReconOptions:
-        """The options with refine_probe "auto" replaced by its decision once made (what
-        snapshots save)."""
-        if self.options.refine_probe == "auto" and self._probe_decision is not None:
-            return self.options.model_copy(update={"refine_probe": self._probe_decision})
-        return self.options
+        """The options with refine_probe and mu0 "auto" replaced by their decisions once made
+        (what snapshots save)."""
+        opts = self.options
+        if opts.mu0 == "auto" and self._illum is not None:
+            opts = opts.model_copy(update={"mu0": host_floats(self._auto_mu0())[0]})
+        if opts.refine_probe == "auto" and self._probe_decision is not None:
+            return opts.model_copy(update={"refine_probe": self._probe_decision})
+        return opts
 
     def probe_power(self) -> float:
         """Σ|ψ|² the measured data ask for: mean counts per pattern on the valid pixels,

@@ -53,14 +53,15 @@ def _scores(ev: Any) -> dict[str, float]:
     return row
 
 
-def _reconstruct(data: Any, opts: Any, sigma: float | None) -> tuple[np.ndarray, Any]:
-    """The object and its origin after ``opts.iterations`` CG iterations (probe fixed)."""
+def _reconstruct(data: Any, opts: Any, sigma: float | None) -> tuple[np.ndarray, Any, Any]:
+    """The object, its origin and the options it ran with (μ₀ "auto" decided) after
+    ``opts.iterations`` CG iterations (probe fixed)."""
     from cryoptycho.gpu.priors import SparsePrior
     from cryoptycho.gpu.reconstruct import prepare, reconstruct, refine_full_batch
 
     if sigma is None:
         state = reconstruct(data, opts)
-        return to_numpy(state.object), state.geometry.origin
+        return to_numpy(state.object), state.geometry.origin, state.options
     # The engine's sparse prior estimates σ from each iterate; a fixed σ needs the prior built
     # here and handed to the same CG loop reconstruct() runs.
     problem = prepare(data, opts)
@@ -77,7 +78,7 @@ def _reconstruct(data: Any, opts: Any, sigma: float | None) -> tuple[np.ndarray,
         kappa=problem.kappa,
         probe_power=problem.probe_power,
     )
-    return to_numpy(obj), problem.geometry.origin
+    return to_numpy(obj), problem.geometry.origin, opts.to_dict()
 
 
 def recon_rows(model: Any, cfg: ReconConfig, report: Any = None) -> list[dict[str, Any]]:
@@ -122,7 +123,7 @@ def recon_rows(model: Any, cfg: ReconConfig, report: Any = None) -> list[dict[st
                 **extra,
             )  # type: ignore[arg-type]
             start = time.perf_counter()
-            obj, origin = _reconstruct(data, opts, sigma)
+            obj, origin, used = _reconstruct(data, opts, sigma)
             seconds = time.perf_counter() - start
             ev = evaluate_against_truth(
                 obj,
@@ -133,7 +134,7 @@ def recon_rows(model: Any, cfg: ReconConfig, report: Any = None) -> list[dict[st
                 data.positions,
                 pool=pool,
             )
-            weight = {"sparse": opts.mu1, "tikhonov": opts.mu0}.get(prior)
+            weight = {"sparse": opts.mu1, "tikhonov": used["mu0"]}.get(prior)
             row = {**common, "prior": prior, "weight": weight, **_scores(ev), "seconds": seconds}
             if prior == "sparse":
                 row.update(denoise_every=opts.denoise_every, sigma=sigma)
