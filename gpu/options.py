@@ -119,6 +119,12 @@ class ReconOptions(_Strict):
     probe it finds keeps overlap 1.00 with the truth (0.84 → 0.71). Hence a default above the
     measured range: "auto" keeps a given probe fixed at every dose this product sees."""
     probe_start_iteration: int = Field(10, ge=0)
+    probe_modes: int = Field(1, ge=1, le=16)
+    """Incoherent probe modes (mixed-state probe, for partial spatial coherence): the model
+    intensity is Σ_m |F[ψ_m(r − r_k)·T(r)]|². 1 is the coherent probe. Extra modes start from
+    the probe's derivatives with a few per cent of its power (gpu/probes.py, ``initial_modes``)
+    and are kept orthogonal, ordered by power; a dataset probe of shape (modes, M, M) gives
+    its own modes. Only refined modes grow: use with ``refine_probe`` true."""
 
     refine_positions: bool = False
     """Refine the probe positions from the data (gpu/positions.py): Gauss–Newton updates of a

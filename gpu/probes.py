@@ -23,7 +23,9 @@ from .backend import (
     fft2,
     host_floats,
     ifft2,
+    real_of,
     scalar_as,
+    to_numpy,
 )
 from .geometry import wavelength
 
@@ -199,3 +201,89 @@ def probe_diffraction_pattern(probe: Any) -> Any:
     """|F ψ|² in detector order (centred) — the vacuum pattern of this probe."""
     xp = array_module(probe)
     return xp.fft.fftshift(xp.abs(fft2(probe)) ** 2)
+
+
+# --- mixed-state (incoherent) probe modes -------------------------------------------------
+# A partially coherent beam (finite source, energy spread, vibrations) is an incoherent sum of
+# coherent modes: the measured intensity is Σ_m |F[ψ_m · T]|². The modes are defined up to a
+# unitary mixing (which leaves every intensity unchanged), fixed here by orthogonalising them
+# and ordering them by power.
+
+#: Share of the total power given to the extra modes at initialisation (together): a
+#: small start, as PtyPy and pty-chi do, so that one mode's data are not spoiled at once.
+EXTRA_MODE_POWER = 0.05
+
+
+def as_modes(probe: Any) -> Any:
+    """``probe`` as a (P, M, M) stack of modes: an (M, M) probe is one mode."""
+    return probe[None] if probe.ndim == 2 else probe
+
+
+def orthogonalize_modes(probe: Any) -> Any:
+    """Orthonormal-basis form of the modes (P, M, M): Q = Vᴴ ψ with ψψᴴ = V Λ Vᴴ, so that the
+    modes are mutually orthogonal and ordered by falling power (Λ). Vᴴ is unitary, so the
+    incoherent sum Σ_m |F[ψ_m T]|² — and with it the likelihood — is unchanged. The P×P
+    Gram matrix is diagonalised on the host (one small transfer); an (M, M) probe is returned
+    as it is."""
+    if probe.ndim == 2 or probe.shape[0] == 1:
+        return probe
+    xp = array_module(probe)
+    flat = probe.reshape(probe.shape[0], -1)
+    gram = to_numpy(flat @ flat.conj().T).astype(np.complex128)
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1]
+    mix = vectors[:, order].conj().T.astype(complex_of(probe.dtype))
+    return (xp.asarray(mix) @ flat).reshape(probe.shape)
+
+
+def mode_powers(probe: Any) -> np.ndarray:
+    """Σ|ψ_m|² of each mode (host floats); one value for an (M, M) probe."""
+    modes = as_modes(probe)
+    return to_numpy((modes.real**2 + modes.imag**2).sum(axis=(-2, -1))).astype(np.float64)
+
+
+def initial_modes(probe: Any, modes: int, extra_power: float = EXTRA_MODE_POWER) -> Any:
+    """A (``modes``, M, M) mixed-state start from the probe ``probe`` ((M, M), or fewer modes
+    (P, M, M) whose first is the main one), with the total power Σ|ψ|² unchanged.
+
+    A finite source blurs the probe by incoherent shifts: ψ(r − s) ≈ ψ − s·∇ψ + ½(s·∇)²ψ, so the
+    first extra modes of a partially coherent probe are its derivatives ∂_y ψ, ∂_x ψ, then the
+    second ones (∂_y², ∂_y∂_x, ∂_x²), made here in Fourier space (2πi k ψ̂), orthogonalised
+    and given ``extra_power`` of the power (together, in falling shares). With more modes than
+    derivatives, further modes are higher powers of k. Modes already given are kept."""
+    if modes < 1:
+        raise ValueError(f"probe_modes must be at least 1, got {modes}")
+    given = as_modes(probe)
+    have = int(given.shape[0])
+    if modes <= have:
+        return given[:modes] if probe.ndim == 3 else probe
+    if not 0 < extra_power < 1:
+        raise ValueError(f"extra mode power must be in (0, 1), got {extra_power}")
+    xp = array_module(probe)
+    shape = tuple(given.shape[-2:])
+    (total,) = host_floats((given.real**2 + given.imag**2).sum())
+    main = given[0]
+    ky = xp.fft.fftfreq(shape[0])[:, None]
+    kx = xp.fft.fftfreq(shape[1])[None, :]
+    spec = fft2(main)
+    orders = [(a, n - a) for n in range(1, 64) for a in range(n, -1, -1)]
+    extra = []
+    for a, b in orders[: modes - have]:
+        factor = ((2j * np.pi * ky) ** a * (2j * np.pi * kx) ** b).astype(complex_of(main.dtype))
+        extra.append(ifft2(spec * factor))
+    new = xp.stack(extra)
+    # orthogonal to the given modes (Gram–Schmidt against them), then among themselves
+    g_flat = given.reshape(have, -1)
+    n_flat = new.reshape(len(extra), -1)
+    for i in range(have):
+        g = g_flat[i]
+        gg = (g.real**2 + g.imag**2).sum()
+        n_flat = n_flat - ((g.conj()[None] * n_flat).sum(axis=1) / gg)[:, None] * g[None]
+    new = orthogonalize_modes(n_flat.reshape(new.shape))
+    powers = mode_powers(new)
+    shares = 0.5 ** np.arange(len(extra))  # falling shares, a half each
+    shares = shares / shares.sum() * extra_power * total
+    scale = np.sqrt(shares / np.maximum(powers, 1e-300))
+    new = new * xp.asarray(scale.astype(real_of(main.dtype)))[:, None, None]
+    keep = given * scalar_as(np.sqrt(1.0 - extra_power), real_of(main.dtype))
+    return xp.concatenate([keep, new.astype(given.dtype)])
