@@ -123,8 +123,8 @@ class ReconOptions(_Strict):
     """Incoherent probe modes (mixed-state probe, for partial spatial coherence): the model
     intensity is Σ_m |F[ψ_m(r − r_k)·T(r)]|². 1 is the coherent probe. Extra modes start from
     the probe's derivatives with a few per cent of its power (gpu/probes.py, ``initial_modes``)
-    and are kept orthogonal, ordered by power; a dataset probe of shape (modes, M, M) gives
-    its own modes. Only refined modes grow: use with ``refine_probe`` true."""
+    and are kept orthogonal, ordered by power; a dataset probe of shape (modes, M, M) keeps
+    all its modes (more are added up to ``probe_modes``). Only refined modes grow: use with ``refine_probe`` true."""
 
     refine_positions: bool = False
     """Refine the probe positions from the data (gpu/positions.py): Gauss–Newton updates of a

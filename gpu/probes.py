@@ -211,7 +211,7 @@ def probe_diffraction_pattern(probe: Any) -> Any:
 
 #: Share of the total power given to the extra modes at initialisation (together): a
 #: small start, as PtyPy and pty-chi do, so that one mode's data are not spoiled at once.
-EXTRA_MODE_POWER = 0.05
+EXTRA_MODE_POWER = 0.2
 
 
 def as_modes(probe: Any) -> Any:
@@ -249,14 +249,16 @@ def initial_modes(probe: Any, modes: int, extra_power: float = EXTRA_MODE_POWER)
     A finite source blurs the probe by incoherent shifts: ψ(r − s) ≈ ψ − s·∇ψ + ½(s·∇)²ψ, so the
     first extra modes of a partially coherent probe are its derivatives ∂_y ψ, ∂_x ψ, then the
     second ones (∂_y², ∂_y∂_x, ∂_x²), made here in Fourier space (2πi k ψ̂), orthogonalised
-    and given ``extra_power`` of the power (together, in falling shares). With more modes than
-    derivatives, further modes are higher powers of k. Modes already given are kept."""
+    (Gram–Schmidt) and given ``extra_power`` of the power together (each order half the
+    power of the one before, shared equally by its terms). With more modes than
+    derivatives, further modes are higher powers of k. Modes already given are kept (all of them, even
+    beyond ``modes``)."""
     if modes < 1:
         raise ValueError(f"probe_modes must be at least 1, got {modes}")
     given = as_modes(probe)
     have = int(given.shape[0])
     if modes <= have:
-        return given[:modes] if probe.ndim == 3 else probe
+        return probe  # given modes are never dropped
     if not 0 < extra_power < 1:
         raise ValueError(f"extra mode power must be in (0, 1), got {extra_power}")
     xp = array_module(probe)
@@ -271,19 +273,60 @@ def initial_modes(probe: Any, modes: int, extra_power: float = EXTRA_MODE_POWER)
     for a, b in orders[: modes - have]:
         factor = ((2j * np.pi * ky) ** a * (2j * np.pi * kx) ** b).astype(complex_of(main.dtype))
         extra.append(ifft2(spec * factor))
+    # Gram–Schmidt in order: each new mode orthogonal to the given ones and to those before
+    basis = [given[i].reshape(-1) for i in range(have)]
+    for j, mode in enumerate(extra):
+        v = mode.reshape(-1)
+        for g in basis:
+            v = v - (xp.vdot(g, v) / xp.vdot(g, g).real) * g
+        basis.append(v)
+        extra[j] = v.reshape(shape)
     new = xp.stack(extra)
-    # orthogonal to the given modes (Gram–Schmidt against them), then among themselves
-    g_flat = given.reshape(have, -1)
-    n_flat = new.reshape(len(extra), -1)
-    for i in range(have):
-        g = g_flat[i]
-        gg = (g.real**2 + g.imag**2).sum()
-        n_flat = n_flat - ((g.conj()[None] * n_flat).sum(axis=1) / gg)[:, None] * g[None]
-    new = orthogonalize_modes(n_flat.reshape(new.shape))
     powers = mode_powers(new)
-    shares = 0.5 ** np.arange(len(extra))  # falling shares, a half each
+    # each derivative order n half the power of order n − 1, shared equally by its n + 1
+    # terms (a round source blurs y and x alike)
+    order = np.array([a + b for a, b in orders[: modes - have]], dtype=np.float64)
+    shares = 0.5 ** (order - 1) / (order + 1)
     shares = shares / shares.sum() * extra_power * total
     scale = np.sqrt(shares / np.maximum(powers, 1e-300))
     new = new * xp.asarray(scale.astype(real_of(main.dtype)))[:, None, None]
     keep = given * scalar_as(np.sqrt(1.0 - extra_power), real_of(main.dtype))
     return xp.concatenate([keep, new.astype(given.dtype)])
+
+
+def source_modes(probe: Any, pixel_size: float, source_size: float, modes: int = 3) -> Any:
+    """The ``modes`` strongest incoherent modes (P, M, M) of ``probe`` seen through a finite
+    source: a Gaussian of rms ``source_size`` metres (per axis, in the sample plane) blurs the
+    probe by incoherent shifts, ρ = ∫ g(s) |ψ(r − s)⟩⟨ψ(r − s)| ds. The shifts are sampled on a
+    grid of σ/2 out to 3σ (Fourier shifts: exact for a band-limited probe), the mixed state is
+    diagonalised (:func:`orthogonalize_modes`) and the strongest modes keep the probe's total
+    power Σ|ψ|². ``source_size`` 0 gives the probe as its only mode."""
+    if modes < 1:
+        raise ValueError(f"modes must be at least 1, got {modes}")
+    if not np.isfinite(source_size) or source_size < 0:
+        raise ValueError(f"source size must be a non-negative length in metres, got {source_size!r}")
+    xp = array_module(probe)
+    if source_size == 0:
+        out = xp.zeros((modes,) + tuple(probe.shape), dtype=probe.dtype)
+        out[0] = probe
+        return out
+    sigma = source_size / pixel_size
+    step = sigma / 2.0
+    offs = np.arange(-6, 7) * step
+    sy, sx = np.meshgrid(offs, offs, indexing="ij")
+    weight = np.exp(-(sy**2 + sx**2) / (2 * sigma * sigma)).ravel()
+    keep = weight > 1e-3 * weight.max()
+    shifts = np.stack([sy.ravel()[keep], sx.ravel()[keep]], axis=1)
+    weight = weight[keep] / weight[keep].sum()
+    ky = xp.fft.fftfreq(probe.shape[0])[:, None]
+    kx = xp.fft.fftfreq(probe.shape[1])[None, :]
+    spec = fft2(probe)
+    cdt = complex_of(probe.dtype)
+    copies = xp.stack([
+        ifft2(spec * xp.exp(-2j * np.pi * (ky * float(s[0]) + kx * float(s[1]))).astype(cdt))
+        * float(np.sqrt(w)) for s, w in zip(shifts, weight)
+    ])
+    strongest = orthogonalize_modes(copies)[:modes]
+    (total, kept) = host_floats((probe.real**2 + probe.imag**2).sum(),
+                                (strongest.real**2 + strongest.imag**2).sum())
+    return strongest * float(np.sqrt(total / kept))

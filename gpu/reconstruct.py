@@ -411,7 +411,7 @@ def _spectral_centroid(probe: Any) -> np.ndarray:
     if power.ndim == 3:
         power = power.sum(axis=0)  # of all modes together
     out = []
-    for axis, n in ((1, probe.shape[0]), (0, probe.shape[1])):
+    for axis, n in ((1, power.shape[0]), (0, power.shape[1])):
         marginal = power.sum(axis=axis)
         phase = xp.exp(2j * np.pi * xp.arange(n) / n)
         out.append(float(np.angle(complex(to_numpy((marginal * phase).sum())))) / (2 * np.pi))
