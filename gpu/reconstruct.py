@@ -44,7 +44,15 @@ from .init import flat_object, random_object, spectral_object
 from .likelihood import intensity_sums, truncation_sums
 from .line_model import full_batch_line
 from .objective import data_term
-from .operators import Batch, forward, illumination, make_batch, mode_intensity, sub_batch, to_fft_order
+from .operators import (
+    Batch,
+    forward,
+    illumination,
+    make_batch,
+    mode_intensity,
+    sub_batch,
+    to_fft_order,
+)
 from .options import ReconOptions
 from .positions import ScanModel, update_positions
 from .positions import margin_px as position_margin_px

@@ -34,10 +34,10 @@ from .framestore import FrameStore
 from .geometry import ScanGeometry, fit_geometry
 from .objective import data_term
 from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, scatter_add, to_fft_order
-from .probes import initial_modes, orthogonalize_modes
 from .options import ReconOptions
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
+from .probes import initial_modes, orthogonalize_modes
 from .reconstruct import Problem, refine_alternating, refine_full_batch
 from .state import ReconState
 

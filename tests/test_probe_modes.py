@@ -47,7 +47,7 @@ def _independent_intensity(obj, probe, batch):
 @pytest.mark.parametrize("truncation", ["none", "poisson-floor"])
 def test_mixed_data_term_gradients_match_finite_differences(xp, modes, model, truncation):
     rng, batch, obj, probe, counts, mask = _problem(xp, modes)
-    kw = dict(model=model, mask=mask, truncation=truncation, alpha_h=50.0)
+    kw = {"model": model, "mask": mask, "truncation": truncation, "alpha_h": 50.0}
     dt = data_term(obj, probe, counts, batch, **kw)
     assert dt.grad_probe.shape == probe.shape
     d_obj = _rand_c(xp, rng, obj.shape)
@@ -87,7 +87,7 @@ def test_full_batch_objective_gradient_with_modes_keeps_total_power(xp):
     opts = ReconOptions(precision="double", chunk_size=4, prior="tikhonov", mu0=0.01,
                         truncation="chen-candes", alpha_h=30.0)
     fun = FullBatchObjective(counts, batch, mask, opts, kappa=2.0, probe_power=40.0)
-    loss, grads = fun({"object": obj, "probe": probe})
+    _loss, grads = fun({"object": obj, "probe": probe})
     assert grads["probe"].shape == probe.shape
     d = _rand_c(xp, rng, probe.shape)
     _fd(xp, lambda p: fun({"object": obj, "probe": p})[0], grads["probe"], probe, d)
@@ -194,7 +194,7 @@ def test_known_modes_reconstruct_partially_coherent_data_better_than_one_probe()
     from cryoptycho.gpu.reconstruct import reconstruct
 
     data, true, truth = _partially_coherent()
-    opts = dict(iterations=40, refine_probe=False, init="ones")
+    opts = {"iterations": 40, "refine_probe": False, "init": "ones"}
     coherent = reconstruct(data, opts)
     mixed = reconstruct(dataclasses.replace(data, probe=true.astype(np.complex64)), opts)
     assert mixed.probe.shape == (3, M, M)
@@ -210,7 +210,7 @@ def test_refined_modes_fit_partially_coherent_data_better_than_one_refined_probe
     from cryoptycho.gpu.reconstruct import reconstruct
 
     data, _, truth = _partially_coherent()
-    opts = dict(iterations=60, refine_probe=True, init="ones", probe_start_iteration=5)
+    opts = {"iterations": 60, "refine_probe": True, "init": "ones", "probe_start_iteration": 5}
     one = reconstruct(data, opts)
     three = reconstruct(data, dict(opts, probe_modes=3))
     assert three.probe.shape == (3, M, M) and one.probe.shape == (M, M)
@@ -230,7 +230,7 @@ def test_mixed_state_probe_is_refused_with_position_refinement():
 
     data, _, _ = _partially_coherent()
     with pytest.raises(ValueError, match="mixed-state probe"):
-        reconstruct(data, dict(iterations=2, probe_modes=2, refine_probe=True, refine_positions=True))
+        reconstruct(data, {"iterations": 2, "probe_modes": 2, "refine_probe": True, "refine_positions": True})
 
 
 def test_streaming_engine_refines_modes(xp):
