@@ -87,7 +87,9 @@ def scale_probe(probe: np.ndarray, frames: np.ndarray, mask: np.ndarray | None) 
     only valid detector pixels and the share of the probe's far field that falls on them."""
     valid = np.ones(frames.shape[1:], bool) if mask is None else np.asarray(mask, bool)
     counts = float(frames[:, valid].sum(dtype=np.float64)) / max(len(frames), 1)
-    far = np.abs(np.fft.fftshift(np.fft.fft2(probe, norm="ortho"))) ** 2
+    far = np.abs(np.fft.fftshift(np.fft.fft2(probe, norm="ortho"), axes=(-2, -1))) ** 2
+    if far.ndim == 3:
+        far = far.sum(axis=0)  # incoherent probe modes: their patterns add
     share = float(far[valid].sum() / max(far.sum(), 1e-30))
     power = float((np.abs(probe) ** 2).sum())
     if counts <= 0 or power <= 0:

@@ -268,3 +268,48 @@ def test_streaming_engine_refines_modes(xp):
     with pytest.raises(ValueError, match="probe shape"):
         StreamingReconstructor(frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=data.pixel_size,
                                probe=np.ones((3, M, M + 1), np.complex64), options=opts)
+
+
+# --- the simulator's finite source ----------------------------------------------------------
+
+
+def test_simulated_finite_source_tends_to_the_coherent_scan():
+    """A finite source records incoherent modes whose summed patterns hold the same counts;
+    as the source shrinks to a point the frames become the coherent ones."""
+    from cryoptycho.gpu.sim.errors import ExperimentErrors
+    from cryoptycho.gpu.sim.ptycho import simulate_ptychography
+
+    kw = {"sample": "hemoglobin", "dose": 20.0, "frame_size": 32, "detector": "ideal",
+          "multislice": False, "seed": 1, "noise": False}
+    coherent = simulate_ptychography(**kw)
+    point = simulate_ptychography(errors=ExperimentErrors(source_size=0.005e-10), **kw)
+    wide = simulate_ptychography(errors=ExperimentErrors(source_size=1.0e-10, source_modes=3), **kw)
+    assert wide.truth_probe.shape == (3, 32, 32) and coherent.truth_probe.shape == (32, 32)
+    np.testing.assert_allclose(point.frames, coherent.frames, rtol=2e-3, atol=1e-3 * coherent.frames.max())
+    total = coherent.frames.sum(axis=(1, 2))
+    np.testing.assert_allclose(wide.frames.sum(axis=(1, 2)), total, rtol=1e-3)
+    assert np.abs(wide.frames - coherent.frames).max() > 0.05 * coherent.frames.max()
+    powers = mode_powers(wide.truth_probe)
+    assert powers.sum() == pytest.approx(float((abs(coherent.truth_probe) ** 2).sum()), rel=1e-4)
+    assert powers[1] > 0.05 * powers.sum()
+
+
+def test_simulate_cli_writes_probe_modes_under_truth(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from cryoptycho.daemon.storage.dataset import read_dataset
+
+    out = tmp_path / "coherence.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cryoptycho.daemon.cli", "simulate", "--sample", "hemoglobin",
+         "--dose", "20", "--frame-size", "32", "--detector", "ideal", "--thin",
+         "--source-size", "1.0", "--probe-modes", "2", "-o", str(out)],
+        capture_output=True, text=True, env=os.environ.copy(), timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 incoherent probe modes" in " ".join(proc.stderr.split())  # (rich wraps lines)
+    data = read_dataset(out)
+    assert data.truth_probe.shape == (2, 32, 32)
+    assert data.probe_model is not None and data.probe is None  # the user gets the nominal model
+    assert data.metadata["errors"]["source_size"] == pytest.approx(1e-10)

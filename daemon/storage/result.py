@@ -14,7 +14,9 @@ Layout:
                            pixel_height_m, center_x_m, center_y_m (of the array centre),
                            origin_m = (y, x) of pixel (0, 0)
     /probe                 (M, M) complex64 sample-plane probe, Σ|ψ|² = counts per pattern;
-                           attrs pixel_width_m, pixel_height_m
+                           (modes, M, M) for a mixed-state probe (orthogonal modes, strongest
+                           first; Σ over all modes = counts per pattern); attrs pixel_width_m,
+                           pixel_height_m
     /probe_position_x_m, /probe_position_y_m   (K,) probe centres of the frames used
     /probe_position_indexes                    (K,) their frame indices (0…K-1 unless the raw
                                                part says which frames they were)
