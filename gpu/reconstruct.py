@@ -58,7 +58,7 @@ from .positions import ScanModel, update_positions
 from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
-from .probes import initial_modes, make_probe, normalise_probe, orthogonalize_modes
+from .probes import initial_modes, make_probe, normalise_probe, orthogonalize_modes, source_modes
 from .state import ReconState
 
 #: The amplitude model's loss is doubled: Var(√y) ≈ ¼ for Poisson y, so 2(|z| − √y)² is its
@@ -142,6 +142,15 @@ def _initial_probe(data: PtychoData, options: ReconOptions, xp: ModuleType, coun
     return probe
 
 
+def with_source(probe: Any, opts: ReconOptions, pixel_size: float) -> Any:
+    """``probe`` blurred by the finite source ``opts.source_size_m`` into incoherent modes
+    (``probes.source_modes`` of its main mode; the probe itself when there is no source)."""
+    if not opts.source_size_m:
+        return probe
+    main = probe if probe.ndim == 2 else probe[0]
+    return source_modes(main, pixel_size, opts.source_size_m, opts.probe_modes if opts.probe_modes > 1 else 3)
+
+
 def illuminated_pixels(probe: Any, batch: Batch, threshold: float = 0.01) -> int:
     """Object pixels whose total illumination exceeds ``threshold`` × its maximum."""
     illum = illumination(probe, batch)
@@ -186,6 +195,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     geometry = fit_geometry(positions, data.real_pixel_size, m, margin_px=margin)
     batch = make_batch(geometry.to_pixels(positions), geometry.object_shape, m, xp=xp)
     probe = _initial_probe(data, opts, xp, counts_fft)
+    probe = with_source(probe, opts, data.real_pixel_size)
     if opts.probe_modes > 1 or probe.ndim == 3:
         probe = initial_modes(probe, opts.probe_modes)
         if probe.ndim == 3 and probe.shape[0] == 1:
@@ -594,4 +604,5 @@ __all__ = [
     "reconstruct",
     "refine_alternating",
     "refine_full_batch",
+    "with_source",
 ]

@@ -38,7 +38,7 @@ from .options import ReconOptions
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
 from .probes import initial_modes, orthogonalize_modes
-from .reconstruct import Problem, refine_alternating, refine_full_batch
+from .reconstruct import Problem, refine_alternating, refine_full_batch, with_source
 from .state import ReconState
 
 #: Spare object pixels kept around every probe window (sub-pixel shifts need one).
@@ -116,7 +116,7 @@ class StreamingReconstructor:
         probe_host = to_numpy(probe)
         if not np.all(np.isfinite(probe_host)) or np.abs(probe_host).max() == 0:
             raise ValueError("probe must be finite and not all zero")
-        self.probe = asarray(probe_host, xp, self._cdtype).copy()
+        self.probe = with_source(asarray(probe_host, xp, self._cdtype).copy(), options, self._pixel_size)
         if options.probe_modes > 1 or self.probe.ndim == 3:
             # incoherent modes (mixed state): extra ones start from the given probe
             self.probe = initial_modes(self.probe, options.probe_modes)

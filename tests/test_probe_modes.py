@@ -168,7 +168,7 @@ def _scores(state, truth):
     from engine_helpers import nrmse, phase_corr, scored_region
 
     region = scored_region(truth, M // 2)
-    rec = np.asarray(state.object)
+    rec = to_numpy(state.object)
     return phase_corr(rec, truth, region), nrmse(rec, truth, region)
 
 
@@ -201,6 +201,28 @@ def test_known_modes_reconstruct_partially_coherent_data_better_than_one_probe()
     c1, e1 = _scores(coherent, truth)
     c3, e3 = _scores(mixed, truth)
     assert c3 > c1 + 0.2 and e3 < e1, ((c1, e1), (c3, e3))
+
+
+def test_a_known_source_size_makes_the_modes_of_a_fixed_probe(xp):
+    """``source_size_m``: the nominal coherent probe and the source's rms size give the modes,
+    offline and live; with the probe fixed they score as the true modes do, far above the
+    coherent probe."""
+    from cryoptycho.gpu.reconstruct import reconstruct
+    from cryoptycho.gpu.stream import StreamingReconstructor
+    from engine_helpers import PIXEL
+
+    data, _, truth = _partially_coherent()
+    backend = "strict" if "strict" in xp.__name__ else ("cupy" if "cupy" in xp.__name__ else "numpy")
+    opts = {"iterations": 40, "refine_probe": False, "init": "ones", "backend": backend}
+    coherent = reconstruct(data, opts)
+    sourced = reconstruct(data, dict(opts, source_size_m=SOURCE_PX * PIXEL))
+    assert sourced.probe.shape == (3, M, M)
+    c1, e1 = _scores(coherent, truth)
+    c3, e3 = _scores(sourced, truth)
+    assert c3 > c1 + 0.2 and e3 < e1, ((c1, e1), (c3, e3))
+    live = StreamingReconstructor(frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                  probe=data.probe, options=ReconOptions(**opts, source_size_m=SOURCE_PX * PIXEL))
+    assert live.probe.shape == (3, M, M)
 
 
 def test_refined_modes_fit_partially_coherent_data_better_than_one_refined_probe():
