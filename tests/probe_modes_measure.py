@@ -5,7 +5,8 @@ figures in gpu/ENGINE.md "Partial coherence: probe modes"):
 
 The frames are recorded with the three strongest modes of a finite (Gaussian) source; the
 dataset gives the nominal coherent probe model. Reconstructions: the nominal probe fixed (the
-default at this dose), the true modes fixed (oracle), one refined probe, three refined modes."""
+default at this dose), the true modes fixed (oracle), one refined probe, three refined modes, and the nominal probe with the known source size
+(``source_size_m``) fixed."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--frame-size", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="*", help="run only the named rows (substrings)")
     args = ap.parse_args()
     err = ExperimentErrors(source_size=args.source_size * 1e-10, source_modes=3, seed=args.seed)
     data = simulate_ptychography(sample=args.sample, dose=args.dose, frame_size=args.frame_size,
@@ -47,8 +49,12 @@ def main() -> None:
                              {"refine_probe": True}),
         "3 modes, refined": (dataclasses.replace(data, probe=nominal, probe_model=None),
                              {"refine_probe": True, "probe_modes": 3}),
+        "source size given, fixed": (data, {"refine_probe": False,
+                                            "source_size_m": args.source_size * 1e-10}),
     }
     for name, (d, opts) in runs.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
         t = time.perf_counter()
         st = reconstruct(d, {"iterations": args.iterations, **opts})
         wall = time.perf_counter() - t
