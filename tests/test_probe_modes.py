@@ -316,7 +316,7 @@ def test_simulated_finite_source_tends_to_the_coherent_scan():
     assert powers[1] > 0.05 * powers.sum()
 
 
-def test_simulate_cli_writes_probe_modes_under_truth(tmp_path):
+def test_simulate_cli_writes_probe_modes_under_truth_and_reconstruct_uses_a_source(tmp_path):
     import os
     import subprocess
     import sys
@@ -335,3 +335,18 @@ def test_simulate_cli_writes_probe_modes_under_truth(tmp_path):
     assert data.truth_probe.shape == (2, 32, 32)
     assert data.probe_model is not None and data.probe is None  # the user gets the nominal model
     assert data.metadata["errors"]["source_size"] == pytest.approx(1e-10)
+    # and the reconstruction with the known source writes its two modes to the result file
+    from cryoptycho.daemon.storage.result import read_result
+
+    res = tmp_path / "coherence.result.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cryoptycho.daemon.cli", "reconstruct", str(out), "-o", str(res),
+         "-n", "3", "--set", "source_size_m=1e-10", "--set", "probe_modes=2"],
+        capture_output=True, text=True, env=os.environ.copy(), timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    state = read_result(res).state
+    assert state.geometry.probe_shape == (32, 32)
+    probe = state.probe
+    assert probe.shape == (2, 32, 32)
+    powers = mode_powers(probe)
+    assert powers[0] > powers[1] > 0.05 * powers.sum()
