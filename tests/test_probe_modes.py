@@ -350,3 +350,23 @@ def test_simulate_cli_writes_probe_modes_under_truth_and_reconstruct_uses_a_sour
     assert probe.shape == (2, 32, 32)
     powers = mode_powers(probe)
     assert powers[0] > powers[1] > 0.05 * powers.sum()
+
+
+def test_mode_steps_do_not_synchronise_on_a_device():
+    """On the strict (CuPy-semantics) backend, mini-batch steps with three refined modes make
+    no device synchronisation and no frame copy, as with one probe."""
+    from cryoptycho.gpu import strict
+    from cryoptycho.gpu.stream import StreamingReconstructor
+
+    data, _, _ = _partially_coherent()
+    engine = StreamingReconstructor(
+        frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=data.pixel_size, probe=data.probe,
+        options=ReconOptions(backend="strict", probe_modes=3, refine_probe=True,
+                             stream={"probe_warmup_steps": 0, "batch_size": 16}),
+        expected_frames=len(data.positions))
+    engine.add_frames(np.asarray(data.frames), np.asarray(data.positions))
+    with strict.counting() as c:
+        results = [engine.step() for _ in range(8)]
+    assert c.syncs == 0, c.summary()
+    assert all(r.probe_updated for r in results)
+    assert all(np.isfinite(engine.flush_losses()))
