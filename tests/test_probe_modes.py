@@ -370,3 +370,19 @@ def test_mode_steps_do_not_synchronise_on_a_device():
     assert c.syncs == 0, c.summary()
     assert all(r.probe_updated for r in results)
     assert all(np.isfinite(engine.flush_losses()))
+
+
+def test_a_one_mode_probe_reconstructs_exactly_as_the_coherent_probe():
+    """A (1, M, M) dataset probe runs the coherent engine: bit-identical object and probe."""
+    import dataclasses
+
+    from cryoptycho.gpu.reconstruct import reconstruct
+
+    data, _, _ = _partially_coherent()
+    opts = {"iterations": 8, "refine_probe": True, "probe_start_iteration": 2, "init": "ones"}
+    coherent = reconstruct(data, opts)
+    stacked = reconstruct(dataclasses.replace(data, probe=data.probe[None]), opts)
+    assert stacked.probe.shape == (M, M)
+    np.testing.assert_array_equal(stacked.object, coherent.object)
+    np.testing.assert_array_equal(stacked.probe, coherent.probe)
+    assert stacked.loss_values == coherent.loss_values
