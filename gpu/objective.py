@@ -75,7 +75,6 @@ def mixed_data_term(
     through I, so ∂L/∂z̄_m = f · z_m with the same real factor f for every mode (Poisson:
     f = w(1 − y/I); amplitude: f = w(1 − √y/√I)). The object gradient sums the modes'
     back-propagations, the probe gradient has one per mode (P, M, M)."""
-    xp = array_module(obj)
     windows = extract(obj, batch)
     fars = []
     inten = None
@@ -88,15 +87,32 @@ def mixed_data_term(
     terms = far_field_terms(fars[0], counts, model, mask, truncation, alpha_h, truncation_sums,
                             want_grad=False, inten=inten)
     factor = terms.factor
-    g_obj = None
-    g_probe = xp.zeros_like(probe) if want_probe else None
-    for m, far in enumerate(fars):
+    for far in fars:
         far *= factor
-        back = ifft2(far)
-        fars[m] = None
+    del factor
+    return back_propagate_modes(terms, fars, windows, [position_probes(probe[m], batch)
+                                                       for m in range(probe.shape[0])],
+                                batch, want_probe)
+
+
+def back_propagate_modes(
+    terms: FarFieldTerms, grads: Any, windows: Any, psis: Any, batch: Batch, want_probe: bool
+) -> DataTerm:
+    """:func:`back_propagate` of P incoherent modes: ``grads[m]`` = ∂L/∂z̄ₘ (B, M, M) and
+    ``psis[m]`` the mode's per-position probes (B or 1, M, M) (lists, or arrays with a leading
+    mode axis). Object gradients summed, one probe gradient per mode (P, M, M)."""
+    xp = array_module(windows)
+    n = int(grads.shape[0]) if hasattr(grads, "shape") else len(grads)
+    g_obj = None
+    g_probe = None
+    for m in range(n):
+        back = ifft2(grads[m])
         if want_probe:
-            g_probe[m] = probe_adjoint(windows.conj() * back, batch)
-        back *= position_probes(probe[m], batch).conj()
+            part = probe_adjoint(windows.conj() * back, batch)
+            if g_probe is None:
+                g_probe = xp.zeros((n,) + tuple(part.shape), dtype=part.dtype)
+            g_probe[m] = part
+        back *= psis[m].conj()
         part = scatter_add(back, batch)
         g_obj = part if g_obj is None else g_obj + part
     valid = terms.valid

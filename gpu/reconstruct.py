@@ -286,10 +286,7 @@ class FullBatchObjective:
 
     def line(self, x: dict[str, Any], d: dict[str, Any], keys: set[str]) -> Any:
         """CG's line search model along ``d`` (trials at elementwise cost, line_model.py), or
-        None when its far fields do not fit in memory or the probe has several modes (the
-        model holds one far field per position; CG then evaluates each trial)."""
-        if x["probe"].ndim == 3:
-            return None
+        None when its far fields (one per position and probe mode) do not fit in memory."""
         return full_batch_line(self, x, d, keys)
 
     def __call__(self, x: dict[str, Any]) -> tuple[float, dict[str, Any]]:

@@ -386,3 +386,38 @@ def test_a_one_mode_probe_reconstructs_exactly_as_the_coherent_probe():
     np.testing.assert_array_equal(stacked.object, coherent.object)
     np.testing.assert_array_equal(stacked.probe, coherent.probe)
     assert stacked.loss_values == coherent.loss_values
+
+
+@pytest.mark.parametrize("keys", [{"object"}, {"object", "probe"}])
+def test_line_model_with_modes_matches_direct_evaluations(xp, keys):
+    """CG's line model (line_model.py) carries the mode axis: values, slopes, points and
+    gradients as direct evaluations of the objective give them."""
+    from cryoptycho.gpu import line_model
+    from cryoptycho.gpu.cg import _Direct
+
+    rng, batch, obj, probe, counts, mask = _problem(xp, 3)
+    opts = ReconOptions(precision="double", chunk_size=4, alpha_h=5.0, prior="tikhonov")
+    fun = FullBatchObjective(counts, batch, mask, opts, kappa=0.5, probe_power=40.0)
+    fun.want_probe = "probe" in keys
+    x = {"object": obj, "probe": probe}
+    d = {"object": _rand_c(xp, rng, obj.shape, 0.02), "probe": _rand_c(xp, rng, probe.shape, 0.05)}
+    model = line_model.full_batch_line(fun, x, d, keys)
+    assert isinstance(model, line_model.FullBatchLine)
+    direct = _Direct(fun, x, d, keys)
+    for t in (0.0, 0.4, 1.0, 3.0):
+        f_m, s_m = model.value(t)
+        f_d, s_d = direct.value(t)
+        assert f_m == pytest.approx(f_d, rel=1e-12)
+        assert s_m == pytest.approx(s_d, rel=1e-8, abs=1e-10 * abs(s_d) + 1e-12)
+        x_m, f_pm, g_m = model.point(t)
+        _, _, g_d = direct.point(t)
+        assert float(f_pm) == pytest.approx(f_d, rel=1e-12)
+        for key in g_d:
+            np.testing.assert_allclose(to_numpy(g_m[key]), to_numpy(g_d[key]), rtol=1e-9,
+                                       atol=1e-9 * float(abs(to_numpy(g_d[key])).max()))
+    x_next, _, _ = model.point(1.0)
+    carried = line_model.full_batch_line(fun, x_next, d, keys)
+    assert carried.reuses == 1
+    fun._line_carry = None
+    fresh = line_model.full_batch_line(fun, x_next, d, keys)
+    assert carried.value(0.7)[0] == pytest.approx(fresh.value(0.7)[0], rel=1e-12)
