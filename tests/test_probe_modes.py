@@ -409,7 +409,7 @@ def test_line_model_with_modes_matches_direct_evaluations(xp, keys):
         f_d, s_d = direct.value(t)
         assert f_m == pytest.approx(f_d, rel=1e-12)
         assert s_m == pytest.approx(s_d, rel=1e-8, abs=1e-10 * abs(s_d) + 1e-12)
-        x_m, f_pm, g_m = model.point(t)
+        _, f_pm, g_m = model.point(t)
         _, _, g_d = direct.point(t)
         assert float(f_pm) == pytest.approx(f_d, rel=1e-12)
         for key in g_d:
