@@ -91,8 +91,10 @@ class PtychoData:
         if not np.isfinite(size) or size <= 0:
             raise ValueError(f"pixel size / angle must be positive, got {size!r}")
         m = self.frame_shape
-        if self.probe is not None and tuple(self.probe.shape) != m:
-            raise ValueError(f"probe shape {self.probe.shape} does not match frame shape {m}")
+        if self.probe is not None and (tuple(self.probe.shape[-2:]) != m or self.probe.ndim not in (2, 3)
+                                       or self.probe.shape[0] == 0):
+            raise ValueError(f"probe shape {self.probe.shape} does not match frame shape {m} "
+                             "(give (M, M), or (modes, M, M) for a mixed-state probe)")
         if self.truth_positions is not None and np.shape(self.truth_positions) != pos.shape:
             raise ValueError(
                 f"truth positions must have shape {pos.shape} like positions, got "

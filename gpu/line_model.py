@@ -10,6 +10,8 @@ normalisation (:class:`~cryoptycho.gpu.reconstruct.FullBatchObjective`). After B
 once per direction (A is the far field of the last accepted point), every trial step of the line
 search costs no FFT: the loss and φ'(t) = 2 Re⟨∂L/∂z̄, z'(t)⟩ are elementwise in z(t) and z'(t).
 Only the accepted step pays for the gradient (one inverse FFT per position and the adjoints).
+A probe of P incoherent modes (P, M, M) carries a leading mode axis through A, B and C; the
+intensity is the sum over it.
 
 The three far fields are held for every position, so the model is used only when they fit the
 memory budget (:func:`line_budget_bytes`); otherwise CG evaluates the objective at each trial.
@@ -35,7 +37,7 @@ from .backend import (
     scalar_as,
 )
 from .likelihood import far_field_terms, intensity_sums
-from .objective import back_propagate
+from .objective import back_propagate, back_propagate_modes
 from .operators import extract, position_probes
 from .priors import prior_term
 
@@ -57,6 +59,14 @@ def line_budget_bytes(xp: Any) -> int:
         except (ValueError, OSError, AttributeError):
             free = 2 << 30
     return int(LINE_MEMORY_SHARE * free)
+
+
+def _position_probes(probe: Any, sub: Any) -> Any:
+    """:func:`position_probes`, with a leading mode axis for a mixed-state probe."""
+    if probe.ndim == 2:
+        return position_probes(probe, sub)
+    xp = array_module(probe)
+    return xp.stack([position_probes(probe[m], sub) for m in range(probe.shape[0])])
 
 
 @dataclass
@@ -92,6 +102,7 @@ class FullBatchLine:
             self.a = dev_float(xp.vdot(probe.ravel(), self.d_probe.ravel()).real)
             self.b = dev_float(xp.vdot(self.d_probe.ravel(), self.d_probe.ravel()).real)
         self.rdt = real_of(self.t_obj.dtype)
+        self.modes = probe.ndim == 3
         carry: _Carry | None = getattr(fun, "_line_carry", None)
         reuse = (
             carry is not None and carry.obj is x["object"] and carry.probe is probe
@@ -104,12 +115,12 @@ class FullBatchLine:
         if kept is not None and kept[0] is probe:
             self.p0s = kept[1]
         else:
-            self.p0s = [position_probes(probe, sub) for sub in fun.batches]
+            self.p0s = [_position_probes(probe, sub) for sub in fun.batches]
         fun._line_probes = (probe, self.p0s) if self.d_probe is None else None
         self.terms: list[tuple[Any, Any, Any]] = []
         for i, sub in enumerate(fun.batches):
             p0 = self.p0s[i]
-            p1 = position_probes(self.d_probe, sub) if self.d_probe is not None else None
+            p1 = _position_probes(self.d_probe, sub) if self.d_probe is not None else None
             w0 = extract(self.t_obj, sub) if p1 is not None or not reuse else None
             far_a = carry.far[i] if reuse else fft2(p0 * w0)
             far_b = far_c = None
@@ -180,8 +191,10 @@ class FullBatchLine:
                     h *= s_r
                     if self.d_probe is not None and (on_device(ds) or ds != 0.0):
                         h += inten * ratio  # s is constant while the probe is fixed
-                weights.append(h)
+                weights.append(h.sum(axis=0) if self.modes else h)
             del z
+            if self.modes:
+                inten = inten.sum(axis=0)  # incoherent modes: intensities add
             if self._truncating():
                 part = intensity_sums(inten, self._counts(sl, inten), fun.mask)
                 total = [p + q for p, q in zip(total, part)]
@@ -267,14 +280,24 @@ class FullBatchLine:
             u = self._unscaled(i, t)
             carried.append(u)
             z = u * s_r
-            terms = far_field_terms(
-                z, fun.counts_fft[sl], opts.noise_model, fun.mask, opts.truncation,
-                opts.alpha_h, sums, overwrite=True, inten=intens[i],
-            )
-            intens[i] = None
             # S(sψ) = s·Sψ: with the probe fixed its shifted copies need no FFT
-            psi_k = self.p0s[i] * s_r if self.d_probe is None else position_probes(psi, sub)
-            dt = back_propagate(terms, extract(obj_t, sub), psi_k, sub, fun.want_probe)
+            psi_k = self.p0s[i] * s_r if self.d_probe is None else _position_probes(psi, sub)
+            if self.modes:
+                terms = far_field_terms(
+                    None, fun.counts_fft[sl], opts.noise_model, fun.mask, opts.truncation,
+                    opts.alpha_h, sums, want_grad=False, inten=intens[i],
+                )
+                intens[i] = None
+                z *= terms.factor
+                terms.factor = None
+                dt = back_propagate_modes(terms, z, extract(obj_t, sub), psi_k, sub, fun.want_probe)
+            else:
+                terms = far_field_terms(
+                    z, fun.counts_fft[sl], opts.noise_model, fun.mask, opts.truncation,
+                    opts.alpha_h, sums, overwrite=True, inten=intens[i],
+                )
+                intens[i] = None
+                dt = back_propagate(terms, extract(obj_t, sub), psi_k, sub, fun.want_probe)
             loss += dt.loss
             g_obj += dt.grad_object
             if fun.want_probe:
@@ -295,7 +318,8 @@ def full_batch_line(fun: Any, x: dict[str, Any], d: dict[str, Any], keys: set[st
     # + the carried far field of the last point, alive while the new ones are made, a
     # trial's |z|² and slope weights (two real arrays = one complex) for every frame, and
     # the shifted probes of every position (jittered scans)
-    need = (arrays + 3) * frames * item
+    modes = int(x["probe"].shape[0]) if x["probe"].ndim == 3 else 1
+    need = modes * (arrays + 3) * frames * item
     if need > line_budget_bytes(xp):
         fun._line_carry = None
         return None

@@ -383,6 +383,20 @@ def adjoint_probe(far: Any, obj: Any, batch: Batch, windows: Any | None = None) 
     return probe_adjoint(windows.conj() * ifft2(far), batch)
 
 
+def mode_intensity(obj: Any, probe: Any, batch: Batch) -> Any:
+    """Σ_m |F[S_δ ψ_m · R_k T]|² (B, M, M), FFT order: the measured intensity model of a
+    probe with P incoherent modes ``probe`` (P, M, M), or |z|² of a single (M, M) probe."""
+    modes = probe[None] if probe.ndim == 2 else probe
+    windows = extract(obj, batch)
+    total = None
+    for m in range(modes.shape[0]):  # (iterating a device array would read it back)
+        far = fft2(position_probes(modes[m], batch) * windows)
+        inten = far.real * far.real
+        inten += far.imag * far.imag
+        total = inten if total is None else total + inten
+    return total
+
+
 #: Positions per chunk of :func:`illumination`: bounds its work memory on a full scan.
 ILLUMINATION_CHUNK = 512
 
@@ -390,7 +404,13 @@ ILLUMINATION_CHUNK = 512
 def illumination(probe: Any, batch: Batch) -> Any:
     """Σ_k R_k^H |S_δ ψ|² — the total probe intensity at each object pixel (for step scaling
     and coverage maps). In chunks: the shifted probes of a whole jittered scan at once would
-    take 8 bytes per detector pixel of the scan."""
+    take 8 bytes per detector pixel of the scan. A mixed-state probe (P, M, M) gives the sum
+    over its modes (the intensity of incoherent modes adds)."""
+    if probe.ndim == 3:
+        total = illumination(probe[0], batch)
+        for m in range(1, probe.shape[0]):  # (iterating a device array would read it back)
+            total = total + illumination(probe[m], batch)
+        return total
     xp = array_module(probe)
     total = None
     for lo in range(0, max(batch.size, 1), ILLUMINATION_CHUNK):

@@ -133,6 +133,19 @@ class ReconOptions(_Strict):
     probe it finds keeps overlap 1.00 with the truth (0.84 → 0.71). Hence a default above the
     measured range: "auto" keeps a given probe fixed at every dose this product sees."""
     probe_start_iteration: int = Field(10, ge=0)
+    probe_modes: int = Field(1, ge=1, le=16)
+    """Incoherent probe modes (mixed-state probe, for partial spatial coherence): the model
+    intensity is Σ_m |F[ψ_m(r − r_k)·T(r)]|². 1 is the coherent probe. Extra modes start from
+    the probe's derivatives with 20 % of its power together (gpu/probes.py, ``initial_modes``)
+    and are kept orthogonal, ordered by power; a dataset probe of shape (modes, M, M) keeps
+    all its modes (more are added up to ``probe_modes``). Extra modes that start from the
+    derivatives are only meaningful refined (``refine_probe`` true); with a fixed probe give
+    their source instead (``source_size_m``)."""
+    source_size_m: float = Field(0.0, ge=0)
+    """Known partial coherence: the probe's modes are made from the given (coherent) probe seen
+    through a Gaussian source of this rms size at the sample, metres (gpu/probes.py,
+    ``source_modes``; ``probe_modes`` of them, 3 when ``probe_modes`` is 1). One number, so it
+    serves a fixed probe at any dose. 0: no source blur."""
 
     refine_positions: bool = False
     """Refine the probe positions from the data (gpu/positions.py): Gauss–Newton updates of a

@@ -23,7 +23,9 @@ from .backend import (
     fft2,
     host_floats,
     ifft2,
+    real_of,
     scalar_as,
+    to_numpy,
 )
 from .geometry import wavelength
 
@@ -195,7 +197,9 @@ def scale_probe(probe: np.ndarray, frames: np.ndarray, mask: np.ndarray | None) 
     frames of a scan. Host arrays; the probe comes back unchanged when there are no counts."""
     valid = np.ones(frames.shape[1:], bool) if mask is None else np.asarray(mask, bool)
     counts = float(frames[:, valid].sum(dtype=np.float64)) / max(len(frames), 1)
-    far = np.abs(np.fft.fftshift(np.fft.fft2(probe, norm="ortho"))) ** 2
+    far = np.abs(np.fft.fftshift(np.fft.fft2(probe, norm="ortho"), axes=(-2, -1))) ** 2
+    if far.ndim == 3:
+        far = far.sum(axis=0)  # incoherent probe modes: their patterns add
     share = float(far[valid].sum() / max(far.sum(), 1e-30))
     power = float((np.abs(probe) ** 2).sum())
     if counts <= 0 or power <= 0:
@@ -214,3 +218,132 @@ def probe_diffraction_pattern(probe: Any) -> Any:
     """|F ψ|² in detector order (centred) — the vacuum pattern of this probe."""
     xp = array_module(probe)
     return xp.fft.fftshift(xp.abs(fft2(probe)) ** 2)
+
+
+# --- mixed-state (incoherent) probe modes -------------------------------------------------
+# A partially coherent beam (finite source, energy spread, vibrations) is an incoherent sum of
+# coherent modes: the measured intensity is Σ_m |F[ψ_m · T]|². The modes are defined up to a
+# unitary mixing (which leaves every intensity unchanged), fixed here by orthogonalising them
+# and ordering them by power.
+
+#: Share of the total power given to the extra modes at initialisation (together): a
+#: small start, as PtyPy and pty-chi do, so that one mode's data are not spoiled at once.
+EXTRA_MODE_POWER = 0.2
+
+
+def as_modes(probe: Any) -> Any:
+    """``probe`` as a (P, M, M) stack of modes: an (M, M) probe is one mode."""
+    return probe[None] if probe.ndim == 2 else probe
+
+
+def orthogonalize_modes(probe: Any) -> Any:
+    """Orthonormal-basis form of the modes (P, M, M): Q = Vᴴ ψ with ψψᴴ = V Λ Vᴴ, so that the
+    modes are mutually orthogonal and ordered by falling power (Λ). Vᴴ is unitary, so the
+    incoherent sum Σ_m |F[ψ_m T]|² — and with it the likelihood — is unchanged. The P×P
+    Gram matrix is diagonalised on the host (one small transfer); an (M, M) probe is returned
+    as it is."""
+    if probe.ndim == 2 or probe.shape[0] == 1:
+        return probe
+    xp = array_module(probe)
+    flat = probe.reshape(probe.shape[0], -1)
+    gram = to_numpy(flat @ flat.conj().T).astype(np.complex128)
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1]
+    mix = vectors[:, order].conj().T.astype(complex_of(probe.dtype))
+    return (xp.asarray(mix) @ flat).reshape(probe.shape)
+
+
+def mode_powers(probe: Any) -> np.ndarray:
+    """Σ|ψ_m|² of each mode (host floats); one value for an (M, M) probe."""
+    modes = as_modes(probe)
+    return to_numpy((modes.real**2 + modes.imag**2).sum(axis=(-2, -1))).astype(np.float64)
+
+
+def initial_modes(probe: Any, modes: int, extra_power: float = EXTRA_MODE_POWER) -> Any:
+    """A (``modes``, M, M) mixed-state start from the probe ``probe`` ((M, M), or fewer modes
+    (P, M, M) whose first is the main one), with the total power Σ|ψ|² unchanged.
+
+    A finite source blurs the probe by incoherent shifts: ψ(r − s) ≈ ψ − s·∇ψ + ½(s·∇)²ψ, so the
+    first extra modes of a partially coherent probe are its derivatives ∂_y ψ, ∂_x ψ, then the
+    second ones (∂_y², ∂_y∂_x, ∂_x²), made here in Fourier space (2πi k ψ̂), orthogonalised
+    (Gram–Schmidt) and given ``extra_power`` of the power together (each order half the
+    power of the one before, shared equally by its terms). With more modes than
+    derivatives, further modes are higher powers of k. Modes already given are kept (all of them, even
+    beyond ``modes``)."""
+    if modes < 1:
+        raise ValueError(f"probe_modes must be at least 1, got {modes}")
+    given = as_modes(probe)
+    have = int(given.shape[0])
+    if modes <= have:
+        return probe  # given modes are never dropped
+    if not 0 < extra_power < 1:
+        raise ValueError(f"extra mode power must be in (0, 1), got {extra_power}")
+    xp = array_module(probe)
+    shape = tuple(given.shape[-2:])
+    (total,) = host_floats((given.real**2 + given.imag**2).sum())
+    main = given[0]
+    ky = xp.fft.fftfreq(shape[0])[:, None]
+    kx = xp.fft.fftfreq(shape[1])[None, :]
+    spec = fft2(main)
+    orders = [(a, n - a) for n in range(1, 64) for a in range(n, -1, -1)]
+    extra = []
+    for a, b in orders[: modes - have]:
+        factor = ((2j * np.pi * ky) ** a * (2j * np.pi * kx) ** b).astype(complex_of(main.dtype))
+        extra.append(ifft2(spec * factor))
+    # Gram–Schmidt in order: each new mode orthogonal to the given ones and to those before
+    basis = [given[i].reshape(-1) for i in range(have)]
+    for j, mode in enumerate(extra):
+        v = mode.reshape(-1)
+        for g in basis:
+            v = v - (xp.vdot(g, v) / xp.vdot(g, g).real) * g
+        basis.append(v)
+        extra[j] = v.reshape(shape)
+    new = xp.stack(extra)
+    powers = mode_powers(new)
+    # each derivative order n half the power of order n − 1, shared equally by its n + 1
+    # terms (a round source blurs y and x alike)
+    order = np.array([a + b for a, b in orders[: modes - have]], dtype=np.float64)
+    shares = 0.5 ** (order - 1) / (order + 1)
+    shares = shares / shares.sum() * extra_power * total
+    scale = np.sqrt(shares / np.maximum(powers, 1e-300))
+    new = new * xp.asarray(scale.astype(real_of(main.dtype)))[:, None, None]
+    keep = given * scalar_as(np.sqrt(1.0 - extra_power), real_of(main.dtype))
+    return xp.concatenate([keep, new.astype(given.dtype)])
+
+
+def source_modes(probe: Any, pixel_size: float, source_size: float, modes: int = 3) -> Any:
+    """The ``modes`` strongest incoherent modes (P, M, M) of ``probe`` seen through a finite
+    source: a Gaussian of rms ``source_size`` metres (per axis, in the sample plane) blurs the
+    probe by incoherent shifts, ρ = ∫ g(s) |ψ(r − s)⟩⟨ψ(r − s)| ds. The shifts are sampled on a
+    grid of σ/2 out to 3σ (Fourier shifts: exact for a band-limited probe), the mixed state is
+    diagonalised (:func:`orthogonalize_modes`) and the strongest modes keep the probe's total
+    power Σ|ψ|². ``source_size`` 0 gives the probe as its only mode."""
+    if modes < 1:
+        raise ValueError(f"modes must be at least 1, got {modes}")
+    if not np.isfinite(source_size) or source_size < 0:
+        raise ValueError(f"source size must be a non-negative length in metres, got {source_size!r}")
+    xp = array_module(probe)
+    if source_size == 0:
+        out = xp.zeros((modes,) + tuple(probe.shape), dtype=probe.dtype)
+        out[0] = probe
+        return out
+    sigma = source_size / pixel_size
+    step = sigma / 2.0
+    offs = np.arange(-6, 7) * step
+    sy, sx = np.meshgrid(offs, offs, indexing="ij")
+    weight = np.exp(-(sy**2 + sx**2) / (2 * sigma * sigma)).ravel()
+    keep = weight > 1e-3 * weight.max()
+    shifts = np.stack([sy.ravel()[keep], sx.ravel()[keep]], axis=1)
+    weight = weight[keep] / weight[keep].sum()
+    ky = xp.fft.fftfreq(probe.shape[0])[:, None]
+    kx = xp.fft.fftfreq(probe.shape[1])[None, :]
+    spec = fft2(probe)
+    cdt = complex_of(probe.dtype)
+    copies = xp.stack([
+        ifft2(spec * xp.exp(-2j * np.pi * (ky * float(s[0]) + kx * float(s[1]))).astype(cdt))
+        * float(np.sqrt(w)) for s, w in zip(shifts, weight)
+    ])
+    strongest = orthogonalize_modes(copies)[:modes]
+    (total, kept) = host_floats((probe.real**2 + probe.imag**2).sum(),
+                                (strongest.real**2 + strongest.imag**2).sum())
+    return strongest * float(np.sqrt(total / kept))

@@ -41,16 +41,24 @@ from .cg import minimize
 from .data import PtychoData
 from .geometry import ScanGeometry, fit_geometry
 from .init import flat_object, random_object, spectral_object
-from .likelihood import truncation_sums
+from .likelihood import intensity_sums, truncation_sums
 from .line_model import full_batch_line
 from .objective import data_term
-from .operators import Batch, forward, illumination, make_batch, sub_batch, to_fft_order
+from .operators import (
+    Batch,
+    forward,
+    illumination,
+    make_batch,
+    mode_intensity,
+    sub_batch,
+    to_fft_order,
+)
 from .options import ReconOptions
 from .positions import ScanModel, update_positions
 from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
-from .probes import make_probe, normalise_probe
+from .probes import initial_modes, make_probe, normalise_probe, orthogonalize_modes, source_modes
 from .state import ReconState
 
 #: The amplitude model's loss is doubled: Var(√y) ≈ ¼ for Poisson y, so 2(|z| − √y)² is its
@@ -100,6 +108,13 @@ def measured_probe_power(counts_fft: Any, mask: Any | None, probe: Any | None = 
     if mask is None:
         (total,) = host_floats(counts_fft.sum(dtype=np.float64))
         return total / counts_fft.shape[0]
+    if probe is not None and probe.ndim == 3:
+        # incoherent modes: their diffraction powers add
+        spec = fft2(probe)
+        spec = (spec.real**2 + spec.imag**2).sum(axis=0)
+        total, on, whole = host_floats(
+            (counts_fft * mask).sum(dtype=np.float64), (spec * mask).sum(), spec.sum())
+        return total / counts_fft.shape[0] / max(on / max(whole, 1e-300), 1e-12)
     if probe is None:
         (total,) = host_floats((counts_fft * mask).sum(dtype=np.float64))
         return total / counts_fft.shape[0]
@@ -130,6 +145,15 @@ def _initial_probe(data: PtychoData, options: ReconOptions, xp: ModuleType, coun
     mean = counts_fft.astype(real_dtype(options.precision)).mean(axis=0)
     probe = xp.fft.fftshift(ifft2(xp.sqrt(mean).astype(complex_dtype(options.precision))))
     return probe
+
+
+def with_source(probe: Any, opts: ReconOptions, pixel_size: float) -> Any:
+    """``probe`` blurred by the finite source ``opts.source_size_m`` into incoherent modes
+    (``probes.source_modes`` of its main mode; the probe itself when there is no source)."""
+    if not opts.source_size_m:
+        return probe
+    main = probe if probe.ndim == 2 else probe[0]
+    return source_modes(main, pixel_size, opts.source_size_m, opts.probe_modes if opts.probe_modes > 1 else 3)
 
 
 def illuminated_pixels(probe: Any, batch: Batch, threshold: float = 0.01) -> int:
@@ -188,6 +212,11 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     geometry = fit_geometry(positions, data.real_pixel_size, m, margin_px=margin)
     batch = make_batch(geometry.to_pixels(positions), geometry.object_shape, m, xp=xp)
     probe = _initial_probe(data, opts, xp, counts_fft)
+    probe = with_source(probe, opts, data.real_pixel_size)
+    if opts.probe_modes > 1 or probe.ndim == 3:
+        probe = initial_modes(probe, opts.probe_modes)
+        if probe.ndim == 3 and probe.shape[0] == 1:
+            probe = probe[0]
     power = measured_probe_power(counts_fft, mask, probe)
     if power <= 0:
         raise ValueError("the dataset holds no counts in valid pixels: nothing to reconstruct")
@@ -197,8 +226,11 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     elif opts.init == "ones":
         obj = flat_object(geometry.object_shape, opts, xp)
     else:
+        # the spectral start of a mixed-state probe uses its main mode at the full power
+        main = probe if probe.ndim == 2 else probe[0] * scalar_as(
+            dev_float(xp.sqrt((abs(probe) ** 2).sum() / (abs(probe[0]) ** 2).sum())), real_of(probe.dtype))
         obj = spectral_object(
-            counts_fft, batch, probe, geometry.object_shape, mask,
+            counts_fft, batch, main, geometry.object_shape, mask,
             iterations=opts.spectral_iterations, seed=opts.seed,
         )
     return Problem(
@@ -265,8 +297,13 @@ class FullBatchObjective:
             return None
         total: list[Any] = [0.0, 0.0, 0.0]
         for sl, sub in zip(self.slices, self.batches):
-            far = forward(t, psi, sub)
             y = self.counts_fft[sl]
+            if psi.ndim == 3:
+                inten = mode_intensity(t, psi, sub)
+                part = intensity_sums(inten, y, self.mask)
+                total = [a + b for a, b in zip(total, part)]
+                continue
+            far = forward(t, psi, sub)
             part = truncation_sums(far, y if y.dtype == far.real.dtype else y.astype(far.real.dtype),
                                    self.mask)
             total = [a + b for a, b in zip(total, part)]
@@ -274,7 +311,7 @@ class FullBatchObjective:
 
     def line(self, x: dict[str, Any], d: dict[str, Any], keys: set[str]) -> Any:
         """CG's line search model along ``d`` (trials at elementwise cost, line_model.py), or
-        None when its far fields do not fit in memory."""
+        None when its far fields (one per position and probe mode) do not fit in memory."""
         return full_batch_line(self, x, d, keys)
 
     def __call__(self, x: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -351,7 +388,7 @@ def refine_full_batch(
         raise ValueError(
             f"counts hold {counts_fft.shape[0]} patterns but the batch has {batch.size} positions"
         )
-    if counts_fft.shape[1:] != probe.shape:
+    if counts_fft.shape[1:] != probe.shape[-2:]:
         raise ValueError(f"frame shape {counts_fft.shape[1:]} does not match probe {probe.shape}")
     power = host_floats((abs(probe) ** 2).sum())[0] if probe_power is None else float(probe_power)
     if opts.mu0 == "auto":
@@ -417,15 +454,19 @@ def refine_full_batch(
         sparse.update(x["object"], it, force=True)
         it += 0 if res.iterations else 1  # count a fruitless attempt, so the loop ends
     final_probe, _ = _normalised(x["probe"], power)
-    return x["object"], final_probe, losses
+    # incoherent modes are defined up to a unitary mixing (the loss is unchanged by it): hand
+    # them back orthogonal and ordered by power
+    return x["object"], orthogonalize_modes(final_probe), losses
 
 
 def _spectral_centroid(probe: Any) -> np.ndarray:
     """Circular centroid (cycles per pixel, y and x) of the probe's power spectrum."""
     xp = array_module(probe)
     power = xp.abs(fft2(probe)) ** 2
+    if power.ndim == 3:
+        power = power.sum(axis=0)  # of all modes together
     out = []
-    for axis, n in ((1, probe.shape[0]), (0, probe.shape[1])):
+    for axis, n in ((1, power.shape[0]), (0, power.shape[1])):
         marginal = power.sum(axis=axis)
         phase = xp.exp(2j * np.pi * xp.arange(n) / n)
         out.append(float(np.angle(complex(to_numpy((marginal * phase).sum())))) / (2 * np.pi))
@@ -444,9 +485,9 @@ def fix_phase_ramp(obj: Any, probe: Any, reference_probe: Any) -> tuple[Any, Any
     if not np.any(dq):
         return obj, probe
 
-    def ramp(shape: tuple[int, int], sign: float) -> Any:
-        y = xp.arange(shape[0])[:, None]
-        x = xp.arange(shape[1])[None, :]
+    def ramp(shape: tuple[int, ...], sign: float) -> Any:
+        y = xp.arange(shape[-2])[:, None]
+        x = xp.arange(shape[-1])[None, :]
         return xp.exp(sign * 2j * np.pi * (dq[0] * y + dq[1] * x))
 
     return (obj * ramp(obj.shape, 1.0)).astype(obj.dtype), (probe * ramp(probe.shape, -1.0)).astype(probe.dtype)
@@ -573,6 +614,11 @@ def full_batch_reconstruct(
     if opts.mu0 == "auto":
         opts = opts.with_mu0_decision(
             counts_per_object_pixel(problem.counts_fft, problem.mask, problem.probe, problem.batch))
+    if problem.probe.ndim == 3 and (opts.aberration_search or opts.refine_aberrations
+                                    or opts.refine_positions):
+        raise ValueError(
+            f"a mixed-state probe ({problem.probe.shape[0]} modes) cannot yet be combined with "
+            "refine_positions, refine_aberrations or aberration_search: use probe_modes=1")
     if opts.aberration_search:
         problem = _search_aberrations(problem, opts)
     positions = problem.positions
@@ -613,4 +659,5 @@ __all__ = [
     "reconstruct",
     "refine_alternating",
     "refine_full_batch",
+    "with_source",
 ]

@@ -87,7 +87,7 @@ class ReconState:
             pixel_size=float(d["pixel_size_m"]),
             origin=tuple(float(v) for v in np.asarray(d["origin_m"]).ravel()[:2]),  # type: ignore[arg-type]
             object_shape=tuple(int(v) for v in obj.shape),  # type: ignore[arg-type]
-            probe_shape=tuple(int(v) for v in probe.shape),  # type: ignore[arg-type]
+            probe_shape=tuple(int(v) for v in probe.shape[-2:]),  # type: ignore[arg-type]
         )
         positions = d.get("positions_m")
         nominal = d.get("nominal_positions_m")

@@ -37,7 +37,8 @@ from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, scatter_add
 from .options import ReconOptions
 from .priors import SparsePrior, auto_mu0, prior_term
 from .priors import kappa as kappa_of
-from .reconstruct import Problem, refine_alternating, refine_full_batch
+from .probes import initial_modes, orthogonalize_modes
+from .reconstruct import Problem, refine_alternating, refine_full_batch, with_source
 from .state import ReconState
 
 #: Spare object pixels kept around every probe window (sub-pixel shifts need one).
@@ -91,8 +92,10 @@ class StreamingReconstructor:
             raise ValueError(f"frame_shape must be square (M, M) with M ≥ 2, got {frame_shape!r}")
         if not np.isfinite(pixel_size) or pixel_size <= 0:
             raise ValueError(f"pixel_size must be a positive number of metres, got {pixel_size!r}")
-        if tuple(np.shape(probe)) != shape:
-            raise ValueError(f"probe shape {np.shape(probe)} does not match frame shape {shape}")
+        pshape = tuple(np.shape(probe))
+        if pshape[-2:] != shape or len(pshape) not in (2, 3) or 0 in pshape:
+            raise ValueError(f"probe shape {pshape} does not match frame shape {shape} "
+                             "(give (M, M), or (modes, M, M) for a mixed-state probe)")
         if expected_frames is not None and expected_frames < 1:
             raise ValueError(f"expected_frames must be ≥ 1 when given, got {expected_frames}")
         if extent_m is not None:
@@ -113,7 +116,16 @@ class StreamingReconstructor:
         probe_host = to_numpy(probe)
         if not np.all(np.isfinite(probe_host)) or np.abs(probe_host).max() == 0:
             raise ValueError("probe must be finite and not all zero")
-        self.probe = asarray(probe_host, xp, self._cdtype).copy()
+        self.probe = with_source(asarray(probe_host, xp, self._cdtype).copy(), options, self._pixel_size)
+        if options.probe_modes > 1 or self.probe.ndim == 3:
+            # incoherent modes (mixed state): extra ones start from the given probe
+            self.probe = initial_modes(self.probe, options.probe_modes)
+            if self.probe.ndim == 3 and self.probe.shape[0] == 1:
+                self.probe = self.probe[0]
+            if self.probe.ndim == 3 and (options.refine_positions or options.refine_aberrations):
+                raise ValueError(
+                    f"a mixed-state probe ({self.probe.shape[0]} modes) cannot yet be combined "
+                    "with refine_positions or refine_aberrations: use probe_modes=1")
         self.mask = None
         #: valid pixels, detector order, on the host: frames arriving from the host are
         #: counted there, before they are stored (no device reduction read back per batch)
@@ -593,7 +605,9 @@ class StreamingReconstructor:
         n = self.n_frames
         state = ReconState(
             object=np.array(to_numpy(self.obj), copy=True),
-            probe=np.array(to_numpy(self.probe), copy=True),
+            # modes orthogonal and ordered by power (a unitary mixing: the model is unchanged;
+            # the mini-batch steps commute with it, so the engine keeps its own copy as it is)
+            probe=np.array(to_numpy(orthogonalize_modes(self.probe)), copy=True),
             geometry=self.geometry,
             iteration=self._iteration,
             options=self.decided_options().to_dict(),
@@ -632,7 +646,7 @@ class StreamingReconstructor:
         # object, velocity, prior gradient, update; illumination, accumulated illumination,
         # prior share; scatter_add's float64 bincount pair for the complex gradient.
         canvas_bytes = canvas * (4 * c + 3 * r + 2 * 8)
-        probe = 4 * m2 * c
+        probe = 4 * m2 * c * options.probe_modes
         batch = min(options.stream.batch_size, max(n_frames, 1))
         # Per position-pixel in one step: windows, waves, far field, its gradient, the back-
         # propagated gradient, the per-position shifted probes and the ramps/FFTs that make
@@ -640,7 +654,8 @@ class StreamingReconstructor:
         # intensity/count/factor temporaries (real) and the gather/scatter index (int64).
         # Checked against the tracemalloc peak of a step with distinct sub-pixel shifts (the
         # worst case) in tests/test_stream_engine.py.
-        per_position = m2 * (12 * c + 6 * r + 8)
+        # + a far field per extra incoherent mode
+        per_position = m2 * ((11 + options.probe_modes) * c + 6 * r + 8)
         stream_work = batch * per_position
         chunk = min(options.chunk_size, max(n_frames, 1))
         # refine_full_batch: chunked data-term work and the CG vectors (x, gradient,
@@ -694,6 +709,8 @@ class StreamingReconstructor:
         shift: a preconditioner and coverage map need no sub-pixel accuracy, and skipping
         the shift saves two FFTs per position over :func:`operators.illumination`."""
         inten = (self.probe.real**2 + self.probe.imag**2).astype(self._rdtype, copy=False)
+        if inten.ndim == 3:
+            inten = inten.sum(axis=0)  # incoherent modes: intensities add
         return scatter_add(self.xp.broadcast_to(inten, (batch.size,) + inten.shape), batch)
 
     def _initial_object(self, shape: tuple[int, int]) -> Any:

@@ -37,7 +37,7 @@ INGEST_TYPE_NAMES = tuple(cls.type for cls in INGEST_TYPES)
 #: type → {array name: (wire dtypes, allowed ndims, required)}; None = free-form (control)
 ARRAYS: dict[str, dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]] | None] = {
     "scan_start": {
-        "probe": (("complex64",), (2,), False),
+        "probe": (("complex64",), (2, 3), False),
         "mask": (("uint8",), (2,), False),
         "scan.positions_m": (("float64",), (2,), False),
     },

@@ -74,11 +74,12 @@ def check_scan_start(msg: ScanStart, limits: Limits) -> None:
     if (msg.probe is None) == (msg.probe_model is None):
         fail("probe", "exactly_one", "give exactly one of probe (array) and probe_model")
     if msg.probe is not None:
-        if tuple(msg.probe.shape) != m:
+        if tuple(msg.probe.shape[-2:]) != m or msg.probe.ndim not in (2, 3) or msg.probe.shape[0] == 0:
             fail(
                 "probe",
                 "shape",
-                f"probe shape {tuple(msg.probe.shape)} differs from frame shape {m}",
+                f"probe shape {tuple(msg.probe.shape)} differs from frame shape {m} "
+                "(give (M, M), or (modes, M, M) for a mixed-state probe)",
             )
         if not np.all(np.isfinite(msg.probe)):
             fail("probe", "finite", "probe contains NaN or infinite values")

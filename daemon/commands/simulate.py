@@ -59,6 +59,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 @click.option("--scan-shear", type=float, help="Scan shear (x per y), per cent.")
 @click.option("--jitter", type=click.FloatRange(min=0), help="Rms per-axis position jitter, Å.")
 @click.option("--drift", type=(float, float), help="Drift (y, x) over the whole scan, Å.")
+@click.option("--source-size", type=click.FloatRange(min=0),
+              help="Rms size of a finite (Gaussian) source image at the sample, Å: partial spatial "
+                   "coherence, recorded as incoherent probe modes (the truth keeps them, "
+                   "/truth/probe (modes, M, M)).")
+@click.option("--probe-modes", type=click.IntRange(min=1, max=16), default=3, show_default=True,
+              help="Incoherent modes recorded for --source-size (the strongest of the mixed state).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -69,8 +75,8 @@ def command(
     slice_thickness: float, random_orientation: bool, no_hydrogens: bool, realistic: bool,
     defocus_error: float | None, astigmatism: float | None, astigmatism_angle: float | None,
     scan_scale: tuple[float, float] | None, scan_rotation: float | None, scan_shear: float | None,
-    jitter: float | None, drift: tuple[float, float] | None, seed: int, backend: str,
-    output: Path,
+    jitter: float | None, drift: tuple[float, float] | None, source_size: float | None,
+    probe_modes: int, seed: int, backend: str, output: Path,
 ) -> None:
     """Simulate a low-dose ptychography scan of an atomic model in vitreous ice."""
     from cryoptycho.daemon.storage.dataset import write_dataset
@@ -79,7 +85,8 @@ def command(
     errors = experiment_errors(
         realistic, seed, defocus_error=defocus_error, astigmatism=astigmatism,
         astigmatism_angle=astigmatism_angle, scan_scale=scan_scale, scan_rotation=scan_rotation,
-        scan_shear=scan_shear, jitter=jitter, drift=drift,
+        scan_shear=scan_shear, jitter=jitter, drift=drift, source_size=source_size,
+        probe_modes=probe_modes,
     )
     console = Console(stderr=True)
     with Progress(
@@ -116,6 +123,7 @@ def command(
             f"realistic: nominal probe and positions in the file, truth under /truth; "
             f"true probe {', '.join(f'{k} {v * 1e9:+.1f} nm' for k, v in errors.probe_errors.items()) or 'nominal'}; "
             f"positions off by {shift.mean() * 1e10:.2f} Å on average (max {shift.max() * 1e10:.2f} Å)"
+            + (f"; {data.truth_probe.shape[0]} incoherent probe modes" if data.truth_probe.ndim == 3 else "")
         )
 
 
@@ -123,7 +131,7 @@ def experiment_errors(
     realistic: bool, seed: int, *, defocus_error: float | None = None, astigmatism: float | None = None,
     astigmatism_angle: float | None = None, scan_scale: tuple[float, float] | None = None,
     scan_rotation: float | None = None, scan_shear: float | None = None, jitter: float | None = None,
-    drift: tuple[float, float] | None = None,
+    drift: tuple[float, float] | None = None, source_size: float | None = None, probe_modes: int = 3,
 ) -> ExperimentErrors | None:
     """The errors the flags ask for (CLI units: nm, degrees, per cent, Å), on top of the
     ``--realistic`` preset when given; None when there are none (an oracle experiment)."""
@@ -145,5 +153,8 @@ def experiment_errors(
         updates["jitter"] = jitter * 1e-10
     if drift is not None:
         updates["drift"] = (drift[0] * 1e-10, drift[1] * 1e-10)
+    if source_size is not None:
+        updates["source_size"] = source_size * 1e-10
+        updates["source_modes"] = int(probe_modes)
     errors = dataclasses.replace(base, **updates)  # type: ignore[arg-type]
     return errors if errors.any else None

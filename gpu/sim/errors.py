@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..probes import aberrate
+from ..probes import aberrate, source_modes
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class ExperimentErrors:
     jitter: float = 0.0  #: m, rms per-axis random displacement of each position
     drift: tuple[float, float] = (0.0, 0.0)  #: m, (y, x) drift accumulated over the whole scan
     seed: int = 0  #: random jitter
+    source_size: float = 0.0  #: m, rms (per axis) of the Gaussian source image at the sample
+    source_modes: int = 3  #: incoherent probe modes recorded for a finite source
 
     @classmethod
     def realistic(cls, seed: int = 0) -> ExperimentErrors:
@@ -74,6 +76,14 @@ class ExperimentErrors:
     def true_probe(self, probe: Any, pixel_size: float, energy: float) -> Any:
         """The probe the microscope really formed, from the nominal one."""
         return aberrate(probe, pixel_size, energy, self.probe_errors)
+
+    def true_modes(self, probe: Any, pixel_size: float, energy: float) -> Any:
+        """The true probe as incoherent modes (``source_modes``, M, M) of a finite source
+        (probes.source_modes), or the (M, M) true probe when the source is a point."""
+        true = self.true_probe(probe, pixel_size, energy)
+        if not self.source_size:
+            return true
+        return source_modes(true, pixel_size, float(self.source_size), int(self.source_modes))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

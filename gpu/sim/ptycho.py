@@ -59,7 +59,15 @@ def exit_wave_intensities(
     multislice: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> Any:
-    """Expected far-field intensities (K, M, M), *FFT order*, for each position."""
+    """Expected far-field intensities (K, M, M), *FFT order*, for each position. A probe of
+    incoherent modes (P, M, M) gives the sum of the modes' intensities."""
+    if probe.ndim == 3:
+        total = None
+        for i in range(probe.shape[0]):
+            part = exit_wave_intensities(sliced, probe[i], geometry, positions, energy, multislice,
+                                         progress if i == probe.shape[0] - 1 else None)
+            total = part if total is None else total + part
+        return total
     xp = array_module(probe)
     m = probe.shape
     pix = geometry.to_pixels(positions)
@@ -159,7 +167,7 @@ def simulate_ptychography(
     true_positions = positions
     if errors is not None and errors.any:
         true_positions = errors.true_positions(positions)
-        unit_true = errors.true_probe(unit_probe, pixel_size, energy)
+        unit_true = errors.true_modes(unit_probe, pixel_size, energy)
     else:
         unit_true = unit_probe
     area_per_position = float(extent[0] * extent[1]) / len(positions)

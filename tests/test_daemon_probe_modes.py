@@ -1,0 +1,58 @@
+"""Mixed-state probes through the real daemon: a scan declared with a (modes, M, M) probe and
+``probe_modes`` finishes with the refined modes in the result file."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import h5py
+import numpy as np
+import pytest
+from cryoptycho.gpu.probes import initial_modes
+from cryoptycho.protocols.messages import Result, ScanEvent
+from cryoptycho.protocols.producer import Producer
+from cryoptycho.protocols.subscriber import Subscriber
+from daemon_support import start_daemon, synthetic_scan, wait_subscribed
+
+pytestmark = pytest.mark.subprocess
+
+
+def test_scan_with_probe_modes_saves_the_modes(tmp_path) -> None:
+    scan = synthetic_scan(n_side=10)
+    two = initial_modes(scan.probe, 2).astype(np.complex64)  # a measured two-mode probe
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=6", "--set", "refine_time_budget_s=30")
+    try:
+        sub = Subscriber(daemon.publish, latest_only=False)
+        wait_subscribed(daemon, sub)
+        fields = scan.start_fields("modes", options={"probe_modes": 3, "refine_probe": True})
+        fields["probe"] = two
+        with Producer(daemon.ingest, control=daemon.control) as producer:
+            producer.start_scan(**fields)
+            for lo in range(0, len(scan.frames), 20):
+                producer.send_frames(scan.frames[lo:lo + 20])
+            producer.end_scan()
+        result = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ev = sub.recv(timeout_s=0.5)
+            if isinstance(ev, Result):
+                result = ev
+            if isinstance(ev, ScanEvent) and ev.scan_id == "modes" and ev.event in ("finished", "failed"):
+                assert ev.event == "finished", daemon.log()
+                break
+        sub.close()
+        assert result is not None, daemon.log()
+        assert result.probe.shape == (3, 32, 32)
+        with h5py.File(result.files["result"]) as f:
+            probe = f["probe"][()]
+        assert probe.shape == (3, 32, 32)
+        flat = probe.reshape(3, -1).astype(np.complex128)
+        powers = np.real(np.diag(flat @ flat.conj().T))
+        assert list(powers) == sorted(powers, reverse=True) and powers[2] > 0
+        # the given main mode stays the main mode
+        main = flat[0] / np.linalg.norm(flat[0])
+        given = two[0].ravel() / np.linalg.norm(two[0])
+        assert abs(np.vdot(given, main)) > 0.9
+    finally:
+        daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
