@@ -253,14 +253,17 @@ class ScanManager:
         def task() -> None:  # after the scan's last frames are on disk and with its worker
             if spool is not None:
                 spool.set_status("ended")
+            with session.lock:
+                frames = session.ledger.as_dict()
+            # posted here, not when scan_end was read: the counts are of frames on disk, and
+            # the event precedes whatever the worker publishes once it has the end
+            self.outbox.post("scan.ended", {"scan_id": session.scan_id, "reason": reason, "frames": frames})
             if worker is not None:
                 if spool is not None:
                     spool.close()
                 worker.put(EndOfScan(reason))
 
         self._on_disk(session.scan_id, task)
-        self.outbox.post("scan.ended", {"scan_id": session.scan_id, "reason": reason,
-                                        "frames": session.ledger.as_dict()})
 
     def abort_scan(self, session: Session, reason: str) -> None:
         """Cancel a scan (producer abort or control `cancel`); its spool is kept, marked aborted."""

@@ -96,10 +96,14 @@ def _wait(predicate: Any, what: str, timeout: float = 30.0) -> Any:
 
 
 def _ended(service: BackgroundService, scan_id: str) -> Any:
+    """The scan's session once it ended and its frames are on disk (a frame counts as received
+    only after the spool thread wrote it, which may be just after the scan's end was read)."""
     def check() -> Any:
         s = service.service.scans.sessions.get(scan_id)
         return s if s is not None and s.ended else None
-    return _wait(check, f"scan {scan_id} to end")
+    session = _wait(check, f"scan {scan_id} to end")
+    service.service.scans.flush_disk()
+    return session
 
 
 def test_frames_are_decoded_once_and_spooled_as_the_detector_sent_them(service, monkeypatch) -> None:
