@@ -79,6 +79,9 @@ class ServiceMetrics:
         self.dectris_header_warnings = Counter(
             f"{p}_dectris_header_warnings", "Implausible DECTRIS header values set aside, by header key",
             ["field"], registry=r)
+        self.dectris_undecodable = Counter(
+            f"{p}_dectris_messages_undecodable", "DECTRIS messages that could not be decoded at all "
+            "(truncated, corrupt CBOR, broken multipart), by what was wrong", ["field"], registry=r)
         self.rollbacks = Counter(f"{p}_rollbacks", "Engine states rolled back after NaN or divergence", registry=r)
         self.up = Gauge(f"{p}_up", "1 while the service loop runs", registry=r)
         self.internal_errors = Counter(

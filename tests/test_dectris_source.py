@@ -278,3 +278,29 @@ def test_serve_names_the_known_schemes_for_an_unknown_source(tmp_path: Path) -> 
         "--spool-dir", str(tmp_path / "spool"), "--results-dir", str(tmp_path / "results")])
     assert result.exit_code == 1
     assert "unknown scheme merlin://" in result.output and "dectris2://" in result.output
+
+
+def test_an_undecodable_detector_message_is_reported_not_only_logged(service) -> None:
+    """A message that cannot be decoded at all (corrupt CBOR) reaches the daemon's notice
+    listener (which counts and publishes it); the series around it still becomes a scan."""
+    notices: list[Any] = []
+    frames = _frames(8, seed=5)
+    messages = _series(frames, "after-garbage")
+    messages.insert(0, b"\xd9\xd9\xf7\xff\x00garbage")  # CBOR self-describe tag, then nonsense
+    with SimSender(2) as sender:
+        source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, channel=CHANNEL),
+                               workers=1, batch=16, on_notice=notices.append)
+        pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
+        pusher.start()
+        stop = threading.Event()
+        timer = threading.Timer(30.0, stop.set)  # a safety net, not a timing assertion
+        timer.start()
+        try:
+            stats = source.run(service.service.direct, stop, max_series=1)
+        finally:
+            timer.cancel()
+        pusher.join(10)
+    assert [n.outcome for n in notices] == ["undecodable"], notices
+    assert notices[0].rule == "dectris_message_undecodable"
+    assert stats.frames_sent == 8
+    assert _ended(service, "after-garbage-series1").ledger.as_dict()["received"] == 8

@@ -134,6 +134,8 @@ def dectris_notice_handler(service: Any) -> Any:
     def handle(notice: Any) -> None:
         if notice.outcome == "warning":
             service.metrics.dectris_header_warnings.labels(field=notice.field).inc()
+        elif notice.outcome == "undecodable":
+            service.metrics.dectris_undecodable.labels(field=notice.field).inc()
         else:
             service.metrics.dectris_series.labels(outcome=notice.outcome, field=notice.field).inc()
         # through the service's error path: rate-limited, clipped, a bad scan id kept out of scan_id

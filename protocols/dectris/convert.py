@@ -133,10 +133,11 @@ def load_probe_file(path: Path) -> tuple[np.ndarray, float | None]:
 @dataclass(frozen=True)
 class SeriesNotice:
     """A series that did not become a scan (skipped), one whose scan our protocol refused
-    (rejected), or a header value that was set aside (warning). Published by the daemon as an
-    ``error`` event with rule :attr:`rule` and field ``dectris.<field>``, and counted."""
+    (rejected), a header value that was set aside (warning), or a detector message that could
+    not be decoded at all (undecodable). Published by the daemon as an ``error`` event with rule
+    :attr:`rule` and field ``dectris.<field>``, and counted."""
 
-    outcome: Literal["skipped", "rejected", "warning"]
+    outcome: Literal["skipped", "rejected", "warning", "undecodable"]
     series_id: int | None
     field: str  #: the header, configuration or user_data key concerned
     message: str
@@ -148,7 +149,7 @@ class SeriesNotice:
 
 
 RULES = {"skipped": "dectris_series_skipped", "rejected": "dectris_series_rejected",
-         "warning": "dectris_header_implausible"}
+         "warning": "dectris_header_implausible", "undecodable": "dectris_message_undecodable"}
 
 
 @dataclass

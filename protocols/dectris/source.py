@@ -305,6 +305,12 @@ class DectrisSource(Source):
 
         def on_error(exc: DectrisError) -> None:
             log.error("DECTRIS stream %s: %s", self.url, exc)
+            if self.on_notice is not None:  # published and counted by the daemon, not only logged
+                try:
+                    self.on_notice(SeriesNotice("undecodable", None, getattr(exc, "field", None) or "message",
+                                                f"a detector message could not be decoded: {exc}"))
+                except Exception:  # the listener's failure must not stop the stream
+                    log.exception("DECTRIS notice listener failed on an undecodable message")
 
         receiver = DectrisReceiver(self.endpoint, self.version, context=ctx, on_error=on_error,
                                    channels=[cfg.channel] if cfg.channel else None)
