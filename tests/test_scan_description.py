@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from cryoptycho.daemon.scan import (
     ScanSpec,
     data_from_spec,
@@ -135,3 +136,26 @@ def test_spool_header_round_trips_any_scan(energy, pixel, m, expected, dtype, wi
     header, arrays = spool_header(spec)
     _assert_same_spec(spec_from_spool_header(header, arrays), spec, "through spool_header")
 
+
+
+def test_recorded_data_declares_the_scan_it_holds():
+    """Replay (start_from_data): a measured probe, its mask and positions, and the data's geometry
+    reach the ScanSpec the daemon builds; a probe known only by its model is built and marked."""
+    from cryoptycho.daemon.scan import MODEL_PROBE, start_from_data
+    from cryoptycho.gpu.data import ProbeModel, PtychoData
+
+    spec = spec_from_scan_start(_declaration())
+    frames = np.ones((len(spec.positions_m), M, M), np.uint16)
+    data = data_from_spec(spec, frames, spec.positions_m)
+    back = spec_from_scan_start(decode(encode(start_from_data(data, spec.scan_id, options=spec.options))))
+    for name in ("frame_shape", "frame_dtype", "pixel_size_m", "energy_eV", "probe", "expected_frames",
+                 "positions_m", "extent_m", "mask", "options"):
+        assert _same(getattr(back, name), getattr(spec, name)), name
+
+    modelled = PtychoData(frames=frames, positions=spec.positions_m, energy=300e3, detector_pixel_angle=1e-3,
+                          probe_model=ProbeModel(kind="defocused", semiangle=4e-3, defocus=20e-9))
+    start = decode(encode(start_from_data(modelled, "m", stream_positions=True)))
+    assert start.positions_streamed and start.probe is None
+    built = spec_from_scan_start(start)
+    assert built.metadata[MODEL_PROBE] and built.probe.shape == (M, M)
+    assert built.pixel_size_m == pytest.approx(modelled.real_pixel_size, rel=1e-12)
