@@ -1,5 +1,5 @@
 """Replaying a recorded scan to a daemon: the reading side :func:`read_source` (dataset, spool or
-result file → :class:`ReplaySource`, through storage/open.py) and the sending side
+result file → :class:`ReplaySource`, through storage/open.py and scan.py::start_from_data) and the sending side
 :func:`replay` (source → Producer). Library code: `cryoptycho replay`, `cryoptycho demo` and
 the benchmarks use it.
 """
@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryoptycho.daemon.scan import start_from_data
 from cryoptycho.daemon.storage.open import open_recorded
-from cryoptycho.protocols.messages import ProbeModelSpec, ScanStart
+from cryoptycho.protocols.messages import ScanStart
 from cryoptycho.protocols.producer import Producer, Receipt
 
 
@@ -34,26 +35,10 @@ def read_source(
     rec = open_recorded(path)
     data = rec.data
     frames = _wire_frames(data.frames)
-    pm = data.probe_model
     positions = np.asarray(data.positions, dtype=np.float64)
-    start = ScanStart(
-        scan_id=scan_id or rec.scan_id or path.stem,
-        energy_eV=data.energy,
-        frame_shape=data.frame_shape,
-        frame_dtype=str(frames.dtype),
-        expected_frames=len(frames),
-        pixel_size_m=data.pixel_size,
-        detector_pixel_angle_rad=data.detector_pixel_angle,
-        probe=None if data.probe is None else np.asarray(data.probe, np.complex64),
-        probe_model=None
-        if pm is None or data.probe is not None
-        else ProbeModelSpec(
-            pm.kind, pm.semiangle, pm.defocus, pm.cs, pm.zones, pm.diameter, pm.seed
-        ),
-        positions_m=None if stream_positions else positions,
-        mask=None if data.mask is None else np.asarray(data.mask, np.uint8),
-        options=rec.options,
-        metadata={**data.metadata, "replayed_from": str(path)},
+    start = start_from_data(
+        data, scan_id or rec.scan_id or path.stem, frame_dtype=frames.dtype, stream_positions=stream_positions,
+        options=rec.options, metadata={"replayed_from": str(path)},
     )
     return ReplaySource(start, frames, positions)
 

@@ -27,7 +27,8 @@ from pydantic import ValidationError
 from .config import ServiceConfig
 from .metrics import ServiceMetrics
 from .publisher import Outbox
-from .session import ScanSpec, Session, State
+from .scan import ScanSpec
+from .session import Session, State
 from .storage.spool import SpoolWriter, file_stem, read_spool, spool_path, unfinished_spools
 from .worker import Cancel, EndOfScan, FrameBatch, Interrupt, ScanWorker
 

@@ -45,14 +45,12 @@ from .ingest import (
     check_chunks,
     check_direct,
     frame_positions,
-    outline_from_scan_start,
-    spec_from_scan_start,
 )
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier
 from .publisher import ErrorThrottle, Outbox, to_message
+from .scan import ScanSpec, outline_from_scan_start, spec_from_scan_start, start_from_spec
 from .scans import ScanManager, ScanRefused
-from .session import ScanSpec
 
 log = logging.getLogger("cryoptycho.service")
 
@@ -130,7 +128,7 @@ class Service:
         self.metrics.up.set(1)
         if self.config.recover:
             for scan_id in self.scans.recover():
-                self._declared[scan_id] = _declaration(self.scans.sessions[scan_id].spec)
+                self._declared[scan_id] = start_from_spec(self.scans.sessions[scan_id].spec)
         log.info("service ready", extra={**self.endpoints, "metrics_port": self.metrics_port})
         self.notifier.ready(f"ingest {self.endpoints['ingest']}")
 
@@ -466,17 +464,6 @@ def _frames_in(parts: list[Any], limits: Limits) -> int:
         return int(np.size(arrays.get("indices", ())))
     except ProtocolError:
         return 0
-
-
-def _declaration(spec: ScanSpec) -> ScanStart:
-    """A ScanStart equivalent to a recovered scan's spooled description (for frame validation)."""
-    return ScanStart(
-        scan_id=spec.scan_id, energy_eV=spec.energy_eV, frame_shape=spec.frame_shape,
-        frame_dtype=spec.frame_dtype, expected_frames=spec.expected_frames or 1,
-        pixel_size_m=spec.pixel_size_m, probe=spec.probe.astype(np.complex64),
-        positions_m=spec.positions_m, mask=None if spec.mask is None else spec.mask.astype(np.uint8),
-        options=spec.options, metadata=spec.metadata,
-    )
 
 
 def _gpu_memory(metrics: ServiceMetrics, backend: str) -> None:

@@ -1,4 +1,4 @@
-"""One scan's session: its state machine, its frame ledger and its engine-facing description.
+"""One scan's session: its state machine and its frame ledger (its description, ScanSpec, is scan.py's).
 
 States: announced → acquiring → refining → finished, or aborted / failed from any live state.
 The manager thread owns every Session; workers report through their queues and the Session's
@@ -10,11 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import numpy as np
+
+from .scan import ScanSpec
 
 
 class State(str, Enum):
@@ -47,35 +48,6 @@ _ALLOWED = {
 
 class TransitionError(RuntimeError):
     pass
-
-
-@dataclass
-class ScanSpec:
-    """Everything the engine needs to know about a scan, independent of the wire format."""
-
-    scan_id: str
-    frame_shape: tuple[int, int]
-    frame_dtype: str
-    pixel_size_m: float
-    energy_eV: float
-    probe: np.ndarray  #: (M, M) complex, sample plane, centred
-    expected_frames: int | None = None
-    positions_m: np.ndarray | None = None  #: (K, 2) if declared up front
-    extent_m: tuple[tuple[float, float], tuple[float, float]] | None = None
-    mask: np.ndarray | None = None  #: (M, M) bool, detector order, True = valid
-    options: dict[str, Any] = field(default_factory=dict)  #: overrides merged on the service defaults
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def field_px(self) -> tuple[int, int]:
-        """Object canvas (pixels) the declared field needs: extent plus one probe window."""
-        m = self.frame_shape
-        if self.extent_m is None:
-            return (2 * m[0], 2 * m[1])
-        (y0, y1), (x0, x1) = self.extent_m
-        return (
-            int(np.ceil((y1 - y0) / self.pixel_size_m)) + m[0] + 5,
-            int(np.ceil((x1 - x0) / self.pixel_size_m)) + m[1] + 5,
-        )
 
 
 class FrameLedger:

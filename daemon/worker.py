@@ -21,15 +21,14 @@ from typing import Any
 import numpy as np
 from cryoptycho.gpu.engines import EngineSpec, LiveEngine, create_engine
 from cryoptycho.gpu.options import ReconOptions
-from cryoptycho.gpu.probes import scale_probe
 from cryoptycho.gpu.state import ReconState
 
 from .config import ServiceConfig
-from .ingest import MODEL_PROBE
 from .metrics import ServiceMetrics
 from .publisher import Outbox, preview_message, result_message
 from .resolution import HalfSetEstimator
-from .session import ScanSpec, Session, State
+from .scan import engine_spec
+from .session import Session, State
 
 log = logging.getLogger("cryoptycho.worker")
 
@@ -89,25 +88,6 @@ class _Stop(Exception):
     def __init__(self, reason: str, failed: bool = False) -> None:
         super().__init__(reason)
         self.reason, self.failed = reason, failed
-
-
-def engine_spec(spec: ScanSpec, first: np.ndarray | None = None) -> EngineSpec:
-    """The engine's view of the scan. A probe from a model (nominal lens settings) gets its
-    power from the ``first`` frames (gpu/probes.py::scale_probe); ``spec`` itself is not
-    changed (the manager thread owns the session)."""
-    probe = spec.probe
-    if first is not None and spec.metadata.get(MODEL_PROBE):
-        probe = scale_probe(probe, first, spec.mask)
-    return EngineSpec(
-        frame_shape=spec.frame_shape,
-        frame_dtype=np.dtype(spec.frame_dtype),
-        pixel_size_m=spec.pixel_size_m,
-        probe=probe,
-        mask=spec.mask,
-        extent_m=spec.extent_m,
-        expected_frames=spec.expected_frames,
-        energy_eV=spec.energy_eV,
-    )
 
 
 class ScanWorker:

@@ -110,7 +110,7 @@ def test_plan_names_outputs_and_refuses_clashes(tmp_path: Path) -> None:
 
 
 def test_spool_files_are_inputs_too(tmp_path: Path) -> None:
-    from cryoptycho.daemon.session import ScanSpec
+    from cryoptycho.daemon.scan import ScanSpec
     from cryoptycho.daemon.storage.spool import SpoolWriter
 
     data = synthetic_dataset(500.0, m=16, grid=3, seed=4)

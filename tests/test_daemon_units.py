@@ -10,7 +10,8 @@ import pytest
 from cryoptycho.daemon.config import ConfigError, load_config
 from cryoptycho.daemon.notify import SystemdNotifier
 from cryoptycho.daemon.publisher import Outbox
-from cryoptycho.daemon.session import FrameLedger, ScanSpec, Session, State, TransitionError
+from cryoptycho.daemon.scan import ScanSpec
+from cryoptycho.daemon.session import FrameLedger, Session, State, TransitionError
 from cryoptycho.daemon.storage.spool import (
     DATA,
     SpoolWriter,

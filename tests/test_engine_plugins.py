@@ -137,8 +137,8 @@ def test_memory_estimate_is_typed_and_drives_the_daemons_admission(tmp_path, mon
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.metrics import ServiceMetrics
     from cryoptycho.daemon.publisher import Outbox
+    from cryoptycho.daemon.scan import ScanSpec
     from cryoptycho.daemon.scans import ScanManager, ScanRefused
-    from cryoptycho.daemon.session import ScanSpec
 
     est = engines.memory_estimate(ReconOptions(), frame_shape=(64, 64), frame_dtype="uint16",
                                   n_frames=1000, field_px=(300, 300))

@@ -161,9 +161,9 @@ def test_refusing_a_scan_that_cannot_fit_builds_nothing_large():
     import tempfile
 
     from cryoptycho.daemon.config import ServiceConfig
-    from cryoptycho.daemon.ingest import outline_from_scan_start
     from cryoptycho.daemon.metrics import ServiceMetrics
     from cryoptycho.daemon.publisher import Outbox
+    from cryoptycho.daemon.scan import outline_from_scan_start
     from cryoptycho.daemon.scans import ScanManager, ScanRefused
     from cryoptycho.protocols.messages import decode
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from cryoptycho.daemon.session import ScanSpec
+from cryoptycho.daemon.scan import ScanSpec
 from cryoptycho.daemon.storage.dataset import read_dataset, write_dataset
 from cryoptycho.daemon.storage.h5format import infer_nav_shape
 from cryoptycho.daemon.storage.open import identify, open_recorded

@@ -9,7 +9,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the bitshuffle filter with h5py)
 import numpy as np
 import pytest
-from cryoptycho.daemon.session import ScanSpec
+from cryoptycho.daemon.scan import ScanSpec
 from cryoptycho.daemon.storage.spool import DATA, DETECTOR_FRAMES, SpoolWriter, read_spool
 from cryoptycho.protocols.compression import bslz4_compress
 from cryoptycho.protocols.sources import RawChunks

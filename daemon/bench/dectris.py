@@ -565,7 +565,7 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
     import tempfile
     from pathlib import Path
 
-    from cryoptycho.daemon.ingest import spec_from_scan_start
+    from cryoptycho.daemon.scan import spec_from_scan_start
     from cryoptycho.daemon.storage.spool import SpoolWriter
     from cryoptycho.gpu.options import ReconOptions
     from cryoptycho.gpu.stream import StreamingReconstructor

@@ -48,9 +48,10 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
     attach viewers whose cost is measured)."""
     from cryoptycho.daemon.config import load_config
     from cryoptycho.daemon.replay import ReplaySource, replay
+    from cryoptycho.daemon.scan import start_from_data
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
-    from cryoptycho.protocols.messages import Metrics, Preview, Result, ScanEvent, ScanStart
+    from cryoptycho.protocols.messages import Metrics, Preview, Result, ScanEvent
     from cryoptycho.protocols.producer import Producer
     from cryoptycho.protocols.subscriber import Subscriber
 
@@ -60,13 +61,7 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
         "refine_time_budget_s": refine_s, "recover": False, "options": {"iterations": iterations},
     })
     n = len(data.frames)
-    start = ScanStart(
-        scan_id="bench-live", energy_eV=data.energy, frame_shape=data.frame_shape,
-        frame_dtype=str(data.frames.dtype), expected_frames=n, pixel_size_m=data.real_pixel_size,
-        probe=np.asarray(data.probe, np.complex64) if data.probe is not None else None,
-        probe_model=None if data.probe is not None else _probe_model(data),
-        positions_m=np.asarray(data.positions, np.float64),
-    )
+    start = start_from_data(data, "bench-live")
     source = ReplaySource(start, data.frames, np.asarray(data.positions, np.float64))
     bg = BackgroundService(config)
     ep = bg.service.endpoints
@@ -139,13 +134,6 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
         "halves_phase_s": info.get("halves_refine_s"),
         "finish_phase_s": info.get("finish_s"),
     }
-
-
-def _probe_model(data: Any) -> Any:
-    from cryoptycho.protocols.messages import ProbeModelSpec
-
-    pm = data.probe_model
-    return ProbeModelSpec(pm.kind, pm.semiangle, pm.defocus, pm.cs, pm.zones, pm.diameter, pm.seed)
 
 
 def _slope(points: list[tuple[float, int]], n: int) -> float | None:

@@ -287,7 +287,7 @@ def measure_spool(side: int, batch: int, seconds: float) -> dict[str, float]:
     import tempfile
     from pathlib import Path
 
-    from cryoptycho.daemon.ingest import spec_from_scan_start
+    from cryoptycho.daemon.scan import spec_from_scan_start
     from cryoptycho.daemon.storage.spool import SpoolWriter
 
     n_scan = batch * 64

@@ -74,9 +74,10 @@ def command(out: Path, sample: str, dose: float, probe: str, rate: float, refine
             seed: int) -> None:
     """Simulate a low-dose scan, reconstruct it live, and report its resolution."""
     from cryoptycho.daemon.replay import ReplaySource
+    from cryoptycho.daemon.scan import start_from_data
     from cryoptycho.daemon.storage.dataset import write_dataset
     from cryoptycho.gpu.sim.ptycho import simulate_ptychography
-    from cryoptycho.protocols.messages import ProbeModelSpec, Result, ScanEvent, ScanStart
+    from cryoptycho.protocols.messages import Result, ScanEvent
     from cryoptycho.protocols.subscriber import Subscriber
 
     console = Console()
@@ -94,15 +95,9 @@ def command(out: Path, sample: str, dose: float, probe: str, rate: float, refine
         "metrics_port": 0, "spool_dir": str(out / "spool"), "results_dir": str(out / "results"),
         "refine_time_budget_s": refine_s, "resolution_interval_s": 5.0, "recover": False,
     })
-    pm = data.probe_model
     scan_id = f"demo-{sample}-{int(time.time())}"
-    start = ScanStart(
-        scan_id=scan_id, energy_eV=data.energy, frame_shape=data.frame_shape,
-        frame_dtype=str(data.frames.dtype), expected_frames=n, pixel_size_m=data.real_pixel_size,
-        probe=None if data.probe is None else np.asarray(data.probe, np.complex64),
-        probe_model=None if pm is None or data.probe is not None else ProbeModelSpec(
-            pm.kind, pm.semiangle, pm.defocus, pm.cs, pm.zones, pm.diameter, pm.seed),
-        positions_m=np.asarray(data.positions, np.float64),
+    start = start_from_data(
+        data, scan_id,
         metadata={"sample": sample, "dose_e_per_A2": dose, "probe": probe, "demo": True},
         options={"refine_probe": refine_probe},
     )

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import h5py
 import numpy as np
+from cryoptycho.daemon.scan import data_from_spec
 from cryoptycho.gpu.data import PtychoData
 
 from . import dataset, result, spool
@@ -99,12 +100,7 @@ def _from_spool(path: Path, kind: Kind, contents: spool.SpoolContents) -> Record
     if len(contents.frames) == 0:
         raise ValueError(f"{path}: the {kind} holds no frames")
     order = np.argsort(contents.indices, kind="stable")
-    data = PtychoData(
-        frames=np.asarray(contents.frames[order]),
-        positions=np.asarray(contents.positions_m[order], dtype=np.float64),
-        energy=spec.energy_eV, pixel_size=spec.pixel_size_m,
-        probe=np.asarray(spec.probe, np.complex64), mask=spec.mask,
-        metadata={**spec.metadata, "scan_id": spec.scan_id, "spool_status": contents.status},
-    )
+    data = data_from_spec(spec, contents.frames[order], contents.positions_m[order],
+                          {"spool_status": contents.status})
     return Recorded(path, kind, data, options=dict(spec.options), scan_id=spec.scan_id,
                     status=contents.status, frame_indices=np.asarray(contents.indices[order]))

@@ -11,7 +11,6 @@ mid-append leaves the previous count, so a reader never sees a half-written fram
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -19,11 +18,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
-from cryoptycho.daemon.session import ScanSpec
+from cryoptycho.daemon.scan import SPOOL_ARRAYS, ScanSpec, spec_from_spool_header, spool_header
 from cryoptycho.daemon.storage.dataset import compression
 from cryoptycho.daemon.storage.h5format import (
     NxcxiEntry,
@@ -91,22 +89,6 @@ def file_stem(scan_id: str) -> str:
     return f"{head}~{digest}"
 
 
-def _spec_header(spec: ScanSpec) -> str:
-    return json.dumps(
-        {
-            "scan_id": spec.scan_id,
-            "frame_shape": list(spec.frame_shape),
-            "frame_dtype": spec.frame_dtype,
-            "pixel_size_m": spec.pixel_size_m,
-            "energy_eV": spec.energy_eV,
-            "expected_frames": spec.expected_frames,
-            "extent_m": spec.extent_m,
-            "options": spec.options,
-            "metadata": spec.metadata,
-        }
-    )
-
-
 class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
@@ -131,12 +113,10 @@ class SpoolWriter:
         try:
             f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, scan_id=spec.scan_id, status="open")
             s = f.create_group("scan")
-            s.attrs["json"] = _spec_header(spec)
-            s["probe"] = np.asarray(spec.probe, dtype=np.complex64)
-            if spec.mask is not None:
-                s["mask"] = np.asarray(spec.mask, dtype=np.uint8)
-            if spec.positions_m is not None:
-                s["positions_declared_m"] = np.asarray(spec.positions_m, dtype=np.float64)
+            header, arrays = spool_header(spec)
+            s.attrs["json"] = header
+            for name, array in arrays.items():
+                s[name] = array
             NxcxiEntry.create(
                 f, title=spec.scan_id, frame_shape=m, frame_dtype=spec.frame_dtype,
                 energy_eV=spec.energy_eV, pixel_size_m=spec.pixel_size_m, metadata=spec.metadata,
@@ -291,24 +271,10 @@ def read_spool(path: str | Path, frames: bool = True) -> SpoolContents:
 
 def spool_contents(path: Path, f: h5py.Group, frames: bool = True) -> SpoolContents:
     """The spool part held by group ``f`` (a spool file's root, or a result file's /raw)."""
-    head: dict[str, Any] = json.loads(f["scan"].attrs["json"])
     g = f[DATA]
     n = int(g.attrs["count"])
-    ext = head.get("extent_m")
-    spec = ScanSpec(
-        scan_id=head["scan_id"],
-        frame_shape=tuple(head["frame_shape"]),  # type: ignore[arg-type]
-        frame_dtype=head["frame_dtype"],
-        pixel_size_m=float(head["pixel_size_m"]),
-        energy_eV=float(head["energy_eV"]),
-        probe=f["scan/probe"][()],
-        expected_frames=head.get("expected_frames"),
-        positions_m=f["scan/positions_declared_m"][()] if "scan/positions_declared_m" in f else None,
-        extent_m=(tuple(ext[0]), tuple(ext[1])) if ext else None,  # type: ignore[arg-type]
-        mask=f["scan/mask"][()].astype(bool) if "scan/mask" in f else None,
-        options=head.get("options") or {},
-        metadata=head.get("metadata") or {},
-    )
+    scan = f["scan"]
+    spec = spec_from_spool_header(scan.attrs["json"], {k: v[()] for k, v in scan.items() if k in SPOOL_ARRAYS})
     m = spec.frame_shape
     return SpoolContents(
         path=path,
