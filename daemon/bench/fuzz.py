@@ -351,7 +351,8 @@ class Harness:
             # dropped or header values it set aside (each published as an error event too)
             ingest_internal = m.get("cryoptycho_internal_errors_total{where=ingest}", 0) + sum(
                 v for k, v in m.items() if k.startswith(("cryoptycho_dectris_series_total",
-                                                         "cryoptycho_dectris_header_warnings_total")))
+                                                         "cryoptycho_dectris_header_warnings_total",
+                                                         "cryoptycho_dectris_messages_undecodable_total")))
             if self.errors_seen == rejected + ingest_internal and not self.pending_aborts:
                 self.fig.rejected = int(rejected) + self._base[0]
                 return
