@@ -66,12 +66,13 @@ def service(tmp_path: Path) -> Iterator[BackgroundService]:
         bg.stop()
 
 
-def _run(service: BackgroundService, messages: list[Any], workers: int = 2, version: int = 2, **cfg: Any) -> Any:
+def _run(service: BackgroundService, messages: list[Any], workers: int = 2, version: int = 2,
+         on_notice: Any = None, **cfg: Any) -> Any:
     """Push ``messages`` from a simulated detector through a DectrisSource into ``service``."""
     with SimSender(version) as sender:
         cfg.setdefault("channel", CHANNEL)
         source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, **cfg),
-                               workers=workers, batch=16)
+                               workers=workers, batch=16, on_notice=on_notice)
         pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
         pusher.start()
         stop = threading.Event()
@@ -287,19 +288,7 @@ def test_an_undecodable_detector_message_is_reported_not_only_logged(service) ->
     frames = _frames(8, seed=5)
     messages = _series(frames, "after-garbage")
     messages.insert(0, b"\xd9\xd9\xf7\xff\x00garbage")  # CBOR self-describe tag, then nonsense
-    with SimSender(2) as sender:
-        source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, channel=CHANNEL),
-                               workers=1, batch=16, on_notice=notices.append)
-        pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
-        pusher.start()
-        stop = threading.Event()
-        timer = threading.Timer(30.0, stop.set)  # a safety net, not a timing assertion
-        timer.start()
-        try:
-            stats = source.run(service.service.direct, stop, max_series=1)
-        finally:
-            timer.cancel()
-        pusher.join(10)
+    _, stats = _run(service, messages, workers=1, on_notice=notices.append)
     assert [n.outcome for n in notices] == ["undecodable"], notices
     assert notices[0].rule == "dectris_message_undecodable"
     assert stats.frames_sent == 8
