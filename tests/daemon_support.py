@@ -209,3 +209,30 @@ def metrics_of(daemon: Daemon) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return out
+
+
+def stream_for_result(daemon: Daemon, sub: Any, fields: dict[str, Any], frames: np.ndarray,
+                      batch: int = 20, timeout_s: float = 120.0) -> Any:
+    """Stream one scan (``fields`` for start_scan, then ``frames`` in messages of ``batch``),
+    wait until the subscribed ``sub`` sees it finish, and return its Result message (the scan
+    failing, or no result, fails the test with the daemon's log)."""
+    from cryoptycho.protocols.messages import Result, ScanEvent
+    from cryoptycho.protocols.producer import Producer
+
+    scan_id = fields["scan_id"]
+    with Producer(daemon.ingest, control=daemon.control) as producer:
+        producer.start_scan(**fields)
+        for lo in range(0, len(frames), batch):
+            producer.send_frames(frames[lo:lo + batch])
+        producer.end_scan()
+    result = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ev = sub.recv(timeout_s=0.5)
+        if isinstance(ev, Result):
+            result = ev
+        if isinstance(ev, ScanEvent) and ev.scan_id == scan_id and ev.event in ("finished", "failed"):
+            assert ev.event == "finished", daemon.log()
+            break
+    assert result is not None, daemon.log()
+    return result

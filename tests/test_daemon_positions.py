@@ -4,15 +4,12 @@ refined positions in the result file and the received ones beside them."""
 from __future__ import annotations
 
 import signal
-import time
 
 import h5py
 import numpy as np
 import pytest
-from cryoptycho.protocols.messages import Result, ScanEvent
-from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
-from daemon_support import PIXEL_M, start_daemon, synthetic_scan, wait_subscribed
+from daemon_support import PIXEL_M, start_daemon, stream_for_result, synthetic_scan, wait_subscribed
 
 pytestmark = pytest.mark.subprocess
 
@@ -24,22 +21,8 @@ def test_scan_with_refine_positions_saves_refined_and_nominal_positions(tmp_path
         sub = Subscriber(daemon.publish, latest_only=False)
         wait_subscribed(daemon, sub)  # SUB connects asynchronously: a slow joiner would miss the first events
         options = {"refine_positions": True, "position_start_iteration": 3, "position_every": 3}
-        with Producer(daemon.ingest, control=daemon.control) as producer:
-            producer.start_scan(**scan.start_fields("pos", options=options))
-            for lo in range(0, len(scan.frames), 20):
-                producer.send_frames(scan.frames[lo:lo + 20])
-            producer.end_scan()
-        result = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            ev = sub.recv(timeout_s=0.5)
-            if isinstance(ev, Result):
-                result = ev
-            if isinstance(ev, ScanEvent) and ev.scan_id == "pos" and ev.event in ("finished", "failed"):
-                assert ev.event == "finished", daemon.log()
-                break
+        result = stream_for_result(daemon, sub, scan.start_fields("pos", options=options), scan.frames)
         sub.close()
-        assert result is not None, daemon.log()
         with h5py.File(result.files["result"]) as f:
             refined = np.stack([f["probe_position_y_m"][()], f["probe_position_x_m"][()]], 1)
             nominal = np.stack([f["nominal_probe_position_y_m"][()], f["nominal_probe_position_x_m"][()]], 1)

@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import h5py
 import numpy as np
 import pytest
 from cryoptycho.gpu.probes import initial_modes
-from cryoptycho.protocols.messages import Result, ScanEvent
-from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
-from daemon_support import start_daemon, synthetic_scan, wait_subscribed
+from daemon_support import start_daemon, stream_for_result, synthetic_scan, wait_subscribed
 
 pytestmark = pytest.mark.subprocess
 
@@ -27,22 +24,8 @@ def test_scan_with_probe_modes_saves_the_modes(tmp_path) -> None:
         wait_subscribed(daemon, sub)
         fields = scan.start_fields("modes", options={"probe_modes": 3, "refine_probe": True})
         fields["probe"] = two
-        with Producer(daemon.ingest, control=daemon.control) as producer:
-            producer.start_scan(**fields)
-            for lo in range(0, len(scan.frames), 20):
-                producer.send_frames(scan.frames[lo:lo + 20])
-            producer.end_scan()
-        result = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            ev = sub.recv(timeout_s=0.5)
-            if isinstance(ev, Result):
-                result = ev
-            if isinstance(ev, ScanEvent) and ev.scan_id == "modes" and ev.event in ("finished", "failed"):
-                assert ev.event == "finished", daemon.log()
-                break
+        result = stream_for_result(daemon, sub, fields, scan.frames)
         sub.close()
-        assert result is not None, daemon.log()
         assert result.probe.shape == (3, 32, 32)
         with h5py.File(result.files["result"]) as f:
             probe = f["probe"][()]

@@ -157,35 +157,18 @@ def test_live_scan_through_the_daemon_saves_the_decided_weight(tmp_path) -> None
     """The field's path: a scan streamed to the real daemon with default options; the result
     file's options hold the μ₀ the dose decided (a number), not "auto"."""
     import signal
-    import time
 
     import h5py
-    from cryoptycho.protocols.messages import Result, ScanEvent
-    from cryoptycho.protocols.producer import Producer
     from cryoptycho.protocols.subscriber import Subscriber
-    from daemon_support import start_daemon, synthetic_scan, wait_subscribed
+    from daemon_support import start_daemon, stream_for_result, synthetic_scan, wait_subscribed
 
     scan = synthetic_scan(n_side=8)
     daemon = start_daemon(tmp_path, "--set", "options.iterations=4", "--set", "refine_time_budget_s=30")
     try:
         sub = Subscriber(daemon.publish, latest_only=False)
         wait_subscribed(daemon, sub)
-        with Producer(daemon.ingest, control=daemon.control) as producer:
-            producer.start_scan(**scan.start_fields("dose"))
-            for lo in range(0, len(scan.frames), 16):
-                producer.send_frames(scan.frames[lo:lo + 16])
-            producer.end_scan()
-        result = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            ev = sub.recv(timeout_s=0.5)
-            if isinstance(ev, Result):
-                result = ev
-            if isinstance(ev, ScanEvent) and ev.scan_id == "dose" and ev.event in ("finished", "failed"):
-                assert ev.event == "finished", daemon.log()
-                break
+        result = stream_for_result(daemon, sub, scan.start_fields("dose"), scan.frames, batch=16)
         sub.close()
-        assert result is not None, daemon.log()
         with h5py.File(result.files["result"]) as f:
             saved = json.loads(f.attrs["options"])["mu0"]
         assert isinstance(saved, float) and MU0_AUTO_RANGE[0] <= saved <= MU0_AUTO_RANGE[1], saved
