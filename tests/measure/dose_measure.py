@@ -2,7 +2,10 @@
 test, run by hand:
 
     python tests/measure/dose_measure.py [--samples hemoglobin] [--doses 5,20,100] [--seeds 0]
-        [--mu0 0.003,0.01,0.03,0.1,0.3] [--iterations 40] [--frame-size 64]
+        [--mu0 0.003,0.01,0.03,0.1,0.3] [--iterations 40] [--frame-size 64] [--large]
+
+``--large``: the ribosome's geometry of ``cryoptycho bench paper --large`` (48×48 frames, 1.6 Å
+pixels, 5 mrad randomized probe, thin object) — the 0.8 Å geometry is too big for a few cores.
 
 Each dataset (`simulate_ptychography`, probe seed 0, noise seed = seed) is reconstructed with
 the exact probe fixed at every fixed μ₀ of the grid and with ``mu0="auto"`` (the default), and
@@ -29,11 +32,13 @@ from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
 from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 
 
-def dataset(sample: str, dose: float, seed: int, frame_size: int):  # type: ignore[no-untyped-def]
-    cache = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / f"dose_measure_{sample}_{dose:g}_{seed}_{frame_size}.pkl"
+def dataset(sample: str, dose: float, seed: int, frame_size: int, large: bool = False):  # type: ignore[no-untyped-def]
+    tag = "_large" if large else ""
+    cache = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / f"dose_measure_{sample}_{dose:g}_{seed}_{frame_size}{tag}.pkl"
     if cache.exists():
         return pickle.loads(cache.read_bytes())
-    data = simulate_ptychography(sample, dose=dose, seed=seed, probe_seed=0, frame_size=frame_size)
+    geometry = {"pixel_size": 1.6e-10, "semiangle": 5e-3, "multislice": False} if large else {}
+    data = simulate_ptychography(sample, dose=dose, seed=seed, probe_seed=0, frame_size=frame_size, **geometry)
     cache.write_bytes(pickle.dumps(data))
     return data
 
@@ -55,17 +60,20 @@ def main() -> None:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--mu0", default="0.003,0.01,0.03,0.1,0.3")
     ap.add_argument("--iterations", type=int, default=40)
-    ap.add_argument("--frame-size", type=int, default=64)
+    ap.add_argument("--frame-size", type=int)
+    ap.add_argument("--large", action="store_true", help="bench paper --large geometry (frame size 48)")
     ap.add_argument("--no-auto", action="store_true", help="only the fixed grid")
     ap.add_argument("--only-auto", action="store_true", help="only mu0 'auto' (lines, no table)")
     args = ap.parse_args()
+    if args.frame_size is None:
+        args.frame_size = 48 if args.large else 64
     grid = [] if args.only_auto else [float(v) for v in args.mu0.split(",")]
     rows = []
     for sample in args.samples.split(","):
         for dose in (float(d) for d in args.doses.split(",")):
             scores: dict[str, list[tuple[float, float, float]]] = {}
             for seed in (int(s) for s in args.seeds.split(",")):
-                data = dataset(sample, dose, seed, args.frame_size)
+                data = dataset(sample, dose, seed, args.frame_size, args.large)
                 for mu0 in [*grid] + ([] if args.no_auto else ["auto"]):
                     pc, res, used, s = run(data, mu0, args.iterations)
                     scores.setdefault(str(mu0), []).append((pc, res, used))
