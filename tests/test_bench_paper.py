@@ -77,3 +77,14 @@ def test_phase_nrmse_is_zero_for_the_truth_one_for_a_flat_image_and_penalises_ov
     low, high = (quantum_limit(t, org, px, pos, dose) for dose in (5.0, 500.0))
     assert math.isfinite(low.phase_nrmse) and high.phase_nrmse < low.phase_nrmse
     assert high.phase_correlation > low.phase_correlation
+
+
+def test_efficiency_is_marked_a_lower_bound_once_the_reconstruction_reaches_nyquist() -> None:
+    from cryoptycho.daemon.bench.paper import _efficiency
+
+    def row(resolution_m: float) -> dict:
+        return {"dose_efficiency": 0.08,
+                "ptychography": {"pixel_size_m": 1.6e-10, "resolution_m": {"particle/pooled/1-bit": resolution_m}}}
+
+    assert _efficiency(row(3.2e-10)) == "≥ 0.08"
+    assert _efficiency(row(3.6e-10)) == "0.08"
