@@ -16,6 +16,9 @@ CG budget (except ``2x-iterations``, which tests the budget itself):
 * ``2x-iterations``: twice the CG budget;
 * ``from-truth``: the defaults started from the true object (the MAP point vs the optimiser).
 
+``--frame-size 128`` changes the experiment instead (the randomized probe's speckle spans half
+the window: 51 Å instead of 26 Å, at the same dose and overlap).
+
 Each run is scored by `evaluate_against_truth` in the particle footprint (phase correlation,
 phase NRMSE, 1-bit / ½-bit FRC) and `dose_efficiency` (particle mask, and the whole scanned area
 as a check of the mask). The per-ring *spectral dose efficiency* η(q) = SNR_recon(q) / SNR_ideal(q)
@@ -44,11 +47,12 @@ from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 RUNS = ("defaults", "mu0/3", "mu0x3", "mu0=0", "truncation-none", "2x-iterations", "from-truth")
 
 
-def dataset(sample: str, dose: float):  # type: ignore[no-untyped-def]
-    cache = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / f"efficiency_measure_{sample}_{dose:g}.pkl"
+def dataset(sample: str, dose: float, frame_size: int = 64):  # type: ignore[no-untyped-def]
+    tag = "" if frame_size == 64 else f"_{frame_size}"
+    cache = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / f"efficiency_measure_{sample}_{dose:g}{tag}.pkl"
     if cache.exists():
         return pickle.loads(cache.read_bytes())
-    data = simulate_ptychography(sample, dose=dose, seed=0, probe_seed=0)
+    data = simulate_ptychography(sample, dose=dose, seed=0, probe_seed=0, frame_size=frame_size)
     cache.write_bytes(pickle.dumps(data))
     return data
 
@@ -64,8 +68,10 @@ def main() -> None:
     ap.add_argument("--dose", type=float, default=20.0)
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--frame-size", type=int, default=64,
+                    help="frame (window) size; the randomized probe's speckle spans half of it")
     args = ap.parse_args()
-    data = dataset(args.sample, args.dose)
+    data = dataset(args.sample, args.dose, args.frame_size)
     px = data.real_pixel_size
     truth = (data.truth_object, data.truth_origin, px, data.positions)
     auto = ReconOptions(refine_probe=False).with_mu0_decision(
