@@ -21,8 +21,9 @@ the dose at which the ideal image reaches the reconstruction's pooled 1-bit reso
 "≥" when the reconstruction already resolves to Nyquist) and the reconstruction's wall time.
 
 The default samples are hemoglobin and the proteasome at 0.8 Å. The ribosome is opt-in:
-``--samples ribosome --large`` (48×48 frames, 1.6 Å pixels, 5 mrad, thin object — minutes
-instead of hours on a few cores; gpu/MEASUREMENTS.md, "Oracle against the dose limit").
+``--samples ribosome --large`` (48×48 frames, 1.6 Å pixels, 5 mrad, thin object: about a
+quarter of the detector pixels of the 0.8 Å geometry; gpu/MEASUREMENTS.md, "Oracle against the
+dose limit").
 
 ``--quick``: hemoglobin at 5 and 20 e⁻/Å², 2 × 3 datasets averaged, 40 iterations (20 stopped
 short: phase correlation 0.355 → 0.376 at 40, 0.377 at 100 on the demo dataset) — a few minutes
@@ -394,7 +395,8 @@ def command(quick: bool, samples: str | None, doses: str, average: int | None, i
     """Regenerate the paper's resolution comparison (ptychography vs defocus vs phase plate)."""
     if structures is not None:
         os.environ["CRYOPTYCHO_STRUCTURES"] = str(structures)
-    # the ribosome is opt-in (--samples ribosome --large): at 0.8 Å it is hours on a few cores
+    # the ribosome is opt-in (--samples ribosome, --large for its coarse geometry): it is the
+    # longest of the three, and the default run stays short
     defaults = ("hemoglobin", 3, 40) if quick else ("hemoglobin,proteasome", 30, 60)
     samples = samples if samples is not None else defaults[0]
     average = average if average is not None else defaults[1]
