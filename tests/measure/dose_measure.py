@@ -5,7 +5,7 @@ test, run by hand:
         [--mu0 0.003,0.01,0.03,0.1,0.3] [--iterations 40] [--frame-size 64] [--large]
 
 ``--large``: the ribosome's geometry of ``cryoptycho bench paper --large`` (48×48 frames, 1.6 Å
-pixels, 5 mrad randomized probe, thin object) — the 0.8 Å geometry is too big for a few cores.
+pixels, 5 mrad randomized probe, thin object), a fraction of the 0.8 Å geometry's cost.
 
 Each dataset (`simulate_ptychography`, probe seed 0, noise seed = seed) is reconstructed with
 the exact probe fixed at every fixed μ₀ of the grid and with ``mu0="auto"`` (the default), and
