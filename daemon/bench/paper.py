@@ -20,10 +20,10 @@ phase NRMSE (particle), NRMSE of T, dose efficiency (:func:`~cryoptycho.gpu.sim.
 the dose at which the ideal image reaches the reconstruction's pooled 1-bit resolution ÷ the dose;
 "≥" when the reconstruction already resolves to Nyquist) and the reconstruction's wall time.
 
-The default samples are hemoglobin and the proteasome at 0.8 Å. The ribosome is opt-in:
-``--samples ribosome --large`` (48×48 frames, 1.6 Å pixels, 5 mrad, thin object: about a
-quarter of the detector pixels of the 0.8 Å geometry; gpu/MEASUREMENTS.md, "Oracle against the
-dose limit").
+The default samples are hemoglobin and the proteasome. The ribosome is opt-in
+(``--samples ribosome``: 3,472 positions at 0.8 Å, 3–8 min a dose on 2 shared cores, < 1 GB);
+``--large`` gives it a coarser geometry (48×48 frames, 1.6 Å pixels, 5 mrad, thin object: under
+half the detector pixels; gpu/MEASUREMENTS.md, "Oracle against the dose limit").
 
 ``--quick``: hemoglobin at 5 and 20 e⁻/Å², 2 × 3 datasets averaged, 40 iterations (20 stopped
 short: phase correlation 0.355 → 0.376 at 40, 0.377 at 100 on the demo dataset) — a few minutes
@@ -363,8 +363,8 @@ def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
 @click.command("paper")
 @click.option("--quick", is_flag=True,
               help="Defaults for a few minutes on 2 cores: hemoglobin, 2 × 3 averaged, 40 iterations.")
-@click.option("--samples", help="Comma-separated: hemoglobin, proteasome, ribosome30s, ribosome (with --large) "
-                                "or a PDB/mmCIF path  [default: hemoglobin,proteasome]")
+@click.option("--samples", help="Comma-separated: hemoglobin, proteasome, ribosome30s, ribosome (the longest; "
+                                "--large for a coarser geometry) or a PDB/mmCIF path  [default: hemoglobin,proteasome]")
 @click.option("--doses", default="5,20", show_default=True, help="Comma-separated, e⁻/Å².")
 @click.option("--average", type=click.IntRange(min=0),
               help="Datasets per half for the averaging, 0 = skip  [default: 30]")
