@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -38,6 +38,16 @@ log = logging.getLogger("cryoptycho.scans")
 HISTORY = 256
 #: frame bytes waiting for the spool thread above which the manager stops reading ingest
 SPOOL_BACKLOG_BYTES = 64 << 20
+
+
+class _Pending(NamedTuple):
+    """Frames of one message waiting for the spool thread."""
+
+    frames: np.ndarray
+    indices: np.ndarray
+    positions: np.ndarray
+    arrived: float
+    worker: ScanWorker | None
 
 
 class ScanRefused(ValueError):
@@ -78,6 +88,8 @@ class ScanManager:
         self._disk_backlog = 0
         self._disk_lock = threading.Lock()
         self._disk_failed: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        #: per scan, the frames waiting for an append the spool thread has not started (_append)
+        self._appending: dict[str, list[_Pending]] = {}
         # the engine module is imported now rather than inside the first scan_start, where its
         # import (~50 ms) would hold up the manager loop
         import cryoptycho.gpu.stream  # noqa: F401
@@ -200,6 +212,10 @@ class ScanManager:
         session.last_activity = time.monotonic()
         worker = self.running.get(session.scan_id)
 
+        if binned is None and raw is None:  # no detector chunks: appended with the frames waiting
+            self._append(session, spool, _Pending(frames, indices, positions, arrived, worker))
+            return n
+
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
             spool.append(frames, indices, positions, binned=binned, raw=raw)
             with session.lock:
@@ -212,12 +228,49 @@ class ScanManager:
         self._on_disk(session.scan_id, write, frames.nbytes)
         return n
 
-    def _on_disk(self, scan_id: str, fn: Callable[[], None], nbytes: int = 0) -> None:
+    def _append(self, session: Session, spool: SpoolWriter, item: _Pending) -> None:
+        """Spool frames: they join the append the spool thread has not started yet, if there
+        is one, else they start one. One append writes all it holds at once (one commit, one
+        flush: SpoolWriter.append_many), so the spool keeps up by growing its appends when it
+        falls behind; its frames count as received, and go to the worker, once it is done."""
+        scan_id = session.scan_id
+        with self._disk_lock:
+            self._disk_backlog += item.frames.nbytes
+            batch = self._appending.get(scan_id)
+            if batch is not None:
+                batch.append(item)
+                return
+            batch = self._appending[scan_id] = [item]
+
+        def write() -> None:  # on the spool thread: a frame counts as received once on disk
+            with self._disk_lock:
+                if self._appending.get(scan_id) is batch:
+                    del self._appending[scan_id]  # frames from now on start the next append
+            try:
+                n = spool.append_many([(i.frames, i.indices, i.positions) for i in batch])
+                with session.lock:
+                    session.ledger.stored(n)
+                self.metrics.frames_received.inc(n)
+                self.metrics.last_frame.set(time.time())
+                for i in batch:
+                    if i.worker is not None:
+                        i.worker.put(FrameBatch(i.frames, i.positions, i.arrived))
+            finally:
+                with self._disk_lock:
+                    self._disk_backlog -= sum(i.frames.nbytes for i in batch)
+
+        self._on_disk(scan_id, write, appending=True)
+
+    def _on_disk(self, scan_id: str, fn: Callable[[], None], nbytes: int = 0, appending: bool = False) -> None:
         """Run ``fn`` on the spool thread after every spool operation asked for before it. A
         failure is logged and counted there and fails the scan (the manager, told through
-        :meth:`reap`, publishes it)."""
+        :meth:`reap`, publishes it). ``appending``: ``fn`` is :meth:`_append`'s write."""
         with self._disk_lock:
             self._disk_backlog += nbytes
+            if not appending:
+                # frames waiting to be spooled are written before this operation: frames
+                # after it must not join them (they would be written before it)
+                self._appending.pop(scan_id, None)
 
         def task() -> None:
             try:

@@ -209,14 +209,16 @@ def command(batches: tuple[int, ...], seconds: float, daemon_frames: int) -> Non
                "of a raw message (target ≥ 50,000 frames/s).")
 
 
-def _producer_process(endpoint: str, side: int, batch: int, codec: str, total: int, go: Any) -> None:
+def _producer_process(endpoint: str, control: str, side: int, batch: int, codec: str, total: int,
+                      go: Any) -> None:
     """The instrument side in a process of its own: one scan of ``total`` frames, sent as fast
     as the daemon takes them (the data are made before the signal)."""
     data = np.random.default_rng(2).poisson(0.1, (batch, side, side)).astype(np.uint16)
     rounds = total // batch
     scan = _scan("e2e", side, rounds * batch, raster=RasterScan((rounds, batch), (1e-10, 1e-10)))
     ctx = zmq.Context()
-    producer = Producer(endpoint, compression=codec, batch_frames=batch, send_timeout_s=60, context=ctx)
+    producer = Producer(endpoint, control=control, compression=codec, batch_frames=batch, send_timeout_s=60,
+                        context=ctx)
     go.wait()
     producer.start_scan(scan)
     for i in range(rounds):
@@ -249,8 +251,8 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
         # descriptors), and its exit swallowed the wake-ups of the daemon's ingest socket
         mp = multiprocessing.get_context("spawn")
         go = mp.Event()
-        proc = mp.Process(target=_producer_process, args=(bg.service.endpoints["ingest"], side, batch, codec,
-                                                          total, go), daemon=True)
+        proc = mp.Process(target=_producer_process, args=(bg.service.endpoints["ingest"], bg.service.endpoints["control"],
+                                                          side, batch, codec, total, go), daemon=True)
         try:
             proc.start()
             time.sleep(0.5)  # the producer connects and makes its frames before the clock starts
