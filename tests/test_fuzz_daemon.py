@@ -208,6 +208,7 @@ def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch, wher
             monkeypatch.setattr(svc.scans, "add_frames", broken)
         else:
             monkeypatch.setattr(SpoolWriter, "append", broken)
+            monkeypatch.setattr(SpoolWriter, "append_many", broken)  # our protocol's frames
         sub = Subscriber(svc.endpoints["publish"], latest_only=False)
         ctl = ControlClient(svc.endpoints["control"], timeout_s=10)
         with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p:
