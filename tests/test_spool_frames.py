@@ -3,6 +3,7 @@ through the HDF5 filter, detector chunks as they arrived; every way gives back t
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import h5py
@@ -78,7 +79,7 @@ def test_batches_written_as_one_append_are_the_batches_appended_one_by_one(tmp_p
     frames = rng.poisson(0.3, (total, 24, 24)).astype(np.uint16)
     pos = rng.normal(size=(total, 2)) * 1e-9
     cuts = np.cumsum([0, *batches])
-    parts = [(frames[a:b], np.arange(a, b), pos[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    parts = [(frames[a:b], np.arange(a, b), pos[a:b]) for a, b in itertools.pairwise(cuts)]
     one = SpoolWriter.create(tmp_path / "one", _spec("many"))
     for part in parts:
         one.append(*part)
@@ -89,6 +90,7 @@ def test_batches_written_as_one_append_are_the_batches_appended_one_by_one(tmp_p
     assert many.count == total
     many.close()
     a, b = (read_spool(tmp_path / d / "many.spool.h5") for d in ("one", "many"))
+    np.testing.assert_array_equal(a.frames, frames)
     np.testing.assert_array_equal(b.frames, frames)
     np.testing.assert_array_equal(b.indices, np.arange(total))
     np.testing.assert_array_equal(b.positions_m, pos)
