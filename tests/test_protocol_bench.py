@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_protocol_end_to_end_into_the_daemon() -> None:
     cmd = ["cryoptycho", "bench", "protocol", "--no-decode", "--batch", "64", "--daemon-frames", "1024",
@@ -15,12 +17,14 @@ def test_bench_protocol_end_to_end_into_the_daemon() -> None:
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
-    row = re.search(r"^\s*64\s+none\s+paused\s+([\d,]+)\s+([\d,]+)\s+([\d,.]+)((?:\s+[\d,.]+){5})\s*$", out, re.MULTILINE)
+    row = re.search(r"^\s*64\s+none\s+paused\s+([\d,]+)\s+([\d,]+)\s+([\d,.]+)((?:\s+[\d,.]+){5})"
+                    r"\s+([\d,.]+)\s+([\d,]+)\s*$", out, re.MULTILINE)
     assert row, out
-    received, stored, cpu = (float(row[i].replace(",", "")) for i in (1, 2, 3))
+    received, stored, cpu, producer, cap = (float(row[i].replace(",", "")) for i in (1, 2, 3, 5, 6))
     # every frame was spooled and counted, then stored (the run waits for both): rates exist, and
     # storing comes after receiving, so its rate cannot be the higher one
-    assert received > 0 and 0 < stored <= received and cpu > 0
+    assert received > 0 and 0 < stored <= received and cpu > 0 and producer > 0
+    assert cap == pytest.approx(2e6 / (cpu + producer), rel=0.01, abs=1)  # the rounded figures it says it divides
     if sys.platform == "linux":  # per-thread CPU from /proc: the roles that did the work show
         roles = dict(zip(("receive", "manager", "spool", "compress", "worker"),
                          (float(x.replace(",", "")) for x in row[4].split()), strict=True))

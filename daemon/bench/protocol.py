@@ -182,7 +182,7 @@ def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon
                "process):")
     roles = ("receive", "manager", "spool", "compress", "worker")
     click.echo(f"{'batch':>5} {'codec':>6} {'engine':>6} {'received/s':>11} {'stored/s':>10} "
-               f"{'CPU µs/frame':>13}  " + " ".join(f"{r:>8}" for r in roles))
+               f"{'CPU µs/frame':>13}  " + " ".join(f"{r:>8}" for r in roles) + f" {'producer':>9} {'2-core cap':>10}")
     cases = [(batch, codec, True) for batch in batches for codec in daemon_codecs]
     if live:
         cases.append((max(batches), daemon_codecs[0], False))
@@ -190,13 +190,18 @@ def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon
         r = measure_daemon(96, batch, codec, daemon_frames, paused=paused)
         click.echo(f"{batch:>5} {codec:>6} {'paused' if paused else 'live':>6} {r['fps_received']:>11,.0f} "
                    f"{r['fps']:>10,.0f} {r['cpu_us_per_frame']:>13,.1f}  "
-                   + " ".join(f"{r['threads'].get(role, 0.0):>8,.1f}" for role in roles))
+                   + " ".join(f"{r['threads'].get(role, 0.0):>8,.1f}" for role in roles)
+                   + f" {r['producer_cpu_us_per_frame']:>9,.1f} "
+                   f"{2e6 / (r['cpu_us_per_frame'] + r['producer_cpu_us_per_frame']):>10,.0f}")
     click.echo("received/s = first message → every frame spooled (flushed) and counted; stored/s = … and in "
                "the engine's frame store (wall); CPU = the daemon process, every thread, µs per frame; by "
                "thread (µs per frame, Linux): receive = ZeroMQ's I/O threads (socket reads), manager = "
                "the service thread (recv, validate, decode, ledger), spool = the spool thread (HDF5 "
                "writes, commit, flush), compress = the spool's compression threads, worker = the "
-               "scan's worker (frame store and engine add_frames; with the engine live, its steps too).")
+               "scan's worker (frame store and engine add_frames; with the engine live, its steps too); "
+               "producer = the sending process's CPU µs per frame; 2-core cap = 2 s of CPU per second "
+               "÷ (daemon + producer CPU per frame): the rate two otherwise idle cores would allow at "
+               "these costs.")
     click.echo(f"\ncost per stage, one thread, isolated, µs of CPU per frame (96×96 uint16, {max(batches)} "
                "frames per message):")
     for name, us in measure_stages(96, max(batches), min(daemon_frames, 32_768)).items():
@@ -231,9 +236,10 @@ def _decode_table(batches: tuple[int, ...], seconds: float) -> None:
 
 
 def _producer_process(endpoint: str, control: str, side: int, batch: int, codec: str, total: int,
-                      go: Any) -> None:
+                      go: Any, cpu_s: Any) -> None:
     """The instrument side in a process of its own: one scan of ``total`` frames, sent as fast
-    as the daemon takes them (the data are made before the signal)."""
+    as the daemon takes them (the data are made before the signal). ``cpu_s``: a shared value
+    that receives the process's CPU seconds from the signal until every message has left."""
     data = np.random.default_rng(2).poisson(0.1, (batch, side, side)).astype(np.uint16)
     rounds = total // batch
     scan = _scan("e2e", side, rounds * batch, raster=RasterScan((rounds, batch), (1e-10, 1e-10)))
@@ -241,12 +247,14 @@ def _producer_process(endpoint: str, control: str, side: int, batch: int, codec:
     producer = Producer(endpoint, control=control, compression=codec, batch_frames=batch, send_timeout_s=60,
                         context=ctx)
     go.wait()
+    c0 = time.process_time()
     producer.start_scan(scan)
     for i in range(rounds):
         producer.send_frames(data, np.arange(i * batch, (i + 1) * batch))
     # every message must leave before the process does (the measurement waits for them all)
     producer.close(linger_s=300)
     ctx.term()
+    cpu_s.value = time.process_time() - c0
 
 
 def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: float = 120.0,
@@ -254,8 +262,9 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
     """Frames/s of one scan from a Producer process into a real daemon (:class:`BackgroundService`),
     engine paused unless ``paused`` is False: ``fps_received`` until every frame is spooled and
     counted (received, in the daemon's sense), ``fps`` until they are all in the engine's frame
-    store too; the daemon process's CPU µs per frame (every thread), and ``threads``: the same
-    by thread role (:func:`thread_cpu`)."""
+    store too; the daemon process's CPU µs per frame (every thread), ``threads``: the same by
+    thread role (:func:`thread_cpu`), and the producer process's (it joins before the daemon
+    stops; NaN if it did not finish)."""
     import contextlib
     import multiprocessing
     import tempfile
@@ -275,9 +284,9 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
         # spawn, not fork: a forked child shares the daemon's ZeroMQ context (its signalling
         # descriptors), and its exit swallowed the wake-ups of the daemon's ingest socket
         mp = multiprocessing.get_context("spawn")
-        go = mp.Event()
+        go, producer_cpu = mp.Event(), mp.Value("d", float("nan"))
         proc = mp.Process(target=_producer_process, args=(bg.service.endpoints["ingest"], bg.service.endpoints["control"],
-                                                          side, batch, codec, total, go), daemon=True)
+                                                          side, batch, codec, total, go, producer_cpu), daemon=True)
         try:
             proc.start()
             time.sleep(0.5)  # the producer connects and makes its frames before the clock starts
@@ -308,7 +317,7 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
     assert t_received is not None
     threads = {role: 1e6 * (th1.get(role, 0.0) - th0.get(role, 0.0)) / total for role in th1}
     return {"fps": total / elapsed, "fps_received": total / t_received, "cpu_us_per_frame": 1e6 * cpu / total,
-            "threads": threads}
+            "threads": threads, "producer_cpu_us_per_frame": 1e6 * producer_cpu.value / total}
 
 
 #: thread name prefix → role in the ingest path (:func:`thread_cpu`)
