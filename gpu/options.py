@@ -59,6 +59,19 @@ class StreamOptions(_Strict):
     pays off for batches larger than that. ``refine`` always uses exact offsets (1e-3 px)."""
     probe_warmup_steps: int = Field(20, ge=0)
     """Mini-batch steps with a fixed probe before the probe joins (``refine_probe`` permitting)."""
+    refine_positions: bool = True
+    """With ``refine_positions`` on, refine the positions while frames arrive too, not only in
+    the full-batch refinement after scan end (gpu/stream.py, gpu/positions.py
+    ``LiveScanModel``): every ``position_every`` steps the batch's frames visited at least
+    ``position_min_visits`` times get their position gradient and Fisher information, and
+    the scan model (affine + bounded residuals) is refitted over every frame measured so far,
+    when the steps' losses are next read (a preview; no device synchronisation in a step)."""
+    position_every: int = Field(4, ge=1)
+    """Mini-batch steps between two position measurements (each costs about one more
+    data-term evaluation of the batch's frames)."""
+    position_min_visits: int = Field(4, ge=1)
+    """The warm-up: a frame's position is measured only once the steps have visited the frame
+    this many times (the object under it must show structure first)."""
     canvas_slack: float = Field(0.25, ge=0, le=4.0)
     """When a position falls outside the canvas, grow it by at least this share of its size on
     the side that overflowed, so a scan that runs past its declared field re-pads rarely."""
