@@ -36,6 +36,7 @@ from .objective import data_term
 from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, scatter_add, to_fft_order
 from .options import ReconOptions
 from .positions import LiveScanModel, position_terms_device
+from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, auto_mu0, prior_term
 from .priors import kappa as kappa_of
 from .probes import initial_modes, orthogonalize_modes
@@ -805,8 +806,17 @@ class StreamingReconstructor:
 
     def _new_canvas(self, positions: np.ndarray) -> None:
         m = self.frame_store.frame_shape
+        margin = CANVAS_MARGIN_PX
+        if self.options.refine_positions:
+            # refined positions may leave the nominal scan's canvas: room for a few per cent
+            # (as offline), so that the canvas rarely grows while they move
+            if self._extent is not None:
+                span_m = float(np.ptp(np.asarray(self._extent, dtype=np.float64), axis=1).max())
+            else:
+                span_m = float(np.ptp(positions, axis=0).max()) if len(positions) else 0.0
+            margin = max(margin, position_margin_px(span_m / self._pixel_size))
         self.geometry = fit_geometry(
-            positions, self._pixel_size, m, margin_px=CANVAS_MARGIN_PX, extent_m=self._extent
+            positions, self._pixel_size, m, margin_px=margin, extent_m=self._extent
         )
         self.obj = self._initial_object(self.geometry.object_shape)
         self._illum = self.xp.zeros(self.geometry.object_shape, dtype=self._rdtype)
