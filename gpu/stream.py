@@ -40,7 +40,13 @@ from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, auto_mu0, prior_term
 from .priors import kappa as kappa_of
 from .probes import initial_modes, orthogonalize_modes
-from .reconstruct import AMPLITUDE_NLL_SCALE, Problem, refine_alternating, refine_full_batch, with_source
+from .reconstruct import (
+    AMPLITUDE_NLL_SCALE,
+    Problem,
+    refine_alternating,
+    refine_full_batch,
+    with_source,
+)
 from .state import ReconState
 
 #: Spare object pixels kept around every probe window (sub-pixel shifts need one).
