@@ -206,3 +206,63 @@ def test_daemon_live_result_carries_positions_refined_while_streaming(tmp_path) 
         assert 0 < moved < 3.0 * PIXEL, moved
     finally:
         daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
+
+
+@pytest.mark.subprocess
+def test_bench_live_on_a_realistic_dataset_scores_positions_live_and_offline(tmp_path) -> None:
+    """`cryoptycho simulate --realistic` then `cryoptycho bench live --dataset … --set …`, as a
+    user runs them: the figures carry both NRMSEs and the nominal, live and offline position
+    errors against the file's /truth, and the live positions moved while streaming."""
+    import json
+    import math
+    import subprocess
+
+    data = tmp_path / "tiny.h5"
+    subprocess.run(["cryoptycho", "simulate", "--realistic", "--frame-size", "24", "--pixel-size", "1.5",
+                    "--semiangle", "5", "--thin", "--dose", "100", "-o", str(data)],
+                   check=True, capture_output=True, timeout=300)
+    run = subprocess.run(
+        ["cryoptycho", "bench", "live", "--dataset", str(data), "--iterations", "0",
+         "--offline-iterations", "3", "--refine-s", "5", "--set", "refine_positions=true",
+         "--set", "stream.position_min_visits=1", "--json"],
+        check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout)
+    assert figures["dose"] == 100 and figures["frame_size"] == 24
+    for key in ("live_nrmse", "offline_nrmse", "nrmse_ratio", "live_phase_correlation",
+                "offline_phase_correlation"):
+        assert math.isfinite(figures[key]), key
+    nominal = figures["nominal_position_error_m"]
+    assert 0.3e-10 < nominal < 3e-10  # the preset's errors (≈ 1 Å), the mean translation removed
+    # no refinement after scan end (0 iterations): the live positions moved while streaming
+    assert figures["live_position_error_m"] != pytest.approx(nominal, rel=1e-6)
+    assert figures["offline_position_error_m"] == pytest.approx(nominal, rel=1e-9)  # 3 CG: none yet
+
+
+def test_bench_live_refuses_contradictory_or_invalid_arguments(tmp_path) -> None:
+    from click.testing import CliRunner
+    from cryoptycho.daemon.cli import main
+
+    data = tmp_path / "x.h5"
+    data.write_bytes(b"")
+    result = CliRunner().invoke(main, ["bench", "live", "--set", "refine_positions=maybe"])
+    assert result.exit_code != 0 and "refine_positions" in result.output
+    result = CliRunner().invoke(main, ["bench", "live", "--realistic", "--dataset", str(data)])
+    assert result.exit_code != 0 and "--realistic" in result.output
+
+
+def test_half_set_estimate_on_canvases_grown_apart() -> None:
+    """The two half-set engines refine their positions apart, so their canvases may grow apart:
+    the FRC compares the region both hold."""
+    from cryoptycho.daemon.resolution import _common_region
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20, 30))
+    b = np.zeros((25, 28))
+    b[3:23, 0:28] = a[:, 2:30]  # b's origin is 3 px above and 2 px right of a's
+    pixel = 1e-10
+    cov = np.arange(a.size, dtype=float).reshape(a.shape)
+    ca, cb, cc = _common_region(a, (0.0, 0.0), b, (-3 * pixel, 2 * pixel), pixel, cov)
+    assert ca.shape == cb.shape == cc.shape == (20, 28)
+    np.testing.assert_array_equal(ca, cb)
+    np.testing.assert_array_equal(cc, cov[:, 2:30])
