@@ -163,7 +163,8 @@ class ReconOptions(_Strict):
     refine_positions: bool = False
     """Refine the probe positions from the data (gpu/positions.py): Gauss–Newton updates of a
     scan model — an affine map of the nominal positions plus small per-position residuals —
-    alternating with the object CG. For scans whose positions are nominal (scan-coil
+    alternating with the object CG (live: also in the mini-batch steps while frames arrive,
+    ``stream.refine_positions``). For scans whose positions are nominal (scan-coil
     distortion, jitter, drift). Off by default: on hemoglobin with the realistic preset it gained
     nothing at 20 e⁻/Å² (0.318 → 0.316 phase correlation; the 0.3 Å jitter is below a single
     position's Cramér–Rao bound of 0.8 Å there) and 0.564 → 0.586 at 200 e⁻/Å² (oracle 0.668;
