@@ -88,7 +88,8 @@ def test_without_live_refinement_the_positions_stay_as_received(xp) -> None:
 def test_no_synchronisation_in_a_step_that_measures_positions() -> None:
     nominal, _true, frames, probe = _distorted_scan()
     opts = ReconOptions(backend="strict", mu0=1e-3, refine_positions=True,
-                        stream={"batch_size": 16, "position_every": 1, "position_min_visits": 1})
+                        stream={"batch_size": 16, "refine_positions": True, "position_every": 1,
+                                "position_min_visits": 1})
     engine = StreamingReconstructor(frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=PIXEL,
                                     probe=probe, options=opts, energy_eV=ENERGY)
     engine.add_frames(frames, nominal)
@@ -172,7 +173,8 @@ def test_daemon_live_result_carries_positions_refined_while_streaming(tmp_path) 
         sub = Subscriber(daemon.publish, latest_only=False)
         wait_subscribed(daemon, sub)
         options = {"refine_positions": True, "mu0": 1e-3,
-                   "stream": {"batch_size": 16, "position_every": 1, "position_min_visits": 2}}
+                   "stream": {"batch_size": 16, "refine_positions": True, "position_every": 1,
+                              "position_min_visits": 2}}
         with Producer(daemon.ingest, control=daemon.control) as producer:
             producer.start_scan(scan_id="live-pos", energy_eV=ENERGY, frame_shape=(M, M),
                                 frame_dtype="uint16", expected_frames=len(frames), pixel_size_m=PIXEL,
@@ -224,7 +226,7 @@ def test_bench_live_on_a_realistic_dataset_scores_positions_live_and_offline(tmp
     run = subprocess.run(
         ["cryoptycho", "bench", "live", "--dataset", str(data), "--iterations", "0",
          "--offline-iterations", "3", "--refine-s", "5", "--set", "refine_positions=true",
-         "--set", "stream.position_min_visits=1", "--json"],
+         "--set", "stream.refine_positions=true", "--set", "stream.position_min_visits=1", "--json"],
         check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     figures = json.loads(run.stdout)
