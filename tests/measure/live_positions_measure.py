@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_helpers import ENERGY, PIXEL, nrmse, weak_phase_object  # noqa: E402
-from test_stream_positions import M, _distorted_scan, _rms_px  # noqa: E402
+from engine_helpers import ENERGY, PIXEL, nrmse, weak_phase_object
+from test_stream_positions import M, _distorted_scan, _rms_px
 
 
 def synthetic(seeds: list[int]) -> None:
@@ -59,14 +59,14 @@ def synthetic(seeds: list[int]) -> None:
                         engine.flush_losses()
             engine.flush_losses()
 
-            def score(eng: StreamingReconstructor) -> float:
-                s = eng.snapshot()
-                return nrmse(resample(s.object, s.geometry.origin, PIXEL, origin, shape), target, whole)
-
-            end, end_px = score(engine), _rms_px(engine.positions(), true)
+            s = engine.snapshot()
+            end = nrmse(resample(s.object, s.geometry.origin, PIXEL, origin, shape), target, whole)
+            end_px = _rms_px(engine.positions(), true)
             engine.refine(40)
+            s = engine.snapshot()
+            final = nrmse(resample(s.object, s.geometry.origin, PIXEL, origin, shape), target, whole)
             print(f"  {name:11s} scan end {end:.4f} ({end_px:.2f} px), after refine(40) "
-                  f"{score(engine):.4f} ({_rms_px(engine.positions(), true):.2f} px)")
+                  f"{final:.4f} ({_rms_px(engine.positions(), true):.2f} px)")
 
 
 def cost(dataset: str, steps: int) -> None:
