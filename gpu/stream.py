@@ -671,7 +671,7 @@ class StreamingReconstructor:
         problem = Problem(
             xp=self.xp, options=opts, counts_fft=self.frame_store.frames[:n], mask=self.mask,
             batch=batch, geometry=self.geometry, probe=self.probe, object=self.obj,
-            positions=self.frame_store.positions[:n].copy(), probe_power=self.probe_power(),
+            positions=self._refine_start_positions(), probe_power=self.probe_power(),
             kappa=self._kappa(), energy=float(self._energy or 0.0),
         )
         run = opts.model_copy(update={"iterations": iterations, "time_budget_s": time_budget_s})
@@ -682,6 +682,16 @@ class StreamingReconstructor:
             if self._live_positions is not None:
                 self._live_positions.forget(positions / self._pixel_size)
         return obj, probe, losses
+
+    def _refine_start_positions(self) -> np.ndarray:
+        """Where the full-batch refinement starts its scan model: the stored positions, or with
+        a live scan model its affine part (the full-batch model then estimates the residuals
+        afresh from the refined object; kept, the live ones would pass for nominal)."""
+        n = self.n_frames
+        live = self._live_positions
+        if live is None or not self.options.refine_positions or len(live.nominal) != n:
+            return self.frame_store.positions[:n].copy()
+        return live._scan().affine_part() * self._pixel_size
 
     def snapshot(self) -> ReconState:
         """Host copies of object, probe and bookkeeping, safe to hand to another thread."""
