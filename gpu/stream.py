@@ -691,7 +691,7 @@ class StreamingReconstructor:
         live = self._live_positions
         if live is None or not self.options.refine_positions or len(live.nominal) != n:
             return self.frame_store.positions[:n].copy()
-        return live._scan().affine_part() * self._pixel_size
+        return live.affine_positions * self._pixel_size
 
     def snapshot(self) -> ReconState:
         """Host copies of object, probe and bookkeeping, safe to hand to another thread."""
