@@ -68,10 +68,10 @@ class StreamOptions(_Strict):
     when the steps' losses are next read (a preview; no device synchronisation in a step).
     Off by default: no measured gain in the final result. On the realistic preset (hemoglobin,
     20 and 100 e⁻/Å², 2 seeds, through the service) the final phase correlation moved by
-    −0.011…+0.020 (mean +0.004) against refinement after scan end only, and the last preview's
-    by −0.038…+0.022 (mean −0.018); on a synthetic speckle-probe scan whose positions the data
+    −0.013…+0.024 (mean +0.002) against refinement after scan end only, and the last preview's
+    by −0.019…+0.012 (mean −0.007); on a synthetic speckle-probe scan whose positions the data
     determine it brings the scan-end position error from 0.66 px to 0.47–0.56 px and the
-    scan-end NRMSE down in 2 of 3 seeds, the final NRMSE up in 2 of 3, at ≈ 20–30 % more time
+    scan-end NRMSE down in 2 of 3 seeds, the final NRMSE up in 2 of 3, at ≈ 56 % more time
     per step (MEASUREMENTS.md, "Live position correction")."""
     position_every: int = Field(4, ge=1)
     """Mini-batch steps between two position measurements (each costs about one more
