@@ -85,7 +85,11 @@ class Figures:
     crash_notes: list[str] = field(default_factory=list)
     ping_s: list[float] = field(default_factory=list)
     slowest: tuple[float, str] = (0.0, "")  #: the slowest ping and the input before it
+    slow_pings: list[tuple[float, str]] = field(default_factory=list)  #: every ping over 50 ms, input before it
     checks: int = 0  #: valid scans completed with every frame
+    #: the daemon's own "slow manager step" log records (service.SLOW_STEP_S): which step of its
+    #: loop took longer than 50 ms, wall and CPU time; pings slow with none of these waited elsewhere
+    slow_steps: list[dict[str, Any]] = field(default_factory=list)
 
     def fig_slowest_note(self) -> str:
         return f"{self.slowest[0] * 1e3:.0f} ms after {self.slowest[1]}"
@@ -102,6 +106,10 @@ class Figures:
             "ping_max_ms": float(pings.max() * 1e3),
             "pings_over_50ms": int((pings > PING_LIMIT_S).sum()),
             "slowest_ping_after": self.fig_slowest_note(),
+            "slow_pings_after": [f"{dt * 1e3:.0f} ms after {note}" for dt, note in sorted(self.slow_pings)[::-1][:10]],
+            "manager_slow_steps": len(self.slow_steps),
+            "manager_slowest_steps": [f"{r['msg']}" for r in sorted(
+                self.slow_steps, key=lambda r: -float(r.get("wall_ms", 0)))[:8]],
         }
 
 
@@ -162,6 +170,17 @@ class FuzzDaemon:
             for s in family.samples:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
                 out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+        return out
+
+    def slow_steps(self) -> list[dict[str, Any]]:
+        """The daemon's "slow manager step" records so far (its JSON log lines with a ``step``)."""
+        out = []
+        for line in list(self.log_lines):
+            if '"step"' in line and line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
         return out
 
     def close(self) -> None:
@@ -332,6 +351,8 @@ class Harness:
         self.fig.ping_s.append(dt)
         if dt > self.fig.slowest[0]:
             self.fig.slowest = (dt, note[:200])
+        if dt > PING_LIMIT_S:
+            self.fig.slow_pings.append((dt, note[:200]))
         self._account(note)
         self._check_files(note)
 
@@ -623,6 +644,7 @@ def fuzz(workdir: Path, examples: int, seed: int, check_every: int = 0,
         harness.check("the final valid scan")
     finally:
         daemon.close()
+        figures.slow_steps += daemon.slow_steps()
     return figures
 
 
@@ -764,6 +786,7 @@ def dectris_fuzz(workdir: Path, examples: int, seed: int, figures: Figures | Non
         harness.check("the final DECTRIS series")
     finally:
         daemon.close()
+        figures.slow_steps += daemon.slow_steps()
         sender.close(linger_s=0)
     return figures
 
@@ -818,6 +841,9 @@ def command(examples: int, seed: int, check_every: int, workdir: Path | None, de
         click.echo(f"ping p50/p99/max  {out['ping_p50_ms']:.1f} / {out['ping_p99_ms']:.1f} / "
                    f"{out['ping_max_ms']:.1f} ms ({out['pings_over_50ms']} over 50 ms)")
         click.echo(f"slowest ping      {out['slowest_ping_after']}")
+        click.echo(f"slow daemon steps {out['manager_slow_steps']} manager-loop steps over 50 ms (daemon log)")
+        for note in out["manager_slowest_steps"]:
+            click.echo(f"                  {note}")
         click.echo(f"valid scans       {out['valid_scans_completed']} completed with every frame")
         click.echo(f"time              {out['seconds']:.0f} s")
         if failure:
