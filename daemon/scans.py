@@ -83,9 +83,19 @@ class ScanManager:
         self._disk_done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         #: scans being re-opened from their spool (control `finish_scan`) → who waits for it
         self._reopening: dict[str, list[Callable[[Session | None, Exception | None], None]]] = {}
+        # Worker threads are started on this thread, not the manager's: Thread.start() waits
+        # until the new thread runs, i.e. until the OS schedules it and it gets the interpreter
+        # lock, which took 150-300 ms on a loaded host and held up ping for as long. Started
+        # now, so that no manager step waits for this thread's own start either.
+        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="worker-start")
+        self._launcher.submit(lambda: None).result()
         # the engine module is imported now rather than inside the first scan_start, where its
-        # import (~50 ms) would hold up the manager loop
+        # import (~50 ms) would hold up the manager loop; so are the algorithm plug-ins (their
+        # entry points: another ~50 ms at the first scan's options)
         import cryoptycho.gpu.stream  # noqa: F401
+        from cryoptycho.gpu.engines import available_engines
+
+        available_engines()
 
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         config.results_dir.mkdir(parents=True, exist_ok=True)
@@ -389,9 +399,25 @@ class ScanManager:
                 worker.put(EndOfScan("scan_end"))
 
         self._on_disk(session.scan_id, task)
-        worker.start()
+        started = self._launcher.submit(worker.start)  # its inbox takes items before it runs
+        started.add_done_callback(lambda f: self._start_failed(session, f.exception()))
         self.outbox.post("scan.acquiring", {"scan_id": session.scan_id})
         log.info("worker started", extra={"scan_id": session.scan_id})
+
+    def _start_failed(self, session: Session, exc: BaseException | None) -> None:
+        """Launcher thread: a worker thread that could not start (no thread left in the OS)
+        fails its scan like a worker exception, through the manager's reap."""
+        if exc is None:
+            return
+        log.error("cannot start the worker thread: %s", exc, extra={"scan_id": session.scan_id})
+        self.metrics.internal_errors.labels(where="worker").inc()
+        if session.transition(State.FAILED, error=f"cannot start: {type(exc).__name__}: {exc}"):
+            self.outbox.post("scan.failed", {"scan_id": session.scan_id, "error": session.error})
+        self.worker_exited(session)
+
+    def workers_started(self) -> None:
+        """Wait until every worker asked for has its thread running (shutdown: before joins)."""
+        self._launcher.submit(lambda: None).result()
 
     # -- called from worker threads ------------------------------------------------------------
     def finish_result(self, session: Session, state: Any) -> dict[str, str]:
@@ -652,6 +678,7 @@ class ScanManager:
         recovered at the next start). Scans whose scan_end arrived are left to finish unless
         ``ended_too``."""
         self.stopping = True
+        self.workers_started()
         for worker in self.running.values():
             if ended_too or not worker.session.ended:
                 worker.put(Interrupt())
@@ -660,4 +687,5 @@ class ScanManager:
         for scan_id in list(self.spools):
             self._close_spool(scan_id)
         self._disk.shutdown(wait=True)
+        self._launcher.shutdown(wait=True)
         self.run_disk_done()  # answers to requests that waited for the spool thread
