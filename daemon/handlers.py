@@ -42,6 +42,11 @@ class HandlerError(ProtocolError):
         super().__init__(field, rule, message)
 
 
+class Later(dict):  # type: ignore[type-arg]
+    """What a handler returns when its reply is made later (:meth:`Service.reply_later`): an
+    empty result that is never sent."""
+
+
 def _session(service: Service, scan_id: Any) -> Any:
     if not isinstance(scan_id, str) or not scan_id:
         raise HandlerError("required (a scan id string)", "params.scan_id", "string_type")
@@ -226,7 +231,7 @@ def _counted(service: Service, name: str, fn: Handler) -> Handler:
         except Exception:
             service.metrics.control_requests.labels(method=name, success="false").inc()
             raise
-        if not service.replying_later():  # a later reply is counted when it is made
+        if not isinstance(result, Later):  # a reply made later is counted when it is made
             service.metrics.control_requests.labels(method=name, success="true").inc()
         return result
 

@@ -45,7 +45,7 @@ from cryoptycho.protocols.wire import read_header, unpack
 from prometheus_client import start_http_server
 
 from .config import ServiceConfig
-from .handlers import build_table
+from .handlers import Later, build_table
 from .ingest import (
     DirectIngest,
     check_chunks,
@@ -488,16 +488,13 @@ class Service:
         self._send_ready(client)
 
     def reply_later(self, method: str, start: Callable[[Done], None],
-                    answer: Callable[[Any, Exception | None], dict[str, Any]]) -> dict[str, Any]:
+                    answer: Callable[[Any, Exception | None], dict[str, Any]]) -> Later:
         """Called by a control handler whose answer needs the spool thread: the reply to this
         request is made by ``answer(value, error)`` once ``start`` has called ``done(value,
         error)`` (on the manager thread, e.g. through ScanManager.after_disk). Until then the
         loop goes on; replies to the same client stay in request order."""
         self._later = (method, start, answer)
-        return {}  # not sent: the reply made later replaces it
-
-    def replying_later(self) -> bool:
-        return self._later is not None
+        return Later()  # not sent: the reply made later replaces it
 
     def _late_reply(self, method: str, answer: Callable[[Any, Exception | None], dict[str, Any]], value: Any,
                     error: Exception | None) -> list[Any]:
