@@ -76,6 +76,7 @@ class ScanManager:
         # loop (and ping) for as long; one FIFO thread keeps appends, status changes, closes and
         # the hand-overs to workers that must follow them in order.
         self._disk = ThreadPoolExecutor(1, thread_name_prefix="spool")
+        self._disk.submit(lambda: None).result()  # its thread starts now, not in the first scan's step
         self._disk_backlog = 0
         self._disk_lock = threading.Lock()
         self._disk_failed: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()

@@ -100,6 +100,7 @@ class Service:
         # a scan_start's probe, positions and spool file are built on this thread while the
         # manager keeps answering (ingest pauses until it is done, so message order holds)
         self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="scan-start")
+        self._prepare_pool.submit(lambda: None).result()  # started now: Thread.start() waits for it
         self._preparing: tuple[ScanStart, Future[tuple[ScanSpec, Any]]] | None = None
         self._stop = threading.Event()
         self._stop_rx, self._stop_tx = socket.socketpair()
