@@ -439,17 +439,6 @@ class Service:
                     extra={"step": step, "wall_ms": round(wall * 1e3, 1), "cpu_ms": round(cpu * 1e3, 1),
                            "process_cpu_ms": round(proc * 1e3, 1)})
 
-    def _waited(self, parts: list[Any]) -> None:
-        """Log a control request that reached the manager more than SLOW_STEP_S after its client
-        sent it (its ``time_s``, same host): time spent before any step of this loop ran."""
-        try:
-            sent = read_header(split_envelope(parts)[1], self.limits).get("time_s")
-        except ProtocolError:
-            return  # malformed: its reply says why
-        if isinstance(sent, float) and SLOW_STEP_S < time.time() - sent < 3600:
-            log.warning("control request read %.0f ms after it was sent", (time.time() - sent) * 1e3,
-                        extra={"step": "control wait", "wall_ms": round((time.time() - sent) * 1e3, 1)})
-
     # -- control -----------------------------------------------------------------------------
     def _read_control(self) -> None:
         for _ in range(INGEST_BURST):
@@ -458,7 +447,6 @@ class Service:
             except zmq.Again:
                 return
             t = self._clock()
-            self._waited(parts)
             self._guarded("control", self._answer, parts)
             self._timed(t, "control request", _method_of, parts)
 
