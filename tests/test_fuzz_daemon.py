@@ -430,3 +430,42 @@ def test_requests_that_wait_for_the_spool_do_not_hold_up_ping(tmp_path, monkeypa
         ctx.term()
         ctl.close()
         bg.stop()
+
+
+def test_worker_threads_start_off_the_manager_thread(tmp_path, monkeypatch):
+    """Thread.start() waits until the new thread runs: on the manager thread it held up ping
+    for 150-300 ms on a loaded host. Workers are started from a helper thread; one that cannot
+    start (the OS has no thread left) fails its scan by name, and the daemon goes on."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.worker import ScanWorker
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+
+    starters: list[str] = []
+
+    def no_thread(self):
+        import threading
+
+        starters.append(threading.current_thread().name)
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(ScanWorker, "start", no_thread)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with ControlClient(svc.endpoints["control"], timeout_s=30, retries=1) as ctl, \
+                Producer(svc.endpoints["ingest"], control=svc.endpoints["control"], confirm=False) as p:
+            p.start_scan(scan_id="threadless", energy_eV=300e3, frame_shape=(16, 16), frame_dtype="uint16",
+                         expected_frames=4, pixel_size_m=1e-10, probe=np.ones((16, 16), np.complex64),
+                         positions_m=np.zeros((4, 2)))
+            scan = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "threadless"
+                                          and s["state"] == "failed"), None), 60, "the scan to fail")
+            assert "can't start new thread" in scan["error"], scan
+            assert ctl.ping()["pong"] is True
+        assert starters and all(name.startswith("worker-start") for name in starters), starters
+        assert svc.metrics.internal_errors.labels(where="worker")._value.get() == 1
+    finally:
+        bg.stop()
