@@ -73,7 +73,7 @@ def filter_stage(
             # output size is data: on a device the host would wait for it): the references
             # sorted by group size, cut by the counts per size, read in ONE transfer per tile.
             counts = host_floats(*((matches.size == size).sum() for size in sizes))
-            by_size = xp.argsort(matches.size, kind="stable")
+            by_size = _stable_argsort(matches.size)
             start = 0
             for size, count in zip(sizes, counts):
                 if not count:
@@ -172,6 +172,15 @@ def _aggregate(
     corners = (ys * width + xs).reshape(-1)
     block_weight = xp.broadcast_to(weight[:, None], ys.shape).reshape(-1)
     _add_at(corner_weight, corners, block_weight)
+
+
+def _stable_argsort(a: Any) -> Any:
+    """Indices that sort ``a``, equal keys in their order. CuPy's sort is always stable, and
+    its older releases take no ``kind``."""
+    xp = array_module(a)
+    if xp.__name__.startswith("cupy"):
+        return xp.argsort(a)
+    return xp.argsort(a, kind="stable")
 
 
 def _add_at(acc: Any, index: Any, values: Any) -> None:
