@@ -33,7 +33,7 @@ from .backend import (
 from .framestore import FrameStore
 from .geometry import ScanGeometry, fit_geometry
 from .objective import data_term
-from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, scatter_add, to_fft_order
+from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, place_kernel, to_fft_order
 from .options import ReconOptions
 from .positions import LiveScanModel, position_terms_device
 from .positions import margin_px as position_margin_px
@@ -321,7 +321,7 @@ class StreamingReconstructor:
         where = store.append(frames, pos, indices)
         self._valid_counts += counted
         batch = self._batch(np.arange(where.start, where.stop))
-        self._illum += self._illumination(batch)
+        self._add_illumination(self._illum, batch)
 
     # --- mini-batch step ------------------------------------------------------------------
 
@@ -803,10 +803,18 @@ class StreamingReconstructor:
         """Σ_k R_k^H |ψ|² — the probe intensity placed at each window without its sub-pixel
         shift: a preconditioner and coverage map need no sub-pixel accuracy, and skipping
         the shift saves two FFTs per position over :func:`operators.illumination`."""
+        out = self.xp.zeros(batch.object_shape, dtype=self._rdtype)
+        self._add_illumination(out, batch)
+        return out
+
+    def _add_illumination(self, out: Any, batch: Batch) -> None:
+        """``out += Σ_k R_k^H |ψ|²`` in place (see :meth:`_illumination`): no canvas-sized
+        temporary and no canvas-sized add per call."""
         inten = (self.probe.real**2 + self.probe.imag**2).astype(self._rdtype, copy=False)
         if inten.ndim == 3:
             inten = inten.sum(axis=0)  # incoherent modes: intensities add
-        return scatter_add(self.xp.broadcast_to(inten, (batch.size,) + inten.shape), batch)
+        assert batch.host_corners is not None  # _batch makes its batches with make_batch
+        place_kernel(out, inten, batch.host_corners)
 
     def _initial_object(self, shape: tuple[int, int]) -> Any:
         """Fresh canvas pixels: unit amplitude, phase N(init_phase_mean, init_phase_std)
@@ -881,7 +889,7 @@ class StreamingReconstructor:
         illum = self.xp.zeros(self.geometry.object_shape, dtype=self._rdtype)
         for lo in range(0, self.n_frames, SWEEP_CHUNK):
             batch = self._batch(np.arange(lo, min(lo + SWEEP_CHUNK, self.n_frames)))
-            illum += self._illumination(batch)
+            self._add_illumination(illum, batch)
         self._illum = illum
         self._illum_stale = False
         self._steps_since_refresh = 0
