@@ -333,11 +333,11 @@ def _scatter_blocks(windows: Any, batch: Batch) -> np.ndarray:
 
 #: A row of windows is placed by one matrix product when its positions × this ≥ the row's
 #: width in pixels: per window pixel the product does ``width / positions`` multiply-adds
-#: instead of one add. Measured on a (loaded) 2-core CPU, 96×96 windows, CPU time: the
-#: product breaks even with a slice add per window at positions / width ≈ 0.22 (a raster
-#: row at a 3-pixel step) and wins by far where windows pile up (repeated positions: the
-#: per-row histogram counts them); see MEASUREMENTS.md 2026-12-06.
-DENSE_ROW_GAIN = 4
+#: instead of one add. Measured on a (loaded) 2-core CPU, 64×64 and 96×96 windows, CPU
+#: time: the product breaks even with a slice add per window at positions / width ≈ 0.25 (a raster
+#: row at a 3-pixel step), wins 2× at ≈ 0.34 (2 px) and by far where windows pile up
+#: (repeated positions: the row's histogram counts them); see MEASUREMENTS.md 2026-12-06.
+DENSE_ROW_GAIN = 3
 _blas_threads: ThreadpoolController | None = None
 
 
