@@ -116,13 +116,14 @@ def test_engine_coverage_equals_per_position_sum(xp, jitter):
     np.testing.assert_allclose(engine.coverage(), expect, rtol=1e-5, atol=1e-5 * expect.max())
 
 
-@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.float32])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int16, np.float32])
 @pytest.mark.parametrize("masked", [False, True])
 def test_mean_counts_over_valid_pixels(dtype, masked):
     """The per-batch count (integer sum less the masked-off pixels) against a direct sum."""
     m, pixel = 8, 1e-10
     rng = np.random.default_rng(6)
     frames = rng.poisson(40.0, size=(10, m, m)).astype(dtype)
+    frames[3] = min(np.iinfo(dtype).max, 2**31) if frames.dtype.kind in "ui" else 1e30  # full scale
     mask = rng.random((m, m)) > 0.3 if masked else None
     probe = np.ones((m, m), np.complex64)
     engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=dtype, pixel_size=pixel,
@@ -130,5 +131,6 @@ def test_mean_counts_over_valid_pixels(dtype, masked):
     engine.add_frames(frames[:4], rng.uniform(0, 5e-10, size=(4, 2)))
     engine.add_frames(frames[4:], rng.uniform(0, 5e-10, size=(6, 2)))
     valid = np.ones((m, m), bool) if mask is None else mask
-    expect = sum(int(f[valid].astype(np.int64).sum()) for f in frames) / len(frames)
+    wide = np.int64 if frames.dtype.kind in "ui" else np.float64  # exact for these values
+    expect = sum(float(f[valid].astype(wide).sum()) for f in frames) / len(frames)
     assert engine.mean_counts == pytest.approx(expect, rel=1e-12)
