@@ -12,7 +12,8 @@ positions: a raster (step M/32 px, 64 positions a row: every batch is four scan 
 (as ``cryoptycho bench protocol`` sends them) and scattered (uniform random, no two windows
 on one row). Printed: median CPU µs per frame (process time: the engine's thread, BLAS held to
 one thread, so a loaded box's preemption does not count) of ``add_frames`` and of the batch's
-illumination (``StreamingReconstructor._illumination``) alone, over batches and rounds."""
+illumination (``StreamingReconstructor._illumination``) alone, over batches and rounds, and the
+best (least disturbed by other jobs' use of the caches) with the ratio of the best."""
 
 from __future__ import annotations
 
@@ -122,15 +123,16 @@ def main() -> None:
                     for what in slot:
                         slot[what] += val[what]
     names = list(trees)
-    print(f"CPU µs per frame (median over {args.rounds} rounds × {args.batches} batches of {BATCH}); "
-          f"{names[0]} | {names[1]}")
-    print(f"{'case':<18} {'add_frames':>21} {'illumination':>21}")
+    print(f"CPU µs per frame over {args.rounds} rounds × {args.batches} batches of {BATCH}, "
+          f"median [best]; {names[0]} → {names[1]}")
+    print(f"{'case':<18} {'add_frames':>32} {'illumination':>32}")
     for key in results[names[0]]:
         cells = []
         for what in ("add_frames", "illumination"):
             a, b = (statistics.median(results[n][key][what]) for n in names)
-            cells.append(f"{a:6.1f} → {b:5.1f} ({a / b:4.1f}×)")
-        print(f"{key:<18} {cells[0]:>21} {cells[1]:>21}")
+            la, lb = (min(results[n][key][what]) for n in names)
+            cells.append(f"{a:5.1f} → {b:4.1f} [{la:4.1f} → {lb:4.1f}] ({la / lb:3.1f}×)")
+        print(f"{key:<18} {cells[0]:>32} {cells[1]:>32}")
 
 
 if __name__ == "__main__":
