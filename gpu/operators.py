@@ -350,7 +350,7 @@ def _one_blas_thread() -> Any:
     return _blas_threads.limit(limits=1, user_api="blas")
 
 
-def place_kernel(out: Any, kernel: Any, corners: np.ndarray) -> None:
+def place_kernel(out: Any, kernel: Any, corners: np.ndarray, device_corners: Any = None) -> None:
     """``out[r:r+My, c:c+Mx] += kernel`` for every row (r, c) of the host int ``corners``
     (K, 2), in place — Σ_k R_k^H kernel, the same (My, Mx) window at every position (the
     unshifted illumination). Repeated corners add.
@@ -361,7 +361,10 @@ def place_kernel(out: Any, kernel: Any, corners: np.ndarray) -> None:
     work per row scales with its width, not with its positions × M². The remaining windows
     are added one by one on NumPy (a block add is the fastest there) and by one scatter-add
     on a device (a kernel launch per window would be launch-bound). Everything is planned on
-    the host from ``corners``; the device gets only the dense rows' corner histograms."""
+    the host from ``corners``; the device gets only the dense rows' corner histograms, and
+    the other windows' corners unless ``device_corners`` (the same corners, already on the
+    device, e.g. a batch's) serve them all. The BLAS thread limit is process-wide while it
+    lasts (≈ 0.5 ms): the engine is driven from one thread."""
     xp = array_module(out)
     corners = np.asarray(corners, dtype=np.int64).reshape(-1, 2)
     if corners.shape[0] == 0:
@@ -397,7 +400,10 @@ def place_kernel(out: Any, kernel: Any, corners: np.ndarray) -> None:
             out[r : r + my, c : c + mx] += kernel
         return
     nx = out.shape[1]
-    start = asarray(rest[:, 0] * nx + rest[:, 1], xp)
+    if device_corners is not None and rest.shape[0] == corners.shape[0]:
+        start = device_corners[:, 0] * nx + device_corners[:, 1]  # no transfer
+    else:
+        start = asarray(rest[:, 0] * nx + rest[:, 1], xp)
     window = xp.arange(my)[:, None] * nx + xp.arange(mx)[None, :]
     index = (start[:, None, None] + window[None]).reshape(-1)
     values = xp.broadcast_to(kernel, (rest.shape[0], my, mx)).reshape(-1)

@@ -839,7 +839,7 @@ class StreamingReconstructor:
         if inten.ndim == 3:
             inten = inten.sum(axis=0)  # incoherent modes: intensities add
         assert batch.host_corners is not None  # _batch makes its batches with make_batch
-        place_kernel(out, inten, batch.host_corners)
+        place_kernel(out, inten, batch.host_corners, batch.corners)
 
     def _initial_object(self, shape: tuple[int, int]) -> Any:
         """Fresh canvas pixels: unit amplitude, phase N(init_phase_mean, init_phase_std)
