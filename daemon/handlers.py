@@ -2,7 +2,9 @@
 
 The protocol's ``dispatch`` (protocols/control.py) wraps results in ``{success: True, msg,
 result}`` and turns any exception into ``{success: False, msg}``, so a handler simply raises on
-bad input. Handlers run on the manager thread; none of them waits for an engine.
+bad input. Handlers run on the manager thread; none of them waits for an engine or the disk: one
+whose answer needs the spool thread (``receipt``, ``finish_scan``) hands it to
+:meth:`Service.reply_later`, and the manager answers when the spool thread is done.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class HandlerError(ProtocolError):
             field, message = (head, rest) if sep and head.startswith("params") and " " not in head else (
                 "params", message)
         super().__init__(field, rule, message)
+
+
+class Later(dict):  # type: ignore[type-arg]
+    """What a handler returns when its reply is made later (:meth:`Service.reply_later`): an
+    empty result that is never sent."""
 
 
 def _session(service: Service, scan_id: Any) -> Any:
@@ -145,9 +152,6 @@ def build_table(service: Service) -> dict[str, Handler]:
         read. Cheap enough to poll: producers confirm delivery with it (PROTOCOL.md § 4.5)."""
         if not isinstance(scan_id, str) or not scan_id:
             raise HandlerError("params.scan_id: required (a scan id string)")
-        # frames are counted when read and written by the spool thread just after: wait for it,
-        # so that every frame this receipt counts is on disk (the delivery guarantee)
-        service.scans.flush_disk()
         session = service.scans.sessions.get(scan_id)
         if session is None:
             # not (yet) read, refused, or long forgotten: the daemon holds nothing of it
@@ -157,10 +161,14 @@ def build_table(service: Service) -> dict[str, Handler]:
                     "expected_frames": None, "frames": {"received": 0}, "missing": [],
                     "error": None if refused is None else refused[1],
                     "refused_at": None if refused is None else refused[0]}
+        # the scan as the manager sees it now, whose frames read so far are counted once the
+        # spool thread has written them: it reads the count after every write asked for before,
+        # so every frame this receipt counts is on disk and none read before it is missed (the
+        # delivery guarantee), while the manager loop goes on
         with session.lock:
             ledger = session.ledger
             closed = session.ended or session.state.final
-            return {
+            now = {
                 "scan_id": session.scan_id,
                 "state": session.state.value,
                 "ended": session.ended,
@@ -173,15 +181,32 @@ def build_table(service: Service) -> dict[str, Handler]:
                 "error": session.error,
             }
 
+        def stored() -> int:
+            with session.lock:
+                return session.ledger.received
+
+        def answer(received: int | None, error: Exception | None) -> dict[str, Any]:
+            if error is not None:
+                raise error
+            now["frames"]["received"] = received
+            return now
+
+        return service.reply_later("receipt", lambda done: service.scans.after_disk(stored, done), answer)
+
     def finish_scan(scan_id: str) -> dict[str, Any]:
         """Reconstruct what a scan received, now: ends an open scan whose producer is gone, or
-        re-opens a scan stopped without a result (acquisition timeout, cancel) from its spool."""
+        re-opens a scan stopped without a result (acquisition timeout, cancel) from its spool.
+        Answered once the spool thread has done so (the spool is read there, not here)."""
         session = _session(service, scan_id)
-        try:
-            live = service.scans.finish_scan(session)
-        except ScanRefused as exc:
-            raise HandlerError(exc.message, f"params.{exc.field}", exc.rule) from None
-        return {"scan_id": live.scan_id, "state": live.state.value, "frames": live.ledger.as_dict()}
+
+        def answer(live: Any, error: Exception | None) -> dict[str, Any]:
+            if isinstance(error, ScanRefused):
+                raise HandlerError(error.message, f"params.{error.field}", error.rule) from None
+            if error is not None:
+                raise error
+            return {"scan_id": live.scan_id, "state": live.state.value, "frames": live.ledger.as_dict()}
+
+        return service.reply_later("finish_scan", lambda done: service.scans.finish_scan(session, done), answer)
 
     table = {
         "ping": ping,
@@ -206,7 +231,8 @@ def _counted(service: Service, name: str, fn: Handler) -> Handler:
         except Exception:
             service.metrics.control_requests.labels(method=name, success="false").inc()
             raise
-        service.metrics.control_requests.labels(method=name, success="true").inc()
+        if not isinstance(result, Later):  # a reply made later is counted when it is made
+            service.metrics.control_requests.labels(method=name, success="true").inc()
         return result
 
     return wrapper

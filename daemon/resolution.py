@@ -70,6 +70,24 @@ class HalfSetEstimator:
             return None
         sa, sb = self._a.snapshot(), self._b.snapshot()
         cov = np.asarray(self._a.coverage())
+        obj_a, obj_b = np.asarray(sa.object), np.asarray(sb.object)
+        if obj_a.shape != obj_b.shape and sa.geometry is not None and sb.geometry is not None:
+            # each half's canvas grows where its own refined positions run out of it
+            obj_a, obj_b, cov = _common_region(obj_a, sa.geometry.origin, obj_b, sb.geometry.origin,
+                                               self.pixel_size, cov)
         mask = cov > 0.1 * cov.max() if cov.size and cov.max() > 0 else None
-        self.resolution_m = float(half_set_resolution(sa.object, sb.object, self.pixel_size, mask=mask))
+        self.resolution_m = float(half_set_resolution(obj_a, obj_b, self.pixel_size, mask=mask))
         return self.resolution_m
+
+
+def _common_region(a: np.ndarray, origin_a: tuple[float, float], b: np.ndarray,
+                   origin_b: tuple[float, float], pixel_size: float,
+                   cov_a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``a`` (and its coverage) and ``b`` cut to the region both canvases hold (same pixel size,
+    origins in metres)."""
+    off = np.rint((np.asarray(origin_b) - np.asarray(origin_a)) / pixel_size).astype(int)
+    lo = np.maximum(0, off)  # in a's pixels
+    hi = np.minimum(np.asarray(a.shape), off + np.asarray(b.shape))
+    sa = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+    sb = (slice(lo[0] - off[0], hi[0] - off[0]), slice(lo[1] - off[1], hi[1] - off[1]))
+    return a[sa], b[sb], cov_a[sa]

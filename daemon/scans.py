@@ -7,6 +7,7 @@ and a thread-safe queue).
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -14,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -38,6 +39,16 @@ log = logging.getLogger("cryoptycho.scans")
 HISTORY = 256
 #: frame bytes waiting for the spool thread above which the manager stops reading ingest
 SPOOL_BACKLOG_BYTES = 64 << 20
+
+
+class _Pending(NamedTuple):
+    """Frames of one message waiting for the spool thread."""
+
+    frames: np.ndarray
+    indices: np.ndarray
+    positions: np.ndarray
+    arrived: float
+    worker: ScanWorker | None
 
 
 class ScanRefused(ValueError):
@@ -75,12 +86,29 @@ class ScanManager:
         # loop (and ping) for as long; one FIFO thread keeps appends, status changes, closes and
         # the hand-overs to workers that must follow them in order.
         self._disk = ThreadPoolExecutor(1, thread_name_prefix="spool")
+        self._disk.submit(lambda: None).result()  # its thread starts now, not in the first scan's step
         self._disk_backlog = 0
         self._disk_lock = threading.Lock()
         self._disk_failed: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        #: per scan, the frames waiting for an append the spool thread has not started (_append)
+        self._appending: dict[str, list[_Pending]] = {}
+        #: work the spool thread handed back to the manager thread (see :meth:`after_disk`)
+        self._disk_done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        #: scans being re-opened from their spool (control `finish_scan`) → who waits for it
+        self._reopening: dict[str, list[Callable[[Session | None, Exception | None], None]]] = {}
+        # Worker threads are started on this thread, not the manager's: Thread.start() waits
+        # until the new thread runs, i.e. until the OS schedules it and it gets the interpreter
+        # lock, which took 150-300 ms on a loaded host and held up ping for as long. Started
+        # now, so that no manager step waits for this thread's own start either.
+        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="worker-start")
+        self._launcher.submit(lambda: None).result()
         # the engine module is imported now rather than inside the first scan_start, where its
-        # import (~50 ms) would hold up the manager loop
+        # import (~50 ms) would hold up the manager loop; so are the algorithm plug-ins (their
+        # entry points: another ~50 ms at the first scan's options)
         import cryoptycho.gpu.stream  # noqa: F401
+        from cryoptycho.gpu.engines import available_engines
+
+        available_engines()
 
         config.spool_dir.mkdir(parents=True, exist_ok=True)
         config.results_dir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +228,10 @@ class ScanManager:
         session.last_activity = time.monotonic()
         worker = self.running.get(session.scan_id)
 
+        if binned is None and raw is None:  # no detector chunks: appended with the frames waiting
+            self._append(session, spool, _Pending(frames, indices, positions, arrived, worker))
+            return n
+
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
             spool.append(frames, indices, positions, binned=binned, raw=raw)
             with session.lock:
@@ -212,12 +244,49 @@ class ScanManager:
         self._on_disk(session.scan_id, write, frames.nbytes)
         return n
 
-    def _on_disk(self, scan_id: str, fn: Callable[[], None], nbytes: int = 0) -> None:
+    def _append(self, session: Session, spool: SpoolWriter, item: _Pending) -> None:
+        """Spool frames: they join the append the spool thread has not started yet, if there
+        is one, else they start one. One append writes all it holds at once (one commit, one
+        flush: SpoolWriter.append_many), so the spool keeps up by growing its appends when it
+        falls behind; its frames count as received, and go to the worker, once it is done."""
+        scan_id = session.scan_id
+        with self._disk_lock:
+            self._disk_backlog += item.frames.nbytes
+            batch = self._appending.get(scan_id)
+            if batch is not None:
+                batch.append(item)
+                return
+            batch = self._appending[scan_id] = [item]
+
+        def write() -> None:  # on the spool thread: a frame counts as received once on disk
+            with self._disk_lock:
+                if self._appending.get(scan_id) is batch:
+                    del self._appending[scan_id]  # frames from now on start the next append
+            try:
+                n = spool.append_many([(i.frames, i.indices, i.positions) for i in batch])
+                with session.lock:
+                    session.ledger.stored(n)
+                self.metrics.frames_received.inc(n)
+                self.metrics.last_frame.set(time.time())
+                for i in batch:
+                    if i.worker is not None:
+                        i.worker.put(FrameBatch(i.frames, i.positions, i.arrived))
+            finally:
+                with self._disk_lock:
+                    self._disk_backlog -= sum(i.frames.nbytes for i in batch)
+
+        self._on_disk(scan_id, write, appending=True)
+
+    def _on_disk(self, scan_id: str, fn: Callable[[], None], nbytes: int = 0, appending: bool = False) -> None:
         """Run ``fn`` on the spool thread after every spool operation asked for before it. A
         failure is logged and counted there and fails the scan (the manager, told through
-        :meth:`reap`, publishes it)."""
+        :meth:`reap`, publishes it). ``appending``: ``fn`` is :meth:`_append`'s write."""
         with self._disk_lock:
             self._disk_backlog += nbytes
+            if not appending:
+                # frames waiting to be spooled are written before this operation: frames
+                # after it must not join them (they would be written before it)
+                self._appending.pop(scan_id, None)
 
         def task() -> None:
             try:
@@ -234,8 +303,38 @@ class ScanManager:
         self._disk.submit(task)
 
     def flush_disk(self) -> None:
-        """Wait until every spool operation asked for so far is done (shutdown, tests)."""
+        """Wait until every spool operation asked for so far is done (tests). The manager
+        thread never waits like this: it uses :meth:`after_disk`."""
         self._disk.submit(lambda: None).result()
+
+    def after_disk(self, on_disk: Callable[[], Any], done: Callable[[Any, Exception | None], None]) -> None:
+        """Run ``on_disk`` on the spool thread after every spool operation asked for so far,
+        then ``done(its result, None)`` — or ``done(None, its exception)`` — on the manager
+        thread, at its next :meth:`reap`. A control request that must see the frames read before
+        it on disk (``receipt``, ``finish_scan``) waits so, while the manager loop goes on."""
+
+        def task() -> None:
+            try:
+                result, error = on_disk(), None
+            except Exception as exc:  # noqa: BLE001 - handed to ``done``, which answers with it
+                result, error = None, exc
+            self._disk_done.put(functools.partial(done, result, error))
+            self.outbox.wake()
+
+        self._disk.submit(task)
+
+    def run_disk_done(self) -> None:
+        """Run on the manager thread what the spool thread handed back (:meth:`after_disk`)."""
+        while True:
+            try:
+                fn = self._disk_done.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fn()
+            except Exception as exc:  # one continuation's bug must not starve the others
+                log.error("internal error after a spool operation: %s", exc, exc_info=exc)
+                self.metrics.internal_errors.labels(where="housekeeping").inc()
 
     def end_scan(self, session: Session, reason: str = "scan_end", frame_count: int | None = None) -> None:
         if session.ended:
@@ -354,9 +453,25 @@ class ScanManager:
                 worker.put(EndOfScan("scan_end"))
 
         self._on_disk(session.scan_id, task)
-        worker.start()
+        started = self._launcher.submit(worker.start)  # its inbox takes items before it runs
+        started.add_done_callback(lambda f: self._start_failed(session, f.exception()))
         self.outbox.post("scan.acquiring", {"scan_id": session.scan_id})
         log.info("worker started", extra={"scan_id": session.scan_id})
+
+    def _start_failed(self, session: Session, exc: BaseException | None) -> None:
+        """Launcher thread: a worker thread that could not start (no thread left in the OS)
+        fails its scan like a worker exception, through the manager's reap."""
+        if exc is None:
+            return
+        log.error("cannot start the worker thread: %s", exc, extra={"scan_id": session.scan_id})
+        self.metrics.internal_errors.labels(where="worker").inc()
+        if session.transition(State.FAILED, error=f"cannot start: {type(exc).__name__}: {exc}"):
+            self.outbox.post("scan.failed", {"scan_id": session.scan_id, "error": session.error})
+        self.worker_exited(session)
+
+    def workers_started(self) -> None:
+        """Wait until every worker asked for has its thread running (shutdown: before joins)."""
+        self._launcher.submit(lambda: None).result()
 
     # -- called from worker threads ------------------------------------------------------------
     def finish_result(self, session: Session, state: Any) -> dict[str, str]:
@@ -397,7 +512,9 @@ class ScanManager:
 
     # -- housekeeping (manager thread) -----------------------------------------------------------
     def reap(self) -> None:
-        """Settle scans whose workers have exited, then admit waiting ones."""
+        """Settle scans whose workers have exited, then admit waiting ones; run what the spool
+        thread handed back."""
+        self.run_disk_done()
         changed = False
         while True:
             try:
@@ -461,42 +578,85 @@ class ScanManager:
             log.warning(reason, extra={"scan_id": session.scan_id})
             self.abort_scan(session, reason)
 
-    def finish_scan(self, session: Session) -> Session:
+    def finish_scan(self, session: Session, done: Callable[[Session | None, Exception | None], None]) -> None:
         """Control `finish_scan`: reconstruct what a scan received, now. An open scan is ended
         (its producer is gone or done without scan_end); a scan stopped without a result
         (acquisition timeout, cancel, abort, failure) is re-opened from its spool and refined.
-        Idempotent: a scan already ended or re-opened is left as it is. Returns the live session."""
-        if not session.state.final:
-            if not session.ended and session.end_reason is not None:
+        Idempotent: a scan already ended or re-opened is left as it is.
+
+        Calls ``done(live session, None)`` or ``done(None, ScanRefused or other error)`` on the
+        manager thread once the spool thread has done every operation asked for before (the
+        frames read before the request are counted); the spool file is read there too, so the
+        manager loop never waits for the disk."""
+        try:
+            if not session.state.final:
+                if not session.ended and session.end_reason is not None:
+                    raise ScanRefused("scan_id", "scan_stopping",
+                                      f"scan {session.scan_id!r} is stopping ({session.end_reason}); "
+                                      "ask again once it is aborted")
+                self.end_scan(session, reason="finish_scan")
+                self.admit()
+                self.after_disk(lambda: None, lambda _r, err: done(None, err) if err else done(session, None))
+                return
+            waiters = self._reopening.get(session.scan_id)
+            if waiters is not None:  # a re-open of it is under way (a repeated request): its answer
+                waiters.append(done)
+                return
+            if session.state is State.FINISHED:
+                raise ScanRefused("scan_id", "scan_finished", f"scan {session.scan_id!r} is already finished")
+            if session.scan_id in self.running:
                 raise ScanRefused("scan_id", "scan_stopping",
-                                  f"scan {session.scan_id!r} is stopping ({session.end_reason}); "
-                                  "ask again once it is aborted")
-            self.end_scan(session, reason="finish_scan")
-            self.admit()
-            return session
-        if session.state is State.FINISHED:
-            raise ScanRefused("scan_id", "scan_finished", f"scan {session.scan_id!r} is already finished")
-        if session.scan_id in self.running:
-            raise ScanRefused("scan_id", "scan_stopping",
-                              f"scan {session.scan_id!r} is still stopping; ask again in a moment")
-        if self.stopping:
-            raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
-        self.flush_disk()  # the spool thread may still be closing this file
-        path = spool_path(self.config.spool_dir, session.scan_id)
+                                  f"scan {session.scan_id!r} is still stopping; ask again in a moment")
+            if self.stopping:
+                raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
+        except ScanRefused as exc:
+            done(None, exc)
+            return
+        self._reopening[session.scan_id] = [done]
+        # on the spool thread, after it closed this file (the scan's last spool operation)
+        self.after_disk(lambda: self._reopen_spool(session.scan_id),
+                        lambda opened, err: self._reopened(session, opened, err))
+
+    def _reopen_spool(self, scan_id: str) -> tuple[Any, dict[str, int], SpoolWriter]:
+        """Spool thread: read a stopped scan's spool and open it again for its worker."""
+        path = spool_path(self.config.spool_dir, scan_id)
         if not path.exists():
-            raise ScanRefused("scan_id", "spool_kept", f"scan {session.scan_id!r} has no spool file left "
-                              f"({path.name})")
+            raise ScanRefused("scan_id", "spool_kept", f"scan {scan_id!r} has no spool file left ({path.name})")
         contents = read_spool(path, frames=False)
         if not len(contents.indices):
-            raise ScanRefused("scan_id", "frames_received", f"scan {session.scan_id!r} received no frame")
-        spec = contents.spec
-        need = self._reservation(spec, self._options_for(spec))
+            raise ScanRefused("scan_id", "frames_received", f"scan {scan_id!r} received no frame")
+        need = self._reservation(contents.spec, self._options_for(contents.spec))
         spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync)
-        spool.set_status("ended")
+        try:
+            spool.set_status("ended")
+        except Exception:
+            spool.close()
+            raise
+        return contents, need, spool
+
+    def _reopened(self, session: Session, opened: Any, error: Exception | None) -> None:
+        """Manager thread: register the re-opened scan (``opened`` by :meth:`_reopen_spool`)
+        and answer everyone who asked for it."""
+        waiters = self._reopening.pop(session.scan_id, [])
+        live: Session | None = None
+        if error is None:
+            contents, need, spool = opened
+            if self.stopping:  # its spool says "ended": the next start recovers it
+                spool.close()
+                error = ScanRefused("scan_id", "service_stopping", "the service is shutting down")
+            else:
+                live = self._register_reopened(session, contents, need, spool)
+        for done in waiters:
+            done(live, error)
+
+    def _register_reopened(self, session: Session, contents: Any, need: dict[str, int],
+                           spool: SpoolWriter) -> Session:
+        spec = contents.spec
         reopened = Session(spec, need)
         reopened.ledger.stored(int(reopened.ledger.admit(contents.indices).sum()))
         reopened.ended, reopened.end_reason = True, "finish_scan"
-        del self.sessions[session.scan_id]  # the stopped record is replaced by the live one
+        # the stopped record is replaced by the live one (history trimming may have dropped it)
+        self.sessions.pop(session.scan_id, None)
         while session.scan_id in self.waiting:  # stopped while waiting: admit() had not dropped it
             self.waiting.remove(session.scan_id)
         self._register(reopened, spool)
@@ -572,6 +732,7 @@ class ScanManager:
         recovered at the next start). Scans whose scan_end arrived are left to finish unless
         ``ended_too``."""
         self.stopping = True
+        self.workers_started()
         for worker in self.running.values():
             if ended_too or not worker.session.ended:
                 worker.put(Interrupt())
@@ -580,3 +741,5 @@ class ScanManager:
         for scan_id in list(self.spools):
             self._close_spool(scan_id)
         self._disk.shutdown(wait=True)
+        self._launcher.shutdown(wait=True)
+        self.run_disk_done()  # answers to requests that waited for the spool thread

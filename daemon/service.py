@@ -11,35 +11,41 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import zmq
-from cryoptycho.protocols.control import handle
+from cryoptycho.protocols.control import dispatch, handle, split_envelope
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits
 from cryoptycho.protocols.messages import (
     Abort,
     ErrorEvent,
     Frames,
+    Reply,
+    Request,
     ScanEnd,
     ScanEvent,
     ScanStart,
     decode,
+    encode,
     peek,
 )
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 from cryoptycho.protocols.sources import DetectorFrames
 from cryoptycho.protocols.topics import encode_event
-from cryoptycho.protocols.wire import unpack
+from cryoptycho.protocols.wire import read_header, unpack
 from prometheus_client import start_http_server
 
 from .config import ServiceConfig
-from .handlers import build_table
+from .handlers import Later, build_table
 from .ingest import (
     DirectIngest,
     check_chunks,
@@ -54,6 +60,9 @@ from .scans import ScanManager, ScanRefused
 
 log = logging.getLogger("cryoptycho.service")
 
+#: how a control handler's later work reports back (value, error), on the manager thread
+Done = Callable[[Any, "Exception | None"], None]
+
 #: ingest messages handled per loop turn before control and publishing get their turn
 INGEST_BURST = 64
 #: PUB send queue per subscriber: a slow viewer loses old messages instead of slowing ingest
@@ -61,6 +70,15 @@ PUB_HWM = 64
 #: error events published one by one per second; the rest are summarised (publisher.ErrorThrottle),
 #: so a flood of bad messages stays well inside PUB_HWM and the subscribers' queues
 ERROR_BURST = 20
+#: a loop step (one message, one request, one housekeeping pass) slower than this is logged as
+#: "slow manager step" with its wall and CPU time: no request may hold up ping longer (issue 12)
+SLOW_STEP_S = 0.05
+#: the interpreter's switch interval in the daemon (CPython's default is 5 ms): a worker running
+#: small NumPy operations holds the interpreter lock until it is forced to switch, and the
+#: manager waits for the lock after every socket call; at 1 ms, a 2-core host running two such
+#: threads beside a ping loop had 5 pings over 50 ms in 2,000 instead of 52, at no loss of the
+#: workers' throughput we could measure there (noise ±40 %)
+SWITCH_INTERVAL_S = 0.001
 
 
 class Service:
@@ -82,6 +100,7 @@ class Service:
         # a scan_start's probe, positions and spool file are built on this thread while the
         # manager keeps answering (ingest pauses until it is done, so message order holds)
         self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="scan-start")
+        self._prepare_pool.submit(lambda: None).result()  # started now: Thread.start() waits for it
         self._preparing: tuple[ScanStart, Future[tuple[ScanSpec, Any]]] | None = None
         self._stop = threading.Event()
         self._stop_rx, self._stop_tx = socket.socketpair()
@@ -92,10 +111,16 @@ class Service:
         self._auth: Any = None  #: the CURVE authenticator (ZAP handler), when CURVE is on
         #: sources in this process (``--source``) deliver here, validated like the ingest socket
         self.direct = DirectIngest()
+        #: the reply the control handler now running asked to make later (:meth:`reply_later`)
+        self._later: tuple[str, Callable[[Done], None], Callable[[Any, Exception | None], dict[str, Any]]] | None = None
+        #: per control client (ROUTER identity), its replies not sent yet, in request order: one
+        #: made later holds back the replies to that client's later requests, never another's
+        self._replies: dict[bytes, deque[_PendingReply]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Bind every socket, start the metrics endpoint, recover unfinished scans."""
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         ctx = self._ctx
         self.ingest = ctx.socket(zmq.PULL)
         self.publish = ctx.socket(zmq.PUB)
@@ -158,6 +183,7 @@ class Service:
                         poller.unregister(sock)
                 ingest_registered = want_ingest
             events = dict(poller.poll(100))
+            turn = self._clock()
             if events.get(self.ingest):
                 self._read_ingest()
             if events.get(self.direct.fd):
@@ -165,15 +191,24 @@ class Service:
             if events.get(self.control):
                 self._read_control()
             if self._preparing is not None and self._preparing[1].done():
+                t = self._clock()
                 self._finish_start()
+                self._timed(t, "scan_start registration")
+            t = self._clock()
             self._guarded("housekeeping", self.scans.reap)
+            self._timed(t, "reap")
+            t = self._clock()
             self._flush_outbox()
+            self._timed(t, "publish")
             now = time.monotonic()
             if now - last_housekeeping >= 0.5:
                 last_housekeeping = now
+                t = self._clock()
                 self._guarded("housekeeping", self._housekeeping)
+                self._timed(t, "housekeeping")
             if self.config.watchdog:
                 self._guarded("housekeeping", self.notifier.watchdog)  # a vanished notify socket is not fatal
+            self._timed(turn, "loop turn")
         self._drain()
 
     def _drain(self) -> None:
@@ -225,7 +260,9 @@ class Service:
             except zmq.Again:
                 return
             arrived = time.monotonic()
-            self.metrics.received_bytes.inc(sum(len(p.buffer) for p in parts))
+            t = self._clock()
+            nbytes = sum(len(p.buffer) for p in parts)
+            self.metrics.received_bytes.inc(nbytes)
             msg = None
             try:
                 msg = decode(parts, self.limits, self._declared)
@@ -234,6 +271,7 @@ class Service:
                 self._guarded("ingest", self._reject, exc, parts)
             except Exception as exc:  # noqa: BLE001 - a bug or a storage fault: only this message's scan fails
                 self._guarded("ingest", self._ingest_fault, exc, msg, parts)
+            self._timed(t, "ingest message", _message_of, msg, nbytes)
             if self._preparing is not None or self.scans.backpressure():
                 return
 
@@ -381,6 +419,26 @@ class Service:
         elif isinstance(msg, Abort):
             self.scans.abort_scan(session, msg.reason or "aborted by producer")
 
+    # -- step timing -------------------------------------------------------------------------
+    @staticmethod
+    def _clock() -> tuple[float, float, float]:
+        return time.perf_counter(), time.thread_time(), time.process_time()
+
+    def _timed(self, start: tuple[float, float, float], step: str, detail: Any = None, *args: Any) -> None:
+        """Log a step that took longer than SLOW_STEP_S, with the CPU time of this thread and of
+        the whole process meanwhile: thread CPU ≈ wall is work on this thread; process CPU ≫
+        thread CPU is other threads holding the interpreter lock; both ≪ wall is waiting for
+        the host (its other processes, the disk)."""
+        wall = time.perf_counter() - start[0]
+        if wall <= SLOW_STEP_S:
+            return
+        cpu, proc = time.thread_time() - start[1], time.process_time() - start[2]
+        what = detail(*args) if callable(detail) else detail  # described only when slow
+        log.warning("slow manager step: %s%s took %.0f ms (CPU: %.0f ms this thread, %.0f ms the process)",
+                    step, f" ({what})" if what else "", wall * 1e3, cpu * 1e3, proc * 1e3,
+                    extra={"step": step, "wall_ms": round(wall * 1e3, 1), "cpu_ms": round(cpu * 1e3, 1),
+                           "process_cpu_ms": round(proc * 1e3, 1)})
+
     # -- control -----------------------------------------------------------------------------
     def _read_control(self) -> None:
         for _ in range(INGEST_BURST):
@@ -388,12 +446,64 @@ class Service:
                 parts = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            t = self._clock()
             self._guarded("control", self._answer, parts)
+            self._timed(t, "control request", _method_of, parts)
 
     def _answer(self, parts: list[Any]) -> None:
+        self._later = None
         reply = handle(parts, self.table, self.limits)
-        if reply:
+        later, self._later = self._later, None
+        if not reply:
+            return
+        envelope = reply[: len(split_envelope(parts)[0])]
+        client = bytes(envelope[0].buffer) if isinstance(envelope[0], zmq.Frame) else bytes(envelope[0])
+        if later is None and client not in self._replies:
             self.control.send_multipart(reply, zmq.NOBLOCK, copy=False)
+            return
+        slot = _PendingReply(None if later is not None else reply)
+        self._replies.setdefault(client, deque()).append(slot)
+        if later is not None:
+            method, start, answer = later
+
+            def done(value: Any, error: Exception | None) -> None:
+                slot.parts = envelope + self._late_reply(method, answer, value, error)
+                self._send_ready(client)
+
+            try:
+                start(done)
+            except Exception as exc:  # noqa: BLE001 - answered as the handler's failure, never left pending
+                done(None, exc)
+        self._send_ready(client)
+
+    def reply_later(self, method: str, start: Callable[[Done], None],
+                    answer: Callable[[Any, Exception | None], dict[str, Any]]) -> Later:
+        """Called by a control handler whose answer needs the spool thread: the reply to this
+        request is made by ``answer(value, error)`` once ``start`` has called ``done(value,
+        error)`` (on the manager thread, e.g. through ScanManager.after_disk). Until then the
+        loop goes on; replies to the same client stay in request order."""
+        self._later = (method, start, answer)
+        return Later()  # not sent: the reply made later replaces it
+
+    def _late_reply(self, method: str, answer: Callable[[Any, Exception | None], dict[str, Any]], value: Any,
+                    error: Exception | None) -> list[Any]:
+        """The parts of a reply made later, exactly as ``dispatch`` makes them (a raised
+        ProtocolError names field and rule, any other exception is an internal error)."""
+        reply = dispatch({method: lambda: answer(value, error)}, Request(method, {}))
+        self.metrics.control_requests.labels(method=method, success=str(reply.success).lower()).inc()
+        reply.time_s = time.time()
+        try:
+            return encode(reply)
+        except Exception as exc:  # noqa: BLE001 - a result msgpack cannot carry is still answered
+            return encode(Reply(False, f"reply of {method!r} could not be encoded: {exc}",
+                                {"field": "result", "rule": "encodable"}))
+
+    def _send_ready(self, client: bytes) -> None:
+        pending = self._replies.get(client)
+        while pending and pending[0].parts is not None:
+            self.control.send_multipart(pending.popleft().parts, zmq.NOBLOCK, copy=False)
+        if pending is not None and not pending:
+            del self._replies[client]
 
     # -- publish -----------------------------------------------------------------------------
     def _flush_outbox(self) -> None:
@@ -449,6 +559,24 @@ class BackgroundService:
         self.service.close()
         if self.error is not None:
             raise self.error
+
+
+@dataclass
+class _PendingReply:
+    parts: list[Any] | None  #: None until the reply is made
+
+
+def _message_of(msg: Any, nbytes: int) -> str:
+    return f"{getattr(msg, 'type', 'undecodable')} {_clip(repr(getattr(msg, 'scan_id', '')), 80)}, {nbytes} bytes"
+
+
+def _method_of(parts: list[Any]) -> str:
+    """The method a control request named, for the slow-step log (never raises)."""
+    try:
+        header = read_header(split_envelope(parts)[1], Limits())
+        return _clip(str(header.get("method")), 60)
+    except Exception:  # noqa: BLE001 - a malformed request is logged as such, its reply says why
+        return "malformed request"
 
 
 def _clip(text: str, n: int) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, free_device_bytes, real_of
+from .backend import array_module, free_device_bytes, host_floats, real_of
 from .bm3d_stages import filter_stage
 from .denoise import register_denoiser
 
@@ -111,6 +111,11 @@ def estimate_sigma(image: Any) -> float:
     Image structure is mostly smooth or edge-like, so the diagonal detail at the finest scale is
     dominated by white noise, and the median ignores the few edge coefficients (Donoho 1995).
     """
+    return host_floats(_sigma_where_it_lives(image))[0]
+
+
+def _sigma_where_it_lives(image: Any) -> Any:
+    """:func:`estimate_sigma` as a 0-d array of the image's module (no device → host transfer)."""
     xp = array_module(image)
     img = xp.asarray(image)
     h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
@@ -118,7 +123,7 @@ def estimate_sigma(image: Any) -> float:
         raise ValueError(f"image {img.shape} is too small to estimate the noise (needs >= 2×2)")
     x = img[:h, :w].astype(np.float64)
     hh = (x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]) / 2.0
-    return float(xp.median(xp.abs(hh))) / 0.6745
+    return xp.median(xp.abs(hh)) / 0.6745
 
 
 def bm3d(
@@ -151,11 +156,13 @@ def bm3d(
     need = max(prof.hard.block, prof.wiener.block)
     if min(img.shape) < need:
         raise ValueError(f"image {tuple(img.shape)} is smaller than the BM3D block ({need} pixels)")
-    if not bool(xp.all(xp.isfinite(img))):
+    # what the host needs of the image (finite?, its minimum, σ when estimated) in ONE
+    # device → host transfer: on a GPU each would be a synchronisation of its own
+    finite, offset, estimated = host_floats(
+        xp.all(xp.isfinite(img)), img.min(), _sigma_where_it_lives(img) if sigma is None else 0.0)
+    if not finite:
         raise ValueError("image contains NaN or infinite values")
-    if sigma is None:
-        sigma = estimate_sigma(img)
-    sigma = float(sigma)
+    sigma = estimated if sigma is None else float(sigma)
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
     if data_range is not None and not (np.isfinite(data_range) and data_range > 0):
@@ -164,7 +171,6 @@ def bm3d(
         return img.astype(out_dtype, copy=True)
 
     scale = SIGMA_GREY / sigma if data_range is None else GREY_SCALE / float(data_range)
-    offset = float(img.min())
     noisy = ((img.astype(work) - offset) * scale).astype(work)
     sigma255 = sigma * scale
     prof = prof.for_sigma(sigma255)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, host_floats, scatter_add_flat
 from .bm3d_matching import match_blocks, reference_grid
 from .bm3d_transforms import block_transform, haar_matrix, kaiser_window
 
@@ -46,6 +46,9 @@ def filter_stage(
     kaiser_host = kaiser_window(b, params.beta)
     kaiser = xp.asarray(kaiser_host, dtype=dtype)
     guide_image = noisy if basic is None else basic
+    # Group sizes are powers of two: one batch per size, ≤ log2(N2) + 1 batches per tile.
+    sizes = [1 << i for i in range(params.max_group.bit_length())]
+    haars = {size: xp.asarray(haar_matrix(size), dtype=dtype) for size in sizes}
 
     # Equal tiles (not a full tile and a sliver): the per-offset work is then evenly batched.
     for refs_y in np.array_split(grid_y, -(-grid_y.size // tile_refs)):
@@ -66,15 +69,21 @@ def filter_stage(
             )
             spectra_noisy = _block_spectra(noisy[y_lo:y_hi, x_lo:x_hi], fwd)
             spectra_basic = None if basic is None else _block_spectra(guide, fwd)
-            # Group sizes are powers of two: one batch per size, ≤ log2(N2) + 1 batches.
-            for size in (1 << i for i in range(params.max_group.bit_length())):
-                sel = xp.nonzero(matches.size == size)[0]
-                if sel.size == 0:
+            # The references of each size, without a synchronisation per size (``nonzero``'s
+            # output size is data: on a device the host would wait for it): the references
+            # sorted by group size, cut by the counts per size, read in ONE transfer per tile.
+            counts = host_floats(*((matches.size == size).sum() for size in sizes))
+            by_size = _stable_argsort(matches.size)
+            start = 0
+            for size, count in zip(sizes, counts):
+                if not count:
                     continue
+                sel = by_size[start : start + int(count)]  # ascending reference order, as nonzero's
+                start += int(count)
                 gy = matches.ys[sel, :size]
                 gx = matches.xs[sel, :size]
                 group = spectra_noisy[gy, gx]  # (n, size, b, b)
-                haar = xp.asarray(haar_matrix(size), dtype=dtype)
+                haar = haars[size]
                 if spectra_basic is None:
                     blocks, weight = _hard_threshold(group, haar, inv, sigma * lambda_3d, sigma)
                 else:
@@ -159,8 +168,27 @@ def _aggregate(
     flat = (ys[:, :, None, None] + ar[:, None]) * width + (xs[:, :, None, None] + ar[None, :])
     flat = flat.reshape(-1)
     wk = weight[:, None, None, None] * kaiser  # (n, 1, b, b)
-    n = numerator.size
-    numerator += xp.bincount(flat, weights=(blocks * wk).reshape(-1), minlength=n)
+    _add_at(numerator, flat, (blocks * wk).reshape(-1))
     corners = (ys * width + xs).reshape(-1)
     block_weight = xp.broadcast_to(weight[:, None], ys.shape).reshape(-1)
-    corner_weight += xp.bincount(corners, weights=block_weight, minlength=n)
+    _add_at(corner_weight, corners, block_weight)
+
+
+def _stable_argsort(a: Any) -> Any:
+    """Indices that sort ``a``, equal keys in their order. CuPy's sort is always stable, and
+    its older releases take no ``kind``."""
+    xp = array_module(a)
+    if xp.__name__.startswith("cupy"):
+        return xp.argsort(a)
+    return xp.argsort(a, kind="stable")
+
+
+def _add_at(acc: Any, index: Any, values: Any) -> None:
+    """``acc[index] += values``, repeated indices summed. ``bincount`` on the host (faster than
+    ``np.add.at``); on a device a scatter-add, as CuPy's ``bincount`` reads ``max(index)`` on
+    the host (a synchronisation per call)."""
+    xp = array_module(acc)
+    if xp is np:
+        acc += np.bincount(index, weights=values, minlength=acc.size)
+    else:
+        scatter_add_flat(acc, index, values.astype(acc.dtype))

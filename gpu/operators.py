@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from threadpoolctl import ThreadpoolController
 
-from .backend import array_module, complex_of, fft2, ifft2, index_sum, to_numpy
+from .backend import array_module, asarray, complex_of, fft2, ifft2, index_sum, to_numpy
 
 #: Fractional offsets closer than this (pixels) share one shifted probe.
 SUBPIXEL_QUANTUM = 1e-3
@@ -67,6 +68,8 @@ class Batch:
         #: decisions taken per evaluation (shifted or not, which groups) read them, not the
         #: device arrays, so they cost no device synchronisation
         self.host: tuple[np.ndarray, np.ndarray] | None = None
+        #: host copy of ``corners`` (make_batch, sub_batch): :func:`place_kernel` plans on it
+        self.host_corners: np.ndarray | None = None
 
     def host_index(self) -> tuple[np.ndarray, np.ndarray]:
         """(group, shifts) on the host: kept from make_batch, else copied once."""
@@ -164,6 +167,7 @@ def make_batch(
         batch = Batch(None, dest.asarray(group), dest.asarray(shifts), object_shape,
                       corners=dest.asarray(corner), window=(my, mx))
     batch.host = (group, shifts)
+    batch.host_corners = corner
     return batch
 
 
@@ -183,6 +187,8 @@ def sub_batch(batch: Batch, part: slice) -> Batch:
     else:
         sub = Batch(batch.flat_index[part], dev_group, dev_shifts, batch.object_shape)
     sub.host = (group, shifts)
+    if batch.host_corners is not None:
+        sub.host_corners = batch.host_corners[part]
     return sub
 
 
@@ -323,6 +329,85 @@ def _scatter_blocks(windows: Any, batch: Batch) -> np.ndarray:
     for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
         out[r : r + my, c : c + mx] += windows[k]
     return out
+
+
+#: A row of windows is placed by one matrix product when its positions × this ≥ the row's
+#: width in pixels: per window pixel the product does ``width / positions`` multiply-adds
+#: instead of one add. Measured on a (loaded) 2-core CPU, 64×64 and 96×96 windows, CPU
+#: time: the product breaks even with a slice add per window at positions / width ≈ 0.25 (a raster
+#: row at a 3-pixel step), wins 2× at ≈ 0.34 (2 px) and by far where windows pile up
+#: (repeated positions: the row's histogram counts them); see MEASUREMENTS.md 2026-12-06.
+DENSE_ROW_GAIN = 3
+_blas_threads: ThreadpoolController | None = None
+
+
+def _one_blas_thread() -> Any:
+    """A context with BLAS on one thread. The row products are small (≈ 10 MFLOP): on a
+    loaded 2-core box OpenBLAS's threads made them 60× slower (20 ms instead of 0.3 ms)."""
+    global _blas_threads
+    if _blas_threads is None:
+        _blas_threads = ThreadpoolController()  # inspects the loaded libraries once
+    return _blas_threads.limit(limits=1, user_api="blas")
+
+
+def place_kernel(out: Any, kernel: Any, corners: np.ndarray, device_corners: Any = None) -> None:
+    """``out[r:r+My, c:c+Mx] += kernel`` for every row (r, c) of the host int ``corners``
+    (K, 2), in place — Σ_k R_k^H kernel, the same (My, Mx) window at every position (the
+    unshifted illumination). Repeated corners add.
+
+    Windows whose corners share a row and are dense along it (a raster scan's row) are summed
+    by one matrix product, ``kernel @ C_r`` with C_r[dx, x] = #{k in row r: c_k = x − dx}
+    (a Toeplitz matrix of the row's corner histogram), all rows in one batched product: the
+    work per row scales with its width, not with its positions × M². The remaining windows
+    are added one by one on NumPy (a block add is the fastest there) and by one scatter-add
+    on a device (a kernel launch per window would be launch-bound). Everything is planned on
+    the host from ``corners``; the device gets only the dense rows' corner histograms, and
+    the other windows' corners unless ``device_corners`` (the same corners, already on the
+    device, e.g. a batch's) serve them all. The BLAS thread limit is process-wide while it
+    lasts (≈ 0.5 ms): the engine is driven from one thread."""
+    xp = array_module(out)
+    corners = np.asarray(corners, dtype=np.int64).reshape(-1, 2)
+    if corners.shape[0] == 0:
+        return
+    my, mx = (int(s) for s in kernel.shape)
+    rows, cols = corners[:, 0], corners[:, 1]
+    uniq, row_of, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    row_of = row_of.reshape(-1)
+    c0 = int(cols.min())
+    width = int(cols.max()) - c0 + mx
+    dense = counts * DENSE_ROW_GAIN >= width
+    in_dense = dense[row_of]
+    if dense.any():
+        slot = np.cumsum(dense) - 1
+        # histogram of each dense row's corners, padded by mx − 1 zeros on both sides so that
+        # the Toeplitz gather below needs no bounds
+        hist = np.zeros((int(dense.sum()), width + mx - 1), dtype=kernel.dtype)
+        np.add.at(hist, (slot[row_of[in_dense]], cols[in_dense] - c0 + mx - 1), 1)
+        hist_dev = asarray(hist, xp)
+        toeplitz = (xp.arange(width)[None, :] - xp.arange(mx)[:, None]) + (mx - 1)
+        if xp is np:
+            with _one_blas_thread():
+                strips = np.matmul(kernel, hist_dev[:, toeplitz])
+        else:
+            strips = xp.matmul(kernel, hist_dev[:, toeplitz])  # (rows, My, width)
+        for i, r in enumerate(uniq[dense].tolist()):
+            out[r : r + my, c0 : c0 + width] += strips[i]
+    rest = corners[~in_dense]
+    if rest.shape[0] == 0:
+        return
+    if xp is np:
+        for r, c in rest.tolist():
+            out[r : r + my, c : c + mx] += kernel
+        return
+    nx = out.shape[1]
+    if device_corners is not None and rest.shape[0] == corners.shape[0]:
+        start = device_corners[:, 0] * nx + device_corners[:, 1]  # no transfer
+    else:
+        start = asarray(rest[:, 0] * nx + rest[:, 1], xp)
+    window = xp.arange(my)[:, None] * nx + xp.arange(mx)[None, :]
+    index = (start[:, None, None] + window[None]).reshape(-1)
+    values = xp.broadcast_to(kernel, (rest.shape[0], my, mx)).reshape(-1)
+    out += index_sum(index, values, out.size).reshape(out.shape)
 
 
 def group_sum(per_position: Any, batch: Batch) -> Any:

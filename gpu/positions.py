@@ -54,6 +54,18 @@ def position_terms(
     ``probe`` is the normalised probe ψ̂; ``scale`` the noise model's loss scale
     (FullBatchObjective.scale). No truncation: the rule's keep-mask would make the loss of a
     moved position jump."""
+    loss, grad, fisher = position_terms_device(obj, probe, counts, batch, model=model, mask=mask,
+                                               scale=scale)
+    return float(to_numpy(loss)), to_numpy(grad).astype(np.float64), to_numpy(fisher).astype(np.float64)
+
+
+def position_terms_device(
+    obj: Any, probe: Any, counts: Any, batch: Batch, *, model: str = "poisson",
+    mask: Any | None = None, scale: float = 1.0,
+) -> tuple[Any, Any, Any]:
+    """:func:`position_terms` where the arrays live (loss, gradient (B, 2) and Fisher
+    information (B, 2, 2), float64 on a device): what the live engine keeps until its next
+    read-back, so that a mini-batch step does not wait for the device."""
     xp = array_module(obj)
     cdt = complex_of(probe.dtype)
     m = probe.shape
@@ -84,7 +96,7 @@ def position_terms(
     hxx = (fisher_w * d_inten[1] * d_inten[1]).sum(axis=axes)
     hxy = (fisher_w * d_inten[0] * d_inten[1]).sum(axis=axes)
     fisher = xp.stack([xp.stack([hyy, hxy], -1), xp.stack([hxy, hxx], -1)], -2) * scale
-    return scale * terms.loss, to_numpy(grad).astype(np.float64), to_numpy(fisher).astype(np.float64)
+    return scale * terms.loss, grad.astype(np.float64), fisher.astype(np.float64)
 
 
 def data_loss(
@@ -126,13 +138,15 @@ class ScanModel:
 
     def gauss_newton(
         self, grad: np.ndarray, fisher: np.ndarray, residual_px: float, model: str = "affine",
-        damping: float = 1e-3, keep_residual: bool = False,
+        damping: float = 1e-3, keep_residual: bool = False, matrix_prior: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The model's Gauss–Newton update from the per-position gradient and Fisher
         information: (matrix, offset, residual) of the new positions. The targets are the
         per-position Newton points in information form, H_k t_k = H_k p_k − g_k (no inverse of a
         possibly singular H_k); the affine part is their H-weighted least-squares fit and the
-        residuals their shrinkage towards it under the prior ½|r|²/σ²."""
+        residuals their shrinkage towards it under the prior ½|r|²/σ². ``matrix_prior``: the
+        precision of a Gaussian prior of the matrix's entries around the identity (a scan seen
+        in part — the first rows of a raster — does not pin every entry)."""
         p = self.positions
         k = len(p)
         h = fisher + damping * (np.trace(fisher, axis1=1, axis2=2).mean() / 2 + 1e-12) * np.eye(2)
@@ -153,7 +167,10 @@ class ScanModel:
             normal = np.einsum("kai,kab,kbj->ij", jac, h, jac)
             rhs = np.einsum("kai,ka->i", jac, rhs_k)
             ridge = 1e-9 * np.trace(normal) / 6 + 1e-30
-            theta = np.linalg.solve(normal + ridge * np.eye(6), rhs + ridge * theta)
+            prior = np.diag([matrix_prior, matrix_prior, 0.0, matrix_prior, matrix_prior, 0.0])
+            identity = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+            theta = np.linalg.solve(normal + ridge * np.eye(6) + prior,
+                                    rhs + ridge * theta + prior @ identity)
             if lam == 0 or keep_residual:
                 break
             affine = self.centre + np.einsum("kai,i->ka", jac, theta)
@@ -226,6 +243,115 @@ def update_positions(
     return PositionUpdate(False, before, before, 0.0, scan.matrix)
 
 
+#: Frames with position information before the live scan model is first fitted (6 affine
+#: parameters; fewer frames would fit their noise).
+LIVE_MIN_MEASURED = 12
+#: Prior precision of the live model's matrix entries around the identity, per px² of Fisher
+#: units: σ = 5 % (scan errors are "a few per cent"), so the first rows of a raster, which
+#: barely constrain the y scale, do not extrapolate a wild one to the rows still to come.
+LIVE_MATRIX_PRIOR = 1.0 / 0.05**2
+#: Live residuals are bounded at this many prior rms (``position_residual_px``): a position
+#: whose information came from an object still far from converged must not run away.
+LIVE_RESIDUAL_BOUND = 3.0
+
+
+class LiveScanModel:
+    """The scan model of a scan still being recorded: the live engine's position refinement.
+
+    Positions are in pixels of a fixed frame (metres ÷ pixel size: independent of the canvas,
+    which grows). Each measured frame keeps its latest Newton target in information form,
+    H_k p_k − g_k, and its Fisher information H_k, from the object of its measurement; a
+    frame never measured has none. :meth:`update` fits the affine model to every target so far
+    (one Gauss–Newton step of :meth:`ScanModel.gauss_newton`, with a weak prior of the matrix
+    around the identity), shrinks the measured frames' residuals towards it and bounds them,
+    holds the mean position (the gauge) and caps each move. A frame that arrives later starts on
+    the affine model (:meth:`add`)."""
+
+    def __init__(self, nominal_px: np.ndarray, positions_px: np.ndarray | None = None) -> None:
+        self.nominal = np.asarray(nominal_px, dtype=np.float64).reshape(-1, 2).copy()
+        self.matrix = np.eye(2)
+        self.offset = np.zeros(2)
+        self.centre = self.nominal.mean(axis=0) if len(self.nominal) else np.zeros(2)
+        self.residual = np.zeros_like(self.nominal)
+        if positions_px is not None:  # positions moved before (a refinement): residuals keep them
+            self.residual = np.asarray(positions_px, dtype=np.float64).reshape(-1, 2) - self.nominal
+        self.fisher = np.zeros((len(self.nominal), 2, 2))
+        self.info = np.zeros((len(self.nominal), 2))  #: H_k p_k − g_k at the measurement
+        self.measured = np.zeros(len(self.nominal), dtype=bool)
+        self.updates = 0
+
+    def _scan(self) -> ScanModel:
+        scan = ScanModel(self.nominal, self.matrix, self.offset, self.residual)
+        scan.centre = self.centre
+        return scan
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self._scan().positions
+
+    @property
+    def affine_positions(self) -> np.ndarray:
+        """The affine part of the positions (no residuals)."""
+        return self._scan().affine_part()
+
+    def add(self, nominal_px: np.ndarray) -> np.ndarray:
+        """Append frames at their nominal positions; returns where the model puts them."""
+        nominal_px = np.asarray(nominal_px, dtype=np.float64).reshape(-1, 2)
+        k = len(nominal_px)
+        self.nominal = np.concatenate([self.nominal, nominal_px])
+        self.residual = np.concatenate([self.residual, np.zeros((k, 2))])
+        self.fisher = np.concatenate([self.fisher, np.zeros((k, 2, 2))])
+        self.info = np.concatenate([self.info, np.zeros((k, 2))])
+        self.measured = np.concatenate([self.measured, np.zeros(k, dtype=bool)])
+        return self.positions[-k:]
+
+    def record(self, which: np.ndarray, at_px: np.ndarray, grad: np.ndarray, fisher: np.ndarray) -> int:
+        """Keep the gradient and Fisher information of frames ``which``, measured at positions
+        ``at_px``; returns how many were kept (non-finite ones are not)."""
+        ok = np.isfinite(grad).all(axis=1) & np.isfinite(fisher).all(axis=(1, 2))
+        which = np.asarray(which)[ok]
+        self.fisher[which] = fisher[ok]
+        self.info[which] = np.einsum("kab,kb->ka", fisher[ok], at_px[ok]) - grad[ok]
+        self.measured[which] = True
+        return int(ok.sum())
+
+    def forget(self, positions_px: np.ndarray) -> None:
+        """The positions were set from elsewhere (a full-batch refinement): the residuals take
+        them, the targets measured before are stale."""
+        self.residual = np.asarray(positions_px, dtype=np.float64).reshape(-1, 2) - self._scan().affine_part()
+        self.fisher[...] = 0
+        self.info[...] = 0
+        self.measured[...] = False
+
+    def update(self, residual_px: float, max_step_px: float, model: str = "affine") -> np.ndarray | None:
+        """One update of the model from the targets so far: the new positions (all frames,
+        pixels), or None while too few frames were measured."""
+        if int(self.measured.sum()) < LIVE_MIN_MEASURED:
+            return None
+        scan = self._scan()
+        old = scan.positions
+        # the gradient of each frame's quadratic model at the current positions
+        grad = np.einsum("kab,kb->ka", self.fisher, old) - self.info
+        matrix, offset, residual = scan.gauss_newton(
+            grad, self.fisher, residual_px, model, matrix_prior=LIVE_MATRIX_PRIOR)
+        if residual_px > 0 and model == "affine":
+            norm = np.linalg.norm(residual, axis=1, keepdims=True)
+            bound = LIVE_RESIDUAL_BOUND * residual_px
+            residual = residual * np.minimum(1.0, bound / np.maximum(norm, 1e-30))
+        trial = ScanModel(self.nominal, matrix, offset, residual)
+        trial.centre = self.centre
+        new = trial.positions
+        shift = (new - old).mean(axis=0)  # a common translation is a gauge: hold the mean
+        offset = offset - shift
+        biggest = float(np.abs(new - shift - old).max()) if len(old) else 0.0
+        factor = min(1.0, max_step_px / biggest) if biggest > 0 else 1.0
+        self.matrix = self.matrix + factor * (matrix - self.matrix)
+        self.offset = self.offset + factor * (offset - self.offset)
+        self.residual = self.residual + factor * (residual - self.residual)
+        self.updates += 1
+        return self.positions
+
+
 def margin_px(positions_px_extent: float) -> int:
     """Spare canvas pixels on each side for positions that may move: 3 % of the scan's extent
     (a scale error of a few per cent moves the edge positions by that much) plus 4."""
@@ -233,10 +359,12 @@ def margin_px(positions_px_extent: float) -> int:
 
 
 __all__ = [
+    "LiveScanModel",
     "PositionUpdate",
     "ScanModel",
     "data_loss",
     "margin_px",
     "position_terms",
+    "position_terms_device",
     "update_positions",
 ]

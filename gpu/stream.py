@@ -33,12 +33,20 @@ from .backend import (
 from .framestore import FrameStore
 from .geometry import ScanGeometry, fit_geometry
 from .objective import data_term
-from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, scatter_add, to_fft_order
+from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, place_kernel, to_fft_order
 from .options import ReconOptions
+from .positions import LiveScanModel, position_terms_device
+from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, auto_mu0, prior_term
 from .priors import kappa as kappa_of
 from .probes import initial_modes, orthogonalize_modes
-from .reconstruct import Problem, refine_alternating, refine_full_batch, with_source
+from .reconstruct import (
+    AMPLITUDE_NLL_SCALE,
+    Problem,
+    refine_alternating,
+    refine_full_batch,
+    with_source,
+)
 from .state import ReconState
 
 #: Spare object pixels kept around every probe window (sub-pixel shifts need one).
@@ -130,12 +138,14 @@ class StreamingReconstructor:
         #: valid pixels, detector order, on the host: frames arriving from the host are
         #: counted there, before they are stored (no device reduction read back per batch)
         self._mask_host: np.ndarray | None = None
+        self._mask_off: np.ndarray | None = None  #: flat indices of the masked-off pixels
         if mask is not None:
             if tuple(np.shape(mask)) != shape:
                 raise ValueError(f"mask shape {np.shape(mask)} does not match frame shape {shape}")
             self._mask_host = np.asarray(to_numpy(mask)).astype(bool)
             if not self._mask_host.any():
                 raise ValueError("mask marks no detector pixel as valid")
+            self._mask_off = np.flatnonzero(~self._mask_host)
             self.mask = to_fft_order(asarray(self._mask_host, xp)).astype(self._rdtype)
         stream = options.stream
         capacity = expected_frames if expected_frames is not None else stream.initial_capacity
@@ -161,8 +171,14 @@ class StreamingReconstructor:
         self._refined = 0  # full-batch CG iterations run by refine()
         self._probe_decision: bool | None = None  # refine_probe "auto", once decided
         self._energy = energy_eV
-        #: the positions as received, once ``refine`` has refined them (refine_positions)
-        self._nominal_positions: np.ndarray | None = None
+        #: the positions as received (metres, arrival order); the snapshot gives them as the
+        #: nominal ones once positions were refined (refine_positions)
+        self._received = np.zeros((0, 2))
+        self._positions_moved = False
+        #: the scan model of the live position refinement, made at its first measurement
+        self._live_positions: LiveScanModel | None = None
+        #: position measurements not read back yet: (frames, positions px, gradient, Fisher)
+        self._pending_positions: list[tuple[np.ndarray, np.ndarray, Any, Any]] = []
         if extent_m is not None:
             self._new_canvas(np.zeros((0, 2)))
 
@@ -196,9 +212,15 @@ class StreamingReconstructor:
         """Read back the device losses not yet read, append them to :attr:`loss_history` and
         return them (one transfer; FloatingPointError when one is not finite)."""
         pending, self._pending_losses = self._pending_losses, []
-        if not pending:
+        records, self._pending_positions = self._pending_positions, []
+        if not pending and not records:
             return []
-        values = list(host_floats(*pending))
+        values, arrays = self._read_back(pending, [a for r in records for a in r[2:]])
+        if records:
+            assert self._live_positions is not None
+            for (sel, at, _g, _h), grad, fisher in zip(records, arrays[0::2], arrays[1::2], strict=True):
+                self._live_positions.record(sel, at, grad, fisher)
+            self._update_positions()
         first = self._iteration - len(pending) + 1
         self._loss_history.extend(values)
         for i, value in enumerate(values):
@@ -208,6 +230,21 @@ class StreamingReconstructor:
                     f"(now {self.options.stream.step_size})"
                 )
         return values
+
+    def _read_back(self, scalars: list[Any], arrays: list[Any]) -> tuple[list[float], list[np.ndarray]]:
+        """Device scalars and arrays on the host in ONE transfer (one synchronisation)."""
+        if not arrays:
+            return list(host_floats(*scalars)), []
+        xp = self.xp
+        parts = [xp.stack([v.astype(np.float64).reshape(()) for v in scalars])] if scalars else []
+        parts += [a.astype(np.float64).reshape(-1) for a in arrays]
+        flat = to_numpy(xp.concatenate(parts))
+        values = flat[: len(scalars)].tolist()
+        out, at = [], len(scalars)
+        for a in arrays:
+            out.append(flat[at : at + a.size].reshape(a.shape))
+            at += a.size
+        return values, out
 
     @property
     def mean_counts(self) -> float:
@@ -264,8 +301,7 @@ class StreamingReconstructor:
         if frames.dtype.kind in "if":
             checks.append(~(frames < 0).any())
         if frames_mod is np:
-            valid = frames if self._mask_host is None else frames * self._mask_host
-            counted = float(valid.sum(dtype=np.float64))
+            counted = self._host_counts(frames)
         else:
             valid = frames if self.mask is None else frames * self._mask_host_dev(frames_mod)
             checks.append(valid.sum(dtype=np.float64))
@@ -278,11 +314,39 @@ class StreamingReconstructor:
         if frames.dtype.kind in "if" and not flags[-1]:
             raise ValueError("frames contain negative counts")
 
+        # as received, in a buffer grown by doubling (a concatenation per call would copy
+        # every position received so far: quadratic in the scan)
+        k = self.n_frames
+        if k + n > len(self._received):
+            grown = np.zeros((max(k + n, 2 * len(self._received)), 2))
+            grown[:k] = self._received[:k]
+            self._received = grown
+        self._received[k : k + n] = pos
+        if self._live_positions is not None:
+            # frames arriving after the scan model is known start where it puts them
+            pos = self._live_positions.add(pos / self._pixel_size) * self._pixel_size
         self._ensure_canvas(pos)
         where = store.append(frames, pos, indices)
         self._valid_counts += counted
         batch = self._batch(np.arange(where.start, where.stop))
-        self._illum += self._illumination(batch)
+        self._add_illumination(self._illum, batch)
+
+    def _host_counts(self, frames: np.ndarray) -> float:
+        """Σ counts over the valid detector pixels of host ``frames``. Integer counts are
+        summed as integers (exact) and the masked-off pixels subtracted (no masked copy of
+        the frames); where a frame's sum cannot overflow 32 bits (uint16 up to 256 × 256
+        pixels), per frame in 32 bits: ≈ 3× faster than a float64 or 64-bit sum."""
+        if frames.dtype.kind in "ui" and frames.dtype.itemsize <= 4:
+            flat = frames.reshape(frames.shape[0], -1)
+            if frames.dtype.kind == "u" and flat.shape[1] * np.iinfo(frames.dtype).max < 2**32:
+                total = int(flat.sum(axis=1, dtype=np.uint32).sum(dtype=np.uint64))
+            else:
+                total = int(flat.sum())
+            if self._mask_off is not None:
+                total -= int(flat[:, self._mask_off].sum())
+            return float(total)
+        valid = frames if self._mask_host is None else frames * self._mask_host
+        return float(valid.sum(dtype=np.float64))
 
     # --- mini-batch step ------------------------------------------------------------------
 
@@ -346,6 +410,8 @@ class StreamingReconstructor:
             self._illum_stale = True
         self.frame_store.visits[which] += 1
         self._visits += len(which)
+        if self._positions_due():
+            self._measure_positions(which)
         self._iteration += 1
         self._steps_since_refresh += 1
         per_frame = (time.perf_counter() - t_start) / batch.size
@@ -354,7 +420,7 @@ class StreamingReconstructor:
         loss = term.loss / batch.size
         if on_device(loss):
             self._pending_losses.append(loss)  # read back when a metric is due
-            if len(self._pending_losses) >= MAX_PENDING_LOSSES:
+            if len(self._pending_losses) + len(self._pending_positions) >= MAX_PENDING_LOSSES:
                 self._read_pending()
         else:
             self._loss_history.append(loss)
@@ -367,6 +433,54 @@ class StreamingReconstructor:
             probe_updated=want_probe,
             kept_fraction=term.kept_fraction,
         )
+
+    # --- positions while streaming ----------------------------------------------------------
+
+    def _positions_due(self) -> bool:
+        """Whether this step measures positions (``refine_positions`` with
+        ``stream.refine_positions``, every ``stream.position_every`` steps)."""
+        opts = self.options
+        return (opts.refine_positions and opts.stream.refine_positions and self.probe.ndim == 2
+                and self._iteration % opts.stream.position_every == 0)
+
+    def _measure_positions(self, which: np.ndarray) -> None:
+        """Position gradient and Fisher information of the frames of ``which`` visited at least
+        ``position_min_visits`` times, at the current object and probe. On a device they stay
+        there until the losses are read (:meth:`_read_pending`); on the host the scan model is
+        updated at once."""
+        opts = self.options
+        sel = which[self.frame_store.visits[which] >= opts.stream.position_min_visits]
+        if len(sel) == 0:
+            return
+        if self._live_positions is None:
+            n = self.n_frames
+            self._live_positions = LiveScanModel(
+                self._received[:n] / self._pixel_size,
+                self.frame_store.positions[:n] / self._pixel_size if self._positions_moved else None)
+        at = self.frame_store.positions[sel] / self._pixel_size
+        scale = AMPLITUDE_NLL_SCALE if opts.noise_model == "amplitude" else 1.0
+        _loss, grad, fisher = position_terms_device(
+            self.obj, self.probe, self.frame_store.counts(sel), self._batch(sel),
+            model=opts.noise_model, mask=self.mask, scale=scale)
+        if on_device(grad):
+            self._pending_positions.append((sel, at, grad, fisher))
+            return
+        self._live_positions.record(sel, at, np.asarray(grad), np.asarray(fisher))
+        self._update_positions()
+
+    def _update_positions(self) -> None:
+        """Refit the live scan model and move every frame to it."""
+        assert self._live_positions is not None
+        opts = self.options
+        new = self._live_positions.update(opts.position_residual_px, opts.position_max_step_px,
+                                          opts.position_model)
+        if new is None:
+            return
+        pos = new * self._pixel_size
+        self._ensure_canvas(pos)
+        self.frame_store.positions[: len(pos)] = pos
+        self._positions_moved = True
+        self._illum_stale = True  # the coverage and the prior's share follow the positions
 
     def _mask_host_dev(self, xp: Any) -> Any:
         """The detector-order mask on ``xp`` (for frames that arrive on the device)."""
@@ -582,20 +696,27 @@ class StreamingReconstructor:
         problem = Problem(
             xp=self.xp, options=opts, counts_fft=self.frame_store.frames[:n], mask=self.mask,
             batch=batch, geometry=self.geometry, probe=self.probe, object=self.obj,
-            positions=self.frame_store.positions[:n].copy(), probe_power=self.probe_power(),
+            positions=self._refine_start_positions(), probe_power=self.probe_power(),
             kappa=self._kappa(), energy=float(self._energy or 0.0),
         )
         run = opts.model_copy(update={"iterations": iterations, "time_budget_s": time_budget_s})
         obj, probe, losses, positions = refine_alternating(problem, run, callback)
         if opts.refine_positions:
-            received = problem.positions  # as stored before this call
-            if self._nominal_positions is None:
-                self._nominal_positions = received.copy()
-            elif len(self._nominal_positions) < n:  # frames that arrived since the last refine
-                self._nominal_positions = np.concatenate(
-                    [self._nominal_positions, received[len(self._nominal_positions):]])
             self.frame_store.positions[:n] = positions
+            self._positions_moved = True
+            if self._live_positions is not None:
+                self._live_positions.forget(positions / self._pixel_size)
         return obj, probe, losses
+
+    def _refine_start_positions(self) -> np.ndarray:
+        """Where the full-batch refinement starts its scan model: the stored positions, or with
+        a live scan model its affine part (the full-batch model then estimates the residuals
+        afresh from the refined object; kept, the live ones would pass for nominal)."""
+        n = self.n_frames
+        live = self._live_positions
+        if live is None or not self.options.refine_positions or len(live.nominal) != n:
+            return self.frame_store.positions[:n].copy()
+        return live.affine_positions * self._pixel_size
 
     def snapshot(self) -> ReconState:
         """Host copies of object, probe and bookkeeping, safe to hand to another thread."""
@@ -614,8 +735,7 @@ class StreamingReconstructor:
             frames_used=n,
             positions=self.frame_store.positions[:n].copy(),
             energy=self._energy,
-            nominal_positions=None if self._nominal_positions is None
-            else self._nominal_positions[:n].copy(),
+            nominal_positions=self._received[:n].copy() if self._positions_moved else None,
         )
         start = self._iteration - len(self._loss_history) + 1
         state.loss_epochs = list(range(start, self._iteration + 1))
@@ -708,10 +828,18 @@ class StreamingReconstructor:
         """Σ_k R_k^H |ψ|² — the probe intensity placed at each window without its sub-pixel
         shift: a preconditioner and coverage map need no sub-pixel accuracy, and skipping
         the shift saves two FFTs per position over :func:`operators.illumination`."""
+        out = self.xp.zeros(batch.object_shape, dtype=self._rdtype)
+        self._add_illumination(out, batch)
+        return out
+
+    def _add_illumination(self, out: Any, batch: Batch) -> None:
+        """``out += Σ_k R_k^H |ψ|²`` in place (see :meth:`_illumination`): no canvas-sized
+        temporary and no canvas-sized add per call."""
         inten = (self.probe.real**2 + self.probe.imag**2).astype(self._rdtype, copy=False)
         if inten.ndim == 3:
             inten = inten.sum(axis=0)  # incoherent modes: intensities add
-        return scatter_add(self.xp.broadcast_to(inten, (batch.size,) + inten.shape), batch)
+        assert batch.host_corners is not None  # _batch makes its batches with make_batch
+        place_kernel(out, inten, batch.host_corners, batch.corners)
 
     def _initial_object(self, shape: tuple[int, int]) -> Any:
         """Fresh canvas pixels: unit amplitude, phase N(init_phase_mean, init_phase_std)
@@ -727,8 +855,17 @@ class StreamingReconstructor:
 
     def _new_canvas(self, positions: np.ndarray) -> None:
         m = self.frame_store.frame_shape
+        margin = CANVAS_MARGIN_PX
+        if self.options.refine_positions:
+            # refined positions may leave the nominal scan's canvas: room for a few per cent
+            # (as offline), so that the canvas rarely grows while they move
+            if self._extent is not None:
+                span_m = float(np.ptp(np.asarray(self._extent, dtype=np.float64), axis=1).max())
+            else:
+                span_m = float(np.ptp(positions, axis=0).max()) if len(positions) else 0.0
+            margin = max(margin, position_margin_px(span_m / self._pixel_size))
         self.geometry = fit_geometry(
-            positions, self._pixel_size, m, margin_px=CANVAS_MARGIN_PX, extent_m=self._extent
+            positions, self._pixel_size, m, margin_px=margin, extent_m=self._extent
         )
         self.obj = self._initial_object(self.geometry.object_shape)
         self._illum = self.xp.zeros(self.geometry.object_shape, dtype=self._rdtype)
@@ -777,7 +914,7 @@ class StreamingReconstructor:
         illum = self.xp.zeros(self.geometry.object_shape, dtype=self._rdtype)
         for lo in range(0, self.n_frames, SWEEP_CHUNK):
             batch = self._batch(np.arange(lo, min(lo + SWEEP_CHUNK, self.n_frames)))
-            illum += self._illumination(batch)
+            self._add_illumination(illum, batch)
         self._illum = illum
         self._illum_stale = False
         self._steps_since_refresh = 0

@@ -326,6 +326,9 @@ def flatten(
     for key, value in tree.items():
         if not isinstance(key, str) or "." in key:
             raise ValueError(f"map keys must be strings without dots, got {key!r}")
+        if type(value) in _NATIVE:  # most leaves: skip the ABC checks below (a reply of 256 scans has ~4k)
+            plain[key] = value
+            continue
         path = f"{prefix}{key}"
         if isinstance(value, np.ndarray):
             arrays[path] = value
@@ -338,7 +341,13 @@ def flatten(
     return plain, arrays
 
 
+#: leaf types msgpack takes as they are
+_NATIVE = frozenset({str, int, float, bool, bytes, type(None)})
+
+
 def _plain(value: Any, path: str) -> Any:
+    if type(value) in _NATIVE:
+        return value
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, (list, tuple)):

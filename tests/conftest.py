@@ -32,9 +32,7 @@ def _backends() -> list:
 
 #: Test modules whose code is not yet free of implicit device → host conversions: the strict
 #: backend would only repeat what it already reports for them.
-_NOT_YET_STRICT = {
-    "test_bm3d": "BM3D (gpu/bm3d*.py) still converts device values implicitly (e.g. its input check)",
-}
+_NOT_YET_STRICT: dict[str, str] = {}
 
 
 @pytest.fixture(params=_backends())

@@ -132,6 +132,27 @@ def test_backends_agree(xp, camera: np.ndarray) -> None:
     assert np.median(diff) < 1e-3 and np.mean(diff) < 0.05
 
 
+def test_device_synchronisations_per_denoiser_call(camera: np.ndarray) -> None:
+    """Counted on the strict backend (CuPy's semantics): one device → host transfer for the
+    input's checks, offset and estimated σ together, and one per stage for the group sizes of
+    the tile — no ``nonzero`` per group size, no ``bincount`` (each would read device data on
+    the host). The sparse prior denoises phase and log-amplitude: twice that, plus its own one."""
+    from cryoptycho.gpu.backend import get_xp
+    from cryoptycho.gpu.denoise import denoise_complex
+    from cryoptycho.gpu.strict import counting
+
+    xp = get_xp("strict")
+    noisy = xp.asarray(_noisy(camera[120:184, 220:292], 25.0, seed=8))
+    for sigma in (25.0, None):
+        with counting() as c:
+            bm3d(noisy, sigma)
+        assert c.syncs == 3 and [e.kind for e in c.events if e.kind != "h2d"] == ["d2h"] * 3, c.summary()
+    field = xp.asarray(np.exp(1j * to_numpy(noisy) / 255).astype(np.complex64))
+    with counting() as c:
+        denoise_complex(field, get_denoiser("bm3d"), 0.1)
+    assert c.syncs == 7, c.summary()
+
+
 def test_zero_sigma_returns_a_copy() -> None:
     image = np.arange(100, dtype=np.float32).reshape(10, 10)
     out = bm3d(image, 0.0)

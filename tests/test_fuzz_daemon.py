@@ -11,6 +11,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+import zmq
 from cryoptycho.daemon.bench.fuzz import (
     OPEN_SCAN,
     FuzzDaemon,
@@ -208,6 +209,7 @@ def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch, wher
             monkeypatch.setattr(svc.scans, "add_frames", broken)
         else:
             monkeypatch.setattr(SpoolWriter, "append", broken)
+            monkeypatch.setattr(SpoolWriter, "append_many", broken)  # our protocol's frames
         sub = Subscriber(svc.endpoints["publish"], latest_only=False)
         ctl = ControlClient(svc.endpoints["control"], timeout_s=10)
         with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p:
@@ -332,3 +334,139 @@ def test_dectris_receiver_fuzz_seeded_and_bounded(tmp_path):
 
     figures = dectris_fuzz(tmp_path, examples=30, seed=5)
     assert figures.crashes == 0 and figures.checks == 1 and figures.inputs == 30
+
+
+def test_requests_that_wait_for_the_spool_do_not_hold_up_ping(tmp_path, monkeypatch):
+    """`receipt` and `finish_scan` answer once the spool thread has written what came before
+    them; they used to wait for it ON the manager thread, so a slow disk held up every other
+    client's ping (issue 12: 50-160 ms under fuzzing, unbounded with a stuck disk). The spool
+    thread is held here by a gate, deterministically: pings are answered while it is closed,
+    the waiting replies come after it opens, with the frames counted, and the replies to one
+    client stay in the order of its requests."""
+    import threading
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.messages import decode
+    from cryoptycho.protocols.producer import Producer
+
+    gate, entered = threading.Event(), threading.Event()
+    gate.set()
+    append = SpoolWriter.append
+
+    def gated(self, *args, **kwargs):
+        if not gate.is_set():
+            entered.set()
+            assert gate.wait(120), "the test never opened the gate"
+        return append(self, *args, **kwargs)
+
+    monkeypatch.setattr(SpoolWriter, "append", gated)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    ctx = zmq.Context()
+    clients = []
+
+    def dealer():
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(svc.endpoints["control"])
+        clients.append(sock)
+        return sock
+
+    def ask(sock, method, **params):
+        sock.send_multipart([b"", *_raw(encode(Request(method, params)))])
+
+    def answer(sock):
+        assert sock.poll(60_000), "no reply"
+        reply = decode(sock.recv_multipart()[1:])
+        assert reply.success, reply.msg
+        return reply.result
+
+    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 4,
+             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((4, 2))}
+    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as stopped, \
+                Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as slow:
+            stopped.start_scan(scan_id="stopped", **start)
+            stopped.send_frames(np.ones((3, 16, 16), np.uint16))
+            assert stopped.flush().acknowledged == 3
+            ctl.cancel("stopped")
+            wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("stopped") == "aborted",
+                     60, "the cancelled scan to stop")
+            slow.start_scan(scan_id="slow", **start)
+            gate.clear()
+            slow.send_frames(np.ones((4, 16, 16), np.uint16))
+            assert entered.wait(60), "the spool thread never took the frames"
+            # the spool thread is stuck writing "slow": these two must wait for it, not the loop
+            finisher, receiver, pipelined = dealer(), dealer(), dealer()
+            ask(finisher, "finish_scan", scan_id="stopped")
+            ask(receiver, "receipt", scan_id="slow")
+            ask(pipelined, "receipt", scan_id="slow")
+            ask(pipelined, "ping")
+            wait_for(lambda: sum(len(q) for q in svc._replies.values()) == 4, 60, "the manager to read them all")
+            for _ in range(3):
+                assert ctl.ping()["pong"] is True  # another client, answered while they wait
+            assert not any(c.poll(0) for c in clients), "a reply came before the spool thread was done"
+            gate.set()
+            reopened = answer(finisher)
+            assert reopened["scan_id"] == "stopped" and reopened["frames"]["received"] == 3
+            assert reopened["state"] not in ("aborted", "failed", "finished"), reopened
+            held = answer(receiver)
+            assert held["scan_id"] == "slow" and held["frames"]["received"] == 4, held
+            # one client's replies in the order of its requests: the receipt first, then the pong
+            assert answer(pipelined)["frames"]["received"] == 4
+            assert answer(pipelined)["pong"] is True
+            assert slow.end_scan().acknowledged == 4
+        assert svc.metrics.internal_errors.labels(where="control")._value.get() == 0
+        assert svc.metrics.control_requests.labels(method="receipt", success="true")._value.get() >= 2
+    finally:
+        gate.set()
+        for sock in clients:
+            sock.close()
+        ctx.term()
+        ctl.close()
+        bg.stop()
+
+
+def test_worker_threads_start_off_the_manager_thread(tmp_path, monkeypatch):
+    """Thread.start() waits until the new thread runs: on the manager thread it held up ping
+    for 150-300 ms on a loaded host. Workers are started from a helper thread; one that cannot
+    start (the OS has no thread left) fails its scan by name, and the daemon goes on."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.worker import ScanWorker
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+
+    starters: list[str] = []
+
+    def no_thread(self):
+        import threading
+
+        starters.append(threading.current_thread().name)
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(ScanWorker, "start", no_thread)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with ControlClient(svc.endpoints["control"], timeout_s=30, retries=1) as ctl, \
+                Producer(svc.endpoints["ingest"], control=svc.endpoints["control"], confirm=False) as p:
+            p.start_scan(scan_id="threadless", energy_eV=300e3, frame_shape=(16, 16), frame_dtype="uint16",
+                         expected_frames=4, pixel_size_m=1e-10, probe=np.ones((16, 16), np.complex64),
+                         positions_m=np.zeros((4, 2)))
+            scan = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "threadless"
+                                          and s["state"] == "failed"), None), 60, "the scan to fail")
+            assert "can't start new thread" in scan["error"], scan
+            assert ctl.ping()["pong"] is True
+        assert starters and all(name.startswith("worker-start") for name in starters), starters
+        assert svc.metrics.internal_errors.labels(where="worker")._value.get() == 1
+    finally:
+        bg.stop()

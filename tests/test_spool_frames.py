@@ -3,6 +3,7 @@ through the HDF5 filter, detector chunks as they arrived; every way gives back t
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import h5py
@@ -65,3 +66,133 @@ def test_a_source_s_chunks_are_written_as_they_are(tmp_path: Path) -> None:
             assert g["data"].id.read_direct_chunk((i, 0, 0))[1] == b.chunks[i]
         assert g[DETECTOR_FRAMES].shape[0] == 11
     assert len(read_spool(tmp_path / "chunks.spool.h5").frames) == 11
+
+
+@pytest.mark.parametrize("batches", [[5, 64, 100, 33, 256, 1], [64, 64, 128], [30, 3, 31], [7]])
+def test_batches_written_as_one_append_are_the_batches_appended_one_by_one(tmp_path: Path,
+                                                                           batches: list[int]) -> None:
+    """append_many (what the spool thread found waiting, in one append) leaves the file that
+    appending the same batches one by one leaves: the same frames, indices, positions and
+    count, and the same bytes in every chunk, also where a chunk spans two batches."""
+    rng = np.random.default_rng(2)
+    total = sum(batches)
+    frames = rng.poisson(0.3, (total, 24, 24)).astype(np.uint16)
+    pos = rng.normal(size=(total, 2)) * 1e-9
+    cuts = np.cumsum([0, *batches])
+    parts = [(frames[a:b], np.arange(a, b), pos[a:b]) for a, b in itertools.pairwise(cuts)]
+    one = SpoolWriter.create(tmp_path / "one", _spec("many"))
+    for part in parts:
+        one.append(*part)
+    one.close()
+    many = SpoolWriter.create(tmp_path / "many", _spec("many"))
+    assert many.append_many(parts[:1]) == batches[0]  # then the rest at once, after a first append
+    assert many.append_many(parts[1:]) == total - batches[0]
+    assert many.count == total
+    many.close()
+    a, b = (read_spool(tmp_path / d / "many.spool.h5") for d in ("one", "many"))
+    np.testing.assert_array_equal(a.frames, frames)
+    np.testing.assert_array_equal(b.frames, frames)
+    np.testing.assert_array_equal(b.indices, np.arange(total))
+    np.testing.assert_array_equal(b.positions_m, pos)
+    with h5py.File(tmp_path / "one" / "many.spool.h5") as f, h5py.File(tmp_path / "many" / "many.spool.h5") as g:
+        da, db = f[DATA]["data"], g[DATA]["data"]
+        assert da.chunks == db.chunks and int(g[DATA].attrs["count"]) == total
+        for row in range(0, total, da.chunks[0]):
+            assert da.id.read_direct_chunk((row, 0, 0)) == db.id.read_direct_chunk((row, 0, 0)), row
+        for name in ("frame_index", "positions_m"):
+            np.testing.assert_array_equal(f[DATA][name][:], g[DATA][name][:])
+
+
+def test_an_append_that_fails_midway_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash (here: compression fails) after some rows of a many-batch append are written
+    leaves the previous count; recovery drops the rows and appends after the committed ones."""
+    from cryoptycho.daemon.storage import spool
+
+    rng = np.random.default_rng(3)
+    frames = rng.poisson(0.3, (200, 24, 24)).astype(np.uint16)
+    writer = SpoolWriter.create(tmp_path, _spec("crash"))
+    writer.append_many([(frames[:64], np.arange(64), np.zeros((64, 2)))])
+
+    def broken(chunks: list[np.ndarray]) -> list[bytes]:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(spool, "_compress_all", broken)
+    with pytest.raises(OSError, match="disk on fire"):
+        writer.append_many([(frames[64:100], np.arange(64, 100), np.zeros((36, 2))),
+                            (frames[100:200], np.arange(100, 200), np.zeros((100, 2)))])
+    writer.close()
+    monkeypatch.undo()
+    assert len(read_spool(tmp_path / "crash.spool.h5").frames) == 64
+    writer = SpoolWriter.reopen(tmp_path / "crash.spool.h5")
+    assert writer.count == 64
+    writer.append_many([(frames[64:200], np.arange(64, 200), np.zeros((136, 2)))])
+    writer.close()
+    back = read_spool(tmp_path / "crash.spool.h5")
+    np.testing.assert_array_equal(back.frames, frames)
+    np.testing.assert_array_equal(back.indices, np.arange(200))
+
+
+def test_frames_waiting_for_the_spool_thread_join_one_append_and_count_only_once_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the spool thread writes, the frames the manager hands it wait and then go to disk
+    in ONE append; none counts as received before its append returned; an operation asked for
+    in between (here a worker's start, which hands over what is on disk) splits them, so that
+    the worker gets every frame exactly once and in order."""
+    import threading
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.metrics import ServiceMetrics
+    from cryoptycho.daemon.publisher import Outbox
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.worker import FrameBatch, ScanWorker
+
+    monkeypatch.setattr(ScanWorker, "start", lambda self: None)  # its inbox is read below instead
+    appends: list[int] = []
+    entered, release = threading.Event(), threading.Event()
+    real = SpoolWriter.append_many
+
+    def slow(self: SpoolWriter, batches: list) -> int:
+        appends.append(len(batches))
+        entered.set()
+        assert release.wait(30)
+        return real(self, batches)
+
+    monkeypatch.setattr(SpoolWriter, "append_many", slow)
+    manager = ScanManager(ServiceConfig(spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                                        max_concurrent_scans=1), ServiceMetrics(), Outbox())
+    try:
+        spec = _spec("joined")
+        spec.expected_frames = 200
+        session = manager.start_scan(spec)
+        rng = np.random.default_rng(4)
+        frames = rng.poisson(0.3, (200, 24, 24)).astype(np.uint16)
+        pos = rng.normal(size=(200, 2)) * 1e-9
+
+        def send(a: int, b: int) -> None:
+            manager.add_frames(session, frames[a:b], np.arange(a, b), pos[a:b], arrived=0.0)
+
+        send(0, 20)
+        assert entered.wait(30)  # the spool thread is inside the first append
+        send(20, 50)
+        send(50, 90)
+        assert session.ledger.received == 0  # nothing has reached the disk yet
+        manager.admit()  # the worker starts: it is handed what is on disk when its turn comes
+        send(90, 140)
+        send(140, 200)
+        release.set()
+        manager.flush_disk()
+        assert appends == [1, 2, 2]
+        assert session.ledger.received == 200
+        worker = manager.running["joined"]
+        got = []
+        while not worker.inbox.empty():
+            item = worker.inbox.get_nowait()
+            assert isinstance(item, FrameBatch)
+            got.append(item.frames)
+        np.testing.assert_array_equal(np.concatenate(got), frames)  # each frame once, in order
+        back = read_spool(tmp_path / "s" / "joined.spool.h5")
+        np.testing.assert_array_equal(back.frames, frames)
+        np.testing.assert_array_equal(back.positions_m, pos)
+    finally:
+        release.set()
+        manager.close()

@@ -6,8 +6,11 @@ floats where integers belong) or deleted, mangled bytes, messages meant for othe
 ids whose file names would be too long, scans that cannot fit, options naming missing backends,
 control requests with random methods and parameters — and after EVERY input checks:
 
-* the daemon process is alive and answers ``ping`` (its round trip is recorded: p99, and how
-  many exceeded 50 ms);
+* the daemon process is alive and answers ``ping`` (its round trip is recorded: p50/p99/max,
+  how many exceeded 50 ms and after which inputs; the bench also pings a process that does
+  nothing but answer, right after, for the host's own floor, and collects the daemon's "slow
+  manager step" log records, which say which step of its loop was slow and whether it worked
+  or waited);
 * every rejected message produced a named error: the error events received (each, or counted in
   a ``suppressed`` summary) equal the rejections the daemon counted (``messages_rejected``), and
   every failed control reply carries ``field`` and ``rule``;
@@ -85,7 +88,14 @@ class Figures:
     crash_notes: list[str] = field(default_factory=list)
     ping_s: list[float] = field(default_factory=list)
     slowest: tuple[float, str] = (0.0, "")  #: the slowest ping and the input before it
+    slow_pings: list[tuple[float, str]] = field(default_factory=list)  #: every ping over 50 ms, input before it
+    #: the same ping, right after, to a process that only answers it (:class:`EchoControl`): the
+    #: host's own floor (scheduling on a loaded machine), not the daemon's doing
+    echo_s: list[float] = field(default_factory=list)
     checks: int = 0  #: valid scans completed with every frame
+    #: the daemon's own "slow manager step" log records (service.SLOW_STEP_S): which step of its
+    #: loop took longer than 50 ms, wall and CPU time; pings slow with none of these waited elsewhere
+    slow_steps: list[dict[str, Any]] = field(default_factory=list)
 
     def fig_slowest_note(self) -> str:
         return f"{self.slowest[0] * 1e3:.0f} ms after {self.slowest[1]}"
@@ -102,6 +112,11 @@ class Figures:
             "ping_max_ms": float(pings.max() * 1e3),
             "pings_over_50ms": int((pings > PING_LIMIT_S).sum()),
             "slowest_ping_after": self.fig_slowest_note(),
+            **_echo_figures(self.echo_s),
+            "slow_pings_after": [f"{dt * 1e3:.0f} ms after {note}" for dt, note in sorted(self.slow_pings)[::-1][:10]],
+            "manager_slow_steps": len(self.slow_steps),
+            "manager_slowest_steps": [f"{r['msg']}" for r in sorted(
+                self.slow_steps, key=lambda r: -float(r.get("wall_ms", 0)))[:8]],
         }
 
 
@@ -164,6 +179,17 @@ class FuzzDaemon:
                 out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
         return out
 
+    def slow_steps(self) -> list[dict[str, Any]]:
+        """The daemon's "slow manager step" records so far (its JSON log lines with a ``step``)."""
+        out = []
+        for line in list(self.log_lines):
+            if '"step"' in line and line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
     def close(self) -> None:
         self.control.close()
         self.sub.close()
@@ -176,6 +202,54 @@ class FuzzDaemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        # beside its folder (whose files the harness checks): with --workdir, kept for reading
+        self.workdir.with_suffix(".log").write_text("\n".join(self.log_lines) + "\n")
+
+
+ECHO_SERVER = """
+import sys, zmq
+from cryoptycho.protocols.control import handle
+ctx = zmq.Context()
+sock = ctx.socket(zmq.ROUTER)
+port = sock.bind_to_random_port("tcp://127.0.0.1")
+print(port, flush=True)
+table = {"ping": lambda: {"pong": True}}
+while True:
+    sock.send_multipart(handle(sock.recv_multipart(copy=False), table), copy=False)
+"""
+
+
+class EchoControl:
+    """A process that answers control ``ping`` and does nothing else, through the protocol's own
+    ``handle``: pinged beside the daemon, it measures what the host adds to a round trip."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stdout is not None
+        port = self.proc.stdout.readline().strip()
+        if not port:
+            raise FuzzFailure(f"the echo process exited (rc {self.proc.wait(10)})")
+        self.client = ControlClient(f"tcp://127.0.0.1:{port}", timeout_s=10, retries=1)
+
+    def ping_s(self) -> float:
+        t0 = time.perf_counter()
+        self.client.ping()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def _echo_figures(echo_s: list[float]) -> dict[str, Any]:
+    if not echo_s:
+        return {}
+    pings = np.asarray(echo_s)
+    return {"echo_ping_p50_ms": float(np.percentile(pings, 50) * 1e3),
+            "echo_ping_p99_ms": float(np.percentile(pings, 99) * 1e3),
+            "echo_ping_max_ms": float(pings.max() * 1e3), "echo_pings_over_50ms": int((pings > PING_LIMIT_S).sum())}
 
 
 # ------------------------------------------------------------------------------------- the harness
@@ -263,6 +337,7 @@ class Harness:
         self.abort_accepted = True
         self.own = {OPEN_SCAN}  #: the harness's own scans (the others are fuzzed: aborted when accepted)
         self.open_scan = open_scan
+        self.echo: EchoControl | None = None  #: set by the bench: the host's floor, pinged after each check
         self._wait_subscribed()
         if open_scan:
             self.d.push.send_multipart(scan_start_parts(OPEN_SCAN, raster=None, expected_frames=1000))
@@ -332,6 +407,10 @@ class Harness:
         self.fig.ping_s.append(dt)
         if dt > self.fig.slowest[0]:
             self.fig.slowest = (dt, note[:200])
+        if dt > PING_LIMIT_S:
+            self.fig.slow_pings.append((dt, note[:200]))
+        if self.echo is not None:
+            self.fig.echo_s.append(self.echo.ping_s())
         self._account(note)
         self._check_files(note)
 
@@ -585,7 +664,8 @@ def _with(parts: list[bytes], path: list[str], value: Any) -> list[bytes]:
 
 
 def fuzz(workdir: Path, examples: int, seed: int, check_every: int = 0,
-         progress: Callable[[Figures], None] | None = None, figures: Figures | None = None) -> Figures:
+         progress: Callable[[Figures], None] | None = None, figures: Figures | None = None,
+         echo: EchoControl | None = None) -> Figures:
     """Run ``examples`` Hypothesis inputs (seeded) against a fresh daemon; raises FuzzFailure on
     the first broken invariant (Hypothesis then shrinks it), returns the figures otherwise."""
     from hypothesis import HealthCheck, Phase, given, settings
@@ -596,6 +676,7 @@ def fuzz(workdir: Path, examples: int, seed: int, check_every: int = 0,
     failures: list[FuzzFailure] = []
     try:
         harness = Harness(daemon, figures)
+        harness.echo = echo
 
         # the daemon is state that Hypothesis cannot rewind: a failing input is not replayed or
         # shrunk (its message, with the daemon's log, is the report); the run stops at it
@@ -623,6 +704,7 @@ def fuzz(workdir: Path, examples: int, seed: int, check_every: int = 0,
         harness.check("the final valid scan")
     finally:
         daemon.close()
+        figures.slow_steps += daemon.slow_steps()
     return figures
 
 
@@ -693,7 +775,7 @@ def _cbor_edit(blob: bytes, edits: list[tuple[str, Any]]) -> bytes:
 
 
 def dectris_fuzz(workdir: Path, examples: int, seed: int, figures: Figures | None = None,
-                 progress: Callable[[Figures], None] | None = None) -> Figures:
+                 progress: Callable[[Figures], None] | None = None, echo: EchoControl | None = None) -> Figures:
     """Hostile Stream V2 series (headers set to arbitrary values, mangled bytes, missing ends)
     from a simulated detector into ``serve --source dectris2://``; after each: the daemon lives,
     answers ping and accounts for every rejection; at the end a valid series becomes a finished
@@ -710,6 +792,7 @@ def dectris_fuzz(workdir: Path, examples: int, seed: int, figures: Figures | Non
     try:
         harness = Harness(daemon, figures, open_scan=False)
         harness.abort_accepted = False
+        harness.echo = echo
 
         @hseed(seed)
         @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
@@ -764,6 +847,7 @@ def dectris_fuzz(workdir: Path, examples: int, seed: int, figures: Figures | Non
         harness.check("the final DECTRIS series")
     finally:
         daemon.close()
+        figures.slow_steps += daemon.slow_steps()
         sender.close(linger_s=0)
     return figures
 
@@ -801,12 +885,15 @@ def command(examples: int, seed: int, check_every: int, workdir: Path | None, de
     with tempfile.TemporaryDirectory(prefix="cryoptycho-fuzz-") as tmp:
         figures = Figures()
         failure = None
+        echo = EchoControl()
         try:
-            fuzz(Path(workdir or tmp), examples, seed, check_every, progress, figures)
+            fuzz(Path(workdir or tmp), examples, seed, check_every, progress, figures, echo)
             if dectris_examples:
-                dectris_fuzz(Path(workdir or tmp), dectris_examples, seed, figures, progress)
+                dectris_fuzz(Path(workdir or tmp), dectris_examples, seed, figures, progress, echo)
         except FuzzFailure as exc:
             failure = str(exc)
+        finally:
+            echo.close()
     out = figures.summary() | {"seconds": time.monotonic() - t0, "failure": failure}
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -817,7 +904,15 @@ def command(examples: int, seed: int, check_every: int, workdir: Path | None, de
         click.echo(f"crashes           {out['crashes']}")
         click.echo(f"ping p50/p99/max  {out['ping_p50_ms']:.1f} / {out['ping_p99_ms']:.1f} / "
                    f"{out['ping_max_ms']:.1f} ms ({out['pings_over_50ms']} over 50 ms)")
+        click.echo(f"host floor        {out['echo_ping_p50_ms']:.1f} / {out['echo_ping_p99_ms']:.1f} / "
+                   f"{out['echo_ping_max_ms']:.1f} ms ({out['echo_pings_over_50ms']} over 50 ms): the same pings "
+                   "to a process that only answers ping")
         click.echo(f"slowest ping      {out['slowest_ping_after']}")
+        for note in out["slow_pings_after"][1:]:
+            click.echo(f"                  {note}")
+        click.echo(f"slow daemon steps {out['manager_slow_steps']} manager-loop steps over 50 ms (daemon log)")
+        for note in out["manager_slowest_steps"]:
+            click.echo(f"                  {note}")
         click.echo(f"valid scans       {out['valid_scans_completed']} completed with every frame")
         click.echo(f"time              {out['seconds']:.0f} s")
         if failure:

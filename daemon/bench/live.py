@@ -10,7 +10,12 @@ them:
   that contains it (the service's own per-frame record, read through ``list_scans``);
 * time from the last frame sent to the final result received;
 * NRMSE (vs the ground truth) of the live result at scan end ÷ that of a converged offline
-  reconstruction (:func:`cryoptycho.gpu.reconstruct.reconstruct`) of the same frames.
+  reconstruction (:func:`cryoptycho.gpu.reconstruct.reconstruct`) of the same frames, with the
+  same options (``--set``), and both phase correlations in the particle (scored as
+  ``bench paper`` scores: registered, phase ramp removed);
+* on a realistic scan (``--realistic``, or a ``--dataset`` file written by ``cryoptycho
+  simulate --realistic``) whose true positions are known: the rms error of the nominal, the
+  live and the offline positions against them (the mean translation, a gauge, removed).
 """
 
 from __future__ import annotations
@@ -28,24 +33,54 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _simulate(frame_size: int, margin_m: float, dose: float, seed: int) -> Any:
+def _simulate(frame_size: int, margin_m: float, dose: float, seed: int, realistic: bool = False) -> Any:
+    from cryoptycho.gpu.sim.errors import ExperimentErrors
     from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 
-    return simulate_ptychography(frame_size=frame_size, margin=margin_m, dose=dose, seed=seed)
+    errors = ExperimentErrors.realistic(seed) if realistic else None
+    return simulate_ptychography(frame_size=frame_size, margin=margin_m, dose=dose, seed=seed, errors=errors)
+
+
+def _true_positions(data: Any) -> np.ndarray:
+    """Where the frames were recorded (the truth of a realistic scan, else the positions given)."""
+    truth = getattr(data, "truth_positions", None)
+    return np.asarray(data.positions if truth is None else truth, dtype=np.float64)
+
+
+def _scores(obj: np.ndarray, origin: tuple[float, float], data: Any) -> tuple[float, float]:
+    """(NRMSE, phase correlation in the particle) against the ground truth."""
+    from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
+
+    ev = evaluate_against_truth(obj, origin, data.truth_object, data.truth_origin, data.real_pixel_size,
+                                _true_positions(data))
+    return ev.nrmse, ev.phase_correlation
 
 
 def _nrmse(obj: np.ndarray, origin: tuple[float, float], data: Any) -> float:
-    from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
+    return _scores(obj, origin, data)[0]
 
-    return evaluate_against_truth(obj, origin, data.truth_object, data.truth_origin, data.real_pixel_size,
-                                  np.asarray(data.positions)).nrmse
+
+def position_error_m(positions: Any, data: Any) -> float | None:
+    """Rms distance (m) of ``positions`` from the true ones, the mean translation removed (a
+    common translation of all positions is a gauge: the object moves with it); None when the
+    data know no truth of their positions or the counts differ."""
+    truth = getattr(data, "truth_positions", None)
+    if truth is None or positions is None:
+        return None
+    d = np.asarray(positions, dtype=np.float64) - np.asarray(truth, dtype=np.float64)
+    if d.shape != np.shape(truth):
+        return None
+    d -= d.mean(axis=0)
+    return float(np.sqrt((d**2).sum(axis=1).mean()))
 
 
 def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: Path,
-             on_ready: Callable[[dict[str, str]], None] | None = None) -> dict[str, Any]:
+             on_ready: Callable[[dict[str, str]], None] | None = None,
+             options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stream ``data`` at ``rate`` frames/s to an in-process service; the live figures.
     ``on_ready(endpoints)`` runs once the service is bound, before the first frame (e.g. to
-    attach viewers whose cost is measured)."""
+    attach viewers whose cost is measured); ``options`` are the service's reconstruction
+    options (over its defaults; ``iterations`` is set apart)."""
     from cryoptycho.daemon.config import load_config
     from cryoptycho.daemon.replay import ReplaySource, replay
     from cryoptycho.daemon.scan import start_from_data
@@ -58,7 +93,8 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
     config = load_config(overrides={
         "ingest": "tcp://127.0.0.1:*", "publish": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*",
         "metrics_port": 0, "spool_dir": str(workdir / "spool"), "results_dir": str(workdir / "results"),
-        "refine_time_budget_s": refine_s, "recover": False, "options": {"iterations": iterations},
+        "refine_time_budget_s": refine_s, "recover": False,
+        "options": {**(options or {}), "iterations": iterations},
     })
     n = len(data.frames)
     start = start_from_data(data, "bench-live")
@@ -114,6 +150,12 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
         sub.close()
         bg.stop()
     thread.join(10)
+    live_nrmse, live_corr = _scores(np.asarray(result.object), result.origin_m, data)
+    at_end: tuple[float | None, float | None] = (None, None)
+    if last_preview is not None:
+        at_end = _scores(
+            np.asarray(last_preview.object_amplitude) * np.exp(1j * np.asarray(last_preview.object_phase)),
+            last_preview.origin_m, data)
     return {
         "frames": n,
         "ingest_frames_per_s": n / max(sent["t1"] - sent["t0"], 1e-9),
@@ -122,10 +164,11 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
         "latency_p50_s": info["latency_p50_s"],
         "latency_p95_s": info["latency_p95_s"],
         "last_frame_to_result_s": t_result - sent["t1"],
-        "live_nrmse": _nrmse(np.asarray(result.object), result.origin_m, data),
-        "live_at_scan_end_nrmse": None if last_preview is None else _nrmse(
-            np.asarray(last_preview.object_amplitude) * np.exp(1j * np.asarray(last_preview.object_phase)),
-            last_preview.origin_m, data),
+        "live_nrmse": live_nrmse,
+        "live_phase_correlation": live_corr,
+        "live_at_scan_end_nrmse": at_end[0],
+        "live_at_scan_end_phase_correlation": at_end[1],
+        "live_position_error_m": position_error_m(result.positions_m, data),
         "iterations": result.iterations,
         # the service's own clock, from scan_end's arrival (the budget's start) to the result,
         # and its phases: what is left of last_frame_to_result_s is ingest lag
@@ -146,14 +189,18 @@ def _slope(points: list[tuple[float, int]], n: int) -> float | None:
     return float(np.polyfit(t - t[0], u, 1)[0])
 
 
-def run_offline(data: Any, iterations: int) -> tuple[float, float]:
-    """(NRMSE, seconds) of a converged offline reconstruction with the service's default options."""
+def run_offline(data: Any, iterations: int, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """NRMSE, phase correlation, position error and seconds of a converged offline reconstruction
+    with the service's default options and ``options`` over them."""
     from cryoptycho.gpu.options import ReconOptions
     from cryoptycho.gpu.reconstruct import reconstruct
 
     t0 = time.perf_counter()
-    state = reconstruct(data, ReconOptions(iterations=iterations))
-    return _nrmse(np.asarray(state.object), state.geometry.origin, data), time.perf_counter() - t0
+    state = reconstruct(data, ReconOptions().merged({**(options or {}), "iterations": iterations}))
+    seconds = time.perf_counter() - t0
+    nrmse, corr = _scores(np.asarray(state.object), state.geometry.origin, data)
+    return {"offline_nrmse": nrmse, "offline_phase_correlation": corr, "offline_s": seconds,
+            "offline_position_error_m": position_error_m(state.positions, data)}
 
 
 @click.command()
@@ -169,24 +216,59 @@ def run_offline(data: Any, iterations: int) -> tuple[float, float]:
 @click.option("--offline-iterations", type=int, default=100, show_default=True,
               help="Iterations of the converged offline reference.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--realistic", is_flag=True,
+              help="Simulate a realistic experiment (cryoptycho simulate --realistic): the service and the "
+                   "offline reference get the nominal probe and positions; position errors are scored "
+                   "against the true ones.")
+@click.option("--dataset", "dataset_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Stream this dataset file (e.g. written by `cryoptycho simulate`; it must hold the "
+                   "ground truth) instead of simulating one.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Reconstruction option for both the service and the offline reference "
+                   "(repeatable; dotted keys nest, e.g. stream.refine_positions=false).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def command(frame_size: int, margin_m: float, dose: float, rate: float, refine_s: float, iterations: int,
-            offline_iterations: int, seed: int, as_json: bool) -> None:
+            offline_iterations: int, seed: int, realistic: bool, dataset_path: str | None,
+            sets: tuple[str, ...], as_json: bool) -> None:
     """Live service: fold rate, preview latency, time to final image, live/offline NRMSE."""
     import tempfile
 
+    from cryoptycho.gpu.options import ReconOptions
+
+    from ..overrides import parse_set
+
+    options = parse_set(sets)
+    try:
+        ReconOptions().merged(options)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from None
     console = Console()
-    with console.status("simulating…"):
-        data = _simulate(frame_size, margin_m, dose, seed)
+    if dataset_path is not None:
+        from ..storage.dataset import read_dataset
+
+        if realistic:
+            raise click.BadParameter("--realistic simulates a scan; a --dataset file already is one",
+                                     param_hint="--realistic")
+        data = read_dataset(dataset_path)
+        if data.truth_object is None:
+            raise click.BadParameter(f"{dataset_path} holds no ground truth (/truth): nothing to score "
+                                     "against", param_hint="--dataset")
+        dose = float(data.metadata.get("dose_e_per_A2", float("nan")))
+        frame_size = int(data.frame_shape[0])
+    else:
+        with console.status("simulating…"):
+            data = _simulate(frame_size, margin_m, dose, seed, realistic)
     with tempfile.TemporaryDirectory() as tmp, console.status(f"streaming {len(data.frames)} frames…"):
-        live = run_live(data, rate, refine_s, iterations, Path(tmp))
+        live = run_live(data, rate, refine_s, iterations, Path(tmp), options=options)
     with console.status(f"offline reference ({offline_iterations} iterations)…"):
-        offline_nrmse, offline_s = run_offline(data, offline_iterations)
-    figures = {**live, "offline_nrmse": offline_nrmse, "offline_s": offline_s,
+        offline = run_offline(data, offline_iterations, options)
+    offline_nrmse = offline["offline_nrmse"]
+    figures = {**live, **offline,
+               "nominal_position_error_m": position_error_m(data.positions, data),
                "nrmse_ratio": live["live_nrmse"] / offline_nrmse,
                "nrmse_ratio_at_scan_end": None if live["live_at_scan_end_nrmse"] is None
                else live["live_at_scan_end_nrmse"] / offline_nrmse,
-               "frame_size": frame_size, "dose": dose, "refine_s": refine_s}
+               "frame_size": frame_size, "dose": dose, "refine_s": refine_s, "options": options}
     if as_json:
         click.echo(json.dumps(figures, indent=2))
         return
@@ -214,4 +296,11 @@ def command(frame_size: int, margin_m: float, dose: float, rate: float, refine_s
     table.add_row("NRMSE live (at scan end, before refinement) ÷ offline",
                   fmt(figures["nrmse_ratio_at_scan_end"], ".3f"), "")
     table.add_row("NRMSE offline (converged)", fmt(offline_nrmse, ".4f"), "")
+    table.add_row("phase correlation live (final) / offline",
+                  f"{fmt(figures['live_phase_correlation'], '.3f')} / "
+                  f"{fmt(figures['offline_phase_correlation'], '.3f')}", "")
+    if figures["nominal_position_error_m"] is not None:
+        table.add_row("position error rms nominal / live / offline (Å)", " / ".join(
+            fmt(None if figures[k] is None else figures[k] * 1e10, ".2f")
+            for k in ("nominal_position_error_m", "live_position_error_m", "offline_position_error_m")), "")
     console.print(table)

@@ -163,9 +163,52 @@ def measure_loopback(side: int, batch: int, codec: str, seconds: float, dose: fl
 @click.option("--daemon-frames", type=click.IntRange(0, 10_000_000), default=65_536, show_default=True,
               help="Frames of one 96×96 scan sent end to end into a real daemon (spool and frame store "
                    "included, engine paused), per batch size and codec; 0 = skip.")
-def command(batches: tuple[int, ...], seconds: float, daemon_frames: int) -> None:
+@click.option("--daemon-codec", "daemon_codecs", type=click.Choice(["none", "bslz4", "lz4"]), multiple=True,
+              default=("none", "bslz4"), show_default=True,
+              help="Wire codecs of the end-to-end runs into the daemon (repeatable).")
+@click.option("--live/--no-live", default=True, show_default=True,
+              help="Also run the end-to-end case once more with the live engine running (CPU backend).")
+@click.option("--decode/--no-decode", "decode_table", default=True, show_default=True,
+              help="The decode/encode/loopback table (--no-decode: the daemon figures only).")
+def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon_codecs: tuple[str, ...],
+            live: bool, decode_table: bool) -> None:
     """Decode + validate throughput of frames messages (target ≥ 100,000 frames/s raw), and our
     protocol end to end into the daemon with its spool (target ≥ 50,000 frames/s, 96×96)."""
+    if decode_table:
+        _decode_table(batches, seconds)
+    if not daemon_frames:
+        return
+    click.echo(f"\nend to end into the daemon, 96×96 uint16 ({daemon_frames:,} frames, producer in its own "
+               "process):")
+    roles = ("receive", "manager", "spool", "compress", "worker")
+    click.echo(f"{'batch':>5} {'codec':>6} {'engine':>6} {'received/s':>11} {'stored/s':>10} "
+               f"{'CPU µs/frame':>13}  " + " ".join(f"{r:>8}" for r in roles) + f" {'producer':>9} {'2-core cap':>10}")
+    cases = [(batch, codec, True) for batch in batches for codec in daemon_codecs]
+    if live:
+        cases.append((max(batches), daemon_codecs[0], False))
+    for batch, codec, paused in cases:
+        r = measure_daemon(96, batch, codec, daemon_frames, paused=paused)
+        click.echo(f"{batch:>5} {codec:>6} {'paused' if paused else 'live':>6} {r['fps_received']:>11,.0f} "
+                   f"{r['fps']:>10,.0f} {r['cpu_us_per_frame']:>13,.1f}  "
+                   + " ".join(f"{r['threads'].get(role, 0.0):>8,.1f}" for role in roles)
+                   + f" {r['producer_cpu_us_per_frame']:>9,.1f} "
+                   f"{2e6 / (r['cpu_us_per_frame'] + r['producer_cpu_us_per_frame']):>10,.0f}")
+    click.echo("received/s = first message → every frame spooled (flushed) and counted; stored/s = … and in "
+               "the engine's frame store (wall); CPU = the daemon process, every thread, µs per frame; by "
+               "thread (µs per frame, Linux): receive = ZeroMQ's I/O threads (socket reads), manager = "
+               "the service thread (recv, validate, decode, ledger), spool = the spool thread (HDF5 "
+               "writes, commit, flush), compress = the spool's compression threads, worker = the "
+               "scan's worker (frame store and engine add_frames; with the engine live, its steps too); "
+               "producer = the sending process's CPU µs per frame; 2-core cap = 2 s of CPU per second "
+               "÷ (daemon + producer CPU per frame): the rate two otherwise idle cores would allow at "
+               "these costs.")
+    click.echo(f"\ncost per stage, one thread, isolated, µs of CPU per frame (96×96 uint16, {max(batches)} "
+               "frames per message):")
+    for name, us in measure_stages(96, max(batches), min(daemon_frames, 32_768)).items():
+        click.echo(f"  {name:<58} {us:>7.2f}")
+
+
+def _decode_table(batches: tuple[int, ...], seconds: float) -> None:
     rows = []
     for side in (64, 96):
         for batch in batches:
@@ -190,47 +233,39 @@ def command(batches: tuple[int, ...], seconds: float, daemon_frames: int) -> Non
         "(same run, same process, one core); loopback = Producer → TCP → PULL + decode, "
         "sender and receiver threads in one process."
     )
-    if not daemon_frames:
-        return
-    click.echo(f"\nend to end into the daemon, 96×96 uint16, engine paused ({daemon_frames:,} frames, "
-               "producer in its own process):")
-    click.echo(f"{'batch':>5} {'codec':>6} {'received/s':>11} {'stored/s':>10} {'CPU µs/frame':>13} "
-               f"{'decode+validate µs':>19} {'spool µs':>9}")
-    for batch in batches:
-        stages = measure_spool(96, batch, seconds)
-        for codec in ("none", "bslz4"):
-            r = measure_daemon(96, batch, codec, daemon_frames)
-            click.echo(f"{batch:>5} {codec:>6} {r['fps_received']:>11,.0f} {r['fps']:>10,.0f} "
-                       f"{r['cpu_us_per_frame']:>13,.1f} "
-                       f"{stages['decode_validate_us']:>19,.1f} {stages['spool_us']:>9,.1f}")
-    click.echo("received/s = first message → every frame spooled and counted; stored/s = … and in the "
-               "scan's frame store (wall); "
-               "CPU = the daemon process, every thread; decode+validate and spool: one thread, per frame "
-               "of a raw message (target ≥ 50,000 frames/s).")
 
 
-def _producer_process(endpoint: str, side: int, batch: int, codec: str, total: int, go: Any) -> None:
+def _producer_process(endpoint: str, control: str, side: int, batch: int, codec: str, total: int,
+                      go: Any, cpu_s: Any) -> None:
     """The instrument side in a process of its own: one scan of ``total`` frames, sent as fast
-    as the daemon takes them (the data are made before the signal)."""
+    as the daemon takes them (the data are made before the signal). ``cpu_s``: a shared value
+    that receives the process's CPU seconds from the signal until every message has left."""
     data = np.random.default_rng(2).poisson(0.1, (batch, side, side)).astype(np.uint16)
     rounds = total // batch
     scan = _scan("e2e", side, rounds * batch, raster=RasterScan((rounds, batch), (1e-10, 1e-10)))
     ctx = zmq.Context()
-    producer = Producer(endpoint, compression=codec, batch_frames=batch, send_timeout_s=60, context=ctx)
+    producer = Producer(endpoint, control=control, compression=codec, batch_frames=batch, send_timeout_s=60,
+                        context=ctx)
     go.wait()
+    c0 = time.process_time()
     producer.start_scan(scan)
     for i in range(rounds):
         producer.send_frames(data, np.arange(i * batch, (i + 1) * batch))
     # every message must leave before the process does (the measurement waits for them all)
     producer.close(linger_s=300)
     ctx.term()
+    cpu_s.value = time.process_time() - c0
 
 
-def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: float = 120.0) -> dict[str, float]:
+def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: float = 120.0,
+                   paused: bool = True) -> dict[str, Any]:
     """Frames/s of one scan from a Producer process into a real daemon (:class:`BackgroundService`),
-    engine paused: ``fps_received`` until every frame is spooled and counted (received, in the
-    daemon's sense), ``fps`` until they are all in the scan's frame store too; and the daemon
-    process's CPU µs per frame (every thread)."""
+    engine paused unless ``paused`` is False: ``fps_received`` until every frame is spooled and
+    counted (received, in the daemon's sense), ``fps`` until they are all in the engine's frame
+    store too; the daemon process's CPU µs per frame (every thread), ``threads``: the same by
+    thread role (:func:`thread_cpu`), and the producer process's (it joins before the daemon
+    stops; NaN if it did not finish)."""
+    import contextlib
     import multiprocessing
     import tempfile
     from pathlib import Path
@@ -240,7 +275,8 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
     from cryoptycho.daemon.service import BackgroundService
 
     total = total // batch * batch
-    with tempfile.TemporaryDirectory(prefix="bench-protocol-") as tmp, engine_paused():
+    with tempfile.TemporaryDirectory(prefix="bench-protocol-") as tmp, \
+            (engine_paused() if paused else contextlib.nullcontext()):
         cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
                             metrics_enabled=False, spool_dir=Path(tmp) / "spool", results_dir=Path(tmp) / "res",
                             resolution_interval_s=0, drain_timeout_s=0)
@@ -248,13 +284,13 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
         # spawn, not fork: a forked child shares the daemon's ZeroMQ context (its signalling
         # descriptors), and its exit swallowed the wake-ups of the daemon's ingest socket
         mp = multiprocessing.get_context("spawn")
-        go = mp.Event()
-        proc = mp.Process(target=_producer_process, args=(bg.service.endpoints["ingest"], side, batch, codec,
-                                                          total, go), daemon=True)
+        go, producer_cpu = mp.Event(), mp.Value("d", float("nan"))
+        proc = mp.Process(target=_producer_process, args=(bg.service.endpoints["ingest"], bg.service.endpoints["control"],
+                                                          side, batch, codec, total, go, producer_cpu), daemon=True)
         try:
             proc.start()
             time.sleep(0.5)  # the producer connects and makes its frames before the clock starts
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, th0 = time.perf_counter(), time.process_time(), thread_cpu()
             go.set()
             scans = bg.service.scans
             t_received: float | None = None
@@ -264,13 +300,14 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
                 received = session.ledger.received if session is not None else 0
                 if received >= total and t_received is None:
                     t_received = time.perf_counter() - t0
-                if received >= total and worker is not None and worker.queued_frames == 0:
+                engine = worker.engine if worker is not None else None
+                if received >= total and engine is not None and engine.n_frames >= total:
                     break
                 if time.perf_counter() - t0 > timeout_s or (not proc.is_alive() and proc.exitcode):
                     raise RuntimeError(f"{received} of {total} frames after {time.perf_counter() - t0:.0f} s "
                                        f"(producer exit code {proc.exitcode})")
                 time.sleep(0.02)
-            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            elapsed, cpu, th1 = time.perf_counter() - t0, time.process_time() - c0, thread_cpu()
         finally:
             if proc.pid is not None:
                 proc.join(10)
@@ -278,41 +315,115 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
                     proc.kill()
             bg.stop()
     assert t_received is not None
-    return {"fps": total / elapsed, "fps_received": total / t_received, "cpu_us_per_frame": 1e6 * cpu / total}
+    threads = {role: 1e6 * (th1.get(role, 0.0) - th0.get(role, 0.0)) / total for role in th1}
+    return {"fps": total / elapsed, "fps_received": total / t_received, "cpu_us_per_frame": 1e6 * cpu / total,
+            "threads": threads, "producer_cpu_us_per_frame": 1e6 * producer_cpu.value / total}
 
 
-def measure_spool(side: int, batch: int, seconds: float) -> dict[str, float]:
-    """CPU µs per frame of the manager thread's per-message work: decode + validate, and the
-    spool append (its whole chunks are compressed on the spool's threads, not counted here)."""
+#: thread name prefix → role in the ingest path (:func:`thread_cpu`)
+_ROLES = (("ZMQbg/IO", "receive"), ("service", "manager"), ("spool-compress", "compress"), ("spool", "spool"),
+          ("worker-", "worker"))
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's threads, summed by role: ``receive``
+    (ZeroMQ's I/O threads), ``manager`` (the service thread), ``spool`` (the spool thread),
+    ``compress`` (its compression threads), ``worker`` (scan workers), ``other``. Read from
+    /proc (Linux); empty elsewhere. Threads that ended are not counted."""
+    import os
+    from pathlib import Path
+
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return {}
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in tasks.iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on: utime, stime are 14, 15
+        name = names.get(int(task.name), comm)
+        role = next((r for prefix, r in _ROLES if name.startswith(prefix)), "other")
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def measure_stages(side: int, batch: int, total: int) -> dict[str, float]:
+    """Each stage of the ingest path alone, one scan of ``total`` frames in messages of
+    ``batch`` raw frames: CPU µs per frame of the thread that runs it (the spool's compression
+    threads: the rest of the process's CPU while the spool thread appends)."""
     import tempfile
     from pathlib import Path
 
-    from cryoptycho.daemon.scan import spec_from_scan_start
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.scan import engine_spec, spec_from_scan_start
+    from cryoptycho.daemon.session import FrameLedger
     from cryoptycho.daemon.storage.spool import SpoolWriter
+    from cryoptycho.gpu.engines import create_engine
+    from cryoptycho.gpu.framestore import FrameStore
 
-    n_scan = batch * 64
-    scan = _scan("spool", side, n_scan, raster=RasterScan((64, batch), (1e-10, 1e-10)))
+    rounds = max(8, total // batch)
+    total = rounds * batch
+    scan = _scan("stages", side, total, raster=RasterScan((rounds, batch), (1e-10, 1e-10)))
     data = np.random.default_rng(3).poisson(0.1, (batch, side, side)).astype(np.uint16)
     parts = [bytes(memoryview(np.ascontiguousarray(p)).cast("B")) if isinstance(p, np.ndarray) else bytes(p)
-             for p in encode(Frames("spool", np.arange(batch, dtype=np.uint32), data))]
-    declared = {"spool": scan}
+             for p in encode(Frames("stages", np.arange(batch, dtype=np.uint32), data))]
+    declared, limits = {"stages": scan}, Limits()
     spec = spec_from_scan_start(scan)
-    idx, pos = np.arange(batch, dtype=np.int64), np.zeros((batch, 2))
-    with tempfile.TemporaryDirectory(prefix="bench-spool-") as tmp:
-        writer = SpoolWriter.create(Path(tmp), spec)
-        try:
-            t_dec = _cpu_per_call(lambda: decode(parts, None, declared), seconds)
-            t_spool = _cpu_per_call(lambda: writer.append(data, idx, pos), seconds)
-        finally:
-            writer.close()
-    return {"decode_validate_us": 1e6 * t_dec / batch, "spool_us": 1e6 * t_spool / batch}
+    pos = np.asarray(spec.positions_m)
+    idx = [np.arange(i * batch, (i + 1) * batch) for i in range(rounds)]
+    out: dict[str, float] = {}
 
-
-def _cpu_per_call(fn: Any, seconds: float) -> float:
-    fn()
-    calls, t0, c0 = 0, time.perf_counter(), time.thread_time()
-    while True:
+    def per_frame(fn: Any, frames: int = total) -> float:
+        c0 = time.thread_time()
         fn()
-        calls += 1
-        if time.perf_counter() - t0 >= seconds:
-            return (time.thread_time() - c0) / calls
+        return 1e6 * (time.thread_time() - c0) / frames
+
+    out["validate + decode (manager thread)"] = per_frame(
+        lambda: [decode(parts, limits, declared) for _ in range(rounds)])
+    ledger = FrameLedger(total)
+
+    def count() -> None:
+        for i in idx:
+            ledger.admit(i)
+            ledger.stored(len(i))
+
+    out["ledger: admit + count as received"] = per_frame(count)
+    for per_append in (1, 8):
+        with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
+            writer = SpoolWriter.create(Path(tmp), spec)
+            try:
+                c0, t0 = time.process_time(), time.thread_time()
+                for i in range(0, rounds, per_append):
+                    writer.append_many([(data, idx[j], pos[idx[j]]) for j in range(i, min(i + per_append, rounds))])
+                own = time.thread_time() - t0
+                pool = time.process_time() - c0 - own
+            finally:
+                writer.close()
+        what = "one message per append" if per_append == 1 else f"{per_append} messages per append"
+        out[f"spool write: HDF5 rows, commit, flush ({what})"] = 1e6 * own / total
+        out[f"spool compress: bitshuffle-LZ4 chunks, pool threads ({what})"] = 1e6 * pool / total
+    fresh, touched = _store_stages(FrameStore((side, side), np.uint16, total), data, pos, idx)
+    out["frame store append, fresh memory (first touch of its pages)"] = fresh
+    out["frame store append, memory touched before"] = touched
+    engine = create_engine(engine_spec(spec, data), ServiceConfig().options)
+    engine.frame_store.frames[:] = 0  # touched: the page faults are the row above
+    out["engine add_frames (checks, canvas, illumination, frame store; touched)"] = per_frame(
+        lambda: [engine.add_frames(data, pos[i]) for i in idx])
+    return out
+
+
+def _store_stages(store: Any, data: np.ndarray, pos: np.ndarray, idx: list[np.ndarray]) -> tuple[float, float]:
+    """CPU µs per frame of FrameStore.append into fresh memory, then into the same memory again."""
+    out = []
+    for _ in range(2):
+        store.n = 0
+        c0 = time.thread_time()
+        for i in idx:
+            store.append(data, pos[i])
+        out.append(1e6 * (time.thread_time() - c0) / store.n)
+    return out[0], out[1]

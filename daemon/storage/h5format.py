@@ -334,13 +334,13 @@ class NxcxiEntry:
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
 
-    def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray,
+    def append(self, frames: np.ndarray | None, indices: np.ndarray, positions_m: np.ndarray,
                write_frames: Callable[[int], None] | None = None) -> int:
         """Write rows after the committed ones, then commit them (attribute ``count`` of
         ``entry_1/data_1``, written last: a crash mid-append leaves the previous count).
         ``write_frames(first_row)`` writes the frames instead of a plain assignment (the spool's
-        chunk-wise writers)."""
-        n, k = len(frames), self.count
+        chunk-wise writers; ``frames`` may then be None)."""
+        n, k = len(indices), self.count
         self.truncate(k + n)
         if write_frames is None:
             self.data[k:] = frames

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +51,38 @@ BITSHUFFLE_FILTER = "32008"
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_POOL_THREADS = max(2, os.cpu_count() or 2)
 
 
 def _compress_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="spool-compress")
+            _pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="spool-compress")
         return _pool
+
+
+def _compress_all(chunks: list[np.ndarray]) -> list[bytes]:
+    return [compression_bslz4(chunk) for chunk in chunks]
+
+
+class _Rows:
+    """Rows [k, k + n) of the spool held by consecutive blocks, sliced by spool row: a view
+    when the slice lies in one block, a copy of just that slice when it spans blocks."""
+
+    def __init__(self, blocks: list[np.ndarray], k: int) -> None:
+        self._blocks = blocks
+        self._starts = np.cumsum([k] + [len(b) for b in blocks])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        lo, hi = rows.start, rows.stop
+        i = int(np.searchsorted(self._starts, lo, side="right")) - 1
+        pieces = []
+        while lo < hi:
+            start, end = int(self._starts[i]), min(hi, int(self._starts[i + 1]))
+            pieces.append(self._blocks[i][lo - start : end - start])
+            lo, i = end, i + 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def spool_path(spool_dir: str | Path, scan_id: str) -> Path:
@@ -181,25 +206,59 @@ class SpoolWriter:
         self._flush()
         self.count = count
 
+    def append_many(self, batches: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> int:
+        """Write several batches of (frames, indices, positions) as ONE append: the rows of all
+        of them, one commit of ``count`` and one flush, so that the per-append cost (a dozen
+        HDF5 calls and the flush) is paid once for all. What the spool thread found waiting
+        is written this way (daemon/scans.py): under load, appends grow instead of queueing.
+        Returns the frames written. On disk exactly as the same batches appended one by one."""
+        batches = [b for b in batches if len(b[0])]
+        if not batches:
+            return 0
+        blocks = [b[0] for b in batches]
+        indices = np.concatenate([np.asarray(b[1]) for b in batches])
+        positions = np.concatenate([np.asarray(b[2], dtype=np.float64).reshape(-1, 2) for b in batches])
+        count = self._entry.append(None, indices, positions, write_frames=lambda k: self._write_blocks(k, blocks))
+        self._flush()
+        self.count = count
+        return len(indices)
+
     def _write_frames(self, k: int, frames: np.ndarray) -> None:
-        """Rows [k, k + n) of ``data``. Whole chunks are compressed here, on threads (bitshuffle
-        releases the GIL; HDF5's filter, run by h5py, holds it) and written as chunks; rows of a
-        partly filled chunk go through the filter. The bytes are those the filter would write."""
-        ds, n = self._data, len(frames)
+        self._write_blocks(k, [frames])
+
+    def _write_blocks(self, k: int, blocks: list[np.ndarray]) -> None:
+        """Rows [k, k + n) of ``data`` from consecutive ``blocks`` of frames. Whole chunks are
+        compressed on threads (bitshuffle releases the GIL; HDF5's filter, run by h5py, holds
+        it), a few chunks per task, and written as chunks; a chunk that spans two blocks is
+        gathered from both; rows of a partly filled chunk go through the filter. The bytes
+        are those the filter would write."""
+        ds = self._data
+        n = sum(len(b) for b in blocks)
         c = ds.chunks[0]
         first, last = -(-k // c) * c, (k + n) // c * c  # whole chunks: rows [first, last)
-        if c == 1 or last - first < c or frames.dtype != ds.dtype or BITSHUFFLE_FILTER not in ds._filters:
-            ds[k:] = frames
+        if (c == 1 or last - first < c or any(b.dtype != ds.dtype for b in blocks)
+                or BITSHUFFLE_FILTER not in ds._filters):
+            for b in blocks:
+                ds[k : k + len(b)] = b
+                k += len(b)
             return
+        rows = _Rows(blocks, k)
         if first > k:
-            ds[k:first] = frames[: first - k]
+            ds[k:first] = rows[k:first]
         starts = range(first, last, c)
-        blobs = _compress_pool().map(compression_bslz4, [frames[a - k : a - k + c] for a in starts])
+        chunks = [rows[a : a + c] for a in starts]
+        pool = _compress_pool()
+        per_task = -(-len(chunks) // _POOL_THREADS)  # one task per thread: few futures
+        tasks = [pool.submit(_compress_all, chunks[i : i + per_task]) for i in range(0, len(chunks), per_task)]
         write = ds.id.write_direct_chunk
-        for a, blob in zip(starts, blobs):
-            write((a,) + (0,) * (ds.ndim - 1), blob)
+        offset = (0,) * (ds.ndim - 1)
+        a = first
+        for task in tasks:
+            for blob in task.result():
+                write((a, *offset), blob)
+                a += c
         if last < k + n:
-            ds[last:] = frames[last - k :]
+            ds[last:] = rows[last : k + n]
 
     @staticmethod
     def _direct_ok(ds: h5py.Dataset, chunks: RawChunks, n: int) -> bool:

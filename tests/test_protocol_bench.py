@@ -1,0 +1,34 @@
+"""`cryoptycho bench protocol` runs end to end into a real daemon (producer process → ingest
+socket → spool → frame store) through the console script, and reports what it claims."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+def test_bench_protocol_end_to_end_into_the_daemon() -> None:
+    cmd = ["cryoptycho", "bench", "protocol", "--no-decode", "--batch", "64", "--daemon-frames", "1024",
+           "--daemon-codec", "none", "--no-live"]
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    row = re.search(r"^\s*64\s+none\s+paused\s+([\d,]+)\s+([\d,]+)\s+([\d,.]+)((?:\s+[\d,.]+){5})"
+                    r"\s+([\d,.]+)\s+([\d,]+)\s*$", out, re.MULTILINE)
+    assert row, out
+    received, stored, cpu, producer, cap = (float(row[i].replace(",", "")) for i in (1, 2, 3, 5, 6))
+    # every frame was spooled and counted, then stored (the run waits for both): rates exist, and
+    # storing comes after receiving, so its rate cannot be the higher one
+    assert received > 0 and 0 < stored <= received and cpu > 0 and producer > 0
+    assert cap == pytest.approx(2e6 / (cpu + producer), rel=0.01, abs=1)  # the rounded figures it says it divides
+    if sys.platform == "linux":  # per-thread CPU from /proc: the roles that did the work show
+        roles = dict(zip(("receive", "manager", "spool", "compress", "worker"),
+                         (float(x.replace(",", "")) for x in row[4].split()), strict=True))
+        assert roles["manager"] > 0 and roles["worker"] > 0, out
+    for stage in ("validate + decode", "ledger", "spool write", "spool compress", "frame store append",
+                  "engine add_frames"):
+        assert re.search(rf"^\s+{re.escape(stage)}.*\s[\d.]+$", out, re.MULTILINE), (stage, out)

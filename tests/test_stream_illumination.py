@@ -1,0 +1,146 @@
+"""The vectorised illumination of the live engine (``operators.place_kernel``: dense scan rows
+by one Toeplitz matrix product, the rest window by window or by one scatter-add) equals the
+plain per-position sum it replaced — Σ_k |ψ|² placed at every window's top-left pixel — on
+every backend, for raster rows, scattered positions, repeated corners and sub-pixel positions
+(rounded to their window's pixel as ``make_batch`` does), also inside the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryoptycho.gpu import operators, strict
+from cryoptycho.gpu.backend import backend_name, to_numpy
+from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.stream import StreamingReconstructor
+
+
+def _loop_reference(shape, kernel, corners):
+    out = np.zeros(shape, dtype=np.float64)
+    my, mx = kernel.shape
+    for r, c in corners:
+        out[r : r + my, c : c + mx] += kernel
+    return out
+
+
+def _raster(n_rows, n_cols, step, start=(0, 0)):
+    r, c = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    return np.stack([r * step + start[0], c * step + start[1]], axis=-1).reshape(-1, 2)
+
+
+def _corner_sets():
+    rng = np.random.default_rng(3)
+    raster = _raster(5, 20, 2)  # every row dense: all by the matrix product
+    scattered = rng.integers(0, 50, size=(30, 2))  # no row dense: all window by window
+    partial = np.concatenate([_raster(3, 20, 2)[7:], scattered[:6]])  # both kinds at once
+    repeated = np.concatenate([raster[:25], raster[:25], scattered[:3], scattered[:3]])
+    one = np.array([[7, 11]])
+    return {"raster": raster, "scattered": scattered, "partial": partial,
+            "repeated": repeated, "one": one}
+
+
+@pytest.mark.parametrize("name", list(_corner_sets()))
+def test_place_kernel_equals_per_position_sum(xp, name):
+    corners = _corner_sets()[name]
+    rng = np.random.default_rng(8)
+    kernel = rng.random((12, 10)).astype(np.float32)  # not square: rows and columns apart
+    shape = (70, 72)
+    expect = _loop_reference(shape, kernel.astype(np.float64), corners.tolist())
+    start = rng.random(shape).astype(np.float32)  # accumulates onto what is there
+    out = xp.asarray(start.copy())
+    dev_kernel = xp.asarray(kernel)
+    if backend_name(xp) == "strict":
+        with strict.counting() as counted:
+            operators.place_kernel(out, dev_kernel, corners)
+        assert counted.syncs == 0, counted.summary()  # planned on the host: nothing read back
+    else:
+        operators.place_kernel(out, dev_kernel, corners)
+    if xp is not np:  # the corners already on the device serve the per-window part
+        again = xp.asarray(start.copy())
+        dev_corners = xp.asarray(corners)
+        with strict.counting() as counted:
+            operators.place_kernel(again, dev_kernel, corners, dev_corners)
+        if backend_name(xp) == "strict":
+            assert counted.syncs == 0, counted.summary()
+            if name in ("scattered", "one"):  # no dense row: nothing crosses at all
+                assert not counted.h2d, counted.summary()
+        np.testing.assert_allclose(to_numpy(again), to_numpy(out), rtol=1e-6, atol=1e-6 * expect.max())
+    np.testing.assert_allclose(to_numpy(out), start + expect, rtol=1e-5, atol=1e-5 * expect.max())
+
+
+def test_dense_rows_take_the_matrix_product(monkeypatch):
+    """The equality above would also hold window by window: check that raster rows do go
+    through the product (and scattered windows do not), and that the product alone, with
+    every row forced through it, gives the per-window sum too."""
+    kernel = np.random.default_rng(1).random((12, 10)).astype(np.float32)
+    products = []
+    real = operators._one_blas_thread
+
+    def counted():
+        products.append(1)
+        return real()
+
+    monkeypatch.setattr(operators, "_one_blas_thread", counted)
+    sets = _corner_sets()
+    operators.place_kernel(np.zeros((70, 72), np.float32), kernel, sets["raster"])
+    assert products == [1]
+    operators.place_kernel(np.zeros((70, 72), np.float32), kernel, sets["scattered"])
+    assert products == [1]
+    monkeypatch.setattr(operators, "DENSE_ROW_GAIN", 10**6)  # every row by the product
+    out = np.zeros((70, 72), np.float32)
+    operators.place_kernel(out, kernel, sets["scattered"])
+    assert products == [1, 1]
+    expect = _loop_reference((70, 72), kernel.astype(np.float64), sets["scattered"].tolist())
+    np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5 * expect.max())
+
+
+def _engine_corners(geometry, positions, quantum):
+    """Window corners as make_batch rounds them, written out: floor, plus one pixel where the
+    fraction rounds up to a whole pixel at the sub-pixel quantum."""
+    px = geometry.to_pixels(positions)
+    corner = np.floor(px)
+    steps = round(1 / quantum)
+    corner += np.round((px - corner) / quantum) >= steps
+    return corner.astype(int)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.37], ids=["integer", "sub-pixel"])
+def test_engine_coverage_equals_per_position_sum(xp, jitter):
+    m, pixel = 16, 1e-10
+    rng = np.random.default_rng(2)
+    probe = (rng.standard_normal((m, m)) + 1j * rng.standard_normal((m, m))).astype(np.complex64)
+    pos_px = _raster(6, 12, 2.5).astype(float) + rng.uniform(-jitter, jitter, size=(72, 2))
+    positions = pos_px * pixel
+    frames = rng.poisson(3.0, size=(72, m, m)).astype(np.uint16)
+    opts = ReconOptions(backend=backend_name(xp))
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=pixel,
+                                    probe=probe, options=opts,
+                                    extent_m=((-pixel, 15 * pixel), (-pixel, 30 * pixel)))
+    for lo in range(0, 72, 30):  # several calls accumulate
+        engine.add_frames(xp.asarray(frames[lo : lo + 30]), positions[lo : lo + 30])
+    corners = _engine_corners(engine.geometry, positions, opts.stream.subpixel_quantum)
+    expect = _loop_reference(engine.geometry.object_shape, np.abs(probe.astype(np.complex128)) ** 2,
+                             corners.tolist())
+    got = engine.coverage()
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5 * expect.max())
+    engine._refresh_illumination()  # the sweep over the store gives the same map
+    np.testing.assert_allclose(engine.coverage(), expect, rtol=1e-5, atol=1e-5 * expect.max())
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int16, np.float32])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mean_counts_over_valid_pixels(dtype, masked):
+    """The per-batch count (integer sum less the masked-off pixels) against a direct sum."""
+    m, pixel = 8, 1e-10
+    rng = np.random.default_rng(6)
+    frames = rng.poisson(40.0, size=(10, m, m)).astype(dtype)
+    frames[3] = min(np.iinfo(dtype).max, 2**31) if frames.dtype.kind in "ui" else 1e30  # full scale
+    mask = rng.random((m, m)) > 0.3 if masked else None
+    probe = np.ones((m, m), np.complex64)
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=dtype, pixel_size=pixel,
+                                    probe=probe, options=ReconOptions(), mask=mask)
+    engine.add_frames(frames[:4], rng.uniform(0, 5e-10, size=(4, 2)))
+    engine.add_frames(frames[4:], rng.uniform(0, 5e-10, size=(6, 2)))
+    valid = np.ones((m, m), bool) if mask is None else mask
+    wide = np.int64 if frames.dtype.kind in "ui" else np.float64  # exact for these values
+    expect = sum(float(f[valid].astype(wide).sum()) for f in frames) / len(frames)
+    assert engine.mean_counts == pytest.approx(expect, rel=1e-12)
