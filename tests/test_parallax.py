@@ -140,3 +140,33 @@ def test_prepare_corrects_a_probe_model_but_not_a_given_probe() -> None:
     assert _overlap(prepare(given, {"iterations": 1}).probe, nominal) > 0.9999
     forced = prepare(given, {"iterations": 1, "parallax": True}).probe
     assert _overlap(forced, data.truth_probe) > 0.99
+
+
+def test_cli_reconstruct_corrects_the_nominal_probe_of_a_simulated_scan(tmp_path) -> None:
+    """Through the console: `cryoptycho simulate` with 30 nm of defocus and 10 nm of
+    astigmatism off (high dose, so the fit is sharp), then `cryoptycho reconstruct` with the
+    defaults saves a probe much closer to /truth/probe than the nominal one; with
+    ``--set parallax=false`` the nominal probe stays."""
+    import os
+    import subprocess
+    import sys
+
+    from cryoptycho.daemon.storage.dataset import read_dataset
+    from cryoptycho.daemon.storage.result import read_result
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cryoptycho.daemon.cli", *args], capture_output=True,
+                              text=True, env=os.environ.copy(), timeout=300, check=False)
+
+    ds = tmp_path / "scan.h5"
+    out = cli("simulate", "--frame-size", "48", "--detector", "ideal", "--thin", "--dose", "2000",
+              "--defocus-error", "30", "--astigmatism", "10", "-o", str(ds))
+    assert out.returncode == 0, out.stderr
+    data = read_dataset(ds)
+    overlaps = {}
+    for name, extra in (("default", []), ("off", ["--set", "parallax=false"])):
+        res = tmp_path / f"{name}.h5"
+        out = cli("reconstruct", str(ds), "-o", str(res), "-n", "1", "--no-export", "-q", *extra)
+        assert out.returncode == 0, out.stderr
+        overlaps[name] = _overlap(read_result(res).state.probe, data.truth_probe)
+    assert overlaps["off"] < 0.9 and overlaps["default"] > 0.98, overlaps
