@@ -31,8 +31,10 @@ what makes the estimate usable at cryo doses. For a probe without a phase plate 
 
 Not fitted: the affine scan error. For a probe with a smooth aperture phase a scan scale or
 shear is indistinguishable from two-fold astigmatism in the parallax shifts (both are a 2×2
-matrix acting on k), and on the realistic preset the affine part alone costs the reconstruction
-almost nothing at 20 e⁻/Å² (MEASUREMENTS.md, "Position correction").
+matrix acting on k), and in this model a scan matrix A only moves the object frequency of a
+nominal Fourier sum from q to A⁻ᵀq — a few per cent of q, absorbed by the free object factor
+a(q), b(q), while the transfer columns change by a few per cent of q, far below the detector's
+frequency step. It is left to position correction (gpu/positions.py).
 
 The object frequencies used: a half-plane grid of spacing ≤ 1/(scan extent) up to 0.9 × the
 scan step's Nyquist frequency (the Fourier sum aliases beyond it) and 2 × the aperture radius,
