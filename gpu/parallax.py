@@ -132,7 +132,13 @@ class BrightFieldModel:
         if self.n_pixels < 8:
             raise ValueError(f"only {self.n_pixels} bright-field pixels: the probe has no bright-field disc")
         self.index = asarray(index, xp)
-        counts = to_fft_order(asarray(frames, xp)).reshape(frames_shape[0], -1)[:, self.index].astype(rdt)
+        if isinstance(frames, np.ndarray):
+            # host frames: only the bright-field pixels go to the device, not a second copy of
+            # every frame beside the engine's own
+            host = np.fft.ifftshift(frames, axes=(-2, -1)).reshape(frames_shape[0], -1)[:, index]
+            counts = asarray(np.ascontiguousarray(host), xp, rdt)
+        else:
+            counts = to_fft_order(frames).reshape(frames_shape[0], -1)[:, self.index].astype(rdt)
         mean = counts.mean(axis=0)
         # counting noise of D(q, k): variance ≈ K ȳ(k) (floored so an empty pixel weighs little)
         floor = 0.01 * mean.mean() + 1e-3
