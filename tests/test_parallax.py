@@ -172,3 +172,13 @@ def test_cli_reconstruct_corrects_the_nominal_probe_of_a_simulated_scan(tmp_path
         assert out.returncode == 0, out.stderr
         overlaps[name] = _overlap(read_result(res).state.probe, data.truth_probe)
     assert overlaps["off"] < 0.9 and overlaps["default"] > 0.98, overlaps
+
+
+def test_a_scan_too_small_for_the_fit_keeps_the_nominal_probe_under_auto(caplog) -> None:
+    data = _dataset(1e5, ERRORS, seed=4, grid=2)  # 4 positions
+    with caplog.at_level("WARNING", logger="cryoptycho.gpu.reconstruct"):
+        probe = prepare(data, {"iterations": 1}).probe
+    assert "parallax fit skipped" in caplog.text and "at least 9 positions" in caplog.text
+    assert _overlap(probe, _nominal()) > 0.9999
+    with pytest.raises(ValueError, match="parallax: .*at least 9 positions"):
+        prepare(data, {"iterations": 1, "parallax": True})
