@@ -458,14 +458,16 @@ def _detector(series: list[bytes], port: Any, go: Any) -> None:
 
 
 def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers: int = 2,
-                   paused: bool = True, timeout_s: float = 120.0) -> dict[str, float]:
+                   paused: bool = True, timeout_s: float = 120.0, **source_options: Any) -> dict[str, Any]:
     """One series end to end into a real daemon (:class:`BackgroundService`, spool included):
     from the detector's first message until every frame is spooled and counted (``fps_received``)
     and until they are all in the scan's frame store too (``fps``). ``path``: ``direct`` (the daemon's DECTRIS source, ``workers`` decoding
     threads) or ``bridge`` (the old path: bridge → our protocol → the ingest socket).
     The series' end is not sent: the scan is aborted when the frames are in, so that no final
-    refinement runs into the next measurement. Returns frames/s (wall) and CPU µs per frame of
-    this process (every thread)."""
+    refinement runs into the next measurement. Returns frames/s (wall), CPU µs per frame of
+    this process (every thread) and, by stage (``stages_us_per_frame``), of each of its threads
+    by name, of the source's decoding processes, and of the detector's process (which shares
+    the cores). ``source_options`` go to the DECTRIS source (e.g. ``processes``)."""
     import multiprocessing
     import tempfile
     from pathlib import Path
@@ -490,13 +492,16 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
         bg = BackgroundService(cfg)
         stop = threading.Event()
         failures: list[BaseException] = []
+        sources: list[Any] = []
 
         def run_source() -> None:
             try:
                 if path == "direct":
                     from cryoptycho.protocols.dectris.source import DectrisSource
 
-                    DectrisSource(url, config, workers=workers).run(bg.service.direct, stop)
+                    source = DectrisSource(url, config, workers=workers, **source_options)
+                    sources.append(source)
+                    source.run(bg.service.direct, stop)
                 else:
                     run_bridge(url, bg.service.endpoints["ingest"], config, stop)
             except BaseException as exc:  # noqa: BLE001 — re-raised by the measuring thread
@@ -507,6 +512,8 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
             runner.start()
             time.sleep(0.3)  # the PULL socket connects before the detector starts sending
             t0, c0 = time.perf_counter(), time.process_time()
+            cpu0, det0 = _thread_cpu(), _proc_cpu(proc.pid)
+            work0 = _source_cpu(sources)
             go.set()
             scans = bg.service.scans
             t_received: float | None = None
@@ -524,13 +531,69 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
                     raise RuntimeError(f"{path}: {received} of {n} frames after {timeout_s} s: {failures}")
                 time.sleep(0.02)
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            stages = _stage_cpu(_thread_cpu(), cpu0, cpu, n)
+            work = _source_cpu(sources) - work0
+            if work > 0:  # decoding outside the threads counted above (worker processes)
+                stages["decode_processes"] = 1e6 * work / n
+            stages["detector_process"] = 1e6 * (_proc_cpu(proc.pid) - det0) / n
         finally:
             stop.set()
             runner.join(30)
             bg.stop()
             proc.join(10)
     assert t_received is not None
-    return {"fps": n / elapsed, "fps_received": n / t_received, "cpu_us_per_frame": 1e6 * cpu / n}
+    return {"fps": n / elapsed, "fps_received": n / t_received, "cpu_us_per_frame": 1e6 * cpu / n,
+            "stages_us_per_frame": stages}
+
+
+#: thread name prefix → stage, for the CPU time of each thread of the daemon's process
+_THREAD_STAGES = (
+    ("bench-direct", "receive_convert"), ("bench-bridge", "bridge"), ("dectris-decode", "decode_threads"),
+    ("service", "manager"), ("spool-compress", "spool_compress"), ("spool", "spool"),
+    ("worker-", "frame_store"), ("scan-start", "scan_start"), ("MainThread", "bench_poll"),
+)
+
+
+def _thread_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds of every live Python thread of this process (its own clock), by native id."""
+    out: dict[int, tuple[str, float]] = {}
+    for t in threading.enumerate():
+        if t.ident is None or t.native_id is None:
+            continue
+        try:
+            out[t.native_id] = (t.name, time.clock_gettime(time.pthread_getcpuclockid(t.ident)))
+        except (OSError, ProcessLookupError):  # it ended meanwhile
+            continue
+    return out
+
+
+def _stage_cpu(end: dict[int, tuple[str, float]], start: dict[int, tuple[str, float]], total: float,
+               n: int) -> dict[str, float]:
+    """CPU µs per frame of each stage of the daemon's process between two :func:`_thread_cpu`
+    snapshots; ``other``: the rest of the process (ZeroMQ's I/O threads, threads that ended)."""
+    stages: dict[str, float] = {}
+    for tid, (name, cpu) in end.items():
+        stage = next((s for prefix, s in _THREAD_STAGES if name.startswith(prefix)), "other_threads")
+        stages[stage] = stages.get(stage, 0.0) + cpu - start.get(tid, (name, 0.0))[1]
+    stages["other"] = max(0.0, total - sum(stages.values()))
+    return {k: 1e6 * v / n for k, v in stages.items()}
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of another process so far (Linux /proc; 0 elsewhere)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _source_cpu(sources: list[Any]) -> float:
+    """CPU seconds the source's decoding worker processes reported (0 for threads)."""
+    return sum(getattr(s, "process_cpu_s", 0.0) for s in sources)
 
 
 def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True) -> dict[str, Any]:
