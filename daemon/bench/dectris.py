@@ -17,9 +17,11 @@ that the load of a shared host falls on all stages alike:
 End to end into a real daemon (``--daemon-frames``): a detector process streams a series into
 a :class:`BackgroundService` (spool and frame store included), along the old path (the bridge:
 decode, bin, re-encode our protocol, the ingest socket, decode again) and the new one (the
-daemon's DECTRIS source: decode and bin once on worker threads, spool the detector's chunks as
-they are), with 1 and 2 decoding threads, engine paused and live; plus the CPU cost per frame of
-each stage of both paths (``stages_cpu_us_per_frame``).
+daemon's DECTRIS source: decode and bin once on worker threads or processes, spool the
+detector's chunks as they are), with 1 and 2 decoding threads and worker processes, engine paused
+and live, with the CPU time per frame of each thread of the daemon (by stage), of the worker
+processes and of the detector; plus the CPU cost per frame of each stage of both paths measured
+alone (``stages_cpu_us_per_frame``).
 
 Target (issue 15): end to end into the daemon ≥ 20,000 frames/s on 2 cores, engine paused.
 """
@@ -342,7 +344,8 @@ def _profile_full(frames: np.ndarray, series: int = 3) -> dict[str, float]:
 
 
 def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool,
-        sockets: bool = True, daemon_frames: int = 0, daemon_rounds: int = 2, live: bool = True) -> dict[str, Any]:
+        sockets: bool = True, daemon_frames: int = 0, daemon_rounds: int = 2, live: bool = True,
+        processes: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
         "reference": "dectris.compression" if reference_decompress is not None else None,
         "bslz4_decoder": compression.BSLZ4_DECODER,
@@ -359,7 +362,7 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
         if daemon_frames:
             big = make_frames(daemon_frames, 192, disc, dark, seed=1)
             row["stages_cpu_us_per_frame"] = measure_stages(big[:512], seconds, rounds)
-            row["daemon"] = measure_daemon_paths(big, daemon_rounds, live)
+            row["daemon"] = measure_daemon_paths(big, daemon_rounds, live, processes=processes)
     return out
 
 
@@ -383,12 +386,15 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
               help="End-to-end runs of each path, interleaved (the best is reported).")
 @click.option("--live/--no-live", default=True, show_default=True,
               help="Also run the direct path end to end with the live engine reconstructing.")
+@click.option("--processes/--no-processes", default=True, show_default=True,
+              help="Also run the direct path with 1 and 2 decoding worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile: bool,
-            sockets: bool, daemon_frames: int, daemon_rounds: int, live: bool, as_json: bool) -> None:
+            sockets: bool, daemon_frames: int, daemon_rounds: int, live: bool, processes: bool,
+            as_json: bool) -> None:
     """DECTRIS V2 ingest: decode + bin + enqueue frames/s, 192×192 bslz4 → 96×96, and end to end
     into the daemon (target ≥ 20,000 frames/s on 2 cores, engine paused)."""
-    result = run(n, seconds, rounds, cases, profile, sockets, daemon_frames, daemon_rounds, live)
+    result = run(n, seconds, rounds, cases, profile, sockets, daemon_frames, daemon_rounds, live, processes)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -413,6 +419,9 @@ def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile
                 for k, v in row["daemon"].items()))
             click.echo("        CPU µs/frame by stage: " + ", ".join(
                 f"{k} {v:,.1f}" for k, v in row["stages_cpu_us_per_frame"].items()))
+            for k, v in row["daemon"].items():
+                click.echo(f"        {k} CPU µs/frame by thread: " + ", ".join(
+                    f"{s} {u:,.1f}" for s, u in sorted(v["stages_us_per_frame"].items(), key=lambda kv: -kv[1])))
     click.echo("frames/s in one process, stages measured side by side in one run (interleaved rounds); "
                "wall = clock time, cpu = per CPU-second of the measuring thread (a core of its own); "
                "full/ref = full path ÷ (cbor2 + dectris.compression decode), CPU time; full = decode + "
@@ -420,7 +429,9 @@ def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile
                "to end over TCP loopback, detector and daemon stand-ins in the same process, best series. "
                "End to end into the daemon: detector in its own process, daemon in this one, from the first "
                "message to every frame spooled and counted (received) / also in the frame store (stored); bridge = old path (decode, "
-               "re-encode, ingest socket), direct_N = the daemon's DECTRIS source with N decoding threads; "
+               "re-encode, ingest socket), direct_N = the daemon's DECTRIS source with N decoding threads, direct_Np with N worker processes; "
+               "CPU by thread: the daemon process's threads by stage, decode_processes = the worker processes, "
+               "detector_process = the simulated detector (it shares the cores), other = ZeroMQ's I/O threads and the rest; "
                "paused = no reconstruction step, live = the engine runs.")
 
 
@@ -510,7 +521,14 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
         runner = threading.Thread(target=run_source, name=f"bench-{path}")
         try:
             runner.start()
-            time.sleep(0.3)  # the PULL socket connects before the detector starts sending
+            # the source's workers are started (processes take seconds on a loaded host) and
+            # its PULL socket has connected before the detector starts sending
+            deadline = time.perf_counter() + timeout_s
+            while path == "direct" and not (sources and sources[0].ready.is_set()):
+                if failures or time.perf_counter() > deadline:
+                    raise RuntimeError(f"the DECTRIS source did not start: {failures}")
+                time.sleep(0.02)
+            time.sleep(0.3)
             t0, c0 = time.perf_counter(), time.process_time()
             cpu0, det0 = _thread_cpu(), _proc_cpu(proc.pid)
             work0 = _source_cpu(sources)
@@ -596,26 +614,34 @@ def _source_cpu(sources: list[Any]) -> float:
     return sum(getattr(s, "process_cpu_s", 0.0) for s in sources)
 
 
-def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True) -> dict[str, Any]:
+def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True,
+                         bridge: bool = True, processes: bool = True) -> dict[str, Any]:
     """The old and the new path side by side, interleaved ``rounds`` times (best of each):
-    bridge (before), direct with 1 and 2 decoding threads, engine paused; and direct with 2
-    threads while the live engine runs."""
+    bridge (before), direct with 1 and 2 decoding threads and 1 and 2 worker processes, engine
+    paused; and direct with 2 threads and 2 processes while the live engine runs."""
     series = make_series(frames)
     config = _config(frames.shape[1])
-    cases: dict[str, tuple[str, int, bool]] = {
-        "bridge_paused": ("bridge", 1, True),
-        "direct_1_paused": ("direct", 1, True),
-        "direct_2_paused": ("direct", 2, True),
+    cases: dict[str, tuple[str, int, bool, bool]] = {
+        "direct_1_paused": ("direct", 1, True, False),
+        "direct_2_paused": ("direct", 2, True, False),
     }
+    if processes:
+        cases.update({"direct_1p_paused": ("direct", 1, True, True), "direct_2p_paused": ("direct", 2, True, True)})
+    if bridge:
+        cases = {"bridge_paused": ("bridge", 1, True, False), **cases}
     if live:
-        cases["direct_2_live"] = ("direct", 2, False)
-    best: dict[str, dict[str, float]] = {}
+        cases["direct_2_live"] = ("direct", 2, False, False)
+        if processes:
+            cases["direct_2p_live"] = ("direct", 2, False, True)
+    best: dict[str, dict[str, Any]] = {}
     for _ in range(rounds):
-        for name, (path, workers, paused) in cases.items():
-            r = measure_daemon(series, config, path, workers, paused)
+        for name, (path, workers, paused, processes) in cases.items():
+            r = measure_daemon(series, config, path, workers, paused,
+                               **({"processes": processes} if path == "direct" else {}))
             if name not in best or r["fps"] > best[name]["fps"]:
                 best[name] = r
-    return {k: {m: round(v, 1) for m, v in r.items()} for k, r in best.items()}
+    return {k: {m: ({s: round(u, 1) for s, u in v.items()} if isinstance(v, dict) else round(v, 1))
+                for m, v in r.items()} for k, r in best.items()}
 
 
 def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int = 64) -> dict[str, float]:
@@ -683,7 +709,7 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
     declared = {start.scan_id: start}
     full = FullPath(series, config)
     stages: dict[str, Callable[[], int]] = {
-        "decode_job": lambda: sum(len(decoder(job, CHANNEL, reducer).images) for job in jobs),
+        "decode_job": lambda: sum(len(decoder(job, CHANNEL, reducer)) for job in jobs),
         "spool_direct": lambda: spool(True),
         "bridge": full.run_series,
         "daemon_decode": lambda: sum(len(decode(parts, None, declared).indices) for parts in messages),

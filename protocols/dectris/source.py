@@ -270,6 +270,7 @@ class DecodePool:
         self._slot_bytes = 0
         self.process_cpu_s = 0.0  #: CPU time of the jobs run in worker processes
         self.generation = 0  #: how many times the workers were restarted
+        self.outstanding = 0  #: jobs submitted whose result was not taken yet
         self._pool: ThreadPoolExecutor | ProcessPoolExecutor = self._start()
 
     def _start(self) -> ThreadPoolExecutor | ProcessPoolExecutor:
@@ -303,8 +304,12 @@ class DecodePool:
 
     def submit(self, items: list[bytes | Image], channel: str | None, reducer: Any,
                decode: bool) -> Future[DecodedBatch]:
-        """The job as a future; one that could not start (its pool is broken) fails with it."""
+        """The job as a future; one that could not start (its pool is broken) fails with it.
+        Workers found dead are replaced first, so that no later job is lost with them."""
+        if self.processes and getattr(self._pool, "_broken", False):
+            self.restart(self.generation)
         index, slot = None, None
+        self.outstanding += 1
         try:
             if not self.processes:
                 future = self._pool.submit(decode_job, items, channel, reducer, decode)
@@ -346,6 +351,7 @@ class DecodePool:
         try:
             batch = future.result()
         finally:
+            self.outstanding -= 1
             if slot is not None and getattr(future, "generation", 0) == self.generation:
                 self._free.append(slot)  # (a restart freed the slots of the broken pool's jobs)
         if self.processes:
@@ -500,6 +506,8 @@ class DectrisSource(Source):
         self.context = context
         self.decoder = Decoder()
         self.pool: DecodePool | None = None  #: the decoding workers while :meth:`run` runs
+        #: set once :meth:`run` has its workers started and its socket connected
+        self.ready = threading.Event()
 
     @property
     def process_cpu_s(self) -> float:
@@ -532,6 +540,7 @@ class DectrisSource(Source):
             side = ctx.socket(zmq.PULL)
             side.setsockopt(zmq.LINGER, 0)
             side.bind(cfg.positions_endpoint)
+        self.ready.set()
         pending: deque[tuple[Message | None, Future[DecodedBatch] | None]] = deque()
         gathered: list[bytes | Image] = []
         #: channel; the last start received and the last fed to the converter; series ended
@@ -570,20 +579,19 @@ class DectrisSource(Source):
         def job_failed(exc: BaseException, generation: int) -> None:
             """A job raised (a bug) or its worker process died: the scan in progress fails
             with the reason, the source goes on with the next series (and new workers)."""
-            broken = isinstance(exc, BrokenProcessPool)
-            if broken and not pool.restart(generation):
-                deliver(conv.stop(f"a DECTRIS decoding worker process died ({exc})"))
-                return  # another job of the same broken pool: reported with the first
-            if broken:
+            if isinstance(exc, BrokenProcessPool):
+                pool.restart(generation)  # (once for all the jobs of the broken pool)
                 reason = (f"a DECTRIS decoding worker process died ({exc}); the frames it held "
                           "are lost")
             else:
                 reason = f"DECTRIS decoding failed: {type(exc).__name__}: {exc}"
-            stats.series_errors += 1
             plan = conv.plan
-            scan_id = plan.scan_id if plan is not None else None
-            log.error("DECTRIS stream %s: %s%s", self.url, reason,
-                      f"; scan {scan_id} aborted" if scan_id else "", exc_info=exc)
+            if plan is None:  # nothing in progress to fail (the series failed with a job before)
+                log.error("DECTRIS stream %s: %s", self.url, reason)
+                return
+            stats.series_errors += 1
+            scan_id = plan.scan_id
+            log.error("DECTRIS stream %s: %s; scan %s fails", self.url, reason, scan_id, exc_info=exc)
             deliver(conv.stop(reason))
             if self.on_notice is not None and plan is not None:
                 try:
