@@ -462,3 +462,14 @@ def test_a_failing_decoding_job_fails_its_scan_not_the_source(service, monkeypat
     assert "RuntimeError: a bug in a decoding job" in (session.error or "")
     assert _ended(service, "after-bug-series1").ledger.as_dict()["received"] == 24
     assert service.thread.is_alive() and service.error is None
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_series_whose_header_was_corrected_arrives_whole(service, processes: bool) -> None:
+    """A header value set aside (a beam centre of (0, 0)) makes the converter's series start a
+    corrected copy of the detector's: the workers must still bin the series' frames."""
+    frames = _frames(40, seed=12)
+    messages = _series(frames, "corrected", beam_center_px=(0.0, 0.0))
+    _, stats = _run(service, messages, processes=processes)
+    assert stats.frames_sent == 40 and stats.extra["converter"]["skipped_images"] == 0
+    assert _ended(service, "corrected-series1").ledger.as_dict()["received"] == 40

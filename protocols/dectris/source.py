@@ -544,7 +544,7 @@ class DectrisSource(Source):
         pending: deque[tuple[Message | None, Future[DecodedBatch] | None]] = deque()
         gathered: list[bytes | Image] = []
         #: channel; the last start received and the last fed to the converter; series ended
-        state: dict[str, Any] = {"channel": cfg.channel, "start": None, "fed": None, "ended": 0}
+        state: dict[str, Any] = {"channel": cfg.channel, "start": None, "fed": None, "plan": None, "ended": 0}
 
         def job_kind() -> tuple[Any, bool, bool]:
             """(reducer, decode, alone) for the images gathered now. The converter may still
@@ -552,11 +552,13 @@ class DectrisSource(Source):
             of the series it belongs to, and a series' first image goes alone, unbinned, and
             is taken back at once, for it builds the reducer of the rest."""
             start, plan = state["start"], conv.plan
-            if start is None or (state["fed"] is start and (plan is None or plan.start is not start)):
-                return None, False, False  # no scan will take them (no start, or a skipped series)
-            if state["fed"] is start and plan is not None and plan.reducer is not None:
-                return plan.reducer, True, False
-            return None, True, True
+            if start is None:
+                return None, False, False  # no scan will take them
+            if state["fed"] is not start:
+                return None, True, True
+            if plan is None or plan is not state["plan"]:
+                return None, False, False  # its series was skipped, or failed
+            return (None, True, True) if plan.reducer is None else (plan.reducer, True, False)
 
         def submit() -> None:
             while gathered:
@@ -629,7 +631,7 @@ class DectrisSource(Source):
                     stats.series_errors += 1
                     log.error("DECTRIS stream %s: %s", self.url, exc)
                 if isinstance(msg, SeriesStart):
-                    state["fed"] = msg
+                    state["fed"], state["plan"] = msg, conv.plan  # (the plan holds the checked header)
                 state["ended"] += isinstance(msg, SeriesEnd)
 
         def done() -> bool:
