@@ -210,7 +210,7 @@ def test_threads_and_processes_one_or_two_give_the_same_frames(tmp_path: Path) -
                                 keep_spool=True)  # read after the scan, which may finish first
             bg = BackgroundService(cfg)
             try:
-                source, stats = _run(bg, _series(frames, "workers"), workers=workers, processes=processes)
+                _, stats = _run(bg, _series(frames, "workers"), workers=workers, processes=processes)
                 _ended(bg, "workers-series1")
             finally:
                 bg.stop()
@@ -433,7 +433,7 @@ def test_a_dead_worker_process_fails_its_scan_and_the_next_scan_is_taken(service
         _wait(lambda: source.pool.outstanding == 0 and source.pool.generation == 1, "the lost jobs to fail")
 
     first, second = _series(_frames(40, seed=8), "crash"), _series(_frames(24, seed=9), "after-crash")
-    source, stats = _stream(service, [first, second], processes=True, between=kill_the_workers)
+    _, stats = _stream(service, [first, second], processes=True, between=kill_the_workers)
     assert killed and stats.series_errors == 1
     session = _aborted(service, "crash-series1")
     assert "decoding worker process died" in (session.error or "")

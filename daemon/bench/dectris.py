@@ -635,9 +635,9 @@ def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True,
             cases["direct_2p_live"] = ("direct", 2, False, True)
     best: dict[str, dict[str, Any]] = {}
     for _ in range(rounds):
-        for name, (path, workers, paused, processes) in cases.items():
+        for name, (path, workers, paused, in_processes) in cases.items():
             r = measure_daemon(series, config, path, workers, paused,
-                               **({"processes": processes} if path == "direct" else {}))
+                               **({"processes": in_processes} if path == "direct" else {}))
             if name not in best or r["fps"] > best[name]["fps"]:
                 best[name] = r
     return {k: {m: ({s: round(u, 1) for s, u in v.items()} if isinstance(v, dict) else round(v, 1))
