@@ -473,3 +473,52 @@ def test_a_series_whose_header_was_corrected_arrives_whole(service, processes: b
     _, stats = _run(service, messages, processes=processes)
     assert stats.frames_sent == 40 and stats.extra["converter"]["skipped_images"] == 0
     assert _ended(service, "corrected-series1").ledger.as_dict()["received"] == 40
+
+
+def test_serve_decodes_in_worker_processes_when_configured(tmp_path: Path) -> None:
+    """The console script with ``[dectris] worker_processes = true``: a detector's scan arrives
+    whole through worker processes (spawned by the daemon) and finishes."""
+    import subprocess
+    import sys
+
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import start_daemon, wait_for
+
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0", "--frames", "64",
+         "--size", "32", "--rate", "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        line = sim.stdout.readline()
+        url = line[line.index("dectris2://"):].split()[0].rstrip(")")
+        daemon = start_daemon(tmp_path, "--source", url, "--set", "dectris.worker_processes=true",
+                              "--set", "options.iterations=3", "--set", "resolution_interval_s=0")
+        try:
+            with ControlClient(daemon.control) as ctl:
+                scans = wait_for(lambda: [s for s in ctl.list_scans() if s["state"] == "finished"], 90,
+                                 "the detector's scan to finish", daemon)
+            assert scans[0]["frames"]["received"] == 64
+            assert len(_spawned_children(daemon.proc.pid)) == 2  # the decoding workers (source_workers)
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+        assert "worker process died" not in daemon.log()
+    finally:
+        sim.kill()
+        sim.wait(10)
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Processes that ``pid`` started with multiprocessing's spawn (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # it ended meanwhile
+        if ppid == pid and b"spawn_main" in cmdline:
+            out.append(int(entry.name))
+    return out
