@@ -101,10 +101,12 @@ class DecodedBatch:
 
 
 def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, decode: bool = True,
-               counts_out: np.ndarray | None = None) -> DecodedBatch:
+               counts_out: np.ndarray | None = None, compress: bool = False) -> DecodedBatch:
     """The workers' job: parse each image, and with ``decode``, decompress its channel once,
     bin it (``reducer``; None: keep the detector frames) into ``counts_out`` (or a new array)
-    and compress the binned frame as the spool's chunk. Frames are binned :data:`SUB_BATCH` at
+    and, with ``compress``, compress each binned frame as its spool chunk (worker processes do:
+    the daemon's process then only writes the chunks; on threads the spool compresses a chunk of
+    frames at a time, with fewer calls and HDF5 chunks). Frames are binned :data:`SUB_BATCH` at
     a time soon after they are decompressed, while they are in the core's cache. A bad image
     is an error of the batch (``errors``); anything else raised is a bug, and the caller's."""
     c0 = time.thread_time()
@@ -155,7 +157,7 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
         counts = counts_out[:n] if counts_out is not None else np.empty((n, m, m), reducer.out_dtype)
         saturated = np.zeros(n, bool)
         group = np.empty((SUB_BATCH, *shape), dtype)  # decoded frames awaiting their binning
-        binned: list[bytes] = []
+        binned: list[bytes] | None = [] if compress else None
     else:
         frames = np.empty((n, *shape), dtype)
     keep = np.ones(n, bool)
@@ -164,7 +166,8 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
     def flush_group() -> None:
         rows = slice(k - g, k)
         counts[rows], saturated[rows] = reducer.reduce_batch(group[:g])
-        binned.extend(compression.bslz4_compress(c) for c in counts[rows])
+        if binned is not None:
+            binned.extend(compression.bslz4_compress(c) for c in counts[rows])
 
     for j, p in enumerate(payloads):
         try:
@@ -244,7 +247,7 @@ def _process_job(items: list[bytes], channel: str | None, reducer: Any, decode: 
         m = reducer.frame_side
         k = size // (m * m * reducer.out_dtype.itemsize)
         counts_out = np.ndarray((k, m, m), reducer.out_dtype, shm.buf, offset)
-    out = decode_job(items, channel, reducer, decode, counts_out)
+    out = decode_job(items, channel, reducer, decode, counts_out, compress=True)
     if out.counts is not None and counts_out is not None:
         out.counts, out.in_slot = None, True  # the caller reads them from the slot
     out.reducer = None  # the caller's own is put back (a copy would not be the series')
@@ -377,8 +380,11 @@ class DirectConverter(SeriesConverter):
     (one per batch, with the detector's chunks) instead of being copied into message batches."""
 
     def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False,
-                 on_notice: Callable[[SeriesNotice], None] | None = None) -> None:
+                 on_notice: Callable[[SeriesNotice], None] | None = None, binned_chunks: bool = False) -> None:
         super().__init__(config, side_channel, on_notice)
+        #: frames leave with their binned frames as chunks (the worker processes compress them;
+        #: a series' first frames, binned here, are compressed here to match)
+        self.binned_chunks = binned_chunks
         #: (scan id, image id) → detector chunk of frames waiting for a position
         self._held: dict[tuple[str, int], bytes] = {}
         self._held_kind: dict[str, RawChunks] = {}
@@ -418,7 +424,7 @@ class DirectConverter(SeriesConverter):
             counts, saturated = batch.counts[accepted], batch.saturated[accepted]  # type: ignore[index]
         elif batch.frames is not None:  # decoded before the series' first frame built its reducer
             counts, saturated = reducer.reduce_batch(batch.frames[accepted])
-            binned = [compression.bslz4_compress(c) for c in counts]  # of the accepted frames
+            binned = [compression.bslz4_compress(c) for c in counts] if self.binned_chunks else None
         else:  # binned by another series' reducer of the same detector shape
             self.stats["skipped_images"] += int(np.count_nonzero(keep))
             log.error("scan %s: %d images were binned for another series; skipped", plan.scan_id,
@@ -519,7 +525,8 @@ class DectrisSource(Source):
         ``max_series`` series have ended; a scan still open then is aborted."""
         cfg = self.config
         ctx = self.context or zmq.Context.instance()
-        conv = DirectConverter(cfg, side_channel=cfg.positions_endpoint is not None, on_notice=self.on_notice)
+        conv = DirectConverter(cfg, side_channel=cfg.positions_endpoint is not None, on_notice=self.on_notice,
+                               binned_chunks=self.processes)
         stats = SourceStats()
         job_errors = [0]
 
