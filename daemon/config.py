@@ -108,7 +108,8 @@ class ServiceConfig(BaseSettings):
     detector at ``dectris2://HOST:31001`` or ``dectris1://…``; its frames enter the scans
     without passing the ingest socket."""
     source_workers: int = Field(2, ge=1, le=64)
-    """Threads that decode and bin the source's frames (about one per core)."""
+    """Threads (worker processes with ``[dectris] worker_processes = true``) that decode and
+    bin the source's frames (about one per core)."""
     dectris: BridgeConfig = Field(default_factory=BridgeConfig)
     """How DECTRIS series become scans (``[dectris]`` table: crop, bin, raster, energy, …)."""
 

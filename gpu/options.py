@@ -219,6 +219,22 @@ class ReconOptions(_Strict):
     spectral support (20 nm of defocus at 9.2 mrad and 300 keV: 2.7 rad)."""
     aberration_search_rounds: int = Field(1, ge=1)
 
+    parallax: bool | Literal["auto"] = "auto"
+    """Before the reconstruction, correct the nominal probe by the aberrations
+    ``parallax_aberrations`` fitted to the bright-field disc of every pattern (gpu/parallax.py:
+    the object is eliminated per spatial frequency, so the fit pools all counts and does not
+    iterate). "auto": when the dataset's probe comes from its probe model (nominal lens
+    settings) rather than a measured ``/probe``, and the probe is one coherent mode. A Gaussian
+    prior (20 nm rms per coefficient) keeps the probe near the nominal one when the data cannot
+    tell. On the realistic preset it gains +0.055 / +0.093 phase correlation on the proteasome
+    at 20 / 100 e⁻/Å² and +0.013 / +0.051 on hemoglobin, whose data at 5–20 e⁻/Å² hardly pin
+    the probe (MEASUREMENTS.md, "Parallax estimate of the probe aberrations")."""
+    parallax_aberrations: list[Literal["C10", "C12a", "C12b", "C21a", "C21b", "C30"]] = Field(
+        default_factory=lambda: ["C10", "C12a", "C12b"], min_length=1)
+    """Coefficients the parallax fit estimates (defocus first, then the others)."""
+    parallax_range_m: float = Field(60e-9, gt=0)
+    """Half-width of the parallax fit's search, metres of aberration coefficient."""
+
     chunk_size: int = Field(256, ge=1)
     """Positions per chunk of a full-batch evaluation (bounds device memory; same result)."""
 

@@ -54,11 +54,19 @@ from .operators import (
     to_fft_order,
 )
 from .options import ReconOptions
+from .parallax import estimate_aberrations
 from .positions import ScanModel, update_positions
 from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
-from .probes import initial_modes, make_probe, normalise_probe, orthogonalize_modes, source_modes
+from .probes import (
+    aberrate,
+    initial_modes,
+    make_probe,
+    normalise_probe,
+    orthogonalize_modes,
+    source_modes,
+)
 from .state import ReconState
 
 #: The amplitude model's loss is doubled: Var(√y) ≈ ¼ for Poisson y, so 2(|z| − √y)² is its
@@ -147,6 +155,33 @@ def _initial_probe(data: PtychoData, options: ReconOptions, xp: ModuleType, coun
     return probe
 
 
+def _parallax_corrected(probe: Any, data: PtychoData, opts: ReconOptions, positions: np.ndarray) -> Any:
+    """The nominal probe corrected by the parallax fit (gpu/parallax.py) when ``opts.parallax``
+    asks for it ("auto": a probe from the dataset's probe model, one mode)."""
+    auto = opts.parallax == "auto"
+    use = (data.probe is None and data.probe_model is not None and probe.ndim == 2) if auto else opts.parallax
+    if not use:
+        return probe
+    if probe.ndim != 2:
+        raise ValueError("parallax needs a single coherent probe: give an (M, M) probe or set parallax=false")
+    try:
+        fit = estimate_aberrations(data.frames, positions, probe, data.real_pixel_size, data.energy,
+                                   mask=data.mask, names=tuple(opts.parallax_aberrations),
+                                   search_range_m=opts.parallax_range_m)
+    except ValueError as exc:
+        if not auto:
+            raise ValueError(f"parallax: {exc}") from exc
+        # "auto" on a scan the fit cannot use (too few positions or frequencies): nominal probe
+        log.warning("parallax fit skipped, the nominal probe is used: %s", exc)
+        return probe
+    log.info("parallax fit: %s nm (log-likelihood gain %.1f, %d frequencies × %d pixels)",
+             {k: round(v * 1e9, 1) for k, v in fit.coefficients.items()}, fit.log_likelihood_gain,
+             fit.frequencies, fit.pixels)
+    if not any(fit.coefficients.values()):
+        return probe
+    return aberrate(probe, data.real_pixel_size, data.energy, fit.coefficients)
+
+
 def with_source(probe: Any, opts: ReconOptions, pixel_size: float) -> Any:
     """``probe`` blurred by the finite source ``opts.source_size_m`` into incoherent modes
     (``probes.source_modes`` of its main mode; the probe itself when there is no source)."""
@@ -212,6 +247,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     geometry = fit_geometry(positions, data.real_pixel_size, m, margin_px=margin)
     batch = make_batch(geometry.to_pixels(positions), geometry.object_shape, m, xp=xp)
     probe = _initial_probe(data, opts, xp, counts_fft)
+    probe = _parallax_corrected(probe, data, opts, positions)
     probe = with_source(probe, opts, data.real_pixel_size)
     if opts.probe_modes > 1 or probe.ndim == 3:
         probe = initial_modes(probe, opts.probe_modes)

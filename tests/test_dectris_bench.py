@@ -199,10 +199,19 @@ def test_bench_runs_both_paths_end_to_end_into_a_daemon() -> None:
                                        "--daemon-rounds", "1", "--no-live", "--json"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.output)["cases"]["sparse"]
-    assert set(row["daemon"]) == {"bridge_paused", "direct_1_paused", "direct_2_paused"}
-    for figures in row["daemon"].values():
+    assert set(row["daemon"]) == {"bridge_paused", "direct_1_paused", "direct_2_paused", "direct_1p_paused",
+                                  "direct_2p_paused"}
+    for name, figures in row["daemon"].items():
         # every frame reached the store, after it was received (spooled and counted)
         assert figures["fps_received"] >= figures["fps"] > 0 and figures["cpu_us_per_frame"] > 0
+        by_thread = figures["stages_us_per_frame"]
+        # the daemon's own threads did the work: the spool wrote, the frame store took the frames
+        assert by_thread["spool"] > 0 and by_thread["frame_store"] > 0 and by_thread["manager"] > 0
+        if name.startswith("direct"):
+            # decoding ran where it was asked to, and its CPU time is counted there
+            assert by_thread["receive_convert"] > 0
+            assert (by_thread.get("decode_processes", 0) > 0) == name.endswith("p_paused")
+            assert (by_thread.get("decode_threads", 0) > 0) != name.endswith("p_paused")
     stages = row["stages_cpu_us_per_frame"]
     assert stages["direct_total"] == pytest.approx(
         stages["decode_job"] + stages["spool_direct"] + stages["frame_store"], abs=0.2)

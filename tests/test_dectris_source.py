@@ -67,12 +67,13 @@ def service(tmp_path: Path) -> Iterator[BackgroundService]:
 
 
 def _run(service: BackgroundService, messages: list[Any], workers: int = 2, version: int = 2,
-         on_notice: Any = None, **cfg: Any) -> Any:
-    """Push ``messages`` from a simulated detector through a DectrisSource into ``service``."""
+         on_notice: Any = None, processes: bool = False, **cfg: Any) -> Any:
+    """Push ``messages`` from a simulated detector through a DectrisSource into ``service``
+    (decoding threads unless ``processes``: most tests look at what the threads did)."""
     with SimSender(version) as sender:
         cfg.setdefault("channel", CHANNEL)
         source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, **cfg),
-                               workers=workers, batch=16, on_notice=on_notice)
+                               workers=workers, batch=16, on_notice=on_notice, processes=processes)
         pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
         pusher.start()
         stop = threading.Event()
@@ -197,23 +198,31 @@ def test_the_daemon_validates_what_a_source_delivers(service) -> None:
     assert service.error is None
 
 
-def test_one_and_two_workers_give_the_same_frames(tmp_path: Path) -> None:
+def test_threads_and_processes_one_or_two_give_the_same_frames(tmp_path: Path) -> None:
     frames = _frames(48, seed=2)
-    got = {}
-    for workers in (1, 2):
-        cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
-                            metrics_enabled=False, spool_dir=tmp_path / f"s{workers}",
-                            results_dir=tmp_path / f"r{workers}", resolution_interval_s=0, drain_timeout_s=0)
-        bg = BackgroundService(cfg)
-        try:
-            _run(bg, _series(frames, "workers"), workers=workers)
-            _ended(bg, "workers-series1")
-        finally:
-            bg.stop()
-        with h5py.File(cfg.spool_dir / "workers-series1.spool.h5", "r") as f:
-            order = np.argsort(f[DATA]["frame_index"][:])
-            got[workers] = f[DATA]["data"][:][order]
-    np.testing.assert_array_equal(got[1], got[2])
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    for processes in (False, True):
+        for workers in (1, 2):
+            name = f"{'p' if processes else 't'}{workers}"
+            cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
+                                metrics_enabled=False, spool_dir=tmp_path / f"s{name}",
+                                results_dir=tmp_path / f"r{name}", resolution_interval_s=0, drain_timeout_s=0,
+                                keep_spool=True)  # read after the scan, which may finish first
+            bg = BackgroundService(cfg)
+            try:
+                _, stats = _run(bg, _series(frames, "workers"), workers=workers, processes=processes)
+                _ended(bg, "workers-series1")
+            finally:
+                bg.stop()
+            assert stats.frames_sent == 48 and stats.extra["processes"] is processes
+            assert (stats.extra["process_cpu_s"] > 0) is processes  # the processes did the decoding
+            with h5py.File(cfg.spool_dir / "workers-series1.spool.h5", "r") as f:
+                g = f[DATA]
+                order = np.argsort(g["frame_index"][:])
+                if processes:  # written as the worker processes compressed them, a chunk a frame
+                    assert g["data"].chunks == (1, SIDE // 2, SIDE // 2)
+                np.testing.assert_array_equal(g["data"][:][order], reducer(frames)[0], err_msg=name)
+                np.testing.assert_array_equal(g[DETECTOR_FRAMES][:][order], frames, err_msg=name)
 
 
 def test_sources_are_found_by_url_scheme() -> None:
@@ -293,3 +302,225 @@ def test_an_undecodable_detector_message_is_reported_not_only_logged(service) ->
     assert notices[0].rule == "dectris_message_undecodable"
     assert stats.frames_sent == 8
     assert _ended(service, "after-garbage-series1").ledger.as_dict()["received"] == 8
+
+
+def test_a_batch_decodes_to_the_frames_of_per_frame_decoding() -> None:
+    """One decoding job over a batch (binned SUB_BATCH frames at a time, with a corrupt image
+    and a foreign payload among them) gives each frame exactly what decoding it alone gives."""
+    from cryoptycho.protocols.dectris.decode import decode_v2
+    from cryoptycho.protocols.dectris.source import SUB_BATCH, decode_job
+
+    frames = _frames(2 * SUB_BATCH + 5, seed=7)
+    frames[9, 20, 20] = 65535  # a saturated pixel in the window
+    images = _series(frames, "batch")[1:-1]
+    corrupt = bytearray(images[4])
+    cut = corrupt.index(_payload(images[4])) + 20
+    corrupt[cut:cut + 40] = b"\xff" * 40
+    images[4] = bytes(corrupt)
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2, saturation_value=60000)
+    batch = decode_job(images, CHANNEL, reducer, compress=True)
+    assert decode_job(images, CHANNEL, reducer).binned is None  # (threads leave that to the spool)
+    good = [i for i in range(len(frames)) if i != 4]
+    assert len(batch.errors) == 1 and batch.decoded == len(good)
+    assert batch.image_ids.tolist() == good and batch.series_ids.tolist() == [1] * len(good)
+    for row, i in enumerate(good):
+        alone = decode_v2(images[i], (CHANNEL,)).data[CHANNEL]
+        counts, saturated = reducer.reduce_frame(alone)
+        np.testing.assert_array_equal(batch.counts[row], counts)
+        assert batch.saturated[row] == saturated == (i == 9)
+        assert batch.raw[row] == _payload(images[i])  # the detector's chunk, as it came
+        np.testing.assert_array_equal(  # the binned chunk is the binned frame
+            compression.bslz4_decompress(batch.binned[row], counts.dtype, counts.shape), counts)
+    # without a reducer (a series' first frame) the detector frames come back as they are
+    unbinned = decode_job(images[:3], CHANNEL, None)
+    np.testing.assert_array_equal(unbinned.frames, frames[:3])
+    # not decoding at all (images no scan takes): their ids only
+    ids_only = decode_job(images[:3], CHANNEL, reducer, decode=False)
+    assert ids_only.image_ids.tolist() == [0, 1, 2] and ids_only.decoded == 0 and ids_only.counts is None
+
+
+def test_batch_acceptance_matches_one_image_at_a_time() -> None:
+    from cryoptycho.protocols.dectris.receiver import SeriesTracker
+    from cryoptycho.protocols.dectris.schema import Image, SeriesEnd, SeriesStart
+
+    rng = np.random.default_rng(3)
+    for number in (40, None):
+        start = SeriesStart(version=2, series_id=7, series_unique_id="u7", number_of_images=number)
+        one, batched = SeriesTracker(), SeriesTracker()
+        one.begin(start)
+        batched.begin(start)
+        for _ in range(5):
+            ids = rng.integers(-2, 45, 30)  # duplicates, negative and out-of-range ids
+            series = np.where(rng.random(30) < 0.1, 8, 7)
+            unique = ["u7" if rng.random() < 0.9 else "other" for _ in range(30)]
+            expected = [one.accept(Image(2, int(s), u, int(i), {})) for s, u, i in zip(series, unique, ids)]
+            assert batched.accept_batch(series, unique, ids).tolist() == expected
+        # every rule was exercised (negative ids are out of range with or without a count)
+        assert batched.rejected == one.rejected and set(batched.rejected) == {
+            "duplicate", "unknown_series", "image_id_range"}
+        end = SeriesEnd(2, 7, "u7")
+        a, b = one.end(end), batched.end(end)
+        assert (a.received, a.missing_image_ids) == (b.received, b.missing_image_ids)
+    fresh = SeriesTracker()
+    assert fresh.accept_batch(np.array([1, 1]), [None, None], np.array([0, 1])).tolist() == [False, False]
+    assert fresh.rejected == {"no_start": 2}
+
+
+def _stream(service: BackgroundService, series: list[list[bytes]], *, processes: bool,
+            between: Any = None) -> tuple[DectrisSource, Any]:
+    """Push ``series`` (lists of messages) through one source run; ``between(source, sender,
+    rest)`` runs once the first series' first frames are spooled, and sends the rest of its
+    images itself."""
+    with SimSender(2) as sender:
+        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
+                               workers=2, batch=8, processes=processes)
+        stop = threading.Event()
+        result: dict[str, Any] = {}
+        runner = threading.Thread(target=lambda: result.update(stats=source.run(
+            service.service.direct, stop, max_series=len(series))), daemon=True)
+        runner.start()
+        timer = threading.Timer(60.0, stop.set)  # a safety net, not a timing assertion
+        timer.start()
+        try:
+            _wait(source.ready.is_set, "the source's workers to start")
+            first = series[0]
+            for m in first[:17]:
+                sender.send_raw(m)
+            scans = service.service.scans
+
+            def spooled() -> bool:
+                s = next(iter(scans.sessions.values()), None)
+                return s is not None and s.ledger.received > 0
+            _wait(spooled, "the first frames to be spooled")
+            rest = first[17:-1]
+            if between is not None:
+                between(source, sender, rest)  # it sends them
+                rest = []
+            for m in rest + first[-1:] + [m for s in series[1:] for m in s]:
+                sender.send_raw(m)
+            runner.join(60)
+        finally:
+            timer.cancel()
+            stop.set()
+    assert not runner.is_alive()
+    return source, result["stats"]
+
+
+def _aborted(service: BackgroundService, scan_id: str) -> Any:
+    def check() -> Any:
+        s = service.service.scans.sessions.get(scan_id)
+        return s if s is not None and s.state.value == "aborted" else None
+    return _wait(check, f"scan {scan_id} to be aborted")
+
+
+def test_a_dead_worker_process_fails_its_scan_and_the_next_scan_is_taken(service) -> None:
+    import os
+    import signal
+
+    killed: list[int] = []
+
+    def kill_the_workers(source: DectrisSource, sender: SimSender, rest: list[bytes]) -> None:
+        # the workers are stopped first, so that jobs of the scan are in their hands when they die
+        assert source.pool is not None
+        pids = source.pool.pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        for m in rest:
+            sender.send_raw(m)
+        _wait(lambda: source.pool.outstanding > 0, "jobs in the stopped workers' hands")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        killed.extend(pids)
+        # the lost jobs are reported (and new workers started) before the next series comes
+        _wait(lambda: source.pool.outstanding == 0 and source.pool.generation == 1, "the lost jobs to fail")
+
+    first, second = _series(_frames(40, seed=8), "crash"), _series(_frames(24, seed=9), "after-crash")
+    _, stats = _stream(service, [first, second], processes=True, between=kill_the_workers)
+    assert killed and stats.series_errors == 1
+    session = _aborted(service, "crash-series1")
+    assert "decoding worker process died" in (session.error or "")
+    after = _ended(service, "after-crash-series1")  # new workers took the next series whole
+    assert after.ledger.as_dict()["received"] == 24
+    assert service.thread.is_alive() and service.error is None
+
+
+def test_a_failing_decoding_job_fails_its_scan_not_the_source(service, monkeypatch) -> None:
+    from cryoptycho.protocols.dectris import source as source_module
+
+    real = source_module.decode_job
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:  # a job of the first series, after its first frames
+            raise RuntimeError("a bug in a decoding job")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(source_module, "decode_job", failing)
+    first, second = _series(_frames(40, seed=10), "job-bug"), _series(_frames(24, seed=11), "after-bug")
+    _, stats = _stream(service, [first, second], processes=False)
+    assert stats.series_errors == 1
+    session = _aborted(service, "job-bug-series1")
+    assert "RuntimeError: a bug in a decoding job" in (session.error or "")
+    assert _ended(service, "after-bug-series1").ledger.as_dict()["received"] == 24
+    assert service.thread.is_alive() and service.error is None
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_series_whose_header_was_corrected_arrives_whole(service, processes: bool) -> None:
+    """A header value set aside (a beam centre of (0, 0)) makes the converter's series start a
+    corrected copy of the detector's: the workers must still bin the series' frames."""
+    frames = _frames(40, seed=12)
+    messages = _series(frames, "corrected", beam_center_px=(0.0, 0.0))
+    _, stats = _run(service, messages, processes=processes)
+    assert stats.frames_sent == 40 and stats.extra["converter"]["skipped_images"] == 0
+    assert _ended(service, "corrected-series1").ledger.as_dict()["received"] == 40
+
+
+def test_serve_decodes_in_worker_processes_when_configured(tmp_path: Path) -> None:
+    """The console script with ``[dectris] worker_processes = true``: a detector's scan arrives
+    whole through worker processes (spawned by the daemon) and finishes."""
+    import subprocess
+    import sys
+
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import start_daemon, wait_for
+
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0", "--frames", "64",
+         "--size", "32", "--rate", "400"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        line = sim.stdout.readline()
+        url = line[line.index("dectris2://"):].split()[0].rstrip(")")
+        daemon = start_daemon(tmp_path, "--source", url, "--set", "dectris.worker_processes=true",
+                              "--set", "options.iterations=3", "--set", "resolution_interval_s=0")
+        try:
+            with ControlClient(daemon.control) as ctl:
+                scans = wait_for(lambda: [s for s in ctl.list_scans() if s["state"] == "finished"], 90,
+                                 "the detector's scan to finish", daemon)
+            assert scans[0]["frames"]["received"] == 64
+            assert len(_spawned_children(daemon.proc.pid)) == 2  # the decoding workers (source_workers)
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+        assert "worker process died" not in daemon.log()
+    finally:
+        sim.kill()
+        sim.wait(10)
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Processes that ``pid`` started with multiprocessing's spawn (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # it ended meanwhile
+        if ppid == pid and b"spawn_main" in cmdline:
+            out.append(int(entry.name))
+    return out

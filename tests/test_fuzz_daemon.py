@@ -354,15 +354,15 @@ def test_requests_that_wait_for_the_spool_do_not_hold_up_ping(tmp_path, monkeypa
 
     gate, entered = threading.Event(), threading.Event()
     gate.set()
-    append = SpoolWriter.append
+    append_many = SpoolWriter.append_many  # our protocol's frames reach the spool through it
 
     def gated(self, *args, **kwargs):
         if not gate.is_set():
             entered.set()
             assert gate.wait(120), "the test never opened the gate"
-        return append(self, *args, **kwargs)
+        return append_many(self, *args, **kwargs)
 
-    monkeypatch.setattr(SpoolWriter, "append", gated)
+    monkeypatch.setattr(SpoolWriter, "append_many", gated)
     cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
                         metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
     bg = BackgroundService(cfg)

@@ -17,9 +17,11 @@ that the load of a shared host falls on all stages alike:
 End to end into a real daemon (``--daemon-frames``): a detector process streams a series into
 a :class:`BackgroundService` (spool and frame store included), along the old path (the bridge:
 decode, bin, re-encode our protocol, the ingest socket, decode again) and the new one (the
-daemon's DECTRIS source: decode and bin once on worker threads, spool the detector's chunks as
-they are), with 1 and 2 decoding threads, engine paused and live; plus the CPU cost per frame of
-each stage of both paths (``stages_cpu_us_per_frame``).
+daemon's DECTRIS source: decode and bin once on worker threads or processes, spool the
+detector's chunks as they are), with 1 and 2 decoding threads and worker processes, engine paused
+and live, with the CPU time per frame of each thread of the daemon (by stage), of the worker
+processes and of the detector; plus the CPU cost per frame of each stage of both paths measured
+alone (``stages_cpu_us_per_frame``).
 
 Target (issue 15): end to end into the daemon ≥ 20,000 frames/s on 2 cores, engine paused.
 """
@@ -342,7 +344,8 @@ def _profile_full(frames: np.ndarray, series: int = 3) -> dict[str, float]:
 
 
 def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool,
-        sockets: bool = True, daemon_frames: int = 0, daemon_rounds: int = 2, live: bool = True) -> dict[str, Any]:
+        sockets: bool = True, daemon_frames: int = 0, daemon_rounds: int = 2, live: bool = True,
+        processes: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
         "reference": "dectris.compression" if reference_decompress is not None else None,
         "bslz4_decoder": compression.BSLZ4_DECODER,
@@ -359,7 +362,7 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
         if daemon_frames:
             big = make_frames(daemon_frames, 192, disc, dark, seed=1)
             row["stages_cpu_us_per_frame"] = measure_stages(big[:512], seconds, rounds)
-            row["daemon"] = measure_daemon_paths(big, daemon_rounds, live)
+            row["daemon"] = measure_daemon_paths(big, daemon_rounds, live, processes=processes)
     return out
 
 
@@ -383,12 +386,15 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
               help="End-to-end runs of each path, interleaved (the best is reported).")
 @click.option("--live/--no-live", default=True, show_default=True,
               help="Also run the direct path end to end with the live engine reconstructing.")
+@click.option("--processes/--no-processes", default=True, show_default=True,
+              help="Also run the direct path with 1 and 2 decoding worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile: bool,
-            sockets: bool, daemon_frames: int, daemon_rounds: int, live: bool, as_json: bool) -> None:
+            sockets: bool, daemon_frames: int, daemon_rounds: int, live: bool, processes: bool,
+            as_json: bool) -> None:
     """DECTRIS V2 ingest: decode + bin + enqueue frames/s, 192×192 bslz4 → 96×96, and end to end
     into the daemon (target ≥ 20,000 frames/s on 2 cores, engine paused)."""
-    result = run(n, seconds, rounds, cases, profile, sockets, daemon_frames, daemon_rounds, live)
+    result = run(n, seconds, rounds, cases, profile, sockets, daemon_frames, daemon_rounds, live, processes)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -413,6 +419,9 @@ def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile
                 for k, v in row["daemon"].items()))
             click.echo("        CPU µs/frame by stage: " + ", ".join(
                 f"{k} {v:,.1f}" for k, v in row["stages_cpu_us_per_frame"].items()))
+            for k, v in row["daemon"].items():
+                click.echo(f"        {k} CPU µs/frame by thread: " + ", ".join(
+                    f"{s} {u:,.1f}" for s, u in sorted(v["stages_us_per_frame"].items(), key=lambda kv: -kv[1])))
     click.echo("frames/s in one process, stages measured side by side in one run (interleaved rounds); "
                "wall = clock time, cpu = per CPU-second of the measuring thread (a core of its own); "
                "full/ref = full path ÷ (cbor2 + dectris.compression decode), CPU time; full = decode + "
@@ -420,7 +429,9 @@ def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile
                "to end over TCP loopback, detector and daemon stand-ins in the same process, best series. "
                "End to end into the daemon: detector in its own process, daemon in this one, from the first "
                "message to every frame spooled and counted (received) / also in the frame store (stored); bridge = old path (decode, "
-               "re-encode, ingest socket), direct_N = the daemon's DECTRIS source with N decoding threads; "
+               "re-encode, ingest socket), direct_N = the daemon's DECTRIS source with N decoding threads, direct_Np with N worker processes; "
+               "CPU by thread: the daemon process's threads by stage, decode_processes = the worker processes, "
+               "detector_process = the simulated detector (it shares the cores), other = ZeroMQ's I/O threads and the rest; "
                "paused = no reconstruction step, live = the engine runs.")
 
 
@@ -458,14 +469,16 @@ def _detector(series: list[bytes], port: Any, go: Any) -> None:
 
 
 def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers: int = 2,
-                   paused: bool = True, timeout_s: float = 120.0) -> dict[str, float]:
+                   paused: bool = True, timeout_s: float = 120.0, **source_options: Any) -> dict[str, Any]:
     """One series end to end into a real daemon (:class:`BackgroundService`, spool included):
     from the detector's first message until every frame is spooled and counted (``fps_received``)
     and until they are all in the scan's frame store too (``fps``). ``path``: ``direct`` (the daemon's DECTRIS source, ``workers`` decoding
     threads) or ``bridge`` (the old path: bridge → our protocol → the ingest socket).
     The series' end is not sent: the scan is aborted when the frames are in, so that no final
-    refinement runs into the next measurement. Returns frames/s (wall) and CPU µs per frame of
-    this process (every thread)."""
+    refinement runs into the next measurement. Returns frames/s (wall), CPU µs per frame of
+    this process (every thread) and, by stage (``stages_us_per_frame``), of each of its threads
+    by name, of the source's decoding processes, and of the detector's process (which shares
+    the cores). ``source_options`` go to the DECTRIS source (e.g. ``processes``)."""
     import multiprocessing
     import tempfile
     from pathlib import Path
@@ -490,13 +503,16 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
         bg = BackgroundService(cfg)
         stop = threading.Event()
         failures: list[BaseException] = []
+        sources: list[Any] = []
 
         def run_source() -> None:
             try:
                 if path == "direct":
                     from cryoptycho.protocols.dectris.source import DectrisSource
 
-                    DectrisSource(url, config, workers=workers).run(bg.service.direct, stop)
+                    source = DectrisSource(url, config, workers=workers, **source_options)
+                    sources.append(source)
+                    source.run(bg.service.direct, stop)
                 else:
                     run_bridge(url, bg.service.endpoints["ingest"], config, stop)
             except BaseException as exc:  # noqa: BLE001 — re-raised by the measuring thread
@@ -505,8 +521,17 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
         runner = threading.Thread(target=run_source, name=f"bench-{path}")
         try:
             runner.start()
-            time.sleep(0.3)  # the PULL socket connects before the detector starts sending
+            # the source's workers are started (processes take seconds on a loaded host) and
+            # its PULL socket has connected before the detector starts sending
+            deadline = time.perf_counter() + timeout_s
+            while path == "direct" and not (sources and sources[0].ready.is_set()):
+                if failures or time.perf_counter() > deadline:
+                    raise RuntimeError(f"the DECTRIS source did not start: {failures}")
+                time.sleep(0.02)
+            time.sleep(0.3)
             t0, c0 = time.perf_counter(), time.process_time()
+            cpu0, det0 = _thread_cpu(), _proc_cpu(proc.pid)
+            work0 = _source_cpu(sources)
             go.set()
             scans = bg.service.scans
             t_received: float | None = None
@@ -524,35 +549,99 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
                     raise RuntimeError(f"{path}: {received} of {n} frames after {timeout_s} s: {failures}")
                 time.sleep(0.02)
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            stages = _stage_cpu(_thread_cpu(), cpu0, cpu, n)
+            work = _source_cpu(sources) - work0
+            if work > 0:  # decoding outside the threads counted above (worker processes)
+                stages["decode_processes"] = 1e6 * work / n
+            stages["detector_process"] = 1e6 * (_proc_cpu(proc.pid) - det0) / n
         finally:
             stop.set()
             runner.join(30)
             bg.stop()
             proc.join(10)
     assert t_received is not None
-    return {"fps": n / elapsed, "fps_received": n / t_received, "cpu_us_per_frame": 1e6 * cpu / n}
+    return {"fps": n / elapsed, "fps_received": n / t_received, "cpu_us_per_frame": 1e6 * cpu / n,
+            "stages_us_per_frame": stages}
 
 
-def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True) -> dict[str, Any]:
+#: thread name prefix → stage, for the CPU time of each thread of the daemon's process
+_THREAD_STAGES = (
+    ("bench-direct", "receive_convert"), ("bench-bridge", "bridge"), ("dectris-decode", "decode_threads"),
+    ("service", "manager"), ("spool-compress", "spool_compress"), ("spool", "spool"),
+    ("worker-", "frame_store"), ("scan-start", "scan_start"), ("MainThread", "bench_poll"),
+)
+
+
+def _thread_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds of every live Python thread of this process (its own clock), by native id."""
+    out: dict[int, tuple[str, float]] = {}
+    for t in threading.enumerate():
+        if t.ident is None or t.native_id is None:
+            continue
+        try:
+            out[t.native_id] = (t.name, time.clock_gettime(time.pthread_getcpuclockid(t.ident)))
+        except (OSError, ProcessLookupError):  # it ended meanwhile
+            continue
+    return out
+
+
+def _stage_cpu(end: dict[int, tuple[str, float]], start: dict[int, tuple[str, float]], total: float,
+               n: int) -> dict[str, float]:
+    """CPU µs per frame of each stage of the daemon's process between two :func:`_thread_cpu`
+    snapshots; ``other``: the rest of the process (ZeroMQ's I/O threads, threads that ended)."""
+    stages: dict[str, float] = {}
+    for tid, (name, cpu) in end.items():
+        stage = next((s for prefix, s in _THREAD_STAGES if name.startswith(prefix)), "other_threads")
+        stages[stage] = stages.get(stage, 0.0) + cpu - start.get(tid, (name, 0.0))[1]
+    stages["other"] = max(0.0, total - sum(stages.values()))
+    return {k: 1e6 * v / n for k, v in stages.items()}
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of another process so far (Linux /proc; 0 elsewhere)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _source_cpu(sources: list[Any]) -> float:
+    """CPU seconds the source's decoding worker processes reported (0 for threads)."""
+    return sum(getattr(s, "process_cpu_s", 0.0) for s in sources)
+
+
+def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True,
+                         bridge: bool = True, processes: bool = True) -> dict[str, Any]:
     """The old and the new path side by side, interleaved ``rounds`` times (best of each):
-    bridge (before), direct with 1 and 2 decoding threads, engine paused; and direct with 2
-    threads while the live engine runs."""
+    bridge (before), direct with 1 and 2 decoding threads and 1 and 2 worker processes, engine
+    paused; and direct with 2 threads and 2 processes while the live engine runs."""
     series = make_series(frames)
     config = _config(frames.shape[1])
-    cases: dict[str, tuple[str, int, bool]] = {
-        "bridge_paused": ("bridge", 1, True),
-        "direct_1_paused": ("direct", 1, True),
-        "direct_2_paused": ("direct", 2, True),
+    cases: dict[str, tuple[str, int, bool, bool]] = {
+        "direct_1_paused": ("direct", 1, True, False),
+        "direct_2_paused": ("direct", 2, True, False),
     }
+    if processes:
+        cases.update({"direct_1p_paused": ("direct", 1, True, True), "direct_2p_paused": ("direct", 2, True, True)})
+    if bridge:
+        cases = {"bridge_paused": ("bridge", 1, True, False), **cases}
     if live:
-        cases["direct_2_live"] = ("direct", 2, False)
-    best: dict[str, dict[str, float]] = {}
+        cases["direct_2_live"] = ("direct", 2, False, False)
+        if processes:
+            cases["direct_2p_live"] = ("direct", 2, False, True)
+    best: dict[str, dict[str, Any]] = {}
     for _ in range(rounds):
-        for name, (path, workers, paused) in cases.items():
-            r = measure_daemon(series, config, path, workers, paused)
+        for name, (path, workers, paused, in_processes) in cases.items():
+            r = measure_daemon(series, config, path, workers, paused,
+                               **({"processes": in_processes} if path == "direct" else {}))
             if name not in best or r["fps"] > best[name]["fps"]:
                 best[name] = r
-    return {k: {m: round(v, 1) for m, v in r.items()} for k, r in best.items()}
+    return {k: {m: ({s: round(u, 1) for s, u in v.items()} if isinstance(v, dict) else round(v, 1))
+                for m, v in r.items()} for k, r in best.items()}
 
 
 def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int = 64) -> dict[str, float]:
@@ -620,7 +709,7 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
     declared = {start.scan_id: start}
     full = FullPath(series, config)
     stages: dict[str, Callable[[], int]] = {
-        "decode_job": lambda: sum(len(decoder(job, CHANNEL, reducer).images) for job in jobs),
+        "decode_job": lambda: sum(len(decoder(job, CHANNEL, reducer)) for job in jobs),
         "spool_direct": lambda: spool(True),
         "bridge": full.run_series,
         "daemon_decode": lambda: sum(len(decode(parts, None, declared).indices) for parts in messages),

@@ -53,7 +53,14 @@ PAPER_PHASE_PLATE = {"hemoglobin": {20: 8.7}, "ribosome": {20: 5.1}}
 PAPER_AVERAGED = {"hemoglobin": 3.4, "proteasome": 3.1, "ribosome": 2.9}
 #: options of the "refined" column of ``--realistic`` (gpu/MEASUREMENTS.md, "Realistic scans")
 REFINEMENT = {"refine_positions": True, "aberration_search": True, "aberrations": ["C10"],
-              "aberration_search_iterations": 30, "aberration_search_rounds": 2}
+              "aberration_search_iterations": 30, "aberration_search_rounds": 2, "parallax": False}
+#: the realistic runs beside the oracle: (key, table label, options over the defaults); the
+#: defaults correct a probe model by the parallax fit (gpu/parallax.py), so "nominal" turns it off
+REALISTIC_RUNS = (
+    ("nominal", "realistic, nominal probe and positions", {"parallax": False}),
+    ("refined", "realistic, refined (defocus search + positions)", REFINEMENT),
+    ("parallax", "realistic, parallax-corrected probe (defaults)", {}),
+)
 
 
 @dataclass
@@ -87,6 +94,10 @@ def _efficiency(d: dict[str, Any]) -> str:
     return f"{'≥ ' if at_nyquist else ''}{d['dose_efficiency']:.2f}"
 
 
+def _nm(values: dict[str, float], keys: list[str]) -> str:
+    return " / ".join(f"{values.get(k, 0.0) * 1e9:.1f}" for k in keys)
+
+
 def _paper(v: float | None) -> str:
     return "–" if v is None else f"{v:.1f}"
 
@@ -113,8 +124,6 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
 
     model = load_model(sample).centred()
     opts = ReconOptions(iterations=cfg.iterations, refine_probe=False, backend=cfg.backend)  # type: ignore[arg-type]
-    #: realistic runs: the nominal probe's defocus and astigmatism searched, positions refined
-    opts_refined = opts.merged(REFINEMENT)
     out: dict[str, Any] = {"sample": sample, "doses": {}, "images": {}}
 
     errors = ExperimentErrors.realistic(cfg.seed) if cfg.realistic else None
@@ -145,15 +154,31 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
 
     def realistic(data: Any, nominal: Any, dose: float) -> dict[str, Any]:
         """Nominal probe and positions, without and with refinement, beside the oracle."""
-        rows = {}
-        for name, options in (("nominal", opts), ("refined", opts_refined)):
+        rows: dict[str, Any] = {}
+        for name, _, extra in REALISTIC_RUNS:
             t1 = time.perf_counter()
-            o, org = recon(nominal, options)
+            o, org = recon(nominal, opts.merged(extra))
             ev = evaluate_against_truth(o, org, data.truth_object, data.truth_origin, cfg.pixel_size,
                                         data.positions)
             rows[name] = {**ev.summary(), "seconds": time.perf_counter() - t1,
                           "dose_efficiency": efficiency(ev, data, dose)}
+        rows["parallax_fit"] = parallax_fit(nominal)
         return rows
+
+    def parallax_fit(nominal: Any) -> dict[str, Any]:
+        """What the defaults' parallax fit finds (the same deterministic fit as in the run)."""
+        from cryoptycho.gpu.parallax import estimate_aberrations
+        from cryoptycho.gpu.probes import make_probe
+
+        pm = nominal.probe_model
+        probe = make_probe(pm.kind, nominal.frame_shape, nominal.real_pixel_size, nominal.energy,
+                           pm.semiangle, pm.defocus, pm.cs, 1.0, pm.zones, pm.diameter, pm.seed)
+        fit = estimate_aberrations(nominal.frames, nominal.positions, probe, nominal.real_pixel_size,
+                                   nominal.energy, mask=nominal.mask,
+                                   names=tuple(opts.parallax_aberrations),
+                                   search_range_m=opts.parallax_range_m)
+        return {"coefficients_m": fit.coefficients, "standard_error_m": fit.standard_error,
+                "truth_m": errors.probe_errors if errors is not None else {}}
 
     def efficiency(ev: Any, data: Any, dose: float) -> float:
         return dose_efficiency(ev.resolutions["particle/pooled/1-bit"], data.truth_object,
@@ -337,20 +362,25 @@ def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
                        "dose efficiency | wall time (s) |"), "|---|---|---|---|---|---|---|---|---|"]
         for s, dose, d in real:
             oracle = {**d["ptychography"], "dose_efficiency": d["dose_efficiency"]}
-            runs = [("oracle (true probe and positions)", oracle, d.get("oracle_seconds")),
-                    ("realistic, nominal probe and positions", d["realistic"]["nominal"],
-                     d["realistic"]["nominal"]["seconds"]),
-                    ("realistic, refined (defocus search + positions)", d["realistic"]["refined"],
-                     d["realistic"]["refined"]["seconds"])]
+            runs = [("oracle (true probe and positions)", oracle, d.get("oracle_seconds"))]
+            runs += [(label, d["realistic"][key], d["realistic"][key]["seconds"])
+                     for key, label, _ in REALISTIC_RUNS]
             for name, e, sec in runs:
                 res = e["resolution_m"]
                 lines.append(
                     f"| {s} | {dose:g} | {name} | {e['phase_correlation']:.3f} | {e['nrmse']:.4f} | "
                     f"{_fmt(res['particle/raw/1-bit'])} | {_fmt(res['particle/pooled/1-bit'])} | "
                     f"{e['dose_efficiency']:.2f} | {'–' if sec is None else f'{sec:.0f}'} |")
+        lines += ["", "| sample | dose (e⁻/Å²) | parallax fit C10 / C12a / C12b (nm) | ± (nm) | truth (nm) |",
+                  "|---|---|---|---|---|"]
+        for s, dose, d in real:
+            fit = d["realistic"]["parallax_fit"]
+            keys = list(fit["coefficients_m"])
+            lines.append(f"| {s} | {dose:g} | {_nm(fit['coefficients_m'], keys)} | "
+                         f"{_nm(fit['standard_error_m'], keys)} | {_nm(fit['truth_m'], keys)} |")
         lines += ["", ("Realistic: `cryoptycho simulate --realistic` errors (20 nm defocus and 10 nm "
                        "astigmatism off; 2 %/−1 % scan scale, 0.5° rotation, 1 % shear; 0.3 Å jitter; "
-                       "1 Å drift), the same frames for all three runs, scored against the truth at the "
+                       "1 Å drift), the same frames for all runs, scored against the truth at the "
                        "true positions.")]
     semi = "9.2" if cfg.semiangle is None else f"{cfg.semiangle * 1e3:g}"
     lines += ["", (f"Resolutions in Å (full period); n/r = below threshold from the first ring. Settings: "
@@ -377,7 +407,7 @@ def markdown(results: list[dict[str, Any]], cfg: Config) -> str:
               help="Folder of PDB/mmCIF files for samples not shipped (default $CRYOPTYCHO_STRUCTURES).")
 @click.option("--realistic", is_flag=True,
               help="Simulate realistic errors (probe aberrations, scan distortion, jitter, drift) and "
-                   "add the nominal and the refined reconstructions beside the oracle one.")
+                   "add the nominal, the refined and the parallax-corrected reconstructions beside the oracle one.")
 @click.option("--semiangle", type=click.FloatRange(min=0, min_open=True),
               help="Probe convergence semi-angle, mrad  [default: 9.2]. With coarser pixels keep the "
                    "aperture inside the detector: 5 at 1.6 Å.")
@@ -422,7 +452,7 @@ def command(quick: bool, samples: str | None, doses: str, average: int | None, i
     console = Console()
     results = []
     t0 = time.perf_counter()
-    steps = len(cfg.samples) * ((4 if realistic else 2) * len(cfg.doses) + max(0, 2 * cfg.average - 1))
+    steps = len(cfg.samples) * ((2 + len(REALISTIC_RUNS) if realistic else 2) * len(cfg.doses) + max(0, 2 * cfg.average - 1))
     with Progress(TextColumn("[bold]bench paper[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("", total=steps)

@@ -69,6 +69,13 @@ class BridgeConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     """ReconOptions overrides for every scan (user_data ``options`` are applied on top)."""
     scan_id_prefix: str = Field("dectris", min_length=1, max_length=64)
+    worker_processes: bool = False
+    """The daemon's DECTRIS source decodes and bins in worker processes (``source_workers`` of
+    them, binned frames returned through shared memory) instead of threads. Processes take the
+    parsing, which holds the GIL, off the daemon's process (its CPU per frame halves), which pays
+    where cores are free; on a 2-core host they were mostly ahead with the engine paused, and
+    threads always with it running (README § Benchmarks). Stream V2 only (V1 images are decoded
+    by the receiver)."""
     frames_per_message: int = Field(64, ge=1, le=4096)
     flush_interval_s: float = Field(0.05, gt=0)
     """A partial batch leaves after this long, so the live view does not wait for a full one."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import numpy as np
 import zmq
 
 from ..client import SocketClient, connect
@@ -23,6 +24,8 @@ from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, Series
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {2: 31001, 1: 9999}
+#: largest series whose seen image ids are kept as a bitmap (one byte an image)
+_MAX_SEEN_MAP = 1 << 27
 _SCHEMES = {"dectris2": 2, "dectris1": 1, "dectris": 2}
 
 
@@ -213,11 +216,14 @@ class SeriesTracker:
     def __init__(self) -> None:
         self.start: SeriesStart | None = None
         self._seen: set[int] = set()
+        #: image id → seen, when the series gives its number of images (batches are checked
+        #: in one NumPy pass against it; ``_seen`` then stays empty)
+        self._seen_map: np.ndarray | None = None
         self.rejected: dict[str, int] = {}
 
-    def _reject(self, reason: str, text: str) -> bool:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        log.warning("rejected DECTRIS image: %s", text)
+    def _reject(self, reason: str, text: str, n: int = 1) -> bool:
+        self.rejected[reason] = self.rejected.get(reason, 0) + n
+        log.warning("rejected DECTRIS image%s: %s", "s" if n > 1 else "", text)
         return False
 
     def begin(self, start: SeriesStart) -> None:
@@ -225,6 +231,54 @@ class SeriesTracker:
             log.warning("DECTRIS series %s never ended; series %s replaces it",
                         self.start.series_id, start.series_id)
         self.start, self._seen = start, set()
+        n = start.number_of_images
+        self._seen_map = np.zeros(n, bool) if n is not None and 0 <= n <= _MAX_SEEN_MAP else None
+
+    def accept_batch(self, series_ids: np.ndarray, unique_ids: Sequence[str | None],
+                     image_ids: np.ndarray) -> np.ndarray:
+        """:meth:`accept` for a batch of images (arrays of their ids, in arrival order): which
+        belong to the open series and are new, with the same rules and counts, one warning per
+        rule and batch rather than per image."""
+        image_ids = np.asarray(image_ids, np.int64)
+        n = len(image_ids)
+        s = self.start
+        if s is None:
+            if n:
+                self._reject("no_start", f"{n} images of series {int(series_ids[0])} (image "
+                             f"{int(image_ids[0])} first) arrived without a start message", n)
+            return np.zeros(n, bool)
+        keep = np.asarray(series_ids) == s.series_id
+        if s.series_unique_id is not None:
+            keep &= np.fromiter((u == s.series_unique_id for u in unique_ids), bool, n)
+        self._count(~keep, "unknown_series", image_ids, f"name another series than the open "
+                    f"series {s.series_id}/{s.series_unique_id}")
+        in_range = image_ids >= 0
+        if s.number_of_images is not None:
+            in_range &= image_ids < s.number_of_images
+        self._count(keep & ~in_range, "image_id_range", image_ids,
+                    f"have ids outside the series' {s.number_of_images} images")
+        keep &= in_range
+        rows = np.flatnonzero(keep)
+        ids = image_ids[rows]
+        first = np.zeros(len(rows), bool)  # the first of each id within the batch
+        first[np.unique(ids, return_index=True)[1]] = True
+        if self._seen_map is not None:
+            new = first & ~self._seen_map[ids]
+            self._seen_map[ids[new]] = True
+        else:
+            new = first & np.fromiter((int(i) not in self._seen for i in ids), bool, len(ids))
+            self._seen.update(int(i) for i in ids[new])
+        dup = np.zeros(n, bool)
+        dup[rows[~new]] = True
+        self._count(dup, "duplicate", image_ids, "arrived twice")
+        keep[rows[~new]] = False
+        return keep
+
+    def _count(self, which: np.ndarray, reason: str, image_ids: np.ndarray, text: str) -> None:
+        k = int(np.count_nonzero(which))
+        if k:
+            shown = image_ids[which][:10].tolist()
+            self._reject(reason, f"{k} images (ids {shown}{' …' if k > 10 else ''}) {text}", k)
 
     def accept(self, image: Image) -> bool:
         """True when ``image`` belongs to the open series and is new."""
@@ -241,9 +295,13 @@ class SeriesTracker:
         if image.image_id < 0 or (s.number_of_images is not None and image.image_id >= s.number_of_images):
             return self._reject("image_id_range", f"image id {image.image_id} outside the series' "
                                 f"{s.number_of_images} images")
-        if image.image_id in self._seen:
+        seen = self._seen_map
+        if (seen[image.image_id] if seen is not None else image.image_id in self._seen):
             return self._reject("duplicate", f"image {image.image_id} arrived twice")
-        self._seen.add(image.image_id)
+        if seen is not None:
+            seen[image.image_id] = True
+        else:
+            self._seen.add(image.image_id)
         return True
 
     def end(self, end: SeriesEnd) -> SeriesSummary:
@@ -256,9 +314,14 @@ class SeriesTracker:
         ):
             raise SeriesError(f"end names series {end.series_id}/{end.series_unique_id}, "
                               f"the open series is {s.series_id}/{s.series_unique_id}")
-        expected = s.number_of_images if s.number_of_images is not None else (
-            max(self._seen) + 1 if self._seen else 0)
-        missing = sorted(set(range(expected)) - self._seen)
-        summary = SeriesSummary(s, len(self._seen), missing)
-        self.start, self._seen = None, set()
+        if self._seen_map is not None:
+            received = int(np.count_nonzero(self._seen_map))
+            missing = np.flatnonzero(~self._seen_map).tolist()
+        else:
+            expected = s.number_of_images if s.number_of_images is not None else (
+                max(self._seen) + 1 if self._seen else 0)
+            received = len(self._seen)
+            missing = sorted(set(range(expected)) - self._seen)
+        summary = SeriesSummary(s, received, missing)
+        self.start, self._seen, self._seen_map = None, set(), None
         return summary

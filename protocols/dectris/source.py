@@ -18,12 +18,17 @@ Three stages, on threads:
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -49,12 +54,13 @@ from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, Series
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">QI")
-#: images per decoding job, and so per frames message into the daemon: the spool's cost per
-#: append (resizing five datasets, the commit count, a flush) is shared by this many frames;
-#: a slow stream is not held back, as a job also ends with each socket drain
+#: images per decoding job, and so per frames message into the daemon: the per-message costs
+#: (a job's hand-off, the converter's bookkeeping, the spool's resizes and flush, the frame
+#: store's add) are shared by this many frames; a slow stream is not held back, as a job also
+#: ends with each socket drain
 BATCH = 256
-#: frames binned together by a worker: enough to share NumPy's per-call cost (which holds the
-#: GIL), few enough (1.2 MB at 192×192 uint16) to stay in the core's cache
+#: frames binned together by a worker: enough to share NumPy's per-call cost, few enough
+#: (1.2 MB at 192×192 uint16) to stay in the core's cache
 SUB_BATCH = 16
 
 
@@ -69,107 +75,304 @@ def spool_chunk(payload: bytes, nbytes: int) -> bytes:
 
 @dataclass
 class DecodedBatch:
-    """A decoding job's result: the images that decoded (metadata only), their spool chunks,
-    and either their binned frames (the job knew the series' reducer) or the detector frames
-    themselves (it did not: the series' first frames, which build the reducer)."""
+    """A decoding job's result, as arrays (no object per image): the ids of the images that
+    decoded, their spool chunks, and their binned frames (the job knew the series' reducer),
+    or the detector frames themselves (it did not: a series' first frame, which builds the
+    reducer), or nothing but the ids (``decode`` was off: images no scan will take)."""
 
-    images: list[Image] = field(default_factory=list)
+    image_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    series_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    unique_ids: list[str | None] = field(default_factory=list)
     shape: tuple[int, int] = (0, 0)  #: (H, W) of the detector frames
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.uint16))
-    raw: list[bytes] = field(default_factory=list)
+    raw: list[bytes] = field(default_factory=list)  #: the detector's chunks, one per image
+    binned: list[bytes] | None = None  #: the binned frames as bslz4 chunks, one per image
     errors: list[DectrisError] = field(default_factory=list)
     reducer: Any = None  #: the FrameReducer the binned frames came from
     counts: np.ndarray | None = None  #: (k, M, M) binned frames
     saturated: np.ndarray | None = None  #: (k,) whether a valid bin of the frame saturated
-    frames: list[np.ndarray] | None = None  #: the detector frames, when not binned
+    frames: np.ndarray | None = None  #: (k, H, W) the detector frames, when not binned
+    decoded: int = 0  #: frames decompressed
+    cpu_s: float = 0.0  #: CPU time of the job (its thread's clock)
+    in_slot: bool = False  #: ``counts`` are in the job's shared-memory slot (process workers)
 
-    def stack(self, rows: list[int]) -> np.ndarray:
-        assert self.frames is not None
-        return np.stack([self.frames[j] for j in rows]) if rows else np.empty((0, *self.shape), self.dtype)
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, decode: bool = True,
+               counts_out: np.ndarray | None = None, compress: bool = False) -> DecodedBatch:
+    """The workers' job: parse each image, and with ``decode``, decompress its channel once,
+    bin it (``reducer``; None: keep the detector frames) into ``counts_out`` (or a new array)
+    and, with ``compress``, compress each binned frame as its spool chunk (worker processes do:
+    the daemon's process then only writes the chunks; on threads the spool compresses a chunk of
+    frames at a time, with fewer calls and HDF5 chunks). Frames are binned :data:`SUB_BATCH` at
+    a time soon after they are decompressed, while they are in the core's cache. A bad image
+    is an error of the batch (``errors``); anything else raised is a bug, and the caller's."""
+    c0 = time.thread_time()
+    out = DecodedBatch(reducer=reducer)
+    payloads: list[ImagePayload] = []
+    ids: list[int] = []
+    series: list[int] = []
+    for item in items:
+        try:
+            if isinstance(item, bytes):
+                if channel is None:
+                    raise DecodeError("image before any start message named the channel")
+                msg, payload = split_v2_image(item, channel)
+                if not isinstance(msg, Image) or payload is None:
+                    raise DecodeError(f"a {type(msg).__name__} message announced itself as an image")
+            else:
+                msg = item
+                name = channel or next(iter(msg.data), None)
+                if name not in msg.data:
+                    raise DecodeError(f"image {msg.image_id} lacks channel {name!r}")
+                arr = msg.data[name]
+                payload = ImagePayload((arr.shape[0], arr.shape[1]), arr.dtype, array=arr)
+            if payloads and (payload.shape, payload.dtype) != (payloads[0].shape, payloads[0].dtype):
+                raise DecodeError(f"image {msg.image_id} is {payload.shape} {payload.dtype}, the "
+                                  f"images before it {payloads[0].shape} {payloads[0].dtype}")
+        except DecodeError as exc:
+            out.errors.append(exc)
+            continue
+        payloads.append(payload)
+        ids.append(msg.image_id)
+        series.append(msg.series_id)
+        out.unique_ids.append(msg.series_unique_id)
+    if not payloads:
+        out.unique_ids = []
+        out.cpu_s = time.thread_time() - c0
+        return out
+    shape, dtype = payloads[0].shape, payloads[0].dtype
+    out.shape, out.dtype = shape, dtype
+    if not decode:
+        out.image_ids, out.series_ids = np.array(ids, np.int64), np.array(series, np.int64)
+        out.cpu_s = time.thread_time() - c0
+        return out
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    binning = reducer is not None and reducer.detector_shape == shape
+    n = len(payloads)
+    if binning:
+        m = reducer.frame_side
+        counts = counts_out[:n] if counts_out is not None else np.empty((n, m, m), reducer.out_dtype)
+        saturated = np.zeros(n, bool)
+        group = np.empty((SUB_BATCH, *shape), dtype)  # decoded frames awaiting their binning
+        binned: list[bytes] | None = [] if compress else None
+    else:
+        frames = np.empty((n, *shape), dtype)
+    keep = np.ones(n, bool)
+    k = g = 0
+
+    def flush_group() -> None:
+        rows = slice(k - g, k)
+        counts[rows], saturated[rows] = reducer.reduce_batch(group[:g])
+        if binned is not None:
+            binned.extend(compression.bslz4_compress(c) for c in counts[rows])
+
+    for j, p in enumerate(payloads):
+        try:
+            if p.bslz4 is not None:
+                frame = bslz4_array(p.bslz4, dtype, shape)
+                chunk = spool_chunk(p.bslz4, nbytes)
+            else:
+                frame = p.array
+                chunk = compression.bslz4_compress(frame)
+        except DecodeError as exc:
+            out.errors.append(exc)
+            keep[j] = False
+            continue
+        out.raw.append(chunk)
+        if binning:
+            group[g] = frame
+            g += 1
+            k += 1
+            if g == SUB_BATCH:
+                flush_group()
+                g = 0
+        else:
+            frames[k] = frame
+            k += 1
+    if binning and g:
+        flush_group()
+    out.image_ids = np.array(ids, np.int64)[keep]
+    out.series_ids = np.array(series, np.int64)[keep]
+    if not keep.all():
+        out.unique_ids = [u for u, ok in zip(out.unique_ids, keep) if ok]
+    out.decoded = k
+    if binning:
+        out.counts, out.saturated, out.binned = counts[:k], saturated[:k], binned
+    else:
+        out.frames = frames[:k]
+    out.cpu_s = time.thread_time() - c0
+    return out
 
 
 class Decoder:
-    """The workers' job, with a count of decompressed frames (one per image: tests check it).
-
-    Frames are binned :data:`SUB_BATCH` at a time, soon after they are decompressed, while they
-    are in the core's cache; a job over a whole stack at once was slower, its 19 MB of
-    temporaries going through memory several times. The binned frames are compressed by the spool, a chunk of
-    frames at a time (one HDF5 call per chunk rather than per frame)."""
+    """:func:`decode_job` with a count of decompressed frames (one per image: tests check it)."""
 
     def __init__(self) -> None:
         self.decoded = 0
         self._lock = threading.Lock()
 
-    def __call__(self, items: list[bytes | Image], channel: str | None, reducer: Any) -> DecodedBatch:
-        out = DecodedBatch(reducer=reducer)
-        payloads: list[ImagePayload] = []
-        images: list[Image] = []
-        for item in items:
-            try:
-                if isinstance(item, bytes):
-                    if channel is None:
-                        raise DecodeError("image before any start message named the channel")
-                    msg, payload = split_v2_image(item, channel)
-                    if not isinstance(msg, Image) or payload is None:
-                        raise DecodeError(f"a {type(msg).__name__} message announced itself as an image")
-                else:
-                    msg = item
-                    name = channel or next(iter(msg.data), None)
-                    if name not in msg.data:
-                        raise DecodeError(f"image {msg.image_id} lacks channel {name!r}")
-                    arr = msg.data[name]
-                    payload = ImagePayload((arr.shape[0], arr.shape[1]), arr.dtype, array=arr)
-                if payloads and (payload.shape, payload.dtype) != (payloads[0].shape, payloads[0].dtype):
-                    raise DecodeError(f"image {msg.image_id} is {payload.shape} {payload.dtype}, the "
-                                      f"images before it {payloads[0].shape} {payloads[0].dtype}")
-            except DecodeError as exc:
-                out.errors.append(exc)
-                continue
-            images.append(msg)
-            payloads.append(payload)
-        if not payloads:
-            return out
-        shape, dtype = payloads[0].shape, payloads[0].dtype
-        out.shape, out.dtype = shape, dtype
-        nbytes = shape[0] * shape[1] * dtype.itemsize
-        binning = reducer is not None and reducer.detector_shape == shape
-        if binning:
-            m = reducer.frame_side
-            counts = np.empty((len(payloads), m, m), reducer.out_dtype)
-            saturated = np.zeros(len(payloads), bool)
-            group = np.empty((SUB_BATCH, *shape), dtype)  # decoded frames awaiting their binning
-        else:
-            out.frames = []
-        k = g = 0
-        for msg, p in zip(images, payloads):
-            try:
-                if p.bslz4 is not None:
-                    frame = bslz4_array(p.bslz4, dtype, shape)
-                    chunk = spool_chunk(p.bslz4, nbytes)
-                else:
-                    frame = p.array
-                    chunk = compression.bslz4_compress(frame)
-            except DecodeError as exc:
-                out.errors.append(exc)
-                continue
-            out.images.append(msg)
-            out.raw.append(chunk)
-            if binning:
-                group[g] = frame
-                g += 1
-                if g == SUB_BATCH:
-                    counts[k + 1 - g:k + 1], saturated[k + 1 - g:k + 1] = reducer.reduce_batch(group)
-                    g = 0
-            else:
-                out.frames.append(frame)  # type: ignore[union-attr]
-            k += 1
-        if binning and g:
-            counts[k - g:k], saturated[k - g:k] = reducer.reduce_batch(group[:g])
+    def count(self, n: int) -> None:
         with self._lock:
-            self.decoded += k
-        if binning:
-            out.counts, out.saturated = counts[:k], saturated[:k]
+            self.decoded += n
+
+    def __call__(self, items: list[bytes | Image], channel: str | None, reducer: Any,
+                 decode: bool = True) -> DecodedBatch:
+        out = decode_job(items, channel, reducer, decode)
+        self.count(out.decoded)
         return out
+
+
+# ------------------------------------------------------------------ decoding in worker processes
+
+#: the worker process's attachment to the source's shared memory (name → block)
+_attached: dict[str, shared_memory.SharedMemory] = {}
+
+
+def _process_job(items: list[bytes], channel: str | None, reducer: Any, decode: bool,
+                 slot: tuple[str, int, int] | None) -> DecodedBatch:
+    """:func:`decode_job` in a worker process: the binned frames go into the shared-memory slot
+    ``(block name, byte offset, bytes)``; the rest (ids, chunks) is sent back."""
+    counts_out = None
+    if slot is not None and decode and reducer is not None:
+        name, offset, size = slot
+        shm = _attached.get(name)
+        if shm is None:
+            for old in _attached.values():
+                old.close()
+            _attached.clear()
+            shm = _attached[name] = shared_memory.SharedMemory(name)
+        m = reducer.frame_side
+        k = size // (m * m * reducer.out_dtype.itemsize)
+        counts_out = np.ndarray((k, m, m), reducer.out_dtype, shm.buf, offset)
+    out = decode_job(items, channel, reducer, decode, counts_out, compress=True)
+    if out.counts is not None and counts_out is not None:
+        out.counts, out.in_slot = None, True  # the caller reads them from the slot
+    out.reducer = None  # the caller's own is put back (a copy would not be the series')
+    return out
+
+
+def _ready() -> int:
+    """A no-op job: the worker has started and imported this module."""
+    return os.getpid()
+
+
+class DecodePool:
+    """The decoding workers: ``workers`` threads, or (``processes``) worker processes whose
+    binned frames come back through shared memory, in :attr:`slots` slots of one job each.
+    Results are taken back with :meth:`result` in submission order (a slot is free again once
+    its job's result is taken)."""
+
+    def __init__(self, workers: int, processes: bool) -> None:
+        self.workers, self.processes = workers, processes
+        self.slots = 2 * workers + 2
+        self._free: deque[int] = deque(range(self.slots))
+        self._shm: shared_memory.SharedMemory | None = None
+        self._slot_bytes = 0
+        self.process_cpu_s = 0.0  #: CPU time of the jobs run in worker processes
+        self.generation = 0  #: how many times the workers were restarted
+        self.outstanding = 0  #: jobs submitted whose result was not taken yet
+        self._pool: ThreadPoolExecutor | ProcessPoolExecutor = self._start()
+
+    def _start(self) -> ThreadPoolExecutor | ProcessPoolExecutor:
+        if not self.processes:
+            return ThreadPoolExecutor(self.workers, thread_name_prefix="dectris-decode")
+        # spawn, not fork: the daemon's threads may hold locks (and ZeroMQ contexts) a forked
+        # child would inherit in an unusable state
+        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        for f in [pool.submit(_ready) for _ in range(self.workers)]:
+            f.result(timeout=120)  # started before the first scan, not during it
+        return pool
+
+    def pids(self) -> list[int]:
+        """The worker processes' ids (none for threads)."""
+        return list(getattr(self._pool, "_processes", None) or {}) if self.processes else []
+
+    def restart(self, generation: int) -> bool:
+        """New workers after a worker process of ``generation`` died (its pool is then broken:
+        its other jobs fail too, and restart nothing more). Whether it restarted."""
+        if generation != self.generation:
+            return False
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.generation += 1
+        self._free = deque(range(self.slots))
+        self._pool = self._start()
+        return True
+
+    @property
+    def has_free_slot(self) -> bool:
+        return not self.processes or bool(self._free)
+
+    def submit(self, items: list[bytes | Image], channel: str | None, reducer: Any,
+               decode: bool) -> Future[DecodedBatch]:
+        """The job as a future; one that could not start (its pool is broken) fails with it.
+        Workers found dead are replaced first, so that no later job is lost with them."""
+        if self.processes and getattr(self._pool, "_broken", False):
+            self.restart(self.generation)
+        index, slot = None, None
+        self.outstanding += 1
+        try:
+            if not self.processes:
+                future = self._pool.submit(decode_job, items, channel, reducer, decode)
+            else:
+                if decode and reducer is not None:
+                    need = len(items) * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
+                    if need > self._slot_bytes:
+                        self._grow(need)
+                    index = self._free.popleft()
+                    assert self._shm is not None
+                    slot = (self._shm.name, index * self._slot_bytes, self._slot_bytes)
+                future = self._pool.submit(_process_job, items, channel, reducer, decode, slot)
+        except BrokenProcessPool as exc:
+            future = Future()
+            future.set_exception(exc)
+        future.slot = index  # type: ignore[attr-defined]
+        future.reducer = reducer  # type: ignore[attr-defined]
+        future.generation = self.generation  # type: ignore[attr-defined]
+        return future
+
+    def _grow(self, need: int) -> None:
+        """Larger slots (only when none is in use: the caller takes every result first)."""
+        assert len(self._free) == self.slots, "slots grow only while no job holds one"
+        old = self._shm
+        self._slot_bytes = max(need, 2 * self._slot_bytes)
+        self._shm = shared_memory.SharedMemory(create=True, size=self.slots * self._slot_bytes)
+        if old is not None:
+            old.close()
+            old.unlink()
+
+    def needs_grow(self, items: int, reducer: Any) -> bool:
+        return (self.processes and reducer is not None
+                and items * reducer.frame_side ** 2 * reducer.out_dtype.itemsize > self._slot_bytes)
+
+    def result(self, future: Future[DecodedBatch]) -> DecodedBatch:
+        """The job's result, its binned frames copied out of shared memory; raises what the
+        job raised (BrokenProcessPool when its worker process died)."""
+        slot = getattr(future, "slot", None)
+        try:
+            batch = future.result()
+        finally:
+            self.outstanding -= 1
+            if slot is not None and getattr(future, "generation", 0) == self.generation:
+                self._free.append(slot)  # (a restart freed the slots of the broken pool's jobs)
+        if self.processes:
+            self.process_cpu_s += batch.cpu_s
+            batch.reducer = getattr(future, "reducer", None)
+        if batch.in_slot:
+            assert self._shm is not None and slot is not None and batch.reducer is not None
+            m, k = batch.reducer.frame_side, batch.decoded
+            view = np.ndarray((k, m, m), batch.reducer.out_dtype, self._shm.buf, slot * self._slot_bytes)
+            batch.counts, batch.in_slot = view.copy(), False  # the slot serves the next job
+        return batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._shm is not None:
+            self._shm.close()
+            self._shm.unlink()
+            self._shm = None
 
 
 class DirectConverter(SeriesConverter):
@@ -177,54 +380,60 @@ class DirectConverter(SeriesConverter):
     (one per batch, with the detector's chunks) instead of being copied into message batches."""
 
     def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False,
-                 on_notice: Callable[[SeriesNotice], None] | None = None) -> None:
+                 on_notice: Callable[[SeriesNotice], None] | None = None, binned_chunks: bool = False) -> None:
         super().__init__(config, side_channel, on_notice)
+        #: frames leave with their binned frames as chunks (the worker processes compress them;
+        #: a series' first frames, binned here, are compressed here to match)
+        self.binned_chunks = binned_chunks
         #: (scan id, image id) → detector chunk of frames waiting for a position
         self._held: dict[tuple[str, int], bytes] = {}
         self._held_kind: dict[str, RawChunks] = {}
 
     def feed_batch(self, batch: DecodedBatch) -> list[SourceMessage]:
         out: list[SourceMessage] = []
-        accepted: list[int] = []
-        plan: _Plan | None = None
-        for j, image in enumerate(batch.images):
-            if not self.tracker.accept(image):
-                continue
-            plan = self.plan
-            if plan is None:
-                self.stats["skipped_images"] += 1
-                continue
-            if plan.scan_start is None:
-                if batch.frames is None:  # binned by a reducer of an earlier plan: cannot open a scan
-                    self.stats["skipped_images"] += 1
-                    continue
-                try:
-                    plan.scan_start = self._open_scan(plan, batch.frames[j])
-                except Exception as exc:  # noqa: BLE001 - skips the series, never the source
-                    self.plan = None
-                    self._skip(plan.start, exc)
-                    continue
-                out.append(plan.scan_start)
-            accepted.append(j)
+        keep = self.tracker.accept_batch(batch.series_ids, batch.unique_ids, batch.image_ids)
         plan = self.plan
-        if not accepted or plan is None or plan.reducer is None:
+        if plan is None:
+            self.stats["skipped_images"] += int(np.count_nonzero(keep))
+            return out
+        if plan.scan_start is None and keep.any():
+            if batch.frames is None:  # binned by a reducer of an earlier plan: cannot open a scan
+                self.stats["skipped_images"] += int(np.count_nonzero(keep))
+                return out
+            first = int(np.flatnonzero(keep)[0])
+            try:
+                plan.scan_start = self._open_scan(plan, batch.frames[first])
+            except Exception as exc:  # noqa: BLE001 - skips the series, never the source
+                self.plan = None
+                self._skip(plan.start, exc)
+                self.stats["skipped_images"] += int(np.count_nonzero(keep)) - 1
+                return out
+            out.append(plan.scan_start)
+        if not keep.any() or plan.reducer is None:
             return out
         reducer = plan.reducer
+        rows = None if keep.all() else np.flatnonzero(keep)
+        accepted = slice(None) if rows is None else rows
         if batch.shape != reducer.detector_shape:
-            self.stats["skipped_images"] += len(accepted)
+            self.stats["skipped_images"] += int(np.count_nonzero(keep))
             log.error("scan %s: %d images of %s, the series' first image was %s; skipped", plan.scan_id,
-                      len(accepted), batch.shape, reducer.detector_shape)
+                      int(np.count_nonzero(keep)), batch.shape, reducer.detector_shape)
             return out
+        binned = batch.binned
         if batch.reducer is reducer and batch.counts is not None:
             counts, saturated = batch.counts[accepted], batch.saturated[accepted]  # type: ignore[index]
         elif batch.frames is not None:  # decoded before the series' first frame built its reducer
-            counts, saturated = reducer.reduce_batch(batch.stack(accepted))
+            counts, saturated = reducer.reduce_batch(batch.frames[accepted])
+            binned = [compression.bslz4_compress(c) for c in counts] if self.binned_chunks else None
         else:  # binned by another series' reducer of the same detector shape
-            self.stats["skipped_images"] += len(accepted)
-            log.error("scan %s: %d images were binned for another series; skipped", plan.scan_id, len(accepted))
+            self.stats["skipped_images"] += int(np.count_nonzero(keep))
+            log.error("scan %s: %d images were binned for another series; skipped", plan.scan_id,
+                      int(np.count_nonzero(keep)))
             return out
-        raw = [batch.raw[j] for j in accepted]
-        ids = np.array([batch.images[j].image_id for j in accepted], dtype=np.uint32)
+        raw = batch.raw if rows is None else [batch.raw[k] for k in rows]
+        if binned is not None and rows is not None and batch.binned is binned:
+            binned = [binned[k] for k in rows]
+        ids = batch.image_ids[accepted].astype(np.uint32)
         self._count_saturated(plan, ids, saturated)
         positions = None
         if plan.streamed:
@@ -238,14 +447,18 @@ class DirectConverter(SeriesConverter):
                 sel = np.flatnonzero(ready)
                 ids, counts = ids[sel], counts[sel]
                 raw = [raw[k] for k in sel]
+                binned = None if binned is None else [binned[k] for k in sel]
                 found = [found[k] for k in sel]
             if not len(ids):
                 return out
             positions = np.stack(found)  # type: ignore[arg-type]
         plan.sent += len(ids)
         self.stats["frames_sent"] += len(ids)
-        out.append(DetectorFrames(Frames(plan.scan_id, ids, counts, positions),
-                                  raw=RawChunks(batch.shape, batch.dtype, raw)))
+        m = reducer.frame_side
+        out.append(DetectorFrames(
+            Frames(plan.scan_id, ids, counts, positions),
+            binned=None if binned is None else RawChunks((m, m), reducer.out_dtype, binned),
+            raw=RawChunks(batch.shape, batch.dtype, raw)))
         return out
 
     def _count_saturated(self, plan: _Plan, ids: np.ndarray, saturated: np.ndarray) -> None:
@@ -274,14 +487,16 @@ class DirectConverter(SeriesConverter):
 
 class DectrisSource(Source):
     """A DECTRIS Stream V1/V2 detector read by the daemon itself (see the module docstring).
-    ``workers`` decoding threads; ``config`` is the daemon's ``[dectris]`` table."""
+    ``workers`` decoding threads, or worker processes with ``processes`` (Stream V2 only: V1
+    images are decoded by the receiver); ``config`` is the daemon's ``[dectris]`` table."""
 
     schemes = ("dectris", "dectris1", "dectris2")
     config_section = "dectris"
 
     def __init__(self, url: str, config: BridgeConfig | dict[str, Any] | None = None, *, workers: int = 2,
                  batch: int = BATCH, context: zmq.Context | None = None,
-                 on_notice: Callable[[SeriesNotice], None] | None = None) -> None:
+                 on_notice: Callable[[SeriesNotice], None] | None = None,
+                 processes: bool | None = None) -> None:
         self.url = url
         self.on_notice = on_notice
         self.version, self.endpoint = parse_source(url)
@@ -291,15 +506,27 @@ class DectrisSource(Source):
         if workers < 1 or batch < 1:
             raise ValueError(f"workers and batch must be ≥ 1, got {workers} and {batch}")
         self.workers, self.batch = workers, batch
+        if processes is None:
+            processes = self.config.worker_processes
+        self.processes = bool(processes) and self.version == 2
         self.context = context
         self.decoder = Decoder()
+        self.pool: DecodePool | None = None  #: the decoding workers while :meth:`run` runs
+        #: set once :meth:`run` has its workers started and its socket connected
+        self.ready = threading.Event()
+
+    @property
+    def process_cpu_s(self) -> float:
+        """CPU seconds the worker processes spent on jobs so far (0 with threads)."""
+        return self.pool.process_cpu_s if self.pool is not None else 0.0
 
     def run(self, sink: FrameSink, stop: threading.Event, *, max_series: int | None = None) -> SourceStats:
         """Deliver every series as a scan until ``stop`` is set, the sink closes or
         ``max_series`` series have ended; a scan still open then is aborted."""
         cfg = self.config
         ctx = self.context or zmq.Context.instance()
-        conv = DirectConverter(cfg, side_channel=cfg.positions_endpoint is not None, on_notice=self.on_notice)
+        conv = DirectConverter(cfg, side_channel=cfg.positions_endpoint is not None, on_notice=self.on_notice,
+                               binned_chunks=self.processes)
         stats = SourceStats()
         job_errors = [0]
 
@@ -312,6 +539,7 @@ class DectrisSource(Source):
                 except Exception:  # the listener's failure must not stop the stream
                     log.exception("DECTRIS notice listener failed on an undecodable message")
 
+        pool = self.pool = DecodePool(self.workers, self.processes)
         receiver = DectrisReceiver(self.endpoint, self.version, context=ctx, on_error=on_error,
                                    channels=[cfg.channel] if cfg.channel else None)
         side = None
@@ -319,24 +547,68 @@ class DectrisSource(Source):
             side = ctx.socket(zmq.PULL)
             side.setsockopt(zmq.LINGER, 0)
             side.bind(cfg.positions_endpoint)
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dectris-decode")
+        self.ready.set()
         pending: deque[tuple[Message | None, Future[DecodedBatch] | None]] = deque()
         gathered: list[bytes | Image] = []
-        state: dict[str, Any] = {"channel": cfg.channel, "start": None, "ended": 0}
+        #: channel; the last start received and the last fed to the converter; series ended
+        state: dict[str, Any] = {"channel": cfg.channel, "start": None, "fed": None, "plan": None, "ended": 0}
+
+        def job_kind() -> tuple[Any, bool, bool]:
+            """(reducer, decode, alone) for the images gathered now. The converter may still
+            be behind the receiver (a start not yet fed): a job is binned only by the reducer
+            of the series it belongs to, and a series' first image goes alone, unbinned, and
+            is taken back at once, for it builds the reducer of the rest."""
+            start, plan = state["start"], conv.plan
+            if start is None:
+                return None, False, False  # no scan will take them
+            if state["fed"] is not start:
+                return None, True, True
+            if plan is None or plan is not state["plan"]:
+                return None, False, False  # its series was skipped, or failed
+            return (None, True, True) if plan.reducer is None else (plan.reducer, True, False)
 
         def submit() -> None:
-            if not gathered:
-                return
-            plan = conv.plan  # its reducer serves this job only if no newer start was received
-            reducer = plan.reducer if plan is not None and plan.start is state["start"] else None
-            pending.append((None, pool.submit(self.decoder, list(gathered), state["channel"], reducer)))
-            gathered.clear()
+            while gathered:
+                reducer, decode, alone = job_kind()
+                items = gathered[:1] if alone else list(gathered)
+                if pool.needs_grow(len(items), reducer):
+                    consume(block=True)  # every slot free before they grow
+                while not pool.has_free_slot:
+                    consume(block=True, one=True)
+                future = pool.submit(items, state["channel"], reducer, decode)
+                del gathered[:len(items)]
+                pending.append((None, future))
+                if alone:
+                    consume(block=True)
 
         def deliver(messages: list[Any]) -> None:
             for m in messages:
                 sink.put(m)
 
-        def consume(block: bool) -> None:
+        def job_failed(exc: BaseException, generation: int) -> None:
+            """A job raised (a bug) or its worker process died: the scan in progress fails
+            with the reason, the source goes on with the next series (and new workers)."""
+            if isinstance(exc, BrokenProcessPool):
+                pool.restart(generation)  # (once for all the jobs of the broken pool)
+                reason = (f"a DECTRIS decoding worker process died ({exc}); the frames it held "
+                          "are lost")
+            else:
+                reason = f"DECTRIS decoding failed: {type(exc).__name__}: {exc}"
+            plan = conv.plan
+            if plan is None:  # nothing in progress to fail (the series failed with a job before)
+                log.error("DECTRIS stream %s: %s", self.url, reason)
+                return
+            stats.series_errors += 1
+            scan_id = plan.scan_id
+            log.error("DECTRIS stream %s: %s; scan %s fails", self.url, reason, scan_id, exc_info=exc)
+            deliver(conv.stop(reason))
+            if self.on_notice is not None and plan is not None:
+                try:
+                    self.on_notice(SeriesNotice("skipped", plan.start.series_id, "decoding", reason, scan_id))
+                except Exception:  # the listener's failure must not stop the stream
+                    log.exception("DECTRIS notice listener failed on a decoding failure")
+
+        def consume(block: bool, one: bool = False) -> None:
             """Results of the head of the queue, in arrival order, while they are ready (or
             while more jobs are in flight than the workers can start: bounded memory)."""
             while pending:
@@ -345,17 +617,28 @@ class DectrisSource(Source):
                     return
                 pending.popleft()
                 if fut is not None:
-                    batch = fut.result()  # a worker's unexpected exception surfaces here
+                    try:
+                        batch = pool.result(fut)
+                    except Exception as exc:  # noqa: BLE001 - fails the scan, never the source
+                        job_failed(exc, getattr(fut, "generation", pool.generation))
+                        if one:
+                            return
+                        continue
+                    self.decoder.count(batch.decoded)
                     for exc in batch.errors:
                         job_errors[0] += 1
                         log.error("DECTRIS stream %s: %s", self.url, exc)
                     deliver(conv.feed_batch(batch))
+                    if one:
+                        return
                     continue
                 try:
                     deliver(conv.feed(msg))  # type: ignore[arg-type]
                 except (DectrisError, ValueError) as exc:
                     stats.series_errors += 1
                     log.error("DECTRIS stream %s: %s", self.url, exc)
+                if isinstance(msg, SeriesStart):
+                    state["fed"], state["plan"] = msg, conv.plan  # (the plan holds the checked header)
                 state["ended"] += isinstance(msg, SeriesEnd)
 
         def done() -> bool:
@@ -368,7 +651,7 @@ class DectrisSource(Source):
                 for item in receiver.drain_split(min(0.05, cfg.flush_interval_s)):
                     if isinstance(item, (bytes, Image)):
                         gathered.append(item)
-                        if len(gathered) >= self.batch:
+                        if len(gathered) >= self.batch or (len(gathered) == 1 and job_kind()[2]):
                             submit()
                         continue
                     submit()
@@ -390,7 +673,7 @@ class DectrisSource(Source):
         except SinkClosed:
             log.info("DECTRIS source %s: the daemon stopped taking frames", self.url)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.close()
             receiver.close()
             if side is not None:
                 side.close(linger=0)
@@ -398,7 +681,9 @@ class DectrisSource(Source):
         stats.frames_sent = conv.stats["frames_sent"]
         stats.decode_errors = receiver.decode_errors + job_errors[0]
         stats.rejected_images = dict(conv.rejected)
-        stats.extra = {"converter": dict(conv.stats), "frames_decoded": self.decoder.decoded}
+        stats.extra = {"converter": dict(conv.stats), "frames_decoded": self.decoder.decoded,
+                       "workers": self.workers, "processes": self.processes,
+                       "process_cpu_s": round(pool.process_cpu_s, 3)}
         return stats
 
 

@@ -1,0 +1,348 @@
+"""The probe's aberrations from the data, before any iteration: a bright-field (parallax) fit.
+
+Tilt-corrected bright-field imaging ("parallax", py4DSTEM's ``Parallax``) reads defocus and
+astigmatism from the shifts between virtual bright-field images: the image seen through
+detector pixel k is the object shifted by ∇χ(k)/2π. That needs a probe whose aperture phase is
+smooth. Our default probe carries a random phase plate (phase varying over a few detector
+pixels), so its virtual images are not shifted copies of one image; instead this module fits
+the linear transfer those shifts come from, for *any* known probe spectrum.
+
+For a weak object T = 1 + t and the engine's conventions (unitary FFT, probe centre at r_j,
+Ψ = F ψ), the counts of pattern j at detector frequency k are, to first order in t,
+
+    y_j(k) = |Ψ(k)|² + 2 Re Σ_q Ψ*(k) Ψ(k − q) t̂(q) e^{2πi q·r_j}.
+
+Their Fourier sum over the scan, D(q, k) = Σ_j y_j(k) e^{−2πi q·r_j}, is therefore, for q ≠ 0,
+
+    D(q, k) = a(q) Ψ*(k) Ψ(k − q) + b(q) Ψ(k) Ψ*(k + q),   a = t̂(q), b = conj t̂(−q)
+
+— two unknown numbers per object frequency q, seen through every bright-field pixel k (the
+"double overlap" of single-sideband ptychography). With the probe written as the nominal one
+with extra aberrations, Ψ_c = Ψ₀ exp(−i Σ c_j B_j) (probes.aberration_basis), the fit
+maximises over c the data energy the model explains,
+
+    S(c) = Σ_q d_qᴴ G_q (G_qᴴ G_q)⁻¹ G_qᴴ d_q,   G_q = [Ψ_c*(k)Ψ_c(k−q), Ψ_c(k)Ψ_c*(k+q)]_k,
+
+with each k whitened by its counting noise (variance ≈ K ȳ(k)). The object is eliminated
+exactly (two unknowns per q against hundreds of pixels k), so the object cannot absorb a probe
+error as it does in the iterative reconstruction, and every count of the scan contributes —
+what makes the estimate usable at cryo doses. For a probe without a phase plate and small q,
+Ψ*(k)Ψ(k − q) ≈ |Ψ|² e^{i q·∇χ(k)}: the parallax shift ∇χ/2π, the relation tcBF fits.
+
+Not fitted: the affine scan error. For a probe with a smooth aperture phase a scan scale or
+shear is indistinguishable from two-fold astigmatism in the parallax shifts (both are a 2×2
+matrix acting on k), and in this model a scan matrix A only moves the object frequency of a
+nominal Fourier sum from q to A⁻ᵀq — a few per cent of q, absorbed by the free object factor
+a(q), b(q), while the transfer columns change by a few per cent of q, far below the detector's
+frequency step. It is left to position correction (gpu/positions.py).
+
+The object frequencies used: a half-plane grid of spacing ≤ 1/(scan extent) up to 0.9 × the
+scan step's Nyquist frequency (the Fourier sum aliases beyond it) and 2 × the aperture radius,
+without |q| < 2 spacings (the particle's mean and the ice, the least sensitive to aberrations).
+Each frequency is weighted by its shell's signal share s/(1 + s) (s: the projected energy above
+the noise's, measured with the nominal probe): at low dose the high-frequency shells hold only
+noise, and unweighted they let the fit chase noise at large defocus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import array_module, asarray, complex_of, fft2, ifft2, real_of, to_numpy
+from .operators import to_fft_order
+from .probes import aberration_basis
+
+
+@dataclass
+class ParallaxFit:
+    """What :func:`estimate_aberrations` found."""
+
+    coefficients: dict[str, float]  #: metres, to add to the nominal probe (probes.aberrate)
+    explained_nominal: float = 0.0  #: share of the whitened data energy the nominal probe explains
+    explained: float = 0.0  #: the same with the fitted probe
+    frequencies: int = 0  #: object frequencies q used
+    pixels: int = 0  #: bright-field detector pixels used
+    evaluations: int = 0
+    #: log-likelihood of the fit over the nominal probe's (Gaussian noise of the residual's level)
+    log_likelihood_gain: float = 0.0
+    #: metres, the posterior standard deviation of each coefficient (curvature of the score)
+    standard_error: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: cᵀ H c: the fitted correction's distance from the nominal probe in posterior standard
+    #: deviations, squared (H the score's negative Hessian); ≈ χ² with len(c) degrees of freedom
+    #: when the nominal probe is right
+    significance: float = 0.0
+
+    @property
+    def gain(self) -> float:
+        """Relative gain of the explained energy over the nominal probe's."""
+        return self.explained / max(self.explained_nominal, 1e-300) - 1.0
+
+
+def _scan_step(offsets: np.ndarray) -> float:
+    """The scan's step: the median distance to the nearest other position."""
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(offsets).query(offsets, k=2)
+    return float(np.median(dist[:, 1]))
+
+
+class BrightFieldModel:
+    """The data's Fourier sums over the scan and the transfer model of a trial probe.
+
+    The object frequencies q are multiples of dk/s (dk the detector's frequency step, s the
+    smallest integer making that at most 1/(scan extent)), so Ψ(k ∓ q) are entries of one
+    s-fold zero-padded FFT of the probe: a trial costs one FFT and a gather."""
+
+    def __init__(
+        self, frames: Any, positions_m: Any, probe: Any, pixel_size: float, energy_ev: float,
+        mask: Any | None = None, names: tuple[str, ...] = ("C10", "C12a", "C12b"),
+        max_frequency: float | None = None, bright_field_threshold: float = 0.5, shells: int = 6,
+        nyquist_fraction: float = 0.9,
+    ) -> None:
+        xp = array_module(probe)
+        if probe.ndim != 2 or probe.shape[0] != probe.shape[1]:
+            raise ValueError(f"the parallax fit needs one (M, M) probe, got shape {tuple(probe.shape)}")
+        frames_shape = tuple(frames.shape)
+        if len(frames_shape) != 3 or frames_shape[1:] != tuple(probe.shape):
+            raise ValueError(f"frames {frames_shape} do not match the probe {tuple(probe.shape)}")
+        pos = np.asarray(to_numpy(positions_m), dtype=np.float64).reshape(-1, 2)
+        if len(pos) != frames_shape[0]:
+            raise ValueError(f"{len(pos)} positions for {frames_shape[0]} frames")
+        if len(pos) < 9:
+            raise ValueError(f"the parallax fit needs a scan of at least 9 positions, got {len(pos)}")
+        self.xp = xp
+        self.names = tuple(names)
+        m = int(probe.shape[0])
+        self.m = m
+        self.pixel_size = float(pixel_size)
+        self.cdt = complex_of(probe.dtype)
+        rdt = real_of(self.cdt)
+        self.spectrum = fft2(probe).astype(self.cdt)
+        power = self.spectrum.real**2 + self.spectrum.imag**2
+        bright = power > bright_field_threshold * power.max()
+        if mask is not None:
+            bright &= to_fft_order(asarray(mask, xp)).astype(bool)
+        index = to_numpy(xp.nonzero(bright.ravel())[0])  # one size-dependent sync, at set-up
+        self.n_pixels = int(index.shape[0])
+        if self.n_pixels < 8:
+            raise ValueError(f"only {self.n_pixels} bright-field pixels: the probe has no bright-field disc")
+        self.index = asarray(index, xp)
+        if isinstance(frames, np.ndarray):
+            # host frames: only the bright-field pixels go to the device, not a second copy of
+            # every frame beside the engine's own
+            host = np.fft.ifftshift(frames, axes=(-2, -1)).reshape(frames_shape[0], -1)[:, index]
+            counts = asarray(np.ascontiguousarray(host), xp, rdt)
+        else:
+            counts = to_fft_order(frames).reshape(frames_shape[0], -1)[:, self.index].astype(rdt)
+        mean = counts.mean(axis=0)
+        # counting noise of D(q, k): variance ≈ K ȳ(k) (floored so an empty pixel weighs little)
+        floor = 0.01 * mean.mean() + 1e-3
+        self.weight = (1.0 / xp.sqrt(xp.maximum(mean, floor))).astype(rdt)
+
+        offsets = pos - pos.mean(axis=0)
+        span = float(max(np.ptp(offsets, axis=0).max(), pixel_size))
+        dk = 1.0 / (m * self.pixel_size)
+        self.oversample = max(1, math.ceil(span * dk))
+        spacing = dk / self.oversample
+        k_radius = math.sqrt(self.n_pixels / math.pi) * dk
+        # beyond the scan step's Nyquist the Fourier sum over positions aliases
+        top = min(nyquist_fraction * 0.5 / max(_scan_step(offsets), 1e-30), 2.0 * k_radius)
+        if max_frequency is not None:
+            top = min(top, float(max_frequency))
+        n = int(top / spacing)
+        grid = np.arange(-n, n + 1)
+        qy, qx = np.meshgrid(grid, grid, indexing="ij")
+        qi = np.stack([qy.ravel(), qx.ravel()], axis=1)
+        r = np.hypot(qi[:, 0], qi[:, 1]) * spacing
+        half = (qi[:, 0] > 0) | ((qi[:, 0] == 0) & (qi[:, 1] > 0))
+        # |q| < 2 steps: the particle's mean and the ice, the least sensitive to aberrations
+        qi = qi[half & (r <= top) & (r >= 2.0 * spacing * (1 - 1e-9))]
+        if len(qi) < 4:
+            raise ValueError(f"the scan gives only {len(qi)} usable object frequencies: too small a scan")
+        self.q = qi * spacing  #: (Nq, 2) object frequencies, 1/m
+        phase = np.exp(-2j * np.pi * (self.q @ offsets.T))  # (Nq, K)
+        d = asarray(phase, xp, self.cdt) @ (counts - mean[None]).astype(self.cdt)
+        self.data = d * self.weight[None]  # (Nq, Nk) whitened
+        energy_q = to_numpy((self.data.real**2 + self.data.imag**2).sum(axis=1)).astype(np.float64)
+        self.energy = float(energy_q.sum())
+        # gather indices into the s-fold padded spectrum: k → s·n, k ∓ q → s·n ∓ q/spacing
+        big = self.oversample * m
+        ny, nx = np.divmod(index, m)
+        ny = np.where(ny >= (m + 1) // 2, ny - m, ny) * self.oversample
+        nx = np.where(nx >= (m + 1) // 2, nx - m, nx) * self.oversample
+
+        def flat(a: np.ndarray, b: np.ndarray) -> Any:
+            return asarray(((a % big) * big + (b % big)).astype(np.int64), xp)
+
+        self.at_k = flat(ny, nx)
+        self.at_minus = flat(ny[None] - qi[:, :1], nx[None] - qi[:, 1:])  # Ψ(k − q)
+        self.at_plus = flat(ny[None] + qi[:, :1], nx[None] + qi[:, 1:])  # Ψ(k + q)
+        self.basis = aberration_basis(tuple(probe.shape), pixel_size, energy_ev, self.names, xp).astype(rdt)
+        self.evaluations = 0
+        # per-frequency weights: the share of signal in each shell of |q| (a Wiener weight,
+        # s/(1 + s) with s the shell's projected energy above the noise's 2σ² per frequency),
+        # so shells of pure noise do not steer the fit
+        nominal = self.projected(np.zeros(len(self.names)))
+        self.sigma2 = max((self.energy - float(nominal.sum())) / (len(qi) * max(self.n_pixels - 2, 1)), 1e-300)
+        edges = np.linspace(2.0 * spacing, top, shells + 1)
+        shell = np.clip(np.digitize(np.hypot(*self.q.T), edges) - 1, 0, shells - 1)
+        self.q_weight = np.zeros(len(qi))
+        for i in range(shells):
+            sel = shell == i
+            if sel.any():
+                snr = max(float(nominal[sel].mean()) / (2.0 * self.sigma2) - 1.0, 0.0)
+                self.q_weight[sel] = snr / (1.0 + snr)
+
+    def projected(self, coefficients: np.ndarray) -> np.ndarray:
+        """Energy of each frequency's data in the span of its two model columns, for the probe
+        with the extra aberrations ``coefficients`` (metres), (Nq,) host floats."""
+        xp = self.xp
+        self.evaluations += 1
+        chi = xp.tensordot(asarray(np.asarray(coefficients, dtype=np.float64), xp, self.basis.dtype),
+                           self.basis, axes=1)
+        psi = ifft2(self.spectrum * xp.exp(-1j * chi).astype(self.cdt))
+        big = self.oversample * self.m
+        padded = xp.zeros((big, big), dtype=self.cdt)
+        padded[:self.m, :self.m] = psi  # zero-padded: its FFT interpolates Ψ between the k
+        spec = fft2(padded).ravel()
+        at_k = spec[self.at_k]
+        g1 = xp.conj(at_k)[None] * spec[self.at_minus] * self.weight[None]  # Ψ*(k) Ψ(k − q)
+        g2 = at_k[None] * xp.conj(spec[self.at_plus]) * self.weight[None]  # Ψ(k) Ψ*(k + q)
+        d = self.data
+        h11 = (g1.real**2 + g1.imag**2).sum(axis=1)
+        h22 = (g2.real**2 + g2.imag**2).sum(axis=1)
+        h12 = (xp.conj(g1) * g2).sum(axis=1)
+        b1 = (xp.conj(g1) * d).sum(axis=1)
+        b2 = (xp.conj(g2) * d).sum(axis=1)
+        det = h11 * h22 - (h12.real**2 + h12.imag**2)
+        tiny = 1e-9 * (h11 * h22) + 1e-300
+        # bᴴ H⁻¹ b for the Hermitian 2×2 H = [[h11, h12], [h12*, h22]]
+        quad = (h22 * (b1.real**2 + b1.imag**2) + h11 * (b2.real**2 + b2.imag**2)
+                - 2.0 * (xp.conj(b1) * h12 * b2).real) / xp.maximum(det, tiny)
+        return to_numpy(quad).astype(np.float64)
+
+    def log_likelihood(self, coefficients: np.ndarray) -> float:
+        """Σ_q w_q · projected energy / σ²: the log-likelihood of the transfer model (object
+        frequencies free, Gaussian noise of the residual's level σ²), each frequency weighted by
+        its shell's signal share."""
+        return float((self.q_weight * self.projected(coefficients)).sum()) / self.sigma2
+
+    def explained(self, coefficients: np.ndarray) -> float:
+        """Share of the whitened data energy that the probe explains (unweighted)."""
+        return float(self.projected(coefficients).sum()) / max(self.energy, 1e-300)
+
+
+def _grid_best(f: Any, centre: np.ndarray, axes: list[int], span: float, n: int) -> np.ndarray:
+    """The best point of an n^len(axes) grid of half-width ``span`` around ``centre``."""
+    best_x, best_v = centre, f(centre)
+    values = np.linspace(-span, span, n)
+    for combo in np.array(np.meshgrid(*([values] * len(axes)), indexing="ij")).reshape(len(axes), -1).T:
+        x = centre.copy()
+        x[axes] += combo
+        v = f(x)
+        if v > best_v:
+            best_x, best_v = x, v
+    return best_x
+
+
+def _hessian(f: Any, x: np.ndarray, h: float) -> np.ndarray:
+    """Central-difference Hessian of ``f`` at ``x`` with step ``h``."""
+    n = len(x)
+    out = np.zeros((n, n))
+    f0 = f(x)
+    for i in range(n):
+        for j in range(i, n):
+            if i == j:
+                e = np.eye(n)[i] * h
+                out[i, i] = (f(x + e) - 2.0 * f0 + f(x - e)) / h**2
+            else:
+                ei, ej = np.eye(n)[i] * h, np.eye(n)[j] * h
+                out[i, j] = out[j, i] = (f(x + ei + ej) - f(x + ei - ej) - f(x - ei + ej)
+                                         + f(x - ei - ej)) / (4.0 * h * h)
+    return out
+
+
+def _polish(f: Any, x: np.ndarray, free: list[int], step: float) -> np.ndarray:
+    """Nelder–Mead on the coordinates ``free`` of ``x`` (maximising ``f``), simplex size ``step``."""
+    from scipy.optimize import minimize
+
+    def g(v: np.ndarray) -> float:
+        y = x.copy()
+        y[free] = v
+        return -f(y)
+
+    v0 = x[free]
+    simplex = np.vstack([v0] + [v0 + np.eye(len(free))[i] * step for i in range(len(free))])
+    res = minimize(g, v0, method="Nelder-Mead",
+                   options={"initial_simplex": simplex, "xatol": 0.05, "fatol": 1e-9, "maxiter": 300})
+    out = x.copy()
+    if -res.fun >= f(x):
+        out[free] = res.x
+    return out
+
+
+def estimate_aberrations(
+    frames: Any, positions_m: Any, probe: Any, pixel_size: float, energy_ev: float,
+    mask: Any | None = None, names: tuple[str, ...] | list[str] = ("C10", "C12a", "C12b"),
+    search_range_m: float = 60e-9, prior_rms_m: float | None = 20e-9,
+    max_frequency: float | None = None,
+) -> ParallaxFit:
+    """The aberrations of the true probe relative to ``probe`` (the nominal one), from the
+    bright-field disc of every pattern (module docstring).
+
+    ``frames`` (K, M, M) counts in detector order, ``positions_m`` (K, 2) the nominal probe
+    centres, ``probe`` (M, M) the nominal probe on the frames' backend, ``mask`` the valid
+    detector pixels (detector order). Maximises the weighted log-likelihood of the transfer
+    model (:meth:`BrightFieldModel.log_likelihood`) plus a Gaussian prior of rms
+    ``prior_rms_m`` on each coefficient (None: no prior): at a dose too low to tell, the
+    estimate stays near the nominal probe instead of following the noise. Stages: C10 alone (a
+    grid over ±``search_range_m``, a Nelder–Mead polish), then all of ``names`` from there (a
+    grid over the next two within ±``search_range_m``/2, a polish of all). Returns a
+    :class:`ParallaxFit`; its coefficients are what ``probes.aberrate`` adds to ``probe``."""
+    names = tuple(names)
+    if not names:
+        raise ValueError("the parallax fit needs at least one aberration coefficient")
+    if prior_rms_m is not None and not prior_rms_m > 0:
+        raise ValueError(f"prior_rms_m must be positive metres or None, got {prior_rms_m!r}")
+    model = BrightFieldModel(frames, positions_m, probe, pixel_size, energy_ev, mask, names, max_frequency)
+    n = len(names)
+    unit = 1e-9  # search in nanometres
+    x0 = np.zeros(n)
+    inv_var = 0.0 if prior_rms_m is None else (unit / prior_rms_m) ** 2
+    base = model.log_likelihood(x0)
+
+    def score(x: np.ndarray) -> float:
+        return model.log_likelihood(x * unit) - base - 0.5 * inv_var * float(np.sum(x**2))
+
+    span = search_range_m / unit
+    first = [names.index("C10")] if "C10" in names else [0]
+    best = _polish(score, _grid_best(score, x0.copy(), first, span, 25), first, span / 24)
+    rest = [i for i in range(n) if i not in first]
+    if rest:
+        trial = _grid_best(score, best.copy(), rest[:2], span / 2, 9 if len(rest[:2]) == 2 else 17)
+        for extra in rest[2:]:
+            trial = _grid_best(score, trial, [extra], span / 2, 17)
+        best = _polish(score, trial, list(range(n)), span / 24)
+    hessian = _hessian(score, best, 2.0)
+    try:
+        cov = np.linalg.inv(-hessian)
+        se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+        significance = float(best @ (-hessian) @ best)
+    except np.linalg.LinAlgError:
+        se, significance = np.full(n, np.inf), 0.0
+    return ParallaxFit(
+        coefficients={name: float(best[i] * unit) for i, name in enumerate(names)},
+        explained_nominal=model.explained(x0), explained=model.explained(best * unit),
+        frequencies=len(model.q), pixels=model.n_pixels, evaluations=model.evaluations,
+        log_likelihood_gain=model.log_likelihood(best * unit) - base,
+        standard_error={name: float(se[i] * unit) for i, name in enumerate(names)},
+        significance=significance,
+    )
+
+
+__all__ = ["BrightFieldModel", "ParallaxFit", "estimate_aberrations"]
