@@ -145,7 +145,10 @@ def run_sample(sample: str, cfg: Config, bar: Progress, task: Any) -> dict[str, 
     def simulate(dose: float, seed: int) -> Any:
         return simulate_pair(dose, seed)[0]
 
-    def recon(data: Any, options: Any = opts) -> np.ndarray:
+    #: the oracle: the simulation's exact probe (its probe model), never corrected by the parallax fit
+    opts_oracle = opts.merged({"parallax": False})
+
+    def recon(data: Any, options: Any = opts_oracle) -> np.ndarray:
         state = reconstruct(data, options)
         bar.advance(task)
         from cryoptycho.gpu.backend import to_numpy

@@ -45,7 +45,7 @@ def dataset(sample: str, dose: float, seed: int, frame_size: int, large: bool = 
 
 def run(data, mu0: float | str, iterations: int) -> tuple[float, float, float, float]:  # type: ignore[no-untyped-def]
     t0 = time.perf_counter()
-    state = reconstruct(data, ReconOptions(iterations=iterations, refine_probe=False, mu0=mu0))
+    state = reconstruct(data, ReconOptions(iterations=iterations, refine_probe=False, mu0=mu0, parallax=False))
     ev = evaluate_against_truth(to_numpy(state.object), state.geometry.origin, data.truth_object,
                                 data.truth_origin, data.real_pixel_size, data.positions)
     used = float(state.options["mu0"])  # "auto" is saved as the value it decided

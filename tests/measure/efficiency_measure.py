@@ -90,7 +90,7 @@ def main() -> None:
     rows = []
     for name in args.runs.split(","):
         extra, iterations, from_truth = variants[name]
-        opts = ReconOptions(iterations=iterations, refine_probe=False, **extra)
+        opts = ReconOptions(iterations=iterations, refine_probe=False, parallax=False, **extra)
         t0 = time.perf_counter()
         if from_truth:
             p = rc.prepare(data, opts)
