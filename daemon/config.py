@@ -60,6 +60,10 @@ class ServiceConfig(BaseSettings):
     """One result file per scan (HDF5 + phase MRC/PNG) is written here."""
     spool_fsync: bool = False
     """fsync the spool after every message (survives power loss, not only a process crash)."""
+    numpy_hugepages: bool = False
+    """Let NumPy ask the kernel for transparent huge pages on large arrays (its default). Off by
+    default: where the kernel compacts memory for such requests (THP ``defrag = madvise``, common),
+    the frame store's first writes stall on it (see SERVICE.md, "Process settings")."""
     output_formats: tuple[OutputFormat, ...] = ALL_FORMATS
     """What each scan's outputs are (``storage/outputs.py``): the HDF5 result (always) and the
     phase exports ``mrc`` and ``png``."""
