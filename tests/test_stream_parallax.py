@@ -5,6 +5,7 @@ from a model; the daemon publishes and saves the fitted aberrations with the liv
 
 from __future__ import annotations
 
+import signal
 import time
 
 import h5py
@@ -128,3 +129,33 @@ def test_a_scan_too_small_for_the_fit_keeps_the_nominal_probe() -> None:
     forced.step()
     with pytest.raises(ValueError, match="parallax"):
         forced.refine(1)
+
+
+@pytest.mark.subprocess
+def test_daemon_live_result_of_a_probe_model_scan_carries_the_fitted_aberrations(tmp_path) -> None:
+    """Through the real daemon: a scan declared with a probe model (no measured probe) gets the
+    fit live, and its published result and result file carry the coefficients."""
+    from cryoptycho.protocols.message_types import ProbeModelSpec
+    from cryoptycho.protocols.subscriber import Subscriber
+    from daemon_support import start_daemon, stream_for_result, wait_subscribed
+
+    frames, pos, _, _ = _scan()
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=3", "--set", "refine_time_budget_s=60",
+                          "--set", "resolution_interval_s=0")
+    try:
+        sub = Subscriber(daemon.publish, latest_only=False)
+        wait_subscribed(daemon, sub)  # SUB connects asynchronously: a slow joiner would miss the first events
+        fields = {"scan_id": "model", "energy_eV": ENERGY, "frame_shape": (M, M), "frame_dtype": "uint16",
+                  "expected_frames": len(frames), "pixel_size_m": PIXEL, "probe": None,
+                  "probe_model": ProbeModelSpec("defocused", SEMIANGLE, NOMINAL_DEFOCUS), "positions_m": pos}
+        result = stream_for_result(daemon, sub, fields, frames, timeout_s=180)
+        sub.close()
+        found = {k: result.metadata[f"parallax_{k}_m"] for k in ERRORS}
+        err = float(np.sqrt(sum((found[k] - ERRORS[k]) ** 2 for k in ERRORS)))
+        assert err < 0.5 * float(np.sqrt(sum(v**2 for v in ERRORS.values()))), found
+        with h5py.File(result.files["result"]) as f:
+            saved = {k: float(f["extra"].attrs[f"parallax_{k}_m"]) for k in ERRORS}
+        assert saved == pytest.approx(found, rel=1e-12)
+        assert "parallax fit" in daemon.log()
+    finally:
+        daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
