@@ -246,8 +246,7 @@ class ScanWorker:
         if not coefficients:
             return {}
         figures = {f"parallax_{name}_m": float(value) for name, value in coefficients.items()}
-        if "parallax_C10_m" not in self.session.figures or any(
-                self.session.figures.get(k) != v for k, v in figures.items()):
+        if any(self.session.figures.get(k) != v for k, v in figures.items()):  # new: log once
             log.info("parallax fit: %s nm", {k: round(v * 1e9, 1) for k, v in coefficients.items()},
                      extra={"scan_id": self.session.scan_id})
             self.session.update_figures(**figures)
