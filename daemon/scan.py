@@ -183,6 +183,7 @@ def engine_spec(spec: ScanSpec, first: np.ndarray | None = None) -> EngineSpec:
         extent_m=spec.extent_m,
         expected_frames=spec.expected_frames,
         energy_eV=spec.energy_eV,
+        probe_from_model=bool(spec.metadata.get(MODEL_PROBE)),
     )
 
 

@@ -487,6 +487,8 @@ class ScanManager:
                                  **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
         if session.figures.get("resolution_m") is not None:
             extra["resolution_m"] = float(session.figures["resolution_m"])
+        # the live parallax fit's aberrations (worker._note_parallax)
+        extra.update({k: float(v) for k, v in session.figures.items() if k.startswith("parallax_")})
 
         def raw(group: h5py.Group) -> None:
             with h5py.File(spool_file, "r") as src:

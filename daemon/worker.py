@@ -10,6 +10,7 @@ here (the scan fails, the daemon lives), and a NaN or diverging loss rolls the e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -182,7 +183,7 @@ class ScanWorker:
                     self._start_engines(item.frames)
                     if cfg.resolution_interval_s > 0:
                         halves = HalfSetEstimator(
-                            self._new_engine, s.spec.pixel_size_m,
+                            self._new_half_engine, s.spec.pixel_size_m,
                             cfg.resolution_share, seed=self.options.seed + 1,
                         )
                 self.engine.add_frames(item.frames, item.positions_m)
@@ -230,6 +231,26 @@ class ScanWorker:
         """An engine of the scan's algorithm (options.algorithm, gpu/engines.py)."""
         assert self._engine_spec is not None
         return create_engine(self._engine_spec, self.options)
+
+    def _new_half_engine(self) -> LiveEngine:
+        """An engine of a half set (resolution estimate): without the parallax fit, which
+        would run twice more on half the counts (minutes on a CPU for a large particle)."""
+        assert self._engine_spec is not None
+        return create_engine(dataclasses.replace(self._engine_spec, probe_from_model=False), self.options)
+
+    def _note_parallax(self) -> dict[str, float]:
+        """The probe aberrations the engine's parallax fit found (an optional engine attribute,
+        ``parallax_coefficients``: metres by name), as session figures ``parallax_<name>_m``:
+        published with the metrics and status, saved under /extra of the result file."""
+        coefficients = getattr(self.engine, "parallax_coefficients", None)
+        if not coefficients:
+            return {}
+        figures = {f"parallax_{name}_m": float(value) for name, value in coefficients.items()}
+        if any(self.session.figures.get(k) != v for k, v in figures.items()):  # new: log once
+            log.info("parallax fit: %s nm", {k: round(v * 1e9, 1) for k, v in coefficients.items()},
+                     extra={"scan_id": self.session.scan_id})
+            self.session.update_figures(**figures)
+        return figures
 
     def _drain(self, block: bool) -> list[FrameBatch | EndOfScan | Cancel | Interrupt]:
         items = []
@@ -326,6 +347,7 @@ class ScanWorker:
             for _ in range(n):
                 self.metrics.preview_latency.observe(done - arrived)
         unpreviewed.clear()
+        self._note_parallax()
         self._publish_metrics()
 
     def _finish_reserve(self) -> float:
@@ -410,6 +432,7 @@ class ScanWorker:
             self._resolution(halves)
             s.update_figures(halves_refine_s=time.perf_counter() - t_halves)
         t_finish = time.perf_counter()
+        parallax = self._note_parallax()  # the fit may have run at scan end, in refine()
         state = self.engine.snapshot()
         files = self._finish(s, state)  # writes the result files (sets s.result_path)
         final_s = time.monotonic() - t_end
@@ -418,6 +441,7 @@ class ScanWorker:
                  extra={"scan_id": s.scan_id})
         result = result_message(s.scan_id, state, self.engine.positions(),
                                 files, s.figures.get("loss"), s.figures.get("resolution_m"))
+        result.metadata.update(parallax)
         s.transition(State.FINISHED)
         self.outbox.post("result", result)
         self.outbox.post("scan.finished", {"scan_id": s.scan_id, "result_path": s.result_path})

@@ -59,6 +59,9 @@ class EngineSpec:
     extent_m: Extent | None = None
     expected_frames: int | None = None
     energy_eV: float | None = None
+    #: the probe comes from nominal lens settings (a probe model), not a measurement: the
+    #: options' ``parallax`` "auto" corrects it from the data (gpu/parallax.py)
+    probe_from_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,7 @@ def offline_via_live(algorithm: Algorithm, data: PtychoData, options: ReconOptio
         frame_shape=data.frame_shape, frame_dtype=frames.dtype, pixel_size_m=data.real_pixel_size,
         probe=probe, mask=None if data.mask is None else np.asarray(data.mask, bool),
         expected_frames=int(frames.shape[0]), energy_eV=data.energy,
+        probe_from_model=data.probe is None,
     )
     engine = algorithm.live(spec, options)
     engine.add_frames(frames, np.asarray(data.positions))
@@ -245,6 +249,7 @@ def _map_cg_live(spec: EngineSpec, options: ReconOptions) -> LiveEngine:
         frame_shape=spec.frame_shape, frame_dtype=spec.frame_dtype, pixel_size=spec.pixel_size_m,
         probe=spec.probe, options=options, mask=spec.mask, extent_m=spec.extent_m,
         expected_frames=spec.expected_frames, energy_eV=spec.energy_eV,
+        probe_from_model=spec.probe_from_model,
     )
 
 

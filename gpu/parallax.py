@@ -102,7 +102,7 @@ class BrightFieldModel:
         self, frames: Any, positions_m: Any, probe: Any, pixel_size: float, energy_ev: float,
         mask: Any | None = None, names: tuple[str, ...] = ("C10", "C12a", "C12b"),
         max_frequency: float | None = None, bright_field_threshold: float = 0.5, shells: int = 6,
-        nyquist_fraction: float = 0.9,
+        nyquist_fraction: float = 0.9, fft_order: bool = False,
     ) -> None:
         xp = array_module(probe)
         if probe.ndim != 2 or probe.shape[0] != probe.shape[1]:
@@ -135,10 +135,12 @@ class BrightFieldModel:
         if isinstance(frames, np.ndarray):
             # host frames: only the bright-field pixels go to the device, not a second copy of
             # every frame beside the engine's own
-            host = np.fft.ifftshift(frames, axes=(-2, -1)).reshape(frames_shape[0], -1)[:, index]
+            shifted = frames if fft_order else np.fft.ifftshift(frames, axes=(-2, -1))
+            host = shifted.reshape(frames_shape[0], -1)[:, index]
             counts = asarray(np.ascontiguousarray(host), xp, rdt)
         else:
-            counts = to_fft_order(frames).reshape(frames_shape[0], -1)[:, self.index].astype(rdt)
+            shifted = frames if fft_order else to_fft_order(frames)
+            counts = shifted.reshape(frames_shape[0], -1)[:, self.index].astype(rdt)
         mean = counts.mean(axis=0)
         # counting noise of D(q, k): variance ≈ K ȳ(k) (floored so an empty pixel weighs little)
         floor = 0.01 * mean.mean() + 1e-3
@@ -290,14 +292,15 @@ def estimate_aberrations(
     frames: Any, positions_m: Any, probe: Any, pixel_size: float, energy_ev: float,
     mask: Any | None = None, names: tuple[str, ...] | list[str] = ("C10", "C12a", "C12b"),
     search_range_m: float = 60e-9, prior_rms_m: float | None = 20e-9,
-    max_frequency: float | None = None,
+    max_frequency: float | None = None, fft_order: bool = False,
 ) -> ParallaxFit:
     """The aberrations of the true probe relative to ``probe`` (the nominal one), from the
     bright-field disc of every pattern (module docstring).
 
     ``frames`` (K, M, M) counts in detector order, ``positions_m`` (K, 2) the nominal probe
     centres, ``probe`` (M, M) the nominal probe on the frames' backend, ``mask`` the valid
-    detector pixels (detector order). Maximises the weighted log-likelihood of the transfer
+    detector pixels (detector order); ``fft_order``: the frames are already in FFT order (the
+    live engine's frame store), so they are not shifted (no copy of the store). Maximises the weighted log-likelihood of the transfer
     model (:meth:`BrightFieldModel.log_likelihood`) plus a Gaussian prior of rms
     ``prior_rms_m`` on each coefficient (None: no prior): at a dose too low to tell, the
     estimate stays near the nominal probe instead of following the noise. Stages: C10 alone (a
@@ -309,7 +312,8 @@ def estimate_aberrations(
         raise ValueError("the parallax fit needs at least one aberration coefficient")
     if prior_rms_m is not None and not prior_rms_m > 0:
         raise ValueError(f"prior_rms_m must be positive metres or None, got {prior_rms_m!r}")
-    model = BrightFieldModel(frames, positions_m, probe, pixel_size, energy_ev, mask, names, max_frequency)
+    model = BrightFieldModel(frames, positions_m, probe, pixel_size, energy_ev, mask, names, max_frequency,
+                             fft_order=fft_order)
     n = len(names)
     unit = 1e-9  # search in nanometres
     x0 = np.zeros(n)

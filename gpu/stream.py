@@ -10,8 +10,11 @@ scan has ended. See ``STREAMING.md`` for the update rule and why it is scaled th
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +38,12 @@ from .geometry import ScanGeometry, fit_geometry
 from .objective import data_term
 from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, place_kernel, to_fft_order
 from .options import ReconOptions
+from .parallax import ParallaxFit, estimate_aberrations
 from .positions import LiveScanModel, position_terms_device
 from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, auto_mu0, prior_term
 from .priors import kappa as kappa_of
-from .probes import initial_modes, orthogonalize_modes
+from .probes import aberrate, initial_modes, orthogonalize_modes
 from .reconstruct import (
     AMPLITUDE_NLL_SCALE,
     Problem,
@@ -61,6 +65,8 @@ MAX_PENDING_LOSSES = 1024
 FIRST_EVALUATION_SWEEPS = 2.0
 
 Extent = tuple[tuple[float, float], tuple[float, float]]
+
+log = logging.getLogger("cryoptycho.stream")
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,10 @@ class StreamingReconstructor:
         extent_m: Extent | None = None,
         expected_frames: int | None = None,
         energy_eV: float | None = None,
+        probe_from_model: bool = False,
     ) -> None:
+        """``probe_from_model``: the probe was built from nominal lens settings (a probe
+        model), not measured, so ``options.parallax`` "auto" corrects it from the data."""
         shape = tuple(int(s) for s in frame_shape)
         if len(shape) != 2 or shape[0] != shape[1] or shape[0] < 2:
             raise ValueError(f"frame_shape must be square (M, M) with M ≥ 2, got {frame_shape!r}")
@@ -179,6 +188,15 @@ class StreamingReconstructor:
         self._live_positions: LiveScanModel | None = None
         #: position measurements not read back yet: (frames, positions px, gradient, Fisher)
         self._pending_positions: list[tuple[np.ndarray, np.ndarray, Any, Any]] = []
+        self._expected = expected_frames
+        #: the bright-field fit of the probe's aberrations (gpu/parallax.py) once it has run
+        self.parallax_fit: ParallaxFit | None = None
+        #: the probe the fit corrects, kept while the fit is still to come (None: no fit)
+        self._parallax_probe: Any = None
+        self._parallax_job: Future[ParallaxFit] | None = None
+        self._parallax_frames = 0  #: frames the fit was given
+        if self._parallax_wanted(probe_from_model):
+            self._parallax_probe = self.probe.copy()
         if extent_m is not None:
             self._new_canvas(np.zeros((0, 2)))
 
@@ -355,6 +373,8 @@ class StreamingReconstructor:
         if self.n_frames == 0:
             raise RuntimeError("step() needs frames: call add_frames first")
         t_start = time.perf_counter()
+        if self._parallax_probe is not None:
+            self._parallax_poll(final=False)
         opts = self.options
         stream = opts.stream
         which, fresh = self._draw_batch()
@@ -433,6 +453,75 @@ class StreamingReconstructor:
             probe_updated=want_probe,
             kept_fraction=term.kept_fraction,
         )
+
+    # --- the parallax fit while streaming -------------------------------------------------
+
+    def _parallax_wanted(self, probe_from_model: bool) -> bool:
+        """Whether this scan's probe gets the parallax fit (``options.parallax``; "auto": a
+        single-mode probe built from a probe model, as offline)."""
+        want = self.options.parallax
+        if want == "auto":
+            return probe_from_model and self.probe.ndim == 2 and self._energy is not None
+        if want and (self.probe.ndim != 2 or self._energy is None):
+            raise ValueError("parallax needs a single coherent probe and the beam energy: "
+                             "give an (M, M) probe and energy_eV, or set parallax=false")
+        return bool(want)
+
+    def _parallax_due(self) -> bool:
+        """``stream.parallax_after`` of the expected frames have arrived (never before scan end
+        when the scan declares no frame count, or the share is 1)."""
+        after = self.options.stream.parallax_after
+        if self._expected is None or after >= 1.0:
+            return False
+        return self.n_frames >= max(9, math.ceil(after * self._expected))
+
+    def _parallax_poll(self, final: bool) -> None:
+        """Start the fit when due (in a background thread: it takes seconds to minutes and the
+        steps go on meanwhile) and swap its probe in once it is done; ``final`` (scan end):
+        start it now if it never started and wait for it."""
+        if self._parallax_job is None:
+            if not (final or self._parallax_due()):
+                return
+            n = self.n_frames
+            opts = self.options
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax")
+            # rows below n of the store are never written again (a growth copies them into a
+            # new array and leaves this one to the view): the thread reads them unlocked
+            self._parallax_job = pool.submit(
+                estimate_aberrations, self.frame_store.frames[:n], self.frame_store.positions[:n].copy(),
+                self._parallax_probe, self._pixel_size, float(self._energy or 0.0), mask=self._mask_host,
+                names=tuple(opts.parallax_aberrations), search_range_m=opts.parallax_range_m,
+                fft_order=True)
+            pool.shutdown(wait=False)  # its one thread ends with the job
+            self._parallax_frames = n
+        if not (final or self._parallax_job.done()):
+            return
+        job, self._parallax_job = self._parallax_job, None
+        nominal, self._parallax_probe = self._parallax_probe, None
+        try:
+            fit = job.result()  # an error of the fit's thread is raised here, in the engine's
+        except ValueError as exc:
+            if self.options.parallax != "auto":
+                raise ValueError(f"parallax: {exc}") from exc
+            log.warning("parallax fit skipped, the nominal probe is used: %s", exc)
+            return
+        self.parallax_fit = fit
+        log.info("parallax fit on %d frames: %s nm (log-likelihood gain %.1f, %d frequencies × %d pixels)",
+                 self._parallax_frames, {k: round(v * 1e9, 1) for k, v in fit.coefficients.items()},
+                 fit.log_likelihood_gain, fit.frequencies, fit.pixels)
+        if not any(fit.coefficients.values()):
+            return
+        # the fit corrects the nominal probe: a probe the steps refined meanwhile is replaced
+        self.probe = aberrate(nominal, self._pixel_size, float(self._energy or 0.0),
+                              fit.coefficients).astype(self._cdtype, copy=False)
+        self._constrain_probe_power()
+        self._velocity[...] = 0  # the momentum was built for the old probe
+        self._illum_stale = True
+
+    @property
+    def parallax_coefficients(self) -> dict[str, float] | None:
+        """The aberrations (metres) the parallax fit added to the nominal probe, once it ran."""
+        return None if self.parallax_fit is None else dict(self.parallax_fit.coefficients)
 
     # --- positions while streaming ----------------------------------------------------------
 
@@ -642,6 +731,13 @@ class StreamingReconstructor:
             raise RuntimeError("refine() needs frames: call add_frames first")
         if iterations < 0:
             raise ValueError(f"iterations must be ≥ 0, got {iterations}")
+        if self._parallax_probe is not None:
+            # the fit not yet run (or still running) belongs before the refinement: its time
+            # comes out of the budget
+            self._parallax_poll(final=True)
+            if time_budget_s is not None:
+                time_budget_s = max(1e-9, time_budget_s - (clock() - t_entry))
+            t_entry = clock()
         if time_budget_s is not None and (time_budget_s <= 0 or (
             self.step_seconds_per_frame is not None
             and time_budget_s < FIRST_EVALUATION_SWEEPS * self.n_frames * self.step_seconds_per_frame

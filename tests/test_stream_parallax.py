@@ -1,0 +1,161 @@
+"""The parallax fit in the live engine (gpu/stream.py): a probe built from a probe model is
+corrected from the frames received after ``stream.parallax_after`` of the scan — while the
+scan still streams — or at scan end, and only under ``parallax`` "auto" when the probe came
+from a model; the daemon publishes and saves the fitted aberrations with the live result."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import h5py
+import numpy as np
+import pytest
+from cryoptycho.gpu import operators
+from cryoptycho.gpu.backend import backend_name, to_numpy
+from cryoptycho.gpu.geometry import fit_geometry
+from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.probes import aberrate, make_probe, scale_probe
+from cryoptycho.gpu.stream import StreamingReconstructor
+from engine_helpers import ENERGY, PIXEL, weak_phase_object
+
+M = 32
+SEMIANGLE = 8e-3
+NOMINAL_DEFOCUS = 60e-9
+ERRORS = {"C10": 15e-9, "C12a": 6e-9, "C12b": -4e-9}
+GRID = 14
+COUNTS = 1e5
+
+
+def _scan(seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(frames in detector order, positions, nominal probe scaled to the counts, true probe):
+    Poisson frames of a weak phase object recorded with the nominal defocused probe aberrated
+    by ``ERRORS``."""
+    rng = np.random.default_rng(seed)
+    nominal = make_probe("defocused", (M, M), PIXEL, ENERGY, SEMIANGLE, NOMINAL_DEFOCUS, precision="double",
+                         total_intensity=COUNTS)
+    true = aberrate(nominal, PIXEL, ENERGY, ERRORS)
+    iy, ix = np.mgrid[0:GRID, 0:GRID]
+    pos = np.stack([iy.ravel(), ix.ravel()], axis=1) * 3.0 * PIXEL
+    geometry = fit_geometry(pos, PIXEL, (M, M))
+    truth = weak_phase_object(geometry.object_shape, seed, peak=0.5)
+    batch = operators.make_batch(geometry.to_pixels(pos), geometry.object_shape, (M, M))
+    inten = np.abs(operators.forward(truth, true, batch)) ** 2
+    frames = operators.from_fft_order(rng.poisson(inten).astype(np.uint16))
+    model = make_probe("defocused", (M, M), PIXEL, ENERGY, SEMIANGLE, NOMINAL_DEFOCUS)
+    return frames, pos, scale_probe(model, frames, None), true
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """|⟨a, b⟩| / (‖a‖ ‖b‖): 1 for the same probe up to a constant."""
+    return float(abs(np.vdot(a, b)) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _engine(xp, probe: np.ndarray, n: int, from_model: bool = True, **opts) -> StreamingReconstructor:
+    stream = opts.pop("stream", {})
+    options = ReconOptions(backend=backend_name(xp), init="ones", refine_probe=False, prior="tikhonov",
+                           mu0=1e-3, stream={"batch_size": 16, **stream}, **opts)
+    return StreamingReconstructor(frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=PIXEL, probe=probe,
+                                  options=options, expected_frames=n, energy_eV=ENERGY,
+                                  probe_from_model=from_model)
+
+
+def _step_until_fitted(engine: StreamingReconstructor, deadline_s: float = 120.0) -> None:
+    """Step until the background fit has landed (it runs beside the steps)."""
+    end = time.monotonic() + deadline_s
+    while engine.parallax_fit is None:
+        assert time.monotonic() < end, "the parallax fit did not finish"
+        engine.step()
+
+
+def test_streaming_engine_corrects_a_defocused_model_probe_while_streaming(xp) -> None:
+    frames, pos, nominal, true = _scan()
+    n = len(frames)
+    engine = _engine(xp, nominal, n, stream={"parallax_after": 0.5})
+    half = n // 2
+    engine.add_frames(frames[:half], pos[:half])
+    for _ in range(3):
+        engine.step()
+    _step_until_fitted(engine)
+    assert engine.n_frames == half  # fitted on the first half, before the scan ended
+    found = engine.parallax_coefficients
+    assert found is not None
+    err = {k: abs(found[k] - ERRORS[k]) * 1e9 for k in ERRORS}
+    nominal_err = float(np.sqrt(sum(v**2 for v in ERRORS.values()))) * 1e9
+    assert float(np.sqrt(sum(v**2 for v in err.values()))) < 0.5 * nominal_err, (found, err)
+    probe = to_numpy(engine.probe)
+    assert _overlap(probe, true) > _overlap(nominal, true) + 0.05, (_overlap(probe, true), _overlap(nominal, true))
+    # the probe keeps the power the data ask for, and the engine goes on
+    assert np.isclose(float(np.sum(np.abs(probe) ** 2)), engine.probe_power(), rtol=1e-3)
+    engine.add_frames(frames[half:], pos[half:])
+    for _ in range(5):
+        engine.step()
+    engine.refine(2)
+    state = engine.snapshot()
+    assert np.all(np.isfinite(state.object))
+    assert engine.parallax_coefficients == found  # once per scan
+
+
+def test_fit_at_scan_end_when_never_due_and_only_for_a_model_probe() -> None:
+    """parallax_after = 1: the fit runs in ``refine``; a measured probe (not from a model) keeps
+    its probe under "auto"; ``parallax=false`` turns it off."""
+    frames, pos, nominal, true = _scan(seed=2)
+    n = len(frames)
+    late = _engine(np, nominal, n, stream={"parallax_after": 1.0})
+    measured = _engine(np, nominal, n, from_model=False)
+    off = _engine(np, nominal, n, parallax=False)
+    for engine in (late, measured, off):
+        engine.add_frames(frames, pos)
+        for _ in range(4):
+            engine.step()
+        assert engine.parallax_fit is None
+    late.refine(1)
+    assert late.parallax_coefficients is not None
+    assert _overlap(to_numpy(late.probe), true) > _overlap(nominal, true) + 0.05
+    for engine in (measured, off):
+        engine.refine(1)
+        assert engine.parallax_fit is None
+
+
+def test_a_scan_too_small_for_the_fit_keeps_the_nominal_probe() -> None:
+    frames, pos, nominal, _ = _scan()
+    engine = _engine(np, nominal, 6)
+    engine.add_frames(frames[:6], pos[:6])
+    engine.step()
+    engine.refine(1)  # "auto": a warning, not an error
+    assert engine.parallax_fit is None
+    forced = _engine(np, nominal, 6, parallax=True)
+    forced.add_frames(frames[:6], pos[:6])
+    forced.step()
+    with pytest.raises(ValueError, match="parallax"):
+        forced.refine(1)
+
+
+@pytest.mark.subprocess
+def test_daemon_live_result_of_a_probe_model_scan_carries_the_fitted_aberrations(tmp_path) -> None:
+    """Through the real daemon: a scan declared with a probe model (no measured probe) gets the
+    fit live, and its published result and result file carry the coefficients."""
+    from cryoptycho.protocols.message_types import ProbeModelSpec
+    from cryoptycho.protocols.subscriber import Subscriber
+    from daemon_support import start_daemon, stream_for_result, wait_subscribed
+
+    frames, pos, _, _ = _scan()
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=3", "--set", "refine_time_budget_s=60",
+                          "--set", "resolution_interval_s=0")
+    try:
+        sub = Subscriber(daemon.publish, latest_only=False)
+        wait_subscribed(daemon, sub)  # SUB connects asynchronously: a slow joiner would miss the first events
+        fields = {"scan_id": "model", "energy_eV": ENERGY, "frame_shape": (M, M), "frame_dtype": "uint16",
+                  "expected_frames": len(frames), "pixel_size_m": PIXEL, "probe": None,
+                  "probe_model": ProbeModelSpec("defocused", SEMIANGLE, NOMINAL_DEFOCUS), "positions_m": pos}
+        result = stream_for_result(daemon, sub, fields, frames, timeout_s=180)
+        sub.close()
+        found = {k: result.metadata[f"parallax_{k}_m"] for k in ERRORS}
+        err = float(np.sqrt(sum((found[k] - ERRORS[k]) ** 2 for k in ERRORS)))
+        assert err < 0.5 * float(np.sqrt(sum(v**2 for v in ERRORS.values()))), found
+        with h5py.File(result.files["result"]) as f:
+            saved = {k: float(f["extra"].attrs[f"parallax_{k}_m"]) for k in ERRORS}
+        assert saved == pytest.approx(found, rel=1e-12)
+        assert "parallax fit" in daemon.log()
+    finally:
+        daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
