@@ -67,6 +67,13 @@ class StreamOptions(_Strict):
     (≈ 4 s) ends long before a fit (≈ 15 s on a CPU) does, and a fit on half a raster scan
     (half the particle) is worse while it slows the steps; at scan end the live result matched
     the offline one (NRMSE ratio 1.004, 0.5: 1.065; MEASUREMENTS.md, "Live parallax fit")."""
+    parallax_max_frames: int = Field(4096, ge=64)
+    """The live parallax fit reads at most this many frames, every k-th of those received (k the
+    smallest that fits, so the whole scan area stays covered): its time grows with the frames
+    (≈ 17 s for 1,892 frames of 64² on a loaded 2-core CPU), and at scan end it comes out of the
+    refinement budget. At scan end the engine waits for the fit at most half the remaining
+    budget; a fit not done by then is dropped (nominal probe, a warning)."""
+
     probe_warmup_steps: int = Field(20, ge=0)
     """Mini-batch steps with a fixed probe before the probe joins (``refine_probe`` permitting)."""
     refine_positions: bool = False

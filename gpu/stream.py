@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -475,26 +476,37 @@ class StreamingReconstructor:
             return False
         return self.n_frames >= max(9, math.ceil(after * self._expected))
 
-    def _parallax_poll(self, final: bool) -> None:
+    def _parallax_poll(self, final: bool, wait_s: float | None = None) -> None:
         """Start the fit when due (in a background thread: it takes seconds to minutes and the
         steps go on meanwhile) and swap its probe in once it is done; ``final`` (scan end):
-        start it now if it never started and wait for it."""
+        start it now if it never started and wait for it (at most ``wait_s``, if given)."""
         if self._parallax_job is None:
             if not (final or self._parallax_due()):
                 return
             n = self.n_frames
             opts = self.options
+            # every k-th frame: the fit's time grows with its frames, a stride keeps the whole
+            # scan area (a prefix of a raster scan would see part of the particle)
+            stride = -(-n // opts.stream.parallax_max_frames)
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax")
             # rows below n of the store are never written again (a growth copies them into a
             # new array and leaves this one to the view): the thread reads them unlocked
             self._parallax_job = pool.submit(
-                estimate_aberrations, self.frame_store.frames[:n], self.frame_store.positions[:n].copy(),
+                estimate_aberrations, self.frame_store.frames[:n:stride],
+                self.frame_store.positions[:n:stride].copy(),
                 self._parallax_probe, self._pixel_size, float(self._energy or 0.0), mask=self._mask_host,
                 names=tuple(opts.parallax_aberrations), search_range_m=opts.parallax_range_m,
                 fft_order=True)
             pool.shutdown(wait=False)  # its one thread ends with the job
-            self._parallax_frames = n
+            self._parallax_frames = len(range(0, n, stride))
         if not (final or self._parallax_job.done()):
+            return
+        if final and wait_s is not None and not futures_wait([self._parallax_job], timeout=wait_s).done:
+            # the refinement budget is a promise to the operator: a fit that would break it is
+            # dropped (its thread ends on its own; its result is not used)
+            log.warning("parallax fit on %d frames not done within %.1f s of the refinement budget: "
+                        "the nominal probe is kept", self._parallax_frames, wait_s)
+            self._parallax_job = self._parallax_probe = None
             return
         job, self._parallax_job = self._parallax_job, None
         nominal, self._parallax_probe = self._parallax_probe, None
@@ -734,7 +746,7 @@ class StreamingReconstructor:
         if self._parallax_probe is not None:
             # the fit not yet run (or still running) belongs before the refinement: its time
             # comes out of the budget
-            self._parallax_poll(final=True)
+            self._parallax_poll(final=True, wait_s=None if time_budget_s is None else time_budget_s / 2)
             if time_budget_s is not None:
                 time_budget_s = max(1e-9, time_budget_s - (clock() - t_entry))
             t_entry = clock()

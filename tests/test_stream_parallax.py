@@ -131,6 +131,53 @@ def test_a_scan_too_small_for_the_fit_keeps_the_nominal_probe() -> None:
         forced.refine(1)
 
 
+def test_the_fit_reads_every_kth_frame_beyond_parallax_max_frames(caplog) -> None:
+    """A long scan's fit reads a stride of its frames, spread over the whole scan area, and
+    still corrects the probe."""
+    frames, pos, nominal, true = _scan(seed=3)
+    n = len(frames)
+    engine = _engine(np, nominal, n, stream={"parallax_max_frames": 64})
+    engine.add_frames(frames, pos)
+    engine.step()
+    with caplog.at_level("INFO", logger="cryoptycho.stream"):
+        engine.refine(1)
+    stride = -(-n // 64)
+    assert f"parallax fit on {len(range(0, n, stride))} frames" in caplog.text
+    assert len(range(0, n, stride)) <= 64 < n
+    assert _overlap(to_numpy(engine.probe), true) > _overlap(nominal, true)
+
+
+def test_a_fit_that_outlasts_half_the_refinement_budget_is_dropped(monkeypatch, caplog) -> None:
+    """The refinement budget is a promise: ``refine`` waits for a running fit at most half of
+    it, then keeps the nominal probe; the late fit's result is never used."""
+    import threading
+
+    import cryoptycho.gpu.stream as stream_module
+
+    frames, pos, nominal, _ = _scan(seed=4)
+    gate, entered = threading.Event(), threading.Event()
+    fit = stream_module.estimate_aberrations
+
+    def stuck(*args, **kwargs):
+        entered.set()
+        assert gate.wait(60), "the test never released the fit"
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", stuck)
+    engine = _engine(np, nominal, len(frames))
+    engine.add_frames(frames, pos)
+    engine.step()
+    try:
+        with caplog.at_level("WARNING", logger="cryoptycho.stream"):
+            engine.refine(2, time_budget_s=0.5)
+        assert entered.is_set() and not gate.is_set()  # refine returned while the fit was stuck
+    finally:
+        gate.set()
+    assert "not done within" in caplog.text
+    assert engine.parallax_fit is None
+    assert np.allclose(to_numpy(engine.probe), nominal.astype(to_numpy(engine.probe).dtype), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.subprocess
 def test_daemon_live_result_of_a_probe_model_scan_carries_the_fitted_aberrations(tmp_path) -> None:
     """Through the real daemon: a scan declared with a probe model (no measured probe) gets the
