@@ -82,6 +82,14 @@ class ParallaxFit:
         """Relative gain of the explained energy over the nominal probe's."""
         return self.explained / max(self.explained_nominal, 1e-300) - 1.0
 
+    def rejects_nominal(self, confidence: float) -> bool:
+        """Whether the data reject the nominal probe at ``confidence``: :attr:`significance`
+        above the χ² quantile with one degree of freedom per fitted coefficient."""
+        from scipy.stats import chi2
+
+        dof = max(len(self.coefficients), 1)
+        return self.significance > float(chi2.ppf(confidence, dof))
+
 
 def _scan_step(offsets: np.ndarray) -> float:
     """The scan's step: the median distance to the nearest other position."""

@@ -179,6 +179,10 @@ def _parallax_corrected(probe: Any, data: PtychoData, opts: ReconOptions, positi
              fit.frequencies, fit.pixels)
     if not any(fit.coefficients.values()):
         return probe
+    if auto and not fit.rejects_nominal(opts.parallax_confidence):
+        log.info("parallax fit not significant (χ² %.1f for %d coefficients): the nominal probe is kept",
+                 fit.significance, len(fit.coefficients))
+        return probe
     return aberrate(probe, data.real_pixel_size, data.energy, fit.coefficients)
 
 

@@ -196,6 +196,7 @@ class StreamingReconstructor:
         self._parallax_probe: Any = None
         self._parallax_job: Future[ParallaxFit] | None = None
         self._parallax_frames = 0  #: frames the fit was given
+        self._parallax_applied = False  #: its correction is in the probe (significant, see options)
         if self._parallax_wanted(probe_from_model):
             self._parallax_probe = self.probe.copy()
         if extent_m is not None:
@@ -523,6 +524,11 @@ class StreamingReconstructor:
                  fit.log_likelihood_gain, fit.frequencies, fit.pixels)
         if not any(fit.coefficients.values()):
             return
+        if self.options.parallax == "auto" and not fit.rejects_nominal(self.options.parallax_confidence):
+            log.info("parallax fit not significant (χ² %.1f for %d coefficients): the nominal probe is kept",
+                     fit.significance, len(fit.coefficients))
+            return
+        self._parallax_applied = True
         # the fit corrects the nominal probe: a probe the steps refined meanwhile is replaced
         self.probe = aberrate(nominal, self._pixel_size, float(self._energy or 0.0),
                               fit.coefficients).astype(self._cdtype, copy=False)
@@ -533,7 +539,9 @@ class StreamingReconstructor:
     @property
     def parallax_coefficients(self) -> dict[str, float] | None:
         """The aberrations (metres) the parallax fit added to the nominal probe, once it ran."""
-        return None if self.parallax_fit is None else dict(self.parallax_fit.coefficients)
+        if self.parallax_fit is None or not self._parallax_applied:
+            return None
+        return dict(self.parallax_fit.coefficients)
 
     # --- positions while streaming ----------------------------------------------------------
 

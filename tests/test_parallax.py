@@ -182,3 +182,17 @@ def test_a_scan_too_small_for_the_fit_keeps_the_nominal_probe_under_auto(caplog)
     assert _overlap(probe, _nominal()) > 0.9999
     with pytest.raises(ValueError, match="parallax: .*at least 9 positions"):
         prepare(data, {"iterations": 1, "parallax": True})
+
+
+def test_auto_keeps_an_exact_nominal_probe_when_the_fit_is_not_significant() -> None:
+    """Frames recorded with the nominal probe itself at a cryo dose: the fit moves a few nm by
+    noise alone; "auto" keeps the nominal probe (the data do not reject it at
+    ``parallax_confidence``), confidence 0 applies the noisy fit."""
+    data = _dataset(300, {}, seed=5, grid=14)
+    fit = estimate_aberrations(data.frames, data.positions, _nominal(), PIXEL, ENERGY)
+    assert max(abs(v) for v in fit.coefficients.values()) > 2e-9  # noise moved it
+    assert not fit.rejects_nominal(0.95) and fit.rejects_nominal(0.0)
+    kept = prepare(data, {"iterations": 1}).probe
+    applied = prepare(data, {"iterations": 1, "parallax_confidence": 0.0}).probe
+    assert _overlap(kept, _nominal()) > 0.99999
+    assert _overlap(applied, _nominal()) < _overlap(kept, _nominal()) - 1e-4
