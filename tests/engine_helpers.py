@@ -116,3 +116,27 @@ def frc_resolution(rec: np.ndarray, truth: np.ndarray, region: tuple[slice, slic
     below = np.nonzero(curve[1:] < threshold)[0]
     idx = below[0] + 1 if below.size else len(curve)
     return float(edges[idx]), curve
+
+
+#: a few per cent of affine scan error and 0.3 px of jitter (a speckle probe pins positions)
+def scan_errors():
+    from cryoptycho.gpu.sim.errors import ExperimentErrors
+
+    return ExperimentErrors(scale=(0.04, -0.03), rotation=np.deg2rad(2.0), shear=0.02, jitter=0.3 * PIXEL, seed=1)
+
+
+def distorted_scan(counts: float = 1e5, grid: int = 8, step_px: float = 3.0, seed: int = 0, m: int = 32):
+    """Poisson frames of a weak phase object recorded with a randomized (speckle) probe at the
+    true, distorted (:func:`scan_errors`) positions of a nominal raster; returns (nominal m,
+    true m, frames in FFT order, truth object, truth geometry, probe)."""
+    rng = np.random.default_rng(seed)
+    probe = make_probe("randomized", (m, m), PIXEL, ENERGY, 7e-3, 0.0, precision="double",
+                       total_intensity=counts, diameter=12 * PIXEL, seed=seed)
+    iy, ix = np.mgrid[0:grid, 0:grid]
+    nominal = np.stack([iy.ravel(), ix.ravel()], axis=1) * step_px * PIXEL
+    true = scan_errors().true_positions(nominal)
+    geo = fit_geometry(np.vstack([nominal, true]), PIXEL, (m, m))
+    truth = weak_phase_object(geo.object_shape, seed)
+    batch = operators.make_batch(geo.to_pixels(true), geo.object_shape, (m, m))
+    frames = rng.poisson(np.abs(operators.forward(truth, probe, batch)) ** 2).astype(np.uint16)
+    return nominal, true, frames, truth, geo, probe

@@ -11,32 +11,25 @@ from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.positions import ScanModel, data_loss, position_terms, update_positions
-from cryoptycho.gpu.probes import make_probe
 from cryoptycho.gpu.reconstruct import reconstruct
-from cryoptycho.gpu.sim.errors import ExperimentErrors
 from cryoptycho.gpu.sim.evaluation import resample
-from engine_helpers import ENERGY, PIXEL, nrmse, synthetic_dataset, weak_phase_object
+from engine_helpers import (
+    ENERGY,
+    PIXEL,
+    distorted_scan,
+    nrmse,
+    scan_errors,
+    synthetic_dataset,
+)
 
 M = 32
 #: a randomized (speckle) probe: sharp features make positions well determined
-ERRORS = ExperimentErrors(scale=(0.04, -0.03), rotation=np.deg2rad(2.0), shear=0.02,
-                          jitter=0.3 * PIXEL, seed=1)
+ERRORS = scan_errors()
 
 
 def _distorted_scan(counts: float, grid: int = 8, step_px: float = 3.0, seed: int = 0):
-    """Frames recorded at distorted positions; returns (nominal m, true m, frames in FFT order,
-    truth object, truth geometry, probe)."""
-    rng = np.random.default_rng(seed)
-    probe = make_probe("randomized", (M, M), PIXEL, ENERGY, 7e-3, 0.0, precision="double",
-                       total_intensity=counts, diameter=12 * PIXEL, seed=seed)
-    iy, ix = np.mgrid[0:grid, 0:grid]
-    nominal = np.stack([iy.ravel(), ix.ravel()], axis=1) * step_px * PIXEL
-    true = ERRORS.true_positions(nominal)
-    geo = fit_geometry(np.vstack([nominal, true]), PIXEL, (M, M))
-    truth = weak_phase_object(geo.object_shape, seed)
-    batch = operators.make_batch(geo.to_pixels(true), geo.object_shape, (M, M))
-    frames = rng.poisson(np.abs(operators.forward(truth, probe, batch)) ** 2).astype(np.uint16)
-    return nominal, true, frames, truth, geo, probe
+    """(nominal m, true m, frames in FFT order, truth object, truth geometry, probe)."""
+    return distorted_scan(counts, grid, step_px, seed, m=M)
 
 
 def _fractional_inside(px: np.ndarray, k: int) -> bool:

@@ -13,33 +13,20 @@ import numpy as np
 import pytest
 from cryoptycho.gpu import operators, strict
 from cryoptycho.gpu.backend import backend_name
-from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.positions import LiveScanModel
-from cryoptycho.gpu.probes import make_probe
-from cryoptycho.gpu.sim.errors import ExperimentErrors
 from cryoptycho.gpu.stream import StreamingReconstructor
-from engine_helpers import ENERGY, PIXEL, weak_phase_object
+from engine_helpers import ENERGY, PIXEL, distorted_scan, scan_errors
 
 M = 32
 #: a few per cent of affine scan error and 0.3 px of jitter (a speckle probe pins positions)
-ERRORS = ExperimentErrors(scale=(0.04, -0.03), rotation=np.deg2rad(2.0), shear=0.02,
-                          jitter=0.3 * PIXEL, seed=1)
+ERRORS = scan_errors()
 
 
 def _distorted_scan(counts: float = 1e5, grid: int = 8, step_px: float = 3.0, seed: int = 0):
     """(nominal m, true m, frames in detector order, probe): frames recorded at the true
     (distorted) positions of a nominal raster."""
-    rng = np.random.default_rng(seed)
-    probe = make_probe("randomized", (M, M), PIXEL, ENERGY, 7e-3, 0.0, precision="double",
-                       total_intensity=counts, diameter=12 * PIXEL, seed=seed)
-    iy, ix = np.mgrid[0:grid, 0:grid]
-    nominal = np.stack([iy.ravel(), ix.ravel()], axis=1) * step_px * PIXEL
-    true = ERRORS.true_positions(nominal)
-    geo = fit_geometry(np.vstack([nominal, true]), PIXEL, (M, M))
-    truth = weak_phase_object(geo.object_shape, seed)
-    batch = operators.make_batch(geo.to_pixels(true), geo.object_shape, (M, M))
-    frames = rng.poisson(np.abs(operators.forward(truth, probe, batch)) ** 2).astype(np.uint16)
+    nominal, true, frames, _truth, _geo, probe = distorted_scan(counts, grid, step_px, seed, m=M)
     return nominal, true, operators.from_fft_order(frames), probe.astype(np.complex64)
 
 
