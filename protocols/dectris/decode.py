@@ -61,6 +61,18 @@ def _typed_array(tag: cbor2.CBORTag) -> np.ndarray:
     return flat if dtype.isnative else flat.astype(dtype.newbyteorder("="))
 
 
+def _bslz4_blob(typed: cbor2.CBORTag) -> tuple[np.dtype, bytes] | None:
+    """(dtype, compressed bytes) when the typed array ``typed`` holds a bitshuffle-LZ4 blob of a
+    native dtype (tag 56500, what DECTRIS detectors send), else None."""
+    dtype, inner = _DTYPES.get(typed.tag), typed.value
+    if (dtype is not None and dtype.isnative and isinstance(inner, cbor2.CBORTag)
+            and inner.tag == 56500 and isinstance(inner.value, (list, tuple)) and len(inner.value) == 3
+            and inner.value[0] == "bslz4" and inner.value[1] == dtype.itemsize
+            and isinstance(inner.value[2], bytes)):
+        return dtype, inner.value[2]
+    return None
+
+
 def _multi_dim(tag: cbor2.CBORTag) -> np.ndarray:
     """A tag-40 row-major array ``[dims, typed array]``."""
     v = tag.value
@@ -69,13 +81,10 @@ def _multi_dim(tag: cbor2.CBORTag) -> np.ndarray:
             and all(type(d) is int and d >= 0 for d in v[0])):
         raise DecodeError("tag 40 must wrap [dims: [uint, …], typed array]")
     dims, typed = v
-    dtype, inner = _DTYPES.get(typed.tag), typed.value
-    if (dtype is not None and dtype.isnative and isinstance(inner, cbor2.CBORTag)
-            and inner.tag == 56500 and isinstance(inner.value, (list, tuple)) and len(inner.value) == 3
-            and inner.value[0] == "bslz4" and inner.value[1] == dtype.itemsize
-            and isinstance(inner.value[2], bytes)):
+    blob = _bslz4_blob(typed)
+    if blob is not None:
         # what DECTRIS detectors send: decoded straight to the image's shape, no copies
-        return bslz4_array(inner.value[2], dtype, tuple(dims))
+        return bslz4_array(blob[1], blob[0], tuple(dims))
     flat = _typed_array(typed)
     if math.prod(v[0]) != flat.size:
         raise DecodeError(f"array dims {list(v[0])} need {math.prod(v[0])} elements, "
@@ -128,12 +137,9 @@ def split_v2_image(raw: bytes, channel: str) -> tuple[Message, ImagePayload | No
             and isinstance(v[0], (list, tuple)) and len(v[0]) == 2
             and all(type(d) is int and d > 0 for d in v[0])):
         dims, typed = v
-        dtype, inner = _DTYPES.get(typed.tag), typed.value
-        if (dtype is not None and dtype.isnative and isinstance(inner, cbor2.CBORTag)
-                and inner.tag == 56500 and isinstance(inner.value, (list, tuple)) and len(inner.value) == 3
-                and inner.value[0] == "bslz4" and inner.value[1] == dtype.itemsize
-                and isinstance(inner.value[2], bytes)):
-            return msg, ImagePayload((dims[0], dims[1]), dtype, bslz4=inner.value[2])
+        blob = _bslz4_blob(typed)
+        if blob is not None:
+            return msg, ImagePayload((dims[0], dims[1]), blob[0], bslz4=blob[1])
     arr = _multi_dim(tag)
     if arr.ndim != 2:
         raise DecodeError(f"channel {channel!r} has {arr.ndim} dims, images have 2 (y, x)")

@@ -105,6 +105,23 @@ class DectrisReceiver(SocketClient):
                 out += self._parser.feed(part, more)
         return out
 
+    def _fill_pending(self, timeout_s: float, max_parts: int) -> bool:
+        """Receive up to ``max_parts`` parts (and the rest of the message under way) into the
+        pending queue when it is empty; False when nothing is pending after ``timeout_s``."""
+        if self._pending:
+            return True
+        if not self._poller.poll(int(timeout_s * 1000)):
+            return False
+        more = False
+        while len(self._pending) < max_parts or more:  # a multipart message arrives whole
+            try:
+                part = self._socket.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            more = bool(self._socket.getsockopt(zmq.RCVMORE))
+            self._pending.append((part, more))
+        return True
+
     def drain(self, timeout_s: float, max_parts: int = 256) -> Iterator[Message]:
         """Like :meth:`poll`, but takes every part already waiting (up to ``max_parts``, and
         then to the end of the message under way) in one go, and decodes them one at a time as
@@ -113,17 +130,8 @@ class DectrisReceiver(SocketClient):
         frame of the batch then stays in memory at once. Parts not reached (the caller stopped
         iterating, or ``on_error`` raised) are decoded by the next call, and the caller's
         changes to :attr:`channels` apply from the next message on."""
-        if not self._pending:
-            if not self._poller.poll(int(timeout_s * 1000)):
-                return
-            more = False
-            while len(self._pending) < max_parts or more:  # a multipart message arrives whole
-                try:
-                    part = self._socket.recv(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
-                    break
-                more = bool(self._socket.getsockopt(zmq.RCVMORE))
-                self._pending.append((part, more))
+        if not self._fill_pending(timeout_s, max_parts):
+            return
         while self._pending:
             part, more = self._pending.popleft()
             if self.version == 1:
@@ -147,17 +155,8 @@ class DectrisReceiver(SocketClient):
         if self.version == 1:
             return list(self.drain(timeout_s, max_parts))
         out: list[bytes | Message] = []
-        if not self._pending:
-            if not self._poller.poll(int(timeout_s * 1000)):
-                return out
-            more = False
-            while len(self._pending) < max_parts or more:
-                try:
-                    part = self._socket.recv(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
-                    break
-                more = bool(self._socket.getsockopt(zmq.RCVMORE))
-                self._pending.append((part, more))
+        if not self._fill_pending(timeout_s, max_parts):
+            return out
         while self._pending:
             part, more = self._pending.popleft()
             if more or self._in_multipart:
