@@ -70,6 +70,13 @@ Extent = tuple[tuple[float, float], tuple[float, float]]
 log = logging.getLogger("cryoptycho.stream")
 
 
+def _log_failed_late_fit(job: Future[ParallaxFit]) -> None:
+    """A parallax fit dropped for the budget still surfaces its failure (in its own thread)."""
+    exc = job.exception()
+    if exc is not None:
+        log.error("a parallax fit dropped at scan end failed: %s", exc, exc_info=exc)
+
+
 @dataclass(frozen=True)
 class StepResult:
     """Outcome of one mini-batch step. ``loss`` and ``kept_fraction`` stay where they were
@@ -507,6 +514,7 @@ class StreamingReconstructor:
             # dropped (its thread ends on its own; its result is not used)
             log.warning("parallax fit on %d frames not done within %.1f s of the refinement budget: "
                         "the nominal probe is kept", self._parallax_frames, wait_s)
+            self._parallax_job.add_done_callback(_log_failed_late_fit)
             self._parallax_job = self._parallax_probe = None
             return
         job, self._parallax_job = self._parallax_job, None
