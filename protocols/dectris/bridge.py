@@ -75,11 +75,7 @@ def run_bridge(
 
     receiver = DectrisReceiver(endpoint, version, context=ctx, on_error=on_error,
                                channels=[cfg.channel] if cfg.channel else None)
-    side = None
-    if cfg.positions_endpoint is not None:
-        side = ctx.socket(zmq.PULL)
-        side.setsockopt(zmq.LINGER, 0)
-        side.bind(cfg.positions_endpoint)
+    side = open_side_channel(ctx, cfg)
     own_producer = producer is None
     # confirm=False: the detector's stream has no acknowledgement to pass on, and waiting for
     # the daemon's at each series end would stall the detector's stream behind it
@@ -116,6 +112,16 @@ def run_bridge(
     stats.rejected_images = dict(converter.rejected)
     stats.converter = dict(converter.stats)
     return stats
+
+
+def open_side_channel(ctx: zmq.Context, cfg: BridgeConfig) -> zmq.Socket | None:
+    """The PULL socket bound at ``cfg.positions_endpoint`` for side-channel positions, if set."""
+    if cfg.positions_endpoint is None:
+        return None
+    side = ctx.socket(zmq.PULL)
+    side.setsockopt(zmq.LINGER, 0)
+    side.bind(cfg.positions_endpoint)
+    return side
 
 
 def _drain_side_channel(sock: zmq.Socket, converter: SeriesConverter, stats: BridgeStats) -> list[IngestMessage]:

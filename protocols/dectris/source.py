@@ -542,11 +542,9 @@ class DectrisSource(Source):
         pool = self.pool = DecodePool(self.workers, self.processes)
         receiver = DectrisReceiver(self.endpoint, self.version, context=ctx, on_error=on_error,
                                    channels=[cfg.channel] if cfg.channel else None)
-        side = None
-        if cfg.positions_endpoint is not None:
-            side = ctx.socket(zmq.PULL)
-            side.setsockopt(zmq.LINGER, 0)
-            side.bind(cfg.positions_endpoint)
+        from .bridge import open_side_channel  # (imported here as _drain_side_channel is, below)
+
+        side = open_side_channel(ctx, cfg)
         self.ready.set()
         pending: deque[tuple[Message | None, Future[DecodedBatch] | None]] = deque()
         gathered: list[bytes | Image] = []
