@@ -60,6 +60,10 @@ class ServiceConfig(BaseSettings):
     """One result file per scan (HDF5 + phase MRC/PNG) is written here."""
     spool_fsync: bool = False
     """fsync the spool after every message (survives power loss, not only a process crash)."""
+    disk_reserve_bytes: int = Field(64 * 2**20, ge=0)
+    """Spool appends and result files that would leave less free space on their file system are
+    refused before HDF5 writes (HDF5 corrupts or crashes on a full disk): the scan fails with an
+    error naming the directory, its spool file intact (``storage/diskspace.py``)."""
     numpy_hugepages: bool = False
     """Let NumPy ask the kernel for transparent huge pages on large arrays (its default). Off by
     default: where the kernel compacts memory for such requests (THP ``defrag = madvise``, common),

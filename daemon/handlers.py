@@ -189,6 +189,9 @@ def build_table(service: Service) -> dict[str, Handler]:
             if error is not None:
                 raise error
             now["frames"]["received"] = received
+            with session.lock:  # a spool failure found meanwhile stops the scan: say so now
+                if session.error is not None:
+                    now.update(error=session.error, state=session.state.value)
             return now
 
         return service.reply_later("receipt", lambda done: service.scans.after_disk(stored, done), answer)

@@ -7,6 +7,7 @@ and a thread-safe queue).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import queue
@@ -30,6 +31,7 @@ from .metrics import ServiceMetrics
 from .publisher import Outbox
 from .scan import ScanSpec
 from .session import Session, State
+from .storage.diskspace import require_free_space
 from .storage.spool import SpoolWriter, file_stem, read_spool, spool_path, unfinished_spools
 from .worker import Cancel, EndOfScan, FrameBatch, Interrupt, ScanWorker
 
@@ -145,7 +147,13 @@ class ScanManager:
 
     def create_spool(self, spec: ScanSpec) -> SpoolWriter:
         """The scan's spool file (any thread: it touches no state of the manager)."""
-        return SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync)
+        try:
+            return SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync,
+                                      reserve_bytes=self.config.disk_reserve_bytes)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise ScanRefused("spool_dir", "disk_space", exc.strerror or str(exc)) from None
 
     def admission(self, spec: ScanSpec, own_spool: bool = False) -> tuple[ReconOptions, dict[str, int]]:
         """Raise :class:`ScanRefused` unless the scan may start; else its options and memory.
@@ -497,6 +505,10 @@ class ScanManager:
                 if "nav_shape" in src:
                     src.copy(src["nav_shape"], group, "nav_shape")
 
+        # the result holds the spool's frames and the object: refused before HDF5 writes it
+        need = spool_file.stat().st_size + 4 * int(state.object.nbytes)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        require_free_space(stem.parent, need, self.config.disk_reserve_bytes, f"the result of scan {session.scan_id!r}")
         written = save_outputs(stem, state, formats=self.config.output_formats, extra=extra, raw=raw)
         with h5py.File(spool_file, "r+") as f:
             f.attrs["status"] = "finished"
@@ -516,7 +528,6 @@ class ScanManager:
     def reap(self) -> None:
         """Settle scans whose workers have exited, then admit waiting ones; run what the spool
         thread handed back."""
-        self.run_disk_done()
         changed = False
         while True:
             try:
@@ -527,7 +538,10 @@ class ScanManager:
                                        "message": f"the spool file could not be written: {why}"})
             failed = self.sessions.get(scan_id)
             if failed is not None and not failed.state.final:
+                with failed.lock:  # a receipt answered below already says why (its worker ends it later)
+                    failed.error = failed.error or f"spool: {why}"
                 self.fail_scan(failed, f"spool: {why}")
+        self.run_disk_done()  # after the failures above: receipts waiting for the spool name them
         while True:
             try:
                 session = self._exited.get_nowait()
@@ -628,7 +642,8 @@ class ScanManager:
         if not len(contents.indices):
             raise ScanRefused("scan_id", "frames_received", f"scan {scan_id!r} received no frame")
         need = self._reservation(contents.spec, self._options_for(contents.spec))
-        spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync)
+        spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
+                                   reserve_bytes=self.config.disk_reserve_bytes)
         try:
             spool.set_status("ended")
         except Exception:
@@ -710,7 +725,8 @@ class ScanManager:
                     continue
                 options = self._options_for(spec)
                 need = self._reservation(spec, options)
-                spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync)
+                spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
+                                           reserve_bytes=self.config.disk_reserve_bytes)
             except (OSError, ValueError, KeyError) as exc:
                 log.error("cannot recover spool %s: %s", path, exc)
                 self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",

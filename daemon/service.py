@@ -345,6 +345,8 @@ class Service:
                 spec, spool = future.result()
             except ProtocolError as exc:  # its probe model or geometry cannot be built
                 self._refuse(msg, ScanRefused(exc.field, exc.rule, exc.message))
+            except ScanRefused as exc:  # no room for its spool file
+                self._refuse(msg, exc)
             try:
                 self.scans.start_scan(spec, spool)
             except ScanRefused as exc:

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 from cryoptycho.daemon.scan import SPOOL_ARRAYS, ScanSpec, spec_from_spool_header, spool_header
 from cryoptycho.daemon.storage.dataset import compression
+from cryoptycho.daemon.storage.diskspace import require_free_space
 from cryoptycho.daemon.storage.h5format import (
     NxcxiEntry,
     nav_shape_of,
@@ -117,10 +118,12 @@ def file_stem(scan_id: str) -> str:
 class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
-    def __init__(self, path: Path, file: h5py.File, fsync: bool = False) -> None:
+    def __init__(self, path: Path, file: h5py.File, fsync: bool = False, reserve_bytes: int = 0) -> None:
         self.path = path
         self._f = file
         self._fsync = fsync
+        #: an append that would leave less free is refused before HDF5 writes (diskspace.py)
+        self.reserve_bytes = reserve_bytes
         self._entry = NxcxiEntry(file)
         self._data = self._entry.data
         self._index = self._entry.frame_index
@@ -128,9 +131,11 @@ class SpoolWriter:
         self.count = self._entry.count
 
     @classmethod
-    def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False) -> SpoolWriter:
+    def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
+               reserve_bytes: int = 0) -> SpoolWriter:
         path = spool_path(spool_dir, spec.scan_id)
         path.parent.mkdir(parents=True, exist_ok=True)
+        require_free_space(path.parent, 0, reserve_bytes, f"the spool of scan {spec.scan_id!r}")
         if path.exists():
             raise FileExistsError(f"spool file {path} already exists (scan_id {spec.scan_id!r} reused)")
         m = spec.frame_shape
@@ -155,13 +160,13 @@ class SpoolWriter:
             f.close()
             path.unlink(missing_ok=True)
             raise
-        return cls(path, f, fsync)
+        return cls(path, f, fsync, reserve_bytes)
 
     @classmethod
-    def reopen(cls, path: str | Path, fsync: bool = False) -> SpoolWriter:
+    def reopen(cls, path: str | Path, fsync: bool = False, reserve_bytes: int = 0) -> SpoolWriter:
         """Append to an existing spool file (recovery): rows beyond ``count`` are discarded."""
         f = h5py.File(path, "r+")
-        writer = cls(Path(path), f, fsync)
+        writer = cls(Path(path), f, fsync, reserve_bytes)
         writer._truncate(writer.count)
         return writer
 
@@ -178,6 +183,7 @@ class SpoolWriter:
         n = len(frames)
         if n == 0:
             return
+        self._check_space(frames.nbytes + (0 if raw is None else sum(len(c) for c in raw.chunks)))
         if binned is not None and self._entry.count == 0 and self._data.chunks[0] != 1:
             self._chunk_per_frame()
         if raw is not None and DETECTOR_FRAMES not in self._f[DATA]:
@@ -216,12 +222,17 @@ class SpoolWriter:
         if not batches:
             return 0
         blocks = [b[0] for b in batches]
+        self._check_space(sum(b.nbytes for b in blocks))
         indices = np.concatenate([np.asarray(b[1]) for b in batches])
         positions = np.concatenate([np.asarray(b[2], dtype=np.float64).reshape(-1, 2) for b in batches])
         count = self._entry.append(None, indices, positions, write_frames=lambda k: self._write_blocks(k, blocks))
         self._flush()
         self.count = count
         return len(indices)
+
+    def _check_space(self, nbytes: int) -> None:
+        # uncompressed bytes: an upper bound of what the append writes
+        require_free_space(self.path.parent, nbytes, self.reserve_bytes, f"the spool file {self.path.name}")
 
     def _write_frames(self, k: int, frames: np.ndarray) -> None:
         self._write_blocks(k, [frames])
