@@ -8,7 +8,9 @@ is reported with the file it came from (the model itself forbids unknown keys to
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -218,6 +220,26 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"invalid configuration ({source}): {problems}") from None
+
+
+#: CRYOPTYCHO_* variables that other commands read (view, broker, simulate, the tests)
+OTHER_COMMANDS_ENV = ("VIEW_", "BROKER_", "STRUCTURES", "CHROMIUM", "CHROMEDRIVER", "TEST_")
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``CRYOPTYCHO_*`` variables that set no key of the service (a typo such as
+    ``CRYOPTYCHO_SPOOL_DIRR``): the environment source ignores them, so the default applies
+    silently unless someone says so. Nested keys (``__``) are checked by the model itself."""
+    environ = os.environ if environ is None else environ
+    fields = {name.upper() for name in ServiceConfig.model_fields}
+    unknown = []
+    for name in environ:
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX):].upper()
+        if key.split("__", 1)[0] not in fields and not key.startswith(OTHER_COMMANDS_ENV):
+            unknown.append(name)
+    return sorted(unknown)
 
 
 def _env_only() -> ServiceConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from cryoptycho.daemon.config import ConfigError, load_config
+from cryoptycho.daemon.config import ConfigError, load_config, unknown_environment
 
 log = logging.getLogger("cryoptycho.serve")
 
@@ -89,6 +89,9 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
             raise click.ClickException(str(exc)) from None
 
     setup_logging(config.log_format, config.log_level)
+    for name in unknown_environment():
+        log.warning("environment variable %s sets no setting of the service and is ignored "
+                    "(keys: daemon/SERVICE.md, Configuration)", name)
     service = Service(config)
     try:
         service.start()

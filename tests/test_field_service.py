@@ -1,0 +1,25 @@
+"""The service as a facility's sysadmin meets it: configuration through the environment."""
+
+from __future__ import annotations
+
+import pytest
+from daemon_support import start_daemon, wait_for
+
+pytestmark = pytest.mark.subprocess
+
+
+def test_a_misspelt_environment_variable_is_named_at_start(tmp_path, monkeypatch):
+    """CRYOPTYCHO_SPOOL_DIRR (one R too many) was ignored without a word: the spool went to the
+    default directory, on whatever disk the working directory is."""
+    monkeypatch.setenv("CRYOPTYCHO_SPOOL_DIRR", str(tmp_path / "big-disk"))
+    monkeypatch.setenv("CRYOPTYCHO_VIEW_TOKEN", "the viewer's, not the service's")
+    monkeypatch.setenv("CRYOPTYCHO_PREVIEW_HZ", "3")  # a real key: no warning
+    daemon = start_daemon(tmp_path)
+    try:
+        wait_for(lambda: "CRYOPTYCHO_SPOOL_DIRR" in daemon.log(), 30, "the warning", daemon)
+        assert daemon.stop() == 0
+        log = daemon.log()
+        assert "ignored" in log and "CRYOPTYCHO_VIEW_TOKEN" not in log and "CRYOPTYCHO_PREVIEW_HZ" not in log, log
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
