@@ -23,3 +23,24 @@ def test_a_misspelt_environment_variable_is_named_at_start(tmp_path, monkeypatch
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+def test_an_unreachable_detector_is_named_and_the_daemon_stays_up(tmp_path):
+    """`serve --source dectris2://HOST:PORT` with nothing listening there said nothing at all:
+    ZeroMQ retries silently, so a wrong address looked like a detector not yet acquiring."""
+    import socket
+
+    from cryoptycho.protocols.control import ControlClient
+
+    with socket.socket() as s:  # a port nothing listens on (bound, never listening)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        daemon = start_daemon(tmp_path, "--source", f"dectris2://127.0.0.1:{port}")
+        try:
+            wait_for(lambda: "cannot reach the detector at 127.0.0.1" in daemon.log(), 30, "the warning", daemon)
+            with ControlClient(daemon.control, timeout_s=5) as ctl:
+                assert ctl.ping()["pong"] is True
+            assert daemon.stop() == 0
+        finally:
+            if daemon.proc.poll() is None:
+                daemon.proc.kill()

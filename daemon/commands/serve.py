@@ -161,6 +161,7 @@ def _start_source(config: Any, stop: threading.Event, service: Any) -> None:
 
     def target() -> None:
         try:
+            _say_if_unreachable(url)
             stats = source.run(service.direct, stop)
             log.info("source %s stopped: %s", url, stats)
         except Exception:
@@ -168,3 +169,26 @@ def _start_source(config: Any, stop: threading.Event, service: Any) -> None:
             service.request_stop()
 
     threading.Thread(target=target, name="source", daemon=True).start()
+
+
+def _say_if_unreachable(url: str, timeout_s: float = 3.0) -> None:
+    """Warn when nothing listens at the source's host and port. ZeroMQ connects in the
+    background and retries for ever, so a mistyped or switched-off DCU otherwise looked exactly
+    like a detector that is not acquiring yet. A bare TCP connect, closed before any ZeroMQ
+    handshake: the detector's PUSH socket never counts it as a peer."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return
+    if not host or not port:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        log.warning("cannot reach the detector at %s:%s (%s); the daemon keeps trying: check the "
+                    "address and that the detector's stream is enabled", host, port, exc,
+                    extra={"source": url})
