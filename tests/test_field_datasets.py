@@ -6,6 +6,7 @@ in Å instead of metres."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -51,6 +52,11 @@ def test_own_h5py_dataset_reconstructs_through_the_console_script(tmp_path):
     out = cli("reconstruct", str(tmp_path / "scan.h5"), "-o", str(tmp_path / "r.h5"), "-n", "2")
     assert out.returncode == 0, out.stderr
     assert "48×48 float32" in out.stdout + out.stderr
+    # the auto probe decision names this scan's counts (valid pixels), not only the threshold
+    with h5py.File(tmp_path / "scan.h5") as f:
+        counts = (f["frames"][()] * f["mask"][()]).sum(axis=(1, 2)).mean()
+    said = float(re.search(r"this scan has ([0-9.e+]+)", out.stdout).group(1))
+    assert said == pytest.approx(counts, rel=1e-3), out.stdout
     with h5py.File(tmp_path / "r.h5") as f:
         assert f["probe"].shape == (48, 48) and np.isfinite(f["object"][()]).all()
         assert len(f["probe_position_x_m"]) == 35

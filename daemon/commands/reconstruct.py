@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from cryoptycho.daemon.overrides import parse_set
 from cryoptycho.gpu.backend import BackendUnavailable
 from cryoptycho.gpu.options import ReconOptions
@@ -120,6 +121,10 @@ def command(
     final = f"{state.loss_values[-1]:.6g}" if state.loss_values else "n/a"
     probe = "refined" if state.options.get("refine_probe") else "fixed"
     if options.refine_probe == "auto":
-        probe += f" (auto: refined from {options.probe_refine_min_counts:g} counts per pattern)"
+        # the threshold alone read as if this scan had that many counts
+        per_pixel = np.sum(data.frames, axis=0, dtype=np.float64)
+        valid = per_pixel if data.mask is None else per_pixel * (np.asarray(data.mask) != 0)
+        probe += (f" (auto: refined from {options.probe_refine_min_counts:g} mean counts per pattern; "
+                  f"this scan has {valid.sum() / max(len(data.frames), 1):.4g})")
     click.echo(f"{state.iteration} iterations, probe {probe}, final loss {final}; wrote "
                + ", ".join(str(p) for p in written))
