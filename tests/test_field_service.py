@@ -44,3 +44,40 @@ def test_an_unreachable_detector_is_named_and_the_daemon_stays_up(tmp_path):
         finally:
             if daemon.proc.poll() is None:
                 daemon.proc.kill()
+
+
+def test_watch_off_a_terminal_prints_one_line_per_scan_event(tmp_path):
+    """`cryoptycho watch > log` (or under systemd) wrote nothing at all: rich draws its live
+    bars only on a terminal."""
+    import subprocess
+    import sys
+    import threading
+
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import publish_probe_until, synthetic_scan
+
+    scan = synthetic_scan(n_side=6, m=32)
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=3", "--set", "refine_time_budget_s=5",
+                          "--set", "resolution_interval_s=0")
+    watch = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "watch", "--publish", daemon.publish,
+                              "--control", daemon.control, "--exit-after-results", "1", "--timeout", "120"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(watch.stdout), daemon=True).start()
+    try:
+        publish_probe_until(daemon, lambda: any("error" in line for line in lines), "watch to subscribe")
+        with Producer(daemon.ingest, control=daemon.control) as producer:
+            producer.start_scan(**scan.start_fields("logged"))
+            producer.send_frames(scan.frames)
+            producer.end_scan()
+        assert watch.wait(120) == 0, "".join(lines)
+        text = "".join(lines)
+        assert "logged: accepted" in text and "logged: ended: scan_end" in text, text
+        result = next(line for line in lines if line.startswith("logged: result"))
+        assert str(tmp_path / "results" / "logged.h5") in result, text  # whole paths, not wrapped
+        assert daemon.stop() == 0
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
