@@ -81,3 +81,21 @@ def test_watch_off_a_terminal_prints_one_line_per_scan_event(tmp_path):
             watch.kill()
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+@pytest.mark.parametrize("key", ["results_dir", "spool_dir"])
+def test_a_directory_that_cannot_be_written_is_named_at_start(tmp_path, key):
+    """results_dir under a file (as a typo in the TOML makes) was a traceback at start; one
+    the service's user may not write only failed each scan once its result was due."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a-file").write_text("")
+    out = subprocess.run([sys.executable, "-m", "cryoptycho.daemon.cli", "serve", "--ingest", "tcp://127.0.0.1:*",
+                          "--publish", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*", "--metrics-port", "0",
+                          "--spool-dir", str(tmp_path / "s"), "--results-dir", str(tmp_path / "r"),
+                          "--set", f"{key}={tmp_path / 'a-file' / 'sub'}"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 1, out.stderr
+    assert f"{key} {tmp_path / 'a-file' / 'sub'} is not a writable directory" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -88,6 +88,7 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
 
+    _check_writable(config)
     setup_logging(config.log_format, config.log_level)
     for name in unknown_environment():
         log.warning("environment variable %s sets no setting of the service and is ignored "
@@ -192,3 +193,20 @@ def _say_if_unreachable(url: str, timeout_s: float = 3.0) -> None:
         log.warning("cannot reach the detector at %s:%s (%s); the daemon keeps trying: check the "
                     "address and that the detector's stream is enabled", host, port, exc,
                     extra={"source": url})
+
+
+def _check_writable(config: Any) -> None:
+    """Fail at start, naming the key, when the spool or results directory cannot be created or
+    written (a path under a file, no permission for the service's user, a read-only mount): it
+    was a traceback at start, or — for a directory that exists but is not writable — every
+    scan failing only when its result was due."""
+    import tempfile
+
+    for key in ("spool_dir", "results_dir"):
+        path = Path(getattr(config, key))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise click.ClickException(f"{key} {path} is not a writable directory: {exc.strerror or exc}") from None
