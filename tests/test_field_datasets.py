@@ -72,3 +72,15 @@ def test_positions_in_angstrom_are_refused_naming_the_unit(tmp_path):
     assert "positions reach" in out.stderr and "metres" in out.stderr and "Å" in out.stderr, out.stderr
     assert "too big" not in out.stderr
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_a_misspelt_probe_model_attribute_is_named(tmp_path):
+    """README's snippet with `semiangle=` for `semiangle_rad=` was a KeyError traceback."""
+    own_dataset(tmp_path / "scan.h5")
+    with h5py.File(tmp_path / "scan.h5", "a") as f:
+        del f["probe"]
+        f.create_group("probe_model").attrs.update(kind="defocused", semiangle=9.2e-3, defocus_m=40e-9)
+    out = cli("reconstruct", str(tmp_path / "scan.h5"), "-o", str(tmp_path / "r.h5"), "-n", "1")
+    assert out.returncode == 1
+    assert "/probe_model: unknown attribute 'semiangle'" in out.stderr and "semiangle_rad" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
