@@ -84,3 +84,13 @@ def test_a_misspelt_probe_model_attribute_is_named(tmp_path):
     assert out.returncode == 1
     assert "/probe_model: unknown attribute 'semiangle'" in out.stderr and "semiangle_rad" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_positions_a_million_times_too_large_are_refused_before_allocating(tmp_path):
+    """Positions in µm written as metres stay within ±1 cm but span 38 million pixels: NumPy
+    was asked for 16.6 PiB and the command ended in a traceback."""
+    own_dataset(tmp_path / "micro.h5", scale=1e6)
+    out = cli("reconstruct", str(tmp_path / "micro.h5"), "-o", str(tmp_path / "r.h5"), "-n", "1")
+    assert out.returncode == 1
+    assert "reconstruction needs" in out.stderr and "positions_m in metres" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -113,10 +113,13 @@ def command(
         def progress(iteration: int, total: int, loss: float) -> None:
             bar.update(task, completed=iteration, total=total, loss=loss)
 
+        _check_memory(data, options)
         try:
             state = reconstruct(data, options, progress=progress)
         except (ValueError, FloatingPointError, BackendUnavailable) as exc:
             raise click.ClickException(f"reconstruction failed: {exc}") from exc
+        except MemoryError as exc:
+            raise click.ClickException(f"reconstruction failed: out of memory ({exc})") from None
     written = save_outputs(stem_of(output), state, data, formats=chosen).values()
     final = f"{state.loss_values[-1]:.6g}" if state.loss_values else "n/a"
     probe = "refined" if state.options.get("refine_probe") else "fixed"
@@ -128,3 +131,27 @@ def command(
                   f"this scan has {valid.sum() / max(len(data.frames), 1):.4g})")
     click.echo(f"{state.iteration} iterations, probe {probe}, final loss {final}; wrote "
                + ", ".join(str(p) for p in written))
+
+
+def _check_memory(data: Any, options: ReconOptions) -> None:
+    """Refuse, as the daemon does at scan_start, a reconstruction that cannot fit this host's
+    memory, naming the canvas: positions in µm read as metres asked NumPy for 16.6 PiB and
+    ended in a traceback."""
+    import os
+
+    from cryoptycho.gpu.engines import memory_estimate
+    from cryoptycho.gpu.geometry import fit_geometry
+
+    geometry = fit_geometry(data.positions, data.real_pixel_size, data.frame_shape)
+    need = memory_estimate(options, frame_shape=data.frame_shape, frame_dtype=data.frames.dtype,
+                           n_frames=len(data.frames), field_px=geometry.object_shape).total
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (not POSIX): leave it to NumPy
+        return
+    if need > have:
+        ny, nx = geometry.object_shape
+        raise click.ClickException(
+            f"reconstruction needs ≈{need / 2**20:.0f} MiB but this host has {have / 2**20:.0f} MiB: "
+            f"the positions span an object of {ny} × {nx} pixels of {data.real_pixel_size:.3g} m "
+            "(are /positions_m in metres?)")
