@@ -99,3 +99,25 @@ def test_a_directory_that_cannot_be_written_is_named_at_start(tmp_path, key):
     assert out.returncode == 1, out.stderr
     assert f"{key} {tmp_path / 'a-file' / 'sub'} is not a writable directory" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_compose_viewer_reads_the_result_files_the_daemon_names():
+    """The compose viewer had no access to the daemon's volume: the image's VOLUME gave it an
+    empty one, so result downloads and a late joiner's final images failed."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    deploy = Path(__file__).parents[1] / "deploy"
+    services = yaml.safe_load((deploy / "compose.yaml").read_text())["services"]
+    results = re.search(r"CRYOPTYCHO_RESULTS_DIR=(\S+)", (deploy / "docker" / "Dockerfile.cpu").read_text()).group(1)
+
+    def mount_of(service: str) -> tuple[str, str]:
+        for spec in services[service].get("volumes", []):
+            source, target = spec.split(":")[:2]
+            if results.startswith(target.rstrip("/") + "/"):
+                return source, target
+        raise AssertionError(f"{service} mounts nothing holding {results}: {services[service].get('volumes')}")
+
+    assert mount_of("viewer") == mount_of("cryoptycho")
