@@ -121,3 +121,25 @@ def test_compose_viewer_reads_the_result_files_the_daemon_names():
         raise AssertionError(f"{service} mounts nothing holding {results}: {services[service].get('volumes')}")
 
     assert mount_of("viewer") == mount_of("cryoptycho")
+
+
+def test_a_scan_id_that_is_not_a_string_is_named_alike_by_every_method(tmp_path):
+    """PROTOCOL.md §6: `scan_id` not a non-empty string is params.scan_id / string_type; the
+    `receipt` that producers poll answered rule `invalid_params` instead."""
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.errors import ControlError
+
+    daemon = start_daemon(tmp_path)
+    try:
+        with ControlClient(daemon.control, timeout_s=10) as ctl:
+            for method in ("receipt", "cancel", "snapshot", "finish_scan"):
+                for bad in (None, "", 7, {"a": 1}):
+                    with pytest.raises(ControlError) as info:
+                        ctl.call(method, scan_id=bad)
+                    result = info.value.reply.result
+                    assert (result["field"], result["rule"]) == ("params.scan_id", "string_type"), (method, bad, result)
+            assert ctl.ping()["pong"] is True
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
