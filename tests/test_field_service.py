@@ -143,3 +143,15 @@ def test_a_scan_id_that_is_not_a_string_is_named_alike_by_every_method(tmp_path)
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+def test_service_md_names_every_place_an_internal_error_is_counted():
+    """A full spool disk is counted as `internal_errors_total{where="spool"}`, which SERVICE.md
+    did not list: an operator reading the table could not tell what the label meant."""
+    from pathlib import Path
+
+    from cryoptycho.daemon.metrics import INTERNAL_ERROR_PLACES
+
+    doc = (Path(__file__).parents[1] / "daemon" / "SERVICE.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `cryoptycho_internal_errors_total{where}`"))
+    assert [p for p in INTERNAL_ERROR_PLACES if f"`{p}`" not in row] == []
