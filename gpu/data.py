@@ -69,7 +69,10 @@ class PtychoData:
         """Raise ValueError naming the first problem found."""
         f = self.frames
         if not isinstance(f, np.ndarray) or f.ndim != 3:
-            raise ValueError(f"frames must be a (K, M, M) array, got shape {getattr(f, 'shape', None)}")
+            four_d = isinstance(f, np.ndarray) and f.ndim == 4
+            raise ValueError(f"frames must be a (K, M, M) array, got shape {getattr(f, 'shape', None)}"
+                             + (": a 4D-STEM (ny, nx, M, M) array is reshaped to (ny·nx, M, M), its positions "
+                                "in the same row-major order" if four_d else ""))
         if f.shape[0] == 0:
             raise ValueError("dataset is empty: frames has 0 patterns")
         if f.shape[1] != f.shape[2]:

@@ -94,3 +94,16 @@ def test_positions_a_million_times_too_large_are_refused_before_allocating(tmp_p
     assert out.returncode == 1
     assert "reconstruction needs" in out.stderr and "positions_m in metres" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_4d_stem_array_is_refused_with_the_reshape_it_needs(tmp_path):
+    """py4DSTEM and LiberTEM keep (ny, nx, M, M): written as /frames it was refused without a
+    hint of what to do."""
+    own_dataset(tmp_path / "scan.h5")
+    with h5py.File(tmp_path / "scan.h5", "a") as f:
+        frames = f["frames"][()]
+        del f["frames"]
+        f["frames"] = frames.reshape(5, 7, 48, 48)
+    out = cli("reconstruct", str(tmp_path / "scan.h5"), "-o", str(tmp_path / "r.h5"), "-n", "1")
+    assert out.returncode == 1
+    assert "(5, 7, 48, 48)" in out.stderr and "reshaped to (ny·nx, M, M)" in out.stderr, out.stderr
