@@ -115,3 +115,40 @@ def test_scan_search_reconstruction_keeps_nominal_and_affine_positions(backend: 
     np.testing.assert_allclose(design @ coef + centre, pos, rtol=0, atol=1e-4 * PIXEL)
     np.testing.assert_allclose(coef[2], 0.0, atol=1e-4 * PIXEL)  # the mean is held: a gauge
     assert np.isfinite(state.loss_values).all() and len(state.loss_values) == 4
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cryoptycho.daemon.cli", *args], capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
+def test_simulate_realistic_then_reconstruct_with_scan_search_through_the_cli(tmp_path) -> None:
+    """As a user runs it: a realistic scan from ``cryoptycho simulate``, reconstructed with
+    ``--set scan_search=true``; the result file keeps the nominal positions beside the searched
+    ones, which are an affine image of them."""
+    from cryoptycho.daemon.storage.dataset import read_dataset
+    from cryoptycho.daemon.storage.result import read_result
+
+    ds = tmp_path / "real.h5"
+    out = _cli("simulate", "--realistic", "--frame-size", "32", "--detector", "ideal", "--thin",
+               "--dose", "200", "--overlap", "0.4", "--jitter", "0", "-o", str(ds))
+    assert out.returncode == 0, out.stderr
+    data = read_dataset(ds)
+    res = tmp_path / "res.h5"
+    out = _cli("reconstruct", str(ds), "-o", str(res), "-n", "3", "--no-export", "-q",
+               "--set", "scan_search=true", "--set", "scan_search_iterations=2")
+    assert out.returncode == 0, out.stderr
+    state = read_result(res).state
+    assert state.options["scan_search"] is True
+    np.testing.assert_allclose(state.nominal_positions, data.positions, rtol=0, atol=1e-16)
+    pos = np.asarray(state.positions)
+    matrix = _matrix_of(np.asarray(data.positions), pos)
+    centre = data.positions.mean(axis=0)
+    np.testing.assert_allclose(centre + (data.positions - centre) @ matrix.T, pos, rtol=0, atol=1e-4 * 1e-10)
+    # a step beyond the search's range is refused, naming the option
+    out = _cli("reconstruct", str(ds), "-o", str(tmp_path / "bad.h5"), "--set", "scan_search_step=0.5")
+    assert out.returncode != 0 and "scan_search_step" in out.stderr, out.stderr
+
