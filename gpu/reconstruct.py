@@ -628,7 +628,9 @@ def refine_alternating(
     and of the probe's aberration coefficients (gpu/aberrations.py), with the object held
     between CG runs: after ``*_start_iteration`` CG iterations, every ``*_every``, none in the
     last ``*_every`` (CG converges at the final positions and probe). Returns the object, the
-    probe, the losses and the positions (metres, refined or not)."""
+    probe, the losses and the positions (metres, refined or not). ``nominal_m``: the nominal
+    positions when ``problem.positions`` already hold a scan search's affine image of them
+    (the scan model then starts at that matrix, its residuals shrunk towards it)."""
     geo = problem.geometry
     total = opts.iterations
     budget = opts.time_budget_s

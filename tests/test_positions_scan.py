@@ -117,6 +117,25 @@ def test_scan_search_reconstruction_keeps_nominal_and_affine_positions(backend: 
     assert np.isfinite(state.loss_values).all() and len(state.loss_values) == 4
 
 
+def test_refine_positions_goes_on_from_the_searched_matrix() -> None:
+    """With ``refine_positions`` too, the scan model starts at the searched matrix (the updates
+    move the positions from there) and the result still keeps the nominal positions."""
+    nominal, _true, frames, _truth, _geo, probe = distorted_scan(3e3, grid=6, m=M)
+    data = PtychoData(frames=operators.from_fft_order(frames), positions=nominal, energy=ENERGY,
+                      pixel_size=PIXEL, probe=probe.astype(np.complex64))
+    opts = {"iterations": 8, "mu0": 1e-3, "scan_search": True, "scan_search_iterations": 2,
+            "scan_search_step": 0.05}
+    searched = reconstruct(data, opts)
+    both = reconstruct(data, {**opts, "refine_positions": True, "position_start_iteration": 2,
+                              "position_every": 2})
+    np.testing.assert_array_equal(both.nominal_positions, nominal)
+    start = _matrix_of(nominal, np.asarray(searched.positions))
+    assert np.abs(start - np.eye(2)).max() > 0.01  # the search moved (a 5 % step, 4 % errors)
+    after = _matrix_of(nominal, np.asarray(both.positions))
+    # the updates change the matrix by little; they do not restart it at the identity
+    assert np.abs(after - start).max() < 0.5 * np.abs(start - np.eye(2)).max(), (start, after)
+
+
 def _cli(*args: str):
     import subprocess
     import sys
