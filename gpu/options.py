@@ -205,6 +205,24 @@ class ReconOptions(_Strict):
     """CG iterations between position updates (none in the last ``position_every``)."""
     position_max_step_px: float = Field(1.0, gt=0)
     """Largest move of any position in one update, object pixels (a trust region)."""
+    scan_search: bool = False
+    """Before the reconstruction, search the scan's global 2×2 matrix (the affine scan error,
+    with the linear part of a raster's drift) on the reduced objective: the data term after
+    ``scan_search_iterations`` CG iterations of the object from the common start, at the
+    positions c + A (u − c) (gpu/positions.py, ``search_scan_matrix``); the reconstruction
+    then starts at the positions the best A gives (and ``refine_positions`` refines on from
+    there when set). The result keeps the nominal positions beside them. Offline only. The
+    reduced objective is scored on held-out counts (binomial halves). Off by default: on the
+    realistic preset it gains at 100 e⁻/Å² (proteasome 0.459 → 0.514 phase correlation) and
+    loses at 20 e⁻/Å² (0.337 → 0.316), at 6–12× the time (MEASUREMENTS.md, "The scan's affine
+    error")."""
+    scan_search_iterations: int = Field(20, ge=1)
+    """CG iterations of each short reconstruction of the scan search."""
+    scan_search_step: float = Field(0.02, gt=0, le=0.2)
+    """First trial offset of each matrix entry (relative: 0.02 = 2 % scale or shear)."""
+    scan_search_rounds: int = Field(1, ge=1)
+    """Rounds of the scan search (10 short reconstructions each; the step halves)."""
+
 
     refine_aberrations: bool = False
     """Refine the probe as the nominal probe plus the aberration coefficients ``aberrations``
