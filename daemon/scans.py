@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
 from cryoptycho.gpu.engines import memory_estimate
+from cryoptycho.gpu.geometry import implausible_energy
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.protocols.sources import DetectorFrames
 from pydantic import ValidationError
@@ -132,9 +133,13 @@ class ScanManager:
         session = Session(spec, need)
         self.refused.pop(spec.scan_id, None)
         self._register(session, spool)
+        warnings = [w for w in (implausible_energy(spec.energy_eV),) if w]
         self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "memory_bytes": need,
-                                           "expected_frames": spec.expected_frames})
+                                           "expected_frames": spec.expected_frames,
+                                           "warnings": warnings})
         log.info("scan accepted", extra={"scan_id": spec.scan_id, "memory_bytes": need})
+        for warning in warnings:
+            log.warning(warning, extra={"scan_id": spec.scan_id})
         return session
 
     def remember_refusal(self, scan_id: str, reason: str) -> None:

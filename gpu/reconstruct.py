@@ -39,7 +39,7 @@ from .backend import (
 )
 from .cg import minimize
 from .data import PtychoData
-from .geometry import ScanGeometry, fit_geometry
+from .geometry import ScanGeometry, fit_geometry, implausible_energy
 from .init import flat_object, random_object, spectral_object
 from .likelihood import intensity_sums, truncation_sums
 from .line_model import full_batch_line
@@ -233,6 +233,9 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     to the measured power), initial object and κ."""
     opts = _as_options(options)
     data.validate()
+    energy_warning = implausible_energy(data.energy)
+    if energy_warning:
+        log.warning(energy_warning)
     xp = get_xp(opts.backend)
     rdt = real_dtype(opts.precision)
     m = data.frame_shape

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from cryoptycho.protocols.producer import Producer
 from daemon_support import start_daemon, wait_for
 
 pytestmark = pytest.mark.subprocess
@@ -155,3 +158,62 @@ def test_service_md_names_every_place_an_internal_error_is_counted():
     doc = (Path(__file__).parents[1] / "daemon" / "SERVICE.md").read_text()
     row = next(line for line in doc.splitlines() if line.startswith("| `cryoptycho_internal_errors_total{where}`"))
     assert [p for p in INTERNAL_ERROR_PLACES if f"`{p}`" not in row] == []
+
+
+def test_a_beam_energy_given_in_kev_is_named_at_scan_start(tmp_path):
+    """energy_eV = 300 (300 keV meant) was accepted without a word: with a detector angle
+    instead of a pixel size the pixel size, hence the whole reconstruction, comes out 36× off.
+    The scan still runs (the value is possible), but the daemon's log and the scan.accepted
+    event name the field."""
+    from cryoptycho.protocols.subscriber import Subscriber
+    from daemon_support import synthetic_scan, wait_subscribed
+
+    scan = synthetic_scan(n_side=4, m=32)
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=5")
+    try:
+        sub = Subscriber(daemon.publish, latest_only=False)
+        wait_subscribed(daemon, sub)
+        fields = scan.start_fields("kev")
+        assert fields["energy_eV"] == 300e3
+        with Producer(daemon.ingest, control=daemon.control) as producer:
+            producer.start_scan(**{**fields, "energy_eV": 300.0})
+            producer.send_frames(scan.frames)
+            producer.end_scan()
+        accepted = None
+        deadline = time.monotonic() + 60
+        while accepted is None and time.monotonic() < deadline:
+            event = sub.recv(timeout_s=1)
+            if getattr(event, "event", None) == "accepted" and getattr(event, "scan_id", None) == "kev":
+                accepted = event
+        sub.close()
+        assert accepted is not None, daemon.log()
+        assert any("energy_eV = 300 " in w and "keV" in w for w in accepted.info["warnings"]), accepted
+        wait_for(lambda: "energy_eV = 300 " in daemon.log(), 30, "the warning in the log", daemon)
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+
+
+def test_plausible_beam_energies_pass_and_unit_slips_are_named():
+    from cryoptycho.gpu.geometry import implausible_energy
+
+    for ok in (20e3, 60e3, 80e3, 200e3, 300e3, 1.25e6):  # what TEMs and 4D-STEM SEMs run at
+        assert implausible_energy(ok) is None, ok
+    assert "300 keV meant" in implausible_energy(300.0)
+    assert "energy_eV = 3e+08" in implausible_energy(300e6)
+
+
+def test_offline_reconstruction_names_an_implausible_beam_energy(caplog):
+    import logging
+
+    from cryoptycho.gpu.data import PtychoData
+    from cryoptycho.gpu.reconstruct import prepare
+    from daemon_support import PIXEL_M, synthetic_scan
+
+    scan = synthetic_scan(n_side=3, m=16)
+    data = PtychoData(frames=scan.frames, positions=scan.positions, energy=300.0, pixel_size=PIXEL_M,
+                      probe=scan.probe)
+    with caplog.at_level(logging.WARNING, logger="cryoptycho.gpu.reconstruct"):
+        prepare(data, {"iterations": 1})
+    assert any("energy_eV = 300 " in r.getMessage() for r in caplog.records), caplog.text
