@@ -425,7 +425,7 @@ class Service:
                                     + (" (scan_end received)" if session.ended else ""), msg.scan_id)
             positions = frame_positions(msg, session.spec)
             self.scans.add_frames(session, msg.data, np.asarray(msg.indices, dtype=np.int64), positions, arrived,
-                                  detector)
+                                  detector, msg.wire_data)
         elif isinstance(msg, ScanEnd):
             self.scans.end_scan(session, "scan_end", msg.frame_count)
             self.scans.admit()
