@@ -405,6 +405,11 @@ def measure_stages(side: int, batch: int, total: int) -> dict[str, float]:
 
     out["validate + decode (manager thread)"] = per_frame(
         lambda: [decode(parts, limits, declared) for _ in range(rounds)])
+    packed = [bytes(memoryview(p).cast("B")) for p in encode(Frames("stages", np.arange(batch, dtype=np.uint32), data,
+                                                                    compression="bslz4"))]
+    out["validate + decode, bslz4 sent (manager thread)"] = per_frame(
+        lambda: [decode(packed, limits, declared) for _ in range(rounds)])
+    blob = decode(packed, limits, declared).wire_data
     ledger = FrameLedger(total)
 
     def count() -> None:
@@ -413,18 +418,21 @@ def measure_stages(side: int, batch: int, total: int) -> dict[str, float]:
             ledger.stored(len(i))
 
     out["ledger: admit + count as received"] = per_frame(count)
-    for per_append in (1, 8):
+    for per_append, wire in ((1, None), (8, None), (8, blob)):
         with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
             writer = SpoolWriter.create(Path(tmp), spec)
             try:
                 c0, t0 = time.process_time(), time.thread_time()
                 for i in range(0, rounds, per_append):
-                    writer.append_many([(data, idx[j], pos[idx[j]]) for j in range(i, min(i + per_append, rounds))])
+                    js = range(i, min(i + per_append, rounds))
+                    writer.append_many([(data, idx[j], pos[idx[j]]) for j in js], [wire for _ in js])
                 own = time.thread_time() - t0
                 pool = time.process_time() - c0 - own
             finally:
                 writer.close()
         what = "one message per append" if per_append == 1 else f"{per_append} messages per append"
+        if wire is not None:
+            what += ", bslz4 sent: chunks as received"
         out[f"spool write: HDF5 rows, commit, flush ({what})"] = 1e6 * own / total
         out[f"spool compress: bitshuffle-LZ4 chunks, pool threads ({what})"] = 1e6 * pool / total
     fresh, touched = _store_stages(FrameStore((side, side), np.uint16, total), data, pos, idx)
