@@ -96,6 +96,12 @@ class ServiceConfig(BaseSettings):
     queue_capacity_frames: int = Field(65536, ge=1)
     """Frames waiting for a scan's worker; beyond this the service stops reading the ingest
     socket until the worker catches up (producers block: backpressure, not loss)."""
+    ingest_queue_bytes: int = Field(256 * 2**20, ge=1)
+    """Bytes of received messages the ingest socket may hold that the service has not read (they
+    are outside its backpressure). ZeroMQ counts that queue in messages (ZMQ_RCVHWM), fixed per
+    connection when a producer connects, before any scan declares its frame size: the socket
+    holds this ÷ ``limits.max_message_bytes`` messages, at least one (one message is always
+    received whole)."""
 
     preview_hz: float = Field(5.0, gt=0, le=100)
     """Live previews per second per scan (latest-only)."""

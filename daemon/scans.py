@@ -52,6 +52,8 @@ class _Pending(NamedTuple):
     positions: np.ndarray
     arrived: float
     worker: ScanWorker | None
+    #: the bslz4 bytes the frames were decoded from, written to the spool as they are
+    wire: object | None = None
 
 
 class ScanRefused(ValueError):
@@ -220,9 +222,10 @@ class ScanManager:
         self._trim_history()
 
     def add_frames(self, session: Session, frames: np.ndarray, indices: np.ndarray, positions: np.ndarray,
-                   arrived: float, detector: DetectorFrames | None = None) -> int:
+                   arrived: float, detector: DetectorFrames | None = None, wire: object | None = None) -> int:
         """Spool, then count, then hand to the worker. Returns the number of frames kept.
-        ``detector``: the frames' compressed chunks from a detector source, spooled as they are."""
+        ``detector``: the frames' compressed chunks from a detector source, spooled as they are.
+        ``wire``: the bslz4 bytes the frames were decoded from (Frames.wire_data)."""
         with session.lock:  # summaries read the ledger from other threads
             keep = session.ledger.admit(indices)
         dup = int((~keep).sum())
@@ -236,13 +239,14 @@ class ScanManager:
         if not keep.all():
             frames, indices, positions = frames[keep], indices[keep], positions[keep]
             binned, raw = (None if c is None else c.select(keep) for c in (binned, raw))
+            wire = None  # the received bytes hold the duplicates too: the spool compresses these
         spool = self.spools[session.scan_id]
         n = len(frames)
         session.last_activity = time.monotonic()
         worker = self.running.get(session.scan_id)
 
         if binned is None and raw is None:  # no detector chunks: appended with the frames waiting
-            self._append(session, spool, _Pending(frames, indices, positions, arrived, worker))
+            self._append(session, spool, _Pending(frames, indices, positions, arrived, worker, wire))
             return n
 
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
@@ -276,7 +280,9 @@ class ScanManager:
                 if self._appending.get(scan_id) is batch:
                     del self._appending[scan_id]  # frames from now on start the next append
             try:
-                n = spool.append_many([(i.frames, i.indices, i.positions) for i in batch])
+                n = spool.append_many([(i.frames, i.indices, i.positions) for i in batch], [i.wire for i in batch])
+                for path, chunks in spool.take_chunk_paths().items():
+                    self.metrics.spool_chunks.labels(path=path).inc(chunks)
                 with session.lock:
                     session.ledger.stored(n)
                 self.metrics.frames_received.inc(n)
