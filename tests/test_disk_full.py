@@ -119,11 +119,11 @@ def test_a_spool_failure_mid_scan_is_the_reason_the_producer_is_given(tmp_path, 
     calls = {"n": 0}
     real = SpoolWriter.append_many
 
-    def fills_up(self, batches):
+    def fills_up(self, batches, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 1:
             raise OSError(errno.ENOSPC, "No space left on device (test)")
-        return real(self, batches)
+        return real(self, batches, *args, **kwargs)
 
     monkeypatch.setattr(SpoolWriter, "append_many", fills_up)
     cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
