@@ -234,9 +234,11 @@ class ScanWorker:
 
     def _new_half_engine(self) -> LiveEngine:
         """An engine of a half set (resolution estimate): without the parallax fit, which
-        would run twice more on half the counts (minutes on a CPU for a large particle)."""
+        would run twice more on half the counts (minutes on a CPU for a large particle). The
+        offline-only searches are off: the scan's engine already warned that it skips them."""
         assert self._engine_spec is not None
-        return create_engine(dataclasses.replace(self._engine_spec, probe_from_model=False), self.options)
+        options = self.options.model_copy(update={"aberration_search": False, "scan_search": False})
+        return create_engine(dataclasses.replace(self._engine_spec, probe_from_model=False), options)
 
     def _note_parallax(self) -> dict[str, float]:
         """The probe aberrations the engine's parallax fit found (an optional engine attribute,

@@ -211,7 +211,8 @@ class ReconOptions(_Strict):
     ``scan_search_iterations`` CG iterations of the object from the common start, at the
     positions c + A (u − c) (gpu/positions.py, ``search_scan_matrix``); the reconstruction
     then starts at the positions the best A gives (and ``refine_positions`` refines on from
-    there when set). The result keeps the nominal positions beside them. Offline only. The
+    there when set). The result keeps the nominal positions beside them. Offline only: the live
+    engine logs a warning naming it and skips it. The
     reduced objective is scored on held-out counts (binomial halves). Off by default: on the
     realistic preset it gains at 100 e⁻/Å² (proteasome 0.459 → 0.514 phase correlation) and
     loses at 20 e⁻/Å² (0.337 → 0.316), at 6–12× the time (MEASUREMENTS.md, "The scan's affine
@@ -247,7 +248,8 @@ class ReconOptions(_Strict):
     reconstruct with the probe found. Costs about 3 × (number of coefficients) × rounds short
     reconstructions. Off by default: with the realistic preset it recovers part of the probe
     error at 100 e⁻/Å² and none at 20 e⁻/Å², where the reduced objective is flat in the defocus
-    (MEASUREMENTS.md, "Realistic scans")."""
+    (MEASUREMENTS.md, "Realistic scans"). Offline only: the live engine logs a warning naming
+    it and skips it."""
     aberration_search_iterations: int = Field(15, ge=1)
     aberration_search_step_rad: float = Field(2.0, gt=0)
     """First step of the search, radians of aberration phase at the edge of the probe's

@@ -130,6 +130,12 @@ class StreamingReconstructor:
                     f"extent_m must be ((ymin, ymax), (xmin, xmax)) in metres, got {extent_m!r}"
                 )
         self.options = options
+        # the scan-wide searches run on every frame before an offline reconstruction; the live
+        # engine has no such point, so a scan that asks for them is told they are skipped
+        offline_only = [name for name in ("aberration_search", "scan_search") if getattr(options, name)]
+        if offline_only:
+            log.warning("%s: offline only, not run by the live engine (reconstruct the saved scan "
+                        "with `cryoptycho reconstruct` for it)", ", ".join(offline_only))
         self.xp = get_xp(options.backend)
         self._rdtype = real_dtype(options.precision)
         self._cdtype = complex_dtype(options.precision)

@@ -25,36 +25,18 @@ import time
 
 import numpy as np
 from cryoptycho.gpu.backend import to_numpy
+from cryoptycho.gpu.metrics import affine_registered, fit_affine
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.reconstruct import _initial_probe, _parallax_corrected, reconstruct
 from cryoptycho.gpu.sim.errors import ExperimentErrors
 from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
 from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 from cryoptycho.gpu.sim.specimen import load_model
-from scipy import ndimage
-
-
-def fit_affine(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """dst ≈ c + B (src − c) + b, c = mean(src)."""
-    c = src.mean(axis=0)
-    coef, *_ = np.linalg.lstsq(np.c_[src - c, np.ones(len(src))], dst - c, rcond=None)
-    return coef[:2].T, coef[2], c
 
 
 def entries(b: np.ndarray) -> dict[str, float]:
     return {"Ayy-1": round(b[0, 0] - 1, 5), "Ayx": round(b[0, 1], 5), "Axy": round(b[1, 0], 5),
             "Axx-1": round(b[1, 1] - 1, 5)}
-
-
-def to_true_frame(obj: np.ndarray, origin: tuple[float, float], px: float, used: np.ndarray,
-                  true: np.ndarray) -> np.ndarray:
-    """``obj`` (reconstructed at positions ``used``) resampled where the true positions put it."""
-    b, off, c = fit_affine(used, true)
-    inv = np.linalg.inv(b)
-    o = np.asarray(origin)
-    shift = (c + inv @ (o - c - off) - o) / px
-    parts = [ndimage.affine_transform(p, inv, offset=shift, order=3, mode="nearest") for p in (obj.real, obj.imag)]
-    return parts[0] + 1j * parts[1]
 
 
 def score(data, state) -> dict:
@@ -69,7 +51,7 @@ def score(data, state) -> dict:
 
     used = np.asarray(state.positions)
     true = np.asarray(data.truth_positions)
-    return {"official": figures(obj), "affine": figures(to_true_frame(obj, origin, px, used, true)),
+    return {"official": figures(obj), "affine": figures(affine_registered(obj, origin, px, used, true)),
             "used_to_true": entries(fit_affine(used, true)[0])}
 
 
