@@ -90,6 +90,24 @@ class ParallaxFit:
         dof = max(len(self.coefficients), 1)
         return self.significance > float(chi2.ppf(confidence, dof))
 
+    def record(self, applied: bool, frames: int, confidence: float | None = None) -> dict[str, float]:
+        """The fit as flat scalars for a result file's /extra (offline and live write the same
+        keys, daemon/storage/FORMATS.md): ``parallax_<name>_m`` the coefficients found (applied
+        or not), ``parallax_<name>_se_m`` their standard errors, ``parallax_significance`` and
+        the χ² threshold it was held against (``confidence``; absent when the fit was applied
+        without a test), ``parallax_applied`` (1: the used probe carries the correction, 0: the
+        nominal probe was kept), ``parallax_frames`` (patterns the fit read)."""
+        out = {f"parallax_{k}_m": float(v) for k, v in self.coefficients.items()}
+        out.update({f"parallax_{k}_se_m": float(v) for k, v in self.standard_error.items()})
+        out.update(parallax_significance=float(self.significance), parallax_applied=float(bool(applied)),
+                   parallax_frames=float(frames), parallax_log_likelihood_gain=float(self.log_likelihood_gain))
+        if confidence is not None:
+            from scipy.stats import chi2
+
+            out["parallax_confidence"] = float(confidence)
+            out["parallax_threshold"] = float(chi2.ppf(confidence, max(len(self.coefficients), 1)))
+        return out
+
 
 def _scan_step(offsets: np.ndarray) -> float:
     """The scan's step: the median distance to the nearest other position."""

@@ -204,6 +204,12 @@ class StreamingReconstructor:
         self._parallax_job: Future[ParallaxFit] | None = None
         self._parallax_frames = 0  #: frames the fit was given
         self._parallax_applied = False  #: its correction is in the probe (significant, see options)
+        self._parallax_job_final = False  #: the running fit is the scan-end one
+        self._parallax_early = False  #: a fit before scan end has landed (``stream.parallax_refit``)
+        #: the probe the fit corrected (the snapshot saves it beside the used one) and the fit's
+        #: record (``ParallaxFit.record``: coefficients, significance, applied)
+        self._nominal_probe: Any = None
+        self._probe_estimate: dict[str, float] = {}
         if self._parallax_wanted(probe_from_model):
             self._parallax_probe = self.probe.copy()
         if extent_m is not None:
@@ -480,7 +486,7 @@ class StreamingReconstructor:
         """``stream.parallax_after`` of the expected frames have arrived (never before scan end
         when the scan declares no frame count, or the share is 1)."""
         after = self.options.stream.parallax_after
-        if self._expected is None or after >= 1.0:
+        if self._expected is None or after >= 1.0 or self._parallax_early:
             return False
         return self.n_frames >= max(9, math.ceil(after * self._expected))
 
@@ -488,6 +494,13 @@ class StreamingReconstructor:
         """Start the fit when due (in a background thread: it takes seconds to minutes and the
         steps go on meanwhile) and swap its probe in once it is done; ``final`` (scan end):
         start it now if it never started and wait for it (at most ``wait_s``, if given)."""
+        if final and self._parallax_job is not None and not self._parallax_job_final \
+                and self._parallax_early_wanted() and not self._parallax_job.done():
+            # an early fit still running at scan end: the fit on every frame supersedes it
+            log.info("parallax fit on %d frames still running at scan end: dropped for the fit on "
+                     "every frame", self._parallax_frames)
+            self._parallax_job.add_done_callback(_log_failed_late_fit)
+            self._parallax_job = None
         if self._parallax_job is None:
             if not (final or self._parallax_due()):
                 return
@@ -507,42 +520,69 @@ class StreamingReconstructor:
                 fft_order=True)
             pool.shutdown(wait=False)  # its one thread ends with the job
             self._parallax_frames = len(range(0, n, stride))
+            self._parallax_job_final = final
         if not (final or self._parallax_job.done()):
             return
         if final and wait_s is not None and not futures_wait([self._parallax_job], timeout=wait_s).done:
             # the refinement budget is a promise to the operator: a fit that would break it is
             # dropped (its thread ends on its own; its result is not used)
             log.warning("parallax fit on %d frames not done within %.1f s of the refinement budget: "
-                        "the nominal probe is kept", self._parallax_frames, wait_s)
+                        "the %s probe is kept", self._parallax_frames, wait_s,
+                        "early fit's" if self._parallax_applied else "nominal")
             self._parallax_job.add_done_callback(_log_failed_late_fit)
             self._parallax_job = self._parallax_probe = None
             return
         job, self._parallax_job = self._parallax_job, None
-        nominal, self._parallax_probe = self._parallax_probe, None
+        nominal = self._parallax_probe
+        # an early fit keeps the nominal probe for the fit on every frame at scan end
+        refit = not final and self._parallax_early_wanted()
+        self._parallax_early = self._parallax_early or not final
+        self._parallax_probe = nominal if refit else None
+        auto = self.options.parallax == "auto"
         try:
             fit = job.result()  # an error of the fit's thread is raised here, in the engine's
         except ValueError as exc:
-            if self.options.parallax != "auto":
+            if not auto:
                 raise ValueError(f"parallax: {exc}") from exc
-            log.warning("parallax fit skipped, the nominal probe is used: %s", exc)
+            log.warning("parallax fit skipped, the %s probe is used: %s",
+                        "early fit's" if self._parallax_applied else "nominal", exc)
             return
         self.parallax_fit = fit
         log.info("parallax fit on %d frames: %s nm (log-likelihood gain %.1f, %d frequencies × %d pixels)",
                  self._parallax_frames, {k: round(v * 1e9, 1) for k, v in fit.coefficients.items()},
                  fit.log_likelihood_gain, fit.frequencies, fit.pixels)
-        if not any(fit.coefficients.values()):
-            return
-        if self.options.parallax == "auto" and not fit.rejects_nominal(self.options.parallax_confidence):
-            log.info("parallax fit not significant (χ² %.1f for %d coefficients): the nominal probe is kept",
-                     fit.significance, len(fit.coefficients))
+        confidence = self.options.parallax_confidence
+        apply = any(fit.coefficients.values()) and (not auto or fit.rejects_nominal(confidence))
+        self._nominal_probe = nominal
+        self._probe_estimate = fit.record(apply, self._parallax_frames, confidence if auto else None)
+        if not apply:
+            if any(fit.coefficients.values()):
+                log.info("parallax fit not significant (χ² %.1f for %d coefficients): the nominal probe "
+                         "is kept", fit.significance, len(fit.coefficients))
+            if self._parallax_applied:  # an early fit's correction that the whole scan rejects
+                self._parallax_applied = False
+                self._swap_probe(nominal)
             return
         self._parallax_applied = True
         # the fit corrects the nominal probe: a probe the steps refined meanwhile is replaced
-        self.probe = aberrate(nominal, self._pixel_size, float(self._energy or 0.0),
-                              fit.coefficients).astype(self._cdtype, copy=False)
+        self._swap_probe(aberrate(nominal, self._pixel_size, float(self._energy or 0.0), fit.coefficients))
+
+    def _parallax_early_wanted(self) -> bool:
+        """Whether a fit before scan end is made again at scan end (``stream.parallax_refit``)."""
+        return self.options.stream.parallax_refit and self.options.stream.parallax_after < 1.0
+
+    def _swap_probe(self, probe: Any) -> None:
+        """Replace the probe (the object stays), at the power the data ask for."""
+        self.probe = probe.astype(self._cdtype, copy=True)
         self._constrain_probe_power()
         self._velocity[...] = 0  # the momentum was built for the old probe
         self._illum_stale = True
+
+    @property
+    def probe_estimate(self) -> dict[str, float]:
+        """The parallax fit's record (``ParallaxFit.record``: coefficients found, significance,
+        whether applied) once a fit landed; empty before."""
+        return dict(self._probe_estimate)
 
     @property
     def parallax_coefficients(self) -> dict[str, float] | None:
@@ -860,11 +900,21 @@ class StreamingReconstructor:
             positions=self.frame_store.positions[:n].copy(),
             energy=self._energy,
             nominal_positions=self._received[:n].copy() if self._positions_moved else None,
+            nominal_probe=self._nominal_probe_snapshot(),
+            probe_estimate=dict(self._probe_estimate),
         )
         start = self._iteration - len(self._loss_history) + 1
         state.loss_epochs = list(range(start, self._iteration + 1))
         state.loss_values = list(self._loss_history)
         return state
+
+    def _nominal_probe_snapshot(self) -> np.ndarray | None:
+        """The probe the parallax fit corrected, at the used probe's power (host copy)."""
+        if self._nominal_probe is None:
+            return None
+        nominal = np.array(to_numpy(self._nominal_probe), copy=True)
+        used = float(np.sum(np.abs(to_numpy(self.probe)) ** 2))
+        return nominal * np.sqrt(used / max(float(np.sum(np.abs(nominal) ** 2)), 1e-300))
 
     @staticmethod
     def memory_estimate(

@@ -87,13 +87,75 @@ def test_streaming_engine_corrects_a_defocused_model_probe_while_streaming(xp) -
     assert _overlap(probe, true) > _overlap(nominal, true) + 0.05, (_overlap(probe, true), _overlap(nominal, true))
     # the probe keeps the power the data ask for, and the engine goes on
     assert np.isclose(float(np.sum(np.abs(probe) ** 2)), engine.probe_power(), rtol=1e-3)
+    assert engine.probe_estimate["parallax_frames"] == half
     engine.add_frames(frames[half:], pos[half:])
     for _ in range(5):
         engine.step()
+    assert engine.parallax_coefficients == found  # no second fit while the scan streams
     engine.refine(2)
     state = engine.snapshot()
     assert np.all(np.isfinite(state.object))
+    # stream.parallax_refit (default): fitted again at scan end, on every frame
+    final = engine.parallax_coefficients
+    assert final is not None and final != found
+    assert state.probe_estimate["parallax_frames"] == n and state.probe_estimate["parallax_applied"] == 1
+    assert state.probe_estimate["parallax_C10_m"] == final["C10"]
+    err_final = float(np.sqrt(sum((final[k] - ERRORS[k]) ** 2 for k in ERRORS))) * 1e9
+    assert err_final < 0.5 * nominal_err, final
+    assert _overlap(to_numpy(engine.probe), true) > _overlap(nominal, true) + 0.05
+    # the snapshot keeps the probe the fit corrected, at the used probe's power
+    assert _overlap(state.nominal_probe, nominal) == pytest.approx(1.0, abs=1e-6)
+    assert np.sum(np.abs(state.nominal_probe) ** 2) == pytest.approx(np.sum(np.abs(state.probe) ** 2), rel=1e-6)
+
+
+def test_parallax_refit_off_keeps_the_early_fit() -> None:
+    frames, pos, nominal, _ = _scan()
+    n = len(frames)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5, "parallax_refit": False})
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    _step_until_fitted(engine)
+    found = engine.parallax_coefficients
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    engine.refine(1)
     assert engine.parallax_coefficients == found  # once per scan
+    assert engine.snapshot().probe_estimate["parallax_frames"] == n // 2
+
+
+def test_an_early_correction_the_whole_scan_rejects_is_undone(monkeypatch) -> None:
+    """The fit at scan end decides: when it does not reject the nominal probe (significance
+    below the χ² threshold) the early fit's correction is taken out again, and the record says
+    the correction was not applied."""
+    import dataclasses
+
+    import cryoptycho.gpu.stream as stream_module
+
+    fit = stream_module.estimate_aberrations
+    calls = []
+
+    def weak_at_scan_end(*args, **kwargs):
+        found = fit(*args, **kwargs)
+        calls.append(len(args[0]))
+        return found if len(calls) == 1 else dataclasses.replace(found, significance=0.1)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", weak_at_scan_end)
+    frames, pos, nominal, _ = _scan()
+    n = len(frames)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    _step_until_fitted(engine)
+    assert engine.parallax_coefficients is not None
+    assert _overlap(to_numpy(engine.probe), nominal) < 0.99  # the early correction is in
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    engine.refine(0)
+    assert calls == [n // 2, n]
+    assert engine.parallax_coefficients is None
+    assert _overlap(to_numpy(engine.probe), nominal) == pytest.approx(1.0, abs=1e-6)
+    state = engine.snapshot()
+    assert state.probe_estimate["parallax_applied"] == 0
+    assert state.probe_estimate["parallax_significance"] == 0.1
+    assert state.probe_estimate["parallax_threshold"] > 0.1
 
 
 def test_fit_at_scan_end_when_never_due_and_only_for_a_model_probe() -> None:
@@ -202,6 +264,10 @@ def test_daemon_live_result_of_a_probe_model_scan_carries_the_fitted_aberrations
         assert err < 0.5 * float(np.sqrt(sum(v**2 for v in ERRORS.values()))), found
         with h5py.File(result.files["result"]) as f:
             saved = {k: float(f["extra"].attrs[f"parallax_{k}_m"]) for k in ERRORS}
+            # the probe estimate as offline result files record it (tests/test_parallax.py)
+            assert f["extra"].attrs["parallax_applied"] == 1
+            assert f["extra"].attrs["parallax_significance"] > f["extra"].attrs["parallax_threshold"]
+            assert f["nominal_probe"].shape == f["probe"].shape == (M, M)
         assert saved == pytest.approx(found, rel=1e-12)
         assert "parallax fit" in daemon.log()
     finally:
