@@ -272,3 +272,61 @@ def test_daemon_live_result_of_a_probe_model_scan_carries_the_fitted_aberrations
         assert "parallax fit" in daemon.log()
     finally:
         daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
+
+
+@pytest.mark.subprocess
+def test_bench_live_reports_the_live_and_offline_probe_estimates(tmp_path) -> None:
+    """`cryoptycho simulate --realistic` (40 nm defocus off) then `cryoptycho bench live` with an
+    early fit (``stream.parallax_after=0.5``): the live result file carries the fit refitted at
+    scan end on every frame — the same estimate as the offline reconstruction's."""
+    import json
+    import subprocess
+
+    data = tmp_path / "tiny.h5"
+    subprocess.run(["cryoptycho", "simulate", "--realistic", "--frame-size", "32", "--detector", "ideal", "--thin",
+                    "--dose", "200", "--overlap", "0.4", "--defocus-error", "40", "--astigmatism", "0",
+                    "-o", str(data)], check=True, capture_output=True, timeout=300)
+    run = subprocess.run(
+        ["cryoptycho", "bench", "live", "--dataset", str(data), "--iterations", "2", "--offline-iterations", "2",
+         "--refine-s", "60", "--rate", "100", "--set", "stream.parallax_after=0.5", "--json"],
+        check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout)
+    live, offline = figures["live_probe_estimate"], figures["offline_probe_estimate"]
+    assert live["parallax_frames"] == offline["parallax_frames"] == figures["frames"]
+    assert live["parallax_applied"] == offline["parallax_applied"] == 1
+    assert abs(live["parallax_C10_m"] - 40e-9) < 15e-9
+    for k in ("C10", "C12a", "C12b"):
+        assert live[f"parallax_{k}_m"] == pytest.approx(offline[f"parallax_{k}_m"], abs=0.2e-9), k
+
+
+def test_an_early_fit_still_running_at_scan_end_gives_way_to_the_fit_on_every_frame(monkeypatch) -> None:
+    import threading
+
+    import cryoptycho.gpu.stream as stream_module
+
+    frames, pos, nominal, true = _scan(seed=5)
+    n = len(frames)
+    gate = threading.Event()
+    fit = stream_module.estimate_aberrations
+    calls = []
+
+    def first_stuck(*args, **kwargs):
+        calls.append(len(args[0]))
+        if len(args[0]) < n:  # the early fit, on half the frames
+            assert gate.wait(60), "the test never released the early fit"
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", first_stuck)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
+    try:
+        engine.add_frames(frames[: n // 2], pos[: n // 2])
+        engine.step()  # starts the early fit, which hangs
+        engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+        engine.step()
+        engine.refine(1)
+        assert not gate.is_set() and sorted(calls) == [n // 2, n]
+    finally:
+        gate.set()
+    assert engine.probe_estimate["parallax_frames"] == n
+    assert _overlap(to_numpy(engine.probe), true) > _overlap(nominal, true) + 0.05
