@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,10 @@ import numpy as np
 from .backend import array_module, asarray, complex_of, fft2, ifft2, real_of, to_numpy
 from .operators import to_fft_order
 from .probes import aberration_basis
+
+
+class FitCancelled(RuntimeError):
+    """The caller cancelled the fit (``estimate_aberrations(cancel=…)``)."""
 
 
 @dataclass
@@ -318,7 +323,7 @@ def estimate_aberrations(
     frames: Any, positions_m: Any, probe: Any, pixel_size: float, energy_ev: float,
     mask: Any | None = None, names: tuple[str, ...] | list[str] = ("C10", "C12a", "C12b"),
     search_range_m: float = 60e-9, prior_rms_m: float | None = 20e-9,
-    max_frequency: float | None = None, fft_order: bool = False,
+    max_frequency: float | None = None, fft_order: bool = False, cancel: threading.Event | None = None,
 ) -> ParallaxFit:
     """The aberrations of the true probe relative to ``probe`` (the nominal one), from the
     bright-field disc of every pattern (module docstring).
@@ -332,7 +337,9 @@ def estimate_aberrations(
     estimate stays near the nominal probe instead of following the noise. Stages: C10 alone (a
     grid over ±``search_range_m``, a Nelder–Mead polish), then all of ``names`` from there (a
     grid over the next two within ±``search_range_m``/2, a polish of all). Returns a
-    :class:`ParallaxFit`; its coefficients are what ``probes.aberrate`` adds to ``probe``."""
+    :class:`ParallaxFit`; its coefficients are what ``probes.aberrate`` adds to ``probe``.
+    ``cancel``: once set, the fit raises :class:`FitCancelled` at its next trial probe (the live
+    engine drops a fit whose result it will not use, so that it stops taking CPU time)."""
     names = tuple(names)
     if not names:
         raise ValueError("the parallax fit needs at least one aberration coefficient")
@@ -347,6 +354,8 @@ def estimate_aberrations(
     base = model.log_likelihood(x0)
 
     def score(x: np.ndarray) -> float:
+        if cancel is not None and cancel.is_set():
+            raise FitCancelled("the parallax fit was cancelled")
         return model.log_likelihood(x * unit) - base - 0.5 * inv_var * float(np.sum(x**2))
 
     span = search_range_m / unit
@@ -375,4 +384,4 @@ def estimate_aberrations(
     )
 
 
-__all__ = ["BrightFieldModel", "ParallaxFit", "estimate_aberrations"]
+__all__ = ["BrightFieldModel", "FitCancelled", "ParallaxFit", "estimate_aberrations"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +40,7 @@ from .geometry import ScanGeometry, fit_geometry
 from .objective import data_term
 from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, place_kernel, to_fft_order
 from .options import ReconOptions
-from .parallax import ParallaxFit, estimate_aberrations
+from .parallax import FitCancelled, ParallaxFit, estimate_aberrations
 from .positions import LiveScanModel, position_terms_device
 from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, auto_mu0, prior_term
@@ -73,7 +74,7 @@ log = logging.getLogger("cryoptycho.stream")
 def _log_failed_late_fit(job: Future[ParallaxFit]) -> None:
     """A parallax fit dropped for the budget still surfaces its failure (in its own thread)."""
     exc = job.exception()
-    if exc is not None:
+    if exc is not None and not isinstance(exc, FitCancelled):
         log.error("a parallax fit dropped at scan end failed: %s", exc, exc_info=exc)
 
 
@@ -205,6 +206,7 @@ class StreamingReconstructor:
         self._parallax_frames = 0  #: frames the fit was given
         self._parallax_applied = False  #: its correction is in the probe (significant, see options)
         self._parallax_job_final = False  #: the running fit is the scan-end one
+        self._parallax_cancel = threading.Event()  #: set: the running fit stops (dropped)
         self._parallax_early = False  #: a fit before scan end has landed (``stream.parallax_refit``)
         #: the probe the fit corrected (the snapshot saves it beside the used one) and the fit's
         #: record (``ParallaxFit.record``: coefficients, significance, applied)
@@ -499,8 +501,7 @@ class StreamingReconstructor:
             # an early fit still running at scan end: the fit on every frame supersedes it
             log.info("parallax fit on %d frames still running at scan end: dropped for the fit on "
                      "every frame", self._parallax_frames)
-            self._parallax_job.add_done_callback(_log_failed_late_fit)
-            self._parallax_job = None
+            self._drop_parallax_job()
         if self._parallax_job is None:
             if not (final or self._parallax_due()):
                 return
@@ -510,6 +511,7 @@ class StreamingReconstructor:
             # scan area (a prefix of a raster scan would see part of the particle)
             stride = -(-n // opts.stream.parallax_max_frames)
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax")
+            self._parallax_cancel = threading.Event()
             # rows below n of the store are never written again (a growth copies them into a
             # new array and leaves this one to the view): the thread reads them unlocked
             self._parallax_job = pool.submit(
@@ -517,7 +519,7 @@ class StreamingReconstructor:
                 self.frame_store.positions[:n:stride].copy(),
                 self._parallax_probe, self._pixel_size, float(self._energy or 0.0), mask=self._mask_host,
                 names=tuple(opts.parallax_aberrations), search_range_m=opts.parallax_range_m,
-                fft_order=True)
+                fft_order=True, cancel=self._parallax_cancel)
             pool.shutdown(wait=False)  # its one thread ends with the job
             self._parallax_frames = len(range(0, n, stride))
             self._parallax_job_final = final
@@ -529,8 +531,8 @@ class StreamingReconstructor:
             log.warning("parallax fit on %d frames not done within %.1f s of the refinement budget: "
                         "the %s probe is kept", self._parallax_frames, wait_s,
                         "early fit's" if self._parallax_applied else "nominal")
-            self._parallax_job.add_done_callback(_log_failed_late_fit)
-            self._parallax_job = self._parallax_probe = None
+            self._drop_parallax_job()
+            self._parallax_probe = None
             return
         job, self._parallax_job = self._parallax_job, None
         nominal = self._parallax_probe
@@ -566,6 +568,14 @@ class StreamingReconstructor:
         self._parallax_applied = True
         # the fit corrects the nominal probe: a probe the steps refined meanwhile is replaced
         self._swap_probe(aberrate(nominal, self._pixel_size, float(self._energy or 0.0), fit.coefficients))
+
+    def _drop_parallax_job(self) -> None:
+        """Give up the running fit: it stops at its next trial probe (its CPU time goes back to
+        the steps and the refinement), and a failure still surfaces in the log."""
+        assert self._parallax_job is not None
+        self._parallax_cancel.set()
+        self._parallax_job.add_done_callback(_log_failed_late_fit)
+        self._parallax_job = None
 
     def _parallax_early_wanted(self) -> bool:
         """Whether a fit before scan end is made again at scan end (``stream.parallax_refit``)."""

@@ -247,3 +247,15 @@ def test_reconstruct_result_file_records_the_probe_estimate(tmp_path) -> None:
     with h5py.File(off) as f:
         assert "nominal_probe" not in f
         assert not any(k.startswith("parallax_") for k in (f["extra"].attrs if "extra" in f else {}))
+
+
+def test_a_cancelled_fit_stops() -> None:
+    import threading
+
+    from cryoptycho.gpu.parallax import FitCancelled
+
+    data = _dataset(300.0, ERRORS)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(FitCancelled):
+        estimate_aberrations(data.frames, data.positions, _nominal(), PIXEL, ENERGY, cancel=cancel)
