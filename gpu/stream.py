@@ -206,6 +206,7 @@ class StreamingReconstructor:
         self._parallax_frames = 0  #: frames the fit was given
         self._parallax_applied = False  #: its correction is in the probe (significant, see options)
         self._parallax_job_final = False  #: the running fit is the scan-end one
+        self._parallax_seen = 0  #: frames received when the last fit started
         self._parallax_cancel = threading.Event()  #: set: the running fit stops (dropped)
         self._parallax_early = False  #: a fit before scan end has landed (``stream.parallax_refit``)
         #: the probe the fit corrected (the snapshot saves it beside the used one) and the fit's
@@ -506,6 +507,9 @@ class StreamingReconstructor:
             if not (final or self._parallax_due()):
                 return
             n = self.n_frames
+            if self._parallax_early and n == self._parallax_seen:
+                self._parallax_probe = None  # no frame since the early fit: it stands
+                return
             opts = self.options
             # every k-th frame: the fit's time grows with its frames, a stride keeps the whole
             # scan area (a prefix of a raster scan would see part of the particle)
@@ -522,12 +526,13 @@ class StreamingReconstructor:
                 fft_order=True, cancel=self._parallax_cancel)
             pool.shutdown(wait=False)  # its one thread ends with the job
             self._parallax_frames = len(range(0, n, stride))
+            self._parallax_seen = n
             self._parallax_job_final = final
         if not (final or self._parallax_job.done()):
             return
         if final and wait_s is not None and not futures_wait([self._parallax_job], timeout=wait_s).done:
             # the refinement budget is a promise to the operator: a fit that would break it is
-            # dropped (its thread ends on its own; its result is not used)
+            # dropped (cancelled; its result is not used)
             log.warning("parallax fit on %d frames not done within %.1f s of the refinement budget: "
                         "the %s probe is kept", self._parallax_frames, wait_s,
                         "early fit's" if self._parallax_applied else "nominal")

@@ -336,3 +336,23 @@ def test_an_early_fit_still_running_at_scan_end_gives_way_to_the_fit_on_every_fr
     assert "failed" not in caplog.text  # a cancelled fit is not an error
     assert engine.probe_estimate["parallax_frames"] == n
     assert _overlap(to_numpy(engine.probe), true) > _overlap(nominal, true) + 0.05
+
+
+def test_no_refit_when_no_frame_arrived_after_the_early_fit(monkeypatch) -> None:
+    import cryoptycho.gpu.stream as stream_module
+
+    fit = stream_module.estimate_aberrations
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", counted)
+    frames, pos, nominal, _ = _scan()
+    engine = _engine(np, nominal, len(frames), stream={"parallax_after": 0.5})
+    engine.add_frames(frames, pos)  # the whole scan before the first step: the early fit sees it all
+    _step_until_fitted(engine)
+    engine.refine(1)
+    assert calls == [len(frames)]
+    assert engine.probe_estimate["parallax_applied"] == 1
