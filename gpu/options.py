@@ -72,7 +72,9 @@ class StreamOptions(_Strict):
     on every frame received, and decides the probe the refinement uses (the early fit's
     correction, or the nominal probe when the fit on every frame does not reject it): the
     preview gains the early correction, the result the fit on the whole scan. An early fit
-    still running at scan end is dropped for the final one."""
+    still running at scan end is waited for first; the refit starts from its estimate (no
+    grids: about half the trials); both come out of the half of the refinement budget the
+    fit may take, and a refit not done by then is dropped (the early fit's probe stays)."""
     parallax_max_frames: int = Field(4096, ge=64)
     """The live parallax fit reads at most this many frames, every k-th of those received (k the
     smallest that fits, so the whole scan area stays covered): its time grows with the frames

@@ -324,6 +324,7 @@ def estimate_aberrations(
     mask: Any | None = None, names: tuple[str, ...] | list[str] = ("C10", "C12a", "C12b"),
     search_range_m: float = 60e-9, prior_rms_m: float | None = 20e-9,
     max_frequency: float | None = None, fft_order: bool = False, cancel: threading.Event | None = None,
+    start: dict[str, float] | None = None,
 ) -> ParallaxFit:
     """The aberrations of the true probe relative to ``probe`` (the nominal one), from the
     bright-field disc of every pattern (module docstring).
@@ -339,7 +340,9 @@ def estimate_aberrations(
     grid over the next two within ±``search_range_m``/2, a polish of all). Returns a
     :class:`ParallaxFit`; its coefficients are what ``probes.aberrate`` adds to ``probe``.
     ``cancel``: once set, the fit raises :class:`FitCancelled` at its next trial probe (the live
-    engine drops a fit whose result it will not use, so that it stops taking CPU time)."""
+    engine drops a fit whose result it will not use, so that it stops taking CPU time).
+    ``start``: an earlier estimate (metres by name, e.g. from part of the scan): the fit skips
+    the grids and polishes all of ``names`` from there (about half the evaluations)."""
     names = tuple(names)
     if not names:
         raise ValueError("the parallax fit needs at least one aberration coefficient")
@@ -360,8 +363,13 @@ def estimate_aberrations(
 
     span = search_range_m / unit
     first = [names.index("C10")] if "C10" in names else [0]
-    best = _polish(score, _grid_best(score, x0.copy(), first, span, 25), first, span / 24)
     rest = [i for i in range(n) if i not in first]
+    if start is not None:
+        warm = np.clip([float(start.get(k, 0.0)) / unit for k in names], -span, span)
+        best = _polish(score, warm if score(warm) > score(x0) else x0.copy(), list(range(n)), span / 24)
+        rest = []
+    else:
+        best = _polish(score, _grid_best(score, x0.copy(), first, span, 25), first, span / 24)
     if rest:
         trial = _grid_best(score, best.copy(), rest[:2], span / 2, 9 if len(rest[:2]) == 2 else 17)
         for extra in rest[2:]:

@@ -497,12 +497,6 @@ class StreamingReconstructor:
         """Start the fit when due (in a background thread: it takes seconds to minutes and the
         steps go on meanwhile) and swap its probe in once it is done; ``final`` (scan end):
         start it now if it never started and wait for it (at most ``wait_s``, if given)."""
-        if final and self._parallax_job is not None and not self._parallax_job_final \
-                and self._parallax_early_wanted() and not self._parallax_job.done():
-            # an early fit still running at scan end: the fit on every frame supersedes it
-            log.info("parallax fit on %d frames still running at scan end: dropped for the fit on "
-                     "every frame", self._parallax_frames)
-            self._drop_parallax_job()
         if self._parallax_job is None:
             if not (final or self._parallax_due()):
                 return
@@ -514,6 +508,8 @@ class StreamingReconstructor:
             # every k-th frame: the fit's time grows with its frames, a stride keeps the whole
             # scan area (a prefix of a raster scan would see part of the particle)
             stride = -(-n // opts.stream.parallax_max_frames)
+            # a refit starts from the early fit's estimate (no grids: about half the trials)
+            start = self.parallax_fit.coefficients if final and self.parallax_fit is not None else None
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax")
             self._parallax_cancel = threading.Event()
             # rows below n of the store are never written again (a growth copies them into a
@@ -523,7 +519,7 @@ class StreamingReconstructor:
                 self.frame_store.positions[:n:stride].copy(),
                 self._parallax_probe, self._pixel_size, float(self._energy or 0.0), mask=self._mask_host,
                 names=tuple(opts.parallax_aberrations), search_range_m=opts.parallax_range_m,
-                fft_order=True, cancel=self._parallax_cancel)
+                fft_order=True, cancel=self._parallax_cancel, start=start)
             pool.shutdown(wait=False)  # its one thread ends with the job
             self._parallax_frames = len(range(0, n, stride))
             self._parallax_seen = n
@@ -542,8 +538,9 @@ class StreamingReconstructor:
         job, self._parallax_job = self._parallax_job, None
         nominal = self._parallax_probe
         # an early fit keeps the nominal probe for the fit on every frame at scan end
-        refit = not final and self._parallax_early_wanted()
-        self._parallax_early = self._parallax_early or not final
+        early = not self._parallax_job_final
+        refit = early and self._parallax_early_wanted()
+        self._parallax_early = self._parallax_early or early
         self._parallax_probe = nominal if refit else None
         auto = self.options.parallax == "auto"
         try:
@@ -817,7 +814,11 @@ class StreamingReconstructor:
         if self._parallax_probe is not None:
             # the fit not yet run (or still running) belongs before the refinement: its time
             # comes out of the budget
-            self._parallax_poll(final=True, wait_s=None if time_budget_s is None else time_budget_s / 2)
+            # (an early fit still running is waited for, then refitted on every frame,
+            # ``stream.parallax_refit``: all within half the budget)
+            deadline = None if time_budget_s is None else clock() + time_budget_s / 2
+            while self._parallax_probe is not None:
+                self._parallax_poll(final=True, wait_s=None if deadline is None else max(0.0, deadline - clock()))
             if time_budget_s is not None:
                 time_budget_s = max(1e-9, time_budget_s - (clock() - t_entry))
             t_entry = clock()

@@ -259,3 +259,15 @@ def test_a_cancelled_fit_stops() -> None:
     cancel.set()
     with pytest.raises(FitCancelled):
         estimate_aberrations(data.frames, data.positions, _nominal(), PIXEL, ENERGY, cancel=cancel)
+
+
+def test_a_warm_start_finds_the_cold_fit_with_fewer_trials() -> None:
+    """``start`` (an earlier, rougher estimate, as the live engine's early fit gives the refit)
+    skips the grids: the same estimate from fewer trial probes."""
+    data = _dataset(3000.0, ERRORS, seed=2)
+    cold = estimate_aberrations(data.frames, data.positions, _nominal(), PIXEL, ENERGY)
+    rough = {k: v + 6e-9 for k, v in cold.coefficients.items()}
+    warm = estimate_aberrations(data.frames, data.positions, _nominal(), PIXEL, ENERGY, start=rough)
+    for k in ERRORS:
+        assert warm.coefficients[k] == pytest.approx(cold.coefficients[k], abs=1e-9), k
+    assert warm.evaluations < 0.75 * cold.evaluations

@@ -300,42 +300,74 @@ def test_bench_live_reports_the_live_and_offline_probe_estimates(tmp_path) -> No
         assert live[f"parallax_{k}_m"] == pytest.approx(offline[f"parallax_{k}_m"], abs=0.2e-9), k
 
 
-def test_an_early_fit_still_running_at_scan_end_gives_way_to_the_fit_on_every_frame(monkeypatch, caplog) -> None:
-    """The early fit is cancelled (it stops taking CPU time) and the fit on every frame decides."""
+def test_an_early_fit_still_running_at_scan_end_is_waited_for_then_refitted_from_its_estimate(
+        monkeypatch) -> None:
     import threading
 
     import cryoptycho.gpu.stream as stream_module
-    from cryoptycho.gpu.parallax import FitCancelled
 
     frames, pos, nominal, true = _scan(seed=5)
     n = len(frames)
     fit = stream_module.estimate_aberrations
-    calls, cancelled = [], threading.Event()
+    calls, released = [], threading.Event()
 
-    def early_waits_for_cancel(*args, **kwargs):
-        calls.append(len(args[0]))
-        if len(args[0]) < n:  # the early fit, on half the frames: runs until the engine cancels it
-            assert kwargs["cancel"].wait(60), "the engine never cancelled the early fit"
-            try:
-                return fit(*args, **kwargs)
-            except FitCancelled:
-                cancelled.set()
-                raise
+    def early_is_slow(*args, **kwargs):
+        calls.append((len(args[0]), kwargs.get("start")))
+        if len(args[0]) < n:  # the early fit, on half the frames: still running when refine starts
+            released.wait(0.5)
         return fit(*args, **kwargs)
 
-    monkeypatch.setattr(stream_module, "estimate_aberrations", early_waits_for_cancel)
+    monkeypatch.setattr(stream_module, "estimate_aberrations", early_is_slow)
     engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
     engine.add_frames(frames[: n // 2], pos[: n // 2])
     engine.step()  # starts the early fit
     engine.add_frames(frames[n // 2 :], pos[n // 2 :])
     engine.step()
-    with caplog.at_level("ERROR", logger="cryoptycho.stream"):
-        engine.refine(1)
-        assert cancelled.wait(30)  # the real fit saw the cancel and stopped
-    assert sorted(calls) == [n // 2, n]
-    assert "failed" not in caplog.text  # a cancelled fit is not an error
+    engine.refine(1, time_budget_s=120)
+    released.set()
+    assert [c[0] for c in calls] == [n // 2, n]
+    early = calls[0]
+    assert early[1] is None and calls[1][1] is not None  # the refit starts from the early estimate
     assert engine.probe_estimate["parallax_frames"] == n
     assert _overlap(to_numpy(engine.probe), true) > _overlap(nominal, true) + 0.05
+
+
+def test_a_cancelled_refit_keeps_the_early_probe(monkeypatch) -> None:
+    """A refit that outlasts the budget is cancelled (it stops at its next trial) and the early
+    fit's correction stays."""
+    import threading
+
+    import cryoptycho.gpu.stream as stream_module
+    from cryoptycho.gpu.parallax import FitCancelled
+
+    frames, pos, nominal, _ = _scan(seed=6)
+    n = len(frames)
+    fit = stream_module.estimate_aberrations
+    stopped = threading.Event()
+
+    def refit_hangs(*args, **kwargs):
+        if len(args[0]) == n:  # the refit: runs until the engine cancels it
+            assert kwargs["cancel"].wait(60), "the engine never cancelled the refit"
+            try:
+                return fit(*args, **kwargs)
+            except FitCancelled:
+                stopped.set()
+                raise
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", refit_hangs)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    _step_until_fitted(engine)
+    early = engine.parallax_coefficients
+    probe = to_numpy(engine.probe).copy()
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    engine.refine(1, time_budget_s=0.5)
+    assert stopped.wait(30)
+    assert engine.parallax_coefficients == early
+    assert engine.probe_estimate["parallax_frames"] == n // 2
+    assert _overlap(to_numpy(engine.probe), probe) > 0.999
 
 
 def test_no_refit_when_no_frame_arrived_after_the_early_fit(monkeypatch) -> None:
