@@ -31,6 +31,9 @@ RUNS = {
     "parallax+refine(C10)": {"refine_aberrations": True, "aberrations": ["C10"]},
     "parallax+search": {"aberration_search": True, "aberrations": ["C10"],
                         "aberration_search_iterations": 30, "aberration_search_rounds": 2},
+    #: the search on an exact probe (true probe and positions): does it move a right probe?
+    "oracle+search": {"parallax": False, "aberration_search": True, "aberrations": ["C10"],
+                      "aberration_search_iterations": 30, "aberration_search_rounds": 2},
 }
 
 
@@ -47,7 +50,7 @@ def main(sample: str, doses: list[float], iterations: int, runs: list[str], out:
                                      probe=nominal.truth_probe, probe_model=None)
         for name in runs:
             extra = RUNS[name]
-            data = oracle if extra is None else nominal
+            data = oracle if extra is None or name.startswith("oracle") else nominal
             opts = base.merged({"parallax": False} if extra is None else extra)
             t = time.perf_counter()
             state = reconstruct(data, opts)
