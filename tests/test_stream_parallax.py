@@ -363,7 +363,7 @@ def test_a_cancelled_refit_keeps_the_early_probe(monkeypatch) -> None:
     probe = to_numpy(engine.probe).copy()
     engine.add_frames(frames[n // 2 :], pos[n // 2 :])
     engine.step()
-    engine.refine(1, time_budget_s=0.5)
+    engine.refine(1, time_budget_s=8.0)  # 4 s for the refit: the early fit's pace lets it start
     assert stopped.wait(30)
     assert engine.parallax_coefficients == early
     assert engine.probe_estimate["parallax_frames"] == n // 2
@@ -388,3 +388,35 @@ def test_no_refit_when_no_frame_arrived_after_the_early_fit(monkeypatch) -> None
     engine.refine(1)
     assert calls == [len(frames)]
     assert engine.probe_estimate["parallax_applied"] == 1
+
+
+def test_a_refit_that_cannot_finish_in_the_budget_is_not_started(monkeypatch, caplog) -> None:
+    """The early fit's pace predicts the refit's time: when it would not fit in the wait left,
+    the refit is skipped (the refinement keeps its time) and the early estimate stands."""
+    import threading
+
+    import cryoptycho.gpu.stream as stream_module
+
+    fit = stream_module.estimate_aberrations
+    calls = []
+
+    def slow(*args, **kwargs):
+        calls.append(len(args[0]))
+        threading.Event().wait(0.5)  # a fit that takes at least half a second
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", slow)
+    frames, pos, nominal, _ = _scan(seed=7)
+    n = len(frames)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    _step_until_fitted(engine)
+    early = engine.parallax_coefficients
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    with caplog.at_level("INFO", logger="cryoptycho.stream"):
+        engine.refine(1, time_budget_s=1.0)  # half of it, 0.5 s, for the fit: < 0.6 × 0.5 s × 2
+    assert calls == [n // 2]
+    assert "refit on" in caplog.text and "skipped" in caplog.text
+    assert engine.parallax_coefficients == early
+    assert engine.probe_estimate["parallax_frames"] == n // 2
