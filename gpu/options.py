@@ -66,7 +66,17 @@ class StreamOptions(_Strict):
     Default 1.0: on the realistic proteasome at 20 e⁻/Å² streamed at 500 frames/s the scan
     (≈ 4 s) ends long before a fit (≈ 15 s on a CPU) does, and a fit on half a raster scan
     (half the particle) is worse while it slows the steps; at scan end the live result matched
-    the offline one (NRMSE ratio 1.004, 0.5: 1.065; MEASUREMENTS.md, "Live parallax fit")."""
+    the offline one (NRMSE ratio 1.004, 0.5: 1.065; MEASUREMENTS.md, "Live parallax fit"). With
+    an early fit, ``parallax_refit`` fits again at scan end; on a loaded CPU the early fit
+    still did not land in time (MEASUREMENTS.md, "After the parallax fit")."""
+    parallax_refit: bool = True
+    """A parallax fit made before scan end (``parallax_after`` < 1) is made again at scan end,
+    on every frame received, and decides the probe the refinement uses (the early fit's
+    correction, or the nominal probe when the fit on every frame does not reject it): the
+    preview gains the early correction, the result the fit on the whole scan. An early fit
+    still running at scan end is waited for first; the refit starts from its estimate (no
+    grids: about half the trials); both come out of the half of the refinement budget the
+    fit may take, and a refit not done by then is dropped (the early fit's probe stays)."""
     parallax_max_frames: int = Field(4096, ge=64)
     """The live parallax fit reads at most this many frames, every k-th of those received (k the
     smallest that fits, so the whole scan area stays covered): its time grows with the frames

@@ -100,6 +100,10 @@ class Problem:
     probe_power: float  #: Σ|ψ|² = measured counts per pattern
     kappa: float
     energy: float
+    #: the probe before the parallax fit corrected it (at ``probe_power``), when the fit ran
+    nominal_probe: Any | None = None
+    #: the fit's record (``ParallaxFit.record``), for the result file; empty when none ran
+    probe_estimate: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _as_options(options: ReconOptions | dict[str, Any] | None) -> ReconOptions:
@@ -156,13 +160,15 @@ def _initial_probe(data: PtychoData, options: ReconOptions, xp: ModuleType, coun
     return probe
 
 
-def _parallax_corrected(probe: Any, data: PtychoData, opts: ReconOptions, positions: np.ndarray) -> Any:
+def _parallax_corrected(probe: Any, data: PtychoData, opts: ReconOptions,
+                        positions: np.ndarray) -> tuple[Any, dict[str, float]]:
     """The nominal probe corrected by the parallax fit (gpu/parallax.py) when ``opts.parallax``
-    asks for it ("auto": a probe from the dataset's probe model, one mode)."""
+    asks for it ("auto": a probe from the dataset's probe model, one mode), and the fit's record
+    for the result file (``ParallaxFit.record``; empty when no fit ran)."""
     auto = opts.parallax == "auto"
     use = (data.probe is None and data.probe_model is not None and probe.ndim == 2) if auto else opts.parallax
     if not use:
-        return probe
+        return probe, {}
     if probe.ndim != 2:
         raise ValueError("parallax needs a single coherent probe: give an (M, M) probe or set parallax=false")
     try:
@@ -174,17 +180,19 @@ def _parallax_corrected(probe: Any, data: PtychoData, opts: ReconOptions, positi
             raise ValueError(f"parallax: {exc}") from exc
         # "auto" on a scan the fit cannot use (too few positions or frequencies): nominal probe
         log.warning("parallax fit skipped, the nominal probe is used: %s", exc)
-        return probe
+        return probe, {}
     log.info("parallax fit: %s nm (log-likelihood gain %.1f, %d frequencies × %d pixels)",
              {k: round(v * 1e9, 1) for k, v in fit.coefficients.items()}, fit.log_likelihood_gain,
              fit.frequencies, fit.pixels)
+    confidence = opts.parallax_confidence if auto else None
+    frames = len(positions)
     if not any(fit.coefficients.values()):
-        return probe
+        return probe, fit.record(False, frames, confidence)
     if auto and not fit.rejects_nominal(opts.parallax_confidence):
         log.info("parallax fit not significant (χ² %.1f for %d coefficients): the nominal probe is kept",
                  fit.significance, len(fit.coefficients))
-        return probe
-    return aberrate(probe, data.real_pixel_size, data.energy, fit.coefficients)
+        return probe, fit.record(False, frames, confidence)
+    return aberrate(probe, data.real_pixel_size, data.energy, fit.coefficients), fit.record(True, frames, confidence)
 
 
 def with_source(probe: Any, opts: ReconOptions, pixel_size: float) -> Any:
@@ -255,7 +263,8 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     geometry = fit_geometry(positions, data.real_pixel_size, m, margin_px=margin)
     batch = make_batch(geometry.to_pixels(positions), geometry.object_shape, m, xp=xp)
     probe = _initial_probe(data, opts, xp, counts_fft)
-    probe = _parallax_corrected(probe, data, opts, positions)
+    nominal = probe
+    probe, estimate = _parallax_corrected(probe, data, opts, positions)
     probe = with_source(probe, opts, data.real_pixel_size)
     if opts.probe_modes > 1 or probe.ndim == 3:
         probe = initial_modes(probe, opts.probe_modes)
@@ -265,6 +274,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     if power <= 0:
         raise ValueError("the dataset holds no counts in valid pixels: nothing to reconstruct")
     probe = normalise_probe(probe, power).astype(complex_dtype(opts.precision))
+    nominal_probe = normalise_probe(nominal, power).astype(complex_dtype(opts.precision)) if estimate else None
     if opts.init == "random":
         obj = random_object(geometry.object_shape, opts, xp)
     elif opts.init == "ones":
@@ -281,6 +291,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
         xp=xp, options=opts, counts_fft=counts_fft, mask=mask, batch=batch, geometry=geometry,
         probe=probe, object=obj, positions=positions, probe_power=power,
         kappa=problem_kappa(counts_fft, mask, probe, batch), energy=float(data.energy),
+        nominal_probe=nominal_probe, probe_estimate=estimate,
     )
 
 
@@ -753,6 +764,7 @@ def full_batch_reconstruct(
         object=obj, probe=probe, geometry=problem.geometry, iteration=len(losses),
         options=opts.to_dict(), frames_used=int(problem.counts_fft.shape[0]),
         positions=positions, energy=problem.energy, nominal_positions=nominal,
+        nominal_probe=problem.nominal_probe, probe_estimate=dict(problem.probe_estimate),
     )
     for i, value in enumerate(losses, start=1):
         state.record_loss(i, value)
