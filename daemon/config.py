@@ -100,8 +100,8 @@ class ServiceConfig(BaseSettings):
     """Bytes of received messages the ingest socket may hold that the service has not read (they
     are outside its backpressure). ZeroMQ counts that queue in messages (ZMQ_RCVHWM), fixed per
     connection when a producer connects, before any scan declares its frame size: the socket
-    holds this ÷ ``limits.max_message_bytes`` messages, at least one (one message is always
-    received whole)."""
+    holds this ÷ ``limits.max_message_bytes`` messages, at least four (with one, libzmq never
+    delivered a CURVE producer's messages)."""
 
     preview_hz: float = Field(5.0, gt=0, le=100)
     """Live previews per second per scan (latest-only)."""

@@ -25,9 +25,9 @@ def _tcp_buffer_max() -> int:
 
 
 def test_hwm_is_the_byte_budget_over_the_largest_message() -> None:
-    assert ingest_hwm(256 * MiB, Limits()) == 1  # 512 MiB messages allowed: one at a time
+    assert ingest_hwm(256 * MiB, Limits()) == 4  # 512 MiB messages allowed: the floor
     assert ingest_hwm(256 * MiB, Limits(max_message_bytes=8 * MiB)) == 32
-    assert ingest_hwm(MiB, Limits(max_message_bytes=8 * MiB)) == 1
+    assert ingest_hwm(MiB, Limits(max_message_bytes=8 * MiB)) == 4
 
 
 def test_an_unread_ingest_socket_takes_no_more_than_its_byte_budget(tmp_path: Path) -> None:
@@ -37,25 +37,25 @@ def test_an_unread_ingest_socket_takes_no_more_than_its_byte_budget(tmp_path: Pa
     size = 16 * MiB
     cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
                         metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
-                        ingest_queue_bytes=2 * size, limits=Limits(max_message_bytes=size))
+                        ingest_queue_bytes=6 * size, limits=Limits(max_message_bytes=size))
     svc = Service(cfg)
     svc.start()
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     try:
-        assert svc.ingest.getsockopt(zmq.RCVHWM) == 2
+        assert svc.ingest.getsockopt(zmq.RCVHWM) == 6
         push.setsockopt(zmq.SNDHWM, 1)
         push.connect(svc.endpoints["ingest"])
         # the daemon's queue, the sender's queue and the message its I/O thread writes, the
         # message the daemon's I/O thread reads, and what the TCP buffers hold
-        bound = 2 + 2 + 1 + math.ceil(_tcp_buffer_max() / size)
+        bound = 6 + 2 + 1 + math.ceil(_tcp_buffer_max() / size)
         message = bytes(size)
         sent = 0
         # the socket is writable while the queues have room; blocked for 3 s means full
         while sent < bound + 3 and push.poll(3000, zmq.POLLOUT):
             push.send(message, zmq.NOBLOCK, copy=False)
             sent += 1
-        assert 2 <= sent <= bound, f"{sent} messages of {size} B left the sender (bound {bound})"
+        assert 6 <= sent <= bound, f"{sent} messages of {size} B left the sender (bound {bound})"
     finally:
         push.close(linger=0)
         ctx.term()
