@@ -383,9 +383,9 @@ def _recorded_source(sink: _Recorder) -> Iterator[tuple[SimSender, list[Any]]]:
 
 
 def test_frames_leave_in_whole_spool_chunks_while_the_detector_is_ahead() -> None:
-    """With the detector ahead of the source (full socket drains), the frames messages end a
-    series' frames on multiples of ALIGN (whole chunks of the spool), after the series' first
-    frame, which goes alone; none is lost, and the end flushes the rest."""
+    """With the detector ahead of the source, the frames messages end a series' frames on
+    multiples of ALIGN (whole chunks of the spool), after the series' first frame, which goes
+    alone; none is lost, and the end flushes the rest."""
     from cryoptycho.protocols.dectris.source import ALIGN
 
     n = 5 * ALIGN + 37

@@ -59,11 +59,12 @@ _HEADER = struct.Struct(">QI")
 #: store's add) are shared by this many frames; a slow stream is not held back, as a job also
 #: ends with each socket drain
 BATCH = 256
-#: a job ends a series' images on a multiple of this many, while more are waiting (the
-#: detector is ahead): the frames messages then fill whole chunks of the spool's frames
-#: (a power of two of up to 64 frames, daemon/storage/h5format.py), instead of sending a
-#: partly filled chunk through HDF5's filter, under the GIL, and reading it back to add the
-#: rest (measured: 5–10 µs of CPU per frame, a sixth of the spool's)
+#: a job ends a series' images on a multiple of this many while images keep coming (the rest
+#: wait for the next socket drain, for at most the flush interval): the frames messages then
+#: fill whole chunks of the spool's frames (a power of two of up to 64 frames,
+#: daemon/storage/h5format.py), instead of sending a partly filled chunk through HDF5's
+#: filter, under the GIL, and reading it back to add the rest (measured: 5–10 µs of CPU per
+#: frame, a sixth of the spool's)
 ALIGN = 64
 #: socket parts per drain of the receiver
 DRAIN_PARTS = 256
@@ -557,7 +558,7 @@ class DectrisSource(Source):
         #: channel; the last start received and the last fed to the converter; series ended
         #: images submitted since the last start received
         state: dict[str, Any] = {"channel": cfg.channel, "start": None, "fed": None, "plan": None, "ended": 0,
-                                 "images": 0}
+                                 "images": 0, "held": False, "held_since": 0.0}
 
         def job_kind() -> tuple[Any, bool, bool]:
             """(reducer, decode, alone) for the images gathered now. The converter may still
@@ -671,7 +672,7 @@ class DectrisSource(Source):
                     if isinstance(item, (bytes, Image)):
                         gathered.append(item)
                         if len(gathered) >= self.batch or (len(gathered) == 1 and job_kind()[2]):
-                            submit()
+                            submit(aligned=True)  # (a full batch also re-aligns after a flush)
                         continue
                     submit()
                     if isinstance(item, SeriesStart):
@@ -682,8 +683,19 @@ class DectrisSource(Source):
                     if max_series is not None and isinstance(item, SeriesEnd) and \
                             state["ended"] + sum(isinstance(m, SeriesEnd) for m, _ in pending) >= max_series:
                         break  # what follows belongs to series this run does not take
-                # a full drain: more is waiting, and the next drain takes it at once
-                submit(aligned=len(drained) >= DRAIN_PARTS)
+                # images short of alignment wait for the next drain while images keep coming:
+                # as long as drains come back full (the source is behind: the next drain takes
+                # more at once), else for at most the flush interval (what a batch of the bridge
+                # waits), and never past a drain that found the socket empty
+                now = time.monotonic()
+                if not drained or (len(drained) < DRAIN_PARTS and state["held"]
+                                   and now - state["held_since"] >= cfg.flush_interval_s):
+                    submit()
+                else:
+                    submit(aligned=True)
+                if gathered and not state["held"]:
+                    state["held_since"] = now
+                state["held"] = bool(gathered)
                 consume(block=False)
                 deliver(conv.flush(cfg.flush_interval_s))
                 if max_series is not None and any(isinstance(m, SeriesEnd) for m, _ in pending):
