@@ -18,6 +18,7 @@ Three stages, on threads:
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import struct
@@ -574,16 +575,19 @@ class DectrisSource(Source):
                 return None, False, False  # its series was skipped, or failed
             return (None, True, True) if plan.reducer is None else (plan.reducer, True, False)
 
+        #: (a job never grows past the batch size for it)
+        align = math.gcd(self.batch, ALIGN)
+
         def submit(aligned: bool = False) -> None:
-            """Jobs of the images gathered; ``aligned`` (more images are waiting): only as many
-            as end the series' images so far on a multiple of :data:`ALIGN`, the rest wait
-            for the next drain."""
+            """Jobs of the images gathered; ``aligned`` (more images are coming): only as many
+            as end the series' images so far on a multiple of ``align``, the rest wait for the
+            next drain."""
             while gathered:
                 reducer, decode, alone = job_kind()
                 if alone:
                     take = 1
                 elif aligned:
-                    take = len(gathered) - (state["images"] + len(gathered)) % ALIGN
+                    take = len(gathered) - (state["images"] + len(gathered)) % align
                     if take <= 0:
                         return
                 else:
