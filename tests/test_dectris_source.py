@@ -421,6 +421,56 @@ def test_a_slow_stream_is_not_held_back_for_alignment() -> None:
     assert out[0].frames_sent == 7 and sum(sink.frames()) == 7
 
 
+def test_images_held_back_for_alignment_are_delivered_when_the_source_stops(monkeypatch) -> None:
+    """A source stopped while it holds images back (short of alignment, images still coming)
+    decodes and delivers them before it aborts the scan: nothing it took is dropped."""
+    from cryoptycho.protocols.dectris import source as source_module
+    from cryoptycho.protocols.dectris.receiver import DectrisReceiver
+    from cryoptycho.protocols.messages import Abort
+
+    monkeypatch.setattr(source_module, "DRAIN_PARTS", 40)  # at most the start and 39 images a drain
+    sent = threading.Event()
+    drain = DectrisReceiver.drain_split
+
+    def after_sending(self: Any, *args: Any, **kw: Any) -> Any:
+        assert sent.wait(30), "the detector did not send"
+        return drain(self, *args, **kw)
+
+    monkeypatch.setattr(DectrisReceiver, "drain_split", after_sending)
+    messages = _series(_frames(100, seed=13), "held")[:-1]
+    stop = threading.Event()
+
+    class StopAtStart(_Recorder):
+        def put(self, msg: Any) -> None:
+            super().put(msg)
+            stop.set()  # from the scan's start on: the source stops after this drain
+
+    sink = StopAtStart()
+    sink.go.set()
+    out: list[Any] = []
+    with SimSender(2) as sender:
+        # images short of alignment wait up to the flush interval: here, longer than the test
+        source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, channel=CHANNEL,
+                                                        flush_interval_s=60), workers=1)
+        runner = threading.Thread(target=lambda: out.append(source.run(sink, stop)))
+        runner.start()
+        try:
+            assert source.ready.wait(30), "the source did not start"
+            for m in messages:
+                sender.send_raw(m)
+            sent.set()
+            runner.join(30)
+        finally:
+            stop.set()
+            sent.set()
+            runner.join(30)
+    assert out, "the source did not return"
+    taken = out[0].extra["frames_decoded"]
+    # the first drain's images: the series' first, alone, then the rest, held back at the stop
+    assert taken > 1 and sum(sink.frames()) == taken
+    assert isinstance(sink.messages[-1], Abort)
+
+
 def test_batch_acceptance_matches_one_image_at_a_time() -> None:
     from cryoptycho.protocols.dectris.receiver import SeriesTracker
     from cryoptycho.protocols.dectris.schema import Image, SeriesEnd, SeriesStart
@@ -503,7 +553,9 @@ def test_a_dead_worker_process_fails_its_scan_and_the_next_scan_is_taken(service
 
     def kill_the_workers(source: DectrisSource, sender: SimSender, rest: list[bytes]) -> None:
         # the workers are stopped first, so that jobs of the scan are in their hands when they die
+        # (after the jobs they ran already are taken back: a finished job survives the kill)
         assert source.pool is not None
+        _wait(lambda: source.pool.outstanding == 0, "the first jobs to be taken back")
         pids = source.pool.pids()
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)

@@ -704,6 +704,7 @@ class DectrisSource(Source):
                 deliver(conv.flush(cfg.flush_interval_s))
                 if max_series is not None and any(isinstance(m, SeriesEnd) for m, _ in pending):
                     consume(block=True)
+            submit()  # images held back for alignment are decoded and delivered too
             consume(block=True)
             deliver(conv.stop("the DECTRIS source stopped before the series ended"))
         except SinkClosed:
