@@ -8,7 +8,9 @@ is reported with the file it came from (the model itself forbids unknown keys to
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +62,10 @@ class ServiceConfig(BaseSettings):
     """One result file per scan (HDF5 + phase MRC/PNG) is written here."""
     spool_fsync: bool = False
     """fsync the spool after every message (survives power loss, not only a process crash)."""
+    disk_reserve_bytes: int = Field(64 * 2**20, ge=0)
+    """Spool appends and result files that would leave less free space on their file system are
+    refused before HDF5 writes (HDF5 corrupts or crashes on a full disk): the scan fails with an
+    error naming the directory, its spool file intact (``storage/diskspace.py``)."""
     numpy_hugepages: bool = False
     """Let NumPy ask the kernel for transparent huge pages on large arrays (its default). Off by
     default: where the kernel compacts memory for such requests (THP ``defrag = madvise``, common),
@@ -90,6 +96,12 @@ class ServiceConfig(BaseSettings):
     queue_capacity_frames: int = Field(65536, ge=1)
     """Frames waiting for a scan's worker; beyond this the service stops reading the ingest
     socket until the worker catches up (producers block: backpressure, not loss)."""
+    ingest_queue_bytes: int = Field(256 * 2**20, ge=1)
+    """Bytes of received messages the ingest socket may hold that the service has not read (they
+    are outside its backpressure). ZeroMQ counts that queue in messages (ZMQ_RCVHWM), fixed per
+    connection when a producer connects, before any scan declares its frame size: the socket
+    holds this ÷ ``limits.max_message_bytes`` messages, at least one (one message is always
+    received whole)."""
 
     preview_hz: float = Field(5.0, gt=0, le=100)
     """Live previews per second per scan (latest-only)."""
@@ -214,6 +226,26 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"invalid configuration ({source}): {problems}") from None
+
+
+#: CRYOPTYCHO_* variables that other commands read (view, broker, simulate, the tests)
+OTHER_COMMANDS_ENV = ("VIEW_", "BROKER_", "STRUCTURES", "CHROMIUM", "CHROMEDRIVER", "TEST_")
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``CRYOPTYCHO_*`` variables that set no key of the service (a typo such as
+    ``CRYOPTYCHO_SPOOL_DIRR``): the environment source ignores them, so the default applies
+    silently unless someone says so. Nested keys (``__``) are checked by the model itself."""
+    environ = os.environ if environ is None else environ
+    fields = {name.upper() for name in ServiceConfig.model_fields}
+    unknown = []
+    for name in environ:
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX):].upper()
+        if key.split("__", 1)[0] not in fields and not key.startswith(OTHER_COMMANDS_ENV):
+            unknown.append(name)
+    return sorted(unknown)
 
 
 def _env_only() -> ServiceConfig:

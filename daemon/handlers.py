@@ -151,7 +151,7 @@ def build_table(service: Service) -> dict[str, Handler]:
         """What the daemon holds of a scan: frames received (spooled), whether its scan_end was
         read. Cheap enough to poll: producers confirm delivery with it (PROTOCOL.md § 4.5)."""
         if not isinstance(scan_id, str) or not scan_id:
-            raise HandlerError("params.scan_id: required (a scan id string)")
+            raise HandlerError("required (a scan id string)", "params.scan_id", "string_type")
         session = service.scans.sessions.get(scan_id)
         if session is None:
             # not (yet) read, refused, or long forgotten: the daemon holds nothing of it
@@ -189,6 +189,9 @@ def build_table(service: Service) -> dict[str, Handler]:
             if error is not None:
                 raise error
             now["frames"]["received"] = received
+            with session.lock:  # a spool failure found meanwhile stops the scan: say so now
+                if session.error is not None:
+                    now.update(error=session.error, state=session.state.value)
             return now
 
         return service.reply_later("receipt", lambda done: service.scans.after_disk(stored, done), answer)

@@ -39,6 +39,12 @@ class ServiceMetrics:
             f"{p}_frames_used", "Frames visited by at least one model update", registry=r
         )
         self.received_bytes = Counter(f"{p}_received_bytes", "Bytes of ingest messages", registry=r)
+        self.spool_chunks = Counter(
+            f"{p}_spool_chunks",
+            "Whole spool chunks of frames written: as_received (the sender's bitshuffle-LZ4 bytes, not "
+            "compressed again) or compressed by the spool, labelled with why",
+            ["path"], registry=r,
+        )
         self.messages_rejected = Counter(
             f"{p}_messages_rejected", "Ingest messages refused, by violated rule", ["rule"], registry=r
         )

@@ -7,6 +7,7 @@ and a thread-safe queue).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import queue
@@ -21,6 +22,7 @@ import h5py
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
 from cryoptycho.gpu.engines import memory_estimate
+from cryoptycho.gpu.geometry import implausible_energy
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.protocols.sources import DetectorFrames
 from pydantic import ValidationError
@@ -30,6 +32,7 @@ from .metrics import ServiceMetrics
 from .publisher import Outbox
 from .scan import ScanSpec
 from .session import Session, State
+from .storage.diskspace import require_free_space
 from .storage.spool import SpoolWriter, file_stem, read_spool, spool_path, unfinished_spools
 from .worker import Cancel, EndOfScan, FrameBatch, Interrupt, ScanWorker
 
@@ -49,6 +52,8 @@ class _Pending(NamedTuple):
     positions: np.ndarray
     arrived: float
     worker: ScanWorker | None
+    #: the bslz4 bytes the frames were decoded from, written to the spool as they are
+    wire: object | None = None
 
 
 class ScanRefused(ValueError):
@@ -130,9 +135,13 @@ class ScanManager:
         session = Session(spec, need)
         self.refused.pop(spec.scan_id, None)
         self._register(session, spool)
+        warnings = [w for w in (implausible_energy(spec.energy_eV),) if w]
         self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "memory_bytes": need,
-                                           "expected_frames": spec.expected_frames})
+                                           "expected_frames": spec.expected_frames,
+                                           "warnings": warnings})
         log.info("scan accepted", extra={"scan_id": spec.scan_id, "memory_bytes": need})
+        for warning in warnings:
+            log.warning(warning, extra={"scan_id": spec.scan_id})
         return session
 
     def remember_refusal(self, scan_id: str, reason: str) -> None:
@@ -145,7 +154,13 @@ class ScanManager:
 
     def create_spool(self, spec: ScanSpec) -> SpoolWriter:
         """The scan's spool file (any thread: it touches no state of the manager)."""
-        return SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync)
+        try:
+            return SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync,
+                                      reserve_bytes=self.config.disk_reserve_bytes)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise ScanRefused("spool_dir", "disk_space", exc.strerror or str(exc)) from None
 
     def admission(self, spec: ScanSpec, own_spool: bool = False) -> tuple[ReconOptions, dict[str, int]]:
         """Raise :class:`ScanRefused` unless the scan may start; else its options and memory.
@@ -207,9 +222,10 @@ class ScanManager:
         self._trim_history()
 
     def add_frames(self, session: Session, frames: np.ndarray, indices: np.ndarray, positions: np.ndarray,
-                   arrived: float, detector: DetectorFrames | None = None) -> int:
+                   arrived: float, detector: DetectorFrames | None = None, wire: object | None = None) -> int:
         """Spool, then count, then hand to the worker. Returns the number of frames kept.
-        ``detector``: the frames' compressed chunks from a detector source, spooled as they are."""
+        ``detector``: the frames' compressed chunks from a detector source, spooled as they are.
+        ``wire``: the bslz4 bytes the frames were decoded from (Frames.wire_data)."""
         with session.lock:  # summaries read the ledger from other threads
             keep = session.ledger.admit(indices)
         dup = int((~keep).sum())
@@ -223,13 +239,14 @@ class ScanManager:
         if not keep.all():
             frames, indices, positions = frames[keep], indices[keep], positions[keep]
             binned, raw = (None if c is None else c.select(keep) for c in (binned, raw))
+            wire = None  # the received bytes hold the duplicates too: the spool compresses these
         spool = self.spools[session.scan_id]
         n = len(frames)
         session.last_activity = time.monotonic()
         worker = self.running.get(session.scan_id)
 
         if binned is None and raw is None:  # no detector chunks: appended with the frames waiting
-            self._append(session, spool, _Pending(frames, indices, positions, arrived, worker))
+            self._append(session, spool, _Pending(frames, indices, positions, arrived, worker, wire))
             return n
 
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
@@ -263,7 +280,9 @@ class ScanManager:
                 if self._appending.get(scan_id) is batch:
                     del self._appending[scan_id]  # frames from now on start the next append
             try:
-                n = spool.append_many([(i.frames, i.indices, i.positions) for i in batch])
+                n = spool.append_many([(i.frames, i.indices, i.positions) for i in batch], [i.wire for i in batch])
+                for path, chunks in spool.take_chunk_paths().items():
+                    self.metrics.spool_chunks.labels(path=path).inc(chunks)
                 with session.lock:
                     session.ledger.stored(n)
                 self.metrics.frames_received.inc(n)
@@ -497,6 +516,10 @@ class ScanManager:
                 if "nav_shape" in src:
                     src.copy(src["nav_shape"], group, "nav_shape")
 
+        # the result holds the spool's frames and the object: refused before HDF5 writes it
+        need = spool_file.stat().st_size + 4 * int(state.object.nbytes)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        require_free_space(stem.parent, need, self.config.disk_reserve_bytes, f"the result of scan {session.scan_id!r}")
         written = save_outputs(stem, state, formats=self.config.output_formats, extra=extra, raw=raw)
         with h5py.File(spool_file, "r+") as f:
             f.attrs["status"] = "finished"
@@ -516,7 +539,6 @@ class ScanManager:
     def reap(self) -> None:
         """Settle scans whose workers have exited, then admit waiting ones; run what the spool
         thread handed back."""
-        self.run_disk_done()
         changed = False
         while True:
             try:
@@ -527,7 +549,10 @@ class ScanManager:
                                        "message": f"the spool file could not be written: {why}"})
             failed = self.sessions.get(scan_id)
             if failed is not None and not failed.state.final:
+                with failed.lock:  # a receipt answered below already says why (its worker ends it later)
+                    failed.error = failed.error or f"spool: {why}"
                 self.fail_scan(failed, f"spool: {why}")
+        self.run_disk_done()  # after the failures above: receipts waiting for the spool name them
         while True:
             try:
                 session = self._exited.get_nowait()
@@ -628,7 +653,8 @@ class ScanManager:
         if not len(contents.indices):
             raise ScanRefused("scan_id", "frames_received", f"scan {scan_id!r} received no frame")
         need = self._reservation(contents.spec, self._options_for(contents.spec))
-        spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync)
+        spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
+                                   reserve_bytes=self.config.disk_reserve_bytes)
         try:
             spool.set_status("ended")
         except Exception:
@@ -710,7 +736,8 @@ class ScanManager:
                     continue
                 options = self._options_for(spec)
                 need = self._reservation(spec, options)
-                spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync)
+                spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
+                                           reserve_bytes=self.config.disk_reserve_bytes)
             except (OSError, ValueError, KeyError) as exc:
                 log.error("cannot recover spool %s: %s", path, exc)
                 self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",

@@ -148,7 +148,7 @@ class Service:
             self._auth = start_authenticator(ctx, self.config.curve_keys_dir)
             for sock in (self.ingest, self.publish, self.control):
                 apply_server_curve(sock, self.config.curve_keys_dir)
-        self.ingest.setsockopt(zmq.RCVHWM, 256)
+        self.ingest.setsockopt(zmq.RCVHWM, ingest_hwm(self.config.ingest_queue_bytes, self.limits))
         for name, sock in (("ingest", self.ingest), ("publish", self.publish), ("control", self.control)):
             endpoint = getattr(self.config, name)
             try:
@@ -345,6 +345,8 @@ class Service:
                 spec, spool = future.result()
             except ProtocolError as exc:  # its probe model or geometry cannot be built
                 self._refuse(msg, ScanRefused(exc.field, exc.rule, exc.message))
+            except ScanRefused as exc:  # no room for its spool file
+                self._refuse(msg, exc)
             try:
                 self.scans.start_scan(spec, spool)
             except ScanRefused as exc:
@@ -425,7 +427,7 @@ class Service:
                                     + (" (scan_end received)" if session.ended else ""), msg.scan_id)
             positions = frame_positions(msg, session.spec)
             self.scans.add_frames(session, msg.data, np.asarray(msg.indices, dtype=np.int64), positions, arrived,
-                                  detector)
+                                  detector, msg.wire_data)
         elif isinstance(msg, ScanEnd):
             self.scans.end_scan(session, "scan_end", msg.frame_count)
             self.scans.admit()
@@ -594,6 +596,14 @@ def _method_of(parts: list[Any]) -> str:
 
 def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def ingest_hwm(queue_bytes: int, limits: Limits) -> int:
+    """ZMQ_RCVHWM of the ingest socket: ``queue_bytes`` of messages as large as the limits allow
+    (at least one). ZeroMQ fixes a connection's HWM when the peer connects (changing it later
+    does not reach open connections), before a scan declares its frame size, so the bound is
+    derived from the largest message any scan may send, not from a declared one."""
+    return max(1, queue_bytes // limits.max_message_bytes)
 
 
 def _frames_in(parts: list[Any], limits: Limits) -> int:

@@ -234,20 +234,30 @@ class ScanWorker:
 
     def _new_half_engine(self) -> LiveEngine:
         """An engine of a half set (resolution estimate): without the parallax fit, which
-        would run twice more on half the counts (minutes on a CPU for a large particle)."""
+        would run twice more on half the counts (minutes on a CPU for a large particle). The
+        offline-only searches are off: the scan's engine already warned that it skips them."""
         assert self._engine_spec is not None
-        return create_engine(dataclasses.replace(self._engine_spec, probe_from_model=False), self.options)
+        options = self.options.model_copy(update={"aberration_search": False, "scan_search": False})
+        return create_engine(dataclasses.replace(self._engine_spec, probe_from_model=False), options)
 
     def _note_parallax(self) -> dict[str, float]:
-        """The probe aberrations the engine's parallax fit found (an optional engine attribute,
-        ``parallax_coefficients``: metres by name), as session figures ``parallax_<name>_m``:
-        published with the metrics and status, saved under /extra of the result file."""
-        coefficients = getattr(self.engine, "parallax_coefficients", None)
-        if not coefficients:
+        """The engine's probe estimate (optional engine attributes: ``probe_estimate``, the
+        parallax fit's record, ``ParallaxFit.record``; else ``parallax_coefficients``, metres by
+        name), as session figures ``parallax_*``: published with the metrics and status and the
+        result message (the result file gets the record from the engine's snapshot). The record
+        says whether the fit was applied (``parallax_applied``): a refit at scan end may take an
+        early correction out again."""
+        figures = {k: float(v) for k, v in (getattr(self.engine, "probe_estimate", None) or {}).items()}
+        if not figures:
+            coefficients = getattr(self.engine, "parallax_coefficients", None) or {}
+            figures = {f"parallax_{name}_m": float(value) for name, value in coefficients.items()}
+        if not figures:
             return {}
-        figures = {f"parallax_{name}_m": float(value) for name, value in coefficients.items()}
         if any(self.session.figures.get(k) != v for k, v in figures.items()):  # new: log once
-            log.info("parallax fit: %s nm", {k: round(v * 1e9, 1) for k, v in coefficients.items()},
+            log.info("parallax fit: %s nm (%s)",
+                     {k[len("parallax_"):-2]: round(v * 1e9, 1) for k, v in figures.items()
+                      if k.endswith("_m") and not k.endswith("_se_m")},
+                     "applied" if figures.get("parallax_applied", 1.0) else "not applied",
                      extra={"scan_id": self.session.scan_id})
             self.session.update_figures(**figures)
         return figures

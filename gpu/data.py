@@ -9,6 +9,10 @@ import numpy as np
 
 from .geometry import real_space_pixel_size
 
+#: largest |y| or |x| of a probe position: beyond 1 cm is a unit error (the wire protocol's
+#: limit ``max_abs_position_m`` says the same for live scans)
+MAX_ABS_POSITION_M = 1e-2
+
 
 @dataclass
 class ProbeModel:
@@ -65,7 +69,10 @@ class PtychoData:
         """Raise ValueError naming the first problem found."""
         f = self.frames
         if not isinstance(f, np.ndarray) or f.ndim != 3:
-            raise ValueError(f"frames must be a (K, M, M) array, got shape {getattr(f, 'shape', None)}")
+            four_d = isinstance(f, np.ndarray) and f.ndim == 4
+            raise ValueError(f"frames must be a (K, M, M) array, got shape {getattr(f, 'shape', None)}"
+                             + (": a 4D-STEM (ny, nx, M, M) array is reshaped to (ny·nx, M, M), its positions "
+                                "in the same row-major order" if four_d else ""))
         if f.shape[0] == 0:
             raise ValueError("dataset is empty: frames has 0 patterns")
         if f.shape[1] != f.shape[2]:
@@ -83,6 +90,11 @@ class PtychoData:
             )
         if not np.all(np.isfinite(pos)):
             raise ValueError("positions contain NaN or infinite values")
+        if pos.size and np.abs(pos).max() > MAX_ABS_POSITION_M:
+            # an object canvas of 10^10 pixels failed as "array is too big" from NumPy
+            raise ValueError(
+                f"positions reach {np.abs(pos).max():.3g} m, beyond ±{MAX_ABS_POSITION_M} m: positions "
+                "are in metres (were they given in Å, nm or pixels?)")
         if not np.isfinite(self.energy) or self.energy <= 0:
             raise ValueError(f"energy must be a positive number of eV, got {self.energy!r}")
         if (self.pixel_size is None) == (self.detector_pixel_angle is None):

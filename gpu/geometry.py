@@ -21,6 +21,25 @@ ELEMENTARY_CHARGE = 1.602176634e-19
 SPEED_OF_LIGHT = 299792458.0
 
 
+#: Beam energies of transmission electron microscopes, eV: below, the value is almost surely
+#: in keV (``300`` for 300 keV) or another unit; above, in meV or a typo. Outside this range
+#: the pixel size, hence the whole reconstruction, is wrong by the same factor.
+PLAUSIBLE_ENERGY_EV = (5e3, 3e6)
+
+
+def implausible_energy(energy_ev: float) -> str | None:
+    """A warning naming the beam energy when it lies outside what electron microscopes use
+    (:data:`PLAUSIBLE_ENERGY_EV`), else ``None``. A warning, not a refusal: the value is
+    physically possible, just far more likely a unit slip (keV given as eV)."""
+    low, high = PLAUSIBLE_ENERGY_EV
+    if low <= energy_ev <= high:
+        return None
+    hint = f" (was {energy_ev * 1e3:g} eV = {energy_ev:g} keV meant?)" if energy_ev < low else ""
+    return (f"energy_eV = {energy_ev:g} is {energy_ev / 1e3:g} keV, outside the {low / 1e3:g} keV – "
+            f"{high / 1e6:g} MeV of electron microscopes{hint}: the pixel size and the "
+            f"reconstruction scale with it")
+
+
 def wavelength(energy_ev: float) -> float:
     """Relativistic electron wavelength in metres for a beam energy in eV (300 keV → 1.969 pm)."""
     if not np.isfinite(energy_ev) or energy_ev <= 0:

@@ -288,6 +288,37 @@ def phase_correlation(recon_phase: Any, truth_phase: Any, mask: Any | None = Non
     return float(np.sum(a * b) / den) if den > 0 else 0.0
 
 
+def fit_affine(src: Any, dst: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The least-squares affine map between two sets of points (N, 2): ``(B, b, c)`` with
+    dst ≈ c + B (src − c) + b, c = the mean of ``src`` (so ``b`` is the mean shift)."""
+    s = np.asarray(to_numpy(src), dtype=np.float64)
+    d = np.asarray(to_numpy(dst), dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] != 2 or s.shape != d.shape or len(s) < 3:
+        raise ValueError(f"fit_affine needs two (N ≥ 3, 2) point sets of one shape, got {s.shape} and {d.shape}")
+    c = s.mean(axis=0)
+    coef, *_ = np.linalg.lstsq(np.c_[s - c, np.ones(len(s))], d - c, rcond=None)
+    return coef[:2].T, coef[2], c
+
+
+def affine_registered(obj: Any, origin: tuple[float, float], pixel_size: float, used_positions: Any,
+                      true_positions: Any) -> np.ndarray:
+    """``obj`` (reconstructed at ``used_positions``, its pixel (0, 0) at ``origin``, metres)
+    resampled on the same grid where the true positions put it: mapped through the affine map
+    fitted from the used positions to the true ones. A reconstruction that is right up to the
+    scan's global (affine) error then scores as if that error had been known; the official
+    score registers translation only (gpu/MEASUREMENTS.md, "The scan's affine error")."""
+    b, off, c = fit_affine(used_positions, true_positions)
+    inv = np.linalg.inv(b)
+    o = np.asarray(origin, dtype=np.float64)
+    # output pixel k sits at o + k·px in the true frame; its source in the used frame is
+    # c + B⁻¹(o + k·px − c − off), i.e. input index B⁻¹ k + shift
+    shift = (c + inv @ (o - c - off) - o) / pixel_size
+    o_host = np.asarray(to_numpy(obj))
+    parts = [ndimage.affine_transform(p, inv, offset=shift, order=3, mode="nearest")
+             for p in (o_host.real, o_host.imag)]
+    return parts[0] + 1j * parts[1]
+
+
 # --- resolution without ground truth ------------------------------------------------------------
 
 

@@ -66,7 +66,17 @@ class StreamOptions(_Strict):
     Default 1.0: on the realistic proteasome at 20 e⁻/Å² streamed at 500 frames/s the scan
     (≈ 4 s) ends long before a fit (≈ 15 s on a CPU) does, and a fit on half a raster scan
     (half the particle) is worse while it slows the steps; at scan end the live result matched
-    the offline one (NRMSE ratio 1.004, 0.5: 1.065; MEASUREMENTS.md, "Live parallax fit")."""
+    the offline one (NRMSE ratio 1.004, 0.5: 1.065; MEASUREMENTS.md, "Live parallax fit"). With
+    an early fit, ``parallax_refit`` fits again at scan end; on a loaded CPU the early fit
+    still did not land in time (MEASUREMENTS.md, "After the parallax fit")."""
+    parallax_refit: bool = True
+    """A parallax fit made before scan end (``parallax_after`` < 1) is made again at scan end,
+    on every frame received, and decides the probe the refinement uses (the early fit's
+    correction, or the nominal probe when the fit on every frame does not reject it): the
+    preview gains the early correction, the result the fit on the whole scan. An early fit
+    still running at scan end is waited for first; the refit starts from its estimate (no
+    grids: about half the trials); both come out of the half of the refinement budget the
+    fit may take, and a refit not done by then is dropped (the early fit's probe stays)."""
     parallax_max_frames: int = Field(4096, ge=64)
     """The live parallax fit reads at most this many frames, every k-th of those received (k the
     smallest that fits, so the whole scan area stays covered): its time grows with the frames
@@ -205,6 +215,25 @@ class ReconOptions(_Strict):
     """CG iterations between position updates (none in the last ``position_every``)."""
     position_max_step_px: float = Field(1.0, gt=0)
     """Largest move of any position in one update, object pixels (a trust region)."""
+    scan_search: bool = False
+    """Before the reconstruction, search the scan's global 2×2 matrix (the affine scan error,
+    with the linear part of a raster's drift) on the reduced objective: the data term after
+    ``scan_search_iterations`` CG iterations of the object from the common start, at the
+    positions c + A (u − c) (gpu/positions.py, ``search_scan_matrix``); the reconstruction
+    then starts at the positions the best A gives (and ``refine_positions`` refines on from
+    there when set). The result keeps the nominal positions beside them. Offline only: the live
+    engine logs a warning naming it and skips it. The
+    reduced objective is scored on held-out counts (binomial halves). Off by default: on the
+    realistic preset it gains at 100 e⁻/Å² (proteasome 0.459 → 0.514 phase correlation) and
+    loses at 20 e⁻/Å² (0.337 → 0.316), at 6–12× the time (MEASUREMENTS.md, "The scan's affine
+    error")."""
+    scan_search_iterations: int = Field(20, ge=1)
+    """CG iterations of each short reconstruction of the scan search."""
+    scan_search_step: float = Field(0.02, gt=0, le=0.2)
+    """First trial offset of each matrix entry (relative: 0.02 = 2 % scale or shear)."""
+    scan_search_rounds: int = Field(1, ge=1)
+    """Rounds of the scan search (10 short reconstructions each; the step halves)."""
+
 
     refine_aberrations: bool = False
     """Refine the probe as the nominal probe plus the aberration coefficients ``aberrations``
@@ -229,7 +258,8 @@ class ReconOptions(_Strict):
     reconstruct with the probe found. Costs about 3 × (number of coefficients) × rounds short
     reconstructions. Off by default: with the realistic preset it recovers part of the probe
     error at 100 e⁻/Å² and none at 20 e⁻/Å², where the reduced objective is flat in the defocus
-    (MEASUREMENTS.md, "Realistic scans")."""
+    (MEASUREMENTS.md, "Realistic scans"). Offline only: the live engine logs a warning naming
+    it and skips it."""
     aberration_search_iterations: int = Field(15, ge=1)
     aberration_search_step_rad: float = Field(2.0, gt=0)
     """First step of the search, radians of aberration phase at the edge of the probe's

@@ -26,6 +26,11 @@ class ReconState:
     energy: float | None = None  #: eV
     #: (K, 2) m, the nominal positions when ``positions`` were refined from the data
     nominal_positions: Any | None = None
+    #: the probe the engine started from (its model's or the dataset's, at the used probe's
+    #: power) when the engine estimated the probe from the data (the parallax fit)
+    nominal_probe: Any | None = None
+    #: scalars of that estimate (``ParallaxFit.record``: coefficients, significance, applied)
+    probe_estimate: dict[str, float] = field(default_factory=dict)
 
     @property
     def backend(self) -> str:
@@ -50,6 +55,8 @@ class ReconState:
             energy=self.energy,
             nominal_positions=None if self.nominal_positions is None
             else np.array(to_numpy(self.nominal_positions)),
+            nominal_probe=None if self.nominal_probe is None else np.array(to_numpy(self.nominal_probe)),
+            probe_estimate=dict(self.probe_estimate),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +81,10 @@ class ReconState:
             out["energy_eV"] = float(self.energy)
         if self.nominal_positions is not None:
             out["nominal_positions_m"] = np.asarray(to_numpy(self.nominal_positions), dtype=np.float64)
+        if self.nominal_probe is not None:
+            out["nominal_probe"] = np.asarray(to_numpy(self.nominal_probe))
+        if self.probe_estimate:
+            out["probe_estimate"] = dict(self.probe_estimate)
         return out
 
     @classmethod
@@ -103,4 +114,6 @@ class ReconState:
             positions=None if positions is None else np.asarray(positions, dtype=np.float64),
             energy=None if d.get("energy_eV") is None else float(d["energy_eV"]),
             nominal_positions=None if nominal is None else np.asarray(nominal, dtype=np.float64),
+            nominal_probe=None if d.get("nominal_probe") is None else asarray(d["nominal_probe"], xp),
+            probe_estimate={str(k): float(v) for k, v in dict(d.get("probe_estimate", {})).items()},
         )

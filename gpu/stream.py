@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +40,7 @@ from .geometry import ScanGeometry, fit_geometry
 from .objective import data_term
 from .operators import SUBPIXEL_QUANTUM, Batch, extract, make_batch, place_kernel, to_fft_order
 from .options import ReconOptions
-from .parallax import ParallaxFit, estimate_aberrations
+from .parallax import FitCancelled, ParallaxFit, estimate_aberrations
 from .positions import LiveScanModel, position_terms_device
 from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, auto_mu0, prior_term
@@ -64,6 +65,9 @@ MAX_PENDING_LOSSES = 1024
 #: A refinement's set-up and first full evaluation cost about this many sweeps of mini-batch
 #: steps over all frames (measured ≈ 1.4 on a CPU); ``refine`` does not start when they do not fit.
 FIRST_EVALUATION_SWEEPS = 2.0
+#: A refit warm-started from the early parallax fit takes about this share of the early fit's
+#: time per frame (237 of 447 trial probes measured, plus the Fourier sums of the frames).
+REFIT_SHARE = 0.6
 
 Extent = tuple[tuple[float, float], tuple[float, float]]
 
@@ -73,7 +77,7 @@ log = logging.getLogger("cryoptycho.stream")
 def _log_failed_late_fit(job: Future[ParallaxFit]) -> None:
     """A parallax fit dropped for the budget still surfaces its failure (in its own thread)."""
     exc = job.exception()
-    if exc is not None:
+    if exc is not None and not isinstance(exc, FitCancelled):
         log.error("a parallax fit dropped at scan end failed: %s", exc, exc_info=exc)
 
 
@@ -130,6 +134,12 @@ class StreamingReconstructor:
                     f"extent_m must be ((ymin, ymax), (xmin, xmax)) in metres, got {extent_m!r}"
                 )
         self.options = options
+        # the scan-wide searches run on every frame before an offline reconstruction; the live
+        # engine has no such point, so a scan that asks for them is told they are skipped
+        offline_only = [name for name in ("aberration_search", "scan_search") if getattr(options, name)]
+        if offline_only:
+            log.warning("%s: offline only, not run by the live engine (reconstruct the saved scan "
+                        "with `cryoptycho reconstruct` for it)", ", ".join(offline_only))
         self.xp = get_xp(options.backend)
         self._rdtype = real_dtype(options.precision)
         self._cdtype = complex_dtype(options.precision)
@@ -204,6 +214,16 @@ class StreamingReconstructor:
         self._parallax_job: Future[ParallaxFit] | None = None
         self._parallax_frames = 0  #: frames the fit was given
         self._parallax_applied = False  #: its correction is in the probe (significant, see options)
+        self._parallax_job_final = False  #: the running fit is the scan-end one
+        self._parallax_seen = 0  #: frames received when the last fit started
+        self._parallax_started = 0.0  #: when it started (perf_counter)
+        self._parallax_seconds: float | None = None  #: how long the last fit that landed took
+        self._parallax_cancel = threading.Event()  #: set: the running fit stops (dropped)
+        self._parallax_early = False  #: a fit before scan end has landed (``stream.parallax_refit``)
+        #: the probe the fit corrected (the snapshot saves it beside the used one) and the fit's
+        #: record (``ParallaxFit.record``: coefficients, significance, applied)
+        self._nominal_probe: Any = None
+        self._probe_estimate: dict[str, float] = {}
         if self._parallax_wanted(probe_from_model):
             self._parallax_probe = self.probe.copy()
         if extent_m is not None:
@@ -480,7 +500,7 @@ class StreamingReconstructor:
         """``stream.parallax_after`` of the expected frames have arrived (never before scan end
         when the scan declares no frame count, or the share is 1)."""
         after = self.options.stream.parallax_after
-        if self._expected is None or after >= 1.0:
+        if self._expected is None or after >= 1.0 or self._parallax_early:
             return False
         return self.n_frames >= max(9, math.ceil(after * self._expected))
 
@@ -492,11 +512,27 @@ class StreamingReconstructor:
             if not (final or self._parallax_due()):
                 return
             n = self.n_frames
+            if self._parallax_early and n == self._parallax_seen:
+                self._parallax_probe = None  # no frame since the early fit: it stands
+                return
+            if self._parallax_early and wait_s is not None and self._parallax_seconds is not None:
+                # the refit must leave the refinement its time: it is skipped when the early
+                # fit's pace says it cannot finish in the wait left (a warm start needs about
+                # half the trials of a cold fit; the time scales with the frames)
+                predicted = REFIT_SHARE * self._parallax_seconds * n / max(self._parallax_seen, 1)
+                if predicted > wait_s:
+                    log.info("parallax refit on %d frames skipped: about %.0f s needed, %.1f s left of "
+                             "the budget; the early fit's estimate stands", n, predicted, wait_s)
+                    self._parallax_probe = None
+                    return
             opts = self.options
             # every k-th frame: the fit's time grows with its frames, a stride keeps the whole
             # scan area (a prefix of a raster scan would see part of the particle)
             stride = -(-n // opts.stream.parallax_max_frames)
+            # a refit starts from the early fit's estimate (no grids: about half the trials)
+            start = self.parallax_fit.coefficients if final and self.parallax_fit is not None else None
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax")
+            self._parallax_cancel = threading.Event()
             # rows below n of the store are never written again (a growth copies them into a
             # new array and leaves this one to the view): the thread reads them unlocked
             self._parallax_job = pool.submit(
@@ -504,45 +540,84 @@ class StreamingReconstructor:
                 self.frame_store.positions[:n:stride].copy(),
                 self._parallax_probe, self._pixel_size, float(self._energy or 0.0), mask=self._mask_host,
                 names=tuple(opts.parallax_aberrations), search_range_m=opts.parallax_range_m,
-                fft_order=True)
+                fft_order=True, cancel=self._parallax_cancel, start=start)
             pool.shutdown(wait=False)  # its one thread ends with the job
             self._parallax_frames = len(range(0, n, stride))
+            self._parallax_seen = n
+            self._parallax_job_final = final
+            self._parallax_started = time.perf_counter()
         if not (final or self._parallax_job.done()):
             return
         if final and wait_s is not None and not futures_wait([self._parallax_job], timeout=wait_s).done:
             # the refinement budget is a promise to the operator: a fit that would break it is
-            # dropped (its thread ends on its own; its result is not used)
+            # dropped (cancelled; its result is not used)
             log.warning("parallax fit on %d frames not done within %.1f s of the refinement budget: "
-                        "the nominal probe is kept", self._parallax_frames, wait_s)
-            self._parallax_job.add_done_callback(_log_failed_late_fit)
-            self._parallax_job = self._parallax_probe = None
+                        "the %s probe is kept", self._parallax_frames, wait_s,
+                        "early fit's" if self._parallax_applied else "nominal")
+            self._drop_parallax_job()
+            self._parallax_probe = None
             return
         job, self._parallax_job = self._parallax_job, None
-        nominal, self._parallax_probe = self._parallax_probe, None
+        self._parallax_seconds = time.perf_counter() - self._parallax_started
+        nominal = self._parallax_probe
+        # an early fit keeps the nominal probe for the fit on every frame at scan end
+        early = not self._parallax_job_final
+        refit = early and self._parallax_early_wanted()
+        self._parallax_early = self._parallax_early or early
+        self._parallax_probe = nominal if refit else None
+        auto = self.options.parallax == "auto"
         try:
             fit = job.result()  # an error of the fit's thread is raised here, in the engine's
         except ValueError as exc:
-            if self.options.parallax != "auto":
+            if not auto:
                 raise ValueError(f"parallax: {exc}") from exc
-            log.warning("parallax fit skipped, the nominal probe is used: %s", exc)
+            log.warning("parallax fit skipped, the %s probe is used: %s",
+                        "early fit's" if self._parallax_applied else "nominal", exc)
             return
         self.parallax_fit = fit
         log.info("parallax fit on %d frames: %s nm (log-likelihood gain %.1f, %d frequencies × %d pixels)",
                  self._parallax_frames, {k: round(v * 1e9, 1) for k, v in fit.coefficients.items()},
                  fit.log_likelihood_gain, fit.frequencies, fit.pixels)
-        if not any(fit.coefficients.values()):
-            return
-        if self.options.parallax == "auto" and not fit.rejects_nominal(self.options.parallax_confidence):
-            log.info("parallax fit not significant (χ² %.1f for %d coefficients): the nominal probe is kept",
-                     fit.significance, len(fit.coefficients))
+        confidence = self.options.parallax_confidence
+        apply = any(fit.coefficients.values()) and (not auto or fit.rejects_nominal(confidence))
+        self._nominal_probe = nominal
+        self._probe_estimate = fit.record(apply, self._parallax_frames, confidence if auto else None)
+        if not apply:
+            if any(fit.coefficients.values()):
+                log.info("parallax fit not significant (χ² %.1f for %d coefficients): the nominal probe "
+                         "is kept", fit.significance, len(fit.coefficients))
+            if self._parallax_applied:  # an early fit's correction that the whole scan rejects
+                self._parallax_applied = False
+                self._swap_probe(nominal)
             return
         self._parallax_applied = True
         # the fit corrects the nominal probe: a probe the steps refined meanwhile is replaced
-        self.probe = aberrate(nominal, self._pixel_size, float(self._energy or 0.0),
-                              fit.coefficients).astype(self._cdtype, copy=False)
+        self._swap_probe(aberrate(nominal, self._pixel_size, float(self._energy or 0.0), fit.coefficients))
+
+    def _drop_parallax_job(self) -> None:
+        """Give up the running fit: it stops at its next trial probe (its CPU time goes back to
+        the steps and the refinement), and a failure still surfaces in the log."""
+        assert self._parallax_job is not None
+        self._parallax_cancel.set()
+        self._parallax_job.add_done_callback(_log_failed_late_fit)
+        self._parallax_job = None
+
+    def _parallax_early_wanted(self) -> bool:
+        """Whether a fit before scan end is made again at scan end (``stream.parallax_refit``)."""
+        return self.options.stream.parallax_refit and self.options.stream.parallax_after < 1.0
+
+    def _swap_probe(self, probe: Any) -> None:
+        """Replace the probe (the object stays), at the power the data ask for."""
+        self.probe = probe.astype(self._cdtype, copy=True)
         self._constrain_probe_power()
         self._velocity[...] = 0  # the momentum was built for the old probe
         self._illum_stale = True
+
+    @property
+    def probe_estimate(self) -> dict[str, float]:
+        """The parallax fit's record (``ParallaxFit.record``: coefficients found, significance,
+        whether applied) once a fit landed; empty before."""
+        return dict(self._probe_estimate)
 
     @property
     def parallax_coefficients(self) -> dict[str, float] | None:
@@ -762,7 +837,11 @@ class StreamingReconstructor:
         if self._parallax_probe is not None:
             # the fit not yet run (or still running) belongs before the refinement: its time
             # comes out of the budget
-            self._parallax_poll(final=True, wait_s=None if time_budget_s is None else time_budget_s / 2)
+            # (an early fit still running is waited for, then refitted on every frame,
+            # ``stream.parallax_refit``: all within half the budget)
+            deadline = None if time_budget_s is None else clock() + time_budget_s / 2
+            while self._parallax_probe is not None:
+                self._parallax_poll(final=True, wait_s=None if deadline is None else max(0.0, deadline - clock()))
             if time_budget_s is not None:
                 time_budget_s = max(1e-9, time_budget_s - (clock() - t_entry))
             t_entry = clock()
@@ -860,11 +939,21 @@ class StreamingReconstructor:
             positions=self.frame_store.positions[:n].copy(),
             energy=self._energy,
             nominal_positions=self._received[:n].copy() if self._positions_moved else None,
+            nominal_probe=self._nominal_probe_snapshot(),
+            probe_estimate=dict(self._probe_estimate),
         )
         start = self._iteration - len(self._loss_history) + 1
         state.loss_epochs = list(range(start, self._iteration + 1))
         state.loss_values = list(self._loss_history)
         return state
+
+    def _nominal_probe_snapshot(self) -> np.ndarray | None:
+        """The probe the parallax fit corrected, at the used probe's power (host copy)."""
+        if self._nominal_probe is None:
+            return None
+        nominal = np.array(to_numpy(self._nominal_probe), copy=True)
+        used = float(np.sum(np.abs(to_numpy(self.probe)) ** 2))
+        return nominal * np.sqrt(used / max(float(np.sum(np.abs(nominal) ** 2)), 1e-300))
 
     @staticmethod
     def memory_estimate(

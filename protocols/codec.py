@@ -29,7 +29,7 @@ from .message_types import (
     Request,
     ScanStart,
 )
-from .wire import flatten, nest, pack, read_header, unpack, wire_dtype
+from .wire import byte_view, flatten, nest, pack, read_header, unpack, wire_dtype
 
 _DEFAULT_LIMITS = Limits()
 INGEST_TYPE_NAMES = tuple(cls.type for cls in INGEST_TYPES)
@@ -205,6 +205,9 @@ def decode(
         )
     _check_arrays(header.type, arrays, sid)
     msg = _from_wire(header, arrays, codecs.get("data", "none"))
+    if isinstance(msg, Frames) and msg.compression == "bslz4":
+        # parts follow the array descriptors, in the order unpack kept them
+        msg.wire_data = byte_view(parts[1 + list(arrays).index("data")])
     scan = None
     if scans is not None and isinstance(msg, INGEST_TYPES):
         known = msg.scan_id in scans

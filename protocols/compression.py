@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import struct
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import bitshuffle
@@ -182,9 +183,49 @@ def bslz4_decompress(
         raise ProtocolError(field, "decompress", f"corrupt bslz4 stream: {exc}") from None
 
 
+def bslz4_block_elements(buf: Any, itemsize: int) -> int:
+    """The block size in elements of a bslz4 blob (its header's, or bitshuffle's default for 0)."""
+    block_bytes = _HEADER.unpack_from(memoryview(buf).cast("B"))[1]
+    return block_bytes // itemsize if block_bytes else default_block_elements(itemsize)
+
+
+def bslz4_slices(buf: Any, itemsize: int, spans: Sequence[tuple[int, int]]) -> list[bytes | None]:
+    """Element ranges ``[lo, hi)`` of one bslz4 blob as standalone bslz4 blobs, without
+    decompressing or recompressing anything: bitshuffle compresses each block on its own, so
+    the blocks of a range that starts on a block boundary and ends on one (or at the blob's end,
+    short last block and raw tail included) are, behind a header of their own, byte for byte
+    what :func:`bslz4_compress` of those elements gives, and an HDF5 bitshuffle chunk (filter
+    32008) when the range is one. A range off the block grid gives None.
+
+    The blob must be whole (:func:`bslz4_decompress` accepted it); a truncated one is a
+    ProtocolError of ``data``, as there.
+    """
+    view = memoryview(buf).cast("B")
+    declared = _HEADER.unpack_from(view)[0]
+    n_elements = declared // itemsize
+    block = bslz4_block_elements(view, itemsize)
+    offsets = _bslz4_block_offsets(view, n_elements, block, itemsize, "data")
+    out: list[bytes | None] = []
+    for lo, hi in spans:
+        if not 0 <= lo < hi <= n_elements or lo % block or (hi % block and hi != n_elements):
+            out.append(None)
+            continue
+        end = len(view) if hi == n_elements else offsets[hi // block]
+        head = _HEADER.pack((hi - lo) * itemsize, block * itemsize)
+        out.append(b"".join((head, view[offsets[lo // block] : end])))
+    return out
+
+
 def _check_bslz4_blocks(
     view: memoryview, n_elements: int, block: int, item: int, field: str
 ) -> None:
+    _bslz4_block_offsets(view, n_elements, block, item, field)
+
+
+def _bslz4_block_offsets(
+    view: memoryview, n_elements: int, block: int, item: int, field: str
+) -> list[int]:
+    """Byte offset of every block (and of the end of the last one), checking the framing."""
     # bitshuffle's layout: full blocks, one shorter block rounded down to a multiple of 8
     # elements, then the remaining (< 8) elements stored raw
     full, rem = divmod(n_elements, block)
@@ -193,6 +234,7 @@ def _check_bslz4_blocks(
     size = len(view)
     pos = _HEADER.size
     read = _U32.unpack_from
+    offsets = [pos]
     for i in range(n_blocks):
         if pos + 4 > size:
             raise ProtocolError(
@@ -206,9 +248,11 @@ def _check_bslz4_blocks(
                 f"truncated bslz4 stream: block {i} ends at byte {pos - _HEADER.size}, "
                 f"the stream has {size - _HEADER.size}",
             )
+        offsets.append(pos)
     if pos + tail != size:
         raise ProtocolError(
             field,
             "decompress",
             f"bslz4 stream has {size - pos - tail:+d} bytes beyond its blocks and raw tail",
         )
+    return offsets

@@ -107,6 +107,9 @@ class Frames:
     positions_m: np.ndarray | None = None
     compression: str = "none"  #: codec of ``data`` on the wire ("none" | "lz4" | "bslz4")
     time_s: float | None = None
+    #: received messages only: the ``bslz4`` part ``data`` was decoded from (a view of the
+    #: received buffer), which the daemon's spool writes as HDF5 chunks as it is; None otherwise
+    wire_data: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -426,7 +426,7 @@ class Producer(SocketClient):
                     return self._receipt(scan_id, sent, answer)
                 if closed:
                     # the daemon takes no more frames for this scan: what it lacks is lost
-                    why = answer.get("end_reason") or answer.get("error") or answer["state"]
+                    why = answer.get("error") or answer.get("end_reason") or answer["state"]
                     missing = answer.get("missing") or []
                     raise DeliveryError(
                         f"scan {scan_id!r}: the daemon holds {received} of the {sent} frames it "

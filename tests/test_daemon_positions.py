@@ -3,6 +3,7 @@ refined positions in the result file and the received ones beside them."""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import h5py
@@ -30,5 +31,27 @@ def test_scan_with_refine_positions_saves_refined_and_nominal_positions(tmp_path
         np.testing.assert_allclose(np.sort(nominal, axis=0), np.sort(scan.positions, axis=0), rtol=0, atol=1e-16)
         moved = np.abs(refined - nominal).max()
         assert 0 < moved < 1.0 * PIXEL_M, moved
+    finally:
+        daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
+
+
+def test_scan_asking_for_the_offline_only_searches_is_told_the_live_engine_skips_them(tmp_path) -> None:
+    """``scan_search`` and ``aberration_search`` run before an offline reconstruction only: a
+    live scan that asks for them gets one warning naming both (in its worker's thread), and
+    still finishes with its result."""
+    scan = synthetic_scan(n_side=8)
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=3")
+    try:
+        sub = Subscriber(daemon.publish, latest_only=False)
+        wait_subscribed(daemon, sub)
+        options = {"scan_search": True, "aberration_search": True, "aberrations": ["C10"]}
+        result = stream_for_result(daemon, sub, scan.start_fields("search", options=options), scan.frames)
+        sub.close()
+        assert result.files["result"]
+        records = [json.loads(ln) for ln in list(daemon.log_lines) if ln.startswith("{")]
+        warned = [r for r in records if r["level"] == "WARNING" and "offline only" in r["msg"]]
+        assert len(warned) == 1, daemon.log()
+        assert "aberration_search" in warned[0]["msg"] and "scan_search" in warned[0]["msg"]
+        assert warned[0]["thread"] == "worker-search"
     finally:
         daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)

@@ -196,3 +196,78 @@ def test_auto_keeps_an_exact_nominal_probe_when_the_fit_is_not_significant() -> 
     applied = prepare(data, {"iterations": 1, "parallax_confidence": 0.0}).probe
     assert _overlap(kept, _nominal()) > 0.99999
     assert _overlap(applied, _nominal()) < _overlap(kept, _nominal()) - 1e-4
+
+
+@pytest.mark.subprocess
+def test_reconstruct_result_file_records_the_probe_estimate(tmp_path) -> None:
+    """Through the console scripts: ``simulate --realistic`` (a probe model 40 nm off in
+    defocus) → ``reconstruct`` → the result file holds the fit's coefficients, their errors,
+    its significance against the threshold, whether it was applied, and the nominal probe
+    beside the used one; with ``parallax=false`` none of it."""
+    import subprocess
+
+    import h5py
+    from cryoptycho.daemon.storage.dataset import read_dataset
+    from cryoptycho.daemon.storage.result import read_result
+
+    def cli(*args: str) -> None:
+        out = subprocess.run(["cryoptycho", *args], capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr
+
+    ds = tmp_path / "real.h5"
+    cli("simulate", "--realistic", "--frame-size", "32", "--detector", "ideal", "--thin", "--dose", "200",
+        "--overlap", "0.4", "--defocus-error", "40", "--astigmatism", "0", "-o", str(ds))
+    data = read_dataset(ds)
+    pm = data.probe_model
+    nominal = make_probe(pm.kind, data.frame_shape, data.real_pixel_size, data.energy, pm.semiangle, pm.defocus,
+                         pm.cs, 1.0, pm.zones, pm.diameter, pm.seed, precision="double")
+    res = tmp_path / "res.h5"
+    cli("reconstruct", str(ds), "-o", str(res), "-n", "2", "--no-export", "-q")
+    with h5py.File(res) as f:
+        extra = dict(f["extra"].attrs)
+        saved_nominal, used = f["nominal_probe"][()], f["probe"][()]
+    found = {k: extra[f"parallax_{k}_m"] for k in ("C10", "C12a", "C12b")}
+    assert abs(found["C10"] - 40e-9) < 15e-9, found  # the defocus error, found from the data
+    assert all(extra[f"parallax_{k}_se_m"] > 0 for k in found)
+    assert extra["parallax_applied"] == 1
+    assert extra["parallax_significance"] > extra["parallax_threshold"] > 0
+    assert extra["parallax_frames"] == len(data.positions)
+    # the nominal probe is the probe model's; the used one is it corrected by the coefficients
+    assert _overlap(saved_nominal, nominal) == pytest.approx(1.0, abs=1e-5)
+    corrected = aberrate(nominal, data.real_pixel_size, data.energy, found)
+    assert _overlap(used, corrected) == pytest.approx(1.0, abs=1e-5)
+    assert _overlap(used, nominal) < 0.9
+    assert np.sum(np.abs(saved_nominal) ** 2) == pytest.approx(np.sum(np.abs(used) ** 2), rel=1e-4)
+    state = read_result(res).state  # the reader gives them back
+    assert state.probe_estimate["parallax_C10_m"] == pytest.approx(found["C10"])
+    assert state.nominal_probe.shape == used.shape
+
+    off = tmp_path / "off.h5"
+    cli("reconstruct", str(ds), "-o", str(off), "-n", "2", "--no-export", "-q", "--set", "parallax=false")
+    with h5py.File(off) as f:
+        assert "nominal_probe" not in f
+        assert not any(k.startswith("parallax_") for k in (f["extra"].attrs if "extra" in f else {}))
+
+
+def test_a_cancelled_fit_stops() -> None:
+    import threading
+
+    from cryoptycho.gpu.parallax import FitCancelled
+
+    data = _dataset(300.0, ERRORS)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(FitCancelled):
+        estimate_aberrations(data.frames, data.positions, _nominal(), PIXEL, ENERGY, cancel=cancel)
+
+
+def test_a_warm_start_finds_the_cold_fit_with_fewer_trials() -> None:
+    """``start`` (an earlier, rougher estimate, as the live engine's early fit gives the refit)
+    skips the grids: the same estimate from fewer trial probes."""
+    data = _dataset(3000.0, ERRORS, seed=2)
+    cold = estimate_aberrations(data.frames, data.positions, _nominal(), PIXEL, ENERGY)
+    rough = {k: v + 6e-9 for k, v in cold.coefficients.items()}
+    warm = estimate_aberrations(data.frames, data.positions, _nominal(), PIXEL, ENERGY, start=rough)
+    for k in ERRORS:
+        assert warm.coefficients[k] == pytest.approx(cold.coefficients[k], abs=1e-9), k
+    assert warm.evaluations < 0.75 * cold.evaluations

@@ -29,6 +29,10 @@ def test_bench_protocol_end_to_end_into_the_daemon() -> None:
         roles = dict(zip(("receive", "manager", "spool", "compress", "worker"),
                          (float(x.replace(",", "")) for x in row[4].split()), strict=True))
         assert roles["manager"] > 0 and roles["worker"] > 0, out
+        # first touches of fresh memory by thread: the worker's frame store is fresh memory
+        faults = re.search(r"^\s*64\s+none\s+paused\s+receive ([\d.]+) manager ([\d.]+) spool ([\d.]+) "
+                           r"compress ([\d.]+) worker ([\d.]+) other ([\d.]+)$", out, re.MULTILINE)
+        assert faults and float(faults[5]) > 0, out
     for stage in ("validate + decode", "ledger", "spool write", "spool compress", "frame store append",
                   "engine add_frames"):
         assert re.search(rf"^\s+{re.escape(stage)}.*\s[\d.]+$", out, re.MULTILINE), (stage, out)

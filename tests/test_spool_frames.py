@@ -151,11 +151,11 @@ def test_frames_waiting_for_the_spool_thread_join_one_append_and_count_only_once
     entered, release = threading.Event(), threading.Event()
     real = SpoolWriter.append_many
 
-    def slow(self: SpoolWriter, batches: list) -> int:
+    def slow(self: SpoolWriter, batches: list, wire: list | None = None) -> int:
         appends.append(len(batches))
         entered.set()
         assert release.wait(30)
-        return real(self, batches)
+        return real(self, batches, wire)
 
     monkeypatch.setattr(SpoolWriter, "append_many", slow)
     manager = ScanManager(ServiceConfig(spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
@@ -196,3 +196,54 @@ def test_frames_waiting_for_the_spool_thread_join_one_append_and_count_only_once
     finally:
         release.set()
         manager.close()
+
+
+@pytest.mark.parametrize("batches", [[64, 128, 64], [100, 92, 64, 5], [30, 3, 31, 64]])
+def test_a_sender_s_bslz4_bytes_are_written_as_the_spool_s_chunks(tmp_path: Path, batches: list[int],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches that arrived as bslz4 (one blob per message, as the Producer sends them): every
+    whole chunk whose rows one message holds on the sender's block grid is cut from its bytes,
+    not compressed again, and the file is byte for byte the one the spool compresses itself."""
+    from cryoptycho.daemon.storage import spool
+
+    rng = np.random.default_rng(4)
+    total = sum(batches)
+    frames = rng.poisson(0.3, (total, 24, 24)).astype(np.uint16)
+    cuts = np.cumsum([0, *batches])
+    parts = [(frames[a:b], np.arange(a, b), np.zeros((b - a, 2))) for a, b in itertools.pairwise(cuts)]
+    wire = [memoryview(bslz4_compress(p[0])) for p in parts]
+    own = SpoolWriter.create(tmp_path / "own", _spec("wire"))
+    own.append_many(parts)
+    assert own.take_chunk_paths() == {"not_bslz4": total // 64}
+    own.close()
+    compressed: list[int] = []
+    real = spool._compress_all
+    monkeypatch.setattr(spool, "_compress_all", lambda chunks: compressed.append(len(chunks)) or real(chunks))
+    cut = SpoolWriter.create(tmp_path / "cut", _spec("wire"))
+    cut.append_many(parts[:1], wire[:1])
+    cut.append_many(parts[1:], wire[1:])
+    paths = cut.take_chunk_paths()
+    cut.close()
+    # 24×24 uint16 frames: 64-frame chunks of 9 blocks; a frame starts on the block grid every 64 frames
+    # whole chunks of each append (rows of a chunk two appends share go through the filter)
+    starts = [a for lo, hi in ((0, batches[0]), (batches[0], total)) for a in range(-(-lo // 64) * 64, hi // 64 * 64, 64)]
+    on_grid = sum(any(lo % 64 == 0 and lo <= a and a + 64 <= hi for lo, hi in itertools.pairwise(cuts))
+                  for a in starts)
+    assert paths["as_received"] == on_grid > 0
+    assert sum(paths.values()) == len(starts) and sum(compressed) == len(starts) - paths["as_received"]
+    np.testing.assert_array_equal(read_spool(tmp_path / "cut" / "wire.spool.h5").frames, frames)
+    with h5py.File(tmp_path / "own" / "wire.spool.h5") as f, h5py.File(tmp_path / "cut" / "wire.spool.h5") as g:
+        da, db = f[DATA]["data"], g[DATA]["data"]
+        for row in range(0, total, da.chunks[0]):
+            assert da.id.read_direct_chunk((row, 0, 0)) == db.id.read_direct_chunk((row, 0, 0)), row
+
+
+def test_bslz4_bytes_in_another_block_size_are_compressed_again(tmp_path: Path) -> None:
+    """Chunks of the spool are in bitshuffle's default block size; bytes in another one (valid,
+    but not the bytes the filter would write) are decoded frames compressed by the spool."""
+    frames = np.random.default_rng(5).poisson(0.3, (128, 24, 24)).astype(np.uint16)
+    writer = SpoolWriter.create(tmp_path, _spec("blocks"))
+    writer.append_many([(frames, np.arange(128), np.zeros((128, 2)))], [bslz4_compress(frames, block_bytes=4096)])
+    assert writer.take_chunk_paths() == {"block_size": 2}
+    writer.close()
+    np.testing.assert_array_equal(read_spool(tmp_path / "blocks.spool.h5").frames, frames)

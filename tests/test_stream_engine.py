@@ -292,3 +292,18 @@ def test_negative_or_nan_counts_are_refused(xp, scan):
         engine.add_frames(frames, scan.pos[:3])
     with pytest.raises(RuntimeError, match="add_frames"):
         engine.step()
+
+
+@pytest.mark.parametrize("option", ["scan_search", "aberration_search"])
+def test_the_live_engine_warns_that_it_skips_an_offline_only_search(option, caplog) -> None:
+    def build(opts: ReconOptions) -> None:
+        StreamingReconstructor(frame_shape=(16, 16), frame_dtype=np.float32, pixel_size=1e-10,
+                               probe=np.ones((16, 16), np.complex64), options=opts, expected_frames=4)
+
+    with caplog.at_level("WARNING", logger="cryoptycho.stream"):
+        build(ReconOptions(**{option: True}))
+    assert f"{option}: offline only, not run by the live engine" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cryoptycho.stream"):
+        build(ReconOptions())
+    assert "offline only" not in caplog.text

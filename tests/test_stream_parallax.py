@@ -87,13 +87,75 @@ def test_streaming_engine_corrects_a_defocused_model_probe_while_streaming(xp) -
     assert _overlap(probe, true) > _overlap(nominal, true) + 0.05, (_overlap(probe, true), _overlap(nominal, true))
     # the probe keeps the power the data ask for, and the engine goes on
     assert np.isclose(float(np.sum(np.abs(probe) ** 2)), engine.probe_power(), rtol=1e-3)
+    assert engine.probe_estimate["parallax_frames"] == half
     engine.add_frames(frames[half:], pos[half:])
     for _ in range(5):
         engine.step()
+    assert engine.parallax_coefficients == found  # no second fit while the scan streams
     engine.refine(2)
     state = engine.snapshot()
     assert np.all(np.isfinite(state.object))
+    # stream.parallax_refit (default): fitted again at scan end, on every frame
+    final = engine.parallax_coefficients
+    assert final is not None and final != found
+    assert state.probe_estimate["parallax_frames"] == n and state.probe_estimate["parallax_applied"] == 1
+    assert state.probe_estimate["parallax_C10_m"] == final["C10"]
+    err_final = float(np.sqrt(sum((final[k] - ERRORS[k]) ** 2 for k in ERRORS))) * 1e9
+    assert err_final < 0.5 * nominal_err, final
+    assert _overlap(to_numpy(engine.probe), true) > _overlap(nominal, true) + 0.05
+    # the snapshot keeps the probe the fit corrected, at the used probe's power
+    assert _overlap(state.nominal_probe, nominal) == pytest.approx(1.0, abs=1e-6)
+    assert np.sum(np.abs(state.nominal_probe) ** 2) == pytest.approx(np.sum(np.abs(state.probe) ** 2), rel=1e-6)
+
+
+def test_parallax_refit_off_keeps_the_early_fit() -> None:
+    frames, pos, nominal, _ = _scan()
+    n = len(frames)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5, "parallax_refit": False})
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    _step_until_fitted(engine)
+    found = engine.parallax_coefficients
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    engine.refine(1)
     assert engine.parallax_coefficients == found  # once per scan
+    assert engine.snapshot().probe_estimate["parallax_frames"] == n // 2
+
+
+def test_an_early_correction_the_whole_scan_rejects_is_undone(monkeypatch) -> None:
+    """The fit at scan end decides: when it does not reject the nominal probe (significance
+    below the χ² threshold) the early fit's correction is taken out again, and the record says
+    the correction was not applied."""
+    import dataclasses
+
+    import cryoptycho.gpu.stream as stream_module
+
+    fit = stream_module.estimate_aberrations
+    calls = []
+
+    def weak_at_scan_end(*args, **kwargs):
+        found = fit(*args, **kwargs)
+        calls.append(len(args[0]))
+        return found if len(calls) == 1 else dataclasses.replace(found, significance=0.1)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", weak_at_scan_end)
+    frames, pos, nominal, _ = _scan()
+    n = len(frames)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    _step_until_fitted(engine)
+    assert engine.parallax_coefficients is not None
+    assert _overlap(to_numpy(engine.probe), nominal) < 0.99  # the early correction is in
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    engine.refine(0)
+    assert calls == [n // 2, n]
+    assert engine.parallax_coefficients is None
+    assert _overlap(to_numpy(engine.probe), nominal) == pytest.approx(1.0, abs=1e-6)
+    state = engine.snapshot()
+    assert state.probe_estimate["parallax_applied"] == 0
+    assert state.probe_estimate["parallax_significance"] == 0.1
+    assert state.probe_estimate["parallax_threshold"] > 0.1
 
 
 def test_fit_at_scan_end_when_never_due_and_only_for_a_model_probe() -> None:
@@ -202,7 +264,159 @@ def test_daemon_live_result_of_a_probe_model_scan_carries_the_fitted_aberrations
         assert err < 0.5 * float(np.sqrt(sum(v**2 for v in ERRORS.values()))), found
         with h5py.File(result.files["result"]) as f:
             saved = {k: float(f["extra"].attrs[f"parallax_{k}_m"]) for k in ERRORS}
+            # the probe estimate as offline result files record it (tests/test_parallax.py)
+            assert f["extra"].attrs["parallax_applied"] == 1
+            assert f["extra"].attrs["parallax_significance"] > f["extra"].attrs["parallax_threshold"]
+            assert f["nominal_probe"].shape == f["probe"].shape == (M, M)
         assert saved == pytest.approx(found, rel=1e-12)
         assert "parallax fit" in daemon.log()
     finally:
         daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
+
+
+@pytest.mark.subprocess
+def test_bench_live_reports_the_live_and_offline_probe_estimates(tmp_path) -> None:
+    """`cryoptycho simulate --realistic` (40 nm defocus off) then `cryoptycho bench live` with an
+    early fit (``stream.parallax_after=0.5``): the live result file carries the fit refitted at
+    scan end on every frame — the same estimate as the offline reconstruction's."""
+    import json
+    import subprocess
+
+    data = tmp_path / "tiny.h5"
+    subprocess.run(["cryoptycho", "simulate", "--realistic", "--frame-size", "32", "--detector", "ideal", "--thin",
+                    "--dose", "200", "--overlap", "0.4", "--defocus-error", "40", "--astigmatism", "0",
+                    "-o", str(data)], check=True, capture_output=True, timeout=300)
+    run = subprocess.run(
+        ["cryoptycho", "bench", "live", "--dataset", str(data), "--iterations", "2", "--offline-iterations", "2",
+         "--refine-s", "60", "--rate", "100", "--set", "stream.parallax_after=0.5", "--json"],
+        check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout)
+    live, offline = figures["live_probe_estimate"], figures["offline_probe_estimate"]
+    assert live["parallax_frames"] == offline["parallax_frames"] == figures["frames"]
+    assert live["parallax_applied"] == offline["parallax_applied"] == 1
+    assert abs(live["parallax_C10_m"] - 40e-9) < 15e-9
+    for k in ("C10", "C12a", "C12b"):
+        assert live[f"parallax_{k}_m"] == pytest.approx(offline[f"parallax_{k}_m"], abs=0.2e-9), k
+
+
+def test_an_early_fit_still_running_at_scan_end_is_waited_for_then_refitted_from_its_estimate(
+        monkeypatch) -> None:
+    import threading
+
+    import cryoptycho.gpu.stream as stream_module
+
+    frames, pos, nominal, true = _scan(seed=5)
+    n = len(frames)
+    fit = stream_module.estimate_aberrations
+    calls, released = [], threading.Event()
+
+    def early_is_slow(*args, **kwargs):
+        calls.append((len(args[0]), kwargs.get("start")))
+        if len(args[0]) < n:  # the early fit, on half the frames: still running when refine starts
+            released.wait(0.5)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", early_is_slow)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    engine.step()  # starts the early fit
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    engine.refine(1, time_budget_s=120)
+    released.set()
+    assert [c[0] for c in calls] == [n // 2, n]
+    early = calls[0]
+    assert early[1] is None and calls[1][1] is not None  # the refit starts from the early estimate
+    assert engine.probe_estimate["parallax_frames"] == n
+    assert _overlap(to_numpy(engine.probe), true) > _overlap(nominal, true) + 0.05
+
+
+def test_a_cancelled_refit_keeps_the_early_probe(monkeypatch) -> None:
+    """A refit that outlasts the budget is cancelled (it stops at its next trial) and the early
+    fit's correction stays."""
+    import threading
+
+    import cryoptycho.gpu.stream as stream_module
+    from cryoptycho.gpu.parallax import FitCancelled
+
+    frames, pos, nominal, _ = _scan(seed=6)
+    n = len(frames)
+    fit = stream_module.estimate_aberrations
+    stopped = threading.Event()
+
+    def refit_hangs(*args, **kwargs):
+        if len(args[0]) == n:  # the refit: runs until the engine cancels it
+            assert kwargs["cancel"].wait(60), "the engine never cancelled the refit"
+            try:
+                return fit(*args, **kwargs)
+            except FitCancelled:
+                stopped.set()
+                raise
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", refit_hangs)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    _step_until_fitted(engine)
+    early = engine.parallax_coefficients
+    probe = to_numpy(engine.probe).copy()
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    engine.refine(1, time_budget_s=8.0)  # 4 s for the refit: the early fit's pace lets it start
+    assert stopped.wait(30)
+    assert engine.parallax_coefficients == early
+    assert engine.probe_estimate["parallax_frames"] == n // 2
+    assert _overlap(to_numpy(engine.probe), probe) > 0.999
+
+
+def test_no_refit_when_no_frame_arrived_after_the_early_fit(monkeypatch) -> None:
+    import cryoptycho.gpu.stream as stream_module
+
+    fit = stream_module.estimate_aberrations
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", counted)
+    frames, pos, nominal, _ = _scan()
+    engine = _engine(np, nominal, len(frames), stream={"parallax_after": 0.5})
+    engine.add_frames(frames, pos)  # the whole scan before the first step: the early fit sees it all
+    _step_until_fitted(engine)
+    engine.refine(1)
+    assert calls == [len(frames)]
+    assert engine.probe_estimate["parallax_applied"] == 1
+
+
+def test_a_refit_that_cannot_finish_in_the_budget_is_not_started(monkeypatch, caplog) -> None:
+    """The early fit's pace predicts the refit's time: when it would not fit in the wait left,
+    the refit is skipped (the refinement keeps its time) and the early estimate stands."""
+    import threading
+
+    import cryoptycho.gpu.stream as stream_module
+
+    fit = stream_module.estimate_aberrations
+    calls = []
+
+    def slow(*args, **kwargs):
+        calls.append(len(args[0]))
+        threading.Event().wait(0.5)  # a fit that takes at least half a second
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", slow)
+    frames, pos, nominal, _ = _scan(seed=7)
+    n = len(frames)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    _step_until_fitted(engine)
+    early = engine.parallax_coefficients
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    with caplog.at_level("INFO", logger="cryoptycho.stream"):
+        engine.refine(1, time_budget_s=1.0)  # half of it, 0.5 s, for the fit: < 0.6 × 0.5 s × 2
+    assert calls == [n // 2]
+    assert "refit on" in caplog.text and "skipped" in caplog.text
+    assert engine.parallax_coefficients == early
+    assert engine.probe_estimate["parallax_frames"] == n // 2

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
+from cryoptycho.gpu import framestore
 from cryoptycho.gpu.backend import to_numpy
 from cryoptycho.gpu.framestore import FrameStore
 
@@ -83,3 +85,56 @@ def test_growth_keeps_earlier_frames(xp):
 def test_bad_store_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FrameStore(**kwargs)
+
+
+def _resident_bytes(array: np.ndarray) -> int:
+    """Resident bytes (Rss, /proc/self/smaps) of the mapping that holds ``array``."""
+    address = array.ctypes.data
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's header line: lo-hi perms offset dev inode
+                lo, hi = (int(v, 16) for v in head[0].split("-"))
+                inside = lo <= address < hi
+            elif inside and head[0] == "Rss:":
+                return int(head[1]) * 1024
+    raise AssertionError("no mapping holds the array")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE and /proc are Linux's")
+def test_a_large_host_store_faults_rows_in_before_writing_them(monkeypatch):
+    """The rows an append fills are in memory before its copy touches them (one madvise
+    instead of a page fault per page), across growth too, and the frames land in FFT order."""
+    m, n = 64, 300  # 8 KiB frames: the store is a mapping of its own (≥ 1 MiB)
+    frames = _frames(np.random.default_rng(4), n, m)
+    store = FrameStore((m, m), np.uint16, capacity=200)
+    faulted_by_copy = []
+    write = framestore._write_fft_order
+
+    def spy(dest, src):
+        before = _resident_bytes(store.frames)
+        write(dest, src)
+        faulted_by_copy.append((_resident_bytes(store.frames) - before, dest.nbytes))
+
+    monkeypatch.setattr(framestore, "_write_fft_order", spy)
+    for lo in range(0, n, 50):
+        store.append(frames[lo : lo + 50], np.zeros((50, 2)))
+    assert store.reallocations == 1 and len(faulted_by_copy) == 6
+    for grew, nbytes in faulted_by_copy:  # at most the page the previous append began
+        assert grew <= 4096, (grew, nbytes, faulted_by_copy)
+    np.testing.assert_array_equal(store.frames[:n], np.roll(frames, (-(m // 2), -(m // 2)), axis=(1, 2)))
+
+
+def test_a_kernel_without_the_populate_advice_still_stores_every_frame(monkeypatch):
+    """A kernel before 5.14 refuses MADV_POPULATE_WRITE (EINVAL); the store then writes as it
+    always did, page faults and all, and stops asking."""
+    monkeypatch.setattr(framestore, "_MADV_POPULATE_WRITE", -1)  # no kernel knows this advice
+    m, n = 64, 300
+    frames = _frames(np.random.default_rng(5), n, m)
+    store = FrameStore((m, m), np.uint16, capacity=200)
+    for lo in range(0, n, 60):
+        store.append(frames[lo : lo + 60], np.ones((60, 2)))
+    assert store._mapping is None
+    np.testing.assert_array_equal(store.frames[:n], np.roll(frames, (-(m // 2), -(m // 2)), axis=(1, 2)))
+    np.testing.assert_array_equal(store.positions[:n], np.ones((n, 2)))

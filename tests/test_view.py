@@ -311,3 +311,25 @@ def test_the_daemon_publishes_a_per_frame_loss_that_does_not_grow_with_the_frame
     assert points[-1][0] >= 7 * points[0][0], points
     losses = [loss for _, loss in points]
     assert max(losses) < 2 * min(losses), points
+
+
+def test_a_script_reads_a_finished_scan_from_a_viewer_no_browser_opened(tmp_path):
+    """/api/state and /files of a viewer started after the scan ended were empty and 404 until
+    a browser connected (only the WebSocket caught up with the daemon)."""
+    from cryoptycho.daemon.storage.result import write_result
+    from cryoptycho.gpu.geometry import ScanGeometry
+    from cryoptycho.gpu.state import ReconState
+
+    phase = _preview().object_phase
+    state = ReconState(object=np.exp(1j * phase).astype(np.complex64), probe=_preview().probe,
+                       geometry=ScanGeometry(2e-10, (0.0, 0.0), phase.shape, (16, 16)),
+                       iteration=30, energy=300e3)
+    path = write_result(tmp_path / "early.h5", state)
+    summaries = [{"scan_id": "early", "state": "finished", "result_path": str(path), "iteration": 30}]
+    ctl, close = _control({"list_scans": lambda: {"scans": summaries}})
+    try:
+        with TestClient(create_app(Hub("tcp://127.0.0.1:9", ctl))) as client:
+            assert client.get("/files/early/result").content == path.read_bytes()
+            assert any(m["scan_id"] == "early" and m["kind"] == "scan" for m in client.get("/api/state").json())
+    finally:
+        close()

@@ -151,6 +151,7 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
         bg.stop()
     thread.join(10)
     live_nrmse, live_corr = _scores(np.asarray(result.object), result.origin_m, data)
+    estimate = _probe_estimate_of(result.files.get("result"))
     at_end: tuple[float | None, float | None] = (None, None)
     if last_preview is not None:
         at_end = _scores(
@@ -169,6 +170,7 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
         "live_at_scan_end_nrmse": at_end[0],
         "live_at_scan_end_phase_correlation": at_end[1],
         "live_position_error_m": position_error_m(result.positions_m, data),
+        "live_probe_estimate": estimate,
         "iterations": result.iterations,
         # the service's own clock, from scan_end's arrival (the budget's start) to the result,
         # and its phases: what is left of last_frame_to_result_s is ingest lag
@@ -177,6 +179,17 @@ def run_live(data: Any, rate: float, refine_s: float, iterations: int, workdir: 
         "halves_phase_s": info.get("halves_refine_s"),
         "finish_phase_s": info.get("finish_s"),
     }
+
+
+def _probe_estimate_of(path: str | None) -> dict[str, float]:
+    """The probe estimate (the parallax fit's record) the service saved in its result file."""
+    import h5py
+
+    if not path or not Path(path).exists():
+        return {}
+    with h5py.File(path, "r") as f:
+        attrs = f["extra"].attrs if "extra" in f else {}
+        return {k: float(v) for k, v in attrs.items() if k.startswith("parallax_")}
 
 
 def _slope(points: list[tuple[float, int]], n: int) -> float | None:
@@ -200,7 +213,8 @@ def run_offline(data: Any, iterations: int, options: dict[str, Any] | None = Non
     seconds = time.perf_counter() - t0
     nrmse, corr = _scores(np.asarray(state.object), state.geometry.origin, data)
     return {"offline_nrmse": nrmse, "offline_phase_correlation": corr, "offline_s": seconds,
-            "offline_position_error_m": position_error_m(state.positions, data)}
+            "offline_position_error_m": position_error_m(state.positions, data),
+            "offline_probe_estimate": dict(state.probe_estimate)}
 
 
 @click.command()
@@ -303,4 +317,12 @@ def command(frame_size: int, margin_m: float, dose: float, rate: float, refine_s
         table.add_row("position error rms nominal / live / offline (Å)", " / ".join(
             fmt(None if figures[k] is None else figures[k] * 1e10, ".2f")
             for k in ("nominal_position_error_m", "live_position_error_m", "offline_position_error_m")), "")
+    for who in ("live", "offline"):
+        est = figures[f"{who}_probe_estimate"]
+        if est:
+            names = [k[len("parallax_"):-2] for k in est if k.endswith("_m") and not k.endswith("_se_m")]
+            table.add_row(f"probe estimate {who}: " + " / ".join(names) + " (nm)",
+                          " / ".join(f"{est[f'parallax_{k}_m'] * 1e9:.1f}" for k in names),
+                          f"{'applied' if est.get('parallax_applied') else 'not applied'}, "
+                          f"χ² {est.get('parallax_significance', float('nan')):.1f}")
     console.print(table)

@@ -186,8 +186,10 @@ def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon
     cases = [(batch, codec, True) for batch in batches for codec in daemon_codecs]
     if live:
         cases.append((max(batches), daemon_codecs[0], False))
+    faults = []
     for batch, codec, paused in cases:
         r = measure_daemon(96, batch, codec, daemon_frames, paused=paused)
+        faults.append((batch, codec, paused, r["faults"]))
         click.echo(f"{batch:>5} {codec:>6} {'paused' if paused else 'live':>6} {r['fps_received']:>11,.0f} "
                    f"{r['fps']:>10,.0f} {r['cpu_us_per_frame']:>13,.1f}  "
                    + " ".join(f"{r['threads'].get(role, 0.0):>8,.1f}" for role in roles)
@@ -202,6 +204,12 @@ def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon
                "producer = the sending process's CPU µs per frame; 2-core cap = 2 s of CPU per second "
                "÷ (daemon + producer CPU per frame): the rate two otherwise idle cores would allow at "
                "these costs.")
+    if any(f for *_, f in faults):
+        click.echo("page faults per frame by thread (first touches of fresh memory, 4 KiB pages; a 96×96 uint16 "
+                   "frame spans 4.5):")
+        for batch, codec, paused, f in faults:
+            click.echo(f"{batch:>5} {codec:>6} {'paused' if paused else 'live':>6}  "
+                       + " ".join(f"{role} {f.get(role, 0.0):.2f}" for role in (*roles, "other")))
     click.echo(f"\ncost per stage, one thread, isolated, µs of CPU per frame (96×96 uint16, {max(batches)} "
                "frames per message):")
     for name, us in measure_stages(96, max(batches), min(daemon_frames, 32_768)).items():
@@ -263,8 +271,9 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
     engine paused unless ``paused`` is False: ``fps_received`` until every frame is spooled and
     counted (received, in the daemon's sense), ``fps`` until they are all in the engine's frame
     store too; the daemon process's CPU µs per frame (every thread), ``threads``: the same by
-    thread role (:func:`thread_cpu`), and the producer process's (it joins before the daemon
-    stops; NaN if it did not finish)."""
+    thread role (:func:`thread_cpu`), ``faults``: minor page faults per frame by role
+    (:func:`thread_stats`), and the producer process's CPU (it joins before the daemon stops;
+    NaN if it did not finish)."""
     import contextlib
     import multiprocessing
     import tempfile
@@ -290,7 +299,7 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
         try:
             proc.start()
             time.sleep(0.5)  # the producer connects and makes its frames before the clock starts
-            t0, c0, th0 = time.perf_counter(), time.process_time(), thread_cpu()
+            t0, c0, th0 = time.perf_counter(), time.process_time(), thread_stats()
             go.set()
             scans = bg.service.scans
             t_received: float | None = None
@@ -307,7 +316,7 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
                     raise RuntimeError(f"{received} of {total} frames after {time.perf_counter() - t0:.0f} s "
                                        f"(producer exit code {proc.exitcode})")
                 time.sleep(0.02)
-            elapsed, cpu, th1 = time.perf_counter() - t0, time.process_time() - c0, thread_cpu()
+            elapsed, cpu, th1 = time.perf_counter() - t0, time.process_time() - c0, thread_stats()
         finally:
             if proc.pid is not None:
                 proc.join(10)
@@ -315,9 +324,11 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
                     proc.kill()
             bg.stop()
     assert t_received is not None
-    threads = {role: 1e6 * (th1.get(role, 0.0) - th0.get(role, 0.0)) / total for role in th1}
+    zero = (0.0, 0)
+    threads = {role: 1e6 * (th1[role][0] - th0.get(role, zero)[0]) / total for role in th1}
+    faults = {role: (th1[role][1] - th0.get(role, zero)[1]) / total for role in th1}
     return {"fps": total / elapsed, "fps_received": total / t_received, "cpu_us_per_frame": 1e6 * cpu / total,
-            "threads": threads, "producer_cpu_us_per_frame": 1e6 * producer_cpu.value / total}
+            "threads": threads, "faults": faults, "producer_cpu_us_per_frame": 1e6 * producer_cpu.value / total}
 
 
 #: thread name prefix → role in the ingest path (:func:`thread_cpu`)
@@ -330,6 +341,13 @@ def thread_cpu() -> dict[str, float]:
     (ZeroMQ's I/O threads), ``manager`` (the service thread), ``spool`` (the spool thread),
     ``compress`` (its compression threads), ``worker`` (scan workers), ``other``. Read from
     /proc (Linux); empty elsewhere. Threads that ended are not counted."""
+    return {role: cpu for role, (cpu, _) in thread_stats().items()}
+
+
+def thread_stats() -> dict[str, tuple[float, int]]:
+    """(CPU seconds, minor page faults) of this process's threads by role (:func:`thread_cpu`).
+    A minor fault is a first touch of a page the process had not used: fresh memory, which
+    the kernel zeroes and, in a VM, the host may have to back first."""
     import os
     from pathlib import Path
 
@@ -338,17 +356,19 @@ def thread_cpu() -> dict[str, float]:
         return {}
     names = {t.native_id: t.name for t in threading.enumerate()}
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, int]] = {}
     for task in tasks.iterdir():
         try:
             stat = (task / "stat").read_text()
             comm = (task / "comm").read_text().strip()
         except OSError:
             continue  # the thread ended meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on: utime, stime are 14, 15
+        # from field 3 (state) on: minflt is field 10, utime and stime are 14 and 15
+        fields = stat[stat.rindex(")") + 2 :].split()
         name = names.get(int(task.name), comm)
         role = next((r for prefix, r in _ROLES if name.startswith(prefix)), "other")
-        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        cpu, faults = out.get(role, (0.0, 0))
+        out[role] = (cpu + (int(fields[11]) + int(fields[12])) / tick, faults + int(fields[7]))
     return out
 
 
@@ -385,6 +405,11 @@ def measure_stages(side: int, batch: int, total: int) -> dict[str, float]:
 
     out["validate + decode (manager thread)"] = per_frame(
         lambda: [decode(parts, limits, declared) for _ in range(rounds)])
+    packed = [bytes(memoryview(p).cast("B")) for p in encode(Frames("stages", np.arange(batch, dtype=np.uint32), data,
+                                                                    compression="bslz4"))]
+    out["validate + decode, bslz4 sent (manager thread)"] = per_frame(
+        lambda: [decode(packed, limits, declared) for _ in range(rounds)])
+    blob = decode(packed, limits, declared).wire_data
     ledger = FrameLedger(total)
 
     def count() -> None:
@@ -393,18 +418,21 @@ def measure_stages(side: int, batch: int, total: int) -> dict[str, float]:
             ledger.stored(len(i))
 
     out["ledger: admit + count as received"] = per_frame(count)
-    for per_append in (1, 8):
+    for per_append, wire in ((1, None), (8, None), (8, blob)):
         with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp:
             writer = SpoolWriter.create(Path(tmp), spec)
             try:
                 c0, t0 = time.process_time(), time.thread_time()
                 for i in range(0, rounds, per_append):
-                    writer.append_many([(data, idx[j], pos[idx[j]]) for j in range(i, min(i + per_append, rounds))])
+                    js = range(i, min(i + per_append, rounds))
+                    writer.append_many([(data, idx[j], pos[idx[j]]) for j in js], [wire for _ in js])
                 own = time.thread_time() - t0
                 pool = time.process_time() - c0 - own
             finally:
                 writer.close()
         what = "one message per append" if per_append == 1 else f"{per_append} messages per append"
+        if wire is not None:
+            what += ", bslz4 sent: chunks as received"
         out[f"spool write: HDF5 rows, commit, flush ({what})"] = 1e6 * own / total
         out[f"spool compress: bitshuffle-LZ4 chunks, pool threads ({what})"] = 1e6 * pool / total
     fresh, touched = _store_stages(FrameStore((side, side), np.uint16, total), data, pos, idx)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from cryoptycho.daemon.overrides import parse_set
 from cryoptycho.gpu.backend import BackendUnavailable
 from cryoptycho.gpu.options import ReconOptions
@@ -112,14 +113,45 @@ def command(
         def progress(iteration: int, total: int, loss: float) -> None:
             bar.update(task, completed=iteration, total=total, loss=loss)
 
+        _check_memory(data, options)
         try:
             state = reconstruct(data, options, progress=progress)
         except (ValueError, FloatingPointError, BackendUnavailable) as exc:
             raise click.ClickException(f"reconstruction failed: {exc}") from exc
+        except MemoryError as exc:
+            raise click.ClickException(f"reconstruction failed: out of memory ({exc})") from None
     written = save_outputs(stem_of(output), state, data, formats=chosen).values()
     final = f"{state.loss_values[-1]:.6g}" if state.loss_values else "n/a"
     probe = "refined" if state.options.get("refine_probe") else "fixed"
     if options.refine_probe == "auto":
-        probe += f" (auto: refined from {options.probe_refine_min_counts:g} counts per pattern)"
+        # the threshold alone read as if this scan had that many counts
+        per_pixel = np.sum(data.frames, axis=0, dtype=np.float64)
+        valid = per_pixel if data.mask is None else per_pixel * (np.asarray(data.mask) != 0)
+        probe += (f" (auto: refined from {options.probe_refine_min_counts:g} mean counts per pattern; "
+                  f"this scan has {valid.sum() / max(len(data.frames), 1):.4g})")
     click.echo(f"{state.iteration} iterations, probe {probe}, final loss {final}; wrote "
                + ", ".join(str(p) for p in written))
+
+
+def _check_memory(data: Any, options: ReconOptions) -> None:
+    """Refuse, as the daemon does at scan_start, a reconstruction that cannot fit this host's
+    memory, naming the canvas: positions in µm read as metres asked NumPy for 16.6 PiB and
+    ended in a traceback."""
+    import os
+
+    from cryoptycho.gpu.engines import memory_estimate
+    from cryoptycho.gpu.geometry import fit_geometry
+
+    geometry = fit_geometry(data.positions, data.real_pixel_size, data.frame_shape)
+    need = memory_estimate(options, frame_shape=data.frame_shape, frame_dtype=data.frames.dtype,
+                           n_frames=len(data.frames), field_px=geometry.object_shape).total
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (not POSIX): leave it to NumPy
+        return
+    if need > have:
+        ny, nx = geometry.object_shape
+        raise click.ClickException(
+            f"reconstruction needs ≈{need / 2**20:.0f} MiB but this host has {have / 2**20:.0f} MiB: "
+            f"the positions span an object of {ny} × {nx} pixels of {data.real_pixel_size:.3g} m "
+            "(are /positions_m in metres?)")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from cryoptycho.daemon.config import ConfigError, load_config
+from cryoptycho.daemon.config import ConfigError, load_config, unknown_environment
 
 log = logging.getLogger("cryoptycho.serve")
 
@@ -88,7 +88,11 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
 
+    _check_writable(config)
     setup_logging(config.log_format, config.log_level)
+    for name in unknown_environment():
+        log.warning("environment variable %s sets no setting of the service and is ignored "
+                    "(keys: daemon/SERVICE.md, Configuration)", name)
     service = Service(config)
     try:
         service.start()
@@ -158,6 +162,7 @@ def _start_source(config: Any, stop: threading.Event, service: Any) -> None:
 
     def target() -> None:
         try:
+            _say_if_unreachable(url)
             stats = source.run(service.direct, stop)
             log.info("source %s stopped: %s", url, stats)
         except Exception:
@@ -165,3 +170,43 @@ def _start_source(config: Any, stop: threading.Event, service: Any) -> None:
             service.request_stop()
 
     threading.Thread(target=target, name="source", daemon=True).start()
+
+
+def _say_if_unreachable(url: str, timeout_s: float = 3.0) -> None:
+    """Warn when nothing listens at the source's host and port. ZeroMQ connects in the
+    background and retries for ever, so a mistyped or switched-off DCU otherwise looked exactly
+    like a detector that is not acquiring yet. A bare TCP connect, closed before any ZeroMQ
+    handshake: the detector's PUSH socket never counts it as a peer."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return
+    if not host or not port:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        log.warning("cannot reach the detector at %s:%s (%s); the daemon keeps trying: check the "
+                    "address and that the detector's stream is enabled", host, port, exc,
+                    extra={"source": url})
+
+
+def _check_writable(config: Any) -> None:
+    """Fail at start, naming the key, when the spool or results directory cannot be created or
+    written (a path under a file, no permission for the service's user, a read-only mount): it
+    was a traceback at start, or — for a directory that exists but is not writable — every
+    scan failing only when its result was due."""
+    import tempfile
+
+    for key in ("spool_dir", "results_dir"):
+        path = Path(getattr(config, key))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise click.ClickException(f"{key} {path} is not a writable directory: {exc.strerror or exc}") from None

@@ -70,6 +70,10 @@ class Board:
         if kind == "ScanEvent":
             tid = self.task(scan_id, ev.info.get("expected_frames"))
             self.progress.update(tid, info=ev.event + (f": {ev.reason}" if ev.reason else ""))
+            if not self.progress.console.is_terminal:
+                # no live bars off a terminal (a pipe, a log file, the journal): one line per event
+                self.progress.console.print(f"{scan_id}: {ev.event}" + (f": {ev.reason}" if ev.reason else ""),
+                                            soft_wrap=True, markup=False)
         elif kind == "Metrics":
             tid = self.task(scan_id)
             loss = "—" if ev.loss is None else f"{ev.loss:.3g}"
@@ -83,6 +87,9 @@ class Board:
                 save_phase_png(ev.object_phase, self.save_dir / f"{scan_id}.preview.png")
         elif kind == "Result":
             self.results += 1
+            if not self.progress.console.is_terminal:
+                self.progress.console.print(f"{scan_id}: result " + ", ".join(str(p) for p in (ev.files or {}).values()),
+                                            soft_wrap=True, markup=False)
             if self.save_dir is not None:
                 path = save_phase_png(np.angle(ev.object), self.save_dir / f"{scan_id}.result.png")
                 self.progress.console.print(f"{scan_id}: final image → {path}")

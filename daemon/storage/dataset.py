@@ -75,12 +75,24 @@ def write_dataset(path: str | Path, data: PtychoData) -> Path:
     return path
 
 
+#: the attributes of a dataset's ``/probe_model`` group (FORMATS.md)
+PROBE_MODEL_ATTRS = ("kind", "semiangle_rad", "defocus_m", "cs_m", "zones", "diameter_m", "seed")
+
+
 def read_dataset(path: str | Path) -> PtychoData:
     """Read a dataset file; a missing or malformed field is a ValueError naming it."""
     with open_checked(path, FORMAT, "dataset", ("frames", "positions_m", "energy_eV")) as f:
         probe_model = None
         if "probe_model" in f:
             a = f["probe_model"].attrs
+            # a misspelt attribute was a KeyError traceback, or silently the design's default
+            unknown = sorted(set(a) - set(PROBE_MODEL_ATTRS))
+            if unknown:
+                raise ValueError(f"/probe_model: unknown attribute {unknown[0]!r} "
+                                 f"(known: {', '.join(PROBE_MODEL_ATTRS)})")
+            for key in ("kind", "semiangle_rad"):
+                if key not in a:
+                    raise ValueError(f"/probe_model: attribute {key!r} is required")
             probe_model = ProbeModel(
                 kind=str(a["kind"]),
                 semiangle=float(a["semiangle_rad"]),

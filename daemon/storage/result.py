@@ -89,6 +89,9 @@ def write_result(
         )
         probe = f.create_dataset("probe", data=d["probe"].astype(np.complex64))
         probe.attrs.update(pixel_width_m=px, pixel_height_m=px)
+        if d.get("nominal_probe") is not None:  # the probe above was estimated from the data
+            nominal_probe = f.create_dataset("nominal_probe", data=d["nominal_probe"].astype(np.complex64))
+            nominal_probe.attrs.update(pixel_width_m=px, pixel_height_m=px)
         if positions is not None:
             f["probe_position_y_m"] = positions[:, 0]
             f["probe_position_x_m"] = positions[:, 1]
@@ -98,6 +101,9 @@ def write_result(
             f["nominal_probe_position_x_m"] = nominal[:, 1]
         f["loss_epochs"] = d["loss_epochs"]
         f["loss_values"] = d["loss_values"]
+        # the state's probe estimate is the authority on its own probe: it wins over a caller's
+        # copy of the same keys (the daemon's session figures may hold an earlier fit's)
+        extra = {**(extra or {}), **d.get("probe_estimate", {})}
         if extra:
             g = f.create_group("extra")
             for key, value in extra.items():
@@ -193,6 +199,9 @@ def read_result(path: str | Path) -> Result:
             "frames_used": int(f.attrs.get("frames_used", 0)),
             "positions_m": positions,
             "nominal_positions_m": nominal,
+            "nominal_probe": f["nominal_probe"][()] if "nominal_probe" in f else None,
+            "probe_estimate": {k: float(v) for k, v in (f["extra"].attrs.items() if "extra" in f else ())
+                               if k.startswith("parallax_") and np.ndim(v) == 0},
             "energy_eV": float(f.attrs.get("electron_energy_eV", f.attrs["probe_energy_eV"])),
         })
         provenance = {

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,11 +25,17 @@ import h5py
 import numpy as np
 from cryoptycho.daemon.scan import SPOOL_ARRAYS, ScanSpec, spec_from_spool_header, spool_header
 from cryoptycho.daemon.storage.dataset import compression
+from cryoptycho.daemon.storage.diskspace import require_free_space
 from cryoptycho.daemon.storage.h5format import (
     NxcxiEntry,
     nav_shape_of,
     open_checked,
     write_nav_shape,
+)
+from cryoptycho.protocols.compression import (
+    bslz4_block_elements,
+    bslz4_slices,
+    default_block_elements,
 )
 from cryoptycho.protocols.compression import bslz4_compress as compression_bslz4
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
@@ -47,6 +54,12 @@ DATA = "entry_1/data_1"
 #: unbinned frames of a detector source, beside ``data`` (HDF5 bitshuffle filter id)
 DETECTOR_FRAMES = "detector_frames"
 BITSHUFFLE_FILTER = "32008"
+#: how :meth:`SpoolWriter.append_many` wrote whole chunks of ``data``: ``as_received`` (the
+#: sender's bslz4 bytes, HDF5 direct chunk write) or compressed here, because the frames came
+#: without bslz4 bytes (``not_bslz4``: raw or lz4 on the wire, or some dropped as duplicates),
+#: in another bitshuffle block size (``block_size``), the chunk spans two messages
+#: (``spans_messages``) or does not start and end on the sender's blocks (``alignment``)
+CHUNK_PATHS = ("as_received", "not_bslz4", "block_size", "spans_messages", "alignment")
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -117,20 +130,26 @@ def file_stem(scan_id: str) -> str:
 class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
-    def __init__(self, path: Path, file: h5py.File, fsync: bool = False) -> None:
+    def __init__(self, path: Path, file: h5py.File, fsync: bool = False, reserve_bytes: int = 0) -> None:
         self.path = path
         self._f = file
         self._fsync = fsync
+        #: an append that would leave less free is refused before HDF5 writes (diskspace.py)
+        self.reserve_bytes = reserve_bytes
         self._entry = NxcxiEntry(file)
         self._data = self._entry.data
         self._index = self._entry.frame_index
         self._pos = self._entry.positions_m
         self.count = self._entry.count
+        #: whole chunks written by append_many, by path (:data:`CHUNK_PATHS`), until taken
+        self.chunk_paths: Counter[str] = Counter()
 
     @classmethod
-    def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False) -> SpoolWriter:
+    def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
+               reserve_bytes: int = 0) -> SpoolWriter:
         path = spool_path(spool_dir, spec.scan_id)
         path.parent.mkdir(parents=True, exist_ok=True)
+        require_free_space(path.parent, 0, reserve_bytes, f"the spool of scan {spec.scan_id!r}")
         if path.exists():
             raise FileExistsError(f"spool file {path} already exists (scan_id {spec.scan_id!r} reused)")
         m = spec.frame_shape
@@ -155,13 +174,13 @@ class SpoolWriter:
             f.close()
             path.unlink(missing_ok=True)
             raise
-        return cls(path, f, fsync)
+        return cls(path, f, fsync, reserve_bytes)
 
     @classmethod
-    def reopen(cls, path: str | Path, fsync: bool = False) -> SpoolWriter:
+    def reopen(cls, path: str | Path, fsync: bool = False, reserve_bytes: int = 0) -> SpoolWriter:
         """Append to an existing spool file (recovery): rows beyond ``count`` are discarded."""
         f = h5py.File(path, "r+")
-        writer = cls(Path(path), f, fsync)
+        writer = cls(Path(path), f, fsync, reserve_bytes)
         writer._truncate(writer.count)
         return writer
 
@@ -178,6 +197,7 @@ class SpoolWriter:
         n = len(frames)
         if n == 0:
             return
+        self._check_space(frames.nbytes + (0 if raw is None else sum(len(c) for c in raw.chunks)))
         if binned is not None and self._entry.count == 0 and self._data.chunks[0] != 1:
             self._chunk_per_frame()
         if raw is not None and DETECTOR_FRAMES not in self._f[DATA]:
@@ -206,32 +226,47 @@ class SpoolWriter:
         self._flush()
         self.count = count
 
-    def append_many(self, batches: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> int:
+    def append_many(self, batches: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                    wire: Sequence[object | None] | None = None) -> int:
         """Write several batches of (frames, indices, positions) as ONE append: the rows of all
         of them, one commit of ``count`` and one flush, so that the per-append cost (a dozen
         HDF5 calls and the flush) is paid once for all. What the spool thread found waiting
         is written this way (daemon/scans.py): under load, appends grow instead of queueing.
+        ``wire``: per batch, the bslz4 bytes its frames were decoded from (or None); the whole
+        chunks they hold are written as they are (:meth:`_write_blocks`).
         Returns the frames written. On disk exactly as the same batches appended one by one."""
-        batches = [b for b in batches if len(b[0])]
-        if not batches:
+        wire = list(wire) if wire is not None else [None] * len(batches)
+        if len(wire) != len(batches):
+            raise ValueError(f"{len(wire)} wire blobs for {len(batches)} batches")
+        kept = [(b, w) for b, w in zip(batches, wire) if len(b[0])]
+        if not kept:
             return 0
+        batches, wire = [b for b, _ in kept], [w for _, w in kept]
         blocks = [b[0] for b in batches]
+        self._check_space(sum(b.nbytes for b in blocks))
         indices = np.concatenate([np.asarray(b[1]) for b in batches])
         positions = np.concatenate([np.asarray(b[2], dtype=np.float64).reshape(-1, 2) for b in batches])
-        count = self._entry.append(None, indices, positions, write_frames=lambda k: self._write_blocks(k, blocks))
+        count = self._entry.append(None, indices, positions,
+                                   write_frames=lambda k: self._write_blocks(k, blocks, wire))
         self._flush()
         self.count = count
         return len(indices)
 
+    def _check_space(self, nbytes: int) -> None:
+        # uncompressed bytes: an upper bound of what the append writes
+        require_free_space(self.path.parent, nbytes, self.reserve_bytes, f"the spool file {self.path.name}")
+
     def _write_frames(self, k: int, frames: np.ndarray) -> None:
         self._write_blocks(k, [frames])
 
-    def _write_blocks(self, k: int, blocks: list[np.ndarray]) -> None:
-        """Rows [k, k + n) of ``data`` from consecutive ``blocks`` of frames. Whole chunks are
-        compressed on threads (bitshuffle releases the GIL; HDF5's filter, run by h5py, holds
-        it), a few chunks per task, and written as chunks; a chunk that spans two blocks is
-        gathered from both; rows of a partly filled chunk go through the filter. The bytes
-        are those the filter would write."""
+    def _write_blocks(self, k: int, blocks: list[np.ndarray], wire: Sequence[object | None] | None = None) -> None:
+        """Rows [k, k + n) of ``data`` from consecutive ``blocks`` of frames. A whole chunk
+        inside a block whose bslz4 bytes (``wire``, per block) have it on their block grid is
+        written from those bytes (no compression); other whole chunks are compressed on
+        threads (bitshuffle releases the GIL; HDF5's filter, run by h5py, holds it), a few
+        chunks per task, and written as chunks; a chunk that spans two blocks is gathered from
+        both; rows of a partly filled chunk go through the filter. The bytes are those the
+        filter would write."""
         ds = self._data
         n = sum(len(b) for b in blocks)
         c = ds.chunks[0]
@@ -246,19 +281,69 @@ class SpoolWriter:
         if first > k:
             ds[k:first] = rows[k:first]
         starts = range(first, last, c)
-        chunks = [rows[a : a + c] for a in starts]
+        ready = self._chunks_as_received(k, blocks, wire, starts)
+        chunks = [rows[a : a + c] for a in starts if a not in ready]
         pool = _compress_pool()
-        per_task = -(-len(chunks) // _POOL_THREADS)  # one task per thread: few futures
+        per_task = max(1, -(-len(chunks) // _POOL_THREADS))  # one task per thread: few futures
         tasks = [pool.submit(_compress_all, chunks[i : i + per_task]) for i in range(0, len(chunks), per_task)]
+        compressed = (blob for task in tasks for blob in task.result())
         write = ds.id.write_direct_chunk
         offset = (0,) * (ds.ndim - 1)
-        a = first
-        for task in tasks:
-            for blob in task.result():
-                write((a, *offset), blob)
-                a += c
+        for a in starts:
+            write((a, *offset), ready[a] if a in ready else next(compressed))
         if last < k + n:
             ds[last:] = rows[last : k + n]
+
+    def _chunks_as_received(self, k: int, blocks: list[np.ndarray], wire: Sequence[object | None] | None,
+                            starts: range) -> dict[int, bytes]:
+        """Chunk start row → the chunk's bytes cut from the bslz4 bytes its frames arrived in,
+        for every whole chunk where that is exact: inside one block, the dataset's bitshuffle
+        block size (and dtype and frame shape, which the frames were checked to have), and
+        starting and ending on the sender's block grid. Counts every chunk's path."""
+        ds = self._data
+        c = ds.chunks[0]
+        frame = int(np.prod(ds.chunks[1:]))
+        item = ds.dtype.itemsize
+        cd = ds._filters[BITSHUFFLE_FILTER]  # (version, version, item size, block size, codec)
+        block = int(cd[3]) if len(cd) > 3 and cd[3] else None
+        out: dict[int, bytes] = {}
+        reasons: Counter[str] = Counter()
+        if wire is None or all(w is None for w in wire):
+            self.chunk_paths["not_bslz4"] += len(starts)
+            return out
+        lo = k
+        for b, blob in zip(blocks, wire):
+            hi = lo + len(b)
+            mine = [a for a in starts if lo <= a and a + c <= hi]
+            lo = hi
+            if not mine:
+                continue
+            if blob is None:
+                reasons["not_bslz4"] += len(mine)
+                continue
+            if bslz4_block_elements(blob, item) != (block or default_block_elements(item)):
+                reasons["block_size"] += len(mine)
+                continue
+            first = hi - len(b)
+            cut = bslz4_slices(blob, item, [((a - first) * frame, (a - first + c) * frame) for a in mine])
+            for a, chunk in zip(mine, cut):
+                if chunk is None:
+                    reasons["alignment"] += 1
+                else:
+                    out[a] = chunk
+        reasons["spans_messages"] = len(starts) - len(out) - sum(reasons.values())
+        reasons["as_received"] = len(out)
+        self.chunk_paths.update(+reasons)
+        fallback = {r: v for r, v in reasons.items() if r != "as_received" and v}
+        if fallback:
+            log.debug("spool %s: %d of %d chunks compressed here (%s)", self.path.name,
+                      sum(fallback.values()), len(starts), ", ".join(f"{r} {v}" for r, v in fallback.items()))
+        return out
+
+    def take_chunk_paths(self) -> Counter[str]:
+        """The chunk counts by path since the last call (for the service's metrics)."""
+        taken, self.chunk_paths = self.chunk_paths, Counter()
+        return taken
 
     @staticmethod
     def _direct_ok(ds: h5py.Dataset, chunks: RawChunks, n: int) -> bool:

@@ -51,15 +51,28 @@ def create_app(hub: Hub, token: str | None = None, manage_hub: bool = True) -> S
             return JSONResponse({"ok": False, "error": repr(hub.failure)}, status_code=503)
         return JSONResponse({"ok": True, "scans": len(hub.scans)})
 
+    caught_up = [False]
+    catching_up = asyncio.Lock()
+
+    async def catch_up() -> None:
+        """Once, before the first HTTP read: the scans that ended before this viewer started
+        (a script fetching /api/state or /files got nothing until a browser had connected)."""
+        async with catching_up:  # concurrent first requests all wait for the one refresh
+            if not caught_up[0]:
+                await asyncio.get_running_loop().run_in_executor(None, hub.refresh_from_control)
+                caught_up[0] = True
+
     async def state(request: Request) -> Response:
         if not _authorised(token, request.query_params, request.headers):
             return JSONResponse({"error": "unauthorised"}, status_code=401)
+        await catch_up()
         return JSONResponse(hub.state_messages())
 
     async def result_file(request: Request) -> Response:
         if not _authorised(token, request.query_params, request.headers):
             return PlainTextResponse("unauthorised", status_code=401)
         scan_id, kind = request.path_params["scan_id"], request.path_params["kind"]
+        await catch_up()
         path = hub.file_for(scan_id, kind)
         if path is None or not path.is_file():
             return PlainTextResponse(f"no {kind!r} file for scan {scan_id!r}", status_code=404)

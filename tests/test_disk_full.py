@@ -1,0 +1,146 @@
+"""A full disk: HDF5 corrupts a spool (every acknowledged frame unreadable) or crashes the daemon
+(SIGSEGV closing a result file) when a write fails with ENOSPC. The daemon refuses such writes
+first (``disk_reserve_bytes``); these tests make every disk "full" by asking for a reserve no disk
+has, through the real daemon where that is how users meet it."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import signal
+
+import h5py
+import numpy as np
+import pytest
+from cryoptycho.protocols.control import ControlClient
+from cryoptycho.protocols.errors import DeliveryError
+from cryoptycho.protocols.producer import Producer
+from daemon_support import start_daemon, synthetic_scan, wait_for
+
+NO_DISK_HAS = str(2**62)  # bytes: a reserve no file system can keep free
+FAST = ("--set", "options.iterations=5", "--set", "refine_time_budget_s=10", "--set", "resolution_interval_s=0")
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return synthetic_scan(n_side=8, m=32)
+
+
+def test_spool_append_that_would_fill_the_disk_is_refused_and_earlier_frames_stay_readable(tmp_path, scan):
+    from cryoptycho.daemon.scan import spec_from_scan_start
+    from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool
+    from cryoptycho.protocols.messages import ScanStart
+
+    spec = spec_from_scan_start(ScanStart(**scan.start_fields("sp")))
+    writer = SpoolWriter.create(tmp_path, spec)
+    k = len(scan.frames)
+    writer.append(scan.frames[:10], np.arange(10), scan.positions[:10])
+    writer.reserve_bytes = shutil.disk_usage(tmp_path).free + 2**40  # the disk is now "full"
+    with pytest.raises(OSError) as info:
+        writer.append(scan.frames[10:20], np.arange(10, 20), scan.positions[10:20])
+    assert info.value.errno == errno.ENOSPC and str(tmp_path) in str(info.value)
+    assert "disk_reserve_bytes" in str(info.value)
+    with pytest.raises(OSError):
+        writer.append_many([(scan.frames[10:k], np.arange(10, k), scan.positions[10:k])])
+    writer.set_status("failed")  # what the daemon does next: small metadata, within the reserve
+    writer.close()
+    kept = read_spool(tmp_path / "sp.spool.h5")
+    assert kept.status == "failed"
+    np.testing.assert_array_equal(kept.indices, np.arange(10))
+    np.testing.assert_array_equal(kept.frames, scan.frames[:10])
+
+
+def test_daemon_refuses_a_scan_whose_spool_disk_is_full_and_stays_up(tmp_path, scan):
+    daemon = start_daemon(tmp_path, *FAST, "--set", f"disk_reserve_bytes={NO_DISK_HAS}")
+    try:
+        with Producer(daemon.ingest, control=daemon.control, send_timeout_s=30) as producer:
+            producer.start_scan(**scan.start_fields("nospace"))
+            producer.send_frames(scan.frames)
+            with pytest.raises(DeliveryError) as info:
+                producer.end_scan()
+            producer.scan = None
+        text = str(info.value)
+        assert "disk_space" in text and "spool_dir" in text and str(tmp_path / "spool") in text, text
+        with ControlClient(daemon.control, timeout_s=5) as ctl:
+            assert ctl.ping()["pong"] is True
+            assert ctl.call("receipt", scan_id="nospace")["state"] == "refused"
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+
+
+def test_result_on_a_full_disk_fails_the_scan_and_keeps_every_acknowledged_frame(tmp_path, scan):
+    """kill -9 mid-scan, restart onto a full results disk: the recovered scan cannot write its
+    result. It fails naming the directory (no crash, no half-written result file) and its spool
+    keeps every frame the first daemon acknowledged, for replay or reconstruct."""
+    from cryoptycho.daemon.storage.spool import read_spool
+
+    daemon = start_daemon(tmp_path, *FAST)
+    with Producer(daemon.ingest, control=daemon.control) as producer:
+        producer.start_scan(**scan.start_fields("late"))
+        producer.send_frames(scan.frames[:40])
+        acknowledged = producer.flush().acknowledged
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(10)
+        producer.scan = None
+    assert acknowledged == 40
+
+    daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=0.5",
+                          "--set", f"disk_reserve_bytes={NO_DISK_HAS}")
+    try:
+        with ControlClient(daemon.control, timeout_s=5) as ctl:
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "late"
+                                          and s["state"] in ("finished", "failed")), None),
+                            120, "the recovered scan to end", daemon)
+            assert info["state"] == "failed", info
+            assert "no space for the result" in info["error"] and str(tmp_path / "results") in info["error"]
+            assert ctl.ping()["pong"] is True
+        assert not list((tmp_path / "results").glob("late*"))
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    kept = read_spool(tmp_path / "spool" / "late.spool.h5")
+    assert kept.status == "failed"
+    np.testing.assert_array_equal(np.sort(kept.indices), np.arange(40))
+    with h5py.File(tmp_path / "spool" / "late.spool.h5") as f:
+        assert f.attrs["status"] == "failed"
+
+
+def test_a_spool_failure_mid_scan_is_the_reason_the_producer_is_given(tmp_path, monkeypatch, scan):
+    """The producer's DeliveryError said "(announced: scan_end)" when the disk filled mid-scan:
+    the receipt was answered before the spool failure was noted, and the SDK named the scan's
+    end before its error."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+
+    calls = {"n": 0}
+    real = SpoolWriter.append_many
+
+    def fills_up(self, batches, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device (test)")
+        return real(self, batches, *args, **kwargs)
+
+    monkeypatch.setattr(SpoolWriter, "append_many", fills_up)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"], send_timeout_s=30) as p:
+            p.start_scan(**scan.start_fields("fills"))
+            p.send_frames(scan.frames[:8])
+            assert p.flush().acknowledged == 8
+            p.send_frames(scan.frames[8:])
+            with pytest.raises(DeliveryError) as info:
+                p.end_scan()
+            p.scan = None
+        assert "No space left on device (test)" in str(info.value), str(info.value)
+        assert info.value.acknowledged == 8
+    finally:
+        bg.stop()
