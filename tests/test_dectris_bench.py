@@ -201,6 +201,7 @@ def test_bench_runs_both_paths_end_to_end_into_a_daemon() -> None:
     row = json.loads(result.output)["cases"]["sparse"]
     assert set(row["daemon"]) == {"bridge_paused", "direct_1_paused", "direct_2_paused", "direct_1p_paused",
                                   "direct_2p_paused"}
+    assert row["binned_dtype"] == "uint32"  # no saturation value declared: exact sums need 18 bits
     for name, figures in row["daemon"].items():
         # every frame reached the store, after it was received (spooled and counted)
         assert figures["fps_received"] >= figures["fps"] > 0 and figures["cpu_us_per_frame"] > 0
@@ -215,3 +216,22 @@ def test_bench_runs_both_paths_end_to_end_into_a_daemon() -> None:
     stages = row["stages_cpu_us_per_frame"]
     assert stages["direct_total"] == pytest.approx(
         stages["decode_job"] + stages["spool_direct"] + stages["frame_store"], abs=0.2)
+
+
+def test_bench_declares_the_saturation_value_it_is_given() -> None:
+    """--saturation-value goes into the series' start: 2×2 bins of counts up to 4000 fit
+    uint16 (the frames are binned to it end to end), none declared keeps uint32."""
+    from cryoptycho.daemon.bench.dectris import make_series
+    from cryoptycho.protocols.dectris.decode import decode_v2
+
+    frames = np.zeros((2, 8, 8), np.uint16)
+    assert decode_v2(make_series(frames, saturation_value=4000)[0]).saturation_value == 4000
+    assert decode_v2(make_series(frames)[0]).saturation_value is None
+    result = CliRunner().invoke(main, ["bench", "dectris", "--frames", "4", "--seconds", "0.01", "--rounds", "1",
+                                       "--case", "sparse", "--no-sockets", "--daemon-frames", "48",
+                                       "--daemon-rounds", "1", "--no-live", "--no-processes",
+                                       "--saturation-value", "4000", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)["cases"]["sparse"]
+    assert row["binned_dtype"] == "uint16"
+    assert all(figures["fps"] > 0 for figures in row["daemon"].values())

@@ -109,3 +109,21 @@ def test_frames_of_another_shape_are_refused() -> None:
     red = FrameReducer.build((16, 16), np.uint16)
     with pytest.raises(ValueError, match="built for"):
         red(np.zeros((1, 8, 8), np.uint16))
+
+
+def test_batch_binning_writes_into_the_rows_it_is_given() -> None:
+    """reduce_batch(out=) fills the caller's rows (the decoding job's batch) for frames that
+    saturate and frames that do not, and refuses rows of another shape or dtype."""
+    rng = np.random.default_rng(3)
+    stack = rng.poisson(2.0, (5, 8, 8)).astype(np.uint16)
+    red = FrameReducer.build((8, 8), np.uint16, crop=8, bin=2, saturation_value=100)
+    batch = np.zeros((7, 4, 4), red.out_dtype)
+    for frames in (stack, np.where(np.arange(8) == 3, 500, stack).astype(np.uint16)):  # then saturated
+        counts, saturated = red.reduce_batch(frames, out=batch[1:6])
+        alone = [red.reduce_frame(f) for f in frames]
+        assert np.shares_memory(counts, batch)
+        np.testing.assert_array_equal(batch[1:6], [c for c, _ in alone])
+        assert saturated.tolist() == [s for _, s in alone]
+    assert not batch[0].any() and not batch[6].any()
+    with pytest.raises(ValueError, match="out is"):
+        red.reduce_batch(stack, out=np.zeros((5, 4, 4), np.uint64))

@@ -321,3 +321,65 @@ def test_codecs_agree_with_the_reference_for_any_size_and_block(dtype: type, n: 
     ):
         assert compression.decompress(packed, algorithm, elem_size=arr.dtype.itemsize) == arr.tobytes()
         assert ours(packed) == arr.tobytes()
+
+
+def _v2(msg: dict) -> bytes:
+    return b"\xd9\xd9\xf7" + cbor2.dumps(msg)
+
+
+def _set_dims(msg: dict, dims: list[int]) -> None:
+    tag = msg["data"]["threshold_1"]
+    msg["data"]["threshold_1"] = cbor2.CBORTag(40, [dims, tag.value[1]])
+
+
+#: one defect each, applied to a good image message (a dict as cbor2 reads it)
+_IMAGE_DEFECTS = {
+    "none": lambda m: None,
+    "image_id_bool": lambda m: m.update(image_id=True),
+    "image_id_missing": lambda m: m.pop("image_id"),
+    "series_id_text": lambda m: m.update(series_id="1"),
+    "unique_id_number": lambda m: m.update(series_unique_id=5),
+    "data_list": lambda m: m.update(data=[1]),
+    "channel_missing": lambda m: m["data"].pop("threshold_1"),
+    "channel_not_tag_40": lambda m: m["data"].update(threshold_1=b"\x00" * 8),
+    "dims_zero": lambda m: _set_dims(m, [0, 8]),
+    "dims_three": lambda m: _set_dims(m, [1, 8, 8]),
+    "not_bslz4": lambda m: m["data"].update(threshold_1=cbor2.CBORTag(40, [[8, 8], cbor2.CBORTag(69, b"\x01\x00" * 64)])),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(_IMAGE_DEFECTS))
+def test_the_workers_image_split_agrees_with_the_full_decoder(defect: str) -> None:
+    """split_v2_image (the decoding workers' per-image parse, written without decode_v2's
+    per-field helpers for speed) gives the ids and pixels decode_v2 gives, and the same
+    named error for each defect."""
+    from cryoptycho.protocols.dectris.codec import bslz4_array
+    from cryoptycho.protocols.dectris.decode import split_v2_image
+
+    frames = np.arange(2 * 64, dtype=np.uint16).reshape(2, 8, 8)
+    raw = list(v2_messages(SimSeries(frames, compression="bslz4", series_unique_id="u1")))[2]
+    msg = cbor2.loads(raw[3:])
+    _IMAGE_DEFECTS[defect](msg)
+    raw = _v2(msg)
+    try:
+        full = decode_v2(raw, ("threshold_1",))
+    except DecodeError as exc:
+        with pytest.raises(DecodeError) as split_exc:
+            split_v2_image(raw, "threshold_1")
+        assert str(split_exc.value) == str(exc)
+        return
+    assert defect in ("none", "not_bslz4")
+    series_id, unique_id, image_id, payload = split_v2_image(raw, "threshold_1")
+    assert (series_id, unique_id, image_id) == (full.series_id, full.series_unique_id, full.image_id) == (1, "u1", 1)
+    pixels = payload.array if payload.bslz4 is None else bslz4_array(payload.bslz4, payload.dtype, payload.shape)
+    np.testing.assert_array_equal(pixels, full.data["threshold_1"])
+    assert (payload.bslz4 is None) == (defect == "not_bslz4")
+
+
+def test_the_workers_image_split_refuses_other_messages() -> None:
+    from cryoptycho.protocols.dectris.decode import split_v2_image
+
+    start, _, end = v2_messages(SimSeries(np.zeros((1, 8, 8), np.uint16), compression="bslz4"))
+    for raw, kind in ((start, "start"), (end, "end")):
+        with pytest.raises(DecodeError, match=f"a '{kind}' message announced itself as an image"):
+            split_v2_image(raw, "threshold_1")

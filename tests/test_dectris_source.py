@@ -3,6 +3,7 @@ spooled with the detector's own chunks, validated like the ingest socket, never 
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
@@ -339,6 +340,137 @@ def test_a_batch_decodes_to_the_frames_of_per_frame_decoding() -> None:
     assert ids_only.image_ids.tolist() == [0, 1, 2] and ids_only.decoded == 0 and ids_only.counts is None
 
 
+class _Recorder:
+    """A sink that keeps what the source delivers; its first put (the scan's start) waits for
+    ``go``, so that the detector can get ahead of the source first."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.go = threading.Event()
+
+    def put(self, msg: Any) -> None:
+        if not self.messages:
+            assert self.go.wait(30), "the detector never got ahead"
+        self.messages.append(msg)
+
+    def frames(self) -> list[int]:
+        return [len(m.frames.indices) for m in self.messages if isinstance(m, sources.DetectorFrames)]
+
+
+@contextlib.contextmanager
+def _recorded_source(sink: _Recorder) -> Iterator[tuple[SimSender, list[Any]]]:
+    """A DectrisSource (default batch, two threads) from a simulated detector into ``sink``,
+    running in a thread: yields (the detector, a list that holds the source's stats once its
+    one series ended and the block is left)."""
+    with SimSender(2) as sender:
+        source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, channel=CHANNEL),
+                               workers=2)
+        stop = threading.Event()
+        timer = threading.Timer(30.0, stop.set)  # a safety net, not a timing assertion
+        timer.start()
+        out: list[Any] = []
+        runner = threading.Thread(target=lambda: out.append(source.run(sink, stop, max_series=1)))
+        runner.start()
+        try:
+            assert source.ready.wait(30), "the source did not start"
+            yield sender, out
+            runner.join(30)
+        finally:
+            stop.set()
+            timer.cancel()
+            runner.join(30)
+        assert out, "the source did not return"
+
+
+def test_frames_leave_in_whole_spool_chunks_while_the_detector_is_ahead() -> None:
+    """With the detector ahead of the source, the frames messages end a series' frames on
+    multiples of ALIGN (whole chunks of the spool), after the series' first frame, which goes
+    alone; none is lost, and the end flushes the rest."""
+    from cryoptycho.protocols.dectris.source import ALIGN
+
+    n = 5 * ALIGN + 37
+    frames = _frames(n, seed=11)
+    messages = _series(frames, "aligned")
+    sink = _Recorder()
+    with _recorded_source(sink) as (sender, out):
+        for m in messages:  # all queued before the source takes its first frames
+            sender.send_raw(m)
+        sink.go.set()
+    stats = out[0]
+    sizes = sink.frames()
+    assert stats.frames_sent == n and sum(sizes) == n
+    ends = np.cumsum(sizes)
+    assert sizes[0] == 1 and all(e % ALIGN == 0 for e in ends[1:-1]), sizes
+    ids = np.concatenate([m.frames.indices for m in sink.messages if isinstance(m, sources.DetectorFrames)])
+    assert ids.tolist() == list(range(n))
+
+
+def test_a_slow_stream_is_not_held_back_for_alignment() -> None:
+    """Images that trickle in (the socket drained empty) leave at once, whatever their count:
+    alignment only holds back images while more are waiting."""
+    frames = _frames(7, seed=12)
+    messages = _series(frames, "trickle")
+    sink = _Recorder()
+    sink.go.set()
+    with _recorded_source(sink) as (sender, out):
+        for m in messages[:4]:  # the start and three images; the rest, and the end, later
+            sender.send_raw(m)
+        _wait(lambda: sum(sink.frames()) == 3, "the first three frames without the series' end")
+        for m in messages[4:]:
+            sender.send_raw(m)
+    assert out[0].frames_sent == 7 and sum(sink.frames()) == 7
+
+
+def test_images_held_back_for_alignment_are_delivered_when_the_source_stops(monkeypatch) -> None:
+    """A source stopped while it holds images back (short of alignment, images still coming)
+    decodes and delivers them before it aborts the scan: nothing it took is dropped."""
+    from cryoptycho.protocols.dectris import source as source_module
+    from cryoptycho.protocols.dectris.receiver import DectrisReceiver
+    from cryoptycho.protocols.messages import Abort
+
+    monkeypatch.setattr(source_module, "DRAIN_PARTS", 40)  # at most the start and 39 images a drain
+    sent = threading.Event()
+    drain = DectrisReceiver.drain_split
+
+    def after_sending(self: Any, *args: Any, **kw: Any) -> Any:
+        assert sent.wait(30), "the detector did not send"
+        return drain(self, *args, **kw)
+
+    monkeypatch.setattr(DectrisReceiver, "drain_split", after_sending)
+    messages = _series(_frames(100, seed=13), "held")[:-1]
+    stop = threading.Event()
+
+    class StopAtStart(_Recorder):
+        def put(self, msg: Any) -> None:
+            super().put(msg)
+            stop.set()  # from the scan's start on: the source stops after this drain
+
+    sink = StopAtStart()
+    sink.go.set()
+    out: list[Any] = []
+    with SimSender(2) as sender:
+        # images short of alignment wait up to the flush interval: here, longer than the test
+        source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, channel=CHANNEL,
+                                                        flush_interval_s=60), workers=1)
+        runner = threading.Thread(target=lambda: out.append(source.run(sink, stop)))
+        runner.start()
+        try:
+            assert source.ready.wait(30), "the source did not start"
+            for m in messages:
+                sender.send_raw(m)
+            sent.set()
+            runner.join(30)
+        finally:
+            stop.set()
+            sent.set()
+            runner.join(30)
+    assert out, "the source did not return"
+    taken = out[0].extra["frames_decoded"]
+    # the first drain's images: the series' first, alone, then the rest, held back at the stop
+    assert taken > 1 and sum(sink.frames()) == taken
+    assert isinstance(sink.messages[-1], Abort)
+
+
 def test_batch_acceptance_matches_one_image_at_a_time() -> None:
     from cryoptycho.protocols.dectris.receiver import SeriesTracker
     from cryoptycho.protocols.dectris.schema import Image, SeriesEnd, SeriesStart
@@ -421,7 +553,9 @@ def test_a_dead_worker_process_fails_its_scan_and_the_next_scan_is_taken(service
 
     def kill_the_workers(source: DectrisSource, sender: SimSender, rest: list[bytes]) -> None:
         # the workers are stopped first, so that jobs of the scan are in their hands when they die
+        # (after the jobs they ran already are taken back: a finished job survives the kill)
         assert source.pool is not None
+        _wait(lambda: source.pool.outstanding == 0, "the first jobs to be taken back")
         pids = source.pool.pids()
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)

@@ -73,12 +73,15 @@ def make_frames(n: int, side: int, disc: float, dark: float, seed: int = 0) -> n
     return np.random.default_rng(seed).poisson(lam, (n, side, side)).astype(np.uint16)
 
 
-def make_series(frames: np.ndarray, pixel_angle_rad: float = 1e-4) -> list[bytes]:
-    """Stream V2 start, images, end of ``frames``, with a raster scan in ``user_data``."""
+def make_series(frames: np.ndarray, pixel_angle_rad: float = 1e-4, saturation_value: int | None = None) -> list[bytes]:
+    """Stream V2 start, images, end of ``frames``, with a raster scan in ``user_data``; the start
+    declares ``saturation_value`` when given (the binned frames are then uint16 when 4× it
+    fits, else, as without it, uint32: binning keeps exact sums)."""
     n = frames.shape[0]
     user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, n], "step_m": [1e-10, 1e-10]},
                            "detector_pixel_angle_rad": pixel_angle_rad}}
-    return list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user)))
+    return list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user,
+                                      saturation_value=saturation_value)))
 
 
 def image_payload(raw: bytes) -> bytes:
@@ -345,7 +348,7 @@ def _profile_full(frames: np.ndarray, series: int = 3) -> dict[str, float]:
 
 def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool,
         sockets: bool = True, daemon_frames: int = 0, daemon_rounds: int = 2, live: bool = True,
-        processes: bool = True) -> dict[str, Any]:
+        processes: bool = True, saturation_value: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "reference": "dectris.compression" if reference_decompress is not None else None,
         "bslz4_decoder": compression.BSLZ4_DECODER,
@@ -361,8 +364,11 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
             row["profile_shares_full"] = _profile_full(frames)
         if daemon_frames:
             big = make_frames(daemon_frames, 192, disc, dark, seed=1)
-            row["stages_cpu_us_per_frame"] = measure_stages(big[:512], seconds, rounds)
-            row["daemon"] = measure_daemon_paths(big, daemon_rounds, live, processes=processes)
+            row["stages_cpu_us_per_frame"] = measure_stages(big[:512], seconds, rounds, saturation_value=saturation_value)
+            row["daemon"] = measure_daemon_paths(big, daemon_rounds, live, processes=processes,
+                                                 saturation_value=saturation_value)
+            row["binned_dtype"] = FrameReducer.build((192, 192), big.dtype, crop=192, bin=2,
+                                                     saturation_value=saturation_value).out_dtype.name
     return out
 
 
@@ -388,13 +394,17 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
               help="Also run the direct path end to end with the live engine reconstructing.")
 @click.option("--processes/--no-processes", default=True, show_default=True,
               help="Also run the direct path with 1 and 2 decoding worker processes.")
+@click.option("--saturation-value", type=click.IntRange(1, 65534), default=None,
+              help="End to end: the series' start declares this saturation value, as a detector does "
+                   "(binned 2×2 frames are uint16 up to 16383, else uint32; default: none declared).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile: bool,
             sockets: bool, daemon_frames: int, daemon_rounds: int, live: bool, processes: bool,
-            as_json: bool) -> None:
+            saturation_value: int | None, as_json: bool) -> None:
     """DECTRIS V2 ingest: decode + bin + enqueue frames/s, 192×192 bslz4 → 96×96, and end to end
     into the daemon (target ≥ 20,000 frames/s on 2 cores, engine paused)."""
-    result = run(n, seconds, rounds, cases, profile, sockets, daemon_frames, daemon_rounds, live, processes)
+    result = run(n, seconds, rounds, cases, profile, sockets, daemon_frames, daemon_rounds, live, processes,
+                 saturation_value)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -414,7 +424,8 @@ def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile
             click.echo("        full-path time shares: " + ", ".join(
                 f"{g} {100 * s:.0f}%" for g, s in row["profile_shares_full"].items()))
         if "daemon" in row:
-            click.echo("        end to end into the daemon, frames/s received / stored (CPU µs per frame): " + ", ".join(
+            click.echo(f"        end to end into the daemon ({row['binned_dtype']} binned frames), frames/s received / "
+                       "stored (CPU µs per frame): " + ", ".join(
                 f"{k} {v['fps_received']:,.0f} / {v['fps']:,.0f} ({v['cpu_us_per_frame']:,.0f})"
                 for k, v in row["daemon"].items()))
             click.echo("        CPU µs/frame by stage: " + ", ".join(
@@ -615,11 +626,12 @@ def _source_cpu(sources: list[Any]) -> float:
 
 
 def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True,
-                         bridge: bool = True, processes: bool = True) -> dict[str, Any]:
+                         bridge: bool = True, processes: bool = True,
+                         saturation_value: int | None = None) -> dict[str, Any]:
     """The old and the new path side by side, interleaved ``rounds`` times (best of each):
     bridge (before), direct with 1 and 2 decoding threads and 1 and 2 worker processes, engine
     paused; and direct with 2 threads and 2 processes while the live engine runs."""
-    series = make_series(frames)
+    series = make_series(frames, saturation_value=saturation_value)
     config = _config(frames.shape[1])
     cases: dict[str, tuple[str, int, bool, bool]] = {
         "direct_1_paused": ("direct", 1, True, False),
@@ -644,7 +656,8 @@ def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True,
                 for m, v in r.items()} for k, r in best.items()}
 
 
-def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int = 64) -> dict[str, float]:
+def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int = 64,
+                   saturation_value: int | None = None) -> dict[str, float]:
     """CPU µs per frame of each stage of both paths (this process's CPU time, the spool's
     compression threads included), side by side (interleaved): new: ``decode_job`` (CBOR +
     bslz4 + bin: the workers' job), ``spool_direct`` (binned frames, and the detector's chunks
@@ -662,7 +675,7 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
     from cryoptycho.protocols.messages import ScanStart, encode
     from cryoptycho.protocols.sources import DetectorFrames
 
-    series = make_series(frames)
+    series = make_series(frames, saturation_value=saturation_value)
     config = _config(frames.shape[1])
     images = series[1:-1]
     jobs = [images[i:i + batch] for i in range(0, len(images), batch)]
