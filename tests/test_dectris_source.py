@@ -4,6 +4,7 @@ spooled with the detector's own chunks, validated like the ingest socket, never 
 from __future__ import annotations
 
 import contextlib
+import re
 import struct
 import threading
 import time
@@ -68,12 +69,14 @@ def service(tmp_path: Path) -> Iterator[BackgroundService]:
 
 
 def _run(service: BackgroundService, messages: list[Any], workers: int = 2, version: int = 2,
-         on_notice: Any = None, processes: bool = False, **cfg: Any) -> Any:
+         on_notice: Any = None, processes: bool = False, url_version: int | None = None, **cfg: Any) -> Any:
     """Push ``messages`` from a simulated detector through a DectrisSource into ``service``
-    (decoding threads unless ``processes``: most tests look at what the threads did)."""
+    (decoding threads unless ``processes``: most tests look at what the threads did);
+    ``url_version``: the source URL names that Stream version instead of the sender's."""
     with SimSender(version) as sender:
         cfg.setdefault("channel", CHANNEL)
-        source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, **cfg),
+        url = sender.url if url_version is None else f"dectris{url_version}://127.0.0.1:{sender.port}"
+        source = DectrisSource(url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, **cfg),
                                workers=workers, batch=16, on_notice=on_notice, processes=processes)
         pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
         pusher.start()
@@ -303,6 +306,45 @@ def test_an_undecodable_detector_message_is_reported_not_only_logged(service) ->
     assert notices[0].rule == "dectris_message_undecodable"
     assert stats.frames_sent == 8
     assert _ended(service, "after-garbage-series1").ledger.as_dict()["received"] == 8
+
+
+@pytest.mark.parametrize("sent", [1, 2])
+def test_a_detector_on_the_wrong_stream_version_url_is_named_once_and_counted(service, caplog, sent) -> None:
+    """A detector sending Stream V1 to a ``dectris2://`` source (and V2 to ``dectris1://``):
+    every one of its messages fails, at detector rate. The first is logged as an error naming
+    the URL to use, the rest are counted (the metric, and a bounded number of summary lines
+    with their number), and a series of the right version that follows arrives whole."""
+    from cryoptycho.daemon.commands.serve import dectris_notice_handler
+
+    wrong_frames = _frames(150, seed=7)
+    wrong = (list(v1_messages(SimSeries(wrong_frames, compression="bslz4"))) if sent == 1
+             else _series(wrong_frames, "wrong-version"))
+    right_frames = _frames(12, seed=8)
+    if sent == 1:  # the URL names V2: the right series is V2
+        right, scan_id, channel = _series(right_frames, "right-version"), "right-version-series1", CHANNEL
+    else:
+        user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, 12], "step_m": [2e-10, 2e-10]},
+                               "detector_pixel_angle_rad": ANGLE, "scan_id": "right-v1"}}
+        right = list(v1_messages(SimSeries(right_frames, compression="bslz4", user_data=user)))
+        scan_id, channel = "right-v1-series1", None
+    handle = dectris_notice_handler(service.service)
+    started = time.monotonic()
+    with caplog.at_level("ERROR", logger="cryoptycho.protocols.dectris"):
+        _, stats = _run(service, wrong + right, workers=1, version=sent, url_version=3 - sent,
+                        on_notice=handle, channel=channel)
+    elapsed = time.monotonic() - started
+    assert _ended(service, scan_id).ledger.as_dict()["received"] == 12
+    assert stats.frames_sent == 12
+    metric = service.service.metrics.registry.get_sample_value(
+        "cryoptycho_dectris_messages_undecodable_total", {"field": "stream_version"})
+    assert metric == len(wrong)  # every one counted, none lost to the log limit
+    lines = [r.getMessage() for r in caplog.records if f"Stream V{sent}" in r.getMessage()]
+    assert lines and f"use the source url dectris{sent}://127.0.0.1:" in lines[0].lower(), lines
+    assert f"not dectris{3 - sent}://" in lines[0]
+    # one line, then at most one with the count per 30 s window (and one at the source's end)
+    assert len(lines) <= 2 + elapsed // 30, lines
+    repeats = [int(m.group(1)) for line in lines[1:] if (m := re.search(r": (\d+) more like it", line))]
+    assert 1 + sum(repeats) == len(wrong), lines
 
 
 def test_a_batch_decodes_to_the_frames_of_per_frame_decoding() -> None:
