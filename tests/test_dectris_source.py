@@ -700,3 +700,57 @@ def _spawned_children(pid: int) -> list[int]:
         if ppid == pid and b"spawn_main" in cmdline:
             out.append(int(entry.name))
     return out
+
+
+def test_serve_names_a_v1_detector_on_a_v2_url_once_and_takes_the_next_v2_series(tmp_path: Path) -> None:
+    """The console script: ``serve --source dectris2://…`` while a Stream V1 detector sends.
+    Its log gets one error naming ``dectris1://`` and one line with the number of the rest
+    (not a line per message), the metric counts every one, the daemon stays up, and a V2
+    series sent to the same port afterwards arrives whole."""
+    import socket
+    import subprocess
+    import sys
+
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import metrics_of, start_daemon, wait_for
+
+    with socket.socket() as s:  # a free port for both simulators (they bind, the daemon connects)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def sim(version: int, frames: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--version", str(version),
+             "--port", str(port), "--frames", str(frames), "--size", "32"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    started = time.monotonic()
+    daemon = start_daemon(tmp_path, "--source", f"dectris2://127.0.0.1:{port}",
+                          "--set", "options.iterations=3", "--set", "resolution_interval_s=0")
+    key = "cryoptycho_dectris_messages_undecodable_total{field=stream_version}"
+    try:
+        v1 = sim(1, 100)  # a header, 100 images and an end: 102 messages
+        try:
+            wait_for(lambda: metrics_of(daemon).get(key) == 102, 60, "102 wrong-version messages counted", daemon)
+            assert v1.wait(30) == 0, v1.stdout.read()
+        finally:
+            v1.kill()
+            v1.wait(10)
+        v2 = sim(2, 64)
+        try:
+            with ControlClient(daemon.control) as ctl:
+                scans = wait_for(lambda: [s for s in ctl.list_scans() if s["state"] == "finished"], 90,
+                                 "the V2 series' scan to finish", daemon)
+            assert scans[0]["frames"]["received"] == 64
+        finally:
+            v2.kill()
+            v2.wait(10)
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    elapsed = time.monotonic() - started
+    lines = [line for line in daemon.log_lines if "arrived on a Stream V2 socket" in line]
+    assert lines and "dectris1://127.0.0.1:" in lines[0], daemon.log()
+    assert len(lines) <= 2 + elapsed // 30, lines  # one, then one with the count per 30 s and at the end
+    repeats = [int(m.group(1)) for line in lines[1:] if (m := re.search(r": (\d+) more like it", line))]
+    assert 1 + sum(repeats) == 102, lines
