@@ -4,6 +4,7 @@ spooled with the detector's own chunks, validated like the ingest socket, never 
 from __future__ import annotations
 
 import contextlib
+import re
 import struct
 import threading
 import time
@@ -68,12 +69,14 @@ def service(tmp_path: Path) -> Iterator[BackgroundService]:
 
 
 def _run(service: BackgroundService, messages: list[Any], workers: int = 2, version: int = 2,
-         on_notice: Any = None, processes: bool = False, **cfg: Any) -> Any:
+         on_notice: Any = None, processes: bool = False, url_version: int | None = None, **cfg: Any) -> Any:
     """Push ``messages`` from a simulated detector through a DectrisSource into ``service``
-    (decoding threads unless ``processes``: most tests look at what the threads did)."""
+    (decoding threads unless ``processes``: most tests look at what the threads did);
+    ``url_version``: the source URL names that Stream version instead of the sender's."""
     with SimSender(version) as sender:
         cfg.setdefault("channel", CHANNEL)
-        source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, **cfg),
+        url = sender.url if url_version is None else f"dectris{url_version}://127.0.0.1:{sender.port}"
+        source = DectrisSource(url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, **cfg),
                                workers=workers, batch=16, on_notice=on_notice, processes=processes)
         pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
         pusher.start()
@@ -303,6 +306,45 @@ def test_an_undecodable_detector_message_is_reported_not_only_logged(service) ->
     assert notices[0].rule == "dectris_message_undecodable"
     assert stats.frames_sent == 8
     assert _ended(service, "after-garbage-series1").ledger.as_dict()["received"] == 8
+
+
+@pytest.mark.parametrize("sent", [1, 2])
+def test_a_detector_on_the_wrong_stream_version_url_is_named_once_and_counted(service, caplog, sent) -> None:
+    """A detector sending Stream V1 to a ``dectris2://`` source (and V2 to ``dectris1://``):
+    every one of its messages fails, at detector rate. The first is logged as an error naming
+    the URL to use, the rest are counted (the metric, and a bounded number of summary lines
+    with their number), and a series of the right version that follows arrives whole."""
+    from cryoptycho.daemon.commands.serve import dectris_notice_handler
+
+    wrong_frames = _frames(150, seed=7)
+    wrong = (list(v1_messages(SimSeries(wrong_frames, compression="bslz4"))) if sent == 1
+             else _series(wrong_frames, "wrong-version"))
+    right_frames = _frames(12, seed=8)
+    if sent == 1:  # the URL names V2: the right series is V2
+        right, scan_id, channel = _series(right_frames, "right-version"), "right-version-series1", CHANNEL
+    else:
+        user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, 12], "step_m": [2e-10, 2e-10]},
+                               "detector_pixel_angle_rad": ANGLE, "scan_id": "right-v1"}}
+        right = list(v1_messages(SimSeries(right_frames, compression="bslz4", user_data=user)))
+        scan_id, channel = "right-v1-series1", None
+    handle = dectris_notice_handler(service.service)
+    started = time.monotonic()
+    with caplog.at_level("ERROR", logger="cryoptycho.protocols.dectris"):
+        _, stats = _run(service, wrong + right, workers=1, version=sent, url_version=3 - sent,
+                        on_notice=handle, channel=channel)
+    elapsed = time.monotonic() - started
+    assert _ended(service, scan_id).ledger.as_dict()["received"] == 12
+    assert stats.frames_sent == 12
+    metric = service.service.metrics.registry.get_sample_value(
+        "cryoptycho_dectris_messages_undecodable_total", {"field": "stream_version"})
+    assert metric == len(wrong)  # every one counted, none lost to the log limit
+    lines = [r.getMessage() for r in caplog.records if f"Stream V{sent}" in r.getMessage()]
+    assert lines and f"use the source url dectris{sent}://127.0.0.1:" in lines[0].lower(), lines
+    assert f"not dectris{3 - sent}://" in lines[0]
+    # one line, then at most one with the count per 30 s window (and one at the source's end)
+    assert len(lines) <= 2 + elapsed // 30, lines
+    repeats = [int(m.group(1)) for line in lines[1:] if (m := re.search(r": (\d+) more like it", line))]
+    assert 1 + sum(repeats) == len(wrong), lines
 
 
 def test_a_batch_decodes_to_the_frames_of_per_frame_decoding() -> None:
@@ -658,3 +700,57 @@ def _spawned_children(pid: int) -> list[int]:
         if ppid == pid and b"spawn_main" in cmdline:
             out.append(int(entry.name))
     return out
+
+
+def test_serve_names_a_v1_detector_on_a_v2_url_once_and_takes_the_next_v2_series(tmp_path: Path) -> None:
+    """The console script: ``serve --source dectris2://…`` while a Stream V1 detector sends.
+    Its log gets one error naming ``dectris1://`` and one line with the number of the rest
+    (not a line per message), the metric counts every one, the daemon stays up, and a V2
+    series sent to the same port afterwards arrives whole."""
+    import socket
+    import subprocess
+    import sys
+
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import metrics_of, start_daemon, wait_for
+
+    with socket.socket() as s:  # a free port for both simulators (they bind, the daemon connects)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def sim(version: int, frames: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--version", str(version),
+             "--port", str(port), "--frames", str(frames), "--size", "32"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    started = time.monotonic()
+    daemon = start_daemon(tmp_path, "--source", f"dectris2://127.0.0.1:{port}",
+                          "--set", "options.iterations=3", "--set", "resolution_interval_s=0")
+    key = "cryoptycho_dectris_messages_undecodable_total{field=stream_version}"
+    try:
+        v1 = sim(1, 100)  # a header, 100 images and an end: 102 messages
+        try:
+            wait_for(lambda: metrics_of(daemon).get(key) == 102, 60, "102 wrong-version messages counted", daemon)
+            assert v1.wait(30) == 0, v1.stdout.read()
+        finally:
+            v1.kill()
+            v1.wait(10)
+        v2 = sim(2, 64)
+        try:
+            with ControlClient(daemon.control) as ctl:
+                scans = wait_for(lambda: [s for s in ctl.list_scans() if s["state"] == "finished"], 90,
+                                 "the V2 series' scan to finish", daemon)
+            assert scans[0]["frames"]["received"] == 64
+        finally:
+            v2.kill()
+            v2.wait(10)
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    elapsed = time.monotonic() - started
+    lines = [line for line in daemon.log_lines if "arrived on a Stream V2 socket" in line]
+    assert lines and "dectris1://127.0.0.1:" in lines[0], daemon.log()
+    assert len(lines) <= 2 + elapsed // 30, lines  # one, then one with the count per 30 s and at the end
+    repeats = [int(m.group(1)) for line in lines[1:] if (m := re.search(r": (\d+) more like it", line))]
+    assert 1 + sum(repeats) == 102, lines

@@ -19,7 +19,7 @@ from ..limits import Limits
 from ..messages import Frames, Request, ScanEnd, ScanStart, decode
 from ..producer import Producer
 from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, bridge_messages
-from .receiver import DectrisReceiver, parse_source
+from .receiver import DectrisReceiver, ErrorLogLimiter, parse_source
 from .scan import parse_positions
 from .schema import DectrisError, SeriesEnd, SeriesStart
 
@@ -70,9 +70,7 @@ def run_bridge(
     stats = BridgeStats()
     converter = SeriesConverter(cfg, side_channel=cfg.positions_endpoint is not None, on_notice=on_notice)
 
-    def on_error(exc: DectrisError) -> None:
-        log.error("DECTRIS stream %s: %s", source_url, exc)
-
+    on_error = ErrorLogLimiter(log, f"DECTRIS stream {source_url}")  # counted in decode_errors
     receiver = DectrisReceiver(endpoint, version, context=ctx, on_error=on_error,
                                channels=[cfg.channel] if cfg.channel else None)
     side = open_side_channel(ctx, cfg)
@@ -99,8 +97,10 @@ def run_bridge(
                     break  # the rest belongs to series this run does not take
             out += converter.flush(cfg.flush_interval_s)
             dispatch(prod, out, converter, stats)
+            on_error.flush()
         dispatch(prod, converter.stop("the DECTRIS bridge stopped before the series ended"), converter, stats)
     finally:
+        on_error.flush(force=True)
         receiver.close()
         if side is not None:
             side.close(linger=0)

@@ -12,7 +12,16 @@ from typing import Any
 import numpy as np
 
 from .codec import v1_decode
-from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, SeriesStart, parse_dtype
+from .schema import (
+    DecodeError,
+    DectrisError,
+    Image,
+    Message,
+    SeriesEnd,
+    SeriesStart,
+    WrongStreamVersion,
+    parse_dtype,
+)
 
 V1_CHANNEL = "image"  #: V1 sends one image per frame; this is its channel name here
 _ANGSTROM = 1e-10
@@ -32,6 +41,16 @@ def _json_part(part: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+#: how every Stream V2 message starts (CBOR tag 55799); decode.V2_MAGIC, not imported: decode imports us
+_V2_MAGIC = b"\xd9\xd9\xf7"
+
+
+def looks_v1(part: bytes) -> bool:
+    """Whether ``part`` opens a Stream V1 message (a JSON part with a V1 ``htype``)."""
+    header = _json_part(part) if len(part) < 4096 else None
+    return header is not None and header.get("htype") in _V1_HTYPES
 
 
 def _user_value(part: bytes) -> Any:
@@ -59,8 +78,9 @@ class V1Parser:
     whose ZeroMQ message ends early is reported as truncated.
     """
 
-    def __init__(self, on_error: Callable[[DectrisError], None] | None = None) -> None:
+    def __init__(self, on_error: Callable[[DectrisError], None] | None = None, endpoint: str = "") -> None:
         self._on_error = on_error or _raise
+        self._endpoint = endpoint  #: named in the wrong-version error
         self._parts: list[bytes] = []
         self._needed = 0
         self._kind: str | None = None
@@ -112,6 +132,11 @@ class V1Parser:
                 self._finish(more, out)
             elif not more and self._kind == "image":
                 self._fail("V1 image message truncated: it ended after 1 of 4 parts")
+        elif part.startswith(_V2_MAGIC) and not more:
+            # a Stream V2 message (single-part CBOR): skipped like any stray part, but said,
+            # for otherwise a detector on the wrong URL scheme would look like one that is idle
+            self.skipped_parts += 1
+            self._on_error(WrongStreamVersion(2, self._endpoint or "HOST:PORT", "a Stream V2 (CBOR) message"))
         else:
             self.skipped_parts += 1
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,17 @@ import zmq
 
 from ..client import SocketClient, connect
 from .decode import V1Parser, decode_v2, is_v2_image
-from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, SeriesError, SeriesStart
+from .decode_v1 import looks_v1
+from .schema import (
+    DecodeError,
+    DectrisError,
+    Image,
+    Message,
+    SeriesEnd,
+    SeriesError,
+    SeriesStart,
+    WrongStreamVersion,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +80,10 @@ class DectrisReceiver(SocketClient):
         self.channels = None if channels is None else tuple(channels)
         self._on_error = on_error or _raise
         self.decode_errors = 0
-        self._parser = V1Parser(on_error=self._error)
+        self._parser = V1Parser(on_error=self._error, endpoint=endpoint)
         self._pending: deque[tuple[bytes, bool]] = deque()  #: drained parts not yet decoded
         self._in_multipart = False
+        self._multipart_v1 = False  #: the multipart message under way opened like a V1 one
         self._socket = connect(
             zmq.PULL, endpoint, context=context, heartbeat=False, rcvhwm=rcvhwm, linger=0
         )
@@ -137,16 +149,34 @@ class DectrisReceiver(SocketClient):
             if self.version == 1:
                 yield from self._parser.feed(part, more)
             elif more or self._in_multipart:  # V2 messages are single-part: report the rest once
-                self._in_multipart = more
-                if not more:
-                    self._error(DecodeError("multipart message on a Stream V2 socket (is the sender V1?)"))
+                self._multipart_part(part, more)
             else:
                 try:
                     msg = decode_v2(part, self.channels)
                 except DecodeError as exc:
-                    self._error(exc)
+                    self._v2_error(part, exc)
                     continue
                 yield msg
+
+    def _multipart_part(self, part: bytes, more: bool) -> None:
+        """One part of a multipart message on a V2 socket: the whole message is one error, a
+        wrong-version one when its first part opens a V1 message."""
+        if not self._in_multipart:
+            self._multipart_v1 = looks_v1(part)
+        self._in_multipart = more
+        if not more:
+            self._multipart_error()
+
+    def _multipart_error(self) -> None:
+        if self._multipart_v1:
+            self._error(WrongStreamVersion(1, self.endpoint, "a Stream V1 (multipart) message"))
+        else:
+            self._error(DecodeError("multipart message on a Stream V2 socket (is the sender V1?)"))
+
+    def _v2_error(self, part: bytes, exc: DecodeError) -> None:
+        """A single part that is no V2 message: a V1 one (a series end, a header sent in
+        pieces) says the URL names the wrong version."""
+        self._error(WrongStreamVersion(1, self.endpoint, "a Stream V1 message") if looks_v1(part) else exc)
 
     def drain_split(self, timeout_s: float, max_parts: int = 256) -> list[bytes | Message]:
         """Like :meth:`drain`, but V2 images come back undecoded (their raw message bytes),
@@ -160,28 +190,27 @@ class DectrisReceiver(SocketClient):
         while self._pending:
             part, more = self._pending.popleft()
             if more or self._in_multipart:
-                self._in_multipart = more
-                if not more:
-                    self._error(DecodeError("multipart message on a Stream V2 socket (is the sender V1?)"))
+                self._multipart_part(part, more)
             elif is_v2_image(part):
                 out.append(part)
             else:
                 try:
                     out.append(decode_v2(part, self.channels))
                 except DecodeError as exc:
-                    self._error(exc)
+                    self._v2_error(part, exc)
         return out
 
     def _decode_v2(self, part: bytes, more: bool) -> list[Message]:
         if more:  # V2 messages are single-part: drain the rest and report it
+            self._multipart_v1 = looks_v1(part)
             while self._socket.getsockopt(zmq.RCVMORE):
                 self._socket.recv()
-            self._error(DecodeError("multipart message on a Stream V2 socket (is the sender V1?)"))
+            self._multipart_error()
             return []
         try:
             return [decode_v2(part, self.channels)]
         except DecodeError as exc:
-            self._error(exc)
+            self._v2_error(part, exc)
             return []
 
     def messages(self, stop: threading.Event | None = None, poll_s: float = 0.1) -> Iterator[Message]:
@@ -193,6 +222,40 @@ class DectrisReceiver(SocketClient):
 
 def _raise(exc: DectrisError) -> None:
     raise exc
+
+
+class ErrorLogLimiter:
+    """Logs undecodable-message errors without flooding the log at detector rates (a V1
+    detector on a ``dectris2://`` URL fails every message): the first of each kind (type and
+    ``field``) in full, then their number, with the last one's text, at most once every
+    ``window_s`` (call :meth:`flush` now and then, and with ``force`` at the end). A kind that
+    stayed quiet for a window is logged in full again. Counting each one is the caller's."""
+
+    def __init__(self, logger: logging.Logger, prefix: str, window_s: float = 30.0) -> None:
+        self.logger, self.prefix, self.window_s = logger, prefix, window_s
+        #: kind → [start of its window, repeats not logged yet, the last of them]
+        self._kinds: dict[tuple[str, str | None], list] = {}
+
+    def __call__(self, exc: BaseException) -> None:
+        key = (type(exc).__name__, getattr(exc, "field", None))
+        now = time.monotonic()
+        state = self._kinds.get(key)
+        if state is None or (not state[1] and now - state[0] >= self.window_s):
+            self.logger.error("%s: %s", self.prefix, exc)
+            self._kinds[key] = [now, 0, exc]
+            return
+        state[1] += 1
+        state[2] = exc
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        """Log the repeats of every kind whose window is over (``force``: of every kind)."""
+        now = time.monotonic()
+        for state in self._kinds.values():
+            if state[1] and (force or now - state[0] >= self.window_s):
+                self.logger.error("%s: %d more like it in the last %.0f s, not logged one by one "
+                                  "(the last: %s)", self.prefix, state[1], now - state[0], state[2])
+                state[0], state[1] = now, 0
 
 
 @dataclass

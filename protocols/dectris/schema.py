@@ -22,6 +22,22 @@ class DecodeError(DectrisError):
     """A message that cannot be decoded: truncated, malformed, or using an unknown encoding."""
 
 
+class WrongStreamVersion(DecodeError):
+    """A message of the other Stream version than the source URL names: the detector sends
+    ``sent`` (1 or 2) and the socket was opened for the other one. ``field`` is what the
+    daemon counts it by (``stream_version``)."""
+
+    field = "stream_version"
+
+    def __init__(self, sent: int, endpoint: str, what: str) -> None:
+        hostport = endpoint.split("://", 1)[-1]
+        super().__init__(
+            f"{what} arrived on a Stream V{3 - sent} socket: the detector sends Stream V{sent}. "
+            f"Use the source URL dectris{sent}://{hostport} (not dectris{3 - sent}://), or set the "
+            f"detector's stream to V{3 - sent}; until then no message of this detector can be decoded")
+        self.sent = sent
+
+
 class SeriesError(DectrisError):
     """Messages out of order: an image or end without its start, a duplicate image, …"""
 

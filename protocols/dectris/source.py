@@ -49,7 +49,7 @@ from ..sources import (
 from .codec import bslz4_array
 from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, _Plan
 from .decode import ImagePayload, split_v2_image
-from .receiver import DectrisReceiver, parse_source
+from .receiver import DectrisReceiver, ErrorLogLimiter, parse_source
 from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, SeriesStart
 
 log = logging.getLogger(__name__)
@@ -538,8 +538,10 @@ class DectrisSource(Source):
         stats = SourceStats()
         job_errors = [0]
 
+        log_error = ErrorLogLimiter(log, f"DECTRIS stream {self.url}")
+
         def on_error(exc: DectrisError) -> None:
-            log.error("DECTRIS stream %s: %s", self.url, exc)
+            log_error(exc)  # each one is counted through the notice
             if self.on_notice is not None:  # published and counted by the daemon, not only logged
                 try:
                     self.on_notice(SeriesNotice("undecodable", None, getattr(exc, "field", None) or "message",
@@ -702,6 +704,7 @@ class DectrisSource(Source):
                 state["held"] = bool(gathered)
                 consume(block=False)
                 deliver(conv.flush(cfg.flush_interval_s))
+                log_error.flush()
                 if max_series is not None and any(isinstance(m, SeriesEnd) for m, _ in pending):
                     consume(block=True)
             submit()  # images held back for alignment are decoded and delivered too
@@ -710,6 +713,7 @@ class DectrisSource(Source):
         except SinkClosed:
             log.info("DECTRIS source %s: the daemon stopped taking frames", self.url)
         finally:
+            log_error.flush(force=True)
             pool.close()
             receiver.close()
             if side is not None:
