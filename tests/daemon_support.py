@@ -159,6 +159,15 @@ def _pump(stream: Any, sink: list[str]) -> None:
         sink.append(line.rstrip())
 
 
+def start_dectris_sim(*args: str) -> tuple[subprocess.Popen, str]:
+    """``cryoptycho dectris-sim`` on a free port (plus ``args``) and the ``dectris2://`` URL it
+    announces; the caller kills it."""
+    sim = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0", *args],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = sim.stdout.readline()
+    return sim, line[line.index("dectris2://"):].split()[0].rstrip(")")
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, daemon: Daemon | None = None) -> Any:
     """Poll ``predicate`` until truthy; fail naming ``what`` (with the daemon's log) on timeout."""
     deadline = time.monotonic() + timeout

@@ -7,9 +7,9 @@ import itertools
 
 import numpy as np
 from cryoptycho.gpu import metrics, operators
-from cryoptycho.gpu.data import PtychoData
+from cryoptycho.gpu.data import ProbeModel, PtychoData
 from cryoptycho.gpu.geometry import fit_geometry
-from cryoptycho.gpu.probes import make_probe
+from cryoptycho.gpu.probes import aberrate, make_probe
 
 PIXEL = 1.0e-10  # 1 Å object pixels
 ENERGY = 300e3
@@ -140,3 +140,28 @@ def distorted_scan(counts: float = 1e5, grid: int = 8, step_px: float = 3.0, see
     batch = operators.make_batch(geo.to_pixels(true), geo.object_shape, (m, m))
     frames = rng.poisson(np.abs(operators.forward(truth, probe, batch)) ** 2).astype(np.uint16)
     return nominal, true, frames, truth, geo, probe
+
+
+def aberrated_dataset(counts: float | None, errors: dict[str, float], seed: int = 0, grid: int = 10,
+                      m: int = 32, semiangle: float = 8e-3, nominal_defocus: float = 60e-9) -> PtychoData:
+    """Frames of a weak phase object recorded with the nominal defocused probe aberrated by
+    ``errors`` (noiseless when ``counts`` is None, else Poisson at ``counts`` per pattern) on a
+    ``grid``² raster of 3-pixel steps; the dataset gives the nominal probe model, the truth
+    holds object and aberrated probe."""
+    rng = np.random.default_rng(seed)
+    nominal = make_probe("defocused", (m, m), PIXEL, ENERGY, semiangle, nominal_defocus, precision="double",
+                         total_intensity=1e4 if counts is None else counts)
+    true = aberrate(nominal, PIXEL, ENERGY, errors)
+    iy, ix = np.mgrid[0:grid, 0:grid]
+    pos = np.stack([iy.ravel(), ix.ravel()], axis=1) * 3.0 * PIXEL
+    geometry = fit_geometry(pos, PIXEL, (m, m))
+    truth = weak_phase_object(geometry.object_shape, seed, peak=0.5)
+    batch = operators.make_batch(geometry.to_pixels(pos), geometry.object_shape, (m, m))
+    inten = np.abs(operators.forward(truth, true, batch)) ** 2
+    frames = inten.astype(np.float32) if counts is None else rng.poisson(inten).astype(np.uint16)
+    return PtychoData(
+        frames=operators.from_fft_order(frames), positions=pos, energy=ENERGY, pixel_size=PIXEL,
+        probe_model=ProbeModel(kind="defocused", semiangle=semiangle, defocus=nominal_defocus),
+        truth_object=truth.astype(np.complex64), truth_probe=true.astype(np.complex64),
+        truth_origin=geometry.origin,
+    )

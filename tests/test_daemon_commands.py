@@ -73,16 +73,10 @@ def test_demo_runs_end_to_end(tmp_path):
 
 def test_serve_bridges_a_dectris_stream(tmp_path):
     from cryoptycho.protocols.control import ControlClient
-    from daemon_support import wait_for
+    from daemon_support import start_dectris_sim, wait_for
 
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0", "--frames", "64",
-         "--size", "32", "--rate", "200"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    sim, source = start_dectris_sim("--frames", "64", "--size", "32", "--rate", "200")
     try:
-        line = sim.stdout.readline()
-        source = line[line.index("dectris2://"):].split()[0].rstrip(")")
         daemon = start_daemon(tmp_path, "--source", source, "--set", "options.iterations=3",
                               "--set", "resolution_interval_s=0")
         try:

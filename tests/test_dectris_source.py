@@ -656,20 +656,11 @@ def test_a_series_whose_header_was_corrected_arrives_whole(service, processes: b
 def test_serve_decodes_in_worker_processes_when_configured(tmp_path: Path) -> None:
     """The console script with ``[dectris] worker_processes = true``: a detector's scan arrives
     whole through worker processes (spawned by the daemon) and finishes."""
-    import subprocess
-    import sys
-
     from cryoptycho.protocols.control import ControlClient
-    from daemon_support import start_daemon, wait_for
+    from daemon_support import start_daemon, start_dectris_sim, wait_for
 
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0", "--frames", "64",
-         "--size", "32", "--rate", "400"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    sim, url = start_dectris_sim("--frames", "64", "--size", "32", "--rate", "400")
     try:
-        line = sim.stdout.readline()
-        url = line[line.index("dectris2://"):].split()[0].rstrip(")")
         daemon = start_daemon(tmp_path, "--source", url, "--set", "dectris.worker_processes=true",
                               "--set", "options.iterations=3", "--set", "resolution_interval_s=0")
         try:

@@ -10,14 +10,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from cryoptycho.gpu import operators
 from cryoptycho.gpu.backend import to_numpy
-from cryoptycho.gpu.data import ProbeModel, PtychoData
-from cryoptycho.gpu.geometry import fit_geometry
+from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.parallax import BrightFieldModel, estimate_aberrations
 from cryoptycho.gpu.probes import aberrate, make_probe
 from cryoptycho.gpu.reconstruct import prepare
-from engine_helpers import ENERGY, PIXEL, weak_phase_object
+from engine_helpers import ENERGY, PIXEL, aberrated_dataset
 
 M = 32
 SEMIANGLE = 8e-3
@@ -29,23 +27,7 @@ def _dataset(counts: float | None, errors: dict[str, float], seed: int = 0, grid
     """Frames recorded with the nominal defocused probe aberrated by ``errors`` (noiseless when
     ``counts`` is None, else Poisson at ``counts`` per pattern); the dataset gives the nominal
     probe model."""
-    rng = np.random.default_rng(seed)
-    nominal = make_probe("defocused", (M, M), PIXEL, ENERGY, SEMIANGLE, NOMINAL_DEFOCUS, precision="double",
-                         total_intensity=1e4 if counts is None else counts)
-    true = aberrate(nominal, PIXEL, ENERGY, errors)
-    iy, ix = np.mgrid[0:grid, 0:grid]
-    pos = np.stack([iy.ravel(), ix.ravel()], axis=1) * 3.0 * PIXEL
-    geometry = fit_geometry(pos, PIXEL, (M, M))
-    truth = weak_phase_object(geometry.object_shape, seed, peak=0.5)
-    batch = operators.make_batch(geometry.to_pixels(pos), geometry.object_shape, (M, M))
-    inten = np.abs(operators.forward(truth, true, batch)) ** 2
-    frames = inten.astype(np.float32) if counts is None else rng.poisson(inten).astype(np.uint16)
-    return PtychoData(
-        frames=operators.from_fft_order(frames), positions=pos, energy=ENERGY, pixel_size=PIXEL,
-        probe_model=ProbeModel(kind="defocused", semiangle=SEMIANGLE, defocus=NOMINAL_DEFOCUS),
-        truth_object=truth.astype(np.complex64), truth_probe=true.astype(np.complex64),
-        truth_origin=geometry.origin,
-    )
+    return aberrated_dataset(counts, errors, seed, grid, m=M, semiangle=SEMIANGLE, nominal_defocus=NOMINAL_DEFOCUS)
 
 
 def _nominal(xp=np):

@@ -11,13 +11,11 @@ import time
 import h5py
 import numpy as np
 import pytest
-from cryoptycho.gpu import operators
 from cryoptycho.gpu.backend import backend_name, to_numpy
-from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.options import ReconOptions
-from cryoptycho.gpu.probes import aberrate, make_probe, scale_probe
+from cryoptycho.gpu.probes import make_probe, scale_probe
 from cryoptycho.gpu.stream import StreamingReconstructor
-from engine_helpers import ENERGY, PIXEL, weak_phase_object
+from engine_helpers import ENERGY, PIXEL, aberrated_dataset
 
 M = 32
 SEMIANGLE = 8e-3
@@ -31,19 +29,9 @@ def _scan(seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     """(frames in detector order, positions, nominal probe scaled to the counts, true probe):
     Poisson frames of a weak phase object recorded with the nominal defocused probe aberrated
     by ``ERRORS``."""
-    rng = np.random.default_rng(seed)
-    nominal = make_probe("defocused", (M, M), PIXEL, ENERGY, SEMIANGLE, NOMINAL_DEFOCUS, precision="double",
-                         total_intensity=COUNTS)
-    true = aberrate(nominal, PIXEL, ENERGY, ERRORS)
-    iy, ix = np.mgrid[0:GRID, 0:GRID]
-    pos = np.stack([iy.ravel(), ix.ravel()], axis=1) * 3.0 * PIXEL
-    geometry = fit_geometry(pos, PIXEL, (M, M))
-    truth = weak_phase_object(geometry.object_shape, seed, peak=0.5)
-    batch = operators.make_batch(geometry.to_pixels(pos), geometry.object_shape, (M, M))
-    inten = np.abs(operators.forward(truth, true, batch)) ** 2
-    frames = operators.from_fft_order(rng.poisson(inten).astype(np.uint16))
+    data = aberrated_dataset(COUNTS, ERRORS, seed, GRID, m=M, semiangle=SEMIANGLE, nominal_defocus=NOMINAL_DEFOCUS)
     model = make_probe("defocused", (M, M), PIXEL, ENERGY, SEMIANGLE, NOMINAL_DEFOCUS)
-    return frames, pos, scale_probe(model, frames, None), true
+    return data.frames, data.positions, scale_probe(model, data.frames, None), data.truth_probe
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> float:
