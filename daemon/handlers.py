@@ -189,9 +189,12 @@ def build_table(service: Service) -> dict[str, Handler]:
             if error is not None:
                 raise error
             now["frames"]["received"] = received
-            with session.lock:  # a spool failure found meanwhile stops the scan: say so now
+            with session.lock:
+                # the scan stopped meanwhile (spool failure, cancel, acquisition timeout): say so
+                # now, with its reason, so that a final state never comes without why it ended
                 if session.error is not None:
-                    now.update(error=session.error, state=session.state.value)
+                    now.update(error=session.error, state=session.state.value,
+                               end_reason=session.end_reason, ended=session.ended)
             return now
 
         return service.reply_later("receipt", lambda done: service.scans.after_disk(stored, done), answer)

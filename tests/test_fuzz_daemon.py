@@ -470,3 +470,69 @@ def test_worker_threads_start_off_the_manager_thread(tmp_path, monkeypatch):
         assert svc.metrics.internal_errors.labels(where="worker")._value.get() == 1
     finally:
         bg.stop()
+
+
+def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatch):
+    """A receipt asked while the spool thread is busy is answered later; if its scan stops in
+    between (here a cancel; in CI it was the acquisition timeout of a killed sender), the answer
+    said state "aborted" with end_reason None, taken before the stop. The spool thread is held
+    by a gate so that the order is certain."""
+    import threading
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.messages import decode
+    from cryoptycho.protocols.producer import Producer
+
+    gate, entered = threading.Event(), threading.Event()
+    gate.set()
+    append_many = SpoolWriter.append_many
+
+    def gated(self, *args, **kwargs):
+        if not gate.is_set():
+            entered.set()
+            assert gate.wait(120), "the test never opened the gate"
+        return append_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(SpoolWriter, "append_many", gated)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(svc.endpoints["control"])
+    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
+             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
+    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
+            producer.start_scan(scan_id="held", **start)
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 2
+            gate.clear()
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            assert entered.wait(60), "the spool thread never took the frames"
+            sock.send_multipart([b"", *_raw(encode(Request("receipt", {"scan_id": "held"})))])
+            wait_for(lambda: sum(len(q) for q in svc._replies.values()) == 1, 60, "the manager to read it")
+            ctl.cancel("held")
+            wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("held") == "aborted",
+                     60, "the cancelled scan to stop")
+            assert not sock.poll(0), "the receipt was answered before the spool thread was done"
+            gate.set()
+            assert sock.poll(60_000), "no reply"
+            reply = decode(sock.recv_multipart()[1:])
+            assert reply.success, reply.msg
+            info = reply.result
+            assert info["state"] == "aborted", info
+            assert info["end_reason"] is not None and "cancel" in info["end_reason"], info
+            assert info["frames"]["received"] == 4, info
+    finally:
+        gate.set()
+        sock.close()
+        ctx.term()
+        ctl.close()
+        bg.stop()
