@@ -70,6 +70,11 @@ class ServiceConfig(BaseSettings):
     """Let NumPy ask the kernel for transparent huge pages on large arrays (its default). Off by
     default: where the kernel compacts memory for such requests (THP ``defrag = madvise``, common),
     the frame store's first writes stall on it (see SERVICE.md, "Process settings")."""
+    frame_store_reuse_bytes: int = Field(4 * 2**30, ge=0)
+    """Host memory of finished scans' frame stores that the daemon keeps mapped for the next
+    scans' stores (in use or idle, at most this many bytes): a store in memory faulted in
+    before needs no fresh pages (SERVICE.md, "Process settings"). 0 = every store maps fresh
+    memory and unmaps it when it goes."""
     output_formats: tuple[OutputFormat, ...] = ALL_FORMATS
     """What each scan's outputs are (``storage/outputs.py``): the HDF5 result (always) and the
     phase exports ``mrc`` and ``png``."""

@@ -559,6 +559,9 @@ class ScanManager:
             except queue.Empty:
                 break
             self.running.pop(session.scan_id, None)
+            # the session stays in the history (HISTORY) long after its worker: holding the
+            # worker kept its engine (frame store, canvases: GBs per scan) alive with it
+            session.worker = None
             self._settle(session)
             changed = True
         if changed:

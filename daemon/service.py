@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from cryoptycho.gpu import framestore
 from cryoptycho.protocols.control import dispatch, handle, split_envelope
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits
@@ -134,6 +135,7 @@ class Service:
         """Bind every socket, start the metrics endpoint, recover unfinished scans."""
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         set_numpy_hugepages(self.config.numpy_hugepages)
+        framestore.MAPPINGS.set_keep_bytes(self.config.frame_store_reuse_bytes)
         ctx = self._ctx
         self.ingest = ctx.socket(zmq.PULL)
         self.publish = ctx.socket(zmq.PUB)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import sys
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -24,6 +25,97 @@ from .backend import asarray
 _MADV_POPULATE_WRITE = 23
 #: host frame stores at least this large get their own mapping (see :func:`_host_empty`)
 _MAP_BYTES = 1 << 20
+
+
+class _Mapping:
+    """An anonymous mapping that holds a host store's frames, and how many of its bytes (from
+    the start) are faulted in: a reused mapping needs no new faults there."""
+
+    __slots__ = ("mmap", "populated")
+
+    def __init__(self, nbytes: int) -> None:
+        self.mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.populated = 0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.mmap)
+
+    def idle(self) -> bool:
+        # Every array over the mapping (the store's frames and any view of them) holds a
+        # reference to the mmap object; the entry's own and getrefcount's argument are the
+        # only two left once none is alive, and nothing can make a new one but this module.
+        return sys.getrefcount(self.mmap) <= 2
+
+
+class MappingPool:
+    """The mappings of host frame stores, kept after their stores are gone so that the next
+    store reuses memory already faulted in instead of faulting in fresh pages (a fresh 96×96
+    uint16 frame's 4.5 pages cost more than its copy: :meth:`FrameStore._populate`). A mapping
+    is handed out again only when no array over it is alive (:meth:`_Mapping.idle`), so a
+    store never shares memory with frames still in use. The pool keeps mappings of at most
+    ``keep_bytes`` in all, in use or idle (idle ones are unmapped, oldest first, to make room
+    for a new one); with ``keep_bytes`` 0, the default, it keeps none and every store maps
+    fresh memory that goes back with it. Process-wide (:data:`MAPPINGS`): the daemon sets the
+    bound at start (``frame_store_reuse_bytes``)."""
+
+    def __init__(self, keep_bytes: int = 0) -> None:
+        self.keep_bytes = keep_bytes
+        self._lock = threading.Lock()
+        self._mappings: list[_Mapping] = []  #: kept mappings, oldest first
+        #: stores that got a kept mapping / a fresh one
+        self.reused = 0
+        self.fresh = 0
+
+    def take(self, nbytes: int) -> _Mapping:
+        """A mapping of at least ``nbytes``: the smallest idle kept one of up to twice that,
+        else a new one (kept if the bound allows)."""
+        with self._lock:
+            idle = [m for m in self._mappings if m.idle()]
+            fits = [m for m in idle if nbytes <= m.nbytes <= 2 * nbytes]
+            if fits:
+                self.reused += 1
+                return min(fits, key=lambda m: m.nbytes)
+            self._trim(idle, self.keep_bytes - nbytes)
+            mapping = _Mapping(nbytes)
+            self.fresh += 1
+            if self.kept_bytes_locked() + nbytes <= self.keep_bytes:
+                self._mappings.append(mapping)
+            return mapping
+
+    def kept_bytes_locked(self) -> int:
+        return sum(m.nbytes for m in self._mappings)
+
+    def idle_bytes(self) -> int:
+        """Bytes of kept mappings that no store uses now."""
+        with self._lock:
+            return sum(m.nbytes for m in self._mappings if m.idle())
+
+    def set_keep_bytes(self, keep_bytes: int) -> int:
+        """Set the bound (idle mappings over it are unmapped now); returns the previous one."""
+        if keep_bytes < 0:
+            raise ValueError(f"keep_bytes must be ≥ 0, got {keep_bytes}")
+        with self._lock:
+            previous, self.keep_bytes = self.keep_bytes, int(keep_bytes)
+            self._trim([m for m in self._mappings if m.idle()], self.keep_bytes)
+            # mappings in use over the bound are no longer kept: they go with their stores
+            while self.kept_bytes_locked() > self.keep_bytes:
+                self._mappings.pop(0)
+        return previous
+
+    def _trim(self, idle: list[_Mapping], room: int) -> None:
+        """Unmap idle mappings, oldest first, until all kept ones hold at most ``room`` bytes."""
+        total = self.kept_bytes_locked()
+        for m in idle:
+            if total <= room:
+                break
+            self._mappings.remove(m)
+            m.mmap.close()
+            total -= m.nbytes
+
+
+#: the process's pool of host frame-store mappings (:class:`MappingPool`)
+MAPPINGS = MappingPool()
 
 
 class FrameStore:
@@ -58,7 +150,7 @@ class FrameStore:
         self.n = 0
         #: how many times the frame array was re-allocated (growth events)
         self.reallocations = 0
-        self._mapping: mmap.mmap | None = None
+        self._mapping: _Mapping | None = None
         self._populated = 0  #: rows [0, _populated) of the mapping are faulted in
         self.frames = self._empty(capacity)
         self.positions = np.empty((capacity, 2), dtype=np.float64)
@@ -120,7 +212,8 @@ class FrameStore:
         shape = (capacity,) + self.frame_shape
         if self.xp is np:
             frames, self._mapping = _host_empty(shape, self.dtype)
-            self._populated = 0
+            row = int(np.prod(self.frame_shape)) * self.dtype.itemsize
+            self._populated = 0 if self._mapping is None else self._mapping.populated // row
             return frames
         return self.xp.empty(shape, dtype=self.dtype)
 
@@ -137,26 +230,30 @@ class FrameStore:
         row = self.frames[0].nbytes
         lo = start * row // mmap.PAGESIZE * mmap.PAGESIZE
         try:
-            self._mapping.madvise(_MADV_POPULATE_WRITE, lo, stop * row - lo)
+            self._mapping.mmap.madvise(_MADV_POPULATE_WRITE, lo, stop * row - lo)
         except OSError:
             # a kernel before 5.14 does not know the advice (EINVAL): the copy faults the pages
             # in one by one, as it would without it; this store stops asking
             self._mapping = None
+            return
+        self._mapping.populated = max(self._mapping.populated, stop * row)
 
     def counts(self, which: Any) -> Any:
         """Frames (FFT order, own dtype) for the store indices ``which`` (host int array)."""
         return self.frames[self.xp.asarray(which)]
 
 
-def _host_empty(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, mmap.mmap | None]:
+def _host_empty(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, _Mapping | None]:
     """An uninitialised host array, and for a large one on Linux the anonymous mapping that
-    holds it (for :meth:`FrameStore._populate`; NumPy would map so large an array anyway). The
-    array keeps its mapping alive; the memory goes back when the array goes."""
+    holds it (for :meth:`FrameStore._populate`; NumPy would map so large an array anyway),
+    from :data:`MAPPINGS`: it may hold an earlier store's frames. The array keeps its mapping
+    alive; the memory goes back when the array goes, unless the pool keeps it."""
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if nbytes < _MAP_BYTES or not sys.platform.startswith("linux"):
         return np.empty(shape, dtype=dtype), None
-    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(mapping, dtype=dtype).reshape(shape), mapping
+    mapping = MAPPINGS.take(nbytes)
+    count = int(np.prod(shape))
+    return np.frombuffer(mapping.mmap, dtype=dtype, count=count).reshape(shape), mapping
 
 
 def _grow_host(arr: np.ndarray, capacity: int, n: int) -> np.ndarray:

@@ -244,16 +244,24 @@ def _decode_table(batches: tuple[int, ...], seconds: float) -> None:
 
 
 def _producer_process(endpoint: str, control: str, side: int, batch: int, codec: str, total: int,
-                      go: Any, cpu_s: Any) -> None:
+                      go: Any, cpu_s: Any, warm_go: Any = None) -> None:
     """The instrument side in a process of its own: one scan of ``total`` frames, sent as fast
     as the daemon takes them (the data are made before the signal). ``cpu_s``: a shared value
-    that receives the process's CPU seconds from the signal until every message has left."""
+    that receives the process's CPU seconds from the signal until every message has left.
+    ``warm_go``: first, on that signal, a scan of the same size (``e2e-warm``), then aborted."""
     data = np.random.default_rng(2).poisson(0.1, (batch, side, side)).astype(np.uint16)
     rounds = total // batch
-    scan = _scan("e2e", side, rounds * batch, raster=RasterScan((rounds, batch), (1e-10, 1e-10)))
     ctx = zmq.Context()
     producer = Producer(endpoint, control=control, compression=codec, batch_frames=batch, send_timeout_s=60,
                         context=ctx)
+    if warm_go is not None:
+        warm_go.wait()
+        producer.start_scan(_scan("e2e-warm", side, rounds * batch,
+                                  raster=RasterScan((rounds, batch), (1e-10, 1e-10))))
+        for i in range(rounds):
+            producer.send_frames(data, np.arange(i * batch, (i + 1) * batch))
+        producer.abort("warm-up scan done")
+    scan = _scan("e2e", side, rounds * batch, raster=RasterScan((rounds, batch), (1e-10, 1e-10)))
     go.wait()
     c0 = time.process_time()
     producer.start_scan(scan)
@@ -266,14 +274,17 @@ def _producer_process(endpoint: str, control: str, side: int, batch: int, codec:
 
 
 def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: float = 120.0,
-                   paused: bool = True) -> dict[str, Any]:
+                   paused: bool = True, warm: bool = False) -> dict[str, Any]:
     """Frames/s of one scan from a Producer process into a real daemon (:class:`BackgroundService`),
     engine paused unless ``paused`` is False: ``fps_received`` until every frame is spooled and
     counted (received, in the daemon's sense), ``fps`` until they are all in the engine's frame
     store too; the daemon process's CPU µs per frame (every thread), ``threads``: the same by
     thread role (:func:`thread_cpu`), ``faults``: minor page faults per frame by role
     (:func:`thread_stats`), and the producer process's CPU (it joins before the daemon stops;
-    NaN if it did not finish)."""
+    NaN if it did not finish). ``warm``: the measured scan follows one of the same size, sent
+    and aborted before the clock starts, as in a daemon that has run scans before: its frame
+    store's memory may be reused (``frame_store_reuse_bytes``, ``store_reused``), and the
+    memory of its received messages may be too."""
     import contextlib
     import multiprocessing
     import tempfile
@@ -282,6 +293,7 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
     from cryoptycho.daemon.bench.dectris import engine_paused
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.gpu.framestore import MAPPINGS
 
     total = total // batch * batch
     with tempfile.TemporaryDirectory(prefix="bench-protocol-") as tmp, \
@@ -294,17 +306,23 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
         # descriptors), and its exit swallowed the wake-ups of the daemon's ingest socket
         mp = multiprocessing.get_context("spawn")
         go, producer_cpu = mp.Event(), mp.Value("d", float("nan"))
+        warm_go = mp.Event() if warm else None
         proc = mp.Process(target=_producer_process, args=(bg.service.endpoints["ingest"], bg.service.endpoints["control"],
-                                                          side, batch, codec, total, go, producer_cpu), daemon=True)
+                                                          side, batch, codec, total, go, producer_cpu, warm_go),
+                          daemon=True)
+        scans = bg.service.scans
         try:
             proc.start()
             time.sleep(0.5)  # the producer connects and makes its frames before the clock starts
-            t0, c0, th0 = time.perf_counter(), time.process_time(), thread_stats()
+            if warm_go is not None:
+                warm_go.set()
+                _wait_for(lambda: _warm_scan_done(scans), timeout_s, proc, "the warm-up scan to end")
+            reused0 = MAPPINGS.reused
+            t0, c0, th0 = time.perf_counter(), time.process_time(), task_stats()
             go.set()
-            scans = bg.service.scans
             t_received: float | None = None
             while True:  # cheap reads, 50 times a second: this loop shares the GIL with the daemon
-                session = next(iter(scans.sessions.values()), None)
+                session = scans.sessions.get("e2e")
                 worker = scans.running.get(session.scan_id) if session is not None else None
                 received = session.ledger.received if session is not None else 0
                 if received >= total and t_received is None:
@@ -316,7 +334,8 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
                     raise RuntimeError(f"{received} of {total} frames after {time.perf_counter() - t0:.0f} s "
                                        f"(producer exit code {proc.exitcode})")
                 time.sleep(0.02)
-            elapsed, cpu, th1 = time.perf_counter() - t0, time.process_time() - c0, thread_stats()
+            elapsed, cpu, th1 = time.perf_counter() - t0, time.process_time() - c0, task_stats()
+            store_reused = MAPPINGS.reused > reused0
         finally:
             if proc.pid is not None:
                 proc.join(10)
@@ -324,11 +343,27 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
                     proc.kill()
             bg.stop()
     assert t_received is not None
-    zero = (0.0, 0)
-    threads = {role: 1e6 * (th1[role][0] - th0.get(role, zero)[0]) / total for role in th1}
-    faults = {role: (th1[role][1] - th0.get(role, zero)[1]) / total for role in th1}
+    spent = _stats_between(th0, th1)
+    threads = {role: 1e6 * cpu / total for role, (cpu, _) in spent.items()}
+    faults = {role: n / total for role, (_, n) in spent.items()}
     return {"fps": total / elapsed, "fps_received": total / t_received, "cpu_us_per_frame": 1e6 * cpu / total,
-            "threads": threads, "faults": faults, "producer_cpu_us_per_frame": 1e6 * producer_cpu.value / total}
+            "threads": threads, "faults": faults, "producer_cpu_us_per_frame": 1e6 * producer_cpu.value / total,
+            "store_reused": store_reused}
+
+
+def _warm_scan_done(scans: Any) -> bool:
+    """The warm-up scan ended and its worker (and with it its engine and frame store) is gone."""
+    session = scans.sessions.get("e2e-warm")
+    return session is not None and session.state.final and "e2e-warm" not in scans.running
+
+
+def _wait_for(done: Any, timeout_s: float, proc: Any, what: str) -> None:
+    t0 = time.perf_counter()
+    while not done():
+        if time.perf_counter() - t0 > timeout_s or (not proc.is_alive() and proc.exitcode):
+            raise RuntimeError(f"no {what} after {time.perf_counter() - t0:.0f} s (producer exit code "
+                               f"{proc.exitcode})")
+        time.sleep(0.02)
 
 
 #: thread name prefix → role in the ingest path (:func:`thread_cpu`)
@@ -348,6 +383,11 @@ def thread_stats() -> dict[str, tuple[float, int]]:
     """(CPU seconds, minor page faults) of this process's threads by role (:func:`thread_cpu`).
     A minor fault is a first touch of a page the process had not used: fresh memory, which
     the kernel zeroes and, in a VM, the host may have to back first."""
+    return _stats_between({}, task_stats())
+
+
+def task_stats() -> dict[int, tuple[str, float, int]]:
+    """Thread id → (role, CPU seconds, minor page faults) of this process's threads (Linux)."""
     import os
     from pathlib import Path
 
@@ -356,7 +396,7 @@ def thread_stats() -> dict[str, tuple[float, int]]:
         return {}
     names = {t.native_id: t.name for t in threading.enumerate()}
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, tuple[float, int]] = {}
+    out: dict[int, tuple[str, float, int]] = {}
     for task in tasks.iterdir():
         try:
             stat = (task / "stat").read_text()
@@ -365,10 +405,26 @@ def thread_stats() -> dict[str, tuple[float, int]]:
             continue  # the thread ended meanwhile
         # from field 3 (state) on: minflt is field 10, utime and stime are 14 and 15
         fields = stat[stat.rindex(")") + 2 :].split()
-        name = names.get(int(task.name), comm)
+        tid = int(task.name)
+        name = names.get(tid, comm)
         role = next((r for prefix, r in _ROLES if name.startswith(prefix)), "other")
-        cpu, faults = out.get(role, (0.0, 0))
-        out[role] = (cpu + (int(fields[11]) + int(fields[12])) / tick, faults + int(fields[7]))
+        out[tid] = (role, (int(fields[11]) + int(fields[12])) / tick, int(fields[7]))
+    return out
+
+
+def _stats_between(before: dict[int, tuple[str, float, int]],
+                   after: dict[int, tuple[str, float, int]]) -> dict[str, tuple[float, int]]:
+    """(CPU seconds, faults) by role spent between two :func:`task_stats`, thread by thread:
+    a thread that ended meanwhile is not counted (nor what it spent before it ended), and one
+    that started counts from zero, so that a scan's worker is not charged with the CPU of an
+    earlier scan's."""
+    out: dict[str, tuple[float, int]] = {}
+    for tid, (role, cpu, faults) in after.items():
+        role0, cpu0, faults0 = before.get(tid, (role, 0.0, 0))
+        if role0 != role or cpu0 > cpu:  # the id of an ended thread, given to a new one
+            cpu0, faults0 = 0.0, 0
+        c, f = out.get(role, (0.0, 0))
+        out[role] = (c + cpu - cpu0, f + faults - faults0)
     return out
 
 
