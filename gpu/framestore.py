@@ -110,8 +110,8 @@ class MappingPool:
             if total <= room:
                 break
             self._mappings.remove(m)
-            m.mmap.close()
             total -= m.nbytes
+            m.mmap.close()
 
 
 #: the process's pool of host frame-store mappings (:class:`MappingPool`)

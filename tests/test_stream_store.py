@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import resource
 import sys
 
 import numpy as np
@@ -138,3 +139,91 @@ def test_a_kernel_without_the_populate_advice_still_stores_every_frame(monkeypat
     assert store._mapping is None
     np.testing.assert_array_equal(store.frames[:n], np.roll(frames, (-(m // 2), -(m // 2)), axis=(1, 2)))
     np.testing.assert_array_equal(store.positions[:n], np.ones((n, 2)))
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    """A pool of its own for the test (the process's, MAPPINGS, is the daemon's setting)."""
+    p = framestore.MappingPool(keep_bytes=64 << 20)
+    monkeypatch.setattr(framestore, "MAPPINGS", p)
+    return p
+
+
+def _fill(store, frames):
+    for lo in range(0, len(frames), 50):
+        store.append(frames[lo : lo + 50], np.zeros((len(frames[lo : lo + 50]), 2)))
+
+
+def _faults_filling(store, frames) -> int:
+    """Minor page faults of this thread while ``frames`` are appended to ``store``."""
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    _fill(store, frames)
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="host stores map memory of their own on Linux")
+def test_a_store_reuses_the_memory_of_one_that_is_gone_without_faulting_it_in_again(pool):
+    m, n = 64, 300  # 8 KiB frames: mappings of their own (≥ 1 MiB)
+    rng = np.random.default_rng(6)
+    first, second = _frames(rng, n, m), _frames(rng, n, m)
+    store = FrameStore((m, m), np.uint16, capacity=n)
+    pages = n * m * m * 2 // 4096
+    assert _faults_filling(store, first) >= pages  # fresh memory: every page faulted in once
+    address = store.frames.ctypes.data
+    del store
+    store = FrameStore((m, m), np.uint16, capacity=n)
+    assert store.frames.ctypes.data == address and (pool.reused, pool.fresh) == (1, 1)
+    assert _faults_filling(store, second) < pages // 10  # the same memory, in already
+    np.testing.assert_array_equal(store.frames[:n], np.roll(second, (-(m // 2), -(m // 2)), axis=(1, 2)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="host stores map memory of their own on Linux")
+def test_memory_a_live_view_still_reads_is_never_handed_to_another_store(pool):
+    m, n = 64, 300
+    rng = np.random.default_rng(7)
+    first, second = _frames(rng, n, m), _frames(rng, n, m)
+    store = FrameStore((m, m), np.uint16, capacity=n)
+    _fill(store, first)
+    kept = store.frames[10:20]  # e.g. a batch the engine still holds
+    expected = kept.copy()
+    del store
+    other = FrameStore((m, m), np.uint16, capacity=n)
+    _fill(other, second)
+    assert (pool.reused, pool.fresh) == (0, 2)
+    assert not np.shares_memory(kept, other.frames)
+    np.testing.assert_array_equal(kept, expected)
+    del kept, other
+    third = FrameStore((m, m), np.uint16, capacity=n)  # both are idle now: one is reused
+    assert pool.reused == 1 and third._populated == n
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="host stores map memory of their own on Linux")
+def test_the_pool_keeps_at_most_its_bound_and_nothing_by_default(monkeypatch):
+    m = 64
+    row = m * m * 2
+    rows = (1 << 20) // row * 2  # 2 MiB stores
+    pool = framestore.MappingPool()  # the default: keep nothing
+    monkeypatch.setattr(framestore, "MAPPINGS", pool)
+    for _ in range(3):
+        FrameStore((m, m), np.uint16, capacity=rows)
+    assert (pool.reused, pool.fresh, pool.idle_bytes()) == (0, 3, 0)
+    pool.set_keep_bytes(5 << 20)  # room for two
+    stores = [FrameStore((m, m), np.uint16, capacity=rows) for _ in range(3)]
+    assert pool.fresh == 6  # the third was not kept: it goes with its store
+    del stores
+    assert pool.idle_bytes() == 4 << 20
+    pool.set_keep_bytes(3 << 20)  # lowered: idle mappings over the bound are unmapped now
+    assert pool.idle_bytes() == 2 << 20
+    big = FrameStore((m, m), np.uint16, capacity=3 * rows)  # no idle one fits: the idle one makes room
+    assert pool.idle_bytes() == 0 and pool.fresh == 7
+    del big
+    assert pool.idle_bytes() == 0  # 6 MiB: over the bound, so not kept
+    pool.set_keep_bytes(8 << 20)
+    FrameStore((m, m), np.uint16, capacity=2 * rows)  # one 4 MiB mapping, kept, idle once the store goes
+    assert pool.idle_bytes() == 4 << 20
+    small = FrameStore((m, m), np.uint16, capacity=3 * rows // 4)  # 1.5 MiB: 4 MiB is over twice that
+    assert (pool.reused, small.capacity, small.frames.nbytes) == (0, 3 * rows // 4, 3 << 19)
+    fits = FrameStore((m, m), np.uint16, capacity=3 * rows // 2)  # 3 MiB: in the 4 MiB mapping
+    assert (pool.reused, fits.capacity, fits.frames.nbytes) == (1, 3 * rows // 2, 3 << 20)
+    with pytest.raises(ValueError, match="keep_bytes"):
+        pool.set_keep_bytes(-1)

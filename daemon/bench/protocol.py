@@ -170,8 +170,11 @@ def measure_loopback(side: int, batch: int, codec: str, seconds: float, dose: fl
               help="Also run the end-to-end case once more with the live engine running (CPU backend).")
 @click.option("--decode/--no-decode", "decode_table", default=True, show_default=True,
               help="The decode/encode/loopback table (--no-decode: the daemon figures only).")
+@click.option("--next-scan/--no-next-scan", default=True, show_default=True,
+              help="Also measure each paused case as the daemon's next scan: after one of the same size, "
+                   "sent and aborted first (its frame store's memory reused, frame_store_reuse_bytes).")
 def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon_codecs: tuple[str, ...],
-            live: bool, decode_table: bool) -> None:
+            live: bool, decode_table: bool, next_scan: bool) -> None:
     """Decode + validate throughput of frames messages (target ≥ 100,000 frames/s raw), and our
     protocol end to end into the daemon with its spool (target ≥ 50,000 frames/s, 96×96)."""
     if decode_table:
@@ -181,16 +184,18 @@ def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon
     click.echo(f"\nend to end into the daemon, 96×96 uint16 ({daemon_frames:,} frames, producer in its own "
                "process):")
     roles = ("receive", "manager", "spool", "compress", "worker")
-    click.echo(f"{'batch':>5} {'codec':>6} {'engine':>6} {'received/s':>11} {'stored/s':>10} "
+    click.echo(f"{'batch':>5} {'codec':>6} {'engine':>6} {'scan':>5} {'received/s':>11} {'stored/s':>10} "
                f"{'CPU µs/frame':>13}  " + " ".join(f"{r:>8}" for r in roles) + f" {'producer':>9} {'2-core cap':>10}")
-    cases = [(batch, codec, True) for batch in batches for codec in daemon_codecs]
+    cases = [(batch, codec, True, warm) for batch in batches for codec in daemon_codecs
+             for warm in ((False, True) if next_scan else (False,))]
     if live:
-        cases.append((max(batches), daemon_codecs[0], False))
+        cases.append((max(batches), daemon_codecs[0], False, False))
     faults = []
-    for batch, codec, paused in cases:
-        r = measure_daemon(96, batch, codec, daemon_frames, paused=paused)
-        faults.append((batch, codec, paused, r["faults"]))
-        click.echo(f"{batch:>5} {codec:>6} {'paused' if paused else 'live':>6} {r['fps_received']:>11,.0f} "
+    for batch, codec, paused, warm in cases:
+        r = measure_daemon(96, batch, codec, daemon_frames, paused=paused, warm=warm)
+        label = f"{batch:>5} {codec:>6} {'paused' if paused else 'live':>6} {'next' if warm else 'first':>5}"
+        faults.append((label, r["faults"]))
+        click.echo(f"{label} {r['fps_received']:>11,.0f} "
                    f"{r['fps']:>10,.0f} {r['cpu_us_per_frame']:>13,.1f}  "
                    + " ".join(f"{r['threads'].get(role, 0.0):>8,.1f}" for role in roles)
                    + f" {r['producer_cpu_us_per_frame']:>9,.1f} "
@@ -203,13 +208,13 @@ def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon
                "scan's worker (frame store and engine add_frames; with the engine live, its steps too); "
                "producer = the sending process's CPU µs per frame; 2-core cap = 2 s of CPU per second "
                "÷ (daemon + producer CPU per frame): the rate two otherwise idle cores would allow at "
-               "these costs.")
-    if any(f for *_, f in faults):
+               "these costs; scan = the daemon's first scan, or its next one (after a scan of the same "
+               "size: memory faulted in before is reused, see SERVICE.md \"Process settings\").")
+    if any(f for _, f in faults):
         click.echo("page faults per frame by thread (first touches of fresh memory, 4 KiB pages; a 96×96 uint16 "
                    "frame spans 4.5):")
-        for batch, codec, paused, f in faults:
-            click.echo(f"{batch:>5} {codec:>6} {'paused' if paused else 'live':>6}  "
-                       + " ".join(f"{role} {f.get(role, 0.0):.2f}" for role in (*roles, "other")))
+        for label, f in faults:
+            click.echo(f"{label}  " + " ".join(f"{role} {f.get(role, 0.0):.2f}" for role in (*roles, "other")))
     click.echo(f"\ncost per stage, one thread, isolated, µs of CPU per frame (96×96 uint16, {max(batches)} "
                "frames per message):")
     for name, us in measure_stages(96, max(batches), min(daemon_frames, 32_768)).items():
