@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+import time
+import weakref
+
+import numpy as np
 import pytest
+from cryoptycho.daemon.bench.protocol import _scan
 from cryoptycho.daemon.config import ServiceConfig
 from cryoptycho.daemon.service import BackgroundService, set_numpy_hugepages
+from cryoptycho.gpu import framestore
+from cryoptycho.protocols.messages import RasterScan
+from cryoptycho.protocols.producer import Producer
 
 
 def _numpy_advises_hugepages() -> bool:
@@ -36,3 +45,68 @@ def test_the_daemon_sets_numpy_huge_page_advice_from_its_config(tmp_path, restor
 def test_the_setting_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("CRYOPTYCHO_NUMPY_HUGEPAGES", "true")
     assert ServiceConfig().numpy_hugepages is True
+
+
+def _config(tmp_path, **extra):
+    return ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                         metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r", **extra)
+
+
+@pytest.fixture
+def restore_frame_store_reuse():
+    before = framestore.MAPPINGS.keep_bytes
+    yield
+    framestore.MAPPINGS.set_keep_bytes(before)
+
+
+@pytest.mark.parametrize("configured", [None, 0, 3 << 20])
+def test_the_daemon_sets_how_much_frame_store_memory_it_keeps(tmp_path, restore_frame_store_reuse, configured):
+    framestore.MAPPINGS.set_keep_bytes(12345)
+    extra = {} if configured is None else {"frame_store_reuse_bytes": configured}
+    bg = BackgroundService(_config(tmp_path, **extra))
+    try:
+        assert framestore.MAPPINGS.keep_bytes == (4 << 30 if configured is None else configured)
+    finally:
+        bg.stop()
+
+
+def test_frame_store_reuse_is_read_from_the_environment_and_checked(monkeypatch):
+    monkeypatch.setenv("CRYOPTYCHO_FRAME_STORE_REUSE_BYTES", "0")
+    assert ServiceConfig().frame_store_reuse_bytes == 0
+    monkeypatch.setenv("CRYOPTYCHO_FRAME_STORE_REUSE_BYTES", "-1")
+    with pytest.raises(ValueError, match="frame_store_reuse_bytes"):
+        ServiceConfig()
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"no {what} within {timeout_s} s")
+
+
+def test_a_scan_s_engine_and_frame_store_go_when_its_worker_has_ended(tmp_path, restore_frame_store_reuse):
+    """A finished scan stays listed (the history) long after its worker; its engine, frame store
+    included, must not stay with it, or a daemon running scan after scan keeps them all."""
+    bg = BackgroundService(_config(tmp_path))
+    scans = bg.service.scans
+    try:
+        with Producer(bg.service.endpoints["ingest"], control=bg.service.endpoints["control"]) as producer:
+            frames = np.random.default_rng(0).poisson(0.1, (64, 96, 96)).astype(np.uint16)
+            producer.start_scan(_scan("gone", 96, 256, raster=RasterScan((4, 64), (1e-10, 1e-10))))
+            producer.send_frames(frames, np.arange(64))
+            engine = _wait(lambda: getattr(scans.running.get("gone"), "engine", None), 60, "engine")
+            gone = weakref.ref(engine)
+            store = weakref.ref(engine.frame_store)
+            del engine
+            producer.abort("test")
+        _wait(lambda: "gone" in scans.sessions and scans.sessions["gone"].state.final
+              and "gone" not in scans.running, 60, "end of the scan")
+        gc.collect()
+        assert gone() is None and store() is None
+        assert "gone" in scans.sessions  # still listed
+    finally:
+        bg.stop()

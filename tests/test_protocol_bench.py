@@ -17,7 +17,7 @@ def test_bench_protocol_end_to_end_into_the_daemon() -> None:
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
-    row = re.search(r"^\s*64\s+none\s+paused\s+([\d,]+)\s+([\d,]+)\s+([\d,.]+)((?:\s+[\d,.]+){5})"
+    row = re.search(r"^\s*64\s+none\s+paused\s+first\s+([\d,]+)\s+([\d,]+)\s+([\d,.]+)((?:\s+[\d,.]+){5})"
                     r"\s+([\d,.]+)\s+([\d,]+)\s*$", out, re.MULTILINE)
     assert row, out
     received, stored, cpu, producer, cap = (float(row[i].replace(",", "")) for i in (1, 2, 3, 5, 6))
@@ -33,9 +33,14 @@ def test_bench_protocol_end_to_end_into_the_daemon() -> None:
         # ≥ 10 µs per frame (≥ 8 ticks over 8,192 frames) are asserted one by one
         assert roles["receive"] > 0 and roles["compress"] > 0 and roles["worker"] > 0, out
         # first touches of fresh memory by thread: the worker's frame store is fresh memory
-        faults = re.search(r"^\s*64\s+none\s+paused\s+receive ([\d.]+) manager ([\d.]+) spool ([\d.]+) "
-                           r"compress ([\d.]+) worker ([\d.]+) other ([\d.]+)$", out, re.MULTILINE)
-        assert faults and float(faults[5]) > 0, out
+        faults = {scan: re.search(rf"^\s*64\s+none\s+paused\s+{scan}\s+receive ([\d.]+) manager ([\d.]+) "
+                                  r"spool ([\d.]+) compress ([\d.]+) worker ([\d.]+) other ([\d.]+)$", out, re.MULTILINE)
+                  for scan in ("first", "next")}
+        assert faults["first"] and faults["next"], out
+        # the first scan's frame store is fresh memory (4.5 pages per 96×96 uint16 frame); the
+        # next scan's reuses the first one's (frame_store_reuse_bytes), in memory already
+        assert float(faults["first"][5]) > 2 and float(faults["next"][5]) < 1, out
+    assert re.search(r"^\s*64\s+none\s+paused\s+next\s+[\d,]+\s+[\d,]+\s", out, re.MULTILINE), out
     for stage in ("validate + decode", "ledger", "spool write", "spool compress", "frame store append",
                   "engine add_frames"):
         assert re.search(rf"^\s+{re.escape(stage)}.*\s[\d.]+$", out, re.MULTILINE), (stage, out)

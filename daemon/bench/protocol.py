@@ -306,6 +306,8 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
         cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
                             metrics_enabled=False, spool_dir=Path(tmp) / "spool", results_dir=Path(tmp) / "res",
                             resolution_interval_s=0, drain_timeout_s=0)
+        if not warm:
+            MAPPINGS.set_keep_bytes(0)  # unmaps what earlier runs here left: the first scan's store is fresh
         bg = BackgroundService(cfg)
         # spawn, not fork: a forked child shares the daemon's ZeroMQ context (its signalling
         # descriptors), and its exit swallowed the wake-ups of the daemon's ingest socket
@@ -445,7 +447,7 @@ def measure_stages(side: int, batch: int, total: int) -> dict[str, float]:
     from cryoptycho.daemon.session import FrameLedger
     from cryoptycho.daemon.storage.spool import SpoolWriter
     from cryoptycho.gpu.engines import create_engine
-    from cryoptycho.gpu.framestore import FrameStore
+    from cryoptycho.gpu.framestore import MAPPINGS, FrameStore
 
     rounds = max(8, total // batch)
     total = rounds * batch
@@ -496,7 +498,12 @@ def measure_stages(side: int, batch: int, total: int) -> dict[str, float]:
             what += ", bslz4 sent: chunks as received"
         out[f"spool write: HDF5 rows, commit, flush ({what})"] = 1e6 * own / total
         out[f"spool compress: bitshuffle-LZ4 chunks, pool threads ({what})"] = 1e6 * pool / total
-    fresh, touched = _store_stages(FrameStore((side, side), np.uint16, total), data, pos, idx)
+    keep = MAPPINGS.set_keep_bytes(0)  # a store in fresh memory (the daemons above left theirs)
+    try:
+        store = FrameStore((side, side), np.uint16, total)
+    finally:
+        MAPPINGS.set_keep_bytes(keep)
+    fresh, touched = _store_stages(store, data, pos, idx)
     out["frame store append, fresh memory (first touch of its pages)"] = fresh
     out["frame store append, memory touched before"] = touched
     engine = create_engine(engine_spec(spec, data), ServiceConfig().options)
