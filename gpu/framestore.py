@@ -67,23 +67,28 @@ class MappingPool:
         self.reused = 0
         self.fresh = 0
 
-    def take(self, nbytes: int) -> _Mapping:
-        """A mapping of at least ``nbytes``: the smallest idle kept one of up to twice that,
-        else a new one (kept if the bound allows)."""
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, _Mapping]:
+        """An uninitialised array over a mapping of at least its bytes: the smallest idle kept
+        one of up to twice that, else a new one (kept if the bound allows); and the mapping."""
+        nbytes = int(np.prod(shape)) * dtype.itemsize
         with self._lock:
             idle = [m for m in self._mappings if m.idle()]
             fits = [m for m in idle if nbytes <= m.nbytes <= 2 * nbytes]
             if fits:
                 self.reused += 1
-                return min(fits, key=lambda m: m.nbytes)
-            self._trim(idle, self.keep_bytes - nbytes)
-            mapping = _Mapping(nbytes)
-            self.fresh += 1
-            if self.kept_bytes_locked() + nbytes <= self.keep_bytes:
-                self._mappings.append(mapping)
-            return mapping
+                mapping = min(fits, key=lambda m: m.nbytes)
+            else:
+                self._trim(idle, self.keep_bytes - nbytes)
+                mapping = _Mapping(nbytes)
+                self.fresh += 1
+                if self._kept_bytes() + nbytes <= self.keep_bytes:
+                    self._mappings.append(mapping)
+            # made under the lock: from here on the array's reference keeps the mapping from
+            # looking idle to a store made at the same time on another thread
+            array = np.frombuffer(mapping.mmap, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        return array, mapping
 
-    def kept_bytes_locked(self) -> int:
+    def _kept_bytes(self) -> int:
         return sum(m.nbytes for m in self._mappings)
 
     def idle_bytes(self) -> int:
@@ -99,13 +104,13 @@ class MappingPool:
             previous, self.keep_bytes = self.keep_bytes, int(keep_bytes)
             self._trim([m for m in self._mappings if m.idle()], self.keep_bytes)
             # mappings in use over the bound are no longer kept: they go with their stores
-            while self.kept_bytes_locked() > self.keep_bytes:
+            while self._kept_bytes() > self.keep_bytes:
                 self._mappings.pop(0)
         return previous
 
     def _trim(self, idle: list[_Mapping], room: int) -> None:
         """Unmap idle mappings, oldest first, until all kept ones hold at most ``room`` bytes."""
-        total = self.kept_bytes_locked()
+        total = self._kept_bytes()
         for m in idle:
             if total <= room:
                 break
@@ -251,9 +256,7 @@ def _host_empty(shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, _M
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if nbytes < _MAP_BYTES or not sys.platform.startswith("linux"):
         return np.empty(shape, dtype=dtype), None
-    mapping = MAPPINGS.take(nbytes)
-    count = int(np.prod(shape))
-    return np.frombuffer(mapping.mmap, dtype=dtype, count=count).reshape(shape), mapping
+    return MAPPINGS.take(shape, dtype)
 
 
 def _grow_host(arr: np.ndarray, capacity: int, n: int) -> np.ndarray:

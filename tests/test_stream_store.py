@@ -227,3 +227,32 @@ def test_the_pool_keeps_at_most_its_bound_and_nothing_by_default(monkeypatch):
     assert (pool.reused, fits.capacity, fits.frames.nbytes) == (1, 3 * rows // 2, 3 << 20)
     with pytest.raises(ValueError, match="keep_bytes"):
         pool.set_keep_bytes(-1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="host stores map memory of their own on Linux")
+def test_stores_made_at_once_on_several_threads_never_share_memory(pool):
+    """Scan workers make their engines' stores on their own threads: each fills its store with
+    its own value and checks it is still there after the others have written theirs."""
+    import threading
+
+    m, rows = 64, (1 << 20) // (64 * 64 * 2)  # 1 MiB stores: mappings from the pool
+    errors: list[str] = []
+    start = threading.Barrier(4)
+
+    def work(value: int) -> None:
+        start.wait()
+        for _ in range(40):
+            store = FrameStore((m, m), np.uint16, capacity=rows)
+            store.append(np.full((rows, m, m), value, np.uint16), np.zeros((rows, 2)))
+            for _ in range(3):  # let the other threads make and fill theirs meanwhile
+                FrameStore((m, m), np.uint16, capacity=rows)
+            if not np.all(store.frames == value):
+                errors.append(f"thread {value}: its store was written by another")
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in (1, 2, 3, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert pool.reused > 0  # the stores did come from the pool
