@@ -40,6 +40,10 @@ log = logging.getLogger("cryoptycho.scans")
 
 #: finished sessions kept for `list_scans`/`status` after their worker exits
 HISTORY = 256
+#: ended scans whose last preview stays in memory for control `snapshot`; older ones keep their
+#: summary only (a preview of a large canvas is tens of MB, and a finished scan's result file
+#: holds its images)
+FINAL_PREVIEWS = 8
 #: frame bytes waiting for the spool thread above which the manager stops reading ingest
 SPOOL_BACKLOG_BYTES = 64 << 20
 
@@ -559,6 +563,7 @@ class ScanManager:
             except queue.Empty:
                 break
             self.running.pop(session.scan_id, None)
+            session.worker = None  # an ended scan's worker (and engine) is not kept with its record
             self._settle(session)
             changed = True
         if changed:
@@ -568,6 +573,7 @@ class ScanManager:
         state = session.state
         if state.final:
             self.metrics.scans.labels(outcome=state.value).inc()
+            self._forget_old_previews()
             if session.scan_id in self.spools:
                 self._close_spool(session.scan_id, state.value)
             elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
@@ -575,6 +581,18 @@ class ScanManager:
                 self._on_disk(sid, lambda: self._mark_spool(sid, value))
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
+
+    def _forget_old_previews(self) -> None:
+        """Keep the last preview of only the newest FINAL_PREVIEWS ended scans."""
+        kept = 0
+        for session in reversed(self.sessions.values()):
+            if not session.state.final:
+                continue
+            with session.lock:
+                if "last_preview" in session.figures:
+                    kept += 1
+                    if kept > FINAL_PREVIEWS:
+                        del session.figures["last_preview"]
 
     def _mark_spool(self, scan_id: str, status: str) -> None:
         path = spool_path(self.config.spool_dir, scan_id)

@@ -1,0 +1,165 @@
+"""A daemon that runs for months: what an ended scan leaves behind must not grow with the scans.
+
+The facility's drill (a wheel install, 300 scans through ``cryoptycho serve``: finished,
+cancelled, aborted by the producer, refused, senders killed mid-scan) found that every ended scan
+kept its worker, and with it the engine's frame store: every frame of the last 256 scans stayed
+in memory (on the GPU, in device memory), unseen by the memory budget, which counts running
+scans only. These tests push scans of every fate through the service in-process and bound what
+is left once they have ended: no worker or engine, a bounded history, a bounded number of
+previews, no new file descriptors, threads or Prometheus series per scan.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryoptycho.daemon import scans as scans_module
+from cryoptycho.daemon.config import ServiceConfig
+from cryoptycho.daemon.service import BackgroundService
+from cryoptycho.daemon.worker import ScanWorker
+from cryoptycho.gpu.stream import StreamingReconstructor
+from cryoptycho.protocols.control import ControlClient
+from cryoptycho.protocols.errors import DeliveryError
+from cryoptycho.protocols.producer import Producer
+from daemon_support import synthetic_scan, wait_for
+
+FATES = ("finished", "cancelled", "aborted", "refused", "vanished")
+HISTORY = 6
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _series(service) -> set[tuple[str, tuple]]:
+    return {(s.name, tuple(sorted(s.labels.items())))
+            for family in service.metrics.registry.collect() for s in family.samples}
+
+
+def _engines_alive() -> list[object]:
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) in (ScanWorker, StreamingReconstructor)]
+
+
+class _Drill:
+    """Scans of every fate, one after another, through a service running in this process."""
+
+    def __init__(self, service, frames: np.ndarray, fields) -> None:
+        self.endpoints = service.endpoints
+        self.frames, self.fields = frames, fields
+        self.ctl = ControlClient(self.endpoints["control"], timeout_s=10)
+        self.sent = 0
+
+    def run(self, n: int) -> None:
+        for _ in range(n):
+            sid, fate = f"drill-{self.sent:03d}", FATES[self.sent % len(FATES)]
+            self.sent += 1
+            getattr(self, fate)(sid)
+        wait_for(self._settled, 120, f"{self.sent} scans to end")
+
+    def _settled(self) -> bool:
+        status = self.ctl.status()
+        return not status["running"] and not status["waiting"] and not status["scans"]
+
+    def _producer(self) -> Producer:
+        return Producer(self.endpoints["ingest"], control=self.endpoints["control"], send_timeout_s=60)
+
+    def finished(self, sid: str) -> None:
+        with self._producer() as p:
+            p.start_scan(**self.fields(sid))
+            p.send_frames(self.frames)
+            p.end_scan()
+        wait_for(lambda: self._state(sid) == "finished", 60, f"{sid} to finish")
+
+    def cancelled(self, sid: str) -> None:
+        with self._producer() as p:
+            p.start_scan(**self.fields(sid))
+            p.send_frames(self.frames[:20])
+            p.flush()
+            # its engine exists and has published a preview when the cancel arrives
+            wait_for(lambda: "object" in self.ctl.snapshot(sid), 60, f"{sid}'s first preview")
+            self.ctl.cancel(sid, "drill")
+            p.end_scan()  # every frame it was given is held (in the spool): delivered
+        wait_for(lambda: self._state(sid) == "aborted", 60, f"{sid} to abort")
+
+    def aborted(self, sid: str) -> None:
+        with pytest.raises(RuntimeError), self._producer() as p:
+            p.start_scan(**self.fields(sid))
+            p.send_frames(self.frames[:20])
+            p.flush()
+            raise RuntimeError("the acquisition software gives up: the producer sends abort")
+        wait_for(lambda: self._state(sid) == "aborted", 60, f"{sid} to abort")
+
+    def refused(self, sid: str) -> None:
+        with self._producer() as p:
+            p.start_scan(**self.fields(sid, options={"no_such_option": 1}))
+            with pytest.raises(DeliveryError, match="no_such_option"):
+                p.end_scan()
+
+    def vanished(self, sid: str) -> None:
+        """The sender stops mid-scan without scan_end (a crash): the acquisition timeout ends it."""
+        p = self._producer()
+        p.start_scan(**self.fields(sid))
+        p.send_frames(self.frames[:20])
+        p.flush()
+        p.close()  # no exception: no abort is sent, as a killed process would send none
+        wait_for(lambda: self._state(sid) == "aborted", 60, f"{sid} to time out")
+
+    def _state(self, sid: str) -> str | None:
+        return next((s["state"] for s in self.ctl.list_scans() if s["scan_id"] == sid), None)
+
+
+@pytest.fixture
+def drill(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(scans_module, "HISTORY", HISTORY)
+    scan = synthetic_scan(n_side=6, m=32)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                        refine_time_budget_s=1, resolution_interval_s=0.2, acquisition_timeout_s=1.5,
+                        output_formats=("h5",), options={"iterations": 2})
+    bg = BackgroundService(cfg)
+    d = _Drill(bg.service, scan.frames, scan.start_fields)
+    try:
+        yield bg.service, d
+    finally:
+        d.ctl.close()
+        bg.stop()
+
+
+def test_ended_scans_leave_nothing_that_grows(drill):
+    service, d = drill
+    d.run(5)  # every fate once: whatever is made once (pools, label values) exists from here on
+    assert _engines_alive() == [], "an ended scan's worker or engine (its frames) is still in memory"
+    fds, threads, series = _fds(), threading.active_count(), _series(service)
+    d.run(10)
+    assert _engines_alive() == [], "an ended scan's worker or engine (its frames) is still in memory"
+    manager = service.scans
+    assert len(manager.sessions) <= HISTORY and len(manager.refused) <= HISTORY
+    assert set(service._declared) <= set(manager.sessions), "a forgotten scan's declaration is kept"
+    previews = [s for s in manager.sessions.values() if "last_preview" in s.figures]
+    assert len(previews) <= scans_module.FINAL_PREVIEWS
+    # connections of the 10 producers and control clients close in ZeroMQ's I/O thread: wait
+    wait_for(lambda: _fds() <= fds + 2, 30, f"file descriptors back to {fds} (now {_fds()})")
+    wait_for(lambda: threading.active_count() <= threads, 30,
+             f"threads back to {threads} (now {[t.name for t in threading.enumerate()]})")
+    new = _series(service) - series
+    assert not any("drill-" in str(labels) for _, labels in new), f"a series per scan id: {new}"
+    assert len(new) <= 2, f"Prometheus series grew with the scans: {sorted(new)}"
+
+
+def test_only_the_newest_ended_scans_keep_their_preview(drill, monkeypatch):
+    """The control `snapshot` of a recent ended scan still has its images; older ones answer
+    with their summary (their preview would hold the whole canvas for as long as the history)."""
+    service, d = drill
+    monkeypatch.setattr(scans_module, "FINAL_PREVIEWS", 1)
+    d.run(1)  # finished
+    d.run(1)  # cancelled after its first frames
+    first, second = "drill-000", "drill-001"
+    assert "object" in d.ctl.snapshot(second)
+    snap = d.ctl.snapshot(first)
+    assert "object" not in snap and snap["scan"]["state"] == "finished" and snap["scan"]["result_path"]
