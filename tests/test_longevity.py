@@ -155,7 +155,7 @@ def test_ended_scans_leave_nothing_that_grows(drill):
 def test_only_the_newest_ended_scans_keep_their_preview(drill, monkeypatch):
     """The control `snapshot` of a recent ended scan still has its images; older ones answer
     with their summary (their preview would hold the whole canvas for as long as the history)."""
-    service, d = drill
+    _, d = drill
     monkeypatch.setattr(scans_module, "FINAL_PREVIEWS", 1)
     d.run(1)  # finished
     d.run(1)  # cancelled after its first frames
