@@ -115,6 +115,7 @@ class Service:
         self._prepare_pool.submit(lambda: None).result()  # started now: Thread.start() waits for it
         self._preparing: tuple[ScanStart, Future[tuple[ScanSpec, Any]]] | None = None
         self._stop = threading.Event()
+        self._stop_why: str | None = None
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
         self._stop_tx.setblocking(False)
@@ -170,8 +171,10 @@ class Service:
         log.info("service ready", extra={**self.endpoints, "metrics_port": self.metrics_port})
         self.notifier.ready(f"ingest {self.endpoints['ingest']}")
 
-    def request_stop(self) -> None:
-        """Ask the loop to drain and return; safe from signal handlers and other threads."""
+    def request_stop(self, why: str | None = None) -> None:
+        """Ask the loop to drain and return; safe from signal handlers and other threads.
+        ``why`` (e.g. the signal's name) is said in the drain's log."""
+        self._stop_why = self._stop_why or why
         self._stop.set()
         try:
             self._stop_tx.send(b"\0")
@@ -233,7 +236,8 @@ class Service:
         if self._preparing is not None:  # registered like any accepted scan: recovered at the next start
             self._preparing[1].exception()
             self._finish_start()
-        log.info("draining", extra={"running": sorted(self.scans.running)})
+        log.info("draining%s", f" ({self._stop_why})" if self._stop_why else "",
+                 extra={"running": sorted(self.scans.running)})
         self.scans.interrupt(ended_too=False)
         deadline = time.monotonic() + self.config.drain_timeout_s
         for worker in list(self.scans.running.values()):
@@ -248,6 +252,24 @@ class Service:
         self._flush_outbox()
         self.scans.close()
         self.metrics.up.set(0)
+        self._report_kept()
+
+    def _report_kept(self) -> None:
+        """Tell the operator which scans stopped without a final state: they are in the spool,
+        and the next start finishes them (or, with recover off, the operator does)."""
+        kept = [s for s in self.scans.sessions.values() if not s.state.final]
+        if not kept:
+            log.info("stopped with no unfinished scan")
+            return
+        listed = ", ".join(f"{s.scan_id} ({'ended' if s.ended else 'open'}, {s.ledger.received} frames)"
+                           for s in kept)
+        if self.config.recover:
+            log.info("%d unfinished scans kept in the spool for the next start to finish: %s", len(kept), listed,
+                     extra={"kept": [s.scan_id for s in kept]})
+        else:
+            log.warning("%d unfinished scans kept in the spool, and recover is off: the next start leaves them "
+                        "(`cryoptycho replay` or `reconstruct` their spool files in %s): %s", len(kept),
+                        self.config.spool_dir, listed, extra={"kept": [s.scan_id for s in kept]})
 
     def close(self) -> None:
         self._prepare_pool.shutdown(wait=True)
