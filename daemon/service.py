@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -79,6 +80,8 @@ SLOW_STEP_S = 0.05
 #: threads beside a ping loop had 5 pings over 50 ms in 2,000 instead of 52, at no loss of the
 #: workers' throughput we could measure there (noise ±40 %)
 SWITCH_INTERVAL_S = 0.001
+#: seconds between two readings of the spool's and results' free disk space (a gauge)
+DISK_CHECK_S = 10.0
 
 
 
@@ -116,6 +119,7 @@ class Service:
         self._preparing: tuple[ScanStart, Future[tuple[ScanSpec, Any]]] | None = None
         self._stop = threading.Event()
         self._stop_why: str | None = None
+        self._disk_checked = -float("inf")
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
         self._stop_tx.setblocking(False)
@@ -563,11 +567,22 @@ class Service:
                 pass  # only when every subscriber is over its HWM: they skip this message
 
     # -- housekeeping ------------------------------------------------------------------------
+    def _disk_free(self) -> None:
+        """The spool and results file systems' free bytes: over months, the spool files of
+        aborted and failed scans (kept for `finish_scan` and `replay`) and the results fill them,
+        and at disk_reserve_bytes new scans are refused; the gauge lets an alert come first."""
+        for name, directory in (("spool", self.config.spool_dir), ("results", self.config.results_dir)):
+            self.metrics.disk_free.labels(dir=name).set(shutil.disk_usage(directory).free)
+
     def _housekeeping(self) -> None:
         self.scans.check_timeouts()
         self.scans.admit()
         self.metrics.queue_depth.set(self.scans.queued_frames())
         _gpu_memory(self.metrics, self.config.options.backend)
+        now = time.monotonic()
+        if now - self._disk_checked >= DISK_CHECK_S:
+            self._disk_checked = now
+            self._disk_free()
         for scan_id in [s for s in self._declared if s not in self.scans.sessions]:
             del self._declared[scan_id]  # forgotten with the session history
 

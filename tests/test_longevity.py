@@ -163,3 +163,25 @@ def test_only_the_newest_ended_scans_keep_their_preview(drill, monkeypatch):
     assert "object" in d.ctl.snapshot(second)
     snap = d.ctl.snapshot(first)
     assert "object" not in snap and snap["scan"]["state"] == "finished" and snap["scan"]["result_path"]
+
+
+@pytest.mark.subprocess
+def test_the_daemon_reports_the_free_disk_space_its_alert_watches(tmp_path: Path):
+    """Spool files of aborted and failed scans stay until an operator deletes them, so a
+    long-running daemon's disk fills; `CryoptychoDiskLow` (deploy/prometheus/alerts.yml) warns
+    on this gauge before scans are refused at disk_reserve_bytes."""
+    import shutil
+
+    from daemon_support import metrics_of, start_daemon
+
+    daemon = start_daemon(tmp_path)
+    try:
+        m = wait_for(lambda: (m := metrics_of(daemon)).get("cryoptycho_disk_free_bytes{dir=results}") and m, 30,
+                     "the disk gauge", daemon)
+        for d in ("spool", "results"):
+            usage = shutil.disk_usage(tmp_path / d)
+            assert 0 < m[f"cryoptycho_disk_free_bytes{{dir={d}}}"] <= usage.total
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
