@@ -22,6 +22,7 @@ from cryoptycho.daemon import scans as scans_module
 from cryoptycho.daemon.config import ServiceConfig
 from cryoptycho.daemon.service import BackgroundService
 from cryoptycho.daemon.worker import ScanWorker
+from cryoptycho.gpu.backend import cupy_available, free_device_bytes, get_xp
 from cryoptycho.gpu.stream import StreamingReconstructor
 from cryoptycho.protocols.control import ControlClient
 from cryoptycho.protocols.errors import DeliveryError
@@ -185,3 +186,20 @@ def test_the_daemon_reports_the_free_disk_space_its_alert_watches(tmp_path: Path
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_available(), reason="CuPy with a CUDA device is not available")
+def test_device_memory_an_ended_scan_freed_counts_as_free_again():
+    """Without device_memory_budget_bytes a CuPy scan is admitted against the free device
+    memory. Freed arrays stay in CuPy's memory pool (reused, but never handed back to the
+    driver), so the driver's own figure would count every ended scan's engine as used for good
+    and refuse scans that fit."""
+    cp = get_xp("cupy")
+    before = free_device_bytes(cp)
+    block = cp.ones(64 << 20, dtype=cp.uint8)  # 64 MiB, like a small scan's frame store
+    during = free_device_bytes(cp)
+    del block
+    after = free_device_bytes(cp)
+    assert during <= before - (60 << 20)
+    assert after >= before - (4 << 20), f"{(before - after) >> 20} MiB of freed arrays still count as used"
