@@ -574,6 +574,7 @@ class ScanManager:
         if state.final:
             self.metrics.scans.labels(outcome=state.value).inc()
             self._forget_old_previews()
+            self._log_end(session)
             if session.scan_id in self.spools:
                 self._close_spool(session.scan_id, state.value)
             elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
@@ -581,6 +582,19 @@ class ScanManager:
                 self._on_disk(sid, lambda: self._mark_spool(sid, value))
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
+
+    def _log_end(self, session: Session) -> None:
+        """One line per scan that ends, with its outcome: the journal is the record of what
+        became of a scan once `list_scans` has forgotten it (or the daemon restarted)."""
+        frames = session.ledger.received
+        extra = {"scan_id": session.scan_id, "outcome": session.state.value, "frames": frames}
+        if session.state is State.FINISHED:
+            log.info("scan finished: %d frames, result %s", frames, session.result_path, extra=extra)
+            return
+        kept = spool_path(self.config.spool_dir, session.scan_id)
+        where = f"its {frames} frames are kept in {kept}" if frames else "it received no frame"
+        log.log(logging.WARNING if session.state is State.FAILED else logging.INFO,
+                "scan %s: %s; %s", session.state.value, session.error, where, extra=extra)
 
     def _forget_old_previews(self) -> None:
         """Keep the last preview of only the newest FINAL_PREVIEWS ended scans."""

@@ -12,6 +12,7 @@ previews, no new file descriptors, threads or Prometheus series per scan.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 from pathlib import Path
@@ -203,3 +204,24 @@ def test_device_memory_an_ended_scan_freed_counts_as_free_again():
     after = free_device_bytes(cp)
     assert during <= before - (60 << 20)
     assert after >= before - (4 << 20), f"{(before - after) >> 20} MiB of freed arrays still count as used"
+
+
+def test_every_ended_scan_is_logged_once_with_its_outcome(drill, caplog):
+    """The journal is the record of what became of a scan after `list_scans` forgot it (256
+    scans, or a restart): one line per ended scan, with its outcome and where its data is."""
+    _, d = drill
+    caplog.set_level(logging.INFO, logger="cryoptycho.scans")
+    d.run(len(FATES))
+    ends = {}
+    for r in caplog.records:
+        if getattr(r, "outcome", None) is not None:
+            assert r.scan_id not in ends, f"{r.scan_id} logged twice"
+            ends[r.scan_id] = r
+    assert {sid: r.outcome for sid, r in ends.items()} == {
+        "drill-000": "finished", "drill-001": "aborted", "drill-002": "aborted", "drill-004": "aborted"}
+    assert "result" in ends["drill-000"].getMessage() and ends["drill-000"].frames == 36
+    assert "drill" in ends["drill-001"].getMessage()  # the cancel's reason
+    assert "RuntimeError" in ends["drill-002"].getMessage()  # the producer's abort reason
+    assert "acquisition_timeout" in ends["drill-004"].getMessage()
+    for sid in ("drill-001", "drill-002", "drill-004"):
+        assert f"{sid}.spool.h5" in ends[sid].getMessage() and ends[sid].frames == 20
