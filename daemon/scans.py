@@ -175,6 +175,7 @@ class ScanManager:
             not own_spool and spool_path(self.config.spool_dir, spec.scan_id).exists()
         ):
             raise ScanRefused("scan_id", "unique_scan_id", f"scan {spec.scan_id!r} already exists")
+        self._check_no_result(spec.scan_id)
         if self.stopping:
             raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
         if len(self.waiting) >= self.config.max_queued_scans + max(
@@ -183,6 +184,19 @@ class ScanManager:
             raise ScanRefused("scan_id", "max_queued_scans", f"{len(self.waiting)} scans are already waiting")
         options = self._options_for(spec)
         return options, self._reservation(spec, options)
+
+    def _check_no_result(self, scan_id: str) -> None:
+        """A scan id whose result files exist is taken, though the daemon no longer lists it (a
+        restart, or more than HISTORY scans since): its result would overwrite them."""
+        from .storage.outputs import output_paths
+
+        stem = self.config.results_dir / file_stem(scan_id)
+        taken = [p for p in output_paths(stem, self.config.output_formats).values() if p.exists()]
+        if taken:
+            raise ScanRefused("scan_id", "unique_scan_id",
+                              f"scan {scan_id!r} already has a result ({taken[0]}, from before a restart or "
+                              "older than the scans the daemon lists): its result would overwrite it; send "
+                              "the scan under another id, or move the file away")
 
     def _options_for(self, spec: ScanSpec) -> ReconOptions:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -94,3 +95,34 @@ def test_a_spool_from_a_newer_cryoptycho_is_refused_by_name_and_kept(tmp_path, s
         if daemon.proc.poll() is None:
             daemon.proc.kill()
     assert newer.read_bytes() == before, "the newer spool file was changed"
+
+
+def test_a_scan_id_used_before_a_restart_cannot_overwrite_its_result(tmp_path, scan):
+    """The daemon forgets its scans at a restart (and after 256 scans), but their result files
+    stay: a new scan under an old id (acquisition software that numbers from 1 every session,
+    a dataset replayed twice) is refused by name instead of overwriting the earlier result."""
+    from cryoptycho.protocols.errors import DeliveryError
+
+    def send(d, frames) -> None:
+        with Producer(d.ingest, control=d.control, send_timeout_s=60) as p:
+            p.start_scan(**scan.start_fields("scan-0001"))
+            p.send_frames(frames)
+            p.end_scan()
+
+    daemon = start_daemon(tmp_path, *FAST)
+    try:
+        send(daemon, scan.frames)
+        with ControlClient(daemon.control, timeout_s=10) as ctl:
+            result = wait_for(lambda: next((s["result_path"] for s in ctl.list_scans() if s["state"] == "finished"),
+                                           None), 90, "the first scan's result", daemon)
+        assert daemon.stop() == 0
+        first = Path(result).read_bytes()
+
+        daemon = start_daemon(tmp_path, *FAST)
+        with pytest.raises(DeliveryError, match=r"scan-0001\.h5.*another id"):
+            send(daemon, scan.frames[:30])
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    assert Path(result).read_bytes() == first, "the earlier result was overwritten"
