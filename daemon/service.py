@@ -162,9 +162,15 @@ class Service:
                 raise RuntimeError(f"cannot bind {name} socket to {endpoint}: {exc}") from None
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.config.metrics_enabled:
-            server, _thread = start_http_server(
-                self.config.metrics_port, addr=self.config.metrics_host, registry=self.metrics.registry
-            )
+            try:
+                server, _thread = start_http_server(
+                    self.config.metrics_port, addr=self.config.metrics_host, registry=self.metrics.registry
+                )
+            except OSError as exc:  # e.g. a second daemon on the host left at the default port
+                raise RuntimeError(
+                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: "
+                    f"{exc.strerror or exc} (another daemon there? set metrics_port — 0 = any free port — "
+                    "or metrics_enabled = false)") from None
             self._metrics_server = server
             self.metrics_port = int(server.server_port)
         self.metrics.info.info({"version": _version(), "backend": self.config.options.backend})

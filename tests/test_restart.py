@@ -126,3 +126,22 @@ def test_a_scan_id_used_before_a_restart_cannot_overwrite_its_result(tmp_path, s
         if daemon.proc.poll() is None:
             daemon.proc.kill()
     assert Path(result).read_bytes() == first, "the earlier result was overwritten"
+
+
+def test_a_metrics_port_in_use_stops_the_start_with_its_name(tmp_path):
+    """A second daemon on a host left at the first one's metrics port: a clear error, not a
+    traceback from the HTTP server."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "cryoptycho.daemon.cli", "serve", "--ingest", "tcp://127.0.0.1:*",
+             "--publish", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*", "--metrics-port", str(port),
+             "--spool-dir", str(tmp_path / "s"), "--results-dir", str(tmp_path / "r")],
+            check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in out.stderr and "metrics_port" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
