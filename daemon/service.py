@@ -58,6 +58,7 @@ from .notify import SystemdNotifier
 from .publisher import ErrorThrottle, Outbox, to_message
 from .scan import ScanSpec, outline_from_scan_start, spec_from_scan_start, start_from_spec
 from .scans import ScanManager, ScanRefused
+from .storage.spool import spool_path, unfinished_spools
 
 log = logging.getLogger("cryoptycho.service")
 
@@ -268,6 +269,11 @@ class Service:
         """Tell the operator which scans stopped without a final state: they are in the spool,
         and the next start finishes them (or, with recover off, the operator does)."""
         kept = [s for s in self.scans.sessions.values() if not s.state.final]
+        known = {spool_path(self.config.spool_dir, s.scan_id) for s in kept}
+        stranded = [p.name for p in unfinished_spools(self.config.spool_dir) if p not in known]
+        if stranded:  # refused at the start ("cannot recover spool"): tried again at every start
+            log.warning("%d unfinished spool files this daemon could not recover stay in %s (the reasons "
+                        "were logged at the start): %s", len(stranded), self.config.spool_dir, ", ".join(stranded))
         if not kept:
             log.info("stopped with no unfinished scan")
             return

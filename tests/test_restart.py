@@ -91,6 +91,9 @@ def test_a_spool_from_a_newer_cryoptycho_is_refused_by_name_and_kept(tmp_path, s
         wait_for(lambda: "format_version 2 was written by a newer cryoptycho" in daemon.log(), 30,
                  "the newer spool to be named in the log", daemon)
         assert daemon.stop() == 0
+        # the stop says so too: the operator learns the file still waits for a newer daemon
+        said = [line for line in daemon.log_lines if "could not recover stay in" in line]
+        assert len(said) == 1 and "1 unfinished spool files" in said[0] and "from-the-future.spool.h5" in said[0]
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
