@@ -263,7 +263,7 @@ class Service:
         self._flush_outbox()
         self.scans.close()
         self.metrics.up.set(0)
-        self._report_kept()
+        self._guarded("housekeeping", self._report_kept)  # a report that fails must not fail the stop
 
     def _report_kept(self) -> None:
         """Tell the operator which scans stopped without a final state: they are in the spool,
