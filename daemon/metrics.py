@@ -90,6 +90,9 @@ class ServiceMetrics:
             "(truncated, corrupt CBOR, broken multipart), by what was wrong", ["field"], registry=r)
         self.rollbacks = Counter(f"{p}_rollbacks", "Engine states rolled back after NaN or divergence", registry=r)
         self.up = Gauge(f"{p}_up", "1 while the service loop runs", registry=r)
+        self.disk_free = Gauge(
+            f"{p}_disk_free_bytes", "Free bytes of the file system of the spool and of the results directory "
+            "(scans are refused below disk_reserve_bytes)", ["dir"], registry=r)
         self.internal_errors = Counter(
             f"{p}_internal_errors",
             "Unexpected exceptions the service caught and survived, by where they happened",

@@ -40,6 +40,10 @@ log = logging.getLogger("cryoptycho.scans")
 
 #: finished sessions kept for `list_scans`/`status` after their worker exits
 HISTORY = 256
+#: ended scans whose last preview stays in memory for control `snapshot`; older ones keep their
+#: summary only (a preview of a large canvas is tens of MB, and a finished scan's result file
+#: holds its images)
+FINAL_PREVIEWS = 8
 #: frame bytes waiting for the spool thread above which the manager stops reading ingest
 SPOOL_BACKLOG_BYTES = 64 << 20
 
@@ -171,6 +175,7 @@ class ScanManager:
             not own_spool and spool_path(self.config.spool_dir, spec.scan_id).exists()
         ):
             raise ScanRefused("scan_id", "unique_scan_id", f"scan {spec.scan_id!r} already exists")
+        self._check_no_result(spec.scan_id)
         if self.stopping:
             raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
         if len(self.waiting) >= self.config.max_queued_scans + max(
@@ -179,6 +184,19 @@ class ScanManager:
             raise ScanRefused("scan_id", "max_queued_scans", f"{len(self.waiting)} scans are already waiting")
         options = self._options_for(spec)
         return options, self._reservation(spec, options)
+
+    def _check_no_result(self, scan_id: str) -> None:
+        """A scan id whose result files exist is taken, though the daemon no longer lists it (a
+        restart, or more than HISTORY scans since): its result would overwrite them."""
+        from .storage.outputs import output_paths
+
+        stem = self.config.results_dir / file_stem(scan_id)
+        taken = [p for p in output_paths(stem, self.config.output_formats).values() if p.exists()]
+        if taken:
+            raise ScanRefused("scan_id", "unique_scan_id",
+                              f"scan {scan_id!r} already has a result ({taken[0]}, from before a restart or "
+                              "older than the scans the daemon lists): its result would overwrite it; send "
+                              "the scan under another id, or move the file away")
 
     def _options_for(self, spec: ScanSpec) -> ReconOptions:
         try:
@@ -571,6 +589,8 @@ class ScanManager:
         state = session.state
         if state.final:
             self.metrics.scans.labels(outcome=state.value).inc()
+            self._forget_old_previews()
+            self._log_end(session)
             if session.scan_id in self.spools:
                 self._close_spool(session.scan_id, state.value)
             elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
@@ -578,6 +598,31 @@ class ScanManager:
                 self._on_disk(sid, lambda: self._mark_spool(sid, value))
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
+
+    def _log_end(self, session: Session) -> None:
+        """One line per scan that ends, with its outcome: the journal is the record of what
+        became of a scan once `list_scans` has forgotten it (or the daemon restarted)."""
+        frames = session.ledger.received
+        extra = {"scan_id": session.scan_id, "outcome": session.state.value, "frames": frames}
+        if session.state is State.FINISHED:
+            log.info("scan finished: %d frames, result %s", frames, session.result_path, extra=extra)
+            return
+        kept = spool_path(self.config.spool_dir, session.scan_id)
+        where = f"its {frames} frames are kept in {kept}" if frames else "it received no frame"
+        log.log(logging.WARNING if session.state is State.FAILED else logging.INFO,
+                "scan %s: %s; %s", session.state.value, session.error, where, extra=extra)
+
+    def _forget_old_previews(self) -> None:
+        """Keep the last preview of only the newest FINAL_PREVIEWS ended scans."""
+        kept = 0
+        for session in reversed(self.sessions.values()):
+            if not session.state.final:
+                continue
+            with session.lock:
+                if "last_preview" in session.figures:
+                    kept += 1
+                    if kept > FINAL_PREVIEWS:
+                        del session.figures["last_preview"]
 
     def _mark_spool(self, scan_id: str, status: str) -> None:
         path = spool_path(self.config.spool_dir, scan_id)

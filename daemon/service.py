@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -58,6 +59,7 @@ from .notify import SystemdNotifier
 from .publisher import ErrorThrottle, Outbox, to_message
 from .scan import ScanSpec, outline_from_scan_start, spec_from_scan_start, start_from_spec
 from .scans import ScanManager, ScanRefused
+from .storage.spool import spool_path, unfinished_spools
 
 log = logging.getLogger("cryoptycho.service")
 
@@ -80,6 +82,8 @@ SLOW_STEP_S = 0.05
 #: threads beside a ping loop had 5 pings over 50 ms in 2,000 instead of 52, at no loss of the
 #: workers' throughput we could measure there (noise ±40 %)
 SWITCH_INTERVAL_S = 0.001
+#: seconds between two readings of the spool's and results' free disk space (a gauge)
+DISK_CHECK_S = 10.0
 
 
 
@@ -116,6 +120,8 @@ class Service:
         self._prepare_pool.submit(lambda: None).result()  # started now: Thread.start() waits for it
         self._preparing: tuple[ScanStart, Future[tuple[ScanSpec, Any]]] | None = None
         self._stop = threading.Event()
+        self._stop_why: str | None = None
+        self._disk_checked = -float("inf")
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
         self._stop_tx.setblocking(False)
@@ -159,9 +165,15 @@ class Service:
                 raise RuntimeError(f"cannot bind {name} socket to {endpoint}: {exc}") from None
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.config.metrics_enabled:
-            server, _thread = start_http_server(
-                self.config.metrics_port, addr=self.config.metrics_host, registry=self.metrics.registry
-            )
+            try:
+                server, _thread = start_http_server(
+                    self.config.metrics_port, addr=self.config.metrics_host, registry=self.metrics.registry
+                )
+            except OSError as exc:  # e.g. a second daemon on the host left at the default port
+                raise RuntimeError(
+                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: "
+                    f"{exc.strerror or exc} (another daemon there? set metrics_port — 0 = any free port — "
+                    "or metrics_enabled = false)") from None
             self._metrics_server = server
             self.metrics_port = int(server.server_port)
         self.metrics.info.info({"version": _version(), "backend": self.config.options.backend})
@@ -172,8 +184,10 @@ class Service:
         log.info("service ready", extra={**self.endpoints, "metrics_port": self.metrics_port})
         self.notifier.ready(f"ingest {self.endpoints['ingest']}")
 
-    def request_stop(self) -> None:
-        """Ask the loop to drain and return; safe from signal handlers and other threads."""
+    def request_stop(self, why: str | None = None) -> None:
+        """Ask the loop to drain and return; safe from signal handlers and other threads.
+        ``why`` (e.g. the signal's name) is said in the drain's log."""
+        self._stop_why = self._stop_why or why
         self._stop.set()
         try:
             self._stop_tx.send(b"\0")
@@ -235,7 +249,8 @@ class Service:
         if self._preparing is not None:  # registered like any accepted scan: recovered at the next start
             self._preparing[1].exception()
             self._finish_start()
-        log.info("draining", extra={"running": sorted(self.scans.running)})
+        log.info("draining%s", f" ({self._stop_why})" if self._stop_why else "",
+                 extra={"running": sorted(self.scans.running)})
         self.scans.interrupt(ended_too=False)
         deadline = time.monotonic() + self.config.drain_timeout_s
         for worker in list(self.scans.running.values()):
@@ -250,6 +265,29 @@ class Service:
         self._flush_outbox()
         self.scans.close()
         self.metrics.up.set(0)
+        self._guarded("housekeeping", self._report_kept)  # a report that fails must not fail the stop
+
+    def _report_kept(self) -> None:
+        """Tell the operator which scans stopped without a final state: they are in the spool,
+        and the next start finishes them (or, with recover off, the operator does)."""
+        kept = [s for s in self.scans.sessions.values() if not s.state.final]
+        known = {spool_path(self.config.spool_dir, s.scan_id) for s in kept}
+        stranded = [p.name for p in unfinished_spools(self.config.spool_dir) if p not in known]
+        if stranded:  # refused at the start ("cannot recover spool"): tried again at every start
+            log.warning("%d unfinished spool files this daemon could not recover stay in %s (the reasons "
+                        "were logged at the start): %s", len(stranded), self.config.spool_dir, ", ".join(stranded))
+        if not kept:
+            log.info("stopped with no unfinished scan")
+            return
+        listed = ", ".join(f"{s.scan_id} ({'ended' if s.ended else 'open'}, {s.ledger.received} frames)"
+                           for s in kept)
+        if self.config.recover:
+            log.info("%d unfinished scans kept in the spool for the next start to finish: %s", len(kept), listed,
+                     extra={"kept": [s.scan_id for s in kept]})
+        else:
+            log.warning("%d unfinished scans kept in the spool, and recover is off: the next start leaves them "
+                        "(`cryoptycho replay` or `reconstruct` their spool files in %s): %s", len(kept),
+                        self.config.spool_dir, listed, extra={"kept": [s.scan_id for s in kept]})
 
     def close(self) -> None:
         self._prepare_pool.shutdown(wait=True)
@@ -543,11 +581,22 @@ class Service:
                 pass  # only when every subscriber is over its HWM: they skip this message
 
     # -- housekeeping ------------------------------------------------------------------------
+    def _disk_free(self) -> None:
+        """The spool and results file systems' free bytes: over months, the spool files of
+        aborted and failed scans (kept for `finish_scan` and `replay`) and the results fill them,
+        and at disk_reserve_bytes new scans are refused; the gauge lets an alert come first."""
+        for name, directory in (("spool", self.config.spool_dir), ("results", self.config.results_dir)):
+            self.metrics.disk_free.labels(dir=name).set(shutil.disk_usage(directory).free)
+
     def _housekeeping(self) -> None:
         self.scans.check_timeouts()
         self.scans.admit()
         self.metrics.queue_depth.set(self.scans.queued_frames())
         _gpu_memory(self.metrics, self.config.options.backend)
+        now = time.monotonic()
+        if now - self._disk_checked >= DISK_CHECK_S:
+            self._disk_checked = now
+            self._disk_free()
         for scan_id in [s for s in self._declared if s not in self.scans.sessions]:
             del self._declared[scan_id]  # forgotten with the session history
 

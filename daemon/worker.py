@@ -152,6 +152,10 @@ class ScanWorker:
             if s.transition(State.FAILED, error=f"{type(exc).__name__}: {exc}"):
                 self.outbox.post("scan.failed", {"scan_id": s.scan_id, "error": s.error})
         finally:
+            # the engine holds every frame of the scan (on the GPU too) and frames may still wait
+            # in the inbox (a cancelled scan): an ended scan keeps its summary, not its data
+            self.engine = self._good = None
+            self.inbox = queue.SimpleQueue()
             self._on_exit(s)
 
     def _main(self) -> None:

@@ -250,8 +250,13 @@ def synchronize(xp: ModuleType) -> None:
 
 
 def free_device_bytes(xp: ModuleType) -> int | None:
-    """Free device memory in bytes, or None on the host backend."""
+    """Free device memory in bytes (the driver's free memory and what CuPy's memory pool holds
+    unused), or None on the host backend."""
     if xp is np:
         return None
     free, _total = xp.cuda.runtime.memGetInfo()
-    return int(free)
+    # arrays freed go back to CuPy's memory pool, which keeps them from the driver and hands
+    # them out again: without these, every ended scan's engine would count as used for good
+    pool = getattr(xp, "get_default_memory_pool", None)
+    cached = int(pool().free_bytes()) if pool is not None else 0
+    return int(free) + cached

@@ -99,8 +99,10 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
     except RuntimeError as exc:
         service.close()
         raise click.ClickException(str(exc)) from None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: service.request_stop())
+    # SIGHUP too: the terminal of an interactive `serve` closed; there is no configuration
+    # reload, and draining keeps every scan for the next start where the default would kill
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: service.request_stop(signal.Signals(signum).name))
     bridge_stop = threading.Event()
     if config.source is not None:
         try:

@@ -81,7 +81,7 @@ PROBE_MODEL_ATTRS = ("kind", "semiangle_rad", "defocus_m", "cs_m", "zones", "dia
 
 def read_dataset(path: str | Path) -> PtychoData:
     """Read a dataset file; a missing or malformed field is a ValueError naming it."""
-    with open_checked(path, FORMAT, "dataset", ("frames", "positions_m", "energy_eV")) as f:
+    with open_checked(path, FORMAT, "dataset", ("frames", "positions_m", "energy_eV"), FORMAT_VERSION) as f:
         probe_model = None
         if "probe_model" in f:
             a = f["probe_model"].attrs

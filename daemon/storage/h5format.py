@@ -56,15 +56,35 @@ def explain_filter_errors(path: str | Path) -> Iterator[None]:
         ) from exc
 
 
+def check_version(path: str | Path, f: h5py.Group, kind: str, version: int) -> None:
+    """A file written by a newer cryoptycho (after a downgrade, or copied from another host) is
+    refused by name instead of being read by rules it may no longer follow; a file without
+    ``format_version`` (written by hand, as the README's dataset example without that line) is
+    read as version 1."""
+    found = f.attrs.get("format_version", 1)
+    try:
+        number = int(np.asarray(found).item())
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: attribute 'format_version' is {found!r}, not an integer") from None
+    if number > version:
+        wrote = f.attrs.get("cryoptycho_version")
+        by = f" (cryoptycho {wrote})" if wrote is not None else ""
+        raise ValueError(
+            f"{path}: {kind} format_version {number} was written by a newer cryoptycho{by}; this "
+            f"one reads {kind} files up to version {version}: read it with a cryoptycho as new as "
+            "the one that wrote it")
+
+
 @contextmanager
 def open_checked(
-    path: str | Path, fmt: str, kind: str, required: Iterable[str]
+    path: str | Path, fmt: str, kind: str, required: Iterable[str], version: int = 1
 ) -> Iterator[h5py.File]:
     """``path`` opened for reading, once it is a ``fmt`` file holding every ``required`` path.
 
     ``kind`` names the file in errors: FileNotFoundError when it is absent, ValueError when the
-    format differs or a required path is missing; reading compressed data without the filter is
-    an OSError that names the filter (:func:`explain_filter_errors`).
+    format differs, its ``format_version`` is newer than ``version`` (the newest this code
+    reads) or a required path is missing; reading compressed data without the filter is an
+    OSError that names the filter (:func:`explain_filter_errors`).
     """
     path = Path(path)
     if not path.exists():
@@ -72,6 +92,7 @@ def open_checked(
     with explain_filter_errors(path), h5py.File(path, "r") as f:
         if f.attrs.get("format") != fmt:
             raise ValueError(f"{path}: not a cryoptycho {kind} (attribute 'format' != {fmt!r})")
+        check_version(path, f, kind, version)
         for name in required:
             if name not in f:
                 raise ValueError(f"{path}: missing required '/{name}'")

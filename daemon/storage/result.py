@@ -178,7 +178,7 @@ def _ptychodus_fields(f: h5py.File, energy: float, frame_side: int, pixel: float
 def read_result(path: str | Path) -> Result:
     """Read a result file; a missing or malformed field is a ValueError naming it."""
     required = ("object", "probe", "loss_epochs", "loss_values")
-    with open_checked(path, FORMAT, "result", required) as f:
+    with open_checked(path, FORMAT, "result", required, FORMAT_VERSION) as f:
         a = f["object"].attrs
         positions = None
         if "probe_position_x_m" in f and "probe_position_y_m" in f:

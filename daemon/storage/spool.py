@@ -409,7 +409,7 @@ def read_spool(path: str | Path, frames: bool = True) -> SpoolContents:
     """Read a spool file (committed rows only); a malformed file is a ValueError naming the problem."""
     path = Path(path)
     required = ("scan", DATA + "/data", DATA + "/frame_index", DATA + "/positions_m")
-    with open_checked(path, FORMAT, "spool", required) as f:
+    with open_checked(path, FORMAT, "spool", required, FORMAT_VERSION) as f:
         return spool_contents(path, f, frames)
 
 
