@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -71,8 +71,10 @@ class DirectIngest:
     than ``capacity_frames`` frames wait (back-pressure reaches the detector's socket, as it
     does for the ingest socket), and raises :class:`SinkClosed` once the daemon stops."""
 
-    def __init__(self, capacity_frames: int = 4096) -> None:
+    def __init__(self, capacity_frames: int = 4096,
+                 scan_id_taken: Callable[[str], bool] | None = None) -> None:
         self.capacity_frames = capacity_frames
+        self._scan_id_taken = scan_id_taken
         self._items: deque[tuple[Any, float]] = deque()
         self._frames = 0
         self._closed = False
@@ -98,6 +100,10 @@ class DirectIngest:
             first = len(self._items) == 1
         if first:
             self._wake()
+
+    def scan_id_taken(self, scan_id: str) -> bool:
+        """Whether the daemon would refuse a scan of this id as not unique (FrameSink)."""
+        return self._scan_id_taken is not None and self._scan_id_taken(scan_id)
 
     def take(self, limit: int) -> list[tuple[Any, float]]:
         """Up to ``limit`` waiting messages with their arrival times (monotonic)."""

@@ -185,6 +185,18 @@ class ScanManager:
         options = self._options_for(spec)
         return options, self._reservation(spec, options)
 
+    def scan_id_taken(self, scan_id: str) -> bool:
+        """Whether a scan_start of this id would be refused as not unique: the daemon holds a
+        scan of that id, its spool, or its result files. Detector sources, which name their
+        scans themselves, ask it so that a series after a restart does not take an old name."""
+        if scan_id in self.sessions or spool_path(self.config.spool_dir, scan_id).exists():
+            return True
+        try:
+            self._check_no_result(scan_id)
+        except ScanRefused:
+            return True
+        return False
+
     def _check_no_result(self, scan_id: str) -> None:
         """A scan id whose result files exist is taken, though the daemon no longer lists it (a
         restart, or more than HISTORY scans since): its result would overwrite them."""

@@ -129,7 +129,7 @@ class Service:
         self._metrics_server: Any = None
         self._auth: Any = None  #: the CURVE authenticator (ZAP handler), when CURVE is on
         #: sources in this process (``--source``) deliver here, validated like the ingest socket
-        self.direct = DirectIngest()
+        self.direct = DirectIngest(scan_id_taken=self.scans.scan_id_taken)
         #: the reply the control handler now running asked to make later (:meth:`reply_later`)
         self._later: tuple[str, Callable[[Done], None], Callable[[Any, Exception | None], dict[str, Any]]] | None = None
         #: per control client (ROUTER identity), its replies not sent yet, in request order: one

@@ -68,6 +68,12 @@ class FrameSink(Protocol):
 
     def put(self, msg: SourceMessage) -> None: ...
 
+    def scan_id_taken(self, scan_id: str) -> bool:
+        """Whether a scan of this id would be refused as not unique (a scan, spool or result of
+        that id exists): sources that name scans themselves pick another name then. Optional:
+        a sink without it takes every new name."""
+        ...
+
 
 @dataclass
 class SourceStats:

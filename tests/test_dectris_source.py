@@ -745,3 +745,41 @@ def test_serve_names_a_v1_detector_on_a_v2_url_once_and_takes_the_next_v2_series
     assert len(lines) <= 2 + elapsed // 30, lines  # one, then one with the count per 30 s and at the end
     repeats = [int(m.group(1)) for line in lines[1:] if (m := re.search(r": (\d+) more like it", line))]
     assert 1 + sum(repeats) == 102, lines
+
+
+def test_a_series_after_a_restart_of_detector_and_daemon_gets_a_name_of_its_own(tmp_path: Path) -> None:
+    """The console script. A detector and the daemon both restart: the detector's series
+    counter starts again and names its next series as before. The daemon refuses a scan id
+    whose result exists (it would be overwritten), so a series under the old name was refused
+    and its frames lost. The source now asks the daemon which names are taken and picks a
+    free one: both scans finish, each with its own result, the first one untouched."""
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import start_daemon, start_dectris_sim, wait_for
+
+    def one_series() -> dict:
+        sim, url = start_dectris_sim("--frames", "16", "--size", "32", "--rate", "400")
+        try:
+            daemon = start_daemon(tmp_path, "--source", url, "--set", "options.iterations=2",
+                                  "--set", "resolution_interval_s=0")
+            try:
+                with ControlClient(daemon.control) as ctl:
+                    done = wait_for(lambda: [s for s in ctl.list_scans() if s["state"] in
+                                             ("finished", "failed", "aborted")], 90,
+                                    "the detector's scan to end", daemon)
+            finally:
+                assert daemon.stop() == 0, daemon.log()
+            assert "unique_scan_id" not in daemon.log()
+        finally:
+            sim.kill()
+            sim.wait(10)
+        assert len(done) == 1 and done[0]["state"] == "finished", done
+        assert done[0]["frames"]["received"] == 16, done
+        return done[0]
+
+    first = one_series()
+    first_bytes = Path(first["result_path"]).read_bytes()
+    second = one_series()
+    assert second["scan_id"] != first["scan_id"]
+    assert second["scan_id"].startswith(first["scan_id"]), (first["scan_id"], second["scan_id"])
+    assert Path(second["result_path"]).exists() and Path(second["result_path"]) != Path(first["result_path"])
+    assert Path(first["result_path"]).read_bytes() == first_bytes

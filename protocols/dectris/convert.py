@@ -187,10 +187,15 @@ class SeriesConverter:
     :class:`SeriesError`."""
 
     def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False,
-                 on_notice: Callable[[SeriesNotice], None] | None = None) -> None:
+                 on_notice: Callable[[SeriesNotice], None] | None = None,
+                 taken: Callable[[str], bool] | None = None) -> None:
         self.config = config or BridgeConfig()
         self.side_channel = side_channel
         self.on_notice = on_notice
+        #: whether the daemon already holds a scan of an id (its spool or result files): after
+        #: a restart of the detector and the daemon the series counter starts again, and a
+        #: series under an old name would be refused — its frames lost
+        self.taken = taken
         self._used_ids: set[str] = set()
         self.tracker = SeriesTracker()
         self.plan: _Plan | None = None
@@ -312,13 +317,20 @@ class SeriesConverter:
         Without one, ``<prefix>-<series_unique_id>`` (or the series id and the time)."""
         if desc is not None and desc.scan_id:
             scan_id = f"{desc.scan_id}-series{start.series_id}"
-            if scan_id in self._used_ids:  # the detector's series counter restarted
+            if self._is_used(scan_id):  # the detector's series counter restarted
                 scan_id += f"-{start.series_unique_id or time.strftime('%Y%m%dT%H%M%S')}"
         else:
             unique = start.series_unique_id or f"{start.series_id}-{time.strftime('%Y%m%dT%H%M%S')}"
             scan_id = f"{self.config.scan_id_prefix}-{unique}"
+        base, n = scan_id, 1
+        while self._is_used(scan_id):  # the same second, or a unique id seen before a restart
+            n += 1
+            scan_id = f"{base}-{n}"
         self._used_ids.add(scan_id)
         return scan_id
+
+    def _is_used(self, scan_id: str) -> bool:
+        return scan_id in self._used_ids or (self.taken is not None and self.taken(scan_id))
 
     def _pixel_angle(self, start: SeriesStart, desc: ScanDescription | None) -> tuple[float, dict[str, float]]:
         """The unbinned pixel's scattering angle, and what is known of the detector (its pixel,

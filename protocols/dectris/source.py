@@ -388,8 +388,9 @@ class DirectConverter(SeriesConverter):
     (one per batch, with the detector's chunks) instead of being copied into message batches."""
 
     def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False,
-                 on_notice: Callable[[SeriesNotice], None] | None = None, binned_chunks: bool = False) -> None:
-        super().__init__(config, side_channel, on_notice)
+                 on_notice: Callable[[SeriesNotice], None] | None = None, binned_chunks: bool = False,
+                 taken: Callable[[str], bool] | None = None) -> None:
+        super().__init__(config, side_channel, on_notice, taken)
         #: frames leave with their binned frames as chunks (the worker processes compress them;
         #: a series' first frames, binned here, are compressed here to match)
         self.binned_chunks = binned_chunks
@@ -534,7 +535,7 @@ class DectrisSource(Source):
         cfg = self.config
         ctx = self.context or zmq.Context.instance()
         conv = DirectConverter(cfg, side_channel=cfg.positions_endpoint is not None, on_notice=self.on_notice,
-                               binned_chunks=self.processes)
+                               binned_chunks=self.processes, taken=getattr(sink, "scan_id_taken", None))
         stats = SourceStats()
         job_errors = [0]
 
