@@ -189,6 +189,34 @@ def bslz4_block_elements(buf: Any, itemsize: int) -> int:
     return block_bytes // itemsize if block_bytes else default_block_elements(itemsize)
 
 
+def bslz4_header(buf: Any, itemsize: int) -> tuple[int, int]:
+    """(decoded bytes, block size in bytes) of a bslz4 blob's header; a 0 block size (bitshuffle's
+    default) is given as the default's bytes."""
+    declared, block_bytes = _HEADER.unpack_from(memoryview(buf).cast("B"))
+    return declared, block_bytes or default_block_elements(itemsize) * itemsize
+
+
+def bslz4_concat(blobs: Sequence[Any], itemsize: int) -> bytes | None:
+    """One bslz4 blob of the elements of several, without decompressing anything, or None when
+    that is not exact. bitshuffle compresses each block on its own, so when every blob has the
+    same block size and holds a whole number of blocks (no short last block, no raw tail),
+    their blocks one after the other, behind one header, are byte for byte what
+    :func:`bslz4_compress` of the concatenated elements gives: an HDF5 bitshuffle chunk of
+    several frames (a 192×192 uint16 DECTRIS frame is nine 8 KiB blocks). The blobs must be
+    whole (:func:`bslz4_decompress` accepted them)."""
+    if not blobs:
+        return None
+    views = [memoryview(b).cast("B") for b in blobs]
+    total, block = 0, None
+    for view in views:
+        declared, block_bytes = bslz4_header(view, itemsize)
+        if declared == 0 or declared % block_bytes or block not in (None, block_bytes):
+            return None
+        block = block_bytes
+        total += declared
+    return b"".join([_HEADER.pack(total, block), *(view[_HEADER.size:] for view in views)])
+
+
 def bslz4_slices(buf: Any, itemsize: int, spans: Sequence[tuple[int, int]]) -> list[bytes | None]:
     """Element ranges ``[lo, hi)`` of one bslz4 blob as standalone bslz4 blobs, without
     decompressing or recompressing anything: bitshuffle compresses each block on its own, so

@@ -27,13 +27,19 @@ from cryoptycho.daemon.scan import SPOOL_ARRAYS, ScanSpec, spec_from_spool_heade
 from cryoptycho.daemon.storage.dataset import compression
 from cryoptycho.daemon.storage.diskspace import require_free_space
 from cryoptycho.daemon.storage.h5format import (
+    FILTER_NOTE,
     NxcxiEntry,
+    chunk_rows,
     nav_shape_of,
     open_checked,
     write_nav_shape,
 )
 from cryoptycho.protocols.compression import (
+    BLOCK_BYTES,
     bslz4_block_elements,
+    bslz4_concat,
+    bslz4_decompress,
+    bslz4_header,
     bslz4_slices,
     default_block_elements,
 )
@@ -60,6 +66,15 @@ BITSHUFFLE_FILTER = "32008"
 #: in another bitshuffle block size (``block_size``), the chunk spans two messages
 #: (``spans_messages``) or does not start and end on the sender's blocks (``alignment``)
 CHUNK_PATHS = ("as_received", "not_bslz4", "block_size", "spans_messages", "alignment")
+#: how chunks of ``detector_frames`` were written (counted with :data:`CHUNK_PATHS`): the
+#: frames' bslz4 blocks joined under one header (``detector_as_received``), decoded and
+#: compressed again because their blocks do not join (``detector_recompressed``: another block
+#: size than the chunk's other frames), one frame a chunk (``detector_per_frame``: a frame that
+#: is not a whole number of blocks, or a spool file of an earlier release); and how many of
+#: those chunks were written again, to add frames to a chunk that an earlier append left part
+#: full (``detector_rewritten``)
+DETECTOR_CHUNK_PATHS = ("detector_as_received", "detector_recompressed", "detector_per_frame",
+                        "detector_rewritten")
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -141,8 +156,14 @@ class SpoolWriter:
         self._index = self._entry.frame_index
         self._pos = self._entry.positions_m
         self.count = self._entry.count
-        #: whole chunks written by append_many, by path (:data:`CHUNK_PATHS`), until taken
+        #: whole chunks written by append_many, by path (:data:`CHUNK_PATHS`), and chunks of
+        #: ``detector_frames`` (:data:`DETECTOR_CHUNK_PATHS`), until taken
         self.chunk_paths: Counter[str] = Counter()
+        #: detector frames (bslz4 blobs, decoded arrays, or None: no frame) of the rows of
+        #: ``detector_frames``' last chunk that are written already, when it is part full: the
+        #: next append writes that chunk again with them (:meth:`_write_detector`)
+        self._det_open: list[object | None] = self._open_detector_rows()
+        self._zeros: dict[tuple[object, ...], bytes] = {}  # a zero frame's blob, padding chunks
 
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
@@ -202,12 +223,16 @@ class SpoolWriter:
             self._chunk_per_frame()
         if raw is not None and DETECTOR_FRAMES not in self._f[DATA]:
             self._create_detector_frames(raw)
+            # rows before the first detector frames have none, in their chunk too
+            self._det_open = [None] * (self.count % self._f[DATA][DETECTOR_FRAMES].chunks[0])
         det = self._f[DATA].get(DETECTOR_FRAMES)
-        if raw is not None and not self._direct_ok(det, raw, n):
+        if raw is not None and not self._direct_ok(det, raw, n, det.chunks[0]):
             # a source bug, not bad input: the frames still count; their detector rows stay empty
             log.error("spool %s: %d detector frames %s %s do not fit its %s %s; not kept",
                       self.path.name, len(raw.chunks), raw.shape, raw.dtype, det.shape[1:], det.dtype)
             raw = None
+
+        det_open: list[list[object | None]] = []
 
         def write_frames(k: int) -> None:
             if binned is not None and self._direct_ok(self._data, binned, n):
@@ -216,15 +241,13 @@ class SpoolWriter:
                     write((k + i, 0, 0), chunk)
             else:
                 self._write_frames(k, frames)
-            if raw is not None:
-                write = det.id.write_direct_chunk
-                for i, chunk in enumerate(raw.chunks):
-                    write((k + i, 0, 0), chunk)
+            det_open.append(self._write_detector(k, n, None if raw is None else raw.chunks))
 
         # commits rows, then the count
         count = self._entry.append(frames, indices, positions_m, write_frames=write_frames)
         self._flush()
         self.count = count
+        self._det_open = det_open[0]
 
     def append_many(self, batches: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
                     wire: Sequence[object | None] | None = None) -> int:
@@ -246,10 +269,16 @@ class SpoolWriter:
         self._check_space(sum(b.nbytes for b in blocks))
         indices = np.concatenate([np.asarray(b[1]) for b in batches])
         positions = np.concatenate([np.asarray(b[2], dtype=np.float64).reshape(-1, 2) for b in batches])
-        count = self._entry.append(None, indices, positions,
-                                   write_frames=lambda k: self._write_blocks(k, blocks, wire))
+        det_open: list[list[object | None]] = []
+
+        def write_frames(k: int) -> None:
+            self._write_blocks(k, blocks, wire)
+            det_open.append(self._write_detector(k, len(indices), None))
+
+        count = self._entry.append(None, indices, positions, write_frames=write_frames)
         self._flush()
         self.count = count
+        self._det_open = det_open[0]
         return len(indices)
 
     def _check_space(self, nbytes: int) -> None:
@@ -346,9 +375,92 @@ class SpoolWriter:
         return taken
 
     @staticmethod
-    def _direct_ok(ds: h5py.Dataset, chunks: RawChunks, n: int) -> bool:
-        return (len(chunks.chunks) == n and ds.chunks == (1, *chunks.shape) and ds.dtype == chunks.dtype
+    def _direct_ok(ds: h5py.Dataset, chunks: RawChunks, n: int, rows: int = 1) -> bool:
+        """``chunks`` may be written as they are (``rows`` frames a chunk: joined, if more than one)."""
+        return (len(chunks.chunks) == n and ds.chunks == (rows, *chunks.shape) and ds.dtype == chunks.dtype
                 and BITSHUFFLE_FILTER in ds._filters)
+
+    def _write_detector(self, k: int, n: int, blobs: Sequence[object] | None) -> list[object | None]:
+        """Rows [k, k + n) of ``detector_frames``, if the spool has it: the frames' bslz4 blobs
+        (``blobs``, one per row) or None (rows without detector frames: zeros, as rows never
+        written read). Returns what :attr:`_det_open` is once the append is committed.
+
+        Several frames a chunk: a chunk is the frames' blocks joined (:func:`bslz4_concat`; no
+        compression here), padded with a zero frame's blocks up to its rows. A frame counts as
+        received once it is on disk, so a chunk that an append leaves part full is written
+        part full, and written again, whole this time or fuller, by the next append, from the
+        frames held in :attr:`_det_open`. A DECTRIS source's jobs end on whole chunks while
+        the detector is ahead (64 frames), so then no chunk is written twice. The rewrite goes
+        last: HDF5 frees the old copy of a chunk that changes size, and nothing else of this
+        append may be placed there before the flush commits the new one (a crash meanwhile
+        leaves the old copy, which the file's index still names, intact)."""
+        det = self._f[DATA].get(DETECTOR_FRAMES)
+        if det is None:
+            return []
+        rows = det.chunks[0]
+        if blobs is None or rows == 1:
+            if blobs is not None:
+                write = det.id.write_direct_chunk
+                for i, blob in enumerate(blobs):
+                    write((k + i, 0, 0), blob)
+                self.chunk_paths["detector_per_frame"] += n
+            held = [*self._det_open, *([None] * n)] if rows > 1 else []
+            return held[len(held) // rows * rows:]
+        held = [*self._det_open, *blobs]
+        base = k - len(self._det_open)
+        starts = list(range(0, len(held), rows))
+        if any(b is not None for b in self._det_open):
+            starts.append(starts.pop(0))  # the chunk written before: written again, last
+            self.chunk_paths["detector_rewritten"] += 1
+        write = det.id.write_direct_chunk
+        for j in starts:
+            chunk, path = self._detector_chunk(det, held[j:j + rows])
+            write((base + j, 0, 0), chunk)
+            self.chunk_paths[path] += 1
+        return held[len(held) // rows * rows:]
+
+    def _detector_chunk(self, det: h5py.Dataset, frames: list[object | None]) -> tuple[bytes, str]:
+        """One chunk of ``detector_frames`` from its rows' frames (a bslz4 blob, a decoded frame
+        or None), zero frames after them: their blocks joined when they join, else compressed."""
+        shape, dtype, rows = det.shape[1:], det.dtype, det.chunks[0]
+        blobs = [f for f in frames if f is not None and not isinstance(f, np.ndarray)]
+        block = bslz4_header(blobs[0], dtype.itemsize)[1] if blobs else BLOCK_BYTES
+        zero = self._zero_frame(shape, dtype, block)
+        parts = [zero if f is None else f for f in frames] + [zero] * (rows - len(frames))
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if not any(isinstance(p, np.ndarray) for p in parts) and all(
+                bslz4_header(p, dtype.itemsize)[0] == nbytes for p in parts):
+            chunk = bslz4_concat(parts, dtype.itemsize)
+            if chunk is not None:
+                return chunk, "detector_as_received"
+        stack = np.zeros((rows, *shape), dtype)
+        for i, f in enumerate(frames):
+            if f is not None:
+                stack[i] = f if isinstance(f, np.ndarray) else bslz4_decompress(f, dtype, shape)
+        return compression_bslz4(stack, block), "detector_recompressed"
+
+    def _zero_frame(self, shape: tuple[int, ...], dtype: np.dtype, block: int) -> bytes:
+        key = (shape, dtype.str, block)
+        if key not in self._zeros:
+            self._zeros[key] = compression_bslz4(np.zeros(shape, dtype), block)
+        return self._zeros[key]
+
+    def _open_detector_rows(self) -> list[object | None]:
+        """The frames of ``detector_frames``' last, part full chunk, read back (a spool file
+        reopened for recovery): blobs cut from the chunk where its blocks allow, else decoded."""
+        det = self._f[DATA].get(DETECTOR_FRAMES)
+        if det is None or det.chunks[0] == 1 or self.count % det.chunks[0] == 0:
+            return []
+        base = self.count // det.chunks[0] * det.chunks[0]
+        n = self.count - base
+        if det.id.get_chunk_info_by_coord((base, 0, 0)).byte_offset is None:
+            return [None] * n  # never written: these rows had no detector frames
+        chunk = det.id.read_direct_chunk((base, 0, 0))[1]
+        per = int(np.prod(det.shape[1:]))
+        cut = bslz4_slices(chunk, det.dtype.itemsize, [(i * per, (i + 1) * per) for i in range(n)])
+        if all(c is not None for c in cut):
+            return list(cut)
+        return list(det[base:self.count])
 
     def _chunk_per_frame(self) -> None:
         """Re-create the (still empty) frames dataset with one frame per chunk, so that a
@@ -365,12 +477,19 @@ class SpoolWriter:
         self._data = new
 
     def _create_detector_frames(self, raw: RawChunks) -> None:
+        """Several frames a chunk (as ``data``: :func:`chunk_rows`) when a frame is a whole
+        number of the detector's bitshuffle blocks, so that frames' blocks join into chunks
+        (192×192 uint16: nine 8 KiB blocks, eight frames a chunk); else one frame a chunk."""
         h, w = raw.shape
+        nbytes = h * w * raw.dtype.itemsize
+        block = bslz4_header(raw.chunks[0], raw.dtype.itemsize)[1] if raw.chunks else BLOCK_BYTES
+        rows = chunk_rows(nbytes) if nbytes % block == 0 else 1
         ds = self._f[DATA].create_dataset(
             DETECTOR_FRAMES, shape=(self.count, h, w), maxshape=(None, h, w), dtype=raw.dtype,
-            chunks=(1, h, w), **compression())
+            chunks=(rows, h, w), **compression())
         ds.attrs["description"] = ("unbinned detector frames, row for row with data, "
                                    "as the detector sent them (bitshuffle-LZ4 chunks)")
+        ds.attrs["compression"] = FILTER_NOTE
 
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames, indices and positions of rows [start, stop) (the writer's own view)."""
