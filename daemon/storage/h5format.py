@@ -233,7 +233,7 @@ class NxcxiEntry:
     def _rows(self) -> list[h5py.Dataset]:
         # a detector source's unbinned frames (spool.DETECTOR_FRAMES) grow row for row too
         rows = [self.data, self.frame_index, self.positions_m, self.translation, self.x, self.y,
-                self.file[DATA].get("detector_frames")]
+                self.file[DATA].get("detector_frames"), self.file[DATA].get("detector_frames_tail")]
         return [ds for ds in rows if ds is not None]
 
     def replace_data(self, data: h5py.Dataset) -> None:

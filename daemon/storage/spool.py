@@ -59,6 +59,9 @@ _HASH_HEX = 32  # 128 bits of SHA-256: no two scan ids share a stem in practice
 DATA = "entry_1/data_1"
 #: unbinned frames of a detector source, beside ``data`` (HDF5 bitshuffle filter id)
 DETECTOR_FRAMES = "detector_frames"
+#: the frames of ``detector_frames``' rows whose chunk was part full when they came (spool.py
+#: SpoolWriter._write_detector; read both with :func:`read_detector_frames`)
+DETECTOR_TAIL = "detector_frames_tail"
 BITSHUFFLE_FILTER = "32008"
 #: how :meth:`SpoolWriter.append_many` wrote whole chunks of ``data``: ``as_received`` (the
 #: sender's bslz4 bytes, HDF5 direct chunk write) or compressed here, because the frames came
@@ -70,11 +73,12 @@ CHUNK_PATHS = ("as_received", "not_bslz4", "block_size", "spans_messages", "alig
 #: frames' bslz4 blocks joined under one header (``detector_as_received``), decoded and
 #: compressed again because their blocks do not join (``detector_recompressed``: another block
 #: size than the chunk's other frames), one frame a chunk (``detector_per_frame``: a frame that
-#: is not a whole number of blocks, or a spool file of an earlier release); and how many of
-#: those chunks were written again, to add frames to a chunk that an earlier append left part
-#: full (``detector_rewritten``)
+#: is not a whole number of blocks, or a spool file of an earlier release); frames written to
+#: the tail because their chunk was not whole yet (``detector_tail``, one a chunk), and chunks
+#: written again (``detector_rewritten``: only a scan's last chunk, when frames come after the
+#: scan ended and closed it)
 DETECTOR_CHUNK_PATHS = ("detector_as_received", "detector_recompressed", "detector_per_frame",
-                        "detector_rewritten")
+                        "detector_tail", "detector_rewritten")
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -159,10 +163,11 @@ class SpoolWriter:
         #: whole chunks written by append_many, by path (:data:`CHUNK_PATHS`), and chunks of
         #: ``detector_frames`` (:data:`DETECTOR_CHUNK_PATHS`), until taken
         self.chunk_paths: Counter[str] = Counter()
-        #: detector frames (bslz4 blobs, decoded arrays, or None: no frame) of the rows of
-        #: ``detector_frames``' last chunk that are written already, when it is part full: the
-        #: next append writes that chunk again with them (:meth:`_write_detector`)
+        #: detector frames (bslz4 blobs, or None: no frame) of the rows of ``detector_frames``'
+        #: last chunk, when it is part full: they are in the tail, and go into the chunk
+        #: when an append fills it (:meth:`_write_detector`)
         self._det_open: list[object | None] = self._open_detector_rows()
+        self._det_closed: int | None = None  # first row of the part full chunk set_status wrote
         self._zeros: dict[tuple[object, ...], bytes] = {}  # a zero frame's blob, padding chunks
 
     @classmethod
@@ -385,39 +390,60 @@ class SpoolWriter:
         (``blobs``, one per row) or None (rows without detector frames: zeros, as rows never
         written read). Returns what :attr:`_det_open` is once the append is committed.
 
-        Several frames a chunk: a chunk is the frames' blocks joined (:func:`bslz4_concat`; no
-        compression here), padded with a zero frame's blocks up to its rows. A frame counts as
-        received once it is on disk, so a chunk that an append leaves part full is written
-        part full, and written again, whole this time or fuller, by the next append, from the
-        frames held in :attr:`_det_open`. A DECTRIS source's jobs end on whole chunks while
-        the detector is ahead (64 frames), so then no chunk is written twice. The rewrite goes
-        last: HDF5 frees the old copy of a chunk that changes size, and nothing else of this
-        append may be placed there before the flush commits the new one (a crash meanwhile
-        leaves the old copy, which the file's index still names, intact)."""
+        Several frames a chunk: a chunk is its frames' blocks joined (:func:`bslz4_concat`; no
+        compression here), written once, when the append that fills it comes. A frame counts as
+        received once it is on disk, so the frames of a chunk left part full are written, one
+        frame a chunk, to ``detector_frames_tail`` (the same rows), and held in memory until
+        their chunk is whole. Nothing written is ever written again: HDF5 frees the old copy of
+        a chunk that is rewritten in another size and may put anything there before the flush
+        that commits the new one, so a crash meanwhile could lose frames already received. A
+        DECTRIS source's jobs end on whole chunks while the detector is ahead (64 frames), so
+        then nothing goes to the tail."""
         det = self._f[DATA].get(DETECTOR_FRAMES)
         if det is None:
             return []
         rows = det.chunks[0]
-        if blobs is None or rows == 1:
+        if rows == 1:
             if blobs is not None:
                 write = det.id.write_direct_chunk
                 for i, blob in enumerate(blobs):
                     write((k + i, 0, 0), blob)
                 self.chunk_paths["detector_per_frame"] += n
-            held = [*self._det_open, *([None] * n)] if rows > 1 else []
-            return held[len(held) // rows * rows:]
-        held = [*self._det_open, *blobs]
+            return []
+        held = [*self._det_open, *(blobs if blobs is not None else [None] * n)]
         base = k - len(self._det_open)
-        starts = list(range(0, len(held), rows))
-        if any(b is not None for b in self._det_open):
-            starts.append(starts.pop(0))  # the chunk written before: written again, last
-            self.chunk_paths["detector_rewritten"] += 1
+        whole = len(held) // rows * rows
         write = det.id.write_direct_chunk
-        for j in starts:
-            chunk, path = self._detector_chunk(det, held[j:j + rows])
-            write((base + j, 0, 0), chunk)
-            self.chunk_paths[path] += 1
-        return held[len(held) // rows * rows:]
+        for j in range(0, whole, rows):
+            group = held[j:j + rows]
+            if any(f is not None for f in group):
+                chunk, path = self._detector_chunk(det, group)
+                if self._det_closed == base + j:  # closed part full by set_status, reopened since
+                    self.chunk_paths["detector_rewritten"] += 1
+                write((base + j, 0, 0), chunk)
+                self.chunk_paths[path] += 1
+        if blobs is not None and whole < len(held):
+            tail = self._f[DATA][DETECTOR_TAIL]
+            first = max(base + whole, k)
+            for row in range(first, k + n):
+                tail.id.write_direct_chunk((row, 0, 0), blobs[row - k])
+            self.chunk_paths["detector_tail"] += k + n - first
+        return held[whole:]
+
+    def _close_detector_chunk(self) -> None:
+        """Write the part full last chunk of ``detector_frames`` (zero frames after its rows), so
+        that the dataset alone holds every frame once the scan has ended; its frames stay in
+        the tail too."""
+        det = self._f[DATA].get(DETECTOR_FRAMES)
+        if det is None or not any(f is not None for f in self._det_open):
+            return
+        base = self.count - len(self._det_open)
+        if self._det_closed == base:
+            return
+        chunk, path = self._detector_chunk(det, self._det_open)
+        det.id.write_direct_chunk((base, 0, 0), chunk)
+        self.chunk_paths[path] += 1
+        self._det_closed = base
 
     def _detector_chunk(self, det: h5py.Dataset, frames: list[object | None]) -> tuple[bytes, str]:
         """One chunk of ``detector_frames`` from its rows' frames (a bslz4 blob, a decoded frame
@@ -446,21 +472,17 @@ class SpoolWriter:
         return self._zeros[key]
 
     def _open_detector_rows(self) -> list[object | None]:
-        """The frames of ``detector_frames``' last, part full chunk, read back (a spool file
-        reopened for recovery): blobs cut from the chunk where its blocks allow, else decoded."""
+        """The frames of ``detector_frames``' part full last chunk, read back from the tail (a
+        spool file reopened for recovery); None where a row had none."""
         det = self._f[DATA].get(DETECTOR_FRAMES)
-        if det is None or det.chunks[0] == 1 or self.count % det.chunks[0] == 0:
+        if det is None or det.chunks[0] == 1:
             return []
-        base = self.count // det.chunks[0] * det.chunks[0]
-        n = self.count - base
-        if det.id.get_chunk_info_by_coord((base, 0, 0)).byte_offset is None:
-            return [None] * n  # never written: these rows had no detector frames
-        chunk = det.id.read_direct_chunk((base, 0, 0))[1]
-        per = int(np.prod(det.shape[1:]))
-        cut = bslz4_slices(chunk, det.dtype.itemsize, [(i * per, (i + 1) * per) for i in range(n)])
-        if all(c is not None for c in cut):
-            return list(cut)
-        return list(det[base:self.count])
+        tail = self._f[DATA][DETECTOR_TAIL]
+        out: list[object | None] = []
+        for row in range(self.count // det.chunks[0] * det.chunks[0], self.count):
+            written = tail.id.get_chunk_info_by_coord((row, 0, 0)).byte_offset is not None
+            out.append(tail.id.read_direct_chunk((row, 0, 0))[1] if written else None)
+        return out
 
     def _chunk_per_frame(self) -> None:
         """Re-create the (still empty) frames dataset with one frame per chunk, so that a
@@ -479,17 +501,28 @@ class SpoolWriter:
     def _create_detector_frames(self, raw: RawChunks) -> None:
         """Several frames a chunk (as ``data``: :func:`chunk_rows`) when a frame is a whole
         number of the detector's bitshuffle blocks, so that frames' blocks join into chunks
-        (192×192 uint16: nine 8 KiB blocks, eight frames a chunk); else one frame a chunk."""
+        (192×192 uint16: nine 8 KiB blocks, eight frames a chunk), and the tail beside it
+        (:meth:`_write_detector`); else one frame a chunk."""
         h, w = raw.shape
         nbytes = h * w * raw.dtype.itemsize
         block = bslz4_header(raw.chunks[0], raw.dtype.itemsize)[1] if raw.chunks else BLOCK_BYTES
         rows = chunk_rows(nbytes) if nbytes % block == 0 else 1
-        ds = self._f[DATA].create_dataset(
-            DETECTOR_FRAMES, shape=(self.count, h, w), maxshape=(None, h, w), dtype=raw.dtype,
-            chunks=(rows, h, w), **compression())
-        ds.attrs["description"] = ("unbinned detector frames, row for row with data, "
-                                   "as the detector sent them (bitshuffle-LZ4 chunks)")
-        ds.attrs["compression"] = FILTER_NOTE
+        for name, chunk, text in (
+                (DETECTOR_FRAMES, rows, ("unbinned detector frames, row for row with data, as the detector "
+                                        "sent them (bitshuffle-LZ4 chunks)")),
+                (DETECTOR_TAIL, 1, ("the detector frames of rows whose chunk of detector_frames was not "
+                                   "whole yet when they were received, one frame a chunk (FORMATS.md)"))):
+            if name == DETECTOR_TAIL and rows == 1:
+                break
+            ds = self._f[DATA].create_dataset(
+                name, shape=(self.count, h, w), maxshape=(None, h, w), dtype=raw.dtype,
+                chunks=(chunk, h, w), **compression())
+            ds.attrs["description"] = text
+            ds.attrs["compression"] = FILTER_NOTE
+
+    def read_detector_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """Detector frames of rows [start, stop), None when the spool keeps none."""
+        return read_detector_frames(self._f, start, self.count if stop is None else min(stop, self.count))
 
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames, indices and positions of rows [start, stop) (the writer's own view)."""
@@ -497,6 +530,8 @@ class SpoolWriter:
         return self._data[start:stop], self._index[start:stop], self._pos[start:stop]
 
     def set_status(self, status: str) -> None:
+        if status != "open":  # the scan ended: detector_frames alone holds every frame from now
+            self._close_detector_chunk()
         self._f.attrs["status"] = status
         self._flush()
 
@@ -547,6 +582,27 @@ def spool_contents(path: Path, f: h5py.Group, frames: bool = True) -> SpoolConte
         indices=g["frame_index"][:n],
         positions_m=g["positions_m"][:n],
     )
+
+
+def read_detector_frames(f: h5py.Group, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+    """The unbinned detector frames of committed rows [start, stop) of a spool (``f``: a spool
+    file's root or a result file's /raw), None when it has none. Rows of a chunk that was not
+    whole yet when the file was last written (a scan still open, or cut short by a crash) are
+    read from ``detector_frames_tail``; spool files of earlier releases (one frame a chunk, no
+    tail) read alike."""
+    g = f[DATA]
+    det = g.get(DETECTOR_FRAMES)
+    if det is None:
+        return None
+    count = int(g.attrs["count"])
+    stop = count if stop is None else min(stop, count)
+    start = min(start, stop)
+    tail = g.get(DETECTOR_TAIL)
+    whole = count // det.chunks[0] * det.chunks[0] if tail is not None else count
+    out = det[start:max(start, min(stop, whole))]
+    if stop > whole:
+        out = np.concatenate([out, tail[max(start, whole):stop]])
+    return out
 
 
 def unfinished_spools(spool_dir: str | Path) -> list[Path]:
