@@ -123,6 +123,22 @@ def test_a_spool_of_an_earlier_release_with_one_frame_a_chunk_reads_and_grows(tm
         np.testing.assert_array_equal(f[DATA][DETECTOR_FRAMES][:], det)
 
 
+def test_the_last_chunk_is_written_when_the_scan_ends_and_again_for_frames_after(tmp_path: Path) -> None:
+    det = _detector(12, 5)
+    w = SpoolWriter.create(tmp_path, _spec("late"))
+    _append(w, det, 0, 5)
+    w.set_status("ended")
+    with h5py.File(tmp_path / "late.spool.h5", "r") as f:  # the dataset alone has them now
+        np.testing.assert_array_equal(f[DATA][DETECTOR_FRAMES][:], det[:5])
+    _append(w, det, 5, 2)  # frames after the scan's end: the closed chunk is written again
+    w.set_status("finished")
+    assert w.take_chunk_paths()["detector_rewritten"] == 1
+    w.close()
+    with h5py.File(tmp_path / "late.spool.h5", "r") as f:
+        np.testing.assert_array_equal(f[DATA][DETECTOR_FRAMES][:], det[:7])
+        np.testing.assert_array_equal(read_detector_frames(f, 2, 6), det[2:6])
+
+
 @pytest.mark.parametrize("cut", [2, 3])
 def test_frames_of_a_part_full_chunk_survive_a_crash_and_recovery_goes_on(tmp_path: Path, cut: int) -> None:
     """The writing process dies (os._exit, nothing closed or flushed) before the flush of an
@@ -152,7 +168,7 @@ def test_frames_of_a_part_full_chunk_survive_a_crash_and_recovery_goes_on(tmp_pa
             _append(w, det, k, n)
             k += n
     """)
-    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", child], check=False, capture_output=True, text=True, timeout=120)
     assert run.returncode == 9, run.stderr
     committed = {2: 5, 3: 11}[cut]  # the appends before the one that died
     back = read_spool(tmp_path / "crash.spool.h5")

@@ -167,7 +167,8 @@ class SpoolWriter:
         #: last chunk, when it is part full: they are in the tail, and go into the chunk
         #: when an append fills it (:meth:`_write_detector`)
         self._det_open: list[object | None] = self._open_detector_rows()
-        self._det_closed: int | None = None  # first row of the part full chunk set_status wrote
+        #: (first row, frames) of the part full chunk that set_status wrote, if it did
+        self._det_closed: tuple[int, int] | None = None
         self._zeros: dict[tuple[object, ...], bytes] = {}  # a zero frame's blob, padding chunks
 
     @classmethod
@@ -418,8 +419,8 @@ class SpoolWriter:
             group = held[j:j + rows]
             if any(f is not None for f in group):
                 chunk, path = self._detector_chunk(det, group)
-                if self._det_closed == base + j:  # closed part full by set_status, reopened since
-                    self.chunk_paths["detector_rewritten"] += 1
+                if self._det_closed is not None and self._det_closed[0] == base + j:
+                    self.chunk_paths["detector_rewritten"] += 1  # frames after the scan ended
                 write((base + j, 0, 0), chunk)
                 self.chunk_paths[path] += 1
         if blobs is not None and whole < len(held):
@@ -437,32 +438,34 @@ class SpoolWriter:
         det = self._f[DATA].get(DETECTOR_FRAMES)
         if det is None or not any(f is not None for f in self._det_open):
             return
-        base = self.count - len(self._det_open)
-        if self._det_closed == base:
+        closed = (self.count - len(self._det_open), len(self._det_open))
+        if self._det_closed == closed:
             return
+        if self._det_closed is not None and self._det_closed[0] == closed[0]:
+            self.chunk_paths["detector_rewritten"] += 1  # frames after the scan ended
         chunk, path = self._detector_chunk(det, self._det_open)
-        det.id.write_direct_chunk((base, 0, 0), chunk)
+        det.id.write_direct_chunk((closed[0], 0, 0), chunk)
         self.chunk_paths[path] += 1
-        self._det_closed = base
+        self._det_closed = closed
 
     def _detector_chunk(self, det: h5py.Dataset, frames: list[object | None]) -> tuple[bytes, str]:
-        """One chunk of ``detector_frames`` from its rows' frames (a bslz4 blob, a decoded frame
-        or None), zero frames after them: their blocks joined when they join, else compressed."""
+        """One chunk of ``detector_frames`` from its rows' frames (a bslz4 blob, or None: a zero
+        frame), zero frames after them: their blocks joined when they join, else compressed in
+        the block size of the first."""
         shape, dtype, rows = det.shape[1:], det.dtype, det.chunks[0]
-        blobs = [f for f in frames if f is not None and not isinstance(f, np.ndarray)]
+        blobs = [f for f in frames if f is not None]
         block = bslz4_header(blobs[0], dtype.itemsize)[1] if blobs else BLOCK_BYTES
         zero = self._zero_frame(shape, dtype, block)
         parts = [zero if f is None else f for f in frames] + [zero] * (rows - len(frames))
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        if not any(isinstance(p, np.ndarray) for p in parts) and all(
-                bslz4_header(p, dtype.itemsize)[0] == nbytes for p in parts):
+        if all(bslz4_header(p, dtype.itemsize)[0] == nbytes for p in parts):
             chunk = bslz4_concat(parts, dtype.itemsize)
             if chunk is not None:
                 return chunk, "detector_as_received"
         stack = np.zeros((rows, *shape), dtype)
         for i, f in enumerate(frames):
             if f is not None:
-                stack[i] = f if isinstance(f, np.ndarray) else bslz4_decompress(f, dtype, shape)
+                stack[i] = bslz4_decompress(f, dtype, shape)
         return compression_bslz4(stack, block), "detector_recompressed"
 
     def _zero_frame(self, shape: tuple[int, ...], dtype: np.dtype, block: int) -> bytes:
