@@ -196,25 +196,28 @@ def bslz4_header(buf: Any, itemsize: int) -> tuple[int, int]:
     return declared, block_bytes or default_block_elements(itemsize) * itemsize
 
 
-def bslz4_concat(blobs: Sequence[Any], itemsize: int) -> bytes | None:
+def bslz4_concat(blobs: Sequence[Any], itemsize: int, blob_bytes: int | None = None) -> bytes | None:
     """One bslz4 blob of the elements of several, without decompressing anything, or None when
     that is not exact. bitshuffle compresses each block on its own, so when every blob has the
     same block size and holds a whole number of blocks (no short last block, no raw tail),
     their blocks one after the other, behind one header, are byte for byte what
     :func:`bslz4_compress` of the concatenated elements gives: an HDF5 bitshuffle chunk of
-    several frames (a 192×192 uint16 DECTRIS frame is nine 8 KiB blocks). The blobs must be
-    whole (:func:`bslz4_decompress` accepted them)."""
+    several frames (a 192×192 uint16 DECTRIS frame is nine 8 KiB blocks). ``blob_bytes``: None
+    unless every blob decodes to that many bytes. The blobs must be whole
+    (:func:`bslz4_decompress` accepted them)."""
     if not blobs:
         return None
-    views = [memoryview(b).cast("B") for b in blobs]
     total, block = 0, None
-    for view in views:
-        declared, block_bytes = bslz4_header(view, itemsize)
-        if declared == 0 or declared % block_bytes or block not in (None, block_bytes):
+    unpack = _HEADER.unpack_from  # any buffer: no memoryview per blob (the spool joins 8 a chunk)
+    for blob in blobs:
+        declared, block_bytes = unpack(blob)
+        block_bytes = block_bytes or default_block_elements(itemsize) * itemsize
+        if (declared == 0 or declared % block_bytes or block not in (None, block_bytes)
+                or blob_bytes not in (None, declared)):
             return None
         block = block_bytes
         total += declared
-    return b"".join([_HEADER.pack(total, block), *(view[_HEADER.size:] for view in views)])
+    return b"".join([_HEADER.pack(total, block), *(memoryview(b)[_HEADER.size:] for b in blobs)])
 
 
 def bslz4_slices(buf: Any, itemsize: int, spans: Sequence[tuple[int, int]]) -> list[bytes | None]:

@@ -170,6 +170,8 @@ class SpoolWriter:
         #: (first row, frames) of the part full chunk that set_status wrote, if it did
         self._det_closed: tuple[int, int] | None = None
         self._zeros: dict[tuple[object, ...], bytes] = {}  # a zero frame's blob, padding chunks
+        self._det_cache: tuple[int, tuple[int, ...], np.dtype] | None = None
+        self._tail: h5py.Dataset | None = None
 
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
@@ -247,7 +249,7 @@ class SpoolWriter:
                     write((k + i, 0, 0), chunk)
             else:
                 self._write_frames(k, frames)
-            det_open.append(self._write_detector(k, n, None if raw is None else raw.chunks))
+            det_open.append(self._write_detector(k, n, None if raw is None else raw.chunks, det))
 
         # commits rows, then the count
         count = self._entry.append(frames, indices, positions_m, write_frames=write_frames)
@@ -386,7 +388,8 @@ class SpoolWriter:
         return (len(chunks.chunks) == n and ds.chunks == (rows, *chunks.shape) and ds.dtype == chunks.dtype
                 and BITSHUFFLE_FILTER in ds._filters)
 
-    def _write_detector(self, k: int, n: int, blobs: Sequence[object] | None) -> list[object | None]:
+    def _write_detector(self, k: int, n: int, blobs: Sequence[object] | None,
+                        det: h5py.Dataset | None = None) -> list[object | None]:
         """Rows [k, k + n) of ``detector_frames``, if the spool has it: the frames' bslz4 blobs
         (``blobs``, one per row) or None (rows without detector frames: zeros, as rows never
         written read). Returns what :attr:`_det_open` is once the append is committed.
@@ -400,10 +403,10 @@ class SpoolWriter:
         that commits the new one, so a crash meanwhile could lose frames already received. A
         DECTRIS source's jobs end on whole chunks while the detector is ahead (64 frames), so
         then nothing goes to the tail."""
-        det = self._f[DATA].get(DETECTOR_FRAMES)
+        det = self._f[DATA].get(DETECTOR_FRAMES) if det is None else det
         if det is None:
             return []
-        rows = det.chunks[0]
+        rows = self._det_layout(det)[0]
         if rows == 1:
             if blobs is not None:
                 write = det.id.write_direct_chunk
@@ -424,7 +427,9 @@ class SpoolWriter:
                 write((base + j, 0, 0), chunk)
                 self.chunk_paths[path] += 1
         if blobs is not None and whole < len(held):
-            tail = self._f[DATA][DETECTOR_TAIL]
+            if self._tail is None:
+                self._tail = self._f[DATA][DETECTOR_TAIL]
+            tail = self._tail
             first = max(base + whole, k)
             for row in range(first, k + n):
                 tail.id.write_direct_chunk((row, 0, 0), blobs[row - k])
@@ -452,21 +457,27 @@ class SpoolWriter:
         """One chunk of ``detector_frames`` from its rows' frames (a bslz4 blob, or None: a zero
         frame), zero frames after them: their blocks joined when they join, else compressed in
         the block size of the first."""
-        shape, dtype, rows = det.shape[1:], det.dtype, det.chunks[0]
-        blobs = [f for f in frames if f is not None]
-        block = bslz4_header(blobs[0], dtype.itemsize)[1] if blobs else BLOCK_BYTES
-        zero = self._zero_frame(shape, dtype, block)
-        parts = [zero if f is None else f for f in frames] + [zero] * (rows - len(frames))
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if all(bslz4_header(p, dtype.itemsize)[0] == nbytes for p in parts):
-            chunk = bslz4_concat(parts, dtype.itemsize)
-            if chunk is not None:
-                return chunk, "detector_as_received"
+        rows, shape, dtype = self._det_layout(det)
+        first = next((f for f in frames if f is not None), None)
+        block = BLOCK_BYTES if first is None else bslz4_header(first, dtype.itemsize)[1]
+        parts = frames
+        if len(frames) < rows or None in frames:
+            zero = self._zero_frame(shape, dtype, block)
+            parts = [zero if f is None else f for f in frames] + [zero] * (rows - len(frames))
+        chunk = bslz4_concat(parts, dtype.itemsize, int(np.prod(shape)) * dtype.itemsize)
+        if chunk is not None:
+            return chunk, "detector_as_received"
         stack = np.zeros((rows, *shape), dtype)
         for i, f in enumerate(frames):
             if f is not None:
                 stack[i] = bslz4_decompress(f, dtype, shape)
         return compression_bslz4(stack, block), "detector_recompressed"
+
+    def _det_layout(self, det: h5py.Dataset) -> tuple[int, tuple[int, ...], np.dtype]:
+        # (rows a chunk, frame shape, dtype), read once: h5py asks HDF5 each time (µs a call)
+        if self._det_cache is None:
+            self._det_cache = (det.chunks[0], det.shape[1:], det.dtype)
+        return self._det_cache
 
     def _zero_frame(self, shape: tuple[int, ...], dtype: np.dtype, block: int) -> bytes:
         key = (shape, dtype.str, block)
