@@ -215,6 +215,9 @@ class SpoolWriter:
 
     def _truncate(self, n: int) -> None:
         self._entry.truncate(n)
+        tail = self._f[DATA].get(DETECTOR_TAIL)
+        if tail is not None and tail.shape[0] > n:
+            tail.resize(n, axis=0)  # rows of an append that was not committed
 
     def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray, *,
                binned: RawChunks | None = None, raw: RawChunks | None = None) -> None:
@@ -431,6 +434,8 @@ class SpoolWriter:
                 self._tail = self._f[DATA][DETECTOR_TAIL]
             tail = self._tail
             first = max(base + whole, k)
+            # grown here, when written, not by every append (rows past its end read as zeros)
+            tail.resize(k + n, axis=0)
             for row in range(first, k + n):
                 tail.id.write_direct_chunk((row, 0, 0), blobs[row - k])
             self.chunk_paths["detector_tail"] += k + n - first
@@ -494,7 +499,7 @@ class SpoolWriter:
         tail = self._f[DATA][DETECTOR_TAIL]
         out: list[object | None] = []
         for row in range(self.count // det.chunks[0] * det.chunks[0], self.count):
-            written = tail.id.get_chunk_info_by_coord((row, 0, 0)).byte_offset is not None
+            written = row < tail.shape[0] and tail.id.get_chunk_info_by_coord((row, 0, 0)).byte_offset is not None
             out.append(tail.id.read_direct_chunk((row, 0, 0))[1] if written else None)
         return out
 
@@ -614,8 +619,12 @@ def read_detector_frames(f: h5py.Group, start: int = 0, stop: int | None = None)
     tail = g.get(DETECTOR_TAIL)
     whole = count // det.chunks[0] * det.chunks[0] if tail is not None else count
     out = det[start:max(start, min(stop, whole))]
-    if stop > whole:
-        out = np.concatenate([out, tail[max(start, whole):stop]])
+    if stop > whole:  # the tail ends at its last frame: rows after it had none
+        first = max(start, whole)
+        rows = np.zeros((stop - first, *det.shape[1:]), det.dtype)
+        kept = tail[first:min(stop, tail.shape[0])]
+        rows[:len(kept)] = kept
+        out = np.concatenate([out, rows])
     return out
 
 
