@@ -229,14 +229,13 @@ class NxcxiEntry:
         self.translation = f[TRANSLATION] if TRANSLATION in f else f["entry_1/sample_1/geometry_1/translation"]
         t = f.get("entry_1/sample_1/transformations")
         self.x, self.y = (t["x"], t["y"]) if t is not None else (None, None)
-        self._detector: h5py.Dataset | None = None
+        #: a detector source's unbinned frames (spool.DETECTOR_FRAMES), which grow row for row
+        #: too; whoever creates them sets this (a group lookup per append costs tens of µs)
+        self.detector_frames: h5py.Dataset | None = d.get("detector_frames")
 
     def _rows(self) -> list[h5py.Dataset]:
-        # a detector source's unbinned frames (spool.DETECTOR_FRAMES) grow row for row too; the
-        # group is asked once it has them (a lookup costs tens of µs, an append is ~1 ms)
-        if self._detector is None:
-            self._detector = self.file[DATA].get("detector_frames")
-        rows = [self.data, self.frame_index, self.positions_m, self.translation, self.x, self.y, self._detector]
+        rows = [self.data, self.frame_index, self.positions_m, self.translation, self.x, self.y,
+                self.detector_frames]
         return [ds for ds in rows if ds is not None]
 
     def replace_data(self, data: h5py.Dataset) -> None:

@@ -232,11 +232,11 @@ class SpoolWriter:
         self._check_space(frames.nbytes + (0 if raw is None else sum(len(c) for c in raw.chunks)))
         if binned is not None and self._entry.count == 0 and self._data.chunks[0] != 1:
             self._chunk_per_frame()
-        if raw is not None and DETECTOR_FRAMES not in self._f[DATA]:
+        if raw is not None and self._entry.detector_frames is None:
             self._create_detector_frames(raw)
             # rows before the first detector frames have none, in their chunk too
-            self._det_open = [None] * (self.count % self._f[DATA][DETECTOR_FRAMES].chunks[0])
-        det = self._f[DATA].get(DETECTOR_FRAMES)
+            self._det_open = [None] * (self.count % self._entry.detector_frames.chunks[0])
+        det = self._entry.detector_frames
         if raw is not None and not self._direct_ok(det, raw, n, det.chunks[0]):
             # a source bug, not bad input: the frames still count; their detector rows stay empty
             log.error("spool %s: %d detector frames %s %s do not fit its %s %s; not kept",
@@ -252,7 +252,7 @@ class SpoolWriter:
                     write((k + i, 0, 0), chunk)
             else:
                 self._write_frames(k, frames)
-            det_open.append(self._write_detector(k, n, None if raw is None else raw.chunks, det))
+            det_open.append(self._write_detector(k, n, None if raw is None else raw.chunks))
 
         # commits rows, then the count
         count = self._entry.append(frames, indices, positions_m, write_frames=write_frames)
@@ -391,8 +391,7 @@ class SpoolWriter:
         return (len(chunks.chunks) == n and ds.chunks == (rows, *chunks.shape) and ds.dtype == chunks.dtype
                 and BITSHUFFLE_FILTER in ds._filters)
 
-    def _write_detector(self, k: int, n: int, blobs: Sequence[object] | None,
-                        det: h5py.Dataset | None = None) -> list[object | None]:
+    def _write_detector(self, k: int, n: int, blobs: Sequence[object] | None) -> list[object | None]:
         """Rows [k, k + n) of ``detector_frames``, if the spool has it: the frames' bslz4 blobs
         (``blobs``, one per row) or None (rows without detector frames: zeros, as rows never
         written read). Returns what :attr:`_det_open` is once the append is committed.
@@ -406,7 +405,7 @@ class SpoolWriter:
         that commits the new one, so a crash meanwhile could lose frames already received. A
         DECTRIS source's jobs end on whole chunks while the detector is ahead (64 frames), so
         then nothing goes to the tail."""
-        det = self._f[DATA].get(DETECTOR_FRAMES) if det is None else det
+        det = self._entry.detector_frames
         if det is None:
             return []
         rows = self._det_layout(det)[0]
@@ -538,6 +537,8 @@ class SpoolWriter:
                 chunks=(chunk, h, w), **compression())
             ds.attrs["description"] = text
             ds.attrs["compression"] = FILTER_NOTE
+            if name == DETECTOR_FRAMES:
+                self._entry.detector_frames = ds
 
     def read_detector_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """Detector frames of rows [start, stop), None when the spool keeps none."""
