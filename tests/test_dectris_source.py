@@ -129,6 +129,9 @@ def test_frames_are_decoded_once_and_spooled_as_the_detector_sent_them(service, 
     assert calls["n"] == 40  # one decompression per image in the whole process, daemon included
     session = _ended(service, "direct-once-series1")
     assert session.ledger.as_dict()["received"] == 40
+    # 40 frames of 64×64 never fill a chunk of 64: each is on disk in the tail when received
+    chunks = service.service.metrics.registry.get_sample_value
+    assert chunks("cryoptycho_spool_chunks_total", {"path": "detector_tail"}) == 40
     spool = service.service.config.spool_dir / "direct-once-series1.spool.h5"
     service.stop()  # the spool is read once the daemon has let go of it
     sent = [_payload(m) for m in messages[1:-1]]
