@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import threading
@@ -170,7 +171,7 @@ class SpoolWriter:
         #: (first row, frames) of the part full chunk that set_status wrote, if it did
         self._det_closed: tuple[int, int] | None = None
         self._zeros: dict[tuple[object, ...], bytes] = {}  # a zero frame's blob, padding chunks
-        self._det_cache: tuple[int, tuple[int, ...], np.dtype] | None = None
+        self._det_cache: tuple[int, tuple[int, ...], np.dtype, int] | None = None
         self._tail: h5py.Dataset | None = None
 
     @classmethod
@@ -461,26 +462,27 @@ class SpoolWriter:
         """One chunk of ``detector_frames`` from its rows' frames (a bslz4 blob, or None: a zero
         frame), zero frames after them: their blocks joined when they join, else compressed in
         the block size of the first."""
-        rows, shape, dtype = self._det_layout(det)
-        first = next((f for f in frames if f is not None), None)
-        block = BLOCK_BYTES if first is None else bslz4_header(first, dtype.itemsize)[1]
+        rows, shape, dtype, nbytes = self._det_layout(det)
         parts = frames
         if len(frames) < rows or None in frames:
+            first = next((f for f in frames if f is not None), None)
+            block = BLOCK_BYTES if first is None else bslz4_header(first, dtype.itemsize)[1]
             zero = self._zero_frame(shape, dtype, block)
             parts = [zero if f is None else f for f in frames] + [zero] * (rows - len(frames))
-        chunk = bslz4_concat(parts, dtype.itemsize, int(np.prod(shape)) * dtype.itemsize)
+        chunk = bslz4_concat(parts, dtype.itemsize, nbytes)
         if chunk is not None:
             return chunk, "detector_as_received"
+        blobs = [f for f in frames if f is not None]  # not joined: compressed in the first's block size
         stack = np.zeros((rows, *shape), dtype)
         for i, f in enumerate(frames):
             if f is not None:
                 stack[i] = bslz4_decompress(f, dtype, shape)
-        return compression_bslz4(stack, block), "detector_recompressed"
+        return compression_bslz4(stack, bslz4_header(blobs[0], dtype.itemsize)[1]), "detector_recompressed"
 
-    def _det_layout(self, det: h5py.Dataset) -> tuple[int, tuple[int, ...], np.dtype]:
-        # (rows a chunk, frame shape, dtype), read once: h5py asks HDF5 each time (µs a call)
+    def _det_layout(self, det: h5py.Dataset) -> tuple[int, tuple[int, ...], np.dtype, int]:
+        # (rows a chunk, frame shape, dtype, frame bytes), read once: h5py asks HDF5 each time
         if self._det_cache is None:
-            self._det_cache = (det.chunks[0], det.shape[1:], det.dtype)
+            self._det_cache = (det.chunks[0], det.shape[1:], det.dtype, math.prod(det.shape[1:]) * det.dtype.itemsize)
         return self._det_cache
 
     def _zero_frame(self, shape: tuple[int, ...], dtype: np.dtype, block: int) -> bytes:
