@@ -82,6 +82,9 @@ DETECTOR_CHUNK_PATHS = ("detector_as_received", "detector_recompressed", "detect
                         "detector_tail", "detector_rewritten")
 
 
+#: rows ``detector_frames_tail`` grows by when it must (a resize per append costs tens of µs)
+_TAIL_STEP = 1024
+
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _POOL_THREADS = max(2, os.cpu_count() or 2)
@@ -173,6 +176,7 @@ class SpoolWriter:
         self._zeros: dict[tuple[object, ...], bytes] = {}  # a zero frame's blob, padding chunks
         self._det_cache: tuple[int, tuple[int, ...], np.dtype, int] | None = None
         self._tail: h5py.Dataset | None = None
+        self._tail_rows = -1  # the tail's extent, once looked up
 
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
@@ -432,10 +436,14 @@ class SpoolWriter:
         if blobs is not None and whole < len(held):
             if self._tail is None:
                 self._tail = self._f[DATA][DETECTOR_TAIL]
+                self._tail_rows = self._tail.shape[0]
             tail = self._tail
             first = max(base + whole, k)
-            # grown here, when written, not by every append (rows past its end read as zeros)
-            tail.resize(k + n, axis=0)
+            # grown here, when written, in steps (rows past the count are never read, and
+            # recovery cuts them): not by every append
+            if self._tail_rows < k + n:
+                self._tail_rows = k + n + _TAIL_STEP
+                tail.resize(self._tail_rows, axis=0)
             for row in range(first, k + n):
                 tail.id.write_direct_chunk((row, 0, 0), blobs[row - k])
             self.chunk_paths["detector_tail"] += k + n - first
