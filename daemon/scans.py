@@ -281,6 +281,8 @@ class ScanManager:
 
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
             spool.append(frames, indices, positions, binned=binned, raw=raw)
+            for path, chunks in spool.take_chunk_paths().items():
+                self.metrics.spool_chunks.labels(path=path).inc(chunks)
             with session.lock:
                 session.ledger.stored(n)
             self.metrics.frames_received.inc(n)

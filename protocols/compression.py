@@ -189,6 +189,37 @@ def bslz4_block_elements(buf: Any, itemsize: int) -> int:
     return block_bytes // itemsize if block_bytes else default_block_elements(itemsize)
 
 
+def bslz4_header(buf: Any, itemsize: int) -> tuple[int, int]:
+    """(decoded bytes, block size in bytes) of a bslz4 blob's header; a 0 block size (bitshuffle's
+    default) is given as the default's bytes."""
+    declared, block_bytes = _HEADER.unpack_from(memoryview(buf).cast("B"))
+    return declared, block_bytes or default_block_elements(itemsize) * itemsize
+
+
+def bslz4_concat(blobs: Sequence[Any], itemsize: int, blob_bytes: int | None = None) -> bytes | None:
+    """One bslz4 blob of the elements of several, without decompressing anything, or None when
+    that is not exact. bitshuffle compresses each block on its own, so when every blob has the
+    same block size and holds a whole number of blocks (no short last block, no raw tail),
+    their blocks one after the other, behind one header, are byte for byte what
+    :func:`bslz4_compress` of the concatenated elements gives: an HDF5 bitshuffle chunk of
+    several frames (a 192×192 uint16 DECTRIS frame is nine 8 KiB blocks). ``blob_bytes``: None
+    unless every blob decodes to that many bytes. The blobs must be whole
+    (:func:`bslz4_decompress` accepted them)."""
+    if not blobs:
+        return None
+    total, block = 0, None
+    unpack = _HEADER.unpack_from  # any buffer: no memoryview per blob (the spool joins 8 a chunk)
+    for blob in blobs:
+        declared, block_bytes = unpack(blob)
+        block_bytes = block_bytes or default_block_elements(itemsize) * itemsize
+        if (declared == 0 or declared % block_bytes or block not in (None, block_bytes)
+                or blob_bytes not in (None, declared)):
+            return None
+        block = block_bytes
+        total += declared
+    return b"".join([_HEADER.pack(total, block), *(memoryview(b)[_HEADER.size:] for b in blobs)])
+
+
 def bslz4_slices(buf: Any, itemsize: int, spans: Sequence[tuple[int, int]]) -> list[bytes | None]:
     """Element ranges ``[lo, hi)`` of one bslz4 blob as standalone bslz4 blobs, without
     decompressing or recompressing anything: bitshuffle compresses each block on its own, so

@@ -129,6 +129,9 @@ def test_frames_are_decoded_once_and_spooled_as_the_detector_sent_them(service, 
     assert calls["n"] == 40  # one decompression per image in the whole process, daemon included
     session = _ended(service, "direct-once-series1")
     assert session.ledger.as_dict()["received"] == 40
+    # 40 frames of 64×64 never fill a chunk of 64: each is on disk in the tail when received
+    chunks = service.service.metrics.registry.get_sample_value
+    assert chunks("cryoptycho_spool_chunks_total", {"path": "detector_tail"}) == 40
     spool = service.service.config.spool_dir / "direct-once-series1.spool.h5"
     service.stop()  # the spool is read once the daemon has let go of it
     sent = [_payload(m) for m in messages[1:-1]]
@@ -138,10 +141,14 @@ def test_frames_are_decoded_once_and_spooled_as_the_detector_sent_them(service, 
         assert int(g.attrs["count"]) == 40
         idx = g["frame_index"][:]
         det = g[DETECTOR_FRAMES]
-        assert det.shape == (40, SIDE, SIDE) and det.chunks == (1, SIDE, SIDE)
-        for row, image_id in enumerate(idx):
-            mask, chunk = det.id.read_direct_chunk((row, 0, 0))
-            assert mask == 0 and chunk == sent[image_id]  # byte for byte what the detector sent
+        rows = det.chunks[0]
+        assert det.shape == (40, SIDE, SIDE) and rows == 64  # a 64×64 uint16 frame is one 8 KiB block
+        mask, chunk = det.id.read_direct_chunk((0, 0, 0))
+        zero = bslz4_compress(np.zeros((SIDE, SIDE), np.uint16))
+        # the blocks the detector sent, byte for byte, one after another behind one header; the
+        # scan's last chunk is part full: zero frames after its rows
+        body = b"".join(sent[i][12:] for i in idx) + zero[12:] * (rows - 40)
+        assert mask == 0 and chunk == struct.pack(">QI", rows * SIDE * SIDE * 2, 8192) + body
         np.testing.assert_array_equal(det[:], frames[idx])  # and readable through hdf5plugin
         np.testing.assert_array_equal(g["data"][:], reducer(frames[idx])[0])
         assert f["entry_1/instrument_1/detector_1/data"].shape == g["data"].shape

@@ -212,6 +212,14 @@ DATA = "entry_1/data_1"
 TRANSLATION = DETECTOR + "/translation"
 
 
+def chunk_rows(frame_bytes: int) -> int:
+    """Frames per chunk of a growing frames dataset: a power of two (producers' batches of 64
+    fill whole chunks) up to 64, at most 1 MiB of frames, so that a chunk fits the chunk cache
+    of HDF5 1.x (1 MiB) and a reader of one frame decompresses at most that much."""
+    rows = max(1, min(64, (1 << 20) // max(1, frame_bytes)))
+    return 1 << (rows.bit_length() - 1)
+
+
 def _field(group: h5py.Group, name: str, value: Any, units: str | None = None, **attrs: Any) -> h5py.Dataset:
     d = group.create_dataset(name, data=value)
     if units is not None:
@@ -242,11 +250,13 @@ class NxcxiEntry:
         self.translation = f[TRANSLATION] if TRANSLATION in f else f["entry_1/sample_1/geometry_1/translation"]
         t = f.get("entry_1/sample_1/transformations")
         self.x, self.y = (t["x"], t["y"]) if t is not None else (None, None)
+        #: a detector source's unbinned frames (spool.DETECTOR_FRAMES), which grow row for row
+        #: too; whoever creates them sets this (a group lookup per append costs tens of µs)
+        self.detector_frames: h5py.Dataset | None = d.get("detector_frames")
 
     def _rows(self) -> list[h5py.Dataset]:
-        # a detector source's unbinned frames (spool.DETECTOR_FRAMES) grow row for row too
         rows = [self.data, self.frame_index, self.positions_m, self.translation, self.x, self.y,
-                self.file[DATA].get("detector_frames")]
+                self.detector_frames]
         return [ds for ds in rows if ds is not None]
 
     def replace_data(self, data: h5py.Dataset) -> None:
@@ -293,10 +303,9 @@ class NxcxiEntry:
         det = _group(instrument, "detector_1", "NXdetector")
         det.attrs["signal"] = "data"
         det.attrs["axes"] = [".", ".", "."]  # frames × detector rows × columns, no axis fields
-        rows = max(1, min(64, (1 << 20) // max(1, m[0] * m[1] * np.dtype(frame_dtype).itemsize)))
-        chunk = 1 << (rows.bit_length() - 1)  # a power of two: producers' batches fill whole chunks
         data = det.create_dataset(
-            "data", shape=(0, *m), maxshape=(None, *m), dtype=frame_dtype, chunks=(chunk, *m),
+            "data", shape=(0, *m), maxshape=(None, *m), dtype=frame_dtype,
+            chunks=(chunk_rows(m[0] * m[1] * np.dtype(frame_dtype).itemsize), *m),
             **compression(),
         )
         data.attrs["units"] = "counts"

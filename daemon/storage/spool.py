@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import threading
@@ -27,13 +28,19 @@ from cryoptycho.daemon.scan import SPOOL_ARRAYS, ScanSpec, spec_from_spool_heade
 from cryoptycho.daemon.storage.dataset import compression
 from cryoptycho.daemon.storage.diskspace import require_free_space
 from cryoptycho.daemon.storage.h5format import (
+    FILTER_NOTE,
     NxcxiEntry,
+    chunk_rows,
     nav_shape_of,
     open_checked,
     write_nav_shape,
 )
 from cryoptycho.protocols.compression import (
+    BLOCK_BYTES,
     bslz4_block_elements,
+    bslz4_concat,
+    bslz4_decompress,
+    bslz4_header,
     bslz4_slices,
     default_block_elements,
 )
@@ -53,6 +60,9 @@ _HASH_HEX = 32  # 128 bits of SHA-256: no two scan ids share a stem in practice
 DATA = "entry_1/data_1"
 #: unbinned frames of a detector source, beside ``data`` (HDF5 bitshuffle filter id)
 DETECTOR_FRAMES = "detector_frames"
+#: the frames of ``detector_frames``' rows whose chunk was part full when they came (spool.py
+#: SpoolWriter._write_detector; read both with :func:`read_detector_frames`)
+DETECTOR_TAIL = "detector_frames_tail"
 BITSHUFFLE_FILTER = "32008"
 #: how :meth:`SpoolWriter.append_many` wrote whole chunks of ``data``: ``as_received`` (the
 #: sender's bslz4 bytes, HDF5 direct chunk write) or compressed here, because the frames came
@@ -60,7 +70,20 @@ BITSHUFFLE_FILTER = "32008"
 #: in another bitshuffle block size (``block_size``), the chunk spans two messages
 #: (``spans_messages``) or does not start and end on the sender's blocks (``alignment``)
 CHUNK_PATHS = ("as_received", "not_bslz4", "block_size", "spans_messages", "alignment")
+#: how chunks of ``detector_frames`` were written (counted with :data:`CHUNK_PATHS`): the
+#: frames' bslz4 blocks joined under one header (``detector_as_received``), decoded and
+#: compressed again because their blocks do not join (``detector_recompressed``: another block
+#: size than the chunk's other frames), one frame a chunk (``detector_per_frame``: a frame that
+#: is not a whole number of blocks, or a spool file of an earlier release); frames written to
+#: the tail because their chunk was not whole yet (``detector_tail``, one a chunk), and chunks
+#: written again (``detector_rewritten``: only a scan's last chunk, when frames come after the
+#: scan ended and closed it)
+DETECTOR_CHUNK_PATHS = ("detector_as_received", "detector_recompressed", "detector_per_frame",
+                        "detector_tail", "detector_rewritten")
 
+
+#: rows ``detector_frames_tail`` grows by when it must (a resize per append costs tens of µs)
+_TAIL_STEP = 1024
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -141,8 +164,19 @@ class SpoolWriter:
         self._index = self._entry.frame_index
         self._pos = self._entry.positions_m
         self.count = self._entry.count
-        #: whole chunks written by append_many, by path (:data:`CHUNK_PATHS`), until taken
+        #: whole chunks written by append_many, by path (:data:`CHUNK_PATHS`), and chunks of
+        #: ``detector_frames`` (:data:`DETECTOR_CHUNK_PATHS`), until taken
         self.chunk_paths: Counter[str] = Counter()
+        #: detector frames (bslz4 blobs, or None: no frame) of the rows of ``detector_frames``'
+        #: last chunk, when it is part full: they are in the tail, and go into the chunk
+        #: when an append fills it (:meth:`_write_detector`)
+        self._det_open: list[object | None] = self._open_detector_rows()
+        #: (first row, frames) of the part full chunk that set_status wrote, if it did
+        self._det_closed: tuple[int, int] | None = None
+        self._zeros: dict[tuple[object, ...], bytes] = {}  # a zero frame's blob, padding chunks
+        self._det_cache: tuple[int, tuple[int, ...], np.dtype, int] | None = None
+        self._tail: h5py.Dataset | None = None
+        self._tail_rows = -1  # the tail's extent, once looked up
 
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
@@ -186,6 +220,9 @@ class SpoolWriter:
 
     def _truncate(self, n: int) -> None:
         self._entry.truncate(n)
+        tail = self._f[DATA].get(DETECTOR_TAIL)
+        if tail is not None and tail.shape[0] > n:
+            tail.resize(n, axis=0)  # rows of an append that was not committed
 
     def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray, *,
                binned: RawChunks | None = None, raw: RawChunks | None = None) -> None:
@@ -200,14 +237,18 @@ class SpoolWriter:
         self._check_space(frames.nbytes + (0 if raw is None else sum(len(c) for c in raw.chunks)))
         if binned is not None and self._entry.count == 0 and self._data.chunks[0] != 1:
             self._chunk_per_frame()
-        if raw is not None and DETECTOR_FRAMES not in self._f[DATA]:
+        if raw is not None and self._entry.detector_frames is None:
             self._create_detector_frames(raw)
-        det = self._f[DATA].get(DETECTOR_FRAMES)
-        if raw is not None and not self._direct_ok(det, raw, n):
+            # rows before the first detector frames have none, in their chunk too
+            self._det_open = [None] * (self.count % self._entry.detector_frames.chunks[0])
+        det = self._entry.detector_frames
+        if raw is not None and not self._direct_ok(det, raw, n, det.chunks[0]):
             # a source bug, not bad input: the frames still count; their detector rows stay empty
             log.error("spool %s: %d detector frames %s %s do not fit its %s %s; not kept",
                       self.path.name, len(raw.chunks), raw.shape, raw.dtype, det.shape[1:], det.dtype)
             raw = None
+
+        det_open: list[list[object | None]] = []
 
         def write_frames(k: int) -> None:
             if binned is not None and self._direct_ok(self._data, binned, n):
@@ -216,15 +257,13 @@ class SpoolWriter:
                     write((k + i, 0, 0), chunk)
             else:
                 self._write_frames(k, frames)
-            if raw is not None:
-                write = det.id.write_direct_chunk
-                for i, chunk in enumerate(raw.chunks):
-                    write((k + i, 0, 0), chunk)
+            det_open.append(self._write_detector(k, n, None if raw is None else raw.chunks))
 
         # commits rows, then the count
         count = self._entry.append(frames, indices, positions_m, write_frames=write_frames)
         self._flush()
         self.count = count
+        self._det_open = det_open[0]
 
     def append_many(self, batches: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
                     wire: Sequence[object | None] | None = None) -> int:
@@ -246,10 +285,16 @@ class SpoolWriter:
         self._check_space(sum(b.nbytes for b in blocks))
         indices = np.concatenate([np.asarray(b[1]) for b in batches])
         positions = np.concatenate([np.asarray(b[2], dtype=np.float64).reshape(-1, 2) for b in batches])
-        count = self._entry.append(None, indices, positions,
-                                   write_frames=lambda k: self._write_blocks(k, blocks, wire))
+        det_open: list[list[object | None]] = []
+
+        def write_frames(k: int) -> None:
+            self._write_blocks(k, blocks, wire)
+            det_open.append(self._write_detector(k, len(indices), None))
+
+        count = self._entry.append(None, indices, positions, write_frames=write_frames)
         self._flush()
         self.count = count
+        self._det_open = det_open[0]
         return len(indices)
 
     def _check_space(self, nbytes: int) -> None:
@@ -346,9 +391,126 @@ class SpoolWriter:
         return taken
 
     @staticmethod
-    def _direct_ok(ds: h5py.Dataset, chunks: RawChunks, n: int) -> bool:
-        return (len(chunks.chunks) == n and ds.chunks == (1, *chunks.shape) and ds.dtype == chunks.dtype
+    def _direct_ok(ds: h5py.Dataset, chunks: RawChunks, n: int, rows: int = 1) -> bool:
+        """``chunks`` may be written as they are (``rows`` frames a chunk: joined, if more than one)."""
+        return (len(chunks.chunks) == n and ds.chunks == (rows, *chunks.shape) and ds.dtype == chunks.dtype
                 and BITSHUFFLE_FILTER in ds._filters)
+
+    def _write_detector(self, k: int, n: int, blobs: Sequence[object] | None) -> list[object | None]:
+        """Rows [k, k + n) of ``detector_frames``, if the spool has it: the frames' bslz4 blobs
+        (``blobs``, one per row) or None (rows without detector frames: zeros, as rows never
+        written read). Returns what :attr:`_det_open` is once the append is committed.
+
+        Several frames a chunk: a chunk is its frames' blocks joined (:func:`bslz4_concat`; no
+        compression here), written once, when the append that fills it comes. A frame counts as
+        received once it is on disk, so the frames of a chunk left part full are written, one
+        frame a chunk, to ``detector_frames_tail`` (the same rows), and held in memory until
+        their chunk is whole. Nothing written is ever written again: HDF5 frees the old copy of
+        a chunk that is rewritten in another size and may put anything there before the flush
+        that commits the new one, so a crash meanwhile could lose frames already received. A
+        DECTRIS source's jobs end on whole chunks while the detector is ahead (64 frames), so
+        then nothing goes to the tail."""
+        det = self._entry.detector_frames
+        if det is None:
+            return []
+        rows = self._det_layout(det)[0]
+        if rows == 1:
+            if blobs is not None:
+                write = det.id.write_direct_chunk
+                for i, blob in enumerate(blobs):
+                    write((k + i, 0, 0), blob)
+                self.chunk_paths["detector_per_frame"] += n
+            return []
+        held = [*self._det_open, *(blobs if blobs is not None else [None] * n)]
+        base = k - len(self._det_open)
+        whole = len(held) // rows * rows
+        write = det.id.write_direct_chunk
+        for j in range(0, whole, rows):
+            group = held[j:j + rows]
+            if any(f is not None for f in group):
+                chunk, path = self._detector_chunk(det, group)
+                if self._det_closed is not None and self._det_closed[0] == base + j:
+                    self.chunk_paths["detector_rewritten"] += 1  # frames after the scan ended
+                write((base + j, 0, 0), chunk)
+                self.chunk_paths[path] += 1
+        if blobs is not None and whole < len(held):
+            if self._tail is None:
+                self._tail = self._f[DATA][DETECTOR_TAIL]
+                self._tail_rows = self._tail.shape[0]
+            tail = self._tail
+            first = max(base + whole, k)
+            # grown here, when written, in steps (rows past the count are never read, and
+            # recovery cuts them): not by every append
+            if self._tail_rows < k + n:
+                self._tail_rows = k + n + _TAIL_STEP
+                tail.resize(self._tail_rows, axis=0)
+            for row in range(first, k + n):
+                tail.id.write_direct_chunk((row, 0, 0), blobs[row - k])
+            self.chunk_paths["detector_tail"] += k + n - first
+        return held[whole:]
+
+    def _close_detector_chunk(self) -> None:
+        """Write the part full last chunk of ``detector_frames`` (zero frames after its rows), so
+        that the dataset alone holds every frame once the scan has ended; its frames stay in
+        the tail too."""
+        det = self._f[DATA].get(DETECTOR_FRAMES)
+        if det is None or not any(f is not None for f in self._det_open):
+            return
+        closed = (self.count - len(self._det_open), len(self._det_open))
+        if self._det_closed == closed:
+            return
+        if self._det_closed is not None and self._det_closed[0] == closed[0]:
+            self.chunk_paths["detector_rewritten"] += 1  # frames after the scan ended
+        chunk, path = self._detector_chunk(det, self._det_open)
+        det.id.write_direct_chunk((closed[0], 0, 0), chunk)
+        self.chunk_paths[path] += 1
+        self._det_closed = closed
+
+    def _detector_chunk(self, det: h5py.Dataset, frames: list[object | None]) -> tuple[bytes, str]:
+        """One chunk of ``detector_frames`` from its rows' frames (a bslz4 blob, or None: a zero
+        frame), zero frames after them: their blocks joined when they join, else compressed in
+        the block size of the first."""
+        rows, shape, dtype, nbytes = self._det_layout(det)
+        parts = frames
+        if len(frames) < rows or None in frames:
+            first = next((f for f in frames if f is not None), None)
+            block = BLOCK_BYTES if first is None else bslz4_header(first, dtype.itemsize)[1]
+            zero = self._zero_frame(shape, dtype, block)
+            parts = [zero if f is None else f for f in frames] + [zero] * (rows - len(frames))
+        chunk = bslz4_concat(parts, dtype.itemsize, nbytes)
+        if chunk is not None:
+            return chunk, "detector_as_received"
+        blobs = [f for f in frames if f is not None]  # not joined: compressed in the first's block size
+        stack = np.zeros((rows, *shape), dtype)
+        for i, f in enumerate(frames):
+            if f is not None:
+                stack[i] = bslz4_decompress(f, dtype, shape)
+        return compression_bslz4(stack, bslz4_header(blobs[0], dtype.itemsize)[1]), "detector_recompressed"
+
+    def _det_layout(self, det: h5py.Dataset) -> tuple[int, tuple[int, ...], np.dtype, int]:
+        # (rows a chunk, frame shape, dtype, frame bytes), read once: h5py asks HDF5 each time
+        if self._det_cache is None:
+            self._det_cache = (det.chunks[0], det.shape[1:], det.dtype, math.prod(det.shape[1:]) * det.dtype.itemsize)
+        return self._det_cache
+
+    def _zero_frame(self, shape: tuple[int, ...], dtype: np.dtype, block: int) -> bytes:
+        key = (shape, dtype.str, block)
+        if key not in self._zeros:
+            self._zeros[key] = compression_bslz4(np.zeros(shape, dtype), block)
+        return self._zeros[key]
+
+    def _open_detector_rows(self) -> list[object | None]:
+        """The frames of ``detector_frames``' part full last chunk, read back from the tail (a
+        spool file reopened for recovery); None where a row had none."""
+        det = self._f[DATA].get(DETECTOR_FRAMES)
+        if det is None or det.chunks[0] == 1:
+            return []
+        tail = self._f[DATA][DETECTOR_TAIL]
+        out: list[object | None] = []
+        for row in range(self.count // det.chunks[0] * det.chunks[0], self.count):
+            written = row < tail.shape[0] and tail.id.get_chunk_info_by_coord((row, 0, 0)).byte_offset is not None
+            out.append(tail.id.read_direct_chunk((row, 0, 0))[1] if written else None)
+        return out
 
     def _chunk_per_frame(self) -> None:
         """Re-create the (still empty) frames dataset with one frame per chunk, so that a
@@ -365,12 +527,32 @@ class SpoolWriter:
         self._data = new
 
     def _create_detector_frames(self, raw: RawChunks) -> None:
+        """Several frames a chunk (as ``data``: :func:`chunk_rows`) when a frame is a whole
+        number of the detector's bitshuffle blocks, so that frames' blocks join into chunks
+        (192×192 uint16: nine 8 KiB blocks, eight frames a chunk), and the tail beside it
+        (:meth:`_write_detector`); else one frame a chunk."""
         h, w = raw.shape
-        ds = self._f[DATA].create_dataset(
-            DETECTOR_FRAMES, shape=(self.count, h, w), maxshape=(None, h, w), dtype=raw.dtype,
-            chunks=(1, h, w), **compression())
-        ds.attrs["description"] = ("unbinned detector frames, row for row with data, "
-                                   "as the detector sent them (bitshuffle-LZ4 chunks)")
+        nbytes = h * w * raw.dtype.itemsize
+        block = bslz4_header(raw.chunks[0], raw.dtype.itemsize)[1] if raw.chunks else BLOCK_BYTES
+        rows = chunk_rows(nbytes) if nbytes % block == 0 else 1
+        for name, chunk, text in (
+                (DETECTOR_FRAMES, rows, ("unbinned detector frames, row for row with data, as the detector "
+                                        "sent them (bitshuffle-LZ4 chunks)")),
+                (DETECTOR_TAIL, 1, ("the detector frames of rows whose chunk of detector_frames was not "
+                                   "whole yet when they were received, one frame a chunk (FORMATS.md)"))):
+            if name == DETECTOR_TAIL and rows == 1:
+                break
+            ds = self._f[DATA].create_dataset(
+                name, shape=(self.count, h, w), maxshape=(None, h, w), dtype=raw.dtype,
+                chunks=(chunk, h, w), **compression())
+            ds.attrs["description"] = text
+            ds.attrs["compression"] = FILTER_NOTE
+            if name == DETECTOR_FRAMES:
+                self._entry.detector_frames = ds
+
+    def read_detector_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """Detector frames of rows [start, stop), None when the spool keeps none."""
+        return read_detector_frames(self._f, start, self.count if stop is None else min(stop, self.count))
 
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames, indices and positions of rows [start, stop) (the writer's own view)."""
@@ -378,6 +560,8 @@ class SpoolWriter:
         return self._data[start:stop], self._index[start:stop], self._pos[start:stop]
 
     def set_status(self, status: str) -> None:
+        if status != "open":  # the scan ended: detector_frames alone holds every frame from now
+            self._close_detector_chunk()
         self._f.attrs["status"] = status
         self._flush()
 
@@ -428,6 +612,31 @@ def spool_contents(path: Path, f: h5py.Group, frames: bool = True) -> SpoolConte
         indices=g["frame_index"][:n],
         positions_m=g["positions_m"][:n],
     )
+
+
+def read_detector_frames(f: h5py.Group, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+    """The unbinned detector frames of committed rows [start, stop) of a spool (``f``: a spool
+    file's root or a result file's /raw), None when it has none. Rows of a chunk that was not
+    whole yet when the file was last written (a scan still open, or cut short by a crash) are
+    read from ``detector_frames_tail``; spool files of earlier releases (one frame a chunk, no
+    tail) read alike."""
+    g = f[DATA]
+    det = g.get(DETECTOR_FRAMES)
+    if det is None:
+        return None
+    count = int(g.attrs["count"])
+    stop = count if stop is None else min(stop, count)
+    start = min(start, stop)
+    tail = g.get(DETECTOR_TAIL)
+    whole = count // det.chunks[0] * det.chunks[0] if tail is not None else count
+    out = det[start:max(start, min(stop, whole))]
+    if stop > whole:  # the tail ends at its last frame: rows after it had none
+        first = max(start, whole)
+        rows = np.zeros((stop - first, *det.shape[1:]), det.dtype)
+        kept = tail[first:min(stop, tail.shape[0])]
+        rows[:len(kept)] = kept
+        out = np.concatenate([out, rows])
+    return out
 
 
 def unfinished_spools(spool_dir: str | Path) -> list[Path]:
