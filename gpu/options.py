@@ -288,6 +288,17 @@ class ReconOptions(_Strict):
     exact nominal probe (the demo's hemoglobin at 20 e⁻/Å²) the fit moved it by 6–10 nm of pure
     noise (significance 1.3) and cost 0.06 phase correlation; 0 applies every fit."""
 
+    parallax_scan: bool = False
+    """With the parallax fit, also fit the scan's affine error (the 2×2 matrix A − I on the
+    nominal offsets from the scan centre, jointly with the aberrations; gpu/parallax.py) and,
+    when the data reject the nominal scan at ``parallax_confidence`` (χ², 4 degrees of
+    freedom; 0: always), reconstruct at the nominal positions through the fitted matrix. Off
+    by default: the fit is unbiased on noiseless data but its statistical error is about the
+    size of a real scan's error at 100 e⁻/Å² and larger at cryo doses (MEASUREMENTS.md, "The
+    scan matrix from the parallax fit"). Offline only."""
+    parallax_scan_prior: float = Field(0.03, gt=0, le=0.5)
+    """Rms of the Gaussian prior on each entry of A − I (a fraction: 0.03 is 3 %)."""
+
     chunk_size: int = Field(256, ge=1)
     """Positions per chunk of a full-batch evaluation (bounds device memory; same result)."""
 
