@@ -155,3 +155,47 @@ def test_bad_scan_prior_is_refused() -> None:
     with pytest.raises(ValueError, match="scan_prior_rms"):
         estimate_aberrations(data.frames, data.positions, _nominal(), PIXEL, ENERGY, names=("C10",),
                              scan=True, scan_prior_rms=0.0)
+
+
+def test_cli_simulate_realistic_then_reconstruct_records_and_applies_the_scan_fit(tmp_path) -> None:
+    """Through the console scripts: ``simulate --realistic`` with a 4 % / −3 % scan scale error
+    (plus the preset's drift and jitter; a thin object at a high dose, so the fit is sharp) →
+    ``reconstruct --set parallax_scan=true``: the result file holds the four entries, their
+    standard errors, the significance against its threshold and whether it was applied; the
+    positions used are the nominal ones through the recorded matrix, closer to the true ones
+    than the nominal positions; the nominal positions are kept beside them."""
+    import subprocess
+
+    import h5py
+    from cryoptycho.daemon.storage.dataset import read_dataset
+    from cryoptycho.daemon.storage.result import read_result
+
+    def cli(*args: str) -> None:
+        out = subprocess.run(["cryoptycho", *args], capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr
+
+    ds, res = tmp_path / "real.h5", tmp_path / "res.h5"
+    cli("simulate", "--realistic", "--frame-size", "32", "--detector", "ideal", "--thin", "--dose", "2000",
+        "--scan-scale", "4", "-3", "--scan-rotation", "0", "--scan-shear", "0", "-o", str(ds))
+    cli("reconstruct", str(ds), "-o", str(res), "-n", "1", "--no-export", "-q", "--set", "parallax_scan=true")
+    with h5py.File(res) as f:
+        extra = dict(f["extra"].attrs)
+    keys = ("yy", "yx", "xy", "xx")
+    found = np.array([extra[f"parallax_scan_{k}"] for k in keys])
+    assert all(extra[f"parallax_scan_{k}_se"] > 0 for k in keys)
+    assert extra["parallax_scan_significance"] > extra["parallax_scan_threshold"] > 0
+    assert extra["parallax_scan_applied"] == 1
+    data = read_dataset(ds)
+    state = read_result(res).state
+    nominal, true = np.asarray(data.positions), np.asarray(data.truth_positions)
+    np.testing.assert_allclose(state.nominal_positions, nominal)
+    used = np.asarray(state.positions)
+    centre = nominal.mean(axis=0)
+    np.testing.assert_allclose(used - centre, (nominal - centre) @ (np.eye(2) + found.reshape(2, 2)).T,
+                               atol=1e-14)
+
+    def rms_from_truth(p: np.ndarray) -> float:
+        return float(np.sqrt((((p - p.mean(axis=0)) - (true - true.mean(axis=0))) ** 2).sum(axis=1).mean()))
+
+    assert rms_from_truth(used) < 0.7 * rms_from_truth(nominal)
+    assert state.probe_estimate["parallax_scan_yy"] == pytest.approx(found[0])
