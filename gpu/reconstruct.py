@@ -179,6 +179,10 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
     auto = opts.parallax == "auto"
     use = (data.probe is None and data.probe_model is not None and probe.ndim == 2) if auto else opts.parallax
     if not use:
+        if opts.parallax_scan:
+            log.warning("parallax_scan: the parallax fit does not run (parallax=%s, %s), so the scan "
+                        "matrix is not fitted: the nominal positions are used", opts.parallax,
+                        "a measured /probe" if data.probe is not None else "no single-mode probe model")
         return probe, {}, positions
     if probe.ndim != 2:
         raise ValueError("parallax needs a single coherent probe: give an (M, M) probe or set parallax=false")

@@ -6,6 +6,8 @@ with ``parallax_scan`` runs at the corrected positions and records the estimate.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from cryoptycho.gpu import operators
@@ -199,3 +201,14 @@ def test_cli_simulate_realistic_then_reconstruct_records_and_applies_the_scan_fi
 
     assert rms_from_truth(used) < 0.7 * rms_from_truth(nominal)
     assert state.probe_estimate["parallax_scan_yy"] == pytest.approx(found[0])
+
+
+def test_parallax_scan_without_a_parallax_fit_says_so(caplog) -> None:
+    """A measured probe (no probe model: "auto" does not fit) with ``parallax_scan``: the
+    positions stay the dataset's and a warning names why."""
+    data = dataclasses.replace(_dataset(2e3, DISTORTION, seed=1, grid=12), probe=_nominal(), probe_model=None)
+    with caplog.at_level("WARNING", logger="cryoptycho.gpu.reconstruct"):
+        problem = prepare(data, {"iterations": 1, "parallax_scan": True, "init": "ones"})
+    assert "parallax_scan: the parallax fit does not run" in caplog.text
+    assert problem.nominal_positions is None
+    np.testing.assert_array_equal(problem.positions, data.positions)
