@@ -185,7 +185,7 @@ class BrightFieldModel:
         self, frames: Any, positions_m: Any, probe: Any, pixel_size: float, energy_ev: float,
         mask: Any | None = None, names: tuple[str, ...] = ("C10", "C12a", "C12b"),
         max_frequency: float | None = None, bright_field_threshold: float = 0.5, shells: int = 6,
-        nyquist_fraction: float = 0.9, fft_order: bool = False,
+        nyquist_fraction: float = 0.9, fft_order: bool = False, max_frequencies: int | None = None,
     ) -> None:
         xp = array_module(probe)
         if probe.ndim != 2 or probe.shape[0] != probe.shape[1]:
@@ -247,6 +247,11 @@ class BrightFieldModel:
         half = (qi[:, 0] > 0) | ((qi[:, 0] == 0) & (qi[:, 1] > 0))
         # |q| < 2 steps: the particle's mean and the ice, the least sensitive to aberrations
         qi = qi[half & (r <= top) & (r >= 2.0 * spacing * (1 - 1e-9))]
+        if max_frequencies is not None and len(qi) > max_frequencies:
+            # a fixed random subset: the cost is per frequency, and the information on the scan
+            # matrix sits in the high frequencies that a disc-shaped cap would drop
+            keep = np.sort(np.random.default_rng(0).choice(len(qi), size=int(max_frequencies), replace=False))
+            qi = qi[keep]
         if len(qi) < 4:
             raise ValueError(f"the scan gives only {len(qi)} usable object frequencies: too small a scan")
         self.q = qi * spacing  #: (Nq, 2) object frequencies, 1/m
@@ -420,6 +425,7 @@ def estimate_aberrations(
     search_range_m: float = 60e-9, prior_rms_m: float | None = 20e-9,
     max_frequency: float | None = None, fft_order: bool = False, cancel: threading.Event | None = None,
     start: dict[str, float] | None = None, scan: bool = False, scan_prior_rms: float = 0.03,
+    nyquist_fraction: float = 0.9, max_frequencies: int | None = None,
 ) -> ParallaxFit:
     """The aberrations of the true probe relative to ``probe`` (the nominal one), from the
     bright-field disc of every pattern (module docstring).
@@ -441,14 +447,19 @@ def estimate_aberrations(
     ``scan``: also fit the scan matrix's error E = A − I (four entries, a Gaussian prior of rms
     ``scan_prior_rms`` each): a last stage polishes the aberrations and E together, and the
     standard errors and significances come from the joint curvature (see
-    :attr:`ParallaxFit.scan_matrix`)."""
+    :attr:`ParallaxFit.scan_matrix`). ``nyquist_fraction``: the highest object frequency used,
+    as a fraction of the scan step's Nyquist frequency (on a raster the Fourier sum aliases
+    beyond 1; a spiral or random scan does not alias exactly, and there frequencies up to
+    about twice it carry most of what the fit learns about the scan matrix);
+    ``max_frequencies``: at most this many of them, a fixed random subset."""
     names = tuple(names)
     if not names:
         raise ValueError("the parallax fit needs at least one aberration coefficient")
     if prior_rms_m is not None and not prior_rms_m > 0:
         raise ValueError(f"prior_rms_m must be positive metres or None, got {prior_rms_m!r}")
     model = BrightFieldModel(frames, positions_m, probe, pixel_size, energy_ev, mask, names, max_frequency,
-                             fft_order=fft_order)
+                             fft_order=fft_order, nyquist_fraction=nyquist_fraction,
+                             max_frequencies=max_frequencies)
     n = len(names)
     unit = 1e-9  # search in nanometres
     x0 = np.zeros(n)
