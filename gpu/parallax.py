@@ -39,7 +39,8 @@ fitted jointly with the coefficients. What it is worth (gpu/MEASUREMENTS.md, "Th
 from the parallax fit"): on the realistic proteasome, noiseless, E comes out within 0.4 % of
 the truth; with counting noise its standard error is ≈ 1.7 % per entry at 100 e⁻/Å² and
 ≈ 6 % at 20 e⁻/Å² (the scan's own error is 1–2.5 %), and with a plain defocused aperture
-≈ 10 % at 100 e⁻/Å². The model also assumes the object's spectrum constant across the scan's
+≈ 10 % at 100 e⁻/Å². On a spiral scan (no lattice, no exact aliasing) ``nyquist_fraction=1.8``
+brings it to ≈ 0.8 % at 100 e⁻/Å²; at 20 e⁻/Å² no reach tried got below 1.4 %. The model also assumes the object's spectrum constant across the scan's
 frequency resolution 1/L: a scan only ~2 probe windows wide, over an object whose spectrum
 falls steeply, biases E by 1–2 %.
 

@@ -212,3 +212,21 @@ def test_parallax_scan_without_a_parallax_fit_says_so(caplog) -> None:
     assert "parallax_scan: the parallax fit does not run" in caplog.text
     assert problem.nominal_positions is None
     np.testing.assert_array_equal(problem.positions, data.positions)
+
+
+def test_frequency_reach_and_subset() -> None:
+    """``nyquist_fraction`` widens the object frequencies used past the step's Nyquist (for
+    non-lattice scans), ``max_frequencies`` keeps a fixed subset of them: the same one on every
+    call, so a fit is reproducible."""
+    data = _dataset(2e3, np.zeros((2, 2)), seed=1, grid=12)
+
+    def model(**kw: float) -> BrightFieldModel:
+        return BrightFieldModel(data.frames, data.positions, _nominal(), PIXEL, ENERGY, **kw)
+
+    base, wide = model(), model(nyquist_fraction=1.8)
+    assert len(wide.q) > 3 * len(base.q)
+    assert np.hypot(*wide.q.T).max() > 1.5 * np.hypot(*base.q.T).max()
+    sub, again = model(nyquist_fraction=1.8, max_frequencies=100), model(nyquist_fraction=1.8, max_frequencies=100)
+    assert len(sub.q) == 100
+    np.testing.assert_array_equal(sub.q, again.q)
+    assert {tuple(v) for v in sub.q} <= {tuple(v) for v in wide.q}
