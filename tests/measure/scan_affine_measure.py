@@ -67,16 +67,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--runs", default="oracle,nominal,trueaffine,refined,search")
+    ap.add_argument("--scan", default="raster", choices=["raster", "spiral", "random"],
+                    help="scan pattern (the bench's is raster)")
+    ap.add_argument("--reach", type=float, default=0.9,
+                    help="pscan: highest object frequency of the fit, × the step's Nyquist (nyquist_fraction)")
     args = ap.parse_args()
     errors = ExperimentErrors.realistic(args.seed)
     data = simulate_ptychography(load_model(args.sample).centred(), dose=args.dose, frame_size=64,
-                                 pixel_size=0.8e-10, seed=args.seed, probe_seed=args.seed, errors=errors)
+                                 pixel_size=0.8e-10, seed=args.seed, probe_seed=args.seed, errors=errors,
+                                 scan=args.scan)
     base = ReconOptions(iterations=args.iterations, refine_probe=False, parallax=False)
     probe = to_numpy(_parallax_corrected(_initial_probe(data, base, np, None), data, base.merged({"parallax": "auto"}),
                                          np.asarray(data.positions))[0])
     nominal = dataclasses.replace(data, probe=probe, probe_model=None)
     truth_map = fit_affine(np.asarray(data.positions), np.asarray(data.truth_positions))[0]
-    print(json.dumps({"sample": args.sample, "dose": args.dose, "seed": args.seed,
+    print(json.dumps({"sample": args.sample, "dose": args.dose, "seed": args.seed, "scan": args.scan,
                       "nominal_to_true": entries(truth_map)}), flush=True)
     affine_only = dataclasses.replace(errors, jitter=0.0).true_positions(data.positions)
     pscan = None
@@ -84,7 +89,7 @@ def main() -> None:
         start = _initial_probe(data, base, np, None)
         t = time.perf_counter()
         fit = estimate_aberrations(data.frames, data.positions, start, data.real_pixel_size, data.energy,
-                                   mask=data.mask, scan=True)
+                                   mask=data.mask, scan=True, nyquist_fraction=args.reach)
         e = np.eye(2) + np.asarray(fit.scan_matrix).reshape(2, 2)
         print(json.dumps({"parallax_scan": entries(e), "se": [round(v, 5) for v in fit.scan_standard_error],
                           "significance": round(fit.scan_significance, 2),
