@@ -2,7 +2,10 @@
 with a speckle (randomized phase-plate) probe the bright-field model's columns Ψ*(k)Ψ(k − A⁻ᵀq)
 depend on the scan's 2×2 matrix A, so the fit recovers a known A from the data alone; it leaves
 an undistorted scan at the nominal one (the χ² gate does not apply it); and a reconstruction
-with ``parallax_scan`` runs at the corrected positions and records the estimate."""
+with ``parallax_scan`` runs at the corrected positions and records the estimate. The counts
+here (2,000 per pattern on a 0.2 rad object, a thin object at 2,000 e⁻/Å² through the console)
+are far above cryo doses, where the fit's errors are as large as the scan's
+(gpu/MEASUREMENTS.md, "The scan matrix from the parallax fit")."""
 
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from engine_helpers import ENERGY, PIXEL
 
 M = 32
 SEMIANGLE = 7e-3
+PHASE_RMS = 0.2  #: rad, the white-noise object's phase
 #: A − I of the distorted scans below, row-major on (y, x): 4 % / −3 % scale, shear and rotation
-PHASE_RMS = 0.2
 DISTORTION = np.array([[0.04, 0.02], [-0.01, -0.03]])
 
 
