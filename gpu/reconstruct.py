@@ -190,7 +190,8 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
         fit = estimate_aberrations(data.frames, positions, probe, data.real_pixel_size, data.energy,
                                    mask=data.mask, names=tuple(opts.parallax_aberrations),
                                    search_range_m=opts.parallax_range_m, scan=opts.parallax_scan,
-                                   scan_prior_rms=opts.parallax_scan_prior)
+                                   scan_prior_rms=opts.parallax_scan_prior,
+                                   nyquist_fraction=opts.parallax_reach)
     except ValueError as exc:
         if not auto:
             raise ValueError(f"parallax: {exc}") from exc

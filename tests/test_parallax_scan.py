@@ -233,3 +233,24 @@ def test_frequency_reach_and_subset() -> None:
     assert len(sub.q) == 100
     np.testing.assert_array_equal(sub.q, again.q)
     assert {tuple(v) for v in sub.q} <= {tuple(v) for v in wide.q}
+
+
+def test_parallax_reach_sets_the_fits_frequencies(monkeypatch) -> None:
+    """``parallax_reach`` is the fit's ``nyquist_fraction`` (offline), and out-of-range values
+    are refused by name."""
+    from cryoptycho.gpu import reconstruct
+    from cryoptycho.gpu.options import ReconOptions
+
+    seen: list[float] = []
+
+    def spy(*args: object, **kw: object) -> object:
+        seen.append(kw["nyquist_fraction"])
+        return estimate_aberrations(*args, **kw)
+
+    monkeypatch.setattr(reconstruct, "estimate_aberrations", spy)
+    data = _dataset(2e3, np.zeros((2, 2)), seed=1, grid=12)
+    prepare(data, {"iterations": 1, "init": "ones", "parallax_reach": 1.5})
+    prepare(data, {"iterations": 1, "init": "ones"})
+    assert seen == [1.5, 0.9]
+    with pytest.raises(ValueError, match="parallax_reach"):
+        ReconOptions.from_dict({"parallax_reach": 0})
