@@ -304,8 +304,8 @@ class ReconOptions(_Strict):
     frequency. On a raster the Fourier sum over positions aliases past 1; a spiral or random
     scan has no lattice, and there 1.8 divides the scan matrix's standard error by 2.4 (on the
     realistic proteasome at 100 e⁻/Å², spiral: applied, phase correlation 0.472 → 0.610 against
-    an oracle 0.709; MEASUREMENTS.md, "The scan matrix from the parallax fit"), at 4× the
-    fit's cost."""
+    an oracle 0.709; MEASUREMENTS.md, "The scan matrix from the parallax fit"), at 4–7× the
+    fit's time (4× the frequencies)."""
 
     chunk_size: int = Field(256, ge=1)
     """Positions per chunk of a full-batch evaluation (bounds device memory; same result)."""
