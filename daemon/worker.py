@@ -241,7 +241,8 @@ class ScanWorker:
         would run twice more on half the counts (minutes on a CPU for a large particle). The
         offline-only searches are off: the scan's engine already warned that it skips them."""
         assert self._engine_spec is not None
-        options = self.options.model_copy(update={"aberration_search": False, "scan_search": False})
+        options = self.options.model_copy(update={"aberration_search": False, "scan_search": False,
+                                                  "parallax_scan": False})
         return create_engine(dataclasses.replace(self._engine_spec, probe_from_model=False), options)
 
     def _note_parallax(self) -> dict[str, float]:

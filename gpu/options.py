@@ -288,6 +288,25 @@ class ReconOptions(_Strict):
     exact nominal probe (the demo's hemoglobin at 20 e⁻/Å²) the fit moved it by 6–10 nm of pure
     noise (significance 1.3) and cost 0.06 phase correlation; 0 applies every fit."""
 
+    parallax_scan: bool = False
+    """With the parallax fit, also fit the scan's affine error (the 2×2 matrix A − I on the
+    nominal offsets from the scan centre, jointly with the aberrations; gpu/parallax.py) and,
+    when the data reject the nominal scan at ``parallax_confidence`` (χ², 4 degrees of
+    freedom; 0: always), reconstruct at the nominal positions through the fitted matrix. Off
+    by default: the fit is unbiased on noiseless data but its statistical error is about the
+    size of a real scan's error at 100 e⁻/Å² and larger at cryo doses (MEASUREMENTS.md, "The
+    scan matrix from the parallax fit"); on a spiral scan with ``parallax_reach`` 1.8 it is
+    found at 100 e⁻/Å². Offline only."""
+    parallax_scan_prior: float = Field(0.03, gt=0, le=0.5)
+    """Rms of the Gaussian prior on each entry of A − I (a fraction: 0.03 is 3 %)."""
+    parallax_reach: float = Field(0.9, gt=0, le=4.0)
+    """Highest object frequency the parallax fit uses, as a multiple of the scan step's Nyquist
+    frequency. On a raster the Fourier sum over positions aliases past 1; a spiral or random
+    scan has no lattice, and there 1.8 divides the scan matrix's standard error by 2.4 (on the
+    realistic proteasome at 100 e⁻/Å², spiral: applied, phase correlation 0.472 → 0.610 against
+    an oracle 0.709; MEASUREMENTS.md, "The scan matrix from the parallax fit"), at 4–7× the
+    fit's time (4× the frequencies)."""
+
     chunk_size: int = Field(256, ge=1)
     """Positions per chunk of a full-batch evaluation (bounds device memory; same result)."""
 

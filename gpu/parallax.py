@@ -29,12 +29,20 @@ error as it does in the iterative reconstruction, and every count of the scan co
 what makes the estimate usable at cryo doses. For a probe without a phase plate and small q,
 Ψ*(k)Ψ(k − q) ≈ |Ψ|² e^{i q·∇χ(k)}: the parallax shift ∇χ/2π, the relation tcBF fits.
 
-Not fitted: the affine scan error. For a probe with a smooth aperture phase a scan scale or
-shear is indistinguishable from two-fold astigmatism in the parallax shifts (both are a 2×2
-matrix acting on k), and in this model a scan matrix A only moves the object frequency of a
-nominal Fourier sum from q to A⁻ᵀq — a few per cent of q, absorbed by the free object factor
-a(q), b(q), while the transfer columns change by a few per cent of q, far below the detector's
-frequency step. It is left to position correction (gpu/positions.py).
+The affine scan error (``scan=True``, off by default). If the probe was at r + E r for the
+nominal r (A = I + E), the nominal Fourier sum at q' sees the object at q = A⁻ᵀq', so the
+columns become Ψ*(k)Ψ(k − A⁻ᵀq'), Ψ(k)Ψ*(k + A⁻ᵀq'): shifted by a few per cent of q' — a
+fraction of a detector step, since q' stops at the scan step's Nyquist frequency. For a smooth
+aperture phase that shift is a 2×2 matrix acting on k and trades against defocus and
+astigmatism; for a speckle probe it moves the speckle, which no aberration does, so E can be
+fitted jointly with the coefficients. What it is worth (gpu/MEASUREMENTS.md, "The scan matrix
+from the parallax fit"): on the realistic proteasome, noiseless, E comes out within 0.4 % of
+the truth; with counting noise its standard error is ≈ 1.7 % per entry at 100 e⁻/Å² and
+≈ 6 % at 20 e⁻/Å² (the scan's own error is 1–2.5 %), and with a plain defocused aperture
+≈ 10 % at 100 e⁻/Å². On a spiral scan (no lattice, no exact aliasing) ``nyquist_fraction=1.8``
+brings it to ≈ 0.8 % at 100 e⁻/Å²; at 20 e⁻/Å² no reach tried got below 1.4 %. The model also assumes the object's spectrum constant across the scan's
+frequency resolution 1/L: a scan only ~2 probe windows wide, over an object whose spectrum
+falls steeply, biases E by 1–2 %.
 
 The object frequencies used: a half-plane grid of spacing ≤ 1/(scan extent) up to 0.9 × the
 scan step's Nyquist frequency (the Fourier sum aliases beyond it) and 2 × the aperture radius,
@@ -81,6 +89,14 @@ class ParallaxFit:
     #: deviations, squared (H the score's negative Hessian); ≈ χ² with len(c) degrees of freedom
     #: when the nominal probe is right
     significance: float = 0.0
+    #: the scan matrix's error E = A − I found (``scan=True``): row-major (yy, yx, xy, xx) of the
+    #: 2×2 map on (y, x) offsets from the scan centre, true ≈ nominal + E·nominal; None: not fitted
+    scan_matrix: tuple[float, float, float, float] | None = None
+    #: posterior standard deviations of the four entries
+    scan_standard_error: tuple[float, float, float, float] | None = None
+    #: eᵀ Σ⁻¹ e of the four entries (Σ their posterior covariance): ≈ χ² with 4 degrees of
+    #: freedom when the nominal scan is right
+    scan_significance: float = 0.0
 
     @property
     def gain(self) -> float:
@@ -94,6 +110,43 @@ class ParallaxFit:
 
         dof = max(len(self.coefficients), 1)
         return self.significance > float(chi2.ppf(confidence, dof))
+
+    def scan_rejects_nominal(self, confidence: float) -> bool:
+        """Whether the data reject the nominal scan matrix at ``confidence`` (χ², 4 degrees of
+        freedom); False when the scan was not fitted."""
+        from scipy.stats import chi2
+
+        return self.scan_matrix is not None and self.scan_significance > float(chi2.ppf(confidence, 4))
+
+    def scan_positions(self, positions: np.ndarray) -> np.ndarray:
+        """``positions`` (K, 2) through the fitted scan matrix about their centre (the nominal
+        positions as the data place them); unchanged when the scan was not fitted."""
+        pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+        if self.scan_matrix is None:
+            return pos.copy()
+        centre = pos.mean(axis=0)
+        a = np.eye(2) + np.asarray(self.scan_matrix, dtype=np.float64).reshape(2, 2)
+        return (pos - centre) @ a.T + centre
+
+    def scan_record(self, applied: bool, confidence: float | None = None) -> dict[str, float]:
+        """The scan fit as flat scalars for /extra: ``parallax_scan_<yy|yx|xy|xx>`` the entries
+        of A − I found (applied or not), ``…_se`` their standard errors,
+        ``parallax_scan_significance``, ``parallax_scan_threshold`` (the χ² it was held against,
+        with ``confidence``), ``parallax_scan_applied``; empty when the scan was not fitted."""
+        if self.scan_matrix is None:
+            return {}
+        out: dict[str, float] = {}
+        se = self.scan_standard_error or (math.nan,) * 4
+        for key, value, err in zip(("yy", "yx", "xy", "xx"), self.scan_matrix, se):
+            out[f"parallax_scan_{key}"] = float(value)
+            out[f"parallax_scan_{key}_se"] = float(err)
+        out.update(parallax_scan_significance=float(self.scan_significance),
+                   parallax_scan_applied=float(bool(applied)))
+        if confidence is not None:
+            from scipy.stats import chi2
+
+            out["parallax_scan_threshold"] = float(chi2.ppf(confidence, 4))
+        return out
 
     def record(self, applied: bool, frames: int, confidence: float | None = None) -> dict[str, float]:
         """The fit as flat scalars for a result file's /extra (offline and live write the same
@@ -133,7 +186,7 @@ class BrightFieldModel:
         self, frames: Any, positions_m: Any, probe: Any, pixel_size: float, energy_ev: float,
         mask: Any | None = None, names: tuple[str, ...] = ("C10", "C12a", "C12b"),
         max_frequency: float | None = None, bright_field_threshold: float = 0.5, shells: int = 6,
-        nyquist_fraction: float = 0.9, fft_order: bool = False,
+        nyquist_fraction: float = 0.9, fft_order: bool = False, max_frequencies: int | None = None,
     ) -> None:
         xp = array_module(probe)
         if probe.ndim != 2 or probe.shape[0] != probe.shape[1]:
@@ -195,6 +248,11 @@ class BrightFieldModel:
         half = (qi[:, 0] > 0) | ((qi[:, 0] == 0) & (qi[:, 1] > 0))
         # |q| < 2 steps: the particle's mean and the ice, the least sensitive to aberrations
         qi = qi[half & (r <= top) & (r >= 2.0 * spacing * (1 - 1e-9))]
+        if max_frequencies is not None and len(qi) > max_frequencies:
+            # a fixed random subset: the cost is per frequency, and the information on the scan
+            # matrix sits in the high frequencies that a disc-shaped cap would drop
+            keep = np.sort(np.random.default_rng(0).choice(len(qi), size=int(max_frequencies), replace=False))
+            qi = qi[keep]
         if len(qi) < 4:
             raise ValueError(f"the scan gives only {len(qi)} usable object frequencies: too small a scan")
         self.q = qi * spacing  #: (Nq, 2) object frequencies, 1/m
@@ -212,10 +270,21 @@ class BrightFieldModel:
         def flat(a: np.ndarray, b: np.ndarray) -> Any:
             return asarray(((a % big) * big + (b % big)).astype(np.int64), xp)
 
+        self.qi = qi.astype(np.float64)  #: (Nq, 2) object frequencies in padded-grid steps
         self.at_k = flat(ny, nx)
         self.at_minus = flat(ny[None] - qi[:, :1], nx[None] - qi[:, 1:])  # Ψ(k − q)
         self.at_plus = flat(ny[None] + qi[:, :1], nx[None] + qi[:, 1:])  # Ψ(k + q)
         self.basis = aberration_basis(tuple(probe.shape), pixel_size, energy_ev, self.names, xp).astype(rdt)
+        # the probe's centre (its intensity centroid, window pixels): the Taylor expansion of
+        # Ψ off the padded grid (scan matrix, :meth:`projected`) is centred there, so its phase
+        # ramp is small
+        inten = to_numpy(probe.real**2 + probe.imag**2).astype(np.float64)
+        grid_y, grid_x = np.indices(inten.shape)
+        self.centre = np.array([(inten * grid_y).sum(), (inten * grid_x).sum()]) / max(inten.sum(), 1e-300)
+        rho_y, rho_x = (2.0 * np.pi * (g - c) / big for g, c in zip((grid_y, grid_x), self.centre))
+        #: ρ_y, ρ_x, ρ_y², ρ_yρ_x, ρ_x²: the weights whose FFTs are Ψ's derivatives along the
+        #: padded grid (first and second order)
+        self.moments = asarray(np.stack([rho_y, rho_x, rho_y**2, rho_y * rho_x, rho_x**2]), xp, rdt)
         self.evaluations = 0
         # per-frequency weights: the share of signal in each shell of |q| (a Wiener weight,
         # s/(1 + s) with s the shell's projected energy above the noise's 2σ² per frequency),
@@ -231,9 +300,15 @@ class BrightFieldModel:
                 snr = max(float(nominal[sel].mean()) / (2.0 * self.sigma2) - 1.0, 0.0)
                 self.q_weight[sel] = snr / (1.0 + snr)
 
-    def projected(self, coefficients: np.ndarray) -> np.ndarray:
+    def projected(self, coefficients: np.ndarray, scan: np.ndarray | None = None) -> np.ndarray:
         """Energy of each frequency's data in the span of its two model columns, for the probe
-        with the extra aberrations ``coefficients`` (metres), (Nq,) host floats."""
+        with the extra aberrations ``coefficients`` (metres), (Nq,) host floats.
+
+        ``scan``: the scan matrix's error E = A − I (2×2, acting on (y, x) offsets: the probe
+        was at r + E r for the nominal r). The nominal Fourier sum at q' then sees the object
+        at q = A⁻ᵀ q', through the columns Ψ*(k)Ψ(k − q), Ψ(k)Ψ*(k + q): Ψ off the padded grid,
+        by a second-order Taylor expansion about the nominal gather points (shifts of a few
+        per cent of q', a fraction of a padded step)."""
         xp = self.xp
         self.evaluations += 1
         chi = xp.tensordot(asarray(np.asarray(coefficients, dtype=np.float64), xp, self.basis.dtype),
@@ -244,8 +319,19 @@ class BrightFieldModel:
         padded[:self.m, :self.m] = psi  # zero-padded: its FFT interpolates Ψ between the k
         spec = fft2(padded).ravel()
         at_k = spec[self.at_k]
-        g1 = xp.conj(at_k)[None] * spec[self.at_minus] * self.weight[None]  # Ψ*(k) Ψ(k − q)
-        g2 = at_k[None] * xp.conj(spec[self.at_plus]) * self.weight[None]  # Ψ(k) Ψ*(k + q)
+        if scan is None or not np.any(scan):
+            minus, plus = spec[self.at_minus], spec[self.at_plus]
+        else:
+            a_inv = np.linalg.inv(np.eye(2) + np.asarray(scan, dtype=np.float64).reshape(2, 2))
+            shift = self.qi @ (a_inv - np.eye(2))  # rows: A⁻ᵀq' − q' in padded steps
+            derivs = []
+            for w in self.moments:
+                padded[:self.m, :self.m] = psi * w
+                derivs.append(fft2(padded).ravel())
+            minus = self._off_grid(spec, derivs, self.at_minus, -shift)
+            plus = self._off_grid(spec, derivs, self.at_plus, shift)
+        g1 = xp.conj(at_k)[None] * minus * self.weight[None]  # Ψ*(k) Ψ(k − q)
+        g2 = at_k[None] * xp.conj(plus) * self.weight[None]  # Ψ(k) Ψ*(k + q)
         d = self.data
         h11 = (g1.real**2 + g1.imag**2).sum(axis=1)
         h22 = (g2.real**2 + g2.imag**2).sum(axis=1)
@@ -259,15 +345,27 @@ class BrightFieldModel:
                 - 2.0 * (xp.conj(b1) * h12 * b2).real) / xp.maximum(det, tiny)
         return to_numpy(quad).astype(np.float64)
 
-    def log_likelihood(self, coefficients: np.ndarray) -> float:
+    def _off_grid(self, spec: Any, derivs: list[Any], at: Any, shift: np.ndarray) -> Any:
+        """Ψ at the gather points ``at`` (Nq, Nk) moved by ``shift`` (Nq, 2) padded steps."""
+        xp = self.xp
+        big = self.oversample * self.m
+        dy = asarray(shift[:, :1], xp, self.basis.dtype)
+        dx = asarray(shift[:, 1:], xp, self.basis.dtype)
+        # the centred expansion's phase: Ψ(u + δ) = e^{−2πi δ·c/big} Σ ψ(r) e^{−2πi u·r/big} e^{−iδ·ρ}
+        ramp = asarray(np.exp(-2j * np.pi * (shift @ self.centre) / big)[:, None], xp, self.cdt)
+        sy, sx, syy, syx, sxx = (d[at] for d in derivs)
+        return ramp * (spec[at] - 1j * (dy * sy + dx * sx)
+                       - 0.5 * (dy * dy * syy + 2.0 * dy * dx * syx + dx * dx * sxx))
+
+    def log_likelihood(self, coefficients: np.ndarray, scan: np.ndarray | None = None) -> float:
         """Σ_q w_q · projected energy / σ²: the log-likelihood of the transfer model (object
         frequencies free, Gaussian noise of the residual's level σ²), each frequency weighted by
-        its shell's signal share."""
-        return float((self.q_weight * self.projected(coefficients)).sum()) / self.sigma2
+        its shell's signal share. ``scan``: the scan matrix's error (:meth:`projected`)."""
+        return float((self.q_weight * self.projected(coefficients, scan)).sum()) / self.sigma2
 
-    def explained(self, coefficients: np.ndarray) -> float:
+    def explained(self, coefficients: np.ndarray, scan: np.ndarray | None = None) -> float:
         """Share of the whitened data energy that the probe explains (unweighted)."""
-        return float(self.projected(coefficients).sum()) / max(self.energy, 1e-300)
+        return float(self.projected(coefficients, scan).sum()) / max(self.energy, 1e-300)
 
 
 def _grid_best(f: Any, centre: np.ndarray, axes: list[int], span: float, n: int) -> np.ndarray:
@@ -327,7 +425,8 @@ def estimate_aberrations(
     mask: Any | None = None, names: tuple[str, ...] | list[str] = ("C10", "C12a", "C12b"),
     search_range_m: float = 60e-9, prior_rms_m: float | None = 20e-9,
     max_frequency: float | None = None, fft_order: bool = False, cancel: threading.Event | None = None,
-    start: dict[str, float] | None = None,
+    start: dict[str, float] | None = None, scan: bool = False, scan_prior_rms: float = 0.03,
+    nyquist_fraction: float = 0.9, max_frequencies: int | None = None,
 ) -> ParallaxFit:
     """The aberrations of the true probe relative to ``probe`` (the nominal one), from the
     bright-field disc of every pattern (module docstring).
@@ -345,14 +444,23 @@ def estimate_aberrations(
     ``cancel``: once set, the fit raises :class:`FitCancelled` at its next trial probe (the live
     engine drops a fit whose result it will not use, so that it stops taking CPU time).
     ``start``: an earlier estimate (metres by name, e.g. from part of the scan): the fit skips
-    the grids and polishes all of ``names`` from there (about half the evaluations)."""
+    the grids and polishes all of ``names`` from there (about half the evaluations).
+    ``scan``: also fit the scan matrix's error E = A − I (four entries, a Gaussian prior of rms
+    ``scan_prior_rms`` each): a last stage polishes the aberrations and E together, and the
+    standard errors and significances come from the joint curvature (see
+    :attr:`ParallaxFit.scan_matrix`). ``nyquist_fraction``: the highest object frequency used,
+    as a fraction of the scan step's Nyquist frequency (on a raster the Fourier sum aliases
+    beyond 1; a spiral or random scan does not alias exactly, and there frequencies up to
+    about twice it carry most of what the fit learns about the scan matrix);
+    ``max_frequencies``: at most this many of them, a fixed random subset."""
     names = tuple(names)
     if not names:
         raise ValueError("the parallax fit needs at least one aberration coefficient")
     if prior_rms_m is not None and not prior_rms_m > 0:
         raise ValueError(f"prior_rms_m must be positive metres or None, got {prior_rms_m!r}")
     model = BrightFieldModel(frames, positions_m, probe, pixel_size, energy_ev, mask, names, max_frequency,
-                             fft_order=fft_order)
+                             fft_order=fft_order, nyquist_fraction=nyquist_fraction,
+                             max_frequencies=max_frequencies)
     n = len(names)
     unit = 1e-9  # search in nanometres
     x0 = np.zeros(n)
@@ -378,20 +486,52 @@ def estimate_aberrations(
         for extra in rest[2:]:
             trial = _grid_best(score, trial, [extra], span / 2, 17)
         best = _polish(score, trial, list(range(n)), span / 24)
-    hessian = _hessian(score, best, 2.0)
+    if scan:
+        if not scan_prior_rms > 0:
+            raise ValueError(f"scan_prior_rms must be a positive fraction, got {scan_prior_rms!r}")
+        # joint parameters: the aberrations (nm) and the four entries of A − I (per cent)
+        pct = 0.01
+        inv_var_scan = (pct / scan_prior_rms) ** 2
+
+        def joint(x: np.ndarray) -> float:
+            if cancel is not None and cancel.is_set():
+                raise FitCancelled("the parallax fit was cancelled")
+            e = (x[n:] * pct).reshape(2, 2)
+            return (model.log_likelihood(x[:n] * unit, e) - base - 0.5 * inv_var * float(np.sum(x[:n] ** 2))
+                    - 0.5 * inv_var_scan * float(np.sum(x[n:] ** 2)))
+
+        x = _polish(joint, np.concatenate([best, np.zeros(4)]), list(range(n + 4)), span / 24)
+        hessian = _hessian(joint, x, 2.0)
+        best = x[:n]
+    else:
+        hessian = _hessian(score, best, 2.0)
+        x = best
+    scan_fields: dict[str, Any] = {}
     try:
         cov = np.linalg.inv(-hessian)
-        se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-        significance = float(best @ (-hessian) @ best)
+        se_all = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+        se = se_all[:n]
+        # each block's distance from nominal under its marginal posterior (the other block free)
+        significance = float(best @ np.linalg.inv(cov[:n, :n]) @ best)
+        if scan:
+            e = x[n:]
+            scan_fields = {"scan_significance": float(e @ np.linalg.inv(cov[n:, n:]) @ e),
+                           "scan_standard_error": tuple(float(v * pct) for v in se_all[n:])}
     except np.linalg.LinAlgError:
         se, significance = np.full(n, np.inf), 0.0
+        if scan:
+            scan_fields = {"scan_significance": 0.0, "scan_standard_error": (math.inf,) * 4}
+    fitted_scan = None
+    if scan:
+        scan_fields["scan_matrix"] = tuple(float(v * pct) for v in x[n:])
+        fitted_scan = (x[n:] * pct).reshape(2, 2)
     return ParallaxFit(
         coefficients={name: float(best[i] * unit) for i, name in enumerate(names)},
-        explained_nominal=model.explained(x0), explained=model.explained(best * unit),
+        explained_nominal=model.explained(x0), explained=model.explained(best * unit, fitted_scan),
         frequencies=len(model.q), pixels=model.n_pixels, evaluations=model.evaluations,
-        log_likelihood_gain=model.log_likelihood(best * unit) - base,
+        log_likelihood_gain=model.log_likelihood(best * unit, fitted_scan) - base,
         standard_error={name: float(se[i] * unit) for i, name in enumerate(names)},
-        significance=significance,
+        significance=significance, **scan_fields,
     )
 
 

@@ -104,6 +104,9 @@ class Problem:
     nominal_probe: Any | None = None
     #: the fit's record (``ParallaxFit.record``), for the result file; empty when none ran
     probe_estimate: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: the dataset's positions when the parallax fit's scan matrix moved them (``positions``
+    #: are then the corrected ones); None otherwise
+    nominal_positions: np.ndarray | None = None
 
 
 def _as_options(options: ReconOptions | dict[str, Any] | None) -> ReconOptions:
@@ -165,34 +168,59 @@ def _parallax_corrected(probe: Any, data: PtychoData, opts: ReconOptions,
     """The nominal probe corrected by the parallax fit (gpu/parallax.py) when ``opts.parallax``
     asks for it ("auto": a probe from the dataset's probe model, one mode), and the fit's record
     for the result file (``ParallaxFit.record``; empty when no fit ran)."""
+    probe, record, _ = _parallax_applied(probe, data, opts, positions)
+    return probe, record
+
+
+def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
+                      positions: np.ndarray) -> tuple[Any, dict[str, float], np.ndarray]:
+    """:func:`_parallax_corrected`, and the positions to reconstruct at: ``positions`` through
+    the fitted scan matrix when ``opts.parallax_scan`` and the data reject the nominal scan."""
     auto = opts.parallax == "auto"
     use = (data.probe is None and data.probe_model is not None and probe.ndim == 2) if auto else opts.parallax
     if not use:
-        return probe, {}
+        if opts.parallax_scan:
+            log.warning("parallax_scan: the parallax fit does not run (parallax=%s, %s), so the scan "
+                        "matrix is not fitted: the nominal positions are used", opts.parallax,
+                        "a measured /probe" if data.probe is not None else "no single-mode probe model")
+        return probe, {}, positions
     if probe.ndim != 2:
         raise ValueError("parallax needs a single coherent probe: give an (M, M) probe or set parallax=false")
     try:
         fit = estimate_aberrations(data.frames, positions, probe, data.real_pixel_size, data.energy,
                                    mask=data.mask, names=tuple(opts.parallax_aberrations),
-                                   search_range_m=opts.parallax_range_m)
+                                   search_range_m=opts.parallax_range_m, scan=opts.parallax_scan,
+                                   scan_prior_rms=opts.parallax_scan_prior,
+                                   nyquist_fraction=opts.parallax_reach)
     except ValueError as exc:
         if not auto:
             raise ValueError(f"parallax: {exc}") from exc
         # "auto" on a scan the fit cannot use (too few positions or frequencies): nominal probe
         log.warning("parallax fit skipped, the nominal probe is used: %s", exc)
-        return probe, {}
+        return probe, {}, positions
     log.info("parallax fit: %s nm (log-likelihood gain %.1f, %d frequencies × %d pixels)",
              {k: round(v * 1e9, 1) for k, v in fit.coefficients.items()}, fit.log_likelihood_gain,
              fit.frequencies, fit.pixels)
     confidence = opts.parallax_confidence if auto else None
     frames = len(positions)
+    # the scan matrix has its own gate (always a test: even an explicit parallax=true applies
+    # it only when the data reject the nominal scan at parallax_confidence)
+    scan_applies = fit.scan_rejects_nominal(opts.parallax_confidence)
+    if fit.scan_matrix is not None:
+        log.info("parallax scan fit: A − I = %s %% ± %s %% (χ² %.1f, %s)",
+                 [round(v * 100, 2) for v in fit.scan_matrix],
+                 [round(v * 100, 2) for v in fit.scan_standard_error or ()], fit.scan_significance,
+                 "applied" if scan_applies else "not significant: the nominal positions are kept")
+    scan_record = fit.scan_record(scan_applies, opts.parallax_confidence)
+    used = fit.scan_positions(positions) if scan_applies else positions
     if not any(fit.coefficients.values()):
-        return probe, fit.record(False, frames, confidence)
+        return probe, {**fit.record(False, frames, confidence), **scan_record}, used
     if auto and not fit.rejects_nominal(opts.parallax_confidence):
         log.info("parallax fit not significant (χ² %.1f for %d coefficients): the nominal probe is kept",
                  fit.significance, len(fit.coefficients))
-        return probe, fit.record(False, frames, confidence)
-    return aberrate(probe, data.real_pixel_size, data.energy, fit.coefficients), fit.record(True, frames, confidence)
+        return probe, {**fit.record(False, frames, confidence), **scan_record}, used
+    return (aberrate(probe, data.real_pixel_size, data.energy, fit.coefficients),
+            {**fit.record(True, frames, confidence), **scan_record}, used)
 
 
 def with_source(probe: Any, opts: ReconOptions, pixel_size: float) -> Any:
@@ -255,6 +283,12 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
             raise ValueError("mask marks every detector pixel invalid")
         mask = xp.asarray(mask_host)
     positions = np.asarray(data.positions, dtype=np.float64)
+    # the probe first: the parallax fit may also move the positions (its scan matrix)
+    probe = _initial_probe(data, opts, xp, counts_fft)
+    nominal = probe
+    probe, estimate, fitted_positions = _parallax_applied(probe, data, opts, positions)
+    nominal_positions = positions if fitted_positions is not positions else None
+    positions = fitted_positions
     margin = 2
     if opts.refine_positions or opts.scan_search:
         # refined positions may leave the nominal scan's canvas: room for a few per cent
@@ -262,9 +296,6 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
         margin = position_margin_px(span)
     geometry = fit_geometry(positions, data.real_pixel_size, m, margin_px=margin)
     batch = make_batch(geometry.to_pixels(positions), geometry.object_shape, m, xp=xp)
-    probe = _initial_probe(data, opts, xp, counts_fft)
-    nominal = probe
-    probe, estimate = _parallax_corrected(probe, data, opts, positions)
     probe = with_source(probe, opts, data.real_pixel_size)
     if opts.probe_modes > 1 or probe.ndim == 3:
         probe = initial_modes(probe, opts.probe_modes)
@@ -291,7 +322,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
         xp=xp, options=opts, counts_fft=counts_fft, mask=mask, batch=batch, geometry=geometry,
         probe=probe, object=obj, positions=positions, probe_power=power,
         kappa=problem_kappa(counts_fft, mask, probe, batch), energy=float(data.energy),
-        nominal_probe=nominal_probe, probe_estimate=estimate,
+        nominal_probe=nominal_probe, probe_estimate=estimate, nominal_positions=nominal_positions,
     )
 
 
@@ -742,9 +773,9 @@ def full_batch_reconstruct(
             "refine_positions, scan_search, refine_aberrations or aberration_search: use probe_modes=1")
     if opts.aberration_search:
         problem = _search_aberrations(problem, opts)
-    nominal = None
+    nominal = problem.nominal_positions
     if opts.scan_search:
-        nominal = problem.positions
+        nominal = problem.positions if nominal is None else nominal
         problem, _ = _search_scan(problem, opts)
     positions = problem.positions
     if opts.refine_positions or opts.refine_aberrations:

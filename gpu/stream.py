@@ -136,7 +136,8 @@ class StreamingReconstructor:
         self.options = options
         # the scan-wide searches run on every frame before an offline reconstruction; the live
         # engine has no such point, so a scan that asks for them is told they are skipped
-        offline_only = [name for name in ("aberration_search", "scan_search") if getattr(options, name)]
+        offline_only = [name for name in ("aberration_search", "scan_search", "parallax_scan")
+                        if getattr(options, name)]
         if offline_only:
             log.warning("%s: offline only, not run by the live engine (reconstruct the saved scan "
                         "with `cryoptycho reconstruct` for it)", ", ".join(offline_only))

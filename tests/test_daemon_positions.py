@@ -36,22 +36,22 @@ def test_scan_with_refine_positions_saves_refined_and_nominal_positions(tmp_path
 
 
 def test_scan_asking_for_the_offline_only_searches_is_told_the_live_engine_skips_them(tmp_path) -> None:
-    """``scan_search`` and ``aberration_search`` run before an offline reconstruction only: a
-    live scan that asks for them gets one warning naming both (in its worker's thread), and
+    """``scan_search``, ``aberration_search`` and ``parallax_scan`` run before an offline
+    reconstruction only: a live scan that asks for them gets one warning naming them (in its worker's thread), and
     still finishes with its result."""
     scan = synthetic_scan(n_side=8)
     daemon = start_daemon(tmp_path, "--set", "options.iterations=3")
     try:
         sub = Subscriber(daemon.publish, latest_only=False)
         wait_subscribed(daemon, sub)
-        options = {"scan_search": True, "aberration_search": True, "aberrations": ["C10"]}
+        options = {"scan_search": True, "aberration_search": True, "aberrations": ["C10"], "parallax_scan": True}
         result = stream_for_result(daemon, sub, scan.start_fields("search", options=options), scan.frames)
         sub.close()
         assert result.files["result"]
         records = [json.loads(ln) for ln in list(daemon.log_lines) if ln.startswith("{")]
         warned = [r for r in records if r["level"] == "WARNING" and "offline only" in r["msg"]]
         assert len(warned) == 1, daemon.log()
-        assert "aberration_search" in warned[0]["msg"] and "scan_search" in warned[0]["msg"]
+        assert all(name in warned[0]["msg"] for name in ("aberration_search", "scan_search", "parallax_scan"))
         assert warned[0]["thread"] == "worker-search"
     finally:
         daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)

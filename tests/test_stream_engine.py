@@ -294,7 +294,7 @@ def test_negative_or_nan_counts_are_refused(xp, scan):
         engine.step()
 
 
-@pytest.mark.parametrize("option", ["scan_search", "aberration_search"])
+@pytest.mark.parametrize("option", ["scan_search", "aberration_search", "parallax_scan"])
 def test_the_live_engine_warns_that_it_skips_an_offline_only_search(option, caplog) -> None:
     def build(opts: ReconOptions) -> None:
         StreamingReconstructor(frame_shape=(16, 16), frame_dtype=np.float32, pixel_size=1e-10,
