@@ -591,7 +591,11 @@ class ScanManager:
             if now - session.last_activity <= limit:
                 continue
             ledger = session.ledger
-            if session.recovered or session.spec.expected_frames is None or ledger.received >= ledger.expected:
+            # frames read but not yet written by the spool thread (behind on a busy host) are
+            # kept all the same: counting only those on disk would call a whole scan partial,
+            # and name fewer frames than its receipt and spool hold once the writes are done
+            held = ledger.admitted
+            if session.recovered or session.spec.expected_frames is None or held >= ledger.expected:
                 log.warning("no frames for %.0f s: ending scan with what it has", limit,
                             extra={"scan_id": session.scan_id})
                 self.end_scan(session, reason="acquisition_timeout")
@@ -599,7 +603,7 @@ class ScanManager:
             # the sender went silent mid-scan (killed, crashed, cable): a partial reconstruction
             # labelled "finished" would hide the loss, so the scan stops with its frames kept in
             # the spool, and `finish_scan` reconstructs them if the operator wants that
-            reason = (f"acquisition_timeout: no frame for {limit:.0f} s after {ledger.received} of "
+            reason = (f"acquisition_timeout: no frame for {limit:.0f} s after {held} of "
                       f"{ledger.expected} frames (the sender stopped without scan_end); the frames are "
                       "kept in the spool: control `finish_scan` reconstructs them")
             log.warning(reason, extra={"scan_id": session.scan_id})

@@ -475,15 +475,113 @@ def test_worker_threads_start_off_the_manager_thread(tmp_path, monkeypatch):
 def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatch):
     """A receipt asked while the spool thread is busy is answered later; if its scan stops in
     between (here a cancel; in CI it was the acquisition timeout of a killed sender), the answer
-    said state "aborted" with end_reason None, taken before the stop. The spool thread is held
-    by a gate so that the order is certain."""
+    said state "aborted" with end_reason None, taken before the stop, and no missing frames. It
+    was also sent before the stop's own spool operations: a sender reading the spool on
+    "aborted" found it still open. The spool thread is held by gates so that the order is
+    certain."""
+    import threading
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, spool_path
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.messages import decode
+    from cryoptycho.protocols.producer import Producer
+
+    gate, entered = threading.Event(), threading.Event()
+    gate.set()
+    closing, closing_entered = threading.Event(), threading.Event()
+    append_many, set_status, run_disk_done = SpoolWriter.append_many, SpoolWriter.set_status, ScanManager.run_disk_done
+    turns = [0]
+
+    def gated(self, *args, **kwargs):
+        if not gate.is_set():
+            entered.set()
+            assert gate.wait(120), "the test never opened the gate"
+        return append_many(self, *args, **kwargs)
+
+    def gated_status(self, status, *args, **kwargs):
+        if status == "aborted":
+            closing_entered.set()
+            assert closing.wait(120), "the test never let the spool close"
+        return set_status(self, status, *args, **kwargs)
+
+    def counted(self):
+        run_disk_done(self)
+        turns[0] += 1
+
+    monkeypatch.setattr(SpoolWriter, "append_many", gated)
+    monkeypatch.setattr(SpoolWriter, "set_status", gated_status)
+    monkeypatch.setattr(ScanManager, "run_disk_done", counted)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(svc.endpoints["control"])
+    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
+             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
+    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+
+    def pending() -> int:
+        return sum(len(q) for q in list(svc._replies.values()))
+
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
+            producer.start_scan(scan_id="held", **start)
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 2
+            gate.clear()
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            assert entered.wait(60), "the spool thread never took the frames"
+            sock.send_multipart([b"", *_raw(encode(Request("receipt", {"scan_id": "held"})))])
+            wait_for(lambda: pending() == 1, 60, "the manager to read it")
+            ctl.cancel("held")
+            wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("held") == "aborted",
+                     60, "the cancelled scan to stop")
+            assert not sock.poll(0), "the receipt was answered before the spool thread was done"
+            gate.set()
+            # the spool thread has counted the frames and now closes the spool (held there):
+            # once the manager has run everything it handed back before that, two turns on
+            assert closing_entered.wait(60), "the spool thread never closed the aborted spool"
+            seen = turns[0]
+            wait_for(lambda: turns[0] >= seen + 2, 60, "the manager to run what the spool thread handed back")
+            assert pending() == 1 and not sock.poll(0), "the receipt said aborted before its spool was closed"
+            closing.set()
+            assert sock.poll(60_000), "no reply"
+            reply = decode(sock.recv_multipart()[1:])
+            assert reply.success, reply.msg
+            info = reply.result
+            assert info["state"] == "aborted", info
+            assert info["end_reason"] is not None and "cancel" in info["end_reason"], info
+            assert info["frames"]["received"] == 4, info
+            assert info["missing"] == [4, 5, 6, 7] and info["frames"]["gaps"] == 4, info
+            # answered after the spool was closed: it reads back as the receipt says
+            spool = read_spool(spool_path(cfg.spool_dir, "held"), frames=False)
+            assert spool.status == "aborted" and len(spool.indices) == 4
+    finally:
+        gate.set()
+        closing.set()
+        sock.close()
+        ctx.term()
+        ctl.close()
+        bg.stop()
+
+
+def test_an_acquisition_timeout_counts_the_frames_the_spool_thread_has_yet_to_write(tmp_path, monkeypatch):
+    """A sender that goes silent mid-scan is timed out with "after N of M frames": N counted
+    only the frames already on disk, so with the spool thread behind (a busy host) the reason
+    named fewer frames than the receipt and the spool held once it caught up (and a scan sent
+    whole but without scan_end was aborted as partial). The spool thread is held by a gate."""
     import threading
 
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
-    from cryoptycho.daemon.storage.spool import SpoolWriter
+    from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, spool_path
     from cryoptycho.protocols.control import ControlClient
-    from cryoptycho.protocols.messages import decode
     from cryoptycho.protocols.producer import Producer
 
     gate, entered = threading.Event(), threading.Event()
@@ -498,41 +596,34 @@ def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatc
 
     monkeypatch.setattr(SpoolWriter, "append_many", gated)
     cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0)
     bg = BackgroundService(cfg)
     svc = bg.service
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(svc.endpoints["control"])
     start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
              "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
     ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+
+    def summary(scan_id: str) -> dict:
+        return next(s for s in ctl.list_scans() if s["scan_id"] == scan_id)
+
     try:
         with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
-            producer.start_scan(scan_id="held", **start)
-            producer.send_frames(np.ones((2, 16, 16), np.uint16))
-            assert producer.flush().acknowledged == 2
+            producer.start_scan(scan_id="silent", **start)
             gate.clear()
-            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            producer.send_frames(np.ones((4, 16, 16), np.uint16))
             assert entered.wait(60), "the spool thread never took the frames"
-            sock.send_multipart([b"", *_raw(encode(Request("receipt", {"scan_id": "held"})))])
-            wait_for(lambda: sum(len(q) for q in svc._replies.values()) == 1, 60, "the manager to read it")
-            ctl.cancel("held")
-            wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("held") == "aborted",
-                     60, "the cancelled scan to stop")
-            assert not sock.poll(0), "the receipt was answered before the spool thread was done"
+            # the sender is gone; the timeout (long until the frames were read) runs out now
+            svc.config.acquisition_timeout_s = 0.01
+            reason = wait_for(lambda: summary("silent")["end_reason"], 60, "the acquisition timeout")
+            assert "acquisition_timeout" in reason and "after 4 of 8 frames" in reason, reason
             gate.set()
-            assert sock.poll(60_000), "no reply"
-            reply = decode(sock.recv_multipart()[1:])
-            assert reply.success, reply.msg
-            info = reply.result
-            assert info["state"] == "aborted", info
-            assert info["end_reason"] is not None and "cancel" in info["end_reason"], info
-            assert info["frames"]["received"] == 4, info
+            info = wait_for(lambda: (r := ctl.receipt("silent"))["state"] == "aborted" and r, 60, "the abort")
+            assert info["frames"]["received"] == 4 and info["end_reason"] == reason, info
+            spool = read_spool(spool_path(cfg.spool_dir, "silent"), frames=False)
+            assert spool.status == "aborted" and len(spool.indices) == 4
+            producer.scan = None  # it never ends: the daemon already said why
     finally:
         gate.set()
-        sock.close()
-        ctx.term()
         ctl.close()
         bg.stop()
