@@ -96,7 +96,7 @@ def test_daemon_with_curve_admits_only_its_clients(tmp_path: Path) -> None:
                                       curve=ClientCurve.from_keys_dir(broker_keys, "broker")),
                         [parse_backend(f"{daemon.ingest},control={daemon.control}")]).start()
         try:
-            wait_for(lambda: broker.status()["backends"][0]["last_status_age_s"] is not None, 30,
+            wait_for(lambda: broker.status()["backends"][0]["last_status_age_s"] is not None, 120,
                      "the daemon's status over CURVE", daemon)
             again = synthetic_scan(n_side=6, seed=1)
             # the broker's own ingest is plain (a relay: no delivery receipt); the frames count below

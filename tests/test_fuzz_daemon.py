@@ -219,14 +219,14 @@ def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch, wher
                 ev = sub.recv(timeout_s=0.3)
                 return isinstance(ev, ErrorEvent)
 
-            wait_for(joined, 30, "the subscription")
+            wait_for(joined, 120, "the subscription")
             p.start_scan(scan_id="hot", energy_eV=300e3, frame_shape=(16, 16), frame_dtype="uint16",
                          expected_frames=4, pixel_size_m=1e-10, probe=np.ones((16, 16), np.complex64),
                          positions_m=np.zeros((4, 2)))
             p.send_frames(np.ones((4, 16, 16), np.uint16))
             events = []
             wait_for(lambda: events.append(sub.recv(timeout_s=0.2)) or any(
-                isinstance(e, ScanEvent) and e.event == "failed" for e in events), 30, "the scan to fail")
+                isinstance(e, ScanEvent) and e.event == "failed" for e in events), 120, "the scan to fail")
         errors = [e for e in events if isinstance(e, ErrorEvent) and e.rule == "internal_error"]
         assert errors and errors[0].scan_id == "hot" and "disk on fire" in errors[0].message
         assert errors[0].field == ("message" if where == "ingest" else "spool")
@@ -235,7 +235,7 @@ def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch, wher
         assert {s["scan_id"]: s["state"] for s in ctl.list_scans()} == {"hot": "failed"}
         # a post the wire cannot carry is published as a named error, not a dead loop
         svc.outbox.post("scan.accepted", {"scan_id": "not a valid id"})
-        wait_for(lambda: isinstance(e := sub.recv(timeout_s=0.2), ErrorEvent) and e.field == "publish", 30,
+        wait_for(lambda: isinstance(e := sub.recv(timeout_s=0.2), ErrorEvent) and e.field == "publish", 120,
                  "the publish error")
         assert ctl.ping()["pong"] is True
         ctl.close()
@@ -623,6 +623,66 @@ def test_an_acquisition_timeout_counts_the_frames_the_spool_thread_has_yet_to_wr
             spool = read_spool(spool_path(cfg.spool_dir, "silent"), frames=False)
             assert spool.status == "aborted" and len(spool.indices) == 4
             producer.scan = None  # it never ends: the daemon already said why
+    finally:
+        gate.set()
+        ctl.close()
+        bg.stop()
+
+
+def test_frames_for_a_scan_whose_worker_is_still_stopping_are_refused_by_name(tmp_path, monkeypatch):
+    """A cancel closes the scan's spool at once, while its worker ends the scan at its next
+    turn: frames read in between (a sender that has not heard yet, a busy host) found no spool,
+    an internal error (KeyError) that failed the cancelled scan. The worker is held by a gate
+    so that the frames arrive in between."""
+    import threading
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.worker import ScanWorker
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+
+    gate, entered = threading.Event(), threading.Event()
+    abort = ScanWorker._abort
+
+    def gated(self, *args, **kwargs):
+        entered.set()
+        assert gate.wait(120), "the test never opened the gate"
+        return abort(self, *args, **kwargs)
+
+    monkeypatch.setattr(ScanWorker, "_abort", gated)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
+             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
+    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+    m = svc.metrics
+
+    def refused() -> float:
+        return m.frames_dropped.labels(reason="scan_closed")._value.get()
+
+    def internal() -> float:
+        return m.internal_errors.labels(where="ingest")._value.get()
+
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
+            producer.start_scan(scan_id="late", **start)
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 2
+            assert ctl.cancel("late", "operator stop")["state"] != "aborted"
+            assert entered.wait(60), "the worker never took the cancel"
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            wait_for(lambda: refused() + internal() > 0, 60, "the frames after the cancel to be handled")
+            assert (refused(), internal()) == (2, 0)
+            gate.set()
+            info = wait_for(lambda: (r := ctl.receipt("late"))["state"] in ("aborted", "failed") and r, 60,
+                            "the scan to stop")
+            assert info["state"] == "aborted" and "operator stop" in info["end_reason"], info
+            assert info["frames"]["received"] == 2, info
+            producer.scan = None  # the daemon already said why it stopped
     finally:
         gate.set()
         ctl.close()

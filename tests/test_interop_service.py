@@ -149,7 +149,7 @@ def test_a_2k_detector_needs_only_configuration(tmp_path):
             events.append(ev)
         kinds = [e.event for e in events if isinstance(e, ScanEvent) and e.scan_id == "wide"]
         assert "accepted" in kinds and "rejected" not in kinds, (kinds, daemon.log())
-        assert wait_for(lambda: metrics_of(daemon).get("cryoptycho_frames_received_total") == 2, 30,
+        assert wait_for(lambda: metrics_of(daemon).get("cryoptycho_frames_received_total") == 2, 120,
                         "both 2048² frames received", daemon)
         sub.close()
     finally:

@@ -66,7 +66,7 @@ def test_bslz4_frames_are_spooled_as_received_and_broken_ones_refused_by_name(tm
                     rules.add(ev.rule)
                 return rules == {"decompress", "decoded_size"}
 
-            wait_for(refused, 30, "both broken messages refused by name", daemon)
+            wait_for(refused, 120, "both broken messages refused by name", daemon)
             producer.send_frames(scan.frames[128:])
             receipt = producer.end_scan()
         assert receipt.acknowledged == len(scan.frames)

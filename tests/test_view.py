@@ -293,7 +293,7 @@ def test_the_daemon_publishes_a_per_frame_loss_that_does_not_grow_with_the_frame
     daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=2")
     points = []
     try:
-        with ControlClient(daemon.control, timeout_s=5) as ctl, \
+        with ControlClient(daemon.control, timeout_s=30) as ctl, \
                 Producer(daemon.ingest, control=daemon.control) as producer:
             def summary():
                 return next((s for s in ctl.list_scans() if s["scan_id"] == "loss"), None)
