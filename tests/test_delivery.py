@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -228,7 +229,16 @@ def test_no_acknowledgement_is_a_timeout_naming_the_frames(daemon, small):
     _, scan = small
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)  # takes the frames, and is not the daemon
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    # serve's layout puts the control socket at the ingest port + 2: held here (bound, never
+    # listening) so that no other process's socket answers there
+    hold = socket.socket()
+    while True:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        try:
+            hold.bind(("127.0.0.1", port + 2))
+            break
+        except (OSError, OverflowError):  # in use, or past the last port
+            pull.unbind(f"tcp://127.0.0.1:{port}")
     ingest = f"tcp://127.0.0.1:{port}"
     try:
         # nobody answers on the control endpoint: the scan does not even start
@@ -247,6 +257,7 @@ def test_no_acknowledgement_is_a_timeout_naming_the_frames(daemon, small):
         with pytest.raises(ValueError, match="control"):
             Producer("ipc:///tmp/cryoptycho-ingest")
     finally:
+        hold.close()
         pull.close(linger=0)
         ctx.term()
 
@@ -264,9 +275,11 @@ KILLED = textwrap.dedent("""
                  positions_m=d["positions"])
     p.send_frames(d["frames"][:100])
     print("held", p.flush().acknowledged, flush=True)
-    for i in range(100, len(d["frames"])):  # then slowly, until the test kills us mid-scan
+    # then slowly, never the last ten: mid-scan whenever the test kills us, however late
+    for i in range(100, len(d["frames"]) - 10):
         p.send_frames(d["frames"][i:i + 1])
         time.sleep(0.2)
+    time.sleep(600)  # a hung sender: silent until killed
 """)
 
 
