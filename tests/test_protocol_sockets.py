@@ -42,7 +42,7 @@ from cryoptycho.protocols.subscriber import Subscriber
 from cryoptycho.protocols.topics import encode_event
 from protocol_helpers import frames, scan_fields
 
-WAIT_MS = 5000  # generous waits for a loaded CI machine; never asserted on
+WAIT_MS = 30000  # generous waits for a loaded CI machine; never asserted on
 
 
 @pytest.fixture

@@ -153,13 +153,16 @@ def test_browser_gets_snapshot_then_live_updates(fake_daemon):
             assert late["scan_id"] == "late" and late["iteration"] == 11
             assert late["phase"]["png"].startswith("data:image/png;base64,")
             # PUB drops messages until the viewer's SUB has joined: publish until the hub saw one
-            for attempt in range(200):
+            deadline, attempt = time.monotonic() + 120, 0
+            while True:
                 pub.send_multipart(encode_event(Metrics("live", 10, 8, iteration=attempt, loss=1.0)),
                                    copy=False)
                 pub.send_multipart(encode_event(_preview("live", attempt)), copy=False)
                 state = client.get("/api/state?token=s3cret").json()
                 if any(m.get("scan_id") == "live" and m["kind"] == "preview" for m in state):
                     break
+                assert time.monotonic() < deadline, "the hub never received what was published"
+                attempt += 1
                 time.sleep(0.05)
             got = _receive_until(ws, lambda m: m["kind"] == "preview" and m["scan_id"] == "live")
             assert got["pixel_size_m"] == pytest.approx(2e-10)
