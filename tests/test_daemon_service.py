@@ -258,7 +258,7 @@ def test_kill_9_then_recover_from_spool(tmp_path, scan):
         producer.send_frames(scan.frames[:160])
         received = wait_for(
             lambda: ctl.status()["scans"].get("crash", {}).get("frames", {}).get("received", 0) >= 160,
-            30, "160 frames received", daemon)
+            120, "160 frames received", daemon)
         assert received
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait(10)
@@ -293,8 +293,9 @@ def test_sigterm_drains_and_keeps_open_scans_for_recovery(tmp_path, scan):
     with ControlClient(daemon.control, timeout_s=30) as ctl, Producer(daemon.ingest, control=daemon.control) as producer:
         producer.start_scan(**scan.start_fields("drain"))
         producer.send_frames(scan.frames[:100])
-        wait_for(lambda: ctl.status()["scans"].get("drain", {}).get("state") == "acquiring", 120,
-                 "the scan to acquire", daemon)
+        # acquiring, with every frame sent on disk: a drain stops reading ingest, and keeps what it read
+        wait_for(lambda: (s := ctl.status()["scans"].get("drain", {})).get("state") == "acquiring"
+                 and s["frames"]["received"] == 100, 120, "the scan to acquire its 100 frames", daemon)
         assert daemon.stop(signal.SIGTERM) == 0
         producer.scan = None
     assert "draining" in daemon.log()
