@@ -117,7 +117,7 @@ def _subscribed(daemon) -> Subscriber:
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.connect(daemon.ingest)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             push.send_multipart([b"\x00probe"])
             ev = sub.recv(timeout_s=0.2)
