@@ -418,6 +418,10 @@ class Harness:
         """Wait until every rejection the daemon counted arrived as an error event."""
         deadline = time.monotonic() + 30.0  # generous: it only bounds a failure, on a loaded host
         while True:
+            # the events first, then the counts: the daemon counts a rejection before it
+            # publishes its event, so every event drained here is in the counts read after it
+            # (read the other way round, a rejection made in between looked like an extra event)
+            self._drain(0.05)
             m = self.d.metrics()
             rejected = sum(v for k, v in m.items() if k.startswith("cryoptycho_messages_rejected_total"))
             internal = sum(v for k, v in m.items() if k.startswith("cryoptycho_internal_errors_total"))
@@ -425,7 +429,6 @@ class Harness:
                 self.fig.crash_notes.append(note)
                 self.fig.crashes = int(internal) + self._base[1]
                 raise FuzzFailure(f"the daemon met an unexpected exception on: {note}\n{self.d.log_tail()}")
-            self._drain(0.05)
             # errors that are not rejected messages: ingest faults, and DECTRIS series the bridge
             # dropped or header values it set aside (each published as an error event too)
             ingest_internal = m.get("cryoptycho_internal_errors_total{where=ingest}", 0) + sum(
@@ -436,8 +439,8 @@ class Harness:
                 self.fig.rejected = int(rejected) + self._base[0]
                 return
             if self.errors_seen > rejected + ingest_internal and time.monotonic() > deadline - 28.0:
-                # more events than rejections, still after 2 s (the metrics are read before the
-                # events are drained, so a fresh rejection can briefly look like this)
+                # more events than rejections, still after 2 s: events the daemon published
+                # without counting them
                 raise FuzzFailure(f"{self.errors_seen} error events for {rejected} rejections ({note}); "
                                   f"last events {self.recent_errors}\n{self.d.log_tail()}")
             if time.monotonic() > deadline:
