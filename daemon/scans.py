@@ -101,6 +101,8 @@ class ScanManager:
         self._disk_done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         #: scans being re-opened from their spool (control `finish_scan`) → who waits for it
         self._reopening: dict[str, list[Callable[[Session | None, Exception | None], None]]] = {}
+        #: stopped scans whose worker has yet to exit → what runs once it has (see :meth:`reap`)
+        self._after_exit: dict[str, list[Callable[[], None]]] = {}
         # Worker threads are started on this thread, not the manager's: Thread.start() waits
         # until the new thread runs, i.e. until the OS schedules it and it gets the interpreter
         # lock, which took 150-300 ms on a loaded host and held up ping for as long. Started
@@ -560,6 +562,8 @@ class ScanManager:
                 break
             self.running.pop(session.scan_id, None)
             self._settle(session)
+            for then in self._after_exit.pop(session.scan_id, []):
+                then()
             changed = True
         if changed:
             self.admit()
@@ -636,8 +640,16 @@ class ScanManager:
             if session.state is State.FINISHED:
                 raise ScanRefused("scan_id", "scan_finished", f"scan {session.scan_id!r} is already finished")
             if session.scan_id in self.running:
-                raise ScanRefused("scan_id", "scan_stopping",
-                                  f"scan {session.scan_id!r} is still stopping; ask again in a moment")
+                # its worker has stopped it and is exiting (a receipt may already say so): the
+                # scan is re-opened once the worker is gone, not refused for being too early
+                def later() -> None:
+                    try:
+                        self.finish_scan(session, done)
+                    except Exception as exc:  # noqa: BLE001 - answered as the request's failure
+                        done(None, exc)
+
+                self._after_exit.setdefault(session.scan_id, []).append(later)
+                return
             if self.stopping:
                 raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
         except ScanRefused as exc:

@@ -687,3 +687,65 @@ def test_frames_for_a_scan_whose_worker_is_still_stopping_are_refused_by_name(tm
         gate.set()
         ctl.close()
         bg.stop()
+
+
+def test_finish_scan_asked_as_soon_as_a_receipt_says_aborted_reopens_it(tmp_path, monkeypatch):
+    """A worker says "aborted" before it exits; a finish_scan that came in between (a sender
+    acting on the receipt at once, as the killed-sender test does) was refused as "still
+    stopping; ask again in a moment". It is now answered once the worker is gone. The worker
+    is held by a gate between its abort and its exit."""
+    import threading
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.worker import ScanWorker
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.messages import decode
+    from cryoptycho.protocols.producer import Producer
+
+    gate, aborted = threading.Event(), threading.Event()
+    abort = ScanWorker._abort
+
+    def then_held(self, *args, **kwargs):
+        abort(self, *args, **kwargs)
+        aborted.set()
+        assert gate.wait(120), "the test never opened the gate"
+
+    monkeypatch.setattr(ScanWorker, "_abort", then_held)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0, refine_time_budget_s=5)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(svc.endpoints["control"])
+    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
+             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
+    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
+            producer.start_scan(scan_id="early", **start)
+            producer.send_frames(np.ones((4, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 4
+            ctl.cancel("early")
+            assert aborted.wait(60), "the worker never aborted the scan"
+            assert ctl.receipt("early")["state"] == "aborted"
+            sock.send_multipart([b"", *_raw(encode(Request("finish_scan", {"scan_id": "early"})))])
+            wait_for(lambda: sum(len(q) for q in list(svc._replies.values())) == 1 or sock.poll(0), 60,
+                     "the manager to read it")
+            assert not sock.poll(0), f"answered while the worker was exiting: {decode(sock.recv_multipart()[1:])}"
+            gate.set()
+            assert sock.poll(60_000), "no reply"
+            reply = decode(sock.recv_multipart()[1:])
+            assert reply.success, reply.msg
+            assert reply.result["state"] in ("announced", "acquiring", "refining") and \
+                reply.result["frames"]["received"] == 4, reply.result
+            producer.scan = None
+    finally:
+        gate.set()
+        sock.close()
+        ctx.term()
+        ctl.close()
+        bg.stop()
