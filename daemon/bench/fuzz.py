@@ -154,10 +154,10 @@ class FuzzDaemon:
         self.ctx = zmq.Context()
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
-        self.push.setsockopt(zmq.SNDTIMEO, 10_000)
+        self.push.setsockopt(zmq.SNDTIMEO, 60_000)  # a bound on a failure: the daemon may pause ingest on a busy host
         self.push.connect(self.ready["ingest"])
         self.sub = Subscriber(self.ready["publish"], latest_only=False, rcvhwm=100_000)
-        self.control = ControlClient(self.ready["control"], timeout_s=10, retries=1)
+        self.control = ControlClient(self.ready["control"], timeout_s=30, retries=1)
         self.metrics_url = f"http://127.0.0.1:{self.ready['metrics_port']}/metrics"
 
     def _pump(self, stream: Any) -> None:
@@ -230,7 +230,7 @@ class EchoControl:
         port = self.proc.stdout.readline().strip()
         if not port:
             raise FuzzFailure(f"the echo process exited (rc {self.proc.wait(10)})")
-        self.client = ControlClient(f"tcp://127.0.0.1:{port}", timeout_s=10, retries=1)
+        self.client = ControlClient(f"tcp://127.0.0.1:{port}", timeout_s=30, retries=1)
 
     def ping_s(self) -> float:
         t0 = time.perf_counter()
