@@ -722,7 +722,7 @@ def test_serve_names_a_v1_detector_on_a_v2_url_once_and_takes_the_next_v2_series
     try:
         v1 = sim(1, 100)  # a header, 100 images and an end: 102 messages
         try:
-            wait_for(lambda: metrics_of(daemon).get(key) == 102, 60, "102 wrong-version messages counted", daemon)
+            wait_for(lambda: metrics_of(daemon).get(key) == 102, 120, "102 wrong-version messages counted", daemon)
             assert v1.wait(120) == 0, v1.stdout.read()
         finally:
             v1.kill()
