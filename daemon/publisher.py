@@ -40,6 +40,7 @@ class Outbox:
         self._rx.setblocking(False)
         self._tx.setblocking(False)
         self.replaced = 0  #: latest-only posts superseded before they were sent
+        self._closed = False
 
     @property
     def fd(self) -> int:
@@ -79,15 +80,22 @@ class Outbox:
         return [post for _, post in out]
 
     def wake(self) -> None:
-        """Wake the manager's poller (used by workers that exit)."""
-        try:
-            self._tx.send(b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the manager is already due to wake up
+        """Wake the manager's poller (used by workers that exit). After :meth:`close` there is
+        nobody to wake: a worker that outlived the shutdown's join exits later (a busy host), and
+        its wake found a closed socket (EBADF in the worker thread) or, worse, a reused fd."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._tx.send(b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the manager is already due to wake up
 
     def close(self) -> None:
-        self._rx.close()
-        self._tx.close()
+        with self._lock:
+            self._closed = True
+            self._rx.close()
+            self._tx.close()
 
 
 def preview_message(scan_id: str, state: ReconState, frames_used: int, coverage: Any) -> Preview:

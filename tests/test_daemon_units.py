@@ -162,6 +162,10 @@ def test_outbox_keeps_events_and_only_the_latest_preview():
     assert [t for t, _ in box.take()] == ["metrics", "scan.finished", "preview"]
     assert box.take() == []
     box.close()
+    # a worker that outlived the shutdown's join exits after the close: its wake is a no-op
+    # (it raised EBADF in the worker thread, or wrote into whatever reused the fd)
+    box.post("scan.aborted", {"scan_id": "late"})
+    box.wake()
 
 
 def test_systemd_notify_datagrams(tmp_path, monkeypatch):
