@@ -81,7 +81,10 @@ def build_table(service: Service) -> dict[str, Handler]:
         want = state
         if want is not None and want not in {s.value for s in State}:
             raise HandlerError(f"must be one of {', '.join(s.value for s in State)}", "params.state", "literal_error")
-        out = [s.summary() for s in service.scans.sessions.values() if want in (None, s.state.value)]
+        # filtered on the summary's own state: a worker may change the state between a check of
+        # it and the summary, which then listed an aborted scan as the announced one asked for
+        out = [summary for summary in (s.summary() for s in list(service.scans.sessions.values()))
+               if want in (None, summary["state"])]
         return {"scans": out}
 
     def snapshot(scan_id: str) -> dict[str, Any]:

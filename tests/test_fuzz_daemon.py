@@ -757,3 +757,42 @@ def test_finish_scan_asked_as_soon_as_a_receipt_says_aborted_reopens_it(tmp_path
         ctx.term()
         ctl.close()
         bg.stop()
+
+
+def test_list_scans_by_state_filters_on_the_state_it_lists(tmp_path, monkeypatch):
+    """`list_scans(state=…)` checked each scan's state, then read its summary: a worker that
+    changed the state in between (here: the summary itself is where the scan stops) had the
+    reply list a scan in another state than the one asked for."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.session import Session, State
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+
+    summary = Session.summary
+
+    def stops_first(self):
+        if self.scan_id == "moving" and not self.state.final:
+            self.transition(State.ABORTED, error="stopped between the check and the summary")
+        return summary(self)
+
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
+             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
+    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
+            producer.start_scan(scan_id="moving", **start)  # no frame: it stays announced
+            wait_for(lambda: "moving" in svc.scans.sessions, 60, "the scan to register")
+            monkeypatch.setattr(Session, "summary", stops_first)
+            listed = ctl.list_scans(state="announced")
+            assert all(s["state"] == "announced" for s in listed), listed
+            assert [s["state"] for s in ctl.list_scans(state="aborted")] == ["aborted"]
+            producer.scan = None
+    finally:
+        ctl.close()
+        bg.stop()
