@@ -491,8 +491,14 @@ class Harness:
             self.d.push.send_multipart(probe)
             ev = self._recv(0.3)
             if isinstance(ev, ErrorEvent):
-                while self.d.sub.recv(timeout_s=0.5) is not None:
-                    pass  # the other probes' events: gone once nothing arrives for 0.5 s
+                # one last probe, then its event: the probes before it were read (one connection
+                # keeps the order) and their events published before it, so once it arrives no
+                # probe's event is still on its way (0.5 s without one was no proof on a busy host:
+                # a late one then counted as an event without a rejection)
+                last = [msgpack.packb({"protocol": "cryoptycho", "version": 1, "type": "last-probe"})]
+                self.d.push.send_multipart(last)
+                self._await_event(lambda e: isinstance(e, ErrorEvent) and "'last-probe'" in e.message,
+                                  "the last subscription probe's error event")
                 sent = sum(v for k, v in self.d.metrics().items() if k.startswith("cryoptycho_messages_rejected_total"))
                 self.errors_seen = int(sent)  # every probe counts as seen; the accounting starts here
                 self._account("the subscription probe")
