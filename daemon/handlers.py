@@ -81,7 +81,10 @@ def build_table(service: Service) -> dict[str, Handler]:
         want = state
         if want is not None and want not in {s.value for s in State}:
             raise HandlerError(f"must be one of {', '.join(s.value for s in State)}", "params.state", "literal_error")
-        out = [s.summary() for s in service.scans.sessions.values() if want in (None, s.state.value)]
+        # filtered on the summary's own state: a worker may change the state between a check of
+        # it and the summary, which then listed an aborted scan as the announced one asked for
+        out = [summary for summary in (s.summary() for s in list(service.scans.sessions.values()))
+               if want in (None, summary["state"])]
         return {"scans": out}
 
     def snapshot(scan_id: str) -> dict[str, Any]:
@@ -165,10 +168,10 @@ def build_table(service: Service) -> dict[str, Handler]:
         # spool thread has written them: it reads the count after every write asked for before,
         # so every frame this receipt counts is on disk and none read before it is missed (the
         # delivery guarantee), while the manager loop goes on
-        with session.lock:
+        def seen() -> dict[str, Any]:  # under session.lock: every field read at one moment
             ledger = session.ledger
             closed = session.ended or session.state.final
-            now = {
+            return {
                 "scan_id": session.scan_id,
                 "state": session.state.value,
                 "ended": session.ended,
@@ -181,23 +184,42 @@ def build_table(service: Service) -> dict[str, Handler]:
                 "error": session.error,
             }
 
+        with session.lock:
+            now = seen()
+
         def stored() -> int:
             with session.lock:
                 return session.ledger.received
 
-        def answer(received: int | None, error: Exception | None) -> dict[str, Any]:
+        def start(done: Callable[[Any, Exception | None], None]) -> None:
+            def on_disk(received: int | None, error: Exception | None) -> None:
+                with session.lock:
+                    stopped = session.error is not None and now["error"] is None
+                if error is None and stopped:
+                    # the scan stopped after this request (cancel, spool failure, acquisition
+                    # timeout): the stop's own spool operations (status, close) were asked for
+                    # after this receipt's; a receipt that says the scan stopped is answered
+                    # once they are done too, so that its spool holds what it counts
+                    service.scans.after_disk(stored, lambda n, err: done((n, True), err))
+                else:
+                    done((received, False), error)
+
+            service.scans.after_disk(stored, on_disk)
+
+        def answer(counted: tuple[int, bool] | None, error: Exception | None) -> dict[str, Any]:
             if error is not None:
                 raise error
+            assert counted is not None
+            received, stopped = counted
+            if stopped:
+                # the reply is the scan as of now, every field of it (state, reason, missing
+                # frames), so that a final state never comes without why it ended
+                with session.lock:
+                    now.update(seen())
             now["frames"]["received"] = received
-            with session.lock:
-                # the scan stopped meanwhile (spool failure, cancel, acquisition timeout): say so
-                # now, with its reason, so that a final state never comes without why it ended
-                if session.error is not None:
-                    now.update(error=session.error, state=session.state.value,
-                               end_reason=session.end_reason, ended=session.ended)
             return now
 
-        return service.reply_later("receipt", lambda done: service.scans.after_disk(stored, done), answer)
+        return service.reply_later("receipt", start, answer)
 
     def finish_scan(scan_id: str) -> dict[str, Any]:
         """Reconstruct what a scan received, now: ends an open scan whose producer is gone, or

@@ -31,12 +31,16 @@ class Outbox:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._fifo: deque[Post] = deque()
-        self._latest: OrderedDict[tuple[str, str], Post] = OrderedDict()
+        # every post and offer is numbered: what is taken goes out in that order, so that a
+        # scan's last metrics or preview (state "refining") never follows its "finished"
+        self._seq = 0
+        self._fifo: deque[tuple[int, Post]] = deque()
+        self._latest: OrderedDict[tuple[str, str], tuple[int, Post]] = OrderedDict()
         self._rx, self._tx = socket.socketpair()
         self._rx.setblocking(False)
         self._tx.setblocking(False)
         self.replaced = 0  #: latest-only posts superseded before they were sent
+        self._closed = False
 
     @property
     def fd(self) -> int:
@@ -46,7 +50,8 @@ class Outbox:
     def post(self, topic: str, payload: Any) -> None:
         """Queue an event or result; delivered in order, never dropped."""
         with self._lock:
-            self._fifo.append((topic, payload))
+            self._seq += 1
+            self._fifo.append((self._seq, (topic, payload)))
         self.wake()
 
     def offer(self, scan_id: str, topic: str, payload: Any) -> None:
@@ -56,32 +61,41 @@ class Outbox:
             if key in self._latest:
                 self.replaced += 1
                 del self._latest[key]
-            self._latest[key] = (topic, payload)
+            self._seq += 1
+            self._latest[key] = (self._seq, (topic, payload))
         self.wake()
 
     def take(self) -> list[Post]:
-        """Everything pending: events first (in order), then the latest previews/metrics."""
+        """Everything pending, in the order it was posted or offered (a replaced offer counts
+        as made when its replacement was)."""
         try:
             while self._rx.recv(4096):
                 pass
         except BlockingIOError:
             pass
         with self._lock:
-            out = list(self._fifo) + list(self._latest.values())
+            out = sorted([*self._fifo, *self._latest.values()], key=lambda item: item[0])
             self._fifo.clear()
             self._latest.clear()
-        return out
+        return [post for _, post in out]
 
     def wake(self) -> None:
-        """Wake the manager's poller (used by workers that exit)."""
-        try:
-            self._tx.send(b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the manager is already due to wake up
+        """Wake the manager's poller (used by workers that exit). After :meth:`close` there is
+        nobody to wake: a worker that outlived the shutdown's join exits later (a busy host), and
+        its wake found a closed socket (EBADF in the worker thread) or, worse, a reused fd."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._tx.send(b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the manager is already due to wake up
 
     def close(self) -> None:
-        self._rx.close()
-        self._tx.close()
+        with self._lock:
+            self._closed = True
+            self._rx.close()
+            self._tx.close()
 
 
 def preview_message(scan_id: str, state: ReconState, frames_used: int, coverage: Any) -> Preview:

@@ -105,6 +105,8 @@ class ScanManager:
         self._disk_done: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         #: scans being re-opened from their spool (control `finish_scan`) → who waits for it
         self._reopening: dict[str, list[Callable[[Session | None, Exception | None], None]]] = {}
+        #: stopped scans whose worker has yet to exit → what runs once it has (see :meth:`reap`)
+        self._after_exit: dict[str, list[Callable[[], None]]] = {}
         # Worker threads are started on this thread, not the manager's: Thread.start() waits
         # until the new thread runs, i.e. until the OS schedules it and it gets the interpreter
         # lock, which took 150-300 ms on a loaded host and held up ping for as long. Started
@@ -595,6 +597,8 @@ class ScanManager:
             # worker kept its engine (frame store, canvases: GBs per scan) alive with it
             session.worker = None
             self._settle(session)
+            for then in self._after_exit.pop(session.scan_id, []):
+                then()
             changed = True
         if changed:
             self.admit()
@@ -653,7 +657,11 @@ class ScanManager:
             if now - session.last_activity <= limit:
                 continue
             ledger = session.ledger
-            if session.recovered or session.spec.expected_frames is None or ledger.received >= ledger.expected:
+            # frames read but not yet written by the spool thread (behind on a busy host) are
+            # kept all the same: counting only those on disk would call a whole scan partial,
+            # and name fewer frames than its receipt and spool hold once the writes are done
+            held = ledger.admitted
+            if session.recovered or session.spec.expected_frames is None or held >= ledger.expected:
                 log.warning("no frames for %.0f s: ending scan with what it has", limit,
                             extra={"scan_id": session.scan_id})
                 self.end_scan(session, reason="acquisition_timeout")
@@ -661,7 +669,7 @@ class ScanManager:
             # the sender went silent mid-scan (killed, crashed, cable): a partial reconstruction
             # labelled "finished" would hide the loss, so the scan stops with its frames kept in
             # the spool, and `finish_scan` reconstructs them if the operator wants that
-            reason = (f"acquisition_timeout: no frame for {limit:.0f} s after {ledger.received} of "
+            reason = (f"acquisition_timeout: no frame for {limit:.0f} s after {held} of "
                       f"{ledger.expected} frames (the sender stopped without scan_end); the frames are "
                       "kept in the spool: control `finish_scan` reconstructs them")
             log.warning(reason, extra={"scan_id": session.scan_id})
@@ -694,8 +702,16 @@ class ScanManager:
             if session.state is State.FINISHED:
                 raise ScanRefused("scan_id", "scan_finished", f"scan {session.scan_id!r} is already finished")
             if session.scan_id in self.running:
-                raise ScanRefused("scan_id", "scan_stopping",
-                                  f"scan {session.scan_id!r} is still stopping; ask again in a moment")
+                # its worker has stopped it and is exiting (a receipt may already say so): the
+                # scan is re-opened once the worker is gone, not refused for being too early
+                def later() -> None:
+                    try:
+                        self.finish_scan(session, done)
+                    except Exception as exc:  # noqa: BLE001 - answered as the request's failure
+                        done(None, exc)
+
+                self._after_exit.setdefault(session.scan_id, []).append(later)
+                return
             if self.stopping:
                 raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
         except ScanRefused as exc:

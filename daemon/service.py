@@ -465,6 +465,11 @@ class Service:
             if session.state.final or session.ended:
                 raise ProtocolError("scan_id", "open_scan", f"scan {msg.scan_id!r} is {session.state.value}"
                                     + (" (scan_end received)" if session.ended else ""), msg.scan_id)
+            if session.scan_id not in self.scans.spools:
+                # cancelled or failed: its spool is closed while its worker stops the scan (its
+                # state is still live); these frames can be kept nowhere, and are refused by name
+                why = session.end_reason or session.error or "stopped"
+                raise ProtocolError("scan_id", "open_scan", f"scan {msg.scan_id!r} is stopping ({why})", msg.scan_id)
             positions = frame_positions(msg, session.spec)
             self.scans.add_frames(session, msg.data, np.asarray(msg.indices, dtype=np.int64), positions, arrived,
                                   detector, msg.wire_data)

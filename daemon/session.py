@@ -96,6 +96,11 @@ class FrameLedger:
         self.received += int(n)
 
     @property
+    def admitted(self) -> int:
+        """Frames let in so far (:meth:`admit`): those on disk and those on their way there."""
+        return int(self._seen.sum())
+
+    @property
     def gaps(self) -> int:
         """Indices below the expected count (or the highest seen) that never arrived."""
         top = self.expected if self.expected is not None else self.highest + 1

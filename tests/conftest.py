@@ -12,6 +12,13 @@ import pytest
 # by every process that defines a pydantic model: about 1 s more per daemon or CLI subprocess.
 # Our tests do not use it; switch it off here, for this process and the subprocesses it starts.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "logfire-plugin")
+# The service's settings come from CRYOPTYCHO_* variables too (ServiceConfig, in this process and
+# in every daemon a test starts): one left in a developer's or a runner's environment (say
+# CRYOPTYCHO_ACQUISITION_TIMEOUT_S) would change what the tests run. A test that needs one sets
+# it itself; only the variables that locate tools and data are kept.
+for _name in [n for n in os.environ if n.upper().startswith("CRYOPTYCHO_") and not n.upper().startswith(
+        ("CRYOPTYCHO_STRUCTURES", "CRYOPTYCHO_CHROMIUM", "CRYOPTYCHO_CHROMEDRIVER", "CRYOPTYCHO_TEST_"))]:
+    del os.environ[_name]
 from cryoptycho.gpu.backend import cupy_available, get_xp
 
 

@@ -117,7 +117,7 @@ class Daemon:
     def log(self) -> str:
         return "\n".join(self.log_lines)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:

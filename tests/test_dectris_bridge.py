@@ -218,7 +218,12 @@ def daemon() -> Iterator[tuple[str, zmq.Socket]]:
 
 
 def _received(sock: zmq.Socket) -> list:
-    out = []
+    """What the bridge sent, up to its ScanEnd (one connection keeps the order: all before it
+    is in), then whatever follows within 300 ms (there should be nothing)."""
+    out: list = []
+    while not (out and isinstance(out[-1], ScanEnd)):
+        assert sock.poll(120_000), f"no ScanEnd after {[type(m).__name__ for m in out]}"
+        out.append(decode(sock.recv_multipart()))
     while sock.poll(300):
         out.append(decode(sock.recv_multipart()))
     return out
@@ -228,7 +233,7 @@ def _bridge(sender: SimSender, send: Any, endpoint: str, config: dict, series: i
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
     stop = threading.Event()
-    timer = threading.Timer(20.0, stop.set)  # a safety net, not a timing assertion
+    timer = threading.Timer(300.0, stop.set)  # a safety net, not a timing assertion
     timer.start()
     try:
         stats = run_bridge(sender.url, endpoint, config, stop, max_series=series)

@@ -61,7 +61,7 @@ def test_our_v1_receiver_decodes_the_libertem_mock_sender() -> None:
 
         threading.Thread(target=send, daemon=True).start()
         stop = threading.Event()
-        timer = threading.Timer(20.0, stop.set)  # a safety net against a silent sender
+        timer = threading.Timer(300.0, stop.set)  # a safety net against a silent sender
         timer.start()
         for msg in rx.messages(stop):
             got.append(msg)

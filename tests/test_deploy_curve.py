@@ -70,7 +70,7 @@ def test_daemon_with_curve_admits_only_its_clients(tmp_path: Path) -> None:
     broker_keys = _mounted(docs["Deployment"], "CRYOPTYCHO_BROKER_CURVE_KEYS_DIR", secrets, tmp_path / "broker-pod")
     daemon = start_daemon(tmp_path, "--set", f"curve_keys_dir={pod_keys}")
     try:
-        with ControlClient(daemon.control, timeout_s=5, retries=1,
+        with ControlClient(daemon.control, timeout_s=30, retries=1,
                            curve=ClientCurve.from_keys_dir(keys, "health")) as ctl:
             assert ctl.ping()["pong"] is True
         with ControlClient(daemon.control, timeout_s=1, retries=1) as plain, pytest.raises(ControlTimeout):
@@ -96,7 +96,7 @@ def test_daemon_with_curve_admits_only_its_clients(tmp_path: Path) -> None:
                                       curve=ClientCurve.from_keys_dir(broker_keys, "broker")),
                         [parse_backend(f"{daemon.ingest},control={daemon.control}")]).start()
         try:
-            wait_for(lambda: broker.status()["backends"][0]["last_status_age_s"] is not None, 30,
+            wait_for(lambda: broker.status()["backends"][0]["last_status_age_s"] is not None, 120,
                      "the daemon's status over CURVE", daemon)
             again = synthetic_scan(n_side=6, seed=1)
             # the broker's own ingest is plain (a relay: no delivery receipt); the frames count below

@@ -61,7 +61,7 @@ def test_daemon_refuses_a_scan_whose_spool_disk_is_full_and_stays_up(tmp_path, s
             producer.scan = None
         text = str(info.value)
         assert "disk_space" in text and "spool_dir" in text and str(tmp_path / "spool") in text, text
-        with ControlClient(daemon.control, timeout_s=5) as ctl:
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
             assert ctl.ping()["pong"] is True
             assert ctl.call("receipt", scan_id="nospace")["state"] == "refused"
         assert daemon.stop() == 0
@@ -89,7 +89,7 @@ def test_result_on_a_full_disk_fails_the_scan_and_keeps_every_acknowledged_frame
     daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=0.5",
                           "--set", f"disk_reserve_bytes={NO_DISK_HAS}")
     try:
-        with ControlClient(daemon.control, timeout_s=5) as ctl:
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
             info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "late"
                                           and s["state"] in ("finished", "failed")), None),
                             120, "the recovered scan to end", daemon)

@@ -172,7 +172,7 @@ def run_scan(daemon, scan, scan_id: str, while_running=None, **extra) -> tuple[R
     wait_subscribed(daemon, sub)
     events: list = []
 
-    def until(done, timeout: float = 60) -> None:
+    def until(done, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ev = sub.recv(timeout_s=0.5)

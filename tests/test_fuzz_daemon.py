@@ -56,10 +56,12 @@ def _verdict(h: Harness, sid: str) -> ScanEvent:
                           and e.event in ("accepted", "rejected"), f"a verdict on {sid}")
 
 
-def _error_for(h: Harness, before: int, timeout: float = 10) -> None:
-    """The daemon is alive, answers ping, and published a named error for every rejection."""
+def _error_for(h: Harness, before: int, timeout: float = 120) -> None:
+    """The daemon published an error event for the message, and is alive, answers ping, and
+    published a named error for every rejection. The event is waited for: the ping goes through
+    the control socket, which the daemon may serve before it reads the message (a busy host)."""
+    wait_for(lambda: h._drain(0.05) or h.errors_seen > before, timeout, "an error event for the message")
     h.check("the last message")
-    assert h.errors_seen > before, "the message was rejected without an error event"
 
 
 @pytest.mark.parametrize("msg", [
@@ -219,14 +221,14 @@ def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch, wher
                 ev = sub.recv(timeout_s=0.3)
                 return isinstance(ev, ErrorEvent)
 
-            wait_for(joined, 30, "the subscription")
+            wait_for(joined, 120, "the subscription")
             p.start_scan(scan_id="hot", energy_eV=300e3, frame_shape=(16, 16), frame_dtype="uint16",
                          expected_frames=4, pixel_size_m=1e-10, probe=np.ones((16, 16), np.complex64),
                          positions_m=np.zeros((4, 2)))
             p.send_frames(np.ones((4, 16, 16), np.uint16))
             events = []
             wait_for(lambda: events.append(sub.recv(timeout_s=0.2)) or any(
-                isinstance(e, ScanEvent) and e.event == "failed" for e in events), 30, "the scan to fail")
+                isinstance(e, ScanEvent) and e.event == "failed" for e in events), 120, "the scan to fail")
         errors = [e for e in events if isinstance(e, ErrorEvent) and e.rule == "internal_error"]
         assert errors and errors[0].scan_id == "hot" and "disk on fire" in errors[0].message
         assert errors[0].field == ("message" if where == "ingest" else "spool")
@@ -235,7 +237,7 @@ def test_an_unexpected_exception_fails_only_its_scan(tmp_path, monkeypatch, wher
         assert {s["scan_id"]: s["state"] for s in ctl.list_scans()} == {"hot": "failed"}
         # a post the wire cannot carry is published as a named error, not a dead loop
         svc.outbox.post("scan.accepted", {"scan_id": "not a valid id"})
-        wait_for(lambda: isinstance(e := sub.recv(timeout_s=0.2), ErrorEvent) and e.field == "publish", 30,
+        wait_for(lambda: isinstance(e := sub.recv(timeout_s=0.2), ErrorEvent) and e.field == "publish", 120,
                  "the publish error")
         assert ctl.ping()["pong"] is True
         ctl.close()
@@ -248,10 +250,16 @@ def test_an_error_flood_is_accounted_for_on_the_publish_socket(harness):
     """20,000 bad messages gave a subscriber 18,587 error events: PUB dropped the rest. Now the
     first errors of each second go out one by one and the others in a counted summary, so the
     events account for every rejection (and they fit the subscriber's queue)."""
-    before_rejected = harness.fig.rejected
+    def counted() -> float:
+        return sum(v for k, v in harness.d.metrics().items() if k.startswith("cryoptycho_messages_rejected_total"))
+
+    before_rejected, before_counted = harness.fig.rejected, counted()
     bad = [msgpack.packb({"protocol": "cryoptycho", "version": 1, "type": "flood"})]
     for _ in range(3000):
         harness.d.push.send_multipart(bad)
+    # read them all first: a check while the daemon is still reading them (its ping is served
+    # between ingest bursts) can find the events level with the rejections so far
+    wait_for(lambda: counted() - before_counted >= 3000, 120, "the daemon to reject all 3000")
     harness.check("3000 bad messages")  # waits until the error events account for every rejection
     assert harness.fig.rejected - before_rejected == 3000
     assert harness.d.metrics()["cryoptycho_error_events_suppressed_total"] > 0
@@ -475,15 +483,113 @@ def test_worker_threads_start_off_the_manager_thread(tmp_path, monkeypatch):
 def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatch):
     """A receipt asked while the spool thread is busy is answered later; if its scan stops in
     between (here a cancel; in CI it was the acquisition timeout of a killed sender), the answer
-    said state "aborted" with end_reason None, taken before the stop. The spool thread is held
-    by a gate so that the order is certain."""
+    said state "aborted" with end_reason None, taken before the stop, and no missing frames. It
+    was also sent before the stop's own spool operations: a sender reading the spool on
+    "aborted" found it still open. The spool thread is held by gates so that the order is
+    certain."""
+    import threading
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, spool_path
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.messages import decode
+    from cryoptycho.protocols.producer import Producer
+
+    gate, entered = threading.Event(), threading.Event()
+    gate.set()
+    closing, closing_entered = threading.Event(), threading.Event()
+    append_many, set_status, run_disk_done = SpoolWriter.append_many, SpoolWriter.set_status, ScanManager.run_disk_done
+    turns = [0]
+
+    def gated(self, *args, **kwargs):
+        if not gate.is_set():
+            entered.set()
+            assert gate.wait(120), "the test never opened the gate"
+        return append_many(self, *args, **kwargs)
+
+    def gated_status(self, status, *args, **kwargs):
+        if status == "aborted":
+            closing_entered.set()
+            assert closing.wait(120), "the test never let the spool close"
+        return set_status(self, status, *args, **kwargs)
+
+    def counted(self):
+        run_disk_done(self)
+        turns[0] += 1
+
+    monkeypatch.setattr(SpoolWriter, "append_many", gated)
+    monkeypatch.setattr(SpoolWriter, "set_status", gated_status)
+    monkeypatch.setattr(ScanManager, "run_disk_done", counted)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(svc.endpoints["control"])
+    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
+             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
+    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+
+    def pending() -> int:
+        return sum(len(q) for q in list(svc._replies.values()))
+
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
+            producer.start_scan(scan_id="held", **start)
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 2
+            gate.clear()
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            assert entered.wait(60), "the spool thread never took the frames"
+            sock.send_multipart([b"", *_raw(encode(Request("receipt", {"scan_id": "held"})))])
+            wait_for(lambda: pending() == 1, 60, "the manager to read it")
+            ctl.cancel("held")
+            wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("held") == "aborted",
+                     60, "the cancelled scan to stop")
+            assert not sock.poll(0), "the receipt was answered before the spool thread was done"
+            gate.set()
+            # the spool thread has counted the frames and now closes the spool (held there):
+            # once the manager has run everything it handed back before that, two turns on
+            assert closing_entered.wait(60), "the spool thread never closed the aborted spool"
+            seen = turns[0]
+            wait_for(lambda: turns[0] >= seen + 2, 60, "the manager to run what the spool thread handed back")
+            assert pending() == 1 and not sock.poll(0), "the receipt said aborted before its spool was closed"
+            closing.set()
+            assert sock.poll(60_000), "no reply"
+            reply = decode(sock.recv_multipart()[1:])
+            assert reply.success, reply.msg
+            info = reply.result
+            assert info["state"] == "aborted", info
+            assert info["end_reason"] is not None and "cancel" in info["end_reason"], info
+            assert info["frames"]["received"] == 4, info
+            assert info["missing"] == [4, 5, 6, 7] and info["frames"]["gaps"] == 4, info
+            # answered after the spool was closed: it reads back as the receipt says
+            spool = read_spool(spool_path(cfg.spool_dir, "held"), frames=False)
+            assert spool.status == "aborted" and len(spool.indices) == 4
+    finally:
+        gate.set()
+        closing.set()
+        sock.close()
+        ctx.term()
+        ctl.close()
+        bg.stop()
+
+
+def test_an_acquisition_timeout_counts_the_frames_the_spool_thread_has_yet_to_write(tmp_path, monkeypatch):
+    """A sender that goes silent mid-scan is timed out with "after N of M frames": N counted
+    only the frames already on disk, so with the spool thread behind (a busy host) the reason
+    named fewer frames than the receipt and the spool held once it caught up (and a scan sent
+    whole but without scan_end was aborted as partial). The spool thread is held by a gate."""
     import threading
 
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
-    from cryoptycho.daemon.storage.spool import SpoolWriter
+    from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, spool_path
     from cryoptycho.protocols.control import ControlClient
-    from cryoptycho.protocols.messages import decode
     from cryoptycho.protocols.producer import Producer
 
     gate, entered = threading.Event(), threading.Event()
@@ -498,7 +604,125 @@ def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatc
 
     monkeypatch.setattr(SpoolWriter, "append_many", gated)
     cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
+             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
+    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+
+    def summary(scan_id: str) -> dict:
+        return next(s for s in ctl.list_scans() if s["scan_id"] == scan_id)
+
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
+            producer.start_scan(scan_id="silent", **start)
+            gate.clear()
+            producer.send_frames(np.ones((4, 16, 16), np.uint16))
+            assert entered.wait(60), "the spool thread never took the frames"
+            # the sender is gone; the timeout (long until the frames were read) runs out now
+            svc.config.acquisition_timeout_s = 0.01
+            reason = wait_for(lambda: summary("silent")["end_reason"], 60, "the acquisition timeout")
+            assert "acquisition_timeout" in reason and "after 4 of 8 frames" in reason, reason
+            gate.set()
+            info = wait_for(lambda: (r := ctl.receipt("silent"))["state"] == "aborted" and r, 60, "the abort")
+            assert info["frames"]["received"] == 4 and info["end_reason"] == reason, info
+            spool = read_spool(spool_path(cfg.spool_dir, "silent"), frames=False)
+            assert spool.status == "aborted" and len(spool.indices) == 4
+            producer.scan = None  # it never ends: the daemon already said why
+    finally:
+        gate.set()
+        ctl.close()
+        bg.stop()
+
+
+def test_frames_for_a_scan_whose_worker_is_still_stopping_are_refused_by_name(tmp_path, monkeypatch):
+    """A cancel closes the scan's spool at once, while its worker ends the scan at its next
+    turn: frames read in between (a sender that has not heard yet, a busy host) found no spool,
+    an internal error (KeyError) that failed the cancelled scan. The worker is held by a gate
+    so that the frames arrive in between."""
+    import threading
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.worker import ScanWorker
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+
+    gate, entered = threading.Event(), threading.Event()
+    abort = ScanWorker._abort
+
+    def gated(self, *args, **kwargs):
+        entered.set()
+        assert gate.wait(120), "the test never opened the gate"
+        return abort(self, *args, **kwargs)
+
+    monkeypatch.setattr(ScanWorker, "_abort", gated)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
+             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
+    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+    m = svc.metrics
+
+    def refused() -> float:
+        return m.frames_dropped.labels(reason="scan_closed")._value.get()
+
+    def internal() -> float:
+        return m.internal_errors.labels(where="ingest")._value.get()
+
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
+            producer.start_scan(scan_id="late", **start)
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 2
+            assert ctl.cancel("late", "operator stop")["state"] != "aborted"
+            assert entered.wait(60), "the worker never took the cancel"
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            wait_for(lambda: refused() + internal() > 0, 60, "the frames after the cancel to be handled")
+            assert (refused(), internal()) == (2, 0)
+            gate.set()
+            info = wait_for(lambda: (r := ctl.receipt("late"))["state"] in ("aborted", "failed") and r, 60,
+                            "the scan to stop")
+            assert info["state"] == "aborted" and "operator stop" in info["end_reason"], info
+            assert info["frames"]["received"] == 2, info
+            producer.scan = None  # the daemon already said why it stopped
+    finally:
+        gate.set()
+        ctl.close()
+        bg.stop()
+
+
+def test_finish_scan_asked_as_soon_as_a_receipt_says_aborted_reopens_it(tmp_path, monkeypatch):
+    """A worker says "aborted" before it exits; a finish_scan that came in between (a sender
+    acting on the receipt at once, as the killed-sender test does) was refused as "still
+    stopping; ask again in a moment". It is now answered once the worker is gone. The worker
+    is held by a gate between its abort and its exit."""
+    import threading
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.worker import ScanWorker
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.messages import decode
+    from cryoptycho.protocols.producer import Producer
+
+    gate, aborted = threading.Event(), threading.Event()
+    abort = ScanWorker._abort
+
+    def then_held(self, *args, **kwargs):
+        abort(self, *args, **kwargs)
+        aborted.set()
+        assert gate.wait(120), "the test never opened the gate"
+
+    monkeypatch.setattr(ScanWorker, "_abort", then_held)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0, refine_time_budget_s=5)
     bg = BackgroundService(cfg)
     svc = bg.service
     ctx = zmq.Context()
@@ -510,29 +734,65 @@ def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatc
     ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
     try:
         with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
-            producer.start_scan(scan_id="held", **start)
-            producer.send_frames(np.ones((2, 16, 16), np.uint16))
-            assert producer.flush().acknowledged == 2
-            gate.clear()
-            producer.send_frames(np.ones((2, 16, 16), np.uint16))
-            assert entered.wait(60), "the spool thread never took the frames"
-            sock.send_multipart([b"", *_raw(encode(Request("receipt", {"scan_id": "held"})))])
-            wait_for(lambda: sum(len(q) for q in svc._replies.values()) == 1, 60, "the manager to read it")
-            ctl.cancel("held")
-            wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("held") == "aborted",
-                     60, "the cancelled scan to stop")
-            assert not sock.poll(0), "the receipt was answered before the spool thread was done"
+            producer.start_scan(scan_id="early", **start)
+            producer.send_frames(np.ones((4, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 4
+            ctl.cancel("early")
+            assert aborted.wait(60), "the worker never aborted the scan"
+            assert ctl.receipt("early")["state"] == "aborted"
+            sock.send_multipart([b"", *_raw(encode(Request("finish_scan", {"scan_id": "early"})))])
+            wait_for(lambda: sum(len(q) for q in list(svc._replies.values())) == 1 or sock.poll(0), 60,
+                     "the manager to read it")
+            assert not sock.poll(0), f"answered while the worker was exiting: {decode(sock.recv_multipart()[1:])}"
             gate.set()
             assert sock.poll(60_000), "no reply"
             reply = decode(sock.recv_multipart()[1:])
             assert reply.success, reply.msg
-            info = reply.result
-            assert info["state"] == "aborted", info
-            assert info["end_reason"] is not None and "cancel" in info["end_reason"], info
-            assert info["frames"]["received"] == 4, info
+            assert reply.result["state"] in ("announced", "acquiring", "refining") and \
+                reply.result["frames"]["received"] == 4, reply.result
+            producer.scan = None
     finally:
         gate.set()
         sock.close()
         ctx.term()
+        ctl.close()
+        bg.stop()
+
+
+def test_list_scans_by_state_filters_on_the_state_it_lists(tmp_path, monkeypatch):
+    """`list_scans(state=…)` checked each scan's state, then read its summary: a worker that
+    changed the state in between (here: the summary itself is where the scan stops) had the
+    reply list a scan in another state than the one asked for."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.session import Session, State
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+
+    summary = Session.summary
+
+    def stops_first(self):
+        if self.scan_id == "moving" and not self.state.final:
+            self.transition(State.ABORTED, error="stopped between the check and the summary")
+        return summary(self)
+
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
+             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
+    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
+            producer.start_scan(scan_id="moving", **start)  # no frame: it stays announced
+            wait_for(lambda: "moving" in svc.scans.sessions, 60, "the scan to register")
+            monkeypatch.setattr(Session, "summary", stops_first)
+            listed = ctl.list_scans(state="announced")
+            assert all(s["state"] == "announced" for s in listed), listed
+            assert [s["state"] for s in ctl.list_scans(state="aborted")] == ["aborted"]
+            producer.scan = None
+    finally:
         ctl.close()
         bg.stop()

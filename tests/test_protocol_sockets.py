@@ -42,7 +42,7 @@ from cryoptycho.protocols.subscriber import Subscriber
 from cryoptycho.protocols.topics import encode_event
 from protocol_helpers import frames, scan_fields
 
-WAIT_MS = 5000  # generous waits for a loaded CI machine; never asserted on
+WAIT_MS = 30000  # generous waits for a loaded CI machine; never asserted on
 
 
 @pytest.fixture
@@ -247,7 +247,7 @@ def table() -> dict:
 def test_control_client_calls_and_errors(ctx):
     daemon = FakeDaemon(ctx, table())
     try:
-        with ControlClient(daemon.endpoint, timeout_s=2, context=ctx) as c:
+        with ControlClient(daemon.endpoint, timeout_s=30, context=ctx) as c:
             assert c.ping() == {"pong": True}
             snap = c.snapshot("s")
             assert snap["preview"]["iteration"] == 7
@@ -270,10 +270,13 @@ def test_control_client_calls_and_errors(ctx):
 def test_control_client_retries_then_gives_up(ctx):
     daemon = FakeDaemon(ctx, table(), ignore=2)
     try:
-        with ControlClient(daemon.endpoint, timeout_s=0.2, retries=3, context=ctx) as c:
-            assert c.ping() == {"pong": True}  # third try answered
+        # tries of 0.2 s: on a busy host the answer to the third may come after its wait, and
+        # a later try is answered then (only the first two are ignored)
+        with ControlClient(daemon.endpoint, timeout_s=0.2, retries=50, context=ctx) as c:
+            assert c.ping() == {"pong": True}  # answered once it retried past the ignored two
     finally:
         daemon.close()
+    assert daemon.ignore == 0, "the client was answered without retrying"
     with (ControlClient("tcp://127.0.0.1:9", timeout_s=0.05, retries=2, context=ctx) as c,
           pytest.raises(ControlTimeout, match="after 2 tries")):
         c.ping()
@@ -297,7 +300,7 @@ def test_control_client_rejects_non_replies(ctx):
 
     t = threading.Thread(target=answer_wrongly)
     t.start()
-    with ControlClient(endpoint, timeout_s=2, context=ctx) as c, pytest.raises(ProtocolError) as info:
+    with ControlClient(endpoint, timeout_s=30, context=ctx) as c, pytest.raises(ProtocolError) as info:
         c.ping()
     t.join()
     assert info.value.rule == "reply_expected"
@@ -330,7 +333,7 @@ def test_curve_admits_known_clients_only(ctx, keys):
         # and the control socket: an admitted client gets replies
         daemon = FakeDaemon(ctx, table(), setup=lambda s: apply_server_curve(s, keys))
         try:
-            with ControlClient(daemon.endpoint, curve=alice, timeout_s=2, context=ctx) as c:
+            with ControlClient(daemon.endpoint, curve=alice, timeout_s=30, context=ctx) as c:
                 assert c.ping() == {"pong": True}
             with ControlClient(
                 daemon.endpoint, curve=mallory, timeout_s=0.2, retries=1, context=ctx

@@ -55,6 +55,9 @@ def test_bslz4_frames_are_spooled_as_received_and_broken_ones_refused_by_name(tm
         with Producer(daemon.ingest, control=daemon.control, compression="bslz4", batch_frames=64) as producer:
             producer.start_scan(**scan.start_fields("wire"))
             producer.send_frames(scan.frames[:128])
+            # the broken messages come through another connection, which the daemon may read
+            # first: they are sent once it holds the scan (else they name an unknown scan)
+            assert producer.flush().acknowledged == 128
             for how in ("truncated", "declared_size"):
                 push.send_multipart(_broken("wire", scan.frames[128:192], 128, how))
             rules = set()
@@ -66,7 +69,7 @@ def test_bslz4_frames_are_spooled_as_received_and_broken_ones_refused_by_name(tm
                     rules.add(ev.rule)
                 return rules == {"decompress", "decoded_size"}
 
-            wait_for(refused, 30, "both broken messages refused by name", daemon)
+            wait_for(refused, 120, "both broken messages refused by name", daemon)
             producer.send_frames(scan.frames[128:])
             receipt = producer.end_scan()
         assert receipt.acknowledged == len(scan.frames)

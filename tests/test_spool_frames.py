@@ -154,7 +154,7 @@ def test_frames_waiting_for_the_spool_thread_join_one_append_and_count_only_once
     def slow(self: SpoolWriter, batches: list, wire: list | None = None) -> int:
         appends.append(len(batches))
         entered.set()
-        assert release.wait(30)
+        assert release.wait(120)
         return real(self, batches, wire)
 
     monkeypatch.setattr(SpoolWriter, "append_many", slow)
@@ -172,7 +172,7 @@ def test_frames_waiting_for_the_spool_thread_join_one_append_and_count_only_once
             manager.add_frames(session, frames[a:b], np.arange(a, b), pos[a:b], arrived=0.0)
 
         send(0, 20)
-        assert entered.wait(30)  # the spool thread is inside the first append
+        assert entered.wait(120)  # the spool thread is inside the first append
         send(20, 50)
         send(50, 90)
         assert session.ledger.received == 0  # nothing has reached the disk yet

@@ -19,7 +19,7 @@ from cryoptycho.gpu.stream import MAX_PENDING_LOSSES, StreamingReconstructor
 from cryoptycho.protocols.messages import Result, ScanEvent
 from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
-from daemon_support import start_daemon, synthetic_scan
+from daemon_support import start_daemon, synthetic_scan, wait_subscribed
 
 XP = get_xp("strict")
 
@@ -189,7 +189,7 @@ def test_daemon_scan_end_to_end_on_the_strict_backend(tmp_path):
                      "--set", "resolution_interval_s=1")
     try:
         sub = Subscriber(d.publish, latest_only=False)
-        time.sleep(0.3)  # SUB connects asynchronously
+        wait_subscribed(d, sub)  # SUB connects asynchronously: the first events would be lost
         with Producer(d.ingest, control=d.control) as producer:
             producer.start_scan(**data.start_fields("strict"))
             for lo in range(0, len(data.frames), 20):

@@ -100,7 +100,7 @@ def test_browser_follows_a_streamed_scan(tmp_path):
                     driver.get(late_url)
                     wait_for(lambda: _text(driver, "scan-state") == "finished" and _object_pixels(driver),
                              60, "the finished scan in a viewer opened afterwards", daemon)
-                    wait_for(lambda: "final result" in _text(driver, "range"), 30, "the result image", daemon)
+                    wait_for(lambda: "final result" in _text(driver, "range"), 120, "the result image", daemon)
                     assert _text(driver, "st-frames").startswith(f"{n} / {n}")
                     links = driver.execute_script(
                         "return [...document.querySelectorAll('#files a')].map(a => a.href)")
