@@ -797,7 +797,9 @@ class ScanManager:
 
     def _trim_history(self) -> None:
         while len(self.sessions) > HISTORY:
-            oldest = next((k for k, s in self.sessions.items() if s.state.final), None)
+            # a final scan whose worker has not exited yet is still running: reserved() and the
+            # worker's exit look it up, so it stays until it is settled
+            oldest = next((k for k, s in self.sessions.items() if s.state.final and k not in self.running), None)
             if oldest is None:
                 return
             del self.sessions[oldest]

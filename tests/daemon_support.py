@@ -97,6 +97,9 @@ class Daemon:
     ready: dict[str, Any]
     workdir: Path
     log_lines: list[str] = field(default_factory=list)
+    #: the threads copying its stdout/stderr into log_lines: joined at stop, so that a test
+    #: reading the log after stop sees the last lines (a busy host may not have copied them yet)
+    pumps: list[threading.Thread] = field(default_factory=list)
 
     @property
     def ingest(self) -> str:
@@ -121,11 +124,14 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
             raise AssertionError(f"daemon ignored signal {sig} for {timeout} s\n{self.log()}") from None
+        for pump in self.pumps:  # the pipes are closed: each ends once it has copied the rest
+            pump.join(60)
+        return rc
 
 
 def start_daemon(workdir: Path, *args: str, timeout: float = 60) -> Daemon:
@@ -140,7 +146,8 @@ def start_daemon(workdir: Path, *args: str, timeout: float = 60) -> Daemon:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     daemon = Daemon(proc, {}, workdir)
-    threading.Thread(target=_pump, args=(proc.stderr, daemon.log_lines), daemon=True).start()
+    daemon.pumps.append(threading.Thread(target=_pump, args=(proc.stderr, daemon.log_lines), daemon=True))
+    daemon.pumps[-1].start()
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -150,7 +157,8 @@ def start_daemon(workdir: Path, *args: str, timeout: float = 60) -> Daemon:
         proc.wait(10)
         raise AssertionError(f"daemon exited before ready (rc {proc.returncode})\n{daemon.log()}")
     daemon.ready = json.loads(line)
-    threading.Thread(target=_pump, args=(proc.stdout, daemon.log_lines), daemon=True).start()
+    daemon.pumps.append(threading.Thread(target=_pump, args=(proc.stdout, daemon.log_lines), daemon=True))
+    daemon.pumps[-1].start()
     return daemon
 
 

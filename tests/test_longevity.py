@@ -230,3 +230,35 @@ def test_every_ended_scan_is_logged_once_with_its_outcome(drill, caplog):
     assert "RuntimeError" in ends["drill-002"].getMessage()  # the producer's abort reason
     for sid in ("drill-001", "drill-002"):
         assert f"{sid}.spool.h5" in ends[sid].getMessage() and ends[sid].frames == 20
+
+
+def test_the_history_keeps_a_final_scan_whose_worker_has_not_exited(tmp_path: Path, monkeypatch):
+    """With the history full, the oldest final scan is forgotten; one made final by its worker
+    (aborted, failed) before the worker exits is still running, and forgetting it made
+    ``reserved()`` (asked at every admission) raise KeyError on the manager thread."""
+    import numpy as np
+    from cryoptycho.daemon.metrics import ServiceMetrics
+    from cryoptycho.daemon.publisher import Outbox
+    from cryoptycho.daemon.scan import ScanSpec
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.session import Session, State
+
+    monkeypatch.setattr(scans_module, "HISTORY", 2)
+    manager = ScanManager(ServiceConfig(spool_dir=tmp_path / "s", results_dir=tmp_path / "r"),
+                          ServiceMetrics(), Outbox())
+
+    def session(scan_id: str) -> Session:
+        spec = ScanSpec(scan_id=scan_id, frame_shape=(16, 16), frame_dtype="uint16", pixel_size_m=1e-10,
+                        energy_eV=300e3, probe=np.ones((16, 16), np.complex64), expected_frames=None)
+        s = Session(spec, {"host": 1000})
+        manager.sessions[scan_id] = s
+        return s
+
+    stopping = session("stopping")  # aborted by its worker, which has not exited yet
+    assert stopping.transition(State.ABORTED, error="cancelled")
+    manager.running["stopping"] = object()  # type: ignore[assignment]
+    for sid in ("done-1", "done-2"):
+        assert session(sid).transition(State.ABORTED, error="cancelled")
+    manager._trim_history()
+    assert "stopping" in manager.sessions and len(manager.sessions) == 2
+    assert manager.reserved()["host"] == 1000
