@@ -4,9 +4,13 @@ checked after every input (daemon/bench/fuzz.py; `cryoptycho bench fuzz` runs it
 
 from __future__ import annotations
 
+import threading
 import time
 import tracemalloc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -344,6 +348,122 @@ def test_dectris_receiver_fuzz_seeded_and_bounded(tmp_path):
     assert figures.crashes == 0 and figures.checks == 1 and figures.inputs == 30
 
 
+class Gate:
+    """Holds a daemon thread inside one method until the test opens it, so that an order of
+    events a busy host produces only by chance is certain. `gated_service` opens its gates on
+    the way out: a failing test leaves no thread held, and the service can stop."""
+
+    def __init__(self, *, closed: bool) -> None:
+        self._open = threading.Event()
+        if not closed:
+            self._open.set()
+        self.entered = threading.Event()  #: a thread has come to the gate while it was closed
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def hold(self, monkeypatch: pytest.MonkeyPatch, cls: type, name: str, *,
+             when: Callable[..., bool] | None = None, after: bool = False) -> None:
+        """Patch ``cls.name`` so that a call made while the gate is closed (and for which
+        ``when(*args, **kwargs)`` holds, if given) waits at it: before the method runs, or
+        once it has run with ``after``."""
+        method = getattr(cls, name)
+
+        def wait_here(args: tuple, kwargs: dict) -> None:
+            if not self._open.is_set() and (when is None or when(*args, **kwargs)):
+                self.entered.set()
+                assert self._open.wait(120), "the test never opened the gate"
+
+        def held(obj: Any, *args: Any, **kwargs: Any) -> Any:
+            if not after:
+                wait_here(args, kwargs)
+            result = method(obj, *args, **kwargs)
+            if after:
+                wait_here(args, kwargs)
+            return result
+
+        monkeypatch.setattr(cls, name, held)
+
+
+class Served:
+    """The in-process daemon of `gated_service` and its control client."""
+
+    def __init__(self, svc: Any, ctl: Any) -> None:
+        self.svc, self.ctl = svc, ctl
+        self._dealers: list[zmq.Socket] = []
+        self._ctx: zmq.Context | None = None
+
+    @staticmethod
+    def start_fields(frames: int) -> dict[str, Any]:
+        """Producer.start_scan's fields (but the scan_id) of a scan of ``frames`` 16×16 frames."""
+        return {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": frames,
+                "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64),
+                "positions_m": np.zeros((frames, 2))}
+
+    def producer(self, **kwargs: Any) -> Any:
+        from cryoptycho.protocols.producer import Producer
+
+        return Producer(self.svc.endpoints["ingest"], control=self.svc.endpoints["control"], **kwargs)
+
+    def dealer(self) -> zmq.Socket:
+        """A raw control client: a request sent with `_ask` is answered whenever the daemon
+        answers it, and the test sees whether it has been (ControlClient would wait)."""
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.svc.endpoints["control"])
+        self._dealers.append(sock)
+        return sock
+
+    def pending(self) -> int:
+        """Control requests the manager has read and holds back for the spool thread."""
+        return sum(len(q) for q in list(self.svc._replies.values()))
+
+
+@contextmanager
+def gated_service(tmp_path: Path, *gates: Gate, **config: Any) -> Iterator[Served]:
+    """A BackgroundService on loopback (no metrics port, ``config`` on top) with a control
+    client; on the way out ``gates`` are opened first, so that the service can stop."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r", **config)
+    bg = BackgroundService(cfg)
+    served = None
+    try:
+        served = Served(bg.service, ControlClient(bg.service.endpoints["control"], timeout_s=30, retries=1))
+        yield served
+    finally:
+        for gate in gates:
+            gate.open()
+        if served is not None:
+            for sock in served._dealers:
+                sock.close()
+            if served._ctx is not None:
+                served._ctx.term()
+            served.ctl.close()
+        bg.stop()
+
+
+def _ask(sock: zmq.Socket, method: str, **params: Any) -> None:
+    sock.send_multipart([b"", *_raw(encode(Request(method, params)))])
+
+
+def _answer(sock: zmq.Socket) -> Any:
+    from cryoptycho.protocols.messages import decode
+
+    assert sock.poll(60_000), "no reply"
+    reply = decode(sock.recv_multipart()[1:])
+    assert reply.success, reply.msg
+    return reply.result
+
+
 def test_requests_that_wait_for_the_spool_do_not_hold_up_ping(tmp_path, monkeypatch):
     """`receipt` and `finish_scan` answer once the spool thread has written what came before
     them; they used to wait for it ON the manager thread, so a slow disk held up every other
@@ -351,55 +471,14 @@ def test_requests_that_wait_for_the_spool_do_not_hold_up_ping(tmp_path, monkeypa
     thread is held here by a gate, deterministically: pings are answered while it is closed,
     the waiting replies come after it opens, with the frames counted, and the replies to one
     client stay in the order of its requests."""
-    import threading
-
-    from cryoptycho.daemon.config import ServiceConfig
-    from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.storage.spool import SpoolWriter
-    from cryoptycho.protocols.control import ControlClient
-    from cryoptycho.protocols.messages import decode
-    from cryoptycho.protocols.producer import Producer
 
-    gate, entered = threading.Event(), threading.Event()
-    gate.set()
-    append_many = SpoolWriter.append_many  # our protocol's frames reach the spool through it
-
-    def gated(self, *args, **kwargs):
-        if not gate.is_set():
-            entered.set()
-            assert gate.wait(120), "the test never opened the gate"
-        return append_many(self, *args, **kwargs)
-
-    monkeypatch.setattr(SpoolWriter, "append_many", gated)
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
-    bg = BackgroundService(cfg)
-    svc = bg.service
-    ctx = zmq.Context()
-    clients = []
-
-    def dealer():
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(svc.endpoints["control"])
-        clients.append(sock)
-        return sock
-
-    def ask(sock, method, **params):
-        sock.send_multipart([b"", *_raw(encode(Request(method, params)))])
-
-    def answer(sock):
-        assert sock.poll(60_000), "no reply"
-        reply = decode(sock.recv_multipart()[1:])
-        assert reply.success, reply.msg
-        return reply.result
-
-    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 4,
-             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((4, 2))}
-    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
-    try:
-        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as stopped, \
-                Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as slow:
+    gate = Gate(closed=False)
+    gate.hold(monkeypatch, SpoolWriter, "append_many")  # our protocol's frames reach the spool through it
+    with gated_service(tmp_path, gate) as d:
+        svc, ctl = d.svc, d.ctl
+        start = d.start_fields(4)
+        with d.producer() as stopped, d.producer() as slow:
             stopped.start_scan(scan_id="stopped", **start)
             stopped.send_frames(np.ones((3, 16, 16), np.uint16))
             assert stopped.flush().acknowledged == 3
@@ -407,77 +486,57 @@ def test_requests_that_wait_for_the_spool_do_not_hold_up_ping(tmp_path, monkeypa
             wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("stopped") == "aborted",
                      60, "the cancelled scan to stop")
             slow.start_scan(scan_id="slow", **start)
-            gate.clear()
+            gate.close()
             slow.send_frames(np.ones((4, 16, 16), np.uint16))
-            assert entered.wait(60), "the spool thread never took the frames"
+            assert gate.entered.wait(60), "the spool thread never took the frames"
             # the spool thread is stuck writing "slow": these two must wait for it, not the loop
-            finisher, receiver, pipelined = dealer(), dealer(), dealer()
-            ask(finisher, "finish_scan", scan_id="stopped")
-            ask(receiver, "receipt", scan_id="slow")
-            ask(pipelined, "receipt", scan_id="slow")
-            ask(pipelined, "ping")
-            wait_for(lambda: sum(len(q) for q in svc._replies.values()) == 4, 60, "the manager to read them all")
+            finisher, receiver, pipelined = d.dealer(), d.dealer(), d.dealer()
+            _ask(finisher, "finish_scan", scan_id="stopped")
+            _ask(receiver, "receipt", scan_id="slow")
+            _ask(pipelined, "receipt", scan_id="slow")
+            _ask(pipelined, "ping")
+            wait_for(lambda: d.pending() == 4, 60, "the manager to read them all")
             for _ in range(3):
                 assert ctl.ping()["pong"] is True  # another client, answered while they wait
-            assert not any(c.poll(0) for c in clients), "a reply came before the spool thread was done"
-            gate.set()
-            reopened = answer(finisher)
+            assert not any(c.poll(0) for c in (finisher, receiver, pipelined)), \
+                "a reply came before the spool thread was done"
+            gate.open()
+            reopened = _answer(finisher)
             assert reopened["scan_id"] == "stopped" and reopened["frames"]["received"] == 3
             assert reopened["state"] not in ("aborted", "failed", "finished"), reopened
-            held = answer(receiver)
+            held = _answer(receiver)
             assert held["scan_id"] == "slow" and held["frames"]["received"] == 4, held
             # one client's replies in the order of its requests: the receipt first, then the pong
-            assert answer(pipelined)["frames"]["received"] == 4
-            assert answer(pipelined)["pong"] is True
+            assert _answer(pipelined)["frames"]["received"] == 4
+            assert _answer(pipelined)["pong"] is True
             assert slow.end_scan().acknowledged == 4
         assert svc.metrics.internal_errors.labels(where="control")._value.get() == 0
         assert svc.metrics.control_requests.labels(method="receipt", success="true")._value.get() >= 2
-    finally:
-        gate.set()
-        for sock in clients:
-            sock.close()
-        ctx.term()
-        ctl.close()
-        bg.stop()
 
 
 def test_worker_threads_start_off_the_manager_thread(tmp_path, monkeypatch):
     """Thread.start() waits until the new thread runs: on the manager thread it held up ping
     for 150-300 ms on a loaded host. Workers are started from a helper thread; one that cannot
     start (the OS has no thread left) fails its scan by name, and the daemon goes on."""
-    from cryoptycho.daemon.config import ServiceConfig
-    from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.worker import ScanWorker
-    from cryoptycho.protocols.control import ControlClient
-    from cryoptycho.protocols.producer import Producer
 
     starters: list[str] = []
 
     def no_thread(self):
-        import threading
-
         starters.append(threading.current_thread().name)
         raise RuntimeError("can't start new thread")
 
     monkeypatch.setattr(ScanWorker, "start", no_thread)
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
-    bg = BackgroundService(cfg)
-    svc = bg.service
-    try:
-        with ControlClient(svc.endpoints["control"], timeout_s=30, retries=1) as ctl, \
-                Producer(svc.endpoints["ingest"], control=svc.endpoints["control"], confirm=False) as p:
-            p.start_scan(scan_id="threadless", energy_eV=300e3, frame_shape=(16, 16), frame_dtype="uint16",
-                         expected_frames=4, pixel_size_m=1e-10, probe=np.ones((16, 16), np.complex64),
-                         positions_m=np.zeros((4, 2)))
+    with gated_service(tmp_path) as d:
+        ctl = d.ctl
+        with d.producer(confirm=False) as p:
+            p.start_scan(scan_id="threadless", **d.start_fields(4))
             scan = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "threadless"
                                           and s["state"] == "failed"), None), 60, "the scan to fail")
             assert "can't start new thread" in scan["error"], scan
             assert ctl.ping()["pong"] is True
         assert starters and all(name.startswith("worker-start") for name in starters), starters
-        assert svc.metrics.internal_errors.labels(where="worker")._value.get() == 1
-    finally:
-        bg.stop()
+        assert d.svc.metrics.internal_errors.labels(where="worker")._value.get() == 1
 
 
 def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatch):
@@ -487,96 +546,52 @@ def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatc
     was also sent before the stop's own spool operations: a sender reading the spool on
     "aborted" found it still open. The spool thread is held by gates so that the order is
     certain."""
-    import threading
-
-    from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.scans import ScanManager
-    from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, spool_path
-    from cryoptycho.protocols.control import ControlClient
-    from cryoptycho.protocols.messages import decode
-    from cryoptycho.protocols.producer import Producer
 
-    gate, entered = threading.Event(), threading.Event()
-    gate.set()
-    closing, closing_entered = threading.Event(), threading.Event()
-    append_many, set_status, run_disk_done = SpoolWriter.append_many, SpoolWriter.set_status, ScanManager.run_disk_done
+    gate, closing = Gate(closed=False), Gate(closed=True)
+    gate.hold(monkeypatch, SpoolWriter, "append_many")
+    closing.hold(monkeypatch, SpoolWriter, "set_status", when=lambda status, *a, **k: status == "aborted")
+    run_disk_done = ScanManager.run_disk_done
     turns = [0]
-
-    def gated(self, *args, **kwargs):
-        if not gate.is_set():
-            entered.set()
-            assert gate.wait(120), "the test never opened the gate"
-        return append_many(self, *args, **kwargs)
-
-    def gated_status(self, status, *args, **kwargs):
-        if status == "aborted":
-            closing_entered.set()
-            assert closing.wait(120), "the test never let the spool close"
-        return set_status(self, status, *args, **kwargs)
 
     def counted(self):
         run_disk_done(self)
         turns[0] += 1
 
-    monkeypatch.setattr(SpoolWriter, "append_many", gated)
-    monkeypatch.setattr(SpoolWriter, "set_status", gated_status)
     monkeypatch.setattr(ScanManager, "run_disk_done", counted)
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
-    bg = BackgroundService(cfg)
-    svc = bg.service
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(svc.endpoints["control"])
-    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
-             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
-    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
-
-    def pending() -> int:
-        return sum(len(q) for q in list(svc._replies.values()))
-
-    try:
-        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
-            producer.start_scan(scan_id="held", **start)
+    with gated_service(tmp_path, gate, closing) as d:
+        ctl = d.ctl
+        sock = d.dealer()
+        with d.producer() as producer:
+            producer.start_scan(scan_id="held", **d.start_fields(8))
             producer.send_frames(np.ones((2, 16, 16), np.uint16))
             assert producer.flush().acknowledged == 2
-            gate.clear()
+            gate.close()
             producer.send_frames(np.ones((2, 16, 16), np.uint16))
-            assert entered.wait(60), "the spool thread never took the frames"
-            sock.send_multipart([b"", *_raw(encode(Request("receipt", {"scan_id": "held"})))])
-            wait_for(lambda: pending() == 1, 60, "the manager to read it")
+            assert gate.entered.wait(60), "the spool thread never took the frames"
+            _ask(sock, "receipt", scan_id="held")
+            wait_for(lambda: d.pending() == 1, 60, "the manager to read it")
             ctl.cancel("held")
             wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("held") == "aborted",
                      60, "the cancelled scan to stop")
             assert not sock.poll(0), "the receipt was answered before the spool thread was done"
-            gate.set()
+            gate.open()
             # the spool thread has counted the frames and now closes the spool (held there):
             # once the manager has run everything it handed back before that, two turns on
-            assert closing_entered.wait(60), "the spool thread never closed the aborted spool"
+            assert closing.entered.wait(60), "the spool thread never closed the aborted spool"
             seen = turns[0]
             wait_for(lambda: turns[0] >= seen + 2, 60, "the manager to run what the spool thread handed back")
-            assert pending() == 1 and not sock.poll(0), "the receipt said aborted before its spool was closed"
-            closing.set()
-            assert sock.poll(60_000), "no reply"
-            reply = decode(sock.recv_multipart()[1:])
-            assert reply.success, reply.msg
-            info = reply.result
+            assert d.pending() == 1 and not sock.poll(0), "the receipt said aborted before its spool was closed"
+            closing.open()
+            info = _answer(sock)
             assert info["state"] == "aborted", info
             assert info["end_reason"] is not None and "cancel" in info["end_reason"], info
             assert info["frames"]["received"] == 4, info
             assert info["missing"] == [4, 5, 6, 7] and info["frames"]["gaps"] == 4, info
             # answered after the spool was closed: it reads back as the receipt says
-            spool = read_spool(spool_path(cfg.spool_dir, "held"), frames=False)
+            spool = read_spool(spool_path(d.svc.config.spool_dir, "held"), frames=False)
             assert spool.status == "aborted" and len(spool.indices) == 4
-    finally:
-        gate.set()
-        closing.set()
-        sock.close()
-        ctx.term()
-        ctl.close()
-        bg.stop()
 
 
 def test_an_acquisition_timeout_counts_the_frames_the_spool_thread_has_yet_to_write(tmp_path, monkeypatch):
@@ -584,57 +599,31 @@ def test_an_acquisition_timeout_counts_the_frames_the_spool_thread_has_yet_to_wr
     only the frames already on disk, so with the spool thread behind (a busy host) the reason
     named fewer frames than the receipt and the spool held once it caught up (and a scan sent
     whole but without scan_end was aborted as partial). The spool thread is held by a gate."""
-    import threading
-
-    from cryoptycho.daemon.config import ServiceConfig
-    from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, spool_path
-    from cryoptycho.protocols.control import ControlClient
-    from cryoptycho.protocols.producer import Producer
 
-    gate, entered = threading.Event(), threading.Event()
-    gate.set()
-    append_many = SpoolWriter.append_many
+    gate = Gate(closed=False)
+    gate.hold(monkeypatch, SpoolWriter, "append_many")
+    with gated_service(tmp_path, gate, resolution_interval_s=0) as d:
+        svc, ctl = d.svc, d.ctl
 
-    def gated(self, *args, **kwargs):
-        if not gate.is_set():
-            entered.set()
-            assert gate.wait(120), "the test never opened the gate"
-        return append_many(self, *args, **kwargs)
+        def summary(scan_id: str) -> dict:
+            return next(s for s in ctl.list_scans() if s["scan_id"] == scan_id)
 
-    monkeypatch.setattr(SpoolWriter, "append_many", gated)
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
-                        resolution_interval_s=0)
-    bg = BackgroundService(cfg)
-    svc = bg.service
-    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
-             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
-    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
-
-    def summary(scan_id: str) -> dict:
-        return next(s for s in ctl.list_scans() if s["scan_id"] == scan_id)
-
-    try:
-        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
-            producer.start_scan(scan_id="silent", **start)
-            gate.clear()
+        with d.producer() as producer:
+            producer.start_scan(scan_id="silent", **d.start_fields(8))
+            gate.close()
             producer.send_frames(np.ones((4, 16, 16), np.uint16))
-            assert entered.wait(60), "the spool thread never took the frames"
+            assert gate.entered.wait(60), "the spool thread never took the frames"
             # the sender is gone; the timeout (long until the frames were read) runs out now
             svc.config.acquisition_timeout_s = 0.01
             reason = wait_for(lambda: summary("silent")["end_reason"], 60, "the acquisition timeout")
             assert "acquisition_timeout" in reason and "after 4 of 8 frames" in reason, reason
-            gate.set()
+            gate.open()
             info = wait_for(lambda: (r := ctl.receipt("silent"))["state"] == "aborted" and r, 60, "the abort")
             assert info["frames"]["received"] == 4 and info["end_reason"] == reason, info
-            spool = read_spool(spool_path(cfg.spool_dir, "silent"), frames=False)
+            spool = read_spool(spool_path(svc.config.spool_dir, "silent"), frames=False)
             assert spool.status == "aborted" and len(spool.indices) == 4
             producer.scan = None  # it never ends: the daemon already said why
-    finally:
-        gate.set()
-        ctl.close()
-        bg.stop()
 
 
 def test_frames_for_a_scan_whose_worker_is_still_stopping_are_refused_by_name(tmp_path, monkeypatch):
@@ -642,59 +631,34 @@ def test_frames_for_a_scan_whose_worker_is_still_stopping_are_refused_by_name(tm
     turn: frames read in between (a sender that has not heard yet, a busy host) found no spool,
     an internal error (KeyError) that failed the cancelled scan. The worker is held by a gate
     so that the frames arrive in between."""
-    import threading
-
-    from cryoptycho.daemon.config import ServiceConfig
-    from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.worker import ScanWorker
-    from cryoptycho.protocols.control import ControlClient
-    from cryoptycho.protocols.producer import Producer
 
-    gate, entered = threading.Event(), threading.Event()
-    abort = ScanWorker._abort
+    gate = Gate(closed=True)
+    gate.hold(monkeypatch, ScanWorker, "_abort")
+    with gated_service(tmp_path, gate, resolution_interval_s=0) as d:
+        ctl, m = d.ctl, d.svc.metrics
 
-    def gated(self, *args, **kwargs):
-        entered.set()
-        assert gate.wait(120), "the test never opened the gate"
-        return abort(self, *args, **kwargs)
+        def refused() -> float:
+            return m.frames_dropped.labels(reason="scan_closed")._value.get()
 
-    monkeypatch.setattr(ScanWorker, "_abort", gated)
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
-                        resolution_interval_s=0)
-    bg = BackgroundService(cfg)
-    svc = bg.service
-    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
-             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
-    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
-    m = svc.metrics
+        def internal() -> float:
+            return m.internal_errors.labels(where="ingest")._value.get()
 
-    def refused() -> float:
-        return m.frames_dropped.labels(reason="scan_closed")._value.get()
-
-    def internal() -> float:
-        return m.internal_errors.labels(where="ingest")._value.get()
-
-    try:
-        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
-            producer.start_scan(scan_id="late", **start)
+        with d.producer() as producer:
+            producer.start_scan(scan_id="late", **d.start_fields(8))
             producer.send_frames(np.ones((2, 16, 16), np.uint16))
             assert producer.flush().acknowledged == 2
             assert ctl.cancel("late", "operator stop")["state"] != "aborted"
-            assert entered.wait(60), "the worker never took the cancel"
+            assert gate.entered.wait(60), "the worker never took the cancel"
             producer.send_frames(np.ones((2, 16, 16), np.uint16))
             wait_for(lambda: refused() + internal() > 0, 60, "the frames after the cancel to be handled")
             assert (refused(), internal()) == (2, 0)
-            gate.set()
+            gate.open()
             info = wait_for(lambda: (r := ctl.receipt("late"))["state"] in ("aborted", "failed") and r, 60,
                             "the scan to stop")
             assert info["state"] == "aborted" and "operator stop" in info["end_reason"], info
             assert info["frames"]["received"] == 2, info
             producer.scan = None  # the daemon already said why it stopped
-    finally:
-        gate.set()
-        ctl.close()
-        bg.stop()
 
 
 def test_finish_scan_asked_as_soon_as_a_receipt_says_aborted_reopens_it(tmp_path, monkeypatch):
@@ -702,72 +666,36 @@ def test_finish_scan_asked_as_soon_as_a_receipt_says_aborted_reopens_it(tmp_path
     acting on the receipt at once, as the killed-sender test does) was refused as "still
     stopping; ask again in a moment". It is now answered once the worker is gone. The worker
     is held by a gate between its abort and its exit."""
-    import threading
-
-    from cryoptycho.daemon.config import ServiceConfig
-    from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.worker import ScanWorker
-    from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.messages import decode
-    from cryoptycho.protocols.producer import Producer
 
-    gate, aborted = threading.Event(), threading.Event()
-    abort = ScanWorker._abort
-
-    def then_held(self, *args, **kwargs):
-        abort(self, *args, **kwargs)
-        aborted.set()
-        assert gate.wait(120), "the test never opened the gate"
-
-    monkeypatch.setattr(ScanWorker, "_abort", then_held)
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
-                        resolution_interval_s=0, refine_time_budget_s=5)
-    bg = BackgroundService(cfg)
-    svc = bg.service
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(svc.endpoints["control"])
-    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
-             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
-    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
-    try:
-        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
-            producer.start_scan(scan_id="early", **start)
+    gate = Gate(closed=True)
+    gate.hold(monkeypatch, ScanWorker, "_abort", after=True)
+    with gated_service(tmp_path, gate, resolution_interval_s=0, refine_time_budget_s=5) as d:
+        ctl = d.ctl
+        sock = d.dealer()
+        with d.producer() as producer:
+            producer.start_scan(scan_id="early", **d.start_fields(8))
             producer.send_frames(np.ones((4, 16, 16), np.uint16))
             assert producer.flush().acknowledged == 4
             ctl.cancel("early")
-            assert aborted.wait(60), "the worker never aborted the scan"
+            assert gate.entered.wait(60), "the worker never aborted the scan"
             assert ctl.receipt("early")["state"] == "aborted"
-            sock.send_multipart([b"", *_raw(encode(Request("finish_scan", {"scan_id": "early"})))])
-            wait_for(lambda: sum(len(q) for q in list(svc._replies.values())) == 1 or sock.poll(0), 60,
-                     "the manager to read it")
+            _ask(sock, "finish_scan", scan_id="early")
+            wait_for(lambda: d.pending() == 1 or sock.poll(0), 60, "the manager to read it")
             assert not sock.poll(0), f"answered while the worker was exiting: {decode(sock.recv_multipart()[1:])}"
-            gate.set()
-            assert sock.poll(60_000), "no reply"
-            reply = decode(sock.recv_multipart()[1:])
-            assert reply.success, reply.msg
-            assert reply.result["state"] in ("announced", "acquiring", "refining") and \
-                reply.result["frames"]["received"] == 4, reply.result
+            gate.open()
+            result = _answer(sock)
+            assert result["state"] in ("announced", "acquiring", "refining") and \
+                result["frames"]["received"] == 4, result
             producer.scan = None
-    finally:
-        gate.set()
-        sock.close()
-        ctx.term()
-        ctl.close()
-        bg.stop()
 
 
 def test_list_scans_by_state_filters_on_the_state_it_lists(tmp_path, monkeypatch):
     """`list_scans(state=…)` checked each scan's state, then read its summary: a worker that
     changed the state in between (here: the summary itself is where the scan stops) had the
     reply list a scan in another state than the one asked for."""
-    from cryoptycho.daemon.config import ServiceConfig
-    from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.session import Session, State
-    from cryoptycho.protocols.control import ControlClient
-    from cryoptycho.protocols.producer import Producer
 
     summary = Session.summary
 
@@ -776,23 +704,13 @@ def test_list_scans_by_state_filters_on_the_state_it_lists(tmp_path, monkeypatch
             self.transition(State.ABORTED, error="stopped between the check and the summary")
         return summary(self)
 
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
-                        resolution_interval_s=0)
-    bg = BackgroundService(cfg)
-    svc = bg.service
-    start = {"energy_eV": 300e3, "frame_shape": (16, 16), "frame_dtype": "uint16", "expected_frames": 8,
-             "pixel_size_m": 1e-10, "probe": np.ones((16, 16), np.complex64), "positions_m": np.zeros((8, 2))}
-    ctl = ControlClient(svc.endpoints["control"], timeout_s=30, retries=1)
-    try:
-        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
-            producer.start_scan(scan_id="moving", **start)  # no frame: it stays announced
-            wait_for(lambda: "moving" in svc.scans.sessions, 60, "the scan to register")
+    with gated_service(tmp_path, resolution_interval_s=0) as d:
+        ctl = d.ctl
+        with d.producer() as producer:
+            producer.start_scan(scan_id="moving", **d.start_fields(8))  # no frame: it stays announced
+            wait_for(lambda: "moving" in d.svc.scans.sessions, 60, "the scan to register")
             monkeypatch.setattr(Session, "summary", stops_first)
             listed = ctl.list_scans(state="announced")
             assert all(s["state"] == "announced" for s in listed), listed
             assert [s["state"] for s in ctl.list_scans(state="aborted")] == ["aborted"]
             producer.scan = None
-    finally:
-        ctl.close()
-        bg.stop()
