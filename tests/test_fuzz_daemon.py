@@ -561,7 +561,6 @@ def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatc
 
     monkeypatch.setattr(ScanManager, "run_disk_done", counted)
     with gated_service(tmp_path, gate, closing) as d:
-        ctl = d.ctl
         sock = d.dealer()
         with d.producer() as producer:
             producer.start_scan(scan_id="held", **d.start_fields(8))
@@ -572,8 +571,8 @@ def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatc
             assert gate.entered.wait(60), "the spool thread never took the frames"
             _ask(sock, "receipt", scan_id="held")
             wait_for(lambda: d.pending() == 1, 60, "the manager to read it")
-            ctl.cancel("held")
-            wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("held") == "aborted",
+            d.ctl.cancel("held")
+            wait_for(lambda: {s["scan_id"]: s["state"] for s in d.ctl.list_scans()}.get("held") == "aborted",
                      60, "the cancelled scan to stop")
             assert not sock.poll(0), "the receipt was answered before the spool thread was done"
             gate.open()
@@ -672,15 +671,14 @@ def test_finish_scan_asked_as_soon_as_a_receipt_says_aborted_reopens_it(tmp_path
     gate = Gate(closed=True)
     gate.hold(monkeypatch, ScanWorker, "_abort", after=True)
     with gated_service(tmp_path, gate, resolution_interval_s=0, refine_time_budget_s=5) as d:
-        ctl = d.ctl
         sock = d.dealer()
         with d.producer() as producer:
             producer.start_scan(scan_id="early", **d.start_fields(8))
             producer.send_frames(np.ones((4, 16, 16), np.uint16))
             assert producer.flush().acknowledged == 4
-            ctl.cancel("early")
+            d.ctl.cancel("early")
             assert gate.entered.wait(60), "the worker never aborted the scan"
-            assert ctl.receipt("early")["state"] == "aborted"
+            assert d.ctl.receipt("early")["state"] == "aborted"
             _ask(sock, "finish_scan", scan_id="early")
             wait_for(lambda: d.pending() == 1 or sock.poll(0), 60, "the manager to read it")
             assert not sock.poll(0), f"answered while the worker was exiting: {decode(sock.recv_multipart()[1:])}"
