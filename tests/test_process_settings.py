@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import time
 import weakref
 
 import numpy as np
@@ -14,6 +13,7 @@ from cryoptycho.daemon.service import BackgroundService, set_numpy_hugepages
 from cryoptycho.gpu import framestore
 from cryoptycho.protocols.messages import RasterScan
 from cryoptycho.protocols.producer import Producer
+from daemon_support import wait_for
 
 
 def _numpy_advises_hugepages() -> bool:
@@ -78,16 +78,6 @@ def test_frame_store_reuse_is_read_from_the_environment_and_checked(monkeypatch)
         ServiceConfig()
 
 
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"no {what} within {timeout_s} s")
-
-
 def test_a_scan_s_engine_and_frame_store_go_when_its_worker_has_ended(tmp_path, restore_frame_store_reuse):
     """A finished scan stays listed (the history) long after its worker; its engine, frame store
     included, must not stay with it, or a daemon running scan after scan keeps them all."""
@@ -98,15 +88,15 @@ def test_a_scan_s_engine_and_frame_store_go_when_its_worker_has_ended(tmp_path, 
             frames = np.random.default_rng(0).poisson(0.1, (64, 96, 96)).astype(np.uint16)
             producer.start_scan(_scan("gone", 96, 256, raster=RasterScan((4, 64), (1e-10, 1e-10))))
             producer.send_frames(frames, np.arange(64))
-            engine = _wait(lambda: getattr(scans.running.get("gone"), "engine", None), 60, "engine")
+            engine = wait_for(lambda: getattr(scans.running.get("gone"), "engine", None), 60, "engine")
             gone = weakref.ref(engine)
             store = weakref.ref(engine.frame_store)
             del engine
             producer.abort("test")
-        _wait(lambda: "gone" in scans.sessions and scans.sessions["gone"].state.final
-              and "gone" not in scans.running, 60, "end of the scan")
+        wait_for(lambda: "gone" in scans.sessions and scans.sessions["gone"].state.final
+                 and "gone" not in scans.running, 60, "end of the scan")
         # what the spool thread still had queued for the scan may hold its worker a moment longer
-        _wait(lambda: gc.collect() >= 0 and gone() is None and store() is None, 30, "engine released")
+        wait_for(lambda: gc.collect() >= 0 and gone() is None and store() is None, 30, "engine released")
         assert "gone" in scans.sessions  # still listed
     finally:
         bg.stop()
