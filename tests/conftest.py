@@ -49,3 +49,15 @@ def xp(request):
     if request.param == "strict" and module in _NOT_YET_STRICT:
         pytest.skip(f"strict backend: {_NOT_YET_STRICT[module]}")
     return get_xp(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _no_frame_store_memory_kept_between_tests():
+    """A service started in this process (BackgroundService) sets the process-wide frame-store
+    pool to keep up to frame_store_reuse_bytes (4 GiB); left so, a later test's store would be
+    made in an earlier test's memory and its outcome would depend on the order of the tests.
+    Back to the library default after every test (which also unmaps what was kept)."""
+    yield
+    from cryoptycho.gpu import framestore
+
+    framestore.MAPPINGS.set_keep_bytes(0)

@@ -131,6 +131,7 @@ def test_a_kernel_without_the_populate_advice_still_stores_every_frame(monkeypat
     """A kernel before 5.14 refuses MADV_POPULATE_WRITE (EINVAL); the store then writes as it
     always did, page faults and all, and stops asking."""
     monkeypatch.setattr(framestore, "_MADV_POPULATE_WRITE", -1)  # no kernel knows this advice
+    monkeypatch.setattr(framestore, "MAPPINGS", framestore.MappingPool())  # fresh memory, as such a kernel gives
     m, n = 64, 300
     frames = _frames(np.random.default_rng(5), n, m)
     store = FrameStore((m, m), np.uint16, capacity=200)
