@@ -44,7 +44,9 @@ class _Snapshots(io.FileIO):
         return super().write(b)
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: HDF5 frees a rewritten part-full chunk of data and "
+# not strict: the loss depends on HDF5's order of writes inside a flush (measured with h5py 3.16 /
+# HDF5 2.0.0); another HDF5 may order them otherwise, and that must not turn a fresh install red
+@pytest.mark.xfail(strict=False, reason="known limit: HDF5 frees a rewritten part-full chunk of data and "
                    "reuses its space, or moves it past the end the superblock records, before the flush "
                    "has written the index: a kill inside the flush loses that chunk's received frames")
 def test_every_write_of_a_flush_keeps_the_frames_received_before(tmp_path: Path,
