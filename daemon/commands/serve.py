@@ -14,6 +14,9 @@ import click
 from cryoptycho.daemon.config import ConfigError, load_config, unknown_environment
 
 log = logging.getLogger("cryoptycho.serve")
+#: how long a stopping daemon waits for its detector source to finish (its decoding jobs, the
+#: abort of a series still open, its log lines)
+SOURCE_STOP_S = 30.0
 
 
 def _set_pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -104,9 +107,10 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: service.request_stop(signal.Signals(signum).name))
     bridge_stop = threading.Event()
+    source_thread: threading.Thread | None = None
     if config.source is not None:
         try:
-            _start_source(config, bridge_stop, service)
+            source_thread = _start_source(config, bridge_stop, service)
         except (ValueError, TypeError) as exc:
             service.close()
             raise click.ClickException(str(exc)) from None
@@ -116,6 +120,15 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
         service.run()
     finally:
         bridge_stop.set()
+        if source_thread is not None:
+            # the source's last words (its stop line, the count of errors it held back, the
+            # abort of a series still open) come after it sees the stop: a daemon thread not
+            # waited for was cut off by the exit. Closing the sink frees a put() held by
+            # back-pressure.
+            service.direct.close()
+            source_thread.join(SOURCE_STOP_S)
+            if source_thread.is_alive():
+                log.warning("the detector source did not stop within %.0f s", SOURCE_STOP_S)
         service.close()
     log.info("stopped")
 
@@ -151,7 +164,7 @@ def dectris_notice_handler(service: Any) -> Any:
     return handle
 
 
-def _start_source(config: Any, stop: threading.Event, service: Any) -> None:
+def _start_source(config: Any, stop: threading.Event, service: Any) -> threading.Thread:
     """Run the detector source named by ``config.source`` on its own thread, delivering into
     the service's direct sink; its failure is logged and stops the service (a daemon started
     for one detector stream is of no use once that stream is gone)."""
@@ -171,7 +184,9 @@ def _start_source(config: Any, stop: threading.Event, service: Any) -> None:
             log.exception("detector source failed; stopping the service", extra={"source": url})
             service.request_stop()
 
-    threading.Thread(target=target, name="source", daemon=True).start()
+    thread = threading.Thread(target=target, name="source", daemon=True)
+    thread.start()
+    return thread
 
 
 def _say_if_unreachable(url: str, timeout_s: float = 3.0) -> None:
