@@ -60,6 +60,36 @@ def test_a_readable_spool_passes_and_a_damaged_chunk_is_named(tmp_path, scan):
     assert bad.read_bytes() == before
 
 
+def test_detector_frames_are_read_too(tmp_path):
+    """A spool with a detector's frames (one whole chunk of 8 and a tail): a damaged chunk of
+    ``detector_frames`` is found although ``data`` reads."""
+    from cryoptycho.daemon.scan import ScanSpec
+    from cryoptycho.daemon.storage.spool import DATA, DETECTOR_FRAMES, SpoolWriter
+    from cryoptycho.protocols.compression import bslz4_compress
+    from cryoptycho.protocols.sources import RawChunks
+
+    assert (readcheck._DATA, readcheck._DETECTOR_FRAMES) == (DATA, DETECTOR_FRAMES)
+    side, n = 192, 12
+    det = np.random.default_rng(1).poisson(0.05, (n, side, side)).astype(np.uint16)
+    spec = ScanSpec(scan_id="det", frame_shape=(8, 8), frame_dtype="uint16", pixel_size_m=1e-10,
+                    energy_eV=300e3, probe=np.ones((8, 8), np.complex64), expected_frames=None)
+    w = SpoolWriter.create(tmp_path, spec)
+    w.append(det[:, ::24, ::24].copy(), np.arange(n), np.zeros((n, 2)),
+             raw=RawChunks((side, side), np.dtype(np.uint16), [bslz4_compress(f, 8192) for f in det]))
+    w.set_status("ended")
+    path = w.path
+    w.close()
+    assert check_spool_readable(path) is None
+    with h5py.File(path, "r") as f:
+        assert f[DATA][DETECTOR_FRAMES].id.get_num_chunks() >= 1
+        info = f[DATA][DETECTOR_FRAMES].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + 12)
+        fh.write(b"\xff" * (info.size - 12))
+    why = check_spool_readable(path)
+    assert why is not None and why.startswith("reading its frames failed ("), why
+
+
 def test_a_reader_killed_by_a_signal_or_hung_is_reported(tmp_path, scan, monkeypatch):
     path = _spool(tmp_path, scan, "any")
     # stand-ins for the reader: one that dies of SIGSEGV as the bitshuffle filter does on some

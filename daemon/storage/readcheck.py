@@ -7,6 +7,7 @@ start; reading them first in a short-lived child keeps a crash, a hang or an err
 
 ``python -m cryoptycho.daemon.storage.readcheck SPOOL`` reads every committed row (``data`` and,
 if present, the detector frames) and exits 0, or 1 with the error as the last line on stderr.
+Recovery reads the rest of the file (``read_spool(path, frames=False)``) in-process before.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-#: seconds the child may take to read a spool: LZ4 decompresses GB/s, so only a hung reader
-#: comes near it; several such files still fit systemd's TimeoutStartSec (5 min) in practice
-READ_TIMEOUT_S = 120.0
+#: seconds the child may take to read a spool: it reads a 4096-frame spool (268 MB of frames)
+#: in under a second, so only a hung reader comes near this; a hung one costs a minute of the
+#: start (systemd's TimeoutStartSec is 5 min)
+READ_TIMEOUT_S = 60.0
 #: rows read at a time: bounds the child's memory whatever the spool's size
 _ROWS = 256
+# spool.DATA and spool.DETECTOR_FRAMES (tests/test_spool_read_check.py holds them equal)
+_DATA = "entry_1/data_1"
+_DETECTOR_FRAMES = "detector_frames"
 
 
 def _reader_command(path: Path) -> list[str]:
@@ -51,19 +56,25 @@ def check_spool_readable(path: str | Path, timeout_s: float = READ_TIMEOUT_S) ->
 
 def read_all_frames(path: Path) -> int:
     """Read every committed frame of spool ``path`` (and its detector frames), ``_ROWS`` rows at
-    a time, with the readers recovery uses; the number of rows."""
+    a time, as recovery reads them; the number of rows. The caller has read the rest of the file
+    (``read_spool(path, frames=False)``)."""
+    # h5py alone: the spool module's imports (the engine's options) take ~1.5 s of the child's
+    # start, paid for every unfinished spool; it is imported only for a spool with detector frames
     import h5py
     import hdf5plugin  # noqa: F401  (registers the bitshuffle filter)
-    from cryoptycho.daemon.storage.spool import DATA, read_detector_frames, read_spool
 
-    read_spool(path, frames=False)  # the format, version and layout checks, with their messages
-    # plain h5py: open_checked would blame a missing hdf5plugin for a damaged chunk
+    # plain h5py.File: open_checked would blame a missing hdf5plugin for a damaged chunk
     with h5py.File(path, "r") as f:
-        data = f[DATA + "/data"]
-        count = int(f[DATA].attrs["count"])
+        group = f[_DATA]
+        data = group["data"]
+        count = int(group.attrs["count"])
         for start in range(0, count, _ROWS):
             data[start:start + _ROWS]
-            read_detector_frames(f, start, start + _ROWS)
+        if _DETECTOR_FRAMES in group:
+            from cryoptycho.daemon.storage.spool import read_detector_frames
+
+            for start in range(0, count, _ROWS):
+                read_detector_frames(f, start, start + _ROWS)
     return count
 
 
