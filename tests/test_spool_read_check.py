@@ -117,6 +117,7 @@ def test_the_daemon_starts_names_a_spool_it_cannot_read_keeps_it_and_recovers_th
             wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("intact") == "finished", 90,
                      "the intact spool to be recovered and finished", daemon)
             assert "damaged" not in {s["scan_id"] for s in ctl.list_scans()}
+        wait_for(lambda: "damaged.spool.h5" in daemon.log(), 30, "the damaged spool to be named in the log", daemon)
         named = [line for line in daemon.log_lines
                  if "cannot recover spool" in line and "damaged.spool.h5" in line]
         assert len(named) == 1 and "reading its frames failed" in named[0] and "kept, untouched" in named[0], daemon.log()
