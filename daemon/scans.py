@@ -33,6 +33,7 @@ from .publisher import Outbox
 from .scan import ScanSpec
 from .session import Session, State
 from .storage.diskspace import require_free_space
+from .storage.readcheck import check_spool_readable
 from .storage.spool import SpoolWriter, file_stem, read_spool, spool_path, unfinished_spools
 from .worker import Cancel, EndOfScan, FrameBatch, Interrupt, ScanWorker
 
@@ -814,6 +815,9 @@ class ScanManager:
                 spec = contents.spec
                 if spec.scan_id in self.sessions:
                     continue
+                unreadable = check_spool_readable(path)
+                if unreadable is not None:  # a child read the frames: a crash there stops no daemon
+                    raise ValueError(unreadable)
                 options = self._options_for(spec)
                 need = self._reservation(spec, options)
                 spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
