@@ -174,11 +174,7 @@ class ScanManager:
         Needs only the declaration (shape, count, extent, options), never the probe or the
         positions, so the service refuses a scan before it builds anything large.
         ``own_spool``: the spool file that exists is this scan's own (made by create_spool)."""
-        if spec.scan_id in self.sessions or (
-            not own_spool and spool_path(self.config.spool_dir, spec.scan_id).exists()
-        ):
-            raise ScanRefused("scan_id", "unique_scan_id", f"scan {spec.scan_id!r} already exists")
-        self._check_no_result(spec.scan_id)
+        self._check_unique(spec.scan_id, own_spool)
         if self.stopping:
             raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
         if len(self.waiting) >= self.config.max_queued_scans + max(
@@ -192,18 +188,20 @@ class ScanManager:
         """Whether a scan_start of this id would be refused as not unique: the daemon holds a
         scan of that id, its spool, or its result files. Detector sources, which name their
         scans themselves, ask it so that a series after a restart does not take an old name."""
-        if scan_id in self.sessions or spool_path(self.config.spool_dir, scan_id).exists():
-            return True
         try:
-            self._check_no_result(scan_id)
+            self._check_unique(scan_id)
         except ScanRefused:
             return True
         return False
 
-    def _check_no_result(self, scan_id: str) -> None:
-        """A scan id whose result files exist is taken, though the daemon no longer lists it (a
-        restart, or more than HISTORY scans since): its result would overwrite them."""
+    def _check_unique(self, scan_id: str, own_spool: bool = False) -> None:
+        """Refuse an id the daemon holds a scan, spool (unless ``own_spool``) or result of. A
+        result counts though the daemon no longer lists its scan (a restart, or more than
+        HISTORY scans since): a new result would overwrite it."""
         from .storage.outputs import output_paths
+
+        if scan_id in self.sessions or (not own_spool and spool_path(self.config.spool_dir, scan_id).exists()):
+            raise ScanRefused("scan_id", "unique_scan_id", f"scan {scan_id!r} already exists")
 
         stem = self.config.results_dir / file_stem(scan_id)
         taken = [p for p in output_paths(stem, self.config.output_formats).values() if p.exists()]
