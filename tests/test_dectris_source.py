@@ -121,6 +121,15 @@ def test_frames_are_decoded_once_and_spooled_as_the_detector_sent_them(service, 
         return real(*args, **kw)
 
     monkeypatch.setattr(compression, "bslz4_decompress", counting)
+    from cryoptycho.protocols.dectris import source as source_module
+
+    real_batch = source_module.bslz4_batch
+
+    def counting_batch(payloads: list[bytes], *args: Any) -> np.ndarray:
+        calls["n"] += len(payloads)  # several images in one codec call
+        return real_batch(payloads, *args)
+
+    monkeypatch.setattr(source_module, "bslz4_batch", counting_batch)
     frames = _frames(40)
     messages = _series(frames, "direct-once")
     source, stats = _run(service, messages)

@@ -9,6 +9,7 @@ A truncated or malformed payload is a clear :class:`DecodeError`.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import lz4.block
@@ -17,6 +18,11 @@ import numpy as np
 from .. import compression
 from ..errors import ProtocolError
 from .schema import DecodeError
+
+try:  # DECTRIS' own decoder, when installed (compression.BSLZ4_DECODER says whether it is used)
+    from dectris.compression import decompress as _dectris_decompress
+except ImportError:
+    _dectris_decompress = None
 
 _HEADER = struct.Struct(">QI")
 _BLOCK_LEN = struct.Struct(">I")
@@ -55,6 +61,77 @@ def bslz4_array(payload: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.n
     header's size must match it, or be 0 (as LiberTEM's simulator writes)."""
     try:
         return compression.bslz4_decompress(payload, dtype, shape, "payload", zero_size_ok=True)
+    except ProtocolError as exc:
+        raise DecodeError(exc.message) from exc
+
+
+def bslz4_batch_plan(payloads: list[bytes], dtype: np.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """Which of a job's bslz4 payloads can be decoded together, several frames in one codec
+    call (:func:`bslz4_batch`), and the block size in bytes they share: ``(ok (k,) bool,
+    block bytes)``. A payload is ok when its framing is whole — header size the frame's bytes
+    (or 0, as LiberTEM's simulator writes), the block size of the first payload, every block
+    length inside the payload, no byte beyond its blocks — which is what
+    :func:`bslz4_array` checks one block at a time in Python, here for all payloads at once,
+    one NumPy step per block (a 192×192 uint16 frame has nine). Only frames of whole blocks
+    (no short last block, no raw tail) concatenate, so otherwise none is ok. A payload not
+    ok goes through :func:`bslz4_array` alone, which names what is wrong with it or decodes it:
+    this check may turn away what that one accepts, never the reverse."""
+    k, item = len(payloads), dtype.itemsize
+    none = np.zeros(k, bool), 0
+    if not k:
+        return none
+    n_elements = math.prod(shape)
+    nbytes = n_elements * item
+    first = payloads[0]
+    if len(first) < _HEADER.size:
+        return none
+    block_bytes = _HEADER.unpack_from(first)[1] or compression.default_block_elements(item) * item
+    if (block_bytes % (8 * item) or block_bytes > 1 << 24 or not nbytes or nbytes % block_bytes):
+        return none
+    lengths = np.fromiter(map(len, payloads), np.int64, k)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    # 16 bytes of padding: every gather below stays inside the buffer, whatever the lengths say
+    buf = np.frombuffer(b"".join([*payloads, bytes(16)]), np.uint8)
+    ok = lengths >= _HEADER.size
+    head = buf[np.where(ok, starts, 0)[:, None] + np.arange(_HEADER.size)]
+    declared = head[:, :8].copy().view(">u8")[:, 0]
+    blocks = head[:, 8:].copy().view(">u4")[:, 0]
+    ok &= (declared == nbytes) | (declared == 0)
+    # a 0 in the header is bitshuffle's default block size, which the first may name outright
+    ok &= (blocks == block_bytes) | ((blocks == 0) & (block_bytes == compression.default_block_elements(item) * item))
+    pos = starts + _HEADER.size
+    word = np.arange(4)
+    for _ in range(nbytes // block_bytes):
+        # (a length field cut off by the end fails the check below: its block would end past it)
+        at = np.where(ok, pos, 0)
+        pos = pos + 4 + buf[at[:, None] + word].copy().view(">u4")[:, 0]
+        ok &= pos <= ends
+    ok &= pos == ends
+    return ok, block_bytes
+
+
+def bslz4_batch(payloads: list[bytes], dtype: np.dtype, shape: tuple[int, ...], block_bytes: int) -> np.ndarray:
+    """Frames of ``shape`` decoded from bslz4 payloads that :func:`bslz4_batch_plan` found ok,
+    in one codec call: bitshuffle compresses each block on its own, so the blocks of frames of
+    whole blocks, one after another behind one header, are the bslz4 stream of the frames one
+    after another (:func:`..compression.bslz4_concat`). ``(k, *shape)``, maybe read-only. The
+    codec releases the GIL for the whole batch, and the per-call costs (Python, the codec's
+    set-up, a bytes object and its copy per frame) are paid once. A corrupt LZ4 block is a
+    :class:`DecodeError` of the batch (decode its frames alone to find which)."""
+    k, item = len(payloads), dtype.itemsize
+    nbytes = math.prod(shape) * item
+    head = _HEADER.pack(k * nbytes, block_bytes)
+    blob = b"".join([head, *(memoryview(p)[_HEADER.size:] for p in payloads)])
+    try:
+        if compression.BSLZ4_DECODER == "dectris" and _dectris_decompress is not None:
+            raw = _dectris_decompress(blob, "bslz4", elem_size=item)
+            if len(raw) != k * nbytes:
+                raise DecodeError(f"bslz4 batch decoded to {len(raw)} bytes, expected {k * nbytes}")
+            return np.frombuffer(raw, dtype).reshape(k, *shape)
+        return compression.bslz4_decompress(blob, dtype, (k, *shape), "payload")
+    except RuntimeError as exc:
+        raise DecodeError(f"corrupt bslz4 stream in a batch of {k}: {exc}") from None
     except ProtocolError as exc:
         raise DecodeError(exc.message) from exc
 

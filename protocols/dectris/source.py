@@ -46,7 +46,8 @@ from ..sources import (
     SourceMessage,
     SourceStats,
 )
-from .codec import bslz4_array
+from .binning import scratch
+from .codec import bslz4_array, bslz4_batch, bslz4_batch_plan
 from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, _Plan
 from .decode import ImagePayload, split_v2_image
 from .receiver import DectrisReceiver, ErrorLogLimiter, parse_source
@@ -164,20 +165,47 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
         m = reducer.frame_side
         counts = counts_out[:n] if counts_out is not None else np.empty((n, m, m), reducer.out_dtype)
         saturated = np.zeros(n, bool)
-        group = np.empty((SUB_BATCH, *shape), dtype)  # decoded frames awaiting their binning
+        group = scratch((SUB_BATCH, *shape), dtype, "group")  # decoded frames awaiting their binning
         binned: list[bytes] | None = [] if compress else None
     else:
         frames = np.empty((n, *shape), dtype)
     keep = np.ones(n, bool)
     k = g = 0
+    # bslz4 frames whose framing is whole are decoded up to SUB_BATCH at a time, in one codec
+    # call (codec.bslz4_batch), and binned from the codec's output as they are; the rest (and
+    # the frames of a batch the codec refused) one at a time, gathered in ``group`` for binning
+    blobs = [p.bslz4 for p in payloads]
+    together, block_bytes = (bslz4_batch_plan(blobs, dtype, shape)  # type: ignore[arg-type]
+                             if all(b is not None for b in blobs) else (np.zeros(n, bool), 0))
 
-    def flush_group() -> None:
-        rows = slice(k - g, k)
-        saturated[rows] = reducer.reduce_batch(group[:g], out=counts[rows])[1]
+    def bin_rows(stack: np.ndarray, rows: slice) -> None:
+        saturated[rows] = reducer.reduce_batch(stack, out=counts[rows])[1]
         if binned is not None:
             binned.extend(compression.bslz4_compress(c) for c in counts[rows])
 
-    for j, p in enumerate(payloads):
+    j = 0
+    while j < n:
+        if together[j]:
+            end = j + 1
+            while end < n and end - j < SUB_BATCH and together[end]:
+                end += 1
+            try:
+                stack = bslz4_batch(blobs[j:end], dtype, shape, block_bytes)  # type: ignore[arg-type]
+            except DecodeError:  # a corrupt block: each frame alone, which names the one
+                together[j:end] = False
+                continue
+            if binning and g:  # frames gathered before these are binned first (row order)
+                bin_rows(group[:g], slice(k - g, k))
+                g = 0
+            out.raw.extend(spool_chunk(blob, nbytes) for blob in blobs[j:end])  # type: ignore[arg-type]
+            if binning:
+                bin_rows(stack, slice(k, k + end - j))
+            else:
+                frames[k:k + end - j] = stack
+            k += end - j
+            j = end
+            continue
+        p = payloads[j]
         try:
             if p.bslz4 is not None:
                 frame = bslz4_array(p.bslz4, dtype, shape)
@@ -188,20 +216,22 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
         except DecodeError as exc:
             out.errors.append(exc)
             keep[j] = False
+            j += 1
             continue
+        j += 1
         out.raw.append(chunk)
         if binning:
             group[g] = frame
             g += 1
             k += 1
             if g == SUB_BATCH:
-                flush_group()
+                bin_rows(group, slice(k - g, k))
                 g = 0
         else:
             frames[k] = frame
             k += 1
     if binning and g:
-        flush_group()
+        bin_rows(group[:g], slice(k - g, k))
     out.image_ids = np.array(ids, np.int64)[keep]
     out.series_ids = np.array(series, np.int64)[keep]
     if not keep.all():
