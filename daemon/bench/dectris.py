@@ -660,8 +660,9 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
                    saturation_value: int | None = None) -> dict[str, float]:
     """CPU µs per frame of each stage of both paths (this process's CPU time, the spool's
     compression threads included), side by side (interleaved): new: ``decode_job`` (CBOR +
-    bslz4 + bin: the workers' job), ``spool_direct`` (binned frames, and the detector's chunks
-    as they are); old: ``bridge`` (decode + bin + encode our protocol), ``daemon_decode`` (the
+    bslz4 + bin: the workers' job; and its parts alone: ``job_cbor``, ``job_bslz4``, ``job_bin``,
+    and ``binned_compress``, the binned frames' bslz4 that worker processes add),
+    ``spool_direct`` (binned frames, and the detector's chunks as they are); old: ``bridge`` (decode + bin + encode our protocol), ``daemon_decode`` (the
     daemon's decode + validate of those messages), ``spool_filter`` (the binned frames only);
     both: ``frame_store`` (the engine takes the frames)."""
     import tempfile
@@ -671,7 +672,9 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
     from cryoptycho.daemon.storage.spool import SpoolWriter
     from cryoptycho.gpu.options import ReconOptions
     from cryoptycho.gpu.stream import StreamingReconstructor
-    from cryoptycho.protocols.dectris.source import Decoder, DirectConverter
+    from cryoptycho.protocols.dectris.codec import bslz4_batch, bslz4_batch_plan
+    from cryoptycho.protocols.dectris.decode import split_v2_image
+    from cryoptycho.protocols.dectris.source import SUB_BATCH, Decoder, DirectConverter
     from cryoptycho.protocols.messages import ScanStart, encode
     from cryoptycho.protocols.sources import DetectorFrames
 
@@ -721,8 +724,38 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
 
     declared = {start.scan_id: start}
     full = FullPath(series, config)
+    # the decoding job's parts alone: the CBOR split, bslz4 (SUB_BATCH frames a codec call, as
+    # the job does), binning, and the compression of the binned frames (worker processes do it,
+    # the spool's compression threads on decoding threads)
+    payloads = [split_v2_image(raw, CHANNEL).payload.bslz4 for raw in images]
+    shape, dtype = frames.shape[1:], frames.dtype
+    binned = np.concatenate([m.frames.data for m in direct])
+    work = np.empty((SUB_BATCH, *binned.shape[1:]), binned.dtype)
+
+    def job_bslz4() -> int:
+        for job in [payloads[i:i + batch] for i in range(0, n, batch)]:
+            ok, block = bslz4_batch_plan(job, dtype, shape)
+            assert ok.all()
+            for i in range(0, len(job), SUB_BATCH):
+                bslz4_batch(job[i:i + SUB_BATCH], dtype, shape, block)
+        return n
+
+    def job_bin() -> int:
+        for i in range(0, n, SUB_BATCH):
+            reducer.reduce_batch(frames[i:i + SUB_BATCH], out=work[:len(frames[i:i + SUB_BATCH])])
+        return n
+
+    def binned_compress() -> int:
+        for frame in binned:
+            compression.bslz4_compress(frame)
+        return n
+
     stages: dict[str, Callable[[], int]] = {
         "decode_job": lambda: sum(len(decoder(job, CHANNEL, reducer)) for job in jobs),
+        "job_cbor": lambda: sum(1 for raw in images if split_v2_image(raw, CHANNEL)),
+        "job_bslz4": job_bslz4,
+        "job_bin": job_bin,
+        "binned_compress": binned_compress,
         "spool_direct": lambda: spool(True),
         "bridge": full.run_series,
         "daemon_decode": lambda: sum(len(decode(parts, None, declared).indices) for parts in messages),
