@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from unittest import mock
 
 import cbor2
 import numpy as np
@@ -89,9 +90,18 @@ def _alone(image: bytes) -> np.ndarray | None:
         return None
 
 
+#: the codecs a batch may go through: DECTRIS' decoder when installed, bitshuffle without it
+DECODERS = ["bitshuffle"] + (["dectris"] if compression.BSLZ4_DECODER == "dectris" else [])
+
+
 @settings(max_examples=80, deadline=None)
-@given(job=_jobs(), saturation=st.sampled_from([None, 3, 40]))
-def test_a_job_decodes_exactly_as_each_image_alone(job: tuple, saturation: int | None) -> None:
+@given(job=_jobs(), saturation=st.sampled_from([None, 3, 40]), decoder=st.sampled_from(DECODERS))
+def test_a_job_decodes_exactly_as_each_image_alone(job: tuple, saturation: int | None, decoder: str) -> None:
+    with mock.patch.object(compression, "BSLZ4_DECODER", decoder):
+        _job_as_alone(job, saturation)
+
+
+def _job_as_alone(job: tuple, saturation: int | None) -> None:
     payloads, shape, dtype, _ = job
     images = [_image(i, p, shape, dtype) for i, p in enumerate(payloads)]
     alone = [_alone(im) for im in images]
@@ -117,10 +127,15 @@ def test_a_job_decodes_exactly_as_each_image_alone(job: tuple, saturation: int |
 
 
 @settings(max_examples=80, deadline=None)
-@given(job=_jobs())
-def test_the_plan_never_takes_a_payload_the_plain_path_refuses(job: tuple) -> None:
+@given(job=_jobs(), decoder=st.sampled_from(DECODERS))
+def test_the_plan_never_takes_a_payload_the_plain_path_refuses(job: tuple, decoder: str) -> None:
     """What the vectorised framing check lets into a batch, the one-frame check accepts, and a
     batch decodes to the frames one by one give (or fails, when one of them does)."""
+    with mock.patch.object(compression, "BSLZ4_DECODER", decoder):
+        _plan_as_alone(job)
+
+
+def _plan_as_alone(job: tuple) -> None:
     payloads, shape, dtype, _ = job
     ok, block = bslz4_batch_plan(payloads, dtype, shape)
     assert ok.shape == (len(payloads),)
@@ -143,9 +158,11 @@ def test_the_plan_never_takes_a_payload_the_plain_path_refuses(job: tuple) -> No
     assert stack.tobytes() == np.stack(singles).tobytes()
 
 
-def test_whole_frames_of_a_detector_go_together() -> None:
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_whole_frames_of_a_detector_go_together(decoder: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """192×192 uint16 (nine 8 KiB blocks), as an ARINA sends them: all in the batch plan, and a
     flagged pixel or a dense frame changes nothing."""
+    monkeypatch.setattr(compression, "BSLZ4_DECODER", decoder)
     rng = np.random.default_rng(3)
     frames = rng.poisson(0.5, (40, 192, 192)).astype(np.uint16)
     frames[5] = rng.poisson(300, (192, 192)).astype(np.uint16)
