@@ -217,15 +217,14 @@ _scratch = threading.local()
 
 
 def scratch(shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray:
-    """A work array of this thread, reused by its next call of the same ``name``, shape and
-    dtype: a new temporary of a batch (a megabyte) comes from fresh pages, which this kind of
-    host backs only on first touch — measured 17.5 page faults per 192×192 frame of a decoding
-    job, a sixth of its CPU time. Its content is undefined; nothing may keep it."""
-    key = (name, shape, np.dtype(dtype))
-    cache: dict[tuple, np.ndarray] = _scratch.__dict__.setdefault("arrays", {})
-    arr = cache.get(key)
-    if arr is None:
-        for old in [k for k in cache if k[0] == name]:  # one per name: a new geometry replaces it
-            del cache[old]
-        arr = cache[key] = np.empty(shape, dtype)
-    return arr
+    """A work array of this thread, reused by its next call of the same ``name``: a new
+    temporary of a batch (a megabyte) comes from fresh pages, which this kind of host backs only
+    on first touch — measured 17.5 page faults per 192×192 frame of a decoding job, a sixth of
+    its CPU time. The leading axis may be shorter than before (a job's last, partial group: the
+    first rows of the kept array). Its content is undefined; nothing may keep it."""
+    dtype = np.dtype(dtype)
+    cache: dict[str, np.ndarray] = _scratch.__dict__.setdefault("arrays", {})
+    arr = cache.get(name)
+    if arr is None or arr.dtype != dtype or arr.shape[1:] != tuple(shape[1:]) or len(arr) < shape[0]:
+        arr = cache[name] = np.empty(shape, dtype)
+    return arr[:shape[0]]
