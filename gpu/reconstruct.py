@@ -766,11 +766,6 @@ def full_batch_reconstruct(
     if opts.mu0 == "auto":
         opts = opts.with_mu0_decision(
             counts_per_object_pixel(problem.counts_fft, problem.mask, problem.probe, problem.batch))
-    if problem.probe.ndim == 3 and (opts.aberration_search or opts.refine_aberrations
-                                    or opts.refine_positions or opts.scan_search):
-        raise ValueError(
-            f"a mixed-state probe ({problem.probe.shape[0]} modes) cannot yet be combined with "
-            "refine_positions, scan_search, refine_aberrations or aberration_search: use probe_modes=1")
     if opts.aberration_search:
         problem = _search_aberrations(problem, opts)
     nominal = problem.nominal_positions

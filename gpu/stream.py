@@ -158,10 +158,6 @@ class StreamingReconstructor:
             self.probe = initial_modes(self.probe, options.probe_modes)
             if self.probe.ndim == 3 and self.probe.shape[0] == 1:
                 self.probe = self.probe[0]
-            if self.probe.ndim == 3 and (options.refine_positions or options.refine_aberrations):
-                raise ValueError(
-                    f"a mixed-state probe ({self.probe.shape[0]} modes) cannot yet be combined "
-                    "with refine_positions or refine_aberrations: use probe_modes=1")
         self.mask = None
         #: valid pixels, detector order, on the host: frames arriving from the host are
         #: counted there, before they are stored (no device reduction read back per batch)
@@ -633,7 +629,7 @@ class StreamingReconstructor:
         """Whether this step measures positions (``refine_positions`` with
         ``stream.refine_positions``, every ``stream.position_every`` steps)."""
         opts = self.options
-        return (opts.refine_positions and opts.stream.refine_positions and self.probe.ndim == 2
+        return (opts.refine_positions and opts.stream.refine_positions
                 and self._iteration % opts.stream.position_every == 0)
 
     def _measure_positions(self, which: np.ndarray) -> None:
