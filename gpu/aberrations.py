@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, complex_of, fft2, ifft2, to_numpy
+from .backend import array_module, complex_of, fft2, host_floats, ifft2, to_numpy
 from .probes import ABERRATIONS, aberration_basis
 
 
@@ -52,7 +52,8 @@ class ParametricProbe:
         power = self.spectrum.real**2 + self.spectrum.imag**2
         if power.ndim == 3:
             power = power.sum(axis=0)
-        support = power > support_threshold * float(power.max())
+        (top,) = host_floats(power.max())  # once per model: an explicit read-back
+        support = power > support_threshold * top
         basis = aberration_basis(tuple(nominal.shape[-2:]), pixel_size, energy_ev, self.names, xp)
         # radians at the edge of the support per metre: the unit of the internal variables
         edge = xp.abs(basis * support[None]).reshape(len(self.names), -1).max(axis=1)
@@ -103,7 +104,8 @@ def fit_aberrations(
     def f(x: np.ndarray) -> tuple[float, np.ndarray]:
         calls[0] += 1
         loss, g = loss_and_grad(model.probe(x))
-        return float(loss), model.gradient(g, x)
+        (value,) = host_floats(loss)  # L-BFGS runs on the host: one read-back per evaluation
+        return value, model.gradient(g, x)
 
     x0 = model.scaled()
     before, _ = f(x0)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, complex_of, fft2, ifft2, to_numpy
+from .backend import array_module, complex_of, fft2, host_floats, ifft2, to_numpy
 from .likelihood import INTENSITY_FLOOR, far_field_terms
 from .operators import Batch, _factors, extract, make_batch, mode_intensity, position_probes, sub_batch
 
@@ -243,11 +243,11 @@ def update_positions(
         pos = cand.positions
         if np.all(pos >= 0) and np.all(pos <= hi):
             cand_batch = make_batch(pos, object_shape, m, xp=xp)
-            after = sum(
+            after = sum(host_floats(*(  # one read-back for all chunks
                 data_loss(obj, probe, counts_fft[sl], sub_batch(cand_batch, sl),
                           model=options.noise_model, mask=mask, scale=scale)
                 for sl in _chunks(cand_batch.size, chunk)
-            )
+            )))
             if after < before:
                 scan.matrix, scan.offset, scan.residual = mat_t, off_t, res_t
                 moved = float(np.abs(pos - old).max())

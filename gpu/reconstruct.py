@@ -675,7 +675,11 @@ def refine_alternating(
     last ``*_every`` (CG converges at the final positions and probe). Returns the object, the
     probe, the losses and the positions (metres, refined or not). ``nominal_m``: the nominal
     positions when ``problem.positions`` already hold a scan search's affine image of them
-    (the scan model then starts at that matrix, its residuals shrunk towards it)."""
+    (the scan model then starts at that matrix, its residuals shrunk towards it).
+    With ``refine_aberrations`` the coefficients found are added to ``problem.probe_estimate``
+    as ``aberration_<name>_m`` (metres, relative to ``problem.probe``). A mixed-state probe
+    (P, M, M) is refined as well: the positions' terms and the aberration gradient sum over
+    the modes, every mode under the same phase plate."""
     geo = problem.geometry
     total = opts.iterations
     budget = opts.time_budget_s
@@ -734,6 +738,10 @@ def refine_alternating(
                      "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
                      upd.max_shift_px)
     positions = problem.positions if scan is None else geo.to_metres(scan.positions)
+    if model is not None:
+        # the coefficients found (relative to the probe the refinement started from) go to the
+        # result file's /extra with the probe estimate
+        problem.probe_estimate.update({f"aberration_{k}_m": v for k, v in model.as_dict().items()})
     return obj, probe, losses, positions
 
 

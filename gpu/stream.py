@@ -893,14 +893,18 @@ class StreamingReconstructor:
         n = self.n_frames
         if opts.refine_aberrations and self._energy is None:
             raise ValueError("refine_aberrations needs the beam energy (energy_eV)")
+        kappa, power = host_floats(self._kappa(), self.probe_power())  # (device scalars on a GPU)
         problem = Problem(
             xp=self.xp, options=opts, counts_fft=self.frame_store.frames[:n], mask=self.mask,
             batch=batch, geometry=self.geometry, probe=self.probe, object=self.obj,
-            positions=self._refine_start_positions(), probe_power=self.probe_power(),
-            kappa=self._kappa(), energy=float(self._energy or 0.0),
+            positions=self._refine_start_positions(), probe_power=power,
+            kappa=kappa, energy=float(self._energy or 0.0),
         )
         run = opts.model_copy(update={"iterations": iterations, "time_budget_s": time_budget_s})
         obj, probe, losses, positions = refine_alternating(problem, run, callback)
+        for key, value in problem.probe_estimate.items():
+            # each refinement starts from the probe the last one left: plates add up
+            self._probe_estimate[key] = self._probe_estimate.get(key, 0.0) + value
         if opts.refine_positions:
             self.frame_store.positions[:n] = positions
             self._positions_moved = True
