@@ -36,7 +36,15 @@ import numpy as np
 
 from .backend import array_module, complex_of, fft2, host_floats, ifft2, to_numpy
 from .likelihood import INTENSITY_FLOOR, far_field_terms
-from .operators import Batch, _factors, extract, make_batch, mode_intensity, position_probes, sub_batch
+from .operators import (
+    Batch,
+    _factors,
+    extract,
+    make_batch,
+    mode_intensity,
+    position_probes,
+    sub_batch,
+)
 
 log = logging.getLogger(__name__)
 

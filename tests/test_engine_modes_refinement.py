@@ -20,7 +20,14 @@ from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.positions import data_loss, position_terms
 from cryoptycho.gpu.probes import aberrate, make_probe, source_modes
 from cryoptycho.gpu.reconstruct import FullBatchObjective, problem_kappa, reconstruct
-from engine_helpers import ENERGY, PIXEL, nrmse, phase_corr, scan_errors, scored_region, weak_phase_object
+from engine_helpers import (
+    ENERGY,
+    PIXEL,
+    nrmse,
+    phase_corr,
+    scan_errors,
+    weak_phase_object,
+)
 
 M = 32
 SOURCE_PX = 1.5  #: rms source size (object pixels): 3 modes of ≈ 39 / 31 / 31 %
@@ -282,3 +289,43 @@ def test_streaming_steps_refine_positions_with_modes() -> None:
     before = float(np.linalg.norm(nominal - true, axis=1).mean() / PIXEL)
     after = _position_error_px(state, true)
     assert before > 0.5 and after < 0.5, (before, after)
+
+
+def test_console_scripts_simulate_realistic_then_reconstruct_with_modes_and_refinement(tmp_path) -> None:
+    """``cryoptycho simulate --realistic --source-size`` then ``cryoptycho reconstruct`` with the
+    source size (two modes) and position and aberration refinement: the result file holds the
+    two modes, the refined positions beside the nominal ones and the coefficients found."""
+    import os
+    import subprocess
+
+    from cryoptycho.daemon.storage.dataset import read_dataset
+    from cryoptycho.daemon.storage.result import read_result
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["cryoptycho", *args], capture_output=True, text=True, env=os.environ.copy(),
+                              timeout=300, check=False)
+
+    ds = tmp_path / "real.h5"
+    out = cli("simulate", "--realistic", "--source-size", "1.0", "--probe-modes", "2", "--frame-size", "32",
+              "--detector", "ideal", "--thin", "--dose", "200", "--overlap", "0.4", "-o", str(ds))
+    assert out.returncode == 0, out.stderr
+    data = read_dataset(ds)
+    assert data.truth_probe.shape == (2, 32, 32) and data.probe is None
+    res = tmp_path / "res.h5"
+    out = cli("reconstruct", str(ds), "-o", str(res), "-n", "12", "--no-export", "-q",
+              "--set", "source_size_m=1e-10", "--set", "probe_modes=2",
+              "--set", "refine_positions=true", "--set", "position_start_iteration=4", "--set", "position_every=4",
+              "--set", "refine_aberrations=true", "--set", "aberration_start_iteration=4",
+              "--set", "aberration_every=4")
+    assert out.returncode == 0, out.stderr
+    state = read_result(res).state
+    assert state.probe.shape == (2, 32, 32)
+    assert state.options["refine_positions"] is True and state.options["refine_aberrations"] is True
+    np.testing.assert_allclose(state.nominal_positions, data.positions, rtol=0, atol=1e-16)
+    assert np.abs(state.positions - data.positions).max() > 0.01e-10  # moved by the refinement
+    import h5py
+
+    with h5py.File(res) as f:  # the coefficients found, in /extra beside the parallax estimate
+        found = {k: float(v) for k, v in f["extra"].attrs.items() if k.startswith("aberration_")}
+    assert set(found) == {f"aberration_{n}_m" for n in ReconOptions().aberrations}
+    assert all(np.isfinite(v) for v in found.values()) and any(abs(v) > 0.1e-9 for v in found.values()), found
