@@ -152,12 +152,11 @@ class StreamingReconstructor:
         probe_host = to_numpy(probe)
         if not np.all(np.isfinite(probe_host)) or np.abs(probe_host).max() == 0:
             raise ValueError("probe must be finite and not all zero")
-        self.probe = with_source(asarray(probe_host, xp, self._cdtype).copy(), options, self._pixel_size)
-        if options.probe_modes > 1 or self.probe.ndim == 3:
-            # incoherent modes (mixed state): extra ones start from the given probe
-            self.probe = initial_modes(self.probe, options.probe_modes)
-            if self.probe.ndim == 3 and self.probe.shape[0] == 1:
-                self.probe = self.probe[0]
+        given = asarray(probe_host, xp, self._cdtype).copy()
+        #: the given probe when it is one coherent probe: what the parallax fit corrects (its
+        #: modes, if any, are made again from the corrected probe)
+        self._coherent: Any = given if given.ndim == 2 else None
+        self.probe = self._mixed(given)
         self.mask = None
         #: valid pixels, detector order, on the host: frames arriving from the host are
         #: counted there, before they are stored (no device reduction read back per batch)
@@ -222,7 +221,7 @@ class StreamingReconstructor:
         self._nominal_probe: Any = None
         self._probe_estimate: dict[str, float] = {}
         if self._parallax_wanted(probe_from_model):
-            self._parallax_probe = self.probe.copy()
+            self._parallax_probe = self._coherent.copy()
         if extent_m is not None:
             self._new_canvas(np.zeros((0, 2)))
 
@@ -487,8 +486,8 @@ class StreamingReconstructor:
         single-mode probe built from a probe model, as offline)."""
         want = self.options.parallax
         if want == "auto":
-            return probe_from_model and self.probe.ndim == 2 and self._energy is not None
-        if want and (self.probe.ndim != 2 or self._energy is None):
+            return probe_from_model and self._coherent is not None and self._energy is not None
+        if want and (self._coherent is None or self._energy is None):
             raise ValueError("parallax needs a single coherent probe and the beam energy: "
                              "give an (M, M) probe and energy_eV, or set parallax=false")
         return bool(want)
@@ -585,11 +584,24 @@ class StreamingReconstructor:
                          "is kept", fit.significance, len(fit.coefficients))
             if self._parallax_applied:  # an early fit's correction that the whole scan rejects
                 self._parallax_applied = False
-                self._swap_probe(nominal)
+                self._swap_probe(self._mixed(nominal))
             return
         self._parallax_applied = True
         # the fit corrects the nominal probe: a probe the steps refined meanwhile is replaced
-        self._swap_probe(aberrate(nominal, self._pixel_size, float(self._energy or 0.0), fit.coefficients))
+        # (with a finite source or probe_modes, by the modes of the corrected probe)
+        self._swap_probe(self._mixed(aberrate(nominal, self._pixel_size, float(self._energy or 0.0),
+                                              fit.coefficients)))
+
+    def _mixed(self, probe: Any) -> Any:
+        """``probe`` as the engine uses it: blurred by ``source_size_m`` into incoherent modes
+        and/or given ``probe_modes`` modes (extra ones start from the probe's derivatives);
+        itself when neither asks for modes."""
+        probe = with_source(probe, self.options, self._pixel_size)
+        if self.options.probe_modes > 1 or probe.ndim == 3:
+            probe = initial_modes(probe, self.options.probe_modes)
+            if probe.ndim == 3 and probe.shape[0] == 1:
+                probe = probe[0]
+        return probe
 
     def _drop_parallax_job(self) -> None:
         """Give up the running fit: it stops at its next trial probe (its CPU time goes back to

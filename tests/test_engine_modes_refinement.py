@@ -329,3 +329,40 @@ def test_console_scripts_simulate_realistic_then_reconstruct_with_modes_and_refi
         found = {k: float(v) for k, v in f["extra"].attrs.items() if k.startswith("aberration_")}
     assert set(found) == {f"aberration_{n}_m" for n in ReconOptions().aberrations}
     assert all(np.isfinite(v) for v in found.values()) and any(abs(v) > 0.1e-9 for v in found.values()), found
+
+
+def test_parallax_fit_corrects_the_probe_whose_modes_the_source_makes() -> None:
+    """With ``source_size_m`` the parallax fit ("auto", a probe from a probe model) corrects the
+    coherent nominal probe and the modes are made from the corrected one, offline (before the
+    iterations) and live (when the fit lands)."""
+    from cryoptycho.gpu.probes import mode_powers, scale_probe
+    from cryoptycho.gpu.stream import StreamingReconstructor
+    from engine_helpers import aberrated_dataset
+
+    errors = {"C10": 15e-9, "C12a": 6e-9, "C12b": -4e-9}
+    data = aberrated_dataset(1e5, errors, 1, 14, m=M, semiangle=8e-3, nominal_defocus=60e-9)
+    source = {"source_size_m": 0.5 * PIXEL}
+    offline = reconstruct(data, {"iterations": 2, "mu0": 1e-3, **source})
+    assert offline.probe.shape == (3, M, M) and offline.probe_estimate["parallax_applied"] == 1.0
+    found = {k: offline.probe_estimate[f"parallax_{k}_m"] for k in errors}
+    assert all(abs(found[k] - v) < 3e-9 for k, v in errors.items()), found
+
+    nominal = scale_probe(make_probe("defocused", (M, M), PIXEL, ENERGY, 8e-3, 60e-9), data.frames, None)
+    opts = ReconOptions(mu0=1e-3, init="ones", stream={"batch_size": 16}, **source)
+    engine = StreamingReconstructor(frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=PIXEL, probe=nominal,
+                                    options=opts, expected_frames=len(data.frames), energy_eV=ENERGY,
+                                    probe_from_model=True)
+    engine.add_frames(data.frames, data.positions)
+    engine.step()
+    engine.refine(2)  # the fit runs at scan end, before the refinement
+    live = engine.parallax_coefficients
+    assert live is not None and all(abs(live[k] - v) < 3e-9 for k, v in errors.items()), live
+    probe = to_numpy(engine.probe)
+    assert probe.shape == (3, M, M)
+    want = source_modes(aberrate(to_numpy(nominal).astype(np.complex128), PIXEL, ENERGY, live), PIXEL,
+                        0.5 * PIXEL, 3)
+    # the same mixed state up to the refinement's two iterations (the probe is fixed: none)
+    rho = probe.reshape(3, -1).T @ probe.reshape(3, -1).conj()
+    rho_want = want.reshape(3, -1).T @ want.reshape(3, -1).conj()
+    rho_want *= mode_powers(probe).sum() / mode_powers(want).sum()
+    np.testing.assert_allclose(rho, rho_want, atol=1e-3 * np.abs(rho_want).max())
