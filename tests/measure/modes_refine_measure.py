@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import time
 
 import numpy as np
@@ -37,7 +38,7 @@ from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
 from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 from cryoptycho.gpu.sim.specimen import load_model
 
-REFINE = {"refine_positions": True, "refine_aberrations": True}
+REFINE: dict = {"refine_positions": True, "refine_aberrations": True}
 
 
 def main() -> None:
@@ -48,7 +49,17 @@ def main() -> None:
     ap.add_argument("--source-size", type=float, default=1.0, help="rms at the sample, Å")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--runs", default="oracle,nominal,refined,modes,modes+refined")
+    ap.add_argument("--aberrations", default="", help="refine only these (comma-separated; default: all)")
+    ap.add_argument("--refine", default="positions,aberrations",
+                    help="what the refined runs refine (comma-separated: positions, aberrations)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="the engine's log (position and aberration updates)")
     args = ap.parse_args()
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.aberrations:
+        REFINE["aberrations"] = args.aberrations.split(",")
+    REFINE["refine_positions"] = "positions" in args.refine
+    REFINE["refine_aberrations"] = "aberrations" in args.refine
     source = args.source_size * 1e-10
     errors = dataclasses.replace(ExperimentErrors.realistic(args.seed), source_size=source, source_modes=3)
     t = time.perf_counter()
