@@ -366,3 +366,54 @@ def test_parallax_fit_corrects_the_probe_whose_modes_the_source_makes() -> None:
     rho_want = want.reshape(3, -1).T @ want.reshape(3, -1).conj()
     rho_want *= mode_powers(probe).sum() / mode_powers(want).sum()
     np.testing.assert_allclose(rho, rho_want, atol=1e-3 * np.abs(rho_want).max())
+
+
+@pytest.mark.subprocess
+def test_daemon_scan_with_a_source_size_refines_positions_and_defocus(tmp_path) -> None:
+    """A scan sent to the real daemon with ``source_size_m`` and position and aberration
+    refinement: the live result file holds three modes, the refined positions beside the
+    received ones and the defocus found at scan end."""
+    import signal
+    import time
+
+    import h5py
+    from cryoptycho.protocols.messages import Result, ScanEvent
+    from cryoptycho.protocols.producer import Producer
+    from cryoptycho.protocols.subscriber import Subscriber
+    from daemon_support import start_daemon, wait_subscribed
+
+    nominal, _true, frames, probe, _ = _realistic_small()
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=30")
+    try:
+        sub = Subscriber(daemon.publish, latest_only=False)
+        wait_subscribed(daemon, sub)
+        options = {"mu0": 1e-3, "source_size_m": SOURCE_PX * PIXEL, "position_start_iteration": 5, **REFINE}
+        with Producer(daemon.ingest, control=daemon.control) as producer:
+            producer.start_scan(scan_id="modes-refine", energy_eV=ENERGY, frame_shape=(M, M),
+                                frame_dtype="uint16", expected_frames=len(frames), pixel_size_m=PIXEL,
+                                probe=probe, positions_m=nominal, options=options)
+            producer.send_frames(frames)
+            producer.end_scan()
+        result = None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            ev = sub.recv(timeout_s=0.5)
+            if isinstance(ev, Result) and ev.scan_id == "modes-refine":
+                result = ev
+            if isinstance(ev, ScanEvent) and ev.scan_id == "modes-refine" and ev.event in ("finished", "failed"):
+                assert ev.event == "finished", daemon.log()
+                break
+        else:
+            pytest.fail(f"the scan did not finish\n{daemon.log()}")
+        assert result is not None, daemon.log()
+        sub.close()
+        with h5py.File(result.files["result"]) as f:
+            assert f["probe"].shape == (3, M, M)
+            refined = np.stack([f["probe_position_y_m"][()], f["probe_position_x_m"][()]], 1)
+            received = np.stack([f["nominal_probe_position_y_m"][()], f["nominal_probe_position_x_m"][()]], 1)
+            defocus = float(f["extra"].attrs["aberration_C10_m"])
+        np.testing.assert_array_equal(received, nominal)
+        assert np.abs(refined - received).max() > 0.05 * PIXEL
+        assert defocus == pytest.approx(DEFOCUS_ERROR, abs=3e-9)
+    finally:
+        daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
