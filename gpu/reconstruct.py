@@ -374,6 +374,10 @@ class FullBatchObjective:
         #: Compute the probe gradient (skipped while the probe is fixed: it costs a group sum
         #: and a shift-back per chunk). Without it the result has no "probe" key.
         self.want_probe = True
+        #: Compute the object gradient (skipped by a fit of the probe alone, e.g. the
+        #: aberration fit at a held object: no scatter onto the object per evaluation).
+        #: Without it the result has no "object" key.
+        self.want_object = True
 
     def _truncation_sums(self, t: Any, psi: Any) -> tuple[float, float, float] | None:
         """Scan-wide truncation statistics. With several chunks they need a pass of their own
@@ -413,10 +417,11 @@ class FullBatchObjective:
             dt = data_term(
                 t, psi, self.counts_fft[sl], sub, model=opts.noise_model,
                 truncation=opts.truncation, alpha_h=opts.alpha_h, mask=self.mask,
-                want_probe=self.want_probe, truncation_sums=sums,
+                want_probe=self.want_probe, truncation_sums=sums, want_object=self.want_object,
             )
             loss += dt.loss
-            g_obj += dt.grad_object
+            if self.want_object:
+                g_obj += dt.grad_object
             if self.want_probe:
                 g_psi += dt.grad_probe
         return self.finish(t, psi, s, loss, g_obj, g_psi)
@@ -427,7 +432,7 @@ class FullBatchObjective:
         probe ``psi = s·probe``: scaling, the prior, and the probe's power constraint."""
         xp = array_module(t)
         p_loss, p_grad = prior_term(t, self.options, self.kappa, None, self.sparse)
-        grads = {"object": self.scale * g_obj + p_grad}
+        grads = {"object": self.scale * g_obj + p_grad} if self.want_object else {}
         if self.want_probe:
             g_psi *= self.scale
             # Chain rule through ψ̂ = s ψ, s = √P/‖ψ‖: the radial part of the gradient vanishes.
@@ -724,6 +729,7 @@ def refine_alternating(
         if "aberrations" in due[stop] and model is not None:
             fun = FullBatchObjective(problem.counts_fft, batch, problem.mask, opts, problem.kappa,
                                      problem.probe_power)
+            fun.want_object = False  # the object is held: its gradient is never used
             before, after, evals = fit_aberrations(
                 model, _probe_loss(fun, obj), opts.aberration_fit_iterations)
             probe = model.probe()

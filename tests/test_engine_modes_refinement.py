@@ -417,3 +417,21 @@ def test_daemon_scan_with_a_source_size_refines_positions_and_defocus(tmp_path) 
         assert defocus == pytest.approx(DEFOCUS_ERROR, abs=3e-9)
     finally:
         daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
+
+
+@pytest.mark.parametrize("modes", [1, 3])
+def test_probe_only_evaluation_skips_the_object_gradient(modes: int) -> None:
+    """``want_object = False`` (the aberration fit at a held object): same loss and probe
+    gradient, no object gradient."""
+    px, geo, y, obj, psi = _modes_problem(max(modes, 2))
+    psi = psi[0] if modes == 1 else psi
+    batch = operators.make_batch(px, geo.object_shape, (M, M))
+    power = float((np.abs(psi) ** 2).sum())
+    fun = FullBatchObjective(y, batch, None, ReconOptions(precision="double", chunk_size=5),
+                             problem_kappa(y, None, psi, batch), power)
+    loss, grads = fun({"object": obj, "probe": psi})
+    fun.want_object = False
+    loss_p, grads_p = fun({"object": obj, "probe": psi})
+    assert set(grads_p) == {"probe"}
+    assert loss_p == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(grads_p["probe"], grads["probe"], rtol=1e-12, atol=1e-14 * np.abs(grads["probe"]).max())
