@@ -435,3 +435,31 @@ def test_probe_only_evaluation_skips_the_object_gradient(modes: int) -> None:
     assert set(grads_p) == {"probe"}
     assert loss_p == pytest.approx(loss, rel=1e-12)
     np.testing.assert_allclose(grads_p["probe"], grads["probe"], rtol=1e-12, atol=1e-14 * np.abs(grads["probe"]).max())
+
+
+def test_searches_run_with_modes() -> None:
+    """``aberration_search`` and ``scan_search`` (offline, on short reconstructions) with the
+    modes of a known source size: the defocus error and the scan matrix are found."""
+    nominal, _, frames, probe, _ = _realistic_small()
+    data = PtychoData(frames=frames, positions=nominal, energy=ENERGY, pixel_size=PIXEL, probe=probe)
+    state = reconstruct(data, {"iterations": 20, "mu0": 1e-3, "source_size_m": SOURCE_PX * PIXEL,
+                               "aberration_search": True, "aberrations": ["C10"], "aberration_search_iterations": 10,
+                               "scan_search": True, "scan_search_iterations": 8})
+    assert state.probe.shape == (3, M, M)
+    # the probe: the nominal one's modes under the defocus found, against the true modes
+    want = source_modes(aberrate(probe.astype(np.complex128), PIXEL, ENERGY, {"C10": DEFOCUS_ERROR}),
+                        PIXEL, SOURCE_PX * PIXEL, 3)
+    got = np.asarray(state.probe).reshape(3, -1).astype(np.complex128)
+    rho = got.T @ got.conj()
+    rho_want = want.reshape(3, -1).T @ want.reshape(3, -1).conj()
+    rho_want *= np.trace(rho).real / np.trace(rho_want).real
+    nominal_modes = source_modes(probe.astype(np.complex128), PIXEL, SOURCE_PX * PIXEL, 3).reshape(3, -1)
+    rho_nominal = nominal_modes.T @ nominal_modes.conj()
+    rho_nominal *= np.trace(rho).real / np.trace(rho_nominal).real
+    assert np.abs(rho - rho_want).max() < 0.2 * np.abs(rho_nominal - rho_want).max(), (
+        np.abs(rho - rho_want).max(), np.abs(rho_nominal - rho_want).max())
+    # the scan: the positions used are the nominal ones through the matrix found
+    matrix = np.linalg.lstsq(np.c_[nominal - nominal.mean(0), np.ones(len(nominal))],
+                             np.asarray(state.positions) - nominal.mean(0), rcond=None)[0][:2].T
+    truth = scan_errors().affine()
+    assert np.linalg.norm(matrix - truth) < 0.6 * np.linalg.norm(np.eye(2) - truth), (matrix, truth)
