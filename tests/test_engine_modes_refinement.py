@@ -1,9 +1,10 @@
 """Position and aberration refinement with a mixed-state (incoherent modes) probe: the position
 gradient and the aberration gradient of I = Σ_m |F[S_δ ψ_m · R_k T]|² against finite
 differences, the same phase plate on every mode against the modes of the aberrated probe, a
-known scan error and defocus recovered from partially coherent data offline and in the
-streaming engine, and the console scripts (simulate --realistic, reconstruct with modes and
-refinement)."""
+known scan error and defocus recovered from partially coherent data offline (refinement and
+the searches), in the streaming engine (NumPy and the strict backend) and through the daemon,
+the parallax fit correcting the probe the modes are made from, and the console scripts
+(simulate --realistic, reconstruct with modes and refinement)."""
 
 from __future__ import annotations
 
