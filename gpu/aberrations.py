@@ -7,6 +7,9 @@ so the probe is written as
 
     ψ(c) = F⁻¹[ Ψ₀(k) · exp(−i Σ_j c_j B_j(k)) ],
 
+(for a mixed-state probe every mode ψ_m(c) under the same plate, and ∂L/∂c_j sums the modes'
+terms below),
+
 Ψ₀ the nominal probe's spectrum (aperture, phase plate and nominal aberrations in one) and B_j
 the aberration basis (probes.aberration_basis). ‖ψ(c)‖ = ‖ψ₀‖ for every c. With g = ∂L/∂ψ̄ the
 chain rule through the unitary FFT gives
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, complex_of, fft2, ifft2, to_numpy
+from .backend import array_module, complex_of, fft2, host_floats, ifft2, to_numpy
 from .probes import ABERRATIONS, aberration_basis
 
 
@@ -38,11 +41,20 @@ class ParametricProbe:
         self.names = tuple(names)
         if not self.names:
             raise ValueError("a parametric probe needs at least one aberration coefficient")
+        if nominal.ndim not in (2, 3):
+            raise ValueError(f"a parametric probe needs an (M, M) or (modes, M, M) probe, got {nominal.shape}")
         self.dtype = complex_of(nominal.dtype)
+        #: (M, M), or (P, M, M) for incoherent modes: each mode passes the same lens, so one
+        #: phase plate multiplies every mode's spectrum (for the modes of a finite source this
+        #: is exact: they are combinations of shifted copies of one probe, and a shift is a
+        #: phase ramp of the spectrum, which commutes with the plate)
         self.spectrum = fft2(nominal).astype(self.dtype)
         power = self.spectrum.real**2 + self.spectrum.imag**2
-        support = power > support_threshold * float(power.max())
-        basis = aberration_basis(tuple(nominal.shape), pixel_size, energy_ev, self.names, xp)
+        if power.ndim == 3:
+            power = power.sum(axis=0)
+        (top,) = host_floats(power.max())  # once per model: an explicit read-back
+        support = power > support_threshold * top
+        basis = aberration_basis(tuple(nominal.shape[-2:]), pixel_size, energy_ev, self.names, xp)
         # radians at the edge of the support per metre: the unit of the internal variables
         edge = xp.abs(basis * support[None]).reshape(len(self.names), -1).max(axis=1)
         self.unit = np.maximum(to_numpy(edge).astype(np.float64), 1e-30)
@@ -70,6 +82,8 @@ class ParametricProbe:
         xp = array_module(grad_probe)
         spec = self._spectrum(self.scaled() if x is None else x)
         prod = xp.conj(fft2(grad_probe)) * spec * (-1j)
+        if prod.ndim == 3:  # modes under one plate: their terms add
+            prod = prod.sum(axis=0)
         out = 2.0 * xp.tensordot(self.basis, prod, axes=([1, 2], [0, 1])).real
         return to_numpy(out).astype(np.float64)
 
@@ -90,7 +104,8 @@ def fit_aberrations(
     def f(x: np.ndarray) -> tuple[float, np.ndarray]:
         calls[0] += 1
         loss, g = loss_and_grad(model.probe(x))
-        return float(loss), model.gradient(g, x)
+        (value,) = host_floats(loss)  # L-BFGS runs on the host: one read-back per evaluation
+        return value, model.gradient(g, x)
 
     x0 = model.scaled()
     before, _ = f(x0)

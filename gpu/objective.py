@@ -35,6 +35,7 @@ def data_term(
     mask: Any | None = None,
     want_probe: bool = True,
     truncation_sums: tuple[float, float, float] | None = None,
+    want_object: bool = True,
 ) -> DataTerm:
     """Loss and gradients for measured ``counts`` (B, M, M) in FFT order (any dtype; converted
     on the fly, so the frame store stays in its integer dtype). ``mask`` (M, M) in FFT order,
@@ -42,11 +43,13 @@ def data_term(
     the truncation statistics those of the full batch when it is evaluated in chunks.
 
     ``probe`` (M, M) is one coherent probe; (P, M, M) holds P incoherent modes, whose
-    intensities add: I = Σ_m |z_m|² (:func:`mixed_data_term`)."""
+    intensities add: I = Σ_m |z_m|² (:func:`mixed_data_term`). Without ``want_object`` the
+    object gradient is not formed (``grad_object`` None): a fit of the probe alone skips the
+    scatter back onto the object."""
     if probe.ndim == 3:
         return mixed_data_term(obj, probe, counts, batch, model=model, truncation=truncation,
                                alpha_h=alpha_h, mask=mask, want_probe=want_probe,
-                               truncation_sums=truncation_sums)
+                               truncation_sums=truncation_sums, want_object=want_object)
     waves, windows, psi = exit_waves(obj, probe, batch)
     far = fft2(waves)
     del waves
@@ -54,7 +57,7 @@ def data_term(
         far, counts, model, mask, truncation, alpha_h, truncation_sums, overwrite=True
     )
     del far
-    return back_propagate(terms, windows, psi, batch, want_probe)
+    return back_propagate(terms, windows, psi, batch, want_probe, want_object)
 
 
 def mixed_data_term(
@@ -69,6 +72,7 @@ def mixed_data_term(
     mask: Any | None = None,
     want_probe: bool = True,
     truncation_sums: tuple[float, float, float] | None = None,
+    want_object: bool = True,
 ) -> DataTerm:
     """:func:`data_term` of a mixed-state probe (P, M, M): the model intensity is
     I = Σ_m |z_m|², z_m = F[S_δ ψ_m · R_k T]. Both noise models depend on the far fields only
@@ -92,11 +96,12 @@ def mixed_data_term(
     del factor
     return back_propagate_modes(terms, fars, windows, [position_probes(probe[m], batch)
                                                        for m in range(probe.shape[0])],
-                                batch, want_probe)
+                                batch, want_probe, want_object)
 
 
 def back_propagate_modes(
-    terms: FarFieldTerms, grads: Any, windows: Any, psis: Any, batch: Batch, want_probe: bool
+    terms: FarFieldTerms, grads: Any, windows: Any, psis: Any, batch: Batch, want_probe: bool,
+    want_object: bool = True,
 ) -> DataTerm:
     """:func:`back_propagate` of P incoherent modes: ``grads[m]`` = ∂L/∂z̄ₘ (B, M, M) and
     ``psis[m]`` the mode's per-position probes (B or 1, M, M) (lists, or arrays with a leading
@@ -112,6 +117,8 @@ def back_propagate_modes(
             if g_probe is None:
                 g_probe = xp.zeros((n,) + tuple(part.shape), dtype=part.dtype)
             g_probe[m] = part
+        if not want_object:
+            continue
         back *= psis[m].conj()
         part = scatter_add(back, batch)
         g_obj = part if g_obj is None else g_obj + part
@@ -121,7 +128,8 @@ def back_propagate_modes(
 
 
 def back_propagate(
-    terms: FarFieldTerms, windows: Any, psi: Any, batch: Batch, want_probe: bool
+    terms: FarFieldTerms, windows: Any, psi: Any, batch: Batch, want_probe: bool,
+    want_object: bool = True,
 ) -> DataTerm:
     """Object and probe gradients from the far-field gradient: one inverse FFT, then the
     adjoints of the window product. ``windows`` and ``psi`` are the caller's temporaries and
@@ -135,10 +143,12 @@ def back_propagate(
         windows *= back
         g_probe = probe_adjoint(windows, batch)
     del windows
-    # psi of shape (1, M, M) may be the caller's own probe (a view): conjugate a copy
-    psi_c = psi.conj() if psi.shape[0] == 1 else xp.conjugate(psi, out=psi)
-    back *= psi_c
-    g_obj = scatter_add(back, batch)
+    g_obj = None
+    if want_object:
+        # psi of shape (1, M, M) may be the caller's own probe (a view): conjugate a copy
+        psi_c = psi.conj() if psi.shape[0] == 1 else xp.conjugate(psi, out=psi)
+        back *= psi_c
+        g_obj = scatter_add(back, batch)
     valid = terms.valid
     # a device count stays on the device (no read-back per batch)
     kept = terms.kept / (array_module(valid).maximum(valid, 1.0) if on_device(valid) else max(valid, 1.0))

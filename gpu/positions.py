@@ -34,9 +34,17 @@ from typing import Any
 
 import numpy as np
 
-from .backend import array_module, complex_of, fft2, ifft2, to_numpy
+from .backend import array_module, complex_of, fft2, host_floats, ifft2, to_numpy
 from .likelihood import INTENSITY_FLOOR, far_field_terms
-from .operators import Batch, _factors, extract, make_batch, position_probes, sub_batch
+from .operators import (
+    Batch,
+    _factors,
+    extract,
+    make_batch,
+    mode_intensity,
+    position_probes,
+    sub_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +76,36 @@ def position_terms_device(
     read-back, so that a mini-batch step does not wait for the device."""
     xp = array_module(obj)
     cdt = complex_of(probe.dtype)
-    m = probe.shape
+    modes = probe[None] if probe.ndim == 2 else probe
+    m = tuple(modes.shape[-2:])
     ey, ex = _factors(batch, True, m, cdt)
-    spec = fft2(probe)[None] * ey
-    spec *= ex
     windows = extract(obj, batch)
-    psi = ifft2(spec)
-    z = fft2(psi * windows)
-    del psi
     qy = xp.fft.fftfreq(m[0]).astype(np.float64)
     qx = xp.fft.fftfreq(m[1]).astype(np.float64)
-    d_inten = []
-    for ramp in ((-2j * np.pi * qy)[:, None].astype(cdt), (-2j * np.pi * qx)[None, :].astype(cdt)):
-        dz = fft2(ifft2(spec * ramp) * windows)
-        dz *= z.conj()
-        d_inten.append(2.0 * dz.real)
-    del spec, windows
-    inten = z.real * z.real + z.imag * z.imag
+    ramps = ((-2j * np.pi * qy)[:, None].astype(cdt), (-2j * np.pi * qx)[None, :].astype(cdt))
+    # incoherent modes: I = Σ_m |z_m|², so ∂I/∂δ = Σ_m 2 Re(z̄_m ∂z_m/∂δ) — every mode is
+    # shifted by the same δ (the whole illumination moves)
+    inten = None
+    d_inten: list[Any] = [None, None]
+    z = None
+    for k in range(modes.shape[0]):  # (iterating a device array would read it back)
+        spec = fft2(modes[k])[None] * ey
+        spec *= ex
+        z = fft2(ifft2(spec) * windows)
+        for a, ramp in enumerate(ramps):
+            dz = fft2(ifft2(spec * ramp) * windows)
+            dz *= z.conj()
+            part = 2.0 * dz.real
+            d_inten[a] = part if d_inten[a] is None else d_inten[a] + part
+        del spec
+        part = z.real * z.real + z.imag * z.imag
+        inten = part if inten is None else inten + part
+    del windows
     fisher_w = 1.0 / (inten + INTENSITY_FLOOR)
     if mask is not None:
         fisher_w *= mask
-    terms = far_field_terms(z, counts, model, mask, "none", math.inf, want_grad=False, overwrite=True)
+    # the likelihood needs only I (want_grad=False): ``z`` stands in for the far field's dtype
+    terms = far_field_terms(z, counts, model, mask, "none", math.inf, want_grad=False, inten=inten)
     f = terms.factor
     axes = (-2, -1)
     grad = xp.stack([(f * d).sum(axis=axes) for d in d_inten], axis=-1) * scale
@@ -104,6 +121,10 @@ def data_loss(
     mask: Any | None = None, scale: float = 1.0,
 ) -> float:
     """The data term (no truncation) at the batch's positions: the test of a position step."""
+    if probe.ndim == 3:  # incoherent modes: their intensities add
+        inten = mode_intensity(obj, probe, batch)
+        terms = far_field_terms(inten, counts, model, mask, "none", math.inf, want_grad=False, inten=inten)
+        return scale * terms.loss
     windows = extract(obj, batch)
     z = fft2(position_probes(probe, batch) * windows)
     terms = far_field_terms(z, counts, model, mask, "none", math.inf, want_grad=False, overwrite=True)
@@ -198,7 +219,7 @@ def update_positions(
     """One Gauss–Newton update of ``scan`` (in place when accepted) at object ``obj`` and
     normalised probe ``probe``."""
     xp = array_module(obj)
-    m = tuple(probe.shape)
+    m = tuple(probe.shape[-2:])
     old = scan.positions
     batch = make_batch(old, object_shape, m, xp=xp)
     grads, fishers, before = [], [], 0.0
@@ -230,11 +251,11 @@ def update_positions(
         pos = cand.positions
         if np.all(pos >= 0) and np.all(pos <= hi):
             cand_batch = make_batch(pos, object_shape, m, xp=xp)
-            after = sum(
+            after = sum(host_floats(*(  # one read-back for all chunks
                 data_loss(obj, probe, counts_fft[sl], sub_batch(cand_batch, sl),
                           model=options.noise_model, mask=mask, scale=scale)
                 for sl in _chunks(cand_batch.size, chunk)
-            )
+            )))
             if after < before:
                 scan.matrix, scan.offset, scan.residual = mat_t, off_t, res_t
                 moved = float(np.abs(pos - old).max())

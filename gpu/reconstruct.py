@@ -374,6 +374,10 @@ class FullBatchObjective:
         #: Compute the probe gradient (skipped while the probe is fixed: it costs a group sum
         #: and a shift-back per chunk). Without it the result has no "probe" key.
         self.want_probe = True
+        #: Compute the object gradient (skipped by a fit of the probe alone, e.g. the
+        #: aberration fit at a held object: no scatter onto the object per evaluation).
+        #: Without it the result has no "object" key.
+        self.want_object = True
 
     def _truncation_sums(self, t: Any, psi: Any) -> tuple[float, float, float] | None:
         """Scan-wide truncation statistics. With several chunks they need a pass of their own
@@ -413,10 +417,11 @@ class FullBatchObjective:
             dt = data_term(
                 t, psi, self.counts_fft[sl], sub, model=opts.noise_model,
                 truncation=opts.truncation, alpha_h=opts.alpha_h, mask=self.mask,
-                want_probe=self.want_probe, truncation_sums=sums,
+                want_probe=self.want_probe, truncation_sums=sums, want_object=self.want_object,
             )
             loss += dt.loss
-            g_obj += dt.grad_object
+            if self.want_object:
+                g_obj += dt.grad_object
             if self.want_probe:
                 g_psi += dt.grad_probe
         return self.finish(t, psi, s, loss, g_obj, g_psi)
@@ -427,7 +432,7 @@ class FullBatchObjective:
         probe ``psi = s·probe``: scaling, the prior, and the probe's power constraint."""
         xp = array_module(t)
         p_loss, p_grad = prior_term(t, self.options, self.kappa, None, self.sparse)
-        grads = {"object": self.scale * g_obj + p_grad}
+        grads = {"object": self.scale * g_obj + p_grad} if self.want_object else {}
         if self.want_probe:
             g_psi *= self.scale
             # Chain rule through ψ̂ = s ψ, s = √P/‖ψ‖: the radial part of the gradient vanishes.
@@ -675,7 +680,11 @@ def refine_alternating(
     last ``*_every`` (CG converges at the final positions and probe). Returns the object, the
     probe, the losses and the positions (metres, refined or not). ``nominal_m``: the nominal
     positions when ``problem.positions`` already hold a scan search's affine image of them
-    (the scan model then starts at that matrix, its residuals shrunk towards it)."""
+    (the scan model then starts at that matrix, its residuals shrunk towards it).
+    With ``refine_aberrations`` the coefficients found are added to ``problem.probe_estimate``
+    as ``aberration_<name>_m`` (metres, relative to ``problem.probe``). A mixed-state probe
+    (P, M, M) is refined as well: the positions' terms and the aberration gradient sum over
+    the modes, every mode under the same phase plate."""
     geo = problem.geometry
     total = opts.iterations
     budget = opts.time_budget_s
@@ -720,6 +729,7 @@ def refine_alternating(
         if "aberrations" in due[stop] and model is not None:
             fun = FullBatchObjective(problem.counts_fft, batch, problem.mask, opts, problem.kappa,
                                      problem.probe_power)
+            fun.want_object = False  # the object is held: its gradient is never used
             before, after, evals = fit_aberrations(
                 model, _probe_loss(fun, obj), opts.aberration_fit_iterations)
             probe = model.probe()
@@ -734,6 +744,10 @@ def refine_alternating(
                      "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
                      upd.max_shift_px)
     positions = problem.positions if scan is None else geo.to_metres(scan.positions)
+    if model is not None:
+        # the coefficients found (relative to the probe the refinement started from) go to the
+        # result file's /extra with the probe estimate
+        problem.probe_estimate.update({f"aberration_{k}_m": v for k, v in model.as_dict().items()})
     return obj, probe, losses, positions
 
 
@@ -766,11 +780,6 @@ def full_batch_reconstruct(
     if opts.mu0 == "auto":
         opts = opts.with_mu0_decision(
             counts_per_object_pixel(problem.counts_fft, problem.mask, problem.probe, problem.batch))
-    if problem.probe.ndim == 3 and (opts.aberration_search or opts.refine_aberrations
-                                    or opts.refine_positions or opts.scan_search):
-        raise ValueError(
-            f"a mixed-state probe ({problem.probe.shape[0]} modes) cannot yet be combined with "
-            "refine_positions, scan_search, refine_aberrations or aberration_search: use probe_modes=1")
     if opts.aberration_search:
         problem = _search_aberrations(problem, opts)
     nominal = problem.nominal_positions

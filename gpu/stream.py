@@ -152,16 +152,11 @@ class StreamingReconstructor:
         probe_host = to_numpy(probe)
         if not np.all(np.isfinite(probe_host)) or np.abs(probe_host).max() == 0:
             raise ValueError("probe must be finite and not all zero")
-        self.probe = with_source(asarray(probe_host, xp, self._cdtype).copy(), options, self._pixel_size)
-        if options.probe_modes > 1 or self.probe.ndim == 3:
-            # incoherent modes (mixed state): extra ones start from the given probe
-            self.probe = initial_modes(self.probe, options.probe_modes)
-            if self.probe.ndim == 3 and self.probe.shape[0] == 1:
-                self.probe = self.probe[0]
-            if self.probe.ndim == 3 and (options.refine_positions or options.refine_aberrations):
-                raise ValueError(
-                    f"a mixed-state probe ({self.probe.shape[0]} modes) cannot yet be combined "
-                    "with refine_positions or refine_aberrations: use probe_modes=1")
+        given = asarray(probe_host, xp, self._cdtype).copy()
+        #: the given probe when it is one coherent probe: what the parallax fit corrects (its
+        #: modes, if any, are made again from the corrected probe)
+        self._coherent: Any = given if given.ndim == 2 else None
+        self.probe = self._mixed(given)
         self.mask = None
         #: valid pixels, detector order, on the host: frames arriving from the host are
         #: counted there, before they are stored (no device reduction read back per batch)
@@ -226,7 +221,7 @@ class StreamingReconstructor:
         self._nominal_probe: Any = None
         self._probe_estimate: dict[str, float] = {}
         if self._parallax_wanted(probe_from_model):
-            self._parallax_probe = self.probe.copy()
+            self._parallax_probe = self._coherent.copy()
         if extent_m is not None:
             self._new_canvas(np.zeros((0, 2)))
 
@@ -491,8 +486,8 @@ class StreamingReconstructor:
         single-mode probe built from a probe model, as offline)."""
         want = self.options.parallax
         if want == "auto":
-            return probe_from_model and self.probe.ndim == 2 and self._energy is not None
-        if want and (self.probe.ndim != 2 or self._energy is None):
+            return probe_from_model and self._coherent is not None and self._energy is not None
+        if want and (self._coherent is None or self._energy is None):
             raise ValueError("parallax needs a single coherent probe and the beam energy: "
                              "give an (M, M) probe and energy_eV, or set parallax=false")
         return bool(want)
@@ -589,11 +584,24 @@ class StreamingReconstructor:
                          "is kept", fit.significance, len(fit.coefficients))
             if self._parallax_applied:  # an early fit's correction that the whole scan rejects
                 self._parallax_applied = False
-                self._swap_probe(nominal)
+                self._swap_probe(self._mixed(nominal))
             return
         self._parallax_applied = True
         # the fit corrects the nominal probe: a probe the steps refined meanwhile is replaced
-        self._swap_probe(aberrate(nominal, self._pixel_size, float(self._energy or 0.0), fit.coefficients))
+        # (with a finite source or probe_modes, by the modes of the corrected probe)
+        self._swap_probe(self._mixed(aberrate(nominal, self._pixel_size, float(self._energy or 0.0),
+                                              fit.coefficients)))
+
+    def _mixed(self, probe: Any) -> Any:
+        """``probe`` as the engine uses it: blurred by ``source_size_m`` into incoherent modes
+        and/or given ``probe_modes`` modes (extra ones start from the probe's derivatives);
+        itself when neither asks for modes."""
+        probe = with_source(probe, self.options, self._pixel_size)
+        if self.options.probe_modes > 1 or probe.ndim == 3:
+            probe = initial_modes(probe, self.options.probe_modes)
+            if probe.ndim == 3 and probe.shape[0] == 1:
+                probe = probe[0]
+        return probe
 
     def _drop_parallax_job(self) -> None:
         """Give up the running fit: it stops at its next trial probe (its CPU time goes back to
@@ -633,7 +641,7 @@ class StreamingReconstructor:
         """Whether this step measures positions (``refine_positions`` with
         ``stream.refine_positions``, every ``stream.position_every`` steps)."""
         opts = self.options
-        return (opts.refine_positions and opts.stream.refine_positions and self.probe.ndim == 2
+        return (opts.refine_positions and opts.stream.refine_positions
                 and self._iteration % opts.stream.position_every == 0)
 
     def _measure_positions(self, which: np.ndarray) -> None:
@@ -897,14 +905,18 @@ class StreamingReconstructor:
         n = self.n_frames
         if opts.refine_aberrations and self._energy is None:
             raise ValueError("refine_aberrations needs the beam energy (energy_eV)")
+        kappa, power = host_floats(self._kappa(), self.probe_power())  # (device scalars on a GPU)
         problem = Problem(
             xp=self.xp, options=opts, counts_fft=self.frame_store.frames[:n], mask=self.mask,
             batch=batch, geometry=self.geometry, probe=self.probe, object=self.obj,
-            positions=self._refine_start_positions(), probe_power=self.probe_power(),
-            kappa=self._kappa(), energy=float(self._energy or 0.0),
+            positions=self._refine_start_positions(), probe_power=power,
+            kappa=kappa, energy=float(self._energy or 0.0),
         )
         run = opts.model_copy(update={"iterations": iterations, "time_budget_s": time_budget_s})
         obj, probe, losses, positions = refine_alternating(problem, run, callback)
+        for key, value in problem.probe_estimate.items():
+            # each refinement starts from the probe the last one left: plates add up
+            self._probe_estimate[key] = self._probe_estimate.get(key, 0.0) + value
         if opts.refine_positions:
             self.frame_store.positions[:n] = positions
             self._positions_moved = True

@@ -247,12 +247,14 @@ def test_refined_modes_fit_partially_coherent_data_better_than_one_refined_probe
     assert c3 > c1 and e3 < e1, ((c1, e1), (c3, e3))
 
 
-def test_mixed_state_probe_is_refused_with_position_refinement():
+def test_mixed_state_probe_is_taken_with_position_refinement():
+    """(Refused until modes and refinement were combined: tests/test_engine_modes_refinement.py.)"""
     from cryoptycho.gpu.reconstruct import reconstruct
 
     data, _, _ = _partially_coherent()
-    with pytest.raises(ValueError, match="mixed-state probe"):
-        reconstruct(data, {"iterations": 2, "probe_modes": 2, "refine_probe": True, "refine_positions": True})
+    state = reconstruct(data, {"iterations": 2, "probe_modes": 2, "refine_probe": True, "refine_positions": True,
+                               "position_start_iteration": 1, "position_every": 1})
+    assert state.probe.shape == (2, M, M) and state.nominal_positions is not None
 
 
 def test_streaming_engine_refines_modes(xp):
