@@ -330,6 +330,7 @@ def test_console_scripts_simulate_realistic_then_reconstruct_with_modes_and_refi
         found = {k: float(v) for k, v in f["extra"].attrs.items() if k.startswith("aberration_")}
     assert set(found) == {f"aberration_{n}_m" for n in ReconOptions().aberrations}
     assert all(np.isfinite(v) for v in found.values()) and any(abs(v) > 0.1e-9 for v in found.values()), found
+    assert {k: state.probe_estimate[k] for k in found} == found  # read_result hands them back too
 
 
 def test_parallax_fit_corrects_the_probe_whose_modes_the_source_makes() -> None:
