@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import h5py
@@ -24,6 +25,7 @@ from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
 from cryoptycho.gpu.engines import memory_estimate
 from cryoptycho.gpu.geometry import implausible_energy
 from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.sources import DetectorFrames
 from pydantic import ValidationError
 
@@ -245,6 +247,42 @@ class ScanManager:
                 f"{spec.frame_dtype}, canvas {spec.field_px()} px) but the budget is {budget / 2**20:.0f} MiB",
             )
         return {device: total}
+
+    def check_streamed_field(self, session: Session, positions: np.ndarray) -> None:
+        """Refuse streamed positions whose canvas cannot fit the memory budget, before they
+        are spooled. A scan that streams its positions declares no extent, so scan_start
+        reserved a canvas of two frames; positions in µm sent as metres (inside
+        max_abs_position_m) then made the worker's canvas 409 TiB and failed the scan with
+        NumPy's MemoryError, which named neither the positions nor their unit. The estimate
+        costs milliseconds, so it is made with room to grow (twice the span) and repeated
+        only when the positions leave that room."""
+        spec = session.spec
+        if spec.extent_m is not None or not len(positions):
+            return
+        lo, hi = positions.min(axis=0), positions.max(axis=0)
+        seen = session.streamed_extent
+        if seen is not None:
+            lo, hi = np.minimum(lo, seen[0]), np.maximum(hi, seen[1])
+        session.streamed_extent = (lo, hi)
+        span = hi - lo
+        if session.streamed_room is not None and (span <= session.streamed_room).all():
+            return
+        options = self._options_for(spec)
+        for room in (2 * span, span):
+            grown = replace(spec, extent_m=((0.0, float(room[0])), (0.0, float(room[1]))))
+            try:
+                self._reservation(grown, options)
+            except ScanRefused as exc:
+                if room is span:
+                    session.streamed_extent = seen  # these positions are refused: not part of the scan
+                    raise ProtocolError(
+                        "positions_m", "memory_budget",
+                        f"the positions so far span {span[0]:.3g} m × {span[1]:.3g} m (are positions_m in "
+                        f"metres?): {exc.message}",
+                        session.scan_id) from None
+                continue
+            session.streamed_room = room
+            return
 
     def _register(self, session: Session, spool: SpoolWriter) -> None:
         self.sessions[session.scan_id] = session

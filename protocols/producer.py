@@ -428,11 +428,14 @@ class Producer(SocketClient):
                     # the daemon takes no more frames for this scan: what it lacks is lost
                     why = answer.get("error") or answer.get("end_reason") or answer["state"]
                     missing = answer.get("missing") or []
+                    refused = answer.get("refused") or {}  # absent from daemons before it was added
                     raise DeliveryError(
                         f"scan {scan_id!r}: the daemon holds {received} of the {sent} frames it "
                         f"was given ({sent - received} unacknowledged) and takes no more "
                         f"({answer['state']}: {why})"
-                        + (f"; first missing indices {missing[:10]}" if missing else ""),
+                        + (f"; first missing indices {missing[:10]}" if missing else "")
+                        + (f"; it refused {refused['frames']} frames, last: {refused['last']}"
+                           if refused.get("frames") else ""),
                         scan_id, sent, received, answer,
                     )
             if timeout is not None and time.monotonic() - progress_at > timeout:
