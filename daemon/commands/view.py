@@ -15,7 +15,7 @@ import click
               help="The daemon's control endpoint (snapshots for late joiners).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to serve on; loopback by default. Set a token before exposing it.")
-@click.option("--port", default=8640, show_default=True, type=int)
+@click.option("--port", default=8640, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--token", default=lambda: os.environ.get("CRYOPTYCHO_VIEW_TOKEN"),
               help="Access token required by the page (env CRYOPTYCHO_VIEW_TOKEN).")
 @click.option("--max-side", default=512, show_default=True, type=int,
@@ -28,6 +28,14 @@ def command(publish: str, control: str, host: str, port: int, token: str | None,
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise click.UsageError(f"refusing to serve on {host} without --token (the viewer shows your data)")
+    import zmq
+    from cryoptycho.protocols.client import InvalidEndpoint, check_endpoint
+
+    try:  # the hub connects on its own threads, where a typo in an endpoint killed them
+        for option, endpoint, kind in (("--publish", publish, zmq.SUB), ("--control", control, zmq.DEALER)):
+            check_endpoint(endpoint, kind)
+    except InvalidEndpoint as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
     logging.basicConfig(level=logging.INFO)
     app = create_app(Hub(publish, control, max_side=max_side), token=token)
     url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")

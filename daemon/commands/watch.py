@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 import numpy as np
+import zmq
+from cryoptycho.protocols.client import InvalidEndpoint, check_endpoint
 from cryoptycho.protocols.control import DEFAULT_CONTROL, ControlClient
 from cryoptycho.protocols.errors import ControlError, ControlTimeout
 from cryoptycho.protocols.subscriber import DEFAULT_PUBLISH, Subscriber
@@ -114,6 +116,11 @@ def command(publish: str, control: str, save_dir: Path | None, exit_after_result
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), console=console)
     board = Board(progress, save_dir)
+    try:  # a typo in either endpoint is a usage error, not a traceback
+        for option, endpoint, kind in (("--publish", publish, zmq.SUB), ("--control", control, zmq.DEALER)):
+            check_endpoint(endpoint, kind)
+    except InvalidEndpoint as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
     with Subscriber(publish) as sub, progress:
         try:
             with ControlClient(control, timeout_s=2.0, retries=1) as ctl:
