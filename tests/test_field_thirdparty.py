@@ -78,3 +78,40 @@ def test_a_probe_model_attribute_with_its_unit_in_a_string_is_named(tmp_path):
     out = cli("reconstruct", str(tmp_path / "scan.h5"), "-o", str(tmp_path / "r.h5"), "-n", "1")
     assert out.returncode == 1
     assert "/probe_model attribute 'semiangle_rad' must be one number, got '9.2 mrad'" in out.stderr, out.stderr
+
+
+def test_a_declared_field_far_from_the_origin_gets_a_canvas_of_its_own_size():
+    """A live engine makes its canvas from the scan's declared extent before any frame: the
+    origin (0, 0) was counted in, so positions 5 µm from it made a canvas of 62596² pixels."""
+    from cryoptycho.gpu.geometry import fit_geometry
+
+    corners = np.array([[5e-6, 5e-6], [5e-6 + 1e-9, 5e-6 + 2e-9]])
+    extent = ((corners[0, 0], corners[1, 0]), (corners[0, 1], corners[1, 1]))
+    declared = fit_geometry(np.zeros((0, 2)), 1e-10, (M, M), extent_m=extent)
+    assert declared.object_shape == fit_geometry(corners, 1e-10, (M, M)).object_shape
+    assert max(declared.object_shape) < 3 * M + 20
+
+
+def test_a_scan_at_stage_coordinates_replays_into_the_daemon(tmp_path):
+    """README "Dataset file": positions "in the sample frame (any origin)". Offline such a file
+    reconstructed; replayed into the daemon (positions declared at scan_start) the scan failed
+    with "MemoryError: Unable to allocate 29.2 GiB"."""
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import start_daemon, wait_for
+
+    readme_dataset(tmp_path / "stage.h5")  # positions 5 µm from the stage origin
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=5",
+                          "--set", "resolution_interval_s=0")
+    try:
+        out = cli("replay", str(tmp_path / "stage.h5"), "--endpoint", daemon.ingest, "--control", daemon.control)
+        assert out.returncode == 0, out.stderr
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            done = wait_for(lambda: (r := ctl.call("receipt", scan_id="stage"))["state"] in ("finished", "failed")
+                            and r, 120, "the scan to finish", daemon)
+        assert done["state"] == "finished", done
+        with h5py.File(tmp_path / "results" / "stage.h5") as f:
+            assert max(f["object"].shape) < 200 and np.isfinite(f["object"][()]).all()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
