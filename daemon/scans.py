@@ -239,12 +239,20 @@ class ScanManager:
         else:
             budget = self.config.host_memory_budget_bytes
         if total > budget:
+            field, hint = "expected_frames", ""
+            if spec.extent_m is not None and estimate_bytes(replace(spec, extent_m=None), options) * engines <= budget:
+                # the frames would fit: the field is what is too large (a step or positions in
+                # the wrong unit), and naming expected_frames sent the user to the wrong value
+                (y0, y1), (x0, x1) = spec.extent_m
+                field, hint = "scan", (f"; the scan's field of {y1 - y0:.3g} m × {x1 - x0:.3g} m is what does "
+                                       "not fit (are its positions or step in metres?)")
             raise ScanRefused(
-                "expected_frames",
+                field,
                 "memory_budget",
                 f"the scan needs ≈{total / 2**20:.0f} MiB of {device} memory "
                 f"({spec.expected_frames} frames of {spec.frame_shape[0]}×{spec.frame_shape[1]} "
-                f"{spec.frame_dtype}, canvas {spec.field_px()} px) but the budget is {budget / 2**20:.0f} MiB",
+                f"{spec.frame_dtype}, canvas {spec.field_px()} px) but the budget is {budget / 2**20:.0f} MiB"
+                + hint,
             )
         return {device: total}
 
@@ -277,8 +285,7 @@ class ScanManager:
                     session.streamed_extent = seen  # these positions are refused: not part of the scan
                     raise ProtocolError(
                         "positions_m", "memory_budget",
-                        f"the positions so far span {span[0]:.3g} m × {span[1]:.3g} m (are positions_m in "
-                        f"metres?): {exc.message}",
+                        f"the positions so far span {span[0]:.3g} m × {span[1]:.3g} m: {exc.message}",
                         session.scan_id) from None
                 continue
             session.streamed_room = room

@@ -30,13 +30,35 @@ def test_streamed_positions_in_micrometres_are_refused_by_name_and_the_scan_goes
             with pytest.raises(DeliveryError) as info:
                 producer.end_scan()
         said = str(info.value)
-        assert "positions_m" in said and "memory_budget" in said and "are positions_m in metres?" in said, said
+        assert "positions_m" in said and "memory_budget" in said and "are its positions or step in metres?" in said, said
         assert info.value.acknowledged == 8
         with ControlClient(daemon.control, timeout_s=30) as ctl:
             done = wait_for(lambda: (r := ctl.call("receipt", scan_id="microns"))["state"] in ("finished", "failed")
                             and r, 120, "the scan to finish", daemon)
             assert done["state"] == "finished", done
         assert (tmp_path / "results" / "microns.h5").is_file()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+
+
+def test_a_raster_step_in_micrometres_is_refused_naming_the_scan_not_the_frame_count(tmp_path):
+    """A raster of 100 frames with its step in µm as metres was refused as
+    expected_frames/memory_budget: the user was sent to the frame count, which was right."""
+    from cryoptycho.protocols.messages import RasterScan
+
+    scan = synthetic_scan(n_side=4, m=32)
+    fields = scan.start_fields("steps", positions_m=None, raster=RasterScan((4, 4), (2e-4, 2e-4)))
+    daemon = start_daemon(tmp_path, *FAST)
+    try:
+        with Producer(daemon.ingest, control=daemon.control, send_timeout_s=60) as producer:
+            with pytest.raises(DeliveryError) as info:
+                producer.start_scan(**fields)
+                producer.send_frames(scan.frames)
+                producer.end_scan()
+        said = str(info.value)
+        assert "scan: " in said and "[rule memory_budget]" in said and "step in metres?" in said, said
         assert daemon.stop() == 0
     finally:
         if daemon.proc.poll() is None:
