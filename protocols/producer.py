@@ -381,11 +381,16 @@ class Producer(SocketClient):
         waited = time.monotonic()
         while (answer := self._ask(scan_id)) is None:
             if self.send_timeout_s is not None and time.monotonic() - waited > self.send_timeout_s:
+                # a CURVE daemon drops a client without (or with unknown) keys in the handshake,
+                # which looks exactly like no daemon at all from here
+                keys = ("a daemon with CURVE on answers only clients with its keys: Producer(curve=...), "
+                        "`replay --client-key ... --server-key ...`" if self._curve is None else
+                        "or the daemon refused this client's CURVE keys")
                 raise ProducerTimeout(
                     f"no answer from the daemon's control socket {self.control} for "
                     f"{self.send_timeout_s} s: delivery cannot be confirmed (name the daemon's "
                     "control endpoint: Producer(control=...), `replay --control`; or send "
-                    "unconfirmed: confirm=False, `replay --no-confirm`)"
+                    f"unconfirmed: confirm=False, `replay --no-confirm`; {keys})"
                 )
         if answer["state"] == "refused":
             self._stale_refusal = answer.get("refused_at")

@@ -53,6 +53,20 @@ def test_watch_and_the_viewer_follow_a_curve_daemon_with_their_keys(tmp_path):
         assert hub.refresh_from_control() is None
         assert hub.scans["curved"].state == "finished"
         assert Hub(daemon.publish, daemon.control, control_timeout_s=1).refresh_from_control() is not None
+
+        # a producer without keys is dropped in the handshake, which looks like no daemon: the
+        # error said to check the endpoint only
+        dataset = tmp_path / "curved.h5"
+        from cryoptycho.daemon.storage.dataset import write_dataset
+        from cryoptycho.gpu.data import PtychoData
+        from daemon_support import PIXEL_M
+
+        write_dataset(dataset, PtychoData(frames=scan.frames, positions=scan.positions, energy=300e3,
+                                          pixel_size=PIXEL_M, probe=scan.probe))
+        keyless = cli("replay", str(dataset), "--scan-id", "keyless", "--endpoint", daemon.ingest,
+                      "--control", daemon.control, "--timeout", "3")
+        assert keyless.returncode == 1, keyless.stderr
+        assert "CURVE on answers only clients with its keys" in keyless.stderr, keyless.stderr
         assert daemon.stop() == 0
     finally:
         if daemon.proc.poll() is None:
