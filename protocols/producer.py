@@ -397,7 +397,7 @@ class Producer(SocketClient):
         elif answer["state"] != "unknown":
             raise ValueError(
                 f"the daemon already has a scan {scan_id!r} ({answer['state']}): scan ids must "
-                "be unique"
+                "be unique (give another: start_scan(scan_id=...), `replay --scan-id`)"
             )
 
     def _confirm(self, scan_id: str, closing: bool, timeout_s: float | None) -> Receipt:

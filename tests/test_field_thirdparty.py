@@ -111,6 +111,11 @@ def test_a_scan_at_stage_coordinates_replays_into_the_daemon(tmp_path):
         assert done["state"] == "finished", done
         with h5py.File(tmp_path / "results" / "stage.h5") as f:
             assert max(f["object"].shape) < 200 and np.isfinite(f["object"][()]).all()
+        # README "Live service": the same replay command a second time is refused, saying how to
+        # send it anyway
+        again = cli("replay", str(tmp_path / "stage.h5"), "--endpoint", daemon.ingest, "--control", daemon.control)
+        assert again.returncode == 1 and "scan ids must be unique" in again.stderr, again.stderr
+        assert "`replay --scan-id`" in again.stderr and "Traceback" not in again.stderr, again.stderr
         assert daemon.stop() == 0
     finally:
         if daemon.proc.poll() is None:
