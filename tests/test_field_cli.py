@@ -83,3 +83,14 @@ def test_batch_without_its_dask_extra_names_the_extra(tmp_path):
     out = cli("batch", str(tmp_path / "scan.h5"), "-o", str(tmp_path / "out"), env=env)
     assert out.returncode == 1, out.stderr
     assert 'needs Dask: pip install "cryoptycho[batch]"' in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_list_in_the_environment_that_is_not_json_is_named(tmp_path):
+    """CRYOPTYCHO_OUTPUT_FORMATS=h5,png (a list as a shell user writes one) ended `serve` in
+    pydantic-settings' traceback about an "EnvSettingsSource"."""
+    env = {**os.environ, "CRYOPTYCHO_OUTPUT_FORMATS": "h5,png"}
+    out = cli("serve", "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*", "--control",
+              "tcp://127.0.0.1:*", "--metrics-port", "0", "--spool-dir", str(tmp_path / "s"), "--results-dir",
+              str(tmp_path / "r"), env=env)
+    assert out.returncode == 1, out.stderr
+    assert "CRYOPTYCHO_OUTPUT_FORMATS is not valid JSON" in out.stderr and "Traceback" not in out.stderr, out.stderr
