@@ -184,7 +184,26 @@ class ScanManager:
         ):
             raise ScanRefused("scan_id", "max_queued_scans", f"{len(self.waiting)} scans are already waiting")
         options = self._options_for(spec)
-        return options, self._reservation(spec, options)
+        return options, self._reservation(spec, self._with_declared_modes(spec, options))
+
+    @staticmethod
+    def _with_declared_modes(spec: ScanSpec, options: ReconOptions) -> ReconOptions:
+        """``options`` with as many probe modes as the scan's (modes, M, M) probe declares: the
+        engine runs them all. The option probe_modes is bounded, a declared probe was not: a
+        stack of 2000 probes (one per position, sent as modes) was accepted with the memory of
+        one mode and kept its worker busy for ever."""
+        declared = spec.probe.shape[0] if spec.probe.ndim == 3 else 1
+        if declared <= options.probe_modes:
+            return options
+        try:
+            return options.merged({"probe_modes": declared})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            if err["type"] != "less_than_equal":  # modes with an option they do not combine with
+                raise ScanRefused("probe", "recon_options", f"a probe of {declared} modes: {err['msg']}") from None
+            raise ScanRefused("probe", "probe_modes", f"the probe declares {declared} modes, at most "
+                              f"{err['ctx']['le']} are run (option probe_modes): a (modes, M, M) probe holds the "
+                              "incoherent modes of one probe, not a probe per position") from None
 
     def scan_id_taken(self, scan_id: str) -> bool:
         """Whether a scan_start of this id would be refused as not unique: the daemon holds a

@@ -52,13 +52,39 @@ def test_a_raster_step_in_micrometres_is_refused_naming_the_scan_not_the_frame_c
     fields = scan.start_fields("steps", positions_m=None, raster=RasterScan((4, 4), (2e-4, 2e-4)))
     daemon = start_daemon(tmp_path, *FAST)
     try:
-        with Producer(daemon.ingest, control=daemon.control, send_timeout_s=60) as producer:
-            with pytest.raises(DeliveryError) as info:
-                producer.start_scan(**fields)
-                producer.send_frames(scan.frames)
-                producer.end_scan()
+        with Producer(daemon.ingest, control=daemon.control, send_timeout_s=60) as producer, \
+                pytest.raises(DeliveryError) as info:
+            producer.start_scan(**fields)
+            producer.send_frames(scan.frames)
+            producer.end_scan()
         said = str(info.value)
         assert "scan: " in said and "[rule memory_budget]" in said and "step in metres?" in said, said
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+
+
+def test_a_probe_stack_sent_as_modes_is_refused_before_it_runs(tmp_path):
+    """A (modes, M, M) probe is the incoherent modes of one probe; the option probe_modes stops
+    at 16, the declared array did not: a stack of one probe per position was accepted with the
+    memory estimate of one mode, and its worker ran 2000 modes for ever."""
+    import numpy as np
+
+    scan = synthetic_scan(n_side=5, m=32)  # 25 positions: 25 probes, more than 16 modes
+    stack = (np.repeat(scan.probe[None], len(scan.frames), axis=0) / np.sqrt(len(scan.frames))).astype(np.complex64)
+    daemon = start_daemon(tmp_path, *FAST)
+    try:
+        with Producer(daemon.ingest, control=daemon.control, send_timeout_s=60) as producer, \
+                pytest.raises(DeliveryError) as info:
+            producer.start_scan(**scan.start_fields("stack", probe=stack))
+            producer.end_scan()
+        said = str(info.value)
+        assert "probe: the probe declares 25 modes, at most 16 are run" in said and "[rule probe_modes]" in said, said
+        with Producer(daemon.ingest, control=daemon.control, send_timeout_s=60) as producer:  # the daemon goes on
+            producer.start_scan(**scan.start_fields("single"))
+            producer.send_frames(scan.frames)
+            assert producer.end_scan().acknowledged == len(scan.frames)
         assert daemon.stop() == 0
     finally:
         if daemon.proc.poll() is None:
