@@ -120,3 +120,15 @@ def test_a_scan_at_stage_coordinates_replays_into_the_daemon(tmp_path):
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+def test_a_probe_per_position_in_the_file_is_refused_as_the_daemon_refuses_it(tmp_path):
+    """/probe of shape (K, M, M), one probe per position, read as K incoherent modes: the
+    offline engine ran them all (10 s an iteration for 64 frames of 64²), past the option's 16."""
+    readme_dataset(tmp_path / "scan.h5")
+    with h5py.File(tmp_path / "scan.h5", "a") as f:
+        del f["probe_model"]
+        f["probe"] = np.full((20, M, M), 0.1, np.complex64)
+    out = cli("reconstruct", str(tmp_path / "scan.h5"), "-o", str(tmp_path / "r.h5"), "-n", "1")
+    assert out.returncode == 1, out.stderr
+    assert "/probe declares 20 modes, at most 16 are run" in out.stderr and "Traceback" not in out.stderr, out.stderr
