@@ -94,3 +94,11 @@ def test_a_list_in_the_environment_that_is_not_json_is_named(tmp_path):
               str(tmp_path / "r"), env=env)
     assert out.returncode == 1, out.stderr
     assert "CRYOPTYCHO_OUTPUT_FORMATS is not valid JSON" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_simulate_with_a_sample_file_gemmi_cannot_read_names_it(tmp_path):
+    """`simulate --sample model.xyz` ended in gemmi's RuntimeError traceback ("Unknown format")."""
+    (tmp_path / "model.xyz").write_text("3\nwater\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n")
+    out = cli("simulate", "--sample", str(tmp_path / "model.xyz"), "-o", str(tmp_path / "sim.h5"))
+    assert out.returncode == 2, out.stderr
+    assert "model.xyz: not a PDB or mmCIF file" in out.stderr and "Traceback" not in out.stderr, out.stderr
