@@ -102,3 +102,18 @@ def test_simulate_with_a_sample_file_gemmi_cannot_read_names_it(tmp_path):
     out = cli("simulate", "--sample", str(tmp_path / "model.xyz"), "-o", str(tmp_path / "sim.h5"))
     assert out.returncode == 2, out.stderr
     assert "model.xyz: not a PDB or mmCIF file" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("bench", "paper", "--samples", "hemoglobn"), "Invalid value for --samples: unknown sample 'hemoglobn'"),
+    (("bench", "fuzz", "--examples", "0"), "Invalid value for '--examples': 0 is not in the range x>=1"),
+    (("replay", "{scan}", "--drop", "2"), "Invalid value for '--drop': 2.0 is not in the range 0<=x<=1"),
+    (("bench", "live", "--dataset", "{text}"), "Invalid value for --dataset: cannot read"),
+])
+def test_bench_and_drill_arguments_out_of_range_are_usage_errors(tmp_path, args, said):
+    """Each was a traceback (gemmi's sample lookup, Hypothesis, the fault drill, h5py)."""
+    tiny_dataset(tmp_path / "scan.h5")
+    (tmp_path / "notes.txt").write_text("not HDF5")
+    args = tuple(a.format(scan=tmp_path / "scan.h5", text=tmp_path / "notes.txt") for a in args)
+    out = cli(*args)
+    assert out.returncode == 2 and said in out.stderr and "Traceback" not in out.stderr, out.stderr
