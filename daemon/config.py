@@ -9,6 +9,7 @@ is reported with the file it came from (the model itself forbids unknown keys to
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,12 @@ from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.protocols.dectris.convert import BridgeConfig
 from cryoptycho.protocols.limits import Limits
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -211,6 +217,19 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     ``overrides`` may hold nested dicts (``{"options": {"iterations": 5}}``); ``None`` values are
     ignored so that unset command-line flags do not mask the file or the environment.
     """
+    try:
+        return _load_config(path, overrides)
+    except SettingsError as exc:
+        # a list or table given in the environment must be JSON: CRYOPTYCHO_OUTPUT_FORMATS=h5,png
+        # was pydantic-settings' traceback, naming a "field" and an "EnvSettingsSource"
+        found = re.search(r'field "([^"]+)"', str(exc))
+        var = f"{ENV_PREFIX}{found.group(1).upper()}" if found else f"a {ENV_PREFIX}* variable"
+        raise ConfigError(f"invalid configuration (environment): {var} is not valid JSON; a list or a "
+                          f"table in the environment is written as JSON, e.g. {ENV_PREFIX}OUTPUT_FORMATS="
+                          "'[\"h5\", \"png\"]'") from None
+
+
+def _load_config(path: str | Path | None, overrides: dict[str, Any] | None) -> ServiceConfig:
     init: dict[str, Any] = read_toml(path) if path is not None else {}
     cli = {k: v for k, v in (overrides or {}).items() if v is not None}
     _check_keys(cli, ServiceConfig, "command line")

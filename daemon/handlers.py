@@ -182,6 +182,7 @@ def build_table(service: Service) -> dict[str, Handler]:
                 # once nothing more is accepted, the first missing indices (at most 100)
                 "missing": ledger.missing() if closed else [],
                 "error": session.error,
+                "refused": {"frames": session.frames_refused, "last": session.last_refusal},
             }
 
         with session.lock:

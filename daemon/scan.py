@@ -83,7 +83,9 @@ def outline_from_scan_start(msg: ScanStart) -> ScanSpec:
         frame_dtype=str(msg.frame_dtype),
         pixel_size_m=_pixel_size(msg, shape),
         energy_eV=float(msg.energy_eV),
-        probe=np.zeros((0, 0), np.complex64),
+        # empty, but for its modes: how many the engine will run is part of the declaration
+        probe=np.zeros((0, 0) if msg.probe is None or np.ndim(msg.probe) != 3 else (len(msg.probe), 0, 0),
+                       np.complex64),
         expected_frames=int(msg.expected_frames),
         extent_m=declared_extent(msg),
         options=dict(msg.options),

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import h5py
@@ -24,6 +25,7 @@ from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
 from cryoptycho.gpu.engines import memory_estimate
 from cryoptycho.gpu.geometry import implausible_energy
 from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.sources import DetectorFrames
 from pydantic import ValidationError
 
@@ -182,7 +184,26 @@ class ScanManager:
         ):
             raise ScanRefused("scan_id", "max_queued_scans", f"{len(self.waiting)} scans are already waiting")
         options = self._options_for(spec)
-        return options, self._reservation(spec, options)
+        return options, self._reservation(spec, self._with_declared_modes(spec, options))
+
+    @staticmethod
+    def _with_declared_modes(spec: ScanSpec, options: ReconOptions) -> ReconOptions:
+        """``options`` with as many probe modes as the scan's (modes, M, M) probe declares: the
+        engine runs them all. The option probe_modes is bounded, a declared probe was not: a
+        stack of 2000 probes (one per position, sent as modes) was accepted with the memory of
+        one mode and kept its worker busy for ever."""
+        declared = spec.probe.shape[0] if spec.probe.ndim == 3 else 1
+        if declared <= options.probe_modes:
+            return options
+        try:
+            return options.merged({"probe_modes": declared})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            if err["type"] != "less_than_equal":  # modes with an option they do not combine with
+                raise ScanRefused("probe", "recon_options", f"a probe of {declared} modes: {err['msg']}") from None
+            raise ScanRefused("probe", "probe_modes", f"the probe declares {declared} modes, at most "
+                              f"{err['ctx']['le']} are run (option probe_modes): a (modes, M, M) probe holds the "
+                              "incoherent modes of one probe, not a probe per position") from None
 
     def scan_id_taken(self, scan_id: str) -> bool:
         """Whether a scan_start of this id would be refused as not unique: the daemon holds a
@@ -237,14 +258,57 @@ class ScanManager:
         else:
             budget = self.config.host_memory_budget_bytes
         if total > budget:
+            field, hint = "expected_frames", ""
+            if spec.extent_m is not None and estimate_bytes(replace(spec, extent_m=None), options) * engines <= budget:
+                # the frames would fit: the field is what is too large (a step or positions in
+                # the wrong unit), and naming expected_frames sent the user to the wrong value
+                (y0, y1), (x0, x1) = spec.extent_m
+                field, hint = "scan", (f"; the scan's field of {y1 - y0:.3g} m × {x1 - x0:.3g} m is what does "
+                                       "not fit (are its positions or step in metres?)")
             raise ScanRefused(
-                "expected_frames",
+                field,
                 "memory_budget",
                 f"the scan needs ≈{total / 2**20:.0f} MiB of {device} memory "
                 f"({spec.expected_frames} frames of {spec.frame_shape[0]}×{spec.frame_shape[1]} "
-                f"{spec.frame_dtype}, canvas {spec.field_px()} px) but the budget is {budget / 2**20:.0f} MiB",
+                f"{spec.frame_dtype}, canvas {spec.field_px()} px) but the budget is {budget / 2**20:.0f} MiB"
+                + hint,
             )
         return {device: total}
+
+    def check_streamed_field(self, session: Session, positions: np.ndarray) -> None:
+        """Refuse streamed positions whose canvas cannot fit the memory budget, before they
+        are spooled. A scan that streams its positions declares no extent, so scan_start
+        reserved a canvas of two frames; positions in µm sent as metres (inside
+        max_abs_position_m) then made the worker's canvas 409 TiB and failed the scan with
+        NumPy's MemoryError, which named neither the positions nor their unit. The estimate
+        costs milliseconds, so it is made with room to grow (twice the span) and repeated
+        only when the positions leave that room."""
+        spec = session.spec
+        if spec.extent_m is not None or not len(positions):
+            return
+        lo, hi = positions.min(axis=0), positions.max(axis=0)
+        seen = session.streamed_extent
+        if seen is not None:
+            lo, hi = np.minimum(lo, seen[0]), np.maximum(hi, seen[1])
+        session.streamed_extent = (lo, hi)
+        span = hi - lo
+        if session.streamed_room is not None and (span <= session.streamed_room).all():
+            return
+        options = self._options_for(spec)
+        for room in (2 * span, span):
+            grown = replace(spec, extent_m=((0.0, float(room[0])), (0.0, float(room[1]))))
+            try:
+                self._reservation(grown, options)
+            except ScanRefused as exc:
+                if room is span:
+                    session.streamed_extent = seen  # these positions are refused: not part of the scan
+                    raise ProtocolError(
+                        "positions_m", "memory_budget",
+                        f"the positions so far span {span[0]:.3g} m × {span[1]:.3g} m: {exc.message}",
+                        session.scan_id) from None
+                continue
+            session.streamed_room = room
+            return
 
     def _register(self, session: Session, spool: SpoolWriter) -> None:
         self.sessions[session.scan_id] = session

@@ -361,6 +361,9 @@ class Service:
         if n:
             reason = {"known_scan": "unknown_scan", "open_scan": "scan_closed"}.get(exc.rule, "invalid")
             self.metrics.frames_dropped.labels(reason=reason).inc(n)
+            session = self.scans.sessions.get(exc.scan_id) if exc.scan_id is not None else None
+            if session is not None:  # its producer's receipt says why frames it sent are not held
+                session.refused(n, f"{exc.field}: {exc.message} [rule {exc.rule}]")
         log.warning("rejected message: %s", exc, extra={"scan_id": exc.scan_id, "rule": exc.rule})
         self.publish_error(ErrorEvent.from_error(exc, time.time()))
 
@@ -471,6 +474,7 @@ class Service:
                 why = session.end_reason or session.error or "stopped"
                 raise ProtocolError("scan_id", "open_scan", f"scan {msg.scan_id!r} is stopping ({why})", msg.scan_id)
             positions = frame_positions(msg, session.spec)
+            self.scans.check_streamed_field(session, positions)
             self.scans.add_frames(session, msg.data, np.asarray(msg.indices, dtype=np.int64), positions, arrived,
                                   detector, msg.wire_data)
         elif isinstance(msg, ScanEnd):

@@ -146,6 +146,13 @@ class Session:
         #: up to 256 sessions on the manager thread, where computing them took 15-25 ms of CPU
         self._latency_figures: dict[str, float | None] = {"latency_p50_s": None, "latency_p95_s": None}
         self.worker: Any = None
+        #: a streamed scan's positions so far ((y, x) minimum, maximum) and the span (m) its
+        #: memory budget was last checked for (ScanManager.check_streamed_field)
+        self.streamed_extent: tuple[np.ndarray, np.ndarray] | None = None
+        self.streamed_room: np.ndarray | None = None
+        #: frames of this scan the daemon refused (invalid messages), and the last reason
+        self.frames_refused = 0
+        self.last_refusal: str | None = None
 
     def transition(self, new: State, error: str | None = None) -> bool:
         """Move to ``new``; False (and no change) if the session is already final."""
@@ -158,6 +165,12 @@ class Session:
             if error is not None:
                 self.error = error
             return True
+
+    def refused(self, frames: int, reason: str) -> None:
+        """Count ``frames`` refused by the checks, for the receipt (PROTOCOL.md § 4.5)."""
+        with self.lock:
+            self.frames_refused += frames
+            self.last_refusal = reason
 
     def update_figures(self, **values: Any) -> None:
         with self.lock:

@@ -15,6 +15,12 @@ if TYPE_CHECKING:  # typing.Self is Python ≥ 3.11
 HEARTBEAT_MS = 5000
 
 
+class InvalidEndpoint(zmq.ZMQError, ValueError):
+    """An endpoint ZeroMQ cannot connect to as written (no transport, a bad port): a ValueError
+    naming it, for commands that report bad input, and still a ZMQError for callers that
+    catch those."""
+
+
 def connect(
     kind: int,
     endpoint: str,
@@ -26,16 +32,34 @@ def connect(
 ) -> zmq.Socket:
     """A ``kind`` socket with ``options`` (zmq attribute → value) and CURVE, connected."""
     sock = (context or zmq.Context.instance()).socket(kind)
-    for name, value in options.items():
-        setattr(sock, name, value)
-    if heartbeat:
-        # ZMTP heartbeats notice a peer host that vanished without closing the connection:
-        # without them a silent peer and a dead one look alike
-        sock.heartbeat_ivl = HEARTBEAT_MS
-        sock.heartbeat_timeout = 3 * HEARTBEAT_MS
-    apply_curve(sock, curve)
-    sock.connect(endpoint)
+    try:
+        for name, value in options.items():
+            setattr(sock, name, value)
+        if heartbeat:
+            # ZMTP heartbeats notice a peer host that vanished without closing the connection:
+            # without them a silent peer and a dead one look alike
+            sock.heartbeat_ivl = HEARTBEAT_MS
+            sock.heartbeat_timeout = 3 * HEARTBEAT_MS
+        apply_curve(sock, curve)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise InvalidEndpoint(exc.errno, f"cannot connect to {endpoint!r}: {exc.strerror} (a ZeroMQ "
+                                  "endpoint looks like tcp://HOST:PORT)") from None
+    except BaseException:
+        # a socket left open here blocked its context's term() for ever: a Producer given
+        # control="typo" hung at exit instead of reporting the endpoint
+        sock.close(linger=0)
+        raise
     return sock
+
+
+def check_endpoint(endpoint: str, kind: int) -> None:
+    """Raise :class:`InvalidEndpoint` unless ZeroMQ can connect a ``kind`` socket to
+    ``endpoint`` as written (for clients that connect lazily, or on threads of their own). The
+    socket is closed at once; ``kind`` is one the peer accepts, so a connection it may see is
+    one it expects."""
+    connect(kind, endpoint, heartbeat=False).close(linger=0)
 
 
 class SocketClient:

@@ -381,18 +381,23 @@ class Producer(SocketClient):
         waited = time.monotonic()
         while (answer := self._ask(scan_id)) is None:
             if self.send_timeout_s is not None and time.monotonic() - waited > self.send_timeout_s:
+                # a CURVE daemon drops a client without (or with unknown) keys in the handshake,
+                # which looks exactly like no daemon at all from here
+                keys = ("a daemon with CURVE on answers only clients with its keys: Producer(curve=...), "
+                        "`replay --client-key ... --server-key ...`" if self._curve is None else
+                        "or the daemon refused this client's CURVE keys")
                 raise ProducerTimeout(
                     f"no answer from the daemon's control socket {self.control} for "
                     f"{self.send_timeout_s} s: delivery cannot be confirmed (name the daemon's "
                     "control endpoint: Producer(control=...), `replay --control`; or send "
-                    "unconfirmed: confirm=False, `replay --no-confirm`)"
+                    f"unconfirmed: confirm=False, `replay --no-confirm`; {keys})"
                 )
         if answer["state"] == "refused":
             self._stale_refusal = answer.get("refused_at")
         elif answer["state"] != "unknown":
             raise ValueError(
                 f"the daemon already has a scan {scan_id!r} ({answer['state']}): scan ids must "
-                "be unique"
+                "be unique (give another: start_scan(scan_id=...), `replay --scan-id`)"
             )
 
     def _confirm(self, scan_id: str, closing: bool, timeout_s: float | None) -> Receipt:
@@ -428,11 +433,14 @@ class Producer(SocketClient):
                     # the daemon takes no more frames for this scan: what it lacks is lost
                     why = answer.get("error") or answer.get("end_reason") or answer["state"]
                     missing = answer.get("missing") or []
+                    refused = answer.get("refused") or {}  # absent from daemons before it was added
                     raise DeliveryError(
                         f"scan {scan_id!r}: the daemon holds {received} of the {sent} frames it "
                         f"was given ({sent - received} unacknowledged) and takes no more "
                         f"({answer['state']}: {why})"
-                        + (f"; first missing indices {missing[:10]}" if missing else ""),
+                        + (f"; first missing indices {missing[:10]}" if missing else "")
+                        + (f"; it refused {refused['frames']} frames, last: {refused['last']}"
+                           if refused.get("frames") else ""),
                         scan_id, sent, received, answer,
                     )
             if timeout is not None and time.monotonic() - progress_at > timeout:

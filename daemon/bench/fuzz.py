@@ -862,7 +862,8 @@ def dectris_fuzz(workdir: Path, examples: int, seed: int, figures: Figures | Non
 
 
 @click.command()
-@click.option("--examples", default=2000, show_default=True, help="Hypothesis inputs to try.")
+@click.option("--examples", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Hypothesis inputs to try.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--check-every", default=500, show_default=True,
               help="Send a valid scan (which must finish with every frame) every N inputs; 0 = only at the end.")

@@ -263,7 +263,10 @@ def command(frame_size: int, margin_m: float, dose: float, rate: float, refine_s
         if realistic:
             raise click.BadParameter("--realistic simulates a scan; a --dataset file already is one",
                                      param_hint="--realistic")
-        data = read_dataset(dataset_path)
+        try:
+            data = read_dataset(dataset_path)
+        except (ValueError, OSError) as exc:
+            raise click.BadParameter(f"cannot read {dataset_path}: {exc}", param_hint="--dataset") from None
         if data.truth_object is None:
             raise click.BadParameter(f"{dataset_path} holds no ground truth (/truth): nothing to score "
                                      "against", param_hint="--dataset")

@@ -466,6 +466,13 @@ def command(quick: bool, samples: str | None, doses: str, average: int | None, i
         dose_list = [float(d) for d in doses.split(",") if d.strip()]
     except ValueError as exc:
         raise click.BadParameter(f"doses must be numbers: {doses!r}", param_hint="--doses") from exc
+    from cryoptycho.gpu.sim.specimen import resolve_sample
+
+    for sample in (s.strip() for s in samples.split(",") if s.strip()):
+        try:  # checked before the first dose runs: a typo was a traceback minutes in
+            resolve_sample(sample)
+        except (ValueError, FileNotFoundError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--samples") from None
     if large:
         frame_size = 48 if frame_size is None else frame_size
         pixel_size = 1.6 if pixel_size is None else pixel_size

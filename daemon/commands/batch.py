@@ -71,6 +71,10 @@ def command(inputs: tuple[str, ...], output_dir: Path, options_file: Path | None
     )
     from ..storage.outputs import formats_for
 
+    try:  # an optional extra: its absence was a RuntimeError traceback once the inputs were read
+        import distributed  # noqa: F401
+    except ImportError:
+        raise click.ClickException('cryoptycho batch needs Dask: pip install "cryoptycho[batch]"') from None
     try:
         chosen = formats_for(formats, export, export_default=False)
     except ValueError as exc:

@@ -61,7 +61,7 @@ def _progress_table(state: dict[str, Any], total: int) -> Table:
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("cryoptycho-demo"), show_default=True, help="Output directory.")
 @click.option("--sample", default="hemoglobin", show_default=True)
-@click.option("--dose", type=float, default=20.0, show_default=True, help="e⁻/Å².")
+@click.option("--dose", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True, help="e⁻/Å².")
 @click.option("--probe", type=click.Choice(["randomized", "defocused", "fzp"]), default="randomized",
               show_default=True)
 @click.option("--rate", type=float, default=200.0, show_default=True, help="Frames per second streamed.")

@@ -42,3 +42,6 @@ def command(keys_dir: Path, clients: tuple[str, ...], no_server: bool) -> None:
             click.echo(f"client {name}: {secret} (give it with {keys_dir / SERVER_NAME}.key)")
     except (FileExistsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # a directory that cannot be made or written: named, not a traceback
+        raise click.ClickException(f"cannot write keys in {keys_dir}: {exc.strerror or exc} "
+                                   f"({exc.filename or keys_dir})") from None

@@ -142,6 +142,18 @@ def _check_memory(data: Any, options: ReconOptions) -> None:
     from cryoptycho.gpu.engines import memory_estimate
     from cryoptycho.gpu.geometry import fit_geometry
 
+    declared = np.shape(data.probe)[0] if data.probe is not None and np.ndim(data.probe) == 3 else 1
+    if declared > options.probe_modes:  # the engine runs every mode the file declares
+        try:
+            options = options.merged({"probe_modes": declared})
+        except ValidationError as exc:  # as the daemon refuses it: a probe per position is not a mode
+            err = exc.errors()[0]
+            if err["type"] != "less_than_equal":
+                raise click.ClickException(f"a probe of {declared} modes: {err['msg']}") from None
+            limit = err["ctx"]["le"]
+            raise click.ClickException(
+                f"/probe declares {declared} modes, at most {limit} are run (option probe_modes): a "
+                "(modes, M, M) probe holds the incoherent modes of one probe, not a probe per position") from None
     geometry = fit_geometry(data.positions, data.real_pixel_size, data.frame_shape)
     need = memory_estimate(options, frame_shape=data.frame_shape, frame_dtype=data.frames.dtype,
                            n_frames=len(data.frames), field_px=geometry.object_shape).total

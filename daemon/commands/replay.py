@@ -65,13 +65,13 @@ __all__ = ["ReplaySource", "command", "read_source", "replay"]
     help="CURVE: the daemon's public server.key file.",
 )
 @click.option(
-    "--drop", type=float, default=0.0, help="Fault drill: drop this share of frames messages."
+    "--drop", type=click.FloatRange(0, 1), default=0.0, help="Fault drill: drop this share of frames messages."
 )
-@click.option("--duplicate", type=float, default=0.0, help="Fault drill: duplicate this share.")
+@click.option("--duplicate", type=click.FloatRange(0, 1), default=0.0, help="Fault drill: duplicate this share.")
 @click.option(
-    "--reorder", type=float, default=0.0, help="Fault drill: swap this share with the next."
+    "--reorder", type=click.FloatRange(0, 1), default=0.0, help="Fault drill: swap this share with the next."
 )
-@click.option("--corrupt", type=float, default=0.0, help="Fault drill: corrupt this share.")
+@click.option("--corrupt", type=click.FloatRange(0, 1), default=0.0, help="Fault drill: corrupt this share.")
 @click.option("--seed", type=int, default=0, help="Seed of the fault draws.")
 def command(
     path: Path,

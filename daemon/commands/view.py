@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import click
 
@@ -15,21 +16,39 @@ import click
               help="The daemon's control endpoint (snapshots for late joiners).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to serve on; loopback by default. Set a token before exposing it.")
-@click.option("--port", default=8640, show_default=True, type=int)
+@click.option("--port", default=8640, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--token", default=lambda: os.environ.get("CRYOPTYCHO_VIEW_TOKEN"),
               help="Access token required by the page (env CRYOPTYCHO_VIEW_TOKEN).")
 @click.option("--max-side", default=512, show_default=True, type=int,
               help="Images are downsampled to at most this many pixels per side.")
-def command(publish: str, control: str, host: str, port: int, token: str | None, max_side: int) -> None:
+@click.option("--client-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CURVE: this client's .key_secret file (needs --server-key; `cryoptycho keys`).")
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CURVE: the daemon's public server.key file.")
+def command(publish: str, control: str, host: str, port: int, token: str | None, max_side: int,
+            client_key: Path | None, server_key: Path | None) -> None:
     """Serve the live viewer: object, probe, coverage, loss and resolution per scan."""
+    from cryoptycho.protocols.security import ClientCurve
+
+    if (client_key is None) != (server_key is None):
+        raise click.BadParameter("give both --client-key and --server-key, or neither")
+    curve = ClientCurve(client_key, server_key) if client_key and server_key else None
     import uvicorn
     from cryoptycho.daemon.web.hub import Hub
     from cryoptycho.daemon.web.server import create_app
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise click.UsageError(f"refusing to serve on {host} without --token (the viewer shows your data)")
+    import zmq
+    from cryoptycho.protocols.client import InvalidEndpoint, check_endpoint
+
+    try:  # the hub connects on its own threads, where a typo in an endpoint killed them
+        for option, endpoint, kind in (("--publish", publish, zmq.SUB), ("--control", control, zmq.DEALER)):
+            check_endpoint(endpoint, kind)
+    except InvalidEndpoint as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
     logging.basicConfig(level=logging.INFO)
-    app = create_app(Hub(publish, control, max_side=max_side), token=token)
+    app = create_app(Hub(publish, control, max_side=max_side, curve=curve), token=token)
     url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
     click.echo(f"cryoptycho viewer on {url}  (daemon: publish {publish}, control {control})")
     uvicorn.run(app, host=host, port=port, log_level="warning", ws="auto")  # the sans-I/O websockets implementation where uvicorn has it

@@ -13,8 +13,11 @@ from typing import Any
 
 import click
 import numpy as np
+import zmq
+from cryoptycho.protocols.client import InvalidEndpoint, check_endpoint
 from cryoptycho.protocols.control import DEFAULT_CONTROL, ControlClient
 from cryoptycho.protocols.errors import ControlError, ControlTimeout
+from cryoptycho.protocols.security import ClientCurve
 from cryoptycho.protocols.subscriber import DEFAULT_PUBLISH, Subscriber
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
@@ -108,15 +111,28 @@ class Board:
 @click.option("--exit-after-results", type=int, default=0,
               help="Exit after this many final results (0 = run until Ctrl-C).")
 @click.option("--timeout", type=float, default=0.0, help="Exit after this many seconds (0 = never).")
-def command(publish: str, control: str, save_dir: Path | None, exit_after_results: int, timeout: float) -> None:
+@click.option("--client-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CURVE: this client's .key_secret file (needs --server-key; `cryoptycho keys`).")
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CURVE: the daemon's public server.key file.")
+def command(publish: str, control: str, save_dir: Path | None, exit_after_results: int, timeout: float,
+            client_key: Path | None, server_key: Path | None) -> None:
     """Follow the daemon's scans: progress, loss and resolution, live."""
+    if (client_key is None) != (server_key is None):
+        raise click.BadParameter("give both --client-key and --server-key, or neither")
+    curve = ClientCurve(client_key, server_key) if client_key and server_key else None
     console = Console()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), console=console)
     board = Board(progress, save_dir)
-    with Subscriber(publish) as sub, progress:
+    try:  # a typo in either endpoint is a usage error, not a traceback
+        for option, endpoint, kind in (("--publish", publish, zmq.SUB), ("--control", control, zmq.DEALER)):
+            check_endpoint(endpoint, kind)
+    except InvalidEndpoint as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+    with Subscriber(publish, curve=curve) as sub, progress:
         try:
-            with ControlClient(control, timeout_s=2.0, retries=1) as ctl:
+            with ControlClient(control, timeout_s=2.0, retries=1, curve=curve) as ctl:
                 board.seed(ctl.list_scans())
         except (ControlTimeout, ControlError) as exc:
             console.print(f"[yellow]no scan list from {control}: {exc}[/yellow]")

@@ -93,14 +93,15 @@ def read_dataset(path: str | Path) -> PtychoData:
             for key in ("kind", "semiangle_rad"):
                 if key not in a:
                     raise ValueError(f"/probe_model: attribute {key!r} is required")
+            kind = a["kind"]
             probe_model = ProbeModel(
-                kind=str(a["kind"]),
-                semiangle=float(a["semiangle_rad"]),
-                defocus=float(a["defocus_m"]) if "defocus_m" in a else None,
-                cs=float(a.get("cs_m", 0.0)),
-                zones=int(a.get("zones", 8)),
-                diameter=float(a["diameter_m"]) if "diameter_m" in a else None,
-                seed=int(a.get("seed", 0)),
+                kind=kind.decode(errors="replace") if isinstance(kind, bytes) else str(kind),
+                semiangle=_attr_number(a, "semiangle_rad"),
+                defocus=_attr_number(a, "defocus_m") if "defocus_m" in a else None,
+                cs=_attr_number(a, "cs_m") if "cs_m" in a else 0.0,
+                zones=int(_attr_number(a, "zones")) if "zones" in a else 8,
+                diameter=_attr_number(a, "diameter_m") if "diameter_m" in a else None,
+                seed=int(_attr_number(a, "seed")) if "seed" in a else 0,
             )
         truth_origin = None
         if "truth/object" in f and "origin_m" in f["truth/object"].attrs:
@@ -111,19 +112,54 @@ def read_dataset(path: str | Path) -> PtychoData:
             meta.setdefault("nav_shape", list(grid))
             meta.setdefault("raster_serpentine", bool(f["nav_shape"].attrs.get("serpentine", False)))
         return PtychoData(
-            frames=f["frames"][()],
-            positions=f["positions_m"][()],
-            energy=float(f["energy_eV"][()]),
-            pixel_size=float(f["pixel_size_m"][()]) if "pixel_size_m" in f else None,
+            frames=_array(f, "frames"),
+            positions=_array(f, "positions_m"),
+            energy=_number(f, "energy_eV"),
+            pixel_size=_number(f, "pixel_size_m") if "pixel_size_m" in f else None,
             detector_pixel_angle=(
-                float(f["detector_pixel_angle_rad"][()]) if "detector_pixel_angle_rad" in f else None
+                _number(f, "detector_pixel_angle_rad") if "detector_pixel_angle_rad" in f else None
             ),
-            probe=f["probe"][()] if "probe" in f else None,
+            probe=_array(f, "probe") if "probe" in f else None,
             probe_model=probe_model,
-            mask=f["mask"][()].astype(bool) if "mask" in f else None,
+            mask=_array(f, "mask").astype(bool) if "mask" in f else None,
             truth_object=f["truth/object"][()] if "truth/object" in f else None,
             truth_probe=f["truth/probe"][()] if "truth/probe" in f else None,
             truth_origin=truth_origin,  # type: ignore[arg-type]
             truth_positions=f["truth/positions_m"][()] if "truth/positions_m" in f else None,
             metadata=meta,
         )
+
+
+def _array(f: h5py.File, name: str) -> np.ndarray:
+    """``/name``'s array; a group or link where a dataset belongs is named, not an h5py TypeError."""
+    node = f.get(name)
+    if not isinstance(node, h5py.Dataset):  # a fault of the file's content, as every reader's ValueError
+        raise ValueError(f"/{name} must be a dataset (an array), found {type(node).__name__}")  # noqa: TRY004
+    return node[()]
+
+
+def _number(f: h5py.File, name: str) -> float:
+    """``/name`` as one number. Tools that write every value as an array (MATLAB, IDL, many C
+    writers) store a scalar as shape (1,) or (1, 1): that is one number too. Anything else, a
+    string with a unit ("300 keV") or several values, is refused naming the path and the unit
+    its name carries."""
+    value = np.asarray(_array(f, name))
+    if value.size != 1 or value.dtype.kind not in "biuf":
+        unit = name.rsplit("_", 1)[-1]
+        raise ValueError(f"/{name} must hold one number (in {unit}), got {_shown(value)}")
+    return float(value.reshape(()))
+
+
+def _attr_number(attrs: h5py.AttributeManager, key: str) -> float:
+    """One numeric attribute of ``/probe_model``, by the same rule as :func:`_number`."""
+    value = np.asarray(attrs[key])
+    if value.size != 1 or value.dtype.kind not in "biuf":
+        raise ValueError(f"/probe_model attribute {key!r} must be one number, got {_shown(value)}")
+    return float(value.reshape(()))
+
+
+def _shown(value: np.ndarray) -> str:
+    if value.size != 1:
+        return f"an array of shape {value.shape}"
+    item = value.reshape(()).item()
+    return repr(item.decode(errors="replace") if isinstance(item, bytes) else item)

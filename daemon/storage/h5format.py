@@ -90,7 +90,9 @@ def open_checked(
     if not path.exists():
         raise FileNotFoundError(f"{kind} file {path} does not exist")
     with explain_filter_errors(path), h5py.File(path, "r") as f:
-        if f.attrs.get("format") != fmt:
+        found = f.attrs.get("format")
+        # C, Fortran and MATLAB writers store fixed-length strings, which h5py hands back as bytes
+        if (found.decode(errors="replace") if isinstance(found, bytes) else found) != fmt:
             raise ValueError(f"{path}: not a cryoptycho {kind} (attribute 'format' != {fmt!r})")
         check_version(path, f, kind, version)
         for name in required:

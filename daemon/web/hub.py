@@ -23,6 +23,7 @@ import zmq
 from cryoptycho.protocols.control import ControlClient
 from cryoptycho.protocols.errors import ControlError, ControlTimeout
 from cryoptycho.protocols.messages import ErrorEvent, Metrics, Preview, Result, ScanEvent
+from cryoptycho.protocols.security import ClientCurve
 from cryoptycho.protocols.subscriber import Subscriber
 
 from . import images
@@ -100,9 +101,11 @@ class Hub:
         max_side: int = images.DEFAULT_MAX_SIDE,
         control_timeout_s: float = 2.0,
         poll_s: float = 2.0,
+        curve: ClientCurve | None = None,
     ) -> None:
         self.publish_endpoint = publish_endpoint
         self.control_endpoint = control_endpoint
+        self.curve = curve  #: this viewer's CURVE keys, for a daemon whose sockets require them
         self.max_side = max_side
         self.control_timeout_s = control_timeout_s
         self.scans: dict[str, ScanView] = {}
@@ -148,7 +151,8 @@ class Hub:
         """One read of ``list_scans``; an unreachable daemon is skipped (the subscriber still
         shows what is published)."""
         try:
-            with ControlClient(self.control_endpoint, timeout_s=self.control_timeout_s, retries=1) as ctl:
+            with ControlClient(self.control_endpoint, timeout_s=self.control_timeout_s, retries=1,
+                               curve=self.curve) as ctl:
                 summaries = ctl.list_scans()
         except (ControlError, ControlTimeout, zmq.ZMQError) as exc:
             log.debug("control poll failed: %s", exc)
@@ -165,7 +169,7 @@ class Hub:
 
     def _run(self) -> None:
         try:
-            with Subscriber(self.publish_endpoint, latest_only=True, skip_invalid=True) as sub:
+            with Subscriber(self.publish_endpoint, latest_only=True, skip_invalid=True, curve=self.curve) as sub:
                 while not self._stop.is_set():
                     event = sub.recv(timeout_s=0.2)
                     if event is not None:
@@ -277,7 +281,8 @@ class Hub:
         """Pull the daemon's current scans and latest images through the control socket (for
         late joiners). Returns None on success, else a message saying why it could not."""
         try:
-            with ControlClient(self.control_endpoint, timeout_s=self.control_timeout_s, retries=1) as ctl:
+            with ControlClient(self.control_endpoint, timeout_s=self.control_timeout_s, retries=1,
+                               curve=self.curve) as ctl:
                 scans = ctl.list_scans()
                 for summary in scans:
                     sid = str(summary["scan_id"])

@@ -112,7 +112,10 @@ def load_model(
 ) -> AtomicModel:
     """Read the first model of a PDB/mmCIF file (or a named sample), add hydrogens."""
     path = resolve_sample(sample)
-    st = gemmi.read_structure(str(path))  # PDB or mmCIF, gzipped or not
+    try:
+        st = gemmi.read_structure(str(path))  # PDB or mmCIF, gzipped or not
+    except RuntimeError as exc:  # gemmi's "Unknown format of X." reached the user as a traceback
+        raise ValueError(f"{path}: not a PDB or mmCIF file gemmi can read ({exc})") from None
     if len(st) == 0:
         raise ValueError(f"{path}: the structure has no models")
     st.setup_entities()
