@@ -44,35 +44,65 @@ class Record:
     end: int  # offset in the file just after this record
 
 
-def read_records(path: str | Path) -> tuple[list[Record], int, str | None]:
-    """Every whole record of journal ``path``, the offset after the last one, and why reading
-    stopped before the end of the file (None: at the end). A record cut short, or one whose
-    CRC fails, ends the journal: everything from there on was never acknowledged."""
-    records: list[Record] = []
+@dataclass
+class Scan:
+    """What one pass over a journal found (:func:`scan_records`)."""
+
+    records: int
+    first: dict[str, Any] | None  # the first record's header (the base)
+    last: dict[str, Any] | None  # the last whole record's header
+    end: int  # the offset after the last whole record
+    why: str | None  # why reading stopped before the end of the file (None: at its end)
+
+
+def iter_records(path: str | Path) -> Iterator[Record | str]:
+    """The whole records of journal ``path`` one by one, then, if the file goes on after the
+    last of them, why it was not read on (a str). A record cut short, or one whose CRC fails,
+    ends the journal: everything from there on was never acknowledged. One record is in
+    memory at a time."""
     with open(path, "rb") as f:
-        data = f.read()  # records are read once, at recovery; the rebuild holds them briefly
-    if not data.startswith(MAGIC):
-        return records, 0, "not a spool journal (no magic at its start)"
-    pos = len(MAGIC)
-    view = memoryview(data)
-    while pos < len(data):
-        if pos + _RECORD.size > len(data):
-            return records, pos, f"a record header cut short at byte {pos}"
-        size, crc = _RECORD.unpack_from(data, pos)
-        start = pos + _RECORD.size
-        if start + size > len(data):
-            return records, pos, f"a record cut short at byte {pos} ({len(data) - start} of {size} bytes)"
-        payload = view[start:start + size]
-        if zlib.crc32(payload) != crc or size < _HEADER.size:
-            return records, pos, f"a record whose CRC fails at byte {pos}"
-        (hlen,) = _HEADER.unpack_from(payload, 0)
-        try:
-            header = msgpack.unpackb(payload[_HEADER.size:_HEADER.size + hlen])
-        except (ValueError, msgpack.UnpackException) as exc:  # CRC passed: not a torn write
-            return records, pos, f"a record whose header does not decode at byte {pos}: {exc}"
-        pos = start + size
-        records.append(Record(header, payload[_HEADER.size + hlen:], pos))
-    return records, pos, None
+        if f.read(len(MAGIC)) != MAGIC:
+            yield "not a spool journal (no magic at its start)"
+            return
+        pos = len(MAGIC)
+        while True:
+            head = f.read(_RECORD.size)
+            if not head:
+                return
+            if len(head) < _RECORD.size:
+                yield f"a record header cut short at byte {pos}"
+                return
+            size, crc = _RECORD.unpack(head)
+            payload = f.read(size)
+            if len(payload) < size:
+                yield f"a record cut short at byte {pos} ({len(payload)} of {size} bytes)"
+                return
+            if zlib.crc32(payload) != crc or size < _HEADER.size:
+                yield f"a record whose CRC fails at byte {pos}"
+                return
+            (hlen,) = _HEADER.unpack_from(payload, 0)
+            try:
+                header = msgpack.unpackb(payload[_HEADER.size:_HEADER.size + hlen])
+            except (ValueError, msgpack.UnpackException) as exc:  # CRC passed: not a torn write
+                yield f"a record whose header does not decode at byte {pos}: {exc}"
+                return
+            pos += _RECORD.size + size
+            yield Record(header, memoryview(payload)[_HEADER.size + hlen:], pos)
+
+
+def scan_records(path: str | Path) -> Scan:
+    """One pass over journal ``path``: how many whole records, the first and last, where they end."""
+    out = Scan(0, None, None, len(MAGIC), None)
+    for item in iter_records(path):
+        if isinstance(item, str):
+            out.why = item
+            if out.records == 0:
+                out.end = 0 if item.startswith("not a spool journal") else len(MAGIC)
+        else:
+            out.records += 1
+            out.first = out.first or item.header
+            out.last, out.end = item.header, item.end
+    return out
 
 
 class Journal:

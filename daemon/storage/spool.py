@@ -39,8 +39,9 @@ from cryoptycho.daemon.storage.h5format import (
 from cryoptycho.daemon.storage.journal import (
     Journal,
     iter_bodies,
+    iter_records,
     journal_path,
-    read_records,
+    scan_records,
     sync_dir,
 )
 from cryoptycho.protocols.compression import (
@@ -771,19 +772,22 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
     jpath = journal_path(path)
     if not jpath.exists():
         return None, None
-    records, end, why = read_records(jpath)
-    if not records or records[0].header.get("op") != "base":
+    scan = scan_records(jpath)
+    if scan.first is None or scan.first.get("op") != "base":
         return None, None  # cut short while the spool was created: no frame was received
-    if records[-1].header.get("op") == "closed":
-        return end, None
-    base = records[0].header
+    if scan.last is not None and scan.last.get("op") == "closed":
+        return scan.end, None
+    base = scan.first
     rebuilt = path.with_name(path.name + ".rebuild")
     rebuilt.unlink(missing_ok=True)
     try:
+        records = (r for r in iter_records(jpath) if not isinstance(r, str))
+        image = next(records)
         if base.get("image"):
-            rebuilt.write_bytes(records[0].body)
+            rebuilt.write_bytes(image.body)
         else:  # a spool re-opened without a journal: the file as it was then, rows after its count cut
             shutil.copyfile(path, rebuilt)
+        del image
         f = h5py.File(rebuilt, "r+")
         try:
             writer = SpoolWriter(rebuilt, f)
@@ -791,7 +795,8 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
                 writer._truncate(int(base["count"]))
                 writer.count = int(base["count"])
                 f[DATA].attrs["count"] = writer.count
-            for record in records[1:]:
+            for _ in range(scan.records - 1):
+                record = next(records)
                 writer._replay(record.header, record.body)
             frames = writer.count
         finally:
@@ -802,13 +807,14 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
     except BaseException:
         rebuilt.unlink(missing_ok=True)
         raise
-    journal = Journal.resume(jpath, end, fsync=True)
+    journal = Journal.resume(jpath, scan.end, fsync=True)
     try:
         journal.write({"op": "closed"})
     finally:
         journal.close()
+    why, records_n = scan.why, scan.records
     torn = f"; {why}, dropped (never acknowledged)" if why else ""
-    done = f"rebuilt from its journal ({len(records)} records, {frames} frames{torn})"
+    done = f"rebuilt from its journal ({records_n} records, {frames} frames{torn})"
     return journal.path.stat().st_size, done
 
 
