@@ -1,7 +1,7 @@
 """Real SIGKILLs of a spool writer (not a test): how many runs lose frames that were
 acknowledged, this tree against an earlier revision, side by side:
 
-    python tests/measure/spool_kill_measure.py [--baseline-rev 92bbafb] [--seeds 10] [--runs 3]
+    python tests/measure/spool_kill_measure.py [--baseline-rev 92bbafb] [--tree-rev HEAD] [--seeds 10] [--runs 3]
 
 A writer process appends frames to a spool (``SpoolWriter.create``, then appends of 1–23
 frames, one or several batches each) and prints the number of frames acknowledged each time an
@@ -104,6 +104,14 @@ def _shim(root: Path, where: Path) -> Path:
     return where
 
 
+def _export(repo: Path, rev: str, where: Path) -> Path:
+    where.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "gpu", "protocols", "daemon"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    return where
+
+
 def _writes(env: dict, layout: str, seed: int, syscall: str, tmp: Path) -> int:
     """The number of ``syscall`` calls a whole run makes."""
     d = tempfile.mkdtemp(dir=tmp)
@@ -116,6 +124,7 @@ def _writes(env: dict, layout: str, seed: int, syscall: str, tmp: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline-rev", default="92bbafb")
+    parser.add_argument("--tree-rev", default=None, help="measure this revision instead of the working tree")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3, help="kills per seed, layout and tree")
     parser.add_argument("--writer", nargs=3, help=argparse.SUPPRESS)
@@ -133,12 +142,9 @@ def main() -> None:
     results: dict[str, Counter[str]] = {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        base = tmp / "base"
-        base.mkdir()
-        archive = subprocess.run(["git", "-C", str(repo), "archive", args.baseline_rev, "gpu", "protocols", "daemon"],
-                                 check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
-        trees = {f"baseline ({args.baseline_rev})": _shim(base, tmp / "shim-base"), "this tree": _shim(repo, tmp / "shim-here")}
+        trees = {f"baseline ({args.baseline_rev})": _shim(_export(repo, args.baseline_rev, tmp / "base"), tmp / "shim-base"),
+                 f"this tree ({args.tree_rev or 'working tree'})":
+                     _shim(_export(repo, args.tree_rev, tmp / "here") if args.tree_rev else repo, tmp / "shim-here")}
         rng = np.random.default_rng(2026)
         for name, shim in trees.items():
             env = {**os.environ, "PYTHONPATH": str(shim)}
