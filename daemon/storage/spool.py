@@ -172,11 +172,11 @@ class SpoolWriter:
         #: every write of an append is recorded here before the append counts as received
         #: (journal.py); None: a file being rebuilt from its journal
         self._journal = journal
-        #: the current append's chunks written as bytes (dataset name, row, bytes), and those
-        #: HDF5's filter writes (name, first row of the chunk), read back once flushed, for its
-        #: journal record
+        #: the current append's chunks written as bytes (dataset name, row, bytes), and rows
+        #: of ``data`` written through HDF5's filter (first row, rows, their bslz4 bytes), for
+        #: its journal record
         self._writes: list[tuple[str, int, object]] = []
-        self._filtered: dict[tuple[str, int], None] = {}
+        self._rows: list[tuple[int, int, bytes]] = []
         #: an append that would leave less free is refused before HDF5 writes (diskspace.py)
         self.reserve_bytes = reserve_bytes
         self._entry = NxcxiEntry(file)
@@ -363,7 +363,7 @@ class SpoolWriter:
     # -- the journal (journal.py) ---------------------------------------------------------------
     def _begin(self) -> None:
         self._writes.clear()
-        self._filtered.clear()
+        self._rows.clear()
 
     def _put(self, name: str, ds: h5py.Dataset, row: int, chunk: object) -> None:
         """Write one chunk of ``ds`` (``name`` in ``entry_1/data_1``) as it is, and keep it for
@@ -376,12 +376,13 @@ class SpoolWriter:
         """Write rows of ``data`` through HDF5's filter: a chunk part full before or after them
         (HDF5 reads it, adds the rows and writes it again, in the flush: a kill before the
         flush leaves the file as the last append left it), frames of another dtype. The
-        chunks are read back for the journal record once flushed."""
+        journal record holds the rows, compressed here (bslz4: a few µs a frame; the chunk
+        HDF5 writes holds the rows before them too, so its bytes would grow the journal by the
+        square of the appends a chunk takes)."""
         ds[row:row + len(rows)] = rows
         if self._journal is not None:
-            c = ds.chunks[0]
-            for start in range(row // c * c, row + len(rows), c):
-                self._filtered["data", start] = None
+            kept = rows if rows.dtype == ds.dtype else ds[row:row + len(rows)]  # as HDF5 converted them
+            self._rows.append((row, len(rows), compression_bslz4(np.ascontiguousarray(kept))))
 
     def _append_record(self, k: int, indices: np.ndarray, positions: np.ndarray) -> tuple[dict, list]:
         n = len(indices)
@@ -391,14 +392,11 @@ class SpoolWriter:
         return header, body
 
     def _with_writes(self, header: dict, body: list) -> tuple[dict, list]:
-        """The journal record of the operation: its chunks, those the filter wrote read back
-        from the (flushed) file."""
-        g = self._f[DATA]
-        for name, row in self._filtered:
-            ds = g[name]
-            self._writes.append((name, row, ds.id.read_direct_chunk((row, *(0,) * (ds.ndim - 1)))[1]))
+        """The journal record of the operation: its chunks, and the rows the filter wrote."""
         header["w"] = [[name, row, memoryview(chunk).nbytes] for name, row, chunk in self._writes]
+        header["r"] = [[row, n, len(blob)] for row, n, blob in self._rows]
         body += [chunk for _, _, chunk in self._writes]
+        body += [blob for _, _, blob in self._rows]
         self._begin()
         return header, body
 
@@ -415,13 +413,13 @@ class SpoolWriter:
             k, n = int(header["k"]), int(header["n"])
             if k != self.count:
                 raise ValueError(f"its journal appends rows from {k} to a file of {self.count} rows")
-            pieces = iter_bodies(body, [8 * n, 16 * n, *(size for _, _, size in header["w"])])
+            pieces = iter_bodies(body, [8 * n, 16 * n, *_sizes(header)])
             indices = np.frombuffer(next(pieces), np.int64)
             positions = np.frombuffer(next(pieces), np.float64).reshape(n, 2)
             self.count = self._entry.append(None, indices, positions,
                                             write_frames=lambda _k: self._replay_writes(header, pieces))
         elif op == "status":
-            self._replay_writes(header, iter_bodies(body, [size for _, _, size in header["w"]]))
+            self._replay_writes(header, iter_bodies(body, _sizes(header)))
             self._f.attrs["status"] = header["status"]
         elif op == "chunk_per_frame":
             self._chunk_per_frame()
@@ -437,6 +435,9 @@ class SpoolWriter:
             if ds.shape[0] <= row:  # the tail grows where it is written
                 ds.resize(row + 1, axis=0)
             ds.id.write_direct_chunk((row, *(0,) * (ds.ndim - 1)), bytes(next(pieces)))
+        ds = self._data
+        for row, n, _ in header.get("r", []):
+            ds[row:row + n] = bslz4_decompress(next(pieces), ds.dtype, (n, *ds.shape[1:]))
 
     def _check_space(self, nbytes: int) -> None:
         # uncompressed bytes: an upper bound of what the append writes
@@ -738,6 +739,11 @@ class SpoolWriter:
                 journal.write({"op": "closed"})
         finally:
             journal.close()
+
+
+def _sizes(header: dict) -> list[int]:
+    """The sizes of a journal record's chunks and rows, in the order of its body."""
+    return [size for *_, size in header["w"]] + [size for *_, size in header.get("r", [])]
 
 
 def _fsync_path(path: Path) -> None:
