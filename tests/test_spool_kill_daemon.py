@@ -94,6 +94,7 @@ def test_a_daemon_killed_while_spooling_keeps_every_acknowledged_frame(tmp_path:
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+    assert not list((tmp_path / "spool").glob("*.journal")), "a finished scan's journal is deleted"
     # the spool was not closed: recovery rebuilt it from its journal, and said so
     assert any("killed.spool.h5 rebuilt from its journal" in line for line in daemon.log_lines), daemon.log()
     assert set(range(acked)) <= set(indices.tolist()), (acked, sorted(indices.tolist()))

@@ -440,8 +440,8 @@ class SpoolWriter:
             ds[row:row + n] = bslz4_decompress(next(pieces), ds.dtype, (n, *ds.shape[1:]))
 
     def _check_space(self, nbytes: int) -> None:
-        # uncompressed bytes: an upper bound of what the append writes
-        require_free_space(self.path.parent, nbytes, self.reserve_bytes, f"the spool file {self.path.name}")
+        # uncompressed bytes: an upper bound of what the append writes, in the file and its journal
+        require_free_space(self.path.parent, 2 * nbytes, self.reserve_bytes, f"the spool file {self.path.name}")
 
     def _write_frames(self, k: int, frames: np.ndarray) -> None:
         self._write_blocks(k, [frames])
@@ -769,7 +769,12 @@ def repair_spool(path: str | Path) -> str | None:
     that were received, or be damaged): the file is rebuilt beside it and replaces it. Returns
     what was done, a sentence for the log, or None (nothing to do). Raises OSError or
     ValueError when the journal cannot be applied; the file is then untouched."""
-    return _repair(Path(path))[1]
+    try:
+        return _repair(Path(path))[1]
+    except (OSError, ValueError, KeyError):
+        raise
+    except Exception as exc:  # h5py's other errors on a damaged file: the caller keeps the file
+        raise ValueError(f"rebuilding it from its journal failed ({type(exc).__name__}: {exc})") from exc
 
 
 def _repair(path: Path) -> tuple[int | None, str | None]:
@@ -792,6 +797,11 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
         if base.get("image"):
             rebuilt.write_bytes(image.body)
         else:  # a spool re-opened without a journal: the file as it was then, rows after its count cut
+            from cryoptycho.daemon.storage.readcheck import check_spool_readable
+
+            unreadable = check_spool_readable(path)  # in a child: a damaged file can crash HDF5
+            if unreadable is not None:
+                raise ValueError(unreadable)
             shutil.copyfile(path, rebuilt)
         del image
         f = h5py.File(rebuilt, "r+")
