@@ -142,8 +142,7 @@ class ScanManager:
             _, need = self.admission(spec, own_spool=spool is not None)
         except ScanRefused:
             if spool is not None:
-                spool.close()
-                spool.path.unlink(missing_ok=True)
+                spool.discard()
             raise
         if spool is None:
             spool = self.create_spool(spec)
