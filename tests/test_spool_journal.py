@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from cryoptycho.daemon.scan import ScanSpec
@@ -102,14 +103,20 @@ def test_a_spool_without_a_journal_reopens_reads_and_is_rebuilt_on_its_own_base(
     assert unfinished_spools(tmp_path) == [w.path]
     w = SpoolWriter.reopen(w.path)
     first = next(iter_records(journal_path(w.path)))
-    assert first.header == {"op": "base", "image": False, "count": 40}
+    # its count, and the part-full chunk the next append writes again, as it was
+    assert first.header == {"op": "base", "image": False, "count": 40, "w": [["data", 0, len(first.body)]]}
     reopened = tmp_path / "as-reopened.h5"
     shutil.copyfile(w.path, reopened)
     _append(w, frames, 40, 90)
     _append(w, frames, 90, 95)
     journal = journal_path(w.path).read_bytes()
     w.close()
-    shutil.copyfile(reopened, w.path)  # its appends lost
+    # its appends lost, and the chunk they rewrote damaged (HDF5 reused its space)
+    with h5py.File(reopened, "r") as f:
+        info = f["entry_1/data_1/data"].id.get_chunk_info_by_coord((0, 0, 0))
+    damaged = bytearray(reopened.read_bytes())
+    damaged[info.byte_offset:info.byte_offset + info.size] = np.random.default_rng(1).bytes(info.size)
+    w.path.write_bytes(bytes(damaged))
     journal_path(w.path).write_bytes(journal)
     assert "95 frames" in (repair_spool(w.path) or "")
     _assert_holds(w.path, frames, 95)
@@ -125,9 +132,9 @@ def test_a_journal_that_does_not_match_its_file_is_refused_by_name(tmp_path: Pat
     jpath = journal_path(w.path)
     data = jpath.read_bytes()
     records = list(iter_records(jpath))
-    assert [r.header["op"] for r in records] == ["base", "append", "closed", "append", "closed"]
+    assert [r.header["op"] for r in records] == ["base", "append", "closed", "opened", "append", "closed"]
     # the base, then the append of rows 10..20 (the one of rows 0..10 lost): it cannot follow
-    jpath.write_bytes(data[:records[0].end] + data[records[2].end:records[3].end])
+    jpath.write_bytes(data[:records[0].end] + data[records[3].end:records[4].end])
     before = w.path.read_bytes()
     with pytest.raises(ValueError, match="appends rows from 10 to a file of 0 rows"):
         repair_spool(w.path)

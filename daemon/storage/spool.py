@@ -16,6 +16,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -44,6 +46,7 @@ from cryoptycho.daemon.storage.journal import (
     scan_records,
     sync_dir,
 )
+from cryoptycho.daemon.storage.readcheck import READ_TIMEOUT_S
 from cryoptycho.protocols.compression import (
     BLOCK_BYTES,
     bslz4_block_elements,
@@ -255,26 +258,37 @@ class SpoolWriter:
         path = Path(path)
         end = _repair(path)[0]
         jpath = journal_path(path)
-        f = h5py.File(path, "r+")
-        journal = None
-        try:
-            writer = cls(path, f, fsync, reserve_bytes)
-            writer._truncate(writer.count)
-            if end is None:
-                f.flush()
-                jpath.unlink(missing_ok=True)  # no base record: it holds nothing received
-                journal = Journal.create(jpath, fsync)
-                journal.write({"op": "base", "image": False, "count": writer.count})
+        # the journal says the file is open again before anything writes it: from here on a
+        # kill leaves a journal that does not end "closed", and recovery rebuilds the file
+        if end is None:
+            jpath.unlink(missing_ok=True)  # no base record: it holds nothing received
+            journal = Journal.create(jpath, fsync)
+            try:
+                journal.write(*_in_place_base(path))
                 if fsync:
-                    os.fsync(f.id.get_vfd_handle())
                     sync_dir(path.parent)
-            else:
-                journal = Journal.resume(jpath, end, fsync)
-            writer._journal = journal
+            except BaseException:
+                journal.close()
+                jpath.unlink(missing_ok=True)
+                raise
+        else:
+            journal = Journal.resume(jpath, end, fsync)
+            try:
+                journal.write({"op": "opened"})
+            except BaseException:
+                journal.close()
+                raise
+        try:
+            f = h5py.File(path, "r+")
+        except BaseException:
+            journal.close()
+            raise
+        try:
+            writer = cls(path, f, fsync, reserve_bytes, journal)
+            writer._truncate(writer.count)
         except BaseException:
             f.close()
-            if journal is not None:
-                journal.close()
+            journal.close()
             raise
         return writer
 
@@ -425,7 +439,7 @@ class SpoolWriter:
             self._chunk_per_frame()
         elif op == "detector":
             self._create_detector_frames(tuple(header["shape"]), np.dtype(header["dtype"]), int(header["rows"]))
-        elif op not in ("base", "closed"):
+        elif op not in ("base", "opened", "closed"):
             raise ValueError(f"its journal holds an unknown record {op!r}")
 
     def _replay_writes(self, header: dict, pieces: Iterator[memoryview]) -> None:
@@ -752,6 +766,28 @@ def _sizes(header: dict) -> list[int]:
     return [size for *_, size in header["w"]] + [size for *_, size in header.get("r", [])]
 
 
+def _in_place_base(path: Path) -> tuple[dict, list]:
+    """The base record of a journal begun for a spool that has none: its count, and the bytes
+    of the part-full last chunks of ``data`` and ``detector_frames`` (appends write those again:
+    a kill then could damage the rows they held)."""
+    with h5py.File(path, "r") as f:
+        g = f[DATA]
+        count = int(g.attrs.get("count", 0))
+        header: dict = {"op": "base", "image": False, "count": count, "w": []}
+        body: list = []
+        for name in ("data", DETECTOR_FRAMES):
+            ds = g.get(name)
+            if ds is None or count % ds.chunks[0] == 0 or ds.shape[0] < count:
+                continue
+            start = count // ds.chunks[0] * ds.chunks[0]
+            if ds.id.get_chunk_info_by_coord((start, 0, 0)).byte_offset is None:
+                continue  # never written
+            chunk = ds.id.read_direct_chunk((start, 0, 0))[1]
+            header["w"].append([name, start, len(chunk)])
+            body.append(chunk)
+    return header, body
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -794,35 +830,13 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
         return None, None  # cut short while the spool was created: no frame was received
     if scan.last is not None and scan.last.get("op") == "closed":
         return scan.end, None
-    base = scan.first
     rebuilt = path.with_name(path.name + ".rebuild")
     rebuilt.unlink(missing_ok=True)
     try:
-        records = (r for r in iter_records(jpath) if not isinstance(r, str))
-        image = next(records)
-        if base.get("image"):
-            rebuilt.write_bytes(image.body)
-        else:  # a spool re-opened without a journal: the file as it was then, rows after its count cut
-            from cryoptycho.daemon.storage.readcheck import check_spool_readable
-
-            unreadable = check_spool_readable(path)  # in a child: a damaged file can crash HDF5
-            if unreadable is not None:
-                raise ValueError(unreadable)
-            shutil.copyfile(path, rebuilt)
-        del image
-        f = h5py.File(rebuilt, "r+")
-        try:
-            writer = SpoolWriter(rebuilt, f)
-            if not base.get("image"):
-                writer._truncate(int(base["count"]))
-                writer.count = int(base["count"])
-                f[DATA].attrs["count"] = writer.count
-            for _ in range(scan.records - 1):
-                record = next(records)
-                writer._replay(record.header, record.body)
-            frames = writer.count
-        finally:
-            f.close()
+        if scan.first.get("image"):
+            frames = _rebuild(path, rebuilt, scan.records)
+        else:
+            frames = _rebuild_in_child(path, rebuilt, scan.records)
         _fsync_path(rebuilt)
         os.replace(rebuilt, path)
         sync_dir(path.parent)
@@ -834,10 +848,56 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
         journal.write({"op": "closed"})
     finally:
         journal.close()
-    why, records_n = scan.why, scan.records
-    torn = f"; {why}, dropped (never acknowledged)" if why else ""
-    done = f"rebuilt from its journal ({records_n} records, {frames} frames{torn})"
+    torn = f"; {scan.why}, dropped (never acknowledged)" if scan.why else ""
+    done = f"rebuilt from its journal ({scan.records} records, {frames} frames{torn})"
     return journal.path.stat().st_size, done
+
+
+def _rebuild(path: Path, rebuilt: Path, records: int) -> int:
+    """Write ``rebuilt`` from the first ``records`` records of ``path``'s journal; its frames.
+    An image base never reads ``path`` (it may be damaged); an in-place base copies it."""
+    items = (r for r in iter_records(journal_path(path)) if not isinstance(r, str))
+    base = next(items)
+    if base.header.get("image"):
+        rebuilt.write_bytes(base.body)
+    else:  # a spool re-opened without a journal: the file as it was then, rows after its count cut
+        shutil.copyfile(path, rebuilt)
+    f = h5py.File(rebuilt, "r+")
+    try:
+        writer = SpoolWriter(rebuilt, f)
+        if not base.header.get("image"):
+            writer._truncate(int(base.header["count"]))
+            writer.count = int(base.header["count"])
+            f[DATA].attrs["count"] = writer.count
+            # the part-full chunks as they were: appends wrote them again, and a kill then
+            # may have damaged them
+            writer._replay_writes(base.header, iter_bodies(base.body, _sizes(base.header)))
+        del base
+        for _ in range(records - 1):
+            record = next(items)
+            writer._replay(record.header, record.body)
+        return writer.count
+    finally:
+        f.close()
+
+
+def _rebuild_in_child(path: Path, rebuilt: Path, records: int) -> int:
+    """:func:`_rebuild` in a child process: an in-place base copies the file as it is, which a
+    kill inside a flush may have damaged so that HDF5 crashes on it (readcheck.py)."""
+    code = ("import sys; from pathlib import Path; from cryoptycho.daemon.storage.spool import _rebuild; "
+            "print(_rebuild(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])))")
+    try:
+        run = subprocess.run([sys.executable, "-c", code, str(path), str(rebuilt), str(records)],
+                             capture_output=True, text=True, timeout=READ_TIMEOUT_S * 5,
+                             stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"rebuilding it from its journal took more than {READ_TIMEOUT_S * 5:g} s") from None
+    if run.returncode < 0:
+        raise ValueError(f"rebuilding it from its journal crashed the process (signal {-run.returncode})")
+    if run.returncode != 0:
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        raise ValueError(f"rebuilding it from its journal failed ({lines[-1].strip() if lines else run.returncode})")
+    return int(run.stdout.split()[-1])
 
 
 @dataclass
