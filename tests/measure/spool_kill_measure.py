@@ -125,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline-rev", default="92bbafb")
     parser.add_argument("--tree-rev", default=None, help="measure this revision instead of the working tree")
+    parser.add_argument("--only", choices=("baseline", "tree"), default=None, help="measure one of the two")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3, help="kills per seed, layout and tree")
     parser.add_argument("--writer", nargs=3, help=argparse.SUPPRESS)
@@ -145,6 +146,8 @@ def main() -> None:
         trees = {f"baseline ({args.baseline_rev})": _shim(_export(repo, args.baseline_rev, tmp / "base"), tmp / "shim-base"),
                  f"this tree ({args.tree_rev or 'working tree'})":
                      _shim(_export(repo, args.tree_rev, tmp / "here") if args.tree_rev else repo, tmp / "shim-here")}
+        if args.only:
+            trees = dict([list(trees.items())[args.only == "tree"]])
         rng = np.random.default_rng(2026)
         for name, shim in trees.items():
             env = {**os.environ, "PYTHONPATH": str(shim)}
