@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -36,13 +37,16 @@ def _strace_works() -> bool:
 def _held(ctl: ControlClient, daemon, scan_id: str, sent: int) -> int | None:
     """The frames the daemon acknowledges once it holds ``sent`` (its receipt), or None once it
     is dead without having acknowledged them."""
+    deadline = time.monotonic() + 120
     while daemon.proc.poll() is None:
+        assert time.monotonic() < deadline, f"no receipt for {sent} frames in 120 s\n{daemon.log()}"
         try:
             answer = ctl.receipt(scan_id)
         except ControlTimeout:
             continue  # a busy box, or the daemon is dying: poll() says which
         if answer["state"] != "unknown" and int(answer["frames"]["received"]) >= sent:
             return int(answer["frames"]["received"])
+        time.sleep(0.02)  # a poll interval (the daemon has no push), as wait_for polls
     return None
 
 
