@@ -11,7 +11,7 @@ The spool is written through a Python file object (h5py's fileobj driver: the sa
 and allocations, the writes in Python), which copies the HDF5 file and the journal before each
 write call of the append under test: each copy is what a process killed right then would leave
 on disk. Then the journal's record of the append, cut short at every place that matters (a
-write torn by a power loss; a kill cannot tear one ``writev``). Every copy, reopened as
+write torn by a kill, which Linux may let end part way, or by a power loss). Every copy, reopened as
 recovery reopens it (:meth:`SpoolWriter.reopen`), must hold every frame the appends before it
 acknowledged, byte for byte."""
 
