@@ -36,7 +36,15 @@ from .scan import ScanSpec
 from .session import Session, State
 from .storage.diskspace import require_free_space
 from .storage.readcheck import check_spool_readable
-from .storage.spool import SpoolWriter, file_stem, read_spool, spool_path, unfinished_spools
+from .storage.spool import (
+    SpoolWriter,
+    discard_journal,
+    file_stem,
+    read_spool,
+    repair_spool,
+    spool_path,
+    unfinished_spools,
+)
 from .worker import Cancel, EndOfScan, FrameBatch, Interrupt, ScanWorker
 
 log = logging.getLogger("cryoptycho.scans")
@@ -136,8 +144,7 @@ class ScanManager:
             _, need = self.admission(spec, own_spool=spool is not None)
         except ScanRefused:
             if spool is not None:
-                spool.close()
-                spool.path.unlink(missing_ok=True)
+                spool.discard()
             raise
         if spool is None:
             spool = self.create_spool(spec)
@@ -618,6 +625,7 @@ class ScanManager:
         stem.parent.mkdir(parents=True, exist_ok=True)
         require_free_space(stem.parent, need, self.config.disk_reserve_bytes, f"the result of scan {session.scan_id!r}")
         written = save_outputs(stem, state, formats=self.config.output_formats, extra=extra, raw=raw)
+        discard_journal(spool_file, self.config.spool_fsync)  # closed, the file holds all of it
         with h5py.File(spool_file, "r+") as f:
             f.attrs["status"] = "finished"
         if not self.config.keep_spool:
@@ -873,9 +881,15 @@ class ScanManager:
         recovered = []
         for path in unfinished_spools(self.config.spool_dir):
             try:
+                repaired = repair_spool(path)  # a kill inside HDF5's flush: the journal has every frame
+                if repaired is not None:
+                    log.warning("spool %s %s", path.name, repaired)
                 contents = read_spool(path, frames=False)
                 spec = contents.spec
                 if spec.scan_id in self.sessions:
+                    continue
+                if contents.status not in ("open", "ended"):  # killed as its final status was written
+                    discard_journal(path, self.config.spool_fsync)
                     continue
                 unreadable = check_spool_readable(path)
                 if unreadable is not None:  # a child read the frames: a crash there stops no daemon

@@ -134,10 +134,11 @@ class Daemon:
         return rc
 
 
-def start_daemon(workdir: Path, *args: str, timeout: float = 60) -> Daemon:
-    """Start the real daemon on loopback with random ports; waits for its ready line."""
+def start_daemon(workdir: Path, *args: str, timeout: float = 60, prefix: tuple[str, ...] = ()) -> Daemon:
+    """Start the real daemon on loopback with random ports; waits for its ready line.
+    ``prefix``: a command the daemon runs under (e.g. strace)."""
     cmd = [
-        sys.executable, "-m", "cryoptycho.daemon.cli", "serve",
+        *prefix, sys.executable, "-m", "cryoptycho.daemon.cli", "serve",
         "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*",
         "--control", "tcp://127.0.0.1:*", "--metrics-port", "0",
         "--spool-dir", str(workdir / "spool"), "--results-dir", str(workdir / "results"),

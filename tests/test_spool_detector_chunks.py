@@ -157,11 +157,11 @@ def test_frames_of_a_part_full_chunk_survive_a_crash_and_recovery_goes_on(tmp_pa
         det = np.load(d / "det.npy")
         w = SpoolWriter.create(d, _spec("crash"))
         flushes, flush = [0], w._flush
-        def dying_flush():
+        def dying_flush(*record):
             flushes[0] += 1
             if flushes[0] == {cut}:
                 os._exit(9)
-            flush()
+            flush(*record)
         w._flush = dying_flush
         k = 0
         for n in (5, 6, 13, 9):

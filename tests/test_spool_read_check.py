@@ -1,5 +1,5 @@
-"""A spool whose frames cannot be read (a kill inside an HDF5 flush: FORMATS.md § "Known limits:
-a kill inside the flush") must not stop the daemon at start: recovery reads every frame in a child
+"""A spool whose frames cannot be read (a kill inside an HDF5 flush where no journal repairs it:
+FORMATS.md § "The journal") must not stop the daemon at start: recovery reads every frame in a child
 process first, and a file whose reader crashes, hangs or fails is named in the log and kept,
 untouched, while the other spools are recovered."""
 

@@ -1,9 +1,11 @@
 """Whether every frame of a spool file can be read, found out in a child process.
 
 A daemon killed inside an HDF5 flush can leave a spool whose chunks crash the reading process
-(SIGSEGV in the decompression filter; FORMATS.md § "Known limits: a kill inside the flush").
-Recovery reads the frames in-process later, so such a file would stop the daemon at every
-start; reading them first in a short-lived child keeps a crash, a hang or an error there.
+(SIGSEGV in the decompression filter). Recovery rebuilds such a file from its journal first
+(FORMATS.md § "The journal"); this check is the last line of defence behind it: a spool without
+a journal (of an earlier release) or whose journal cannot be applied is still read here before
+recovery reads it in-process, so that a crash, a hang or an error stays in a short-lived child
+instead of stopping the daemon at every start.
 
 ``python -m cryoptycho.daemon.storage.readcheck SPOOL`` reads every committed row (``data`` and,
 if present, the detector frames) and exits 0, or 1 with the error as the last line on stderr.

@@ -15,9 +15,12 @@ import logging
 import math
 import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,15 @@ from cryoptycho.daemon.storage.h5format import (
     open_checked,
     write_nav_shape,
 )
+from cryoptycho.daemon.storage.journal import (
+    Journal,
+    iter_bodies,
+    iter_records,
+    journal_path,
+    scan_records,
+    sync_dir,
+)
+from cryoptycho.daemon.storage.readcheck import READ_TIMEOUT_S
 from cryoptycho.protocols.compression import (
     BLOCK_BYTES,
     bslz4_block_elements,
@@ -51,6 +63,8 @@ from cryoptycho.protocols.sources import RawChunks
 log = logging.getLogger("cryoptycho.spool")
 
 FORMAT = "cryoptycho-spool"
+#: statuses a scan's spool ends with: its journal is deleted once the file is closed
+FINAL_STATUSES = ("finished", "aborted", "failed")
 FORMAT_VERSION = 1
 SUFFIX = ".spool.h5"
 #: bytes of a file stem: a file name holds 255 bytes, and ".spool.h5" / ".h5" / ".phase.mrc" / ".phase.png"
@@ -153,10 +167,19 @@ def file_stem(scan_id: str) -> str:
 class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
-    def __init__(self, path: Path, file: h5py.File, fsync: bool = False, reserve_bytes: int = 0) -> None:
+    def __init__(self, path: Path, file: h5py.File, fsync: bool = False, reserve_bytes: int = 0,
+                 journal: Journal | None = None) -> None:
         self.path = path
         self._f = file
         self._fsync = fsync
+        #: every write of an append is recorded here before the append counts as received
+        #: (journal.py); None: a file being rebuilt from its journal
+        self._journal = journal
+        #: the current append's chunks written as bytes (dataset name, row, bytes), and rows
+        #: of ``data`` written through HDF5's filter (first row, rows, their bslz4 bytes), for
+        #: its journal record
+        self._writes: list[tuple[str, int, object]] = []
+        self._rows: list[tuple[int, int, bytes]] = []
         #: an append that would leave less free is refused before HDF5 writes (diskspace.py)
         self.reserve_bytes = reserve_bytes
         self._entry = NxcxiEntry(file)
@@ -203,19 +226,70 @@ class SpoolWriter:
             if spec.positions_m is not None:
                 grid = nav_shape_of(spec.positions_m, spec.metadata)
                 write_nav_shape(f, *(grid or (None, False)))
-            f.flush()
         except BaseException:
             f.close()
             path.unlink(missing_ok=True)
             raise
-        return cls(path, f, fsync, reserve_bytes)
+        f.close()  # closed, the file is one of HDF5's consistent states: the journal's base
+        journal = None
+        try:
+            image = path.read_bytes()
+            jpath = journal_path(path)
+            jpath.unlink(missing_ok=True)  # a journal without its spool file: of a spool deleted
+            journal = Journal.create(jpath, fsync)
+            journal.write({"op": "base", "image": True}, [image])
+            if fsync:
+                sync_dir(path.parent)
+            f = h5py.File(path, "r+")
+        except BaseException:
+            if journal is not None:
+                journal.close()
+                journal.path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, f, fsync, reserve_bytes, journal)
 
     @classmethod
     def reopen(cls, path: str | Path, fsync: bool = False, reserve_bytes: int = 0) -> SpoolWriter:
-        """Append to an existing spool file (recovery): rows beyond ``count`` are discarded."""
-        f = h5py.File(path, "r+")
-        writer = cls(Path(path), f, fsync, reserve_bytes)
-        writer._truncate(writer.count)
+        """Append to an existing spool file (recovery): it is rebuilt from its journal first if
+        the journal holds more than the file was closed with (:func:`repair_spool`); rows beyond
+        ``count`` are discarded. A spool without a journal (of an earlier release, or re-opened
+        after its scan reached a final state) gets one whose base is the file as it is."""
+        path = Path(path)
+        end = _repair(path)[0]
+        jpath = journal_path(path)
+        # the journal says the file is open again before anything writes it: from here on a
+        # kill leaves a journal that does not end "closed", and recovery rebuilds the file
+        if end is None:
+            jpath.unlink(missing_ok=True)  # no base record: it holds nothing received
+            journal = Journal.create(jpath, fsync)
+            try:
+                journal.write(*_in_place_base(path))
+                if fsync:
+                    sync_dir(path.parent)
+            except BaseException:
+                journal.close()
+                jpath.unlink(missing_ok=True)
+                raise
+        else:
+            journal = Journal.resume(jpath, end, fsync)
+            try:
+                journal.write({"op": "opened"})
+            except BaseException:
+                journal.close()
+                raise
+        try:
+            f = h5py.File(path, "r+")
+        except BaseException:
+            journal.close()
+            raise
+        try:
+            writer = cls(path, f, fsync, reserve_bytes, journal)
+            writer._truncate(writer.count)
+        except BaseException:
+            f.close()
+            journal.close()
+            raise
         return writer
 
     def _truncate(self, n: int) -> None:
@@ -238,7 +312,9 @@ class SpoolWriter:
         if binned is not None and self._entry.count == 0 and self._data.chunks[0] != 1:
             self._chunk_per_frame()
         if raw is not None and self._entry.detector_frames is None:
-            self._create_detector_frames(raw)
+            nbytes = math.prod(raw.shape) * raw.dtype.itemsize
+            block = bslz4_header(raw.chunks[0], raw.dtype.itemsize)[1] if raw.chunks else BLOCK_BYTES
+            self._create_detector_frames(raw.shape, raw.dtype, chunk_rows(nbytes) if nbytes % block == 0 else 1)
             # rows before the first detector frames have none, in their chunk too
             self._det_open = [None] * (self.count % self._entry.detector_frames.chunks[0])
         det = self._entry.detector_frames
@@ -252,16 +328,16 @@ class SpoolWriter:
 
         def write_frames(k: int) -> None:
             if binned is not None and self._direct_ok(self._data, binned, n):
-                write = self._data.id.write_direct_chunk
                 for i, chunk in enumerate(binned.chunks):
-                    write((k + i, 0, 0), chunk)
+                    self._put("data", self._data, k + i, chunk)
             else:
                 self._write_frames(k, frames)
             det_open.append(self._write_detector(k, n, None if raw is None else raw.chunks))
 
+        self._begin()
         # commits rows, then the count
         count = self._entry.append(frames, indices, positions_m, write_frames=write_frames)
-        self._flush()
+        self._flush(self._append_record(count - n, indices, positions_m))
         self.count = count
         self._det_open = det_open[0]
 
@@ -291,15 +367,95 @@ class SpoolWriter:
             self._write_blocks(k, blocks, wire)
             det_open.append(self._write_detector(k, len(indices), None))
 
+        self._begin()
         count = self._entry.append(None, indices, positions, write_frames=write_frames)
-        self._flush()
+        self._flush(self._append_record(count - len(indices), indices, positions))
         self.count = count
         self._det_open = det_open[0]
         return len(indices)
 
+    # -- the journal (journal.py) ---------------------------------------------------------------
+    def _begin(self) -> None:
+        self._writes.clear()
+        self._rows.clear()
+
+    def _put(self, name: str, ds: h5py.Dataset, row: int, chunk: object) -> None:
+        """Write one chunk of ``ds`` (``name`` in ``entry_1/data_1``) as it is, and keep it for
+        the append's journal record."""
+        ds.id.write_direct_chunk((row, 0, 0), chunk)  # frames: (K, H, W) (ds.ndim costs µs)
+        if self._journal is not None:
+            self._writes.append((name, row, chunk))
+
+    def _put_rows(self, ds: h5py.Dataset, row: int, rows: np.ndarray) -> None:
+        """Write rows of ``data`` through HDF5's filter: a chunk part full before or after them
+        (HDF5 reads it, adds the rows and writes it again, in the flush: a kill before the
+        flush leaves the file as the last append left it), frames of another dtype. The
+        journal record holds the rows, compressed here (bslz4: a few µs a frame; the chunk
+        HDF5 writes holds the rows before them too, so its bytes would grow the journal by the
+        square of the appends a chunk takes)."""
+        ds[row:row + len(rows)] = rows
+        if self._journal is not None:
+            kept = rows if rows.dtype == ds.dtype else ds[row:row + len(rows)]  # as HDF5 converted them
+            self._rows.append((row, len(rows), compression_bslz4(np.ascontiguousarray(kept))))
+
+    def _append_record(self, k: int, indices: np.ndarray, positions: np.ndarray) -> tuple[dict, list]:
+        n = len(indices)
+        header: dict[str, object] = {"op": "append", "k": k, "n": n}
+        body: list[object] = [np.ascontiguousarray(indices, dtype=np.int64),
+                              np.ascontiguousarray(np.asarray(positions, dtype=np.float64).reshape(n, 2))]
+        return header, body
+
+    def _with_writes(self, header: dict, body: list) -> tuple[dict, list]:
+        """The journal record of the operation: its chunks, and the rows the filter wrote."""
+        header["w"] = [[name, row, memoryview(chunk).nbytes] for name, row, chunk in self._writes]
+        header["r"] = [[row, n, len(blob)] for row, n, blob in self._rows]
+        body += [chunk for _, _, chunk in self._writes]
+        body += [blob for _, _, blob in self._rows]
+        self._begin()
+        return header, body
+
+    def _journal_op(self, header: dict) -> None:
+        """A change of the file's layout, recorded before the append that needs it (it is
+        synced with that append's record)."""
+        if self._journal is not None:
+            self._journal.write(header, sync=False)
+
+    def _replay(self, header: dict, body: memoryview) -> None:
+        """Apply one journal record to this file (a rebuild: :func:`repair_spool`)."""
+        op = header["op"]
+        if op == "append":
+            k, n = int(header["k"]), int(header["n"])
+            if k != self.count:
+                raise ValueError(f"its journal appends rows from {k} to a file of {self.count} rows")
+            pieces = iter_bodies(body, [8 * n, 16 * n, *_sizes(header)])
+            indices = np.frombuffer(next(pieces), np.int64)
+            positions = np.frombuffer(next(pieces), np.float64).reshape(n, 2)
+            self.count = self._entry.append(None, indices, positions,
+                                            write_frames=lambda _k: self._replay_writes(header, pieces))
+        elif op == "status":
+            self._replay_writes(header, iter_bodies(body, _sizes(header)))
+            self._f.attrs["status"] = header["status"]
+        elif op == "chunk_per_frame":
+            self._chunk_per_frame()
+        elif op == "detector":
+            self._create_detector_frames(tuple(header["shape"]), np.dtype(header["dtype"]), int(header["rows"]))
+        elif op not in ("base", "opened", "closed"):
+            raise ValueError(f"its journal holds an unknown record {op!r}")
+
+    def _replay_writes(self, header: dict, pieces: Iterator[memoryview]) -> None:
+        g = self._f[DATA]
+        for name, row, _ in header["w"]:
+            ds = g[name]
+            if ds.shape[0] <= row:  # the tail grows where it is written
+                ds.resize(row + 1, axis=0)
+            ds.id.write_direct_chunk((row, 0, 0), bytes(next(pieces)))
+        ds = self._data
+        for row, n, _ in header.get("r", []):
+            ds[row:row + n] = bslz4_decompress(next(pieces), ds.dtype, (n, *ds.shape[1:]))
+
     def _check_space(self, nbytes: int) -> None:
-        # uncompressed bytes: an upper bound of what the append writes
-        require_free_space(self.path.parent, nbytes, self.reserve_bytes, f"the spool file {self.path.name}")
+        # uncompressed bytes: an upper bound of what the append writes, in the file and its journal
+        require_free_space(self.path.parent, 2 * nbytes, self.reserve_bytes, f"the spool file {self.path.name}")
 
     def _write_frames(self, k: int, frames: np.ndarray) -> None:
         self._write_blocks(k, [frames])
@@ -310,8 +466,8 @@ class SpoolWriter:
         written from those bytes (no compression); other whole chunks are compressed on
         threads (bitshuffle releases the GIL; HDF5's filter, run by h5py, holds it), a few
         chunks per task, and written as chunks; a chunk that spans two blocks is gathered from
-        both; rows of a partly filled chunk go through the filter. The bytes are those the
-        filter would write."""
+        both; rows of a partly filled chunk go through the filter (:meth:`_put_rows`). The
+        bytes are those the filter would write."""
         ds = self._data
         n = sum(len(b) for b in blocks)
         c = ds.chunks[0]
@@ -319,12 +475,12 @@ class SpoolWriter:
         if (c == 1 or last - first < c or any(b.dtype != ds.dtype for b in blocks)
                 or BITSHUFFLE_FILTER not in ds._filters):
             for b in blocks:
-                ds[k : k + len(b)] = b
+                self._put_rows(ds, k, b)
                 k += len(b)
             return
         rows = _Rows(blocks, k)
         if first > k:
-            ds[k:first] = rows[k:first]
+            self._put_rows(ds, k, rows[k:first])
         starts = range(first, last, c)
         ready = self._chunks_as_received(k, blocks, wire, starts)
         chunks = [rows[a : a + c] for a in starts if a not in ready]
@@ -332,12 +488,10 @@ class SpoolWriter:
         per_task = max(1, -(-len(chunks) // _POOL_THREADS))  # one task per thread: few futures
         tasks = [pool.submit(_compress_all, chunks[i : i + per_task]) for i in range(0, len(chunks), per_task)]
         compressed = (blob for task in tasks for blob in task.result())
-        write = ds.id.write_direct_chunk
-        offset = (0,) * (ds.ndim - 1)
         for a in starts:
-            write((a, *offset), ready[a] if a in ready else next(compressed))
+            self._put("data", ds, a, ready[a] if a in ready else next(compressed))
         if last < k + n:
-            ds[last:] = rows[last : k + n]
+            self._put_rows(ds, last, rows[last : k + n])
 
     def _chunks_as_received(self, k: int, blocks: list[np.ndarray], wire: Sequence[object | None] | None,
                             starts: range) -> dict[int, bytes]:
@@ -416,22 +570,20 @@ class SpoolWriter:
         rows = self._det_layout(det)[0]
         if rows == 1:
             if blobs is not None:
-                write = det.id.write_direct_chunk
                 for i, blob in enumerate(blobs):
-                    write((k + i, 0, 0), blob)
+                    self._put(DETECTOR_FRAMES, det, k + i, blob)
                 self.chunk_paths["detector_per_frame"] += n
             return []
         held = [*self._det_open, *(blobs if blobs is not None else [None] * n)]
         base = k - len(self._det_open)
         whole = len(held) // rows * rows
-        write = det.id.write_direct_chunk
         for j in range(0, whole, rows):
             group = held[j:j + rows]
             if any(f is not None for f in group):
                 chunk, path = self._detector_chunk(det, group)
                 if self._det_closed is not None and self._det_closed[0] == base + j:
                     self.chunk_paths["detector_rewritten"] += 1  # frames after the scan ended
-                write((base + j, 0, 0), chunk)
+                self._put(DETECTOR_FRAMES, det, base + j, chunk)
                 self.chunk_paths[path] += 1
         if blobs is not None and whole < len(held):
             if self._tail is None:
@@ -445,7 +597,7 @@ class SpoolWriter:
                 self._tail_rows = k + n + _TAIL_STEP
                 tail.resize(self._tail_rows, axis=0)
             for row in range(first, k + n):
-                tail.id.write_direct_chunk((row, 0, 0), blobs[row - k])
+                self._put(DETECTOR_TAIL, tail, row, blobs[row - k])
             self.chunk_paths["detector_tail"] += k + n - first
         return held[whole:]
 
@@ -462,7 +614,7 @@ class SpoolWriter:
         if self._det_closed is not None and self._det_closed[0] == closed[0]:
             self.chunk_paths["detector_rewritten"] += 1  # frames after the scan ended
         chunk, path = self._detector_chunk(det, self._det_open)
-        det.id.write_direct_chunk((closed[0], 0, 0), chunk)
+        self._put(DETECTOR_FRAMES, det, closed[0], chunk)
         self.chunk_paths[path] += 1
         self._det_closed = closed
 
@@ -515,6 +667,7 @@ class SpoolWriter:
     def _chunk_per_frame(self) -> None:
         """Re-create the (still empty) frames dataset with one frame per chunk, so that a
         source's compressed frames can be written as chunks (only before the first frame)."""
+        self._journal_op({"op": "chunk_per_frame"})
         old = self._data
         m, dtype = old.shape[1:], old.dtype
         det = self._f["entry_1/instrument_1/detector_1"]
@@ -526,15 +679,13 @@ class SpoolWriter:
         del det["data_per_frame"]
         self._data = new
 
-    def _create_detector_frames(self, raw: RawChunks) -> None:
-        """Several frames a chunk (as ``data``: :func:`chunk_rows`) when a frame is a whole
-        number of the detector's bitshuffle blocks, so that frames' blocks join into chunks
-        (192×192 uint16: nine 8 KiB blocks, eight frames a chunk), and the tail beside it
-        (:meth:`_write_detector`); else one frame a chunk."""
-        h, w = raw.shape
-        nbytes = h * w * raw.dtype.itemsize
-        block = bslz4_header(raw.chunks[0], raw.dtype.itemsize)[1] if raw.chunks else BLOCK_BYTES
-        rows = chunk_rows(nbytes) if nbytes % block == 0 else 1
+    def _create_detector_frames(self, shape: tuple[int, ...], dtype: np.dtype, rows: int) -> None:
+        """``rows`` frames a chunk: several (as ``data``: :func:`chunk_rows`) when a frame is a
+        whole number of the detector's bitshuffle blocks, so that frames' blocks join into
+        chunks (192×192 uint16: nine 8 KiB blocks, eight frames a chunk), and the tail beside
+        it (:meth:`_write_detector`); else one frame a chunk."""
+        self._journal_op({"op": "detector", "shape": list(shape), "dtype": np.dtype(dtype).str, "rows": rows})
+        h, w = shape
         for name, chunk, text in (
                 (DETECTOR_FRAMES, rows, ("unbinned detector frames, row for row with data, as the detector "
                                         "sent them (bitshuffle-LZ4 chunks)")),
@@ -543,7 +694,7 @@ class SpoolWriter:
             if name == DETECTOR_TAIL and rows == 1:
                 break
             ds = self._f[DATA].create_dataset(
-                name, shape=(self.count, h, w), maxshape=(None, h, w), dtype=raw.dtype,
+                name, shape=(self.count, h, w), maxshape=(None, h, w), dtype=dtype,
                 chunks=(chunk, h, w), **compression())
             ds.attrs["description"] = text
             ds.attrs["compression"] = FILTER_NOTE
@@ -560,23 +711,193 @@ class SpoolWriter:
         return self._data[start:stop], self._index[start:stop], self._pos[start:stop]
 
     def set_status(self, status: str) -> None:
+        self._begin()
         if status != "open":  # the scan ended: detector_frames alone holds every frame from now
             self._close_detector_chunk()
         self._f.attrs["status"] = status
-        self._flush()
+        self._flush(({"op": "status", "status": status}, []))
 
-    def _flush(self) -> None:
+    def _flush(self, record: tuple[dict, list] | None = None) -> None:
+        """Flush the HDF5 file, then write the operation's journal ``record`` (fsynced with the
+        ``fsync`` option): only then does it count as done. A kill before the record is whole
+        leaves the operation out of the journal (never acknowledged); one inside HDF5's flush
+        may leave the HDF5 file inconsistent, which recovery rebuilds from the journal."""
         self._f.flush()
-        if self._fsync:
+        if self._journal is not None:
+            if record is not None:
+                self._journal.write(*self._with_writes(*record))
+        elif self._fsync:
             os.fsync(self._f.id.get_vfd_handle())
 
     @property
     def raw_group(self) -> h5py.Group:
         return self._f["entry_1"]
 
+    def discard(self) -> None:
+        """Close and delete the spool file and its journal (a scan refused after its spool was made)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+        journal_path(self.path).unlink(missing_ok=True)
+
     def close(self) -> None:
-        if self._f.id.valid:
-            self._f.close()
+        """Close the file: closed, it is consistent, which the journal records ("closed": a
+        rebuild is not needed); once the scan's status is final, the journal is deleted."""
+        if not self._f.id.valid:
+            return
+        status = str(self._f.attrs.get("status", "open"))
+        self._f.close()
+        journal, self._journal = self._journal, None
+        if journal is None or journal.closed:
+            return
+        try:
+            if self._fsync:
+                _fsync_path(self.path)
+            if status in FINAL_STATUSES:
+                journal.close()
+                discard_journal(self.path, self._fsync)
+            else:
+                journal.write({"op": "closed"})
+        finally:
+            journal.close()
+
+
+def _sizes(header: dict) -> list[int]:
+    """The sizes of a journal record's chunks and rows, in the order of its body."""
+    return [size for *_, size in header["w"]] + [size for *_, size in header.get("r", [])]
+
+
+def _in_place_base(path: Path) -> tuple[dict, list]:
+    """The base record of a journal begun for a spool that has none: its count, and the bytes
+    of the part-full last chunks of ``data`` and ``detector_frames`` (appends write those again:
+    a kill then could damage the rows they held)."""
+    with h5py.File(path, "r") as f:
+        g = f[DATA]
+        count = int(g.attrs.get("count", 0))
+        header: dict = {"op": "base", "image": False, "count": count, "w": []}
+        body: list = []
+        for name in ("data", DETECTOR_FRAMES):
+            ds = g.get(name)
+            if ds is None or count % ds.chunks[0] == 0 or ds.shape[0] < count:
+                continue
+            start = count // ds.chunks[0] * ds.chunks[0]
+            if ds.id.get_chunk_info_by_coord((start, 0, 0)).byte_offset is None:
+                continue  # never written
+            chunk = ds.id.read_direct_chunk((start, 0, 0))[1]
+            header["w"].append([name, start, len(chunk)])
+            body.append(chunk)
+    return header, body
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def discard_journal(spool_file: str | Path, fsync: bool = False) -> None:
+    """Delete the journal of a spool file that is closed with a final status (or deleted)."""
+    path = journal_path(spool_file)
+    if path.exists():
+        path.unlink()
+        if fsync:
+            sync_dir(path.parent)
+
+
+def repair_spool(path: str | Path) -> str | None:
+    """Rebuild spool file ``path`` from its journal when the journal holds more than the file
+    was last closed with (a process killed while it wrote: the HDF5 file may then miss frames
+    that were received, or be damaged): the file is rebuilt beside it and replaces it. Returns
+    what was done, a sentence for the log, or None (nothing to do). Raises OSError or
+    ValueError when the journal cannot be applied; the file is then untouched."""
+    try:
+        return _repair(Path(path))[1]
+    except (OSError, ValueError, KeyError):
+        raise
+    except Exception as exc:  # h5py's other errors on a damaged file: the caller keeps the file
+        raise ValueError(f"rebuilding it from its journal failed ({type(exc).__name__}: {exc})") from exc
+
+
+def _repair(path: Path) -> tuple[int | None, str | None]:
+    """(the offset after the journal's last whole record, None when there is no journal with a
+    base record; what was done, or None)."""
+    jpath = journal_path(path)
+    if not jpath.exists():
+        return None, None
+    scan = scan_records(jpath)
+    if scan.first is None or scan.first.get("op") != "base":
+        return None, None  # cut short while the spool was created: no frame was received
+    if scan.last is not None and scan.last.get("op") == "closed":
+        return scan.end, None
+    rebuilt = path.with_name(path.name + ".rebuild")
+    rebuilt.unlink(missing_ok=True)
+    try:
+        if scan.first.get("image"):
+            frames = _rebuild(path, rebuilt, scan.records)
+        else:
+            frames = _rebuild_in_child(path, rebuilt, scan.records)
+        _fsync_path(rebuilt)
+        os.replace(rebuilt, path)
+        sync_dir(path.parent)
+    except BaseException:
+        rebuilt.unlink(missing_ok=True)
+        raise
+    journal = Journal.resume(jpath, scan.end, fsync=True)
+    try:
+        journal.write({"op": "closed"})
+    finally:
+        journal.close()
+    torn = f"; {scan.why}, dropped (never acknowledged)" if scan.why else ""
+    done = f"rebuilt from its journal ({scan.records} records, {frames} frames{torn})"
+    return journal.path.stat().st_size, done
+
+
+def _rebuild(path: Path, rebuilt: Path, records: int) -> int:
+    """Write ``rebuilt`` from the first ``records`` records of ``path``'s journal; its frames.
+    An image base never reads ``path`` (it may be damaged); an in-place base copies it."""
+    items = (r for r in iter_records(journal_path(path)) if not isinstance(r, str))
+    base = next(items)
+    if base.header.get("image"):
+        rebuilt.write_bytes(base.body)
+    else:  # a spool re-opened without a journal: the file as it was then, rows after its count cut
+        shutil.copyfile(path, rebuilt)
+    f = h5py.File(rebuilt, "r+")
+    try:
+        writer = SpoolWriter(rebuilt, f)
+        if not base.header.get("image"):
+            writer._truncate(int(base.header["count"]))
+            writer.count = int(base.header["count"])
+            f[DATA].attrs["count"] = writer.count
+            # the part-full chunks as they were: appends wrote them again, and a kill then
+            # may have damaged them
+            writer._replay_writes(base.header, iter_bodies(base.body, _sizes(base.header)))
+        del base
+        for _ in range(records - 1):
+            record = next(items)
+            writer._replay(record.header, record.body)
+        return writer.count
+    finally:
+        f.close()
+
+
+def _rebuild_in_child(path: Path, rebuilt: Path, records: int) -> int:
+    """:func:`_rebuild` in a child process: an in-place base copies the file as it is, which a
+    kill inside a flush may have damaged so that HDF5 crashes on it (readcheck.py)."""
+    code = ("import sys; from pathlib import Path; from cryoptycho.daemon.storage.spool import _rebuild; "
+            "print(_rebuild(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])))")
+    try:
+        run = subprocess.run([sys.executable, "-c", code, str(path), str(rebuilt), str(records)],
+                             capture_output=True, text=True, timeout=READ_TIMEOUT_S * 5,
+                             stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"rebuilding it from its journal took more than {READ_TIMEOUT_S * 5:g} s") from None
+    if run.returncode < 0:
+        raise ValueError(f"rebuilding it from its journal crashed the process (signal {-run.returncode})")
+    if run.returncode != 0:
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        raise ValueError(f"rebuilding it from its journal failed ({lines[-1].strip() if lines else run.returncode})")
+    return int(run.stdout.split()[-1])
 
 
 @dataclass
@@ -643,6 +964,10 @@ def unfinished_spools(spool_dir: str | Path) -> list[Path]:
     """Spool files whose scan never reached a final state (oldest first)."""
     out = []
     for path in sorted(Path(spool_dir).glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
+        if journal_path(path).exists():
+            # open, or closed while its scan was: the HDF5 file may need its journal to be read
+            out.append(path)
+            continue
         try:
             with h5py.File(path, "r") as f:
                 if f.attrs.get("format") == FORMAT and f.attrs.get("status") in ("open", "ended"):

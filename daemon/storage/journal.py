@@ -1,0 +1,199 @@
+"""The spool's journal: an append-only record of every spool write, beside the HDF5 file.
+
+HDF5 writes a flush's chunks and metadata in an order of its own, and a file cut short part way
+through a flush is not one of its consistent states (FORMATS.md § "The journal"): a kill there
+could lose frames already received. The journal does not depend on that order. Each append of
+the spool is one record, written (and fsynced, with the spool's ``fsync`` option) before the
+append counts as received; a record cut short by a kill fails its length or CRC and is dropped
+(it was never acknowledged). Recovery rebuilds the HDF5 file from the journal
+(:func:`cryoptycho.daemon.storage.spool.repair_spool`).
+
+File: :data:`MAGIC`, then records. A record: ``<QI`` (payload bytes, CRC32 of the payload), the
+payload: ``<I`` (header bytes), a msgpack map (the header: ``op`` and its fields), the body
+(the bytes the header's fields describe, one after another).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+MAGIC = b"CRYOPTYCHO-SPOOL-JOURNAL-1\n"
+SUFFIX = ".journal"
+_RECORD = struct.Struct("<QI")
+_HEADER = struct.Struct("<I")
+
+
+def journal_path(spool_file: str | Path) -> Path:
+    """``<stem>.spool.h5`` → ``<stem>.spool.journal`` (a stem of at most 200 bytes fits)."""
+    p = Path(spool_file)
+    return p.with_name(p.name.removesuffix(".h5") + SUFFIX)
+
+
+@dataclass
+class Record:
+    header: dict[str, Any]
+    body: memoryview
+    end: int  # offset in the file just after this record
+
+
+@dataclass
+class Scan:
+    """What one pass over a journal found (:func:`scan_records`)."""
+
+    records: int
+    first: dict[str, Any] | None  # the first record's header (the base)
+    last: dict[str, Any] | None  # the last whole record's header
+    end: int  # the offset after the last whole record
+    why: str | None  # why reading stopped before the end of the file (None: at its end)
+
+
+def iter_records(path: str | Path) -> Iterator[Record | str]:
+    """The whole records of journal ``path`` one by one, then, if the file goes on after the
+    last of them, why it was not read on (a str). A record cut short, or one whose CRC fails,
+    ends the journal: everything from there on was never acknowledged. One record is in
+    memory at a time."""
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            yield "not a spool journal (no magic at its start)"
+            return
+        pos = len(MAGIC)
+        while True:
+            head = f.read(_RECORD.size)
+            if not head:
+                return
+            if len(head) < _RECORD.size:
+                yield f"a record header cut short at byte {pos}"
+                return
+            size, crc = _RECORD.unpack(head)
+            payload = f.read(size)
+            if len(payload) < size:
+                yield f"a record cut short at byte {pos} ({len(payload)} of {size} bytes)"
+                return
+            if zlib.crc32(payload) != crc or size < _HEADER.size:
+                yield f"a record whose CRC fails at byte {pos}"
+                return
+            (hlen,) = _HEADER.unpack_from(payload, 0)
+            try:
+                header = msgpack.unpackb(payload[_HEADER.size:_HEADER.size + hlen])
+            except (ValueError, msgpack.UnpackException) as exc:  # CRC passed: not a torn write
+                yield f"a record whose header does not decode at byte {pos}: {exc}"
+                return
+            pos += _RECORD.size + size
+            yield Record(header, memoryview(payload)[_HEADER.size + hlen:], pos)
+
+
+def scan_records(path: str | Path) -> Scan:
+    """One pass over journal ``path``: how many whole records, the first and last, where they end."""
+    out = Scan(0, None, None, len(MAGIC), None)
+    for item in iter_records(path):
+        if isinstance(item, str):
+            out.why = item
+            if out.records == 0:
+                out.end = 0 if item.startswith("not a spool journal") else len(MAGIC)
+        else:
+            out.records += 1
+            out.first = out.first or item.header
+            out.last, out.end = item.header, item.end
+    return out
+
+
+class Journal:
+    """Appends records to one journal file (one writer, the spool thread)."""
+
+    def __init__(self, path: Path, fd: int, fsync: bool) -> None:
+        self.path = path
+        self._fd = fd
+        self._fsync = fsync
+
+    @classmethod
+    def create(cls, path: str | Path, fsync: bool) -> Journal:
+        path = Path(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        journal = cls(path, fd, fsync)
+        try:
+            _write_all(fd, [MAGIC])
+        except BaseException:
+            journal.close()
+            raise
+        return journal
+
+    @classmethod
+    def resume(cls, path: str | Path, end: int, fsync: bool) -> Journal:
+        """Append after the record ending at ``end``: a torn record after it is cut off first,
+        so that new records follow whole ones."""
+        path = Path(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            if os.fstat(fd).st_size != end:
+                os.ftruncate(fd, end)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, fsync)
+
+    def write(self, header: dict[str, Any], body: Sequence[Any] = (), sync: bool = True) -> None:
+        """Append one record; on disk (fsynced with the ``fsync`` option) when it returns,
+        unless ``sync`` is False (the caller syncs with a later record)."""
+        packed = msgpack.packb(header)
+        pieces = [_HEADER.pack(len(packed)), packed, *body]
+        crc = 0
+        size = 0
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
+            size += memoryview(piece).nbytes
+        _write_all(self._fd, [_RECORD.pack(size, crc), *pieces])
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        if self._fsync:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+
+def _write_all(fd: int, pieces: Sequence[Any]) -> None:
+    """os.writev until every byte is written (a write may be short: a signal, a full pipe)."""
+    views = [memoryview(p).cast("B") for p in pieces if memoryview(p).nbytes]
+    max_iov = 512  # IOV_MAX is 1024 on Linux: a record of many chunks goes in several calls
+    while views:
+        done = os.writev(fd, views[:max_iov])
+        while views and done >= views[0].nbytes:
+            done -= views[0].nbytes
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a directory, so that a file created or renamed in it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def iter_bodies(body: memoryview, sizes: Sequence[int]) -> Iterator[memoryview]:
+    """The pieces of a record's body, of ``sizes`` bytes each, in order."""
+    pos = 0
+    for n in sizes:
+        yield body[pos:pos + n]
+        pos += n
+    if pos != len(body):
+        raise ValueError(f"a journal record's body has {len(body)} bytes, its header describes {pos}")

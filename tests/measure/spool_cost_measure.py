@@ -1,0 +1,121 @@
+"""Cost per frame of the spool write (not a test), this tree against an earlier revision, side by
+side in one run:
+
+    python tests/measure/spool_cost_measure.py [--baseline-rev 92bbafb] [--rounds 3] [--frames 8192]
+
+Each round runs one child process per tree (alternating, so both see the same load); each child
+appends ``--frames`` 96×96 uint16 frames (Poisson 0.1 counts, as ``cryoptycho bench protocol``
+sends them) to a fresh spool with ``SpoolWriter.append_many``, as the daemon's spool thread does,
+in several ways: messages of 64 frames one per append, eight per append, eight per append sent
+as bslz4 (chunks as received), messages of 5 frames one per append (every append rewrites a
+part-full chunk), and the last again with ``fsync``. Printed: median over rounds of the spool
+thread's CPU µs per frame (``append_many``'s own thread), the compression pool's (the rest of
+the process's CPU), and wall µs per frame; ratio this tree ÷ baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = {  # name: (frames a message, messages an append, bslz4 sent, fsync)
+    "64-frame messages, 1 per append": (64, 1, False, False),
+    "64-frame messages, 8 per append": (64, 8, False, False),
+    "64-frame messages, 8 per append, bslz4 sent": (64, 8, True, False),
+    "5-frame messages, 1 per append": (5, 1, False, False),
+    "5-frame messages, 1 per append, fsync": (5, 1, False, True),
+}
+
+
+def child(total: int) -> dict[str, list[float]]:
+    import numpy as np
+    from cryoptycho.daemon.scan import ScanSpec
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+    from cryoptycho.protocols.compression import bslz4_compress
+
+    out: dict[str, list[float]] = {}
+    for name, (batch, per_append, bslz4, fsync) in CASES.items():
+        n = total if not fsync else min(total, 1024)  # an fsync per 5 frames: fewer frames
+        data = np.random.default_rng(3).poisson(0.1, (batch, 96, 96)).astype(np.uint16)
+        wire = memoryview(bslz4_compress(data)) if bslz4 else None
+        spec = ScanSpec(scan_id="cost", frame_shape=(96, 96), frame_dtype="uint16", pixel_size_m=1e-10,
+                        energy_eV=300e3, probe=np.ones((96, 96), np.complex64), expected_frames=None)
+        with tempfile.TemporaryDirectory(prefix="spool-cost-", dir=os.environ.get("SPOOL_COST_DIR")) as tmp:
+            w = SpoolWriter.create(Path(tmp), spec, fsync=fsync)
+            pos = np.zeros((batch, 2))
+            messages = n // batch
+            c0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
+            for i in range(0, messages, per_append):
+                js = range(i, min(i + per_append, messages))
+                w.append_many([(data, np.arange(j * batch, (j + 1) * batch), pos) for j in js], [wire for _ in js])
+            wall = time.perf_counter() - w0
+            own = time.thread_time() - t0
+            pool = time.process_time() - c0 - own
+            w.set_status("ended")
+            w.close()
+        frames = messages * batch
+        out[name] = [1e6 * own / frames, 1e6 * pool / frames, 1e6 * wall / frames]
+    return out
+
+
+def _shim(root: Path, where: Path) -> Path:
+    pkg = where / "cryoptycho"
+    pkg.mkdir(parents=True)
+    for sub in ("gpu", "protocols", "daemon"):
+        (pkg / sub).symlink_to(root / sub)
+    return where
+
+
+def _export(repo: Path, rev: str, where: Path) -> Path:
+    where.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "gpu", "protocols", "daemon"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    return where
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline-rev", default="92bbafb")
+    parser.add_argument("--tree-rev", default=None, help="measure this revision instead of the working tree")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=8192)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.frames)))
+        return
+    repo = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        trees = {f"baseline ({args.baseline_rev})": _shim(_export(repo, args.baseline_rev, tmp / "base"), tmp / "sb"),
+                 f"this tree ({args.tree_rev or 'working tree'})":
+                     _shim(_export(repo, args.tree_rev, tmp / "here") if args.tree_rev else repo, tmp / "sh")}
+        results: dict[str, dict[str, list[list[float]]]] = {name: {} for name in trees}
+        for _ in range(args.rounds):
+            for name, shim in trees.items():
+                env = {**os.environ, "PYTHONPATH": str(shim)}
+                run = subprocess.run([sys.executable, __file__, "--child", "--frames", str(args.frames)],
+                                     env=env, check=True, capture_output=True, text=True)
+                for case, val in json.loads(run.stdout.strip().splitlines()[-1]).items():
+                    results[name].setdefault(case, []).append(val)
+    base, here = list(trees)
+    print(f"µs per frame, median of {args.rounds} rounds: spool thread CPU / pool CPU / wall; {base} → {here}")
+    for case in CASES:
+        cells = []
+        for name in trees:
+            med = [statistics.median(r[i] for r in results[name][case]) for i in range(3)]
+            cells.append(med)
+        ratio = [h / b if b else float("nan") for b, h in zip(*cells)]
+        print(f"{case:<46} " + "  →  ".join(" / ".join(f"{v:6.2f}" for v in c) for c in cells)
+              + "   (× " + " / ".join(f"{r:.2f}" for r in ratio) + ")")
+
+
+if __name__ == "__main__":
+    main()

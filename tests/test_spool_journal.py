@@ -1,0 +1,141 @@
+"""The spool's journal (daemon/storage/FORMATS.md § "The journal"): what it holds, when it goes,
+and recovery from it when the HDF5 file lost what the journal holds — for spools it was created
+with, spools of earlier releases (no journal) re-opened, and a journal cut short twice."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from cryoptycho.daemon.scan import ScanSpec
+from cryoptycho.daemon.storage.journal import MAGIC, iter_records, journal_path, scan_records
+from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, repair_spool, unfinished_spools
+
+SIDE = 24  # uint16: 64 frames a chunk
+
+
+def _spec(scan_id: str) -> ScanSpec:
+    return ScanSpec(scan_id=scan_id, frame_shape=(SIDE, SIDE), frame_dtype="uint16", pixel_size_m=1e-10,
+                    energy_eV=300e3, probe=np.ones((SIDE, SIDE), np.complex64), expected_frames=None)
+
+
+@pytest.fixture
+def frames() -> np.ndarray:
+    return np.random.default_rng(5).poisson(0.5, (300, SIDE, SIDE)).astype(np.uint16)
+
+
+def _append(w: SpoolWriter, frames: np.ndarray, a: int, b: int) -> None:
+    w.append_many([(frames[a:b], np.arange(a, b), np.full((b - a, 2), a * 1e-10))])
+
+
+def _assert_holds(path: Path, frames: np.ndarray, n: int) -> None:
+    got = read_spool(path)
+    assert len(got.frames) == n
+    np.testing.assert_array_equal(got.frames, frames[:n])
+    np.testing.assert_array_equal(got.indices, np.arange(n))
+
+
+def test_the_journal_records_every_append_and_goes_when_the_scan_is_final(tmp_path: Path, frames: np.ndarray) -> None:
+    w = SpoolWriter.create(tmp_path, _spec("j"))
+    jpath = journal_path(w.path)
+    assert jpath.name == "j.spool.journal" and jpath.read_bytes().startswith(MAGIC)
+    for a, b in ((0, 5), (5, 70), (70, 71)):
+        _append(w, frames, a, b)
+    ops = [r.header["op"] for r in iter_records(jpath)]
+    assert ops == ["base", "append", "append", "append"]
+    w.set_status("ended")
+    w.close()
+    scan = scan_records(jpath)
+    assert scan.last == {"op": "closed"} and scan.why is None
+    assert repair_spool(w.path) is None  # closed: the file is consistent, nothing to rebuild
+    assert unfinished_spools(tmp_path) == [w.path]
+    w = SpoolWriter.reopen(w.path)
+    w.set_status("aborted")
+    w.close()
+    assert not jpath.exists() and unfinished_spools(tmp_path) == []
+    _assert_holds(w.path, frames, 71)
+
+
+def test_a_file_that_lost_its_last_writes_is_rebuilt_and_a_torn_record_dropped(tmp_path: Path,
+                                                                               frames: np.ndarray) -> None:
+    """The HDF5 file as it was after its creation (every later write lost), and a journal whose
+    last record was cut short (never acknowledged): rebuilt, it holds every acknowledged frame;
+    recovery then goes on appending after them, the torn bytes cut off first, and a second crash
+    loses nothing either."""
+    w = SpoolWriter.create(tmp_path, _spec("torn"))
+    empty = w.path.read_bytes()
+    for a, b in ((0, 10), (10, 100)):
+        _append(w, frames, a, b)
+    jpath = journal_path(w.path)
+    acked = jpath.read_bytes()
+    _append(w, frames, 100, 130)
+    torn = jpath.read_bytes()[:len(acked) + 37]
+    w.close()
+    w.path.write_bytes(empty)
+    jpath.write_bytes(torn)
+    assert "a record cut short" in (scan_records(jpath).why or "")
+    w = SpoolWriter.reopen(w.path)  # rebuilds, then appends after the whole records
+    assert w.count == 100
+    _append(w, frames, 100, 150)
+    w._f.flush()
+    kept = jpath.read_bytes()
+    w.close()
+    w.path.write_bytes(empty)  # crashed again, the HDF5 file as good as lost
+    jpath.write_bytes(kept)
+    done = repair_spool(w.path)
+    assert done is not None and "150 frames" in done
+    _assert_holds(w.path, frames, 150)
+
+
+def test_a_spool_without_a_journal_reopens_reads_and_is_rebuilt_on_its_own_base(tmp_path: Path,
+                                                                                frames: np.ndarray) -> None:
+    """A spool of an earlier release has no journal: it reads and re-opens as before; the journal
+    made then starts from the file as it is, so frames appended after are recovered even when
+    the file loses them."""
+    w = SpoolWriter.create(tmp_path, _spec("old"))
+    _append(w, frames, 0, 40)
+    w.close()
+    journal_path(w.path).unlink()  # as spool files of earlier releases are
+    _assert_holds(w.path, frames, 40)
+    assert unfinished_spools(tmp_path) == [w.path]
+    w = SpoolWriter.reopen(w.path)
+    first = next(iter_records(journal_path(w.path)))
+    # its count, and the part-full chunk the next append writes again, as it was
+    assert first.header == {"op": "base", "image": False, "count": 40, "w": [["data", 0, len(first.body)]]}
+    reopened = tmp_path / "as-reopened.h5"
+    shutil.copyfile(w.path, reopened)
+    _append(w, frames, 40, 90)
+    _append(w, frames, 90, 95)
+    journal = journal_path(w.path).read_bytes()
+    w.close()
+    # its appends lost, and the chunk they rewrote damaged (HDF5 reused its space)
+    with h5py.File(reopened, "r") as f:
+        info = f["entry_1/data_1/data"].id.get_chunk_info_by_coord((0, 0, 0))
+    damaged = bytearray(reopened.read_bytes())
+    damaged[info.byte_offset:info.byte_offset + info.size] = np.random.default_rng(1).bytes(info.size)
+    w.path.write_bytes(bytes(damaged))
+    journal_path(w.path).write_bytes(journal)
+    assert "95 frames" in (repair_spool(w.path) or "")
+    _assert_holds(w.path, frames, 95)
+
+
+def test_a_journal_that_does_not_match_its_file_is_refused_by_name(tmp_path: Path, frames: np.ndarray) -> None:
+    w = SpoolWriter.create(tmp_path, _spec("odd"))
+    _append(w, frames, 0, 10)
+    w.close()
+    w = SpoolWriter.reopen(w.path)
+    _append(w, frames, 10, 20)
+    w.close()
+    jpath = journal_path(w.path)
+    data = jpath.read_bytes()
+    records = list(iter_records(jpath))
+    assert [r.header["op"] for r in records] == ["base", "append", "closed", "opened", "append", "closed"]
+    # the base, then the append of rows 10..20 (the one of rows 0..10 lost): it cannot follow
+    jpath.write_bytes(data[:records[0].end] + data[records[3].end:records[4].end])
+    before = w.path.read_bytes()
+    with pytest.raises(ValueError, match="appends rows from 10 to a file of 0 rows"):
+        repair_spool(w.path)
+    assert w.path.read_bytes() == before and not list(tmp_path.glob("*.rebuild"))  # untouched

@@ -1,0 +1,106 @@
+"""The real daemon killed (SIGKILL) while it spools a stream: after a restart, every frame the
+sender was told the daemon holds (its ``receipt``) is in the recovered scan's result, byte for
+byte, and no row holds another frame (daemon/storage/FORMATS.md § "The journal").
+
+Where strace can trace the daemon, the kill is injected on entry to the N-th ``pwrite64`` (HDF5's
+writes: creating the spool, an append's flush, its status): wherever that falls, it is inside a
+spool write, the window where HDF5's file is not one of its consistent states. Elsewhere the
+daemon is killed with frames sent that it has not acknowledged yet."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+from cryoptycho.protocols.control import ControlClient, ControlTimeout
+from cryoptycho.protocols.producer import Producer
+from daemon_support import start_daemon, synthetic_scan, wait_for
+
+FAST = ("--set", "options.iterations=2", "--set", "refine_time_budget_s=5", "--set", "preview_hz=10")
+BATCH = 10  # 32×32 uint16 frames, 64 a chunk: most appends rewrite a part-full chunk
+GROUP = 3  # messages sent before the sender asks for a receipt (they may join one append)
+NTH_WRITE = 60  # the write strace kills the daemon at: a few appends into the stream
+
+
+def _strace_works() -> bool:
+    if shutil.which("strace") is None:
+        return False
+    run = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "true"], check=False, capture_output=True)
+    return run.returncode == 0  # ptrace may be forbidden (containers)
+
+
+def _held(ctl: ControlClient, daemon, scan_id: str, sent: int) -> int | None:
+    """The frames the daemon acknowledges once it holds ``sent`` (its receipt), or None once it
+    is dead without having acknowledged them."""
+    deadline = time.monotonic() + 120
+    while daemon.proc.poll() is None:
+        assert time.monotonic() < deadline, f"no receipt for {sent} frames in 120 s\n{daemon.log()}"
+        try:
+            answer = ctl.receipt(scan_id)
+        except ControlTimeout:
+            continue  # a busy box, or the daemon is dying: poll() says which
+        if answer["state"] != "unknown" and int(answer["frames"]["received"]) >= sent:
+            return int(answer["frames"]["received"])
+        time.sleep(0.02)  # a poll interval (the daemon has no push), as wait_for polls
+    return None
+
+
+def test_a_daemon_killed_while_spooling_keeps_every_acknowledged_frame(tmp_path: Path) -> None:
+    scan = synthetic_scan(n_side=16, m=32)  # 256 frames
+    strace = _strace_works()
+    prefix = ("strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64",
+              "-e", f"inject=pwrite64:signal=SIGKILL:when={NTH_WRITE}") if strace else ()
+    daemon = start_daemon(tmp_path, *FAST, prefix=prefix)
+    acked = 0
+    try:
+        with ControlClient(daemon.control, timeout_s=2) as ctl, \
+                Producer(daemon.ingest, control=daemon.control, confirm=False) as producer:
+            producer.start_scan(**scan.start_fields("killed"))
+            sent = 0
+            while sent < len(scan.frames) and daemon.proc.poll() is None:
+                for _ in range(GROUP):
+                    producer.send_frames(scan.frames[sent:sent + BATCH])
+                    sent = min(len(scan.frames), sent + BATCH)
+                if not strace and sent >= len(scan.frames) // 2:
+                    daemon.proc.send_signal(signal.SIGKILL)  # frames sent, not acknowledged yet
+                    break
+                held = _held(ctl, daemon, "killed", sent)
+                if held is None:
+                    break
+                acked = held
+            producer.scan = None  # nothing more to say to a dead daemon
+        if daemon.proc.poll() is None:
+            daemon.proc.send_signal(signal.SIGKILL)  # strace's N-th write never came
+        daemon.proc.wait(60)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    assert acked > 0, "the daemon died before it acknowledged any frame: kill it later"
+
+    daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=1")
+    try:
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "killed"
+                                          and s["state"] in ("finished", "failed")), None),
+                            120, "the recovered scan to finish", daemon)
+        assert info["state"] == "finished" and info["recovered"] is True, (info, daemon.log())
+        with h5py.File(info["result_path"]) as f:
+            import hdf5plugin  # noqa: F401  (registers the bitshuffle filter)
+
+            frames = f["raw/entry_1/data_1/data"][()]
+            indices = f["raw/entry_1/data_1/frame_index"][()]
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    assert not list((tmp_path / "spool").glob("*.journal")), "a finished scan's journal is deleted"
+    # the spool was not closed: recovery rebuilt it from its journal, and said so
+    assert any("killed.spool.h5 rebuilt from its journal" in line for line in daemon.log_lines), daemon.log()
+    assert set(range(acked)) <= set(indices.tolist()), (acked, sorted(indices.tolist()))
+    for row, index in enumerate(indices):  # every frame kept is the frame sent, acknowledged or not
+        np.testing.assert_array_equal(frames[row], scan.frames[index], err_msg=f"row {row} (index {index})")
