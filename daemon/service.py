@@ -98,6 +98,31 @@ def set_numpy_hugepages(enabled: bool) -> bool:
         from numpy.core.multiarray import _set_madvise_hugepage
     return bool(_set_madvise_hugepage(bool(enabled)))
 
+
+def warm_frame_store(nbytes: int) -> threading.Thread | None:
+    """Fault in ``nbytes`` of memory for the frame stores of scans to come, on a thread of its
+    own (``frame_store_warm_bytes``; SERVICE.md, "Process settings"); 0 gives back any reserve
+    now. Returns the thread, if one was started. A refusal is logged, and the stores fault
+    their memory in as they would without the reserve."""
+    if not nbytes:
+        framestore.MAPPINGS.set_warm_bytes(0)
+        return None
+
+    def warm() -> None:
+        t0 = time.monotonic()
+        try:
+            framestore.MAPPINGS.set_warm_bytes(nbytes)
+        except OSError as exc:
+            log.warning("frame store memory not faulted in ahead (frame_store_warm_bytes): %s", exc)
+        except Exception:
+            log.exception("faulting in frame store memory failed")
+        else:
+            log.info("frame store memory faulted in ahead", extra={"bytes": nbytes, "seconds": time.monotonic() - t0})
+
+    thread = threading.Thread(target=warm, name="frame-store-warm", daemon=True)
+    thread.start()
+    return thread
+
 class Service:
     """The live reconstruction service. ``start()`` binds, ``run()`` loops, ``stop()`` drains."""
 
@@ -142,6 +167,7 @@ class Service:
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         set_numpy_hugepages(self.config.numpy_hugepages)
         framestore.MAPPINGS.set_keep_bytes(self.config.frame_store_reuse_bytes)
+        self.frame_store_warming = warm_frame_store(self.config.frame_store_warm_bytes)
         ctx = self._ctx
         self.ingest = ctx.socket(zmq.PULL)
         self.publish = ctx.socket(zmq.PUB)
