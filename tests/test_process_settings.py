@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 
 import numpy as np
@@ -100,3 +101,48 @@ def test_a_scan_s_engine_and_frame_store_go_when_its_worker_has_ended(tmp_path, 
         assert "gone" in scans.sessions  # still listed
     finally:
         bg.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the warm reserve is Linux's")
+def test_the_daemon_faults_in_its_frame_store_reserve_at_start_and_its_first_scan_takes_it(tmp_path):
+    """``frame_store_warm_bytes``: faulted in on a thread at start; the first scan's store takes
+    it (no fresh pages for its frames), and a daemon started without it gives a reserve back."""
+    framestore.MAPPINGS.set_warm_bytes(1 << 20)  # left by something earlier in the process
+    bg = BackgroundService(_config(tmp_path / "a"))
+    try:
+        assert framestore.MAPPINGS.warm_bytes() == 0 and bg.service.frame_store_warming is None
+    finally:
+        bg.stop()
+    frames_bytes = 256 * 96 * 96 * 2
+    bg = BackgroundService(_config(tmp_path / "b", frame_store_warm_bytes=frames_bytes))
+    scans = bg.service.scans
+    try:
+        bg.service.frame_store_warming.join(60)
+        assert framestore.MAPPINGS.warm_bytes() == frames_bytes
+        moved = framestore.MAPPINGS.warm_moved
+        with Producer(bg.service.endpoints["ingest"], control=bg.service.endpoints["control"]) as producer:
+            frames = np.random.default_rng(1).poisson(0.1, (64, 96, 96)).astype(np.uint16)
+            producer.start_scan(_scan("ahead", 96, 256, raster=RasterScan((4, 64), (1e-10, 1e-10))))
+            for i in range(4):
+                producer.send_frames(frames, np.arange(64 * i, 64 * (i + 1)))
+            engine = wait_for(lambda: getattr(scans.running.get("ahead"), "engine", None), 60, "engine")
+            wait_for(lambda e=engine: e.n_frames == 256, 60, "every frame in the store")
+            store = engine.frame_store
+            assert store._populated == store.capacity == 256  # faulted in ahead, none by the appends
+            assert framestore.MAPPINGS.warm_moved - moved == frames_bytes
+            assert framestore.MAPPINGS.warm_bytes() == 0
+            expected = np.roll(frames, (-48, -48), axis=(1, 2))
+            np.testing.assert_array_equal(store.frames[192:256], expected)
+            del engine, store
+            producer.abort("test")
+    finally:
+        bg.stop()
+
+
+def test_frame_store_warm_bytes_is_read_from_the_environment_and_checked(monkeypatch):
+    assert ServiceConfig().frame_store_warm_bytes == 0  # none unless asked for: it is resident from start
+    monkeypatch.setenv("CRYOPTYCHO_FRAME_STORE_WARM_BYTES", str(1 << 30))
+    assert ServiceConfig().frame_store_warm_bytes == 1 << 30
+    monkeypatch.setenv("CRYOPTYCHO_FRAME_STORE_WARM_BYTES", "-1")
+    with pytest.raises(ValueError, match="frame_store_warm_bytes"):
+        ServiceConfig()
