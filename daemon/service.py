@@ -99,13 +99,32 @@ def set_numpy_hugepages(enabled: bool) -> bool:
     return bool(_set_madvise_hugepage(bool(enabled)))
 
 
+def memory_available() -> int | None:
+    """The host's available memory in bytes (``MemAvailable``, Linux), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux: no figure, no guard
+        return None
+    return None
+
+
 def warm_frame_store(nbytes: int) -> threading.Thread | None:
     """Fault in ``nbytes`` of memory for the frame stores of scans to come, on a thread of its
     own (``frame_store_warm_bytes``; SERVICE.md, "Process settings"); 0 gives back any reserve
-    now. Returns the thread, if one was started. A refusal is logged, and the stores fault
-    their memory in as they would without the reserve."""
+    now. Returns the thread, if one was started. More than half the host's available memory is
+    refused (the scans need the rest; faulting in more than is free calls the kernel's
+    out-of-memory killer). A refusal is logged, and the stores fault their memory in as they
+    would without the reserve."""
     if not nbytes:
         framestore.MAPPINGS.set_warm_bytes(0)
+        return None
+    available = memory_available()
+    if available is not None and nbytes > available // 2:
+        log.warning("frame store memory not faulted in ahead: frame_store_warm_bytes = %d is more than half "
+                    "the %d bytes of memory available", nbytes, available)
         return None
 
     def warm() -> None:

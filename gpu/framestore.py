@@ -162,6 +162,8 @@ class MappingPool:
         self.reused = 0
         self.fresh = 0
         self._warm: list[_WarmPart] = []  #: the warm reserve, taken from the last part first
+        #: one resize of the reserve at a time (a resize waits for one still faulting memory in)
+        self._warm_resize = threading.Lock()
         #: bytes of the warm reserve moved into stores' mappings so far
         self.warm_moved = 0
 
@@ -218,13 +220,18 @@ class MappingPool:
         it, or map and fault in what is missing, in parts of :data:`_WARM_PART_BYTES`, each
         handed out as soon as it is in memory. Blocking (≈ 0.4–0.8 s per GiB on the
         development VM), the interpreter lock released while the kernel faults pages in. The
-        reserve is resident memory whether or not a store ever takes it. OSError where the
-        kernel cannot populate memory this way (before Linux 5.14) or has none left."""
+        reserve is resident memory whether or not a store ever takes it: more than the host
+        has free calls in its out-of-memory killer, so the caller checks that first. OSError
+        where the kernel cannot populate memory this way (before Linux 5.14)."""
         if nbytes < 0:
             raise ValueError(f"warm bytes must be ≥ 0, got {nbytes}")
         target = -(-int(nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
         if target and not sys.platform.startswith("linux"):
             raise OSError(errno.ENOSYS, "a warm frame-store reserve needs Linux (MADV_POPULATE_WRITE, mremap)")
+        with self._warm_resize:
+            self._resize_warm(target)
+
+    def _resize_warm(self, target: int) -> None:
         with self._lock:
             while self._warm and sum(p.size for p in self._warm) > target:
                 part = self._warm[-1]

@@ -146,3 +146,25 @@ def test_frame_store_warm_bytes_is_read_from_the_environment_and_checked(monkeyp
     monkeypatch.setenv("CRYOPTYCHO_FRAME_STORE_WARM_BYTES", "-1")
     with pytest.raises(ValueError, match="frame_store_warm_bytes"):
         ServiceConfig()
+
+
+def test_a_reserve_over_half_the_available_memory_is_refused_with_a_warning(tmp_path, monkeypatch, caplog):
+    from cryoptycho.daemon import service
+
+    monkeypatch.setattr(service, "memory_available", lambda: 8 << 20)
+    with caplog.at_level("WARNING", logger="cryoptycho.service"):
+        bg = BackgroundService(_config(tmp_path, frame_store_warm_bytes=5 << 20))
+        try:
+            assert bg.service.frame_store_warming is None and framestore.MAPPINGS.warm_bytes() == 0
+        finally:
+            bg.stop()
+    assert any("frame_store_warm_bytes = 5242880 is more than half" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MemAvailable is Linux's")
+def test_the_available_memory_is_read_from_the_host():
+    from cryoptycho.daemon.service import memory_available
+
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert 0 < memory_available() <= total
