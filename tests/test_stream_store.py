@@ -366,3 +366,36 @@ def test_a_kernel_without_the_populate_advice_gets_no_warm_reserve(pool, monkeyp
     with pytest.raises(OSError):
         pool.set_warm_bytes(1 << 20)
     assert pool.warm_bytes() == 0
+
+
+@_linux_only
+def test_stores_made_at_once_on_several_threads_share_no_page_of_the_reserve(pool):
+    """The reserve's pages go to one store each, while another thread faults more of it in."""
+    import threading
+
+    m, rows = 64, (1 << 20) // (64 * 64 * 2)  # 1 MiB stores
+    pool.set_warm_bytes(4 << 20)
+    errors: list[str] = []
+    start = threading.Barrier(5)
+
+    def work(value: int) -> None:
+        start.wait()
+        stores = []
+        for _ in range(6):
+            store = FrameStore((m, m), np.uint16, capacity=rows)
+            store.append(np.full((rows, m, m), value, np.uint16), np.zeros((rows, 2)))
+            stores.append(store)
+        if not all(np.all(s.frames == value) for s in stores):
+            errors.append(f"thread {value}: a store was written by another")
+
+    def top_up() -> None:
+        start.wait()
+        pool.set_warm_bytes(8 << 20)
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in (1, 2, 3, 4)] + [threading.Thread(target=top_up)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert pool.warm_moved > 0  # stores did take reserve pages
