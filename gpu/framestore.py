@@ -30,6 +30,8 @@ _MADV_POPULATE_WRITE = 23
 _MAP_BYTES = 1 << 20
 #: Linux's mremap flags: move the pages to the address given, unmapping what was there
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+#: mmap's MAP_FIXED (Python's mmap module does not name it)
+_MAP_FIXED = 0x10
 #: the warm reserve (:meth:`MappingPool.set_warm_bytes`) is mapped and faulted in in parts this
 #: large, each handed out as soon as it is in memory
 _WARM_PART_BYTES = 256 << 20
@@ -199,9 +201,13 @@ class MappingPool:
             n = min(want - moved, part.size)
             to = mapping.address + moved
             done = libc.mremap(part.address + part.size - n, n, n, _MREMAP_MAYMOVE | _MREMAP_FIXED, to)
-            # a refusal (e.g. the process's limit on mappings) leaves both where they were: the
-            # rest of this mapping is faulted in as fresh memory is
             if done != to:
+                # refused (e.g. the process's limit on mappings): Linux may have unmapped the
+                # destination before it failed, so it is mapped afresh (no array uses it yet) and
+                # the rest of this mapping is faulted in as fresh memory is
+                again = libc.mmap(to, n, mmap.PROT_READ | mmap.PROT_WRITE,
+                                  mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
+                libc.check(again == to, "mmap of a frame store's pages after a refused mremap")
                 break
             part.size -= n
             moved += n

@@ -338,7 +338,9 @@ def test_the_warm_reserve_is_faulted_in_as_it_is_mapped(pool, monkeypatch):
 @_linux_only
 def test_a_refused_page_move_leaves_the_reserve_and_the_store_whole(pool, monkeypatch):
     """Where the kernel refuses to move the pages (e.g. the process's limit on mappings), the
-    store faults its memory in as without a reserve, and the reserve stays for later stores."""
+    store faults its memory in as without a reserve, and the reserve stays for later stores.
+    The refusal here also unmaps the destination first, as Linux may before it fails: the
+    store's memory must be mapped again, not left a hole."""
     m, n = 64, 300
     pool.set_warm_bytes(n * m * m * 2)
     libc = framestore._libc()
@@ -348,7 +350,8 @@ def test_a_refused_page_move_leaves_the_reserve_and_the_store_whole(pool, monkey
             return getattr(libc, name)
 
         @staticmethod
-        def mremap(*args):
+        def mremap(old, old_size, new_size, flags, to):
+            assert libc.munmap(to, new_size) == 0
             return framestore._MAP_FAILED
 
     monkeypatch.setattr(framestore, "_LIBC", Refusing())
