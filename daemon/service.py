@@ -187,6 +187,10 @@ class Service:
         set_numpy_hugepages(self.config.numpy_hugepages)
         framestore.MAPPINGS.set_keep_bytes(self.config.frame_store_reuse_bytes)
         self.frame_store_warming = warm_frame_store(self.config.frame_store_warm_bytes)
+        # the engine's host FFTs import scipy.fft on first use: 0.2 s inside a daemon's first
+        # scan, its frames queueing meanwhile (the first scan stored 1.02-1.15x faster with it
+        # imported before, bench protocol --scan ahead); imported here instead
+        import scipy.fft  # noqa: F401
         ctx = self._ctx
         self.ingest = ctx.socket(zmq.PULL)
         self.publish = ctx.socket(zmq.PUB)

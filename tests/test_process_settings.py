@@ -168,3 +168,25 @@ def test_the_available_memory_is_read_from_the_host():
     with open("/proc/meminfo") as f:
         total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
     assert 0 < memory_available() <= total
+
+
+def test_a_started_daemon_has_imported_what_its_first_scan_s_engine_would(tmp_path):
+    """scipy.fft (the engine's host FFTs) is imported at start, not inside the first scan."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from pathlib import Path\n"
+            "from cryoptycho.daemon.config import ServiceConfig\n"
+            "from cryoptycho.daemon.service import Service\n"
+            "d = Path(sys.argv[1])\n"
+            "s = Service(ServiceConfig(ingest='tcp://127.0.0.1:*', publish='tcp://127.0.0.1:*', "
+            "control='tcp://127.0.0.1:*', metrics_enabled=False, recover=False, spool_dir=d / 's', "
+            "results_dir=d / 'r'))\n"
+            "before = 'scipy.fft' in sys.modules\n"
+            "s.start()\n"
+            "print(before, 'scipy.fft' in sys.modules)\n"
+            "s.close()\n")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "True"], run.stdout
