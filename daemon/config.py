@@ -81,6 +81,11 @@ class ServiceConfig(BaseSettings):
     scans' stores (in use or idle, at most this many bytes): a store in memory faulted in
     before needs no fresh pages (SERVICE.md, "Process settings"). 0 = every store maps fresh
     memory and unmaps it when it goes."""
+    frame_store_warm_bytes: int = Field(0, ge=0)
+    """Host memory the daemon faults in at start, on a thread of its own, for the frame stores
+    of its first scans: a store takes pages of it instead of fresh ones, whatever its size
+    (SERVICE.md, "Process settings"). Resident from start whether or not a scan uses it. 0 =
+    none: a daemon's first scans fault their stores' memory in as they fill them."""
     output_formats: tuple[OutputFormat, ...] = ALL_FORMATS
     """What each scan's outputs are (``storage/outputs.py``): the HDF5 result (always) and the
     phase exports ``mrc`` and ``png``."""

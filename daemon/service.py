@@ -98,6 +98,50 @@ def set_numpy_hugepages(enabled: bool) -> bool:
         from numpy.core.multiarray import _set_madvise_hugepage
     return bool(_set_madvise_hugepage(bool(enabled)))
 
+
+def memory_available() -> int | None:
+    """The host's available memory in bytes (``MemAvailable``, Linux), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux: no figure, no guard
+        return None
+    return None
+
+
+def warm_frame_store(nbytes: int) -> threading.Thread | None:
+    """Fault in ``nbytes`` of memory for the frame stores of scans to come, on a thread of its
+    own (``frame_store_warm_bytes``; SERVICE.md, "Process settings"); 0 gives back any reserve
+    now. Returns the thread, if one was started. More than half the host's available memory is
+    refused (the scans need the rest; faulting in more than is free calls the kernel's
+    out-of-memory killer). A refusal is logged, and the stores fault their memory in as they
+    would without the reserve."""
+    if not nbytes:
+        framestore.MAPPINGS.set_warm_bytes(0)
+        return None
+    available = memory_available()
+    if available is not None and nbytes > available // 2:
+        log.warning("frame store memory not faulted in ahead: frame_store_warm_bytes = %d is more than half "
+                    "the %d bytes of memory available", nbytes, available)
+        return None
+
+    def warm() -> None:
+        t0 = time.monotonic()
+        try:
+            framestore.MAPPINGS.set_warm_bytes(nbytes)
+        except OSError as exc:
+            log.warning("frame store memory not faulted in ahead (frame_store_warm_bytes): %s", exc)
+        except Exception:
+            log.exception("faulting in frame store memory failed")
+        else:
+            log.info("frame store memory faulted in ahead", extra={"bytes": nbytes, "seconds": time.monotonic() - t0})
+
+    thread = threading.Thread(target=warm, name="frame-store-warm", daemon=True)
+    thread.start()
+    return thread
+
 class Service:
     """The live reconstruction service. ``start()`` binds, ``run()`` loops, ``stop()`` drains."""
 
@@ -142,6 +186,11 @@ class Service:
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         set_numpy_hugepages(self.config.numpy_hugepages)
         framestore.MAPPINGS.set_keep_bytes(self.config.frame_store_reuse_bytes)
+        self.frame_store_warming = warm_frame_store(self.config.frame_store_warm_bytes)
+        # the engine's host FFTs import scipy.fft on first use: 0.2 s inside a daemon's first
+        # scan, its frames queueing meanwhile (the first scan stored 1.02-1.15x faster with it
+        # imported before, bench protocol --scan ahead); imported here instead
+        import scipy.fft  # noqa: F401
         ctx = self._ctx
         self.ingest = ctx.socket(zmq.PULL)
         self.publish = ctx.socket(zmq.PUB)

@@ -11,7 +11,10 @@ and the batch selection that reads it runs on the host anyway.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
+import os
 import sys
 import threading
 from types import ModuleType
@@ -25,17 +28,106 @@ from .backend import asarray
 _MADV_POPULATE_WRITE = 23
 #: host frame stores at least this large get their own mapping (see :func:`_host_empty`)
 _MAP_BYTES = 1 << 20
+#: Linux's mremap flags: move the pages to the address given, unmapping what was there
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+#: mmap's MAP_FIXED (Python's mmap module does not name it)
+_MAP_FIXED = 0x10
+#: the warm reserve (:meth:`MappingPool.set_warm_bytes`) is mapped and faulted in in parts this
+#: large, each handed out as soon as it is in memory
+_WARM_PART_BYTES = 256 << 20
+
+
+class _Libc:
+    """The C library's memory calls through ctypes, which releases the interpreter lock for the
+    call: ``mmap.mmap.madvise`` holds it, and faulting in the rows of one 256-frame append
+    (≈ 2 ms) then stopped every other thread of the daemon (measured: a spinning thread ran
+    66,000 loops while ``mmap.madvise`` populated 1 GiB, 4.9 million during the ctypes call)."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.madvise = libc.madvise
+        self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.madvise.restype = ctypes.c_int
+        self.mmap = libc.mmap
+        self.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        self.mmap.restype = ctypes.c_void_p
+        self.munmap = libc.munmap
+        self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self.munmap.restype = ctypes.c_int
+        self.mremap = libc.mremap
+        self.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        self.mremap.restype = ctypes.c_void_p
+
+    @staticmethod
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+_LIBC: _Libc | None = None
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _libc() -> _Libc:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = _Libc()
+    return _LIBC
+
+
+def _populate_write(address: int, nbytes: int) -> None:
+    """Fault in (and zero) the pages of ``[address, address + nbytes)`` with one system call,
+    the interpreter lock released; OSError where the kernel refuses (before 5.14: EINVAL)."""
+    libc = _libc()
+    libc.check(libc.madvise(address, nbytes, _MADV_POPULATE_WRITE) == 0, "madvise(MADV_POPULATE_WRITE)")
+
+
+def _address(buffer: Any) -> int:
+    exported = ctypes.c_char.from_buffer(buffer)
+    try:
+        return ctypes.addressof(exported)
+    finally:
+        del exported  # the export would keep the mapping from closing (and from looking idle)
+
+
+class _WarmPart:
+    """Anonymous memory faulted in ahead of the stores (:meth:`MappingPool.set_warm_bytes`):
+    its first ``size`` bytes from ``address`` are still mapped here; pages handed to a store
+    are moved off its end."""
+
+    __slots__ = ("address", "size")
+
+    def __init__(self, nbytes: int) -> None:
+        libc = _libc()
+        address = libc.mmap(None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
+                            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        libc.check(address not in (None, _MAP_FAILED), f"mmap of {nbytes} bytes")
+        self.address, self.size = int(address), nbytes
+        try:
+            _populate_write(self.address, nbytes)
+        except OSError:
+            self.unmap()
+            raise
+
+    def unmap(self) -> None:
+        if self.size:
+            libc = _libc()
+            libc.check(libc.munmap(self.address, self.size) == 0, "munmap")
+            self.size = 0
 
 
 class _Mapping:
     """An anonymous mapping that holds a host store's frames, and how many of its bytes (from
     the start) are faulted in: a reused mapping needs no new faults there."""
 
-    __slots__ = ("mmap", "populated")
+    __slots__ = ("address", "mmap", "populated")
 
     def __init__(self, nbytes: int) -> None:
         self.mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.populated = 0
+        self.address = _address(self.mmap)
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +149,12 @@ class MappingPool:
     ``keep_bytes`` in all, in use or idle (idle ones are unmapped, oldest first, to make room
     for a new one); with ``keep_bytes`` 0, the default, it keeps none and every store maps
     fresh memory that goes back with it. Process-wide (:data:`MAPPINGS`): the daemon sets the
-    bound at start (``frame_store_reuse_bytes``)."""
+    bound at start (``frame_store_reuse_bytes``).
+
+    A fresh mapping is first filled from the warm reserve, memory faulted in before any store
+    asked for it (:meth:`set_warm_bytes`, the daemon's ``frame_store_warm_bytes``): its pages
+    are moved into the new mapping (``mremap``: page tables move, nothing is copied or faulted
+    in), so a daemon's first scan needs no fresh pages either, whatever its size."""
 
     def __init__(self, keep_bytes: int = 0) -> None:
         self.keep_bytes = keep_bytes
@@ -66,6 +163,11 @@ class MappingPool:
         #: stores that got a kept mapping / a fresh one
         self.reused = 0
         self.fresh = 0
+        self._warm: list[_WarmPart] = []  #: the warm reserve, taken from the last part first
+        #: one resize of the reserve at a time (a resize waits for one still faulting memory in)
+        self._warm_resize = threading.Lock()
+        #: bytes of the warm reserve moved into stores' mappings so far
+        self.warm_moved = 0
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, _Mapping]:
         """An uninitialised array over a mapping of at least its bytes: the smallest idle kept
@@ -81,12 +183,79 @@ class MappingPool:
                 self._trim(idle, self.keep_bytes - nbytes)
                 mapping = _Mapping(nbytes)
                 self.fresh += 1
+                self._fill_from_warm(mapping)
                 if self._kept_bytes() + nbytes <= self.keep_bytes:
                     self._mappings.append(mapping)
             # made under the lock: from here on the array's reference keeps the mapping from
             # looking idle to a store made at the same time on another thread
             array = np.frombuffer(mapping.mmap, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
         return array, mapping
+
+    def _fill_from_warm(self, mapping: _Mapping) -> None:
+        """Move pages of the warm reserve to the start of a fresh mapping (under the lock)."""
+        want = -(-mapping.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE  # the mapping's whole pages
+        moved = 0
+        libc = _libc() if self._warm else None
+        while libc is not None and moved < want and self._warm:
+            part = self._warm[-1]
+            n = min(want - moved, part.size)
+            to = mapping.address + moved
+            done = libc.mremap(part.address + part.size - n, n, n, _MREMAP_MAYMOVE | _MREMAP_FIXED, to)
+            if done != to:
+                # refused (e.g. the process's limit on mappings): Linux may have unmapped the
+                # destination before it failed, so it is mapped afresh (no array uses it yet) and
+                # the rest of this mapping is faulted in as fresh memory is
+                again = libc.mmap(to, n, mmap.PROT_READ | mmap.PROT_WRITE,
+                                  mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
+                libc.check(again == to, "mmap of a frame store's pages after a refused mremap")
+                break
+            part.size -= n
+            moved += n
+            if not part.size:
+                self._warm.pop()
+        mapping.populated = min(moved, mapping.nbytes)
+        self.warm_moved += moved
+
+    def warm_bytes(self) -> int:
+        """Bytes of the warm reserve not handed to a store yet."""
+        with self._lock:
+            return sum(p.size for p in self._warm)
+
+    def set_warm_bytes(self, nbytes: int) -> None:
+        """Make the warm reserve hold ``nbytes`` (rounded up to whole pages): unmap what is over
+        it, or map and fault in what is missing, in parts of :data:`_WARM_PART_BYTES`, each
+        handed out as soon as it is in memory. Blocking (≈ 0.4–0.8 s per GiB on the
+        development VM), the interpreter lock released while the kernel faults pages in. The
+        reserve is resident memory whether or not a store ever takes it: more than the host
+        has free calls in its out-of-memory killer, so the caller checks that first. OSError
+        where the kernel cannot populate memory this way (before Linux 5.14)."""
+        if nbytes < 0:
+            raise ValueError(f"warm bytes must be ≥ 0, got {nbytes}")
+        target = -(-int(nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        if target and not sys.platform.startswith("linux"):
+            raise OSError(errno.ENOSYS, "a warm frame-store reserve needs Linux (MADV_POPULATE_WRITE, mremap)")
+        with self._warm_resize:
+            self._resize_warm(target)
+
+    def _resize_warm(self, target: int) -> None:
+        with self._lock:
+            while self._warm and sum(p.size for p in self._warm) > target:
+                part = self._warm[-1]
+                over = sum(p.size for p in self._warm) - target
+                if over >= part.size:
+                    self._warm.pop().unmap()
+                else:  # the end of the last part: what a store would have taken next
+                    libc = _libc()
+                    libc.check(libc.munmap(part.address + part.size - over, over) == 0, "munmap")
+                    part.size -= over
+        while True:
+            with self._lock:
+                missing = target - sum(p.size for p in self._warm)
+            if missing <= 0:
+                return
+            part = _WarmPart(min(missing, _WARM_PART_BYTES))  # faulted in without the lock
+            with self._lock:
+                self._warm.append(part)
 
     def _kept_bytes(self) -> int:
         return sum(m.nbytes for m in self._mappings)
@@ -235,7 +404,7 @@ class FrameStore:
         row = self.frames[0].nbytes
         lo = start * row // mmap.PAGESIZE * mmap.PAGESIZE
         try:
-            self._mapping.mmap.madvise(_MADV_POPULATE_WRITE, lo, stop * row - lo)
+            _populate_write(self._mapping.address + lo, stop * row - lo)
         except OSError:
             # a kernel before 5.14 does not know the advice (EINVAL): the copy faults the pages
             # in one by one, as it would without it; this store stops asking

@@ -61,3 +61,4 @@ def _no_frame_store_memory_kept_between_tests():
     from cryoptycho.gpu import framestore
 
     framestore.MAPPINGS.set_keep_bytes(0)
+    framestore.MAPPINGS.set_warm_bytes(0)

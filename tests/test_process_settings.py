@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 
 import numpy as np
@@ -100,3 +101,92 @@ def test_a_scan_s_engine_and_frame_store_go_when_its_worker_has_ended(tmp_path, 
         assert "gone" in scans.sessions  # still listed
     finally:
         bg.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the warm reserve is Linux's")
+def test_the_daemon_faults_in_its_frame_store_reserve_at_start_and_its_first_scan_takes_it(tmp_path):
+    """``frame_store_warm_bytes``: faulted in on a thread at start; the first scan's store takes
+    it (no fresh pages for its frames), and a daemon started without it gives a reserve back."""
+    framestore.MAPPINGS.set_warm_bytes(1 << 20)  # left by something earlier in the process
+    bg = BackgroundService(_config(tmp_path / "a"))
+    try:
+        assert framestore.MAPPINGS.warm_bytes() == 0 and bg.service.frame_store_warming is None
+    finally:
+        bg.stop()
+    frames_bytes = 256 * 96 * 96 * 2
+    bg = BackgroundService(_config(tmp_path / "b", frame_store_warm_bytes=frames_bytes))
+    scans = bg.service.scans
+    try:
+        bg.service.frame_store_warming.join(60)
+        assert framestore.MAPPINGS.warm_bytes() == frames_bytes
+        moved = framestore.MAPPINGS.warm_moved
+        with Producer(bg.service.endpoints["ingest"], control=bg.service.endpoints["control"]) as producer:
+            frames = np.random.default_rng(1).poisson(0.1, (64, 96, 96)).astype(np.uint16)
+            producer.start_scan(_scan("ahead", 96, 256, raster=RasterScan((4, 64), (1e-10, 1e-10))))
+            for i in range(4):
+                producer.send_frames(frames, np.arange(64 * i, 64 * (i + 1)))
+            engine = wait_for(lambda: getattr(scans.running.get("ahead"), "engine", None), 60, "engine")
+            wait_for(lambda e=engine: e.n_frames == 256, 60, "every frame in the store")
+            store = engine.frame_store
+            assert store._populated == store.capacity == 256  # faulted in ahead, none by the appends
+            assert framestore.MAPPINGS.warm_moved - moved == frames_bytes
+            assert framestore.MAPPINGS.warm_bytes() == 0
+            expected = np.roll(frames, (-48, -48), axis=(1, 2))
+            np.testing.assert_array_equal(store.frames[192:256], expected)
+            del engine, store
+            producer.abort("test")
+    finally:
+        bg.stop()
+
+
+def test_frame_store_warm_bytes_is_read_from_the_environment_and_checked(monkeypatch):
+    assert ServiceConfig().frame_store_warm_bytes == 0  # none unless asked for: it is resident from start
+    monkeypatch.setenv("CRYOPTYCHO_FRAME_STORE_WARM_BYTES", str(1 << 30))
+    assert ServiceConfig().frame_store_warm_bytes == 1 << 30
+    monkeypatch.setenv("CRYOPTYCHO_FRAME_STORE_WARM_BYTES", "-1")
+    with pytest.raises(ValueError, match="frame_store_warm_bytes"):
+        ServiceConfig()
+
+
+def test_a_reserve_over_half_the_available_memory_is_refused_with_a_warning(tmp_path, monkeypatch, caplog):
+    from cryoptycho.daemon import service
+
+    monkeypatch.setattr(service, "memory_available", lambda: 8 << 20)
+    with caplog.at_level("WARNING", logger="cryoptycho.service"):
+        bg = BackgroundService(_config(tmp_path, frame_store_warm_bytes=5 << 20))
+        try:
+            assert bg.service.frame_store_warming is None and framestore.MAPPINGS.warm_bytes() == 0
+        finally:
+            bg.stop()
+    assert any("frame_store_warm_bytes = 5242880 is more than half" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MemAvailable is Linux's")
+def test_the_available_memory_is_read_from_the_host():
+    from cryoptycho.daemon.service import memory_available
+
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert 0 < memory_available() <= total
+
+
+def test_a_started_daemon_has_imported_what_its_first_scan_s_engine_would(tmp_path):
+    """scipy.fft (the engine's host FFTs) is imported at start, not inside the first scan."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from pathlib import Path\n"
+            "from cryoptycho.daemon.config import ServiceConfig\n"
+            "from cryoptycho.daemon.service import Service\n"
+            "d = Path(sys.argv[1])\n"
+            "s = Service(ServiceConfig(ingest='tcp://127.0.0.1:*', publish='tcp://127.0.0.1:*', "
+            "control='tcp://127.0.0.1:*', metrics_enabled=False, recover=False, spool_dir=d / 's', "
+            "results_dir=d / 'r'))\n"
+            "before = 'scipy.fft' in sys.modules\n"
+            "s.start()\n"
+            "print(before, 'scipy.fft' in sys.modules)\n"
+            "s.close()\n")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "True"], run.stdout

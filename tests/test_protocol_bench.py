@@ -35,12 +35,15 @@ def test_bench_protocol_end_to_end_into_the_daemon() -> None:
         # first touches of fresh memory by thread: the worker's frame store is fresh memory
         faults = {scan: re.search(rf"^\s*64\s+none\s+paused\s+{scan}\s+receive ([\d.]+) manager ([\d.]+) "
                                   r"spool ([\d.]+) compress ([\d.]+) worker ([\d.]+) other ([\d.]+)$", out, re.MULTILINE)
-                  for scan in ("first", "next")}
-        assert faults["first"] and faults["next"], out
+                  for scan in ("first", "next", "ahead")}
+        assert faults["first"] and faults["next"] and faults["ahead"], out
         # the first scan's frame store is fresh memory (4.5 pages per 96×96 uint16 frame); the
         # next scan's reuses the first one's (frame_store_reuse_bytes), in memory already
         assert float(faults["first"][5]) > 2 and float(faults["next"][5]) < 1, out
-    assert re.search(r"^\s*64\s+none\s+paused\s+next\s+[\d,]+\s+[\d,]+\s", out, re.MULTILINE), out
+        # ahead: a first scan whose daemon faulted the store's memory in at start (frame_store_warm_bytes)
+        assert float(faults["ahead"][5]) < 1, out
+    for scan in ("next", "ahead"):
+        assert re.search(rf"^\s*64\s+none\s+paused\s+{scan}\s+[\d,]+\s+[\d,]+\s", out, re.MULTILINE), out
     for stage in ("validate + decode", "ledger", "spool write", "spool compress", "frame store append",
                   "engine add_frames"):
         assert re.search(rf"^\s+{re.escape(stage)}.*\s[\d.]+$", out, re.MULTILINE), (stage, out)

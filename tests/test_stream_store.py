@@ -257,3 +257,148 @@ def test_stores_made_at_once_on_several_threads_never_share_memory(pool):
         t.join()
     assert not errors, errors[:3]
     assert pool.reused > 0  # the stores did come from the pool
+
+
+_linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                 reason="the warm reserve is Linux's (MADV_POPULATE_WRITE, mremap)")
+
+
+@_linux_only
+def test_stores_take_the_warm_reserve_s_pages_without_faulting_them_in(pool):
+    """Memory faulted in ahead (the daemon's frame_store_warm_bytes) is moved into new stores'
+    mappings: their appends fault no page in, two stores never share it, and the reserve
+    shrinks by each store's pages."""
+    m, n = 64, 300  # 8 KiB frames (two pages each): 2,400 KiB stores
+    store_bytes = n * m * m * 2
+    pool.set_warm_bytes(3 * store_bytes)
+    assert pool.warm_bytes() == 3 * store_bytes and pool.warm_moved == 0
+    rng = np.random.default_rng(8)
+    first, second = _frames(rng, n, m), _frames(rng, n, m)
+    a = FrameStore((m, m), np.uint16, capacity=n)
+    b = FrameStore((m, m), np.uint16, capacity=n)
+    assert (a._populated, b._populated) == (n, n)  # the whole store is in memory already
+    assert pool.warm_bytes() == store_bytes and pool.warm_moved == 2 * store_bytes
+    assert _faults_filling(a, first) < n // 10 and _faults_filling(b, second) < n // 10
+    assert not np.shares_memory(a.frames, b.frames)
+    np.testing.assert_array_equal(a.frames[:n], np.roll(first, (-(m // 2), -(m // 2)), axis=(1, 2)))
+    np.testing.assert_array_equal(b.frames[:n], np.roll(second, (-(m // 2), -(m // 2)), axis=(1, 2)))
+
+
+@_linux_only
+def test_a_store_larger_than_the_warm_reserve_takes_all_of_it_and_faults_in_the_rest(pool):
+    m, n = 64, 600
+    row = m * m * 2
+    pool.set_warm_bytes(200 * row + 100)  # rounded up to whole pages: 200 rows and one page
+    assert pool.warm_bytes() == 200 * row + 4096
+    frames = _frames(np.random.default_rng(9), n, m)
+    store = FrameStore((m, m), np.uint16, capacity=n)
+    assert store._populated == 200 and pool.warm_bytes() == 0 and pool.warm_moved == 200 * row + 4096
+    faults = _faults_filling(store, frames)
+    beyond = (400 * row - 4096) // 4096  # the pages past the reserve's (its last one holds half a row)
+    assert beyond <= faults < beyond + n // 10
+    np.testing.assert_array_equal(store.frames[:n], np.roll(frames, (-(m // 2), -(m // 2)), axis=(1, 2)))
+
+
+@_linux_only
+def test_the_warm_reserve_is_set_shrunk_and_given_back(pool):
+    pool.set_warm_bytes(600 << 10)  # grown in parts: each a mapping of its own
+    assert pool.warm_bytes() == 600 << 10
+    pool.set_warm_bytes(1 << 20)  # topped up
+    assert pool.warm_bytes() == 1 << 20
+    pool.set_warm_bytes(300 << 10)  # cut from the end
+    assert pool.warm_bytes() == 300 << 10
+    pool.set_warm_bytes(0)
+    assert pool.warm_bytes() == 0
+    with pytest.raises(ValueError, match="warm bytes"):
+        pool.set_warm_bytes(-1)
+
+
+@_linux_only
+def test_the_warm_reserve_is_faulted_in_as_it_is_mapped(pool, monkeypatch):
+    """Its pages are resident before any store takes them (what the daemon pays at start)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    monkeypatch.setattr(framestore, "_WARM_PART_BYTES", 1 << 20)
+    pool.set_warm_bytes(3 << 20)
+    assert len(pool._warm) == 3
+    for part in pool._warm:
+        pages = part.size // 4096
+        vec = ctypes.create_string_buffer(pages)
+        assert libc.mincore(part.address, part.size, vec) == 0, ctypes.get_errno()
+        assert all(b & 1 for b in vec.raw[:pages])  # every page in memory
+    # a fresh mapping, for contrast: none of its pages is in memory before it is written
+    fresh = framestore._Mapping(1 << 20)
+    vec = ctypes.create_string_buffer(256)
+    assert libc.mincore(fresh.address, 1 << 20, vec) == 0
+    assert not any(b & 1 for b in vec.raw[:256])
+
+
+@_linux_only
+def test_a_refused_page_move_leaves_the_reserve_and_the_store_whole(pool, monkeypatch):
+    """Where the kernel refuses to move the pages (e.g. the process's limit on mappings), the
+    store faults its memory in as without a reserve, and the reserve stays for later stores.
+    The refusal here also unmaps the destination first, as Linux may before it fails: the
+    store's memory must be mapped again, not left a hole."""
+    m, n = 64, 300
+    pool.set_warm_bytes(n * m * m * 2)
+    libc = framestore._libc()
+
+    class Refusing:
+        def __getattr__(self, name):
+            return getattr(libc, name)
+
+        @staticmethod
+        def mremap(old, old_size, new_size, flags, to):
+            assert libc.munmap(to, new_size) == 0
+            return framestore._MAP_FAILED
+
+    monkeypatch.setattr(framestore, "_LIBC", Refusing())
+    frames = _frames(np.random.default_rng(10), n, m)
+    store = FrameStore((m, m), np.uint16, capacity=n)
+    assert store._populated == 0 and pool.warm_bytes() == n * m * m * 2 and pool.warm_moved == 0
+    _fill(store, frames)
+    np.testing.assert_array_equal(store.frames[:n], np.roll(frames, (-(m // 2), -(m // 2)), axis=(1, 2)))
+    monkeypatch.setattr(framestore, "_LIBC", libc)
+    assert FrameStore((m, m), np.uint16, capacity=n)._populated == n  # the next store takes it
+
+
+def test_a_kernel_without_the_populate_advice_gets_no_warm_reserve(pool, monkeypatch):
+    monkeypatch.setattr(framestore, "_MADV_POPULATE_WRITE", -1)
+    with pytest.raises(OSError):
+        pool.set_warm_bytes(1 << 20)
+    assert pool.warm_bytes() == 0
+
+
+@_linux_only
+def test_stores_made_at_once_on_several_threads_share_no_page_of_the_reserve(pool):
+    """The reserve's pages go to one store each, while another thread faults more of it in."""
+    import threading
+
+    m, rows = 64, (1 << 20) // (64 * 64 * 2)  # 1 MiB stores
+    pool.set_warm_bytes(4 << 20)
+    errors: list[str] = []
+    start = threading.Barrier(5)
+
+    def work(value: int) -> None:
+        start.wait()
+        stores = []
+        for _ in range(6):
+            store = FrameStore((m, m), np.uint16, capacity=rows)
+            store.append(np.full((rows, m, m), value, np.uint16), np.zeros((rows, 2)))
+            stores.append(store)
+        if not all(np.all(s.frames == value) for s in stores):
+            errors.append(f"thread {value}: a store was written by another")
+
+    def top_up() -> None:
+        start.wait()
+        pool.set_warm_bytes(8 << 20)
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in (1, 2, 3, 4)] + [threading.Thread(target=top_up)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert pool.warm_moved > 0  # stores did take reserve pages

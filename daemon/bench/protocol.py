@@ -173,8 +173,15 @@ def measure_loopback(side: int, batch: int, codec: str, seconds: float, dose: fl
 @click.option("--next-scan/--no-next-scan", default=True, show_default=True,
               help="Also measure each paused case as the daemon's next scan: after one of the same size, "
                    "sent and aborted first (its frame store's memory reused, frame_store_reuse_bytes).")
+@click.option("--scan", "scans", type=click.Choice(["first", "next", "ahead"]), multiple=True,
+              default=("first", "next", "ahead"), show_default=True,
+              help="Which scans of each paused case to measure (repeatable; in this order): the daemon's first "
+                   "scan; its next one (as --next-scan); the first scan of a daemon that faulted its frame "
+                   "store's memory in at start (frame_store_warm_bytes = the scan's frame bytes). The daemons "
+                   "run in this process one after the other, so only the first case meets a fresh process "
+                   "(its allocator's memory included): measure one kind per run to compare first scans.")
 def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon_codecs: tuple[str, ...],
-            live: bool, decode_table: bool, next_scan: bool) -> None:
+            live: bool, decode_table: bool, next_scan: bool, scans: tuple[str, ...]) -> None:
     """Decode + validate throughput of frames messages (target ≥ 100,000 frames/s raw), and our
     protocol end to end into the daemon with its spool (target ≥ 50,000 frames/s, 96×96)."""
     if decode_table:
@@ -186,14 +193,15 @@ def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon
     roles = ("receive", "manager", "spool", "compress", "worker")
     click.echo(f"{'batch':>5} {'codec':>6} {'engine':>6} {'scan':>5} {'received/s':>11} {'stored/s':>10} "
                f"{'CPU µs/frame':>13}  " + " ".join(f"{r:>8}" for r in roles) + f" {'producer':>9} {'2-core cap':>10}")
-    cases = [(batch, codec, True, warm) for batch in batches for codec in daemon_codecs
-             for warm in ((False, True) if next_scan else (False,))]
+    kinds = tuple(k for k in ("first", "next", "ahead") if k in scans and (next_scan or k != "next"))
+    cases = [(batch, codec, True, kind) for batch in batches for codec in daemon_codecs for kind in kinds]
     if live:
-        cases.append((max(batches), daemon_codecs[0], False, False))
+        cases.append((max(batches), daemon_codecs[0], False, "first"))
     faults = []
-    for batch, codec, paused, warm in cases:
-        r = measure_daemon(96, batch, codec, daemon_frames, paused=paused, warm=warm)
-        label = f"{batch:>5} {codec:>6} {'paused' if paused else 'live':>6} {'next' if warm else 'first':>5}"
+    for batch, codec, paused, kind in cases:
+        warm_bytes = daemon_frames // batch * batch * 96 * 96 * 2 if kind == "ahead" else 0
+        r = measure_daemon(96, batch, codec, daemon_frames, paused=paused, warm=kind == "next", warm_bytes=warm_bytes)
+        label = f"{batch:>5} {codec:>6} {'paused' if paused else 'live':>6} {kind:>5}"
         faults.append((label, r["faults"]))
         click.echo(f"{label} {r['fps_received']:>11,.0f} "
                    f"{r['fps']:>10,.0f} {r['cpu_us_per_frame']:>13,.1f}  "
@@ -209,7 +217,9 @@ def command(batches: tuple[int, ...], seconds: float, daemon_frames: int, daemon
                "producer = the sending process's CPU µs per frame; 2-core cap = 2 s of CPU per second "
                "÷ (daemon + producer CPU per frame): the rate two otherwise idle cores would allow at "
                "these costs; scan = the daemon's first scan, or its next one (after a scan of the same "
-               "size: memory faulted in before is reused, see SERVICE.md \"Process settings\").")
+               "size: memory faulted in before is reused, see SERVICE.md \"Process settings\"), or "
+               "ahead: the first scan of a daemon that faulted in its frame store's memory at start "
+               "(frame_store_warm_bytes, waited for before the clock starts).")
     if any(f for _, f in faults):
         click.echo("page faults per frame by thread (first touches of fresh memory, 4 KiB pages; a 96×96 uint16 "
                    "frame spans 4.5):")
@@ -279,7 +289,7 @@ def _producer_process(endpoint: str, control: str, side: int, batch: int, codec:
 
 
 def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: float = 120.0,
-                   paused: bool = True, warm: bool = False) -> dict[str, Any]:
+                   paused: bool = True, warm: bool = False, warm_bytes: int = 0) -> dict[str, Any]:
     """Frames/s of one scan from a Producer process into a real daemon (:class:`BackgroundService`),
     engine paused unless ``paused`` is False: ``fps_received`` until every frame is spooled and
     counted (received, in the daemon's sense), ``fps`` until they are all in the engine's frame
@@ -289,7 +299,9 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
     NaN if it did not finish). ``warm``: the measured scan follows one of the same size, sent
     and aborted before the clock starts, as in a daemon that has run scans before: its frame
     store's memory may be reused (``frame_store_reuse_bytes``, ``store_reused``), and the
-    memory of its received messages may be too."""
+    memory of its received messages may be too. ``warm_bytes``: the daemon's
+    ``frame_store_warm_bytes``, faulted in before the clock starts (``warm_moved``: how many
+    of them the scan's store took)."""
     import contextlib
     import multiprocessing
     import tempfile
@@ -305,7 +317,7 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
             (engine_paused() if paused else contextlib.nullcontext()):
         cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
                             metrics_enabled=False, spool_dir=Path(tmp) / "spool", results_dir=Path(tmp) / "res",
-                            resolution_interval_s=0, drain_timeout_s=0)
+                            resolution_interval_s=0, drain_timeout_s=0, frame_store_warm_bytes=warm_bytes)
         if not warm:
             MAPPINGS.set_keep_bytes(0)  # unmaps what earlier runs here left: the first scan's store is fresh
         bg = BackgroundService(cfg)
@@ -324,7 +336,9 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
             if warm_go is not None:
                 warm_go.set()
                 _wait_for(lambda: _warm_scan_done(scans), timeout_s, proc, "the warm-up scan to end")
-            reused0 = MAPPINGS.reused
+            if bg.service.frame_store_warming is not None:
+                bg.service.frame_store_warming.join(timeout_s)
+            reused0, moved0 = MAPPINGS.reused, MAPPINGS.warm_moved
             t0, c0, th0 = time.perf_counter(), time.process_time(), task_stats()
             go.set()
             t_received: float | None = None
@@ -343,6 +357,7 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
                 time.sleep(0.02)
             elapsed, cpu, th1 = time.perf_counter() - t0, time.process_time() - c0, task_stats()
             store_reused = MAPPINGS.reused > reused0
+            warm_moved = MAPPINGS.warm_moved - moved0
         finally:
             if proc.pid is not None:
                 proc.join(10)
@@ -355,7 +370,7 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
     faults = {role: n / total for role, (_, n) in spent.items()}
     return {"fps": total / elapsed, "fps_received": total / t_received, "cpu_us_per_frame": 1e6 * cpu / total,
             "threads": threads, "faults": faults, "producer_cpu_us_per_frame": 1e6 * producer_cpu.value / total,
-            "store_reused": store_reused}
+            "store_reused": store_reused, "warm_moved": warm_moved}
 
 
 def _warm_scan_done(scans: Any) -> bool:
