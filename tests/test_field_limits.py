@@ -159,3 +159,19 @@ def test_an_oversized_frames_message_cuts_off_its_sender_and_the_daemon_serves_o
                      "the abort of the refused scan", daemon)
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_the_broker_cuts_off_oversized_parts_too() -> None:
+    from cryoptycho.daemon.broker import Broker, BrokerOptions
+
+    limits = Limits(max_message_bytes=1 * MiB)
+    broker = Broker(BrokerOptions(ingest="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", limits=limits)).start()
+    try:
+        assert broker.control_endpoint is not None and broker.ingest_endpoint is not None
+        _send_and_see_cut_off(zmq.DEALER, broker.control_endpoint, [b"", b"\0" * (8 * MiB)])
+        _send_and_see_cut_off(zmq.PUSH, broker.ingest_endpoint, [b"\0" * (2 * MiB)])
+        with ControlClient(broker.control_endpoint, timeout_s=30) as client:
+            assert client.ping()["pong"] is True
+        assert broker.status()["counters"]["messages"] == 0  # neither reached the broker's loop
+    finally:
+        broker.stop()
