@@ -175,3 +175,15 @@ def test_the_broker_cuts_off_oversized_parts_too() -> None:
         assert broker.status()["counters"]["messages"] == 0  # neither reached the broker's loop
     finally:
         broker.stop()
+
+
+def test_an_operator_can_raise_the_control_part_limit(tmp_path: Path) -> None:
+    # a 4 MiB part is over the default limit (2 MiB): cut off there, answered once the limit is raised
+    daemon = start_daemon(tmp_path, "--set", f"control_max_part_bytes={8 * MiB}", "--set",
+                          "control_queue_messages=4")
+    try:
+        with ControlClient(daemon.control, timeout_s=30) as client, pytest.raises(ControlError) as too_big:
+            client.cancel("no-such-scan", "r" * (4 * MiB))
+        assert too_big.value.reply.result["rule"] == "max_header_bytes"
+    finally:
+        assert daemon.stop() == 0, daemon.log()
