@@ -36,12 +36,14 @@ from typing import Any
 import zmq
 from cryoptycho.protocols.control import handle
 from cryoptycho.protocols.errors import ProtocolError
-from cryoptycho.protocols.limits import Limits
+from cryoptycho.protocols.limits import Limits, control_max_part_bytes, ingest_max_part_bytes
 from cryoptycho.protocols.messages import Reply, Request, decode, encode, peek
 from cryoptycho.protocols.security import ClientCurve, apply_client_curve
 
 log = logging.getLogger("cryoptycho.broker")
 
+#: requests one control client may have queued unread (the daemon's control_queue_messages)
+CONTROL_QUEUE_MESSAGES = 16
 #: scans remembered after their end, so late or duplicate messages still reach the same daemon
 ENDED_MEMORY = 4096
 
@@ -192,11 +194,14 @@ class Broker:
         opts = self.options
         ingest = self.ctx.socket(zmq.PULL)
         ingest.setsockopt(zmq.LINGER, 0)
+        # a part over the limits is dropped with its sender as its length arrives, not held
+        # whole first (PROTOCOL.md § 1, Message size)
+        ingest.setsockopt(zmq.MAXMSGSIZE, ingest_max_part_bytes(opts.limits))
         ingest.bind(opts.ingest)
         self.ingest_endpoint = ingest.getsockopt_string(zmq.LAST_ENDPOINT)
         control = None
         if opts.control:
-            control = ControlEndpoint(self.ctx, opts.control, self._control_table())
+            control = ControlEndpoint(self.ctx, opts.control, self._control_table(), opts.limits)
             self.control_endpoint = control.endpoint
         for backend in self._initial:
             self.add_backend(backend)
@@ -477,9 +482,12 @@ class Broker:
 class ControlEndpoint:
     """The broker's own control ROUTER socket, served with the protocol's dispatcher."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, table: dict[str, Any]) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, table: dict[str, Any], limits: Limits | None = None) -> None:
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # requests are small: a client sending a large part is disconnected, and few wait
+        self.socket.setsockopt(zmq.MAXMSGSIZE, control_max_part_bytes(limits or Limits()))
+        self.socket.setsockopt(zmq.RCVHWM, CONTROL_QUEUE_MESSAGES)
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.table = table

@@ -118,6 +118,15 @@ class ServiceConfig(BaseSettings):
     connection when a producer connects, before any scan declares its frame size: the socket
     holds this ÷ ``limits.max_message_bytes`` messages, at least four (with one, libzmq never
     delivered a CURVE producer's messages)."""
+    control_max_part_bytes: int | None = Field(None, ge=1024)
+    """Largest message part the control socket takes (ZMQ_MAXMSGSIZE): a client that sends a
+    larger one is disconnected by ZeroMQ as soon as the part's length arrives, before its bytes
+    are held. None = twice ``limits.max_header_bytes`` (2 MiB): no standard request carries
+    more than its header part (protocols/limits.py, control_max_part_bytes)."""
+    control_queue_messages: int = Field(16, ge=4)
+    """Requests one control client may have queued unread (ZMQ_RCVHWM of the control socket;
+    ZeroMQ's default is 1000): with ``control_max_part_bytes`` it bounds what a client can make
+    the daemon hold (PROTOCOL.md § 1, Message size)."""
 
     preview_hz: float = Field(5.0, gt=0, le=100)
     """Live previews per second per scan (latest-only)."""

@@ -163,7 +163,10 @@ def build_table(service: Service) -> dict[str, Handler]:
                     "ended": refused is not None, "end_reason": None, "end_count": None,
                     "expected_frames": None, "frames": {"received": 0}, "missing": [],
                     "error": None if refused is None else refused[1],
-                    "refused_at": None if refused is None else refused[0]}
+                    "refused_at": None if refused is None else refused[0],
+                    # asked before a scan starts: a producer sizes its messages below it (its
+                    # sender is disconnected and the message lost otherwise)
+                    "max_message_bytes": service.limits.max_message_bytes}
         # the scan as the manager sees it now, whose frames read so far are counted once the
         # spool thread has written them: it reads the count after every write asked for before,
         # so every frame this receipt counts is on disk and none read before it is missed (the

@@ -26,7 +26,7 @@ import zmq
 from cryoptycho.gpu import framestore
 from cryoptycho.protocols.control import dispatch, handle, split_envelope
 from cryoptycho.protocols.errors import ProtocolError
-from cryoptycho.protocols.limits import Limits
+from cryoptycho.protocols.limits import Limits, control_max_part_bytes, ingest_max_part_bytes
 from cryoptycho.protocols.messages import (
     Abort,
     ErrorEvent,
@@ -154,6 +154,8 @@ class Service:
         self.notifier = SystemdNotifier()
         self.table = build_table(self)
         self.endpoints: dict[str, str] = {}
+        #: the control socket's ZMQ_MAXMSGSIZE (PROTOCOL.md § 1, Message size)
+        self.control_part_bytes = config.control_max_part_bytes or control_max_part_bytes(self.limits)
         self.metrics_port: int | None = None
         self.started_at = time.monotonic()
         self._declared: dict[str, ScanStart] = {}
@@ -206,6 +208,11 @@ class Service:
             for sock in (self.ingest, self.publish, self.control):
                 apply_server_curve(sock, self.config.curve_keys_dir)
         self.ingest.setsockopt(zmq.RCVHWM, ingest_hwm(self.config.ingest_queue_bytes, self.limits))
+        # a part over the limits would be refused once whole: ZeroMQ drops its sender as soon as
+        # the part's length arrives instead, so that the queue bound above holds in bytes
+        self.ingest.setsockopt(zmq.MAXMSGSIZE, ingest_max_part_bytes(self.limits))
+        self.control.setsockopt(zmq.MAXMSGSIZE, self.control_part_bytes)
+        self.control.setsockopt(zmq.RCVHWM, self.config.control_queue_messages)
         for name, sock in (("ingest", self.ingest), ("publish", self.publish), ("control", self.control)):
             endpoint = getattr(self.config, name)
             try:

@@ -19,7 +19,7 @@ import zmq
 
 from .client import SocketClient, connect
 from .errors import ControlError, ControlTimeout, ProtocolError
-from .limits import Limits
+from .limits import Limits, control_max_part_bytes
 from .messages import Reply, Request, decode, encode
 from .security import ClientCurve
 
@@ -194,9 +194,14 @@ class ControlClient(SocketClient):
                 return reply
             # a REQ socket that missed its reply is stuck in "expect reply": start over
             self._reset()
+        largest = max(memoryview(getattr(p, "buffer", p)).nbytes for p in parts)
+        cap = control_max_part_bytes(self.limits)
         raise ControlTimeout(
             f"no reply from {self.endpoint} to {method!r} "
             f"after {self.retries} tries of {self.timeout_s} s"
+            + (f" (the request has a {largest}-byte part: a daemon with these limits disconnects a "
+               f"control client whose message part exceeds {cap} bytes, its control_max_part_bytes, "
+               "without an answer)" if largest > cap else "")
         )
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:

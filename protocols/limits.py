@@ -60,6 +60,28 @@ class Limits(BaseModel):
 _KNOWN = {"frame_dtypes": FRAME_DTYPES, "compressions": COMPRESSIONS}
 
 
+#: bytes CURVE adds to a message part on the wire (its MESSAGE command: name, nonce, MAC; 33 in
+#: libzmq 4.3), with a margin: ZMQ_MAXMSGSIZE counts a part as it arrives, encrypted
+CURVE_FRAME_OVERHEAD = 4096
+
+
+def ingest_max_part_bytes(limits: Limits) -> int:
+    """The ingest socket's ZMQ_MAXMSGSIZE: no part of a message within ``max_message_bytes`` is
+    larger, so a sender of a larger part is disconnected as its length arrives, before its bytes
+    are held (they would be refused once whole anyway)."""
+    return limits.max_message_bytes + CURVE_FRAME_OVERHEAD
+
+
+def control_max_part_bytes(limits: Limits) -> int:
+    """The largest message part a control socket takes unless configured otherwise (its
+    ZMQ_MAXMSGSIZE; a peer that sends a larger part is disconnected, unanswered). No standard
+    control request carries an array (PROTOCOL.md § 6), so a request is its header part,
+    which ``max_header_bytes`` caps; the set_options of every option, the largest request the
+    SDK makes, is under 2 kB. Twice the header limit leaves headroom, so that a header just over
+    the limit is still answered with its error (rule ``max_header_bytes``) rather than cut off."""
+    return 2 * limits.max_header_bytes
+
+
 def parse_limit_pairs(pairs: Iterable[str]) -> dict[str, Any]:
     """``("max_frame_side=2048", "compressions=[\"lz4\"]")`` → overrides (values parsed as
     JSON when they parse); ValueError naming the pair or the unknown key."""

@@ -33,7 +33,14 @@ import zmq.utils.garbage
 from . import validate
 from .client import SocketClient, connect
 from .control import ControlClient
-from .errors import ControlError, ControlTimeout, DeliveryError, DeliveryTimeout, ProducerTimeout
+from .errors import (
+    ControlError,
+    ControlTimeout,
+    DeliveryError,
+    DeliveryTimeout,
+    ProducerTimeout,
+    ProtocolError,
+)
 from .limits import Limits
 from .messages import Abort, Frames, Message, ScanEnd, ScanStart, encode
 from .security import ClientCurve
@@ -161,6 +168,10 @@ class Producer(SocketClient):
         self._stale_refusal: float | None = None  #: an earlier refusal of the open scan's id
         self._started = 0.0
         self._stalled = False  #: a send or confirmation timed out: close() does not linger
+        #: the daemon's max_message_bytes, from its receipt before a scan (None: not told). Its
+        #: ingest socket disconnects a sender as soon as a larger part arrives, and the message
+        #: is lost: messages are sized below it, and one that cannot be is refused here, by name
+        self.daemon_max_message_bytes: int | None = None
 
     # -- scan lifecycle ------------------------------------------------------------------------
 
@@ -233,8 +244,8 @@ class Producer(SocketClient):
                 time.time(),
             )
             validate.check(msg, self.limits, scan)
-            self._mark_given(msg.indices)
             self.send(msg)
+            self._mark_given(msg.indices)  # after: a message refused here is not the daemon's to hold
             self.frames_sent += len(msg.indices)
         if n:
             self._next_index = max(self._next_index, int(idx.max()) + 1)
@@ -287,6 +298,7 @@ class Producer(SocketClient):
         if msg.time_s is None:
             msg.time_s = time.time()
         parts = encode(msg, self.checksum)
+        self._check_size(parts)
         out = [parts] if self.hook is None else self.hook.process(msg, parts)
         for p in out:
             self.send_parts(p)
@@ -335,8 +347,28 @@ class Producer(SocketClient):
     def _batch_size(self, data: np.ndarray) -> int:
         per_frame = max(1, data[0].nbytes if data.shape[0] else 1)
         # leave headroom under the message limit for the header, indices and positions
-        by_bytes = max(1, (self.limits.max_message_bytes // 2) // per_frame)
+        by_bytes = max(1, (self._max_message_bytes() // 2) // per_frame)
         return max(1, min(self.batch_frames, by_bytes))
+
+    def _max_message_bytes(self) -> int:
+        """The smaller of this producer's limit and the daemon's (when it said)."""
+        told = self.daemon_max_message_bytes
+        return self.limits.max_message_bytes if told is None else min(told, self.limits.max_message_bytes)
+
+    def _check_size(self, parts: list[Any]) -> None:
+        told = self.daemon_max_message_bytes
+        if told is None:
+            return
+        size = sum(memoryview(getattr(p, "buffer", p)).nbytes for p in parts)
+        if size > told:
+            raise ProtocolError(
+                "message", "max_message_bytes",
+                f"{size} bytes exceed the daemon's max_message_bytes of {told} (its ingest socket "
+                "would disconnect this producer and the message would be lost): send smaller frames "
+                "or fewer per message (batch_frames), or raise the daemon's limit (`serve --limit "
+                "max_message_bytes=...`)",
+                self.scan.scan_id if self.scan is not None else None,
+            )
 
     def _mark_given(self, indices: np.ndarray) -> None:
         top = int(indices.max()) + 1 if indices.size else 0
@@ -392,6 +424,8 @@ class Producer(SocketClient):
                     "control endpoint: Producer(control=...), `replay --control`; or send "
                     f"unconfirmed: confirm=False, `replay --no-confirm`; {keys})"
                 )
+        told = answer.get("max_message_bytes")  # absent from daemons before it was added
+        self.daemon_max_message_bytes = told if isinstance(told, int) and not isinstance(told, bool) else None
         if answer["state"] == "refused":
             self._stale_refusal = answer.get("refused_at")
         elif answer["state"] != "unknown":

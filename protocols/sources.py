@@ -26,7 +26,7 @@ import numpy as np
 
 from .messages import Abort, Frames, ScanEnd, ScanStart
 
-__all__ = ["DetectorFrames", "FrameSink", "RawChunks", "SinkClosed", "Source", "open_source",
+__all__ = ["DetectorFrames", "FrameSink", "RawChunks", "SinkClosed", "Source", "check_source", "open_source",
            "register_source", "source_class", "source_schemes"]
 
 
@@ -94,6 +94,23 @@ class Source(ABC):
     schemes: ClassVar[tuple[str, ...]] = ()
     config_section: ClassVar[str | None] = None
 
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        """Raise ValueError naming ``url`` and what it lacks, before anything is started. This
+        default asks what every network stream needs, a host and (if given) a valid port;
+        a source that reads something else overrides it."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if not parts.netloc and parts.path:  # "dectris2:host": the "//" is missing
+            raise ValueError(f"source {url!r}: expected {scheme}://HOST[:PORT] (the '//' is missing)")
+        try:
+            parts.port  # noqa: B018 - urlsplit parses the port lazily: reading it validates it
+        except ValueError as exc:
+            raise ValueError(f"source {url!r}: bad port ({exc}); expected {scheme}://HOST[:PORT]") from None
+        if not parts.hostname:
+            raise ValueError(f"source {url!r} names no host: expected {scheme}://HOST[:PORT], "
+                             f"e.g. {scheme}://detector-dcu:31001")
+
     @abstractmethod
     def __init__(self, url: str, config: Any = None, *, workers: int = 2,
                  on_notice: Callable[[Any], None] | None = None) -> None:
@@ -140,6 +157,15 @@ def source_class(url: str) -> type[Source]:
         _registry[scheme] = entry
     assert isinstance(entry, type) and issubclass(entry, Source), entry
     return entry
+
+
+def check_source(url: str) -> type[Source]:
+    """The source class for ``url`` once ``url`` is complete (a known scheme, and what its
+    class asks for: a host for a detector stream); ValueError naming the URL and what is
+    missing otherwise. Run it before anything starts, so a typo fails alone."""
+    cls = source_class(url)
+    cls.check_url(url)
+    return cls
 
 
 def open_source(url: str, config: Any = None, *, workers: int = 2) -> Source:

@@ -83,11 +83,11 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
 
     from cryoptycho.daemon.logs import setup_logging
     from cryoptycho.daemon.service import Service
-    from cryoptycho.protocols.sources import source_class
+    from cryoptycho.protocols.sources import check_source
 
     if config.source is not None:
         try:
-            source_class(config.source)  # an unknown scheme fails before anything is bound
+            check_source(config.source)  # an unknown scheme or a missing host fails before anything is bound
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
 
