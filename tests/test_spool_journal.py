@@ -139,3 +139,22 @@ def test_a_journal_that_does_not_match_its_file_is_refused_by_name(tmp_path: Pat
     with pytest.raises(ValueError, match="appends rows from 10 to a file of 0 rows"):
         repair_spool(w.path)
     assert w.path.read_bytes() == before and not list(tmp_path.glob("*.rebuild"))  # untouched
+
+
+def test_a_record_length_damaged_to_exabytes_ends_the_journal_without_reading_it(tmp_path: Path,
+                                                                                 frames: np.ndarray) -> None:
+    """A length field garbled on disk (a bit flip, a torn sector) claims more bytes than the file
+    holds: the journal ends there, named, instead of asking the allocator for them (a
+    MemoryError at every daemon start); the records before it still count."""
+    w = SpoolWriter.create(tmp_path, _spec("garbled"))
+    _append(w, frames, 0, 10)
+    jpath = journal_path(w.path)
+    whole = scan_records(jpath)
+    _append(w, frames, 10, 20)
+    w.close()
+    data = bytearray(jpath.read_bytes())
+    data[whole.end:whole.end + 8] = (2**62).to_bytes(8, "little")
+    jpath.write_bytes(bytes(data))
+    found = scan_records(jpath)
+    assert found.records == whole.records and found.end == whole.end
+    assert "cut short" in (found.why or "")

@@ -73,6 +73,10 @@ def iter_records(path: str | Path) -> Iterator[Record | str]:
                 yield f"a record header cut short at byte {pos}"
                 return
             size, crc = _RECORD.unpack(head)
+            left = os.fstat(f.fileno()).st_size - pos - _RECORD.size
+            if size > left:  # a damaged length must not make us allocate what the file lacks
+                yield f"a record cut short at byte {pos} ({max(left, 0)} of {size} bytes)"
+                return
             payload = f.read(size)
             if len(payload) < size:
                 yield f"a record cut short at byte {pos} ({len(payload)} of {size} bytes)"
