@@ -158,3 +158,27 @@ def test_a_record_length_damaged_to_exabytes_ends_the_journal_without_reading_it
     found = scan_records(jpath)
     assert found.records == whole.records and found.end == whole.end
     assert "cut short" in (found.why or "")
+
+
+def test_a_killed_daemons_spool_reads_whole_before_any_daemon_repaired_it(tmp_path: Path,
+                                                                         frames: np.ndarray) -> None:
+    """`reconstruct`/`replay` of a spool whose daemon was killed (no daemon started since) read
+    every acknowledged frame, from the journal, and leave the file and the journal as they
+    were: repairing them is the daemon's (the scan may still be open)."""
+    from cryoptycho.daemon.storage.open import open_recorded
+
+    w = SpoolWriter.create(tmp_path, _spec("killed"))
+    empty = w.path.read_bytes()
+    _append(w, frames, 0, 10)
+    _append(w, frames, 10, 100)
+    jpath = journal_path(w.path)
+    acked = jpath.read_bytes()
+    w.close()
+    w.path.write_bytes(empty)  # as if every HDF5 write after the creation was lost
+    jpath.write_bytes(acked + b"\x07" * 23)  # and the next record torn
+    rec = open_recorded(w.path)
+    assert rec.kind == "spool" and rec.status == "open"
+    np.testing.assert_array_equal(rec.data.frames, frames[:100])
+    np.testing.assert_array_equal(rec.frame_indices, np.arange(100))
+    assert w.path.read_bytes() == empty and jpath.read_bytes() == acked + b"\x07" * 23
+    assert len(read_spool(w.path, frames=False).indices) == 100

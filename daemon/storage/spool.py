@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -913,6 +914,27 @@ class SpoolContents:
 def read_spool(path: str | Path, frames: bool = True) -> SpoolContents:
     """Read a spool file (committed rows only); a malformed file is a ValueError naming the problem."""
     path = Path(path)
+    jpath = journal_path(path)
+    if jpath.exists():
+        # the scan is still open, or its daemon was killed: the HDF5 file may lack (or, killed
+        # inside a flush, garble) frames the journal holds, so read what the journal says, from
+        # a copy — the file itself is the daemon's to repair (or still being written)
+        scan = scan_records(jpath)
+        base = scan.first or {}
+        if base.get("op") == "base" and (scan.last or {}).get("op") != "closed":
+            with tempfile.TemporaryDirectory(prefix="cryoptycho-spool-") as tmp:
+                copy = Path(tmp) / path.name
+                try:
+                    (_rebuild if base.get("image") else _rebuild_in_child)(path, copy, scan.records)
+                except Exception as exc:
+                    raise ValueError(f"{path}: its journal {jpath.name} could not be applied "
+                                     f"({type(exc).__name__}: {exc})") from exc
+                got = _read_checked(copy, frames)
+            return SpoolContents(path, got.status, got.spec, got.frames, got.indices, got.positions_m)
+    return _read_checked(path, frames)
+
+
+def _read_checked(path: Path, frames: bool) -> SpoolContents:
     required = ("scan", DATA + "/data", DATA + "/frame_index", DATA + "/positions_m")
     with open_checked(path, FORMAT, "spool", required, FORMAT_VERSION) as f:
         return spool_contents(path, f, frames)
