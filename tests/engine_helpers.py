@@ -4,8 +4,10 @@ the engine under test: the simulation uses only the forward operator and NumPy's
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import pytest
 from cryoptycho.gpu import metrics, operators
 from cryoptycho.gpu.data import ProbeModel, PtychoData
 from cryoptycho.gpu.geometry import fit_geometry
@@ -165,3 +167,39 @@ def aberrated_dataset(counts: float | None, errors: dict[str, float], seed: int 
         truth_object=truth.astype(np.complex64), truth_probe=true.astype(np.complex64),
         truth_origin=geometry.origin,
     )
+
+
+def fractional_inside(px: np.ndarray, k: int) -> bool:
+    """Whether position ``k`` sits well inside its pixel: a finite-difference move across a whole
+    pixel changes the window (the shifted probe wraps differently)."""
+    frac = px[k] - np.floor(px[k])
+    return bool(np.all((frac > 0.1) & (frac < 0.9)))
+
+
+def check_position_gradient(grad: np.ndarray, px: np.ndarray, loss_at: Callable[[np.ndarray], float],
+                            eps: float = 1e-3) -> int:
+    """Assert ``grad`` (n, 2) against central differences of ``loss_at(positions px)`` at every
+    position well inside its pixel; how many were checked."""
+    checked = 0
+    for k in range(len(px)):
+        if not fractional_inside(px, k):
+            continue
+        for a in (0, 1):
+            up, down = px.copy(), px.copy()
+            up[k, a] += eps
+            down[k, a] -= eps
+            fd = (loss_at(up) - loss_at(down)) / (2 * eps)
+            assert grad[k, a] == pytest.approx(fd, rel=1e-3, abs=1e-4 * max(1.0, abs(fd)))
+        checked += 1
+    return checked
+
+
+def check_coefficient_gradient(g: np.ndarray, x0: np.ndarray, loss: Callable[[np.ndarray], float],
+                               names: Sequence[str], eps: float = 1e-5) -> None:
+    """Assert the gradient ``g`` of ``loss`` with respect to a few coefficients (an aberration
+    model's) against central differences, coefficient by coefficient."""
+    for j in range(len(x0)):
+        e = np.zeros_like(x0)
+        e[j] = eps
+        fd = (loss(x0 + e) - loss(x0 - e)) / (2 * eps)
+        assert g[j] == pytest.approx(fd, rel=1e-4, abs=1e-6 * abs(loss(x0))), names[j]
