@@ -184,8 +184,9 @@ def _write_all(fd: int, pieces: Sequence[Any]) -> None:
             views[0] = views[0][done:]
 
 
-def sync_dir(path: Path) -> None:
-    """fsync a directory, so that a file created or renamed in it survives a power loss."""
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (so that a file created or renamed in it survives a power
+    loss), by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

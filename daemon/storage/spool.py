@@ -41,11 +41,11 @@ from cryoptycho.daemon.storage.h5format import (
 )
 from cryoptycho.daemon.storage.journal import (
     Journal,
+    fsync_path,
     iter_bodies,
     iter_records,
     journal_path,
     scan_records,
-    sync_dir,
 )
 from cryoptycho.daemon.storage.readcheck import READ_TIMEOUT_S
 from cryoptycho.protocols.compression import (
@@ -240,7 +240,7 @@ class SpoolWriter:
             journal = Journal.create(jpath, fsync)
             journal.write({"op": "base", "image": True}, [image])
             if fsync:
-                sync_dir(path.parent)
+                fsync_path(path.parent)
             f = h5py.File(path, "r+")
         except BaseException:
             if journal is not None:
@@ -267,7 +267,7 @@ class SpoolWriter:
             try:
                 journal.write(*_in_place_base(path))
                 if fsync:
-                    sync_dir(path.parent)
+                    fsync_path(path.parent)
             except BaseException:
                 journal.close()
                 jpath.unlink(missing_ok=True)
@@ -752,7 +752,7 @@ class SpoolWriter:
             return
         try:
             if self._fsync:
-                _fsync_path(self.path)
+                fsync_path(self.path)
             if status in FINAL_STATUSES:
                 journal.close()
                 discard_journal(self.path, self._fsync)
@@ -789,21 +789,13 @@ def _in_place_base(path: Path) -> tuple[dict, list]:
     return header, body
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def discard_journal(spool_file: str | Path, fsync: bool = False) -> None:
     """Delete the journal of a spool file that is closed with a final status (or deleted)."""
     path = journal_path(spool_file)
     if path.exists():
         path.unlink()
         if fsync:
-            sync_dir(path.parent)
+            fsync_path(path.parent)
 
 
 def repair_spool(path: str | Path) -> str | None:
@@ -838,9 +830,9 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
             frames = _rebuild(path, rebuilt, scan.records)
         else:
             frames = _rebuild_in_child(path, rebuilt, scan.records)
-        _fsync_path(rebuilt)
+        fsync_path(rebuilt)
         os.replace(rebuilt, path)
-        sync_dir(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         rebuilt.unlink(missing_ok=True)
         raise

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import trees as source_trees
+
 BATCH = 256
 LAYOUTS = ("raster", "one-position", "scattered")
 SIZES = (64, 96)
@@ -84,14 +86,6 @@ def child(batches: int) -> dict:
     return out
 
 
-def _shim(root: Path, where: Path) -> Path:
-    pkg = where / "cryoptycho"
-    pkg.mkdir(parents=True)
-    for sub in ("gpu", "protocols", "daemon"):
-        (pkg / sub).symlink_to(root / sub)
-    return where
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline-rev", default="HEAD~2")
@@ -104,13 +98,9 @@ def main() -> None:
         return
     repo = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "base"
-        base.mkdir()
-        archive = subprocess.run(["git", "-C", str(repo), "archive", args.baseline_rev, "gpu",
-                                  "protocols", "daemon"], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
-        trees = {f"baseline ({args.baseline_rev})": _shim(base, Path(tmp) / "shim-base"),
-                 "this tree": _shim(repo, Path(tmp) / "shim-here")}
+        base = source_trees.export(repo, args.baseline_rev, Path(tmp) / "base")
+        trees = {f"baseline ({args.baseline_rev})": source_trees.shim(base, Path(tmp) / "shim-base"),
+                 "this tree": source_trees.shim(repo, Path(tmp) / "shim-here")}
         results: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in trees}
         for _ in range(args.rounds):
             for name, shim in trees.items():

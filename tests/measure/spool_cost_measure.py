@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import trees as source_trees
+
 CASES = {  # name: (frames a message, messages an append, bslz4 sent, fsync)
     "64-frame messages, 1 per append": (64, 1, False, False),
     "64-frame messages, 8 per append": (64, 8, False, False),
@@ -64,22 +66,6 @@ def child(total: int) -> dict[str, list[float]]:
     return out
 
 
-def _shim(root: Path, where: Path) -> Path:
-    pkg = where / "cryoptycho"
-    pkg.mkdir(parents=True)
-    for sub in ("gpu", "protocols", "daemon"):
-        (pkg / sub).symlink_to(root / sub)
-    return where
-
-
-def _export(repo: Path, rev: str, where: Path) -> Path:
-    where.mkdir()
-    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "gpu", "protocols", "daemon"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
-    return where
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline-rev", default="92bbafb")
@@ -94,9 +80,9 @@ def main() -> None:
     repo = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        trees = {f"baseline ({args.baseline_rev})": _shim(_export(repo, args.baseline_rev, tmp / "base"), tmp / "sb"),
+        trees = {f"baseline ({args.baseline_rev})": source_trees.shim(source_trees.export(repo, args.baseline_rev, tmp / "base"), tmp / "sb"),
                  f"this tree ({args.tree_rev or 'working tree'})":
-                     _shim(_export(repo, args.tree_rev, tmp / "here") if args.tree_rev else repo, tmp / "sh")}
+                     source_trees.shim(source_trees.export(repo, args.tree_rev, tmp / "here") if args.tree_rev else repo, tmp / "sh")}
         results: dict[str, dict[str, list[list[float]]]] = {name: {} for name in trees}
         for _ in range(args.rounds):
             for name, shim in trees.items():

@@ -25,6 +25,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import trees as source_trees
+
 LAYOUTS = ("data", "small", "detector")
 TOTAL = 160  # frames a whole run writes
 
@@ -101,22 +103,6 @@ def check(directory: str, layout: str, seed: int, acked: int) -> None:
         print(json.dumps(f"unreadable: {type(exc).__name__}"))
 
 
-def _shim(root: Path, where: Path) -> Path:
-    pkg = where / "cryoptycho"
-    pkg.mkdir(parents=True)
-    for sub in ("gpu", "protocols", "daemon"):
-        (pkg / sub).symlink_to(root / sub)
-    return where
-
-
-def _export(repo: Path, rev: str, where: Path) -> Path:
-    where.mkdir()
-    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "gpu", "protocols", "daemon"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
-    return where
-
-
 def _writes(env: dict, layout: str, seed: int, syscall: str, tmp: Path) -> int:
     """The number of ``syscall`` calls a whole run makes."""
     d = tempfile.mkdtemp(dir=tmp)
@@ -149,9 +135,9 @@ def main() -> None:
     results: dict[str, Counter[str]] = {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        trees = {f"baseline ({args.baseline_rev})": _shim(_export(repo, args.baseline_rev, tmp / "base"), tmp / "shim-base"),
+        trees = {f"baseline ({args.baseline_rev})": source_trees.shim(source_trees.export(repo, args.baseline_rev, tmp / "base"), tmp / "shim-base"),
                  f"this tree ({args.tree_rev or 'working tree'})":
-                     _shim(_export(repo, args.tree_rev, tmp / "here") if args.tree_rev else repo, tmp / "shim-here")}
+                     source_trees.shim(source_trees.export(repo, args.tree_rev, tmp / "here") if args.tree_rev else repo, tmp / "shim-here")}
         if args.only:
             trees = dict([list(trees.items())[args.only == "tree"]])
         rng = np.random.default_rng(2026)
