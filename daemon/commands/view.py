@@ -51,4 +51,7 @@ def command(publish: str, control: str, host: str, port: int, token: str | None,
     app = create_app(Hub(publish, control, max_side=max_side, curve=curve), token=token)
     url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
     click.echo(f"cryoptycho viewer on {url}  (daemon: publish {publish}, control {control})")
-    uvicorn.run(app, host=host, port=port, log_level="warning", ws="auto")  # the sans-I/O websockets implementation where uvicorn has it
+    # timeout_graceful_shutdown: a page's WebSocket handler waits for the next preview and does not
+    # see its page go, so without a limit SIGTERM waited for ever for pages closed long ago
+    uvicorn.run(app, host=host, port=port, log_level="warning", ws="auto",  # the sans-I/O websockets implementation where uvicorn has it
+                timeout_graceful_shutdown=1)
