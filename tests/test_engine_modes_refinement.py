@@ -364,7 +364,7 @@ def test_daemon_scan_with_a_source_size_refines_positions_and_defocus(tmp_path) 
     from daemon_support import start_daemon, wait_subscribed
 
     nominal, _true, frames, probe, _ = _realistic_small()
-    daemon = start_daemon(tmp_path, "--set", "options.iterations=30")
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=30", "--set", "resolution_interval_s=0")
     try:
         sub = Subscriber(daemon.publish, latest_only=False)
         wait_subscribed(daemon, sub)
