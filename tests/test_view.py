@@ -4,6 +4,7 @@ real WebSocket against a fake daemon (real PUB and ROUTER sockets), the access t
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 
@@ -336,3 +337,48 @@ def test_a_script_reads_a_finished_scan_from_a_viewer_no_browser_opened(tmp_path
             assert any(m["scan_id"] == "early" and m["kind"] == "scan" for m in client.get("/api/state").json())
     finally:
         close()
+
+
+@pytest.mark.subprocess
+def test_the_viewer_stops_on_sigterm_while_a_page_is_open(fake_daemon):
+    """`cryoptycho view` exits by itself on SIGTERM while a page's WebSocket is open: the
+    page's handler waits for the next preview and never returns, and the viewer waited for it
+    for ever (callers killed it: viewer_server after 10 s)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    import websockets.sync.client
+    from daemon_support import wait_for
+
+    _, pub_ep, ctl_ep = fake_daemon
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "view", "--publish", pub_ep,
+                             "--control", ctl_ep, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, f"the viewer exited (rc {proc.returncode})"
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
+            except OSError:
+                return False
+
+        wait_for(up, 120, "the viewer to answer")
+        with websockets.sync.client.connect(f"ws://127.0.0.1:{port}/ws", max_size=None) as page:
+            hello = json.loads(page.recv(timeout=60))
+            assert hello["kind"] == "hello", hello
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("the viewer ignored SIGTERM for 60 s with a page open") from None
+        assert rc in (0, -signal.SIGTERM), rc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
