@@ -8,7 +8,9 @@ the parallax fit correcting the probe the modes are made from, and the console s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -132,6 +134,12 @@ DEFOCUS_ERROR = 15e-9
 
 
 def _realistic_small(counts: float = 1e5, seed: int = 0):
+    """A copy of :func:`_simulate_small` (simulated once per arguments: six tests use it)."""
+    return copy.deepcopy(_simulate_small(counts, seed))
+
+
+@functools.cache
+def _simulate_small(counts: float, seed: int):
     """8×8 raster (3 px steps) recorded at distorted positions (engine_helpers.scan_errors:
     4 % / −3 % scale, 2° rotation, 2 % shear, 0.3 px jitter) with the three strongest modes of
     a 1.5 px source through a randomized probe 15 nm out of focus; the user has the nominal
