@@ -89,3 +89,25 @@ def test_a_complete_series_whose_end_was_lost_is_reconstructed(tmp_path):
             assert scans["after-series3"]["state"] == "finished", daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
+
+
+def test_images_of_a_series_begun_before_a_restart_are_counted_not_logged_one_by_one(tmp_path):
+    """The daemon restarted mid-series: the detector's PUSH socket had queued the rest of the
+    series and delivered it to the new daemon, which never saw the start. Each image was an
+    ERROR line of its own ("image before any start message named the channel": 4,000 lines a
+    second at ARINA rates). They are now rejected as images without a start, in one line a
+    batch, and the next series is taken as usual."""
+    orphans = _series(_frames(48), "before-restart")[1:-1]  # the images of a series, no start or end
+    after = _series(_frames(16, seed=3), "after-restart", series_id=2, series_unique_id="S2")
+    with SimSender(2) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in [*orphans, *after]:
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+            assert scan["scan_id"] == "after-restart-series2" and scan["state"] == "finished", daemon.log()
+            lines = [line for line in daemon.log_lines if "start message" in line]
+            assert lines and all("arrived without a start message" in line for line in lines), lines
+            assert len(lines) < 48 // 2, lines  # one a decoding job, not one an image
+        finally:
+            assert daemon.stop() == 0, daemon.log()
