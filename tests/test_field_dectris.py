@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cryoptycho.protocols.control import ControlClient
-from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v2_messages
+from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v1_messages, v2_messages
 from daemon_support import start_daemon, wait_for
 
 pytestmark = pytest.mark.subprocess
@@ -109,5 +109,29 @@ def test_images_of_a_series_begun_before_a_restart_are_counted_not_logged_one_by
             lines = [line for line in daemon.log_lines if "start message" in line]
             assert lines and all("arrived without a start message" in line for line in lines), lines
             assert len(lines) < 48 // 2, lines  # one a decoding job, not one an image
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+
+
+def test_images_past_the_scan_do_not_take_valid_frames_or_the_scan_end_with_them(tmp_path):
+    """A Stream V1 detector with ``header_detail: none`` (a common SIMPLON setting) says nothing
+    of its number of images; the scan (user_data) has 24 positions, and the scan generator gave
+    the detector 6 triggers too many. The daemon refused the whole frames message holding
+    images 24–29, and so also images 16–23 with them (lost), then the scan's end ("30 frames
+    sent but the scan expected 24"): the scan hung in acquiring. Images past the scan are now
+    rejected one by one; the scan gets its 24 frames and is reconstructed."""
+    frames = _frames(30)
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [4, 6], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": 5e-4, "energy_eV": 300e3, "scan_id": "extra-triggers"}}
+    series = SimSeries(frames, compression="bslz4", user_data=user, header_detail="none")
+    with SimSender(1) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in v1_messages(series):
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+            assert scan["state"] == "finished", daemon.log()
+            assert scan["frames"]["received"] == 24 and scan["frames"]["gaps"] == 0, scan
+            assert "index_range" not in daemon.log() and "max_expected" not in daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()

@@ -282,6 +282,7 @@ class SeriesConverter:
             for key, text in warnings:
                 self._notice(SeriesNotice("warning", start.series_id, key, text))
             self.plan = self._plan(start)
+            self.tracker.expect(self.plan.expected)
         except Exception as exc:  # noqa: BLE001 - any header fault skips its series, never the bridge
             self._skip(start, exc)
         return out
