@@ -84,7 +84,26 @@ SLOW_STEP_S = 0.05
 SWITCH_INTERVAL_S = 0.001
 #: seconds between two readings of the spool's and results' free disk space (a gauge)
 DISK_CHECK_S = 10.0
+#: seconds a metrics client may stay silent mid-request (a scrape sends its request at once)
+METRICS_CLIENT_TIMEOUT_S = 5.0
 
+
+
+def _metrics_handler(base: type) -> type:
+    """prometheus_client's request handler with a socket timeout; a client that times out is
+    hung up on with a debug line (wsgiref would print a traceback to stderr for each)."""
+
+    class MetricsHandler(base):  # type: ignore[misc,valid-type]
+        timeout = METRICS_CLIENT_TIMEOUT_S
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except TimeoutError:
+                log.debug("metrics client %s silent for %.0f s: disconnected", self.client_address,
+                          METRICS_CLIENT_TIMEOUT_S)
+
+    return MetricsHandler
 
 
 def set_numpy_hugepages(enabled: bool) -> bool:
@@ -230,6 +249,10 @@ class Service:
                     f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: "
                     f"{exc.strerror or exc} (another daemon there? set metrics_port — 0 = any free port — "
                     "or metrics_enabled = false)") from None
+            # prometheus_client's server spends a thread per connection and never times one
+            # out: each client that connects and sends nothing (slowloris, a stuck scraper) held
+            # a thread of the daemon for good. A connection idle this long is now closed.
+            server.RequestHandlerClass = _metrics_handler(server.RequestHandlerClass)
             self._metrics_server = server
             self.metrics_port = int(server.server_port)
         self.metrics.info.info({"version": _version(), "backend": self.config.options.backend})

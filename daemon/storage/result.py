@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +73,23 @@ def write_result(
     px = d["pixel_size_m"]
     oy, ox = (float(v) for v in d["origin_m"])
     ny, nx = d["object"].shape
-    with h5py.File(path, "w") as f:
+    # written under a hidden name and renamed when whole: a tool that watches the results
+    # directory (or a crash, or a failing raw hook) never leaves a half-written result under
+    # the name of a finished one
+    part = path.with_name(f".{path.name}.part")
+    try:
+        _write(part, path.name, d, state, data, extra, raw, positions, float(energy), px, oy, ox, ny, nx)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, path)
+    return path
+
+
+def _write(part: Path, name: str, d: dict[str, Any], state: ReconState, data: PtychoData | None,
+           extra: dict[str, Any] | None, raw: RawHook | None, positions: np.ndarray | None, energy: float,
+           px: float, oy: float, ox: float, ny: int, nx: int) -> None:
+    with h5py.File(part, "w") as f:
         f.attrs.update(
             format=FORMAT, format_version=FORMAT_VERSION, probe_energy_eV=float(energy),
             iteration=d["iteration"], frames_used=d["frames_used"],
@@ -116,9 +133,10 @@ def write_result(
             _relocate_nexus_links(f["raw"])
         meta = {**(data.metadata if data is not None else {}), **({"scan_id": extra["scan_id"]}
                                                                     if extra and "scan_id" in extra else {})}
+        if "scan_id" not in meta:
+            f.attrs["name"] = name  # the file's final name, not the one it is written under
         _ptychodus_fields(f, energy=float(energy), frame_side=int(d["probe"].shape[-1]), pixel=px,
                           positions=positions, metadata=meta)
-    return path
 
 
 def _relocate_nexus_links(group: h5py.Group) -> None:

@@ -73,6 +73,13 @@ class FrameReducer:
         m = crop // bin
         static = window_valid.reshape(m, bin, m, bin).all(axis=(1, 3))
         top = saturation_threshold(in_dtype, saturation_value)
+        u32 = int(np.iinfo(np.uint32).max)
+        if in_dtype.itemsize <= 4 and top * bin * bin > u32:
+            # a 32-bit detector (EIGER2 in 32-bit mode) whose header gives no saturation_value
+            # (or one near 2³²): the sums must stay uint32, so counts above 2³²/bin² — far
+            # beyond what a counting pixel records in one frame — are taken as saturated
+            # (invalid), instead of skipping every series
+            saturation_value = top = u32 // (bin * bin)
         out_dtype = next(np.dtype(t) for t in ("uint8", "uint16", "uint32", "uint64")
                          if np.iinfo(t).max >= top * bin * bin and np.dtype(t).itemsize >= in_dtype.itemsize)
         if out_dtype.itemsize > 4:

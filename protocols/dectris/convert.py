@@ -262,7 +262,16 @@ class SeriesConverter:
 
     def _start(self, start: SeriesStart) -> list[IngestMessage]:
         out = self._finish(self._closing) if self._closing is not None else []
-        if self.plan is not None and self.plan.scan_start is not None:
+        old = self.plan
+        if old is not None and old.scan_start is not None and not old.waiting \
+                and old.sent + len(old.batch) >= old.expected:
+            # every image of the series arrived, only its end was lost (a detector restarted
+            # after its last image): reconstructed, as the daemon does with a scan that holds
+            # every expected frame when its acquisition times out
+            log.warning("DECTRIS series %s never ended but all its %d images arrived: scan %s is "
+                        "reconstructed", old.start.series_id, old.expected, old.scan_id)
+            out += self._finish(old)
+        elif old is not None and old.scan_start is not None:
             out.append(Abort(self.plan.scan_id, f"detector series {self.plan.start.series_id} "
                              f"was replaced by series {start.series_id} before its end"))
         self.tracker.begin(start)
@@ -273,6 +282,7 @@ class SeriesConverter:
             for key, text in warnings:
                 self._notice(SeriesNotice("warning", start.series_id, key, text))
             self.plan = self._plan(start)
+            self.tracker.expect(self.plan.expected)
         except Exception as exc:  # noqa: BLE001 - any header fault skips its series, never the bridge
             self._skip(start, exc)
         return out

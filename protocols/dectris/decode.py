@@ -121,8 +121,8 @@ def is_v2_image(raw: bytes) -> bool:
     return raw.startswith(V2_MAGIC) and _IMAGE_KEY in raw[:16]
 
 
-def split_v2_image(raw: bytes, channel: str) -> ImageParts:
-    """Decode a V2 image message but leave its ``channel`` compressed: the ids the source
+def split_v2_image(raw: bytes, channel: str | None) -> ImageParts:
+    """Decode a V2 image message but leave its ``channel`` (None: its first) compressed: the ids the source
     uses (no timestamps or user data: their rationals cost a quarter of an image's parse)
     and the channel's payload. Any other message, or an image that breaks the format, is a
     :class:`DecodeError` naming what is wrong. The payload's framing is checked when it is
@@ -144,6 +144,8 @@ def split_v2_image(raw: bytes, channel: str) -> ImageParts:
     body = parsed.get("data")
     if type(body) is not dict:
         _req(parsed, "data", dict)
+    if channel is None:  # no start named the channel (e.g. the daemon restarted mid-series)
+        channel = next(iter(body), "")
     try:
         tag = body[channel]
     except KeyError:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -295,6 +295,14 @@ class SeriesTracker:
         self.start, self._seen = start, set()
         n = start.number_of_images
         self._seen_map = np.zeros(n, bool) if n is not None and 0 <= n <= _MAX_SEEN_MAP else None
+
+    def expect(self, n: int) -> None:
+        """The open series has ``n`` images: its start did not say (no ``number_of_images``),
+        its scan does. Ids past it are then rejected as ids past ``number_of_images`` are,
+        instead of reaching a scan that has no position for them."""
+        if self.start is not None and self.start.number_of_images is None and n >= 0:
+            self.start = replace(self.start, number_of_images=n)
+            self._seen_map = np.zeros(n, bool) if n <= _MAX_SEEN_MAP else None
 
     def accept_batch(self, series_ids: np.ndarray, unique_ids: Sequence[str | None],
                      image_ids: np.ndarray) -> np.ndarray:

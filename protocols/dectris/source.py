@@ -128,8 +128,8 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
     for item in items:
         try:
             if isinstance(item, bytes):
-                if channel is None:
-                    raise DecodeError("image before any start message named the channel")
+                # without a channel (no start received yet) the image's first: its ids are
+                # what counts, the series tracker rejects it as an image without a start
                 series_id, unique_id, image_id, payload = split_v2_image(item, channel)
             else:
                 name = channel or next(iter(item.data), None)
@@ -681,9 +681,9 @@ class DectrisSource(Source):
                             return
                         continue
                     self.decoder.count(batch.decoded)
-                    for exc in batch.errors:
+                    for exc in batch.errors:  # (rate-limited: a broken detector fails every image)
                         job_errors[0] += 1
-                        log.error("DECTRIS stream %s: %s", self.url, exc)
+                        log_error(exc)
                     deliver(conv.feed_batch(batch))
                     if one:
                         return

@@ -1,0 +1,137 @@
+"""`cryoptycho serve --source dectris2://…` against a detector that behaves like a real one
+rather than like our simulator: a 32-bit image mode without a saturation value, a series whose
+end never came. Each test runs the real daemon as a subprocess and a detector socket here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from cryoptycho.protocols.control import ControlClient
+from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v1_messages, v2_messages
+from daemon_support import start_daemon, wait_for
+
+pytestmark = pytest.mark.subprocess
+
+SIDE = 64
+
+
+def _frames(n: int, dtype: Any = np.uint16, seed: int = 0) -> np.ndarray:
+    yy, xx = np.mgrid[:SIDE, :SIDE] - SIDE // 2
+    lam = np.where(yy**2 + xx**2 <= (SIDE / 5) ** 2, 3.0, 0.05)
+    return np.random.default_rng(seed).poisson(lam, (n, SIDE, SIDE)).astype(dtype)
+
+
+def _series(frames: np.ndarray, scan_id: str, **kw: Any) -> list[bytes]:
+    """A series whose user_data (SIMPLON header_appendix) describes the scan, as README says."""
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, len(frames)], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": 5e-4, "scan_id": scan_id}}
+    return list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user, **kw)))
+
+
+def _serve(tmp_path: Any, sender: SimSender) -> Any:
+    return start_daemon(tmp_path, "--source", sender.url, "--set", "dectris.crop=64", "--set", "dectris.bin=2",
+                        "--set", "options.iterations=2", "--set", "refine_time_budget_s=5",
+                        "--set", "resolution_interval_s=0")
+
+
+def _ended(daemon: Any, n: int) -> list[dict]:
+    """The daemon's scans once ``n`` have ended; fails at once on a skipped series."""
+    def ended(ctl: ControlClient) -> list[dict] | None:
+        assert "series skipped" not in daemon.log(), daemon.log()
+        scans = ctl.list_scans()
+        return scans if len(scans) >= n and all(s["state"] in ("finished", "failed", "aborted")
+                                                 for s in scans) else None
+
+    with ControlClient(daemon.control, timeout_s=30) as ctl:
+        return wait_for(lambda: ended(ctl), 120, f"{n} scans to end", daemon)
+
+
+def test_a_32_bit_detector_without_a_saturation_value_is_binned_not_skipped(tmp_path):
+    """An EIGER2 in 32-bit mode sends ``image_dtype: uint32`` and, when no count-rate cutoff is
+    set, no ``saturation_value`` (DECTRIS' own start-message model has it optional). With
+    ``bin`` 2 the daemon skipped every such series ("bin 2 of uint32 counts can overflow
+    uint32"): all frames lost. Counts past 2³²/bin² now count as saturated instead."""
+    frames = _frames(16, np.uint32)
+    frames[3, 40, 40] = 2**32 - 1  # DECTRIS flags a defective pixel with the dtype's maximum
+    with SimSender(2) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in _series(frames, "eiger32"):
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+            assert scan["state"] == "finished", daemon.log()
+            assert scan["frames"]["received"] == 16
+            assert "can overflow" not in daemon.log()
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_complete_series_whose_end_was_lost_is_reconstructed(tmp_path):
+    """The detector restarted after the last image of a series, so its ``end`` never came, and
+    the next series began. The daemon aborted the first scan although it held every frame
+    (its own acquisition timeout reconstructs such a scan); now both are reconstructed. A
+    series cut short by a restart is still aborted."""
+    first = _series(_frames(16), "lost-end")[:-1]  # start and all 16 images, no end
+    cut = _series(_frames(16, seed=1), "cut", series_id=2, series_unique_id="S2")[:9]  # 8 of 16 images
+    last = _series(_frames(16, seed=2), "after", series_id=3, series_unique_id="S3")
+    with SimSender(2) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in [*first, *cut, *last]:
+                sender.send_raw(m)
+            scans = {s["scan_id"]: s for s in _ended(daemon, 3)}
+            assert scans["lost-end-series1"]["state"] == "finished", daemon.log()
+            assert scans["lost-end-series1"]["frames"]["received"] == 16
+            assert (tmp_path / "results" / "lost-end-series1.h5").is_file()
+            assert scans["cut-series2"]["state"] == "aborted", scans
+            assert scans["after-series3"]["state"] == "finished", daemon.log()
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+
+
+def test_images_of_a_series_begun_before_a_restart_are_counted_not_logged_one_by_one(tmp_path):
+    """The daemon restarted mid-series: the detector's PUSH socket had queued the rest of the
+    series and delivered it to the new daemon, which never saw the start. Each image was an
+    ERROR line of its own ("image before any start message named the channel": 4,000 lines a
+    second at ARINA rates). They are now rejected as images without a start, in one line a
+    batch, and the next series is taken as usual."""
+    orphans = _series(_frames(48), "before-restart")[1:-1]  # the images of a series, no start or end
+    after = _series(_frames(16, seed=3), "after-restart", series_id=2, series_unique_id="S2")
+    with SimSender(2) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in [*orphans, *after]:
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+            assert scan["scan_id"] == "after-restart-series2" and scan["state"] == "finished", daemon.log()
+            lines = [line for line in daemon.log_lines if "start message" in line]
+            assert lines and all("arrived without a start message" in line for line in lines), lines
+            assert len(lines) < 48 // 2, lines  # one a decoding job, not one an image
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+
+
+def test_images_past_the_scan_do_not_take_valid_frames_or_the_scan_end_with_them(tmp_path):
+    """A Stream V1 detector with ``header_detail: none`` (a common SIMPLON setting) says nothing
+    of its number of images; the scan (user_data) has 24 positions, and the scan generator gave
+    the detector 6 triggers too many. The daemon refused the whole frames message holding
+    images 24–29, and so also images 16–23 with them (lost), then the scan's end ("30 frames
+    sent but the scan expected 24"): the scan hung in acquiring. Images past the scan are now
+    rejected one by one; the scan gets its 24 frames and is reconstructed."""
+    frames = _frames(30)
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [4, 6], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": 5e-4, "energy_eV": 300e3, "scan_id": "extra-triggers"}}
+    series = SimSeries(frames, compression="bslz4", user_data=user, header_detail="none")
+    with SimSender(1) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in v1_messages(series):
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+            assert scan["state"] == "finished", daemon.log()
+            assert scan["frames"]["received"] == 24 and scan["frames"]["gaps"] == 0, scan
+            assert "index_range" not in daemon.log() and "max_expected" not in daemon.log()
+        finally:
+            assert daemon.stop() == 0, daemon.log()
