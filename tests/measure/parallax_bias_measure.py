@@ -37,9 +37,9 @@ CONFIGS = {
 
 
 def fit_once(sample: str, errors: ExperimentErrors, dose: float, seed: int, noise: bool,
-             prior: float | None, names: tuple[str, ...], scan: bool = False,
+             prior: float | None, names: tuple[str, ...], scan: bool = False, jitter_seed: int | None = None,
              ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    errors = dataclasses.replace(errors, seed=seed)
+    errors = dataclasses.replace(errors, seed=seed if jitter_seed is None else jitter_seed)
     d = simulate_ptychography(sample, dose=dose, frame_size=64, pixel_size=0.8e-10, seed=seed, probe_seed=0,
                               errors=errors, noise=noise)
     pm = d.probe_model
@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--noiseless", action="store_true", help="also the noiseless fit (dose 100)")
     parser.add_argument("--names", default="C10,C12a,C12b")
     parser.add_argument("--scan", action="store_true", help="fit the scan matrix jointly (parallax_scan)")
+    parser.add_argument("--jitter-seed", type=int, default=None,
+                        help="one jitter realisation for every noise seed (default: the noise seed's)")
     args = parser.parse_args()
     prior = args.prior or None
     names = tuple(args.names.split(","))
@@ -74,7 +76,8 @@ def main() -> None:
                  for s in args.seeds.split(",") if args.doses]
         by_dose: dict[str, list[np.ndarray]] = {}
         for label, dose, seed, noise in runs:
-            x, se, sig, dt = fit_once(args.sample, errors, dose, seed, noise, prior, names, args.scan)
+            x, se, sig, dt = fit_once(args.sample, errors, dose, seed, noise, prior, names, args.scan,
+                                     args.jitter_seed)
             by_dose.setdefault(label, []).append(x)
             print(f"{cname:9s} {label:>9s} seed {seed}: {np.round(x, 1).tolist()} nm (truth {np.round(truth, 1).tolist()}), "
                   f"± {np.round(se, 1).tolist()}, χ² {sig:.1f}, {dt:.0f} s", flush=True)
