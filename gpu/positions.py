@@ -371,11 +371,6 @@ class LiveScanModel:
     def positions(self) -> np.ndarray:
         return self._scan().positions
 
-    @property
-    def affine_positions(self) -> np.ndarray:
-        """The affine part of the positions (no residuals)."""
-        return self._scan().affine_part()
-
     def add(self, nominal_px: np.ndarray) -> np.ndarray:
         """Append frames at their nominal positions; returns where the model puts them."""
         nominal_px = np.asarray(nominal_px, dtype=np.float64).reshape(-1, 2)

@@ -198,6 +198,8 @@ class StreamingReconstructor:
         #: nominal ones once positions were refined (refine_positions)
         self._received = np.zeros((0, 2))
         self._positions_moved = False
+        #: a full-batch refinement set the positions: the next one starts from them
+        self._batch_refined_positions = False
         #: the scan model of the live position refinement, made at its first measurement
         self._live_positions: LiveScanModel | None = None
         #: position measurements not read back yet: (frames, positions px, gradient, Fisher)
@@ -920,19 +922,25 @@ class StreamingReconstructor:
         if opts.refine_positions:
             self.frame_store.positions[:n] = positions
             self._positions_moved = True
+            self._batch_refined_positions = True
             if self._live_positions is not None:
                 self._live_positions.forget(positions / self._pixel_size)
         return obj, probe, losses
 
     def _refine_start_positions(self) -> np.ndarray:
-        """Where the full-batch refinement starts its scan model: the stored positions, or with
-        a live scan model its affine part (the full-batch model then estimates the residuals
-        afresh from the refined object; kept, the live ones would pass for nominal)."""
+        """Where the full-batch refinement starts its scan model: the stored positions, or,
+        after live position steps and before any full-batch refinement, the received ones. The
+        live model's affine part is biased (measured against an object still being built, a
+        raster's y scale comes out too small: MEASUREMENTS.md, "Live position correction"),
+        and from there the full-batch updates stay near it — the object made at the live
+        positions fits them — where from the received positions they find the scan error
+        (small modes scan: 0.45 px against 0.27 px)."""
         n = self.n_frames
         live = self._live_positions
-        if live is None or not self.options.refine_positions or len(live.nominal) != n:
+        if (live is None or not self.options.refine_positions or len(live.nominal) != n
+                or self._batch_refined_positions):
             return self.frame_store.positions[:n].copy()
-        return live.affine_positions * self._pixel_size
+        return self._received[:n].copy()
 
     def snapshot(self) -> ReconState:
         """Host copies of object, probe and bookkeeping, safe to hand to another thread."""

@@ -242,6 +242,19 @@ def test_streaming_engine_refines_positions_and_defocus_with_modes() -> None:
     assert corr > 0.95 and err < 0.02, (corr, err)
 
 
+def test_scan_end_refinement_after_live_position_steps_starts_from_the_received_positions() -> None:
+    """With live position steps (``stream.refine_positions``) the scan-end refinement starts its
+    scan model from the received positions, not from the live model's affine part: that part is
+    biased (here a y scale of 0.97 for a true 1.04, measured against an object still being
+    built), and from it the refinement ended at 0.45 px where from the received positions it
+    finds the scan error as without the live steps (0.27 px)."""
+    state, nominal, true, _ = _streamed("numpy", 40, stream={"refine_positions": True, "position_every": 2,
+                                                              "position_min_visits": 2})
+    np.testing.assert_allclose(state.nominal_positions, nominal, rtol=0, atol=1e-16)
+    assert _position_error_px(state, true) < 0.35, _position_error_px(state, true)
+    assert state.probe_estimate["aberration_C10_m"] == pytest.approx(DEFOCUS_ERROR, abs=2e-9)
+
+
 def test_streaming_refinement_with_modes_reads_nothing_back_implicitly() -> None:
     """The same on the strict backend (CuPy's semantics: an implicit device → host transfer
     raises), short: positions and the defocus move."""
