@@ -41,19 +41,21 @@ SOURCE_GRID_M: tuple[float, ...] = (0.0, 0.5e-10, 1.0e-10, 1.5e-10)
 @dataclass
 class SourceEstimate:
     """What :func:`estimate_source_size` found. ``scores[σ]`` is the held-out data term at
-    trial σ in each direction (fit on half A scored on B, and B on A); ``best_m`` the σ of the
-    lowest sum; ``confident`` whether both directions put ``best_m`` > 0 below σ = 0 by more
-    than ``margin`` (so one direction's noise cannot claim a source)."""
+    trial σ in each direction (fit on half A scored on B, and B on A); ``best_m`` the trial of
+    the lowest sum; ``estimate_m`` the vertex of the parabola through it and its neighbours
+    (``best_m`` at the ends of the grid); ``confident`` whether both directions put ``best_m``
+    > 0 below σ = 0 by more than ``margin`` (so one direction's noise cannot claim a source)."""
 
     best_m: float
+    estimate_m: float
     confident: bool
     scores: dict[float, tuple[float, float]] = field(default_factory=dict)
     margin: float = 0.0
 
     @property
     def source_size_m(self) -> float:
-        """The source size to reconstruct with: ``best_m`` when confident, else 0."""
-        return self.best_m if self.confident else 0.0
+        """The source size to reconstruct with: ``estimate_m`` when confident, else 0."""
+        return self.estimate_m if self.confident else 0.0
 
     def gains(self) -> tuple[float, float]:
         """Held-out data term at σ = 0 minus at ``best_m``, per direction (> 0: the source helps)."""
@@ -63,7 +65,7 @@ class SourceEstimate:
     def record(self) -> dict[str, float]:
         """For the result file's probe estimate (``/extra``)."""
         ga, gb = self.gains()
-        return {"source_size_estimate_m": float(self.best_m), "source_size_applied_m": self.source_size_m,
+        return {"source_size_estimate_m": float(self.estimate_m), "source_size_applied_m": self.source_size_m,
                 "source_size_gain_a": float(ga), "source_size_gain_b": float(gb)}
 
 
@@ -110,7 +112,23 @@ def estimate_source_size(
         log.info("source size %.2f Å: held-out data term %.6g / %.6g", sigma * 1e10, both[0], both[1])
     best = min(trials, key=lambda s: sum(scores[s]))
     confident = best > 0 and all(z - b > margin for z, b in zip(scores[0.0], scores[best]))
-    return SourceEstimate(best_m=best, confident=confident, scores=scores, margin=margin)
+    return SourceEstimate(best_m=best, estimate_m=parabola_vertex(trials, [sum(scores[s]) for s in trials]),
+                          confident=confident, scores=scores, margin=margin)
 
 
-__all__ = ["SOURCE_GRID_M", "SourceEstimate", "estimate_source_size"]
+def parabola_vertex(x: Sequence[float], y: Sequence[float]) -> float:
+    """The minimiser of the parabola through the lowest of the points (x, y) (x ascending) and
+    its two neighbours, kept between those neighbours; the lowest point's x at an end of the
+    grid or where the three points do not curve upwards."""
+    j = int(np.argmin(y))
+    if j == 0 or j == len(x) - 1:
+        return float(x[j])
+    xs, ys = np.asarray(x[j - 1:j + 2], dtype=np.float64), np.asarray(y[j - 1:j + 2], dtype=np.float64)
+    scale = xs[2] - xs[0]
+    a, b, _ = np.polyfit((xs - xs[1]) / scale, ys, 2)
+    if not a > 0:
+        return float(x[j])
+    return float(np.clip(xs[1] - scale * b / (2 * a), xs[0], xs[2]))
+
+
+__all__ = ["SOURCE_GRID_M", "SourceEstimate", "estimate_source_size", "parabola_vertex"]

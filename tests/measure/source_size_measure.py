@@ -72,7 +72,8 @@ def main() -> None:
                                        problem.probe_power, iterations=args.estimate_iterations,
                                        seed=args.seed)
             zero = est.scores[0.0]
-            row = {"run": name, "best_A": est.best_m * 1e10, "confident": est.confident,
+            row = {"run": name, "best_A": est.best_m * 1e10, "estimate_A": round(est.estimate_m * 1e10, 3),
+                   "confident": est.confident,
                    "delta_vs_0": {f"{s * 1e10:g}": [round(v[0] - zero[0], 2), round(v[1] - zero[1], 2)]
                                   for s, v in est.scores.items()},
                    "wall_s": round(time.perf_counter() - t, 1)}
