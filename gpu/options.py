@@ -209,7 +209,7 @@ class ReconOptions(_Strict):
     finite source is indistinguishable from a blurred object, and on realistic hemoglobin the
     held-out scores did not separate a 1 Å source from a point source (MEASUREMENTS.md, "The
     source size: stated or estimated")."""
-    source_estimate_iterations: int = Field(15, ge=1)
+    source_estimate_iterations: int = Field(10, ge=1)
     """CG iterations of each short reconstruction of the source size estimate."""
 
     @field_validator("source_size_m")

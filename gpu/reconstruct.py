@@ -678,8 +678,10 @@ def _estimate_source(problem: Problem, opts: ReconOptions) -> tuple[Problem, Rec
     number). The estimate's record goes to the result's probe estimate."""
     from .coherence import estimate_source_size
 
+    # a half holds half the dose: μ₀ "auto" is decided for it (as the scan search does)
     est = estimate_source_size(
-        problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts,
+        problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask,
+        opts.model_copy(update={"mu0": problem.options.mu0}),
         problem.geometry.pixel_size, problem.probe_power, iterations=opts.source_estimate_iterations,
         seed=opts.seed)
     size = est.source_size_m
