@@ -8,9 +8,11 @@ a coherent probe on the object blurred by g (the linear terms of |F[ψ(r − s)�
 over s are those of T ⊛ g), so the data tell a finite source from a blurred object only
 through the terms quadratic in the scattering (the dark field, the object's own power at
 scattering vector q, is not attenuated by a source while a blurred object scatters less).
-That information is weak for weak-phase specimens at low dose; the estimate therefore scores
-each trial source size by the likelihood of *held-out* counts (binomial halves) after a short
-reconstruction on the other half, and claims a source only when both halves agree.
+Rather than a closed form for those terms, the estimate scores each trial source size by the
+likelihood of *held-out* counts (binomial halves) after a short reconstruction on the other
+half, which uses every term the forward model has, and claims a source only when both halves
+agree. Held-out, not fitted, counts: a blurring source and a sharper object fit the fitted half
+alike (the first-order ambiguity), the other half's noise is independent of the fit.
 
 NumPy/CuPy through the engine's own reconstruction; no files, no sockets.
 """

@@ -203,12 +203,14 @@ class ReconOptions(_Strict):
     source_estimate: bool = False
     """With ``source_size_m`` "auto" and a scan that states no source size, estimate it from
     the frames before the reconstruction (offline only; gpu/coherence.py,
-    ``estimate_source_size``: short reconstructions on one binomial half at a few trial sizes,
-    scored by the other half's data term, both ways round) and use it only when both halves put
-    the same size > 0 below a point source. Off by default: to first order in the scattering a
-    finite source is indistinguishable from a blurred object, and on realistic hemoglobin the
-    held-out scores did not separate a 1 Å source from a point source (MEASUREMENTS.md, "The
-    source size: stated or estimated")."""
+    ``estimate_source_size``: short reconstructions on one binomial half at the trial sizes
+    0, 0.5, 1 and 1.5 Å, scored by the other half's data term, both ways round, the parabola
+    through the best) and use it only when both halves put a size > 0 below a point source.
+    On realistic hemoglobin it found a 1 Å source as 1.10 / 1.11 Å at 100 e⁻/Å² (seeds 0, 1;
+    phase correlation as with the stated size, 0.307 vs 0.312 and 0.384 vs 0.388) and a point
+    source as 0 (MEASUREMENTS.md, "The source size: stated or estimated"). Off by default for
+    its cost: 8 short reconstructions, 3–10× the wall time of the reconstruction itself, on
+    every scan that states no size; the live engine does not run it."""
     source_estimate_iterations: int = Field(10, ge=1)
     """CG iterations of each short reconstruction of the source size estimate."""
 

@@ -14,7 +14,8 @@ parallax fit "auto"):
   held-out data term at each trial size, the size it picks and whether it is confident;
 * ``oracle``: the true modes at the true positions;
 * ``nominal``: the nominal probe, source size 0 (no modes: the defaults before this change);
-* ``stated``: the dataset states the true source size in its probe model (defaults);
+* ``stated``: the dataset states the true source size (or ``--stated``) in its probe model
+  (defaults);
 * ``default``: the dataset states none (the defaults);
 * ``estimated``: the dataset states none, ``source_estimate`` on (the estimate decides; its
   record printed).
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("dose", type=float)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--source-size", type=float, default=1.0, help="true rms at the sample, Å")
+    ap.add_argument("--stated", type=float, default=None,
+                    help="the size the probe model states for the stated run, Å (default: the true size)")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--estimate-iterations", type=int, default=10)
     ap.add_argument("--runs", default="estimate,oracle,nominal,stated,default")
@@ -60,7 +63,8 @@ def main() -> None:
           f"{len(data.positions)} positions, simulated in {time.perf_counter() - t:.0f} s", flush=True)
     pm = data.probe_model
     unstated = dataclasses.replace(data, probe_model=dataclasses.replace(pm, source_size=None))
-    stated = dataclasses.replace(data, probe_model=dataclasses.replace(pm, source_size=source))
+    said = source if args.stated is None else args.stated * 1e-10
+    stated = dataclasses.replace(data, probe_model=dataclasses.replace(pm, source_size=said))
     oracle = dataclasses.replace(data, probe=data.truth_probe, probe_model=None, positions=data.truth_positions)
     runs = {"oracle": (oracle, {}), "nominal": (unstated, {"source_size_m": 0.0}),
             "stated": (stated, {}), "default": (unstated, {}),
