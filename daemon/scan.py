@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from cryoptycho.gpu.data import PtychoData
+from cryoptycho.gpu.data import PtychoData, stated_source_size
 from cryoptycho.gpu.engines import EngineSpec
 from cryoptycho.gpu.geometry import real_space_pixel_size
 from cryoptycho.gpu.probes import make_probe, scale_probe
@@ -34,6 +34,11 @@ from cryoptycho.protocols.messages import ProbeModelSpec, ScanStart
 
 #: metadata key marking a probe built from a model: its power is set from the first frames
 MODEL_PROBE = "_probe_from_model"
+
+#: metadata key of the source size a scan states (rms at the sample, m): from its probe model;
+#: the spool and the result keep it with the metadata, the engine's ``source_size_m`` "auto"
+#: uses it (``PtychoData.stated_source_size``, ``EngineSpec.source_size_m``)
+SOURCE_SIZE = "source_size_m"
 
 #: ScanSpec fields the spool keeps as HDF5 datasets under ``/scan`` (name in the file → field);
 #: every other field travels in the JSON header (:func:`spool_header`)
@@ -137,6 +142,8 @@ def spec_from_scan_start(msg: ScanStart) -> ScanSpec:
         except ValueError as exc:  # e.g. a semi-angle beyond what the pixel size samples
             raise ProtocolError("probe_model", "probe_model", str(exc), msg.scan_id) from None
         metadata[MODEL_PROBE] = True
+        if pm.source_size_m is not None:  # the engine's "auto" source size (gpu/data.py)
+            metadata[SOURCE_SIZE] = float(pm.source_size_m)
     positions = msg.scan_positions()
     extent = declared_extent(msg)
     return ScanSpec(
@@ -186,7 +193,9 @@ def engine_spec(spec: ScanSpec, first: np.ndarray | None = None) -> EngineSpec:
         expected_frames=spec.expected_frames,
         energy_eV=spec.energy_eV,
         probe_from_model=bool(spec.metadata.get(MODEL_PROBE)),
+        source_size_m=stated_source_size(None, spec.metadata),
     )
+
 
 
 def data_from_spec(
@@ -279,7 +288,8 @@ def start_from_data(
         probe=None if data.probe is None else np.asarray(data.probe, np.complex64),
         probe_model=None
         if pm is None or data.probe is not None
-        else ProbeModelSpec(pm.kind, pm.semiangle, pm.defocus, pm.cs, pm.zones, pm.diameter, pm.seed),
+        else ProbeModelSpec(pm.kind, pm.semiangle, pm.defocus, pm.cs, pm.zones, pm.diameter, pm.seed,
+                            pm.source_size),
         positions_m=None if stream_positions else np.asarray(data.positions, dtype=np.float64),
         mask=None if data.mask is None else np.asarray(data.mask, np.uint8),
         options=dict(options or {}),

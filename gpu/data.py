@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .geometry import real_space_pixel_size
+
+log = logging.getLogger(__name__)
 
 #: largest |y| or |x| of a probe position: beyond 1 cm is a unit error (the wire protocol's
 #: limit ``max_abs_position_m`` says the same for live scans)
@@ -25,6 +30,29 @@ class ProbeModel:
     zones: int = 8
     diameter: float | None = None  #: randomized probe speckle extent, m
     seed: int = 0
+    #: rms (per axis) of the source's image at the sample, m, as the instrument states it
+    #: (partial spatial coherence); None = not stated, 0 = a point source
+    source_size: float | None = None
+
+
+def stated_source_size(probe_model: ProbeModel | None, metadata: Mapping[str, Any]) -> float | None:
+    """The source size (rms at the sample, m) a scan states: its probe model's ``source_size``,
+    else its metadata's ``source_size_m`` (where the daemon keeps a size stated on the wire);
+    None when neither states one. Metadata is free-form: a value there that is not a length
+    ≥ 0 is ignored with a warning, not an error that would stop the scan."""
+    if probe_model is not None and probe_model.source_size is not None:
+        return float(probe_model.source_size)
+    value = metadata.get("source_size_m")
+    if value is None:
+        return None
+    try:
+        size = float(value)
+    except (TypeError, ValueError):
+        size = math.nan
+    if not (math.isfinite(size) and size >= 0):
+        log.warning("metadata source_size_m=%r is not a length ≥ 0 in metres: no source size stated", value)
+        return None
+    return size
 
 
 @dataclass
@@ -57,6 +85,13 @@ class PtychoData:
     @property
     def frame_shape(self) -> tuple[int, int]:
         return (int(self.frames.shape[1]), int(self.frames.shape[2]))
+
+    @property
+    def stated_source_size(self) -> float | None:
+        """The source size (rms at the sample, m) the scan states: its probe model's
+        ``source_size``, else the ``source_size_m`` of its metadata (where the daemon keeps a
+        size stated on the wire); None when it states none."""
+        return stated_source_size(self.probe_model, self.metadata)
 
     @property
     def real_pixel_size(self) -> float:
@@ -107,6 +142,9 @@ class PtychoData:
                                        or self.probe.shape[0] == 0):
             raise ValueError(f"probe shape {self.probe.shape} does not match frame shape {m} "
                              "(give (M, M), or (modes, M, M) for a mixed-state probe)")
+        source = None if self.probe_model is None else self.probe_model.source_size
+        if source is not None and not (math.isfinite(source) and source >= 0):
+            raise ValueError(f"probe model source size must be a length ≥ 0 in metres, got {source!r}")
         if self.truth_positions is not None and np.shape(self.truth_positions) != pos.shape:
             raise ValueError(
                 f"truth positions must have shape {pos.shape} like positions, got "

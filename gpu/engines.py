@@ -62,6 +62,9 @@ class EngineSpec:
     #: the probe comes from nominal lens settings (a probe model), not a measurement: the
     #: options' ``parallax`` "auto" corrects it from the data (gpu/parallax.py)
     probe_from_model: bool = False
+    #: the source size the scan states (rms at the sample, m; its probe model's
+    #: ``source_size_m``), which the options' ``source_size_m`` "auto" uses; None: none stated
+    source_size_m: float | None = None
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ def offline_via_live(algorithm: Algorithm, data: PtychoData, options: ReconOptio
         frame_shape=data.frame_shape, frame_dtype=frames.dtype, pixel_size_m=data.real_pixel_size,
         probe=probe, mask=None if data.mask is None else np.asarray(data.mask, bool),
         expected_frames=int(frames.shape[0]), energy_eV=data.energy,
-        probe_from_model=data.probe is None,
+        probe_from_model=data.probe is None, source_size_m=data.stated_source_size,
     )
     engine = algorithm.live(spec, options)
     engine.add_frames(frames, np.asarray(data.positions))
@@ -249,7 +252,7 @@ def _map_cg_live(spec: EngineSpec, options: ReconOptions) -> LiveEngine:
         frame_shape=spec.frame_shape, frame_dtype=spec.frame_dtype, pixel_size=spec.pixel_size_m,
         probe=spec.probe, options=options, mask=spec.mask, extent_m=spec.extent_m,
         expected_frames=spec.expected_frames, energy_eV=spec.energy_eV,
-        probe_from_model=spec.probe_from_model,
+        probe_from_model=spec.probe_from_model, source_size_m=spec.source_size_m,
     )
 
 

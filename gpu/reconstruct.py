@@ -223,13 +223,25 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
             {**fit.record(True, frames, confidence), **scan_record}, used)
 
 
-def with_source(probe: Any, opts: ReconOptions, pixel_size: float) -> Any:
-    """``probe`` blurred by the finite source ``opts.source_size_m`` into incoherent modes
-    (``probes.source_modes`` of its main mode; the probe itself when there is no source)."""
-    if not opts.source_size_m:
+def source_size_in_force(opts: ReconOptions, stated: float | None) -> float:
+    """The source size (m) a reconstruction uses: ``opts.source_size_m`` when it is a number;
+    for "auto", the size the scan states (``stated``; 0 when it states none)."""
+    if opts.source_size_m == "auto":
+        return 0.0 if stated is None else float(stated)
+    return float(opts.source_size_m)
+
+
+def with_source(probe: Any, opts: ReconOptions, pixel_size: float, stated: float | None = None) -> Any:
+    """``probe`` blurred by the finite source :func:`source_size_in_force` into incoherent modes
+    (``probes.source_modes`` of its main mode; the probe itself when there is no source). Under
+    "auto" a probe given as modes keeps them: a stated size is for a coherent probe."""
+    if opts.source_size_m == "auto" and probe.ndim == 3:
+        return probe
+    size = source_size_in_force(opts, stated)
+    if not size:
         return probe
     main = probe if probe.ndim == 2 else probe[0]
-    return source_modes(main, pixel_size, opts.source_size_m, opts.probe_modes if opts.probe_modes > 1 else 3)
+    return source_modes(main, pixel_size, size, opts.probe_modes if opts.probe_modes > 1 else 3)
 
 
 def illuminated_pixels(probe: Any, batch: Batch, threshold: float = 0.01) -> int:
@@ -296,7 +308,15 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
         margin = position_margin_px(span)
     geometry = fit_geometry(positions, data.real_pixel_size, m, margin_px=margin)
     batch = make_batch(geometry.to_pixels(positions), geometry.object_shape, m, xp=xp)
-    probe = with_source(probe, opts, data.real_pixel_size)
+    stated = data.stated_source_size
+    if opts.source_size_m == "auto" and (stated is not None or not opts.source_estimate or probe.ndim == 3):
+        # decided now and saved as the number used (with source_estimate and nothing stated,
+        # full_batch_reconstruct decides after the estimate)
+        opts = opts.model_copy(update={"source_size_m": 0.0 if probe.ndim == 3 else source_size_in_force(opts, stated)})
+        if opts.source_size_m:
+            log.info("source size: %.3g Å rms, as the scan states: %d incoherent probe modes",
+                     opts.source_size_m * 1e10, opts.probe_modes if opts.probe_modes > 1 else 3)
+    probe = with_source(probe, opts, data.real_pixel_size, stated)
     if opts.probe_modes > 1 or probe.ndim == 3:
         probe = initial_modes(probe, opts.probe_modes)
         if probe.ndim == 3 and probe.shape[0] == 1:
@@ -652,6 +672,34 @@ def _search_scan(problem: Problem, opts: ReconOptions) -> tuple[Problem, Any]:
     return dataclasses.replace(problem, batch=batch, positions=geo.to_metres(pos)), found
 
 
+def _estimate_source(problem: Problem, opts: ReconOptions) -> tuple[Problem, ReconOptions]:
+    """``problem`` with the probe's modes of the source size estimated from the data
+    (gpu/coherence.py; applied only when confident), and the options with that size (a
+    number). The estimate's record goes to the result's probe estimate."""
+    from .coherence import estimate_source_size
+
+    # a half holds half the dose: μ₀ "auto" is decided for it (as the scan search does)
+    est = estimate_source_size(
+        problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask,
+        opts.model_copy(update={"mu0": problem.options.mu0}),
+        problem.geometry.pixel_size, problem.probe_power, iterations=opts.source_estimate_iterations,
+        seed=opts.seed)
+    size = est.source_size_m
+    log.info("source size estimate: %.2f Å (held-out gain %s): %s", est.best_m * 1e10,
+             [round(g, 1) for g in est.gains()],
+             f"{size * 1e10:.2f} Å applied" if size else "not confident, coherent probe")
+    opts = opts.model_copy(update={"source_size_m": size})
+    estimate = {**problem.probe_estimate, **est.record()}
+    if not size:
+        return dataclasses.replace(problem, options=opts, probe_estimate=estimate), opts
+    probe = with_source(problem.probe, opts, problem.geometry.pixel_size)
+    if opts.probe_modes > 1:
+        probe = initial_modes(probe, opts.probe_modes)
+    probe = normalise_probe(probe, problem.probe_power).astype(problem.probe.dtype)
+    kappa = problem_kappa(problem.counts_fft, problem.mask, probe, problem.batch)
+    return dataclasses.replace(problem, options=opts, probe=probe, kappa=kappa, probe_estimate=estimate), opts
+
+
 def _probe_loss(fun: FullBatchObjective, obj: Any) -> Callable[[Any], tuple[float, Any]]:
     """ψ ↦ (L, ∂L/∂ψ̄) of ``fun`` with the object held at ``obj``."""
 
@@ -780,6 +828,8 @@ def full_batch_reconstruct(
     if opts.mu0 == "auto":
         opts = opts.with_mu0_decision(
             counts_per_object_pixel(problem.counts_fft, problem.mask, problem.probe, problem.batch))
+    if opts.source_size_m == "auto":  # source_estimate on, and the scan states no size
+        problem, opts = _estimate_source(problem, opts)
     if opts.aberration_search:
         problem = _search_aberrations(problem, opts)
     nominal = problem.nominal_positions
@@ -825,5 +875,6 @@ __all__ = [
     "reconstruct",
     "refine_alternating",
     "refine_full_batch",
+    "source_size_in_force",
     "with_source",
 ]

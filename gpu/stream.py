@@ -51,6 +51,7 @@ from .reconstruct import (
     Problem,
     refine_alternating,
     refine_full_batch,
+    source_size_in_force,
     with_source,
 )
 from .state import ReconState
@@ -113,9 +114,12 @@ class StreamingReconstructor:
         expected_frames: int | None = None,
         energy_eV: float | None = None,
         probe_from_model: bool = False,
+        source_size_m: float | None = None,
     ) -> None:
         """``probe_from_model``: the probe was built from nominal lens settings (a probe
-        model), not measured, so ``options.parallax`` "auto" corrects it from the data."""
+        model), not measured, so ``options.parallax`` "auto" corrects it from the data.
+        ``source_size_m``: the source size the scan states (rms at the sample, m; None: none),
+        which ``options.source_size_m`` "auto" uses (the live engine does not estimate one)."""
         shape = tuple(int(s) for s in frame_shape)
         if len(shape) != 2 or shape[0] != shape[1] or shape[0] < 2:
             raise ValueError(f"frame_shape must be square (M, M) with M ≥ 2, got {frame_shape!r}")
@@ -133,6 +137,16 @@ class StreamingReconstructor:
                 raise ValueError(
                     f"extent_m must be ((ymin, ymax), (xmin, xmax)) in metres, got {extent_m!r}"
                 )
+        if source_size_m is not None and not (np.isfinite(source_size_m) and source_size_m >= 0):
+            raise ValueError(f"source_size_m must be a length ≥ 0 in metres, got {source_size_m!r}")
+        self._stated_source = source_size_m
+        if options.source_size_m == "auto":  # decided once, saved as the number used
+            coherent = len(tuple(np.shape(probe))) == 2
+            options = options.model_copy(update={
+                "source_size_m": source_size_in_force(options, source_size_m) if coherent else 0.0})
+            if options.source_estimate and source_size_m is None:
+                log.warning("source_estimate: offline only, not run by the live engine (the scan "
+                            "states no source size: a coherent probe)")
         self.options = options
         # the scan-wide searches run on every frame before an offline reconstruction; the live
         # engine has no such point, so a scan that asks for them is told they are skipped
@@ -598,7 +612,7 @@ class StreamingReconstructor:
         """``probe`` as the engine uses it: blurred by ``source_size_m`` into incoherent modes
         and/or given ``probe_modes`` modes (extra ones start from the probe's derivatives);
         itself when neither asks for modes."""
-        probe = with_source(probe, self.options, self._pixel_size)
+        probe = with_source(probe, self.options, self._pixel_size, self._stated_source)
         if self.options.probe_modes > 1 or probe.ndim == 3:
             probe = initial_modes(probe, self.options.probe_modes)
             if probe.ndim == 3 and probe.shape[0] == 1:

@@ -138,7 +138,9 @@ def _scan_start_to_wire(
     if msg.detector_pixel_angle_rad is not None:
         head["detector_pixel_angle_rad"] = float(msg.detector_pixel_angle_rad)
     if msg.probe_model is not None:
-        head["probe_model"] = asdict(msg.probe_model)
+        # an unstated source size is left out: daemons before it refuse the key
+        head["probe_model"] = {k: v for k, v in asdict(msg.probe_model).items()
+                               if not (k == "source_size_m" and v is None)}
     arrays: dict[str, np.ndarray] = {}
     if msg.probe is not None:
         arrays["probe"] = np.asarray(msg.probe, dtype=np.complex64)

@@ -26,6 +26,9 @@ class ProbeModelSpec:
     zones: int = 8
     diameter_m: float | None = None
     seed: int = 0
+    #: rms (per axis) of the source's image at the sample, m, as the instrument states it
+    #: (partial spatial coherence); None = not stated
+    source_size_m: float | None = None
 
 
 @dataclass

@@ -42,6 +42,7 @@ class ProbeModelHeader(_Strict):
     zones: Annotated[int, Field(ge=1, le=1024)] = 8
     diameter_m: Positive | None = None
     seed: NonNegInt = 0
+    source_size_m: Annotated[float, Field(ge=0)] | None = None
 
 
 class PositionsScanHeader(_Strict):

@@ -65,6 +65,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
                    "/truth/probe (modes, M, M)).")
 @click.option("--probe-modes", type=click.IntRange(min=1, max=16), default=3, show_default=True,
               help="Incoherent modes recorded for --source-size (the strongest of the mixed state).")
+@click.option("--stated-source-size", metavar="Å|none",
+              help="Source size the dataset's probe model states (/probe_model source_size_m), as "
+                   "an operator would know it from the instrument: default the true --source-size "
+                   "(none without it); a number states another value, 'none' states nothing. "
+                   "Reconstructions use a stated size by default (source_size_m \"auto\").")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -76,7 +81,7 @@ def command(
     defocus_error: float | None, astigmatism: float | None, astigmatism_angle: float | None,
     scan_scale: tuple[float, float] | None, scan_rotation: float | None, scan_shear: float | None,
     jitter: float | None, drift: tuple[float, float] | None, source_size: float | None,
-    probe_modes: int, seed: int, backend: str, output: Path,
+    probe_modes: int, stated_source_size: str | None, seed: int, backend: str, output: Path,
 ) -> None:
     """Simulate a low-dose ptychography scan of an atomic model in vitreous ice."""
     from cryoptycho.daemon.storage.dataset import write_dataset
@@ -88,6 +93,7 @@ def command(
         scan_shear=scan_shear, jitter=jitter, drift=drift, source_size=source_size,
         probe_modes=probe_modes,
     )
+    stated = _stated_source(stated_source_size, source_size)
     console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]simulating[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -109,6 +115,8 @@ def command(
             )
         except (ValueError, FileNotFoundError) as exc:
             raise click.UsageError(str(exc)) from exc
+    if stated is not None and data.probe_model is not None:
+        data = dataclasses.replace(data, probe_model=dataclasses.replace(data.probe_model, source_size=stated))
     write_dataset(output, data)
     m = data.metadata
     k, frame, _ = data.frames.shape
@@ -125,6 +133,23 @@ def command(
             f"positions off by {shift.mean() * 1e10:.2f} Å on average (max {shift.max() * 1e10:.2f} Å)"
             + (f"; {data.truth_probe.shape[0]} incoherent probe modes" if data.truth_probe.ndim == 3 else "")
         )
+
+
+def _stated_source(stated: str | None, true_a: float | None) -> float | None:
+    """The probe model's source size (m) for ``--stated-source-size`` (Å, or "none"): the
+    true ``--source-size`` when not given."""
+    if stated is None:
+        return None if true_a is None else true_a * 1e-10
+    if stated.strip().lower() == "none":
+        return None
+    try:
+        value = float(stated)
+    except ValueError:
+        raise click.BadParameter(f"{stated!r} is neither a size in Å nor 'none'",
+                                 param_hint="--stated-source-size") from None
+    if not (np.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"{stated!r} must be a size ≥ 0 Å", param_hint="--stated-source-size")
+    return value * 1e-10
 
 
 def experiment_errors(

@@ -63,6 +63,8 @@ def write_dataset(path: str | Path, data: PtychoData) -> Path:
                 g.attrs["defocus_m"] = pm.defocus
             if pm.diameter is not None:
                 g.attrs["diameter_m"] = pm.diameter
+            if pm.source_size is not None:
+                g.attrs["source_size_m"] = pm.source_size
         if data.truth_object is not None:
             d = f.create_dataset("truth/object", data=np.asarray(data.truth_object, np.complex64))
             if data.truth_origin is not None:
@@ -76,7 +78,8 @@ def write_dataset(path: str | Path, data: PtychoData) -> Path:
 
 
 #: the attributes of a dataset's ``/probe_model`` group (FORMATS.md)
-PROBE_MODEL_ATTRS = ("kind", "semiangle_rad", "defocus_m", "cs_m", "zones", "diameter_m", "seed")
+PROBE_MODEL_ATTRS = ("kind", "semiangle_rad", "defocus_m", "cs_m", "zones", "diameter_m", "seed",
+                     "source_size_m")
 
 
 def read_dataset(path: str | Path) -> PtychoData:
@@ -102,7 +105,12 @@ def read_dataset(path: str | Path) -> PtychoData:
                 zones=int(_attr_number(a, "zones")) if "zones" in a else 8,
                 diameter=_attr_number(a, "diameter_m") if "diameter_m" in a else None,
                 seed=int(_attr_number(a, "seed")) if "seed" in a else 0,
+                source_size=_attr_number(a, "source_size_m") if "source_size_m" in a else None,
             )
+            size = probe_model.source_size
+            if size is not None and not (np.isfinite(size) and size >= 0):
+                raise ValueError(f"/probe_model attribute 'source_size_m' must be a length ≥ 0 in metres, "
+                                 f"got {size!r}")
         truth_origin = None
         if "truth/object" in f and "origin_m" in f["truth/object"].attrs:
             truth_origin = tuple(float(v) for v in f["truth/object"].attrs["origin_m"])
