@@ -335,9 +335,9 @@ class ScanManager:
             self.metrics.frames_dropped.labels(reason="duplicate").inc(dup)
         if not keep.any():
             return 0
-        binned = raw = None
+        binned = raw = reducer = None
         if detector is not None:
-            binned, raw = detector.binned, detector.raw
+            binned, raw, reducer = detector.binned, detector.raw, detector.reducer
         if not keep.all():
             frames, indices, positions = frames[keep], indices[keep], positions[keep]
             binned, raw = (None if c is None else c.select(keep) for c in (binned, raw))
@@ -352,7 +352,7 @@ class ScanManager:
             return n
 
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
-            spool.append(frames, indices, positions, binned=binned, raw=raw)
+            spool.append(frames, indices, positions, binned=binned, raw=raw, reducer=reducer)
             for path, chunks in spool.take_chunk_paths().items():
                 self.metrics.spool_chunks.labels(path=path).inc(chunks)
             with session.lock:
