@@ -499,26 +499,54 @@ class SpoolWriter:
 
     def _write_derived(self) -> int:
         """Write the ``data`` rows still derived (the scan ended): decoded and binned from the
-        detector frames as every reader derives them, compressed as chunks. Not journaled:
+        detector frames as every reader derives them, compressed as chunks. Whole chunks are
+        derived and compressed on the spool's compression threads (the codecs and NumPy
+        release the GIL), a few hundred rows a task, and written here in row order; rows of a
+        part-full chunk at a range's ends go through :meth:`_write_blocks`. Not journaled:
         they are a function of what the journal holds, and a rebuild derives them again.
         Returns the rows written."""
         if not self._pending:
             return 0
-        c = self._data.chunks[0]
+        ds = self._data
+        c = ds.chunks[0]
         step = max(c, _DERIVE_ROWS // c * c)
+        pool = _compress_pool()
         done = 0
         paths = self.chunk_paths.copy()  # (these chunks are no received frames' path)
         for a, b in self._pending:
-            lo = a
-            while lo < b:
-                hi = min(b, (lo // step + 1) * step)  # blocks on whole chunks: each written once
-                self._write_blocks(lo, [derive_rows(self._f, self._reducer, lo, hi)])
-                done += hi - lo
-                lo = hi
+            first, last = min(b, -(-a // c) * c), max(a, b // c * c)
+            if first >= last:  # no whole chunk
+                self._write_blocks(a, [derive_rows(self._f, self._reducer, a, b)])
+                done += b - a
+                continue
+            if a < first:
+                self._write_blocks(a, [derive_rows(self._f, self._reducer, a, first)])
+            starts = list(range(first, last, step))
+            tasks: list = []
+            for i, lo in enumerate(starts):
+                tasks.append(pool.submit(self._derived_chunks, lo, min(last, lo + step)))
+                if i + 1 < len(starts) and len(tasks) - 1 < _POOL_THREADS:
+                    continue  # a few tasks in flight: memory stays bounded
+                row, blobs = tasks.pop(0).result()
+                for j, blob in enumerate(blobs):
+                    self._put("data", ds, row + j * c, blob)
+            for task in tasks:
+                row, blobs = task.result()
+                for j, blob in enumerate(blobs):
+                    self._put("data", ds, row + j * c, blob)
+            if last < b:
+                self._write_blocks(last, [derive_rows(self._f, self._reducer, last, b)])
+            done += b - a
         self._begin()  # (the chunks collected for a journal record)
         self.chunk_paths = paths
         self._set_pending([])
         return done
+
+    def _derived_chunks(self, lo: int, hi: int) -> tuple[int, list[bytes]]:
+        """(``lo``, the ``data`` chunks of rows [lo, hi), whole chunks), on a compression thread."""
+        c = self._data.chunks[0]
+        counts = derive_rows(self._f, self._reducer, lo, hi, fast=True)
+        return lo, [compression_bslz4(counts[i:i + c]) for i in range(0, hi - lo, c)]
 
     def _replay(self, header: dict, body: memoryview) -> None:
         """Apply one journal record to this file (a rebuild: :func:`repair_spool`)."""
@@ -1115,14 +1143,44 @@ def load_derivation(f: h5py.Group) -> tuple[FrameReducer | None, list[tuple[int,
     return reducer, [(int(a), int(b)) for a, b in pending]
 
 
-def derive_rows(f: h5py.Group, reducer: FrameReducer | None, start: int, stop: int) -> np.ndarray:
-    """The binned frames of rows [start, stop): their detector frames, decoded and binned."""
+def derive_rows(f: h5py.Group, reducer: FrameReducer | None, start: int, stop: int,
+                fast: bool = False) -> np.ndarray:
+    """The binned frames of rows [start, stop): their detector frames, decoded and binned.
+    ``fast``: rows in whole chunks of ``detector_frames`` are decoded outside HDF5 (the chunks
+    read as they are, decoded by :func:`bslz4_decompress`, which releases the GIL: h5py holds
+    its lock while HDF5's filter decodes); the same frames (tests/test_spool_journal.py)."""
     if reducer is None:
         raise ValueError(f"{DATA}/data rows {start}..{stop} are derived, but the spool has no {DERIVED}")
-    raw = read_detector_frames(f, start, stop)
+    raw = _detector_chunks(f, start, stop) if fast else None
+    if raw is None:
+        raw = read_detector_frames(f, start, stop)
     if raw is None or len(raw) != stop - start:
         raise ValueError(f"{DATA}/data rows {start}..{stop} are derived from detector frames the spool lacks")
     return reducer.reduce_batch(raw)[0]
+
+
+def _detector_chunks(f: h5py.Group, start: int, stop: int) -> np.ndarray | None:
+    """Detector frames of rows [start, stop) decoded from their chunks' bytes, or None where
+    that does not apply (rows in the tail or never written, a chunk HDF5 stored unfiltered):
+    the caller reads them through HDF5 then."""
+    g = f[DATA]
+    det = g[DETECTOR_FRAMES]
+    r = det.chunks[0]
+    count = int(g.attrs["count"])
+    whole = count // r * r if DETECTOR_TAIL in g else count
+    if stop > min(whole, det.shape[0]) or start >= stop:
+        return None
+    shape, dtype = det.shape[1:], det.dtype
+    lo = start // r * r
+    out = np.empty((-(-(stop - lo) // r) * r, *shape), dtype)
+    for row in range(lo, stop, r):
+        if det.id.get_chunk_info_by_coord((row, 0, 0)).byte_offset is None:
+            return None  # never written: rows without detector frames read zeros through HDF5
+        mask, blob = det.id.read_direct_chunk((row, 0, 0))
+        if mask:
+            return None
+        out[row - lo:row - lo + r] = bslz4_decompress(blob, dtype, (r, *shape))
+    return out[start - lo:stop - lo]
 
 
 def fill_derived(f: h5py.Group, frames: np.ndarray, start: int) -> None:
