@@ -106,8 +106,8 @@ DETECTOR_CHUNK_PATHS = ("detector_as_received", "detector_recompressed", "detect
 #: ``entry_1/data_1``: the reducer's geometry as attributes, ``window_valid``): while a scan is
 #: open its binned ``data`` is not written, only its detector frames (which it is a pure
 #: function of); the rows whose ``data`` is still to be derived are the group's attribute
-#: ``pending_rows`` ((k, 2) [start, stop) ranges). They are written once, when the scan ends
-#: (:meth:`SpoolWriter.set_status`), and every reader derives them until then
+#: ``pending_rows`` ((k, 2) [start, stop) ranges). They are written once, when the spool of a
+#: scan that ended is closed (:meth:`SpoolWriter.close`), and every reader derives them until then
 #: (:func:`fill_derived`): byte for byte the frames the scan received.
 DERIVED = "data_from_detector"
 #: rows derived (decoded and binned) at a time: bounds a reader's memory
@@ -849,8 +849,6 @@ class SpoolWriter:
         return frames, self._index[start:stop], self._pos[start:stop]
 
     def set_status(self, status: str) -> None:
-        if status != "open":  # the scan ended: its binned frames are written once, now
-            self._write_derived()
         self._begin()
         if status != "open":  # the scan ended: detector_frames alone holds every frame from now
             self._close_detector_chunk()
@@ -881,11 +879,12 @@ class SpoolWriter:
 
     def close(self) -> None:
         """Close the file: closed, it is consistent, which the journal records ("closed": a
-        rebuild is not needed); once the scan's status is final, the journal is deleted."""
+        rebuild is not needed); once the scan's status is final, the journal is deleted. A
+        scan that ended (any status but open) has its derived binned frames written first."""
         if not self._f.id.valid:
             return
         status = str(self._f.attrs.get("status", "open"))
-        if status != "open" and self._pending:  # frames came after the scan ended
+        if status != "open" and self._pending:  # the scan ended: its binned frames are written once
             self._write_derived()
             self._f.flush()
         self._f.close()
