@@ -57,6 +57,10 @@ HISTORY = 256
 FINAL_PREVIEWS = 8
 #: frame bytes waiting for the spool thread above which the manager stops reading ingest
 SPOOL_BACKLOG_BYTES = 64 << 20
+#: seconds a finished scan's worker waits for its spool to be closed (the spool thread writes a
+#: detector scan's binned frames then: ≈ 1 s per 16,000 96×96 frames on 2 cores), after every
+#: append before it, before the result copies it
+SPOOL_CLOSE_WAIT_S = 600.0
 
 
 class _Pending(NamedTuple):
@@ -106,6 +110,8 @@ class ScanManager:
         # loop (and ping) for as long; one FIFO thread keeps appends, status changes, closes and
         # the hand-overs to workers that must follow them in order.
         self._disk = ThreadPoolExecutor(1, thread_name_prefix="spool")
+        #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
+        self._spool_closed: dict[str, threading.Event] = {}
         self._disk.submit(lambda: None).result()  # its thread starts now, not in the first scan's step
         self._disk_backlog = 0
         self._disk_lock = threading.Lock()
@@ -335,9 +341,9 @@ class ScanManager:
             self.metrics.frames_dropped.labels(reason="duplicate").inc(dup)
         if not keep.any():
             return 0
-        binned = raw = None
+        binned = raw = reducer = None
         if detector is not None:
-            binned, raw = detector.binned, detector.raw
+            binned, raw, reducer = detector.binned, detector.raw, detector.reducer
         if not keep.all():
             frames, indices, positions = frames[keep], indices[keep], positions[keep]
             binned, raw = (None if c is None else c.select(keep) for c in (binned, raw))
@@ -352,7 +358,7 @@ class ScanManager:
             return n
 
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
-            spool.append(frames, indices, positions, binned=binned, raw=raw)
+            spool.append(frames, indices, positions, binned=binned, raw=raw, reducer=reducer)
             for path, chunks in spool.take_chunk_paths().items():
                 self.metrics.spool_chunks.labels(path=path).inc(chunks)
             with session.lock:
@@ -470,8 +476,11 @@ class ScanManager:
             session.ledger.expected = frame_count
         spool = self.spools.get(session.scan_id)
         worker = self.running.get(session.scan_id)
+        closed = None
         if worker is not None:
             self.spools.pop(session.scan_id, None)
+            if spool is not None:
+                closed = self._spool_closed[session.scan_id] = threading.Event()
 
         def task() -> None:  # after the scan's last frames are on disk and with its worker
             if spool is not None:
@@ -482,9 +491,14 @@ class ScanManager:
             # the event precedes whatever the worker publishes once it has the end
             self.outbox.post("scan.ended", {"scan_id": session.scan_id, "reason": reason, "frames": frames})
             if worker is not None:
-                if spool is not None:
-                    spool.close()
+                # the worker refines while the spool closes, which writes a detector scan's
+                # binned frames (derived until now: spool.py DERIVED); finish_result waits for it
                 worker.put(EndOfScan(reason))
+                if spool is not None and closed is not None:
+                    try:
+                        spool.close()
+                    finally:
+                        closed.set()
 
         self._on_disk(session.scan_id, task)
 
@@ -606,6 +620,9 @@ class ScanManager:
         # absolute: subscribers do not share the daemon's working directory
         stem = self.config.results_dir.absolute() / file_stem(session.scan_id)
         spool_file = spool_path(self.config.spool_dir, session.scan_id)
+        closed = self._spool_closed.pop(session.scan_id, None)
+        if closed is not None and not closed.wait(SPOOL_CLOSE_WAIT_S):
+            raise RuntimeError(f"the spool was not closed after {SPOOL_CLOSE_WAIT_S:g} s")
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,
                                  **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
         if session.figures.get("resolution_m") is not None:
@@ -637,6 +654,7 @@ class ScanManager:
         return files
 
     def worker_exited(self, session: Session) -> None:
+        self._spool_closed.pop(session.scan_id, None)  # (a worker that did not finish its scan)
         self._exited.put(session)
         self.outbox.wake()
 

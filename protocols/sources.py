@@ -51,11 +51,15 @@ class RawChunks:
 @dataclass(frozen=True)
 class DetectorFrames:
     """A frames message plus what the spool can write as it is: ``binned`` (one chunk per
-    frame of ``frames.data``, same format) and ``raw`` (the unbinned detector frames)."""
+    frame of ``frames.data``, same format) and ``raw`` (the unbinned detector frames).
+    ``reducer``: what made ``frames.data`` of ``raw`` (a detector family's reducer, e.g.
+    :class:`cryoptycho.protocols.dectris.binning.FrameReducer`): the spool then keeps only
+    ``raw`` while the scan is open and derives the binned frames from it."""
 
     frames: Frames
     binned: RawChunks | None = None
     raw: RawChunks | None = None
+    reducer: Any = None
 
 
 SourceMessage = ScanStart | Frames | ScanEnd | Abort | DetectorFrames

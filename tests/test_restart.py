@@ -74,13 +74,13 @@ def test_a_spool_from_a_newer_cryoptycho_is_refused_by_name_and_kept(tmp_path, s
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir()
     _spool(spool_dir, scan, "today", len(scan.frames))
-    newer = _spool(spool_dir, scan, "from-the-future", 20, version=2)
+    newer = _spool(spool_dir, scan, "from-the-future", 20, version=3)
     before = newer.read_bytes()
 
     out = subprocess.run([sys.executable, "-m", "cryoptycho.daemon.cli", "reconstruct", str(newer),
                           "-o", str(tmp_path / "x.h5"), "-n", "1"], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    assert "format_version 2 was written by a newer cryoptycho" in out.stderr, out.stderr
+    assert "format_version 3 was written by a newer cryoptycho" in out.stderr, out.stderr
 
     daemon = start_daemon(tmp_path, *FAST)
     try:
@@ -88,7 +88,7 @@ def test_a_spool_from_a_newer_cryoptycho_is_refused_by_name_and_kept(tmp_path, s
             wait_for(lambda: {s["scan_id"]: s["state"] for s in ctl.list_scans()}.get("today") == "finished", 90,
                      "the spool of this version to be recovered and finished", daemon)
             assert "from-the-future" not in {s["scan_id"] for s in ctl.list_scans()}
-        wait_for(lambda: "format_version 2 was written by a newer cryoptycho" in daemon.log(), 30,
+        wait_for(lambda: "format_version 3 was written by a newer cryoptycho" in daemon.log(), 30,
                  "the newer spool to be named in the log", daemon)
         assert daemon.stop() == 0
         # the stop says so too: the operator learns the file still waits for a newer daemon

@@ -12,7 +12,17 @@ import numpy as np
 import pytest
 from cryoptycho.daemon.scan import ScanSpec
 from cryoptycho.daemon.storage.journal import MAGIC, iter_records, journal_path, scan_records
-from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, repair_spool, unfinished_spools
+from cryoptycho.daemon.storage.spool import (
+    DATA,
+    DERIVED,
+    SpoolWriter,
+    read_spool,
+    repair_spool,
+    unfinished_spools,
+)
+from cryoptycho.protocols.compression import bslz4_compress
+from cryoptycho.protocols.dectris.binning import FrameReducer
+from cryoptycho.protocols.sources import RawChunks
 
 SIDE = 24  # uint16: 64 frames a chunk
 
@@ -182,3 +192,104 @@ def test_a_killed_daemons_spool_reads_whole_before_any_daemon_repaired_it(tmp_pa
     np.testing.assert_array_equal(rec.frame_indices, np.arange(100))
     assert w.path.read_bytes() == empty and jpath.read_bytes() == acked + b"\x07" * 23
     assert len(read_spool(w.path, frames=False).indices) == 100
+
+
+# ----------------------------------------------------------- binned frames derived (DERIVED)
+
+DET = 64  # detector frames 64×64 uint16: one 8 KiB bitshuffle block each, 64 a chunk
+
+
+def _detector_scan(n: int) -> tuple[FrameReducer, np.ndarray, np.ndarray]:
+    """A reducer with all it can hold (a crop off the detector's centre, a bad-pixel mask, a
+    saturation value), detector frames with saturated pixels, and their binned frames."""
+    bad = np.zeros((DET, DET), bool)
+    bad[5, 7] = bad[40, 41] = True
+    reducer = FrameReducer.build((DET, DET), np.uint16, beam_center_px=(30.0, 34.5), crop=48, bin=2,
+                                 bad_pixels=bad, saturation_value=900)
+    rng = np.random.default_rng(9)
+    det = rng.poisson(3, (n, DET, DET)).astype(np.uint16)
+    det[::7, 30, 30] = 1000  # saturated, in the window
+    det[3, 5, 7] = 60000  # masked
+    return reducer, det, reducer.reduce_batch(det)[0]
+
+
+def _derived_spec(scan_id: str, reducer: FrameReducer) -> ScanSpec:
+    m = reducer.frame_side
+    return ScanSpec(scan_id=scan_id, frame_shape=(m, m), frame_dtype=reducer.out_dtype.name, pixel_size_m=1e-10,
+                    energy_eV=300e3, probe=np.ones((m, m), np.complex64), expected_frames=None)
+
+
+def _append_detector(w: SpoolWriter, reducer: FrameReducer, det: np.ndarray, binned: np.ndarray,
+                     a: int, b: int, raw: bool = True) -> None:
+    chunks = RawChunks((DET, DET), np.dtype(np.uint16), [bslz4_compress(f) for f in det[a:b]]) if raw else None
+    w.append(binned[a:b], np.arange(a, b), np.full((b - a, 2), a * 1e-10), raw=chunks,
+             reducer=reducer if raw else None)
+
+
+def test_a_detector_scans_binned_frames_are_derived_while_it_is_open_and_written_when_it_ends(
+        tmp_path: Path) -> None:
+    """While the scan is open its binned frames are not written (only the detector's), every
+    reader derives them from the detector frames — the writer, `read_spool` through the journal,
+    a spool rebuilt after a kill — and when it ends they are written once: h5py alone (any
+    reader of earlier releases) then reads them, byte for byte what the scan received and what
+    the derivation gave. Rows without detector frames are written as they come."""
+    reducer, det, binned = _detector_scan(150)
+    assert reducer.out_dtype == np.uint16 and not reducer.all_valid
+    w = SpoolWriter.create(tmp_path, _derived_spec("derived", reducer))
+    for a, b, raw in ((0, 1, True), (1, 70, True), (70, 75, False), (75, 130, True)):
+        _append_detector(w, reducer, det, binned, a, b, raw)
+    with h5py.File(w.path, "r") as f:  # another reader, mid-scan (the writer has flushed)
+        g = f[DATA]
+        assert f.attrs["format_version"] == 2
+        assert g[DERIVED].attrs["pending_rows"].tolist() == [[0, 70], [75, 130]]
+        assert not g["data"][:70].any()  # not written: only the detector frames are
+        np.testing.assert_array_equal(g["data"][70:75], binned[70:75])
+    frames = w.read()[0]
+    np.testing.assert_array_equal(frames, binned[:130])
+    open_read = read_spool(w.path).frames  # through the journal: the scan is open
+    assert open_read.dtype == binned.dtype and open_read.tobytes() == binned[:130].tobytes()
+    # a kill here: the HDF5 file as it was created, the journal whole
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copyfile(w.path, killed / w.path.name)
+    shutil.copyfile(journal_path(w.path), journal_path(killed / w.path.name))
+    with h5py.File(killed / w.path.name, "r+") as f:
+        f[DATA].attrs["count"] = 0  # (lost its appends)
+    assert "130 frames" in (repair_spool(killed / w.path.name) or "")
+    rebuilt = read_spool(killed / w.path.name)
+    assert rebuilt.frames.tobytes() == binned[:130].tobytes()
+    _append_detector(w, reducer, det, binned, 130, 150)
+    w.set_status("ended")
+    w.close()
+    with h5py.File(w.path, "r") as f:
+        g = f[DATA]
+        assert "pending_rows" not in g[DERIVED].attrs  # written: nothing left to derive
+        written = g["data"][:]
+    assert written.tobytes() == binned.tobytes() == read_spool(w.path).frames.tobytes()
+    # the killed daemon's spool recovered by the next daemon: re-opened, ended, closed
+    w = SpoolWriter.reopen(killed / w.path.name)
+    np.testing.assert_array_equal(w.read()[0], binned[:130])
+    w.set_status("aborted")
+    w.close()
+    assert not journal_path(w.path).exists()
+    with h5py.File(w.path, "r") as f:
+        assert f[DATA]["data"][:].tobytes() == binned[:130].tobytes()
+
+
+def test_a_spool_with_derived_rows_is_refused_by_a_reader_that_cannot_derive_them(tmp_path: Path) -> None:
+    """format_version 2: an earlier release would read zeros for the rows it does not know are
+    derived, so it refuses the file by name; spools without derived rows stay version 1."""
+    from cryoptycho.daemon.storage.h5format import check_version
+
+    reducer, det, binned = _detector_scan(8)
+    w = SpoolWriter.create(tmp_path, _derived_spec("v2", reducer))
+    plain = SpoolWriter.create(tmp_path, _spec("v1"))
+    _append_detector(w, reducer, det, binned, 0, 8)
+    plain.append(np.zeros((2, SIDE, SIDE), np.uint16), np.arange(2), np.zeros((2, 2)))
+    for writer in (w, plain):
+        writer.set_status("aborted")
+        writer.close()
+    with h5py.File(w.path, "r") as f, pytest.raises(ValueError, match="format_version 2 was written by a newer"):
+        check_version(w.path, f, "spool", 1)
+    with h5py.File(plain.path, "r") as f:
+        assert f.attrs["format_version"] == 1

@@ -104,3 +104,70 @@ def test_a_daemon_killed_while_spooling_keeps_every_acknowledged_frame(tmp_path:
     assert set(range(acked)) <= set(indices.tolist()), (acked, sorted(indices.tolist()))
     for row, index in enumerate(indices):  # every frame kept is the frame sent, acknowledged or not
         np.testing.assert_array_equal(frames[row], scan.frames[index], err_msg=f"row {row} (index {index})")
+
+
+def test_a_daemon_killed_while_spooling_a_detector_scan_keeps_every_acknowledged_frame(tmp_path: Path) -> None:
+    """The console script with a DECTRIS detector (``--source``, 2×2 binning): killed mid-scan,
+    when its spool holds the detector's frames but none of its binned frames yet (they are
+    derived from the detector frames until the scan ends). After a restart every acknowledged
+    frame is in the recovered scan's result, the detector frame as the detector sent it and
+    the binned frame as the scan received it."""
+    from cryoptycho.daemon.commands.dectris_sim import synthetic_series
+    from cryoptycho.daemon.storage.spool import load_derivation
+    from daemon_support import start_dectris_sim
+
+    # the detector sends what queued up while the daemon started at once, then 100 frames/s: it
+    # is killed long before the last frame
+    count, size = 4096, 64
+    sent = synthetic_series(count, size, 200.0, 0).frames["threshold_1"]  # what dectris-sim sends (defaults)
+    sim, url = start_dectris_sim("--frames", str(count), "--size", str(size), "--rate", "100")
+    daemon = start_daemon(tmp_path, *FAST, "--source", url, "--set", "dectris.bin=2")
+    acked, scan_id = 0, None
+    try:
+        with ControlClient(daemon.control, timeout_s=5) as ctl:
+            def held() -> int:
+                nonlocal scan_id
+                scan_id = scan_id or next((s["scan_id"] for s in ctl.list_scans()), None)
+                return 0 if scan_id is None else int(ctl.receipt(scan_id)["frames"]["received"])
+
+            acked = wait_for(lambda: (n := held()) >= 64 and n, 120, "64 detector frames received", daemon)
+            daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(60)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+        sim.kill()
+        sim.wait(10)
+    assert acked < count, "the scan ended before the kill: send more frames, or slower"
+    # what `reconstruct`/`replay` of the killed daemon's spool read (from its journal)
+    from cryoptycho.daemon.storage.open import open_recorded
+
+    early = open_recorded(next((tmp_path / "spool").glob("*.spool.h5")))
+    assert early.status == "open" and len(early.frame_indices) >= acked
+
+    daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=1")
+    try:
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == scan_id
+                                          and s["state"] in ("finished", "failed")), None),
+                            120, "the recovered scan to finish", daemon)
+        assert info["state"] == "finished" and info["recovered"] is True, (info, daemon.log())
+        with h5py.File(info["result_path"]) as f:
+            import hdf5plugin  # noqa: F401  (registers the bitshuffle filter)
+
+            raw = f["raw"]
+            binned = raw["entry_1/data_1/data"][()]
+            detector = raw["entry_1/data_1/detector_frames"][()]
+            indices = raw["entry_1/data_1/frame_index"][()]
+            reducer, pending = load_derivation(raw)
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    assert reducer is not None and reducer.bin == 2 and pending == []  # written in the result
+    assert set(range(acked)) <= set(indices.tolist()), (acked, sorted(indices.tolist()))
+    expected = reducer.reduce_batch(sent[indices])[0]
+    np.testing.assert_array_equal(detector, sent[indices])
+    assert binned.dtype == expected.dtype and binned.tobytes() == expected.tobytes()
+    early_expected = reducer.reduce_batch(sent[early.frame_indices])[0]
+    assert early.data.frames.dtype == binned.dtype and early.data.frames.tobytes() == early_expected.tobytes()

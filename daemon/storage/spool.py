@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -58,6 +59,7 @@ from cryoptycho.protocols.compression import (
     default_block_elements,
 )
 from cryoptycho.protocols.compression import bslz4_compress as compression_bslz4
+from cryoptycho.protocols.dectris.binning import FrameReducer
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 from cryoptycho.protocols.sources import RawChunks
 
@@ -66,7 +68,10 @@ log = logging.getLogger("cryoptycho.spool")
 FORMAT = "cryoptycho-spool"
 #: statuses a scan's spool ends with: its journal is deleted once the file is closed
 FINAL_STATUSES = ("finished", "aborted", "failed")
-FORMAT_VERSION = 1
+#: the newest version this code reads; a spool whose binned ``data`` rows may be derived from
+#: ``detector_frames`` (:data:`DERIVED`) is version 2, others are version 1, as before
+FORMAT_VERSION = 2
+_PLAIN_VERSION = 1
 SUFFIX = ".spool.h5"
 #: bytes of a file stem: a file name holds 255 bytes, and ".spool.h5" / ".h5" / ".phase.mrc" / ".phase.png"
 #: must still fit behind it
@@ -96,6 +101,17 @@ CHUNK_PATHS = ("as_received", "not_bslz4", "block_size", "spans_messages", "alig
 DETECTOR_CHUNK_PATHS = ("detector_as_received", "detector_recompressed", "detector_per_frame",
                         "detector_tail", "detector_rewritten")
 
+
+#: how a detector source's binned frames are computed from ``detector_frames`` (a group in
+#: ``entry_1/data_1``: the reducer's geometry as attributes, ``window_valid``): while a scan is
+#: open its binned ``data`` is not written, only its detector frames (which it is a pure
+#: function of); the rows whose ``data`` is still to be derived are the group's attribute
+#: ``pending_rows`` ((k, 2) [start, stop) ranges). They are written once, when the spool of a
+#: scan that ended is closed (:meth:`SpoolWriter.close`), and every reader derives them until then
+#: (:func:`fill_derived`): byte for byte the frames the scan received.
+DERIVED = "data_from_detector"
+#: rows derived (decoded and binned) at a time: bounds a reader's memory
+_DERIVE_ROWS = 512
 
 #: rows ``detector_frames_tail`` grows by when it must (a resize per append costs tens of µs)
 _TAIL_STEP = 1024
@@ -201,6 +217,9 @@ class SpoolWriter:
         self._det_cache: tuple[int, tuple[int, ...], np.dtype, int] | None = None
         self._tail: h5py.Dataset | None = None
         self._tail_rows = -1  # the tail's extent, once looked up
+        #: the reducer whose binned frames are derived from ``detector_frames`` (:data:`DERIVED`)
+        #: and the row ranges whose ``data`` is not written yet
+        self._reducer, self._pending = load_derivation(self._f)
 
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
@@ -213,7 +232,7 @@ class SpoolWriter:
         m = spec.frame_shape
         f = h5py.File(path, "w")
         try:
-            f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, scan_id=spec.scan_id, status="open")
+            f.attrs.update(format=FORMAT, format_version=_PLAIN_VERSION, scan_id=spec.scan_id, status="open")
             s = f.create_group("scan")
             header, arrays = spool_header(spec)
             s.attrs["json"] = header
@@ -295,22 +314,30 @@ class SpoolWriter:
 
     def _truncate(self, n: int) -> None:
         self._entry.truncate(n)
+        if any(b > n for _, b in self._pending):  # rows of an append that was not committed
+            self._set_pending([[a, min(b, n)] for a, b in self._pending if a < n])
         tail = self._f[DATA].get(DETECTOR_TAIL)
         if tail is not None and tail.shape[0] > n:
             tail.resize(n, axis=0)  # rows of an append that was not committed
 
     def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray, *,
-               binned: RawChunks | None = None, raw: RawChunks | None = None) -> None:
+               binned: RawChunks | None = None, raw: RawChunks | None = None,
+               reducer: FrameReducer | None = None) -> None:
         """Write a batch of frames (wire dtype), their indices and (y, x) positions, then flush.
 
         ``binned``: the same frames as bitshuffle-LZ4 chunks, one per frame, written as they
         are (HDF5 direct chunk write, no compression here). ``raw``: the unbinned detector
-        frames they came from, in the same format, kept in ``detector_frames`` row for row."""
+        frames they came from, in the same format, kept in ``detector_frames`` row for row.
+        ``reducer``: what made ``frames`` of ``raw`` (``frames`` are ``reducer.reduce_batch`` of
+        the decoded ``raw``): their ``data`` rows are then not written now but derived from the
+        detector frames (:data:`DERIVED`), and written when the scan ends."""
         n = len(frames)
         if n == 0:
             return
         self._check_space(frames.nbytes + (0 if raw is None else sum(len(c) for c in raw.chunks)))
-        if binned is not None and self._entry.count == 0 and self._data.chunks[0] != 1:
+        derive = raw is not None and reducer is not None and self._derivable(reducer, raw)
+        if binned is not None and not derive and self._entry.count == 0 and self._data.chunks[0] != 1 \
+                and self._reducer is None:
             self._chunk_per_frame()
         if raw is not None and self._entry.detector_frames is None:
             nbytes = math.prod(raw.shape) * raw.dtype.itemsize
@@ -325,10 +352,15 @@ class SpoolWriter:
                       self.path.name, len(raw.chunks), raw.shape, raw.dtype, det.shape[1:], det.dtype)
             raw = None
 
+        derive = derive and raw is not None
+        if derive and self._reducer is None:
+            self._begin_derivation(reducer)  # type: ignore[arg-type]
         det_open: list[list[object | None]] = []
 
         def write_frames(k: int) -> None:
-            if binned is not None and self._direct_ok(self._data, binned, n):
+            if derive:
+                self._add_pending(k, n)  # derived from the detector frames written below
+            elif binned is not None and self._direct_ok(self._data, binned, n):
                 for i, chunk in enumerate(binned.chunks):
                     self._put("data", self._data, k + i, chunk)
             else:
@@ -338,7 +370,10 @@ class SpoolWriter:
         self._begin()
         # commits rows, then the count
         count = self._entry.append(frames, indices, positions_m, write_frames=write_frames)
-        self._flush(self._append_record(count - n, indices, positions_m))
+        header, body = self._append_record(count - n, indices, positions_m)
+        if derive:
+            header["d"] = 1
+        self._flush((header, body))
         self.count = count
         self._det_open = det_open[0]
 
@@ -415,11 +450,103 @@ class SpoolWriter:
         self._begin()
         return header, body
 
-    def _journal_op(self, header: dict) -> None:
+    def _journal_op(self, header: dict, body: Sequence[object] = ()) -> None:
         """A change of the file's layout, recorded before the append that needs it (it is
         synced with that append's record)."""
         if self._journal is not None:
-            self._journal.write(header, sync=False)
+            self._journal.write(header, body, sync=False)
+
+    # -- binned frames derived from the detector frames (DERIVED) --------------------------------
+    def _derivable(self, reducer: FrameReducer, raw: RawChunks) -> bool:
+        """Whether ``data`` rows of frames ``reducer`` made of ``raw`` can be derived: the
+        reducer gives ``data``'s frames (shape, dtype) from the detector frames ``raw`` holds,
+        and is the reducer of this spool's earlier derived rows, if any."""
+        m = self._data.shape[1:]
+        if (reducer.detector_shape != tuple(raw.shape) or (reducer.frame_side,) * 2 != tuple(m)
+                or np.dtype(reducer.out_dtype) != self._data.dtype):
+            return False
+        return self._reducer is None or self._reducer is reducer or _same_reducer(self._reducer, reducer)
+
+    def _begin_derivation(self, reducer: FrameReducer) -> None:
+        """Store how ``data`` is derived (:data:`DERIVED`): its reducer's geometry. The file
+        becomes format version 2: a reader that does not know the group would read zeros."""
+        header, mask = reducer_header(reducer)
+        self._journal_op({"op": "derive", **header}, [mask])
+        g = self._f[DATA].create_group(DERIVED)
+        g.attrs["description"] = ("data rows in pending_rows are not written yet: they are the frames of "
+                                  "detector_frames cropped and binned by this geometry (FORMATS.md)")
+        for key, value in header.items():
+            g.attrs[key] = -1 if value is None else value
+        g.create_dataset("window_valid", data=mask.reshape(reducer.window, reducer.window))
+        self._f.attrs["format_version"] = FORMAT_VERSION
+        self._reducer = reducer
+
+    def _add_pending(self, k: int, n: int) -> None:
+        pending = [list(r) for r in self._pending]
+        if pending and pending[-1][1] == k:
+            pending[-1][1] = k + n
+        else:
+            pending.append([k, k + n])
+        self._set_pending(pending)
+
+    def _set_pending(self, pending: list[list[int]]) -> None:
+        g = self._f[DATA][DERIVED]
+        if pending:
+            g.attrs["pending_rows"] = np.asarray(pending, np.int64).reshape(-1, 2)
+        elif "pending_rows" in g.attrs:
+            del g.attrs["pending_rows"]
+        self._pending = [(int(a), int(b)) for a, b in pending]
+
+    def _write_derived(self) -> int:
+        """Write the ``data`` rows still derived (the scan ended): decoded and binned from the
+        detector frames as every reader derives them, compressed as chunks. Whole chunks are
+        derived and compressed on the spool's compression threads (the codecs and NumPy
+        release the GIL), a few hundred rows a task, and written here in row order; rows of a
+        part-full chunk at a range's ends go through :meth:`_write_blocks`. Not journaled:
+        they are a function of what the journal holds, and a rebuild derives them again.
+        Returns the rows written."""
+        if not self._pending:
+            return 0
+        ds = self._data
+        c = ds.chunks[0]
+        step = max(c, _DERIVE_ROWS // c * c)
+        pool = _compress_pool()
+        done = 0
+        paths = self.chunk_paths.copy()  # (these chunks are no received frames' path)
+        for a, b in self._pending:
+            first, last = min(b, -(-a // c) * c), max(a, b // c * c)
+            if first >= last:  # no whole chunk
+                self._write_blocks(a, [derive_rows(self._f, self._reducer, a, b)])
+                done += b - a
+                continue
+            if a < first:
+                self._write_blocks(a, [derive_rows(self._f, self._reducer, a, first)])
+            starts = list(range(first, last, step))
+            tasks: list = []
+            for i, lo in enumerate(starts):
+                tasks.append(pool.submit(self._derived_chunks, lo, min(last, lo + step)))
+                if i + 1 < len(starts) and len(tasks) - 1 < _POOL_THREADS:
+                    continue  # a few tasks in flight: memory stays bounded
+                row, blobs = tasks.pop(0).result()
+                for j, blob in enumerate(blobs):
+                    self._put("data", ds, row + j * c, blob)
+            for task in tasks:
+                row, blobs = task.result()
+                for j, blob in enumerate(blobs):
+                    self._put("data", ds, row + j * c, blob)
+            if last < b:
+                self._write_blocks(last, [derive_rows(self._f, self._reducer, last, b)])
+            done += b - a
+        self._begin()  # (the chunks collected for a journal record)
+        self.chunk_paths = paths
+        self._set_pending([])
+        return done
+
+    def _derived_chunks(self, lo: int, hi: int) -> tuple[int, list[bytes]]:
+        """(``lo``, the ``data`` chunks of rows [lo, hi), whole chunks), on a compression thread."""
+        c = self._data.chunks[0]
+        counts = derive_rows(self._f, self._reducer, lo, hi, fast=True)
+        return lo, [compression_bslz4(counts[i:i + c]) for i in range(0, hi - lo, c)]
 
     def _replay(self, header: dict, body: memoryview) -> None:
         """Apply one journal record to this file (a rebuild: :func:`repair_spool`)."""
@@ -431,8 +558,14 @@ class SpoolWriter:
             pieces = iter_bodies(body, [8 * n, 16 * n, *_sizes(header)])
             indices = np.frombuffer(next(pieces), np.int64)
             positions = np.frombuffer(next(pieces), np.float64).reshape(n, 2)
-            self.count = self._entry.append(None, indices, positions,
-                                            write_frames=lambda _k: self._replay_writes(header, pieces))
+            derived = bool(header.get("d"))
+
+            def write_frames(k: int) -> None:
+                if derived:
+                    self._add_pending(k, n)
+                self._replay_writes(header, pieces)
+
+            self.count = self._entry.append(None, indices, positions, write_frames=write_frames)
         elif op == "status":
             self._replay_writes(header, iter_bodies(body, _sizes(header)))
             self._f.attrs["status"] = header["status"]
@@ -440,6 +573,8 @@ class SpoolWriter:
             self._chunk_per_frame()
         elif op == "detector":
             self._create_detector_frames(tuple(header["shape"]), np.dtype(header["dtype"]), int(header["rows"]))
+        elif op == "derive":
+            self._begin_derivation(reducer_of(header, np.frombuffer(body, np.uint8)))
         elif op not in ("base", "opened", "closed"):
             raise ValueError(f"its journal holds an unknown record {op!r}")
 
@@ -709,7 +844,9 @@ class SpoolWriter:
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames, indices and positions of rows [start, stop) (the writer's own view)."""
         stop = self.count if stop is None else min(stop, self.count)
-        return self._data[start:stop], self._index[start:stop], self._pos[start:stop]
+        frames = self._data[start:stop]
+        fill_derived(self._f, frames, start)
+        return frames, self._index[start:stop], self._pos[start:stop]
 
     def set_status(self, status: str) -> None:
         self._begin()
@@ -742,10 +879,14 @@ class SpoolWriter:
 
     def close(self) -> None:
         """Close the file: closed, it is consistent, which the journal records ("closed": a
-        rebuild is not needed); once the scan's status is final, the journal is deleted."""
+        rebuild is not needed); once the scan's status is final, the journal is deleted. A
+        scan that ended (any status but open) has its derived binned frames written first."""
         if not self._f.id.valid:
             return
         status = str(self._f.attrs.get("status", "open"))
+        if status != "open" and self._pending:  # the scan ended: its binned frames are written once
+            self._write_derived()
+            self._f.flush()
         self._f.close()
         journal, self._journal = self._journal, None
         if journal is None or journal.closed:
@@ -939,14 +1080,120 @@ def spool_contents(path: Path, f: h5py.Group, frames: bool = True) -> SpoolConte
     scan = f["scan"]
     spec = spec_from_spool_header(scan.attrs["json"], {k: v[()] for k, v in scan.items() if k in SPOOL_ARRAYS})
     m = spec.frame_shape
+    data = np.zeros((0, *m), spec.frame_dtype)
+    if frames:
+        data = g["data"][:n]
+        fill_derived(f, data, 0)
     return SpoolContents(
         path=path,
         status=str(f.attrs.get("status", "open")),
         spec=spec,
-        frames=g["data"][:n] if frames else np.zeros((0, *m), spec.frame_dtype),
+        frames=data,
         indices=g["frame_index"][:n],
         positions_m=g["positions_m"][:n],
     )
+
+
+def reducer_header(reducer: FrameReducer) -> tuple[dict, np.ndarray]:
+    """A reducer's geometry as the fields of :data:`DERIVED` (and of the journal's ``derive``
+    record), and its window's valid pixels (flat uint8)."""
+    header = {"detector_shape": [int(v) for v in reducer.detector_shape], "corner": [int(v) for v in reducer.corner],
+              "window": int(reducer.window), "bin": int(reducer.bin),
+              "saturation_value": None if reducer.saturation_value is None else int(reducer.saturation_value),
+              "out_dtype": np.dtype(reducer.out_dtype).str}
+    return header, np.ascontiguousarray(reducer.window_valid, np.uint8).reshape(-1)
+
+
+def reducer_of(fields: Any, window_valid: np.ndarray) -> FrameReducer:
+    """The reducer :func:`reducer_header` described (``fields``: a mapping, or HDF5 attributes)."""
+    c, b = int(fields["window"]), int(fields["bin"])
+    if c < 1 or b < 1 or c % b or np.asarray(window_valid).size != c * c:
+        raise ValueError(f"{DERIVED}: window {c}, bin {b} and {np.asarray(window_valid).size} valid pixels "
+                         "do not describe a binning")
+    valid = np.asarray(window_valid).reshape(c, c).astype(bool)
+    m = c // b
+    sat = fields["saturation_value"]
+    sat = None if sat is None or int(sat) < 0 else int(sat)
+    return FrameReducer(
+        detector_shape=tuple(int(v) for v in fields["detector_shape"]),  # type: ignore[arg-type]
+        corner=tuple(int(v) for v in fields["corner"]),  # type: ignore[arg-type]
+        window=c, bin=b, static_valid=valid.reshape(m, b, m, b).all(axis=(1, 3)), window_valid=valid,
+        saturation_value=sat, out_dtype=np.dtype(_text(fields["out_dtype"])))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _same_reducer(a: FrameReducer, b: FrameReducer) -> bool:
+    ha, ma = reducer_header(a)
+    hb, mb = reducer_header(b)
+    return ha == hb and np.array_equal(ma, mb)
+
+
+def load_derivation(f: h5py.Group) -> tuple[FrameReducer | None, list[tuple[int, int]]]:
+    """The reducer of a spool's derived ``data`` rows (None: it has none) and the [start, stop)
+    row ranges whose ``data`` is still derived (``f``: a spool file's root or a result's /raw)."""
+    g = f[DATA].get(DERIVED)
+    if g is None:
+        return None, []
+    reducer = reducer_of(g.attrs, g["window_valid"][()])
+    pending = np.asarray(g.attrs.get("pending_rows", np.zeros((0, 2), np.int64)), np.int64).reshape(-1, 2)
+    return reducer, [(int(a), int(b)) for a, b in pending]
+
+
+def derive_rows(f: h5py.Group, reducer: FrameReducer | None, start: int, stop: int,
+                fast: bool = False) -> np.ndarray:
+    """The binned frames of rows [start, stop): their detector frames, decoded and binned.
+    ``fast``: rows in whole chunks of ``detector_frames`` are decoded outside HDF5 (the chunks
+    read as they are, decoded by :func:`bslz4_decompress`, which releases the GIL: h5py holds
+    its lock while HDF5's filter decodes); the same frames (tests/test_spool_journal.py)."""
+    if reducer is None:
+        raise ValueError(f"{DATA}/data rows {start}..{stop} are derived, but the spool has no {DERIVED}")
+    raw = _detector_chunks(f, start, stop) if fast else None
+    if raw is None:
+        raw = read_detector_frames(f, start, stop)
+    if raw is None or len(raw) != stop - start:
+        raise ValueError(f"{DATA}/data rows {start}..{stop} are derived from detector frames the spool lacks")
+    return reducer.reduce_batch(raw)[0]
+
+
+def _detector_chunks(f: h5py.Group, start: int, stop: int) -> np.ndarray | None:
+    """Detector frames of rows [start, stop) decoded from their chunks' bytes, or None where
+    that does not apply (rows in the tail or never written, a chunk HDF5 stored unfiltered):
+    the caller reads them through HDF5 then."""
+    g = f[DATA]
+    det = g[DETECTOR_FRAMES]
+    r = det.chunks[0]
+    count = int(g.attrs["count"])
+    whole = count // r * r if DETECTOR_TAIL in g else count
+    if stop > min(whole, det.shape[0]) or start >= stop:
+        return None
+    shape, dtype = det.shape[1:], det.dtype
+    lo = start // r * r
+    out = np.empty((-(-(stop - lo) // r) * r, *shape), dtype)
+    for row in range(lo, stop, r):
+        if det.id.get_chunk_info_by_coord((row, 0, 0)).byte_offset is None:
+            return None  # never written: rows without detector frames read zeros through HDF5
+        mask, blob = det.id.read_direct_chunk((row, 0, 0))
+        if mask:
+            return None
+        out[row - lo:row - lo + r] = bslz4_decompress(blob, dtype, (r, *shape))
+    return out[start - lo:stop - lo]
+
+
+def fill_derived(f: h5py.Group, frames: np.ndarray, start: int) -> None:
+    """Put the derived frames into ``frames`` (rows ``start`` on, as read from ``data``)."""
+    g = f[DATA].get(DERIVED)
+    if g is None or "pending_rows" not in g.attrs:
+        return
+    reducer, pending = load_derivation(f)
+    stop = start + len(frames)
+    for a, b in pending:
+        lo, hi = max(a, start), min(b, stop)
+        for s in range(lo, hi, _DERIVE_ROWS):
+            e = min(hi, s + _DERIVE_ROWS)
+            frames[s - start:e - start] = derive_rows(f, reducer, s, e)
 
 
 def read_detector_frames(f: h5py.Group, start: int = 0, stop: int | None = None) -> np.ndarray | None:

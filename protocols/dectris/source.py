@@ -12,7 +12,9 @@ Three stages, on threads:
 * the receiver takes the workers' results back in arrival order, runs the series bookkeeping
   (:class:`.convert.SeriesConverter`: duplicates, ids, geometry) and hands ScanStart / frames /
   ScanEnd objects to the daemon's sink, with each frame's detector chunk as it arrived (the
-  spool writes it as an HDF5 chunk without recompressing it).
+  spool writes it as an HDF5 chunk without recompressing it) and the reducer that binned it:
+  while the scan is open the spool writes only the detector's chunks, and derives the binned
+  frames from them (daemon/storage/FORMATS.md, "Binned frames derived").
 """
 
 from __future__ import annotations
@@ -115,9 +117,9 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
                counts_out: np.ndarray | None = None, compress: bool = False) -> DecodedBatch:
     """The workers' job: parse each image, and with ``decode``, decompress its channel once,
     bin it (``reducer``; None: keep the detector frames) into ``counts_out`` (or a new array)
-    and, with ``compress``, compress each binned frame as its spool chunk (worker processes do:
-    the daemon's process then only writes the chunks; on threads the spool compresses a chunk of
-    frames at a time, with fewer calls and HDF5 chunks). Frames are binned :data:`SUB_BATCH` at
+    and, with ``compress``, compress each binned frame as a spool chunk (for a sink that
+    writes binned chunks as they are; the daemon's DECTRIS source does not ask for it: its spool
+    derives the binned frames from the detector's chunks). Frames are binned :data:`SUB_BATCH` at
     a time soon after they are decompressed, while they are in the core's cache. A bad image
     is an error of the batch (``errors``); anything else raised is a bug, and the caller's."""
     c0 = time.thread_time()
@@ -285,7 +287,9 @@ def _process_job(items: list[bytes], channel: str | None, reducer: Any, decode: 
         m = reducer.frame_side
         k = size // (m * m * reducer.out_dtype.itemsize)
         counts_out = np.ndarray((k, m, m), reducer.out_dtype, shm.buf, offset)
-    out = decode_job(items, channel, reducer, decode, counts_out, compress=True)
+    # the binned frames are not compressed: the spool keeps the detector's chunks while the
+    # scan is open and derives the binned frames from them (daemon/storage/spool.py, DERIVED)
+    out = decode_job(items, channel, reducer, decode, counts_out)
     if out.counts is not None and counts_out is not None:
         out.counts, out.in_slot = None, True  # the caller reads them from the slot
     out.reducer = None  # the caller's own is put back (a copy would not be the series')
@@ -421,8 +425,8 @@ class DirectConverter(SeriesConverter):
                  on_notice: Callable[[SeriesNotice], None] | None = None, binned_chunks: bool = False,
                  taken: Callable[[str], bool] | None = None) -> None:
         super().__init__(config, side_channel, on_notice, taken)
-        #: frames leave with their binned frames as chunks (the worker processes compress them;
-        #: a series' first frames, binned here, are compressed here to match)
+        #: frames leave with their binned frames as chunks too (compressed here; off in the
+        #: daemon's source, whose spool derives the binned frames from the detector's chunks)
         self.binned_chunks = binned_chunks
         #: (scan id, image id) → detector chunk of frames waiting for a position
         self._held: dict[tuple[str, int], bytes] = {}
@@ -497,7 +501,7 @@ class DirectConverter(SeriesConverter):
         out.append(DetectorFrames(
             Frames(plan.scan_id, ids, counts, positions),
             binned=None if binned is None else RawChunks((m, m), reducer.out_dtype, binned),
-            raw=RawChunks(batch.shape, batch.dtype, raw)))
+            raw=RawChunks(batch.shape, batch.dtype, raw), reducer=reducer))
         return out
 
     def _count_saturated(self, plan: _Plan, ids: np.ndarray, saturated: np.ndarray) -> None:
@@ -520,7 +524,8 @@ class DirectConverter(SeriesConverter):
             if kind is None or any(h is None for h in held):
                 out.append(msg)
                 continue
-            out.append(DetectorFrames(msg, raw=RawChunks(kind.shape, kind.dtype, held)))  # type: ignore[arg-type]
+            out.append(DetectorFrames(msg, raw=RawChunks(kind.shape, kind.dtype, held),  # type: ignore[arg-type]
+                                      reducer=plan.reducer))
         return out
 
 
@@ -565,7 +570,7 @@ class DectrisSource(Source):
         cfg = self.config
         ctx = self.context or zmq.Context.instance()
         conv = DirectConverter(cfg, side_channel=cfg.positions_endpoint is not None, on_notice=self.on_notice,
-                               binned_chunks=self.processes, taken=getattr(sink, "scan_id_taken", None))
+                               taken=getattr(sink, "scan_id_taken", None))
         stats = SourceStats()
         job_errors = [0]
 
