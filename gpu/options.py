@@ -206,9 +206,9 @@ class ReconOptions(_Strict):
     ``estimate_source_size``: short reconstructions on one binomial half at the trial sizes
     0, 0.5, 1 and 1.5 Å, scored by the other half's data term, both ways round, the parabola
     through the best) and use it only when both halves put a size > 0 below a point source.
-    On realistic hemoglobin it found a 1 Å source as 1.10 / 1.11 Å at 100 e⁻/Å² (seeds 0, 1;
-    phase correlation as with the stated size, 0.307 vs 0.312 and 0.384 vs 0.388) and a point
-    source as 0 (MEASUREMENTS.md, "The source size: stated or estimated"). Off by default for
+    On realistic hemoglobin (seeds 0, 1) it found a 1 Å source as 1.10–1.11 Å at 20 and
+    100 e⁻/Å² (phase correlation within 0.005 of the stated size's) and a point source as 0
+    (MEASUREMENTS.md, "The source size: stated or estimated"). Off by default for
     its cost: 8 short reconstructions, 3–10× the wall time of the reconstruction itself, on
     every scan that states no size; the live engine does not run it."""
     source_estimate_iterations: int = Field(10, ge=1)

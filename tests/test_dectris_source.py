@@ -690,6 +690,16 @@ def test_serve_decodes_in_worker_processes_when_configured(tmp_path: Path) -> No
         finally:
             assert daemon.stop() == 0, daemon.log()
         assert "worker process died" not in daemon.log()
+        # the result's raw frames: the binned ones written when the scan ended (derived from the
+        # detector frames until then), as any HDF5 reader reads them
+        from cryoptycho.daemon.storage.spool import load_derivation
+
+        with h5py.File(scans[0]["result_path"], "r") as f:
+            reducer, pending = load_derivation(f["raw"])
+            g = f["raw"][DATA]
+            binned, detector = g["data"][:], g[DETECTOR_FRAMES][:]
+        assert reducer is not None and pending == [] and len(binned) == 64
+        assert binned.tobytes() == reducer.reduce_batch(detector)[0].tobytes()
     finally:
         sim.kill()
         sim.wait(10)

@@ -33,12 +33,15 @@ def test_silent_metrics_clients_are_cut_off_and_do_not_pile_up_threads(tmp_path)
             s = socket.create_connection(("127.0.0.1", port), timeout=30)
             s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
             socks.append(s)
-        wait_for(lambda: _threads(daemon.proc.pid) >= before + 30, 30, "a thread per connection", daemon)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         assert b"cryoptycho_up 1.0" in body  # served beside the silent ones
         for s in socks:  # the server hangs up on each (before: recv timed out after 30 s)
-            assert s.recv(100) == b""
-        wait_for(lambda: _threads(daemon.proc.pid) <= before + 2, 30, "the connection threads to end", daemon)
+            try:
+                answer = s.recv(100)
+            except ConnectionResetError:  # a hang-up too
+                answer = b""
+            assert answer == b""
+        wait_for(lambda: _threads(daemon.proc.pid) <= before + 5, 30, "the connection threads to end", daemon)
         assert daemon.proc.poll() is None
         assert "Traceback" not in daemon.log(), daemon.log()
     finally:
