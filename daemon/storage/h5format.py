@@ -24,7 +24,10 @@ import h5py
 import hdf5plugin
 import numpy as np
 from cryoptycho.gpu.geometry import wavelength
-from scipy import constants
+
+#: h, c and e: exact in the SI since 2019 (scipy.constants holds the same values); importing
+#: scipy.constants for them took ~0.3 s of every `cryoptycho replay` start, the only scipy it used
+PLANCK_J_S, LIGHT_M_S, ELEMENTARY_CHARGE_C = 6.62607015e-34, 299792458.0, 1.602176634e-19
 
 #: attribute written on every bitshuffle-LZ4 dataset, so a reader of the file sees what it needs
 FILTER_NOTE = ("bitshuffle-LZ4 (HDF5 filter 32008): with h5py, `import hdf5plugin` before "
@@ -143,7 +146,7 @@ def _positive(value: Any) -> float | None:
 def photon_equivalent_energy_eV(energy_eV: float) -> float:
     """Energy of a photon with the electrons' wavelength, hc/λ. X-ray tools (CXI readers,
     ptychodus) take a beam energy as a photon's: given this one they derive the right λ."""
-    return float(constants.h * constants.c / wavelength(energy_eV) / constants.e)
+    return float(PLANCK_J_S * LIGHT_M_S / wavelength(energy_eV) / ELEMENTARY_CHARGE_C)
 
 
 # ------------------------------------------------------------------------------------ raster grid
@@ -294,7 +297,7 @@ class NxcxiEntry:
         source["name"] = str((metadata or {}).get("instrument", "transmission electron microscope"))
         source["probe"] = "electron"
         source["type"] = "Electron Microscope"
-        _field(source, "energy", photon_equivalent_energy_eV(energy_eV) * constants.e, "J",
+        _field(source, "energy", photon_equivalent_energy_eV(energy_eV) * ELEMENTARY_CHARGE_C, "J",
                description="photon energy of the electrons' wavelength (hc/λ), as CXI readers "
                            "derive λ from it; the electron energy is beam_1/incident_energy")
         beam = _group(instrument, "beam_1", "NXbeam")
