@@ -4,6 +4,7 @@ end never came. Each test runs the real daemon as a subprocess and a detector so
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import numpy as np
@@ -209,3 +210,28 @@ def test_a_fault_in_the_source_bookkeeping_fails_its_scan_not_the_daemon(tmp_pat
         assert service.service.scans.sessions["next-series2"].ledger.as_dict()["received"] == 16
     finally:
         service.stop()
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="bounds the daemon's memory with prlimit")
+def test_a_series_armed_for_billions_of_triggers_and_stopped_early_ends_without_exhausting_memory(tmp_path):
+    """A detector armed for ``ntrigger`` = 2³¹ ("until stopped", then disarmed) announces
+    ``number_of_images`` 2³¹. At the series' end the daemon listed every id that never came:
+    a Python set of 2³¹ ints — the kernel's OOM killer took the daemon (here it runs with 8 GB
+    of address space, so the old code dies of MemoryError instead of taking the host's memory).
+    The series cannot match the scan (skipped with the reason) and the daemon takes the next."""
+    huge = _series(_frames(4), "continuous", extra_start={"number_of_images": 2**31})
+    after = _series(_frames(16, seed=5), "after-continuous", series_id=2, series_unique_id="S2")
+    with SimSender(2) as sender:
+        daemon = start_daemon(tmp_path, "--source", sender.url, "--set", "dectris.crop=64", "--set", "dectris.bin=2",
+                              "--set", "options.iterations=2", "--set", "refine_time_budget_s=5",
+                              "--set", "resolution_interval_s=0", prefix=("prlimit", f"--as={8 << 30}"))
+        try:
+            for m in [*huge, *after]:
+                sender.send_raw(m)
+            with ControlClient(daemon.control, timeout_s=30) as ctl:
+                scans = wait_for(lambda: [s for s in ctl.list_scans() if s["state"] == "finished"], 120,
+                                 "the next series' scan", daemon)
+            assert scans[0]["scan_id"] == "after-continuous-series2" and scans[0]["frames"]["received"] == 16
+            assert "number_of_images" in daemon.log()  # the first series' skip names why
+        finally:
+            assert daemon.stop() == 0, daemon.log()
