@@ -4,6 +4,7 @@ end never came. Each test runs the real daemon as a subprocess and a detector so
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import numpy as np
@@ -133,5 +134,104 @@ def test_images_past_the_scan_do_not_take_valid_frames_or_the_scan_end_with_them
             assert scan["state"] == "finished", daemon.log()
             assert scan["frames"]["received"] == 24 and scan["frames"]["gaps"] == 0, scan
             assert "index_range" not in daemon.log() and "max_expected" not in daemon.log()
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+
+
+@pytest.mark.parametrize("saturation", [-1, 0])
+def test_a_saturation_value_below_one_is_set_aside_and_the_daemon_stays_up(tmp_path, saturation):
+    """A start message with ``saturation_value: -1`` (what a DCU with count-rate correction off
+    may send; DECTRIS' own decoder types it unsigned) made NumPy raise OverflowError while the
+    source binned the first frames: the source thread died and took the daemon down with it.
+    ``0`` took every pixel that counted in the first image for a dead one (a mask of nothing).
+    The value is now set aside with a warning naming it, like the header's other impossible
+    values, and the series is reconstructed."""
+    with SimSender(2) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in _series(_frames(16), "cutoff", saturation_value=saturation):
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+            assert daemon.proc.poll() is None, daemon.log()
+            assert scan["state"] == "finished" and scan["frames"]["received"] == 16, daemon.log()
+            assert f"saturation_value = {saturation} counts is no count-rate cutoff" in daemon.log()
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_fault_in_the_source_bookkeeping_fails_its_scan_not_the_daemon(tmp_path, monkeypatch):
+    """Whatever the converter raises on a batch of decoded images fails that series' scan; the
+    source (and so the daemon, which stops when its source dies) takes the next series."""
+    import threading
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.dectris.bridge import BridgeConfig
+    from cryoptycho.protocols.dectris.source import DectrisSource, DirectConverter
+
+    real = DirectConverter.feed_batch
+    calls = {"n": 0}
+
+    def failing(self: Any, batch: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:  # a batch of the first series, after its first frame
+            raise OverflowError("a bug in the series bookkeeping")
+        return real(self, batch)
+
+    monkeypatch.setattr(DirectConverter, "feed_batch", failing)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
+                        metrics_enabled=False, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                        resolution_interval_s=0, drain_timeout_s=0)
+    service = BackgroundService(cfg)
+    try:
+        messages = [*_series(_frames(32), "bug"), *_series(_frames(16, seed=1), "next", series_id=2,
+                                                             series_unique_id="S2")]
+        with SimSender(2) as sender:
+            source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, channel="threshold_1"),
+                                   workers=1, batch=8)
+            pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
+            pusher.start()
+            stop = threading.Event()
+            timer = threading.Timer(120.0, stop.set)  # a safety net, not a timing assertion
+            timer.start()
+            try:
+                stats = source.run(service.service.direct, stop, max_series=2)  # raised before
+            finally:
+                timer.cancel()
+            pusher.join(10)
+        assert stats.series_errors == 1
+        assert stats.frames_sent >= 16
+        def next_ended() -> bool:
+            session = service.service.scans.sessions.get("next-series2")
+            return session is not None and session.ended
+
+        wait_for(next_ended, 60, "the next series' scan to end")
+        service.service.scans.flush_disk()  # its frames count once the spool thread wrote them
+        assert service.service.scans.sessions["next-series2"].ledger.as_dict()["received"] == 16
+    finally:
+        service.stop()
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="bounds the daemon's memory with prlimit")
+def test_a_series_armed_for_billions_of_triggers_and_stopped_early_ends_without_exhausting_memory(tmp_path):
+    """A detector armed for ``ntrigger`` = 2³¹ ("until stopped", then disarmed) announces
+    ``number_of_images`` 2³¹. At the series' end the daemon listed every id that never came:
+    a Python set of 2³¹ ints — the kernel's OOM killer took the daemon (here it runs with 8 GB
+    of address space, so the old code dies of MemoryError instead of taking the host's memory).
+    The series cannot match the scan (skipped with the reason) and the daemon takes the next."""
+    huge = _series(_frames(4), "continuous", extra_start={"number_of_images": 2**31})
+    after = _series(_frames(16, seed=5), "after-continuous", series_id=2, series_unique_id="S2")
+    with SimSender(2) as sender:
+        daemon = start_daemon(tmp_path, "--source", sender.url, "--set", "dectris.crop=64", "--set", "dectris.bin=2",
+                              "--set", "options.iterations=2", "--set", "refine_time_budget_s=5",
+                              "--set", "resolution_interval_s=0", prefix=("prlimit", f"--as={8 << 30}"))
+        try:
+            for m in [*huge, *after]:
+                sender.send_raw(m)
+            with ControlClient(daemon.control, timeout_s=30) as ctl:
+                scans = wait_for(lambda: [s for s in ctl.list_scans() if s["state"] == "finished"], 120,
+                                 "the next series' scan", daemon)
+            assert scans[0]["scan_id"] == "after-continuous-series2" and scans[0]["frames"]["received"] == 16
+            assert "number_of_images" in daemon.log()  # the first series' skip names why
         finally:
             assert daemon.stop() == 0, daemon.log()

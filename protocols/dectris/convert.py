@@ -545,11 +545,11 @@ class SeriesConverter:
         plan, self.plan = self.plan, None
         if plan is None:
             return []
-        if summary.missing_image_ids:
-            self.stats["missing_images"] += len(summary.missing_image_ids)
+        if summary.missing_count:
+            self.stats["missing_images"] += summary.missing_count
             ids = summary.missing_image_ids
-            log.error("scan %s: %d of %d images never arrived (ids %s%s)", plan.scan_id, len(ids),
-                      plan.expected, ids[:20], " …" if len(ids) > 20 else "")
+            log.error("scan %s: %d of %d images never arrived (ids %s%s)", plan.scan_id, summary.missing_count,
+                      plan.expected, ids[:20], " …" if summary.missing_count > 20 else "")
         if plan.scan_start is None:
             self._notice(SeriesNotice("skipped", plan.start.series_id, "images",
                                       "series skipped: it ended without any usable image"))

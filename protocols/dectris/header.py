@@ -77,6 +77,15 @@ def check_header(start: SeriesStart) -> tuple[SeriesStart, list[tuple[str, str]]
                              f"electron wavelength at 30–300 keV (electrons of that wavelength: {shown}; "
                              "an X-ray wavelength?): ignored")))
 
+    saturation = start.saturation_value
+    if saturation is not None and saturation < 1:
+        # (a negative one stopped the daemon: NumPy cannot clip unsigned counts to it; 0 took
+        # every counting pixel of the first image for a dead one)
+        changes["saturation_value"] = None
+        warnings.append(("saturation_value", (f"saturation_value = {saturation} counts is no count-rate "
+                         "cutoff: ignored; the [dectris] saturation_value, else one below the image "
+                         "dtype's maximum, is used")))
+
     size = start.pixel_size_m
     if size is not None and not all(math.isfinite(v) and v > 0 for v in size):
         changes["pixel_size_m"] = None

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PORTS = {2: 31001, 1: 9999}
 #: largest series whose seen image ids are kept as a bitmap (one byte an image)
 _MAX_SEEN_MAP = 1 << 27
+#: missing image ids a series' summary lists (it counts them all)
+MISSING_LISTED = 1000
 _SCHEMES = {"dectris2": 2, "dectris1": 1, "dectris": 2}
 
 
@@ -264,7 +266,8 @@ class SeriesSummary:
 
     start: SeriesStart
     received: int
-    missing_image_ids: list[int] = field(default_factory=list)
+    missing_image_ids: list[int] = field(default_factory=list)  #: the first MISSING_LISTED of them
+    missing_count: int = 0  #: how many images never arrived
 
 
 class SeriesTracker:
@@ -384,14 +387,23 @@ class SeriesTracker:
         ):
             raise SeriesError(f"end names series {end.series_id}/{end.series_unique_id}, "
                               f"the open series is {s.series_id}/{s.series_unique_id}")
+        # only the first MISSING_LISTED missing ids are listed, their number is counted: a
+        # detector armed for 2³¹ triggers and stopped early (disarm) made a list of every id
+        # never sent, and the daemon ran out of memory. Among the first received + L ids at
+        # least L are missing (when that many are), so no more of them need looking at.
         if self._seen_map is not None:
             received = int(np.count_nonzero(self._seen_map))
-            missing = np.flatnonzero(~self._seen_map).tolist()
+            count = len(self._seen_map) - received
+            missing = np.flatnonzero(~self._seen_map[:received + MISSING_LISTED])[:MISSING_LISTED].tolist()
         else:
             expected = s.number_of_images if s.number_of_images is not None else (
                 max(self._seen) + 1 if self._seen else 0)
             received = len(self._seen)
-            missing = sorted(set(range(expected)) - self._seen)
-        summary = SeriesSummary(s, received, missing)
+            seen = np.fromiter(self._seen, np.int64, len(self._seen))
+            seen = seen[(seen >= 0) & (seen < expected)]
+            count = expected - len(seen)
+            head = np.arange(min(expected, len(seen) + MISSING_LISTED), dtype=np.int64)
+            missing = np.setdiff1d(head, seen)[:MISSING_LISTED].tolist()
+        summary = SeriesSummary(s, received, missing, count)
         self.start, self._seen, self._seen_map = None, set(), None
         return summary

@@ -689,7 +689,12 @@ class DectrisSource(Source):
                     for exc in batch.errors:  # (rate-limited: a broken detector fails every image)
                         job_errors[0] += 1
                         log_error(exc)
-                    deliver(conv.feed_batch(batch))
+                    try:
+                        converted = conv.feed_batch(batch)
+                    except Exception as exc:  # noqa: BLE001 - fails the scan, never the source (the daemon)
+                        job_failed(exc, pool.generation)
+                        converted = []
+                    deliver(converted)
                     if one:
                         return
                     continue
