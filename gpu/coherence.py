@@ -35,8 +35,8 @@ from .probes import normalise_probe, source_modes
 
 log = logging.getLogger(__name__)
 
-#: Trial source sizes of the estimate, metres rms at the sample (field-emission sources
-#: demagnified to the sample: a fraction of an ångström to about 1.5 Å).
+#: Trial source sizes of the estimate, metres rms at the sample. A source beyond the last
+#: trial is estimated as the last (the parabola needs a neighbour on each side).
 SOURCE_GRID_M: tuple[float, ...] = (0.0, 0.5e-10, 1.0e-10, 1.5e-10)
 
 
@@ -74,7 +74,7 @@ class SourceEstimate:
 def estimate_source_size(
     obj: Any, probe: Any, counts_fft: Any, batch: Any, mask: Any | None, options: ReconOptions,
     pixel_size: float, probe_power: float, *, grid: Sequence[float] = SOURCE_GRID_M,
-    iterations: int = 15, modes: int = 3, margin: float = 0.0, seed: int = 0,
+    iterations: int = 10, modes: int = 3, margin: float = 0.0, seed: int = 0,
 ) -> SourceEstimate:
     """Estimate the source size (rms, metres) from ``counts_fft`` (K, M, M integer counts, FFT
     order): split them into two binomial halves; for each trial σ of ``grid`` (0 included),

@@ -337,6 +337,8 @@ def test_simulate_cli_writes_probe_modes_under_truth_and_reconstruct_uses_a_sour
     assert data.truth_probe.shape == (2, 32, 32)
     assert data.probe_model is not None and data.probe is None  # the user gets the nominal model
     assert data.metadata["errors"]["source_size"] == pytest.approx(1e-10)
+    # the probe model states the size, as an operator would know it (--stated-source-size)
+    assert data.probe_model.source_size == pytest.approx(1e-10)
     # and the reconstruction with the known source writes its two modes to the result file
     from cryoptycho.daemon.storage.result import read_result
 

@@ -177,41 +177,35 @@ def test_simulate_stated_source_size_values():
 
 
 @pytest.mark.subprocess
-def test_simulate_states_the_source_size_and_reconstruct_uses_it_without_flags(tmp_path):
-    """``cryoptycho simulate --source-size 1 --stated-source-size 0.8``: the file's probe model
-    states 0.8 Å (what the operator knows), the truth keeps the 1 Å source; ``cryoptycho
-    reconstruct`` with no flags reconstructs with the stated size's three modes. With
-    ``--stated-source-size none`` nothing is stated and the probe is coherent."""
-    from cryoptycho.daemon.storage.dataset import read_dataset
+def test_a_stated_source_size_round_trips_through_the_dataset_and_reconstruct(tmp_path):
+    """A dataset whose probe model states ``source_size_m``: read back as written, and
+    ``cryoptycho reconstruct`` with no flags reconstructs with that size's three modes and saves
+    the size used; without the attribute the probe is coherent; a negative one is refused by
+    name."""
+    from cryoptycho.daemon.storage.dataset import read_dataset, write_dataset
     from cryoptycho.daemon.storage.result import read_result
 
-    ds = tmp_path / "src.h5"
-    out = _cli("simulate", "--source-size", "1.0", "--stated-source-size", "0.8", "--frame-size", "32",
-               "--detector", "ideal", "--thin", "--dose", "50", "-o", str(ds))
-    assert out.returncode == 0, out.stderr
-    data = read_dataset(ds)
-    assert data.probe_model.source_size == pytest.approx(0.8e-10)
-    assert data.metadata["errors"]["source_size"] == pytest.approx(1e-10) and data.truth_probe.shape[0] == 3
+    data = _scan(1.0, probe_model=True)
+    data.probe_model.source_size = 0.8 * PIXEL
+    ds = write_dataset(tmp_path / "src.h5", data)
+    assert read_dataset(ds).probe_model.source_size == pytest.approx(0.8 * PIXEL)
     res = tmp_path / "res.h5"
     out = _cli("reconstruct", str(ds), "-o", str(res), "-n", "2", "--no-export", "-q")
     assert out.returncode == 0, out.stderr
     state = read_result(res).state
-    assert state.probe.shape == (3, 32, 32) and state.options["source_size_m"] == pytest.approx(0.8e-10)
+    assert state.probe.shape == (3, M, M) and state.options["source_size_m"] == pytest.approx(0.8 * PIXEL)
 
-    plain = tmp_path / "plain.h5"  # as `--stated-source-size none` writes it
-    import shutil
-
-    shutil.copy(ds, plain)
-    with h5py.File(plain, "a") as f:
+    with h5py.File(ds, "a") as f:  # as `--stated-source-size none` writes it
         del f["probe_model"].attrs["source_size_m"]
-    out = _cli("reconstruct", str(plain), "-o", str(res), "-n", "2", "--no-export", "-q")
+    assert read_dataset(ds).probe_model.source_size is None
+    out = _cli("reconstruct", str(ds), "-o", str(res), "-n", "2", "--no-export", "-q")
     assert out.returncode == 0, out.stderr
     state = read_result(res).state
-    assert state.probe.shape == (32, 32) and state.options["source_size_m"] == 0.0
+    assert state.probe.shape == (M, M) and state.options["source_size_m"] == 0.0
 
-    with h5py.File(plain, "a") as f:  # a bad stated size is refused by name
+    with h5py.File(ds, "a") as f:
         f["probe_model"].attrs["source_size_m"] = -1e-10
-    out = _cli("reconstruct", str(plain), "-o", str(res), "-n", "2", "--no-export", "-q")
+    out = _cli("reconstruct", str(ds), "-o", str(res), "-n", "2", "--no-export", "-q")
     assert out.returncode != 0 and "source_size_m" in out.stderr and "Traceback" not in out.stderr
     out = _cli("simulate", "--stated-source-size", "big", "-o", str(tmp_path / "x.h5"))
     assert out.returncode == 2 and "--stated-source-size" in out.stderr
