@@ -91,6 +91,18 @@ def split_budget(budget_s: float, spent_s: float, reserve_s: float, halves_share
     return left - halves, halves
 
 
+def detector_order(frames: np.ndarray) -> np.ndarray:
+    """Host frames (n, M, M) in FFT order as a new array in detector order (``fftshift``): for
+    even sides one copy that swaps the halves (its own inverse), where ``np.fft.fftshift`` rolls
+    twice (16 µs of a 96×96 uint32 frame, against 3)."""
+    n, my, mx = frames.shape
+    if my % 2 or mx % 2:
+        return from_fft_order(frames)
+    out = np.empty_like(frames)
+    out.reshape(n, 2, my // 2, 2, mx // 2)[...] = frames.reshape(n, 2, my // 2, 2, mx // 2)[:, ::-1, :, ::-1]
+    return out
+
+
 class _Stop(Exception):
     """Raised from the refinement callback to leave a cancelled or interrupted refinement."""
 
@@ -160,7 +172,7 @@ class ScanWorker:
         held = self._held
         if held is None or not 0 <= start <= stop <= held[1]:
             return None
-        return from_fft_order(to_numpy(held[0].frames[start:stop]))
+        return detector_order(to_numpy(held[0].frames[start:stop]))
 
     def set_options(self, options: ReconOptions) -> None:
         """Apply new options at the next step (the engine is only touched by this thread)."""

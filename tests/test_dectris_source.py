@@ -145,6 +145,20 @@ def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine
     assert written == derived
 
 
+@pytest.mark.parametrize("side", [32, 33, 2, 1])
+def test_a_frame_stores_rows_are_read_back_in_detector_order(side: int) -> None:
+    """What the worker hands the spool at a scan's end: the frame store's rows (FFT order) back
+    as the frames it was given, for even sides (one copy) and odd ones (fftshift)."""
+    from cryoptycho.daemon.worker import detector_order
+    from cryoptycho.gpu.framestore import FrameStore
+
+    frames = np.random.default_rng(side).integers(0, 2000, (5, side, side)).astype(np.uint32)
+    store = FrameStore((side, side), frames.dtype, 8)
+    store.append(frames, np.zeros((5, 2)))
+    back = detector_order(store.frames[1:4])
+    assert back.dtype == frames.dtype and back.tobytes() == frames[1:4].tobytes()
+
+
 def test_frames_are_decoded_once_and_spooled_as_the_detector_sent_them(service, monkeypatch) -> None:
     calls = {"n": 0}
     real = compression.bslz4_decompress
