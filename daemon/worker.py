@@ -94,7 +94,7 @@ def split_budget(budget_s: float, spent_s: float, reserve_s: float, halves_share
 def detector_order(frames: np.ndarray) -> np.ndarray:
     """Host frames (n, M, M) in FFT order as a new array in detector order (``fftshift``): for
     even sides one copy that swaps the halves (its own inverse), where ``np.fft.fftshift`` rolls
-    twice (16 µs of a 96×96 uint32 frame, against 3)."""
+    twice (measured on a 96×96 uint32 frame: 16 µs against 11, 6 of them the fresh pages)."""
     n, my, mx = frames.shape
     if my % 2 or mx % 2:
         return from_fft_order(frames)
@@ -141,8 +141,8 @@ class ScanWorker:
         self._used = 0  #: frames visited by at least one update
         #: set once every frame of the scan is in the engine (its end taken) or the worker stopped
         self._frames_in = threading.Event()
-        #: the engine's frame store and its rows at the scan's end (:meth:`held_frames`)
-        self._held: tuple[FrameStore, int] | None = None
+        #: the frame store's frames array and its rows at the scan's end (:meth:`held_frames`)
+        self._held: tuple[Any, int] | None = None
         self.thread = threading.Thread(target=self._run, name=f"worker-{session.scan_id}", daemon=True)
 
     # -- called from the manager thread -------------------------------------------------------
@@ -165,14 +165,15 @@ class ScanWorker:
         copies in detector order and the store's dtype (spool.py HeldFrames: the store's rows
         are the spool's, both in the order the spool thread handed the frames over), once every
         frame is in (the scan's end taken). None where the worker did not get that far within
-        :data:`HELD_FRAMES_WAIT_S`, stopped, or its engine keeps no FrameStore. Any thread: no
-        frame is added to the store after the scan's end, and the engine only reads it."""
+        :data:`HELD_FRAMES_WAIT_S`, stopped, or its engine keeps no FrameStore. Any thread: the
+        array and rows are those of the scan's end, which nothing writes again (an append writes
+        rows after them, a growth a new array) and the engine only reads."""
         if not self._frames_in.wait(HELD_FRAMES_WAIT_S):
             return None
         held = self._held
         if held is None or not 0 <= start <= stop <= held[1]:
             return None
-        return detector_order(to_numpy(held[0].frames[start:stop]))
+        return detector_order(to_numpy(held[0][start:stop]))
 
     def set_options(self, options: ReconOptions) -> None:
         """Apply new options at the next step (the engine is only touched by this thread)."""
@@ -223,7 +224,7 @@ class ScanWorker:
                     ended = True
                     store = getattr(self.engine, "frame_store", None)
                     if isinstance(store, FrameStore):
-                        self._held = (store, store.n)
+                        self._held = (store.frames, store.n)
                     self._frames_in.set()
                     self._scan_end = item.arrived
                     continue
