@@ -21,7 +21,6 @@ import statistics
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 from cryoptycho.daemon.bench.dectris import DOSES, make_frames
@@ -49,8 +48,8 @@ def main() -> None:
     binned = reducer.reduce_batch(det)[0]
     chunks = [bslz4_compress(f) for f in det]
     m = reducer.frame_side
-    spec_args = dict(frame_shape=(m, m), frame_dtype=np.dtype(reducer.out_dtype).name, pixel_size_m=1e-10,
-                     energy_eV=300e3, probe=np.ones((m, m), np.complex64), expected_frames=n)
+    spec_args = {"frame_shape": (m, m), "frame_dtype": np.dtype(reducer.out_dtype).name, "pixel_size_m": 1e-10,
+                 "energy_eV": 300e3, "probe": np.ones((m, m), np.complex64), "expected_frames": n}
     store = FrameStore((m, m), reducer.out_dtype, n)
     for a in range(0, n, BATCH):
         rows = np.arange(a, a + BATCH) % DISTINCT
@@ -58,7 +57,7 @@ def main() -> None:
     worker = ScanWorker.__new__(ScanWorker)  # only its hand-over: the store as the scan ended
     worker._frames_in = threading.Event()
     worker._frames_in.set()
-    worker._held = (store, store.n)
+    worker._held = (store.frames, store.n)
 
     results: dict[str, dict[str, list[float]]] = {"decoded": {"cpu": [], "wall": []},
                                                    "frame_store": {"cpu": [], "wall": []}}
