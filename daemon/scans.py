@@ -496,7 +496,7 @@ class ScanManager:
                 worker.put(EndOfScan(reason))
                 if spool is not None and closed is not None:
                     try:
-                        spool.close()
+                        spool.close(held=worker.held_frames)  # the frames its engine holds
                     finally:
                         closed.set()
 
@@ -582,11 +582,12 @@ class ScanManager:
             self.spools.pop(session.scan_id)
 
         def task() -> None:  # after every append asked for so far: none is missed or doubled
+            frames = None
             if spool.count:  # frames spooled while the scan waited (or before a crash)
                 frames, _, positions = spool.read()
                 worker.put(FrameBatch(frames, positions))
-            if ended:
-                spool.close()
+            if ended:  # the binned rows read (derived) just now are written as they are
+                spool.close(held=None if frames is None else lambda a, b: frames[a:b])
                 worker.put(EndOfScan("scan_end"))
 
         self._on_disk(session.scan_id, task)

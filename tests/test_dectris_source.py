@@ -112,6 +112,53 @@ def _ended(service: BackgroundService, scan_id: str) -> Any:
     return session
 
 
+def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine_holds(
+        service, monkeypatch) -> None:
+    """At the scan's end its binned frames are written to the spool from the worker's frame
+    store (not decoded and binned again from the detector frames): the same bytes as derived
+    from the detector frames."""
+    from cryoptycho.daemon import worker as worker_module
+    from cryoptycho.daemon.storage.spool import SpoolWriter, derive_rows, load_derivation
+
+    # the spool thread waits for the worker to take in the scan's frames however busy the box
+    monkeypatch.setattr(worker_module, "HELD_FRAMES_WAIT_S", 300.0)
+    closed: list[tuple[Any, bytes, bytes]] = []
+    real_close = SpoolWriter.close
+
+    def close(self: SpoolWriter, held: Any = None) -> None:
+        real_close(self, held)
+        with h5py.File(self.path, "r") as f:  # before the worker may delete it
+            reducer, _ = load_derivation(f)
+            n = int(f[DATA].attrs["count"])
+            closed.append((self.derived_rows.copy(), f[DATA]["data"][:].tobytes(),
+                           derive_rows(f, reducer, 0, n).tobytes()))
+
+    monkeypatch.setattr(SpoolWriter, "close", close)
+    config = service.service.config  # (a short refinement: the daemon stops sooner)
+    config.options = config.options.model_copy(update={"parallax": False, "iterations": 1})
+    frames = _frames(100, seed=4)
+    _, stats = _run(service, _series(frames, "held"))
+    assert stats.frames_sent == 100
+    _wait(lambda: closed, "the scan's spool to close")
+    rows, written, derived = closed[0]
+    assert rows == {"frame_store": 100}  # a whole chunk of 64 rows and a part-full one
+    assert written == derived
+
+
+@pytest.mark.parametrize("side", [32, 33, 2, 1])
+def test_a_frame_stores_rows_are_read_back_in_detector_order(side: int) -> None:
+    """What the worker hands the spool at a scan's end: the frame store's rows (FFT order) back
+    as the frames it was given, for even sides (one copy) and odd ones (fftshift)."""
+    from cryoptycho.daemon.worker import detector_order
+    from cryoptycho.gpu.framestore import FrameStore
+
+    frames = np.random.default_rng(side).integers(0, 2000, (5, side, side)).astype(np.uint32)
+    store = FrameStore((side, side), frames.dtype, 8)
+    store.append(frames, np.zeros((5, 2)))
+    back = detector_order(store.frames[1:4])
+    assert back.dtype == frames.dtype and back.tobytes() == frames[1:4].tobytes()
+
+
 def test_frames_are_decoded_once_and_spooled_as_the_detector_sent_them(service, monkeypatch) -> None:
     calls = {"n": 0}
     real = compression.bslz4_decompress

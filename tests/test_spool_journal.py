@@ -4,8 +4,10 @@ with, spools of earlier releases (no journal) re-opened, and a journal cut short
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -258,14 +260,27 @@ def test_a_detector_scans_binned_frames_are_derived_while_it_is_open_and_written
     assert "130 frames" in (repair_spool(killed / w.path.name) or "")
     rebuilt = read_spool(killed / w.path.name)
     assert rebuilt.frames.tobytes() == binned[:130].tobytes()
+    # the same scan whose end finds its binned frames in memory (the worker's frame store):
+    # written from them, not decoded, to the same bytes
+    held = SpoolWriter.create(tmp_path, _derived_spec("held", reducer))
+    for a, b, raw in ((0, 1, True), (1, 70, True), (70, 75, False), (75, 150, True)):
+        _append_detector(held, reducer, det, binned, a, b, raw)
+    asked: list[tuple[int, int]] = []
+    held.set_status("ended")
+    held.close(held=lambda a, b: asked.append((a, b)) or binned[a:b].copy())
+    assert held.derived_rows == {"frame_store": 145}  # rows 70..75 were written as they came
+    assert asked == [(0, 64), (64, 70), (75, 150)]  # a whole chunk, then part-full ones
     _append_detector(w, reducer, det, binned, 130, 150)
     w.set_status("ended")
     w.close()
-    with h5py.File(w.path, "r") as f:
+    assert w.derived_rows == {"detector_frames": 145}
+    with h5py.File(w.path, "r") as f, h5py.File(held.path, "r") as h:
         g = f[DATA]
         assert "pending_rows" not in g[DERIVED].attrs  # written: nothing left to derive
-        written = g["data"][:]
+        assert "pending_rows" not in h[DATA][DERIVED].attrs
+        written, from_memory = g["data"][:], h[DATA]["data"][:]
     assert written.tobytes() == binned.tobytes() == read_spool(w.path).frames.tobytes()
+    assert from_memory.tobytes() == written.tobytes()
     # the killed daemon's spool recovered by the next daemon: re-opened, ended, closed
     w = SpoolWriter.reopen(killed / w.path.name)
     np.testing.assert_array_equal(w.read()[0], binned[:130])
@@ -274,6 +289,38 @@ def test_a_detector_scans_binned_frames_are_derived_while_it_is_open_and_written
     assert not journal_path(w.path).exists()
     with h5py.File(w.path, "r") as f:
         assert f[DATA]["data"][:].tobytes() == binned[:130].tobytes()
+
+
+def _shifted(binned: np.ndarray) -> Any:
+    extra = np.concatenate([binned, binned[:1]])
+    return lambda a, b: extra[a + 1:b + 1]  # a store that missed a frame: each row is the next's
+
+
+def _raises(a: int, b: int) -> np.ndarray:
+    raise RuntimeError("the device went away")
+
+
+@pytest.mark.parametrize("kind", ["missing", "shifted", "dtype", "shape", "raises"])
+def test_a_scans_binned_frames_that_are_not_its_detector_frames_are_decoded_instead(
+        tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The frames a scan holds at its end are written only where they are its detector frames
+    binned: rows the scan does not hold, or that are not those (a missed frame shifts them,
+    another dtype or shape), or that cannot be read, are decoded from the detector frames, and
+    the spool holds the same bytes."""
+    reducer, det, binned = _detector_scan(150)
+    w = SpoolWriter.create(tmp_path, _derived_spec(kind, reducer))
+    _append_detector(w, reducer, det, binned, 0, 150)
+    held = {"missing": lambda a, b: None, "shifted": _shifted(binned),
+            "dtype": lambda a, b: binned[a:b].astype(np.int32),
+            "shape": lambda a, b: binned[a:b - 1], "raises": _raises}[kind]
+    w.set_status("ended")
+    with caplog.at_level(logging.WARNING, "cryoptycho.spool"):
+        w.close(held=held)
+    assert w.derived_rows == {"detector_frames": 150}
+    with h5py.File(w.path, "r") as f:
+        assert f[DATA]["data"][:].tobytes() == binned.tobytes()
+    if kind != "missing":  # (a scan that holds none says so by None)
+        assert f"{kind}.spool.h5" in caplog.text and "decoded" in caplog.text
 
 
 def test_a_spool_with_derived_rows_is_refused_by_a_reader_that_cannot_derive_them(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +152,65 @@ class _Rows:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
+#: rows [start, stop) of an ended scan's binned frames as the scan holds them in memory (host
+#: frames of ``data``'s dtype and frame shape, detector order), or None where it holds none: the
+#: derived rows are then written without decoding them (daemon/worker.py ScanWorker.held_frames)
+HeldFrames = Callable[[int, int], "np.ndarray | None"]
+
+
+class _HeldRows:
+    """The binned frames of derived rows at a scan's end: as :data:`HeldFrames` gives them
+    where it does and they pass the check (:meth:`checked`), else derived from the detector
+    frames. Counts the rows of each (``frame_store``, ``detector_frames``)."""
+
+    def __init__(self, writer: SpoolWriter, held: HeldFrames | None) -> None:
+        self._w = writer
+        self._held = held
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def ask(self, lo: int, hi: int) -> np.ndarray | None:
+        """Rows [lo, hi) as ``held`` gives them, unchecked; None (and not asked again) where
+        it has none."""
+        held = self._held
+        if held is None:
+            return None
+        try:
+            rows = held(lo, hi)
+        except Exception:  # the rows are derived instead: the spool is written all the same
+            log.exception("spool %s: the scan's binned frames of rows %d..%d could not be read; "
+                          "decoded from %s instead", self._w.path.name, lo, hi, DETECTOR_FRAMES)
+            rows = None
+        if rows is None:
+            self._held = None
+        return rows
+
+    def checked(self, lo: int, hi: int, given: np.ndarray | None) -> np.ndarray:
+        """Rows [lo, hi): ``given`` if it has their shape and dtype and its first and last
+        rows are those derived from their detector frames (a store that missed, reordered or
+        changed frames shows there), else derived whole."""
+        w = self._w
+        ds = w._data
+        if given is not None:
+            ok = (isinstance(given, np.ndarray) and given.shape == (hi - lo, *ds.shape[1:])
+                  and given.dtype == ds.dtype
+                  and all(np.array_equal(given[r - lo], derive_rows(w._f, w._reducer, r, r + 1, fast=True)[0])
+                          for r in sorted({lo, hi - 1})))
+            if ok:
+                with self._lock:
+                    self.counts["frame_store"] += hi - lo
+                return np.ascontiguousarray(given)
+            log.warning("spool %s: the scan's binned frames of rows %d..%d are not those of its %s: "
+                        "decoded from them instead", w.path.name, lo, hi, DETECTOR_FRAMES)
+            self._held = None
+        with self._lock:
+            self.counts["detector_frames"] += hi - lo
+        return derive_rows(w._f, w._reducer, lo, hi, fast=True)
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        return self.checked(lo, hi, self.ask(lo, hi))
+
+
 def spool_path(spool_dir: str | Path, scan_id: str) -> Path:
     # every scan id the protocol accepts, at any configured length limit, names a spool file
     if not isinstance(scan_id, str) or not re.fullmatch(SCAN_ID_PATTERN, scan_id):
@@ -220,6 +279,9 @@ class SpoolWriter:
         #: the reducer whose binned frames are derived from ``detector_frames`` (:data:`DERIVED`)
         #: and the row ranges whose ``data`` is not written yet
         self._reducer, self._pending = load_derivation(self._f)
+        #: derived rows written at the scan's end, by where their binned frames came from: the
+        #: scan's own (``frame_store``: :data:`HeldFrames`) or decoded (``detector_frames``)
+        self.derived_rows: Counter[str] = Counter()
 
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
@@ -497,14 +559,17 @@ class SpoolWriter:
             del g.attrs["pending_rows"]
         self._pending = [(int(a), int(b)) for a, b in pending]
 
-    def _write_derived(self) -> int:
-        """Write the ``data`` rows still derived (the scan ended): decoded and binned from the
-        detector frames as every reader derives them, compressed as chunks. Whole chunks are
-        derived and compressed on the spool's compression threads (the codecs and NumPy
-        release the GIL), a few hundred rows a task, and written here in row order; rows of a
-        part-full chunk at a range's ends go through :meth:`_write_blocks`. Not journaled:
-        they are a function of what the journal holds, and a rebuild derives them again.
-        Returns the rows written."""
+    def _write_derived(self, held: HeldFrames | None = None) -> int:
+        """Write the ``data`` rows still derived (the scan ended), compressed as chunks: the
+        binned frames ``held`` gives (the scan's frame store: they need no decoding), or where
+        it gives none, decoded and binned from the detector frames as every reader derives
+        them. Rows from ``held`` are checked first: the first and last of each block against
+        their detector frames, derived; a block that differs is derived whole (and logged), and
+        ``held`` is not asked again. Whole chunks are made and compressed on the spool's
+        compression threads (the codecs and NumPy release the GIL), a few hundred rows a task,
+        and written here in row order; rows of a part-full chunk at a range's ends go through
+        :meth:`_write_blocks`. Not journaled: they are a function of what the journal holds,
+        and a rebuild derives them again. Returns the rows written."""
         if not self._pending:
             return 0
         ds = self._data
@@ -513,18 +578,21 @@ class SpoolWriter:
         pool = _compress_pool()
         done = 0
         paths = self.chunk_paths.copy()  # (these chunks are no received frames' path)
+        asker = _HeldRows(self, held)
         for a, b in self._pending:
             first, last = min(b, -(-a // c) * c), max(a, b // c * c)
             if first >= last:  # no whole chunk
-                self._write_blocks(a, [derive_rows(self._f, self._reducer, a, b)])
+                self._write_blocks(a, [asker.rows(a, b)])
                 done += b - a
                 continue
             if a < first:
-                self._write_blocks(a, [derive_rows(self._f, self._reducer, a, first)])
+                self._write_blocks(a, [asker.rows(a, first)])
             starts = list(range(first, last, step))
             tasks: list = []
             for i, lo in enumerate(starts):
-                tasks.append(pool.submit(self._derived_chunks, lo, min(last, lo + step)))
+                hi = min(last, lo + step)
+                # the frame store is read here, on one thread (a device's transfers in order)
+                tasks.append(pool.submit(self._derived_chunks, lo, hi, asker, asker.ask(lo, hi)))
                 if i + 1 < len(starts) and len(tasks) - 1 < _POOL_THREADS:
                     continue  # a few tasks in flight: memory stays bounded
                 row, blobs = tasks.pop(0).result()
@@ -535,17 +603,23 @@ class SpoolWriter:
                 for j, blob in enumerate(blobs):
                     self._put("data", ds, row + j * c, blob)
             if last < b:
-                self._write_blocks(last, [derive_rows(self._f, self._reducer, last, b)])
+                self._write_blocks(last, [asker.rows(last, b)])
             done += b - a
         self._begin()  # (the chunks collected for a journal record)
         self.chunk_paths = paths
+        self.derived_rows.update(asker.counts)
+        if asker.counts["frame_store"]:
+            log.info("spool %s: %d binned rows written from the scan's frames, %d decoded from %s",
+                     self.path.name, asker.counts["frame_store"], asker.counts["detector_frames"],
+                     DETECTOR_FRAMES)
         self._set_pending([])
         return done
 
-    def _derived_chunks(self, lo: int, hi: int) -> tuple[int, list[bytes]]:
+    def _derived_chunks(self, lo: int, hi: int, asker: _HeldRows,
+                        given: np.ndarray | None) -> tuple[int, list[bytes]]:
         """(``lo``, the ``data`` chunks of rows [lo, hi), whole chunks), on a compression thread."""
         c = self._data.chunks[0]
-        counts = derive_rows(self._f, self._reducer, lo, hi, fast=True)
+        counts = asker.checked(lo, hi, given)
         return lo, [compression_bslz4(counts[i:i + c]) for i in range(0, hi - lo, c)]
 
     def _replay(self, header: dict, body: memoryview) -> None:
@@ -877,15 +951,16 @@ class SpoolWriter:
         self.path.unlink(missing_ok=True)
         journal_path(self.path).unlink(missing_ok=True)
 
-    def close(self) -> None:
+    def close(self, held: HeldFrames | None = None) -> None:
         """Close the file: closed, it is consistent, which the journal records ("closed": a
         rebuild is not needed); once the scan's status is final, the journal is deleted. A
-        scan that ended (any status but open) has its derived binned frames written first."""
+        scan that ended (any status but open) has its derived binned frames written first,
+        from ``held`` where it has them (:meth:`_write_derived`)."""
         if not self._f.id.valid:
             return
         status = str(self._f.attrs.get("status", "open"))
         if status != "open" and self._pending:  # the scan ended: its binned frames are written once
-            self._write_derived()
+            self._write_derived(held)
             self._f.flush()
         self._f.close()
         journal, self._journal = self._journal, None
