@@ -221,6 +221,11 @@ class SpoolWriter:
         #: and the row ranges whose ``data`` is not written yet
         self._reducer, self._pending = load_derivation(self._f)
 
+    @property
+    def derivation(self) -> FrameReducer | None:
+        """The reducer the binned frames are derived with (None: the spool keeps them as sent)."""
+        return self._reducer
+
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
                reserve_bytes: int = 0) -> SpoolWriter:
