@@ -33,10 +33,10 @@ def _series(frames: np.ndarray, scan_id: str, **kw: Any) -> list[bytes]:
     return list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user, **kw)))
 
 
-def _serve(tmp_path: Any, sender: SimSender) -> Any:
+def _serve(tmp_path: Any, sender: SimSender, *extra: str) -> Any:
     return start_daemon(tmp_path, "--source", sender.url, "--set", "dectris.crop=64", "--set", "dectris.bin=2",
                         "--set", "options.iterations=2", "--set", "refine_time_budget_s=5",
-                        "--set", "resolution_interval_s=0")
+                        "--set", "resolution_interval_s=0", *extra)
 
 
 def _ended(daemon: Any, n: int) -> list[dict]:
@@ -261,7 +261,8 @@ def test_a_series_the_daemon_was_stopped_in_resumes_after_its_restart(tmp_path, 
         finally:
             rc = daemon.stop(sig)
         assert rc == (-signal.SIGKILL if sig == signal.SIGKILL else 0), daemon.log()
-        daemon = _serve(tmp_path, sender)
+        # (a recovered scan waits recover_wait_s for frames: longer than a loaded host may take)
+        daemon = _serve(tmp_path, sender, "--set", "recover_wait_s=600")
         try:
             for m in messages[1 + 14:]:  # images 14 and 15 a second time, then the rest and the end
                 sender.send_raw(m)
