@@ -108,8 +108,10 @@ class DirectIngest:
         return self._scan_id_taken is not None and self._scan_id_taken(scan_id)
 
     def recovered_scans(self) -> list[RecoveredScan]:
-        """Open scans recovered at the start that a detector source may resume (FrameSink)."""
-        return list(self.recovered)
+        """Open scans recovered at the start that a detector source may resume (FrameSink):
+        handed over once, so that a source run again later does not resume them again."""
+        out, self.recovered = self.recovered, []
+        return out
 
     def take(self, limit: int) -> list[tuple[Any, float]]:
         """Up to ``limit`` waiting messages with their arrival times (monotonic)."""
