@@ -16,7 +16,7 @@ from cryoptycho.protocols import validate
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits
 from cryoptycho.protocols.messages import Abort, Frames, ScanEnd, ScanStart
-from cryoptycho.protocols.sources import DetectorFrames, SinkClosed, SourceMessage
+from cryoptycho.protocols.sources import DetectorFrames, RecoveredScan, SinkClosed, SourceMessage
 
 from .scan import ScanSpec
 
@@ -75,6 +75,8 @@ class DirectIngest:
                  scan_id_taken: Callable[[str], bool] | None = None) -> None:
         self.capacity_frames = capacity_frames
         self._scan_id_taken = scan_id_taken
+        #: set by the service once it recovered its spool, before a source starts
+        self.recovered: list[RecoveredScan] = []
         self._items: deque[tuple[Any, float]] = deque()
         self._frames = 0
         self._closed = False
@@ -104,6 +106,12 @@ class DirectIngest:
     def scan_id_taken(self, scan_id: str) -> bool:
         """Whether the daemon would refuse a scan of this id as not unique (FrameSink)."""
         return self._scan_id_taken is not None and self._scan_id_taken(scan_id)
+
+    def recovered_scans(self) -> list[RecoveredScan]:
+        """Open scans recovered at the start that a detector source may resume (FrameSink):
+        handed over once, so that a source run again later does not resume them again."""
+        out, self.recovered = self.recovered, []
+        return out
 
     def take(self, limit: int) -> list[tuple[Any, float]]:
         """Up to ``limit`` waiting messages with their arrival times (monotonic)."""

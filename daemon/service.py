@@ -41,7 +41,7 @@ from cryoptycho.protocols.messages import (
     peek,
 )
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
-from cryoptycho.protocols.sources import DetectorFrames
+from cryoptycho.protocols.sources import DetectorFrames, RecoveredScan
 from cryoptycho.protocols.topics import encode_event
 from cryoptycho.protocols.wire import read_header, unpack
 from prometheus_client import start_http_server
@@ -260,8 +260,19 @@ class Service:
         if self.config.recover:
             for scan_id in self.scans.recover():
                 self._declared[scan_id] = start_from_spec(self.scans.sessions[scan_id].spec)
+                self._offer_to_source(scan_id)
         log.info("service ready", extra={**self.endpoints, "metrics_port": self.metrics_port})
         self.notifier.ready(f"ingest {self.endpoints['ingest']}")
+
+    def _offer_to_source(self, scan_id: str) -> None:
+        """A recovered scan still open whose spool derives its binned frames from detector
+        frames is offered to the detector source (``--source``), which may resume its series:
+        the detector goes on sending the images of a series the daemon was killed in."""
+        session, spool = self.scans.sessions[scan_id], self.scans.spools.get(scan_id)
+        if session.ended or spool is None or spool.derivation is None:
+            return
+        self.direct.recovered.append(RecoveredScan(self._declared[scan_id], session.ledger.seen(),
+                                                   spool.derivation))
 
     def request_stop(self, why: str | None = None) -> None:
         """Ask the loop to drain and return; safe from signal handlers and other threads.

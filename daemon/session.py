@@ -91,6 +91,10 @@ class FrameLedger:
             self.highest = max(self.highest, int(kept.max()))
         return keep
 
+    def seen(self) -> np.ndarray:
+        """The indices admitted so far (sorted, int64)."""
+        return np.flatnonzero(self._seen).astype(np.int64)
+
     def stored(self, n: int) -> None:
         """``n`` admitted frames are on disk: they count as received."""
         self.received += int(n)

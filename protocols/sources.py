@@ -26,8 +26,8 @@ import numpy as np
 
 from .messages import Abort, Frames, ScanEnd, ScanStart
 
-__all__ = ["DetectorFrames", "FrameSink", "RawChunks", "SinkClosed", "Source", "check_source", "open_source",
-           "register_source", "source_class", "source_schemes"]
+__all__ = ["DetectorFrames", "FrameSink", "RawChunks", "RecoveredScan", "SinkClosed", "Source", "check_source",
+           "open_source", "register_source", "source_class", "source_schemes"]
 
 
 class SinkClosed(Exception):
@@ -65,6 +65,17 @@ class DetectorFrames:
 SourceMessage = ScanStart | Frames | ScanEnd | Abort | DetectorFrames
 
 
+@dataclass(frozen=True)
+class RecoveredScan:
+    """A scan of a detector source that the daemon recovered from its spool at its start and
+    that is still open for frames (the daemon was killed or stopped in the middle of it): a
+    source may go on feeding it when the detector keeps sending that scan's images."""
+
+    start: ScanStart  #: its declaration, as the daemon checks its frames (metadata included)
+    received: np.ndarray  #: frame indices the spool already holds (int64, sorted)
+    reducer: Any  #: what made its binned frames of the detector's (the spool's derivation)
+
+
 class FrameSink(Protocol):
     """Where a source delivers. ``put`` blocks while the daemon applies back-pressure and
     raises :class:`SinkClosed` once it stops; a message it refuses is logged and counted by
@@ -76,6 +87,12 @@ class FrameSink(Protocol):
         """Whether a scan of this id would be refused as not unique (a scan, spool or result of
         that id exists): sources that name scans themselves pick another name then. Optional:
         a sink without it takes every new name."""
+        ...
+
+    def recovered_scans(self) -> list[RecoveredScan]:
+        """The open scans recovered from the spool at the daemon's start whose binned frames
+        the spool derives from detector frames (:class:`RecoveredScan`), for a source to resume
+        the series it was receiving. Optional: a sink without it resumes nothing."""
         ...
 
 

@@ -205,6 +205,42 @@ def test_a_new_start_aborts_the_unfinished_scan() -> None:
     assert [type(m) for m in out].count(ScanStart) == 2 and isinstance(out[-1], ScanEnd)
 
 
+def _resumed(received: int) -> tuple[list, SeriesConverter, ScanStart]:
+    """A series whose daemon restarted after ``received`` images: the messages of the series,
+    and a new converter that took it up from the scan recovered with those images."""
+    from cryoptycho.protocols.sources import RecoveredScan
+
+    msgs = _decoded(_series(user={"scan": USER_SCAN}))
+    before = SeriesConverter(BridgeConfig(detector_pixel_angle_rad=1e-3))
+    out = [m for msg in msgs[:1 + received] for m in before.feed(msg)]
+    scan = out[0]
+    assert isinstance(scan, ScanStart) and before.plan is not None
+    conv = SeriesConverter(BridgeConfig(detector_pixel_angle_rad=1e-3))
+    recovered = RecoveredScan(scan, np.arange(received, dtype=np.int64), before.plan.reducer)
+    assert conv.resume([recovered], 2) is not None
+    return msgs, conv, scan
+
+
+def test_a_resumed_series_goes_on_in_its_scan_and_refuses_images_it_holds() -> None:
+    msgs, conv, scan = _resumed(3)
+    out = [m for msg in msgs[1 + 2:] for m in conv.feed(msg)]  # image 2 again, images 3-5, the end
+    frames = [m for m in out if isinstance(m, Frames)]
+    assert not any(isinstance(m, (ScanStart, Abort)) for m in out)
+    assert {m.scan_id for m in frames} == {scan.scan_id}
+    assert np.concatenate([m.indices for m in frames]).tolist() == [3, 4, 5]
+    assert out[-1] == ScanEnd(scan.scan_id, 6) and conv.rejected == {"duplicate": 1}
+    assert conv.stats["missing_images"] == 0
+
+
+def test_a_new_series_after_a_resumed_one_aborts_it_like_any_series_cut_short() -> None:
+    _msgs, conv, scan = _resumed(3)
+    second = _decoded(_series(user={"scan": USER_SCAN}, series_id=2, series_unique_id="01SECOND"))
+    out = [m for msg in second for m in conv.feed(msg)]
+    aborts = [m for m in out if isinstance(m, Abort)]
+    assert [m.scan_id for m in aborts] == [scan.scan_id] and "replaced by series 2" in aborts[0].reason
+    assert isinstance(out[-1], ScanEnd) and out[-1].scan_id != scan.scan_id
+
+
 # ------------------------------------------------------------------------------ over sockets
 
 

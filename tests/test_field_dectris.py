@@ -5,8 +5,10 @@ end never came. Each test runs the real daemon as a subprocess and a detector so
 from __future__ import annotations
 
 import shutil
+import signal
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 from cryoptycho.protocols.control import ControlClient
@@ -31,10 +33,10 @@ def _series(frames: np.ndarray, scan_id: str, **kw: Any) -> list[bytes]:
     return list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user, **kw)))
 
 
-def _serve(tmp_path: Any, sender: SimSender) -> Any:
+def _serve(tmp_path: Any, sender: SimSender, *extra: str) -> Any:
     return start_daemon(tmp_path, "--source", sender.url, "--set", "dectris.crop=64", "--set", "dectris.bin=2",
                         "--set", "options.iterations=2", "--set", "refine_time_budget_s=5",
-                        "--set", "resolution_interval_s=0")
+                        "--set", "resolution_interval_s=0", *extra)
 
 
 def _ended(daemon: Any, n: int) -> list[dict]:
@@ -235,3 +237,45 @@ def test_a_series_armed_for_billions_of_triggers_and_stopped_early_ends_without_
             assert "number_of_images" in daemon.log()  # the first series' skip names why
         finally:
             assert daemon.stop() == 0, daemon.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_a_series_the_daemon_was_stopped_in_resumes_after_its_restart(tmp_path, sig):
+    """The daemon was killed (or stopped) in the middle of a series; the detector's PUSH socket
+    went on with the rest of the series to the restarted daemon, which had no start message for
+    it and dropped every image as one "without a start": the recovered scan ended with the
+    frames of before the restart. The series now resumes in its recovered scan: every image
+    once (two sent again count as duplicates), byte for byte as the detector sent it."""
+    from cryoptycho.daemon.storage.spool import DATA, read_detector_frames
+
+    frames = _frames(32, seed=4)
+    messages = _series(frames, "restarted")  # start, 32 images, end
+    with SimSender(2) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in messages[:1 + 16]:
+                sender.send_raw(m)
+            with ControlClient(daemon.control, timeout_s=30) as ctl:
+                wait_for(lambda: [s for s in ctl.list_scans() if s["frames"]["received"] == 16], 60,
+                         "the first 16 frames in the spool", daemon)
+        finally:
+            rc = daemon.stop(sig)
+        assert rc == (-signal.SIGKILL if sig == signal.SIGKILL else 0), daemon.log()
+        # (a recovered scan waits recover_wait_s for frames: longer than a loaded host may take)
+        daemon = _serve(tmp_path, sender, "--set", "recover_wait_s=600")
+        try:
+            for m in messages[1 + 14:]:  # images 14 and 15 a second time, then the rest and the end
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+            assert scan["scan_id"] == "restarted-series1" and scan["state"] == "finished", daemon.log()
+            assert scan["frames"]["received"] == 32 and scan["frames"]["gaps"] == 0, scan
+            assert "arrived without a start message" not in daemon.log()
+            assert "2 images (ids [14, 15]) arrived twice" in daemon.log(), daemon.log()
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    with h5py.File(scan["result_path"], "r") as f:
+        index = f["raw"][DATA]["frame_index"][()]
+        detector = read_detector_frames(f["raw"])
+    assert sorted(index.tolist()) == list(range(32))
+    assert detector is not None and detector.dtype == frames.dtype
+    assert detector.tobytes() == frames[index].tobytes()

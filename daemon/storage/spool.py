@@ -283,6 +283,11 @@ class SpoolWriter:
         #: scan's own (``frame_store``: :data:`HeldFrames`) or decoded (``detector_frames``)
         self.derived_rows: Counter[str] = Counter()
 
+    @property
+    def derivation(self) -> FrameReducer | None:
+        """The reducer the binned frames are derived with (None: the spool keeps them as sent)."""
+        return self._reducer
+
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
                reserve_bytes: int = 0) -> SpoolWriter:

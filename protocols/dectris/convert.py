@@ -287,6 +287,40 @@ class SeriesConverter:
             self._skip(start, exc)
         return out
 
+    def resume(self, recovered: Iterable[Any], version: int) -> SeriesStart | None:
+        """Take up the series of a scan the daemon recovered open after a restart (a
+        :class:`cryoptycho.protocols.sources.RecoveredScan`): its images keep coming from the
+        detector, without their start message, which the daemon before the restart received.
+        The series' ids, channel and number of images come from the scan's metadata, its
+        binning from the reducer its spool stored; the image ids the scan already holds are
+        duplicates if they come again. The newest DECTRIS scan is taken (a detector has one
+        series open at a time); returns the start message that stands for its own, or None."""
+        cfg = self.config
+        found = [r for r in recovered if r.start.metadata.get("source") == "dectris" and r.reducer is not None
+                 and isinstance(r.start.metadata.get("series_id"), int)
+                 and cfg.channel in (None, r.start.metadata.get("channel"))]
+        if not found:
+            return None
+        rec = found[-1]
+        meta, scan = rec.start.metadata, rec.start
+        expected = int(scan.expected_frames)
+        start = SeriesStart(version=version, series_id=int(meta["series_id"]),
+                            series_unique_id=meta.get("series_unique_id"),
+                            channels=(str(meta["channel"]),) if meta.get("channel") else (),
+                            image_shape=tuple(rec.reducer.detector_shape), number_of_images=expected)
+        channel = str(meta.get("channel") or cfg.channel)
+        # (the energy and pixel angle served to open the scan: it is open, they are not used again)
+        plan = _Plan(start, scan.scan_id, channel, expected, scan.energy_eV, 0.0, None,
+                     meta.get("geometry_from") == "side_channel", {}, scan_start=scan, reducer=rec.reducer,
+                     sent=len(rec.received))
+        self.tracker.resume(start, rec.received)
+        self._used_ids.add(scan.scan_id)
+        self.plan = plan
+        log.warning("resuming DECTRIS series %s/%s in recovered scan %s (%d of %d images received before "
+                    "the restart)", start.series_id, start.series_unique_id, scan.scan_id, len(rec.received),
+                    expected)
+        return start
+
     def _plan(self, start: SeriesStart) -> _Plan:
         cfg = self.config
         desc = scan_description(start.user_data)

@@ -299,6 +299,17 @@ class SeriesTracker:
         n = start.number_of_images
         self._seen_map = np.zeros(n, bool) if n is not None and 0 <= n <= _MAX_SEEN_MAP else None
 
+    def resume(self, start: SeriesStart, seen: np.ndarray) -> None:
+        """Take up a series begun before a restart: ``start`` stands for its start message (its
+        ids and number of images), ``seen`` are the image ids received before; they count as
+        duplicates if they come again."""
+        self.begin(start)
+        seen = np.asarray(seen, np.int64)
+        if self._seen_map is not None:
+            self._seen_map[seen[(seen >= 0) & (seen < len(self._seen_map))]] = True
+        else:
+            self._seen = {int(i) for i in seen}
+
     def expect(self, n: int) -> None:
         """The open series has ``n`` images: its start did not say (no ``number_of_images``),
         its scan does. Ids past it are then rejected as ids past ``number_of_images`` are,

@@ -585,6 +585,10 @@ class DectrisSource(Source):
                 except Exception:  # the listener's failure must not stop the stream
                     log.exception("DECTRIS notice listener failed on an undecodable message")
 
+        resumed = None
+        recovered = getattr(sink, "recovered_scans", None)
+        if recovered is not None:
+            resumed = conv.resume(recovered(), self.version)
         pool = self.pool = DecodePool(self.workers, self.processes)
         receiver = DectrisReceiver(self.endpoint, self.version, context=ctx, on_error=on_error,
                                    channels=[cfg.channel] if cfg.channel else None)
@@ -598,6 +602,9 @@ class DectrisSource(Source):
         #: images submitted since the last start received
         state: dict[str, Any] = {"channel": cfg.channel, "start": None, "fed": None, "plan": None, "ended": 0,
                                  "images": 0, "held": False, "held_since": 0.0}
+        if resumed is not None:  # the series the daemon was killed in: its images come on, not its start
+            state.update(start=resumed, fed=resumed, plan=conv.plan, images=conv.plan.sent,  # type: ignore[union-attr]
+                         channel=conv.plan.channel)  # type: ignore[union-attr]
 
         def job_kind() -> tuple[Any, bool, bool]:
             """(reducer, decode, alone) for the images gathered now. The converter may still
