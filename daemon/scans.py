@@ -22,9 +22,11 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
+from cryoptycho.gpu.data import stated_source_size
 from cryoptycho.gpu.engines import memory_estimate
 from cryoptycho.gpu.geometry import implausible_energy
 from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.reconstruct import source_modes_in_force, source_size_in_force
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.sources import DetectorFrames
 from pydantic import ValidationError
@@ -204,8 +206,12 @@ class ScanManager:
         """``options`` with as many probe modes as the scan's (modes, M, M) probe declares: the
         engine runs them all. The option probe_modes is bounded, a declared probe was not: a
         stack of 2000 probes (one per position, sent as modes) was accepted with the memory of
-        one mode and kept its worker busy for ever."""
+        one mode and kept its worker busy for ever. A coherent probe with a finite source (the
+        scan states its size, or the options give one) runs as :func:`source_modes_in_force`
+        modes: counted too, or its reservation was a third of the engine's work."""
         declared = spec.probe.shape[0] if spec.probe.ndim == 3 else 1
+        if declared == 1 and source_size_in_force(options, stated_source_size(None, spec.metadata)):
+            declared = source_modes_in_force(options)
         if declared <= options.probe_modes:
             return options
         try:

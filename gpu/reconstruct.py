@@ -223,6 +223,16 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
             {**fit.record(True, frames, confidence), **scan_record}, used)
 
 
+#: incoherent modes a finite source is represented by when ``probe_modes`` asks for one mode
+SOURCE_MODES = 3
+
+
+def source_modes_in_force(opts: ReconOptions) -> int:
+    """Probe modes of a reconstruction whose source is finite: ``opts.probe_modes``, or
+    :data:`SOURCE_MODES` when that asks for one (a single mode cannot hold a source)."""
+    return opts.probe_modes if opts.probe_modes > 1 else SOURCE_MODES
+
+
 def source_size_in_force(opts: ReconOptions, stated: float | None) -> float:
     """The source size (m) a reconstruction uses: ``opts.source_size_m`` when it is a number;
     for "auto", the size the scan states (``stated``; 0 when it states none)."""
@@ -241,7 +251,7 @@ def with_source(probe: Any, opts: ReconOptions, pixel_size: float, stated: float
     if not size:
         return probe
     main = probe if probe.ndim == 2 else probe[0]
-    return source_modes(main, pixel_size, size, opts.probe_modes if opts.probe_modes > 1 else 3)
+    return source_modes(main, pixel_size, size, source_modes_in_force(opts))
 
 
 def illuminated_pixels(probe: Any, batch: Batch, threshold: float = 0.01) -> int:
@@ -315,7 +325,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
         opts = opts.model_copy(update={"source_size_m": 0.0 if probe.ndim == 3 else source_size_in_force(opts, stated)})
         if opts.source_size_m:
             log.info("source size: %.3g Å rms, as the scan states: %d incoherent probe modes",
-                     opts.source_size_m * 1e10, opts.probe_modes if opts.probe_modes > 1 else 3)
+                     opts.source_size_m * 1e10, source_modes_in_force(opts))
     probe = with_source(probe, opts, data.real_pixel_size, stated)
     if opts.probe_modes > 1 or probe.ndim == 3:
         probe = initial_modes(probe, opts.probe_modes)

@@ -256,3 +256,27 @@ def test_snapshot_serves_the_last_typed_preview():
     np.testing.assert_allclose(reply["object"], state.object, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(reply["probe"], state.probe)
     assert reply["origin_m"] == [-2e-10, 3e-10] and reply["pixel_size_m"] == 1.5e-10
+
+
+def test_a_stated_source_size_reserves_the_memory_of_its_modes():
+    """A coherent probe with a finite source runs as three incoherent modes (gpu/reconstruct.py
+    source_modes_in_force); admission counted one, a third of the engine's far-field work."""
+    from dataclasses import replace
+
+    from cryoptycho.daemon.scans import ScanManager, estimate_bytes
+    from cryoptycho.gpu.options import ReconOptions
+
+    options = ReconOptions()
+    coherent = _spec(m=64)
+    with_source = replace(coherent, metadata={"source_size_m": 1e-10})
+    point_source = replace(coherent, metadata={"source_size_m": 0.0})
+    assert ScanManager._with_declared_modes(coherent, options).probe_modes == 1
+    assert ScanManager._with_declared_modes(point_source, options).probe_modes == 1
+    assert ScanManager._with_declared_modes(with_source, options).probe_modes == 3
+    assert ScanManager._with_declared_modes(with_source, options.merged({"probe_modes": 5})).probe_modes == 5
+    # the options' own size counts like a stated one
+    given = options.merged({"source_size_m": 2e-10})
+    assert ScanManager._with_declared_modes(coherent, given).probe_modes == 3
+    one = estimate_bytes(coherent, ScanManager._with_declared_modes(coherent, options))
+    three = estimate_bytes(with_source, ScanManager._with_declared_modes(with_source, options))
+    assert three > one
