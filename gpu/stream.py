@@ -933,7 +933,9 @@ class StreamingReconstructor:
         for key, value in problem.probe_estimate.items():
             # each refinement starts from the probe the last one left: plates add up
             self._probe_estimate[key] = self._probe_estimate.get(key, 0.0) + value
-        if opts.refine_positions:
+        if opts.refine_positions and losses:
+            # (no iteration ran: nothing was refined, and the positions it hands back are only
+            # its start — the received ones after live steps, which would undo those steps)
             self.frame_store.positions[:n] = positions
             self._positions_moved = True
             self._batch_refined_positions = True
