@@ -30,7 +30,7 @@ def test_dataset_streamed_by_the_cli_reaches_a_receiver(tmp_path: Path, version:
     mask[3, 4] = 0
     path = write_dataset(tmp_path / "scan.h5", PtychoData(
         frames=frames, positions=positions, energy=200e3, detector_pixel_angle=1.5e-3, mask=mask,
-        probe_model=ProbeModel(semiangle=20e-3, defocus=1e-8)))
+        probe_model=ProbeModel(semiangle=20e-3, defocus=1e-8, source_size=1e-10)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--version", version,
          "--dataset", str(path), "--port", "0", "--compression", "lz4", "--header-detail", "all"],
@@ -63,6 +63,7 @@ def test_dataset_streamed_by_the_cli_reaches_a_receiver(tmp_path: Path, version:
     np.testing.assert_array_equal(start.positions_m, positions)
     np.testing.assert_array_equal(start.mask, mask)
     assert start.probe_model.semiangle_rad == 20e-3 and start.probe_model.defocus_m == 1e-8
+    assert start.probe_model.source_size_m == 1e-10  # the source size the file states goes on
     data = np.concatenate([m.data for m in out if isinstance(m, Frames)])
     expected = frames.copy()
     expected[:, 3, 4] = 0  # masked pixels carry no counts

@@ -43,7 +43,8 @@ def dataset_series(path: Path, with_user_data: bool = True) -> SimSeries:
         if data.probe_model is not None:
             pm = data.probe_model
             desc["probe_model"] = {"kind": pm.kind, "semiangle_rad": pm.semiangle, "defocus_m": pm.defocus,
-                                   "cs_m": pm.cs, "zones": pm.zones, "diameter_m": pm.diameter, "seed": pm.seed}
+                                   "cs_m": pm.cs, "zones": pm.zones, "diameter_m": pm.diameter, "seed": pm.seed,
+                                   "source_size_m": pm.source_size}
         user = {USER_DATA_KEY: ScanDescription.model_validate(desc).model_dump(mode="json", exclude_none=True)}
     mask = None if data.mask is None else (~np.asarray(data.mask, bool)).astype(np.uint32)
     return SimSeries(frames, energy_ev=data.energy, pixel_mask=mask, user_data=user)

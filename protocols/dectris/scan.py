@@ -71,6 +71,9 @@ class ProbeSpec(_Strict):
     zones: int = Field(8, ge=1)
     diameter_m: float | None = Field(None, gt=0)
     seed: int = 0
+    source_size_m: float | None = Field(None, ge=0, allow_inf_nan=False)
+    """rms of the source's image at the sample (partial spatial coherence), as the instrument
+    states it; the engine's default ``source_size_m`` "auto" uses it (None: not stated)."""
 
 
 class ScanDescription(_Strict):
