@@ -28,7 +28,7 @@ from cryoptycho.gpu.geometry import implausible_energy
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.reconstruct import source_modes_in_force, source_size_in_force
 from cryoptycho.protocols.errors import ProtocolError
-from cryoptycho.protocols.sources import DetectorFrames
+from cryoptycho.protocols.sources import DetectorFrames, RawChunks
 from pydantic import ValidationError
 
 from .config import ServiceConfig
@@ -376,6 +376,23 @@ class ScanManager:
 
         self._on_disk(session.scan_id, write, frames.nbytes)
         return n
+
+    def keep_unpositioned(self, session: Session, image_ids: np.ndarray, raw: RawChunks) -> None:
+        """Detector frames the scan has no position for (more images than positions): kept in
+        its spool (``unpositioned_detector_frames``), after the frames asked for before them."""
+        spool = self.spools[session.scan_id]
+        session.last_activity = time.monotonic()
+
+        def write() -> None:  # on the spool thread, in order with the scan's appends
+            first = spool.unpositioned == 0
+            spool.append_unpositioned(image_ids, raw)
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "%d detector images without a position (ids %s%s) kept in the spool's "
+                    "unpositioned_detector_frames, not reconstructed (%d so far)", len(image_ids),
+                    image_ids[:10].tolist(), " …" if len(image_ids) > 10 else "", spool.unpositioned,
+                    extra={"scan_id": session.scan_id})
+
+        self._on_disk(session.scan_id, write, sum(len(c) for c in raw.chunks))
 
     def _append(self, session: Session, spool: SpoolWriter, item: _Pending) -> None:
         """Spool frames: they join the append the spool thread has not started yet, if there

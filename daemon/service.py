@@ -41,7 +41,7 @@ from cryoptycho.protocols.messages import (
     peek,
 )
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
-from cryoptycho.protocols.sources import DetectorFrames, RecoveredScan
+from cryoptycho.protocols.sources import DetectorFrames, RecoveredScan, UnpositionedFrames
 from cryoptycho.protocols.topics import encode_event
 from cryoptycho.protocols.wire import read_header, unpack
 from prometheus_client import start_http_server
@@ -426,6 +426,9 @@ class Service:
             if not taken:
                 return
             msg, arrived = taken[0]
+            if isinstance(msg, UnpositionedFrames):
+                self._guarded("ingest", self._unpositioned, msg)
+                continue
             detector = msg if isinstance(msg, DetectorFrames) else None
             if detector is not None:
                 msg = detector.frames
@@ -444,6 +447,17 @@ class Service:
                 self._guarded("ingest", self._ingest_fault, exc, msg, [])
             if self._preparing is not None or self.scans.backpressure():
                 return
+
+    def _unpositioned(self, msg: UnpositionedFrames) -> None:
+        """Detector frames a scan has no position for: kept in its spool while it is open."""
+        session = self.scans.sessions.get(msg.scan_id)
+        if session is None or session.state.final or msg.scan_id not in self.scans.spools:
+            n = len(msg.image_ids)
+            self.metrics.frames_dropped.labels(reason="scan_closed").inc(n)
+            log.error("%d detector images without a position (ids %s…) arrived after scan %s closed; not kept",
+                      n, msg.image_ids[:10].tolist(), msg.scan_id, extra={"scan_id": msg.scan_id})
+            return
+        self.scans.keep_unpositioned(session, msg.image_ids, msg.raw)
 
     def _reject(self, exc: ProtocolError, parts: list[Any], frames: int | None = None) -> None:
         self.metrics.messages_rejected.labels(rule=exc.rule).inc()

@@ -26,8 +26,8 @@ import numpy as np
 
 from .messages import Abort, Frames, ScanEnd, ScanStart
 
-__all__ = ["DetectorFrames", "FrameSink", "RawChunks", "RecoveredScan", "SinkClosed", "Source", "check_source",
-           "open_source", "register_source", "source_class", "source_schemes"]
+__all__ = ["DetectorFrames", "FrameSink", "RawChunks", "RecoveredScan", "SinkClosed", "Source", "UnpositionedFrames",
+           "check_source", "open_source", "register_source", "source_class", "source_schemes"]
 
 
 class SinkClosed(Exception):
@@ -62,7 +62,18 @@ class DetectorFrames:
     reducer: Any = None
 
 
-SourceMessage = ScanStart | Frames | ScanEnd | Abort | DetectorFrames
+@dataclass(frozen=True)
+class UnpositionedFrames:
+    """Detector frames of an open scan that the scan has no position for (a detector that took
+    more images than the scan has positions): not reconstructed, but kept, as the detector sent
+    them, in the scan's spool (and so its result file) beside the frames that are."""
+
+    scan_id: str
+    image_ids: np.ndarray  #: the detector's image ids (int64), one per chunk
+    raw: RawChunks
+
+
+SourceMessage = ScanStart | Frames | ScanEnd | Abort | DetectorFrames | UnpositionedFrames
 
 
 @dataclass(frozen=True)

@@ -158,11 +158,19 @@ def test_invalid_user_data_is_not_silently_replaced_by_the_config(caplog: pytest
     assert "user_data.cryoptycho.scan.raster.step_m.0" in caplog.text
 
 
-def test_scan_and_series_sizes_must_agree(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.ERROR):
-        out, _ = _convert(_series(), BridgeConfig(raster={"kind": "raster", "shape": [2, 2], "step_m": [1e-10, 1e-10]},
-                                                  detector_pixel_angle_rad=1e-3))
-    assert out == [] and "4 positions but the detector series 6 images" in caplog.text
+def test_a_series_with_more_images_than_the_scan_has_positions_is_reconstructed_not_skipped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """(The series was skipped.) Over our ingest protocol, which has no place for images without
+    a position, the bridge sends the positioned ones and refuses the rest by name; the daemon's
+    own DECTRIS source keeps them (test_field_dectris)."""
+    with caplog.at_level(logging.WARNING):
+        out, conv = _convert(_series(), BridgeConfig(raster={"kind": "raster", "shape": [2, 2],
+                                                             "step_m": [1e-10, 1e-10]}, detector_pixel_angle_rad=1e-3))
+    assert isinstance(out[0], ScanStart) and out[0].expected_frames == 4
+    assert sorted(int(i) for m in out if isinstance(m, Frames) for i in m.indices) == [0, 1, 2, 3]
+    assert isinstance(out[-1], ScanEnd) and out[-1].frame_count == 4
+    assert conv.rejected == {"no_position": 2} and conv.stats["failed_series"] == 0
+    assert "the detector series has 6 images, the scan 4 positions" in caplog.text
 
 
 def test_energy_and_pixel_angle_precedence() -> None:

@@ -26,9 +26,11 @@ def _frames(n: int, dtype: Any = np.uint16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).poisson(lam, (n, SIDE, SIDE)).astype(dtype)
 
 
-def _series(frames: np.ndarray, scan_id: str, **kw: Any) -> list[bytes]:
-    """A series whose user_data (SIMPLON header_appendix) describes the scan, as README says."""
-    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, len(frames)], "step_m": [2e-10, 2e-10]},
+def _series(frames: np.ndarray, scan_id: str, positions: int | None = None, **kw: Any) -> list[bytes]:
+    """A series whose user_data (SIMPLON header_appendix) describes the scan, as README says
+    (``positions``: the scan's, if not one per image)."""
+    n = len(frames) if positions is None else positions
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, n], "step_m": [2e-10, 2e-10]},
                            "detector_pixel_angle_rad": 5e-4, "scan_id": scan_id}}
     return list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user, **kw)))
 
@@ -220,7 +222,7 @@ def test_a_series_armed_for_billions_of_triggers_and_stopped_early_ends_without_
     ``number_of_images`` 2³¹. At the series' end the daemon listed every id that never came:
     a Python set of 2³¹ ints — the kernel's OOM killer took the daemon (here it runs with 8 GB
     of address space, so the old code dies of MemoryError instead of taking the host's memory).
-    The series cannot match the scan (skipped with the reason) and the daemon takes the next."""
+    The scan reconstructs the 4 images that came (its 4 positions), and the daemon takes the next."""
     huge = _series(_frames(4), "continuous", extra_start={"number_of_images": 2**31})
     after = _series(_frames(16, seed=5), "after-continuous", series_id=2, series_unique_id="S2")
     with SimSender(2) as sender:
@@ -230,11 +232,11 @@ def test_a_series_armed_for_billions_of_triggers_and_stopped_early_ends_without_
         try:
             for m in [*huge, *after]:
                 sender.send_raw(m)
-            with ControlClient(daemon.control, timeout_s=30) as ctl:
-                scans = wait_for(lambda: [s for s in ctl.list_scans() if s["state"] == "finished"], 120,
-                                 "the next series' scan", daemon)
-            assert scans[0]["scan_id"] == "after-continuous-series2" and scans[0]["frames"]["received"] == 16
-            assert "number_of_images" in daemon.log()  # the first series' skip names why
+            scans = {s["scan_id"]: s for s in _ended(daemon, 2)}
+            assert scans["continuous-series1"]["state"] == "finished", daemon.log()
+            assert scans["continuous-series1"]["frames"]["received"] == 4
+            assert scans["after-continuous-series2"]["frames"]["received"] == 16
+            assert f"the detector series has {2**31} images, the scan 4 positions" in daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
 
@@ -279,3 +281,52 @@ def test_a_series_the_daemon_was_stopped_in_resumes_after_its_restart(tmp_path, 
     assert sorted(index.tolist()) == list(range(32))
     assert detector is not None and detector.dtype == frames.dtype
     assert detector.tobytes() == frames[index].tobytes()
+
+
+def test_a_series_with_more_images_than_positions_keeps_every_image(tmp_path):
+    """The detector was armed for 24 triggers, the scan (user_data) has 16 positions. The series
+    was skipped ("the scan has 16 positions but the detector series 24 images"): all 24 frames
+    lost. Now the 16 positioned images are reconstructed and the 8 others are kept, as the
+    detector sent them, in the result's ``unpositioned_detector_frames`` with their image ids."""
+    from cryoptycho.daemon.storage.spool import DATA, UNPOSITIONED, UNPOSITIONED_IDS
+    from cryoptycho.protocols.compression import bslz4_decompress
+
+    frames = _frames(24, seed=6)
+    with SimSender(2) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in _series(frames, "more-images", positions=16):
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+            assert scan["state"] == "finished", daemon.log()
+            assert scan["frames"]["received"] == 16 and scan["frames"]["gaps"] == 0, scan
+            assert "the detector series has 24 images, the scan 16 positions" in daemon.log()
+            assert "8 detector images without a position (ids [16, 17, 18, 19, 20, 21, 22, 23])" in daemon.log()
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    with h5py.File(scan["result_path"], "r") as f:
+        g = f["raw"][DATA]
+        ids = g[UNPOSITIONED_IDS][()]
+        kept = [bslz4_decompress(g[UNPOSITIONED].id.read_direct_chunk((i, 0, 0))[1], frames.dtype, frames.shape[1:])
+                for i in range(len(ids))]
+        assert g[UNPOSITIONED][()].tobytes() == np.stack(kept).tobytes()  # (read through HDF5's filter too)
+    assert ids.tolist() == list(range(16, 24))
+    assert np.stack(kept).tobytes() == frames[16:].tobytes()
+
+
+def test_a_series_with_fewer_images_than_positions_is_reconstructed_with_those_that_came(tmp_path):
+    """The detector was armed for 12 triggers, the scan has 16 positions: the series was skipped
+    (all 12 frames lost). Now the scan takes the 12 images and ends with them when the
+    detector's series ends."""
+    frames = _frames(12, seed=7)
+    with SimSender(2) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in _series(frames, "fewer-images", positions=16):
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+            assert scan["frames"]["received"] == 12, scan
+            assert scan["state"] == "finished", daemon.log()
+            assert "the detector series has 12 images, the scan 16 positions" in daemon.log()
+        finally:
+            assert daemon.stop() == 0, daemon.log()

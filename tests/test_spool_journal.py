@@ -340,3 +340,36 @@ def test_a_spool_with_derived_rows_is_refused_by_a_reader_that_cannot_derive_the
         check_version(w.path, f, "spool", 1)
     with h5py.File(plain.path, "r") as f:
         assert f.attrs["format_version"] == 1
+
+
+def test_detector_frames_without_a_position_are_kept_and_rebuilt_from_the_journal(tmp_path: Path) -> None:
+    """Detector images past the scan's positions (a DECTRIS series with more images than the
+    scan) are kept as the detector sent them with their image ids, between the scan's appends,
+    and a spool rebuilt from its journal after a kill (HDF5 file as created) holds them too."""
+    from cryoptycho.daemon.storage.spool import UNPOSITIONED, UNPOSITIONED_IDS
+
+    reducer, det, binned = _detector_scan(40)
+    w = SpoolWriter.create(tmp_path, _derived_spec("extra", reducer))
+    empty = w.path.read_bytes()
+    _append_detector(w, reducer, det, binned, 0, 20)
+
+    def keep(a: int, b: int) -> None:
+        w.append_unpositioned(np.arange(a, b) + 100, RawChunks((DET, DET), np.dtype(np.uint16),
+                                                               [bslz4_compress(f) for f in det[a:b]]))
+
+    keep(20, 30)
+    _append_detector(w, reducer, det, binned, 30, 35)
+    keep(35, 40)
+    assert w.unpositioned == 15
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / w.path.name).write_bytes(empty)  # every HDF5 write after the creation lost
+    shutil.copyfile(journal_path(w.path), journal_path(killed / w.path.name))
+    w.close()
+    assert "25 frames" in (repair_spool(killed / w.path.name) or "")
+    extra = np.r_[20:30, 35:40]
+    for path in (w.path, killed / w.path.name):
+        with h5py.File(path, "r") as f:
+            np.testing.assert_array_equal(f[DATA][UNPOSITIONED_IDS][()], extra + 100)
+            assert f[DATA][UNPOSITIONED][()].tobytes() == det[extra].tobytes()
+        assert read_spool(path).frames.tobytes() == binned[np.r_[0:20, 30:35]].tobytes()

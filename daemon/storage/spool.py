@@ -83,6 +83,11 @@ DETECTOR_FRAMES = "detector_frames"
 #: the frames of ``detector_frames``' rows whose chunk was part full when they came (spool.py
 #: SpoolWriter._write_detector; read both with :func:`read_detector_frames`)
 DETECTOR_TAIL = "detector_frames_tail"
+#: detector frames the scan has no position for (a DECTRIS series with more images than the
+#: scan's positions), one frame a chunk as the detector sent it, in arrival order, and their
+#: detector image ids: kept, not reconstructed (FORMATS.md)
+UNPOSITIONED = "unpositioned_detector_frames"
+UNPOSITIONED_IDS = "unpositioned_image_id"
 BITSHUFFLE_FILTER = "32008"
 #: how :meth:`SpoolWriter.append_many` wrote whole chunks of ``data``: ``as_received`` (the
 #: sender's bslz4 bytes, HDF5 direct chunk write) or compressed here, because the frames came
@@ -654,6 +659,15 @@ class SpoolWriter:
             self._create_detector_frames(tuple(header["shape"]), np.dtype(header["dtype"]), int(header["rows"]))
         elif op == "derive":
             self._begin_derivation(reducer_of(header, np.frombuffer(body, np.uint8)))
+        elif op == "unpositioned":
+            k, n = int(header["k"]), int(header["n"])
+            pieces = iter_bodies(body, [8 * n, *_sizes(header)])
+            if self._unpositioned_rows(tuple(header["shape"]), np.dtype(header["dtype"]), 0) != k:
+                raise ValueError(f"its journal keeps unpositioned frames from row {k} on, the file has "
+                                 f"{self._f[DATA][UNPOSITIONED].shape[0]}")
+            self._unpositioned_rows(tuple(header["shape"]), np.dtype(header["dtype"]), n)
+            self._f[DATA][UNPOSITIONED_IDS][k:k + n] = np.frombuffer(next(pieces), np.int64)
+            self._replay_writes(header, pieces)
         elif op not in ("base", "opened", "closed"):
             raise ValueError(f"its journal holds an unknown record {op!r}")
 
@@ -915,6 +929,55 @@ class SpoolWriter:
             ds.attrs["compression"] = FILTER_NOTE
             if name == DETECTOR_FRAMES:
                 self._entry.detector_frames = ds
+
+    def append_unpositioned(self, image_ids: np.ndarray, raw: RawChunks) -> int:
+        """Keep detector frames the scan has no position for (:data:`UNPOSITIONED`, their ids in
+        :data:`UNPOSITIONED_IDS`), written as they came and flushed; with the journal they count
+        as kept once its record is written, as an append's frames do. Returns how many."""
+        n = len(raw.chunks)
+        if n != len(image_ids):
+            raise ValueError(f"{n} detector chunks for {len(image_ids)} image ids")
+        if n == 0:
+            return 0
+        self._check_space(sum(len(c) for c in raw.chunks))
+        header = {"op": "unpositioned", "shape": list(raw.shape), "dtype": np.dtype(raw.dtype).str}
+        ids = np.ascontiguousarray(image_ids, dtype=np.int64)
+        self._begin()
+        k = self._unpositioned_rows(tuple(raw.shape), np.dtype(raw.dtype), n)
+        frames = self._f[DATA][UNPOSITIONED]
+        if not self._direct_ok(frames, raw, n):
+            raise ValueError(f"detector frames {raw.shape} {raw.dtype} do not fit the spool's {UNPOSITIONED} "
+                             f"{frames.shape[1:]} {frames.dtype}")
+        self._f[DATA][UNPOSITIONED_IDS][k:k + n] = ids
+        for i, chunk in enumerate(raw.chunks):
+            self._put(UNPOSITIONED, frames, k + i, chunk)
+        header.update(k=k, n=n)
+        self._flush((header, [ids]))
+        return n
+
+    @property
+    def unpositioned(self) -> int:
+        """Detector frames kept without a position (:meth:`append_unpositioned`)."""
+        ds = self._f[DATA].get(UNPOSITIONED)
+        return 0 if ds is None else int(ds.shape[0])
+
+    def _unpositioned_rows(self, shape: tuple[int, ...], dtype: np.dtype, n: int) -> int:
+        """The first of ``n`` new rows of :data:`UNPOSITIONED` (made on first use)."""
+        g = self._f[DATA]
+        if UNPOSITIONED not in g:
+            h, w = shape
+            ds = g.create_dataset(UNPOSITIONED, shape=(0, h, w), maxshape=(None, h, w), dtype=dtype,
+                                  chunks=(1, h, w), **compression())
+            ds.attrs["description"] = ("detector frames the scan has no position for (the detector "
+                                       "took more images than the scan has positions): kept as the "
+                                       "detector sent them, not reconstructed; their image ids in "
+                                       f"{UNPOSITIONED_IDS}")
+            ds.attrs["compression"] = FILTER_NOTE
+            g.create_dataset(UNPOSITIONED_IDS, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+        k = g[UNPOSITIONED].shape[0]
+        g[UNPOSITIONED].resize(k + n, axis=0)
+        g[UNPOSITIONED_IDS].resize(k + n, axis=0)
+        return k
 
     def read_detector_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """Detector frames of rows [start, stop), None when the spool keeps none."""

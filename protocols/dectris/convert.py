@@ -205,7 +205,8 @@ class SeriesConverter:
         self.stats: dict[str, int] = {"series": 0, "frames_sent": 0, "failed_series": 0,
                                       "rejected_series": 0, "header_warnings": 0,
                                       "skipped_images": 0, "missing_images": 0,
-                                      "images_without_position": 0, "saturated_frames": 0}
+                                      "images_without_position": 0, "saturated_frames": 0,
+                                      "unpositioned_images": 0}
 
     def _notice(self, notice: SeriesNotice) -> None:
         if notice.outcome == "warning":
@@ -304,10 +305,12 @@ class SeriesConverter:
         rec = found[-1]
         meta, scan = rec.start.metadata, rec.start
         expected = int(scan.expected_frames)
+        images = meta.get("number_of_images")
         start = SeriesStart(version=version, series_id=int(meta["series_id"]),
                             series_unique_id=meta.get("series_unique_id"),
                             channels=(str(meta["channel"]),) if meta.get("channel") else (),
-                            image_shape=tuple(rec.reducer.detector_shape), number_of_images=expected)
+                            image_shape=tuple(rec.reducer.detector_shape),
+                            number_of_images=images if isinstance(images, int) and images >= 0 else expected)
         channel = str(meta.get("channel") or cfg.channel)
         # (the energy and pixel angle served to open the scan: it is open, they are not used again)
         plan = _Plan(start, scan.scan_id, channel, expected, scan.energy_eV, 0.0, None,
@@ -343,9 +346,20 @@ class SeriesConverter:
         else:
             raise HeaderError("user_data", "no scan geometry: give a cryoptycho scan in user_data "
                               "(header_appendix), a positions side channel, or a raster in the config")
-        if start.number_of_images is not None and start.number_of_images != expected:
-            raise HeaderError("number_of_images", f"the scan has {expected} positions but the detector "
-                              f"series {start.number_of_images} images")
+        images = start.number_of_images
+        if images is not None and images != expected:
+            # the detector took another number of images than the scan has positions (a trigger
+            # count set apart from the scan generator's): nothing it sends is thrown away
+            if images > expected:
+                text = (f"the detector series has {images} images, the scan {expected} positions: "
+                        f"images 0–{expected - 1} are reconstructed; the {images - expected} images from "
+                        f"id {expected} on have no position and are kept unbinned in the scan's spool and "
+                        "result (unpositioned_detector_frames), not reconstructed")
+            else:
+                text = (f"the detector series has {images} images, the scan {expected} positions: the "
+                        f"scan ends with the images that come, positions {images}–{expected - 1} "
+                        "unmeasured")
+            self._notice(SeriesNotice("warning", start.series_id, "number_of_images", text))
         energy = _first(desc and desc.energy_eV, start.energy_ev,
                         electron_energy(start.wavelength_m), cfg.energy_eV)
         if energy is None:
@@ -429,6 +443,7 @@ class SeriesConverter:
             "source": "dectris", "stream_version": start.version, "series_id": start.series_id,
             "series_unique_id": start.series_unique_id, "detector": start.detector_description,
             "channel": plan.channel, "crop": reducer.window, "bin": reducer.bin,
+            **({"number_of_images": start.number_of_images} if start.number_of_images is not None else {}),
             "window_corner_px": list(reducer.corner),
             "geometry_from": "user_data" if desc else ("side_channel" if plan.streamed else "config"),
             **({"user_scan_id": desc.scan_id} if desc and desc.scan_id else {}),
@@ -480,6 +495,11 @@ class SeriesConverter:
             return []
         if plan.channel not in image.data:
             raise DectrisError(f"image {image.image_id} lacks channel {plan.channel!r}")
+        if image.image_id >= plan.expected:
+            # (the direct source keeps such images in the spool; our protocol has no place for them)
+            self.tracker._reject("no_position", f"image {image.image_id} has no position: the scan has "
+                                 f"{plan.expected}; not sent (the daemon's own DECTRIS source keeps such images)")
+            return []
         frame = image.data[plan.channel]
         out: list[IngestMessage] = []
         if plan.scan_start is None:

@@ -47,6 +47,7 @@ from ..sources import (
     Source,
     SourceMessage,
     SourceStats,
+    UnpositionedFrames,
 )
 from .binning import scratch
 from .codec import bslz4_array, bslz4_batch, bslz4_batch_plan
@@ -454,6 +455,15 @@ class DirectConverter(SeriesConverter):
             out.append(plan.scan_start)
         if not keep.any() or plan.reducer is None:
             return out
+        past = keep & (batch.image_ids >= plan.expected)
+        if past.any():  # more images than the scan's positions: kept, not reconstructed
+            rows_past = np.flatnonzero(past)
+            out.append(UnpositionedFrames(plan.scan_id, batch.image_ids[rows_past].astype(np.int64),
+                                          RawChunks(batch.shape, batch.dtype, [batch.raw[k] for k in rows_past])))
+            self.stats["unpositioned_images"] += len(rows_past)
+            keep = keep & ~past
+            if not keep.any():
+                return out
         reducer = plan.reducer
         rows = None if keep.all() else np.flatnonzero(keep)
         accepted = slice(None) if rows is None else rows
