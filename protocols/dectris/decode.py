@@ -9,7 +9,7 @@ three-channel detector pays for one channel. Format notes and sources: ``README.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from fractions import Fraction
 from functools import lru_cache
@@ -38,6 +38,24 @@ _ANGSTROM = 1e-10
 
 _DTYPES = {tag: np.dtype(code) for tag, code in TYPED_ARRAY_DTYPES.items()}
 
+#: the tags this decoder reads (multi-dimensional arrays row- and column-major, RFC 8746's typed
+#: arrays, DECTRIS' compression); cbor2 itself decodes its semantic tags (dates, rationals, …).
+#: Any other tag is skipped: DECTRIS' reference decoder (its Stream V2 client's ``tag_hook``)
+#: decodes the same tags and hands back any other undecoded, so a detector or a later firmware
+#: may tag a value we do not know; we read such a value as its content (a tag adds meaning to
+#: a value, RFC 8949 § 3.4), where a field we use would otherwise be of the wrong type
+_KNOWN_TAGS = frozenset({40, 1040, 56500, *_DTYPES})
+
+
+def _untag(value: Any) -> Any:
+    """``value`` without the unknown tags around it (see :data:`_KNOWN_TAGS`)."""
+    if type(value) is not cbor2.CBORTag or value.tag in _KNOWN_TAGS:
+        return value
+    while type(value) is cbor2.CBORTag and value.tag not in _KNOWN_TAGS:
+        value = value.value
+    # inside a tag cbor2 freezes maps (FrozenDict), which the fields' type checks take for dicts
+    return dict(value) if isinstance(value, Mapping) and not isinstance(value, dict) else value
+
 
 def _typed_array(tag: cbor2.CBORTag) -> np.ndarray:
     """A typed array (tags 64–87, RFC 8746), its bytes raw or in a tag-56500 wrapper → flat,
@@ -45,9 +63,11 @@ def _typed_array(tag: cbor2.CBORTag) -> np.ndarray:
     dtype = _DTYPES.get(tag.tag)
     if dtype is None:
         raise DecodeError(f"unsupported typed-array tag {tag.tag}")
-    raw = tag.value
+    raw = _untag(tag.value)
     if isinstance(raw, cbor2.CBORTag) and raw.tag == 56500:
-        v = raw.value
+        v = _untag(raw.value)
+        if isinstance(v, (list, tuple)):
+            v = [_untag(x) for x in v]
         if not (isinstance(v, (list, tuple)) and len(v) == 3 and isinstance(v[0], str)
                 and isinstance(v[1], int) and isinstance(v[2], bytes)):
             raise DecodeError("tag 56500 must wrap [algorithm: text, modifier: uint, data: bytes]")
@@ -73,22 +93,30 @@ def _bslz4_blob(typed: cbor2.CBORTag) -> tuple[np.dtype, bytes] | None:
 
 
 def _multi_dim(tag: cbor2.CBORTag) -> np.ndarray:
-    """A tag-40 row-major array ``[dims, typed array]``."""
-    v = tag.value
+    """A tag-40 row-major (or tag-1040 column-major, RFC 8746) array ``[dims, typed array]``;
+    C-ordered either way."""
+    v = _untag(tag.value)
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        v = [_untag(v[0]), _untag(v[1])]
+        if isinstance(v[0], (list, tuple)):
+            v[0] = [_untag(d) for d in v[0]]
     if not (isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[1], cbor2.CBORTag)
             and 64 <= v[1].tag <= 87 and isinstance(v[0], (list, tuple))
             and all(type(d) is int and d >= 0 for d in v[0])):
-        raise DecodeError("tag 40 must wrap [dims: [uint, …], typed array]")
+        raise DecodeError(f"tag {tag.tag} must wrap [dims: [uint, …], typed array]")
     dims, typed = v
+    column_major = tag.tag == 1040
     blob = _bslz4_blob(typed)
-    if blob is not None:
+    if blob is not None and not column_major:
         # what DECTRIS detectors send: decoded straight to the image's shape, no copies
         return bslz4_array(blob[1], blob[0], tuple(dims))
     flat = _typed_array(typed)
-    if math.prod(v[0]) != flat.size:
-        raise DecodeError(f"array dims {list(v[0])} need {math.prod(v[0])} elements, "
+    if math.prod(dims) != flat.size:
+        raise DecodeError(f"array dims {list(dims)} need {math.prod(dims)} elements, "
                           f"the data holds {flat.size}")
-    return flat.reshape(v[0])
+    if column_major:
+        return np.ascontiguousarray(flat.reshape(dims, order="F"))
+    return flat.reshape(dims)
 
 
 class ImagePayload(NamedTuple):
@@ -133,17 +161,17 @@ def split_v2_image(raw: bytes, channel: str | None) -> ImageParts:
     here beyond ``cbor2.loads``); ``tests/test_dectris_source.py`` holds the two to the same
     answers and errors."""
     parsed = _parse_v2(raw)
-    if parsed["type"] != "image":
+    if _untag(parsed["type"]) != "image":
         raise DecodeError(f"a {parsed['type']!r} message announced itself as an image")
     series_id, unique_id, image_id = parsed.get("series_id"), parsed.get("series_unique_id"), parsed.get("image_id")
     if type(series_id) is not int or type(image_id) is not int or not (
             unique_id is None or type(unique_id) is str):
-        _req(parsed, "series_id", int)  # the helpers name the field and the type at fault
-        _req(parsed, "image_id", int)
-        _opt(parsed, "series_unique_id", str)
+        # (the helpers skip unknown tags, and name the field and the type at fault)
+        series_id, image_id = _req(parsed, "series_id", int), _req(parsed, "image_id", int)
+        unique_id = _opt(parsed, "series_unique_id", str)
     body = parsed.get("data")
     if type(body) is not dict:
-        _req(parsed, "data", dict)
+        body = _req(parsed, "data", dict)
     if channel is None:  # no start named the channel (e.g. the daemon restarted mid-series)
         channel = next(iter(body), "")
     try:
@@ -151,7 +179,9 @@ def split_v2_image(raw: bytes, channel: str | None) -> ImageParts:
     except KeyError:
         raise DecodeError(f"image {image_id} has no channel {channel!r} (it has {sorted(body)})") from None
     if type(tag) is not cbor2.CBORTag or tag.tag != 40:
-        raise DecodeError(f"channel {channel!r} is not a multi-dimensional array (tag 40)")
+        tag = _untag(tag)
+        if not _is_multi_dim(tag):
+            raise DecodeError(f"channel {channel!r} is not a multi-dimensional array (tag 40)")
     v = tag.value
     if (type(v) in (list, tuple) and len(v) == 2 and type(v[1]) is cbor2.CBORTag
             and type(v[0]) in (list, tuple) and len(v[0]) == 2
@@ -168,17 +198,19 @@ def split_v2_image(raw: bytes, channel: str | None) -> ImageParts:
 
 
 def _is_multi_dim(value: Any) -> bool:
-    return isinstance(value, cbor2.CBORTag) and value.tag == 40
+    return isinstance(value, cbor2.CBORTag) and value.tag in (40, 1040)
 
 
 def _materialise(value: Any) -> Any:
     if isinstance(value, cbor2.CBORTag):
-        if value.tag == 40:
+        if value.tag in (40, 1040):
             return _multi_dim(value)
         if 64 <= value.tag <= 87:
             return _typed_array(value)
-        return value  # unknown tags are kept as CBORTag and ignored unless their key matters
-    if isinstance(value, dict):
+        if value.tag == 56500:
+            return value  # compressed bytes outside an array: nothing says what they hold
+        return _materialise(value.value)  # an unknown tag: its content (_KNOWN_TAGS)
+    if isinstance(value, Mapping):  # (FrozenDict inside a tag)
         return {k: _materialise(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_materialise(v) for v in value]
@@ -198,7 +230,7 @@ def _parse_v2(raw: bytes) -> dict[str, Any]:
         # Decoding after the prefix gives plain dicts/lists (inside 55799 cbor2 freezes them).
         # No tag hook: arrays stay CBORTag objects until a field is used (a hook in Python
         # doubled the parse time of an image message).
-        msg = cbor2.loads(memoryview(raw)[len(V2_MAGIC):])
+        msg = _untag(cbor2.loads(memoryview(raw)[len(V2_MAGIC):]))
     except cbor2.CBORDecodeEOF as exc:
         raise DecodeError(f"truncated Stream V2 message ({len(raw)} bytes): {exc}") from exc
     except cbor2.CBORDecodeError as exc:
@@ -215,7 +247,7 @@ def _parse_v2(raw: bytes) -> dict[str, Any]:
 
 
 def _v2_message(msg: dict[str, Any], channels: Collection[str] | None) -> Message:
-    kind = msg["type"]
+    kind = _untag(msg["type"])
     if kind == "image":
         return _v2_image(msg, channels)
     if kind == "start":
@@ -236,7 +268,7 @@ def _opt(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
 
 
 def _check(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    value = msg[key]
+    value = _untag(msg[key])
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -246,13 +278,13 @@ def _check(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
 
 
 def _rational(msg: dict[str, Any], key: str) -> Fraction | None:
-    value = msg.get(key)
+    value = _untag(msg.get(key))
     if value is None:
         return None
     if isinstance(value, Fraction):  # tag 30, decoded by cbor2
         return value
     if type(value) in (list, tuple) and len(value) == 2:
-        num, den = value
+        num, den = _untag(value[0]), _untag(value[1])
         if type(num) is int and type(den) is int and den:
             return _fraction(num, den)
     raise DecodeError(f"field {key!r} must be a rational [numerator, denominator ≠ 0], got {value!r}")
@@ -273,6 +305,7 @@ def _triple(msg: dict[str, Any], key: str) -> tuple[float, float, float] | None:
     value = _opt(msg, key, (list, tuple))
     if value is None:
         return None
+    value = [_untag(v) for v in value]
     if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise DecodeError(f"field {key!r} must be 3 numbers (x, y, z metres), got {value!r}")
     return (float(value[0]), float(value[1]), float(value[2]))
@@ -286,9 +319,10 @@ def _v2_image(msg: dict[str, Any], channels: Collection[str] | None) -> Image:
         if name not in data:
             raise DecodeError(f"image {msg.get('image_id')} has no channel {name!r} "
                               f"(it has {sorted(data)})")
-        if not _is_multi_dim(data[name]):
+        tag = _untag(data[name])
+        if not _is_multi_dim(tag):
             raise DecodeError(f"channel {name!r} is not a multi-dimensional array (tag 40)")
-        arr = _multi_dim(data[name])
+        arr = _multi_dim(tag)
         if arr.ndim != 2:
             raise DecodeError(f"channel {name!r} has {arr.ndim} dims, images have 2 (y, x)")
         arrays[name] = arr
@@ -306,11 +340,12 @@ def _v2_image(msg: dict[str, Any], channels: Collection[str] | None) -> Image:
 
 
 def _v2_start(msg: dict[str, Any]) -> SeriesStart:
-    channels = tuple(_opt(msg, "channels", (list, tuple)) or ())
+    channels = tuple(_untag(c) for c in _opt(msg, "channels", (list, tuple)) or ())
     if not all(isinstance(c, str) for c in channels):
         raise DecodeError("field 'channels' of a start message must be a list of text strings")
     masks = {}
     for name, arr in (_opt(msg, "pixel_mask", dict) or {}).items():
+        arr = _untag(arr)
         if not _is_multi_dim(arr):
             raise DecodeError(f"pixel_mask[{name!r}] is not a multi-dimensional array (tag 40)")
         masks[name] = _multi_dim(arr)
@@ -319,7 +354,7 @@ def _v2_start(msg: dict[str, Any]) -> SeriesStart:
         shape = (_check(msg, "image_size_y", int), _check(msg, "image_size_x", int))
     dtype_name = _opt(msg, "image_dtype", str)
     wavelength = _opt(msg, "incident_wavelength", float)
-    arm_date = msg.get("arm_date")
+    arm_date = _untag(msg.get("arm_date"))
     raw = {k: v for k, v in msg.items() if k not in ("pixel_mask", "flatfield")}
     return SeriesStart(
         version=2,
