@@ -178,6 +178,7 @@ class _Plan:
     batch_data: np.ndarray | None = None  #: (frames_per_message, M, M), rows filled in order
     batch_since: float = 0.0
     waiting: dict[int, np.ndarray] = field(default_factory=dict)  #: image id → frame, no position yet
+    resumed: bool = False  #: the series of a scan recovered after a restart (:meth:`SeriesConverter.resume`)
 
 
 class SeriesConverter:
@@ -272,6 +273,15 @@ class SeriesConverter:
             log.warning("DECTRIS series %s never ended but all its %d images arrived: scan %s is "
                         "reconstructed", old.start.series_id, old.expected, old.scan_id)
             out += self._finish(old)
+        elif old is not None and old.scan_start is not None and old.resumed:
+            # a detector streams one series at a time, in order: the rest of the series resumed
+            # after the restart will not come (the detector moved on while the daemon was down).
+            # The scan ends with what it holds, as the daemon ends any recovered scan whose sender
+            # stays silent (recover_wait_s), instead of being aborted
+            log.warning("DECTRIS series %s, resumed in recovered scan %s, was replaced by series %s before "
+                        "its end: the scan ends with the %d of its %d images it holds", old.start.series_id,
+                        old.scan_id, start.series_id, old.sent + len(old.batch), old.expected)
+            out += self._finish(old)
         elif old is not None and old.scan_start is not None:
             out.append(Abort(self.plan.scan_id, f"detector series {self.plan.start.series_id} "
                              f"was replaced by series {start.series_id} before its end"))
@@ -315,7 +325,7 @@ class SeriesConverter:
         # (the energy and pixel angle served to open the scan: it is open, they are not used again)
         plan = _Plan(start, scan.scan_id, channel, expected, scan.energy_eV, 0.0, None,
                      meta.get("geometry_from") == "side_channel", {}, scan_start=scan, reducer=rec.reducer,
-                     sent=len(rec.received))
+                     sent=len(rec.received), resumed=True)
         self.tracker.resume(start, rec.received)
         self._used_ids.add(scan.scan_id)
         self.plan = plan
