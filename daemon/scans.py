@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -112,6 +112,10 @@ class ScanManager:
         # loop (and ping) for as long; one FIFO thread keeps appends, status changes, closes and
         # the hand-overs to workers that must follow them in order.
         self._disk = ThreadPoolExecutor(1, thread_name_prefix="spool")
+        #: closes the spools of ended scans whose workers hold their frames (:meth:`_close_ended`),
+        #: off the spool thread; scan id → that close, which later work on the file waits for
+        self._closer = ThreadPoolExecutor(1, thread_name_prefix="spool-close")
+        self._closing: dict[str, Future[None]] = {}
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
         self._spool_closed: dict[str, threading.Event] = {}
         self._disk.submit(lambda: None).result()  # its thread starts now, not in the first scan's step
@@ -518,12 +522,41 @@ class ScanManager:
                 # binned frames (derived until now: spool.py DERIVED); finish_result waits for it
                 worker.put(EndOfScan(reason))
                 if spool is not None and closed is not None:
-                    try:
-                        spool.close(held=worker.held_frames)  # the frames its engine holds
-                    finally:
-                        closed.set()
+                    self._close_ended(session.scan_id, spool, worker.held_frames, closed)
 
         self._on_disk(session.scan_id, task)
+
+    def _close_ended(self, scan_id: str, spool: SpoolWriter, held: Callable[[int, int], Any],
+                     closed: threading.Event) -> None:
+        """Spool thread, at a scan's end (its status "ended" written): close its spool on the
+        closer thread. Writing a detector scan's derived binned rows takes them from its
+        worker's frame store (``held``: ScanWorker.held_frames), which waits up to
+        HELD_FRAMES_WAIT_S for a worker that is behind; on the spool thread the next series'
+        appends waited behind it. Every frame of the scan is durable already (the journal: the
+        rows written here are derived from its detector frames), and nothing else writes this
+        spool once its status is "ended"; what reads or marks the file later waits for this
+        close (:meth:`_wait_closed`), finish_result through ``closed``."""
+
+        def task() -> None:
+            try:
+                spool.close(held=held)  # the frames its engine holds
+            except Exception as exc:  # a storage fault: logged, counted, and this scan fails
+                log.exception("closing the spool failed", extra={"scan_id": scan_id})
+                self.metrics.internal_errors.labels(where="spool").inc()
+                self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
+            finally:
+                closed.set()
+                self.outbox.wake()
+
+        # (both this and _wait_closed run on the spool thread: no lock)
+        self._closing = {k: f for k, f in self._closing.items() if not f.done()}
+        self._closing[scan_id] = self._closer.submit(task)
+
+    def _wait_closed(self, scan_id: str) -> None:
+        """Spool thread: wait for the close of the scan's spool on the closer thread, if any."""
+        future = self._closing.pop(scan_id, None)
+        if future is not None:
+            future.result()
 
     def abort_scan(self, session: Session, reason: str) -> None:
         """Cancel a scan (producer abort or control `cancel`); its spool is kept, marked aborted."""
@@ -756,6 +789,7 @@ class ScanManager:
                         del session.figures["last_preview"]
 
     def _mark_spool(self, scan_id: str, status: str) -> None:
+        self._wait_closed(scan_id)
         path = spool_path(self.config.spool_dir, scan_id)
         if path.exists():
             with h5py.File(path, "r+") as f:
@@ -837,6 +871,7 @@ class ScanManager:
 
     def _reopen_spool(self, scan_id: str) -> tuple[Any, dict[str, int], SpoolWriter]:
         """Spool thread: read a stopped scan's spool and open it again for its worker."""
+        self._wait_closed(scan_id)
         path = spool_path(self.config.spool_dir, scan_id)
         if not path.exists():
             raise ScanRefused("scan_id", "spool_kept", f"scan {scan_id!r} has no spool file left ({path.name})")
@@ -972,5 +1007,6 @@ class ScanManager:
         for scan_id in list(self.spools):
             self._close_spool(scan_id)
         self._disk.shutdown(wait=True)
+        self._closer.shutdown(wait=True)
         self._launcher.shutdown(wait=True)
         self.run_disk_done()  # answers to requests that waited for the spool thread
