@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import numpy as np
 from cryoptycho.protocols.messages import Frames, ProbeModelSpec, RasterScan, ScanStart
 
@@ -35,3 +38,29 @@ def frames(n: int = 4, m: int = 16, dtype=np.uint16, first: int = 0, **over) -> 
     }
     fields.update(over)
     return Frames(**fields)
+
+
+def run_dectris_source(sink: Any, messages: list[bytes], config: Any, *, version: int = 2,
+                       url_version: int | None = None, max_series: int = 1, **source: Any) -> tuple[Any, Any]:
+    """Push ``messages`` from a simulated DECTRIS detector (Stream ``version``) through a
+    :class:`DectrisSource` into ``sink`` (a daemon's direct sink) until ``max_series`` series
+    ended; ``url_version``: the source's URL names that Stream version instead of the sender's;
+    ``source``: the source's keyword arguments (workers, batch, on_notice, processes).
+    Returns (source, its stats)."""
+    from cryoptycho.protocols.dectris.sim import SimSender
+    from cryoptycho.protocols.dectris.source import DectrisSource
+
+    with SimSender(version) as sender:
+        url = sender.url if url_version is None else f"dectris{url_version}://127.0.0.1:{sender.port}"
+        src = DectrisSource(url, config, **source)
+        pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
+        pusher.start()
+        stop = threading.Event()
+        timer = threading.Timer(300.0, stop.set)  # a safety net, not a timing assertion
+        timer.start()
+        try:
+            stats = src.run(sink, stop, max_series=max_series)
+        finally:
+            timer.cancel()
+        pusher.join(10)
+    return src, stats

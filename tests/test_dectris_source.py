@@ -32,6 +32,7 @@ from cryoptycho.protocols.sources import (
     source_class,
     source_schemes,
 )
+from protocol_helpers import run_dectris_source
 
 CHANNEL = "threshold_1"
 SIDE = 64
@@ -73,22 +74,10 @@ def _run(service: BackgroundService, messages: list[Any], workers: int = 2, vers
     """Push ``messages`` from a simulated detector through a DectrisSource into ``service``
     (decoding threads unless ``processes``: most tests look at what the threads did);
     ``url_version``: the source URL names that Stream version instead of the sender's."""
-    with SimSender(version) as sender:
-        cfg.setdefault("channel", CHANNEL)
-        url = sender.url if url_version is None else f"dectris{url_version}://127.0.0.1:{sender.port}"
-        source = DectrisSource(url, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, **cfg),
-                               workers=workers, batch=16, on_notice=on_notice, processes=processes)
-        pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
-        pusher.start()
-        stop = threading.Event()
-        timer = threading.Timer(300.0, stop.set)  # a safety net, not a timing assertion
-        timer.start()
-        try:
-            stats = source.run(service.service.direct, stop, max_series=1)
-        finally:
-            timer.cancel()
-        pusher.join(10)
-    return source, stats
+    cfg.setdefault("channel", CHANNEL)
+    return run_dectris_source(service.service.direct, messages, BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, **cfg),
+                              version=version, url_version=url_version, workers=workers, batch=16,
+                              on_notice=on_notice, processes=processes)
 
 
 def _wait(predicate: Any, what: str, timeout: float = 120.0) -> Any:
@@ -143,6 +132,63 @@ def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine
     rows, written, derived = closed[0]
     assert rows == {"frame_store": 100}  # a whole chunk of 64 rows and a part-full one
     assert written == derived
+
+
+def test_a_scans_end_waiting_for_its_worker_does_not_hold_up_the_next_series(service, monkeypatch) -> None:
+    """At a scan's end its spool writes the binned rows from the worker's frame store, which
+    waits for a worker that is behind (up to 5 s). That wait ran on the single spool thread:
+    the next series' frames waited behind it, not received. Here the worker's frames are held
+    back (a gate) until the next scan has every frame on disk; the first scan is then closed
+    from its worker's frames and finishes."""
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+    from cryoptycho.daemon.worker import ScanWorker
+
+    gate, asked = threading.Event(), threading.Event()
+    real_held = ScanWorker.held_frames
+
+    def gated(self: ScanWorker, start: int, stop: int) -> Any:
+        asked.set()
+        assert gate.wait(300), "the gate was never opened"
+        return real_held(self, start, stop)
+
+    monkeypatch.setattr(ScanWorker, "held_frames", gated)
+    closed: list[tuple[str, dict[str, int]]] = []
+    real_close = SpoolWriter.close
+
+    def close(self: SpoolWriter, held: Any = None) -> None:
+        real_close(self, held)
+        closed.append((self.path.name, self.derived_rows.copy()))
+
+    monkeypatch.setattr(SpoolWriter, "close", close)
+    config = service.service.config
+    config.options = config.options.model_copy(update={"parallax": False, "iterations": 1})
+    messages = [*_series(_frames(40, seed=11), "gated"), *_series(_frames(24, seed=12), "next", series_id=2,
+                                                                  series_unique_id="S2")]
+    with SimSender(2) as sender:
+        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
+                               workers=2, batch=16)
+        stop = threading.Event()
+        runner = threading.Thread(target=lambda: source.run(service.service.direct, stop, max_series=2),
+                                  daemon=True)
+        runner.start()
+        try:
+            _wait(source.ready.is_set, "the source's workers to start")
+            for m in messages:
+                sender.send_raw(m)
+            _wait(asked.is_set, "the first scan's end to ask its worker for its frames")
+
+            def next_received() -> bool:
+                s = service.service.scans.sessions.get("next-series2")
+                return s is not None and s.ledger.received == 24
+            _wait(next_received, "the next series' frames on disk while the first scan's close waits")
+            assert not [name for name, _ in closed if name.startswith("gated")]  # (still waiting)
+        finally:
+            gate.set()
+            stop.set()
+            runner.join(60)
+    session = _ended(service, "gated-series1")
+    _wait(lambda: session.state.value == "finished", "the first scan's result")
+    assert [rows for name, rows in closed if name.startswith("gated")] == [{"frame_store": 40}]
 
 
 @pytest.mark.parametrize("side", [32, 33, 2, 1])

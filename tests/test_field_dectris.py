@@ -14,6 +14,7 @@ import pytest
 from cryoptycho.protocols.control import ControlClient
 from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v1_messages, v2_messages
 from daemon_support import start_daemon, wait_for
+from protocol_helpers import run_dectris_source
 
 pytestmark = pytest.mark.subprocess
 
@@ -166,12 +167,10 @@ def test_a_saturation_value_below_one_is_set_aside_and_the_daemon_stays_up(tmp_p
 def test_a_fault_in_the_source_bookkeeping_fails_its_scan_not_the_daemon(tmp_path, monkeypatch):
     """Whatever the converter raises on a batch of decoded images fails that series' scan; the
     source (and so the daemon, which stops when its source dies) takes the next series."""
-    import threading
-
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.dectris.bridge import BridgeConfig
-    from cryoptycho.protocols.dectris.source import DectrisSource, DirectConverter
+    from cryoptycho.protocols.dectris.source import DirectConverter
 
     real = DirectConverter.feed_batch
     calls = {"n": 0}
@@ -190,19 +189,9 @@ def test_a_fault_in_the_source_bookkeeping_fails_its_scan_not_the_daemon(tmp_pat
     try:
         messages = [*_series(_frames(32), "bug"), *_series(_frames(16, seed=1), "next", series_id=2,
                                                              series_unique_id="S2")]
-        with SimSender(2) as sender:
-            source = DectrisSource(sender.url, BridgeConfig(crop=SIDE, bin=2, channel="threshold_1"),
-                                   workers=1, batch=8)
-            pusher = threading.Thread(target=lambda: [sender.send_raw(m) for m in messages], daemon=True)
-            pusher.start()
-            stop = threading.Event()
-            timer = threading.Timer(120.0, stop.set)  # a safety net, not a timing assertion
-            timer.start()
-            try:
-                stats = source.run(service.service.direct, stop, max_series=2)  # raised before
-            finally:
-                timer.cancel()
-            pusher.join(10)
+        _, stats = run_dectris_source(service.service.direct, messages,  # raised before
+                                      BridgeConfig(crop=SIDE, bin=2, channel="threshold_1"), max_series=2,
+                                      workers=1, batch=8)
         assert stats.series_errors == 1
         assert stats.frames_sent >= 16
         def next_ended() -> bool:
