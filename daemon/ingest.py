@@ -16,7 +16,13 @@ from cryoptycho.protocols import validate
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits
 from cryoptycho.protocols.messages import Abort, Frames, ScanEnd, ScanStart
-from cryoptycho.protocols.sources import DetectorFrames, RecoveredScan, SinkClosed, SourceMessage
+from cryoptycho.protocols.sources import (
+    DetectorFrames,
+    RecoveredScan,
+    SinkClosed,
+    SourceMessage,
+    UnpositionedFrames,
+)
 
 from .scan import ScanSpec
 
@@ -148,6 +154,8 @@ class DirectIngest:
 
 
 def _frame_count(msg: Any) -> int:
+    if isinstance(msg, UnpositionedFrames):  # (held back like frames: a detector may send many)
+        return len(msg.image_ids)
     if isinstance(msg, DetectorFrames):
         msg = msg.frames
     return len(msg.indices) if isinstance(msg, Frames) else 0

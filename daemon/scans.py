@@ -389,7 +389,17 @@ class ScanManager:
 
         def write() -> None:  # on the spool thread, in order with the scan's appends
             first = spool.unpositioned == 0
-            spool.append_unpositioned(image_ids, raw)
+            try:
+                spool.append_unpositioned(image_ids, raw)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # checked before anything is written: the scan's own frames (and what it keeps
+                # of these) stay whole, and it is reconstructed; a detector left running past
+                # its scan must not fail it by filling the disk
+                log.error("%d detector images without a position (ids %s …) not kept: %s", len(image_ids),
+                          image_ids[:10].tolist(), exc, extra={"scan_id": session.scan_id})
+                return
             log.log(logging.WARNING if first else logging.DEBUG,
                     "%d detector images without a position (ids %s%s) kept in the spool's "
                     "unpositioned_detector_frames, not reconstructed (%d so far)", len(image_ids),

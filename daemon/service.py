@@ -428,6 +428,8 @@ class Service:
             msg, arrived = taken[0]
             if isinstance(msg, UnpositionedFrames):
                 self._guarded("ingest", self._unpositioned, msg)
+                if self._preparing is not None or self.scans.backpressure():
+                    return
                 continue
             detector = msg if isinstance(msg, DetectorFrames) else None
             if detector is not None:

@@ -4,6 +4,7 @@ spooled with the detector's own chunks, validated like the ingest socket, never 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import struct
 import threading
@@ -904,3 +905,31 @@ def test_a_series_after_a_restart_of_detector_and_daemon_gets_a_name_of_its_own(
     assert second["scan_id"].startswith(first["scan_id"]), (first["scan_id"], second["scan_id"])
     assert Path(second["result_path"]).exists() and Path(second["result_path"]) != Path(first["result_path"])
     assert Path(first["result_path"]).read_bytes() == first_bytes
+
+
+def test_images_past_the_scans_positions_that_find_no_disk_space_do_not_fail_the_scan(
+        service, monkeypatch, caplog) -> None:
+    """A detector left running past its scan's positions: the images it takes past them are kept
+    in the spool while there is room; when the disk is full they are not (logged), and the
+    scan, whose own frames are on disk, is still reconstructed."""
+    import errno
+
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+
+    def full(self: SpoolWriter, image_ids: Any, raw: Any) -> int:
+        raise OSError(errno.ENOSPC, "no space for the spool file (test)")
+
+    monkeypatch.setattr(SpoolWriter, "append_unpositioned", full)
+    config = service.service.config
+    config.options = config.options.model_copy(update={"parallax": False, "iterations": 1})
+    frames = _frames(24, seed=13)
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, 16], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": ANGLE, "scan_id": "full-disk"}}
+    with caplog.at_level(logging.ERROR):
+        _, stats = _run(service, list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user))))
+        session = _ended(service, "full-disk-series1")
+        _wait(lambda: session.state.value in ("finished", "failed"), "the scan's result")
+    assert stats.frames_sent == 16
+    assert session.state.value == "finished", session.error
+    assert session.ledger.as_dict()["received"] == 16
+    assert "8 detector images without a position (ids [16, 17, 18, 19, 20, 21, 22, 23] …) not kept" in caplog.text
