@@ -124,8 +124,12 @@ def test_images_past_the_scan_do_not_take_valid_frames_or_the_scan_end_with_them
     of its number of images; the scan (user_data) has 24 positions, and the scan generator gave
     the detector 6 triggers too many. The daemon refused the whole frames message holding
     images 24–29, and so also images 16–23 with them (lost), then the scan's end ("30 frames
-    sent but the scan expected 24"): the scan hung in acquiring. Images past the scan are now
-    rejected one by one; the scan gets its 24 frames and is reconstructed."""
+    sent but the scan expected 24"): the scan hung in acquiring. The scan now gets its 24
+    frames and is reconstructed; the 6 images past it (refused one by one, so lost, in the
+    first fix) are kept in the result's ``unpositioned_detector_frames``."""
+    from cryoptycho.daemon.storage.spool import DATA, UNPOSITIONED, UNPOSITIONED_IDS
+    from cryoptycho.protocols.compression import bslz4_decompress
+
     frames = _frames(30)
     user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [4, 6], "step_m": [2e-10, 2e-10]},
                            "detector_pixel_angle_rad": 5e-4, "energy_eV": 300e3, "scan_id": "extra-triggers"}}
@@ -141,6 +145,12 @@ def test_images_past_the_scan_do_not_take_valid_frames_or_the_scan_end_with_them
             assert "index_range" not in daemon.log() and "max_expected" not in daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
+    with h5py.File(scan["result_path"], "r") as f:
+        g = f["raw"][DATA]
+        assert g[UNPOSITIONED_IDS][()].tolist() == list(range(24, 30))
+        kept = [bslz4_decompress(g[UNPOSITIONED].id.read_direct_chunk((i, 0, 0))[1], frames.dtype, frames.shape[1:])
+                for i in range(6)]
+    assert np.stack(kept).tobytes() == frames[24:].tobytes()
 
 
 @pytest.mark.parametrize("saturation", [-1, 0])

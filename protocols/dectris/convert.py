@@ -187,6 +187,10 @@ class SeriesConverter:
     error, a header never stops the converter; an end without its start raises
     :class:`SeriesError`."""
 
+    #: images past the scan's positions leave as UnpositionedFrames (the daemon's own source)
+    #: instead of being refused one by one (our ingest protocol has no place for them)
+    keeps_unpositioned = False
+
     def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False,
                  on_notice: Callable[[SeriesNotice], None] | None = None,
                  taken: Callable[[str], bool] | None = None) -> None:
@@ -293,7 +297,7 @@ class SeriesConverter:
             for key, text in warnings:
                 self._notice(SeriesNotice("warning", start.series_id, key, text))
             self.plan = self._plan(start)
-            self.tracker.expect(self.plan.expected)
+            self.tracker.expect(self.plan.expected, keep_past=self.keeps_unpositioned)
         except Exception as exc:  # noqa: BLE001 - any header fault skips its series, never the bridge
             self._skip(start, exc)
         return out

@@ -284,6 +284,9 @@ class SeriesTracker:
         #: image id → seen, when the series gives its number of images (batches are checked
         #: in one NumPy pass against it; ``_seen`` then stays empty)
         self._seen_map: np.ndarray | None = None
+        #: ids from here on are taken as they come (no range or duplicate check): images past
+        #: the scan's positions, which the daemon's source keeps (:meth:`expect`)
+        self._open_past: int | None = None
         self.rejected: dict[str, int] = {}
 
     def _reject(self, reason: str, text: str, n: int = 1) -> bool:
@@ -295,7 +298,7 @@ class SeriesTracker:
         if self.start is not None:
             log.warning("DECTRIS series %s never ended; series %s replaces it",
                         self.start.series_id, start.series_id)
-        self.start, self._seen = start, set()
+        self.start, self._seen, self._open_past = start, set(), None
         n = start.number_of_images
         self._seen_map = np.zeros(n, bool) if n is not None and 0 <= n <= _MAX_SEEN_MAP else None
 
@@ -310,13 +313,15 @@ class SeriesTracker:
         else:
             self._seen = {int(i) for i in seen}
 
-    def expect(self, n: int) -> None:
+    def expect(self, n: int, keep_past: bool = False) -> None:
         """The open series has ``n`` images: its start did not say (no ``number_of_images``),
         its scan does. Ids past it are then rejected as ids past ``number_of_images`` are,
-        instead of reaching a scan that has no position for them."""
+        instead of reaching a scan that has no position for them; with ``keep_past`` (a caller
+        that keeps such images) they are taken as they come, unchecked."""
         if self.start is not None and self.start.number_of_images is None and n >= 0:
             self.start = replace(self.start, number_of_images=n)
             self._seen_map = np.zeros(n, bool) if n <= _MAX_SEEN_MAP else None
+            self._open_past = n if keep_past else None
 
     def accept_batch(self, series_ids: np.ndarray, unique_ids: Sequence[str | None],
                      image_ids: np.ndarray) -> np.ndarray:
@@ -337,12 +342,16 @@ class SeriesTracker:
         self._count(~keep, "unknown_series", image_ids, f"name another series than the open "
                     f"series {s.series_id}/{s.series_unique_id}")
         in_range = image_ids >= 0
+        past = np.zeros(n, bool)
         if s.number_of_images is not None:
-            in_range &= image_ids < s.number_of_images
+            if self._open_past is not None:
+                past = keep & (image_ids >= self._open_past)
+            in_range &= (image_ids < s.number_of_images) | past
         self._count(keep & ~in_range, "image_id_range", image_ids,
                     f"have ids outside the series' {s.number_of_images} images")
         keep &= in_range
-        rows = np.flatnonzero(keep)
+        checked = keep & ~past
+        rows = np.flatnonzero(checked)
         ids = image_ids[rows]
         first = np.zeros(len(rows), bool)  # the first of each id within the batch
         first[np.unique(ids, return_index=True)[1]] = True

@@ -420,7 +420,10 @@ class DecodePool:
 
 class DirectConverter(SeriesConverter):
     """:class:`SeriesConverter` fed decoded batches: frames leave as :class:`DetectorFrames`
-    (one per batch, with the detector's chunks) instead of being copied into message batches."""
+    (one per batch, with the detector's chunks) instead of being copied into message batches;
+    images past the scan's positions leave as :class:`UnpositionedFrames`, kept by the spool."""
+
+    keeps_unpositioned = True
 
     def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False,
                  on_notice: Callable[[SeriesNotice], None] | None = None, binned_chunks: bool = False,
