@@ -1,0 +1,87 @@
+"""A third-party client of our protocol written from protocols/PROTOCOL.md alone, with raw pyzmq
+and msgpack (no SDK), against the real daemon: values the SDK would never send but msgpack
+carries without complaint."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from daemon_support import start_daemon, wait_for
+
+pytestmark = pytest.mark.subprocess
+
+M = 16
+
+
+def _request(endpoint: str, method: str, **params) -> dict:
+    """One REQ round trip (PROTOCOL.md §6), a new socket each time as the Lazy Pirate pattern does."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)
+    try:
+        sock.connect(endpoint)
+        sock.send(msgpack.packb({"protocol": "cryoptycho", "version": 1, "type": "request", "method": method,
+                                 "params": params}))
+        return msgpack.unpackb(sock.recv_multipart()[0])
+    finally:
+        sock.close()
+
+
+def _scan_start(scan_id: str, **extra) -> list[bytes]:
+    header = {"protocol": "cryoptycho", "version": 1, "type": "scan_start", "scan_id": scan_id,
+              "energy_eV": 300e3, "pixel_size_m": 1e-10, "frame_shape": [M, M], "frame_dtype": "uint16",
+              "expected_frames": 4, "probe_model": {"semiangle_rad": 9.2e-3, "defocus_m": 40e-9},
+              "scan": {"kind": "raster", "shape": [2, 2], "step_m": [2e-10, 2e-10]}, **extra}
+    return [msgpack.packb(header)]
+
+
+NON_FINITE = [("mu0", math.inf), ("alpha_h", math.inf), ("mu1", math.inf), ("init_phase_mean", math.nan),
+              ("stream", {"momentum": -math.inf})]
+
+
+def test_non_finite_reconstruction_options_are_refused_by_name(tmp_path):
+    """§2.1: floats must be finite. `set_options {"mu0": inf}` (the defaults of every later scan)
+    was answered ok, and from then on every scan the facility ran failed at its first step with
+    "engine diverged … lower stream.step_size", which named neither the option nor the request;
+    a scan_start whose options held inf or NaN was accepted and failed once its frames were in."""
+    daemon = start_daemon(tmp_path)
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    try:
+        for key, value in NON_FINITE:
+            reply = _request(daemon.control, "set_options", options={key: value})
+            assert reply["success"] is False, (key, reply)
+            assert reply["result"]["field"].startswith(f"params.options.{key}"), reply
+            assert reply["result"]["rule"] == "finite_number", reply
+        defaults = _request(daemon.control, "set_options", options={"iterations": 2})
+        assert defaults["success"] and defaults["result"]["options"]["mu0"] == "auto", defaults
+
+        push.connect(daemon.ingest)
+        for i, (key, value) in enumerate(NON_FINITE):
+            push.send_multipart(_scan_start(f"nf{i}", options={key: value}))
+        for i, (key, _) in enumerate(NON_FINITE):
+            receipt = wait_for(lambda i=i: (r := _request(daemon.control, "receipt", scan_id=f"nf{i}"))["result"]
+                               ["state"] != "unknown" and r, 60, f"the verdict on scan nf{i}", daemon)
+            assert receipt["result"]["state"] == "refused", (key, receipt)
+            assert f"options.{key}" in receipt["result"]["error"], receipt
+        # a finite scan goes on as before
+        push.send_multipart(_scan_start("finite", options={"mu0": 0.002}))
+        frames = np.ones((4, M, M), np.uint16)
+        header = {"protocol": "cryoptycho", "version": 1, "type": "frames", "scan_id": "finite",
+                  "arrays": [{"name": "indices", "dtype": "uint32", "shape": [4]},
+                             {"name": "data", "dtype": "uint16", "shape": [4, M, M]}]}
+        push.send_multipart([msgpack.packb(header), np.arange(4, dtype=np.uint32).tobytes(), frames.tobytes()])
+        wait_for(lambda: _request(daemon.control, "receipt", scan_id="finite")["result"]["frames"]["received"] == 4,
+                 60, "the finite scan's frames", daemon)
+        assert _request(daemon.control, "ping")["success"]
+        assert daemon.stop() == 0
+    finally:
+        push.close()
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
