@@ -87,6 +87,9 @@ def check_scan_start(msg: ScanStart, limits: Limits) -> None:
             fail("probe", "non_zero", "probe is zero everywhere")
     if msg.mask is not None and tuple(msg.mask.shape) != m:
         fail("mask", "shape", f"mask shape {tuple(msg.mask.shape)} differs from frame shape {m}")
+    if msg.mask is not None and not np.any(msg.mask):
+        # else the scan is streamed whole and fails once its frames are in
+        fail("mask", "non_zero", "mask marks no pixel valid (1 = valid pixel, 0 = gap, hot or dead)")
     if msg.positions_m is not None:
         _check_positions(msg.positions_m, msg.expected_frames, "scan.positions_m", limits, sid)
     if msg.raster is not None:

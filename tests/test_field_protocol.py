@@ -122,3 +122,31 @@ def test_a_scan_start_refused_at_its_checks_is_refused_in_its_receipt(tmp_path, 
         push.close()
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+def test_a_mask_without_a_valid_pixel_is_refused_at_scan_start(tmp_path):
+    """A mask of zeros (1 = valid: a client that inverted the convention, or sent a gap map)
+    was accepted; the producer streamed the whole scan, and once its frames were in the scan
+    failed with "mask marks no detector pixel as valid", which named neither the field nor the
+    message. It is refused at scan_start, as an all-zero probe is."""
+    daemon = start_daemon(tmp_path)
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    try:
+        push.connect(daemon.ingest)
+        for scan_id, mask in (("zero-mask", np.zeros((M, M), np.uint8)), ("one-pixel", np.eye(1, M * M, 0, np.uint8))):
+            header = msgpack.unpackb(_scan_start(scan_id)[0])
+            header["arrays"] = [{"name": "mask", "dtype": "uint8", "shape": [M, M]}]
+            push.send_multipart([msgpack.packb(header), mask.reshape(M, M).tobytes()])
+        wait_for(lambda: _request(daemon.control, "receipt", scan_id="one-pixel")["result"]["state"] != "unknown",
+                 60, "the verdict on the second scan", daemon)
+        assert _request(daemon.control, "receipt", scan_id="one-pixel")["result"]["state"] == "announced"
+        receipt = _request(daemon.control, "receipt", scan_id="zero-mask")["result"]
+        assert receipt["state"] == "refused", receipt
+        assert receipt["error"].startswith("mask:") and "[rule non_zero]" in receipt["error"], receipt
+        assert daemon.stop() == 0
+    finally:
+        push.close()
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
