@@ -130,10 +130,13 @@ def check_frames(msg: Frames, limits: Limits, scan: ScanStart | None) -> None:
         )
     if my != mx:
         fail("data", "square", f"frames must be square, got {my}×{mx}")
-    if my > limits.max_frame_side:
+    # a declared scan's frames must match its declaration (below), which met the limits in force
+    # at its start: a scan recovered by a daemon restarted with tighter limits takes the rest of
+    # its frames; new scans meet the new limits at their start
+    if scan is None and my > limits.max_frame_side:
         fail("data", "max_frame_side", f"side {my} exceeds the limit of {limits.max_frame_side}")
     dtype = wire_dtype(data.dtype)
-    if dtype not in limits.frame_dtypes:
+    if scan is None and dtype not in limits.frame_dtypes:
         fail("data", "allowed_dtype", f"{dtype} is not one of {', '.join(limits.frame_dtypes)}")
     if idx.shape != (n,):
         fail("indices", "shape", f"indices shape {idx.shape} does not match {n} frames")
