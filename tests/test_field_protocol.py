@@ -87,10 +87,11 @@ def test_non_finite_reconstruction_options_are_refused_by_name(tmp_path):
             daemon.proc.kill()
 
 
-@pytest.mark.parametrize("extra, field", [({"frame_dtype": "uint16"}, "frame_dtype"),
-                                          ({"energy_eV": "300 keV"}, "energy_eV"),
-                                          ({"options": {"iterations": 5}, "mu0": 0.1}, "mu0")])
-def test_a_scan_start_refused_at_its_checks_is_refused_in_its_receipt(tmp_path, extra, field):
+BAD_STARTS = [({"frame_dtype": "uint16"}, "frame_dtype"), ({"energy_eV": "300 keV"}, "energy_eV"),
+              ({"options": {"iterations": 5}, "mu0": 0.1}, "mu0")]
+
+
+def test_a_scan_start_refused_at_its_checks_is_refused_in_its_receipt(tmp_path):
     """§4.5: "After a refusal it (`receipt`) answers state: refused, with the reason in error".
     It did so only for the daemon's own decisions (memory, options); a scan_start refused by the
     message checks (a frame dtype the daemon's limits do not accept, a wrong type, an unknown
@@ -103,14 +104,16 @@ def test_a_scan_start_refused_at_its_checks_is_refused_in_its_receipt(tmp_path, 
     push.setsockopt(zmq.LINGER, 5000)
     try:
         push.connect(daemon.ingest)
-        push.send_multipart(_scan_start("bad-start", **{"frame_dtype": "uint8", **extra}))
-        push.send_multipart(_scan_start("marker", frame_dtype="uint8"))  # read after the bad one
+        for i, (extra, _) in enumerate(BAD_STARTS):
+            push.send_multipart(_scan_start(f"bad-start-{i}", **{"frame_dtype": "uint8", **extra}))
+        push.send_multipart(_scan_start("marker", frame_dtype="uint8"))  # read after the bad ones
         wait_for(lambda: _request(daemon.control, "receipt", scan_id="marker")["result"]["state"] != "unknown",
-                 60, "the scan after the refused one", daemon)
-        receipt = _request(daemon.control, "receipt", scan_id="bad-start")["result"]
-        assert receipt["state"] == "refused", receipt
-        assert receipt["error"].startswith(f"{field}:") and receipt["refused_at"] is not None, receipt
-        assert receipt["max_message_bytes"] > 0, receipt
+                 60, "the scan after the refused ones", daemon)
+        for i, (_, field) in enumerate(BAD_STARTS):
+            receipt = _request(daemon.control, "receipt", scan_id=f"bad-start-{i}")["result"]
+            assert receipt["state"] == "refused", receipt
+            assert receipt["error"].startswith(f"{field}:") and receipt["refused_at"] is not None, receipt
+            assert receipt["max_message_bytes"] > 0, receipt
         # a second start of an existing scan is refused without touching the scan's receipt
         push.send_multipart(_scan_start("marker", frame_dtype="uint8"))
         push.send_multipart(_scan_start("marker-2", frame_dtype="uint8"))
