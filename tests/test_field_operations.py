@@ -120,3 +120,22 @@ def test_a_scan_open_across_a_restart_with_tighter_limits_takes_the_rest_of_its_
         for daemon in (first, second):
             if daemon is not None and daemon.proc.poll() is None:
                 daemon.proc.kill()
+
+
+def test_a_spool_directory_on_a_file_system_without_locks_still_starts(tmp_path, monkeypatch, caplog):
+    """Some network mounts refuse flock (ENOLCK): that is not another daemon, and the start
+    goes on with a warning instead of failing as if the directory were in use."""
+    import errno
+    import fcntl
+    import logging
+
+    from cryoptycho.daemon.commands.serve import _lock_spool_dir
+
+    def no_locks(*_args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="cryoptycho.serve"):
+        handle = _lock_spool_dir(tmp_path)
+    handle.close()
+    assert "cannot lock spool_dir" in caplog.text and "No locks available" in caplog.text, caplog.text

@@ -94,8 +94,8 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
             raise click.ClickException(str(exc)) from None
 
     _check_writable(config)
-    spool_lock = _lock_spool_dir(Path(config.spool_dir))  # noqa: F841 - held until the process exits
     setup_logging(config.log_format, config.log_level)
+    spool_lock = _lock_spool_dir(Path(config.spool_dir))  # noqa: F841 - held until the process exits
     for name in unknown_environment():
         log.warning("environment variable %s sets no setting of the service and is ignored "
                     "(keys: daemon/SERVICE.md, Configuration)", name)
@@ -227,13 +227,17 @@ def _lock_spool_dir(spool_dir: Path) -> Any:
     handle = open(spool_dir / SPOOL_LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - open for the process' life
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
         raise click.ClickException(
             f"spool_dir {spool_dir} is in use by another daemon ({holder}): each daemon needs a spool "
             "directory of its own; stop that daemon or give this one another spool_dir") from None
+    except OSError as exc:  # a file system without locks (some network mounts): the start goes on
+        log.warning("cannot lock spool_dir %s (%s): a second daemon given the same directory would not be "
+                    "stopped", spool_dir, exc.strerror or exc)
+        return handle
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
