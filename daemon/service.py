@@ -444,7 +444,8 @@ class Service:
                 # (e.g. a probe its sampling cannot hold) arrives as a ValueError, not on the wire
                 err = exc if isinstance(exc, ProtocolError) else ProtocolError(
                     "message", "invalid", str(exc), getattr(msg, "scan_id", None))
-                self._guarded("ingest", self._reject, err, [], len(msg.indices) if isinstance(msg, Frames) else 0)
+                self._guarded("ingest", self._reject, err, [], len(msg.indices) if isinstance(msg, Frames) else 0,
+                              isinstance(msg, ScanStart))
             except Exception as exc:  # noqa: BLE001 - a bug or a storage fault: only this message's scan fails
                 self._guarded("ingest", self._ingest_fault, exc, msg, [])
             if self._preparing is not None or self.scans.backpressure():
@@ -461,8 +462,13 @@ class Service:
             return
         self.scans.keep_unpositioned(session, msg.image_ids, msg.raw)
 
-    def _reject(self, exc: ProtocolError, parts: list[Any], frames: int | None = None) -> None:
+    def _reject(self, exc: ProtocolError, parts: list[Any], frames: int | None = None, start: bool = False) -> None:
         self.metrics.messages_rejected.labels(rule=exc.rule).inc()
+        if (exc.scan_id is not None and exc.scan_id not in self.scans.sessions
+                and (start or _is_scan_start(parts, self.limits))):
+            # its producer polls `receipt` (PROTOCOL.md § 4.5): refused by the message checks
+            # too, not only by the daemon's decisions, or it answers "unknown" for good
+            self.scans.remember_refusal(exc.scan_id, str(exc))
         n = _frames_in(parts, self.limits) if frames is None else frames
         if n:
             reason = {"known_scan": "unknown_scan", "open_scan": "scan_closed"}.get(exc.rule, "invalid")
@@ -503,7 +509,7 @@ class Service:
             self._declared[msg.scan_id] = msg
             self.scans.admit()
         except ProtocolError as exc:  # refused: scan.rejected is out, now the error event
-            self._reject(exc, [])
+            self._reject(exc, [], start=True)
         except Exception as exc:  # noqa: BLE001 - logged, counted and published by _ingest_fault
             self._ingest_fault(exc, msg, [])
 
@@ -775,6 +781,14 @@ def ingest_hwm(queue_bytes: int, limits: Limits) -> int:
     (changing it later does not reach open connections), before a scan declares its frame size,
     so the bound is derived from the largest message any scan may send, not from a declared one."""
     return max(MIN_INGEST_HWM, queue_bytes // limits.max_message_bytes)
+
+
+def _is_scan_start(parts: list[Any], limits: Limits) -> bool:
+    """Whether a refused message is a readable scan_start (its header at least)."""
+    try:
+        return peek(parts, limits)[0] == "scan_start"
+    except ProtocolError:
+        return False
 
 
 def _frames_in(parts: list[Any], limits: Limits) -> int:

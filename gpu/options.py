@@ -20,7 +20,9 @@ PROBE_REFINE_MIN_COUNTS = 1e7
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every option is a finite number: an infinite μ₀ or a NaN initial phase sent by a client
+    # (msgpack carries both) passed the bounds and failed each scan at its first step
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):

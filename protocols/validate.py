@@ -87,6 +87,9 @@ def check_scan_start(msg: ScanStart, limits: Limits) -> None:
             fail("probe", "non_zero", "probe is zero everywhere")
     if msg.mask is not None and tuple(msg.mask.shape) != m:
         fail("mask", "shape", f"mask shape {tuple(msg.mask.shape)} differs from frame shape {m}")
+    if msg.mask is not None and not np.any(msg.mask):
+        # else the scan is streamed whole and fails once its frames are in
+        fail("mask", "non_zero", "mask marks no pixel valid (1 = valid pixel, 0 = gap, hot or dead)")
     if msg.positions_m is not None:
         _check_positions(msg.positions_m, msg.expected_frames, "scan.positions_m", limits, sid)
     if msg.raster is not None:
@@ -127,10 +130,13 @@ def check_frames(msg: Frames, limits: Limits, scan: ScanStart | None) -> None:
         )
     if my != mx:
         fail("data", "square", f"frames must be square, got {my}×{mx}")
-    if my > limits.max_frame_side:
+    # a declared scan's frames must match its declaration (below), which met the limits in force
+    # at its start: a scan recovered by a daemon restarted with tighter limits takes the rest of
+    # its frames; new scans meet the new limits at their start
+    if scan is None and my > limits.max_frame_side:
         fail("data", "max_frame_side", f"side {my} exceeds the limit of {limits.max_frame_side}")
     dtype = wire_dtype(data.dtype)
-    if dtype not in limits.frame_dtypes:
+    if scan is None and dtype not in limits.frame_dtypes:
         fail("data", "allowed_dtype", f"{dtype} is not one of {', '.join(limits.frame_dtypes)}")
     if idx.shape != (n,):
         fail("indices", "shape", f"indices shape {idx.shape} does not match {n} frames")

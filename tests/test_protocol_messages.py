@@ -135,7 +135,7 @@ def test_scan_start_round_trip(m, kind, measured_probe, with_mask, angle, seed):
         raster=RasterScan((2, 3), (1e-10, 2e-10), 0.3, True, (1e-9, -1e-9))
         if kind == "raster"
         else None,
-        mask=rng.integers(0, 2, (m, m), dtype=np.uint8) if with_mask else None,
+        mask=np.maximum(rng.integers(0, 2, (m, m), dtype=np.uint8), np.eye(m, dtype=np.uint8)) if with_mask else None,
         options={"iterations": 5, "stream": {"batch_size": 32}},
         metadata={"operator": "ä", "n": [1, 2.5]},
     )

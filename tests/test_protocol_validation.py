@@ -637,6 +637,14 @@ CASES: list[tuple[str, Callable[[], list[Any]], Any, Limits | None, str, str]] =
         "shape",
     ),
     (
+        "mask of zeros",
+        lambda: start_parts(mask=np.zeros((16, 16), np.uint8)),
+        None,
+        None,
+        "mask",
+        "non_zero",
+    ),
+    (
         "positions count",
         lambda: start_parts(raster=None, positions_m=np.zeros((5, 2))),
         None,

@@ -17,6 +17,8 @@ log = logging.getLogger("cryoptycho.serve")
 #: how long a stopping daemon waits for its detector source to finish (its decoding jobs, the
 #: abort of a series still open, its log lines)
 SOURCE_STOP_S = 30.0
+#: in the spool directory: held (flock) by the daemon that owns the directory, for its lifetime
+SPOOL_LOCK = ".cryoptycho-serve.lock"
 
 
 def _set_pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -93,6 +95,7 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
 
     _check_writable(config)
     setup_logging(config.log_format, config.log_level)
+    spool_lock = _lock_spool_dir(Path(config.spool_dir))  # noqa: F841 - held until the process exits
     for name in unknown_environment():
         log.warning("environment variable %s sets no setting of the service and is ignored "
                     "(keys: daemon/SERVICE.md, Configuration)", name)
@@ -210,6 +213,36 @@ def _say_if_unreachable(url: str, timeout_s: float = 3.0) -> None:
         log.warning("cannot reach the detector at %s:%s (%s); the daemon keeps trying: check the "
                     "address and that the detector's stream is enabled", host, port, exc,
                     extra={"source": url})
+
+
+def _lock_spool_dir(spool_dir: Path) -> Any:
+    """The spool directory, locked for this daemon: a second daemon given the same directory
+    took the first one's open scans for scans left by a crash, rebuilt their spool files from
+    the journals and renamed the copies over the files the first was writing. The lock is the
+    kernel's (flock), so it goes with the process, even after kill -9."""
+    import fcntl
+    import os
+    import socket
+
+    handle = open(spool_dir / SPOOL_LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - open for the process' life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise click.ClickException(
+            f"spool_dir {spool_dir} is in use by another daemon ({holder}): each daemon needs a spool "
+            "directory of its own; stop that daemon or give this one another spool_dir") from None
+    except OSError as exc:  # a file system without locks (some network mounts): the start goes on
+        log.warning("cannot lock spool_dir %s (%s): a second daemon given the same directory would not be "
+                    "stopped", spool_dir, exc.strerror or exc)
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def _check_writable(config: Any) -> None:

@@ -20,7 +20,7 @@ from cryoptycho.daemon.scan import data_from_spec
 from cryoptycho.gpu.data import PtychoData
 
 from . import dataset, result, spool
-from .h5format import explain_filter_errors
+from .h5format import check_version, explain_filter_errors
 
 Kind = Literal["dataset", "spool", "result"]
 KINDS: dict[str, Kind] = {dataset.FORMAT: "dataset", spool.FORMAT: "spool", result.FORMAT: "result"}
@@ -85,6 +85,8 @@ def open_recorded(path: str | Path) -> Recorded:
     if kind == "spool":
         return _from_spool(path, kind, spool.read_spool(path))
     with explain_filter_errors(path), h5py.File(path, "r") as f:
+        # read_result checks it; the frames under /raw follow the result's format as well
+        check_version(path, f, "result", result.FORMAT_VERSION)
         if "raw/scan" not in f or "raw/" + spool.DATA not in f:
             raise ValueError(
                 f"{path}: this result file holds no raw frames (no /raw part: it was not written "
