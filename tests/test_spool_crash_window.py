@@ -78,7 +78,7 @@ def test_a_kill_at_any_write_of_an_append_keeps_the_frames_received_before(
     monkeypatch.setattr(spool_module.h5py, "File", through_file_object)
     spec = ScanSpec(scan_id="window", frame_shape=(SIDE, SIDE), frame_dtype="uint32", pixel_size_m=1e-10,
                     energy_eV=300e3, probe=np.ones((SIDE, SIDE), np.complex64), expected_frames=None)
-    w = SpoolWriter.create(tmp_path, spec)
+    w = SpoolWriter.create(tmp_path, spec, journal_only=False)  # (journal-only: the test below)
     live = files[-1]  # create writes the file, closes it (the journal's base) and opens it again
     rows = np.arange(35)
     if detector:

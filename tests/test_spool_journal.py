@@ -240,14 +240,14 @@ def test_a_detector_scans_binned_frames_are_derived_while_it_is_open_and_written
     w = SpoolWriter.create(tmp_path, _derived_spec("derived", reducer))
     for a, b, raw in ((0, 1, True), (1, 70, True), (70, 75, False), (75, 130, True)):
         _append_detector(w, reducer, det, binned, a, b, raw)
-    with h5py.File(w.path, "r") as f:  # another reader, mid-scan (the writer has flushed)
+    frames = w.read()[0]  # (the writer's own read brings the file up to its journal)
+    np.testing.assert_array_equal(frames, binned[:130])
+    with h5py.File(w.path, "r") as f:  # another reader, mid-scan
         g = f[DATA]
         assert f.attrs["format_version"] == 2
         assert g[DERIVED].attrs["pending_rows"].tolist() == [[0, 70], [75, 130]]
         assert not g["data"][:70].any()  # not written: only the detector frames are
         np.testing.assert_array_equal(g["data"][70:75], binned[70:75])
-    frames = w.read()[0]
-    np.testing.assert_array_equal(frames, binned[:130])
     open_read = read_spool(w.path).frames  # through the journal: the scan is open
     assert open_read.dtype == binned.dtype and open_read.tobytes() == binned[:130].tobytes()
     # a kill here: the HDF5 file as it was created, the journal whole
@@ -340,3 +340,93 @@ def test_a_spool_with_derived_rows_is_refused_by_a_reader_that_cannot_derive_the
         check_version(w.path, f, "spool", 1)
     with h5py.File(plain.path, "r") as f:
         assert f.attrs["format_version"] == 1
+
+
+# ------------------------------------------------- journal-only appends while a scan is open
+
+def _datasets(path: Path) -> dict[str, Any]:
+    """What a reader of a closed spool sees: its rows and attributes (the tail's extent aside:
+    rows past ``count`` are never read)."""
+    with h5py.File(path, "r") as f:
+        g = f[DATA]
+        out: dict[str, Any] = {"status": f.attrs["status"], "version": int(f.attrs["format_version"]),
+                               "count": int(g.attrs["count"])}
+        for name in ("data", "frame_index", "positions_m", "detector_frames"):
+            out[name] = g[name][:].tobytes()
+            out[name + " chunks"] = g[name].chunks
+        out["pending"] = "pending_rows" in g[DERIVED].attrs if DERIVED in g else None
+        out["translation"] = f["entry_1/sample_1/geometry_1/translation"][:].tobytes()
+    return out
+
+
+def test_a_journal_only_spool_writes_only_its_journal_while_open_and_the_same_file_when_closed(
+        tmp_path: Path, frames: np.ndarray) -> None:
+    """Journal-only appends (the default): while the scan is open the HDF5 file stays as it
+    was created and every append is one journal record; a reader of the open spool reads every
+    frame through the journal, a kill then loses none (the file rebuilt from the journal), and
+    closing the spool writes the file a writer that writes through (``journal_only=False``)
+    writes, row for row — binned rows derived from detector frames, rows written as they came,
+    part-full chunks, the last detector chunk closed at the scan's end."""
+    reducer, det, binned = _detector_scan(150)
+    spans = ((0, 1, True), (1, 70, True), (70, 75, False), (75, 130, True), (130, 150, True))
+    written: dict[bool, dict[str, Any]] = {}
+    for journal_only in (False, True):
+        d = tmp_path / ("journal_only" if journal_only else "through")
+        w = SpoolWriter.create(d, _derived_spec("scan", reducer), journal_only=journal_only)
+        for i, (a, b, raw) in enumerate(spans[:-1]):
+            _append_detector(w, reducer, det, binned, a, b, raw)
+            if i == 0:  # (its layout: the derivation and detector_frames, made in the file at once)
+                created = w.path.read_bytes()
+        assert w.count == 130
+        if journal_only:
+            assert w.path.read_bytes() == created  # nothing but the journal was written
+            assert int(w._f[DATA].attrs["count"]) == 0
+            ops = [r.header["op"] for r in iter_records(journal_path(w.path))]
+            assert ops == ["base", "detector", "derive", "append", "append", "append", "append"]
+            open_read = read_spool(w.path)  # a reader of the open spool: through its journal
+            assert open_read.frames.tobytes() == binned[:130].tobytes()
+            np.testing.assert_array_equal(open_read.indices, np.arange(130))
+            killed = tmp_path / "killed"  # a kill here: the file as created, the journal whole
+            killed.mkdir()
+            shutil.copyfile(w.path, killed / w.path.name)
+            shutil.copyfile(journal_path(w.path), journal_path(killed / w.path.name))
+            assert "130 frames" in (repair_spool(killed / w.path.name) or "")
+            assert read_spool(killed / w.path.name).frames.tobytes() == binned[:130].tobytes()
+        _append_detector(w, reducer, det, binned, 130, 150)
+        w.set_status("ended")
+        if journal_only:
+            assert w.path.read_bytes() == created  # the status too: the file is written when it closes
+        w.close()
+        assert not journal_path(w.path).exists() or scan_records(journal_path(w.path)).last["op"] == "closed"
+        written[journal_only] = _datasets(w.path)
+    assert written[True]["data"] == binned.tobytes() and written[True]["count"] == 150
+    assert written[True] == written[False]
+
+
+def test_a_journal_only_spool_read_by_its_writer_mid_scan_goes_on_journal_only(tmp_path: Path,
+                                                                              frames: np.ndarray) -> None:
+    """The writer's own read (the worker's start) brings the file up to the journal; appends
+    after it are journal-only again, and the file closes with all of them; a spool re-opened
+    for recovery appends journal-only too."""
+    w = SpoolWriter.create(tmp_path, _spec("mid"))
+    created = w.path.read_bytes()
+    for a, b in ((0, 5), (5, 70)):
+        _append(w, frames, a, b)
+    assert w.path.read_bytes() == created
+    np.testing.assert_array_equal(w.read()[0], frames[:70])
+    with h5py.File(w.path, "r") as f:
+        assert int(f[DATA].attrs["count"]) == 70
+    caught_up = w.path.read_bytes()
+    _append(w, frames, 70, 100)
+    assert w.path.read_bytes() == caught_up
+    w.close()  # (open: the journal ends "closed")
+    w = SpoolWriter.reopen(w.path)
+    reopened = w.path.read_bytes()
+    _append(w, frames, 100, 140)
+    assert w.path.read_bytes() == reopened
+    _assert_holds(w.path, frames, 140)  # through the journal
+    w.set_status("finished")
+    w.close()
+    assert not journal_path(w.path).exists()
+    with h5py.File(w.path, "r") as f:
+        np.testing.assert_array_equal(f[DATA]["data"][:], frames[:140])

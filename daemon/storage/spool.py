@@ -244,13 +244,18 @@ class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
     def __init__(self, path: Path, file: h5py.File, fsync: bool = False, reserve_bytes: int = 0,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, journal_only: bool = True) -> None:
         self.path = path
         self._f = file
         self._fsync = fsync
         #: every write of an append is recorded here before the append counts as received
         #: (journal.py); None: a file being rebuilt from its journal
         self._journal = journal
+        #: journal-only appends (:data:`JOURNAL_ONLY`): the journal offset up to which the HDF5
+        #: file holds what the journal does (None: every append writes the file too)
+        self._applied: int | None = journal.end if journal is not None and journal_only else None
+        #: whether the operation under way writes its journal record only (:meth:`_deferrable`)
+        self._defer = False
         #: the current append's chunks written as bytes (dataset name, row, bytes), and rows
         #: of ``data`` written through HDF5's filter (first row, rows, their bslz4 bytes), for
         #: its journal record
@@ -290,7 +295,7 @@ class SpoolWriter:
 
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
-               reserve_bytes: int = 0) -> SpoolWriter:
+               reserve_bytes: int = 0, journal_only: bool = True) -> SpoolWriter:
         path = spool_path(spool_dir, spec.scan_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         require_free_space(path.parent, 0, reserve_bytes, f"the spool of scan {spec.scan_id!r}")
@@ -334,10 +339,11 @@ class SpoolWriter:
                 journal.path.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
             raise
-        return cls(path, f, fsync, reserve_bytes, journal)
+        return cls(path, f, fsync, reserve_bytes, journal, journal_only)
 
     @classmethod
-    def reopen(cls, path: str | Path, fsync: bool = False, reserve_bytes: int = 0) -> SpoolWriter:
+    def reopen(cls, path: str | Path, fsync: bool = False, reserve_bytes: int = 0,
+               journal_only: bool = True) -> SpoolWriter:
         """Append to an existing spool file (recovery): it is rebuilt from its journal first if
         the journal holds more than the file was closed with (:func:`repair_spool`); rows beyond
         ``count`` are discarded. A spool without a journal (of an earlier release, or re-opened
@@ -371,7 +377,7 @@ class SpoolWriter:
             journal.close()
             raise
         try:
-            writer = cls(path, f, fsync, reserve_bytes, journal)
+            writer = cls(path, f, fsync, reserve_bytes, journal, journal_only)
             writer._truncate(writer.count)
         except BaseException:
             f.close()
@@ -403,7 +409,7 @@ class SpoolWriter:
             return
         self._check_space(frames.nbytes + (0 if raw is None else sum(len(c) for c in raw.chunks)))
         derive = raw is not None and reducer is not None and self._derivable(reducer, raw)
-        if binned is not None and not derive and self._entry.count == 0 and self._data.chunks[0] != 1 \
+        if binned is not None and not derive and self.count == 0 and self._data.chunks[0] != 1 \
                 and self._reducer is None:
             self._chunk_per_frame()
         if raw is not None and self._entry.detector_frames is None:
@@ -434,13 +440,19 @@ class SpoolWriter:
                 self._write_frames(k, frames)
             det_open.append(self._write_detector(k, n, None if raw is None else raw.chunks))
 
-        self._begin()
-        # commits rows, then the count
-        count = self._entry.append(frames, indices, positions_m, write_frames=write_frames)
-        header, body = self._append_record(count - n, indices, positions_m)
-        if derive:
-            header["d"] = 1
-        self._flush((header, body))
+        self._begin(derive or frames.dtype == self._data.dtype)
+        pending = self._pending
+        try:
+            # commits rows, then the count
+            count = self._commit_rows(frames, indices, positions_m, write_frames)
+            header, body = self._append_record(count - n, indices, positions_m)
+            if derive:
+                header["d"] = 1
+            self._flush((header, body))
+        except BaseException:
+            if self._defer:  # not recorded: the derived rows it added are not the file's either
+                self._pending, self._defer = pending, False
+            raise
         self.count = count
         self._det_open = det_open[0]
 
@@ -470,22 +482,36 @@ class SpoolWriter:
             self._write_blocks(k, blocks, wire)
             det_open.append(self._write_detector(k, len(indices), None))
 
-        self._begin()
-        count = self._entry.append(None, indices, positions, write_frames=write_frames)
+        self._begin(all(b.dtype == self._data.dtype for b in blocks))
+        count = self._commit_rows(None, indices, positions, write_frames)
         self._flush(self._append_record(count - len(indices), indices, positions))
         self.count = count
         self._det_open = det_open[0]
         return len(indices)
 
     # -- the journal (journal.py) ---------------------------------------------------------------
-    def _begin(self) -> None:
+    def _begin(self, deferrable: bool = False) -> None:
+        """Start collecting an operation's writes for its journal record. ``deferrable``: the
+        operation may be written to the journal only (:data:`JOURNAL_ONLY`), if the writer
+        appends so."""
         self._writes.clear()
         self._rows.clear()
+        self._defer = deferrable and self._applied is not None
+
+    def _commit_rows(self, frames: np.ndarray | None, indices: np.ndarray, positions: np.ndarray,
+                     write_frames: Callable[[int], None]) -> int:
+        """The rows of an append and then its count (NxcxiEntry.append), or, journal-only, the
+        rows' chunks for its record alone; the count after it."""
+        if not self._defer:
+            return self._entry.append(frames, indices, positions, write_frames=write_frames)
+        write_frames(self.count)
+        return self.count + len(indices)
 
     def _put(self, name: str, ds: h5py.Dataset, row: int, chunk: object) -> None:
         """Write one chunk of ``ds`` (``name`` in ``entry_1/data_1``) as it is, and keep it for
         the append's journal record."""
-        ds.id.write_direct_chunk((row, 0, 0), chunk)  # frames: (K, H, W) (ds.ndim costs µs)
+        if not self._defer:
+            ds.id.write_direct_chunk((row, 0, 0), chunk)  # frames: (K, H, W) (ds.ndim costs µs)
         if self._journal is not None:
             self._writes.append((name, row, chunk))
 
@@ -496,7 +522,8 @@ class SpoolWriter:
         journal record holds the rows, compressed here (bslz4: a few µs a frame; the chunk
         HDF5 writes holds the rows before them too, so its bytes would grow the journal by the
         square of the appends a chunk takes)."""
-        ds[row:row + len(rows)] = rows
+        if not self._defer:  # (a journal-only append has rows of data's dtype: _begin)
+            ds[row:row + len(rows)] = rows
         if self._journal is not None:
             kept = rows if rows.dtype == ds.dtype else ds[row:row + len(rows)]  # as HDF5 converted them
             self._rows.append((row, len(rows), compression_bslz4(np.ascontiguousarray(kept))))
@@ -519,9 +546,42 @@ class SpoolWriter:
 
     def _journal_op(self, header: dict, body: Sequence[object] = ()) -> None:
         """A change of the file's layout, recorded before the append that needs it (it is
-        synced with that append's record)."""
+        synced with that append's record). It is made in the file at once (a few per scan),
+        after the journal-only appends before it."""
         if self._journal is not None:
+            self._materialise()
             self._journal.write(header, body, sync=False)
+            if self._applied is not None:
+                self._applied = self._journal.end
+
+    def _materialise(self) -> None:
+        """Bring the HDF5 file up to its journal (:data:`JOURNAL_ONLY`): apply the records of
+        the journal-only appends (and status) since the last time, as a rebuild from the journal
+        does (:meth:`_replay`), and flush. A kill meanwhile leaves the journal as it was: the
+        file is rebuilt from it at the next start (:func:`repair_spool`), as after a kill
+        inside any flush."""
+        journal = self._journal
+        if self._applied is None or journal is None or self._applied >= journal.end:
+            return
+        end, count, pending = journal.end, self.count, self._pending
+        self._defer = False
+        self.count = self._entry.count
+        self._pending = load_derivation(self._f)[1]
+        for item in iter_records(journal.path, self._applied):
+            if isinstance(item, str):
+                raise ValueError(f"spool {self.path.name}: its journal cannot be read back ({item})")
+            if item.header["op"] not in ("append", "status"):
+                raise ValueError(f"spool {self.path.name}: its journal holds a {item.header['op']!r} record "
+                                 "among appends not yet in the file")
+            self._replay(item.header, item.body)
+            if item.end >= end:
+                break
+        if self.count != count or self._pending != pending:
+            raise ValueError(f"spool {self.path.name}: its journal's appends give {self.count} rows "
+                             f"({self._pending} derived), the writer has {count} ({pending})")
+        self._f.flush()
+        self._applied = end
+        self._tail = None  # its extent is looked up again
 
     # -- binned frames derived from the detector frames (DERIVED) --------------------------------
     def _derivable(self, reducer: FrameReducer, raw: RawChunks) -> bool:
@@ -557,6 +617,9 @@ class SpoolWriter:
         self._set_pending(pending)
 
     def _set_pending(self, pending: list[list[int]]) -> None:
+        if self._defer:  # written when the file is brought up to its journal (_materialise)
+            self._pending = [(int(a), int(b)) for a, b in pending]
+            return
         g = self._f[DATA][DERIVED]
         if pending:
             g.attrs["pending_rows"] = np.asarray(pending, np.int64).reshape(-1, 2)
@@ -632,7 +695,7 @@ class SpoolWriter:
         op = header["op"]
         if op == "append":
             k, n = int(header["k"]), int(header["n"])
-            if k != self.count:
+            if k != self.count:  # (journal-only: _materialise set it to the file's)
                 raise ValueError(f"its journal appends rows from {k} to a file of {self.count} rows")
             pieces = iter_bodies(body, [8 * n, 16 * n, *_sizes(header)])
             indices = np.frombuffer(next(pieces), np.int64)
@@ -669,8 +732,11 @@ class SpoolWriter:
             ds[row:row + n] = bslz4_decompress(next(pieces), ds.dtype, (n, *ds.shape[1:]))
 
     def _check_space(self, nbytes: int) -> None:
-        # uncompressed bytes: an upper bound of what the append writes, in the file and its journal
-        require_free_space(self.path.parent, 2 * nbytes, self.reserve_bytes, f"the spool file {self.path.name}")
+        # uncompressed bytes: an upper bound of what the append writes, in the file and its
+        # journal; and what journal-only appends before it still owe the file (about their records)
+        owed = 0 if self._applied is None or self._journal is None else self._journal.end - self._applied
+        require_free_space(self.path.parent, 2 * nbytes + owed, self.reserve_bytes,
+                           f"the spool file {self.path.name}")
 
     def _write_frames(self, k: int, frames: np.ndarray) -> None:
         self._write_blocks(k, [frames])
@@ -808,7 +874,7 @@ class SpoolWriter:
             first = max(base + whole, k)
             # grown here, when written, in steps (rows past the count are never read, and
             # recovery cuts them): not by every append
-            if self._tail_rows < k + n:
+            if self._tail_rows < k + n and not self._defer:  # (a rebuild grows it where it writes)
                 self._tail_rows = k + n + _TAIL_STEP
                 tail.resize(self._tail_rows, axis=0)
             for row in range(first, k + n):
@@ -918,20 +984,23 @@ class SpoolWriter:
 
     def read_detector_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """Detector frames of rows [start, stop), None when the spool keeps none."""
+        self._materialise()
         return read_detector_frames(self._f, start, self.count if stop is None else min(stop, self.count))
 
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames, indices and positions of rows [start, stop) (the writer's own view)."""
+        self._materialise()
         stop = self.count if stop is None else min(stop, self.count)
         frames = self._data[start:stop]
         fill_derived(self._f, frames, start)
         return frames, self._index[start:stop], self._pos[start:stop]
 
     def set_status(self, status: str) -> None:
-        self._begin()
+        self._begin(True)
         if status != "open":  # the scan ended: detector_frames alone holds every frame from now
             self._close_detector_chunk()
-        self._f.attrs["status"] = status
+        if not self._defer:
+            self._f.attrs["status"] = status
         self._flush(({"op": "status", "status": status}, []))
 
     def _flush(self, record: tuple[dict, list] | None = None) -> None:
@@ -939,15 +1008,18 @@ class SpoolWriter:
         ``fsync`` option): only then does it count as done. A kill before the record is whole
         leaves the operation out of the journal (never acknowledged); one inside HDF5's flush
         may leave the HDF5 file inconsistent, which recovery rebuilds from the journal."""
-        self._f.flush()
+        if not self._defer:
+            self._f.flush()
         if self._journal is not None:
             if record is not None:
                 self._journal.write(*self._with_writes(*record))
+            self._defer = False
         elif self._fsync:
             os.fsync(self._f.id.get_vfd_handle())
 
     @property
     def raw_group(self) -> h5py.Group:
+        self._materialise()
         return self._f["entry_1"]
 
     def discard(self) -> None:
@@ -963,6 +1035,7 @@ class SpoolWriter:
         from ``held`` where it has them (:meth:`_write_derived`)."""
         if not self._f.id.valid:
             return
+        self._materialise()
         status = str(self._f.attrs.get("status", "open"))
         if status != "open" and self._pending:  # the scan ended: its binned frames are written once
             self._write_derived(held)
