@@ -11,6 +11,7 @@ mid-append leaves the previous count, so a reader never sees a half-written fram
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from cryoptycho.daemon.storage.h5format import (
 )
 from cryoptycho.daemon.storage.journal import (
     Journal,
+    Record,
     fsync_path,
     iter_bodies,
     iter_records,
@@ -113,6 +115,9 @@ DERIVED = "data_from_detector"
 #: rows derived (decoded and binned) at a time: bounds a reader's memory
 _DERIVE_ROWS = 512
 
+#: bytes of journal records applied to the file at a time (their appends as one)
+_APPLY_BYTES = 64 << 20
+
 #: rows ``detector_frames_tail`` grows by when it must (a resize per append costs tens of µs)
 _TAIL_STEP = 1024
 
@@ -131,6 +136,37 @@ def _compress_pool() -> ThreadPoolExecutor:
 
 def _compress_all(chunks: list[np.ndarray]) -> list[bytes]:
     return [compression_bslz4(chunk) for chunk in chunks]
+
+
+class _RowRun:
+    """Rows of ``data`` to write through HDF5's filter, gathered while they are consecutive (a
+    part-full chunk that several appends filled is then read, filled and written once), up to
+    :data:`_RUN_BYTES`."""
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self._ds = ds
+        self._start = self._stop = 0
+        self._parts: list[np.ndarray] = []
+        self._bytes = 0
+
+    def add(self, row: int, rows: np.ndarray) -> None:
+        if self._parts and (row != self._stop or self._bytes > _RUN_BYTES):
+            self.write()
+        if not self._parts:
+            self._start = row
+        self._parts.append(rows)
+        self._bytes += rows.nbytes
+        self._stop = row + len(rows)
+
+    def write(self) -> None:
+        if self._parts:
+            rows = self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
+            self._ds[self._start:self._stop] = rows
+            self._parts, self._bytes = [], 0
+
+
+#: bytes of consecutive rows written through the filter at once when journal records are applied
+_RUN_BYTES = 16 << 20
 
 
 class _Rows:
@@ -493,10 +529,13 @@ class SpoolWriter:
     def _begin(self, deferrable: bool = False) -> None:
         """Start collecting an operation's writes for its journal record. ``deferrable``: the
         operation may be written to the journal only (:data:`JOURNAL_ONLY`), if the writer
-        appends so."""
+        appends so; else the file is brought up to the journal first, and the operation's
+        record is then the file's too (:meth:`_flush`)."""
         self._writes.clear()
         self._rows.clear()
         self._defer = deferrable and self._applied is not None
+        if not self._defer:
+            self._materialise()
 
     def _commit_rows(self, frames: np.ndarray | None, indices: np.ndarray, positions: np.ndarray,
                      write_frames: Callable[[int], None]) -> int:
@@ -541,7 +580,8 @@ class SpoolWriter:
         header["r"] = [[row, n, len(blob)] for row, n, blob in self._rows]
         body += [chunk for _, _, chunk in self._writes]
         body += [blob for _, _, blob in self._rows]
-        self._begin()
+        self._writes.clear()
+        self._rows.clear()
         return header, body
 
     def _journal_op(self, header: dict, body: Sequence[object] = ()) -> None:
@@ -567,15 +607,19 @@ class SpoolWriter:
         self._defer = False
         self.count = self._entry.count
         self._pending = load_derivation(self._f)[1]
-        for item in iter_records(journal.path, self._applied):
-            if isinstance(item, str):
-                raise ValueError(f"spool {self.path.name}: its journal cannot be read back ({item})")
-            if item.header["op"] not in ("append", "status"):
-                raise ValueError(f"spool {self.path.name}: its journal holds a {item.header['op']!r} record "
-                                 "among appends not yet in the file")
-            self._replay(item.header, item.body)
-            if item.end >= end:
-                break
+
+        def records() -> Iterator[Record]:
+            for item in iter_records(journal.path, self._applied):
+                if isinstance(item, str):
+                    raise OSError(f"spool {self.path.name}: its journal cannot be read back ({item})")
+                if item.header["op"] not in ("append", "status"):
+                    raise ValueError(f"spool {self.path.name}: its journal holds a {item.header['op']!r} "
+                                     "record among appends not yet in the file")
+                yield item
+                if item.end >= end:
+                    return
+
+        self._apply(records())
         if self.count != count or self._pending != pending:
             raise ValueError(f"spool {self.path.name}: its journal's appends give {self.count} rows "
                              f"({self._pending} derived), the writer has {count} ({pending})")
@@ -608,16 +652,16 @@ class SpoolWriter:
         self._f.attrs["format_version"] = FORMAT_VERSION
         self._reducer = reducer
 
-    def _add_pending(self, k: int, n: int) -> None:
+    def _add_pending(self, k: int, n: int, write: bool = True) -> None:
         pending = [list(r) for r in self._pending]
         if pending and pending[-1][1] == k:
             pending[-1][1] = k + n
         else:
             pending.append([k, k + n])
-        self._set_pending(pending)
+        self._set_pending(pending, write)
 
-    def _set_pending(self, pending: list[list[int]]) -> None:
-        if self._defer:  # written when the file is brought up to its journal (_materialise)
+    def _set_pending(self, pending: list[list[int]], write: bool = True) -> None:
+        if self._defer or not write:  # written when the file is brought up to its journal (_materialise)
             self._pending = [(int(a), int(b)) for a, b in pending]
             return
         g = self._f[DATA][DERIVED]
@@ -673,7 +717,7 @@ class SpoolWriter:
             if last < b:
                 self._write_blocks(last, [asker.rows(last, b)])
             done += b - a
-        self._begin()  # (the chunks collected for a journal record)
+        self._writes.clear()  # (the chunks collected for a journal record)
         self.chunk_paths = paths
         self.derived_rows.update(asker.counts)
         if asker.counts["frame_store"]:
@@ -694,20 +738,7 @@ class SpoolWriter:
         """Apply one journal record to this file (a rebuild: :func:`repair_spool`)."""
         op = header["op"]
         if op == "append":
-            k, n = int(header["k"]), int(header["n"])
-            if k != self.count:  # (journal-only: _materialise set it to the file's)
-                raise ValueError(f"its journal appends rows from {k} to a file of {self.count} rows")
-            pieces = iter_bodies(body, [8 * n, 16 * n, *_sizes(header)])
-            indices = np.frombuffer(next(pieces), np.int64)
-            positions = np.frombuffer(next(pieces), np.float64).reshape(n, 2)
-            derived = bool(header.get("d"))
-
-            def write_frames(k: int) -> None:
-                if derived:
-                    self._add_pending(k, n)
-                self._replay_writes(header, pieces)
-
-            self.count = self._entry.append(None, indices, positions, write_frames=write_frames)
+            self._replay_appends([(header, body)])
         elif op == "status":
             self._replay_writes(header, iter_bodies(body, _sizes(header)))
             self._f.attrs["status"] = header["status"]
@@ -720,16 +751,76 @@ class SpoolWriter:
         elif op not in ("base", "opened", "closed"):
             raise ValueError(f"its journal holds an unknown record {op!r}")
 
-    def _replay_writes(self, header: dict, pieces: Iterator[memoryview]) -> None:
+    def _apply(self, records: Iterable[Record]) -> None:
+        """Apply journal records to this file in order (a rebuild; a journal-only spool brought up
+        to its journal): consecutive appends as one (:meth:`_replay_appends`), up to
+        :data:`_APPLY_BYTES` of records at a time."""
+        group: list[tuple[dict, memoryview]] = []
+        size = 0
+        for record in records:
+            if record.header["op"] == "append":
+                group.append((record.header, record.body))
+                size += len(record.body)
+                if size < _APPLY_BYTES:
+                    continue
+            self._replay_appends(group)
+            group, size = [], 0
+            if record.header["op"] != "append":
+                self._replay(record.header, record.body)
+        self._replay_appends(group)
+
+    def _replay_appends(self, group: list[tuple[dict, memoryview]]) -> None:
+        """Apply consecutive append records as one append of all their rows: one change of the
+        extents and one ``count`` (a dozen HDF5 calls an append cost more than its chunks), the
+        same rows as one by one."""
+        if not group:
+            return
+        k = self.count
+        parsed = []
+        for header, body in group:
+            first, n = int(header["k"]), int(header["n"])
+            if first != k:
+                raise ValueError(f"its journal appends rows from {first} to a file of {k} rows")
+            pieces = iter_bodies(body, [8 * n, 16 * n, *_sizes(header)])
+            parsed.append((header, first, n, np.frombuffer(next(pieces), np.int64),
+                           np.frombuffer(next(pieces), np.float64).reshape(n, 2), pieces))
+            k += n
+        derived = any(p[0].get("d") for p in parsed)
+
+        def write_frames(_: int) -> None:
+            rows = _RowRun(self._data)
+            for header, first, n, _i, _p, pieces in parsed:
+                if header.get("d"):
+                    self._add_pending(first, n, write=False)
+                self._replay_writes(header, pieces, rows)
+            rows.write()
+            if derived:
+                self._set_pending([list(r) for r in self._pending])
+
+        indices = np.concatenate([p[3] for p in parsed])
+        positions = np.concatenate([p[4] for p in parsed])
+        self.count = self._entry.append(None, indices, positions, write_frames=write_frames)
+
+    def _replay_writes(self, header: dict, pieces: Iterator[memoryview], run: _RowRun | None = None) -> None:
+        """Write a record's chunks, and its rows of ``data`` through the filter (into ``run``,
+        if given: consecutive rows of several records are written together)."""
         g = self._f[DATA]
+        found: dict[str, h5py.Dataset] = {}
         for name, row, _ in header["w"]:
-            ds = g[name]
-            if ds.shape[0] <= row:  # the tail grows where it is written
+            ds = found.get(name)
+            if ds is None:
+                ds = found[name] = g[name]
+            # the tail grows where it is written (the others: by the append, first)
+            if name not in ("data", DETECTOR_FRAMES) and ds.shape[0] <= row:
                 ds.resize(row + 1, axis=0)
             ds.id.write_direct_chunk((row, 0, 0), bytes(next(pieces)))
         ds = self._data
         for row, n, _ in header.get("r", []):
-            ds[row:row + n] = bslz4_decompress(next(pieces), ds.dtype, (n, *ds.shape[1:]))
+            rows = bslz4_decompress(next(pieces), ds.dtype, (n, *ds.shape[1:]))
+            if run is None:
+                ds[row:row + n] = rows
+            else:
+                run.add(row, rows)
 
     def _check_space(self, nbytes: int) -> None:
         # uncompressed bytes: an upper bound of what the append writes, in the file and its
@@ -1013,6 +1104,8 @@ class SpoolWriter:
         if self._journal is not None:
             if record is not None:
                 self._journal.write(*self._with_writes(*record))
+                if self._applied is not None and not self._defer:  # written through: the file has it
+                    self._applied = self._journal.end
             self._defer = False
         elif self._fsync:
             os.fsync(self._f.id.get_vfd_handle())
@@ -1160,9 +1253,7 @@ def _rebuild(path: Path, rebuilt: Path, records: int) -> int:
             # may have damaged them
             writer._replay_writes(base.header, iter_bodies(base.body, _sizes(base.header)))
         del base
-        for _ in range(records - 1):
-            record = next(items)
-            writer._replay(record.header, record.body)
+        writer._apply(itertools.islice(items, records - 1))
         return writer.count
     finally:
         f.close()
