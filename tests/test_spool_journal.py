@@ -436,3 +436,41 @@ def test_a_journal_only_spool_read_by_its_writer_mid_scan_goes_on_journal_only(t
     assert not journal_path(w.path).exists()
     with h5py.File(w.path, "r") as f:
         np.testing.assert_array_equal(f[DATA]["data"][:], frames[:160])
+
+
+def test_a_journal_only_spool_counts_what_its_file_is_owed_and_refuses_a_full_disk(
+        tmp_path: Path, frames: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each append's free-space check counts the bytes journal-only appends before it still owe
+    the HDF5 file; bringing the file up on a disk without room for them is refused before HDF5
+    writes (the file untouched, every frame in the journal), and goes through once there is."""
+    from cryoptycho.daemon.storage import diskspace
+
+    asked: list[int] = []
+    real = diskspace.require_free_space
+
+    def recording(directory: Any, nbytes: int, reserve: int, what: str) -> None:
+        asked.append(nbytes)
+        real(directory, nbytes, reserve, what)
+
+    monkeypatch.setattr("cryoptycho.daemon.storage.spool.require_free_space", recording)
+    w = SpoolWriter.create(tmp_path, _spec("owed"))
+    for a, b in ((0, 64), (64, 128), (128, 192)):
+        _append(w, frames, a, b)
+    raw = 2 * frames[:64].nbytes  # the append's own bound
+    owed = [n - raw for n in asked[1:]]
+    assert owed[0] == 0 and 0 < owed[1] < owed[2]  # the records before it, not yet in the file
+    before = w.path.read_bytes()
+    disk_usage = diskspace.shutil.disk_usage
+    usage = disk_usage(tmp_path)
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda _: usage._replace(free=owed[2]))
+    with pytest.raises(OSError, match="no space for the spool file owed.spool.h5"):
+        w.read()
+    assert w.path.read_bytes() == before
+    _assert_holds(w.path, frames, 192)  # through the journal
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", disk_usage)  # room again
+    np.testing.assert_array_equal(w.read()[0], frames[:192])
+    asked.clear()
+    _append(w, frames, 192, 256)
+    assert asked == [raw]  # nothing owed after it
+    w.close()
+    _assert_holds(w.path, frames, 256)
