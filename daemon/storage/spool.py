@@ -604,8 +604,10 @@ class SpoolWriter:
         if self._applied is None or journal is None or self._applied >= journal.end:
             return
         end, count, pending = journal.end, self.count, self._pending
-        # HDF5 does not survive a full disk (diskspace.py): refused first, the journal keeps all
-        require_free_space(self.path.parent, end - self._applied, self.reserve_bytes,
+        # HDF5 does not survive a full disk (diskspace.py): refused first, the journal keeps all.
+        # Not the reserve: these bytes were admitted with their appends (whose checks counted
+        # them), and a scan that fails on a full disk still closes its spool within the reserve
+        require_free_space(self.path.parent, end - self._applied, 0,
                            f"the spool file {self.path.name} (its appends since {self._entry.count} rows)")
         self._defer = False
         self.count = self._entry.count
