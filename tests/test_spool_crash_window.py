@@ -78,7 +78,7 @@ def test_a_kill_at_any_write_of_an_append_keeps_the_frames_received_before(
     monkeypatch.setattr(spool_module.h5py, "File", through_file_object)
     spec = ScanSpec(scan_id="window", frame_shape=(SIDE, SIDE), frame_dtype="uint32", pixel_size_m=1e-10,
                     energy_eV=300e3, probe=np.ones((SIDE, SIDE), np.complex64), expected_frames=None)
-    w = SpoolWriter.create(tmp_path, spec)
+    w = SpoolWriter.create(tmp_path, spec, journal_only=False)  # (journal-only: the test below)
     live = files[-1]  # create writes the file, closes it (the journal's base) and opens it again
     rows = np.arange(35)
     if detector:
@@ -108,6 +108,58 @@ def test_a_kill_at_any_write_of_an_append_keeps_the_frames_received_before(
     # the record torn: none of it, its length and CRC, part of its header, all but its last byte
     cuts = [(after_h5, after[:len(before) + x]) for x in (0, 1, 12, 40, record // 2, record - 1)]
     cases = [*copies, *cuts, (after_h5, after)]
+    got = _recovered(tmp_path, cases, frames, det, detector)
+    lost = {i: v for i, v in got.items() if isinstance(v, str) or v[0] < 20 or v[1]}
+    assert not lost, f"a kill before write call i of {len(copies)} loses received frames: {lost}"
+    # a kill before the record is whole: the append was never acknowledged, and is not there
+    assert all(got[i][0] == 20 for i in range(len(copies) + len(cuts))), got
+    assert got[len(cases) - 1][0] == 35 and got[len(cases) - 1][2] == list(range(35))  # the whole record: all
+
+
+def test_a_kill_at_any_write_of_a_journal_only_spools_materialisation_keeps_every_frame(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Journal-only appends (the default) leave the HDF5 file to the scan's end, when closing
+    the spool applies the journal's records to it (SpoolWriter._materialise). A kill before any
+    write call of that keeps every frame: the journal holds them, and recovery rebuilds the file."""
+    rng = np.random.default_rng(1)
+    frames = rng.poisson(1.0, (35, SIDE, SIDE)).astype(np.uint32)
+    det = rng.poisson(0.05, (35, DET, DET)).astype(np.uint16)
+    files: list[_Snapshots] = []
+    real = h5py.File
+
+    def through_file_object(path: Any, mode: str = "r", **kw: Any) -> h5py.File:
+        fo = _Snapshots(str(path), "w+" if mode == "w" else "r+")
+        files.append(fo)
+        return real(fo, mode, **kw)
+
+    monkeypatch.setattr(spool_module.h5py, "File", through_file_object)
+    spec = ScanSpec(scan_id="window", frame_shape=(SIDE, SIDE), frame_dtype="uint32", pixel_size_m=1e-10,
+                    energy_eV=300e3, probe=np.ones((SIDE, SIDE), np.complex64), expected_frames=None)
+    w = SpoolWriter.create(tmp_path, spec)
+    live = files[-1]
+    rows = np.arange(35)
+    # part-full chunks of data and detector_frames, the tail, rows through the filter
+    w.append(frames[:20], rows[:20], np.zeros((20, 2)), raw=_raw(det[:20]))
+    w.append_many([(frames[20:27], rows[20:27], np.zeros((7, 2)))])
+    w.append(frames[27:], rows[27:], np.zeros((8, 2)), raw=_raw(det[27:]))
+    det[20:27] = 0  # (rows without detector frames read zeros)
+    w.set_status("ended")
+    journal = live.journal.read_bytes()
+    live.armed = True
+    w.close()
+    live.armed = False
+    copies = live.copies
+    assert len(copies) > 2, "closing wrote nothing?"
+    assert all(j == journal for _, j in copies)
+    got = _recovered(tmp_path, [*copies, (w.path.read_bytes(), live.journal.read_bytes())], frames, det, True)
+    lost = {i: v for i, v in got.items() if isinstance(v, str) or v[0] != 35 or v[1] or v[2] != list(range(35))}
+    assert not lost, f"a kill before write call i of {len(copies)} of the materialisation loses frames: {lost}"
+
+
+def _recovered(tmp_path: Path, cases: list[tuple[bytes, bytes]], frames: np.ndarray, det: np.ndarray,
+               detector: bool) -> dict[int, Any]:
+    """Each (HDF5 file, journal) of ``cases`` re-opened as recovery does, in another process
+    (HDF5 can crash on a damaged file): case → [frames, rows that differ, indices], or the error."""
     for i, (h5, journal) in enumerate(cases):
         (tmp_path / f"cut{i}").mkdir()
         (tmp_path / f"cut{i}" / "window.spool.h5").write_bytes(h5)
@@ -143,8 +195,4 @@ def test_a_kill_at_any_write_of_an_append_keeps_the_frames_received_before(
     run = subprocess.run([sys.executable, "-c", reader], check=False, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     got = {int(i): v for i, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
-    lost = {i: v for i, v in got.items() if isinstance(v, str) or v[0] < 20 or v[1]}
-    assert not lost, f"a kill before write call i of {len(copies)} loses received frames: {lost}"
-    # a kill before the record is whole: the append was never acknowledged, and is not there
-    assert all(got[i][0] == 20 for i in range(len(copies) + len(cuts))), got
-    assert got[len(cases) - 1][0] == 35 and got[len(cases) - 1][2] == list(range(35))  # the whole record: all
+    return got

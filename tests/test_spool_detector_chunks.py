@@ -125,7 +125,7 @@ def test_a_spool_of_an_earlier_release_with_one_frame_a_chunk_reads_and_grows(tm
 
 def test_the_last_chunk_is_written_when_the_scan_ends_and_again_for_frames_after(tmp_path: Path) -> None:
     det = _detector(12, 5)
-    w = SpoolWriter.create(tmp_path, _spec("late"))
+    w = SpoolWriter.create(tmp_path, _spec("late"), journal_only=False)  # (the file as it is written)
     _append(w, det, 0, 5)
     w.set_status("ended")
     with h5py.File(tmp_path / "late.spool.h5", "r") as f:  # the dataset alone has them now
@@ -155,7 +155,7 @@ def test_frames_of_a_part_full_chunk_survive_a_crash_and_recovery_goes_on(tmp_pa
         from cryoptycho.daemon.storage.spool import SpoolWriter
         d = Path({str(tmp_path)!r})
         det = np.load(d / "det.npy")
-        w = SpoolWriter.create(d, _spec("crash"))
+        w = SpoolWriter.create(d, _spec("crash"), journal_only=False)
         flushes, flush = [0], w._flush
         def dying_flush(*record):
             flushes[0] += 1

@@ -240,14 +240,14 @@ def test_a_detector_scans_binned_frames_are_derived_while_it_is_open_and_written
     w = SpoolWriter.create(tmp_path, _derived_spec("derived", reducer))
     for a, b, raw in ((0, 1, True), (1, 70, True), (70, 75, False), (75, 130, True)):
         _append_detector(w, reducer, det, binned, a, b, raw)
-    with h5py.File(w.path, "r") as f:  # another reader, mid-scan (the writer has flushed)
+    frames = w.read()[0]  # (the writer's own read brings the file up to its journal)
+    np.testing.assert_array_equal(frames, binned[:130])
+    with h5py.File(w.path, "r") as f:  # another reader, mid-scan
         g = f[DATA]
         assert f.attrs["format_version"] == 2
         assert g[DERIVED].attrs["pending_rows"].tolist() == [[0, 70], [75, 130]]
         assert not g["data"][:70].any()  # not written: only the detector frames are
         np.testing.assert_array_equal(g["data"][70:75], binned[70:75])
-    frames = w.read()[0]
-    np.testing.assert_array_equal(frames, binned[:130])
     open_read = read_spool(w.path).frames  # through the journal: the scan is open
     assert open_read.dtype == binned.dtype and open_read.tobytes() == binned[:130].tobytes()
     # a kill here: the HDF5 file as it was created, the journal whole
@@ -373,3 +373,137 @@ def test_detector_frames_without_a_position_are_kept_and_rebuilt_from_the_journa
             np.testing.assert_array_equal(f[DATA][UNPOSITIONED_IDS][()], extra + 100)
             assert f[DATA][UNPOSITIONED][()].tobytes() == det[extra].tobytes()
         assert read_spool(path).frames.tobytes() == binned[np.r_[0:20, 30:35]].tobytes()
+
+
+# ------------------------------------------------- journal-only appends while a scan is open
+
+def _datasets(path: Path) -> dict[str, Any]:
+    """What a reader of a closed spool sees: its rows and attributes (the tail's extent aside:
+    rows past ``count`` are never read)."""
+    with h5py.File(path, "r") as f:
+        g = f[DATA]
+        out: dict[str, Any] = {"status": f.attrs["status"], "version": int(f.attrs["format_version"]),
+                               "count": int(g.attrs["count"])}
+        for name in ("data", "frame_index", "positions_m", "detector_frames"):
+            out[name] = g[name][:].tobytes()
+            out[name + " chunks"] = g[name].chunks
+        out["pending"] = "pending_rows" in g[DERIVED].attrs if DERIVED in g else None
+        out["translation"] = f["entry_1/sample_1/geometry_1/translation"][:].tobytes()
+    return out
+
+
+def test_a_journal_only_spool_writes_only_its_journal_while_open_and_the_same_file_when_closed(
+        tmp_path: Path, frames: np.ndarray) -> None:
+    """Journal-only appends (the default): while the scan is open the HDF5 file stays as it
+    was created and every append is one journal record; a reader of the open spool reads every
+    frame through the journal, a kill then loses none (the file rebuilt from the journal), and
+    closing the spool writes the file a writer that writes through (``journal_only=False``)
+    writes, row for row — binned rows derived from detector frames, rows written as they came,
+    part-full chunks, the last detector chunk closed at the scan's end."""
+    reducer, det, binned = _detector_scan(150)
+    spans = ((0, 1, True), (1, 70, True), (70, 75, False), (75, 130, True), (130, 150, True))
+    written: dict[bool, dict[str, Any]] = {}
+    for journal_only in (False, True):
+        d = tmp_path / ("journal_only" if journal_only else "through")
+        w = SpoolWriter.create(d, _derived_spec("scan", reducer), journal_only=journal_only)
+        for i, (a, b, raw) in enumerate(spans[:-1]):
+            _append_detector(w, reducer, det, binned, a, b, raw)
+            if i == 0:  # (its layout: the derivation and detector_frames, made in the file at once)
+                created = w.path.read_bytes()
+        assert w.count == 130
+        if journal_only:
+            assert w.path.read_bytes() == created  # nothing but the journal was written
+            assert int(w._f[DATA].attrs["count"]) == 0
+            ops = [r.header["op"] for r in iter_records(journal_path(w.path))]
+            assert ops == ["base", "detector", "derive", "append", "append", "append", "append"]
+            open_read = read_spool(w.path)  # a reader of the open spool: through its journal
+            assert open_read.frames.tobytes() == binned[:130].tobytes()
+            np.testing.assert_array_equal(open_read.indices, np.arange(130))
+            killed = tmp_path / "killed"  # a kill here: the file as created, the journal whole
+            killed.mkdir()
+            shutil.copyfile(w.path, killed / w.path.name)
+            shutil.copyfile(journal_path(w.path), journal_path(killed / w.path.name))
+            assert "130 frames" in (repair_spool(killed / w.path.name) or "")
+            assert read_spool(killed / w.path.name).frames.tobytes() == binned[:130].tobytes()
+        _append_detector(w, reducer, det, binned, 130, 150)
+        w.set_status("ended")
+        if journal_only:
+            assert w.path.read_bytes() == created  # the status too: the file is written when it closes
+        w.close()
+        assert not journal_path(w.path).exists() or scan_records(journal_path(w.path)).last["op"] == "closed"
+        written[journal_only] = _datasets(w.path)
+    assert written[True]["data"] == binned.tobytes() and written[True]["count"] == 150
+    assert written[True] == written[False]
+
+
+def test_a_journal_only_spool_read_by_its_writer_mid_scan_goes_on_journal_only(tmp_path: Path,
+                                                                              frames: np.ndarray) -> None:
+    """The writer's own read (the worker's start) brings the file up to the journal; appends
+    after it are journal-only again, and the file closes with all of them; a spool re-opened
+    for recovery appends journal-only too."""
+    w = SpoolWriter.create(tmp_path, _spec("mid"))
+    created = w.path.read_bytes()
+    for a, b in ((0, 5), (5, 70)):
+        _append(w, frames, a, b)
+    assert w.path.read_bytes() == created
+    np.testing.assert_array_equal(w.read()[0], frames[:70])
+    with h5py.File(w.path, "r") as f:
+        assert int(f[DATA].attrs["count"]) == 70
+    caught_up = w.path.read_bytes()
+    _append(w, frames, 70, 100)
+    assert w.path.read_bytes() == caught_up
+    w.close()  # (open: the journal ends "closed")
+    w = SpoolWriter.reopen(w.path)
+    reopened = w.path.read_bytes()
+    _append(w, frames, 100, 140)
+    assert w.path.read_bytes() == reopened
+    # frames of another dtype (HDF5 converts them): written through, after the appends before them
+    wide = frames.astype(np.uint32)
+    w.append_many([(wide[140:150], np.arange(140, 150), np.full((10, 2), 140e-10))])
+    with h5py.File(w.path, "r") as f:
+        assert int(f[DATA].attrs["count"]) == 150
+    _append(w, frames, 150, 160)
+    _assert_holds(w.path, frames, 160)  # through the journal
+    w.set_status("finished")
+    w.close()
+    assert not journal_path(w.path).exists()
+    with h5py.File(w.path, "r") as f:
+        np.testing.assert_array_equal(f[DATA]["data"][:], frames[:160])
+
+
+def test_a_journal_only_spool_counts_what_its_file_is_owed_and_refuses_a_full_disk(
+        tmp_path: Path, frames: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each append's free-space check counts the bytes journal-only appends before it still owe
+    the HDF5 file; bringing the file up on a disk without room for them is refused before HDF5
+    writes (the file untouched, every frame in the journal), and goes through once there is."""
+    from cryoptycho.daemon.storage import diskspace
+
+    asked: list[int] = []
+    real = diskspace.require_free_space
+
+    def recording(directory: Any, nbytes: int, reserve: int, what: str) -> None:
+        asked.append(nbytes)
+        real(directory, nbytes, reserve, what)
+
+    monkeypatch.setattr("cryoptycho.daemon.storage.spool.require_free_space", recording)
+    w = SpoolWriter.create(tmp_path, _spec("owed"))
+    for a, b in ((0, 64), (64, 128), (128, 192)):
+        _append(w, frames, a, b)
+    raw = 2 * frames[:64].nbytes  # the append's own bound
+    owed = [n - raw for n in asked[1:]]
+    assert owed[0] == 0 and 0 < owed[1] < owed[2]  # the records before it, not yet in the file
+    before = w.path.read_bytes()
+    disk_usage = diskspace.shutil.disk_usage
+    usage = disk_usage(tmp_path)
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda _: usage._replace(free=owed[2]))
+    with pytest.raises(OSError, match="no space for the spool file owed.spool.h5"):
+        w.read()
+    assert w.path.read_bytes() == before
+    _assert_holds(w.path, frames, 192)  # through the journal
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", disk_usage)  # room again
+    np.testing.assert_array_equal(w.read()[0], frames[:192])
+    asked.clear()
+    _append(w, frames, 192, 256)
+    assert asked == [raw]  # nothing owed after it
+    w.close()
+    _assert_holds(w.path, frames, 256)

@@ -55,16 +55,18 @@ class Scan:
     why: str | None  # why reading stopped before the end of the file (None: at its end)
 
 
-def iter_records(path: str | Path) -> Iterator[Record | str]:
+def iter_records(path: str | Path, start: int | None = None) -> Iterator[Record | str]:
     """The whole records of journal ``path`` one by one, then, if the file goes on after the
     last of them, why it was not read on (a str). A record cut short, or one whose CRC fails,
     ends the journal: everything from there on was never acknowledged. One record is in
-    memory at a time."""
+    memory at a time. ``start``: the offset of a record to begin at (the end of an earlier one)."""
     with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             yield "not a spool journal (no magic at its start)"
             return
         pos = len(MAGIC)
+        if start is not None and start > pos:
+            pos = f.seek(start)
         while True:
             head = f.read(_RECORD.size)
             if not head:
@@ -112,10 +114,12 @@ def scan_records(path: str | Path) -> Scan:
 class Journal:
     """Appends records to one journal file (one writer, the spool thread)."""
 
-    def __init__(self, path: Path, fd: int, fsync: bool) -> None:
+    def __init__(self, path: Path, fd: int, fsync: bool, end: int = 0) -> None:
         self.path = path
         self._fd = fd
         self._fsync = fsync
+        #: the offset after the last record written (where the next one begins)
+        self.end = end
 
     @classmethod
     def create(cls, path: str | Path, fsync: bool) -> Journal:
@@ -124,6 +128,7 @@ class Journal:
         journal = cls(path, fd, fsync)
         try:
             _write_all(fd, [MAGIC])
+            journal.end = len(MAGIC)
         except BaseException:
             journal.close()
             raise
@@ -141,7 +146,7 @@ class Journal:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, fsync)
+        return cls(path, fd, fsync, end)
 
     def write(self, header: dict[str, Any], body: Sequence[Any] = (), sync: bool = True) -> None:
         """Append one record; on disk (fsynced with the ``fsync`` option) when it returns,
@@ -154,6 +159,7 @@ class Journal:
             crc = zlib.crc32(piece, crc)
             size += memoryview(piece).nbytes
         _write_all(self._fd, [_RECORD.pack(size, crc), *pieces])
+        self.end += _RECORD.size + size
         if sync:
             self.sync()
 

@@ -11,6 +11,7 @@ mid-append leaves the previous count, so a reader never sees a half-written fram
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from cryoptycho.daemon.storage.h5format import (
 )
 from cryoptycho.daemon.storage.journal import (
     Journal,
+    Record,
     fsync_path,
     iter_bodies,
     iter_records,
@@ -118,6 +120,9 @@ DERIVED = "data_from_detector"
 #: rows derived (decoded and binned) at a time: bounds a reader's memory
 _DERIVE_ROWS = 512
 
+#: bytes of journal records applied to the file at a time (their appends as one)
+_APPLY_BYTES = 64 << 20
+
 #: rows ``detector_frames_tail`` grows by when it must (a resize per append costs tens of µs)
 _TAIL_STEP = 1024
 
@@ -136,6 +141,37 @@ def _compress_pool() -> ThreadPoolExecutor:
 
 def _compress_all(chunks: list[np.ndarray]) -> list[bytes]:
     return [compression_bslz4(chunk) for chunk in chunks]
+
+
+class _RowRun:
+    """Rows of ``data`` to write through HDF5's filter, gathered while they are consecutive (a
+    part-full chunk that several appends filled is then read, filled and written once), up to
+    :data:`_RUN_BYTES`."""
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self._ds = ds
+        self._start = self._stop = 0
+        self._parts: list[np.ndarray] = []
+        self._bytes = 0
+
+    def add(self, row: int, rows: np.ndarray) -> None:
+        if self._parts and (row != self._stop or self._bytes > _RUN_BYTES):
+            self.write()
+        if not self._parts:
+            self._start = row
+        self._parts.append(rows)
+        self._bytes += rows.nbytes
+        self._stop = row + len(rows)
+
+    def write(self) -> None:
+        if self._parts:
+            rows = self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
+            self._ds[self._start:self._stop] = rows
+            self._parts, self._bytes = [], 0
+
+
+#: bytes of consecutive rows written through the filter at once when journal records are applied
+_RUN_BYTES = 16 << 20
 
 
 class _Rows:
@@ -249,13 +285,18 @@ class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
     def __init__(self, path: Path, file: h5py.File, fsync: bool = False, reserve_bytes: int = 0,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, journal_only: bool = True) -> None:
         self.path = path
         self._f = file
         self._fsync = fsync
         #: every write of an append is recorded here before the append counts as received
         #: (journal.py); None: a file being rebuilt from its journal
         self._journal = journal
+        #: journal-only appends (:data:`JOURNAL_ONLY`): the journal offset up to which the HDF5
+        #: file holds what the journal does (None: every append writes the file too)
+        self._applied: int | None = journal.end if journal is not None and journal_only else None
+        #: whether the operation under way writes its journal record only (:meth:`_deferrable`)
+        self._defer = False
         #: the current append's chunks written as bytes (dataset name, row, bytes), and rows
         #: of ``data`` written through HDF5's filter (first row, rows, their bslz4 bytes), for
         #: its journal record
@@ -295,7 +336,7 @@ class SpoolWriter:
 
     @classmethod
     def create(cls, spool_dir: str | Path, spec: ScanSpec, fsync: bool = False,
-               reserve_bytes: int = 0) -> SpoolWriter:
+               reserve_bytes: int = 0, journal_only: bool = True) -> SpoolWriter:
         path = spool_path(spool_dir, spec.scan_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         require_free_space(path.parent, 0, reserve_bytes, f"the spool of scan {spec.scan_id!r}")
@@ -339,10 +380,11 @@ class SpoolWriter:
                 journal.path.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
             raise
-        return cls(path, f, fsync, reserve_bytes, journal)
+        return cls(path, f, fsync, reserve_bytes, journal, journal_only)
 
     @classmethod
-    def reopen(cls, path: str | Path, fsync: bool = False, reserve_bytes: int = 0) -> SpoolWriter:
+    def reopen(cls, path: str | Path, fsync: bool = False, reserve_bytes: int = 0,
+               journal_only: bool = True) -> SpoolWriter:
         """Append to an existing spool file (recovery): it is rebuilt from its journal first if
         the journal holds more than the file was closed with (:func:`repair_spool`); rows beyond
         ``count`` are discarded. A spool without a journal (of an earlier release, or re-opened
@@ -376,7 +418,7 @@ class SpoolWriter:
             journal.close()
             raise
         try:
-            writer = cls(path, f, fsync, reserve_bytes, journal)
+            writer = cls(path, f, fsync, reserve_bytes, journal, journal_only)
             writer._truncate(writer.count)
         except BaseException:
             f.close()
@@ -408,7 +450,7 @@ class SpoolWriter:
             return
         self._check_space(frames.nbytes + (0 if raw is None else sum(len(c) for c in raw.chunks)))
         derive = raw is not None and reducer is not None and self._derivable(reducer, raw)
-        if binned is not None and not derive and self._entry.count == 0 and self._data.chunks[0] != 1 \
+        if binned is not None and not derive and self.count == 0 and self._data.chunks[0] != 1 \
                 and self._reducer is None:
             self._chunk_per_frame()
         if raw is not None and self._entry.detector_frames is None:
@@ -439,13 +481,19 @@ class SpoolWriter:
                 self._write_frames(k, frames)
             det_open.append(self._write_detector(k, n, None if raw is None else raw.chunks))
 
-        self._begin()
-        # commits rows, then the count
-        count = self._entry.append(frames, indices, positions_m, write_frames=write_frames)
-        header, body = self._append_record(count - n, indices, positions_m)
-        if derive:
-            header["d"] = 1
-        self._flush((header, body))
+        self._begin(derive or frames.dtype == self._data.dtype)
+        pending = self._pending
+        try:
+            # commits rows, then the count
+            count = self._commit_rows(frames, indices, positions_m, write_frames)
+            header, body = self._append_record(count - n, indices, positions_m)
+            if derive:
+                header["d"] = 1
+            self._flush((header, body))
+        except BaseException:
+            if self._defer:  # not recorded: the derived rows it added are not the file's either
+                self._pending, self._defer = pending, False
+            raise
         self.count = count
         self._det_open = det_open[0]
 
@@ -475,22 +523,39 @@ class SpoolWriter:
             self._write_blocks(k, blocks, wire)
             det_open.append(self._write_detector(k, len(indices), None))
 
-        self._begin()
-        count = self._entry.append(None, indices, positions, write_frames=write_frames)
+        self._begin(all(b.dtype == self._data.dtype for b in blocks))
+        count = self._commit_rows(None, indices, positions, write_frames)
         self._flush(self._append_record(count - len(indices), indices, positions))
         self.count = count
         self._det_open = det_open[0]
         return len(indices)
 
     # -- the journal (journal.py) ---------------------------------------------------------------
-    def _begin(self) -> None:
+    def _begin(self, deferrable: bool = False) -> None:
+        """Start collecting an operation's writes for its journal record. ``deferrable``: the
+        operation may be written to the journal only (:data:`JOURNAL_ONLY`), if the writer
+        appends so; else the file is brought up to the journal first, and the operation's
+        record is then the file's too (:meth:`_flush`)."""
         self._writes.clear()
         self._rows.clear()
+        self._defer = deferrable and self._applied is not None
+        if not self._defer:
+            self._materialise()
+
+    def _commit_rows(self, frames: np.ndarray | None, indices: np.ndarray, positions: np.ndarray,
+                     write_frames: Callable[[int], None]) -> int:
+        """The rows of an append and then its count (NxcxiEntry.append), or, journal-only, the
+        rows' chunks for its record alone; the count after it."""
+        if not self._defer:
+            return self._entry.append(frames, indices, positions, write_frames=write_frames)
+        write_frames(self.count)
+        return self.count + len(indices)
 
     def _put(self, name: str, ds: h5py.Dataset, row: int, chunk: object) -> None:
         """Write one chunk of ``ds`` (``name`` in ``entry_1/data_1``) as it is, and keep it for
         the append's journal record."""
-        ds.id.write_direct_chunk((row, 0, 0), chunk)  # frames: (K, H, W) (ds.ndim costs µs)
+        if not self._defer:
+            ds.id.write_direct_chunk((row, 0, 0), chunk)  # frames: (K, H, W) (ds.ndim costs µs)
         if self._journal is not None:
             self._writes.append((name, row, chunk))
 
@@ -501,7 +566,8 @@ class SpoolWriter:
         journal record holds the rows, compressed here (bslz4: a few µs a frame; the chunk
         HDF5 writes holds the rows before them too, so its bytes would grow the journal by the
         square of the appends a chunk takes)."""
-        ds[row:row + len(rows)] = rows
+        if not self._defer:  # (a journal-only append has rows of data's dtype: _begin)
+            ds[row:row + len(rows)] = rows
         if self._journal is not None:
             kept = rows if rows.dtype == ds.dtype else ds[row:row + len(rows)]  # as HDF5 converted them
             self._rows.append((row, len(rows), compression_bslz4(np.ascontiguousarray(kept))))
@@ -519,14 +585,57 @@ class SpoolWriter:
         header["r"] = [[row, n, len(blob)] for row, n, blob in self._rows]
         body += [chunk for _, _, chunk in self._writes]
         body += [blob for _, _, blob in self._rows]
-        self._begin()
+        self._writes.clear()
+        self._rows.clear()
         return header, body
 
     def _journal_op(self, header: dict, body: Sequence[object] = ()) -> None:
         """A change of the file's layout, recorded before the append that needs it (it is
-        synced with that append's record)."""
+        synced with that append's record). It is made in the file at once (a few per scan),
+        after the journal-only appends before it."""
         if self._journal is not None:
+            self._materialise()
             self._journal.write(header, body, sync=False)
+            if self._applied is not None:
+                self._applied = self._journal.end
+
+    def _materialise(self) -> None:
+        """Bring the HDF5 file up to its journal (:data:`JOURNAL_ONLY`): apply the records of
+        the journal-only appends (and status) since the last time, as a rebuild from the journal
+        does (:meth:`_replay`), and flush. A kill meanwhile leaves the journal as it was: the
+        file is rebuilt from it at the next start (:func:`repair_spool`), as after a kill
+        inside any flush."""
+        journal = self._journal
+        if self._applied is None or journal is None or self._applied >= journal.end:
+            return
+        end, count, pending = journal.end, self.count, self._pending
+        # HDF5 does not survive a full disk (diskspace.py): refused first, the journal keeps all.
+        # Not the reserve: these bytes were admitted with their appends (whose checks counted
+        # them), and a scan that fails on a full disk still closes its spool within the reserve
+        require_free_space(self.path.parent, end - self._applied, 0,
+                           f"the spool file {self.path.name} (its appends since {self._entry.count} rows)")
+        self._defer = False
+        self.count = self._entry.count
+        self._pending = load_derivation(self._f)[1]
+
+        def records() -> Iterator[Record]:
+            for item in iter_records(journal.path, self._applied):
+                if isinstance(item, str):
+                    raise OSError(f"spool {self.path.name}: its journal cannot be read back ({item})")
+                if item.header["op"] not in ("append", "status"):
+                    raise ValueError(f"spool {self.path.name}: its journal holds a {item.header['op']!r} "
+                                     "record among appends not yet in the file")
+                yield item
+                if item.end >= end:
+                    return
+
+        self._apply(records())
+        if self.count != count or self._pending != pending:
+            raise ValueError(f"spool {self.path.name}: its journal's appends give {self.count} rows "
+                             f"({self._pending} derived), the writer has {count} ({pending})")
+        self._f.flush()
+        self._applied = end
+        self._tail = None  # its extent is looked up again
 
     # -- binned frames derived from the detector frames (DERIVED) --------------------------------
     def _derivable(self, reducer: FrameReducer, raw: RawChunks) -> bool:
@@ -553,15 +662,18 @@ class SpoolWriter:
         self._f.attrs["format_version"] = FORMAT_VERSION
         self._reducer = reducer
 
-    def _add_pending(self, k: int, n: int) -> None:
+    def _add_pending(self, k: int, n: int, write: bool = True) -> None:
         pending = [list(r) for r in self._pending]
         if pending and pending[-1][1] == k:
             pending[-1][1] = k + n
         else:
             pending.append([k, k + n])
-        self._set_pending(pending)
+        self._set_pending(pending, write)
 
-    def _set_pending(self, pending: list[list[int]]) -> None:
+    def _set_pending(self, pending: list[list[int]], write: bool = True) -> None:
+        if self._defer or not write:  # written when the file is brought up to its journal (_materialise)
+            self._pending = [(int(a), int(b)) for a, b in pending]
+            return
         g = self._f[DATA][DERIVED]
         if pending:
             g.attrs["pending_rows"] = np.asarray(pending, np.int64).reshape(-1, 2)
@@ -615,7 +727,7 @@ class SpoolWriter:
             if last < b:
                 self._write_blocks(last, [asker.rows(last, b)])
             done += b - a
-        self._begin()  # (the chunks collected for a journal record)
+        self._writes.clear()  # (the chunks collected for a journal record)
         self.chunk_paths = paths
         self.derived_rows.update(asker.counts)
         if asker.counts["frame_store"]:
@@ -636,20 +748,7 @@ class SpoolWriter:
         """Apply one journal record to this file (a rebuild: :func:`repair_spool`)."""
         op = header["op"]
         if op == "append":
-            k, n = int(header["k"]), int(header["n"])
-            if k != self.count:
-                raise ValueError(f"its journal appends rows from {k} to a file of {self.count} rows")
-            pieces = iter_bodies(body, [8 * n, 16 * n, *_sizes(header)])
-            indices = np.frombuffer(next(pieces), np.int64)
-            positions = np.frombuffer(next(pieces), np.float64).reshape(n, 2)
-            derived = bool(header.get("d"))
-
-            def write_frames(k: int) -> None:
-                if derived:
-                    self._add_pending(k, n)
-                self._replay_writes(header, pieces)
-
-            self.count = self._entry.append(None, indices, positions, write_frames=write_frames)
+            self._replay_appends([(header, body)])
         elif op == "status":
             self._replay_writes(header, iter_bodies(body, _sizes(header)))
             self._f.attrs["status"] = header["status"]
@@ -671,20 +770,83 @@ class SpoolWriter:
         elif op not in ("base", "opened", "closed"):
             raise ValueError(f"its journal holds an unknown record {op!r}")
 
-    def _replay_writes(self, header: dict, pieces: Iterator[memoryview]) -> None:
+    def _apply(self, records: Iterable[Record]) -> None:
+        """Apply journal records to this file in order (a rebuild; a journal-only spool brought up
+        to its journal): consecutive appends as one (:meth:`_replay_appends`), up to
+        :data:`_APPLY_BYTES` of records at a time."""
+        group: list[tuple[dict, memoryview]] = []
+        size = 0
+        for record in records:
+            if record.header["op"] == "append":
+                group.append((record.header, record.body))
+                size += len(record.body)
+                if size < _APPLY_BYTES:
+                    continue
+            self._replay_appends(group)
+            group, size = [], 0
+            if record.header["op"] != "append":
+                self._replay(record.header, record.body)
+        self._replay_appends(group)
+
+    def _replay_appends(self, group: list[tuple[dict, memoryview]]) -> None:
+        """Apply consecutive append records as one append of all their rows: one change of the
+        extents and one ``count`` (a dozen HDF5 calls an append cost more than its chunks), the
+        same rows as one by one."""
+        if not group:
+            return
+        k = self.count
+        parsed = []
+        for header, body in group:
+            first, n = int(header["k"]), int(header["n"])
+            if first != k:
+                raise ValueError(f"its journal appends rows from {first} to a file of {k} rows")
+            pieces = iter_bodies(body, [8 * n, 16 * n, *_sizes(header)])
+            parsed.append((header, first, n, np.frombuffer(next(pieces), np.int64),
+                           np.frombuffer(next(pieces), np.float64).reshape(n, 2), pieces))
+            k += n
+        derived = any(p[0].get("d") for p in parsed)
+
+        def write_frames(_: int) -> None:
+            rows = _RowRun(self._data)
+            for header, first, n, _i, _p, pieces in parsed:
+                if header.get("d"):
+                    self._add_pending(first, n, write=False)
+                self._replay_writes(header, pieces, rows)
+            rows.write()
+            if derived:
+                self._set_pending([list(r) for r in self._pending])
+
+        indices = np.concatenate([p[3] for p in parsed])
+        positions = np.concatenate([p[4] for p in parsed])
+        self.count = self._entry.append(None, indices, positions, write_frames=write_frames)
+
+    def _replay_writes(self, header: dict, pieces: Iterator[memoryview], run: _RowRun | None = None) -> None:
+        """Write a record's chunks, and its rows of ``data`` through the filter (into ``run``,
+        if given: consecutive rows of several records are written together)."""
         g = self._f[DATA]
+        found: dict[str, h5py.Dataset] = {}
         for name, row, _ in header["w"]:
-            ds = g[name]
-            if ds.shape[0] <= row:  # the tail grows where it is written
+            ds = found.get(name)
+            if ds is None:
+                ds = found[name] = g[name]
+            # the tail grows where it is written (the others: by the append, first)
+            if name not in ("data", DETECTOR_FRAMES) and ds.shape[0] <= row:
                 ds.resize(row + 1, axis=0)
             ds.id.write_direct_chunk((row, 0, 0), bytes(next(pieces)))
         ds = self._data
         for row, n, _ in header.get("r", []):
-            ds[row:row + n] = bslz4_decompress(next(pieces), ds.dtype, (n, *ds.shape[1:]))
+            rows = bslz4_decompress(next(pieces), ds.dtype, (n, *ds.shape[1:]))
+            if run is None:
+                ds[row:row + n] = rows
+            else:
+                run.add(row, rows)
 
     def _check_space(self, nbytes: int) -> None:
-        # uncompressed bytes: an upper bound of what the append writes, in the file and its journal
-        require_free_space(self.path.parent, 2 * nbytes, self.reserve_bytes, f"the spool file {self.path.name}")
+        # uncompressed bytes: an upper bound of what the append writes, in the file and its
+        # journal; and what journal-only appends before it still owe the file (about their records)
+        owed = 0 if self._applied is None or self._journal is None else self._journal.end - self._applied
+        require_free_space(self.path.parent, 2 * nbytes + owed, self.reserve_bytes,
+                           f"the spool file {self.path.name}")
 
     def _write_frames(self, k: int, frames: np.ndarray) -> None:
         self._write_blocks(k, [frames])
@@ -822,7 +984,7 @@ class SpoolWriter:
             first = max(base + whole, k)
             # grown here, when written, in steps (rows past the count are never read, and
             # recovery cuts them): not by every append
-            if self._tail_rows < k + n:
+            if self._tail_rows < k + n and not self._defer:  # (a rebuild grows it where it writes)
                 self._tail_rows = k + n + _TAIL_STEP
                 tail.resize(self._tail_rows, axis=0)
             for row in range(first, k + n):
@@ -981,20 +1143,23 @@ class SpoolWriter:
 
     def read_detector_frames(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
         """Detector frames of rows [start, stop), None when the spool keeps none."""
+        self._materialise()
         return read_detector_frames(self._f, start, self.count if stop is None else min(stop, self.count))
 
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frames, indices and positions of rows [start, stop) (the writer's own view)."""
+        self._materialise()
         stop = self.count if stop is None else min(stop, self.count)
         frames = self._data[start:stop]
         fill_derived(self._f, frames, start)
         return frames, self._index[start:stop], self._pos[start:stop]
 
     def set_status(self, status: str) -> None:
-        self._begin()
+        self._begin(True)
         if status != "open":  # the scan ended: detector_frames alone holds every frame from now
             self._close_detector_chunk()
-        self._f.attrs["status"] = status
+        if not self._defer:
+            self._f.attrs["status"] = status
         self._flush(({"op": "status", "status": status}, []))
 
     def _flush(self, record: tuple[dict, list] | None = None) -> None:
@@ -1002,15 +1167,20 @@ class SpoolWriter:
         ``fsync`` option): only then does it count as done. A kill before the record is whole
         leaves the operation out of the journal (never acknowledged); one inside HDF5's flush
         may leave the HDF5 file inconsistent, which recovery rebuilds from the journal."""
-        self._f.flush()
+        if not self._defer:
+            self._f.flush()
         if self._journal is not None:
             if record is not None:
                 self._journal.write(*self._with_writes(*record))
+                if self._applied is not None and not self._defer:  # written through: the file has it
+                    self._applied = self._journal.end
+            self._defer = False
         elif self._fsync:
             os.fsync(self._f.id.get_vfd_handle())
 
     @property
     def raw_group(self) -> h5py.Group:
+        self._materialise()
         return self._f["entry_1"]
 
     def discard(self) -> None:
@@ -1026,6 +1196,7 @@ class SpoolWriter:
         from ``held`` where it has them (:meth:`_write_derived`)."""
         if not self._f.id.valid:
             return
+        self._materialise()
         status = str(self._f.attrs.get("status", "open"))
         if status != "open" and self._pending:  # the scan ended: its binned frames are written once
             self._write_derived(held)
@@ -1150,9 +1321,7 @@ def _rebuild(path: Path, rebuilt: Path, records: int) -> int:
             # may have damaged them
             writer._replay_writes(base.header, iter_bodies(base.body, _sizes(base.header)))
         del base
-        for _ in range(records - 1):
-            record = next(items)
-            writer._replay(record.header, record.body)
+        writer._apply(itertools.islice(items, records - 1))
         return writer.count
     finally:
         f.close()
