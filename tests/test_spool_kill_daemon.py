@@ -9,6 +9,7 @@ daemon is killed with frames sent that it has not acknowledged yet."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,9 @@ from daemon_support import start_daemon, synthetic_scan, wait_for
 FAST = ("--set", "options.iterations=2", "--set", "refine_time_budget_s=5", "--set", "preview_hz=10")
 BATCH = 10  # 32×32 uint16 frames, 64 a chunk: most appends rewrite a part-full chunk
 GROUP = 3  # messages sent before the sender asks for a receipt (they may join one append)
-NTH_WRITE = 60  # the write strace kills the daemon at: a few appends into the stream
+#: the journal write (one ``writev`` per record: journal.py) strace kills the daemon at, a few
+#: appends into the stream; while a scan is open its spool writes only its journal (spool.py)
+NTH_WRITE = 6
 
 
 def _strace_works() -> bool:
@@ -50,11 +53,32 @@ def _held(ctl: ControlClient, daemon, scan_id: str, sent: int) -> int | None:
     return None
 
 
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def _kill_traced(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and, where it is strace, the daemon it traces first: a killed strace
+    detaches its tracee, which would run on, holding the spool directory's lock (serve.py)."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    pids = [int(p) for p in children.read_text().split()] if children.exists() else []
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    deadline = time.monotonic() + 60
+    while any(_running(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"the traced daemon {pids} outlived SIGKILL for 60 s"
+        time.sleep(0.05)
+
+
 def test_a_daemon_killed_while_spooling_keeps_every_acknowledged_frame(tmp_path: Path) -> None:
     scan = synthetic_scan(n_side=16, m=32)  # 256 frames
     strace = _strace_works()
-    prefix = ("strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64",
-              "-e", f"inject=pwrite64:signal=SIGKILL:when={NTH_WRITE}") if strace else ()
+    prefix = ("strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=writev",
+              "-e", f"inject=writev:signal=SIGKILL:when={NTH_WRITE}") if strace else ()
     daemon = start_daemon(tmp_path, *FAST, prefix=prefix)
     acked = 0
     try:
@@ -75,11 +99,11 @@ def test_a_daemon_killed_while_spooling_keeps_every_acknowledged_frame(tmp_path:
                 acked = held
             producer.scan = None  # nothing more to say to a dead daemon
         if daemon.proc.poll() is None:
-            daemon.proc.send_signal(signal.SIGKILL)  # strace's N-th write never came
+            _kill_traced(daemon.proc)  # strace's N-th write never came
         daemon.proc.wait(60)
     finally:
         if daemon.proc.poll() is None:
-            daemon.proc.kill()
+            _kill_traced(daemon.proc)
     assert acked > 0, "the daemon died before it acknowledged any frame: kill it later"
 
     daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=1")
