@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
 
@@ -383,3 +383,111 @@ def test_the_workers_image_split_refuses_other_messages() -> None:
     for raw, kind in ((start, "start"), (end, "end")):
         with pytest.raises(DecodeError, match=f"a '{kind}' message announced itself as an image"):
             split_v2_image(raw, "threshold_1")
+
+
+# --- the workers' fast path for images in the DECTRIS layout (decode._split_dectris_image) ---
+
+_DECTRIS_ORDER = ("type", "series_id", "series_unique_id", "image_id", "real_time", "series_date",
+                  "start_time", "stop_time", "user_data", "data")
+
+
+def _channel(draw: st.DrawFn) -> cbor2.CBORTag:
+    dims = draw(st.sampled_from([[8, 8], [192, 192], [514, 1030], [3, 300], [0, 8]]))
+    tag = draw(st.sampled_from([64, 69, 70, 71, 69, 70, 65, 72, 85]))  # u8 u16 u32 u64, big-endian u16, s8, f32 LE
+    item = {64: 1, 69: 2, 70: 4, 71: 8, 65: 2, 72: 1, 85: 4}[tag]
+    modifier = draw(st.sampled_from([item, item, item, 3]))
+    algorithm = draw(st.sampled_from(["bslz4", "bslz4", "bslz4", "lz4"]))
+    return cbor2.CBORTag(40, [dims, cbor2.CBORTag(tag, cbor2.CBORTag(56500, [algorithm, modifier,
+                                                                              draw(st.binary(max_size=40))]))])
+
+
+@st.composite
+def _image_messages(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    """An image message as detectors send it, with up to two defects drawn (a field of another
+    type or missing, another key order, an extra key) and maybe cut short or a byte changed."""
+    names = draw(st.lists(st.sampled_from(["threshold_1", "threshold_2", "difference", "ü"]),
+                          min_size=1, max_size=3, unique=True))
+    u = st.integers(0, 2**64 - 1)
+    msg = {
+        "type": "image",
+        "series_id": draw(u),
+        "series_unique_id": draw(st.one_of(st.none(), st.text(max_size=30))),
+        "image_id": draw(u),
+        "real_time": [draw(u), draw(u)],
+        "series_date": draw(st.datetimes(timezones=st.just(timezone.utc))),
+        "start_time": [draw(u), draw(u)],
+        "stop_time": [draw(u), draw(u)],
+        "user_data": draw(st.one_of(st.none(), st.just([1, "💙"]),
+                                    st.dictionaries(st.text(max_size=5), u, max_size=3))),
+        "data": {name: _channel(draw) for name in names},
+    }
+    defects = {
+        "type": lambda: msg.update(type="end"),
+        "series_id": lambda: msg.update(series_id=draw(st.sampled_from([-1, "1", 1.0]))),
+        "unique_id": lambda: msg.update(series_unique_id=7),
+        "image_id": lambda: msg.update(image_id=None),
+        "time": lambda: msg.update(start_time=draw(st.sampled_from([Fraction(1, 3), [1.5, 2], [1]]))),
+        "date": lambda: msg.update(series_date=draw(st.sampled_from([cbor2.CBORTag(0, "not a date"),
+                                                                      cbor2.CBORTag(0, 5), "2026"]))),
+        "user_data": lambda: msg.update(user_data=cbor2.CBORTag(0, "bad")),
+        "missing": lambda: msg.pop(draw(st.sampled_from(_DECTRIS_ORDER))),
+        "extra": lambda: msg.update(extra=1),
+    }
+    for name in draw(st.lists(st.sampled_from(sorted(defects)), max_size=2)):
+        defects[name]()
+    keys = list(msg)
+    if draw(st.integers(0, 4)) == 0:
+        keys = draw(st.permutations(keys))
+    raw = bytearray(_v2({k: msg[k] for k in keys}))
+    cut = draw(st.integers(0, len(raw) - 1))
+    mutation = draw(st.sampled_from(["none", "none", "none", "truncate", "flip", "insert"]))
+    if mutation == "truncate":
+        del raw[cut:]
+    elif mutation == "flip":
+        raw[cut] ^= draw(st.integers(1, 255))
+    elif mutation == "insert":
+        raw.insert(cut, draw(st.integers(0, 255)))
+    return bytes(raw), draw(st.sampled_from([None, names[0], names[-1], "nope"]))
+
+
+@settings(max_examples=250, deadline=None)
+@given(_image_messages())
+def test_the_dectris_layout_fast_path_answers_as_the_full_decoder_or_not_at_all(case: tuple) -> None:
+    """Whatever the message (any field of the wrong type or missing, another key order, extra
+    keys, several channels, other dtypes and codecs, bad dates, then truncated, a byte flipped or
+    inserted): where the fast path answers, the full decoder gives the same answer, not an error."""
+    from cryoptycho.protocols.dectris.decode import _split_dectris_image, _split_v2_full
+
+    raw, channel = case
+    fast = _split_dectris_image(raw, channel)
+    if fast is None:
+        return
+    assert _split_v2_full(raw, channel) == fast
+
+
+def test_dectris_and_simulated_images_take_the_fast_path() -> None:
+    """The layout the fast path reads is the detectors': DECTRIS' recorded EIGER2 images (three
+    bslz4 channels, user data) and our simulator's; every channel agrees with the full decoder.
+    An lz4 image and a channel the image lacks are left to the full decoder (its error)."""
+    from cryoptycho.protocols.dectris.decode import (
+        _split_dectris_image,
+        _split_v2_full,
+        split_v2_image,
+    )
+
+    images = [raw for raw in v2_messages(SimSeries(np.arange(3 * 64, dtype=np.uint16).reshape(3, 8, 8),
+                                                   compression="bslz4", series_unique_id="u1"))
+              if raw[3:].startswith(b"\xaa")]
+    recorded = [p.read_bytes() for p in RECORDED if "bslz4" in p.parent.name and p.name != "000011.cbor"]
+    assert len(images) == 3
+    for raw in images + recorded:
+        names = list(cbor2.loads(raw[3:])["data"])
+        for channel in (None, *names):
+            fast = _split_dectris_image(raw, channel)
+            assert fast is not None and fast == _split_v2_full(raw, channel)
+        assert _split_dectris_image(raw, "nope") is None
+        with pytest.raises(DecodeError, match="has no channel 'nope'"):
+            split_v2_image(raw, "nope")
+    for p in RECORDED:
+        if "lz4_16bit" in p.parent.name and p.name == "000001.cbor":
+            assert _split_dectris_image(p.read_bytes(), None) is None
