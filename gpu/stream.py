@@ -394,10 +394,13 @@ class StreamingReconstructor:
         """Σ counts over the valid detector pixels of host ``frames``. Integer counts are
         summed as integers (exact) and the masked-off pixels subtracted (no masked copy of
         the frames); where a frame's sum cannot overflow 32 bits (uint16 up to 256 × 256
-        pixels), per frame in 32 bits: ≈ 3× faster than a float64 or 64-bit sum."""
+        pixels, or frames whose largest count says so: 2×2-binned uint16 frames are uint32),
+        per frame in 32 bits: ≈ 3× faster than a float64 or 64-bit sum (96×96 uint32 frames:
+        2.8 → 1.3 µs each, the max included)."""
         if frames.dtype.kind in "ui" and frames.dtype.itemsize <= 4:
             flat = frames.reshape(frames.shape[0], -1)
-            if frames.dtype.kind == "u" and flat.shape[1] * np.iinfo(frames.dtype).max < 2**32:
+            if frames.dtype.kind == "u" and (flat.shape[1] * np.iinfo(frames.dtype).max < 2**32
+                                             or flat.shape[1] * int(flat.max()) < 2**32):
                 total = int(flat.sum(axis=1, dtype=np.uint32).sum(dtype=np.uint64))
             else:
                 total = int(flat.sum())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from cryoptycho.protocols.dectris.binning import FrameReducer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _frames(n: int, h: int, w: int, dtype: type = np.uint16, seed: int = 0) -> np.ndarray:
@@ -127,3 +129,94 @@ def test_batch_binning_writes_into_the_rows_it_is_given() -> None:
     assert not batch[0].any() and not batch[6].any()
     with pytest.raises(ValueError, match="out is"):
         red.reduce_batch(stack, out=np.zeros((5, 4, 4), np.uint64))
+
+
+def _reference(frames: np.ndarray, corner: tuple[int, int], crop: int, b: int, bad: np.ndarray | None,
+               saturation_value: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(counts int64, valid) by the definition, pixel by pixel in int64: the window's pixels off
+    the detector or masked count 0 and invalidate their bin; a count above the largest valid one
+    (the saturation value, else the dtype's maximum − 1, at most 2³²/b² as the reducer
+    documents for 32-bit counts) counts as that value and invalidates its bin in its frame."""
+    n, h, w = frames.shape
+    top = saturation_value if saturation_value is not None else int(np.iinfo(frames.dtype).max) - 1
+    if top * b * b > 2**32 - 1:
+        top = (2**32 - 1) // (b * b)
+    ys, xs = corner[0] + np.arange(crop), corner[1] + np.arange(crop)
+    inside = ((ys >= 0) & (ys < h))[:, None] & ((xs >= 0) & (xs < w))[None, :]
+    window = np.zeros((n, crop, crop), np.int64)
+    good = np.zeros((crop, crop), bool)
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            if inside[i, j]:
+                window[:, i, j] = frames[:, y, x]
+                good[i, j] = bad is None or not bad[y, x]
+    over = good & (window > top)
+    value = np.where(good, np.minimum(window, top), 0)
+    m = crop // b
+    counts = value.reshape(n, m, b, m, b).sum(axis=(2, 4))
+    static = good.reshape(m, b, m, b).all(axis=(1, 3))
+    return counts, static & ~over.reshape(n, m, b, m, b).any(axis=(2, 4))
+
+
+@st.composite
+def _binning_cases(draw: st.DrawFn) -> tuple:
+    dtype = np.dtype(draw(st.sampled_from(["uint8", "uint16", "uint32"])))
+    b = draw(st.sampled_from([1, 2, 4]))
+    h, w = draw(st.integers(b, 20)), draw(st.integers(b, 20))
+    crop = b * draw(st.integers(1, max(1, 24 // b)))
+    n = draw(st.integers(1, 3))
+    top = int(np.iinfo(dtype).max)
+    # counts near the limits the fast paths depend on: 2¹⁵ − 1 (two uint16 add in a lane), the
+    # saturation value, the dtype's maximum (the detector's flag); and low-dose counts
+    level = draw(st.sampled_from([3, 0x7FFF, 0x8000, top]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, min(level, top) + 1, (n, h, w), dtype=np.uint64).astype(dtype)
+    if draw(st.booleans()):
+        frames[rng.random((n, h, w)) < 0.02] = top
+    bad = rng.random((h, w)) < 0.05 if draw(st.booleans()) else None
+    saturation_value = draw(st.none() | st.integers(1, top - 1))
+    centre = (draw(st.floats(-2, h + 1)), draw(st.floats(-2, w + 1)))
+    return frames, b, crop, bad, saturation_value, centre
+
+
+@settings(max_examples=250, deadline=None)
+@given(_binning_cases())
+def test_every_binning_path_agrees_with_the_definition(case: tuple) -> None:
+    """All three entry points (a stack, a batch into caller rows, one frame) give the sums and
+    valid bins of the definition, for 8/16/32-bit counts, bin 1/2/4, masks, saturation, flags,
+    an off-centre window partly off the detector, counts at and past the 16-bit lane limit."""
+    frames, b, crop, bad, saturation_value, centre = case
+    red = FrameReducer.build(frames.shape[1:], frames.dtype, beam_center_px=centre, crop=crop, bin=b,
+                             bad_pixels=bad, saturation_value=saturation_value)
+    want, want_valid = _reference(frames, red.corner, crop, b, bad, red.saturation_value)
+    counts, valid = red(frames)
+    assert counts.dtype == red.out_dtype
+    np.testing.assert_array_equal(counts.astype(np.int64), want)
+    np.testing.assert_array_equal(valid, want_valid)
+    m = crop // b
+    rows = np.full((len(frames) + 2, m, m), 7, red.out_dtype)
+    batch, saturated = red.reduce_batch(frames, out=rows[1:-1])
+    np.testing.assert_array_equal(batch.astype(np.int64), want)
+    assert (rows[0] == 7).all() and (rows[-1] == 7).all()
+    assert saturated.tolist() == (red.static_valid & ~want_valid).any(axis=(1, 2)).tolist()
+    for i, frame in enumerate(frames):
+        one, flag = red.reduce_frame(frame)
+        np.testing.assert_array_equal(one.astype(np.int64), want[i])
+        assert flag == bool((red.static_valid & ~want_valid[i]).any())
+
+
+@pytest.mark.parametrize("peak", [0x7FFF, 0x8000, 0xFFFE])
+@pytest.mark.parametrize("saturation_value", [None, 16383])
+def test_two_by_two_uint16_sums_at_the_lane_limit(peak: int, saturation_value: int | None) -> None:
+    """192×192 uint16 → 96×96 (the DECTRIS case) with every count at 2¹⁵ − 1 (the 16-bit lane
+    path's largest) and just past it (the widening path): exact sums, in uint32 and uint16."""
+    rng = np.random.default_rng(peak)
+    frames = rng.integers(0, peak + 1, (3, 192, 192), dtype=np.uint32).astype(np.uint16)
+    frames[:, 5:9, 7:11] = peak
+    red = FrameReducer.build((192, 192), np.uint16, crop=192, bin=2, saturation_value=saturation_value)
+    counts, _ = red.reduce_batch(frames)
+    top = saturation_value if saturation_value is not None else 0xFFFE
+    want = np.minimum(frames.astype(np.int64), top).reshape(3, 96, 2, 96, 2).sum(axis=(2, 4))
+    np.testing.assert_array_equal(counts.astype(np.int64), want)
+    assert counts[0, 3, 4] == 4 * min(peak, top)

@@ -144,3 +144,19 @@ def test_mean_counts_over_valid_pixels(dtype, masked):
     wide = np.int64 if frames.dtype.kind in "ui" else np.float64  # exact for these values
     expect = sum(float(f[valid].astype(wide).sum()) for f in frames) / len(frames)
     assert engine.mean_counts == pytest.approx(expect, rel=1e-12)
+
+
+@pytest.mark.parametrize("top", [2**32 // 256 - 1, 2**32 // 256, 2**32 - 1])
+def test_uint32_frame_counts_are_exact_either_side_of_32_bits(top):
+    """uint32 frames (2×2-binned uint16) are summed per frame in 32 bits only when their largest
+    count bounds the sum below 2³²: a frame of 16×16 pixels all at 2³²/256 − 1 sums just under
+    it, all at 2³²/256 just over (a 32-bit sum would wrap to 0), one pixel at 2³² − 1 alone."""
+    m = 16
+    frames = np.full((3, m, m), top, np.uint32) if top < 2**32 - 1 else np.ones((3, m, m), np.uint32)
+    frames[0, 4, 5] = top
+    frames[2] = 7  # a batch of frames of both kinds
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint32, pixel_size=1e-10,
+                                    probe=np.ones((m, m), np.complex64), options=ReconOptions())
+    engine.add_frames(frames, np.zeros((3, 2)))
+    expect = sum(int(v) for v in frames.ravel().tolist()) / 3
+    assert engine.mean_counts == expect
