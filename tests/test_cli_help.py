@@ -1,5 +1,6 @@
 """``cryoptycho --help`` lists the subcommands without importing them (daemon/lazy_group.py):
-the listing is the one click writes from the imported commands, and no command module is loaded."""
+the listing is the one click writes from the imported commands, and no command module is loaded;
+``serve --help`` does not load the service or its settings."""
 
 from __future__ import annotations
 
@@ -24,17 +25,18 @@ def test_the_listing_read_from_the_sources_is_the_one_click_writes(group: click.
     assert all(name in lazy.getvalue() for name in group.list_commands(ctx))
 
 
-def test_help_imports_no_subcommand() -> None:
-    script = textwrap.dedent("""
+@pytest.mark.parametrize(("args", "commands"), [(["--help"], []), (["serve", "--help"], ["serve"])])
+def test_help_imports_neither_other_commands_nor_the_service(args: list[str], commands: list[str]) -> None:
+    script = textwrap.dedent(f"""
         import sys
         from cryoptycho.daemon.cli import main
         try:
-            main(["--help"])
+            main({args!r})
         except SystemExit as exc:
             assert exc.code == 0, exc.code
-        print(sorted(m for m in sys.modules if m.startswith("cryoptycho.daemon.commands.")))
-        print("cryoptycho.daemon.service" in sys.modules)
+        print(sorted(m.rsplit(".", 1)[1] for m in sys.modules if m.startswith("cryoptycho.daemon.commands.")))
+        print([m for m in ("cryoptycho.daemon.service", "cryoptycho.daemon.config") if m in sys.modules])
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    *_, modules, service = out.stdout.strip().splitlines()
-    assert (modules, service) == ("[]", "False"), out.stdout
+    *_, modules, heavy = out.stdout.strip().splitlines()
+    assert (modules, heavy) == (repr(commands), "[]"), out.stdout
