@@ -1,6 +1,6 @@
 """``cryoptycho --help`` lists the subcommands without importing them (daemon/lazy_group.py):
 the listing is the one click writes from the imported commands, and no command module is loaded;
-``serve --help`` does not load the service or its settings."""
+``serve --help`` and ``demo --help`` do not load the service or its settings."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def test_the_listing_read_from_the_sources_is_the_one_click_writes(group: click.
     assert all(name in lazy.getvalue() for name in group.list_commands(ctx))
 
 
-@pytest.mark.parametrize(("args", "commands"), [(["--help"], []), (["serve", "--help"], ["serve"])])
+@pytest.mark.parametrize(("args", "commands"), [(["--help"], []), (["serve", "--help"], ["serve"]),
+                                                    (["demo", "--help"], ["demo"])])
 def test_help_imports_neither_other_commands_nor_the_service(args: list[str], commands: list[str]) -> None:
     script = textwrap.dedent(f"""
         import sys
