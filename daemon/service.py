@@ -106,6 +106,24 @@ def _metrics_handler(base: type) -> type:
     return MetricsHandler
 
 
+def _stop_metrics_server(server: Any) -> None:
+    """Stop and close prometheus_client's server. Its ``shutdown()`` returns only at the serving
+    loop's next poll, up to 0.5 s later (socketserver's default, which prometheus_client keeps):
+    every stop of a daemon waited for it. A connection to the server wakes the poll at once; it
+    is repeated until the loop has seen the request (a connection that came first is served as
+    an empty request, which the handler drops)."""
+    stopper = threading.Thread(target=server.shutdown, name="metrics-stop", daemon=True)
+    stopper.start()
+    host, port = server.server_address[:2]
+    while stopper.is_alive():
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+        except OSError as exc:  # the wake-up is an optimisation: shutdown() still returns at the next poll
+            log.debug("could not wake the metrics server to stop it: %s", exc)
+        stopper.join(0.05)
+    server.server_close()
+
+
 def set_numpy_hugepages(enabled: bool) -> bool:
     """Whether NumPy advises the kernel to back large arrays with transparent huge pages; returns
     the previous setting. It is process-wide, and the daemon owns its process. Measured with
@@ -388,8 +406,7 @@ class Service:
             self._auth.stop()
         self._ctx.term()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            _stop_metrics_server(self._metrics_server)
         self.outbox.close()
         self.direct.release()
         self._stop_rx.close()

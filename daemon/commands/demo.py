@@ -23,8 +23,6 @@ from typing import Any
 
 import click
 import numpy as np
-from cryoptycho.daemon.config import load_config
-from cryoptycho.daemon.service import BackgroundService
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -73,8 +71,10 @@ def _progress_table(state: dict[str, Any], total: int) -> Table:
 def command(out: Path, sample: str, dose: float, probe: str, rate: float, refine_s: float, refine_probe: bool,
             seed: int) -> None:
     """Simulate a low-dose scan, reconstruct it live, and report its resolution."""
+    from cryoptycho.daemon.config import load_config
     from cryoptycho.daemon.replay import ReplaySource
     from cryoptycho.daemon.scan import start_from_data
+    from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.storage.dataset import write_dataset
     from cryoptycho.gpu.sim.ptycho import simulate_ptychography
     from cryoptycho.protocols.messages import Result, ScanEvent

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from cryoptycho.daemon.config import ConfigError, load_config, unknown_environment
 
 log = logging.getLogger("cryoptycho.serve")
 #: how long a stopping daemon waits for its detector source to finish (its decoding jobs, the
@@ -67,6 +66,9 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
 
     On start it prints one JSON line with the bound endpoints (useful with port 0).
     """
+    # imported here, not at the top: `serve --help` need not build the settings' models (0.6 s)
+    from cryoptycho.daemon.config import ConfigError, load_config, unknown_environment
+
     overrides = {k: v for k, v in flags.items() if v is not None}
     overrides = _merge(overrides, _set_pairs(sets))
     if backend is not None:
