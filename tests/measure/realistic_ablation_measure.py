@@ -23,7 +23,8 @@ error term at a time:
 * ``refined``: ``bench paper``'s refinement column (``refine_positions`` + ``aberration_search``
   of C10);
 * any other name ``NAME`` with ``--extra NAME='{"option": value}'``: the nominal scan with those
-  options over the bench's.
+  options over the bench's; ``NAME@RUN``: over the data and options of the run ``RUN`` (e.g.
+  ``pos@true_probe`` refines the positions with the true probe).
 
 Scores (``evaluate_against_truth``): phase correlation and phase NRMSE with the official
 translation-only registration, and the same two after ``metrics.affine_registered`` (the affine
@@ -94,7 +95,9 @@ def main() -> None:
     }
     for spec in args.extra:
         name, _, js = spec.partition("=")
-        runs[name] = (data, json.loads(js))
+        on = name.partition("@")[2]  # NAME@RUN: over that run's data and options
+        d0, o0 = runs[on] if on else (data, {})
+        runs[name] = (d0, {**o0, **json.loads(js)})
     base = ReconOptions(iterations=args.iterations, refine_probe=False)
     for name in args.runs.split(","):
         d, extra = runs[name]
