@@ -20,8 +20,8 @@ error term at a time:
   drift left out);
 * ``true_probe_affine``: true probe, true affine (jitter and drift the only errors left);
 * ``true_probe_affine_drift``: true probe, true affine and drift (jitter the only error left);
-* ``refined``: ``bench paper``'s refinement column (``refine_positions`` + ``aberration_search``
-  of C10);
+* ``refined``: ``bench paper``'s refinement column before ``position_residual_auto``
+  (``refine_positions`` + ``aberration_search`` of C10);
 * any other name ``NAME`` with ``--extra NAME='{"option": value}'``: the nominal scan with those
   options over the bench's; ``NAME@RUN``: over the data and options of the run ``RUN`` (e.g.
   ``pos@true_probe`` refines the positions with the true probe).
@@ -47,6 +47,8 @@ from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
 from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 from cryoptycho.gpu.sim.specimen import load_model
 
+#: ``bench paper``'s refinement column as it was measured here (without ``position_residual_auto``;
+#: the bench now sets it, ``--extra 'ra@refined={"position_residual_auto": true}'``)
 REFINEMENT = {"refine_positions": True, "aberration_search": True, "aberrations": ["C10"],
               "aberration_search_iterations": 30, "aberration_search_rounds": 2, "parallax": False}
 
