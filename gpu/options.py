@@ -238,6 +238,14 @@ class ReconOptions(_Strict):
     position_residual_px: float = Field(0.5, ge=0)
     """Prior rms (object pixels) of each position's residual from the affine scan model; 0 =
     a purely affine scan."""
+    position_residual_auto: bool = False
+    """Estimate the residuals' prior rms at each update from the data (gpu/positions.py,
+    ``residual_rms_from_scatter``: the scatter of the per-position Gauss–Newton points about
+    the affine fit beyond their counting noise), at most ``position_residual_px``; when the
+    scatter is all noise the positions stay affine (on the realistic preset at 20 and
+    100 e⁻/Å² it found 0 px: the fixed 0.5 px prior fitted the noise there). Off by default:
+    measured on hemoglobin (2 seeds) and the proteasome (1 seed) only (MEASUREMENTS.md,
+    "Realistic scans: the gap, one error at a time")."""
     position_start_iteration: int = Field(10, ge=0)
     """CG iterations before the first position update (the object must show some structure)."""
     position_every: int = Field(5, ge=1)

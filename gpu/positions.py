@@ -160,6 +160,7 @@ class ScanModel:
     def gauss_newton(
         self, grad: np.ndarray, fisher: np.ndarray, residual_px: float, model: str = "affine",
         damping: float = 1e-3, keep_residual: bool = False, matrix_prior: float = 0.0,
+        residual_auto: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The model's Gauss–Newton update from the per-position gradient and Fisher
         information: (matrix, offset, residual) of the new positions. The targets are the
@@ -167,11 +168,23 @@ class ScanModel:
         possibly singular H_k); the affine part is their H-weighted least-squares fit and the
         residuals their shrinkage towards it under the prior ½|r|²/σ². ``matrix_prior``: the
         precision of a Gaussian prior of the matrix's entries around the identity (a scan seen
-        in part — the first rows of a raster — does not pin every entry)."""
+        in part — the first rows of a raster — does not pin every entry). ``residual_auto``: the
+        residuals' prior rms estimated from the data (:func:`residual_rms_from_scatter`), at
+        most ``residual_px``; kept in ``self.residual_estimate_px``."""
         p = self.positions
         k = len(p)
         h = fisher + damping * (np.trace(fisher, axis1=1, axis2=2).mean() / 2 + 1e-12) * np.eye(2)
         info_target = np.einsum("kab,kb->ka", h, p) - grad
+        if residual_auto and residual_px > 0 and model == "affine":
+            affine_only = ScanModel(self.nominal, self.matrix, self.offset, np.zeros_like(p))
+            m0, b0, _ = affine_only.gauss_newton(grad - np.einsum("kab,kb->ka", h, self.residual), fisher, 0.0,
+                                                 damping=damping, matrix_prior=matrix_prior)
+            targets = np.linalg.solve(h, info_target[..., None])[..., 0]
+            estimate = residual_rms_from_scatter(targets - self.affine_part(m0, b0), h)
+            self.residual_estimate_px = estimate
+            residual_px = min(residual_px, estimate)
+            if residual_px <= 0:
+                keep_residual = False
         lam = 0.0 if residual_px <= 0 else 1.0 / residual_px**2
         if model == "free":
             new = np.linalg.solve(h, info_target[..., None])[..., 0]
@@ -203,6 +216,27 @@ class ScanModel:
         return matrix, offset, residual
 
 
+def residual_rms_from_scatter(deviation: np.ndarray, information: np.ndarray) -> float:
+    """The rms per axis (pixels) of the positions' true residuals from the affine scan, by the
+    method of moments: the per-position Newton points scatter about the affine fit
+    (``deviation``, (K, 2)) by the residuals plus their own counting noise, whose covariance is
+    the inverse of the Fisher information (``information``, (K, 2, 2)); what the scatter holds
+    beyond that noise is the residuals'. 0 when the scatter is no larger than the noise: the
+    data then cannot tell a residual from noise, and a fixed prior (0.5 px at 20 e⁻/Å², where
+    one position's Cramér–Rao bound is ≈ 1 px) fits the noise instead
+    (MEASUREMENTS.md, "Realistic scans: the gap, one error at a time")."""
+    d = np.asarray(deviation, dtype=np.float64).reshape(-1, 2)
+    if len(d) == 0:
+        return 0.0
+    noise = np.trace(np.linalg.inv(information), axis1=1, axis2=2)
+    # a few badly determined positions (scan edge, little signal) must not swamp the mean
+    ok = np.isfinite(noise) & (noise < 100.0 * np.median(noise))
+    if not np.any(ok):
+        return 0.0
+    excess = float(np.mean(np.sum(d[ok] ** 2, axis=1) - noise[ok]))
+    return math.sqrt(max(excess, 0.0) / 2.0)
+
+
 @dataclass
 class PositionUpdate:
     accepted: bool
@@ -232,7 +266,8 @@ def update_positions(
     grad = np.concatenate(grads)
     fisher = np.concatenate(fishers)
     matrix, offset, residual = scan.gauss_newton(
-        grad, fisher, options.position_residual_px, options.position_model)
+        grad, fisher, options.position_residual_px, options.position_model,
+        residual_auto=bool(getattr(options, "position_residual_auto", False)))
     trial = ScanModel(scan.nominal, matrix, offset, residual)
     new = trial.positions
     # a common translation is a gauge (the object would move with it): keep the mean

@@ -10,7 +10,13 @@ from cryoptycho.gpu import operators
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.options import ReconOptions
-from cryoptycho.gpu.positions import ScanModel, data_loss, position_terms, update_positions
+from cryoptycho.gpu.positions import (
+    ScanModel,
+    data_loss,
+    position_terms,
+    residual_rms_from_scatter,
+    update_positions,
+)
 from cryoptycho.gpu.reconstruct import reconstruct
 from cryoptycho.gpu.sim.evaluation import resample
 from engine_helpers import (
@@ -89,6 +95,34 @@ def test_updates_recover_affine_scan_error_and_jitter_with_the_true_object() -> 
     # the jitter is 0.3 px rms per axis: the affine model alone cannot go below ≈ 0.37 px
     assert before > 0.5 and after < 0.25, (before, after)
     np.testing.assert_allclose(scan.matrix, ERRORS.affine(), atol=0.015)
+
+
+def test_residual_rms_from_scatter_is_the_scatter_beyond_the_counting_noise() -> None:
+    rng = np.random.default_rng(5)
+    k = 4000
+    # per-position Fisher information of various strength and shape (noise rms 0.5–1.5 px)
+    a = rng.normal(size=(k, 2, 2))
+    info = np.einsum("kab,kcb->kac", a, a) + np.eye(2)[None] * rng.uniform(0.5, 4.0, size=(k, 1, 1))
+    cov = np.linalg.inv(info)
+    noise = np.einsum("kab,kb->ka", np.linalg.cholesky(cov), rng.normal(size=(k, 2)))
+    residuals = rng.normal(0.0, 0.4, size=(k, 2))
+    assert residual_rms_from_scatter(residuals + noise, info) == pytest.approx(0.4, rel=0.15)
+    # noise alone: nothing (or next to nothing) is left for the residuals
+    assert residual_rms_from_scatter(noise, info) < 0.1
+
+
+def test_estimated_residual_prior_still_recovers_the_jitter_the_data_resolve() -> None:
+    nominal, true, frames, truth, geo, probe = _distorted_scan(1e5)
+    scan = ScanModel(geo.to_pixels(nominal))
+    target = geo.to_pixels(true)
+    opts = ReconOptions(position_residual_px=2.0, position_residual_auto=True)
+    for _ in range(6):
+        update_positions(truth, probe, frames, scan, geo.object_shape, None, opts)
+    after = np.linalg.norm(scan.positions - target, axis=1).mean()
+    # 0.3 px rms jitter per axis, well resolved at 10⁵ counts: the estimate finds it (not the
+    # 2 px cap) and the positions end as close as with the hand-set 0.5 px prior
+    assert 0.15 < scan.residual_estimate_px < 0.6, scan.residual_estimate_px
+    assert after < 0.25, after
 
 
 def test_reconstruction_from_nominal_positions_improves_with_refinement() -> None:

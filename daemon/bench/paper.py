@@ -52,8 +52,11 @@ PAPER_PTYCHO = {"hemoglobin": {5: 12.0, 20: 8.9}, "proteasome": {5: 10.9, 20: 9.
 PAPER_PHASE_PLATE = {"hemoglobin": {20: 8.7}, "ribosome": {20: 5.1}}
 PAPER_AVERAGED = {"hemoglobin": 3.4, "proteasome": 3.1, "ribosome": 2.9}
 #: options of the "refined" column of ``--realistic`` (gpu/MEASUREMENTS.md, "Realistic scans")
-REFINEMENT = {"refine_positions": True, "aberration_search": True, "aberrations": ["C10"],
-              "aberration_search_iterations": 30, "aberration_search_rounds": 2, "parallax": False}
+#: position_residual_auto: the fixed 0.5 px residual prior fitted the counting noise and lost at
+#: 20 e⁻/Å² (MEASUREMENTS.md, "Realistic scans: the gap, one error at a time")
+REFINEMENT = {"refine_positions": True, "position_residual_auto": True, "aberration_search": True,
+              "aberrations": ["C10"], "aberration_search_iterations": 30, "aberration_search_rounds": 2,
+              "parallax": False}
 #: the realistic runs beside the oracle: (key, table label, options over the defaults); the
 #: defaults correct a probe model by the parallax fit (gpu/parallax.py), so "nominal" turns it off
 REALISTIC_RUNS = (
