@@ -47,6 +47,10 @@ def check_scan_start(msg: ScanStart, limits: Limits) -> None:
     m = tuple(msg.frame_shape)
     if len(m) != 2 or m[0] != m[1]:
         fail("frame_shape", "square", f"frames must be square M×M, got {m}")
+    if m[0] < 2:
+        # the engine's Fourier grid needs M ≥ 2; refused here so no frame is sent for a scan
+        # whose worker would fail
+        fail("frame_shape", "min_frame_side", f"frames must be at least 2×2, got {m}")
     if m[0] > limits.max_frame_side:
         fail(
             "frame_shape",

@@ -96,6 +96,8 @@ def test_window_beyond_the_detector_is_zero_and_invalid() -> None:
     [
         ({"detector_shape": (514, 1030)}, "not square: set crop"),
         ({"crop": 10, "bin": 4}, "multiple of bin"),
+        ({"crop": 4, "bin": 4}, "give 1×1 frames; at least 2×2"),
+        ({"detector_shape": (3, 3), "bin": 3}, "give 1×1 frames; at least 2×2"),
         ({"bin": 0}, "positive integer"),
         ({"bad_pixels": np.zeros((3, 3), bool)}, "pixel mask shape"),
         ({"in_dtype": np.float32}, "unsigned integer"),
@@ -163,7 +165,7 @@ def _binning_cases(draw: st.DrawFn) -> tuple:
     dtype = np.dtype(draw(st.sampled_from(["uint8", "uint16", "uint32"])))
     b = draw(st.sampled_from([1, 2, 4]))
     h, w = draw(st.integers(b, 20)), draw(st.integers(b, 20))
-    crop = b * draw(st.integers(1, max(1, 24 // b)))
+    crop = b * draw(st.integers(2, max(2, 24 // b)))  # frames of at least 2×2
     n = draw(st.integers(1, 3))
     top = int(np.iinfo(dtype).max)
     # counts near the limits the fast paths depend on: 2¹⁵ − 1 (two uint16 add in a lane), the

@@ -182,6 +182,12 @@ def test_a_measured_probe_file_is_used_and_scaled_to_the_counts(tmp_path):
     assert _starts(out) == [] and [(n.outcome, n.field) for n in notices] == [("skipped", "probe_file")]
 
 
+def test_crop_and_bin_giving_frames_below_2x2_are_refused_at_startup():
+    with pytest.raises(ValueError, match=r"crop 2 and bin 2 give 1×1 frames; at least 2×2"):
+        BridgeConfig(crop=2, bin=2)
+    assert BridgeConfig(crop=4, bin=2).crop == 4
+
+
 def test_probe_file_errors_are_named_at_startup(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         BridgeConfig(probe_file=tmp_path / "none.npy")

@@ -556,6 +556,14 @@ CASES: list[tuple[str, Callable[[], list[Any]], Any, Limits | None, str, str]] =
     ),
     ("not square", lambda: start_parts(frame_shape=(16, 32)), None, None, "frame_shape", "square"),
     (
+        "frame side below 2",
+        lambda: start_parts(frame_shape=(1, 1)),
+        None,
+        None,
+        "frame_shape",
+        "min_frame_side",
+    ),
+    (
         "frame side",
         lambda: start_parts(frame_shape=(2048, 2048)),
         None,

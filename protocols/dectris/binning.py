@@ -60,6 +60,10 @@ class FrameReducer:
             crop = h
         if crop < bin or crop % bin:
             raise ValueError(f"crop {crop} must be a positive multiple of bin {bin}")
+        if crop // bin < 2:
+            # the engine needs frames of at least 2×2 (PROTOCOL.md, frame_shape)
+            raise ValueError(f"crop {crop} and bin {bin} give {crop // bin}×{crop // bin} frames; "
+                             "at least 2×2 are needed: lower bin or widen crop")
         cy, cx = beam_center_px if beam_center_px is not None else ((h - 1) / 2, (w - 1) / 2)
         corner = (_corner(cy, h, crop, bin), _corner(cx, w, crop, bin))
         valid = np.ones((h, w), dtype=bool)

@@ -87,6 +87,11 @@ class BridgeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _load_probe(self) -> BridgeConfig:
+        if self.crop is not None and self.crop // self.bin < 2:
+            # refused when the configuration loads, not at a series' first image
+            raise ValueError(f"crop {self.crop} and bin {self.bin} give {self.crop // self.bin}×"
+                             f"{self.crop // self.bin} frames; at least 2×2 are needed: lower bin or "
+                             "widen crop")
         if self.probe_file is not None:
             self._probe, self._probe_pixel_m = load_probe_file(self.probe_file)
             side = self.crop // self.bin if self.crop is not None else None
