@@ -261,9 +261,18 @@ def _load_config(path: str | Path | None, overrides: dict[str, Any] | None) -> S
     except ValidationError as exc:
         source = f"{path} / environment / command line" if path else "environment / command line"
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}{_list_hint(e)}" for e in exc.errors()
         )
         raise ConfigError(f"invalid configuration ({source}): {problems}") from None
+
+
+def _list_hint(error: Any) -> str:
+    """How to write a list, for a list-valued setting given a bare string (``--set
+    limits.frame_dtypes=uint8`` said only "Input should be a valid tuple")."""
+    if error["type"] in ("tuple_type", "list_type") and isinstance(error.get("input"), str):
+        return (" (a list: in TOML [\"a\", \"b\"], with --set a JSON list such as "
+                "'limits.frame_dtypes=[\"uint8\"]', with --limit also a comma-separated list)")
+    return ""
 
 
 #: CRYOPTYCHO_* variables that other commands read (view, broker, simulate, the tests)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -84,7 +84,8 @@ def control_max_part_bytes(limits: Limits) -> int:
 
 def parse_limit_pairs(pairs: Iterable[str]) -> dict[str, Any]:
     """``("max_frame_side=2048", "compressions=[\"lz4\"]")`` → overrides (values parsed as
-    JSON when they parse); ValueError naming the pair or the unknown key."""
+    JSON when they parse; a list-valued limit also takes a bare comma-separated list,
+    ``frame_dtypes=uint8,uint16``); ValueError naming the pair or the unknown key."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -94,9 +95,14 @@ def parse_limit_pairs(pairs: Iterable[str]) -> dict[str, Any]:
         if key not in Limits.model_fields:
             raise ValueError(f"unknown limit {key!r} (known: {', '.join(Limits.model_fields)})")
         try:
-            out[key] = json.loads(raw)
+            value: Any = json.loads(raw)
         except json.JSONDecodeError:
-            out[key] = raw
+            value = raw
+        if isinstance(value, str) and get_origin(Limits.model_fields[key].annotation) in (tuple, list):
+            # `--limit frame_dtypes=uint8` was refused as "not a valid tuple": the shell form of a
+            # list is a comma-separated one, so both it and JSON ('["uint8"]') are taken
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        out[key] = value
     return out
 
 

@@ -96,6 +96,22 @@ def test_a_list_in_the_environment_that_is_not_json_is_named(tmp_path):
     assert "CRYOPTYCHO_OUTPUT_FORMATS is not valid JSON" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_a_list_setting_given_a_bare_value_says_how_to_write_a_list(tmp_path):
+    """`serve --limit frame_dtypes=uint8` answered only "Input should be a valid tuple": --limit now
+    takes the comma-separated form, and --set, which cannot know a list from a string, says how."""
+    endpoints = ("--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*", "--control",
+                 "tcp://127.0.0.1:*", "--metrics-port", "0", "--spool-dir", str(tmp_path / "s"),
+                 "--results-dir", str(tmp_path / "r"))
+    out = cli("serve", *endpoints, "--set", "limits.frame_dtypes=uint8")
+    assert out.returncode == 1, out.stderr
+    assert "limits.frame_dtypes: Input should be a valid tuple (a list:" in out.stderr, out.stderr
+    assert "'limits.frame_dtypes=[\"uint8\"]'" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    # the comma-separated list is taken: only the other (invalid) limit is named
+    out = cli("serve", *endpoints, "--limit", "frame_dtypes=uint8,uint16", "--limit", "max_frame_side=0")
+    assert out.returncode == 1, out.stderr
+    assert "limits.max_frame_side" in out.stderr and "frame_dtypes" not in out.stderr, out.stderr
+
+
 def test_simulate_with_a_sample_file_gemmi_cannot_read_names_it(tmp_path):
     """`simulate --sample model.xyz` ended in gemmi's RuntimeError traceback ("Unknown format")."""
     (tmp_path / "model.xyz").write_text("3\nwater\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n")

@@ -95,6 +95,19 @@ def test_limits_come_from_toml_environment_and_command_line(tmp_path, monkeypatc
         load_config(toml)
 
 
+def test_list_limits_take_a_comma_separated_list_or_json():
+    """`--limit frame_dtypes=uint8` (the shell form of a list) was refused as not a tuple."""
+    from cryoptycho.protocols.limits import parse_limit_pairs
+
+    for raw in ("uint8", "uint8, uint16", '["uint8", "uint16"]', '"uint8"'):
+        want = tuple(v.strip(' "[]') for v in raw.split(","))
+        cfg = load_config(None, {"limits": parse_limit_pairs([f"frame_dtypes={raw}"])})
+        assert cfg.limits.frame_dtypes == want, raw
+    assert parse_limit_pairs(["max_frame_side=2048"]) == {"max_frame_side": 2048}
+    with pytest.raises(ValueError, match="frame_dtypes must be a non-empty subset"):
+        load_config(None, {"limits": parse_limit_pairs(["frame_dtypes=uint8,int7"])})
+
+
 # ------------------------------------------------------------------------------- protocol limits
 
 
