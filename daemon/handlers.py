@@ -137,8 +137,18 @@ def build_table(service: Service) -> dict[str, Handler]:
             return {"scope": "defaults", "options": service.config.options.to_dict()}
         session = _session(service, scan_id)
         worker = service.scans.running.get(session.scan_id)
+        if worker is None and session.scan_id in service.scans.waiting and not session.state.final:
+            # accepted, waiting for a worker: its worker starts with these (any option may change,
+            # backend and algorithm too, as nothing runs yet)
+            try:
+                new = service.scans.set_waiting_options(session, overrides)
+            except ScanRefused as exc:
+                where = exc.field if exc.field.startswith("options.") else "options"
+                raise HandlerError(exc.message, f"params.{where}", exc.rule) from None
+            return {"scope": session.scan_id, "options": new.to_dict(), "queued": True}
         if worker is None:
-            raise HandlerError(f"scan {session.scan_id!r} has no running worker ({session.state.value})",
+            raise HandlerError(f"scan {session.scan_id!r} has no running worker ({session.state.value}): the "
+                               "options of a scan change while it waits or runs, not after",
                                "params.scan_id", "running_scan")
         for key in overrides:
             if key in ("backend", "precision", "algorithm"):

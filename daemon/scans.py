@@ -255,6 +255,23 @@ class ScanManager:
                               "older than the scans the daemon lists): its result would overwrite it; send "
                               "the scan under another id, or move the file away")
 
+    def set_waiting_options(self, session: Session, overrides: dict[str, Any]) -> ReconOptions:
+        """Change the options of a scan that waits for a worker (``overrides`` as set_options
+        takes them, nested for ``stream``): its worker starts with them. Checked as at
+        scan_start (valid, backend installed, within the memory budget: the scan's reservation
+        is made again with them), so a change its worker could not run is refused now;
+        :class:`ScanRefused` names it."""
+        merged = dict(session.spec.options)
+        for key, value in overrides.items():
+            below = merged.get(key)
+            merged[key] = {**below, **value} if key == "stream" and isinstance(below, dict) and isinstance(
+                value, dict) else value
+        spec = replace(session.spec, options=merged)
+        options = self._options_for(spec)
+        need = self._reservation(spec, self._with_declared_modes(spec, options))
+        session.spec, session.reserved_bytes = spec, need
+        return options
+
     def _options_for(self, spec: ScanSpec) -> ReconOptions:
         try:
             options = self.config.options.merged(spec.options)

@@ -141,6 +141,34 @@ def test_control_methods(daemon, scan):
         assert m["cryoptycho_control_requests_total{method=set_options,success=false}"] == 2
 
 
+def test_set_options_changes_a_queued_scan_before_its_worker_starts(tmp_path, scan):
+    """set_options on an accepted scan waiting for a worker was refused (running_scan): an
+    operator could not change a scan's options before it ran. Its worker now starts with them."""
+    d = start_daemon(tmp_path, *FAST, "--max-concurrent-scans", "1", "--set", "max_queued_scans=1")
+    try:
+        with (ControlClient(d.control, timeout_s=30) as ctl, Producer(d.ingest, control=d.control) as one,
+              Producer(d.ingest, control=d.control) as two):
+            one.start_scan(**scan.start_fields("first"))  # holds the only slot: no scan_end
+            wait_for(lambda: ctl.status()["running"] == ["first"], 120, "the first scan to run", d)
+            two.start_scan(**scan.start_fields("queued"))
+            wait_for(lambda: ctl.status()["waiting"] == ["queued"], 120, "the second scan to queue", d)
+            reply = ctl.set_options("queued", {"iterations": 7, "stream": {"batch_size": 16}})
+            assert reply["queued"] is True and reply["scope"] == "queued"
+            assert (reply["options"]["iterations"], reply["options"]["stream"]["batch_size"]) == (7, 16)
+            # checked as at scan_start: a backend not installed here is refused now, changing nothing
+            with pytest.raises(ControlError, match="backend") as info:
+                ctl.set_options("queued", {"backend": "cupy"})
+            assert "params.options.backend" in str(info.value.reply), info.value.reply
+            ctl.cancel("first", "the queued scan's turn")
+            wait_for(lambda: ctl.status()["running"] == ["queued"], 120, "the queued scan to start", d)
+            # the running worker's options are those set while it waited (the reply shows them)
+            running = ctl.set_options("queued", {"mu0": 0.05})["options"]
+            assert (running["iterations"], running["stream"]["batch_size"], running["backend"]) == (7, 16, "numpy")
+            ctl.cancel("queued", "test ends")
+    finally:
+        d.stop(signal.SIGKILL if d.proc.poll() is None else signal.SIGTERM)
+
+
 def _send_bad_messages(endpoint: str, scan: Scan) -> set[str]:
     """Send one message per kind of mistake on a raw PUSH socket; returns the expected rules."""
     import zmq
