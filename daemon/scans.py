@@ -407,7 +407,7 @@ class ScanManager:
         def write() -> None:  # on the spool thread, in order with the scan's appends
             first = spool.unpositioned == 0
             try:
-                spool.append_unpositioned(image_ids, raw)
+                kept = spool.append_unpositioned(image_ids, raw)
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
@@ -417,9 +417,19 @@ class ScanManager:
                 log.error("%d detector images without a position (ids %s …) not kept: %s", len(image_ids),
                           image_ids[:10].tolist(), exc, extra={"scan_id": session.scan_id})
                 return
+            dup = len(image_ids) - kept
+            if dup:  # counted as the scan's duplicate frames are
+                self.metrics.frames_dropped.labels(reason="duplicate").inc(dup)
+                with session.lock:
+                    session.ledger.duplicates += dup
+                log.warning("%d detector images without a position arrived again (ids among %s%s); "
+                            "kept once", dup, image_ids[:10].tolist(), " …" if len(image_ids) > 10 else "",
+                            extra={"scan_id": session.scan_id})
+            if not kept:
+                return
             log.log(logging.WARNING if first else logging.DEBUG,
                     "%d detector images without a position (ids %s%s) kept in the spool's "
-                    "unpositioned_detector_frames, not reconstructed (%d so far)", len(image_ids),
+                    "unpositioned_detector_frames, not reconstructed (%d so far)", kept,
                     image_ids[:10].tolist(), " …" if len(image_ids) > 10 else "", spool.unpositioned,
                     extra={"scan_id": session.scan_id})
 

@@ -313,6 +313,50 @@ def test_a_series_with_more_images_than_positions_keeps_every_image(tmp_path):
     assert np.stack(kept).tobytes() == frames[16:].tobytes()
 
 
+def test_images_past_the_positions_sent_again_after_a_restart_are_kept_once(tmp_path):
+    """A series with more images than positions, the daemon killed in it after it kept images
+    past the positions; the detector sends some of them again to the restarted daemon, which
+    resumes the series. They were kept twice (the images past the positions had no duplicate
+    check): now once, and counted as the scan's duplicates."""
+    import re
+
+    from cryoptycho.daemon.storage.spool import DATA, UNPOSITIONED, UNPOSITIONED_IDS
+
+    frames = _frames(24, seed=9)
+    messages = _series(frames, "past-again", positions=16)  # start, 24 images, end
+
+    def kept_ids() -> set[int]:
+        lines = re.findall(r"without a position \(ids \[([0-9, ]+)\]", daemon.log())
+        return {int(i) for line in lines for i in line.split(",")}
+
+    with SimSender(2) as sender:
+        daemon = _serve(tmp_path, sender)
+        try:
+            for m in messages[:1 + 20]:  # images 0-15 and 16-19, past the positions
+                sender.send_raw(m)
+            wait_for(lambda: kept_ids() >= {16, 17, 18, 19}, 60, "images 16-19 kept in the spool", daemon)
+            with ControlClient(daemon.control, timeout_s=30) as ctl:
+                wait_for(lambda: [s for s in ctl.list_scans() if s["frames"]["received"] == 16], 60,
+                         "the first 16 frames in the spool", daemon)
+        finally:
+            assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL, daemon.log()
+        daemon = _serve(tmp_path, sender, "--set", "recover_wait_s=600")
+        try:
+            for m in messages[1 + 14:]:  # images 14-19 a second time, then 20-23 and the end
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+            assert scan["state"] == "finished", daemon.log()
+            assert scan["frames"]["received"] == 16 and scan["frames"]["duplicates"] == 4, scan
+            assert "4 detector images without a position arrived again" in daemon.log(), daemon.log()
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    with h5py.File(scan["result_path"], "r") as f:
+        g = f["raw"][DATA]
+        ids, kept = g[UNPOSITIONED_IDS][()], g[UNPOSITIONED][()]
+    assert ids.tolist() == list(range(16, 24))
+    assert kept.tobytes() == frames[16:].tobytes()
+
+
 def test_a_series_with_fewer_images_than_positions_is_reconstructed_with_those_that_came(tmp_path):
     """The detector was armed for 12 triggers, the scan has 16 positions: the series was skipped
     (all 12 frames lost). Now the scan takes the 12 images and ends with them when the

@@ -375,6 +375,36 @@ def test_detector_frames_without_a_position_are_kept_and_rebuilt_from_the_journa
         assert read_spool(path).frames.tobytes() == binned[np.r_[0:20, 30:35]].tobytes()
 
 
+def test_detector_frames_without_a_position_sent_again_after_a_restart_are_kept_once(tmp_path: Path) -> None:
+    """A DECTRIS series resumed after a daemon restart may send again images past the scan's
+    positions that the spool kept before it: the reopened spool knows their ids (from the file)
+    and keeps each once, as it does an id twice in one call; the count it returns leaves them
+    out (the daemon counts them as duplicates)."""
+    from cryoptycho.daemon.storage.spool import UNPOSITIONED, UNPOSITIONED_IDS
+
+    reducer, det, binned = _detector_scan(30)
+
+    def raw(ids: list[int]) -> RawChunks:
+        return RawChunks((DET, DET), np.dtype(np.uint16), [bslz4_compress(det[i - 100]) for i in ids])
+
+    w = SpoolWriter.create(tmp_path, _derived_spec("again", reducer))
+    _append_detector(w, reducer, det, binned, 0, 20)
+    assert w.append_unpositioned(np.array([120, 121, 122, 121]), raw([120, 121, 122, 121])) == 3
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copyfile(w.path, killed / w.path.name)  # the daemon killed mid-series: file and journal
+    shutil.copyfile(journal_path(w.path), journal_path(killed / w.path.name))
+    w.close()
+    w = SpoolWriter.reopen(killed / w.path.name)
+    assert w.append_unpositioned(np.array([121, 122]), raw([121, 122])) == 0
+    assert w.append_unpositioned(np.array([122, 123, 124, 123]), raw([122, 123, 124, 123])) == 2
+    assert w.unpositioned == 5
+    w.close()
+    with h5py.File(w.path, "r") as f:
+        np.testing.assert_array_equal(f[DATA][UNPOSITIONED_IDS][()], np.arange(120, 125))
+        assert f[DATA][UNPOSITIONED][()].tobytes() == det[20:25].tobytes()
+
+
 # ------------------------------------------------- journal-only appends while a scan is open
 
 def _datasets(path: Path) -> dict[str, Any]:

@@ -328,6 +328,8 @@ class SpoolWriter:
         #: derived rows written at the scan's end, by where their binned frames came from: the
         #: scan's own (``frame_store``: :data:`HeldFrames`) or decoded (``detector_frames``)
         self.derived_rows: Counter[str] = Counter()
+        #: image ids of :data:`UNPOSITIONED` (read from the file when first needed)
+        self._kept_ids: set[int] | None = None
 
     @property
     def derivation(self) -> FrameReducer | None:
@@ -1095,16 +1097,30 @@ class SpoolWriter:
     def append_unpositioned(self, image_ids: np.ndarray, raw: RawChunks) -> int:
         """Keep detector frames the scan has no position for (:data:`UNPOSITIONED`, their ids in
         :data:`UNPOSITIONED_IDS`), written as they came and flushed; with the journal they count
-        as kept once its record is written, as an append's frames do. Returns how many."""
+        as kept once its record is written, as an append's frames do. An image id kept already
+        (before a restart too: the file's ids) or twice in ``image_ids`` is kept once, its
+        first time. Returns how many were kept now (the rest are duplicates)."""
         n = len(raw.chunks)
         if n != len(image_ids):
             raise ValueError(f"{n} detector chunks for {len(image_ids)} image ids")
         if n == 0:
             return 0
-        self._check_space(sum(len(c) for c in raw.chunks))
-        header = {"op": "unpositioned", "shape": list(raw.shape), "dtype": np.dtype(raw.dtype).str}
         ids = np.ascontiguousarray(image_ids, dtype=np.int64)
         self._begin()
+        if self._kept_ids is None:  # first use, or the first after a reopen: the ids the file keeps
+            held = self._f[DATA].get(UNPOSITIONED_IDS)
+            self._kept_ids = set() if held is None else set(held[()].tolist())
+        first = np.zeros(n, bool)
+        first[np.unique(ids, return_index=True)[1]] = True
+        new = first & np.fromiter((int(i) not in self._kept_ids for i in ids), bool, n)
+        if not new.all():
+            # a series resumed after a restart sends again images the spool kept before it
+            ids, raw = ids[new], raw.select(new)
+            n = len(ids)
+            if n == 0:
+                return 0
+        self._check_space(sum(len(c) for c in raw.chunks))
+        header = {"op": "unpositioned", "shape": list(raw.shape), "dtype": np.dtype(raw.dtype).str}
         k = self._unpositioned_rows(tuple(raw.shape), np.dtype(raw.dtype), n)
         frames = self._f[DATA][UNPOSITIONED]
         if not self._direct_ok(frames, raw, n):
@@ -1115,6 +1131,7 @@ class SpoolWriter:
             self._put(UNPOSITIONED, frames, k + i, chunk)
         header.update(k=k, n=n)
         self._flush((header, [ids]))
+        self._kept_ids.update(ids.tolist())
         return n
 
     @property
