@@ -108,7 +108,7 @@ def test_frames_round_trip(n, m, dtype, codec, streamed, seed):
 
 @FAST
 @given(
-    m=st.integers(1, 32),
+    m=st.integers(2, 32),  # frames of at least 2×2 (rule min_frame_side)
     kind=st.sampled_from(["positions", "raster", "streamed"]),
     measured_probe=st.booleans(),
     with_mask=st.booleans(),
