@@ -61,12 +61,10 @@ def _raw(det: np.ndarray) -> RawChunks:
     return RawChunks((DET, DET), np.dtype(np.uint16), [bslz4_compress(f, 8192) for f in det])
 
 
-@pytest.mark.parametrize("detector", [False, True], ids=["data", "detector_frames"])
-def test_a_kill_at_any_write_of_an_append_keeps_the_frames_received_before(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detector: bool) -> None:
-    rng = np.random.default_rng(0)
-    frames = rng.poisson(1.0, (35, SIDE, SIDE)).astype(np.uint32)
-    det = rng.poisson(0.05, (35, DET, DET)).astype(np.uint16)
+def _snapshotted_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                       journal_only: bool) -> tuple[SpoolWriter, _Snapshots]:
+    """A spool whose HDF5 file is written through a :class:`_Snapshots` file object (the one
+    create opens again after writing the file and closing it as the journal's base)."""
     files: list[_Snapshots] = []
     real = h5py.File
 
@@ -78,8 +76,18 @@ def test_a_kill_at_any_write_of_an_append_keeps_the_frames_received_before(
     monkeypatch.setattr(spool_module.h5py, "File", through_file_object)
     spec = ScanSpec(scan_id="window", frame_shape=(SIDE, SIDE), frame_dtype="uint32", pixel_size_m=1e-10,
                     energy_eV=300e3, probe=np.ones((SIDE, SIDE), np.complex64), expected_frames=None)
-    w = SpoolWriter.create(tmp_path, spec, journal_only=False)  # (journal-only: the test below)
-    live = files[-1]  # create writes the file, closes it (the journal's base) and opens it again
+    w = SpoolWriter.create(tmp_path, spec, journal_only=journal_only)
+    return w, files[-1]
+
+
+@pytest.mark.parametrize("detector", [False, True], ids=["data", "detector_frames"])
+def test_a_kill_at_any_write_of_an_append_keeps_the_frames_received_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detector: bool) -> None:
+    rng = np.random.default_rng(0)
+    frames = rng.poisson(1.0, (35, SIDE, SIDE)).astype(np.uint32)
+    det = rng.poisson(0.05, (35, DET, DET)).astype(np.uint16)
+    # (journal-only: the test below)
+    w, live = _snapshotted_spool(tmp_path, monkeypatch, journal_only=False)
     rows = np.arange(35)
     if detector:
         # 20 frames: a whole chunk of data and 4 rows of the next, two whole chunks of
@@ -124,19 +132,7 @@ def test_a_kill_at_any_write_of_a_journal_only_spools_materialisation_keeps_ever
     rng = np.random.default_rng(1)
     frames = rng.poisson(1.0, (35, SIDE, SIDE)).astype(np.uint32)
     det = rng.poisson(0.05, (35, DET, DET)).astype(np.uint16)
-    files: list[_Snapshots] = []
-    real = h5py.File
-
-    def through_file_object(path: Any, mode: str = "r", **kw: Any) -> h5py.File:
-        fo = _Snapshots(str(path), "w+" if mode == "w" else "r+")
-        files.append(fo)
-        return real(fo, mode, **kw)
-
-    monkeypatch.setattr(spool_module.h5py, "File", through_file_object)
-    spec = ScanSpec(scan_id="window", frame_shape=(SIDE, SIDE), frame_dtype="uint32", pixel_size_m=1e-10,
-                    energy_eV=300e3, probe=np.ones((SIDE, SIDE), np.complex64), expected_frames=None)
-    w = SpoolWriter.create(tmp_path, spec)
-    live = files[-1]
+    w, live = _snapshotted_spool(tmp_path, monkeypatch, journal_only=True)
     rows = np.arange(35)
     # part-full chunks of data and detector_frames, the tail, rows through the filter
     w.append(frames[:20], rows[:20], np.zeros((20, 2)), raw=_raw(det[:20]))
