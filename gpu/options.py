@@ -243,9 +243,12 @@ class ReconOptions(_Strict):
     ``residual_rms_from_scatter``: the scatter of the per-position Gauss–Newton points about
     the affine fit beyond their counting noise), at most ``position_residual_px``; when the
     scatter is all noise the positions stay affine (on the realistic preset at 20 and
-    100 e⁻/Å² it found 0 px: the fixed 0.5 px prior fitted the noise there). Off by default:
-    measured on hemoglobin (2 seeds) and the proteasome (1 seed) only (MEASUREMENTS.md,
-    "Realistic scans: the gap, one error at a time")."""
+    100 e⁻/Å² it found 0 px: the fixed 0.5 px prior fitted the noise there). Off by default,
+    with ``refine_positions`` too: on top of the defaults' parallax fit the two tie with the
+    defaults on hemoglobin (2 seeds, 20 and 100 e⁻/Å²), lose on the proteasome (2 seeds, both
+    doses: phase correlation −0.001…−0.004, NRMSE +0.009…+0.030) and the ribosome at
+    20 e⁻/Å² (−0.010 / +0.019), and gain a little on the ribosome at 100 (+0.003 / −0.005);
+    MEASUREMENTS.md, "Realistic scans: the gap, one error at a time"."""
     position_start_iteration: int = Field(10, ge=0)
     """CG iterations before the first position update (the object must show some structure)."""
     position_every: int = Field(5, ge=1)
