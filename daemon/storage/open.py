@@ -61,7 +61,10 @@ def identify(path: str | Path) -> Kind:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        with h5py.File(path, "r") as f:
+        # without HDF5's file lock: the daemon holds an open scan's spool file for writing, and
+        # the lock refused even this look at its format; read_spool then reads that spool
+        # through its journal, from a copy
+        with h5py.File(path, "r", locking=False) as f:
             fmt = f.attrs.get("format")
     except OSError as exc:
         raise ValueError(f"{path}: not an HDF5 file ({exc})") from None
