@@ -268,13 +268,15 @@ class ScanManager:
         takes them, nested for ``stream``): its worker starts with them. Checked as at
         scan_start (valid, backend installed, within the memory budget: the scan's reservation
         is made again with them), so a change its worker could not run is refused now;
-        :class:`ScanRefused` names it."""
+        :class:`ScanRefused` names it, or pydantic's ValidationError an invalid value (the
+        caller names it as set_options names any option: pydantic's type as rule)."""
         merged = dict(session.spec.options)
         for key, value in overrides.items():
             below = merged.get(key)
             merged[key] = {**below, **value} if key == "stream" and isinstance(below, dict) and isinstance(
                 value, dict) else value
         spec = replace(session.spec, options=merged)
+        self.config.options.merged(spec.options)  # an invalid value: ValidationError, as documented
         options = self._options_for(spec)
         need = self._reservation(spec, self._with_declared_modes(spec, options))
         session.spec, session.reserved_bytes = spec, need
