@@ -537,3 +537,24 @@ def test_a_journal_only_spool_counts_what_its_file_is_owed_and_refuses_a_full_di
     assert asked == [raw]  # nothing owed after it
     w.close()
     _assert_holds(w.path, frames, 256)
+
+
+def test_writing_an_ended_scans_derived_rows_keeps_none_of_their_chunks(tmp_path: Path) -> None:
+    """The derived binned rows written at a scan's end are not journaled (a function of what the
+    journal holds), yet each chunk written was kept in memory for a journal record never written,
+    until the end of the whole derivation: a scan's compressed binned frames held at once, on
+    the closer thread while the next series is being received."""
+    reducer, det, binned = _detector_scan(150)
+    w = SpoolWriter.create(tmp_path, _derived_spec("kept", reducer))
+    _append_detector(w, reducer, det, binned, 0, 150)
+    w.set_status("ended")
+    held_back: list[int] = []
+
+    def held(a: int, b: int) -> np.ndarray:
+        held_back.append(len(w._writes) + len(w._rows))  # chunks kept for a record, so far
+        return binned[a:b].copy()
+
+    w.close(held=held)
+    assert w.derived_rows == {"frame_store": 150}
+    assert len(held_back) > 1 and max(held_back) == 0, held_back
+    assert read_spool(w.path).frames.tobytes() == binned.tobytes()

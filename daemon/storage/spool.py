@@ -1216,7 +1216,13 @@ class SpoolWriter:
         self._materialise()
         status = str(self._f.attrs.get("status", "open"))
         if status != "open" and self._pending:  # the scan ended: its binned frames are written once
-            self._write_derived(held)
+            # not journaled (_write_derived): without the journal no chunk is kept for a record,
+            # which held a whole scan's compressed binned frames until the derivation ended
+            journal, self._journal = self._journal, None
+            try:
+                self._write_derived(held)
+            finally:
+                self._journal = journal
             self._f.flush()
         self._f.close()
         journal, self._journal = self._journal, None
