@@ -60,11 +60,14 @@ def identify(path: str | Path) -> Kind:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if spool.journal_path(path).exists():
+        # a spool beside its journal (its scan open, or its daemon killed): read_spool reads it
+        # through the journal. Not opened here: the running daemon holds an open scan's file for
+        # writing (HDF5's lock refused this look, "not an HDF5 file"), and a file caught
+        # mid-write can crash HDF5 (readcheck.py)
+        return "spool"
     try:
-        # without HDF5's file lock: the daemon holds an open scan's spool file for writing, and
-        # the lock refused even this look at its format; read_spool then reads that spool
-        # through its journal, from a copy
-        with h5py.File(path, "r", locking=False) as f:
+        with h5py.File(path, "r") as f:
             fmt = f.attrs.get("format")
     except OSError as exc:
         raise ValueError(f"{path}: not an HDF5 file ({exc})") from None
