@@ -142,6 +142,8 @@ def build_table(service: Service) -> dict[str, Handler]:
             # backend and algorithm too, as nothing runs yet)
             try:
                 new = service.scans.set_waiting_options(session, overrides)
+            except ValidationError as exc:
+                raise _options_error(exc) from None
             except ScanRefused as exc:
                 where = exc.field if exc.field.startswith("options.") else "options"
                 raise HandlerError(exc.message, f"params.{where}", exc.rule) from None

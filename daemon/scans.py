@@ -94,6 +94,14 @@ def estimate_bytes(spec: ScanSpec, options: ReconOptions) -> int:
     ).total
 
 
+class _SpoolClosed(threading.Event):
+    """Set when an ended scan's spool close is over; ``error``: why it failed, if it did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: BaseException | None = None
+
+
 class ScanManager:
     def __init__(self, config: ServiceConfig, metrics: ServiceMetrics, outbox: Outbox) -> None:
         self.config = config
@@ -117,7 +125,7 @@ class ScanManager:
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="spool-close")
         self._closing: dict[str, Future[None]] = {}
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
-        self._spool_closed: dict[str, threading.Event] = {}
+        self._spool_closed: dict[str, _SpoolClosed] = {}
         self._disk.submit(lambda: None).result()  # its thread starts now, not in the first scan's step
         self._disk_backlog = 0
         self._disk_lock = threading.Lock()
@@ -260,13 +268,15 @@ class ScanManager:
         takes them, nested for ``stream``): its worker starts with them. Checked as at
         scan_start (valid, backend installed, within the memory budget: the scan's reservation
         is made again with them), so a change its worker could not run is refused now;
-        :class:`ScanRefused` names it."""
+        :class:`ScanRefused` names it, or pydantic's ValidationError an invalid value (the
+        caller names it as set_options names any option: pydantic's type as rule)."""
         merged = dict(session.spec.options)
         for key, value in overrides.items():
             below = merged.get(key)
             merged[key] = {**below, **value} if key == "stream" and isinstance(below, dict) and isinstance(
                 value, dict) else value
         spec = replace(session.spec, options=merged)
+        self.config.options.merged(spec.options)  # an invalid value: ValidationError, as documented
         options = self._options_for(spec)
         need = self._reservation(spec, self._with_declared_modes(spec, options))
         session.spec, session.reserved_bytes = spec, need
@@ -544,7 +554,7 @@ class ScanManager:
         if worker is not None:
             self.spools.pop(session.scan_id, None)
             if spool is not None:
-                closed = self._spool_closed[session.scan_id] = threading.Event()
+                closed = self._spool_closed[session.scan_id] = _SpoolClosed()
 
         def task() -> None:  # after the scan's last frames are on disk and with its worker
             if spool is not None:
@@ -564,7 +574,7 @@ class ScanManager:
         self._on_disk(session.scan_id, task)
 
     def _close_ended(self, scan_id: str, spool: SpoolWriter, held: Callable[[int, int], Any],
-                     closed: threading.Event) -> None:
+                     closed: _SpoolClosed) -> None:
         """Spool thread, at a scan's end (its status "ended" written): close its spool on the
         closer thread. Writing a detector scan's derived binned rows takes them from its
         worker's frame store (``held``: ScanWorker.held_frames), which waits up to
@@ -578,6 +588,7 @@ class ScanManager:
             try:
                 spool.close(held=held)  # the frames its engine holds
             except Exception as exc:  # a storage fault: logged, counted, and this scan fails
+                closed.error = exc  # before set: finish_result must not copy the file without its journal
                 log.exception("closing the spool failed", extra={"scan_id": scan_id})
                 self.metrics.internal_errors.labels(where="spool").inc()
                 self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
@@ -717,6 +728,10 @@ class ScanManager:
         closed = self._spool_closed.pop(session.scan_id, None)
         if closed is not None and not closed.wait(SPOOL_CLOSE_WAIT_S):
             raise RuntimeError(f"the spool was not closed after {SPOOL_CLOSE_WAIT_S:g} s")
+        if closed is not None and closed.error is not None:
+            # the file lacks what its journal holds (a journal-only spool is brought up at its
+            # close): its copy would be a result without frames, and the journal is kept
+            raise RuntimeError(f"the spool could not be closed ({type(closed.error).__name__}: {closed.error})")
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,
                                  **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
         if session.figures.get("resolution_m") is not None:

@@ -159,6 +159,14 @@ def test_set_options_changes_a_queued_scan_before_its_worker_starts(tmp_path, sc
             with pytest.raises(ControlError, match="backend") as info:
                 ctl.set_options("queued", {"backend": "cupy"})
             assert "params.options.backend" in str(info.value.reply), info.value.reply
+            # an invalid value is named as set_options names it for any scan (PROTOCOL.md §6:
+            # the option's path, pydantic's type as rule); a queued scan's said recon_options
+            for bad, field, rule in (({"iterations": -1}, "params.options.iterations", "greater_than_equal"),
+                                     ({"alpha_h": float("inf")}, "params.options.alpha_h", "finite_number")):
+                with pytest.raises(ControlError) as info:
+                    ctl.set_options("queued", bad)
+                assert (info.value.reply.result["field"], info.value.reply.result["rule"]) == (field, rule), \
+                    info.value.reply
             ctl.cancel("first", "the queued scan's turn")
             wait_for(lambda: ctl.status()["running"] == ["queued"], 120, "the queued scan to start", d)
             # the running worker's options are those set while it waited (the reply shows them)

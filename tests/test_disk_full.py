@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import shutil
 import signal
+import threading
 
 import h5py
 import numpy as np
@@ -144,3 +145,52 @@ def test_a_spool_failure_mid_scan_is_the_reason_the_producer_is_given(tmp_path, 
         assert info.value.acknowledged == 8
     finally:
         bg.stop()
+
+
+def test_a_spool_close_that_finds_the_disk_full_fails_the_scan_and_keeps_its_journal(tmp_path, monkeypatch, scan):
+    """A journal-only spool is brought up to its journal at the scan's end, on the closer
+    thread. When that found the disk full while the worker already waited in finish_result,
+    the worker went on: the result's /raw was copied from the file without the journal's
+    frames (0 of 64), the journal was deleted and the scan reported finished — every frame lost."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool
+
+    finishing = threading.Event()
+    real_finish, real_materialise = ScanManager.finish_result, SpoolWriter._materialise
+
+    def finish_result(self, session, state):
+        finishing.set()
+        return real_finish(self, session, state)
+
+    def materialise(self):
+        if threading.current_thread().name.startswith("spool-close"):
+            assert finishing.wait(120), "the worker never reached finish_result"
+            raise OSError(errno.ENOSPC, "No space left on device (test)")
+        return real_materialise(self)
+
+    monkeypatch.setattr(ScanManager, "finish_result", finish_result)
+    monkeypatch.setattr(SpoolWriter, "_materialise", materialise)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0)
+    cfg.options.iterations = 3
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"], send_timeout_s=30) as p:
+            p.start_scan(**scan.start_fields("closefull"))
+            p.send_frames(scan.frames)
+            assert p.end_scan().acknowledged == len(scan.frames)
+        with ControlClient(svc.endpoints["control"], timeout_s=30) as ctl:
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "closefull"
+                                          and s["state"] in ("finished", "failed")), None),
+                            120, "the scan to end")
+        assert info["state"] == "failed", info
+        assert "No space left on device (test)" in info["error"], info
+    finally:
+        bg.stop()
+    assert not list((tmp_path / "r").glob("closefull*"))
+    kept = read_spool(tmp_path / "s" / "closefull.spool.h5")  # through its journal
+    np.testing.assert_array_equal(np.sort(kept.indices), np.arange(len(scan.frames)))

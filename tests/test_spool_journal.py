@@ -537,3 +537,55 @@ def test_a_journal_only_spool_counts_what_its_file_is_owed_and_refuses_a_full_di
     assert asked == [raw]  # nothing owed after it
     w.close()
     _assert_holds(w.path, frames, 256)
+
+
+def test_writing_an_ended_scans_derived_rows_keeps_none_of_their_chunks(tmp_path: Path) -> None:
+    """The derived binned rows written at a scan's end are not journaled (a function of what the
+    journal holds), yet each chunk written was kept in memory for a journal record never written,
+    until the end of the whole derivation: a scan's compressed binned frames held at once, on
+    the closer thread while the next series is being received."""
+    reducer, det, binned = _detector_scan(150)
+    w = SpoolWriter.create(tmp_path, _derived_spec("kept", reducer))
+    _append_detector(w, reducer, det, binned, 0, 150)
+    w.set_status("ended")
+    held_back: list[int] = []
+
+    def held(a: int, b: int) -> np.ndarray:
+        held_back.append(len(w._writes) + len(w._rows))  # chunks kept for a record, so far
+        return binned[a:b].copy()
+
+    w.close(held=held)
+    assert w.derived_rows == {"frame_store": 150}
+    assert len(held_back) > 1 and max(held_back) == 0, held_back
+    assert read_spool(w.path).frames.tobytes() == binned.tobytes()
+
+
+def test_an_ended_scans_derived_rows_are_refused_a_full_disk_before_hdf5_writes_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The binned rows derived at a scan's end are not journaled, so no append's free-space
+    check counted them, and the close wrote them with no check (HDF5 does not survive a full
+    disk: diskspace.py). The disk has room for the journal's appends alone: the close is refused
+    before HDF5 writes a derived row, and every frame stays readable through the journal."""
+    import errno
+
+    from cryoptycho.daemon.storage import diskspace
+
+    reducer, det, binned = _detector_scan(150)
+    w = SpoolWriter.create(tmp_path, _derived_spec("fullend", reducer))
+    _append_detector(w, reducer, det, binned, 0, 150)
+    w.set_status("ended")
+    owed = w._journal.end - w._applied  # what bringing the file up to its journal writes
+    usage = diskspace.shutil.disk_usage(tmp_path)
+    asked: list[int] = []
+
+    def disk_usage(_: object) -> object:  # room for those appends, which then fill the disk
+        asked.append(1)
+        return usage._replace(free=owed if len(asked) == 1 else 0)
+
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", disk_usage)
+    with pytest.raises(OSError) as info:
+        w.close(held=lambda a, b: binned[a:b].copy())
+    assert info.value.errno == errno.ENOSPC and "binned rows" in str(info.value), info.value
+    with h5py.File(w.path, "r") as f:  # (the writer's handle is still open: same process)
+        assert not f[DATA]["data"][:].any()  # no derived row written
+    assert read_spool(w.path).frames.tobytes() == binned.tobytes()

@@ -60,7 +60,7 @@ def build_options(
 @click.option("--precision", type=click.Choice(["single", "double"]))
 @click.option("--noise-model", type=click.Choice(["poisson", "amplitude"]))
 @click.option("--truncation", type=click.Choice(["none", "chen-candes", "high-intensity", "poisson-floor"]))
-@click.option("--alpha-h", type=float, help="Truncation threshold α_h (inf disables).")
+@click.option("--alpha-h", type=float, help="Truncation threshold α_h (finite, > 0; --truncation none disables the truncation).")
 @click.option("--prior", type=click.Choice(["none", "tikhonov", "sparse"]))
 @click.option("--mu0", type=float, help="Tikhonov weight μ₀ (times κ).")
 @click.option("--mu1", type=float, help="Sparse-prior weight μ₁ (times κ).")

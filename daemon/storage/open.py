@@ -60,6 +60,12 @@ def identify(path: str | Path) -> Kind:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if spool.journal_path(path).exists():
+        # a spool beside its journal (its scan open, or its daemon killed): read_spool reads it
+        # through the journal. Not opened here: the running daemon holds an open scan's file for
+        # writing (HDF5's lock refused this look, "not an HDF5 file"), and a file caught
+        # mid-write can crash HDF5 (readcheck.py)
+        return "spool"
     try:
         with h5py.File(path, "r") as f:
             fmt = f.attrs.get("format")

@@ -706,11 +706,11 @@ class SpoolWriter:
         for a, b in self._pending:
             first, last = min(b, -(-a // c) * c), max(a, b // c * c)
             if first >= last:  # no whole chunk
-                self._write_blocks(a, [asker.rows(a, b)])
+                self._write_blocks(a, [self._derived_room(asker.rows(a, b))])
                 done += b - a
                 continue
             if a < first:
-                self._write_blocks(a, [asker.rows(a, first)])
+                self._write_blocks(a, [self._derived_room(asker.rows(a, first))])
             starts = list(range(first, last, step))
             tasks: list = []
             for i, lo in enumerate(starts):
@@ -720,14 +720,16 @@ class SpoolWriter:
                 if i + 1 < len(starts) and len(tasks) - 1 < _POOL_THREADS:
                     continue  # a few tasks in flight: memory stays bounded
                 row, blobs = tasks.pop(0).result()
+                self._derived_room(blobs)
                 for j, blob in enumerate(blobs):
                     self._put("data", ds, row + j * c, blob)
             for task in tasks:
                 row, blobs = task.result()
+                self._derived_room(blobs)
                 for j, blob in enumerate(blobs):
                     self._put("data", ds, row + j * c, blob)
             if last < b:
-                self._write_blocks(last, [asker.rows(last, b)])
+                self._write_blocks(last, [self._derived_room(asker.rows(last, b))])
             done += b - a
         self._writes.clear()  # (the chunks collected for a journal record)
         self.chunk_paths = paths
@@ -738,6 +740,16 @@ class SpoolWriter:
                      DETECTOR_FRAMES)
         self._set_pending([])
         return done
+
+    def _derived_room(self, written: Any) -> Any:
+        """``written`` (rows, or compressed chunks) once the disk has room for them: HDF5 does
+        not survive a full disk (diskspace.py), and these rows are not journaled, so no append's
+        check counted them (as :meth:`_materialise`, within the reserve: the scan's frames are
+        in its journal, and a close that fails here leaves them there)."""
+        nbytes = written.nbytes if isinstance(written, np.ndarray) else sum(len(b) for b in written)
+        require_free_space(self.path.parent, nbytes, 0, f"the spool file {self.path.name} (its binned rows, "
+                           "derived at the scan's end)")
+        return written
 
     def _derived_chunks(self, lo: int, hi: int, asker: _HeldRows,
                         given: np.ndarray | None) -> tuple[int, list[bytes]]:
@@ -1216,7 +1228,13 @@ class SpoolWriter:
         self._materialise()
         status = str(self._f.attrs.get("status", "open"))
         if status != "open" and self._pending:  # the scan ended: its binned frames are written once
-            self._write_derived(held)
+            # not journaled (_write_derived): without the journal no chunk is kept for a record,
+            # which held a whole scan's compressed binned frames until the derivation ended
+            journal, self._journal = self._journal, None
+            try:
+                self._write_derived(held)
+            finally:
+                self._journal = journal
             self._f.flush()
         self._f.close()
         journal, self._journal = self._journal, None
