@@ -98,9 +98,7 @@ def main() -> None:
         return
     repo = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as tmp:
-        base = source_trees.export(repo, args.baseline_rev, Path(tmp) / "base")
-        trees = {f"baseline ({args.baseline_rev})": source_trees.shim(base, Path(tmp) / "shim-base"),
-                 "this tree": source_trees.shim(repo, Path(tmp) / "shim-here")}
+        trees = source_trees.baseline_and_here(repo, args.baseline_rev, Path(tmp))
         results: dict[str, dict[str, dict[str, list[float]]]] = {name: {} for name in trees}
         for _ in range(args.rounds):
             for name, shim in trees.items():

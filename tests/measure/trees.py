@@ -23,3 +23,10 @@ def export(repo: Path, rev: str, where: Path) -> Path:
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
     return where
+
+
+def baseline_and_here(repo: Path, rev: str, tmp: Path) -> dict[str, Path]:
+    """Shims of revision ``rev`` and of the working tree ``repo``, by the names the scripts
+    print: the two sides of a before/after run."""
+    base = export(repo, rev, tmp / "base")
+    return {f"baseline ({rev})": shim(base, tmp / "shim-base"), "this tree": shim(repo, tmp / "shim-here")}
