@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -25,7 +25,7 @@ from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
 from cryoptycho.gpu.data import stated_source_size
 from cryoptycho.gpu.engines import memory_estimate
 from cryoptycho.gpu.geometry import implausible_energy
-from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.options import ReconOptions, merge_overrides
 from cryoptycho.gpu.reconstruct import source_modes_in_force, source_size_in_force
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.sources import DetectorFrames, RawChunks
@@ -123,7 +123,7 @@ class ScanManager:
         #: closes the spools of ended scans whose workers hold their frames (:meth:`_close_ended`),
         #: off the spool thread; scan id → that close, which later work on the file waits for
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="spool-close")
-        self._closing: dict[str, Future[None]] = {}
+        self._closing: dict[str, _SpoolClosed] = {}
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
         self._spool_closed: dict[str, _SpoolClosed] = {}
         self._disk.submit(lambda: None).result()  # its thread starts now, not in the first scan's step
@@ -270,12 +270,7 @@ class ScanManager:
         is made again with them), so a change its worker could not run is refused now;
         :class:`ScanRefused` names it, or pydantic's ValidationError an invalid value (the
         caller names it as set_options names any option: pydantic's type as rule)."""
-        merged = dict(session.spec.options)
-        for key, value in overrides.items():
-            below = merged.get(key)
-            merged[key] = {**below, **value} if key == "stream" and isinstance(below, dict) and isinstance(
-                value, dict) else value
-        spec = replace(session.spec, options=merged)
+        spec = replace(session.spec, options=merge_overrides(session.spec.options, overrides))
         self.config.options.merged(spec.options)  # an invalid value: ValidationError, as documented
         options = self._options_for(spec)
         need = self._reservation(spec, self._with_declared_modes(spec, options))
@@ -568,7 +563,7 @@ class ScanManager:
                 # the worker refines while the spool closes, which writes a detector scan's
                 # binned frames (derived until now: spool.py DERIVED); finish_result waits for it
                 worker.put(EndOfScan(reason))
-                if spool is not None and closed is not None:
+                if closed is not None:
                     self._close_ended(session.scan_id, spool, worker.held_frames, closed)
 
         self._on_disk(session.scan_id, task)
@@ -597,14 +592,15 @@ class ScanManager:
                 self.outbox.wake()
 
         # (both this and _wait_closed run on the spool thread: no lock)
-        self._closing = {k: f for k, f in self._closing.items() if not f.done()}
-        self._closing[scan_id] = self._closer.submit(task)
+        self._closing = {k: c for k, c in self._closing.items() if not c.is_set()}
+        self._closing[scan_id] = closed
+        self._closer.submit(task)
 
     def _wait_closed(self, scan_id: str) -> None:
         """Spool thread: wait for the close of the scan's spool on the closer thread, if any."""
-        future = self._closing.pop(scan_id, None)
-        if future is not None:
-            future.result()
+        closed = self._closing.pop(scan_id, None)
+        if closed is not None:
+            closed.wait()
 
     def abort_scan(self, session: Session, reason: str) -> None:
         """Cancel a scan (producer abort or control `cancel`); its spool is kept, marked aborted."""

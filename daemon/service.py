@@ -445,28 +445,30 @@ class Service:
             msg, arrived = taken[0]
             if isinstance(msg, UnpositionedFrames):
                 self._guarded("ingest", self._unpositioned, msg)
-                if self._preparing is not None or self.scans.backpressure():
-                    return
-                continue
-            detector = msg if isinstance(msg, DetectorFrames) else None
-            if detector is not None:
-                msg = detector.frames
-            try:
-                check_direct(msg, self.limits, self._declared)
-                if detector is not None:
-                    check_chunks(detector, self._declared[msg.scan_id])
-                self._handle(msg, arrived, detector)
-            except (ProtocolError, ValueError) as exc:
-                # a source builds messages in this process, so a value the daemon cannot use
-                # (e.g. a probe its sampling cannot hold) arrives as a ValueError, not on the wire
-                err = exc if isinstance(exc, ProtocolError) else ProtocolError(
-                    "message", "invalid", str(exc), getattr(msg, "scan_id", None))
-                self._guarded("ingest", self._reject, err, [], len(msg.indices) if isinstance(msg, Frames) else 0,
-                              isinstance(msg, ScanStart))
-            except Exception as exc:  # noqa: BLE001 - a bug or a storage fault: only this message's scan fails
-                self._guarded("ingest", self._ingest_fault, exc, msg, [])
+            else:
+                self._take_direct(msg, arrived)
             if self._preparing is not None or self.scans.backpressure():
                 return
+
+    def _take_direct(self, msg: Any, arrived: float) -> None:
+        """One message of a source in this process: checked, then handled as the socket's are."""
+        detector = msg if isinstance(msg, DetectorFrames) else None
+        if detector is not None:
+            msg = detector.frames
+        try:
+            check_direct(msg, self.limits, self._declared)
+            if detector is not None:
+                check_chunks(detector, self._declared[msg.scan_id])
+            self._handle(msg, arrived, detector)
+        except (ProtocolError, ValueError) as exc:
+            # a source builds messages in this process, so a value the daemon cannot use
+            # (e.g. a probe its sampling cannot hold) arrives as a ValueError, not on the wire
+            err = exc if isinstance(exc, ProtocolError) else ProtocolError(
+                "message", "invalid", str(exc), getattr(msg, "scan_id", None))
+            self._guarded("ingest", self._reject, err, [], len(msg.indices) if isinstance(msg, Frames) else 0,
+                          isinstance(msg, ScanStart))
+        except Exception as exc:  # noqa: BLE001 - a bug or a storage fault: only this message's scan fails
+            self._guarded("ingest", self._ingest_fault, exc, msg, [])
 
     def _unpositioned(self, msg: UnpositionedFrames) -> None:
         """Detector frames a scan has no position for: kept in its spool while it is open."""

@@ -407,10 +407,15 @@ class ReconOptions(_Strict):
 
     def merged(self, overrides: dict[str, Any] | None) -> ReconOptions:
         """A copy with ``overrides`` applied (nested for ``stream``), validated."""
-        base = self.to_dict()
-        for key, value in (overrides or {}).items():
-            if key == "stream" and isinstance(value, dict):
-                base["stream"] = {**base["stream"], **value}
-            else:
-                base[key] = value
-        return ReconOptions.model_validate(base)
+        return ReconOptions.model_validate(merge_overrides(self.to_dict(), overrides))
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``base`` (options as a dict) with ``overrides`` applied, ``stream``'s keys one by one:
+    not validated."""
+    out = dict(base)
+    for key, value in (overrides or {}).items():
+        below = out.get(key)
+        out[key] = {**below, **value} if key == "stream" and isinstance(below, dict) and isinstance(
+            value, dict) else value
+    return out

@@ -140,6 +140,8 @@ class ScanModel:
     matrix: np.ndarray = field(default_factory=lambda: np.eye(2))  #: A
     offset: np.ndarray = field(default_factory=lambda: np.zeros(2))  #: b
     residual: np.ndarray | None = None  #: (K, 2) r_k
+    #: the residuals' prior rms the last :meth:`gauss_newton` estimated (``residual_auto``), px
+    residual_estimate_px: float = field(default=math.nan, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.nominal = np.asarray(self.nominal, dtype=np.float64).reshape(-1, 2)
@@ -267,7 +269,7 @@ def update_positions(
     fisher = np.concatenate(fishers)
     matrix, offset, residual = scan.gauss_newton(
         grad, fisher, options.position_residual_px, options.position_model,
-        residual_auto=bool(getattr(options, "position_residual_auto", False)))
+        residual_auto=options.position_residual_auto)
     trial = ScanModel(scan.nominal, matrix, offset, residual)
     new = trial.positions
     # a common translation is a gauge (the object would move with it): keep the mean

@@ -801,7 +801,7 @@ def refine_alternating(
             log.info("positions: iteration %d, %s, data term %.6g → %.6g, largest move %.3f px%s", it,
                      "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
                      upd.max_shift_px, "" if not opts.position_residual_auto else
-                     f", residual rms estimate {getattr(scan, 'residual_estimate_px', math.nan):.3f} px")
+                     f", residual rms estimate {scan.residual_estimate_px:.3f} px")
     positions = problem.positions if scan is None else geo.to_metres(scan.positions)
     if model is not None:
         # the coefficients found (relative to the probe the refinement started from) go to the

@@ -683,7 +683,7 @@ class SpoolWriter:
             del g.attrs["pending_rows"]
         self._pending = [(int(a), int(b)) for a, b in pending]
 
-    def _write_derived(self, held: HeldFrames | None = None) -> int:
+    def _write_derived(self, held: HeldFrames | None = None) -> None:
         """Write the ``data`` rows still derived (the scan ended), compressed as chunks: the
         binned frames ``held`` gives (the scan's frame store: they need no decoding), or where
         it gives none, decoded and binned from the detector frames as every reader derives
@@ -693,44 +693,40 @@ class SpoolWriter:
         compression threads (the codecs and NumPy release the GIL), a few hundred rows a task,
         and written here in row order; rows of a part-full chunk at a range's ends go through
         :meth:`_write_blocks`. Not journaled: they are a function of what the journal holds,
-        and a rebuild derives them again. Returns the rows written."""
+        and a rebuild derives them again."""
         if not self._pending:
-            return 0
+            return
         ds = self._data
         c = ds.chunks[0]
         step = max(c, _DERIVE_ROWS // c * c)
         pool = _compress_pool()
-        done = 0
         paths = self.chunk_paths.copy()  # (these chunks are no received frames' path)
         asker = _HeldRows(self, held)
         for a, b in self._pending:
             first, last = min(b, -(-a // c) * c), max(a, b // c * c)
             if first >= last:  # no whole chunk
                 self._write_blocks(a, [self._derived_room(asker.rows(a, b))])
-                done += b - a
                 continue
             if a < first:
                 self._write_blocks(a, [self._derived_room(asker.rows(a, first))])
-            starts = list(range(first, last, step))
             tasks: list = []
-            for i, lo in enumerate(starts):
-                hi = min(last, lo + step)
-                # the frame store is read here, on one thread (a device's transfers in order)
-                tasks.append(pool.submit(self._derived_chunks, lo, hi, asker, asker.ask(lo, hi)))
-                if i + 1 < len(starts) and len(tasks) - 1 < _POOL_THREADS:
-                    continue  # a few tasks in flight: memory stays bounded
-                row, blobs = tasks.pop(0).result()
-                self._derived_room(blobs)
-                for j, blob in enumerate(blobs):
-                    self._put("data", ds, row + j * c, blob)
-            for task in tasks:
+
+            def write(task: Any) -> None:  # in row order
                 row, blobs = task.result()
                 self._derived_room(blobs)
                 for j, blob in enumerate(blobs):
                     self._put("data", ds, row + j * c, blob)
+
+            for lo in range(first, last, step):
+                hi = min(last, lo + step)
+                # the frame store is read here, on one thread (a device's transfers in order)
+                tasks.append(pool.submit(self._derived_chunks, lo, hi, asker, asker.ask(lo, hi)))
+                if len(tasks) > _POOL_THREADS:  # a few tasks in flight: memory stays bounded
+                    write(tasks.pop(0))
+            for task in tasks:
+                write(task)
             if last < b:
                 self._write_blocks(last, [self._derived_room(asker.rows(last, b))])
-            done += b - a
         self._writes.clear()  # (the chunks collected for a journal record)
         self.chunk_paths = paths
         self.derived_rows.update(asker.counts)
@@ -739,7 +735,6 @@ class SpoolWriter:
                      self.path.name, asker.counts["frame_store"], asker.counts["detector_frames"],
                      DETECTOR_FRAMES)
         self._set_pending([])
-        return done
 
     def _derived_room(self, written: Any) -> Any:
         """``written`` (rows, or compressed chunks) once the disk has room for them: HDF5 does
@@ -775,10 +770,8 @@ class SpoolWriter:
         elif op == "unpositioned":
             k, n = int(header["k"]), int(header["n"])
             pieces = iter_bodies(body, [8 * n, *_sizes(header)])
-            if self._unpositioned_rows(tuple(header["shape"]), np.dtype(header["dtype"]), 0) != k:
-                raise ValueError(f"its journal keeps unpositioned frames from row {k} on, the file has "
-                                 f"{self._f[DATA][UNPOSITIONED].shape[0]}")
-            self._unpositioned_rows(tuple(header["shape"]), np.dtype(header["dtype"]), n)
+            if (at := self._unpositioned_rows(tuple(header["shape"]), np.dtype(header["dtype"]), n)) != k:
+                raise ValueError(f"its journal keeps unpositioned frames from row {k} on, the file has {at}")
             self._f[DATA][UNPOSITIONED_IDS][k:k + n] = np.frombuffer(next(pieces), np.int64)
             self._replay_writes(header, pieces)
         elif op not in ("base", "opened", "closed"):
