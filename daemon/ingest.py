@@ -59,16 +59,11 @@ def check_direct(msg: Any, limits: Limits, declared: Mapping[str, ScanStart]) ->
 
 
 def check_chunks(detector: DetectorFrames, scan: ScanStart) -> None:
-    """A detector source's chunks must be one per frame, the binned ones of the declared
-    frame shape and dtype (the spool writes them as they are)."""
+    """A detector source's chunks must be one per frame (the spool writes them as they are)."""
     n = len(detector.frames.indices)
-    for name, chunks in (("binned", detector.binned), ("raw", detector.raw)):
-        if chunks is not None and len(chunks.chunks) != n:
-            raise ProtocolError(name, "chunk_count", f"{len(chunks.chunks)} chunks for {n} frames", scan.scan_id)
-    b = detector.binned
-    if b is not None and (tuple(b.shape) != tuple(scan.frame_shape) or b.dtype != np.dtype(scan.frame_dtype)):
-        raise ProtocolError("binned", "declared_shape", f"chunks of {b.shape} {b.dtype}, the scan declared "
-                            f"{tuple(scan.frame_shape)} {scan.frame_dtype}", scan.scan_id)
+    raw = detector.raw
+    if raw is not None and len(raw.chunks) != n:
+        raise ProtocolError("raw", "chunk_count", f"{len(raw.chunks)} chunks for {n} frames", scan.scan_id)
 
 
 class DirectIngest:

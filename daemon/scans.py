@@ -373,24 +373,24 @@ class ScanManager:
             self.metrics.frames_dropped.labels(reason="duplicate").inc(dup)
         if not keep.any():
             return 0
-        binned = raw = reducer = None
+        raw = reducer = None
         if detector is not None:
-            binned, raw, reducer = detector.binned, detector.raw, detector.reducer
+            raw, reducer = detector.raw, detector.reducer
         if not keep.all():
             frames, indices, positions = frames[keep], indices[keep], positions[keep]
-            binned, raw = (None if c is None else c.select(keep) for c in (binned, raw))
+            raw = None if raw is None else raw.select(keep)
             wire = None  # the received bytes hold the duplicates too: the spool compresses these
         spool = self.spools[session.scan_id]
         n = len(frames)
         session.last_activity = time.monotonic()
         worker = self.running.get(session.scan_id)
 
-        if binned is None and raw is None:  # no detector chunks: appended with the frames waiting
+        if raw is None:  # no detector chunks: appended with the frames waiting
             self._append(session, spool, _Pending(frames, indices, positions, arrived, worker, wire))
             return n
 
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
-            spool.append(frames, indices, positions, binned=binned, raw=raw, reducer=reducer)
+            spool.append(frames, indices, positions, raw=raw, reducer=reducer)
             for path, chunks in spool.take_chunk_paths().items():
                 self.metrics.spool_chunks.labels(path=path).inc(chunks)
             with session.lock:

@@ -50,14 +50,13 @@ class RawChunks:
 
 @dataclass(frozen=True)
 class DetectorFrames:
-    """A frames message plus what the spool can write as it is: ``binned`` (one chunk per
-    frame of ``frames.data``, same format) and ``raw`` (the unbinned detector frames).
-    ``reducer``: what made ``frames.data`` of ``raw`` (a detector family's reducer, e.g.
+    """A frames message plus what the spool can write as it is: ``raw`` (the unbinned detector
+    frames, one chunk per frame of ``frames.data``). ``reducer``: what made ``frames.data`` of
+    ``raw`` (a detector family's reducer, e.g.
     :class:`cryoptycho.protocols.dectris.binning.FrameReducer`): the spool then keeps only
     ``raw`` while the scan is open and derives the binned frames from it."""
 
     frames: Frames
-    binned: RawChunks | None = None
     raw: RawChunks | None = None
     reducer: Any = None
 

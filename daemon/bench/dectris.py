@@ -661,7 +661,7 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
     """CPU µs per frame of each stage of both paths (this process's CPU time, the spool's
     compression threads included), side by side (interleaved): new: ``decode_job`` (CBOR +
     bslz4 + bin: the workers' job; and its parts alone: ``job_cbor``, ``job_bslz4``, ``job_bin``,
-    and ``binned_compress``, the binned frames' bslz4 that worker processes add),
+    and ``binned_compress``, the binned frames' bslz4, which the spool does at the scan's end),
     ``spool_direct`` (the detector's chunks as they are; the binned frames derived from them, not written while the scan is open); old: ``bridge`` (decode + bin + encode our protocol), ``daemon_decode`` (the
     daemon's decode + validate of those messages), ``spool_filter`` (the binned frames only);
     both: ``frame_store`` (the engine takes the frames)."""
@@ -707,8 +707,8 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
         writer = writers[chunks]
         for m, pos in zip(direct, positions):
             f = m.frames
-            writer.append(f.data, np.asarray(f.indices, np.int64), pos, binned=m.binned if chunks else None,
-                          raw=m.raw if chunks else None, reducer=m.reducer if chunks else None)
+            writer.append(f.data, np.asarray(f.indices, np.int64), pos, raw=m.raw if chunks else None,
+                          reducer=m.reducer if chunks else None)
         return n
 
     def frame_store(repeats: int = 4) -> int:

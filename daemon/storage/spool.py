@@ -437,13 +437,11 @@ class SpoolWriter:
             tail.resize(n, axis=0)  # rows of an append that was not committed
 
     def append(self, frames: np.ndarray, indices: np.ndarray, positions_m: np.ndarray, *,
-               binned: RawChunks | None = None, raw: RawChunks | None = None,
-               reducer: FrameReducer | None = None) -> None:
+               raw: RawChunks | None = None, reducer: FrameReducer | None = None) -> None:
         """Write a batch of frames (wire dtype), their indices and (y, x) positions, then flush.
 
-        ``binned``: the same frames as bitshuffle-LZ4 chunks, one per frame, written as they
-        are (HDF5 direct chunk write, no compression here). ``raw``: the unbinned detector
-        frames they came from, in the same format, kept in ``detector_frames`` row for row.
+        ``raw``: the unbinned detector frames they came from, as bitshuffle-LZ4 chunks, one per
+        frame, kept as they are in ``detector_frames`` row for row (HDF5 direct chunk writes).
         ``reducer``: what made ``frames`` of ``raw`` (``frames`` are ``reducer.reduce_batch`` of
         the decoded ``raw``): their ``data`` rows are then not written now but derived from the
         detector frames (:data:`DERIVED`), and written when the scan ends."""
@@ -452,9 +450,6 @@ class SpoolWriter:
             return
         self._check_space(frames.nbytes + (0 if raw is None else sum(len(c) for c in raw.chunks)))
         derive = raw is not None and reducer is not None and self._derivable(reducer, raw)
-        if binned is not None and not derive and self.count == 0 and self._data.chunks[0] != 1 \
-                and self._reducer is None:
-            self._chunk_per_frame()
         if raw is not None and self._entry.detector_frames is None:
             nbytes = math.prod(raw.shape) * raw.dtype.itemsize
             block = bslz4_header(raw.chunks[0], raw.dtype.itemsize)[1] if raw.chunks else BLOCK_BYTES
@@ -476,9 +471,6 @@ class SpoolWriter:
         def write_frames(k: int) -> None:
             if derive:
                 self._add_pending(k, n)  # derived from the detector frames written below
-            elif binned is not None and self._direct_ok(self._data, binned, n):
-                for i, chunk in enumerate(binned.chunks):
-                    self._put("data", self._data, k + i, chunk)
             else:
                 self._write_frames(k, frames)
             det_open.append(self._write_detector(k, n, None if raw is None else raw.chunks))
@@ -1063,8 +1055,9 @@ class SpoolWriter:
         return out
 
     def _chunk_per_frame(self) -> None:
-        """Re-create the (still empty) frames dataset with one frame per chunk, so that a
-        source's compressed frames can be written as chunks (only before the first frame)."""
+        """Re-create the (still empty) frames dataset with one frame per chunk (only before the
+        first frame). Nothing writes binned frames as chunks any more: kept to replay the
+        journals of spools written before (their op "chunk_per_frame")."""
         self._journal_op({"op": "chunk_per_frame"})
         old = self._data
         m, dtype = old.shape[1:], old.dtype

@@ -100,7 +100,6 @@ class DecodedBatch:
     shape: tuple[int, int] = (0, 0)  #: (H, W) of the detector frames
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.uint16))
     raw: list[bytes] = field(default_factory=list)  #: the detector's chunks, one per image
-    binned: list[bytes] | None = None  #: the binned frames as bslz4 chunks, one per image
     errors: list[DectrisError] = field(default_factory=list)
     reducer: Any = None  #: the FrameReducer the binned frames came from
     counts: np.ndarray | None = None  #: (k, M, M) binned frames
@@ -115,14 +114,13 @@ class DecodedBatch:
 
 
 def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, decode: bool = True,
-               counts_out: np.ndarray | None = None, compress: bool = False) -> DecodedBatch:
-    """The workers' job: parse each image, and with ``decode``, decompress its channel once,
-    bin it (``reducer``; None: keep the detector frames) into ``counts_out`` (or a new array)
-    and, with ``compress``, compress each binned frame as a spool chunk (for a sink that
-    writes binned chunks as they are; the daemon's DECTRIS source does not ask for it: its spool
-    derives the binned frames from the detector's chunks). Frames are binned :data:`SUB_BATCH` at
-    a time soon after they are decompressed, while they are in the core's cache. A bad image
-    is an error of the batch (``errors``); anything else raised is a bug, and the caller's."""
+               counts_out: np.ndarray | None = None) -> DecodedBatch:
+    """The workers' job: parse each image, and with ``decode``, decompress its channel once
+    and bin it (``reducer``; None: keep the detector frames) into ``counts_out`` (or a new
+    array); the binned frames are not compressed: the spool derives them from the detector's
+    chunks. Frames are binned :data:`SUB_BATCH` at a time soon after they are decompressed,
+    while they are in the core's cache. A bad image is an error of the batch (``errors``);
+    anything else raised is a bug, and the caller's."""
     c0 = time.thread_time()
     out = DecodedBatch(reducer=reducer)
     payloads: list[ImagePayload] = []
@@ -169,7 +167,6 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
         counts = counts_out[:n] if counts_out is not None else np.empty((n, m, m), reducer.out_dtype)
         saturated = np.zeros(n, bool)
         group = scratch((SUB_BATCH, *shape), dtype, "group")  # decoded frames awaiting their binning
-        binned: list[bytes] | None = [] if compress else None
     else:
         frames = np.empty((n, *shape), dtype)
     keep = np.ones(n, bool)
@@ -183,8 +180,6 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
 
     def bin_rows(stack: np.ndarray, rows: slice) -> None:
         saturated[rows] = reducer.reduce_batch(stack, out=counts[rows])[1]
-        if binned is not None:
-            binned.extend(compression.bslz4_compress(c) for c in counts[rows])
 
     j = 0
     while j < n:
@@ -241,7 +236,7 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
         out.unique_ids = [u for u, ok in zip(out.unique_ids, keep) if ok]
     out.decoded = k
     if binning:
-        out.counts, out.saturated, out.binned = counts[:k], saturated[:k], binned
+        out.counts, out.saturated = counts[:k], saturated[:k]
     else:
         out.frames = frames[:k]
     out.cpu_s = time.thread_time() - c0
@@ -288,8 +283,6 @@ def _process_job(items: list[bytes], channel: str | None, reducer: Any, decode: 
         m = reducer.frame_side
         k = size // (m * m * reducer.out_dtype.itemsize)
         counts_out = np.ndarray((k, m, m), reducer.out_dtype, shm.buf, offset)
-    # the binned frames are not compressed: the spool keeps the detector's chunks while the
-    # scan is open and derives the binned frames from them (daemon/storage/spool.py, DERIVED)
     out = decode_job(items, channel, reducer, decode, counts_out)
     if out.counts is not None and counts_out is not None:
         out.counts, out.in_slot = None, True  # the caller reads them from the slot
@@ -426,12 +419,9 @@ class DirectConverter(SeriesConverter):
     keeps_unpositioned = True
 
     def __init__(self, config: BridgeConfig | None = None, side_channel: bool = False,
-                 on_notice: Callable[[SeriesNotice], None] | None = None, binned_chunks: bool = False,
+                 on_notice: Callable[[SeriesNotice], None] | None = None,
                  taken: Callable[[str], bool] | None = None) -> None:
         super().__init__(config, side_channel, on_notice, taken)
-        #: frames leave with their binned frames as chunks too (compressed here; off in the
-        #: daemon's source, whose spool derives the binned frames from the detector's chunks)
-        self.binned_chunks = binned_chunks
         #: (scan id, image id) → detector chunk of frames waiting for a position
         self._held: dict[tuple[str, int], bytes] = {}
         self._held_kind: dict[str, RawChunks] = {}
@@ -475,20 +465,16 @@ class DirectConverter(SeriesConverter):
             log.error("scan %s: %d images of %s, the series' first image was %s; skipped", plan.scan_id,
                       int(np.count_nonzero(keep)), batch.shape, reducer.detector_shape)
             return out
-        binned = batch.binned
         if batch.reducer is reducer and batch.counts is not None:
             counts, saturated = batch.counts[accepted], batch.saturated[accepted]  # type: ignore[index]
         elif batch.frames is not None:  # decoded before the series' first frame built its reducer
             counts, saturated = reducer.reduce_batch(batch.frames[accepted])
-            binned = [compression.bslz4_compress(c) for c in counts] if self.binned_chunks else None
         else:  # binned by another series' reducer of the same detector shape
             self.stats["skipped_images"] += int(np.count_nonzero(keep))
             log.error("scan %s: %d images were binned for another series; skipped", plan.scan_id,
                       int(np.count_nonzero(keep)))
             return out
         raw = batch.raw if rows is None else [batch.raw[k] for k in rows]
-        if binned is not None and rows is not None and batch.binned is binned:
-            binned = [binned[k] for k in rows]
         ids = batch.image_ids[accepted].astype(np.uint32)
         self._count_saturated(plan, ids, saturated)
         positions = None
@@ -503,17 +489,14 @@ class DirectConverter(SeriesConverter):
                 sel = np.flatnonzero(ready)
                 ids, counts = ids[sel], counts[sel]
                 raw = [raw[k] for k in sel]
-                binned = None if binned is None else [binned[k] for k in sel]
                 found = [found[k] for k in sel]
             if not len(ids):
                 return out
             positions = np.stack(found)  # type: ignore[arg-type]
         plan.sent += len(ids)
         self.stats["frames_sent"] += len(ids)
-        m = reducer.frame_side
         out.append(DetectorFrames(
             Frames(plan.scan_id, ids, counts, positions),
-            binned=None if binned is None else RawChunks((m, m), reducer.out_dtype, binned),
             raw=RawChunks(batch.shape, batch.dtype, raw), reducer=reducer))
         return out
 
