@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 MiB = 1 << 20
 
+#: the smallest frame side M (frames are M×M) a scan may have, rule ``min_frame_side`` wherever
+#: it is checked (a scan_start, a DECTRIS crop and bin): the engine's Fourier grid needs M ≥ 2
+#: (gpu/stream.py checks the same for its own callers; gpu/ imports nothing of protocols/)
+MIN_FRAME_SIDE = 2
 #: wire names of the frame dtypes a scan may declare (all little-endian)
 FRAME_DTYPES = ("uint8", "uint16", "uint32", "float32")
 #: codecs of array parts; "none" = the raw little-endian bytes
@@ -27,7 +31,7 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_frame_side: int = Field(1024, ge=1, le=16384)
+    max_frame_side: int = Field(1024, ge=MIN_FRAME_SIDE, le=16384)
     """Largest frame side M (frames are M×M)."""
     max_frames_per_message: int = Field(4096, ge=1)
     """Most frames one ``frames`` message may carry."""

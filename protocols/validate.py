@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ProtocolError
-from .limits import Limits
+from .limits import MIN_FRAME_SIDE, Limits
 from .wire import wire_dtype
 
 if TYPE_CHECKING:
@@ -47,10 +47,9 @@ def check_scan_start(msg: ScanStart, limits: Limits) -> None:
     m = tuple(msg.frame_shape)
     if len(m) != 2 or m[0] != m[1]:
         fail("frame_shape", "square", f"frames must be square M×M, got {m}")
-    if m[0] < 2:
-        # the engine's Fourier grid needs M ≥ 2; refused here so no frame is sent for a scan
-        # whose worker would fail
-        fail("frame_shape", "min_frame_side", f"frames must be at least 2×2, got {m}")
+    if m[0] < MIN_FRAME_SIDE:
+        # refused here so no frame is sent for a scan whose worker would fail
+        fail("frame_shape", "min_frame_side", f"frames must be at least {MIN_FRAME_SIDE}×{MIN_FRAME_SIDE}, got {m}")
     if m[0] > limits.max_frame_side:
         fail(
             "frame_shape",

@@ -188,6 +188,35 @@ def test_crop_and_bin_giving_frames_below_2x2_are_refused_at_startup():
     assert BridgeConfig(crop=4, bin=2).crop == 4
 
 
+def test_every_check_of_the_smallest_frame_side_names_rule_min_frame_side():
+    """A scan_start of 1×1 frames, a [dectris] crop and bin giving 1×1 (at config load, or at
+    a series' first image when crop is the detector's side) and a max_frame_side limit below 2
+    (which would refuse every scan) are refused with the same rule name; 2×2 passes them all."""
+    from cryoptycho.protocols.dectris.binning import FrameReducer
+    from cryoptycho.protocols.errors import ProtocolError
+    from cryoptycho.protocols.limits import Limits, limits_with
+    from cryoptycho.protocols.messages import ProbeModelSpec, ScanStart
+    from cryoptycho.protocols.validate import check_scan_start
+
+    def start(side: int) -> ScanStart:
+        return ScanStart(scan_id="s", energy_eV=300e3, frame_shape=(side, side), frame_dtype="uint16",
+                         expected_frames=2, pixel_size_m=1e-10, positions_m=np.zeros((2, 2)),
+                         probe_model=ProbeModelSpec())
+
+    with pytest.raises(ProtocolError) as err:
+        check_scan_start(start(1), Limits())
+    assert (err.value.field, err.value.rule) == ("frame_shape", "min_frame_side")
+    check_scan_start(start(2), Limits())
+    with pytest.raises(ValueError, match="rule min_frame_side"):
+        BridgeConfig(crop=3, bin=2)
+    with pytest.raises(ValueError, match="rule min_frame_side"):
+        FrameReducer.build((3, 3), np.uint16, bin=3)
+    assert FrameReducer.build((4, 4), np.uint16, bin=2).frame_side == 2
+    with pytest.raises(ValueError, match="max_frame_side"):
+        limits_with({"max_frame_side": 1})
+    assert limits_with({"max_frame_side": 2}).max_frame_side == 2
+
+
 def test_probe_file_errors_are_named_at_startup(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         BridgeConfig(probe_file=tmp_path / "none.npy")

@@ -15,6 +15,18 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
+from ..limits import MIN_FRAME_SIDE
+
+
+def binned_side(crop: int, bin: int) -> int:
+    """The side of the frames a ``crop`` window binned by ``bin`` gives; ValueError (rule
+    ``min_frame_side``, as a scan_start's check) when it is below :data:`MIN_FRAME_SIDE`."""
+    side = crop // bin
+    if side < MIN_FRAME_SIDE:
+        raise ValueError(f"crop {crop} and bin {bin} give {side}×{side} frames; at least {MIN_FRAME_SIDE}×"
+                         f"{MIN_FRAME_SIDE} are needed (rule min_frame_side): lower bin or widen crop")
+    return side
+
 
 @dataclass(frozen=True)
 class FrameReducer:
@@ -60,10 +72,7 @@ class FrameReducer:
             crop = h
         if crop < bin or crop % bin:
             raise ValueError(f"crop {crop} must be a positive multiple of bin {bin}")
-        if crop // bin < 2:
-            # the engine needs frames of at least 2×2 (PROTOCOL.md, frame_shape)
-            raise ValueError(f"crop {crop} and bin {bin} give {crop // bin}×{crop // bin} frames; "
-                             "at least 2×2 are needed: lower bin or widen crop")
+        binned_side(crop, bin)
         cy, cx = beam_center_px if beam_center_px is not None else ((h - 1) / 2, (w - 1) / 2)
         corner = (_corner(cy, h, crop, bin), _corner(cx, w, crop, bin))
         valid = np.ones((h, w), dtype=bool)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from scipy import constants
 
 from ..messages import Abort, Frames, ProbeModelSpec, ScanEnd, ScanStart
-from .binning import FrameReducer, saturation_threshold
+from .binning import FrameReducer, binned_side, saturation_threshold
 from .header import check_header, electron_energy
 from .receiver import SeriesTracker
 from .scan import PositionList, ProbeSpec, RasterSpec, ScanDescription, scan_description
@@ -87,14 +87,10 @@ class BridgeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _load_probe(self) -> BridgeConfig:
-        if self.crop is not None and self.crop // self.bin < 2:
-            # refused when the configuration loads, not at a series' first image
-            raise ValueError(f"crop {self.crop} and bin {self.bin} give {self.crop // self.bin}×"
-                             f"{self.crop // self.bin} frames; at least 2×2 are needed: lower bin or "
-                             "widen crop")
+        # refused when the configuration loads, not at a series' first image
+        side = binned_side(self.crop, self.bin) if self.crop is not None else None
         if self.probe_file is not None:
             self._probe, self._probe_pixel_m = load_probe_file(self.probe_file)
-            side = self.crop // self.bin if self.crop is not None else None
             if side is not None and self._probe.shape != (side, side):
                 raise ValueError(f"probe_file {self.probe_file}: the probe is {self._probe.shape[0]}×"
                                  f"{self._probe.shape[1]} but frames are {side}×{side} (crop {self.crop}, "
