@@ -268,10 +268,11 @@ def _load_config(path: str | Path | None, overrides: dict[str, Any] | None) -> S
 
 def _list_hint(error: Any) -> str:
     """How to write a list, for a list-valued setting given a bare string (``--set
-    limits.frame_dtypes=uint8`` said only "Input should be a valid tuple")."""
+    output_formats=h5`` said only "Input should be a valid tuple"; the limits' lists also take
+    a comma-separated one, protocols/limits.py)."""
     if error["type"] in ("tuple_type", "list_type") and isinstance(error.get("input"), str):
         return (" (a list: in TOML [\"a\", \"b\"], with --set a JSON list such as "
-                "'limits.frame_dtypes=[\"uint8\"]', with --limit also a comma-separated list)")
+                "'output_formats=[\"h5\"]')")
     return ""
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any, get_origin
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import NoDecode
 
 MiB = 1 << 20
 
@@ -22,6 +23,10 @@ MIN_FRAME_SIDE = 2
 FRAME_DTYPES = ("uint8", "uint16", "uint32", "float32")
 #: codecs of array parts; "none" = the raw little-endian bytes
 COMPRESSIONS = ("none", "lz4", "bslz4")
+
+#: a list-valued limit; the daemon's environment source passes its text on as it is (NoDecode:
+#: pydantic-settings would refuse a text that is not JSON), for :meth:`Limits._list_from_text`
+_NameList = Annotated[tuple[str, ...], NoDecode]
 
 
 class Limits(BaseModel):
@@ -45,10 +50,26 @@ class Limits(BaseModel):
     max_scan_id_length: int = Field(128, ge=1, le=1024)
     max_abs_position_m: float = Field(1e-2, gt=0)
     """Largest |y| or |x| of a probe position; a scan field beyond 1 cm is a unit error."""
-    frame_dtypes: tuple[str, ...] = FRAME_DTYPES
+    frame_dtypes: _NameList = FRAME_DTYPES
     """Wire dtypes accepted for frames (a subset of FRAME_DTYPES)."""
-    compressions: tuple[str, ...] = COMPRESSIONS
+    compressions: _NameList = COMPRESSIONS
     """Codecs accepted for array parts (a subset of COMPRESSIONS)."""
+
+    @field_validator("frame_dtypes", "compressions", mode="before")
+    @classmethod
+    def _list_from_text(cls, value: Any) -> Any:
+        """A list-valued limit given as text, wherever it comes from (TOML, ``CRYOPTYCHO_LIMITS__*``,
+        ``--limit``, ``--set``): a JSON list, or the shell's form, a comma-separated list
+        (``uint8,uint16``; ``--limit frame_dtypes=uint8`` was refused as "not a valid tuple")."""
+        if not isinstance(value, str):
+            return value
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        if not isinstance(parsed, str):
+            return parsed
+        return [item.strip() for item in parsed.split(",") if item.strip()]
 
     @field_validator("frame_dtypes", "compressions")
     @classmethod
@@ -89,7 +110,8 @@ def control_max_part_bytes(limits: Limits) -> int:
 def parse_limit_pairs(pairs: Iterable[str]) -> dict[str, Any]:
     """``("max_frame_side=2048", "compressions=[\"lz4\"]")`` → overrides (values parsed as
     JSON when they parse; a list-valued limit also takes a bare comma-separated list,
-    ``frame_dtypes=uint8,uint16``); ValueError naming the pair or the unknown key."""
+    ``frame_dtypes=uint8,uint16``, as :class:`Limits` does from any source); ValueError naming
+    the pair or the unknown key."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -102,10 +124,6 @@ def parse_limit_pairs(pairs: Iterable[str]) -> dict[str, Any]:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        if isinstance(value, str) and get_origin(Limits.model_fields[key].annotation) in (tuple, list):
-            # `--limit frame_dtypes=uint8` was refused as "not a valid tuple": the shell form of a
-            # list is a comma-separated one, so both it and JSON ('["uint8"]') are taken
-            value = [item.strip() for item in value.split(",") if item.strip()]
         out[key] = value
     return out
 

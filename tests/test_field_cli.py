@@ -97,19 +97,26 @@ def test_a_list_in_the_environment_that_is_not_json_is_named(tmp_path):
 
 
 def test_a_list_setting_given_a_bare_value_says_how_to_write_a_list(tmp_path):
-    """`serve --limit frame_dtypes=uint8` answered only "Input should be a valid tuple": --limit now
-    takes the comma-separated form, and --set, which cannot know a list from a string, says how."""
+    """`serve --limit frame_dtypes=uint8` answered only "Input should be a valid tuple": the limits'
+    lists now take the comma-separated form from the command line and the environment alike, and
+    --set of another list, which cannot know a list from a string, says how."""
     endpoints = ("--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*", "--control",
                  "tcp://127.0.0.1:*", "--metrics-port", "0", "--spool-dir", str(tmp_path / "s"),
                  "--results-dir", str(tmp_path / "r"))
-    out = cli("serve", *endpoints, "--set", "limits.frame_dtypes=uint8")
+    out = cli("serve", *endpoints, "--set", "output_formats=h5")
     assert out.returncode == 1, out.stderr
-    assert "limits.frame_dtypes: Input should be a valid tuple (a list:" in out.stderr, out.stderr
-    assert "'limits.frame_dtypes=[\"uint8\"]'" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "output_formats: Input should be a valid tuple (a list:" in out.stderr, out.stderr
+    assert "'output_formats=[\"h5\"]'" in out.stderr and "Traceback" not in out.stderr, out.stderr
     # the comma-separated list is taken: only the other (invalid) limit is named
-    out = cli("serve", *endpoints, "--limit", "frame_dtypes=uint8,uint16", "--limit", "max_frame_side=0")
+    for taken in (("--limit", "frame_dtypes=uint8,uint16"), ("--set", "limits.frame_dtypes=uint8")):
+        out = cli("serve", *endpoints, *taken, "--limit", "max_frame_side=0")
+        assert out.returncode == 1, out.stderr
+        assert "limits.max_frame_side" in out.stderr and "frame_dtypes" not in out.stderr, out.stderr
+    env = {**os.environ, "CRYOPTYCHO_LIMITS__FRAME_DTYPES": "uint8,uint16"}
+    out = cli("serve", *endpoints, "--limit", "max_frame_side=0", env=env)
     assert out.returncode == 1, out.stderr
     assert "limits.max_frame_side" in out.stderr and "frame_dtypes" not in out.stderr, out.stderr
+    assert "not valid JSON" not in out.stderr, out.stderr
 
 
 def test_simulate_with_a_sample_file_gemmi_cannot_read_names_it(tmp_path):

@@ -108,6 +108,30 @@ def test_list_limits_take_a_comma_separated_list_or_json():
         load_config(None, {"limits": parse_limit_pairs(["frame_dtypes=uint8,int7"])})
 
 
+def test_list_limits_are_read_alike_from_environment_file_and_command_line(tmp_path, monkeypatch):
+    """A comma-separated list was taken by --limit alone: CRYOPTYCHO_LIMITS__FRAME_DTYPES=uint8,uint16
+    was pydantic-settings' "error parsing value", a TOML string "uint8" and --set's bare uint8
+    "not a valid tuple". Every source now takes JSON and comma lists, with the precedence
+    defaults < environment < file < command line."""
+    from cryoptycho.protocols.limits import parse_limit_pairs
+
+    monkeypatch.setenv("CRYOPTYCHO_LIMITS__FRAME_DTYPES", "uint8, uint16")
+    monkeypatch.setenv("CRYOPTYCHO_LIMITS__COMPRESSIONS", '["lz4"]')
+    cfg = load_config()
+    assert (cfg.limits.frame_dtypes, cfg.limits.compressions) == (("uint8", "uint16"), ("lz4",))
+    toml = tmp_path / "c.toml"
+    toml.write_text('[limits]\nframe_dtypes = "uint16,float32"\n')
+    cfg = load_config(toml)  # the file beats the environment, key by key
+    assert (cfg.limits.frame_dtypes, cfg.limits.compressions) == (("uint16", "float32"), ("lz4",))
+    cfg = load_config(toml, {"limits": parse_limit_pairs(["frame_dtypes=uint32"])})
+    assert (cfg.limits.frame_dtypes, cfg.limits.compressions) == (("uint32",), ("lz4",))
+    cfg = load_config(toml, {"limits": {"frame_dtypes": "uint8,uint32"}})  # (--set limits.frame_dtypes=…)
+    assert cfg.limits.frame_dtypes == ("uint8", "uint32")
+    monkeypatch.setenv("CRYOPTYCHO_LIMITS__FRAME_DTYPES", "uint8,int7")
+    with pytest.raises(ValueError, match="frame_dtypes must be a non-empty subset"):
+        load_config()
+
+
 # ------------------------------------------------------------------------------- protocol limits
 
 
