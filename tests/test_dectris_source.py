@@ -627,11 +627,16 @@ def test_batch_acceptance_matches_one_image_at_a_time() -> None:
     from cryoptycho.protocols.dectris.schema import Image, SeriesEnd, SeriesStart
 
     rng = np.random.default_rng(3)
-    for number in (40, None):
+    # (number of images, the scan's positions, images past them kept)
+    for number, positions, keep_past in ((40, None, False), (None, None, False), (40, 30, False),
+                                         (40, 30, True), (None, 30, False), (None, 30, True)):
         start = SeriesStart(version=2, series_id=7, series_unique_id="u7", number_of_images=number)
         one, batched = SeriesTracker(), SeriesTracker()
         one.begin(start)
         batched.begin(start)
+        if positions is not None:
+            one.expect(positions, keep_past)
+            batched.expect(positions, keep_past)
         for _ in range(5):
             ids = rng.integers(-2, 45, 30)  # duplicates, negative and out-of-range ids
             series = np.where(rng.random(30) < 0.1, 8, 7)
@@ -639,8 +644,9 @@ def test_batch_acceptance_matches_one_image_at_a_time() -> None:
             expected = [one.accept(Image(2, int(s), u, int(i), {})) for s, u, i in zip(series, unique, ids)]
             assert batched.accept_batch(series, unique, ids).tolist() == expected
         # every rule was exercised (negative ids are out of range with or without a count)
-        assert batched.rejected == one.rejected and set(batched.rejected) == {
-            "duplicate", "unknown_series", "image_id_range"}
+        rules = {"duplicate", "unknown_series", "image_id_range"} | (
+            {"no_position"} if positions is not None and not keep_past else set())
+        assert batched.rejected == one.rejected and set(batched.rejected) == rules, (number, positions)
         end = SeriesEnd(2, 7, "u7")
         a, b = one.end(end), batched.end(end)
         assert (a.received, a.missing_image_ids) == (b.received, b.missing_image_ids)
@@ -930,3 +936,79 @@ def test_images_past_the_scans_positions_that_find_no_disk_space_do_not_fail_the
     assert session.state.value == "finished", session.error
     assert session.ledger.as_dict()["received"] == 16
     assert "8 detector images without a position (ids [16, 17, 18, 19, 20, 21, 22, 23] …) not kept" in caplog.text
+
+
+@pytest.mark.parametrize("stream", ["v1-header-none", "v2"])
+def test_images_past_the_positions_are_kept_once_and_duplicates_counted_alike_on_every_path(
+        service, stream: str) -> None:
+    """24 images, 16 positions; images 18 and 19 (past the positions) and 3 come twice. The
+    duplicate check of images past the positions differed by path: a V2 series (which gives
+    its number of images) had them refused by the source's tracker and not counted as the
+    scan's duplicates, a V1 ``header_detail none`` series passed them to the spool, which kept
+    them once and counted them. One rule now: every path keeps each once and counts the two as
+    the scan's duplicates (the spool's kept ids survive a restart; test_field_dectris)."""
+    from cryoptycho.daemon.storage.spool import UNPOSITIONED, UNPOSITIONED_IDS
+
+    frames = _frames(24, seed=11)
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, 16], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": ANGLE, "scan_id": f"past-{stream}"}}
+    if stream == "v2":
+        messages = list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user)))
+        version, channel = 2, CHANNEL
+    else:
+        messages = list(v1_messages(SimSeries(frames, compression="bslz4", user_data=user, header_detail="none")))
+        version, channel = 1, None
+    images = messages[1:-1]
+    assert len(images) == 24
+    resent = [images[3], images[18], images[19]]
+    source, stats = _run(service, [messages[0], *images, *resent, messages[-1]], version=version, channel=channel)
+    assert stats.rejected_images == {"duplicate": 1}  # image 3: positioned, the tracker's
+    scan_id = f"past-{stream}-series1"
+    session = _ended(service, scan_id)
+    assert session.ledger.as_dict()["received"] == 16
+    assert session.ledger.as_dict()["duplicates"] == 2  # 18 and 19, by the spool
+
+    def result() -> Any:
+        s = service.service.scans.sessions.get(scan_id)
+        return s.result_path if s is not None and s.state.value == "finished" else None
+    with h5py.File(_wait(result, f"scan {scan_id}'s result"), "r") as f:
+        g = f["raw"][DATA]
+        ids, kept = g[UNPOSITIONED_IDS][()], g[UNPOSITIONED][()]
+    assert ids.tolist() == list(range(16, 24))
+    assert kept.tobytes() == frames[16:].tobytes()
+
+
+def test_a_resumed_series_takes_the_images_past_its_positions_as_before_the_restart() -> None:
+    """After a restart a V1 ``header_detail none`` series (no number of images) resumed with its
+    scan's positions as its number of images: the images past them were refused as out of range
+    (``image_id_range``), so lost, where before the restart they were kept. A resumed series now
+    has the same rule as the series before it, with or without a number of images."""
+    from cryoptycho.protocols.dectris.schema import Image, SeriesStart
+    from cryoptycho.protocols.dectris.source import DirectConverter, decode_job
+    from cryoptycho.protocols.sources import DetectorFrames, RecoveredScan, UnpositionedFrames
+
+    frames = _frames(12, seed=12)
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, 8], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": ANGLE, "scan_id": "resumed"}}
+    config = BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, channel=CHANNEL)
+    for images in (None, 12):  # V1 header_detail none; a start that gives its number of images
+        start = SeriesStart(version=1, series_id=5, series_unique_id=None, channels=(CHANNEL,),
+                            image_shape=(SIDE, SIDE), number_of_images=images, user_data=user)
+
+        def batch(conv: DirectConverter, ids: list[int]) -> list[Any]:
+            items = [Image(1, 5, None, i, {CHANNEL: frames[i]}) for i in ids]
+            reducer = conv.plan.reducer if conv.plan is not None else None
+            return conv.feed_batch(decode_job(items, CHANNEL, reducer))
+
+        before = DirectConverter(config)
+        before.feed(start)
+        out = batch(before, [0]) + batch(before, [1, 2, 3, 8, 9])  # (the first image builds the reducer)
+        scan = out[0]
+        assert [int(i) for m in out if isinstance(m, UnpositionedFrames) for i in m.image_ids] == [8, 9]
+        after = DirectConverter(config)  # the restarted daemon's: no start comes
+        after.resume([RecoveredScan(scan, np.arange(4), before.plan.reducer)], version=1)
+        out = batch(after, [2, 4, 5, 6, 7, 9, 10, 11])
+        assert sorted(int(i) for m in out if isinstance(m, DetectorFrames) for i in m.frames.indices) == [4, 5, 6, 7]
+        # images past the positions: handed on each time, the spool keeps each once (image 9)
+        assert [int(i) for m in out if isinstance(m, UnpositionedFrames) for i in m.image_ids] == [9, 10, 11]
+        assert after.rejected == {"duplicate": 1}, images  # image 2, positioned, held before the restart

@@ -325,13 +325,15 @@ class SeriesConverter:
                             series_unique_id=meta.get("series_unique_id"),
                             channels=(str(meta["channel"]),) if meta.get("channel") else (),
                             image_shape=tuple(rec.reducer.detector_shape),
-                            number_of_images=images if isinstance(images, int) and images >= 0 else expected)
+                            number_of_images=images if isinstance(images, int) and images >= 0 else None)
         channel = str(meta.get("channel") or cfg.channel)
         # (the energy and pixel angle served to open the scan: it is open, they are not used again)
         plan = _Plan(start, scan.scan_id, channel, expected, scan.energy_eV, 0.0, None,
                      meta.get("geometry_from") == "side_channel", {}, scan_start=scan, reducer=rec.reducer,
                      sent=len(rec.received), resumed=True)
-        self.tracker.resume(start, rec.received)
+        # images past the positions: the same rule as before the restart (a V1 series without
+        # number_of_images had them rejected as out of range here, and so lost)
+        self.tracker.resume(start, rec.received, expected, keep_past=self.keeps_unpositioned)
         self._used_ids.add(scan.scan_id)
         self.plan = plan
         log.warning("resuming DECTRIS series %s/%s in recovered scan %s (%d of %d images received before "
@@ -510,11 +512,6 @@ class SeriesConverter:
             return []
         if plan.channel not in image.data:
             raise DectrisError(f"image {image.image_id} lacks channel {plan.channel!r}")
-        if image.image_id >= plan.expected:
-            # (the direct source keeps such images in the spool; our protocol has no place for them)
-            self.tracker._reject("no_position", f"image {image.image_id} has no position: the scan has "
-                                 f"{plan.expected}; not sent (the daemon's own DECTRIS source keeps such images)")
-            return []
         frame = image.data[plan.channel]
         out: list[IngestMessage] = []
         if plan.scan_start is None:

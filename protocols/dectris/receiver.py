@@ -274,8 +274,15 @@ class SeriesTracker:
     """Pairs images with their series' start and checks the ids.
 
     Images of another series (wrong ``series_id`` or ``series_unique_id``), duplicates, ids
-    beyond ``number_of_images`` and images before any start are rejected and counted in
-    ``rejected``; an end without its start raises :class:`SeriesError`.
+    beyond the detector's ``number_of_images`` and images before any start are rejected and
+    counted in ``rejected``; an end without its start raises :class:`SeriesError`.
+
+    Images past the scan's positions (:meth:`expect`; a detector that took more images than
+    the scan has positions), one rule for every path — Stream V1 or V2, with or without a
+    ``number_of_images``, a series resumed after a restart: a caller that keeps them (the
+    daemon's source) gets each as it comes, without a duplicate check here — the spool keeps
+    an image id once, also across a restart, which this tracker's memory does not survive, and
+    counts the rest as the scan's duplicates; any other caller has them rejected (``no_position``).
     """
 
     def __init__(self) -> None:
@@ -284,9 +291,11 @@ class SeriesTracker:
         #: image id → seen, when the series gives its number of images (batches are checked
         #: in one NumPy pass against it; ``_seen`` then stays empty)
         self._seen_map: np.ndarray | None = None
-        #: ids from here on are taken as they come (no range or duplicate check): images past
-        #: the scan's positions, which the daemon's source keeps (:meth:`expect`)
-        self._open_past: int | None = None
+        #: the detector's own number of images (its start's; None: it did not say)
+        self._detector_images: int | None = None
+        #: the scan's positions (:meth:`expect`): ids from here on have no position
+        self._positions: int | None = None
+        self._keep_past = False  #: images past the positions are taken (:meth:`expect`)
         self.rejected: dict[str, int] = {}
 
     def _reject(self, reason: str, text: str, n: int = 1) -> bool:
@@ -298,15 +307,19 @@ class SeriesTracker:
         if self.start is not None:
             log.warning("DECTRIS series %s never ended; series %s replaces it",
                         self.start.series_id, start.series_id)
-        self.start, self._seen, self._open_past = start, set(), None
+        self.start, self._seen = start, set()
+        self._detector_images, self._positions, self._keep_past = start.number_of_images, None, False
         n = start.number_of_images
         self._seen_map = np.zeros(n, bool) if n is not None and 0 <= n <= _MAX_SEEN_MAP else None
 
-    def resume(self, start: SeriesStart, seen: np.ndarray) -> None:
+    def resume(self, start: SeriesStart, seen: np.ndarray, positions: int | None = None,
+               keep_past: bool = False) -> None:
         """Take up a series begun before a restart: ``start`` stands for its start message (its
         ids and number of images), ``seen`` are the image ids received before; they count as
-        duplicates if they come again."""
+        duplicates if they come again. ``positions``, ``keep_past``: as :meth:`expect`."""
         self.begin(start)
+        if positions is not None:
+            self.expect(positions, keep_past)
         seen = np.asarray(seen, np.int64)
         if self._seen_map is not None:
             self._seen_map[seen[(seen >= 0) & (seen < len(self._seen_map))]] = True
@@ -314,14 +327,32 @@ class SeriesTracker:
             self._seen = {int(i) for i in seen}
 
     def expect(self, n: int, keep_past: bool = False) -> None:
-        """The open series has ``n`` images: its start did not say (no ``number_of_images``),
-        its scan does. Ids past it are then rejected as ids past ``number_of_images`` are,
-        instead of reaching a scan that has no position for them; with ``keep_past`` (a caller
-        that keeps such images) they are taken as they come, unchecked."""
-        if self.start is not None and self.start.number_of_images is None and n >= 0:
+        """The open series' scan has ``n`` positions: images from id ``n`` on have none. With
+        ``keep_past`` (a caller that keeps such images) they are taken as they come, else
+        rejected (``no_position``); see the class. Where the start did not give its number of
+        images, ``n`` stands for it in the count of missing images at the end."""
+        if self.start is None or n < 0:
+            return
+        self._positions, self._keep_past = n, keep_past
+        if self.start.number_of_images is None:
             self.start = replace(self.start, number_of_images=n)
             self._seen_map = np.zeros(n, bool) if n <= _MAX_SEEN_MAP else None
-            self._open_past = n if keep_past else None
+
+    def past(self, image_ids: np.ndarray) -> np.ndarray:
+        """Which of ``image_ids`` are past the scan's positions (:meth:`expect`)."""
+        image_ids = np.asarray(image_ids, np.int64)
+        return np.zeros(len(image_ids), bool) if self._positions is None else image_ids >= self._positions
+
+    def _mark_seen(self, ids: np.ndarray) -> None:
+        """Images past the positions arrived: not missing at the series' end."""
+        if self._seen_map is not None:
+            self._seen_map[ids[ids < len(self._seen_map)]] = True
+        else:
+            self._seen.update(int(i) for i in ids)
+
+    def _range_text(self) -> str:
+        n = self._detector_images
+        return f"outside the series' {n} images" if n is not None else "negative"
 
     def accept_batch(self, series_ids: np.ndarray, unique_ids: Sequence[str | None],
                      image_ids: np.ndarray) -> np.ndarray:
@@ -342,14 +373,17 @@ class SeriesTracker:
         self._count(~keep, "unknown_series", image_ids, f"name another series than the open "
                     f"series {s.series_id}/{s.series_unique_id}")
         in_range = image_ids >= 0
-        past = np.zeros(n, bool)
-        if s.number_of_images is not None:
-            if self._open_past is not None:
-                past = keep & (image_ids >= self._open_past)
-            in_range &= (image_ids < s.number_of_images) | past
-        self._count(keep & ~in_range, "image_id_range", image_ids,
-                    f"have ids outside the series' {s.number_of_images} images")
+        if self._detector_images is not None:
+            in_range &= image_ids < self._detector_images
+        self._count(keep & ~in_range, "image_id_range", image_ids, f"have ids {self._range_text()}")
         keep &= in_range
+        past = keep & self.past(image_ids)
+        if past.any():
+            self._mark_seen(image_ids[past])
+            if not self._keep_past:
+                self._count(past, "no_position", image_ids, f"have no position: the scan has {self._positions}; "
+                            "not sent (the daemon's own DECTRIS source keeps such images)")
+                keep &= ~past
         checked = keep & ~past
         rows = np.flatnonzero(checked)
         ids = image_ids[rows]
@@ -385,9 +419,13 @@ class SeriesTracker:
             return self._reject("unknown_series", f"image {image.image_id} names series "
                                 f"{image.series_id}/{image.series_unique_id}, the open series is "
                                 f"{s.series_id}/{s.series_unique_id}")
-        if image.image_id < 0 or (s.number_of_images is not None and image.image_id >= s.number_of_images):
-            return self._reject("image_id_range", f"image id {image.image_id} outside the series' "
-                                f"{s.number_of_images} images")
+        if image.image_id < 0 or (self._detector_images is not None and image.image_id >= self._detector_images):
+            return self._reject("image_id_range", f"image id {image.image_id} {self._range_text()}")
+        if self._positions is not None and image.image_id >= self._positions:
+            self._mark_seen(np.array([image.image_id], np.int64))
+            return self._keep_past or self._reject(
+                "no_position", f"image {image.image_id} has no position: the scan has {self._positions}; not "
+                "sent (the daemon's own DECTRIS source keeps such images)")
         seen = self._seen_map
         if (seen[image.image_id] if seen is not None else image.image_id in self._seen):
             return self._reject("duplicate", f"image {image.image_id} arrived twice")

@@ -448,8 +448,8 @@ class DirectConverter(SeriesConverter):
             out.append(plan.scan_start)
         if not keep.any() or plan.reducer is None:
             return out
-        past = keep & (batch.image_ids >= plan.expected)
-        if past.any():  # more images than the scan's positions: kept, not reconstructed
+        past = keep & self.tracker.past(batch.image_ids)
+        if past.any():  # more images than the scan's positions: kept (once: the spool), not reconstructed
             rows_past = np.flatnonzero(past)
             out.append(UnpositionedFrames(plan.scan_id, batch.image_ids[rows_past].astype(np.int64),
                                           RawChunks(batch.shape, batch.dtype, [batch.raw[k] for k in rows_past])))
