@@ -90,3 +90,18 @@ def test_a_series_with_unknown_tags_becomes_its_scan() -> None:
     np.testing.assert_array_equal(got, expected)
     assert isinstance(out[-1], ScanEnd) and out[-1].frame_count == len(frames)
     assert conv.stats["failed_series"] == 0
+
+
+def test_a_message_inside_an_unknown_tag_and_tagged_map_keys_decode_as_plain_ones() -> None:
+    """Unknown tags are skipped as the message loads (one tag hook), on a map's key as well as on
+    values, and around the whole message: an image inside one was undecodable ("field 'data' of
+    a image message has type frozendict": inside a tag cbor2 freezes the maps)."""
+    frames, messages = _series()
+    start = _retag(messages[0], lambda m: _tag({**m, "user_data": {_tag("k"): _tag({"a": 1})}}))
+    got = decode_v2(start)
+    assert isinstance(got, SeriesStart) and got.user_data == {"k": {"a": 1}}
+    assert got.series_unique_id == decode_v2(messages[0]).series_unique_id
+    raw = messages[1]
+    tagged = _retag(raw, _tag)
+    assert split_v2_image(tagged, "threshold_1") == split_v2_image(raw, "threshold_1")
+    np.testing.assert_array_equal(decode_v2(tagged).data["threshold_1"], frames[0])
