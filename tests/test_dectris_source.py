@@ -961,17 +961,17 @@ def test_images_past_the_positions_are_kept_once_and_duplicates_counted_alike_on
     images = messages[1:-1]
     assert len(images) == 24
     resent = [images[3], images[18], images[19]]
-    source, stats = _run(service, [messages[0], *images, *resent, messages[-1]], version=version, channel=channel)
+    _, stats = _run(service, [messages[0], *images, *resent, messages[-1]], version=version, channel=channel)
     assert stats.rejected_images == {"duplicate": 1}  # image 3: positioned, the tracker's
     scan_id = f"past-{stream}-series1"
     session = _ended(service, scan_id)
+
+    def result() -> Any:  # (written once the spool closed: after every write of the scan)
+        return session.result_path if session.state.value == "finished" else None
+    path = _wait(result, f"scan {scan_id}'s result")
     assert session.ledger.as_dict()["received"] == 16
     assert session.ledger.as_dict()["duplicates"] == 2  # 18 and 19, by the spool
-
-    def result() -> Any:
-        s = service.service.scans.sessions.get(scan_id)
-        return s.result_path if s is not None and s.state.value == "finished" else None
-    with h5py.File(_wait(result, f"scan {scan_id}'s result"), "r") as f:
+    with h5py.File(path, "r") as f:
         g = f["raw"][DATA]
         ids, kept = g[UNPOSITIONED_IDS][()], g[UNPOSITIONED][()]
     assert ids.tolist() == list(range(16, 24))
