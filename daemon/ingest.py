@@ -42,13 +42,14 @@ def keep_message_memory(keep_bytes: int) -> bool:
     """Let the C allocator keep up to ``keep_bytes`` of freed memory for the next messages
     instead of giving it back to the kernel (glibc's ``mallopt``; the daemon owns its process).
     ZeroMQ's I/O thread allocates each received message (``malloc``), and a message is freed
-    when its frames are in the spool and the frame store; with glibc's defaults a 4.7 MB message
-    (256 frames of 96×96 uint16) was mapped afresh about every other time (its heap trimmed, or
-    deleted, once the messages before it were freed), and the socket reads spent 1–2 µs per frame
-    faulting in fresh pages and unmapping them (``cryoptycho bench protocol``; daemon/bench/INGEST.md,
-    seventh pass). Kept, a message's memory is reused by the next: resident up to the most the
-    daemon held at once (the ingest queue, frames waiting for the spool and the workers). Returns
-    whether the allocator took the settings (False: not glibc, nothing changed)."""
+    when its frames are in the spool and the frame store. With glibc's defaults the receiving
+    thread's heap was trimmed, or deleted, whenever the waiting messages had been freed, so the
+    next ones (4.7 MB for 256 frames of 96×96 uint16) were mapped afresh: on a daemon's next scan
+    0.5–1.4 page faults per frame, and the socket reads 1.0–1.6 µs per frame slower than with the
+    memory kept (``cryoptycho bench protocol``; daemon/bench/INGEST.md, seventh pass). Kept, a
+    message's memory is reused by the next: resident up to the most the daemon held at once (the
+    ingest queue, frames waiting for the spool and the workers). Returns whether the allocator
+    took the settings (False: not glibc, nothing changed)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
