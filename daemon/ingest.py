@@ -45,7 +45,7 @@ def keep_message_memory(keep_bytes: int) -> bool:
     when its frames are in the spool and the frame store. With glibc's defaults the receiving
     thread's heap was trimmed, or deleted, whenever the waiting messages had been freed, so the
     next ones (4.7 MB for 256 frames of 96×96 uint16) were mapped afresh: on a daemon's next scan
-    0.5–1.4 page faults per frame, and the socket reads 1.0–1.6 µs per frame slower than with the
+    0.5–1.4 page faults per frame, and the socket reads 1.1–1.6 µs per frame slower than with the
     memory kept (``cryoptycho bench protocol``; daemon/bench/INGEST.md, seventh pass). Kept, a
     message's memory is reused by the next: resident up to the most the daemon held at once (the
     ingest queue, frames waiting for the spool and the workers). Returns whether the allocator
