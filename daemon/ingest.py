@@ -4,7 +4,10 @@ its conversions live in scan.py."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -25,6 +28,42 @@ from cryoptycho.protocols.sources import (
 )
 
 from .scan import ScanSpec
+
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+#: the largest allocation glibc still serves from its heaps (HEAP_MAX_SIZE / 2 on 64-bit: a
+#: larger M_MMAP_THRESHOLD is refused); larger messages are mapped and unmapped as before
+MESSAGE_HEAP_MAX = 32 << 20
+#: free memory kept at the top of glibc's heaps, and kept in heaps that came free (M_TOP_PAD)
+MESSAGE_HEAP_PAD = 64 << 20
+
+
+def keep_message_memory(keep_bytes: int) -> bool:
+    """Let the C allocator keep up to ``keep_bytes`` of freed memory for the next messages
+    instead of giving it back to the kernel (glibc's ``mallopt``; the daemon owns its process).
+    ZeroMQ's I/O thread allocates each received message (``malloc``), and a message is freed
+    when its frames are in the spool and the frame store. With glibc's defaults the receiving
+    thread's heap was trimmed, or deleted, whenever the waiting messages had been freed, so the
+    next ones (4.7 MB for 256 frames of 96×96 uint16) were mapped afresh: on a daemon's next scan
+    0.5–1.4 page faults per frame, and the socket reads 1.1–1.6 µs per frame slower than with the
+    memory kept (``cryoptycho bench protocol``; daemon/bench/INGEST.md, seventh pass). Kept, a
+    message's memory is reused by the next: resident up to the most the daemon held at once (the
+    ingest queue, frames waiting for the spool and the workers). Returns whether the allocator
+    took the settings (False: not glibc, nothing changed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl's mallopt accepts and ignores these
+            return False
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    keep = int(min(max(keep_bytes, 0), 2**31 - 1))
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, MESSAGE_HEAP_MAX), (_M_TRIM_THRESHOLD, keep), (_M_TOP_PAD, min(keep, MESSAGE_HEAP_PAD))))
 
 
 def frame_positions(msg: Frames, spec: ScanSpec) -> np.ndarray:

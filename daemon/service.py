@@ -53,6 +53,7 @@ from .ingest import (
     check_chunks,
     check_direct,
     frame_positions,
+    keep_message_memory,
 )
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier
@@ -224,6 +225,7 @@ class Service:
         """Bind every socket, start the metrics endpoint, recover unfinished scans."""
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         set_numpy_hugepages(self.config.numpy_hugepages)
+        keep_message_memory(self.config.ingest_queue_bytes)
         framestore.MAPPINGS.set_keep_bytes(self.config.frame_store_reuse_bytes)
         self.frame_store_warming = warm_frame_store(self.config.frame_store_warm_bytes)
         # the engine's host FFTs import scipy.fft on first use: 0.2 s inside a daemon's first
