@@ -380,12 +380,20 @@ class Service:
         and the next start finishes them (or, with recover off, the operator does)."""
         kept = [s for s in self.scans.sessions.values() if not s.state.final]
         known = {spool_path(self.config.spool_dir, s.scan_id) for s in kept}
-        stranded = [p.name for p in unfinished_spools(self.config.spool_dir) if p not in known]
+        unfinished = unfinished_spools(self.config.spool_dir)
+        # scans whose spool close failed: their journal keeps every frame (not "could not recover")
+        unclosed = [f"{sid}: {why}" for sid, why in self.scans.unclosed.items()
+                    if spool_path(self.config.spool_dir, sid) in unfinished]
+        if unclosed:
+            log.warning("%d scans failed at their spool's close: %s", len(unclosed), "; ".join(unclosed))
+        known |= {spool_path(self.config.spool_dir, sid) for sid in self.scans.unclosed}
+        stranded = [p.name for p in unfinished if p not in known]
         if stranded:  # refused at the start ("cannot recover spool"): tried again at every start
             log.warning("%d unfinished spool files this daemon could not recover stay in %s (the reasons "
                         "were logged at the start): %s", len(stranded), self.config.spool_dir, ", ".join(stranded))
         if not kept:
-            log.info("stopped with no unfinished scan")
+            if not unclosed:
+                log.info("stopped with no unfinished scan")
             return
         listed = ", ".join(f"{s.scan_id} ({'ended' if s.ended else 'open'}, {s.ledger.received} frames)"
                            for s in kept)

@@ -309,6 +309,8 @@ class SpoolWriter:
         self._index = self._entry.frame_index
         self._pos = self._entry.positions_m
         self.count = self._entry.count
+        #: the scan's status as last set (:meth:`set_status`), in the journal if not yet in the file
+        self.status = _text(file.attrs.get("status", "open"))
         #: whole chunks written by append_many, by path (:data:`CHUNK_PATHS`), and chunks of
         #: ``detector_frames`` (:data:`DETECTOR_CHUNK_PATHS`), until taken
         self.chunk_paths: Counter[str] = Counter()
@@ -1183,6 +1185,21 @@ class SpoolWriter:
         if not self._defer:
             self._f.attrs["status"] = status
         self._flush(({"op": "status", "status": status}, []))
+        self.status = status
+
+    def _let_go(self) -> None:
+        """Close the HDF5 file and the journal after a close that failed, the journal left
+        without "closed": it keeps every frame, and the file (which may lag or lack some of
+        them) is rebuilt from it by the next re-open (`finish_scan`, the next start). Held open,
+        the file's descriptor and HDF5's lock on it stayed with the daemon until it exited."""
+        journal, self._journal = self._journal, None
+        try:
+            self._f.close()
+        except Exception:  # the journal is closed all the same; the caller reports the close's error
+            log.exception("spool %s: closing the file after its close failed", self.path.name)
+        finally:
+            if journal is not None:
+                journal.close()
 
     def _flush(self, record: tuple[dict, list] | None = None) -> None:
         """Flush the HDF5 file, then write the operation's journal ``record`` (fsynced with the
@@ -1218,17 +1235,21 @@ class SpoolWriter:
         from ``held`` where it has them (:meth:`_write_derived`)."""
         if not self._f.id.valid:
             return
-        self._materialise()
-        status = str(self._f.attrs.get("status", "open"))
-        if status != "open" and self._pending:  # the scan ended: its binned frames are written once
-            # not journaled (_write_derived): without the journal no chunk is kept for a record,
-            # which held a whole scan's compressed binned frames until the derivation ended
-            journal, self._journal = self._journal, None
-            try:
-                self._write_derived(held)
-            finally:
-                self._journal = journal
-            self._f.flush()
+        try:
+            self._materialise()
+            status = str(self._f.attrs.get("status", "open"))
+            if status != "open" and self._pending:  # the scan ended: its binned frames are written once
+                # not journaled (_write_derived): without the journal no chunk is kept for a record,
+                # which held a whole scan's compressed binned frames until the derivation ended
+                journal, self._journal = self._journal, None
+                try:
+                    self._write_derived(held)
+                finally:
+                    self._journal = journal
+                self._f.flush()
+        except BaseException:
+            self._let_go()
+            raise
         self._f.close()
         journal, self._journal = self._journal, None
         if journal is None or journal.closed:
