@@ -616,6 +616,23 @@ class ScanManager:
         return (f"its {spool.count} frames are kept in its journal {journal_path(path)}: "
                 f"control `finish_scan` or {start} {path} from it and {then}")
 
+    def _after_close(self, scan_id: str, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the closer thread after every spool operation asked for so far, the
+        closes they started included (one FIFO closer thread), so that the spool thread does
+        not wait for a close that is slow (:meth:`_close_ended`). A failure is handled as
+        :meth:`_on_disk` handles one."""
+
+        def task() -> None:
+            try:
+                fn()
+            except Exception as exc:  # any storage fault: logged, counted, and only this scan fails
+                log.exception("spool operation failed", extra={"scan_id": scan_id})
+                self.metrics.internal_errors.labels(where="spool").inc()
+                self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
+            self.outbox.wake()
+
+        self._on_disk(scan_id, lambda: self._closer.submit(task))
+
     def _wait_closed(self, scan_id: str) -> None:
         """Spool thread: wait for the close of the scan's spool on the closer thread, if any."""
         closed = self._closing.pop(scan_id, None)
@@ -836,7 +853,7 @@ class ScanManager:
                 self._close_spool(session.scan_id, state.value)
             elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
                 sid, value = session.scan_id, state.value
-                self._on_disk(sid, lambda: self._mark_spool(sid, value))
+                self._after_close(sid, lambda: self._mark_spool(sid, value))
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
 
@@ -866,7 +883,6 @@ class ScanManager:
                         del session.figures["last_preview"]
 
     def _mark_spool(self, scan_id: str, status: str) -> None:
-        self._wait_closed(scan_id)
         path = spool_path(self.config.spool_dir, scan_id)
         if path.exists():
             with h5py.File(path, "r+") as f:
