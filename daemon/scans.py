@@ -283,6 +283,17 @@ class ScanManager:
         session.spec, session.reserved_bytes = spec, need
         return options
 
+    def keep_waiting_options(self, session: Session, done: Callable[[Any, Exception | None], None]) -> None:
+        """Write a waiting scan's options (:meth:`set_waiting_options`) into its spool's header,
+        journaled (SpoolWriter.set_options), so that a restart recovers the scan with them;
+        ``done(None, error or None)`` on the manager thread once they are on disk."""
+        spool = self.spools.get(session.scan_id)
+        if spool is None:  # (a waiting scan's spool is the manager's until its worker starts)
+            done(None, RuntimeError(f"scan {session.scan_id!r} has no spool to keep its options in"))
+            return
+        options = dict(session.spec.options)
+        self.after_disk(lambda: spool.set_options(options), done)
+
     def _options_for(self, spec: ScanSpec) -> ReconOptions:
         try:
             options = self.config.options.merged(spec.options)

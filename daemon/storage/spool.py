@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -626,7 +627,7 @@ class SpoolWriter:
             for item in iter_records(journal.path, self._applied):
                 if isinstance(item, str):
                     raise OSError(f"spool {self.path.name}: its journal cannot be read back ({item})")
-                if item.header["op"] not in ("append", "status"):
+                if item.header["op"] not in ("append", "status", "options"):
                     raise ValueError(f"spool {self.path.name}: its journal holds a {item.header['op']!r} "
                                      "record among appends not yet in the file")
                 yield item
@@ -763,6 +764,8 @@ class SpoolWriter:
         elif op == "status":
             self._replay_writes(header, iter_bodies(body, _sizes(header)))
             self._f.attrs["status"] = header["status"]
+        elif op == "options":
+            self._write_options(header["options"])
         elif op == "chunk_per_frame":
             self._chunk_per_frame()
         elif op == "detector":
@@ -1200,6 +1203,23 @@ class SpoolWriter:
         finally:
             if journal is not None:
                 journal.close()
+
+    def set_options(self, options: dict[str, Any]) -> None:
+        """Replace the scan's option overrides in its header (``/scan`` attr ``json``: what a
+        recovered scan is started with): control `set_options` on a scan waiting for a worker.
+        Journaled as the appends are: durable once this returns."""
+        header = {"op": "options", "options": options}
+        json.dumps(header)  # what the file keeps: refused before the journal has it
+        self._begin(True)
+        if not self._defer:
+            self._write_options(options)
+        self._flush((header, []))
+
+    def _write_options(self, options: dict[str, Any]) -> None:
+        scan = self._f["scan"]
+        head = json.loads(scan.attrs["json"])
+        head["options"] = options
+        scan.attrs["json"] = json.dumps(head)
 
     def _flush(self, record: tuple[dict, list] | None = None) -> None:
         """Flush the HDF5 file, then write the operation's journal ``record`` (fsynced with the
