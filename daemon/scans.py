@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import h5py
@@ -130,6 +131,8 @@ class ScanManager:
         #: scan id → what became of the frames of a scan whose spool close failed: its journal
         #: keeps them, and a re-open rebuilds the file (for the stop's report; written by the closer)
         self.unclosed: dict[str, str] = {}
+        #: spool files :meth:`recover` refused (why logged there), for the stop's report
+        self.unrecovered: set[Path] = set()
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
         self._spool_closed: dict[str, _SpoolClosed] = {}
         self._disk.submit(lambda: None).result()  # its thread starts now, not in the first scan's step
@@ -168,7 +171,7 @@ class ScanManager:
         ``spool``: its spool file, already made by :meth:`create_spool` (off this thread)."""
         try:
             _, need = self.admission(spec, own_spool=spool is not None)
-        except ScanRefused:
+        except Exception:  # refused, or an internal error: the spool made for it is not kept open
             if spool is not None:
                 spool.discard()
             raise
@@ -1082,6 +1085,7 @@ class ScanManager:
                                            reserve_bytes=self.config.disk_reserve_bytes)
             except (OSError, ValueError, KeyError) as exc:
                 log.error("cannot recover spool %s: %s", path, exc)
+                self.unrecovered.add(path)
                 self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",
                                            "message": f"{path}: {exc}", "scan_id": None})
                 continue

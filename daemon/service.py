@@ -387,10 +387,17 @@ class Service:
         if unclosed:
             log.warning("%d scans failed at their spool's close: %s", len(unclosed), "; ".join(unclosed))
         known |= {spool_path(self.config.spool_dir, sid) for sid in self.scans.unclosed}
-        stranded = [p.name for p in unfinished if p not in known]
+        stranded = [p.name for p in unfinished if p not in known and p in self.scans.unrecovered]
         if stranded:  # refused at the start ("cannot recover spool"): tried again at every start
             log.warning("%d unfinished spool files this daemon could not recover stay in %s (the reasons "
                         "were logged at the start): %s", len(stranded), self.config.spool_dir, ", ".join(stranded))
+        # e.g. a scan stopped whose final status could not be written, or spools left with recover off
+        left = [p.name for p in unfinished if p not in known and p not in self.scans.unrecovered]
+        if left:
+            log.warning("%d unfinished spool files stay in %s with their journals, which keep their frames: %s; %s",
+                        len(left), self.config.spool_dir, ", ".join(left),
+                        "the next start rebuilds and recovers them" if self.config.recover else
+                        "recover is off (`cryoptycho replay` or `reconstruct` read them through their journals)")
         if not kept:
             if not unclosed:
                 log.info("stopped with no unfinished scan")
