@@ -624,11 +624,14 @@ class ScanManager:
     def _kept_note(self, spool: SpoolWriter) -> str:
         """What became of the frames of a scan whose spool close failed (SpoolWriter.close let
         go of the file, its journal kept), for its error, the log and the stop's report."""
-        path = spool.path.absolute()
-        then = "reconstructs the scan" if spool.status == "ended" else f"keeps it ({spool.status})"
-        start = "the next start rebuilds" if self.config.recover else "with recover on, a start rebuilds"
-        return (f"its {spool.count} frames are kept in its journal {journal_path(path)}: "
-                f"control `finish_scan` or {start} {path} from it and {then}")
+        path, status = spool.path.absolute(), spool.status
+        start = "the next start" if self.config.recover else "a start with recover on"
+        kept = f"its {spool.count} frames are kept in its journal {journal_path(path)}: "
+        if status == "ended":
+            return f"{kept}control `finish_scan` or {start} rebuilds {path} from it and reconstructs the scan"
+        if status == "open":  # (the daemon stops)
+            return f"{kept}{start} rebuilds {path} from it and recovers the scan"
+        return f"{kept}{start} rebuilds {path} from it, {status} (control `finish_scan` reconstructs the scan)"
 
     def _after_close(self, scan_id: str, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the closer thread after every spool operation asked for so far, the
@@ -897,6 +900,8 @@ class ScanManager:
                         del session.figures["last_preview"]
 
     def _mark_spool(self, scan_id: str, status: str) -> None:
+        if scan_id in self.unclosed:  # its journal is its record, and the file is rebuilt from it
+            return
         path = spool_path(self.config.spool_dir, scan_id)
         if path.exists():
             with h5py.File(path, "r+") as f:

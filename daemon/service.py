@@ -385,7 +385,7 @@ class Service:
         unclosed = [f"{sid}: {why}" for sid, why in self.scans.unclosed.items()
                     if spool_path(self.config.spool_dir, sid) in unfinished]
         if unclosed:
-            log.warning("%d scans failed at their spool's close: %s", len(unclosed), "; ".join(unclosed))
+            log.warning("%d spool files could not be closed: %s", len(unclosed), "; ".join(unclosed))
         known |= {spool_path(self.config.spool_dir, sid) for sid in self.scans.unclosed}
         stranded = [p.name for p in unfinished if p not in known and p in self.scans.unrecovered]
         if stranded:  # refused at the start ("cannot recover spool"): tried again at every start

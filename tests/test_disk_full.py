@@ -262,7 +262,7 @@ def test_a_daemon_whose_spool_close_fails_lets_go_of_the_file_and_says_where_the
             daemon.proc.kill()
     log = daemon.log()
     assert "could not recover" not in log, log
-    said = [line for line in daemon.log_lines if "failed at their spool's close" in line]
+    said = [line for line in daemon.log_lines if "spool files could not be closed" in line]
     assert len(said) == 1 and "unclosed:" in said[0] and str(journal) in said[0], log
     assert journal.exists()
 

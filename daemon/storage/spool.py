@@ -606,7 +606,7 @@ class SpoolWriter:
 
     def _materialise(self) -> None:
         """Bring the HDF5 file up to its journal (:data:`JOURNAL_ONLY`): apply the records of
-        the journal-only appends (and status) since the last time, as a rebuild from the journal
+        the journal-only appends (status, options) since the last time, as a rebuild from the journal
         does (:meth:`_replay`), and flush. A kill meanwhile leaves the journal as it was: the
         file is rebuilt from it at the next start (:func:`repair_spool`), as after a kill
         inside any flush."""
@@ -634,7 +634,11 @@ class SpoolWriter:
                 if item.end >= end:
                     return
 
-        self._apply(records())
+        try:
+            self._apply(records())
+        except BaseException:  # the writer's own view stays what the journal holds (its caller reports it)
+            self.count, self._pending = count, pending
+            raise
         if self.count != count or self._pending != pending:
             raise ValueError(f"spool {self.path.name}: its journal's appends give {self.count} rows "
                              f"({self._pending} derived), the writer has {count} ({pending})")
