@@ -790,7 +790,8 @@ class ScanManager:
         if closed is not None and closed.error is not None:
             # the file lacks what its journal holds (a journal-only spool is brought up at its
             # close): its copy would be a result without frames, and the journal is kept
-            raise RuntimeError(f"the spool could not be closed ({type(closed.error).__name__}: {closed.error})")
+            raise RuntimeError(f"the spool could not be closed ({type(closed.error).__name__}: {closed.error}); "
+                               f"{closed.kept}")
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,
                                  **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
         if session.figures.get("resolution_m") is not None:

@@ -153,13 +153,15 @@ def test_a_spool_close_that_finds_the_disk_full_fails_the_scan_and_keeps_its_jou
     """A journal-only spool is brought up to its journal at the scan's end, on the closer
     thread. When that found the disk full while the worker already waited in finish_result,
     the worker went on: the result's /raw was copied from the file without the journal's
-    frames (0 of 64), the journal was deleted and the scan reported finished — every frame lost."""
+    frames (0 of 64), the journal was deleted and the scan reported finished — every frame lost.
+    Now the scan fails with its journal kept, and control `finish_scan` (as its error says)
+    rebuilds the spool from the journal and reconstructs all 64 frames."""
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool
 
-    finishing = threading.Event()
+    finishing, full = threading.Event(), threading.Event()
     real_finish, real_materialise = ScanManager.finish_result, SpoolWriter._materialise
 
     def finish_result(self, session, state):
@@ -167,7 +169,8 @@ def test_a_spool_close_that_finds_the_disk_full_fails_the_scan_and_keeps_its_jou
         return real_finish(self, session, state)
 
     def materialise(self):
-        if threading.current_thread().name.startswith("spool-close"):
+        if threading.current_thread().name.startswith("spool-close") and not full.is_set():
+            full.set()  # once: the disk has room again for finish_scan
             assert finishing.wait(120), "the worker never reached finish_result"
             raise OSError(errno.ENOSPC, "No space left on device (test)")
         return real_materialise(self)
@@ -189,13 +192,22 @@ def test_a_spool_close_that_finds_the_disk_full_fails_the_scan_and_keeps_its_jou
             info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "closefull"
                                           and s["state"] in ("finished", "failed")), None),
                             120, "the scan to end")
-        assert info["state"] == "failed", info
-        assert "No space left on device (test)" in info["error"], info
+            assert info["state"] == "failed", info
+            assert "No space left on device (test)" in info["error"], info
+            assert not list((tmp_path / "r").glob("closefull*"))
+            kept = read_spool(tmp_path / "s" / "closefull.spool.h5")  # through its journal
+            np.testing.assert_array_equal(np.sort(kept.indices), np.arange(len(scan.frames)))
+            # as its error says: finish_scan rebuilds the file from the journal and reconstructs it
+            assert "control `finish_scan` or the next start rebuilds" in info["error"], info
+            assert ctl.call("finish_scan", scan_id="closefull")["frames"]["received"] == len(scan.frames)
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "closefull"
+                                          and s["state"] in ("finished", "failed")), None),
+                            120, "the re-opened scan to end")
+            assert info["state"] == "finished", info
     finally:
         bg.stop()
-    assert not list((tmp_path / "r").glob("closefull*"))
-    kept = read_spool(tmp_path / "s" / "closefull.spool.h5")  # through its journal
-    np.testing.assert_array_equal(np.sort(kept.indices), np.arange(len(scan.frames)))
+    with h5py.File(info["result_path"]) as f:
+        np.testing.assert_array_equal(np.sort(f["raw/entry_1/data_1/frame_index"][()]), np.arange(len(scan.frames)))
 
 
 #: installed in a daemon through PYTHONPATH: the disk is "full" for the spool's close (its
