@@ -75,6 +75,8 @@ def build_table(service: Service) -> dict[str, Handler]:
             "max_concurrent_scans": service.config.max_concurrent_scans,
             "stopping": scans.stopping,
             "scans": {sid: s.summary() for sid, s in scans.sessions.items() if not s.state.final},
+            # where the frames of scans whose spool close failed are, until a re-open rebuilds it
+            "unclosed_spools": dict(scans.unclosed),
         }
 
     def list_scans(state: str | None = None) -> dict[str, Any]:

@@ -266,6 +266,7 @@ def test_a_daemon_whose_spool_close_fails_lets_go_of_the_file_and_says_where_the
             assert f"the next start rebuilds {spool_file} from it and reconstructs the scan" in error, error
             status = ctl.call("status")
             assert "unclosed" not in status["scans"] and "unclosed" not in status["running"], status
+            assert str(journal) in status["unclosed_spools"]["unclosed"], status
         wait_for(lambda: not {str(spool_file), str(journal)} & _files_held(daemon.proc.pid), 30,
                  "the daemon to let go of the spool file and its journal", daemon)
         assert daemon.stop() == 0
