@@ -1009,8 +1009,14 @@ class ScanManager:
         if error is None:
             contents, need, spool = opened
             if self.stopping:  # its spool says "ended": the next start recovers it
-                spool.close()
                 error = ScanRefused("scan_id", "service_stopping", "the service is shutting down")
+                try:
+                    spool.close()
+                except Exception as exc:  # the request is still answered; its journal keeps the frames
+                    kept = self.unclosed[session.scan_id] = self._kept_note(spool)
+                    log.error("closing the spool failed (%s: %s); %s", type(exc).__name__, exc, kept,
+                              exc_info=exc, extra={"scan_id": session.scan_id})
+                    self.metrics.internal_errors.labels(where="spool").inc()
             else:
                 live = self._register_reopened(session, contents, need, spool)
         for done in waiters:

@@ -111,3 +111,57 @@ def test_an_abort_whose_status_cannot_be_written_still_closes_the_spool_and_the_
     assert [m for m in said if "with their journals, which keep their frames" in m
             and "the next start rebuilds and recovers them" in m], said
     assert sorted(read_spool(spool).indices) == list(range(20))
+
+
+def test_a_finish_scan_met_by_the_stop_is_answered_even_when_its_spool_cannot_be_closed(
+        tmp_path, monkeypatch, caplog, scan):
+    """finish_scan re-opens a stopped scan's spool; a stop that comes meanwhile closes it again
+    and refuses the request (service_stopping). A failure of that close went unanswered: the
+    client waited out its timeout. The stop is simulated by the manager's flag, set as the spool
+    thread re-opens the file (deterministic), and the close fails once."""
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+    from cryoptycho.protocols.control import ControlError
+
+    real_reopen, real_close = ScanManager._reopen_spool, SpoolWriter.close
+    failed = []
+
+    def reopen(self, scan_id):
+        opened = real_reopen(self, scan_id)
+        opened[2].fails_once = True  # the re-opened writer's close fails
+        self.stopping = True  # (read by the manager thread once this is handed back)
+        return opened
+
+    def close(self, held=None):
+        if getattr(self, "fails_once", False):
+            self.fails_once = False
+            failed.append(self.path)
+            real_close(self, held)  # (the file let go of, as by a close that fails: SpoolWriter.close)
+            raise OSError(errno.EIO, "Input/output error (test)")
+        return real_close(self, held)
+
+    monkeypatch.setattr(ScanManager, "_reopen_spool", reopen)
+    monkeypatch.setattr(SpoolWriter, "close", close)
+    bg = _service(tmp_path)
+    svc = bg.service
+    spool = tmp_path / "s" / "again.spool.h5"
+    try:
+        with (Producer(svc.endpoints["ingest"], control=svc.endpoints["control"], send_timeout_s=30) as p,
+              ControlClient(svc.endpoints["control"], timeout_s=60) as ctl):
+            p.start_scan(**scan.start_fields("again"))
+            p.send_frames(scan.frames[:20])
+            assert p.flush().acknowledged == 20
+            ctl.cancel("again", "test cancels")
+            wait_for(lambda: next(s for s in ctl.list_scans() if s["scan_id"] == "again")["state"] == "aborted",
+                     120, "the scan to abort")
+            p.scan = None
+            # one try: a request sent again after the timeout was answered by the second try
+            with (ControlClient(svc.endpoints["control"], timeout_s=60, retries=1) as once,
+                  pytest.raises(ControlError, match="shutting down") as info):
+                once.call("finish_scan", scan_id="again")
+            assert info.value.reply.result["rule"] == "service_stopping", info.value.reply
+            assert "Input/output error (test)" not in str(info.value)
+            assert "its 20 frames are kept in its journal" in ctl.call("status")["unclosed_spools"]["again"]
+        assert failed == [spool] and str(spool) not in _held()
+    finally:
+        bg.stop()
