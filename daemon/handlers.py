@@ -75,6 +75,8 @@ def build_table(service: Service) -> dict[str, Handler]:
             "max_concurrent_scans": service.config.max_concurrent_scans,
             "stopping": scans.stopping,
             "scans": {sid: s.summary() for sid, s in scans.sessions.items() if not s.state.final},
+            # where the frames of scans whose spool close failed are, until a re-open rebuilds it
+            "unclosed_spools": dict(scans.unclosed),
         }
 
     def list_scans(state: str | None = None) -> dict[str, Any]:
@@ -147,7 +149,17 @@ def build_table(service: Service) -> dict[str, Handler]:
             except ScanRefused as exc:
                 where = exc.field if exc.field.startswith("options.") else "options"
                 raise HandlerError(exc.message, f"params.{where}", exc.rule) from None
-            return {"scope": session.scan_id, "options": new.to_dict(), "queued": True}
+
+            def kept(_: Any, error: Exception | None) -> dict[str, Any]:
+                # answered once they are in the scan's spool: a restart recovers it with them
+                if error is not None:
+                    raise HandlerError(f"applied to the waiting scan, but not kept with its spool ({type(error).__name__}: "
+                                       f"{error}): a restart before it runs starts it with its earlier options",
+                                       "params.options", "kept_with_scan") from None
+                return {"scope": session.scan_id, "options": new.to_dict(), "queued": True}
+
+            return service.reply_later("set_options", lambda done: service.scans.keep_waiting_options(session, done),
+                                       kept)
         if worker is None:
             raise HandlerError(f"scan {session.scan_id!r} has no running worker ({session.state.value}): the "
                                "options of a scan change while it waits or runs, not after",

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import h5py
@@ -37,6 +38,7 @@ from .publisher import Outbox
 from .scan import ScanSpec
 from .session import Session, State
 from .storage.diskspace import require_free_space
+from .storage.journal import journal_path
 from .storage.readcheck import check_spool_readable
 from .storage.spool import (
     SpoolWriter,
@@ -95,11 +97,13 @@ def estimate_bytes(spec: ScanSpec, options: ReconOptions) -> int:
 
 
 class _SpoolClosed(threading.Event):
-    """Set when an ended scan's spool close is over; ``error``: why it failed, if it did."""
+    """Set when an ended scan's spool close is over; ``error``: why it failed, if it did, and
+    ``kept``: what became of its frames then (:meth:`ScanManager._kept_note`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.error: BaseException | None = None
+        self.kept = ""
 
 
 class ScanManager:
@@ -120,10 +124,15 @@ class ScanManager:
         # loop (and ping) for as long; one FIFO thread keeps appends, status changes, closes and
         # the hand-overs to workers that must follow them in order.
         self._disk = ThreadPoolExecutor(1, thread_name_prefix="spool")
-        #: closes the spools of ended scans whose workers hold their frames (:meth:`_close_ended`),
-        #: off the spool thread; scan id → that close, which later work on the file waits for
+        #: closes the spools of ended scans (:meth:`_close_ended`), off the spool thread; scan id →
+        #: that close, which later work on the file waits for
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="spool-close")
         self._closing: dict[str, _SpoolClosed] = {}
+        #: scan id → what became of the frames of a scan whose spool close failed: its journal
+        #: keeps them, and a re-open rebuilds the file (for the stop's report; written by the closer)
+        self.unclosed: dict[str, str] = {}
+        #: spool files :meth:`recover` refused (why logged there), for the stop's report
+        self.unrecovered: set[Path] = set()
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
         self._spool_closed: dict[str, _SpoolClosed] = {}
         self._disk.submit(lambda: None).result()  # its thread starts now, not in the first scan's step
@@ -162,7 +171,7 @@ class ScanManager:
         ``spool``: its spool file, already made by :meth:`create_spool` (off this thread)."""
         try:
             _, need = self.admission(spec, own_spool=spool is not None)
-        except ScanRefused:
+        except Exception:  # refused, or an internal error: the spool made for it is not kept open
             if spool is not None:
                 spool.discard()
             raise
@@ -276,6 +285,17 @@ class ScanManager:
         need = self._reservation(spec, self._with_declared_modes(spec, options))
         session.spec, session.reserved_bytes = spec, need
         return options
+
+    def keep_waiting_options(self, session: Session, done: Callable[[Any, Exception | None], None]) -> None:
+        """Write a waiting scan's options (:meth:`set_waiting_options`) into its spool's header,
+        journaled (SpoolWriter.set_options), so that a restart recovers the scan with them;
+        ``done(None, error or None)`` on the manager thread once they are on disk."""
+        spool = self.spools.get(session.scan_id)
+        if spool is None:  # (a waiting scan's spool is the manager's until its worker starts)
+            done(None, RuntimeError(f"scan {session.scan_id!r} has no spool to keep its options in"))
+            return
+        options = dict(session.spec.options)
+        self.after_disk(lambda: spool.set_options(options), done)
 
     def _options_for(self, spec: ScanSpec) -> ReconOptions:
         try:
@@ -501,9 +521,10 @@ class ScanManager:
         self._disk.submit(task)
 
     def flush_disk(self) -> None:
-        """Wait until every spool operation asked for so far is done (tests). The manager
-        thread never waits like this: it uses :meth:`after_disk`."""
+        """Wait until every spool operation asked for so far is done, closes included (tests).
+        The manager thread never waits like this: it uses :meth:`after_disk`."""
         self._disk.submit(lambda: None).result()
+        self._closer.submit(lambda: None).result()
 
     def after_disk(self, on_disk: Callable[[], Any], done: Callable[[Any, Exception | None], None]) -> None:
         """Run ``on_disk`` on the spool thread after every spool operation asked for so far,
@@ -568,25 +589,29 @@ class ScanManager:
 
         self._on_disk(session.scan_id, task)
 
-    def _close_ended(self, scan_id: str, spool: SpoolWriter, held: Callable[[int, int], Any],
+    def _close_ended(self, scan_id: str, spool: SpoolWriter, held: Callable[[int, int], Any] | None,
                      closed: _SpoolClosed) -> None:
-        """Spool thread, at a scan's end (its status "ended" written): close its spool on the
-        closer thread. Writing a detector scan's derived binned rows takes them from its
+        """Spool thread, once a scan's spool takes no more appends (its status written: ended,
+        aborted, failed; or the daemon stops): close it on the closer thread. Writing a detector
+        scan's derived binned rows decodes them from its detector frames, or takes them from its
         worker's frame store (``held``: ScanWorker.held_frames), which waits up to
         HELD_FRAMES_WAIT_S for a worker that is behind; on the spool thread the next series'
-        appends waited behind it. Every frame of the scan is durable already (the journal: the
-        rows written here are derived from its detector frames), and nothing else writes this
-        spool once its status is "ended"; what reads or marks the file later waits for this
-        close (:meth:`_wait_closed`), finish_result through ``closed``."""
+        appends waited behind either. Every frame of the scan is durable already (the journal:
+        the rows written here are derived from its detector frames), and nothing else writes
+        this spool now; what reads or marks the file later waits for this close
+        (:meth:`_wait_closed`), finish_result through ``closed``."""
 
         def task() -> None:
             try:
                 spool.close(held=held)  # the frames its engine holds
             except Exception as exc:  # a storage fault: logged, counted, and this scan fails
-                closed.error = exc  # before set: finish_result must not copy the file without its journal
-                log.exception("closing the spool failed", extra={"scan_id": scan_id})
+                # before set: finish_result must not copy the file without its journal
+                closed.error, closed.kept = exc, self._kept_note(spool)
+                self.unclosed[scan_id] = closed.kept
+                log.error("closing the spool failed (%s: %s); %s", type(exc).__name__, exc, closed.kept,
+                          exc_info=exc, extra={"scan_id": scan_id})
                 self.metrics.internal_errors.labels(where="spool").inc()
-                self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
+                self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}; {closed.kept}"))
             finally:
                 closed.set()
                 self.outbox.wake()
@@ -595,6 +620,35 @@ class ScanManager:
         self._closing = {k: c for k, c in self._closing.items() if not c.is_set()}
         self._closing[scan_id] = closed
         self._closer.submit(task)
+
+    def _kept_note(self, spool: SpoolWriter) -> str:
+        """What became of the frames of a scan whose spool close failed (SpoolWriter.close let
+        go of the file, its journal kept), for its error, the log and the stop's report."""
+        path, status = spool.path.absolute(), spool.status
+        start = "the next start" if self.config.recover else "a start with recover on"
+        kept = f"its {spool.count} frames are kept in its journal {journal_path(path)}: "
+        if status == "ended":
+            return f"{kept}control `finish_scan` or {start} rebuilds {path} from it and reconstructs the scan"
+        if status == "open":  # (the daemon stops)
+            return f"{kept}{start} rebuilds {path} from it and recovers the scan"
+        return f"{kept}{start} rebuilds {path} from it, {status} (control `finish_scan` reconstructs the scan)"
+
+    def _after_close(self, scan_id: str, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the closer thread after every spool operation asked for so far, the
+        closes they started included (one FIFO closer thread), so that the spool thread does
+        not wait for a close that is slow (:meth:`_close_ended`). A failure is handled as
+        :meth:`_on_disk` handles one."""
+
+        def task() -> None:
+            try:
+                fn()
+            except Exception as exc:  # any storage fault: logged, counted, and only this scan fails
+                log.exception("spool operation failed", extra={"scan_id": scan_id})
+                self.metrics.internal_errors.labels(where="spool").inc()
+                self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
+            self.outbox.wake()
+
+        self._on_disk(scan_id, lambda: self._closer.submit(task))
 
     def _wait_closed(self, scan_id: str) -> None:
         """Spool thread: wait for the close of the scan's spool on the closer thread, if any."""
@@ -633,9 +687,13 @@ class ScanManager:
             return
 
         def task() -> None:
-            if status is not None:
-                spool.set_status(status)
-            spool.close()
+            try:
+                if status is not None:
+                    spool.set_status(status)
+            finally:  # (a status that could not be written: the file is let go of all the same)
+                # on the closer, as at a scan's end: an aborted detector scan's binned rows are
+                # derived there, not in front of the next scan's appends
+                self._close_ended(scan_id, spool, None, _SpoolClosed())
 
         self._on_disk(scan_id, task)
 
@@ -677,18 +735,23 @@ class ScanManager:
         session.started = True
         self.running[session.scan_id] = worker
         spool = self.spools[session.scan_id]
-        ended = session.ended
-        if ended:
+        closed = None
+        if session.ended:  # its worker has the end at once: its spool closes now, as in end_scan
             self.spools.pop(session.scan_id)
+            closed = self._spool_closed[session.scan_id] = _SpoolClosed()
 
         def task() -> None:  # after every append asked for so far: none is missed or doubled
             frames = None
-            if spool.count:  # frames spooled while the scan waited (or before a crash)
-                frames, _, positions = spool.read()
-                worker.put(FrameBatch(frames, positions))
-            if ended:  # the binned rows read (derived) just now are written as they are
-                spool.close(held=None if frames is None else lambda a, b: frames[a:b])
-                worker.put(EndOfScan("scan_end"))
+            try:
+                if spool.count:  # frames spooled while the scan waited (or before a crash)
+                    frames, _, positions = spool.read()
+                    worker.put(FrameBatch(frames, positions))
+                if closed is not None:
+                    worker.put(EndOfScan("scan_end"))
+            finally:
+                if closed is not None:  # the binned rows read (derived) just now are written as they are
+                    held = None if frames is None else lambda a, b: frames[a:b]
+                    self._close_ended(session.scan_id, spool, held, closed)
 
         self._on_disk(session.scan_id, task)
         started = self._launcher.submit(worker.start)  # its inbox takes items before it runs
@@ -727,7 +790,8 @@ class ScanManager:
         if closed is not None and closed.error is not None:
             # the file lacks what its journal holds (a journal-only spool is brought up at its
             # close): its copy would be a result without frames, and the journal is kept
-            raise RuntimeError(f"the spool could not be closed ({type(closed.error).__name__}: {closed.error})")
+            raise RuntimeError(f"the spool could not be closed ({type(closed.error).__name__}: {closed.error}); "
+                               f"{closed.kept}")
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,
                                  **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
         if session.figures.get("resolution_m") is not None:
@@ -807,7 +871,7 @@ class ScanManager:
                 self._close_spool(session.scan_id, state.value)
             elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
                 sid, value = session.scan_id, state.value
-                self._on_disk(sid, lambda: self._mark_spool(sid, value))
+                self._after_close(sid, lambda: self._mark_spool(sid, value))
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
 
@@ -837,7 +901,8 @@ class ScanManager:
                         del session.figures["last_preview"]
 
     def _mark_spool(self, scan_id: str, status: str) -> None:
-        self._wait_closed(scan_id)
+        if scan_id in self.unclosed:  # its journal is its record, and the file is rebuilt from it
+            return
         path = spool_path(self.config.spool_dir, scan_id)
         if path.exists():
             with h5py.File(path, "r+") as f:
@@ -944,8 +1009,14 @@ class ScanManager:
         if error is None:
             contents, need, spool = opened
             if self.stopping:  # its spool says "ended": the next start recovers it
-                spool.close()
                 error = ScanRefused("scan_id", "service_stopping", "the service is shutting down")
+                try:
+                    spool.close()
+                except Exception as exc:  # the request is still answered; its journal keeps the frames
+                    kept = self.unclosed[session.scan_id] = self._kept_note(spool)
+                    log.error("closing the spool failed (%s: %s); %s", type(exc).__name__, exc, kept,
+                              exc_info=exc, extra={"scan_id": session.scan_id})
+                    self.metrics.internal_errors.labels(where="spool").inc()
             else:
                 live = self._register_reopened(session, contents, need, spool)
         for done in waiters:
@@ -962,6 +1033,7 @@ class ScanManager:
         while session.scan_id in self.waiting:  # stopped while waiting: admit() had not dropped it
             self.waiting.remove(session.scan_id)
         self._register(reopened, spool)
+        self.unclosed.pop(session.scan_id, None)  # its spool was rebuilt from its journal (SpoolWriter.reopen)
         log.info("scan re-opened from its spool to finish (%d frames)", spool.count,
                  extra={"scan_id": spec.scan_id})
         self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "reopened": True,
@@ -1025,6 +1097,7 @@ class ScanManager:
                                            reserve_bytes=self.config.disk_reserve_bytes)
             except (OSError, ValueError, KeyError) as exc:
                 log.error("cannot recover spool %s: %s", path, exc)
+                self.unrecovered.add(path)
                 self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",
                                            "message": f"{path}: {exc}", "scan_id": None})
                 continue

@@ -382,12 +382,27 @@ class Service:
         and the next start finishes them (or, with recover off, the operator does)."""
         kept = [s for s in self.scans.sessions.values() if not s.state.final]
         known = {spool_path(self.config.spool_dir, s.scan_id) for s in kept}
-        stranded = [p.name for p in unfinished_spools(self.config.spool_dir) if p not in known]
+        unfinished = unfinished_spools(self.config.spool_dir)
+        # scans whose spool close failed: their journal keeps every frame (not "could not recover")
+        unclosed = [f"{sid}: {why}" for sid, why in self.scans.unclosed.items()
+                    if spool_path(self.config.spool_dir, sid) in unfinished]
+        if unclosed:
+            log.warning("%d spool files could not be closed: %s", len(unclosed), "; ".join(unclosed))
+        known |= {spool_path(self.config.spool_dir, sid) for sid in self.scans.unclosed}
+        stranded = [p.name for p in unfinished if p not in known and p in self.scans.unrecovered]
         if stranded:  # refused at the start ("cannot recover spool"): tried again at every start
             log.warning("%d unfinished spool files this daemon could not recover stay in %s (the reasons "
                         "were logged at the start): %s", len(stranded), self.config.spool_dir, ", ".join(stranded))
+        # e.g. a scan stopped whose final status could not be written, or spools left with recover off
+        left = [p.name for p in unfinished if p not in known and p not in self.scans.unrecovered]
+        if left:
+            log.warning("%d unfinished spool files stay in %s with their journals, which keep their frames: %s; %s",
+                        len(left), self.config.spool_dir, ", ".join(left),
+                        "the next start rebuilds and recovers them" if self.config.recover else
+                        "recover is off (`cryoptycho replay` or `reconstruct` read them through their journals)")
         if not kept:
-            log.info("stopped with no unfinished scan")
+            if not unclosed:
+                log.info("stopped with no unfinished scan")
             return
         listed = ", ".join(f"{s.scan_id} ({'ended' if s.ended else 'open'}, {s.ledger.received} frames)"
                            for s in kept)

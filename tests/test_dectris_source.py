@@ -192,6 +192,70 @@ def test_a_scans_end_waiting_for_its_worker_does_not_hold_up_the_next_series(ser
     assert [rows for name, rows in closed if name.startswith("gated")] == [{"frame_store": 40}]
 
 
+def test_an_aborted_scans_close_does_not_hold_up_the_next_series(service, monkeypatch) -> None:
+    """A series replaced by the next before its end aborts its scan, whose spool is closed with
+    its binned rows derived from its detector frames. That close ran on the spool thread (the
+    normal end's runs on the spool-close thread): the next series' frames waited behind it, not
+    received. Here the aborted scan's derivation is held back (a gate) until the next scan has
+    every frame on disk; the aborted spool then closes with every row derived."""
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+
+    gate, asked = threading.Event(), threading.Event()
+    real_derive = SpoolWriter._write_derived
+
+    def gated(self: SpoolWriter, held: Any = None) -> None:
+        if self.path.name.startswith("cut"):
+            asked.set()
+            assert gate.wait(300), "the gate was never opened"
+        real_derive(self, held)
+
+    monkeypatch.setattr(SpoolWriter, "_write_derived", gated)
+    closed: list[tuple[str, dict[str, int]]] = []
+    real_close = SpoolWriter.close
+
+    def close(self: SpoolWriter, held: Any = None) -> None:
+        real_close(self, held)
+        closed.append((self.path.name, self.derived_rows.copy()))
+
+    monkeypatch.setattr(SpoolWriter, "close", close)
+    config = service.service.config
+    config.options = config.options.model_copy(update={"parallax": False, "iterations": 1})
+    cut = _series(_frames(40, seed=13), "cut")[:1 + 20]  # its start and 20 of its 40 images, no end
+    messages = [*cut, *_series(_frames(24, seed=14), "next", series_id=2, series_unique_id="S2")]
+    with SimSender(2) as sender:
+        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
+                               workers=2, batch=16)
+        stop = threading.Event()
+        runner = threading.Thread(target=lambda: source.run(service.service.direct, stop, max_series=2),
+                                  daemon=True)
+        runner.start()
+        try:
+            _wait(source.ready.is_set, "the source's workers to start")
+            for m in messages:
+                sender.send_raw(m)
+            _wait(asked.is_set, "the aborted scan's close to derive its binned rows")
+
+            def next_received() -> bool:
+                s = service.service.scans.sessions.get("next-series2")
+                return s is not None and s.ledger.received == 24
+            _wait(next_received, "the next series' frames on disk while the aborted scan's close waits")
+            assert not [name for name, _ in closed if name.startswith("cut")]  # (still waiting)
+        finally:
+            gate.set()
+            stop.set()
+            runner.join(60)
+    aborted = service.service.scans.sessions["cut-series1"]
+    _wait(lambda: aborted.state.value == "aborted", "the cut scan to be aborted")
+    service.service.scans.flush_disk()
+    assert [rows for name, rows in closed if name.startswith("cut")] == [{"detector_frames": 20}]
+    spool = Path(service.service.config.spool_dir) / "cut-series1.spool.h5"
+    assert not spool.with_name("cut-series1.spool.journal").exists()  # closed, its status final
+    with h5py.File(spool) as f:
+        assert f.attrs["status"] == "aborted" and int(f[DATA].attrs["count"]) == 20
+        assert "pending_rows" not in f[DATA][DERIVED].attrs
+    _wait(lambda: service.service.scans.sessions["next-series2"].state.value == "finished", "the next scan's result")
+
+
 @pytest.mark.parametrize("side", [32, 33, 2, 1])
 def test_a_frame_stores_rows_are_read_back_in_detector_order(side: int) -> None:
     """What the worker hands the spool at a scan's end: the frame store's rows (FFT order) back

@@ -6,9 +6,11 @@ has, through the real daemon where that is how users meet it."""
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import signal
 import threading
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -151,13 +153,15 @@ def test_a_spool_close_that_finds_the_disk_full_fails_the_scan_and_keeps_its_jou
     """A journal-only spool is brought up to its journal at the scan's end, on the closer
     thread. When that found the disk full while the worker already waited in finish_result,
     the worker went on: the result's /raw was copied from the file without the journal's
-    frames (0 of 64), the journal was deleted and the scan reported finished — every frame lost."""
+    frames (0 of 64), the journal was deleted and the scan reported finished — every frame lost.
+    Now the scan fails with its journal kept, and control `finish_scan` (as its error says)
+    rebuilds the spool from the journal and reconstructs all 64 frames."""
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool
 
-    finishing = threading.Event()
+    finishing, full = threading.Event(), threading.Event()
     real_finish, real_materialise = ScanManager.finish_result, SpoolWriter._materialise
 
     def finish_result(self, session, state):
@@ -165,7 +169,8 @@ def test_a_spool_close_that_finds_the_disk_full_fails_the_scan_and_keeps_its_jou
         return real_finish(self, session, state)
 
     def materialise(self):
-        if threading.current_thread().name.startswith("spool-close"):
+        if threading.current_thread().name.startswith("spool-close") and not full.is_set():
+            full.set()  # once: the disk has room again for finish_scan
             assert finishing.wait(120), "the worker never reached finish_result"
             raise OSError(errno.ENOSPC, "No space left on device (test)")
         return real_materialise(self)
@@ -187,10 +192,104 @@ def test_a_spool_close_that_finds_the_disk_full_fails_the_scan_and_keeps_its_jou
             info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "closefull"
                                           and s["state"] in ("finished", "failed")), None),
                             120, "the scan to end")
-        assert info["state"] == "failed", info
-        assert "No space left on device (test)" in info["error"], info
+            assert info["state"] == "failed", info
+            assert "No space left on device (test)" in info["error"], info
+            assert not list((tmp_path / "r").glob("closefull*"))
+            kept = read_spool(tmp_path / "s" / "closefull.spool.h5")  # through its journal
+            np.testing.assert_array_equal(np.sort(kept.indices), np.arange(len(scan.frames)))
+            # as its error says: finish_scan rebuilds the file from the journal and reconstructs it
+            assert "control `finish_scan` or the next start rebuilds" in info["error"], info
+            assert ctl.call("finish_scan", scan_id="closefull")["frames"]["received"] == len(scan.frames)
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "closefull"
+                                          and s["state"] in ("finished", "failed")), None),
+                            120, "the re-opened scan to end")
+            assert info["state"] == "finished", info
     finally:
         bg.stop()
-    assert not list((tmp_path / "r").glob("closefull*"))
-    kept = read_spool(tmp_path / "s" / "closefull.spool.h5")  # through its journal
-    np.testing.assert_array_equal(np.sort(kept.indices), np.arange(len(scan.frames)))
+    with h5py.File(info["result_path"]) as f:
+        np.testing.assert_array_equal(np.sort(f["raw/entry_1/data_1/frame_index"][()]), np.arange(len(scan.frames)))
+
+
+#: installed in a daemon through PYTHONPATH: the disk is "full" for the spool's close (its
+#: free-space check, which refuses before HDF5 writes, as a full disk does), and only for it
+FULL_AT_CLOSE = '''
+import errno, threading
+import cryoptycho.daemon.storage.spool as spool
+_real = spool.require_free_space
+def _full_at_close(directory, nbytes, reserve_bytes, what):
+    if threading.current_thread().name.startswith("spool-close"):
+        raise OSError(errno.ENOSPC, f"No space left on device (test): {what}")
+    return _real(directory, nbytes, reserve_bytes, what)
+spool.require_free_space = _full_at_close
+'''
+
+
+def _files_held(pid: int) -> set[str]:
+    """The files process ``pid`` has open (Linux /proc)."""
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            held.add(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            pass
+    return held
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
+def test_a_daemon_whose_spool_close_fails_lets_go_of_the_file_and_says_where_the_frames_are(tmp_path, scan):
+    """After a failed close the spool's HDF5 file stayed open in the daemon (a descriptor and
+    HDF5's lock for as long as it ran), and its stop said the scan's spool was one it "could not
+    recover", though its journal keeps every frame and the next start rebuilds it: now the file
+    is let go of, the scan's error, its log and the stop name the journal and what happens next,
+    and the next start does it."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FULL_AT_CLOSE)
+    path = os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])
+    spool_file = tmp_path / "spool" / "unclosed.spool.h5"
+    journal = tmp_path / "spool" / "unclosed.spool.journal"
+    n = len(scan.frames)
+    daemon = start_daemon(tmp_path, *FAST, prefix=("env", f"PYTHONPATH={path}"))
+    try:
+        with Producer(daemon.ingest, control=daemon.control, send_timeout_s=30) as producer:
+            producer.start_scan(**scan.start_fields("unclosed"))
+            producer.send_frames(scan.frames)
+            assert producer.end_scan().acknowledged == n
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "unclosed"
+                                          and s["state"] in ("finished", "failed")), None),
+                            120, "the scan to end", daemon)
+            assert info["state"] == "failed", info
+            error = info["error"]
+            assert "No space left on device (test)" in error, error
+            assert f"its {n} frames are kept in its journal {journal}" in error, error
+            assert f"the next start rebuilds {spool_file} from it and reconstructs the scan" in error, error
+            status = ctl.call("status")
+            assert "unclosed" not in status["scans"] and "unclosed" not in status["running"], status
+            assert str(journal) in status["unclosed_spools"]["unclosed"], status
+        wait_for(lambda: not {str(spool_file), str(journal)} & _files_held(daemon.proc.pid), 30,
+                 "the daemon to let go of the spool file and its journal", daemon)
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    log = daemon.log()
+    assert "could not recover" not in log, log
+    said = [line for line in daemon.log_lines if "spool files could not be closed" in line]
+    assert len(said) == 1 and "unclosed:" in said[0] and str(journal) in said[0], log
+    assert journal.exists()
+
+    daemon = start_daemon(tmp_path, *FAST)  # the disk has room again
+    try:
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "unclosed"
+                                          and s["state"] in ("finished", "failed")), None),
+                            120, "the recovered scan to end", daemon)
+            assert info["state"] == "finished", info
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    assert f"spool {spool_file.name} rebuilt from its journal" in daemon.log()
+    with h5py.File(info["result_path"]) as f:
+        np.testing.assert_array_equal(np.sort(f["raw/entry_1/data_1/frame_index"][()]), np.arange(n))

@@ -589,3 +589,29 @@ def test_an_ended_scans_derived_rows_are_refused_a_full_disk_before_hdf5_writes_
     with h5py.File(w.path, "r") as f:  # (the writer's handle is still open: same process)
         assert not f[DATA]["data"][:].any()  # no derived row written
     assert read_spool(w.path).frames.tobytes() == binned.tobytes()
+
+
+@pytest.mark.parametrize("journal_only", [True, False])
+def test_a_scans_options_changed_while_it_waits_are_journaled_and_read_back(tmp_path: Path, frames: np.ndarray,
+                                                                           journal_only: bool) -> None:
+    """SpoolWriter.set_options (control `set_options` on a queued scan): the header's options
+    change, recorded like an append, read through the journal while the file lags it (and after
+    a kill), and in the file once closed; appends before and after it keep every frame."""
+    w = SpoolWriter.create(tmp_path, _spec("opt"), journal_only=journal_only)
+    _append(w, frames, 0, 5)
+    w.set_options({"seed": 7, "stream": {"batch_size": 16}})
+    _append(w, frames, 5, 9)
+    assert [r.header["op"] for r in iter_records(journal_path(w.path))][-3:] == ["append", "options", "append"]
+    got = read_spool(w.path)  # its journal is open: read from a rebuilt copy, as after a kill
+    assert got.spec.options == {"seed": 7, "stream": {"batch_size": 16}} and len(got.indices) == 9
+    w.set_status("ended")
+    w.close()
+    with h5py.File(w.path) as f:  # closed: the file itself has them
+        assert '"seed": 7' in f["scan"].attrs["json"]
+    assert read_spool(w.path).spec.options == {"seed": 7, "stream": {"batch_size": 16}}
+    _assert_holds(w.path, frames, 9)
+    again = SpoolWriter.reopen(w.path)
+    with pytest.raises(TypeError):  # what the header cannot keep is refused before the journal has it
+        again.set_options({"seed": object()})
+    assert [r.header["op"] for r in iter_records(journal_path(w.path))][-1] == "opened"
+    again.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -309,6 +310,8 @@ class SpoolWriter:
         self._index = self._entry.frame_index
         self._pos = self._entry.positions_m
         self.count = self._entry.count
+        #: the scan's status as last set (:meth:`set_status`), in the journal if not yet in the file
+        self.status = _text(file.attrs.get("status", "open"))
         #: whole chunks written by append_many, by path (:data:`CHUNK_PATHS`), and chunks of
         #: ``detector_frames`` (:data:`DETECTOR_CHUNK_PATHS`), until taken
         self.chunk_paths: Counter[str] = Counter()
@@ -595,7 +598,7 @@ class SpoolWriter:
 
     def _materialise(self) -> None:
         """Bring the HDF5 file up to its journal (:data:`JOURNAL_ONLY`): apply the records of
-        the journal-only appends (and status) since the last time, as a rebuild from the journal
+        the journal-only appends (status, options) since the last time, as a rebuild from the journal
         does (:meth:`_replay`), and flush. A kill meanwhile leaves the journal as it was: the
         file is rebuilt from it at the next start (:func:`repair_spool`), as after a kill
         inside any flush."""
@@ -616,14 +619,18 @@ class SpoolWriter:
             for item in iter_records(journal.path, self._applied):
                 if isinstance(item, str):
                     raise OSError(f"spool {self.path.name}: its journal cannot be read back ({item})")
-                if item.header["op"] not in ("append", "status"):
+                if item.header["op"] not in ("append", "status", "options"):
                     raise ValueError(f"spool {self.path.name}: its journal holds a {item.header['op']!r} "
                                      "record among appends not yet in the file")
                 yield item
                 if item.end >= end:
                     return
 
-        self._apply(records())
+        try:
+            self._apply(records())
+        except BaseException:  # the writer's own view stays what the journal holds (its caller reports it)
+            self.count, self._pending = count, pending
+            raise
         if self.count != count or self._pending != pending:
             raise ValueError(f"spool {self.path.name}: its journal's appends give {self.count} rows "
                              f"({self._pending} derived), the writer has {count} ({pending})")
@@ -753,6 +760,8 @@ class SpoolWriter:
         elif op == "status":
             self._replay_writes(header, iter_bodies(body, _sizes(header)))
             self._f.attrs["status"] = header["status"]
+        elif op == "options":
+            self._write_options(header["options"])
         elif op == "chunk_per_frame":
             self._chunk_per_frame()
         elif op == "detector":
@@ -1176,6 +1185,38 @@ class SpoolWriter:
         if not self._defer:
             self._f.attrs["status"] = status
         self._flush(({"op": "status", "status": status}, []))
+        self.status = status
+
+    def _let_go(self) -> None:
+        """Close the HDF5 file and the journal after a close that failed, the journal left
+        without "closed": it keeps every frame, and the file (which may lag or lack some of
+        them) is rebuilt from it by the next re-open (`finish_scan`, the next start). Held open,
+        the file's descriptor and HDF5's lock on it stayed with the daemon until it exited."""
+        journal, self._journal = self._journal, None
+        try:
+            self._f.close()
+        except Exception:  # the journal is closed all the same; the caller reports the close's error
+            log.exception("spool %s: closing the file after its close failed", self.path.name)
+        finally:
+            if journal is not None:
+                journal.close()
+
+    def set_options(self, options: dict[str, Any]) -> None:
+        """Replace the scan's option overrides in its header (``/scan`` attr ``json``: what a
+        recovered scan is started with): control `set_options` on a scan waiting for a worker.
+        Journaled as the appends are: durable once this returns."""
+        header = {"op": "options", "options": options}
+        json.dumps(header)  # what the file keeps: refused before the journal has it
+        self._begin(True)
+        if not self._defer:
+            self._write_options(options)
+        self._flush((header, []))
+
+    def _write_options(self, options: dict[str, Any]) -> None:
+        scan = self._f["scan"]
+        head = json.loads(scan.attrs["json"])
+        head["options"] = options
+        scan.attrs["json"] = json.dumps(head)
 
     def _flush(self, record: tuple[dict, list] | None = None) -> None:
         """Flush the HDF5 file, then write the operation's journal ``record`` (fsynced with the
@@ -1211,17 +1252,21 @@ class SpoolWriter:
         from ``held`` where it has them (:meth:`_write_derived`)."""
         if not self._f.id.valid:
             return
-        self._materialise()
-        status = str(self._f.attrs.get("status", "open"))
-        if status != "open" and self._pending:  # the scan ended: its binned frames are written once
-            # not journaled (_write_derived): without the journal no chunk is kept for a record,
-            # which held a whole scan's compressed binned frames until the derivation ended
-            journal, self._journal = self._journal, None
-            try:
-                self._write_derived(held)
-            finally:
-                self._journal = journal
-            self._f.flush()
+        try:
+            self._materialise()
+            status = str(self._f.attrs.get("status", "open"))
+            if status != "open" and self._pending:  # the scan ended: its binned frames are written once
+                # not journaled (_write_derived): without the journal no chunk is kept for a record,
+                # which held a whole scan's compressed binned frames until the derivation ended
+                journal, self._journal = self._journal, None
+                try:
+                    self._write_derived(held)
+                finally:
+                    self._journal = journal
+                self._f.flush()
+        except BaseException:
+            self._let_go()
+            raise
         self._f.close()
         journal, self._journal = self._journal, None
         if journal is None or journal.closed:

@@ -1,0 +1,105 @@
+"""What the daemon answered "ok" to survives a restart: options set on a scan waiting for a
+worker are kept with its spool (its journal), and the scan recovered after a kill -9 runs with
+them (the result file's saved options say so)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import h5py
+import numpy as np
+import pytest
+from cryoptycho.protocols.control import ControlClient, ControlError
+from cryoptycho.protocols.producer import Producer
+from daemon_support import start_daemon, synthetic_scan, wait_for
+
+pytestmark = pytest.mark.subprocess
+
+FAST = ("--set", "options.iterations=3", "--set", "refine_time_budget_s=5", "--set", "resolution_interval_s=0")
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return synthetic_scan(n_side=8, m=32)
+
+
+def test_options_set_on_a_queued_scan_survive_a_kill_and_restart(tmp_path, scan):
+    """set_options on a queued scan was applied in memory only: after a crash the recovered
+    scan ran with its declared options, though the daemon had answered ok."""
+    n = len(scan.frames)
+    daemon = start_daemon(tmp_path, *FAST, "--max-concurrent-scans", "1")
+    try:
+        with (ControlClient(daemon.control, timeout_s=30) as ctl, Producer(daemon.ingest, control=daemon.control) as one,
+              Producer(daemon.ingest, control=daemon.control, send_timeout_s=30) as two):
+            one.start_scan(**scan.start_fields("first"))  # holds the only slot: no scan_end
+            wait_for(lambda: ctl.status()["running"] == ["first"], 120, "the first scan to run", daemon)
+            two.start_scan(**scan.start_fields("queued", options={"iterations": 2}))
+            two.send_frames(scan.frames)
+            assert two.end_scan().acknowledged == n
+            assert ctl.status()["waiting"] == ["queued"]
+            reply = ctl.set_options("queued", {"seed": 4242, "stream": {"batch_size": 16}})
+            assert reply["queued"] is True and reply["options"]["seed"] == 4242
+            with pytest.raises(ControlError, match="iterations"):  # refused: nothing kept
+                ctl.set_options("queued", {"iterations": -1})
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait(30)
+            one.scan = two.scan = None  # the daemon is gone: no abort at close
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+
+    daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=0.5", "--max-concurrent-scans", "2")
+    try:
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "queued"
+                                          and s["state"] in ("finished", "failed", "aborted")), None),
+                            120, "the recovered queued scan to end", daemon)
+            assert info["state"] == "finished" and info["recovered"] is True, info
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    with h5py.File(info["result_path"]) as f:
+        options = json.loads(f.attrs["options"])
+        assert np.sort(f["raw/entry_1/data_1/frame_index"][()]).tolist() == list(range(n))
+    # set while it waited, merged on what its scan_start declared (iterations 2), not the defaults'
+    assert (options["seed"], options["stream"]["batch_size"], options["iterations"]) == (4242, 16, 2), options
+
+
+def test_options_a_queued_scan_could_not_keep_are_answered_as_not_kept(tmp_path, monkeypatch, scan):
+    """A disk fault writing them into the spool: the answer says they apply but would not
+    survive a restart (rule kept_with_scan), instead of an ok the restart would contradict."""
+    import errno
+
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+
+    def fails(self, options):
+        raise OSError(errno.EIO, "Input/output error (test)")
+
+    monkeypatch.setattr(SpoolWriter, "set_options", fails)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0, max_concurrent_scans=1)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as one,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as two):
+            one.start_scan(**scan.start_fields("first"))
+            wait_for(lambda: ctl.status()["running"] == ["first"], 120, "the first scan to run")
+            two.start_scan(**scan.start_fields("queued"))
+            wait_for(lambda: ctl.status()["waiting"] == ["queued"], 120, "the second scan to queue")
+            with pytest.raises(ControlError) as info:
+                ctl.set_options("queued", {"seed": 4242})
+            result = info.value.reply.result
+            assert (result["field"], result["rule"]) == ("params.options", "kept_with_scan"), info.value.reply
+            assert "Input/output error (test)" in str(info.value) and "earlier options" in str(info.value)
+            assert ctl.ping()["pong"] is True
+            one.abort("test ends")
+            two.abort("test ends")
+    finally:
+        bg.stop()
