@@ -76,6 +76,9 @@ AMPLITUDE_NLL_SCALE = 2.0
 
 log = logging.getLogger(__name__)
 
+#: Spare canvas pixels around the probe windows (position refinement adds more: positions.margin_px)
+CANVAS_MARGIN = 2
+
 #: Times a refinement widens α_h (×2 each) when the truncation rule's discontinuities stop CG
 #: (see refine_full_batch): 5 → at most 20, which still drops a 20-count hit where ≲ 1 is
 #: expected.
@@ -311,7 +314,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     probe, estimate, fitted_positions = _parallax_applied(probe, data, opts, positions)
     nominal_positions = positions if fitted_positions is not positions else None
     positions = fitted_positions
-    margin = 2
+    margin = CANVAS_MARGIN
     if opts.refine_positions or opts.scan_search:
         # refined positions may leave the nominal scan's canvas: room for a few per cent
         span = float(np.ptp(positions, axis=0).max()) / data.real_pixel_size if len(positions) else 0.0
@@ -337,7 +340,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     probe = normalise_probe(probe, power).astype(complex_dtype(opts.precision))
     nominal_probe = normalise_probe(nominal, power).astype(complex_dtype(opts.precision)) if estimate else None
     if opts.init == "random":
-        obj = random_object(geometry.object_shape, opts, xp)
+        obj = _random_start(geometry.object_shape, margin - CANVAS_MARGIN, opts, xp)
     elif opts.init == "ones":
         obj = flat_object(geometry.object_shape, opts, xp)
     else:
@@ -354,6 +357,20 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
         kappa=problem_kappa(counts_fft, mask, probe, batch), energy=float(data.energy),
         nominal_probe=nominal_probe, probe_estimate=estimate, nominal_positions=nominal_positions,
     )
+
+
+def _random_start(shape: tuple[int, int], extra: int, opts: ReconOptions, xp: ModuleType) -> Any:
+    """The random start of the canvas without refinement's ``extra`` spare pixels on each
+    side, padded with the start's mean phase: position refinement's larger canvas must not
+    draw other random phases (on the realistic ribosome at 20 e⁻/Å² that alone moved the
+    phase correlation by 0.017, by chance), so a refinement that moves nothing starts and ends
+    where the plain reconstruction does."""
+    if extra <= 0:
+        return random_object(shape, opts, xp)
+    inner = random_object((shape[0] - 2 * extra, shape[1] - 2 * extra), opts, xp)
+    obj = xp.full(shape, np.exp(1j * opts.init_phase_mean), dtype=inner.dtype)
+    obj[extra:shape[0] - extra, extra:shape[1] - extra] = inner
+    return obj
 
 
 def _sub_batch(batch: Batch, sl: slice) -> Batch:

@@ -202,3 +202,23 @@ def test_position_updates_that_find_nothing_leave_cg_untouched(monkeypatch: pyte
     np.testing.assert_allclose(positions, problem.positions, rtol=0, atol=1e-6 * PIXEL)
     np.testing.assert_allclose(losses, plain_losses, rtol=1e-12)
     np.testing.assert_allclose(obj, plain, rtol=0, atol=1e-12)
+
+
+def test_refinement_canvas_starts_from_the_plain_runs_random_start() -> None:
+    """Position refinement reconstructs on a larger canvas (room for moved positions); its
+    random start holds the plain run's start on the plain canvas, so a refinement that moves
+    nothing does not start from other random phases."""
+    from cryoptycho.gpu import reconstruct as rec
+
+    nominal, _true, frames, _truth, _geo, probe = _distorted_scan(1e4, grid=4)
+    data = PtychoData(frames=operators.from_fft_order(frames), positions=nominal, energy=ENERGY,
+                      pixel_size=PIXEL, probe=probe.astype(np.complex64))
+    plain = rec.prepare(data, ReconOptions(init="random"))
+    wide = rec.prepare(data, ReconOptions(init="random", refine_positions=True))
+    extra = (np.asarray(wide.geometry.object_shape) - plain.geometry.object_shape) // 2
+    assert extra[0] > 0 and extra[0] == extra[1]
+    # the same object pixels: the wide canvas's origin lies `extra` pixels further out
+    np.testing.assert_allclose(np.asarray(plain.geometry.origin) - wide.geometry.origin,
+                               extra * PIXEL, rtol=1e-9)
+    e = int(extra[0])
+    np.testing.assert_array_equal(wide.object[e:-e, e:-e], plain.object)
