@@ -772,8 +772,8 @@ def refine_alternating(
     and of the probe's aberration coefficients (gpu/aberrations.py) at the object CG holds:
     after ``*_start_iteration`` CG iterations, every ``*_every``, none in the last ``*_every``
     (CG converges at the final positions and probe). A position update runs inside CG, which
-    restarts only when the update moved the positions; an aberration fit ends a CG run. Returns the object, the
-    probe, the losses and the positions (metres, refined or not). ``nominal_m``: the nominal
+    restarts only when the update moved the positions; an aberration fit ends a CG run.
+    Returns the object, the probe, the losses and the positions (metres, refined or not). ``nominal_m``: the nominal
     positions when ``problem.positions`` already hold a scan search's affine image of them
     (the scan model then starts at that matrix, its residuals shrunk towards it).
     With ``refine_aberrations`` the coefficients found are added to ``problem.probe_estimate``
