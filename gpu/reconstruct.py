@@ -543,7 +543,7 @@ def refine_full_batch(
         sparse.update(obj, start_iteration)
     fun = FullBatchObjective(counts_fft, batch, mask, opts, kap, power, sparse)
 
-    def object_precond(batch: Batch) -> Any:
+    def object_precond(batch: Batch, probe: Any) -> Any:
         illum = illumination(probe, batch)
         damping = 0.05 * host_floats(illum.max())[0]
         if opts.prior == "tikhonov":
@@ -554,7 +554,7 @@ def refine_full_batch(
 
     (obj_power,) = host_floats((abs(obj) ** 2).mean())
     precond = {
-        "object": object_precond(batch),
+        "object": object_precond(batch, probe),
         "probe": 1.0 / max(float(batch.size) * obj_power, 1e-30),
     }
 
@@ -577,7 +577,7 @@ def refine_full_batch(
             # minimize reads the preconditioner's dict at every iteration: the new one is used
             # from the restart on
             fun.batches = [_sub_batch(moved, sl) for sl in fun.slices]
-            precond["object"] = object_precond(moved)
+            precond["object"] = object_precond(moved, x["probe"])
             changed = True
         return changed
 
