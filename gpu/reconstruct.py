@@ -76,6 +76,9 @@ AMPLITUDE_NLL_SCALE = 2.0
 
 log = logging.getLogger(__name__)
 
+#: Spare canvas pixels around the probe windows (position refinement adds more: positions.margin_px)
+CANVAS_MARGIN = 2
+
 #: Times a refinement widens α_h (×2 each) when the truncation rule's discontinuities stop CG
 #: (see refine_full_batch): 5 → at most 20, which still drops a 20-count hit where ≲ 1 is
 #: expected.
@@ -311,7 +314,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     probe, estimate, fitted_positions = _parallax_applied(probe, data, opts, positions)
     nominal_positions = positions if fitted_positions is not positions else None
     positions = fitted_positions
-    margin = 2
+    margin = CANVAS_MARGIN
     if opts.refine_positions or opts.scan_search:
         # refined positions may leave the nominal scan's canvas: room for a few per cent
         span = float(np.ptp(positions, axis=0).max()) / data.real_pixel_size if len(positions) else 0.0
@@ -337,7 +340,7 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
     probe = normalise_probe(probe, power).astype(complex_dtype(opts.precision))
     nominal_probe = normalise_probe(nominal, power).astype(complex_dtype(opts.precision)) if estimate else None
     if opts.init == "random":
-        obj = random_object(geometry.object_shape, opts, xp)
+        obj = _random_start(geometry.object_shape, margin - CANVAS_MARGIN, opts, xp)
     elif opts.init == "ones":
         obj = flat_object(geometry.object_shape, opts, xp)
     else:
@@ -354,6 +357,20 @@ def prepare(data: PtychoData, options: ReconOptions | dict[str, Any] | None = No
         kappa=problem_kappa(counts_fft, mask, probe, batch), energy=float(data.energy),
         nominal_probe=nominal_probe, probe_estimate=estimate, nominal_positions=nominal_positions,
     )
+
+
+def _random_start(shape: tuple[int, int], extra: int, opts: ReconOptions, xp: ModuleType) -> Any:
+    """The random start of the canvas without refinement's ``extra`` spare pixels on each
+    side, padded with the start's mean phase: position refinement's larger canvas must not
+    draw other random phases (on the realistic ribosome at 20 e⁻/Å² that alone moved the
+    phase correlation by 0.017, by chance), so a refinement that moves nothing starts and ends
+    where the plain reconstruction does."""
+    if extra <= 0:
+        return random_object(shape, opts, xp)
+    inner = random_object((shape[0] - 2 * extra, shape[1] - 2 * extra), opts, xp)
+    obj = xp.full(shape, np.exp(1j * opts.init_phase_mean), dtype=inner.dtype)
+    obj[extra:shape[0] - extra, extra:shape[1] - extra] = inner
+    return obj
 
 
 def _sub_batch(batch: Batch, sl: slice) -> Batch:
@@ -488,6 +505,7 @@ def refine_full_batch(
     probe_power: float | None = None,
     progress: Progress | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    between: Callable[[int, dict[str, Any]], Batch | None] | None = None,
 ) -> tuple[Any, Any, list[float]]:
     """Run ``iterations`` full-batch CG iterations (numbered from ``start_iteration``) on all
     positions of ``batch``. The probe keeps its power Σ|ψ|² (or ``probe_power``) and joins at
@@ -495,7 +513,11 @@ def refine_full_batch(
     valid counts per pattern of ``counts_fft`` reach the threshold). Returns the object, the
     (normalised) probe and the loss after each iteration (data term + prior). The time budget
     counts from the call (the set-up is part of it) and is kept as CG keeps it
-    (:func:`cryoptycho.gpu.cg.minimize`); ``clock`` is injectable for tests."""
+    (:func:`cryoptycho.gpu.cg.minimize`); ``clock`` is injectable for tests.
+    ``between(done, x)`` runs after each iteration (``done`` iterations counted from 0, ``x``
+    CG's current variables, not to be modified): it returns new positions (a batch of the same
+    size) when it moved them — the objective changed, CG restarts from steepest descent there —
+    or None, and CG goes on untouched (a position update that finds nothing costs nothing)."""
     t_start = clock()
     opts = _as_options(options)
     if opts.refine_probe == "auto":
@@ -520,15 +542,19 @@ def refine_full_batch(
     if sparse is not None:
         sparse.update(obj, start_iteration)
     fun = FullBatchObjective(counts_fft, batch, mask, opts, kap, power, sparse)
-    illum = illumination(probe, batch)
-    illum_max, obj_power = host_floats(illum.max(), (abs(obj) ** 2).mean())
-    damping = 0.05 * illum_max
-    if opts.prior == "tikhonov":
-        damping += 4.0 * opts.mu0 * kap
-    elif opts.prior == "sparse":
-        damping += opts.mu1 * kap
+
+    def object_precond(batch: Batch, probe: Any) -> Any:
+        illum = illumination(probe, batch)
+        damping = 0.05 * host_floats(illum.max())[0]
+        if opts.prior == "tikhonov":
+            damping += 4.0 * opts.mu0 * kap
+        elif opts.prior == "sparse":
+            damping += opts.mu1 * kap
+        return (1.0 / (illum + damping)).astype(illum.dtype)
+
+    (obj_power,) = host_floats((abs(obj) ** 2).mean())
     precond = {
-        "object": (1.0 / (illum + damping)).astype(illum.dtype),
+        "object": object_precond(batch, probe),
         "probe": 1.0 / max(float(batch.size) * obj_power, 1e-30),
     }
 
@@ -541,9 +567,19 @@ def refine_full_batch(
     def callback(it: int, x: dict[str, Any], loss: float) -> bool:
         if progress is not None:
             progress(it + 1, total, loss)
+        changed = False
         if sparse is not None and opts.prior == "sparse":
-            return sparse.update(x["object"], it + 1)
-        return False
+            changed = sparse.update(x["object"], it + 1)
+        moved = None if between is None else between(it + 1, x)
+        if moved is not None:
+            if moved.size != batch.size:
+                raise ValueError(f"between() moved {moved.size} positions, the scan has {batch.size}")
+            # minimize reads the preconditioner's dict at every iteration: the new one is used
+            # from the restart on
+            fun.batches = [_sub_batch(moved, sl) for sl in fun.slices]
+            precond["object"] = object_precond(moved, x["probe"])
+            changed = True
+        return changed
 
     x = {"object": obj, "probe": probe}
     losses: list[float] = []
@@ -733,10 +769,11 @@ def refine_alternating(
     problem: Problem, opts: ReconOptions, progress: Progress | None, nominal_m: np.ndarray | None = None,
 ) -> tuple[Any, Any, list[float], np.ndarray]:
     """:func:`refine_full_batch` alternating with updates of the positions (gpu/positions.py)
-    and of the probe's aberration coefficients (gpu/aberrations.py), with the object held
-    between CG runs: after ``*_start_iteration`` CG iterations, every ``*_every``, none in the
-    last ``*_every`` (CG converges at the final positions and probe). Returns the object, the
-    probe, the losses and the positions (metres, refined or not). ``nominal_m``: the nominal
+    and of the probe's aberration coefficients (gpu/aberrations.py) at the object CG holds:
+    after ``*_start_iteration`` CG iterations, every ``*_every``, none in the last ``*_every``
+    (CG converges at the final positions and probe). A position update runs inside CG, which
+    restarts only when the update moved the positions; an aberration fit ends a CG run.
+    Returns the object, the probe, the losses and the positions (metres, refined or not). ``nominal_m``: the nominal
     positions when ``problem.positions`` already hold a scan search's affine image of them
     (the scan model then starts at that matrix, its residuals shrunk towards it).
     With ``refine_aberrations`` the coefficients found are added to ``problem.probe_estimate``
@@ -770,20 +807,58 @@ def refine_alternating(
     m = geo.probe_shape
     obj, probe = problem.object, problem.probe
     losses: list[float] = []
-    it = 0
     report = None if progress is None else (lambda i, _total, loss: progress(i, total, loss))
-    for stop in sorted(due) + [total]:
-        batch = problem.batch if scan is None else make_batch(scan.positions, geo.object_shape, m, xp=xp)
-        if stop > it:
+
+    def batch_now() -> Batch:
+        return problem.batch if scan is None else make_batch(scan.positions, geo.object_shape, m, xp=xp)
+
+    def move_positions(done: int, o: Any, p: Any) -> bool:
+        """One position update at object ``o`` and probe ``p``; True when it moved them."""
+        assert scan is not None
+        psi, _ = _normalised(p, problem.probe_power)
+        upd = update_positions(o, psi, problem.counts_fft, scan, geo.object_shape, problem.mask,
+                               opts, scale)
+        log.info("positions: iteration %d, %s, data term %.6g → %.6g, largest move %.3f px%s", done,
+                 "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
+                 upd.max_shift_px, "" if not opts.position_residual_auto else
+                 f", residual rms estimate {scan.residual_estimate_px:.3f} px")
+        return upd.accepted
+
+    # CG is interrupted only where the probe's aberrations are fitted (the probe changes). The
+    # position updates run inside CG (refine_full_batch's ``between``): an update that is
+    # rejected leaves CG's direction and step untouched, so a refinement that finds nothing
+    # costs nothing (each restart used to cost up to 0.010 in phase correlation); an accepted
+    # one changes the objective and CG restarts there, as it did at every update before.
+    inner = sorted(s for s, what in due.items() if "positions" in what)
+    it = 0
+    for stop in sorted(s for s, what in due.items() if "aberrations" in what) + [total]:
+        while it < stop:
+            points = {s for s in inner if it < s < stop}
+
+            def between(done: int, x: dict[str, Any], points: set[int] = points) -> Batch | None:
+                if done not in points or not move_positions(done, x["object"], x["probe"]):
+                    return None
+                return batch_now()
+
             left = None if budget is None else max(budget - (time.perf_counter() - t_start), 1e-3)
             obj, probe, part = refine_full_batch(
-                obj, probe, problem.counts_fft, batch, problem.mask, opts, stop - it, left, it,
+                obj, probe, problem.counts_fft, batch_now(), problem.mask, opts, stop - it, left, it,
                 kappa=problem.kappa, probe_power=problem.probe_power, progress=report,
+                between=between if points else None,
             )
             losses += part
+            reached = it + len(part)
             it = stop  # CG may stop early (converged at these positions/probe): the schedule goes on
+            if budget is not None and time.perf_counter() - t_start >= budget:
+                break
+            # converged before an update point: update there; CG goes on from it only when the
+            # positions moved (a rejected update at the same object would be rejected again)
+            pending = sorted(s for s in points if s > reached)
+            if pending and move_positions(pending[0], obj, probe):
+                it = pending[0]
         if stop >= total or (budget is not None and time.perf_counter() - t_start >= budget):
             break
+        batch = batch_now()
         if "aberrations" in due[stop] and model is not None:
             fun = FullBatchObjective(problem.counts_fft, batch, problem.mask, opts, problem.kappa,
                                      problem.probe_power)
@@ -795,13 +870,7 @@ def refine_alternating(
                      before, after, evals,
                      ", ".join(f"{k} {v * 1e9:+.2f} nm" for k, v in model.as_dict().items()))
         if "positions" in due[stop] and scan is not None:
-            psi, _ = _normalised(probe, problem.probe_power)
-            upd = update_positions(obj, psi, problem.counts_fft, scan, geo.object_shape, problem.mask,
-                                   opts, scale)
-            log.info("positions: iteration %d, %s, data term %.6g → %.6g, largest move %.3f px%s", it,
-                     "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
-                     upd.max_shift_px, "" if not opts.position_residual_auto else
-                     f", residual rms estimate {scan.residual_estimate_px:.3f} px")
+            move_positions(stop, obj, probe)
     positions = problem.positions if scan is None else geo.to_metres(scan.positions)
     if model is not None:
         # the coefficients found (relative to the probe the refinement started from) go to the
