@@ -1,0 +1,67 @@
+"""What a facility meets after months of running a regular install: clients that hold
+connections open without finishing a request, scanners, viewers left open, signals from the
+operator and the init system. Field-QA round 4; every test runs the real daemon (and viewer) as
+subprocesses."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+from cryoptycho.daemon.bench.view import viewer_server
+from daemon_support import start_daemon, wait_for
+
+pytestmark = pytest.mark.subprocess
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """True once the peer closed the non-blocking ``sock``."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except BlockingIOError:
+        return False
+
+
+def test_the_viewer_hangs_up_on_clients_that_never_finish_a_request(tmp_path):
+    """uvicorn closes an idle keep-alive connection but waited for ever for a request's headers:
+    every connection that sent half a request (slowloris), or nothing at all (a port scanner, a
+    proxy's pre-opened socket), held one of the viewer's file descriptors for good. With the
+    usual limit of 1,024 (a container's or a systemd unit's soft limit) they ran out and no
+    browser could open the page until the holder let go. Such connections are now closed; a
+    browser's page (its WebSocket) and requests meanwhile are served."""
+    import websockets.sync.client
+
+    daemon = start_daemon(tmp_path)
+    socks: list[socket.socket] = []
+    try:
+        with viewer_server(daemon.publish, daemon.control) as url:
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            with websockets.sync.client.connect(f"ws://127.0.0.1:{port}/ws", max_size=None) as page:
+                assert '"hello"' in page.recv(timeout=60)
+                for i in range(30):
+                    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+                    if i % 3 == 0:
+                        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+                    elif i % 3 == 1:  # a whole request, then half of the next one on the same connection
+                        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+                        s.sendall(b"GET /api/state HTTP/1.1\r\n")
+                    s.setblocking(False)
+                    socks.append(s)  # i % 3 == 2: connects and sends nothing
+                assert urllib.request.urlopen(url + "healthz", timeout=30).status == 200
+                open_ = set(range(len(socks)))
+
+                def all_hung_up() -> bool:
+                    open_.difference_update([i for i in open_ if _hung_up(socks[i])])
+                    return not open_
+
+                wait_for(all_hung_up, 60, "the viewer to hang up on the 30 connections")
+                assert page.ping().wait(30), "the page's WebSocket was closed with them"
+            assert urllib.request.urlopen(url + "api/state", timeout=30).status == 200
+    finally:
+        for s in socks:
+            s.close()
+        assert daemon.stop() == 0, daemon.log()
