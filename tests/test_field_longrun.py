@@ -6,7 +6,10 @@ subprocesses."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from cryoptycho.daemon.bench.view import viewer_server
@@ -65,3 +68,32 @@ def test_the_viewer_hangs_up_on_clients_that_never_finish_a_request(tmp_path):
         for s in socks:
             s.close()
         assert daemon.stop() == 0, daemon.log()
+
+
+def _serve(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`cryoptycho serve` with ``args`` on free ports, run until it exits by itself."""
+    return subprocess.run([sys.executable, "-m", "cryoptycho.daemon.cli", "serve", "--ingest", "tcp://127.0.0.1:*",
+                           "--publish", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*", "--metrics-port", "0",
+                           *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_a_config_file_that_is_not_utf8_is_named_without_a_traceback(tmp_path):
+    """A site config edited on a Windows desktop carries a Latin-1 comment ("Ångström"): TOML
+    is UTF-8, and `serve` ended in a UnicodeDecodeError traceback from tomllib instead of
+    naming the file and what to do."""
+    config = tmp_path / "site.toml"
+    config.write_bytes("# camera length in \u00c5ngstr\u00f6m\npreview_hz = 4\n".encode("latin-1"))
+    done = _serve("--config", str(config), cwd=tmp_path)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    assert str(config) in done.stderr and "UTF-8" in done.stderr, done.stderr
+
+
+def test_a_config_path_that_cannot_be_read_is_named(tmp_path):
+    """load_config (a Python embedding of the service, without click's checks) given a
+    path it cannot read — a directory here; as the unit's User=, a root-owned 0600 file — raised
+    the bare OSError; it names the file now."""
+    from cryoptycho.daemon.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"cannot read config file {tmp_path}"):
+        load_config(tmp_path)
