@@ -97,3 +97,75 @@ def test_a_config_path_that_cannot_be_read_is_named(tmp_path):
 
     with pytest.raises(ConfigError, match=f"cannot read config file {tmp_path}"):
         load_config(tmp_path)
+
+
+def test_a_viewer_left_open_keeps_the_images_of_only_its_newest_ended_scans(tmp_path):
+    """The viewer kept every scan it had seen with its final images: a viewer open for months
+    (compose's viewer profile) grew with every scan, and every newly opened page first
+    downloaded all of them (measured: /api/state 0.5 MB after 50 tiny scans, 2.0 MB after 200,
+    linear). Like the daemon, it keeps the images of only its newest ended scans; every scan
+    it remembers stays listed with its result files."""
+    import json
+
+    from cryoptycho.daemon.web.hub import ENDED_PREVIEWS_KEPT
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan
+
+    scan = synthetic_scan(n_side=5, m=32)
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=0.5",
+                          "--set", "output_formats=[\"h5\"]")
+    ids = [f"night-{i:02d}" for i in range(ENDED_PREVIEWS_KEPT + 4)]
+    try:
+        with viewer_server(daemon.publish, daemon.control) as url, \
+                ControlClient(daemon.control, timeout_s=30) as ctl:
+            for sid in ids:
+                with Producer(daemon.ingest, control=daemon.control) as producer:
+                    producer.start_scan(**scan.start_fields(sid))
+                    producer.send_frames(scan.frames)
+                    producer.end_scan()
+                wait_for(lambda sid=sid: any(s["scan_id"] == sid and s["state"] == "finished"
+                                             for s in ctl.list_scans()), 120, f"{sid} to finish", daemon)
+
+            def state() -> list[dict]:
+                return json.loads(urllib.request.urlopen(url + "api/state", timeout=30).read())
+
+            def every_result_seen() -> bool:  # the viewer folds the published results on its own thread
+                scans = [m for m in state() if m["kind"] == "scan"]
+                return len(scans) == len(ids) and all(m["files"] for m in scans)
+
+            wait_for(every_result_seen, 60, "the viewer to hold every scan's result", daemon)
+            messages = state()
+            assert [m["scan_id"] for m in messages if m["kind"] == "scan"] == ids
+            imaged = [m["scan_id"] for m in messages if m["kind"] == "preview"]
+            assert imaged == ids[-ENDED_PREVIEWS_KEPT:]
+            assert all(m["final"] for m in messages if m["kind"] == "preview")
+            first = next(m for m in messages if m["kind"] == "scan")  # its images are gone, not its files
+            for kind in first["files"]:
+                assert urllib.request.urlopen(url + f"files/{first['scan_id']}/{kind}", timeout=30).status == 200
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_the_viewer_forgets_the_oldest_ended_scans_beyond_what_the_daemon_lists():
+    """The viewer's memory of ended scans is bounded like the daemon's history; running scans
+    are never forgotten, however many scans ended since they started."""
+    import numpy as np
+    from cryoptycho.daemon.web.hub import ENDED_PREVIEWS_KEPT, ENDED_SCANS_KEPT, Hub
+    from cryoptycho.protocols.messages import Result, ScanEvent
+
+    hub = Hub("tcp://127.0.0.1:9", "tcp://127.0.0.1:9")
+    hub.apply(ScanEvent("long-running", "acquiring"))
+    obj = np.ones((24, 24), np.complex64)
+    probe = np.ones((8, 8), np.complex64)
+    n = ENDED_SCANS_KEPT + 40
+    for i in range(n):
+        sid = f"s{i:04d}"
+        hub.apply(ScanEvent(sid, "acquiring"))
+        hub.apply(Result(sid, 2, 1e-10, (0.0, 0.0), obj, probe, np.zeros((1, 2)), files={"h5": f"/r/{sid}.h5"}))
+        hub.apply(ScanEvent(sid, "finished"))
+    kept = [sid for sid in hub.scans if sid != "long-running"]
+    assert kept == [f"s{i:04d}" for i in range(n - ENDED_SCANS_KEPT, n)]
+    assert "long-running" in hub.scans
+    assert [sid for sid, v in hub.scans.items() if v.preview is not None] == kept[-ENDED_PREVIEWS_KEPT:]
+    assert hub.file_for(kept[0], "h5") is not None
