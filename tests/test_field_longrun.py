@@ -169,3 +169,35 @@ def test_the_viewer_forgets_the_oldest_ended_scans_beyond_what_the_daemon_lists(
     assert "long-running" in hub.scans
     assert [sid for sid, v in hub.scans.items() if v.preview is not None] == kept[-ENDED_PREVIEWS_KEPT:]
     assert hub.file_for(kept[0], "h5") is not None
+
+
+def test_a_misspelt_broker_environment_variable_is_named_at_start(tmp_path):
+    """`serve` names a CRYOPTYCHO_* variable that sets nothing; the broker (whose systemd unit
+    takes its daemons from CRYOPTYCHO_BROKER_BACKENDS in broker.env) ignored a misspelt one in
+    silence: CRYOPTYCHO_BROKER_BACKEND started it with no daemon, waiting for registrations
+    that never come, and every scan sent to it waited."""
+    import os
+    import signal
+
+    env = {**os.environ, "CRYOPTYCHO_BROKER_BACKEND": "tcp://127.0.0.1:5600,control=tcp://127.0.0.1:5602",
+           "CRYOPTYCHO_BROKER_HOLD_BYTES": "100000000"}
+    proc = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "broker", "--ingest", "tcp://127.0.0.1:*",
+                             "--control", "tcp://127.0.0.1:*"], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # up to the line saying it routes: the check comes before it
+            lines.append(line)
+            if "broker ingest" in line:
+                break
+        log = "".join(lines)
+        assert "CRYOPTYCHO_BROKER_BACKEND " in log and "ignored" in log, log
+        assert "CRYOPTYCHO_BROKER_HOLD_BYTES" not in log, log  # a variable it does take
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
