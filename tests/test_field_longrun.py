@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -228,3 +229,42 @@ def test_watch_left_open_keeps_bars_for_running_and_the_newest_ended_scans_only(
         board.on_event(ScanEvent(sid, ("finished", "failed", "aborted")[i % 3]))
     shown = [task.description for task in progress.tasks]
     assert shown == ["still-open", *[f"night-{i:03d}" for i in range(300 - ENDED_BARS, 300)]]
+
+
+def test_dectris_sim_delivers_every_series_to_a_slower_receiver_before_it_exits():
+    """`dectris-sim --series N` queued every series ahead of a receiver slower than itself
+    (SNDHWM 100,000 messages), said "sent" for each, and exited 2 s after the last: the queued
+    rest was dropped. Against the daemon, 150 series sent made 12 scans — a facility's
+    acceptance run would report 138 series lost by the daemon. It now waits until the
+    receiver has taken every message."""
+    import zmq
+
+    series, images = 12, 16
+    sim = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0",
+                            "--series", str(series), "--frames", str(images), "--size", "256",
+                            "--compression", "none"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    try:
+        assert sim.stdout is not None
+        line = sim.stdout.readline()
+        pull.setsockopt(zmq.RCVHWM, 1)
+        pull.setsockopt(zmq.RCVBUF, 65536)
+        pull.connect(line[line.index("tcp://"):].split()[0])
+        received = 0
+        while True:  # a receiver slower than the sender: one message at a time, 20 ms each
+            if not pull.poll(1000):
+                if sim.poll() is not None:
+                    break  # the sender is gone and nothing more arrives
+                continue
+            pull.recv_multipart()
+            received += 1
+            time.sleep(0.02)  # the pace of a busy receiver (no event is awaited here)
+        assert sim.wait(60) == 0
+        assert received == series * (images + 2), f"{received} of {series * (images + 2)} messages"
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.wait(10)
+        pull.close(linger=0)
+        ctx.term()
