@@ -459,6 +459,8 @@ class Service:
             check_direct(msg, self.limits, self._declared)
             if detector is not None:
                 check_chunks(detector, self._declared[msg.scan_id])
+            if isinstance(msg, ScanStart):  # until _finish_start: a series refused is every frame lost
+                self.scans.uncapped.add(msg.scan_id)
             self._handle(msg, arrived, detector)
         except (ProtocolError, ValueError) as exc:
             # a source builds messages in this process, so a value the daemon cannot use
@@ -531,6 +533,8 @@ class Service:
             self._reject(exc, [], start=True)
         except Exception as exc:  # noqa: BLE001 - logged, counted and published by _ingest_fault
             self._ingest_fault(exc, msg, [])
+        finally:
+            self.scans.uncapped.discard(msg.scan_id)
 
     def publish_error(self, event: ErrorEvent) -> None:
         """Publish an error event through the rate limit (see ERROR_BURST); thread-safe (the
@@ -587,6 +591,7 @@ class Service:
                 # a scan that cannot fit must not hold up the loop (PROTOCOL.md § 7)
                 self.scans.admission(outline_from_scan_start(msg))
             except ScanRefused as exc:
+                self.scans.uncapped.discard(msg.scan_id)
                 self._refuse(msg, exc)
             future = self._prepare_pool.submit(self._prepare, msg)
             future.add_done_callback(lambda _: self.outbox.wake())

@@ -268,3 +268,41 @@ def test_dectris_sim_delivers_every_series_to_a_slower_receiver_before_it_exits(
             sim.wait(10)
         pull.close(linger=0)
         ctx.term()
+
+
+def test_detector_series_arriving_faster_than_reconstruction_are_queued_not_refused(tmp_path):
+    """A detector streams series back to back (a tilt series, a montage of small areas) faster
+    than the daemon reconstructs them. Beyond max_concurrent_scans + max_queued_scans, each
+    further series was refused as if a producer of our protocol could send it again — a
+    detector cannot: every frame of it was dropped ("unknown_scan"; 150 unpaced series with
+    the defaults made 15 scans and 85 refusals). A detector's series now waits in the spool
+    however many are queued, and each is reconstructed in turn."""
+    from daemon_support import metrics_of
+
+    series = 5
+    sim = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0",
+                            "--series", str(series), "--frames", "36", "--size", "32"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    daemon = None
+    try:
+        assert sim.stdout is not None
+        line = sim.stdout.readline()
+        url = line[line.index("dectris2://"):].split()[0].rstrip(")")
+        daemon = start_daemon(tmp_path, "--source", url, "--set", "options.iterations=2",
+                              "--set", "refine_time_budget_s=0.5", "--set", "max_concurrent_scans=1",
+                              "--set", "max_queued_scans=1", "--set", "output_formats=[\"h5\"]")
+
+        def outcomes() -> dict[str, float]:
+            m = metrics_of(daemon)
+            return {o: m.get(f"cryoptycho_scans_total{{outcome={o}}}", 0) for o in ("finished", "refused", "failed")}
+
+        wait_for(lambda: sum(outcomes().values()) >= series, 240, f"{series} series to end", daemon)
+        assert outcomes() == {"finished": series, "refused": 0, "failed": 0}, daemon.log()
+        assert metrics_of(daemon).get("cryoptycho_frames_dropped_total{reason=unknown_scan}", 0) == 0
+        assert sim.wait(60) == 0
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.wait(10)
+        if daemon is not None:
+            assert daemon.stop() == 0, daemon.log()
