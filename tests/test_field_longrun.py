@@ -108,10 +108,11 @@ def test_a_viewer_left_open_keeps_the_images_of_only_its_newest_ended_scans(tmp_
     it remembers stays listed with its result files."""
     import json
 
+    import websockets.sync.client
     from cryoptycho.daemon.web.hub import ENDED_PREVIEWS_KEPT
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
-    from daemon_support import synthetic_scan
+    from daemon_support import publish_probe_until, synthetic_scan
 
     scan = synthetic_scan(n_side=5, m=32)
     daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=0.5",
@@ -120,6 +121,16 @@ def test_a_viewer_left_open_keeps_the_images_of_only_its_newest_ended_scans(tmp_
     try:
         with viewer_server(daemon.publish, daemon.control) as url, \
                 ControlClient(daemon.control, timeout_s=30) as ctl:
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            with websockets.sync.client.connect(f"ws://127.0.0.1:{port}/ws", max_size=None) as page:
+
+                def hub_got_an_event() -> bool:  # the viewer's subscription is live: no Result missed
+                    try:
+                        return '"error"' in page.recv(timeout=0.05)
+                    except TimeoutError:
+                        return False
+
+                publish_probe_until(daemon, hub_got_an_event, "the viewer to receive the daemon's events")
             for sid in ids:
                 with Producer(daemon.ingest, control=daemon.control) as producer:
                     producer.start_scan(**scan.start_fields(sid))
