@@ -204,6 +204,7 @@ class Service:
         self._preparing: tuple[ScanStart, Future[tuple[ScanSpec, Any]]] | None = None
         self._stop = threading.Event()
         self._stop_why: str | None = None
+        self._hurry = threading.Event()  #: a second signal: the drain waits for no scan
         self._disk_checked = -float("inf")
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
@@ -292,9 +293,13 @@ class Service:
         self.direct.recovered.append(RecoveredScan(self._declared[scan_id], session.ledger.seen(),
                                                    spool.derivation))
 
-    def request_stop(self, why: str | None = None) -> None:
+    def request_stop(self, why: str | None = None, again_hurries: bool = False) -> None:
         """Ask the loop to drain and return; safe from signal handlers and other threads.
-        ``why`` (e.g. the signal's name) is said in the drain's log."""
+        ``why`` (e.g. the signal's name) is said in the drain's log. ``again_hurries``: if a
+        stop was already asked for (Ctrl-C pressed twice), scans past scan_end are not waited
+        for; like the others they stay in the spool for the next start."""
+        if again_hurries and self._stop.is_set():
+            self._hurry.set()
         self._stop_why = self._stop_why or why
         self._stop.set()
         try:
@@ -362,7 +367,10 @@ class Service:
         self.scans.interrupt(ended_too=False)
         deadline = time.monotonic() + self.config.drain_timeout_s
         for worker in list(self.scans.running.values()):
-            worker.thread.join(max(0.0, deadline - time.monotonic()))
+            while worker.thread.is_alive() and time.monotonic() < deadline and not self._hurry.is_set():
+                worker.thread.join(min(0.2, max(0.0, deadline - time.monotonic())))
+        if self._hurry.is_set():
+            log.info("stop requested again: scans past scan_end are not waited for (kept in the spool)")
         self.scans.interrupt(ended_too=True)
         for worker in list(self.scans.running.values()):
             worker.thread.join(10.0)

@@ -317,3 +317,38 @@ def test_detector_series_arriving_faster_than_reconstruction_are_queued_not_refu
             sim.wait(10)
         if daemon is not None:
             assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_second_ctrl_c_cuts_the_drain_short_and_keeps_the_scan(tmp_path):
+    """Ctrl-C drains: a scan past scan_end may finish for drain_timeout_s. A second Ctrl-C (an
+    operator who does not want to wait) did nothing until that timeout ran out; it now stops
+    the refining scan at once, kept in the spool like any interrupted scan, and the next start
+    finishes it."""
+    import signal
+
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan
+
+    # low counts and a sparse prior denoising every iteration: a refinement of minutes
+    scan = synthetic_scan(n_side=6, m=32, counts=20)
+    slow = ("--set", "options.iterations=1000000", "--set", "options.prior=sparse", "--set", "options.denoise_every=1",
+            "--set", "refine_time_budget_s=600", "--set", "drain_timeout_s=600")
+    daemon = start_daemon(tmp_path, *slow)
+    with ControlClient(daemon.control, timeout_s=30) as ctl:
+        with Producer(daemon.ingest, control=daemon.control) as producer:
+            producer.start_scan(**scan.start_fields("long-refine"))
+            producer.send_frames(scan.frames)
+            producer.end_scan()
+        wait_for(lambda: any(s["state"] == "refining" for s in ctl.list_scans()), 120, "the scan to refine", daemon)
+    daemon.proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "draining (SIGINT)" in daemon.log(), 60, "the drain to begin", daemon)
+    assert daemon.stop(signal.SIGINT, timeout=60) == 0, daemon.log()  # before: 600 s
+    assert "long-refine (ended" in daemon.log(), daemon.log()  # kept in the spool, past its scan_end
+    again = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=1")
+    try:
+        with ControlClient(again.control, timeout_s=30) as ctl:
+            wait_for(lambda: any(s["scan_id"] == "long-refine" and s["state"] == "finished"
+                                 for s in ctl.list_scans()), 120, "the kept scan to finish after the restart", again)
+    finally:
+        assert again.stop() == 0, again.log()
