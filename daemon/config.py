@@ -219,6 +219,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; an editor's Latin-1 comment was a traceback
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start}: "
+                          f"{exc.object[exc.start:exc.start + 1]!r}); save the file as UTF-8") from None
+    except OSError as exc:  # a unit's User= that cannot read a root-owned 0600 file was a traceback
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     if set(table) == {"cryoptycho"} and isinstance(table["cryoptycho"], dict):
         table = table["cryoptycho"]
     _check_keys(table, ServiceConfig, str(path))

@@ -113,6 +113,9 @@ class ScanManager:
         self.outbox = outbox
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.waiting: list[str] = []  #: accepted scans without a worker yet (FIFO)
+        #: scan ids of a detector source's series being started: no max_queued_scans for them (a
+        #: detector cannot send a refused series again; the spool is their queue)
+        self.uncapped: set[str] = set()
         self.running: dict[str, ScanWorker] = {}
         self.spools: dict[str, SpoolWriter] = {}
         self._exited: queue.SimpleQueue[Session] = queue.SimpleQueue()
@@ -215,7 +218,7 @@ class ScanManager:
         self._check_unique(spec.scan_id, own_spool)
         if self.stopping:
             raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
-        if len(self.waiting) >= self.config.max_queued_scans + max(
+        if spec.scan_id not in self.uncapped and len(self.waiting) >= self.config.max_queued_scans + max(
             0, self.config.max_concurrent_scans - len(self.running)
         ):
             raise ScanRefused("scan_id", "max_queued_scans", f"{len(self.waiting)} scans are already waiting")

@@ -205,6 +205,7 @@ class Service:
         self._preparing: tuple[ScanStart, Future[tuple[ScanSpec, Any]]] | None = None
         self._stop = threading.Event()
         self._stop_why: str | None = None
+        self._hurry = threading.Event()  #: a second signal: the drain waits for no scan
         self._disk_checked = -float("inf")
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
@@ -294,9 +295,13 @@ class Service:
         self.direct.recovered.append(RecoveredScan(self._declared[scan_id], session.ledger.seen(),
                                                    spool.derivation))
 
-    def request_stop(self, why: str | None = None) -> None:
+    def request_stop(self, why: str | None = None, again_hurries: bool = False) -> None:
         """Ask the loop to drain and return; safe from signal handlers and other threads.
-        ``why`` (e.g. the signal's name) is said in the drain's log."""
+        ``why`` (e.g. the signal's name) is said in the drain's log. ``again_hurries``: if a
+        stop was already asked for (Ctrl-C pressed twice), scans past scan_end are not waited
+        for; like the others they stay in the spool for the next start."""
+        if again_hurries and self._stop.is_set():
+            self._hurry.set()
         self._stop_why = self._stop_why or why
         self._stop.set()
         try:
@@ -364,7 +369,10 @@ class Service:
         self.scans.interrupt(ended_too=False)
         deadline = time.monotonic() + self.config.drain_timeout_s
         for worker in list(self.scans.running.values()):
-            worker.thread.join(max(0.0, deadline - time.monotonic()))
+            while worker.thread.is_alive() and time.monotonic() < deadline and not self._hurry.is_set():
+                worker.thread.join(min(0.2, max(0.0, deadline - time.monotonic())))
+        if self._hurry.is_set():
+            log.info("stop requested again: scans past scan_end are not waited for (kept in the spool)")
         self.scans.interrupt(ended_too=True)
         for worker in list(self.scans.running.values()):
             worker.thread.join(10.0)
@@ -476,6 +484,8 @@ class Service:
             check_direct(msg, self.limits, self._declared)
             if detector is not None:
                 check_chunks(detector, self._declared[msg.scan_id])
+            if isinstance(msg, ScanStart):  # until _finish_start: a series refused is every frame lost
+                self.scans.uncapped.add(msg.scan_id)
             self._handle(msg, arrived, detector)
         except (ProtocolError, ValueError) as exc:
             # a source builds messages in this process, so a value the daemon cannot use
@@ -548,6 +558,8 @@ class Service:
             self._reject(exc, [], start=True)
         except Exception as exc:  # noqa: BLE001 - logged, counted and published by _ingest_fault
             self._ingest_fault(exc, msg, [])
+        finally:
+            self.scans.uncapped.discard(msg.scan_id)
 
     def publish_error(self, event: ErrorEvent) -> None:
         """Publish an error event through the rate limit (see ERROR_BURST); thread-safe (the
@@ -604,6 +616,7 @@ class Service:
                 # a scan that cannot fit must not hold up the loop (PROTOCOL.md § 7)
                 self.scans.admission(outline_from_scan_start(msg))
             except ScanRefused as exc:
+                self.scans.uncapped.discard(msg.scan_id)
                 self._refuse(msg, exc)
             future = self._prepare_pool.submit(self._prepare, msg)
             future.add_done_callback(lambda _: self.outbox.wake())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,11 @@ def _backends(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
-@click.command(context_settings={"auto_envvar_prefix": "CRYOPTYCHO_BROKER"})
+#: what click prefixes an option's environment variable with (CRYOPTYCHO_BROKER_BACKENDS)
+ENV_PREFIX = "CRYOPTYCHO_BROKER_"
+
+
+@click.command(context_settings={"auto_envvar_prefix": ENV_PREFIX.rstrip("_")})
 @click.option("--ingest", default=BrokerOptions.ingest, show_default=True,
               help="Endpoint producers PUSH to (the broker's PULL socket binds it).")
 @click.option("--control", default=BrokerOptions.control, show_default=True,
@@ -62,6 +67,14 @@ def command(ingest: str, control: str, backends: list[Any], hold_bytes: int, pol
     register themselves on the control socket. See deploy/README.md, "Scale-out".
     """
     setup_logging(log_format, log_level)
+    # click ignores a misspelt variable in silence (CRYOPTYCHO_BROKER_BACKEND: no daemons at all)
+    ctx = click.get_current_context()
+    taken = {f"{ENV_PREFIX}{param.name.upper()}" for param in ctx.command.params if param.name}
+    for name in sorted(os.environ):
+        if name.upper().startswith(ENV_PREFIX) and name not in taken:
+            logging.getLogger("cryoptycho.broker").warning(
+                "environment variable %s sets no option of the broker and is ignored (options: "
+                "cryoptycho broker --help; %s<OPTION>)", name, ENV_PREFIX)
     if "://" not in ingest or (control and "://" not in control):
         raise click.BadParameter("endpoints look like tcp://127.0.0.1:5590", param_hint="--ingest/--control")
     curve = None

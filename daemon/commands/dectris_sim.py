@@ -121,3 +121,7 @@ def command(
             base.series_unique_id = f"01CRYOPTYCHOSIM{base.series_id:011d}"
             sent = sender.send_series(base, split_header=split_header, rate=rate)
             click.echo(f"series {base.series_id}: {sent} messages sent ({len(base.ids())} images)", err=True)
+        # the socket queues up to its SNDHWM (100,000 messages) ahead of a slower receiver; with
+        # close's 2 s linger the exit dropped the rest (150 series sent, a daemon got 12)
+        click.echo("waiting for the receiver to take every queued message (Ctrl-C drops them)", err=True)
+        sender.close(linger_s=None)

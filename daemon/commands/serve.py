@@ -110,7 +110,8 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
     # SIGHUP too: the terminal of an interactive `serve` closed; there is no configuration
     # reload, and draining keeps every scan for the next start where the default would kill
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: service.request_stop(signal.Signals(signum).name))
+        signal.signal(sig, lambda signum, _frame: service.request_stop(signal.Signals(signum).name,
+                                                                       again_hurries=True))
     bridge_stop = threading.Event()
     source_thread: threading.Thread | None = None
     if config.source is not None:

@@ -35,7 +35,7 @@ def command(publish: str, control: str, host: str, port: int, token: str | None,
     curve = ClientCurve(client_key, server_key) if client_key and server_key else None
     import uvicorn
     from cryoptycho.daemon.web.hub import Hub
-    from cryoptycho.daemon.web.server import create_app
+    from cryoptycho.daemon.web.server import HeaderTimeoutH11Protocol, create_app
 
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise click.UsageError(f"refusing to serve on {host} without --token (the viewer shows your data)")
@@ -54,4 +54,4 @@ def command(publish: str, control: str, host: str, port: int, token: str | None,
     # timeout_graceful_shutdown: a page's WebSocket handler waits for the next preview and does not
     # see its page go, so without a limit SIGTERM waited for ever for pages closed long ago
     uvicorn.run(app, host=host, port=port, log_level="warning", ws="auto",  # the sans-I/O websockets implementation where uvicorn has it
-                timeout_graceful_shutdown=1)
+                timeout_graceful_shutdown=1, http=HeaderTimeoutH11Protocol)

@@ -24,6 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 #: previews written to --save-dir at most this often per scan (the daemon sends up to 5 Hz)
 SAVE_EVERY_S = 1.0
+#: bars of ended scans kept on screen (the newest); running scans always keep theirs
+ENDED_BARS = 10
+ENDED = ("finished", "failed", "aborted")
 
 
 def save_phase_png(phase: np.ndarray, path: Path) -> Path:
@@ -49,6 +52,7 @@ class Board:
         self.totals: dict[str, int | None] = {}
         self.saved_at: dict[str, float] = {}
         self.results = 0
+        self.ended: list[str] = []  #: scans with a bar that have ended, oldest first
 
     def task(self, scan_id: str, total: int | None = None) -> TaskID:
         if scan_id not in self.tasks:
@@ -61,6 +65,21 @@ class Board:
         for s in scans:
             tid = self.task(s["scan_id"], s.get("expected_frames"))
             self.progress.update(tid, completed=s.get("frames", {}).get("received", 0), info=s.get("state", ""))
+            if s.get("state") in ENDED:
+                self._ended(s["scan_id"])
+
+    def _ended(self, scan_id: str) -> None:
+        """Drop the bars of all but the newest ENDED_BARS ended scans. A watch left open kept a
+        bar for every scan, and rich renders every bar at each refresh (10 Hz): after a few
+        hundred scans it took a whole core of the daemon's host."""
+        if scan_id in self.ended:
+            return
+        self.ended.append(scan_id)
+        while len(self.ended) > ENDED_BARS:
+            old = self.ended.pop(0)
+            self.progress.remove_task(self.tasks.pop(old))
+            self.totals.pop(old, None)
+            self.saved_at.pop(old, None)
 
     def on_event(self, ev: Any) -> None:
         kind = type(ev).__name__
@@ -77,6 +96,8 @@ class Board:
                 # no live bars off a terminal (a pipe, a log file, the journal): one line per event
                 self.progress.console.print(f"{scan_id}: {ev.event}" + (f": {ev.reason}" if ev.reason else ""),
                                             soft_wrap=True, markup=False)
+            if ev.event in ENDED:
+                self._ended(scan_id)
         elif kind == "Metrics":
             tid = self.task(scan_id)
             loss = "—" if ev.loss is None else f"{ev.loss:.3g}"

@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 LOSS_HISTORY = 2000
 #: Ordered (non-conflatable) messages a slow browser may have pending before the oldest go.
 MAX_ORDERED_PENDING = 500
+#: Ended scans the viewer remembers (as many as the daemon's list_scans: daemon/scans.HISTORY).
+ENDED_SCANS_KEPT = 256
+#: Ended scans whose final images the viewer keeps and sends to a newly opened page (the
+#: daemon keeps as many previews: daemon/scans.FINAL_PREVIEWS); older ones keep their files.
+ENDED_PREVIEWS_KEPT = 8
+ENDED = ("finished", "failed", "aborted")
 
 
 @dataclass
@@ -199,6 +205,17 @@ class Hub:
             except RuntimeError:  # that browser's loop has closed; it is detaching
                 self.detach(slot)
 
+    def _trim(self) -> None:
+        """Forget the oldest ended scans and their images. A viewer left open for months kept
+        every scan it had seen, with its images: its memory, and what each newly opened page
+        downloads first, grew with every scan."""
+        with self._lock:
+            ended = [sid for sid, view in self.scans.items() if view.state in ENDED]
+            for sid in ended[:-ENDED_SCANS_KEPT]:
+                del self.scans[sid]
+            for sid in ended[-ENDED_SCANS_KEPT:-ENDED_PREVIEWS_KEPT]:
+                self.scans[sid].preview = None
+
     def state_messages(self) -> list[dict[str, Any]]:
         """Everything a newly connected browser needs, oldest scans first."""
         with self._lock:
@@ -260,6 +277,8 @@ class Hub:
             view.state, view.reason = event.event, event.reason
             view.summary.update({k: v for k, v in event.info.items() if np.isscalar(v)})
             self._broadcast(view.as_json())
+            if view.state in ENDED:
+                self._trim()
         elif isinstance(event, Result):
             view = self._view(event.scan_id)
             view.files = {k: str(v) for k, v in event.files.items()}
@@ -272,6 +291,7 @@ class Hub:
             view.preview = message
             self._broadcast(view.as_json())
             self._broadcast(message)
+            self._trim()
         elif isinstance(event, ErrorEvent):
             self.last_error = {"kind": "error", "scan_id": event.scan_id, "field": event.field,
                                "rule": event.rule, "message": event.message}
@@ -284,6 +304,9 @@ class Hub:
             with ControlClient(self.control_endpoint, timeout_s=self.control_timeout_s, retries=1,
                                curve=self.curve) as ctl:
                 scans = ctl.list_scans()
+                # images from result files only for the ended scans whose images _trim keeps
+                newest = [summary for summary in scans if summary.get("state") in ENDED][-ENDED_PREVIEWS_KEPT:]
+                imaged = {str(summary["scan_id"]) for summary in newest if summary.get("state") == "finished"}
                 for summary in scans:
                     sid = str(summary["scan_id"])
                     view = self._view(sid)
@@ -292,7 +315,7 @@ class Hub:
                     view.state = str(summary.get("state", view.state))
                     if view.metrics is None:
                         view.metrics = _metrics_from_summary(sid, summary)
-                    if view.state == "finished" and not (view.preview or {}).get("final"):
+                    if sid in imaged and not (view.preview or {}).get("final"):
                         self._load_result(view, summary.get("result_path"))
                     elif view.preview is None and view.state not in ("finished", "failed", "aborted"):
                         snap = ctl.snapshot(sid)
@@ -306,6 +329,8 @@ class Hub:
         except (ControlError, ControlTimeout, zmq.ZMQError) as exc:
             # the daemon may be down or the scan gone; the page says so and keeps updating
             return f"control socket {self.control_endpoint} unavailable: {exc}"
+        finally:
+            self._trim()
         return None
 
     def _load_result(self, view: ScanView, path: Any) -> None:

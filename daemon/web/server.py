@@ -20,11 +20,41 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .hub import Hub
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+#: seconds a client has for a request's headers, from connecting or from the last response
+REQUEST_HEADER_TIMEOUT_S = 10.0
+
+
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, hanging up on a connection that has not sent a whole
+    request's headers within REQUEST_HEADER_TIMEOUT_S. uvicorn closes idle keep-alive
+    connections but waits for ever for a request that never ends (slowloris, a port scanner,
+    a proxy's pre-opened socket): each held a file descriptor until none was left for
+    browsers. A request being answered, and a WebSocket, are never cut."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_deadline()
+
+    def _arm_header_deadline(self) -> None:
+        self.loop.call_later(REQUEST_HEADER_TIMEOUT_S, self._header_deadline, self.cycle)
+
+    def _header_deadline(self, cycle: Any) -> None:
+        waiting = self.cycle is cycle and (cycle is None or cycle.response_complete)
+        # a WebSocket upgrade hands the transport to its own protocol and leaves self.cycle as it was
+        if waiting and self.transport.get_protocol() is self and not self.transport.is_closing():
+            log.debug("HTTP client %s sent no whole request in %.0f s: disconnected", self.client,
+                      REQUEST_HEADER_TIMEOUT_S)
+            self.transport.close()
 
 
 def _authorised(token: str | None, query: Any, headers: Any) -> bool:

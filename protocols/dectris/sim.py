@@ -284,8 +284,9 @@ class SimSender(SocketClient):
             sent += 1
         return sent
 
-    def close(self, linger_s: float = 2.0) -> None:
-        """Close the socket, waiting up to ``linger_s`` for queued messages to leave."""
-        self._socket.close(linger=int(linger_s * 1000))
+    def close(self, linger_s: float | None = 2.0) -> None:
+        """Close the socket, waiting up to ``linger_s`` for queued messages to leave (None: until
+        they have, or their receiver is gone)."""
+        self._socket.close(linger=-1 if linger_s is None else int(linger_s * 1000))
         if self._own_context and not self._ctx.closed:
             self._ctx.term()
