@@ -34,8 +34,10 @@ def _corner_sets():
     partial = np.concatenate([_raster(3, 20, 2)[7:], scattered[:6]])  # both kinds at once
     repeated = np.concatenate([raster[:25], raster[:25], scattered[:3], scattered[:3]])
     one = np.array([[7, 11]])
+    # one scan row (a raster batch's usual case: planned without a sort), repeats included
+    row = np.concatenate([_raster(1, 20, 2, start=(4, 3)), _raster(1, 5, 3, start=(4, 3))])
     return {"raster": raster, "scattered": scattered, "partial": partial,
-            "repeated": repeated, "one": one}
+            "repeated": repeated, "one": one, "row": row}
 
 
 @pytest.mark.parametrize("name", list(_corner_sets()))
