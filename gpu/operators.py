@@ -350,7 +350,12 @@ def _one_blas_thread() -> Any:
     return _blas_threads.limit(limits=1, user_api="blas")
 
 
-@functools.lru_cache(maxsize=32)
+#: widest row whose Toeplitz gather index :func:`_toeplitz_index` keeps (an add_frames batch's
+#: rows; a sweep's whole-canvas rows are rarer and would keep megabytes)
+_KEEP_TOEPLITZ_WIDTH = 1024
+
+
+@functools.lru_cache(maxsize=8)
 def _toeplitz_index(width: int, mx: int) -> np.ndarray:
     """[dx, x] → x − dx + mx − 1: the gather of :func:`place_kernel`'s Toeplitz matrices from a
     padded row histogram (kept: a live scan's batches repeat a few widths)."""
@@ -399,7 +404,7 @@ def place_kernel(out: Any, kernel: Any, corners: np.ndarray, device_corners: Any
         where = slot[row_of[in_dense]] * span + (cols[in_dense] - c0 + mx - 1)
         hist = np.bincount(where, minlength=int(dense.sum()) * span).reshape(-1, span).astype(kernel.dtype)
         hist_dev = asarray(hist, xp)
-        toeplitz = _toeplitz_index(width, mx) if xp is np else (
+        toeplitz = _toeplitz_index(width, mx) if xp is np and width <= _KEEP_TOEPLITZ_WIDTH else (
             (xp.arange(width)[None, :] - xp.arange(mx)[:, None]) + (mx - 1))
         if xp is np:
             with _one_blas_thread():
