@@ -52,7 +52,7 @@ def _positions(layout: str, m: int, n: int, pixel: float, rng) -> tuple:
     return pos * pixel, extent
 
 
-def child(batches: int, batch: int = BATCH) -> dict:
+def child(batches: int, size: int = BATCH) -> dict:
     """Run in a child process: time every (size, layout) with the tree on PYTHONPATH."""
     import numpy as np
     from cryoptycho.gpu.options import ReconOptions
@@ -64,8 +64,8 @@ def child(batches: int, batch: int = BATCH) -> dict:
         yy, xx = np.mgrid[:m, :m] - m / 2
         probe = np.exp(-(yy**2 + xx**2) / (2 * (m / 6) ** 2)).astype(np.complex64)
         rng = np.random.default_rng(0)
-        frames = rng.poisson(2.0, size=(batch, m, m)).astype(np.uint16)
-        n = batch * batches
+        frames = rng.poisson(2.0, size=(size, m, m)).astype(np.uint16)
+        n = size * batches
         for layout in LAYOUTS:
             pos, extent = _positions(layout, m, n, pixel, rng)
             engine = StreamingReconstructor(
@@ -74,14 +74,14 @@ def child(batches: int, batch: int = BATCH) -> dict:
             engine.frame_store.frames.fill(0)  # memory touched, as in a running service
             add, illum = [], []
             for b in range(batches):
-                part = slice(b * batch, (b + 1) * batch)
+                part = slice(b * size, (b + 1) * size)
                 t0 = time.process_time()
                 engine.add_frames(frames, pos[part])
-                add.append((time.process_time() - t0) / batch * 1e6)
+                add.append((time.process_time() - t0) / size * 1e6)
                 batch = engine._batch(np.arange(part.start, part.stop))
                 t0 = time.process_time()
                 engine._illumination(batch)
-                illum.append((time.process_time() - t0) / batch * 1e6)
+                illum.append((time.process_time() - t0) / size * 1e6)
             out[f"{m}/{layout}"] = {"add_frames": add, "illumination": illum}
     return out
 
