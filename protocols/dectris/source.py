@@ -438,6 +438,7 @@ class DecodePool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._out = []  # frames still referenced keep their arrays; the rest go now
         if self._shm is not None:
             self._shm.close()
             self._shm.unlink()
