@@ -216,6 +216,8 @@ def test_bench_runs_both_paths_end_to_end_into_a_daemon() -> None:
     stages = row["stages_cpu_us_per_frame"]
     assert stages["direct_total"] == pytest.approx(
         stages["decode_job"] + stages["spool_direct"] + stages["frame_store"], abs=0.2)
+    assert stages["frame_store_reused"] > 0 and stages["direct_total_reused"] == pytest.approx(
+        stages["decode_job"] + stages["spool_direct"] + stages["frame_store_reused"], abs=0.2)
 
 
 def test_bench_declares_the_saturation_value_it_is_given() -> None:

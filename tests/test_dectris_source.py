@@ -405,6 +405,39 @@ def test_threads_and_processes_one_or_two_give_the_same_frames(tmp_path: Path) -
                 np.testing.assert_array_equal(g[DETECTOR_FRAMES][:][order], frames, err_msg=name)
 
 
+def test_worker_processes_frames_are_copied_into_arrays_no_one_holds() -> None:
+    """The copy out of a worker process's shared-memory slot goes into a kept array only once
+    nothing references that array: frames still held (by a frame store that has not copied
+    them yet, say) are never overwritten by a later job's."""
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(24, seed=5)
+    images = _series(frames, "copy-out")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    pool = DecodePool(1, processes=True)
+    try:
+        def job(lo: int) -> np.ndarray:
+            batch = pool.result(pool.submit(images[lo:lo + 8], CHANNEL, reducer, True))
+            assert batch.counts is not None and not batch.in_slot
+            return batch.counts
+
+        held = job(0)  # kept, as a frame store's inbox keeps frames
+        second = job(8)
+        assert not np.shares_memory(held, second)
+        np.testing.assert_array_equal(held, expect[:8])  # untouched by the second job's copy
+        np.testing.assert_array_equal(second, expect[8:16])
+        kept = [b.ctypes.data for b in pool._out if np.shares_memory(b, held)]  # no reference kept
+        assert len(kept) == 1
+        del held  # its frames are taken: the array is free again
+        third = job(16)
+        assert third.ctypes.data == kept[0]  # reused, not a fresh array
+        np.testing.assert_array_equal(third, expect[16:])
+        np.testing.assert_array_equal(second, expect[8:16])  # still held: still its own frames
+    finally:
+        pool.close()
+
+
 def test_sources_are_found_by_url_scheme() -> None:
     assert {"dectris", "dectris1", "dectris2"} <= set(source_schemes())
     src = open_source("dectris1://detector.example:9999", {"bin": 2}, workers=3)

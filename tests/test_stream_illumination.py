@@ -12,6 +12,8 @@ from cryoptycho.gpu import operators, strict
 from cryoptycho.gpu.backend import backend_name, to_numpy
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.stream import StreamingReconstructor
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _loop_reference(shape, kernel, corners):
@@ -34,8 +36,10 @@ def _corner_sets():
     partial = np.concatenate([_raster(3, 20, 2)[7:], scattered[:6]])  # both kinds at once
     repeated = np.concatenate([raster[:25], raster[:25], scattered[:3], scattered[:3]])
     one = np.array([[7, 11]])
+    # one scan row (a raster batch's usual case: planned without a sort), repeats included
+    row = np.concatenate([_raster(1, 20, 2, start=(4, 3)), _raster(1, 5, 3, start=(4, 3))])
     return {"raster": raster, "scattered": scattered, "partial": partial,
-            "repeated": repeated, "one": one}
+            "repeated": repeated, "one": one, "row": row}
 
 
 @pytest.mark.parametrize("name", list(_corner_sets()))
@@ -65,6 +69,27 @@ def test_place_kernel_equals_per_position_sum(xp, name):
                 assert not counted.h2d, counted.summary()
         np.testing.assert_allclose(to_numpy(again), to_numpy(out), rtol=1e-6, atol=1e-6 * expect.max())
     np.testing.assert_allclose(to_numpy(out), start + expect, rtol=1e-5, atol=1e-5 * expect.max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.integers(0, 3), min_size=1, max_size=40), cols=st.data(),
+       gain=st.sampled_from([1, 3, 10**6]))
+def test_place_kernel_equals_per_position_sum_for_any_corners(rows, cols, gain):
+    """Any corners, a single scan row (planned without a sort) or a few, repeats and all, on
+    either side of the dense-row threshold (``gain`` moves it): the per-position sum. The
+    products' counts are whole numbers, so their float32 sums are exact here (kernel values
+    are multiples of 1/8 up to 1, at most 40 windows overlap): equality, not closeness."""
+    corners = np.array([[r, cols.draw(st.integers(0, 30))] for r in rows])
+    kernel = (np.random.default_rng(len(rows)).integers(1, 9, (6, 5)) / 8).astype(np.float32)
+    expect = _loop_reference((12, 40), kernel.astype(np.float64), corners.tolist())
+    out = np.zeros((12, 40), np.float32)
+    real = operators.DENSE_ROW_GAIN
+    operators.DENSE_ROW_GAIN = gain
+    try:
+        operators.place_kernel(out, kernel, corners)
+    finally:
+        operators.DENSE_ROW_GAIN = real
+    np.testing.assert_array_equal(out, expect)
 
 
 def test_dense_rows_take_the_matrix_product(monkeypatch):

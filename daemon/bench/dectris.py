@@ -664,12 +664,15 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
     and ``binned_compress``, the binned frames' bslz4, which the spool does at the scan's end),
     ``spool_direct`` (the detector's chunks as they are; the binned frames derived from them, not written while the scan is open); old: ``bridge`` (decode + bin + encode our protocol), ``daemon_decode`` (the
     daemon's decode + validate of those messages), ``spool_filter`` (the binned frames only);
-    both: ``frame_store`` (the engine takes the frames)."""
+    both: ``frame_store`` (the engine takes the frames, its store in fresh memory, as in a
+    daemon's first scan) and ``frame_store_reused`` (in memory an earlier store faulted in, as
+    in its later scans); ``direct_total`` / ``direct_total_reused`` add either to the new path."""
     import tempfile
     from pathlib import Path
 
     from cryoptycho.daemon.scan import spec_from_scan_start
     from cryoptycho.daemon.storage.spool import SpoolWriter
+    from cryoptycho.gpu import framestore
     from cryoptycho.gpu.options import ReconOptions
     from cryoptycho.gpu.stream import StreamingReconstructor
     from cryoptycho.protocols.dectris.codec import bslz4_batch, bslz4_batch_plan
@@ -711,8 +714,18 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
                           reducer=m.reducer if chunks else None)
         return n
 
-    def frame_store(repeats: int = 4) -> int:
-        """A scan's engine takes ``repeats`` series (its creation is part of the figure)."""
+    reuse = framestore.MappingPool(keep_bytes=1 << 40)  # the reused stage's own: fresh stays fresh
+
+    def frame_store(repeats: int = 4, reused: bool = False) -> int:
+        """A scan's engine takes ``repeats`` series (its creation is part of the figure), its
+        store in fresh memory (a daemon's first scan) or, ``reused``, in the memory of the
+        previous such store (a daemon's later scans: ``frame_store_reuse_bytes``)."""
+        if reused:
+            fresh, framestore.MAPPINGS = framestore.MAPPINGS, reuse
+            try:
+                return frame_store(repeats)
+            finally:
+                framestore.MAPPINGS = fresh
         engine = StreamingReconstructor(
             frame_shape=spec.frame_shape, frame_dtype=np.dtype(spec.frame_dtype), pixel_size=spec.pixel_size_m,
             probe=spec.probe, options=ReconOptions(), mask=spec.mask, extent_m=spec.extent_m,
@@ -761,6 +774,7 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
         "daemon_decode": lambda: sum(len(decode(parts, None, declared).indices) for parts in messages),
         "spool_filter": lambda: spool(False),
         "frame_store": frame_store,
+        "frame_store_reused": lambda: frame_store(reused=True),
     }
     try:
         # the process's CPU time: the spool compresses on its own threads
@@ -772,5 +786,6 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
         tmp.cleanup()
     us = {k: round(1e6 / v, 1) for k, v in fps_cpu.items()}
     us["direct_total"] = round(us["decode_job"] + us["spool_direct"] + us["frame_store"], 1)
+    us["direct_total_reused"] = round(us["decode_job"] + us["spool_direct"] + us["frame_store_reused"], 1)
     us["old_total"] = round(us["bridge"] + us["daemon_decode"] + us["spool_filter"] + us["frame_store"], 1)
     return us

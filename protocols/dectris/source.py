@@ -24,6 +24,7 @@ import math
 import multiprocessing
 import os
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -307,6 +308,9 @@ class DecodePool:
         self._free: deque[int] = deque(range(self.slots))
         self._shm: shared_memory.SharedMemory | None = None
         self._slot_bytes = 0
+        #: arrays the slots' binned frames are copied into, handed out again once nothing
+        #: references them (:meth:`_copy_out`)
+        self._out: list[np.ndarray] = []
         self.process_cpu_s = 0.0  #: CPU time of the jobs run in worker processes
         self.generation = 0  #: how many times the workers were restarted
         self.outstanding = 0  #: jobs submitted whose result was not taken yet
@@ -375,6 +379,7 @@ class DecodePool:
         old = self._shm
         self._slot_bytes = max(need, 2 * self._slot_bytes)
         self._shm = shared_memory.SharedMemory(create=True, size=self.slots * self._slot_bytes)
+        self._out = [b for b in self._out if b.nbytes >= self._slot_bytes]  # the smaller go with their frames
         if old is not None:
             old.close()
             old.unlink()
@@ -400,11 +405,33 @@ class DecodePool:
             assert self._shm is not None and slot is not None and batch.reducer is not None
             m, k = batch.reducer.frame_side, batch.decoded
             view = np.ndarray((k, m, m), batch.reducer.out_dtype, self._shm.buf, slot * self._slot_bytes)
-            batch.counts, batch.in_slot = view.copy(), False  # the slot serves the next job
+            batch.counts, batch.in_slot = self._copy_out(view), False  # the slot serves the next job
         return batch
+
+    def _copy_out(self, view: np.ndarray) -> np.ndarray:
+        """A copy of a slot's frames, in a kept array that nothing references any more (the
+        frame store has copied the frames it held, and every view of it is gone), else in a new
+        one, kept while at most :attr:`slots` × 2 are. A fresh array per job came partly from
+        fresh pages each time: measured, a 256-frame job's copy out of shared memory 7–9 µs per
+        96×96 uint32 frame (0.6 page faults) against 4.0 (none) into a kept array."""
+        nbytes = view.nbytes
+        for i in range(len(self._out)):
+            # the list's reference and getrefcount's own: no array or view over it is alive, and
+            # only this method hands it out (the frames' readers hold references while they read)
+            if sys.getrefcount(self._out[i]) == 2 and self._out[i].nbytes >= nbytes:
+                out = self._out[i][:nbytes].view(view.dtype).reshape(view.shape)
+                break
+        else:
+            buf = np.empty(self._slot_bytes, np.uint8)
+            if len(self._out) < 2 * self.slots:
+                self._out.append(buf)
+            out = buf[:nbytes].view(view.dtype).reshape(view.shape)
+        np.copyto(out, view)
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._out = []  # frames still referenced keep their arrays; the rest go now
         if self._shm is not None:
             self._shm.close()
             self._shm.unlink()

@@ -1,7 +1,7 @@
 """CPU cost per frame of the live engine's ``add_frames`` (not a test), this tree against an
 earlier revision, side by side in one run:
 
-    python tests/measure/add_frames_measure.py [--baseline-rev HEAD~2] [--rounds 3] [--batches 16]
+    python tests/measure/add_frames_measure.py [--baseline-rev HEAD~2] [--rounds 3] [--batches 16] [--batch 256]
 
 The baseline revision's gpu/, protocols/ and daemon/ are exported with ``git archive`` into a
 temporary folder; each round runs one child process per tree (alternating, so both see the
@@ -52,7 +52,7 @@ def _positions(layout: str, m: int, n: int, pixel: float, rng) -> tuple:
     return pos * pixel, extent
 
 
-def child(batches: int) -> dict:
+def child(batches: int, size: int = BATCH) -> dict:
     """Run in a child process: time every (size, layout) with the tree on PYTHONPATH."""
     import numpy as np
     from cryoptycho.gpu.options import ReconOptions
@@ -64,8 +64,8 @@ def child(batches: int) -> dict:
         yy, xx = np.mgrid[:m, :m] - m / 2
         probe = np.exp(-(yy**2 + xx**2) / (2 * (m / 6) ** 2)).astype(np.complex64)
         rng = np.random.default_rng(0)
-        frames = rng.poisson(2.0, size=(BATCH, m, m)).astype(np.uint16)
-        n = BATCH * batches
+        frames = rng.poisson(2.0, size=(size, m, m)).astype(np.uint16)
+        n = size * batches
         for layout in LAYOUTS:
             pos, extent = _positions(layout, m, n, pixel, rng)
             engine = StreamingReconstructor(
@@ -74,14 +74,14 @@ def child(batches: int) -> dict:
             engine.frame_store.frames.fill(0)  # memory touched, as in a running service
             add, illum = [], []
             for b in range(batches):
-                part = slice(b * BATCH, (b + 1) * BATCH)
+                part = slice(b * size, (b + 1) * size)
                 t0 = time.process_time()
                 engine.add_frames(frames, pos[part])
-                add.append((time.process_time() - t0) / BATCH * 1e6)
+                add.append((time.process_time() - t0) / size * 1e6)
                 batch = engine._batch(np.arange(part.start, part.stop))
                 t0 = time.process_time()
                 engine._illumination(batch)
-                illum.append((time.process_time() - t0) / BATCH * 1e6)
+                illum.append((time.process_time() - t0) / size * 1e6)
             out[f"{m}/{layout}"] = {"add_frames": add, "illumination": illum}
     return out
 
@@ -91,10 +91,11 @@ def main() -> None:
     parser.add_argument("--baseline-rev", default="HEAD~2")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=BATCH, help="frames per add_frames call")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.batches)))
+        print(json.dumps(child(args.batches, args.batch)))
         return
     repo = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,14 +105,14 @@ def main() -> None:
             for name, shim in trees.items():
                 env = {**os.environ, "PYTHONPATH": str(shim)}
                 run = subprocess.run([sys.executable, __file__, "--child", "--batches",
-                                      str(args.batches)], env=env, check=True,
+                                      str(args.batches), "--batch", str(args.batch)], env=env, check=True,
                                      capture_output=True, text=True)
                 for key, val in json.loads(run.stdout.strip().splitlines()[-1]).items():
                     slot = results[name].setdefault(key, {"add_frames": [], "illumination": []})
                     for what in slot:
                         slot[what] += val[what]
     names = list(trees)
-    print(f"CPU µs per frame over {args.rounds} rounds × {args.batches} batches of {BATCH}, "
+    print(f"CPU µs per frame over {args.rounds} rounds × {args.batches} batches of {args.batch}, "
           f"median [best]; {names[0]} → {names[1]}")
     print(f"{'case':<18} {'add_frames':>32} {'illumination':>32}")
     for key in results[names[0]]:
