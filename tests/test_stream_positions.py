@@ -242,6 +242,10 @@ def test_bench_live_refuses_contradictory_or_invalid_arguments(tmp_path) -> None
     assert result.exit_code != 0 and "refine_positions" in result.output
     result = CliRunner().invoke(main, ["bench", "live", "--realistic", "--dataset", str(data)])
     assert result.exit_code != 0 and "--realistic" in result.output
+    result = CliRunner().invoke(main, ["bench", "live", "--sample", "proteasome", "--dataset", str(data)])
+    assert result.exit_code != 0 and "--sample" in result.output
+    result = CliRunner().invoke(main, ["bench", "live", "--sample", "no-such-particle"])
+    assert result.exit_code != 0 and "no-such-particle" in result.output
 
 
 def test_half_set_estimate_on_canvases_grown_apart() -> None:

@@ -33,12 +33,14 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _simulate(frame_size: int, margin_m: float, dose: float, seed: int, realistic: bool = False) -> Any:
+def _simulate(frame_size: int, margin_m: float, dose: float, seed: int, realistic: bool = False,
+              sample: str = "hemoglobin") -> Any:
     from cryoptycho.gpu.sim.errors import ExperimentErrors
     from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 
     errors = ExperimentErrors.realistic(seed) if realistic else None
-    return simulate_ptychography(frame_size=frame_size, margin=margin_m, dose=dose, seed=seed, errors=errors)
+    return simulate_ptychography(sample=sample, frame_size=frame_size, margin=margin_m, dose=dose, seed=seed,
+                                 errors=errors)
 
 
 def _true_positions(data: Any) -> np.ndarray:
@@ -218,6 +220,9 @@ def run_offline(data: Any, iterations: int, options: dict[str, Any] | None = Non
 
 
 @click.command()
+@click.option("--sample", default="hemoglobin", show_default=True,
+              help="Sample to simulate (as `cryoptycho simulate --sample`: a name or a PDB/mmCIF path; "
+                   "proteasome and ribosome need $CRYOPTYCHO_STRUCTURES).")
 @click.option("--frame-size", type=int, default=64, show_default=True)
 @click.option("--margin", "margin_m", type=float, default=6e-9, show_default=True,
               help="Ice around the particle, m (sets the number of positions).")
@@ -241,7 +246,7 @@ def run_offline(data: Any, iterations: int, options: dict[str, Any] | None = Non
               help="Reconstruction option for both the service and the offline reference "
                    "(repeatable; dotted keys nest, e.g. stream.refine_positions=false).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def command(frame_size: int, margin_m: float, dose: float, rate: float, refine_s: float, iterations: int,
+def command(sample: str, frame_size: int, margin_m: float, dose: float, rate: float, refine_s: float, iterations: int,
             offline_iterations: int, seed: int, realistic: bool, dataset_path: str | None,
             sets: tuple[str, ...], as_json: bool) -> None:
     """Live service: fold rate, preview latency, time to final image, live/offline NRMSE."""
@@ -263,6 +268,9 @@ def command(frame_size: int, margin_m: float, dose: float, rate: float, refine_s
         if realistic:
             raise click.BadParameter("--realistic simulates a scan; a --dataset file already is one",
                                      param_hint="--realistic")
+        if sample != "hemoglobin":
+            raise click.BadParameter("--sample simulates a scan; a --dataset file already is one",
+                                     param_hint="--sample")
         try:
             data = read_dataset(dataset_path)
         except (ValueError, OSError) as exc:
@@ -274,7 +282,10 @@ def command(frame_size: int, margin_m: float, dose: float, rate: float, refine_s
         frame_size = int(data.frame_shape[0])
     else:
         with console.status("simulating…"):
-            data = _simulate(frame_size, margin_m, dose, seed, realistic)
+            try:
+                data = _simulate(frame_size, margin_m, dose, seed, realistic, sample)
+            except (ValueError, FileNotFoundError) as exc:
+                raise click.BadParameter(str(exc), param_hint="--sample") from None
     with tempfile.TemporaryDirectory() as tmp, console.status(f"streaming {len(data.frames)} frames…"):
         live = run_live(data, rate, refine_s, iterations, Path(tmp), options=options)
     with console.status(f"offline reference ({offline_iterations} iterations)…"):
