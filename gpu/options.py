@@ -148,7 +148,7 @@ class ReconOptions(_Strict):
     """Full-batch CG's object preconditioner: 1 (the default) = diagonal (illumination +
     prior curvature)⁻¹; > 1 also boosts the spatial frequencies below the probe's extent by up
     to this factor (gpu/cg.py, ``LowFrequencyPreconditioner``; measured in MEASUREMENTS.md,
-    "Low frequencies: a Fourier preconditioner")."""
+    "Low frequencies per band, and a Fourier preconditioner")."""
 
     prior: Literal["none", "tikhonov", "sparse"] = "tikhonov"
     mu0: float | Literal["auto"] = "auto"

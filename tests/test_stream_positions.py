@@ -230,6 +230,7 @@ def test_bench_live_on_a_realistic_dataset_scores_positions_live_and_offline(tmp
     # abs=0: approx's default absolute tolerance (1e-12) is 1 % of these errors in metres
     assert figures["live_position_error_m"] != pytest.approx(nominal, rel=1e-6, abs=0)
     assert figures["offline_position_error_m"] == pytest.approx(nominal, rel=1e-9, abs=0)  # 3 CG: none yet
+    assert figures["refine_iterations"] == 0  # --iterations 0: the streamed state is the result
 
 
 def test_bench_live_refuses_contradictory_or_invalid_arguments(tmp_path) -> None:

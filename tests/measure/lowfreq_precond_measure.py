@@ -1,5 +1,5 @@
-"""Measurements behind gpu/MEASUREMENTS.md, "Low frequencies: a Fourier preconditioner" (not a
-test; run by hand):
+"""Measurements behind gpu/MEASUREMENTS.md, "Low frequencies per band, and a Fourier
+preconditioner" (not a test; run by hand):
 
     CRYOPTYCHO_STRUCTURES=/work/shared/data/structures \\
         python tests/measure/lowfreq_precond_measure.py --sample ribosome --dose 20 [--boosts 1,30]
