@@ -84,11 +84,16 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--at", default="10,20,40,60")
     ap.add_argument("--boosts", default="1,30")
+    ap.add_argument("--paper-geometry", action="store_true",
+                    help="bench paper's geometry: 64×64 frames, 0.8 Å pixels, its default aperture, multislice")
     ap.add_argument("--json")
     args = ap.parse_args()
     at = sorted({int(a) for a in args.at.split(",")})
-    data = simulate_ptychography(args.sample, dose=args.dose, seed=0, probe_seed=0, frame_size=48,
-                                 pixel_size=1.6e-10, multislice=False, semiangle=5e-3)
+    if args.paper_geometry:
+        data = simulate_ptychography(args.sample, dose=args.dose, seed=0, probe_seed=0)
+    else:
+        data = simulate_ptychography(args.sample, dose=args.dose, seed=0, probe_seed=0, frame_size=48,
+                                     pixel_size=1.6e-10, multislice=False, semiangle=5e-3)
     print(f"{args.sample} {args.dose:g} e⁻/Å²: {len(data.frames)} positions", flush=True)
     real_minimize = rc.minimize
     rows = []
@@ -103,7 +108,8 @@ def main() -> None:
             return real_minimize(fun, x, n, left, cb, *a, **kw)
 
         rc.minimize = spy
-        opts = ReconOptions(iterations=args.iterations, refine_probe=False, lowfreq_boost=boost)
+        # the oracle: the simulation's exact probe, never corrected by the parallax fit (as bench paper)
+        opts = ReconOptions(iterations=args.iterations, refine_probe=False, lowfreq_boost=boost, parallax=False)
         t0 = time.perf_counter()
         p = rc.prepare(data, opts)
         counts = rc.counts_per_object_pixel(p.counts_fft, p.mask, p.probe, p.batch)
