@@ -482,7 +482,7 @@ class ScanWorker:
             log.warning("refinement diverged (%s): keeping the streamed result", exc,
                         extra={"scan_id": s.scan_id})
             self.metrics.rollbacks.inc()
-        s.update_figures(refine_s=time.perf_counter() - t0)
+        s.update_figures(refine_s=time.perf_counter() - t0, refine_iterations=done[0])
         self._fold(self.engine.n_frames - self._used)  # full-batch refinement visits every frame
         s.update_figures(frames_used=self._used)
         if halves is not None:

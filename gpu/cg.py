@@ -23,7 +23,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import array_module, dev_float, host_floats, on_device, real_of, scalar_as
+from .backend import (
+    array_module,
+    dev_float,
+    fft2,
+    host_floats,
+    ifft2,
+    on_device,
+    real_of,
+    scalar_as,
+)
 
 Vars = dict[str, Any]
 Fun = Callable[[Vars], tuple[float, Vars]]
@@ -49,7 +58,69 @@ def _dot(a: Vars, b: Vars, keys: set[str]) -> Any:
 
 
 def _scaled(g: Vars, precond: dict[str, Any], keys: set[str]) -> Vars:
-    return {k: g[k] * precond[k] if k in precond else g[k] for k in keys}
+    out = {}
+    for k in keys:
+        p = precond.get(k)
+        out[k] = g[k] if p is None else p(g[k]) if callable(p) else g[k] * p
+    return out
+
+
+class LowFrequencyPreconditioner:
+    """P g = s · F⁻¹[W(q) · F(s · g)] with s = √diag: the diagonal preconditioner ``diag``
+    (illumination + damping)⁻¹ split symmetrically around a Fourier filter that boosts the
+    spatial frequencies below ``q_c`` by up to ``boost``:
+
+        W(q) = 1 / max(1 / boost, min(1, |q|² / q_c²)).
+
+    Why: the data term constrains a phase pattern of frequency q ≪ 1/w (w the probe's extent)
+    only through its gradient across each probe window, and the Tikhonov prior's curvature is
+    ∝ q² too, so the Hessian's eigenvalues at low q fall as q² — the slow modes of the diagonally
+    preconditioned gradient (gpu/STREAMING.md "The update rule" measured the same on the live
+    steps). W cancels that q² (an H⁻¹/Sobolev gradient), the cap keeping the gauge (q = 0)
+    bounded. W > 0 and the split keep P symmetric positive definite, as CG requires. The
+    gradient is zero-padded to twice its size before the FFT so the filter does not couple
+    opposite edges of the canvas. ``q_c`` is in cycles per pixel."""
+
+    def __init__(self, diag: Any, q_c: float, boost: float) -> None:
+        if not (q_c > 0 and math.isfinite(q_c)):
+            raise ValueError(f"the low-frequency preconditioner needs a cut-off q_c > 0, got {q_c!r}")
+        if not (boost >= 1 and math.isfinite(boost)):
+            raise ValueError(f"the low-frequency boost must be a finite number ≥ 1, got {boost!r}")
+        xp = array_module(diag)
+        self.sqrt_diag = xp.sqrt(diag)
+        self.shape = tuple(diag.shape)
+        self.padded = tuple(2 * n for n in self.shape)
+        qy = xp.fft.fftfreq(self.padded[0])[:, None]
+        qx = xp.fft.fftfreq(self.padded[1])[None, :]
+        ratio = (qy**2 + qx**2) / q_c**2
+        self.weight = (1.0 / xp.maximum(1.0 / boost, xp.minimum(1.0, ratio))).astype(self.sqrt_diag.dtype)
+
+    def __call__(self, g: Any) -> Any:
+        xp = array_module(g)
+        ny, nx = self.shape
+        pad = xp.zeros(self.padded, dtype=g.dtype)
+        pad[:ny, :nx] = g * self.sqrt_diag
+        out = ifft2(fft2(pad) * self.weight)[:ny, :nx]
+        return (out * self.sqrt_diag).astype(g.dtype, copy=False)
+
+
+def probe_cutoff(probe: Any) -> float:
+    """1 / the probe's extent (cycles per pixel): the extent taken as twice the rms radius of
+    its intensity (all modes) about its centroid — the scale below which the data see a phase
+    pattern only through its gradient across a window."""
+    xp = array_module(probe)
+    inten = abs(probe) ** 2
+    if inten.ndim == 3:
+        inten = inten.sum(axis=0)
+    ny, nx = inten.shape
+    y = xp.arange(ny, dtype=inten.dtype)[:, None]
+    x = xp.arange(nx, dtype=inten.dtype)[None, :]
+    total, my, mx = host_floats(inten.sum(), (inten * y).sum(), (inten * x).sum())
+    if not total > 0:
+        raise ValueError("the probe has no intensity")
+    my, mx = my / total, mx / total
+    (r2,) = host_floats((inten * ((y - my) ** 2 + (x - mx) ** 2)).sum())
+    return 1.0 / max(2.0 * math.sqrt(r2 / total), 1.0)
 
 
 def minimize(
@@ -69,7 +140,8 @@ def minimize(
 
     ``active(iteration)`` names the keys being optimised (others held fixed; default all);
     ``fun`` may leave inactive keys out of its gradient dict.
-    ``precondition`` maps keys to positive scalars or arrays multiplying their gradients.
+    ``precondition`` maps keys to positive scalars or arrays multiplying their gradients, or to
+    a symmetric positive definite linear map (a callable, e.g. :class:`LowFrequencyPreconditioner`).
     ``callback(iteration, x, loss)`` runs after each iteration; returning True means "the
     objective changed" (e.g. a prior's target was refreshed): loss and gradient are recomputed
     and CG restarts from steepest descent.

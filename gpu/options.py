@@ -144,6 +144,12 @@ class ReconOptions(_Strict):
     """Truncation threshold α_h of eq. 20 (∞ disables truncation). 5 as in the paper; 3 cut
     genuine measurements at 200 e⁻/Å²."""
 
+    lowfreq_boost: float = Field(1.0, ge=1.0)
+    """Full-batch CG's object preconditioner: 1 (the default) = diagonal (illumination +
+    prior curvature)⁻¹; > 1 also boosts the spatial frequencies below the probe's extent by up
+    to this factor (gpu/cg.py, ``LowFrequencyPreconditioner``; measured in MEASUREMENTS.md,
+    "Low frequencies per band, and a Fourier preconditioner")."""
+
     prior: Literal["none", "tikhonov", "sparse"] = "tikhonov"
     mu0: float | Literal["auto"] = "auto"
     """Weight of the Tikhonov gradient prior (eq. 12), scaled by κ (gpu/priors.py), ≥ 0, or

@@ -37,7 +37,7 @@ from .backend import (
     scalar_as,
     to_numpy,
 )
-from .cg import minimize
+from .cg import LowFrequencyPreconditioner, minimize, probe_cutoff
 from .data import PtychoData
 from .geometry import ScanGeometry, fit_geometry, implausible_energy
 from .init import flat_object, random_object, spectral_object
@@ -557,6 +557,8 @@ def refine_full_batch(
         "object": object_precond(batch, probe),
         "probe": 1.0 / max(float(batch.size) * obj_power, 1e-30),
     }
+    if opts.lowfreq_boost > 1:
+        precond["object"] = LowFrequencyPreconditioner(precond["object"], probe_cutoff(probe), opts.lowfreq_boost)
 
     def active(it: int) -> set[str]:
         fun.want_probe = opts.refine_probe and it >= opts.probe_start_iteration

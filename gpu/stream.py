@@ -928,7 +928,7 @@ class StreamingReconstructor:
         problem = Problem(
             xp=self.xp, options=opts, counts_fft=self.frame_store.frames[:n], mask=self.mask,
             batch=batch, geometry=self.geometry, probe=self.probe, object=self.obj,
-            positions=self._refine_start_positions(), probe_power=power,
+            positions=self._refine_start_positions(opts, iterations, time_budget_s), probe_power=power,
             kappa=kappa, energy=float(self._energy or 0.0),
         )
         run = opts.model_copy(update={"iterations": iterations, "time_budget_s": time_budget_s})
@@ -946,20 +946,39 @@ class StreamingReconstructor:
                 self._live_positions.forget(positions / self._pixel_size)
         return obj, probe, losses
 
-    def _refine_start_positions(self) -> np.ndarray:
+    def _refine_start_positions(self, opts: ReconOptions, iterations: int,
+                                time_budget_s: float | None) -> np.ndarray:
         """Where the full-batch refinement starts its scan model: the stored positions, or,
         after live position steps and before any full-batch refinement, the received ones. The
         live model's affine part is biased (measured against an object still being built, a
         raster's y scale comes out too small: MEASUREMENTS.md, "Live position correction"),
         and from there the full-batch updates stay near it — the object made at the live
         positions fits them — where from the received positions they find the scan error
-        (small modes scan: 0.45 px against 0.27 px)."""
+        (small modes scan: 0.45 px against 0.27 px). That pays only when the refinement
+        reaches a position update: one too short for any (few iterations, or a budget a loaded
+        machine fills with set-up and a few CG iterations) would refine the object, built at
+        the live positions, at the received ones — undoing the live steps (synthetic scan,
+        refine(2): 0.47 → 0.66 px) and moving the object away from its fit (MEASUREMENTS.md,
+        "The live service on realistic scans") — so it keeps the live positions."""
         n = self.n_frames
         live = self._live_positions
-        if (live is None or not self.options.refine_positions or len(live.nominal) != n
-                or self._batch_refined_positions):
+        if (live is None or not opts.refine_positions or len(live.nominal) != n
+                or self._batch_refined_positions or not self._position_update_fits(opts, iterations, time_budget_s)):
             return self.frame_store.positions[:n].copy()
         return self._received[:n].copy()
+
+    def _position_update_fits(self, opts: ReconOptions, iterations: int, time_budget_s: float | None) -> bool:
+        """Whether a refinement of ``iterations`` CG iterations within ``time_budget_s`` is
+        expected to reach its first position update (reconstruct.refine_alternating's schedule:
+        after ``position_start_iteration`` iterations, none in the last ``position_every``).
+        The time is estimated as for the first evaluation (``FIRST_EVALUATION_SWEEPS``) plus
+        one sweep of the live steps' cost per CG iteration before the update."""
+        if iterations < opts.position_start_iteration + opts.position_every:
+            return False
+        if time_budget_s is None or self.step_seconds_per_frame is None:
+            return True
+        sweeps = FIRST_EVALUATION_SWEEPS + opts.position_start_iteration
+        return time_budget_s >= sweeps * self.n_frames * self.step_seconds_per_frame
 
     def snapshot(self) -> ReconState:
         """Host copies of object, probe and bookkeeping, safe to hand to another thread."""

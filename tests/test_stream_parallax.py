@@ -281,6 +281,8 @@ def test_bench_live_reports_the_live_and_offline_probe_estimates(tmp_path) -> No
     assert run.returncode == 0, run.stderr
     figures = json.loads(run.stdout)
     live, offline = figures["live_probe_estimate"], figures["offline_probe_estimate"]
+    # the CG iterations the service's refinement ran (--iterations 2, well inside the budget)
+    assert 1 <= figures["refine_iterations"] <= 2
     assert live["parallax_frames"] == offline["parallax_frames"] == figures["frames"]
     assert live["parallax_applied"] == offline["parallax_applied"] == 1
     assert abs(live["parallax_C10_m"] - 40e-9) < 15e-9

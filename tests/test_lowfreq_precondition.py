@@ -1,0 +1,108 @@
+"""The low-frequency (Fourier) preconditioner of full-batch CG (gpu/cg.py,
+``LowFrequencyPreconditioner``, option ``lowfreq_boost``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryoptycho.gpu.cg import LowFrequencyPreconditioner, minimize, probe_cutoff
+
+
+def _pair(shape, seed):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex128) for _ in range(2)]
+
+
+def test_preconditioner_is_symmetric_positive_definite_and_boosts_low_frequencies() -> None:
+    rng = np.random.default_rng(0)
+    diag = rng.uniform(0.5, 2.0, (24, 30))
+    p = LowFrequencyPreconditioner(diag, q_c=0.1, boost=20.0)
+    a, b = _pair(diag.shape, 1)
+    assert np.vdot(a, p(b)).real == pytest.approx(np.vdot(p(a), b).real, rel=1e-10)
+    assert np.vdot(a, p(a)).real > 0
+    # a flat pattern (q = 0) is boosted by the cap, a checkerboard (Nyquist) not at all
+    flat = p.weight[0, 0]
+    assert flat == pytest.approx(20.0) and p.weight[p.padded[0] // 2, p.padded[1] // 2] == pytest.approx(1.0)
+    # boost 1 is the diagonal preconditioner exactly
+    one = LowFrequencyPreconditioner(diag, q_c=0.1, boost=1.0)
+    np.testing.assert_allclose(one(a), diag * a, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="boost"):
+        LowFrequencyPreconditioner(diag, q_c=0.1, boost=0.5)
+    with pytest.raises(ValueError, match="cut-off"):
+        LowFrequencyPreconditioner(diag, q_c=0.0, boost=2.0)
+
+
+def test_cg_with_the_low_frequency_preconditioner_solves_a_gradient_measurement_faster() -> None:
+    """f(x) = ‖∇x − g‖² + ε‖x‖²: data that see x only through its gradient (as ptychography
+    sees phases much wider than the probe), whose Hessian falls as q² at low q. The boosted
+    preconditioner reaches the minimiser's accuracy in fewer CG iterations than the diagonal
+    one, and both end at the same point."""
+    rng = np.random.default_rng(3)
+    n = 48
+    yy, xx = np.mgrid[:n, :n]
+    truth = np.exp(-((yy - 20.0) ** 2 + (xx - 26.0) ** 2) / (2 * 10.0**2)) + 0.05 * rng.normal(size=(n, n))
+    truth = truth.astype(np.complex128)
+    eps = 1e-4
+
+    def grad_ops(x):
+        return np.diff(x, axis=0), np.diff(x, axis=1)
+
+    gy, gx = grad_ops(truth)
+
+    def fun(v):
+        x = v["object"]
+        dy, dx = grad_ops(x)
+        ry, rx = dy - gy, dx - gx
+        loss = float((abs(ry) ** 2).sum() + (abs(rx) ** 2).sum() + eps * (abs(x) ** 2).sum())
+        g = eps * x
+        g = g.copy()
+        g[:-1, :] -= ry
+        g[1:, :] += ry
+        g[:, :-1] -= rx
+        g[:, 1:] += rx
+        return loss, {"object": g}
+
+    diag = np.full((n, n), 1.0 / (4.0 + eps))
+    x0 = {"object": np.zeros((n, n), dtype=np.complex128)}
+    target = minimize(fun, x0, 400, precondition={"object": diag}).x["object"]
+
+    def error_after(iterations, pre):
+        x = minimize(fun, x0, iterations, precondition={"object": pre}).x["object"]
+        return np.linalg.norm(x - target) / np.linalg.norm(target)
+
+    boosted = LowFrequencyPreconditioner(diag, q_c=0.25, boost=100.0)
+    assert error_after(400, boosted) < 1e-3
+    diag_err, boost_err = error_after(15, diag), error_after(15, boosted)
+    assert boost_err < 0.6 * diag_err, (boost_err, diag_err)
+
+
+def test_probe_cutoff_is_the_inverse_of_twice_the_rms_radius() -> None:
+    n = 64
+    yy, xx = np.mgrid[:n, :n]
+    sigma = 4.0
+    probe = np.exp(-((yy - 30.0) ** 2 + (xx - 33.0) ** 2) / (4 * sigma**2)).astype(np.complex64)
+    # |ψ|² is a Gaussian of std σ per axis: rms radius √2 σ
+    assert probe_cutoff(probe) == pytest.approx(1.0 / (2.0 * np.sqrt(2.0) * sigma), rel=1e-3)
+    modes = np.stack([probe, 0.5 * probe])
+    assert probe_cutoff(modes) == pytest.approx(probe_cutoff(probe), rel=1e-6)
+    with pytest.raises(ValueError, match="intensity"):
+        probe_cutoff(np.zeros((8, 8), np.complex64))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "strict"])
+def test_reconstruction_with_the_boost_reaches_the_diagonal_runs_quality(backend) -> None:
+    """Through `reconstruct` (the option, the probe's cut-off, CG), also on the strict backend
+    (CuPy's semantics: no implicit transfer in the preconditioner): on a small high-dose scan
+    the boosted run ends as good as the diagonal one (the same MAP point)."""
+    from cryoptycho.gpu.backend import to_numpy
+    from cryoptycho.gpu.reconstruct import reconstruct
+    from engine_helpers import nrmse, scored_region, synthetic_dataset
+
+    data = synthetic_dataset(1e5, grid=6, seed=0)
+    region = scored_region(data.truth_object, 12)
+    scores = {}
+    for boost in (1.0, 10.0):
+        state = reconstruct(data, {"backend": backend, "iterations": 25, "refine_probe": False, "mu0": 1e-3,
+                                   "lowfreq_boost": boost})
+        scores[boost] = nrmse(to_numpy(state.object), data.truth_object, region)
+    assert scores[10.0] < 0.08 and scores[10.0] < 1.2 * scores[1.0], scores
