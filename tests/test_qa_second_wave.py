@@ -22,3 +22,70 @@ def test_an_image_id_beyond_64_bits_is_a_bad_image_not_a_failed_scan(service) ->
     session = _ended(service, "direct-huge-id-series1")
     assert session.ledger.as_dict()["received"] == 23
     assert session.error is None and service.thread.is_alive() and service.error is None
+
+
+def test_finish_scan_reopens_an_aborted_scans_spool_after_its_stale_mark(tmp_path) -> None:
+    """A running scan aborted: its spool is marked "aborted" on the spool-close thread
+    (_after_close), behind whatever that thread is closing. A finish_scan re-opened the spool on
+    the spool thread without waiting for that mark, which then wrote "aborted" over the
+    re-opened scan's "ended" (a kill before its result then left it unrecovered)."""
+    import threading
+
+    import h5py
+    from cryoptycho.daemon import scans as scans_module
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import spool_path
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=8, m=32)
+    release, spool_thread_waits, marked = threading.Event(), threading.Event(), []
+    real_mark, real_wait = scans_module.ScanManager._mark_spool, scans_module.ScanManager._wait_closed
+
+    def gated_mark(self, scan_id: str, status: str) -> None:  # the closer busy until released
+        assert release.wait(120), "the test never released the spool-close thread"
+        with h5py.File(spool_path(self.config.spool_dir, scan_id), "r") as f:
+            marked.append((str(f.attrs["status"]), status))
+        real_mark(self, scan_id, status)
+
+    def observed_wait(self, scan_id: str) -> None:
+        pending = self._closing.get(scan_id)
+        if pending is not None and not pending.is_set():
+            spool_thread_waits.set()
+        real_wait(self, scan_id)
+
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0, refine_time_budget_s=5, options={"iterations": 2})
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    scans_module.ScanManager._mark_spool, scans_module.ScanManager._wait_closed = gated_mark, observed_wait
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=60) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer):
+            producer.start_scan(**scan.start_fields("a"))
+            producer.send_frames(scan.frames)
+            wait_for(lambda: ctl.status()["running"] == ["a"], 120, "the scan to run")
+            producer.abort("operator stop")
+            wait_for(lambda: any(s["scan_id"] == "a" and s["state"] == "aborted" for s in ctl.list_scans()),
+                     120, "the scan to be aborted")
+            answer: list = []
+            asker = threading.Thread(target=lambda: answer.append(ctl.finish_scan("a")), daemon=True)
+            asker.start()
+            # the re-open answered without the mark (the defect), or waiting for it (fixed)
+            wait_for(lambda: answer or spool_thread_waits.is_set(), 120, "the re-open to answer or wait")
+            release.set()
+            asker.join(120)
+            assert answer and answer[0]["scan_id"] == "a", answer
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "a"
+                                          and s["state"] in ("finished", "failed", "aborted")), None),
+                            120, "the re-opened scan to end")
+            assert info["state"] == "finished", info
+        # the aborted scan's own status was marked, never the re-opened scan's "ended"
+        assert marked == [("aborted", "aborted")], marked
+    finally:
+        release.set()
+        scans_module.ScanManager._mark_spool, scans_module.ScanManager._wait_closed = real_mark, real_wait
+        bg.stop()
