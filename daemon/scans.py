@@ -38,7 +38,7 @@ from .publisher import Outbox
 from .scan import ScanSpec
 from .session import Session, State
 from .storage.diskspace import require_free_space
-from .storage.journal import journal_path
+from .storage.journal import fsync_path, journal_path
 from .storage.readcheck import check_spool_readable
 from .storage.spool import (
     SpoolWriter,
@@ -919,6 +919,12 @@ class ScanManager:
         if path.exists():
             with h5py.File(path, "r+") as f:
                 f.attrs["status"] = status
+            # closed (not unclosed), the file holds all of it, and its status is final: its journal
+            # goes, as a close with a final status drops it (kept, the stop listed the spool as one
+            # the next start recovers, and the next start dropped it)
+            if self.config.spool_fsync:
+                fsync_path(path)
+            discard_journal(path, self.config.spool_fsync)
 
     def check_timeouts(self) -> None:
         now = time.monotonic()

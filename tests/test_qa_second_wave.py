@@ -89,3 +89,36 @@ def test_finish_scan_reopens_an_aborted_scans_spool_after_its_stale_mark(tmp_pat
         release.set()
         scans_module.ScanManager._mark_spool, scans_module.ScanManager._wait_closed = real_mark, real_wait
         bg.stop()
+
+
+def test_a_scan_cancelled_after_its_end_leaves_no_journal_the_stop_calls_recoverable(tmp_path) -> None:
+    """A scan cancelled while it refines (after its scan_end): its spool, closed at the end with
+    its journal kept, was marked "aborted" and the journal left beside it. At SIGTERM the daemon
+    then listed it among the "unfinished spool files ... the next start rebuilds and recovers
+    them", which the next start does not (it drops an aborted spool's journal)."""
+    from cryoptycho.daemon.storage.journal import journal_path
+    from cryoptycho.daemon.storage.spool import spool_path
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import start_daemon, synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=8, m=32)
+    # refines until cancelled
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=100000", "--set", "refine_time_budget_s=3600",
+                          "--set", "resolution_interval_s=0")
+    try:
+        with (ControlClient(daemon.control, timeout_s=60) as ctl,
+              Producer(daemon.ingest, control=daemon.control) as producer):
+            producer.start_scan(**scan.start_fields("late-cancel"))
+            producer.send_frames(scan.frames)
+            assert producer.end_scan().acknowledged == len(scan.frames)
+            wait_for(lambda: ctl.list_scans()[0]["state"] == "refining", 120, "the scan to refine", daemon)
+            ctl.cancel("late-cancel", "operator")
+            wait_for(lambda: ctl.list_scans()[0]["state"] == "aborted", 120, "the scan to be aborted", daemon)
+        assert daemon.stop() == 0  # (the stop waits for the spool-close thread: the mark is done)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    spool = spool_path(tmp_path / "spool", "late-cancel")
+    assert spool.exists() and not journal_path(spool).exists()  # its frames are kept, marked aborted
+    assert "unfinished spool files" not in daemon.log() and "recovers them" not in daemon.log(), daemon.log()
