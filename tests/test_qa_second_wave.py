@@ -122,3 +122,43 @@ def test_a_scan_cancelled_after_its_end_leaves_no_journal_the_stop_calls_recover
     spool = spool_path(tmp_path / "spool", "late-cancel")
     assert spool.exists() and not journal_path(spool).exists()  # its frames are kept, marked aborted
     assert "unfinished spool files" not in daemon.log() and "recovers them" not in daemon.log(), daemon.log()
+
+
+def test_options_set_twice_and_a_kill_inside_the_second_record_give_the_first(tmp_path) -> None:
+    """Held (no defect): a queued scan's options changed twice, the daemon killed while the
+    second `options` record was written (torn): the rebuild drops the torn record (never
+    answered) and keeps the first options and every frame; the re-opened spool goes on."""
+    import shutil
+
+    import numpy as np
+    from cryoptycho.daemon.storage.journal import journal_path
+    from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, repair_spool
+    from test_spool_journal import _append, _spec
+
+    frames = np.random.default_rng(5).poisson(0.5, (9, 24, 24)).astype(np.uint16)
+    for journal_only in (True, False):
+        live, killed = tmp_path / f"live{journal_only}", tmp_path / f"killed{journal_only}"
+        killed.mkdir()
+        w = SpoolWriter.create(live, _spec("twice"), journal_only=journal_only)
+        _append(w, frames, 0, 5)
+        w.set_options({"seed": 1})
+        before = journal_path(w.path).stat().st_size
+        w.set_options({"seed": 2})
+        torn = (before + journal_path(w.path).stat().st_size) // 2
+        for name in (w.path, journal_path(w.path)):  # the files as a kill left them
+            shutil.copy(name, killed / name.name)
+        w.close()
+        path = killed / w.path.name
+        with open(journal_path(path), "r+b") as f:
+            f.truncate(torn)
+        assert "cut short" in repair_spool(path)
+        got = read_spool(path)
+        assert got.spec.options == {"seed": 1} and got.indices.tolist() == list(range(5))
+        again = SpoolWriter.reopen(path)
+        _append(again, frames, 5, 9)
+        again.set_options({"seed": 3})
+        again.set_status("ended")
+        again.close()
+        got = read_spool(path)
+        assert got.spec.options == {"seed": 3} and got.indices.tolist() == list(range(9))
+        np.testing.assert_array_equal(got.frames, frames)
