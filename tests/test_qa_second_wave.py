@@ -211,3 +211,28 @@ def test_unknown_tags_anywhere_in_an_image_give_the_same_image_on_both_decoding_
         want = np.arange(6, dtype=np.uint16).reshape(3, 2, order="F")
     np.testing.assert_array_equal(parts.payload.array, want)
     np.testing.assert_array_equal(image.data["c"], want)
+
+
+def test_a_bridge_series_without_a_number_of_images_rejects_an_id_beyond_64_bits_as_out_of_range() -> None:
+    """A V1 ``header_detail none`` series (no number of images) whose scan has positions: an
+    image id of 2**64 reached the new images-past-the-positions rule, whose int64 ids raised
+    OverflowError; the bridge logged an "unexpected error" traceback and counted a series error.
+    It is an id outside the series' range again (rule image_id_range), and the rest arrive."""
+    import numpy as np
+    from cryoptycho.protocols.dectris.bridge import BridgeConfig
+    from cryoptycho.protocols.dectris.convert import SeriesConverter
+    from cryoptycho.protocols.dectris.schema import Image, SeriesEnd, SeriesStart
+    from cryoptycho.protocols.messages import Frames
+    from test_dectris_source import ANGLE, CHANNEL, SIDE
+
+    frames = _frames(8, seed=3)
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, 8], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": ANGLE, "scan_id": "huge"}}
+    conv = SeriesConverter(BridgeConfig(crop=SIDE, bin=2, energy_eV=300e3, channel=CHANNEL))
+    out = conv.feed(SeriesStart(version=1, series_id=5, channels=(CHANNEL,), image_shape=(SIDE, SIDE),
+                                user_data=user))
+    for i in (0, 1, 2**64, 2, 3, 4, 5, 6, 7):
+        out += conv.feed(Image(1, 5, None, i, {CHANNEL: frames[i % 8]}))  # raised DectrisError at 2**64
+    out += conv.feed(SeriesEnd(version=1, series_id=5)) + conv.flush(0)
+    assert conv.tracker.rejected == {"image_id_range": 1}
+    assert np.concatenate([m.indices for m in out if isinstance(m, Frames)]).tolist() == list(range(8))
