@@ -38,7 +38,7 @@ from .publisher import Outbox
 from .scan import ScanSpec
 from .session import Session, State
 from .storage.diskspace import require_free_space
-from .storage.journal import journal_path
+from .storage.journal import fsync_path, journal_path
 from .storage.readcheck import check_spool_readable
 from .storage.spool import (
     SpoolWriter,
@@ -128,9 +128,9 @@ class ScanManager:
         # the hand-overs to workers that must follow them in order.
         self._disk = ThreadPoolExecutor(1, thread_name_prefix="spool")
         #: closes the spools of ended scans (:meth:`_close_ended`), off the spool thread; scan id →
-        #: that close, which later work on the file waits for
+        #: that close (or the mark after it, :meth:`_after_close`), which later work on the file waits for
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="spool-close")
-        self._closing: dict[str, _SpoolClosed] = {}
+        self._closing: dict[str, threading.Event] = {}
         #: scan id → what became of the frames of a scan whose spool close failed: its journal
         #: keeps them, and a re-open rebuilds the file (for the stop's report; written by the closer)
         self.unclosed: dict[str, str] = {}
@@ -619,9 +619,15 @@ class ScanManager:
                 closed.set()
                 self.outbox.wake()
 
+        self._closer_task(scan_id, closed, task)
+
+    def _closer_task(self, scan_id: str, done: threading.Event, task: Callable[[], None]) -> None:
+        """Spool thread: run ``task`` on the closer thread, which sets ``done`` once it is over;
+        what reads or re-opens the file later waits for it (:meth:`_wait_closed`: the closer is
+        FIFO, so for this task and every earlier one of the scan)."""
         # (both this and _wait_closed run on the spool thread: no lock)
         self._closing = {k: c for k, c in self._closing.items() if not c.is_set()}
-        self._closing[scan_id] = closed
+        self._closing[scan_id] = done
         self._closer.submit(task)
 
     def _kept_note(self, spool: SpoolWriter) -> str:
@@ -642,6 +648,8 @@ class ScanManager:
         not wait for a close that is slow (:meth:`_close_ended`). A failure is handled as
         :meth:`_on_disk` handles one."""
 
+        done = threading.Event()
+
         def task() -> None:
             try:
                 fn()
@@ -649,9 +657,13 @@ class ScanManager:
                 log.exception("spool operation failed", extra={"scan_id": scan_id})
                 self.metrics.internal_errors.labels(where="spool").inc()
                 self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
+            finally:
+                done.set()
             self.outbox.wake()
 
-        self._on_disk(scan_id, lambda: self._closer.submit(task))
+        # waited for as a close is: a finish_scan's re-open of the file after this mark, not
+        # before (the mark wrote "aborted" over the re-opened scan's "ended")
+        self._on_disk(scan_id, lambda: self._closer_task(scan_id, done, task))
 
     def _wait_closed(self, scan_id: str) -> None:
         """Spool thread: wait for the close of the scan's spool on the closer thread, if any."""
@@ -910,6 +922,12 @@ class ScanManager:
         if path.exists():
             with h5py.File(path, "r+") as f:
                 f.attrs["status"] = status
+            # closed (not unclosed), the file holds all of it, and its status is final: its journal
+            # goes, as a close with a final status drops it (kept, the stop listed the spool as one
+            # the next start recovers, and the next start dropped it)
+            if self.config.spool_fsync:
+                fsync_path(path)
+            discard_journal(path, self.config.spool_fsync)
 
     def check_timeouts(self) -> None:
         now = time.monotonic()

@@ -77,7 +77,9 @@ def test_an_abort_whose_status_cannot_be_written_still_closes_the_spool_and_the_
         tmp_path, monkeypatch, caplog, scan):
     """The abort's close was skipped when its status write failed: the file stayed open, and the
     stop called it a spool "this daemon could not recover", though its journal keeps every frame
-    and the next start rebuilds it."""
+    and the next start rebuilds it. (The mark of the aborted scan's file after its worker exits
+    fails too: marked, its spool is aborted and its journal goes, test_qa_second_wave.)"""
+    from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool
 
     real = SpoolWriter.set_status
@@ -87,7 +89,11 @@ def test_an_abort_whose_status_cannot_be_written_still_closes_the_spool_and_the_
             raise OSError(errno.EIO, "Input/output error (test)")
         return real(self, status)
 
+    def mark(self, scan_id, status):
+        raise OSError(errno.EIO, "Input/output error (test)")
+
     monkeypatch.setattr(SpoolWriter, "set_status", set_status)
+    monkeypatch.setattr(ScanManager, "_mark_spool", mark)
     bg = _service(tmp_path)
     svc = bg.service
     spool = tmp_path / "s" / "cut.spool.h5"

@@ -39,6 +39,8 @@ DEFAULT_PORTS = {2: 31001, 1: 9999}
 _MAX_SEEN_MAP = 1 << 27
 #: missing image ids a series' summary lists (it counts them all)
 MISSING_LISTED = 1000
+#: image ids are kept as int64 (batches, the seen ids): a larger one is out of any series' range
+_ID_LIMIT = 1 << 63
 _SCHEMES = {"dectris2": 2, "dectris1": 1, "dectris": 2}
 
 
@@ -352,7 +354,7 @@ class SeriesTracker:
 
     def _range_text(self) -> str:
         n = self._detector_images
-        return f"outside the series' {n} images" if n is not None else "negative"
+        return f"outside the series' {n} images" if n is not None else "negative or beyond 64 bits"
 
     def accept_batch(self, series_ids: np.ndarray, unique_ids: Sequence[str | None],
                      image_ids: np.ndarray) -> np.ndarray:
@@ -419,7 +421,8 @@ class SeriesTracker:
             return self._reject("unknown_series", f"image {image.image_id} names series "
                                 f"{image.series_id}/{image.series_unique_id}, the open series is "
                                 f"{s.series_id}/{s.series_unique_id}")
-        if image.image_id < 0 or (self._detector_images is not None and image.image_id >= self._detector_images):
+        limit = self._detector_images if self._detector_images is not None else _ID_LIMIT
+        if not 0 <= image.image_id < limit:  # (beyond 64 bits: NumPy's ids raised OverflowError below)
             return self._reject("image_id_range", f"image id {image.image_id} {self._range_text()}")
         if self._positions is not None and image.image_id >= self._positions:
             self._mark_seen(np.array([image.image_id], np.int64))

@@ -77,6 +77,8 @@ DRAIN_PARTS = 256
 #: frames binned together by a worker: enough to share NumPy's per-call cost, few enough
 #: (1.2 MB at 192×192 uint16) to stay in the core's cache
 SUB_BATCH = 16
+#: the largest id an image may carry: the batch keeps them as int64 (CBOR and JSON ids may be larger)
+_ID_MAX = (1 << 63) - 1
 
 
 def spool_chunk(payload: bytes, nbytes: int) -> bytes:
@@ -140,6 +142,9 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
                 arr = item.data[name]
                 payload = ImagePayload((arr.shape[0], arr.shape[1]), arr.dtype, array=arr)
                 series_id, unique_id, image_id = item.series_id, item.series_unique_id, item.image_id
+            if not (-_ID_MAX <= image_id <= _ID_MAX and -_ID_MAX <= series_id <= _ID_MAX):
+                # an error of this image: the batch's int64 ids raised OverflowError, a failed scan
+                raise DecodeError(f"image id {image_id} of series {series_id} does not fit in 64 bits")
             if payloads and (payload.shape != payloads[0].shape or payload.dtype != payloads[0].dtype):
                 raise DecodeError(f"image {image_id} is {payload.shape} {payload.dtype}, the "
                                   f"images before it {payloads[0].shape} {payloads[0].dtype}")
