@@ -289,7 +289,7 @@ def _bridge(sender: SimSender, send: Any, endpoint: str, config: dict, series: i
     timer = threading.Timer(300.0, stop.set)  # a safety net, not a timing assertion
     timer.start()
     try:
-        stats = run_bridge(sender.url, endpoint, config, stop, max_series=series)
+        stats = run_bridge(sender.url, endpoint, config, stop, max_series=series, confirm=False)  # a bare PULL
     finally:
         timer.cancel()
     thread.join(5)
@@ -424,3 +424,72 @@ def test_user_camera_length_wins_over_config_pixel_angle() -> None:
     assert out[0].detector_pixel_angle_rad == pytest.approx(100e-6 / 0.5)
     out, _ = _convert(_series(user={"scan": USER_SCAN}), cfg)
     assert out[0].detector_pixel_angle_rad == pytest.approx(1e-3)
+
+
+# ---------------------------------------------------------------------------- a real daemon
+
+
+def _bridge_into(daemon: Any, series: int, *sim_args: str) -> Any:
+    """``run_bridge`` from ``cryoptycho dectris-sim --series N`` into the real ``daemon``."""
+    from daemon_support import start_dectris_sim
+
+    sim, url = start_dectris_sim("--series", str(series), *sim_args)
+    stop = threading.Event()
+    timer = threading.Timer(300.0, stop.set)  # a safety net, not a timing assertion
+    timer.start()
+    try:
+        return run_bridge(url, daemon.ingest, stop_event=stop, max_series=series, control=daemon.control)
+    finally:
+        timer.cancel()
+        sim.kill()
+        sim.wait(10)
+
+
+def test_series_refused_for_a_full_queue_wait_in_the_bridge_and_all_finish(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The bridge sends unconfirmed, so the daemon's refusal of a series (its scan queue full:
+    max_concurrent_scans + max_queued_scans) never reached it: 3 of 5 series were lost while
+    its stats said series=5, frames_sent=180, series_errors=0. A refused scan_start is now read
+    back (control `receipt`); one refused for a full queue waits in the bridge's memory and is
+    sent again when the daemon has room, and every series is reconstructed."""
+    from daemon_support import metrics_of, start_daemon, wait_for
+
+    series, frames = 5, 36
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=0.5",
+                          "--set", "max_concurrent_scans=1", "--set", "max_queued_scans=1",
+                          "--set", 'output_formats=["h5"]')
+    try:
+        with caplog.at_level(logging.INFO):
+            stats = _bridge_into(daemon, series, "--frames", str(frames), "--size", "32")
+        assert (stats.series, stats.frames_sent) == (series, series * frames)
+        assert (stats.series_refused, stats.series_lost, stats.series_errors) == (0, 0, 0), stats
+        assert stats.series_waited >= 1, stats  # 2 fit (one runs, one waits): the rest were held
+        assert "the daemon's scan queue is full" in caplog.text and "max_queued_scans" in caplog.text
+
+        def finished() -> float:
+            return metrics_of(daemon).get("cryoptycho_scans_total{outcome=finished}", 0)
+
+        wait_for(lambda: finished() >= series, 240, f"{series} scans to finish", daemon)
+        m = metrics_of(daemon)
+        assert m.get("cryoptycho_frames_received_total") == series * frames, daemon.log()
+        assert m.get("cryoptycho_frames_dropped_total{reason=unknown_scan}", 0) == 0
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_series_the_daemon_refuses_is_counted_and_logged_with_its_reason(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A refusal other than a full queue (here: the scan cannot fit the daemon's memory budget)
+    cannot be waited out: the series is counted as refused and logged with the daemon's reason
+    (it was counted as sent), and the bridge goes on."""
+    from daemon_support import start_daemon
+
+    daemon = start_daemon(tmp_path, "--set", "host_memory_budget_bytes=1000")
+    try:
+        with caplog.at_level(logging.ERROR):
+            stats = _bridge_into(daemon, 2, "--frames", "16", "--size", "32")
+        assert (stats.series_refused, stats.series_errors, stats.series_lost) == (2, 2, 0), stats
+        assert stats.converter["rejected_series"] == 2
+        assert "the daemon refused scan" in caplog.text and "memory_budget" in caplog.text, caplog.text
+    finally:
+        assert daemon.stop() == 0, daemon.log()
