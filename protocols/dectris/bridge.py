@@ -342,7 +342,8 @@ class StartGate:
     def _refused(self, scan_id: str, message: str) -> None:
         plan = self.converter.plan
         if plan is not None and plan.scan_id == scan_id:  # still streaming: the converter drops it
-            self.converter.refused(scan_id, "scan_start", message)
+            # (what it finishes on the way, a series that waited for positions, still leaves)
+            self.held.extend(m for m in self.converter.refused(scan_id, "scan_start", message) if m.scan_id != scan_id)
         else:
             self.converter.report(SeriesNotice("rejected", None, "scan_start", message, scan_id))
         self._discard(scan_id)
