@@ -429,7 +429,7 @@ def test_user_camera_length_wins_over_config_pixel_angle() -> None:
 # ---------------------------------------------------------------------------- a real daemon
 
 
-def _bridge_into(daemon: Any, series: int, *sim_args: str) -> Any:
+def _bridge_into(daemon: Any, series: int, *sim_args: str, config: dict | None = None) -> Any:
     """``run_bridge`` from ``cryoptycho dectris-sim --series N`` into the real ``daemon``."""
     from daemon_support import start_dectris_sim
 
@@ -438,7 +438,7 @@ def _bridge_into(daemon: Any, series: int, *sim_args: str) -> Any:
     timer = threading.Timer(300.0, stop.set)  # a safety net, not a timing assertion
     timer.start()
     try:
-        return run_bridge(url, daemon.ingest, stop_event=stop, max_series=series, control=daemon.control)
+        return run_bridge(url, daemon.ingest, config, stop, max_series=series, control=daemon.control)
     finally:
         timer.cancel()
         sim.kill()
@@ -491,5 +491,33 @@ def test_a_series_the_daemon_refuses_is_counted_and_logged_with_its_reason(
         assert (stats.series_refused, stats.series_errors, stats.series_lost) == (2, 2, 0), stats
         assert stats.converter["rejected_series"] == 2
         assert "the daemon refused scan" in caplog.text and "memory_budget" in caplog.text, caplog.text
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_series_beyond_max_held_bytes_are_dropped_by_name_while_the_queue_stays_full(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """What the bridge holds for a full queue is bounded (max_held_bytes): beyond it a series
+    is dropped, logged and counted as lost, never held without bound nor dropped unseen."""
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import start_daemon, synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=4, m=32)
+    daemon = start_daemon(tmp_path, "--set", "max_concurrent_scans=1", "--set", "max_queued_scans=1")
+    try:
+        with (ControlClient(daemon.control, timeout_s=30) as ctl, Producer(daemon.ingest, control=daemon.control) as one,
+              Producer(daemon.ingest, control=daemon.control) as two):
+            one.start_scan(**scan.start_fields("running"))  # the slot and the queue stay taken: no scan_end
+            wait_for(lambda: ctl.status()["running"] == ["running"], 120, "the first scan to run", daemon)
+            two.start_scan(**scan.start_fields("queued"))
+            wait_for(lambda: ctl.status()["waiting"] == ["queued"], 120, "the second scan to queue", daemon)
+            with caplog.at_level(logging.WARNING):
+                stats = _bridge_into(daemon, 2, "--frames", "16", "--size", "32", config={"max_held_bytes": 0})
+            assert (stats.series_lost, stats.series_errors, stats.series_refused, stats.series_waited) == (2, 2, 0, 0)
+            assert "the daemon's scan queue is full" in caplog.text
+            assert "lost: the daemon's scan queue stayed full" in caplog.text and "max_held_bytes" in caplog.text
+            one.abort("test ends")
+            two.abort("test ends")
     finally:
         assert daemon.stop() == 0, daemon.log()
