@@ -1,7 +1,8 @@
 """The DECTRIS bridge: detector stream (+ optional positions side channel) → daemon ingest.
 
-:func:`run_bridge` is what ``cryoptycho serve --source dectris2://HOST:31001`` runs; the
-conversion itself is :mod:`.convert` (re-exported here).
+:func:`run_bridge` feeds a daemon elsewhere through its ingest socket (``serve --source
+dectris2://HOST:31001`` reads the detector itself: :mod:`.source`); the conversion itself is
+:mod:`.convert` (re-exported here).
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ class StartGate:
 
     def _ask(self, scan_id: str) -> dict[str, Any] | None:
         """The daemon's receipt of ``scan_id``; None while it does not answer (for up to the
-        send timeout: then :class:`ProducerTimeout`)."""
+        send timeout: then :class:`ProducerTimeout`). A daemon without ``receipt`` (older than
+        the delivery receipts) raises :class:`ControlError`: run_bridge(confirm=False) there."""
         try:
             answer = self.control.receipt(scan_id)
         except ControlTimeout:
@@ -283,9 +285,6 @@ class StartGate:
                     "the bridge cannot learn whether it accepts a series (name its control endpoint: "
                     "run_bridge(control=...); or send blindly: confirm=False)") from None
             return None
-        except ControlError as exc:
-            raise ProducerTimeout(f"the daemon at {self.control.endpoint} cannot say whether it accepts a series "
-                                  f"({exc.msg}); an older daemon has no `receipt`: confirm=False") from None
         self._silent_since = None
         return answer
 
