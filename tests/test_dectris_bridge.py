@@ -429,24 +429,33 @@ def test_user_camera_length_wins_over_config_pixel_angle() -> None:
 # ---------------------------------------------------------------------------- a real daemon
 
 
-def _bridge_into(daemon: Any, series: int, *sim_args: str, config: dict | None = None) -> Any:
-    """``run_bridge`` from ``cryoptycho dectris-sim --series N`` into the real ``daemon``."""
+def _bridge_into(daemon: Any, series: int, *sim_args: str, config: dict | None = None,
+                 tmp_path: Any = None) -> tuple[int, dict, str]:
+    """``cryoptycho dectris-bridge`` from ``cryoptycho dectris-sim --series N`` into the real
+    ``daemon``: its exit status, its printed counters and its log."""
+    import json
+    import subprocess
+    import sys
+
     from daemon_support import start_dectris_sim
 
     sim, url = start_dectris_sim("--series", str(series), *sim_args)
-    stop = threading.Event()
-    timer = threading.Timer(300.0, stop.set)  # a safety net, not a timing assertion
-    timer.start()
+    cmd = [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-bridge", url, "--ingest", daemon.ingest,
+           "--control", daemon.control, "--series", str(series)]
+    if config is not None:
+        (tmp_path / "bridge.json").write_text(json.dumps(config))
+        cmd += ["--config", str(tmp_path / "bridge.json")]
     try:
-        return run_bridge(url, daemon.ingest, config, stop, max_series=series, control=daemon.control)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     finally:
-        timer.cancel()
         sim.kill()
         sim.wait(10)
+    lines = done.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), (done.returncode, done.stdout, done.stderr)
+    return done.returncode, json.loads(lines[-1]), done.stderr
 
 
-def test_series_refused_for_a_full_queue_wait_in_the_bridge_and_all_finish(
-        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_series_refused_for_a_full_queue_wait_in_the_bridge_and_all_finish(tmp_path: Any) -> None:
     """The bridge sends unconfirmed, so the daemon's refusal of a series (its scan queue full:
     max_concurrent_scans + max_queued_scans) never reached it: 3 of 5 series were lost while
     its stats said series=5, frames_sent=180, series_errors=0. A refused scan_start is now read
@@ -459,12 +468,12 @@ def test_series_refused_for_a_full_queue_wait_in_the_bridge_and_all_finish(
                           "--set", "max_concurrent_scans=1", "--set", "max_queued_scans=1",
                           "--set", 'output_formats=["h5"]')
     try:
-        with caplog.at_level(logging.INFO):
-            stats = _bridge_into(daemon, series, "--frames", str(frames), "--size", "32")
-        assert (stats.series, stats.frames_sent) == (series, series * frames)
-        assert (stats.series_refused, stats.series_lost, stats.series_errors) == (0, 0, 0), stats
-        assert stats.series_waited >= 1, stats  # 2 fit (one runs, one waits): the rest were held
-        assert "the daemon's scan queue is full" in caplog.text and "max_queued_scans" in caplog.text
+        rc, stats, log = _bridge_into(daemon, series, "--frames", str(frames), "--size", "32")
+        assert rc == 0, log
+        assert (stats["series"], stats["frames_sent"]) == (series, series * frames)
+        assert (stats["series_refused"], stats["series_lost"], stats["series_errors"]) == (0, 0, 0), stats
+        assert stats["series_waited"] >= 1, stats  # 2 fit (one runs, one waits): the rest were held
+        assert "the daemon's scan queue is full" in log and "max_queued_scans" in log
 
         def finished() -> float:
             return metrics_of(daemon).get("cryoptycho_scans_total{outcome=finished}", 0)
@@ -477,26 +486,25 @@ def test_series_refused_for_a_full_queue_wait_in_the_bridge_and_all_finish(
         assert daemon.stop() == 0, daemon.log()
 
 
-def test_a_series_the_daemon_refuses_is_counted_and_logged_with_its_reason(
-        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_series_the_daemon_refuses_is_counted_logged_and_fails_the_exit_status(tmp_path: Any) -> None:
     """A refusal other than a full queue (here: the scan cannot fit the daemon's memory budget)
-    cannot be waited out: the series is counted as refused and logged with the daemon's reason
-    (it was counted as sent), and the bridge goes on."""
+    cannot be waited out: the series is counted as refused, logged with the daemon's reason and
+    the bridge exits 1 (it was counted as sent, exit 0); the bridge goes on with the next."""
     from daemon_support import start_daemon
 
     daemon = start_daemon(tmp_path, "--set", "host_memory_budget_bytes=1000")
     try:
-        with caplog.at_level(logging.ERROR):
-            stats = _bridge_into(daemon, 2, "--frames", "16", "--size", "32")
-        assert (stats.series_refused, stats.series_errors, stats.series_lost) == (2, 2, 0), stats
-        assert stats.converter["rejected_series"] == 2
-        assert "the daemon refused scan" in caplog.text and "memory_budget" in caplog.text, caplog.text
+        rc, stats, log = _bridge_into(daemon, 2, "--frames", "16", "--size", "32")
+        assert rc == 1, log
+        assert (stats["series_refused"], stats["series_errors"], stats["series_lost"]) == (2, 2, 0), stats
+        assert stats["converter"]["rejected_series"] == 2
+        assert "the daemon refused scan" in log and "memory_budget" in log, log
+        assert "series that did not reach the daemon whole: 2 refused by the daemon" in log
     finally:
         assert daemon.stop() == 0, daemon.log()
 
 
-def test_series_beyond_max_held_bytes_are_dropped_by_name_while_the_queue_stays_full(
-        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_series_beyond_max_held_bytes_are_dropped_by_name_while_the_queue_stays_full(tmp_path: Any) -> None:
     """What the bridge holds for a full queue is bounded (max_held_bytes): beyond it a series
     is dropped, logged and counted as lost, never held without bound nor dropped unseen."""
     from cryoptycho.protocols.control import ControlClient
@@ -512,11 +520,13 @@ def test_series_beyond_max_held_bytes_are_dropped_by_name_while_the_queue_stays_
             wait_for(lambda: ctl.status()["running"] == ["running"], 120, "the first scan to run", daemon)
             two.start_scan(**scan.start_fields("queued"))
             wait_for(lambda: ctl.status()["waiting"] == ["queued"], 120, "the second scan to queue", daemon)
-            with caplog.at_level(logging.WARNING):
-                stats = _bridge_into(daemon, 2, "--frames", "16", "--size", "32", config={"max_held_bytes": 0})
-            assert (stats.series_lost, stats.series_errors, stats.series_refused, stats.series_waited) == (2, 2, 0, 0)
-            assert "the daemon's scan queue is full" in caplog.text
-            assert "lost: the daemon's scan queue stayed full" in caplog.text and "max_held_bytes" in caplog.text
+            rc, stats, log = _bridge_into(daemon, 2, "--frames", "16", "--size", "32", config={"max_held_bytes": 0},
+                                          tmp_path=tmp_path)
+            assert rc == 1, log
+            assert (stats["series_lost"], stats["series_errors"], stats["series_refused"], stats["series_waited"]) \
+                == (2, 2, 0, 0), stats
+            assert "the daemon's scan queue is full" in log
+            assert "lost: the daemon's scan queue stayed full" in log and "max_held_bytes" in log
             one.abort("test ends")
             two.abort("test ends")
     finally:

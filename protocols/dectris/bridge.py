@@ -340,11 +340,11 @@ class StartGate:
 
     def _refused(self, scan_id: str, message: str) -> None:
         plan = self.converter.plan
-        if plan is not None and plan.scan_id == scan_id:  # still streaming: the converter drops it
+        series = plan.start.series_id if plan is not None and plan.scan_id == scan_id else None
+        self.converter.report(SeriesNotice("rejected", series, "scan_start", message, scan_id))
+        if series is not None:  # still streaming: the converter drops it
             # (what it finishes on the way, a series that waited for positions, still leaves)
-            self.held.extend(m for m in self.converter.refused(scan_id, "scan_start", message) if m.scan_id != scan_id)
-        else:
-            self.converter.report(SeriesNotice("rejected", None, "scan_start", message, scan_id))
+            self.held.extend(m for m in self.converter.stop(message) if m.scan_id != scan_id)
         self._discard(scan_id)
 
     def _lose(self, scan_id: str, reason: str) -> None:
