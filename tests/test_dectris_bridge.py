@@ -429,10 +429,10 @@ def test_user_camera_length_wins_over_config_pixel_angle() -> None:
 # ---------------------------------------------------------------------------- a real daemon
 
 
-def _bridge_into(daemon: Any, series: int, *sim_args: str, config: dict | None = None,
-                 tmp_path: Any = None) -> tuple[int, dict, str]:
+def _start_bridge(daemon: Any, series: int, *sim_args: str, config: dict | None = None,
+                  tmp_path: Any = None) -> tuple[Any, Any]:
     """``cryoptycho dectris-bridge`` from ``cryoptycho dectris-sim --series N`` into the real
-    ``daemon``: its exit status, its printed counters and its log."""
+    ``daemon``, started: (the bridge's process, the simulator's)."""
     import json
     import subprocess
     import sys
@@ -445,14 +445,27 @@ def _bridge_into(daemon: Any, series: int, *sim_args: str, config: dict | None =
     if config is not None:
         (tmp_path / "bridge.json").write_text(json.dumps(config))
         cmd += ["--config", str(tmp_path / "bridge.json")]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), sim
+
+
+def _bridge_result(bridge: Any, sim: Any) -> tuple[int, dict, str]:
+    """The bridge's exit status, its printed counters and its log, once it has exited."""
+    import json
+
     try:
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+        out, err = bridge.communicate(timeout=300)
     finally:
+        bridge.kill()
         sim.kill()
         sim.wait(10)
-    lines = done.stdout.strip().splitlines()
-    assert lines and lines[-1].startswith("{"), (done.returncode, done.stdout, done.stderr)
-    return done.returncode, json.loads(lines[-1]), done.stderr
+    lines = out.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), (bridge.returncode, out, err)
+    return bridge.returncode, json.loads(lines[-1]), err
+
+
+def _bridge_into(daemon: Any, series: int, *sim_args: str, config: dict | None = None,
+                 tmp_path: Any = None) -> tuple[int, dict, str]:
+    return _bridge_result(*_start_bridge(daemon, series, *sim_args, config=config, tmp_path=tmp_path))
 
 
 def test_series_refused_for_a_full_queue_wait_in_the_bridge_and_all_finish(tmp_path: Any) -> None:
@@ -461,18 +474,35 @@ def test_series_refused_for_a_full_queue_wait_in_the_bridge_and_all_finish(tmp_p
     its stats said series=5, frames_sent=180, series_errors=0. A refused scan_start is now read
     back (control `receipt`); one refused for a full queue waits in the bridge's memory and is
     sent again when the daemon has room, and every series is reconstructed."""
-    from daemon_support import metrics_of, start_daemon, wait_for
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import metrics_of, start_daemon, synthetic_scan, wait_for
 
     series, frames = 5, 36
+    scan = synthetic_scan(n_side=4, m=32)
     daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=0.5",
                           "--set", "max_concurrent_scans=1", "--set", "max_queued_scans=1",
                           "--set", 'output_formats=["h5"]')
+
+    def refused() -> float:
+        return metrics_of(daemon).get("cryoptycho_scans_total{outcome=refused}", 0)
+
     try:
-        rc, stats, log = _bridge_into(daemon, series, "--frames", str(frames), "--size", "32")
+        with (ControlClient(daemon.control, timeout_s=30) as ctl, Producer(daemon.ingest, control=daemon.control) as one,
+              Producer(daemon.ingest, control=daemon.control) as two):
+            one.start_scan(**scan.start_fields("running"))  # the slot and the queue are taken: no scan_end
+            wait_for(lambda: ctl.status()["running"] == ["running"], 120, "the first scan to run", daemon)
+            two.start_scan(**scan.start_fields("queued"))
+            wait_for(lambda: ctl.status()["waiting"] == ["queued"], 120, "the second scan to queue", daemon)
+            bridge = _start_bridge(daemon, series, "--frames", str(frames), "--size", "32")
+            wait_for(lambda: refused() >= 1, 120, "the daemon to refuse the bridge's first series", daemon)
+            one.abort("room for the bridge's series")
+            two.abort("room for the bridge's series")
+        rc, stats, log = _bridge_result(*bridge)
         assert rc == 0, log
         assert (stats["series"], stats["frames_sent"]) == (series, series * frames)
         assert (stats["series_refused"], stats["series_lost"], stats["series_errors"]) == (0, 0, 0), stats
-        assert stats["series_waited"] >= 1, stats  # 2 fit (one runs, one waits): the rest were held
+        assert stats["series_waited"] >= 1, stats
         assert "the daemon's scan queue is full" in log and "max_queued_scans" in log
 
         def finished() -> float:
@@ -480,7 +510,7 @@ def test_series_refused_for_a_full_queue_wait_in_the_bridge_and_all_finish(tmp_p
 
         wait_for(lambda: finished() >= series, 240, f"{series} scans to finish", daemon)
         m = metrics_of(daemon)
-        assert m.get("cryoptycho_frames_received_total") == series * frames, daemon.log()
+        assert m.get("cryoptycho_frames_received_total") == series * frames, daemon.log()  # (the others sent none)
         assert m.get("cryoptycho_frames_dropped_total{reason=unknown_scan}", 0) == 0
     finally:
         assert daemon.stop() == 0, daemon.log()
