@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "bench": "bench",
     "batch": "batch",
     "dectris-sim": "dectris_sim",
+    "dectris-bridge": "dectris_bridge",
     "broker": "broker",
 }
 

@@ -73,6 +73,7 @@ def build_table(service: Service) -> dict[str, Handler]:
             "queued_frames": scans.queued_frames(),
             "memory_reserved_bytes": scans.reserved(),
             "max_concurrent_scans": service.config.max_concurrent_scans,
+            "max_queued_scans": service.config.max_queued_scans,  # a held producer asks for room (DECTRIS bridge)
             "stopping": scans.stopping,
             "scans": {sid: s.summary() for sid, s in scans.sessions.items() if not s.state.final},
             # where the frames of scans whose spool close failed are, until a re-open rebuilds it

@@ -118,6 +118,10 @@ class ScanManager:
         self.uncapped: set[str] = set()
         self.running: dict[str, ScanWorker] = {}
         self.spools: dict[str, SpoolWriter] = {}
+        #: ended scans waiting for a worker, whose spool is closed meanwhile (:meth:`end_scan`) →
+        #: that close: each open spool holds two file descriptors (HDF5 file, journal), and a
+        #: detector's series wait in the spool however many there are (``uncapped``)
+        self._parked: dict[str, _SpoolClosed] = {}
         self._exited: queue.SimpleQueue[Session] = queue.SimpleQueue()
         #: refused scan_starts (scan id → (time, reason)), newest last, for control `receipt`
         self.refused: OrderedDict[str, tuple[float, str]] = OrderedDict()
@@ -294,10 +298,21 @@ class ScanManager:
         journaled (SpoolWriter.set_options), so that a restart recovers the scan with them;
         ``done(None, error or None)`` on the manager thread once they are on disk."""
         spool = self.spools.get(session.scan_id)
+        parked = self._parked.get(session.scan_id)
+        options = dict(session.spec.options)
+        if spool is None and parked is not None:  # closed while it waits: opened for this, and closed again
+            def reopened() -> None:
+                writer = self._unpark(session.scan_id, parked)
+                try:
+                    writer.set_options(options)
+                finally:
+                    writer.close()
+
+            self.after_disk(reopened, done)
+            return
         if spool is None:  # (a waiting scan's spool is the manager's until its worker starts)
             done(None, RuntimeError(f"scan {session.scan_id!r} has no spool to keep its options in"))
             return
-        options = dict(session.spec.options)
         self.after_disk(lambda: spool.set_options(options), done)
 
     def _options_for(self, spec: ScanSpec) -> ReconOptions:
@@ -378,9 +393,10 @@ class ScanManager:
             session.streamed_room = room
             return
 
-    def _register(self, session: Session, spool: SpoolWriter) -> None:
+    def _register(self, session: Session, spool: SpoolWriter | None) -> None:
         self.sessions[session.scan_id] = session
-        self.spools[session.scan_id] = spool
+        if spool is not None:  # (None: parked, see recover)
+            self.spools[session.scan_id] = spool
         self.waiting.append(session.scan_id)
         self._trim_history()
 
@@ -569,15 +585,23 @@ class ScanManager:
             session.ledger.expected = frame_count
         spool = self.spools.get(session.scan_id)
         worker = self.running.get(session.scan_id)
-        closed = None
+        closed = parked = None
         if worker is not None:
             self.spools.pop(session.scan_id, None)
             if spool is not None:
                 closed = self._spool_closed[session.scan_id] = _SpoolClosed()
+        elif spool is not None:  # it waits for a worker with nothing more to append: parked
+            self.spools.pop(session.scan_id)
+            parked = self._parked[session.scan_id] = _SpoolClosed()
 
         def task() -> None:  # after the scan's last frames are on disk and with its worker
             if spool is not None:
-                spool.set_status("ended")
+                try:
+                    spool.set_status("ended")
+                except BaseException:
+                    if parked is not None:  # let go of the file all the same: its journal keeps the frames
+                        self._close_ended(session.scan_id, spool, None, parked)
+                    raise
             with session.lock:
                 frames = session.ledger.as_dict()
             # posted here, not when scan_end was read: the counts are of frames on disk, and
@@ -589,6 +613,8 @@ class ScanManager:
                 worker.put(EndOfScan(reason))
                 if closed is not None:
                     self._close_ended(session.scan_id, spool, worker.held_frames, closed)
+            elif parked is not None:
+                self._close_ended(session.scan_id, spool, None, parked)
 
         self._on_disk(session.scan_id, task)
 
@@ -749,22 +775,29 @@ class ScanManager:
         session.worker = worker
         session.started = True
         self.running[session.scan_id] = worker
-        spool = self.spools[session.scan_id]
+        parked = self._parked.pop(session.scan_id, None)
+        spool = None if parked is not None else self.spools[session.scan_id]
         closed = None
         if session.ended:  # its worker has the end at once: its spool closes now, as in end_scan
-            self.spools.pop(session.scan_id)
+            self.spools.pop(session.scan_id, None)
             closed = self._spool_closed[session.scan_id] = _SpoolClosed()
 
         def task() -> None:  # after every append asked for so far: none is missed or doubled
+            nonlocal spool
             frames = None
             try:
+                if parked is not None:
+                    spool = self._unpark(session.scan_id, parked)
                 if spool.count:  # frames spooled while the scan waited (or before a crash)
                     frames, _, positions = spool.read()
                     worker.put(FrameBatch(frames, positions))
                 if closed is not None:
                     worker.put(EndOfScan("scan_end"))
             finally:
-                if closed is not None:  # the binned rows read (derived) just now are written as they are
+                if closed is not None and spool is None:  # it could not be re-opened: the scan fails
+                    closed.error, closed.kept = RuntimeError("its spool could not be re-opened"), ""
+                    closed.set()
+                elif closed is not None:  # the binned rows read (derived) just now are written as they are
                     held = None if frames is None else lambda a, b: frames[a:b]
                     self._close_ended(session.scan_id, spool, held, closed)
 
@@ -773,6 +806,15 @@ class ScanManager:
         started.add_done_callback(lambda f: self._start_failed(session, f.exception()))
         self.outbox.post("scan.acquiring", {"scan_id": session.scan_id})
         log.info("worker started", extra={"scan_id": session.scan_id})
+
+    def _unpark(self, scan_id: str, parked: _SpoolClosed) -> SpoolWriter:
+        """Spool thread: the spool of a scan parked while it waited (:meth:`end_scan`), open
+        again once its close is over (it wrote the journal's "closed": no rebuild is needed)."""
+        parked.wait()
+        if parked.error is not None:  # its journal keeps the frames; the re-open rebuilds the file from it
+            log.warning("re-opening the spool after its close failed (%s)", parked.error, extra={"scan_id": scan_id})
+        return SpoolWriter.reopen(spool_path(self.config.spool_dir, scan_id), fsync=self.config.spool_fsync,
+                                  reserve_bytes=self.config.disk_reserve_bytes)
 
     def _start_failed(self, session: Session, exc: BaseException | None) -> None:
         """Launcher thread: a worker thread that could not start (no thread left in the OS)
@@ -879,6 +921,7 @@ class ScanManager:
     def _settle(self, session: Session) -> None:
         state = session.state
         if state.final:
+            self._parked.pop(session.scan_id, None)  # (stopped while it waited: closed already)
             self.metrics.scans.labels(outcome=state.value).inc()
             self._forget_old_previews()
             self._log_end(session)
@@ -1114,8 +1157,9 @@ class ScanManager:
                     raise ValueError(unreadable)
                 options = self._options_for(spec)
                 need = self._reservation(spec, options)
-                spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
-                                           reserve_bytes=self.config.disk_reserve_bytes)
+                # an ended scan takes no more appends: it waits parked (closed), as in end_scan
+                spool = None if contents.status == "ended" else SpoolWriter.reopen(
+                    path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
             except (OSError, ValueError, KeyError) as exc:
                 log.error("cannot recover spool %s: %s", path, exc)
                 self.unrecovered.add(path)
@@ -1125,9 +1169,12 @@ class ScanManager:
             session = Session(spec, need, recovered=True)
             session.ledger.stored(int(session.ledger.admit(contents.indices).sum()))
             session.ended = contents.status == "ended"
+            if spool is None:
+                self._parked[spec.scan_id] = parked = _SpoolClosed()
+                parked.set()
             self._register(session, spool)
             recovered.append(spec.scan_id)
-            log.info("recovered scan from spool (%d frames, %s)", spool.count, contents.status,
+            log.info("recovered scan from spool (%d frames, %s)", len(contents.indices), contents.status,
                      extra={"scan_id": spec.scan_id})
             self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "recovered": True,
                                                "expected_frames": spec.expected_frames,

@@ -289,7 +289,7 @@ def _bridge(sender: SimSender, send: Any, endpoint: str, config: dict, series: i
     timer = threading.Timer(300.0, stop.set)  # a safety net, not a timing assertion
     timer.start()
     try:
-        stats = run_bridge(sender.url, endpoint, config, stop, max_series=series)
+        stats = run_bridge(sender.url, endpoint, config, stop, max_series=series, confirm=False)  # a bare PULL
     finally:
         timer.cancel()
     thread.join(5)
@@ -424,3 +424,140 @@ def test_user_camera_length_wins_over_config_pixel_angle() -> None:
     assert out[0].detector_pixel_angle_rad == pytest.approx(100e-6 / 0.5)
     out, _ = _convert(_series(user={"scan": USER_SCAN}), cfg)
     assert out[0].detector_pixel_angle_rad == pytest.approx(1e-3)
+
+
+# ---------------------------------------------------------------------------- a real daemon
+
+
+def _start_bridge(daemon: Any, series: int, *sim_args: str, config: dict | None = None,
+                  tmp_path: Any = None) -> tuple[Any, Any]:
+    """``cryoptycho dectris-bridge`` from ``cryoptycho dectris-sim --series N`` into the real
+    ``daemon``, started: (the bridge's process, the simulator's)."""
+    import json
+    import subprocess
+    import sys
+
+    from daemon_support import start_dectris_sim
+
+    sim, url = start_dectris_sim("--series", str(series), *sim_args)
+    cmd = [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-bridge", url, "--ingest", daemon.ingest,
+           "--control", daemon.control, "--series", str(series)]
+    if config is not None:
+        (tmp_path / "bridge.json").write_text(json.dumps(config))
+        cmd += ["--config", str(tmp_path / "bridge.json")]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), sim
+
+
+def _bridge_result(bridge: Any, sim: Any) -> tuple[int, dict, str]:
+    """The bridge's exit status, its printed counters and its log, once it has exited."""
+    import json
+
+    try:
+        out, err = bridge.communicate(timeout=300)
+    finally:
+        bridge.kill()
+        sim.kill()
+        sim.wait(10)
+    lines = out.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), (bridge.returncode, out, err)
+    return bridge.returncode, json.loads(lines[-1]), err
+
+
+def _bridge_into(daemon: Any, series: int, *sim_args: str, config: dict | None = None,
+                 tmp_path: Any = None) -> tuple[int, dict, str]:
+    return _bridge_result(*_start_bridge(daemon, series, *sim_args, config=config, tmp_path=tmp_path))
+
+
+def test_series_refused_for_a_full_queue_wait_in_the_bridge_and_all_finish(tmp_path: Any) -> None:
+    """The bridge sends unconfirmed, so the daemon's refusal of a series (its scan queue full:
+    max_concurrent_scans + max_queued_scans) never reached it: 3 of 5 series were lost while
+    its stats said series=5, frames_sent=180, series_errors=0. A refused scan_start is now read
+    back (control `receipt`); one refused for a full queue waits in the bridge's memory and is
+    sent again when the daemon has room, and every series is reconstructed."""
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import metrics_of, start_daemon, synthetic_scan, wait_for
+
+    series, frames = 5, 36
+    scan = synthetic_scan(n_side=4, m=32)
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=0.5",
+                          "--set", "max_concurrent_scans=1", "--set", "max_queued_scans=1",
+                          "--set", 'output_formats=["h5"]')
+
+    def refused() -> float:
+        return metrics_of(daemon).get("cryoptycho_scans_total{outcome=refused}", 0)
+
+    try:
+        with (ControlClient(daemon.control, timeout_s=30) as ctl, Producer(daemon.ingest, control=daemon.control) as one,
+              Producer(daemon.ingest, control=daemon.control) as two):
+            one.start_scan(**scan.start_fields("running"))  # the slot and the queue are taken: no scan_end
+            wait_for(lambda: ctl.status()["running"] == ["running"], 120, "the first scan to run", daemon)
+            two.start_scan(**scan.start_fields("queued"))
+            wait_for(lambda: ctl.status()["waiting"] == ["queued"], 120, "the second scan to queue", daemon)
+            bridge = _start_bridge(daemon, series, "--frames", str(frames), "--size", "32")
+            wait_for(lambda: refused() >= 1, 120, "the daemon to refuse the bridge's first series", daemon)
+            one.abort("room for the bridge's series")
+            two.abort("room for the bridge's series")
+        rc, stats, log = _bridge_result(*bridge)
+        assert rc == 0, log
+        assert (stats["series"], stats["frames_sent"]) == (series, series * frames)
+        assert (stats["series_refused"], stats["series_lost"], stats["series_errors"]) == (0, 0, 0), stats
+        assert stats["series_waited"] >= 1, stats
+        assert "the daemon's scan queue is full" in log and "max_queued_scans" in log
+
+        def finished() -> float:
+            return metrics_of(daemon).get("cryoptycho_scans_total{outcome=finished}", 0)
+
+        wait_for(lambda: finished() >= series, 240, f"{series} scans to finish", daemon)
+        m = metrics_of(daemon)
+        assert m.get("cryoptycho_frames_received_total") == series * frames, daemon.log()  # (the others sent none)
+        assert m.get("cryoptycho_frames_dropped_total{reason=unknown_scan}", 0) == 0
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_series_the_daemon_refuses_is_counted_logged_and_fails_the_exit_status(tmp_path: Any) -> None:
+    """A refusal other than a full queue (here: the scan cannot fit the daemon's memory budget)
+    cannot be waited out: the series is counted as refused, logged with the daemon's reason and
+    the bridge exits 1 (it was counted as sent, exit 0); the bridge goes on with the next."""
+    from daemon_support import start_daemon
+
+    daemon = start_daemon(tmp_path, "--set", "host_memory_budget_bytes=1000")
+    try:
+        rc, stats, log = _bridge_into(daemon, 2, "--frames", "16", "--size", "32")
+        assert rc == 1, log
+        assert (stats["series_refused"], stats["series_errors"], stats["series_lost"]) == (2, 2, 0), stats
+        assert stats["converter"]["rejected_series"] == 2
+        assert "the daemon refused scan" in log and "memory_budget" in log, log
+        assert "series that did not reach the daemon whole: 2 refused by the daemon" in log
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_series_beyond_max_held_bytes_are_dropped_by_name_while_the_queue_stays_full(tmp_path: Any) -> None:
+    """What the bridge holds for a full queue is bounded (max_held_bytes): beyond it a series
+    is dropped, logged and counted as lost, never held without bound nor dropped unseen."""
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import start_daemon, synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=4, m=32)
+    daemon = start_daemon(tmp_path, "--set", "max_concurrent_scans=1", "--set", "max_queued_scans=1")
+    try:
+        with (ControlClient(daemon.control, timeout_s=30) as ctl, Producer(daemon.ingest, control=daemon.control) as one,
+              Producer(daemon.ingest, control=daemon.control) as two):
+            one.start_scan(**scan.start_fields("running"))  # the slot and the queue stay taken: no scan_end
+            wait_for(lambda: ctl.status()["running"] == ["running"], 120, "the first scan to run", daemon)
+            two.start_scan(**scan.start_fields("queued"))
+            wait_for(lambda: ctl.status()["waiting"] == ["queued"], 120, "the second scan to queue", daemon)
+            rc, stats, log = _bridge_into(daemon, 2, "--frames", "16", "--size", "32", config={"max_held_bytes": 0},
+                                          tmp_path=tmp_path)
+            assert rc == 1, log
+            assert (stats["series_lost"], stats["series_errors"], stats["series_refused"], stats["series_waited"]) \
+                == (2, 2, 0, 0), stats
+            assert "the daemon's scan queue is full" in log
+            assert "lost: the daemon's scan queue stayed full" in log and "max_held_bytes" in log
+            one.abort("test ends")
+            two.abort("test ends")
+    finally:
+        assert daemon.stop() == 0, daemon.log()

@@ -352,3 +352,81 @@ def test_a_second_ctrl_c_cuts_the_drain_short_and_keeps_the_scan(tmp_path):
                                  for s in ctl.list_scans()), 120, "the kept scan to finish after the restart", again)
     finally:
         assert again.stop() == 0, again.log()
+
+
+def _spool_fds(pid: int, spool_dir: Path) -> list[str]:
+    """The spool files (HDF5, journal) of detector series that process ``pid`` holds open."""
+    out = []
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = str(fd.readlink())
+        except FileNotFoundError:  # closed while listed
+            continue
+        if target.startswith(str(spool_dir / "dectris-")) and ".spool." in target:
+            out.append(target)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts file descriptors in /proc")
+def test_queued_detector_series_hold_no_file_descriptors(tmp_path):
+    """Each detector series waiting in the queue kept its spool file and journal open: two file
+    descriptors per queued series, so some 500 waiting series reached a 1,024 fd limit (and every
+    spool after failed). An ended series waiting for a worker now has its spool closed; its
+    worker re-opens it, and every series still finishes with all its frames."""
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import start_dectris_sim, synthetic_scan
+
+    series, frames = 12, 16
+    with socket.socket() as probe:  # the detector's port, bound by the simulator once a scan holds the slot
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = start_daemon(tmp_path, "--source", f"dectris2://127.0.0.1:{port}", "--set", "options.iterations=2",
+                          "--set", "refine_time_budget_s=0.5", "--set", "max_concurrent_scans=1",
+                          "--set", "max_queued_scans=1", "--set", "output_formats=[\"h5\"]")
+    sim = None
+    try:
+        with ControlClient(daemon.control, timeout_s=30) as ctl, \
+                Producer(daemon.ingest, control=daemon.control) as holder:
+            holder.start_scan(**synthetic_scan(n_side=4, m=32).start_fields("holder"))  # the only slot, no end
+            wait_for(lambda: ctl.status()["running"] == ["holder"], 120, "the holder scan to run", daemon)
+            sim, _ = start_dectris_sim("--port", str(port), "--series", str(series), "--frames", str(frames),
+                                       "--size", "32")
+
+            def all_queued() -> bool:
+                status = ctl.status()
+                return (len(status["waiting"]) == series
+                        and all(status["scans"][sid]["ended"] for sid in status["waiting"]))
+
+            wait_for(all_queued, 240, f"{series} ended series to wait for a worker", daemon)
+            spool_dir = (tmp_path / "spool").resolve()
+            open_now: list[str] = []
+
+            def closed() -> bool:  # their closes run on the spool-close thread
+                open_now[:] = _spool_fds(daemon.proc.pid, spool_dir)
+                return not open_now
+
+            try:
+                wait_for(closed, 60, "the queued series' spool files to be closed")
+            except AssertionError:
+                raise AssertionError(f"{len(open_now)} spool files open while {series} series wait: "
+                                     f"{sorted(open_now)[:4]}…") from None
+            # a queued series' options are still kept with its spool (opened for it, closed again)
+            first = ctl.status()["waiting"][0]
+            assert ctl.set_options(first, {"iterations": 3})["queued"] is True
+            assert _spool_fds(daemon.proc.pid, spool_dir) == []
+            ctl.cancel("holder", "the queued series' turn")
+
+            def finished() -> list[dict]:
+                done = ctl.list_scans("finished")
+                return done if len(done) == series else []
+
+            done = wait_for(finished, 240, f"the {series} series to finish", daemon)
+            assert sorted(s["frames"]["received"] for s in done) == [frames] * series, done
+            assert not ctl.list_scans("failed"), ctl.list_scans("failed")
+    finally:
+        if sim is not None and sim.poll() is None:
+            sim.kill()
+            sim.wait(10)
+        assert daemon.stop() == 0, daemon.log()

@@ -270,7 +270,7 @@ def measure_sockets(series: list[bytes], config: BridgeConfig, repeats: int = 3)
                 pusher.start()
                 try:
                     stats = run_bridge(sender.url, f"tcp://127.0.0.1:{port}", config, stop,
-                                       max_series=1, context=ctx)
+                                       max_series=1, context=ctx, confirm=False)  # a stand-in PULL
                 finally:
                     timer.cancel()
                 elapsed = time.perf_counter() - t0
@@ -525,7 +525,8 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
                     sources.append(source)
                     source.run(bg.service.direct, stop)
                 else:
-                    run_bridge(url, bg.service.endpoints["ingest"], config, stop)
+                    run_bridge(url, bg.service.endpoints["ingest"], config, stop,
+                               control=bg.service.endpoints["control"])
             except BaseException as exc:  # noqa: BLE001 — re-raised by the measuring thread
                 failures.append(exc)
 

@@ -1,30 +1,34 @@
 """The DECTRIS bridge: detector stream (+ optional positions side channel) → daemon ingest.
 
-:func:`run_bridge` is what ``cryoptycho serve --source dectris2://HOST:31001`` runs; the
-conversion itself is :mod:`.convert` (re-exported here).
+:func:`run_bridge` feeds a daemon elsewhere through its ingest socket (``serve --source
+dectris2://HOST:31001`` reads the detector itself: :mod:`.source`); the conversion itself is
+:mod:`.convert` (re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import zmq
 
-from ..errors import ProtocolError
+from ..control import ControlClient
+from ..errors import ControlError, ControlTimeout, ProducerTimeout, ProtocolError
 from ..limits import Limits
 from ..messages import Frames, Request, ScanEnd, ScanStart, decode
-from ..producer import Producer
+from ..producer import Producer, control_endpoint_for
 from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, bridge_messages
 from .receiver import DectrisReceiver, ErrorLogLimiter, parse_source
 from .scan import parse_positions
 from .schema import DectrisError, SeriesEnd, SeriesStart
 
-__all__ = ["BridgeConfig", "BridgeStats", "IngestMessage", "SeriesConverter", "SeriesNotice", "bridge_messages",
-           "dispatch", "run_bridge"]
+__all__ = ["BridgeConfig", "BridgeStats", "IngestMessage", "SeriesConverter", "SeriesNotice", "StartGate",
+           "bridge_messages", "dispatch", "run_bridge"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,15 @@ class BridgeStats:
     converter: dict[str, int] = field(default_factory=dict)
     position_errors: int = 0
     series_errors: int = 0
+    #: series whose scan_start the daemon refused (logged with its reason): none of their
+    #: frames is held by the daemon (also counted in series_errors)
+    series_refused: int = 0
+    #: series whose scan_start the daemon refused for a full scan queue, held by the bridge and
+    #: then accepted
+    series_waited: int = 0
+    #: series held for a full queue and then dropped: beyond max_held_bytes, or the bridge
+    #: stopped first (also counted in series_errors)
+    series_lost: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,12 +67,24 @@ def run_bridge(
     producer: Producer | None = None,
     on_notice: Callable[[SeriesNotice], None] | None = None,
     limits: Limits | None = None,
+    control: str | None = None,
+    confirm: bool = True,
 ) -> BridgeStats:
     """Receive a DECTRIS stream from ``source_url`` (``dectris2://host:31001`` or
     ``dectris1://host:9999``) and push each series as a scan to the daemon's ingest endpoint,
-    until ``stop_event`` is set or ``max_series`` series have ended. A scan still open then is
-    aborted. Decode errors and rejected images are logged and counted, never fatal; a skipped
-    or rejected series and an implausible header value also go to ``on_notice``."""
+    until ``stop_event`` is set or ``max_series`` series have ended (and been taken by the
+    daemon). A scan still open then is aborted. Decode errors and rejected images are logged
+    and counted, never fatal; a skipped or rejected series and an implausible header value also
+    go to ``on_notice``.
+
+    ``confirm``: each scan's frames are sent once the daemon's control socket (``control``;
+    default: the ingest port + 2, ``serve``'s layout) says it accepted the scan_start. A refusal
+    is logged with the daemon's reason and counted (``series_refused``); a refusal because the
+    daemon's scan queue is full holds the series (and those after it) in memory, up to
+    ``max_held_bytes``, and sends it again once the daemon has room (``series_waited``).
+    ``confirm=False`` sends blindly (a stand-in PULL socket, a relay): a refused series is lost
+    unseen. No answer from the control socket for the producer's send timeout raises
+    :class:`~..errors.ProducerTimeout`."""
     version, endpoint = parse_source(source_url)
     if config is not None and not isinstance(config, (BridgeConfig, dict)):
         raise TypeError(f"config must be a BridgeConfig or a dict of its fields, not "
@@ -78,32 +103,53 @@ def run_bridge(
     # confirm=False: the detector's stream has no acknowledgement to pass on, and waiting for
     # the daemon's at each series end would stall the detector's stream behind it
     prod = producer or Producer(ingest_endpoint, context=ctx, limits=limits, confirm=False)  # the daemon's limits
+    gate = None
+    if confirm:
+        ctl = ControlClient(control or prod.control or control_endpoint_for(ingest_endpoint), timeout_s=2.0,
+                            retries=1, limits=limits, curve=prod._curve, context=ctx)
+        gate = StartGate(prod, ctl, converter, stats, cfg.max_held_bytes, prod.send_timeout_s)
     ended = 0
     try:
-        while not stop.is_set() and (max_series is None or ended < max_series or converter.closing):
+        while not stop.is_set():
+            taking = max_series is None or ended < max_series or converter.closing
+            if not taking and (gate is None or not gate.busy):
+                break
             out: list[IngestMessage] = []
-            if side is not None:
-                out += _drain_side_channel(side, converter, stats)
-            for msg in receiver.drain(min(0.05, cfg.flush_interval_s)):
-                if isinstance(msg, SeriesStart) and cfg.channel is None and msg.channels:
-                    receiver.channels = (msg.channels[0],)  # decompress only what is used
-                try:
-                    out += converter.feed(msg)
-                except (DectrisError, ValueError) as exc:
-                    stats.series_errors += 1
-                    log.error("DECTRIS stream %s: %s", source_url, exc)
-                ended += isinstance(msg, SeriesEnd)
-                if max_series is not None and ended >= max_series and not converter.closing:
-                    break  # the rest belongs to series this run does not take
-            out += converter.flush(cfg.flush_interval_s)
-            dispatch(prod, out, converter, stats)
+            if taking:
+                if side is not None:
+                    out += _drain_side_channel(side, converter, stats)
+                for msg in receiver.drain(min(0.05, cfg.flush_interval_s)):
+                    if isinstance(msg, SeriesStart) and cfg.channel is None and msg.channels:
+                        receiver.channels = (msg.channels[0],)  # decompress only what is used
+                    try:
+                        out += converter.feed(msg)
+                    except (DectrisError, ValueError) as exc:
+                        stats.series_errors += 1
+                        log.error("DECTRIS stream %s: %s", source_url, exc)
+                    ended += isinstance(msg, SeriesEnd)
+                    if max_series is not None and ended >= max_series and not converter.closing:
+                        break  # the rest belongs to series this run does not take
+                out += converter.flush(cfg.flush_interval_s)
+            else:
+                stop.wait(0.05)  # the series taken wait for room in the daemon's queue (polled)
+            if gate is None:
+                dispatch(prod, out, converter, stats)
+            else:
+                gate.put(out)
             on_error.flush()
-        dispatch(prod, converter.stop("the DECTRIS bridge stopped before the series ended"), converter, stats)
+        last = converter.stop("the DECTRIS bridge stopped before the series ended")
+        if gate is None:
+            dispatch(prod, last, converter, stats)
+        else:
+            gate.put(last)
+            gate.abandon("the bridge stopped while the daemon's scan queue was full")
     finally:
         on_error.flush(force=True)
         receiver.close()
         if side is not None:
             side.close(linger=0)
+        if gate is not None:
+            gate.control.close()
         if own_producer:
             prod.close()
     stats.series = converter.stats["series"]
@@ -141,6 +187,189 @@ def _drain_side_channel(sock: zmq.Socket, converter: SeriesConverter, stats: Bri
             log.error("positions side channel: %s", exc)
             continue
         out += converter.add_positions(series, ids, pos)
+
+
+class StartGate:
+    """Between the converter and the producer: a scan's frames leave once the daemon accepted
+    its scan_start (control ``receipt``). A start refused because the daemon's scan queue is
+    full (rule ``max_queued_scans``) is held with everything after it, up to ``max_held_bytes``,
+    and sent again when the daemon's ``status`` shows room; any other refusal drops the series,
+    logged with the daemon's reason and counted. Polled from the bridge's loop, never blocking
+    it longer than one control request."""
+
+    QUEUE_FULL = "[rule max_queued_scans]"
+    ROOM_POLL_S = 0.2  #: how often a held series asks whether the daemon's queue has room
+
+    def __init__(self, producer: Producer, control: ControlClient, converter: SeriesConverter, stats: BridgeStats,
+                 max_held_bytes: int, timeout_s: float | None = 30.0) -> None:
+        self.producer, self.control, self.converter, self.stats = producer, control, converter, stats
+        self.max_held_bytes = max_held_bytes
+        self.timeout_s = timeout_s
+        self.held: deque[IngestMessage] = deque()
+        self.held_bytes = 0
+        self.pending: ScanStart | None = None  #: sent, the daemon's verdict not read yet
+        self._stale: float | None = None  #: refused_at of an earlier refusal of the pending id
+        self._silent_since: float | None = None  #: when the control socket stopped answering
+        self._queue_full_since: float | None = None  #: the head series waits for room since
+        self._waiting_id: str | None = None  #: the scan refused for a full queue, until accepted
+        self._next_poll = 0.0
+        self._dropped: set[str] = set()  #: scans refused or lost: their later messages go nowhere
+
+    @property
+    def busy(self) -> bool:
+        """Whether a series still waits for the daemon (its verdict, or room in its queue)."""
+        return self.pending is not None or bool(self.held)
+
+    def put(self, messages: list[IngestMessage]) -> None:
+        for msg in messages:
+            if msg.scan_id in self._dropped:
+                continue
+            self.held.append(msg)
+            self.held_bytes += _nbytes(msg)
+        self._pump()
+        while self.held_bytes > self.max_held_bytes and self._queue_full_since is not None:
+            self._drop_newest()
+
+    def abandon(self, reason: str) -> None:
+        """The bridge stops: what still waits for the daemon is lost, said and counted."""
+        if self.pending is not None:  # its verdict never came: its scan (if accepted) is aborted
+            sid, self.pending = self.pending.scan_id, None
+            if self.producer.scan is not None:
+                self.producer.abort(reason)
+            self._lose(sid, reason)
+        while self.held:  # (its head is a start: what an accepted scan had to send is sent)
+            head = self.held[0]
+            if isinstance(head, ScanStart):
+                self._lose(head.scan_id, reason)
+            else:
+                self._discard(head.scan_id)
+
+    def _pump(self) -> None:
+        while True:
+            if self.pending is not None and not self._verdict():
+                return
+            if not self.held:
+                return
+            msg = self.held[0]
+            if isinstance(msg, ScanStart):
+                if self._queue_full_since is not None and not self._room():
+                    return
+                answer = self._ask(msg.scan_id)
+                if answer is None:
+                    return
+                self._stale = answer.get("refused_at") if answer["state"] == "refused" else None
+            self.held.popleft()
+            self.held_bytes -= _nbytes(msg)
+            self._send(msg)
+            if isinstance(msg, ScanStart):
+                if self.producer.scan is msg:
+                    self.pending = msg
+                else:  # refused by our own checks: reported by dispatch; the rest of it goes nowhere
+                    self._discard(msg.scan_id)
+
+    def _send(self, msg: IngestMessage) -> None:
+        dispatch(self.producer, [msg], self.converter, self.stats)
+
+    def _ask(self, scan_id: str) -> dict[str, Any] | None:
+        """The daemon's receipt of ``scan_id``; None while it does not answer (for up to the
+        send timeout: then :class:`ProducerTimeout`). A daemon without ``receipt`` (older than
+        the delivery receipts) raises :class:`ControlError`: run_bridge(confirm=False) there."""
+        try:
+            answer = self.control.receipt(scan_id)
+        except ControlTimeout:
+            now = time.monotonic()
+            self._silent_since = self._silent_since or now
+            if self.timeout_s is not None and now - self._silent_since > self.timeout_s:
+                raise ProducerTimeout(
+                    f"no answer from the daemon's control socket {self.control.endpoint} for {self.timeout_s} s: "
+                    "the bridge cannot learn whether it accepts a series (name its control endpoint: "
+                    "run_bridge(control=...); or send blindly: confirm=False)") from None
+            return None
+        self._silent_since = None
+        return answer
+
+    def _verdict(self) -> bool:
+        """Whether the daemon decided on the pending scan_start (and the gate acted on it)."""
+        assert self.pending is not None
+        start = self.pending
+        answer = self._ask(start.scan_id)
+        if answer is None or answer["state"] == "unknown" or (
+                answer["state"] == "refused" and answer.get("refused_at") == self._stale):
+            return False  # not read yet (its ingest socket is served apart from control)
+        self.pending = None
+        if answer["state"] != "refused":
+            if self._waiting_id == start.scan_id:
+                self.stats.series_waited += 1
+                log.info("scan %s accepted by the daemon after %.1f s waiting for room in its queue",
+                         start.scan_id, time.monotonic() - (self._queue_full_since or 0.0))
+            self._queue_full_since = self._waiting_id = None
+            return True
+        self.producer.scan = None  # refused: there is nothing to abort
+        reason = str(answer.get("error"))
+        if self.QUEUE_FULL in reason:
+            if self._queue_full_since is None:
+                self._queue_full_since = time.monotonic()
+            if self._waiting_id != start.scan_id:
+                self._waiting_id = start.scan_id
+                log.warning("the daemon's scan queue is full (%s): series scan %s waits in the bridge (%.0f MiB held, "
+                            "at most %.0f: max_held_bytes) and is sent again when the daemon has room", reason,
+                            start.scan_id, self.held_bytes / 2**20, self.max_held_bytes / 2**20)
+            self.held.appendleft(start)
+            self.held_bytes += _nbytes(start)
+            self._next_poll = time.monotonic() + self.ROOM_POLL_S
+            return True
+        self._queue_full_since = self._waiting_id = None
+        self.stats.series_refused += 1
+        self.stats.series_errors += 1
+        self._refused(start.scan_id, f"the daemon refused scan {start.scan_id}: {reason}; none of its frames is kept")
+        return True
+
+    def _room(self) -> bool:
+        """Whether the daemon's queue has room now (polled at most every ROOM_POLL_S)."""
+        now = time.monotonic()
+        if now < self._next_poll:
+            return False
+        self._next_poll = now + self.ROOM_POLL_S
+        try:
+            status = self.control.status()
+        except (ControlTimeout, ControlError):
+            return False  # asked again at the next poll; the receipt before the start says more
+        cap = status.get("max_queued_scans")  # absent from daemons before it was added: just try
+        free = max(0, int(status.get("max_concurrent_scans", 1)) - len(status.get("running", [])))
+        return cap is None or len(status.get("waiting", [])) < int(cap) + free
+
+    def _refused(self, scan_id: str, message: str) -> None:
+        plan = self.converter.plan
+        series = plan.start.series_id if plan is not None and plan.scan_id == scan_id else None
+        self.converter.report(SeriesNotice("rejected", series, "scan_start", message, scan_id))
+        if series is not None:  # still streaming: the converter drops it
+            # (what it finishes on the way, a series that waited for positions, still leaves)
+            self.held.extend(m for m in self.converter.stop(message) if m.scan_id != scan_id)
+        self._discard(scan_id)
+
+    def _lose(self, scan_id: str, reason: str) -> None:
+        self.stats.series_lost += 1
+        self.stats.series_errors += 1
+        self._refused(scan_id, f"series scan {scan_id} lost: {reason}")
+
+    def _discard(self, scan_id: str) -> None:
+        """Forget every held message of ``scan_id``, and those still to come."""
+        self._dropped.add(scan_id)
+        if len(self._dropped) > 1024:  # (ids of long-gone series)
+            self._dropped = {scan_id}
+        kept = deque(m for m in self.held if m.scan_id != scan_id)
+        self.held_bytes = sum(_nbytes(m) for m in kept)
+        self.held = kept
+
+    def _drop_newest(self) -> None:
+        starts = [m for m in self.held if isinstance(m, ScanStart)]
+        sid = starts[-1].scan_id if starts else self.held[-1].scan_id
+        self._lose(sid, f"the daemon's scan queue stayed full and the bridge holds at most "
+                        f"{self.max_held_bytes} bytes (max_held_bytes)")
+
+
+def _nbytes(msg: IngestMessage) -> int:
+    return int(msg.data.nbytes) if isinstance(msg, Frames) else 0
 
 
 def dispatch(producer: Producer, messages: list[IngestMessage], converter: SeriesConverter,

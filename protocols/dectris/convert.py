@@ -81,6 +81,10 @@ class BridgeConfig(BaseModel):
     """A partial batch leaves after this long, so the live view does not wait for a full one."""
     position_wait_s: float = Field(5.0, ge=0)
     """After a series' end, how long images still wait for side-channel positions."""
+    max_held_bytes: int = Field(1 << 30, ge=0)
+    """:func:`~.bridge.run_bridge` only: the detector frames it holds in memory while the
+    daemon's scan queue is full (refused ``max_queued_scans``), sent once it has room; a series
+    beyond this is dropped, logged and counted (``BridgeStats.series_lost``)."""
 
     _probe: np.ndarray | None = PrivateAttr(None)
     _probe_pixel_m: float | None = PrivateAttr(None)
@@ -213,6 +217,10 @@ class SeriesConverter:
                                       "skipped_images": 0, "missing_images": 0,
                                       "images_without_position": 0, "saturated_frames": 0,
                                       "unpositioned_images": 0}
+
+    def report(self, notice: SeriesNotice) -> None:
+        """Log, count and hand on a notice about a series (the bridge's: the daemon refused it)."""
+        self._notice(notice)
 
     def _notice(self, notice: SeriesNotice) -> None:
         if notice.outcome == "warning":
