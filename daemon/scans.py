@@ -514,6 +514,16 @@ class ScanManager:
 
         self._on_disk(scan_id, write, appending=True)
 
+    def _run_storage(self, scan_id: str, fn: Callable[[], None]) -> None:
+        """Run a spool operation on a storage thread: any storage fault is logged, counted and
+        reported for the manager to fail only this scan."""
+        try:
+            fn()
+        except Exception as exc:
+            log.exception("spool operation failed", extra={"scan_id": scan_id})
+            self.metrics.internal_errors.labels(where="spool").inc()
+            self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
+
     def _on_disk(self, scan_id: str, fn: Callable[[], None], nbytes: int = 0, appending: bool = False) -> None:
         """Run ``fn`` on the spool thread after every spool operation asked for before it. A
         failure is logged and counted there and fails the scan (the manager, told through
@@ -527,11 +537,7 @@ class ScanManager:
 
         def task() -> None:
             try:
-                fn()
-            except Exception as exc:  # any storage fault: logged, counted, and only this scan fails
-                log.exception("spool operation failed", extra={"scan_id": scan_id})
-                self.metrics.internal_errors.labels(where="spool").inc()
-                self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
+                self._run_storage(scan_id, fn)
             finally:
                 with self._disk_lock:
                     self._disk_backlog -= nbytes
@@ -678,11 +684,7 @@ class ScanManager:
 
         def task() -> None:
             try:
-                fn()
-            except Exception as exc:  # any storage fault: logged, counted, and only this scan fails
-                log.exception("spool operation failed", extra={"scan_id": scan_id})
-                self.metrics.internal_errors.labels(where="spool").inc()
-                self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}"))
+                self._run_storage(scan_id, fn)
             finally:
                 done.set()
             self.outbox.wake()

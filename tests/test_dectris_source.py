@@ -102,6 +102,52 @@ def _ended(service: BackgroundService, scan_id: str) -> Any:
     return session
 
 
+def _record_closes(service: BackgroundService, monkeypatch: Any) -> list[tuple[str, dict[str, int]]]:
+    """Record each spool close's file name and derived rows; one iteration, no parallax fit."""
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+
+    closed: list[tuple[str, dict[str, int]]] = []
+    real_close = SpoolWriter.close
+
+    def close(self: SpoolWriter, held: Any = None) -> None:
+        real_close(self, held)
+        closed.append((self.path.name, self.derived_rows.copy()))
+
+    monkeypatch.setattr(SpoolWriter, "close", close)
+    config = service.service.config
+    config.options = config.options.model_copy(update={"parallax": False, "iterations": 1})
+    return closed
+
+
+def _stream_past_a_held_close(service: BackgroundService, messages: list[bytes], asked: threading.Event,
+                              gate: threading.Event, closed: list[tuple[str, dict[str, int]]], held: str,
+                              asked_what: str, next_what: str) -> None:
+    """Send two series through a DECTRIS source; once the first's close is held at its gate,
+    the next series ("next-series2", 24 frames) must be on disk while the close still waits."""
+    with SimSender(2) as sender:
+        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
+                               workers=2, batch=16)
+        stop = threading.Event()
+        runner = threading.Thread(target=lambda: source.run(service.service.direct, stop, max_series=2),
+                                  daemon=True)
+        runner.start()
+        try:
+            _wait(source.ready.is_set, "the source's workers to start")
+            for m in messages:
+                sender.send_raw(m)
+            _wait(asked.is_set, asked_what)
+
+            def next_received() -> bool:
+                s = service.service.scans.sessions.get("next-series2")
+                return s is not None and s.ledger.received == 24
+            _wait(next_received, next_what)
+            assert not [name for name, _ in closed if name.startswith(held)]  # (still waiting)
+        finally:
+            gate.set()
+            stop.set()
+            runner.join(60)
+
+
 def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine_holds(
         service, monkeypatch) -> None:
     """At the scan's end its binned frames are written to the spool from the worker's frame
@@ -141,7 +187,6 @@ def test_a_scans_end_waiting_for_its_worker_does_not_hold_up_the_next_series(ser
     the next series' frames waited behind it, not received. Here the worker's frames are held
     back (a gate) until the next scan has every frame on disk; the first scan is then closed
     from its worker's frames and finishes."""
-    from cryoptycho.daemon.storage.spool import SpoolWriter
     from cryoptycho.daemon.worker import ScanWorker
 
     gate, asked = threading.Event(), threading.Event()
@@ -153,40 +198,12 @@ def test_a_scans_end_waiting_for_its_worker_does_not_hold_up_the_next_series(ser
         return real_held(self, start, stop)
 
     monkeypatch.setattr(ScanWorker, "held_frames", gated)
-    closed: list[tuple[str, dict[str, int]]] = []
-    real_close = SpoolWriter.close
-
-    def close(self: SpoolWriter, held: Any = None) -> None:
-        real_close(self, held)
-        closed.append((self.path.name, self.derived_rows.copy()))
-
-    monkeypatch.setattr(SpoolWriter, "close", close)
-    config = service.service.config
-    config.options = config.options.model_copy(update={"parallax": False, "iterations": 1})
+    closed = _record_closes(service, monkeypatch)
     messages = [*_series(_frames(40, seed=11), "gated"), *_series(_frames(24, seed=12), "next", series_id=2,
                                                                   series_unique_id="S2")]
-    with SimSender(2) as sender:
-        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
-                               workers=2, batch=16)
-        stop = threading.Event()
-        runner = threading.Thread(target=lambda: source.run(service.service.direct, stop, max_series=2),
-                                  daemon=True)
-        runner.start()
-        try:
-            _wait(source.ready.is_set, "the source's workers to start")
-            for m in messages:
-                sender.send_raw(m)
-            _wait(asked.is_set, "the first scan's end to ask its worker for its frames")
-
-            def next_received() -> bool:
-                s = service.service.scans.sessions.get("next-series2")
-                return s is not None and s.ledger.received == 24
-            _wait(next_received, "the next series' frames on disk while the first scan's close waits")
-            assert not [name for name, _ in closed if name.startswith("gated")]  # (still waiting)
-        finally:
-            gate.set()
-            stop.set()
-            runner.join(60)
+    _stream_past_a_held_close(service, messages, asked, gate, closed, "gated",
+                              "the first scan's end to ask its worker for its frames",
+                              "the next series' frames on disk while the first scan's close waits")
     session = _ended(service, "gated-series1")
     _wait(lambda: session.state.value == "finished", "the first scan's result")
     assert [rows for name, rows in closed if name.startswith("gated")] == [{"frame_store": 40}]
@@ -210,40 +227,12 @@ def test_an_aborted_scans_close_does_not_hold_up_the_next_series(service, monkey
         real_derive(self, held)
 
     monkeypatch.setattr(SpoolWriter, "_write_derived", gated)
-    closed: list[tuple[str, dict[str, int]]] = []
-    real_close = SpoolWriter.close
-
-    def close(self: SpoolWriter, held: Any = None) -> None:
-        real_close(self, held)
-        closed.append((self.path.name, self.derived_rows.copy()))
-
-    monkeypatch.setattr(SpoolWriter, "close", close)
-    config = service.service.config
-    config.options = config.options.model_copy(update={"parallax": False, "iterations": 1})
+    closed = _record_closes(service, monkeypatch)
     cut = _series(_frames(40, seed=13), "cut")[:1 + 20]  # its start and 20 of its 40 images, no end
     messages = [*cut, *_series(_frames(24, seed=14), "next", series_id=2, series_unique_id="S2")]
-    with SimSender(2) as sender:
-        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
-                               workers=2, batch=16)
-        stop = threading.Event()
-        runner = threading.Thread(target=lambda: source.run(service.service.direct, stop, max_series=2),
-                                  daemon=True)
-        runner.start()
-        try:
-            _wait(source.ready.is_set, "the source's workers to start")
-            for m in messages:
-                sender.send_raw(m)
-            _wait(asked.is_set, "the aborted scan's close to derive its binned rows")
-
-            def next_received() -> bool:
-                s = service.service.scans.sessions.get("next-series2")
-                return s is not None and s.ledger.received == 24
-            _wait(next_received, "the next series' frames on disk while the aborted scan's close waits")
-            assert not [name for name, _ in closed if name.startswith("cut")]  # (still waiting)
-        finally:
-            gate.set()
-            stop.set()
-            runner.join(60)
+    _stream_past_a_held_close(service, messages, asked, gate, closed, "cut",
+                              "the aborted scan's close to derive its binned rows",
+                              "the next series' frames on disk while the aborted scan's close waits")
     aborted = service.service.scans.sessions["cut-series1"]
     _wait(lambda: aborted.state.value == "aborted", "the cut scan to be aborted")
     service.service.scans.flush_disk()
