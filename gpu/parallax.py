@@ -47,7 +47,16 @@ falls steeply, biases E by 1–2 %.
 The object frequencies used: a half-plane grid of spacing ≤ 1/(scan extent) up to 0.9 × the
 scan step's Nyquist frequency (the Fourier sum aliases beyond it) and 2 × the aperture radius,
 without |q| < 2 spacings (the particle's mean and the ice, the least sensitive to aberrations).
-Each frequency is weighted by its shell's signal share s/(1 + s) (s: the projected energy above
+On a raster, ``aliases=True`` (the alias-aware fit, ``parallax_aliases``) goes past Nyquist
+honestly: there e^{−2πi(q + G)·r_j} = e^{−2πi q·r_j}·const for every reciprocal lattice vector
+G, so D(q, k) holds the object at all of q's aliases, D = Σ_G [a_G Ψ*(k)Ψ(k − q − G) +
+b_G Ψ(k)Ψ*(k + q + G)]. The rows are then the frequencies of one reciprocal cell (each count
+combination once), each with 2 columns per alias |q + G| ≤ the reach, projected jointly (Ψ off
+the padded grid by an exact FFT of the probe times e^{2πiG·r}, one per G); inside Nyquist it is
+the plain fit. What it is worth (gpu/MEASUREMENTS.md, "The alias-aware parallax fit"): it
+recovers hemoglobin's probe error like the plain fit at reach 1.8, but its χ² gate is no better
+calibrated — the false positives with the nominal probe right come from the scan's jitter, not
+from the aliasing. Each frequency is weighted by its shell's signal share s/(1 + s) (s: the projected energy above
 the noise's, measured with the nominal probe): at low dose the high-frequency shells hold only
 noise, and unweighted they let the fit chase noise at large defocus.
 """
