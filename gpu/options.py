@@ -353,6 +353,16 @@ class ReconOptions(_Strict):
     an oracle 0.709; MEASUREMENTS.md, "The scan matrix from the parallax fit"), at 4–7× the
     fit's time (4× the frequencies)."""
 
+    parallax_aliases: bool = False
+    """On a raster scan, the parallax fit models each object frequency of one reciprocal cell of
+    the scan lattice together with all its aliases up to ``parallax_reach`` in one least
+    squares (gpu/parallax.py, ``aliases``), so that past the step's Nyquist frequency every
+    count combination is used once. Opt-in: with the nominal probe right it still applied a
+    wrong 8 nm correction at ``parallax_reach`` 1.8 on the realistic hemoglobin at
+    100 e⁻/Å², as the plain fit does — the cause there is the scan's 0.3 Å jitter, not the
+    aliasing (MEASUREMENTS.md, "The alias-aware parallax fit"). A scan that is no lattice is
+    refused ("auto": the fit is skipped, with a warning). Offline only."""
+
     chunk_size: int = Field(256, ge=1)
     """Positions per chunk of a full-batch evaluation (bounds device memory; same result)."""
 

@@ -47,7 +47,16 @@ falls steeply, biases E by 1–2 %.
 The object frequencies used: a half-plane grid of spacing ≤ 1/(scan extent) up to 0.9 × the
 scan step's Nyquist frequency (the Fourier sum aliases beyond it) and 2 × the aperture radius,
 without |q| < 2 spacings (the particle's mean and the ice, the least sensitive to aberrations).
-Each frequency is weighted by its shell's signal share s/(1 + s) (s: the projected energy above
+On a raster, ``aliases=True`` (the alias-aware fit, ``parallax_aliases``) goes past Nyquist
+honestly: there e^{−2πi(q + G)·r_j} = e^{−2πi q·r_j}·const for every reciprocal lattice vector
+G, so D(q, k) holds the object at all of q's aliases, D = Σ_G [a_G Ψ*(k)Ψ(k − q − G) +
+b_G Ψ(k)Ψ*(k + q + G)]. The rows are then the frequencies of one reciprocal cell (each count
+combination once), each with 2 columns per alias |q + G| ≤ the reach, projected jointly (Ψ off
+the padded grid by an exact FFT of the probe times e^{2πiG·r}, one per G); inside Nyquist it is
+the plain fit. What it is worth (gpu/MEASUREMENTS.md, "The alias-aware parallax fit"): it
+recovers hemoglobin's probe error like the plain fit at reach 1.8, but its χ² gate is no better
+calibrated — the false positives with the nominal probe right come from the scan's jitter, not
+from the aliasing. Each frequency is weighted by its shell's signal share s/(1 + s) (s: the projected energy above
 the noise's, measured with the nominal probe): at low dose the high-frequency shells hold only
 noise, and unweighted they let the fit chase noise at large defocus.
 """
@@ -175,6 +184,77 @@ def _scan_step(offsets: np.ndarray) -> float:
     return float(np.median(dist[:, 1]))
 
 
+def _scan_lattice(offsets: np.ndarray) -> np.ndarray:
+    """The scan's lattice basis (2, 2), rows a₁, a₂ in metres, such that every offset is an
+    integer combination of them (plus one common offset); ValueError when the scan is no lattice
+    (spiral, random, jittered nominal positions)."""
+    r = offsets - offsets[0]
+    length = np.hypot(r[:, 0], r[:, 1])
+    scale = float(length.max())
+    order = np.argsort(length)
+    order = order[length[order] > 1e-6 * scale]
+    if len(order) < 2:
+        raise ValueError("the alias-aware parallax fit needs a two-dimensional raster scan")
+    a1 = r[order[0]]
+    second = [i for i in order if abs(a1[0] * r[i, 1] - a1[1] * r[i, 0]) > 0.1 * length[order[0]] * length[i]]
+    if not second:
+        raise ValueError("the alias-aware parallax fit needs a two-dimensional raster scan")
+    basis = np.stack([a1, r[second[0]]])
+    coords = r @ np.linalg.inv(basis)
+    if np.abs(coords - np.round(coords)).max() > 1e-3:
+        raise ValueError("the alias-aware parallax fit needs a raster (lattice) scan: the nominal positions "
+                         "are not integer combinations of two steps")
+    return basis
+
+
+def _alias_rows(offsets: np.ndarray, spacing: float, top: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The alias-aware fit's object frequencies on a raster.
+
+    On a lattice scan e^{−2πi(q + G)·r_j} = e^{−2πi q·r_j}·const for every reciprocal lattice
+    vector G, so the Fourier sum at q holds the object at q and at all its aliases q + G. Rows:
+    the padded-grid frequencies (multiples of ``spacing``) inside one reciprocal cell (|fractional
+    coordinate| < ½ along both lattice steps), one of each ±q pair, |q| ≥ 2 spacings; each with
+    the aliases q + G of |q + G| ≤ ``top`` (G = 0 included when |q| ≤ ``top``). Returns the
+    rows (Nq, 2) in padded steps, the alias slots (Nq, A) as indices into the lattice vectors
+    (−1: empty) and those vectors (nG, 2) in 1/m, closed under negation, G = 0 first."""
+    basis = _scan_lattice(offsets)
+    recip = np.linalg.inv(basis).T  # rows b₁, b₂: a_i·b_j = δ_ij
+    reach = 0.5 * float(np.hypot(*recip[0]) + np.hypot(*recip[1]))
+    n = math.ceil(reach / spacing) + 1
+    grid = np.arange(-n, n + 1)
+    qy, qx = np.meshgrid(grid, grid, indexing="ij")
+    qi = np.stack([qy.ravel(), qx.ravel()], axis=1)
+    q = qi * spacing
+    frac = q @ basis.T
+    half = (qi[:, 0] > 0) | ((qi[:, 0] == 0) & (qi[:, 1] > 0))
+    low = np.hypot(q[:, 0], q[:, 1]) >= 2.0 * spacing * (1 - 1e-9)
+    keep = half & low & (np.abs(frac) < 0.5 - 1e-9).all(axis=1)
+    qi, q = qi[keep], q[keep]
+    g_max = math.ceil(top * float(np.hypot(*basis.T).max())) + 1
+    ns = np.array([(a, b) for a in range(-g_max, g_max + 1) for b in range(-g_max, g_max + 1)])
+    ns = ns[np.argsort(np.abs(ns).sum(axis=1), kind="stable")]  # G = 0 first
+    vectors = ns @ recip
+    shifted = q[:, None, :] + vectors[None]  # (Nq, nG, 2)
+    inside = np.hypot(shifted[..., 0], shifted[..., 1]) <= top * (1 + 1e-9)
+    rows = inside.any(axis=1)
+    qi, inside = qi[rows], inside[rows]
+    used = np.flatnonzero(inside.any(axis=0) | inside.any(axis=0)[_negation(ns)])
+    remap = np.full(len(ns), -1)
+    remap[used] = np.arange(len(used))
+    width = int(inside.sum(axis=1).max())
+    slots = np.full((len(qi), width), -1)
+    for i, row in enumerate(inside):
+        idx = remap[np.flatnonzero(row)]
+        slots[i, :len(idx)] = idx
+    return qi, slots, vectors[used]
+
+
+def _negation(ns: np.ndarray) -> np.ndarray:
+    """For each integer pair in ``ns``, the index of its negation in ``ns``."""
+    index = {tuple(v): i for i, v in enumerate(ns.tolist())}
+    return np.array([index[(-a, -b)] for a, b in ns.tolist()])
+
+
 class BrightFieldModel:
     """The data's Fourier sums over the scan and the transfer model of a trial probe.
 
@@ -187,6 +267,7 @@ class BrightFieldModel:
         mask: Any | None = None, names: tuple[str, ...] = ("C10", "C12a", "C12b"),
         max_frequency: float | None = None, bright_field_threshold: float = 0.5, shells: int = 6,
         nyquist_fraction: float = 0.9, fft_order: bool = False, max_frequencies: int | None = None,
+        aliases: bool = False,
     ) -> None:
         xp = array_module(probe)
         if probe.ndim != 2 or probe.shape[0] != probe.shape[1]:
@@ -240,19 +321,29 @@ class BrightFieldModel:
         top = min(nyquist_fraction * 0.5 / max(_scan_step(offsets), 1e-30), 2.0 * k_radius)
         if max_frequency is not None:
             top = min(top, float(max_frequency))
-        n = int(top / spacing)
-        grid = np.arange(-n, n + 1)
-        qy, qx = np.meshgrid(grid, grid, indexing="ij")
-        qi = np.stack([qy.ravel(), qx.ravel()], axis=1)
-        r = np.hypot(qi[:, 0], qi[:, 1]) * spacing
-        half = (qi[:, 0] > 0) | ((qi[:, 0] == 0) & (qi[:, 1] > 0))
-        # |q| < 2 steps: the particle's mean and the ice, the least sensitive to aberrations
-        qi = qi[half & (r <= top) & (r >= 2.0 * spacing * (1 - 1e-9))]
+        self.top = top  #: 1/m, the highest object frequency used
+        self.spacing = spacing  #: 1/m, the object frequencies' grid step
+        self.aliases: np.ndarray | None = None
+        if aliases:
+            # rows: the frequencies of one reciprocal cell of the scan lattice (each count
+            # combination once); columns: every alias q + G of each up to ``top``
+            qi, self.aliases, alias_vectors = _alias_rows(offsets, spacing, top)
+        else:
+            n = int(top / spacing)
+            grid = np.arange(-n, n + 1)
+            qy, qx = np.meshgrid(grid, grid, indexing="ij")
+            qi = np.stack([qy.ravel(), qx.ravel()], axis=1)
+            r = np.hypot(qi[:, 0], qi[:, 1]) * spacing
+            half = (qi[:, 0] > 0) | ((qi[:, 0] == 0) & (qi[:, 1] > 0))
+            # |q| < 2 steps: the particle's mean and the ice, the least sensitive to aberrations
+            qi = qi[half & (r <= top) & (r >= 2.0 * spacing * (1 - 1e-9))]
         if max_frequencies is not None and len(qi) > max_frequencies:
             # a fixed random subset: the cost is per frequency, and the information on the scan
             # matrix sits in the high frequencies that a disc-shaped cap would drop
             keep = np.sort(np.random.default_rng(0).choice(len(qi), size=int(max_frequencies), replace=False))
             qi = qi[keep]
+            if self.aliases is not None:
+                self.aliases = self.aliases[keep]
         if len(qi) < 4:
             raise ValueError(f"the scan gives only {len(qi)} usable object frequencies: too small a scan")
         self.q = qi * spacing  #: (Nq, 2) object frequencies, 1/m
@@ -274,6 +365,27 @@ class BrightFieldModel:
         self.at_k = flat(ny, nx)
         self.at_minus = flat(ny[None] - qi[:, :1], nx[None] - qi[:, 1:])  # Ψ(k − q)
         self.at_plus = flat(ny[None] + qi[:, :1], nx[None] + qi[:, 1:])  # Ψ(k + q)
+        if self.aliases is not None:
+            # Ψ(k − q − G) = spectrum of ψ(r)e^{2πiG·r} at k − q: one padded FFT per alias
+            # vector G (exact, G is off the padded grid), stacked; slot g of row i reads the
+            # spectrum aliases[i, g] (−1: an empty slot, masked), and Ψ*(k + q + G) the one of −G
+            self.alias_vectors = alias_vectors  #: (nG, 2) the lattice vectors G, 1/m
+            #: (Nq, A, 2) each slot's frequency q + G in padded steps (empty slots: q)
+            self.alias_steps = self.qi[:, None, :] + (alias_vectors / spacing)[np.maximum(self.aliases, 0)] * (
+                self.aliases >= 0)[..., None]
+            negate = np.array([int(np.argmin(np.hypot(*(alias_vectors + v).T))) for v in alias_vectors])
+            stride = big * big
+            # an empty slot reads the zero appended after the last spectrum (a zero column)
+            empty = (self.aliases < 0)[..., None]
+            slot = np.maximum(self.aliases, 0)
+            self.alias_minus = xp.where(asarray(empty, xp), len(alias_vectors) * stride,
+                                        asarray(slot[..., None].astype(np.int64) * stride, xp) + self.at_minus[:, None])
+            self.alias_plus = xp.where(asarray(empty, xp), len(alias_vectors) * stride,
+                                       asarray(negate[slot][..., None].astype(np.int64) * stride, xp)
+                                       + self.at_plus[:, None])
+            ry, rx = np.indices((m, m)) * self.pixel_size
+            self.alias_ramps = asarray(np.exp(2j * np.pi * (alias_vectors[:, :1, None] * ry[None]
+                                                             + alias_vectors[:, 1:, None] * rx[None])), xp, self.cdt)
         self.basis = aberration_basis(tuple(probe.shape), pixel_size, energy_ev, self.names, xp).astype(rdt)
         # the probe's centre (its intensity centroid, window pixels): the Taylor expansion of
         # Ψ off the padded grid (scan matrix, :meth:`projected`) is centred there, so its phase
@@ -290,14 +402,19 @@ class BrightFieldModel:
         # s/(1 + s) with s the shell's projected energy above the noise's 2σ² per frequency),
         # so shells of pure noise do not steer the fit
         nominal = self.projected(np.zeros(len(self.names)))
-        self.sigma2 = max((self.energy - float(nominal.sum())) / (len(qi) * max(self.n_pixels - 2, 1)), 1e-300)
-        edges = np.linspace(2.0 * spacing, top, shells + 1)
-        shell = np.clip(np.digitize(np.hypot(*self.q.T), edges) - 1, 0, shells - 1)
+        #: model columns per frequency (row): 2, or 2 per alias
+        self.columns = np.full(len(qi), 2) if self.aliases is None else 2 * (self.aliases >= 0).sum(axis=1)
+        dof = float(np.maximum(self.n_pixels - self.columns, 1).sum())
+        self.sigma2 = max((self.energy - float(nominal.sum())) / dof, 1e-300)
+        radius = np.hypot(*self.q.T)
+        edges = np.linspace(2.0 * spacing, max(top, float(radius.max())), shells + 1)
+        shell = np.clip(np.digitize(radius, edges) - 1, 0, shells - 1)
         self.q_weight = np.zeros(len(qi))
         for i in range(shells):
             sel = shell == i
             if sel.any():
-                snr = max(float(nominal[sel].mean()) / (2.0 * self.sigma2) - 1.0, 0.0)
+                # the noise projects σ² per column
+                snr = max(float(nominal[sel].mean()) / (float(self.columns[sel].mean()) * self.sigma2) - 1.0, 0.0)
                 self.q_weight[sel] = snr / (1.0 + snr)
 
     def projected(self, coefficients: np.ndarray, scan: np.ndarray | None = None) -> np.ndarray:
@@ -319,6 +436,8 @@ class BrightFieldModel:
         padded[:self.m, :self.m] = psi  # zero-padded: its FFT interpolates Ψ between the k
         spec = fft2(padded).ravel()
         at_k = spec[self.at_k]
+        if self.aliases is not None:
+            return self._projected_aliases(psi, padded, at_k, scan)
         if scan is None or not np.any(scan):
             minus, plus = spec[self.at_minus], spec[self.at_plus]
         else:
@@ -345,14 +464,55 @@ class BrightFieldModel:
                 - 2.0 * (xp.conj(b1) * h12 * b2).real) / xp.maximum(det, tiny)
         return to_numpy(quad).astype(np.float64)
 
+    def _projected_aliases(self, psi: Any, padded: Any, at_k: Any, scan: np.ndarray | None) -> np.ndarray:
+        """:meth:`projected` with every alias: the energy of each row's data in the span of
+        the 2 columns of each alias q + G, Ψ*(k)Ψ(k − q − G) and Ψ(k)Ψ*(k + q + G); with
+        ``scan``, at the object frequency A⁻ᵀ(q + G) each alias's data come from."""
+        xp = self.xp
+        zero = [xp.zeros(1, dtype=self.cdt)]  # what an empty slot reads
+        spectra = []
+        moved = scan is not None and np.any(scan)
+        derivs: list[list[Any]] = [[] for _ in self.moments] if moved else []
+        for ramp in self.alias_ramps:
+            shifted = psi * ramp
+            padded[:self.m, :self.m] = shifted
+            spectra.append(fft2(padded).ravel())
+            for out, w in zip(derivs, self.moments):
+                padded[:self.m, :self.m] = shifted * w
+                out.append(fft2(padded).ravel())
+        stack = xp.concatenate(spectra + zero)
+        if moved:
+            a_inv = np.linalg.inv(np.eye(2) + np.asarray(scan, dtype=np.float64).reshape(2, 2))
+            # rows: A⁻ᵀ(q + G) − (q + G) in padded steps, per row and alias slot
+            shift = self.alias_steps @ (a_inv - np.eye(2))
+            dstack = [xp.concatenate(d + zero) for d in derivs]
+            minus = self._off_grid(stack, dstack, self.alias_minus, -shift)
+            plus = self._off_grid(stack, dstack, self.alias_plus, shift)
+        else:
+            minus, plus = stack[self.alias_minus], stack[self.alias_plus]
+        weighted = at_k * self.weight
+        g1 = xp.conj(weighted) * minus  # (Nq, A, Nk): Ψ*(k)Ψ(k − q − G)
+        g2 = weighted * xp.conj(plus)  # Ψ(k)Ψ*(k + q + G)
+        g = xp.concatenate([g1, g2], axis=1)  # (Nq, 2A, Nk)
+        h = xp.conj(g) @ xp.swapaxes(g, 1, 2)  # Gᴴ G per row, (Nq, 2A, 2A)
+        b = (xp.conj(g) @ self.data[:, :, None])[..., 0]  # Gᴴ d
+        diag = xp.real(xp.diagonal(h, axis1=1, axis2=2))
+        # empty slots have zero columns: a unit diagonal there keeps H invertible (their b is 0);
+        # a relative ridge keeps nearly collinear aliases (low overlap) from amplifying noise
+        ridge = 1e-9 * diag.max(axis=1, keepdims=True) + (diag <= 0)
+        h = h + ridge[..., None] * xp.eye(h.shape[1], dtype=h.dtype)[None]
+        x = xp.linalg.solve(h, b[..., None])[..., 0]
+        return to_numpy(xp.real((xp.conj(b) * x).sum(axis=1))).astype(np.float64)
+
     def _off_grid(self, spec: Any, derivs: list[Any], at: Any, shift: np.ndarray) -> Any:
-        """Ψ at the gather points ``at`` (Nq, Nk) moved by ``shift`` (Nq, 2) padded steps."""
+        """Ψ at the gather points ``at`` (Nq, Nk) moved by ``shift`` (Nq, 2) padded steps
+        (or (Nq, A, Nk) and (Nq, A, 2): per alias slot)."""
         xp = self.xp
         big = self.oversample * self.m
-        dy = asarray(shift[:, :1], xp, self.basis.dtype)
-        dx = asarray(shift[:, 1:], xp, self.basis.dtype)
+        dy = asarray(shift[..., :1], xp, self.basis.dtype)
+        dx = asarray(shift[..., 1:], xp, self.basis.dtype)
         # the centred expansion's phase: Ψ(u + δ) = e^{−2πi δ·c/big} Σ ψ(r) e^{−2πi u·r/big} e^{−iδ·ρ}
-        ramp = asarray(np.exp(-2j * np.pi * (shift @ self.centre) / big)[:, None], xp, self.cdt)
+        ramp = asarray(np.exp(-2j * np.pi * (shift @ self.centre) / big)[..., None], xp, self.cdt)
         sy, sx, syy, syx, sxx = (d[at] for d in derivs)
         return ramp * (spec[at] - 1j * (dy * sy + dx * sx)
                        - 0.5 * (dy * dy * syy + 2.0 * dy * dx * syx + dx * dx * sxx))
@@ -426,7 +586,7 @@ def estimate_aberrations(
     search_range_m: float = 60e-9, prior_rms_m: float | None = 20e-9,
     max_frequency: float | None = None, fft_order: bool = False, cancel: threading.Event | None = None,
     start: dict[str, float] | None = None, scan: bool = False, scan_prior_rms: float = 0.03,
-    nyquist_fraction: float = 0.9, max_frequencies: int | None = None,
+    nyquist_fraction: float = 0.9, max_frequencies: int | None = None, aliases: bool = False,
 ) -> ParallaxFit:
     """The aberrations of the true probe relative to ``probe`` (the nominal one), from the
     bright-field disc of every pattern (module docstring).
@@ -452,7 +612,11 @@ def estimate_aberrations(
     as a fraction of the scan step's Nyquist frequency (on a raster the Fourier sum aliases
     beyond 1; a spiral or random scan does not alias exactly, and there frequencies up to
     about twice it carry most of what the fit learns about the scan matrix);
-    ``max_frequencies``: at most this many of them, a fixed random subset."""
+    ``max_frequencies``: at most this many of them, a fixed random subset. ``aliases``: on a
+    raster, model each frequency of one reciprocal cell of the scan lattice together with all
+    its aliases up to ``nyquist_fraction`` × Nyquist in one least squares (the alias-aware fit,
+    module docstring): every count combination is used once, so the χ² significance stays
+    calibrated past Nyquist; ValueError on a scan that is no lattice."""
     names = tuple(names)
     if not names:
         raise ValueError("the parallax fit needs at least one aberration coefficient")
@@ -460,7 +624,7 @@ def estimate_aberrations(
         raise ValueError(f"prior_rms_m must be positive metres or None, got {prior_rms_m!r}")
     model = BrightFieldModel(frames, positions_m, probe, pixel_size, energy_ev, mask, names, max_frequency,
                              fft_order=fft_order, nyquist_fraction=nyquist_fraction,
-                             max_frequencies=max_frequencies)
+                             max_frequencies=max_frequencies, aliases=aliases)
     n = len(names)
     unit = 1e-9  # search in nanometres
     x0 = np.zeros(n)

@@ -194,7 +194,7 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
                                    mask=data.mask, names=tuple(opts.parallax_aberrations),
                                    search_range_m=opts.parallax_range_m, scan=opts.parallax_scan,
                                    scan_prior_rms=opts.parallax_scan_prior,
-                                   nyquist_fraction=opts.parallax_reach)
+                                   nyquist_fraction=opts.parallax_reach, aliases=opts.parallax_aliases)
     except ValueError as exc:
         if not auto:
             raise ValueError(f"parallax: {exc}") from exc
