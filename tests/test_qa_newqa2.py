@@ -32,3 +32,46 @@ def test_a_lowfreq_boost_past_single_precision_is_refused_by_serve_naming_it() -
                           env=os.environ.copy())
     assert proc.returncode != 0
     assert "options.lowfreq_boost" in proc.stderr and "less than or equal" in proc.stderr, proc.stderr
+
+
+def test_detector_series_queued_beyond_the_soft_open_file_limit_keep_their_spools(tmp_path) -> None:
+    """Since fieldqa4 a detector's series wait uncapped, each with its spool's two files open.
+    Under the usual soft limit of 1,024 open files (systemd's default, a login shell's) some
+    500 series queued behind a long reconstruction ran out of descriptors: "Too many open
+    files" failed the scans being closed and the spools being opened. serve raises its soft
+    limit to the hard one (systemd: 524,288), as a server holding a file per queued job must.
+    Here the daemon starts with a soft limit of 96 and a hard one of 4,096, and 60 series
+    (120 spool files) queue behind the first."""
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import metrics_of, start_daemon, wait_for
+
+    series = 60
+    limit = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (96, 4096)); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+    sim = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0",
+                            "--series", str(series), "--frames", "16", "--size", "32"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    daemon = None
+    try:
+        assert sim.stdout is not None
+        line = sim.stdout.readline()
+        url = line[line.index("dectris2://"):].split()[0].rstrip(")")
+        daemon = start_daemon(tmp_path, "--source", url, "--set", "options.iterations=1000000",
+                              "--set", "refine_time_budget_s=600", "--set", "max_concurrent_scans=1",
+                              "--set", "max_queued_scans=1", "--set", "drain_timeout_s=0",
+                              "--set", "keep_spool=true",  # a scan that finishes keeps its spool too
+                              prefix=(sys.executable, "-c", limit))
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            wait_for(lambda: len(ctl.list_scans()) >= series, 180, f"{series} series to be accepted", daemon)
+        assert sim.wait(60) == 0
+        m = metrics_of(daemon)
+        assert not any(m.get(f"cryoptycho_scans_total{{outcome={o}}}", 0) for o in ("refused", "failed")), m
+        assert "Too many open files" not in daemon.log(), daemon.log()
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.wait(10)
+        if daemon is not None:
+            assert daemon.stop() == 0, daemon.log()
+    assert "Too many open files" not in daemon.log(), daemon.log()
+    assert len(list((tmp_path / "spool").glob("*.spool.h5"))) == series  # every series kept for the next start
