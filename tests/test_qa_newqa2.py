@@ -75,3 +75,36 @@ def test_detector_series_queued_beyond_the_soft_open_file_limit_keep_their_spool
             assert daemon.stop() == 0, daemon.log()
     assert "Too many open files" not in daemon.log(), daemon.log()
     assert len(list((tmp_path / "spool").glob("*.spool.h5"))) == series  # every series kept for the next start
+
+
+def test_a_position_update_scheduled_at_iteration_zero_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """realprobe moved the position updates inside CG (refine_full_batch's ``between``, called
+    after a CG iteration): with ``position_start_iteration = 0`` (allowed, ≥ 0) the update due
+    before the first iteration was dropped — with ``iterations == position_every`` the
+    refinement made none at all, where it made one before (and the live engine's scan end,
+    ``_position_update_fits``, counts on it)."""
+    from cryoptycho.gpu import operators
+    from cryoptycho.gpu import reconstruct as rec
+    from cryoptycho.gpu.data import PtychoData
+    from cryoptycho.gpu.options import ReconOptions
+    from engine_helpers import ENERGY, PIXEL
+    from test_engine_positions import _distorted_scan
+
+    nominal, _true, frames, _truth, _geo, probe = _distorted_scan(1e5, grid=6)
+    data = PtychoData(frames=operators.from_fft_order(frames), positions=nominal, energy=ENERGY,
+                      pixel_size=PIXEL, probe=probe.astype(np.complex64))
+    real = rec.update_positions
+    done: list[int] = []
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        done.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec, "update_positions", counted)
+    # (iterations, every) → updates at 0 only; at 0 and 2 (none in the last `every`)
+    for iterations, every, updates in ((3, 3, 1), (4, 2, 2)):
+        opts = ReconOptions(iterations=iterations, mu0=1e-3, refine_positions=True, position_start_iteration=0,
+                            position_every=every, refine_probe=False)
+        done.clear()
+        rec.refine_alternating(rec.prepare(data, opts), opts, None)
+        assert len(done) == updates, (iterations, every, len(done))
