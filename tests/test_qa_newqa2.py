@@ -108,3 +108,32 @@ def test_a_position_update_scheduled_at_iteration_zero_runs(monkeypatch: pytest.
         done.clear()
         rec.refine_alternating(rec.prepare(data, opts), opts, None)
         assert len(done) == updates, (iterations, every, len(done))
+
+
+def test_the_viewer_keeps_the_image_of_a_long_scan_that_ends_after_shorter_ones() -> None:
+    """Two scans run at once by default: a long scan in one slot while short ones pass through
+    the other. The viewer kept the images of the 8 ended scans first *seen* last, so the long
+    scan's final image was dropped the moment it arrived (a page opened then showed none for
+    the scan that had just finished). The images kept are those of the 8 scans that *ended*
+    last."""
+    from cryoptycho.daemon.web.hub import ENDED_PREVIEWS_KEPT, Hub
+    from cryoptycho.protocols.messages import Result, ScanEvent
+
+    hub = Hub("tcp://127.0.0.1:9", "tcp://127.0.0.1:9")
+    obj = np.ones((24, 24), np.complex64)
+    probe = np.ones((8, 8), np.complex64)
+
+    def ends(sid: str) -> None:
+        hub.apply(Result(sid, 2, 1e-10, (0.0, 0.0), obj, probe, np.zeros((1, 2)), files={"h5": f"/r/{sid}.h5"}))
+        hub.apply(ScanEvent(sid, "finished"))
+
+    hub.apply(ScanEvent("long", "acquiring"))
+    short = [f"short{i}" for i in range(ENDED_PREVIEWS_KEPT + 2)]
+    for sid in short:
+        hub.apply(ScanEvent(sid, "acquiring"))
+        ends(sid)
+    ends("long")
+    imaged = [sid for sid, v in hub.scans.items() if v.preview is not None]
+    assert "long" in imaged, imaged
+    assert sorted(imaged) == sorted(["long", *short[-(ENDED_PREVIEWS_KEPT - 1):]])
+    assert next(m["scan_id"] for m in hub.state_messages() if m.get("kind") == "scan") == "long"  # order kept
