@@ -833,6 +833,10 @@ def refine_alternating(
     # one changes the objective and CG restarts there, as it did at every update before.
     inner = sorted(s for s, what in due.items() if "positions" in what)
     it = 0
+    if inner and inner[0] == 0 and "aberrations" not in due[0]:
+        # due before CG's first iteration (position_start_iteration 0), which ``between``
+        # (called after an iteration) never sees; at an aberration fit the loop below runs it
+        move_positions(0, obj, probe)
     for stop in sorted(s for s, what in due.items() if "aberrations" in what) + [total]:
         while it < stop:
             points = {s for s in inner if it < s < stop}

@@ -115,6 +115,9 @@ class Hub:
         self.max_side = max_side
         self.control_timeout_s = control_timeout_s
         self.scans: dict[str, ScanView] = {}
+        #: ended scans in the order they ended (``scans`` is in the order first seen: a long
+        #: scan run beside short ones ends after scans seen after it)
+        self._ended: dict[str, None] = {}
         self.last_error: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._clients: dict[ClientSlot, asyncio.AbstractEventLoop] = {}
@@ -210,7 +213,11 @@ class Hub:
         every scan it had seen, with its images: its memory, and what each newly opened page
         downloads first, grew with every scan."""
         with self._lock:
-            ended = [sid for sid, view in self.scans.items() if view.state in ENDED]
+            for sid, view in self.scans.items():  # ended as catch_up found them: in list order
+                if view.state in ENDED:
+                    self._ended.setdefault(sid)
+            ended = [sid for sid in self._ended if sid in self.scans and self.scans[sid].state in ENDED]
+            self._ended = dict.fromkeys(ended)
             for sid in ended[:-ENDED_SCANS_KEPT]:
                 del self.scans[sid]
             for sid in ended[-ENDED_SCANS_KEPT:-ENDED_PREVIEWS_KEPT]:
@@ -278,6 +285,9 @@ class Hub:
             view.summary.update({k: v for k, v in event.info.items() if np.isscalar(v)})
             self._broadcast(view.as_json())
             if view.state in ENDED:
+                with self._lock:
+                    self._ended.pop(event.scan_id, None)
+                    self._ended[event.scan_id] = None  # ended now: the newest
                 self._trim()
         elif isinstance(event, Result):
             view = self._view(event.scan_id)
