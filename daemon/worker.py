@@ -245,8 +245,14 @@ class ScanWorker:
                 store = getattr(self.engine, "frame_store", None)
                 if first_frames and isinstance(store, FrameStore):
                     # the scan's declared frames are faulted in ahead of the appends on a thread
-                    # of their own (a fresh store's pages cost a first scan ≈ 12 µs per frame here)
-                    store.start_prefault(cfg.host_memory_budget_bytes)
+                    # of their own (a fresh store's pages cost a first scan ≈ 12 µs per frame
+                    # here): within the memory budget and, as the warm reserve, half the memory
+                    # available (resident before the frames come; more calls the OOM killer)
+                    from .service import memory_available  # (here: the service imports this module)
+
+                    available = memory_available()
+                    store.start_prefault(cfg.host_memory_budget_bytes if available is None
+                                         else min(cfg.host_memory_budget_bytes, available // 2))
                 if halves is not None:
                     halves.add_frames(item.frames, item.positions_m)
                 unpreviewed.append((item.arrived, len(item.frames)))
