@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from types import ModuleType
 from typing import Any
 
@@ -514,10 +515,13 @@ class FrameStore:
                         self.prefaulted_rows += hi - max(lo, self._populated)
                         self._populated = hi
                 mapping.populated = max(mapping.populated, hi * row)
-        except Exception as exc:  # reported, and the appends fault their own rows in
-            self.prefault_error = exc
-            log.warning("frame store prefault stopped (the appends fault their own memory in): %s: %s",
-                        type(exc).__name__, exc, exc_info=exc)
+        except Exception as exc:  # noqa: BLE001 - logged and kept (prefault_error); the appends fault their own rows in
+            # the traceback goes as text and is not kept: its frames hold this store and the
+            # mapping, and a log record or the kept exception holding them would keep the mapping
+            # from looking idle to the pool (the store's memory not reused) for as long
+            log.warning("frame store prefault stopped (the appends fault their own memory in): %s: %s\n%s",
+                        type(exc).__name__, exc, "".join(traceback.format_exception(exc)).rstrip())
+            self.prefault_error = exc.with_traceback(None)
         finally:
             self.prefault_cpu_s = time.thread_time() - cpu0
             del hold

@@ -115,7 +115,7 @@ def test_prefault_error_is_reported_and_the_store_still_works(monkeypatch, caplo
         assert store.start_prefault()
         wait_for(lambda: not store.prefaulting, 60, "the failing prefaulter to end")
     assert store.prefault_error is injected
-    assert any("prefault" in r.getMessage() and "injected" in r.getMessage() and r.exc_info
+    assert any("prefault" in r.getMessage() and "injected" in r.getMessage() and "Traceback" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert gate.calls == 1
     _append(store, frames, 16, 256, 60)  # the appends fault their own rows in
@@ -213,3 +213,28 @@ def test_daemon_scan_prefaults_its_store_and_the_thread_ends_with_the_scan(tmp_p
         ctl.close()
         if not stopped_daemon:
             bg.stop()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_prefaulted_store_gives_its_memory_back_to_the_pool(monkeypatch, fails):
+    """Once the prefaulter has ended (done or failed) and the store is gone, its mapping is idle
+    and the next store of that size reuses it, without a garbage collection: the thread keeps no
+    reference to the store or its memory (a kept exception keeps no traceback)."""
+    gate = _Gate(monkeypatch, fail=OSError(errno.ENOMEM, "injected") if fails else None)
+    gate.go.set()
+    previous = framestore.MAPPINGS.set_keep_bytes(64 << 20)
+    try:
+        stores = [FrameStore((SIDE, SIDE), np.uint16, 512)]
+        stores[0].append(_frames(8), np.zeros((8, 2)))
+        assert stores[0].start_prefault()
+        wait_for(lambda: not stores[0].prefaulting, 60, "the prefaulter to end")
+        assert (stores[0].prefault_error is not None) == fails
+        assert fails or stores[0]._populated == 512
+        stores.clear()
+        reused = framestore.MAPPINGS.reused
+        again = FrameStore((SIDE, SIDE), np.uint16, 512)
+        assert framestore.MAPPINGS.reused == reused + 1
+        # the memory the prefaulter faulted in comes with it: no row to fault in again
+        assert again._populated == (8 if fails else 512)
+    finally:
+        framestore.MAPPINGS.set_keep_bytes(previous)
