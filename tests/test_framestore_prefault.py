@@ -111,7 +111,7 @@ def test_prefaulter_stops_when_asked_and_the_appends_go_on(monkeypatch):
     assert store.stop_prefault(timeout=0) is False  # still inside its call: asked, not ended
     gate.go.set()
     assert store.stop_prefault() is True
-    assert not store.prefaulting and not any(t.name == THREAD for t in threading.enumerate())
+    assert not store.prefaulting and not store._prefault_thread.is_alive()
     assert gate.calls == 1  # it made no call after it was asked to stop
     assert store._populated == 32 + 16  # the rows of the call it was in, no more
     _append(store, frames, 32, 512, 100)
@@ -214,9 +214,8 @@ def test_daemon_scan_prefaults_its_store_and_the_thread_ends_with_the_scan(tmp_p
             bg.stop()
             stopped_daemon = True
         wait_for(lambda: stopped, 60, "the worker to stop the prefaulter")
-        wait_for(lambda: not any(t.name == THREAD for t in threading.enumerate()), 60,
-                 "the prefaulter thread to end")
         store, held = stopped[0]
+        wait_for(lambda: not store.prefaulting, 60, "the prefaulter thread to end")
         assert store.prefault_error is None and gate.calls == 1
         step = framestore._PREFAULT_STEP_BYTES // (SIDE * SIDE * 2)
         # its one call (from the end of the first frames' rows, at most all 64), not the rest
