@@ -193,6 +193,10 @@ class ScanWorker:
         finally:
             # the engine holds every frame of the scan (on the GPU too) and frames may still wait
             # in the inbox (a cancelled scan): an ended scan keeps its summary, not its data
+            store = getattr(self.engine, "frame_store", None)
+            if isinstance(store, FrameStore) and not store.stop_prefault():
+                log.warning("frame store prefault thread still running after the scan",
+                            extra={"scan_id": s.scan_id})
             self.engine = self._good = None
             self._held = None
             self._frames_in.set()  # (held_frames waits no longer)
@@ -224,11 +228,13 @@ class ScanWorker:
                     ended = True
                     store = getattr(self.engine, "frame_store", None)
                     if isinstance(store, FrameStore):
+                        store.stop_prefault()  # no frame comes after: the rest stays untouched
                         self._held = (store.frames, store.n)
                     self._frames_in.set()
                     self._scan_end = item.arrived
                     continue
-                if self.engine is None:
+                first_frames = self.engine is None
+                if first_frames:
                     self._start_engines(item.frames)
                     if cfg.resolution_interval_s > 0:
                         halves = HalfSetEstimator(
@@ -236,6 +242,17 @@ class ScanWorker:
                             cfg.resolution_share, seed=self.options.seed + 1,
                         )
                 self.engine.add_frames(item.frames, item.positions_m)
+                store = getattr(self.engine, "frame_store", None)
+                if first_frames and isinstance(store, FrameStore):
+                    # the scan's declared frames are faulted in ahead of the appends on a thread
+                    # of their own (a fresh store's pages cost a first scan ≈ 12 µs per frame
+                    # here): within the memory budget and, as the warm reserve, half the memory
+                    # available (resident before the frames come; more calls the OOM killer)
+                    from .service import memory_available  # (here: the service imports this module)
+
+                    available = memory_available()
+                    store.start_prefault(cfg.host_memory_budget_bytes if available is None
+                                         else min(cfg.host_memory_budget_bytes, available // 2))
                 if halves is not None:
                     halves.add_frames(item.frames, item.positions_m)
                 unpreviewed.append((item.arrived, len(item.frames)))
