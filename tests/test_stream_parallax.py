@@ -461,7 +461,6 @@ def test_a_running_fit_whose_pace_says_it_cannot_finish_is_dropped_at_once(monke
     seconds with ~447 to go cannot finish in the 30 s share of a 60 s budget, so ``refine``
     drops it at once (the fit stops at its next trial) and gives the budget to CG — every
     iteration asked for runs — and the nominal probe and the refined object stand."""
-    import cryoptycho.gpu.stream as stream_module
 
     frames, pos, nominal, _ = _scan(seed=8)
     n = len(frames)
