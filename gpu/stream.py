@@ -960,7 +960,7 @@ class StreamingReconstructor:
         if time_budget_s is not None:
             time_budget_s = max(0.0, time_budget_s - (clock() - t_entry))
         if opts.refine_positions or opts.refine_aberrations:
-            obj, probe, losses = self._refine_alternating(opts, batch, iterations, time_budget_s, callback)
+            obj, probe, losses = self._refine_alternating(opts, batch, iterations, time_budget_s, callback, clock)
         else:
             obj, probe, losses = refine_full_batch(
                 self.obj, self.probe, self.frame_store.frames[:n], batch, self.mask, opts,
@@ -980,7 +980,7 @@ class StreamingReconstructor:
 
     def _refine_alternating(
         self, opts: ReconOptions, batch: Batch, iterations: int, time_budget_s: float | None,
-        callback: Callable[[int, int, float], None] | None,
+        callback: Callable[[int, int, float], None] | None, clock: Callable[[], float] = time.perf_counter,
     ) -> tuple[Any, Any, list[float]]:
         """The offline engine's CG alternating with position and/or aberration updates
         (reconstruct.refine_alternating) on every frame received; refined positions replace
@@ -997,7 +997,7 @@ class StreamingReconstructor:
             kappa=kappa, energy=float(self._energy or 0.0),
         )
         run = opts.model_copy(update={"iterations": iterations, "time_budget_s": time_budget_s})
-        obj, probe, losses, positions = refine_alternating(problem, run, callback)
+        obj, probe, losses, positions = refine_alternating(problem, run, callback, clock=clock)
         for key, value in problem.probe_estimate.items():
             # each refinement starts from the probe the last one left: plates add up
             self._probe_estimate[key] = self._probe_estimate.get(key, 0.0) + value
