@@ -69,12 +69,14 @@ FIRST_EVALUATION_SWEEPS = 2.0
 #: A refit warm-started from the early parallax fit takes about this share of the early fit's
 #: time per frame (237 of 447 trial probes measured, plus the Fourier sums of the frames).
 REFIT_SHARE = 0.6
-#: Trial probes of a parallax fit of the default three coefficients (measured: a cold fit 447, one
-#: warm-started from an earlier estimate 237): with the trials a running fit has done and its
-#: pace, ``refine`` predicts what is left of it, until a fit of the same kind has landed and
-#: given its own count.
-FIT_TRIALS_COLD = 447
-FIT_TRIALS_WARM = 237
+#: Trial probes of a parallax fit of the default three coefficients: with the trials a running
+#: fit has done and its pace, ``refine`` predicts what is left of it, until a fit of the same kind
+#: has landed and given its own count. Measured: a cold fit 447 and a warm-started one 237 on the
+#: realistic proteasome, 204–205 and 83–84 on the small scans of tests/test_stream_parallax.py
+#: (the grids alone are 106); the fewest are taken, so that a prediction errs towards waiting
+#: (the half budget still caps the wait).
+FIT_TRIALS_COLD = 200
+FIT_TRIALS_WARM = 80
 #: Trials a fit must have done before its pace is trusted (before them it builds its model).
 FIT_PACE_TRIALS = 3
 #: Seconds between the checks of a running fit while ``refine`` waits for it at scan end.
@@ -97,11 +99,17 @@ class FitProgress(threading.Event):
     it once per trial (``estimate_aberrations(cancel=…)``), so ``trials`` is the work it did so
     far, from which ``refine`` predicts whether it can finish in the budget left."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__()
+        self._clock = clock
         self.trials = 0  #: written by the fit's thread only
+        #: when the first trial began: the fit's pace counts from there, not from its set-up
+        #: (the Fourier sums of its frames, which no trial count measures)
+        self.first_trial_at: float | None = None
 
     def is_set(self) -> bool:
+        if self.trials == 0:
+            self.first_trial_at = self._clock()
         self.trials += 1
         return super().is_set()
 
@@ -576,9 +584,9 @@ class StreamingReconstructor:
             # a refit starts from the early fit's estimate (no grids: about half the trials)
             start = self.parallax_fit.coefficients if final and self.parallax_fit is not None else None
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax")
-            self._parallax_cancel = FitProgress()
+            self._parallax_cancel = FitProgress(self.clock)
             self._parallax_warm = start is not None
-            self._parallax_started = self.clock()  # (before the fit's first trial: its pace counts from here)
+            self._parallax_started = self.clock()
             # rows below n of the store are never written again (a growth copies them into a
             # new array and leaves this one to the view): the thread reads them unlocked
             self._parallax_job = pool.submit(
@@ -643,11 +651,13 @@ class StreamingReconstructor:
         """Wait for the running fit at most ``wait_s`` (``clock`` seconds); False — give it up —
         as soon as its pace says it cannot finish in the wait left, so that the refinement gets
         that time instead of a fit whose result would come too late. The pace is the fit's over
-        its life (slowed by the steps beside it while the scan streamed) or, once it did
-        ``FIT_PACE_TRIALS`` trials during this wait, the faster of that and its pace now."""
+        its life since its first trial (slowed by the steps beside it while the scan streamed)
+        or, once it did ``FIT_PACE_TRIALS`` trials during this wait, the faster of that and its
+        pace now."""
         assert self._parallax_job is not None
         job, progress = self._parallax_job, self._parallax_cancel
-        t0, trials0 = self.clock(), progress.trials
+        t0 = self.clock()
+        wait_mark: tuple[float, int] | None = None  # (time, trials) at the first check past a trial
         while not job.done():
             now = self.clock()
             left = wait_s - (now - t0)
@@ -656,11 +666,13 @@ class StreamingReconstructor:
                             "the %s probe is kept", self._parallax_frames, wait_s,
                             "early fit's" if self._parallax_applied else "nominal")
                 return False
-            trials = progress.trials
-            if trials >= FIT_PACE_TRIALS:
-                pace = (now - self._parallax_started) / trials
-                if trials - trials0 >= FIT_PACE_TRIALS:
-                    pace = min(pace, (now - t0) / (trials - trials0))
+            trials, first = progress.trials, progress.first_trial_at
+            if trials and wait_mark is None:
+                wait_mark = (now, trials)
+            if trials >= FIT_PACE_TRIALS and first is not None:
+                pace = (now - first) / (trials - 1)
+                if wait_mark is not None and trials - wait_mark[1] >= FIT_PACE_TRIALS:
+                    pace = min(pace, (now - wait_mark[0]) / (trials - wait_mark[1]))
                 expected = self._parallax_trials.get(
                     self._parallax_warm, FIT_TRIALS_WARM if self._parallax_warm else FIT_TRIALS_COLD)
                 # a fit past its expected count has little left, but not nothing

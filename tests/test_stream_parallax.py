@@ -458,7 +458,7 @@ def _early_fit_of_ten_slow_trials(monkeypatch, clock: _FakeClock, n: int, hold: 
 
 def test_a_running_fit_whose_pace_says_it_cannot_finish_is_dropped_at_once(monkeypatch, caplog) -> None:
     """At scan end an early fit still running is judged by the work it did: ten trials in ten
-    seconds with ~447 to go cannot finish in the 30 s share of a 60 s budget, so ``refine``
+    seconds with ~190 to go cannot finish in the 30 s share of a 60 s budget, so ``refine``
     drops it at once (the fit stops at its next trial) and gives the budget to CG — every
     iteration asked for runs — and the nominal probe and the refined object stand."""
 
