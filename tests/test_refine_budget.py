@@ -158,3 +158,30 @@ def test_a_position_update_predicted_to_overrun_is_not_started(monkeypatch, capl
     assert clock.now <= budget  # (work-clock seconds: the budget held)
     assert np.isfinite(engine.snapshot().object).all()
     assert not np.allclose(engine.snapshot().object, streamed)  # the refined object is the result
+
+
+def test_the_second_half_set_gets_only_what_the_first_left() -> None:
+    """The half sets share their part of the post-scan budget: a first half that overran (here
+    7 s of its 5) leaves the second 3 s, not another 5, so the halves end within their 10 s."""
+    from cryoptycho.daemon.resolution import HalfSetEstimator
+
+    clock = _WorkClock()
+
+    class Half:
+        n_frames = 10
+
+        def __init__(self, cost: float) -> None:
+            self.cost, self.budgets = cost, []
+
+        def add_frames(self, frames, positions) -> None:
+            pass
+
+        def refine(self, iterations: int, time_budget_s: float) -> None:
+            self.budgets.append(time_budget_s)
+            clock.now += self.cost  # (the first one ignores its budget)
+
+    halves = iter([Half(7.0), Half(1.0)])
+    est = HalfSetEstimator(lambda: next(halves), 1e-10, 0.2)
+    est.refine(10, 10.0, clock=clock)
+    assert est._a.budgets == [5.0] and est._b.budgets == [3.0]
+    assert clock.now <= 10.0
