@@ -56,13 +56,18 @@ class HalfSetEstimator:
         self._spent += time.perf_counter() - t0
         return True
 
-    def refine(self, iterations: int, time_budget_s: float) -> None:
+    def refine(self, iterations: int, time_budget_s: float,
+               clock: Callable[[], float] = time.perf_counter) -> None:
         """Full-batch refinement of both halves after scan end, within ``time_budget_s`` in all
-        (the estimate describes the refined result only if the halves are refined too)."""
+        (the estimate describes the refined result only if the halves are refined too): each
+        gets half, and the second at most what the first left (a first half that overran takes
+        from the second, not from the operator's budget)."""
         if not self.enabled or self._a.n_frames == 0:
             return
+        t0 = clock()
         self._a.refine(iterations, time_budget_s=time_budget_s / 2)
-        self._b.refine(iterations, time_budget_s=time_budget_s / 2)
+        left = time_budget_s - (clock() - t0)
+        self._b.refine(iterations, time_budget_s=max(0.0, min(time_budget_s / 2, left)))
 
     def estimate(self) -> float | None:
         """FRC resolution (m) of the two halves' current phases, restricted to the scanned area."""

@@ -767,8 +767,16 @@ def _affine_of(nominal_px: np.ndarray, positions_px: np.ndarray) -> tuple[np.nda
     return coef[:2].T, coef[2]
 
 
+#: A position or aberration update's cost in mean CG iterations, before one of its kind was timed
+#: (a position update evaluates the data term's gradient and a trial at the moved positions, about
+#: one iteration's work; an aberration fit runs ``aberration_fit_iterations`` evaluations of the probe
+#: alone: a guess that errs long, not measured).
+UPDATE_ITERATIONS = {"positions": 1.0, "aberrations": 5.0}
+
+
 def refine_alternating(
     problem: Problem, opts: ReconOptions, progress: Progress | None, nominal_m: np.ndarray | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[Any, Any, list[float], np.ndarray]:
     """:func:`refine_full_batch` alternating with updates of the positions (gpu/positions.py)
     and of the probe's aberration coefficients (gpu/aberrations.py) at the object CG holds:
@@ -781,11 +789,27 @@ def refine_alternating(
     With ``refine_aberrations`` the coefficients found are added to ``problem.probe_estimate``
     as ``aberration_<name>_m`` (metres, relative to ``problem.probe``). A mixed-state probe
     (P, M, M) is refined as well: the positions' terms and the aberration gradient sum over
-    the modes, every mode under the same phase plate."""
+    the modes, every mode under the same phase plate. Within ``opts.time_budget_s`` an update
+    starts only when its predicted cost (the last update's of its kind, else
+    ``UPDATE_ITERATIONS`` of the mean CG iteration so far) still fits (``clock`` is injectable
+    for tests)."""
     geo = problem.geometry
     total = opts.iterations
     budget = opts.time_budget_s
-    t_start = time.perf_counter()
+    t_start = clock()
+    spent: dict[str, float] = {}  # seconds the last update of each kind took
+
+    def update_fits(kind: str, done: int) -> bool:
+        """Whether a ``kind`` update after ``done`` CG iterations is expected to end in the budget."""
+        if budget is None:
+            return True
+        elapsed = clock() - t_start
+        cost = spent.get(kind, UPDATE_ITERATIONS[kind] * elapsed / max(done, 1))
+        if elapsed + cost <= budget:
+            return True
+        log.info("%s update at iteration %d skipped: about %.1f s needed, %.1f s left of the budget",
+                 kind, done, cost, budget - elapsed)
+        return False
     scale = AMPLITUDE_NLL_SCALE if opts.noise_model == "amplitude" else 1.0
     scan = None
     if opts.refine_positions:
@@ -817,9 +841,13 @@ def refine_alternating(
     def move_positions(done: int, o: Any, p: Any) -> bool:
         """One position update at object ``o`` and probe ``p``; True when it moved them."""
         assert scan is not None
+        if not update_fits("positions", done):
+            return False
+        t0 = clock()
         psi, _ = _normalised(p, problem.probe_power)
         upd = update_positions(o, psi, problem.counts_fft, scan, geo.object_shape, problem.mask,
                                opts, scale)
+        spent["positions"] = clock() - t0
         log.info("positions: iteration %d, %s, data term %.6g → %.6g, largest move %.3f px%s", done,
                  "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
                  upd.max_shift_px, "" if not opts.position_residual_auto else
@@ -846,32 +874,34 @@ def refine_alternating(
                     return None
                 return batch_now()
 
-            left = None if budget is None else max(budget - (time.perf_counter() - t_start), 1e-3)
+            left = None if budget is None else max(budget - (clock() - t_start), 1e-3)
             obj, probe, part = refine_full_batch(
                 obj, probe, problem.counts_fft, batch_now(), problem.mask, opts, stop - it, left, it,
                 kappa=problem.kappa, probe_power=problem.probe_power, progress=report,
-                between=between if points else None,
+                between=between if points else None, clock=clock,
             )
             losses += part
             reached = it + len(part)
             it = stop  # CG may stop early (converged at these positions/probe): the schedule goes on
-            if budget is not None and time.perf_counter() - t_start >= budget:
+            if budget is not None and clock() - t_start >= budget:
                 break
             # converged before an update point: update there; CG goes on from it only when the
             # positions moved (a rejected update at the same object would be rejected again)
             pending = sorted(s for s in points if s > reached)
             if pending and move_positions(pending[0], obj, probe):
                 it = pending[0]
-        if stop >= total or (budget is not None and time.perf_counter() - t_start >= budget):
+        if stop >= total or (budget is not None and clock() - t_start >= budget):
             break
         batch = batch_now()
-        if "aberrations" in due[stop] and model is not None:
+        if "aberrations" in due[stop] and model is not None and update_fits("aberrations", len(losses)):
+            t0 = clock()
             fun = FullBatchObjective(problem.counts_fft, batch, problem.mask, opts, problem.kappa,
                                      problem.probe_power)
             fun.want_object = False  # the object is held: its gradient is never used
             before, after, evals = fit_aberrations(
                 model, _probe_loss(fun, obj), opts.aberration_fit_iterations)
             probe = model.probe()
+            spent["aberrations"] = clock() - t0
             log.info("aberrations: iteration %d, objective %.6g → %.6g (%d evaluations), %s", it,
                      before, after, evals,
                      ", ".join(f"{k} {v * 1e9:+.2f} nm" for k, v in model.as_dict().items()))

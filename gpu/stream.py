@@ -69,6 +69,18 @@ FIRST_EVALUATION_SWEEPS = 2.0
 #: A refit warm-started from the early parallax fit takes about this share of the early fit's
 #: time per frame (237 of 447 trial probes measured, plus the Fourier sums of the frames).
 REFIT_SHARE = 0.6
+#: Trial probes of a parallax fit of the default three coefficients: with the trials a running
+#: fit has done and its pace, ``refine`` predicts what is left of it, until a fit of the same kind
+#: has landed and given its own count. Measured: a cold fit 447 and a warm-started one 237 on the
+#: realistic proteasome, 204–205 and 83–84 on the small scans of tests/test_stream_parallax.py
+#: (the grids alone are 106); the fewest are taken, so that a prediction errs towards waiting
+#: (the half budget still caps the wait).
+FIT_TRIALS_COLD = 200
+FIT_TRIALS_WARM = 80
+#: Trials a fit must have done before its pace is trusted (before them it builds its model).
+FIT_PACE_TRIALS = 3
+#: Seconds between the checks of a running fit while ``refine`` waits for it at scan end.
+PARALLAX_CHECK_S = 0.25
 
 Extent = tuple[tuple[float, float], tuple[float, float]]
 
@@ -80,6 +92,26 @@ def _log_failed_late_fit(job: Future[ParallaxFit]) -> None:
     exc = job.exception()
     if exc is not None and not isinstance(exc, FitCancelled):
         log.error("a parallax fit dropped at scan end failed: %s", exc, exc_info=exc)
+
+
+class FitProgress(threading.Event):
+    """The parallax fit's cancel flag, which also counts the fit's trial probes: the fit reads
+    it once per trial (``estimate_aberrations(cancel=…)``), so ``trials`` is the work it did so
+    far, from which ``refine`` predicts whether it can finish in the budget left."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        super().__init__()
+        self._clock = clock
+        self.trials = 0  #: written by the fit's thread only
+        #: when the first trial began: the fit's pace counts from there, not from its set-up
+        #: (the Fourier sums of its frames, which no trial count measures)
+        self.first_trial_at: float | None = None
+
+    def is_set(self) -> bool:
+        if self.trials == 0:
+            self.first_trial_at = self._clock()
+        self.trials += 1
+        return super().is_set()
 
 
 @dataclass(frozen=True)
@@ -228,9 +260,14 @@ class StreamingReconstructor:
         self._parallax_applied = False  #: its correction is in the probe (significant, see options)
         self._parallax_job_final = False  #: the running fit is the scan-end one
         self._parallax_seen = 0  #: frames received when the last fit started
-        self._parallax_started = 0.0  #: when it started (perf_counter)
+        self._parallax_started = 0.0  #: when it started (``clock``)
         self._parallax_seconds: float | None = None  #: how long the last fit that landed took
-        self._parallax_cancel = threading.Event()  #: set: the running fit stops (dropped)
+        self._parallax_cancel = FitProgress()  #: set: the running fit stops (dropped); counts its trials
+        self._parallax_warm = False  #: the running fit starts from an earlier estimate
+        #: trial probes of the last fit that landed, by warm start (False: cold, True: warm)
+        self._parallax_trials: dict[bool, int] = {}
+        #: the engine's clock for its own timings (the parallax fit's pace; injectable for tests)
+        self.clock: Callable[[], float] = time.perf_counter
         self._parallax_early = False  #: a fit before scan end has landed (``stream.parallax_refit``)
         #: the probe the fit corrected (the snapshot saves it beside the used one) and the fit's
         #: record (``ParallaxFit.record``: coefficients, significance, applied)
@@ -547,7 +584,9 @@ class StreamingReconstructor:
             # a refit starts from the early fit's estimate (no grids: about half the trials)
             start = self.parallax_fit.coefficients if final and self.parallax_fit is not None else None
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallax")
-            self._parallax_cancel = threading.Event()
+            self._parallax_cancel = FitProgress(self.clock)
+            self._parallax_warm = start is not None
+            self._parallax_started = self.clock()
             # rows below n of the store are never written again (a growth copies them into a
             # new array and leaves this one to the view): the thread reads them unlocked
             self._parallax_job = pool.submit(
@@ -560,20 +599,17 @@ class StreamingReconstructor:
             self._parallax_frames = len(range(0, n, stride))
             self._parallax_seen = n
             self._parallax_job_final = final
-            self._parallax_started = time.perf_counter()
         if not (final or self._parallax_job.done()):
             return
-        if final and wait_s is not None and not futures_wait([self._parallax_job], timeout=wait_s).done:
+        if final and wait_s is not None and not self._wait_for_fit(wait_s):
             # the refinement budget is a promise to the operator: a fit that would break it is
             # dropped (cancelled; its result is not used)
-            log.warning("parallax fit on %d frames not done within %.1f s of the refinement budget: "
-                        "the %s probe is kept", self._parallax_frames, wait_s,
-                        "early fit's" if self._parallax_applied else "nominal")
             self._drop_parallax_job()
             self._parallax_probe = None
             return
         job, self._parallax_job = self._parallax_job, None
-        self._parallax_seconds = time.perf_counter() - self._parallax_started
+        self._parallax_seconds = self.clock() - self._parallax_started
+        self._parallax_trials[self._parallax_warm] = self._parallax_cancel.trials
         nominal = self._parallax_probe
         # an early fit keeps the nominal probe for the fit on every frame at scan end
         early = not self._parallax_job_final
@@ -610,6 +646,45 @@ class StreamingReconstructor:
         # (with a finite source or probe_modes, by the modes of the corrected probe)
         self._swap_probe(self._mixed(aberrate(nominal, self._pixel_size, float(self._energy or 0.0),
                                               fit.coefficients)))
+
+    def _wait_for_fit(self, wait_s: float) -> bool:
+        """Wait for the running fit at most ``wait_s`` (``clock`` seconds); False — give it up —
+        as soon as its pace says it cannot finish in the wait left, so that the refinement gets
+        that time instead of a fit whose result would come too late. The pace is the fit's over
+        its life since its first trial (slowed by the steps beside it while the scan streamed)
+        or, once it did ``FIT_PACE_TRIALS`` trials during this wait, the faster of that and its
+        pace now."""
+        assert self._parallax_job is not None
+        job, progress = self._parallax_job, self._parallax_cancel
+        t0 = self.clock()
+        wait_mark: tuple[float, int] | None = None  # (time, trials) at the first check past a trial
+        while not job.done():
+            now = self.clock()
+            left = wait_s - (now - t0)
+            if left <= 0:
+                log.warning("parallax fit on %d frames not done within %.1f s of the refinement budget: "
+                            "the %s probe is kept", self._parallax_frames, wait_s,
+                            "early fit's" if self._parallax_applied else "nominal")
+                return False
+            trials, first = progress.trials, progress.first_trial_at
+            if trials and wait_mark is None:
+                wait_mark = (now, trials)
+            if trials >= FIT_PACE_TRIALS and first is not None:
+                pace = (now - first) / (trials - 1)
+                if wait_mark is not None and trials - wait_mark[1] >= FIT_PACE_TRIALS:
+                    pace = min(pace, (now - wait_mark[0]) / (trials - wait_mark[1]))
+                expected = self._parallax_trials.get(
+                    self._parallax_warm, FIT_TRIALS_WARM if self._parallax_warm else FIT_TRIALS_COLD)
+                # a fit past its expected count has little left, but not nothing
+                predicted = pace * max(expected - trials, 0.1 * expected)
+                if predicted > left:
+                    log.warning("parallax fit on %d frames dropped after %d trials: about %.1f s more "
+                                "needed, %.1f s left of its share of the refinement budget; the %s probe "
+                                "is kept", self._parallax_frames, trials, predicted, left,
+                                "early fit's" if self._parallax_applied else "nominal")
+                    return False
+            futures_wait([job], timeout=min(PARALLAX_CHECK_S, left))
+        return True
 
     def _mixed(self, probe: Any) -> Any:
         """``probe`` as the engine uses it: blurred by ``source_size_m`` into incoherent modes
@@ -850,13 +925,15 @@ class StreamingReconstructor:
         iterations: int,
         time_budget_s: float | None = None,
         callback: Callable[[int, int, float], None] | None = None,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] | None = None,
     ) -> list[float]:
         """Full-batch CG over every frame received (after scan end). ``callback(iteration,
         total, loss)`` runs after each CG iteration. Returns the loss per position of each
         iteration. CG state does not persist between calls: call once with the whole budget
         rather than in pieces (each call restarts from steepest descent). ``time_budget_s``
-        counts from this call, set-up included (``clock`` is injectable for tests)."""
+        counts from this call, set-up included (``clock``, default the engine's ``clock``, is
+        injectable for tests)."""
+        clock = self.clock if clock is None else clock
         t_entry = clock()
         if self.n_frames == 0:
             raise RuntimeError("refine() needs frames: call add_frames first")
@@ -895,7 +972,7 @@ class StreamingReconstructor:
         if time_budget_s is not None:
             time_budget_s = max(0.0, time_budget_s - (clock() - t_entry))
         if opts.refine_positions or opts.refine_aberrations:
-            obj, probe, losses = self._refine_alternating(opts, batch, iterations, time_budget_s, callback)
+            obj, probe, losses = self._refine_alternating(opts, batch, iterations, time_budget_s, callback, clock)
         else:
             obj, probe, losses = refine_full_batch(
                 self.obj, self.probe, self.frame_store.frames[:n], batch, self.mask, opts,
@@ -915,7 +992,7 @@ class StreamingReconstructor:
 
     def _refine_alternating(
         self, opts: ReconOptions, batch: Batch, iterations: int, time_budget_s: float | None,
-        callback: Callable[[int, int, float], None] | None,
+        callback: Callable[[int, int, float], None] | None, clock: Callable[[], float] = time.perf_counter,
     ) -> tuple[Any, Any, list[float]]:
         """The offline engine's CG alternating with position and/or aberration updates
         (reconstruct.refine_alternating) on every frame received; refined positions replace
@@ -932,7 +1009,7 @@ class StreamingReconstructor:
             kappa=kappa, energy=float(self._energy or 0.0),
         )
         run = opts.model_copy(update={"iterations": iterations, "time_budget_s": time_budget_s})
-        obj, probe, losses, positions = refine_alternating(problem, run, callback)
+        obj, probe, losses, positions = refine_alternating(problem, run, callback, clock=clock)
         for key, value in problem.probe_estimate.items():
             # each refinement starts from the probe the last one left: plates add up
             self._probe_estimate[key] = self._probe_estimate.get(key, 0.0) + value

@@ -7,10 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from cryoptycho.daemon.worker import split_budget
+from cryoptycho.gpu import operators
+from cryoptycho.gpu import reconstruct as reconstruct_module
 from cryoptycho.gpu.cg import minimize
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.stream import StreamingReconstructor
 from daemon_support import synthetic_scan
+from engine_helpers import ENERGY, PIXEL, distorted_scan
 
 
 class FakeClock:
@@ -102,3 +105,83 @@ def test_split_budget_keeps_the_promise():
     assert split_budget(30.0, 2.0, 1.0, 0.0) == (pytest.approx(27.0), 0.0)
     # already over: nothing left to refine with, never a negative budget
     assert split_budget(5.0, spent_s=4.0, reserve_s=2.0, halves_share=0.25) == (0.0, 0.0)
+
+
+class _WorkClock:
+    """Seconds of work done so far: advanced by the work itself, never by the host."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_position_update_predicted_to_overrun_is_not_started(monkeypatch, caplog) -> None:
+    """A position update whose predicted cost (the last one's, else one mean CG iteration) no
+    longer fits is not started; CG goes on with the time and the refined object is kept. The
+    clock here is advanced by the work only: 1 s per CG iteration, 3 s per position update."""
+    m = 32
+    nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
+    frames = operators.from_fft_order(frames_fft)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=2, position_every=2,
+                        stream={"batch_size": 16, "refine_positions": False})
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(frames, nominal)
+    for _ in range(20):
+        engine.step()
+    engine.flush_losses()
+    streamed = engine.snapshot().object.copy()
+
+    clock = _WorkClock()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def costly_update(*args, **kwargs):
+        updates.append(clock.now)
+        clock.now += 3.0  # a position update: three CG iterations' work
+        return real_update(*args, **kwargs)
+
+    def one_second_per_iteration(iteration: int, total: int, loss: float) -> None:
+        clock.now += 1.0
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", costly_update)
+    budget = 9.5
+    with caplog.at_level("INFO", logger="cryoptycho"):
+        losses = engine.refine(10, time_budget_s=budget, callback=one_second_per_iteration, clock=clock)
+    # the first update (after 2 iterations, predicted at one mean iteration) fits and runs; the
+    # next one, after 4 iterations at 7 s, is predicted at the first one's 3 s: not started
+    assert updates == [2.0]
+    assert "positions update at iteration 4 skipped" in caplog.text
+    assert len(losses) > 4  # CG went on with the time the update would have taken
+    assert clock.now <= budget  # (work-clock seconds: the budget held)
+    assert np.isfinite(engine.snapshot().object).all()
+    assert not np.allclose(engine.snapshot().object, streamed)  # the refined object is the result
+
+
+def test_the_second_half_set_gets_only_what_the_first_left() -> None:
+    """The half sets share their part of the post-scan budget: a first half that overran (here
+    7 s of its 5) leaves the second 3 s, not another 5, so the halves end within their 10 s."""
+    from cryoptycho.daemon.resolution import HalfSetEstimator
+
+    clock = _WorkClock()
+
+    class Half:
+        n_frames = 10
+
+        def __init__(self, cost: float) -> None:
+            self.cost, self.budgets = cost, []
+
+        def add_frames(self, frames, positions) -> None:
+            pass
+
+        def refine(self, iterations: int, time_budget_s: float) -> None:
+            self.budgets.append(time_budget_s)
+            clock.now += self.cost  # (the first one ignores its budget)
+
+    halves = iter([Half(7.0), Half(1.0)])
+    est = HalfSetEstimator(lambda: next(halves), 1e-10, 0.2)
+    est.refine(10, 10.0, clock=clock)
+    assert est._a.budgets == [5.0] and est._b.budgets == [3.0]
+    assert clock.now <= 10.0

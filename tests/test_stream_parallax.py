@@ -413,3 +413,96 @@ def test_a_refit_that_cannot_finish_in_the_budget_is_not_started(monkeypatch, ca
     assert "refit on" in caplog.text and "skipped" in caplog.text
     assert engine.parallax_coefficients == early
     assert engine.probe_estimate["parallax_frames"] == n // 2
+
+
+class _FakeClock:
+    """A clock that only the fake fit advances (one second per trial): the engine's budget
+    decisions then depend on the fit's work, not on how busy the host is."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _early_fit_of_ten_slow_trials(monkeypatch, clock: _FakeClock, n: int, hold: bool = False):
+    """Patch the fit: the early one (on fewer than ``n`` frames) first does ten trials of one
+    (fake) second each, then (``hold``: once cancelled) runs the real fit, whose trials take no
+    fake time. Returns (ten trials done, cancelled) events."""
+    import threading
+
+    import cryoptycho.gpu.stream as stream_module
+    from cryoptycho.gpu.parallax import FitCancelled
+
+    fit = stream_module.estimate_aberrations
+    ten, cancelled = threading.Event(), threading.Event()
+
+    def slow_start(*args, **kwargs):
+        if len(args[0]) < n:
+            for _ in range(10):
+                kwargs["cancel"].is_set()  # one trial probe
+                clock.now += 1.0
+            ten.set()
+            if hold:  # not landing before refine looks at it
+                assert kwargs["cancel"].wait(60), "the engine never dropped the fit"
+        try:
+            return fit(*args, **kwargs)
+        except FitCancelled:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(stream_module, "estimate_aberrations", slow_start)
+    return ten, cancelled
+
+
+def test_a_running_fit_whose_pace_says_it_cannot_finish_is_dropped_at_once(monkeypatch, caplog) -> None:
+    """At scan end an early fit still running is judged by the work it did: ten trials in ten
+    seconds with ~190 to go cannot finish in the 30 s share of a 60 s budget, so ``refine``
+    drops it at once (the fit stops at its next trial) and gives the budget to CG — every
+    iteration asked for runs — and the nominal probe and the refined object stand."""
+
+    frames, pos, nominal, _ = _scan(seed=8)
+    n = len(frames)
+    clock = _FakeClock()
+    ten, cancelled = _early_fit_of_ten_slow_trials(monkeypatch, clock, n, hold=True)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
+    engine.clock = clock
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    engine.step()  # starts the early fit
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    assert ten.wait(60), "the early fit never ran its trials"
+    before = to_numpy(engine.snapshot().object).copy()
+    with caplog.at_level("WARNING", logger="cryoptycho.stream"):
+        losses = engine.refine(3, time_budget_s=60.0)
+    assert cancelled.wait(60), "the dropped fit was not cancelled"
+    assert "dropped after" in caplog.text and "not done within" not in caplog.text
+    assert len(losses) == 3  # the whole budget went to CG (the fake clock did not move during it)
+    assert engine.parallax_fit is None
+    assert np.allclose(to_numpy(engine.probe), nominal.astype(to_numpy(engine.probe).dtype), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(to_numpy(engine.snapshot().object), before)  # the refined object is kept
+
+
+def test_a_running_fit_whose_pace_says_it_finishes_is_waited_for(monkeypatch) -> None:
+    """The same early fit, when its trials so far say it is nearly done (an expected count of
+    12), is waited for and applied, then refitted on every frame."""
+    import cryoptycho.gpu.stream as stream_module
+
+    frames, pos, nominal, true = _scan(seed=8)
+    n = len(frames)
+    clock = _FakeClock()
+    ten, cancelled = _early_fit_of_ten_slow_trials(monkeypatch, clock, n)
+    monkeypatch.setattr(stream_module, "FIT_TRIALS_COLD", 12)
+    engine = _engine(np, nominal, n, stream={"parallax_after": 0.5})
+    engine.clock = clock
+    engine.add_frames(frames[: n // 2], pos[: n // 2])
+    engine.step()
+    engine.add_frames(frames[n // 2 :], pos[n // 2 :])
+    engine.step()
+    assert ten.wait(60), "the early fit never ran its trials"
+    losses = engine.refine(3, time_budget_s=60.0)
+    assert not cancelled.is_set()
+    assert len(losses) == 3
+    assert engine.probe_estimate["parallax_frames"] == n  # the refit on every frame landed
+    assert _overlap(to_numpy(engine.probe), true) > _overlap(nominal, true) + 0.05
