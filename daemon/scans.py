@@ -815,8 +815,12 @@ class ScanManager:
         parked.wait()
         if parked.error is not None:  # its journal keeps the frames; the re-open rebuilds the file from it
             log.warning("re-opening the spool after its close failed (%s)", parked.error, extra={"scan_id": scan_id})
-        return SpoolWriter.reopen(spool_path(self.config.spool_dir, scan_id), fsync=self.config.spool_fsync,
-                                  reserve_bytes=self.config.disk_reserve_bytes)
+        spool = SpoolWriter.reopen(spool_path(self.config.spool_dir, scan_id), fsync=self.config.spool_fsync,
+                                   reserve_bytes=self.config.disk_reserve_bytes)
+        # re-opened (rebuilt from its journal if its close had failed): its later marks and
+        # closes are this writer's, and `status` no longer lists it as unclosed
+        self.unclosed.pop(scan_id, None)
+        return spool
 
     def _start_failed(self, session: Session, exc: BaseException | None) -> None:
         """Launcher thread: a worker thread that could not start (no thread left in the OS)

@@ -488,6 +488,8 @@ class Service:
                 self.scans.uncapped.add(msg.scan_id)
             self._handle(msg, arrived, detector)
         except (ProtocolError, ValueError) as exc:
+            if isinstance(msg, ScanStart) and msg.scan_id not in self.scans.sessions:
+                self.scans.uncapped.discard(msg.scan_id)  # refused before admission: no scan to exempt
             # a source builds messages in this process, so a value the daemon cannot use
             # (e.g. a probe its sampling cannot hold) arrives as a ValueError, not on the wire
             err = exc if isinstance(exc, ProtocolError) else ProtocolError(

@@ -250,9 +250,12 @@ class ScanWorker:
                     # available (resident before the frames come; more calls the OOM killer)
                     from .service import memory_available  # (here: the service imports this module)
 
-                    available = memory_available()
-                    store.start_prefault(cfg.host_memory_budget_bytes if available is None
-                                         else min(cfg.host_memory_budget_bytes, available // 2))
+                    try:
+                        available = memory_available()
+                        store.start_prefault(cfg.host_memory_budget_bytes if available is None
+                                             else min(cfg.host_memory_budget_bytes, available // 2))
+                    except Exception:  # an optimisation (e.g. no thread left): the appends fault their own rows
+                        log.warning("frame store prefault not started", exc_info=True, extra={"scan_id": s.scan_id})
                 if halves is not None:
                     halves.add_frames(item.frames, item.positions_m)
                 unpreviewed.append((item.arrived, len(item.frames)))

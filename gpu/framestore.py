@@ -440,10 +440,10 @@ class FrameStore:
                 if self._mapping is mapping:
                     self._mapping = None
             return
-        with self._populate_lock:
+        with self._populate_lock:  # (the prefault thread updates it too: no lost update)
             if self._mapping is mapping:
                 self._populated = max(self._populated, stop)
-        mapping.populated = max(mapping.populated, stop * row)
+            mapping.populated = max(mapping.populated, stop * row)
 
     def start_prefault(self, limit_bytes: int | None = None) -> bool:
         """Fault in the store's rows ahead of the appends on a thread of its own, from the
@@ -514,7 +514,7 @@ class FrameStore:
                     if self._populated < hi:  # rows [0, lo) were in memory already
                         self.prefaulted_rows += hi - max(lo, self._populated)
                         self._populated = hi
-                mapping.populated = max(mapping.populated, hi * row)
+                    mapping.populated = max(mapping.populated, hi * row)
         except Exception as exc:  # noqa: BLE001 - logged and kept (prefault_error); the appends fault their own rows in
             # the traceback goes as text and is not kept: its frames hold this store and the
             # mapping, and a log record or the kept exception holding them would keep the mapping

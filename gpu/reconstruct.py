@@ -580,6 +580,9 @@ def refine_full_batch(
             # from the restart on
             fun.batches = [_sub_batch(moved, sl) for sl in fun.slices]
             precond["object"] = object_precond(moved, x["probe"])
+            if opts.lowfreq_boost > 1:  # (as built before CG: a position update keeps the boost)
+                precond["object"] = LowFrequencyPreconditioner(precond["object"], probe_cutoff(x["probe"]),
+                                                               opts.lowfreq_boost)
             changed = True
         return changed
 

@@ -222,3 +222,32 @@ def test_refinement_canvas_starts_from_the_plain_runs_random_start() -> None:
                                extra * PIXEL, rtol=1e-9)
     e = int(extra[0])
     np.testing.assert_array_equal(wide.object[e:-e, e:-e], plain.object)
+
+
+def test_a_position_update_keeps_the_low_frequency_preconditioner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lowfreq_boost` preconditions the object for the whole refinement: an accepted position
+    update rebuilds the object's preconditioner for the moved scan, boost included (it fell
+    back to the plain diagonal one for the rest of the run)."""
+    from cryoptycho.gpu import reconstruct as rec
+
+    nominal, _true, frames, _truth, _geo, probe = _distorted_scan(1e5)
+    data = PtychoData(frames=operators.from_fft_order(frames), positions=nominal, energy=ENERGY,
+                      pixel_size=PIXEL, probe=probe.astype(np.complex64))
+    opts = ReconOptions(iterations=4, mu0=1e-3, lowfreq_boost=10.0, precision="double")
+    problem = rec.prepare(data, opts)
+    built = []
+    real = rec.LowFrequencyPreconditioner
+
+    class Counted(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            built.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(rec, "LowFrequencyPreconditioner", Counted)
+
+    def moved_at_two(done: int, x):  # type: ignore[no-untyped-def]
+        return problem.batch if done == 2 else None  # "moved" (to where they were): a restart
+
+    rec.refine_full_batch(problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts,
+                          opts.iterations, kappa=problem.kappa, probe_power=problem.probe_power, between=moved_at_two)
+    assert len(built) == 2  # before CG, and again at the update

@@ -248,3 +248,43 @@ def test_a_prefaulted_store_gives_its_memory_back_to_the_pool(monkeypatch, fails
     assert framestore.MAPPINGS.reused == reused + 1
     # the memory the prefaulter faulted in comes with it: no row to fault in again
     assert again._populated == (8 if fails else 512)
+
+
+def test_a_prefaulter_that_cannot_start_leaves_the_scan_to_finish(tmp_path, monkeypatch, caplog):
+    """The prefaulter is an optimisation: when its thread cannot start (no thread left in the
+    OS) the scan's worker logs it and the scan finishes with every frame (it failed the scan)."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan
+
+    def no_thread(self: FrameStore, limit_bytes: int | None = None) -> bool:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(FrameStore, "start_prefault", no_thread)
+    scan = synthetic_scan(n_side=8, m=SIDE)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                        refine_time_budget_s=1, resolution_interval_s=0, drain_timeout_s=5,
+                        output_formats=("h5",), options={"iterations": 1})
+    bg = BackgroundService(cfg)
+    ctl = ControlClient(bg.service.endpoints["control"], timeout_s=10)
+    try:
+        with caplog.at_level("WARNING", logger="cryoptycho"):
+            p = Producer(bg.service.endpoints["ingest"], control=bg.service.endpoints["control"], send_timeout_s=60)
+            p.start_scan(**scan.start_fields("nothread"))
+            p.send_frames(scan.frames)
+            p.flush()
+            p.end_scan()
+
+            def ended() -> bool:
+                return ctl.call("receipt", scan_id="nothread").get("state") in ("finished", "failed")
+            wait_for(ended, 120, "the scan to end")
+        receipt = ctl.call("receipt", scan_id="nothread")
+        assert receipt["state"] == "finished", receipt
+        assert "frame store prefault not started" in caplog.text
+        p.close()
+    finally:
+        ctl.close()
+        bg.stop()
