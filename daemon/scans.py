@@ -608,19 +608,21 @@ class ScanManager:
                     if parked is not None:  # let go of the file all the same: its journal keeps the frames
                         self._close_ended(session.scan_id, spool, None, parked)
                     raise
-            with session.lock:
-                frames = session.ledger.as_dict()
-            # posted here, not when scan_end was read: the counts are of frames on disk, and
-            # the event precedes whatever the worker publishes once it has the end
-            self.outbox.post("scan.ended", {"scan_id": session.scan_id, "reason": reason, "frames": frames})
-            if worker is not None:
-                # the worker refines while the spool closes, which writes a detector scan's
-                # binned frames (derived until now: spool.py DERIVED); finish_result waits for it
-                worker.put(EndOfScan(reason))
-                if closed is not None:
-                    self._close_ended(session.scan_id, spool, worker.held_frames, closed)
-            elif parked is not None:
-                self._close_ended(session.scan_id, spool, None, parked)
+            try:
+                with session.lock:
+                    frames = session.ledger.as_dict()
+                # posted here, not when scan_end was read: the counts are of frames on disk, and
+                # the event precedes whatever the worker publishes once it has the end
+                self.outbox.post("scan.ended", {"scan_id": session.scan_id, "reason": reason, "frames": frames})
+                if worker is not None:
+                    # the worker refines while the spool closes, which writes a detector scan's
+                    # binned frames (derived until now: spool.py DERIVED); finish_result waits for it
+                    worker.put(EndOfScan(reason))
+                    if closed is not None:
+                        self._close_ended(session.scan_id, spool, worker.held_frames, closed)
+            finally:
+                if parked is not None:  # whatever failed above: the spool thread's re-open waits for this close
+                    self._close_ended(session.scan_id, spool, None, parked)
 
         self._on_disk(session.scan_id, task)
 
