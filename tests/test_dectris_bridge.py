@@ -601,7 +601,7 @@ def gate_rig(daemon: tuple[str, zmq.Socket], monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(bridge_module, "time", clock)
     endpoint, sock = daemon
     prod = Producer(endpoint, confirm=False, send_timeout_s=5.0)
-    out, conv = _convert(_series(user={"scan": USER_SCAN}), BridgeConfig())
+    out, _conv = _convert(_series(user={"scan": USER_SCAN}), BridgeConfig())
     frames_bytes = sum(m.data.nbytes for m in out if isinstance(m, Frames))
     control, stats = _Control(), BridgeStats()
     gate = StartGate(prod, control, SeriesConverter(BridgeConfig()), stats,  # type: ignore[arg-type]
@@ -641,7 +641,7 @@ def test_a_start_a_restarted_daemon_lost_is_sent_again_and_the_series_then_deliv
 
 
 def test_a_start_never_read_is_lost_after_it_was_sent_twice(gate_rig: tuple, caplog: pytest.LogCaptureFixture) -> None:
-    gate, control, clock, sock, out, stats = gate_rig
+    gate, _control, clock, sock, out, stats = gate_rig
     gate.put(out[:1])
     start = _next(sock)
     clock.t += 6.0
@@ -662,7 +662,7 @@ def test_a_daemon_that_reads_nothing_costs_the_bridge_at_most_max_held_bytes(
     """A daemon in back-pressure answers receipt "unknown" and reads nothing: the frames held
     for the verdict stop at max_held_bytes, the series is dropped by name and counted, and the
     next series is tried."""
-    gate, control, clock, sock, out, stats = gate_rig
+    gate, _control, _clock, sock, out, stats = gate_rig
     frames = [m for m in out if isinstance(m, Frames)]
     gate.put(out[:1])
     start = _next(sock)
