@@ -397,7 +397,8 @@ class StartGate:
         starts = [m for m in self.held if isinstance(m, ScanStart)]
         sid = starts[-1].scan_id if starts else self.held[-1].scan_id
         cause = ("the daemon's scan queue stayed full" if self._queue_full_since is not None else
-                 "the daemon did not take the series (receipt 'unknown': it does not read its ingest socket)")
+                 "the daemon gave no verdict on the series (receipt 'unknown': it does not read its "
+                 "ingest socket; or its control socket is silent)")
         reason = f"{cause} and the bridge holds at most {self.max_held_bytes} bytes (max_held_bytes)"
         if self.pending is not None and self.pending.scan_id == sid:  # its frames, sent no further
             self._forget_pending(reason)
