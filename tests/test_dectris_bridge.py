@@ -561,3 +561,121 @@ def test_series_beyond_max_held_bytes_are_dropped_by_name_while_the_queue_stays_
             two.abort("test ends")
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+# ------------------------------------------------------------------------------ start gate, unit
+
+
+class _Clock:
+    """The bridge module's clock, advanced by the test (deadlines without sleeping)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+class _Control:
+    """A stand-in for the daemon's control socket: its receipt says what the test sets."""
+
+    endpoint = "stand-in"
+
+    def __init__(self) -> None:
+        self.state = "unknown"
+
+    def receipt(self, scan_id: str) -> dict[str, Any]:
+        return {"scan_id": scan_id, "state": self.state, "refused_at": None, "error": None}
+
+    def status(self) -> dict[str, Any]:
+        return {"running": [], "waiting": []}
+
+
+@pytest.fixture
+def gate_rig(daemon: tuple[str, zmq.Socket], monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple]:
+    from cryoptycho.protocols.dectris import bridge as bridge_module
+    from cryoptycho.protocols.dectris.bridge import BridgeStats, StartGate
+    from cryoptycho.protocols.producer import Producer
+
+    clock = _Clock()
+    monkeypatch.setattr(bridge_module, "time", clock)
+    endpoint, sock = daemon
+    prod = Producer(endpoint, confirm=False, send_timeout_s=5.0)
+    out, _conv = _convert(_series(user={"scan": USER_SCAN}), BridgeConfig())
+    frames_bytes = sum(m.data.nbytes for m in out if isinstance(m, Frames))
+    control, stats = _Control(), BridgeStats()
+    gate = StartGate(prod, control, SeriesConverter(BridgeConfig()), stats,  # type: ignore[arg-type]
+                     max_held_bytes=frames_bytes, timeout_s=5.0)
+    try:
+        yield gate, control, clock, sock, out, stats
+    finally:
+        prod.close()
+
+
+def _next(sock: zmq.Socket) -> Any:
+    assert sock.poll(30_000), "the bridge sent nothing"
+    return decode(sock.recv_multipart())
+
+
+def test_a_start_a_restarted_daemon_lost_is_sent_again_and_the_series_then_delivered(gate_rig: tuple) -> None:
+    """The daemon restarts after the bridge sent a scan_start, before reading it: its receipt
+    says "unknown" for good. Past the send timeout the gate sends the start once more; the
+    restarted daemon takes it and the series follows."""
+    gate, control, clock, sock, out, stats = gate_rig
+    gate.put(out)
+    first = _next(sock)
+    assert isinstance(first, ScanStart)  # ... read by the daemon that then died: lost
+    gate.put([])
+    assert gate.busy and not sock.poll(0)  # within the timeout: nothing sent again yet
+    clock.t += 6.0
+    gate.put([])
+    again = _next(sock)
+    assert isinstance(again, ScanStart) and again.scan_id == first.scan_id
+    control.state = "receiving"  # the restarted daemon read it
+    gate.put([])
+    rest = []
+    while not (rest and isinstance(rest[-1], ScanEnd)):
+        rest.append(_next(sock))
+    assert [type(m) for m in rest] == [type(m) for m in out[1:]]
+    assert not gate.busy and stats.series_lost == 0
+
+
+def test_a_start_never_read_is_lost_after_it_was_sent_twice(gate_rig: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    gate, _control, clock, sock, out, stats = gate_rig
+    gate.put(out[:1])
+    start = _next(sock)
+    clock.t += 6.0
+    gate.put([])
+    assert isinstance(_next(sock), ScanStart)
+    clock.t += 6.0
+    with caplog.at_level(logging.ERROR):
+        gate.put(out[1:])
+    abort = _next(sock)
+    assert isinstance(abort, Abort) and abort.scan_id == start.scan_id  # if it ever reads the start
+    assert not gate.busy and gate.held_bytes == 0
+    assert stats.series_lost == 1 and stats.series_errors == 1
+    assert any(start.scan_id in r.getMessage() and "sent twice" in r.getMessage() for r in caplog.records)
+
+
+def test_a_daemon_that_reads_nothing_costs_the_bridge_at_most_max_held_bytes(
+        gate_rig: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon in back-pressure answers receipt "unknown" and reads nothing: the frames held
+    for the verdict stop at max_held_bytes, the series is dropped by name and counted, and the
+    next series is tried."""
+    gate, _control, _clock, sock, out, stats = gate_rig
+    frames = [m for m in out if isinstance(m, Frames)]
+    gate.put(out[:1])
+    start = _next(sock)
+    with caplog.at_level(logging.ERROR):
+        for msg in frames + frames[:1]:  # one past the cap (the whole series fits it)
+            gate.put([msg])
+            assert gate.held_bytes <= gate.max_held_bytes
+    assert stats.series_lost == 1 and gate.pending is None
+    abort = _next(sock)
+    assert isinstance(abort, Abort) and abort.scan_id == start.scan_id
+    assert any(start.scan_id in r.getMessage() and "max_held_bytes" in r.getMessage() for r in caplog.records)
+    gate.put(out[1:])  # the rest of the lost series goes nowhere
+    assert not gate.held and not sock.poll(0)
+    nxt, _ = _convert(_series(user={"scan": USER_SCAN}, series_id=2, series_unique_id="01NEXT"), BridgeConfig())
+    gate.put(nxt[:1])
+    assert _next(sock).scan_id == nxt[0].scan_id and gate.pending is not None

@@ -48,8 +48,9 @@ class BridgeStats:
     #: series whose scan_start the daemon refused for a full scan queue, held by the bridge and
     #: then accepted
     series_waited: int = 0
-    #: series held for a full queue and then dropped: beyond max_held_bytes, or the bridge
-    #: stopped first (also counted in series_errors)
+    #: series held by the bridge and then dropped: beyond max_held_bytes (a full queue, or a
+    #: daemon that does not read its ingest socket), a scan_start the daemon never read (sent
+    #: twice), or the bridge stopped first (also counted in series_errors)
     series_lost: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,8 +195,11 @@ class StartGate:
     its scan_start (control ``receipt``). A start refused because the daemon's scan queue is
     full (rule ``max_queued_scans``) is held with everything after it, up to ``max_held_bytes``,
     and sent again when the daemon's ``status`` shows room; any other refusal drops the series,
-    logged with the daemon's reason and counted. Polled from the bridge's loop, never blocking
-    it longer than one control request."""
+    logged with the daemon's reason and counted. ``max_held_bytes`` bounds whatever is held,
+    also while a verdict is awaited (a daemon in back-pressure answers "unknown" and reads
+    nothing). A start the daemon has not read within ``timeout_s`` is sent once more (a daemon
+    restarted meanwhile lost it); not read then either, its series is lost. Polled from the
+    bridge's loop, never blocking it longer than one control request."""
 
     QUEUE_FULL = "[rule max_queued_scans]"
     ROOM_POLL_S = 0.2  #: how often a held series asks whether the daemon's queue has room
@@ -208,6 +212,8 @@ class StartGate:
         self.held: deque[IngestMessage] = deque()
         self.held_bytes = 0
         self.pending: ScanStart | None = None  #: sent, the daemon's verdict not read yet
+        self._pending_since = 0.0  #: when pending was sent (or sent again)
+        self._resent = False  #: pending was sent a second time (the daemon had not read it)
         self._stale: float | None = None  #: refused_at of an earlier refusal of the pending id
         self._silent_since: float | None = None  #: when the control socket stopped answering
         self._queue_full_since: float | None = None  #: the head series waits for room since
@@ -227,7 +233,7 @@ class StartGate:
             self.held.append(msg)
             self.held_bytes += _nbytes(msg)
         self._pump()
-        while self.held_bytes > self.max_held_bytes and self._queue_full_since is not None:
+        while self.held_bytes > self.max_held_bytes and self.held:
             self._drop_newest()
 
     def abandon(self, reason: str) -> None:
@@ -263,7 +269,7 @@ class StartGate:
             self._send(msg)
             if isinstance(msg, ScanStart):
                 if self.producer.scan is msg:
-                    self.pending = msg
+                    self.pending, self._pending_since, self._resent = msg, time.monotonic(), False
                 else:  # refused by our own checks: reported by dispatch; the rest of it goes nowhere
                     self._discard(msg.scan_id)
 
@@ -293,9 +299,10 @@ class StartGate:
         assert self.pending is not None
         start = self.pending
         answer = self._ask(start.scan_id)
-        if answer is None or answer["state"] == "unknown" or (
-                answer["state"] == "refused" and answer.get("refused_at") == self._stale):
-            return False  # not read yet (its ingest socket is served apart from control)
+        if answer is None:
+            return False
+        if answer["state"] == "unknown" or (answer["state"] == "refused" and answer.get("refused_at") == self._stale):
+            return self._overdue(start)  # not read yet (its ingest socket is served apart from control)
         self.pending = None
         if answer["state"] != "refused":
             if self._waiting_id == start.scan_id:
@@ -323,6 +330,31 @@ class StartGate:
         self.stats.series_errors += 1
         self._refused(start.scan_id, f"the daemon refused scan {start.scan_id}: {reason}; none of its frames is kept")
         return True
+
+    def _overdue(self, start: ScanStart) -> bool:
+        """The daemon has not read the pending start: past ``timeout_s`` it is sent once more
+        (a daemon restarted since lost it; one that reads both keeps the first, refusing the
+        second as a duplicate, and its receipt says accepted), then its series is lost."""
+        now = time.monotonic()
+        if self.timeout_s is None or now - self._pending_since <= self.timeout_s:
+            return False
+        if not self._resent:
+            self._resent, self._pending_since = True, now
+            log.warning("the daemon has not read the scan_start of scan %s for %s s (receipt 'unknown': it restarted, "
+                        "or does not read its ingest socket): sent it again", start.scan_id, self.timeout_s)
+            self.producer.send(start)
+            return False
+        reason = (f"the daemon did not read its scan_start, sent twice, within {2 * self.timeout_s} s "
+                  "(receipt 'unknown': it does not read its ingest socket)")
+        self._forget_pending(reason)
+        self._lose(start.scan_id, reason)
+        return True
+
+    def _forget_pending(self, reason: str) -> None:
+        """Stop waiting for the pending start's verdict; its scan, if the daemon ever reads it, is aborted."""
+        self.pending = None
+        if self.producer.scan is not None:
+            self.producer.abort(reason)
 
     def _room(self) -> bool:
         """Whether the daemon's queue has room now (polled at most every ROOM_POLL_S)."""
@@ -364,8 +396,13 @@ class StartGate:
     def _drop_newest(self) -> None:
         starts = [m for m in self.held if isinstance(m, ScanStart)]
         sid = starts[-1].scan_id if starts else self.held[-1].scan_id
-        self._lose(sid, f"the daemon's scan queue stayed full and the bridge holds at most "
-                        f"{self.max_held_bytes} bytes (max_held_bytes)")
+        cause = ("the daemon's scan queue stayed full" if self._queue_full_since is not None else
+                 "the daemon gave no verdict on the series (receipt 'unknown': it does not read its "
+                 "ingest socket; or its control socket is silent)")
+        reason = f"{cause} and the bridge holds at most {self.max_held_bytes} bytes (max_held_bytes)"
+        if self.pending is not None and self.pending.scan_id == sid:  # its frames, sent no further
+            self._forget_pending(reason)
+        self._lose(sid, reason)
 
 
 def _nbytes(msg: IngestMessage) -> int:

@@ -83,7 +83,8 @@ class BridgeConfig(BaseModel):
     """After a series' end, how long images still wait for side-channel positions."""
     max_held_bytes: int = Field(1 << 30, ge=0)
     """:func:`~.bridge.run_bridge` only: the detector frames it holds in memory while the
-    daemon's scan queue is full (refused ``max_queued_scans``), sent once it has room; a series
+    daemon's scan queue is full (refused ``max_queued_scans``), sent once it has room, or while
+    its verdict on a series is awaited (a daemon in back-pressure reads nothing); a series
     beyond this is dropped, logged and counted (``BridgeStats.series_lost``)."""
 
     _probe: np.ndarray | None = PrivateAttr(None)
