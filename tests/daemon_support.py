@@ -168,11 +168,11 @@ def _pump(stream: Any, sink: list[str]) -> None:
         sink.append(line.rstrip())
 
 
-def start_dectris_sim(*args: str) -> tuple[subprocess.Popen, str]:
+def start_dectris_sim(*args: str, stderr: int = subprocess.STDOUT) -> tuple[subprocess.Popen, str]:
     """``cryoptycho dectris-sim`` on a free port (plus ``args``) and the ``dectris2://`` URL it
     announces; the caller kills it."""
     sim = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0", *args],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           stdout=subprocess.PIPE, stderr=stderr, text=True)
     line = sim.stdout.readline()
     return sim, line[line.index("dectris2://"):].split()[0].rstrip(")")
 

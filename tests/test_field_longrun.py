@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cryoptycho.daemon.bench.view import viewer_server
-from daemon_support import start_daemon, wait_for
+from daemon_support import start_daemon, start_dectris_sim, wait_for
 
 pytestmark = pytest.mark.subprocess
 
@@ -291,14 +291,10 @@ def test_detector_series_arriving_faster_than_reconstruction_are_queued_not_refu
     from daemon_support import metrics_of
 
     series = 5
-    sim = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0",
-                            "--series", str(series), "--frames", "36", "--size", "32"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sim, url = start_dectris_sim("--series", str(series), "--frames", "36", "--size", "32",
+                                 stderr=subprocess.DEVNULL)
     daemon = None
     try:
-        assert sim.stdout is not None
-        line = sim.stdout.readline()
-        url = line[line.index("dectris2://"):].split()[0].rstrip(")")
         daemon = start_daemon(tmp_path, "--source", url, "--set", "options.iterations=2",
                               "--set", "refine_time_budget_s=0.5", "--set", "max_concurrent_scans=1",
                               "--set", "max_queued_scans=1", "--set", "output_formats=[\"h5\"]")
@@ -376,7 +372,7 @@ def test_queued_detector_series_hold_no_file_descriptors(tmp_path):
     worker re-opens it, and every series still finishes with all its frames."""
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
-    from daemon_support import start_dectris_sim, synthetic_scan
+    from daemon_support import synthetic_scan
 
     series, frames = 12, 16
     with socket.socket() as probe:  # the detector's port, bound by the simulator once a scan holds the slot

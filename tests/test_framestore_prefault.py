@@ -166,14 +166,23 @@ def test_prefault_bounds_and_what_has_nothing_to_fault_in(monkeypatch):
     assert not small.start_prefault() and not small.prefaulting
 
 
+def _service(tmp_path):  # type: ignore[no-untyped-def]
+    """An in-process service for one short scan: one iteration, a 1 s refinement, HDF5 results."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+
+    return BackgroundService(ServiceConfig(
+        ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", metrics_enabled=False,
+        spool_dir=tmp_path / "spool", results_dir=tmp_path / "results", refine_time_budget_s=1,
+        resolution_interval_s=0, drain_timeout_s=5, output_formats=("h5",), options={"iterations": 1}))
+
+
 @pytest.mark.parametrize("ending", ["scan_end", "cancel", "daemon_stop"])
 def test_daemon_scan_prefaults_its_store_and_the_thread_ends_with_the_scan(tmp_path, monkeypatch, ending):
     """Through the service (in this process): a scan that declared 4,096 frames of 96×96 gets a
     prefaulter after its first frames; it is held inside its first call, and whichever way the
     scan ends (its end, a cancel, the daemon's stop) the worker stops it and it ends having
     faulted in no more than that call; the frames it ran beside are stored intact."""
-    from cryoptycho.daemon.config import ServiceConfig
-    from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
     from daemon_support import PIXEL_M, synthetic_scan
@@ -192,11 +201,7 @@ def test_daemon_scan_prefaults_its_store_and_the_thread_ends_with_the_scan(tmp_p
     declared = 4096
     iy, ix = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
     positions = np.stack([iy.ravel(), ix.ravel()], 1) * 3.0 * PIXEL_M
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
-                        refine_time_budget_s=1, resolution_interval_s=0, drain_timeout_s=5,
-                        output_formats=("h5",), options={"iterations": 1})
-    bg = BackgroundService(cfg)
+    bg = _service(tmp_path)
     ctl = ControlClient(bg.service.endpoints["control"], timeout_s=10)
     stopped_daemon = False
     try:
@@ -253,8 +258,6 @@ def test_a_prefaulted_store_gives_its_memory_back_to_the_pool(monkeypatch, fails
 def test_a_prefaulter_that_cannot_start_leaves_the_scan_to_finish(tmp_path, monkeypatch, caplog):
     """The prefaulter is an optimisation: when its thread cannot start (no thread left in the
     OS) the scan's worker logs it and the scan finishes with every frame (it failed the scan)."""
-    from cryoptycho.daemon.config import ServiceConfig
-    from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
     from daemon_support import synthetic_scan
@@ -264,11 +267,7 @@ def test_a_prefaulter_that_cannot_start_leaves_the_scan_to_finish(tmp_path, monk
 
     monkeypatch.setattr(FrameStore, "start_prefault", no_thread)
     scan = synthetic_scan(n_side=8, m=SIDE)
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
-                        refine_time_budget_s=1, resolution_interval_s=0, drain_timeout_s=5,
-                        output_formats=("h5",), options={"iterations": 1})
-    bg = BackgroundService(cfg)
+    bg = _service(tmp_path)
     ctl = ControlClient(bg.service.endpoints["control"], timeout_s=10)
     try:
         with caplog.at_level("WARNING", logger="cryoptycho"):

@@ -45,7 +45,7 @@ def test_detector_series_queued_beyond_the_soft_open_file_limit_keep_their_spool
     import resource
 
     from cryoptycho.protocols.control import ControlClient
-    from daemon_support import metrics_of, start_daemon, wait_for
+    from daemon_support import metrics_of, start_daemon, start_dectris_sim, wait_for
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 512:
@@ -54,14 +54,10 @@ def test_detector_series_queued_beyond_the_soft_open_file_limit_keep_their_spool
     # the daemon starts with a soft limit of 96 under this machine's hard one
     limit = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
              "(96, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); os.execv(sys.argv[1], sys.argv[1:])")
-    sim = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-sim", "--port", "0",
-                            "--series", str(series), "--frames", "16", "--size", "32"],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sim, url = start_dectris_sim("--series", str(series), "--frames", "16", "--size", "32",
+                                 stderr=subprocess.DEVNULL)
     daemon = None
     try:
-        assert sim.stdout is not None
-        line = sim.stdout.readline()
-        url = line[line.index("dectris2://"):].split()[0].rstrip(")")
         daemon = start_daemon(tmp_path, "--source", url, "--set", "options.iterations=1000000",
                               "--set", "refine_time_budget_s=600", "--set", "max_concurrent_scans=1",
                               "--set", "max_queued_scans=1", "--set", "drain_timeout_s=0",
