@@ -173,7 +173,18 @@ def build_table(service: Service) -> dict[str, Handler]:
         except ValidationError as exc:
             raise _options_error(exc) from None
         worker.set_options(new)
-        return {"scope": session.scan_id, "options": new.to_dict()}
+
+        def kept_running(_: Any, error: Exception | None) -> dict[str, Any]:
+            # answered once they are in the scan's spool (journaled in order with its frames):
+            # a restart, even after kill -9, recovers the scan with them
+            if error is not None:
+                raise HandlerError(f"applied to the running scan, but not kept with its spool ({type(error).__name__}: "
+                                   f"{error}): a restart recovers it with its earlier options",
+                                   "params.options", "kept_with_scan") from None
+            return {"scope": session.scan_id, "options": new.to_dict()}
+
+        return service.reply_later(
+            "set_options", lambda done: service.scans.keep_running_options(session, overrides, done), kept_running)
 
     def receipt(scan_id: str) -> dict[str, Any]:
         """What the daemon holds of a scan: frames received (spooled), whether its scan_end was

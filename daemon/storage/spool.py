@@ -1203,7 +1203,7 @@ class SpoolWriter:
 
     def set_options(self, options: dict[str, Any]) -> None:
         """Replace the scan's option overrides in its header (``/scan`` attr ``json``: what a
-        recovered scan is started with): control `set_options` on a scan waiting for a worker.
+        recovered scan is started with): control `set_options` on a scan waiting for a worker or running.
         Journaled as the appends are: durable once this returns."""
         header = {"op": "options", "options": options}
         json.dumps(header)  # what the file keeps: refused before the journal has it
