@@ -178,9 +178,9 @@ class ScanManager:
         ``spool``: its spool file, already made by :meth:`create_spool` (off this thread)."""
         try:
             _, need = self.admission(spec, own_spool=spool is not None)
-        except Exception:  # refused, or an internal error: the spool made for it is not kept open
+        except Exception as refusal:  # refused, or an internal error: the spool made for it is not kept
             if spool is not None:
-                spool.discard()
+                self._discard(spec.scan_id, spool, refusal)
             raise
         if spool is None:
             spool = self.create_spool(spec)
@@ -195,6 +195,19 @@ class ScanManager:
         for warning in warnings:
             log.warning(warning, extra={"scan_id": spec.scan_id})
         return session
+
+    def _discard(self, scan_id: str, spool: SpoolWriter, refusal: Exception) -> None:
+        """Delete the spool made for a scan that is refused (``refusal``). A failure doing so is
+        logged (with the refusal) and counted, never raised over it: the producer and the
+        operator are told why the scan was refused, not that its empty spool would not close
+        (which replaced the refusal with an internal error)."""
+        try:
+            spool.discard()
+        except Exception as exc:
+            note = (f"its spool {spool.path} could not be discarded ({type(exc).__name__}: {exc}); "
+                    f"{'it is left on disk' if spool.path.exists() else 'its files are deleted'}")
+            log.error("scan refused (%s); %s", refusal, note, exc_info=exc, extra={"scan_id": scan_id})
+            self.metrics.internal_errors.labels(where="spool").inc()
 
     def remember_refusal(self, scan_id: str, reason: str) -> None:
         """Keep why a scan_start was refused, so that its producer can learn it (control
