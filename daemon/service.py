@@ -85,6 +85,15 @@ SLOW_STEP_S = 0.05
 SWITCH_INTERVAL_S = 0.001
 #: seconds between two readings of the spool's and results' free disk space (a gauge)
 DISK_CHECK_S = 10.0
+#: a second stop signal (SIGTERM, SIGINT, SIGHUP) cuts the drain only this long after the first:
+#: one stop often arrives as two signals at once, not as two requests — a terminal's Ctrl-C goes
+#: to the whole foreground process group, so a wrapper that forwards it (`timeout`, a shell
+#: script's trap, `uv run`, tini with -g) doubles it; systemd with SendSIGHUP=yes sends SIGHUP right
+#: after KillSignal, and with KillMode=control-group signals every process of the unit. Copies
+#: come within milliseconds; a person who wants the drain cut presses again later. (No
+#: supervisor sends a second soft signal later on purpose: systemd, docker stop and Kubernetes
+#: follow the first with SIGKILL after their grace period.)
+SECOND_SIGNAL_AFTER_S = 1.0
 #: seconds a metrics client may stay silent mid-request (a scrape sends its request at once)
 METRICS_CLIENT_TIMEOUT_S = 5.0
 
@@ -206,6 +215,10 @@ class Service:
         self._stop = threading.Event()
         self._stop_why: str | None = None
         self._hurry = threading.Event()  #: a second signal: the drain waits for no scan
+        self._stop_at: float | None = None  #: when the first stop was asked for (monotonic)
+        #: signals taken as copies of the first (SECOND_SIGNAL_AFTER_S): (name, seconds after it),
+        #: logged by the drain (not from the signal handler)
+        self._copies: list[tuple[str | None, float]] = []
         self._disk_checked = -float("inf")
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
@@ -298,10 +311,17 @@ class Service:
     def request_stop(self, why: str | None = None, again_hurries: bool = False) -> None:
         """Ask the loop to drain and return; safe from signal handlers and other threads.
         ``why`` (e.g. the signal's name) is said in the drain's log. ``again_hurries``: if a
-        stop was already asked for (Ctrl-C pressed twice), scans past scan_end are not waited
-        for; like the others they stay in the spool for the next start."""
-        if again_hurries and self._stop.is_set():
-            self._hurry.set()
+        stop was already asked for at least :data:`SECOND_SIGNAL_AFTER_S` before (Ctrl-C pressed
+        twice), scans past scan_end are not waited for; like the others they stay in the spool
+        for the next start. One sooner is taken as a copy of the first (logged by the drain)."""
+        now = time.monotonic()
+        if self._stop_at is None:
+            self._stop_at = now
+        elif again_hurries and self._stop.is_set():
+            if now - self._stop_at >= SECOND_SIGNAL_AFTER_S:
+                self._hurry.set()
+            else:
+                self._copies.append((why, now - self._stop_at))
         self._stop_why = self._stop_why or why
         self._stop.set()
         try:
@@ -355,6 +375,13 @@ class Service:
             self._timed(turn, "loop turn")
         self._drain()
 
+    def _log_signal_copies(self) -> None:
+        while self._copies:
+            why, after = self._copies.pop(0)
+            log.info("%s %.3f s after the first stop signal: taken as the same stop (a forwarded copy); "
+                     "scans past scan_end are still waited for — send it again %g s or more after the "
+                     "first to stop waiting", why or "stop request", after, SECOND_SIGNAL_AFTER_S)
+
     def _drain(self) -> None:
         """SIGTERM: stop reading ingest; scans still acquiring are checkpointed (they are in the
         spool, recovered at the next start); scans past scan_end may finish within
@@ -370,7 +397,9 @@ class Service:
         deadline = time.monotonic() + self.config.drain_timeout_s
         for worker in list(self.scans.running.values()):
             while worker.thread.is_alive() and time.monotonic() < deadline and not self._hurry.is_set():
+                self._log_signal_copies()
                 worker.thread.join(min(0.2, max(0.0, deadline - time.monotonic())))
+        self._log_signal_copies()
         if self._hurry.is_set():
             log.info("stop requested again: scans past scan_end are not waited for (kept in the spool)")
         self.scans.interrupt(ended_too=True)

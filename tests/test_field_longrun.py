@@ -319,9 +319,10 @@ def test_a_second_ctrl_c_cuts_the_drain_short_and_keeps_the_scan(tmp_path):
     """Ctrl-C drains: a scan past scan_end may finish for drain_timeout_s. A second Ctrl-C (an
     operator who does not want to wait) did nothing until that timeout ran out; it now stops
     the refining scan at once, kept in the spool like any interrupted scan, and the next start
-    finishes it."""
+    finishes it. Two signals at once (one stop, forwarded twice) are not a second Ctrl-C."""
     import signal
 
+    from cryoptycho.daemon.service import SECOND_SIGNAL_AFTER_S
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
     from daemon_support import synthetic_scan
@@ -337,9 +338,17 @@ def test_a_second_ctrl_c_cuts_the_drain_short_and_keeps_the_scan(tmp_path):
             producer.send_frames(scan.frames)
             producer.end_scan()
         wait_for(lambda: any(s["state"] == "refining" for s in ctl.list_scans()), 120, "the scan to refine", daemon)
+    # one Ctrl-C as a wrapper forwards it (`timeout`, a shell's trap, tini -g: the terminal's
+    # SIGINT and the wrapper's copy) or systemd's SendSIGHUP=yes sends it: two signals at once,
+    # which cut the drain as a second Ctrl-C did; now taken as one stop (SECOND_SIGNAL_AFTER_S)
     daemon.proc.send_signal(signal.SIGINT)
+    daemon.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "draining (SIGINT)" in daemon.log(), 60, "the drain to begin", daemon)
+    wait_for(lambda: "taken as the same stop" in daemon.log(), 60, "the copy to be logged", daemon)
+    time.sleep(SECOND_SIGNAL_AFTER_S + 0.2)  # (by the daemon's clock too: the drain began after the first)
+    assert daemon.proc.poll() is None and "stop requested again" not in daemon.log(), daemon.log()
     assert daemon.stop(signal.SIGINT, timeout=60) == 0, daemon.log()  # before: 600 s
+    assert "stop requested again" in daemon.log(), daemon.log()
     assert "long-refine (ended" in daemon.log(), daemon.log()  # kept in the spool, past its scan_end
     again = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=1")
     try:
