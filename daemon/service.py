@@ -54,6 +54,8 @@ from .ingest import (
     check_direct,
     frame_positions,
     keep_message_memory,
+    release_free_memory,
+    resident_bytes,
 )
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier
@@ -219,6 +221,11 @@ class Service:
         #: signals taken as copies of the first (SECOND_SIGNAL_AFTER_S): (name, seconds after it),
         #: logged by the drain (not from the signal handler)
         self._copies: list[tuple[str | None, float]] = []
+        self._memory_kept = False  #: keep_message_memory took (glibc): released when idle
+        #: when a scan was last live (receiving, waiting, reconstructing), and whether the kept
+        #: memory was given back since (:meth:`_release_idle_memory`)
+        self._live_at = time.monotonic()
+        self._released = True
         self._disk_checked = -float("inf")
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
@@ -239,7 +246,7 @@ class Service:
         """Bind every socket, start the metrics endpoint, recover unfinished scans."""
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         set_numpy_hugepages(self.config.numpy_hugepages)
-        keep_message_memory(self.config.ingest_queue_bytes)
+        self._memory_kept = keep_message_memory(self.config.ingest_queue_bytes)
         framestore.MAPPINGS.set_keep_bytes(self.config.frame_store_reuse_bytes)
         self.frame_store_warming = warm_frame_store(self.config.frame_store_warm_bytes)
         # the engine's host FFTs import scipy.fft on first use: 0.2 s inside a daemon's first
@@ -800,6 +807,36 @@ class Service:
             self._disk_free()
         for scan_id in [s for s in self._declared if s not in self.scans.sessions]:
             del self._declared[scan_id]  # forgotten with the session history
+        self._release_idle_memory(now)
+
+    def _release_idle_memory(self, now: float) -> None:
+        """Once no scan has been live for ``release_memory_idle_s``, give the freed message
+        memory that keep_message_memory keeps resident back to the kernel (malloc_trim), once
+        per idle spell: kept, it stayed resident for ever at the most the daemon ever held, on a
+        daemon that runs for years. Trimmed while idle only: a scan's next messages reuse it."""
+        after = self.config.release_memory_idle_s
+        if not self._memory_kept or after <= 0:
+            return
+        if self._preparing is not None or any(not s.state.final for s in self.scans.sessions.values()):
+            self._live_at, self._released = now, False
+            return
+        if self._released or now - self._live_at < after:
+            return
+        self._released = True
+        # off the manager thread: trimming gigabytes (madvise page by page) must not hold up ping
+        threading.Thread(target=self._trim, args=(now - self._live_at,), name="malloc-trim", daemon=True).start()
+
+    def _trim(self, idle_s: float) -> None:
+        try:
+            before, t0 = resident_bytes(), time.monotonic()
+            release_free_memory()
+            after = resident_bytes()
+            log.info("idle for %.0f s: freed message memory given back to the kernel (malloc_trim, %.2f s): "
+                     "resident %s → %s MB", idle_s, time.monotonic() - t0,
+                     "?" if before is None else f"{before / 2**20:.0f}", "?" if after is None else f"{after / 2**20:.0f}")
+        except Exception as exc:  # the daemon goes on with the memory kept
+            log.error("giving idle memory back failed: %s", exc, exc_info=exc)
+            self.metrics.internal_errors.labels(where="housekeeping").inc()
 
 
 class BackgroundService:
