@@ -435,3 +435,37 @@ def test_queued_detector_series_hold_no_file_descriptors(tmp_path):
             sim.kill()
             sim.wait(10)
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_watch_does_not_bring_back_the_bar_of_an_ended_scan_on_a_late_event():
+    """A late event of a scan whose bar was dropped (a metrics or result published after its
+    end, a repeated end) made it a new bar, which nothing ended again: it stayed for ever, and
+    with it the cost of rendering it. Late events now change no bar (a result is still counted);
+    a scan re-opened by `finish_scan` (announced again) gets its bar back."""
+    import io
+
+    import numpy as np
+    from cryoptycho.daemon.commands.watch import ENDED_BARS, Board
+    from cryoptycho.protocols.messages import Metrics, Result, ScanEvent
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    progress = Progress(TextColumn("{task.description}"), TextColumn("{task.fields[info]}"),
+                        console=Console(file=io.StringIO(), force_terminal=True))
+    board = Board(progress, None)
+    for i in range(ENDED_BARS + 5):
+        sid = f"scan-{i:02d}"
+        board.on_event(ScanEvent(sid, "acquiring", info={"expected_frames": 4}))
+        board.on_event(ScanEvent(sid, "finished"))
+    newest = [f"scan-{i:02d}" for i in range(5, ENDED_BARS + 5)]
+    assert [t.description for t in progress.tasks] == newest
+    for sid in ("scan-00", "scan-01", "scan-02"):  # dropped: their late events come in
+        board.on_event(Metrics(sid, frames_received=4, frames_used=4, iteration=9, loss=1.0, state="refining"))
+        board.on_event(Result(sid, iterations=9, pixel_size_m=1e-10, origin_m=(0.0, 0.0),
+                              object=np.ones((4, 4), np.complex64), probe=np.ones((2, 2), np.complex64),
+                              positions_m=np.zeros((4, 2))))
+        board.on_event(ScanEvent(sid, "finished"))
+    assert [t.description for t in progress.tasks] == newest  # before: scan-00 … 02 came back, for good
+    assert board.results == 3
+    board.on_event(ScanEvent("scan-00", "accepted", info={"reopened": True, "expected_frames": 4}))
+    assert [t.description for t in progress.tasks] == [*newest, "scan-00"]
