@@ -333,14 +333,16 @@ class ScanManager:
         """Write the options of a running scan, changed by ``overrides`` (its worker has them
         already), into its spool's header, journaled in order with its appends, so that a
         restart recovers the scan with them; ``done(None, error or None)`` on the manager
-        thread once they are on disk. A scan whose end has been read has its spool closing or
-        closed (its final refinement runs from the frames its worker holds): ``done`` gets an
-        error saying so, and the caller answers that they were not kept."""
+        thread once they are on disk. A scan whose end has been read (or that is being
+        cancelled) has its spool closing or closed: ``done`` gets an error saying so, and the
+        caller answers that they were not kept."""
         session.spec = replace(session.spec, options=merge_overrides(session.spec.options, overrides))
         spool = self.spools.get(session.scan_id)
         if spool is None:
-            done(None, RuntimeError(f"scan {session.scan_id!r} has ended and its spool is closed: the "
-                                    "change applies to its final refinement only"))
+            # its end was read (its final refinement runs from the frames its worker holds), or
+            # it is being cancelled: either way nothing appends to its spool any more
+            done(None, RuntimeError(f"scan {session.scan_id!r} takes no more frames and its spool is closed: "
+                                    "the change applies to this run of it only"))
             return
         options = dict(session.spec.options)
         self.after_disk(lambda: spool.set_options(options), done)

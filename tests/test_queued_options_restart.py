@@ -180,3 +180,35 @@ def test_options_a_running_scan_could_not_keep_are_answered_as_not_kept(tmp_path
             one.abort("test ends")
     finally:
         bg.stop()
+
+
+def test_options_set_on_a_scan_whose_end_was_read_are_answered_as_not_kept(tmp_path):
+    """Once a scan's end is read its spool is closed (its final refinement runs from the frames its
+    worker holds): a change applies to the refinement, and the answer says it would not survive a
+    restart (rule kept_with_scan) rather than an ok the restart would contradict."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.gpu.options import ReconOptions
+
+    scan = synthetic_scan(n_side=6, m=32, counts=20)  # low counts, a sparse prior: a refinement of minutes
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0, refine_time_budget_s=600,
+                        options=ReconOptions(iterations=1_000_000, prior="sparse", denoise_every=1))
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as one):
+            one.start_scan(**scan.start_fields("ended"))
+            one.send_frames(scan.frames)
+            one.end_scan()
+            wait_for(lambda: ctl.status()["scans"]["ended"]["state"] == "refining", 120, "the scan to refine")
+            with pytest.raises(ControlError) as info:
+                ctl.set_options("ended", {"seed": 4242})
+            result = info.value.reply.result
+            assert (result["field"], result["rule"]) == ("params.options", "kept_with_scan"), info.value.reply
+            assert "takes no more frames" in str(info.value)
+            ctl.cancel("ended", "test ends")
+    finally:
+        bg.stop()
