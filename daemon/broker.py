@@ -559,7 +559,8 @@ class BackendMonitor:
 
     def _update(self, result: dict[str, Any]) -> None:
         running, waiting = result.get("running", []), result.get("waiting", [])
-        self.active = len(running) + len(waiting)
+        # waiting_total: a daemon lists only the first of many waiting scans (older ones: all)
+        self.active = len(running) + int(result.get("waiting_total", len(waiting)))
         limit = result.get("max_concurrent_scans")
         self.max_concurrent = limit if isinstance(limit, int) and limit >= 1 else None
         self.stopping = bool(result.get("stopping", False))

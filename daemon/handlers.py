@@ -10,6 +10,7 @@ whose answer needs the spool thread (``receipt``, ``finish_scan``) hands it to
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +28,17 @@ if TYPE_CHECKING:
     from .service import Service
 
 Handler = Callable[..., dict[str, Any]]
+
+#: entries of each list a `status` reply carries (``waiting``, ``scans``, ``unclosed_spools``),
+#: with its total beside it (``…_total``): a client reads a reply of at most its
+#: ``max_header_bytes`` (1 MiB by default), and these lists grow without bound on a daemon that
+#: runs for years (a detector's series wait however many there are; every failed spool close is
+#: remembered until a re-open rebuilds it). A scan's summary is ≈ 0.4–1 kB, an unclosed spool's
+#: note ≈ 0.3 kB: 200 of each stay well inside 1 MiB.
+STATUS_LIST_MAX = 200
+#: scans a `list_scans` reply carries at most, newest first kept (the daemon remembers HISTORY
+#: ended scans, which fit; scans waiting for a worker do not: see STATUS_LIST_MAX)
+LIST_SCANS_MAX = 512
 
 
 class HandlerError(ProtocolError):
@@ -64,20 +76,28 @@ def build_table(service: Service) -> dict[str, Handler]:
 
     def status() -> dict[str, Any]:
         scans = service.scans
+        live = [s for s in scans.sessions.values() if not s.state.final]
+        # running scans first (at most max_concurrent_scans), then those next in the queue
+        live.sort(key=lambda s: s.scan_id not in scans.running)
+        unclosed = list(scans.unclosed.items())[-STATUS_LIST_MAX:]  # the newest (insertion order)
         return {
             "uptime_s": time.monotonic() - service.started_at,
             "endpoints": service.endpoints,
             "metrics_port": service.metrics_port,
             "running": sorted(scans.running),
-            "waiting": list(scans.waiting),
+            # the next STATUS_LIST_MAX to run, in queue order
+            "waiting": list(itertools.islice(scans.waiting, STATUS_LIST_MAX)),
+            "waiting_total": len(scans.waiting),
             "queued_frames": scans.queued_frames(),
             "memory_reserved_bytes": scans.reserved(),
             "max_concurrent_scans": service.config.max_concurrent_scans,
             "max_queued_scans": service.config.max_queued_scans,  # a held producer asks for room (DECTRIS bridge)
             "stopping": scans.stopping,
-            "scans": {sid: s.summary() for sid, s in scans.sessions.items() if not s.state.final},
+            "scans": {s.scan_id: s.summary() for s in live[:STATUS_LIST_MAX]},
+            "scans_total": len(live),
             # where the frames of scans whose spool close failed are, until a re-open rebuilds it
-            "unclosed_spools": dict(scans.unclosed),
+            "unclosed_spools": dict(unclosed),
+            "unclosed_spools_total": len(scans.unclosed),
         }
 
     def list_scans(state: str | None = None) -> dict[str, Any]:
@@ -88,7 +108,8 @@ def build_table(service: Service) -> dict[str, Handler]:
         # it and the summary, which then listed an aborted scan as the announced one asked for
         out = [summary for summary in (s.summary() for s in list(service.scans.sessions.values()))
                if want in (None, summary["state"])]
-        return {"scans": out}
+        # the newest LIST_SCANS_MAX, oldest first as before; total says how many matched
+        return {"scans": out[-LIST_SCANS_MAX:], "total": len(out)}
 
     def snapshot(scan_id: str) -> dict[str, Any]:
         """The latest preview of a scan (late joiners), with its summary; images are absent
@@ -173,7 +194,18 @@ def build_table(service: Service) -> dict[str, Handler]:
         except ValidationError as exc:
             raise _options_error(exc) from None
         worker.set_options(new)
-        return {"scope": session.scan_id, "options": new.to_dict()}
+
+        def kept_running(_: Any, error: Exception | None) -> dict[str, Any]:
+            # answered once they are in the scan's spool (journaled in order with its frames):
+            # a restart, even after kill -9, recovers the scan with them
+            if error is not None:
+                raise HandlerError(f"applied to the running scan, but not kept with its spool ({type(error).__name__}: "
+                                   f"{error}): a restart recovers it with its earlier options",
+                                   "params.options", "kept_with_scan") from None
+            return {"scope": session.scan_id, "options": new.to_dict()}
+
+        return service.reply_later(
+            "set_options", lambda done: service.scans.keep_running_options(session, overrides, done), kept_running)
 
     def receipt(scan_id: str) -> dict[str, Any]:
         """What the daemon holds of a scan: frames received (spooled), whether its scan_end was

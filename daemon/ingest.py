@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import socket
 import sys
 import threading
@@ -50,20 +51,50 @@ def keep_message_memory(keep_bytes: int) -> bool:
     message's memory is reused by the next: resident up to the most the daemon held at once (the
     ingest queue, frames waiting for the spool and the workers). Returns whether the allocator
     took the settings (False: not glibc, nothing changed)."""
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl's mallopt accepts and ignores these
-            return False
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     keep = int(min(max(keep_bytes, 0), 2**31 - 1))
     return all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, MESSAGE_HEAP_MAX), (_M_TRIM_THRESHOLD, keep), (_M_TOP_PAD, min(keep, MESSAGE_HEAP_PAD))))
+
+
+def release_free_memory() -> bool:
+    """Give the C allocator's free memory back to the kernel (glibc's ``malloc_trim(0)``: every
+    heap's free top, and the free pages inside heaps): what :func:`keep_message_memory` kept
+    resident for the next messages, once the daemon is idle (Service, ``release_memory_idle_s``).
+    Returns False where the allocator is not glibc (nothing done)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    libc.malloc_trim(0)
+    return True
+
+
+def _glibc() -> Any:
+    """The process's C library when it is glibc (its mallopt and malloc_trim), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    # musl's mallopt accepts and ignores ours: glibc only (gnu_get_libc_version)
+    return libc if all(hasattr(libc, n) for n in ("gnu_get_libc_version", "mallopt", "malloc_trim")) else None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux /proc/self/statm), None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def frame_positions(msg: Frames, spec: ScanSpec) -> np.ndarray:

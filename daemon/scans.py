@@ -178,9 +178,9 @@ class ScanManager:
         ``spool``: its spool file, already made by :meth:`create_spool` (off this thread)."""
         try:
             _, need = self.admission(spec, own_spool=spool is not None)
-        except Exception:  # refused, or an internal error: the spool made for it is not kept open
+        except Exception as refusal:  # refused, or an internal error: the spool made for it is not kept
             if spool is not None:
-                spool.discard()
+                self._discard(spec.scan_id, spool, refusal)
             raise
         if spool is None:
             spool = self.create_spool(spec)
@@ -195,6 +195,19 @@ class ScanManager:
         for warning in warnings:
             log.warning(warning, extra={"scan_id": spec.scan_id})
         return session
+
+    def _discard(self, scan_id: str, spool: SpoolWriter, refusal: Exception) -> None:
+        """Delete the spool made for a scan that is refused (``refusal``). A failure doing so is
+        logged (with the refusal) and counted, never raised over it: the producer and the
+        operator are told why the scan was refused, not that its empty spool would not close
+        (which replaced the refusal with an internal error)."""
+        try:
+            spool.discard()
+        except Exception as exc:
+            note = (f"its spool {spool.path} could not be discarded ({type(exc).__name__}: {exc}); "
+                    f"{'it is left on disk' if spool.path.exists() else 'its files are deleted'}")
+            log.error("scan refused (%s); %s", refusal, note, exc_info=exc, extra={"scan_id": scan_id})
+            self.metrics.internal_errors.labels(where="spool").inc()
 
     def remember_refusal(self, scan_id: str, reason: str) -> None:
         """Keep why a scan_start was refused, so that its producer can learn it (control
@@ -313,6 +326,25 @@ class ScanManager:
         if spool is None:  # (a waiting scan's spool is the manager's until its worker starts)
             done(None, RuntimeError(f"scan {session.scan_id!r} has no spool to keep its options in"))
             return
+        self.after_disk(lambda: spool.set_options(options), done)
+
+    def keep_running_options(self, session: Session, overrides: dict[str, Any],
+                             done: Callable[[Any, Exception | None], None]) -> None:
+        """Write the options of a running scan, changed by ``overrides`` (its worker has them
+        already), into its spool's header, journaled in order with its appends, so that a
+        restart recovers the scan with them; ``done(None, error or None)`` on the manager
+        thread once they are on disk. A scan whose end has been read (or that is being
+        cancelled) has its spool closing or closed: ``done`` gets an error saying so, and the
+        caller answers that they were not kept."""
+        session.spec = replace(session.spec, options=merge_overrides(session.spec.options, overrides))
+        spool = self.spools.get(session.scan_id)
+        if spool is None:
+            # its end was read (its final refinement runs from the frames its worker holds), or
+            # it is being cancelled: either way nothing appends to its spool any more
+            done(None, RuntimeError(f"scan {session.scan_id!r} takes no more frames and its spool is closed: "
+                                    "the change applies to this run of it only"))
+            return
+        options = dict(session.spec.options)
         self.after_disk(lambda: spool.set_options(options), done)
 
     def _options_for(self, spec: ScanSpec) -> ReconOptions:

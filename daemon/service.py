@@ -54,6 +54,8 @@ from .ingest import (
     check_direct,
     frame_positions,
     keep_message_memory,
+    release_free_memory,
+    resident_bytes,
 )
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier
@@ -85,6 +87,15 @@ SLOW_STEP_S = 0.05
 SWITCH_INTERVAL_S = 0.001
 #: seconds between two readings of the spool's and results' free disk space (a gauge)
 DISK_CHECK_S = 10.0
+#: a second stop signal (SIGTERM, SIGINT, SIGHUP) cuts the drain only this long after the first:
+#: one stop often arrives as two signals at once, not as two requests — a terminal's Ctrl-C goes
+#: to the whole foreground process group, so a wrapper that forwards it (`timeout`, a shell
+#: script's trap, `uv run`, tini with -g) doubles it; systemd with SendSIGHUP=yes sends SIGHUP right
+#: after KillSignal, and with KillMode=control-group signals every process of the unit. Copies
+#: come within milliseconds; a person who wants the drain cut presses again later. (No
+#: supervisor sends a second soft signal later on purpose: systemd, docker stop and Kubernetes
+#: follow the first with SIGKILL after their grace period.)
+SECOND_SIGNAL_AFTER_S = 1.0
 #: seconds a metrics client may stay silent mid-request (a scrape sends its request at once)
 METRICS_CLIENT_TIMEOUT_S = 5.0
 
@@ -206,6 +217,15 @@ class Service:
         self._stop = threading.Event()
         self._stop_why: str | None = None
         self._hurry = threading.Event()  #: a second signal: the drain waits for no scan
+        self._stop_at: float | None = None  #: when the first stop was asked for (monotonic)
+        #: signals taken as copies of the first (SECOND_SIGNAL_AFTER_S): (name, seconds after it),
+        #: logged by the drain (not from the signal handler)
+        self._copies: list[tuple[str | None, float]] = []
+        self._memory_kept = False  #: keep_message_memory took (glibc): released when idle
+        #: when a scan was last live (receiving, waiting, reconstructing), and whether the kept
+        #: memory was given back since (:meth:`_release_idle_memory`)
+        self._live_at = time.monotonic()
+        self._released = True
         self._disk_checked = -float("inf")
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
@@ -226,7 +246,7 @@ class Service:
         """Bind every socket, start the metrics endpoint, recover unfinished scans."""
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         set_numpy_hugepages(self.config.numpy_hugepages)
-        keep_message_memory(self.config.ingest_queue_bytes)
+        self._memory_kept = keep_message_memory(self.config.ingest_queue_bytes)
         framestore.MAPPINGS.set_keep_bytes(self.config.frame_store_reuse_bytes)
         self.frame_store_warming = warm_frame_store(self.config.frame_store_warm_bytes)
         # the engine's host FFTs import scipy.fft on first use: 0.2 s inside a daemon's first
@@ -298,10 +318,17 @@ class Service:
     def request_stop(self, why: str | None = None, again_hurries: bool = False) -> None:
         """Ask the loop to drain and return; safe from signal handlers and other threads.
         ``why`` (e.g. the signal's name) is said in the drain's log. ``again_hurries``: if a
-        stop was already asked for (Ctrl-C pressed twice), scans past scan_end are not waited
-        for; like the others they stay in the spool for the next start."""
-        if again_hurries and self._stop.is_set():
-            self._hurry.set()
+        stop was already asked for at least :data:`SECOND_SIGNAL_AFTER_S` before (Ctrl-C pressed
+        twice), scans past scan_end are not waited for; like the others they stay in the spool
+        for the next start. One sooner is taken as a copy of the first (logged by the drain)."""
+        now = time.monotonic()
+        if self._stop_at is None:
+            self._stop_at = now
+        elif again_hurries and self._stop.is_set():
+            if now - self._stop_at >= SECOND_SIGNAL_AFTER_S:
+                self._hurry.set()
+            else:
+                self._copies.append((why, now - self._stop_at))
         self._stop_why = self._stop_why or why
         self._stop.set()
         try:
@@ -355,6 +382,13 @@ class Service:
             self._timed(turn, "loop turn")
         self._drain()
 
+    def _log_signal_copies(self) -> None:
+        while self._copies:
+            why, after = self._copies.pop(0)
+            log.info("%s %.3f s after the first stop signal: taken as the same stop (a forwarded copy); "
+                     "scans past scan_end are still waited for — send it again %g s or more after the "
+                     "first to stop waiting", why or "stop request", after, SECOND_SIGNAL_AFTER_S)
+
     def _drain(self) -> None:
         """SIGTERM: stop reading ingest; scans still acquiring are checkpointed (they are in the
         spool, recovered at the next start); scans past scan_end may finish within
@@ -370,7 +404,9 @@ class Service:
         deadline = time.monotonic() + self.config.drain_timeout_s
         for worker in list(self.scans.running.values()):
             while worker.thread.is_alive() and time.monotonic() < deadline and not self._hurry.is_set():
+                self._log_signal_copies()
                 worker.thread.join(min(0.2, max(0.0, deadline - time.monotonic())))
+        self._log_signal_copies()
         if self._hurry.is_set():
             log.info("stop requested again: scans past scan_end are not waited for (kept in the spool)")
         self.scans.interrupt(ended_too=True)
@@ -771,6 +807,36 @@ class Service:
             self._disk_free()
         for scan_id in [s for s in self._declared if s not in self.scans.sessions]:
             del self._declared[scan_id]  # forgotten with the session history
+        self._release_idle_memory(now)
+
+    def _release_idle_memory(self, now: float) -> None:
+        """Once no scan has been live for ``release_memory_idle_s``, give the freed message
+        memory that keep_message_memory keeps resident back to the kernel (malloc_trim), once
+        per idle spell: kept, it stayed resident for ever at the most the daemon ever held, on a
+        daemon that runs for years. Trimmed while idle only: a scan's next messages reuse it."""
+        after = self.config.release_memory_idle_s
+        if not self._memory_kept or after <= 0:
+            return
+        if self._preparing is not None or any(not s.state.final for s in self.scans.sessions.values()):
+            self._live_at, self._released = now, False
+            return
+        if self._released or now - self._live_at < after:
+            return
+        self._released = True
+        # off the manager thread: trimming gigabytes (madvise page by page) must not hold up ping
+        threading.Thread(target=self._trim, args=(now - self._live_at,), name="malloc-trim", daemon=True).start()
+
+    def _trim(self, idle_s: float) -> None:
+        try:
+            before, t0 = resident_bytes(), time.monotonic()
+            release_free_memory()
+            after = resident_bytes()
+            log.info("idle for %.0f s: freed message memory given back to the kernel (malloc_trim, %.2f s): "
+                     "resident %s → %s MB", idle_s, time.monotonic() - t0,
+                     "?" if before is None else f"{before / 2**20:.0f}", "?" if after is None else f"{after / 2**20:.0f}")
+        except Exception as exc:  # the daemon goes on with the memory kept
+            log.error("giving idle memory back failed: %s", exc, exc_info=exc)
+            self.metrics.internal_errors.labels(where="housekeeping").inc()
 
 
 class BackgroundService:

@@ -319,9 +319,10 @@ def test_a_second_ctrl_c_cuts_the_drain_short_and_keeps_the_scan(tmp_path):
     """Ctrl-C drains: a scan past scan_end may finish for drain_timeout_s. A second Ctrl-C (an
     operator who does not want to wait) did nothing until that timeout ran out; it now stops
     the refining scan at once, kept in the spool like any interrupted scan, and the next start
-    finishes it."""
+    finishes it. Two signals at once (one stop, forwarded twice) are not a second Ctrl-C."""
     import signal
 
+    from cryoptycho.daemon.service import SECOND_SIGNAL_AFTER_S
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
     from daemon_support import synthetic_scan
@@ -337,9 +338,17 @@ def test_a_second_ctrl_c_cuts_the_drain_short_and_keeps_the_scan(tmp_path):
             producer.send_frames(scan.frames)
             producer.end_scan()
         wait_for(lambda: any(s["state"] == "refining" for s in ctl.list_scans()), 120, "the scan to refine", daemon)
+    # one Ctrl-C as a wrapper forwards it (`timeout`, a shell's trap, tini -g: the terminal's
+    # SIGINT and the wrapper's copy) or systemd's SendSIGHUP=yes sends it: two signals at once,
+    # which cut the drain as a second Ctrl-C did; now taken as one stop (SECOND_SIGNAL_AFTER_S)
     daemon.proc.send_signal(signal.SIGINT)
+    daemon.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "draining (SIGINT)" in daemon.log(), 60, "the drain to begin", daemon)
+    wait_for(lambda: "taken as the same stop" in daemon.log(), 60, "the copy to be logged", daemon)
+    time.sleep(SECOND_SIGNAL_AFTER_S + 0.2)  # (by the daemon's clock too: the drain began after the first)
+    assert daemon.proc.poll() is None and "stop requested again" not in daemon.log(), daemon.log()
     assert daemon.stop(signal.SIGINT, timeout=60) == 0, daemon.log()  # before: 600 s
+    assert "stop requested again" in daemon.log(), daemon.log()
     assert "long-refine (ended" in daemon.log(), daemon.log()  # kept in the spool, past its scan_end
     again = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=1")
     try:
@@ -426,3 +435,37 @@ def test_queued_detector_series_hold_no_file_descriptors(tmp_path):
             sim.kill()
             sim.wait(10)
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_watch_does_not_bring_back_the_bar_of_an_ended_scan_on_a_late_event():
+    """A late event of a scan whose bar was dropped (a metrics or result published after its
+    end, a repeated end) made it a new bar, which nothing ended again: it stayed for ever, and
+    with it the cost of rendering it. Late events now change no bar (a result is still counted);
+    a scan re-opened by `finish_scan` (announced again) gets its bar back."""
+    import io
+
+    import numpy as np
+    from cryoptycho.daemon.commands.watch import ENDED_BARS, Board
+    from cryoptycho.protocols.messages import Metrics, Result, ScanEvent
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    progress = Progress(TextColumn("{task.description}"), TextColumn("{task.fields[info]}"),
+                        console=Console(file=io.StringIO(), force_terminal=True))
+    board = Board(progress, None)
+    for i in range(ENDED_BARS + 5):
+        sid = f"scan-{i:02d}"
+        board.on_event(ScanEvent(sid, "acquiring", info={"expected_frames": 4}))
+        board.on_event(ScanEvent(sid, "finished"))
+    newest = [f"scan-{i:02d}" for i in range(5, ENDED_BARS + 5)]
+    assert [t.description for t in progress.tasks] == newest
+    for sid in ("scan-00", "scan-01", "scan-02"):  # dropped: their late events come in
+        board.on_event(Metrics(sid, frames_received=4, frames_used=4, iteration=9, loss=1.0, state="refining"))
+        board.on_event(Result(sid, iterations=9, pixel_size_m=1e-10, origin_m=(0.0, 0.0),
+                              object=np.ones((4, 4), np.complex64), probe=np.ones((2, 2), np.complex64),
+                              positions_m=np.zeros((4, 2))))
+        board.on_event(ScanEvent(sid, "finished"))
+    assert [t.description for t in progress.tasks] == newest  # before: scan-00 … 02 came back, for good
+    assert board.results == 3
+    board.on_event(ScanEvent("scan-00", "accepted", info={"reopened": True, "expected_frames": 4}))
+    assert [t.description for t in progress.tasks] == [*newest, "scan-00"]

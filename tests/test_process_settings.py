@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
 import subprocess
 import sys
 import weakref
@@ -253,3 +255,50 @@ def test_the_daemon_keeps_message_memory_up_to_its_ingest_queue(tmp_path, monkey
     bg = BackgroundService(_config(tmp_path, ingest_queue_bytes=96 << 20))
     bg.stop()
     assert calls == [96 << 20]
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator, /proc")
+def test_an_idle_daemon_gives_the_memory_it_kept_for_messages_back(tmp_path):
+    """keep_message_memory keeps freed message memory (and the scans' other freed heap memory)
+    resident up to ingest_queue_bytes so that the next scan reuses it: kept for ever, a daemon
+    that runs for years stayed at the most it ever held. Once no scan has been live for
+    release_memory_idle_s it is given back (malloc_trim). Measured by the real daemon's RSS (its
+    own log's figures before and after the trim, and /proc), waited for with a generous deadline
+    (no timing asserted): 345 → 213 MB here; before, 362 MB for good."""
+    from cryoptycho.daemon.ingest import _glibc
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import start_daemon, synthetic_scan
+
+    if _glibc() is None:  # (the daemon runs on this interpreter and C library)
+        pytest.skip("the C library is not glibc: nothing is kept, nothing to give back")
+    scan = synthetic_scan(n_side=16, m=128)
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=2",
+                          "--set", "resolution_interval_s=0", "--set", "frame_store_reuse_bytes=0",
+                          "--set", "release_memory_idle_s=1")
+    try:
+        start = _rss_mb(daemon.proc.pid)
+        with ControlClient(daemon.control, timeout_s=60) as ctl:
+            for k in range(3):
+                with Producer(daemon.ingest, control=daemon.control, batch_frames=64) as producer:
+                    producer.start_scan(**scan.start_fields(f"s{k}"))
+                    producer.send_frames(scan.frames)
+                    producer.end_scan()
+            wait_for(lambda: len(ctl.list_scans(state="finished")) == 3, 300, "the scans to finish", daemon)
+
+        def trimmed() -> dict | None:  # the daemon's own RSS before and after (no race with the trim)
+            for line in list(daemon.log_lines):
+                if line.startswith("{") and "freed message memory given back" in (record := json.loads(line))["msg"]:
+                    return record
+            return None
+
+        record = wait_for(trimmed, 120, "the idle daemon to give its kept memory back", daemon)
+        before, after = map(float, re.search(r"resident (\d+) → (\d+) MB", record["msg"]).groups())
+        assert after < before - (before - start) / 3, (start, before, after)  # here 345 → 213 (start 120)
+        assert _rss_mb(daemon.proc.pid) < before
+    finally:
+        assert daemon.stop() == 0, daemon.log()

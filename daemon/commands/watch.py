@@ -27,6 +27,11 @@ SAVE_EVERY_S = 1.0
 #: bars of ended scans kept on screen (the newest); running scans always keep theirs
 ENDED_BARS = 10
 ENDED = ("finished", "failed", "aborted")
+#: scans whose bar was dropped, remembered (the newest) so that a late event of theirs does not
+#: bring the bar back; the daemon itself remembers 256 scans
+DROPPED_MEMORY = 1024
+#: events that begin a scan's life: a scan re-opened by `finish_scan` is announced again
+STARTS = ("accepted", "acquiring")
 
 
 def save_phase_png(phase: np.ndarray, path: Path) -> Path:
@@ -53,6 +58,9 @@ class Board:
         self.saved_at: dict[str, float] = {}
         self.results = 0
         self.ended: list[str] = []  #: scans with a bar that have ended, oldest first
+        #: scans whose bar was dropped (:meth:`_ended`), oldest first: their late events (a
+        #: metrics or result after the end, a repeated end) made a new bar that never went
+        self.dropped: dict[str, None] = {}
 
     def task(self, scan_id: str, total: int | None = None) -> TaskID:
         if scan_id not in self.tasks:
@@ -80,6 +88,19 @@ class Board:
             self.progress.remove_task(self.tasks.pop(old))
             self.totals.pop(old, None)
             self.saved_at.pop(old, None)
+            self.dropped[old] = None
+            while len(self.dropped) > DROPPED_MEMORY:
+                del self.dropped[next(iter(self.dropped))]
+
+    def _late(self, scan_id: str, event: str | None = None) -> bool:
+        """Whether an event of ``scan_id`` comes after its bar was dropped (then it changes no
+        bar); a start (:data:`STARTS`: re-opened by `finish_scan`) gives it a bar again."""
+        if scan_id not in self.dropped:
+            return False
+        if event in STARTS:
+            del self.dropped[scan_id]
+            return False
+        return True
 
     def on_event(self, ev: Any) -> None:
         kind = type(ev).__name__
@@ -90,15 +111,19 @@ class Board:
         if scan_id is None:
             return
         if kind == "ScanEvent":
-            tid = self.task(scan_id, ev.info.get("expected_frames"))
-            self.progress.update(tid, info=ev.event + (f": {ev.reason}" if ev.reason else ""))
             if not self.progress.console.is_terminal:
                 # no live bars off a terminal (a pipe, a log file, the journal): one line per event
                 self.progress.console.print(f"{scan_id}: {ev.event}" + (f": {ev.reason}" if ev.reason else ""),
                                             soft_wrap=True, markup=False)
+            if self._late(scan_id, ev.event):
+                return
+            tid = self.task(scan_id, ev.info.get("expected_frames"))
+            self.progress.update(tid, info=ev.event + (f": {ev.reason}" if ev.reason else ""))
             if ev.event in ENDED:
                 self._ended(scan_id)
         elif kind == "Metrics":
+            if self._late(scan_id):
+                return
             tid = self.task(scan_id)
             loss = "—" if ev.loss is None else f"{ev.loss:.3g}"
             res = "—" if ev.resolution_m is None else f"{ev.resolution_m * 1e10:.1f} Å"
@@ -117,6 +142,8 @@ class Board:
             if self.save_dir is not None:
                 path = save_phase_png(np.angle(ev.object), self.save_dir / f"{scan_id}.result.png")
                 self.progress.console.print(f"{scan_id}: final image → {path}")
+            if self._late(scan_id):  # counted and saved all the same
+                return
             tid = self.task(scan_id)
             task = self.progress.tasks[self.progress.task_ids.index(tid)]
             if task.total is not None:

@@ -1203,7 +1203,7 @@ class SpoolWriter:
 
     def set_options(self, options: dict[str, Any]) -> None:
         """Replace the scan's option overrides in its header (``/scan`` attr ``json``: what a
-        recovered scan is started with): control `set_options` on a scan waiting for a worker.
+        recovered scan is started with): control `set_options` on a scan waiting for a worker or running.
         Journaled as the appends are: durable once this returns."""
         header = {"op": "options", "options": options}
         json.dumps(header)  # what the file keeps: refused before the journal has it
@@ -1240,10 +1240,15 @@ class SpoolWriter:
         return self._f["entry_1"]
 
     def discard(self) -> None:
-        """Close and delete the spool file and its journal (a scan refused after its spool was made)."""
-        self.close()
-        self.path.unlink(missing_ok=True)
-        journal_path(self.path).unlink(missing_ok=True)
+        """Close and delete the spool file and its journal (a scan refused after its spool was
+        made). Deleted even when the close fails (which lets go of the file, :meth:`close`): a
+        refused scan keeps nothing, and its files left behind would block its id (``unique_scan_id``)
+        and be recovered as an open scan at the next start; the close's error is raised after."""
+        try:
+            self.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+            journal_path(self.path).unlink(missing_ok=True)
 
     def close(self, held: HeldFrames | None = None) -> None:
         """Close the file: closed, it is consistent, which the journal records ("closed": a

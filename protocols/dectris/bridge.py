@@ -368,7 +368,9 @@ class StartGate:
             return False  # asked again at the next poll; the receipt before the start says more
         cap = status.get("max_queued_scans")  # absent from daemons before it was added: just try
         free = max(0, int(status.get("max_concurrent_scans", 1)) - len(status.get("running", [])))
-        return cap is None or len(status.get("waiting", [])) < int(cap) + free
+        # waiting_total: the daemon lists only the first of many waiting scans (older ones: all)
+        waiting = int(status.get("waiting_total", len(status.get("waiting", []))))
+        return cap is None or waiting < int(cap) + free
 
     def _refused(self, scan_id: str, message: str) -> None:
         plan = self.converter.plan

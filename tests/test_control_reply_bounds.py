@@ -1,0 +1,86 @@
+"""Control replies stay readable on a daemon that runs for years: the lists of `status` and
+`list_scans` are bounded (newest or next N, with their totals), so that no reply outgrows a
+client's ``max_header_bytes`` (1 MiB), which made it unreadable."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+from cryoptycho.protocols.control import ControlClient
+from cryoptycho.protocols.producer import Producer
+from daemon_support import synthetic_scan, wait_for
+
+WAITING = 3000  # ≈ 0.5 kB of summary each: 1.5 MB listed whole
+UNCLOSED = 5000  # ≈ 0.3 kB of note each (what _kept_note writes): 1.5 MB listed whole
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return synthetic_scan(n_side=4, m=32)
+
+
+def test_status_and_list_scans_replies_stay_under_the_clients_header_limit(tmp_path, scan):
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.session import Session
+
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0, max_concurrent_scans=1)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    scans = svc.scans
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as one):
+            one.start_scan(**scan.start_fields("running"))  # holds the only slot: the others wait
+            wait_for(lambda: ctl.status()["running"] == ["running"], 120, "the scan to run")
+            injected = threading.Event()
+
+            def inject(_r, _e) -> None:  # on the manager thread, as the daemon's own state changes
+                spec = scans.sessions["running"].spec
+                for i in range(WAITING):
+                    waiting = Session(replace(spec, scan_id=f"series-{i:05d}"), {"host": 0, "device": 0})
+                    scans.sessions[waiting.scan_id] = waiting
+                    scans.waiting.append(waiting.scan_id)
+                for i in range(UNCLOSED):
+                    scans.unclosed[f"failed-{i:05d}"] = (
+                        f"its 65536 frames are kept in its journal /var/spool/cryoptycho/failed-{i:05d}.spool.h5"
+                        ".journal: control `finish_scan` or the next start rebuilds /var/spool/cryoptycho/"
+                        f"failed-{i:05d}.spool.h5 from it and reconstructs the scan")
+                injected.set()
+
+            scans.after_disk(lambda: None, inject)
+            assert injected.wait(60)
+            status = ctl.status()  # before: the reply's header exceeded 1 MiB, and the client refused it
+            assert status["running"] == ["running"]
+            assert status["waiting_total"] == WAITING and status["unclosed_spools_total"] == UNCLOSED
+            # the next to run, in queue order, and the newest failed closes
+            assert status["waiting"][0] == "series-00000" and 0 < len(status["waiting"]) < WAITING
+            assert status["waiting"] == [f"series-{i:05d}" for i in range(len(status["waiting"]))]
+            assert "running" in status["scans"] and status["scans_total"] == WAITING + 1
+            assert len(status["scans"]) <= len(status["waiting"]) + 1
+            newest = list(status["unclosed_spools"])
+            assert newest[-1] == f"failed-{UNCLOSED - 1:05d}" and 0 < len(newest) < UNCLOSED
+            assert newest == [f"failed-{i:05d}" for i in range(UNCLOSED - len(newest), UNCLOSED)]
+
+            listed = ctl.call("list_scans")
+            assert listed["total"] == WAITING + 1 and 0 < len(listed["scans"]) < WAITING
+            assert listed["scans"][-1]["scan_id"] == f"series-{WAITING - 1:05d}"  # the newest kept
+            finished = ctl.call("list_scans", state="finished")
+            assert finished == {"scans": [], "total": 0}
+
+            def drop(_r, _e) -> None:  # let the test's scans go before the service stops
+                for i in range(WAITING):
+                    scans.sessions.pop(f"series-{i:05d}")
+                    scans.waiting.remove(f"series-{i:05d}")
+                scans.unclosed.clear()
+                injected.clear()
+
+            scans.after_disk(lambda: None, drop)
+            wait_for(lambda: not injected.is_set(), 60, "the test's scans to be dropped")
+            one.abort("test ends")
+    finally:
+        bg.stop()
