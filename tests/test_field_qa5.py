@@ -38,3 +38,39 @@ def test_declared_lower_bounds_have_the_apis_the_code_calls() -> None:
     short = [f"{name}>={bounds.get(name)} allows a release without {why} (needs >= {least})"
              for name, (least, why) in NEEDED.items() if bounds.get(name, Version("0")) < Version(least)]
     assert not short, "\n".join(short)
+
+
+def test_the_dectris_bridge_command_reaches_a_daemon_that_runs_with_curve(tmp_path: Path) -> None:
+    """The bridge is for a daemon on another host, and a daemon on a network runs with CURVE
+    (deploy/README.md); `cryoptycho dectris-bridge` had no way to give it keys: the daemon never
+    heard its series. It takes --client-key/--server-key as `replay` and `watch` do."""
+    import subprocess
+    import sys
+
+    from daemon_support import start_daemon, start_dectris_sim, wait_for
+
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.security import ClientCurve
+
+    keys = tmp_path / "keys"
+    made = subprocess.run([sys.executable, "-m", "cryoptycho.daemon.cli", "keys", str(keys), "--client", "bridge"],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    curve = ClientCurve.from_keys_dir(keys, "bridge")
+    daemon = start_daemon(tmp_path, "--set", f"curve_keys_dir={keys}")
+    sim, url = start_dectris_sim("--frames", "16", "--size", "32")
+    try:
+        bridge = subprocess.run(
+            [sys.executable, "-m", "cryoptycho.daemon.cli", "dectris-bridge", url, "--ingest", daemon.ingest,
+             "--control", daemon.control, "--series", "1", "--client-key", str(curve.secret_file),
+             "--server-key", str(curve.server_public_file)],
+            capture_output=True, text=True, timeout=240)
+        assert bridge.returncode == 0, (bridge.stdout, bridge.stderr)
+        with ControlClient(daemon.control, timeout_s=5, curve=curve) as ctl:
+            scans = wait_for(lambda: [s for s in ctl.list_scans() if s["state"] == "finished"] or None,
+                             180, "the bridged series finished", daemon)
+        assert scans[0]["frames"]["received"] == 16
+    finally:
+        sim.kill()
+        sim.wait(10)
+        daemon.stop()
