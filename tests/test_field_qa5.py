@@ -3,12 +3,17 @@ dependency versions pyproject.toml allows, third-party senders written from the 
 documents, result files read by a downstream pipeline."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the tomli backport, a dependency before 3.11
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
