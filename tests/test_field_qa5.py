@@ -78,3 +78,36 @@ def test_the_dectris_bridge_command_reaches_a_daemon_that_runs_with_curve(tmp_pa
         sim.kill()
         sim.wait(10)
         daemon.stop()
+
+
+def test_a_side_channel_image_id_past_int64_is_named_and_the_detector_source_goes_on() -> None:
+    """One `dectris_positions` message with an image id of 2**63 or more (msgpack's uint64)
+    raised OverflowError out of the side channel's drain: `serve --source` logged "detector
+    source failed; stopping the service" and stopped. It is a position error like any other."""
+    import zmq
+    from cryoptycho.protocols.dectris.bridge import BridgeStats, _drain_side_channel
+    from cryoptycho.protocols.dectris.convert import BridgeConfig, SeriesConverter
+    from cryoptycho.protocols.messages import Request, encode
+
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        pull.bind("inproc://side")
+        push.connect("inproc://side")
+        bad = [{"image_ids": [2**63 + 5], "positions_m": [[0.0, 0.0]]},
+               {"image_ids": [-1], "positions_m": [[0.0, 0.0]]}]
+        for params in bad:
+            push.send_multipart(encode(Request("dectris_positions", params)))
+        push.send_multipart(encode(Request("dectris_positions", {"image_ids": [3], "positions_m": [[1e-10, 2e-10]]})))
+        conv, stats = SeriesConverter(BridgeConfig(), side_channel=True), BridgeStats()
+        got = []
+        for _ in range(50):  # inproc delivers at once; a few drains leave room for a slow thread
+            got += _drain_side_channel(pull, conv, stats)
+            if stats.position_errors == len(bad) and (None, 3) in conv._positions:
+                break
+        assert stats.position_errors == len(bad)
+        assert (None, 3) in conv._positions, "the good message after the bad ones is taken"
+    finally:
+        pull.close(0)
+        push.close(0)
+        ctx.term()
