@@ -111,3 +111,51 @@ def test_a_side_channel_image_id_past_int64_is_named_and_the_detector_source_goe
         pull.close(0)
         push.close(0)
         ctx.term()
+
+
+def _formats_cube_snippet() -> str:
+    text = (ROOT / "daemon" / "storage" / "FORMATS.md").read_text(encoding="utf-8")
+    section = text.split("## Reading our files with other tools", 1)[1].split("\n## ", 1)[0]
+    assert "```python" in section, "FORMATS.md says how to read a spool's or result's frames as a 4D-STEM cube"
+    return section.split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_the_formats_recipe_gives_the_raster_cube_of_frames_that_arrived_out_of_order(tmp_path: Path) -> None:
+    """A result's /raw rows are in arrival order; a downstream 4D-STEM reader that reshapes them by
+    /raw/nav_shape, as FORMATS.md's one recipe (for dataset files) suggested, gets a scrambled
+    cube when the producer sent frames out of index order (allowed: PROTOCOL.md §4.2).
+    FORMATS.md now gives the recipe for spool and result files; here it is run as written."""
+    import numpy as np
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.messages import ProbeModelSpec, RasterScan
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import start_daemon, wait_for
+
+    ny, nx, m = 4, 5, 32
+    frames = np.random.default_rng(1).poisson(3.0, (ny * nx, m, m)).astype(np.uint16)
+    frames[:, 0, 0] = np.arange(ny * nx)  # each frame says which it is
+    daemon = start_daemon(tmp_path)
+    try:
+        with Producer(daemon.ingest, control=daemon.control) as p:
+            p.start_scan(scan_id="ooo", energy_eV=300e3, frame_shape=(m, m), frame_dtype="uint16",
+                         expected_frames=ny * nx, pixel_size_m=1e-10, options={"iterations": 2},
+                         probe_model=ProbeModelSpec(semiangle_rad=9.2e-3, defocus_m=40e-9),
+                         raster=RasterScan((ny, nx), (2e-10, 2e-10)))
+            for lo in range(ny * nx - 4, -1, -4):  # the last frames first
+                p.send_frames(frames[lo:lo + 4], indices=np.arange(lo, lo + 4))
+            p.end_scan()
+        with ControlClient(daemon.control, timeout_s=5) as ctl:
+            path = wait_for(lambda: ctl.call("receipt", scan_id="ooo").get("state") == "finished"
+                            and next(s["result_path"] for s in ctl.list_scans() if s["scan_id"] == "ooo"),
+                            120, "scan ooo finished", daemon)
+    finally:
+        daemon.stop()
+    import h5py
+    import hdf5plugin  # noqa: F401 (the frames' filter)
+
+    with h5py.File(path, "r") as f:
+        naive = f["raw/entry_1/data_1/data"][()].reshape(ny, nx, m, m)
+    assert not np.array_equal(naive, frames.reshape(ny, nx, m, m)), "the frames were stored in index order"
+    scope: dict = {"path": path}
+    exec(compile(_formats_cube_snippet(), "FORMATS.md", "exec"), scope)  # noqa: S102 (the doc's own code)
+    np.testing.assert_array_equal(scope["cube"], frames.reshape(ny, nx, m, m))
