@@ -159,3 +159,29 @@ def test_the_formats_recipe_gives_the_raster_cube_of_frames_that_arrived_out_of_
     scope: dict = {"path": path}
     exec(compile(_formats_cube_snippet(), "FORMATS.md", "exec"), scope)  # noqa: S102 (the doc's own code)
     np.testing.assert_array_equal(scope["cube"], frames.reshape(ny, nx, m, m))
+
+
+def test_an_image_count_below_one_is_set_aside_and_the_series_reconstructed() -> None:
+    """A start whose number_of_images (V1: ntrigger × nimages) is below 1 bounded the image ids:
+    every image was refused as out of range and the series skipped ("it ended without any usable
+    image"). Like the other header values a detector cannot mean, it is set aside with a warning
+    and the scan's positions give the count."""
+    import numpy as np
+    from cryoptycho.protocols.dectris.convert import BridgeConfig, SeriesConverter
+    from cryoptycho.protocols.dectris.decode import decode_v2
+    from cryoptycho.protocols.dectris.sim import SimSeries, v2_messages
+    from cryoptycho.protocols.messages import Frames, ScanEnd
+
+    for count in (-5, 0):
+        frames = np.random.default_rng(0).poisson(3, (6, 16, 16)).astype(np.uint16)
+        user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [2, 3], "step_m": [2e-10, 2e-10]}}}
+        series = SimSeries(frames, user_data=user, detector_distance_m=0.25, extra_start={"number_of_images": count})
+        notices: list = []
+        conv = SeriesConverter(BridgeConfig(), on_notice=notices.append)
+        out: list = []
+        for raw in v2_messages(series):
+            out += conv.feed(decode_v2(raw))
+        sent = sorted(int(i) for m in out if isinstance(m, Frames) for i in m.indices)
+        assert sent == list(range(6)), (count, notices)
+        assert sum(isinstance(m, ScanEnd) for m in out) == 1
+        assert [(n.outcome, n.field) for n in notices] == [("warning", "number_of_images")], notices
