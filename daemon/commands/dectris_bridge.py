@@ -34,10 +34,15 @@ SERIES_FAILED = 1
 @click.option("--no-confirm", is_flag=True,
               help="Send without asking the daemon whether it accepted a series (a relay without control): a "
                    "refused series is then lost unseen.")
+@click.option("--client-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CURVE: this client's .key_secret file (needs --server-key; `cryoptycho keys`), for a daemon "
+                   "that runs with CURVE.")
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CURVE: the daemon's public server.key file.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def command(source: str, ingest: str, control: str | None, config_file: Path | None, series: int | None,
-            no_confirm: bool, log_level: str) -> None:
+            no_confirm: bool, client_key: Path | None, server_key: Path | None, log_level: str) -> None:
     """Bridge a DECTRIS detector stream (SOURCE: dectris2://HOST[:PORT] or dectris1://...) to a daemon.
 
     Each series becomes a scan; a series the daemon refuses is logged with its reason, one refused
@@ -47,7 +52,11 @@ def command(source: str, ingest: str, control: str | None, config_file: Path | N
     """
     from cryoptycho.daemon.logs import setup_logging
     from cryoptycho.protocols.dectris.bridge import BridgeConfig, run_bridge
+    from cryoptycho.protocols.security import ClientCurve
 
+    if (client_key is None) != (server_key is None):
+        raise click.BadParameter("give both --client-key and --server-key, or neither")
+    curve = ClientCurve(client_key, server_key) if client_key and server_key else None
     setup_logging("text", log_level.upper())
     config: dict[str, Any] = {}
     if config_file is not None:
@@ -62,7 +71,8 @@ def command(source: str, ingest: str, control: str | None, config_file: Path | N
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stats = run_bridge(source, ingest, cfg, stop, max_series=series, control=control, confirm=not no_confirm)
+    stats = run_bridge(source, ingest, cfg, stop, max_series=series, control=control, confirm=not no_confirm,
+                       curve=curve)
     click.echo(json.dumps(stats.to_dict()))
     conv = stats.converter
     failed = {"refused by the daemon": stats.series_refused, "lost": stats.series_lost,

@@ -22,6 +22,7 @@ from ..errors import ControlError, ControlTimeout, ProducerTimeout, ProtocolErro
 from ..limits import Limits
 from ..messages import Frames, Request, ScanEnd, ScanStart, decode
 from ..producer import Producer, control_endpoint_for
+from ..security import ClientCurve
 from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, bridge_messages
 from .receiver import DectrisReceiver, ErrorLogLimiter, parse_source
 from .scan import parse_positions
@@ -70,6 +71,7 @@ def run_bridge(
     limits: Limits | None = None,
     control: str | None = None,
     confirm: bool = True,
+    curve: ClientCurve | None = None,
 ) -> BridgeStats:
     """Receive a DECTRIS stream from ``source_url`` (``dectris2://host:31001`` or
     ``dectris1://host:9999``) and push each series as a scan to the daemon's ingest endpoint,
@@ -85,7 +87,9 @@ def run_bridge(
     ``max_held_bytes``, and sends it again once the daemon has room (``series_waited``).
     ``confirm=False`` sends blindly (a stand-in PULL socket, a relay): a refused series is lost
     unseen. No answer from the control socket for the producer's send timeout raises
-    :class:`~..errors.ProducerTimeout`."""
+    :class:`~..errors.ProducerTimeout`. ``curve``: the daemon runs with CURVE (its sockets reached
+    from another host); the producer and control client this makes use these keys (a ``producer``
+    passed in brings its own)."""
     version, endpoint = parse_source(source_url)
     if config is not None and not isinstance(config, (BridgeConfig, dict)):
         raise TypeError(f"config must be a BridgeConfig or a dict of its fields, not "
@@ -103,7 +107,8 @@ def run_bridge(
     own_producer = producer is None
     # confirm=False: the detector's stream has no acknowledgement to pass on, and waiting for
     # the daemon's at each series end would stall the detector's stream behind it
-    prod = producer or Producer(ingest_endpoint, context=ctx, limits=limits, confirm=False)  # the daemon's limits
+    prod = producer or Producer(ingest_endpoint, context=ctx, limits=limits, confirm=False,  # the daemon's limits
+                                curve=curve)
     gate = None
     if confirm:
         ctl = ControlClient(control or prod.control or control_endpoint_for(ingest_endpoint), timeout_s=2.0,

@@ -299,11 +299,12 @@ class SeriesConverter:
         elif old is not None and old.scan_start is not None:
             out.append(Abort(self.plan.scan_id, f"detector series {self.plan.start.series_id} "
                              f"was replaced by series {start.series_id} before its end"))
+        # checked before the tracker takes the start: an image count it sets aside must not bound the ids
+        start, warnings = check_header(start)
         self.tracker.begin(start)
         self.stats["series"] += 1
         self.plan = None
         try:
-            start, warnings = check_header(start)
             for key, text in warnings:
                 self._notice(SeriesNotice("warning", start.series_id, key, text))
             self.plan = self._plan(start)

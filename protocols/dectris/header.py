@@ -86,6 +86,14 @@ def check_header(start: SeriesStart) -> tuple[SeriesStart, list[tuple[str, str]]
                          "cutoff: ignored; the [dectris] saturation_value, else one below the image "
                          "dtype's maximum, is used")))
 
+    images = start.number_of_images
+    if images is not None and images < 1:
+        # (V1 ntrigger/nimages or a V2 count below 1 bounded the image ids: every image of the
+        # series was refused as out of range and the series skipped)
+        changes["number_of_images"] = None
+        warnings.append(("number_of_images", (f"number_of_images = {images} is no image count: ignored; "
+                         "the scan's positions give the count")))
+
     size = start.pixel_size_m
     if size is not None and not all(math.isfinite(v) and v > 0 for v in size):
         changes["pixel_size_m"] = None

@@ -138,7 +138,14 @@ def parse_positions(msg: Request) -> tuple[int | None, np.ndarray, np.ndarray]:
     if msg.method != POSITIONS_METHOD:
         raise ValueError(f"method: side-channel messages use {POSITIONS_METHOD!r}, got {msg.method!r}")
     params = msg.params
-    ids = np.asarray(params.get("image_ids", ()), dtype=np.int64).reshape(-1)
+    try:
+        ids = np.asarray(params.get("image_ids", ()), dtype=np.int64).reshape(-1)
+    except OverflowError:
+        # a msgpack uint64 past 2**63: not an image id; it used to escape as OverflowError and stop
+        # the daemon's detector source
+        raise ValueError("params.image_ids: image ids must be integers in [0, 2**63)") from None
+    if (ids < 0).any():
+        raise ValueError(f"params.image_ids: image ids count from 0, got {int(ids.min())}")
     pos = np.asarray(params.get("positions_m", ()), dtype=np.float64)
     if pos.shape != (ids.size, 2):
         raise ValueError(f"params.positions_m: shape {pos.shape}, expected ({ids.size}, 2)")
