@@ -134,6 +134,51 @@ def test_side_channel_wins_over_config_and_frames_wait_for_positions() -> None:
     assert isinstance(released[-1], ScanEnd) and released[-1].frame_count == 6
 
 
+def test_positions_of_series_that_never_come_are_not_kept_for_ever(caplog: pytest.LogCaptureFixture) -> None:
+    """A scan system that sends positions under series ids no series arrives with (wrong ids, an
+    acquisition cancelled before arming) made the converter keep them for the life of the daemon;
+    the series that is waiting for its positions keeps them however many strays come."""
+    from cryoptycho.protocols.dectris.convert import MAX_POSITION_SERIES
+
+    cfg = BridgeConfig(raster=CONFIG_RASTER, detector_pixel_angle_rad=1e-3, frames_per_message=4)
+    conv = SeriesConverter(cfg, side_channel=True)
+    start, *images, end = _decoded(_series())
+    conv.feed(start)
+    conv.feed(images[0])  # the series opens and waits for its positions
+    pos = np.arange(12, dtype=float).reshape(6, 2) * 1e-10
+    conv.add_positions(start.series_id, np.arange(3), pos[:3])  # half of them now
+    stray_ids = [start.series_id + 1000 + k for k in range(3 * MAX_POSITION_SERIES)]
+    with caplog.at_level("ERROR"):
+        for stray in stray_ids:
+            conv.add_positions(stray, np.arange(64), np.zeros((64, 2)))
+    kept = {series for series, _ in conv._positions}
+    assert len(kept) <= MAX_POSITION_SERIES and start.series_id in kept
+    assert stray_ids[-1] in kept and stray_ids[0] not in kept  # the oldest strays went
+    assert "no series has claimed" in caplog.text
+    out = []
+    for img in images[1:]:
+        out += conv.feed(img)
+    out += conv.add_positions(start.series_id, np.arange(3, 6), pos[3:])
+    out += conv.feed(end)
+    frames = [m for m in out if isinstance(m, Frames)]
+    assert sum(len(f.indices) for f in frames) == 6  # every image of the waiting series placed
+    for f in frames:
+        np.testing.assert_array_equal(f.positions_m, pos[f.indices])
+
+
+def test_the_side_channel_bounds_the_parts_it_takes() -> None:
+    from cryoptycho.protocols.dectris.bridge import open_side_channel
+    from cryoptycho.protocols.limits import Limits, ingest_max_part_bytes
+
+    ctx = zmq.Context()
+    side = open_side_channel(ctx, BridgeConfig(positions_endpoint="tcp://127.0.0.1:*"))
+    try:
+        assert side is not None and side.getsockopt(zmq.MAXMSGSIZE) == ingest_max_part_bytes(Limits())
+    finally:
+        side.close(0)
+        ctx.term()
+
+
 def test_config_raster_is_the_last_resort() -> None:
     cfg = BridgeConfig(raster=CONFIG_RASTER, detector_pixel_angle_rad=1e-3)
     out, _ = _convert(_series(), cfg)

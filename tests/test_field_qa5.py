@@ -24,6 +24,8 @@ NEEDED = {
     # with 6.0.0 the first Stream V2 message raised TypeError in the source thread and stopped `serve`
     "cbor2": ("6.1", "cbor2.loads(memoryview) in protocols/dectris/decode.py"),
     "pydantic-settings": ("2.7", "NoDecode in protocols/limits.py"),
+    "pydantic": ("2.7", "the pydantic that pydantic-settings 2.7 requires (a lower bound no install can reach)"),
+    "starlette": ("0.37.2", "a TestClient that works with httpx 0.28 (tests/test_view.py)"),
 }
 
 

@@ -19,7 +19,7 @@ import zmq
 
 from ..control import ControlClient
 from ..errors import ControlError, ControlTimeout, ProducerTimeout, ProtocolError
-from ..limits import Limits
+from ..limits import Limits, ingest_max_part_bytes
 from ..messages import Frames, Request, ScanEnd, ScanStart, decode
 from ..producer import Producer, control_endpoint_for
 from ..security import ClientCurve
@@ -167,11 +167,15 @@ def run_bridge(
 
 
 def open_side_channel(ctx: zmq.Context, cfg: BridgeConfig) -> zmq.Socket | None:
-    """The PULL socket bound at ``cfg.positions_endpoint`` for side-channel positions, if set."""
+    """The PULL socket bound at ``cfg.positions_endpoint`` for side-channel positions, if set.
+    Its parts are bounded as the ingest socket's are (a peer sending a larger part is cut off as
+    its length arrives): unbounded, one message from a buggy scan system could make the daemon
+    hold any number of bytes."""
     if cfg.positions_endpoint is None:
         return None
     side = ctx.socket(zmq.PULL)
     side.setsockopt(zmq.LINGER, 0)
+    side.setsockopt(zmq.MAXMSGSIZE, ingest_max_part_bytes(Limits()))
     side.bind(cfg.positions_endpoint)
     return side
 

@@ -28,6 +28,10 @@ from .schema import DectrisError, HeaderError, Image, Message, SeriesEnd, Series
 
 log = logging.getLogger(__name__)
 
+#: series whose side-channel positions are kept before their images come: a scan system sends
+#: a series' positions ahead of it or beside it, rarely more than one or two series ahead
+MAX_POSITION_SERIES = 16
+
 IngestMessage = ScanStart | Frames | ScanEnd | Abort
 
 
@@ -211,6 +215,8 @@ class SeriesConverter:
         self.tracker = SeriesTracker()
         self.plan: _Plan | None = None
         self._positions: dict[tuple[int | None, int], np.ndarray] = {}
+        #: series ids that side-channel positions arrived for, oldest first (see add_positions)
+        self._position_series: dict[int | None, None] = {}
         self._closing: _Plan | None = None  # ended, still waiting for side-channel positions
         self._closing_deadline = 0.0
         self.stats: dict[str, int] = {"series": 0, "frames_sent": 0, "failed_series": 0,
@@ -591,6 +597,9 @@ class SeriesConverter:
         """Side-channel positions; releases images that were waiting for them."""
         for i, p in zip(image_ids, positions_m):
             self._positions[(series_id, int(i))] = np.asarray(p, dtype=np.float64)
+        self._position_series.pop(series_id, None)
+        self._position_series[series_id] = None
+        self._forget_unclaimed_positions()
         out: list[IngestMessage] = []
         for plan in (self._closing, self.plan):
             if plan is not None and plan.streamed:
@@ -646,9 +655,30 @@ class SeriesConverter:
             self.stats["images_without_position"] += len(plan.waiting)
             log.error("scan %s: %d images never got a position on the side channel (ids %s)",
                       plan.scan_id, len(plan.waiting), sorted(plan.waiting)[:20])
-        self._positions = {k: v for k, v in self._positions.items() if k[0] not in (None, plan.start.series_id)}
+        self._drop_positions({None, plan.start.series_id})
         out.append(ScanEnd(plan.scan_id, plan.sent))
         return out
+
+    def _drop_positions(self, series_ids: set[int | None]) -> None:
+        self._positions = {k: v for k, v in self._positions.items() if k[0] not in series_ids}
+        for series_id in series_ids:
+            self._position_series.pop(series_id, None)
+
+    def _forget_unclaimed_positions(self) -> None:
+        """Positions are kept for at most :data:`MAX_POSITION_SERIES` series: positions sent for a
+        series that never comes (a wrong series id, an acquisition cancelled before arming) were
+        kept for the life of the process, one array per image. The series being received or
+        finished are never dropped; the oldest others go, named in the log."""
+        active = {plan.start.series_id for plan in (self.plan, self._closing) if plan is not None}
+        spare = [s for s in self._position_series if s not in active]
+        excess = len(self._position_series) - MAX_POSITION_SERIES
+        if excess <= 0 or not spare:
+            return
+        dropped = set(spare[:excess])
+        log.error("positions side channel: positions for %d series arrived that no series has claimed; "
+                  "dropping those of the oldest (series ids %s) — a series with such an id arriving "
+                  "later waits for its positions again", len(self._position_series), sorted(dropped, key=str))
+        self._drop_positions(dropped)
 
     def stop(self, reason: str) -> list[IngestMessage]:
         """End a series still waiting for positions, abort the scan in progress (shutdown)."""
