@@ -572,7 +572,10 @@ def refine_full_batch(
         changed = False
         if sparse is not None and opts.prior == "sparse":
             changed = sparse.update(x["object"], it + 1)
-        moved = None if between is None else between(it + 1, x)
+        if between is None:
+            return changed
+        t0 = clock()
+        moved = between(it + 1, x)
         if moved is not None:
             if moved.size != batch.size:
                 raise ValueError(f"between() moved {moved.size} positions, the scan has {batch.size}")
@@ -584,7 +587,11 @@ def refine_full_batch(
                 precond["object"] = LowFrequencyPreconditioner(precond["object"], probe_cutoff(x["probe"]),
                                                                opts.lowfreq_boost)
             changed = True
+        # the hook's update is predicted by its own guard: CG's pace leaves it out
+        aside[0] += clock() - t0
         return changed
+
+    aside = [0.0]  # seconds spent in ``between`` so far
 
     x = {"object": obj, "probe": probe}
     losses: list[float] = []
@@ -593,7 +600,7 @@ def refine_full_batch(
     while it < total:
         left = None if budget is None else budget - (clock() - t_start)
         res = minimize(fun, x, total - it, left, callback, active, precond, start_iteration=it,
-                       clock=clock)
+                       clock=clock, aside_s=lambda: aside[0])
         x = res.x
         losses += res.losses
         it += res.iterations
@@ -802,13 +809,19 @@ def refine_alternating(
     t_start = clock()
     spent: dict[str, float] = {}  # seconds the last update of each kind took
 
+    def per_iteration(done: int) -> float:
+        """Mean seconds per CG iteration so far (set-up and updates included: errs long)."""
+        return (clock() - t_start) / max(done, 1)
+
     def update_fits(kind: str, done: int) -> bool:
-        """Whether a ``kind`` update after ``done`` CG iterations is expected to end in the budget."""
+        """Whether a ``kind`` update after ``done`` CG iterations is expected to end in the
+        budget with a CG iteration after it (the object follows the update: an update that
+        only CG's time left unfollowed moves the positions or probe away from the object)."""
         if budget is None:
             return True
         elapsed = clock() - t_start
-        cost = spent.get(kind, UPDATE_ITERATIONS[kind] * elapsed / max(done, 1))
-        if elapsed + cost <= budget:
+        cost = spent.get(kind, UPDATE_ITERATIONS[kind] * per_iteration(done))
+        if elapsed + cost + per_iteration(done) <= budget:
             return True
         log.info("%s update at iteration %d skipped: about %.1f s needed, %.1f s left of the budget",
                  kind, done, cost, budget - elapsed)
@@ -877,6 +890,8 @@ def refine_alternating(
                     return None
                 return batch_now()
 
+            if budget is not None and losses and clock() - t_start + per_iteration(len(losses)) > budget:
+                break  # a new CG run's set-up and first iteration would not fit (after an update)
             left = None if budget is None else max(budget - (clock() - t_start), 1e-3)
             obj, probe, part = refine_full_batch(
                 obj, probe, problem.counts_fft, batch_now(), problem.mask, opts, stop - it, left, it,
