@@ -256,6 +256,39 @@ def test_a_position_update_predicted_to_overrun_is_not_started(monkeypatch, capl
     assert not np.allclose(engine.snapshot().object, streamed)  # the refined object is the result
 
 
+def test_a_position_update_no_cg_iteration_could_follow_is_not_started(monkeypatch) -> None:
+    """An update needs CG after it (the object follows the moved positions): with 1.5 s left,
+    an update predicted at one iteration (1 s) fits, but no iteration after it would — the
+    positions moved away from the object they were fitted at. It is not started, and CG takes
+    the time instead."""
+    m = 32
+    nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=2, position_every=2,
+                        stream={"batch_size": 16, "refine_positions": False})
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames_fft), nominal)
+    for _ in range(4):
+        engine.step()
+    clock = _WorkClock()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def costly_update(*args, **kwargs):
+        updates.append(clock.now)
+        clock.now += 1.0
+        return real_update(*args, **kwargs)
+
+    def one_second_per_iteration(iteration: int, total: int, loss: float) -> None:
+        clock.now += 1.0
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", costly_update)
+    losses = engine.refine(4, time_budget_s=3.5, callback=one_second_per_iteration, clock=clock)
+    assert updates == []
+    assert len(losses) == 3  # the update's time went to a third iteration
+    assert clock.now <= 3.5
+
+
 def test_the_second_half_set_gets_only_what_the_first_left() -> None:
     """The half sets share their part of the post-scan budget: a first half that overran (here
     7 s of its 5) leaves the second 3 s, not another 5, so the halves end within their 10 s."""
