@@ -257,10 +257,10 @@ def test_a_position_update_predicted_to_overrun_is_not_started(monkeypatch, capl
 
 
 def test_a_position_update_no_cg_iteration_could_follow_is_not_started(monkeypatch) -> None:
-    """An update needs CG after it (the object follows the moved positions): with 1.5 s left,
-    an update predicted at one iteration (1 s) fits, but no iteration after it would — the
-    positions moved away from the object they were fitted at. It is not started, and CG takes
-    the time instead."""
+    """An update needs CG after it (the object follows the moved positions): with 2.5 s left,
+    an update predicted at two mean iterations (2 s) fits, but no iteration after it would —
+    the positions would move away from the object they were fitted at. It is not started, and
+    CG takes the time instead."""
     m = 32
     nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
     opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=2, position_every=2,
@@ -283,10 +283,42 @@ def test_a_position_update_no_cg_iteration_could_follow_is_not_started(monkeypat
         clock.now += 1.0
 
     monkeypatch.setattr(reconstruct_module, "update_positions", costly_update)
-    losses = engine.refine(4, time_budget_s=3.5, callback=one_second_per_iteration, clock=clock)
+    losses = engine.refine(4, time_budget_s=4.5, callback=one_second_per_iteration, clock=clock)
     assert updates == []
-    assert len(losses) == 3  # the update's time went to a third iteration
-    assert clock.now <= 3.5
+    assert len(losses) == 4  # the update's time went to CG: every iteration asked for
+    assert clock.now <= 4.5
+
+
+def test_an_update_after_cg_stopped_early_is_predicted_from_the_iterations_run(monkeypatch) -> None:
+    """CG stopped for the budget after 3 iterations (the third took 3 s), short of the next
+    update point (10): the update's cost is predicted from the 3 iterations run (5 s / 3), not
+    from the schedule's 10 (0.5 s), which started a 2 s update with 2 s left."""
+    m = 32
+    nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=10, position_every=5,
+                        stream={"batch_size": 16, "refine_positions": False})
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames_fft), nominal)
+    for _ in range(4):
+        engine.step()
+    clock = _WorkClock()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def costly_update(*args, **kwargs):
+        updates.append(clock.now)
+        clock.now += 2.0
+        return real_update(*args, **kwargs)
+
+    def third_is_slow(iteration: int, total: int, loss: float) -> None:
+        clock.now += 3.0 if iteration == 3 else 1.0
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", costly_update)
+    losses = engine.refine(20, time_budget_s=7.0, callback=third_is_slow, clock=clock)
+    assert len(losses) == 3  # 1 + 1 + 3 s; a fourth, predicted at 3 s, would end at 8
+    assert updates == []
+    assert clock.now <= 7.0
 
 
 def test_the_second_half_set_gets_only_what_the_first_left() -> None:
