@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,29 @@ from .backend import (
 
 Vars = dict[str, Any]
 Fun = Callable[[Vars], tuple[float, Vars]]
+
+
+#: Plain iterations (without the callback's updates) whose longest predicts the next one's time:
+#: an iteration's evaluations vary (one trial accepted, a secant step, halvings; 0.2–1.1 s on
+#: the same problem in `bench live`), so the last one alone said "fits" for a longer one.
+PACE_WINDOW = 4
+
+
+class IterationPace:
+    """The time budget's estimate of CG's next iteration: the longest of the last
+    :data:`PACE_WINDOW` plain iterations (a callback's update timed apart, predicted by its
+    own guard), and the last full evaluation (the restart after an objective change)."""
+
+    def __init__(self, first_evaluation_s: float) -> None:
+        self.plain: deque[float] = deque(maxlen=PACE_WINDOW)
+        self.evaluation_s = first_evaluation_s
+
+    def add(self, seconds: float) -> None:
+        self.plain.append(max(0.0, seconds))
+
+    def next_s(self) -> float:
+        """The next iteration's predicted seconds (before any: the first evaluation's)."""
+        return max(self.plain) if self.plain else self.evaluation_s
 
 
 @dataclass
@@ -135,6 +159,7 @@ def minimize(
     restart_every: int = 50,
     rtol: float = 1e-10,
     clock: Callable[[], float] = time.perf_counter,
+    aside_s: Callable[[], float] | None = None,
 ) -> CGResult:
     """Minimise ``fun`` over the complex arrays of ``x0`` (dict; updated copies returned).
 
@@ -146,9 +171,13 @@ def minimize(
     objective changed" (e.g. a prior's target was refreshed): loss and gradient are recomputed
     and CG restarts from steepest descent.
     ``time_budget_s`` is a promise, not a start deadline: an iteration starts only when the
-    last one's duration (the estimate of the next) still fits in what is left, so the run
-    ends within the budget up to the spread of iteration times. ``clock`` (seconds) is
-    injectable for tests.
+    longest of the last :data:`PACE_WINDOW` plain iterations still fits in what is left, and
+    the fresh evaluation after an objective change only when the last full evaluation's time
+    does, so the run ends within the budget up to the spread of iteration times.
+    ``aside_s()``: seconds the callback has spent so far on work that its own guard predicts
+    (a position update): taken out of the iteration it falls in, so that neither an
+    iteration holding an update counts as a long one nor the update as a plain iteration's
+    time. ``clock`` (seconds) is injectable for tests.
     """
     if max_iter < 0:
         raise ValueError(f"max_iter must be ≥ 0, got {max_iter}")
@@ -164,6 +193,9 @@ def minimize(
         return result
     f, g = fun(x)
     result.evaluations += 1
+    aside = (lambda: 0.0) if aside_s is None else aside_s
+    # (on a device the evaluation is queued, not done: its time shows in the first iteration's)
+    pace = IterationPace(clock() - t_start)
     d: Vars | None = None
     pg_old: Vars | None = None
     g_old: Vars | None = None
@@ -190,7 +222,21 @@ def minimize(
         return changed, values[1:]
 
     t_iter = t_start  # when the current iteration started
-    last_s = 0.0  # duration of the last iteration: the estimate of the next one's
+    aside_at = aside()  # aside_s() when it started
+    restarts_s = 0.0  # fresh evaluations after an objective change in the current iteration
+
+    def lap(now: float) -> None:
+        """The iteration that ends at ``now``: its plain time to the pace; the next starts."""
+        nonlocal t_iter, aside_at, restarts_s
+        spent_aside = aside() - aside_at
+        if it > start_iteration:  # (the first lap is the initial evaluation: already the pace's)
+            pace.add(now - t_iter - spent_aside - restarts_s)
+        t_iter, aside_at, restarts_s = now, aside_at + spent_aside, 0.0
+
+    def over(now: float, ahead_s: float) -> bool:
+        return time_budget_s is not None and (now - t_start >= time_budget_s
+                                              or now - t_start + ahead_s > time_budget_s)
+
     for it in range(start_iteration, start_iteration + max_iter):
         keys = set(active(it)) if active is not None else all_keys
         unknown = keys - all_keys
@@ -211,11 +257,8 @@ def minimize(
             # The budget is checked before any work of the iteration: on a device the
             # previous iteration is reported (read back) together with this one's first trial.
             now = clock()
-            last_s = now - t_iter
-            t_iter = now
-            if time_budget_s is not None and (
-                now - t_start >= time_budget_s or now - t_start + last_s > time_budget_s
-            ):
+            lap(now)
+            if over(now, pace.next_s()):
                 result.stopped = "time_budget"
                 break
         first: tuple[float, float] | None = None
@@ -243,18 +286,24 @@ def minimize(
                 changed, (gpg, g_pgo) = read(_dot(g, pg, keys), _dot(g, pg_old, keys))
             if not changed:
                 break
-            # the callback changed the objective: new loss and gradient, steepest descent
+            # the callback changed the objective: new loss and gradient, steepest descent —
+            # if that evaluation (and on a device the rest of this iteration) still fits
+            t0 = clock()
+            if over(t0, pace.evaluation_s + (pace.next_s() if device else 0.0)):
+                result.stopped = "time_budget"
+                break
             f, g = fun(x)
             result.evaluations += 1
             d = None
+            pace.evaluation_s = clock() - t0
+            restarts_s += pace.evaluation_s
+        if result.stopped == "time_budget":
+            break
         if not device:
-            # After the last iteration's report (its callback is part of its time).
+            # After the last iteration's report (its callback's plain work is part of its time).
             now = clock()
-            last_s = now - t_iter  # the first time: the initial evaluation, about one iteration
-            t_iter = now
-            if time_budget_s is not None and (
-                now - t_start >= time_budget_s or now - t_start + last_s > time_budget_s
-            ):
+            lap(now)
+            if over(now, pace.next_s()):
                 result.stopped = "time_budget"
                 break
         if not math.isfinite(f) or not math.isfinite(gpg):

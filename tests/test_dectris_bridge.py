@@ -426,6 +426,44 @@ def test_bad_messages_are_counted_and_the_series_still_arrives(
     assert "2 of 6 images never arrived (ids [0, 3])" in caplog.text
 
 
+def test_a_daemon_that_never_reads_stops_the_bridge_cleanly_with_the_series_lost_by_name(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Endless back-pressure: the daemon's ingest socket is connected but never read, so the
+    producer's send times out. The bridge stops without a traceback (it raised ProducerTimeout)
+    and returns its counters, the series in progress lost by name, and sends nothing more."""
+    from cryoptycho.protocols.producer import Producer
+
+    ctx = zmq.Context.instance()
+    never_read = ctx.socket(zmq.PULL)
+    never_read.setsockopt(zmq.LINGER, 0)
+    never_read.setsockopt(zmq.RCVHWM, 1)
+    never_read.setsockopt(zmq.RCVBUF, 4096)
+    never_read.bind("tcp://127.0.0.1:*")
+    endpoint = never_read.getsockopt_string(zmq.LAST_ENDPOINT)
+    # 48 frames of 256² uint32 after the bridge (256 KiB a message): far beyond both sockets'
+    # single-message queues and the kernel's buffers
+    frames = np.random.default_rng(0).poisson(2, (48, 256, 256)).astype(np.uint32)
+    series = _series(frames, user={"scan": {"kind": "raster", "shape": [6, 8], "step_m": [STEP, STEP]},
+                                   "scan_id": "unread"})
+    prod = Producer(endpoint, confirm=False, send_timeout_s=0.5, hwm=1)
+    prod._socket.setsockopt(zmq.SNDBUF, 4096)
+    try:
+        with SimSender(2) as sender, caplog.at_level(logging.ERROR):
+            thread = threading.Thread(target=lambda: sender.send_series(series), daemon=True)
+            thread.start()
+            stats = run_bridge(sender.url, endpoint, {"frames_per_message": 1}, max_series=1, producer=prod,
+                               confirm=False)
+            thread.join(30)
+    finally:
+        prod.close()
+        never_read.close()
+    assert stats.series_lost == 1 and stats.series_errors == 1
+    assert 0 < stats.frames_sent < 48
+    assert prod.scan is None
+    assert any("unread-series1" in r.getMessage() and "lost" in r.getMessage() for r in caplog.records)
+    assert any("took no message" in r.getMessage() for r in caplog.records)  # the cause, said once
+
+
 def test_receiver_decodes_only_the_chosen_channel() -> None:
     frames = {"threshold_1": _frames(2), "threshold_2": _frames(2, seed=1)}
     series = SimSeries(frames)

@@ -62,6 +62,102 @@ def test_cg_stops_before_an_iteration_that_would_overrun(budget, cost, expected)
     assert clock() - t0 <= budget + 1e-12
 
 
+def test_cg_predicts_the_next_iteration_by_the_longest_of_the_recent_ones():
+    """Iteration times vary (every third costs 2.5 s, the others 1 s, as a secant step or a
+    halving adds evaluations): predicted by the last one alone, a 2.5 s iteration was started
+    with 1.5 s left and the run ended 1 s past its 9 s budget."""
+    fun, x0 = _quadratic()
+    clock = FakeClock()
+
+    def callback(it, x, loss):
+        clock.t += 2.5 if it % 3 == 2 else 1.0
+
+    def timed(x):
+        if not timed.started:
+            clock.t += 1.0  # the initial evaluation
+            timed.started = True
+        return fun(x)
+
+    timed.started = False
+    t0 = clock()
+    result = minimize(timed, x0, 100, time_budget_s=9.0, callback=callback, clock=clock, rtol=0.0)
+    assert result.stopped == "time_budget"
+    assert clock() - t0 <= 9.0
+    # 1 + (1 + 1 + 2.5) + (1 + 1) = 7.5 s: the next, predicted at 2.5 s, is not started
+    assert result.iterations == 5
+
+
+def _small_problem():
+    from cryoptycho.gpu import reconstruct as rec
+    from cryoptycho.gpu.data import PtychoData
+
+    nominal, _true, frames, _truth, _geo, probe = distorted_scan(seed=1, m=32)
+    data = PtychoData(frames=operators.from_fft_order(frames), positions=nominal, energy=ENERGY,
+                      pixel_size=PIXEL, probe=probe.astype(np.complex64))
+    opts = ReconOptions(iterations=20, mu0=1e-3, precision="double")
+    return rec.prepare(data, opts), opts
+
+
+@pytest.mark.parametrize("accepted", [False, True])
+def test_an_update_inside_an_iteration_does_not_count_as_iteration_time(accepted: bool) -> None:
+    """A position update in CG's callback (3 s here, iterations 1 s: the clock is advanced by
+    the work only) is predicted by its own guard: the iteration it falls in is no longer taken
+    for a 4 s one, which stopped CG with 3.5 s of its budget left (2 iterations instead of 4)."""
+    problem, opts = _small_problem()
+    clock = _WorkClock()
+
+    def one_second_per_iteration(iteration: int, total: int, loss: float) -> None:
+        clock.now += 1.0
+
+    def update_at_two(done: int, x):  # type: ignore[no-untyped-def]
+        if done != 2:
+            return None
+        clock.now += 3.0
+        return problem.batch if accepted else None  # (moved to where they were: CG restarts)
+
+    budget = 7.5
+    _obj, _probe, losses = reconstruct_module.refine_full_batch(
+        problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts, 20, budget,
+        kappa=problem.kappa, probe_power=problem.probe_power, progress=one_second_per_iteration,
+        clock=clock, between=update_at_two)
+    # 1 + (1 + 3) + 1 + 1 = 7 s; a fifth iteration (1 s) would end past 7.5
+    assert len(losses) == 4
+    assert clock.now <= budget
+
+
+def test_the_fresh_evaluation_after_an_update_is_not_started_past_the_budget() -> None:
+    """An accepted update changes the objective: CG evaluates loss and gradient afresh before
+    going on. That evaluation (here 2 s, as the first one) is started only if it still fits."""
+    fun, x0 = _quadratic()
+    clock = FakeClock()
+    evaluations = []
+
+    def timed(x):
+        evaluations.append(clock.t)
+        clock.t += 2.0 if len(evaluations) == 1 or moved else 0.0  # full evaluations; line trials free
+        return fun(x)
+
+    moved = False
+
+    def callback(it, x, loss):
+        nonlocal moved
+        clock.t += 1.0
+        if it == 2:
+            clock.t += 3.0  # the update, guarded by its own prediction
+            moved = True
+            return True
+        moved = False
+        return False
+
+    t0 = clock()
+    result = minimize(timed, x0, 100, time_budget_s=8.5, callback=callback, clock=clock, rtol=0.0)
+    # 2 (first evaluation) + 1 + 1 + (1 + 3) = 8 s at the update: 0.5 s left, the fresh
+    # evaluation needs 2 s
+    assert result.stopped == "time_budget"
+    assert result.iterations == 3
+    assert clock() - t0 <= 8.5
+
+
 def test_stream_refine_counts_its_set_up_against_the_budget():
     """Work done before CG starts (batches, κ, probe power) comes out of the budget: a clock
     that jumps past the budget during the set-up leaves no iteration to run."""
@@ -158,6 +254,71 @@ def test_a_position_update_predicted_to_overrun_is_not_started(monkeypatch, capl
     assert clock.now <= budget  # (work-clock seconds: the budget held)
     assert np.isfinite(engine.snapshot().object).all()
     assert not np.allclose(engine.snapshot().object, streamed)  # the refined object is the result
+
+
+def test_a_position_update_no_cg_iteration_could_follow_is_not_started(monkeypatch) -> None:
+    """An update needs CG after it (the object follows the moved positions): with 2.5 s left,
+    an update predicted at two mean iterations (2 s) fits, but no iteration after it would —
+    the positions would move away from the object they were fitted at. It is not started, and
+    CG takes the time instead."""
+    m = 32
+    nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=2, position_every=2,
+                        stream={"batch_size": 16, "refine_positions": False})
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames_fft), nominal)
+    for _ in range(4):
+        engine.step()
+    clock = _WorkClock()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def costly_update(*args, **kwargs):
+        updates.append(clock.now)
+        clock.now += 1.0
+        return real_update(*args, **kwargs)
+
+    def one_second_per_iteration(iteration: int, total: int, loss: float) -> None:
+        clock.now += 1.0
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", costly_update)
+    losses = engine.refine(4, time_budget_s=4.5, callback=one_second_per_iteration, clock=clock)
+    assert updates == []
+    assert len(losses) == 4  # the update's time went to CG: every iteration asked for
+    assert clock.now <= 4.5
+
+
+def test_an_update_after_cg_stopped_early_is_predicted_from_the_iterations_run(monkeypatch) -> None:
+    """CG stopped for the budget after 3 iterations (the third took 3 s), short of the next
+    update point (10): the update's cost is predicted from the 3 iterations run (5 s / 3), not
+    from the schedule's 10 (0.5 s), which started a 2 s update with 2 s left."""
+    m = 32
+    nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=10, position_every=5,
+                        stream={"batch_size": 16, "refine_positions": False})
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames_fft), nominal)
+    for _ in range(4):
+        engine.step()
+    clock = _WorkClock()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def costly_update(*args, **kwargs):
+        updates.append(clock.now)
+        clock.now += 2.0
+        return real_update(*args, **kwargs)
+
+    def third_is_slow(iteration: int, total: int, loss: float) -> None:
+        clock.now += 3.0 if iteration == 3 else 1.0
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", costly_update)
+    losses = engine.refine(20, time_budget_s=7.0, callback=third_is_slow, clock=clock)
+    assert len(losses) == 3  # 1 + 1 + 3 s; a fourth, predicted at 3 s, would end at 8
+    assert updates == []
+    assert clock.now <= 7.0
 
 
 def test_the_second_half_set_gets_only_what_the_first_left() -> None:

@@ -86,8 +86,10 @@ def run_bridge(
     daemon's scan queue is full holds the series (and those after it) in memory, up to
     ``max_held_bytes``, and sends it again once the daemon has room (``series_waited``).
     ``confirm=False`` sends blindly (a stand-in PULL socket, a relay): a refused series is lost
-    unseen. No answer from the control socket for the producer's send timeout raises
-    :class:`~..errors.ProducerTimeout`. ``curve``: the daemon runs with CURVE (its sockets reached
+    unseen. A daemon that takes no message for the producer's send timeout (endless
+    back-pressure), or whose control socket does not answer as long, stops the bridge: the
+    series not delivered whole are logged by name and counted in ``series_lost``, and the
+    counters returned. ``curve``: the daemon runs with CURVE (its sockets reached
     from another host); the producer and control client this makes use these keys (a ``producer``
     passed in brings its own)."""
     version, endpoint = parse_source(source_url)
@@ -116,39 +118,42 @@ def run_bridge(
         gate = StartGate(prod, ctl, converter, stats, cfg.max_held_bytes, prod.send_timeout_s)
     ended = 0
     try:
-        while not stop.is_set():
-            taking = max_series is None or ended < max_series or converter.closing
-            if not taking and (gate is None or not gate.busy):
-                break
-            out: list[IngestMessage] = []
-            if taking:
-                if side is not None:
-                    out += _drain_side_channel(side, converter, stats)
-                for msg in receiver.drain(min(0.05, cfg.flush_interval_s)):
-                    if isinstance(msg, SeriesStart) and cfg.channel is None and msg.channels:
-                        receiver.channels = (msg.channels[0],)  # decompress only what is used
-                    try:
-                        out += converter.feed(msg)
-                    except (DectrisError, ValueError) as exc:
-                        stats.series_errors += 1
-                        log.error("DECTRIS stream %s: %s", source_url, exc)
-                    ended += isinstance(msg, SeriesEnd)
-                    if max_series is not None and ended >= max_series and not converter.closing:
-                        break  # the rest belongs to series this run does not take
-                out += converter.flush(cfg.flush_interval_s)
-            else:
-                stop.wait(0.05)  # the series taken wait for room in the daemon's queue (polled)
+        try:
+            while not stop.is_set():
+                taking = max_series is None or ended < max_series or converter.closing
+                if not taking and (gate is None or not gate.busy):
+                    break
+                out: list[IngestMessage] = []
+                if taking:
+                    if side is not None:
+                        out += _drain_side_channel(side, converter, stats)
+                    for msg in receiver.drain(min(0.05, cfg.flush_interval_s)):
+                        if isinstance(msg, SeriesStart) and cfg.channel is None and msg.channels:
+                            receiver.channels = (msg.channels[0],)  # decompress only what is used
+                        try:
+                            out += converter.feed(msg)
+                        except (DectrisError, ValueError) as exc:
+                            stats.series_errors += 1
+                            log.error("DECTRIS stream %s: %s", source_url, exc)
+                        ended += isinstance(msg, SeriesEnd)
+                        if max_series is not None and ended >= max_series and not converter.closing:
+                            break  # the rest belongs to series this run does not take
+                    out += converter.flush(cfg.flush_interval_s)
+                else:
+                    stop.wait(0.05)  # the series taken wait for room in the daemon's queue (polled)
+                if gate is None:
+                    dispatch(prod, out, converter, stats)
+                else:
+                    gate.put(out)
+                on_error.flush()
+            last = converter.stop("the DECTRIS bridge stopped before the series ended")
             if gate is None:
-                dispatch(prod, out, converter, stats)
+                dispatch(prod, last, converter, stats)
             else:
-                gate.put(out)
-            on_error.flush()
-        last = converter.stop("the DECTRIS bridge stopped before the series ended")
-        if gate is None:
-            dispatch(prod, last, converter, stats)
-        else:
-            gate.put(last)
-            gate.abandon("the bridge stopped while the daemon's scan queue was full")
+                gate.put(last)
+                gate.abandon("the bridge stopped while the daemon's scan queue was full")
+        except ProducerTimeout as exc:  # endless back-pressure, or a silent control socket
+            _give_up(exc, prod, converter, gate, stats)
     finally:
         on_error.flush(force=True)
         receiver.close()
@@ -164,6 +169,35 @@ def run_bridge(
     stats.rejected_images = dict(converter.rejected)
     stats.converter = dict(converter.stats)
     return stats
+
+
+def _give_up(exc: ProducerTimeout, prod: Producer, converter: SeriesConverter, gate: StartGate | None,
+             stats: BridgeStats) -> None:
+    """The daemon took nothing for the producer's send timeout (it does not read its ingest
+    socket: endless back-pressure), or its control socket stayed silent as long: the bridge
+    stops as at a stop signal, without a traceback. Every series not delivered whole is lost,
+    named and counted (the command's exit status says so); nothing more is sent, since each
+    send would wait out the timeout again (a scan the daemon holds in part ends there by its
+    acquisition timeout)."""
+    reason = f"the bridge stopped: {exc}"
+    log.error("%s", reason)
+    lost: list[str] = []
+    if prod.scan is not None:
+        lost.append(prod.scan.scan_id)
+        prod.scan = None  # (an abort would wait out the timeout too)
+    if gate is not None:
+        if gate.pending is not None:
+            lost.append(gate.pending.scan_id)
+        lost += [m.scan_id for m in gate.held if isinstance(m, ScanStart)]
+        gate.pending, gate.held, gate.held_bytes = None, deque(), 0
+    plan = converter.plan
+    series = {plan.scan_id: plan.start.series_id} if plan is not None else {}
+    lost += [m.scan_id for m in converter.stop(reason)]
+    for scan_id in dict.fromkeys(lost):
+        stats.series_lost += 1
+        stats.series_errors += 1
+        converter.report(SeriesNotice("rejected", series.get(scan_id), "ingest", f"series scan {scan_id} lost: "
+                                      f"{reason}", scan_id))
 
 
 def open_side_channel(ctx: zmq.Context, cfg: BridgeConfig) -> zmq.Socket | None:
