@@ -193,6 +193,12 @@ def build_table(service: Service) -> dict[str, Handler]:
             new = worker.options.merged(overrides)
         except ValidationError as exc:
             raise _options_error(exc) from None
+        try:
+            # what a restart recovers it with (kept below) must fit the budget the restart checks
+            service.scans.set_running_options(session, overrides)
+        except ScanRefused as exc:
+            where = exc.field if exc.field.startswith("options.") else "options"
+            raise HandlerError(exc.message, f"params.{where}", exc.rule) from None
         worker.set_options(new)
 
         def kept_running(_: Any, error: Exception | None) -> dict[str, Any]:
@@ -205,7 +211,7 @@ def build_table(service: Service) -> dict[str, Handler]:
             return {"scope": session.scan_id, "options": new.to_dict()}
 
         return service.reply_later(
-            "set_options", lambda done: service.scans.keep_running_options(session, overrides, done), kept_running)
+            "set_options", lambda done: service.scans.keep_running_options(session, done), kept_running)
 
     def receipt(scan_id: str) -> dict[str, Any]:
         """What the daemon holds of a scan: frames received (spooled), whether its scan_end was

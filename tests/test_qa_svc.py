@@ -73,3 +73,56 @@ def test_frames_appended_after_a_failed_options_record_are_recovered(tmp_path, m
 
     w.close()  # the daemon's own close of the spool (journal-only appends brought into the file)
     assert sorted(read_spool(w.path, frames=False).indices.tolist()) == list(range(16))
+
+
+def _config(tmp_path: Path, **extra):
+    from cryoptycho.daemon.config import ServiceConfig
+
+    return ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                         metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                         resolution_interval_s=0, **extra)
+
+
+def test_options_a_running_scan_is_given_must_fit_the_budget_its_restart_is_checked_against(tmp_path):
+    """set_options on a running scan is kept with its spool, and a restart recovers the scan
+    with them — checked against the memory budget there, as at scan_start. Nothing checked them
+    when they were set: a running scan of 10⁵ frames told to take mini-batches of 65536 (≈8.2 GiB) was answered
+    ok, and the next start refused to recover it ("cannot recover spool …: memory_budget"),
+    leaving its acknowledged frames unreconstructed. Refused now as a waiting scan's are."""
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient, ControlError
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=6, m=32)
+    n = len(scan.frames)
+    bg = BackgroundService(_config(tmp_path))
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as one):
+            # a long scan, of which the first frames are in: ≈0.2 GiB of the 8 GiB budget
+            one.start_scan(**scan.start_fields("long", expected_frames=100_000, positions_m=None))
+            one.send_frames(scan.frames[: n // 2], indices=range(n // 2), positions_m=scan.positions[: n // 2])
+            wait_for(lambda: ctl.status()["running"] == ["long"], 120, "the scan to run")
+            wait_for(lambda: ctl.receipt("long")["frames"]["received"] == n // 2, 120, "its frames spooled")
+            reserved = ctl.status()["memory_reserved_bytes"]["host"]
+            with pytest.raises(ControlError) as info:
+                ctl.set_options("long", {"stream": {"batch_size": 65536}})  # ≈8.2 GiB
+            result = info.value.reply.result
+            assert (result["field"], result["rule"]) == ("params.options", "memory_budget"), info.value.reply
+            assert ctl.status()["memory_reserved_bytes"]["host"] == reserved  # nothing changed
+            # a change that fits is taken (and kept with the spool, as before)
+            assert ctl.set_options("long", {"seed": 7})["options"]["seed"] == 7
+            one.scan = None  # stopped with the daemon: kept in the spool for the next start
+    finally:
+        bg.stop()
+
+    bg = BackgroundService(_config(tmp_path, recover_wait_s=0.5))
+    svc = bg.service
+    try:
+        assert not svc.scans.unrecovered, svc.scans.unrecovered
+        with ControlClient(svc.endpoints["control"], timeout_s=30) as ctl:
+            assert "long" in {s["scan_id"] for s in ctl.list_scans()}
+    finally:
+        bg.stop()
