@@ -36,8 +36,8 @@ Handler = Callable[..., dict[str, Any]]
 #: remembered until a re-open rebuilds it). A scan's summary is ≈ 0.4–1 kB, an unclosed spool's
 #: note ≈ 0.3 kB: 200 of each stay well inside 1 MiB.
 STATUS_LIST_MAX = 200
-#: scans a `list_scans` reply carries at most, newest first kept (the daemon remembers HISTORY
-#: ended scans, which fit; scans waiting for a worker do not: see STATUS_LIST_MAX)
+#: scans a `list_scans` reply carries at most: the running ones, then the newest (the daemon
+#: remembers HISTORY ended scans, which fit; scans waiting for a worker do not: see STATUS_LIST_MAX)
 LIST_SCANS_MAX = 512
 
 
@@ -108,8 +108,20 @@ def build_table(service: Service) -> dict[str, Handler]:
         # it and the summary, which then listed an aborted scan as the announced one asked for
         out = [summary for summary in (s.summary() for s in list(service.scans.sessions.values()))
                if want in (None, summary["state"])]
-        # the newest LIST_SCANS_MAX, oldest first as before; total says how many matched
-        return {"scans": out[-LIST_SCANS_MAX:], "total": len(out)}
+        # the running scans and the newest others, LIST_SCANS_MAX in all, oldest first as
+        # before; total says how many matched. The newest alone were the scans waiting last:
+        # with many waiting (a detector's series), the running scans, listed before them, were
+        # left out, and watch and the viewer (which seed their boards from this) did not show them
+        if len(out) > LIST_SCANS_MAX:
+            running = service.scans.running
+            first = {id(s) for s in out if s["scan_id"] in running}
+            rest = [s for s in out if id(s) not in first]
+            room = max(LIST_SCANS_MAX - len(first), 0)
+            kept = first | {id(s) for s in rest[len(rest) - room:]}
+            out, total = [s for s in out if id(s) in kept], len(out)
+        else:
+            total = len(out)
+        return {"scans": out, "total": total}
 
     def snapshot(scan_id: str) -> dict[str, Any]:
         """The latest preview of a scan (late joiners), with its summary; images are absent
