@@ -126,3 +126,34 @@ def test_options_a_running_scan_is_given_must_fit_the_budget_its_restart_is_chec
             assert "long" in {s["scan_id"] for s in ctl.list_scans()}
     finally:
         bg.stop()
+
+
+def test_memory_held_for_messages_no_scan_was_live_for_is_given_back_when_idle(tmp_path, monkeypatch):
+    """The idle malloc_trim followed the scans seen live at a housekeeping turn (every 0.5 s):
+    messages no live scan stood for — a refused scan's frames (a producer that sends on
+    without reading the refusal), a scan over between two turns — were read into memory the
+    daemon keeps (keep_message_memory), and were never given back: the daemon started
+    "released", and nothing marked it busy again."""
+    from cryoptycho.daemon import service as service_module
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan, wait_for
+
+    trims: list[float] = []
+    monkeypatch.setattr(service_module, "release_free_memory", lambda: trims.append(1.0) or True)
+    scan = synthetic_scan(n_side=8, m=64)
+    # every scan is refused (memory budget) before it is registered: no session is ever live
+    bg = BackgroundService(_config(tmp_path, release_memory_idle_s=0.5, host_memory_budget_bytes=1 << 20))
+    svc = bg.service
+    try:
+        if not svc._memory_kept:
+            pytest.skip("not glibc: the daemon keeps no message memory")
+        with Producer(svc.endpoints["ingest"], confirm=False) as one:
+            one.start_scan(**scan.start_fields("refused"))
+            one.send_frames(scan.frames)  # read, refused by name (unknown_scan), and freed
+            one.scan = None
+        dropped = svc.metrics.frames_dropped.labels(reason="unknown_scan")
+        wait_for(lambda: dropped._value.get() == len(scan.frames), 60, "the refused frames to be read")
+        wait_for(lambda: trims, 30, "the memory the refused messages took to be given back")
+    finally:
+        bg.stop()
