@@ -207,7 +207,7 @@ def build_table(service: Service) -> dict[str, Handler]:
             raise _options_error(exc) from None
         try:
             # what a restart recovers it with (kept below) must fit the budget the restart checks
-            service.scans.set_running_options(session, overrides)
+            service.scans.set_running_options(session, overrides, new)
         except ScanRefused as exc:
             where = exc.field if exc.field.startswith("options.") else "options"
             raise HandlerError(exc.message, f"params.{where}", exc.rule) from None

@@ -328,16 +328,16 @@ class ScanManager:
             return
         self.after_disk(lambda: spool.set_options(options), done)
 
-    def set_running_options(self, session: Session, overrides: dict[str, Any]) -> None:
-        """Change the options of a running scan (``overrides`` as set_options takes them), as
-        :meth:`keep_running_options` keeps them and a restart recovers the scan: checked against
-        the memory budget as at scan_start (its reservation is made again with them), since the
-        next start checks the recovered scan so and would refuse to recover it (its frames left
-        in the spool, unreconstructed). :class:`ScanRefused` names a change that does not fit.
-        The budget that is the device's free memory (``device_memory_budget_bytes`` unset)
-        counts what this scan holds already as free."""
+    def set_running_options(self, session: Session, overrides: dict[str, Any], options: ReconOptions) -> None:
+        """Change the options of a running scan (``overrides`` as set_options takes them;
+        ``options``: its worker's options with them), as :meth:`keep_running_options` keeps them
+        and a restart recovers the scan: checked against the memory budget as at scan_start (its
+        reservation is made again with them), since the next start checks the recovered scan so
+        and would refuse to recover it (its frames left in the spool, unreconstructed).
+        :class:`ScanRefused` names a change that does not fit. The budget that is the device's
+        free memory (``device_memory_budget_bytes`` unset) counts what this scan holds already
+        as free."""
         spec = replace(session.spec, options=merge_overrides(session.spec.options, overrides))
-        options = self._options_for(spec)
         held = session.reserved_bytes.get("device", 0)
         session.reserved_bytes = self._reservation(spec, self._with_declared_modes(spec, options), held_device=held)
         session.spec = spec
