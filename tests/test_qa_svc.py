@@ -157,3 +157,63 @@ def test_memory_held_for_messages_no_scan_was_live_for_is_given_back_when_idle(t
         wait_for(lambda: trims, 30, "the memory the refused messages took to be given back")
     finally:
         bg.stop()
+
+
+def test_list_scans_stays_readable_when_every_remembered_scan_was_aborted_with_a_traceback(tmp_path):
+    """The bound of list_scans counted summaries, not bytes: a producer's abort reason (up to
+    4096 characters: a traceback, often) is kept twice in its scan's summary (end_reason,
+    error), and the 256 ended scans the daemon remembers made a 2.1 MB reply that no client
+    (watch, the viewer) could read (max_header_bytes 1 MiB). A control `cancel` took a reason
+    of any length (up to the request's 2 MiB part limit), which one summary alone outgrew."""
+    import threading
+    from dataclasses import replace
+
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.session import Session, State
+    from cryoptycho.protocols.control import ControlClient, ControlError
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=4, m=32)
+    traceback = "Traceback (most recent call last):\n" + "  File \"acquire.py\", line 12, in step\n" * 200
+    bg = BackgroundService(_config(tmp_path))
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as one):
+            one.start_scan(**scan.start_fields("aborted-000"))
+            one.abort(traceback)
+            wait_for(lambda: ctl.receipt("aborted-000")["state"] == "aborted", 60, "the scan to be aborted")
+            first = svc.scans.sessions["aborted-000"]
+            assert len(first.error) >= 4000 and len(first.end_reason) >= 4000
+            injected = threading.Event()
+
+            def inject(_r, _e) -> None:  # on the manager thread: 255 more scans aborted alike
+                for i in range(1, 256):
+                    s = Session(replace(first.spec, scan_id=f"aborted-{i:03d}"), {"host": 0})
+                    s.transition(State.ABORTED, error=first.error)
+                    s.end_reason = first.end_reason
+                    svc.scans.sessions[s.scan_id] = s
+                injected.set()
+
+            svc.scans.after_disk(lambda: None, inject)
+            assert injected.wait(60)
+            listed = ctl.call("list_scans")  # before: "header: 2150397 bytes exceed the limit"
+            ids = [s["scan_id"] for s in listed["scans"]]
+            assert listed["total"] == 256 and 0 < len(ids) < 256
+            assert ids == [f"aborted-{i:03d}" for i in range(256 - len(ids), 256)]  # the newest, in order
+            assert listed["scans"][-1]["error"] == first.error  # whole, not cut
+
+            one.start_scan(**scan.start_fields("cancelled"))
+            wait_for(lambda: ctl.receipt("cancelled")["state"] != "unknown", 60, "the scan to start")
+            with pytest.raises(ControlError) as info:
+                ctl.cancel("cancelled", "x" * 600_000)
+            result = info.value.reply.result
+            assert (result["field"], result["rule"]) == ("params.reason", "string_too_long"), info.value.reply
+            with pytest.raises(ControlError) as info:
+                ctl.call("cancel", scan_id="cancelled", reason=["not", "text"])
+            assert info.value.reply.result["rule"] == "string_type", info.value.reply
+            assert ctl.cancel("cancelled", traceback[:4096])["scan_id"] == "cancelled"
+            one.scan = None
+    finally:
+        bg.stop()
