@@ -119,8 +119,8 @@ class ServiceConfig(BaseSettings):
     holds this ÷ ``limits.max_message_bytes`` messages, at least four (with one, libzmq never
     delivered a CURVE producer's messages)."""
     release_memory_idle_s: float = Field(60.0, ge=0, allow_inf_nan=False)
-    """Seconds the daemon has had no live scan (none receiving, waiting or reconstructing) after
-    which it gives the memory it kept for the next messages back to the kernel (glibc's
+    """Seconds the daemon has had no live scan (none receiving, waiting or reconstructing) and
+    read no ingest message (a refused scan's frames are read into memory too) after which it gives the memory it kept for the next messages back to the kernel (glibc's
     ``malloc_trim``; daemon/ingest.py ``keep_message_memory``), once per idle spell; 0 = never."""
     control_max_part_bytes: int | None = Field(None, ge=1024)
     """Largest message part the control socket takes (ZMQ_MAXMSGSIZE): a client that sends a

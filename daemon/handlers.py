@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, get_xp
 from cryoptycho.protocols.errors import ProtocolError
@@ -36,9 +37,39 @@ Handler = Callable[..., dict[str, Any]]
 #: remembered until a re-open rebuilds it). A scan's summary is ≈ 0.4–1 kB, an unclosed spool's
 #: note ≈ 0.3 kB: 200 of each stay well inside 1 MiB.
 STATUS_LIST_MAX = 200
-#: scans a `list_scans` reply carries at most, newest first kept (the daemon remembers HISTORY
-#: ended scans, which fit; scans waiting for a worker do not: see STATUS_LIST_MAX)
+#: scans a `list_scans` reply carries at most: the running ones, then the newest (the daemon
+#: remembers HISTORY ended scans, which fit; scans waiting for a worker do not: see STATUS_LIST_MAX)
 LIST_SCANS_MAX = 512
+#: packed bytes of the summaries a `list_scans` reply carries at most, within a client's 1 MiB
+#: ``max_header_bytes``: a summary is ≈ 0.5–1 kB, but one with a producer's abort reason (up to
+#: 4096 characters, a traceback often) holds it twice (``end_reason``, ``error``): 256 such
+#: aborted scans made a 2.1 MB reply that no client could read
+LIST_SCANS_BYTES = 640 * 1024
+#: characters of a control `cancel`'s reason, as of a producer's abort (protocols/schema.py)
+REASON_MAX = 4096
+
+
+def _bounded(summaries: list[dict[str, Any]], running: Any) -> list[dict[str, Any]]:
+    """The summaries a `list_scans` reply carries, oldest first as listed: the running scans,
+    then the newest others, at most LIST_SCANS_MAX of them and LIST_SCANS_BYTES packed. The
+    newest alone were the scans waiting last: with many waiting (a detector's series) the
+    running scans, listed before them, were left out, and watch and the viewer (which seed
+    their boards from this) did not show them."""
+    order = [i for i, s in enumerate(summaries) if s["scan_id"] in running]
+    order += [i for i in range(len(summaries) - 1, -1, -1) if summaries[i]["scan_id"] not in running]
+    kept: list[int] = []
+    size = 0
+    for i in order[:LIST_SCANS_MAX]:
+        size += len(msgpack.packb(summaries[i], default=_plain))
+        if size > LIST_SCANS_BYTES and kept:
+            break  # (the newest that fit, none skipped: what is left out is older than all listed)
+        kept.append(i)
+    return [summaries[i] for i in sorted(kept)]
+
+
+def _plain(value: Any) -> Any:
+    """A summary's NumPy scalars as the reply's encoder packs them (its size is what counts)."""
+    return value.item() if isinstance(value, np.generic) else str(value)
 
 
 class HandlerError(ProtocolError):
@@ -108,8 +139,7 @@ def build_table(service: Service) -> dict[str, Handler]:
         # it and the summary, which then listed an aborted scan as the announced one asked for
         out = [summary for summary in (s.summary() for s in list(service.scans.sessions.values()))
                if want in (None, summary["state"])]
-        # the newest LIST_SCANS_MAX, oldest first as before; total says how many matched
-        return {"scans": out[-LIST_SCANS_MAX:], "total": len(out)}
+        return {"scans": _bounded(out, service.scans.running), "total": len(out)}
 
     def snapshot(scan_id: str) -> dict[str, Any]:
         """The latest preview of a scan (late joiners), with its summary; images are absent
@@ -135,6 +165,12 @@ def build_table(service: Service) -> dict[str, Handler]:
 
     def cancel(scan_id: str, reason: str = "") -> dict[str, Any]:
         session = _session(service, scan_id)
+        # kept as the scan's end_reason and error, in every summary of it: bounded as a
+        # producer's abort reason is (a 1 MiB one made list_scans unreadable)
+        if not isinstance(reason, str):
+            raise HandlerError("must be a string", "params.reason", "string_type")
+        if len(reason) > REASON_MAX:
+            raise HandlerError(f"{len(reason)} characters, at most {REASON_MAX}", "params.reason", "string_too_long")
         if session.state.final:
             raise HandlerError(f"scan {session.scan_id!r} is already {session.state.value}", "params.scan_id",
                                "live_scan")
@@ -193,6 +229,12 @@ def build_table(service: Service) -> dict[str, Handler]:
             new = worker.options.merged(overrides)
         except ValidationError as exc:
             raise _options_error(exc) from None
+        try:
+            # what a restart recovers it with (kept below) must fit the budget the restart checks
+            service.scans.set_running_options(session, overrides, new)
+        except ScanRefused as exc:
+            where = exc.field if exc.field.startswith("options.") else "options"
+            raise HandlerError(exc.message, f"params.{where}", exc.rule) from None
         worker.set_options(new)
 
         def kept_running(_: Any, error: Exception | None) -> dict[str, Any]:
@@ -205,7 +247,7 @@ def build_table(service: Service) -> dict[str, Handler]:
             return {"scope": session.scan_id, "options": new.to_dict()}
 
         return service.reply_later(
-            "set_options", lambda done: service.scans.keep_running_options(session, overrides, done), kept_running)
+            "set_options", lambda done: service.scans.keep_running_options(session, done), kept_running)
 
     def receipt(scan_id: str) -> dict[str, Any]:
         """What the daemon holds of a scan: frames received (spooled), whether its scan_end was

@@ -328,15 +328,27 @@ class ScanManager:
             return
         self.after_disk(lambda: spool.set_options(options), done)
 
-    def keep_running_options(self, session: Session, overrides: dict[str, Any],
-                             done: Callable[[Any, Exception | None], None]) -> None:
-        """Write the options of a running scan, changed by ``overrides`` (its worker has them
-        already), into its spool's header, journaled in order with its appends, so that a
+    def set_running_options(self, session: Session, overrides: dict[str, Any], options: ReconOptions) -> None:
+        """Change the options of a running scan (``overrides`` as set_options takes them;
+        ``options``: its worker's options with them), as :meth:`keep_running_options` keeps them
+        and a restart recovers the scan: checked against the memory budget as at scan_start (its
+        reservation is made again with them), since the next start checks the recovered scan so
+        and would refuse to recover it (its frames left in the spool, unreconstructed).
+        :class:`ScanRefused` names a change that does not fit. The budget that is the device's
+        free memory (``device_memory_budget_bytes`` unset) counts what this scan holds already
+        as free."""
+        spec = replace(session.spec, options=merge_overrides(session.spec.options, overrides))
+        held = session.reserved_bytes.get("device", 0)
+        session.reserved_bytes = self._reservation(spec, self._with_declared_modes(spec, options), held_device=held)
+        session.spec = spec
+
+    def keep_running_options(self, session: Session, done: Callable[[Any, Exception | None], None]) -> None:
+        """Write the options of a running scan, changed by :meth:`set_running_options` (its
+        worker has them already), into its spool's header, journaled in order with its appends, so that a
         restart recovers the scan with them; ``done(None, error or None)`` on the manager
         thread once they are on disk. A scan whose end has been read (or that is being
         cancelled) has its spool closing or closed: ``done`` gets an error saying so, and the
         caller answers that they were not kept."""
-        session.spec = replace(session.spec, options=merge_overrides(session.spec.options, overrides))
         spool = self.spools.get(session.scan_id)
         if spool is None:
             # its end was read (its final refinement runs from the frames its worker holds), or
@@ -360,8 +372,10 @@ class ScanManager:
             raise ScanRefused("options.backend", "backend_available", str(exc)) from None
         return options
 
-    def _reservation(self, spec: ScanSpec, options: ReconOptions) -> dict[str, int]:
-        """Memory the scan needs, checked against the budgets before any frame is accepted."""
+    def _reservation(self, spec: ScanSpec, options: ReconOptions, held_device: int = 0) -> dict[str, int]:
+        """Memory the scan needs, checked against the budgets before any frame is accepted.
+        ``held_device``: device memory the scan holds already (a running scan's new options),
+        free for it when the budget is the device's free memory."""
         per_engine = estimate_bytes(spec, options)
         engines = 3 if self.config.resolution_interval_s > 0 else 1  # main + two half sets
         total = per_engine * engines
@@ -369,7 +383,7 @@ class ScanManager:
         if device == "device":
             budget = self.config.device_memory_budget_bytes
             if budget is None:
-                budget = free_device_bytes(get_xp("cupy")) or 0
+                budget = (free_device_bytes(get_xp("cupy")) or 0) + held_device
         else:
             budget = self.config.host_memory_budget_bytes
         if total > budget:

@@ -226,6 +226,9 @@ class Service:
         #: memory was given back since (:meth:`_release_idle_memory`)
         self._live_at = time.monotonic()
         self._released = True
+        #: ingest messages were read since the last housekeeping turn: busy, though no scan may
+        #: have been live at a turn (a refused scan's frames, a scan over between two turns)
+        self._ingested = False
         self._disk_checked = -float("inf")
         self._stop_rx, self._stop_tx = socket.socketpair()
         self._stop_rx.setblocking(False)
@@ -359,6 +362,8 @@ class Service:
                 self._read_ingest()
             if events.get(self.direct.fd):
                 self._read_direct()
+            if events.get(self.ingest) or events.get(self.direct.fd):
+                self._ingested = True  # messages were read: not idle (_release_idle_memory)
             if events.get(self.control):
                 self._read_control()
             if self._preparing is not None and self._preparing[1].done():
@@ -817,7 +822,9 @@ class Service:
         after = self.config.release_memory_idle_s
         if not self._memory_kept or after <= 0:
             return
-        if self._preparing is not None or any(not s.state.final for s in self.scans.sessions.values()):
+        ingested, self._ingested = self._ingested, False
+        if (ingested or self._preparing is not None
+                or any(not s.state.final for s in self.scans.sessions.values())):
             self._live_at, self._released = now, False
             return
         if self._released or now - self._live_at < after:

@@ -217,7 +217,7 @@ class ControlClient(SocketClient):
         return self.call("status")
 
     def list_scans(self, state: str | None = None) -> list[dict[str, Any]]:
-        """Summaries of the daemon's scans (the newest 512), optionally only those in ``state``."""
+        """Summaries of the daemon's scans (512 at most: the running ones and the newest others), optionally only those in ``state``."""
         params = {} if state is None else {"state": state}
         return list(self.call("list_scans", **params).get("scans", []))
 

@@ -69,6 +69,10 @@ def test_status_and_list_scans_replies_stay_under_the_clients_header_limit(tmp_p
             listed = ctl.call("list_scans")
             assert listed["total"] == WAITING + 1 and 0 < len(listed["scans"]) < WAITING
             assert listed["scans"][-1]["scan_id"] == f"series-{WAITING - 1:05d}"  # the newest kept
+            # and the running scan, listed before them all (watch and the viewer seed from this)
+            ids = [s["scan_id"] for s in listed["scans"]]
+            assert ids[0] == "running" and ids[1:] == [f"series-{i:05d}" for i in range(WAITING - len(ids) + 1, WAITING)]
+            assert ctl.list_scans(listed["scans"][0]["state"])[0]["scan_id"] == "running"
             finished = ctl.call("list_scans", state="finished")
             assert finished == {"scans": [], "total": 0}
 

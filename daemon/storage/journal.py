@@ -120,6 +120,8 @@ class Journal:
         self._fsync = fsync
         #: the offset after the last record written (where the next one begins)
         self.end = end
+        #: why no record may be written any more (a failed write left bytes it could not cut off)
+        self.broken: str | None = None
 
     @classmethod
     def create(cls, path: str | Path, fsync: bool) -> Journal:
@@ -151,6 +153,8 @@ class Journal:
     def write(self, header: dict[str, Any], body: Sequence[Any] = (), sync: bool = True) -> None:
         """Append one record; on disk (fsynced with the ``fsync`` option) when it returns,
         unless ``sync`` is False (the caller syncs with a later record)."""
+        if self.broken is not None:
+            raise OSError(f"journal {self.path.name} takes no more records: {self.broken}")
         packed = msgpack.packb(header)
         pieces = [_HEADER.pack(len(packed)), packed, *body]
         crc = 0
@@ -158,10 +162,27 @@ class Journal:
         for piece in pieces:
             crc = zlib.crc32(piece, crc)
             size += memoryview(piece).nbytes
-        _write_all(self._fd, [_RECORD.pack(size, crc), *pieces])
+        try:
+            _write_all(self._fd, [_RECORD.pack(size, crc), *pieces])
+            if sync:
+                self.sync()
+        except BaseException as exc:
+            # A record that failed (ENOSPC or EDQUOT part way, EIO, fsync) is not acknowledged,
+            # but its bytes may be in the file, and a writer that goes on after a failure (a
+            # set_options answered "not kept") appended after them: a reader stops at the torn
+            # record, and the records after it (acknowledged frames) were lost at recovery.
+            self._cut_back(exc)
+            raise
         self.end += _RECORD.size + size
-        if sync:
-            self.sync()
+
+    def _cut_back(self, why: BaseException) -> None:
+        """Cut the journal back to its last whole record (:attr:`end`) after a failed write;
+        when that fails too, no record may follow (:attr:`broken`): the next write raises."""
+        try:
+            os.ftruncate(self._fd, self.end)  # O_APPEND: the next record starts at the new end
+        except OSError as exc:
+            self.broken = (f"a failed write ({type(why).__name__}: {why}) could not be cut off at byte "
+                           f"{self.end} ({exc}): a record after it would be unreadable")
 
     def sync(self) -> None:
         if self._fsync:
