@@ -236,6 +236,13 @@ def build_table(service: Service) -> dict[str, Handler]:
             where = exc.field if exc.field.startswith("options.") else "options"
             raise HandlerError(exc.message, f"params.{where}", exc.rule) from None
         worker.set_options(new)
+        if session.scan_id not in service.scans.spools:
+            # its end was read (or it is being cancelled): its spool is closed and its final
+            # refinement runs from the frames its worker holds. The change is applied — the
+            # moment operators adjust iterations — and the answer says a restart would not keep it
+            return {"scope": session.scan_id, "options": new.to_dict(), "kept": False,
+                    "note": "the scan takes no more frames and its spool is closed: the change applies to "
+                            "this run of it only; a restart recovers it with its earlier options"}
 
         def kept_running(_: Any, error: Exception | None) -> dict[str, Any]:
             # answered once they are in the scan's spool (journaled in order with its frames):
@@ -244,7 +251,7 @@ def build_table(service: Service) -> dict[str, Handler]:
                 raise HandlerError(f"applied to the running scan, but not kept with its spool ({type(error).__name__}: "
                                    f"{error}): a restart recovers it with its earlier options",
                                    "params.options", "kept_with_scan") from None
-            return {"scope": session.scan_id, "options": new.to_dict()}
+            return {"scope": session.scan_id, "options": new.to_dict(), "kept": True}
 
         return service.reply_later(
             "set_options", lambda done: service.scans.keep_running_options(session, done), kept_running)

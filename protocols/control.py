@@ -10,6 +10,7 @@ Retried requests may run twice, so every standard method is idempotent.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields, is_dataclass
@@ -22,6 +23,8 @@ from .errors import ControlError, ControlTimeout, ProtocolError
 from .limits import Limits, control_max_part_bytes
 from .messages import Reply, Request, decode, encode
 from .security import ClientCurve
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONTROL = "tcp://127.0.0.1:5602"
 
@@ -217,9 +220,17 @@ class ControlClient(SocketClient):
         return self.call("status")
 
     def list_scans(self, state: str | None = None) -> list[dict[str, Any]]:
-        """Summaries of the daemon's scans (512 at most: the running ones and the newest others), optionally only those in ``state``."""
+        """Summaries of the daemon's scans (512 at most: the running ones and the newest others),
+        optionally only those in ``state``. A cut list is logged with the daemon's count; the raw
+        reply (``call("list_scans")``) carries it as ``total``."""
         params = {} if state is None else {"state": state}
-        return list(self.call("list_scans", **params).get("scans", []))
+        reply = self.call("list_scans", **params)
+        scans = list(reply.get("scans", []))
+        total = reply.get("total")
+        if isinstance(total, int) and total > len(scans):
+            log.warning("list_scans: the daemon holds %d scans%s; its reply lists %d (the running ones and "
+                        "the newest others)", total, "" if state is None else f" in state {state!r}", len(scans))
+        return scans
 
     def snapshot(self, scan_id: str) -> dict[str, Any]:
         """A late joiner's starting point: the scan's summary and its latest images (``object``,

@@ -21,7 +21,7 @@ def scan():
     return synthetic_scan(n_side=4, m=32)
 
 
-def test_status_and_list_scans_replies_stay_under_the_clients_header_limit(tmp_path, scan):
+def test_status_and_list_scans_replies_stay_under_the_clients_header_limit(tmp_path, scan, caplog):
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.session import Session
@@ -73,6 +73,9 @@ def test_status_and_list_scans_replies_stay_under_the_clients_header_limit(tmp_p
             ids = [s["scan_id"] for s in listed["scans"]]
             assert ids[0] == "running" and ids[1:] == [f"series-{i:05d}" for i in range(WAITING - len(ids) + 1, WAITING)]
             assert ctl.list_scans(listed["scans"][0]["state"])[0]["scan_id"] == "running"
+            with caplog.at_level("WARNING", logger="cryoptycho.protocols.control"):
+                cut = ctl.list_scans()  # the SDK's list: the daemon's count is not lost silently
+            assert len(cut) == len(listed["scans"]) and f"holds {WAITING + 1} scans" in caplog.text
             finished = ctl.call("list_scans", state="finished")
             assert finished == {"scans": [], "total": 0}
 
