@@ -85,7 +85,10 @@ def test_fit_recovers_defocus_and_astigmatism_with_the_object_held() -> None:
 def test_reconstruction_finds_the_probe_from_a_defocused_nominal_one(options: dict) -> None:
     """10⁴ counts per pattern, the nominal probe 30 nm out of focus (overlap 0.67 with the
     truth): refining the defocus alone, by gradient with the object held or by the search on
-    the reduced objective, brings the probe back (overlap > 0.9)."""
+    the reduced objective, brings the probe back (overlap > 0.9). The gradient crawls (the object
+    absorbs part of the error at each update): 0.80 / 0.897 / 0.964 after 20 / 30 / 40 iterations
+    with scipy 1.17's L-BFGS-B, so 30 sat on the threshold and failed with it; the search reaches
+    0.97 by 20."""
     data = synthetic_dataset(1e4, m=M, grid=8, seed=1)
     nominal = aberrate(data.truth_probe.astype(np.complex128), PIXEL, ENERGY,
                        {"C10": -30e-9}).astype(np.complex64)
@@ -96,5 +99,5 @@ def test_reconstruction_finds_the_probe_from_a_defocused_nominal_one(options: di
 
     assert overlap(nominal) < 0.7
     state = reconstruct(dataclasses.replace(data, probe=nominal),
-                        {"iterations": 30, "mu0": 1e-3, "aberrations": ["C10"], **options})
+                        {"iterations": 40, "mu0": 1e-3, "aberrations": ["C10"], **options})
     assert overlap(state.probe) > 0.9
