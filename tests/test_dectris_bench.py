@@ -205,6 +205,9 @@ def test_bench_runs_both_paths_end_to_end_into_a_daemon() -> None:
     for name, figures in row["daemon"].items():
         # every frame reached the store, after it was received (spooled and counted)
         assert figures["fps_received"] >= figures["fps"] > 0 and figures["cpu_us_per_frame"] > 0
+        # and the work after the window is reported: the scan's close (the spool derives the
+        # binned frames from the detector's chunks) and the daemon's stop
+        assert figures["close_cpu_us_per_frame"] > 0
         by_thread = figures["stages_us_per_frame"]
         # the daemon's own threads did the work: the spool wrote, the frame store took the frames
         assert by_thread["spool"] > 0 and by_thread["frame_store"] > 0 and by_thread["manager"] > 0

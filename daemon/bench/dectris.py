@@ -428,6 +428,9 @@ def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile
                        "stored (CPU µs per frame): " + ", ".join(
                 f"{k} {v['fps_received']:,.0f} / {v['fps']:,.0f} ({v['cpu_us_per_frame']:,.0f})"
                 for k, v in row["daemon"].items()))
+            click.echo("        after the window, the scan's close (abort, spool close deriving the binned frames, "
+                       "daemon stop), CPU µs per frame of the daemon's process: " + ", ".join(
+                f"{k} {v['close_cpu_us_per_frame']:,.0f}" for k, v in row["daemon"].items()))
             click.echo("        CPU µs/frame by stage: " + ", ".join(
                 f"{k} {v:,.1f}" for k, v in row["stages_cpu_us_per_frame"].items()))
             for k, v in row["daemon"].items():
@@ -567,13 +570,17 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
                 stages["decode_processes"] = 1e6 * work / n
             stages["detector_process"] = 1e6 * (_proc_cpu(proc.pid) - det0) / n
         finally:
+            c1 = time.process_time()
             stop.set()
             runner.join(30)
             bg.stop()
+            close = time.process_time() - c1
             proc.join(10)
     assert t_received is not None
+    # after the measured window: the scan's abort and its spool's close, which derives the binned
+    # frames from the detector's chunks (decompress, bin, compress, write), and the daemon's stop
     return {"fps": n / elapsed, "fps_received": n / t_received, "cpu_us_per_frame": 1e6 * cpu / n,
-            "stages_us_per_frame": stages}
+            "close_cpu_us_per_frame": 1e6 * close / n, "stages_us_per_frame": stages}
 
 
 #: thread name prefix → stage, for the CPU time of each thread of the daemon's process
