@@ -24,6 +24,25 @@ def scan():
     return synthetic_scan(n_side=8, m=32)
 
 
+
+def _recovered_options(tmp_path, scan_id: str, n: int, *serve_args: str) -> dict:
+    """Restart the daemon on the killed one's spool, wait for ``scan_id`` to be recovered and
+    finish with every one of its ``n`` frames; the options its result was reconstructed with."""
+    daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=0.5", *serve_args)
+    try:
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == scan_id
+                                          and s["state"] in ("finished", "failed", "aborted")), None),
+                            120, f"the recovered scan {scan_id} to end", daemon)
+            assert info["state"] == "finished" and info["recovered"] is True, info
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+    with h5py.File(info["result_path"]) as f:
+        assert np.sort(f["raw/entry_1/data_1/frame_index"][()]).tolist() == list(range(n))
+        return json.loads(f.attrs["options"])
+
 def test_options_set_on_a_queued_scan_survive_a_kill_and_restart(tmp_path, scan):
     """set_options on a queued scan was applied in memory only: after a crash the recovered
     scan ran with its declared options, though the daemon had answered ok."""
@@ -49,20 +68,7 @@ def test_options_set_on_a_queued_scan_survive_a_kill_and_restart(tmp_path, scan)
         if daemon.proc.poll() is None:
             daemon.proc.kill()
 
-    daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=0.5", "--max-concurrent-scans", "2")
-    try:
-        with ControlClient(daemon.control, timeout_s=30) as ctl:
-            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "queued"
-                                          and s["state"] in ("finished", "failed", "aborted")), None),
-                            120, "the recovered queued scan to end", daemon)
-            assert info["state"] == "finished" and info["recovered"] is True, info
-        assert daemon.stop() == 0
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-    with h5py.File(info["result_path"]) as f:
-        options = json.loads(f.attrs["options"])
-        assert np.sort(f["raw/entry_1/data_1/frame_index"][()]).tolist() == list(range(n))
+    options = _recovered_options(tmp_path, "queued", n, "--max-concurrent-scans", "2")
     # set while it waited, merged on what its scan_start declared (iterations 2), not the defaults'
     assert (options["seed"], options["stream"]["batch_size"], options["iterations"]) == (4242, 16, 2), options
 
@@ -130,20 +136,7 @@ def test_options_set_on_a_running_scan_survive_a_kill_and_restart(tmp_path, scan
         if daemon.proc.poll() is None:
             daemon.proc.kill()
 
-    daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=0.5")
-    try:
-        with ControlClient(daemon.control, timeout_s=30) as ctl:
-            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "running"
-                                          and s["state"] in ("finished", "failed", "aborted")), None),
-                            120, "the recovered scan to end", daemon)
-            assert info["state"] == "finished" and info["recovered"] is True, info
-        assert daemon.stop() == 0
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-    with h5py.File(info["result_path"]) as f:
-        options = json.loads(f.attrs["options"])
-        assert np.sort(f["raw/entry_1/data_1/frame_index"][()]).tolist() == list(range(n))
+    options = _recovered_options(tmp_path, "running", n)
     # set while it ran, merged on what its scan_start declared (iterations 2), not the defaults'
     assert (options["seed"], options["stream"]["batch_size"], options["iterations"]) == (4242, 16, 2), options
 
