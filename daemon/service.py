@@ -325,7 +325,9 @@ class Service:
         twice), scans past scan_end are not waited for; like the others they stay in the spool
         for the next start. One sooner is taken as a copy of the first (logged by the drain)."""
         now = time.monotonic()
-        if self._stop_at is None:
+        # only signals count: after a stop the daemon asked for itself (a failed source), an
+        # operator's first Ctrl-C is a first, not a copy of that stop nor a second press
+        if again_hurries and self._stop_at is None:
             self._stop_at = now
         elif again_hurries and self._stop.is_set():
             if now - self._stop_at >= SECOND_SIGNAL_AFTER_S:

@@ -119,6 +119,32 @@ def test_an_unexpected_error_skips_only_its_series(monkeypatch):
     assert len(_starts(out)) == 1
 
 
+def test_a_wavelength_too_small_for_a_float_square_is_set_aside_and_the_series_runs():
+    """1e-190 Å: the energy's (hc/λ)² raised OverflowError out of the header check, which ran
+    outside the series' guard, and stopped `serve --source` and the bridge."""
+    out, notices = _run([_series({}, detector_distance_m=0.2, energy_ev=300e3,
+                                 extra_start={"incident_wavelength": 1e-190})])
+    assert [(n.outcome, n.field) for n in notices] == [("warning", "incident_wavelength")]
+    assert _starts(out)[0].energy_eV == 300e3
+
+
+def test_a_header_check_that_fails_skips_only_its_series(monkeypatch):
+    from cryoptycho.protocols.dectris import convert
+
+    def broken(*_: Any) -> None:
+        raise OverflowError("(34, 'Numerical result out of range')")
+
+    notices: list[SeriesNotice] = []
+    conv = SeriesConverter(BridgeConfig(), on_notice=notices.append)
+    monkeypatch.setattr(convert, "check_header", broken)
+    out = [m for raw in v2_messages(_series({}, detector_distance_m=0.2)) for m in conv.feed(decode_v2(raw))]
+    assert out == [] and [(n.outcome, n.field) for n in notices] == [("skipped", "internal")]
+    monkeypatch.undo()
+    out = [m for raw in v2_messages(_series({}, detector_distance_m=0.2, series_id=2, series_unique_id="B"))
+           for m in conv.feed(decode_v2(raw))]
+    assert len(_starts(out)) == 1
+
+
 def test_an_unexpected_error_on_one_image_is_a_dectris_error_for_that_image(monkeypatch):
     conv = SeriesConverter(BridgeConfig())
     start, first, second, *rest = [decode_v2(raw) for raw in v2_messages(_series({}, detector_distance_m=0.2))]

@@ -469,3 +469,26 @@ def test_watch_does_not_bring_back_the_bar_of_an_ended_scan_on_a_late_event():
     assert board.results == 3
     board.on_event(ScanEvent("scan-00", "accepted", info={"reopened": True, "expected_frames": 4}))
     assert [t.description for t in progress.tasks] == [*newest, "scan-00"]
+
+
+def test_an_operators_first_ctrl_c_after_a_stop_the_daemon_asked_for_is_a_first(tmp_path):
+    """A failed detector source stops the daemon (request_stop without a signal); an operator's
+    Ctrl-C a while later was taken as a second press and cut the drain (and one within the
+    copy window was logged as a forwarded copy of a stop no signal made)."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import SECOND_SIGNAL_AFTER_S, BackgroundService
+
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r")
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        svc.request_stop("detector source failed")
+        time.sleep(SECOND_SIGNAL_AFTER_S + 0.2)
+        svc.request_stop("SIGINT", again_hurries=True)  # the operator's first press
+        assert not svc._hurry.is_set()
+        time.sleep(SECOND_SIGNAL_AFTER_S + 0.2)
+        svc.request_stop("SIGINT", again_hurries=True)  # and the second
+        assert svc._hurry.is_set()
+    finally:
+        bg.stop()

@@ -116,7 +116,7 @@ def run_bridge(
         ctl = ControlClient(control or prod.control or control_endpoint_for(ingest_endpoint), timeout_s=2.0,
                             retries=1, limits=limits, curve=prod._curve, context=ctx)
         gate = StartGate(prod, ctl, converter, stats, cfg.max_held_bytes, prod.send_timeout_s)
-    ended = 0
+    ended, gave_up = 0, False
     try:
         try:
             while not stop.is_set():
@@ -154,6 +154,7 @@ def run_bridge(
                 gate.abandon("the bridge stopped while the daemon's scan queue was full")
         except ProducerTimeout as exc:  # endless back-pressure, or a silent control socket
             _give_up(exc, prod, converter, gate, stats)
+            gave_up = True
     finally:
         on_error.flush(force=True)
         receiver.close()
@@ -162,7 +163,9 @@ def run_bridge(
         if gate is not None:
             gate.control.close()
         if own_producer:
-            prod.close()
+            # after giving up nothing queued will leave (a silent control socket leaves the
+            # producer unstalled, and its close would wait out the send timeout again)
+            prod.close(linger_s=0.0 if gave_up else None)
     stats.series = converter.stats["series"]
     stats.frames_sent = converter.stats["frames_sent"]
     stats.decode_errors = receiver.decode_errors

@@ -214,9 +214,9 @@ class SeriesConverter:
         self._used_ids: set[str] = set()
         self.tracker = SeriesTracker()
         self.plan: _Plan | None = None
-        self._positions: dict[tuple[int | None, int], np.ndarray] = {}
-        #: series ids that side-channel positions arrived for, oldest first (see add_positions)
-        self._position_series: dict[int | None, None] = {}
+        #: side-channel positions by series id (None: any series), then image id; series in the
+        #: order their positions last arrived, oldest first (see add_positions)
+        self._positions: dict[int | None, dict[int, np.ndarray]] = {}
         self._closing: _Plan | None = None  # ended, still waiting for side-channel positions
         self._closing_deadline = 0.0
         self.stats: dict[str, int] = {"series": 0, "frames_sent": 0, "failed_series": 0,
@@ -306,11 +306,19 @@ class SeriesConverter:
             out.append(Abort(self.plan.scan_id, f"detector series {self.plan.start.series_id} "
                              f"was replaced by series {start.series_id} before its end"))
         # checked before the tracker takes the start: an image count it sets aside must not bound the ids
-        start, warnings = check_header(start)
+        try:
+            start, warnings = check_header(start)
+        except Exception as exc:  # noqa: BLE001 - a header the check cannot read skips its series, never the bridge
+            checked: Exception | None = exc
+            warnings = []
+        else:
+            checked = None
         self.tracker.begin(start)
         self.stats["series"] += 1
         self.plan = None
         try:
+            if checked is not None:
+                raise checked
             for key, text in warnings:
                 self._notice(SeriesNotice("warning", start.series_id, key, text))
             self.plan = self._plan(start)
@@ -589,16 +597,16 @@ class SeriesConverter:
         return [Frames(plan.scan_id, ids, data, positions)]
 
     def _position(self, plan: _Plan, image_id: int) -> np.ndarray | None:
-        key = (plan.start.series_id, image_id)
-        return self._positions.get(key, self._positions.get((None, image_id)))
+        found = self._positions.get(plan.start.series_id, {}).get(image_id)
+        return found if found is not None else self._positions.get(None, {}).get(image_id)
 
     def add_positions(self, series_id: int | None, image_ids: np.ndarray,
                       positions_m: np.ndarray) -> list[IngestMessage]:
         """Side-channel positions; releases images that were waiting for them."""
+        series = self._positions.pop(series_id, {})
+        self._positions[series_id] = series  # now the newest
         for i, p in zip(image_ids, positions_m):
-            self._positions[(series_id, int(i))] = np.asarray(p, dtype=np.float64)
-        self._position_series.pop(series_id, None)
-        self._position_series[series_id] = None
+            series[int(i)] = np.asarray(p, dtype=np.float64)
         self._forget_unclaimed_positions()
         out: list[IngestMessage] = []
         for plan in (self._closing, self.plan):
@@ -660,9 +668,8 @@ class SeriesConverter:
         return out
 
     def _drop_positions(self, series_ids: set[int | None]) -> None:
-        self._positions = {k: v for k, v in self._positions.items() if k[0] not in series_ids}
         for series_id in series_ids:
-            self._position_series.pop(series_id, None)
+            self._positions.pop(series_id, None)
 
     def _forget_unclaimed_positions(self) -> None:
         """Positions are kept for at most :data:`MAX_POSITION_SERIES` series: positions sent for a
@@ -670,14 +677,14 @@ class SeriesConverter:
         kept for the life of the process, one array per image. The series being received or
         finished are never dropped; the oldest others go, named in the log."""
         active = {plan.start.series_id for plan in (self.plan, self._closing) if plan is not None}
-        spare = [s for s in self._position_series if s not in active]
-        excess = len(self._position_series) - MAX_POSITION_SERIES
+        spare = [s for s in self._positions if s not in active]
+        excess = len(self._positions) - MAX_POSITION_SERIES
         if excess <= 0 or not spare:
             return
         dropped = set(spare[:excess])
         log.error("positions side channel: positions for %d series arrived that no series has claimed; "
                   "dropping those of the oldest (series ids %s) — a series with such an id arriving "
-                  "later waits for its positions again", len(self._position_series), sorted(dropped, key=str))
+                  "later waits for its positions again", len(self._positions), sorted(dropped, key=str))
         self._drop_positions(dropped)
 
     def stop(self, reason: str) -> list[IngestMessage]:

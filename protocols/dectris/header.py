@@ -27,7 +27,9 @@ def electron_energy(wavelength_m: float | None) -> float | None:
         return None
     mc2 = constants.m_e * constants.c**2
     pc = constants.h * constants.c / wavelength_m
-    return float((math.sqrt(mc2**2 + pc**2) - mc2) / constants.e)
+    # hypot, not sqrt(mc2**2 + pc**2): a float's ** raises OverflowError for a header wavelength
+    # below ~1e-160 m (hypot gives inf, which the plausibility check refuses by name)
+    return float((math.hypot(mc2, pc) - mc2) / constants.e)
 
 
 def _plausible_energy(energy_eV: float) -> bool:
