@@ -1,0 +1,68 @@
+"""The parallax fit's gate (gpu/parallax.py, "The gate"): with the nominal probe exactly right and
+the scan jittered by the realistic preset's 0.3 Å, at a high dose and without counting noise,
+the gate stays shut — the significance from the score's curvature alone fired here (χ² 7–240
+against the 7.81 threshold), since the jitter-scattered signal and the noise × noise scatter of
+the score are not in the curvature — while a probe error of the preset's size (20 nm defocus,
+10 nm two-fold astigmatism) still opens it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryoptycho.gpu import operators
+from cryoptycho.gpu.parallax import estimate_aberrations
+from cryoptycho.gpu.probes import aberrate, make_probe
+from engine_helpers import ENERGY, PIXEL, fit_geometry, weak_phase_object
+
+M = 32
+#: the realistic preset's probe error (ExperimentErrors.realistic: 20 nm, |C12| 10 nm at 30°)
+PRESET_ERROR = {"C10": 20e-9, "C12a": 10e-9 * np.cos(np.deg2rad(60.0)), "C12b": 10e-9 * np.sin(np.deg2rad(60.0))}
+CONFIDENCE = 0.95  # ReconOptions.parallax_confidence
+
+
+def _jittered_scan(counts: float | None, errors: dict[str, float], seed: int, jitter_m: float = 0.3e-10,
+                   grid: int = 12):
+    """Frames of a weak phase object on a 12 × 12 raster of 3 Å steps whose every position is off
+    by Gaussian jitter (rms ``jitter_m`` per axis), recorded with the nominal probe aberrated by
+    ``errors``; Poisson at ``counts`` per pattern, or the expected intensities (None). Returns
+    the frames (detector order), the nominal positions and the nominal probe."""
+    rng = np.random.default_rng(seed)
+    nominal = make_probe("defocused", (M, M), PIXEL, ENERGY, 8e-3, 60e-9, precision="double",
+                         total_intensity=counts or 1e5)
+    iy, ix = np.mgrid[0:grid, 0:grid]
+    positions = np.stack([iy.ravel(), ix.ravel()], axis=1) * 3.0 * PIXEL
+    true_positions = positions + rng.normal(0.0, jitter_m, positions.shape)
+    geometry = fit_geometry(true_positions, PIXEL, (M, M))
+    obj = weak_phase_object(geometry.object_shape, 7, peak=0.5)
+    batch = operators.make_batch(geometry.to_pixels(true_positions), geometry.object_shape, (M, M))
+    inten = np.abs(operators.forward(obj, aberrate(nominal, PIXEL, ENERGY, errors), batch)) ** 2
+    frames = inten if counts is None else rng.poisson(inten).astype(np.float64)
+    return operators.from_fft_order(frames), positions, nominal
+
+
+@pytest.mark.parametrize("counts, seed", [(1e5, 0), (1e5, 2), (None, 0)])
+def test_jitter_alone_keeps_the_gate_shut_and_a_preset_probe_error_opens_it(counts, seed) -> None:
+    frames, positions, nominal = _jittered_scan(counts, {}, seed)
+    right = estimate_aberrations(frames, positions, nominal, PIXEL, ENERGY)
+    assert not right.rejects_nominal(CONFIDENCE), (right.significance, right.coefficients)
+
+    frames, positions, nominal = _jittered_scan(counts, PRESET_ERROR, seed)
+    wrong = estimate_aberrations(frames, positions, nominal, PIXEL, ENERGY)
+    assert wrong.rejects_nominal(CONFIDENCE), (wrong.significance, wrong.coefficients)
+    assert abs(wrong.coefficients["C10"] - PRESET_ERROR["C10"]) < 3e-9, wrong.coefficients
+
+
+def test_the_gate_is_no_looser_than_the_curvature_where_the_noise_is_counting_noise() -> None:
+    """Without jitter, at a dose where counting noise dominates (10³ counts a pattern), the
+    gate's χ² stays within the curvature's order: the sandwich adds the noise × noise scatter,
+    it does not discard the curvature's information (a real error is still found)."""
+    frames, positions, nominal = _jittered_scan(1e3, PRESET_ERROR, 3, jitter_m=0.0)
+    fit = estimate_aberrations(frames, positions, nominal, PIXEL, ENERGY)
+    assert fit.rejects_nominal(CONFIDENCE), (fit.significance, fit.curvature_significance)
+    assert fit.significance <= fit.curvature_significance * 1.5, (fit.significance, fit.curvature_significance)
+
+
+def test_noise_draws_must_be_positive() -> None:
+    frames, positions, nominal = _jittered_scan(None, {}, 0)
+    with pytest.raises(ValueError, match="noise_draws"):
+        estimate_aberrations(frames, positions, nominal, PIXEL, ENERGY, noise_draws=0)
