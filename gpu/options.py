@@ -354,6 +354,11 @@ class ReconOptions(_Strict):
     realistic proteasome at 100 e⁻/Å², spiral: applied, phase correlation 0.472 → 0.610 against
     an oracle 0.709; MEASUREMENTS.md, "The scan matrix from the parallax fit"), at 4–7× the
     fit's time (4× the frequencies)."""
+    parallax_wide_reach: float | None = Field(None, gt=0, le=4.0)
+    """Under ``parallax`` "auto", offline: when the fit at ``parallax_reach`` does not reject the
+    nominal probe, fit again at this reach and apply that fit if it does (its own gate; the
+    result records the reach used as ``parallax_reach``). Costs a second fit only where the
+    first found nothing (MEASUREMENTS.md, "The parallax gate's noise")."""
 
     parallax_aliases: bool = False
     """On a raster scan, the parallax fit models each object frequency of one reciprocal cell of

@@ -728,13 +728,16 @@ def estimate_aberrations(
     for _ in range(noise_draws):
         surrogate = signal + model.noise_surrogate(rng)
 
-        def per_q(v: np.ndarray) -> np.ndarray:
+        def per_q(v: np.ndarray, surrogate: Any = surrogate) -> np.ndarray:
             e = None if not scan else (v[n:] * pct).reshape(2, 2)
             return model.q_weight * model.projected(v[:n] * unit, e, surrogate) / model.sigma2
 
         g = _per_frequency_gradient(per_q, x, 1.0)
         noise_scatter += g.T @ g / noise_draws
-    scatter = noise_scatter
+    # the curvature's own share stays in (a surrogate's fitted signal is shrunk to its expected
+    # share, so at low signal the measured scatter alone would undercount it)
+    prior = np.concatenate([np.full(n, inv_var), np.full(len(x) - n, inv_var_scan if scan else 0.0)])
+    scatter = -hessian - np.diag(prior) + noise_scatter
     scan_fields: dict[str, Any] = {}
     try:
         cov = np.linalg.inv(-hessian)

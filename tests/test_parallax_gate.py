@@ -66,3 +66,45 @@ def test_noise_draws_must_be_positive() -> None:
     frames, positions, nominal = _jittered_scan(None, {}, 0)
     with pytest.raises(ValueError, match="noise_draws"):
         estimate_aberrations(frames, positions, nominal, PIXEL, ENERGY, noise_draws=0)
+
+
+def _fake_fits(monkeypatch, significance_at: dict[float, float]) -> list[float]:
+    """Replace the fit reconstruct.prepare calls by one whose χ² depends on the reach asked
+    for (the real fit's record, 5 nm of defocus found); returns the reaches asked, in order."""
+    import cryoptycho.gpu.reconstruct as reconstruct_module
+    from cryoptycho.gpu.parallax import ParallaxFit
+
+    asked: list[float] = []
+
+    def fake(*args, nyquist_fraction: float, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append(nyquist_fraction)
+        return ParallaxFit(coefficients={"C10": 5e-9, "C12a": 0.0, "C12b": 0.0},
+                           standard_error={"C10": 1e-9, "C12a": 1e-9, "C12b": 1e-9},
+                           significance=significance_at[nyquist_fraction])
+
+    monkeypatch.setattr(reconstruct_module, "estimate_aberrations", fake)
+    return asked
+
+
+@pytest.mark.parametrize("first, wide, asked, applied_reach", [
+    (20.0, 20.0, [0.9], 0.9),  # the first fit tells: no second fit
+    (1.0, 20.0, [0.9, 1.8], 1.8),  # the first does not, the wide one does: the wide one applies
+    (1.0, 2.0, [0.9, 1.8], None),  # neither: the nominal probe is kept
+])
+def test_the_wide_reach_is_fitted_only_where_the_first_fit_finds_nothing(monkeypatch, first, wide, asked,
+                                                                         applied_reach) -> None:
+    from cryoptycho.gpu.reconstruct import prepare
+    from engine_helpers import aberrated_dataset
+
+    data = aberrated_dataset(1e4, {}, 0, 10)
+    calls = _fake_fits(monkeypatch, {0.9: first, 1.8: wide})
+    problem = prepare(data, {"iterations": 1, "parallax_wide_reach": 1.8})
+    assert calls == asked
+    record = problem.probe_estimate
+    assert record["parallax_applied"] == (applied_reach is not None)
+    if applied_reach is not None:
+        assert record["parallax_reach"] == applied_reach
+        assert record["parallax_significance"] == (first if applied_reach == 0.9 else wide)
+    calls.clear()
+    prepare(data, {"iterations": 1})  # without the option: one fit, at parallax_reach
+    assert calls == [0.9]
