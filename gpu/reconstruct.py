@@ -197,6 +197,7 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
                                     nyquist_fraction=reach, aliases=opts.parallax_aliases)
 
     reach = opts.parallax_reach
+    wide_record: dict[str, float] = {}
     try:
         fit = fit_at(reach)
         wide = opts.parallax_wide_reach
@@ -208,6 +209,8 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
             wider = fit_at(wide)
             if wider.rejects_nominal(opts.parallax_confidence):
                 fit, reach = wider, wide
+            else:
+                wide_record = {"parallax_wide_significance": float(wider.significance)}
     except ValueError as exc:
         if not auto:
             raise ValueError(f"parallax: {exc}") from exc
@@ -219,7 +222,7 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
              fit.frequencies, fit.pixels)
     confidence = opts.parallax_confidence if auto else None
     frames = len(positions)
-    reach_record = {"parallax_reach": float(reach)}
+    reach_record = {"parallax_reach": float(reach), **wide_record}
     # the scan matrix has its own gate (always a test: even an explicit parallax=true applies
     # it only when the data reject the nominal scan at parallax_confidence)
     scan_applies = fit.scan_rejects_nominal(opts.parallax_confidence)
