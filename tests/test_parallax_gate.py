@@ -108,5 +108,5 @@ def test_the_wide_reach_is_fitted_only_where_the_first_fit_finds_nothing(monkeyp
     else:  # the first fit's record, and what the wide one found
         assert record["parallax_reach"] == 0.9 and record["parallax_wide_significance"] == wide
     calls.clear()
-    prepare(data, {"iterations": 1})  # without the option: one fit, at parallax_reach
+    prepare(data, {"iterations": 1, "parallax_wide_reach": None})  # None: one fit, at parallax_reach
     assert calls == [0.9]
