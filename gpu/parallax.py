@@ -681,10 +681,13 @@ def estimate_aberrations(
     raster, model each frequency of one reciprocal cell of the scan lattice together with all
     its aliases up to ``nyquist_fraction`` × Nyquist in one least squares (the alias-aware fit,
     module docstring): every count combination is used once, so the χ² significance stays
-    calibrated past Nyquist; ValueError on a scan that is no lattice."""
+    calibrated past Nyquist; ValueError on a scan that is no lattice. ``noise_draws``: surrogates
+    of the data the gate's covariance is measured on (module docstring, "The gate")."""
     names = tuple(names)
     if not names:
         raise ValueError("the parallax fit needs at least one aberration coefficient")
+    if noise_draws < 1:
+        raise ValueError(f"noise_draws must be at least 1, got {noise_draws!r}")
     if prior_rms_m is not None and not prior_rms_m > 0:
         raise ValueError(f"prior_rms_m must be positive metres or None, got {prior_rms_m!r}")
     model = BrightFieldModel(frames, positions_m, probe, pixel_size, energy_ev, mask, names, max_frequency,
@@ -737,8 +740,6 @@ def estimate_aberrations(
         x = best
     # the score's gradient scatters also by the noise alone (noise × noise, which the curvature
     # does not see): measured on sign-flipped surrogates of the data (module docstring, "The gate")
-    if noise_draws < 1:
-        raise ValueError(f"noise_draws must be at least 1, got {noise_draws!r}")
     rng = np.random.default_rng(0)
     noise_scatter = np.zeros((len(x), len(x)))
     e_best = None if not scan else (x[n:] * pct).reshape(2, 2)
