@@ -367,7 +367,8 @@ class ReconOptions(_Strict):
     defaults where it is (proteasome at 100, ribosome), and stayed shut on every scan whose
     nominal probe was right; ``parallax_reach`` 1.8 alone loses on the proteasome at 100 and
     the ribosome (MEASUREMENTS.md, "The parallax gate's noise"). Not live: the streaming
-    engine fits once, at ``parallax_reach``."""
+    engine fits once, at ``parallax_reach``; nor with ``parallax_scan`` (the joint fit is made
+    once)."""
 
     parallax_aliases: bool = False
     """On a raster scan, the parallax fit models each object frequency of one reciprocal cell of

@@ -201,7 +201,10 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
     try:
         fit = fit_at(reach)
         wide = opts.parallax_wide_reach
-        if auto and wide is not None and wide > reach and not fit.rejects_nominal(opts.parallax_confidence):
+        # with parallax_scan the joint fit is made once: a second joint fit would cost 4–7× the
+        # first and move the scan matrix the first one already gated
+        if (auto and wide is not None and wide > reach and not opts.parallax_scan
+                and not fit.rejects_nominal(opts.parallax_confidence)):
             # the frequencies inside the reach did not tell: past it (aliased on a raster, but
             # each frequency's own transfer) the parallax shifts are larger
             log.info("parallax fit at reach %g not significant (χ² %.1f): fitting at reach %g",

@@ -110,3 +110,6 @@ def test_the_wide_reach_is_fitted_only_where_the_first_fit_finds_nothing(monkeyp
     calls.clear()
     prepare(data, {"iterations": 1, "parallax_wide_reach": None})  # None: one fit, at parallax_reach
     assert calls == [0.9]
+    calls.clear()
+    prepare(data, {"iterations": 1, "parallax_scan": True})  # the joint scan fit is made once
+    assert calls == [0.9]
