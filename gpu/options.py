@@ -331,8 +331,10 @@ class ReconOptions(_Strict):
     """Half-width of the parallax fit's search, metres of aberration coefficient."""
     parallax_confidence: float = Field(0.95, ge=0, lt=1)
     """Under ``parallax`` "auto" the fitted correction is applied only when the data reject the
-    nominal probe at this confidence: the fit's ``significance`` (cᵀHc, ≈ χ² with one degree
-    of freedom per coefficient when the nominal probe is right) above the χ² quantile. On an
+    nominal probe at this confidence: the fit's ``significance`` (ĉᵀΣ⁻¹ĉ with the sandwich
+    covariance Σ = H⁻¹JH⁻¹, J the score's scatter measured on surrogates of the data —
+    gpu/parallax.py, "The gate"; ≈ χ² with one degree of freedom per coefficient when the
+    nominal probe is right) above the χ² quantile. On an
     exact nominal probe (the demo's hemoglobin at 20 e⁻/Å²) the fit moved it by 6–10 nm of pure
     noise (significance 1.3) and cost 0.06 phase correlation; 0 applies every fit."""
 
@@ -354,15 +356,28 @@ class ReconOptions(_Strict):
     realistic proteasome at 100 e⁻/Å², spiral: applied, phase correlation 0.472 → 0.610 against
     an oracle 0.709; MEASUREMENTS.md, "The scan matrix from the parallax fit"), at 4–7× the
     fit's time (4× the frequencies)."""
+    parallax_wide_reach: float | None = Field(1.8, gt=0, le=4.0)
+    """Under ``parallax`` "auto", offline: when the fit at ``parallax_reach`` does not reject the
+    nominal probe, fit again at this reach and apply that fit if it does (its own gate; the
+    result records the reach used as ``parallax_reach``); None: one fit. Costs a second fit
+    only where the first found nothing (hemoglobin +4–6 s, proteasome at 20 e⁻/Å² +25–35 s on
+    the loaded 2-core box). On the realistic preset it finds hemoglobin's probe error at
+    100 e⁻/Å² (phase correlation 0.312 → 0.480, NRMSE 0.832 → 0.750; the true probe 0.479 /
+    0.751) and the proteasome's at 20 where the first fit is not significant, keeps the
+    defaults where it is (proteasome at 100, ribosome), and stayed shut on every scan whose
+    nominal probe was right; ``parallax_reach`` 1.8 alone loses on the proteasome at 100 and
+    the ribosome (MEASUREMENTS.md, "The parallax gate's noise"). Not live: the streaming
+    engine fits once, at ``parallax_reach``; nor with ``parallax_scan`` (the joint fit is made
+    once)."""
 
     parallax_aliases: bool = False
     """On a raster scan, the parallax fit models each object frequency of one reciprocal cell of
     the scan lattice together with all its aliases up to ``parallax_reach`` in one least
     squares (gpu/parallax.py, ``aliases``), so that past the step's Nyquist frequency every
-    count combination is used once. Opt-in: with the nominal probe right it still applied a
-    wrong 8 nm correction at ``parallax_reach`` 1.8 on the realistic hemoglobin at
-    100 e⁻/Å², as the plain fit does — the cause there is the scan's 0.3 Å jitter, not the
-    aliasing (MEASUREMENTS.md, "The alias-aware parallax fit"). A scan that is no lattice is
+    count combination is used once. Opt-in: with the nominal probe right it applied a wrong
+    8 nm correction at ``parallax_reach`` 1.8 on the realistic hemoglobin at 100 e⁻/Å² under
+    the curvature-only gate, as the plain fit did (MEASUREMENTS.md, "The alias-aware parallax
+    fit"; the cause was the gate's noise model, "The parallax gate's noise"). A scan that is no lattice is
     refused ("auto": the fit is skipped, with a warning). Offline only."""
 
     chunk_size: int = Field(256, ge=1)

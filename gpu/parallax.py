@@ -59,6 +59,26 @@ calibrated — the false positives with the nominal probe right come from the sc
 from the aliasing. Each frequency is weighted by its shell's signal share s/(1 + s) (s: the projected energy above
 the noise's, measured with the nominal probe): at low dose the high-frequency shells hold only
 noise, and unweighted they let the fit chase noise at large defocus.
+
+The gate. ``parallax="auto"`` applies the fit only when the data reject the nominal probe:
+ĉᵀΣ⁻¹ĉ above the χ² quantile (3 degrees of freedom). With Σ = H⁻¹ (H the score's negative
+Hessian at ĉ, the curvature) that statistic fired on 25 % of realistic scans whose nominal
+probe was exactly right (hemoglobin, 100 e⁻/Å², 20 noise draws; MEASUREMENTS.md, "The parallax
+gate's noise"): the curvature is the gradient's variance only for a true likelihood with few
+unknowns, and here (i) two object unknowns per frequency are profiled out at a signal-to-noise
+near 1 per frequency, so the noise × noise part of the gradient (nᴴ ∂Π n) scatters it without
+adding curvature, (ii) the shell weights make the score no likelihood, and (iii) signal that
+varies from pattern to pattern without being the model's — scattered by the scan's jitter,
+which moves each frequency's signal by 2π|q|δ into the k-structure of other frequencies'
+columns, or the second-order terms of a strong object — is structured, not white. So Σ is the
+sandwich H⁻¹ J H⁻¹ with J the gradient's scatter measured on surrogates of the data: the fitted
+signal (each shell's projection scaled by √(signal share), so that its energy is the signal's
+and not the projected noise's) plus the patterns' deviations from their mean with a random sign
+each (the coherent object sum cancels; counting noise, jitter-scattered signal and whatever
+else differs between patterns stay, with the scan's own correlations between frequencies),
+plus the curvature's share (at low signal the shrunk surrogate signal alone undercounts it).
+Two surrogates (``noise_draws``) cost 4 n trial probes, a few per cent of the fit.
+``ParallaxFit.curvature_significance`` keeps ĉᵀHĉ for comparison.
 """
 
 from __future__ import annotations
@@ -92,12 +112,18 @@ class ParallaxFit:
     evaluations: int = 0
     #: log-likelihood of the fit over the nominal probe's (Gaussian noise of the residual's level)
     log_likelihood_gain: float = 0.0
-    #: metres, the posterior standard deviation of each coefficient (curvature of the score)
+    #: metres, the standard deviation of each coefficient (the sandwich Σ of :attr:`significance`)
     standard_error: dict[str, float] = dataclasses.field(default_factory=dict)
-    #: cᵀ H c: the fitted correction's distance from the nominal probe in posterior standard
-    #: deviations, squared (H the score's negative Hessian); ≈ χ² with len(c) degrees of freedom
-    #: when the nominal probe is right
+    #: ĉᵀ Σ⁻¹ ĉ: the fitted correction's distance from the nominal probe in standard deviations,
+    #: squared, Σ = H⁻¹ J H⁻¹ the sandwich covariance (H the score's negative Hessian, J the
+    #: gradient's scatter: the curvature's share plus the noise × noise share measured on
+    #: sign-flipped surrogates of the data, module docstring "The gate"); ≈ χ² with len(c)
+    #: degrees of freedom when the nominal probe is right. What the "auto" gate tests.
     significance: float = 0.0
+    #: ĉᵀ H ĉ, the significance from the curvature alone (the gate before 2026-12-07): at the
+    #: signal-to-noise of cryo doses it leaves out the noise × noise scatter and fired on 25 %
+    #: of scans whose nominal probe was right (MEASUREMENTS.md, "The parallax gate's noise")
+    curvature_significance: float = 0.0
     #: the scan matrix's error E = A − I found (``scan=True``): row-major (yy, yx, xy, xx) of the
     #: 2×2 map on (y, x) offsets from the scan centre, true ≈ nominal + E·nominal; None: not fitted
     scan_matrix: tuple[float, float, float, float] | None = None
@@ -160,13 +186,16 @@ class ParallaxFit:
     def record(self, applied: bool, frames: int, confidence: float | None = None) -> dict[str, float]:
         """The fit as flat scalars for a result file's /extra (offline and live write the same
         keys, daemon/storage/FORMATS.md): ``parallax_<name>_m`` the coefficients found (applied
-        or not), ``parallax_<name>_se_m`` their standard errors, ``parallax_significance`` and
+        or not), ``parallax_<name>_se_m`` their standard errors, ``parallax_significance`` (the
+        gate's χ²; ``parallax_curvature_significance`` the curvature's alone) and
         the χ² threshold it was held against (``confidence``; absent when the fit was applied
         without a test), ``parallax_applied`` (1: the used probe carries the correction, 0: the
         nominal probe was kept), ``parallax_frames`` (patterns the fit read)."""
         out = {f"parallax_{k}_m": float(v) for k, v in self.coefficients.items()}
         out.update({f"parallax_{k}_se_m": float(v) for k, v in self.standard_error.items()})
-        out.update(parallax_significance=float(self.significance), parallax_applied=float(bool(applied)),
+        out.update(parallax_significance=float(self.significance),
+                   parallax_curvature_significance=float(self.curvature_significance),
+                   parallax_applied=float(bool(applied)),
                    parallax_frames=float(frames), parallax_log_likelihood_gain=float(self.log_likelihood_gain))
         if confidence is not None:
             from scipy.stats import chi2
@@ -312,6 +341,7 @@ class BrightFieldModel:
         self.weight = (1.0 / xp.sqrt(xp.maximum(mean, floor))).astype(rdt)
 
         offsets = pos - pos.mean(axis=0)
+        self.offsets = offsets  #: (K, 2) nominal positions about their mean, metres
         span = float(max(np.ptp(offsets, axis=0).max(), pixel_size))
         dk = 1.0 / (m * self.pixel_size)
         self.oversample = max(1, math.ceil(span * dk))
@@ -347,8 +377,9 @@ class BrightFieldModel:
         if len(qi) < 4:
             raise ValueError(f"the scan gives only {len(qi)} usable object frequencies: too small a scan")
         self.q = qi * spacing  #: (Nq, 2) object frequencies, 1/m
-        phase = np.exp(-2j * np.pi * (self.q @ offsets.T))  # (Nq, K)
-        d = asarray(phase, xp, self.cdt) @ (counts - mean[None]).astype(self.cdt)
+        #: (K, Nk) each pattern's bright-field counts less their mean over the scan
+        self.centred = (counts - mean[None]).astype(rdt)
+        d = self._fourier_sum(self.centred)
         self.data = d * self.weight[None]  # (Nq, Nk) whitened
         energy_q = to_numpy((self.data.real**2 + self.data.imag**2).sum(axis=1)).astype(np.float64)
         self.energy = float(energy_q.sum())
@@ -417,7 +448,21 @@ class BrightFieldModel:
                 snr = max(float(nominal[sel].mean()) / (float(self.columns[sel].mean()) * self.sigma2) - 1.0, 0.0)
                 self.q_weight[sel] = snr / (1.0 + snr)
 
-    def projected(self, coefficients: np.ndarray, scan: np.ndarray | None = None) -> np.ndarray:
+    def _fourier_sum(self, values: Any) -> Any:
+        """Σ_j values_j(k) e^{−2πi q·r_j} for every frequency q: (Nq, Nk)."""
+        phase = np.exp(-2j * np.pi * (self.q @ self.offsets.T))  # (Nq, K)
+        return asarray(phase, self.xp, self.cdt) @ values.astype(self.cdt)
+
+    def noise_surrogate(self, rng: np.random.Generator) -> Any:
+        """Whitened Fourier sums of the patterns' deviations from the mean with a random sign
+        each: the coherent object signal cancels, what each pattern holds beyond it (counting
+        noise, and whatever else varies from pattern to pattern) stays, with the scan's own
+        correlations between frequencies (aliases past Nyquist). (Nq, Nk) like :attr:`data`."""
+        signs = asarray(rng.choice((-1.0, 1.0), size=(self.centred.shape[0], 1)), self.xp, self.centred.dtype)
+        return self._fourier_sum(self.centred * signs) * self.weight[None]
+
+    def projected(self, coefficients: np.ndarray, scan: np.ndarray | None = None,
+                  data: Any | None = None, fitted: bool = False) -> Any:
         """Energy of each frequency's data in the span of its two model columns, for the probe
         with the extra aberrations ``coefficients`` (metres), (Nq,) host floats.
 
@@ -425,7 +470,9 @@ class BrightFieldModel:
         was at r + E r for the nominal r). The nominal Fourier sum at q' then sees the object
         at q = A⁻ᵀ q', through the columns Ψ*(k)Ψ(k − q), Ψ(k)Ψ*(k + q): Ψ off the padded grid,
         by a second-order Taylor expansion about the nominal gather points (shifts of a few
-        per cent of q', a fraction of a padded step)."""
+        per cent of q', a fraction of a padded step). ``data``: other whitened sums in place of
+        the data's (:meth:`noise_surrogate`); ``fitted``: the projection itself, (Nq, Nk) on the
+        backend, instead of its energy."""
         xp = self.xp
         self.evaluations += 1
         chi = xp.tensordot(asarray(np.asarray(coefficients, dtype=np.float64), xp, self.basis.dtype),
@@ -436,8 +483,9 @@ class BrightFieldModel:
         padded[:self.m, :self.m] = psi  # zero-padded: its FFT interpolates Ψ between the k
         spec = fft2(padded).ravel()
         at_k = spec[self.at_k]
+        d = self.data if data is None else data
         if self.aliases is not None:
-            return self._projected_aliases(psi, padded, at_k, scan)
+            return self._projected_aliases(psi, padded, at_k, scan, d, fitted)
         if scan is None or not np.any(scan):
             minus, plus = spec[self.at_minus], spec[self.at_plus]
         else:
@@ -451,7 +499,6 @@ class BrightFieldModel:
             plus = self._off_grid(spec, derivs, self.at_plus, shift)
         g1 = xp.conj(at_k)[None] * minus * self.weight[None]  # Ψ*(k) Ψ(k − q)
         g2 = at_k[None] * xp.conj(plus) * self.weight[None]  # Ψ(k) Ψ*(k + q)
-        d = self.data
         h11 = (g1.real**2 + g1.imag**2).sum(axis=1)
         h22 = (g2.real**2 + g2.imag**2).sum(axis=1)
         h12 = (xp.conj(g1) * g2).sum(axis=1)
@@ -459,12 +506,18 @@ class BrightFieldModel:
         b2 = (xp.conj(g2) * d).sum(axis=1)
         det = h11 * h22 - (h12.real**2 + h12.imag**2)
         tiny = 1e-9 * (h11 * h22) + 1e-300
+        if fitted:
+            det = xp.maximum(det, tiny)
+            x1 = (h22 * b1 - h12 * b2) / det
+            x2 = (h11 * b2 - xp.conj(h12) * b1) / det
+            return g1 * x1[:, None] + g2 * x2[:, None]
         # bᴴ H⁻¹ b for the Hermitian 2×2 H = [[h11, h12], [h12*, h22]]
         quad = (h22 * (b1.real**2 + b1.imag**2) + h11 * (b2.real**2 + b2.imag**2)
                 - 2.0 * (xp.conj(b1) * h12 * b2).real) / xp.maximum(det, tiny)
         return to_numpy(quad).astype(np.float64)
 
-    def _projected_aliases(self, psi: Any, padded: Any, at_k: Any, scan: np.ndarray | None) -> np.ndarray:
+    def _projected_aliases(self, psi: Any, padded: Any, at_k: Any, scan: np.ndarray | None, d: Any,
+                           fitted: bool = False) -> Any:
         """:meth:`projected` with every alias: the energy of each row's data in the span of
         the 2 columns of each alias q + G, Ψ*(k)Ψ(k − q − G) and Ψ(k)Ψ*(k + q + G); with
         ``scan``, at the object frequency A⁻ᵀ(q + G) each alias's data come from."""
@@ -495,13 +548,15 @@ class BrightFieldModel:
         g2 = weighted * xp.conj(plus)  # Ψ(k)Ψ*(k + q + G)
         g = xp.concatenate([g1, g2], axis=1)  # (Nq, 2A, Nk)
         h = xp.conj(g) @ xp.swapaxes(g, 1, 2)  # Gᴴ G per row, (Nq, 2A, 2A)
-        b = (xp.conj(g) @ self.data[:, :, None])[..., 0]  # Gᴴ d
+        b = (xp.conj(g) @ d[:, :, None])[..., 0]  # Gᴴ d
         diag = xp.real(xp.diagonal(h, axis1=1, axis2=2))
         # empty slots have zero columns: a unit diagonal there keeps H invertible (their b is 0);
         # a relative ridge keeps nearly collinear aliases (low overlap) from amplifying noise
         ridge = 1e-9 * diag.max(axis=1, keepdims=True) + (diag <= 0)
         h = h + ridge[..., None] * xp.eye(h.shape[1], dtype=h.dtype)[None]
         x = xp.linalg.solve(h, b[..., None])[..., 0]
+        if fitted:
+            return (x[:, None, :] @ g)[:, 0, :]
         return to_numpy(xp.real((xp.conj(b) * x).sum(axis=1))).astype(np.float64)
 
     def _off_grid(self, spec: Any, derivs: list[Any], at: Any, shift: np.ndarray) -> Any:
@@ -558,6 +613,15 @@ def _hessian(f: Any, x: np.ndarray, h: float) -> np.ndarray:
     return out
 
 
+def _per_frequency_gradient(per_q: Any, x: np.ndarray, h: float) -> np.ndarray:
+    """(Nq, len(x)) central-difference gradients of each term of ``per_q`` at ``x``, step ``h``."""
+    cols = []
+    for i in range(len(x)):
+        e = np.eye(len(x))[i] * h
+        cols.append((per_q(x + e) - per_q(x - e)) / (2.0 * h))
+    return np.stack(cols, axis=1)
+
+
 def _polish(f: Any, x: np.ndarray, free: list[int], step: float) -> np.ndarray:
     """Nelder–Mead on the coordinates ``free`` of ``x`` (maximising ``f``), simplex size ``step``."""
     from scipy.optimize import minimize
@@ -587,6 +651,7 @@ def estimate_aberrations(
     max_frequency: float | None = None, fft_order: bool = False, cancel: threading.Event | None = None,
     start: dict[str, float] | None = None, scan: bool = False, scan_prior_rms: float = 0.03,
     nyquist_fraction: float = 0.9, max_frequencies: int | None = None, aliases: bool = False,
+    noise_draws: int = 2,
 ) -> ParallaxFit:
     """The aberrations of the true probe relative to ``probe`` (the nominal one), from the
     bright-field disc of every pattern (module docstring).
@@ -616,10 +681,13 @@ def estimate_aberrations(
     raster, model each frequency of one reciprocal cell of the scan lattice together with all
     its aliases up to ``nyquist_fraction`` × Nyquist in one least squares (the alias-aware fit,
     module docstring): every count combination is used once, so the χ² significance stays
-    calibrated past Nyquist; ValueError on a scan that is no lattice."""
+    calibrated past Nyquist; ValueError on a scan that is no lattice. ``noise_draws``: surrogates
+    of the data the gate's covariance is measured on (module docstring, "The gate")."""
     names = tuple(names)
     if not names:
         raise ValueError("the parallax fit needs at least one aberration coefficient")
+    if noise_draws < 1:
+        raise ValueError(f"noise_draws must be at least 1, got {noise_draws!r}")
     if prior_rms_m is not None and not prior_rms_m > 0:
         raise ValueError(f"prior_rms_m must be positive metres or None, got {prior_rms_m!r}")
     model = BrightFieldModel(frames, positions_m, probe, pixel_size, energy_ev, mask, names, max_frequency,
@@ -670,19 +738,42 @@ def estimate_aberrations(
     else:
         hessian = _hessian(score, best, 2.0)
         x = best
+    # the score's gradient scatters also by the noise alone (noise × noise, which the curvature
+    # does not see): measured on sign-flipped surrogates of the data (module docstring, "The gate")
+    rng = np.random.default_rng(0)
+    noise_scatter = np.zeros((len(x), len(x)))
+    e_best = None if not scan else (x[n:] * pct).reshape(2, 2)
+    # the fitted signal, its projected noise taken out per shell (×√(signal share))
+    signal = model.projected(x[:n] * unit, e_best, fitted=True) * asarray(
+        np.sqrt(model.q_weight)[:, None], model.xp, real_of(model.cdt))
+    for _ in range(noise_draws):
+        surrogate = signal + model.noise_surrogate(rng)
+
+        def per_q(v: np.ndarray, surrogate: Any = surrogate) -> np.ndarray:
+            e = None if not scan else (v[n:] * pct).reshape(2, 2)
+            return model.q_weight * model.projected(v[:n] * unit, e, surrogate) / model.sigma2
+
+        g = _per_frequency_gradient(per_q, x, 1.0)
+        noise_scatter += g.T @ g / noise_draws
+    # the curvature's own share stays in (a surrogate's fitted signal is shrunk to its expected
+    # share, so at low signal the measured scatter alone would undercount it)
+    prior = np.concatenate([np.full(n, inv_var), np.full(len(x) - n, inv_var_scan if scan else 0.0)])
+    scatter = -hessian - np.diag(prior) + noise_scatter
     scan_fields: dict[str, Any] = {}
     try:
         cov = np.linalg.inv(-hessian)
         se_all = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-        se = se_all[:n]
         # each block's distance from nominal under its marginal posterior (the other block free)
-        significance = float(best @ np.linalg.inv(cov[:n, :n]) @ best)
+        curvature = float(best @ np.linalg.inv(cov[:n, :n]) @ best)
+        sandwich = cov @ scatter @ cov
+        se = np.sqrt(np.clip(np.diag(sandwich), 0.0, None))[:n]
+        significance = float(best @ np.linalg.pinv(sandwich[:n, :n]) @ best)
         if scan:
             e = x[n:]
             scan_fields = {"scan_significance": float(e @ np.linalg.inv(cov[n:, n:]) @ e),
                            "scan_standard_error": tuple(float(v * pct) for v in se_all[n:])}
     except np.linalg.LinAlgError:
-        se, significance = np.full(n, np.inf), 0.0
+        se, significance, curvature = np.full(n, np.inf), 0.0, 0.0
         if scan:
             scan_fields = {"scan_significance": 0.0, "scan_standard_error": (math.inf,) * 4}
     fitted_scan = None
@@ -695,7 +786,7 @@ def estimate_aberrations(
         frequencies=len(model.q), pixels=model.n_pixels, evaluations=model.evaluations,
         log_likelihood_gain=model.log_likelihood(best * unit, fitted_scan) - base,
         standard_error={name: float(se[i] * unit) for i, name in enumerate(names)},
-        significance=significance, **scan_fields,
+        significance=significance, curvature_significance=curvature, **scan_fields,
     )
 
 

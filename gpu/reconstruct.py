@@ -55,7 +55,7 @@ from .operators import (
     to_fft_order,
 )
 from .options import ReconOptions
-from .parallax import estimate_aberrations
+from .parallax import ParallaxFit, estimate_aberrations
 from .positions import ScanModel, data_loss, search_scan_matrix, update_positions
 from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, prior_term
@@ -189,12 +189,31 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
         return probe, {}, positions
     if probe.ndim != 2:
         raise ValueError("parallax needs a single coherent probe: give an (M, M) probe or set parallax=false")
+    def fit_at(reach: float) -> ParallaxFit:
+        return estimate_aberrations(data.frames, positions, probe, data.real_pixel_size, data.energy,
+                                    mask=data.mask, names=tuple(opts.parallax_aberrations),
+                                    search_range_m=opts.parallax_range_m, scan=opts.parallax_scan,
+                                    scan_prior_rms=opts.parallax_scan_prior,
+                                    nyquist_fraction=reach, aliases=opts.parallax_aliases)
+
+    reach = opts.parallax_reach
+    wide_record: dict[str, float] = {}
     try:
-        fit = estimate_aberrations(data.frames, positions, probe, data.real_pixel_size, data.energy,
-                                   mask=data.mask, names=tuple(opts.parallax_aberrations),
-                                   search_range_m=opts.parallax_range_m, scan=opts.parallax_scan,
-                                   scan_prior_rms=opts.parallax_scan_prior,
-                                   nyquist_fraction=opts.parallax_reach, aliases=opts.parallax_aliases)
+        fit = fit_at(reach)
+        wide = opts.parallax_wide_reach
+        # with parallax_scan the joint fit is made once: a second joint fit would cost 4–7× the
+        # first and move the scan matrix the first one already gated
+        if (auto and wide is not None and wide > reach and not opts.parallax_scan
+                and not fit.rejects_nominal(opts.parallax_confidence)):
+            # the frequencies inside the reach did not tell: past it (aliased on a raster, but
+            # each frequency's own transfer) the parallax shifts are larger
+            log.info("parallax fit at reach %g not significant (χ² %.1f): fitting at reach %g",
+                     reach, fit.significance, wide)
+            wider = fit_at(wide)
+            if wider.rejects_nominal(opts.parallax_confidence):
+                fit, reach = wider, wide
+            else:
+                wide_record = {"parallax_wide_significance": float(wider.significance)}
     except ValueError as exc:
         if not auto:
             raise ValueError(f"parallax: {exc}") from exc
@@ -206,6 +225,7 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
              fit.frequencies, fit.pixels)
     confidence = opts.parallax_confidence if auto else None
     frames = len(positions)
+    reach_record = {"parallax_reach": float(reach), **wide_record}
     # the scan matrix has its own gate (always a test: even an explicit parallax=true applies
     # it only when the data reject the nominal scan at parallax_confidence)
     scan_applies = fit.scan_rejects_nominal(opts.parallax_confidence)
@@ -217,13 +237,13 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
     scan_record = fit.scan_record(scan_applies, opts.parallax_confidence)
     used = fit.scan_positions(positions) if scan_applies else positions
     if not any(fit.coefficients.values()):
-        return probe, {**fit.record(False, frames, confidence), **scan_record}, used
+        return probe, {**fit.record(False, frames, confidence), **scan_record, **reach_record}, used
     if auto and not fit.rejects_nominal(opts.parallax_confidence):
         log.info("parallax fit not significant (χ² %.1f for %d coefficients): the nominal probe is kept",
                  fit.significance, len(fit.coefficients))
-        return probe, {**fit.record(False, frames, confidence), **scan_record}, used
+        return probe, {**fit.record(False, frames, confidence), **scan_record, **reach_record}, used
     return (aberrate(probe, data.real_pixel_size, data.energy, fit.coefficients),
-            {**fit.record(True, frames, confidence), **scan_record}, used)
+            {**fit.record(True, frames, confidence), **scan_record, **reach_record}, used)
 
 
 #: incoherent modes a finite source is represented by when ``probe_modes`` asks for one mode

@@ -63,7 +63,8 @@ def main() -> None:
         row = {"sample": args.sample, "dose": args.dose, "seed": args.seed, "exact_probe": args.exact_probe,
                "scan_errors": args.scan_errors, "fit": spec, "estimate_nm": {k: round(v * 1e9, 2) for k, v in fit.coefficients.items()},
                "se_nm": {k: round(v * 1e9, 2) for k, v in fit.standard_error.items()},
-               "chi2": round(fit.significance, 2), "applied": fit.rejects_nominal(opts.parallax_confidence),
+               "chi2": round(fit.curvature_significance, 2), "robust_chi2": round(fit.significance, 2),
+               "applied": fit.rejects_nominal(opts.parallax_confidence),
                "scan_pct": None if fit.scan_matrix is None else [round(v * 100, 2) for v in fit.scan_matrix],
                "scan_chi2": round(fit.scan_significance, 2), "frequencies": fit.frequencies, "wall_s": round(time.perf_counter() - t, 1)}
         print(json.dumps(row), flush=True)
