@@ -37,7 +37,7 @@ from .backend import (
     scalar_as,
     to_numpy,
 )
-from .cg import LowFrequencyPreconditioner, minimize, probe_cutoff
+from .cg import IterationPace, LowFrequencyPreconditioner, minimize, probe_cutoff
 from .data import PtychoData
 from .geometry import ScanGeometry, fit_geometry, implausible_energy
 from .init import flat_object, random_object, spectral_object
@@ -506,6 +506,8 @@ def refine_full_batch(
     progress: Progress | None = None,
     clock: Callable[[], float] = time.perf_counter,
     between: Callable[[int, dict[str, Any]], Batch | None] | None = None,
+    pace: IterationPace | None = None,
+    stopped: list[str] | None = None,
 ) -> tuple[Any, Any, list[float]]:
     """Run ``iterations`` full-batch CG iterations (numbered from ``start_iteration``) on all
     positions of ``batch``. The probe keeps its power Σ|ψ|² (or ``probe_power``) and joins at
@@ -517,7 +519,12 @@ def refine_full_batch(
     ``between(done, x)`` runs after each iteration (``done`` iterations counted from 0, ``x``
     CG's current variables, not to be modified): it returns new positions (a batch of the same
     size) when it moved them — the objective changed, CG restarts from steepest descent there —
-    or None, and CG goes on untouched (a position update that finds nothing costs nothing)."""
+    or None, and CG goes on untouched (a position update that finds nothing costs nothing). It
+    does not run after the last iteration reported (:func:`cryoptycho.gpu.cg.minimize`'s
+    ``update``). ``pace``: CG's estimate of its next iteration, shared with the caller's own
+    guards and runs (see :class:`cryoptycho.gpu.cg.IterationPace`). ``stopped``: why CG stopped
+    is appended to it ("max_iter", "time_budget", "converged" or "no_descent"; "time_budget"
+    when no time was left to start)."""
     t_start = clock()
     opts = _as_options(options)
     if opts.refine_probe == "auto":
@@ -526,6 +533,8 @@ def refine_full_batch(
     if budget is not None and budget <= 0:
         final, _ = _normalised(probe, float(probe_power) if probe_power is not None
                                else host_floats((abs(probe) ** 2).sum())[0])
+        if stopped is not None:
+            stopped.append("time_budget")
         return obj, final, []  # no time: no set-up is paid for
     if counts_fft.shape[0] != batch.size:
         raise ValueError(
@@ -572,9 +581,11 @@ def refine_full_batch(
         changed = False
         if sparse is not None and opts.prior == "sparse":
             changed = sparse.update(x["object"], it + 1)
-        if between is None:
-            return changed
-        t0 = clock()
+        return changed
+
+    def update(it: int, x: dict[str, Any]) -> bool:
+        """``between`` after iteration ``it`` (timed apart by CG: its own guard predicts it)."""
+        assert between is not None
         moved = between(it + 1, x)
         if moved is not None:
             if moved.size != batch.size:
@@ -586,12 +597,8 @@ def refine_full_batch(
             if opts.lowfreq_boost > 1:  # (as built before CG: a position update keeps the boost)
                 precond["object"] = LowFrequencyPreconditioner(precond["object"], probe_cutoff(x["probe"]),
                                                                opts.lowfreq_boost)
-            changed = True
-        # the hook's update is predicted by its own guard: CG's pace leaves it out
-        aside[0] += clock() - t0
-        return changed
-
-    aside = [0.0]  # seconds spent in ``between`` so far
+            return True
+        return False
 
     x = {"object": obj, "probe": probe}
     losses: list[float] = []
@@ -600,7 +607,9 @@ def refine_full_batch(
     while it < total:
         left = None if budget is None else budget - (clock() - t_start)
         res = minimize(fun, x, total - it, left, callback, active, precond, start_iteration=it,
-                       clock=clock, aside_s=lambda: aside[0])
+                       clock=clock, update=None if between is None else update, pace=pace)
+        if stopped is not None:
+            stopped.append(res.stopped)
         x = res.x
         losses += res.losses
         it += res.iterations

@@ -346,3 +346,41 @@ def test_the_second_half_set_gets_only_what_the_first_left() -> None:
     est.refine(10, 10.0, clock=clock)
     assert est._a.budgets == [5.0] and est._b.budgets == [3.0]
     assert clock.now <= 10.0
+
+
+def test_no_position_update_after_the_last_reported_device_iteration() -> None:
+    """On a device CG checks the budget before an iteration's work and reports the previous one
+    with that work's first read: when it stops for the budget, the last iteration is reported
+    after the decision, and its report ran ``between`` too — positions moved after CG had
+    stopped (the object fitted at the old ones, saved with the new). Run on the strict
+    GPU-semantics backend (gpu/strict.py), which takes the device path."""
+    from cryoptycho.gpu import reconstruct as rec
+    from cryoptycho.gpu.data import PtychoData
+
+    nominal, _true, frames, _truth, _geo, probe = distorted_scan(seed=1, m=32)
+    data = PtychoData(frames=operators.from_fft_order(frames), positions=nominal, energy=ENERGY,
+                      pixel_size=PIXEL, probe=probe.astype(np.complex64))
+    opts = ReconOptions(iterations=20, mu0=1e-3, backend="strict")
+    problem = rec.prepare(data, opts)
+    clock = _WorkClock()
+    events: list[tuple[str, int]] = []
+
+    def one_second_per_iteration(iteration: int, total: int, loss: float) -> None:
+        events.append(("report", iteration))
+        clock.now += 1.0
+
+    def finds_nothing(done: int, x):  # type: ignore[no-untyped-def]
+        events.append(("between", done))
+        return None  # (a rejected update: CG goes on untouched)
+
+    _obj, _probe, losses = rec.refine_full_batch(
+        problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts, 20, 4.5,
+        kappa=problem.kappa, probe_power=problem.probe_power, progress=one_second_per_iteration,
+        clock=clock, between=finds_nothing)
+    # (the clock here decides when CG stops: at the sixth iteration's check, 4 s in, a 1 s
+    # iteration no longer fits; the fifth, run already, is reported after that decision)
+    assert len(losses) == 5
+    assert events[-1] == ("report", 5)  # the last report, and no update after it
+    # every update is followed by an iteration (its report)
+    assert events == [e for i in range(1, 6) for e in (("report", i), ("between", i))][:-1]
+
