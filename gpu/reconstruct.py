@@ -811,8 +811,10 @@ def refine_alternating(
     (P, M, M) is refined as well: the positions' terms and the aberration gradient sum over
     the modes, every mode under the same phase plate. Within ``opts.time_budget_s`` an update
     starts only when its predicted cost (the last update's of its kind, else
-    ``UPDATE_ITERATIONS`` of the mean CG iteration so far) still fits (``clock`` is injectable
-    for tests)."""
+    ``UPDATE_ITERATIONS`` of the mean CG iteration so far), a fresh evaluation and a CG iteration
+    after it still fit (the iteration predicted as CG predicts it, by the pace all CG runs here
+    share); an update at a point CG converged short of runs only when CG did not stop for the
+    budget (``clock`` is injectable for tests)."""
     geo = problem.geometry
     total = opts.iterations
     budget = opts.time_budget_s
@@ -821,19 +823,31 @@ def refine_alternating(
 
     ran = [0]  # CG iterations run so far (the schedule's count runs ahead where CG stopped early)
 
+    # CG's own estimate of its next iteration, shared by all its runs here: the guards below
+    # predict by the figures CG stops by (the mean alone said "fits" where CG, predicting by
+    # its longest recent iteration, then stopped: an update nothing followed, a new run past
+    # the budget)
+    pace = IterationPace()
+
     def per_iteration() -> float:
         """Mean seconds per CG iteration run so far (set-up and updates included: errs long)."""
         return (clock() - t_start) / max(ran[0], 1)
 
+    def next_iteration() -> float:
+        """The next CG iteration's predicted seconds: the longer of the mean and CG's estimate
+        (the iteration being reported included, when CG is running)."""
+        return max(per_iteration(), pace.ahead_s(clock()))
+
     def update_fits(kind: str, done: int) -> bool:
         """Whether a ``kind`` update due at the schedule's iteration ``done`` is expected to end
         in the budget with a CG iteration after it (the object follows the update: an update that
-        only CG's time left unfollowed moves the positions or probe away from the object)."""
+        only CG's time left unfollowed moves the positions or probe away from the object) — and
+        the fresh evaluation CG needs first when the update changed the objective."""
         if budget is None:
             return True
         elapsed = clock() - t_start
         cost = spent.get(kind, UPDATE_ITERATIONS[kind] * per_iteration())
-        if elapsed + cost + per_iteration() <= budget:
+        if elapsed + cost + pace.evaluation_s + next_iteration() <= budget:
             return True
         log.info("%s update at iteration %d skipped: about %.1f s needed, %.1f s left of the budget",
                  kind, done, cost, budget - elapsed)
@@ -905,13 +919,15 @@ def refine_alternating(
                     return None
                 return batch_now()
 
-            if budget is not None and ran[0] and clock() - t_start + per_iteration() > budget:
-                break  # a new CG run's set-up and first iteration would not fit (after an update)
+            if (budget is not None and ran[0]
+                    and clock() - t_start + pace.evaluation_s + next_iteration() > budget):
+                break  # a new CG run's set-up, evaluation and first iteration would not fit
             left = None if budget is None else max(budget - (clock() - t_start), 1e-3)
+            stopped: list[str] = []
             obj, probe, part = refine_full_batch(
                 obj, probe, problem.counts_fft, batch_now(), problem.mask, opts, stop - it, left, it,
                 kappa=problem.kappa, probe_power=problem.probe_power, progress=report,
-                between=between if points else None, clock=clock,
+                between=between if points else None, clock=clock, pace=pace, stopped=stopped,
             )
             losses += part
             reached = it + len(part)
@@ -919,9 +935,11 @@ def refine_alternating(
             if budget is not None and clock() - t_start >= budget:
                 break
             # converged before an update point: update there; CG goes on from it only when the
-            # positions moved (a rejected update at the same object would be rejected again)
+            # positions moved (a rejected update at the same object would be rejected again).
+            # Not when CG stopped for the budget: no iteration would follow the update.
             pending = sorted(s for s in points if s > reached)
-            if pending and move_positions(pending[0], obj, probe):
+            if (pending and stopped and stopped[-1] in ("converged", "no_descent")
+                    and move_positions(pending[0], obj, probe)):
                 it = pending[0]
         if stop >= total or (budget is not None and clock() - t_start >= budget):
             break

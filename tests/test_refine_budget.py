@@ -348,6 +348,77 @@ def test_the_second_half_set_gets_only_what_the_first_left() -> None:
     assert clock.now <= 10.0
 
 
+def _position_engine(position_every: int) -> StreamingReconstructor:
+    m = 32
+    nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=2,
+                        position_every=position_every, stream={"batch_size": 16, "refine_positions": False})
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames_fft), nominal)
+    for _ in range(4):
+        engine.step()
+    return engine
+
+
+@pytest.mark.parametrize("position_every", [4, 2])
+def test_no_update_or_cg_run_after_cg_stopped_for_the_budget(monkeypatch, position_every: int) -> None:
+    """Iterations of 1 s, the fourth 3 s, position updates 0.1 s, an 8 s budget: CG stops after
+    the fourth (6.1 s; its longest recent iteration, 3 s, no longer fits). The update guards
+    predicted by the mean iteration (6.1 / 4 s) instead, so (every 4) the update pending at 6
+    ran after CG had stopped for the budget — the path meant for "converged before an update
+    point" — and a new CG run's first iteration ended at 9.2 s of the 8; (every 2) the update
+    after iteration 4 and the pending one at 6 ran back to back at 6.1 and 6.2 s, no CG
+    iteration after either (the review's reproductions, tests r1_overrun / r1_unfollowed)."""
+    engine = _position_engine(position_every)
+    clock = _WorkClock()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def cheap_update(*args, **kwargs):
+        updates.append(clock.now)
+        clock.now += 0.1
+        return real_update(*args, **kwargs)
+
+    reported = []
+
+    def fourth_and_seventh_are_slow(iteration: int, total: int, loss: float) -> None:
+        reported.append(iteration)
+        clock.now += 3.0 if iteration in (4, 7) else 1.0
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", cheap_update)
+    losses = engine.refine(20, time_budget_s=8.0, callback=fourth_and_seventh_are_slow, clock=clock)
+    assert clock.now <= 8.0
+    assert updates == [2.0]  # after iteration 2; none that no iteration could follow
+    assert reported == [1, 2, 3, 4] and len(losses) == 4
+    assert clock.now == pytest.approx(6.1)
+
+
+def test_a_position_update_is_predicted_with_the_iteration_it_follows(monkeypatch) -> None:
+    """The update due after a long iteration (here the fourth, 3 s, reported before CG times
+    it) is predicted with that iteration's time as the next one's: at 6.1 s of 8, 0.1 s of
+    update and 1.5 s of mean iteration fit, but CG, counting the 3 s one, would stop right after
+    it — so the update is not started, and the positions stay where the object was fitted."""
+    engine = _position_engine(2)
+    clock = _WorkClock()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def cheap_update(*args, **kwargs):
+        updates.append(clock.now)
+        clock.now += 0.1
+        return real_update(*args, **kwargs)
+
+    def fourth_is_slow(iteration: int, total: int, loss: float) -> None:
+        clock.now += 3.0 if iteration == 4 else 1.0
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", cheap_update)
+    # (20 iterations with position_every 2: update points 2, 4, …, 18 — no aberrations, one CG run)
+    engine.refine(20, time_budget_s=8.0, callback=fourth_is_slow, clock=clock)
+    assert 6.1 not in updates
+    assert clock.now <= 8.0
+
+
 def test_no_position_update_after_the_last_reported_device_iteration() -> None:
     """On a device CG checks the budget before an iteration's work and reports the previous one
     with that work's first read: when it stops for the budget, the last iteration is reported
@@ -384,3 +455,40 @@ def test_no_position_update_after_the_last_reported_device_iteration() -> None:
     # every update is followed by an iteration (its report)
     assert events == [e for i in range(1, 6) for e in (("report", i), ("between", i))][:-1]
 
+
+@pytest.mark.parametrize("reason", ["converged", "time_budget"])
+def test_a_pending_position_update_runs_only_after_cg_converged(monkeypatch, reason: str) -> None:
+    """CG that stopped short of the next update point because it converged is followed by the
+    update there (the positions may still move, and CG goes on from them); CG that stopped for
+    the budget is not — nothing would follow the update. CG's stop is injected: two iterations,
+    then ``reason``; no budget, so only the stop reason decides."""
+    from cryoptycho.gpu import cg
+
+    m = 32
+    nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=4, position_every=4,
+                        stream={"batch_size": 16, "refine_positions": False})
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames_fft), nominal)
+    for _ in range(4):
+        engine.step()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def counted_update(*args, **kwargs):
+        updates.append(None)
+        return real_update(*args, **kwargs)
+
+    def stops_early(fun, x0, max_iter, *args, **kwargs):
+        result = cg.minimize(fun, x0, min(max_iter, 2), *args, **kwargs)
+        result.stopped = reason
+        return result
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", counted_update)
+    monkeypatch.setattr(reconstruct_module, "minimize", stops_early)
+    engine.refine(12)
+    if reason == "converged":
+        assert updates  # at 4 (the first point after the 2 iterations run)
+    else:
+        assert updates == []
