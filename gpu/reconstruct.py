@@ -814,7 +814,9 @@ def refine_alternating(
     ``UPDATE_ITERATIONS`` of the mean CG iteration so far), a fresh evaluation and a CG iteration
     after it still fit (the iteration predicted as CG predicts it, by the pace all CG runs here
     share); an update at a point CG converged short of runs only when CG did not stop for the
-    budget (``clock`` is injectable for tests)."""
+    budget; accepted position updates that no CG iteration followed after all (one that took
+    longer than predicted) are undone — the positions returned are those the object was fitted
+    at (``clock`` is injectable for tests)."""
     geo = problem.geometry
     total = opts.iterations
     budget = opts.time_budget_s
@@ -822,6 +824,9 @@ def refine_alternating(
     spent: dict[str, float] = {}  # seconds the last update of each kind took
 
     ran = [0]  # CG iterations run so far (the schedule's count runs ahead where CG stopped early)
+    #: the scan model (matrix, offset, residuals) before the position updates that no CG
+    #: iteration has followed yet (empty: none)
+    unfollowed: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     # CG's own estimate of its next iteration, shared by all its runs here: the guards below
     # predict by the figures CG stops by (the mean alone said "fits" where CG, predicting by
@@ -877,6 +882,7 @@ def refine_alternating(
     losses: list[float] = []
     def report(i: int, _total: int, loss: float) -> None:
         ran[0] += 1
+        unfollowed.clear()  # an iteration ran after any update: the object follows it
         if progress is not None:
             progress(i, total, loss)
 
@@ -889,6 +895,7 @@ def refine_alternating(
         if not update_fits("positions", done):
             return False
         t0 = clock()
+        fitted_at = (scan.matrix.copy(), scan.offset.copy(), np.array(scan.residual, copy=True))
         psi, _ = _normalised(p, problem.probe_power)
         upd = update_positions(o, psi, problem.counts_fft, scan, geo.object_shape, problem.mask,
                                opts, scale)
@@ -897,6 +904,8 @@ def refine_alternating(
                  "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
                  upd.max_shift_px, "" if not opts.position_residual_auto else
                  f", residual rms estimate {scan.residual_estimate_px:.3f} px")
+        if upd.accepted and not unfollowed:
+            unfollowed.append(fitted_at)  # where the object was last fitted
         return upd.accepted
 
     # CG is interrupted only where the probe's aberrations are fitted (the probe changes). The
@@ -958,6 +967,12 @@ def refine_alternating(
                      ", ".join(f"{k} {v * 1e9:+.2f} nm" for k, v in model.as_dict().items()))
         if "positions" in due[stop] and scan is not None:
             move_positions(stop, obj, probe)
+    if unfollowed and scan is not None:
+        # The updates since the last CG iteration took longer than predicted and left no
+        # iteration after them: the object was fitted at the positions before them, and is
+        # saved with those (an update costs 0.5-3 s at load, the last one's time predicts it)
+        scan.matrix, scan.offset, scan.residual = unfollowed[0]
+        log.info("positions: the update(s) after the last CG iteration are undone (no time left to follow them)")
     positions = problem.positions if scan is None else geo.to_metres(scan.positions)
     if model is not None:
         # the coefficients found (relative to the probe the refinement started from) go to the
