@@ -440,9 +440,8 @@ def test_no_position_update_after_the_last_reported_device_iteration() -> None:
         events.append(("report", iteration))
         clock.now += 1.0
 
-    def finds_nothing(done: int, x):  # type: ignore[no-untyped-def]
-        events.append(("between", done))
-        return None  # (a rejected update: CG goes on untouched)
+    def finds_nothing(done: int, x) -> None:  # type: ignore[no-untyped-def]
+        events.append(("between", done))  # (returns None: a rejected update, CG goes on untouched)
 
     _obj, _probe, losses = rec.refine_full_batch(
         problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts, 20, 4.5,
