@@ -47,19 +47,52 @@ PACE_WINDOW = 4
 
 class IterationPace:
     """The time budget's estimate of CG's next iteration: the longest of the last
-    :data:`PACE_WINDOW` plain iterations (a callback's update timed apart, predicted by its
-    own guard), and the last full evaluation (the restart after an objective change)."""
+    :data:`PACE_WINDOW` plain iterations (an update between iterations timed apart, predicted by
+    its own guard), and the last full evaluation (the restart after an objective change).
+    One pace may be shared by consecutive CG runs (:func:`minimize`'s ``pace``): a new run's
+    first iteration is then predicted by the iterations before it, and the caller's guards
+    (``refine_alternating``'s updates) predict from the same figures CG stops by."""
 
-    def __init__(self, first_evaluation_s: float) -> None:
+    def __init__(self, first_evaluation_s: float = 0.0) -> None:
         self.plain: deque[float] = deque(maxlen=PACE_WINDOW)
         self.evaluation_s = first_evaluation_s
+        #: when the iteration being timed started (``None``: no CG run is iterating), and the
+        #: seconds in it that are not its own (updates, fresh evaluations after one)
+        self.started: float | None = None
+        self.aside_s = 0.0
 
     def add(self, seconds: float) -> None:
         self.plain.append(max(0.0, seconds))
 
+    def begin(self, now: float) -> None:
+        """An iteration starts at ``now`` (the previous one, if any, not counted)."""
+        self.started, self.aside_s = now, 0.0
+
+    def lap(self, now: float, count: bool = True) -> None:
+        """The iteration being timed ends at ``now``: its plain time to the window (``count``),
+        and the next one starts."""
+        if count and self.started is not None:
+            self.add(now - self.started - self.aside_s)
+        self.begin(now)
+
+    def end(self) -> None:
+        """The CG run stopped: nothing is being timed until the next run begins."""
+        self.started, self.aside_s = None, 0.0
+
+    def set_aside(self, seconds: float) -> None:
+        """``seconds`` of the current iteration were not its own work."""
+        self.aside_s += max(0.0, seconds)
+
     def next_s(self) -> float:
         """The next iteration's predicted seconds (before any: the first evaluation's)."""
         return max(self.plain) if self.plain else self.evaluation_s
+
+    def ahead_s(self, now: float) -> float:
+        """The iteration after ``now``'s predicted seconds: :meth:`next_s`, or the plain time of
+        the iteration being timed so far when that is longer — CG reports an iteration (and an
+        update runs) before it times it, so a long one would otherwise be missed."""
+        running = 0.0 if self.started is None else now - self.started - self.aside_s
+        return max(self.next_s(), running)
 
 
 @dataclass
@@ -69,6 +102,7 @@ class CGResult:
     iterations: int = 0
     evaluations: int = 0
     stopped: str = "max_iter"  #: max_iter | time_budget | converged | no_descent
+    pace: IterationPace | None = None  #: the estimate CG stopped by (None: no evaluation ran)
 
 
 def _dot(a: Vars, b: Vars, keys: set[str]) -> Any:
@@ -159,7 +193,8 @@ def minimize(
     restart_every: int = 50,
     rtol: float = 1e-10,
     clock: Callable[[], float] = time.perf_counter,
-    aside_s: Callable[[], float] | None = None,
+    update: Callable[[int, Vars], bool] | None = None,
+    pace: IterationPace | None = None,
 ) -> CGResult:
     """Minimise ``fun`` over the complex arrays of ``x0`` (dict; updated copies returned).
 
@@ -174,10 +209,15 @@ def minimize(
     longest of the last :data:`PACE_WINDOW` plain iterations still fits in what is left, and
     the fresh evaluation after an objective change only when the last full evaluation's time
     does, so the run ends within the budget up to the spread of iteration times.
-    ``aside_s()``: seconds the callback has spent so far on work that its own guard predicts
-    (a position update): taken out of the iteration it falls in, so that neither an
-    iteration holding an update counts as a long one nor the update as a plain iteration's
-    time. ``clock`` (seconds) is injectable for tests.
+    ``update(iteration, x)`` runs after the callback of an iteration CG goes on from — never
+    after the last one reported (an update that no iteration follows would leave x fitted to
+    the old state: positions moved under an object fitted at the old ones) — and returns True
+    when it changed the objective (as the callback's True). Its time is its own guard's to
+    predict (a position update): it is taken out of the iteration it falls in, so that neither
+    an iteration holding an update counts as a long one nor the update as a plain iteration's
+    time. ``pace``: the estimate of the next iteration to use (and keep up to date), when the
+    caller shares it with the runs before and after (else a new one). ``clock`` (seconds) is
+    injectable for tests.
     """
     if max_iter < 0:
         raise ValueError(f"max_iter must be ≥ 0, got {max_iter}")
@@ -193,9 +233,12 @@ def minimize(
         return result
     f, g = fun(x)
     result.evaluations += 1
-    aside = (lambda: 0.0) if aside_s is None else aside_s
     # (on a device the evaluation is queued, not done: its time shows in the first iteration's)
-    pace = IterationPace(clock() - t_start)
+    if pace is None:
+        pace = IterationPace()
+    pace.evaluation_s = clock() - t_start
+    pace.begin(t_start)  # (the first lap is the initial evaluation: already the pace's)
+    result.pace = pace
     d: Vars | None = None
     pg_old: Vars | None = None
     g_old: Vars | None = None
@@ -208,9 +251,10 @@ def minimize(
     # waits in ``report``.
     report: int | None = None
 
-    def read(*extra: Any) -> tuple[bool, tuple[float, ...]]:
-        """Host values of f and ``extra`` in one transfer; reports a pending iteration.
-        Returns (the callback said the objective changed, the extra values)."""
+    def read(*extra: Any, final: bool = False) -> tuple[bool, tuple[float, ...]]:
+        """Host values of f and ``extra`` in one transfer; reports a pending iteration (and runs
+        ``update`` after it unless it is the ``final`` one). Returns (the callback or the update
+        said the objective changed, the extra values)."""
         nonlocal f, report
         values = host_floats(f, *extra)
         f = values[0]
@@ -219,19 +263,15 @@ def minimize(
             done, report = report, None
             result.losses.append(f)
             changed = bool(callback is not None and callback(done, x, f))
+            if update is not None and not final:
+                t0 = clock()
+                changed = bool(update(done, x)) or changed
+                pace.set_aside(clock() - t0)
         return changed, values[1:]
-
-    t_iter = t_start  # when the current iteration started
-    aside_at = aside()  # aside_s() when it started
-    restarts_s = 0.0  # fresh evaluations after an objective change in the current iteration
 
     def lap(now: float) -> None:
         """The iteration that ends at ``now``: its plain time to the pace; the next starts."""
-        nonlocal t_iter, aside_at, restarts_s
-        spent_aside = aside() - aside_at
-        if it > start_iteration:  # (the first lap is the initial evaluation: already the pace's)
-            pace.add(now - t_iter - spent_aside - restarts_s)
-        t_iter, aside_at, restarts_s = now, aside_at + spent_aside, 0.0
+        pace.lap(now, count=it > start_iteration)
 
     def over(now: float, ahead_s: float) -> bool:
         return time_budget_s is not None and (now - t_start >= time_budget_s
@@ -296,7 +336,7 @@ def minimize(
             result.evaluations += 1
             d = None
             pace.evaluation_s = clock() - t0
-            restarts_s += pace.evaluation_s
+            pace.set_aside(pace.evaluation_s)
         if result.stopped == "time_budget":
             break
         if not device:
@@ -348,8 +388,15 @@ def minimize(
         result.iterations += 1
         result.x = x
         report = it
+    else:
+        if report is not None:
+            # the last iteration's loss and callback, and its time (laps are taken when the
+            # next iteration starts: this one's would be lost to a run after this one)
+            read(final=True)
+            pace.lap(clock())
     if report is not None:
-        read()  # the last iteration's loss and callback
+        read(final=True)  # stopped after a device iteration was timed, before it was reported
+    pace.end()
     result.x = x
     return result
 

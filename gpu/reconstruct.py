@@ -37,7 +37,7 @@ from .backend import (
     scalar_as,
     to_numpy,
 )
-from .cg import LowFrequencyPreconditioner, minimize, probe_cutoff
+from .cg import IterationPace, LowFrequencyPreconditioner, minimize, probe_cutoff
 from .data import PtychoData
 from .geometry import ScanGeometry, fit_geometry, implausible_energy
 from .init import flat_object, random_object, spectral_object
@@ -526,6 +526,8 @@ def refine_full_batch(
     progress: Progress | None = None,
     clock: Callable[[], float] = time.perf_counter,
     between: Callable[[int, dict[str, Any]], Batch | None] | None = None,
+    pace: IterationPace | None = None,
+    stopped: list[str] | None = None,
 ) -> tuple[Any, Any, list[float]]:
     """Run ``iterations`` full-batch CG iterations (numbered from ``start_iteration``) on all
     positions of ``batch``. The probe keeps its power Σ|ψ|² (or ``probe_power``) and joins at
@@ -537,7 +539,12 @@ def refine_full_batch(
     ``between(done, x)`` runs after each iteration (``done`` iterations counted from 0, ``x``
     CG's current variables, not to be modified): it returns new positions (a batch of the same
     size) when it moved them — the objective changed, CG restarts from steepest descent there —
-    or None, and CG goes on untouched (a position update that finds nothing costs nothing)."""
+    or None, and CG goes on untouched (a position update that finds nothing costs nothing). It
+    does not run after the last iteration reported (:func:`cryoptycho.gpu.cg.minimize`'s
+    ``update``). ``pace``: CG's estimate of its next iteration, shared with the caller's own
+    guards and runs (see :class:`cryoptycho.gpu.cg.IterationPace`). ``stopped``: why CG stopped
+    is appended to it ("max_iter", "time_budget", "converged" or "no_descent"; "time_budget"
+    when no time was left to start)."""
     t_start = clock()
     opts = _as_options(options)
     if opts.refine_probe == "auto":
@@ -546,6 +553,8 @@ def refine_full_batch(
     if budget is not None and budget <= 0:
         final, _ = _normalised(probe, float(probe_power) if probe_power is not None
                                else host_floats((abs(probe) ** 2).sum())[0])
+        if stopped is not None:
+            stopped.append("time_budget")
         return obj, final, []  # no time: no set-up is paid for
     if counts_fft.shape[0] != batch.size:
         raise ValueError(
@@ -592,9 +601,11 @@ def refine_full_batch(
         changed = False
         if sparse is not None and opts.prior == "sparse":
             changed = sparse.update(x["object"], it + 1)
-        if between is None:
-            return changed
-        t0 = clock()
+        return changed
+
+    def update(it: int, x: dict[str, Any]) -> bool:
+        """``between`` after iteration ``it`` (timed apart by CG: its own guard predicts it)."""
+        assert between is not None
         moved = between(it + 1, x)
         if moved is not None:
             if moved.size != batch.size:
@@ -606,12 +617,8 @@ def refine_full_batch(
             if opts.lowfreq_boost > 1:  # (as built before CG: a position update keeps the boost)
                 precond["object"] = LowFrequencyPreconditioner(precond["object"], probe_cutoff(x["probe"]),
                                                                opts.lowfreq_boost)
-            changed = True
-        # the hook's update is predicted by its own guard: CG's pace leaves it out
-        aside[0] += clock() - t0
-        return changed
-
-    aside = [0.0]  # seconds spent in ``between`` so far
+            return True
+        return False
 
     x = {"object": obj, "probe": probe}
     losses: list[float] = []
@@ -620,7 +627,9 @@ def refine_full_batch(
     while it < total:
         left = None if budget is None else budget - (clock() - t_start)
         res = minimize(fun, x, total - it, left, callback, active, precond, start_iteration=it,
-                       clock=clock, aside_s=lambda: aside[0])
+                       clock=clock, update=None if between is None else update, pace=pace)
+        if stopped is not None:
+            stopped.append(res.stopped)
         x = res.x
         losses += res.losses
         it += res.iterations
@@ -822,8 +831,12 @@ def refine_alternating(
     (P, M, M) is refined as well: the positions' terms and the aberration gradient sum over
     the modes, every mode under the same phase plate. Within ``opts.time_budget_s`` an update
     starts only when its predicted cost (the last update's of its kind, else
-    ``UPDATE_ITERATIONS`` of the mean CG iteration so far) still fits (``clock`` is injectable
-    for tests)."""
+    ``UPDATE_ITERATIONS`` of the mean CG iteration so far), a fresh evaluation and a CG iteration
+    after it still fit (the iteration predicted as CG predicts it, by the pace all CG runs here
+    share); an update at a point CG converged short of runs only when CG did not stop for the
+    budget; accepted position updates that no CG iteration followed after all (one that took
+    longer than predicted) are undone — the positions returned are those the object was fitted
+    at (``clock`` is injectable for tests)."""
     geo = problem.geometry
     total = opts.iterations
     budget = opts.time_budget_s
@@ -831,20 +844,35 @@ def refine_alternating(
     spent: dict[str, float] = {}  # seconds the last update of each kind took
 
     ran = [0]  # CG iterations run so far (the schedule's count runs ahead where CG stopped early)
+    #: the scan model (matrix, offset, residuals) before the position updates that no CG
+    #: iteration has followed yet (empty: none)
+    unfollowed: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    # CG's own estimate of its next iteration, shared by all its runs here: the guards below
+    # predict by the figures CG stops by (the mean alone said "fits" where CG, predicting by
+    # its longest recent iteration, then stopped: an update nothing followed, a new run past
+    # the budget)
+    pace = IterationPace()
 
     def per_iteration() -> float:
         """Mean seconds per CG iteration run so far (set-up and updates included: errs long)."""
         return (clock() - t_start) / max(ran[0], 1)
 
+    def next_iteration() -> float:
+        """The next CG iteration's predicted seconds: the longer of the mean and CG's estimate
+        (the iteration being reported included, when CG is running)."""
+        return max(per_iteration(), pace.ahead_s(clock()))
+
     def update_fits(kind: str, done: int) -> bool:
         """Whether a ``kind`` update due at the schedule's iteration ``done`` is expected to end
         in the budget with a CG iteration after it (the object follows the update: an update that
-        only CG's time left unfollowed moves the positions or probe away from the object)."""
+        only CG's time left unfollowed moves the positions or probe away from the object) — and
+        the fresh evaluation CG needs first when the update changed the objective."""
         if budget is None:
             return True
         elapsed = clock() - t_start
         cost = spent.get(kind, UPDATE_ITERATIONS[kind] * per_iteration())
-        if elapsed + cost + per_iteration() <= budget:
+        if elapsed + cost + pace.evaluation_s + next_iteration() <= budget:
             return True
         log.info("%s update at iteration %d skipped: about %.1f s needed, %.1f s left of the budget",
                  kind, done, cost, budget - elapsed)
@@ -874,6 +902,7 @@ def refine_alternating(
     losses: list[float] = []
     def report(i: int, _total: int, loss: float) -> None:
         ran[0] += 1
+        unfollowed.clear()  # an iteration ran after any update: the object follows it
         if progress is not None:
             progress(i, total, loss)
 
@@ -886,6 +915,7 @@ def refine_alternating(
         if not update_fits("positions", done):
             return False
         t0 = clock()
+        fitted_at = (scan.matrix.copy(), scan.offset.copy(), np.array(scan.residual, copy=True))
         psi, _ = _normalised(p, problem.probe_power)
         upd = update_positions(o, psi, problem.counts_fft, scan, geo.object_shape, problem.mask,
                                opts, scale)
@@ -894,6 +924,8 @@ def refine_alternating(
                  "accepted" if upd.accepted else "rejected", upd.loss_before, upd.loss_after,
                  upd.max_shift_px, "" if not opts.position_residual_auto else
                  f", residual rms estimate {scan.residual_estimate_px:.3f} px")
+        if upd.accepted and not unfollowed:
+            unfollowed.append(fitted_at)  # where the object was last fitted
         return upd.accepted
 
     # CG is interrupted only where the probe's aberrations are fitted (the probe changes). The
@@ -916,13 +948,15 @@ def refine_alternating(
                     return None
                 return batch_now()
 
-            if budget is not None and ran[0] and clock() - t_start + per_iteration() > budget:
-                break  # a new CG run's set-up and first iteration would not fit (after an update)
+            if (budget is not None and ran[0]
+                    and clock() - t_start + pace.evaluation_s + next_iteration() > budget):
+                break  # a new CG run's set-up, evaluation and first iteration would not fit
             left = None if budget is None else max(budget - (clock() - t_start), 1e-3)
+            stopped: list[str] = []
             obj, probe, part = refine_full_batch(
                 obj, probe, problem.counts_fft, batch_now(), problem.mask, opts, stop - it, left, it,
                 kappa=problem.kappa, probe_power=problem.probe_power, progress=report,
-                between=between if points else None, clock=clock,
+                between=between if points else None, clock=clock, pace=pace, stopped=stopped,
             )
             losses += part
             reached = it + len(part)
@@ -930,9 +964,11 @@ def refine_alternating(
             if budget is not None and clock() - t_start >= budget:
                 break
             # converged before an update point: update there; CG goes on from it only when the
-            # positions moved (a rejected update at the same object would be rejected again)
+            # positions moved (a rejected update at the same object would be rejected again).
+            # Not when CG stopped for the budget: no iteration would follow the update.
             pending = sorted(s for s in points if s > reached)
-            if pending and move_positions(pending[0], obj, probe):
+            if (pending and stopped and stopped[-1] in ("converged", "no_descent")
+                    and move_positions(pending[0], obj, probe)):
                 it = pending[0]
         if stop >= total or (budget is not None and clock() - t_start >= budget):
             break
@@ -951,6 +987,12 @@ def refine_alternating(
                      ", ".join(f"{k} {v * 1e9:+.2f} nm" for k, v in model.as_dict().items()))
         if "positions" in due[stop] and scan is not None:
             move_positions(stop, obj, probe)
+    if unfollowed and scan is not None:
+        # The updates since the last CG iteration took longer than predicted and left no
+        # iteration after them: the object was fitted at the positions before them, and is
+        # saved with those (an update costs 0.5-3 s at load, the last one's time predicts it)
+        scan.matrix, scan.offset, scan.residual = unfollowed[0]
+        log.info("positions: the update(s) after the last CG iteration are undone (no time left to follow them)")
     positions = problem.positions if scan is None else geo.to_metres(scan.positions)
     if model is not None:
         # the coefficients found (relative to the probe the refinement started from) go to the

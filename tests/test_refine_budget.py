@@ -346,3 +346,185 @@ def test_the_second_half_set_gets_only_what_the_first_left() -> None:
     est.refine(10, 10.0, clock=clock)
     assert est._a.budgets == [5.0] and est._b.budgets == [3.0]
     assert clock.now <= 10.0
+
+
+def _position_engine(position_every: int) -> StreamingReconstructor:
+    m = 32
+    nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=2,
+                        position_every=position_every, stream={"batch_size": 16, "refine_positions": False})
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames_fft), nominal)
+    for _ in range(4):
+        engine.step()
+    return engine
+
+
+@pytest.mark.parametrize("position_every", [4, 2])
+def test_no_update_or_cg_run_after_cg_stopped_for_the_budget(monkeypatch, position_every: int) -> None:
+    """Iterations of 1 s, the fourth 3 s, position updates 0.1 s, an 8 s budget: CG stops after
+    the fourth (6.1 s; its longest recent iteration, 3 s, no longer fits). The update guards
+    predicted by the mean iteration (6.1 / 4 s) instead, so (every 4) the update pending at 6
+    ran after CG had stopped for the budget — the path meant for "converged before an update
+    point" — and a new CG run's first iteration ended at 9.2 s of the 8; (every 2) the update
+    after iteration 4 and the pending one at 6 ran back to back at 6.1 and 6.2 s, no CG
+    iteration after either (the review's reproductions, tests r1_overrun / r1_unfollowed)."""
+    engine = _position_engine(position_every)
+    clock = _WorkClock()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def cheap_update(*args, **kwargs):
+        updates.append(clock.now)
+        clock.now += 0.1
+        return real_update(*args, **kwargs)
+
+    reported = []
+
+    def fourth_and_seventh_are_slow(iteration: int, total: int, loss: float) -> None:
+        reported.append(iteration)
+        clock.now += 3.0 if iteration in (4, 7) else 1.0
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", cheap_update)
+    losses = engine.refine(20, time_budget_s=8.0, callback=fourth_and_seventh_are_slow, clock=clock)
+    assert clock.now <= 8.0
+    assert updates == [2.0]  # after iteration 2; none that no iteration could follow
+    assert reported == [1, 2, 3, 4] and len(losses) == 4
+    assert clock.now == pytest.approx(6.1)
+
+
+def test_a_position_update_is_predicted_with_the_iteration_it_follows(monkeypatch) -> None:
+    """The update due after a long iteration (here the fourth, 3 s, reported before CG times
+    it) is predicted with that iteration's time as the next one's: at 6.1 s of 8, 0.1 s of
+    update and 1.5 s of mean iteration fit, but CG, counting the 3 s one, would stop right after
+    it — so the update is not started, and the positions stay where the object was fitted."""
+    engine = _position_engine(2)
+    clock = _WorkClock()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def cheap_update(*args, **kwargs):
+        updates.append(clock.now)
+        clock.now += 0.1
+        return real_update(*args, **kwargs)
+
+    def fourth_is_slow(iteration: int, total: int, loss: float) -> None:
+        clock.now += 3.0 if iteration == 4 else 1.0
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", cheap_update)
+    # (20 iterations with position_every 2: update points 2, 4, …, 18 — no aberrations, one CG run)
+    engine.refine(20, time_budget_s=8.0, callback=fourth_is_slow, clock=clock)
+    assert 6.1 not in updates
+    assert clock.now <= 8.0
+
+
+def test_no_position_update_after_the_last_reported_device_iteration() -> None:
+    """On a device CG checks the budget before an iteration's work and reports the previous one
+    with that work's first read: when it stops for the budget, the last iteration is reported
+    after the decision, and its report ran ``between`` too — positions moved after CG had
+    stopped (the object fitted at the old ones, saved with the new). Run on the strict
+    GPU-semantics backend (gpu/strict.py), which takes the device path."""
+    from cryoptycho.gpu import reconstruct as rec
+    from cryoptycho.gpu.data import PtychoData
+
+    nominal, _true, frames, _truth, _geo, probe = distorted_scan(seed=1, m=32)
+    data = PtychoData(frames=operators.from_fft_order(frames), positions=nominal, energy=ENERGY,
+                      pixel_size=PIXEL, probe=probe.astype(np.complex64))
+    opts = ReconOptions(iterations=20, mu0=1e-3, backend="strict")
+    problem = rec.prepare(data, opts)
+    clock = _WorkClock()
+    events: list[tuple[str, int]] = []
+
+    def one_second_per_iteration(iteration: int, total: int, loss: float) -> None:
+        events.append(("report", iteration))
+        clock.now += 1.0
+
+    def finds_nothing(done: int, x) -> None:  # type: ignore[no-untyped-def]
+        events.append(("between", done))  # (returns None: a rejected update, CG goes on untouched)
+
+    _obj, _probe, losses = rec.refine_full_batch(
+        problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts, 20, 4.5,
+        kappa=problem.kappa, probe_power=problem.probe_power, progress=one_second_per_iteration,
+        clock=clock, between=finds_nothing)
+    # (the clock here decides when CG stops: at the sixth iteration's check, 4 s in, a 1 s
+    # iteration no longer fits; the fifth, run already, is reported after that decision)
+    assert len(losses) == 5
+    assert events[-1] == ("report", 5)  # the last report, and no update after it
+    # every update is followed by an iteration (its report)
+    assert events == [e for i in range(1, 6) for e in (("report", i), ("between", i))][:-1]
+
+
+@pytest.mark.parametrize("reason", ["converged", "time_budget"])
+def test_a_pending_position_update_runs_only_after_cg_converged(monkeypatch, reason: str) -> None:
+    """CG that stopped short of the next update point because it converged is followed by the
+    update there (the positions may still move, and CG goes on from them); CG that stopped for
+    the budget is not — nothing would follow the update. CG's stop is injected: two iterations,
+    then ``reason``; no budget, so only the stop reason decides."""
+    from cryoptycho.gpu import cg
+
+    m = 32
+    nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
+    opts = ReconOptions(mu0=1e-3, refine_positions=True, position_start_iteration=4, position_every=4,
+                        stream={"batch_size": 16, "refine_positions": False})
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames_fft), nominal)
+    for _ in range(4):
+        engine.step()
+    updates = []
+    real_update = reconstruct_module.update_positions
+
+    def counted_update(*args, **kwargs):
+        updates.append(None)
+        return real_update(*args, **kwargs)
+
+    def stops_early(fun, x0, max_iter, *args, **kwargs):
+        result = cg.minimize(fun, x0, min(max_iter, 2), *args, **kwargs)
+        result.stopped = reason
+        return result
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", counted_update)
+    monkeypatch.setattr(reconstruct_module, "minimize", stops_early)
+    engine.refine(12)
+    if reason == "converged":
+        assert updates  # at 4 (the first point after the 2 iterations run)
+    else:
+        assert updates == []
+
+
+@pytest.mark.parametrize("update_s, undone", [(4.0, True), (2.0, False)])
+def test_a_position_update_that_no_iteration_followed_is_undone(monkeypatch, update_s: float,
+                                                                  undone: bool) -> None:
+    """An update's cost is predicted by the last one's (the first: two mean iterations), and
+    under load it varies (0.6-3.1 s in `bench live` at load 5-9, one accepted update left with no
+    CG iteration after it). Here the first update, predicted at 2 s, takes 4: CG, restarted at 6 s
+    of 6.5, has no time for an iteration at the moved positions. The object was fitted at the
+    positions before the update: those are kept with it, not the moved ones. An update that
+    took 2 s is followed by CG, and its positions are the result."""
+    engine = _position_engine(2)
+    n = engine.n_frames
+    stored = engine.frame_store.positions[:n].copy()
+    clock = _WorkClock()
+    accepted = []
+    real_update = reconstruct_module.update_positions
+
+    def slow_update(*args, **kwargs):
+        upd = real_update(*args, **kwargs)
+        clock.now += update_s
+        accepted.append(upd.accepted)
+        return upd
+
+    def one_second_per_iteration(iteration: int, total: int, loss: float) -> None:
+        clock.now += 1.0
+
+    monkeypatch.setattr(reconstruct_module, "update_positions", slow_update)
+    losses = engine.refine(10, time_budget_s=6.5, callback=one_second_per_iteration, clock=clock)
+    assert accepted == [True]  # the update at iteration 2 moved the positions
+    assert clock.now <= 6.5
+    if undone:
+        assert len(losses) == 2  # none after the update (2 + 4 = 6 s; a 1 s iteration ends at 7)
+        np.testing.assert_allclose(engine.frame_store.positions[:n], stored, rtol=0, atol=1e-6 * PIXEL)
+    else:
+        assert len(losses) > 2
+        assert np.abs(engine.frame_store.positions[:n] - stored).max() > 0.01 * PIXEL  # (moved)
