@@ -143,6 +143,8 @@ class ScanWorker:
         self._frames_in = threading.Event()
         #: the frame store's frames array and its rows at the scan's end (:meth:`held_frames`)
         self._held: tuple[Any, int] | None = None
+        #: the largest count of those frames where the engine measured it (:meth:`held_peak`)
+        self._held_peak: int | None = None
         self.thread = threading.Thread(target=self._run, name=f"worker-{session.scan_id}", daemon=True)
 
     # -- called from the manager thread -------------------------------------------------------
@@ -174,6 +176,14 @@ class ScanWorker:
         if held is None or not 0 <= start <= stop <= held[1]:
             return None
         return detector_order(to_numpy(held[0][start:stop]))
+
+    def held_peak(self) -> int | None:
+        """The largest count of the frames :meth:`held_frames` gives (spool.py HeldPeak), or
+        None where it is not known (waits as :meth:`held_frames` does)."""
+        if not self._frames_in.wait(HELD_FRAMES_WAIT_S) or self._held is None:
+            return None
+        peak = self._held_peak
+        return None if peak is None else int(peak)
 
     def set_options(self, options: ReconOptions) -> None:
         """Apply new options at the next step (the engine is only touched by this thread)."""
@@ -230,6 +240,7 @@ class ScanWorker:
                     if isinstance(store, FrameStore):
                         store.stop_prefault()  # no frame comes after: the rest stays untouched
                         self._held = (store.frames, store.n)
+                        self._held_peak = getattr(self.engine, "peak_count", None)
                     self._frames_in.set()
                     self._scan_end = item.arrived
                     continue

@@ -24,7 +24,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,17 @@ class _Rows:
 #: frames of ``data``'s dtype and frame shape, detector order), or None where it holds none: the
 #: derived rows are then written without decoding them (daemon/worker.py ScanWorker.held_frames)
 HeldFrames = Callable[[int, int], "np.ndarray | None"]
+#: the largest count of an ended scan's binned frames (those :data:`HeldFrames` gives), or None
+#: where it is not known: the derived rows are then stored in the reducer's dtype
+HeldPeak = Callable[[], "int | None"]
+
+
+class _TooNarrow(ValueError):
+    """A derived row holds a count that the dtype chosen for ``data`` does not hold."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"count {count}")
+        self.count = count
 
 
 class _HeldRows:
@@ -235,7 +246,7 @@ class _HeldRows:
         ds = w._data
         if given is not None:
             ok = (isinstance(given, np.ndarray) and given.shape == (hi - lo, *ds.shape[1:])
-                  and given.dtype == ds.dtype
+                  and given.dtype == w._reducer.out_dtype
                   and all(np.array_equal(given[r - lo], derive_rows(w._f, w._reducer, r, r + 1, fast=True)[0])
                           for r in sorted({lo, hi - 1})))
             if ok:
@@ -452,6 +463,7 @@ class SpoolWriter:
         if n == 0:
             return
         self._check_space(frames.nbytes + (0 if raw is None else sum(len(c) for c in raw.chunks)))
+        self._widen()
         derive = raw is not None and reducer is not None and self._derivable(reducer, raw)
         if raw is not None and self._entry.detector_frames is None:
             nbytes = math.prod(raw.shape) * raw.dtype.itemsize
@@ -504,6 +516,7 @@ class SpoolWriter:
         chunks they hold are written as they are (:meth:`_write_blocks`).
         Returns the frames written. On disk exactly as the same batches appended one by one."""
         wire = list(wire) if wire is not None else [None] * len(batches)
+        self._widen()
         if len(wire) != len(batches):
             raise ValueError(f"{len(wire)} wire blobs for {len(batches)} batches")
         kept = [(b, w) for b, w in zip(batches, wire) if len(b[0])]
@@ -682,7 +695,56 @@ class SpoolWriter:
             del g.attrs["pending_rows"]
         self._pending = [(int(a), int(b)) for a, b in pending]
 
-    def _write_derived(self, held: HeldFrames | None = None) -> None:
+    def _write_derived(self, held: HeldFrames | None = None, peak: HeldPeak | None = None) -> None:
+        """Write the ``data`` rows still derived (:meth:`_write_derived_as`), as counts of the
+        smallest unsigned dtype that holds the scan's largest count where ``peak`` knows it and
+        every row is derived (no chunk of ``data`` written yet: the dataset is made again with
+        that dtype, :meth:`_recast_data`): at most a quarter of the bytes to bitshuffle and
+        compress for low-dose counts. Every row is checked against that dtype before it is cast;
+        one that does not fit has the rows written again in the reducer's dtype (logged)."""
+        if not self._pending:
+            return
+        wide = self._data.dtype
+        narrow = self._narrow_dtype(peak)
+        if narrow == wide:
+            self._write_derived_as(held)
+            return
+        self._recast_data(narrow)
+        try:
+            self._write_derived_as(held)
+        except _TooNarrow as exc:
+            log.warning("spool %s: a binned count of %d does not fit %s (the scan's peak was given as "
+                        "smaller): its rows are written again as %s", self.path.name, exc.count, narrow, wide)
+            self._recast_data(wide, discard=True)
+            self._write_derived_as(held)
+
+    def _narrow_dtype(self, peak: HeldPeak | None) -> np.dtype:
+        """The dtype the derived rows are written in (:meth:`_write_derived`)."""
+        ds = self._data
+        if (peak is None or ds.dtype.kind != "u" or self._pending != [(0, self.count)]
+                or ds.id.get_num_chunks()):
+            return ds.dtype
+        try:
+            top = peak()
+        except Exception:  # the rows are written in the reducer's dtype: the spool is written all the same
+            log.exception("spool %s: the scan's largest count could not be read", self.path.name)
+            return ds.dtype
+        if top is None or top < 0:
+            return ds.dtype
+        return next((np.dtype(t) for t in ("uint8", "uint16", "uint32")
+                     if np.iinfo(t).max >= top and np.dtype(t).itemsize <= ds.dtype.itemsize), ds.dtype)
+
+    def _fit(self, rows: np.ndarray) -> np.ndarray:
+        """Derived ``rows`` as counts of ``data``'s dtype, or :class:`_TooNarrow` where one
+        does not fit it (never a silent wrap-around)."""
+        dtype = self._data.dtype
+        if rows.dtype == dtype:
+            return rows
+        if rows.size and (top := int(rows.max())) > np.iinfo(dtype).max:
+            raise _TooNarrow(top)
+        return rows.astype(dtype)
+
+    def _write_derived_as(self, held: HeldFrames | None) -> None:
         """Write the ``data`` rows still derived (the scan ended), compressed as chunks: the
         binned frames ``held`` gives (the scan's frame store: they need no decoding), or where
         it gives none, decoded and binned from the detector frames as every reader derives
@@ -704,10 +766,10 @@ class SpoolWriter:
         for a, b in self._pending:
             first, last = min(b, -(-a // c) * c), max(a, b // c * c)
             if first >= last:  # no whole chunk
-                self._write_blocks(a, [self._derived_room(asker.rows(a, b))])
+                self._write_blocks(a, [self._derived_room(self._fit(asker.rows(a, b)))])
                 continue
             if a < first:
-                self._write_blocks(a, [self._derived_room(asker.rows(a, first))])
+                self._write_blocks(a, [self._derived_room(self._fit(asker.rows(a, first)))])
             tasks: list = []
 
             def write(task: Any) -> None:  # in row order
@@ -716,16 +778,21 @@ class SpoolWriter:
                 for j, blob in enumerate(blobs):
                     self._put("data", ds, row + j * c, blob)
 
-            for lo in range(first, last, step):
-                hi = min(last, lo + step)
-                # the frame store is read here, on one thread (a device's transfers in order)
-                tasks.append(pool.submit(self._derived_chunks, lo, hi, asker, asker.ask(lo, hi)))
-                if len(tasks) > _POOL_THREADS:  # a few tasks in flight: memory stays bounded
+            try:
+                for lo in range(first, last, step):
+                    hi = min(last, lo + step)
+                    # the frame store is read here, on one thread (a device's transfers in order)
+                    tasks.append(pool.submit(self._derived_chunks, lo, hi, asker, asker.ask(lo, hi)))
+                    if len(tasks) > _POOL_THREADS:  # a few tasks in flight: memory stays bounded
+                        write(tasks.pop(0))
+                while tasks:
                     write(tasks.pop(0))
-            for task in tasks:
-                write(task)
+            finally:  # (a count that does not fit: the tasks in flight end before the rows are written again)
+                for task in tasks:
+                    task.cancel()
+                wait(tasks)
             if last < b:
-                self._write_blocks(last, [self._derived_room(asker.rows(last, b))])
+                self._write_blocks(last, [self._derived_room(self._fit(asker.rows(last, b)))])
         self._writes.clear()  # (the chunks collected for a journal record)
         self.chunk_paths = paths
         self.derived_rows.update(asker.counts)
@@ -750,7 +817,8 @@ class SpoolWriter:
         """(``lo``, the ``data`` chunks of rows [lo, hi), whole chunks), on a compression thread."""
         c = self._data.chunks[0]
         counts = asker.checked(lo, hi, given)
-        return lo, [compression_bslz4(counts[i:i + c]) for i in range(0, hi - lo, c)]
+        # cast chunk by chunk: each chunk's rows are read again from cache
+        return lo, [compression_bslz4(self._fit(counts[i:i + c])) for i in range(0, hi - lo, c)]
 
     def _replay(self, header: dict, body: memoryview) -> None:
         """Apply one journal record to this file (a rebuild: :func:`repair_spool`)."""
@@ -802,6 +870,7 @@ class SpoolWriter:
         same rows as one by one."""
         if not group:
             return
+        self._widen()
         k = self.count
         parsed = []
         for header, body in group:
@@ -1079,6 +1148,34 @@ class SpoolWriter:
         del det["data_per_frame"]
         self._data = new
 
+    def _widen(self) -> None:
+        """Before rows are appended to a spool whose derived rows were stored in a dtype
+        narrower than its reducer's (:meth:`_write_derived`, which did so only where every row
+        was derived; frames after the scan ended, its spool re-opened): the frames dataset in
+        the reducer's dtype again, every row derived, as before that close (readers derive
+        them; the next close stores them again). Not journaled, as the close that narrowed it:
+        a rebuild from the journal gives the same file."""
+        reducer = self._reducer
+        if reducer is None or self._data.dtype == reducer.out_dtype:
+            return
+        n = self._entry.count
+        log.info("spool %s: its %d binned rows, stored as %s, are derived again (rows appended)",
+                 self.path.name, n, self._data.dtype)
+        self._recast_data(np.dtype(reducer.out_dtype), discard=True)
+        g = self._f[DATA][DERIVED]
+        if n:
+            g.attrs["pending_rows"] = np.asarray([[0, n]], np.int64)
+        self._pending = [(0, n)] if n else []
+
+    def _recast_data(self, dtype: np.dtype, discard: bool = False) -> None:
+        """Re-create the frames dataset, none of whose chunks is written yet (every row derived:
+        :data:`DERIVED`; ``discard``: the chunks written are of rows still pending), with counts
+        of ``dtype`` (:func:`_recast_frames`)."""
+        if self._data.id.get_num_chunks() and not discard:
+            raise ValueError(f"spool {self.path.name}: its frames are written in part; "
+                             f"their dtype stays {self._data.dtype}")
+        self._data = _recast_frames(self._f, self._entry, dtype)
+
     def _create_detector_frames(self, shape: tuple[int, ...], dtype: np.dtype, rows: int) -> None:
         """``rows`` frames a chunk: several (as ``data``: :func:`chunk_rows`) when a frame is a
         whole number of the detector's bitshuffle blocks, so that frames' blocks join into
@@ -1250,11 +1347,12 @@ class SpoolWriter:
             self.path.unlink(missing_ok=True)
             journal_path(self.path).unlink(missing_ok=True)
 
-    def close(self, held: HeldFrames | None = None) -> None:
+    def close(self, held: HeldFrames | None = None, peak: HeldPeak | None = None) -> None:
         """Close the file: closed, it is consistent, which the journal records ("closed": a
         rebuild is not needed); once the scan's status is final, the journal is deleted. A
         scan that ended (any status but open) has its derived binned frames written first,
-        from ``held`` where it has them (:meth:`_write_derived`)."""
+        from ``held`` where it has them, in the smallest dtype that holds ``peak``
+        (:meth:`_write_derived`)."""
         if not self._f.id.valid:
             return
         try:
@@ -1265,7 +1363,7 @@ class SpoolWriter:
                 # which held a whole scan's compressed binned frames until the derivation ended
                 journal, self._journal = self._journal, None
                 try:
-                    self._write_derived(held)
+                    self._write_derived(held, peak)
                 finally:
                     self._journal = journal
                 self._f.flush()
@@ -1512,6 +1610,20 @@ def _same_reducer(a: FrameReducer, b: FrameReducer) -> bool:
     ha, ma = reducer_header(a)
     hb, mb = reducer_header(b)
     return ha == hb and np.array_equal(ma, mb)
+
+
+def _recast_frames(f: h5py.File, entry: NxcxiEntry, dtype: np.dtype) -> h5py.Dataset:
+    """The spool's frames dataset made again, empty, with counts of ``dtype``: its shape,
+    chunks, filter and attributes as before, under every name the layout gives the frames."""
+    old = entry.data
+    det = f["entry_1/instrument_1/detector_1"]
+    new = det.create_dataset("data_recast", shape=old.shape, maxshape=old.maxshape, dtype=dtype,
+                             chunks=old.chunks, **compression())
+    for key, value in old.attrs.items():
+        new.attrs[key] = value
+    entry.replace_data(new)
+    del det["data_recast"]
+    return new
 
 
 def load_derivation(f: h5py.Group) -> tuple[FrameReducer | None, list[tuple[int, int]]]:
