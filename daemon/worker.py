@@ -33,6 +33,7 @@ from .publisher import Outbox, preview_message, result_message
 from .resolution import HalfSetEstimator
 from .scan import engine_spec
 from .session import Session, State
+from .storage.spool import FftOrder
 
 log = logging.getLogger("cryoptycho.worker")
 
@@ -162,10 +163,11 @@ class ScanWorker:
         with self._queued_lock:
             return self._queued
 
-    def held_frames(self, start: int, stop: int) -> np.ndarray | None:
+    def held_frames(self, start: int, stop: int) -> FftOrder | None:
         """Rows [start, stop) of the scan's frames as the engine's frame store holds them: host
-        copies in detector order and the store's dtype (spool.py HeldFrames: the store's rows
-        are the spool's, both in the order the spool thread handed the frames over), once every
+        frames in its FFT order (a view of a host store, a copy of a device's) and the store's
+        dtype (spool.py HeldFrames: the store's rows are the spool's, both in the order the
+        spool thread handed the frames over), once every
         frame is in (the scan's end taken). None where the worker did not get that far within
         :data:`HELD_FRAMES_WAIT_S`, stopped, or its engine keeps no FrameStore. Any thread: the
         array and rows are those of the scan's end, which nothing writes again (an append writes
@@ -175,7 +177,9 @@ class ScanWorker:
         held = self._held
         if held is None or not 0 <= start <= stop <= held[1]:
             return None
-        return detector_order(to_numpy(held[0][start:stop]))
+        # in the store's FFT order: the spool puts them in detector order chunk by chunk, on its
+        # compression threads, in one pass with the cast to the dtype it stores (spool.FftOrder)
+        return FftOrder(to_numpy(held[0][start:stop]))
 
     def held_peak(self) -> int | None:
         """The largest count of the frames :meth:`held_frames` gives (spool.py HeldPeak), or

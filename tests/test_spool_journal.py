@@ -17,6 +17,7 @@ from cryoptycho.daemon.storage.journal import MAGIC, iter_records, journal_path,
 from cryoptycho.daemon.storage.spool import (
     DATA,
     DERIVED,
+    FftOrder,
     SpoolWriter,
     read_spool,
     repair_spool,
@@ -300,7 +301,7 @@ def _raises(a: int, b: int) -> np.ndarray:
     raise RuntimeError("the device went away")
 
 
-@pytest.mark.parametrize("kind", ["missing", "shifted", "dtype", "shape", "raises"])
+@pytest.mark.parametrize("kind", ["missing", "shifted", "fft_shifted", "dtype", "shape", "raises"])
 def test_a_scans_binned_frames_that_are_not_its_detector_frames_are_decoded_instead(
         tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
     """The frames a scan holds at its end are written only where they are its detector frames
@@ -310,7 +311,9 @@ def test_a_scans_binned_frames_that_are_not_its_detector_frames_are_decoded_inst
     reducer, det, binned = _detector_scan(150)
     w = SpoolWriter.create(tmp_path, _derived_spec(kind, reducer))
     _append_detector(w, reducer, det, binned, 0, 150)
+    fft = np.fft.ifftshift(np.concatenate([binned, binned[:1]]), axes=(1, 2))  # (in the store's order)
     held = {"missing": lambda a, b: None, "shifted": _shifted(binned),
+            "fft_shifted": lambda a, b: FftOrder(fft[a + 1:b + 1]),
             "dtype": lambda a, b: binned[a:b].astype(np.int32),
             "shape": lambda a, b: binned[a:b - 1], "raises": _raises}[kind]
     w.set_status("ended")
@@ -644,22 +647,25 @@ def _peaked_scan(n: int, peak: int, saturation: int | None = None) -> tuple[Fram
 @pytest.mark.parametrize(("peak", "saturation", "dtype"), [(255, 100, np.uint8), (256, 100, np.uint16),
                                                            (255, None, np.uint8), (256, None, np.uint16),
                                                            (65535, None, np.uint16), (65536, None, np.uint32)])
-@pytest.mark.parametrize("source", ["frame_store", "detector_frames"])
+@pytest.mark.parametrize("source", ["frame_store", "fft_order", "detector_frames"])
 def test_an_ended_scans_derived_rows_are_stored_in_the_smallest_dtype_that_holds_its_largest_count(
         tmp_path: Path, peak: int, saturation: int | None, dtype: type, source: str) -> None:
     """The binned frames written at a scan's end take a quarter (uint8) or half (uint16) of the
     bytes of the reducer's uint32 to bitshuffle and compress where the scan's largest count
     allows: the dataset is made at the close in that dtype. Every reader gets the counts the
     scan received (h5py alone, read_spool), at the dtypes' boundaries, with masked and
-    saturated pixels; for rows from the frame store and rows decoded again (an aborted scan)."""
+    saturated pixels; for rows from the frame store (in detector order, or in its FFT order, put
+    in detector order with the cast) and rows decoded again (an aborted scan)."""
     reducer, det, binned = _peaked_scan(150, peak, saturation)
     assert reducer.out_dtype == (np.uint32 if saturation is None else np.uint16)
     w = SpoolWriter.create(tmp_path, _derived_spec("small", reducer))
     _append_detector(w, reducer, det, binned, 0, 150)
     w.set_status("finished")
-    held = (lambda a, b: binned[a:b].copy()) if source == "frame_store" else None
+    store = np.fft.ifftshift(binned, axes=(1, 2))  # a frame store's order (ScanWorker.held_frames)
+    held = {"frame_store": lambda a, b: binned[a:b].copy(), "fft_order": lambda a, b: FftOrder(store[a:b]),
+            "detector_frames": None}[source]
     w.close(held=held, peak=lambda: peak)
-    assert w.derived_rows == {source: 150}
+    assert w.derived_rows == {"fft_order": {"frame_store": 150}}.get(source, {source: 150})
     with h5py.File(w.path, "r") as f:
         g = f[DATA]
         data = g["data"]
