@@ -798,38 +798,40 @@ class SpoolWriter:
         pool = _compress_pool()
         paths = self.chunk_paths.copy()  # (these chunks are no received frames' path)
         asker = _HeldRows(self, held)
-        for a, b in self._pending:
-            first, last = min(b, -(-a // c) * c), max(a, b // c * c)
-            if first >= last:  # no whole chunk
-                self._write_blocks(a, [self._derived_room(self._fit(asker.rows(a, b)))])
-                continue
-            if a < first:
-                self._write_blocks(a, [self._derived_room(self._fit(asker.rows(a, first)))])
-            tasks: list = []
+        try:
+            for a, b in self._pending:
+                first, last = min(b, -(-a // c) * c), max(a, b // c * c)
+                if first >= last:  # no whole chunk
+                    self._write_blocks(a, [self._derived_room(self._fit(asker.rows(a, b)))])
+                    continue
+                if a < first:
+                    self._write_blocks(a, [self._derived_room(self._fit(asker.rows(a, first)))])
+                tasks: list = []
 
-            def write(task: Any) -> None:  # in row order
-                row, blobs = task.result()
-                self._derived_room(blobs)
-                for j, blob in enumerate(blobs):
-                    self._put("data", ds, row + j * c, blob)
+                def write(task: Any) -> None:  # in row order
+                    row, blobs = task.result()
+                    self._derived_room(blobs)
+                    for j, blob in enumerate(blobs):
+                        self._put("data", ds, row + j * c, blob)
 
-            try:
-                for lo in range(first, last, step):
-                    hi = min(last, lo + step)
-                    # the frame store is read here, on one thread (a device's transfers in order)
-                    tasks.append(pool.submit(self._derived_chunks, lo, hi, asker, asker.ask(lo, hi)))
-                    if len(tasks) > _POOL_THREADS:  # a few tasks in flight: memory stays bounded
+                try:
+                    for lo in range(first, last, step):
+                        hi = min(last, lo + step)
+                        # the frame store is read here, on one thread (a device's transfers in order)
+                        tasks.append(pool.submit(self._derived_chunks, lo, hi, asker, asker.ask(lo, hi)))
+                        if len(tasks) > _POOL_THREADS:  # a few tasks in flight: memory stays bounded
+                            write(tasks.pop(0))
+                    while tasks:
                         write(tasks.pop(0))
-                while tasks:
-                    write(tasks.pop(0))
-            finally:  # (a count that does not fit: the tasks in flight end before the rows are written again)
-                for task in tasks:
-                    task.cancel()
-                wait(tasks)
-            if last < b:
-                self._write_blocks(last, [self._derived_room(self._fit(asker.rows(last, b)))])
-        self._writes.clear()  # (the chunks collected for a journal record)
-        self.chunk_paths = paths
+                finally:  # (a count that does not fit: the tasks in flight end before the rows are written again)
+                    for task in tasks:
+                        task.cancel()
+                    wait(tasks)
+                if last < b:
+                    self._write_blocks(last, [self._derived_room(self._fit(asker.rows(last, b)))])
+        finally:  # (also when a count does not fit the dtype: the rows are written again)
+            self._writes.clear()  # (the chunks collected for a journal record)
+            self.chunk_paths = paths
         self.derived_rows.update(asker.counts)
         if asker.counts["frame_store"]:
             log.info("spool %s: %d binned rows written from the scan's frames, %d decoded from %s",
