@@ -665,7 +665,7 @@ class ScanManager:
                     # binned frames (derived until now: spool.py DERIVED); finish_result waits for it
                     worker.put(EndOfScan(reason))
                     if closed is not None:
-                        self._close_ended(session.scan_id, spool, worker.held_frames, closed)
+                        self._close_ended(session.scan_id, spool, worker.held_frames, closed, worker.held_peak)
             finally:
                 if parked is not None:  # whatever failed above: the spool thread's re-open waits for this close
                     self._close_ended(session.scan_id, spool, None, parked)
@@ -673,7 +673,7 @@ class ScanManager:
         self._on_disk(session.scan_id, task)
 
     def _close_ended(self, scan_id: str, spool: SpoolWriter, held: Callable[[int, int], Any] | None,
-                     closed: _SpoolClosed) -> None:
+                     closed: _SpoolClosed, peak: Callable[[], int | None] | None = None) -> None:
         """Spool thread, once a scan's spool takes no more appends (its status written: ended,
         aborted, failed; or the daemon stops): close it on the closer thread. Writing a detector
         scan's derived binned rows decodes them from its detector frames, or takes them from its
@@ -686,7 +686,7 @@ class ScanManager:
 
         def task() -> None:
             try:
-                spool.close(held=held)  # the frames its engine holds
+                spool.close(held=held, peak=peak)  # the frames its engine holds, and their largest count
             except Exception as exc:  # a storage fault: logged, counted, and this scan fails
                 # before set: finish_result must not copy the file without its journal
                 closed.error, closed.kept = exc, self._kept_note(spool)

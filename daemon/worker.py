@@ -33,6 +33,7 @@ from .publisher import Outbox, preview_message, result_message
 from .resolution import HalfSetEstimator
 from .scan import engine_spec
 from .session import Session, State
+from .storage.spool import FftOrder
 
 log = logging.getLogger("cryoptycho.worker")
 
@@ -143,6 +144,8 @@ class ScanWorker:
         self._frames_in = threading.Event()
         #: the frame store's frames array and its rows at the scan's end (:meth:`held_frames`)
         self._held: tuple[Any, int] | None = None
+        #: the largest count of those frames where the engine measured it (:meth:`held_peak`)
+        self._held_peak: int | None = None
         self.thread = threading.Thread(target=self._run, name=f"worker-{session.scan_id}", daemon=True)
 
     # -- called from the manager thread -------------------------------------------------------
@@ -160,10 +163,11 @@ class ScanWorker:
         with self._queued_lock:
             return self._queued
 
-    def held_frames(self, start: int, stop: int) -> np.ndarray | None:
+    def held_frames(self, start: int, stop: int) -> FftOrder | None:
         """Rows [start, stop) of the scan's frames as the engine's frame store holds them: host
-        copies in detector order and the store's dtype (spool.py HeldFrames: the store's rows
-        are the spool's, both in the order the spool thread handed the frames over), once every
+        frames in its FFT order (a view of a host store, a copy of a device's) and the store's
+        dtype (spool.py HeldFrames: the store's rows are the spool's, both in the order the
+        spool thread handed the frames over), once every
         frame is in (the scan's end taken). None where the worker did not get that far within
         :data:`HELD_FRAMES_WAIT_S`, stopped, or its engine keeps no FrameStore. Any thread: the
         array and rows are those of the scan's end, which nothing writes again (an append writes
@@ -173,7 +177,17 @@ class ScanWorker:
         held = self._held
         if held is None or not 0 <= start <= stop <= held[1]:
             return None
-        return detector_order(to_numpy(held[0][start:stop]))
+        # in the store's FFT order: the spool puts them in detector order chunk by chunk, on its
+        # compression threads, in one pass with the cast to the dtype it stores (spool.FftOrder)
+        return FftOrder(to_numpy(held[0][start:stop]))
+
+    def held_peak(self) -> int | None:
+        """The largest count of the frames :meth:`held_frames` gives (spool.py HeldPeak), or
+        None where it is not known (waits as :meth:`held_frames` does)."""
+        if not self._frames_in.wait(HELD_FRAMES_WAIT_S) or self._held is None:
+            return None
+        peak = self._held_peak
+        return None if peak is None else int(peak)
 
     def set_options(self, options: ReconOptions) -> None:
         """Apply new options at the next step (the engine is only touched by this thread)."""
@@ -230,6 +244,7 @@ class ScanWorker:
                     if isinstance(store, FrameStore):
                         store.stop_prefault()  # no frame comes after: the rest stays untouched
                         self._held = (store.frames, store.n)
+                        self._held_peak = getattr(self.engine, "peak_count", None)
                     self._frames_in.set()
                     self._scan_end = item.arrived
                     continue

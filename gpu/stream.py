@@ -226,6 +226,9 @@ class StreamingReconstructor:
         self._steps_since_refresh = 0
         self._next_fresh = 0  # frames [0, _next_fresh) have been drawn at least once
         self._valid_counts = 0.0  # Σ counts over valid pixels of all frames received
+        #: the largest count of the frames received, where every frame's was measured (host
+        #: uint32 frames: _host_counts' pass for its 32-bit sums), else None (peak_count)
+        self._peak: int | None = 0
         self._unit_mu0: ReconOptions | None = None  # the options with μ₀ = 1 (mu0 "auto")
         self._iteration = 0
         self._visits = 0  # frame visits by mini-batch steps, all frames together
@@ -399,6 +402,7 @@ class StreamingReconstructor:
         if frames_mod is np:
             counted = self._host_counts(frames)
         else:
+            self._peak = None
             valid = frames if self.mask is None else frames * self._mask_host_dev(frames_mod)
             checks.append(valid.sum(dtype=np.float64))
         flags = host_floats(*checks) if frames_mod is not np else [float(c) for c in checks]
@@ -427,6 +431,13 @@ class StreamingReconstructor:
         batch = self._batch(np.arange(where.start, where.stop))
         self._add_illumination(self._illum, batch)
 
+    @property
+    def peak_count(self) -> int | None:
+        """The largest count of every frame received, where it was measured on the way (host
+        unsigned frames whose sums could overflow 32 bits: 96×96 uint32), else None: what the
+        spool's close stores the frames' counts in (spool.py HeldPeak)."""
+        return self._peak
+
     def _host_counts(self, frames: np.ndarray) -> float:
         """Σ counts over the valid detector pixels of host ``frames``. Integer counts are
         summed as integers (exact) and the masked-off pixels subtracted (no masked copy of
@@ -436,14 +447,20 @@ class StreamingReconstructor:
         2.8 → 1.3 µs each, the max included)."""
         if frames.dtype.kind in "ui" and frames.dtype.itemsize <= 4:
             flat = frames.reshape(frames.shape[0], -1)
-            if frames.dtype.kind == "u" and (flat.shape[1] * np.iinfo(frames.dtype).max < 2**32
-                                             or flat.shape[1] * int(flat.max()) < 2**32):
+            narrow = flat.shape[1] * np.iinfo(frames.dtype).max < 2**32
+            if frames.dtype.kind == "u" and not narrow:
+                top = int(flat.max())
+                self._peak = None if self._peak is None else max(self._peak, top)  # (peak_count)
+            else:
+                self._peak = None  # not measured: no 32-bit overflow to rule out
+            if frames.dtype.kind == "u" and (narrow or flat.shape[1] * top < 2**32):
                 total = int(flat.sum(axis=1, dtype=np.uint32).sum(dtype=np.uint64))
             else:
                 total = int(flat.sum())
             if self._mask_off is not None:
                 total -= int(flat[:, self._mask_off].sum())
             return float(total)
+        self._peak = None
         valid = frames if self._mask_host is None else frames * self._mask_host
         return float(valid.sum(dtype=np.float64))
 

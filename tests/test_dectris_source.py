@@ -109,8 +109,8 @@ def _record_closes(service: BackgroundService, monkeypatch: Any) -> list[tuple[s
     closed: list[tuple[str, dict[str, int]]] = []
     real_close = SpoolWriter.close
 
-    def close(self: SpoolWriter, held: Any = None) -> None:
-        real_close(self, held)
+    def close(self: SpoolWriter, held: Any = None, peak: Any = None) -> None:
+        real_close(self, held, peak)
         closed.append((self.path.name, self.derived_rows.copy()))
 
     monkeypatch.setattr(SpoolWriter, "close", close)
@@ -151,8 +151,8 @@ def _stream_past_a_held_close(service: BackgroundService, messages: list[bytes],
 def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine_holds(
         service, monkeypatch) -> None:
     """At the scan's end its binned frames are written to the spool from the worker's frame
-    store (not decoded and binned again from the detector frames): the same bytes as derived
-    from the detector frames."""
+    store (not decoded and binned again from the detector frames): the same counts as derived
+    from the detector frames, as uint8 (the engine's largest count: ScanWorker.held_peak)."""
     from cryoptycho.daemon import worker as worker_module
     from cryoptycho.daemon.storage.spool import SpoolWriter, derive_rows, load_derivation
 
@@ -161,13 +161,12 @@ def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine
     closed: list[tuple[Any, bytes, bytes]] = []
     real_close = SpoolWriter.close
 
-    def close(self: SpoolWriter, held: Any = None) -> None:
-        real_close(self, held)
+    def close(self: SpoolWriter, held: Any = None, peak: Any = None) -> None:
+        real_close(self, held, peak)
         with h5py.File(self.path, "r") as f:  # before the worker may delete it
             reducer, _ = load_derivation(f)
             n = int(f[DATA].attrs["count"])
-            closed.append((self.derived_rows.copy(), f[DATA]["data"][:].tobytes(),
-                           derive_rows(f, reducer, 0, n).tobytes()))
+            closed.append((self.derived_rows.copy(), f[DATA]["data"][:], derive_rows(f, reducer, 0, n)))
 
     monkeypatch.setattr(SpoolWriter, "close", close)
     config = service.service.config  # (a short refinement: the daemon stops sooner)
@@ -178,7 +177,9 @@ def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine
     _wait(lambda: closed, "the scan's spool to close")
     rows, written, derived = closed[0]
     assert rows == {"frame_store": 100}  # a whole chunk of 64 rows and a part-full one
-    assert written == derived
+    # stored in the smallest dtype that holds the largest count, which the engine measured
+    assert derived.dtype == np.uint32 and 0 < derived.max() <= 255 and written.dtype == np.uint8
+    np.testing.assert_array_equal(written, derived)
 
 
 def test_a_scans_end_waiting_for_its_worker_does_not_hold_up_the_next_series(service, monkeypatch) -> None:
@@ -220,11 +221,11 @@ def test_an_aborted_scans_close_does_not_hold_up_the_next_series(service, monkey
     gate, asked = threading.Event(), threading.Event()
     real_derive = SpoolWriter._write_derived
 
-    def gated(self: SpoolWriter, held: Any = None) -> None:
+    def gated(self: SpoolWriter, held: Any = None, peak: Any = None) -> None:
         if self.path.name.startswith("cut"):
             asked.set()
             assert gate.wait(300), "the gate was never opened"
-        real_derive(self, held)
+        real_derive(self, held, peak)
 
     monkeypatch.setattr(SpoolWriter, "_write_derived", gated)
     closed = _record_closes(service, monkeypatch)

@@ -25,11 +25,11 @@ def test_a_refused_scan_whose_spool_close_fails_is_refused_with_its_reason(tmp_p
 
     real_close = SpoolWriter.close
 
-    def close(self, held=None):  # the refused scan's close fails as a disk fault makes it fail
+    def close(self, held=None, peak=None):  # the refused scan's close fails as a disk fault makes it fail
         if self.path.name.startswith("refused"):
             self._let_go()
             raise OSError(errno.EIO, "Input/output error (test)")
-        return real_close(self, held)
+        return real_close(self, held, peak)
 
     from cryoptycho.daemon.scans import ScanManager
 

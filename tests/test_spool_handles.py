@@ -138,13 +138,13 @@ def test_a_finish_scan_met_by_the_stop_is_answered_even_when_its_spool_cannot_be
         self.stopping = True  # (read by the manager thread once this is handed back)
         return opened
 
-    def close(self, held=None):
+    def close(self, held=None, peak=None):
         if getattr(self, "fails_once", False):
             self.fails_once = False
             failed.append(self.path)
-            real_close(self, held)  # (the file let go of, as by a close that fails: SpoolWriter.close)
+            real_close(self, held, peak)  # (the file let go of, as by a close that fails: SpoolWriter.close)
             raise OSError(errno.EIO, "Input/output error (test)")
-        return real_close(self, held)
+        return real_close(self, held, peak)
 
     monkeypatch.setattr(ScanManager, "_reopen_spool", reopen)
     monkeypatch.setattr(SpoolWriter, "close", close)

@@ -17,6 +17,7 @@ from cryoptycho.daemon.storage.journal import MAGIC, iter_records, journal_path,
 from cryoptycho.daemon.storage.spool import (
     DATA,
     DERIVED,
+    FftOrder,
     SpoolWriter,
     read_spool,
     repair_spool,
@@ -300,7 +301,7 @@ def _raises(a: int, b: int) -> np.ndarray:
     raise RuntimeError("the device went away")
 
 
-@pytest.mark.parametrize("kind", ["missing", "shifted", "dtype", "shape", "raises"])
+@pytest.mark.parametrize("kind", ["missing", "shifted", "fft_shifted", "dtype", "shape", "raises"])
 def test_a_scans_binned_frames_that_are_not_its_detector_frames_are_decoded_instead(
         tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
     """The frames a scan holds at its end are written only where they are its detector frames
@@ -310,7 +311,9 @@ def test_a_scans_binned_frames_that_are_not_its_detector_frames_are_decoded_inst
     reducer, det, binned = _detector_scan(150)
     w = SpoolWriter.create(tmp_path, _derived_spec(kind, reducer))
     _append_detector(w, reducer, det, binned, 0, 150)
+    fft = np.fft.ifftshift(np.concatenate([binned, binned[:1]]), axes=(1, 2))  # (in the store's order)
     held = {"missing": lambda a, b: None, "shifted": _shifted(binned),
+            "fft_shifted": lambda a, b: FftOrder(fft[a + 1:b + 1]),
             "dtype": lambda a, b: binned[a:b].astype(np.int32),
             "shape": lambda a, b: binned[a:b - 1], "raises": _raises}[kind]
     w.set_status("ended")
@@ -615,3 +618,130 @@ def test_a_scans_options_changed_while_it_waits_are_journaled_and_read_back(tmp_
         again.set_options({"seed": object()})
     assert [r.header["op"] for r in iter_records(journal_path(w.path))][-1] == "opened"
     again.close()
+
+
+# ------------------------------------ derived rows stored in the smallest dtype (spool HeldPeak)
+
+
+def _peaked_scan(n: int, peak: int, saturation: int | None = None) -> tuple[FrameReducer, np.ndarray, np.ndarray]:
+    """A reducer with a bad-pixel mask (binned frames uint32 without a saturation value: 2×2
+    sums of uint16; uint16 with ``saturation``), saturated pixels (flagged invalid) where
+    ``peak`` allows them, and frame 10's largest binned count ``peak`` (one 2×2 block)."""
+    bad = np.zeros((DET, DET), bool)
+    bad[5, 7] = bad[40, 41] = True
+    reducer = FrameReducer.build((DET, DET), np.uint16, beam_center_px=(30.0, 34.5), crop=48, bin=2,
+                                 bad_pixels=bad, saturation_value=saturation)
+    rng = np.random.default_rng(11)
+    det = rng.poisson(3, (n, DET, DET)).astype(np.uint16)
+    det[::7, 30:32, 30:32] = 0  # a block of the window with one saturated pixel, counted as the
+    if saturation is not None or peak >= 65534:  # saturation value (65534 when none is declared)
+        det[::7, 30, 30] = 65535 if saturation is None else saturation + 1
+    det[3, 5, 7] = det[4, 40, 41] = 65000  # masked
+    y, x = reducer.corner[0] + 2 * 10, reducer.corner[1] + 2 * 10  # another block of the window
+    det[10, y:y + 2, x:x + 2] = (np.arange(4) < peak % 4).reshape(2, 2) + peak // 4
+    binned = reducer.reduce_batch(det)[0]
+    assert int(binned.max()) == peak
+    return reducer, det, binned
+
+
+@pytest.mark.parametrize(("peak", "saturation", "dtype"), [(255, 100, np.uint8), (256, 100, np.uint16),
+                                                           (255, None, np.uint8), (256, None, np.uint16),
+                                                           (65535, None, np.uint16), (65536, None, np.uint32)])
+@pytest.mark.parametrize("source", ["frame_store", "fft_order", "detector_frames"])
+def test_an_ended_scans_derived_rows_are_stored_in_the_smallest_dtype_that_holds_its_largest_count(
+        tmp_path: Path, peak: int, saturation: int | None, dtype: type, source: str) -> None:
+    """The binned frames written at a scan's end take a quarter (uint8) or half (uint16) of the
+    bytes of the reducer's uint32 to bitshuffle and compress where the scan's largest count
+    allows: the dataset is made at the close in that dtype. Every reader gets the counts the
+    scan received (h5py alone, read_spool), at the dtypes' boundaries, with masked and
+    saturated pixels; for rows from the frame store (in detector order, or in its FFT order, put
+    in detector order with the cast) and rows decoded again (an aborted scan)."""
+    reducer, det, binned = _peaked_scan(150, peak, saturation)
+    assert reducer.out_dtype == (np.uint32 if saturation is None else np.uint16)
+    w = SpoolWriter.create(tmp_path, _derived_spec("small", reducer))
+    _append_detector(w, reducer, det, binned, 0, 150)
+    w.set_status("finished")
+    store = np.fft.ifftshift(binned, axes=(1, 2))  # a frame store's order (ScanWorker.held_frames)
+    held = {"frame_store": lambda a, b: binned[a:b].copy(), "fft_order": lambda a, b: FftOrder(store[a:b]),
+            "detector_frames": None}[source]
+    w.close(held=held, peak=lambda: peak)
+    assert w.derived_rows == {"fft_order": {"frame_store": 150}}.get(source, {source: 150})
+    with h5py.File(w.path, "r") as f:
+        g = f[DATA]
+        data = g["data"]
+        assert data.dtype == dtype and data.chunks == (64, 24, 24)
+        assert "pending_rows" not in g[DERIVED].attrs
+        assert f["entry_1/instrument_1/detector_1/data"].id == data.id  # every name of the frames
+        assert data.attrs["units"] == "counts"
+        stored = data[:]
+    np.testing.assert_array_equal(stored, binned)
+    assert stored.max() == peak
+    got = read_spool(w.path).frames
+    np.testing.assert_array_equal(got, binned)
+
+
+def test_a_count_beyond_the_given_peak_has_the_rows_written_in_the_reducers_dtype(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A peak that is too small (a frame store that missed the brightest frame) never wraps a
+    count around: the rows are written again as uint32, and the warning says why."""
+    reducer, det, binned = _peaked_scan(150, 300)
+    w = SpoolWriter.create(tmp_path, _derived_spec("low", reducer))
+    _append_detector(w, reducer, det, binned, 0, 150)
+    w.set_status("finished")
+    with caplog.at_level(logging.WARNING, "cryoptycho.spool"):
+        w.close(held=lambda a, b: binned[a:b].copy(), peak=lambda: 255)
+    assert "count of 300 does not fit uint8" in caplog.text
+    with h5py.File(w.path, "r") as f:
+        assert f[DATA]["data"].dtype == np.uint32
+        assert f[DATA]["data"][:].tobytes() == binned.tobytes()
+
+
+@pytest.mark.parametrize("status", ["ended", "aborted"])
+def test_a_spool_stored_small_and_reopened_derives_its_rows_in_the_reducers_dtype_again(
+        tmp_path: Path, status: str) -> None:
+    """Frames that come after the scan ended and closed its spool (re-opened with its journal,
+    ended, or without one, final): readers get the rows stored as uint8 until frames are
+    appended; then they are derived again (the dataset in the reducer's dtype, every row
+    pending), and the next close stores all of them in the new largest count's dtype. A kill
+    after the appends: the spool rebuilt from its journal holds every frame."""
+    reducer, det, binned = _peaked_scan(200, 255)
+    det[170, 30:32, 30:32] = 250  # a brighter frame among the later ones: 1000 binned
+    binned = reducer.reduce_batch(det)[0]
+    w = SpoolWriter.create(tmp_path, _derived_spec("again", reducer))
+    _append_detector(w, reducer, det, binned, 0, 150)
+    w.set_status(status)
+    w.close(held=None, peak=lambda: 255)
+    with h5py.File(w.path, "r") as f:
+        assert f[DATA]["data"].dtype == np.uint8
+    w = SpoolWriter.reopen(w.path)
+    np.testing.assert_array_equal(w.read()[0], binned[:150])
+    _append_detector(w, reducer, det, binned, 150, 200)
+    np.testing.assert_array_equal(w.read()[0], binned)
+    with h5py.File(w.path, "r") as f:
+        assert f[DATA]["data"].dtype == np.uint32
+        assert f[DATA][DERIVED].attrs["pending_rows"].tolist() == [[0, 200]]
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copyfile(w.path, killed / w.path.name)
+    shutil.copyfile(journal_path(w.path), journal_path(killed / w.path.name))
+    assert repair_spool(killed / w.path.name)
+    np.testing.assert_array_equal(read_spool(killed / w.path.name).frames, binned)
+    w.set_status(status)
+    w.close(peak=lambda: 1000)
+    with h5py.File(w.path, "r") as f:
+        assert f[DATA]["data"].dtype == np.uint16
+        np.testing.assert_array_equal(f[DATA]["data"][:], binned)
+
+
+def test_the_rows_of_a_scan_without_a_peak_stay_in_the_reducers_dtype(tmp_path: Path) -> None:
+    """A scan whose peak is not known (an engine that did not measure it: ScanWorker.held_peak)
+    keeps the reducer's dtype."""
+    reducer, det, binned = _peaked_scan(80, 255)
+    for status, peak in (("ended", None), ("finished", lambda: None)):
+        w = SpoolWriter.create(tmp_path, _derived_spec(f"wide{len(list(tmp_path.iterdir()))}", reducer))
+        _append_detector(w, reducer, det, binned, 0, 80)
+        w.set_status(status)
+        w.close(held=lambda a, b: binned[a:b].copy(), peak=peak)
+        with h5py.File(w.path, "r") as f:
+            assert f[DATA]["data"].dtype == np.uint32, (status, peak)
+            assert f[DATA]["data"][:].tobytes() == binned.tobytes()

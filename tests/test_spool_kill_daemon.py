@@ -195,6 +195,9 @@ def test_a_daemon_killed_while_spooling_a_detector_scan_keeps_every_acknowledged
     assert set(range(acked)) <= set(indices.tolist()), (acked, sorted(indices.tolist()))
     expected = reducer.reduce_batch(sent[indices])[0]
     np.testing.assert_array_equal(detector, sent[indices])
-    assert binned.dtype == expected.dtype and binned.tobytes() == expected.tobytes()
+    # the recovered scan's worker held its frames and their largest count: stored in the
+    # smallest dtype that holds it (FORMATS.md), the same counts
+    assert binned.dtype.itemsize <= expected.dtype.itemsize and int(binned.max()) == int(expected.max())
+    np.testing.assert_array_equal(binned, expected)
     early_expected = reducer.reduce_batch(sent[early.frame_indices])[0]
-    assert early.data.frames.dtype == binned.dtype and early.data.frames.tobytes() == early_expected.tobytes()
+    assert early.data.frames.dtype == expected.dtype and early.data.frames.tobytes() == early_expected.tobytes()

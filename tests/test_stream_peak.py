@@ -1,0 +1,41 @@
+"""The engine's largest count of the frames it took in (StreamingReconstructor.peak_count): what
+a detector scan's spool stores its binned frames in at the scan's end (spool.py HeldPeak)."""
+
+from __future__ import annotations
+
+import numpy as np
+from cryoptycho.gpu.options import ReconOptions
+from cryoptycho.gpu.stream import StreamingReconstructor
+from daemon_support import synthetic_scan
+
+
+def _engine(scan, dtype, mask=None) -> StreamingReconstructor:
+    return StreamingReconstructor(frame_shape=scan.frames.shape[1:], frame_dtype=dtype, pixel_size=1e-10,
+                                  probe=scan.probe, options=ReconOptions(backend="numpy"),
+                                  expected_frames=len(scan.frames), mask=mask)
+
+
+def test_the_largest_count_of_uint32_frames_is_kept_masked_pixels_included() -> None:
+    """Measured by the pass that rules out a 32-bit overflow of the frames' sums; the frames are
+    stored as they came, masked pixels too, so their counts count."""
+    scan = synthetic_scan(n_side=8)
+    frames = scan.frames.astype(np.uint32)
+    assert frames.shape[1] * frames.shape[2] * (2**32 - 1) >= 2**32 and frames.max() < 256
+    mask = np.ones(frames.shape[1:], bool)
+    mask[0, 0] = False
+    frames[5, 0, 0] = 65536  # a masked pixel: not counted, but stored
+    engine = _engine(scan, np.uint32, mask)
+    assert engine.peak_count == 0
+    engine.add_frames(frames[:4], scan.positions[:4])
+    assert engine.peak_count == frames[:4].max()
+    engine.add_frames(frames[4:], scan.positions[4:])
+    assert engine.peak_count == 65536
+
+
+def test_the_largest_count_of_frames_it_does_not_measure_is_not_known() -> None:
+    """uint16 frames (sums that cannot overflow: no pass for their largest count): None, and the
+    spool keeps the reducer's dtype."""
+    scan = synthetic_scan(n_side=8)
+    engine = _engine(scan, np.uint16)
+    engine.add_frames(scan.frames.astype(np.uint16), scan.positions)
+    assert engine.peak_count is None
