@@ -360,15 +360,16 @@ class ReconOptions(_Strict):
     """Under ``parallax`` "auto", offline: when the fit at ``parallax_reach`` does not reject the
     nominal probe, fit again at this reach and apply that fit if it does (its own gate; the
     result records the reach used as ``parallax_reach``); None: one fit. Costs a second fit
-    only where the first found nothing (hemoglobin +4–6 s, proteasome at 20 e⁻/Å² +25–35 s on
-    the loaded 2-core box). On the realistic preset it finds hemoglobin's probe error at
-    100 e⁻/Å² (phase correlation 0.312 → 0.480, NRMSE 0.832 → 0.750; the true probe 0.479 /
-    0.751) and the proteasome's at 20 where the first fit is not significant, keeps the
+    only where the first found nothing (hemoglobin +4–6 s, proteasome at 20 e⁻/Å² +25–35 s,
+    a 3,472-pattern ribosome +168 s CPU and +1.1 GB on the loaded 2-core box). On the
+    realistic preset it finds hemoglobin's probe error at 100 e⁻/Å² (phase correlation 0.312 →
+    0.480, NRMSE 0.832 → 0.750; the true probe 0.479 / 0.751) and the proteasome's at 20 where the first fit is not significant, keeps the
     defaults where it is (proteasome at 100, ribosome), and stayed shut on every scan whose
     nominal probe was right; ``parallax_reach`` 1.8 alone loses on the proteasome at 100 and
     the ribosome (MEASUREMENTS.md, "The parallax gate's noise"). Not live: the streaming
     engine fits once, at ``parallax_reach``; nor with ``parallax_scan`` (the joint fit is made
-    once)."""
+    once). A value at or below ``parallax_reach`` makes one fit, as None does. Its time comes
+    before ``time_budget_s``'s count starts (the budget is CG's, as for the first fit)."""
 
     parallax_aliases: bool = False
     """On a raster scan, the parallax fit models each object frequency of one reciprocal cell of

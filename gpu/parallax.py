@@ -415,8 +415,9 @@ class BrightFieldModel:
                                        asarray(negate[slot][..., None].astype(np.int64) * stride, xp)
                                        + self.at_plus[:, None])
             ry, rx = np.indices((m, m)) * self.pixel_size
-            self.alias_ramps = asarray(np.exp(2j * np.pi * (alias_vectors[:, :1, None] * ry[None]
-                                                             + alias_vectors[:, 1:, None] * rx[None])), xp, self.cdt)
+            # a list of device arrays (each trial loops over them: see ``moments``)
+            self.alias_ramps = [asarray(r, xp, self.cdt) for r in np.exp(
+                2j * np.pi * (alias_vectors[:, :1, None] * ry[None] + alias_vectors[:, 1:, None] * rx[None]))]
         self.basis = aberration_basis(tuple(probe.shape), pixel_size, energy_ev, self.names, xp).astype(rdt)
         # the probe's centre (its intensity centroid, window pixels): the Taylor expansion of
         # Ψ off the padded grid (scan matrix, :meth:`projected`) is centred there, so its phase
@@ -426,8 +427,10 @@ class BrightFieldModel:
         self.centre = np.array([(inten * grid_y).sum(), (inten * grid_x).sum()]) / max(inten.sum(), 1e-300)
         rho_y, rho_x = (2.0 * np.pi * (g - c) / big for g, c in zip((grid_y, grid_x), self.centre))
         #: ρ_y, ρ_x, ρ_y², ρ_yρ_x, ρ_x²: the weights whose FFTs are Ψ's derivatives along the
-        #: padded grid (first and second order)
-        self.moments = asarray(np.stack([rho_y, rho_x, rho_y**2, rho_y * rho_x, rho_x**2]), xp, rdt)
+        #: padded grid (first and second order); a list of device arrays, not one stacked array:
+        #: the trials loop over them, and looping over a device array's rows is a device → host
+        #: conversion (gpu/strict.py refuses it)
+        self.moments = [asarray(w, xp, rdt) for w in (rho_y, rho_x, rho_y**2, rho_y * rho_x, rho_x**2)]
         self.evaluations = 0
         # per-frequency weights: the share of signal in each shell of |q| (a Wiener weight,
         # s/(1 + s) with s the shell's projected energy above the noise's 2σ² per frequency),
@@ -699,9 +702,13 @@ def estimate_aberrations(
     inv_var = 0.0 if prior_rms_m is None else (unit / prior_rms_m) ** 2
     base = model.log_likelihood(x0)
 
-    def score(x: np.ndarray) -> float:
+    def check_cancel() -> None:
+        """Before each trial probe: a cancelled fit stops here (and ``cancel`` counts the trial)."""
         if cancel is not None and cancel.is_set():
             raise FitCancelled("the parallax fit was cancelled")
+
+    def score(x: np.ndarray) -> float:
+        check_cancel()
         return model.log_likelihood(x * unit) - base - 0.5 * inv_var * float(np.sum(x**2))
 
     span = search_range_m / unit
@@ -726,8 +733,7 @@ def estimate_aberrations(
         inv_var_scan = (pct / scan_prior_rms) ** 2
 
         def joint(x: np.ndarray) -> float:
-            if cancel is not None and cancel.is_set():
-                raise FitCancelled("the parallax fit was cancelled")
+            check_cancel()
             e = (x[n:] * pct).reshape(2, 2)
             return (model.log_likelihood(x[:n] * unit, e) - base - 0.5 * inv_var * float(np.sum(x[:n] ** 2))
                     - 0.5 * inv_var_scan * float(np.sum(x[n:] ** 2)))
@@ -743,13 +749,17 @@ def estimate_aberrations(
     rng = np.random.default_rng(0)
     noise_scatter = np.zeros((len(x), len(x)))
     e_best = None if not scan else (x[n:] * pct).reshape(2, 2)
-    # the fitted signal, its projected noise taken out per shell (×√(signal share))
+    # the fitted signal, its projected noise taken out per shell (×√(signal share)); the gate's
+    # trial probes (2 per coefficient and surrogate) are the fit's like any other: a cancel
+    # stops them, and a FitProgress counts them
+    check_cancel()
     signal = model.projected(x[:n] * unit, e_best, fitted=True) * asarray(
         np.sqrt(model.q_weight)[:, None], model.xp, real_of(model.cdt))
     for _ in range(noise_draws):
         surrogate = signal + model.noise_surrogate(rng)
 
         def per_q(v: np.ndarray, surrogate: Any = surrogate) -> np.ndarray:
+            check_cancel()
             e = None if not scan else (v[n:] * pct).reshape(2, 2)
             return model.q_weight * model.projected(v[:n] * unit, e, surrogate) / model.sigma2
 
