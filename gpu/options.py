@@ -368,8 +368,9 @@ class ReconOptions(_Strict):
     nominal probe was right; ``parallax_reach`` 1.8 alone loses on the proteasome at 100 and
     the ribosome (MEASUREMENTS.md, "The parallax gate's noise"). Not live: the streaming
     engine fits once, at ``parallax_reach``; nor with ``parallax_scan`` (the joint fit is made
-    once). A value at or below ``parallax_reach`` makes one fit, as None does. Its time comes
-    before ``time_budget_s``'s count starts (the budget is CG's, as for the first fit)."""
+    once); nor under ``time_budget_s``, whose count starts after the fits (the budget is CG's):
+    the wide fit's minutes on a large scan would come on top of it. A value at or below
+    ``parallax_reach`` makes one fit, as None does."""
 
     parallax_aliases: bool = False
     """On a raster scan, the parallax fit models each object frequency of one reciprocal cell of

@@ -203,7 +203,10 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
         wide = opts.parallax_wide_reach
         # with parallax_scan the joint fit is made once: a second joint fit would cost 4–7× the
         # first and move the scan matrix the first one already gated
+        # nor under a time budget: the wide fit costs up to minutes on a large scan (a 3,472-pattern
+        # ribosome: 168 s of CPU), before the budget's clock starts, which the budget promises
         if (auto and wide is not None and wide > reach and not opts.parallax_scan
+                and opts.time_budget_s is None
                 and not fit.rejects_nominal(opts.parallax_confidence)):
             # the frequencies inside the reach did not tell: past it (aliased on a raster, but
             # each frequency's own transfer) the parallax shifts are larger

@@ -113,3 +113,8 @@ def test_the_wide_reach_is_fitted_only_where_the_first_fit_finds_nothing(monkeyp
     calls.clear()
     prepare(data, {"iterations": 1, "parallax_scan": True})  # the joint scan fit is made once
     assert calls == [0.9]
+    calls.clear()
+    # under a time budget (`reconstruct --time-budget`): the wide fit's minutes on a large scan
+    # came before the budget's clock started, past what the budget promises
+    prepare(data, {"iterations": 1, "time_budget_s": 2.0})
+    assert calls == [0.9]
