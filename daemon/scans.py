@@ -42,6 +42,7 @@ from .storage.journal import fsync_path, journal_path
 from .storage.readcheck import check_spool_readable
 from .storage.spool import (
     SpoolWriter,
+    discard_half_created,
     discard_journal,
     file_stem,
     read_spool,
@@ -1194,6 +1195,8 @@ class ScanManager:
     def recover(self) -> list[str]:
         """Re-open the unfinished scans of the spool directory (after a crash or a drain)."""
         recovered = []
+        for part in discard_half_created(self.config.spool_dir):
+            log.warning("removed %s: a spool file the daemon was killed creating (it held no frame)", part)
         for path in unfinished_spools(self.config.spool_dir):
             try:
                 repaired = repair_spool(path)  # a kill inside HDF5's flush: the journal has every frame
