@@ -924,7 +924,11 @@ class ScanManager:
         require_free_space(stem.parent, need, self.config.disk_reserve_bytes, f"the result of scan {session.scan_id!r}")
         written = save_outputs(stem, state, formats=self.config.output_formats, extra=extra, raw=raw)
         discard_journal(spool_file, self.config.spool_fsync)  # closed, the file holds all of it
-        with h5py.File(spool_file, "r+") as f:
+        # without HDF5's file lock: a program reading the closed spool (h5py's defaults take a
+        # shared lock) made this open fail and the scan with it, its result already written; the
+        # daemon is the spool's only writer (serve's directory lock), and a reader of a file being
+        # marked sees the one attribute before or after
+        with h5py.File(spool_file, "r+", locking=False) as f:
             f.attrs["status"] = "finished"
         if not self.config.keep_spool:
             spool_file.unlink()
@@ -1018,7 +1022,7 @@ class ScanManager:
             return
         path = spool_path(self.config.spool_dir, scan_id)
         if path.exists():
-            with h5py.File(path, "r+") as f:
+            with h5py.File(path, "r+", locking=False) as f:  # a reader's lock: as in finish_result
                 f.attrs["status"] = status
             # closed (not unclosed), the file holds all of it, and its status is final: its journal
             # goes, as a close with a final status drops it (kept, the stop listed the spool as one

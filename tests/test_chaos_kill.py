@@ -69,3 +69,61 @@ def test_a_spool_created_whole_is_where_it_was_before(tmp_path: Path) -> None:
     w.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["whole.spool.h5", "whole.spool.journal"]
     assert spool_path(tmp_path, "whole").exists()
+
+
+#: opens a spool as soon as it can, with h5py's defaults (a shared file lock), and holds it
+_READER = textwrap.dedent("""
+    import sys, time
+    import h5py
+    print("ready", flush=True)
+    for _ in range(20000):
+        try:
+            f = h5py.File(sys.argv[1], "r")
+            break
+        except OSError:  # (BlockingIOError: the daemon writes it) or not there yet
+            time.sleep(0.002)
+    else:
+        sys.exit("never opened")
+    print("open", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_reader_holding_an_ended_scans_spool_open_does_not_fail_the_scan(tmp_path: Path) -> None:
+    """A program reading the spool of an ended scan with h5py's defaults (a shared HDF5 file
+    lock) while the daemon finished it: the result files were written, then marking the spool
+    "finished" could not lock the file and the scan failed — a result on disk for a scan the
+    daemon called failed, its spool kept. (The campaign's own checker was such a reader.)"""
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=6, m=32)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                        resolution_interval_s=0, refine_time_budget_s=4)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    reader = None
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
+            p.start_scan(**scan.start_fields("read", options={"iterations": 100_000}))  # refines for its budget
+            p.send_frames(scan.frames)
+            p.flush()  # the spool is open: the daemon holds it, the reader waits for its close
+            path = tmp_path / "spool" / "read.spool.h5"
+            # another process (HDF5's locks are between processes), polling before the scan's
+            # end, so that it holds the file from the spool's close on, while the scan refines
+            reader = subprocess.Popen([sys.executable, "-c", _READER, str(path)], stdout=subprocess.PIPE, text=True)
+            assert reader.stdout.readline().strip() == "ready"
+            p.end_scan()
+            assert reader.stdout.readline().strip() == "open", "the spool was never readable before the scan ended"
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "read"
+                                          and s["state"] in ("finished", "failed", "aborted")), None),
+                            120, "the scan to end")
+            assert info["state"] == "finished", info
+    finally:
+        if reader is not None:
+            reader.kill()
+            reader.wait(10)
+        bg.stop()
