@@ -349,7 +349,7 @@ class Campaign:
     def _empty_failed(self, path: Path) -> bool:
         try:
             import h5py
-            with h5py.File(path, "r") as f:
+            with h5py.File(path, "r", locking=False) as f:  # no lock: a lock of ours fails the daemon's writes
                 return str(f.attrs.get("status")) == "failed" and int(f["entry_1/data_1"].attrs.get("count", 0)) == 0
         except Exception:  # noqa: BLE001
             return False
@@ -361,7 +361,7 @@ class Campaign:
             return False
         try:
             import h5py
-            with h5py.File(path, "r") as f:
+            with h5py.File(path, "r", locking=False) as f:  # no lock: a lock of ours fails the daemon's writes
                 return str(f.attrs.get("status", "")) == "aborted" or "aborted" in str(dict(f.attrs))
         except Exception:  # noqa: BLE001
             return False
@@ -393,7 +393,7 @@ class Campaign:
                               f"no result, notes {rec.notes}")
                 continue
             try:
-                with h5py.File(path, "r") as f:
+                with h5py.File(path, "r", locking=False) as f:  # no lock: a lock of ours fails the daemon's writes
                     g = f["raw/entry_1/data_1"] if source == "result" else f["entry_1/data_1"]
                     idx = g["frame_index"][()]
                     if rec.kind == "dectris":
