@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: daemon_support
 
-from daemon_support import Daemon, start_daemon, start_dectris_sim  # noqa: E402
+from daemon_support import Daemon, start_daemon, start_dectris_sim
 
 M = 32
 FAST = ("--set", "options.iterations=3", "--set", "refine_time_budget_s=4", "--set", "preview_hz=4",
@@ -77,7 +77,7 @@ def frames_of(rec: ScanRecord) -> np.ndarray:
 def start_fields(rec: ScanRecord, options: dict | None) -> dict:
     from cryoptycho.gpu.probes import make_probe
 
-    side = int(round(np.sqrt(rec.n)))
+    side = round(float(np.sqrt(rec.n)))
     iy, ix = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
     pos = np.stack([iy.ravel(), ix.ravel()], 1) * 3e-10
     probe = make_probe("defocused", (M, M), 1e-10, semiangle=8e-3, defocus=60e-9).astype(np.complex64)
@@ -163,9 +163,8 @@ class Cycle:
             last_ctl = 0.0
             journals_seen: set[str] = set()
             while not self.dead.is_set():
-                if self.phase == "result-write":
-                    if any(e.name.endswith(".part") for e in os.scandir(results)):
-                        self.fire("result .part present")
+                if self.phase == "result-write" and any(e.name.endswith(".part") for e in os.scandir(results)):
+                    self.fire("result .part present")
                 if self.phase == "spool-close":
                     names = {e.name for e in os.scandir(spool)}
                     for j in journals_seen - names:
@@ -299,8 +298,8 @@ class Campaign:
                             rec.acked = set(range(got))
                         if cyc.phase == "mid-stream" and got > 0:
                             cyc.fire(f"mid-stream of detector {sid} ({got} counted)")
-                except Exception:  # noqa: BLE001 - the daemon is dying
-                    pass
+                except Exception:  # noqa: BLE001 - the daemon is dying: asked again while it lives
+                    time.sleep(0.05)
                 time.sleep(0.05)
 
     def finish(self) -> None:
@@ -467,7 +466,7 @@ def main() -> int:
             shutil.copytree(work, args.keep, dirs_exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"seed": args.seed, "cycles": args.cycles, "failures": camp.failures,
-                      "load": open("/proc/loadavg").read().split()[:3]}, indent=1))
+                      "load": Path("/proc/loadavg").read_text().split()[:3]}, indent=1))
     if camp.failures and hasattr(camp, "daemon_log"):
         (Path(tempfile.gettempdir()) / f"chaos-seed{args.seed}-lastdaemon.log").write_text(camp.daemon_log)
     return 1 if camp.failures else 0

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: daemon_support
 
-from daemon_support import start_daemon, synthetic_scan  # noqa: E402
+from daemon_support import start_daemon, synthetic_scan
 
 FAST = ("--set", "options.iterations=2", "--set", "refine_time_budget_s=3", "--set", "resolution_interval_s=0",
         "--set", "recover_wait_s=1")
@@ -58,8 +58,8 @@ def one_life(work: Path, scan, prefix: tuple[str, ...]) -> tuple[set[int], bool]
                 try:
                     if all(s["state"] in ("finished", "failed", "aborted") for s in ctl.list_scans()):
                         break
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception:  # noqa: BLE001 - dying under strace: poll() says so
+                    time.sleep(0.1)
                 time.sleep(0.1)
         died = daemon.proc.poll() is not None
     finally:
@@ -144,7 +144,7 @@ def main() -> int:
             key = outcome.split(":")[0].split(" (")[0] if not outcome.startswith("ok") else "ok"
             tally[key] = tally.get(key, 0) + 1
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(tally), open("/proc/loadavg").read().split()[:3])
+    print(json.dumps(tally), Path("/proc/loadavg").read_text().split()[:3])
     return 0 if set(tally) <= {"ok", "not killed"} else 1
 
 
