@@ -42,6 +42,7 @@ from .storage.journal import fsync_path, journal_path
 from .storage.readcheck import check_spool_readable
 from .storage.spool import (
     SpoolWriter,
+    discard_half_created,
     discard_journal,
     file_stem,
     read_spool,
@@ -923,7 +924,11 @@ class ScanManager:
         require_free_space(stem.parent, need, self.config.disk_reserve_bytes, f"the result of scan {session.scan_id!r}")
         written = save_outputs(stem, state, formats=self.config.output_formats, extra=extra, raw=raw)
         discard_journal(spool_file, self.config.spool_fsync)  # closed, the file holds all of it
-        with h5py.File(spool_file, "r+") as f:
+        # without HDF5's file lock: a program reading the closed spool (h5py's defaults take a
+        # shared lock) made this open fail and the scan with it, its result already written; the
+        # daemon is the spool's only writer (serve's directory lock), and a reader of a file being
+        # marked sees the one attribute before or after
+        with h5py.File(spool_file, "r+", locking=False) as f:
             f.attrs["status"] = "finished"
         if not self.config.keep_spool:
             spool_file.unlink()
@@ -1017,7 +1022,7 @@ class ScanManager:
             return
         path = spool_path(self.config.spool_dir, scan_id)
         if path.exists():
-            with h5py.File(path, "r+") as f:
+            with h5py.File(path, "r+", locking=False) as f:  # a reader's lock: as in finish_result
                 f.attrs["status"] = status
             # closed (not unclosed), the file holds all of it, and its status is final: its journal
             # goes, as a close with a final status drops it (kept, the stop listed the spool as one
@@ -1194,6 +1199,8 @@ class ScanManager:
     def recover(self) -> list[str]:
         """Re-open the unfinished scans of the spool directory (after a crash or a drain)."""
         recovered = []
+        for part in discard_half_created(self.config.spool_dir):
+            log.warning("removed %s: a spool file the daemon was killed creating (it held no frame)", part)
         for path in unfinished_spools(self.config.spool_dir):
             try:
                 repaired = repair_spool(path)  # a kill inside HDF5's flush: the journal has every frame

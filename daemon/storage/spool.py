@@ -392,7 +392,13 @@ class SpoolWriter:
         if path.exists():
             raise FileExistsError(f"spool file {path} already exists (scan_id {spec.scan_id!r} reused)")
         m = spec.frame_shape
-        f = h5py.File(path, "w")
+        # written under a hidden name and renamed once closed: a kill while HDF5 writes the new
+        # file left a half file under the spool's name, which no recovery could read ("bad object
+        # header"), so every later start logged it as unrecoverable and kept it for ever; it
+        # never held a frame (frames come after the journal's base), so a half one is removed
+        part = creating_path(path)
+        part.unlink(missing_ok=True)
+        f = h5py.File(part, "w")
         try:
             f.attrs.update(format=FORMAT, format_version=_PLAIN_VERSION, scan_id=spec.scan_id, status="open")
             s = f.create_group("scan")
@@ -410,11 +416,12 @@ class SpoolWriter:
                 write_nav_shape(f, *(grid or (None, False)))
         except BaseException:
             f.close()
-            path.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
             raise
         f.close()  # closed, the file is one of HDF5's consistent states: the journal's base
         journal = None
         try:
+            os.replace(part, path)
             image = path.read_bytes()
             jpath = journal_path(path)
             jpath.unlink(missing_ok=True)  # a journal without its spool file: of a spool deleted
@@ -1751,6 +1758,21 @@ def read_detector_frames(f: h5py.Group, start: int = 0, stop: int | None = None)
         rows[:len(kept)] = kept
         out = np.concatenate([out, rows])
     return out
+
+
+def creating_path(path: Path) -> Path:
+    """Where :meth:`SpoolWriter.create` writes a new spool file until it is closed."""
+    return path.with_name(f".{path.name}.part")
+
+
+def discard_half_created(spool_dir: str | Path) -> list[Path]:
+    """Delete the spool files a daemon was killed creating (hidden ``.<name>.spool.h5.part``):
+    they hold no frame, only the beginning of a scan's header. Returns what was deleted."""
+    gone = []
+    for part in Path(spool_dir).glob(f".*{SUFFIX}.part"):
+        part.unlink(missing_ok=True)
+        gone.append(part)
+    return gone
 
 
 def unfinished_spools(spool_dir: str | Path) -> list[Path]:
