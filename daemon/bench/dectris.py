@@ -438,8 +438,9 @@ def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile
             aborted = {k: v["close_aborted_cpu_us_per_frame"] for k, v in row["daemon"].items()
                        if "close_aborted_cpu_us_per_frame" in v}
             if aborted:
-                click.echo("        the close of an aborted scan (the daemon stopped with it open: spool close "
-                           "deriving the binned frames, daemon stop), CPU µs per frame of the daemon's process: "
+                click.echo("        the close of an aborted scan (the source stopped with it open: spool close, rows "
+                           "from the frames its worker held at the abort, daemon stop), CPU µs per frame of the "
+                           "daemon's process: "
                            + ", ".join(f"{k} {v:,.0f}" for k, v in aborted.items()))
             click.echo("        CPU µs/frame by stage: " + ", ".join(
                 f"{k} {v:,.1f}" for k, v in row["stages_cpu_us_per_frame"].items()))
@@ -534,8 +535,8 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
     until the scan's spool is closed, less its worker's threads (the final refinement, whose
     budget is ~0 here, and the result files: not the close) and the measuring thread; by thread
     in ``close_stages_us_per_frame``; ``close_binned_dtype``: the dtype the spool stored the
-    binned frames in. Without ``end`` the series' end is not sent and the daemon is stopped with
-    the scan open (aborted, its rows derived from the detector's chunks):
+    binned frames in. Without ``end`` the series' end is not sent and the source is stopped with
+    the scan open (aborted: its rows from the frames its worker held at the abort):
     ``close_aborted_cpu_us_per_frame``, the process's CPU from the window's end until the
     daemon stopped. Returns frames/s (wall), CPU µs per frame of
     this process (every thread) and, by stage (``stages_us_per_frame``), of each of its threads
@@ -645,8 +646,8 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
     out = {"fps": n / elapsed, "fps_received": n / t_received, "cpu_us_per_frame": 1e6 * cpu / n,
            "stages_us_per_frame": stages, **closed}
     if end_go is None:
-        # after the measured window: the scan's abort and its spool's close, which derives the binned
-        # frames from the detector's chunks (decompress, bin, compress, write), and the daemon's stop
+        # after the measured window: the scan's abort and its spool's close, which writes the binned
+        # frames its worker held (or derives them from the detector's chunks), and the daemon's stop
         out["close_aborted_cpu_us_per_frame"] = 1e6 * close / n
     return out
 
