@@ -546,13 +546,11 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
     import tempfile
     from pathlib import Path
 
+    import h5py
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
-    from cryoptycho.gpu.options import ReconOptions
-
-    import h5py
-
     from cryoptycho.daemon.storage.spool import DATA
+    from cryoptycho.gpu.options import ReconOptions
 
     n = len(series) - 2
     if not end:
