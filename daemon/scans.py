@@ -674,7 +674,8 @@ class ScanManager:
         self._on_disk(session.scan_id, task)
 
     def _close_ended(self, scan_id: str, spool: SpoolWriter, held: Callable[[int, int], Any] | None,
-                     closed: _SpoolClosed, peak: Callable[[], int | None] | None = None) -> None:
+                     closed: _SpoolClosed, peak: Callable[[], int | None] | None = None,
+                     release: Callable[[], None] | None = None) -> None:
         """Spool thread, once a scan's spool takes no more appends (its status written: ended,
         aborted, failed; or the daemon stops): close it on the closer thread. Writing a detector
         scan's derived binned rows decodes them from its detector frames, or takes them from its
@@ -697,6 +698,8 @@ class ScanManager:
                 self.metrics.internal_errors.labels(where="spool").inc()
                 self._disk_failed.put((scan_id, f"{type(exc).__name__}: {exc}; {closed.kept}"))
             finally:
+                if release is not None:  # (the frames a cancelled scan's worker kept for it)
+                    release()
                 closed.set()
                 self.outbox.wake()
 
@@ -753,27 +756,40 @@ class ScanManager:
         if session.end_reason is None:
             session.end_reason = reason  # `receipt` and `finish_scan` see why while the worker stops
         worker = self.running.get(session.scan_id)
+        handed = worker is not None and self._hand_over(session.scan_id, worker)
         if worker is not None:
             worker.put(Cancel(reason))
         elif session.transition(State.ABORTED, error=reason):
             self.outbox.post("scan.aborted", {"scan_id": session.scan_id, "reason": reason})
             self._settle(session)
-        self._close_spool(session.scan_id, "aborted")
+        self._close_spool(session.scan_id, "aborted", worker if handed else None)
 
     def fail_scan(self, session: Session, reason: str) -> None:
         """End a scan as failed after an internal error (its spool is kept, marked failed)."""
         worker = self.running.get(session.scan_id)
+        handed = worker is not None and self._hand_over(session.scan_id, worker)
         if worker is not None:
             # the worker owns the engine: it stops at its next turn and ends the scan failed
             worker.put(Cancel(reason, failed=True))
         elif session.transition(State.FAILED, error=reason):
             self.outbox.post("scan.failed", {"scan_id": session.scan_id, "error": reason})
             self._settle(session)
-        self._close_spool(session.scan_id, "failed")
+        self._close_spool(session.scan_id, "failed", worker if handed else None)
 
-    def _close_spool(self, scan_id: str, status: str | None = None) -> None:
+    def _hand_over(self, scan_id: str, worker: ScanWorker) -> bool:
+        """Before a running scan's Cancel: the frames its worker holds then go to its spool's
+        close (ScanWorker.keep_held_for_close), which need not derive those binned rows again
+        from the detector frames; none where the spool is not closed here (an ended scan's).
+        Returns whether they are handed over."""
+        if scan_id not in self.spools:
+            return False
+        worker.keep_held_for_close()
+        return True
+
+    def _close_spool(self, scan_id: str, status: str | None = None, worker: ScanWorker | None = None) -> None:
         """Close the scan's spool on the spool thread (after its pending appends), setting its
-        status first when given."""
+        status first when given; a cancelled scan's ``worker`` hands over the frames it held at
+        the cancel (:meth:`_hand_over`), let go of once the close is over."""
         spool = self.spools.pop(scan_id, None)
         if spool is None:
             return
@@ -784,8 +800,13 @@ class ScanManager:
                     spool.set_status(status)
             finally:  # (a status that could not be written: the file is let go of all the same)
                 # on the closer, as at a scan's end: an aborted detector scan's binned rows are
-                # derived there, not in front of the next scan's appends
-                self._close_ended(scan_id, spool, None, _SpoolClosed())
+                # written there (from the frames its worker held, else derived), not in front of
+                # the next scan's appends
+                if worker is not None:
+                    self._close_ended(scan_id, spool, worker.held_frames, _SpoolClosed(), worker.held_peak,
+                                      release=worker.release_held)
+                else:
+                    self._close_ended(scan_id, spool, None, _SpoolClosed())
 
         self._on_disk(scan_id, task)
 

@@ -146,6 +146,9 @@ class ScanWorker:
         self._held: tuple[Any, int] | None = None
         #: the largest count of those frames where the engine measured it (:meth:`held_peak`)
         self._held_peak: int | None = None
+        #: a cancelled scan's spool close takes its rows from the frames held at the cancel:
+        #: they outlive the worker until :meth:`release_held` (:meth:`keep_held_for_close`)
+        self._keep_held = False
         self.thread = threading.Thread(target=self._run, name=f"worker-{session.scan_id}", daemon=True)
 
     # -- called from the manager thread -------------------------------------------------------
@@ -181,6 +184,17 @@ class ScanWorker:
         # compression threads, in one pass with the cast to the dtype it stores (spool.FftOrder)
         return FftOrder(to_numpy(held[0][start:stop]))
 
+    def keep_held_for_close(self) -> None:
+        """Before a Cancel is put: the frames the store holds when the worker takes the Cancel
+        are kept for the spool's close (:meth:`held_frames`, as at a scan's end) after the worker
+        stops, until :meth:`release_held`; a worker that stopped already keeps none."""
+        self._keep_held = True
+
+    def release_held(self) -> None:
+        """The spool's close is over: the frames kept for it are let go of."""
+        self._keep_held = False
+        self._held = None
+
     def held_peak(self) -> int | None:
         """The largest count of the frames :meth:`held_frames` gives (spool.py HeldPeak), or
         None where it is not known (waits as :meth:`held_frames` does)."""
@@ -212,7 +226,8 @@ class ScanWorker:
                 log.warning("frame store prefault thread still running after the scan",
                             extra={"scan_id": s.scan_id})
             self.engine = self._good = None
-            self._held = None
+            if not self._keep_held:
+                self._held = None
             self._frames_in.set()  # (held_frames waits no longer)
             self.inbox = queue.SimpleQueue()
             self._on_exit(s)
@@ -233,6 +248,8 @@ class ScanWorker:
         while not ended:
             for item in self._drain(block=self.engine is None or self.engine.n_frames == 0):
                 if isinstance(item, Cancel):
+                    if self._keep_held:  # every frame handed over before the cancel is in
+                        self._hold_frames()
                     self._abort(item.reason, item.failed)
                     return
                 if isinstance(item, Interrupt):
@@ -240,12 +257,7 @@ class ScanWorker:
                     return
                 if isinstance(item, EndOfScan):
                     ended = True
-                    store = getattr(self.engine, "frame_store", None)
-                    if isinstance(store, FrameStore):
-                        store.stop_prefault()  # no frame comes after: the rest stays untouched
-                        self._held = (store.frames, store.n)
-                        self._held_peak = getattr(self.engine, "peak_count", None)
-                    self._frames_in.set()
+                    self._hold_frames()
                     self._scan_end = item.arrived
                     continue
                 first_frames = self.engine is None
@@ -305,6 +317,16 @@ class ScanWorker:
             self._rollback(str(exc))
             self._preview(unpreviewed)
         self._refine(halves)
+
+    def _hold_frames(self) -> None:
+        """No frame comes after (the scan's end, or its cancel): the frame store's rows so far
+        are the spool's first rows, for its close (:meth:`held_frames`)."""
+        store = getattr(self.engine, "frame_store", None)
+        if isinstance(store, FrameStore):
+            store.stop_prefault()  # the rest stays untouched
+            self._held = (store.frames, store.n)
+            self._held_peak = getattr(self.engine, "peak_count", None)
+        self._frames_in.set()
 
     def _start_engines(self, first: np.ndarray) -> None:
         """Create the engine at the first frames: a model probe gets its power from them."""

@@ -205,9 +205,13 @@ def test_bench_runs_both_paths_end_to_end_into_a_daemon() -> None:
     for name, figures in row["daemon"].items():
         # every frame reached the store, after it was received (spooled and counted)
         assert figures["fps_received"] >= figures["fps"] > 0 and figures["cpu_us_per_frame"] > 0
-        # and the work after the window is reported: the scan's close (the spool derives the
-        # binned frames from the detector's chunks) and the daemon's stop
-        assert figures["close_cpu_us_per_frame"] > 0
+        # and the work after the window is reported: one round ends its scans, so the close of
+        # an ended scan; a direct scan's binned rows come from its frame store, whose largest
+        # count (≤ 255 at this dose) makes them uint8 (derived rows with no peak stay uint32);
+        # the bridge's were written in the window as they came
+        assert figures["close_cpu_us_per_frame"] > 0 and "close_aborted_cpu_us_per_frame" not in figures
+        assert figures["close_binned_dtype"] == ("uint32" if name == "bridge_paused" else "uint8")
+        assert figures["close_stages_us_per_frame"]["spool"] >= 0
         by_thread = figures["stages_us_per_frame"]
         # the daemon's own threads did the work: the spool wrote, the frame store took the frames
         assert by_thread["spool"] > 0 and by_thread["frame_store"] > 0 and by_thread["manager"] > 0
@@ -221,6 +225,20 @@ def test_bench_runs_both_paths_end_to_end_into_a_daemon() -> None:
         stages["decode_job"] + stages["spool_direct"] + stages["frame_store"], abs=0.2)
     assert stages["frame_store_reused"] > 0 and stages["direct_total_reused"] == pytest.approx(
         stages["decode_job"] + stages["spool_direct"] + stages["frame_store_reused"], abs=0.2)
+
+
+def test_bench_reports_the_close_of_an_ended_and_of_an_aborted_scan() -> None:
+    """Two rounds take turns: the first ends its scans (the series' end sent), the second stops
+    the daemon with them open; both closes are reported, under different names."""
+    result = CliRunner().invoke(main, ["bench", "dectris", "--frames", "4", "--seconds", "0.01", "--rounds", "1",
+                                       "--case", "sparse", "--no-sockets", "--daemon-frames", "48",
+                                       "--daemon-rounds", "2", "--no-live", "--no-processes", "--json"])
+    assert result.exit_code == 0, result.output
+    daemon = json.loads(result.output)["cases"]["sparse"]["daemon"]
+    assert set(daemon) == {"bridge_paused", "direct_1_paused", "direct_2_paused"}
+    for name, figures in daemon.items():
+        assert figures["close_cpu_us_per_frame"] > 0 and figures["close_aborted_cpu_us_per_frame"] > 0
+        assert figures["close_binned_dtype"] == ("uint32" if name == "bridge_paused" else "uint8")
 
 
 def test_bench_declares_the_saturation_value_it_is_given() -> None:

@@ -182,6 +182,61 @@ def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine
     np.testing.assert_array_equal(written, derived)
 
 
+def test_an_aborted_scans_binned_frames_are_spooled_from_the_frames_its_worker_held(service, monkeypatch) -> None:
+    """A scan aborted (its source stopped before the series' end) while its worker holds its
+    frames: the spool's close takes the binned rows from the worker's frame store, as at a
+    scan's end (ScanManager._hand_over), in the dtype of their largest count: the same counts
+    as derived from the detector frames; and the worker lets go of them after the close."""
+    from cryoptycho.daemon import worker as worker_module
+    from cryoptycho.daemon.storage.spool import SpoolWriter, derive_rows, load_derivation
+
+    monkeypatch.setattr(worker_module, "HELD_FRAMES_WAIT_S", 300.0)
+    closed: list[tuple[Any, bytes, bytes, str]] = []
+    real_close = SpoolWriter.close
+
+    def close(self: SpoolWriter, held: Any = None, peak: Any = None) -> None:
+        real_close(self, held, peak)
+        with h5py.File(self.path, "r") as f:
+            reducer, _ = load_derivation(f)
+            n = int(f[DATA].attrs["count"])
+            closed.append((self.derived_rows.copy(), f[DATA]["data"][:], derive_rows(f, reducer, 0, n),
+                           str(f.attrs["status"])))
+
+    monkeypatch.setattr(SpoolWriter, "close", close)
+    config = service.service.config
+    config.options = config.options.model_copy(update={"parallax": False, "iterations": 1})
+    frames = _frames(100, seed=5)
+    scans = service.service.scans
+    with SimSender(2) as sender:
+        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
+                               workers=2, batch=16)
+        stop = threading.Event()
+        runner = threading.Thread(target=lambda: source.run(service.service.direct, stop), daemon=True)
+        runner.start()
+        try:
+            _wait(source.ready.is_set, "the source's workers to start")
+            for m in _series(frames, "aborted")[:-1]:  # no series end
+                sender.send_raw(m)
+
+            def held() -> Any:  # every frame spooled and in the worker's frame store
+                session = next(iter(scans.sessions.values()), None)  # (its id: the series' appended)
+                worker = None if session is None else scans.running.get(session.scan_id)
+                if session is None or worker is None or session.ledger.received < 100:
+                    return None
+                return worker if worker.queued_frames == 0 else None
+            worker = _wait(held, "the worker to hold the scan's frames", timeout=60)
+        finally:
+            stop.set()  # the source aborts the open scan
+            runner.join(60)
+    _wait(lambda: closed, "the aborted scan's spool to close")
+    rows, written, derived, status = closed[0]
+    assert status == "aborted"
+    assert rows == {"frame_store": 100}
+    assert derived.dtype == np.uint32 and 0 < derived.max() <= 255 and written.dtype == np.uint8
+    np.testing.assert_array_equal(written, derived)
+    _wait(lambda: worker._held is None, "the worker to let go of the frames it kept for the close")
+
+
 def test_a_scans_end_waiting_for_its_worker_does_not_hold_up_the_next_series(service, monkeypatch) -> None:
     """At a scan's end its spool writes the binned rows from the worker's frame store, which
     waits for a worker that is behind (up to 5 s). That wait ran on the single spool thread:
@@ -212,7 +267,7 @@ def test_a_scans_end_waiting_for_its_worker_does_not_hold_up_the_next_series(ser
 
 def test_an_aborted_scans_close_does_not_hold_up_the_next_series(service, monkeypatch) -> None:
     """A series replaced by the next before its end aborts its scan, whose spool is closed with
-    its binned rows derived from its detector frames. That close ran on the spool thread (the
+    its binned rows derived from its detector frames (or taken from its worker's frames). That close ran on the spool thread (the
     normal end's runs on the spool-close thread): the next series' frames waited behind it, not
     received. Here the aborted scan's derivation is held back (a gate) until the next scan has
     every frame on disk; the aborted spool then closes with every row derived."""
@@ -237,7 +292,10 @@ def test_an_aborted_scans_close_does_not_hold_up_the_next_series(service, monkey
     aborted = service.service.scans.sessions["cut-series1"]
     _wait(lambda: aborted.state.value == "aborted", "the cut scan to be aborted")
     service.service.scans.flush_disk()
-    assert [rows for name, rows in closed if name.startswith("cut")] == [{"detector_frames": 20}]
+    # every row written once: derived from its detector frames, or, those its worker took in
+    # before the abort (timing), from its frame store
+    (rows,) = [rows for name, rows in closed if name.startswith("cut")]
+    assert sum(rows.values()) == 20 and set(rows) <= {"detector_frames", "frame_store"}
     spool = Path(service.service.config.spool_dir) / "cut-series1.spool.h5"
     assert not spool.with_name("cut-series1.spool.journal").exists()  # closed, its status final
     with h5py.File(spool) as f:

@@ -389,7 +389,9 @@ def run(n: int, seconds: float, rounds: int, cases: Iterable[str], profile: bool
               help="Frames per series end to end into a real daemon (spool and frame store included), "
                    "old path (bridge) and new (direct source, 1 and 2 decoding threads); 0 = skip.")
 @click.option("--daemon-rounds", type=click.IntRange(1, 20), default=2, show_default=True,
-              help="End-to-end runs of each path, interleaved (the best is reported).")
+              help="End-to-end runs of each path, interleaved (the best is reported); the first round "
+                   "ends its scans (close of an ended scan), the second stops the daemon with them open "
+                   "(close of an aborted scan), and so on.")
 @click.option("--live/--no-live", default=True, show_default=True,
               help="Also run the direct path end to end with the live engine reconstructing.")
 @click.option("--processes/--no-processes", default=True, show_default=True,
@@ -428,9 +430,18 @@ def command(n: int, seconds: float, rounds: int, cases: tuple[str, ...], profile
                        "stored (CPU µs per frame): " + ", ".join(
                 f"{k} {v['fps_received']:,.0f} / {v['fps']:,.0f} ({v['cpu_us_per_frame']:,.0f})"
                 for k, v in row["daemon"].items()))
-            click.echo("        after the window, the scan's close (abort, spool close deriving the binned frames, "
-                       "daemon stop), CPU µs per frame of the daemon's process: " + ", ".join(
-                f"{k} {v['close_cpu_us_per_frame']:,.0f}" for k, v in row["daemon"].items()))
+            click.echo("        after the window, the close of the ended scan (its end sent; spool close, rows "
+                       "from the frame store), CPU µs per frame of the daemon's process less its scan worker "
+                       "(stored dtype): " + ", ".join(
+                f"{k} {v['close_cpu_us_per_frame']:,.0f} ({v['close_binned_dtype']})"
+                for k, v in row["daemon"].items() if "close_cpu_us_per_frame" in v))
+            aborted = {k: v["close_aborted_cpu_us_per_frame"] for k, v in row["daemon"].items()
+                       if "close_aborted_cpu_us_per_frame" in v}
+            if aborted:
+                click.echo("        the close of an aborted scan (the source stopped with it open: spool close, rows "
+                           "from the frames its worker held at the abort, daemon stop), CPU µs per frame of the "
+                           "daemon's process: "
+                           + ", ".join(f"{k} {v:,.0f}" for k, v in aborted.items()))
             click.echo("        CPU µs/frame by stage: " + ", ".join(
                 f"{k} {v:,.1f}" for k, v in row["stages_cpu_us_per_frame"].items()))
             for k, v in row["daemon"].items():
@@ -468,28 +479,66 @@ def engine_paused() -> Iterator[None]:
         ScanWorker._step, ScanWorker._drain, ScanWorker._preview = step, drain, preview  # type: ignore[method-assign]
 
 
-def _detector(series: list[bytes], port: Any, go: Any) -> None:
+#: CPU seconds of the scan workers' threads when they ended (native id → name, seconds), for
+#: :func:`_thread_cpu`: a worker that ends inside a measured interval is still told apart
+_ENDED_WORKERS: dict[int, tuple[str, float]] = {}
+
+
+@contextlib.contextmanager
+def workers_cpu_kept() -> Iterator[None]:
+    """Scan workers' threads note their CPU time as they end (:data:`_ENDED_WORKERS`)."""
+    from cryoptycho.daemon.worker import ScanWorker
+
+    run = ScanWorker._run
+
+    def noting(self: Any) -> None:
+        try:
+            run(self)
+        finally:
+            _ENDED_WORKERS[threading.get_native_id()] = (threading.current_thread().name, time.thread_time())
+
+    ScanWorker._run = noting  # type: ignore[method-assign]
+    _ENDED_WORKERS.clear()
+    try:
+        yield
+    finally:
+        ScanWorker._run = run  # type: ignore[method-assign]
+        _ENDED_WORKERS.clear()
+
+
+def _detector(series: list[bytes], port: Any, go: Any, end: Any = None, end_wait_s: float = 300.0) -> None:
     """A simulated detector in a process of its own (as a real one is): bind PUSH, report the
-    port, send the series when told."""
+    port, send the series when told; with ``end``, its last message (the series' end) only once
+    ``end`` is set (none if it is not set within ``end_wait_s``)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 0)
     port.put(sock.bind_to_random_port("tcp://127.0.0.1"))
     go.wait()
-    for raw in series:
+    for raw in series if end is None else series[:-1]:
         sock.send(raw, copy=False)
+    if end is not None and end.wait(end_wait_s):
+        sock.send(series[-1], copy=False)
     sock.close(linger=-1)
     ctx.term()
 
 
 def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers: int = 2,
-                   paused: bool = True, timeout_s: float = 120.0, **source_options: Any) -> dict[str, Any]:
+                   paused: bool = True, timeout_s: float = 120.0, end: bool = True,
+                   **source_options: Any) -> dict[str, Any]:
     """One series end to end into a real daemon (:class:`BackgroundService`, spool included):
     from the detector's first message until every frame is spooled and counted (``fps_received``)
     and until they are all in the scan's frame store too (``fps``). ``path``: ``direct`` (the daemon's DECTRIS source, ``workers`` decoding
     threads) or ``bridge`` (the old path: bridge → our protocol → the ingest socket).
-    The series' end is not sent: the scan is aborted when the frames are in, so that no final
-    refinement runs into the next measurement. Returns frames/s (wall), CPU µs per frame of
+    After that window, the scan's close: with ``end``, the series' end is sent then (the scan
+    ends as a facility's does) and ``close_cpu_us_per_frame`` is this process's CPU from then
+    until the scan's spool is closed, less its worker's threads (the final refinement, whose
+    budget is ~0 here, and the result files: not the close) and the measuring thread; by thread
+    in ``close_stages_us_per_frame``; ``close_binned_dtype``: the dtype the spool stored the
+    binned frames in. Without ``end`` the series' end is not sent and the source is stopped with
+    the scan open (aborted: its rows from the frames its worker held at the abort):
+    ``close_aborted_cpu_us_per_frame``, the process's CPU from the window's end until the
+    daemon stopped. Returns frames/s (wall), CPU µs per frame of
     this process (every thread) and, by stage (``stages_us_per_frame``), of each of its threads
     by name, of the source's decoding processes, and of the detector's process (which shares
     the cores). ``source_options`` go to the DECTRIS source (e.g. ``processes``)."""
@@ -497,23 +546,32 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
     import tempfile
     from pathlib import Path
 
+    import h5py
     from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import DATA
+    from cryoptycho.gpu.options import ReconOptions
 
     n = len(series) - 2
-    series = series[:-1]
+    if not end:
+        series = series[:-1]
     # spawn, not fork: a forked child shares the parent's ZeroMQ contexts (their signalling
     # descriptors), and its exit can swallow the wake-ups of the daemon's sockets
     mp = multiprocessing.get_context("spawn")
-    port_q, go = mp.Queue(), mp.Event()
-    proc = mp.Process(target=_detector, args=(series, port_q, go), daemon=True)
+    port_q, go, end_go = mp.Queue(), mp.Event(), (mp.Event() if end else None)
+    proc = mp.Process(target=_detector, args=(series, port_q, go, end_go), daemon=True)
     proc.start()
     url = f"dectris2://127.0.0.1:{port_q.get(timeout=30)}"
     with tempfile.TemporaryDirectory(prefix="bench-dectris-") as tmp, \
-            (engine_paused() if paused else contextlib.nullcontext()):
+            (engine_paused() if paused else contextlib.nullcontext()), workers_cpu_kept():
         cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
                             metrics_enabled=False, spool_dir=Path(tmp) / "spool", results_dir=Path(tmp) / "res",
-                            resolution_interval_s=0, drain_timeout_s=0)
+                            resolution_interval_s=0, drain_timeout_s=0,
+                            # no final refinement to speak of: the close is measured, not it
+                            refine_time_budget_s=1e-3, keep_spool=True,
+                            # nor the parallax fit that precedes it (a 16,384-position row's
+                            # fit would ask for tens of GiB)
+                            options=ReconOptions(parallax=False))
         bg = BackgroundService(cfg)
         stop = threading.Event()
         failures: list[BaseException] = []
@@ -534,6 +592,7 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
                 failures.append(exc)
 
         runner = threading.Thread(target=run_source, name=f"bench-{path}")
+        closed: dict[str, Any] = {}
         try:
             runner.start()
             # the source's workers are started (processes take seconds on a loaded host) and
@@ -569,6 +628,8 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
             if work > 0:  # decoding outside the threads counted above (worker processes)
                 stages["decode_processes"] = 1e6 * work / n
             stages["detector_process"] = 1e6 * (_proc_cpu(proc.pid) - det0) / n
+            if end_go is not None:
+                closed = _measure_ended_close(bg, session, end_go, n, timeout_s)
         finally:
             c1 = time.process_time()
             stop.set()
@@ -576,11 +637,40 @@ def measure_daemon(series: list[bytes], config: BridgeConfig, path: str, workers
             bg.stop()
             close = time.process_time() - c1
             proc.join(10)
+        if "path" in closed:  # (kept: keep_spool)
+            with h5py.File(closed.pop("path"), "r") as f:
+                closed["close_binned_dtype"] = str(f[DATA]["data"].dtype)
     assert t_received is not None
-    # after the measured window: the scan's abort and its spool's close, which derives the binned
-    # frames from the detector's chunks (decompress, bin, compress, write), and the daemon's stop
-    return {"fps": n / elapsed, "fps_received": n / t_received, "cpu_us_per_frame": 1e6 * cpu / n,
-            "close_cpu_us_per_frame": 1e6 * close / n, "stages_us_per_frame": stages}
+    out = {"fps": n / elapsed, "fps_received": n / t_received, "cpu_us_per_frame": 1e6 * cpu / n,
+           "stages_us_per_frame": stages, **closed}
+    if end_go is None:
+        # after the measured window: the scan's abort and its spool's close, which writes the binned
+        # frames its worker held (or derives them from the detector's chunks), and the daemon's stop
+        out["close_aborted_cpu_us_per_frame"] = 1e6 * close / n
+    return out
+
+
+def _measure_ended_close(bg: Any, session: Any, end: Any, n: int, timeout_s: float) -> dict[str, Any]:
+    """Send the series' end (``end``: the detector's event) and measure the ended scan's close
+    until its spool file is closed: CPU µs per frame of the daemon's process less the worker's
+    threads (its final refinement and result files run beside the close, and are not it) and
+    this measuring thread, and by thread. Returns those and the spool file's path."""
+    scans = bg.service.scans
+    spool = scans.spools.get(session.scan_id)
+    if spool is None:
+        raise RuntimeError(f"scan {session.scan_id} has no open spool to close")
+    t0, c0, cpu0 = time.perf_counter(), time.process_time(), _thread_cpu()
+    end.set()
+    # the file is closed once its close is over (SpoolWriter.close; an h5py id no longer valid)
+    while spool._f.id.valid:
+        if time.perf_counter() - t0 > timeout_s:
+            raise RuntimeError(f"the ended scan's spool was not closed after {timeout_s} s")
+        time.sleep(0.02)
+    stages = _stage_cpu(_thread_cpu(), cpu0, time.process_time() - c0, n)
+    # (a worker thread that ended meanwhile is counted too: workers_cpu_kept)
+    worker = sum(u for k, u in stages.items() if k in ("frame_store", "bench_poll", "scan_start"))
+    return {"close_cpu_us_per_frame": sum(stages.values()) - worker, "close_stages_us_per_frame": stages,
+            "close_wall_s": time.perf_counter() - t0, "path": spool.path}
 
 
 #: thread name prefix → stage, for the CPU time of each thread of the daemon's process
@@ -592,8 +682,9 @@ _THREAD_STAGES = (
 
 
 def _thread_cpu() -> dict[int, tuple[str, float]]:
-    """CPU seconds of every live Python thread of this process (its own clock), by native id."""
-    out: dict[int, tuple[str, float]] = {}
+    """CPU seconds of every live Python thread of this process (its own clock), by native id,
+    and of the scan workers' threads that ended (:func:`workers_cpu_kept`)."""
+    out: dict[int, tuple[str, float]] = dict(_ENDED_WORKERS)
     for t in threading.enumerate():
         if t.ident is None or t.native_id is None:
             continue
@@ -638,7 +729,10 @@ def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True,
                          saturation_value: int | None = None) -> dict[str, Any]:
     """The old and the new path side by side, interleaved ``rounds`` times (best of each):
     bridge (before), direct with 1 and 2 decoding threads and 1 and 2 worker processes, engine
-    paused; and direct with 2 threads and 2 processes while the live engine runs."""
+    paused; and direct with 2 threads and 2 processes while the live engine runs. Rounds take
+    turns: the first (and every odd one) ends its scans (``close_cpu_us_per_frame``, the close
+    of an ended scan), the second (every even one) stops the daemon with them open
+    (``close_aborted_cpu_us_per_frame``); each close figure is the lowest of its rounds."""
     series = make_series(frames, saturation_value=saturation_value)
     config = _config(frames.shape[1])
     cases: dict[str, tuple[str, int, bool, bool]] = {
@@ -654,13 +748,23 @@ def measure_daemon_paths(frames: np.ndarray, rounds: int = 2, live: bool = True,
         if processes:
             cases["direct_2p_live"] = ("direct", 2, False, True)
     best: dict[str, dict[str, Any]] = {}
-    for _ in range(rounds):
+    closes: dict[str, dict[str, Any]] = {}
+    for i in range(rounds):
         for name, (path, workers, paused, in_processes) in cases.items():
-            r = measure_daemon(series, config, path, workers, paused,
+            r = measure_daemon(series, config, path, workers, paused, end=i % 2 == 0,
                                **({"processes": in_processes} if path == "direct" else {}))
+            kept = closes.setdefault(name, {})
+            for key in ("close_cpu_us_per_frame", "close_aborted_cpu_us_per_frame"):
+                if key in r and (key not in kept or r[key] < kept[key]):
+                    kept[key] = r[key]
+                    if key == "close_cpu_us_per_frame":  # what goes with it
+                        kept.update({k: r[k] for k in ("close_stages_us_per_frame", "close_wall_s",
+                                                       "close_binned_dtype")})
             if name not in best or r["fps"] > best[name]["fps"]:
                 best[name] = r
-    return {k: {m: ({s: round(u, 1) for s, u in v.items()} if isinstance(v, dict) else round(v, 1))
+    best = {k: {**{m: v for m, v in r.items() if not m.startswith("close_")}, **closes[k]} for k, r in best.items()}
+    return {k: {m: ({s: round(u, 1) for s, u in v.items()} if isinstance(v, dict)
+                    else v if isinstance(v, str) else round(v, 1))
                 for m, v in r.items()} for k, r in best.items()}
 
 
