@@ -208,14 +208,9 @@ def build_table(service: Service) -> dict[str, Handler]:
                 where = exc.field if exc.field.startswith("options.") else "options"
                 raise HandlerError(exc.message, f"params.{where}", exc.rule) from None
 
-            def kept(_: Any, error: Exception | None) -> dict[str, Any]:
-                # answered once they are in the scan's spool: a restart recovers it with them
-                if error is not None:
-                    raise HandlerError(f"applied to the waiting scan, but not kept with its spool ({type(error).__name__}: "
-                                       f"{error}): a restart before it runs starts it with its earlier options",
-                                       "params.options", "kept_with_scan") from None
-                return {"scope": session.scan_id, "options": new.to_dict(), "queued": True}
-
+            # answered once they are in the scan's spool: a restart recovers it with them
+            kept = _answer_once_kept("the waiting scan", "a restart before it runs starts it",
+                                     {"scope": session.scan_id, "options": new.to_dict(), "queued": True})
             return service.reply_later("set_options", lambda done: service.scans.keep_waiting_options(session, done),
                                        kept)
         if worker is None:
@@ -244,15 +239,10 @@ def build_table(service: Service) -> dict[str, Handler]:
                     "note": "the scan takes no more frames and its spool is closed: the change applies to "
                             "this run of it only; a restart recovers it with its earlier options"}
 
-        def kept_running(_: Any, error: Exception | None) -> dict[str, Any]:
-            # answered once they are in the scan's spool (journaled in order with its frames):
-            # a restart, even after kill -9, recovers the scan with them
-            if error is not None:
-                raise HandlerError(f"applied to the running scan, but not kept with its spool ({type(error).__name__}: "
-                                   f"{error}): a restart recovers it with its earlier options",
-                                   "params.options", "kept_with_scan") from None
-            return {"scope": session.scan_id, "options": new.to_dict(), "kept": True}
-
+        # answered once they are in the scan's spool (journaled in order with its frames):
+        # a restart, even after kill -9, recovers the scan with them
+        kept_running = _answer_once_kept("the running scan", "a restart recovers it",
+                                         {"scope": session.scan_id, "options": new.to_dict(), "kept": True})
         return service.reply_later(
             "set_options", lambda done: service.scans.keep_running_options(session, done), kept_running)
 
@@ -374,6 +364,19 @@ def _counted(service: Service, name: str, fn: Handler) -> Handler:
         return result
 
     return wrapper
+
+
+def _answer_once_kept(scan: str, restart: str, reply: dict[str, Any]) -> Callable[[Any, Exception | None], dict[str, Any]]:
+    """The deferred answer of a scan's ``set_options``, once its spool has (or could not) keep
+    them: ``reply``, or rule ``kept_with_scan`` naming the disk's error and what a restart does."""
+
+    def answer(_: Any, error: Exception | None) -> dict[str, Any]:
+        if error is not None:
+            raise HandlerError(f"applied to {scan}, but not kept with its spool ({type(error).__name__}: {error}): "
+                               f"{restart} with its earlier options", "params.options", "kept_with_scan") from None
+        return reply
+
+    return answer
 
 
 def _options_error(exc: ValidationError) -> HandlerError:

@@ -254,3 +254,14 @@ def stream_for_result(daemon: Daemon, sub: Any, fields: dict[str, Any], frames: 
             break
     assert result is not None, daemon.log()
     return result
+
+
+def loopback_config(tmp_path: Path, **settings: Any) -> Any:
+    """An in-process daemon's ServiceConfig on loopback ports the kernel picks, spool and results
+    under ``tmp_path``, no metrics server, no resolution figures; ``settings`` on top."""
+    from cryoptycho.daemon.config import ServiceConfig
+
+    return ServiceConfig(**{"ingest": "tcp://127.0.0.1:*", "publish": "tcp://127.0.0.1:*",
+                            "control": "tcp://127.0.0.1:*", "metrics_enabled": False,
+                            "spool_dir": tmp_path / "s", "results_dir": tmp_path / "r",
+                            "resolution_interval_s": 0, **settings})

@@ -22,13 +22,11 @@ def scan():
 
 
 def test_status_and_list_scans_replies_stay_under_the_clients_header_limit(tmp_path, scan, caplog):
-    from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.session import Session
+    from daemon_support import loopback_config
 
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
-                        resolution_interval_s=0, max_concurrent_scans=1)
+    cfg = loopback_config(tmp_path, max_concurrent_scans=1)
     bg = BackgroundService(cfg)
     svc = bg.service
     scans = svc.scans

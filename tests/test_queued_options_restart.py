@@ -78,17 +78,15 @@ def test_options_a_queued_scan_could_not_keep_are_answered_as_not_kept(tmp_path,
     survive a restart (rule kept_with_scan), instead of an ok the restart would contradict."""
     import errno
 
-    from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.storage.spool import SpoolWriter
+    from daemon_support import loopback_config
 
     def fails(self, options):
         raise OSError(errno.EIO, "Input/output error (test)")
 
     monkeypatch.setattr(SpoolWriter, "set_options", fails)
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
-                        resolution_interval_s=0, max_concurrent_scans=1)
+    cfg = loopback_config(tmp_path, max_concurrent_scans=1)
     bg = BackgroundService(cfg)
     svc = bg.service
     try:
@@ -146,17 +144,15 @@ def test_options_a_running_scan_could_not_keep_are_answered_as_not_kept(tmp_path
     apply but would not survive a restart (rule kept_with_scan); the scan goes on."""
     import errno
 
-    from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.storage.spool import SpoolWriter
+    from daemon_support import loopback_config
 
     def fails(self, options):
         raise OSError(errno.EIO, "Input/output error (test)")
 
     monkeypatch.setattr(SpoolWriter, "set_options", fails)
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
-                        resolution_interval_s=0)
+    cfg = loopback_config(tmp_path)
     bg = BackgroundService(cfg)
     svc = bg.service
     try:
@@ -179,15 +175,13 @@ def test_options_set_on_a_scan_whose_end_was_read_are_answered_as_not_kept(tmp_p
     """Once a scan's end is read its spool is closed (its final refinement runs from the frames its
     worker holds): a change applies to the refinement, and the answer says it would not survive a
     restart (``kept: false``) — it answered rule kept_with_scan, an error for a change that was applied."""
-    from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.gpu.options import ReconOptions
+    from daemon_support import loopback_config
 
     scan = synthetic_scan(n_side=6, m=32, counts=20)  # low counts, a sparse prior: a refinement of minutes
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
-                        resolution_interval_s=0, refine_time_budget_s=600,
-                        options=ReconOptions(iterations=1_000_000, prior="sparse", denoise_every=1))
+    cfg = loopback_config(tmp_path, refine_time_budget_s=600,
+                          options=ReconOptions(iterations=1_000_000, prior="sparse", denoise_every=1))
     bg = BackgroundService(cfg)
     svc = bg.service
     try:

@@ -20,8 +20,8 @@ def scan():
 
 
 def test_a_refused_scan_whose_spool_close_fails_is_refused_with_its_reason(tmp_path, monkeypatch, scan, caplog):
-    from cryoptycho.daemon.config import ServiceConfig
     from cryoptycho.daemon.service import BackgroundService
+    from daemon_support import loopback_config
 
     real_close = SpoolWriter.close
 
@@ -43,9 +43,7 @@ def test_a_refused_scan_whose_spool_close_fails_is_refused_with_its_reason(tmp_p
 
     monkeypatch.setattr(SpoolWriter, "close", close)
     monkeypatch.setattr(ScanManager, "create_spool", create_spool)
-    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
-                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
-                        resolution_interval_s=0)
+    cfg = loopback_config(tmp_path)
     bg = BackgroundService(cfg)
     svc = bg.service
     try:
