@@ -294,13 +294,15 @@ def build_table(service: Service) -> dict[str, Handler]:
         def start(done: Callable[[Any, Exception | None], None]) -> None:
             def on_disk(received: int | None, error: Exception | None) -> None:
                 with session.lock:
+                    halted = session.error is not None or session.state.final
                     stopped = session.error is not None and now["error"] is None
-                if error is None and stopped:
-                    # the scan stopped after this request (cancel, spool failure, acquisition
-                    # timeout): the stop's own spool operations (status, close) were asked for
-                    # after this receipt's; a receipt that says the scan stopped is answered
-                    # once they are done too, so that its spool holds what it counts
-                    service.scans.after_disk(stored, lambda n, err: done((n, True), err))
+                if error is None and halted:
+                    # the scan stopped (cancel, spool failure, acquisition timeout), maybe after
+                    # this request: the stop's own spool operations (status, close) may have
+                    # been asked for after this receipt's, and its close runs on the closer
+                    # thread; a receipt that says the scan stopped is answered once they are
+                    # done too, so that its spool holds what it counts and reads back closed
+                    service.scans.after_disk(stored, lambda n, err: done((n, stopped), err), after_closes=True)
                 else:
                     done((received, False), error)
 

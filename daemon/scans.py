@@ -598,19 +598,31 @@ class ScanManager:
         self._disk.submit(lambda: None).result()
         self._closer.submit(lambda: None).result()
 
-    def after_disk(self, on_disk: Callable[[], Any], done: Callable[[Any, Exception | None], None]) -> None:
+    def after_disk(self, on_disk: Callable[[], Any], done: Callable[[Any, Exception | None], None],
+                   after_closes: bool = False) -> None:
         """Run ``on_disk`` on the spool thread after every spool operation asked for so far,
         then ``done(its result, None)`` — or ``done(None, its exception)`` — on the manager
         thread, at its next :meth:`reap`. A control request that must see the frames read before
-        it on disk (``receipt``, ``finish_scan``) waits so, while the manager loop goes on."""
+        it on disk (``receipt``, ``finish_scan``) waits so, while the manager loop goes on.
+        ``after_closes``: ``done`` also waits for the spool closes those operations started on
+        the closer thread (a stopped scan's close finishes there: until then its file is still
+        being written and its journal still there)."""
+
+        def hand_back(result: Any, error: Exception | None) -> None:
+            self._disk_done.put(functools.partial(done, result, error))
+            self.outbox.wake()
 
         def task() -> None:
             try:
                 result, error = on_disk(), None
             except Exception as exc:  # noqa: BLE001 - handed to ``done``, which answers with it
                 result, error = None, exc
-            self._disk_done.put(functools.partial(done, result, error))
-            self.outbox.wake()
+            if after_closes:
+                # the closer is FIFO and every close asked for before this point was submitted
+                # to it by an earlier spool-thread task: this runs after all of them
+                self._closer.submit(hand_back, result, error)
+            else:
+                hand_back(result, error)
 
         self._disk.submit(task)
 

@@ -593,6 +593,49 @@ def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatc
             assert spool.status == "aborted" and len(spool.indices) == 4
 
 
+def test_a_receipt_of_a_stopped_scan_waits_for_its_spool_s_close(tmp_path, monkeypatch):
+    """A stopped scan's spool is closed on the closer thread, after the spool thread: a receipt
+    asked once the scan was already aborted was answered as soon as the spool thread was done,
+    while the closer still wrote the file and had yet to delete its journal. CI failed on it: a
+    test read the spool on "aborted" and found the journal gone mid-read. The closer is held
+    by a gate here, so the order is certain."""
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, spool_path
+
+    closing = Gate(closed=True)
+    closing.hold(monkeypatch, SpoolWriter, "close")
+    run_disk_done = ScanManager.run_disk_done
+    turns = [0]
+
+    def counted(self):
+        run_disk_done(self)
+        turns[0] += 1
+
+    monkeypatch.setattr(ScanManager, "run_disk_done", counted)
+    with gated_service(tmp_path, closing) as d:
+        sock = d.dealer()
+        with d.producer() as producer:
+            producer.start_scan(scan_id="shut", **d.start_fields(8))
+            producer.send_frames(np.ones((4, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 4
+            d.ctl.cancel("shut")
+            assert closing.entered.wait(60), "the closer never closed the aborted spool"
+            wait_for(lambda: {s["scan_id"]: s["state"] for s in d.ctl.list_scans()}.get("shut") == "aborted",
+                     60, "the cancelled scan to stop")
+            _ask(sock, "receipt", scan_id="shut")
+            wait_for(lambda: d.pending() == 1 or sock.poll(0), 60, "the manager to read it")
+            assert not sock.poll(0), "the receipt said aborted while its spool was still being closed"
+            seen = turns[0]
+            wait_for(lambda: turns[0] >= seen + 2, 60, "the manager to run what the spool thread handed back")
+            assert not sock.poll(0), "the receipt said aborted while its spool was still being closed"
+            closing.open()
+            info = _answer(sock)
+            assert info["state"] == "aborted" and info["frames"]["received"] == 4, info
+            spool = read_spool(spool_path(d.svc.config.spool_dir, "shut"), frames=False)
+            assert spool.status == "aborted" and len(spool.indices) == 4
+            producer.scan = None  # cancelled: the daemon already said why
+
+
 def test_an_acquisition_timeout_counts_the_frames_the_spool_thread_has_yet_to_write(tmp_path, monkeypatch):
     """A sender that goes silent mid-scan is timed out with "after N of M frames": N counted
     only the frames already on disk, so with the spool thread behind (a busy host) the reason

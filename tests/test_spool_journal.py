@@ -745,3 +745,31 @@ def test_the_rows_of_a_scan_without_a_peak_stay_in_the_reducers_dtype(tmp_path: 
         with h5py.File(w.path, "r") as f:
             assert f[DATA]["data"].dtype == np.uint32, (status, peak)
             assert f[DATA]["data"][:].tobytes() == binned.tobytes()
+
+
+@pytest.mark.parametrize("closes_while", ["rebuilding", "scanning"])
+def test_a_reader_racing_the_spool_s_close_reads_the_closed_file(tmp_path: Path, frames: np.ndarray,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 closes_while: str) -> None:
+    """A reader that found the journal of an open spool, then lost it to the daemon's close (the
+    journal goes once the file is whole) failed: "its journal ... could not be applied
+    (FileNotFoundError ...)". Seen in CI, a reader on a stopped scan's receipt racing the close
+    thread; here the writer closes at the moment the reader turns to the journal."""
+    from cryoptycho.daemon.storage import spool as spool_module
+
+    w = SpoolWriter.create(tmp_path, _spec("racing"))
+    w.append(frames[:100], np.arange(100), np.zeros((100, 2)))
+    w.set_status("aborted")
+    name = "_rebuild" if closes_while == "rebuilding" else "scan_records"
+    original = getattr(spool_module, name)
+
+    def close_first(*args: Any, **kwargs: Any) -> Any:
+        if w._f.id.valid:
+            w.close()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(spool_module, name, close_first)
+    got = read_spool(tmp_path / "racing.spool.h5")
+    assert got.status == "aborted"
+    np.testing.assert_array_equal(got.frames, frames[:100])
+    np.testing.assert_array_equal(got.indices, np.arange(100))

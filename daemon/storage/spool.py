@@ -1577,7 +1577,10 @@ def read_spool(path: str | Path, frames: bool = True) -> SpoolContents:
         # the scan is still open, or its daemon was killed: the HDF5 file may lack (or, killed
         # inside a flush, garble) frames the journal holds, so read what the journal says, from
         # a copy — the file itself is the daemon's to repair (or still being written)
-        scan = scan_records(jpath)
+        try:
+            scan = scan_records(jpath)
+        except FileNotFoundError:  # closed meanwhile (see below)
+            return _read_checked(path, frames)
         base = scan.first or {}
         if base.get("op") == "base" and (scan.last or {}).get("op") != "closed":
             with tempfile.TemporaryDirectory(prefix="cryoptycho-spool-") as tmp:
@@ -1585,6 +1588,10 @@ def read_spool(path: str | Path, frames: bool = True) -> SpoolContents:
                 try:
                     (_rebuild if base.get("image") else _rebuild_in_child)(path, copy, scan.records)
                 except Exception as exc:
+                    if not jpath.exists():
+                        # its daemon closed the spool meanwhile (the journal goes last, once the
+                        # file is whole): the file now holds every frame the journal did
+                        return _read_checked(path, frames)
                     raise ValueError(f"{path}: its journal {jpath.name} could not be applied "
                                      f"({type(exc).__name__}: {exc})") from exc
                 got = _read_checked(copy, frames)
