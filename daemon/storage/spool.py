@@ -326,6 +326,17 @@ def file_stem(scan_id: str) -> str:
     return f"{head}~{digest}"
 
 
+class SpoolInUse(OSError):
+    """A spool file another program holds open (an operator's h5py, `read_spool`: HDF5's file
+    lock), so that it cannot be opened to append to. Nothing was changed; asking again once
+    that program closed the file works."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        super().__init__(f"{path} is open in another program (HDF5's file lock: {cause}); close it there "
+                         f"(h5py: File.close(), or end that Python session) and ask again")
+        self.path = path
+
+
 class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
@@ -470,8 +481,16 @@ class SpoolWriter:
                 raise
         try:
             f = h5py.File(path, "r+")
-        except BaseException:
+        except BaseException as exc:
+            # not re-opened: the journal back as it was (none, or ending "closed"), so that a
+            # later try, and the next start, find the spool as before this one
             journal.close()
+            if end is None:
+                jpath.unlink(missing_ok=True)
+            else:
+                os.truncate(jpath, end)
+            if isinstance(exc, BlockingIOError):  # HDF5's file lock: another process has it open
+                raise SpoolInUse(path, exc) from exc
             raise
         try:
             writer = cls(path, f, fsync, reserve_bytes, journal, journal_only)
