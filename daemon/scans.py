@@ -1145,7 +1145,8 @@ class ScanManager:
         self._wait_closed(scan_id)
         path = spool_path(self.config.spool_dir, scan_id)
         if not path.exists():
-            raise ScanRefused("scan_id", "spool_kept", f"scan {scan_id!r} has no spool file left ({path.name})")
+            raise ScanRefused("scan_id", "spool_kept", f"scan {scan_id!r} has no spool file left ({path.name}; "
+                                                       "one that held no frame is removed at its scan's end)")
         contents = read_spool(path, frames=False)
         if not len(contents.indices):
             raise ScanRefused("scan_id", "frames_received", f"scan {scan_id!r} received no frame")

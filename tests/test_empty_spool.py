@@ -116,5 +116,7 @@ def test_a_scan_cancelled_before_its_first_frame_leaves_no_spool(tmp_path: Path)
             ctl.cancel("never", reason="wrong grid square")
             wait_for(lambda: _scan_files(tmp_path / "spool") == [], 60, "the empty spool to be removed")
             assert next(s for s in ctl.list_scans() if s["scan_id"] == "never")["state"] == "aborted"
+            reply = ctl.request("finish_scan", scan_id="never")  # nothing to reconstruct, said so
+            assert not reply.success and reply.result["rule"] == "spool_kept" and "held no frame" in reply.msg
     finally:
         bg.stop()
