@@ -13,8 +13,8 @@ import functools
 import itertools
 import os
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 import numpy as np
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .service import Service
 
 Handler = Callable[..., dict[str, Any]]
+T = TypeVar("T")
 
 #: entries of each list a `status` reply carries (``waiting``, ``scans``, ``unclosed_spools``),
 #: with its total beside it (``…_total``): a client reads a reply of at most its
@@ -45,8 +46,29 @@ LIST_SCANS_MAX = 512
 #: 4096 characters, a traceback often) holds it twice (``end_reason``, ``error``): 256 such
 #: aborted scans made a 2.1 MB reply that no client could read
 LIST_SCANS_BYTES = 640 * 1024
+#: packed bytes of each list a `status` reply carries at most (next to its STATUS_LIST_MAX):
+#: the count alone did not bound the reply — 200 live scans with 1024-character ids (the
+#: largest ``max_scan_id_length``) and a 4096-character cancel reason in each summary
+#: (``end_reason`` while its worker stops) made a status no client could read. 640 kB in all,
+#: as a `list_scans` reply
+STATUS_SCANS_BYTES = 448 * 1024
+STATUS_WAITING_BYTES = 64 * 1024
+STATUS_UNCLOSED_BYTES = 128 * 1024
 #: characters of a control `cancel`'s reason, as of a producer's abort (protocols/schema.py)
 REASON_MAX = 4096
+
+
+def _leading(items: Iterable[T], most: int, most_bytes: int) -> list[T]:
+    """The first of ``items``, at most ``most`` of them and ``most_bytes`` packed (none skipped:
+    what is left out comes after all listed); the first is kept whatever its size."""
+    kept: list[T] = []
+    size = 0
+    for item in itertools.islice(items, most):
+        size += len(msgpack.packb(item, default=_plain))
+        if size > most_bytes and kept:
+            break
+        kept.append(item)
+    return kept
 
 
 def _bounded(summaries: list[dict[str, Any]], running: Any) -> list[dict[str, Any]]:
@@ -57,14 +79,9 @@ def _bounded(summaries: list[dict[str, Any]], running: Any) -> list[dict[str, An
     their boards from this) did not show them."""
     order = [i for i, s in enumerate(summaries) if s["scan_id"] in running]
     order += [i for i in range(len(summaries) - 1, -1, -1) if summaries[i]["scan_id"] not in running]
-    kept: list[int] = []
-    size = 0
-    for i in order[:LIST_SCANS_MAX]:
-        size += len(msgpack.packb(summaries[i], default=_plain))
-        if size > LIST_SCANS_BYTES and kept:
-            break  # (the newest that fit, none skipped: what is left out is older than all listed)
-        kept.append(i)
-    return [summaries[i] for i in sorted(kept)]
+    # (the newest that fit: what is left out is older than all listed)
+    kept = _leading(((i, summaries[i]) for i in order), LIST_SCANS_MAX, LIST_SCANS_BYTES)
+    return [summaries[i] for i, _ in sorted(kept, key=lambda pair: pair[0])]
 
 
 def _plain(value: Any) -> Any:
@@ -110,21 +127,22 @@ def build_table(service: Service) -> dict[str, Handler]:
         live = [s for s in scans.sessions.values() if not s.state.final]
         # running scans first (at most max_concurrent_scans), then those next in the queue
         live.sort(key=lambda s: s.scan_id not in scans.running)
-        unclosed = list(scans.unclosed.items())[-STATUS_LIST_MAX:]  # the newest (insertion order)
+        # the newest (insertion order)
+        unclosed = _leading(reversed(list(scans.unclosed.items())), STATUS_LIST_MAX, STATUS_UNCLOSED_BYTES)[::-1]
         return {
             "uptime_s": time.monotonic() - service.started_at,
             "endpoints": service.endpoints,
             "metrics_port": service.metrics_port,
             "running": sorted(scans.running),
             # the next STATUS_LIST_MAX to run, in queue order
-            "waiting": list(itertools.islice(scans.waiting, STATUS_LIST_MAX)),
+            "waiting": _leading(scans.waiting, STATUS_LIST_MAX, STATUS_WAITING_BYTES),
             "waiting_total": len(scans.waiting),
             "queued_frames": scans.queued_frames(),
             "memory_reserved_bytes": scans.reserved(),
             "max_concurrent_scans": service.config.max_concurrent_scans,
             "max_queued_scans": service.config.max_queued_scans,  # a held producer asks for room (DECTRIS bridge)
             "stopping": scans.stopping,
-            "scans": {s.scan_id: s.summary() for s in live[:STATUS_LIST_MAX]},
+            "scans": dict(_leading(((s.scan_id, s.summary()) for s in live), STATUS_LIST_MAX, STATUS_SCANS_BYTES)),
             "scans_total": len(live),
             # where the frames of scans whose spool close failed are, until a re-open rebuilds it
             "unclosed_spools": dict(unclosed),

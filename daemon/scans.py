@@ -41,11 +41,14 @@ from .storage.diskspace import require_free_space
 from .storage.journal import fsync_path, journal_path
 from .storage.readcheck import check_spool_readable
 from .storage.spool import (
+    SpoolInUse,
     SpoolWriter,
     discard_half_created,
     discard_journal,
+    empty_final_spools,
     file_stem,
     read_spool,
+    remove_if_empty,
     repair_spool,
     spool_path,
     unfinished_spools,
@@ -1022,6 +1025,9 @@ class ScanManager:
             elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
                 sid, value = session.scan_id, state.value
                 self._after_close(sid, lambda: self._mark_spool(sid, value))
+            if state is not State.FINISHED and session.ledger.received == 0:
+                sid = session.scan_id
+                self._after_close(sid, lambda: self._drop_empty_spool(sid))
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
 
@@ -1063,6 +1069,14 @@ class ScanManager:
             if self.config.spool_fsync:
                 fsync_path(path)
             discard_journal(path, self.config.spool_fsync)
+
+    def _drop_empty_spool(self, scan_id: str) -> None:
+        """Closer thread, after the close or mark of a scan that ended without a frame."""
+        path = spool_path(self.config.spool_dir, scan_id)
+        status = remove_if_empty(path)
+        if status is not None:
+            log.info("removed spool %s: its scan ended %s before its first frame (the file held none)", path.name, status,
+                     extra={"scan_id": scan_id})
 
     def check_timeouts(self) -> None:
         now = time.monotonic()
@@ -1143,13 +1157,17 @@ class ScanManager:
         self._wait_closed(scan_id)
         path = spool_path(self.config.spool_dir, scan_id)
         if not path.exists():
-            raise ScanRefused("scan_id", "spool_kept", f"scan {scan_id!r} has no spool file left ({path.name})")
+            raise ScanRefused("scan_id", "spool_kept", f"scan {scan_id!r} has no spool file left ({path.name}; "
+                                                       "one that held no frame is removed at its scan's end)")
         contents = read_spool(path, frames=False)
         if not len(contents.indices):
             raise ScanRefused("scan_id", "frames_received", f"scan {scan_id!r} received no frame")
         need = self._reservation(contents.spec, self._options_for(contents.spec))
-        spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
-                                   reserve_bytes=self.config.disk_reserve_bytes)
+        try:
+            spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
+                                       reserve_bytes=self.config.disk_reserve_bytes)
+        except SpoolInUse as exc:  # an operator's reader: a refusal naming it, not an internal error
+            raise ScanRefused("scan_id", "spool_in_use", f"scan {scan_id!r}: its spool {exc}") from exc
         try:
             spool.set_status("ended")
         except Exception:
@@ -1234,6 +1252,10 @@ class ScanManager:
         recovered = []
         for part in discard_half_created(self.config.spool_dir):
             log.warning("removed %s: a spool file the daemon was killed creating (it held no frame)", part)
+        for empty in empty_final_spools(self.config.spool_dir):  # (kept by earlier releases)
+            if remove_if_empty(empty) is not None:
+                log.info("removed spool %s: its scan failed or was aborted before its first frame "
+                         "(it held no frame)", empty.name)
         for path in unfinished_spools(self.config.spool_dir):
             try:
                 repaired = repair_spool(path)  # a kill inside HDF5's flush: the journal has every frame

@@ -24,20 +24,18 @@ from typing import Any
 import numpy as np
 import zmq
 from cryoptycho.gpu import framestore
-from cryoptycho.protocols.control import dispatch, handle, split_envelope
+from cryoptycho.protocols.control import dispatch, encode_reply, handle, split_envelope
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits, control_max_part_bytes, ingest_max_part_bytes
 from cryoptycho.protocols.messages import (
     Abort,
     ErrorEvent,
     Frames,
-    Reply,
     Request,
     ScanEnd,
     ScanEvent,
     ScanStart,
     decode,
-    encode,
     peek,
 )
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
@@ -762,11 +760,7 @@ class Service:
         reply = dispatch({method: lambda: answer(value, error)}, Request(method, {}))
         self.metrics.control_requests.labels(method=method, success=str(reply.success).lower()).inc()
         reply.time_s = time.time()
-        try:
-            return encode(reply)
-        except Exception as exc:  # noqa: BLE001 - a result msgpack cannot carry is still answered
-            return encode(Reply(False, f"reply of {method!r} could not be encoded: {exc}",
-                                {"field": "result", "rule": "encodable"}))
+        return encode_reply(reply, method, self.limits)
 
     def _send_ready(self, client: bytes) -> None:
         pending = self._replies.get(client)

@@ -107,6 +107,7 @@ def handle(
     if len(parts) < 2:
         return []
     envelope, body = split_envelope(parts)
+    request: Any = None
     try:
         request = decode(body, limits)
         if not isinstance(request, Request):
@@ -120,16 +121,38 @@ def handle(
     else:
         reply = dispatch(table, request)
     reply.time_s = time.time()
+    method = request.method if isinstance(request, Request) else "?"
+    return envelope + encode_reply(reply, method, limits)
+
+
+def encode_reply(reply: Reply, method: str, limits: Limits | None = None) -> list[Any]:
+    """The parts of ``reply``; one that cannot be encoded, or whose header is larger than a
+    client reads (``max_header_bytes``: the client refuses it, and the caller learns nothing
+    but a protocol error), is answered as a failure that says so instead."""
+    limits = limits or Limits()
     try:
-        return envelope + encode(reply)
+        parts = encode(reply)
     except Exception as exc:  # noqa: BLE001 - a result msgpack cannot carry is still answered
-        return envelope + encode(
+        return encode(
             Reply(
                 False,
-                f"reply of {request.method!r} could not be encoded: {exc}",
+                f"reply of {method!r} could not be encoded: {exc}",
                 {"field": "result", "rule": "encodable"},
+                time_s=reply.time_s,
             )
         )
+    size = memoryview(parts[0]).nbytes
+    if size > limits.max_header_bytes:
+        return encode(
+            Reply(
+                False,
+                f"reply of {method!r} would be {size} bytes, more than the {limits.max_header_bytes} "
+                "a client reads (max_header_bytes); this is a daemon bug, please report it",
+                {"field": "result", "rule": "max_header_bytes"},
+                time_s=reply.time_s,
+            )
+        )
+    return parts
 
 
 def as_tree(msg: Any) -> dict[str, Any]:

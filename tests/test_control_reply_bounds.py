@@ -89,3 +89,85 @@ def test_status_and_list_scans_replies_stay_under_the_clients_header_limit(tmp_p
             one.abort("test ends")
     finally:
         bg.stop()
+
+
+def test_status_stays_readable_with_the_longest_scan_ids_and_reasons(tmp_path, scan):
+    """Bounded by count alone, `status` outgrew the client's 1 MiB with long strings: 200 live
+    scans with 1024-character ids (the largest ``max_scan_id_length``) and a 4096-character
+    cancel reason (``end_reason`` while its worker stops) and error in each summary, 200
+    waiting ids, 200 failed closes whose notes name long paths: a 3.2 MB reply the client refused.
+    Each list is bounded in bytes too, its total beside it."""
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.session import Session
+    from daemon_support import loopback_config
+
+    n = 300
+    cfg = loopback_config(tmp_path, max_concurrent_scans=1)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    scans = svc.scans
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as one):
+            one.start_scan(**scan.start_fields("running"))
+            wait_for(lambda: ctl.status()["running"] == ["running"], 120, "the scan to run")
+            injected = threading.Event()
+            long_ids = [f"{i:05d}-" + "x" * 1018 for i in range(n)]
+
+            def inject(_r, _e) -> None:  # on the manager thread, as the daemon's own state changes
+                spec = scans.sessions["running"].spec
+                for i, sid in enumerate(long_ids):
+                    waiting = Session(replace(spec, scan_id=sid), {"host": 0, "device": 0})
+                    waiting.end_reason = f"cancel {i}: " + "r" * 4080
+                    waiting.error = f"spool {i}: " + "e" * 4080
+                    scans.sessions[sid] = waiting
+                    scans.waiting.append(sid)
+                    where = f"/data/facility/{'deep/' * 150}{sid}.spool.h5"
+                    scans.unclosed[sid] = (f"its 65536 frames are kept in its journal {where}.journal: control "
+                                           f"`finish_scan` or the next start rebuilds {where} from it")
+                injected.set()
+
+            scans.after_disk(lambda: None, inject)
+            assert injected.wait(60)
+            status = ctl.status()  # before: the client refused the reply (max_header_bytes)
+            assert status["running"] == ["running"] and "running" in status["scans"]
+            assert status["waiting_total"] == n and status["unclosed_spools_total"] == n
+            assert status["scans_total"] == n + 1
+            # the next to run, in queue order; the newest failed closes; none skipped
+            assert status["waiting"] == long_ids[:len(status["waiting"])] and status["waiting"]
+            assert list(status["scans"]) == ["running", *long_ids[:len(status["scans"]) - 1]]
+            assert len(status["scans"]) > 1
+            assert list(status["unclosed_spools"]) == long_ids[n - len(status["unclosed_spools"]):]
+            assert status["unclosed_spools"]
+
+            def drop(_r, _e) -> None:
+                for sid in long_ids:
+                    scans.sessions.pop(sid)
+                    scans.waiting.remove(sid)
+                scans.unclosed.clear()
+                injected.clear()
+
+            scans.after_disk(lambda: None, drop)
+            wait_for(lambda: not injected.is_set(), 60, "the test's scans to be dropped")
+            one.abort("test ends")
+    finally:
+        bg.stop()
+
+
+def test_a_reply_larger_than_a_client_reads_is_answered_as_a_named_failure():
+    """The last line of defence for any control reply (status, list_scans, receipt, a late
+    reply): one whose header exceeds ``max_header_bytes`` was sent whole, and the client could
+    only refuse it ("header: … bytes exceed the limit") — the caller never learned what it
+    asked. It is now a failed reply (rule ``max_header_bytes``) that names the method."""
+    from cryoptycho.protocols.control import handle
+    from cryoptycho.protocols.limits import Limits
+    from cryoptycho.protocols.messages import Reply, Request, decode, encode
+
+    limits = Limits()
+    table = {"huge": lambda: {"text": "x" * (limits.max_header_bytes + 1)}, "small": lambda: {"n": 1}}
+    for method, ok in (("huge", False), ("small", True)):
+        parts = handle([b"client", *encode(Request(method, {}))], table, limits)
+        reply = decode(parts[1:], limits)  # what the client reads, with its default limits
+        assert isinstance(reply, Reply) and reply.success is ok
+        if not ok:
+            assert reply.result["rule"] == "max_header_bytes" and "'huge'" in reply.msg, reply

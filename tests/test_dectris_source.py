@@ -494,6 +494,65 @@ def test_worker_processes_frames_are_copied_into_arrays_no_one_holds() -> None:
         pool.close()
 
 
+def test_failed_jobs_and_a_cancelled_scans_held_frames_leak_no_pooled_array() -> None:
+    """DecodePool._copy_out hands kept arrays out again by their reference count. Neither a job
+    that raises (a bug's path: nothing is copied out, its slot comes back), nor a batch with an
+    undecodable image, nor a cancelled scan's frames held past the next jobs (a spool close
+    taking them, or a failed converter's traceback holding its batch) may keep an array from
+    coming back once let go of, or grow the kept arrays past 2 × slots: counted, and the
+    memory numpy allocates measured with tracemalloc."""
+    import tracemalloc
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(16, seed=6)
+    images = _series(frames, "leak")[1:-1]
+    halves = [(images[:8], slice(0, 8)), (images[8:], slice(8, 16))]  # different frames: an overwrite shows
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    pool = DecodePool(1, processes=True)
+    tracemalloc.start()
+    try:
+        def job(items: list[Any]) -> Any:
+            return pool.result(pool.submit(items, CHANNEL, reducer, True))
+
+        def convert(batch: Any) -> None:
+            assert batch.counts is not None
+            raise ValueError("a converter that fails with the batch in hand")
+
+        job(images[:8])  # the slots' shared memory and the first kept array
+        kept = {b.ctypes.data for b in pool._out}
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(6):
+            with pytest.raises(AttributeError):  # an item no job can take: the job raises
+                job([42])
+            bad = job([b"not a detector image", *images[1:8]])
+            assert len(bad.errors) == 1 and bad.counts is not None
+            np.testing.assert_array_equal(bad.counts, expect[1:8])
+            # a cancelled scan: its frames held while 3 × slots more jobs come and go
+            held = [(job(halves[i % 2][0]).counts, halves[i % 2][1]) for i in range(3 * pool.slots)]
+            try:
+                convert(bad)
+            except ValueError as exc:
+                failure = exc  # (its traceback holds the converter's frame, and the batch with it)
+            for counts, rows in held:
+                np.testing.assert_array_equal(counts, expect[rows])  # none overwritten while held
+            np.testing.assert_array_equal(bad.counts, expect[1:8])
+            assert len(pool._out) <= 2 * pool.slots
+            del held, bad, failure, counts, rows  # the close took them; the failure was reported
+            assert len(pool._free) == pool.slots  # every slot back, the failed job's too
+            again = job(images[:8])
+            assert again.counts.ctypes.data in {b.ctypes.data for b in pool._out}  # reused, not new
+            del again
+        assert {b.ctypes.data for b in pool._out} >= kept
+        grown = tracemalloc.get_traced_memory()[0] - base
+        # only the kept arrays (at most 2 × slots, each one slot long) may have stayed
+        assert grown <= 2 * pool.slots * pool._slot_bytes + (1 << 20), grown
+    finally:
+        tracemalloc.stop()
+        pool.close()
+
+
 def test_sources_are_found_by_url_scheme() -> None:
     assert {"dectris", "dectris1", "dectris2"} <= set(source_schemes())
     src = open_source("dectris1://detector.example:9999", {"bin": 2}, workers=3)

@@ -326,6 +326,17 @@ def file_stem(scan_id: str) -> str:
     return f"{head}~{digest}"
 
 
+class SpoolInUse(OSError):
+    """A spool file another program holds open (an operator's h5py, `read_spool`: HDF5's file
+    lock), so that it cannot be opened to append to. Nothing was changed; asking again once
+    that program closed the file works."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        super().__init__(f"{path} is open in another program (HDF5's file lock: {cause}); close it there "
+                         f"(h5py: File.close(), or end that Python session) and ask again")
+        self.path = path
+
+
 class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
@@ -470,8 +481,16 @@ class SpoolWriter:
                 raise
         try:
             f = h5py.File(path, "r+")
-        except BaseException:
+        except BaseException as exc:
+            # not re-opened: the journal back as it was (none, or ending "closed"), so that a
+            # later try, and the next start, find the spool as before this one
             journal.close()
+            if end is None:
+                jpath.unlink(missing_ok=True)
+            else:
+                os.truncate(jpath, end)
+            if isinstance(exc, BlockingIOError):  # HDF5's file lock: another process has it open
+                raise SpoolInUse(path, exc) from exc
             raise
         try:
             writer = cls(path, f, fsync, reserve_bytes, journal, journal_only)
@@ -1780,6 +1799,39 @@ def discard_half_created(spool_dir: str | Path) -> list[Path]:
         part.unlink(missing_ok=True)
         gone.append(part)
     return gone
+
+
+def _empty_and_over(path: Path) -> str | None:
+    """The final status (failed, aborted) of spool file ``path`` when it is closed (no journal)
+    and holds no frame; else None (also for a file unreadable or not ours)."""
+    if journal_path(path).exists():  # open, or its close failed: the journal is its record
+        return None
+    try:
+        with h5py.File(path, "r", locking=False) as f:  # (a reader's lock must not keep it)
+            status = f.attrs.get("status")
+            if f.attrs.get("format") != FORMAT or status not in ("failed", "aborted"):
+                return None
+            return str(status) if int(f[DATA].attrs.get("count", 1)) == 0 else None
+    except (OSError, KeyError):
+        return None
+
+
+def remove_if_empty(path: str | Path) -> str | None:
+    """Delete spool file ``path`` when its scan is over (failed or aborted) and it holds no
+    frame — a scan that ended before its first frame reached the disk (a daemon killed just
+    after its scan_start, then nothing came; cancelled or timed out before any frame). Such a
+    file holds nothing to reconstruct (finish_scan refuses it), yet it was kept for ever and
+    blocked its scan id. Returns the scan's status when the file was deleted, else None."""
+    path = Path(path)
+    status = _empty_and_over(path)
+    if status is not None:
+        path.unlink(missing_ok=True)
+    return status
+
+
+def empty_final_spools(spool_dir: str | Path) -> list[Path]:
+    """Spool files :func:`remove_if_empty` deletes, left by a release that kept them."""
+    return sorted(p for p in Path(spool_dir).glob(f"*{SUFFIX}") if _empty_and_over(p) is not None)
 
 
 def unfinished_spools(spool_dir: str | Path) -> list[Path]:

@@ -1,0 +1,114 @@
+"""Re-opening a stopped scan's spool (control `finish_scan`, SpoolWriter.reopen) while another
+program holds the file open with h5py's defaults (HDF5's shared file lock): a refusal naming the
+file and what to do, nothing changed, and the same request works once the reader closed it.
+Before: `finish_scan` answered "internal error: BlockingIOError … unable to lock file", and
+the attempt left a journal beside the aborted scan's spool."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryoptycho.daemon.scan import ScanSpec
+from cryoptycho.daemon.storage.spool import SpoolWriter, journal_path, read_spool
+
+#: holds the file open (h5py's defaults: a shared lock) until a line on stdin
+_READER = textwrap.dedent("""
+    import sys, h5py
+    f = h5py.File(sys.argv[1], "r")
+    print("open", flush=True)
+    sys.stdin.readline()
+""")
+
+
+@contextmanager
+def held_open(path: Path) -> Iterator[None]:
+    """Another process (HDF5's locks are between processes) holding ``path`` open."""
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "open"
+        yield
+    finally:
+        if reader.stdin is not None:
+            reader.stdin.close()  # its readline returns: it closes the file and exits
+        assert reader.wait(30) == 0
+
+
+def _spool(spool_dir: Path, scan_id: str, status: str) -> Path:
+    spec = ScanSpec(scan_id=scan_id, frame_shape=(16, 16), frame_dtype="uint16", pixel_size_m=1e-10,
+                    energy_eV=300e3, probe=np.ones((16, 16), np.complex64), expected_frames=8)
+    w = SpoolWriter.create(spool_dir, spec)
+    w.append(np.full((5, 16, 16), 7, np.uint16), np.arange(5), np.zeros((5, 2)))
+    if status != "open":
+        w.set_status(status)
+    w.close()
+    return w.path
+
+
+@pytest.mark.parametrize("status", ["aborted", "open"])
+def test_reopen_of_a_spool_another_program_holds_is_refused_by_name_and_changes_nothing(tmp_path: Path,
+                                                                                        status: str) -> None:
+    """aborted: closed with a final status, no journal (finish_scan's case); open: closed with
+    its journal ending "closed" (a scan recovered at a start)."""
+    from cryoptycho.daemon.storage.spool import SpoolInUse
+
+    path = _spool(tmp_path, "held", status)
+    jpath = journal_path(path)
+    journal_before = jpath.read_bytes() if jpath.exists() else None
+    with held_open(path):
+        with pytest.raises(SpoolInUse, match="is open in another program .*close it there"):
+            SpoolWriter.reopen(path)
+        assert (jpath.read_bytes() if jpath.exists() else None) == journal_before
+    w = SpoolWriter.reopen(path)  # the reader is gone: re-opened as ever
+    w.append(np.full((1, 16, 16), 9, np.uint16), np.array([5]), np.zeros((1, 2)))
+    w.close()
+    got = read_spool(path)
+    np.testing.assert_array_equal(got.indices, np.arange(6))
+    assert (got.frames[:5] == 7).all() and (got.frames[5] == 9).all()
+
+
+def test_finish_scan_while_an_operator_reads_the_spool_is_refused_by_name_then_works(tmp_path: Path) -> None:
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
+            p.start_scan(**scan.start_fields("held"))
+            p.send_frames(scan.frames[:10])
+            p.flush()
+            ctl.cancel("held", reason="stage drift")
+
+            def state() -> str:
+                return next(s for s in ctl.list_scans() if s["scan_id"] == "held")["state"]
+
+            wait_for(lambda: state() == "aborted", 60, "the scan to be aborted")
+            path = cfg.spool_dir / "held.spool.h5"
+            # its close (closer thread) deletes the journal last: the file is whole then
+            wait_for(lambda: not journal_path(path).exists(), 60, "the aborted scan's spool to be closed")
+            with held_open(path):
+                reply = ctl.request("finish_scan", scan_id="held")
+                assert not reply.success
+                assert reply.result["rule"] == "spool_in_use", reply
+                assert str(path) in reply.msg and "close it there" in reply.msg, reply.msg
+                assert state() == "aborted"
+                assert not journal_path(path).exists()  # as it was
+            assert ctl.finish_scan("held")["scan_id"] == "held"
+            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "held"
+                                          and s["state"] in ("finished", "failed")), None), 120, "the scan to end")
+            assert info["state"] == "finished" and info["frames"]["received"] == 10, info
+    finally:
+        bg.stop()
