@@ -57,3 +57,54 @@ def test_a_cryoptycho_table_beside_an_options_table_is_the_documented_layout(tmp
     config.write_text("[cryoptycho]\npreview_hz = 2.0\n[cryoptycho.options]\niterations = 7\n[options]\niterations = 8\n")
     with pytest.raises(ConfigError, match="'options' given both under \\[cryoptycho\\] and outside it"):
         load_config(config)
+
+
+def test_a_reader_holding_a_waiting_scans_spool_does_not_fail_the_scan(tmp_path):
+    """A scan delivered whole while another holds the only slot waits with its spool closed. An
+    operator's `h5ls`/HDFView, or a pipeline peeking at the spool directory, holding that file
+    open (HDF5 takes a shared lock for a reader's whole open) made the daemon's re-open fail
+    with EAGAIN when the slot freed: the scan failed, every frame acknowledged, no result."""
+    import h5py
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan, wait_for
+
+    daemon = start_daemon(tmp_path, "--max-concurrent-scans", "1", "--set", "options.iterations=2",
+                          "--set", "refine_time_budget_s=5")
+    scan = synthetic_scan(n_side=8, m=32)
+    control = ControlClient(daemon.control)
+    reader = None
+
+    def state(scan_id: str) -> str:
+        return next((s["state"] for s in control.list_scans() if s["scan_id"] == scan_id), "")
+
+    def open_spool() -> h5py.File | None:
+        try:  # refused (EAGAIN) until the daemon has closed the waiting scan's spool
+            return h5py.File(tmp_path / "spool" / "waiting.spool.h5", "r")
+        except BlockingIOError:
+            return None
+
+    try:
+        with Producer(daemon.ingest, control=daemon.control) as holder:
+            holder.start_scan(**scan.start_fields("holder"))
+            holder.send_frames(scan.frames[:10])
+            wait_for(lambda: state("holder") == "acquiring", 60, "the first scan to take the slot", daemon)
+            with Producer(daemon.ingest, control=daemon.control) as producer:
+                producer.start_scan(**scan.start_fields("waiting"))
+                producer.send_frames(scan.frames)
+                receipt = producer.end_scan()
+            assert (receipt.acknowledged, receipt.state) == (len(scan.frames), "announced"), receipt
+            reader = wait_for(open_spool, 60, "a reader to open the waiting scan's spool", daemon)
+            control.cancel("holder", "the slot is wanted")
+            wait_for(lambda: state("waiting") in ("finished", "failed", "aborted"), 120,
+                     "the waiting scan to end", daemon)
+        summary = next(s for s in control.list_scans() if s["scan_id"] == "waiting")
+        assert summary["state"] == "finished", summary
+        assert summary["frames"]["received"] == len(scan.frames)
+        assert Path(summary["result_path"]).is_file()
+        assert "opened for writing without HDF5's file lock" in daemon.log()
+    finally:
+        if reader is not None:
+            reader.close()
+        control.close()
+        assert daemon.stop() == 0, daemon.log()

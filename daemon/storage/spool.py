@@ -326,6 +326,22 @@ def file_stem(scan_id: str) -> str:
     return f"{head}~{digest}"
 
 
+def open_for_writing(path: Path) -> h5py.File:
+    """The daemon's own spool file, open for appending. HDF5 locks a file for its whole open,
+    and a reader's shared lock — `h5ls`, HDFView or a pipeline peeking at a waiting scan's spool,
+    a recovered one's at start — made the daemon's re-open fail with EAGAIN and the scan with
+    it, every frame received and acknowledged. The daemon is the spool's only writer (serve's
+    directory lock), so such a reader is logged and the file opened without the lock (readers
+    opening it after that are no longer refused). Without a reader the lock is taken as before:
+    a reader is refused while the daemon writes the file, as HDF5 means it to be."""
+    try:
+        return h5py.File(path, "r+")
+    except BlockingIOError as exc:
+        log.warning("another process has %s open (%s): opened for writing without HDF5's file lock; "
+                    "that reader may see the file change under it", path, exc.strerror or exc)
+        return h5py.File(path, "r+", locking=False)
+
+
 class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
@@ -429,7 +445,7 @@ class SpoolWriter:
             journal.write({"op": "base", "image": True}, [image])
             if fsync:
                 fsync_path(path.parent)
-            f = h5py.File(path, "r+")
+            f = open_for_writing(path)
         except BaseException:
             if journal is not None:
                 journal.close()
@@ -469,7 +485,7 @@ class SpoolWriter:
                 journal.close()
                 raise
         try:
-            f = h5py.File(path, "r+")
+            f = open_for_writing(path)
         except BaseException:
             journal.close()
             raise
