@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 from cryoptycho.gpu import framestore
 from cryoptycho.protocols.control import dispatch, handle, split_envelope
+from cryoptycho.protocols.dectris.receiver import ErrorLogLimiter
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits, control_max_part_bytes, ingest_max_part_bytes
 from cryoptycho.protocols.messages import (
@@ -76,6 +77,10 @@ PUB_HWM = 64
 #: error events published one by one per second; the rest are summarised (publisher.ErrorThrottle),
 #: so a flood of bad messages stays well inside PUB_HWM and the subscribers' queues
 ERROR_BURST = 20
+#: rejected ingest messages are logged one per rule and field in full, then their number at most
+#: once per window (protocols/dectris/receiver.ErrorLogLimiter); each is still counted
+#: (messages_rejected), published (within ERROR_BURST) and told to its producer (receipt)
+REJECTION_LOG_WINDOW_S = 30.0
 #: a loop step (one message, one request, one housekeeping pass) slower than this is logged as
 #: "slow manager step" with its wall and CPU time: no request may hold up ping longer (issue 12)
 SLOW_STEP_S = 0.05
@@ -209,6 +214,13 @@ class Service:
         self.started_at = time.monotonic()
         self._declared: dict[str, ScanStart] = {}
         self.error_throttle = ErrorThrottle(ERROR_BURST)
+        # one line per rejected message flooded the log at a producer's message rate (one that
+        # streams on after its scan was refused, or has the frame shape wrong): 3,000 lines for
+        # 3,000 messages, and journald's rate limit then drops the daemon's other lines too
+        self._rejections_log = ErrorLogLimiter(
+            log, "rejected message", REJECTION_LOG_WINDOW_S, level=logging.WARNING,
+            key=lambda exc: (getattr(exc, "rule", None), getattr(exc, "field", None)),
+            extra=lambda exc: {"scan_id": getattr(exc, "scan_id", None), "rule": getattr(exc, "rule", None)})
         # a scan_start's probe, positions and spool file are built on this thread while the
         # manager keeps answering (ingest pauses until it is done, so message order holds)
         self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="scan-start")
@@ -424,6 +436,7 @@ class Service:
                           extra={"scan_id": worker.session.scan_id})
         self.scans.reap()
         self._flush_outbox()
+        self._rejections_log.flush(force=True)
         self.scans.close()
         self.metrics.up.set(0)
         self._guarded("housekeeping", self._report_kept)  # a report that fails must not fail the stop
@@ -567,7 +580,7 @@ class Service:
             session = self.scans.sessions.get(exc.scan_id) if exc.scan_id is not None else None
             if session is not None:  # its producer's receipt says why frames it sent are not held
                 session.refused(n, f"{exc.field}: {exc.message} [rule {exc.rule}]")
-        log.warning("rejected message: %s", exc, extra={"scan_id": exc.scan_id, "rule": exc.rule})
+        self._rejections_log(exc)
         self.publish_error(ErrorEvent.from_error(exc, time.time()))
 
     def _refuse(self, msg: ScanStart, exc: ScanRefused) -> None:
@@ -804,6 +817,7 @@ class Service:
             self.metrics.disk_free.labels(dir=name).set(shutil.disk_usage(directory).free)
 
     def _housekeeping(self) -> None:
+        self._rejections_log.flush()
         self.scans.check_timeouts()
         self.scans.admit()
         self.metrics.queue_depth.set(self.scans.queued_frames())

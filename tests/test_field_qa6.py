@@ -108,3 +108,36 @@ def test_a_reader_holding_a_waiting_scans_spool_does_not_fail_the_scan(tmp_path)
             reader.close()
         control.close()
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_producer_streaming_frames_nobody_takes_does_not_flood_the_log(tmp_path):
+    """A third-party sender that streams on after its scan was refused (or before its
+    scan_start, or to a daemon restarted without it) has every frames message rejected. Each
+    was logged as a warning of its own: 500 messages, 500 lines — at detector rates millions a
+    day, and journald's rate limit then drops the daemon's other lines with them. Now the first
+    is logged in full and the rest as their number; every one is still counted."""
+    import re
+
+    import numpy as np
+    import zmq
+    from cryoptycho.protocols.messages import Frames, encode
+    from daemon_support import metrics_of, wait_for
+
+    sent = 500
+    daemon = start_daemon(tmp_path)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(daemon.ingest)
+    try:
+        frame = np.zeros((1, 32, 32), np.uint16)
+        for i in range(sent):
+            push.send_multipart(encode(Frames("ghost", np.array([i], np.uint32), frame, None, "none", 0.0)))
+        wait_for(lambda: metrics_of(daemon).get("cryoptycho_messages_rejected_total{rule=known_scan}", 0) >= sent,
+                 120, "the daemon to reject every message", daemon)
+    finally:
+        push.close(linger=0)
+        assert daemon.stop() == 0, daemon.log()
+    lines = [line for line in daemon.log_lines if "rejected message" in line]
+    assert lines and "ghost" in lines[0], daemon.log()
+    repeats = [int(m.group(1)) for line in lines for m in [re.search(r"rejected message: (\d+) more like it", line)] if m]
+    assert len(lines) - len(repeats) + sum(repeats) == sent, lines  # each one accounted for in the log
+    assert len(lines) <= 10, lines
