@@ -77,7 +77,7 @@ PUB_HWM = 64
 #: error events published one by one per second; the rest are summarised (publisher.ErrorThrottle),
 #: so a flood of bad messages stays well inside PUB_HWM and the subscribers' queues
 ERROR_BURST = 20
-#: rejected ingest messages are logged one per rule and field in full, then their number at most
+#: rejected ingest messages are logged one per rule in full, then their number at most
 #: once per window (protocols/dectris/receiver.ErrorLogLimiter); each is still counted
 #: (messages_rejected), published (within ERROR_BURST) and told to its producer (receipt)
 REJECTION_LOG_WINDOW_S = 30.0
@@ -219,7 +219,8 @@ class Service:
         # 3,000 messages, and journald's rate limit then drops the daemon's other lines too
         self._rejections_log = ErrorLogLimiter(
             log, "rejected message", REJECTION_LOG_WINDOW_S, level=logging.WARNING,
-            key=lambda exc: (getattr(exc, "rule", None), getattr(exc, "field", None)),
+            # by rule alone: a field can name a key the sender made up, and every kind is kept
+            key=lambda exc: getattr(exc, "rule", None),
             extra=lambda exc: {"scan_id": getattr(exc, "scan_id", None), "rule": getattr(exc, "rule", None)})
         # a scan_start's probe, positions and spool file are built on this thread while the
         # manager keeps answering (ingest pauses until it is done, so message order holds)
