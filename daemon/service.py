@@ -74,6 +74,14 @@ Done = Callable[[Any, "Exception | None"], None]
 INGEST_BURST = 64
 #: PUB send queue per subscriber: a slow viewer loses old messages instead of slowing ingest
 PUB_HWM = 64
+#: ZMTP heartbeats on the publish socket (ms): a subscriber whose ZeroMQ does not answer a PING
+#: within the timeout — its process stopped (a `watch` suspended with Ctrl-Z), its host gone
+#: without closing the connection, or so far behind that its socket stopped reading — is
+#: disconnected, and the PUB_HWM messages queued for it are freed (previews of the whole
+#: canvas: a 660 × 660 canvas held 180 MB of the daemon's memory for as long as the subscriber
+#: stayed stopped). A live subscriber reconnects by itself and misses only what PUB_HWM dropped.
+PUB_HEARTBEAT_IVL_MS = 2000
+PUB_HEARTBEAT_TIMEOUT_MS = 10000
 #: error events published one by one per second; the rest are summarised (publisher.ErrorThrottle),
 #: so a flood of bad messages stays well inside PUB_HWM and the subscribers' queues
 ERROR_BURST = 20
@@ -273,6 +281,8 @@ class Service:
         self.ingest = ctx.socket(zmq.PULL)
         self.publish = ctx.socket(zmq.PUB)
         self.publish.setsockopt(zmq.SNDHWM, PUB_HWM)
+        self.publish.setsockopt(zmq.HEARTBEAT_IVL, PUB_HEARTBEAT_IVL_MS)
+        self.publish.setsockopt(zmq.HEARTBEAT_TIMEOUT, PUB_HEARTBEAT_TIMEOUT_MS)
         self.control = ctx.socket(zmq.ROUTER)
         for sock in (self.ingest, self.publish, self.control):
             sock.setsockopt(zmq.LINGER, 1000)

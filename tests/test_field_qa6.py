@@ -141,3 +141,47 @@ def test_a_producer_streaming_frames_nobody_takes_does_not_flood_the_log(tmp_pat
     repeats = [int(m.group(1)) for line in lines for m in [re.search(r"rejected message: (\d+) more like it", line)] if m]
     assert len(lines) - len(repeats) + sum(repeats) == sent, lines  # each one accounted for in the log
     assert len(lines) <= 10, lines
+
+
+def _established_to(port: int) -> int:
+    """TCP connections in state ESTABLISHED whose local port is ``port`` (the daemon's side)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the connection table of Linux")
+def test_a_subscriber_that_stops_answering_is_disconnected_and_its_queue_freed(tmp_path):
+    """A `watch` suspended with Ctrl-Z (or a subscriber whose host went away without closing
+    its connection) stays connected for ever: the daemon kept the last 64 messages for it —
+    previews of the whole canvas, 180 MB for a 660 × 660 canvas, gigabytes for 2k × 2k — for
+    as long as it stayed stopped. The publish socket now heartbeats its subscribers and drops
+    one that does not answer; a subscriber that comes back reconnects by itself."""
+    import signal
+
+    from daemon_support import wait_for
+
+    daemon = start_daemon(tmp_path)
+    port = int(daemon.publish.rsplit(":", 1)[1])
+    code = ("import sys, zmq\n"
+            "s = zmq.Context().socket(zmq.SUB); s.setsockopt(zmq.SUBSCRIBE, b''); s.connect(sys.argv[1])\n"
+            "while True: s.recv_multipart()\n")
+    subscriber = subprocess.Popen([sys.executable, "-c", code, daemon.publish])
+    try:
+        wait_for(lambda: _established_to(port) == 1, 60, "the subscriber to connect", daemon)
+        subscriber.send_signal(signal.SIGSTOP)
+        wait_for(lambda: _established_to(port) == 0, 90, "the daemon to drop the stopped subscriber", daemon)
+        subscriber.send_signal(signal.SIGCONT)
+        wait_for(lambda: _established_to(port) == 1, 60, "the subscriber to reconnect once resumed", daemon)
+    finally:
+        subscriber.kill()
+        subscriber.wait(30)
+        assert daemon.stop() == 0, daemon.log()
