@@ -277,6 +277,7 @@ class Service:
         # scan, its frames queueing meanwhile (the first scan stored 1.02-1.15x faster with it
         # imported before, bench protocol --scan ahead); imported here instead
         import scipy.fft  # noqa: F401
+        self._check_backend()
         ctx = self._ctx
         self.ingest = ctx.socket(zmq.PULL)
         self.publish = ctx.socket(zmq.PUB)
@@ -289,10 +290,14 @@ class Service:
         if self.config.curve_keys_dir is not None:
             from cryoptycho.protocols.security import apply_server_curve, start_authenticator
 
-            # the authenticator must run before the sockets bind, or the first peers go unchecked
-            self._auth = start_authenticator(ctx, self.config.curve_keys_dir)
-            for sock in (self.ingest, self.publish, self.control):
-                apply_server_curve(sock, self.config.curve_keys_dir)
+            try:
+                # the authenticator must run before the sockets bind, or the first peers go unchecked
+                self._auth = start_authenticator(ctx, self.config.curve_keys_dir)
+                for sock in (self.ingest, self.publish, self.control):
+                    apply_server_curve(sock, self.config.curve_keys_dir)
+            except (OSError, ValueError) as exc:
+                # a missing or unreadable key directory was a FileNotFoundError traceback from serve
+                raise RuntimeError(f"curve_keys_dir {self.config.curve_keys_dir}: {exc}") from None
         self.ingest.setsockopt(zmq.RCVHWM, ingest_hwm(self.config.ingest_queue_bytes, self.limits))
         # a part over the limits would be refused once whole: ZeroMQ drops its sender as soon as
         # the part's length arrives instead, so that the queue bound above holds in bytes
@@ -411,6 +416,19 @@ class Service:
                 self._guarded("housekeeping", self.notifier.watchdog)  # a vanished notify socket is not fatal
             self._timed(turn, "loop turn")
         self._drain()
+
+    def _check_backend(self) -> None:
+        """The configured engine backend must be usable here. A daemon set to ``cupy`` on a host
+        without CuPy or without a visible GPU said it was ready, refused every scan that did not
+        override the backend, and logged an internal-error traceback from its GPU memory gauge
+        twice a second for as long as it ran."""
+        from cryoptycho.gpu.backend import BackendUnavailable, get_xp
+
+        try:
+            get_xp(self.config.options.backend)
+        except BackendUnavailable as exc:
+            raise RuntimeError(f"options.backend = {self.config.options.backend!r} cannot be used on this host: "
+                               f"{exc} (or set options.backend = \"numpy\")") from None
 
     def _log_signal_copies(self) -> None:
         while self._copies:

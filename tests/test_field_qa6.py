@@ -185,3 +185,30 @@ def test_a_subscriber_that_stops_answering_is_disconnected_and_its_queue_freed(t
         subscriber.kill()
         subscriber.wait(30)
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_backend_this_host_cannot_use_stops_the_start_naming_the_key(tmp_path):
+    """`serve --backend cupy` (a GPU site's configuration) on a host without CuPy or without a
+    visible GPU printed its ready line, refused every scan that did not override the backend,
+    and logged an internal-error traceback from its GPU memory gauge twice a second."""
+    from cryoptycho.gpu.backend import cupy_available
+
+    if cupy_available():
+        pytest.skip("CuPy and a GPU are usable here")
+    done = _serve("--backend", "cupy", cwd=tmp_path)
+    assert done.returncode != 0
+    assert '"ready"' not in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "options.backend = 'cupy' cannot be used on this host" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("broken", ["missing", "not_a_key"])
+def test_a_curve_key_directory_that_cannot_be_used_is_named_without_a_traceback(tmp_path, broken):
+    keys = tmp_path / "keys"
+    if broken == "not_a_key":
+        (keys / "clients").mkdir(parents=True)
+        (keys / "server.key_secret").write_text("not a key\n")
+    done = _serve("--set", f"curve_keys_dir={keys}", cwd=tmp_path)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"Error: curve_keys_dir {keys}:" in done.stderr, done.stderr
