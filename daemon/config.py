@@ -199,7 +199,11 @@ def _check_keys(table: dict[str, Any], model: type, where: str, prefix: str = ""
         if key not in fields:
             raise ConfigError(f"{where}: unknown key '{prefix}{key}' (known: {', '.join(sorted(fields))})")
         sub = fields[key].annotation
-        if isinstance(value, dict) and isinstance(sub, type) and hasattr(sub, "model_fields"):
+        if isinstance(sub, type) and hasattr(sub, "model_fields"):
+            if not isinstance(value, dict):
+                # `options = 3` reached the merge below and died there with an AttributeError
+                raise ConfigError(f"{where}: '{prefix}{key}' must be a table of keys ([{prefix}{key}] in "
+                                  f"TOML, '{prefix}{key}.KEY=VALUE' with --set), got {value!r}")
             _check_keys(value, sub, where, f"{prefix}{key}.")
 
 
@@ -228,10 +232,25 @@ def read_toml(path: str | Path) -> dict[str, Any]:
                           f"{exc.object[exc.start:exc.start + 1]!r}); save the file as UTF-8") from None
     except OSError as exc:  # a unit's User= that cannot read a root-owned 0600 file was a traceback
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    if set(table) == {"cryoptycho"} and isinstance(table["cryoptycho"], dict):
-        table = table["cryoptycho"]
+    table = _unwrap_cryoptycho_table(table, path)
     _check_keys(table, ServiceConfig, str(path))
     return table
+
+
+def _unwrap_cryoptycho_table(table: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The keys of a ``[cryoptycho]`` table, with the file's other tables beside it: SERVICE.md's
+    "keys at top level (or under [cryoptycho]), reconstruction defaults under [options]" reads
+    as ``[cryoptycho]`` followed by ``[options]``, which was refused as an unknown key
+    'cryoptycho'. A key given both inside and outside ``[cryoptycho]`` is named, not chosen."""
+    inner = table.get("cryoptycho")
+    if not isinstance(inner, dict):
+        return table
+    rest = {key: value for key, value in table.items() if key != "cryoptycho"}
+    both = sorted(set(rest) & set(inner))
+    if both:
+        raise ConfigError(f"{path}: {', '.join(repr(k) for k in both)} given both under [cryoptycho] "
+                          "and outside it; keep one")
+    return {**inner, **rest}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServiceConfig:

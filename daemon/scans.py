@@ -41,7 +41,6 @@ from .storage.diskspace import require_free_space
 from .storage.journal import fsync_path, journal_path
 from .storage.readcheck import check_spool_readable
 from .storage.spool import (
-    SpoolInUse,
     SpoolWriter,
     discard_half_created,
     discard_journal,
@@ -1163,11 +1162,7 @@ class ScanManager:
         if not len(contents.indices):
             raise ScanRefused("scan_id", "frames_received", f"scan {scan_id!r} received no frame")
         need = self._reservation(contents.spec, self._options_for(contents.spec))
-        try:
-            spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
-                                       reserve_bytes=self.config.disk_reserve_bytes)
-        except SpoolInUse as exc:  # an operator's reader: a refusal naming it, not an internal error
-            raise ScanRefused("scan_id", "spool_in_use", f"scan {scan_id!r}: its spool {exc}") from exc
+        spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
         try:
             spool.set_status("ended")
         except Exception:

@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 from cryoptycho.gpu import framestore
 from cryoptycho.protocols.control import dispatch, encode_reply, handle, split_envelope
+from cryoptycho.protocols.dectris.receiver import ErrorLogLimiter
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.limits import Limits, control_max_part_bytes, ingest_max_part_bytes
 from cryoptycho.protocols.messages import (
@@ -71,9 +72,22 @@ Done = Callable[[Any, "Exception | None"], None]
 INGEST_BURST = 64
 #: PUB send queue per subscriber: a slow viewer loses old messages instead of slowing ingest
 PUB_HWM = 64
+#: ZMTP heartbeats on the publish socket (ms): a subscriber whose ZeroMQ does not answer a PING
+#: within the timeout — its process stopped (a `watch` suspended with Ctrl-Z), its host gone
+#: without closing the connection, or so far behind that its socket stopped reading — is
+#: disconnected, and the PUB_HWM messages queued for it are released (previews of the whole
+#: canvas, 5.2 MB each for 660 × 660: one stopped subscriber raised the daemon's peak resident
+#: memory by 178 MB, held until it read again). A live subscriber reconnects by itself and
+#: misses only what PUB_HWM dropped.
+PUB_HEARTBEAT_IVL_MS = 2000
+PUB_HEARTBEAT_TIMEOUT_MS = 10000
 #: error events published one by one per second; the rest are summarised (publisher.ErrorThrottle),
 #: so a flood of bad messages stays well inside PUB_HWM and the subscribers' queues
 ERROR_BURST = 20
+#: rejected ingest messages are logged one per rule in full, then their number at most
+#: once per window (protocols/dectris/receiver.ErrorLogLimiter); each is still counted
+#: (messages_rejected), published (within ERROR_BURST) and told to its producer (receipt)
+REJECTION_LOG_WINDOW_S = 30.0
 #: a loop step (one message, one request, one housekeeping pass) slower than this is logged as
 #: "slow manager step" with its wall and CPU time: no request may hold up ping longer (issue 12)
 SLOW_STEP_S = 0.05
@@ -207,6 +221,14 @@ class Service:
         self.started_at = time.monotonic()
         self._declared: dict[str, ScanStart] = {}
         self.error_throttle = ErrorThrottle(ERROR_BURST)
+        # one line per rejected message flooded the log at a producer's message rate (one that
+        # streams on after its scan was refused, or has the frame shape wrong): 3,000 lines for
+        # 3,000 messages, and journald's rate limit then drops the daemon's other lines too
+        self._rejections_log = ErrorLogLimiter(
+            log, "rejected message", REJECTION_LOG_WINDOW_S, level=logging.WARNING,
+            # by rule alone: a field can name a key the sender made up, and every kind is kept
+            key=lambda exc: getattr(exc, "rule", None),
+            extra=lambda exc: {"scan_id": getattr(exc, "scan_id", None), "rule": getattr(exc, "rule", None)})
         # a scan_start's probe, positions and spool file are built on this thread while the
         # manager keeps answering (ingest pauses until it is done, so message order holds)
         self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="scan-start")
@@ -254,20 +276,27 @@ class Service:
         # scan, its frames queueing meanwhile (the first scan stored 1.02-1.15x faster with it
         # imported before, bench protocol --scan ahead); imported here instead
         import scipy.fft  # noqa: F401
+        self._check_backend()
         ctx = self._ctx
         self.ingest = ctx.socket(zmq.PULL)
         self.publish = ctx.socket(zmq.PUB)
         self.publish.setsockopt(zmq.SNDHWM, PUB_HWM)
+        self.publish.setsockopt(zmq.HEARTBEAT_IVL, PUB_HEARTBEAT_IVL_MS)
+        self.publish.setsockopt(zmq.HEARTBEAT_TIMEOUT, PUB_HEARTBEAT_TIMEOUT_MS)
         self.control = ctx.socket(zmq.ROUTER)
         for sock in (self.ingest, self.publish, self.control):
             sock.setsockopt(zmq.LINGER, 1000)
         if self.config.curve_keys_dir is not None:
             from cryoptycho.protocols.security import apply_server_curve, start_authenticator
 
-            # the authenticator must run before the sockets bind, or the first peers go unchecked
-            self._auth = start_authenticator(ctx, self.config.curve_keys_dir)
-            for sock in (self.ingest, self.publish, self.control):
-                apply_server_curve(sock, self.config.curve_keys_dir)
+            try:
+                # the authenticator must run before the sockets bind, or the first peers go unchecked
+                self._auth = start_authenticator(ctx, self.config.curve_keys_dir)
+                for sock in (self.ingest, self.publish, self.control):
+                    apply_server_curve(sock, self.config.curve_keys_dir)
+            except (OSError, ValueError) as exc:
+                # a missing or unreadable key directory was a FileNotFoundError traceback from serve
+                raise RuntimeError(f"curve_keys_dir {self.config.curve_keys_dir}: {exc}") from None
         self.ingest.setsockopt(zmq.RCVHWM, ingest_hwm(self.config.ingest_queue_bytes, self.limits))
         # a part over the limits would be refused once whole: ZeroMQ drops its sender as soon as
         # the part's length arrives instead, so that the queue bound above holds in bytes
@@ -387,6 +416,19 @@ class Service:
             self._timed(turn, "loop turn")
         self._drain()
 
+    def _check_backend(self) -> None:
+        """The configured engine backend must be usable here. A daemon set to ``cupy`` on a host
+        without CuPy or without a visible GPU said it was ready, refused every scan that did not
+        override the backend, and logged an internal-error traceback from its GPU memory gauge
+        twice a second for as long as it ran."""
+        from cryoptycho.gpu.backend import BackendUnavailable, get_xp
+
+        try:
+            get_xp(self.config.options.backend)
+        except BackendUnavailable as exc:
+            raise RuntimeError(f"options.backend = {self.config.options.backend!r} cannot be used on this host: "
+                               f"{exc} (or set options.backend = \"numpy\")") from None
+
     def _log_signal_copies(self) -> None:
         while self._copies:
             why, after = self._copies.pop(0)
@@ -422,6 +464,7 @@ class Service:
                           extra={"scan_id": worker.session.scan_id})
         self.scans.reap()
         self._flush_outbox()
+        self._rejections_log.flush(force=True)
         self.scans.close()
         self.metrics.up.set(0)
         self._guarded("housekeeping", self._report_kept)  # a report that fails must not fail the stop
@@ -565,7 +608,7 @@ class Service:
             session = self.scans.sessions.get(exc.scan_id) if exc.scan_id is not None else None
             if session is not None:  # its producer's receipt says why frames it sent are not held
                 session.refused(n, f"{exc.field}: {exc.message} [rule {exc.rule}]")
-        log.warning("rejected message: %s", exc, extra={"scan_id": exc.scan_id, "rule": exc.rule})
+        self._rejections_log(exc)
         self.publish_error(ErrorEvent.from_error(exc, time.time()))
 
     def _refuse(self, msg: ScanStart, exc: ScanRefused) -> None:
@@ -798,6 +841,7 @@ class Service:
             self.metrics.disk_free.labels(dir=name).set(shutil.disk_usage(directory).free)
 
     def _housekeeping(self) -> None:
+        self._rejections_log.flush()
         self.scans.check_timeouts()
         self.scans.admit()
         self.metrics.queue_depth.set(self.scans.queued_frames())

@@ -326,15 +326,20 @@ def file_stem(scan_id: str) -> str:
     return f"{head}~{digest}"
 
 
-class SpoolInUse(OSError):
-    """A spool file another program holds open (an operator's h5py, `read_spool`: HDF5's file
-    lock), so that it cannot be opened to append to. Nothing was changed; asking again once
-    that program closed the file works."""
-
-    def __init__(self, path: Path, cause: BaseException) -> None:
-        super().__init__(f"{path} is open in another program (HDF5's file lock: {cause}); close it there "
-                         f"(h5py: File.close(), or end that Python session) and ask again")
-        self.path = path
+def open_for_writing(path: Path) -> h5py.File:
+    """The daemon's own spool file, open for appending. HDF5 locks a file for its whole open,
+    and a reader's shared lock — `h5ls`, HDFView or a pipeline peeking at a waiting scan's spool,
+    a recovered one's at start — made the daemon's re-open fail with EAGAIN and the scan with
+    it, every frame received and acknowledged. The daemon is the spool's only writer (serve's
+    directory lock), so such a reader is logged and the file opened without the lock (readers
+    opening it after that are no longer refused). Without a reader the lock is taken as before:
+    a reader is refused while the daemon writes the file, as HDF5 means it to be."""
+    try:
+        return h5py.File(path, "r+")
+    except BlockingIOError as exc:
+        log.warning("another process has %s open (%s): opened for writing without HDF5's file lock; "
+                    "that reader may see the file change under it", path, exc.strerror or exc)
+        return h5py.File(path, "r+", locking=False)
 
 
 class SpoolWriter:
@@ -440,7 +445,7 @@ class SpoolWriter:
             journal.write({"op": "base", "image": True}, [image])
             if fsync:
                 fsync_path(path.parent)
-            f = h5py.File(path, "r+")
+            f = open_for_writing(path)
         except BaseException:
             if journal is not None:
                 journal.close()
@@ -480,8 +485,8 @@ class SpoolWriter:
                 journal.close()
                 raise
         try:
-            f = h5py.File(path, "r+")
-        except BaseException as exc:
+            f = open_for_writing(path)
+        except BaseException:
             # not re-opened: the journal back as it was (none, or ending "closed"), so that a
             # later try, and the next start, find the spool as before this one
             journal.close()
@@ -489,8 +494,6 @@ class SpoolWriter:
                 jpath.unlink(missing_ok=True)
             else:
                 os.truncate(jpath, end)
-            if isinstance(exc, BlockingIOError):  # HDF5's file lock: another process has it open
-                raise SpoolInUse(path, exc) from exc
             raise
         try:
             writer = cls(path, f, fsync, reserve_bytes, journal, journal_only)

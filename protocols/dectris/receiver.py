@@ -11,8 +11,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -229,23 +230,30 @@ def _raise(exc: DectrisError) -> None:
 
 
 class ErrorLogLimiter:
-    """Logs undecodable-message errors without flooding the log at detector rates (a V1
-    detector on a ``dectris2://`` URL fails every message): the first of each kind (type and
+    """Logs errors without flooding the log at detector rates (a V1 detector on a
+    ``dectris2://`` URL fails every message; a producer that keeps streaming a refused scan has
+    every frames message rejected): the first of each kind (``key``; by default type and
     ``field``) in full, then their number, with the last one's text, at most once every
     ``window_s`` (call :meth:`flush` now and then, and with ``force`` at the end). A kind that
-    stayed quiet for a window is logged in full again. Counting each one is the caller's."""
+    stayed quiet for a window is logged in full again. Counting each one is the caller's.
+    ``key`` must take few values: each kind is remembered for good."""
 
-    def __init__(self, logger: logging.Logger, prefix: str, window_s: float = 30.0) -> None:
-        self.logger, self.prefix, self.window_s = logger, prefix, window_s
+    def __init__(self, logger: logging.Logger, prefix: str, window_s: float = 30.0, *,
+                 level: int = logging.ERROR,
+                 key: Callable[[BaseException], Hashable] | None = None,
+                 extra: Callable[[BaseException], dict[str, Any]] | None = None) -> None:
+        self.logger, self.prefix, self.window_s, self.level = logger, prefix, window_s, level
+        self._key = key or (lambda exc: (type(exc).__name__, getattr(exc, "field", None)))
+        self._extra = extra or (lambda exc: {})
         #: kind → [start of its window, repeats not logged yet, the last of them]
-        self._kinds: dict[tuple[str, str | None], list] = {}
+        self._kinds: dict[Hashable, list] = {}
 
     def __call__(self, exc: BaseException) -> None:
-        key = (type(exc).__name__, getattr(exc, "field", None))
+        key = self._key(exc)
         now = time.monotonic()
         state = self._kinds.get(key)
         if state is None or (not state[1] and now - state[0] >= self.window_s):
-            self.logger.error("%s: %s", self.prefix, exc)
+            self.logger.log(self.level, "%s: %s", self.prefix, exc, extra=self._extra(exc))
             self._kinds[key] = [now, 0, exc]
             return
         state[1] += 1
@@ -257,8 +265,9 @@ class ErrorLogLimiter:
         now = time.monotonic()
         for state in self._kinds.values():
             if state[1] and (force or now - state[0] >= self.window_s):
-                self.logger.error("%s: %d more like it in the last %.0f s, not logged one by one "
-                                  "(the last: %s)", self.prefix, state[1], now - state[0], state[2])
+                self.logger.log(self.level, "%s: %d more like it in the last %.0f s, not logged one by one "
+                                "(the last: %s)", self.prefix, state[1], now - state[0], state[2],
+                                extra={**self._extra(state[2]), "repeats": state[1]})
                 state[0], state[1] = now, 0
 
 
