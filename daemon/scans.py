@@ -126,6 +126,11 @@ class ScanManager:
         #: detector's series wait in the spool however many there are (``uncapped``)
         self._parked: dict[str, _SpoolClosed] = {}
         self._exited: queue.SimpleQueue[Session] = queue.SimpleQueue()
+        #: scan id → memory a cancelled scan's exited worker still holds for its spool's close
+        #: (ScanWorker.held_bytes), counted by :meth:`reserved` until the close lets go of it
+        #: (ids in ``_let_go``): its reservation ended with the worker, and admission over-committed
+        self._lingering: dict[str, dict[str, int]] = {}
+        self._let_go: queue.SimpleQueue[str] = queue.SimpleQueue()
         #: refused scan_starts (scan id → (time, reason)), newest last, for control `receipt`
         self.refused: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self.stopping = False
@@ -800,6 +805,13 @@ class ScanManager:
         worker.keep_held_for_close()
         return True
 
+    def _release_held(self, scan_id: str, worker: ScanWorker) -> None:
+        """Closer thread, a cancelled scan's close over: its worker lets go of the frames it kept
+        for it, and the next :meth:`reap` stops counting them (and admits what waited for them)."""
+        worker.release_held()
+        self._let_go.put(scan_id)
+        self.outbox.wake()
+
     def _close_spool(self, scan_id: str, status: str | None = None, worker: ScanWorker | None = None) -> None:
         """Close the scan's spool on the spool thread (after its pending appends), setting its
         status first when given; a cancelled scan's ``worker`` hands over the frames it held at
@@ -818,7 +830,7 @@ class ScanManager:
                 # the next scan's appends
                 if worker is not None:
                     self._close_ended(scan_id, spool, worker.held_frames, _SpoolClosed(), worker.held_peak,
-                                      release=worker.release_held)
+                                      release=lambda: self._release_held(scan_id, worker))
                 else:
                     self._close_ended(scan_id, spool, None, _SpoolClosed())
 
@@ -829,6 +841,9 @@ class ScanManager:
         out = {"host": 0, "device": 0}
         for scan_id in self.running:
             for dev, b in self.sessions[scan_id].reserved_bytes.items():
+                out[dev] += b
+        for held in self._lingering.values():
+            for dev, b in held.items():
                 out[dev] += b
         return out
 
@@ -842,8 +857,9 @@ class ScanManager:
             used = self.reserved()
             budget = {"host": self.config.host_memory_budget_bytes,
                       "device": self.config.device_memory_budget_bytes or 1 << 62}
-            if self.running and any(used[d] + b > budget[d] for d, b in session.reserved_bytes.items()):
-                return  # wait for a running scan to free its memory
+            if ((self.running or self._lingering)
+                    and any(used[d] + b > budget[d] for d, b in session.reserved_bytes.items())):
+                return  # wait for a running scan, or a cancelled one's close, to free its memory
             self.waiting.pop(0)
             try:
                 self._start_worker(session)
@@ -1001,7 +1017,10 @@ class ScanManager:
                 session = self._exited.get_nowait()
             except queue.Empty:
                 break
-            self.running.pop(session.scan_id, None)
+            worker = self.running.pop(session.scan_id, None)
+            held = worker.held_bytes() if isinstance(worker, ScanWorker) else {}
+            if held:  # (its close lets go of them later: _let_go, drained below)
+                self._lingering[session.scan_id] = held
             # the session stays in the history (HISTORY) long after its worker: holding the
             # worker kept its engine (frame store, canvases: GBs per scan) alive with it
             session.worker = None
@@ -1009,6 +1028,15 @@ class ScanManager:
             for then in self._after_exit.pop(session.scan_id, []):
                 then()
             changed = True
+        # after the exits: a close lets go only after the worker's held_bytes() said so
+        # (ScanWorker._held_lock), so an id here is that of a lingering entry made already or
+        # of one never made (the close was over before the worker's exit was settled)
+        while True:
+            try:
+                scan_id = self._let_go.get_nowait()
+            except queue.Empty:
+                break
+            changed = self._lingering.pop(scan_id, None) is not None or changed
         if changed:
             self.admit()
 

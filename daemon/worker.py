@@ -149,6 +149,8 @@ class ScanWorker:
         #: a cancelled scan's spool close takes its rows from the frames held at the cancel:
         #: they outlive the worker until :meth:`release_held` (:meth:`keep_held_for_close`)
         self._keep_held = False
+        #: orders :meth:`release_held` against :meth:`held_bytes` (the closer and manager threads)
+        self._held_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"worker-{session.scan_id}", daemon=True)
 
     # -- called from the manager thread -------------------------------------------------------
@@ -192,8 +194,20 @@ class ScanWorker:
 
     def release_held(self) -> None:
         """The spool's close is over: the frames kept for it are let go of."""
-        self._keep_held = False
-        self._held = None
+        with self._held_lock:
+            self._keep_held = False
+            self._held = None
+
+    def held_bytes(self) -> dict[str, int]:
+        """Memory the frames kept for the spool's close still take (``{"host" | "device": bytes}``,
+        empty once :meth:`release_held` let go of them, or where none were kept): after the worker
+        exits, its scan's memory is not free until then (ScanManager counts it at admission)."""
+        with self._held_lock:
+            held = self._held
+        if held is None:
+            return {}
+        frames = held[0]
+        return {"host" if isinstance(frames, np.ndarray) else "device": int(frames.nbytes)}
 
     def held_peak(self) -> int | None:
         """The largest count of the frames :meth:`held_frames` gives (spool.py HeldPeak), or
@@ -226,8 +240,9 @@ class ScanWorker:
                 log.warning("frame store prefault thread still running after the scan",
                             extra={"scan_id": s.scan_id})
             self.engine = self._good = None
-            if not self._keep_held:
-                self._held = None
+            with self._held_lock:
+                if not self._keep_held:
+                    self._held = None
             self._frames_in.set()  # (held_frames waits no longer)
             self.inbox = queue.SimpleQueue()
             self._on_exit(s)

@@ -434,8 +434,8 @@ class StreamingReconstructor:
     @property
     def peak_count(self) -> int | None:
         """The largest count of every frame received, where it was measured on the way (host
-        unsigned frames whose sums could overflow 32 bits: 96×96 uint32), else None: what the
-        spool's close stores the frames' counts in (spool.py HeldPeak)."""
+        unsigned frames of 16 or 32 bits), else None: what the spool's close stores the frames'
+        counts in (spool.py HeldPeak)."""
         return self._peak
 
     def _host_counts(self, frames: np.ndarray) -> float:
@@ -448,11 +448,14 @@ class StreamingReconstructor:
         if frames.dtype.kind in "ui" and frames.dtype.itemsize <= 4:
             flat = frames.reshape(frames.shape[0], -1)
             narrow = flat.shape[1] * np.iinfo(frames.dtype).max < 2**32
-            if frames.dtype.kind == "u" and not narrow:
+            if frames.dtype.kind == "u" and (not narrow or frames.dtype.itemsize > 1):
+                # wide frames: rules out a 32-bit overflow of the sums; uint16 frames (binned
+                # counts of a detector that declares a saturation value): the spool's close
+                # stores them as uint8 where it allows (half the bytes to bitshuffle and compress)
                 top = int(flat.max())
                 self._peak = None if self._peak is None else max(self._peak, top)  # (peak_count)
             else:
-                self._peak = None  # not measured: no 32-bit overflow to rule out
+                self._peak = None  # not measured: nothing narrower to store, no overflow to rule out
             if frames.dtype.kind == "u" and (narrow or flat.shape[1] * top < 2**32):
                 total = int(flat.sum(axis=1, dtype=np.uint32).sum(dtype=np.uint64))
             else:

@@ -168,9 +168,10 @@ def _binning_cases(draw: st.DrawFn) -> tuple:
     crop = b * draw(st.integers(2, max(2, 24 // b)))  # frames of at least 2×2
     n = draw(st.integers(1, 3))
     top = int(np.iinfo(dtype).max)
-    # counts near the limits the fast paths depend on: 2¹⁵ − 1 (two uint16 add in a lane), the
-    # saturation value, the dtype's maximum (the detector's flag); and low-dose counts
-    level = draw(st.sampled_from([3, 0x7FFF, 0x8000, top]))
+    # counts near the limits the fast paths depend on: 2¹⁴ − 1 (four uint16 add in a lane),
+    # 2¹⁵ − 1 (two do), the saturation value, the dtype's maximum (the detector's flag); and
+    # low-dose counts
+    level = draw(st.sampled_from([3, 0x3FFF, 0x4000, 0x7FFF, 0x8000, top]))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     frames = rng.integers(0, min(level, top) + 1, (n, h, w), dtype=np.uint64).astype(dtype)
@@ -208,10 +209,11 @@ def test_every_binning_path_agrees_with_the_definition(case: tuple) -> None:
         assert flag == bool((red.static_valid & ~want_valid[i]).any())
 
 
-@pytest.mark.parametrize("peak", [0x7FFF, 0x8000, 0xFFFE])
+@pytest.mark.parametrize("peak", [0x3FFF, 0x4000, 0x7FFF, 0x8000, 0xFFFE])
 @pytest.mark.parametrize("saturation_value", [None, 16383])
 def test_two_by_two_uint16_sums_at_the_lane_limit(peak: int, saturation_value: int | None) -> None:
-    """192×192 uint16 → 96×96 (the DECTRIS case) with every count at 2¹⁵ − 1 (the 16-bit lane
+    """192×192 uint16 → 96×96 (the DECTRIS case) with every count at 2¹⁴ − 1 (the largest for
+    which four add in a 16-bit lane: one multiply), just past it, at 2¹⁵ − 1 (the 16-bit lane
     path's largest) and just past it (the widening path): exact sums, in uint32 and uint16."""
     rng = np.random.default_rng(peak)
     frames = rng.integers(0, peak + 1, (3, 192, 192), dtype=np.uint32).astype(np.uint16)

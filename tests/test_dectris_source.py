@@ -148,11 +148,13 @@ def _stream_past_a_held_close(service: BackgroundService, messages: list[bytes],
             runner.join(60)
 
 
+@pytest.mark.parametrize("saturation_value, binned", [(None, np.uint32), (16383, np.uint16)])
 def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine_holds(
-        service, monkeypatch) -> None:
+        service, monkeypatch, saturation_value: int | None, binned: type) -> None:
     """At the scan's end its binned frames are written to the spool from the worker's frame
     store (not decoded and binned again from the detector frames): the same counts as derived
-    from the detector frames, as uint8 (the engine's largest count: ScanWorker.held_peak)."""
+    from the detector frames, as uint8 (the engine's largest count: ScanWorker.held_peak),
+    whether binned as uint32 or (a detector that declares a saturation value ≤ 16,383) uint16."""
     from cryoptycho.daemon import worker as worker_module
     from cryoptycho.daemon.storage.spool import SpoolWriter, derive_rows, load_derivation
 
@@ -172,13 +174,13 @@ def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine
     config = service.service.config  # (a short refinement: the daemon stops sooner)
     config.options = config.options.model_copy(update={"parallax": False, "iterations": 1})
     frames = _frames(100, seed=4)
-    _, stats = _run(service, _series(frames, "held"))
+    _, stats = _run(service, _series(frames, "held", saturation_value=saturation_value))
     assert stats.frames_sent == 100
     _wait(lambda: closed, "the scan's spool to close")
     rows, written, derived = closed[0]
     assert rows == {"frame_store": 100}  # a whole chunk of 64 rows and a part-full one
     # stored in the smallest dtype that holds the largest count, which the engine measured
-    assert derived.dtype == np.uint32 and 0 < derived.max() <= 255 and written.dtype == np.uint8
+    assert derived.dtype == binned and 0 < derived.max() <= 255 and written.dtype == np.uint8
     np.testing.assert_array_equal(written, derived)
 
 
@@ -1008,7 +1010,10 @@ def test_serve_decodes_in_worker_processes_when_configured(tmp_path: Path) -> No
             g = f["raw"][DATA]
             binned, detector = g["data"][:], g[DETECTOR_FRAMES][:]
         assert reducer is not None and pending == [] and len(binned) == 64
-        assert binned.tobytes() == reducer.reduce_batch(detector)[0].tobytes()
+        # the same counts, stored in the smallest dtype that holds the largest (FORMATS.md)
+        want = reducer.reduce_batch(detector)[0]
+        assert binned.dtype == np.uint8 and 0 < want.max() <= 255, (binned.dtype, want.dtype, want.max())
+        np.testing.assert_array_equal(binned, want)
     finally:
         sim.kill()
         sim.wait(10)

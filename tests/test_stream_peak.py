@@ -32,10 +32,23 @@ def test_the_largest_count_of_uint32_frames_is_kept_masked_pixels_included() -> 
     assert engine.peak_count == 65536
 
 
-def test_the_largest_count_of_frames_it_does_not_measure_is_not_known() -> None:
-    """uint16 frames (sums that cannot overflow: no pass for their largest count): None, and the
-    spool keeps the reducer's dtype."""
+def test_the_largest_count_of_uint16_frames_is_kept() -> None:
+    """uint16 frames (2×2-binned counts of a detector that declares a saturation value): their
+    sums cannot overflow, but their largest count lets the spool store them as uint8."""
     scan = synthetic_scan(n_side=8)
+    frames = scan.frames.astype(np.uint16)
+    frames[6, 3, 2] = 300
     engine = _engine(scan, np.uint16)
-    engine.add_frames(scan.frames.astype(np.uint16), scan.positions)
+    engine.add_frames(frames[:4], scan.positions[:4])
+    assert engine.peak_count == frames[:4].max()
+    engine.add_frames(frames[4:], scan.positions[4:])
+    assert engine.peak_count == 300
+
+
+def test_the_largest_count_of_frames_it_does_not_measure_is_not_known() -> None:
+    """uint8 frames (nothing narrower to store them in: no pass for their largest count): None,
+    and the spool keeps the reducer's dtype."""
+    scan = synthetic_scan(n_side=8)
+    engine = _engine(scan, np.uint8)
+    engine.add_frames(np.minimum(scan.frames, 255).astype(np.uint8), scan.positions)
     assert engine.peak_count is None
