@@ -837,9 +837,9 @@ def refine_alternating(
     ``UPDATE_ITERATIONS`` of the mean CG iteration so far), a fresh evaluation and a CG iteration
     after it still fit (the iteration predicted as CG predicts it, by the pace all CG runs here
     share); an update at a point CG converged short of runs only when CG did not stop for the
-    budget; accepted position updates that no CG iteration followed after all (one that took
-    longer than predicted) are undone — the positions returned are those the object was fitted
-    at (``clock`` is injectable for tests)."""
+    budget; accepted position updates and aberration fits that no CG iteration followed after
+    all (one that took longer than predicted) are undone — the positions and probe returned are
+    those the object was fitted with (``clock`` is injectable for tests)."""
     geo = problem.geometry
     total = opts.iterations
     budget = opts.time_budget_s
@@ -850,6 +850,9 @@ def refine_alternating(
     #: the scan model (matrix, offset, residuals) before the position updates that no CG
     #: iteration has followed yet (empty: none)
     unfollowed: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    #: the probe and its coefficients before the aberration fit that no CG iteration has
+    #: followed yet (empty: none)
+    unfollowed_probe: list[tuple[Any, np.ndarray]] = []
 
     # CG's own estimate of its next iteration, shared by all its runs here: the guards below
     # predict by the figures CG stops by (the mean alone said "fits" where CG, predicting by
@@ -906,6 +909,7 @@ def refine_alternating(
     def report(i: int, _total: int, loss: float) -> None:
         ran[0] += 1
         unfollowed.clear()  # an iteration ran after any update: the object follows it
+        unfollowed_probe.clear()
         if progress is not None:
             progress(i, total, loss)
 
@@ -978,6 +982,8 @@ def refine_alternating(
         batch = batch_now()
         if "aberrations" in due[stop] and model is not None and update_fits("aberrations", len(losses)):
             t0 = clock()
+            if not unfollowed_probe:
+                unfollowed_probe.append((probe, model.coefficients.copy()))  # what the object was fitted with
             fun = FullBatchObjective(problem.counts_fft, batch, problem.mask, opts, problem.kappa,
                                      problem.probe_power)
             fun.want_object = False  # the object is held: its gradient is never used
@@ -996,6 +1002,11 @@ def refine_alternating(
         # saved with those (an update costs 0.5-3 s at load, the last one's time predicts it)
         scan.matrix, scan.offset, scan.residual = unfollowed[0]
         log.info("positions: the update(s) after the last CG iteration are undone (no time left to follow them)")
+    if unfollowed_probe and model is not None:
+        # the same for an aberration fit that took longer than predicted: the object was fitted
+        # with the probe before it, and the saved object and probe must agree
+        probe, model.coefficients = unfollowed_probe[0]
+        log.info("aberrations: the fit after the last CG iteration is undone (no time left to follow it)")
     positions = problem.positions if scan is None else geo.to_metres(scan.positions)
     if model is not None:
         # the coefficients found (relative to the probe the refinement started from) go to the
