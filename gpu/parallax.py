@@ -342,6 +342,13 @@ class BrightFieldModel:
 
         offsets = pos - pos.mean(axis=0)
         self.offsets = offsets  #: (K, 2) nominal positions about their mean, metres
+        width, narrow = probe_width(probe, pixel_size), float(np.ptp(offsets, axis=0).min())
+        if width > MAX_PROBE_TO_SCAN * narrow:
+            raise ValueError(
+                f"the parallax fit needs a scan at least {1 / MAX_PROBE_TO_SCAN:g}× as wide as the probe: the "
+                f"probe is about {width * 1e10:.1f} Å across, the scan {narrow * 1e10:.1f} Å along its narrower "
+                "side (its Fourier sum resolves the object's frequencies only to 1/scan, across which the "
+                "probe's transfer turns: the estimate is biased, e.g. 47–52 nm of defocus for 20)")
         span = float(max(np.ptp(offsets, axis=0).max(), pixel_size))
         dk = 1.0 / (m * self.pixel_size)
         self.oversample = max(1, math.ceil(span * dk))
@@ -586,6 +593,34 @@ class BrightFieldModel:
         return float(self.projected(coefficients, scan).sum()) / max(self.energy, 1e-300)
 
 
+#: the widest probe the parallax fit takes, as a share of the scan's narrower side (both in
+#: metres; the probe's width from :func:`probe_width`). The model's Fourier sum over a scan of
+#: extent L holds the object's frequencies within ~1/L of each q, across which the columns
+#: Ψ*(k)Ψ(k − q) turn by 2π × the parallax shift × 1/L — up to the probe's half width over L.
+#: Noiseless, a 20 nm defocus error (a defocused probe of 8 mrad, 60 nm) was found at 20 nm at
+#: both reaches for width / scan 0.33–0.51 and missed at 0.59–0.66 (5–15 nm or 50 nm at reach
+#: 1.8, 10 nm at 0.9 for 0.66): MEASUREMENTS.md, "The parallax fit on scans barely wider than the probe".
+MAX_PROBE_TO_SCAN = 0.5
+
+
+def probe_width(probe: Any, pixel_size: float) -> float:
+    """The probe's width, metres: 2√2 × the rms radius of |ψ|² about its centroid (a uniform
+    disc's diameter), taken around the window (a probe wider than its window wraps round it,
+    and then measures about the window's width)."""
+    xp = array_module(probe)
+    power = xp.abs(probe) ** 2
+    m = int(probe.shape[-1])
+    variance = 0.0
+    for axis in (1, 0):
+        marginal = to_numpy(power.sum(axis=axis)).astype(np.float64)  # one small read per axis
+        marginal /= max(float(marginal.sum()), 1e-300)
+        n = np.arange(marginal.shape[0])
+        centre = np.angle((marginal * np.exp(2j * np.pi * n / m)).sum()) / (2 * np.pi) * m
+        d = (n - centre + m / 2) % m - m / 2
+        variance += float((marginal * d**2).sum())
+    return 2.0 * math.sqrt(2.0 * variance) * float(pixel_size)
+
+
 def _grid_best(f: Any, centre: np.ndarray, axes: list[int], span: float, n: int) -> np.ndarray:
     """The best point of an n^len(axes) grid of half-width ``span`` around ``centre``."""
     best_x, best_v = centre, f(centre)
@@ -800,4 +835,5 @@ def estimate_aberrations(
     )
 
 
-__all__ = ["BrightFieldModel", "FitCancelled", "ParallaxFit", "estimate_aberrations"]
+__all__ = ["MAX_PROBE_TO_SCAN", "BrightFieldModel", "FitCancelled", "ParallaxFit", "estimate_aberrations",
+           "probe_width"]
