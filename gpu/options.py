@@ -364,7 +364,9 @@ class ReconOptions(_Strict):
     ``parallax_confidence``, else the wide fit's; where it does not, the nominal probe is kept
     (one test decides, so that the two fits open at most α (1 + 1/50) of the time when the
     probe is right, where two gates in a row opened 17 of 82 times on synthetic scans; the
-    result records the reach used as ``parallax_reach``); None: one fit. Costs a second fit
+    result records the reach used as ``parallax_reach``); None: one fit. Not made on a scan less
+    than 1.8× as wide as the probe (``parallax.MAX_PROBE_TO_SCAN``: there its model is biased,
+    47–48 nm of defocus found for 20 on 8×8 frames of a 15 Å raster). Costs a second fit
     only where the first was not decisive (hemoglobin +4–6 s, proteasome at 20 e⁻/Å² +25–35 s,
     a 3,472-pattern ribosome +168 s CPU and +1.1 GB on the loaded 2-core box). On the
     realistic preset it finds hemoglobin's probe error at 100 e⁻/Å² (phase correlation 0.312 →

@@ -342,13 +342,6 @@ class BrightFieldModel:
 
         offsets = pos - pos.mean(axis=0)
         self.offsets = offsets  #: (K, 2) nominal positions about their mean, metres
-        width, narrow = probe_width(probe, pixel_size), float(np.ptp(offsets, axis=0).min())
-        if width > MAX_PROBE_TO_SCAN * narrow:
-            raise ValueError(
-                f"the parallax fit needs a scan at least {1 / MAX_PROBE_TO_SCAN:g}× as wide as the probe: the "
-                f"probe is about {width * 1e10:.1f} Å across, the scan {narrow * 1e10:.1f} Å along its narrower "
-                "side (its Fourier sum resolves the object's frequencies only to 1/scan, across which the "
-                "probe's transfer turns: the estimate is biased, e.g. 47–52 nm of defocus for 20)")
         span = float(max(np.ptp(offsets, axis=0).max(), pixel_size))
         dk = 1.0 / (m * self.pixel_size)
         self.oversample = max(1, math.ceil(span * dk))
@@ -593,14 +586,15 @@ class BrightFieldModel:
         return float(self.projected(coefficients, scan).sum()) / max(self.energy, 1e-300)
 
 
-#: the widest probe the parallax fit takes, as a share of the scan's narrower side (both in
-#: metres; the probe's width from :func:`probe_width`). The model's Fourier sum over a scan of
+#: the widest probe the wide parallax fit (``parallax_wide_reach``, reconstruct.py) is made for,
+#: as a share of the scan's narrower side (:func:`probe_width`, :func:`scan_width`). The model's Fourier sum over a scan of
 #: extent L holds the object's frequencies within ~1/L of each q, across which the columns
 #: Ψ*(k)Ψ(k − q) turn by 2π × the parallax shift × 1/L — up to the probe's half width over L.
 #: Noiseless, a 20 nm defocus error (a defocused probe of 8 mrad, 60 nm) was found at 20 nm at
-#: both reaches for width / scan 0.33–0.51 and missed at 0.59–0.66 (5–15 nm or 50 nm at reach
-#: 1.8, 10 nm at 0.9 for 0.66): MEASUREMENTS.md, "The parallax fit on scans barely wider than the probe".
-MAX_PROBE_TO_SCAN = 0.5
+#: both reaches for width / scan 0.33–0.51 and missed at 0.59–0.66 (15 or 50 nm at reach 1.8,
+#: 10 nm at 0.9 for 0.66); the limit sits between (MEASUREMENTS.md, "The parallax fit on scans
+#: barely wider than the probe").
+MAX_PROBE_TO_SCAN = 0.55
 
 
 def probe_width(probe: Any, pixel_size: float) -> float:
@@ -619,6 +613,12 @@ def probe_width(probe: Any, pixel_size: float) -> float:
         d = (n - centre + m / 2) % m - m / 2
         variance += float((marginal * d**2).sum())
     return 2.0 * math.sqrt(2.0 * variance) * float(pixel_size)
+
+
+def scan_width(positions_m: Any) -> float:
+    """The scan's extent along its narrower side (of the positions' bounding box), metres."""
+    pos = np.asarray(to_numpy(positions_m), dtype=np.float64).reshape(-1, 2)
+    return float(np.ptp(pos, axis=0).min())
 
 
 def _grid_best(f: Any, centre: np.ndarray, axes: list[int], span: float, n: int) -> np.ndarray:
@@ -836,4 +836,4 @@ def estimate_aberrations(
 
 
 __all__ = ["MAX_PROBE_TO_SCAN", "BrightFieldModel", "FitCancelled", "ParallaxFit", "estimate_aberrations",
-           "probe_width"]
+           "probe_width", "scan_width"]
