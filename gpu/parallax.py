@@ -586,6 +586,41 @@ class BrightFieldModel:
         return float(self.projected(coefficients, scan).sum()) / max(self.energy, 1e-300)
 
 
+#: the widest probe the wide parallax fit (``parallax_wide_reach``, reconstruct.py) is made for,
+#: as a share of the scan's narrower side (:func:`probe_width`, :func:`scan_width`). The model's Fourier sum over a scan of
+#: extent L holds the object's frequencies within ~1/L of each q, across which the columns
+#: Ψ*(k)Ψ(k − q) turn by 2π × the parallax shift × 1/L — up to the probe's half width over L.
+#: Noiseless, a 20 nm defocus error (a defocused probe of 8 mrad, 60 nm) was found at 20 nm at
+#: both reaches for width / scan 0.33–0.51 and missed at 0.59–0.66 (15 or 50 nm at reach 1.8,
+#: 10 nm at 0.9 for 0.66); the limit sits between (MEASUREMENTS.md, "The parallax fit on scans
+#: barely wider than the probe").
+MAX_PROBE_TO_SCAN = 0.55
+
+
+def probe_width(probe: Any, pixel_size: float) -> float:
+    """The probe's width, metres: 2√2 × the rms radius of |ψ|² about its centroid (a uniform
+    disc's diameter), taken around the window (a probe wider than its window wraps round it,
+    and then measures about the window's width)."""
+    xp = array_module(probe)
+    power = xp.abs(probe) ** 2
+    m = int(probe.shape[-1])
+    variance = 0.0
+    for axis in (1, 0):
+        marginal = to_numpy(power.sum(axis=axis)).astype(np.float64)  # one small read per axis
+        marginal /= max(float(marginal.sum()), 1e-300)
+        n = np.arange(marginal.shape[0])
+        centre = np.angle((marginal * np.exp(2j * np.pi * n / m)).sum()) / (2 * np.pi) * m
+        d = (n - centre + m / 2) % m - m / 2
+        variance += float((marginal * d**2).sum())
+    return 2.0 * math.sqrt(2.0 * variance) * float(pixel_size)
+
+
+def scan_width(positions_m: Any) -> float:
+    """The scan's extent along its narrower side (of the positions' bounding box), metres."""
+    pos = np.asarray(to_numpy(positions_m), dtype=np.float64).reshape(-1, 2)
+    return float(np.ptp(pos, axis=0).min())
+
+
 def _grid_best(f: Any, centre: np.ndarray, axes: list[int], span: float, n: int) -> np.ndarray:
     """The best point of an n^len(axes) grid of half-width ``span`` around ``centre``."""
     best_x, best_v = centre, f(centre)
@@ -800,4 +835,5 @@ def estimate_aberrations(
     )
 
 
-__all__ = ["BrightFieldModel", "FitCancelled", "ParallaxFit", "estimate_aberrations"]
+__all__ = ["MAX_PROBE_TO_SCAN", "BrightFieldModel", "FitCancelled", "ParallaxFit", "estimate_aberrations",
+           "probe_width", "scan_width"]

@@ -528,3 +528,51 @@ def test_a_position_update_that_no_iteration_followed_is_undone(monkeypatch, upd
     else:
         assert len(losses) > 2
         assert np.abs(engine.frame_store.positions[:n] - stored).max() > 0.01 * PIXEL  # (moved)
+
+
+@pytest.mark.parametrize("fit_s, undone", [(6.0, True), (1.0, False)])
+def test_an_aberration_fit_that_no_iteration_followed_is_undone(monkeypatch, fit_s: float, undone: bool) -> None:
+    """The aberration fit's counterpart of the position update's case: the fit after 2
+    iterations, predicted at five mean iterations (5 s) with 8.5 s of budget, takes 6 s; CG
+    has no time for an iteration with the new probe. The object was fitted with the probe
+    before the fit: that probe (and its coefficients, zero) is saved with it, not the fitted
+    one. A fit that took 1 s is followed by CG, and its probe is the result."""
+    m = 32
+    nominal, _true, frames_fft, _truth, _geo, probe = distorted_scan(seed=1, m=m)
+    opts = ReconOptions(mu0=1e-3, refine_aberrations=True, aberration_start_iteration=2, aberration_every=2,
+                        stream={"batch_size": 16, "refine_positions": False})
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=PIXEL,
+                                    probe=probe.astype(np.complex64), options=opts, energy_eV=ENERGY)
+    engine.add_frames(operators.from_fft_order(frames_fft), nominal)
+    for _ in range(4):
+        engine.step()
+    before = engine.snapshot().probe.copy()
+    clock = _WorkClock()
+    fits = []
+    real_fit = reconstruct_module.fit_aberrations
+
+    def slow_fit(model, *args, **kwargs):
+        out = real_fit(model, *args, **kwargs)
+        clock.now += fit_s
+        fits.append(model.coefficients.copy())
+        return out
+
+    def one_second_per_iteration(iteration: int, total: int, loss: float) -> None:
+        clock.now += 1.0
+
+    monkeypatch.setattr(reconstruct_module, "fit_aberrations", slow_fit)
+    losses = engine.refine(10, time_budget_s=8.5, callback=one_second_per_iteration, clock=clock)
+    assert len(fits) >= 1 and np.abs(fits[0]).max() > 0  # the fit moved the coefficients
+    assert clock.now <= 8.5
+    # compared up to the probe's scale (the engine rescales it to the measured power)
+    after = engine.snapshot().probe
+    before, after = before / np.linalg.norm(before), after / np.linalg.norm(after)
+    estimate = engine.snapshot().probe_estimate
+    if undone:
+        assert len(losses) == 2  # none after the fit (2 + 6 = 8 s; a 4 s mean iteration ends past 8.5)
+        np.testing.assert_allclose(after, before, rtol=0, atol=1e-5 * np.abs(before).max())
+        assert all(v == 0.0 for k, v in estimate.items() if k.startswith("aberration_")), estimate
+    else:
+        assert len(losses) > 2
+        assert np.abs(after - before).max() > 1e-4 * np.abs(before).max()  # (the fitted probe)
+        assert any(v != 0.0 for k, v in estimate.items() if k.startswith("aberration_")), estimate
