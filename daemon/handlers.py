@@ -316,11 +316,16 @@ def build_table(service: Service) -> dict[str, Handler]:
                     stopped = session.error is not None and now["error"] is None
                 if error is None and halted:
                     # the scan stopped (cancel, spool failure, acquisition timeout), maybe after
-                    # this request: the stop's own spool operations (status, close) may have
-                    # been asked for after this receipt's, and its close runs on the closer
-                    # thread; a receipt that says the scan stopped is answered once they are
-                    # done too, so that its spool holds what it counts and reads back closed
-                    service.scans.after_disk(stored, lambda n, err: done((n, stopped), err), after_closes=True)
+                    # this request: the stop's own spool operations (status, close; the mark or
+                    # removal its worker's exit asks for) may come after this receipt's, and
+                    # closes run on the closer thread; a receipt that says the scan stopped is
+                    # answered once they are done too, so that its spool holds what it counts
+                    # and reads back closed
+                    def settled() -> None:
+                        service.scans.after_disk(stored, lambda n, err: done((n, stopped), err),
+                                                 after_closes=True)
+
+                    service.scans.when_settled(session.scan_id, settled)
                 else:
                     done((received, False), error)
 

@@ -41,6 +41,7 @@ from .storage.diskspace import require_free_space
 from .storage.journal import fsync_path, journal_path
 from .storage.readcheck import check_spool_readable
 from .storage.spool import (
+    SpoolInUse,
     SpoolWriter,
     discard_half_created,
     discard_journal,
@@ -764,6 +765,15 @@ class ScanManager:
         # before (the mark wrote "aborted" over the re-opened scan's "ended")
         self._on_disk(scan_id, lambda: self._closer_task(scan_id, done, task))
 
+    def when_settled(self, scan_id: str, fn: Callable[[], None]) -> None:
+        """Manager thread: run ``fn`` now, or once the scan's worker has exited and its end was
+        settled (:meth:`_settle` asks for the spool's close, mark or removal then), so that
+        what ``fn`` asks of the spool thread comes after those."""
+        if scan_id in self.running:
+            self._after_exit.setdefault(scan_id, []).append(fn)
+        else:
+            fn()
+
     def _wait_closed(self, scan_id: str) -> None:
         """Spool thread: wait for the close of the scan's spool on the closer thread, if any."""
         closed = self._closing.pop(scan_id, None)
@@ -1100,7 +1110,14 @@ class ScanManager:
     def _drop_empty_spool(self, scan_id: str) -> None:
         """Closer thread, after the close or mark of a scan that ended without a frame."""
         path = spool_path(self.config.spool_dir, scan_id)
-        status = remove_if_empty(path)
+        try:
+            status = remove_if_empty(path)
+        except OSError as exc:
+            # the scan is over and nothing was lost: not a spool write that failed (which would
+            # publish an error for it); the file stays, and the next start tries again
+            log.warning("could not remove spool %s of a scan that ended before its first frame: %s", path.name, exc,
+                        extra={"scan_id": scan_id})
+            return
         if status is not None:
             log.info("removed spool %s: its scan ended %s before its first frame (the file held none)", path.name, status,
                      extra={"scan_id": scan_id})
@@ -1190,7 +1207,11 @@ class ScanManager:
         if not len(contents.indices):
             raise ScanRefused("scan_id", "frames_received", f"scan {scan_id!r} received no frame")
         need = self._reservation(contents.spec, self._options_for(contents.spec))
-        spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
+        try:
+            spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
+                                       reserve_bytes=self.config.disk_reserve_bytes)
+        except SpoolInUse as exc:  # an operator's writer: a refusal naming it, not an internal error
+            raise ScanRefused("scan_id", "spool_in_use", f"scan {scan_id!r}: its spool {exc}") from exc
         try:
             spool.set_status("ended")
         except Exception:

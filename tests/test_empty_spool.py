@@ -120,3 +120,24 @@ def test_a_scan_cancelled_before_its_first_frame_leaves_no_spool(tmp_path: Path)
             assert not reply.success and reply.result["rule"] == "spool_kept" and "held no frame" in reply.msg
     finally:
         bg.stop()
+
+
+def test_a_spool_holding_only_detector_frames_without_positions_is_kept(tmp_path: Path) -> None:
+    """Detector images past the scan's positions are kept apart (unpositioned_detector_frames,
+    not in the frame count): a series whose positioned images never came but whose later ones
+    did, then cancelled, was taken for empty and deleted — detector data lost (review)."""
+    from cryoptycho.daemon.storage.spool import empty_final_spools, remove_if_empty
+    from cryoptycho.protocols.compression import bslz4_compress
+    from cryoptycho.protocols.sources import RawChunks
+
+    spec = ScanSpec(scan_id="extra", frame_shape=(16, 16), frame_dtype="uint16", pixel_size_m=1e-10,
+                    energy_eV=300e3, probe=np.ones((16, 16), np.complex64), expected_frames=8)
+    w = SpoolWriter.create(tmp_path, spec)
+    detector = np.random.default_rng(3).poisson(2, (5, 32, 32)).astype(np.uint16)
+    kept = w.append_unpositioned(np.arange(100, 105), RawChunks((32, 32), np.dtype(np.uint16),
+                                                                [bslz4_compress(f) for f in detector]))
+    assert kept == 5
+    w.set_status("aborted")
+    w.close()
+    assert empty_final_spools(tmp_path) == []
+    assert remove_if_empty(w.path) is None and w.path.exists()

@@ -636,6 +636,46 @@ def test_a_receipt_of_a_stopped_scan_waits_for_its_spool_s_close(tmp_path, monke
             producer.scan = None  # cancelled: the daemon already said why
 
 
+@pytest.mark.parametrize("how", ["cancelled", "engine_fault"])
+def test_a_receipt_of_a_stopped_scan_waits_for_what_its_worker_s_exit_asks_of_the_spool(tmp_path, monkeypatch, how):
+    """The spool operations of a scan's end that its worker's exit asks for (the close of a
+    failed running scan's spool, the status mark of one whose worker held it) are asked for
+    only once the manager has reaped that exit: a receipt asked in between said "failed" with
+    the spool still open (journal there), or "aborted" before the mark, which opens the file
+    for writing. The worker's exit is held by a gate."""
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.storage.spool import journal_path, read_spool, spool_path
+    from cryoptycho.daemon.worker import ScanWorker
+
+    if how == "engine_fault":
+        def fault(self, *args, **kwargs):
+            raise RuntimeError("engine fault")
+
+        monkeypatch.setattr(ScanWorker, "_step", fault)
+    exiting = Gate(closed=True)
+    exiting.hold(monkeypatch, ScanManager, "worker_exited")
+    with gated_service(tmp_path, exiting) as d:
+        sock = d.dealer()
+        with d.producer() as producer:
+            producer.start_scan(scan_id="cut", **d.start_fields(8))
+            producer.send_frames(np.ones((4, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 4
+            if how == "cancelled":
+                d.ctl.cancel("cut")
+            assert exiting.entered.wait(60), "the worker never exited"
+            _ask(sock, "receipt", scan_id="cut")
+            wait_for(lambda: d.pending() == 1 or sock.poll(0), 60, "the manager to read it")
+            assert not sock.poll(0), "the receipt said the scan stopped before its worker's exit was settled"
+            exiting.open()
+            info = _answer(sock)
+            assert info["state"] == ("aborted" if how == "cancelled" else "failed"), info
+            path = spool_path(d.svc.config.spool_dir, "cut")
+            assert not journal_path(path).exists(), "answered before the spool was closed"
+            spool = read_spool(path, frames=False)
+            assert spool.status == info["state"] and len(spool.indices) == 4
+            producer.scan = None  # stopped: the daemon already said why
+
+
 def test_an_acquisition_timeout_counts_the_frames_the_spool_thread_has_yet_to_write(tmp_path, monkeypatch):
     """A sender that goes silent mid-scan is timed out with "after N of M frames": N counted
     only the frames already on disk, so with the spool thread behind (a busy host) the reason
@@ -721,7 +761,8 @@ def test_finish_scan_asked_as_soon_as_a_receipt_says_aborted_reopens_it(tmp_path
             assert producer.flush().acknowledged == 4
             d.ctl.cancel("early")
             assert gate.entered.wait(60), "the worker never aborted the scan"
-            assert d.ctl.receipt("early")["state"] == "aborted"
+            # (a receipt now waits for the worker's exit: the operator's list shows it first)
+            assert next(s for s in d.ctl.list_scans() if s["scan_id"] == "early")["state"] == "aborted"
             _ask(sock, "finish_scan", scan_id="early")
             wait_for(lambda: d.pending() == 1 or sock.poll(0), 60, "the manager to read it")
             assert not sock.poll(0), f"answered while the worker was exiting: {decode(sock.recv_multipart()[1:])}"

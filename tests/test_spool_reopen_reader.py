@@ -19,19 +19,20 @@ import pytest
 from cryoptycho.daemon.scan import ScanSpec
 from cryoptycho.daemon.storage.spool import SpoolWriter, journal_path, read_spool
 
-#: holds the file open (h5py's defaults: a shared lock) until a line on stdin
+#: holds the file open (h5py's defaults: a shared lock for "r", exclusive for "r+") until a
+#: line on stdin
 _READER = textwrap.dedent("""
     import sys, h5py
-    f = h5py.File(sys.argv[1], "r")
+    f = h5py.File(sys.argv[1], sys.argv[2])
     print("open", flush=True)
     sys.stdin.readline()
 """)
 
 
 @contextmanager
-def held_open(path: Path) -> Iterator[None]:
+def held_open(path: Path, mode: str = "r") -> Iterator[None]:
     """Another process (HDF5's locks are between processes) holding ``path`` open."""
-    reader = subprocess.Popen([sys.executable, "-c", _READER, str(path)], stdin=subprocess.PIPE,
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(path), mode], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "open"
@@ -68,21 +69,49 @@ def test_reopen_of_a_spool_another_program_holds_appends_all_the_same(tmp_path: 
 
 
 @pytest.mark.parametrize("status", ["aborted", "open"])
-def test_a_reopen_that_fails_leaves_the_journal_as_it_was(tmp_path: Path, status: str,
+def test_a_spool_another_program_holds_for_writing_is_not_written_beside_it(tmp_path: Path, status: str) -> None:
+    """Two writers of one HDF5 file damage it, and a closed scan's journal is gone: the daemon
+    refuses (SpoolInUse; finish_scan's rule spool_in_use) and changes nothing (review: it
+    opened without the lock beside an h5py "r+")."""
+    from cryoptycho.daemon.storage.spool import SpoolInUse
+
+    path = _spool(tmp_path, "written", status)
+    jpath = journal_path(path)
+    journal_before = jpath.read_bytes() if jpath.exists() else None
+    with held_open(path, "r+"):
+        with pytest.raises(SpoolInUse, match="open for writing in another program"):
+            SpoolWriter.reopen(path)
+        assert (jpath.read_bytes() if jpath.exists() else None) == journal_before
+    SpoolWriter.reopen(path).close()  # that writer is gone: re-opened as ever
+    np.testing.assert_array_equal(read_spool(path).indices, np.arange(5))
+
+
+@pytest.mark.parametrize("status", ["aborted", "open"])
+@pytest.mark.parametrize("fails", ["open", "setup"])
+def test_a_reopen_that_fails_leaves_the_journal_as_it_was(tmp_path: Path, status: str, fails: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``setup``: the file opened for writing, then the writer's set-up failed: the file may
+    have changed, so its journal stays (the next open rebuilds from it); nothing is lost."""
     from cryoptycho.daemon.storage import spool as spool_module
 
     path = _spool(tmp_path, "broken", status)
     jpath = journal_path(path)
     journal_before = jpath.read_bytes() if jpath.exists() else None
 
-    def refuse(p: Path) -> None:
-        raise OSError(5, "Input/output error", str(p))
+    def refuse(*args: object) -> None:
+        raise OSError(5, "Input/output error", str(path))
 
-    monkeypatch.setattr(spool_module, "open_for_writing", refuse)
+    if fails == "open":
+        monkeypatch.setattr(spool_module, "open_for_writing", refuse)
+    else:
+        monkeypatch.setattr(SpoolWriter, "_truncate", refuse)
     with pytest.raises(OSError, match="Input/output error"):
         SpoolWriter.reopen(path)
-    assert (jpath.read_bytes() if jpath.exists() else None) == journal_before
+    if fails == "open":
+        assert (jpath.read_bytes() if jpath.exists() else None) == journal_before
+    else:
+        assert jpath.exists()
+        np.testing.assert_array_equal(read_spool(path).indices, np.arange(5))
     monkeypatch.undo()
     w = SpoolWriter.reopen(path)  # the disk is back: re-opened as ever
     w.close()

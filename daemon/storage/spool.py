@@ -326,6 +326,16 @@ def file_stem(scan_id: str) -> str:
     return f"{head}~{digest}"
 
 
+class SpoolInUse(OSError):
+    """A spool file another program holds open for writing (HDF5's exclusive lock: an h5py
+    "r+"/"a", HDFView in read/write mode): the daemon does not write beside another writer."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        super().__init__(f"{path} is open for writing in another program (HDF5's file lock: {cause}); "
+                         "close it there and ask again (control `finish_scan`)")
+        self.path = path
+
+
 def open_for_writing(path: Path) -> h5py.File:
     """The daemon's own spool file, open for appending. HDF5 locks a file for its whole open,
     and a reader's shared lock — `h5ls`, HDFView or a pipeline peeking at a waiting scan's spool,
@@ -333,10 +343,17 @@ def open_for_writing(path: Path) -> h5py.File:
     it, every frame received and acknowledged. The daemon is the spool's only writer (serve's
     directory lock), so such a reader is logged and the file opened without the lock (readers
     opening it after that are no longer refused). Without a reader the lock is taken as before:
-    a reader is refused while the daemon writes the file, as HDF5 means it to be."""
+    a reader is refused while the daemon writes the file, as HDF5 means it to be. Another
+    writer (its exclusive lock refuses a shared open too) is :class:`SpoolInUse`: two writers
+    of one file damage it, and once the scan's journal is gone nothing repairs that."""
     try:
         return h5py.File(path, "r+")
     except BlockingIOError as exc:
+        try:
+            with h5py.File(path, "r"):  # a shared lock is granted beside readers only
+                pass
+        except BlockingIOError as probe:
+            raise SpoolInUse(path, probe) from exc
         log.warning("another process has %s open (%s): opened for writing without HDF5's file lock; "
                     "that reader may see the file change under it", path, exc.strerror or exc)
         return h5py.File(path, "r+", locking=False)
@@ -484,23 +501,26 @@ class SpoolWriter:
             except BaseException:
                 journal.close()
                 raise
+        f = None
         try:
             f = open_for_writing(path)
+            writer = cls(path, f, fsync, reserve_bytes, journal, journal_only)
+            writer._truncate(writer.count)
         except BaseException:
-            # not re-opened: the journal back as it was (none, or ending "closed"), so that a
-            # later try, and the next start, find the spool as before this one
             journal.close()
+            if f is not None:
+                # the file was opened for writing and may have changed: the journal stays, and
+                # the next open rebuilds the file from it rather than trusting it
+                f.close()
+                raise
+            # not opened, so untouched: the journal back as it was (none, or ending "closed"),
+            # so that a later try, and the next start, find the spool as before this one
             if end is None:
                 jpath.unlink(missing_ok=True)
             else:
                 os.truncate(jpath, end)
-            raise
-        try:
-            writer = cls(path, f, fsync, reserve_bytes, journal, journal_only)
-            writer._truncate(writer.count)
-        except BaseException:
-            f.close()
-            journal.close()
+            if fsync:
+                fsync_path(jpath.parent if end is None else jpath)
             raise
         return writer
 
@@ -1461,7 +1481,11 @@ def _in_place_base(path: Path) -> tuple[dict, list]:
     """The base record of a journal begun for a spool that has none: its count, and the bytes
     of the part-full last chunks of ``data`` and ``detector_frames`` (appends write those again:
     a kill then could damage the rows they held)."""
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except BlockingIOError as exc:  # a shared lock is refused beside a writer only
+        raise SpoolInUse(path, exc) from exc
+    with f:
         g = f[DATA]
         count = int(g.attrs.get("count", 0))
         header: dict = {"op": "base", "image": False, "count": count, "w": []}
@@ -1814,7 +1838,12 @@ def _empty_and_over(path: Path) -> str | None:
             status = f.attrs.get("status")
             if f.attrs.get("format") != FORMAT or status not in ("failed", "aborted"):
                 return None
-            return str(status) if int(f[DATA].attrs.get("count", 1)) == 0 else None
+            g = f[DATA]
+            # detector frames kept without a position are data too (not in the count)
+            kept = g.get(UNPOSITIONED)
+            if int(g.attrs.get("count", 1)) != 0 or (kept is not None and kept.shape[0] != 0):
+                return None
+            return str(status)
     except (OSError, KeyError):
         return None
 
