@@ -1803,7 +1803,8 @@ def discard_half_created(spool_dir: str | Path) -> list[Path]:
 
 def _empty_and_over(path: Path) -> str | None:
     """The final status (failed, aborted) of spool file ``path`` when it is closed (no journal)
-    and holds no frame; else None (also for a file unreadable or not ours)."""
+    and holds no frame — neither a positioned one (``count``) nor a detector frame kept without
+    a position (:data:`UNPOSITIONED`); else None (also for a file unreadable or not ours)."""
     if journal_path(path).exists():  # open, or its close failed: the journal is its record
         return None
     try:
@@ -1811,7 +1812,14 @@ def _empty_and_over(path: Path) -> str | None:
             status = f.attrs.get("status")
             if f.attrs.get("format") != FORMAT or status not in ("failed", "aborted"):
                 return None
-            return str(status) if int(f[DATA].attrs.get("count", 1)) == 0 else None
+            g = f[DATA]
+            # the detector images past a scan's positions are kept whatever became of the scan:
+            # a spool holding only those (they came first, or its positioned frames were refused)
+            # was deleted with them
+            unpositioned = g.get(UNPOSITIONED)
+            if int(g.attrs.get("count", 1)) != 0 or (unpositioned is not None and unpositioned.shape[0]):
+                return None
+            return str(status)
     except (OSError, KeyError):
         return None
 
