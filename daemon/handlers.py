@@ -319,8 +319,10 @@ def build_table(service: Service) -> dict[str, Handler]:
                     # this request: the stop's own spool operations (status, close) may have
                     # been asked for after this receipt's, and its close runs on the closer
                     # thread; a receipt that says the scan stopped is answered once they are
-                    # done too, so that its spool holds what it counts and reads back closed
-                    service.scans.after_disk(stored, lambda n, err: done((n, stopped), err), after_closes=True)
+                    # done too (its own closes, not other scans'), so that its spool holds what
+                    # it counts and reads back closed
+                    service.scans.after_disk(stored, lambda n, err: done((n, stopped), err),
+                                             closes_of=session.scan_id)
                 else:
                     done((received, False), error)
 

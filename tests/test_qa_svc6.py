@@ -105,3 +105,99 @@ def test_a_cancelled_scan_with_unpositioned_detector_frames_keeps_its_spool(tmp_
         path = spool_path(svc.config.spool_dir, "past")
         assert path.exists(), "the spool holding the scan's detector frames was deleted"
         assert _unpositioned(path) == 2
+
+
+# -- 2. a receipt of a stopped scan waits for that scan's close, not for every other scan's ------------
+
+def test_a_receipt_of_a_stopped_scan_is_not_held_up_by_another_scans_close(tmp_path: Path, monkeypatch) -> None:
+    """58e70d7 answered a receipt of a stopped (or finished) scan only once the closer thread
+    had done everything asked of it before, the closes of every other scan included: a large
+    detector scan's close (its binned rows written, seconds to minutes) held up the receipts a
+    producer polls to confirm delivery of a scan stopped long before (its client gives up after
+    2 s a try, then DeliveryTimeout). The close of another scan is held by a gate: the receipt of
+    the scan closed before answers, and the receipt of the held one waits for its close."""
+    gate = Gate(closed=False)
+    gate.hold(monkeypatch, SpoolWriter, "close")
+    with gated_service(tmp_path, gate, resolution_interval_s=0) as d:
+        svc, ctl = d.svc, d.ctl
+        for scan_id in ("done", "slow"):
+            with d.producer() as producer:
+                producer.start_scan(scan_id=scan_id, **d.start_fields(8))
+                producer.send_frames(np.ones((2, 16, 16), np.uint16))
+                assert producer.flush().acknowledged == 2
+                if scan_id == "slow":
+                    gate.close()  # "done" is closed (below): from here the closer is held at "slow"'s
+                ctl.cancel(scan_id, "operator stop")
+                producer.scan = None
+            wait_for(lambda: _settled(svc, scan_id), 60, f"{scan_id} to be settled")  # noqa: B023
+            if scan_id == "done":
+                svc.scans.flush_disk()
+        assert gate.entered.wait(60), "the closer never took the close of 'slow'"
+
+        slow = d.dealer()
+        _ask(slow, "receipt", scan_id="slow")
+        wait_for(lambda: d.pending() == 1, 60, "the receipt of 'slow' to be read and held")
+        done = d.dealer()
+        _ask(done, "receipt", scan_id="done")
+        answer = _answer(done)  # before: no answer until the close of "slow" was over
+        assert answer["state"] == "aborted" and answer["frames"]["received"] == 2, answer
+        assert d.pending() == 1  # "slow"'s own receipt still waits for its close (58e70d7)
+        gate.open()
+        answer = _answer(slow)
+        assert answer["state"] == "aborted" and answer["frames"]["received"] == 2, answer
+
+
+def test_a_receipt_of_a_stopped_scan_asked_as_the_daemon_stops_is_answered(tmp_path: Path, monkeypatch) -> None:
+    """A receipt of a stopped scan is answered in two steps on the spool thread (the count,
+    then, the scan being stopped, once more after its close). Asked while the spool thread is
+    busy and the daemon stops (SIGTERM mid-poll: a producer confirms delivery every few ms),
+    its first step ran as the spool thread was shut down, and its second one could not be
+    submitted: "internal error after a spool operation" (RuntimeError: cannot schedule new
+    futures after shutdown) in the log and the internal-errors metric, and the request never
+    answered. The spool thread is held by a gate until the stop closes the scan manager."""
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from test_fuzz_daemon import Served
+
+    gate = Gate(closed=False)
+    gate.hold(monkeypatch, SpoolWriter, "append_many")
+    close = ScanManager.close
+
+    def opened_then_closed(self: ScanManager) -> None:  # the stop has read every request by now
+        gate.open()
+        close(self)
+
+    monkeypatch.setattr(ScanManager, "close", opened_then_closed)
+    bg = BackgroundService(loopback_config(tmp_path))
+    d = Served(bg.service, ControlClient(bg.service.endpoints["control"], timeout_s=30, retries=1))
+    svc = d.svc
+    try:
+        with d.producer() as producer:
+            producer.start_scan(scan_id="stopped", **d.start_fields(8))
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 2
+            d.ctl.cancel("stopped", "operator stop")
+            producer.scan = None
+        wait_for(lambda: _settled(svc, "stopped"), 60, "the cancelled scan to be settled")
+        gate.close()
+        with d.producer() as producer:
+            producer.start_scan(scan_id="busy", **d.start_fields(8))
+            producer.send_frames(np.ones((2, 16, 16), np.uint16))
+            assert gate.entered.wait(60), "the spool thread never took the frames"
+            asker = d.dealer()
+            _ask(asker, "receipt", scan_id="stopped")
+            wait_for(lambda: d.pending() == 1, 60, "the receipt to be read and held")
+            producer.scan = None  # interrupted by the stop: recovered at the next start
+            bg.stop()
+    finally:
+        gate.open()
+        for sock in d._dealers:
+            sock.close()
+        if d._ctx is not None:
+            d._ctx.term()
+        d.ctl.close()
+        if bg.thread.is_alive():
+            bg.stop()
+    assert svc.metrics.internal_errors.labels(where="housekeeping")._value.get() == 0
+    assert not svc._replies, "the receipt was never answered"
