@@ -201,3 +201,26 @@ def test_a_receipt_of_a_stopped_scan_asked_as_the_daemon_stops_is_answered(tmp_p
             bg.stop()
     assert svc.metrics.internal_errors.labels(where="housekeeping")._value.get() == 0
     assert not svc._replies, "the receipt was never answered"
+
+
+# -- 3. the failure that replaces a reply too large for the client fits the client's limit itself -----
+
+@pytest.mark.parametrize("limit", [256, 300, 400, 1 << 20])
+def test_the_failure_answering_a_reply_too_large_fits_max_header_bytes_itself(limit: int) -> None:
+    """f5b5ee2 answers a reply whose header exceeds max_header_bytes (>= 256, a daemon setting)
+    with a failure naming the method and sizes: for a 64-character method name (the longest
+    a request carries) it was 311 bytes, refused by a client at 256 too. The failure for any
+    limit fits it, and a client with that limit reads it (success false, rule named)."""
+    from cryoptycho.protocols.control import encode_reply
+    from cryoptycho.protocols.limits import Limits
+    from cryoptycho.protocols.messages import Reply, decode
+
+    limits = Limits(max_header_bytes=limit)
+    for method in ("status", "m" * 64):
+        big = Reply(True, "ok", {"scans": "x" * (limit + 1)}, time_s=time.time())
+        parts = encode_reply(big, method, limits)
+        assert len(bytes(parts[0])) <= limit
+        reply = decode([bytes(p) for p in parts], limits)
+        assert not reply.success and reply.result["rule"] == "max_header_bytes", reply
+        if limit == 1 << 20:  # a limit with room: the message whole, method and sizes named
+            assert method in reply.msg and "bytes, more than the" in reply.msg
