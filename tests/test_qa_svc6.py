@@ -224,3 +224,49 @@ def test_the_failure_answering_a_reply_too_large_fits_max_header_bytes_itself(li
         assert not reply.success and reply.result["rule"] == "max_header_bytes", reply
         if limit == 1 << 20:  # a limit with room: the message whole, method and sizes named
             assert method in reply.msg and "bytes, more than the" in reply.msg
+
+
+def test_status_and_list_scans_lists_shrink_with_a_lower_max_header_bytes(tmp_path: Path) -> None:
+    """The byte budgets of status's and list_scans' lists were fixed for a 1 MiB header (448 +
+    64 + 128 kB, 640 kB): a daemon with ``limits.max_header_bytes`` set lower (64 KiB here)
+    answered a status with 5000 unclosed spools, and a list_scans of 300 aborted scans with
+    4096-character reasons, as max_header_bytes failures — the status the DECTRIS bridge polls
+    for room. They are listed in part, with their totals, as at 1 MiB."""
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.session import Session, State
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.limits import Limits
+
+    limit = 64 * 1024
+    bg = BackgroundService(loopback_config(tmp_path, limits=Limits(max_header_bytes=limit)))
+    svc = bg.service
+    aborted = [f"aborted-{i:03d}" for i in range(300)]
+    unclosed = [f"failed-{i:05d}" for i in range(5000)]
+
+    def inject() -> None:
+        for scan_id in aborted:
+            session = Session(_spec(scan_id), {"host": 0, "device": 0})
+            session.transition(State.ABORTED, error="r" * 4096)
+            session.end_reason = "r" * 4096
+            svc.scans.sessions[scan_id] = session
+        for scan_id in unclosed:
+            svc.scans.unclosed[scan_id] = f"its 65536 frames are kept in its journal /var/spool/{scan_id}" * 8
+
+    def drop() -> None:  # let the test's scans go before the service stops
+        for scan_id in aborted:
+            svc.scans.sessions.pop(scan_id)
+        svc.scans.unclosed.clear()
+
+    try:
+        _on_manager(svc, inject)
+        with ControlClient(svc.endpoints["control"], timeout_s=30, limits=Limits(max_header_bytes=limit)) as ctl:
+            status = ctl.status()  # before: ControlError, rule max_header_bytes
+            assert status["unclosed_spools_total"] == len(unclosed)
+            newest = list(status["unclosed_spools"])
+            assert 0 < len(newest) < len(unclosed) and newest[-1] == unclosed[-1]
+            listed = ctl.call("list_scans")
+            assert listed["total"] == len(aborted) and 0 < len(listed["scans"]) < len(aborted)
+            assert listed["scans"][-1]["scan_id"] == aborted[-1]
+        _on_manager(svc, drop)
+    finally:
+        bg.stop()
