@@ -54,6 +54,10 @@ LIST_SCANS_BYTES = 640 * 1024
 STATUS_SCANS_BYTES = 448 * 1024
 STATUS_WAITING_BYTES = 64 * 1024
 STATUS_UNCLOSED_BYTES = 128 * 1024
+#: the ``max_header_bytes`` the byte budgets above are made for: a daemon whose
+#: ``limits.max_header_bytes`` is lower has them cut in proportion (``_budget``), or a status or
+#: list_scans it could still answer in part was a max_header_bytes failure
+BUDGETS_FOR_HEADER_BYTES = 1 << 20
 #: characters of a control `cancel`'s reason, as of a producer's abort (protocols/schema.py)
 REASON_MAX = 4096
 
@@ -71,7 +75,14 @@ def _leading(items: Iterable[T], most: int, most_bytes: int) -> list[T]:
     return kept
 
 
-def _bounded(summaries: list[dict[str, Any]], running: Any) -> list[dict[str, Any]]:
+def _budget(nbytes: int, max_header_bytes: int) -> int:
+    """A reply list's byte budget (made for a 1 MiB header) for a daemon whose
+    ``limits.max_header_bytes`` is this: cut in proportion when it is lower, never raised (a
+    client reads 1 MiB by default whatever the daemon takes)."""
+    return nbytes * min(max_header_bytes, BUDGETS_FOR_HEADER_BYTES) // BUDGETS_FOR_HEADER_BYTES
+
+
+def _bounded(summaries: list[dict[str, Any]], running: Any, most_bytes: int = LIST_SCANS_BYTES) -> list[dict[str, Any]]:
     """The summaries a `list_scans` reply carries, oldest first as listed: the running scans,
     then the newest others, at most LIST_SCANS_MAX of them and LIST_SCANS_BYTES packed. The
     newest alone were the scans waiting last: with many waiting (a detector's series) the
@@ -80,7 +91,7 @@ def _bounded(summaries: list[dict[str, Any]], running: Any) -> list[dict[str, An
     order = [i for i, s in enumerate(summaries) if s["scan_id"] in running]
     order += [i for i in range(len(summaries) - 1, -1, -1) if summaries[i]["scan_id"] not in running]
     # (the newest that fit: what is left out is older than all listed)
-    kept = _leading(((i, summaries[i]) for i in order), LIST_SCANS_MAX, LIST_SCANS_BYTES)
+    kept = _leading(((i, summaries[i]) for i in order), LIST_SCANS_MAX, most_bytes)
     return [summaries[i] for i, _ in sorted(kept, key=lambda pair: pair[0])]
 
 
@@ -122,27 +133,32 @@ def build_table(service: Service) -> dict[str, Handler]:
     def ping() -> dict[str, Any]:
         return {"pong": True, "time_s": time.time(), "pid": os.getpid()}
 
+    def budget(nbytes: int) -> int:
+        return _budget(nbytes, service.limits.max_header_bytes)
+
     def status() -> dict[str, Any]:
         scans = service.scans
         live = [s for s in scans.sessions.values() if not s.state.final]
         # running scans first (at most max_concurrent_scans), then those next in the queue
         live.sort(key=lambda s: s.scan_id not in scans.running)
         # the newest (insertion order)
-        unclosed = _leading(reversed(list(scans.unclosed.items())), STATUS_LIST_MAX, STATUS_UNCLOSED_BYTES)[::-1]
+        unclosed = _leading(reversed(list(scans.unclosed.items())), STATUS_LIST_MAX,
+                            budget(STATUS_UNCLOSED_BYTES))[::-1]
         return {
             "uptime_s": time.monotonic() - service.started_at,
             "endpoints": service.endpoints,
             "metrics_port": service.metrics_port,
             "running": sorted(scans.running),
             # the next STATUS_LIST_MAX to run, in queue order
-            "waiting": _leading(scans.waiting, STATUS_LIST_MAX, STATUS_WAITING_BYTES),
+            "waiting": _leading(scans.waiting, STATUS_LIST_MAX, budget(STATUS_WAITING_BYTES)),
             "waiting_total": len(scans.waiting),
             "queued_frames": scans.queued_frames(),
             "memory_reserved_bytes": scans.reserved(),
             "max_concurrent_scans": service.config.max_concurrent_scans,
             "max_queued_scans": service.config.max_queued_scans,  # a held producer asks for room (DECTRIS bridge)
             "stopping": scans.stopping,
-            "scans": dict(_leading(((s.scan_id, s.summary()) for s in live), STATUS_LIST_MAX, STATUS_SCANS_BYTES)),
+            "scans": dict(_leading(((s.scan_id, s.summary()) for s in live), STATUS_LIST_MAX,
+                                   budget(STATUS_SCANS_BYTES))),
             "scans_total": len(live),
             # where the frames of scans whose spool close failed are, until a re-open rebuilds it
             "unclosed_spools": dict(unclosed),
@@ -157,7 +173,7 @@ def build_table(service: Service) -> dict[str, Handler]:
         # it and the summary, which then listed an aborted scan as the announced one asked for
         out = [summary for summary in (s.summary() for s in list(service.scans.sessions.values()))
                if want in (None, summary["state"])]
-        return {"scans": _bounded(out, service.scans.running), "total": len(out)}
+        return {"scans": _bounded(out, service.scans.running, budget(LIST_SCANS_BYTES)), "total": len(out)}
 
     def snapshot(scan_id: str) -> dict[str, Any]:
         """The latest preview of a scan (late joiners), with its summary; images are absent
@@ -319,11 +335,11 @@ def build_table(service: Service) -> dict[str, Handler]:
                     # this request: the stop's own spool operations (status, close; the mark or
                     # removal its worker's exit asks for) may come after this receipt's, and
                     # closes run on the closer thread; a receipt that says the scan stopped is
-                    # answered once they are done too, so that its spool holds what it counts
-                    # and reads back closed
+                    # answered once they are done too (its own closes, not other scans'), so
+                    # that its spool holds what it counts and reads back closed
                     def settled() -> None:
                         service.scans.after_disk(stored, lambda n, err: done((n, stopped), err),
-                                                 after_closes=True)
+                                                 closes_of=session.scan_id)
 
                     service.scans.when_settled(session.scan_id, settled)
                 else:

@@ -607,14 +607,18 @@ class ScanManager:
         self._closer.submit(lambda: None).result()
 
     def after_disk(self, on_disk: Callable[[], Any], done: Callable[[Any, Exception | None], None],
-                   after_closes: bool = False) -> None:
+                   closes_of: str | None = None) -> None:
         """Run ``on_disk`` on the spool thread after every spool operation asked for so far,
         then ``done(its result, None)`` — or ``done(None, its exception)`` — on the manager
         thread, at its next :meth:`reap`. A control request that must see the frames read before
         it on disk (``receipt``, ``finish_scan``) waits so, while the manager loop goes on.
-        ``after_closes``: ``done`` also waits for the spool closes those operations started on
-        the closer thread (a stopped scan's close finishes there: until then its file is still
-        being written and its journal still there)."""
+        ``closes_of``: a scan id; ``done`` also waits for the closes of that scan's spool those
+        operations started on the closer thread (a stopped scan's close finishes there: until
+        then its file is still being written and its journal still there) — for its own, not
+        for every close before it: another scan's close may take minutes (a large detector
+        scan's binned rows), and a producer confirming delivery gives up long before.
+        Once the spool thread is shut down (the daemon stops: :meth:`close`), every spool
+        operation is over, and ``on_disk`` runs at once (``done`` at the next reap, still)."""
 
         def hand_back(result: Any, error: Exception | None) -> None:
             self._disk_done.put(functools.partial(done, result, error))
@@ -625,14 +629,24 @@ class ScanManager:
                 result, error = on_disk(), None
             except Exception as exc:  # noqa: BLE001 - handed to ``done``, which answers with it
                 result, error = None, exc
-            if after_closes:
-                # the closer is FIFO and every close asked for before this point was submitted
-                # to it by an earlier spool-thread task: this runs after all of them
-                self._closer.submit(hand_back, result, error)
-            else:
-                hand_back(result, error)
+            # (on the spool thread, where _closer_task registers every close: the closes of this
+            # scan asked for so far are that one and the closer's earlier tasks, FIFO)
+            closing = self._closing.get(closes_of) if closes_of is not None else None
+            if closing is not None and not closing.is_set():
+                try:
+                    self._closer.submit(hand_back, result, error)  # after that close
+                    return
+                except RuntimeError:  # shut down (the daemon stops) once its closes were over
+                    pass
+            hand_back(result, error)
 
-        self._disk.submit(task)
+        try:
+            self._disk.submit(task)
+        except RuntimeError:
+            # shut down by close(), on this (the manager) thread: every spool operation is done.
+            # Raised, it reached a receipt's continuation in run_disk_done at the stop, logged
+            # as an internal error, and the request was never answered
+            task()
 
     def run_disk_done(self) -> None:
         """Run on the manager thread what the spool thread handed back (:meth:`after_disk`)."""

@@ -128,31 +128,34 @@ def handle(
 def encode_reply(reply: Reply, method: str, limits: Limits | None = None) -> list[Any]:
     """The parts of ``reply``; one that cannot be encoded, or whose header is larger than a
     client reads (``max_header_bytes``: the client refuses it, and the caller learns nothing
-    but a protocol error), is answered as a failure that says so instead."""
+    but a protocol error), is answered as a failure that says so instead — itself within
+    ``max_header_bytes``, however small that is set."""
     limits = limits or Limits()
     try:
         parts = encode(reply)
     except Exception as exc:  # noqa: BLE001 - a result msgpack cannot carry is still answered
-        return encode(
-            Reply(
-                False,
-                f"reply of {method!r} could not be encoded: {exc}",
-                {"field": "result", "rule": "encodable"},
-                time_s=reply.time_s,
-            )
-        )
+        return _failure(f"reply of {method!r} could not be encoded: {exc}", "encodable", reply.time_s, limits)
     size = memoryview(parts[0]).nbytes
     if size > limits.max_header_bytes:
-        return encode(
-            Reply(
-                False,
-                f"reply of {method!r} would be {size} bytes, more than the {limits.max_header_bytes} "
-                "a client reads (max_header_bytes); this is a daemon bug, please report it",
-                {"field": "result", "rule": "max_header_bytes"},
-                time_s=reply.time_s,
-            )
+        return _failure(
+            f"reply of {method!r} would be {size} bytes, more than the {limits.max_header_bytes} "
+            "a client reads (max_header_bytes); this is a daemon bug, please report it",
+            "max_header_bytes", reply.time_s, limits,
         )
     return parts
+
+
+def _failure(msg: str, rule: str, time_s: float | None, limits: Limits) -> list[Any]:
+    """A failed reply's parts, its message cut so that its header fits ``max_header_bytes``
+    (at its 256-byte least a failure naming a 64-character method was 311 bytes: the client
+    refused the very answer that said why)."""
+    parts = encode(Reply(False, msg, {"field": "result", "rule": rule}, time_s=time_s))
+    over = memoryview(parts[0]).nbytes - limits.max_header_bytes
+    if over <= 0:
+        return parts
+    # msgpack's string header shrinks with the string: cutting ``over`` bytes (and the "…") is enough
+    text = msg.encode()[: max(0, len(msg.encode()) - over - 3)].decode(errors="ignore")
+    return encode(Reply(False, text + "…", {"field": "result", "rule": rule}, time_s=time_s))
 
 
 def as_tree(msg: Any) -> dict[str, Any]:

@@ -659,9 +659,11 @@ def test_a_receipt_of_a_stopped_scan_waits_for_what_its_worker_s_exit_asks_of_th
         with d.producer() as producer:
             producer.start_scan(scan_id="cut", **d.start_fields(8))
             producer.send_frames(np.ones((4, 16, 16), np.uint16))
-            assert producer.flush().acknowledged == 4
             if how == "cancelled":
+                assert producer.flush().acknowledged == 4
                 d.ctl.cancel("cut")
+            # (an engine fault stops the worker at its first frames: a flush, which confirms
+            # with receipts, would wait for the exit held here)
             assert exiting.entered.wait(60), "the worker never exited"
             _ask(sock, "receipt", scan_id="cut")
             wait_for(lambda: d.pending() == 1 or sock.poll(0), 60, "the manager to read it")

@@ -1830,7 +1830,8 @@ def discard_half_created(spool_dir: str | Path) -> list[Path]:
 
 def _empty_and_over(path: Path) -> str | None:
     """The final status (failed, aborted) of spool file ``path`` when it is closed (no journal)
-    and holds no frame; else None (also for a file unreadable or not ours)."""
+    and holds no frame — neither a positioned one (``count``) nor a detector frame kept without
+    a position (:data:`UNPOSITIONED`); else None (also for a file unreadable or not ours)."""
     if journal_path(path).exists():  # open, or its close failed: the journal is its record
         return None
     try:
@@ -1839,9 +1840,11 @@ def _empty_and_over(path: Path) -> str | None:
             if f.attrs.get("format") != FORMAT or status not in ("failed", "aborted"):
                 return None
             g = f[DATA]
-            # detector frames kept without a position are data too (not in the count)
-            kept = g.get(UNPOSITIONED)
-            if int(g.attrs.get("count", 1)) != 0 or (kept is not None and kept.shape[0] != 0):
+            # the detector images past a scan's positions are kept whatever became of the scan:
+            # a spool holding only those (they came first, or its positioned frames were refused)
+            # was deleted with them
+            unpositioned = g.get(UNPOSITIONED)
+            if int(g.attrs.get("count", 1)) != 0 or (unpositioned is not None and unpositioned.shape[0]):
                 return None
             return str(status)
     except (OSError, KeyError):
