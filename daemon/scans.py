@@ -793,11 +793,14 @@ class ScanManager:
         spool = self.spools.pop(scan_id, None)
         if spool is None:
             return
+        session = self.sessions.get(scan_id)
 
         def task() -> None:
             try:
                 if status is not None:
                     spool.set_status(status)
+                    if session is not None:  # (its worker's exit then has nothing to mark: _settle)
+                        session.spool_status = status
             finally:  # (a status that could not be written: the file is let go of all the same)
                 # on the closer, as at a scan's end: an aborted detector scan's binned rows are
                 # written there (from the frames its worker held, else derived), not in front of
@@ -1009,7 +1012,15 @@ class ScanManager:
                 self._close_spool(session.scan_id, state.value)
             elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
                 sid, value = session.scan_id, state.value
-                self._after_close(sid, lambda: self._mark_spool(sid, value))
+
+                def mark() -> None:
+                    # a spool its cancel closed with this status already is not opened again: a
+                    # receipt said so, and a reader may hold it (the same process's reader made
+                    # this write fail: HDF5 opens a file once per process, read-only then)
+                    if session.spool_status != value:
+                        self._mark_spool(sid, value)
+
+                self._after_close(sid, mark)
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
 
