@@ -799,7 +799,7 @@ class ScanManager:
             try:
                 if status is not None:
                     spool.set_status(status)
-                    if session is not None:  # (its worker's exit then has nothing to mark: _settle)
+                    if session is not None:  # (its worker's exit then has nothing to mark: _mark_spool)
                         session.spool_status = status
             finally:  # (a status that could not be written: the file is let go of all the same)
                 # on the closer, as at a scan's end: an aborted detector scan's binned rows are
@@ -1012,15 +1012,7 @@ class ScanManager:
                 self._close_spool(session.scan_id, state.value)
             elif state is not State.FINISHED:  # the worker held the spool: mark it (finished ones are retired)
                 sid, value = session.scan_id, state.value
-
-                def mark() -> None:
-                    # a spool its cancel closed with this status already is not opened again: a
-                    # receipt said so, and a reader may hold it (the same process's reader made
-                    # this write fail: HDF5 opens a file once per process, read-only then)
-                    if session.spool_status != value:
-                        self._mark_spool(sid, value)
-
-                self._after_close(sid, mark)
+                self._after_close(sid, lambda: self._mark_spool(sid, value))
         # a non-final session here was interrupted by shutdown: its spool stays open for recovery
         self._update_gauges()
 
@@ -1051,6 +1043,12 @@ class ScanManager:
 
     def _mark_spool(self, scan_id: str, status: str) -> None:
         if scan_id in self.unclosed:  # its journal is its record, and the file is rebuilt from it
+            return
+        session = self.sessions.get(scan_id)  # (a re-open, which replaces it, waits for this mark)
+        if session is not None and session.spool_status == status:
+            # its cancel closed it with this status already (_close_spool): not opened again, a
+            # receipt said it was closed so, and a reader may hold it (one in this process made
+            # this r+ open fail: HDF5 opens a file once per process, read-only then)
             return
         path = spool_path(self.config.spool_dir, scan_id)
         if path.exists():
