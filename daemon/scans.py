@@ -843,11 +843,14 @@ class ScanManager:
         spool = self.spools.pop(scan_id, None)
         if spool is None:
             return
+        session = self.sessions.get(scan_id)
 
         def task() -> None:
             try:
                 if status is not None:
                     spool.set_status(status)
+                    if session is not None:  # (its worker's exit then has nothing to mark: _mark_spool)
+                        session.spool_status = status
             finally:  # (a status that could not be written: the file is let go of all the same)
                 # on the closer, as at a scan's end: an aborted detector scan's binned rows are
                 # written there (from the frames its worker held, else derived), not in front of
@@ -1109,6 +1112,12 @@ class ScanManager:
 
     def _mark_spool(self, scan_id: str, status: str) -> None:
         if scan_id in self.unclosed:  # its journal is its record, and the file is rebuilt from it
+            return
+        session = self.sessions.get(scan_id)  # (a re-open, which replaces it, waits for this mark)
+        if session is not None and session.spool_status == status:
+            # its cancel closed it with this status already (_close_spool): not opened again, a
+            # receipt said it was closed so, and a reader may hold it (one in this process made
+            # this r+ open fail: HDF5 opens a file once per process, read-only then)
             return
         path = spool_path(self.config.spool_dir, scan_id)
         if path.exists():

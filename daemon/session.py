@@ -157,6 +157,10 @@ class Session:
         #: frames of this scan the daemon refused (invalid messages), and the last reason
         self.frames_refused = 0
         self.last_refusal: str | None = None
+        #: the final status its spool was closed with (a cancel's close, on the spool thread), read
+        #: by the mark after its worker exits (ScanManager._mark_spool, on the closer thread after
+        #: that close), which then leaves the file alone: a receipt said it was closed so
+        self.spool_status: str | None = None
 
     def transition(self, new: State, error: str | None = None) -> bool:
         """Move to ``new``; False (and no change) if the session is already final."""

@@ -48,10 +48,11 @@ def test_scan_asking_for_the_offline_only_searches_is_told_the_live_engine_skips
         result = stream_for_result(daemon, sub, scan.start_fields("search", options=options), scan.frames)
         sub.close()
         assert result.files["result"]
-        records = [json.loads(ln) for ln in list(daemon.log_lines) if ln.startswith("{")]
-        warned = [r for r in records if r["level"] == "WARNING" and "offline only" in r["msg"]]
-        assert len(warned) == 1, daemon.log()
-        assert all(name in warned[0]["msg"] for name in ("aberration_search", "scan_search", "parallax_scan"))
-        assert warned[0]["thread"] == "worker-search"
     finally:
         daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
+    # read after the stop, which waits until the test has copied every line the daemon wrote
+    records = [json.loads(ln) for ln in list(daemon.log_lines) if ln.startswith("{")]
+    warned = [r for r in records if r["level"] == "WARNING" and "offline only" in r["msg"]]
+    assert len(warned) == 1, daemon.log()
+    assert all(name in warned[0]["msg"] for name in ("aberration_search", "scan_search", "parallax_scan"))
+    assert warned[0]["thread"] == "worker-search"

@@ -112,11 +112,12 @@ def test_images_of_a_series_begun_before_a_restart_are_counted_not_logged_one_by
                 sender.send_raw(m)
             (scan,) = _ended(daemon, 1)
             assert scan["scan_id"] == "after-restart-series2" and scan["state"] == "finished", daemon.log()
-            lines = [line for line in daemon.log_lines if "start message" in line]
-            assert lines and all("arrived without a start message" in line for line in lines), lines
-            assert len(lines) < 48 // 2, lines  # one a decoding job, not one an image
         finally:
             assert daemon.stop() == 0, daemon.log()
+        # read after the stop, which waits until the test has copied every line the daemon wrote
+        lines = [line for line in daemon.log_lines if "start message" in line]
+        assert lines and all("arrived without a start message" in line for line in lines), lines
+        assert len(lines) < 48 // 2, lines  # one a decoding job, not one an image
 
 
 def test_images_past_the_scan_do_not_take_valid_frames_or_the_scan_end_with_them(tmp_path):
@@ -169,9 +170,10 @@ def test_a_saturation_value_below_one_is_set_aside_and_the_daemon_stays_up(tmp_p
             (scan,) = _ended(daemon, 1)
             assert daemon.proc.poll() is None, daemon.log()
             assert scan["state"] == "finished" and scan["frames"]["received"] == 16, daemon.log()
-            assert f"saturation_value = {saturation} counts is no count-rate cutoff" in daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
+        # read after the stop, which waits until the test has copied every line the daemon wrote
+        assert f"saturation_value = {saturation} counts is no count-rate cutoff" in daemon.log()
 
 
 def test_a_fault_in_the_source_bookkeeping_fails_its_scan_not_the_daemon(tmp_path, monkeypatch):
@@ -235,9 +237,10 @@ def test_a_series_armed_for_billions_of_triggers_and_stopped_early_ends_without_
             assert scans["continuous-series1"]["state"] == "finished", daemon.log()
             assert scans["continuous-series1"]["frames"]["received"] == 4
             assert scans["after-continuous-series2"]["frames"]["received"] == 16
-            assert f"the detector series has {2**31} images, the scan 4 positions" in daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
+        # read after the stop, which waits until the test has copied every line the daemon wrote
+        assert f"the detector series has {2**31} images, the scan 4 positions" in daemon.log()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
@@ -271,9 +274,10 @@ def test_a_series_the_daemon_was_stopped_in_resumes_after_its_restart(tmp_path, 
             assert scan["scan_id"] == "restarted-series1" and scan["state"] == "finished", daemon.log()
             assert scan["frames"]["received"] == 32 and scan["frames"]["gaps"] == 0, scan
             assert "arrived without a start message" not in daemon.log()
-            assert "2 images (ids [14, 15]) arrived twice" in daemon.log(), daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
+        # read after the stop, which waits until the test has copied every line the daemon wrote
+        assert "2 images (ids [14, 15]) arrived twice" in daemon.log(), daemon.log()
     with h5py.File(scan["result_path"], "r") as f:
         index = f["raw"][DATA]["frame_index"][()]
         detector = read_detector_frames(f["raw"])
@@ -299,10 +303,11 @@ def test_a_series_with_more_images_than_positions_keeps_every_image(tmp_path):
             (scan,) = _ended(daemon, 1)
             assert scan["state"] == "finished", daemon.log()
             assert scan["frames"]["received"] == 16 and scan["frames"]["gaps"] == 0, scan
-            assert "the detector series has 24 images, the scan 16 positions" in daemon.log()
-            assert "8 detector images without a position (ids [16, 17, 18, 19, 20, 21, 22, 23])" in daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
+        # read after the stop, which waits until the test has copied every line the daemon wrote
+        assert "the detector series has 24 images, the scan 16 positions" in daemon.log()
+        assert "8 detector images without a position (ids [16, 17, 18, 19, 20, 21, 22, 23])" in daemon.log()
     with h5py.File(scan["result_path"], "r") as f:
         g = f["raw"][DATA]
         ids = g[UNPOSITIONED_IDS][()]
@@ -347,9 +352,10 @@ def test_images_past_the_positions_sent_again_after_a_restart_are_kept_once(tmp_
             (scan,) = _ended(daemon, 1)
             assert scan["state"] == "finished", daemon.log()
             assert scan["frames"]["received"] == 16 and scan["frames"]["duplicates"] == 4, scan
-            assert "4 detector images without a position arrived again" in daemon.log(), daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
+        # read after the stop, which waits until the test has copied every line the daemon wrote
+        assert "4 detector images without a position arrived again" in daemon.log(), daemon.log()
     with h5py.File(scan["result_path"], "r") as f:
         g = f["raw"][DATA]
         ids, kept = g[UNPOSITIONED_IDS][()], g[UNPOSITIONED][()]
@@ -370,6 +376,7 @@ def test_a_series_with_fewer_images_than_positions_is_reconstructed_with_those_t
             (scan,) = _ended(daemon, 1)
             assert scan["frames"]["received"] == 12, scan
             assert scan["state"] == "finished", daemon.log()
-            assert "the detector series has 12 images, the scan 16 positions" in daemon.log()
         finally:
             assert daemon.stop() == 0, daemon.log()
+        # read after the stop, which waits until the test has copied every line the daemon wrote
+        assert "the detector series has 12 images, the scan 16 positions" in daemon.log()

@@ -798,3 +798,42 @@ def test_list_scans_by_state_filters_on_the_state_it_lists(tmp_path, monkeypatch
             assert all(s["state"] == "announced" for s in listed), listed
             assert [s["state"] for s in ctl.list_scans(state="aborted")] == ["aborted"]
             producer.scan = None
+
+
+def test_a_cancelled_scans_spool_is_not_written_again_once_its_close_said_aborted(tmp_path, monkeypatch):
+    """A cancel closes a running scan's spool with status "aborted" (the spool thread, then the
+    closer); once the worker exits, the daemon marked the file "aborted" again (an r+ open on the
+    closer thread). A reader that acted on the receipt's "aborted" and held the file then (as a
+    test reading the spool does in the same process: HDF5 opens a file once per process, here
+    read-only) made that write fail: an internal error and an `error` event for a scan already
+    closed, or the reader's open failed instead. The worker is held by a gate between its abort
+    and its exit, so that the reader holds the file when the worker exits."""
+    import h5py
+    from cryoptycho.daemon.storage.spool import spool_path
+    from cryoptycho.daemon.worker import ScanWorker
+
+    gate = Gate(closed=True)
+    gate.hold(monkeypatch, ScanWorker, "_abort", after=True)
+    with gated_service(tmp_path, gate, resolution_interval_s=0) as d:
+        scans = d.svc.scans
+        with d.producer() as producer:
+            producer.start_scan(scan_id="read-after-cancel", **d.start_fields(8))
+            producer.send_frames(np.ones((4, 16, 16), np.uint16))
+            assert producer.flush().acknowledged == 4
+            d.ctl.cancel("read-after-cancel", "operator stop")
+            assert gate.entered.wait(60), "the worker never aborted the scan"
+            scans.flush_disk()  # the cancel's close (spool thread, then closer) is done
+            path = spool_path(d.svc.config.spool_dir, "read-after-cancel")
+            with h5py.File(path, "r") as reader:
+                assert reader.attrs["status"] == "aborted"
+                gate.open()
+                wait_for(lambda: "read-after-cancel" not in scans.running, 60, "the worker to exit")
+                settled = threading.Event()
+                # a reap after the one that let the worker go: its settling (and any mark it
+                # asked the closer for) is done; then every spool operation asked so far
+                scans.after_disk(lambda: None, lambda _r, _e: settled.set())
+                assert settled.wait(60), "the manager never ran what the spool thread handed back"
+                scans.flush_disk()
+                assert reader.attrs["status"] == "aborted"
+            producer.scan = None  # the daemon already said why it stopped
+        assert d.svc.metrics.internal_errors.labels(where="spool")._value.get() == 0

@@ -257,9 +257,10 @@ def test_daemon_live_result_of_a_probe_model_scan_carries_the_fitted_aberrations
             assert f["extra"].attrs["parallax_significance"] > f["extra"].attrs["parallax_threshold"]
             assert f["nominal_probe"].shape == f["probe"].shape == (M, M)
         assert saved == pytest.approx(found, rel=1e-12)
-        assert "parallax fit" in daemon.log()
     finally:
         daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
+    # read after the stop, which waits until the test has copied every line the daemon wrote
+    assert "parallax fit" in daemon.log()
 
 
 @pytest.mark.subprocess
