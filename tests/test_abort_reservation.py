@@ -12,8 +12,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import numpy as np
-
 from daemon_support import loopback_config, synthetic_scan, wait_for
 
 

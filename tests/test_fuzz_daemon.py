@@ -451,6 +451,22 @@ def gated_service(tmp_path: Path, *gates: Gate, **config: Any) -> Iterator[Serve
         bg.stop()
 
 
+def count_manager_turns(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``[n]``: how many times the manager has run what the spool thread handed back (a test
+    waits two turns to know that what came before has been run)."""
+    from cryoptycho.daemon.scans import ScanManager
+
+    run_disk_done = ScanManager.run_disk_done
+    turns = [0]
+
+    def counted(self: ScanManager) -> None:
+        run_disk_done(self)
+        turns[0] += 1
+
+    monkeypatch.setattr(ScanManager, "run_disk_done", counted)
+    return turns
+
+
 def _ask(sock: zmq.Socket, method: str, **params: Any) -> None:
     sock.send_multipart([b"", *_raw(encode(Request(method, params)))])
 
@@ -546,20 +562,12 @@ def test_a_receipt_answered_after_its_scan_stopped_says_why(tmp_path, monkeypatc
     was also sent before the stop's own spool operations: a sender reading the spool on
     "aborted" found it still open. The spool thread is held by gates so that the order is
     certain."""
-    from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, spool_path
 
     gate, closing = Gate(closed=False), Gate(closed=True)
     gate.hold(monkeypatch, SpoolWriter, "append_many")
     closing.hold(monkeypatch, SpoolWriter, "set_status", when=lambda status, *a, **k: status == "aborted")
-    run_disk_done = ScanManager.run_disk_done
-    turns = [0]
-
-    def counted(self):
-        run_disk_done(self)
-        turns[0] += 1
-
-    monkeypatch.setattr(ScanManager, "run_disk_done", counted)
+    turns = count_manager_turns(monkeypatch)
     with gated_service(tmp_path, gate, closing) as d:
         sock = d.dealer()
         with d.producer() as producer:
@@ -599,19 +607,11 @@ def test_a_receipt_of_a_stopped_scan_waits_for_its_spool_s_close(tmp_path, monke
     while the closer still wrote the file and had yet to delete its journal. CI failed on it: a
     test read the spool on "aborted" and found the journal gone mid-read. The closer is held
     by a gate here, so the order is certain."""
-    from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.storage.spool import SpoolWriter, read_spool, spool_path
 
     closing = Gate(closed=True)
     closing.hold(monkeypatch, SpoolWriter, "close")
-    run_disk_done = ScanManager.run_disk_done
-    turns = [0]
-
-    def counted(self):
-        run_disk_done(self)
-        turns[0] += 1
-
-    monkeypatch.setattr(ScanManager, "run_disk_done", counted)
+    turns = count_manager_turns(monkeypatch)
     with gated_service(tmp_path, closing) as d:
         sock = d.dealer()
         with d.producer() as producer:
