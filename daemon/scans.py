@@ -41,6 +41,7 @@ from .storage.diskspace import require_free_space
 from .storage.journal import fsync_path, journal_path
 from .storage.readcheck import check_spool_readable
 from .storage.spool import (
+    SpoolInUse,
     SpoolWriter,
     discard_half_created,
     discard_journal,
@@ -1186,11 +1187,18 @@ class ScanManager:
         if not path.exists():
             raise ScanRefused("scan_id", "spool_kept", f"scan {scan_id!r} has no spool file left ({path.name}; "
                                                        "one that held no frame is removed at its scan's end)")
-        contents = read_spool(path, frames=False)
+        try:
+            contents = read_spool(path, frames=False)
+        except BlockingIOError as exc:  # HDF5's file lock: a writer holds it (a reader's lets it read)
+            raise ScanRefused("scan_id", "spool_in_use", f"scan {scan_id!r}: its spool {SpoolInUse(path, exc)}") from exc
         if not len(contents.indices):
             raise ScanRefused("scan_id", "frames_received", f"scan {scan_id!r} received no frame")
         need = self._reservation(contents.spec, self._options_for(contents.spec))
-        spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
+        try:
+            spool = SpoolWriter.reopen(path, fsync=self.config.spool_fsync,
+                                       reserve_bytes=self.config.disk_reserve_bytes)
+        except SpoolInUse as exc:  # an operator's writer: a refusal naming it, not an internal error
+            raise ScanRefused("scan_id", "spool_in_use", f"scan {scan_id!r}: its spool {exc}") from exc
         try:
             spool.set_status("ended")
         except Exception:

@@ -1,0 +1,154 @@
+"""Second-wave QA of the merges of 2026-12-07 13:30-14:05 (fieldqa6, ingest16).
+
+* spool.open_for_writing: a program holding a spool open for WRITING (HDF5's exclusive lock:
+  an operator's ``h5py.File(path, "r+")``) was taken for a reader, and the daemon opened the file
+  without the lock beside it: two writers, and the frames of the scan came back unreadable
+  ("filter returned failure during read"). A writer now refuses the daemon's open by name
+  (SpoolInUse; finish_scan: rule ``spool_in_use``), and while the daemon writes a file beside a
+  reader, a writer that comes later is refused too (the daemon holds a shared lock).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from cryoptycho.daemon.scan import ScanSpec
+from cryoptycho.daemon.storage.spool import SpoolInUse, SpoolWriter, journal_path, read_spool
+
+#: holds the file open in ``mode`` until a line on stdin; then (a writer) sets an attribute and
+#: closes it, as an operator's script would
+_HOLDER = textwrap.dedent("""
+    import sys, h5py
+    try:
+        f = h5py.File(sys.argv[1], sys.argv[2])
+    except BlockingIOError:
+        print("refused", flush=True)
+        sys.exit(0)
+    print("open", flush=True)
+    sys.stdin.readline()
+    if sys.argv[2] != "r":
+        f.attrs["operator_note"] = "looked at it"
+    f.close()
+""")
+
+
+@contextmanager
+def held_open(path: Path, mode: str) -> Iterator[None]:
+    """Another process (HDF5's locks are between processes) holding ``path`` open in ``mode``."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), mode], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        yield
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()  # its readline returns: it closes the file and exits
+        assert holder.wait(30) == 0
+
+
+def _try_open(path: Path, mode: str) -> str:
+    """Whether another process can open ``path`` in ``mode`` now ("open" or "refused")."""
+    out = subprocess.run([sys.executable, "-c", _HOLDER, str(path), mode], input="\n", capture_output=True,
+                         text=True, timeout=60, check=True)
+    return out.stdout.split()[0]
+
+
+def _spool(spool_dir: Path, scan_id: str, status: str) -> Path:
+    spec = ScanSpec(scan_id=scan_id, frame_shape=(16, 16), frame_dtype="uint16", pixel_size_m=1e-10,
+                    energy_eV=300e3, probe=np.ones((16, 16), np.complex64), expected_frames=64)
+    w = SpoolWriter.create(spool_dir, spec)
+    w.append(np.full((5, 16, 16), 7, np.uint16), np.arange(5), np.zeros((5, 2)))
+    if status != "open":
+        w.set_status(status)
+    w.close()
+    return w.path
+
+
+@pytest.mark.parametrize("status", ["open", "aborted"])
+def test_a_spool_another_program_holds_for_writing_is_not_written_beside_it(tmp_path: Path, status: str) -> None:
+    """open: a recovered or waiting scan's spool (journal ending "closed"); aborted: finish_scan's.
+    Before: the open case logged "opened for writing without HDF5's file lock" and appended;
+    the operator's close then left the frames unreadable; the aborted case raised a bare
+    BlockingIOError (an internal error)."""
+    path = _spool(tmp_path, "w", status)
+    jpath = journal_path(path)
+    journal_before = jpath.read_bytes() if jpath.exists() else None
+    with held_open(path, "r+"):
+        with pytest.raises(SpoolInUse, match="open for writing in another program"):
+            SpoolWriter.reopen(path)
+        assert (jpath.read_bytes() if jpath.exists() else None) == journal_before
+    got = read_spool(path)
+    np.testing.assert_array_equal(got.indices, np.arange(5))
+    assert (got.frames == 7).all()
+    w = SpoolWriter.reopen(path)  # the writer is gone: re-opened as ever
+    w.append(np.full((3, 16, 16), 9, np.uint16), np.arange(5, 8), np.zeros((3, 2)))
+    w.close()
+    got = read_spool(path)
+    np.testing.assert_array_equal(got.indices, np.arange(8))
+    assert (got.frames[:5] == 7).all() and (got.frames[5:] == 9).all()
+
+
+def test_while_the_daemon_writes_beside_a_reader_a_writer_is_refused_and_readers_are_not(tmp_path: Path) -> None:
+    path = _spool(tmp_path, "r", "open")
+    with held_open(path, "r"):
+        w = SpoolWriter.reopen(path)  # beside the reader: without HDF5's lock
+    try:
+        for i in range(5, 40):
+            w.append(np.full((1, 16, 16), i, np.uint16), np.array([i]), np.zeros((1, 2)))
+        assert _try_open(path, "r+") == "refused"  # before: opened, and it wrote the file too
+        assert _try_open(path, "r") == "open"  # a reader still may (the file may change under it)
+    finally:
+        w.close()
+    got = read_spool(path)
+    np.testing.assert_array_equal(got.indices, np.arange(40))
+    np.testing.assert_array_equal(got.frames[:, 0, 0], [7] * 5 + list(range(5, 40)))
+    assert _try_open(path, "r+") == "open"  # closed: the lock went with the file
+    with h5py.File(path, "r") as f:
+        assert f.attrs["operator_note"] == "looked at it"
+
+
+def test_finish_scan_while_an_operator_writes_the_spool_is_refused_by_name_then_works(tmp_path: Path) -> None:
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.errors import ControlError
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
+            p.start_scan(**scan.start_fields("held"))
+            p.send_frames(scan.frames[:10])
+            p.flush()
+            ctl.cancel("held", reason="stage drift")
+
+            def state() -> str:
+                return next(s for s in ctl.list_scans() if s["scan_id"] == "held")["state"]
+
+            wait_for(lambda: state() == "aborted", 60, "the scan to be aborted")
+            path = cfg.spool_dir / "held.spool.h5"
+            # its close (closer thread) deletes the journal last: the file is whole then
+            wait_for(lambda: not journal_path(path).exists(), 60, "the aborted scan's spool to be closed")
+            with held_open(path, "r+"):
+                with pytest.raises(ControlError) as info:
+                    ctl.finish_scan("held")
+                assert info.value.reply.result["rule"] == "spool_in_use" and "held.spool.h5" in info.value.msg
+                assert state() == "aborted"
+            assert ctl.finish_scan("held")["scan_id"] == "held"
+            done = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "held"
+                                          and s["state"] in ("finished", "failed")), None), 120, "the scan to end")
+            assert done["state"] == "finished" and done["frames"]["received"] == 10, done
+    finally:
+        bg.stop()
