@@ -6,6 +6,11 @@
   ("filter returned failure during read"). A writer now refuses the daemon's open by name
   (SpoolInUse; finish_scan: rule ``spool_in_use``), and while the daemon writes a file beside a
   reader, a writer that comes later is refused too (the daemon holds a shared lock).
+* rejected-message log (ErrorLogLimiter, kinds by rule): another scan's rejection under a rule
+  a flood had logged already (a sender streaming on to its refused scan) was only counted, its
+  scan never named in the log; kinds are now (rule, scan), at most 16 a window, the rest counted
+  as one. The limiter's flush iterated its kinds unguarded: a kind added meanwhile (another
+  thread, or a log handler) raised "dictionary changed size during iteration".
 """
 
 from __future__ import annotations
@@ -152,3 +157,83 @@ def test_finish_scan_while_an_operator_writes_the_spool_is_refused_by_name_then_
             assert done["state"] == "finished" and done["frames"]["received"] == 10, done
     finally:
         bg.stop()
+
+
+def test_another_scans_rejection_under_a_flooded_rule_is_named_in_the_log(tmp_path: Path) -> None:
+    """Before: "ghost" flooded rule known_scan; "second"'s one rejection, between two halves of
+    the flood, was folded into ghost's count and its scan id appeared in no log line."""
+    import zmq
+    from cryoptycho.protocols.messages import Frames, encode
+    from daemon_support import metrics_of, start_daemon, wait_for
+
+    daemon = start_daemon(tmp_path)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(daemon.ingest)
+    frame = np.zeros((1, 32, 32), np.uint16)
+    sent = 0
+    try:
+        for scan_id, n in (("ghost", 100), ("second", 1), ("ghost", 100)):
+            for _ in range(n):
+                push.send_multipart(encode(Frames(scan_id, np.array([sent], np.uint32), frame, None, "none", 0.0)))
+                sent += 1
+        wait_for(lambda: metrics_of(daemon).get("cryoptycho_messages_rejected_total{rule=known_scan}", 0) >= sent,
+                 120, "the daemon to reject every message", daemon)
+    finally:
+        push.close(linger=0)
+        assert daemon.stop() == 0, daemon.log()
+    lines = [line for line in daemon.log_lines if "rejected message" in line]
+    assert any("second" in line for line in lines), lines
+    assert len(lines) <= 10, lines  # still no flood
+
+
+def _limiter(max_kinds: int | None = None):
+    import logging
+
+    from cryoptycho.protocols.dectris.receiver import ErrorLogLimiter
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger(f"test_qa_field6.limiter.{id(records)}")
+    logger.propagate = False
+    logger.addHandler(Keep())
+    if max_kinds is None:
+        return ErrorLogLimiter(logger, "rejected", 30.0), records, logger
+    key = lambda exc: str(exc).split()[0]  # noqa: E731 - the scan id, as the service's (rule, scan)
+    return ErrorLogLimiter(logger, "rejected", 30.0, key=key, max_kinds=max_kinds), records, logger
+
+
+def _accounted(records) -> int:
+    """The errors a log accounts for: one per line in full, N per "N more like it" line."""
+    return sum(getattr(r, "repeats", 1) for r in records)
+
+
+def test_a_sender_inventing_scan_ids_is_logged_in_bounded_lines_each_one_accounted_for() -> None:
+    limiter, records, _ = _limiter(max_kinds=16)
+    for i in range(1000):
+        limiter(ValueError(f"scan-{i} unknown"))
+    limiter.flush(force=True)
+    assert len(records) <= 16 + 1 + 1, len(records)  # 16 kinds in full, "other" in full and counted
+    assert _accounted(records) == 1000
+
+
+def test_the_limiters_flush_tolerates_a_kind_added_while_it_logs() -> None:
+    """A kind added while flush walks the kinds (another thread's rejection; here, a log handler
+    reporting one, which makes the moment deterministic)."""
+    import logging
+
+    limiter, records, logger = _limiter()
+
+    class Reporter(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "repeats", None):
+                limiter(KeyError("one of another kind"))
+
+    logger.addHandler(Reporter())
+    limiter(ValueError("first"))
+    limiter(ValueError("second"))
+    limiter.flush(force=True)  # before: RuntimeError: dictionary changed size during iteration
+    assert _accounted(records) == 3
