@@ -5,7 +5,11 @@
   without the lock beside it: two writers, and the frames of the scan came back unreadable
   ("filter returned failure during read"). A writer now refuses the daemon's open by name
   (SpoolInUse; finish_scan: rule ``spool_in_use``), and while the daemon writes a file beside a
-  reader, a writer that comes later is refused too (the daemon holds a shared lock).
+  reader, a writer that comes later is refused too (the daemon holds a shared lock). Even a
+  writer that writes nothing garbles it: its close writes back the file's end address as it knew
+  it ("addr overflow ... eoa"). The final-status mark of a closed spool (finish_result,
+  _mark_spool) was written the same way: beside such a writer the status attribute came back
+  unreadable ("len not positive after adjustment for EOA"); it is now not written then (logged).
 * rejected-message log (ErrorLogLimiter, kinds by rule): another scan's rejection under a rule
   a flood had logged already (a sender streaming on to its refused scan) was only counted, its
   scan never named in the log; kinds are now (rule, scan), at most 16 a window, the rest counted
@@ -39,7 +43,7 @@ _HOLDER = textwrap.dedent("""
         sys.exit(0)
     print("open", flush=True)
     sys.stdin.readline()
-    if sys.argv[2] != "r":
+    if sys.argv[2] == "r+":  # ("a": opened for writing, nothing written, as old h5py's default)
         f.attrs["operator_note"] = "looked at it"
     f.close()
 """)
@@ -77,8 +81,10 @@ def _spool(spool_dir: Path, scan_id: str, status: str) -> Path:
     return w.path
 
 
+@pytest.mark.parametrize("mode", ["r+", "a"])
 @pytest.mark.parametrize("status", ["open", "aborted"])
-def test_a_spool_another_program_holds_for_writing_is_not_written_beside_it(tmp_path: Path, status: str) -> None:
+def test_a_spool_another_program_holds_for_writing_is_not_written_beside_it(tmp_path: Path, status: str,
+                                                                           mode: str) -> None:
     """open: a recovered or waiting scan's spool (journal ending "closed"); aborted: finish_scan's.
     Before: the open case logged "opened for writing without HDF5's file lock" and appended;
     the operator's close then left the frames unreadable; the aborted case raised a bare
@@ -86,7 +92,7 @@ def test_a_spool_another_program_holds_for_writing_is_not_written_beside_it(tmp_
     path = _spool(tmp_path, "w", status)
     jpath = journal_path(path)
     journal_before = jpath.read_bytes() if jpath.exists() else None
-    with held_open(path, "r+"):
+    with held_open(path, mode):
         with pytest.raises(SpoolInUse, match="open for writing in another program"):
             SpoolWriter.reopen(path)
         assert (jpath.read_bytes() if jpath.exists() else None) == journal_before
@@ -99,6 +105,55 @@ def test_a_spool_another_program_holds_for_writing_is_not_written_beside_it(tmp_
     got = read_spool(path)
     np.testing.assert_array_equal(got.indices, np.arange(8))
     assert (got.frames[:5] == 7).all() and (got.frames[5:] == 9).all()
+
+
+def test_cancelling_a_refining_scan_while_an_operator_holds_its_spool_for_writing_is_not_marked_silently(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The scan ended (its spool closed, "ended"), then is cancelled while it refines: the mark
+    "aborted" (ScanManager._mark_spool). Before: written beside the operator's "r+" handle, whose
+    close undid it (here) or left the attribute unreadable (spool.mark_status), the journal
+    deleted all the same. Now: not written, said so, the journal kept (the next start recovers it)."""
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.errors import ControlError
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=4, m=32, counts=20)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=600, drain_timeout_s=0,
+                          options={"iterations": 1000000, "prior": "sparse", "denoise_every": 1})
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    path = cfg.spool_dir / "refining.spool.h5"
+    try:
+        with ControlClient(svc.endpoints["control"], timeout_s=30) as ctl:
+            with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p:
+                p.start_scan(**scan.start_fields("refining"))
+                p.send_frames(scan.frames)
+                p.end_scan()
+
+            def state() -> str:
+                return next(s for s in ctl.list_scans() if s["scan_id"] == "refining")["state"]
+
+            wait_for(lambda: state() == "refining", 120, "the scan to refine")
+            # its spool is closed once its end was read (the daemon's HDF5 lock let go of)
+            wait_for(lambda: _try_open(path, "r") == "open", 60, "the ended scan's spool to be closed")
+            with held_open(path, "r+"):
+                ctl.cancel("refining", reason="wrong sample")
+                wait_for(lambda: state() == "aborted", 60, "the scan to be aborted")
+                # the mark runs on the closer thread after the cancel; finish_scan's re-open waits
+                # for it (one FIFO closer), then finds the file held: its answer comes after the mark
+                with pytest.raises(ControlError):
+                    ctl.finish_scan("refining")
+            got = read_spool(path)
+            assert len(got.indices) == len(scan.frames)
+            with h5py.File(path, "r") as f:
+                status = f.attrs["status"]
+            # before: the journal deleted as if marked, the file still "ended", nothing said
+            refused = [r for r in caplog.records if "spool not marked aborted" in r.getMessage()]
+            assert status == "aborted" or (refused and journal_path(path).exists()), (status, refused)
+    finally:
+        bg.stop()
 
 
 def test_while_the_daemon_writes_beside_a_reader_a_writer_is_refused_and_readers_are_not(tmp_path: Path) -> None:

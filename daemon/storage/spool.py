@@ -382,6 +382,27 @@ def open_for_writing(path: Path) -> tuple[h5py.File, BinaryIO | None]:
             raise
 
 
+def mark_status(path: Path, status: str) -> None:
+    """Write the final ``status`` of a closed spool file (finished, aborted, failed). Beside a
+    reader's shared lock it is written without HDF5's lock, under a shared lock of the daemon's
+    (as :func:`open_for_writing`); beside a writer (HDF5's exclusive lock) it is not written:
+    :class:`SpoolInUse` — the attribute written beside an operator's ``h5py.File(path, "r+")``,
+    even one that wrote nothing, was lost or made unreadable at that program's close ("len not
+    positive after adjustment for EOA": it wrote back the file's end address as it knew it)."""
+    share = None
+    try:
+        f = h5py.File(path, "r+")
+    except BlockingIOError:
+        share = _share_lock(path)  # SpoolInUse: the holder is a writer
+        f = h5py.File(path, "r+", locking=False)
+    try:
+        with f:
+            f.attrs["status"] = status
+    finally:
+        if share is not None:
+            share.close()
+
+
 class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
