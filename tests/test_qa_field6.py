@@ -15,6 +15,8 @@
   scan never named in the log; kinds are now (rule, scan), at most 16 a window, the rest counted
   as one. The limiter's flush iterated its kinds unguarded: a kind added meanwhile (another
   thread, or a log handler) raised "dictionary changed size during iteration".
+* config: a file saved with a UTF-8 byte-order mark (Windows editors) was "not valid TOML:
+  Invalid statement (at line 1, column 1)"; it is read.
 """
 
 from __future__ import annotations
@@ -292,3 +294,17 @@ def test_the_limiters_flush_tolerates_a_kind_added_while_it_logs() -> None:
     limiter(ValueError("second"))
     limiter.flush(force=True)  # before: RuntimeError: dictionary changed size during iteration
     assert _accounted(records) == 3
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Windows editors save UTF-8 with a BOM. Before: "not valid TOML: Invalid statement (at line
+    1, column 1)", naming nothing an operator could find in the file."""
+    from cryoptycho.daemon.config import ConfigError, load_config
+
+    path = tmp_path / "cryoptycho.toml"
+    path.write_bytes("\ufeff[cryoptycho]\nspool_dir = \"/tmp/spöol\"\n[options]\niterations = 7\n".encode())
+    cfg = load_config(path)
+    assert str(cfg.spool_dir) == "/tmp/spöol" and cfg.options.iterations == 7
+    path.write_bytes(b"\xef\xbb\xbfspool_dir = \"caf\xe9\"\n")  # a BOM, then Latin-1: still named
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
