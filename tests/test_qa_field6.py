@@ -259,7 +259,7 @@ def _limiter(max_kinds: int | None = None):
     logger.addHandler(Keep())
     if max_kinds is None:
         return ErrorLogLimiter(logger, "rejected", 30.0), records, logger
-    key = lambda exc: str(exc).split()[0]  # noqa: E731 - the scan id, as the service's (rule, scan)
+    key = lambda exc: str(exc).split()[0]  # the scan id, as the service's (rule, scan)
     return ErrorLogLimiter(logger, "rejected", 30.0, key=key, max_kinds=max_kinds), records, logger
 
 

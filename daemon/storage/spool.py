@@ -10,11 +10,11 @@ mid-append leaves the previous count, so a reader never sees a half-written fram
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
-import fcntl
 import math
 import os
 import re
