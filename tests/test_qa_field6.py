@@ -308,3 +308,102 @@ def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> N
     path.write_bytes(b"\xef\xbb\xbfspool_dir = \"caf\xe9\"\n")  # a BOM, then Latin-1: still named
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(path)
+
+
+def test_a_second_daemon_on_the_same_spool_directory_is_refused_however_it_is_named(tmp_path: Path) -> None:
+    """The spool's only writer is what lets the daemon open a spool without HDF5's lock beside a
+    reader (spool.open_for_writing): a second daemon on the directory — named another way
+    too — must not start. (Checked, no defect: a guard, no test covered the lock.)"""
+    import os
+
+    from daemon_support import start_daemon
+
+    first = start_daemon(tmp_path)
+    try:
+        (tmp_path / "other").mkdir()
+        os.symlink(tmp_path / "spool", tmp_path / "link")
+        for spool in (tmp_path / "spool", tmp_path / "other" / ".." / "spool", tmp_path / "link"):
+            cmd = [sys.executable, "-m", "cryoptycho.daemon.cli", "serve", "--ingest", "tcp://127.0.0.1:*",
+                   "--publish", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*", "--metrics-port", "0",
+                   "--spool-dir", str(spool), "--results-dir", str(tmp_path / "results2")]
+            second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            assert second.returncode != 0 and "in use by another daemon" in second.stderr, (spool, second.stderr)
+    finally:
+        assert first.stop() == 0, first.log()
+
+
+def _binning_reference(images: np.ndarray, reducer, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and validity of a FrameReducer, computed plainly in int64 from its geometry."""
+    n, (h, w) = images.shape[0], images.shape[1:]
+    c, b, m = reducer.window, reducer.bin, reducer.frame_side
+    ys, xs = np.arange(c) + reducer.corner[0], np.arange(c) + reducer.corner[1]
+    oky, okx = (ys >= 0) & (ys < h), (xs >= 0) & (xs < w)
+    window = np.zeros((n, c, c), np.int64)
+    window[:, np.flatnonzero(oky)[:, None], np.flatnonzero(okx)[None, :]] = images[:, ys[oky]][:, :, xs[okx]]
+    window *= reducer.window_valid
+    over = (window > top).reshape(n, m, b, m, b).any(axis=(2, 4))
+    counts = np.minimum(window, top).reshape(n, m, b, m, b).sum(axis=(2, 4))
+    return counts, reducer.static_valid[None] & ~over
+
+
+def test_binning_matches_a_plain_reference_at_the_lane_edges() -> None:
+    """ccc4d0c's 16-bit-lane paths (_pairs_in_lanes, quad ≤ 2¹⁴ − 1) and the rest, against a
+    plain int64 sum: every dtype, bins 1–4, odd detector sides, windows off the detector, masks,
+    saturation values at and around 2¹⁴, 2¹⁵, 255/256, and frames whose largest count is such an
+    edge (blocks whole at it). (Checked, no defect; a guard: fails with either lane limit one
+    higher, _QUAD_PEAK 2¹⁴ or _PAIR_PEAK 2¹⁵.)"""
+    from cryoptycho.protocols.dectris.binning import FrameReducer, saturation_threshold
+    from cryoptycho.protocols.limits import MIN_FRAME_SIDE
+
+    rng = np.random.default_rng(6)
+    checked = 0
+    for _ in range(300):
+        # 2×2 of uint16 in 16-bit lanes (the fast paths): a third of the cases
+        lanes = rng.random() < 0.35
+        dtype = np.dtype("uint16" if lanes else rng.choice(["uint8", "uint16", "uint32"]))
+        b = 2 if lanes else int(rng.integers(1, 5))
+        m = int(rng.integers(MIN_FRAME_SIDE, MIN_FRAME_SIDE + 5))
+        crop = m * b
+        h, w = (int(rng.integers(max(4, crop - 9), crop + 10)) for _ in range(2))
+        most = int(np.iinfo(dtype).max)
+        sat = rng.choice([None, 1, 255, 0x3FFF, 0x4000, 0x7FFF, 0x8000, most - 1, int(rng.integers(1, most))])
+        sat = None if sat is None or int(sat) > most else int(sat)
+        if lanes:
+            sat = rng.choice([None, 0x7FFF, 0x8000, 0xFFFE])
+        bad = rng.random((h, w)) < rng.choice([0.0, 0.0, 0.01, 0.3])
+        centre = None if rng.random() < 0.3 else (float(rng.uniform(-5, h + 5)), float(rng.uniform(-5, w + 5)))
+        try:
+            reducer = FrameReducer.build((h, w), dtype, beam_center_px=centre, crop=crop, bin=b, bad_pixels=bad,
+                                         saturation_value=sat)
+        except ValueError:  # (a window the geometry refuses)
+            continue
+        top = saturation_threshold(dtype, reducer.saturation_value)
+        edges = [v for v in (0, 1, 255, 256, 0x3FFF, 0x4000, 0x7FFF, 0x8000, top, top + 1, most) if v <= most]
+        n = int(rng.integers(1, 4))
+        kind = 3 if lanes else rng.integers(0, 4)
+        if kind == 3:  # blocks whole at one edge, the largest count: each lane path at its limit
+            peak = int(rng.choice([v for v in (0x3FFF, 0x4000, 0x7FFF, 0x8000) if v <= top] if lanes else edges))
+            images = np.where(rng.random((n, h, w)) < 0.8, peak, rng.integers(0, peak, size=(n, h, w),
+                                                                            endpoint=True)).astype(dtype)
+        elif kind == 0:
+            images = rng.choice(edges, size=(n, h, w)).astype(dtype)
+        elif kind == 1:
+            high = int(rng.choice([v for v in edges if v > 0]))
+            images = rng.integers(0, high, size=(n, h, w), dtype=np.uint64, endpoint=True).astype(dtype)
+        else:  # sparse, one pixel at an edge
+            images = rng.integers(0, 3, size=(n, h, w)).astype(dtype)
+            images.flat[rng.integers(0, images.size)] = rng.choice(edges)
+        counts, valid = _binning_reference(images, reducer, top)
+        got, got_valid = reducer(images)
+        assert got.dtype == reducer.out_dtype
+        np.testing.assert_array_equal(got.astype(np.int64), counts)
+        np.testing.assert_array_equal(got_valid, valid)
+        batch, saturated = reducer.reduce_batch(images.copy())
+        np.testing.assert_array_equal(batch.astype(np.int64), counts)
+        np.testing.assert_array_equal(saturated, (reducer.static_valid[None] & ~valid).any(axis=(1, 2)))
+        for k in range(n):
+            one, hit = reducer.reduce_frame(images[k])
+            np.testing.assert_array_equal(one.astype(np.int64), counts[k])
+            assert hit == bool((reducer.static_valid & ~valid[k]).any())
+        checked += 1
+    assert checked > 200
