@@ -8,6 +8,7 @@ is reported with the file it came from (the model itself forbids unknown keys to
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import sys
@@ -221,8 +222,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """The settings table of a TOML file (top level, or a ``[cryoptycho]`` table if present)."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            table = tomllib.load(f)
+        data = path.read_bytes()
+        # Notepad and other Windows editors save UTF-8 with a byte-order mark, which tomllib
+        # took for a statement: "not valid TOML: Invalid statement (at line 1, column 1)"
+        table = tomllib.loads(data.removeprefix(codecs.BOM_UTF8).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:

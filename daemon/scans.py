@@ -47,6 +47,7 @@ from .storage.spool import (
     discard_journal,
     empty_final_spools,
     file_stem,
+    mark_status,
     read_spool,
     remove_if_empty,
     repair_spool,
@@ -1002,13 +1003,12 @@ class ScanManager:
         require_free_space(stem.parent, need, self.config.disk_reserve_bytes, f"the result of scan {session.scan_id!r}")
         written = save_outputs(stem, state, formats=self.config.output_formats, extra=extra, raw=raw)
         discard_journal(spool_file, self.config.spool_fsync)  # closed, the file holds all of it
-        # without HDF5's file lock: a program reading the closed spool (h5py's defaults take a
-        # shared lock) made this open fail and the scan with it, its result already written; the
-        # daemon is the spool's only writer (serve's directory lock), and a reader of a file being
-        # marked sees the one attribute before or after
-        with h5py.File(spool_file, "r+", locking=False) as f:
-            f.attrs["status"] = "finished"
-        if not self.config.keep_spool:
+        if self.config.keep_spool:
+            # beside a program reading the closed spool (h5py's defaults take a shared lock), which
+            # made the mark fail and the scan with it, its result already written: marked without
+            # HDF5's lock; beside one writing it (mark_status), not at all: the result stands
+            self._mark_kept(session.scan_id, spool_file, "finished")
+        else:  # (deleted: no mark to write)
             spool_file.unlink()
         session.result_path = str(written["result"])
         files = {kind: str(p) for kind, p in written.items()}
@@ -1121,14 +1121,26 @@ class ScanManager:
             return
         path = spool_path(self.config.spool_dir, scan_id)
         if path.exists():
-            with h5py.File(path, "r+", locking=False) as f:  # a reader's lock: as in finish_result
-                f.attrs["status"] = status
+            if not self._mark_kept(scan_id, path, status):
+                return  # its journal stays with it, as after a stop: the next start recovers it
             # closed (not unclosed), the file holds all of it, and its status is final: its journal
             # goes, as a close with a final status drops it (kept, the stop listed the spool as one
             # the next start recovers, and the next start dropped it)
             if self.config.spool_fsync:
                 fsync_path(path)
             discard_journal(path, self.config.spool_fsync)
+
+    def _mark_kept(self, scan_id: str, path: Path, status: str) -> bool:
+        """Write a closed spool's final status (spool.mark_status); False where another program
+        holds the file open for writing (logged: written beside it, the mark was lost or left the
+        file unreadable at that program's close)."""
+        try:
+            mark_status(path, status)
+        except SpoolInUse as exc:
+            log.error("spool not marked %s: %s; unmarked, the next start recovers its scan again", status, exc,
+                      extra={"scan_id": scan_id})
+            return False
+        return True
 
     def _drop_empty_spool(self, scan_id: str) -> None:
         """Closer thread, after the close or mark of a scan that ended without a frame."""
@@ -1226,7 +1238,10 @@ class ScanManager:
         if not path.exists():
             raise ScanRefused("scan_id", "spool_kept", f"scan {scan_id!r} has no spool file left ({path.name}; "
                                                        "one that held no frame is removed at its scan's end)")
-        contents = read_spool(path, frames=False)
+        try:
+            contents = read_spool(path, frames=False)
+        except BlockingIOError as exc:  # HDF5's file lock: a writer holds it (a reader's lets it read)
+            raise ScanRefused("scan_id", "spool_in_use", f"scan {scan_id!r}: its spool {SpoolInUse(path, exc)}") from exc
         if not len(contents.indices):
             raise ScanRefused("scan_id", "frames_received", f"scan {scan_id!r} received no frame")
         need = self._reservation(contents.spec, self._options_for(contents.spec))

@@ -88,6 +88,8 @@ ERROR_BURST = 20
 #: once per window (protocols/dectris/receiver.ErrorLogLimiter); each is still counted
 #: (messages_rejected), published (within ERROR_BURST) and told to its producer (receipt)
 REJECTION_LOG_WINDOW_S = 30.0
+#: (rule, scan) kinds of rejected messages logged in full per window; the rest together as one
+REJECTION_LOG_KINDS = 16
 #: a loop step (one message, one request, one housekeeping pass) slower than this is logged as
 #: "slow manager step" with its wall and CPU time: no request may hold up ping longer (issue 12)
 SLOW_STEP_S = 0.05
@@ -226,8 +228,11 @@ class Service:
         # 3,000 messages, and journald's rate limit then drops the daemon's other lines too
         self._rejections_log = ErrorLogLimiter(
             log, "rejected message", REJECTION_LOG_WINDOW_S, level=logging.WARNING,
-            # by rule alone: a field can name a key the sender made up, and every kind is kept
-            key=lambda exc: getattr(exc, "rule", None),
+            # by rule and scan: another scan's rejection under a rule a flood already logged
+            # (a sender streaming on to its refused scan) was only counted, never named; not by
+            # field (a key the sender made up), and at most REJECTION_LOG_KINDS kinds a window
+            key=lambda exc: (getattr(exc, "rule", None), getattr(exc, "scan_id", None)),
+            max_kinds=REJECTION_LOG_KINDS,
             extra=lambda exc: {"scan_id": getattr(exc, "scan_id", None), "rule": getattr(exc, "rule", None)})
         # a scan_start's probe, positions and spool file are built on this thread while the
         # manager keeps answering (ingest pauses until it is done, so message order holds)

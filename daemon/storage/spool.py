@@ -10,6 +10,7 @@ mid-append leaves the previous count, so a reader never sees a half-written fram
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -327,45 +328,92 @@ def file_stem(scan_id: str) -> str:
 
 
 class SpoolInUse(OSError):
-    """A spool file another program holds open for writing (HDF5's exclusive lock: an h5py
-    "r+"/"a", HDFView in read/write mode): the daemon does not write beside another writer."""
+    """A spool file another program holds open for writing (an operator's h5py ``"r+"``/``"a"``,
+    HDFView editing it: HDF5's exclusive file lock), so that the daemon cannot append to it
+    without two writers garbling it. Nothing was changed; asking again once that program
+    closed the file works."""
 
     def __init__(self, path: Path, cause: BaseException) -> None:
-        super().__init__(f"{path} is open for writing in another program (HDF5's file lock: {cause}); "
-                         "close it there and ask again (control `finish_scan`)")
+        super().__init__(f"{path} is open for writing in another program (HDF5's exclusive file lock: {cause}); "
+                         "close it there (h5py: File.close(), or end that Python session) and ask again "
+                         "(control `finish_scan`)")
         self.path = path
 
 
-def open_for_writing(path: Path) -> h5py.File:
-    """The daemon's own spool file, open for appending. HDF5 locks a file for its whole open,
+def _share_lock(path: Path) -> BinaryIO | None:
+    """A handle holding a shared ``flock`` on ``path``, the lock an HDF5 reader holds: taken
+    beside readers, refused (:class:`SpoolInUse`) while a writer holds the exclusive one. None
+    where the file system has no such locks."""
+    handle = open(path, "rb")  # noqa: SIM115 - held for the open file's life (SpoolWriter)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.close()
+        raise SpoolInUse(path, exc) from None
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def open_for_writing(path: Path) -> tuple[h5py.File, BinaryIO | None]:
+    """The daemon's own spool file, open for appending, and the handle of a shared lock it
+    holds while open (None: HDF5's own lock is held). HDF5 locks a file for its whole open,
     and a reader's shared lock — `h5ls`, HDFView or a pipeline peeking at a waiting scan's spool,
     a recovered one's at start — made the daemon's re-open fail with EAGAIN and the scan with
     it, every frame received and acknowledged. The daemon is the spool's only writer (serve's
-    directory lock), so such a reader is logged and the file opened without the lock (readers
-    opening it after that are no longer refused). Without a reader the lock is taken as before:
-    a reader is refused while the daemon writes the file, as HDF5 means it to be. Another
-    writer (its exclusive lock refuses a shared open too) is :class:`SpoolInUse`: two writers
-    of one file damage it, and once the scan's journal is gone nothing repairs that."""
+    directory lock), so such a reader is logged and the file opened without HDF5's lock, the
+    daemon holding a shared lock of its own instead: readers opening it after that are not
+    refused, but a program that opens it for writing is, as one that held it for writing
+    already refuses the daemon (:class:`SpoolInUse`): two writers garble the file (an
+    operator's ``h5py.File(path, "r+")`` that set an attribute while the daemon appended left
+    frames unreadable, "filter returned failure during read"). Without a reader the lock is
+    taken as before: a reader is refused while the daemon writes the file, as HDF5 means it to be."""
     try:
-        return h5py.File(path, "r+")
+        return h5py.File(path, "r+"), None
     except BlockingIOError as exc:
-        try:
-            with h5py.File(path, "r"):  # a shared lock is granted beside readers only
-                pass
-        except BlockingIOError as probe:
-            raise SpoolInUse(path, probe) from exc
+        share = _share_lock(path)  # SpoolInUse: the holder is a writer
         log.warning("another process has %s open (%s): opened for writing without HDF5's file lock; "
                     "that reader may see the file change under it", path, exc.strerror or exc)
-        return h5py.File(path, "r+", locking=False)
+        try:
+            return h5py.File(path, "r+", locking=False), share
+        except BaseException:
+            if share is not None:
+                share.close()
+            raise
+
+
+def mark_status(path: Path, status: str) -> None:
+    """Write the final ``status`` of a closed spool file (finished, aborted, failed). Beside a
+    reader's shared lock it is written without HDF5's lock, under a shared lock of the daemon's
+    (as :func:`open_for_writing`); beside a writer (HDF5's exclusive lock) it is not written:
+    :class:`SpoolInUse` — the attribute written beside an operator's ``h5py.File(path, "r+")``,
+    even one that wrote nothing, was lost or made unreadable at that program's close ("len not
+    positive after adjustment for EOA": it wrote back the file's end address as it knew it)."""
+    share = None
+    try:
+        f = h5py.File(path, "r+")
+    except BlockingIOError:
+        share = _share_lock(path)  # SpoolInUse: the holder is a writer
+        f = h5py.File(path, "r+", locking=False)
+    try:
+        with f:
+            f.attrs["status"] = status
+    finally:
+        if share is not None:
+            share.close()
 
 
 class SpoolWriter:
     """Appends frames of one scan; every :meth:`append` is on disk (flushed) when it returns."""
 
     def __init__(self, path: Path, file: h5py.File, fsync: bool = False, reserve_bytes: int = 0,
-                 journal: Journal | None = None, journal_only: bool = True) -> None:
+                 journal: Journal | None = None, journal_only: bool = True,
+                 share_lock: BinaryIO | None = None) -> None:
         self.path = path
         self._f = file
+        #: the shared lock held while ``file`` is open without HDF5's (open_for_writing)
+        self._share_lock = share_lock
         self._fsync = fsync
         #: every write of an append is recorded here before the append counts as received
         #: (journal.py); None: a file being rebuilt from its journal
@@ -462,14 +510,14 @@ class SpoolWriter:
             journal.write({"op": "base", "image": True}, [image])
             if fsync:
                 fsync_path(path.parent)
-            f = open_for_writing(path)
+            f, share = open_for_writing(path)
         except BaseException:
             if journal is not None:
                 journal.close()
                 journal.path.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
             raise
-        return cls(path, f, fsync, reserve_bytes, journal, journal_only)
+        return cls(path, f, fsync, reserve_bytes, journal, journal_only, share)
 
     @classmethod
     def reopen(cls, path: str | Path, fsync: bool = False, reserve_bytes: int = 0,
@@ -487,7 +535,10 @@ class SpoolWriter:
             jpath.unlink(missing_ok=True)  # no base record: it holds nothing received
             journal = Journal.create(jpath, fsync)
             try:
-                journal.write(*_in_place_base(path))
+                try:
+                    journal.write(*_in_place_base(path))
+                except BlockingIOError as exc:  # (a reader's shared lock lets it read)
+                    raise SpoolInUse(path, exc) from exc
                 if fsync:
                     fsync_path(path.parent)
             except BaseException:
@@ -503,9 +554,14 @@ class SpoolWriter:
                 raise
         f = None
         try:
-            f = open_for_writing(path)
-            writer = cls(path, f, fsync, reserve_bytes, journal, journal_only)
-            writer._truncate(writer.count)
+            f, share = open_for_writing(path)
+            try:
+                writer = cls(path, f, fsync, reserve_bytes, journal, journal_only, share)
+                writer._truncate(writer.count)
+            except BaseException:
+                if share is not None:
+                    share.close()
+                raise
         except BaseException:
             journal.close()
             if f is not None:
@@ -1377,12 +1433,21 @@ class SpoolWriter:
         the file's descriptor and HDF5's lock on it stayed with the daemon until it exited."""
         journal, self._journal = self._journal, None
         try:
-            self._f.close()
+            self._close_file()
         except Exception:  # the journal is closed all the same; the caller reports the close's error
             log.exception("spool %s: closing the file after its close failed", self.path.name)
         finally:
             if journal is not None:
                 journal.close()
+
+    def _close_file(self) -> None:
+        """Close the HDF5 file, then let go of the shared lock held for it (open_for_writing)."""
+        try:
+            self._f.close()
+        finally:
+            share, self._share_lock = self._share_lock, None
+            if share is not None:
+                share.close()
 
     def set_options(self, options: dict[str, Any]) -> None:
         """Replace the scan's option overrides in its header (``/scan`` attr ``json``: what a
@@ -1456,7 +1521,7 @@ class SpoolWriter:
         except BaseException:
             self._let_go()
             raise
-        self._f.close()
+        self._close_file()
         journal, self._journal = self._journal, None
         if journal is None or journal.closed:
             return

@@ -236,39 +236,65 @@ class ErrorLogLimiter:
     ``field``) in full, then their number, with the last one's text, at most once every
     ``window_s`` (call :meth:`flush` now and then, and with ``force`` at the end). A kind that
     stayed quiet for a window is logged in full again. Counting each one is the caller's.
-    ``key`` must take few values: each kind is remembered for good."""
+
+    With ``max_kinds`` (a key the sender makes up, such as a scan id), a new kind beyond that
+    many first forgets those that stayed quiet for a window, and where none did is counted under
+    one kind of its own (:data:`OTHER`): a sender inventing keys floods the log no more than
+    ``max_kinds`` + 1 lines a window. Without it each kind is remembered for good (``key`` must
+    then take few values). Safe to call from several threads."""
+
+    #: the kind of those beyond ``max_kinds``
+    OTHER = ("other kinds",)
 
     def __init__(self, logger: logging.Logger, prefix: str, window_s: float = 30.0, *,
                  level: int = logging.ERROR,
                  key: Callable[[BaseException], Hashable] | None = None,
-                 extra: Callable[[BaseException], dict[str, Any]] | None = None) -> None:
+                 extra: Callable[[BaseException], dict[str, Any]] | None = None,
+                 max_kinds: int | None = None) -> None:
         self.logger, self.prefix, self.window_s, self.level = logger, prefix, window_s, level
         self._key = key or (lambda exc: (type(exc).__name__, getattr(exc, "field", None)))
         self._extra = extra or (lambda exc: {})
+        self.max_kinds = max_kinds
         #: kind → [start of its window, repeats not logged yet, the last of them]
         self._kinds: dict[Hashable, list] = {}
+        # re-entrant: a log handler that reports an error through this limiter again must not hang
+        self._lock = threading.RLock()
 
     def __call__(self, exc: BaseException) -> None:
         key = self._key(exc)
-        now = time.monotonic()
-        state = self._kinds.get(key)
-        if state is None or (not state[1] and now - state[0] >= self.window_s):
-            self.logger.log(self.level, "%s: %s", self.prefix, exc, extra=self._extra(exc))
-            self._kinds[key] = [now, 0, exc]
-            return
-        state[1] += 1
-        state[2] = exc
-        self.flush()
+        with self._lock:
+            now = time.monotonic()
+            state = self._kinds.get(key)
+            if state is None and self.max_kinds is not None and len(self._kinds) >= self.max_kinds:
+                self._forget_quiet(now)
+                if len(self._kinds) >= self.max_kinds:
+                    key = self.OTHER
+                    state = self._kinds.get(key)
+            if state is None or (not state[1] and now - state[0] >= self.window_s):
+                self._kinds[key] = [now, 0, exc]
+                self.logger.log(self.level, "%s: %s", self.prefix, exc, extra=self._extra(exc))
+                return
+            state[1] += 1
+            state[2] = exc
+            self.flush()
+
+    def _forget_quiet(self, now: float) -> None:
+        """Drop the kinds with nothing to log whose window is over (logged in full if they come again)."""
+        for key in [k for k, (t, n, _) in self._kinds.items() if not n and now - t >= self.window_s]:
+            del self._kinds[key]
 
     def flush(self, force: bool = False) -> None:
         """Log the repeats of every kind whose window is over (``force``: of every kind)."""
-        now = time.monotonic()
-        for state in self._kinds.values():
-            if state[1] and (force or now - state[0] >= self.window_s):
-                self.logger.log(self.level, "%s: %d more like it in the last %.0f s, not logged one by one "
-                                "(the last: %s)", self.prefix, state[1], now - state[0], state[2],
-                                extra={**self._extra(state[2]), "repeats": state[1]})
-                state[0], state[1] = now, 0
+        with self._lock:
+            now = time.monotonic()
+            for state in list(self._kinds.values()):
+                if state[1] and (force or now - state[0] >= self.window_s):
+                    # counted as logged before the line is written (a handler may call this again)
+                    repeats, since = state[1], now - state[0]
+                    state[0], state[1] = now, 0
+                    self.logger.log(self.level, "%s: %d more like it in the last %.0f s, not logged one by one "
+                                    "(the last: %s)", self.prefix, repeats, since, state[2],
+                                    extra={**self._extra(state[2]), "repeats": repeats})
 
 
 @dataclass
