@@ -482,6 +482,16 @@ class FullBatchObjective:
         #: Without it the result has no "object" key.
         self.want_object = True
 
+    def move_to(self, batch: Batch) -> None:
+        """The objective at new positions (a batch of the same size). The batches are replaced
+        by a new list, never changed in place: the line model's cached far fields and shifted
+        probes are matched to the list by identity (line_model.py), and CG goes on from the
+        same object and probe arrays after a position update."""
+        if batch.size != sum(sl.stop - sl.start for sl in self.slices):
+            raise ValueError(f"the positions moved to number {batch.size}, the objective has "
+                             f"{sum(sl.stop - sl.start for sl in self.slices)}")
+        self.batches = [_sub_batch(batch, sl) for sl in self.slices]
+
     def _truncation_sums(self, t: Any, psi: Any) -> tuple[float, float, float] | None:
         """Scan-wide truncation statistics. With several chunks they need a pass of their own
         (one extra forward FFT per position), so that chunking never changes the result."""
@@ -648,7 +658,7 @@ def refine_full_batch(
                 raise ValueError(f"between() moved {moved.size} positions, the scan has {batch.size}")
             # minimize reads the preconditioner's dict at every iteration: the new one is used
             # from the restart on
-            fun.batches = [_sub_batch(moved, sl) for sl in fun.slices]
+            fun.move_to(moved)
             precond["object"] = object_precond(moved, x["probe"])
             if opts.lowfreq_boost > 1:  # (as built before CG: a position update keeps the boost)
                 precond["object"] = LowFrequencyPreconditioner(precond["object"], probe_cutoff(x["probe"]),

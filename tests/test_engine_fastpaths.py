@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from cryoptycho.gpu import likelihood, line_model, operators
-from cryoptycho.gpu.backend import to_numpy
+from cryoptycho.gpu.backend import array_module, to_numpy
 from cryoptycho.gpu.cg import _Direct, minimize
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.reconstruct import FullBatchObjective
@@ -127,6 +127,38 @@ def test_line_model_matches_direct_evaluations(full_batch, keys, speculate):
     fresh = line_model.full_batch_line(fun, x_next, d, keys)
     assert fresh.reuses == 0
     assert carried.value(0.7)[0] == pytest.approx(fresh.value(0.7)[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("keys", [{"object"}, {"object", "probe"}])
+def test_line_model_after_a_position_update_is_the_objective_at_the_new_positions(full_batch, keys):
+    """CG goes on from the same object and probe arrays after an accepted position update
+    (refine_full_batch's ``between``): the line model matched its carried far fields and its
+    kept shifted probes by those arrays alone and went on with the old positions' ones — a
+    line whose φ(t) was neither the old objective nor the new one (then CG found no descent,
+    "CG stalled on the truncation rule", or descended the wrong function)."""
+    fun, x, d = full_batch
+    xp = array_module(x["object"])
+    fun.want_probe = "probe" in keys
+    fun._line_first_accepted = False
+    line = line_model.full_batch_line(fun, x, d, keys)
+    x_next, _, _ = line.point(1.0)  # accepted: its far fields (and the shifted probes) are kept
+    # sub-pixel moves of up to ±0.6 px: new fractions, and windows that change pixel
+    rng = np.random.default_rng(12)
+    moved_px = rng.uniform(0.6, 21.4, (sum(b.size for b in fun.batches), 2))
+    fun.move_to(operators.make_batch(xp.asarray(moved_px), x["object"].shape, x["probe"].shape))
+    after = line_model.full_batch_line(fun, x_next, d, keys)
+    direct = _Direct(fun, x_next, d, keys)
+    for t in (0.0, 0.5, 1.5):
+        f_m, s_m = after.value(t)
+        f_d, s_d = direct.value(t)
+        assert f_m == pytest.approx(f_d, rel=1e-12)
+        assert s_m == pytest.approx(s_d, rel=1e-8, abs=1e-10 * abs(s_d) + 1e-12)
+        _, f_pm, g_m = after.point(t)
+        _, _, g_d = direct.point(t)
+        assert float(f_pm) == pytest.approx(f_d, rel=1e-12)
+        for key in g_d:
+            _close(g_m[key], g_d[key], 1e-9)
+    assert after.reuses == 0  # nothing of the old positions was carried over
 
 
 def test_line_model_refused_beyond_memory_budget(full_batch, monkeypatch):

@@ -158,6 +158,43 @@ def test_the_fresh_evaluation_after_an_update_is_not_started_past_the_budget() -
     assert clock() - t0 <= 8.5
 
 
+def test_cg_goes_on_the_new_objective_after_an_accepted_position_update() -> None:
+    """After the update at iteration 10 moves the positions (to the true ones), CG goes on from
+    the same object and probe arrays, and its line model went on with the far fields and
+    shifted probes of the old positions: the losses it reported from iteration 11 on were not
+    the objective at its iterates (18116 reported at iteration 11, the objective there 17832),
+    and at iteration 21 it found no descent ("CG stalled on the truncation rule", α_h widened
+    for the rest of the run). Now every iteration runs, each reported loss is the objective
+    at its iterate and the current positions, and CG descends it."""
+    from cryoptycho.gpu import reconstruct as rec
+    from cryoptycho.gpu.data import PtychoData
+
+    nominal, true, frames, _truth, _geo, probe = distorted_scan(seed=1, m=32)
+    data = PtychoData(frames=operators.from_fft_order(frames), positions=nominal, energy=ENERGY,
+                      pixel_size=PIXEL, probe=probe.astype(np.complex64))
+    opts = ReconOptions(iterations=30, mu0=1e-3, precision="double", refine_probe=False)
+    problem = rec.prepare(data, opts)
+    geo = problem.geometry
+    moved = operators.make_batch(geo.to_pixels(true), geo.object_shape, geo.probe_shape)
+    iterates = {}
+
+    def move_at_ten(done: int, x):  # type: ignore[no-untyped-def]
+        iterates[done] = dict(x)  # (CG makes new arrays for every point: no copy needed)
+        return moved if done == 10 else None
+
+    stopped: list[str] = []
+    _obj, _probe, losses = rec.refine_full_batch(
+        problem.object, problem.probe, problem.counts_fft, problem.batch, problem.mask, opts, 30,
+        kappa=problem.kappa, probe_power=problem.probe_power, between=move_at_ten, stopped=stopped)
+    before, after = (rec.FullBatchObjective(problem.counts_fft, batch, problem.mask, opts, problem.kappa,
+                                            problem.probe_power) for batch in (problem.batch, moved))
+    for done in range(8, 16):
+        objective = before if done <= 10 else after
+        assert losses[done - 1] == pytest.approx(objective(iterates[done])[0], rel=1e-9), done
+    assert stopped == ["max_iter"] and len(losses) == 30
+    assert all(b <= a for a, b in zip(losses[10:], losses[11:]))  # descent on the new objective
+
+
 def test_stream_refine_counts_its_set_up_against_the_budget():
     """Work done before CG starts (batches, κ, probe power) comes out of the budget: a clock
     that jumps past the budget during the set-up leaves no iteration to run."""
