@@ -227,21 +227,34 @@ def test_bench_runs_both_paths_end_to_end_into_a_daemon() -> None:
         stages["decode_job"] + stages["spool_direct"] + stages["frame_store_reused"], abs=0.2)
 
 
-def test_bench_reports_the_close_of_an_ended_and_of_an_aborted_scan() -> None:
-    """Two rounds take turns: the first ends its scans (the series' end sent), the second stops
-    the daemon with them open; both closes are reported, under different names."""
+@pytest.fixture(scope="module")
+def two_rounds_saturated() -> dict:
+    """One `bench dectris` run into the daemon shared by the two tests below (each of its
+    daemon runs starts a daemon and a detector process): two rounds, the first ending its
+    scans and the second stopping the daemon with them open, the series' start declaring a
+    saturation value of 4000."""
     result = CliRunner().invoke(main, ["bench", "dectris", "--frames", "4", "--seconds", "0.01", "--rounds", "1",
                                        "--case", "sparse", "--no-sockets", "--daemon-frames", "48",
-                                       "--daemon-rounds", "2", "--no-live", "--no-processes", "--json"])
+                                       "--daemon-rounds", "2", "--no-live", "--no-processes",
+                                       "--saturation-value", "4000", "--json"])
     assert result.exit_code == 0, result.output
-    daemon = json.loads(result.output)["cases"]["sparse"]["daemon"]
+    return json.loads(result.output)["cases"]["sparse"]
+
+
+def test_bench_reports_the_close_of_an_ended_and_of_an_aborted_scan(two_rounds_saturated: dict) -> None:
+    """Two rounds take turns: the first ends its scans (the series' end sent), the second stops
+    the daemon with them open; both closes are reported, under different names."""
+    daemon = two_rounds_saturated["daemon"]
     assert set(daemon) == {"bridge_paused", "direct_1_paused", "direct_2_paused"}
     for name, figures in daemon.items():
         assert figures["close_cpu_us_per_frame"] > 0 and figures["close_aborted_cpu_us_per_frame"] > 0
-        assert figures["close_binned_dtype"] == ("uint32" if name == "bridge_paused" else "uint8")
+        # the bridge stores the binned frames in the dtype the declared saturation value allows
+        # (uint32 with none declared: test_bench_runs_both_paths_end_to_end_into_a_daemon); a
+        # direct scan's rows come from its frame store, whose largest count (≤ 255) makes them uint8
+        assert figures["close_binned_dtype"] == ("uint16" if name == "bridge_paused" else "uint8")
 
 
-def test_bench_declares_the_saturation_value_it_is_given() -> None:
+def test_bench_declares_the_saturation_value_it_is_given(two_rounds_saturated: dict) -> None:
     """--saturation-value goes into the series' start: 2×2 bins of counts up to 4000 fit
     uint16 (the frames are binned to it end to end), none declared keeps uint32."""
     from cryoptycho.daemon.bench.dectris import make_series
@@ -250,11 +263,8 @@ def test_bench_declares_the_saturation_value_it_is_given() -> None:
     frames = np.zeros((2, 8, 8), np.uint16)
     assert decode_v2(make_series(frames, saturation_value=4000)[0]).saturation_value == 4000
     assert decode_v2(make_series(frames)[0]).saturation_value is None
-    result = CliRunner().invoke(main, ["bench", "dectris", "--frames", "4", "--seconds", "0.01", "--rounds", "1",
-                                       "--case", "sparse", "--no-sockets", "--daemon-frames", "48",
-                                       "--daemon-rounds", "1", "--no-live", "--no-processes",
-                                       "--saturation-value", "4000", "--json"])
-    assert result.exit_code == 0, result.output
-    row = json.loads(result.output)["cases"]["sparse"]
+    row = two_rounds_saturated  # (the bench run with --saturation-value 4000)
     assert row["binned_dtype"] == "uint16"
     assert all(figures["fps"] > 0 for figures in row["daemon"].values())
+    # end to end: the daemon's spool holds the bridge's binned frames as uint16
+    assert row["daemon"]["bridge_paused"]["close_binned_dtype"] == "uint16"
