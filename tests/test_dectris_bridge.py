@@ -430,7 +430,9 @@ def test_a_daemon_that_never_reads_stops_the_bridge_cleanly_with_the_series_lost
         caplog: pytest.LogCaptureFixture) -> None:
     """Endless back-pressure: the daemon's ingest socket is connected but never read, so the
     producer's send times out. The bridge stops without a traceback (it raised ProducerTimeout)
-    and returns its counters, the series in progress lost by name, and sends nothing more."""
+    and returns its counters, the series in progress lost by name, and sends nothing more.
+    ``frames_sent`` counts the frames the producer took: it counted the frames converted,
+    which on a loaded host (CI) were all 48 before the first send timed out."""
     from cryoptycho.protocols.producer import Producer
 
     ctx = zmq.Context.instance()
@@ -762,3 +764,29 @@ def test_a_daemon_that_reads_nothing_costs_the_bridge_at_most_max_held_bytes(
     nxt, _ = _convert(_series(user={"scan": USER_SCAN}, series_id=2, series_unique_id="01NEXT"), BridgeConfig())
     gate.put(nxt[:1])
     assert _next(sock).scan_id == nxt[0].scan_id and gate.pending is not None
+
+
+def test_frames_sent_counts_what_the_producer_took_not_what_was_converted() -> None:
+    """The bridge converts what the detector sent in a burst, then sends it: a daemon that
+    stopped reading left the bridge's summary saying all the converted frames were sent (CI,
+    a loaded host: "frames_sent=48" of a series the daemon got 4 of)."""
+    from cryoptycho.protocols.dectris.bridge import BridgeStats, dispatch
+    from cryoptycho.protocols.errors import ProducerTimeout
+
+    class Stalled:
+        """A producer whose daemon takes two frame messages, then nothing."""
+
+        scan = "s"
+        taken = 0
+
+        def send_frames(self, data: Any, indices: Any, positions: Any) -> None:
+            if self.taken == 2:
+                raise ProducerTimeout("the daemon took no message for 0.5 s")
+            self.taken += 1
+
+    messages = [Frames("s", np.arange(3 * k, 3 * k + 3, dtype=np.uint32), np.zeros((3, 4, 4), np.uint16), None)
+                for k in range(5)]
+    stats = BridgeStats()
+    with pytest.raises(ProducerTimeout):
+        dispatch(Stalled(), messages, None, stats)  # type: ignore[arg-type]
+    assert stats.frames_sent == 6

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class BridgeStats:
     series: int = 0
+    #: frames the producer took (sent, or queued in its socket); ``converter["frames_sent"]``:
+    #: frames made into messages, which on a busy host run ahead of the sends
     frames_sent: int = 0
     decode_errors: int = 0
     rejected_images: dict[str, int] = field(default_factory=dict)
@@ -167,7 +169,6 @@ def run_bridge(
             # producer unstalled, and its close would wait out the send timeout again)
             prod.close(linger_s=0.0 if gave_up else None)
     stats.series = converter.stats["series"]
-    stats.frames_sent = converter.stats["frames_sent"]
     stats.decode_errors = receiver.decode_errors
     stats.rejected_images = dict(converter.rejected)
     stats.converter = dict(converter.stats)
@@ -469,6 +470,7 @@ def dispatch(producer: Producer, messages: list[IngestMessage], converter: Serie
                 producer.start_scan(msg)
             elif isinstance(msg, Frames):
                 producer.send_frames(msg.data, msg.indices, msg.positions_m)
+                stats.frames_sent += len(msg.indices)
             elif isinstance(msg, ScanEnd):
                 producer.end_scan(msg.frame_count)
             else:
