@@ -588,6 +588,9 @@ def test_stream_v1_images_arrive_and_their_detector_frames_are_kept(service) -> 
     user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, 20], "step_m": [2e-10, 2e-10]},
                            "detector_pixel_angle_rad": ANGLE, "scan_id": "direct-v1"}}
     messages = list(v1_messages(SimSeries(frames, compression="bslz4", user_data=user)))
+    # kept once reconstructed: a fast host finished the scan, and deleted its spool, before
+    # the stop below (only the default refinement's length kept the file here till then)
+    service.service.config.keep_spool = True
     source, stats = _run(service, messages, version=1, channel=None)  # V1 has one, unnamed
     assert stats.frames_sent == 20 and source.decoder.decoded == 20
     _ended(service, "direct-v1-series1")
