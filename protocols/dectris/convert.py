@@ -17,11 +17,17 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
-from scipy import constants
 
 from ..messages import Abort, Frames, ProbeModelSpec, ScanEnd, ScanStart
 from .binning import FrameReducer, binned_side, saturation_threshold
-from .header import check_header, electron_energy
+from .header import (
+    ELECTRON_MASS_KG,
+    ELEMENTARY_CHARGE_C,
+    LIGHT_M_S,
+    PLANCK_J_S,
+    check_header,
+    electron_energy,
+)
 from .receiver import SeriesTracker
 from .scan import PositionList, ProbeSpec, RasterSpec, ScanDescription, scan_description
 from .schema import DectrisError, HeaderError, Image, Message, SeriesEnd, SeriesStart
@@ -512,8 +518,8 @@ class SeriesConverter:
         if probe.shape != (m, m):
             raise HeaderError("probe_file", f"probe_file {cfg.probe_file} is {probe.shape[0]}×{probe.shape[1]}, "
                               f"the frames {m}×{m} (crop {reducer.window}, bin {reducer.bin})")
-        lam = constants.h * constants.c / math.sqrt(
-            plan.energy_ev * constants.e * (2 * constants.m_e * constants.c**2 + plan.energy_ev * constants.e))
+        e = plan.energy_ev * ELEMENTARY_CHARGE_C
+        lam = PLANCK_J_S * LIGHT_M_S / math.sqrt(e * (2 * ELECTRON_MASS_KG * LIGHT_M_S**2 + e))
         sampling = lam / (m * plan.angle_rad * reducer.bin)
         if pixel is not None and abs(pixel - sampling) > 1e-3 * sampling:
             raise HeaderError("probe_file", f"probe_file {cfg.probe_file} is sampled at {pixel:.4g} m/px, "

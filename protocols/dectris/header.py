@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from scipy import constants
-
 from .schema import SeriesStart
+
+#: CODATA 2018, as the engine's (gpu/geometry.py; h, c and e exact in the SI): importing
+#: scipy.constants for them took ~0.1 s of every daemon and bridge start
+PLANCK_J_S, LIGHT_M_S, ELEMENTARY_CHARGE_C, ELECTRON_MASS_KG = 6.62607015e-34, 299792458.0, 1.602176634e-19, 9.1093837015e-31
 
 #: beam energies of transmission electron microscopes (30–300 keV) with a margin; a header energy,
 #: or the electron energy of a header wavelength, outside this is taken for an X-ray setting
@@ -25,11 +27,11 @@ def electron_energy(wavelength_m: float | None) -> float | None:
     """Beam energy (eV) of electrons of de Broglie wavelength λ (relativistic)."""
     if wavelength_m is None or not math.isfinite(wavelength_m) or wavelength_m <= 0:
         return None
-    mc2 = constants.m_e * constants.c**2
-    pc = constants.h * constants.c / wavelength_m
+    mc2 = ELECTRON_MASS_KG * LIGHT_M_S**2
+    pc = PLANCK_J_S * LIGHT_M_S / wavelength_m
     # hypot, not sqrt(mc2**2 + pc**2): a float's ** raises OverflowError for a header wavelength
     # below ~1e-160 m (hypot gives inf, which the plausibility check refuses by name)
-    return float((math.hypot(mc2, pc) - mc2) / constants.e)
+    return float((math.hypot(mc2, pc) - mc2) / ELEMENTARY_CHARGE_C)
 
 
 def _plausible_energy(energy_eV: float) -> bool:
