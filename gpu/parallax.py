@@ -83,6 +83,7 @@ Two surrogates (``noise_draws``) cost 4 n trial probes, a few per cent of the fi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import threading
@@ -132,6 +133,10 @@ class ParallaxFit:
     #: eᵀ Σ⁻¹ e of the four entries (Σ their posterior covariance): ≈ χ² with 4 degrees of
     #: freedom when the nominal scan is right
     scan_significance: float = 0.0
+    #: the p-value of :attr:`significance` under the null of the whole search, from refitted
+    #: surrogates (``estimate_aberrations(null_draws=…)``, module docstring "The search's
+    #: null"); a lower bound once it is above the level asked; None: not measured
+    null_p_value: float | None = None
 
     @property
     def gain(self) -> float:
@@ -145,6 +150,11 @@ class ParallaxFit:
 
         dof = max(len(self.coefficients), 1)
         return self.significance > float(chi2.ppf(confidence, dof))
+
+    def passes_null(self, confidence: float) -> bool:
+        """Whether the search's null (:attr:`null_p_value`) rejects the nominal probe at
+        ``confidence``; True where it was not measured (the χ² test alone decides)."""
+        return self.null_p_value is None or self.null_p_value <= (1.0 - confidence) * (1.0 + 1e-9)
 
     def scan_rejects_nominal(self, confidence: float) -> bool:
         """Whether the data reject the nominal scan matrix at ``confidence`` (χ², 4 degrees of
@@ -197,6 +207,8 @@ class ParallaxFit:
                    parallax_curvature_significance=float(self.curvature_significance),
                    parallax_applied=float(bool(applied)),
                    parallax_frames=float(frames), parallax_log_likelihood_gain=float(self.log_likelihood_gain))
+        if self.null_p_value is not None:
+            out["parallax_null_p_value"] = float(self.null_p_value)
         if confidence is not None:
             from scipy.stats import chi2
 
@@ -379,6 +391,7 @@ class BrightFieldModel:
         self.q = qi * spacing  #: (Nq, 2) object frequencies, 1/m
         #: (K, Nk) each pattern's bright-field counts less their mean over the scan
         self.centred = (counts - mean[None]).astype(rdt)
+        self.mean_counts = mean  #: (Nk,) the bright-field counts' mean over the scan
         d = self._fourier_sum(self.centred)
         self.data = d * self.weight[None]  # (Nq, Nk) whitened
         energy_q = to_numpy((self.data.real**2 + self.data.imag**2).sum(axis=1)).astype(np.float64)
@@ -463,6 +476,17 @@ class BrightFieldModel:
         correlations between frequencies (aliases past Nyquist). (Nq, Nk) like :attr:`data`."""
         signs = asarray(rng.choice((-1.0, 1.0), size=(self.centred.shape[0], 1)), self.xp, self.centred.dtype)
         return self._fourier_sum(self.centred * signs) * self.weight[None]
+
+    def counting_surrogate(self, rng: np.random.Generator) -> Any:
+        """Whitened Fourier sums of Gaussian counting noise alone: each pattern's pixel drawn
+        with its Poisson variance (the count itself). Unlike :meth:`noise_surrogate` it holds
+        nothing of the object's pattern-to-pattern variation, which a wrong probe shapes (a
+        refit of sign-flipped deviations found the preset's probe error again, χ² above the
+        data's 1,100 at 10⁵ counts). (Nq, Nk) like :attr:`data`."""
+        xp = self.xp
+        variance = xp.maximum(self.centred + self.mean_counts[None], 0.0)
+        draw = asarray(rng.standard_normal(self.centred.shape), xp, self.centred.dtype)
+        return self._fourier_sum(xp.sqrt(variance) * draw) * self.weight[None]
 
     def projected(self, coefficients: np.ndarray, scan: np.ndarray | None = None,
                   data: Any | None = None, fitted: bool = False) -> Any:
@@ -689,7 +713,7 @@ def estimate_aberrations(
     max_frequency: float | None = None, fft_order: bool = False, cancel: threading.Event | None = None,
     start: dict[str, float] | None = None, scan: bool = False, scan_prior_rms: float = 0.03,
     nyquist_fraction: float = 0.9, max_frequencies: int | None = None, aliases: bool = False,
-    noise_draws: int = 2,
+    noise_draws: int = 2, null_draws: int = 0, null_confidence: float = 0.95,
 ) -> ParallaxFit:
     """The aberrations of the true probe relative to ``probe`` (the nominal one), from the
     bright-field disc of every pattern (module docstring).
@@ -720,7 +744,11 @@ def estimate_aberrations(
     its aliases up to ``nyquist_fraction`` × Nyquist in one least squares (the alias-aware fit,
     module docstring): every count combination is used once, so the χ² significance stays
     calibrated past Nyquist; ValueError on a scan that is no lattice. ``noise_draws``: surrogates
-    of the data the gate's covariance is measured on (module docstring, "The gate")."""
+    of the data the gate's covariance is measured on (module docstring, "The gate").
+    ``null_draws``: when the fit's :attr:`ParallaxFit.significance` rejects the nominal probe at
+    ``null_confidence``, refit up to this many null surrogates of the data (the nominal probe's
+    fitted signal plus sign-flipped pattern deviations) with the whole search, and set
+    :attr:`ParallaxFit.null_p_value` (this docstring, below; MEASUREMENTS.md, "The two parallax gates' family-wise rate"); 0: none."""
     names = tuple(names)
     if not names:
         raise ValueError("the parallax fit needs at least one aberration coefficient")
@@ -728,9 +756,58 @@ def estimate_aberrations(
         raise ValueError(f"noise_draws must be at least 1, got {noise_draws!r}")
     if prior_rms_m is not None and not prior_rms_m > 0:
         raise ValueError(f"prior_rms_m must be positive metres or None, got {prior_rms_m!r}")
+    if null_draws < 0:
+        raise ValueError(f"null_draws must be 0 or more, got {null_draws!r}")
     model = BrightFieldModel(frames, positions_m, probe, pixel_size, energy_ev, mask, names, max_frequency,
                              fft_order=fft_order, nyquist_fraction=nyquist_fraction,
                              max_frequencies=max_frequencies, aliases=aliases)
+    fit = _fit_model(model, names, search_range_m, prior_rms_m, cancel, start, scan, scan_prior_rms, noise_draws)
+    if null_draws and fit.rejects_nominal(null_confidence):
+        fit.null_p_value, extra = _search_null(model, fit, names, search_range_m, prior_rms_m, cancel, scan,
+                                               scan_prior_rms, noise_draws, null_draws, null_confidence)
+        fit.evaluations += extra
+    return fit
+
+
+def _search_null(model: BrightFieldModel, fit: ParallaxFit, names: tuple[str, ...], search_range_m: float,
+                 prior_rms_m: float | None, cancel: threading.Event | None, scan: bool, scan_prior_rms: float,
+                 noise_draws: int, draws: int, confidence: float) -> tuple[float, int]:
+    """(p-value, trial probes) of ``fit``'s significance under the null of the whole search
+    (this docstring, below; MEASUREMENTS.md, "The two parallax gates' family-wise rate"): (k + 1)/(B + 1) over B = ``draws`` refitted
+    surrogates, k of them at least as significant. The draws stop once k makes the p-value
+    exceed 1 − ``confidence`` whatever the rest find (the null stands; the value returned is
+    then a lower bound, already above the level)."""
+    # the null's data: the nominal probe's fitted signal, its projected noise taken out per
+    # shell (×√(signal share), as the gate's surrogates), plus counting noise drawn at each
+    # count's Poisson variance (the physics of the detector; sign-flipped pattern deviations
+    # carry the object's variation, which a wrong probe shapes, and refits of them found the
+    # probe error again); a seed of its own, so that the decision repeats
+    n = len(names)
+    signal = model.projected(np.zeros(n), None, fitted=True) * asarray(
+        np.sqrt(model.q_weight)[:, None], model.xp, real_of(model.cdt))
+    rng = np.random.default_rng(1)
+    alpha = 1.0 - confidence
+    exceed, spent = 0, 0
+    for b in range(draws):
+        if cancel is not None and cancel.is_set():
+            raise FitCancelled("the parallax fit was cancelled")
+        surrogate = copy.copy(model)
+        surrogate.data = signal + model.counting_surrogate(rng)
+        surrogate.evaluations = 0
+        refit = _fit_model(surrogate, names, search_range_m, prior_rms_m, cancel, None, scan, scan_prior_rms,
+                           noise_draws)
+        spent += surrogate.evaluations
+        exceed += refit.significance >= fit.significance
+        if (exceed + 1) / (draws + 1) > alpha * (1.0 + 1e-9):  # (1/5 against 1 − 0.8 in floats)
+            return (exceed + 1) / (b + 2), spent
+    return (exceed + 1) / (draws + 1), spent
+
+
+def _fit_model(model: BrightFieldModel, names: tuple[str, ...], search_range_m: float, prior_rms_m: float | None,
+               cancel: threading.Event | None, start: dict[str, float] | None, scan: bool, scan_prior_rms: float,
+               noise_draws: int) -> ParallaxFit:
+    """:func:`estimate_aberrations`' search, gate and record on ``model`` (its data, or a
+    surrogate's in their place)."""
     n = len(names)
     unit = 1e-9  # search in nanometres
     x0 = np.zeros(n)
