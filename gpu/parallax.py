@@ -489,9 +489,10 @@ class BrightFieldModel:
     def counting_surrogate(self, rng: np.random.Generator) -> Any:
         """Whitened Fourier sums of Gaussian counting noise alone: each pattern's pixel drawn
         with its Poisson variance (the count itself). Unlike :meth:`noise_surrogate` it holds
-        nothing of the object's pattern-to-pattern variation, which a wrong probe shapes (a
-        refit of sign-flipped deviations found the preset's probe error again, χ² above the
-        data's 1,100 at 10⁵ counts). (Nq, Nk) like :attr:`data`."""
+        nothing of the object's pattern-to-pattern variation, which at high counts dominates
+        the sign-flipped deviations (refits of those on synthetic scans with the probe right
+        gave χ² 2.7–14.6 at 10⁵ counts where the data gave 0.3: a null too wide, which would
+        cost power where the dose is high). (Nq, Nk) like :attr:`data`."""
         xp = self.xp
         variance = xp.maximum(self.centred + self.mean_counts[None], 0.0)
         draw = asarray(rng.standard_normal(self.centred.shape), xp, self.centred.dtype)
@@ -788,9 +789,9 @@ def _search_null(model: BrightFieldModel, fit: ParallaxFit, names: tuple[str, ..
     then a lower bound, already above the level)."""
     # the null's data: the nominal probe's fitted signal, its projected noise taken out per
     # shell (×√(signal share), as the gate's surrogates), plus counting noise drawn at each
-    # count's Poisson variance (the physics of the detector; sign-flipped pattern deviations
-    # carry the object's variation, which a wrong probe shapes, and refits of them found the
-    # probe error again); a seed of its own, so that the decision repeats
+    # count's Poisson variance (the detector's physics; sign-flipped pattern deviations also
+    # carry the object's pattern-to-pattern variation, too wide a null at high counts:
+    # BrightFieldModel.counting_surrogate); a seed of its own, so that the decision repeats
     n = len(names)
     signal = model.projected(np.zeros(n), None, fitted=True) * asarray(
         np.sqrt(model.q_weight)[:, None], model.xp, real_of(model.cdt))
