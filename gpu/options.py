@@ -387,8 +387,11 @@ class ReconOptions(_Strict):
     as significant (p = (k + 1)/(B + 1); 19 at 0.95: none may be). The χ² gate's sandwich is
     measured at the estimate, where a noise peak is more sharply curved than the truth: with
     the probe right it opened on 10 of 47 synthetic scans at ~1 count a bright-field pixel
-    (MEASUREMENTS.md, "The two parallax gates' family-wise rate"). Costs a fit per surrogate where the χ² opens,
-    stopping at the first surrogate as significant as the data; 0: the χ² gate alone."""
+    (MEASUREMENTS.md, "The two parallax gates' family-wise rate"); with 19 it opened on 0 of
+    20 fresh ones (6 without), kept hemoglobin s0 and the proteasome at 100 e⁻/Å² but lost
+    hemoglobin s1 at 100 (χ² 7.86, p 0.15), hence opt-in. Costs a fit per surrogate where the
+    χ² opens (hemoglobin, proteasome: 82–86 s CPU against 4–7 s), stopping at the first
+    surrogate as significant as the data; 0: the χ² gate alone."""
 
     parallax_aliases: bool = False
     """On a raster scan, the parallax fit models each object frequency of one reciprocal cell of

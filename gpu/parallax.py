@@ -84,8 +84,8 @@ The search's null (``null_draws``, opt-in through ``parallax_null_draws``). The 
 measured at the estimate, and at ~1 count a bright-field pixel a noise peak is more sharply
 curved than the truth: with the probe right the χ² gate opened on 10 of 47 synthetic scans at
 10³ counts a pattern. Where it opens, B surrogates of the data under the nominal probe (its
-fitted signal, shrunk per shell as above, plus Gaussian counting noise at each count's
-Poisson variance) are refitted with the whole search and gated the same way; the fit stands
+fitted signal, shrunk per shell as above, plus sign-flipped pattern deviations) are refitted
+with the whole search and gated the same way; the fit stands
 at p = (k + 1)/(B + 1) ≤ α, k the surrogates at least as significant (MEASUREMENTS.md, "The
 two parallax gates' family-wise rate").
 """
@@ -400,7 +400,6 @@ class BrightFieldModel:
         self.q = qi * spacing  #: (Nq, 2) object frequencies, 1/m
         #: (K, Nk) each pattern's bright-field counts less their mean over the scan
         self.centred = (counts - mean[None]).astype(rdt)
-        self.mean_counts = mean  #: (Nk,) the bright-field counts' mean over the scan
         d = self._fourier_sum(self.centred)
         self.data = d * self.weight[None]  # (Nq, Nk) whitened
         energy_q = to_numpy((self.data.real**2 + self.data.imag**2).sum(axis=1)).astype(np.float64)
@@ -485,18 +484,6 @@ class BrightFieldModel:
         correlations between frequencies (aliases past Nyquist). (Nq, Nk) like :attr:`data`."""
         signs = asarray(rng.choice((-1.0, 1.0), size=(self.centred.shape[0], 1)), self.xp, self.centred.dtype)
         return self._fourier_sum(self.centred * signs) * self.weight[None]
-
-    def counting_surrogate(self, rng: np.random.Generator) -> Any:
-        """Whitened Fourier sums of Gaussian counting noise alone: each pattern's pixel drawn
-        with its Poisson variance (the count itself). Unlike :meth:`noise_surrogate` it holds
-        nothing of the object's pattern-to-pattern variation, which at high counts dominates
-        the sign-flipped deviations (refits of those on synthetic scans with the probe right
-        gave χ² 2.7–14.6 at 10⁵ counts where the data gave 0.3: a null too wide, which would
-        cost power where the dose is high). (Nq, Nk) like :attr:`data`."""
-        xp = self.xp
-        variance = xp.maximum(self.centred + self.mean_counts[None], 0.0)
-        draw = asarray(rng.standard_normal(self.centred.shape), xp, self.centred.dtype)
-        return self._fourier_sum(xp.sqrt(variance) * draw) * self.weight[None]
 
     def projected(self, coefficients: np.ndarray, scan: np.ndarray | None = None,
                   data: Any | None = None, fitted: bool = False) -> Any:
@@ -788,10 +775,11 @@ def _search_null(model: BrightFieldModel, fit: ParallaxFit, names: tuple[str, ..
     exceed 1 − ``confidence`` whatever the rest find (the null stands; the value returned is
     then a lower bound, already above the level)."""
     # the null's data: the nominal probe's fitted signal, its projected noise taken out per
-    # shell (×√(signal share), as the gate's surrogates), plus counting noise drawn at each
-    # count's Poisson variance (the detector's physics; sign-flipped pattern deviations also
-    # carry the object's pattern-to-pattern variation, too wide a null at high counts:
-    # BrightFieldModel.counting_surrogate); a seed of its own, so that the decision repeats
+    # shell (×√(signal share), as the gate's surrogates), plus sign-flipped pattern deviations:
+    # the counting noise and the jitter-scattered signal the model does not hold (counting
+    # noise alone, drawn at each count's Poisson variance, let 2 of 20 jittered 10³-count scans
+    # through where these let none; at high counts these also carry the object's incoherent
+    # variation, a null on the safe side); a seed of its own, so that the decision repeats
     n = len(names)
     signal = model.projected(np.zeros(n), None, fitted=True) * asarray(
         np.sqrt(model.q_weight)[:, None], model.xp, real_of(model.cdt))
@@ -802,7 +790,7 @@ def _search_null(model: BrightFieldModel, fit: ParallaxFit, names: tuple[str, ..
         if cancel is not None and cancel.is_set():
             raise FitCancelled("the parallax fit was cancelled")
         surrogate = copy.copy(model)
-        surrogate.data = signal + model.counting_surrogate(rng)
+        surrogate.data = signal + model.noise_surrogate(rng)
         surrogate.evaluations = 0
         refit = _fit_model(surrogate, names, search_range_m, prior_rms_m, cancel, None, scan, scan_prior_rms,
                            noise_draws)
