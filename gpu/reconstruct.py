@@ -207,7 +207,17 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
                                     mask=data.mask, names=tuple(opts.parallax_aberrations),
                                     search_range_m=opts.parallax_range_m, scan=opts.parallax_scan,
                                     scan_prior_rms=opts.parallax_scan_prior,
-                                    nyquist_fraction=reach, aliases=opts.parallax_aliases)
+                                    nyquist_fraction=reach, aliases=opts.parallax_aliases,
+                                    null_draws=null_draws, null_confidence=opts.parallax_confidence)
+
+    # the search's null costs a fit per surrogate: offline only, as the wide fit (a time
+    # budget's count starts after the fits)
+    null_draws = opts.parallax_null_draws if auto and opts.time_budget_s is None else 0
+
+    def rejects(f: ParallaxFit, confidence: float) -> bool:
+        """The gate: the χ² test at ``confidence``, and where the search's null was measured
+        (``parallax_null_draws``) its p-value at ``parallax_confidence``'s α as well."""
+        return f.rejects_nominal(confidence) and f.passes_null(opts.parallax_confidence)
 
     reach = opts.parallax_reach
     wide_record: dict[str, float] = {}
@@ -221,19 +231,19 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
         # ribosome: 168 s of CPU), before the budget's clock starts, which the budget promises
         if (auto and wide is not None and wide > reach and not opts.parallax_scan
                 and opts.time_budget_s is None
-                and not fit.rejects_nominal(decisive_confidence(opts.parallax_confidence))
+                and not rejects(fit, decisive_confidence(opts.parallax_confidence))
                 and _wide_fit_holds(probe, positions, data.real_pixel_size)):
             # One test decides, the wide fit's (its frequencies include the first's): two gates
             # in a row, each at parallax_confidence, opened on 17 of 82 synthetic scans whose
             # probe was right. The first fit decides alone only when decisive, at 1/50 of the
             # test's α: the family-wise rate is at most α (1 + 1/50) (MEASUREMENTS.md, "The two
             # parallax gates' family-wise rate")
-            first_rejects = fit.rejects_nominal(opts.parallax_confidence)
+            first_rejects = rejects(fit, opts.parallax_confidence)
             log.info("parallax fit at reach %g %s (χ² %.1f): fitting at reach %g", reach,
                      "not decisive" if first_rejects else "not significant", fit.significance, wide)
             wider = fit_at(wide)
             wide_record = {"parallax_wide_significance": float(wider.significance)}
-            if wider.rejects_nominal(opts.parallax_confidence):
+            if rejects(wider, opts.parallax_confidence):
                 if not first_rejects:  # else the first fit's estimate, now confirmed
                     fit, reach, wide_record = wider, wide, {}
             else:
@@ -262,7 +272,7 @@ def _parallax_applied(probe: Any, data: PtychoData, opts: ReconOptions,
     used = fit.scan_positions(positions) if scan_applies else positions
     if not any(fit.coefficients.values()):
         return probe, {**fit.record(False, frames, confidence), **scan_record, **reach_record}, used
-    if auto and (unconfirmed or not fit.rejects_nominal(opts.parallax_confidence)):
+    if auto and (unconfirmed or not rejects(fit, opts.parallax_confidence)):
         log.info("parallax fit not significant (χ² %.1f for %d coefficients%s): the nominal probe is kept",
                  fit.significance, len(fit.coefficients),
                  ", not confirmed by the wide fit" if unconfirmed else "")

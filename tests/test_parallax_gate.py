@@ -149,3 +149,76 @@ def test_no_wide_fit_on_a_scan_barely_wider_than_the_probe(caplog) -> None:
 
     wider = aberrated_dataset(1e4, {"C10": 20e-9}, 0, 10, m=8)
     assert probe_width(nominal, PIXEL) <= MAX_PROBE_TO_SCAN * scan_width(wider.positions)
+
+
+def _null_scan_at_low_counts():
+    """Seed 210 of tests/measure/parallax_fwer_measure.py: 10³ counts a pattern (~1 count a
+    bright-field pixel), no jitter, the nominal probe exactly right — a scan on which the χ²
+    gate opens (14.5 at reach 0.9; MEASUREMENTS.md, "The search's null")."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "measure"))
+    try:
+        from parallax_fwer_measure import scan
+    finally:
+        sys.path.pop(0)
+    frames, positions, nominal, counts, jitter = scan(210)
+    assert counts == 1e3 and jitter == 0.0
+    return frames, positions, nominal
+
+
+def test_the_search_null_keeps_a_low_count_noise_peak_shut() -> None:
+    """The sandwich is measured at the estimate, where a noise peak is more sharply curved than
+    the truth, so at ~1 count a bright-field pixel the χ² gate opens on a scan whose probe is
+    right. Refitted null surrogates find such peaks as significant: the first already is
+    (18.4 against 14.5), so the draws stop there (p = 2/2) and the null stands."""
+    frames, positions, nominal = _null_scan_at_low_counts()
+    fit = estimate_aberrations(frames, positions, nominal, PIXEL, ENERGY, null_draws=19)
+    assert fit.rejects_nominal(CONFIDENCE), fit.significance  # what the χ² gate alone would apply
+    assert fit.null_p_value == 1.0 and not fit.passes_null(CONFIDENCE), fit.null_p_value
+    assert fit.record(False, len(positions))["parallax_null_p_value"] == fit.null_p_value
+
+
+def test_the_search_null_keeps_a_preset_probe_error() -> None:
+    """The preset's probe error at 10⁵ counts (χ² ≈ 1,100): no refitted null surrogate comes
+    near, so p = 1/(B + 1) (B = 4 at 80 % to keep the test quick; the default's 19 at 95 % asks
+    the same of each draw)."""
+    frames, positions, nominal = _jittered_scan(1e5, PRESET_ERROR, 0)
+    fit = estimate_aberrations(frames, positions, nominal, PIXEL, ENERGY, null_draws=4, null_confidence=0.8)
+    assert fit.null_p_value == pytest.approx(1 / 5) and fit.passes_null(0.8), fit.null_p_value
+    assert abs(fit.coefficients["C10"] - PRESET_ERROR["C10"]) < 3e-9, fit.coefficients
+
+
+def test_null_draws_must_not_be_negative() -> None:
+    frames, positions, nominal = _jittered_scan(None, {}, 0)
+    with pytest.raises(ValueError, match="null_draws"):
+        estimate_aberrations(frames, positions, nominal, PIXEL, ENERGY, null_draws=-1)
+
+
+@pytest.mark.parametrize("null_p, applied", [(None, True), (0.05, True), (0.1, False), (1.0, False)])
+def test_the_gate_applies_a_fit_only_where_the_search_null_rejects(monkeypatch, null_p, applied) -> None:
+    """reconstruct.prepare passes ``parallax_null_draws`` to the fit (offline, no time budget)
+    and applies a χ²-significant fit only where its null p-value is within α; a decisive first
+    fit whose null stands is not decisive (the wide fit is made)."""
+    import cryoptycho.gpu.reconstruct as reconstruct_module
+    from cryoptycho.gpu.parallax import ParallaxFit
+    from cryoptycho.gpu.reconstruct import prepare
+    from engine_helpers import aberrated_dataset
+
+    asked: list[tuple[float, int]] = []
+
+    def fake(*args, nyquist_fraction: float, null_draws: int = 0, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append((nyquist_fraction, null_draws))
+        return ParallaxFit(coefficients={"C10": 5e-9, "C12a": 0.0, "C12b": 0.0},
+                           standard_error={"C10": 1e-9, "C12a": 1e-9, "C12b": 1e-9},
+                           significance=20.0, null_p_value=null_p)
+
+    monkeypatch.setattr(reconstruct_module, "estimate_aberrations", fake)
+    data = aberrated_dataset(1e4, {}, 0, 10)
+    record = prepare(data, {"iterations": 1, "parallax_null_draws": 19}).probe_estimate
+    assert record["parallax_applied"] == applied, record
+    assert asked == ([(0.9, 19)] if applied else [(0.9, 19), (1.8, 19)])
+    asked.clear()
+    prepare(data, {"iterations": 1, "parallax_null_draws": 19, "time_budget_s": 2.0})
+    assert asked == [(0.9, 0)]  # under a time budget no surrogate is refitted

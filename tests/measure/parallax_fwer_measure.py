@@ -9,7 +9,8 @@ through 10³, 10⁴, 10⁵ and its Gaussian jitter through 0 and 0.3 Å (rms per
 Both fits are made on every scan (reach 0.9 and 1.8, the defaults' prior, range and
 coefficients), whatever the first finds, so that any rule combining their χ² can be scored on
 the same fits. Each row: the seed, the scan's counts and jitter, both fits' χ² (``chi2_first``,
-``chi2_wide``, the gate's sandwich significance) and estimates, CPU seconds."""
+``chi2_wide``, the gate's sandwich significance) and estimates, CPU seconds. ``--null-draws B``: also each fit's p-value under the search's null
+(``null_p_first``, ``null_p_wide``: None where its χ² gate stays shut)."""
 
 from __future__ import annotations
 
@@ -54,18 +55,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="200-299", help="first-last")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--counts", type=float, default=None, help="only the seeds at these counts a pattern")
+    ap.add_argument("--null-draws", type=int, default=0,
+                    help="also the search's null (estimate_aberrations(null_draws=…)) where a gate opens")
     a = ap.parse_args()
     first, last = (int(v) for v in a.seeds.split("-"))
     opts = ReconOptions()
     for seed in range(first, last + 1):
+        if a.counts is not None and COUNTS[seed % 3] != a.counts:
+            continue
         frames, positions, nominal, counts, jitter = scan(seed)
         row: dict[str, object] = {"seed": seed, "counts": counts, "jitter_A": jitter * 1e10}
         t = time.process_time()
         for key, reach in (("first", opts.parallax_reach), ("wide", opts.parallax_wide_reach)):
             fit = estimate_aberrations(frames, positions, nominal, PIXEL, ENERGY,
                                        names=tuple(opts.parallax_aberrations),
-                                       search_range_m=opts.parallax_range_m, nyquist_fraction=reach)
+                                       search_range_m=opts.parallax_range_m, nyquist_fraction=reach,
+                                       null_draws=a.null_draws, null_confidence=opts.parallax_confidence)
             row[f"chi2_{key}"] = round(fit.significance, 3)
+            row[f"null_p_{key}"] = fit.null_p_value
             row[f"estimate_{key}_nm"] = {k: round(v * 1e9, 2) for k, v in fit.coefficients.items()}
         row["cpu_s"] = round(time.process_time() - t, 1)
         print(json.dumps(row), flush=True)
