@@ -23,64 +23,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from cryoptycho.daemon.scan import ScanSpec
 from cryoptycho.daemon.storage.spool import SpoolInUse, SpoolWriter, journal_path, read_spool
-
-#: holds the file open in ``mode`` until a line on stdin; then (a writer) sets an attribute and
-#: closes it, as an operator's script would
-_HOLDER = textwrap.dedent("""
-    import sys, h5py
-    try:
-        f = h5py.File(sys.argv[1], sys.argv[2])
-    except BlockingIOError:
-        print("refused", flush=True)
-        sys.exit(0)
-    print("open", flush=True)
-    sys.stdin.readline()
-    if sys.argv[2] == "r+":  # ("a": opened for writing, nothing written, as old h5py's default)
-        f.attrs["operator_note"] = "looked at it"
-    f.close()
-""")
-
-
-@contextmanager
-def held_open(path: Path, mode: str) -> Iterator[None]:
-    """Another process (HDF5's locks are between processes) holding ``path`` open in ``mode``."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), mode], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
-        yield
-    finally:
-        if holder.stdin is not None:
-            holder.stdin.close()  # its readline returns: it closes the file and exits
-        assert holder.wait(30) == 0
-
-
-def _try_open(path: Path, mode: str) -> str:
-    """Whether another process can open ``path`` in ``mode`` now ("open" or "refused")."""
-    out = subprocess.run([sys.executable, "-c", _HOLDER, str(path), mode], input="\n", capture_output=True,
-                         text=True, timeout=60, check=True)
-    return out.stdout.split()[0]
-
-
-def _spool(spool_dir: Path, scan_id: str, status: str) -> Path:
-    spec = ScanSpec(scan_id=scan_id, frame_shape=(16, 16), frame_dtype="uint16", pixel_size_m=1e-10,
-                    energy_eV=300e3, probe=np.ones((16, 16), np.complex64), expected_frames=64)
-    w = SpoolWriter.create(spool_dir, spec)
-    w.append(np.full((5, 16, 16), 7, np.uint16), np.arange(5), np.zeros((5, 2)))
-    if status != "open":
-        w.set_status(status)
-    w.close()
-    return w.path
+from spool_support import held_open, small_spool, try_open
 
 
 @pytest.mark.parametrize("mode", ["r+", "a"])
@@ -91,7 +40,7 @@ def test_a_spool_another_program_holds_for_writing_is_not_written_beside_it(tmp_
     Before: the open case logged "opened for writing without HDF5's file lock" and appended;
     the operator's close then left the frames unreadable; the aborted case raised a bare
     BlockingIOError (an internal error)."""
-    path = _spool(tmp_path, "w", status)
+    path = small_spool(tmp_path, "w", status)
     jpath = journal_path(path)
     journal_before = jpath.read_bytes() if jpath.exists() else None
     with held_open(path, mode):
@@ -139,7 +88,7 @@ def test_cancelling_a_refining_scan_while_an_operator_holds_its_spool_for_writin
 
             wait_for(lambda: state() == "refining", 120, "the scan to refine")
             # its spool is closed once its end was read (the daemon's HDF5 lock let go of)
-            wait_for(lambda: _try_open(path, "r") == "open", 60, "the ended scan's spool to be closed")
+            wait_for(lambda: try_open(path, "r") == "open", 60, "the ended scan's spool to be closed")
             with held_open(path, "r+"):
                 ctl.cancel("refining", reason="wrong sample")
                 wait_for(lambda: state() == "aborted", 60, "the scan to be aborted")
@@ -159,20 +108,20 @@ def test_cancelling_a_refining_scan_while_an_operator_holds_its_spool_for_writin
 
 
 def test_while_the_daemon_writes_beside_a_reader_a_writer_is_refused_and_readers_are_not(tmp_path: Path) -> None:
-    path = _spool(tmp_path, "r", "open")
+    path = small_spool(tmp_path, "r", "open")
     with held_open(path, "r"):
         w = SpoolWriter.reopen(path)  # beside the reader: without HDF5's lock
     try:
         for i in range(5, 40):
             w.append(np.full((1, 16, 16), i, np.uint16), np.array([i]), np.zeros((1, 2)))
-        assert _try_open(path, "r+") == "refused"  # before: opened, and it wrote the file too
-        assert _try_open(path, "r") == "open"  # a reader still may (the file may change under it)
+        assert try_open(path, "r+") == "refused"  # before: opened, and it wrote the file too
+        assert try_open(path, "r") == "open"  # a reader still may (the file may change under it)
     finally:
         w.close()
     got = read_spool(path)
     np.testing.assert_array_equal(got.indices, np.arange(40))
     np.testing.assert_array_equal(got.frames[:, 0, 0], [7] * 5 + list(range(5, 40)))
-    assert _try_open(path, "r+") == "open"  # closed: the lock went with the file
+    assert try_open(path, "r+") == "open"  # closed: the lock went with the file
     with h5py.File(path, "r") as f:
         assert f.attrs["operator_note"] == "looked at it"
 

@@ -4,6 +4,8 @@ post-scan budget covers the half sets and the result file. Time is injected: no 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from cryoptycho.daemon.worker import split_budget
@@ -192,7 +194,7 @@ def test_cg_goes_on_the_new_objective_after_an_accepted_position_update() -> Non
         objective = before if done <= 10 else after
         assert losses[done - 1] == pytest.approx(objective(iterates[done])[0], rel=1e-9), done
     assert stopped == ["max_iter"] and len(losses) == 30
-    assert all(b <= a for a, b in zip(losses[10:], losses[11:]))  # descent on the new objective
+    assert all(b <= a for a, b in itertools.pairwise(losses[10:]))  # descent on the new objective
 
 
 def test_stream_refine_counts_its_set_up_against_the_budget():

@@ -369,12 +369,20 @@ def open_for_writing(path: Path) -> tuple[h5py.File, BinaryIO | None]:
     operator's ``h5py.File(path, "r+")`` that set an attribute while the daemon appended left
     frames unreadable, "filter returned failure during read"). Without a reader the lock is
     taken as before: a reader is refused while the daemon writes the file, as HDF5 means it to be."""
+    f, share = _open_beside_readers(path)
+    if share is not None:
+        log.warning("another process has %s open: opened for writing without HDF5's file lock; "
+                    "that reader may see the file change under it", path)
+    return f, share
+
+
+def _open_beside_readers(path: Path) -> tuple[h5py.File, BinaryIO | None]:
+    """``path`` opened "r+": with HDF5's lock (None), or beside readers without it, under the
+    daemon's shared lock (its handle); :class:`SpoolInUse` beside a writer."""
     try:
         return h5py.File(path, "r+"), None
-    except BlockingIOError as exc:
+    except BlockingIOError:
         share = _share_lock(path)  # SpoolInUse: the holder is a writer
-        log.warning("another process has %s open (%s): opened for writing without HDF5's file lock; "
-                    "that reader may see the file change under it", path, exc.strerror or exc)
         try:
             return h5py.File(path, "r+", locking=False), share
         except BaseException:
@@ -390,12 +398,7 @@ def mark_status(path: Path, status: str) -> None:
     :class:`SpoolInUse` — the attribute written beside an operator's ``h5py.File(path, "r+")``,
     even one that wrote nothing, was lost or made unreadable at that program's close ("len not
     positive after adjustment for EOA": it wrote back the file's end address as it knew it)."""
-    share = None
-    try:
-        f = h5py.File(path, "r+")
-    except BlockingIOError:
-        share = _share_lock(path)  # SpoolInUse: the holder is a writer
-        f = h5py.File(path, "r+", locking=False)
+    f, share = _open_beside_readers(path)
     try:
         with f:
             f.attrs["status"] = status
@@ -535,10 +538,7 @@ class SpoolWriter:
             jpath.unlink(missing_ok=True)  # no base record: it holds nothing received
             journal = Journal.create(jpath, fsync)
             try:
-                try:
-                    journal.write(*_in_place_base(path))
-                except BlockingIOError as exc:  # (a reader's shared lock lets it read)
-                    raise SpoolInUse(path, exc) from exc
+                journal.write(*_in_place_base(path))  # SpoolInUse beside a writer
                 if fsync:
                     fsync_path(path.parent)
             except BaseException:

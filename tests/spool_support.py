@@ -1,0 +1,66 @@
+"""Spool files for tests, and another process holding one open (HDF5's file locks are between
+processes): an operator's h5py, HDFView, a pipeline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from cryoptycho.daemon.scan import ScanSpec
+from cryoptycho.daemon.storage.spool import SpoolWriter
+
+#: holds the file open in ``mode`` (h5py's defaults: a shared lock for "r", exclusive for
+#: "r+"/"a") until a line on stdin; then (a writer) sets an attribute and closes it, as an
+#: operator's script would
+_HOLDER = textwrap.dedent("""
+    import sys, h5py
+    try:
+        f = h5py.File(sys.argv[1], sys.argv[2])
+    except BlockingIOError:
+        print("refused", flush=True)
+        sys.exit(0)
+    print("open", flush=True)
+    sys.stdin.readline()
+    if sys.argv[2] == "r+":  # ("a": opened for writing, nothing written, as old h5py's default)
+        f.attrs["operator_note"] = "looked at it"
+    f.close()
+""")
+
+
+@contextmanager
+def held_open(path: Path, mode: str = "r") -> Iterator[None]:
+    """Another process holding ``path`` open in ``mode`` for the block."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), mode], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        yield
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()  # its readline returns: it closes the file and exits
+        assert holder.wait(30) == 0
+
+
+def try_open(path: Path, mode: str) -> str:
+    """Whether another process can open ``path`` in ``mode`` now ("open" or "refused")."""
+    out = subprocess.run([sys.executable, "-c", _HOLDER, str(path), mode], input="\n", capture_output=True,
+                         text=True, timeout=60, check=True)
+    return out.stdout.split()[0]
+
+
+def small_spool(spool_dir: Path, scan_id: str, status: str) -> Path:
+    """A closed spool of five 16×16 frames of 7 (of 64 expected), with ``status`` ("open":
+    its journal ends "closed", as a scan recovered at a start)."""
+    spec = ScanSpec(scan_id=scan_id, frame_shape=(16, 16), frame_dtype="uint16", pixel_size_m=1e-10,
+                    energy_eV=300e3, probe=np.ones((16, 16), np.complex64), expected_frames=64)
+    w = SpoolWriter.create(spool_dir, spec)
+    w.append(np.full((5, 16, 16), 7, np.uint16), np.arange(5), np.zeros((5, 2)))
+    if status != "open":
+        w.set_status(status)
+    w.close()
+    return w.path
