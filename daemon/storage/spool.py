@@ -52,6 +52,7 @@ from cryoptycho.daemon.storage.journal import (
     journal_path,
     scan_records,
 )
+from cryoptycho.daemon.storage.rawcopy import PENDING_SUFFIX
 from cryoptycho.daemon.storage.readcheck import READ_TIMEOUT_S
 from cryoptycho.protocols.compression import (
     BLOCK_BYTES,
@@ -1938,6 +1939,8 @@ def unfinished_spools(spool_dir: str | Path) -> list[Path]:
     """Spool files whose scan never reached a final state (oldest first)."""
     out = []
     for path in sorted(Path(spool_dir).glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
+        if path.with_name(path.name + PENDING_SUFFIX).exists():
+            continue  # finished: only its result waits for its frames (rawcopy.py)
         if journal_path(path).exists():
             # open, or closed while its scan was: the HDF5 file may need its journal to be read
             out.append(path)
