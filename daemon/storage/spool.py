@@ -51,6 +51,7 @@ from cryoptycho.daemon.storage.journal import (
     iter_records,
     journal_path,
     scan_records,
+    unknown_kind,
 )
 from cryoptycho.daemon.storage.rawcopy import PENDING_SUFFIX
 from cryoptycho.daemon.storage.readcheck import READ_TIMEOUT_S
@@ -986,8 +987,10 @@ class SpoolWriter:
                 raise ValueError(f"its journal keeps unpositioned frames from row {k} on, the file has {at}")
             self._f[DATA][UNPOSITIONED_IDS][k:k + n] = np.frombuffer(next(pieces), np.int64)
             self._replay_writes(header, pieces)
-        elif op not in ("base", "opened", "closed"):
+        elif (unknown := unknown_kind(header)) is not None and not unknown[1]:
+            # (the callers refuse such a journal before applying it: scan_records' ``required``)
             raise ValueError(f"its journal holds an unknown record {op!r}")
+        # else "base", "opened", "closed", or a newer build's optional record: nothing to apply
 
     def _apply(self, records: Iterable[Record]) -> None:
         """Apply journal records to this file in order (a rebuild; a journal-only spool brought up
@@ -1603,6 +1606,8 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
         return None, None  # cut short while the spool was created: no frame was received
     if scan.last is not None and scan.last.get("op") == "closed":
         return scan.end, None
+    if scan.required is not None:
+        raise ValueError(scan.refusal())
     rebuilt = path.with_name(path.name + ".rebuild")
     rebuilt.unlink(missing_ok=True)
     try:
@@ -1622,7 +1627,8 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
     finally:
         journal.close()
     torn = f"; {scan.why}, dropped (never acknowledged)" if scan.why else ""
-    done = f"rebuilt from its journal ({scan.records} records, {frames} frames{torn})"
+    skipped = f"; {scan.unknown_note()}" if scan.skipped else ""
+    done = f"rebuilt from its journal ({scan.records} records, {frames} frames{torn}{skipped})"
     return journal.path.stat().st_size, done
 
 
@@ -1695,6 +1701,10 @@ def read_spool(path: str | Path, frames: bool = True) -> SpoolContents:
             return _read_checked(path, frames)
         base = scan.first or {}
         if base.get("op") == "base" and (scan.last or {}).get("op") != "closed":
+            if scan.required is not None:
+                raise ValueError(f"{path}: {scan.refusal()}")
+            if scan.skipped:
+                log.warning("spool %s: %s", path, scan.unknown_note())
             with tempfile.TemporaryDirectory(prefix="cryoptycho-spool-") as tmp:
                 copy = Path(tmp) / path.name
                 try:
