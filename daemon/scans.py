@@ -25,8 +25,12 @@ from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
 from cryoptycho.gpu.data import stated_source_size
 from cryoptycho.gpu.engines import memory_estimate
 from cryoptycho.gpu.geometry import implausible_energy
-from cryoptycho.gpu.options import ReconOptions, merge_overrides
-from cryoptycho.gpu.reconstruct import source_modes_in_force, source_size_in_force
+from cryoptycho.gpu.options import (
+    ReconOptions,
+    merge_overrides,
+    source_modes_in_force,
+    source_size_in_force,
+)
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.sources import DetectorFrames, RawChunks
 from pydantic import ValidationError

@@ -280,7 +280,10 @@ class Service:
         self.frame_store_warming = warm_frame_store(self.config.frame_store_warm_bytes)
         # the engine's host FFTs import scipy.fft on first use: 0.2 s inside a daemon's first
         # scan, its frames queueing meanwhile (the first scan stored 1.02-1.15x faster with it
-        # imported before, bench protocol --scan ahead); imported here instead
+        # imported before, bench protocol --scan ahead); imported here instead, and so is the
+        # engine, which the module imports no longer bring (daemon.scans took two option helpers
+        # from it, and with it SciPy's ndimage, which no scan uses)
+        import cryoptycho.gpu.reconstruct  # noqa: F401
         import scipy.fft  # noqa: F401
         self._check_backend()
         ctx = self._ctx
