@@ -1027,6 +1027,8 @@ class ScanManager:
         finally:
             if src is not None:
                 src.close()
+        if src is None:  # (before the journal goes: a kill between them leaves the marker, not a scan to redo)
+            mark_pending(spool_file, session.scan_id, written["result"], self.config.spool_fsync)
         discard_journal(spool_file, self.config.spool_fsync)  # closed, the file holds all of it
         if src is None:
             return self._defer_raw_copy(session, spool_file, written)
@@ -1045,10 +1047,9 @@ class ScanManager:
 
     def _defer_raw_copy(self, session: Session, spool_file: Path, written: dict[str, Path]) -> dict[str, str]:
         """finish_result's end when another program held the spool for writing: the spool kept
-        (it alone holds the frames) with a marker naming the result, for retry_raw_copies or
-        the next start."""
+        (it alone holds the frames) with its marker naming the result (written by then), for
+        retry_raw_copies or the next start."""
         result = written["result"]
-        mark_pending(spool_file, session.scan_id, result, self.config.spool_fsync)
         with self._raw_lock:
             self._raw_pending[session.scan_id] = (spool_file, result)
         message = (f"result {result} written without its raw frames (/raw): the spool {spool_file.absolute()} is "
@@ -1087,20 +1088,27 @@ class ScanManager:
                 else:
                     log.info("raw frames of spool %s copied into result %s (the program holding the spool let go)",
                              spool_file, result, extra={"scan_id": scan_id})
-                    self._retire_copied(scan_id, spool_file)
+                    if not self._retire_copied(scan_id, spool_file):
+                        continue  # (held again at once: its mark is tried at the next pass)
                 with self._raw_lock:
                     self._raw_pending.pop(scan_id, None)
         finally:
             with self._raw_lock:
                 self._raw_retrying = False
 
-    def _retire_copied(self, scan_id: str, spool_file: Path) -> None:
-        """A spool whose frames its result now holds: as finish_result retires one."""
+    def _retire_copied(self, scan_id: str, spool_file: Path) -> bool:
+        """A spool whose frames its result now holds: as finish_result retires one. False where
+        its mark could not be written (another program took it for writing again): its marker
+        stays, so that no start recovers it as a scan to reconstruct."""
+        discard_journal(spool_file, self.config.spool_fsync)  # (one a kill inside finish_result left)
         if self.config.keep_spool:
-            self._mark_kept(scan_id, spool_file, "finished")
+            if not self._mark_kept(scan_id, spool_file, "finished", "tried again once that program lets go "
+                                   "(its raw-pending marker stays until then)"):
+                return False
         else:
             spool_file.unlink(missing_ok=True)
         remove_marker(spool_file)
+        return True
 
     def raw_pending(self) -> dict[str, tuple[Path, Path]]:
         with self._raw_lock:
@@ -1220,15 +1228,15 @@ class ScanManager:
                 fsync_path(path)
             discard_journal(path, self.config.spool_fsync)
 
-    def _mark_kept(self, scan_id: str, path: Path, status: str) -> bool:
+    def _mark_kept(self, scan_id: str, path: Path, status: str,
+                   then: str = "unmarked, the next start recovers its scan again") -> bool:
         """Write a closed spool's final status (spool.mark_status); False where another program
         holds the file open for writing (logged: written beside it, the mark was lost or left the
         file unreadable at that program's close)."""
         try:
             mark_status(path, status)
         except SpoolInUse as exc:
-            log.error("spool not marked %s: %s; unmarked, the next start recovers its scan again", status, exc,
-                      extra={"scan_id": scan_id})
+            log.error("spool not marked %s: %s; %s", status, exc, then, extra={"scan_id": scan_id})
             return False
         return True
 

@@ -93,6 +93,9 @@ def complete_raw_copy(spool_file: Path, result: Path) -> bool:
     if src is None:
         return False
     with src:
+        with h5py.File(result, "r") as f:
+            if "raw" in f:  # copied by an earlier pass whose retiring of the spool did not finish
+                return True
         add_raw(result, lambda group: copy_raw(src, group))
     return True
 
