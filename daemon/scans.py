@@ -1077,7 +1077,7 @@ class ScanManager:
         try:
             for scan_id, (spool_file, result) in pending.items():
                 try:
-                    if not complete_raw_copy(spool_file, result):
+                    if not complete_raw_copy(spool_file, result, self.config.disk_reserve_bytes):
                         continue  # still held: tried again at the next pass
                 except Exception as exc:
                     # e.g. the result moved away: the spool and its marker stay, named, for the next start

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import h5py
 
+from .diskspace import require_free_space
 from .journal import fsync_path
 from .result import add_raw
 
@@ -85,10 +86,11 @@ def is_pending(spool_file: Path) -> bool:
     return pending_marker(spool_file).exists()
 
 
-def complete_raw_copy(spool_file: Path, result: Path) -> bool:
+def complete_raw_copy(spool_file: Path, result: Path, reserve_bytes: int = 0) -> bool:
     """Copy the spool's frames into ``result`` now (the result rewritten under a hidden name and
     renamed, as when it was written); False while another program still holds the spool for
-    writing. The marker and the spool are the caller's to retire."""
+    writing. OSError(ENOSPC) before anything is written where the copy would leave less than
+    ``reserve_bytes`` free. The marker and the spool are the caller's to retire."""
     src = open_spool_for_copy(spool_file)
     if src is None:
         return False
@@ -96,6 +98,9 @@ def complete_raw_copy(spool_file: Path, result: Path) -> bool:
         with h5py.File(result, "r") as f:
             if "raw" in f:  # copied by an earlier pass whose retiring of the spool did not finish
                 return True
+        # HDF5 does not survive a full disk (diskspace.py): the copy of the result and the frames
+        require_free_space(result.parent, result.stat().st_size + spool_file.stat().st_size, reserve_bytes,
+                           f"the raw frames of {result.name}")
         add_raw(result, lambda group: copy_raw(src, group))
     return True
 
