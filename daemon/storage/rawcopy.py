@@ -22,13 +22,12 @@ import h5py
 from .diskspace import require_free_space
 from .journal import fsync_path
 from .result import add_raw
+from .spool import PENDING_SUFFIX
 
 #: how long a finish waits for another program's write handle on the spool before it writes the
 #: result without /raw: a script that appends a note closes the file within it, an open HDFView
 #: or notebook does not
 RAW_COPY_WAIT_S = 2.0
-#: the marker beside a spool whose frames a result still lacks
-PENDING_SUFFIX = ".raw-pending"
 
 
 def open_spool_for_copy(path: Path, wait_s: float = 0.0) -> h5py.File | None:

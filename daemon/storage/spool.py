@@ -53,7 +53,6 @@ from cryoptycho.daemon.storage.journal import (
     scan_records,
     unknown_kind,
 )
-from cryoptycho.daemon.storage.rawcopy import PENDING_SUFFIX
 from cryoptycho.daemon.storage.readcheck import READ_TIMEOUT_S
 from cryoptycho.protocols.compression import (
     BLOCK_BYTES,
@@ -79,6 +78,9 @@ FINAL_STATUSES = ("finished", "aborted", "failed")
 FORMAT_VERSION = 2
 _PLAIN_VERSION = 1
 SUFFIX = ".spool.h5"
+#: beside a finished scan's spool whose frames its result still lacks (rawcopy.py): that spool
+#: is no scan to recover
+PENDING_SUFFIX = ".raw-pending"
 #: bytes of a file stem: a file name holds 255 bytes, and ".spool.h5" / ".h5" / ".phase.mrc" / ".phase.png"
 #: must still fit behind it
 MAX_STEM = 200
