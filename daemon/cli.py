@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import os
 
 import click
 
@@ -20,6 +21,12 @@ from .lazy_group import LazyGroup
 # subprocess. Frozen, they are skipped. Registered first, this runs after every other exit handler
 # (the ZeroMQ contexts' termination, logging's flush), so what they close is closed.
 atexit.register(gc.freeze)
+# pydantic loads every installed plugin (entry-point group "pydantic") when it builds its first
+# model: logfire's (installed with pydantic-ai, e.g. by ptychodus) imports logfire, OpenTelemetry,
+# rich and requests — 0.3 s of CPU at every command and daemon start, for instrumentation that
+# only a logfire.configure() in the process would turn on, and no command calls it. Set before
+# any command module builds a model; an explicit PYDANTIC_DISABLE_PLUGINS wins.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "logfire-plugin")
 
 #: subcommand name → module under cryoptycho.daemon.commands
 COMMANDS: dict[str, str] = {

@@ -20,14 +20,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import h5py
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
 from cryoptycho.gpu.data import stated_source_size
 from cryoptycho.gpu.engines import memory_estimate
 from cryoptycho.gpu.geometry import implausible_energy
-from cryoptycho.gpu.options import ReconOptions, merge_overrides
-from cryoptycho.gpu.reconstruct import source_modes_in_force, source_size_in_force
+from cryoptycho.gpu.options import (
+    ReconOptions,
+    merge_overrides,
+    source_modes_in_force,
+    source_size_in_force,
+)
 from cryoptycho.protocols.errors import ProtocolError
 from cryoptycho.protocols.sources import DetectorFrames, RawChunks
 from pydantic import ValidationError
@@ -39,6 +42,17 @@ from .scan import ScanSpec
 from .session import Session, State
 from .storage.diskspace import require_free_space
 from .storage.journal import fsync_path, journal_path
+from .storage.rawcopy import (
+    RAW_COPY_WAIT_S,
+    complete_raw_copy,
+    copy_raw,
+    mark_pending,
+    open_spool_for_copy,
+    pending_marker,
+    pending_markers,
+    read_pending,
+    remove_marker,
+)
 from .storage.readcheck import check_spool_readable
 from .storage.spool import (
     SpoolInUse,
@@ -70,6 +84,8 @@ SPOOL_BACKLOG_BYTES = 64 << 20
 #: detector scan's binned frames then: ≈ 1 s per 16,000 96×96 frames on 2 cores), after every
 #: append before it, before the result copies it
 SPOOL_CLOSE_WAIT_S = 600.0
+#: how often the pending raw copies are tried again (storage/rawcopy.py): each try is one refused open
+RAW_RETRY_S = 2.0
 
 
 class _Pending(NamedTuple):
@@ -144,6 +160,11 @@ class ScanManager:
         #: closes the spools of ended scans (:meth:`_close_ended`), off the spool thread; scan id →
         #: that close (or the mark after it, :meth:`_after_close`), which later work on the file waits for
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="spool-close")
+        #: scan id → (spool, result) of results written without /raw (storage/rawcopy.py)
+        self._raw_pending: dict[str, tuple[Path, Path]] = {}
+        self._raw_lock = threading.Lock()
+        self._raw_retrying = False
+        self._raw_tried = 0.0  #: when retry_raw_copies last tried (monotonic)
         self._closing: dict[str, threading.Event] = {}
         #: scan id → what became of the frames of a scan whose spool close failed: its journal
         #: keeps them, and a re-open rebuilds the file (for the stop's report; written by the closer)
@@ -990,19 +1011,27 @@ class ScanManager:
         # the live parallax fit's aberrations (worker._note_parallax)
         extra.update({k: float(v) for k, v in session.figures.items() if k.startswith("parallax_")})
 
-        def raw(group: h5py.Group) -> None:
-            with h5py.File(spool_file, "r") as src:
-                src.copy(src["entry_1"], group, "entry_1")
-                src.copy(src["scan"], group, "scan")
-                if "nav_shape" in src:
-                    src.copy(src["nav_shape"], group, "nav_shape")
-
         # the result holds the spool's frames and the object: refused before HDF5 writes it
         need = spool_file.stat().st_size + 4 * int(state.object.nbytes)
         stem.parent.mkdir(parents=True, exist_ok=True)
         require_free_space(stem.parent, need, self.config.disk_reserve_bytes, f"the result of scan {session.scan_id!r}")
-        written = save_outputs(stem, state, formats=self.config.output_formats, extra=extra, raw=raw)
+        # another program holding the spool for writing (HDF5's exclusive lock) refused this read,
+        # and with it the whole scan after its reconstruction: the result is written without /raw
+        # then, and the frames follow once that program lets go (storage/rawcopy.py)
+        src = open_spool_for_copy(spool_file, RAW_COPY_WAIT_S)
+        if src is None:
+            extra["raw_pending"] = str(spool_file.absolute())
+        try:
+            written = save_outputs(stem, state, formats=self.config.output_formats, extra=extra,
+                                   raw=None if src is None else functools.partial(copy_raw, src))
+        finally:
+            if src is not None:
+                src.close()
+        if src is None:  # (before the journal goes: a kill between them leaves the marker, not a scan to redo)
+            mark_pending(spool_file, session.scan_id, written["result"], self.config.spool_fsync)
         discard_journal(spool_file, self.config.spool_fsync)  # closed, the file holds all of it
+        if src is None:
+            return self._defer_raw_copy(session, spool_file, written)
         if self.config.keep_spool:
             # beside a program reading the closed spool (h5py's defaults take a shared lock), which
             # made the mark fail and the scan with it, its result already written: marked without
@@ -1015,6 +1044,75 @@ class ScanManager:
         if self.config.keep_spool:
             files["spool"] = str(spool_file.absolute())
         return files
+
+    def _defer_raw_copy(self, session: Session, spool_file: Path, written: dict[str, Path]) -> dict[str, str]:
+        """finish_result's end when another program held the spool for writing: the spool kept
+        (it alone holds the frames) with its marker naming the result (written by then), for
+        retry_raw_copies or the next start."""
+        result = written["result"]
+        with self._raw_lock:
+            self._raw_pending[session.scan_id] = (spool_file, result)
+        message = (f"result {result} written without its raw frames (/raw): the spool {spool_file.absolute()} is "
+                   "open for writing in another program (HDF5's exclusive file lock); the spool is kept with every "
+                   "frame, and they are copied into the result once that program closes it (h5py: File.close(), "
+                   "or end that Python session)")
+        log.warning("%s", message, extra={"scan_id": session.scan_id})
+        self.outbox.post("error", {"scan_id": session.scan_id, "field": "spool", "rule": "raw_copy_pending",
+                                   "message": message})
+        session.result_path = str(result)
+        return {**{kind: str(p) for kind, p in written.items()}, "spool": str(spool_file.absolute())}
+
+    def retry_raw_copies(self) -> None:
+        """Housekeeping (manager thread): try the pending raw copies again, on the closer thread
+        (a copy reads the whole spool), at most one pass at a time."""
+        now = time.monotonic()
+        with self._raw_lock:
+            if not self._raw_pending or self._raw_retrying or now - self._raw_tried < RAW_RETRY_S:
+                return
+            self._raw_retrying, self._raw_tried = True, now
+            pending = dict(self._raw_pending)
+        self._closer.submit(self._retry_raw, pending)
+
+    def _retry_raw(self, pending: dict[str, tuple[Path, Path]]) -> None:
+        try:
+            for scan_id, (spool_file, result) in pending.items():
+                try:
+                    if not complete_raw_copy(spool_file, result, self.config.disk_reserve_bytes):
+                        continue  # still held: tried again at the next pass
+                except Exception as exc:
+                    # e.g. the result moved away: the spool and its marker stay, named, for the next start
+                    log.error("cannot copy the raw frames of spool %s into result %s (%s: %s); the spool and its "
+                              "marker %s stay (the next start tries again)", spool_file, result, type(exc).__name__,
+                              exc, pending_marker(spool_file), exc_info=exc, extra={"scan_id": scan_id})
+                    self.metrics.internal_errors.labels(where="spool").inc()
+                else:
+                    log.info("raw frames of spool %s copied into result %s (the program holding the spool let go)",
+                             spool_file, result, extra={"scan_id": scan_id})
+                    if not self._retire_copied(scan_id, spool_file):
+                        continue  # (held again at once: its mark is tried at the next pass)
+                with self._raw_lock:
+                    self._raw_pending.pop(scan_id, None)
+        finally:
+            with self._raw_lock:
+                self._raw_retrying = False
+
+    def _retire_copied(self, scan_id: str, spool_file: Path) -> bool:
+        """A spool whose frames its result now holds: as finish_result retires one. False where
+        its mark could not be written (another program took it for writing again): its marker
+        stays, so that no start recovers it as a scan to reconstruct."""
+        discard_journal(spool_file, self.config.spool_fsync)  # (one a kill inside finish_result left)
+        if self.config.keep_spool:
+            if not self._mark_kept(scan_id, spool_file, "finished", "tried again once that program lets go "
+                                   "(its raw-pending marker stays until then)"):
+                return False
+        else:
+            spool_file.unlink(missing_ok=True)
+        remove_marker(spool_file)
+        return True
+
+    def raw_pending(self) -> dict[str, tuple[Path, Path]]:
+        with self._raw_lock:
+            return dict(self._raw_pending)
 
     def worker_exited(self, session: Session) -> None:
         self._spool_closed.pop(session.scan_id, None)  # (a worker that did not finish its scan)
@@ -1130,15 +1228,15 @@ class ScanManager:
                 fsync_path(path)
             discard_journal(path, self.config.spool_fsync)
 
-    def _mark_kept(self, scan_id: str, path: Path, status: str) -> bool:
+    def _mark_kept(self, scan_id: str, path: Path, status: str,
+                   then: str = "unmarked, the next start recovers its scan again") -> bool:
         """Write a closed spool's final status (spool.mark_status); False where another program
         holds the file open for writing (logged: written beside it, the mark was lost or left the
         file unreadable at that program's close)."""
         try:
             mark_status(path, status)
         except SpoolInUse as exc:
-            log.error("spool not marked %s: %s; unmarked, the next start recovers its scan again", status, exc,
-                      extra={"scan_id": scan_id})
+            log.error("spool not marked %s: %s; %s", status, exc, then, extra={"scan_id": scan_id})
             return False
         return True
 
@@ -1379,6 +1477,25 @@ class ScanManager:
                                                "frames": session.ledger.as_dict()})
         self.admit()
         return recovered
+
+    def load_raw_pending(self) -> None:
+        """The results a stop left without their raw frames (their spools' markers): copied by
+        retry_raw_copies, whether ``recover`` is on or not: the scan is over, only its result
+        lacks the frames. Their spools are not scans to recover (unfinished_spools skips them)."""
+        for marker in pending_markers(self.config.spool_dir):
+            try:
+                spool_file, scan_id, result = read_pending(marker)
+            except ValueError as exc:
+                log.error("%s; it is left as it is", exc)
+                continue
+            if not spool_file.exists():
+                log.warning("removed %s: its spool %s is gone", marker, spool_file.name)
+                marker.unlink()
+                continue
+            log.info("result %s still lacks its raw frames (/raw): copying them from spool %s once no other "
+                     "program holds it for writing", result, spool_file, extra={"scan_id": scan_id})
+            with self._raw_lock:
+                self._raw_pending[scan_id] = (spool_file, result)
 
     def interrupt(self, ended_too: bool) -> None:
         """Shutdown: stop workers without a final state (their scans stay in the spool and are

@@ -61,6 +61,7 @@ from .notify import SystemdNotifier
 from .publisher import ErrorThrottle, Outbox, to_message
 from .scan import ScanSpec, outline_from_scan_start, spec_from_scan_start, start_from_spec
 from .scans import ScanManager, ScanRefused
+from .storage.rawcopy import pending_marker
 from .storage.spool import spool_path, unfinished_spools
 
 log = logging.getLogger("cryoptycho.service")
@@ -279,7 +280,10 @@ class Service:
         self.frame_store_warming = warm_frame_store(self.config.frame_store_warm_bytes)
         # the engine's host FFTs import scipy.fft on first use: 0.2 s inside a daemon's first
         # scan, its frames queueing meanwhile (the first scan stored 1.02-1.15x faster with it
-        # imported before, bench protocol --scan ahead); imported here instead
+        # imported before, bench protocol --scan ahead); imported here instead, and so is the
+        # engine, which the module imports no longer bring (daemon.scans took two option helpers
+        # from it, and with it SciPy's ndimage, which no scan uses)
+        import cryoptycho.gpu.reconstruct  # noqa: F401
         import scipy.fft  # noqa: F401
         self._check_backend()
         ctx = self._ctx
@@ -333,6 +337,7 @@ class Service:
             self.metrics_port = int(server.server_port)
         self.metrics.info.info({"version": _version(), "backend": self.config.options.backend})
         self.metrics.up.set(1)
+        self.scans.load_raw_pending()
         if self.config.recover:
             for scan_id in self.scans.recover():
                 self._declared[scan_id] = start_from_spec(self.scans.sessions[scan_id].spec)
@@ -497,6 +502,10 @@ class Service:
                         len(left), self.config.spool_dir, ", ".join(left),
                         "the next start rebuilds and recovers them" if self.config.recover else
                         "recover is off (`cryoptycho replay` or `reconstruct` read them through their journals)")
+        for scan_id, (spool_file, result) in self.scans.raw_pending().items():
+            log.warning("result %s lacks its raw frames (/raw): its spool %s is still open for writing in another "
+                        "program; kept, with its marker %s: the next start copies them once that program lets go",
+                        result, spool_file, pending_marker(spool_file), extra={"scan_id": scan_id})
         if not kept:
             if not unclosed:
                 log.info("stopped with no unfinished scan")
@@ -848,6 +857,7 @@ class Service:
     def _housekeeping(self) -> None:
         self._rejections_log.flush()
         self.scans.check_timeouts()
+        self.scans.retry_raw_copies()
         self.scans.admit()
         self.metrics.queue_depth.set(self.scans.queued_frames())
         _gpu_memory(self.metrics, self.config.options.backend)

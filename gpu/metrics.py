@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from scipy import ndimage
 
 from .backend import to_numpy
 
@@ -158,6 +157,8 @@ def tukey_window(shape: tuple[int, int], edge: float = 0.15) -> np.ndarray:
 
 def soft_mask(mask: Any, sigma_px: float = 2.0) -> np.ndarray:
     """A binary region with Gaussian-smoothed edges (apodisation that follows a footprint)."""
+    from scipy import ndimage  # (here: the daemon imports this module at its start, 0.2 s of SciPy)
+
     m = np.asarray(to_numpy(mask), dtype=np.float64)
     return np.clip(ndimage.gaussian_filter(m, sigma_px), 0.0, 1.0)
 
@@ -188,6 +189,8 @@ def particle_footprint(
 ) -> np.ndarray:
     """Where the particle is: ice-removed truth phase above ``fraction`` × its maximum,
     dilated by ``dilate_px`` so that edges are scored too."""
+    from scipy import ndimage
+
     ph = np.asarray(truth_phase, dtype=np.float64)
     smooth = ndimage.gaussian_filter(ph, 1.0)
     core = smooth > fraction * smooth.max()
@@ -307,6 +310,8 @@ def affine_registered(obj: Any, origin: tuple[float, float], pixel_size: float, 
     fitted from the used positions to the true ones. A reconstruction that is right up to the
     scan's global (affine) error then scores as if that error had been known; the official
     score registers translation only (gpu/MEASUREMENTS.md, "The scan's affine error")."""
+    from scipy import ndimage
+
     b, off, c = fit_affine(used_positions, true_positions)
     inv = np.linalg.inv(b)
     o = np.asarray(origin, dtype=np.float64)

@@ -475,3 +475,21 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any] | None) -> d
         out[key] = {**below, **value} if key == "stream" and isinstance(below, dict) and isinstance(
             value, dict) else value
     return out
+
+
+#: incoherent modes a finite source is represented by when ``probe_modes`` asks for one mode
+SOURCE_MODES = 3
+
+
+def source_modes_in_force(opts: ReconOptions) -> int:
+    """Probe modes of a reconstruction whose source is finite: ``opts.probe_modes``, or
+    :data:`SOURCE_MODES` when that asks for one (a single mode cannot hold a source)."""
+    return opts.probe_modes if opts.probe_modes > 1 else SOURCE_MODES
+
+
+def source_size_in_force(opts: ReconOptions, stated: float | None) -> float:
+    """The source size (m) a reconstruction uses: ``opts.source_size_m`` when it is a number;
+    for "auto", the size the scan states (``stated``; 0 when it states none)."""
+    if opts.source_size_m == "auto":
+        return 0.0 if stated is None else float(stated)
+    return float(opts.source_size_m)

@@ -54,7 +54,7 @@ from .operators import (
     sub_batch,
     to_fft_order,
 )
-from .options import ReconOptions
+from .options import ReconOptions, source_modes_in_force, source_size_in_force
 from .parallax import MAX_PROBE_TO_SCAN, ParallaxFit, estimate_aberrations, probe_width, scan_width
 from .positions import ScanModel, data_loss, search_scan_matrix, update_positions
 from .positions import margin_px as position_margin_px
@@ -290,24 +290,6 @@ def decisive_confidence(confidence: float) -> float:
     """The confidence at which the first parallax fit decides without the wide fit:
     1 − α/50 for ``confidence`` 1 − α (0.999 for 0.95; χ² 16.3 for three coefficients)."""
     return 1.0 - (1.0 - confidence) * DECISIVE_SHARE
-
-
-#: incoherent modes a finite source is represented by when ``probe_modes`` asks for one mode
-SOURCE_MODES = 3
-
-
-def source_modes_in_force(opts: ReconOptions) -> int:
-    """Probe modes of a reconstruction whose source is finite: ``opts.probe_modes``, or
-    :data:`SOURCE_MODES` when that asks for one (a single mode cannot hold a source)."""
-    return opts.probe_modes if opts.probe_modes > 1 else SOURCE_MODES
-
-
-def source_size_in_force(opts: ReconOptions, stated: float | None) -> float:
-    """The source size (m) a reconstruction uses: ``opts.source_size_m`` when it is a number;
-    for "auto", the size the scan states (``stated``; 0 when it states none)."""
-    if opts.source_size_m == "auto":
-        return 0.0 if stated is None else float(stated)
-    return float(opts.source_size_m)
 
 
 def with_source(probe: Any, opts: ReconOptions, pixel_size: float, stated: float | None = None) -> Any:

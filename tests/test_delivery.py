@@ -67,7 +67,7 @@ def passes(scan: Scan, n: int) -> Scan:
 def replay_cli(daemon: Daemon, path: Path, scan_id: str, timeout: float = 180) -> tuple[int, float]:
     """`cryoptycho replay --rate 0` in its own process; returns (frames acknowledged, frames/s
     from its scan_start to the acknowledgement of its last frame)."""
-    proc = subprocess.run([*CLI, "replay", str(path), "--rate", "0", "--endpoint", daemon.ingest,
+    proc = subprocess.run([*CLI, "replay", str(path), "--rate", "0", "--ingest", daemon.ingest,
                            "--control", daemon.control, "--scan-id", scan_id],
                           capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"replay exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
@@ -140,7 +140,7 @@ def test_replay_30_times_in_a_row_every_scan_finishes_whole(daemon, small):
 
 def test_a_fault_drill_reports_what_the_daemon_lacks(daemon, small):
     path, scan = small
-    proc = subprocess.run([*CLI, "replay", str(path), "--rate", "0", "--batch", "8", "--endpoint", daemon.ingest,
+    proc = subprocess.run([*CLI, "replay", str(path), "--rate", "0", "--batch", "8", "--ingest", daemon.ingest,
                            "--control", daemon.control, "--scan-id", "drill", "--drop", "0.3", "--seed", "1"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -48,7 +48,7 @@ def test_replay_with_a_control_endpoint_typo_says_so_instead_of_hanging(tmp_path
     """The SDK's control socket failed to connect and was left open: the Producer's context
     then waited for it for ever at exit, so `replay --control bogus` hung without a word."""
     tiny_dataset(tmp_path / "scan.h5")
-    out = cli("replay", str(tmp_path / "scan.h5"), "--endpoint", "tcp://127.0.0.1:9", "--control", "bogus",
+    out = cli("replay", str(tmp_path / "scan.h5"), "--ingest", "tcp://127.0.0.1:9", "--control", "bogus",
               "--timeout", "5")
     assert out.returncode == 1, out.stderr
     assert "cannot connect to 'bogus'" in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -65,7 +65,7 @@ def test_watch_and_the_viewer_follow_a_curve_daemon_with_their_keys(tmp_path):
 
         write_dataset(dataset, PtychoData(frames=scan.frames, positions=scan.positions, energy=300e3,
                                           pixel_size=PIXEL_M, probe=scan.probe))
-        keyless = cli("replay", str(dataset), "--scan-id", "keyless", "--endpoint", daemon.ingest,
+        keyless = cli("replay", str(dataset), "--scan-id", "keyless", "--ingest", daemon.ingest,
                       "--control", daemon.control, "--timeout", "3")
         assert keyless.returncode == 1, keyless.stderr
         assert "CURVE on answers only clients with its keys" in keyless.stderr, keyless.stderr

@@ -58,7 +58,7 @@ def test_a_result_file_from_a_newer_release_is_refused_by_name(tmp_path):
         f.attrs["format_version"] = 2
         f.attrs["cryoptycho_version"] = "9.0"
     for args in (("reconstruct", path, "-o", str(tmp_path / "newer.h5"), "-n", "1", "--no-export"),
-                 ("replay", path, "--endpoint", "tcp://127.0.0.1:1", "--no-confirm", "--timeout", "5")):
+                 ("replay", path, "--ingest", "tcp://127.0.0.1:1", "--no-confirm", "--timeout", "5")):
         run = cli(*args)
         assert run.returncode != 0, (args, run.stdout, run.stderr)
         assert "format_version 2" in run.stderr and "newer" in run.stderr, (args, run.stderr)

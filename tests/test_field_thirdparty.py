@@ -103,7 +103,7 @@ def test_a_scan_at_stage_coordinates_replays_into_the_daemon(tmp_path):
     daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=5",
                           "--set", "resolution_interval_s=0")
     try:
-        out = cli("replay", str(tmp_path / "stage.h5"), "--endpoint", daemon.ingest, "--control", daemon.control)
+        out = cli("replay", str(tmp_path / "stage.h5"), "--ingest", daemon.ingest, "--control", daemon.control)
         assert out.returncode == 0, out.stderr
         with ControlClient(daemon.control, timeout_s=30) as ctl:
             done = wait_for(lambda: (r := ctl.call("receipt", scan_id="stage"))["state"] in ("finished", "failed")
@@ -113,7 +113,7 @@ def test_a_scan_at_stage_coordinates_replays_into_the_daemon(tmp_path):
             assert max(f["object"].shape) < 200 and np.isfinite(f["object"][()]).all()
         # README "Live service": the same replay command a second time is refused, saying how to
         # send it anyway
-        again = cli("replay", str(tmp_path / "stage.h5"), "--endpoint", daemon.ingest, "--control", daemon.control)
+        again = cli("replay", str(tmp_path / "stage.h5"), "--ingest", daemon.ingest, "--control", daemon.control)
         assert again.returncode == 1 and "scan ids must be unique" in again.stderr, again.stderr
         assert "`replay --scan-id`" in again.stderr and "Traceback" not in again.stderr, again.stderr
         assert daemon.stop() == 0

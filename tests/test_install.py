@@ -214,7 +214,7 @@ def test_simulate_serve_replay_from_the_installed_command(install: Install) -> N
     try:
         ready = json.loads(serve.stdout.readline() or "{}")
         assert ready.get("event") == "ready", (serve.wait(TIMEOUT_S), log.read_text())
-        install.cryoptycho("replay", str(work / "tiny.h5"), "--endpoint", ready["ingest"],
+        install.cryoptycho("replay", str(work / "tiny.h5"), "--ingest", ready["ingest"],
                           "--control", ready["control"], "--rate", "0")
         def ended() -> list:
             assert serve.poll() is None, log.read_text()

@@ -412,7 +412,7 @@ def test_replay_command_streams_a_file(ctx, tmp_path):
         command,
         [
             str(path),
-            "--endpoint",
+            "--ingest",
             endpoint,
             "--rate",
             "0",

@@ -21,8 +21,13 @@ __all__ = ["ReplaySource", "command", "read_source", "replay"]
 @click.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
-    "--endpoint", default=DEFAULT_INGEST, show_default=True, help="Daemon ingest (PULL) endpoint."
+    "--ingest",
+    default=None,
+    help=f"Daemon ingest (PULL) endpoint, as `serve --ingest` gives it [default: {DEFAULT_INGEST}].",
 )
+# the spelling before 2026-12-07: `serve`, `broker` and `dectris-bridge` call the same endpoint
+# --ingest; kept working (with a warning) for the scripts and runbooks that use it
+@click.option("--endpoint", default=None, hidden=True, help="Deprecated: --ingest.")
 @click.option(
     "--rate", type=float, default=2000.0, show_default=True, help="Frames per second; 0 = unpaced."
 )
@@ -75,7 +80,8 @@ __all__ = ["ReplaySource", "command", "read_source", "replay"]
 @click.option("--seed", type=int, default=0, help="Seed of the fault draws.")
 def command(
     path: Path,
-    endpoint: str,
+    ingest: str | None,
+    endpoint: str | None,
     rate: float,
     batch: int,
     scan_id: str | None,
@@ -98,6 +104,7 @@ def command(
     Returns once the daemon acknowledged every frame (through its control socket), and reports
     the frames it holds; exits with status 1, naming the frames it lacks, when it does not.
     """
+    endpoint = ingest_endpoint(ingest, endpoint)
     if (client_key is None) != (server_key is None):
         raise click.BadParameter("give both --client-key and --server-key, or neither")
     curve = ClientCurve(client_key, server_key) if client_key and server_key else None
@@ -127,7 +134,7 @@ def command(
                 if faults is None:
                     raise
                 lost, receipt = exc, None  # a fault drill loses frames on purpose: report them
-    except ValueError as exc:  # e.g. no control endpoint can be derived from --endpoint
+    except ValueError as exc:  # e.g. no control endpoint can be derived from --ingest
         raise click.ClickException(str(exc)) from None
     except (DeliveryError, ProducerTimeout) as exc:
         raise click.ClickException(str(exc)) from None
@@ -147,3 +154,16 @@ def command(
         )
     if faults is not None:
         click.echo("faults: " + ", ".join(f"{k}={v}" for k, v in sorted(faults.stats.items())))
+
+
+def ingest_endpoint(ingest: str | None, endpoint: str | None) -> str:
+    """The daemon's ingest endpoint from ``--ingest`` or its deprecated spelling ``--endpoint``
+    (a warning on stderr); both given and different is a usage error."""
+    if endpoint is None:
+        return ingest or DEFAULT_INGEST
+    click.echo("cryoptycho replay: --endpoint is deprecated, use --ingest (the name `serve`, `broker` and "
+               "`dectris-bridge` give the same endpoint)", err=True)
+    if ingest is not None and ingest != endpoint:
+        raise click.BadParameter(f"--ingest {ingest} and --endpoint {endpoint} name different endpoints: "
+                                 "give --ingest only", param_hint="--ingest")
+    return endpoint

@@ -71,6 +71,11 @@ class Board:
 
     def seed(self, scans: list[dict[str, Any]]) -> None:
         for s in scans:
+            if not self.progress.console.is_terminal:  # (as on_event: a line, not a bar)
+                received, expected = s.get("frames", {}).get("received", 0), s.get("expected_frames")
+                of = "" if expected is None else f" of {expected}"
+                self.progress.console.print(f"{s['scan_id']}: {s.get('state', '')} ({received}{of} frames received)",
+                                            soft_wrap=True, markup=False)
             tid = self.task(s["scan_id"], s.get("expected_frames"))
             self.progress.update(tid, completed=s.get("frames", {}).get("received", 0), info=s.get("state", ""))
             if s.get("state") in ENDED:
@@ -170,8 +175,10 @@ def command(publish: str, control: str, save_dir: Path | None, exit_after_result
         raise click.BadParameter("give both --client-key and --server-key, or neither")
     curve = ClientCurve(client_key, server_key) if client_key and server_key else None
     console = Console()
+    # off a terminal (a pipe, a log file, the journal) the Board prints lines; a live display
+    # there drew nothing while it ran and, at the exit, the bars as they last were (stale)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), console=console)
+                        TextColumn("{task.fields[info]}"), console=console, disable=not console.is_terminal)
     board = Board(progress, save_dir)
     try:  # a typo in either endpoint is a usage error, not a traceback
         for option, endpoint, kind in (("--publish", publish, zmq.SUB), ("--control", control, zmq.DEALER)):

@@ -19,7 +19,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,23 @@ MAGIC = b"CRYOPTYCHO-SPOOL-JOURNAL-1\n"
 SUFFIX = ".journal"
 _RECORD = struct.Struct("<QI")
 _HEADER = struct.Struct("<I")
+
+
+#: the record kinds (``op``) this build knows (FORMATS.md § "The journal")
+KNOWN_OPS = frozenset({"base", "opened", "closed", "append", "status", "options", "chunk_per_frame",
+                       "detector", "derive", "unpositioned"})
+#: the header field a newer build sets on a record that a build not knowing its kind may skip:
+#: one that carries no frame and changes none of the file's rows (an annotation, a figure). A
+#: record of an unknown kind without it is required: the spool is refused by name, kept as it is
+OPTIONAL = "optional"
+
+
+def unknown_kind(header: dict[str, Any]) -> tuple[str, bool] | None:
+    """(the kind, whether optional) of a record this build does not know; None for a known one."""
+    op = header.get("op")
+    if op in KNOWN_OPS:
+        return None
+    return str(op), header.get(OPTIONAL) is True
 
 
 def journal_path(spool_file: str | Path) -> Path:
@@ -53,6 +70,24 @@ class Scan:
     last: dict[str, Any] | None  # the last whole record's header
     end: int  # the offset after the last whole record
     why: str | None  # why reading stopped before the end of the file (None: at its end)
+    #: kinds of records this build does not know and may skip (a newer build's optional records), with their counts
+    skipped: dict[str, int] = field(default_factory=dict)
+    #: the first kind of record this build does not know and must not skip (None: none)
+    required: str | None = None
+
+    def unknown_note(self) -> str:
+        """The skipped records, for a log line ("" when none)."""
+        if not self.skipped:
+            return ""
+        kinds = ", ".join(f"{n} {op!r}" for op, n in sorted(self.skipped.items()))
+        return (f"skipped {sum(self.skipped.values())} journal records this cryoptycho does not know, marked "
+                f"optional by the newer one that wrote them ({kinds})")
+
+    def refusal(self) -> str:
+        """Why a journal with a required unknown record is not applied (``required`` set)."""
+        return (f"its journal holds a record {self.required!r} that this cryoptycho does not know and that the newer "
+                "one that wrote it marked as required; the file and its journal are kept unchanged, for that "
+                "version to recover (daemon/SERVICE.md, \"Downgrades and the spool journal\")")
 
 
 def iter_records(path: str | Path, start: int | None = None) -> Iterator[Record | str]:
@@ -108,6 +143,12 @@ def scan_records(path: str | Path) -> Scan:
             out.records += 1
             out.first = out.first or item.header
             out.last, out.end = item.header, item.end
+            unknown = unknown_kind(item.header)
+            if unknown is not None:
+                if unknown[1]:
+                    out.skipped[unknown[0]] = out.skipped.get(unknown[0], 0) + 1
+                elif out.required is None:
+                    out.required = unknown[0]
     return out
 
 

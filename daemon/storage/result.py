@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,39 @@ def write_result(
         raise
     os.replace(part, path)
     return path
+
+
+def add_raw(path: str | Path, raw: RawHook) -> None:
+    """Give a result written without its raw part (the daemon's finish, while another program
+    held the scan's spool for writing) its ``/raw`` group, and the fields derived from it
+    (ptychodus' detector distance, position indexes, nav_shape), as :func:`write_result` would
+    have written them. The result is rewritten under a hidden name and renamed when whole."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.part")
+    shutil.copyfile(path, part)
+    try:
+        with h5py.File(part, "r+") as f:
+            if "raw" in f:
+                raise ValueError(f"{path} already holds a /raw group")
+            raw(f.create_group("raw"))
+            _relocate_nexus_links(f["raw"])
+            for derived in ("probe_position_indexes", "nav_shape"):
+                if derived in f:
+                    del f[derived]
+            extra = f["extra"].attrs if "extra" in f else {}
+            positions = None
+            if "probe_position_y_m" in f and "probe_position_x_m" in f:
+                positions = np.stack([f["probe_position_y_m"][()], f["probe_position_x_m"][()]], axis=1)
+            scan_id = extra.get("scan_id")
+            _ptychodus_fields(f, energy=float(f.attrs["electron_energy_eV"]), frame_side=int(f["probe"].shape[-1]),
+                              pixel=float(f["object"].attrs["pixel_width_m"]), positions=positions,
+                              metadata=None if scan_id is None else {"scan_id": str(scan_id)})
+            if "extra" in f and "raw_pending" in f["extra"].attrs:
+                del f["extra"].attrs["raw_pending"]
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, path)
 
 
 def _write(part: Path, name: str, d: dict[str, Any], state: ReconState, data: PtychoData | None,

@@ -51,6 +51,7 @@ from cryoptycho.daemon.storage.journal import (
     iter_records,
     journal_path,
     scan_records,
+    unknown_kind,
 )
 from cryoptycho.daemon.storage.readcheck import READ_TIMEOUT_S
 from cryoptycho.protocols.compression import (
@@ -77,6 +78,9 @@ FINAL_STATUSES = ("finished", "aborted", "failed")
 FORMAT_VERSION = 2
 _PLAIN_VERSION = 1
 SUFFIX = ".spool.h5"
+#: beside a finished scan's spool whose frames its result still lacks (rawcopy.py): that spool
+#: is no scan to recover
+PENDING_SUFFIX = ".raw-pending"
 #: bytes of a file stem: a file name holds 255 bytes, and ".spool.h5" / ".h5" / ".phase.mrc" / ".phase.png"
 #: must still fit behind it
 MAX_STEM = 200
@@ -985,8 +989,10 @@ class SpoolWriter:
                 raise ValueError(f"its journal keeps unpositioned frames from row {k} on, the file has {at}")
             self._f[DATA][UNPOSITIONED_IDS][k:k + n] = np.frombuffer(next(pieces), np.int64)
             self._replay_writes(header, pieces)
-        elif op not in ("base", "opened", "closed"):
+        elif (unknown := unknown_kind(header)) is not None and not unknown[1]:
+            # (the callers refuse such a journal before applying it: scan_records' ``required``)
             raise ValueError(f"its journal holds an unknown record {op!r}")
+        # else "base", "opened", "closed", or a newer build's optional record: nothing to apply
 
     def _apply(self, records: Iterable[Record]) -> None:
         """Apply journal records to this file in order (a rebuild; a journal-only spool brought up
@@ -1602,6 +1608,8 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
         return None, None  # cut short while the spool was created: no frame was received
     if scan.last is not None and scan.last.get("op") == "closed":
         return scan.end, None
+    if scan.required is not None:
+        raise ValueError(scan.refusal())
     rebuilt = path.with_name(path.name + ".rebuild")
     rebuilt.unlink(missing_ok=True)
     try:
@@ -1621,7 +1629,8 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
     finally:
         journal.close()
     torn = f"; {scan.why}, dropped (never acknowledged)" if scan.why else ""
-    done = f"rebuilt from its journal ({scan.records} records, {frames} frames{torn})"
+    skipped = f"; {scan.unknown_note()}" if scan.skipped else ""
+    done = f"rebuilt from its journal ({scan.records} records, {frames} frames{torn}{skipped})"
     return journal.path.stat().st_size, done
 
 
@@ -1694,6 +1703,10 @@ def read_spool(path: str | Path, frames: bool = True) -> SpoolContents:
             return _read_checked(path, frames)
         base = scan.first or {}
         if base.get("op") == "base" and (scan.last or {}).get("op") != "closed":
+            if scan.required is not None:
+                raise ValueError(f"{path}: {scan.refusal()}")
+            if scan.skipped:
+                log.warning("spool %s: %s", path, scan.unknown_note())
             with tempfile.TemporaryDirectory(prefix="cryoptycho-spool-") as tmp:
                 copy = Path(tmp) / path.name
                 try:
@@ -1938,6 +1951,8 @@ def unfinished_spools(spool_dir: str | Path) -> list[Path]:
     """Spool files whose scan never reached a final state (oldest first)."""
     out = []
     for path in sorted(Path(spool_dir).glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
+        if path.with_name(path.name + PENDING_SUFFIX).exists():
+            continue  # finished: only its result waits for its frames (rawcopy.py)
         if journal_path(path).exists():
             # open, or closed while its scan was: the HDF5 file may need its journal to be read
             out.append(path)
