@@ -1240,7 +1240,12 @@ class StreamingReconstructor:
             values = np.ones(shape, dtype=self._cdtype)
         else:
             phase = self._rng.normal(opts.init_phase_mean, opts.init_phase_std, size=shape)
-            values = np.exp(1j * phase).astype(self._cdtype)
+            # e^{iφ} as cos φ + i sin φ straight into the canvas dtype: NumPy's complex exp
+            # of 1j·φ (a complex128 temporary, then a cast) gave the same values at about twice
+            # the time, at every scan's first frames (≈ 200,000 pixels for a 256² raster)
+            values = np.empty(shape, dtype=self._cdtype)
+            np.cos(phase, out=values.real)
+            np.sin(phase, out=values.imag)
         return asarray(values, self.xp)
 
     def _new_canvas(self, positions: np.ndarray) -> None:
