@@ -339,6 +339,13 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
             if warm_go is not None:
                 warm_go.set()
                 _wait_for(lambda: _warm_scan_done(scans), timeout_s, proc, "the warm-up scan to end")
+                # an aborted scan's close takes its frame store's rows (ScanManager._hand_over) and
+                # lets go of them after: until then the store's memory is not free to reuse, and
+                # the close's work would be charged to the measured scan
+                scans.flush_disk()
+                store_bytes = total * side * side * 2
+                _wait_for(lambda: MAPPINGS.idle_bytes() >= store_bytes, timeout_s, proc,
+                          "the warm-up scan's frame store to be free for reuse")
             # the producer imports, connects and makes its frames before the clock starts (a fixed
             # sleep here left up to ≈ 0.7 s of a loaded box's imports inside the measured window)
             _wait_for(ready.is_set, timeout_s, proc, "the producer to be ready")
