@@ -196,7 +196,13 @@ def scale_probe(probe: np.ndarray, frames: np.ndarray, mask: np.ndarray | None) 
     field that falls on them: a probe from nominal lens settings gets its power from the first
     frames of a scan. Host arrays; the probe comes back unchanged when there are no counts."""
     valid = np.ones(frames.shape[1:], bool) if mask is None else np.asarray(mask, bool)
-    counts = float(frames[:, valid].sum(dtype=np.float64)) / max(len(frames), 1)
+    # summed over the frames first, then masked: indexing the frames with the mask copied them
+    # all (≈ 10 ms for 256 frames of 96×96, at a scan's first frames); integer counts add up
+    # exactly in 64-bit integers, as they did in float64
+    kind = np.asarray(frames).dtype.kind
+    acc = np.uint64 if kind in "ub" else np.int64 if kind == "i" else np.float64
+    per_pixel = np.add.reduce(np.asarray(frames), axis=0, dtype=acc)
+    counts = float(per_pixel[valid].sum(dtype=np.float64)) / max(len(frames), 1)
     far = np.abs(np.fft.fftshift(np.fft.fft2(probe, norm="ortho"), axes=(-2, -1))) ** 2
     if far.ndim == 3:
         far = far.sum(axis=0)  # incoherent probe modes: their patterns add

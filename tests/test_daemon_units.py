@@ -202,6 +202,23 @@ def test_model_probe_scaled_to_the_measured_counts():
     assert np.isclose((np.abs(scaled) ** 2).sum(), 3 * 240 / share, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype, value", [(np.uint8, 200), (np.uint16, 60_000), (np.uint32, 2**31 + 7),
+                                          (np.int32, 5), (np.float32, 2.5)])
+def test_model_probe_counts_every_frame_exactly_in_its_own_kind(dtype, value):
+    # the frames are summed per pixel before the mask: sums beyond the frames' own dtype
+    # (4 × 2³¹ in uint32) must not wrap, and the masked pixels must not count
+    probe = np.zeros((16, 16), np.complex64)
+    probe[6:10, 6:10] = 1
+    frames = np.full((4, 16, 16), value, dtype)
+    frames[:, 0] = np.array(value // 2 if np.dtype(dtype).kind in "ui" else value / 2, dtype)  # the masked row differs
+    mask = np.ones((16, 16), bool)
+    mask[0] = False
+    far = np.abs(np.fft.fftshift(np.fft.fft2(probe, norm="ortho"))) ** 2
+    share = far[mask].sum() / far.sum()
+    scaled = scale_probe(probe, frames, mask)
+    assert np.isclose((np.abs(scaled) ** 2).sum(), float(value) * 240 / share, rtol=1e-5)
+
 # -- typed live outputs --------------------------------------------------------------------------
 def _recon_state(seed: int = 0):
     from cryoptycho.gpu.geometry import ScanGeometry

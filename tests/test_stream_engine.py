@@ -307,3 +307,19 @@ def test_the_live_engine_warns_that_it_skips_an_offline_only_search(option, capl
     with caplog.at_level("WARNING", logger="cryoptycho.stream"):
         build(ReconOptions())
     assert "offline only" not in caplog.text
+
+
+def test_a_fresh_canvas_starts_at_unit_amplitude_and_the_seeded_random_phase() -> None:
+    """The first frames make the canvas: e^{iφ}, φ ~ N(init_phase_mean, init_phase_std) from the
+    options' seed, in the canvas dtype (written as cos φ + i sin φ; the reference here is
+    NumPy's complex exponential)."""
+    from daemon_support import synthetic_scan
+
+    scan = synthetic_scan(n_side=8)
+    options = ReconOptions(backend="numpy", seed=11, init_phase_mean=0.3, init_phase_std=0.7)
+    engine = StreamingReconstructor(frame_shape=scan.frames.shape[1:], frame_dtype=np.uint16, pixel_size=1e-10,
+                                    probe=scan.probe, options=options, expected_frames=len(scan.frames))
+    engine.add_frames(scan.frames[:4].astype(np.uint16), scan.positions[:4])
+    phase = np.random.default_rng(11).normal(0.3, 0.7, size=engine.obj.shape)
+    assert engine.obj.dtype == np.complex64
+    np.testing.assert_array_equal(engine.obj, np.exp(1j * phase).astype(np.complex64))

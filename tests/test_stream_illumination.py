@@ -185,3 +185,30 @@ def test_uint32_frame_counts_are_exact_either_side_of_32_bits(top):
     engine.add_frames(frames, np.zeros((3, 2)))
     expect = sum(int(v) for v in frames.ravel().tolist()) / 3
     assert engine.mean_counts == expect
+
+
+@pytest.mark.parametrize("m, top, lanes", [(8, 4095, True), (8, 4096, False), (96, 28, True), (96, 29, False),
+                                           (7, 3, False)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_uint16_frame_counts_are_exact_either_side_of_the_lane_bound(monkeypatch, m, top, lanes, masked):
+    """uint16 frames are summed four counts to a 64-bit word (gpu/stream.py ``_lane_sum``) only
+    when no 16-bit lane can carry into the next: largest count × pixels / 4 ≤ 65,535. 8×8 frames
+    all at 4095 sum to 65,520 a lane, at 4096 to 65,536 (a lane sum would carry: one count too
+    many in the next lane, a wrong total); 96×96 low-dose frames qualify up to 28; 7×7 frames
+    (49 pixels, not whole words) never."""
+    import cryoptycho.gpu.stream as stream
+
+    calls, lane_sum = [], stream._lane_sum
+    monkeypatch.setattr(stream, "_lane_sum", lambda flat: calls.append(flat.shape) or lane_sum(flat))
+    rng = np.random.default_rng(9)
+    frames = np.full((3, m, m), top, np.uint16)
+    frames[1] = rng.integers(0, top + 1, size=(m, m))  # a batch of frames of both kinds
+    mask = rng.random((m, m)) > 0.3 if masked else None
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=1e-10,
+                                    probe=np.ones((m, m), np.complex64), options=ReconOptions(), mask=mask)
+    engine.add_frames(frames, np.zeros((3, 2)))
+    valid = np.ones((m, m), bool) if mask is None else mask
+    expect = sum(int(v) for v in frames[:, valid].ravel().tolist()) / 3
+    assert engine.mean_counts == expect
+    assert bool(calls) == lanes
+

@@ -259,11 +259,13 @@ def _decode_table(batches: tuple[int, ...], seconds: float) -> None:
 
 
 def _producer_process(endpoint: str, control: str, side: int, batch: int, codec: str, total: int,
-                      go: Any, cpu_s: Any, warm_go: Any = None) -> None:
+                      go: Any, cpu_s: Any, warm_go: Any = None, ready: Any = None) -> None:
     """The instrument side in a process of its own: one scan of ``total`` frames, sent as fast
     as the daemon takes them (the data are made before the signal). ``cpu_s``: a shared value
     that receives the process's CPU seconds from the signal until every message has left.
-    ``warm_go``: first, on that signal, a scan of the same size (``e2e-warm``), then aborted."""
+    ``warm_go``: first, on that signal, a scan of the same size (``e2e-warm``), then aborted.
+    ``ready``: set once everything before the measured scan is done (imports, connection, data,
+    the warm-up scan), so that the clock starts with the scan, not with this process's start."""
     data = np.random.default_rng(2).poisson(0.1, (batch, side, side)).astype(np.uint16)
     rounds = total // batch
     ctx = zmq.Context()
@@ -277,6 +279,8 @@ def _producer_process(endpoint: str, control: str, side: int, batch: int, codec:
             producer.send_frames(data, np.arange(i * batch, (i + 1) * batch))
         producer.abort("warm-up scan done")
     scan = _scan("e2e", side, rounds * batch, raster=RasterScan((rounds, batch), (1e-10, 1e-10)))
+    if ready is not None:
+        ready.set()
     go.wait()
     c0 = time.process_time()
     producer.start_scan(scan)
@@ -324,18 +328,27 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
         # spawn, not fork: a forked child shares the daemon's ZeroMQ context (its signalling
         # descriptors), and its exit swallowed the wake-ups of the daemon's ingest socket
         mp = multiprocessing.get_context("spawn")
-        go, producer_cpu = mp.Event(), mp.Value("d", float("nan"))
+        go, ready, producer_cpu = mp.Event(), mp.Event(), mp.Value("d", float("nan"))
         warm_go = mp.Event() if warm else None
         proc = mp.Process(target=_producer_process, args=(bg.service.endpoints["ingest"], bg.service.endpoints["control"],
-                                                          side, batch, codec, total, go, producer_cpu, warm_go),
+                                                          side, batch, codec, total, go, producer_cpu, warm_go, ready),
                           daemon=True)
         scans = bg.service.scans
         try:
             proc.start()
-            time.sleep(0.5)  # the producer connects and makes its frames before the clock starts
             if warm_go is not None:
                 warm_go.set()
                 _wait_for(lambda: _warm_scan_done(scans), timeout_s, proc, "the warm-up scan to end")
+                # an aborted scan's close takes its frame store's rows (ScanManager._hand_over) and
+                # lets go of them after: until then the store's memory is not free to reuse, and
+                # the close's work would be charged to the measured scan
+                scans.flush_disk()
+                store_bytes = total * side * side * 2
+                _wait_for(lambda: MAPPINGS.idle_bytes() >= store_bytes, timeout_s, proc,
+                          "the warm-up scan's frame store to be free for reuse")
+            # the producer imports, connects and makes its frames before the clock starts (a fixed
+            # sleep here left up to ≈ 0.7 s of a loaded box's imports inside the measured window)
+            _wait_for(ready.is_set, timeout_s, proc, "the producer to be ready")
             if bg.service.frame_store_warming is not None:
                 bg.service.frame_store_warming.join(timeout_s)
             reused0, moved0 = MAPPINGS.reused, MAPPINGS.warm_moved
