@@ -196,7 +196,7 @@ def test_uint16_frame_counts_are_exact_either_side_of_the_lane_bound(monkeypatch
     all at 4095 sum to 65,520 a lane, at 4096 to 65,536 (a lane sum would carry: one count too
     many in the next lane, a wrong total); 96×96 low-dose frames qualify up to 28; 7×7 frames
     (49 pixels, not whole words) never."""
-    import cryoptycho.gpu.stream as stream
+    from cryoptycho.gpu import stream
 
     calls, lane_sum = [], stream._lane_sum
     monkeypatch.setattr(stream, "_lane_sum", lambda flat: calls.append(flat.shape) or lane_sum(flat))
