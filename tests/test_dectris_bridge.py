@@ -193,6 +193,9 @@ def test_no_geometry_skips_the_series_with_a_clear_error(caplog: pytest.LogCaptu
     assert out == []
     assert conv.stats["failed_series"] == 1 and conv.stats["skipped_images"] == 6
     assert "no scan geometry" in caplog.text
+    # each way out named as the user sets it, not "a raster in the config"
+    for how in ("--print-schema", "[dectris] positions_endpoint", "[dectris.raster] shape and step_m"):
+        assert how in caplog.text, how
 
 
 def test_invalid_user_data_is_not_silently_replaced_by_the_config(caplog: pytest.LogCaptureFixture) -> None:
