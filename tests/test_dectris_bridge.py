@@ -622,6 +622,41 @@ def test_a_series_the_daemon_refuses_is_counted_logged_and_fails_the_exit_status
         assert daemon.stop() == 0, daemon.log()
 
 
+def test_a_series_named_as_a_result_the_daemon_holds_is_named_anew_not_refused(tmp_path: Any) -> None:
+    """After the detector and the daemon restarted, the series counter (or, here, the simulator's
+    scan id left in user_data) names a series as one the daemon already has a result of. The
+    daemon's own --source then picks a free name; the bridge sent the old one, the daemon refused
+    it (unique_scan_id) and the whole series was lost — a detector cannot send it again."""
+    from cryoptycho.daemon.storage.outputs import output_paths
+    from cryoptycho.daemon.storage.spool import file_stem
+    from cryoptycho.daemon.storage.dataset import write_dataset
+    from cryoptycho.gpu.data import PtychoData
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import start_daemon
+
+    rng = np.random.default_rng(0)
+    dataset = write_dataset(tmp_path / "grid.h5", PtychoData(
+        frames=rng.poisson(3, (16, 32, 32)).astype(np.uint16), positions=rng.uniform(-2e-9, 2e-9, (16, 2)),
+        energy=300e3, detector_pixel_angle=1e-3))
+    old = "grid-series1"  # user_data's scan id (the file's stem) and the series id (README, DECTRIS detectors)
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=0.5",
+                          "--set", 'output_formats=["h5"]')
+    (kept,) = output_paths(tmp_path / "results" / file_stem(old), ["h5"]).values()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(b"the result of an earlier run")
+    try:
+        rc, stats, log = _bridge_into(daemon, 1, "--dataset", str(dataset))
+        assert rc == 0, log
+        assert (stats["series_refused"], stats["series_lost"], stats["series_errors"]) == (0, 0, 0), stats
+        assert stats["frames_sent"] == 16, stats
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            (scan,) = ctl.list_scans()
+        assert scan["scan_id"] != old and scan["scan_id"].startswith(old), scan
+        assert kept.read_bytes() == b"the result of an earlier run"
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
 def test_series_beyond_max_held_bytes_are_dropped_by_name_while_the_queue_stays_full(tmp_path: Any) -> None:
     """What the bridge holds for a full queue is bounded (max_held_bytes): beyond it a series
     is dropped, logged and counted as lost, never held without bound nor dropped unseen."""
