@@ -973,6 +973,30 @@ def test_mangled_bytes_only_ever_raise_protocol_errors(which, part, edits, cut):
         pass
 
 
+def test_a_header_of_a_million_tiny_values_is_checked_without_a_string_per_value():
+    """A header within max_header_bytes can hold a million one-byte values (``[[], [], …]``,
+    1 MiB); the check of what msgpack decoded named each value's path as it walked: 150 MB and
+    1.2 s of the daemon's manager loop per such message, every other client waiting. It now
+    holds only references (8 bytes a value); a refused value's path is still named."""
+    import tracemalloc
+
+    from cryoptycho.protocols.wire import _check_tree
+
+    n = 1 << 20
+    tree = {"protocol": "cryoptycho", "x": [[] for _ in range(n)]}
+    tracemalloc.start()
+    try:
+        _check_tree(tree)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * n, f"{peak / n:.0f} bytes a value"
+    tree["x"][-1] = [b"at the end"]
+    with pytest.raises(ProtocolError) as info:
+        _check_tree(tree)
+    assert (info.value.field, info.value.rule) == (f"x[{n - 1}][0]", "no_binary")
+
+
 def test_envelope_errors_name_the_scan_when_the_header_is_readable():
     with pytest.raises(ProtocolError) as info:
         decode(frame_parts(scan_id="scan-9")[:-1])
