@@ -208,6 +208,12 @@ def read_header(parts: Sequence[Any], limits: Limits) -> dict[str, Any]:
         )
     except ProtocolError:
         raise
+    except msgpack.StackError:  # says nothing itself: the error read "header is not valid msgpack: "
+        raise ProtocolError("header", "max_depth", f"maps and lists nest deeper than {MAX_DEPTH} levels "
+                            "(deeper than the msgpack decoder goes)") from None
+    except msgpack.FormatError:  # likewise silent
+        raise ProtocolError("header", "msgpack", "header is not valid msgpack: it holds the byte 0xc1, "
+                            "which msgpack never uses") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ProtocolError("header", "msgpack", f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):

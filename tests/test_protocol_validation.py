@@ -25,6 +25,7 @@ from cryoptycho.protocols.messages import (
     encode,
 )
 from cryoptycho.protocols.topics import decode_event, encode_event
+from cryoptycho.protocols.wire import read_header
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from protocol_helpers import frames, scan_start
@@ -971,6 +972,19 @@ def test_mangled_bytes_only_ever_raise_protocol_errors(which, part, edits, cut):
         decode(parts, None, STREAMED if which == "frames" else SCANS if which != "start" else {})
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize(("head", "rule", "says"), [
+    (b"\x81\xa1x" + b"\x91" * 5000 + b"\xc0", "max_depth", "nest deeper than 32"),  # past msgpack's own stack
+    (b"\x81\xa1x\xc1", "msgpack", "0xc1"),
+])
+def test_headers_msgpack_refuses_without_a_reason_are_refused_with_one(head, rule, says):
+    """msgpack's StackError and FormatError carry no text: the refusal read "header is not valid
+    msgpack: " and nothing after it."""
+    with pytest.raises(ProtocolError) as info:
+        read_header([head], Limits())
+    assert (info.value.field, info.value.rule) == ("header", rule)
+    assert says in info.value.message, info.value.message
 
 
 def test_a_header_of_a_million_tiny_values_is_checked_without_a_string_per_value():
