@@ -627,9 +627,9 @@ def test_a_series_named_as_a_result_the_daemon_holds_is_named_anew_not_refused(t
     scan id left in user_data) names a series as one the daemon already has a result of. The
     daemon's own --source then picks a free name; the bridge sent the old one, the daemon refused
     it (unique_scan_id) and the whole series was lost — a detector cannot send it again."""
+    from cryoptycho.daemon.storage.dataset import write_dataset
     from cryoptycho.daemon.storage.outputs import output_paths
     from cryoptycho.daemon.storage.spool import file_stem
-    from cryoptycho.daemon.storage.dataset import write_dataset
     from cryoptycho.gpu.data import PtychoData
     from cryoptycho.protocols.control import ControlClient
     from daemon_support import start_daemon
