@@ -418,9 +418,11 @@ class Producer(SocketClient):
                 keys = ("a daemon with CURVE on answers only clients with its keys: Producer(curve=...), "
                         "`replay --client-key ... --server-key ...`" if self._curve is None else
                         "or the daemon refused this client's CURVE keys")
+                # the first thing to check comes first: a new user replays before `serve` is up
                 raise ProducerTimeout(
                     f"no answer from the daemon's control socket {self.control} for "
-                    f"{self.send_timeout_s} s: delivery cannot be confirmed (name the daemon's "
+                    f"{self.send_timeout_s} s: is a daemon running there (`cryoptycho serve`)? "
+                    "Delivery cannot be confirmed (name the daemon's "
                     "control endpoint: Producer(control=...), `replay --control`; or send "
                     f"unconfirmed: confirm=False, `replay --no-confirm`; {keys})"
                 )

@@ -250,8 +250,9 @@ def test_no_acknowledgement_is_a_timeout_naming_the_frames(daemon, small):
         # nobody answers on the control endpoint: the scan does not even start
         with Producer(ingest, send_timeout_s=0.5) as p:
             assert p.control == f"tcp://127.0.0.1:{port + 2}"  # serve's layout
-            with pytest.raises(ProducerTimeout, match="no answer from the daemon's control socket"):
+            with pytest.raises(ProducerTimeout, match="no answer from the daemon's control socket") as info:
                 p.start_scan(**scan.start_fields("nobody"))
+            assert "is a daemon running there (`cryoptycho serve`)?" in str(info.value)  # the likeliest cause first
         # a daemon answers but never gets the frames: the sender hears how many it lacks
         with Producer(ingest, control=daemon.control, send_timeout_s=0.5) as p:
             p.start_scan(**scan.start_fields("elsewhere"))

@@ -4,6 +4,7 @@ error naming the argument (exit status 1 or 2), never a traceback, and never a h
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -52,6 +53,22 @@ def test_replay_with_a_control_endpoint_typo_says_so_instead_of_hanging(tmp_path
               "--timeout", "5")
     assert out.returncode == 1, out.stderr
     assert "cannot connect to 'bogus'" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_replay_and_watch_with_no_daemon_ask_whether_one_is_running(tmp_path):
+    """A new user's likeliest slip, replay or watch before `serve` is up, was told about CURVE
+    keys and --no-confirm (replay, after 30 s) or only "no reply" (watch), never about the daemon."""
+    tiny_dataset(tmp_path / "scan.h5")
+    with socket.socket() as hold:  # takes connections, never speaks ZeroMQ: nobody answers
+        hold.bind(("127.0.0.1", 0))
+        hold.listen()
+        control = f"tcp://127.0.0.1:{hold.getsockname()[1]}"
+        replay = cli("replay", str(tmp_path / "scan.h5"), "--endpoint", "tcp://127.0.0.1:9", "--control", control,
+                     "--timeout", "1")
+        watch = cli("watch", "--control", control, "--publish", "tcp://127.0.0.1:9", "--timeout", "1")
+    assert replay.returncode == 1, replay.stderr
+    assert "is a daemon running there (`cryoptycho serve`)?" in " ".join(replay.stderr.split()), replay.stderr
+    assert "is `cryoptycho serve` running?" in " ".join(watch.stdout.split()), watch.stdout
 
 
 @pytest.mark.parametrize(("args", "said"), [
