@@ -71,6 +71,21 @@ def test_replay_and_watch_with_no_daemon_ask_whether_one_is_running(tmp_path):
     assert "is `cryoptycho serve` running?" in " ".join(watch.stdout.split()), watch.stdout
 
 
+def test_serve_on_a_port_in_use_says_how_to_choose_another(tmp_path):
+    """A second `serve` at the default ports said only "Address already in use"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli("serve", "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*", "--control",
+                  f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--spool-dir", str(tmp_path / "spool"),
+                  "--results-dir", str(tmp_path / "results"))
+    said = " ".join(out.stderr.split())
+    assert out.returncode != 0 and "Traceback" not in said, out.stderr
+    assert f"cannot bind control socket to tcp://127.0.0.1:{port}" in said, out.stderr
+    assert "another daemon there?" in said and "--control" in said and "tcp://127.0.0.1:*" in said, out.stderr
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (("view", "--port", "99999"), "Invalid value for '--port': 99999 is not in the range 0<=x<=65535"),
     (("demo", "--dose", "-1"), "Invalid value for '--dose': -1.0 is not in the range x>0"),
