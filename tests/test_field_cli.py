@@ -86,6 +86,34 @@ def test_serve_on_a_port_in_use_says_how_to_choose_another(tmp_path):
     assert "another daemon there?" in said and "--control" in said and "tcp://127.0.0.1:*" in said, out.stderr
 
 
+def test_view_on_a_port_in_use_says_so_and_port_zero_prints_the_port_it_took():
+    """`view` printed "viewer on http://…" before uvicorn bound the port: a port in use read as
+    serving, then as uvicorn's bare "address already in use" (exit 3); `--port 0` printed port 0."""
+    import urllib.request
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli("view", "--port", str(port))
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "viewer on" not in out.stdout, (out.stdout, out.stderr)
+    assert f"Invalid value for --port: cannot serve the viewer on 127.0.0.1:{port}" in said, out.stderr
+    assert "choose another port; 0 takes any free one" in said, out.stderr
+
+    view = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "view", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = view.stdout.readline()
+        url = line.split(" viewer on ")[1].split()[0]
+        assert not url.endswith(":0/"), line
+        with urllib.request.urlopen(f"{url}healthz", timeout=30) as reply:  # bound before it was printed
+            assert reply.status == 200
+    finally:
+        view.terminate()
+        view.wait(60)
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (("view", "--port", "99999"), "Invalid value for '--port': 99999 is not in the range 0<=x<=65535"),
     (("demo", "--dose", "-1"), "Invalid value for '--dose': -1.0 is not in the range x>0"),
