@@ -435,6 +435,14 @@ class Producer(SocketClient):
                 f"the daemon already has a scan {scan_id!r} ({answer['state']}): scan ids must "
                 "be unique (give another: start_scan(scan_id=...), `replay --scan-id`)"
             )
+        if answer.get("taken"):  # (absent from daemons before it was added)
+            # the daemon would refuse the start (unique_scan_id): said before a frame is sent,
+            # not after the whole scan was, and with the option that gives another id
+            raise ValueError(
+                f"the daemon already holds files of a scan {scan_id!r} (its spool or result, e.g. "
+                "from before a restart), which this one would overwrite: scan ids must be unique "
+                "(give another: start_scan(scan_id=...), `replay --scan-id`; or move the files away)"
+            )
 
     def _confirm(self, scan_id: str, closing: bool, timeout_s: float | None) -> Receipt:
         """Poll the daemon's ``receipt`` until it holds every given frame (and, when ``closing``,

@@ -213,6 +213,30 @@ def test_the_sender_is_told_what_the_daemon_does_not_hold(daemon, small):
         assert info.value.unacknowledged == 10
 
 
+def test_a_scan_id_whose_result_the_daemon_holds_is_refused_before_a_frame_is_sent(daemon, small):
+    """Replaying the README's hb.h5 to a restarted daemon: its start was refused (unique_scan_id:
+    the result from before would be overwritten) once every frame had been sent, and the message
+    said "send the scan under another id" without the option that does. The receipt asked before
+    the start now says the id is taken."""
+    from cryoptycho.daemon.storage.outputs import output_paths
+    from cryoptycho.daemon.storage.spool import file_stem
+
+    path, _ = small
+    (kept,) = output_paths(daemon.workdir / "results" / file_stem("from-before"), ["h5"]).values()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(b"a result from before a restart")
+    out = subprocess.run([*CLI, "replay", str(path), "--endpoint", daemon.ingest, "--control", daemon.control,
+                          "--scan-id", "from-before", "--rate", "0"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "already holds files of a scan 'from-before'" in said and "`replay --scan-id`" in said, out.stderr
+    with ControlClient(daemon.control, timeout_s=30) as ctl:
+        receipt = ctl.receipt("from-before")
+    assert receipt["state"] == "unknown" and receipt["taken"], receipt  # no start was sent
+    assert kept.read_bytes() == b"a result from before a restart"
+
+
 def test_finish_scan_reconstructs_an_open_scan_now(daemon, small):
     _, scan = small
     with ControlClient(daemon.control, timeout_s=30) as ctl, \
