@@ -439,9 +439,8 @@ class Producer(SocketClient):
             # the daemon would refuse the start (unique_scan_id): said before a frame is sent,
             # not after the whole scan was, and with the option that gives another id
             raise ValueError(
-                f"the daemon already holds files of a scan {scan_id!r} (its spool or result, e.g. "
-                "from before a restart), which this one would overwrite: scan ids must be unique "
-                "(give another: start_scan(scan_id=...), `replay --scan-id`; or move the files away)"
+                f"the daemon would refuse scan {scan_id!r}: {answer['taken']} (scan ids must be "
+                "unique: give another, start_scan(scan_id=...), `replay --scan-id`)"
             )
 
     def _confirm(self, scan_id: str, closing: bool, timeout_s: float | None) -> Receipt:

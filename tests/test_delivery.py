@@ -230,10 +230,11 @@ def test_a_scan_id_whose_result_the_daemon_holds_is_refused_before_a_frame_is_se
                          check=False)
     said = " ".join(out.stderr.split())
     assert out.returncode == 1, (out.stdout, out.stderr)
-    assert "already holds files of a scan 'from-before'" in said and "`replay --scan-id`" in said, out.stderr
+    assert "the daemon would refuse scan 'from-before'" in said and str(kept) in said, out.stderr
+    assert "`replay --scan-id`" in said and "frames" not in said, out.stderr  # none was sent
     with ControlClient(daemon.control, timeout_s=30) as ctl:
         receipt = ctl.receipt("from-before")
-    assert receipt["state"] == "unknown" and receipt["taken"], receipt  # no start was sent
+    assert receipt["state"] == "unknown" and str(kept) in receipt["taken"], receipt  # no start was sent
     assert kept.read_bytes() == b"a result from before a restart"
 
 
