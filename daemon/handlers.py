@@ -294,6 +294,10 @@ def build_table(service: Service) -> dict[str, Handler]:
                     "expected_frames": None, "frames": {"received": 0}, "missing": [],
                     "error": None if refused is None else refused[1],
                     "refused_at": None if refused is None else refused[0],
+                    # why a scan_start of this id would be refused as not unique (a spool or
+                    # result of it, e.g. from before a restart), or None: a sender is told
+                    # before it sends the scan, a DECTRIS bridge names its series anew
+                    "taken": service.scans.why_scan_id_taken(scan_id),
                     # asked before a scan starts: a producer sizes its messages below it (its
                     # sender is disconnected and the message lost otherwise)
                     "max_message_bytes": service.limits.max_message_bytes}

@@ -300,11 +300,16 @@ class ScanManager:
         """Whether a scan_start of this id would be refused as not unique: the daemon holds a
         scan of that id, its spool, or its result files. Detector sources, which name their
         scans themselves, ask it so that a series after a restart does not take an old name."""
+        return self.why_scan_id_taken(scan_id) is not None
+
+    def why_scan_id_taken(self, scan_id: str) -> str | None:
+        """The reason a scan_start of this id would be refused as not unique (naming the file
+        that holds it), or None: the control ``receipt`` tells senders before they start."""
         try:
             self._check_unique(scan_id)
-        except ScanRefused:
-            return True
-        return False
+        except ScanRefused as exc:
+            return exc.message
+        return None
 
     def _check_unique(self, scan_id: str, own_spool: bool = False) -> None:
         """Refuse an id the daemon holds a scan, spool (unless ``own_spool``) or result of. A

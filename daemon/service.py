@@ -317,7 +317,10 @@ class Service:
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError as exc:
-                raise RuntimeError(f"cannot bind {name} socket to {endpoint}: {exc}") from None
+                # the likeliest case, a second `serve` at the default ports, said only "Address already in use"
+                hint = (f" (another daemon there? stop it, or give this one other endpoints: --{name} / the "
+                        f"{name} setting; tcp://127.0.0.1:* takes any free port)" if exc.errno == zmq.EADDRINUSE else "")
+                raise RuntimeError(f"cannot bind {name} socket to {endpoint}: {exc}{hint}") from None
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.config.metrics_enabled:
             try:

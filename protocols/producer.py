@@ -418,9 +418,11 @@ class Producer(SocketClient):
                 keys = ("a daemon with CURVE on answers only clients with its keys: Producer(curve=...), "
                         "`replay --client-key ... --server-key ...`" if self._curve is None else
                         "or the daemon refused this client's CURVE keys")
+                # the first thing to check comes first: a new user replays before `serve` is up
                 raise ProducerTimeout(
                     f"no answer from the daemon's control socket {self.control} for "
-                    f"{self.send_timeout_s} s: delivery cannot be confirmed (name the daemon's "
+                    f"{self.send_timeout_s} s: is a daemon running there (`cryoptycho serve`)? "
+                    "Delivery cannot be confirmed (name the daemon's "
                     "control endpoint: Producer(control=...), `replay --control`; or send "
                     f"unconfirmed: confirm=False, `replay --no-confirm`; {keys})"
                 )
@@ -432,6 +434,13 @@ class Producer(SocketClient):
             raise ValueError(
                 f"the daemon already has a scan {scan_id!r} ({answer['state']}): scan ids must "
                 "be unique (give another: start_scan(scan_id=...), `replay --scan-id`)"
+            )
+        if answer.get("taken"):  # (absent from daemons before it was added)
+            # the daemon would refuse the start (unique_scan_id): said before a frame is sent,
+            # not after the whole scan was, and with the option that gives another id
+            raise ValueError(
+                f"the daemon would refuse scan {scan_id!r}: {answer['taken']} (scan ids must be "
+                "unique: give another, start_scan(scan_id=...), `replay --scan-id`)"
             )
 
     def _confirm(self, scan_id: str, closing: bool, timeout_s: float | None) -> Receipt:

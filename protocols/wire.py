@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -100,25 +100,77 @@ def _no_ext(code: int, data: bytes) -> Any:
 def _check_tree(header: dict[str, Any]) -> None:
     """Values msgpack can carry but the protocol cannot store: the timestamp extension (which
     msgpack decodes itself, past ``ext_hook``), binary strings (headers hold text; bytes travel
-    as array parts), binary map keys, and trees nested deeper than :data:`MAX_DEPTH`."""
-    stack: list[tuple[str, Any, int]] = [("", header, 0)]
-    while stack:
-        path, node, depth = stack.pop()
+    as array parts), binary map keys, and trees nested deeper than :data:`MAX_DEPTH`.
+
+    One level at a time, holding only references: a header within ``max_header_bytes`` may be
+    a million one-byte values (``[[], [], …]``), and naming each one's path as it was visited
+    cost 1.2 s of the manager loop and 150 MB per such message. The path of a value refused is
+    found by a second walk, :func:`_refuse_in_tree`, only then."""
+    level: list[Any] = [header]
+    depth = 0
+    while level:
         if depth > MAX_DEPTH:
-            raise ProtocolError(path, "max_depth", f"maps and lists nest deeper than {MAX_DEPTH} levels")
+            _refuse_in_tree(header)
+        below: list[Any] = []
+        for node in level:
+            if isinstance(node, dict):
+                if not all(isinstance(key, str) for key in node):
+                    _refuse_in_tree(header)
+                below.extend(node.values())
+            elif isinstance(node, list):
+                below.extend(node)
+            elif isinstance(node, (msgpack.Timestamp, bytes, bytearray)):
+                _refuse_in_tree(header)
+        level = below
+        depth += 1
+
+
+def _refuse_in_tree(header: dict[str, Any]) -> None:
+    """Raise the :class:`ProtocolError` naming the first value :func:`_check_tree` found wrong.
+    Depth first, the path kept as one list of keys: its text is made for the value refused only
+    (one string per value visited cost as much as the first walk saves, the bomb plus one bad
+    value at its end)."""
+    keys: list[str | int] = []  #: the path to the node being entered
+    stack: list[Iterator[tuple[Any, Any]]] = []
+
+    def path() -> str:
+        text = ""
+        for key in keys:
+            text += f"[{key}]" if isinstance(key, int) else f"{text and '.'}{key}"
+        return text
+
+    def enter(node: Any) -> bool:
+        """Check ``node``; True when it is a map or list whose children come next."""
+        if len(keys) > MAX_DEPTH:
+            raise ProtocolError(path(), "max_depth", f"maps and lists nest deeper than {MAX_DEPTH} levels")
         if isinstance(node, dict):
-            for key, value in node.items():
+            for key in node:
                 if not isinstance(key, str):
-                    raise ProtocolError(
-                        path or "header", "string_key", f"map key {key!r} is not a UTF-8 string"
-                    )
-                stack.append((f"{path}.{key}" if path else key, value, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in enumerate(node))
-        elif isinstance(node, msgpack.Timestamp):
-            raise ProtocolError(path, "no_ext_types", "msgpack extension type -1 (timestamp) is not allowed")
-        elif isinstance(node, (bytes, bytearray)):
-            raise ProtocolError(path, "no_binary", "binary values are not allowed in headers (send an array)")
+                    raise ProtocolError(path() or "header", "string_key",
+                                        f"map key {key!r} is not a UTF-8 string")
+            stack.append(iter(node.items()))
+            return True
+        if isinstance(node, list):
+            stack.append(enumerate(node))
+            return True
+        if isinstance(node, msgpack.Timestamp):
+            raise ProtocolError(path(), "no_ext_types", "msgpack extension type -1 (timestamp) is not allowed")
+        if isinstance(node, (bytes, bytearray)):
+            raise ProtocolError(path(), "no_binary", "binary values are not allowed in headers (send an array)")
+        return False
+
+    enter(header)
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:  # this map or list is done: back to its parent
+            stack.pop()
+            if keys:
+                keys.pop()
+            continue
+        keys.append(item[0])
+        if not enter(item[1]):
+            keys.pop()
+    raise AssertionError("_refuse_in_tree found nothing _check_tree refused")  # the two walks disagree
 
 
 def byte_view(part: Any) -> memoryview:
@@ -156,6 +208,12 @@ def read_header(parts: Sequence[Any], limits: Limits) -> dict[str, Any]:
         )
     except ProtocolError:
         raise
+    except msgpack.StackError:  # says nothing itself: the error read "header is not valid msgpack: "
+        raise ProtocolError("header", "max_depth", f"maps and lists nest deeper than {MAX_DEPTH} levels "
+                            "(deeper than the msgpack decoder goes)") from None
+    except msgpack.FormatError:  # likewise silent
+        raise ProtocolError("header", "msgpack", "header is not valid msgpack: it holds the byte 0xc1, "
+                            "which msgpack never uses") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ProtocolError("header", "msgpack", f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):

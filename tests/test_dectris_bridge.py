@@ -193,6 +193,9 @@ def test_no_geometry_skips_the_series_with_a_clear_error(caplog: pytest.LogCaptu
     assert out == []
     assert conv.stats["failed_series"] == 1 and conv.stats["skipped_images"] == 6
     assert "no scan geometry" in caplog.text
+    # each way out named as the user sets it, not "a raster in the config"
+    for how in ("--print-schema", "[dectris] positions_endpoint", "[dectris.raster] shape and step_m"):
+        assert how in caplog.text, how
 
 
 def test_invalid_user_data_is_not_silently_replaced_by_the_config(caplog: pytest.LogCaptureFixture) -> None:
@@ -615,6 +618,41 @@ def test_a_series_the_daemon_refuses_is_counted_logged_and_fails_the_exit_status
         assert stats["converter"]["rejected_series"] == 2
         assert "the daemon refused scan" in log and "memory_budget" in log, log
         assert "series that did not reach the daemon whole: 2 refused by the daemon" in log
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_a_series_named_as_a_result_the_daemon_holds_is_named_anew_not_refused(tmp_path: Any) -> None:
+    """After the detector and the daemon restarted, the series counter (or, here, the simulator's
+    scan id left in user_data) names a series as one the daemon already has a result of. The
+    daemon's own --source then picks a free name; the bridge sent the old one, the daemon refused
+    it (unique_scan_id) and the whole series was lost — a detector cannot send it again."""
+    from cryoptycho.daemon.storage.dataset import write_dataset
+    from cryoptycho.daemon.storage.outputs import output_paths
+    from cryoptycho.daemon.storage.spool import file_stem
+    from cryoptycho.gpu.data import PtychoData
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import start_daemon
+
+    rng = np.random.default_rng(0)
+    dataset = write_dataset(tmp_path / "grid.h5", PtychoData(
+        frames=rng.poisson(3, (16, 32, 32)).astype(np.uint16), positions=rng.uniform(-2e-9, 2e-9, (16, 2)),
+        energy=300e3, detector_pixel_angle=1e-3))
+    old = "grid-series1"  # user_data's scan id (the file's stem) and the series id (README, DECTRIS detectors)
+    daemon = start_daemon(tmp_path, "--set", "options.iterations=2", "--set", "refine_time_budget_s=0.5",
+                          "--set", 'output_formats=["h5"]')
+    (kept,) = output_paths(tmp_path / "results" / file_stem(old), ["h5"]).values()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(b"the result of an earlier run")
+    try:
+        rc, stats, log = _bridge_into(daemon, 1, "--dataset", str(dataset))
+        assert rc == 0, log
+        assert (stats["series_refused"], stats["series_lost"], stats["series_errors"]) == (0, 0, 0), stats
+        assert stats["frames_sent"] == 16, stats
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            (scan,) = ctl.list_scans()
+        assert scan["scan_id"] != old and scan["scan_id"].startswith(old), scan
+        assert kept.read_bytes() == b"the result of an earlier run"
     finally:
         assert daemon.stop() == 0, daemon.log()
 

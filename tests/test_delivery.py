@@ -213,6 +213,31 @@ def test_the_sender_is_told_what_the_daemon_does_not_hold(daemon, small):
         assert info.value.unacknowledged == 10
 
 
+def test_a_scan_id_whose_result_the_daemon_holds_is_refused_before_a_frame_is_sent(daemon, small):
+    """Replaying the README's hb.h5 to a restarted daemon: its start was refused (unique_scan_id:
+    the result from before would be overwritten) once every frame had been sent, and the message
+    said "send the scan under another id" without the option that does. The receipt asked before
+    the start now says the id is taken."""
+    from cryoptycho.daemon.storage.outputs import output_paths
+    from cryoptycho.daemon.storage.spool import file_stem
+
+    path, _ = small
+    (kept,) = output_paths(daemon.workdir / "results" / file_stem("from-before"), ["h5"]).values()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(b"a result from before a restart")
+    out = subprocess.run([*CLI, "replay", str(path), "--endpoint", daemon.ingest, "--control", daemon.control,
+                          "--scan-id", "from-before", "--rate", "0"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "the daemon would refuse scan 'from-before'" in said and str(kept) in said, out.stderr
+    assert "`replay --scan-id`" in said and "frames" not in said, out.stderr  # none was sent
+    with ControlClient(daemon.control, timeout_s=30) as ctl:
+        receipt = ctl.receipt("from-before")
+    assert receipt["state"] == "unknown" and str(kept) in receipt["taken"], receipt  # no start was sent
+    assert kept.read_bytes() == b"a result from before a restart"
+
+
 def test_finish_scan_reconstructs_an_open_scan_now(daemon, small):
     _, scan = small
     with ControlClient(daemon.control, timeout_s=30) as ctl, \
@@ -250,8 +275,9 @@ def test_no_acknowledgement_is_a_timeout_naming_the_frames(daemon, small):
         # nobody answers on the control endpoint: the scan does not even start
         with Producer(ingest, send_timeout_s=0.5) as p:
             assert p.control == f"tcp://127.0.0.1:{port + 2}"  # serve's layout
-            with pytest.raises(ProducerTimeout, match="no answer from the daemon's control socket"):
+            with pytest.raises(ProducerTimeout, match="no answer from the daemon's control socket") as info:
                 p.start_scan(**scan.start_fields("nobody"))
+            assert "is a daemon running there (`cryoptycho serve`)?" in str(info.value)  # the likeliest cause first
         # a daemon answers but never gets the frames: the sender hears how many it lacks
         with Producer(ingest, control=daemon.control, send_timeout_s=0.5) as p:
             p.start_scan(**scan.start_fields("elsewhere"))

@@ -4,6 +4,7 @@ error naming the argument (exit status 1 or 2), never a traceback, and never a h
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -52,6 +53,65 @@ def test_replay_with_a_control_endpoint_typo_says_so_instead_of_hanging(tmp_path
               "--timeout", "5")
     assert out.returncode == 1, out.stderr
     assert "cannot connect to 'bogus'" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_replay_and_watch_with_no_daemon_ask_whether_one_is_running(tmp_path):
+    """A new user's likeliest slip, replay or watch before `serve` is up, was told about CURVE
+    keys and --no-confirm (replay, after 30 s) or only "no reply" (watch), never about the daemon."""
+    tiny_dataset(tmp_path / "scan.h5")
+    with socket.socket() as hold:  # takes connections, never speaks ZeroMQ: nobody answers
+        hold.bind(("127.0.0.1", 0))
+        hold.listen()
+        control = f"tcp://127.0.0.1:{hold.getsockname()[1]}"
+        replay = cli("replay", str(tmp_path / "scan.h5"), "--endpoint", "tcp://127.0.0.1:9", "--control", control,
+                     "--timeout", "1")
+        watch = cli("watch", "--control", control, "--publish", "tcp://127.0.0.1:9", "--timeout", "1")
+    assert replay.returncode == 1, replay.stderr
+    assert "is a daemon running there (`cryoptycho serve`)?" in " ".join(replay.stderr.split()), replay.stderr
+    assert "is `cryoptycho serve` running?" in " ".join(watch.stdout.split()), watch.stdout
+
+
+def test_serve_on_a_port_in_use_says_how_to_choose_another(tmp_path):
+    """A second `serve` at the default ports said only "Address already in use"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli("serve", "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*", "--control",
+                  f"tcp://127.0.0.1:{port}", "--metrics-port", "0", "--spool-dir", str(tmp_path / "spool"),
+                  "--results-dir", str(tmp_path / "results"))
+    said = " ".join(out.stderr.split())
+    assert out.returncode != 0 and "Traceback" not in said, out.stderr
+    assert f"cannot bind control socket to tcp://127.0.0.1:{port}" in said, out.stderr
+    assert "another daemon there?" in said and "--control" in said and "tcp://127.0.0.1:*" in said, out.stderr
+
+
+def test_view_on_a_port_in_use_says_so_and_port_zero_prints_the_port_it_took():
+    """`view` printed "viewer on http://…" before uvicorn bound the port: a port in use read as
+    serving, then as uvicorn's bare "address already in use" (exit 3); `--port 0` printed port 0."""
+    import urllib.request
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli("view", "--port", str(port))
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "viewer on" not in out.stdout, (out.stdout, out.stderr)
+    assert f"Invalid value for --port: cannot serve the viewer on 127.0.0.1:{port}" in said, out.stderr
+    assert "choose another port; 0 takes any free one" in said, out.stderr
+
+    view = subprocess.Popen([sys.executable, "-m", "cryoptycho.daemon.cli", "view", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = view.stdout.readline()
+        url = line.split(" viewer on ")[1].split()[0]
+        assert not url.endswith(":0/"), line
+        with urllib.request.urlopen(f"{url}healthz", timeout=30) as reply:  # bound before it was printed
+            assert reply.status == 200
+    finally:
+        view.terminate()
+        view.wait(60)
 
 
 @pytest.mark.parametrize(("args", "said"), [

@@ -14,6 +14,7 @@ already installed are reused (nothing is downloaded: the wheel is installed with
 from __future__ import annotations
 
 import ast
+import fnmatch
 import importlib.metadata
 import json
 import os
@@ -173,6 +174,30 @@ def test_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         assert "cryoptycho = cryoptycho.daemon.cli:main" in zf.read(entry_points).decode()
+
+
+def test_every_folder_of_shipped_files_is_a_declared_package() -> None:
+    """Each folder holding shipped files is listed in ``packages`` and its own ``package-data``
+    globs name its data files. setuptools takes every importable folder for a package: data in an
+    unlisted one (``static/``, ``data/`` globbed from the parent) is shipped today with a
+    "Package ... is absent from the `packages` configuration" warning on every build and install,
+    and "would be ignored" by a later setuptools. Read from pyproject.toml: no build needed."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert {v: k for k, v in tool["package-dir"].items()} == PACKAGES
+    declared = set(tool["packages"])
+    package_data = tool["package-data"]
+    problems = [f"package-data for {name}, which is not in packages" for name in package_data if name not in declared]
+    problems += [f"package-data glob {glob!r} of {name} reaches into a subfolder: make that folder a package"
+                 for name, globs in package_data.items() for glob in globs if "/" in glob]
+    for rel in _source_files():
+        if rel.as_posix() in NOT_SHIPPED:
+            continue
+        package = ".".join([PACKAGES[rel.parts[0]], *rel.parts[1:-1]])
+        if package not in declared:
+            problems.append(f"{rel}: its folder {package} is not in [tool.setuptools] packages")
+        elif rel.suffix != ".py" and not any(fnmatch.fnmatch(rel.name, g) for g in package_data.get(package, [])):
+            problems.append(f"{rel}: no [tool.setuptools.package-data] glob of {package} names it")
+    assert not problems, "\n".join(problems)
 
 
 def test_every_module_imports_from_the_installed_wheel(install: Install) -> None:

@@ -25,6 +25,7 @@ from cryoptycho.protocols.messages import (
     encode,
 )
 from cryoptycho.protocols.topics import decode_event, encode_event
+from cryoptycho.protocols.wire import read_header
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from protocol_helpers import frames, scan_start
@@ -971,6 +972,43 @@ def test_mangled_bytes_only_ever_raise_protocol_errors(which, part, edits, cut):
         decode(parts, None, STREAMED if which == "frames" else SCANS if which != "start" else {})
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize(("head", "rule", "says"), [
+    (b"\x81\xa1x" + b"\x91" * 5000 + b"\xc0", "max_depth", "nest deeper than 32"),  # past msgpack's own stack
+    (b"\x81\xa1x\xc1", "msgpack", "0xc1"),
+])
+def test_headers_msgpack_refuses_without_a_reason_are_refused_with_one(head, rule, says):
+    """msgpack's StackError and FormatError carry no text: the refusal read "header is not valid
+    msgpack: " and nothing after it."""
+    with pytest.raises(ProtocolError) as info:
+        read_header([head], Limits())
+    assert (info.value.field, info.value.rule) == ("header", rule)
+    assert says in info.value.message, info.value.message
+
+
+def test_a_header_of_a_million_tiny_values_is_checked_without_a_string_per_value():
+    """A header within max_header_bytes can hold a million one-byte values (``[[], [], …]``,
+    1 MiB); the check of what msgpack decoded named each value's path as it walked: 150 MB and
+    1.2 s of the daemon's manager loop per such message, every other client waiting. It now
+    holds only references (8 bytes a value); a refused value's path is still named."""
+    import tracemalloc
+
+    from cryoptycho.protocols.wire import _check_tree
+
+    n = 1 << 20
+    tree = {"protocol": "cryoptycho", "x": [[] for _ in range(n)]}
+    tracemalloc.start()
+    try:
+        _check_tree(tree)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * n, f"{peak / n:.0f} bytes a value"
+    tree["x"][-1] = [b"at the end"]
+    with pytest.raises(ProtocolError) as info:
+        _check_tree(tree)
+    assert (info.value.field, info.value.rule) == (f"x[{n - 1}][0]", "no_binary")
 
 
 def test_envelope_errors_name_the_scan_when_the_header_is_readable():

@@ -54,6 +54,19 @@ def test_every_command_the_readme_names_exists() -> None:
                     assert flag in help_.output, f"README uses {flag} that `{words[1]}` lacks: {line}"
 
 
+def test_the_five_minute_walkthrough_names_the_files_the_daemon_writes() -> None:
+    """It said ``hb.h5 (+ .mrc, .png)``: a user looking for ``hb.mrc`` found ``hb.phase.mrc``."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.storage.outputs import output_paths
+
+    section = README.split("## Live service in five minutes")[1].split("\n## ")[0]
+    cfg = ServiceConfig()
+    written = output_paths(Path(cfg.results_dir.name) / "hb", cfg.output_formats).values()
+    named = set(re.findall(r"`([^`\s]+\.(?:h5|mrc|png))`", section.split("The result lands in")[1].split(";")[0]))
+    assert {p.name for p in written} == {Path(n).name for n in named}, named
+    assert f"`{Path(cfg.results_dir.name) / 'hb.h5'}`" in section
+
+
 def test_the_dataset_snippet_writes_a_file_the_engine_reconstructs(tmp_path, monkeypatch) -> None:
     """Run the README's h5py example on a simulated high-dose scan, then reconstruct the file it
     wrote with the probe model it declares: the object must come out right."""

@@ -104,8 +104,6 @@ def test_a_scan_id_used_before_a_restart_cannot_overwrite_its_result(tmp_path, s
     """The daemon forgets its scans at a restart (and after 256 scans), but their result files
     stay: a new scan under an old id (acquisition software that numbers from 1 every session,
     a dataset replayed twice) is refused by name instead of overwriting the earlier result."""
-    from cryoptycho.protocols.errors import DeliveryError
-
     def send(d, frames) -> None:
         with Producer(d.ingest, control=d.control, send_timeout_s=60) as p:
             p.start_scan(**scan.start_fields("scan-0001"))
@@ -122,8 +120,18 @@ def test_a_scan_id_used_before_a_restart_cannot_overwrite_its_result(tmp_path, s
         first = Path(result).read_bytes()
 
         daemon = start_daemon(tmp_path, *FAST)
-        with pytest.raises(DeliveryError, match=r"scan-0001\.h5.*another id"):
+        # the receipt asked before the start says so: refused before a frame is sent
+        with pytest.raises(ValueError, match=r"would refuse scan 'scan-0001'.*scan-0001\.h5.*another id"):
             send(daemon, scan.frames[:30])
+        # a sender that does not ask first is refused by the daemon itself
+        with Producer(daemon.ingest, control=daemon.control, confirm=False) as p:
+            p.start_scan(**scan.start_fields("scan-0001"))
+            p.send_frames(scan.frames[:30])
+            p.end_scan()
+        with ControlClient(daemon.control, timeout_s=10) as ctl:
+            refused = wait_for(lambda: (r := ctl.receipt("scan-0001"))["state"] == "refused" and r, 90,
+                               "the daemon to refuse the start", daemon)
+        assert "scan-0001.h5" in refused["error"] and "unique_scan_id" in refused["error"], refused
         assert daemon.stop() == 0
     finally:
         if daemon.proc.poll() is None:

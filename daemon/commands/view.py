@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 from pathlib import Path
 
 import click
@@ -47,11 +49,37 @@ def command(publish: str, control: str, host: str, port: int, token: str | None,
             check_endpoint(endpoint, kind)
     except InvalidEndpoint as exc:
         raise click.BadParameter(str(exc), param_hint=option) from None
+    # bound here, before the URL is printed: uvicorn bound it itself after "viewer on …" was
+    # printed, so a port in use read as serving, then as uvicorn's bare "address already in
+    # use"; and --port 0 printed port 0
+    sock = _bind(host, port)
+    port = sock.getsockname()[1]
     logging.basicConfig(level=logging.INFO)
     app = create_app(Hub(publish, control, max_side=max_side, curve=curve), token=token)
-    url = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/" + (f"?token={token}" if token else "")
     click.echo(f"cryoptycho viewer on {url}  (daemon: publish {publish}, control {control})")
     # timeout_graceful_shutdown: a page's WebSocket handler waits for the next preview and does not
     # see its page go, so without a limit SIGTERM waited for ever for pages closed long ago
-    uvicorn.run(app, host=host, port=port, log_level="warning", ws="auto",  # the sans-I/O websockets implementation where uvicorn has it
-                timeout_graceful_shutdown=1, http=HeaderTimeoutH11Protocol)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level="warning", ws="auto",  # the sans-I/O websockets implementation where uvicorn has it
+        timeout_graceful_shutdown=1, http=HeaderTimeoutH11Protocol))
+    server.run(sockets=[sock])
+    if not server.started:  # (uvicorn.run's exit status for a server that did not start)
+        raise SystemExit(3)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The viewer's listening socket, made as uvicorn makes it; or a usage error that names the
+    address and, for one in use, what to do."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
+        sock.bind((host, port))
+        sock.listen(2048)  # (uvicorn's backlog) a browser opened at the printed URL waits, not refused
+    except OSError as exc:
+        sock.close()
+        in_use = exc.errno == errno.EADDRINUSE
+        hint = " (another viewer there? choose another port; 0 takes any free one, printed)" if in_use else ""
+        raise click.BadParameter(f"cannot serve the viewer on {host}:{port}: {exc.strerror or exc}{hint}",
+                                 param_hint="--port" if in_use else "--host") from None
+    return sock

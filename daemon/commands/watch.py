@@ -190,7 +190,8 @@ def command(publish: str, control: str, save_dir: Path | None, exit_after_result
             with ControlClient(control, timeout_s=2.0, retries=1, curve=curve) as ctl:
                 board.seed(ctl.list_scans())
         except (ControlTimeout, ControlError) as exc:
-            console.print(f"[yellow]no scan list from {control}: {exc}[/yellow]")
+            console.print(f"[yellow]no scan list from {control}: {exc} (is `cryoptycho serve` running? "
+                          "watching for its events anyway)[/yellow]")
         deadline = time.monotonic() + timeout if timeout > 0 else None
         while deadline is None or time.monotonic() < deadline:
             ev = sub.recv(timeout_s=0.5)

@@ -118,6 +118,10 @@ def run_bridge(
         ctl = ControlClient(control or prod.control or control_endpoint_for(ingest_endpoint), timeout_s=2.0,
                             retries=1, limits=limits, curve=prod._curve, context=ctx)
         gate = StartGate(prod, ctl, converter, stats, cfg.max_held_bytes, prod.send_timeout_s)
+        # as the daemon's own --source does: a series whose name the daemon already holds (a
+        # result from before both restarted, the detector's series counter back at 1) is named
+        # anew, not refused — the detector cannot send it again
+        converter.taken = gate.scan_id_taken
     ended, gave_up = 0, False
     try:
         try:
@@ -340,6 +344,18 @@ class StartGate:
             return None
         self._silent_since = None
         return answer
+
+    def scan_id_taken(self, scan_id: str) -> bool:
+        """Whether the daemon would refuse a scan_start of ``scan_id`` as not unique (its
+        ``receipt``: a scan of that id, or ``taken``: its spool or result files). A daemon that
+        does not answer now counts as not holding it; a refusal then says so, logged and counted."""
+        try:
+            answer = self.control.receipt(scan_id)
+        except (ControlTimeout, ControlError) as exc:
+            log.warning("cannot ask the daemon whether it holds scan %s already (%s): the series is sent "
+                        "under that name", scan_id, exc)
+            return False
+        return answer["state"] not in ("unknown", "refused") or bool(answer.get("taken"))
 
     def _verdict(self) -> bool:
         """Whether the daemon decided on the pending scan_start (and the gate acted on it)."""

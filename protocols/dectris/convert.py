@@ -391,8 +391,12 @@ class SeriesConverter:
         elif cfg.raster is not None:
             expected = cfg.raster.count
         else:
-            raise HeaderError("user_data", "no scan geometry: give a cryoptycho scan in user_data "
-                              "(header_appendix), a positions side channel, or a raster in the config")
+            # names the settings themselves: "a raster in the config" left a facility guessing the key
+            raise HeaderError("user_data", "no scan geometry: put a cryoptycho scan description in the "
+                              "start message's user_data (SIMPLON header_appendix; schema: `cryoptycho "
+                              "dectris-sim --print-schema`), send positions to a side channel "
+                              "([dectris] positions_endpoint), or set a raster in the daemon's config "
+                              "([dectris.raster] shape and step_m)")
         images = start.number_of_images
         if images is not None and images != expected:
             # the detector took another number of images than the scan has positions (a trigger
