@@ -119,8 +119,9 @@ def _multi_dim(tag: cbor2.CBORTag) -> np.ndarray:
 
 class ImagePayload(NamedTuple):
     """One channel of an image as it arrived: the bslz4 bytes (with their HDF5-filter header)
-    when the detector sent bslz4, else the decoded array (``array``). A named tuple: one is
-    made per image, and a frozen dataclass costs 1.2 µs more to build, under the GIL."""
+    when the detector sent bslz4, else the decoded array (``array``). A named tuple: a frozen
+    dataclass costs 1.2 µs more to build, under the GIL (the decoding jobs make none for an
+    image as detectors send it: :func:`split_plain_v2_image`)."""
 
     shape: tuple[int, int]
     dtype: np.dtype
@@ -154,9 +155,10 @@ def split_v2_image(raw: bytes, channel: str | None) -> ImageParts:
     :class:`DecodeError` naming what is wrong. The payload's framing is checked when it is
     decompressed (:func:`.codec.bslz4_array`).
 
-    Every image of a stream goes through here under the GIL: an image as detectors send it is
-    loaded without a tag hook and read without :func:`decode_v2`'s per-field helpers (measured: the
-    hook cost 0.3 µs, 3 %, of this parse; the helpers doubled the time spent here beyond ``cbor2.loads``);
+    The decoding jobs read an image as detectors send it through :func:`split_plain_v2_image`
+    (no object per image) and come here for any other. Here too such an image is loaded without
+    a tag hook and read without :func:`decode_v2`'s per-field helpers (measured: the hook cost
+    0.3 µs, 3 %, of this parse; the helpers doubled the time spent here beyond ``cbor2.loads``);
     anything else (an unknown tag, a fault) is loaded again as :func:`decode_v2` loads it and
     checked field by field. ``tests/test_dectris_decode.py`` holds the two to the same answers
     and errors."""
