@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 from cryoptycho.protocols import compression
 from cryoptycho.protocols.dectris.codec import bslz4_array
-from cryoptycho.protocols.dectris.decode import V2_MAGIC, decode_v2, split_plain_v2_image, split_v2_image
+from cryoptycho.protocols.dectris.decode import (
+    V2_MAGIC,
+    decode_v2,
+    split_plain_v2_image,
+    split_v2_image,
+)
 from cryoptycho.protocols.dectris.schema import DecodeError
 from cryoptycho.protocols.dectris.source import decode_job, spool_chunk
 from hypothesis import given, settings
@@ -27,19 +32,53 @@ _BSLZ4 = compression.bslz4_compress(_FRAME)
 
 #: (field, value) defects of an otherwise plain image; "drop" removes the field
 _FIELD_DEFECTS = [
-    ("series_id", True), ("series_id", 1.0), ("series_id", None), ("series_id", "1"), ("series_id", 1 << 64),
-    ("series_id", -(1 << 63) - 1), ("series_id", "drop"), ("image_id", False), ("image_id", 1 << 63),
-    ("image_id", -5), ("image_id", [1]), ("image_id", cbor2.CBORTag(9999, 3)), ("image_id", "drop"),
-    ("series_unique_id", 7), ("series_unique_id", None), ("series_unique_id", "drop"),
-    ("series_unique_id", cbor2.CBORTag(9999, "u")), ("type", "start"), ("type", "end"), ("type", 3),
-    ("data", {}), ("data", []), ("data", "drop"), ("data", {"other": 1}),
-    ("series_date", "drop"), ("series_date", cbor2.CBORTag(0, "not a date")),
+    ("series_id", True),
+    ("series_id", 1.0),
+    ("series_id", None),
+    ("series_id", "1"),
+    ("series_id", 1 << 64),
+    ("series_id", -(1 << 63) - 1),
+    ("series_id", "drop"),
+    ("image_id", False),
+    ("image_id", 1 << 63),
+    ("image_id", -5),
+    ("image_id", [1]),
+    ("image_id", cbor2.CBORTag(9999, 3)),
+    ("image_id", "drop"),
+    ("series_unique_id", 7),
+    ("series_unique_id", None),
+    ("series_unique_id", "drop"),
+    ("series_unique_id", cbor2.CBORTag(9999, "u")),
+    ("type", "start"),
+    ("type", "end"),
+    ("type", 3),
+    ("data", {}),
+    ("data", []),
+    ("data", "drop"),
+    ("data", {"other": 1}),
+    ("series_date", "drop"),
+    ("series_date", cbor2.CBORTag(0, "not a date")),
     ("user_data", cbor2.CBORTag(9999, {"a": 1})),
 ]
 
 #: the channel's layouts (_array)
-_ARRAYS = ["plain", "column_major", "raw_le", "big_endian", "lz4", "modifier", "blob_text", "dims3", "dims0",
-           "dims_bool", "dims_neg", "not_tag", "unknown_tag_inside", "short", "other_shape"]
+_ARRAYS = [
+    "plain",
+    "column_major",
+    "raw_le",
+    "big_endian",
+    "lz4",
+    "modifier",
+    "blob_text",
+    "dims3",
+    "dims0",
+    "dims_bool",
+    "dims_neg",
+    "not_tag",
+    "unknown_tag_inside",
+    "short",
+    "other_shape",
+]
 
 
 def _array(kind: str, frame: np.ndarray = _FRAME) -> object:
@@ -51,11 +90,22 @@ def _array(kind: str, frame: np.ndarray = _FRAME) -> object:
     return {
         "plain": cbor2.CBORTag(40, [[y, x], good]),
         "column_major": cbor2.CBORTag(1040, [[x, y], good]),
-        "raw_le": cbor2.CBORTag(40, [[y, x], cbor2.CBORTag(typed, frame.astype("<u2" if typed == 69 else "<u4").tobytes())]),
-        "big_endian": cbor2.CBORTag(40, [[y, x], cbor2.CBORTag(65, cbor2.CBORTag(56500, ["bslz4", 2, blob]))]),
-        "lz4": cbor2.CBORTag(40, [[y, x], cbor2.CBORTag(typed, cbor2.CBORTag(56500, ["lz4", 2, blob]))]),
-        "modifier": cbor2.CBORTag(40, [[y, x], cbor2.CBORTag(typed, cbor2.CBORTag(56500, ["bslz4", 4, blob]))]),
-        "blob_text": cbor2.CBORTag(40, [[y, x], cbor2.CBORTag(typed, cbor2.CBORTag(56500, ["bslz4", 2, "x"]))]),
+        "raw_le": cbor2.CBORTag(
+            40,
+            [[y, x], cbor2.CBORTag(typed, frame.astype("<u2" if typed == 69 else "<u4").tobytes())],
+        ),
+        "big_endian": cbor2.CBORTag(
+            40, [[y, x], cbor2.CBORTag(65, cbor2.CBORTag(56500, ["bslz4", 2, blob]))]
+        ),
+        "lz4": cbor2.CBORTag(
+            40, [[y, x], cbor2.CBORTag(typed, cbor2.CBORTag(56500, ["lz4", 2, blob]))]
+        ),
+        "modifier": cbor2.CBORTag(
+            40, [[y, x], cbor2.CBORTag(typed, cbor2.CBORTag(56500, ["bslz4", 4, blob]))]
+        ),
+        "blob_text": cbor2.CBORTag(
+            40, [[y, x], cbor2.CBORTag(typed, cbor2.CBORTag(56500, ["bslz4", 2, "x"]))]
+        ),
         "dims3": cbor2.CBORTag(40, [[1, y, x], good]),
         "dims0": cbor2.CBORTag(40, [[0, x], good]),
         "dims_bool": cbor2.CBORTag(40, [[True, x], good]),
@@ -63,16 +113,35 @@ def _array(kind: str, frame: np.ndarray = _FRAME) -> object:
         "not_tag": [[y, x], good],
         "unknown_tag_inside": cbor2.CBORTag(40, [[y, x], cbor2.CBORTag(9999, good)]),
         "short": cbor2.CBORTag(40, [[y, x]]),
-        "other_shape": cbor2.CBORTag(40, [[x, y * 2], cbor2.CBORTag(
-            typed, cbor2.CBORTag(56500, ["bslz4", 2, compression.bslz4_compress(np.zeros((x, 2 * y), frame.dtype))]))]),
+        "other_shape": cbor2.CBORTag(
+            40,
+            [
+                [x, y * 2],
+                cbor2.CBORTag(
+                    typed,
+                    cbor2.CBORTag(
+                        56500,
+                        ["bslz4", 2, compression.bslz4_compress(np.zeros((x, 2 * y), frame.dtype))],
+                    ),
+                ),
+            ],
+        ),
     }[kind]
 
 
-def _message(image_id: int, defect: tuple[str, object] | None, array: str, first_key: bool = True) -> bytes:
+def _message(
+    image_id: int, defect: tuple[str, object] | None, array: str, first_key: bool = True
+) -> bytes:
     msg: dict[str, object] = {
-        "type": "image", "series_id": 3, "series_unique_id": "u3", "image_id": image_id,
-        "real_time": [1, 100], "series_date": datetime.datetime(2026, 12, 7, tzinfo=datetime.timezone.utc),
-        "start_time": [image_id, 100], "stop_time": [image_id + 1, 100], "user_data": None,
+        "type": "image",
+        "series_id": 3,
+        "series_unique_id": "u3",
+        "image_id": image_id,
+        "real_time": [1, 100],
+        "series_date": datetime.datetime(2026, 12, 7, tzinfo=datetime.timezone.utc),
+        "start_time": [image_id, 100],
+        "stop_time": [image_id + 1, 100],
+        "user_data": None,
         "data": {CHANNEL: _array(array)},
     }
     if defect is not None:
@@ -91,7 +160,7 @@ def _bytes_defect(raw: bytes, how: str, where: int) -> bytes:
         return raw[: where % len(raw)]
     if how == "flip":
         pos = where % len(raw)
-        return raw[:pos] + bytes([raw[pos] ^ (1 + where % 255)]) + raw[pos + 1:]
+        return raw[:pos] + bytes([raw[pos] ^ (1 + where % 255)]) + raw[pos + 1 :]
     if how == "magic":
         return b"\xd9\xd9\xf6" + raw[3:]
     return raw
@@ -146,8 +215,14 @@ def _plain_as_checked(raw: bytes) -> bool:
     except DecodeError:  # a fault of the payload: found where it is decompressed, on either path
         assert isinstance(checked, DecodeError)
         return True
-    assert not isinstance(checked, DecodeError), f"plain path took what the checked decoder refuses: {checked}"
-    assert (series_id, unique_id, image_id) == (checked.series_id, checked.series_unique_id, checked.image_id)
+    assert not isinstance(checked, DecodeError), (
+        f"plain path took what the checked decoder refuses: {checked}"
+    )
+    assert (series_id, unique_id, image_id) == (
+        checked.series_id,
+        checked.series_unique_id,
+        checked.image_id,
+    )
     assert frame.dtype == checked.data[CHANNEL].dtype
     np.testing.assert_array_equal(frame, checked.data[CHANNEL])
     return True
@@ -166,10 +241,14 @@ def _expected_job(items: list[bytes]) -> tuple[list[int], list[str], list[bytes]
             continue
         p = parts.payload
         if not (-_ID_MAX <= parts.image_id <= _ID_MAX and -_ID_MAX <= parts.series_id <= _ID_MAX):
-            errors.append(f"image id {parts.image_id} of series {parts.series_id} does not fit in 64 bits")
+            errors.append(
+                f"image id {parts.image_id} of series {parts.series_id} does not fit in 64 bits"
+            )
             continue
         if first is not None and (p.shape, p.dtype) != first:
-            errors.append(f"image {parts.image_id} is {p.shape} {p.dtype}, the images before it {first[0]} {first[1]}")
+            errors.append(
+                f"image {parts.image_id} is {p.shape} {p.dtype}, the images before it {first[0]} {first[1]}"
+            )
             continue
         first = first or (p.shape, p.dtype)
         ids.append(parts.image_id)
@@ -187,9 +266,20 @@ def test_a_job_gives_each_image_as_the_checked_path_alone(items: list[bytes]) ->
 
 def test_a_job_of_plain_images_with_faults_between_keeps_order_and_chunks() -> None:
     good = [_message(i, None, "plain") for i in range(6)]
-    items = [good[0], _message(90, ("image_id", True), "plain"), good[1], _message(91, None, "other_shape"),
-             good[2], _message(1 << 63, None, "plain"), good[3], good[4][:-3], good[5]]
-    assert split_plain_v2_image(good[0], CHANNEL) is not None  # (the plain path is the one under test)
+    items = [
+        good[0],
+        _message(90, ("image_id", True), "plain"),
+        good[1],
+        _message(91, None, "other_shape"),
+        good[2],
+        _message(1 << 63, None, "plain"),
+        good[3],
+        good[4][:-3],
+        good[5],
+    ]
+    assert (
+        split_plain_v2_image(good[0], CHANNEL) is not None
+    )  # (the plain path is the one under test)
     batch = decode_job(items, CHANNEL, None)
     assert batch.image_ids.tolist() == [0, 1, 2, 3, 5]
     assert [str(e).split(" ")[0] for e in batch.errors] == ["field", "image", "image", "truncated"]

@@ -30,7 +30,8 @@ from .schema import (
     parse_dtype,
 )
 
-__all__ = ["V1_CHANNEL", "V2_MAGIC", "ImageParts", "ImagePayload", "V1Parser", "decode_v2", "is_v2_image", "split_v2_image"]
+__all__ = ["V1_CHANNEL", "V2_MAGIC", "ImageParts", "ImagePayload", "PlainImage", "V1Parser", "decode_v2",
+           "is_v2_image", "split_plain_v2_image", "split_v2_image"]
 
 V2_MAGIC = b"\xd9\xd9\xf7"  #: CBOR self-described tag 55799 that starts every V2 message
 _ANGSTROM = 1e-10
@@ -228,7 +229,8 @@ def _plain_image(msg: dict[str, Any], channel: str | None) -> ImageParts | None:
     if fields is not None:
         series_id, unique_id, image_id, y, x, dtype, blob = fields
         return ImageParts(series_id, unique_id, image_id, ImagePayload((y, x), dtype, bslz4=blob))
-    series_id, unique_id, image_id, body = msg.get("series_id"), msg.get("series_unique_id"), msg.get("image_id"), msg.get("data")
+    series_id, unique_id, image_id = msg.get("series_id"), msg.get("series_unique_id"), msg.get("image_id")
+    body = msg.get("data")
     if (msg.get("type") != "image" or next(iter(msg)) != "type" or type(series_id) is not int
             or type(image_id) is not int or not (unique_id is None or type(unique_id) is str)
             or type(body) is not dict or not body):
