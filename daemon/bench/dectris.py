@@ -790,7 +790,7 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
     from cryoptycho.gpu.options import ReconOptions
     from cryoptycho.gpu.stream import StreamingReconstructor
     from cryoptycho.protocols.dectris.codec import bslz4_batch, bslz4_batch_plan
-    from cryoptycho.protocols.dectris.decode import split_v2_image
+    from cryoptycho.protocols.dectris.decode import split_plain_v2_image, split_v2_image
     from cryoptycho.protocols.dectris.source import SUB_BATCH, Decoder, DirectConverter
     from cryoptycho.protocols.messages import ScanStart, encode
     from cryoptycho.protocols.sources import DetectorFrames
@@ -879,7 +879,8 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
 
     stages: dict[str, Callable[[], int]] = {
         "decode_job": lambda: sum(len(decoder(job, CHANNEL, reducer)) for job in jobs),
-        "job_cbor": lambda: sum(1 for raw in images if split_v2_image(raw, CHANNEL)),
+        # (the job's own reading of an image as detectors send it; split_v2_image is for the rest)
+        "job_cbor": lambda: sum(1 for raw in images if split_plain_v2_image(raw, CHANNEL)),
         "job_bslz4": job_bslz4,
         "job_bin": job_bin,
         "binned_compress": binned_compress,

@@ -53,7 +53,7 @@ from ..sources import (
 from .binning import scratch
 from .codec import bslz4_array, bslz4_batch, bslz4_batch_plan
 from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, _Plan
-from .decode import ImagePayload, split_v2_image
+from .decode import ImagePayload, split_plain_v2_image, split_v2_image
 from .receiver import DectrisReceiver, ErrorLogLimiter, parse_source
 from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, SeriesStart
 
@@ -116,6 +116,21 @@ class DecodedBatch:
         return len(self.image_ids)
 
 
+def _item_parts(item: bytes | Image, channel: str | None) -> tuple[int, str | None, int, ImagePayload]:
+    """The ids and channel of an image that is not as detectors send it (or a decoded V1
+    image), or the :class:`DecodeError` that names what is wrong with it."""
+    if isinstance(item, bytes):
+        # without a channel (no start received yet) the image's first: its ids are what
+        # counts, the series tracker rejects it as an image without a start
+        return split_v2_image(item, channel)
+    name = channel or next(iter(item.data), None)
+    if name not in item.data:
+        raise DecodeError(f"image {item.image_id} lacks channel {name!r}")
+    arr = item.data[name]
+    return (item.series_id, item.series_unique_id, item.image_id,
+            ImagePayload((arr.shape[0], arr.shape[1]), arr.dtype, array=arr))
+
+
 def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, decode: bool = True,
                counts_out: np.ndarray | None = None) -> DecodedBatch:
     """The workers' job: parse each image, and with ``decode``, decompress its channel once
@@ -126,40 +141,52 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
     anything else raised is a bug, and the caller's."""
     c0 = time.thread_time()
     out = DecodedBatch(reducer=reducer)
-    payloads: list[ImagePayload] = []
+    # per image: its bslz4 bytes as they came (None: decoded already, ``arrays``), ids; all of
+    # the first image's shape and dtype (another is an error of that image)
+    blobs: list[bytes | None] = []
+    arrays: list[np.ndarray | None] = []
     ids: list[int] = []
     series: list[int] = []
+    unique_ids = out.unique_ids
+    shape: tuple[int, int] | None = None
+    dtype: np.dtype | None = None
     for item in items:
+        # an image as detectors send it: one plain tuple, no object per image (split_plain_v2_image)
+        fields = split_plain_v2_image(item, channel) if type(item) is bytes else None
+        if fields is not None:
+            series_id, unique_id, image_id, y, x, item_dtype, blob = fields
+            if (shape is not None and y == shape[0] and x == shape[1] and item_dtype is dtype
+                    and -_ID_MAX <= image_id <= _ID_MAX and -_ID_MAX <= series_id <= _ID_MAX):
+                blobs.append(blob)
+                arrays.append(None)
+                ids.append(image_id)
+                series.append(series_id)
+                unique_ids.append(unique_id)
+                continue
+            payload = ImagePayload((y, x), item_dtype, bslz4=blob)
         try:
-            if isinstance(item, bytes):
-                # without a channel (no start received yet) the image's first: its ids are
-                # what counts, the series tracker rejects it as an image without a start
-                series_id, unique_id, image_id, payload = split_v2_image(item, channel)
-            else:
-                name = channel or next(iter(item.data), None)
-                if name not in item.data:
-                    raise DecodeError(f"image {item.image_id} lacks channel {name!r}")
-                arr = item.data[name]
-                payload = ImagePayload((arr.shape[0], arr.shape[1]), arr.dtype, array=arr)
-                series_id, unique_id, image_id = item.series_id, item.series_unique_id, item.image_id
+            if fields is None:
+                series_id, unique_id, image_id, payload = _item_parts(item, channel)
             if not (-_ID_MAX <= image_id <= _ID_MAX and -_ID_MAX <= series_id <= _ID_MAX):
                 # an error of this image: the batch's int64 ids raised OverflowError, a failed scan
                 raise DecodeError(f"image id {image_id} of series {series_id} does not fit in 64 bits")
-            if payloads and (payload.shape != payloads[0].shape or payload.dtype != payloads[0].dtype):
+            if shape is not None and (payload.shape != shape or payload.dtype != dtype):
                 raise DecodeError(f"image {image_id} is {payload.shape} {payload.dtype}, the "
-                                  f"images before it {payloads[0].shape} {payloads[0].dtype}")
+                                  f"images before it {shape} {dtype}")
         except DecodeError as exc:
             out.errors.append(exc)
             continue
-        payloads.append(payload)
+        if shape is None:
+            shape, dtype = payload.shape, payload.dtype
+        blobs.append(payload.bslz4)
+        arrays.append(payload.array)
         ids.append(image_id)
         series.append(series_id)
-        out.unique_ids.append(unique_id)
-    if not payloads:
+        unique_ids.append(unique_id)
+    if shape is None or dtype is None:
         out.unique_ids = []
         out.cpu_s = time.thread_time() - c0
         return out
-    shape, dtype = payloads[0].shape, payloads[0].dtype
     out.shape, out.dtype = shape, dtype
     if not decode:
         out.image_ids, out.series_ids = np.array(ids, np.int64), np.array(series, np.int64)
@@ -167,7 +194,7 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
         return out
     nbytes = shape[0] * shape[1] * dtype.itemsize
     binning = reducer is not None and reducer.detector_shape == shape
-    n = len(payloads)
+    n = len(blobs)
     if binning:
         m = reducer.frame_side
         counts = counts_out[:n] if counts_out is not None else np.empty((n, m, m), reducer.out_dtype)
@@ -180,9 +207,8 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
     # bslz4 frames whose framing is whole are decoded up to SUB_BATCH at a time, in one codec
     # call (codec.bslz4_batch), and binned from the codec's output as they are; the rest (and
     # the frames of a batch the codec refused) one at a time, gathered in ``group`` for binning
-    blobs = [p.bslz4 for p in payloads]
     together, block_bytes = (bslz4_batch_plan(blobs, dtype, shape)  # type: ignore[arg-type]
-                             if all(b is not None for b in blobs) else (np.zeros(n, bool), 0))
+                             if None not in blobs else (np.zeros(n, bool), 0))
 
     def bin_rows(stack: np.ndarray, rows: slice) -> None:
         saturated[rows] = reducer.reduce_batch(stack, out=counts[rows])[1]
@@ -209,13 +235,13 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
             k += end - j
             j = end
             continue
-        p = payloads[j]
+        blob = blobs[j]
         try:
-            if p.bslz4 is not None:
-                frame = bslz4_array(p.bslz4, dtype, shape)
-                chunk = spool_chunk(p.bslz4, nbytes)
+            if blob is not None:
+                frame = bslz4_array(blob, dtype, shape)
+                chunk = spool_chunk(blob, nbytes)
             else:
-                frame = p.array
+                frame = arrays[j]
                 chunk = compression.bslz4_compress(frame)
         except DecodeError as exc:
             out.errors.append(exc)
