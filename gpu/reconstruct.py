@@ -750,25 +750,28 @@ def fix_phase_ramp(obj: Any, probe: Any, reference_probe: Any) -> tuple[Any, Any
 def _search_aberrations(problem: Problem, opts: ReconOptions) -> Problem:
     """``problem`` with its probe replaced by the one :func:`search_aberrations` finds.
 
-    Each trial probe is scored with its object reconstructed from one binomial half of the
-    counts (metrics.binomial_split), by the mean of the data terms of both halves at that object,
-    position by position. Neither half alone is a fair score: the half the object was fitted to
-    rewards a probe that lets the object fit more noise (an exact probe moved to overlap
-    0.32–0.93 on the engine tests' scan at 3,000 counts; on hemoglobin at 20 e⁻/Å² with an
-    exact probe and a 1 % scan shear C10 went to −21.7 nm, phase correlation 0.36 → 0.22), the
-    other half penalises it by as much (it chose −30 nm where the truth was +30 nm); for a fixed
-    design the two biases are equal and opposite (E[fitted] = σ²(n − p), E[held out] =
-    σ²(n + p)), so their mean cancels it to first order. A coefficient moves only when the gain
-    passes ``aberration_search_significance`` standard errors of the per-position differences
-    (:func:`search_aberrations`): the score's noise alone moved an exact probe by ±20 nm on
-    hemoglobin. Counts that are not integers (noiseless or gain-corrected frames) cannot be
-    thinned: there the search scores the fitted counts' objective, as before (MEASUREMENTS.md,
-    "Realistic scans: one error at a time")."""
+    By default each trial probe is scored by the objective after a short reconstruction from
+    all the counts. That objective rewards a probe that lets the object fit more noise: an exact
+    probe moved to overlap 0.32–0.93 on the engine tests' scan at 3,000 counts, and on hemoglobin
+    at 20 e⁻/Å² with an exact probe and a 1 % scan shear C10 went to −21.7 nm (phase correlation
+    0.36 → 0.22). With ``aberration_search_halves`` the object is fitted to one binomial half of
+    the counts (metrics.binomial_split) and the score is the mean of both halves' data terms at
+    it, position by position: the fitted half alone has that bias, the held-out half alone the
+    opposite one (it chose −30 nm where the truth was +30 nm); for a fixed design they are equal
+    and opposite (E[fitted] = σ²(n − p), E[held out] = σ²(n + p)), so the mean cancels them to
+    first order. A coefficient then moves only when its gain passes
+    ``aberration_search_significance`` standard errors of the per-position differences
+    (:func:`search_aberrations`). Opt-in: on the realistic preset (all errors at once) it finds
+    no significant defocus at 20 e⁻/Å² and on one of two seeds at 100, where the default search's
+    moves gained (MEASUREMENTS.md, "Realistic scans: one error at a time, and the search's
+    bias"). Counts that are not integers (noiseless or gain-corrected frames) cannot be thinned:
+    there the default score is used."""
     model = ParametricProbe(problem.probe, problem.geometry.pixel_size, problem.energy, opts.aberrations)
-    held_out = _halves(problem, opts, 15)
+    held_out = _halves(problem, opts, 15) if opts.aberration_search_halves else None
     if held_out is None:
-        log.info("aberration search: the counts are not integers, no held-out half: the fitted "
-                 "counts' objective is searched")
+        if opts.aberration_search_halves:
+            log.info("aberration search: the counts are not integers, no held-out half: the "
+                     "fitted counts' objective is searched")
         fixed = opts.model_copy(update={"refine_probe": False})
 
         def reduced(psi: Any) -> Any:

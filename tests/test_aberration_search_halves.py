@@ -1,8 +1,8 @@
 """The aberration search scored on two binomial halves of the counts, with a significance test
-(gpu/reconstruct.py ``_search_aberrations``, gpu/aberrations.py ``search_aberrations``): the
-in-sample reduced objective it used before moved an exact probe far off at few counts (it rewards
-a probe that lets the object fit more noise); the search must keep an exact probe and still find
-a real defocus error there."""
+(``aberration_search_halves``; gpu/reconstruct.py ``_search_aberrations``, gpu/aberrations.py
+``search_aberrations``): the default in-sample reduced objective moves an exact probe far off at
+few counts (it rewards a probe that lets the object fit more noise); the halves' score must keep
+an exact probe and still find a real defocus error there."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ M = 32
 #: probe to overlap 0.32 / 0.88 / 0.93 with the truth on seeds 0–2)
 COUNTS = 3e3
 SEARCH = {"iterations": 1, "mu0": "auto", "aberrations": ["C10"], "aberration_search": True,
-          "aberration_search_iterations": 15, "aberration_search_rounds": 2, "parallax": False}
+          "aberration_search_iterations": 15, "aberration_search_rounds": 2, "parallax": False,
+          "aberration_search_halves": True}
 
 
 def _overlap(p: np.ndarray, t: np.ndarray) -> float:
