@@ -56,7 +56,13 @@ from .operators import (
 )
 from .options import ReconOptions
 from .parallax import MAX_PROBE_TO_SCAN, ParallaxFit, estimate_aberrations, probe_width, scan_width
-from .positions import ScanModel, data_loss, data_loss_per_position, search_scan_matrix, update_positions
+from .positions import (
+    ScanModel,
+    data_loss,
+    data_loss_per_position,
+    search_scan_matrix,
+    update_positions,
+)
 from .positions import margin_px as position_margin_px
 from .priors import SparsePrior, prior_term
 from .priors import kappa as kappa_of
@@ -783,7 +789,7 @@ def _search_aberrations(problem: Problem, opts: ReconOptions) -> Problem:
     else:
         fit_counts, test_counts, fixed, kappa, power = held_out
 
-        def reduced(psi: Any) -> Any:  # type: ignore[misc]
+        def reduced(psi: Any) -> Any:
             obj, fitted, _ = refine_full_batch(
                 problem.object, psi, fit_counts, problem.batch, problem.mask, fixed,
                 opts.aberration_search_iterations, kappa=kappa, probe_power=power,

@@ -73,7 +73,7 @@ def _per_pattern(depth: float, noise: float, k: int = 200):
 
     def loss(v: np.ndarray) -> np.ndarray:
         x = float(np.asarray(v).ravel()[0])
-        rng = np.random.default_rng(int(round(x * 1e6)) % 2**32)
+        rng = np.random.default_rng(round(x * 1e6) % 2**32)
         return depth * (x - 1.0) ** 2 + noise * rng.standard_normal(k)
 
     return loss
