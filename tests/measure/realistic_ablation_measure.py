@@ -2,7 +2,8 @@
 the gap, one error at a time"):
 
     python tests/measure/realistic_ablation_measure.py hemoglobin 20 [--seed 0] [--iterations 40]
-        [--runs oracle,nominal,parallax,true_probe,true_positions,...] [--exact-probe] [--out rows.jsonl]
+        [--runs oracle,nominal,parallax,true_probe,true_positions,...] [--exact-probe] [--only TERM]
+        [--out rows.jsonl]
 
 The frames of ``cryoptycho bench paper --realistic --seed S`` (64×64 frames, 0.8 Å, multislice,
 ``ExperimentErrors.realistic(S)``: 20 nm defocus and 10 nm astigmatism off, 2 % / −1 % scale,
