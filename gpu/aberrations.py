@@ -22,6 +22,7 @@ spectral support, so the optimiser sees unknowns of order one.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,7 @@ def fit_aberrations(
 
 def search_aberrations(
     model: ParametricProbe, reduced_loss: Any, step_rad: float = 2.0, rounds: int = 1,
+    significance: float = 0.0,
 ) -> tuple[float, float, int]:
     """Coordinate-wise parabolic search of the *reduced* objective ``reduced_loss(probe)`` —
     the objective after a short object reconstruction with that probe, from a common start.
@@ -128,16 +130,31 @@ def search_aberrations(
     reconstructed with the nominal probe stays within 0.3 nm of it, while at the true object it
     finds 19.0 nm), yet the reduced objective still has its minimum near the true probe (MEASUREMENTS.md).
     Each coordinate: the values at c − h, c, c + h, the parabola's vertex (within ±2h) tried
-    as well, the best point kept; each round halves h. Returns (loss before, after, evaluations)."""
+    as well, the best point kept; each round halves h. Returns (loss before, after, evaluations).
+
+    ``reduced_loss`` may return the loss of each pattern (an array; the objective is its sum),
+    e.g. a held-out data term. With ``significance`` z > 0 a coordinate then moves only when the
+    best point's gain over the current one is larger than z standard errors of the paired
+    per-pattern differences (independent counts: their spread is the gain's noise) — a held-out
+    score is unbiased, but its noise alone chose moves of ±20 nm on hemoglobin at 20 e⁻/Å² with
+    an exact probe. A scalar ``reduced_loss`` is searched without the test."""
     x = model.scaled().copy()
     calls = [0]
 
-    def f(v: np.ndarray) -> float:
+    def f(v: np.ndarray) -> np.ndarray:
         calls[0] += 1
-        return float(reduced_loss(model.probe(v)))
+        return np.atleast_1d(np.asarray(reduced_loss(model.probe(v)), dtype=np.float64))
+
+    def significant(trial: np.ndarray, current: np.ndarray) -> bool:
+        gain = float(current.sum() - trial.sum())
+        if significance <= 0 or len(current) < 2:
+            return gain > 0
+        d = trial - current
+        noise = math.sqrt(len(d) * float(np.var(d, ddof=1)))
+        return gain > significance * noise
 
     best = f(x)
-    start = best
+    start = float(best.sum())
     h = float(step_rad)
     for _ in range(rounds):
         for j in range(len(x)):
@@ -147,7 +164,7 @@ def search_aberrations(
                 trial = x.copy()
                 trial[j] = v
                 values[v] = f(trial)
-            lo, mid, hi = values[c - h], values[c], values[c + h]
+            lo, mid, hi = (float(values[k].sum()) for k in (c - h, c, c + h))
             curvature = lo + hi - 2.0 * mid
             if curvature > 0:
                 vertex = c + 0.5 * h * (lo - hi) / curvature
@@ -156,12 +173,13 @@ def search_aberrations(
                     trial = x.copy()
                     trial[j] = vertex
                     values[vertex] = f(trial)
-            arg = min(values, key=values.get)
-            x[j] = arg
-            best = values[arg]
+            arg = min(values, key=lambda k: float(values[k].sum()))
+            if arg != c and significant(values[arg], values[c]):
+                x[j] = arg
+                best = values[arg]
         h *= 0.5
     model.set_scaled(x)
-    return start, best, calls[0]
+    return start, float(best.sum()), calls[0]
 
 
 __all__ = ["ParametricProbe", "fit_aberrations", "search_aberrations"]

@@ -97,6 +97,18 @@ def loss_and_grad(
     return host_floats(term.sum())[0], factor * z
 
 
+def loss_per_pattern(inten: Any, y: Any, model: NoiseModel = "poisson", mask: Any | None = None) -> Any:
+    """The noise model's loss of each pattern (B,) from intensities ``inten`` (B, M, M; consumed)
+    and counts ``y``, where the arrays live: the terms whose sum :func:`far_field_terms` returns
+    without truncation. A held-out score compares two models pattern by pattern (the patterns'
+    counts are independent, so the spread of the differences is the score's noise)."""
+    if model not in ("poisson", "amplitude"):
+        raise ValueError(f"unknown noise model {model!r}: choose 'poisson' or 'amplitude'")
+    xp = array_module(inten)
+    _, term = _factor_and_term(xp, inten, _counts_as(y, inten.dtype), model, mask)
+    return term.sum(axis=(-2, -1))
+
+
 @dataclass
 class FarFieldTerms:
     loss: float  #: Σ w·(noise-model loss) over the batch

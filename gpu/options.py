@@ -313,6 +313,16 @@ class ReconOptions(_Strict):
     """First step of the search, radians of aberration phase at the edge of the probe's
     spectral support (20 nm of defocus at 9.2 mrad and 300 keV: 2.7 rad)."""
     aberration_search_rounds: int = Field(1, ge=1)
+    aberration_search_halves: bool = False
+    """Score the search's trial probes on two binomial halves of the counts (the object fitted
+    to one, the mean of both halves' data terms: the noise-fitting bias of the default score,
+    which moved exact probes by ±20 nm at low dose, cancels to first order), a coefficient moving
+    only past ``aberration_search_significance``. Opt-in: on the realistic preset it keeps the
+    nominal defocus where the default search's moves gained (MEASUREMENTS.md, "Realistic scans:
+    one error at a time, and the search's bias")."""
+    aberration_search_significance: float = Field(2.0, ge=0)
+    """With ``aberration_search_halves``: a coefficient moves only when the gain is larger than
+    this many standard errors of the per-position differences; 0 takes any lower value."""
 
     parallax: bool | Literal["auto"] = "auto"
     """Before the reconstruction, correct the nominal probe by the aberrations

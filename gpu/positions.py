@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .backend import array_module, complex_of, fft2, host_floats, ifft2, to_numpy
-from .likelihood import INTENSITY_FLOOR, far_field_terms
+from .likelihood import INTENSITY_FLOOR, far_field_terms, loss_per_pattern
 from .operators import (
     Batch,
     _factors,
@@ -129,6 +129,22 @@ def data_loss(
     z = fft2(position_probes(probe, batch) * windows)
     terms = far_field_terms(z, counts, model, mask, "none", math.inf, want_grad=False, overwrite=True)
     return scale * terms.loss
+
+
+def data_loss_per_position(
+    obj: Any, probe: Any, counts: Any, batch: Batch, *, model: str = "poisson",
+    mask: Any | None = None, scale: float = 1.0,
+) -> Any:
+    """:func:`data_loss` of each position (B,), where the arrays live (their sum is
+    :func:`data_loss`)."""
+    if probe.ndim == 3:  # incoherent modes: their intensities add
+        inten = mode_intensity(obj, probe, batch)
+    else:
+        z = fft2(position_probes(probe, batch) * extract(obj, batch))
+        inten = z.real * z.real
+        inten += z.imag * z.imag
+        del z
+    return scale * loss_per_pattern(inten, counts, model, mask)
 
 
 @dataclass
@@ -478,6 +494,7 @@ __all__ = [
     "ScanModel",
     "ScanSearch",
     "data_loss",
+    "data_loss_per_position",
     "margin_px",
     "position_terms",
     "position_terms_device",

@@ -2,7 +2,8 @@
 the gap, one error at a time"):
 
     python tests/measure/realistic_ablation_measure.py hemoglobin 20 [--seed 0] [--iterations 40]
-        [--runs oracle,nominal,parallax,true_probe,true_positions,...] [--exact-probe] [--out rows.jsonl]
+        [--runs oracle,nominal,parallax,true_probe,true_positions,...] [--exact-probe] [--only TERM]
+        [--out rows.jsonl]
 
 The frames of ``cryoptycho bench paper --realistic --seed S`` (64×64 frames, 0.8 Å, multislice,
 ``ExperimentErrors.realistic(S)``: 20 nm defocus and 10 nm astigmatism off, 2 % / −1 % scale,
@@ -53,6 +54,27 @@ REFINEMENT = {"refine_positions": True, "aberration_search": True, "aberrations"
               "aberration_search_iterations": 30, "aberration_search_rounds": 2, "parallax": False}
 
 
+#: the preset's fields that make each error term (``--only``)
+TERMS = {"defocus": ("defocus",), "astigmatism": ("astigmatism", "astigmatism_angle"), "scale": ("scale",),
+         "rotation": ("rotation",), "shear": ("shear",), "jitter": ("jitter",), "drift": ("drift",)}
+
+
+def single_error(errors: ExperimentErrors, term: str) -> ExperimentErrors:
+    """The preset with only ``term`` left (the other terms exact, the seed kept)."""
+    keep = {f: getattr(errors, f) for f in TERMS[term]}
+    return dataclasses.replace(ExperimentErrors(seed=errors.seed), **keep)
+
+
+def position_rms(used: object, truth: object) -> float:
+    """rms per axis (m) of the positions used against the true ones, the mean translation (a
+    gauge) removed."""
+    import numpy as np
+
+    d = np.asarray(used, dtype=np.float64).reshape(-1, 2) - np.asarray(truth, dtype=np.float64).reshape(-1, 2)
+    d -= d.mean(axis=0)
+    return float(np.sqrt(np.mean(d**2)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("sample")
@@ -66,6 +88,9 @@ def main() -> None:
     ap.add_argument("--exact-probe", action="store_true",
                     help="the preset without its probe error (the nominal probe is exactly right; the scan "
                          "errors stay): the control for false parallax corrections")
+    ap.add_argument("--only", default=None,
+                    help="keep ONE error term of the preset (defocus, astigmatism, scale, rotation, shear, "
+                         "jitter, drift), the others exact: the single-error budget")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     if args.verbose:
@@ -73,6 +98,8 @@ def main() -> None:
     errors = ExperimentErrors.realistic(args.seed)
     if args.exact_probe:
         errors = dataclasses.replace(errors, defocus=0.0, astigmatism=0.0)
+    if args.only:
+        errors = single_error(errors, args.only)
     px = 0.8e-10
     t = time.perf_counter()
     data = simulate_ptychography(load_model(args.sample).centred(), dose=args.dose, frame_size=64,
@@ -115,12 +142,13 @@ def main() -> None:
         ev = evaluate_against_truth(obj, org, data.truth_object, data.truth_origin, px, data.truth_positions)
         reg = affine_registered(obj, org, px, st.positions, data.truth_positions)
         ev_aff = evaluate_against_truth(reg, org, data.truth_object, data.truth_origin, px, data.truth_positions)
-        row = {"sample": args.sample, "dose": args.dose, "seed": args.seed, "run": name,
+        row = {"sample": args.sample, "dose": args.dose, "seed": args.seed, "run": name, "only": args.only,
                "exact_probe": args.exact_probe,
                "phase_corr": round(ev.phase_correlation, 4), "phase_nrmse": round(ev.phase_nrmse, 4),
                "res_1bit_A": round(ev.resolutions["particle/pooled/1-bit"] * 1e10, 2),
                "affine_corr": round(ev_aff.phase_correlation, 4),
-               "affine_nrmse": round(ev_aff.phase_nrmse, 4),
+               "affine_nrmse": round(ev_aff.phase_nrmse, 4), "nrmse_T": round(ev.nrmse, 4),
+               "pos_rms_A": round(position_rms(st.positions, data.truth_positions) * 1e10, 3),
                "probe_estimate": {k: (round(v * 1e9, 2) if isinstance(v, float) and k.endswith("_m") else v)
                                   for k, v in (st.probe_estimate or {}).items()
                                   if isinstance(v, (int, float, str, bool))},
