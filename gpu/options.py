@@ -245,20 +245,23 @@ class ReconOptions(_Strict):
     "Realistic scans: the gap, one error at a time")."""
     position_model: Literal["affine", "free"] = "affine"
     """"affine": the positions follow an affine map of the nominal scan plus residuals with a
-    Gaussian prior of rms ``position_residual_px``; "free": every position on its own."""
+    Gaussian prior (its rms estimated, ``position_residual_auto``, at most
+    ``position_residual_px``); "free": every position on its own."""
     position_residual_px: float = Field(0.5, ge=0)
-    """Prior rms (object pixels) of each position's residual from the affine scan model; 0 =
-    a purely affine scan."""
+    """Prior rms (object pixels) of each position's residual from the affine scan model: the
+    cap of the estimate (``position_residual_auto``, the default), the fixed rms without it and
+    in the live mini-batch model; 0 = a purely affine scan."""
     position_residual_auto: bool = True
     """Estimate the residuals' prior rms at each update from the data (gpu/positions.py,
     ``residual_rms_from_scatter``: the scatter of the per-position Gauss–Newton points about
     the affine fit beyond their counting noise), at most ``position_residual_px``; when the
     scatter is all noise the positions stay affine. On by default (it acts only with
     ``refine_positions``): the fixed ``position_residual_px`` prior fits the counting noise —
-    on realistic hemoglobin (2 seeds, 20 and 100 e⁻/Å², the preset and its scan errors alone)
-    it lost up to 0.027 phase correlation against the estimate and moved exact positions by
-    0.27 Å, and the estimate was never worse beyond noise (MEASUREMENTS.md, "The residual
-    prior when positions are refined"). ``false``: the fixed prior of rms
+    on realistic hemoglobin (2 seeds, 20, 100 and 200 e⁻/Å², the preset and its scan errors
+    alone) and the proteasome it was worse than the estimate in NRMSE in every case (by
+    0.003–0.062) and in phase correlation in 20 of 23 (by up to 0.028; the other three within
+    0.007, with its NRMSE worse), and moved exact positions by 0.27 Å (MEASUREMENTS.md, "The
+    residual prior when positions are refined"). ``false``: the fixed prior of rms
     ``position_residual_px``. Offline and at the live scan end (``refine``); the live
     mini-batch model (``stream.refine_positions``) keeps the fixed prior."""
     position_start_iteration: int = Field(10, ge=0)
