@@ -236,27 +236,34 @@ class ReconOptions(_Strict):
     scan model — an affine map of the nominal positions plus small per-position residuals —
     alternating with the object CG (live: after scan end, and with ``stream.refine_positions``
     also in the mini-batch steps while frames arrive). For scans whose positions are nominal (scan-coil
-    distortion, jitter, drift). Off by default: on hemoglobin with the realistic preset it gained
-    nothing at 20 e⁻/Å² (0.318 → 0.316 phase correlation; the 0.3 Å jitter is below a single
-    position's Cramér–Rao bound of 0.8 Å there) and 0.564 → 0.586 at 200 e⁻/Å² (oracle 0.668;
-    MEASUREMENTS.md, "Realistic scans")."""
+    distortion, jitter, drift). Off by default: on top of the defaults' parallax fit (with
+    ``position_residual_auto``) it ties with the defaults on hemoglobin (2 seeds, 20 and
+    100 e⁻/Å²), loses on the proteasome (2 seeds, both doses: phase correlation
+    −0.001…−0.004, NRMSE +0.009…+0.030) and the ribosome at 20 e⁻/Å² (−0.010 / +0.019), and
+    gains a little on the ribosome at 100 (+0.003 / −0.005); the 0.3 Å jitter of the realistic
+    preset is below a single position's Cramér–Rao bound of 0.8 Å at 20 e⁻/Å² (MEASUREMENTS.md,
+    "Realistic scans: the gap, one error at a time")."""
     position_model: Literal["affine", "free"] = "affine"
     """"affine": the positions follow an affine map of the nominal scan plus residuals with a
-    Gaussian prior of rms ``position_residual_px``; "free": every position on its own."""
+    Gaussian prior (its rms estimated, ``position_residual_auto``, at most
+    ``position_residual_px``); "free": every position on its own."""
     position_residual_px: float = Field(0.5, ge=0)
-    """Prior rms (object pixels) of each position's residual from the affine scan model; 0 =
-    a purely affine scan."""
-    position_residual_auto: bool = False
+    """Prior rms (object pixels) of each position's residual from the affine scan model: the
+    cap of the estimate (``position_residual_auto``, the default), the fixed rms without it and
+    in the live mini-batch model; 0 = a purely affine scan."""
+    position_residual_auto: bool = True
     """Estimate the residuals' prior rms at each update from the data (gpu/positions.py,
     ``residual_rms_from_scatter``: the scatter of the per-position Gauss–Newton points about
     the affine fit beyond their counting noise), at most ``position_residual_px``; when the
-    scatter is all noise the positions stay affine (on the realistic preset at 20 and
-    100 e⁻/Å² it found 0 px: the fixed 0.5 px prior fitted the noise there). Off by default,
-    with ``refine_positions`` too: on top of the defaults' parallax fit the two tie with the
-    defaults on hemoglobin (2 seeds, 20 and 100 e⁻/Å²), lose on the proteasome (2 seeds, both
-    doses: phase correlation −0.001…−0.004, NRMSE +0.009…+0.030) and the ribosome at
-    20 e⁻/Å² (−0.010 / +0.019), and gain a little on the ribosome at 100 (+0.003 / −0.005);
-    MEASUREMENTS.md, "Realistic scans: the gap, one error at a time"."""
+    scatter is all noise the positions stay affine. On by default (it acts only with
+    ``refine_positions``): the fixed ``position_residual_px`` prior fits the counting noise —
+    on realistic hemoglobin (2 seeds, 20, 100 and 200 e⁻/Å², the preset and its scan errors
+    alone) and the proteasome it was worse than the estimate in NRMSE in every case (by
+    0.003–0.062) and in phase correlation in 20 of 23 (by up to 0.028; the other three within
+    0.007, with its NRMSE worse), and moved exact positions by 0.27 Å (MEASUREMENTS.md, "The
+    residual prior when positions are refined"). ``false``: the fixed prior of rms
+    ``position_residual_px``. Offline and at the live scan end (``refine``); the live
+    mini-batch model (``stream.refine_positions``) keeps the fixed prior."""
     position_start_iteration: int = Field(10, ge=0)
     """CG iterations before the first position update (the object must show some structure)."""
     position_every: int = Field(5, ge=1)

@@ -113,3 +113,25 @@ def test_realistic_rows_add_the_scan_affine_registered_phase_correlation(tmp_pat
     assert "| phase corr. | phase corr. (scan-affine registered) |" in md
     line = next(ln for ln in md.splitlines() if "realistic, nominal probe and positions" in ln)
     assert f"| {nominal['phase_correlation']:.3f} | {nominal['phase_correlation_scan_affine_registered']:.3f} |" in line
+
+
+def test_realistic_refinement_runs_on_top_of_the_defaults() -> None:
+    """``--realistic``'s refinement run is what a user turns on over the defaults: it turns
+    options on (positions, the defocus search) and turns off none that the defaults use (it ran
+    with the parallax fit off and then sat below the defaults); the nominal run is the one
+    without the parallax fit, and the defaults run overrides nothing."""
+    from cryoptycho.daemon.bench import paper
+    from cryoptycho.gpu.options import ReconOptions
+
+    runs = {key: extra for key, _, extra in paper.REALISTIC_RUNS}
+    defaults = ReconOptions()
+    assert runs["nominal"] == {"parallax": False}
+    assert runs["parallax"] == {}
+    refined = defaults.merged(runs["defaults_refined"])
+    assert refined.refine_positions and refined.aberration_search
+    assert refined.parallax == defaults.parallax
+    assert refined.position_residual_auto == defaults.position_residual_auto
+    for key, value in runs["defaults_refined"].items():
+        assert value is not False, f"the refinement run turns {key} off"
+    labels = [label for _, label, _ in paper.REALISTIC_RUNS]
+    assert len(set(labels)) == len(labels) and any("defaults + refinement" in label for label in labels)

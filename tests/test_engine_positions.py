@@ -127,6 +127,36 @@ def test_estimated_residual_prior_still_recovers_the_jitter_the_data_resolve() -
     assert after < 0.25, after
 
 
+def _affine_residual_px(positions: np.ndarray, given: np.ndarray) -> float:
+    """rms (pixels) of ``positions`` about their least-squares affine map of ``given``."""
+    design = np.hstack([given, np.ones((len(given), 1))])
+    coef, *_ = np.linalg.lstsq(design, positions, rcond=None)
+    return float(np.sqrt(np.mean((positions - design @ coef) ** 2))) / PIXEL
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_refined_positions_do_not_fit_the_counting_noise_by_default(seed: int) -> None:
+    """Turning on ``refine_positions`` alone estimates the residual prior from the data: on a
+    scan whose positions are exact, at a dose where one position's data do not resolve a
+    sub-pixel move, the positions stay an affine map of the given ones (the estimate is 0), near
+    the truth. The fixed 0.5 px prior (``position_residual_auto=false``, still honoured) moves
+    each position by the noise (≈ 0.26 px rms; the estimate's moves stay ≤ 0.14 px, a gauge)."""
+    assert ReconOptions().position_residual_auto
+    data = synthetic_dataset(300.0, m=M, grid=8, seed=seed)
+    exact = np.asarray(data.positions)
+
+    def refined(extra: dict) -> np.ndarray:
+        return np.asarray(reconstruct(data, {"iterations": 30, "mu0": 1e-3, "refine_positions": True,
+                                             **extra}).positions)
+
+    default, fixed = refined({}), refined({"position_residual_auto": False})
+    assert _affine_residual_px(default, exact) < 1e-6
+    assert _affine_residual_px(fixed, exact) > 0.15
+    moved = default - exact
+    moved -= moved.mean(axis=0)  # a common translation is a gauge
+    assert np.sqrt(np.mean(moved**2)) / PIXEL < 0.2
+
+
 def test_reconstruction_from_nominal_positions_improves_with_refinement() -> None:
     nominal, true, frames, truth, geo, probe = _distorted_scan(1e5)
     margin = M // 2 + 3

@@ -21,8 +21,8 @@ error term at a time:
   drift left out);
 * ``true_probe_affine``: true probe, true affine (jitter and drift the only errors left);
 * ``true_probe_affine_drift``: true probe, true affine and drift (jitter the only error left);
-* ``refined``: ``bench paper``'s refinement column before ``position_residual_auto``
-  (``refine_positions`` + ``aberration_search`` of C10);
+* ``refined``: ``bench paper``'s old refinement column (``refine_positions`` with the fixed
+  0.5 px residual prior + ``aberration_search`` of C10, the parallax fit off);
 * any other name ``NAME`` with ``--extra NAME='{"option": value}'``: the nominal scan with those
   options over the bench's; ``NAME@RUN``: over the data and options of the run ``RUN`` (e.g.
   ``pos@true_probe`` refines the positions with the true probe).
@@ -48,10 +48,13 @@ from cryoptycho.gpu.sim.evaluation import evaluate_against_truth
 from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 from cryoptycho.gpu.sim.specimen import load_model
 
-#: ``bench paper``'s refinement column as it was measured here (without ``position_residual_auto``;
-#: the bench now sets it, ``--extra 'ra@refined={"position_residual_auto": true}'``)
-REFINEMENT = {"refine_positions": True, "aberration_search": True, "aberrations": ["C10"],
-              "aberration_search_iterations": 30, "aberration_search_rounds": 2, "parallax": False}
+#: ``bench paper``'s refinement column as it was measured here: the fixed 0.5 px residual prior
+#: (``position_residual_auto`` off; it is the default now, ``--extra
+#: 'ra@refined={"position_residual_auto": true}'``) and the parallax fit off (the bench now runs its
+#: refinement on top of the defaults)
+REFINEMENT = {"refine_positions": True, "position_residual_auto": False, "aberration_search": True,
+              "aberrations": ["C10"], "aberration_search_iterations": 30, "aberration_search_rounds": 2,
+              "parallax": False}
 
 
 #: the preset's fields that make each error term (``--only``)
