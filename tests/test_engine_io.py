@@ -178,6 +178,18 @@ def test_result_file_round_trip(tmp_path, tiny):
         assert f["raw/frames"].shape[0] == 2
 
 
+def test_the_probe_estimate_comes_back_from_the_result_file(tmp_path, tiny):
+    """Every scalar the engine records about the probe (parallax fit, refined and searched
+    aberrations, source size) is read back as the probe estimate, so a result can be
+    compared with the run that made it (the search's ``search_<name>_m`` was written to /extra
+    but not read back)."""
+    state = reconstruct(tiny, {"iterations": 1})
+    state.probe_estimate = {"parallax_applied": 1.0, "aberration_C10_m": 2e-9,
+                            "search_C10_m": -3e-9, "source_size_m": 1e-10}
+    res = read_result(write_result(tmp_path / "r.h5", state, tiny))
+    assert res.state.probe_estimate == state.probe_estimate
+
+
 def test_read_result_rejects_other_files(tmp_path):
     path = tmp_path / "x.h5"
     with h5py.File(path, "w") as f:

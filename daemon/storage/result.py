@@ -253,7 +253,7 @@ def read_result(path: str | Path) -> Result:
             "nominal_positions_m": nominal,
             "nominal_probe": f["nominal_probe"][()] if "nominal_probe" in f else None,
             "probe_estimate": {k: float(v) for k, v in (f["extra"].attrs.items() if "extra" in f else ())
-                               if k.startswith(("parallax_", "aberration_", "source_size_")) and np.ndim(v) == 0},
+                               if k.startswith(("parallax_", "aberration_", "search_", "source_size_")) and np.ndim(v) == 0},
             "energy_eV": float(f.attrs.get("electron_energy_eV", f.attrs["probe_energy_eV"])),
         })
         provenance = {
