@@ -77,3 +77,24 @@ def test_an_existing_journal_without_the_mark_reads_as_before(tmp_path: Path) ->
     got = read_spool(path)
     np.testing.assert_array_equal(got.frames, frames)
     assert got.spec.options == {"seed": 4}
+
+
+def test_every_record_kind_this_build_writes_is_one_it_knows() -> None:
+    """A kind added to the writer but not to ``KNOWN_OPS`` would make every crash recovery of
+    such a spool refuse it as a newer release's required record; read the writer's own record
+    literals (``{"op": "<kind>", …}`` in daemon/storage) and hold them to the known kinds."""
+    import ast
+
+    from cryoptycho.daemon.storage import journal
+
+    storage = Path(journal.__file__).parent
+    written: set[str] = set()
+    for source in storage.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values):
+                    if (isinstance(key, ast.Constant) and key.value == "op"
+                            and isinstance(value, ast.Constant) and isinstance(value.value, str)):
+                        written.add(value.value)
+    assert {"base", "append", "closed"} <= written  # the reader found the writer's records
+    assert written <= journal.KNOWN_OPS, sorted(written - journal.KNOWN_OPS)
