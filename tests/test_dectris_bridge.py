@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,23 @@ def _convert(series: SimSeries, config: BridgeConfig, side: bool = False,
 
 
 CONFIG_RASTER = {"kind": "raster", "shape": [3, 2], "step_m": [5e-10, 5e-10], "serpentine": True}
+
+
+def test_a_first_image_unlike_the_start_does_not_open_the_scan() -> None:
+    """The scan's binning was built from the series' first image whatever its size: a first
+    image of the start's bytes as 8 × 32 (not the 16 × 16 of image_size_y/x) opened the scan,
+    and every image as the start said was then unlike it and dropped. It is refused alone."""
+    frames = _frames()
+    msgs = _decoded(_series(frames, user={"scan": USER_SCAN}))
+    first = msgs[1]
+    msgs[1] = replace(first, data={name: a.reshape(8, 32) for name, a in first.data.items()})
+    conv = SeriesConverter(BridgeConfig(detector_pixel_angle_rad=1e-3))
+    out = [m for msg in msgs for m in conv.feed(msg)]
+    assert len([m for m in out if isinstance(m, ScanStart)]) == 1, out  # opened, once
+    sent = [m for m in out if isinstance(m, Frames)]
+    assert [int(i) for f in sent for i in f.indices] == [1, 2, 3, 4, 5], sent
+    assert all(f.data.shape[1:] == (16, 16) for f in sent), [f.data.shape for f in sent]
+    assert conv.stats["skipped_images"] == 1, conv.stats
 
 
 def test_user_data_scan_wins_over_side_channel_and_config() -> None:
