@@ -637,6 +637,7 @@ class SeriesConverter:
         """The partial batch when it is at least ``min_age_s`` old, and the end of a series
         whose wait for side-channel positions has run out."""
         out: list[IngestMessage] = []
+        self.tracker.flush_log()
         if self._closing is not None and time.monotonic() >= self._closing_deadline:
             out += self._finish(self._closing)
         for plan in (self._closing, self.plan):
