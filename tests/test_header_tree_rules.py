@@ -46,7 +46,8 @@ def _leaves() -> st.SearchStrategy[Any]:
 def _map_key() -> st.SearchStrategy[Any]:
     return st.one_of(_keys(), _keys(), _keys(), _keys(), _keys(),
                      st.binary(min_size=1, max_size=3),            # string_key
-                     st.integers(0, 9).map(BadKey))                 # not a str at all
+                     st.integers(0, 9).map(BadKey),                 # not a str at all
+                     st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=2)).map(BadKey))
 
 
 def _build(draw: Any, budget: int) -> Any:
@@ -89,7 +90,7 @@ def _path(keys: list[Any]) -> str:
 def reference(tree: dict[Any, Any]) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
     """(refusals msgpack's decoder itself makes, refusals of values it decodes), each as
     (field, rule). The decoder's refusals come first and name the header: a map key that is not
-    a string or binary (``strict_map_key``), an extension type other than the timestamp."""
+    a string or binary (``strict_map_key``; an extension type as a key is ``no_ext_types``)."""
     decoder: set[tuple[str, str]] = set()
     values: set[tuple[str, str]] = set()
 
@@ -100,6 +101,8 @@ def reference(tree: dict[Any, Any]) -> tuple[set[tuple[str, str]], set[tuple[str
             for key, value in node.items():
                 if isinstance(key, bytes):
                     values.add((_path(keys) or "header", "string_key"))
+                elif isinstance(key, msgpack.ExtType):  # refused as the decoder reads the key
+                    decoder.add(("header", "no_ext_types"))
                 elif not isinstance(key, str):
                     decoder.add(("header", "msgpack"))
                 if len(keys) < DOCUMENTED_DEPTH + 1:
@@ -112,10 +115,8 @@ def reference(tree: dict[Any, Any]) -> tuple[set[tuple[str, str]], set[tuple[str
                     visit(value, [*keys, i])
                 else:
                     _decoder_only(value)
-        elif isinstance(node, msgpack.Timestamp):
+        elif isinstance(node, (msgpack.Timestamp, msgpack.ExtType)):  # "an extension type anywhere"
             values.add((_path(keys), "no_ext_types"))
-        elif isinstance(node, msgpack.ExtType):
-            decoder.add(("header", "no_ext_types"))
         elif isinstance(node, bytes):
             values.add((_path(keys), "no_binary"))
 
@@ -123,14 +124,14 @@ def reference(tree: dict[Any, Any]) -> tuple[set[tuple[str, str]], set[tuple[str
         # below the refused depth only what the decoder refuses on its own still counts
         if isinstance(node, dict):
             for key, value in node.items():
-                if not isinstance(key, (str, bytes)):
+                if isinstance(key, msgpack.ExtType):
+                    decoder.add(("header", "no_ext_types"))
+                elif not isinstance(key, (str, bytes)):
                     decoder.add(("header", "msgpack"))
                 _decoder_only(value)
         elif isinstance(node, list):
             for value in node:
                 _decoder_only(value)
-        elif isinstance(node, msgpack.ExtType):
-            decoder.add(("header", "no_ext_types"))
 
     visit(tree, [])
     return decoder, values
@@ -158,6 +159,7 @@ def test_the_reference_refuses_the_documented_cases():
     """The reference itself, on the examples PROTOCOL.md gives (so that it is not vacuous)."""
     assert reference({"metadata": {"when": msgpack.Timestamp(1)}})[1] == {("metadata.when", "no_ext_types")}
     assert reference({"a": [1, b"x"]})[1] == {("a[1]", "no_binary")}
+    assert reference({"metadata": {"x": msgpack.ExtType(5, b"")}})[1] == {("metadata.x", "no_ext_types")}
     assert reference({b"k": 1})[1] == {("header", "string_key")}
     deep: Any = 1
     for _ in range(DOCUMENTED_DEPTH):
