@@ -104,8 +104,12 @@ class _Extension:
         self.code = code
 
 
+#: one per code (−128…127): a header of 350,000 three-byte extension values holds references only
+_EXTENSIONS = tuple(_Extension(code) for code in range(-128, 128))
+
+
 def _no_ext(code: int, data: bytes) -> Any:
-    return _Extension(code)
+    return _EXTENSIONS[code + 128]
 
 
 def _ext_refusal(path: str, code: int) -> ProtocolError:
