@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import queue
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from cryoptycho.gpu.options import (
     source_size_in_force,
 )
 from cryoptycho.protocols.errors import ProtocolError
+from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 from cryoptycho.protocols.sources import DetectorFrames, RawChunks
 from pydantic import ValidationError
 
@@ -305,6 +307,11 @@ class ScanManager:
     def why_scan_id_taken(self, scan_id: str) -> str | None:
         """The reason a scan_start of this id would be refused as not unique (naming the file
         that holds it), or None: the control ``receipt`` tells senders before they start."""
+        if not re.fullmatch(SCAN_ID_PATTERN, scan_id):
+            # not a name a scan can have (refused by the message checks, not as taken): naming
+            # its spool raised, and the receipt of a scan refused for its id failed with that
+            # ValueError instead of saying why the scan was refused
+            return None
         try:
             self._check_unique(scan_id)
         except ScanRefused as exc:
@@ -317,8 +324,16 @@ class ScanManager:
         HISTORY scans since): a new result would overwrite it."""
         from .storage.outputs import output_paths
 
-        if scan_id in self.sessions or (not own_spool and spool_path(self.config.spool_dir, scan_id).exists()):
+        if scan_id in self.sessions:
             raise ScanRefused("scan_id", "unique_scan_id", f"scan {scan_id!r} already exists")
+        spool = spool_path(self.config.spool_dir, scan_id)
+        if not own_spool and spool.exists():
+            # no scan of that id is listed (a spool kept, or not recovered, from before a restart):
+            # "already exists" sent the sender to a scan list without it, and named no file
+            raise ScanRefused("scan_id", "unique_scan_id",
+                              f"scan {scan_id!r} already has a spool ({spool}, kept from before a restart or "
+                              "not recovered): a new scan would overwrite its frames; send the scan under "
+                              "another id, or move the file away")
 
         stem = self.config.results_dir / file_stem(scan_id)
         taken = [p for p in output_paths(stem, self.config.output_formats).values() if p.exists()]

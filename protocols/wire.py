@@ -93,8 +93,27 @@ def pack(
     return parts
 
 
+class _Extension:
+    """A msgpack extension value as decoded (``ext_hook``), refused by :func:`_check_tree`
+    where it sits: raised from the hook, the refusal named only ``header`` for a value deep
+    in ``metadata`` (PROTOCOL.md names the path of the value)."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+#: one per code (−128…127): a header of 350,000 three-byte extension values holds references only
+_EXTENSIONS = tuple(_Extension(code) for code in range(-128, 128))
+
+
 def _no_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError("header", "no_ext_types", f"msgpack extension type {code} is not allowed")
+    return _EXTENSIONS[code + 128]
+
+
+def _ext_refusal(path: str, code: int) -> ProtocolError:
+    return ProtocolError(path, "no_ext_types", f"msgpack extension type {code} is not allowed")
 
 
 def _check_tree(header: dict[str, Any]) -> None:
@@ -119,7 +138,7 @@ def _check_tree(header: dict[str, Any]) -> None:
                 below.extend(node.values())
             elif isinstance(node, list):
                 below.extend(node)
-            elif isinstance(node, (msgpack.Timestamp, bytes, bytearray)):
+            elif isinstance(node, (msgpack.Timestamp, _Extension, bytes, bytearray)):
                 _refuse_in_tree(header)
         level = below
         depth += 1
@@ -155,6 +174,8 @@ def _refuse_in_tree(header: dict[str, Any]) -> None:
             return True
         if isinstance(node, msgpack.Timestamp):
             raise ProtocolError(path(), "no_ext_types", "msgpack extension type -1 (timestamp) is not allowed")
+        if isinstance(node, _Extension):
+            raise _ext_refusal(path(), node.code)
         if isinstance(node, (bytes, bytearray)):
             raise ProtocolError(path(), "no_binary", "binary values are not allowed in headers (send an array)")
         return False
@@ -215,7 +236,12 @@ def read_header(parts: Sequence[Any], limits: Limits) -> dict[str, Any]:
         raise ProtocolError("header", "msgpack", "header is not valid msgpack: it holds the byte 0xc1, "
                             "which msgpack never uses") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        if str(exc).startswith(f"{_Extension.__name__} is not allowed for map key"):  # (strict_map_key's words)
+            raise ProtocolError("header", "no_ext_types", "a map key is a msgpack extension type, which is "
+                                "not allowed") from None
         raise ProtocolError("header", "msgpack", f"header is not valid msgpack: {exc}") from None
+    if isinstance(header, _Extension):
+        raise _ext_refusal("header", header.code)
     if not isinstance(header, dict):
         raise ProtocolError(
             "header", "map", f"header must be a msgpack map, got {type(header).__name__}"

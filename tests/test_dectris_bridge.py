@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,24 @@ def test_tracker_rejects_and_counts_images_of_unknown_series() -> None:
     assert summary.received == 1 and summary.missing_image_ids == [1, 2, 3, 4, 5]
 
 
+def test_the_rest_of_a_series_begun_before_a_bridge_restart_is_not_a_line_per_image(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bridge restarted mid-series takes the rest of it one image at a time, each without
+    its start: each was a WARNING line of its own (4,000 a second at ARINA rates). The first
+    is logged in full; the rest are counted, and their number logged when the series ends."""
+    _, *images, end = _decoded(_series(_frames(200)))  # (the start was the bridge before its restart)
+    tracker = SeriesTracker()
+    with caplog.at_level(logging.WARNING):
+        assert not any(tracker.accept(image) for image in images)
+        with pytest.raises(SeriesError, match="without its start"):
+            tracker.end(end)
+    said = [r.getMessage() for r in caplog.records if "rejected DECTRIS image" in r.getMessage()]
+    assert tracker.rejected == {"no_start": 200}
+    assert len(said) == 2, said
+    assert "image 0 of series 1 arrived without a start message" in said[0], said
+    assert "199 more like it" in said[1] and "image 199 of series 1" in said[1], said
+
+
 def test_end_without_start_is_a_series_error() -> None:
     with pytest.raises(SeriesError, match="end of series 3 arrived without its start"):
         SeriesTracker().end(SeriesEnd(2, 3, "x"))
@@ -101,6 +120,23 @@ def _convert(series: SimSeries, config: BridgeConfig, side: bool = False,
 
 
 CONFIG_RASTER = {"kind": "raster", "shape": [3, 2], "step_m": [5e-10, 5e-10], "serpentine": True}
+
+
+def test_a_first_image_unlike_the_start_does_not_open_the_scan() -> None:
+    """The scan's binning was built from the series' first image whatever its size: a first
+    image of the start's bytes as 8 × 32 (not the 16 × 16 of image_size_y/x) opened the scan,
+    and every image as the start said was then unlike it and dropped. It is refused alone."""
+    frames = _frames()
+    msgs = _decoded(_series(frames, user={"scan": USER_SCAN}))
+    first = msgs[1]
+    msgs[1] = replace(first, data={name: a.reshape(8, 32) for name, a in first.data.items()})
+    conv = SeriesConverter(BridgeConfig(detector_pixel_angle_rad=1e-3))
+    out = [m for msg in msgs for m in conv.feed(msg)]
+    assert len([m for m in out if isinstance(m, ScanStart)]) == 1, out  # opened, once
+    sent = [m for m in out if isinstance(m, Frames)]
+    assert [int(i) for f in sent for i in f.indices] == [1, 2, 3, 4, 5], sent
+    assert all(f.data.shape[1:] == (16, 16) for f in sent), [f.data.shape for f in sent]
+    assert conv.stats["skipped_images"] == 1, conv.stats
 
 
 def test_user_data_scan_wins_over_side_channel_and_config() -> None:
@@ -415,7 +451,9 @@ def test_bad_messages_are_counted_and_the_series_still_arrives(
         sender.send_raw(end)
 
     with caplog.at_level(logging.WARNING), SimSender(2) as sender:
-        stats = _bridge(sender, send, endpoint, {}, series=2)
+        # one series: the stale end ends none this bridge took (it was counted, and a bridge
+        # started with --series 1 stopped at it, before the series it was started for)
+        stats = _bridge(sender, send, endpoint, {}, series=1)
     msgs = _received(sock)
     assert type(msgs[0]) is ScanStart and type(msgs[-1]) is ScanEnd
     frames = msgs[1:-1]  # batches leave when full or after flush_interval_s: any split is right

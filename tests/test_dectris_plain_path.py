@@ -288,6 +288,43 @@ def test_a_job_of_plain_images_with_faults_between_keeps_order_and_chunks() -> N
     np.testing.assert_array_equal(batch.frames, np.stack([_FRAME] * 5))
 
 
+def test_an_odd_image_leading_a_binned_job_is_the_only_one_refused() -> None:
+    """A job's size was its first image's: one of another size leading a job of the series
+    (binned by its reducer) made every other image of the job an error ("is (16, 16), the
+    images before it (8, 32)"), and the job's frames were then dropped as unlike the series:
+    up to a job of the detector's images lost for one bad image. The series' size is its
+    reducer's."""
+    from cryoptycho.protocols.dectris.binning import FrameReducer
+
+    reducer = FrameReducer.build(_FRAME.shape, _FRAME.dtype, crop=16, bin=2)
+    items = [_message(0, None, "other_shape"), *(_message(i, None, "plain") for i in range(1, 6))]
+    batch = decode_job(items, CHANNEL, reducer)
+    assert batch.image_ids.tolist() == [1, 2, 3, 4, 5], [str(e) for e in batch.errors]
+    assert [str(e) for e in batch.errors] == ["image 0 is (16, 32) uint16, its series images (16, 16) uint16"]
+    assert batch.shape == _FRAME.shape and batch.reducer is reducer
+    np.testing.assert_array_equal(batch.counts, np.stack([reducer.reduce_batch(_FRAME[None])[0][0]] * 5))
+    assert batch.raw == [spool_chunk(_BSLZ4, _FRAME.nbytes)] * 5
+
+
+def test_an_image_of_another_dtype_leading_a_binned_job_is_the_only_one_refused() -> None:
+    """As its size, a binned job's dtype is its series' (the reducer's): a uint32 image of the
+    series' size leading a job of uint16 images made each of them an error, and the job's
+    frames left as uint32 for a uint16 spool."""
+    import pickle
+
+    from cryoptycho.protocols.dectris.binning import FrameReducer
+
+    # (as a worker process gets it: its dtype is another object than the decoder's)
+    reducer = pickle.loads(pickle.dumps(FrameReducer.build(_FRAME.shape, _FRAME.dtype, crop=16, bin=2)))
+    wide = V2_MAGIC + cbor2.dumps({**cbor2.loads(_message(0, None, "plain")[len(V2_MAGIC):]),
+                                   "data": {CHANNEL: _array("plain", _FRAME.astype(np.uint32))}})
+    items = [wide, *(_message(i, None, "plain") for i in range(1, 6))]
+    batch = decode_job(items, CHANNEL, reducer)
+    assert batch.image_ids.tolist() == [1, 2, 3, 4, 5], [str(e) for e in batch.errors]
+    assert [str(e) for e in batch.errors] == ["image 0 is (16, 16) uint32, its series images (16, 16) uint16"]
+    assert batch.dtype == np.uint16 and batch.raw == [spool_chunk(_BSLZ4, _FRAME.nbytes)] * 5
+
+
 @pytest.mark.parametrize("how", ["cut", "flip", "magic"])
 def test_a_corrupt_message_is_handed_to_the_checked_path(how: str) -> None:
     raw = _bytes_defect(_message(1, None, "plain"), how, 7 if how != "cut" else 40)

@@ -238,6 +238,52 @@ def test_a_scan_id_whose_result_the_daemon_holds_is_refused_before_a_frame_is_se
     assert kept.read_bytes() == b"a result from before a restart"
 
 
+def test_a_scan_refused_for_its_id_is_told_why_by_its_receipt(daemon):
+    """The receipt of an id no scan can have asked whether its spool was taken: naming the spool
+    raised, and a sender whose scan_start was refused for its id (PROTOCOL.md § 4.5: it learns
+    why from ``receipt``) got "receipt failed: ValueError" instead of the refusal."""
+    import msgpack
+    import zmq
+    from cryoptycho.protocols.messages import encode
+    from protocol_helpers import scan_start
+
+    parts = encode(scan_start(scan_id="s1"))
+    header = msgpack.unpackb(parts[0])
+    header["scan_id"] = "no spaces allowed"
+    ctx = zmq.Context()
+    try:
+        with ctx.socket(zmq.PUSH) as push:  # a sender without the SDK, which checks the id itself
+            push.connect(daemon.ingest)
+            push.send_multipart([msgpack.packb(header, use_bin_type=True), *parts[1:]])
+            with ControlClient(daemon.control, timeout_s=30) as ctl:
+                receipt = wait_for(lambda: (r := ctl.receipt("no spaces allowed"))["state"] != "unknown" and r,
+                                   60, "the refusal in the receipt", daemon)
+    finally:
+        ctx.term()
+    assert receipt["state"] == "refused" and "scan_id" in receipt["error"], receipt
+    assert receipt["taken"] is None, receipt  # refused for its form, not as taken
+
+
+def test_a_spool_kept_from_before_is_named_when_its_id_is_taken(daemon, small):
+    """A spool of no listed scan (kept, or not recovered, from before a restart) made its id
+    taken with "scan 'x' already exists", while the receipt said the daemon knows no such scan,
+    and named no file: the sender was told of a scan it cannot find."""
+    from cryoptycho.daemon.storage.spool import spool_path
+
+    path, _ = small
+    kept = spool_path(daemon.workdir / "spool", "spool-before")
+    kept.write_bytes(b"frames from before a restart")
+    with ControlClient(daemon.control, timeout_s=30) as ctl:
+        receipt = ctl.receipt("spool-before")
+    assert receipt["state"] == "unknown" and str(kept) in receipt["taken"], receipt
+    out = subprocess.run([*CLI, "replay", str(path), "--ingest", daemon.ingest, "--control", daemon.control,
+                          "--scan-id", "spool-before", "--rate", "0"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 1 and str(kept) in said and "spool" in said, out.stderr
+    assert kept.read_bytes() == b"frames from before a restart"
+
+
 def test_finish_scan_reconstructs_an_open_scan_now(daemon, small):
     _, scan = small
     with ControlClient(daemon.control, timeout_s=30) as ctl, \

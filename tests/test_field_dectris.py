@@ -380,3 +380,36 @@ def test_a_series_with_fewer_images_than_positions_is_reconstructed_with_those_t
             assert daemon.stop() == 0, daemon.log()
         # read after the stop, which waits until the test has copied every line the daemon wrote
         assert "the detector series has 12 images, the scan 16 positions" in daemon.log()
+
+
+def test_a_first_image_unlike_the_start_is_refused_and_the_series_kept(tmp_path):
+    """The series' first image, the start's bytes as 32 × 128 where the start message says
+    image_size 64 × 64, built the scan's binning: the scan took that one image and refused the
+    47 the detector sent as the start said (received 1, gaps 47, 'finished'). It is now
+    refused alone, and every other image is kept as it was sent."""
+    import cbor2
+    import hdf5plugin  # noqa: F401 - the result's raw frames are bslz4 chunks
+    from cryoptycho.protocols.compression import bslz4_compress
+
+    frames = _frames(48)
+    messages = _series(frames, "odd-first")
+    first = dict(cbor2.loads(messages[1]))  # (cbor2 drops the self-described tag 55799)
+    odd = frames[0].reshape(32, 128)
+    messages[1] = cbor2.dumps(cbor2.CBORTag(55799, {**first, "data": {"threshold_1": cbor2.CBORTag(
+        40, [[32, 128], cbor2.CBORTag(69, cbor2.CBORTag(56500, ["bslz4", 2, bslz4_compress(odd)]))])}}))
+    with SimSender(2) as sender:
+        daemon = _serve(tmp_path, sender, "--set", 'output_formats=["h5"]')
+        try:
+            for m in messages:
+                sender.send_raw(m)
+            (scan,) = _ended(daemon, 1)
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    assert scan["state"] == "finished" and scan["frames"]["received"] == 47, scan
+    with h5py.File(tmp_path / "results" / "odd-first-series1.h5") as f:
+        ids = f["raw/entry_1/data_1/frame_index"][()]
+        kept = f["raw/entry_1/data_1/detector_frames"][()]
+    assert ids.tolist() == list(range(1, 48))
+    np.testing.assert_array_equal(kept, frames[1:])
+    said = [line for line in daemon.log_lines if "image 0 is 32" in line]  # (the JSON log escapes ×)
+    assert said and "image_size_y" in said[0] and "refused" in said[0], daemon.log()

@@ -261,6 +261,43 @@ def test_simulate_serve_replay_from_the_installed_command(install: Install) -> N
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
+def test_view_on_port_zero_and_ports_in_use_from_the_installed_command(install: Install) -> None:
+    """`view --port 0` binds before it prints (the URL said port 0 when uvicorn bound it after),
+    and its page and static files come from the wheel; a port in use is a usage error naming
+    the option, for the viewer and for serve, not uvicorn's or zmq's bare "address in use"."""
+    import urllib.request
+
+    view = subprocess.Popen([str(install.bin / "cryoptycho"), "view", "--port", "0"], cwd=install.cwd,
+                            env=install.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = view.stdout.readline()
+        assert line.startswith("cryoptycho viewer on http://127.0.0.1:"), (line, view.poll())
+        url = line.split()[3]
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        assert port > 0, line
+        page = urllib.request.urlopen(url, timeout=TIMEOUT_S).read().decode()
+        assert 'src="static/app.js"' in page, page[:400]
+        for asset in ("static/app.js", "static/style.css"):
+            assert urllib.request.urlopen(url + asset, timeout=TIMEOUT_S).status == 200, asset
+        def refused(*args: str) -> subprocess.CompletedProcess:  # (install.cryoptycho asserts success)
+            return subprocess.run([str(install.bin / "cryoptycho"), *args], cwd=install.cwd, env=install.env,
+                                  capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+
+        again = refused("view", "--port", str(port))
+        said = " ".join(again.stderr.split())
+        assert again.returncode == 2 and "Traceback" not in said, again.stderr
+        assert f"cannot serve the viewer on 127.0.0.1:{port}" in said and "--port" in said, again.stderr
+        served = refused("serve", "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*",
+                         "--control", f"tcp://127.0.0.1:{port}", "--metrics-port", "0",
+                         "--spool-dir", str(install.cwd / "spool"), "--results-dir", str(install.cwd / "results"))
+        said = " ".join(served.stderr.split())
+        assert served.returncode == 1 and "Traceback" not in said, served.stderr
+        assert f"cannot bind control socket to tcp://127.0.0.1:{port}" in said and "--control" in said, said
+    finally:
+        view.send_signal(signal.SIGTERM)
+        view.communicate(timeout=TIMEOUT_S)
+
+
 @pytest.mark.parametrize("image", IMAGES, ids=lambda p: p.name)
 def test_images_install_the_same_way(image: Path) -> None:
     """Each container image builds from the files the wheel test builds from, with a regular

@@ -40,6 +40,9 @@ class FrameReducer:
     window_valid: np.ndarray  #: (window, window) bool before binning
     saturation_value: int | None  #: largest valid count; larger values are invalid
     out_dtype: np.dtype
+    #: dtype of the detector frames it was built for (None: not known, a reducer read back
+    #: from a spool): a decoding job refuses an image of another on its own
+    in_dtype: np.dtype | None = None
 
     @property
     def frame_side(self) -> int:
@@ -97,7 +100,7 @@ class FrameReducer:
                          if np.iinfo(t).max >= top * bin * bin and np.dtype(t).itemsize >= in_dtype.itemsize)
         if out_dtype.itemsize > 4:
             raise ValueError(f"bin {bin} of {in_dtype} counts can overflow uint32")
-        return cls((h, w), corner, crop, bin, static, window_valid, saturation_value, out_dtype)
+        return cls((h, w), corner, crop, bin, static, window_valid, saturation_value, out_dtype, in_dtype)
 
     def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Reduce (n, H, W) or (H, W) images → (counts (n, M, M) ``out_dtype``, valid (n, M, M)).

@@ -141,7 +141,11 @@ def run_bridge(
                         except (DectrisError, ValueError) as exc:
                             stats.series_errors += 1
                             log.error("DECTRIS stream %s: %s", source_url, exc)
-                        ended += isinstance(msg, SeriesEnd)
+                        else:
+                            # (an end refused — of a series begun before this bridge started, or
+                            # not the open one — ends no series this run took: counted, --series 2
+                            # stopped after it and one series, and the next was never bridged)
+                            ended += isinstance(msg, SeriesEnd)
                         if max_series is not None and ended >= max_series and not converter.closing:
                             break  # the rest belongs to series this run does not take
                     out += converter.flush(cfg.flush_interval_s)

@@ -549,6 +549,12 @@ class SeriesConverter:
         frame = image.data[plan.channel]
         out: list[IngestMessage] = []
         if plan.scan_start is None:
+            unlike = unlike_start(plan.start, frame.shape, frame.dtype)
+            if unlike is not None:  # not the detector's images: the next one opens the scan
+                self.stats["skipped_images"] += 1
+                log.error("scan %s: image %d is %s: refused (the scan opens with the next image as the start "
+                          "message describes)", plan.scan_id, image.image_id, unlike)
+                return []
             try:
                 plan.scan_start = self._open_scan(plan, frame)
             except Exception as exc:  # noqa: BLE001 - skips the series, never the bridge
@@ -631,6 +637,7 @@ class SeriesConverter:
         """The partial batch when it is at least ``min_age_s`` old, and the end of a series
         whose wait for side-channel positions has run out."""
         out: list[IngestMessage] = []
+        self.tracker.flush_log()
         if self._closing is not None and time.monotonic() >= self._closing_deadline:
             out += self._finish(self._closing)
         for plan in (self._closing, self.plan):
@@ -704,6 +711,23 @@ class SeriesConverter:
         if plan is not None and plan.scan_start is not None:
             out.append(Abort(plan.scan_id, reason))
         return out
+
+
+def unlike_start(start: SeriesStart, shape: tuple[int, ...], dtype: Any) -> str | None:
+    """Why an image of ``shape`` and ``dtype`` cannot be the first of its series' scan, or None.
+    A Stream V2 start states the images' size and dtype (``image_size_y``/``image_size_x``,
+    ``image_dtype``); the scan's binning is built from its first image, so a first image of
+    another size (the same bytes as 32 × 128, say) was taken as the detector's, and every
+    image as the start said was then refused as unlike it: the series lost. (Not V1, whose
+    ``x/y_pixels_in_detector`` are not read as the size of a region of interest.)"""
+    if start.version != 2:
+        return None
+    if start.image_shape is not None and tuple(shape) != tuple(start.image_shape):
+        return (f"{shape[0]} × {shape[1]} pixels where the start message says image_size_y × "
+                f"image_size_x = {start.image_shape[0]} × {start.image_shape[1]}")
+    if start.image_dtype is not None and np.dtype(dtype) != np.dtype(start.image_dtype):
+        return f"{np.dtype(dtype)} where the start message says image_dtype {np.dtype(start.image_dtype)}"
+    return None
 
 
 def _first(*values: Any) -> Any:

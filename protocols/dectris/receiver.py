@@ -307,6 +307,14 @@ class SeriesSummary:
     missing_count: int = 0  #: how many images never arrived
 
 
+class _Rejected(Exception):
+    """An image the tracker rejected, as :class:`ErrorLogLimiter` logs it (by ``reason``)."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+
+
 class SeriesTracker:
     """Pairs images with their series' start and checks the ids.
 
@@ -324,6 +332,11 @@ class SeriesTracker:
 
     def __init__(self) -> None:
         self.start: SeriesStart | None = None
+        #: the rejections' log, by reason: a bridge takes images one at a time, and the rest of
+        #: a series begun before it restarted was a WARNING line per image (thousands a second
+        #: at 4D-STEM rates); the first of a reason in full, then how many more (flush_log)
+        self._log = ErrorLogLimiter(log, "rejected DECTRIS image", level=logging.WARNING,
+                                    key=lambda exc: exc.reason)  # type: ignore[attr-defined]
         self._seen: set[int] = set()
         #: image id → seen, when the series gives its number of images (batches are checked
         #: in one NumPy pass against it; ``_seen`` then stays empty)
@@ -337,8 +350,13 @@ class SeriesTracker:
 
     def _reject(self, reason: str, text: str, n: int = 1) -> bool:
         self.rejected[reason] = self.rejected.get(reason, 0) + n
-        log.warning("rejected DECTRIS image%s: %s", "s" if n > 1 else "", text)
+        self._log(_Rejected(reason, text))
         return False
+
+    def flush_log(self, force: bool = False) -> None:
+        """Log how many rejections of each reason were not logged one by one (``force``: now,
+        not once their window is over)."""
+        self._log.flush(force)
 
     def begin(self, start: SeriesStart) -> None:
         if self.start is not None:
@@ -475,6 +493,7 @@ class SeriesTracker:
 
     def end(self, end: SeriesEnd) -> SeriesSummary:
         """Close the open series; the summary lists image ids that never arrived."""
+        self.flush_log(force=True)  # the series' rejections, before what its end says
         s = self.start
         if s is None:
             raise SeriesError(f"end of series {end.series_id} arrived without its start message")

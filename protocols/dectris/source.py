@@ -52,7 +52,8 @@ from ..sources import (
 )
 from .binning import scratch
 from .codec import bslz4_array, bslz4_batch, bslz4_batch_plan
-from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, _Plan
+from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, _Plan, unlike_start
+from .decode import _DTYPES as _TYPED_DTYPES
 from .decode import ImagePayload, split_plain_v2_image, split_v2_image
 from .receiver import DectrisReceiver, ErrorLogLimiter, parse_source
 from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, SeriesStart
@@ -131,6 +132,10 @@ def _item_parts(item: bytes | Image, channel: str | None) -> tuple[int, str | No
             ImagePayload((arr.shape[0], arr.shape[1]), arr.dtype, array=arr))
 
 
+#: each dtype an image's typed array can have, as the decoder's own object (split_plain_v2_image's)
+_CANONICAL_DTYPES: dict[np.dtype | None, np.dtype] = {d: d for d in _TYPED_DTYPES.values()}
+
+
 def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, decode: bool = True,
                counts_out: np.ndarray | None = None) -> DecodedBatch:
     """The workers' job: parse each image, and with ``decode``, decompress its channel once
@@ -148,8 +153,13 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
     ids: list[int] = []
     series: list[int] = []
     unique_ids = out.unique_ids
-    shape: tuple[int, int] | None = None
-    dtype: np.dtype | None = None
+    # a job binned by its series' reducer: images of another size than the series' are errors of
+    # their own (the job's first image set the size, and an odd one leading a job made every
+    # other image of it an error: up to a job of the detector's images lost)
+    shape: tuple[int, int] | None = None if reducer is None else tuple(reducer.detector_shape)  # type: ignore[assignment]
+    # (the decoder's own dtype object, which the plain path below compares by identity: a
+    # reducer's came through pickle in worker processes)
+    dtype: np.dtype | None = None if reducer is None else _CANONICAL_DTYPES.get(reducer.in_dtype)
     for item in items:
         # an image as detectors send it: one plain tuple, no object per image (split_plain_v2_image)
         fields = split_plain_v2_image(item, channel) if type(item) is bytes else None
@@ -170,13 +180,14 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
             if not (-_ID_MAX <= image_id <= _ID_MAX and -_ID_MAX <= series_id <= _ID_MAX):
                 # an error of this image: the batch's int64 ids raised OverflowError, a failed scan
                 raise DecodeError(f"image id {image_id} of series {series_id} does not fit in 64 bits")
-            if shape is not None and (payload.shape != shape or payload.dtype != dtype):
-                raise DecodeError(f"image {image_id} is {payload.shape} {payload.dtype}, the "
-                                  f"images before it {shape} {dtype}")
+            if shape is not None and (payload.shape != shape or (dtype is not None and payload.dtype != dtype)):
+                raise DecodeError(f"image {image_id} is {payload.shape} {payload.dtype}, "
+                                  f"{'the images before it' if ids else 'its series images'} {shape}"
+                                  f"{'' if dtype is None else f' {dtype}'}")
         except DecodeError as exc:
             out.errors.append(exc)
             continue
-        if shape is None:
+        if dtype is None:
             shape, dtype = payload.shape, payload.dtype
         blobs.append(payload.bslz4)
         arrays.append(payload.array)
@@ -496,6 +507,12 @@ class DirectConverter(SeriesConverter):
                 self.stats["skipped_images"] += int(np.count_nonzero(keep))
                 return out
             first = int(np.flatnonzero(keep)[0])
+            unlike = unlike_start(plan.start, batch.shape, batch.dtype)
+            if unlike is not None:  # not the detector's images: the next one opens the scan
+                self.stats["skipped_images"] += int(np.count_nonzero(keep))
+                log.error("scan %s: image %d is %s: refused (the scan opens with the next image as the start "
+                          "message describes)", plan.scan_id, int(batch.image_ids[first]), unlike)
+                return out
             try:
                 plan.scan_start = self._open_scan(plan, batch.frames[first])
             except Exception as exc:  # noqa: BLE001 - skips the series, never the source
