@@ -31,7 +31,7 @@ from .schema import (
 )
 
 __all__ = ["V1_CHANNEL", "V2_MAGIC", "ImageParts", "ImagePayload", "PlainImage", "V1Parser", "decode_v2",
-           "is_v2_image", "split_plain_v2_image", "split_v2_image"]
+           "is_v2_image", "load_plain_v2", "plain_bslz4_image", "split_plain_v2_image", "split_v2_image"]
 
 V2_MAGIC = b"\xd9\xd9\xf7"  #: CBOR self-described tag 55799 that starts every V2 message
 _ANGSTROM = 1e-10
@@ -149,7 +149,7 @@ def is_v2_image(raw: bytes) -> bool:
     return raw.startswith(V2_MAGIC) and _IMAGE_KEY in raw[:16]
 
 
-def split_v2_image(raw: bytes, channel: str | None) -> ImageParts:
+def split_v2_image(raw: bytes, channel: str | None, plain: Any = None) -> ImageParts:
     """Decode a V2 image message but leave its ``channel`` (None: its first) compressed: the ids the source
     uses (no timestamps or user data: their rationals cost a quarter of an image's parse)
     and the channel's payload. Any other message, or an image that breaks the format, is a
@@ -162,8 +162,10 @@ def split_v2_image(raw: bytes, channel: str | None) -> ImageParts:
     0.3 µs, 3 %, of this parse; the helpers doubled the time spent here beyond ``cbor2.loads``);
     anything else (an unknown tag, a fault) is loaded again as :func:`decode_v2` loads it and
     checked field by field. ``tests/test_dectris_decode.py`` holds the two to the same answers
-    and errors."""
-    plain = _load_v2(raw, None)
+    and errors. ``plain``: the message as :func:`load_plain_v2` loaded it, where the caller
+    already has it (a decoding job's image the plain path did not take: not loaded twice)."""
+    if plain is None:
+        plain = _load_v2(raw, None)
     if type(plain) is dict:
         parts = _plain_image(plain, channel)
         if parts is not None:
@@ -183,13 +185,19 @@ def split_plain_v2_image(raw: bytes, channel: str | None) -> PlainImage | None:
     reads or names. The decoding jobs' path (:func:`.source.decode_job`): no object per image
     but cbor2's and the tuple (an ImageParts and its ImagePayload, and the per-field helper
     calls, were ≈ 3.5 µs of Python per image beside cbor2's 4.5)."""
+    msg = load_plain_v2(raw)
+    return None if msg is None else plain_bslz4_image(msg, channel)
+
+
+def load_plain_v2(raw: bytes) -> Any:
+    """A V2 message loaded as :func:`split_v2_image` first loads it (no tag hook), or None where
+    that load fails (not V2, a fault: :func:`split_v2_image`'s own load names it)."""
     if not raw.startswith(V2_MAGIC):
         return None
     try:
-        msg = cbor2.loads(memoryview(raw)[len(V2_MAGIC):])
-    except cbor2.CBORDecodeError:  # named by split_v2_image's own load
+        return cbor2.loads(memoryview(raw)[len(V2_MAGIC):])
+    except cbor2.CBORDecodeError:
         return None
-    return plain_bslz4_image(msg, channel)
 
 
 def plain_bslz4_image(msg: Any, channel: str | None) -> PlainImage | None:

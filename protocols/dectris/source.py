@@ -54,7 +54,7 @@ from .binning import scratch
 from .codec import bslz4_array, bslz4_batch, bslz4_batch_plan
 from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, _Plan, unlike_start
 from .decode import _DTYPES as _TYPED_DTYPES
-from .decode import ImagePayload, split_plain_v2_image, split_v2_image
+from .decode import ImagePayload, load_plain_v2, plain_bslz4_image, split_v2_image
 from .receiver import DectrisReceiver, ErrorLogLimiter, parse_source
 from .schema import DecodeError, DectrisError, Image, Message, SeriesEnd, SeriesStart
 
@@ -117,13 +117,15 @@ class DecodedBatch:
         return len(self.image_ids)
 
 
-def _item_parts(item: bytes | Image, channel: str | None) -> tuple[int, str | None, int, ImagePayload]:
+def _item_parts(item: bytes | Image, channel: str | None,
+                loaded: Any = None) -> tuple[int, str | None, int, ImagePayload]:
     """The ids and channel of an image that is not as detectors send it (or a decoded V1
-    image), or the :class:`DecodeError` that names what is wrong with it."""
+    image), or the :class:`DecodeError` that names what is wrong with it; ``loaded``: the
+    message as the plain path loaded it (None: load it here)."""
     if isinstance(item, bytes):
         # without a channel (no start received yet) the image's first: its ids are what
         # counts, the series tracker rejects it as an image without a start
-        return split_v2_image(item, channel)
+        return split_v2_image(item, channel, loaded)
     name = channel or next(iter(item.data), None)
     if name not in item.data:
         raise DecodeError(f"image {item.image_id} lacks channel {name!r}")
@@ -162,7 +164,8 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
     dtype: np.dtype | None = None if reducer is None else _CANONICAL_DTYPES.get(reducer.in_dtype)
     for item in items:
         # an image as detectors send it: one plain tuple, no object per image (split_plain_v2_image)
-        fields = split_plain_v2_image(item, channel) if type(item) is bytes else None
+        loaded = load_plain_v2(item) if type(item) is bytes else None
+        fields = None if loaded is None else plain_bslz4_image(loaded, channel)
         if fields is not None:
             series_id, unique_id, image_id, y, x, item_dtype, blob = fields
             if (shape is not None and y == shape[0] and x == shape[1] and item_dtype is dtype
@@ -176,7 +179,7 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
             payload = ImagePayload((y, x), item_dtype, bslz4=blob)
         try:
             if fields is None:
-                series_id, unique_id, image_id, payload = _item_parts(item, channel)
+                series_id, unique_id, image_id, payload = _item_parts(item, channel, loaded)
             if not (-_ID_MAX <= image_id <= _ID_MAX and -_ID_MAX <= series_id <= _ID_MAX):
                 # an error of this image: the batch's int64 ids raised OverflowError, a failed scan
                 raise DecodeError(f"image id {image_id} of series {series_id} does not fit in 64 bits")
