@@ -162,6 +162,9 @@ class ScanManager:
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="spool-close")
         #: scan id → (spool, result) of results written without /raw (storage/rawcopy.py)
         self._raw_pending: dict[str, tuple[Path, Path]] = {}
+        #: their copies (a detector scan's spool: gigabytes, minutes), on a thread of their own: on
+        #: the closer they held up every later spool close, the finishes and the receipts waiting for them
+        self._raw_copier = ThreadPoolExecutor(1, thread_name_prefix="raw-copy")
         self._raw_lock = threading.Lock()
         self._raw_retrying = False
         self._raw_tried = 0.0  #: when retry_raw_copies last tried (monotonic)
@@ -1063,7 +1066,7 @@ class ScanManager:
         return {**{kind: str(p) for kind, p in written.items()}, "spool": str(spool_file.absolute())}
 
     def retry_raw_copies(self) -> None:
-        """Housekeeping (manager thread): try the pending raw copies again, on the closer thread
+        """Housekeeping (manager thread): try the pending raw copies again, on the raw-copy thread
         (a copy reads the whole spool), at most one pass at a time."""
         now = time.monotonic()
         with self._raw_lock:
@@ -1071,7 +1074,11 @@ class ScanManager:
                 return
             self._raw_retrying, self._raw_tried = True, now
             pending = dict(self._raw_pending)
-        self._closer.submit(self._retry_raw, pending)
+        try:
+            self._raw_copier.submit(self._retry_raw, pending)
+        except RuntimeError:  # shut down (the daemon stops): the next start tries again
+            with self._raw_lock:
+                self._raw_retrying = False
 
     def _retry_raw(self, pending: dict[str, tuple[Path, Path]]) -> None:
         try:
@@ -1512,5 +1519,7 @@ class ScanManager:
             self._close_spool(scan_id)
         self._disk.shutdown(wait=True)
         self._closer.shutdown(wait=True)
+        # (a pass under way ends with its copy: one cut short leaves only a hidden .part result)
+        self._raw_copier.shutdown(wait=True, cancel_futures=True)
         self._launcher.shutdown(wait=True)
         self.run_disk_done()  # answers to requests that waited for the spool thread

@@ -73,3 +73,46 @@ def test_a_marker_naming_another_scans_result_does_not_retire_the_spool(
     assert _raw_count(cfg.results_dir / "b.h5") == frames_b
     said = [r.getMessage() for r in caplog.records if "a.spool.h5" in r.getMessage() and r.levelname == "ERROR"]
     assert said and "b.h5" in said[-1] and "'a'" in said[-1], said
+
+
+def test_a_long_deferred_raw_copy_does_not_hold_up_another_scans_finish(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deferred copy of a large scan's frames (a detector scan's spool: gigabytes, a minute
+    or more) ran on the single spool-close thread: every other scan's spool close, the finish
+    that waits for it and the receipts that wait for it (a producer confirming delivery) queued
+    behind it. Here the copy is held until scan "b" has finished."""
+    import threading
+
+    import cryoptycho.daemon.scans as scans_module
+    from cryoptycho.daemon.service import BackgroundService
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    copying, go_on = threading.Event(), threading.Event()
+    complete = scans_module.complete_raw_copy
+
+    def slow_copy(*args: Any, **kwargs: Any) -> bool:
+        copying.set()
+        assert go_on.wait(300), "the test never let the copy go on"
+        return complete(*args, **kwargs)
+
+    monkeypatch.setattr(scans_module, "complete_raw_copy", slow_copy)
+    held: list[Any] = []
+    _hold_finish_of(monkeypatch, held, {"a"})
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
+    bg = BackgroundService(cfg)
+    try:
+        with _released(held):
+            assert _stream(bg.service, scan, "a")["state"] == "finished"
+        wait_for(copying.is_set, 60, "the deferred copy of scan a's frames to begin")
+        try:
+            done = _stream(bg.service, scan, "b")  # before: waited for the copy (its close behind it)
+            assert done["state"] == "finished", done
+            assert not go_on.is_set() and pending_marker(cfg.spool_dir / "a.spool.h5").exists()
+        finally:
+            go_on.set()
+        wait_for(lambda: not pending_marker(cfg.spool_dir / "a.spool.h5").exists(), 60, "the copy to end")
+        assert _raw_count(cfg.results_dir / "a.h5") == len(scan.frames)
+    finally:
+        go_on.set()
+        bg.stop()
