@@ -116,3 +116,47 @@ def test_a_long_deferred_raw_copy_does_not_hold_up_another_scans_finish(
     finally:
         go_on.set()
         bg.stop()
+
+
+def test_a_result_held_for_writing_when_the_spool_is_let_go_delays_the_copy_only_until_it_is_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spool's holder lets go while someone holds the *result* open for writing (a notebook
+    annotating it: HDF5's exclusive lock). Before, that pass's refused open of the result was
+    taken for a failed copy: logged as an error and not tried again until the daemon's next start
+    (weeks, on a beamline), the result lacking its frames meanwhile. Now it waits as for the spool."""
+    import cryoptycho.daemon.scans as scans_module
+    from cryoptycho.daemon.service import BackgroundService
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    tries: list[Any] = []
+    complete = scans_module.complete_raw_copy
+
+    def counted(*args: Any, **kwargs: Any) -> bool:
+        try:
+            got = complete(*args, **kwargs)
+        except Exception as exc:
+            tries.append(exc)
+            raise
+        tries.append(got)
+        return got
+
+    monkeypatch.setattr(scans_module, "complete_raw_copy", counted)
+    held: list[Any] = []
+    _hold_finish_of(monkeypatch, held, {"a"})
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
+    result, spool = cfg.results_dir / "a.h5", cfg.spool_dir / "a.spool.h5"
+    bg = BackgroundService(cfg)
+    try:
+        with _released(held):
+            assert _stream(bg.service, scan, "a")["state"] == "finished"
+            with held_open(result, "r+"):
+                held.pop().__exit__(None, None, None)  # the spool's holder lets go
+                n = len(tries)
+                wait_for(lambda: len(tries) > n + 1, 60, "two passes while the result is held")
+                assert spool.exists() and pending_marker(spool).exists()
+        wait_for(lambda: not pending_marker(spool).exists(), 60, "the copy once the result is let go")
+        assert _raw_count(result) == len(scan.frames)
+        assert not spool.exists()
+    finally:
+        bg.stop()

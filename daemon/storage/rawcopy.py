@@ -87,14 +87,20 @@ def is_pending(spool_file: Path) -> bool:
 
 def complete_raw_copy(spool_file: Path, result: Path, reserve_bytes: int = 0) -> bool:
     """Copy the spool's frames into ``result`` now (the result rewritten under a hidden name and
-    renamed, as when it was written); False while another program still holds the spool for
-    writing. OSError(ENOSPC) before anything is written where the copy would leave less than
+    renamed, as when it was written); False while another program still holds the spool, or
+    the result, for writing. OSError(ENOSPC) before anything is written where the copy would leave less than
     ``reserve_bytes`` free. The marker and the spool are the caller's to retire."""
     src = open_spool_for_copy(spool_file)
     if src is None:
         return False
     with src:
-        with h5py.File(result, "r") as f:
+        try:
+            f = h5py.File(result, "r")
+        except BlockingIOError:
+            # the result held for writing (a notebook annotating it): as for the spool, tried
+            # again at the next pass, not taken for a failed copy (which waited for a restart)
+            return False
+        with f:
             _check_waits_for(f, src, spool_file, result)
             if "raw" in f:  # copied by an earlier pass whose retiring of the spool did not finish
                 return True
