@@ -77,3 +77,17 @@ def test_an_existing_journal_without_the_mark_reads_as_before(tmp_path: Path) ->
     got = read_spool(path)
     np.testing.assert_array_equal(got.frames, frames)
     assert got.spec.options == {"seed": 4}
+
+
+@pytest.mark.parametrize("kind", [["reshard"], {"name": "reshard"}])
+def test_a_record_whose_kind_is_no_string_refuses_the_spool_by_name(tmp_path: Path, kind: object) -> None:
+    """A record whose ``op`` is a list or a map (a broken writer): before, every read of the spool
+    raised TypeError ("unhashable type") naming neither the file nor the record. No kind at all,
+    it is refused though marked optional."""
+    path, _ = _killed_with(tmp_path, {"op": kind, "optional": True}, journal_only=True)
+    before = path.read_bytes(), journal_path(path).read_bytes()
+    with pytest.raises(ValueError, match=f"{path.name}: its journal holds a record .*reshard.*kept unchanged"):
+        read_spool(path)
+    with pytest.raises(ValueError, match="reshard.*kept unchanged"):
+        repair_spool(path)
+    assert (path.read_bytes(), journal_path(path).read_bytes()) == before
