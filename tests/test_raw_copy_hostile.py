@@ -160,3 +160,48 @@ def test_a_result_held_for_writing_when_the_spool_is_let_go_delays_the_copy_only
         assert not spool.exists()
     finally:
         bg.stop()
+
+
+def test_a_copy_of_the_directories_with_a_pending_copy_leaves_the_originals_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The spool and results directories copied elsewhere (a backup restored, a migration) while a
+    raw copy is pending: the copy's marker names the original result, which waits for the
+    original spool. Before, a daemon started on the copy wrote the copy's frames into the
+    original result and deleted the copy's spool (its result left without frames); now it
+    refuses by name and keeps both, and the original's own start still completes its copy."""
+    import shutil
+
+    from cryoptycho.daemon.service import BackgroundService
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    held: list[Any] = []
+    _hold_finish_of(monkeypatch, held, {"a"})
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path / "orig", refine_time_budget_s=2)
+    with _released(held):
+        bg = BackgroundService(cfg)
+        try:
+            assert _stream(bg.service, scan, "a")["state"] == "finished"
+        finally:
+            bg.stop()
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "orig", tmp_path / "copy")
+    copy = loopback_config(tmp_path / "copy", refine_time_budget_s=2)
+    bg = BackgroundService(copy)
+    try:
+        bg.service.scans.retry_raw_copies()
+        wait_for(lambda: not bg.service.scans.raw_pending(), 60, "the pass over the pending copies")
+    finally:
+        bg.stop()
+    for where in (cfg, copy):
+        with h5py.File(where.results_dir / "a.h5", "r") as f:
+            assert "raw" not in f
+        assert pending_marker(where.spool_dir / "a.spool.h5").exists()
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "copy of the spool" in r.getMessage()]
+    assert said and str(copy.spool_dir / "a.spool.h5") in said[0], said
+    bg = BackgroundService(cfg)
+    try:
+        wait_for(lambda: not pending_marker(cfg.spool_dir / "a.spool.h5").exists(), 60, "the original's copy")
+    finally:
+        bg.stop()
+    assert _raw_count(cfg.results_dir / "a.h5") == len(scan.frames)

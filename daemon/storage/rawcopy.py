@@ -126,10 +126,18 @@ def _check_waits_for(f: h5py.File, src: h5py.File, spool_file: Path, result: Pat
         raise ValueError(f"result {result} is not that of spool {spool_file.name} (scan_id {got!r}, the spool's "
                          f"{want!r}): its marker {marker} names the wrong result (edited or copied by hand?); the "
                          "spool and its marker are kept: correct the marker's \"result\" or remove it")
+    if "raw" in f:
+        return
     waits = _text(extra.get("raw_pending"))
-    if "raw" not in f and (waits is None or Path(waits).name != spool_file.name):
+    if waits is None or Path(waits).name != spool_file.name:
         raise ValueError(f"result {result} of scan {want!r} does not wait for the frames of spool {spool_file.name} "
                          f"(its /extra raw_pending is {waits!r}); the spool and its marker {marker} are kept")
+    if Path(waits).exists() and not os.path.samefile(waits, spool_file):
+        # a copy of the spool directory (a backup restored, a migration): its markers name the
+        # results of the original, which waits for its own spool
+        raise ValueError(f"result {result} waits for the frames of spool {waits}, not of {spool_file} (a copy of the "
+                         f"spool directory?); the spool and its marker {marker} are kept: correct the marker's "
+                         "\"result\" or remove it")
 
 
 def remove_marker(spool_file: Path) -> None:
