@@ -86,6 +86,9 @@ SPOOL_BACKLOG_BYTES = 64 << 20
 SPOOL_CLOSE_WAIT_S = 600.0
 #: how often the pending raw copies are tried again (storage/rawcopy.py): each try is one refused open
 RAW_RETRY_S = 2.0
+#: how often a raw copy that failed (a full disk, the result moved away or held by root's chattr)
+#: is tried again: its cause is an operator's to remove, and the next start is maybe weeks away
+RAW_FAILED_RETRY_S = 60.0
 
 
 class _Pending(NamedTuple):
@@ -168,6 +171,9 @@ class ScanManager:
         self._raw_lock = threading.Lock()
         self._raw_retrying = False
         self._raw_tried = 0.0  #: when retry_raw_copies last tried (monotonic)
+        #: scan id → (when, why) its pending copy last failed: tried again every RAW_FAILED_RETRY_S,
+        #: logged again only when the reason changes
+        self._raw_failed: dict[str, tuple[float, str]] = {}
         self._closing: dict[str, threading.Event] = {}
         #: scan id → what became of the frames of a scan whose spool close failed: its journal
         #: keeps them, and a re-open rebuilds the file (for the stop's report; written by the closer)
@@ -1072,8 +1078,11 @@ class ScanManager:
         with self._raw_lock:
             if not self._raw_pending or self._raw_retrying or now - self._raw_tried < RAW_RETRY_S:
                 return
+            pending = {scan_id: files for scan_id, files in self._raw_pending.items()
+                       if now - self._raw_failed.get(scan_id, (-RAW_FAILED_RETRY_S, ""))[0] >= RAW_FAILED_RETRY_S}
+            if not pending:
+                return
             self._raw_retrying, self._raw_tried = True, now
-            pending = dict(self._raw_pending)
         try:
             self._raw_copier.submit(self._retry_raw, pending)
         except RuntimeError:  # shut down (the daemon stops): the next start tries again
@@ -1087,11 +1096,19 @@ class ScanManager:
                     if not complete_raw_copy(spool_file, result, self.config.disk_reserve_bytes):
                         continue  # still held: tried again at the next pass
                 except Exception as exc:
-                    # e.g. the result moved away: the spool and its marker stay, named, for the next start
-                    log.error("cannot copy the raw frames of spool %s into result %s (%s: %s); the spool and its "
-                              "marker %s stay (the next start tries again)", spool_file, result, type(exc).__name__,
-                              exc, pending_marker(spool_file), exc_info=exc, extra={"scan_id": scan_id})
-                    self.metrics.internal_errors.labels(where="spool").inc()
+                    # e.g. a full disk, the result moved away: the spool and its marker stay, tried
+                    # again (before, only at the next start: a disk freed meanwhile did not count)
+                    why = f"{type(exc).__name__}: {exc}"
+                    with self._raw_lock:
+                        again = self._raw_failed.get(scan_id, (0.0, ""))[1] == why
+                        self._raw_failed[scan_id] = (time.monotonic(), why)
+                    if not again:
+                        log.error("cannot copy the raw frames of spool %s into result %s (%s); the spool and its "
+                                  "marker %s stay, and the copy is tried again every %g s and at the next start",
+                                  spool_file, result, why, pending_marker(spool_file), RAW_FAILED_RETRY_S,
+                                  exc_info=exc, extra={"scan_id": scan_id})
+                        self.metrics.internal_errors.labels(where="spool").inc()
+                    continue
                 else:
                     log.info("raw frames of spool %s copied into result %s (the program holding the spool let go)",
                              spool_file, result, extra={"scan_id": scan_id})
@@ -1099,6 +1116,7 @@ class ScanManager:
                         continue  # (held again at once: its mark is tried at the next pass)
                 with self._raw_lock:
                     self._raw_pending.pop(scan_id, None)
+                    self._raw_failed.pop(scan_id, None)
         finally:
             with self._raw_lock:
                 self._raw_retrying = False
@@ -1120,6 +1138,12 @@ class ScanManager:
     def raw_pending(self) -> dict[str, tuple[Path, Path]]:
         with self._raw_lock:
             return dict(self._raw_pending)
+
+    def raw_failure(self, scan_id: str) -> str | None:
+        """Why the pending raw copy of ``scan_id`` last failed (None: it did not, or was not tried)."""
+        with self._raw_lock:
+            failed = self._raw_failed.get(scan_id)
+        return None if failed is None else failed[1]
 
     def worker_exited(self, session: Session) -> None:
         self._spool_closed.pop(session.scan_id, None)  # (a worker that did not finish its scan)

@@ -16,6 +16,11 @@ from spool_support import held_open
 from test_raw_copy_pending import _raw_count, _released, _stream
 
 
+def _tried(caplog: pytest.LogCaptureFixture, marker: Path) -> bool:
+    """A pass of the pending copies has tried this marker's: its failure logged, or its spool retired."""
+    return not marker.exists() or any("cannot copy the raw frames" in r.getMessage() for r in caplog.records)
+
+
 def _hold_finish_of(monkeypatch: pytest.MonkeyPatch, held: list[Any], scan_ids: set[str]) -> None:
     """finish_result of the scans ``scan_ids`` runs with their spool held for writing by another
     process until the test lets go (test_raw_copy_pending._hold_at_finish, for some scans only)."""
@@ -60,11 +65,9 @@ def test_a_marker_naming_another_scans_result_does_not_retire_the_spool(
     monkeypatch.undo()
     bg = BackgroundService(cfg)
     try:
-        bg.service.scans.retry_raw_copies()
-        bg.service.scans.flush_disk()
         from daemon_support import wait_for
 
-        wait_for(lambda: not bg.service.scans.raw_pending(), 60, "the pass over the pending copies")
+        wait_for(lambda: _tried(caplog, marker), 60, "the pass over the pending copies")
     finally:
         bg.stop()
     assert spool_a.exists() and marker.exists()
@@ -189,8 +192,8 @@ def test_a_copy_of_the_directories_with_a_pending_copy_leaves_the_originals_alon
     copy = loopback_config(tmp_path / "copy", refine_time_budget_s=2)
     bg = BackgroundService(copy)
     try:
-        bg.service.scans.retry_raw_copies()
-        wait_for(lambda: not bg.service.scans.raw_pending(), 60, "the pass over the pending copies")
+        wait_for(lambda: _tried(caplog, pending_marker(copy.spool_dir / "a.spool.h5")), 60,
+                 "the pass over the pending copies")
     finally:
         bg.stop()
     for where in (cfg, copy):
@@ -205,3 +208,55 @@ def test_a_copy_of_the_directories_with_a_pending_copy_leaves_the_originals_alon
     finally:
         bg.stop()
     assert _raw_count(cfg.results_dir / "a.h5") == len(scan.frames)
+
+
+def test_a_raw_copy_that_finds_the_disk_full_is_tried_again_once_there_is_room(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The holder lets go while the results disk is full (the copy would go below
+    disk_reserve_bytes): before, that copy was given up until the daemon's next start, though
+    the operator freed the disk minutes later. Now it is tried again (every RAW_FAILED_RETRY_S),
+    the failure logged once, not at every try."""
+    import cryoptycho.daemon.scans as scans_module
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage import rawcopy
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    monkeypatch.setattr(scans_module, "RAW_FAILED_RETRY_S", 0.2, raising=False)  # (absent before)
+    full = [True]
+    require = rawcopy.require_free_space
+
+    def free_space(directory: Any, nbytes: int, reserve_bytes: int, what: str) -> None:
+        # the results disk full (what a full disk's statvfs says): the finish's result was written before
+        require(directory, nbytes, 2**62 if full[0] and "raw frames" in what else reserve_bytes, what)
+
+    monkeypatch.setattr(rawcopy, "require_free_space", free_space)
+    tries: list[Any] = []
+    complete = scans_module.complete_raw_copy
+
+    def counted(*args: Any, **kwargs: Any) -> bool:
+        try:
+            tries.append(complete(*args, **kwargs))
+        except OSError as exc:
+            tries.append(exc)
+            raise
+        return tries[-1]
+
+    monkeypatch.setattr(scans_module, "complete_raw_copy", counted)
+    held: list[Any] = []
+    _hold_finish_of(monkeypatch, held, {"a"})
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
+    spool = cfg.spool_dir / "a.spool.h5"
+    bg = BackgroundService(cfg)
+    try:
+        with _released(held):
+            assert _stream(bg.service, scan, "a")["state"] == "finished"
+        wait_for(lambda: sum(isinstance(t, OSError) for t in tries) >= 3, 60, "three tries on the full disk")
+        assert spool.exists() and pending_marker(spool).exists()
+        full[0] = False  # the operator freed the disk
+        wait_for(lambda: not pending_marker(spool).exists(), 60, "the copy once there is room")
+        assert _raw_count(cfg.results_dir / "a.h5") == len(scan.frames)
+    finally:
+        bg.stop()
+    said = [r.getMessage() for r in caplog.records if "cannot copy the raw frames" in r.getMessage()]
+    assert len(said) == 1 and "no space for the raw frames of a.h5" in said[0], said
