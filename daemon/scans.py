@@ -43,6 +43,7 @@ from .session import Session, State
 from .storage.diskspace import require_free_space
 from .storage.journal import fsync_path, journal_path
 from .storage.rawcopy import (
+    PENDING_SUFFIX,
     RAW_COPY_WAIT_S,
     complete_raw_copy,
     copy_raw,
@@ -1517,7 +1518,12 @@ class ScanManager:
             try:
                 spool_file, scan_id, result = read_pending(marker)
             except ValueError as exc:
-                log.error("%s; it is left as it is", exc)
+                # (it keeps its spool from recovery: said, with what to do, or the spool stayed unexplained)
+                spool_file = marker.with_name(marker.name[: -len(PENDING_SUFFIX)])
+                log.error("%s; it is left as it is, and so is its spool %s: neither recovered nor copied into a "
+                          "result while the marker is there. Write it again as {\"scan_id\": …, \"result\": the "
+                          "result file lacking /raw}, or remove it (a start with recover on then reconstructs the scan "
+                          "from the spool again)", exc, spool_file.name)
                 continue
             if not spool_file.exists():
                 log.warning("removed %s: its spool %s is gone", marker, spool_file.name)

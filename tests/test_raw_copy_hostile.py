@@ -260,3 +260,35 @@ def test_a_raw_copy_that_finds_the_disk_full_is_tried_again_once_there_is_room(
         bg.stop()
     said = [r.getMessage() for r in caplog.records if "cannot copy the raw frames" in r.getMessage()]
     assert len(said) == 1 and "no space for the raw frames of a.h5" in said[0], said
+
+
+@pytest.mark.parametrize("text", ["", "{\"scan_id\": \"a\"", "[1, 2]"])
+def test_a_damaged_marker_is_named_with_its_spool_and_what_to_do(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, text: str) -> None:
+    """A marker emptied, cut short or overwritten: it still keeps its spool from recovery, and
+    nothing copies the frames. Before, the log said only "not a raw-pending marker …; it is left
+    as it is", nothing of the spool it holds back or how to release it."""
+    from cryoptycho.daemon.service import BackgroundService
+    from daemon_support import loopback_config, synthetic_scan
+
+    held: list[Any] = []
+    _hold_finish_of(monkeypatch, held, {"a"})
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
+    with _released(held):
+        bg = BackgroundService(cfg)
+        try:
+            assert _stream(bg.service, synthetic_scan(n_side=4, m=32), "a")["state"] == "finished"
+        finally:
+            bg.stop()
+    monkeypatch.undo()
+    marker = pending_marker(cfg.spool_dir / "a.spool.h5")
+    marker.write_text(text)
+    caplog.clear()
+    bg = BackgroundService(cfg)
+    try:
+        assert "a" not in bg.service.scans.sessions and not bg.service.scans.raw_pending()
+    finally:
+        bg.stop()
+    said = [r.getMessage() for r in caplog.records if str(marker) in r.getMessage() and r.levelname == "ERROR"]
+    assert said and "a.spool.h5: neither recovered nor copied" in said[0] and "or remove it" in said[0], said
+    assert marker.read_text() == text and (cfg.spool_dir / "a.spool.h5").exists()
