@@ -172,9 +172,9 @@ class ScanManager:
         self._raw_lock = threading.Lock()
         self._raw_retrying = False
         self._raw_tried = 0.0  #: when retry_raw_copies last tried (monotonic)
-        #: scan id → (when, why) its pending copy last failed: tried again every RAW_FAILED_RETRY_S,
-        #: logged again only when the reason changes
-        self._raw_failed: dict[str, tuple[float, str]] = {}
+        #: scan id → (when, why, its cause) its pending copy last failed: tried again every
+        #: RAW_FAILED_RETRY_S, logged again only when the cause changes
+        self._raw_failed: dict[str, tuple[float, str, str]] = {}
         self._closing: dict[str, threading.Event] = {}
         #: scan id → what became of the frames of a scan whose spool close failed: its journal
         #: keeps them, and a re-open rebuilds the file (for the stop's report; written by the closer)
@@ -1080,7 +1080,7 @@ class ScanManager:
             if not self._raw_pending or self._raw_retrying or now - self._raw_tried < RAW_RETRY_S:
                 return
             pending = {scan_id: files for scan_id, files in self._raw_pending.items()
-                       if now - self._raw_failed.get(scan_id, (-RAW_FAILED_RETRY_S, ""))[0] >= RAW_FAILED_RETRY_S}
+                       if now - self._raw_failed.get(scan_id, (-RAW_FAILED_RETRY_S, "", ""))[0] >= RAW_FAILED_RETRY_S}
             if not pending:
                 return
             self._raw_retrying, self._raw_tried = True, now
@@ -1100,9 +1100,12 @@ class ScanManager:
                     # e.g. a full disk, the result moved away: the spool and its marker stay, tried
                     # again (before, only at the next start: a disk freed meanwhile did not count)
                     why = f"{type(exc).__name__}: {exc}"
+                    # the same cause again is not logged again: an OSError by its errno (a full
+                    # disk's message gives the free bytes, which change at every try)
+                    cause = f"{type(exc).__name__} {exc.errno}" if isinstance(exc, OSError) and exc.errno else why
                     with self._raw_lock:
-                        again = self._raw_failed.get(scan_id, (0.0, ""))[1] == why
-                        self._raw_failed[scan_id] = (time.monotonic(), why)
+                        again = self._raw_failed.get(scan_id, (0.0, "", ""))[2] == cause
+                        self._raw_failed[scan_id] = (time.monotonic(), why, cause)
                     if not again:
                         log.error("cannot copy the raw frames of spool %s into result %s (%s); the spool and its "
                                   "marker %s stay, and the copy is tried again every %g s and at the next start",

@@ -226,8 +226,11 @@ def test_a_raw_copy_that_finds_the_disk_full_is_tried_again_once_there_is_room(
     require = rawcopy.require_free_space
 
     def free_space(directory: Any, nbytes: int, reserve_bytes: int, what: str) -> None:
-        # the results disk full (what a full disk's statvfs says): the finish's result was written before
-        require(directory, nbytes, 2**62 if full[0] and "raw frames" in what else reserve_bytes, what)
+        # the results disk full (what a full disk's statvfs says): the finish's result was written
+        # before; the free bytes the message gives differ at every try, as on a busy disk
+        full.append(False)
+        require(directory, nbytes, 2**62 + len(full) * 2**20 if full[0] and "raw frames" in what else reserve_bytes,
+                what)
 
     monkeypatch.setattr(rawcopy, "require_free_space", free_space)
     tries: list[Any] = []
