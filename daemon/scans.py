@@ -259,7 +259,9 @@ class ScanManager:
             self.refused.popitem(last=False)
 
     def create_spool(self, spec: ScanSpec) -> SpoolWriter:
-        """The scan's spool file (any thread: it touches no state of the manager)."""
+        """The scan's spool file (any thread: it touches no state of the manager but the pending
+        raw copies', under their lock)."""
+        self._drop_stale_marker(spec.scan_id)
         try:
             return SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync,
                                       reserve_bytes=self.config.disk_reserve_bytes)
@@ -267,6 +269,21 @@ class ScanManager:
             if exc.errno != errno.ENOSPC:
                 raise
             raise ScanRefused("spool_dir", "disk_space", exc.strerror or str(exc)) from None
+
+    def _drop_stale_marker(self, scan_id: str) -> None:
+        """A raw-pending marker whose spool is gone (``rm *.spool.h5`` leaves the markers) where a
+        new scan takes its id (free again once its result is gone too, and the daemon no longer
+        lists the old scan): left, it kept the new scan's spool from recovery after a stop or a
+        kill, and the next start took that spool for the old scan's frames."""
+        marker = pending_marker(spool_path(self.config.spool_dir, scan_id))
+        if not marker.exists() or marker.with_name(marker.name[: -len(PENDING_SUFFIX)]).exists():
+            return
+        log.warning("removed %s: its spool is gone, and a new scan takes the id %r", marker.name, scan_id,
+                    extra={"scan_id": scan_id})
+        marker.unlink(missing_ok=True)
+        with self._raw_lock:
+            self._raw_pending.pop(scan_id, None)
+            self._raw_failed.pop(scan_id, None)
 
     def admission(self, spec: ScanSpec, own_spool: bool = False) -> tuple[ReconOptions, dict[str, int]]:
         """Raise :class:`ScanRefused` unless the scan may start; else its options and memory.

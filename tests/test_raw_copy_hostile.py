@@ -295,3 +295,46 @@ def test_a_damaged_marker_is_named_with_its_spool_and_what_to_do(
     said = [r.getMessage() for r in caplog.records if str(marker) in r.getMessage() and r.levelname == "ERROR"]
     assert said and "a.spool.h5: neither recovered nor copied" in said[0] and "or remove it" in said[0], said
     assert marker.read_text() == text and (cfg.spool_dir / "a.spool.h5").exists()
+
+
+def test_a_marker_left_by_a_removed_spool_does_not_keep_a_new_scan_of_its_id_from_recovery(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator removes a pending scan's spool and result while the daemon runs (``rm
+    *.spool.h5`` leaves the markers); once the daemon no longer lists that scan its id is free,
+    and a new scan takes it. Before, the old marker stayed beside the new scan's spool: stopped
+    before its end, that scan was not recovered at the next start (taken for the old scan's
+    frames, waiting for a result that is gone)."""
+    import cryoptycho.daemon.scans as scans_module
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    monkeypatch.setattr(scans_module, "HISTORY", 1)  # (256 scans later)
+    held: list[Any] = []
+    _hold_finish_of(monkeypatch, held, {"a"})
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
+    spool = cfg.spool_dir / "a.spool.h5"
+    bg = BackgroundService(cfg)
+    try:
+        with _released(held):
+            assert _stream(bg.service, scan, "a")["state"] == "finished"
+            for old in (spool, *cfg.results_dir.glob("a.*")):
+                old.unlink()  # the operator's clean-up
+        assert _stream(bg.service, scan, "b")["state"] == "finished"
+        wait_for(lambda: "a" not in bg.service.scans.sessions, 60, "scan a to leave the history")
+        with Producer(bg.service.endpoints["ingest"], control=bg.service.endpoints["control"]) as p:
+            p.start_scan(**scan.start_fields("a"))
+            p.send_frames(scan.frames[:5])
+            p.flush()  # held by the daemon; the scan stays open at the stop
+    finally:
+        bg.stop()
+    assert spool.exists()
+    monkeypatch.undo()
+    bg = BackgroundService(cfg)
+    try:
+        session = bg.service.scans.sessions.get("a")
+        assert session is not None and session.recovered, "the new scan a was not recovered"
+        assert not pending_marker(spool).exists()
+    finally:
+        bg.stop()
