@@ -222,6 +222,7 @@ def test_a_raw_copy_that_finds_the_disk_full_is_tried_again_once_there_is_room(
     from daemon_support import loopback_config, synthetic_scan, wait_for
 
     monkeypatch.setattr(scans_module, "RAW_FAILED_RETRY_S", 0.2, raising=False)  # (absent before)
+    monkeypatch.setattr(scans_module, "RAW_RETRY_S", 0.2)
     full = [True]
     require = rawcopy.require_free_space
 
