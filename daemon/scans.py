@@ -45,6 +45,7 @@ from .session import Session, State
 from .storage.diskspace import require_free_space
 from .storage.journal import fsync_path, journal_path
 from .storage.rawcopy import (
+    PENDING_SUFFIX,
     RAW_COPY_WAIT_S,
     complete_raw_copy,
     copy_raw,
@@ -88,6 +89,9 @@ SPOOL_BACKLOG_BYTES = 64 << 20
 SPOOL_CLOSE_WAIT_S = 600.0
 #: how often the pending raw copies are tried again (storage/rawcopy.py): each try is one refused open
 RAW_RETRY_S = 2.0
+#: how often a raw copy that failed (a full disk, the result moved away or held by root's chattr)
+#: is tried again: its cause is an operator's to remove, and the next start is maybe weeks away
+RAW_FAILED_RETRY_S = 60.0
 
 
 class _Pending(NamedTuple):
@@ -164,9 +168,15 @@ class ScanManager:
         self._closer = ThreadPoolExecutor(1, thread_name_prefix="spool-close")
         #: scan id → (spool, result) of results written without /raw (storage/rawcopy.py)
         self._raw_pending: dict[str, tuple[Path, Path]] = {}
+        #: their copies (a detector scan's spool: gigabytes, minutes), on a thread of their own: on
+        #: the closer they held up every later spool close, the finishes and the receipts waiting for them
+        self._raw_copier = ThreadPoolExecutor(1, thread_name_prefix="raw-copy")
         self._raw_lock = threading.Lock()
         self._raw_retrying = False
         self._raw_tried = 0.0  #: when retry_raw_copies last tried (monotonic)
+        #: scan id → (when, why, its cause) its pending copy last failed: tried again every
+        #: RAW_FAILED_RETRY_S, logged again only when the cause changes
+        self._raw_failed: dict[str, tuple[float, str, str]] = {}
         self._closing: dict[str, threading.Event] = {}
         #: scan id → what became of the frames of a scan whose spool close failed: its journal
         #: keeps them, and a re-open rebuilds the file (for the stop's report; written by the closer)
@@ -251,7 +261,9 @@ class ScanManager:
             self.refused.popitem(last=False)
 
     def create_spool(self, spec: ScanSpec) -> SpoolWriter:
-        """The scan's spool file (any thread: it touches no state of the manager)."""
+        """The scan's spool file (any thread: it touches no state of the manager but the pending
+        raw copies', under their lock)."""
+        self._drop_stale_marker(spec.scan_id)
         try:
             return SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync,
                                       reserve_bytes=self.config.disk_reserve_bytes)
@@ -259,6 +271,21 @@ class ScanManager:
             if exc.errno != errno.ENOSPC:
                 raise
             raise ScanRefused("spool_dir", "disk_space", exc.strerror or str(exc)) from None
+
+    def _drop_stale_marker(self, scan_id: str) -> None:
+        """A raw-pending marker whose spool is gone (``rm *.spool.h5`` leaves the markers) where a
+        new scan takes its id (free again once its result is gone too, and the daemon no longer
+        lists the old scan): left, it kept the new scan's spool from recovery after a stop or a
+        kill, and the next start took that spool for the old scan's frames."""
+        marker = pending_marker(spool_path(self.config.spool_dir, scan_id))
+        if not marker.exists() or marker.with_name(marker.name[: -len(PENDING_SUFFIX)]).exists():
+            return
+        log.warning("removed %s: its spool is gone, and a new scan takes the id %r", marker.name, scan_id,
+                    extra={"scan_id": scan_id})
+        marker.unlink(missing_ok=True)
+        with self._raw_lock:
+            self._raw_pending.pop(scan_id, None)
+            self._raw_failed.pop(scan_id, None)
 
     def admission(self, spec: ScanSpec, own_spool: bool = False) -> tuple[ReconOptions, dict[str, int]]:
         """Raise :class:`ScanRefused` unless the scan may start; else its options and memory.
@@ -1083,15 +1110,22 @@ class ScanManager:
         return {**{kind: str(p) for kind, p in written.items()}, "spool": str(spool_file.absolute())}
 
     def retry_raw_copies(self) -> None:
-        """Housekeeping (manager thread): try the pending raw copies again, on the closer thread
+        """Housekeeping (manager thread): try the pending raw copies again, on the raw-copy thread
         (a copy reads the whole spool), at most one pass at a time."""
         now = time.monotonic()
         with self._raw_lock:
             if not self._raw_pending or self._raw_retrying or now - self._raw_tried < RAW_RETRY_S:
                 return
+            pending = {scan_id: files for scan_id, files in self._raw_pending.items()
+                       if now - self._raw_failed.get(scan_id, (-RAW_FAILED_RETRY_S, "", ""))[0] >= RAW_FAILED_RETRY_S}
+            if not pending:
+                return
             self._raw_retrying, self._raw_tried = True, now
-            pending = dict(self._raw_pending)
-        self._closer.submit(self._retry_raw, pending)
+        try:
+            self._raw_copier.submit(self._retry_raw, pending)
+        except RuntimeError:  # shut down (the daemon stops): the next start tries again
+            with self._raw_lock:
+                self._raw_retrying = False
 
     def _retry_raw(self, pending: dict[str, tuple[Path, Path]]) -> None:
         try:
@@ -1100,11 +1134,22 @@ class ScanManager:
                     if not complete_raw_copy(spool_file, result, self.config.disk_reserve_bytes):
                         continue  # still held: tried again at the next pass
                 except Exception as exc:
-                    # e.g. the result moved away: the spool and its marker stay, named, for the next start
-                    log.error("cannot copy the raw frames of spool %s into result %s (%s: %s); the spool and its "
-                              "marker %s stay (the next start tries again)", spool_file, result, type(exc).__name__,
-                              exc, pending_marker(spool_file), exc_info=exc, extra={"scan_id": scan_id})
-                    self.metrics.internal_errors.labels(where="spool").inc()
+                    # e.g. a full disk, the result moved away: the spool and its marker stay, tried
+                    # again (before, only at the next start: a disk freed meanwhile did not count)
+                    why = f"{type(exc).__name__}: {exc}"
+                    # the same cause again is not logged again: an OSError by its errno (a full
+                    # disk's message gives the free bytes, which change at every try)
+                    cause = f"{type(exc).__name__} {exc.errno}" if isinstance(exc, OSError) and exc.errno else why
+                    with self._raw_lock:
+                        again = self._raw_failed.get(scan_id, (0.0, "", ""))[2] == cause
+                        self._raw_failed[scan_id] = (time.monotonic(), why, cause)
+                    if not again:
+                        log.error("cannot copy the raw frames of spool %s into result %s (%s); the spool and its "
+                                  "marker %s stay, and the copy is tried again every %g s and at the next start",
+                                  spool_file, result, why, pending_marker(spool_file), RAW_FAILED_RETRY_S,
+                                  exc_info=exc, extra={"scan_id": scan_id})
+                        self.metrics.internal_errors.labels(where="spool").inc()
+                    continue
                 else:
                     log.info("raw frames of spool %s copied into result %s (the program holding the spool let go)",
                              spool_file, result, extra={"scan_id": scan_id})
@@ -1112,6 +1157,7 @@ class ScanManager:
                         continue  # (held again at once: its mark is tried at the next pass)
                 with self._raw_lock:
                     self._raw_pending.pop(scan_id, None)
+                    self._raw_failed.pop(scan_id, None)
         finally:
             with self._raw_lock:
                 self._raw_retrying = False
@@ -1133,6 +1179,12 @@ class ScanManager:
     def raw_pending(self) -> dict[str, tuple[Path, Path]]:
         with self._raw_lock:
             return dict(self._raw_pending)
+
+    def raw_failure(self, scan_id: str) -> str | None:
+        """Why the pending raw copy of ``scan_id`` last failed (None: it did not, or was not tried)."""
+        with self._raw_lock:
+            failed = self._raw_failed.get(scan_id)
+        return None if failed is None else failed[1]
 
     def worker_exited(self, session: Session) -> None:
         self._spool_closed.pop(session.scan_id, None)  # (a worker that did not finish its scan)
@@ -1506,7 +1558,12 @@ class ScanManager:
             try:
                 spool_file, scan_id, result = read_pending(marker)
             except ValueError as exc:
-                log.error("%s; it is left as it is", exc)
+                # (it keeps its spool from recovery: said, with what to do, or the spool stayed unexplained)
+                spool_file = marker.with_name(marker.name[: -len(PENDING_SUFFIX)])
+                log.error("%s; it is left as it is, and so is its spool %s: neither recovered nor copied into a "
+                          "result while the marker is there. Write it again as {\"scan_id\": …, \"result\": the "
+                          "result file lacking /raw}, or remove it (a start with recover on then reconstructs the scan "
+                          "from the spool again)", exc, spool_file.name)
                 continue
             if not spool_file.exists():
                 log.warning("removed %s: its spool %s is gone", marker, spool_file.name)
@@ -1532,5 +1589,7 @@ class ScanManager:
             self._close_spool(scan_id)
         self._disk.shutdown(wait=True)
         self._closer.shutdown(wait=True)
+        # (a pass under way ends with its copy: one cut short leaves only a hidden .part result)
+        self._raw_copier.shutdown(wait=True, cancel_futures=True)
         self._launcher.shutdown(wait=True)
         self.run_disk_done()  # answers to requests that waited for the spool thread

@@ -506,9 +506,12 @@ class Service:
                         "the next start rebuilds and recovers them" if self.config.recover else
                         "recover is off (`cryoptycho replay` or `reconstruct` read them through their journals)")
         for scan_id, (spool_file, result) in self.scans.raw_pending().items():
-            log.warning("result %s lacks its raw frames (/raw): its spool %s is still open for writing in another "
-                        "program; kept, with its marker %s: the next start copies them once that program lets go",
-                        result, spool_file, pending_marker(spool_file), extra={"scan_id": scan_id})
+            failed = self.scans.raw_failure(scan_id)
+            why, then = (("is still open for writing in another program", "copies them once that program lets go")
+                         if failed is None else (f"could not be copied from ({failed})", "tries again"))
+            log.warning("result %s lacks its raw frames (/raw): its spool %s %s; kept, with its marker %s: the next "
+                        "start %s", result, spool_file, why, pending_marker(spool_file), then,
+                        extra={"scan_id": scan_id})
         if not kept:
             if not unclosed:
                 log.info("stopped with no unfinished scan")

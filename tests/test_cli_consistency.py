@@ -82,3 +82,12 @@ def test_replays_old_endpoint_option_still_works_and_warns(tmp_path: Path, pull:
     assert "--endpoint is deprecated, use --ingest" in out.stderr, out.stderr
     both = _replay(tmp_path, "--endpoint", pull, "--ingest", "tcp://127.0.0.1:18")
     assert both.exit_code == 2 and "name different endpoints" in both.output, both.output
+
+
+def test_an_empty_ingest_endpoint_is_an_error_not_the_default(tmp_path: Path) -> None:
+    """``replay --ingest "$ENDPOINT"`` with the variable unset: before, the scan went to the
+    default endpoint (a daemon on this host, or nobody: exit 0 with --no-confirm); now it is
+    refused, as the old --endpoint "" was."""
+    out = _replay(tmp_path, "--ingest", "")
+    assert out.exit_code == 1 and "cannot connect to ''" in out.output, out.output
+    assert "sent scan" not in out.output, out.output

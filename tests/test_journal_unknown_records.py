@@ -98,3 +98,17 @@ def test_every_record_kind_this_build_writes_is_one_it_knows() -> None:
                         written.add(value.value)
     assert {"base", "append", "closed"} <= written  # the reader found the writer's records
     assert written <= journal.KNOWN_OPS, sorted(written - journal.KNOWN_OPS)
+
+
+@pytest.mark.parametrize("kind", [["reshard"], {"name": "reshard"}])
+def test_a_record_whose_kind_is_no_string_refuses_the_spool_by_name(tmp_path: Path, kind: object) -> None:
+    """A record whose ``op`` is a list or a map (a broken writer): before, every read of the spool
+    raised TypeError ("unhashable type") naming neither the file nor the record. No kind at all,
+    it is refused though marked optional."""
+    path, _ = _killed_with(tmp_path, {"op": kind, "optional": True}, journal_only=True)
+    before = path.read_bytes(), journal_path(path).read_bytes()
+    with pytest.raises(ValueError, match=f"{path.name}: its journal holds a record .*reshard.*kept unchanged"):
+        read_spool(path)
+    with pytest.raises(ValueError, match="reshard.*kept unchanged"):
+        repair_spool(path)
+    assert (path.read_bytes(), journal_path(path).read_bytes()) == before

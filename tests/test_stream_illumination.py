@@ -212,3 +212,59 @@ def test_uint16_frame_counts_are_exact_either_side_of_the_lane_bound(monkeypatch
     assert engine.mean_counts == expect
     assert bool(calls) == lanes
 
+
+
+def _laid_out(frames: np.ndarray, layout: str) -> np.ndarray:
+    """``frames`` (n, m, m) uint16, as a producer's buffer may hold them: the same counts in
+    another memory layout or byte order."""
+    n, m, _ = frames.shape
+    if layout == "fortran":
+        return np.asfortranarray(frames)
+    if layout == "every_other":  # a view of every second frame of a larger batch
+        both = np.zeros((2 * n, m, m), np.uint16)
+        both[::2] = frames
+        return both[::2]
+    if layout == "columns":  # a view of the columns of wider frames
+        wide = np.zeros((n, m, m + 3), np.uint16)
+        wide[:, :, 1:m + 1] = frames
+        return wide[:, :, 1:m + 1]
+    if layout in ("unaligned", "off_word"):  # a buffer not aligned to 2 (or 8) bytes
+        shift = 1 if layout == "unaligned" else 2
+        buf = np.zeros(frames.nbytes + 8, np.uint8)
+        out = np.frombuffer(buf.data, np.uint16, count=frames.size, offset=shift).reshape(frames.shape)
+        np.copyto(np.frombuffer(buf.data, np.uint16, count=frames.size, offset=shift).reshape(frames.shape), frames)
+        return out
+    if layout == "big_endian":
+        return frames.astype(">u2")
+    return frames
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), m=st.integers(2, 13), n=st.integers(1, 5),
+       layout=st.sampled_from(["c", "fortran", "every_other", "columns", "unaligned", "off_word", "big_endian",
+                               "device"]),
+       masked=st.booleans(), backend=st.sampled_from(["numpy", "strict"]))
+def test_uint16_frame_counts_are_exact_in_every_layout(data, m, n, layout, masked, backend):
+    """The per-batch count of uint16 frames (gpu/stream.py ``_lane_sum`` where it holds, else
+    the 32-bit or exact sums) is the exact sum over the valid pixels whatever the frames' size
+    (odd pixel counts: not whole 64-bit words), largest count (at and around the lanes' bound
+    65,535 / (pixels / 4)), memory layout, alignment, byte order and mask, on either host-frame
+    backend (and device frames on the strict one: summed there, no peak measured)."""
+    pixels = m * m
+    bound = 0xFFFF // max(1, pixels // 4)
+    top = data.draw(st.sampled_from(sorted({0, 1, max(0, bound - 1), min(bound, 0xFFFF), min(bound + 1, 0xFFFF),
+                                             0xFFFF}))) if data.draw(st.booleans()) else data.draw(st.integers(0, 0xFFFF))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    frames = rng.integers(0, top + 1, size=(n, m, m), dtype=np.uint16)
+    frames.reshape(n, -1)[rng.integers(0, n), rng.integers(0, pixels)] = top  # the largest count, somewhere
+    mask = rng.random((m, m)) > 0.3 if masked else None
+    engine = StreamingReconstructor(frame_shape=(m, m), frame_dtype=np.uint16, pixel_size=1e-10,
+                                    probe=np.ones((m, m), np.complex64), options=ReconOptions(backend=backend),
+                                    mask=mask)
+    given_frames = strict.xp.asarray(frames) if layout == "device" else _laid_out(frames, layout)
+    np.testing.assert_array_equal(to_numpy(given_frames), frames)
+    engine.add_frames(given_frames, np.zeros((n, 2)))
+    valid = np.ones((m, m), bool) if mask is None else mask
+    expect = sum(int(v) for v in frames[:, valid].ravel().tolist())
+    assert engine.mean_counts == expect / n
+    assert engine.peak_count == (None if layout == "device" else int(frames.max()))

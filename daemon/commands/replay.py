@@ -160,7 +160,9 @@ def ingest_endpoint(ingest: str | None, endpoint: str | None) -> str:
     """The daemon's ingest endpoint from ``--ingest`` or its deprecated spelling ``--endpoint``
     (a warning on stderr); both given and different is a usage error."""
     if endpoint is None:
-        return ingest or DEFAULT_INGEST
+        # (not ``ingest or``: an empty --ingest, a script's unset "$ENDPOINT", sent the scan to the
+        # default endpoint, a daemon on this host or nobody, and exited 0 without --confirm)
+        return DEFAULT_INGEST if ingest is None else ingest
     click.echo("cryoptycho replay: --endpoint is deprecated, use --ingest (the name `serve`, `broker` and "
                "`dectris-bridge` give the same endpoint)", err=True)
     if ingest is not None and ingest != endpoint:

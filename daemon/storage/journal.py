@@ -43,9 +43,13 @@ OPTIONAL = "optional"
 def unknown_kind(header: dict[str, Any]) -> tuple[str, bool] | None:
     """(the kind, whether optional) of a record this build does not know; None for a known one."""
     op = header.get("op")
-    if op in KNOWN_OPS:
+    if isinstance(op, str) and op in KNOWN_OPS:
         return None
-    return str(op), header.get(OPTIONAL) is True
+    if not isinstance(op, str):
+        # a list or a map raised TypeError (unhashable) out of every read of the spool, naming
+        # neither the file nor the record; no kind at all, its writer's mark is not trusted either
+        return repr(op), False
+    return op, header.get(OPTIONAL) is True
 
 
 def journal_path(spool_file: str | Path) -> Path:

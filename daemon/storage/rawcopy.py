@@ -87,14 +87,21 @@ def is_pending(spool_file: Path) -> bool:
 
 def complete_raw_copy(spool_file: Path, result: Path, reserve_bytes: int = 0) -> bool:
     """Copy the spool's frames into ``result`` now (the result rewritten under a hidden name and
-    renamed, as when it was written); False while another program still holds the spool for
-    writing. OSError(ENOSPC) before anything is written where the copy would leave less than
+    renamed, as when it was written); False while another program still holds the spool, or
+    the result, for writing. OSError(ENOSPC) before anything is written where the copy would leave less than
     ``reserve_bytes`` free. The marker and the spool are the caller's to retire."""
     src = open_spool_for_copy(spool_file)
     if src is None:
         return False
     with src:
-        with h5py.File(result, "r") as f:
+        try:
+            f = h5py.File(result, "r")
+        except BlockingIOError:
+            # the result held for writing (a notebook annotating it): as for the spool, tried
+            # again at the next pass, not taken for a failed copy (which waited for a restart)
+            return False
+        with f:
+            _check_waits_for(f, src, spool_file, result)
             if "raw" in f:  # copied by an earlier pass whose retiring of the spool did not finish
                 return True
         # HDF5 does not survive a full disk (diskspace.py): the copy of the result and the frames
@@ -102,6 +109,35 @@ def complete_raw_copy(spool_file: Path, result: Path, reserve_bytes: int = 0) ->
                            f"the raw frames of {result.name}")
         add_raw(result, lambda group: copy_raw(src, group))
     return True
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_waits_for(f: h5py.File, src: h5py.File, spool_file: Path, result: Path) -> None:
+    """ValueError unless ``f`` is the result of the spool's scan, still waiting for this spool's
+    frames or holding them: a marker edited or copied by hand may name another scan's result,
+    whose /raw read as "copied already" retired (deleted) the spool, the only copy of its frames."""
+    extra = f["extra"].attrs if "extra" in f else {}
+    want, got = _text(src.attrs.get("scan_id")), _text(extra.get("scan_id"))
+    marker = pending_marker(spool_file)
+    if want is None or got != want:
+        raise ValueError(f"result {result} is not that of spool {spool_file.name} (scan_id {got!r}, the spool's "
+                         f"{want!r}): its marker {marker} names the wrong result (edited or copied by hand?); the "
+                         "spool and its marker are kept: correct the marker's \"result\" or remove it")
+    if "raw" in f:
+        return
+    waits = _text(extra.get("raw_pending"))
+    if waits is None or Path(waits).name != spool_file.name:
+        raise ValueError(f"result {result} of scan {want!r} does not wait for the frames of spool {spool_file.name} "
+                         f"(its /extra raw_pending is {waits!r}); the spool and its marker {marker} are kept")
+    if Path(waits).exists() and not os.path.samefile(waits, spool_file):
+        # a copy of the spool directory (a backup restored, a migration): its markers name the
+        # results of the original, which waits for its own spool
+        raise ValueError(f"result {result} waits for the frames of spool {waits}, not of {spool_file} (a copy of the "
+                         f"spool directory?); the spool and its marker {marker} are kept: correct the marker's "
+                         "\"result\" or remove it")
 
 
 def remove_marker(spool_file: Path) -> None:
