@@ -1074,11 +1074,13 @@ class ScanManager:
         finally:
             if src is not None:
                 src.close()
-        if src is None:  # (before the journal goes: a kill between them leaves the marker, not a scan to redo)
-            mark_pending(spool_file, session.scan_id, written["result"], self.config.spool_fsync)
-        discard_journal(spool_file, self.config.spool_fsync)  # closed, the file holds all of it
         if src is None:
+            # the journal stays until the copy is done (_retire_copied discards it): while another
+            # program holds the spool for writing, the file alone is not a safe only copy (a holder
+            # in "a" that wrote nothing left a file's end address wrong at its close: qafield6)
+            mark_pending(spool_file, session.scan_id, written["result"], self.config.spool_fsync)
             return self._defer_raw_copy(session, spool_file, written)
+        discard_journal(spool_file, self.config.spool_fsync)  # closed, the file holds all of it
         if self.config.keep_spool:
             # beside a program reading the closed spool (h5py's defaults take a shared lock), which
             # made the mark fail and the scan with it, its result already written: marked without
@@ -1133,6 +1135,12 @@ class ScanManager:
                 try:
                     if not complete_raw_copy(spool_file, result, self.config.disk_reserve_bytes):
                         continue  # still held: tried again at the next pass
+                    log.info("raw frames of spool %s copied into result %s (the program holding the spool let go)",
+                             spool_file, result, extra={"scan_id": scan_id})
+                    # (inside the try: this pass's future is never read, so a failure to retire the
+                    # spool — an I/O error on its directory — is logged and counted here or nowhere)
+                    if not self._retire_copied(scan_id, spool_file):
+                        continue  # (held again at once: its mark is tried at the next pass)
                 except Exception as exc:
                     # e.g. a full disk, the result moved away: the spool and its marker stay, tried
                     # again (before, only at the next start: a disk freed meanwhile did not count)
@@ -1150,11 +1158,6 @@ class ScanManager:
                                   exc_info=exc, extra={"scan_id": scan_id})
                         self.metrics.internal_errors.labels(where="spool").inc()
                     continue
-                else:
-                    log.info("raw frames of spool %s copied into result %s (the program holding the spool let go)",
-                             spool_file, result, extra={"scan_id": scan_id})
-                    if not self._retire_copied(scan_id, spool_file):
-                        continue  # (held again at once: its mark is tried at the next pass)
                 with self._raw_lock:
                     self._raw_pending.pop(scan_id, None)
                     self._raw_failed.pop(scan_id, None)

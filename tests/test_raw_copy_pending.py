@@ -119,7 +119,8 @@ def test_a_raw_copy_still_pending_at_the_stop_is_done_by_the_next_start_without_
             bg.stop()
         stopped = [r.getMessage() for r in caplog.records if "the next start copies them" in r.getMessage()]
         assert stopped and "later.spool.h5" in stopped[0], stopped
-        assert not journal_path(spool).exists() and pending_marker(spool).exists()
+        # the journal stays beside the held spool, a second copy of its frames, until the copy
+        assert journal_path(spool).exists() and pending_marker(spool).exists()
         with h5py.File(result, "r") as f:
             written = f.attrs["created_utc"], f["object"][()]
     monkeypatch.undo()
@@ -133,5 +134,6 @@ def test_a_raw_copy_still_pending_at_the_stop_is_done_by_the_next_start_without_
             np.testing.assert_array_equal(f["object"][()], written[1])
         got = read_spool(spool)  # keep_spool: kept, marked finished
         assert got.status == "finished" and len(got.indices) == len(scan.frames)
+        assert not journal_path(spool).exists()  # (the copy done, the file holds all of it)
     finally:
         bg.stop()

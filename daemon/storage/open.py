@@ -94,6 +94,13 @@ def open_recorded(path: str | Path) -> Recorded:
         # read_result checks it; the frames under /raw follow the result's format as well
         check_version(path, f, "result", result.FORMAT_VERSION)
         if "raw/scan" not in f or "raw/" + spool.DATA not in f:
+            pending = f["extra"].attrs.get("raw_pending") if "extra" in f else None
+            if pending is not None:  # (written while another program held its spool for writing)
+                raise ValueError(
+                    f"{path}: this result's raw frames are still in the spool {pending} (another program held "
+                    "it open for writing when the scan finished); the daemon copies them into the result once "
+                    "that program lets go — give that spool file instead, or wait for the copy"
+                )
             raise ValueError(
                 f"{path}: this result file holds no raw frames (no /raw part: it was not written "
                 "by the daemon); give the scan's dataset or spool file instead"
