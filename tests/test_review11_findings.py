@@ -130,7 +130,7 @@ def test_a_result_held_for_writing_during_a_raw_copy_is_tried_again(tmp_path: Pa
     from cryoptycho.gpu.data import PtychoData
     from cryoptycho.gpu.options import ReconOptions
     from cryoptycho.gpu.reconstruct import reconstruct
-    from daemon_support import synthetic_scan
+    from daemon_support import synthetic_scan, wait_for
     from spool_support import held_open, small_spool
 
     manager = _manager(tmp_path)
@@ -145,10 +145,16 @@ def test_a_result_held_for_writing_during_a_raw_copy_is_tried_again(tmp_path: Pa
         manager._raw_pending["r1"] = (spool, result)
     try:
         with held_open(result, "r+"):
+            # the pass runs on the raw-copy thread (flush_disk does not wait for it): waited for
+            # while the result is held, or it may run after the hold (then this tests nothing), or
+            # still be running at the call below (which then starts no second pass)
             manager.retry_raw_copies()
-            manager.flush_disk()
+            wait_for(lambda: not manager._raw_retrying, 60, "the raw-copy pass during the hold to end")
+            assert "r1" in manager.raw_pending() and manager.raw_failure("r1") is None
+        with h5py.File(result, "r") as f:
+            assert "raw" not in f
         manager.retry_raw_copies()
-        manager.flush_disk()
+        wait_for(lambda: not manager._raw_retrying, 60, "the raw-copy pass after the hold to end")
     finally:
         manager.close()
     with h5py.File(result, "r") as f:
