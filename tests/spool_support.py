@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryoptycho.daemon.scan import ScanSpec
@@ -64,3 +65,45 @@ def small_spool(spool_dir: Path, scan_id: str, status: str) -> Path:
         w.set_status(status)
     w.close()
     return w.path
+
+
+@contextmanager
+def aborted_scan_on_a_daemon(tmp_path: Path, scan_id: str = "held") -> Iterator[tuple[Any, Path]]:
+    """A daemon (in this process) with one scan ``scan_id`` of 10 frames, cancelled and its spool
+    closed — its close (closer thread) deletes the journal last: the file is whole then. Yields the
+    daemon's control client and the spool's path; the daemon stops at the end."""
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import journal_path
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
+            p.start_scan(**scan.start_fields(scan_id))
+            p.send_frames(scan.frames[:10])
+            p.flush()
+            ctl.cancel(scan_id, reason="stage drift")
+            wait_for(lambda: scan_state(ctl, scan_id) == "aborted", 60, "the scan to be aborted")
+            path = cfg.spool_dir / f"{scan_id}.spool.h5"
+            wait_for(lambda: not journal_path(path).exists(), 60, "the aborted scan's spool to be closed")
+            yield ctl, path
+    finally:
+        bg.stop()
+
+
+def scan_state(ctl: Any, scan_id: str) -> str:
+    return next(s for s in ctl.list_scans() if s["scan_id"] == scan_id)["state"]
+
+
+def scan_ended(ctl: Any, scan_id: str) -> dict:
+    """The scan's listing once it finished or failed (a finish_scan's reconstruction)."""
+    from daemon_support import wait_for
+
+    return wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == scan_id
+                                  and s["state"] in ("finished", "failed")), None), 120, "the scan to end")

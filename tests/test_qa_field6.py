@@ -29,7 +29,14 @@ import h5py
 import numpy as np
 import pytest
 from cryoptycho.daemon.storage.spool import SpoolInUse, SpoolWriter, journal_path, read_spool
-from spool_support import held_open, small_spool, try_open
+from spool_support import (
+    aborted_scan_on_a_daemon,
+    held_open,
+    scan_ended,
+    scan_state,
+    small_spool,
+    try_open,
+)
 
 
 @pytest.mark.parametrize("mode", ["r+", "a"])
@@ -127,42 +134,17 @@ def test_while_the_daemon_writes_beside_a_reader_a_writer_is_refused_and_readers
 
 
 def test_finish_scan_while_an_operator_writes_the_spool_is_refused_by_name_then_works(tmp_path: Path) -> None:
-    from cryoptycho.daemon.service import BackgroundService
-    from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.errors import ControlError
-    from cryoptycho.protocols.producer import Producer
-    from daemon_support import loopback_config, synthetic_scan, wait_for
 
-    scan = synthetic_scan(n_side=4, m=32)
-    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
-    bg = BackgroundService(cfg)
-    svc = bg.service
-    try:
-        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
-              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
-            p.start_scan(**scan.start_fields("held"))
-            p.send_frames(scan.frames[:10])
-            p.flush()
-            ctl.cancel("held", reason="stage drift")
-
-            def state() -> str:
-                return next(s for s in ctl.list_scans() if s["scan_id"] == "held")["state"]
-
-            wait_for(lambda: state() == "aborted", 60, "the scan to be aborted")
-            path = cfg.spool_dir / "held.spool.h5"
-            # its close (closer thread) deletes the journal last: the file is whole then
-            wait_for(lambda: not journal_path(path).exists(), 60, "the aborted scan's spool to be closed")
-            with held_open(path, "r+"):
-                with pytest.raises(ControlError) as info:
-                    ctl.finish_scan("held")
-                assert info.value.reply.result["rule"] == "spool_in_use" and "held.spool.h5" in info.value.msg
-                assert state() == "aborted"
-            assert ctl.finish_scan("held")["scan_id"] == "held"
-            done = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "held"
-                                          and s["state"] in ("finished", "failed")), None), 120, "the scan to end")
-            assert done["state"] == "finished" and done["frames"]["received"] == 10, done
-    finally:
-        bg.stop()
+    with aborted_scan_on_a_daemon(tmp_path) as (ctl, path):
+        with held_open(path, "r+"):
+            with pytest.raises(ControlError) as info:
+                ctl.finish_scan("held")
+            assert info.value.reply.result["rule"] == "spool_in_use" and "held.spool.h5" in info.value.msg
+            assert scan_state(ctl, "held") == "aborted"
+        assert ctl.finish_scan("held")["scan_id"] == "held"
+        done = scan_ended(ctl, "held")
+        assert done["state"] == "finished" and done["frames"]["received"] == 10, done
 
 
 def test_another_scans_rejection_under_a_flooded_rule_is_named_in_the_log(tmp_path: Path) -> None:

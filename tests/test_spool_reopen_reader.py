@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryoptycho.daemon.storage.spool import SpoolWriter, journal_path, read_spool
-from spool_support import held_open, small_spool
+from spool_support import aborted_scan_on_a_daemon, held_open, scan_ended, small_spool
 
 
 @pytest.mark.parametrize("status", ["aborted", "open"])
@@ -62,34 +62,8 @@ def test_a_reopen_that_fails_leaves_the_journal_as_it_was(tmp_path: Path, status
 
 
 def test_finish_scan_while_an_operator_reads_the_spool_works(tmp_path: Path) -> None:
-    from cryoptycho.daemon.service import BackgroundService
-    from cryoptycho.protocols.control import ControlClient
-    from cryoptycho.protocols.producer import Producer
-    from daemon_support import loopback_config, synthetic_scan, wait_for
-
-    scan = synthetic_scan(n_side=4, m=32)
-    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
-    bg = BackgroundService(cfg)
-    svc = bg.service
-    try:
-        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
-              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
-            p.start_scan(**scan.start_fields("held"))
-            p.send_frames(scan.frames[:10])
-            p.flush()
-            ctl.cancel("held", reason="stage drift")
-
-            def state() -> str:
-                return next(s for s in ctl.list_scans() if s["scan_id"] == "held")["state"]
-
-            wait_for(lambda: state() == "aborted", 60, "the scan to be aborted")
-            path = cfg.spool_dir / "held.spool.h5"
-            # its close (closer thread) deletes the journal last: the file is whole then
-            wait_for(lambda: not journal_path(path).exists(), 60, "the aborted scan's spool to be closed")
-            with held_open(path):
-                assert ctl.finish_scan("held")["scan_id"] == "held"
-            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "held"
-                                          and s["state"] in ("finished", "failed")), None), 120, "the scan to end")
-            assert info["state"] == "finished" and info["frames"]["received"] == 10, info
-    finally:
-        bg.stop()
+    with aborted_scan_on_a_daemon(tmp_path) as (ctl, path):
+        with held_open(path):
+            assert ctl.finish_scan("held")["scan_id"] == "held"
+        info = scan_ended(ctl, "held")
+        assert info["state"] == "finished" and info["frames"]["received"] == 10, info
