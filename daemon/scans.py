@@ -123,6 +123,14 @@ def estimate_bytes(spec: ScanSpec, options: ReconOptions) -> int:
     ).total
 
 
+def _delete_spool_file(spool_file: Path, missing_ok: bool = False) -> None:
+    """Delete a retired spool (its result holds its frames, on disk), the deletion on disk too:
+    lost to a power loss, the spool came back ``ended`` beside its result, and the next start
+    reconstructed the scan again — or, its raw-pending marker removed next, as a scan to recover."""
+    spool_file.unlink(missing_ok=missing_ok)
+    fsync_path(spool_file.parent)
+
+
 class _SpoolClosed(threading.Event):
     """Set when an ended scan's spool close is over; ``error``: why it failed, if it did, and
     ``kept``: what became of its frames then (:meth:`ScanManager._kept_note`)."""
@@ -1080,6 +1088,8 @@ class ScanManager:
             # in "a" that wrote nothing left a file's end address wrong at its close: qafield6)
             mark_pending(spool_file, session.scan_id, written["result"], self.config.spool_fsync)
             return self._defer_raw_copy(session, spool_file, written)
+        # the result is on disk by now (write_result fsyncs it and its directory): only then do
+        # the spool's file and journal, the other copy of the frames, go
         discard_journal(spool_file, self.config.spool_fsync)  # closed, the file holds all of it
         if self.config.keep_spool:
             # beside a program reading the closed spool (h5py's defaults take a shared lock), which
@@ -1087,7 +1097,7 @@ class ScanManager:
             # HDF5's lock; beside one writing it (mark_status), not at all: the result stands
             self._mark_kept(session.scan_id, spool_file, "finished")
         else:  # (deleted: no mark to write)
-            spool_file.unlink()
+            _delete_spool_file(spool_file)
         session.result_path = str(written["result"])
         files = {kind: str(p) for kind, p in written.items()}
         if self.config.keep_spool:
@@ -1169,13 +1179,14 @@ class ScanManager:
         """A spool whose frames its result now holds: as finish_result retires one. False where
         its mark could not be written (another program took it for writing again): its marker
         stays, so that no start recovers it as a scan to reconstruct."""
+        # (complete_raw_copy's add_raw fsynced the result and its directory: the frames are on disk there)
         discard_journal(spool_file, self.config.spool_fsync)  # (one a kill inside finish_result left)
         if self.config.keep_spool:
             if not self._mark_kept(scan_id, spool_file, "finished", "tried again once that program lets go "
                                    "(its raw-pending marker stays until then)"):
                 return False
         else:
-            spool_file.unlink(missing_ok=True)
+            _delete_spool_file(spool_file, missing_ok=True)
         remove_marker(spool_file)
         return True
 
