@@ -64,6 +64,7 @@ from .storage.spool import (
     discard_journal,
     empty_final_spools,
     file_stem,
+    held_for_writing,
     mark_status,
     read_spool,
     remove_if_empty,
@@ -189,6 +190,9 @@ class ScanManager:
         #: scan id → what became of the frames of a scan whose spool close failed: its journal
         #: keeps them, and a re-open rebuilds the file (for the stop's report; written by the closer)
         self.unclosed: dict[str, str] = {}
+        #: waiting scans, ended, whose closed spool another program held for writing when their
+        #: turn came (:meth:`_spool_held`): passed over until it lets go, said once
+        self._held_spools: set[str] = set()
         #: spool files :meth:`recover` refused (why logged there), for the stop's report
         self.unrecovered: set[Path] = set()
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
@@ -952,11 +956,14 @@ class ScanManager:
         return out
 
     def admit(self) -> None:
-        """Start workers for waiting scans while slots and memory allow (FIFO, no overtaking)."""
-        while self.waiting and not self.stopping and len(self.running) < self.config.max_concurrent_scans:
-            session = self.sessions[self.waiting[0]]
+        """Start workers for waiting scans while slots and memory allow (FIFO, no overtaking;
+        but a scan whose closed spool another program holds for writing is passed over until
+        that program lets go: :meth:`_spool_held`)."""
+        passed = 0  # waiting scans passed over, at the head of the queue
+        while len(self.waiting) > passed and not self.stopping and len(self.running) < self.config.max_concurrent_scans:
+            session = self.sessions[self.waiting[passed]]
             if session.state.final:
-                self.waiting.pop(0)
+                self.waiting.pop(passed)
                 continue
             used = self.reserved()
             budget = {"host": self.config.host_memory_budget_bytes,
@@ -964,7 +971,10 @@ class ScanManager:
             if ((self.running or self._lingering)
                     and any(used[d] + b > budget[d] for d, b in session.reserved_bytes.items())):
                 return  # wait for a running scan, or a cancelled one's close, to free its memory
-            self.waiting.pop(0)
+            if self._spool_held(session):
+                passed += 1
+                continue
+            self.waiting.pop(passed)
             try:
                 self._start_worker(session)
             except Exception as exc:  # e.g. the defaults changed under it: this scan fails, not the loop
@@ -973,6 +983,34 @@ class ScanManager:
                 self.metrics.internal_errors.labels(where="housekeeping").inc()
                 self.fail_scan(session, f"cannot start: {type(exc).__name__}: {exc}")
         self._update_gauges()
+
+    def _spool_held(self, session: Session) -> bool:
+        """Whether the scan waits on a closed spool (parked: it ended while it waited, or was
+        recovered ended) that another program holds open for writing — an operator's
+        ``h5py.File(spool, "r+")``. Its worker's re-open of the spool was refused then, and the
+        scan failed, every frame on disk. Now it waits (said once: log and an ``error`` event,
+        rule ``spool_in_use``) and starts once that program lets go (admit runs at every
+        housekeeping pass); the scans behind it go first meanwhile."""
+        scan_id = session.scan_id
+        parked = self._parked.get(scan_id)
+        if parked is None or not parked.is_set():  # open (the daemon's), or its close under way
+            return False
+        path = spool_path(self.config.spool_dir, scan_id)
+        held = held_for_writing(path)
+        if held is None:
+            if scan_id in self._held_spools:
+                self._held_spools.discard(scan_id)
+                log.info("spool %s let go of by the other program: the scan starts", path.name, extra={"scan_id": scan_id})
+            return False
+        if scan_id not in self._held_spools:
+            self._held_spools.add(scan_id)
+            message = (f"scan {scan_id!r} waits: {held}. Its {session.ledger.received} frames are on disk (the spool "
+                       "and its journal); the scan starts once that program closes the file, and the scans queued "
+                       "behind it start meanwhile")
+            log.warning("%s", message, extra={"scan_id": scan_id})
+            self.outbox.post("error", {"scan_id": scan_id, "field": "spool", "rule": "spool_in_use",
+                                       "message": message})
+        return True
 
     def _start_worker(self, session: Session) -> None:
         options = self._options_for(session.spec)
@@ -1255,6 +1293,7 @@ class ScanManager:
         state = session.state
         if state.final:
             self._parked.pop(session.scan_id, None)  # (stopped while it waited: closed already)
+            self._held_spools.discard(session.scan_id)
             self.metrics.scans.labels(outcome=state.value).inc()
             self._forget_old_previews()
             self._log_end(session)
