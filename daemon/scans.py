@@ -193,6 +193,9 @@ class ScanManager:
         #: waiting scans, ended, whose closed spool another program held for writing when their
         #: turn came (:meth:`_spool_held`): passed over until it lets go, said once
         self._held_spools: set[str] = set()
+        #: scan id → (when, its re-open): a started scan whose closed spool another program took
+        #: for writing before the spool thread re-opened it (:meth:`_reopen_later`)
+        self._reopen_waiting: dict[str, tuple[float, Callable[[], None]]] = {}
         #: spool files :meth:`recover` refused (why logged there), for the stop's report
         self.unrecovered: set[Path] = set()
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
@@ -998,19 +1001,27 @@ class ScanManager:
         path = spool_path(self.config.spool_dir, scan_id)
         held = held_for_writing(path)
         if held is None:
-            if scan_id in self._held_spools:
+            with self._raw_lock:
+                noted = scan_id in self._held_spools
                 self._held_spools.discard(scan_id)
+            if noted:
                 log.info("spool %s let go of by the other program: the scan starts", path.name, extra={"scan_id": scan_id})
             return False
-        if scan_id not in self._held_spools:
-            self._held_spools.add(scan_id)
-            message = (f"scan {scan_id!r} waits: {held}. Its {session.ledger.received} frames are on disk (the spool "
-                       "and its journal); the scan starts once that program closes the file, and the scans queued "
-                       "behind it start meanwhile")
-            log.warning("%s", message, extra={"scan_id": scan_id})
-            self.outbox.post("error", {"scan_id": scan_id, "field": "spool", "rule": "spool_in_use",
-                                       "message": message})
+        self._note_held(session, held)
         return True
+
+    def _note_held(self, session: Session, held: SpoolInUse) -> None:
+        """Say once per scan that it waits for another program's write handle on its spool."""
+        scan_id = session.scan_id
+        with self._raw_lock:
+            if scan_id in self._held_spools:
+                return
+            self._held_spools.add(scan_id)
+        message = (f"scan {scan_id!r} waits: {held}. Its {session.ledger.received} frames are on disk (the spool "
+                   "and its journal); the scan starts once that program closes the file, and the scans queued "
+                   "behind it start meanwhile")
+        log.warning("%s", message, extra={"scan_id": scan_id})
+        self.outbox.post("error", {"scan_id": scan_id, "field": "spool", "rule": "spool_in_use", "message": message})
 
     def _start_worker(self, session: Session) -> None:
         options = self._options_for(session.spec)
@@ -1029,16 +1040,28 @@ class ScanManager:
         def task() -> None:  # after every append asked for so far: none is missed or doubled
             nonlocal spool
             frames = None
+            later = False
             try:
                 if parked is not None:
-                    spool = self._unpark(session.scan_id, parked)
+                    try:
+                        spool = self._unpark(session.scan_id, parked)
+                    except SpoolInUse as exc:
+                        # another program took the file for writing after admit's look (_spool_held):
+                        # its frames are on disk, the worker waits for them, and the re-open is asked
+                        # again (retry_reopens) — before, the scan failed
+                        later = self._reopen_later(session, task, exc)
+                        if later or self.stopping or session.state.final:
+                            return  # (stopping: it stays ended in the spool, for the next start)
+                        raise
                 if spool.count:  # frames spooled while the scan waited (or before a crash)
                     frames, _, positions = spool.read()
                     worker.put(FrameBatch(frames, positions))
                 if closed is not None:
                     worker.put(EndOfScan("scan_end"))
             finally:
-                if closed is not None and spool is None:  # it could not be re-opened: the scan fails
+                if later:
+                    pass  # (its close is the next try's)
+                elif closed is not None and spool is None:  # it could not be re-opened: the scan fails
                     closed.error, closed.kept = RuntimeError("its spool could not be re-opened"), ""
                     closed.set()
                 elif closed is not None:  # the binned rows read (derived) just now are written as they are
@@ -1050,6 +1073,28 @@ class ScanManager:
         started.add_done_callback(lambda f: self._start_failed(session, f.exception()))
         self.outbox.post("scan.acquiring", {"scan_id": session.scan_id})
         log.info("worker started", extra={"scan_id": session.scan_id})
+
+    def _reopen_later(self, session: Session, task: Callable[[], None], held: SpoolInUse) -> bool:
+        """Spool thread: ask for ``task`` (a started scan's re-open of its closed spool, refused
+        beside another program's write handle) again in RAW_RETRY_S; said once, as
+        :meth:`_spool_held` says it. False when the scan is over or the daemon stops."""
+        if self.stopping or session.state.final:
+            return False
+        self._note_held(session, held)
+        with self._raw_lock:
+            self._reopen_waiting[session.scan_id] = (time.monotonic(), task)
+        return True
+
+    def retry_reopens(self) -> None:
+        """Housekeeping (manager thread): the re-opens :meth:`_reopen_later` put off, asked of
+        the spool thread again once RAW_RETRY_S went by."""
+        now = time.monotonic()
+        with self._raw_lock:
+            due = [(sid, task) for sid, (when, task) in self._reopen_waiting.items() if now - when >= RAW_RETRY_S]
+            for sid, _ in due:
+                del self._reopen_waiting[sid]
+        for sid, task in due:
+            self._on_disk(sid, task)
 
     def _unpark(self, scan_id: str, parked: _SpoolClosed) -> SpoolWriter:
         """Spool thread: the spool of a scan parked while it waited (:meth:`end_scan`), open
@@ -1293,7 +1338,9 @@ class ScanManager:
         state = session.state
         if state.final:
             self._parked.pop(session.scan_id, None)  # (stopped while it waited: closed already)
-            self._held_spools.discard(session.scan_id)
+            with self._raw_lock:
+                self._held_spools.discard(session.scan_id)
+                self._reopen_waiting.pop(session.scan_id, None)
             self.metrics.scans.labels(outcome=state.value).inc()
             self._forget_old_previews()
             self._log_end(session)

@@ -874,6 +874,7 @@ class Service:
         self._rejections_log.flush()
         self.scans.check_timeouts()
         self.scans.retry_raw_copies()
+        self.scans.retry_reopens()
         self.scans.admit()
         self.metrics.queue_depth.set(self.scans.queued_frames())
         _gpu_memory(self.metrics, self.config.options.backend)

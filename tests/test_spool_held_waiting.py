@@ -16,8 +16,14 @@ import pytest
 from spool_support import held_open, scan_ended, scan_state
 
 
+@pytest.mark.parametrize("taken_after_the_look", [False, True], ids=["held-at-its-turn", "taken-after-admission"])
 def test_a_waiting_scans_spool_held_for_writing_delays_the_scan_and_fails_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        taken_after_the_look: bool) -> None:
+    """``taken_after_the_look``: the program takes the file after admission looked (the look
+    is made to see no holder): the worker's re-open on the spool thread meets it, and is asked
+    again until that program lets go."""
+    import cryoptycho.daemon.scans as scans_module
     from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
@@ -34,6 +40,8 @@ def test_a_waiting_scans_spool_held_for_writing_delays_the_scan_and_fails_nothin
         return finish(self, session, state)
 
     monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
+    if taken_after_the_look:
+        monkeypatch.setattr(scans_module, "held_for_writing", lambda path: None, raising=False)
     scan = synthetic_scan(n_side=4, m=32)
     cfg = loopback_config(tmp_path, refine_time_budget_s=2, max_concurrent_scans=1)
     spool = cfg.spool_dir / "b.spool.h5"
