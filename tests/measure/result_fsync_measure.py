@@ -28,6 +28,10 @@ from cryoptycho.daemon.storage.rawcopy import copy_raw
 from cryoptycho.daemon.storage.spool import SpoolWriter
 
 
+def _load() -> list[str]:
+    return Path("/proc/loadavg").read_text().split()[:3]
+
+
 def make_spool(where: Path, frames: int, side: int, dose: float) -> Path:
     spec = ScanSpec(scan_id="m", frame_shape=(side, side), frame_dtype="uint16", pixel_size_m=1e-10,
                     energy_eV=300e3, probe=np.ones((side, side), np.complex64), expected_frames=frames)
@@ -87,7 +91,7 @@ def main() -> None:
         (root / "r").mkdir()
         spool = make_spool(root / "s", a.frames, a.side, a.dose)
         print(f"spool: {a.frames} frames of {a.side}x{a.side} uint16, dose {a.dose}/px, {spool.stat().st_size / 1e6:.1f} MB; "
-              f"load {open('/proc/loadavg').read().split()[:3]}", flush=True)
+              f"load {_load()}", flush=True)
         got: dict[bool, list[tuple[float, float, float, int]]] = {False: [], True: []}
         for r in range(a.rounds):
             for durable in ((False, True) if r % 2 == 0 else (True, False)):
@@ -99,7 +103,7 @@ def main() -> None:
             rows = got[durable]
             print(f"median {'fsync   ' if durable else 'no fsync'}: wall {statistics.median(x[0] for x in rows):.3f} s, "
                   f"CPU {statistics.median(x[1] for x in rows):.3f} s, fsyncs {statistics.median(x[2] for x in rows):.3f} s")
-        print(f"load {open('/proc/loadavg').read().split()[:3]}")
+        print(f"load {_load()}")
 
 
 if __name__ == "__main__":
