@@ -1017,9 +1017,11 @@ class ScanManager:
             if scan_id in self._held_spools:
                 return
             self._held_spools.add(scan_id)
-        message = (f"scan {scan_id!r} waits: {held}. Its {session.ledger.received} frames are on disk (the spool "
-                   "and its journal); the scan starts once that program closes the file, and the scans queued "
-                   "behind it start meanwhile")
+        message = (f"scan {scan_id!r} waits: its spool {held.path} is open for writing in another program (HDF5's "
+                   "exclusive file lock), beside which the daemon does not open it (written beside a writer, even one "
+                   f"that writes nothing, frames came back unreadable at its close). Its {session.ledger.received} "
+                   "frames are on disk (the spool and its journal); the scan starts once that program closes the file "
+                   "(h5py: File.close(), or end that Python session), and the scans queued behind it start meanwhile")
         log.warning("%s", message, extra={"scan_id": scan_id})
         self.outbox.post("error", {"scan_id": scan_id, "field": "spool", "rule": "spool_in_use", "message": message})
 
