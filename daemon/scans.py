@@ -194,7 +194,8 @@ class ScanManager:
         #: turn came (:meth:`_spool_held`): passed over until it lets go, said once
         self._held_spools: set[str] = set()
         #: scan id → (when, its re-open): a started scan whose closed spool another program took
-        #: for writing before the spool thread re-opened it (:meth:`_reopen_later`)
+        #: for writing before the spool thread re-opened it (:meth:`_reopen_later`). These two
+        #: under _raw_lock (the spool thread adds to them, the manager reads them)
         self._reopen_waiting: dict[str, tuple[float, Callable[[], None]]] = {}
         #: spool files :meth:`recover` refused (why logged there), for the stop's report
         self.unrecovered: set[Path] = set()
