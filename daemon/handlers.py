@@ -54,6 +54,8 @@ LIST_SCANS_BYTES = 640 * 1024
 STATUS_SCANS_BYTES = 448 * 1024
 STATUS_WAITING_BYTES = 64 * 1024
 STATUS_UNCLOSED_BYTES = 128 * 1024
+#: results waiting for their raw frames (``raw_pending``: two paths each, ≈ 0.2–8 kB)
+STATUS_RAW_PENDING_BYTES = 64 * 1024
 #: the ``max_header_bytes`` the byte budgets above are made for: a daemon whose
 #: ``limits.max_header_bytes`` is lower has them cut in proportion (``_budget``), or a status or
 #: list_scans it could still answer in part was a max_header_bytes failure
@@ -142,6 +144,7 @@ def build_table(service: Service) -> dict[str, Handler]:
         # running scans first (at most max_concurrent_scans), then those next in the queue
         live.sort(key=lambda s: s.scan_id not in scans.running)
         # the newest (insertion order)
+        raw_pending = scans.raw_pending()
         unclosed = _leading(reversed(list(scans.unclosed.items())), STATUS_LIST_MAX,
                             budget(STATUS_UNCLOSED_BYTES))[::-1]
         return {
@@ -163,6 +166,13 @@ def build_table(service: Service) -> dict[str, Handler]:
             # where the frames of scans whose spool close failed are, until a re-open rebuilds it
             "unclosed_spools": dict(unclosed),
             "unclosed_spools_total": len(scans.unclosed),
+            # results written without their raw frames while another program held the scan's spool
+            # for writing (storage/rawcopy.py): the spool and its journal stay until the copy
+            "raw_pending": dict(_leading(
+                ((sid, {"spool": str(spool), "result": str(result), "last_failure": scans.raw_failure(sid)})
+                 for sid, (spool, result) in sorted(raw_pending.items())),
+                STATUS_LIST_MAX, budget(STATUS_RAW_PENDING_BYTES))),
+            "raw_pending_total": len(raw_pending),
         }
 
     def list_scans(state: str | None = None) -> dict[str, Any]:

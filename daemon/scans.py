@@ -64,6 +64,7 @@ from .storage.spool import (
     discard_journal,
     empty_final_spools,
     file_stem,
+    held_for_writing,
     mark_status,
     read_spool,
     remove_if_empty,
@@ -121,6 +122,14 @@ def estimate_bytes(spec: ScanSpec, options: ReconOptions) -> int:
         options, frame_shape=spec.frame_shape, frame_dtype=spec.frame_dtype,
         n_frames=spec.expected_frames or options.stream.initial_capacity, field_px=spec.field_px(),
     ).total
+
+
+def _delete_spool_file(spool_file: Path, missing_ok: bool = False) -> None:
+    """Delete a retired spool (its result holds its frames, on disk), the deletion on disk too:
+    lost to a power loss, the spool came back ``ended`` beside its result, and the next start
+    reconstructed the scan again — or, its raw-pending marker removed next, as a scan to recover."""
+    spool_file.unlink(missing_ok=missing_ok)
+    fsync_path(spool_file.parent)
 
 
 class _SpoolClosed(threading.Event):
@@ -181,6 +190,13 @@ class ScanManager:
         #: scan id → what became of the frames of a scan whose spool close failed: its journal
         #: keeps them, and a re-open rebuilds the file (for the stop's report; written by the closer)
         self.unclosed: dict[str, str] = {}
+        #: waiting scans, ended, whose closed spool another program held for writing when their
+        #: turn came (:meth:`_spool_held`): passed over until it lets go, said once
+        self._held_spools: set[str] = set()
+        #: scan id → (when, its re-open): a started scan whose closed spool another program took
+        #: for writing before the spool thread re-opened it (:meth:`_reopen_later`). These two
+        #: under _raw_lock (the spool thread adds to them, the manager reads them)
+        self._reopen_waiting: dict[str, tuple[float, Callable[[], None]]] = {}
         #: spool files :meth:`recover` refused (why logged there), for the stop's report
         self.unrecovered: set[Path] = set()
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
@@ -944,11 +960,14 @@ class ScanManager:
         return out
 
     def admit(self) -> None:
-        """Start workers for waiting scans while slots and memory allow (FIFO, no overtaking)."""
-        while self.waiting and not self.stopping and len(self.running) < self.config.max_concurrent_scans:
-            session = self.sessions[self.waiting[0]]
+        """Start workers for waiting scans while slots and memory allow (FIFO, no overtaking;
+        but a scan whose closed spool another program holds for writing is passed over until
+        that program lets go: :meth:`_spool_held`)."""
+        passed = 0  # waiting scans passed over, at the head of the queue
+        while len(self.waiting) > passed and not self.stopping and len(self.running) < self.config.max_concurrent_scans:
+            session = self.sessions[self.waiting[passed]]
             if session.state.final:
-                self.waiting.pop(0)
+                self.waiting.pop(passed)
                 continue
             used = self.reserved()
             budget = {"host": self.config.host_memory_budget_bytes,
@@ -956,7 +975,10 @@ class ScanManager:
             if ((self.running or self._lingering)
                     and any(used[d] + b > budget[d] for d, b in session.reserved_bytes.items())):
                 return  # wait for a running scan, or a cancelled one's close, to free its memory
-            self.waiting.pop(0)
+            if self._spool_held(session):
+                passed += 1
+                continue
+            self.waiting.pop(passed)
             try:
                 self._start_worker(session)
             except Exception as exc:  # e.g. the defaults changed under it: this scan fails, not the loop
@@ -965,6 +987,44 @@ class ScanManager:
                 self.metrics.internal_errors.labels(where="housekeeping").inc()
                 self.fail_scan(session, f"cannot start: {type(exc).__name__}: {exc}")
         self._update_gauges()
+
+    def _spool_held(self, session: Session) -> bool:
+        """Whether the scan waits on a closed spool (parked: it ended while it waited, or was
+        recovered ended) that another program holds open for writing — an operator's
+        ``h5py.File(spool, "r+")``. Its worker's re-open of the spool was refused then, and the
+        scan failed, every frame on disk. Now it waits (said once: log and an ``error`` event,
+        rule ``spool_in_use``) and starts once that program lets go (admit runs at every
+        housekeeping pass); the scans behind it go first meanwhile."""
+        scan_id = session.scan_id
+        parked = self._parked.get(scan_id)
+        if parked is None or not parked.is_set():  # open (the daemon's), or its close under way
+            return False
+        path = spool_path(self.config.spool_dir, scan_id)
+        held = held_for_writing(path)
+        if held is None:
+            with self._raw_lock:
+                noted = scan_id in self._held_spools
+                self._held_spools.discard(scan_id)
+            if noted:
+                log.info("spool %s let go of by the other program: the scan starts", path.name, extra={"scan_id": scan_id})
+            return False
+        self._note_held(session, held)
+        return True
+
+    def _note_held(self, session: Session, held: SpoolInUse) -> None:
+        """Say once per scan that it waits for another program's write handle on its spool."""
+        scan_id = session.scan_id
+        with self._raw_lock:
+            if scan_id in self._held_spools:
+                return
+            self._held_spools.add(scan_id)
+        message = (f"scan {scan_id!r} waits: its spool {held.path} is open for writing in another program (HDF5's "
+                   "exclusive file lock), beside which the daemon does not open it (written beside a writer, even one "
+                   f"that writes nothing, frames came back unreadable at its close). Its {session.ledger.received} "
+                   "frames are on disk (the spool and its journal); the scan starts once that program closes the file "
+                   "(h5py: File.close(), or end that Python session), and the scans queued behind it start meanwhile")
+        log.warning("%s", message, extra={"scan_id": scan_id})
+        self.outbox.post("error", {"scan_id": scan_id, "field": "spool", "rule": "spool_in_use", "message": message})
 
     def _start_worker(self, session: Session) -> None:
         options = self._options_for(session.spec)
@@ -983,16 +1043,28 @@ class ScanManager:
         def task() -> None:  # after every append asked for so far: none is missed or doubled
             nonlocal spool
             frames = None
+            later = False
             try:
                 if parked is not None:
-                    spool = self._unpark(session.scan_id, parked)
+                    try:
+                        spool = self._unpark(session.scan_id, parked)
+                    except SpoolInUse as exc:
+                        # another program took the file for writing after admit's look (_spool_held):
+                        # its frames are on disk, the worker waits for them, and the re-open is asked
+                        # again (retry_reopens) — before, the scan failed
+                        later = self._reopen_later(session, task, exc)
+                        if later or self.stopping or session.state.final:
+                            return  # (stopping: it stays ended in the spool, for the next start)
+                        raise
                 if spool.count:  # frames spooled while the scan waited (or before a crash)
                     frames, _, positions = spool.read()
                     worker.put(FrameBatch(frames, positions))
                 if closed is not None:
                     worker.put(EndOfScan("scan_end"))
             finally:
-                if closed is not None and spool is None:  # it could not be re-opened: the scan fails
+                if later:
+                    pass  # (its close is the next try's)
+                elif closed is not None and spool is None:  # it could not be re-opened: the scan fails
                     closed.error, closed.kept = RuntimeError("its spool could not be re-opened"), ""
                     closed.set()
                 elif closed is not None:  # the binned rows read (derived) just now are written as they are
@@ -1004,6 +1076,28 @@ class ScanManager:
         started.add_done_callback(lambda f: self._start_failed(session, f.exception()))
         self.outbox.post("scan.acquiring", {"scan_id": session.scan_id})
         log.info("worker started", extra={"scan_id": session.scan_id})
+
+    def _reopen_later(self, session: Session, task: Callable[[], None], held: SpoolInUse) -> bool:
+        """Spool thread: ask for ``task`` (a started scan's re-open of its closed spool, refused
+        beside another program's write handle) again in RAW_RETRY_S; said once, as
+        :meth:`_spool_held` says it. False when the scan is over or the daemon stops."""
+        if self.stopping or session.state.final:
+            return False
+        self._note_held(session, held)
+        with self._raw_lock:
+            self._reopen_waiting[session.scan_id] = (time.monotonic(), task)
+        return True
+
+    def retry_reopens(self) -> None:
+        """Housekeeping (manager thread): the re-opens :meth:`_reopen_later` put off, asked of
+        the spool thread again once RAW_RETRY_S went by."""
+        now = time.monotonic()
+        with self._raw_lock:
+            due = [(sid, task) for sid, (when, task) in self._reopen_waiting.items() if now - when >= RAW_RETRY_S]
+            for sid, _ in due:
+                del self._reopen_waiting[sid]
+        for sid, task in due:
+            self._on_disk(sid, task)
 
     def _unpark(self, scan_id: str, parked: _SpoolClosed) -> SpoolWriter:
         """Spool thread: the spool of a scan parked while it waited (:meth:`end_scan`), open
@@ -1080,6 +1174,8 @@ class ScanManager:
             # in "a" that wrote nothing left a file's end address wrong at its close: qafield6)
             mark_pending(spool_file, session.scan_id, written["result"], self.config.spool_fsync)
             return self._defer_raw_copy(session, spool_file, written)
+        # the result is on disk by now (write_result fsyncs it and its directory): only then do
+        # the spool's file and journal, the other copy of the frames, go
         discard_journal(spool_file, self.config.spool_fsync)  # closed, the file holds all of it
         if self.config.keep_spool:
             # beside a program reading the closed spool (h5py's defaults take a shared lock), which
@@ -1087,7 +1183,7 @@ class ScanManager:
             # HDF5's lock; beside one writing it (mark_status), not at all: the result stands
             self._mark_kept(session.scan_id, spool_file, "finished")
         else:  # (deleted: no mark to write)
-            spool_file.unlink()
+            _delete_spool_file(spool_file)
         session.result_path = str(written["result"])
         files = {kind: str(p) for kind, p in written.items()}
         if self.config.keep_spool:
@@ -1169,13 +1265,14 @@ class ScanManager:
         """A spool whose frames its result now holds: as finish_result retires one. False where
         its mark could not be written (another program took it for writing again): its marker
         stays, so that no start recovers it as a scan to reconstruct."""
+        # (complete_raw_copy's add_raw fsynced the result and its directory: the frames are on disk there)
         discard_journal(spool_file, self.config.spool_fsync)  # (one a kill inside finish_result left)
         if self.config.keep_spool:
             if not self._mark_kept(scan_id, spool_file, "finished", "tried again once that program lets go "
                                    "(its raw-pending marker stays until then)"):
                 return False
         else:
-            spool_file.unlink(missing_ok=True)
+            _delete_spool_file(spool_file, missing_ok=True)
         remove_marker(spool_file)
         return True
 
@@ -1244,6 +1341,9 @@ class ScanManager:
         state = session.state
         if state.final:
             self._parked.pop(session.scan_id, None)  # (stopped while it waited: closed already)
+            with self._raw_lock:
+                self._held_spools.discard(session.scan_id)
+                self._reopen_waiting.pop(session.scan_id, None)
             self.metrics.scans.labels(outcome=state.value).inc()
             self._forget_old_previews()
             self._log_end(session)

@@ -672,14 +672,21 @@ class Service:
         DECTRIS bridge reports its dropped series here). What it quotes from
         the bad message is bounded, and a scan id that is not one (too long, bad characters)
         moves into the text: subscribers must be able to read every event the daemon sends."""
-        sid = event.scan_id
-        if sid is not None and (len(sid) > self.limits.max_scan_id_length or not re.fullmatch(SCAN_ID_PATTERN, sid)):
-            event = replace(event, scan_id=None, message=f"{event.message} (scan_id {_clip(sid, 80)!r})")
-        event = replace(event, field=_clip(event.field, 256), message=_clip(event.message, 2048))
+        event = self._bounded(event)
         if self.error_throttle.admit(event.rule, event.scan_id, time.monotonic()):
             self.outbox.post("error", event)
         else:
             self.metrics.errors_suppressed.inc()
+
+    def _bounded(self, event: ErrorEvent) -> ErrorEvent:
+        """``event`` with its field and message clipped, and a scan id that is not one moved into
+        the text. Every error event leaves through it: those of publish_error, and those the
+        scans and workers post to the outbox themselves (_flush_outbox) — a raw_copy_pending
+        event quotes two paths, which a configuration or a hostile scan id can make long."""
+        sid = event.scan_id
+        if sid is not None and (len(sid) > self.limits.max_scan_id_length or not re.fullmatch(SCAN_ID_PATTERN, sid)):
+            event = replace(event, scan_id=None, message=f"{event.message} (scan_id {_clip(sid, 80)!r})")
+        return replace(event, field=_clip(event.field, 256), message=_clip(event.message, 2048))
 
     def _ingest_fault(self, exc: Exception, msg: Any, parts: list[Any]) -> None:
         """An unexpected exception while handling an ingest message: log it with its traceback,
@@ -839,7 +846,10 @@ class Service:
             self.outbox.post("error", summary)
         for topic, payload in self.outbox.take():
             try:
-                parts = encode_event(to_message(topic, payload))
+                message = to_message(topic, payload)
+                if isinstance(message, ErrorEvent):  # (posted by the scans and workers: not clipped yet)
+                    message = self._bounded(message)
+                parts = encode_event(message)
             except Exception as exc:  # a post the wire cannot carry: say so instead of dying
                 text = f"{type(exc).__name__}: {exc}"
                 log.error("cannot publish %s: %s", topic, text, exc_info=exc)
@@ -864,6 +874,7 @@ class Service:
         self._rejections_log.flush()
         self.scans.check_timeouts()
         self.scans.retry_raw_copies()
+        self.scans.retry_reopens()
         self.scans.admit()
         self.metrics.queue_depth.set(self.scans.queued_frames())
         _gpu_memory(self.metrics, self.config.options.backend)

@@ -341,3 +341,38 @@ def test_a_marker_left_by_a_removed_spool_does_not_keep_a_new_scan_of_its_id_fro
         assert not pending_marker(spool).exists()
     finally:
         bg.stop()
+
+
+def test_a_raw_copy_pending_event_is_clipped_as_every_error_event_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The raw_copy_pending event quotes the spool's and the result's paths: long directories
+    made it 3,000+ characters, past the 2,048 that publish_error clips every error event to (it
+    was posted to the outbox directly, past the clip). Read from what the publisher encodes."""
+    import cryoptycho.daemon.service as service_module
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.messages import ErrorEvent
+    from daemon_support import loopback_config, synthetic_scan
+
+    sent: list[ErrorEvent] = []
+    encode = service_module.encode_event
+
+    def spy(message: Any) -> Any:
+        if isinstance(message, ErrorEvent):
+            sent.append(message)
+        return encode(message)
+
+    monkeypatch.setattr(service_module, "encode_event", spy)
+    held: list[Any] = []
+    _hold_finish_of(monkeypatch, held, {"long"})
+    deep = Path(tmp_path, *["d" * 200] * 6)  # 1,200+ characters each (a path's own limit is 4,096)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2, spool_dir=deep / "s", results_dir=deep / "r")
+    bg = BackgroundService(cfg)
+    try:
+        with _released(held):
+            assert _stream(bg.service, synthetic_scan(n_side=4, m=32), "long")["state"] == "finished"
+    finally:
+        bg.stop()  # (the outbox is flushed before the stop returns)
+    pending = [e for e in sent if e.rule == "raw_copy_pending"]
+    assert len(pending) == 1, [(e.rule, len(e.message)) for e in sent]
+    assert len(pending[0].message) <= 2048, len(pending[0].message)
+    assert pending[0].message.endswith("…") and pending[0].scan_id == "long"

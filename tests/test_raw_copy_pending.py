@@ -137,3 +137,31 @@ def test_a_raw_copy_still_pending_at_the_stop_is_done_by_the_next_start_without_
         assert not journal_path(spool).exists()  # (the copy done, the file holds all of it)
     finally:
         bg.stop()
+
+
+def test_status_lists_a_result_waiting_for_its_raw_frames_until_the_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``status`` names each result that lacks its raw frames and the spool that holds them (the
+    spool directory's only explanation was the hidden marker file); gone once they are copied."""
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    held: list[Any] = []
+    _hold_at_finish(monkeypatch, held)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2)
+    spool, result = cfg.spool_dir / "st.spool.h5", cfg.results_dir / "st.h5"
+    bg = BackgroundService(cfg)
+    try:
+        with ControlClient(bg.service.endpoints["control"], timeout_s=30) as ctl:
+            with _released(held):
+                assert _stream(bg.service, synthetic_scan(n_side=4, m=32), "st")["state"] == "finished"
+                status = ctl.call("status")
+                assert status["raw_pending_total"] == 1, status
+                assert status["raw_pending"] == {"st": {"spool": str(spool.absolute()), "result": str(result.absolute()),
+                                                        "last_failure": None}}, status["raw_pending"]
+            wait_for(lambda: not pending_marker(spool).exists(), 60, "the pending raw copy")
+            status = ctl.call("status")
+            assert status["raw_pending"] == {} and status["raw_pending_total"] == 0, status
+    finally:
+        bg.stop()

@@ -89,7 +89,8 @@ def complete_raw_copy(spool_file: Path, result: Path, reserve_bytes: int = 0) ->
     """Copy the spool's frames into ``result`` now (the result rewritten under a hidden name and
     renamed, as when it was written); False while another program still holds the spool, or
     the result, for writing. OSError(ENOSPC) before anything is written where the copy would leave less than
-    ``reserve_bytes`` free. The marker and the spool are the caller's to retire."""
+    ``reserve_bytes`` free. True: the result holds the frames, on disk (fsynced, with its
+    directory). The marker and the spool are the caller's to retire."""
     src = open_spool_for_copy(spool_file)
     if src is None:
         return False
@@ -102,8 +103,13 @@ def complete_raw_copy(spool_file: Path, result: Path, reserve_bytes: int = 0) ->
             return False
         with f:
             _check_waits_for(f, src, spool_file, result)
-            if "raw" in f:  # copied by an earlier pass whose retiring of the spool did not finish
-                return True
+            done = "raw" in f  # copied by an earlier pass whose retiring of the spool did not finish
+        if done:
+            # on disk before the caller deletes the spool: that pass may have been a release's that
+            # did not fsync the result, whose data may still be in the page cache only
+            fsync_path(result)
+            fsync_path(result.parent)
+            return True
         # HDF5 does not survive a full disk (diskspace.py): the copy of the result and the frames
         require_free_space(result.parent, result.stat().st_size + spool_file.stat().st_size, reserve_bytes,
                            f"the raw frames of {result.name}")

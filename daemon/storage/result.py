@@ -29,6 +29,7 @@ from cryoptycho.daemon.storage.h5format import (
     photon_equivalent_energy_eV,
     write_nav_shape,
 )
+from cryoptycho.daemon.storage.journal import fsync_path
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.state import ReconState
 
@@ -83,8 +84,20 @@ def write_result(
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    os.replace(part, path)
+    replace_durably(part, path)
     return path
+
+
+def replace_durably(part: Path, path: Path) -> None:
+    """Rename the whole file ``part`` to ``path``, on disk when this returns: the file's data
+    fsynced before the rename (else a power loss may leave ``path`` naming an empty or partial
+    file: ext4's delayed allocation, XFS), its directory after (else the rename itself may be
+    lost). The daemon deletes a scan's spool — the only other copy of its frames — right after
+    its result is written: the page cache alone is not a copy (h5py's ``flush`` reaches only the
+    OS, and HDF5's sec2 driver never fsyncs, hence the fsync of the closed file by its path)."""
+    fsync_path(part)
+    os.replace(part, path)
+    fsync_path(path.parent)
 
 
 def add_raw(path: str | Path, raw: RawHook) -> None:
@@ -117,7 +130,7 @@ def add_raw(path: str | Path, raw: RawHook) -> None:
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    os.replace(part, path)
+    replace_durably(part, path)  # (over the result without /raw: its frames' spool is deleted next)
 
 
 def _write(part: Path, name: str, d: dict[str, Any], state: ReconState, data: PtychoData | None,

@@ -360,6 +360,19 @@ def _share_lock(path: Path) -> BinaryIO | None:
     return handle
 
 
+def held_for_writing(path: Path) -> SpoolInUse | None:
+    """Whether another program holds the closed spool ``path`` open for writing (HDF5's
+    exclusive lock) now: the :class:`SpoolInUse` a re-open would raise, else None (no such
+    lock, or none on this file system). Asks without opening it in HDF5."""
+    try:
+        share = _share_lock(path)
+    except SpoolInUse as exc:
+        return exc
+    if share is not None:
+        share.close()
+    return None
+
+
 def open_for_writing(path: Path) -> tuple[h5py.File, BinaryIO | None]:
     """The daemon's own spool file, open for appending, and the handle of a shared lock it
     holds while open (None: HDF5's own lock is held). HDF5 locks a file for its whole open,
