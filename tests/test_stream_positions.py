@@ -189,6 +189,49 @@ def test_live_scan_model_waits_for_enough_measured_frames() -> None:
     assert model.update(0.5, 1.0) is None
 
 
+def _noisy_live_model(residual_rms: float, noise_px: float, measured: int, seed: int = 0):
+    """A live model of a 12 × 12 raster (4 px steps) on its affine map plus residuals of rms
+    ``residual_rms`` px per axis; only the first ``measured`` frames measured, each with a Newton
+    target scattered by counting noise of ``noise_px`` rms per axis (Fisher 1/noise²): (model,
+    true positions)."""
+    rng = np.random.default_rng(seed)
+    nominal = np.stack(np.meshgrid(np.arange(12.0), np.arange(12.0), indexing="ij"), -1).reshape(-1, 2) * 4
+    true = nominal + rng.normal(0.0, residual_rms, nominal.shape)
+    model = LiveScanModel(nominal)
+    fisher = np.repeat(np.eye(2)[None] / noise_px**2, measured, axis=0)
+    target = true[:measured] + rng.normal(0.0, noise_px, (measured, 2))
+    at = model.positions[:measured]
+    grad = np.einsum("kab,kb->ka", fisher, at - target)
+    assert model.record(np.arange(measured), at, grad, fisher) == measured
+    return model, true
+
+
+def test_live_residual_prior_estimated_keeps_exact_positions_out_of_the_noise() -> None:
+    """Exact positions, targets scattered by 0.7 px of counting noise (the Cramér–Rao bound of
+    one position at 20 e⁻/Å² is ≈ 1 px): the fixed 0.5 px prior moves the residuals into the
+    noise, the estimated one (as offline) keeps them on the affine map."""
+    fixed, true = _noisy_live_model(0.0, 0.7, 100)
+    fixed.update(residual_px=0.5, max_step_px=10.0)
+    auto, _ = _noisy_live_model(0.0, 0.7, 100)
+    auto.update(residual_px=0.5, max_step_px=10.0, residual_auto=True)
+    assert np.sqrt(np.mean(fixed.residual[:100] ** 2)) > 0.15
+    assert np.sqrt(np.mean(auto.residual ** 2)) < 0.02
+    assert auto.residual_estimate_px < 0.05
+    assert _rms_px(auto.positions * PIXEL, true * PIXEL) < _rms_px(fixed.positions * PIXEL, true * PIXEL)
+
+
+def test_live_residual_estimate_ignores_the_frames_not_yet_measured() -> None:
+    """Residuals of 0.4 px rms with 0.15 px of noise on the first 50 of 144 frames: the
+    estimate comes from the measured frames' scatter (the 94 without information say nothing
+    of it; counted, their zero information swamps the median and the estimate falls to 0)."""
+    model, true = _noisy_live_model(0.4, 0.15, 50)
+    model.update(residual_px=1.0, max_step_px=10.0, residual_auto=True)
+    assert 0.3 < model.residual_estimate_px < 0.5
+    moved = model.positions[:50] - model.nominal[:50]
+    assert np.sqrt(np.mean((moved - (true[:50] - model.nominal[:50])) ** 2)) < 0.25
+    assert np.abs(model.residual[50:]).max() < 0.01  # no information: left on the affine map
+
+
 @pytest.mark.subprocess
 def test_daemon_live_result_carries_positions_refined_while_streaming(tmp_path) -> None:
     """No refinement after scan end (iterations 0): whatever moved the positions in the result
