@@ -57,8 +57,13 @@ def main() -> None:
     ap.add_argument("--offsets", default="-20,10,20,30")
     ap.add_argument("--exact-probe", action="store_true")
     ap.add_argument("--crb", action="store_true")
+    ap.add_argument("--mu0", type=float, default=None,
+                    help="the trial objects' prior weight (default: the bench's, μ₀ auto for half the dose)")
     ap.add_argument("--crb-only", action="store_true", help="the bounds alone (no halves' trials)")
     ap.add_argument("--crb-iterations", type=int, default=300)
+    ap.add_argument("--lowpass", default="",
+                    help="Å, comma-separated: C10's bound with the object known only below each resolution "
+                         "(1 + the low-passed T − 1; what a reconstruction exact to that resolution could give)")
     ap.add_argument("--true-positions", action="store_true",
                     help="the engine given the true positions (the probe error alone left)")
     args = ap.parse_args()
@@ -81,6 +86,8 @@ def main() -> None:
         opts = opts.with_mu0_decision(counts_per_object_pixel(problem.counts_fft, problem.mask, problem.probe,
                                                               problem.batch))
     fit_counts, test_counts, fixed, kappa, power = _halves(problem, opts, 15)
+    if args.mu0 is not None:
+        fixed = fixed.model_copy(update={"mu0": args.mu0})
     n_test = to_numpy(test_counts).astype(np.float64)
     n_all = n_test + to_numpy(fit_counts).astype(np.float64)
     mask = 1.0 if problem.mask is None else to_numpy(problem.mask)
@@ -123,7 +130,7 @@ def main() -> None:
         se_ho = math.sqrt(float((n_test * ell**2).sum()))
         se_ho_emp = math.sqrt(k * float(np.var(t0_ - te, ddof=1)))
         print(json.dumps({"seed": args.seed, "exact": args.exact_probe, "true_pos": args.true_positions,
-                          "cg": args.iterations, "trial": name, "gain": round(gain, 1),
+                          "cg": args.iterations, "mu0": args.mu0, "trial": name, "gain": round(gain, 1),
                           "se_emp": round(se_emp, 1), "z_emp": round(gain / se_emp, 2),
                           "se_pois": round(se_pois, 1), "z_pois": round(gain / se_pois, 2),
                           "gain_ho": round(g_ho, 1), "se_ho_pois": round(se_ho, 1), "z_ho_pois": round(g_ho / se_ho, 2),
@@ -164,6 +171,17 @@ def main() -> None:
         def jac_t(r):  # its adjoint (real inner product over the object's real and imaginary parts)
             return scatter_add(psi_k.conj() * ifft2(2.0 * r * z0), batch)
 
+        for cut in [float(c) for c in args.lowpass.split(",") if c]:
+            fy = np.fft.fftfreq(obj_true.shape[0], d=px * 1e10)[:, None]
+            fx = np.fft.fftfreq(obj_true.shape[1], d=px * 1e10)[None, :]
+            keep = np.hypot(fy, fx) <= 1.0 / cut
+            smooth = 1.0 + np.fft.ifft2(np.fft.fft2(obj_true - 1.0) * keep)
+            i0 = intensities(smooth, probe0, batch)
+            dd = [(intensities(smooth, aberrate(probe0, px, data.energy, {"C10": h}), batch)
+                   - intensities(smooth, aberrate(probe0, px, data.energy, {"C10": -h}), batch)) / (2 * h) * 1e-9]
+            info = float((mask / (i0 + 1e-9) * dd[0] ** 2).sum())
+            print(json.dumps({"seed": args.seed, "dose": args.dose, "object_known_to_A": cut,
+                              "crb_C10_nm": round(1.0 / math.sqrt(info), 3)}), flush=True)
         rng = np.random.default_rng(0)
         v = rng.normal(size=obj_true.shape) + 1j * rng.normal(size=obj_true.shape)
         r = rng.normal(size=z0.shape)
