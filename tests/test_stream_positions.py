@@ -34,12 +34,13 @@ def _rms_px(positions: np.ndarray, true: np.ndarray) -> float:
     return float(np.sqrt((np.linalg.norm(positions - true, axis=1) ** 2).mean()) / PIXEL)
 
 
-def _stream(xp, live: bool, steps_per_part: int = 50, parts: int = 4):
+def _stream(xp, live: bool, steps_per_part: int = 50, parts: int = 4, residual_auto: bool = False):
     """Stream the distorted scan in ``parts`` arrivals with steps between them, reading the
     losses every 5 steps as the daemon's previews do; (engine, true positions, nominal)."""
     nominal, true, frames, probe = _distorted_scan()
     opts = ReconOptions(backend=backend_name(xp), mu0=1e-3, refine_positions=True,
-                        stream={"batch_size": 16, "refine_positions": live})
+                        stream={"batch_size": 16, "refine_positions": live,
+                                "position_residual_auto": residual_auto})
     engine = StreamingReconstructor(frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=PIXEL,
                                     probe=probe, options=opts, energy_eV=ENERGY)
     n = len(frames)
@@ -187,6 +188,20 @@ def test_live_scan_model_waits_for_enough_measured_frames() -> None:
     bad = np.full((1, 2, 2), np.nan)
     assert model.record(np.array([11]), NOMINAL[11:12], np.ones((1, 2)), bad) == 0
     assert model.update(0.5, 1.0) is None
+
+
+def test_live_engine_uses_the_estimated_residual_prior_only_when_asked() -> None:
+    import math
+
+    engine, _, _ = _stream(np, live=True, steps_per_part=20, parts=2)
+    assert engine._live_positions is not None and engine._live_positions.updates > 0
+    assert math.isnan(engine._live_positions.residual_estimate_px)  # default: the fixed prior
+    engine, _, _ = _stream(np, live=True, steps_per_part=20, parts=2, residual_auto=True)
+    live = engine._live_positions
+    assert live is not None and live.updates > 0
+    assert 0.0 <= live.residual_estimate_px <= engine.options.position_residual_px
+    # the residuals are bounded by the estimate, not by the fixed prior
+    assert np.linalg.norm(live.residual, axis=1).max() <= 3.0 * live.residual_estimate_px + 1e-9
 
 
 def _noisy_live_model(residual_rms: float, noise_px: float, measured: int, seed: int = 0):
