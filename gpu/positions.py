@@ -198,7 +198,10 @@ class ScanModel:
             m0, b0, _ = affine_only.gauss_newton(grad - np.einsum("kab,kb->ka", h, self.residual), fisher, 0.0,
                                                  damping=damping, matrix_prior=matrix_prior)
             targets = np.linalg.solve(h, info_target[..., None])[..., 0]
-            estimate = residual_rms_from_scatter(targets - self.affine_part(m0, b0), h)
+            # a frame without information (the live scan's frames not yet measured) says
+            # nothing of the scatter: its "target" is where it stands
+            informed = np.trace(fisher, axis1=1, axis2=2) > 0
+            estimate = residual_rms_from_scatter((targets - self.affine_part(m0, b0))[informed], h[informed])
             self.residual_estimate_px = estimate
             residual_px = min(residual_px, estimate)
             if residual_px <= 0:
@@ -414,6 +417,8 @@ class LiveScanModel:
         self.info = np.zeros((len(self.nominal), 2))  #: H_k p_k − g_k at the measurement
         self.measured = np.zeros(len(self.nominal), dtype=bool)
         self.updates = 0
+        #: the residuals' prior rms the last update estimated (``residual_auto``), px
+        self.residual_estimate_px = math.nan
 
     def _scan(self) -> ScanModel:
         scan = ScanModel(self.nominal, self.matrix, self.offset, self.residual)
@@ -453,9 +458,12 @@ class LiveScanModel:
         self.info[...] = 0
         self.measured[...] = False
 
-    def update(self, residual_px: float, max_step_px: float, model: str = "affine") -> np.ndarray | None:
+    def update(self, residual_px: float, max_step_px: float, model: str = "affine",
+               residual_auto: bool = False) -> np.ndarray | None:
         """One update of the model from the targets so far: the new positions (all frames,
-        pixels), or None while too few frames were measured."""
+        pixels), or None while too few frames were measured. ``residual_auto``: the residuals'
+        prior rms estimated from the measured frames' scatter (at most ``residual_px``, as
+        offline; kept in ``residual_estimate_px``) — the fixed prior fits the counting noise."""
         if int(self.measured.sum()) < LIVE_MIN_MEASURED:
             return None
         scan = self._scan()
@@ -463,7 +471,10 @@ class LiveScanModel:
         # the gradient of each frame's quadratic model at the current positions
         grad = np.einsum("kab,kb->ka", self.fisher, old) - self.info
         matrix, offset, residual = scan.gauss_newton(
-            grad, self.fisher, residual_px, model, matrix_prior=LIVE_MATRIX_PRIOR)
+            grad, self.fisher, residual_px, model, matrix_prior=LIVE_MATRIX_PRIOR, residual_auto=residual_auto)
+        if residual_auto and model == "affine" and np.isfinite(scan.residual_estimate_px):
+            self.residual_estimate_px = scan.residual_estimate_px
+            residual_px = min(residual_px, scan.residual_estimate_px)
         if residual_px > 0 and model == "affine":
             norm = np.linalg.norm(residual, axis=1, keepdims=True)
             bound = LIVE_RESIDUAL_BOUND * residual_px

@@ -809,7 +809,7 @@ class StreamingReconstructor:
         assert self._live_positions is not None
         opts = self.options
         new = self._live_positions.update(opts.position_residual_px, opts.position_max_step_px,
-                                          opts.position_model)
+                                          opts.position_model, residual_auto=opts.stream.position_residual_auto)
         if new is None:
             return
         pos = new * self._pixel_size

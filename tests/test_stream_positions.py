@@ -34,12 +34,13 @@ def _rms_px(positions: np.ndarray, true: np.ndarray) -> float:
     return float(np.sqrt((np.linalg.norm(positions - true, axis=1) ** 2).mean()) / PIXEL)
 
 
-def _stream(xp, live: bool, steps_per_part: int = 50, parts: int = 4):
+def _stream(xp, live: bool, steps_per_part: int = 50, parts: int = 4, residual_auto: bool = False):
     """Stream the distorted scan in ``parts`` arrivals with steps between them, reading the
     losses every 5 steps as the daemon's previews do; (engine, true positions, nominal)."""
     nominal, true, frames, probe = _distorted_scan()
     opts = ReconOptions(backend=backend_name(xp), mu0=1e-3, refine_positions=True,
-                        stream={"batch_size": 16, "refine_positions": live})
+                        stream={"batch_size": 16, "refine_positions": live,
+                                "position_residual_auto": residual_auto})
     engine = StreamingReconstructor(frame_shape=(M, M), frame_dtype=np.uint16, pixel_size=PIXEL,
                                     probe=probe, options=opts, energy_eV=ENERGY)
     n = len(frames)
@@ -187,6 +188,63 @@ def test_live_scan_model_waits_for_enough_measured_frames() -> None:
     bad = np.full((1, 2, 2), np.nan)
     assert model.record(np.array([11]), NOMINAL[11:12], np.ones((1, 2)), bad) == 0
     assert model.update(0.5, 1.0) is None
+
+
+def test_live_engine_uses_the_estimated_residual_prior_only_when_asked() -> None:
+    import math
+
+    engine, _, _ = _stream(np, live=True, steps_per_part=20, parts=2)
+    assert engine._live_positions is not None and engine._live_positions.updates > 0
+    assert math.isnan(engine._live_positions.residual_estimate_px)  # default: the fixed prior
+    engine, _, _ = _stream(np, live=True, steps_per_part=20, parts=2, residual_auto=True)
+    live = engine._live_positions
+    assert live is not None and live.updates > 0
+    assert 0.0 <= live.residual_estimate_px <= engine.options.position_residual_px
+    # the residuals are bounded by the estimate, not by the fixed prior
+    assert np.linalg.norm(live.residual, axis=1).max() <= 3.0 * live.residual_estimate_px + 1e-9
+
+
+def _noisy_live_model(residual_rms: float, noise_px: float, measured: int, seed: int = 0):
+    """A live model of a 12 × 12 raster (4 px steps) on its affine map plus residuals of rms
+    ``residual_rms`` px per axis; only the first ``measured`` frames measured, each with a Newton
+    target scattered by counting noise of ``noise_px`` rms per axis (Fisher 1/noise²): (model,
+    true positions)."""
+    rng = np.random.default_rng(seed)
+    nominal = np.stack(np.meshgrid(np.arange(12.0), np.arange(12.0), indexing="ij"), -1).reshape(-1, 2) * 4
+    true = nominal + rng.normal(0.0, residual_rms, nominal.shape)
+    model = LiveScanModel(nominal)
+    fisher = np.repeat(np.eye(2)[None] / noise_px**2, measured, axis=0)
+    target = true[:measured] + rng.normal(0.0, noise_px, (measured, 2))
+    at = model.positions[:measured]
+    grad = np.einsum("kab,kb->ka", fisher, at - target)
+    assert model.record(np.arange(measured), at, grad, fisher) == measured
+    return model, true
+
+
+def test_live_residual_prior_estimated_keeps_exact_positions_out_of_the_noise() -> None:
+    """Exact positions, targets scattered by 0.7 px of counting noise (the Cramér–Rao bound of
+    one position at 20 e⁻/Å² is ≈ 1 px): the fixed 0.5 px prior moves the residuals into the
+    noise, the estimated one (as offline) keeps them on the affine map."""
+    fixed, true = _noisy_live_model(0.0, 0.7, 100)
+    fixed.update(residual_px=0.5, max_step_px=10.0)
+    auto, _ = _noisy_live_model(0.0, 0.7, 100)
+    auto.update(residual_px=0.5, max_step_px=10.0, residual_auto=True)
+    assert np.sqrt(np.mean(fixed.residual[:100] ** 2)) > 0.15
+    assert np.sqrt(np.mean(auto.residual ** 2)) < 0.02
+    assert auto.residual_estimate_px < 0.05
+    assert _rms_px(auto.positions * PIXEL, true * PIXEL) < _rms_px(fixed.positions * PIXEL, true * PIXEL)
+
+
+def test_live_residual_estimate_ignores_the_frames_not_yet_measured() -> None:
+    """Residuals of 0.4 px rms with 0.15 px of noise on the first 50 of 144 frames: the
+    estimate comes from the measured frames' scatter (the 94 without information say nothing
+    of it; counted, their zero information swamps the median and the estimate falls to 0)."""
+    model, true = _noisy_live_model(0.4, 0.15, 50)
+    model.update(residual_px=1.0, max_step_px=10.0, residual_auto=True)
+    assert 0.3 < model.residual_estimate_px < 0.5
+    moved = model.positions[:50] - model.nominal[:50]
+    assert np.sqrt(np.mean((moved - (true[:50] - model.nominal[:50])) ** 2)) < 0.25
+    assert np.abs(model.residual[50:]).max() < 0.01  # no information: left on the affine map
 
 
 @pytest.mark.subprocess
