@@ -343,7 +343,7 @@ def measure_daemon(side: int, batch: int, codec: str, total: int, timeout_s: flo
                 # lets go of them after: until then the store's memory is not free to reuse, and
                 # the close's work would be charged to the measured scan
                 scans.flush_disk()
-                store_bytes = total * side * side * 2
+                store_bytes = total * side * side  # uint8 rows: the bench's counts fit (FrameStore narrow)
                 _wait_for(lambda: MAPPINGS.idle_bytes() >= store_bytes, timeout_s, proc,
                           "the warm-up scan's frame store to be free for reuse")
             # the producer imports, connects and makes its frames before the clock starts (a fixed
