@@ -393,8 +393,15 @@ class FrameStore:
 
     @property
     def raw_nbytes(self) -> int:
-        """Bytes of the frames received so far in their own dtype (the floor for ``nbytes``)."""
+        """Bytes of the frames received so far in their own dtype (the floor for ``nbytes``,
+        unless the store holds them narrow: :attr:`held_nbytes`)."""
         return self.n * self.frame_shape[0] * self.frame_shape[1] * self.dtype.itemsize
+
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes of the frames received so far as the store holds them (``frames.dtype``): the
+        floor for ``nbytes``."""
+        return self.n * self.frame_shape[0] * self.frame_shape[1] * self.frames.dtype.itemsize
 
     def reserve(self, capacity: int) -> None:
         """Make room for at least ``capacity`` frames (one re-allocation at most)."""
