@@ -588,7 +588,7 @@ class FrameStore:
             del hold
 
     def counts(self, which: Any) -> Any:
-        """Frames (FFT order, own dtype) for the store indices ``which`` (host int array)."""
+        """Frames (FFT order, as held: ``frames.dtype``) for the store indices ``which`` (host int array)."""
         return self.frames[self.xp.asarray(which)]
 
 
