@@ -2,10 +2,10 @@
 
 Frames are kept in their own integer (or float) dtype — never a float copy of the dataset — in
 FFT order, converted once on append; a host store of unsigned frames asked to (``narrow``) keeps
-them as uint8 while every count received fits one, and widens in place to their own dtype the
+them as uint8 while every count received fits one, and widens to their own dtype (a copy) the
 first time one does not (:meth:`FrameStore._widen`). The store is pre-allocated; when it fills it grows
 geometrically (amortised O(1) per frame), and when the scan's frame count is known up front it
-is allocated exactly, so the store ends the scan at ≈ the raw frame bytes.
+is allocated exactly, so the store ends the scan at ≈ the frames' bytes as it holds them.
 
 Per-frame bookkeeping (positions, scan indices, visit counts) stays on the host: it is small
 and the batch selection that reads it runs on the host anyway.
@@ -44,9 +44,6 @@ _MAP_FIXED = 0x10
 _WARM_PART_BYTES = 256 << 20
 #: the largest count a narrow store (``FrameStore(narrow=True)``) holds before it widens
 NARROW_MAX = 255
-#: rows widened per assignment (:meth:`FrameStore._widen`): NumPy copies an overlapping block
-#: through a temporary of this many rows
-_WIDEN_BLOCK_ROWS = 1024
 #: the prefaulter (:meth:`FrameStore.start_prefault`) faults in this much per system call: small
 #: enough that it stops within a few milliseconds when asked and that an append overtaking it
 #: shares few pages with it, large enough that its per-call overhead is nothing (≈ 230 frames of
