@@ -1,9 +1,11 @@
 """A growable store of detector frames for a scan that is still arriving.
 
 Frames are kept in their own integer (or float) dtype — never a float copy of the dataset — in
-FFT order, converted once on append. The store is pre-allocated; when it fills it grows
+FFT order, converted once on append; a host store of unsigned frames asked to (``narrow``) keeps
+them as uint8 while every count received fits one, and widens to their own dtype (a copy) the
+first time one does not (:meth:`FrameStore._widen`). The store is pre-allocated; when it fills it grows
 geometrically (amortised O(1) per frame), and when the scan's frame count is known up front it
-is allocated exactly, so the store ends the scan at ≈ the raw frame bytes.
+is allocated exactly, so the store ends the scan at ≈ the frames' bytes as it holds them.
 
 Per-frame bookkeeping (positions, scan indices, visit counts) stays on the host: it is small
 and the batch selection that reads it runs on the host anyway.
@@ -40,6 +42,8 @@ _MAP_FIXED = 0x10
 #: the warm reserve (:meth:`MappingPool.set_warm_bytes`) is mapped and faulted in in parts this
 #: large, each handed out as soon as it is in memory
 _WARM_PART_BYTES = 256 << 20
+#: the largest count a narrow store (``FrameStore(narrow=True)``) holds before it widens
+NARROW_MAX = 255
 #: the prefaulter (:meth:`FrameStore.start_prefault`) faults in this much per system call: small
 #: enough that it stops within a few milliseconds when asked and that an append overtaking it
 #: shares few pages with it, large enough that its per-call overhead is nothing (≈ 230 frames of
@@ -308,6 +312,16 @@ class FrameStore:
     ``frames`` (device/backend array) holds valid data in ``[:n]``; ``positions`` (host, m),
     ``indices`` (host, scan index of each frame) and ``visits`` (host, how many mini-batch steps
     have used each frame) are aligned with it.
+
+    ``dtype`` is the frames' declared dtype (what :meth:`append` accepts); ``frames`` holds them
+    in it, or — ``narrow`` — as uint8 while every count so far is ≤ :data:`NARROW_MAX` (host
+    stores of unsigned frames wider than a byte, large enough for a mapping of their own; others
+    ignore it). Low-dose frames qualify: a 96×96 uint16 frame then takes 2.25 fresh 4 KiB pages
+    instead of 4.5 (a daemon's first scan faults each in at ≈ 1.2 µs of kernel CPU) and half the
+    store's memory. The first count over the limit widens the store (:meth:`_widen`, once: a
+    copy of the rows so far into a store of the declared dtype, the uint8 rows beside it until
+    the copy is done — half the declared bytes more at most, as a growth's old rows). Readers of
+    ``frames`` see the counts' values either way; ``frames.dtype`` tells which.
     """
 
     def __init__(
@@ -317,6 +331,7 @@ class FrameStore:
         capacity: int,
         xp: ModuleType = np,
         growth: float = 1.5,
+        narrow: bool = False,
     ) -> None:
         if len(frame_shape) != 2 or min(frame_shape) < 1:
             raise ValueError(f"frame_shape must be (M, M) with M ≥ 1, got {frame_shape!r}")
@@ -329,6 +344,8 @@ class FrameStore:
             raise ValueError(f"growth factor must be > 1 (geometric growth), got {growth}")
         self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
         self.dtype = dt
+        #: asked to keep counts ≤ NARROW_MAX as uint8 (it does where :meth:`_empty` could)
+        self._narrow_asked = bool(narrow) and xp is np and dt.kind == "u" and dt.itemsize > 1
         self.xp = xp
         self.growth = float(growth)
         self.n = 0
@@ -347,6 +364,9 @@ class FrameStore:
         self.prefaulted_rows = 0
         #: CPU seconds the prefaulter thread used (its page faults: kernel time), once it ended
         self.prefault_cpu_s = 0.0
+        self._prefault_limit: int | None = None  #: start_prefault's limit_bytes (kept for _widen)
+        #: times the rows were widened from uint8 to ``dtype`` (0 or 1 per store)
+        self.widenings = 0
         self.frames = self._empty(capacity)
         self.positions = np.empty((capacity, 2), dtype=np.float64)
         self.indices = np.empty(capacity, dtype=np.int64)
@@ -364,9 +384,21 @@ class FrameStore:
         )
 
     @property
+    def narrow(self) -> bool:
+        """The rows are held as uint8 (every count so far ≤ :data:`NARROW_MAX`)."""
+        return self.frames.dtype != self.dtype
+
+    @property
     def raw_nbytes(self) -> int:
-        """Bytes of the frames received so far in their own dtype (the floor for ``nbytes``)."""
+        """Bytes of the frames received so far in their own dtype (the floor for ``nbytes``,
+        unless the store holds them narrow: :attr:`held_nbytes`)."""
         return self.n * self.frame_shape[0] * self.frame_shape[1] * self.dtype.itemsize
+
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes of the frames received so far as the store holds them (``frames.dtype``): the
+        floor for ``nbytes``."""
+        return self.n * self.frame_shape[0] * self.frame_shape[1] * self.frames.dtype.itemsize
 
     def reserve(self, capacity: int) -> None:
         """Make room for at least ``capacity`` frames (one re-allocation at most)."""
@@ -376,7 +408,7 @@ class FrameStore:
         # only, and the new mapping is faulted in by the appends as before
         self._prefault_stop.set()
         old = self.frames
-        self.frames = self._empty(capacity)
+        self.frames = self._empty(capacity, old.dtype)
         self._populate(0, self.n)
         self.frames[: self.n] = old[: self.n]
         self.positions = _grow_host(self.positions, capacity, self.n)
@@ -384,17 +416,22 @@ class FrameStore:
         self.visits = _grow_host(self.visits, capacity, self.n)
         self.reallocations += 1
 
-    def append(self, frames: Any, positions_m: Any, indices: Any | None = None) -> slice:
+    def append(self, frames: Any, positions_m: Any, indices: Any | None = None, peak: int | None = None) -> slice:
         """Append ``frames`` (n, M, M) in *detector order* with positions (n, 2) in metres.
 
         The caller validates content; this checks only what the store itself relies on.
-        Returns the slice of the store that now holds them.
+        ``peak``: the frames' largest count, where the caller measured it (a narrow store
+        measures it otherwise). Returns the slice of the store that now holds them.
         """
         k = int(frames.shape[0])
         start = self.n
         need = start + k
         if need > self.capacity:
             self.reserve(max(need, int(np.ceil(self.capacity * self.growth))))
+        if k and self.frames.dtype != self.dtype and frames.dtype != np.uint8:
+            top = int(frames.max()) if peak is None else int(peak)
+            if top > NARROW_MAX:
+                self._widen()
         self._populate(start, need)
         _write_fft_order(self.frames[start:need], asarray(frames, self.xp))
         self.positions[start:need] = np.asarray(positions_m, dtype=np.float64).reshape(k, 2)
@@ -406,16 +443,36 @@ class FrameStore:
         self.n = need
         return slice(start, need)
 
-    def _empty(self, capacity: int) -> Any:
+    def _empty(self, capacity: int, dtype: np.dtype | None = None) -> Any:
+        """Rows for ``capacity`` frames in ``dtype`` (None: uint8 where the store may hold them
+        narrow — a host store in its own mapping —, else the declared dtype)."""
         shape = (capacity,) + self.frame_shape
         if self.xp is np:
-            frames, mapping = _host_empty(shape, self.dtype)
-            row = int(np.prod(self.frame_shape)) * self.dtype.itemsize
+            narrow = (self._narrow_asked and (dtype is None or np.dtype(dtype) == np.uint8)
+                      and int(np.prod(shape)) >= _MAP_BYTES and sys.platform.startswith("linux"))
+            frames, mapping = _host_empty(shape, np.dtype(np.uint8) if narrow else self.dtype)
+            row = int(np.prod(self.frame_shape)) * frames.dtype.itemsize
             with self._populate_lock:
                 self._mapping = mapping
                 self._populated = 0 if mapping is None else mapping.populated // row
             return frames
         return self.xp.empty(shape, dtype=self.dtype)
+
+    def _widen(self) -> None:
+        """Hold the rows in the declared dtype from now on: a store of it, the rows so far
+        copied into it (as a growth does: arrays over the uint8 rows, e.g. a parallax fit's
+        view, keep them). The prefaulter goes on in the new store from where the copy ended,
+        with its limit, if it ran."""
+        # waited for (its step, a few ms), so that it can be started again on the new store
+        resume = self.prefaulting and self.stop_prefault()
+        old = self.frames
+        self.frames = self._empty(self.capacity, self.dtype)
+        self._populate(0, self.n)
+        self.frames[: self.n] = old[: self.n]
+        del old
+        self.widenings += 1
+        if resume:
+            self.start_prefault(self._prefault_limit)
 
     def _populate(self, start: int, stop: int) -> None:
         """Fault in the host pages of rows [start, stop) with one system call, before they are
@@ -463,6 +520,7 @@ class FrameStore:
             mapping, start = self._mapping, self._populated
         if mapping is None or self.xp is not np or self.prefaulting:
             return False
+        self._prefault_limit = limit_bytes
         row = self.frames[0].nbytes
         limit = self.capacity if limit_bytes is None else min(self.capacity, max(0, limit_bytes) // row)
         if start >= limit:
@@ -527,7 +585,7 @@ class FrameStore:
             del hold
 
     def counts(self, which: Any) -> Any:
-        """Frames (FFT order, own dtype) for the store indices ``which`` (host int array)."""
+        """Frames (FFT order, as held: ``frames.dtype``) for the store indices ``which`` (host int array)."""
         return self.frames[self.xp.asarray(which)]
 
 

@@ -236,7 +236,9 @@ class StreamingReconstructor:
             self.mask = to_fft_order(asarray(self._mask_host, xp)).astype(self._rdtype)
         stream = options.stream
         capacity = expected_frames if expected_frames is not None else stream.initial_capacity
-        self.frame_store = FrameStore(shape, frame_dtype, capacity, xp, stream.growth)
+        # host frames of counts ≤ 255 are stored as uint8 until one is not (low-dose frames:
+        # half the fresh pages a first scan faults in, half the store; FrameStore narrow)
+        self.frame_store = FrameStore(shape, frame_dtype, capacity, xp, stream.growth, narrow=True)
         self.geometry: ScanGeometry | None = None
         self.obj: Any = None
         self._illum: Any = None  # Σ over received frames of |S_δ ψ|², canvas-shaped
@@ -247,6 +249,8 @@ class StreamingReconstructor:
         #: the largest count of the frames received, where every frame's was measured (host
         #: uint32 frames: _host_counts' pass for its 32-bit sums), else None (peak_count)
         self._peak: int | None = 0
+        #: the largest count of the frames _host_counts measured last, else None (FrameStore.append)
+        self._batch_top: int | None = None
         self._unit_mu0: ReconOptions | None = None  # the options with μ₀ = 1 (mu0 "auto")
         self._iteration = 0
         self._visits = 0  # frame visits by mini-batch steps, all frames together
@@ -417,6 +421,7 @@ class StreamingReconstructor:
             checks.append(frames_mod.all(frames_mod.isfinite(frames)))
         if frames.dtype.kind in "if":
             checks.append(~(frames < 0).any())
+        self._batch_top = None
         if frames_mod is np:
             counted = self._host_counts(frames)
         else:
@@ -444,7 +449,7 @@ class StreamingReconstructor:
             # frames arriving after the scan model is known start where it puts them
             pos = self._live_positions.add(pos / self._pixel_size) * self._pixel_size
         self._ensure_canvas(pos)
-        where = store.append(frames, pos, indices)
+        where = store.append(frames, pos, indices, peak=self._batch_top)
         self._valid_counts += counted
         batch = self._batch(np.arange(where.start, where.stop))
         self._add_illumination(self._illum, batch)
@@ -471,7 +476,7 @@ class StreamingReconstructor:
                 # wide frames: rules out a 32-bit overflow of the sums; uint16 frames (binned
                 # counts of a detector that declares a saturation value): the spool's close
                 # stores them as uint8 where it allows (half the bytes to bitshuffle and compress)
-                top = int(flat.max())
+                top = self._batch_top = int(flat.max())
                 self._peak = None if self._peak is None else max(self._peak, top)  # (peak_count)
             else:
                 self._peak = None  # not measured: nothing narrower to store, no overflow to rule out

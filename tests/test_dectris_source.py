@@ -149,18 +149,33 @@ def _stream_past_a_held_close(service: BackgroundService, messages: list[bytes],
             runner.join(60)
 
 
+@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("saturation_value, binned", [(None, np.uint32), (16383, np.uint16)])
 def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine_holds(
-        service, monkeypatch, saturation_value: int | None, binned: type) -> None:
+        service, monkeypatch, saturation_value: int | None, binned: type, narrow: bool) -> None:
     """At the scan's end its binned frames are written to the spool from the worker's frame
     store (not decoded and binned again from the detector frames): the same counts as derived
     from the detector frames, as uint8 (the engine's largest count: ScanWorker.held_peak),
-    whether binned as uint32 or (a detector that declares a saturation value ≤ 16,383) uint16."""
+    whether binned as uint32 or (a detector that declares a saturation value ≤ 16,383) uint16,
+    and whether the store held them in their own dtype or (``narrow``: a store in a mapping of
+    its own, which 100 frames of 96×96 are not by default) as uint8."""
     from cryoptycho.daemon import worker as worker_module
     from cryoptycho.daemon.storage.spool import SpoolWriter, derive_rows, load_derivation
+    from cryoptycho.gpu import framestore
 
     # the spool thread waits for the worker to take in the scan's frames however busy the box
     monkeypatch.setattr(worker_module, "HELD_FRAMES_WAIT_S", 300.0)
+    monkeypatch.setattr(framestore, "_MAP_BYTES", 1 if narrow else framestore._MAP_BYTES)
+    held_dtypes: list[np.dtype] = []
+    real_held = worker_module.ScanWorker.held_frames
+
+    def held_frames(self: Any, start: int, stop: int) -> Any:
+        rows = real_held(self, start, stop)
+        if rows is not None:
+            held_dtypes.append(rows.rows.dtype)
+        return rows
+
+    monkeypatch.setattr(worker_module.ScanWorker, "held_frames", held_frames)
     closed: list[tuple[Any, bytes, bytes]] = []
     real_close = SpoolWriter.close
 
@@ -183,6 +198,7 @@ def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine
     # stored in the smallest dtype that holds the largest count, which the engine measured
     assert derived.dtype == binned and 0 < derived.max() <= 255 and written.dtype == np.uint8
     np.testing.assert_array_equal(written, derived)
+    assert held_dtypes and set(held_dtypes) == {np.dtype(np.uint8) if narrow else np.dtype(binned)}
 
 
 def test_an_aborted_scans_binned_frames_are_spooled_from_the_frames_its_worker_held(service, monkeypatch) -> None:

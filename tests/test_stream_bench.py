@@ -30,6 +30,7 @@ def test_bench_engine_json_figures():
         live = figures["mini_batch"][size]
         assert math.isfinite(live["frames_per_s"]) and live["frames_per_s"] > 0
         assert 1.0 <= live["store_over_raw"] <= 1.05  # frame count declared: exact allocation
+        assert 0.0 < live["held_over_raw"] <= 1.0  # (uint8 rows where the counts fit: FrameStore narrow)
         assert live["peak_over_raw"] >= live["store_over_raw"]
     assert figures["store_growth"]["reallocations"] >= 1
 

@@ -12,8 +12,9 @@ Figures, all measured side by side in one run on one backend:
 * mini-batch rate — frames visited per second by ``StreamingReconstructor.step`` (object and
   probe updates, Tikhonov prior) for 64×64 and 128×128 frames, with the bare FFT pair of one
   batch for the same ratio.
-* memory — frame store bytes ÷ raw frame bytes (``nbytes`` accounting) when the frame count
-  is known up front and when the store has to grow; and the peak of everything the live engine
+* memory — frame store bytes ÷ the frames' bytes as it holds them (``nbytes`` accounting; a
+  store of uint8 rows for counts ≤ 255 holds half or a quarter of their raw bytes: ``held ÷ raw``)
+  when the frame count is known up front and when the store has to grow; and the peak of everything the live engine
   allocated during the scan ÷ raw frame bytes (NumPy: tracemalloc; CuPy: the memory pool's
   total bytes, which keeps freed blocks and so bounds the peak).
 """
@@ -273,7 +274,8 @@ def mini_batch_rate(scan: Scan, xp: ModuleType, steps: int, batch_size: int) -> 
         "batch": float(batch_size),
         "frames_per_s": rate,
         "step_ratio": step_s / float(np.median(t_fft)),
-        "store_over_raw": engine.frame_store.nbytes / raw,
+        "store_over_raw": engine.frame_store.nbytes / engine.frame_store.held_nbytes,
+        "held_over_raw": engine.frame_store.held_nbytes / raw,
         "peak_over_raw": peak / raw,
     }
 
@@ -289,7 +291,7 @@ def growth_overhead(scan: Scan, xp: ModuleType) -> dict[str, float]:
     for lo in range(0, scan.frames.shape[0], 32):
         engine.add_frames(scan.frames[lo : lo + 32], scan.positions[lo : lo + 32])
     store = engine.frame_store
-    return {"store_over_raw": store.nbytes / store.raw_nbytes, "reallocations": float(store.reallocations)}
+    return {"store_over_raw": store.nbytes / store.held_nbytes, "reallocations": float(store.reallocations)}
 
 
 @click.command("engine")
@@ -365,13 +367,14 @@ def command(
             tp.add_row(label, *(f"{row[k]:.0%}" for k in ("fft", "gather_scatter", "likelihood", "shift_ramps", "other")))
         console.print(tp)
     t2 = Table(title=f"Live mini-batch steps, batch {batch_size}, object + probe + prior ({backend})")
-    for col in ("frame", "frames", "frames/s", "step ÷ FFT+iFFT of a batch", "store ÷ raw", "peak ÷ raw"):
+    for col in ("frame", "frames", "frames/s", "step ÷ FFT+iFFT of a batch", "store ÷ held", "held ÷ raw", "peak ÷ raw"):
         t2.add_column(col, justify="right")
     for m, row in live.items():
         t2.add_row(f"{m}×{m}", f"{int(row['frames'])}", f"{row['frames_per_s']:.0f}", f"{row['step_ratio']:.2f}",
-                   f"{row['store_over_raw']:.4f}", f"{row['peak_over_raw']:.2f}")
+                   f"{row['store_over_raw']:.4f}", f"{row['held_over_raw']:.2f}", f"{row['peak_over_raw']:.2f}")
     console.print(t2)
     how = "tracemalloc" if backend == "numpy" else "CuPy memory pool total"
-    console.print(f"  store ÷ raw: nbytes accounting; peak ÷ raw: {how} (store, canvas and work buffers)")
-    console.print(f"  store ÷ raw without a declared frame count (geometric growth): "
+    console.print(f"  store ÷ held: nbytes accounting over the frames' bytes as the store holds them (uint8 "
+                  f"rows where every count ≤ 255: held ÷ raw < 1); peak ÷ raw: {how} (store, canvas and work buffers)")
+    console.print(f"  store ÷ held without a declared frame count (geometric growth): "
                   f"{growth['store_over_raw']:.3f} after {int(growth['reallocations'])} re-allocations")

@@ -283,8 +283,10 @@ class _HeldRows:
             def row(r: int) -> np.ndarray:
                 return _to_detector(rows[r - lo:r - lo + 1], rows.dtype)[0] if fft else rows[r - lo]
 
+            # (uint8: a frame store that held every count in a byte, gpu/framestore.py narrow)
             ok = (isinstance(rows, np.ndarray) and rows.shape == (hi - lo, *ds.shape[1:])
-                  and rows.dtype == w._reducer.out_dtype
+                  and (rows.dtype == w._reducer.out_dtype
+                       or (rows.dtype == np.uint8 and np.can_cast(rows.dtype, w._reducer.out_dtype)))
                   and all(np.array_equal(row(r), derive_rows(w._f, w._reducer, r, r + 1, fast=True)[0])
                           for r in sorted({lo, hi - 1})))
             if ok:
