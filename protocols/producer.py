@@ -13,6 +13,7 @@ own rules before it leaves.
 from __future__ import annotations
 
 import atexit
+import math
 import re
 import time
 import uuid
@@ -516,8 +517,10 @@ class Producer(SocketClient):
         The scan's start time as its sender stamped it tells whose scan the daemon holds; a
         receipt of another sender's scan before this one's start was read is treated as
         "not read yet"."""
-        theirs = answer.get("start_time_s")
-        ours = None if self.scan_start_time_s is None or theirs is None else theirs == self.scan_start_time_s
+        theirs, mine = answer.get("start_time_s"), self.scan_start_time_s
+        # a stamp that cannot be compared (none, or a NaN a caller passed in) decides nothing
+        comparable = all(isinstance(t, (int, float)) and not math.isnan(t) for t in (theirs, mine))
+        ours = theirs == mine if comparable else None
         if answer["starts_refused"]:
             whose = ("another sender's scan of this id, not this producer's"
                      if ours is False else "the frames of both senders under one scan")
