@@ -131,12 +131,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The source distribution as `python -m build --sdist` makes it from this checkout (in an
-    isolated build environment, as the wheel fixture's `pip wheel` builds)."""
+    """The source distribution as `python -m build --sdist` makes it from the checkout's tracked
+    files (in an isolated build environment, as the wheel fixture's `pip wheel` builds). Built
+    from a copy: setuptools writes cryoptycho.egg-info/ beside pyproject.toml, which in the
+    checkout would be a second "cryoptycho" distribution on the path of `python -m pytest`."""
     pytest.importorskip("build", reason="the `build` frontend (test extra) makes the sdist")
-    out = tmp_path_factory.mktemp("sdist")
-    _run([sys.executable, "-m", "build", "--sdist", "--outdir", str(out), str(ROOT)])
-    (built,) = out.glob("cryoptycho-*.tar.gz")
+    root = tmp_path_factory.mktemp("sdist")
+    src = root / "src"
+    for name in _tracked_files():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    _run([sys.executable, "-m", "build", "--sdist", "--outdir", str(root / "dist"), str(src)])
+    (built,) = (root / "dist").glob("cryoptycho-*.tar.gz")
     return built
 
 
