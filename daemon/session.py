@@ -99,6 +99,12 @@ class FrameLedger:
         """``n`` admitted frames are on disk: they count as received."""
         self.received += int(n)
 
+    def unstored(self, indices: np.ndarray) -> None:
+        """Admitted frames whose spool write failed: not held, so :meth:`missing` and
+        :attr:`gaps` count them again (a receipt listed only the indices never sent, and its
+        sender would resend those, not the frames the full disk lost)."""
+        self._seen[np.asarray(indices, dtype=np.int64)] = False
+
     @property
     def admitted(self) -> int:
         """Frames let in so far (:meth:`admit`): those on disk and those on their way there."""
