@@ -1523,7 +1523,8 @@ class ScanManager:
                          "(it held no frame)", empty.name)
         for path in unfinished_spools(self.config.spool_dir):
             try:
-                repaired = repair_spool(path)  # a kill inside HDF5's flush: the journal has every frame
+                # a kill inside HDF5's flush: the journal has every frame
+                repaired = repair_spool(path, self.config.disk_reserve_bytes)
                 if repaired is not None:
                     log.warning("spool %s %s", path.name, repaired)
                 contents = read_spool(path, frames=False)

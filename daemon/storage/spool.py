@@ -534,7 +534,7 @@ class SpoolWriter:
         ``count`` are discarded. A spool without a journal (of an earlier release, or re-opened
         after its scan reached a final state) gets one whose base is the file as it is."""
         path = Path(path)
-        end = _repair(path)[0]
+        end = _repair(path, reserve_bytes)[0]
         jpath = journal_path(path)
         # the journal says the file is open again before anything writes it: from here on a
         # kill leaves a journal that does not end "closed", and recovery rebuilds the file
@@ -1584,21 +1584,22 @@ def discard_journal(spool_file: str | Path, fsync: bool = False) -> None:
             fsync_path(path.parent)
 
 
-def repair_spool(path: str | Path) -> str | None:
+def repair_spool(path: str | Path, reserve_bytes: int = 0) -> str | None:
     """Rebuild spool file ``path`` from its journal when the journal holds more than the file
     was last closed with (a process killed while it wrote: the HDF5 file may then miss frames
     that were received, or be damaged): the file is rebuilt beside it and replaces it. Returns
     what was done, a sentence for the log, or None (nothing to do). Raises OSError or
-    ValueError when the journal cannot be applied; the file is then untouched."""
+    ValueError when the journal cannot be applied; the file is then untouched. A rebuild that
+    might not fit with ``reserve_bytes`` left free is refused first (OSError ENOSPC)."""
     try:
-        return _repair(Path(path))[1]
+        return _repair(Path(path), reserve_bytes)[1]
     except (OSError, ValueError, KeyError):
         raise
     except Exception as exc:  # h5py's other errors on a damaged file: the caller keeps the file
         raise ValueError(f"rebuilding it from its journal failed ({type(exc).__name__}: {exc})") from exc
 
 
-def _repair(path: Path) -> tuple[int | None, str | None]:
+def _repair(path: Path, reserve_bytes: int = 0) -> tuple[int | None, str | None]:
     """(the offset after the journal's last whole record, None when there is no journal with a
     base record; what was done, or None)."""
     jpath = journal_path(path)
@@ -1613,6 +1614,13 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
         raise ValueError(scan.refusal())
     rebuilt = path.with_name(path.name + ".rebuild")
     rebuilt.unlink(missing_ok=True)
+    # HDF5 does not survive ENOSPC (diskspace.py): a rebuild onto a nearly full spool disk
+    # crashed the daemon at every start (SIGSEGV/SIGBUS in h5py's deallocation, a restart loop
+    # under systemd). The rebuilt file holds the journal's frames plus HDF5's metadata and whole
+    # chunks (1.2x the journal on a 64x64 scan), and an in-place base copies the file first:
+    # twice that is asked for, and the spool waits, untouched, for a start with room
+    needed = 2 * jpath.stat().st_size + (0 if scan.first.get("image") else path.stat().st_size)
+    require_free_space(path.parent, needed, reserve_bytes, f"rebuilding spool {path.name} from its journal")
     try:
         if scan.first.get("image"):
             frames = _rebuild(path, rebuilt, scan.records)
