@@ -10,6 +10,7 @@ mid-append leaves the previous count, so a reader never sees a half-written fram
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -1614,13 +1615,7 @@ def _repair(path: Path, reserve_bytes: int = 0) -> tuple[int | None, str | None]
         raise ValueError(scan.refusal())
     rebuilt = path.with_name(path.name + ".rebuild")
     rebuilt.unlink(missing_ok=True)
-    # HDF5 does not survive ENOSPC (diskspace.py): a rebuild onto a nearly full spool disk
-    # crashed the daemon at every start (SIGSEGV/SIGBUS in h5py's deallocation, a restart loop
-    # under systemd). The rebuilt file holds the journal's frames plus HDF5's metadata and whole
-    # chunks (1.2x the journal on a 64x64 scan), and an in-place base copies the file first:
-    # twice that is asked for, and the spool waits, untouched, for a start with room
-    needed = 2 * jpath.stat().st_size + (0 if scan.first.get("image") else path.stat().st_size)
-    require_free_space(path.parent, needed, reserve_bytes, f"rebuilding spool {path.name} from its journal")
+    _require_rebuild_room(path, jpath, bool(scan.first.get("image")), reserve_bytes)
     try:
         if scan.first.get("image"):
             frames = _rebuild(path, rebuilt, scan.records)
@@ -1641,6 +1636,32 @@ def _repair(path: Path, reserve_bytes: int = 0) -> tuple[int | None, str | None]
     skipped = f"; {scan.unknown_note()}" if scan.skipped else ""
     done = f"rebuilt from its journal ({scan.records} records, {frames} frames{torn}{skipped})"
     return journal.path.stat().st_size, done
+
+
+#: at most this much of disk_reserve_bytes is kept free by a rebuild: recovering frames already
+#: acknowledged may use the reserve (it is there for such writes), not the last bytes of the disk
+REBUILD_MARGIN_BYTES = 8 * 2**20
+
+
+def _require_rebuild_room(path: Path, jpath: Path, image_base: bool, reserve_bytes: int) -> None:
+    """Raise OSError(ENOSPC) unless the rebuild surely fits. HDF5 does not survive ENOSPC
+    (diskspace.py): a rebuild onto a nearly full spool disk crashed the daemon at every start
+    (SIGSEGV/SIGBUS in h5py's deallocation after the failed write; a restart loop under systemd).
+    The rebuilt file holds the journal's frames plus HDF5's metadata and whole chunks (1.2x the
+    journal on a 64x64 scan), an in-place base copies the file first: twice the journal (plus
+    the file) is asked for. The spool and journal stay untouched for a start with room."""
+    needed = 2 * jpath.stat().st_size + (0 if image_base else path.stat().st_size)
+    margin = min(max(reserve_bytes, 0), REBUILD_MARGIN_BYTES)
+    free = shutil.disk_usage(path.parent).free
+    if free - needed >= margin:
+        return
+    raise OSError(
+        errno.ENOSPC,
+        f"no space to rebuild spool {path.name} from its journal: {path.parent} has "
+        f"{free / 2**20:.1f} MiB free, the rebuild needs up to {needed / 2**20:.1f} MiB with "
+        f"{margin / 2**20:.1f} MiB left over (free disk space, then restart the daemon; the spool and "
+        "its journal are kept as they are)",
+    )
 
 
 def _rebuild(path: Path, rebuilt: Path, records: int) -> int:
