@@ -330,6 +330,8 @@ def build_table(service: Service) -> dict[str, Handler]:
                 "missing": ledger.missing() if closed else [],
                 "error": session.error,
                 "refused": {"frames": session.frames_refused, "last": session.last_refusal},
+                "starts_refused": session.starts_refused,
+                "start_time_s": session.start_time_s,
             }
 
         with session.lock:

@@ -569,7 +569,12 @@ class ScanManager:
             return n
 
         def write() -> None:  # on the spool thread: a frame counts as received once on disk
-            spool.append(frames, indices, positions, raw=raw, reducer=reducer)
+            try:
+                spool.append(frames, indices, positions, raw=raw, reducer=reducer)
+            except BaseException:
+                with session.lock:
+                    session.ledger.unstored(indices)
+                raise
             for path, chunks in spool.take_chunk_paths().items():
                 self.metrics.spool_chunks.labels(path=path).inc(chunks)
             with session.lock:
@@ -638,7 +643,12 @@ class ScanManager:
                 if self._appending.get(scan_id) is batch:
                     del self._appending[scan_id]  # frames from now on start the next append
             try:
-                n = spool.append_many([(i.frames, i.indices, i.positions) for i in batch], [i.wire for i in batch])
+                try:
+                    n = spool.append_many([(i.frames, i.indices, i.positions) for i in batch], [i.wire for i in batch])
+                except BaseException:
+                    with session.lock:  # none of them counts as held (see FrameLedger.unstored)
+                        session.ledger.unstored(np.concatenate([i.indices for i in batch]))
+                    raise
                 for path, chunks in spool.take_chunk_paths().items():
                     self.metrics.spool_chunks.labels(path=path).inc(chunks)
                 with session.lock:
@@ -1613,7 +1623,8 @@ class ScanManager:
                          "(it held no frame)", empty.name)
         for path in unfinished_spools(self.config.spool_dir):
             try:
-                repaired = repair_spool(path)  # a kill inside HDF5's flush: the journal has every frame
+                # a kill inside HDF5's flush: the journal has every frame
+                repaired = repair_spool(path, self.config.disk_reserve_bytes)
                 if repaired is not None:
                     log.warning("spool %s %s", path.name, repaired)
                 contents = read_spool(path, frames=False)

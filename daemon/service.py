@@ -621,6 +621,10 @@ class Service:
             # its producer polls `receipt` (PROTOCOL.md § 4.5): refused by the message checks
             # too, not only by the daemon's decisions, or it answers "unknown" for good
             self.scans.remember_refusal(exc.scan_id, str(exc))
+        elif exc.rule == "unique_scan" and exc.scan_id in self.scans.sessions:
+            # a second sender of this id: both producers' receipts say so (their frames of one
+            # index are indistinguishable here, the first kept), rather than each a success
+            self.scans.sessions[exc.scan_id].start_refused()
         n = _frames_in(parts, self.limits) if frames is None else frames
         if n:
             reason = {"known_scan": "unknown_scan", "open_scan": "scan_closed"}.get(exc.rule, "invalid")
@@ -658,6 +662,7 @@ class Service:
                 self.scans.start_scan(spec, spool)
             except ScanRefused as exc:
                 self._refuse(msg, exc)
+            self.scans.sessions[msg.scan_id].start_time_s = msg.time_s
             self._declared[msg.scan_id] = msg
             self.scans.admit()
         except ProtocolError as exc:  # refused: scan.rejected is out, now the error event

@@ -99,6 +99,12 @@ class FrameLedger:
         """``n`` admitted frames are on disk: they count as received."""
         self.received += int(n)
 
+    def unstored(self, indices: np.ndarray) -> None:
+        """Admitted frames whose spool write failed: not held, so :meth:`missing` and
+        :attr:`gaps` count them again (a receipt listed only the indices never sent, and its
+        sender would resend those, not the frames the full disk lost)."""
+        self._seen[np.asarray(indices, dtype=np.int64)] = False
+
     @property
     def admitted(self) -> int:
         """Frames let in so far (:meth:`admit`): those on disk and those on their way there."""
@@ -157,6 +163,12 @@ class Session:
         #: frames of this scan the daemon refused (invalid messages), and the last reason
         self.frames_refused = 0
         self.last_refusal: str | None = None
+        #: scan_start messages of this scan id refused while the daemon held this scan: a second
+        #: sender using the same id, whose frames the daemon cannot tell from the first's
+        self.starts_refused = 0
+        #: the accepted scan_start's time_s as its sender stamped it (None for a recovered scan):
+        #: a producer tells its own scan from another sender's of the same id by it
+        self.start_time_s: float | None = None
         #: the final status its spool was closed with (a cancel's close, on the spool thread), read
         #: by the mark after its worker exits (ScanManager._mark_spool, on the closer thread after
         #: that close), which then leaves the file alone: a receipt said it was closed so
@@ -179,6 +191,11 @@ class Session:
         with self.lock:
             self.frames_refused += frames
             self.last_refusal = reason
+
+    def start_refused(self) -> None:
+        """Count a repeated scan_start of this scan's id, for the receipt (PROTOCOL.md § 4.5)."""
+        with self.lock:
+            self.starts_refused += 1
 
     def update_figures(self, **values: Any) -> None:
         with self.lock:

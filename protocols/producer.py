@@ -13,6 +13,7 @@ own rules before it leaves.
 from __future__ import annotations
 
 import atexit
+import math
 import re
 import time
 import uuid
@@ -162,6 +163,7 @@ class Producer(SocketClient):
         self._finalizer.atexit = False  # _close_at_exit does it, in the right order
         _open.add(self)
         self.scan: ScanStart | None = None
+        self.scan_start_time_s: float | None = None
         self.frames_sent = 0
         self._next_index = 0
         self._given = np.zeros(0, dtype=bool)  #: frame indices given to this scan (delivery check)
@@ -192,6 +194,8 @@ class Producer(SocketClient):
             self._check_new_scan(start.scan_id)
         self.send(start)
         self.scan, self.frames_sent, self._next_index = start, 0, 0
+        #: the time_s this producer stamped its scan_start with (send() sets it): its receipts name it
+        self.scan_start_time_s = start.time_s
         self._given = np.zeros(max(int(start.expected_frames), 1), dtype=bool)
         return start
 
@@ -462,6 +466,8 @@ class Producer(SocketClient):
                         f"its {sent} frames is held",
                         scan_id, sent, 0, answer,
                     )
+            if answer is not None and "starts_refused" in answer:  # (absent from older daemons)
+                answer = self._own_scan(scan_id, sent, answer)
             if answer is not None and answer["state"] != "unknown":
                 received = int(answer["frames"]["received"])
                 closed = bool(answer["ended"]) or answer["state"] in _FINAL_STATES
@@ -503,6 +509,29 @@ class Producer(SocketClient):
                 )
             time.sleep(pause)  # a poll interval, not a wait for an event: the daemon has no push
             pause = min(2 * pause, 0.05)
+
+    def _own_scan(self, scan_id: str, sent: int, answer: dict[str, Any]) -> dict[str, Any]:
+        """The receipt if it is of this producer's scan. Two senders of one scan id: the
+        daemon takes the first scan_start, refuses the next, and files both senders' frames
+        under the one scan (of an index it keeps the first), so neither may report success.
+        The scan's start time as its sender stamped it tells whose scan the daemon holds; a
+        receipt of another sender's scan before this one's start was read is treated as
+        "not read yet"."""
+        theirs, mine = answer.get("start_time_s"), self.scan_start_time_s
+        # a stamp that cannot be compared (none, or a NaN a caller passed in) decides nothing
+        comparable = all(isinstance(t, (int, float)) and not math.isnan(t) for t in (theirs, mine))
+        ours = theirs == mine if comparable else None
+        if answer["starts_refused"]:
+            whose = ("another sender's scan of this id, not this producer's"
+                     if ours is False else "the frames of both senders under one scan")
+            raise DeliveryError(
+                f"scan {scan_id!r}: the daemon refused {answer['starts_refused']} more scan_start of this "
+                f"id while it held the scan: two senders use the same scan id, and it holds {whose}; "
+                f"its {int(answer['frames']['received'])} frames may not be this producer's {sent} "
+                "(of one frame index it keeps the first to arrive). Give every scan its own id",
+                scan_id, sent, 0, answer,
+            )
+        return {**answer, "state": "unknown"} if ours is False else answer
 
     def _receipt(self, scan_id: str, sent: int, answer: dict[str, Any]) -> Receipt:
         return Receipt(

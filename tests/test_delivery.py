@@ -29,7 +29,7 @@ from cryoptycho.protocols.errors import (
     ProducerTimeout,
 )
 from cryoptycho.protocols.producer import Producer
-from daemon_support import PIXEL_M, Daemon, Scan, start_daemon, synthetic_scan, wait_for
+from daemon_support import PIXEL_M, Daemon, Scan, metrics_of, start_daemon, synthetic_scan, wait_for
 
 pytestmark = pytest.mark.subprocess
 
@@ -211,6 +211,32 @@ def test_the_sender_is_told_what_the_daemon_does_not_hold(daemon, small):
             with pytest.raises(DeliveryError, match=r"refused scan 'refused': options\.iterations") as info:
                 p.end_scan()
         assert info.value.unacknowledged == 10
+
+
+def test_two_senders_of_one_scan_id_are_both_told_the_daemon_may_not_hold_their_frames(daemon, small):
+    """Two acquisition programs started a scan of the same id at once. The daemon took the first
+    scan_start, refused the second (unique_scan), and filed the second sender's frames under the
+    first's scan (of one index the first to arrive; the rest as duplicates or refused): both
+    senders' end_scan() reported every frame held, though the daemon held the other's at those
+    indices. Each is now told, by a DeliveryError naming the shared id."""
+    _, scan = small
+    n = 32
+    rejected = "cryoptycho_messages_rejected_total{rule=unique_scan}"
+    before = metrics_of(daemon).get(rejected, 0.0)
+    with Producer(daemon.ingest, control=daemon.control) as a, Producer(daemon.ingest, control=daemon.control) as b:
+        a.start_scan(**scan.start_fields("twice"))
+        a.send_frames(scan.frames[:n])
+        assert a.flush().acknowledged == n
+        # b asked before a's scan_start was read (two senders starting together) and heard
+        # "unknown": that check is what is skipped here, so b's start meets a's scan
+        b._check_new_scan = lambda scan_id: None
+        b.start_scan(**scan.start_fields("twice"))
+        b.send_frames(scan.frames[n:3 * n][::-1], indices=np.arange(2 * n))  # other frames, a's indices and new ones
+        wait_for(lambda: metrics_of(daemon).get(rejected, 0.0) > before, 60, "b's scan_start to be refused", daemon)
+        for sender in (a, b):
+            with pytest.raises(DeliveryError, match="two senders use the same scan id") as info:
+                sender.end_scan(timeout_s=60)
+            assert info.value.receipt["starts_refused"] == 1, info.value.receipt
 
 
 def test_a_scan_id_whose_result_the_daemon_holds_is_refused_before_a_frame_is_sent(daemon, small):

@@ -149,6 +149,54 @@ def test_a_spool_failure_mid_scan_is_the_reason_the_producer_is_given(tmp_path, 
         bg.stop()
 
 
+def test_frames_a_full_disk_did_not_take_are_the_missing_ones_the_producer_is_told(tmp_path, monkeypatch, scan):
+    """The disk filled at the second append: the sender heard "the daemon holds 8 of the 64
+    frames …" and, as the frames it lacks, the indices never sent (here none: the list was left
+    out), not the 56 frames whose spool write was refused; acquisition software resending what
+    the receipt lists would resend nothing. The receipt's `missing` and `gaps` now count the
+    frames whose write failed."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import SpoolWriter
+
+    calls = {"n": 0}
+    real = SpoolWriter.append_many
+
+    def fills_up(self, batches, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # one append refused: the appends after it (if any) are taken again
+            raise OSError(errno.ENOSPC, "No space left on device (test)")
+        return real(self, batches, *args, **kwargs)
+
+    monkeypatch.setattr(SpoolWriter, "append_many", fills_up)
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                        metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                        resolution_interval_s=0)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    n = len(scan.frames)
+    try:
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"], send_timeout_s=30) as p:
+            p.start_scan(**scan.start_fields("lost-to-disk"))
+            p.send_frames(scan.frames[:8])
+            assert p.flush().acknowledged == 8
+            p.send_frames(scan.frames[8:])
+            with pytest.raises(DeliveryError) as info:
+                p.end_scan()
+            p.scan = None
+        receipt = info.value.receipt
+        held = receipt["frames"]["received"]
+        assert held < n and info.value.acknowledged == held, receipt
+        # every frame not held is listed (up to 100) and counted as a gap
+        assert receipt["frames"]["gaps"] == n - held, receipt
+        assert len(receipt["missing"]) == min(100, n - held) and 8 in receipt["missing"], receipt
+        assert "first missing indices [8, " in str(info.value), str(info.value)
+        with ControlClient(svc.endpoints["control"], timeout_s=30) as ctl:
+            assert ctl.receipt("lost-to-disk")["missing"] == receipt["missing"]
+    finally:
+        bg.stop()
+
+
 def test_a_spool_close_that_finds_the_disk_full_fails_the_scan_and_keeps_its_journal(tmp_path, monkeypatch, scan):
     """A journal-only spool is brought up to its journal at the scan's end, on the closer
     thread. When that found the disk full while the worker already waited in finish_result,

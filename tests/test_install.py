@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +46,8 @@ from packaging.utils import canonicalize_name
 PACKAGES = {"gpu": "cryoptycho.gpu", "protocols": "cryoptycho.protocols", "daemon": "cryoptycho.daemon"}
 #: tracked under a package folder, used by nobody at run time: not expected in the wheel
 NOT_SHIPPED = {"daemon/web/viewer.png"}  # the README's screenshot
+#: tracked, but of no use to whoever builds or tests from the source distribution
+NOT_IN_SDIST = {".gitignore"}
 IMAGES = (DEPLOY / "docker" / "Dockerfile", DEPLOY / "docker" / "Dockerfile.cpu")
 TIMEOUT_S = 120
 
@@ -127,6 +130,23 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The source distribution as `python -m build --sdist` makes it from the checkout's tracked
+    files (in an isolated build environment, as the wheel fixture's `pip wheel` builds). Built
+    from a copy: setuptools writes cryoptycho.egg-info/ beside pyproject.toml, which in the
+    checkout would be a second "cryoptycho" distribution on the path of `python -m pytest`."""
+    pytest.importorskip("build", reason="the `build` frontend (test extra) makes the sdist")
+    root = tmp_path_factory.mktemp("sdist")
+    src = root / "src"
+    for name in _tracked_files():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    _run([sys.executable, "-m", "build", "--sdist", "--outdir", str(root / "dist"), str(src)])
+    (built,) = (root / "dist").glob("cryoptycho-*.tar.gz")
+    return built
+
+
+@pytest.fixture(scope="module")
 def install(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Install:
     root = tmp_path_factory.mktemp("install")
     venv = root / "venv"
@@ -174,6 +194,40 @@ def test_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         assert "cryoptycho = cryoptycho.daemon.cli:main" in zf.read(entry_points).decode()
+
+
+def _tracked_files() -> set[str]:
+    """The checkout's files as git tracks them (a clean clone's, as CI builds from)."""
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: nothing to compare the sdist with")
+    out = _run([git, "-C", str(ROOT), "ls-files", "-z"])
+    return {name for name in out.stdout.split("\0") if name and (ROOT / name).is_file()}
+
+
+def test_sdist_holds_every_tracked_file_and_builds_the_same_wheel(sdist: Path, wheel: Path) -> None:
+    """A packager builds and tests from the sdist alone. setuptools puts the packages and
+    tests/test*.py in it but not the helpers those tests import (conftest.py, daemon_support.py,
+    ...), the deployment files or CI's entry point: the suite of an unpacked sdist failed at
+    collection. The wheel built from the sdist holds what the checkout's wheel holds."""
+    with tarfile.open(sdist) as tf:
+        members = [m for m in tf.getmembers() if m.isfile()]
+        top = {m.name.split("/", 1)[0] for m in members}
+        assert top == {sdist.name.removesuffix(".tar.gz")}, top
+        names = {m.name.split("/", 1)[1] for m in members}
+        unpacked = sdist.parent / "unpacked"
+        # the "data" filter (refuses links and paths out of the folder) exists from 3.10.12 / 3.11.4
+        tf.extractall(unpacked, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    missing = sorted(_tracked_files() - names - NOT_IN_SDIST)
+    assert not missing, f"left out of the sdist: {missing}"
+    stray = sorted(n for n in names if "__pycache__" in n or n.endswith(".pyc"))
+    assert not stray, stray
+    (src,) = unpacked.iterdir()
+    dist = sdist.parent / "wheel"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(src)])
+    (from_sdist,) = dist.glob("cryoptycho-*.whl")
+    with zipfile.ZipFile(from_sdist) as a, zipfile.ZipFile(wheel) as b:
+        assert sorted(a.namelist()) == sorted(b.namelist())
 
 
 def test_every_folder_of_shipped_files_is_a_declared_package() -> None:

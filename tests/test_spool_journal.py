@@ -4,6 +4,7 @@ with, spools of earlier releases (no journal) re-opened, and a journal cut short
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from pathlib import Path
@@ -101,6 +102,40 @@ def test_a_file_that_lost_its_last_writes_is_rebuilt_and_a_torn_record_dropped(t
     done = repair_spool(w.path)
     assert done is not None and "150 frames" in done
     _assert_holds(w.path, frames, 150)
+
+
+def test_a_rebuild_that_might_not_fit_the_disk_is_refused_before_hdf5_writes(tmp_path: Path, frames: np.ndarray,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon killed mid-scan on a nearly full spool disk crashed at every restart (SIGSEGV or
+    SIGBUS: HDF5 wrote the rebuilt spool until ENOSPC, then h5py's deallocation failed; found on
+    an 8 MiB tmpfs with 1.1 MiB free), so systemd restarted it into the same crash. The rebuild
+    is refused first, naming the space it needs; the spool and its journal stay as they were for
+    a start with room. (It may use disk_reserve_bytes beyond a margin: tests/test_disk_full.py
+    recovers a spool onto a disk below the reserve.)"""
+    w = SpoolWriter.create(tmp_path, _spec("tight"))
+    empty = w.path.read_bytes()
+    _append(w, frames, 0, 120)
+    jpath = journal_path(w.path)
+    journal = jpath.read_bytes()
+    w.close()
+    w.path.write_bytes(empty)  # killed: the HDF5 file lost every write, the journal holds them
+    jpath.write_bytes(journal)
+    real = shutil.disk_usage
+
+    def nearly_full(where):  # as on the tmpfs: more free than the journal's size, less than a rebuild needs
+        return real(where)._replace(free=len(journal) * 3 // 2)
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    for attempt in (lambda: SpoolWriter.reopen(w.path, reserve_bytes=2**20),
+                    lambda: repair_spool(w.path, 0)):
+        with pytest.raises(OSError, match=r"no space to rebuild spool tight\.spool\.h5 from its journal") as info:
+            attempt()
+        assert info.value.errno == errno.ENOSPC
+        assert w.path.read_bytes() == empty and jpath.read_bytes() == journal
+        assert not list(tmp_path.glob("*.rebuild"))
+    monkeypatch.undo()
+    assert "120 frames" in (repair_spool(w.path, 0) or "")  # with room, as before
+    _assert_holds(w.path, frames, 120)
 
 
 def test_a_spool_without_a_journal_reopens_reads_and_is_rebuilt_on_its_own_base(tmp_path: Path,

@@ -10,6 +10,7 @@ mid-append leaves the previous count, so a reader never sees a half-written fram
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -549,7 +550,7 @@ class SpoolWriter:
         ``count`` are discarded. A spool without a journal (of an earlier release, or re-opened
         after its scan reached a final state) gets one whose base is the file as it is."""
         path = Path(path)
-        end = _repair(path)[0]
+        end = _repair(path, reserve_bytes)[0]
         jpath = journal_path(path)
         # the journal says the file is open again before anything writes it: from here on a
         # kill leaves a journal that does not end "closed", and recovery rebuilds the file
@@ -1599,21 +1600,22 @@ def discard_journal(spool_file: str | Path, fsync: bool = False) -> None:
             fsync_path(path.parent)
 
 
-def repair_spool(path: str | Path) -> str | None:
+def repair_spool(path: str | Path, reserve_bytes: int = 0) -> str | None:
     """Rebuild spool file ``path`` from its journal when the journal holds more than the file
     was last closed with (a process killed while it wrote: the HDF5 file may then miss frames
     that were received, or be damaged): the file is rebuilt beside it and replaces it. Returns
     what was done, a sentence for the log, or None (nothing to do). Raises OSError or
-    ValueError when the journal cannot be applied; the file is then untouched."""
+    ValueError when the journal cannot be applied; the file is then untouched. A rebuild that
+    might not fit with ``reserve_bytes`` left free is refused first (OSError ENOSPC)."""
     try:
-        return _repair(Path(path))[1]
+        return _repair(Path(path), reserve_bytes)[1]
     except (OSError, ValueError, KeyError):
         raise
     except Exception as exc:  # h5py's other errors on a damaged file: the caller keeps the file
         raise ValueError(f"rebuilding it from its journal failed ({type(exc).__name__}: {exc})") from exc
 
 
-def _repair(path: Path) -> tuple[int | None, str | None]:
+def _repair(path: Path, reserve_bytes: int = 0) -> tuple[int | None, str | None]:
     """(the offset after the journal's last whole record, None when there is no journal with a
     base record; what was done, or None)."""
     jpath = journal_path(path)
@@ -1628,6 +1630,7 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
         raise ValueError(scan.refusal())
     rebuilt = path.with_name(path.name + ".rebuild")
     rebuilt.unlink(missing_ok=True)
+    _require_rebuild_room(path, jpath, bool(scan.first.get("image")), reserve_bytes)
     try:
         if scan.first.get("image"):
             frames = _rebuild(path, rebuilt, scan.records)
@@ -1648,6 +1651,32 @@ def _repair(path: Path) -> tuple[int | None, str | None]:
     skipped = f"; {scan.unknown_note()}" if scan.skipped else ""
     done = f"rebuilt from its journal ({scan.records} records, {frames} frames{torn}{skipped})"
     return journal.path.stat().st_size, done
+
+
+#: at most this much of disk_reserve_bytes is kept free by a rebuild: recovering frames already
+#: acknowledged may use the reserve (it is there for such writes), not the last bytes of the disk
+REBUILD_MARGIN_BYTES = 8 * 2**20
+
+
+def _require_rebuild_room(path: Path, jpath: Path, image_base: bool, reserve_bytes: int) -> None:
+    """Raise OSError(ENOSPC) unless the rebuild surely fits. HDF5 does not survive ENOSPC
+    (diskspace.py): a rebuild onto a nearly full spool disk crashed the daemon at every start
+    (SIGSEGV/SIGBUS in h5py's deallocation after the failed write; a restart loop under systemd).
+    The rebuilt file holds the journal's frames plus HDF5's metadata and whole chunks (1.2x the
+    journal on a 64x64 scan), an in-place base copies the file first: twice the journal (plus
+    the file) is asked for. The spool and journal stay untouched for a start with room."""
+    needed = 2 * jpath.stat().st_size + (0 if image_base else path.stat().st_size)
+    margin = min(max(reserve_bytes, 0), REBUILD_MARGIN_BYTES)
+    free = shutil.disk_usage(path.parent).free
+    if free - needed >= margin:
+        return
+    raise OSError(
+        errno.ENOSPC,
+        f"no space to rebuild spool {path.name} from its journal: {path.parent} has "
+        f"{free / 2**20:.1f} MiB free, the rebuild needs up to {needed / 2**20:.1f} MiB with "
+        f"{margin / 2**20:.1f} MiB left over (free disk space, then restart the daemon; the spool and "
+        "its journal are kept as they are)",
+    )
 
 
 def _rebuild(path: Path, rebuilt: Path, records: int) -> int:
