@@ -557,7 +557,13 @@ class Service:
                 msg = decode(parts, self.limits, self._declared)
                 self._handle(msg, arrived)
             except ProtocolError as exc:
-                self._guarded("ingest", self._reject, exc, parts)
+                # accounted for from what this reading found: never decoded again (a header of a
+                # million values cost the loop as much again for each reading)
+                if msg is not None:  # decoded, then refused by the daemon's state
+                    frames, start = (len(msg.indices) if isinstance(msg, Frames) else 0), isinstance(msg, ScanStart)
+                else:
+                    frames, start = exc.frames, exc.message_type == "scan_start"
+                self._guarded("ingest", self._reject, exc, parts, frames, start)
             except Exception as exc:  # noqa: BLE001 - a bug or a storage fault: only this message's scan fails
                 self._guarded("ingest", self._ingest_fault, exc, msg, parts)
             self._timed(t, "ingest message", _message_of, msg, nbytes)
@@ -614,10 +620,14 @@ class Service:
             return
         self.scans.keep_unpositioned(session, msg.image_ids, msg.raw)
 
-    def _reject(self, exc: ProtocolError, parts: list[Any], frames: int | None = None, start: bool = False) -> None:
+    def _reject(self, exc: ProtocolError, parts: list[Any], frames: int | None = None,
+                start: bool | None = None) -> None:
+        """Count, log and publish a refused message; ``frames`` it carried and whether it is a
+        ``start`` (a scan_start) are read from ``parts`` where not given."""
         self.metrics.messages_rejected.labels(rule=exc.rule).inc()
-        if (exc.scan_id is not None and exc.scan_id not in self.scans.sessions
-                and (start or _is_scan_start(parts, self.limits))):
+        if start is None:
+            start = _is_scan_start(parts, self.limits)
+        if exc.scan_id is not None and exc.scan_id not in self.scans.sessions and start:
             # its producer polls `receipt` (PROTOCOL.md § 4.5): refused by the message checks
             # too, not only by the daemon's decisions, or it answers "unknown" for good
             self.scans.remember_refusal(exc.scan_id, str(exc))
@@ -942,10 +952,20 @@ def _message_of(msg: Any, nbytes: int) -> str:
     return f"{getattr(msg, 'type', 'undecodable')} {_clip(repr(getattr(msg, 'scan_id', '')), 80)}, {nbytes} bytes"
 
 
+#: a request header larger than this is not read again to name its method in the slow-step log
+METHOD_LOG_HEADER_BYTES = 64 * 1024
+
+
 def _method_of(parts: list[Any]) -> str:
-    """The method a control request named, for the slow-step log (never raises)."""
+    """The method a control request named, for the slow-step log (never raises). A large
+    header is described by its size: reading a header bomb again to log it cost as much as
+    answering it."""
     try:
-        header = read_header(split_envelope(parts)[1], Limits())
+        body = split_envelope(parts)[1]
+        size = memoryview(body[0].buffer if isinstance(body[0], zmq.Frame) else body[0]).nbytes
+        if size > METHOD_LOG_HEADER_BYTES:
+            return f"request of {size} bytes"
+        header = read_header(body, Limits())
         return _clip(str(header.get("method")), 60)
     except Exception:  # noqa: BLE001 - a malformed request is logged as such, its reply says why
         return "malformed request"
