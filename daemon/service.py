@@ -71,6 +71,12 @@ Done = Callable[[Any, "Exception | None"], None]
 
 #: ingest messages handled per loop turn before control and publishing get their turn
 INGEST_BURST = 64
+#: CPU seconds of the manager thread after which a burst of ingest messages or control requests
+#: ends early, so the other socket and publishing get their turn: a peer sending costly messages
+#: (a header of 65,536 values takes ~0.1 s to read and refuse) held the loop for 64 of them,
+#: 7 s, before the next control request was read. A burst cut short is only spread over turns:
+#: the next turn's poll returns at once while messages wait.
+BURST_CPU_S = 0.05
 #: PUB send queue per subscriber: a slow viewer loses old messages instead of slowing ingest
 PUB_HWM = 64
 #: ZMTP heartbeats on the publish socket (ms): a subscriber whose ZeroMQ does not answer a PING
@@ -543,6 +549,7 @@ class Service:
 
     # -- ingest ------------------------------------------------------------------------------
     def _read_ingest(self) -> None:
+        began = time.thread_time()
         for _ in range(INGEST_BURST):
             try:
                 parts = self.ingest.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -568,6 +575,8 @@ class Service:
                 self._guarded("ingest", self._ingest_fault, exc, msg, parts)
             self._timed(t, "ingest message", _message_of, msg, nbytes)
             if self._preparing is not None or self.scans.backpressure():
+                return
+            if time.thread_time() - began >= BURST_CPU_S:
                 return
 
     def _read_direct(self) -> None:
@@ -782,6 +791,7 @@ class Service:
 
     # -- control -----------------------------------------------------------------------------
     def _read_control(self) -> None:
+        began = time.thread_time()
         for _ in range(INGEST_BURST):
             try:
                 parts = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -790,6 +800,8 @@ class Service:
             t = self._clock()
             self._guarded("control", self._answer, parts)
             self._timed(t, "control request", _method_of, parts)
+            if time.thread_time() - began >= BURST_CPU_S:
+                return
 
     def _answer(self, parts: list[Any]) -> None:
         self._later = None

@@ -88,3 +88,56 @@ def test_a_control_header_bomb_is_read_once_and_answered(counted):
     assert not reply["success"] and reply["result"]["rule"] == "max_header_values", reply
     # before: read again to name its method in the slow-step log
     assert reads == [1], f"the bomb's header was read {len(reads)} times"
+
+
+@pytest.mark.parametrize("socket_name", ["ingest", "control"])
+def test_a_burst_of_costly_messages_ends_when_its_cpu_budget_is_spent(tmp_path, monkeypatch, socket_name):
+    """The manager reads up to 64 messages of a socket before the other socket and publishing
+    get their turn: 64 headers of 65,536 values (~0.1 s each to read and refuse) held every other
+    peer for 7 s. A burst now ends once it has used ``BURST_CPU_S`` of the manager thread's CPU,
+    after at least one message (0 here: exactly one a turn). The socket is replaced by an inproc
+    one, which holds every message sent before the burst starts."""
+    from cryoptycho.daemon import service as service_module
+    from cryoptycho.daemon.service import Service
+
+    monkeypatch.setattr(service_module, "BURST_CPU_S", 0.0, raising=False)
+    svc = Service(loopback_config(tmp_path))
+    svc.start()
+    peer = None
+    try:
+        kind = zmq.PULL if socket_name == "ingest" else zmq.ROUTER
+        inproc = svc._ctx.socket(kind)
+        inproc.bind(f"inproc://{socket_name}")
+        getattr(svc, socket_name).close()
+        setattr(svc, socket_name, inproc)
+        peer = svc._ctx.socket(zmq.PUSH if socket_name == "ingest" else zmq.DEALER)
+        peer.connect(f"inproc://{socket_name}")
+        request = msgpack.packb({"protocol": "cryoptycho", "version": 1, "type": "request", "method": "ping",
+                                 "params": {}, "arrays": []})
+        for _ in range(3):
+            if socket_name == "ingest":
+                peer.send(b"\xc1")  # not msgpack: refused
+            else:
+                peer.send_multipart([b"", request])
+        read = svc._read_ingest if socket_name == "ingest" else svc._read_control
+        replies = 0
+
+        def served() -> int:
+            nonlocal replies
+            if socket_name == "ingest":
+                return int(svc.metrics.messages_rejected.labels(rule="msgpack")._value.get())
+            while peer.poll(0):  # inproc: a reply sent is in the peer's queue at once
+                peer.recv_multipart()
+                replies += 1
+            return replies
+
+        counts = []
+        for _ in range(3):
+            read()
+            counts.append(served())
+        assert counts == [1, 2, 3], f"messages served after each burst: {counts} (before: 3 in the first)"
+    finally:
+        if peer is not None:
+            peer.close(0)  # else the context's term() in close() waits for it
+        svc.request_stop()
+        svc.close()
