@@ -660,6 +660,8 @@ class Service:
     def _prepare(self, msg: ScanStart) -> tuple[ScanSpec, Any]:
         """The slow part of accepting a scan (probe model, positions, spool file); off the
         manager thread, which registers the scan when this is done (:meth:`_finish_start`)."""
+        # stat calls: on a slow network file system they held the manager loop, every peer waiting
+        self.scans.check_unique_files(msg.scan_id)
         spec = spec_from_scan_start(msg)
         return spec, self.scans.create_spool(spec)
 
@@ -739,7 +741,8 @@ class Service:
             try:
                 # refuse from the declaration alone, before a probe or positions are built:
                 # a scan that cannot fit must not hold up the loop (PROTOCOL.md § 7)
-                self.scans.admission(outline_from_scan_start(msg))
+                # the id's spool and result files are looked for off this thread (_prepare)
+                self.scans.admission(outline_from_scan_start(msg), files=False)
             except ScanRefused as exc:
                 self.scans.uncapped.discard(msg.scan_id)
                 self._refuse(msg, exc)
