@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,6 +21,7 @@ import msgpack
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, get_xp
 from cryoptycho.protocols.errors import ProtocolError
+from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 from pydantic import ValidationError
 
 from .scans import ScanRefused
@@ -305,6 +307,8 @@ def build_table(service: Service) -> dict[str, Handler]:
                 # disconnected and the message lost otherwise)
                 return {**unknown, "taken": taken, "max_message_bytes": service.limits.max_message_bytes}
 
+            if not re.fullmatch(SCAN_ID_PATTERN, scan_id):  # no scan can have it: no file to look for
+                return with_taken(None, None)
             # looked for on the file-checks thread: stat calls on the spool and results
             # directories (a network file system's round trips, or a hung server) held the
             # manager loop for every receipt a producer polled, every peer waiting
