@@ -50,7 +50,8 @@ class Limits(BaseModel):
     Python object msgpack builds costs the receiver's thread CPU while it holds the interpreter
     lock: a 1 MiB header of a million one-byte values took the daemon's manager loop 0.6–1.0 s
     per message, no other peer served meanwhile. Real headers hold a few hundred (scan_start
-    with every option and a 200-key metadata map: 627), replies at most ~30,000 (list_scans)."""
+    with every option and a 200-key metadata map: 627), replies far fewer than the limit (the
+    largest, list_scans: 512 summaries of a few dozen values)."""
     max_frames_per_scan: int = Field(16 * MiB, ge=1)
     """Largest ``expected_frames`` a scan may declare."""
     max_scan_id_length: int = Field(128, ge=1, le=1024)
