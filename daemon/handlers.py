@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,6 +21,7 @@ import msgpack
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, get_xp
 from cryoptycho.protocols.errors import ProtocolError
+from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 from pydantic import ValidationError
 
 from .scans import ScanRefused
@@ -299,18 +301,30 @@ def build_table(service: Service) -> dict[str, Handler]:
         if session is None:
             # not (yet) read, refused, or long forgotten: the daemon holds nothing of it
             refused = service.scans.refused.get(scan_id)
-            return {"scan_id": scan_id, "state": "unknown" if refused is None else "refused",
-                    "ended": refused is not None, "end_reason": None, "end_count": None,
-                    "expected_frames": None, "frames": {"received": 0}, "missing": [],
-                    "error": None if refused is None else refused[1],
-                    "refused_at": None if refused is None else refused[0],
-                    # why a scan_start of this id would be refused as not unique (a spool or
-                    # result of it, e.g. from before a restart), or None: a sender is told
-                    # before it sends the scan, a DECTRIS bridge names its series anew
-                    "taken": service.scans.why_scan_id_taken(scan_id),
-                    # asked before a scan starts: a producer sizes its messages below it (its
-                    # sender is disconnected and the message lost otherwise)
-                    "max_message_bytes": service.limits.max_message_bytes}
+            unknown = {"scan_id": scan_id, "state": "unknown" if refused is None else "refused",
+                       "ended": refused is not None, "end_reason": None, "end_count": None,
+                       "expected_frames": None, "frames": {"received": 0}, "missing": [],
+                       "error": None if refused is None else refused[1],
+                       "refused_at": None if refused is None else refused[0]}
+
+            def with_taken(taken: str | None, error: Exception | None) -> dict[str, Any]:
+                if error is not None:
+                    raise error
+                # why a scan_start of this id would be refused as not unique (a spool or result
+                # of it, e.g. from before a restart), or None: a sender is told before it sends
+                # the scan, a DECTRIS bridge names its series anew; asked before a scan starts,
+                # max_message_bytes: a producer sizes its messages below it (its sender is
+                # disconnected and the message lost otherwise)
+                return {**unknown, "taken": taken, "max_message_bytes": service.limits.max_message_bytes}
+
+            if not re.fullmatch(SCAN_ID_PATTERN, scan_id):  # no scan can have it: no file to look for
+                return with_taken(None, None)
+            # looked for on the file-checks thread: stat calls on the spool and results
+            # directories (a network file system's round trips, or a hung server) held the
+            # manager loop for every receipt a producer polled, every peer waiting
+            return service.reply_later(
+                "receipt", lambda done: service.scans.off_manager(
+                    lambda: service.scans.why_files_taken(scan_id), done), with_taken)
         # the scan as the manager sees it now, whose frames read so far are counted once the
         # spool thread has written them: it reads the count after every write asked for before,
         # so every frame this receipt counts is on disk and none read before it is missed (the

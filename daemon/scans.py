@@ -218,6 +218,10 @@ class ScanManager:
         # lock, which took 150-300 ms on a loaded host and held up ping for as long. Started
         # now, so that no manager step waits for this thread's own start either.
         self._launcher = ThreadPoolExecutor(1, thread_name_prefix="worker-start")
+        #: where the spool and results directories are looked at for an id's files (a receipt's
+        #: ``taken``): each is a stat, and on a slow or hung network file system it held the
+        #: manager loop, every peer waiting (see :meth:`off_manager`)
+        self._file_checks = ThreadPoolExecutor(1, thread_name_prefix="file-checks")
         self._launcher.submit(lambda: None).result()
         # the engine module is imported now rather than inside the first scan_start, where its
         # import (~50 ms) would hold up the manager loop; so are the algorithm plug-ins (their
@@ -236,7 +240,9 @@ class ScanManager:
         """Accept a scan or raise :class:`ScanRefused`; nothing is kept for a refused scan.
         ``spool``: its spool file, already made by :meth:`create_spool` (off this thread)."""
         try:
-            _, need = self.admission(spec, own_spool=spool is not None)
+            # a spool made by create_spool was made after its maker's check of the id's files
+            # (the service's, off this thread): no stat of them here
+            _, need = self.admission(spec, own_spool=spool is not None, files=spool is None)
         except Exception as refusal:  # refused, or an internal error: the spool made for it is not kept
             if spool is not None:
                 self._discard(spec.scan_id, spool, refusal)
@@ -303,12 +309,15 @@ class ScanManager:
             self._raw_pending.pop(scan_id, None)
             self._raw_failed.pop(scan_id, None)
 
-    def admission(self, spec: ScanSpec, own_spool: bool = False) -> tuple[ReconOptions, dict[str, int]]:
+    def admission(self, spec: ScanSpec, own_spool: bool = False,
+                  files: bool = True) -> tuple[ReconOptions, dict[str, int]]:
         """Raise :class:`ScanRefused` unless the scan may start; else its options and memory.
         Needs only the declaration (shape, count, extent, options), never the probe or the
         positions, so the service refuses a scan before it builds anything large.
-        ``own_spool``: the spool file that exists is this scan's own (made by create_spool)."""
-        self._check_unique(spec.scan_id, own_spool)
+        ``own_spool``: the spool file that exists is this scan's own (made by create_spool).
+        ``files``: look for the id's spool and result files too (stat calls, which
+        :meth:`check_unique_files` makes off the manager thread); else only the scans held."""
+        self._check_unique(spec.scan_id, own_spool, files)
         if self.stopping:
             raise ScanRefused("scan_id", "service_stopping", "the service is shutting down")
         if spec.scan_id not in self.uncapped and len(self.waiting) >= self.config.max_queued_scans + max(
@@ -361,14 +370,53 @@ class ScanManager:
             return exc.message
         return None
 
-    def _check_unique(self, scan_id: str, own_spool: bool = False) -> None:
+    def off_manager(self, check: Callable[[], Any], done: Callable[[Any, Exception | None], None]) -> None:
+        """Run ``check`` (a look at the file systems) on the file-checks thread, then ``done(its
+        result, None)`` — or ``done(None, its exception)`` — on the manager thread at its next
+        :meth:`reap`, as :meth:`after_disk` does. Not behind the spool thread's writes: a
+        receipt of an unknown scan waits for no scan's frames. Once the daemon stops, ``check``
+        runs at once."""
+
+        def task() -> None:
+            try:
+                result, error = check(), None
+            except Exception as exc:  # noqa: BLE001 - handed to ``done``, which answers with it
+                result, error = None, exc
+            self._disk_done.put(functools.partial(done, result, error))
+            self.outbox.wake()
+
+        try:
+            self._file_checks.submit(task)
+        except RuntimeError:  # shut down by close(): answered still, from this thread
+            task()
+
+    def why_files_taken(self, scan_id: str) -> str | None:
+        """:meth:`why_scan_id_taken` for its files only (any thread: no state of the manager)."""
+        if not re.fullmatch(SCAN_ID_PATTERN, scan_id):
+            return None  # (as why_scan_id_taken: not a name a scan can have)
+        try:
+            self.check_unique_files(scan_id)
+        except ScanRefused as exc:
+            return exc.message
+        return None
+
+    def _check_unique(self, scan_id: str, own_spool: bool = False, files: bool = True) -> None:
         """Refuse an id the daemon holds a scan, spool (unless ``own_spool``) or result of. A
         result counts though the daemon no longer lists its scan (a restart, or more than
-        HISTORY scans since): a new result would overwrite it."""
-        from .storage.outputs import output_paths
-
+        HISTORY scans since): a new result would overwrite it. ``files``: look for the files."""
         if scan_id in self.sessions:
             raise ScanRefused("scan_id", "unique_scan_id", f"scan {scan_id!r} already exists")
+        if files:
+            self.check_unique_files(scan_id, own_spool)
+
+    def check_unique_files(self, scan_id: str, own_spool: bool = False) -> None:
+        """Refuse an id whose spool (unless ``own_spool``) or result files exist. Any thread: it
+        reads no state of the manager. The files are looked for at each call, never remembered:
+        a result another daemon or a person put in the results directory counts at once (an
+        index of names would need the directory watched, and a watch sees nothing of what other
+        hosts write to a network file system)."""
+        from .storage.outputs import output_paths
+
         spool = spool_path(self.config.spool_dir, scan_id)
         if not own_spool and spool.exists():
             # no scan of that id is listed (a spool kept, or not recovered, from before a restart):
@@ -1706,4 +1754,5 @@ class ScanManager:
         # (a pass under way ends with its copy: one cut short leaves only a hidden .part result)
         self._raw_copier.shutdown(wait=True, cancel_futures=True)
         self._launcher.shutdown(wait=True)
+        self._file_checks.shutdown(wait=True)
         self.run_disk_done()  # answers to requests that waited for the spool thread

@@ -71,6 +71,12 @@ Done = Callable[[Any, "Exception | None"], None]
 
 #: ingest messages handled per loop turn before control and publishing get their turn
 INGEST_BURST = 64
+#: CPU seconds of the manager thread after which a burst of ingest messages or control requests
+#: ends early, so the other socket and publishing get their turn: a peer sending costly messages
+#: (a header of 65,536 values takes ~0.1 s to read and refuse) held the loop for 64 of them,
+#: 7 s, before the next control request was read. A burst cut short is only spread over turns:
+#: the next turn's poll returns at once while messages wait.
+BURST_CPU_S = 0.05
 #: PUB send queue per subscriber: a slow viewer loses old messages instead of slowing ingest
 PUB_HWM = 64
 #: ZMTP heartbeats on the publish socket (ms): a subscriber whose ZeroMQ does not answer a PING
@@ -543,6 +549,7 @@ class Service:
 
     # -- ingest ------------------------------------------------------------------------------
     def _read_ingest(self) -> None:
+        began = time.thread_time()
         for _ in range(INGEST_BURST):
             try:
                 parts = self.ingest.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -557,11 +564,19 @@ class Service:
                 msg = decode(parts, self.limits, self._declared)
                 self._handle(msg, arrived)
             except ProtocolError as exc:
-                self._guarded("ingest", self._reject, exc, parts)
+                # accounted for from what this reading found: never decoded again (a header of a
+                # million values cost the loop as much again for each reading)
+                if msg is not None:  # decoded, then refused by the daemon's state
+                    frames, start = (len(msg.indices) if isinstance(msg, Frames) else 0), isinstance(msg, ScanStart)
+                else:
+                    frames, start = exc.frames, exc.message_type == "scan_start"
+                self._guarded("ingest", self._reject, exc, parts, frames, start)
             except Exception as exc:  # noqa: BLE001 - a bug or a storage fault: only this message's scan fails
                 self._guarded("ingest", self._ingest_fault, exc, msg, parts)
             self._timed(t, "ingest message", _message_of, msg, nbytes)
             if self._preparing is not None or self.scans.backpressure():
+                return
+            if time.thread_time() - began >= BURST_CPU_S:
                 return
 
     def _read_direct(self) -> None:
@@ -614,10 +629,14 @@ class Service:
             return
         self.scans.keep_unpositioned(session, msg.image_ids, msg.raw)
 
-    def _reject(self, exc: ProtocolError, parts: list[Any], frames: int | None = None, start: bool = False) -> None:
+    def _reject(self, exc: ProtocolError, parts: list[Any], frames: int | None = None,
+                start: bool | None = None) -> None:
+        """Count, log and publish a refused message; ``frames`` it carried and whether it is a
+        ``start`` (a scan_start) are read from ``parts`` where not given."""
         self.metrics.messages_rejected.labels(rule=exc.rule).inc()
-        if (exc.scan_id is not None and exc.scan_id not in self.scans.sessions
-                and (start or _is_scan_start(parts, self.limits))):
+        if start is None:
+            start = _is_scan_start(parts, self.limits)
+        if exc.scan_id is not None and exc.scan_id not in self.scans.sessions and start:
             # its producer polls `receipt` (PROTOCOL.md § 4.5): refused by the message checks
             # too, not only by the daemon's decisions, or it answers "unknown" for good
             self.scans.remember_refusal(exc.scan_id, str(exc))
@@ -645,6 +664,8 @@ class Service:
     def _prepare(self, msg: ScanStart) -> tuple[ScanSpec, Any]:
         """The slow part of accepting a scan (probe model, positions, spool file); off the
         manager thread, which registers the scan when this is done (:meth:`_finish_start`)."""
+        # stat calls: on a slow network file system they held the manager loop, every peer waiting
+        self.scans.check_unique_files(msg.scan_id)
         spec = spec_from_scan_start(msg)
         return spec, self.scans.create_spool(spec)
 
@@ -732,7 +753,8 @@ class Service:
             try:
                 # refuse from the declaration alone, before a probe or positions are built:
                 # a scan that cannot fit must not hold up the loop (PROTOCOL.md § 7)
-                self.scans.admission(outline_from_scan_start(msg))
+                # the id's spool and result files are looked for off this thread (_prepare)
+                self.scans.admission(outline_from_scan_start(msg), files=False)
             except ScanRefused as exc:
                 self.scans.uncapped.discard(msg.scan_id)
                 self._refuse(msg, exc)
@@ -784,6 +806,7 @@ class Service:
 
     # -- control -----------------------------------------------------------------------------
     def _read_control(self) -> None:
+        began = time.thread_time()
         for _ in range(INGEST_BURST):
             try:
                 parts = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -792,6 +815,8 @@ class Service:
             t = self._clock()
             self._guarded("control", self._answer, parts)
             self._timed(t, "control request", _method_of, parts)
+            if time.thread_time() - began >= BURST_CPU_S:
+                return
 
     def _answer(self, parts: list[Any]) -> None:
         self._later = None
@@ -958,10 +983,20 @@ def _message_of(msg: Any, nbytes: int) -> str:
     return f"{getattr(msg, 'type', 'undecodable')} {_clip(repr(getattr(msg, 'scan_id', '')), 80)}, {nbytes} bytes"
 
 
+#: a request header larger than this is not read again to name its method in the slow-step log
+METHOD_LOG_HEADER_BYTES = 64 * 1024
+
+
 def _method_of(parts: list[Any]) -> str:
-    """The method a control request named, for the slow-step log (never raises)."""
+    """The method a control request named, for the slow-step log (never raises). A large
+    header is described by its size: reading a header bomb again to log it cost as much as
+    answering it."""
     try:
-        header = read_header(split_envelope(parts)[1], Limits())
+        body = split_envelope(parts)[1]
+        size = memoryview(body[0].buffer if isinstance(body[0], zmq.Frame) else body[0]).nbytes
+        if size > METHOD_LOG_HEADER_BYTES:
+            return f"request of {size} bytes"
+        header = read_header(body, Limits())
         return _clip(str(header.get("method")), 60)
     except Exception:  # noqa: BLE001 - a malformed request is logged as such, its reply says why
         return "malformed request"

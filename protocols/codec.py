@@ -194,6 +194,21 @@ def decode(
     """
     limits = limits or _DEFAULT_LIMITS
     raw_header, arrays, codecs = unpack(parts, limits)
+    try:
+        return _decode_read(raw_header, arrays, codecs, parts, limits, scans)
+    except ProtocolError as exc:
+        # what the receiver's accounting of a refused message needs, from this one reading of
+        # its header (reading a 1 MiB header again cost as much as the first time, twice)
+        kind = raw_header.get("type")
+        exc.message_type = kind if isinstance(kind, str) else ""
+        indices = arrays.get("indices") if kind == "frames" else None
+        exc.frames = int(np.size(indices)) if indices is not None else 0
+        raise
+
+
+def _decode_read(raw_header: dict[str, Any], arrays: dict[str, np.ndarray], codecs: dict[str, str],
+                 parts: Sequence[Any], limits: Limits, scans: Mapping[str, ScanStart] | None) -> Message:
+    """:func:`decode` of a message whose envelope and arrays were read."""
     header = schema.parse_header(raw_header)
     sid = getattr(header, "scan_id", None)
     if scans is not None and header.type not in INGEST_TYPE_NAMES:

@@ -20,6 +20,12 @@ class ProtocolError(ValueError):
         self.rule = rule
         self.message = message
         self.scan_id = scan_id
+        #: set by the decoder once the header was read: the message's ``type`` (None when the
+        #: header itself was refused), and how many frames a refused ``frames`` message carried
+        #: (its ``indices``, 0 when its arrays were not read): a receiver accounts for a refused
+        #: message without decoding it again
+        self.message_type: str | None = None
+        self.frames = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The fields of an ``error`` event on the publish socket."""

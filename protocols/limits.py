@@ -45,6 +45,13 @@ class Limits(BaseModel):
     of every compressed array, so a compression bomb cannot allocate more than this."""
     max_header_bytes: int = Field(1 * MiB, ge=256)
     """Most bytes of the msgpack header part (metadata and option overrides live there)."""
+    max_header_values: int = Field(65536, ge=256)
+    """Most values (maps, lists, strings, numbers, each counted once) one header may hold. Every
+    Python object msgpack builds costs the receiver's thread CPU while it holds the interpreter
+    lock: a 1 MiB header of a million one-byte values took the daemon's manager loop 0.6–1.0 s
+    per message, no other peer served meanwhile. Real headers hold a few hundred (scan_start
+    with every option and a 200-key metadata map: 627), replies far fewer than the limit (the
+    largest, list_scans: 512 summaries of a few dozen values)."""
     max_frames_per_scan: int = Field(16 * MiB, ge=1)
     """Largest ``expected_frames`` a scan may declare."""
     max_scan_id_length: int = Field(128, ge=1, le=1024)

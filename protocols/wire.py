@@ -9,7 +9,9 @@ Receiving never copies a raw array: it is ``np.frombuffer`` over the zmq frame's
 
 from __future__ import annotations
 
+import gc
 import math
+import re
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -48,6 +50,8 @@ DTYPES: dict[str, np.dtype] = {
 }
 _NAMES = {np.dtype(name).newbyteorder("="): name for name in DTYPES}
 MAX_NDIM = 4
+#: what msgpack's ValueError says of a list or map longer than max_array_len / max_map_len
+_OVER_LENGTH = re.compile(r"exceeds max_(array|map)_len")
 
 
 def wire_dtype(dtype: Any) -> str:
@@ -116,7 +120,7 @@ def _ext_refusal(path: str, code: int) -> ProtocolError:
     return ProtocolError(path, "no_ext_types", f"msgpack extension type {code} is not allowed")
 
 
-def _check_tree(header: dict[str, Any]) -> None:
+def _check_tree(header: dict[str, Any], max_values: int | None = None) -> None:
     """Values msgpack can carry but the protocol cannot store: the timestamp extension (which
     msgpack decodes itself, past ``ext_hook``), binary strings (headers hold text; bytes travel
     as array parts), binary map keys, and trees nested deeper than :data:`MAX_DEPTH`.
@@ -124,10 +128,17 @@ def _check_tree(header: dict[str, Any]) -> None:
     One level at a time, holding only references: a header within ``max_header_bytes`` may be
     a million one-byte values (``[[], [], …]``), and naming each one's path as it was visited
     cost 1.2 s of the manager loop and 150 MB per such message. The path of a value refused is
-    found by a second walk, :func:`_refuse_in_tree`, only then."""
+    found by a second walk, :func:`_refuse_in_tree`, only then. ``max_values``: more values
+    than this in the whole tree are refused (rule ``max_header_values``) as soon as a level
+    takes the count past it, before the rest is walked."""
     level: list[Any] = [header]
     depth = 0
+    values = 0
     while level:
+        values += len(level)
+        if max_values is not None and values > max_values:
+            raise ProtocolError("header", "max_header_values", f"more than {max_values} values (maps, lists, "
+                                "strings, numbers) in one header: the limit max_header_values")
         if depth > MAX_DEPTH:
             _refuse_in_tree(header)
         below: list[Any] = []
@@ -223,9 +234,20 @@ def read_header(parts: Sequence[Any], limits: Limits) -> dict[str, Any]:
             "max_header_bytes",
             f"{head.nbytes} bytes exceed the limit of {limits.max_header_bytes}",
         )
+    budget = limits.max_header_values
+    # msgpack builds one Python object per value, lists and maps tracked by the cyclic garbage
+    # collector: a header of a million empty lists set off hundreds of collections, each walking
+    # every container built so far (200 ms of the 270 ms such a header took to build and free).
+    # Nothing collectable is made while msgpack runs (it holds the interpreter lock throughout,
+    # so no other thread allocates meanwhile either), and the collector is on again after it.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
+        # no list or map longer than the whole header's budget of values: msgpack refuses it at
+        # its length, before building one of its values (a flat bomb costs microseconds)
         header = msgpack.unpackb(
-            head, raw=False, strict_map_key=True, ext_hook=_no_ext, timestamp=0
+            head, raw=False, strict_map_key=True, ext_hook=_no_ext, timestamp=0,
+            max_array_len=budget, max_map_len=budget,
         )
     except ProtocolError:
         raise
@@ -239,7 +261,13 @@ def read_header(parts: Sequence[Any], limits: Limits) -> dict[str, Any]:
         if str(exc).startswith(f"{_Extension.__name__} is not allowed for map key"):  # (strict_map_key's words)
             raise ProtocolError("header", "no_ext_types", "a map key is a msgpack extension type, which is "
                                 "not allowed") from None
+        if _OVER_LENGTH.search(str(exc)):
+            raise ProtocolError("header", "max_header_values", f"a list or map of more than {budget} values "
+                                f"(msgpack: {exc}): the limit max_header_values") from None
         raise ProtocolError("header", "msgpack", f"header is not valid msgpack: {exc}") from None
+    finally:
+        if collecting:
+            gc.enable()
     if isinstance(header, _Extension):
         raise _ext_refusal("header", header.code)
     if not isinstance(header, dict):
@@ -247,10 +275,12 @@ def read_header(parts: Sequence[Any], limits: Limits) -> dict[str, Any]:
             "header", "map", f"header must be a msgpack map, got {type(header).__name__}"
         )
     try:
-        _check_tree(header)
+        _check_tree(header, budget)
     except ProtocolError as exc:
-        sid = header.get("scan_id")
+        sid, kind = header.get("scan_id"), header.get("type")
         exc.scan_id = sid if isinstance(sid, str) else None
+        # a scan_start refused here is still one (its producer's receipt says why)
+        exc.message_type = kind if isinstance(kind, str) else ""
         raise
     if header.get("protocol") != PROTOCOL:
         raise ProtocolError(
@@ -279,9 +309,10 @@ def unpack(
         arrays, codecs = _decode_arrays(header, parts, limits)
     except ProtocolError as exc:
         # the header was readable: name the scan, so the error can be routed to its producer
-        sid = header.get("scan_id")
+        sid, kind = header.get("scan_id"), header.get("type")
         if exc.scan_id is None and isinstance(sid, str):
             exc.scan_id = sid
+        exc.message_type = kind if isinstance(kind, str) else ""
         raise
     return header, arrays, codecs
 

@@ -104,6 +104,22 @@ CASES: list[tuple[str, Callable[[], list[Any]], Any, Limits | None, str, str]] =
         "header",
         "max_header_bytes",
     ),
+    (
+        "a list longer than the header's values",
+        lambda: [msgpack.packb({"protocol": "cryoptycho", "version": 1, "x": [0] * 300})],
+        None,
+        Limits(max_header_values=256),
+        "header",
+        "max_header_values",
+    ),
+    (
+        "more values than the header's, in short lists",
+        lambda: [msgpack.packb({"protocol": "cryoptycho", "version": 1, "x": [[0] * 100] * 3})],
+        None,
+        Limits(max_header_values=256),
+        "header",
+        "max_header_values",
+    ),
     ("not msgpack", lambda: [b"\xc1\xc1"], None, None, "header", "msgpack"),
     (
         "ext type",
@@ -1009,6 +1025,102 @@ def test_a_header_of_a_million_tiny_values_is_checked_without_a_string_per_value
     with pytest.raises(ProtocolError) as info:
         _check_tree(tree)
     assert (info.value.field, info.value.rule) == (f"x[{n - 1}][0]", "no_binary")
+
+
+def _bomb(flat: bool) -> bytes:
+    """A scan_start header of 1 MiB holding a million empty lists: one list of them (``flat``)
+    or a thousand lists of a thousand."""
+    n = (1 << 20) - 256
+    bombs = [[] for _ in range(n)] if flat else [[[] for _ in range(1000)] for _ in range(n // 1004)]
+    head = msgpack.packb({"protocol": "cryoptycho", "version": 1, "type": "scan_start", "scan_id": "bomb",
+                          "metadata": {"x": bombs}, "arrays": []})
+    assert len(head) <= Limits().max_header_bytes
+    return head
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["one list", "nested lists"])
+def test_a_header_of_a_million_values_is_refused_by_its_count(monkeypatch, flat):
+    """A 1 MiB header of a million empty lists cost the daemon's manager loop 0.6-1.0 s of CPU
+    (msgpack building and freeing a million objects, the garbage collector walking them over and
+    over, the tree check walking them), every other peer waiting: its values are now limited
+    (``max_header_values``). One list that long is refused by msgpack at its length, before one
+    value is built; short lists are counted level by level, refused before the walk goes deeper.
+    Counted here: the trees the check walks (none for one list), and the garbage collections
+    while msgpack builds the tree (none: they walked every container built so far, again and
+    again)."""
+    import gc
+
+    from cryoptycho.protocols import wire
+
+    walked: list[int] = []
+    check = wire._check_tree
+
+    def counting(tree, max_values=None):
+        walked.append(1)
+        return check(tree, max_values)
+
+    monkeypatch.setattr(wire, "_check_tree", counting)
+    collections = []
+    reading = []
+    unpackb = wire.msgpack.unpackb
+
+    def watched(*args, **kwargs):
+        reading.append(1)
+        try:
+            return unpackb(*args, **kwargs)
+        finally:
+            reading.clear()
+
+    monkeypatch.setattr(wire.msgpack, "unpackb", watched)
+
+    def on_gc(phase, info):
+        if phase == "start" and reading:
+            collections.append(info["generation"])
+
+    head = _bomb(flat)
+    gc.collect()
+    gc.callbacks.append(on_gc)
+    try:
+        with pytest.raises(ProtocolError) as info:
+            decode([head], Limits(), {})
+    finally:
+        gc.callbacks.remove(on_gc)
+    assert (info.value.field, info.value.rule, info.value.scan_id) == ("header", "max_header_values",
+                                                                       None if flat else "bomb")
+    assert "max_header_values" in info.value.message
+    assert walked == ([] if flat else [1])  # one list: refused by msgpack, the tree never built
+    assert collections == [], f"{len(collections)} garbage collections while the header was read"
+    assert gc.isenabled()
+
+
+def test_a_header_at_its_values_limit_is_read():
+    """The limit takes what it says: a header of exactly ``max_header_values`` values is read
+    (the map itself and its 5 keys' values count: 5 + 1 + 250 = 256), one more is refused."""
+    def head(n):
+        return msgpack.packb({"protocol": "cryoptycho", "version": 1, "type": "x", "scan_id": "s",
+                              "x": [0] * n})
+
+    assert len(read_header([head(250)], Limits(max_header_values=256))["x"]) == 250
+    with pytest.raises(ProtocolError, match="max_header_values"):
+        read_header([head(251)], Limits(max_header_values=256))
+
+
+def test_a_refused_message_tells_its_type_and_frames_without_a_second_reading():
+    """A receiver accounts for a refused message (a scan_start refused is remembered for its
+    producer's receipt; a refused frames message's frames are counted as dropped): the decoder
+    now says both, and the daemon reads no header twice (a header bomb cost it once per reading)."""
+    with pytest.raises(ProtocolError) as info:
+        decode(frame_parts(scan_id="gone", n=5), Limits(), {})
+    assert (info.value.rule, info.value.message_type, info.value.frames) == ("known_scan", "frames", 5)
+    with pytest.raises(ProtocolError) as info:
+        decode(start_parts(scan_id="s"), Limits(), {"s": None})  # a second start of scan s
+    assert (info.value.rule, info.value.message_type, info.value.frames) == ("unique_scan", "scan_start", 0)
+    with pytest.raises(ProtocolError) as info:
+        decode(frame_parts(scan_id="s9")[:-1])  # its arrays do not match its header: no frames read
+    assert (info.value.rule, info.value.message_type, info.value.frames) == ("part_count", "frames", 0)
+    with pytest.raises(ProtocolError) as info:
+        decode([b"\xc1"])
+    assert info.value.message_type is None
 
 
 def test_envelope_errors_name_the_scan_when_the_header_is_readable():
