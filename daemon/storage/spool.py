@@ -363,11 +363,16 @@ def _share_lock(path: Path) -> BinaryIO | None:
 def held_for_writing(path: Path) -> SpoolInUse | None:
     """Whether another program holds the closed spool ``path`` open for writing (HDF5's
     exclusive lock) now: the :class:`SpoolInUse` a re-open would raise, else None (no such
-    lock, or none on this file system). Asks without opening it in HDF5."""
+    lock, or none on this file system). Asks without opening it in HDF5. A file that cannot be
+    opened at all (removed by hand, unreadable, no descriptor left) is not held: None, and the
+    re-open that follows says what is wrong with it — this look raised out of admission at every
+    pass, and no scan queued behind it started again."""
     try:
         share = _share_lock(path)
     except SpoolInUse as exc:
         return exc
+    except OSError:
+        return None
     if share is not None:
         share.close()
     return None

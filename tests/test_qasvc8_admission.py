@@ -1,0 +1,67 @@
+"""Hostile QA of svc8's look at a parked scan's spool at admission (``held_for_writing``).
+
+A scan that ended while it waited for a worker (its spool closed, "parked") has its spool looked
+at when its turn comes: does another program hold it for writing? That look opened the file. Where
+the file could not be opened at all — removed by hand (``rm *.spool.h5`` while scans wait), or
+unreadable — the ``open`` raised out of ``admit``, at every housekeeping pass and at every other
+scan's ``scan_end`` and ``scan_start`` (both admit): the queue behind it never moved again, and the
+scans whose end or start came meanwhile failed as ingest faults. The look is a question about a
+lock: a file that cannot be opened is not held, and the worker's re-open says what is wrong with
+it, failing that one scan (as before svc8)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from spool_support import scan_ended
+
+
+def test_a_parked_scans_removed_spool_fails_that_scan_and_the_queue_moves_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+
+    go = threading.Event()
+    finish = ScanManager.finish_result
+
+    def finish_gated(self: ScanManager, session: Any, state: Any) -> dict[str, str]:
+        if session.scan_id == "a":
+            assert go.wait(120)
+        return finish(self, session, state)
+
+    monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2, max_concurrent_scans=1)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
+            for scan_id in ("a", "b"):  # b ends while a runs: its spool closed, waiting for a worker
+                p.start_scan(**scan.start_fields(scan_id))
+                p.send_frames(scan.frames)
+                p.end_scan()
+            wait_for(lambda: (closed := svc.scans._parked.get("b")) is not None and closed.is_set(), 60,
+                     "b's spool to be closed while b waits")
+            (cfg.spool_dir / "b.spool.h5").unlink()  # an operator's rm
+            go.set()
+            assert scan_ended(ctl, "a")["state"] == "finished"
+            # b's turn: before, admit raised FileNotFoundError here, at every pass, and b waited for ever
+            b = scan_ended(ctl, "b")
+            assert b["state"] == "failed", b
+            # and a scan queued after it runs to its end (before, its scan_end's admit raised: it failed)
+            p.start_scan(**scan.start_fields("c"))
+            p.send_frames(scan.frames)
+            p.end_scan()
+            c = scan_ended(ctl, "c")
+            assert c["state"] == "finished", c
+    finally:
+        go.set()
+        bg.stop()
+    assert (cfg.results_dir / "c.h5").exists()
