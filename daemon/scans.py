@@ -129,7 +129,14 @@ def _delete_spool_file(spool_file: Path, missing_ok: bool = False) -> None:
     lost to a power loss, the spool came back ``ended`` beside its result, and the next start
     reconstructed the scan again — or, its raw-pending marker removed next, as a scan to recover."""
     spool_file.unlink(missing_ok=missing_ok)
-    fsync_path(spool_file.parent)
+    try:
+        fsync_path(spool_file.parent)
+    except OSError as exc:
+        # the result is on disk and the spool gone: failing the scan now said its frames were
+        # kept in a spool that no longer existed. A power loss may bring the spool back (ended,
+        # beside its result): nothing of the scan is lost
+        log.error("deleted %s, but its directory's fsync failed (%s): a power loss may bring it back beside its "
+                  "result", spool_file, exc)
 
 
 class _SpoolClosed(threading.Event):
