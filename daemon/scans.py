@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
@@ -64,7 +64,7 @@ from .storage.spool import (
     discard_journal,
     empty_final_spools,
     file_stem,
-    held_for_writing,
+    hold_against_writers,
     mark_status,
     read_spool,
     remove_if_empty,
@@ -204,6 +204,11 @@ class ScanManager:
         #: for writing before the spool thread re-opened it (:meth:`_reopen_later`). These two
         #: under _raw_lock (the spool thread adds to them, the manager reads them)
         self._reopen_waiting: dict[str, tuple[float, Callable[[], None]]] = {}
+        #: scan id → the shared lock admission took on its closed spool (:meth:`_spool_held`),
+        #: held until the spool thread re-opens it under that lock (:meth:`_unpark`): a program
+        #: that opens the file for writing in between is refused, instead of holding up the
+        #: started scan, and its worker slot, for as long as it keeps the file (under _raw_lock)
+        self._admission_locks: dict[str, BinaryIO] = {}
         #: spool files :meth:`recover` refused (why logged there), for the stop's report
         self.unrecovered: set[Path] = set()
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
@@ -1007,19 +1012,31 @@ class ScanManager:
         if parked is None or not parked.is_set():  # open (the daemon's), or its close under way
             return False
         path = spool_path(self.config.spool_dir, scan_id)
-        held = held_for_writing(path)
-        if held is None:
-            with self._raw_lock:
-                noted = scan_id in self._held_spools
-                self._held_spools.discard(scan_id)
-            if noted:
-                log.info("spool %s let go of by the other program: the scan starts", path.name, extra={"scan_id": scan_id})
-            return False
-        self._note_held(session, held)
-        return True
+        try:
+            share = hold_against_writers(path)
+        except SpoolInUse as held:
+            self._note_held(session, held)
+            return True
+        stale = None
+        with self._raw_lock:
+            noted = scan_id in self._held_spools
+            self._held_spools.discard(scan_id)
+            if share is not None:
+                stale, self._admission_locks[scan_id] = self._admission_locks.get(scan_id), share
+        if stale is not None:
+            stale.close()
+        if noted:
+            log.info("spool %s let go of by the other program: the scan starts", path.name, extra={"scan_id": scan_id})
+        return False
 
-    def _note_held(self, session: Session, held: SpoolInUse) -> None:
-        """Say once per scan that it waits for another program's write handle on its spool."""
+    def _drop_admission_lock(self, scan_id: str) -> BinaryIO | None:
+        """The shared lock admission took on the scan's spool (None: none), no longer kept here."""
+        with self._raw_lock:
+            return self._admission_locks.pop(scan_id, None)
+
+    def _note_held(self, session: Session, held: SpoolInUse, started: bool = False) -> None:
+        """Say once per scan that it waits for another program's write handle on its spool;
+        ``started``: its worker runs already (:meth:`_reopen_later`), keeping its slot."""
         scan_id = session.scan_id
         with self._raw_lock:
             if scan_id in self._held_spools:
@@ -1029,7 +1046,9 @@ class ScanManager:
                    "exclusive file lock), beside which the daemon does not open it (written beside a writer, even one "
                    f"that writes nothing, frames came back unreadable at its close). Its {session.ledger.received} "
                    "frames are on disk (the spool and its journal); the scan starts once that program closes the file "
-                   "(h5py: File.close(), or end that Python session), and the scans queued behind it start meanwhile")
+                   "(h5py: File.close(), or end that Python session), "
+                   + ("keeping its worker slot meanwhile (the program opened the file after the scan was started, "
+                      "where the file system has no flock)" if started else "and the scans queued behind it start meanwhile"))
         log.warning("%s", message, extra={"scan_id": scan_id})
         self.outbox.post("error", {"scan_id": scan_id, "field": "spool", "rule": "spool_in_use", "message": message})
 
@@ -1090,7 +1109,7 @@ class ScanManager:
         :meth:`_spool_held` says it. False when the scan is over or the daemon stops."""
         if self.stopping or session.state.final:
             return False
-        self._note_held(session, held)
+        self._note_held(session, held, started=True)
         with self._raw_lock:
             self._reopen_waiting[session.scan_id] = (time.monotonic(), task)
         return True
@@ -1113,7 +1132,8 @@ class ScanManager:
         if parked.error is not None:  # its journal keeps the frames; the re-open rebuilds the file from it
             log.warning("re-opening the spool after its close failed (%s)", parked.error, extra={"scan_id": scan_id})
         spool = SpoolWriter.reopen(spool_path(self.config.spool_dir, scan_id), fsync=self.config.spool_fsync,
-                                   reserve_bytes=self.config.disk_reserve_bytes)
+                                   reserve_bytes=self.config.disk_reserve_bytes,
+                                   share=self._drop_admission_lock(scan_id))
         # re-opened (rebuilt from its journal if its close had failed): its later marks and
         # closes are this writer's, and `status` no longer lists it as unclosed
         self.unclosed.pop(scan_id, None)
@@ -1351,6 +1371,9 @@ class ScanManager:
             with self._raw_lock:
                 self._held_spools.discard(session.scan_id)
                 self._reopen_waiting.pop(session.scan_id, None)
+            share = self._drop_admission_lock(session.scan_id)  # (one whose re-open never came)
+            if share is not None:
+                share.close()
             self.metrics.scans.labels(outcome=state.value).inc()
             self._forget_old_previews()
             self._log_end(session)
@@ -1702,4 +1725,8 @@ class ScanManager:
         # (a pass under way ends with its copy: one cut short leaves only a hidden .part result)
         self._raw_copier.shutdown(wait=True, cancel_futures=True)
         self._launcher.shutdown(wait=True)
+        with self._raw_lock:  # (admitted at the stop, their re-open not run)
+            shares, self._admission_locks = list(self._admission_locks.values()), {}
+        for share in shares:
+            share.close()
         self.run_disk_done()  # answers to requests that waited for the spool thread

@@ -65,3 +65,66 @@ def test_a_parked_scans_removed_spool_fails_that_scan_and_the_queue_moves_on(
         go.set()
         bg.stop()
     assert (cfg.results_dir / "c.h5").exists()
+
+
+def test_a_writer_cannot_take_an_admitted_scans_spool_before_its_reopen(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Admission looked at the parked spool (no writer) and started the scan; its re-open runs
+    later, on the spool thread, behind other scans' appends. A program that opened the file for
+    writing in between was let in: the started scan then waited for it, keeping its worker slot
+    — with ``max_concurrent_scans = 1`` every other scan waited too, for as long as an operator
+    kept HDFView open — while the daemon said that the scans queued behind it started meanwhile.
+    Now admission's look keeps its shared lock until the re-open, which is made under it: the
+    writer is refused (as beside any spool the daemon has open), and no reader is named."""
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+    from spool_support import try_open
+
+    go, admitted, reopen = threading.Event(), threading.Event(), threading.Event()
+    finish, unpark = ScanManager.finish_result, ScanManager._unpark
+
+    def finish_gated(self: ScanManager, session: Any, state: Any) -> dict[str, str]:
+        if session.scan_id == "a":
+            assert go.wait(120)
+        return finish(self, session, state)
+
+    def unpark_gated(self: ScanManager, scan_id: str, parked: Any) -> Any:
+        if scan_id == "b":  # the spool thread's re-open of b, held back: the window after admission
+            admitted.set()
+            assert reopen.wait(120)
+        return unpark(self, scan_id, parked)
+
+    monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
+    monkeypatch.setattr(ScanManager, "_unpark", unpark_gated)
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2, max_concurrent_scans=1)
+    spool = cfg.spool_dir / "b.spool.h5"
+    bg = BackgroundService(cfg)
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
+            for scan_id in ("a", "b"):
+                p.start_scan(**scan.start_fields(scan_id))
+                p.send_frames(scan.frames)
+                p.end_scan()
+            wait_for(lambda: (closed := svc.scans._parked.get("b")) is not None and closed.is_set(), 60,
+                     "b's spool to be closed while b waits")
+            go.set()
+            assert scan_ended(ctl, "a")["state"] == "finished"
+            assert admitted.wait(120)  # b started, its re-open not made yet
+            # before: "open" — and b, started, then waited for that program, keeping the only slot
+            assert try_open(spool, "r+") == "refused"
+            assert try_open(spool, "r") == "open"  # readers are let in, as beside any closed spool
+            reopen.set()
+            b = scan_ended(ctl, "b")
+            assert b["state"] == "finished", b
+    finally:
+        go.set()
+        reopen.set()
+        bg.stop()
+    assert not [r.getMessage() for r in caplog.records if "another process has" in r.getMessage()]
+    assert not [r.getMessage() for r in caplog.records if "waits: its spool" in r.getMessage()]
