@@ -406,18 +406,12 @@ def open_for_writing(path: Path, share: BinaryIO | None = None) -> tuple[h5py.Fi
     frames unreadable, "filter returned failure during read"). Without a reader the lock is
     taken as before: a reader is refused while the daemon writes the file, as HDF5 means it to be.
 
-    ``share``: a shared lock the daemon took on this file already (:func:`hold_against_writers`,
-    at a parked scan's admission), kept since, so that no writer came in between: the file is
-    opened under it (HDF5's exclusive lock would be refused beside it, and a reader named that was
-    the daemon itself). Not this file any more (rebuilt from its journal, a new inode): closed,
-    and the file opened as above."""
+    ``share``: a shared lock the daemon took on this file before (:func:`hold_against_writers`,
+    at a parked scan's admission) and kept since, so that no program could open it for writing
+    meanwhile: let go of only now, as HDF5 takes its own (kept, HDF5's lock would be refused
+    beside it, and the daemon named a reader that was itself) — a writer can come in only
+    between these two calls, where it is met as before (:class:`SpoolInUse`)."""
     if share is not None:
-        try:
-            same = os.fstat(share.fileno()).st_ino == os.stat(path).st_ino
-        except OSError:
-            same = False
-        if same:
-            return h5py.File(path, "r+", locking=False), share
         share.close()
     f, share = _open_beside_readers(path)
     if share is not None:
@@ -579,13 +573,13 @@ class SpoolWriter:
         the journal holds more than the file was closed with (:func:`repair_spool`); rows beyond
         ``count`` are discarded. A spool without a journal (of an earlier release, or re-opened
         after its scan reached a final state) gets one whose base is the file as it is.
-        ``share``: the daemon's shared lock on the file, taken before (:func:`open_for_writing`);
-        the writer's from here, or closed where the re-open fails."""
+        ``share``: the daemon's shared lock on the file, taken before: let go of as the file is
+        opened for writing (:func:`open_for_writing`), or where the re-open fails before that."""
         try:
             return cls._reopen(Path(path), fsync, reserve_bytes, journal_only, share)
         except BaseException:
             if share is not None:
-                share.close()  # (closing it twice, after the writer's own close, is harmless)
+                share.close()  # (closed already where the open was reached: harmless)
             raise
 
     @classmethod
