@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -64,6 +64,7 @@ from .storage.spool import (
     discard_journal,
     empty_final_spools,
     file_stem,
+    held_for_writing,
     hold_against_writers,
     mark_status,
     read_spool,
@@ -209,6 +210,10 @@ class ScanManager:
         #: that opens the file for writing in between is refused, instead of holding up the
         #: started scan, and its worker slot, for as long as it keeps the file (under _raw_lock)
         self._admission_locks: dict[str, BinaryIO] = {}
+        #: unfinished spools a start found held for writing by another program (:meth:`_recover_later`):
+        #: path → when last looked at; and those let go of, being examined (manager thread only)
+        self._held_at_start: dict[Path, float] = {}
+        self._late_recoveries: dict[Path, Future[tuple[Any, int, SpoolWriter | None] | None]] = {}
         #: spool files :meth:`recover` refused (why logged there), for the stop's report
         self.unrecovered: set[Path] = set()
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
@@ -1642,45 +1647,127 @@ class ScanManager:
                 log.info("removed spool %s: its scan failed or was aborted before its first frame "
                          "(it held no frame)", empty.name)
         for path in unfinished_spools(self.config.spool_dir):
-            try:
-                repaired = repair_spool(path)  # a kill inside HDF5's flush: the journal has every frame
-                if repaired is not None:
-                    log.warning("spool %s %s", path.name, repaired)
-                contents = read_spool(path, frames=False)
-                spec = contents.spec
-                if spec.scan_id in self.sessions:
-                    continue
-                if contents.status not in ("open", "ended"):  # killed as its final status was written
-                    discard_journal(path, self.config.spool_fsync)
-                    continue
-                unreadable = check_spool_readable(path)
-                if unreadable is not None:  # a child read the frames: a crash there stops no daemon
-                    raise ValueError(unreadable)
-                options = self._options_for(spec)
-                need = self._reservation(spec, options)
-                # an ended scan takes no more appends: it waits parked (closed), as in end_scan
-                spool = None if contents.status == "ended" else SpoolWriter.reopen(
-                    path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
-            except (OSError, ValueError, KeyError) as exc:
-                log.error("cannot recover spool %s: %s", path, exc)
-                self.unrecovered.add(path)
-                self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",
-                                           "message": f"{path}: {exc}", "scan_id": None})
+            held = held_for_writing(path)
+            if held is not None:
+                self._recover_later(path, held)
                 continue
-            session = Session(spec, need, recovered=True)
-            session.ledger.stored(int(session.ledger.admit(contents.indices).sum()))
-            session.ended = contents.status == "ended"
-            if spool is None:
-                self._parked[spec.scan_id] = parked = _SpoolClosed()
-                parked.set()
-            self._register(session, spool)
-            recovered.append(spec.scan_id)
-            log.info("recovered scan from spool (%d frames, %s)", len(contents.indices), contents.status,
-                     extra={"scan_id": spec.scan_id})
-            self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "recovered": True,
-                                               "expected_frames": spec.expected_frames,
-                                               "frames": session.ledger.as_dict()})
+            try:
+                found = self._examine(path)
+            except (OSError, ValueError, KeyError) as exc:
+                self._not_recovered(path, exc)
+                continue
+            if found is not None:
+                recovered.append(self._register_recovered(*found))
         self.admit()
+        return recovered
+
+    def _examine(self, path: Path) -> tuple[Any, int, SpoolWriter | None] | None:
+        """An unfinished spool made ready to be recovered: its contents (frames unread), its
+        reservation and its writer (None: ended, it waits parked); None where there is no scan to
+        recover. Raises (OSError, ValueError, KeyError) where it cannot be."""
+        repaired = repair_spool(path)  # a kill inside HDF5's flush: the journal has every frame
+        if repaired is not None:
+            log.warning("spool %s %s", path.name, repaired)
+        contents = read_spool(path, frames=False)
+        spec = contents.spec
+        if spec.scan_id in self.sessions:
+            return None
+        if contents.status not in ("open", "ended"):  # killed as its final status was written
+            discard_journal(path, self.config.spool_fsync)
+            return None
+        unreadable = check_spool_readable(path)
+        if unreadable is not None:  # a child read the frames: a crash there stops no daemon
+            raise ValueError(unreadable)
+        options = self._options_for(spec)
+        need = self._reservation(spec, options)
+        # an ended scan takes no more appends: it waits parked (closed), as in end_scan
+        spool = None if contents.status == "ended" else SpoolWriter.reopen(
+            path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
+        return contents, need, spool
+
+    def _not_recovered(self, path: Path, exc: BaseException) -> None:
+        log.error("cannot recover spool %s: %s", path, exc)
+        self.unrecovered.add(path)
+        self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",
+                                   "message": f"{path}: {exc}", "scan_id": None})
+
+    def _register_recovered(self, contents: Any, need: int, spool: SpoolWriter | None) -> str:
+        spec = contents.spec
+        session = Session(spec, need, recovered=True)
+        session.ledger.stored(int(session.ledger.admit(contents.indices).sum()))
+        session.ended = contents.status == "ended"
+        if spool is None:
+            self._parked[spec.scan_id] = parked = _SpoolClosed()
+            parked.set()
+        self._register(session, spool)
+        log.info("recovered scan from spool (%d frames, %s)", len(contents.indices), contents.status,
+                 extra={"scan_id": spec.scan_id})
+        self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "recovered": True,
+                                           "expected_frames": spec.expected_frames,
+                                           "frames": session.ledger.as_dict()})
+        return spec.scan_id
+
+    def _recover_later(self, path: Path, held: SpoolInUse) -> None:
+        """A start's unfinished spool that another program holds open for writing (an operator's
+        ``h5py.File(spool, "r+")``): not read beside it (written beside a writer, frames came back
+        unreadable), nor left to the next start as before ("cannot recover spool"): looked at
+        again every RAW_RETRY_S (:meth:`retry_held_recoveries`) and recovered once it lets go."""
+        message = (f"{path} is open for writing in another program (HDF5's exclusive file lock), beside which the "
+                   "daemon does not read it: its scan is recovered once that program closes the file (h5py: "
+                   "File.close(), or end that Python session)")
+        log.warning("%s", message)
+        self.outbox.post("error", {"field": "spool", "rule": "spool_in_use", "message": message, "scan_id": None})
+        self.unrecovered.add(path)  # (the stop's report names it while it waits)
+        self._held_at_start[path] = time.monotonic()
+
+    def retry_held_recoveries(self) -> list[str]:
+        """Housekeeping (manager thread): the spools :meth:`_recover_later` waits on, looked at
+        again once RAW_RETRY_S went by; one no longer held is examined off this thread (a child
+        reads its frames: seconds for a large spool, which ping and ingest must not wait for),
+        and its scan registered here once that is done. The ids of the scans recovered."""
+        recovered: list[str] = []
+        for path, future in list(self._late_recoveries.items()):
+            if not future.done():
+                continue
+            del self._late_recoveries[path]
+            try:
+                found = future.result()
+            except (OSError, ValueError, KeyError) as exc:
+                if isinstance(exc, SpoolInUse):  # taken again before it was read: waits on
+                    self._held_at_start[path] = time.monotonic()
+                else:
+                    self._not_recovered(path, exc)
+                continue
+            if found is None:
+                self.unrecovered.discard(path)
+                continue
+            contents, _, spool = found
+            if self.stopping or contents.spec.scan_id in self.sessions:
+                # a scan of that id was started meanwhile, or the daemon stops: left for the next start
+                if spool is not None:
+                    spool.close()
+                continue
+            self.unrecovered.discard(path)
+            recovered.append(self._register_recovered(*found))
+        if self.stopping:
+            return recovered
+        now = time.monotonic()
+        for path, when in list(self._held_at_start.items()):
+            if now - when < RAW_RETRY_S:
+                continue
+            if not path.exists():
+                del self._held_at_start[path]
+                self.unrecovered.discard(path)
+                log.warning("spool %s, which another program held for writing, is gone: nothing to recover", path)
+                continue
+            if held_for_writing(path) is not None:
+                self._held_at_start[path] = now
+                continue
+            del self._held_at_start[path]
+            log.info("spool %s let go of by the other program: recovering its scan", path.name)
+            self._late_recoveries[path] = self._raw_copier.submit(self._examine, path)
+        if recovered:
+            self.admit()
         return recovered
 
     def load_raw_pending(self) -> None:
@@ -1729,4 +1816,9 @@ class ScanManager:
             shares, self._admission_locks = list(self._admission_locks.values()), {}
         for share in shares:
             share.close()
+        for future in self._late_recoveries.values():  # examined, not registered: the next start's
+            found = None if future.cancelled() or future.exception() is not None else future.result()
+            if found is not None and found[2] is not None:
+                found[2].close()
+        self._late_recoveries.clear()
         self.run_disk_done()  # answers to requests that waited for the spool thread
