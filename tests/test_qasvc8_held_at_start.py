@@ -68,3 +68,32 @@ def test_a_spool_held_for_writing_at_a_start_is_recovered_once_let_go_of(
     with h5py.File(cfg.results_dir / "b.h5", "r") as f:
         assert int(f["raw/entry_1/data_1"].attrs["count"]) == len(scan.frames)
     assert not spool.exists()
+
+
+def test_the_real_daemon_stopped_while_a_held_spool_waits_then_recovers_it(tmp_path: Path) -> None:
+    """`cryoptycho serve` (a subprocess) starts beside an ended spool another process holds
+    open ``"r+"``; SIGTERM while it waits: a clean exit, the spool left as it was and named in
+    the stop's report; the next start, the holder gone, finishes the scan."""
+    from cryoptycho.protocols.control import ControlClient
+    from daemon_support import start_daemon, wait_for
+    from spool_support import small_spool
+
+    (tmp_path / "spool").mkdir()
+    spool = small_spool(tmp_path / "spool", "held", "ended")
+    args = ("--set", "options.iterations=2", "--set", "refine_time_budget_s=2")
+    with held_open(spool, "r+"):
+        daemon = start_daemon(tmp_path, *args)
+        try:
+            wait_for(lambda: "open for writing in another program" in daemon.log(), 60, "the wait to be said", daemon)
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+        assert "held.spool.h5" in daemon.log().split("open for writing in another program", 1)[1], daemon.log()
+    assert spool.exists()
+    daemon = start_daemon(tmp_path, *args)
+    try:
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            done = scan_ended(ctl, "held")
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert done["state"] == "finished", done
+    assert not spool.exists()
