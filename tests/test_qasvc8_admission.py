@@ -128,3 +128,56 @@ def test_a_writer_cannot_take_an_admitted_scans_spool_before_its_reopen(
         bg.stop()
     assert not [r.getMessage() for r in caplog.records if "another process has" in r.getMessage()]
     assert not [r.getMessage() for r in caplog.records if "waits: its spool" in r.getMessage()]
+
+
+def test_two_held_parked_scans_start_in_the_order_let_go_of_and_a_free_one_goes_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """b and c parked, each spool held ``"r+"`` by another process, d free behind them (one
+    slot): d runs meanwhile; c, let go of first, starts; b, let go of after, too — every held
+    scan starts once released, none is starved, each wait said once."""
+    from cryoptycho.daemon.scans import ScanManager
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import loopback_config, synthetic_scan, wait_for
+    from spool_support import held_open, scan_state
+
+    go = threading.Event()
+    finish = ScanManager.finish_result
+
+    def finish_gated(self: ScanManager, session: Any, state: Any) -> dict[str, str]:
+        if session.scan_id == "a":
+            assert go.wait(120)
+        return finish(self, session, state)
+
+    monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
+    scan = synthetic_scan(n_side=4, m=32)
+    cfg = loopback_config(tmp_path, refine_time_budget_s=2, max_concurrent_scans=1)
+    bg = BackgroundService(cfg)
+    svc = bg.service
+
+    def waits(scan_id: str) -> int:
+        return sum(f"scan '{scan_id}' waits" in r.getMessage() for r in caplog.records)
+
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
+            for scan_id in ("a", "b", "c", "d"):
+                p.start_scan(**scan.start_fields(scan_id))
+                p.send_frames(scan.frames)
+                p.end_scan()
+            wait_for(lambda: all((closed := svc.scans._parked.get(s)) is not None and closed.is_set()
+                                 for s in "bcd"), 60, "b, c and d to wait with their spools closed")
+            with held_open(cfg.spool_dir / "b.spool.h5", "r+"):
+                with held_open(cfg.spool_dir / "c.spool.h5", "r+"):
+                    go.set()
+                    assert scan_ended(ctl, "d")["state"] == "finished"  # passed b and c
+                    assert waits("b") == 1 and waits("c") == 1
+                    assert scan_state(ctl, "b") == scan_state(ctl, "c") == "announced"  # (no worker yet)
+                assert scan_ended(ctl, "c")["state"] == "finished"
+                assert scan_state(ctl, "b") == "announced"
+            assert scan_ended(ctl, "b")["state"] == "finished"
+    finally:
+        go.set()
+        bg.stop()
+    assert waits("b") == 1 and waits("c") == 1
