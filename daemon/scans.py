@@ -206,8 +206,8 @@ class ScanManager:
         #: under _raw_lock (the spool thread adds to them, the manager reads them)
         self._reopen_waiting: dict[str, tuple[float, Callable[[], None]]] = {}
         #: scan id → the shared lock admission took on its closed spool (:meth:`_spool_held`),
-        #: held until the spool thread re-opens it under that lock (:meth:`_unpark`): a program
-        #: that opens the file for writing in between is refused, instead of holding up the
+        #: held until the spool thread's re-open (:meth:`_unpark`) lets go of it as HDF5 takes its
+        #: own: a program that opens the file for writing in between is refused, instead of holding up the
         #: started scan, and its worker slot, for as long as it keeps the file (under _raw_lock)
         self._admission_locks: dict[str, BinaryIO] = {}
         #: unfinished spools a start found held for writing by another program (:meth:`_recover_later`):
