@@ -16,10 +16,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from cryoptycho.gpu.backend import BackendUnavailable, free_device_bytes, get_xp
@@ -65,6 +65,7 @@ from .storage.spool import (
     empty_final_spools,
     file_stem,
     held_for_writing,
+    hold_against_writers,
     mark_status,
     read_spool,
     remove_if_empty,
@@ -129,7 +130,14 @@ def _delete_spool_file(spool_file: Path, missing_ok: bool = False) -> None:
     lost to a power loss, the spool came back ``ended`` beside its result, and the next start
     reconstructed the scan again — or, its raw-pending marker removed next, as a scan to recover."""
     spool_file.unlink(missing_ok=missing_ok)
-    fsync_path(spool_file.parent)
+    try:
+        fsync_path(spool_file.parent)
+    except OSError as exc:
+        # the result is on disk and the spool gone: failing the scan now said its frames were
+        # kept in a spool that no longer existed. A power loss may bring the spool back (ended,
+        # beside its result): nothing of the scan is lost
+        log.error("deleted %s, but its directory's fsync failed (%s): a power loss may bring it back beside its "
+                  "result", spool_file, exc)
 
 
 class _SpoolClosed(threading.Event):
@@ -197,6 +205,15 @@ class ScanManager:
         #: for writing before the spool thread re-opened it (:meth:`_reopen_later`). These two
         #: under _raw_lock (the spool thread adds to them, the manager reads them)
         self._reopen_waiting: dict[str, tuple[float, Callable[[], None]]] = {}
+        #: scan id → the shared lock admission took on its closed spool (:meth:`_spool_held`),
+        #: held until the spool thread's re-open (:meth:`_unpark`) lets go of it as HDF5 takes its
+        #: own: a program that opens the file for writing in between is refused, instead of holding up the
+        #: started scan, and its worker slot, for as long as it keeps the file (under _raw_lock)
+        self._admission_locks: dict[str, BinaryIO] = {}
+        #: unfinished spools a start found held for writing by another program (:meth:`_recover_later`):
+        #: path → when last looked at; and those let go of, being examined (manager thread only)
+        self._held_at_start: dict[Path, float] = {}
+        self._late_recoveries: dict[Path, Future[tuple[Any, int, SpoolWriter | None] | None]] = {}
         #: spool files :meth:`recover` refused (why logged there), for the stop's report
         self.unrecovered: set[Path] = set()
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
@@ -1058,19 +1075,31 @@ class ScanManager:
         if parked is None or not parked.is_set():  # open (the daemon's), or its close under way
             return False
         path = spool_path(self.config.spool_dir, scan_id)
-        held = held_for_writing(path)
-        if held is None:
-            with self._raw_lock:
-                noted = scan_id in self._held_spools
-                self._held_spools.discard(scan_id)
-            if noted:
-                log.info("spool %s let go of by the other program: the scan starts", path.name, extra={"scan_id": scan_id})
-            return False
-        self._note_held(session, held)
-        return True
+        try:
+            share = hold_against_writers(path)
+        except SpoolInUse as held:
+            self._note_held(session, held)
+            return True
+        stale = None
+        with self._raw_lock:
+            noted = scan_id in self._held_spools
+            self._held_spools.discard(scan_id)
+            if share is not None:
+                stale, self._admission_locks[scan_id] = self._admission_locks.get(scan_id), share
+        if stale is not None:
+            stale.close()
+        if noted:
+            log.info("spool %s let go of by the other program: the scan starts", path.name, extra={"scan_id": scan_id})
+        return False
 
-    def _note_held(self, session: Session, held: SpoolInUse) -> None:
-        """Say once per scan that it waits for another program's write handle on its spool."""
+    def _drop_admission_lock(self, scan_id: str) -> BinaryIO | None:
+        """The shared lock admission took on the scan's spool (None: none), no longer kept here."""
+        with self._raw_lock:
+            return self._admission_locks.pop(scan_id, None)
+
+    def _note_held(self, session: Session, held: SpoolInUse, started: bool = False) -> None:
+        """Say once per scan that it waits for another program's write handle on its spool;
+        ``started``: its worker runs already (:meth:`_reopen_later`), keeping its slot."""
         scan_id = session.scan_id
         with self._raw_lock:
             if scan_id in self._held_spools:
@@ -1080,7 +1109,9 @@ class ScanManager:
                    "exclusive file lock), beside which the daemon does not open it (written beside a writer, even one "
                    f"that writes nothing, frames came back unreadable at its close). Its {session.ledger.received} "
                    "frames are on disk (the spool and its journal); the scan starts once that program closes the file "
-                   "(h5py: File.close(), or end that Python session), and the scans queued behind it start meanwhile")
+                   "(h5py: File.close(), or end that Python session), "
+                   + ("keeping its worker slot meanwhile (the program opened the file after the scan was started, "
+                      "where the file system has no flock)" if started else "and the scans queued behind it start meanwhile"))
         log.warning("%s", message, extra={"scan_id": scan_id})
         self.outbox.post("error", {"scan_id": scan_id, "field": "spool", "rule": "spool_in_use", "message": message})
 
@@ -1141,7 +1172,7 @@ class ScanManager:
         :meth:`_spool_held` says it. False when the scan is over or the daemon stops."""
         if self.stopping or session.state.final:
             return False
-        self._note_held(session, held)
+        self._note_held(session, held, started=True)
         with self._raw_lock:
             self._reopen_waiting[session.scan_id] = (time.monotonic(), task)
         return True
@@ -1164,7 +1195,8 @@ class ScanManager:
         if parked.error is not None:  # its journal keeps the frames; the re-open rebuilds the file from it
             log.warning("re-opening the spool after its close failed (%s)", parked.error, extra={"scan_id": scan_id})
         spool = SpoolWriter.reopen(spool_path(self.config.spool_dir, scan_id), fsync=self.config.spool_fsync,
-                                   reserve_bytes=self.config.disk_reserve_bytes)
+                                   reserve_bytes=self.config.disk_reserve_bytes,
+                                   share=self._drop_admission_lock(scan_id))
         # re-opened (rebuilt from its journal if its close had failed): its later marks and
         # closes are this writer's, and `status` no longer lists it as unclosed
         self.unclosed.pop(scan_id, None)
@@ -1402,6 +1434,9 @@ class ScanManager:
             with self._raw_lock:
                 self._held_spools.discard(session.scan_id)
                 self._reopen_waiting.pop(session.scan_id, None)
+            share = self._drop_admission_lock(session.scan_id)  # (one whose re-open never came)
+            if share is not None:
+                share.close()
             self.metrics.scans.labels(outcome=state.value).inc()
             self._forget_old_previews()
             self._log_end(session)
@@ -1670,46 +1705,128 @@ class ScanManager:
                 log.info("removed spool %s: its scan failed or was aborted before its first frame "
                          "(it held no frame)", empty.name)
         for path in unfinished_spools(self.config.spool_dir):
-            try:
-                # a kill inside HDF5's flush: the journal has every frame
-                repaired = repair_spool(path, self.config.disk_reserve_bytes)
-                if repaired is not None:
-                    log.warning("spool %s %s", path.name, repaired)
-                contents = read_spool(path, frames=False)
-                spec = contents.spec
-                if spec.scan_id in self.sessions:
-                    continue
-                if contents.status not in ("open", "ended"):  # killed as its final status was written
-                    discard_journal(path, self.config.spool_fsync)
-                    continue
-                unreadable = check_spool_readable(path)
-                if unreadable is not None:  # a child read the frames: a crash there stops no daemon
-                    raise ValueError(unreadable)
-                options = self._options_for(spec)
-                need = self._reservation(spec, options)
-                # an ended scan takes no more appends: it waits parked (closed), as in end_scan
-                spool = None if contents.status == "ended" else SpoolWriter.reopen(
-                    path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
-            except (OSError, ValueError, KeyError) as exc:
-                log.error("cannot recover spool %s: %s", path, exc)
-                self.unrecovered.add(path)
-                self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",
-                                           "message": f"{path}: {exc}", "scan_id": None})
+            held = held_for_writing(path)
+            if held is not None:
+                self._recover_later(path, held)
                 continue
-            session = Session(spec, need, recovered=True)
-            session.ledger.stored(int(session.ledger.admit(contents.indices).sum()))
-            session.ended = contents.status == "ended"
-            if spool is None:
-                self._parked[spec.scan_id] = parked = _SpoolClosed()
-                parked.set()
-            self._register(session, spool)
-            recovered.append(spec.scan_id)
-            log.info("recovered scan from spool (%d frames, %s)", len(contents.indices), contents.status,
-                     extra={"scan_id": spec.scan_id})
-            self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "recovered": True,
-                                               "expected_frames": spec.expected_frames,
-                                               "frames": session.ledger.as_dict()})
+            try:
+                found = self._examine(path)
+            except (OSError, ValueError, KeyError) as exc:
+                self._not_recovered(path, exc)
+                continue
+            if found is not None:
+                recovered.append(self._register_recovered(*found))
         self.admit()
+        return recovered
+
+    def _examine(self, path: Path) -> tuple[Any, int, SpoolWriter | None] | None:
+        """An unfinished spool made ready to be recovered: its contents (frames unread), its
+        reservation and its writer (None: ended, it waits parked); None where there is no scan to
+        recover. Raises (OSError, ValueError, KeyError) where it cannot be."""
+        # a kill inside HDF5's flush: the journal has every frame
+        repaired = repair_spool(path, self.config.disk_reserve_bytes)
+        if repaired is not None:
+            log.warning("spool %s %s", path.name, repaired)
+        contents = read_spool(path, frames=False)
+        spec = contents.spec
+        if spec.scan_id in self.sessions:
+            return None
+        if contents.status not in ("open", "ended"):  # killed as its final status was written
+            discard_journal(path, self.config.spool_fsync)
+            return None
+        unreadable = check_spool_readable(path)
+        if unreadable is not None:  # a child read the frames: a crash there stops no daemon
+            raise ValueError(unreadable)
+        options = self._options_for(spec)
+        need = self._reservation(spec, options)
+        # an ended scan takes no more appends: it waits parked (closed), as in end_scan
+        spool = None if contents.status == "ended" else SpoolWriter.reopen(
+            path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
+        return contents, need, spool
+
+    def _not_recovered(self, path: Path, exc: BaseException) -> None:
+        log.error("cannot recover spool %s: %s", path, exc)
+        self.unrecovered.add(path)
+        self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",
+                                   "message": f"{path}: {exc}", "scan_id": None})
+
+    def _register_recovered(self, contents: Any, need: int, spool: SpoolWriter | None) -> str:
+        spec = contents.spec
+        session = Session(spec, need, recovered=True)
+        session.ledger.stored(int(session.ledger.admit(contents.indices).sum()))
+        session.ended = contents.status == "ended"
+        if spool is None:
+            self._parked[spec.scan_id] = parked = _SpoolClosed()
+            parked.set()
+        self._register(session, spool)
+        log.info("recovered scan from spool (%d frames, %s)", len(contents.indices), contents.status,
+                 extra={"scan_id": spec.scan_id})
+        self.outbox.post("scan.accepted", {"scan_id": spec.scan_id, "recovered": True,
+                                           "expected_frames": spec.expected_frames,
+                                           "frames": session.ledger.as_dict()})
+        return spec.scan_id
+
+    def _recover_later(self, path: Path, held: SpoolInUse) -> None:
+        """A start's unfinished spool that another program holds open for writing (an operator's
+        ``h5py.File(spool, "r+")``): not read beside it (written beside a writer, frames came back
+        unreadable), nor left to the next start as before ("cannot recover spool"): looked at
+        again every RAW_RETRY_S (:meth:`retry_held_recoveries`) and recovered once it lets go."""
+        message = (f"{path} is open for writing in another program (HDF5's exclusive file lock), beside which the "
+                   "daemon does not read it: its scan is recovered once that program closes the file (h5py: "
+                   "File.close(), or end that Python session)")
+        log.warning("%s", message)
+        self.outbox.post("error", {"field": "spool", "rule": "spool_in_use", "message": message, "scan_id": None})
+        self.unrecovered.add(path)  # (the stop's report names it while it waits)
+        self._held_at_start[path] = time.monotonic()
+
+    def retry_held_recoveries(self) -> list[str]:
+        """Housekeeping (manager thread): the spools :meth:`_recover_later` waits on, looked at
+        again once RAW_RETRY_S went by; one no longer held is examined off this thread (a child
+        reads its frames: seconds for a large spool, which ping and ingest must not wait for),
+        and its scan registered here once that is done. The ids of the scans recovered."""
+        recovered: list[str] = []
+        for path, future in list(self._late_recoveries.items()):
+            if not future.done():
+                continue
+            del self._late_recoveries[path]
+            try:
+                found = future.result()
+            except (OSError, ValueError, KeyError) as exc:
+                if isinstance(exc, SpoolInUse):  # taken again before it was read: waits on
+                    self._held_at_start[path] = time.monotonic()
+                else:
+                    self._not_recovered(path, exc)
+                continue
+            if found is None:
+                self.unrecovered.discard(path)
+                continue
+            contents, _, spool = found
+            if self.stopping or contents.spec.scan_id in self.sessions:
+                # a scan of that id was started meanwhile, or the daemon stops: left for the next start
+                if spool is not None:
+                    spool.close()
+                continue
+            self.unrecovered.discard(path)
+            recovered.append(self._register_recovered(*found))
+        if self.stopping:
+            return recovered
+        now = time.monotonic()
+        for path, when in list(self._held_at_start.items()):
+            if now - when < RAW_RETRY_S:
+                continue
+            if not path.exists():
+                del self._held_at_start[path]
+                self.unrecovered.discard(path)
+                log.warning("spool %s, which another program held for writing, is gone: nothing to recover", path)
+                continue
+            if held_for_writing(path) is not None:
+                self._held_at_start[path] = now
+                continue
+            del self._held_at_start[path]
+            log.info("spool %s let go of by the other program: recovering its scan", path.name)
+            self._late_recoveries[path] = self._raw_copier.submit(self._examine, path)
+        if recovered:
+            self.admit()
         return recovered
 
     def load_raw_pending(self) -> None:
@@ -1755,4 +1872,13 @@ class ScanManager:
         self._raw_copier.shutdown(wait=True, cancel_futures=True)
         self._launcher.shutdown(wait=True)
         self._file_checks.shutdown(wait=True)
+        with self._raw_lock:  # (admitted at the stop, their re-open not run)
+            shares, self._admission_locks = list(self._admission_locks.values()), {}
+        for share in shares:
+            share.close()
+        for future in self._late_recoveries.values():  # examined, not registered: the next start's
+            found = None if future.cancelled() or future.exception() is not None else future.result()
+            if found is not None and found[2] is not None:
+                found[2].close()
+        self._late_recoveries.clear()
         self.run_disk_done()  # answers to requests that waited for the spool thread

@@ -348,11 +348,16 @@ class Service:
         self.metrics.up.set(1)
         self.scans.load_raw_pending()
         if self.config.recover:
-            for scan_id in self.scans.recover():
-                self._declared[scan_id] = start_from_spec(self.scans.sessions[scan_id].spec)
-                self._offer_to_source(scan_id)
+            self._recovered(self.scans.recover())
         log.info("service ready", extra={**self.endpoints, "metrics_port": self.metrics_port})
         self.notifier.ready(f"ingest {self.endpoints['ingest']}")
+
+    def _recovered(self, scan_ids: list[str]) -> None:
+        """Scans recovered from the spool: at the start, or later, once another program let go
+        of a spool it held for writing at the start (ScanManager.retry_held_recoveries)."""
+        for scan_id in scan_ids:
+            self._declared[scan_id] = start_from_spec(self.scans.sessions[scan_id].spec)
+            self._offer_to_source(scan_id)
 
     def _offer_to_source(self, scan_id: str) -> None:
         """A recovered scan still open whose spool derives its binned frames from detector
@@ -905,6 +910,7 @@ class Service:
         self.scans.check_timeouts()
         self.scans.retry_raw_copies()
         self.scans.retry_reopens()
+        self._recovered(self.scans.retry_held_recoveries())
         self.scans.admit()
         self.metrics.queue_depth.set(self.scans.queued_frames())
         _gpu_memory(self.metrics, self.config.options.backend)

@@ -41,7 +41,9 @@ def test_a_waiting_scans_spool_held_for_writing_delays_the_scan_and_fails_nothin
 
     monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
     if taken_after_the_look:
-        monkeypatch.setattr(scans_module, "held_for_writing", lambda path: None, raising=False)
+        # (admission's look takes a shared lock that keeps a writer out until the re-open: only
+        # where the file system has no flock does a writer get in between; as there, it sees none)
+        monkeypatch.setattr(scans_module, "hold_against_writers", lambda path: None)
     scan = synthetic_scan(n_side=4, m=32)
     cfg = loopback_config(tmp_path, refine_time_budget_s=2, max_concurrent_scans=1)
     spool = cfg.spool_dir / "b.spool.h5"

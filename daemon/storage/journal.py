@@ -15,8 +15,12 @@ payload: ``<I`` (header bytes), a msgpack map (the header: ``op`` and its fields
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import stat
 import struct
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+
+log = logging.getLogger("cryoptycho.journal")
 
 MAGIC = b"CRYOPTYCHO-SPOOL-JOURNAL-1\n"
 SUFFIX = ".journal"
@@ -256,12 +262,31 @@ def _write_all(fd: int, pieces: Sequence[Any]) -> None:
             views[0] = views[0][done:]
 
 
+#: what a file system that cannot sync a directory answers its fsync (FUSE file systems, CIFS/SMB
+#: and some NFS set-ups: EINVAL, fsync(2)'s "does not support synchronization")
+_DIR_SYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+_dirs_said: set[str] = set()
+_dirs_said_lock = threading.Lock()
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a directory (so that a file created or renamed in it survives a power
-    loss), by its path."""
+    loss), by its path. A directory on a file system that cannot sync one is skipped (said
+    once per directory): it offers no such ordering to wait for, and raising failed every
+    scan's finish there after its result was written (svc8 made these fsyncs unconditional). A
+    file's fsync, and any other error on a directory's (EIO), still raise."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in _DIR_SYNC_UNSUPPORTED or not stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise
+            with _dirs_said_lock:
+                said, _ = str(path) in _dirs_said, _dirs_said.add(str(path))
+            if not said:
+                log.warning("the file system of %s does not sync directories (fsync: %s): a file renamed or "
+                            "deleted there may not survive a power loss; going on without", path, exc)
     finally:
         os.close(fd)
 

@@ -95,7 +95,13 @@ def replace_durably(part: Path, path: Path) -> None:
     lost). The daemon deletes a scan's spool — the only other copy of its frames — right after
     its result is written: the page cache alone is not a copy (h5py's ``flush`` reaches only the
     OS, and HDF5's sec2 driver never fsyncs, hence the fsync of the closed file by its path)."""
-    fsync_path(part)
+    try:
+        fsync_path(part)
+    except BaseException:
+        # (EIO, ENOSPC on a thin volume): the write fails, and leaves no hidden copy of a
+        # result's size behind (a failing write never leaves one: FORMATS.md)
+        part.unlink(missing_ok=True)
+        raise
     os.replace(part, path)
     fsync_path(path.parent)
 

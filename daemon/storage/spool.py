@@ -363,20 +363,39 @@ def _share_lock(path: Path) -> BinaryIO | None:
     return handle
 
 
+def hold_against_writers(path: Path) -> BinaryIO | None:
+    """A shared lock on the closed spool ``path`` (its handle), which keeps a program from
+    opening it for writing until it is closed (HDF5's exclusive lock is refused beside it);
+    :class:`SpoolInUse` where one holds it for writing now. None where the file cannot be opened
+    (removed by hand, unreadable: the re-open that follows says what is wrong with it) or its
+    file system has no such locks."""
+    try:
+        return _share_lock(path)
+    except SpoolInUse:
+        raise
+    except OSError:
+        return None
+
+
 def held_for_writing(path: Path) -> SpoolInUse | None:
     """Whether another program holds the closed spool ``path`` open for writing (HDF5's
     exclusive lock) now: the :class:`SpoolInUse` a re-open would raise, else None (no such
-    lock, or none on this file system). Asks without opening it in HDF5."""
+    lock, or none on this file system). Asks without opening it in HDF5. A file that cannot be
+    opened at all (removed by hand, unreadable, no descriptor left) is not held: None, and the
+    re-open that follows says what is wrong with it — this look raised out of admission at every
+    pass, and no scan queued behind it started again."""
     try:
         share = _share_lock(path)
     except SpoolInUse as exc:
         return exc
+    except OSError:
+        return None
     if share is not None:
         share.close()
     return None
 
 
-def open_for_writing(path: Path) -> tuple[h5py.File, BinaryIO | None]:
+def open_for_writing(path: Path, share: BinaryIO | None = None) -> tuple[h5py.File, BinaryIO | None]:
     """The daemon's own spool file, open for appending, and the handle of a shared lock it
     holds while open (None: HDF5's own lock is held). HDF5 locks a file for its whole open,
     and a reader's shared lock — `h5ls`, HDFView or a pipeline peeking at a waiting scan's spool,
@@ -388,7 +407,15 @@ def open_for_writing(path: Path) -> tuple[h5py.File, BinaryIO | None]:
     already refuses the daemon (:class:`SpoolInUse`): two writers garble the file (an
     operator's ``h5py.File(path, "r+")`` that set an attribute while the daemon appended left
     frames unreadable, "filter returned failure during read"). Without a reader the lock is
-    taken as before: a reader is refused while the daemon writes the file, as HDF5 means it to be."""
+    taken as before: a reader is refused while the daemon writes the file, as HDF5 means it to be.
+
+    ``share``: a shared lock the daemon took on this file before (:func:`hold_against_writers`,
+    at a parked scan's admission) and kept since, so that no program could open it for writing
+    meanwhile: let go of only now, as HDF5 takes its own (kept, HDF5's lock would be refused
+    beside it, and the daemon named a reader that was itself) — a writer can come in only
+    between these two calls, where it is met as before (:class:`SpoolInUse`)."""
+    if share is not None:
+        share.close()
     f, share = _open_beside_readers(path)
     if share is not None:
         log.warning("another process has %s open: opened for writing without HDF5's file lock; "
@@ -544,12 +571,23 @@ class SpoolWriter:
 
     @classmethod
     def reopen(cls, path: str | Path, fsync: bool = False, reserve_bytes: int = 0,
-               journal_only: bool = True) -> SpoolWriter:
+               journal_only: bool = True, share: BinaryIO | None = None) -> SpoolWriter:
         """Append to an existing spool file (recovery): it is rebuilt from its journal first if
         the journal holds more than the file was closed with (:func:`repair_spool`); rows beyond
         ``count`` are discarded. A spool without a journal (of an earlier release, or re-opened
-        after its scan reached a final state) gets one whose base is the file as it is."""
-        path = Path(path)
+        after its scan reached a final state) gets one whose base is the file as it is.
+        ``share``: the daemon's shared lock on the file, taken before: let go of as the file is
+        opened for writing (:func:`open_for_writing`), or where the re-open fails before that."""
+        try:
+            return cls._reopen(Path(path), fsync, reserve_bytes, journal_only, share)
+        except BaseException:
+            if share is not None:
+                share.close()  # (closed already where the open was reached: harmless)
+            raise
+
+    @classmethod
+    def _reopen(cls, path: Path, fsync: bool, reserve_bytes: int, journal_only: bool,
+                share: BinaryIO | None) -> SpoolWriter:
         end = _repair(path, reserve_bytes)[0]
         jpath = journal_path(path)
         # the journal says the file is open again before anything writes it: from here on a
@@ -574,7 +612,7 @@ class SpoolWriter:
                 raise
         f = None
         try:
-            f, share = open_for_writing(path)
+            f, share = open_for_writing(path, share)
             try:
                 writer = cls(path, f, fsync, reserve_bytes, journal, journal_only, share)
                 writer._truncate(writer.count)

@@ -30,14 +30,19 @@ import math
 import time
 
 import numpy as np
-
 from cryoptycho.gpu.aberrations import ParametricProbe
 from cryoptycho.gpu.backend import fft2, ifft2, to_numpy
+from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.operators import extract, illumination, make_batch, position_probes, scatter_add
 from cryoptycho.gpu.options import ReconOptions
-from cryoptycho.gpu.geometry import fit_geometry
 from cryoptycho.gpu.probes import aberrate, normalise_probe
-from cryoptycho.gpu.reconstruct import _data_terms, _halves, measured_probe_power, prepare, refine_full_batch
+from cryoptycho.gpu.reconstruct import (
+    _data_terms,
+    _halves,
+    measured_probe_power,
+    prepare,
+    refine_full_batch,
+)
 from cryoptycho.gpu.sim.errors import ExperimentErrors
 from cryoptycho.gpu.sim.ptycho import simulate_ptychography
 from cryoptycho.gpu.sim.specimen import load_model
@@ -150,8 +155,8 @@ def main() -> None:
         obj_true = np.ones(geo.object_shape, dtype=np.complex128)
         # the truth object on the engine's canvas: the simulation's transmission (thin projection)
         tobj = np.asarray(data.truth_object)
-        oy = int(round((data.truth_origin[0] - geo.origin[0]) / px))
-        ox = int(round((data.truth_origin[1] - geo.origin[1]) / px))
+        oy = round((data.truth_origin[0] - geo.origin[0]) / px)
+        ox = round((data.truth_origin[1] - geo.origin[1]) / px)
         ys, xs = max(oy, 0), max(ox, 0)
         ye, xe = min(oy + tobj.shape[0], geo.object_shape[0]), min(ox + tobj.shape[1], geo.object_shape[1])
         obj_true[ys:ye, xs:xe] = tobj[ys - oy:ye - oy, xs - ox:xe - ox]
