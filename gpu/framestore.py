@@ -182,6 +182,10 @@ class MappingPool:
         self._warm_resize = threading.Lock()
         #: bytes of the warm reserve moved into stores' mappings so far
         self.warm_moved = 0
+        #: the reserve's size as last set (:meth:`set_warm_bytes`): what :meth:`reclaim` refills it to at most
+        self.warm_target = 0
+        #: bytes of dropped stores' pages moved back into the warm reserve (:meth:`reclaim`)
+        self.warm_reclaimed = 0
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, _Mapping]:
         """An uninitialised array over a mapping of at least its bytes: the smallest idle kept
@@ -249,7 +253,47 @@ class MappingPool:
         if target and not sys.platform.startswith("linux"):
             raise OSError(errno.ENOSYS, "a warm frame-store reserve needs Linux (MADV_POPULATE_WRITE, mremap)")
         with self._warm_resize:
+            with self._lock:
+                self.warm_target = target
             self._resize_warm(target)
+
+    def reclaim(self, mapping: _Mapping) -> int:
+        """Move the faulted-in pages of a store's ``mapping`` that its store dropped (a narrow
+        store widened: :meth:`FrameStore._widen`) back into the warm reserve, up to the
+        reserve's set size: where the pool does not keep the mapping, they would be unmapped
+        with it, and a first scan whose counts exceed a byte would have spent that much of the
+        reserve on rows it never held (a uint16 scan: a third of what its store took); a kept
+        mapping only where the reserve takes all its pages (else it stays for a store to come).
+        Nothing where an array over the mapping is still alive (e.g. a parallax fit's view) or
+        the kernel refuses the move. Returns the bytes moved."""
+        with self._lock:
+            if not mapping.idle() or mapping.mmap.closed:
+                return 0
+            kept = any(m is mapping for m in self._mappings)
+            room = self.warm_target - sum(p.size for p in self._warm)
+            size = min(mapping.populated, mapping.nbytes, max(0, room)) // mmap.PAGESIZE * mmap.PAGESIZE
+            if size <= 0 or (kept and size < min(mapping.populated, mapping.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE):
+                return 0  # (a kept mapping the reserve cannot take whole stays for a store to come)
+            libc = _libc()
+            # a place of their own first: mremap of an unchanged size without MREMAP_FIXED may
+            # leave the pages where they are, and closing the mapping would then unmap them
+            address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                                mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+            if address in (None, _MAP_FAILED):
+                return 0  # (the pages stay where they are and go with the mapping)
+            moved = libc.mremap(mapping.address, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, address)
+            if moved != address:
+                libc.check(libc.munmap(address, size) == 0, "munmap")
+                return 0
+            part = _WarmPart.__new__(_WarmPart)
+            part.address, part.size = int(address), size
+            self._warm.append(part)
+            mapping.populated = 0
+            self.warm_reclaimed += size
+            if kept:
+                self._mappings.remove(mapping)
+        mapping.mmap.close()  # its start is unmapped already: nothing may use it again
+        return size
 
     def _resize_warm(self, target: int) -> None:
         with self._lock:
@@ -463,13 +507,29 @@ class FrameStore:
         copied into it (as a growth does: arrays over the uint8 rows, e.g. a parallax fit's
         view, keep them). The prefaulter goes on in the new store from where the copy ended,
         with its limit, if it ran."""
-        # waited for (its step, a few ms), so that it can be started again on the new store
-        resume = self.prefaulting and self.stop_prefault()
-        old = self.frames
-        self.frames = self._empty(self.capacity, self.dtype)
-        self._populate(0, self.n)
-        self.frames[: self.n] = old[: self.n]
-        del old
+        # started and not asked to stop (running, or done with the narrow rows): it goes on in
+        # the new store, whose rows past the copy are as fresh as the narrow ones were; waited
+        # for (its step, a few ms), so that it can be started again there
+        thread = self._prefault_thread
+        resume = (thread is not None and not self._prefault_stop.is_set() and self.prefault_error is None
+                  and self.stop_prefault())
+        capacity, old_mapping = self.capacity, self._mapping
+        if self.n == 0 and old_mapping is not None:
+            # no row to copy: the narrow rows' memory goes back to the warm reserve first, so
+            # that the new store takes it (a scan whose first frames hold counts over a byte)
+            self.frames = np.empty((0, *self.frame_shape), np.uint8)
+            with self._populate_lock:
+                self._mapping = None
+            MAPPINGS.reclaim(old_mapping)
+            self.frames = self._empty(capacity, self.dtype)
+        else:
+            old = self.frames
+            self.frames = self._empty(capacity, self.dtype)
+            self._populate(0, self.n)
+            self.frames[: self.n] = old[: self.n]
+            del old
+            if old_mapping is not None:
+                MAPPINGS.reclaim(old_mapping)  # (unless a view of the rows is still alive)
         self.widenings += 1
         if resume:
             self.start_prefault(self._prefault_limit)
