@@ -186,6 +186,8 @@ class MappingPool:
         self.warm_target = 0
         #: bytes of dropped stores' pages moved back into the warm reserve (:meth:`reclaim`)
         self.warm_reclaimed = 0
+        #: bytes of a part of the reserve being faulted in now (:meth:`_resize_warm`)
+        self._warm_coming = 0
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, _Mapping]:
         """An uninitialised array over a mapping of at least its bytes: the smallest idle kept
@@ -270,7 +272,7 @@ class MappingPool:
             if not mapping.idle() or mapping.mmap.closed:
                 return 0
             kept = any(m is mapping for m in self._mappings)
-            room = self.warm_target - sum(p.size for p in self._warm)
+            room = self.warm_target - sum(p.size for p in self._warm) - self._warm_coming
             size = min(mapping.populated, mapping.nbytes, max(0, room)) // mmap.PAGESIZE * mmap.PAGESIZE
             if size <= 0 or (kept and size < min(mapping.populated, mapping.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE):
                 return 0  # (a kept mapping the reserve cannot take whole stays for a store to come)
@@ -309,11 +311,19 @@ class MappingPool:
         while True:
             with self._lock:
                 missing = target - sum(p.size for p in self._warm)
-            if missing <= 0:
-                return
-            part = _WarmPart(min(missing, _WARM_PART_BYTES))  # faulted in without the lock
+                if missing <= 0:
+                    return
+                # (counted by reclaim as the reserve's already: it never fills it past its size)
+                self._warm_coming = coming = min(missing, _WARM_PART_BYTES)
+            try:
+                part = _WarmPart(coming)  # faulted in without the lock
+            except BaseException:
+                with self._lock:
+                    self._warm_coming = 0
+                raise
             with self._lock:
                 self._warm.append(part)
+                self._warm_coming = 0
 
     def _kept_bytes(self) -> int:
         return sum(m.nbytes for m in self._mappings)
