@@ -259,42 +259,57 @@ class MappingPool:
                 self.warm_target = target
             self._resize_warm(target)
 
-    def reclaim(self, mapping: _Mapping) -> int:
-        """Move the faulted-in pages of a store's ``mapping`` that its store dropped (a narrow
-        store widened: :meth:`FrameStore._widen`) back into the warm reserve, up to the
-        reserve's set size: where the pool does not keep the mapping, they would be unmapped
+    def reclaim(self, mapping: _Mapping, successor: _Mapping | None = None) -> int:
+        """A store dropped ``mapping`` for ``successor`` (a narrow store widened:
+        :meth:`FrameStore._widen`). Its faulted-in pages go back into the warm reserve, up to
+        the reserve's set size: where the pool does not keep the mapping they would be unmapped
         with it, and a first scan whose counts exceed a byte would have spent that much of the
         reserve on rows it never held (a uint16 scan: a third of what its store took); a kept
-        mapping only where the reserve takes all its pages (else it stays for a store to come).
-        Nothing where an array over the mapping is still alive (e.g. a parallax fit's view) or
-        the kernel refuses the move. Returns the bytes moved."""
+        mapping's only where the reserve takes them all. A kept mapping still makes room for
+        ``successor`` where the bound kept that one out: a wide mapping serves later stores of
+        either kind (a narrow one takes one of up to twice its bytes), the narrow one only
+        narrow stores — kept beside it, a wide store within the bound but over it with the
+        narrow rows was mapped and faulted in afresh by every scan. Nothing where an array over
+        the mapping is still alive (e.g. a parallax fit's view). Returns the bytes moved."""
         with self._lock:
             if not mapping.idle() or mapping.mmap.closed:
                 return 0
             kept = any(m is mapping for m in self._mappings)
-            room = self.warm_target - sum(p.size for p in self._warm) - self._warm_coming
-            size = min(mapping.populated, mapping.nbytes, max(0, room)) // mmap.PAGESIZE * mmap.PAGESIZE
-            if size <= 0 or (kept and size < min(mapping.populated, mapping.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE):
-                return 0  # (a kept mapping the reserve cannot take whole stays for a store to come)
-            libc = _libc()
-            # a place of their own first: mremap of an unchanged size without MREMAP_FIXED may
-            # leave the pages where they are, and closing the mapping would then unmap them
-            address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
-                                mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-            if address in (None, _MAP_FAILED):
-                return 0  # (the pages stay where they are and go with the mapping)
-            moved = libc.mremap(mapping.address, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, address)
-            if moved != address:
-                libc.check(libc.munmap(address, size) == 0, "munmap")
-                return 0
-            part = _WarmPart.__new__(_WarmPart)
-            part.address, part.size = int(address), size
-            self._warm.append(part)
-            mapping.populated = 0
-            self.warm_reclaimed += size
-            if kept:
+            moved = self._to_warm(mapping, kept)
+            if kept and successor is not None and not any(m is successor for m in self._mappings) \
+                    and self._kept_bytes() - mapping.nbytes + successor.nbytes <= self.keep_bytes:
                 self._mappings.remove(mapping)
-        mapping.mmap.close()  # its start is unmapped already: nothing may use it again
+                self._mappings.append(successor)
+                kept = False
+            if moved or not kept:
+                if kept:
+                    self._mappings.remove(mapping)
+                mapping.mmap.close()  # (idle: no array over it; what is left of its pages goes back)
+        return moved
+
+    def _to_warm(self, mapping: _Mapping, kept: bool) -> int:
+        """Move ``mapping``'s faulted-in pages from its start into the warm reserve (under the
+        lock; :meth:`reclaim`), a kept mapping's all or none; the bytes moved."""
+        whole = min(mapping.populated, mapping.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        room = self.warm_target - sum(p.size for p in self._warm) - self._warm_coming
+        size = min(whole, max(0, room)) // mmap.PAGESIZE * mmap.PAGESIZE
+        if size <= 0 or (kept and size < whole):
+            return 0
+        libc = _libc()
+        # a place of their own first: mremap of an unchanged size without MREMAP_FIXED may
+        # leave the pages where they are, and closing the mapping would then unmap them
+        address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if address in (None, _MAP_FAILED):
+            return 0  # (the pages stay where they are)
+        if libc.mremap(mapping.address, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, address) != address:
+            libc.check(libc.munmap(address, size) == 0, "munmap")
+            return 0
+        part = _WarmPart.__new__(_WarmPart)
+        part.address, part.size = int(address), size
+        self._warm.append(part)
+        mapping.populated = 0
+        self.warm_reclaimed += size
         return size
 
     def _resize_warm(self, target: int) -> None:
@@ -538,8 +553,8 @@ class FrameStore:
             self._populate(0, self.n)
             self.frames[: self.n] = old[: self.n]
             del old
-            if old_mapping is not None:
-                MAPPINGS.reclaim(old_mapping)  # (unless a view of the rows is still alive)
+            if old_mapping is not None:  # (unless a view of the rows is still alive)
+                MAPPINGS.reclaim(old_mapping, self._mapping)
         self.widenings += 1
         if resume:
             self.start_prefault(self._prefault_limit)
