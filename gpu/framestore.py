@@ -189,9 +189,11 @@ class MappingPool:
         #: bytes of a part of the reserve being faulted in now (:meth:`_resize_warm`)
         self._warm_coming = 0
 
-    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, _Mapping]:
+    def take(self, shape: tuple[int, ...], dtype: np.dtype, reused_only: bool = False
+             ) -> tuple[np.ndarray, _Mapping] | None:
         """An uninitialised array over a mapping of at least its bytes: the smallest idle kept
-        one of up to twice that, else a new one (kept if the bound allows); and the mapping."""
+        one of up to twice that, else a new one (kept if the bound allows); and the mapping.
+        ``reused_only``: None instead of a new one."""
         nbytes = int(np.prod(shape)) * dtype.itemsize
         with self._lock:
             idle = [m for m in self._mappings if m.idle()]
@@ -199,6 +201,8 @@ class MappingPool:
             if fits:
                 self.reused += 1
                 mapping = min(fits, key=lambda m: m.nbytes)
+            elif reused_only:
+                return None
             else:
                 self._trim(idle, self.keep_bytes - nbytes)
                 mapping = _Mapping(nbytes)
@@ -390,7 +394,10 @@ class FrameStore:
     store's memory. The first count over the limit widens the store (:meth:`_widen`, once: a
     copy of the rows so far into a store of the declared dtype, the uint8 rows beside it until
     the copy is done — half the declared bytes more at most, as a growth's old rows). Readers of
-    ``frames`` see the counts' values either way; ``frames.dtype`` tells which.
+    ``frames`` see the counts' values either way; ``frames.dtype`` tells which. A store that
+    finds an earlier store's memory for its rows in their own dtype in the pool takes that
+    (faulted in already: narrow rows would save no page, and a widening would need a second
+    mapping beside it).
     """
 
     def __init__(
@@ -519,7 +526,12 @@ class FrameStore:
         if self.xp is np:
             narrow = (self._narrow_asked and (dtype is None or np.dtype(dtype) == np.uint8)
                       and int(np.prod(shape)) >= _MAP_BYTES and sys.platform.startswith("linux"))
-            frames, mapping = _host_empty(shape, np.dtype(np.uint8) if narrow else self.dtype)
+            # memory of an earlier store that holds the rows in their own dtype (faulted in: no
+            # page to save) is taken so, where the pool has it: a count over 255 then needs no
+            # widening, whose copy needs a second mapping (beside that one: mapped afresh where
+            # the pool's bound does not hold both)
+            wide = MAPPINGS.take(shape, self.dtype, reused_only=True) if narrow else None
+            frames, mapping = wide if wide is not None else _host_empty(shape, np.dtype(np.uint8) if narrow else self.dtype)
             row = int(np.prod(self.frame_shape)) * frames.dtype.itemsize
             with self._populate_lock:
                 self._mapping = mapping

@@ -269,3 +269,32 @@ def test_a_widened_stores_narrow_rows_refill_the_warm_reserve_unless_a_view_hold
             np.testing.assert_array_equal(from_fft_order(view), low[::3])
         np.testing.assert_array_equal(from_fft_order(store.frames[:100]), low)
         del view
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="host stores map memory of their own on Linux")
+@pytest.mark.parametrize("before_widening", [0, 100])
+def test_scans_widened_by_counts_over_255_reuse_the_last_ones_wide_memory(monkeypatch, before_widening: int) -> None:
+    """Scans above low dose one after the other, with a pool whose bound holds a wide (uint16)
+    store but not the narrow rows beside it (the daemon's 4 GiB: a 2.7–4 GiB store): from the
+    second scan on, no store maps or faults in fresh memory — the wide mapping is kept (not the
+    narrow one), and a store that finds it takes it in its own dtype, with nothing to widen.
+    Before, every scan mapped its wide store afresh and faulted it in on the appending thread."""
+    row8 = _M * _M
+    pool = framestore.MappingPool(keep_bytes=5 * _N * row8 // 2)
+    monkeypatch.setattr(framestore, "MAPPINGS", pool)
+    rng = np.random.default_rng(13)
+    try:
+        for scan in range(3):
+            frames = rng.poisson(0.5, (_N, _M, _M)).astype(np.uint16)
+            frames[before_widening, 7, 9] = 300 + scan
+            store = FrameStore((_M, _M), np.uint16, _N, narrow=True)
+            for lo in range(0, _N, 50):
+                store.append(frames[lo:lo + 50], np.zeros((len(frames[lo:lo + 50]), 2)))
+                if scan and lo == 0:
+                    assert store._populated == _N  # the memory of the scan before, faulted in
+            assert pool.fresh == 2  # the first scan's narrow and wide mappings, no other
+            assert store.frames.dtype == np.uint16
+            np.testing.assert_array_equal(from_fft_order(store.frames[:_N]), frames)
+            del store
+    finally:
+        pool.set_keep_bytes(0)
