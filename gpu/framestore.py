@@ -543,7 +543,9 @@ class FrameStore:
         """Hold the rows in the declared dtype from now on: a store of it, the rows so far
         copied into it (as a growth does: arrays over the uint8 rows, e.g. a parallax fit's
         view, keep them). The prefaulter goes on in the new store from where the copy ended,
-        with its limit, if it ran."""
+        with its limit, if it ran and was not stopped (also where it had finished the narrow
+        rows). The narrow rows' mapping goes to :meth:`MappingPool.reclaim` (before the new
+        store is taken where no row was written)."""
         # started and not asked to stop (running, or done with the narrow rows): it goes on in
         # the new store, whose rows past the copy are as fresh as the narrow ones were; waited
         # for (its step, a few ms), so that it can be started again there
