@@ -182,10 +182,18 @@ class MappingPool:
         self._warm_resize = threading.Lock()
         #: bytes of the warm reserve moved into stores' mappings so far
         self.warm_moved = 0
+        #: the reserve's size as last set (:meth:`set_warm_bytes`): what :meth:`reclaim` refills it to at most
+        self.warm_target = 0
+        #: bytes of dropped stores' pages moved back into the warm reserve (:meth:`reclaim`)
+        self.warm_reclaimed = 0
+        #: bytes of a part of the reserve being faulted in now (:meth:`_resize_warm`)
+        self._warm_coming = 0
 
-    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, _Mapping]:
+    def take(self, shape: tuple[int, ...], dtype: np.dtype, reused_only: bool = False
+             ) -> tuple[np.ndarray, _Mapping] | None:
         """An uninitialised array over a mapping of at least its bytes: the smallest idle kept
-        one of up to twice that, else a new one (kept if the bound allows); and the mapping."""
+        one of up to twice that, else a new one (kept if the bound allows); and the mapping.
+        ``reused_only``: None instead of a new one."""
         nbytes = int(np.prod(shape)) * dtype.itemsize
         with self._lock:
             idle = [m for m in self._mappings if m.idle()]
@@ -193,6 +201,8 @@ class MappingPool:
             if fits:
                 self.reused += 1
                 mapping = min(fits, key=lambda m: m.nbytes)
+            elif reused_only:
+                return None
             else:
                 self._trim(idle, self.keep_bytes - nbytes)
                 mapping = _Mapping(nbytes)
@@ -249,7 +259,62 @@ class MappingPool:
         if target and not sys.platform.startswith("linux"):
             raise OSError(errno.ENOSYS, "a warm frame-store reserve needs Linux (MADV_POPULATE_WRITE, mremap)")
         with self._warm_resize:
+            with self._lock:
+                self.warm_target = target
             self._resize_warm(target)
+
+    def reclaim(self, mapping: _Mapping, successor: _Mapping | None = None) -> int:
+        """A store dropped ``mapping`` for ``successor`` (a narrow store widened:
+        :meth:`FrameStore._widen`). Its faulted-in pages go back into the warm reserve, up to
+        the reserve's set size: where the pool does not keep the mapping they would be unmapped
+        with it, and a first scan whose counts exceed a byte would have spent that much of the
+        reserve on rows it never held (a uint16 scan: a third of what its store took); a kept
+        mapping's only where the reserve takes them all. A kept mapping still makes room for
+        ``successor`` where the bound kept that one out: a wide mapping serves later stores of
+        either kind (a narrow one takes one of up to twice its bytes), the narrow one only
+        narrow stores — kept beside it, a wide store within the bound but over it with the
+        narrow rows was mapped and faulted in afresh by every scan. Nothing where an array over
+        the mapping is still alive (e.g. a parallax fit's view). Returns the bytes moved."""
+        with self._lock:
+            if not mapping.idle() or mapping.mmap.closed:
+                return 0
+            kept = any(m is mapping for m in self._mappings)
+            moved = self._to_warm(mapping, kept)
+            if kept and successor is not None and not any(m is successor for m in self._mappings) \
+                    and self._kept_bytes() - mapping.nbytes + successor.nbytes <= self.keep_bytes:
+                self._mappings.remove(mapping)
+                self._mappings.append(successor)
+                kept = False
+            if moved or not kept:
+                if kept:
+                    self._mappings.remove(mapping)
+                mapping.mmap.close()  # (idle: no array over it; what is left of its pages goes back)
+        return moved
+
+    def _to_warm(self, mapping: _Mapping, kept: bool) -> int:
+        """Move ``mapping``'s faulted-in pages from its start into the warm reserve (under the
+        lock; :meth:`reclaim`), a kept mapping's all or none; the bytes moved."""
+        whole = min(mapping.populated, mapping.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        room = self.warm_target - sum(p.size for p in self._warm) - self._warm_coming
+        size = min(whole, max(0, room)) // mmap.PAGESIZE * mmap.PAGESIZE
+        if size <= 0 or (kept and size < whole):
+            return 0
+        libc = _libc()
+        # a place of their own first: mremap of an unchanged size without MREMAP_FIXED may
+        # leave the pages where they are, and closing the mapping would then unmap them
+        address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if address in (None, _MAP_FAILED):
+            return 0  # (the pages stay where they are)
+        if libc.mremap(mapping.address, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED, address) != address:
+            libc.check(libc.munmap(address, size) == 0, "munmap")
+            return 0
+        part = _WarmPart.__new__(_WarmPart)
+        part.address, part.size = int(address), size
+        self._warm.append(part)
+        mapping.populated = 0
+        self.warm_reclaimed += size
+        return size
 
     def _resize_warm(self, target: int) -> None:
         with self._lock:
@@ -265,11 +330,19 @@ class MappingPool:
         while True:
             with self._lock:
                 missing = target - sum(p.size for p in self._warm)
-            if missing <= 0:
-                return
-            part = _WarmPart(min(missing, _WARM_PART_BYTES))  # faulted in without the lock
+                if missing <= 0:
+                    return
+                # (counted by reclaim as the reserve's already: it never fills it past its size)
+                self._warm_coming = coming = min(missing, _WARM_PART_BYTES)
+            try:
+                part = _WarmPart(coming)  # faulted in without the lock
+            except BaseException:
+                with self._lock:
+                    self._warm_coming = 0
+                raise
             with self._lock:
                 self._warm.append(part)
+                self._warm_coming = 0
 
     def _kept_bytes(self) -> int:
         return sum(m.nbytes for m in self._mappings)
@@ -321,7 +394,10 @@ class FrameStore:
     store's memory. The first count over the limit widens the store (:meth:`_widen`, once: a
     copy of the rows so far into a store of the declared dtype, the uint8 rows beside it until
     the copy is done — half the declared bytes more at most, as a growth's old rows). Readers of
-    ``frames`` see the counts' values either way; ``frames.dtype`` tells which.
+    ``frames`` see the counts' values either way; ``frames.dtype`` tells which. A store that
+    finds an earlier store's memory for its rows in their own dtype in the pool takes that
+    (faulted in already: narrow rows would save no page, and a widening would need a second
+    mapping beside it).
     """
 
     def __init__(
@@ -450,7 +526,12 @@ class FrameStore:
         if self.xp is np:
             narrow = (self._narrow_asked and (dtype is None or np.dtype(dtype) == np.uint8)
                       and int(np.prod(shape)) >= _MAP_BYTES and sys.platform.startswith("linux"))
-            frames, mapping = _host_empty(shape, np.dtype(np.uint8) if narrow else self.dtype)
+            # memory of an earlier store that holds the rows in their own dtype (faulted in: no
+            # page to save) is taken so, where the pool has it: a count over 255 then needs no
+            # widening, whose copy needs a second mapping (beside that one: mapped afresh where
+            # the pool's bound does not hold both)
+            wide = MAPPINGS.take(shape, self.dtype, reused_only=True) if narrow else None
+            frames, mapping = wide if wide is not None else _host_empty(shape, np.dtype(np.uint8) if narrow else self.dtype)
             row = int(np.prod(self.frame_shape)) * frames.dtype.itemsize
             with self._populate_lock:
                 self._mapping = mapping
@@ -462,14 +543,32 @@ class FrameStore:
         """Hold the rows in the declared dtype from now on: a store of it, the rows so far
         copied into it (as a growth does: arrays over the uint8 rows, e.g. a parallax fit's
         view, keep them). The prefaulter goes on in the new store from where the copy ended,
-        with its limit, if it ran."""
-        # waited for (its step, a few ms), so that it can be started again on the new store
-        resume = self.prefaulting and self.stop_prefault()
-        old = self.frames
-        self.frames = self._empty(self.capacity, self.dtype)
-        self._populate(0, self.n)
-        self.frames[: self.n] = old[: self.n]
-        del old
+        with its limit, if it ran and was not stopped (also where it had finished the narrow
+        rows). The narrow rows' mapping goes to :meth:`MappingPool.reclaim` (before the new
+        store is taken where no row was written)."""
+        # started and not asked to stop (running, or done with the narrow rows): it goes on in
+        # the new store, whose rows past the copy are as fresh as the narrow ones were; waited
+        # for (its step, a few ms), so that it can be started again there
+        thread = self._prefault_thread
+        resume = (thread is not None and not self._prefault_stop.is_set() and self.prefault_error is None
+                  and self.stop_prefault())
+        capacity, old_mapping = self.capacity, self._mapping
+        if self.n == 0 and old_mapping is not None:
+            # no row to copy: the narrow rows' memory goes back to the warm reserve first, so
+            # that the new store takes it (a scan whose first frames hold counts over a byte)
+            self.frames = np.empty((0, *self.frame_shape), np.uint8)
+            with self._populate_lock:
+                self._mapping = None
+            MAPPINGS.reclaim(old_mapping)
+            self.frames = self._empty(capacity, self.dtype)
+        else:
+            old = self.frames
+            self.frames = self._empty(capacity, self.dtype)
+            self._populate(0, self.n)
+            self.frames[: self.n] = old[: self.n]
+            del old
+            if old_mapping is not None:  # (unless a view of the rows is still alive)
+                MAPPINGS.reclaim(old_mapping, self._mapping)
         self.widenings += 1
         if resume:
             self.start_prefault(self._prefault_limit)

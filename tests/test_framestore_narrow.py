@@ -4,6 +4,7 @@ row kept; the live engine's results do not depend on which the store holds."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -181,3 +182,119 @@ def test_the_engine_gives_the_same_results_from_a_narrow_store(monkeypatch, top:
     np.testing.assert_array_equal(obj_b, obj_a)
     np.testing.assert_array_equal(probe_b, probe_a)
     assert loss_b == loss_a
+
+
+def _wait_prefault_end(store: FrameStore) -> None:
+    deadline = time.monotonic() + 120  # only for a broken test
+    while store.prefaulting and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not store.prefaulting and store.prefault_error is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="host stores map memory of their own on Linux")
+def test_a_widening_after_the_prefaulter_finished_prefaults_the_wide_store_too(mapped) -> None:
+    """The prefaulter that faulted in every narrow row before the first count over 255 came
+    goes on in the wide store (whose rows past the copy are fresh memory): the appends after
+    the widening do not fault their own rows in; one stopped on purpose is not started again."""
+    capacity = 400
+    for stopped in (False, True):
+        store = FrameStore((SIDE, SIDE), np.uint16, capacity, narrow=True)
+        store.append(_low(10, seed=9), np.zeros((10, 2)))
+        assert store.start_prefault()
+        _wait_prefault_end(store)
+        assert store._populated == capacity and store.narrow
+        if stopped:
+            assert store.stop_prefault()
+        store.append(_low(10, seed=10, top=NARROW_MAX + 1), np.zeros((10, 2)))
+        assert store.widenings == 1 and not store.narrow
+        _wait_prefault_end(store)
+        assert store._populated == (20 if stopped else capacity)
+
+
+@pytest.fixture
+def warm_pool(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> framestore.MappingPool:
+    """A pool of its own (keeping no mapping, or keeping them: the daemon's reuse bytes) with
+    a warm reserve of 8 MiB."""
+    pool = framestore.MappingPool(keep_bytes=getattr(request, "param", 0))
+    monkeypatch.setattr(framestore, "MAPPINGS", pool)
+    pool.set_warm_bytes(8 << 20)
+    yield pool
+    pool.set_warm_bytes(0)
+    pool.set_keep_bytes(0)
+
+
+_WARM = 8 << 20
+_M, _N = 64, 300  # one 4 KiB page a narrow row, 1.2 MiB narrow: a mapping of its own by default
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the warm reserve is Linux's")
+@pytest.mark.parametrize("warm_pool", [0, 64 << 20], indirect=True)
+def test_a_store_widened_by_its_first_frames_spends_only_its_own_bytes_of_the_warm_reserve(warm_pool) -> None:
+    """A scan whose first frames hold a count over 255 (most scans above low dose): the narrow
+    rows it never held give their pages of the warm reserve back, so that the wide store takes
+    them (it was left a third short of a uint16 store's pages, faulted in on the ingest thread)."""
+    pool = warm_pool
+    rng = np.random.default_rng(11)
+    frames = rng.poisson(40.0, (_N, _M, _M)).astype(np.uint16)
+    frames[0, 1, 2] = 400
+    store = FrameStore((_M, _M), np.uint16, _N, narrow=True)
+    assert store.narrow and pool.warm_bytes() == _WARM - _N * _M * _M
+    store.append(frames[:50], np.zeros((50, 2)))
+    assert store.widenings == 1 and not store.narrow
+    assert pool.warm_bytes() == _WARM - 2 * _N * _M * _M  # the wide store's pages, no more
+    assert store._populated == _N  # all of them from the reserve: no append faults its rows in
+    store.append(frames[50:], np.zeros((_N - 50, 2)))
+    np.testing.assert_array_equal(from_fft_order(store.frames[:_N]), frames)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the warm reserve is Linux's")
+def test_a_widened_stores_narrow_rows_refill_the_warm_reserve_unless_a_view_holds_them(warm_pool) -> None:
+    """Widened after rows came: the narrow rows' pages go back to the warm reserve (up to its
+    size) once copied — unless an array over them is alive (a parallax fit's view), which
+    keeps reading the rows it had."""
+    pool = warm_pool
+    row8 = _M * _M
+    for viewed in (False, True):
+        pool.set_warm_bytes(0)
+        pool.set_warm_bytes(_WARM)
+        low = _low(100, seed=12).repeat(2, axis=1).repeat(2, axis=2)  # (100, 64, 64)
+        store = FrameStore((_M, _M), np.uint16, _N, narrow=True)
+        store.append(low, np.zeros((100, 2)))
+        view = store.frames[:100:3] if viewed else None
+        store.append(np.full((1, _M, _M), NARROW_MAX + 1, np.uint16), np.zeros((1, 2)))
+        assert store.widenings == 1
+        spent = _N * row8 + _N * 2 * row8  # the narrow store's, then the wide store's pages
+        assert pool.warm_bytes() == _WARM - spent + (0 if viewed else _N * row8)
+        if viewed:
+            np.testing.assert_array_equal(from_fft_order(view), low[::3])
+        np.testing.assert_array_equal(from_fft_order(store.frames[:100]), low)
+        del view
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="host stores map memory of their own on Linux")
+@pytest.mark.parametrize("before_widening", [0, 100])
+def test_scans_widened_by_counts_over_255_reuse_the_last_ones_wide_memory(monkeypatch, before_widening: int) -> None:
+    """Scans above low dose one after the other, with a pool whose bound holds a wide (uint16)
+    store but not the narrow rows beside it (the daemon's 4 GiB: a 2.7–4 GiB store): from the
+    second scan on, no store maps or faults in fresh memory — the wide mapping is kept (not the
+    narrow one), and a store that finds it takes it in its own dtype, with nothing to widen.
+    Before, every scan mapped its wide store afresh and faulted it in on the appending thread."""
+    row8 = _M * _M
+    pool = framestore.MappingPool(keep_bytes=5 * _N * row8 // 2)
+    monkeypatch.setattr(framestore, "MAPPINGS", pool)
+    rng = np.random.default_rng(13)
+    try:
+        for scan in range(3):
+            frames = rng.poisson(0.5, (_N, _M, _M)).astype(np.uint16)
+            frames[before_widening, 7, 9] = 300 + scan
+            store = FrameStore((_M, _M), np.uint16, _N, narrow=True)
+            for lo in range(0, _N, 50):
+                store.append(frames[lo:lo + 50], np.zeros((len(frames[lo:lo + 50]), 2)))
+                if scan and lo == 0:
+                    assert store._populated == _N  # the memory of the scan before, faulted in
+            assert pool.fresh == 2  # the first scan's narrow and wide mappings, no other
+            assert store.frames.dtype == np.uint16
+            np.testing.assert_array_equal(from_fft_order(store.frames[:_N]), frames)
+            del store
+    finally:
+        pool.set_keep_bytes(0)
