@@ -450,7 +450,9 @@ class DecodePool:
                         self._grow(need)
                     if not self._free:
                         self._reclaim()
-                    index = self._free.popleft()
+                    # the slot freed last: its pages are the ones faulted in already (a slot
+                    # used for the first time costs its page faults in the worker and here)
+                    index = self._free.pop()
                     assert self._shm is not None
                     slot = (self._shm.name, index * self._slot_bytes, self._slot_bytes)
                 future = self._pool.submit(_process_job, items, channel, reducer, decode, slot)
