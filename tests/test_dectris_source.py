@@ -483,17 +483,66 @@ def test_threads_and_processes_one_or_two_give_the_same_frames(tmp_path: Path) -
                 np.testing.assert_array_equal(g[DETECTOR_FRAMES][:][order], frames, err_msg=name)
 
 
+def test_worker_processes_frames_are_lent_as_views_of_their_slot_until_let_go_of() -> None:
+    """A worker process's binned frames are handed on as a view of its shared-memory slot (no
+    copy), and the slot serves no other job while anything references them — the frames
+    themselves, a part of them, or a view of a view (a frame store that has not copied them
+    yet, a spool message): later jobs, more than there are slots, never overwrite them. Past
+    ``lend_max`` lent slots the frames are copied out instead, so that held frames never stop
+    the decoding; let go of, every slot is free again."""
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(32, seed=7)
+    images = _series(frames, "lent")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    pool = DecodePool(1, processes=True, lend_max=2)
+    try:
+        def job(lo: int) -> np.ndarray:
+            batch = pool.result(pool.submit(images[lo:lo + 8], CHANNEL, reducer, True))
+            assert batch.counts is not None and not batch.in_slot
+            return batch.counts
+
+        def in_a_slot(counts: np.ndarray) -> bool:
+            return any(np.shares_memory(counts, a) for a in pool._slot_arrays)
+
+        held = job(0)
+        assert in_a_slot(held) and pool.lent == 1  # a view of its slot, not a copy
+        part = held[2:5][:, ::2]  # a view of a view keeps the slot as well
+        del held
+        for i in range(3 * pool.slots):  # jobs come and go (each let go of at once): the slots turn over
+            lo = 8 * (1 + i % 3)
+            np.testing.assert_array_equal(job(lo), expect[lo:lo + 8])
+            np.testing.assert_array_equal(part, expect[2:5][:, ::2])  # never overwritten while held
+        second = job(8)
+        assert in_a_slot(second) and pool.lent == 2  # the last lent slot
+        third = job(16)  # none left to lend: copied out, its slot free at once
+        assert not in_a_slot(third) and any(np.shares_memory(third, b) for b in pool._out)
+        for counts, rows in ((part, np.s_[2:5]), (second, np.s_[8:16]), (third, np.s_[16:24])):
+            np.testing.assert_array_equal(counts, expect[rows][:, ::2] if counts is part else expect[rows])
+        del part, second, third
+        assert pool.free_slots() == pool.slots and pool.lent == 0  # let go of: all free again
+        again = job(24)
+        assert in_a_slot(again)
+        np.testing.assert_array_equal(again, expect[24:])
+    finally:
+        pool.close()
+    # the mapping outlives the pool for frames still held (a close taking a cancelled scan's frames)
+    np.testing.assert_array_equal(again, expect[24:])
+
+
 def test_worker_processes_frames_are_copied_into_arrays_no_one_holds() -> None:
-    """The copy out of a worker process's shared-memory slot goes into a kept array only once
-    nothing references that array: frames still held (by a frame store that has not copied
-    them yet, say) are never overwritten by a later job's."""
+    """The copy out of a worker process's shared-memory slot (no slot left to lend, here none
+    at all) goes into a kept array only once nothing references that array: frames still held
+    (by a frame store that has not copied them yet, say) are never overwritten by a later
+    job's."""
     from cryoptycho.protocols.dectris.source import DecodePool
 
     frames = _frames(24, seed=5)
     images = _series(frames, "copy-out")[1:-1]
     reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
     expect = reducer(frames)[0]
-    pool = DecodePool(1, processes=True)
+    pool = DecodePool(1, processes=True, lend_max=0)
     try:
         def job(lo: int) -> np.ndarray:
             batch = pool.result(pool.submit(images[lo:lo + 8], CHANNEL, reducer, True))
@@ -532,7 +581,7 @@ def test_failed_jobs_and_a_cancelled_scans_held_frames_leak_no_pooled_array() ->
     halves = [(images[:8], slice(0, 8)), (images[8:], slice(8, 16))]  # different frames: an overwrite shows
     reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
     expect = reducer(frames)[0]
-    pool = DecodePool(1, processes=True)
+    pool = DecodePool(1, processes=True, lend_max=0)  # (the copy path: lent slots are the test above's)
     tracemalloc.start()
     try:
         def job(items: list[Any]) -> Any:

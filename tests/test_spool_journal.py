@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -808,3 +809,42 @@ def test_a_reader_racing_the_spool_s_close_reads_the_closed_file(tmp_path: Path,
     assert got.status == "aborted"
     np.testing.assert_array_equal(got.frames, frames[:100])
     np.testing.assert_array_equal(got.indices, np.arange(100))
+
+
+@pytest.mark.parametrize("impl", ["zlib", "isal"])
+def test_the_journals_checksum_is_zlibs_crc32_whichever_library_computes_it(tmp_path: Path, impl: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal takes ISA-L's CRC-32 where python-isal is installed (the [isal] extra), else
+    zlib's: the same checksum, so that a journal written by either is read by either; pieces of
+    every kind a spool appends (bytes, memoryviews, arrays) are summed as their bytes, and a
+    flipped byte still ends the journal there."""
+    import zlib
+
+    from cryoptycho.daemon.storage import journal
+
+    crc32 = zlib.crc32 if impl == "zlib" else pytest.importorskip("isal.isal_zlib").crc32
+    monkeypatch.setattr(journal, "_crc32", crc32)
+    rows = np.arange(3 * 4096, dtype=np.uint16).reshape(3, 64, 64)
+    body = [b"detector chunk", memoryview(b"\x00\x01" * 4000), rows, memoryview(rows[1])]
+    path = tmp_path / "crc.journal"
+    j = journal.Journal.create(path, fsync=False)
+    j.write({"op": "append", "n": 1}, body)
+    j.write({"op": "status", "status": "ended"})
+    j.close()
+    raw = path.read_bytes()
+    pos = len(MAGIC)
+    sums = []
+    while pos < len(raw):  # each record's CRC checked with zlib, whatever wrote it
+        size, crc = struct.unpack_from("<QI", raw, pos)
+        payload = raw[pos + 12:pos + 12 + size]
+        assert crc == zlib.crc32(payload)
+        sums.append(crc)
+        pos += 12 + size
+    assert len(sums) == 2
+    records = [r for r in iter_records(path)]
+    assert [r.header["op"] for r in records] == ["append", "status"]  # type: ignore[union-attr]
+    assert bytes(records[0].body).endswith(rows.tobytes() + rows[1].tobytes())  # type: ignore[union-attr]
+    damaged = bytearray(raw)
+    damaged[len(MAGIC) + 12 + 40] ^= 0x10  # a byte of the first record's body
+    path.write_bytes(bytes(damaged))
+    assert [type(r) for r in iter_records(path)] == [str]  # its CRC fails: the journal ends there

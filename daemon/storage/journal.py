@@ -35,6 +35,10 @@ MAGIC = b"CRYOPTYCHO-SPOOL-JOURNAL-1\n"
 SUFFIX = ".journal"
 _RECORD = struct.Struct("<QI")
 _HEADER = struct.Struct("<I")
+try:  # the records' CRC-32 from ISA-L (python-isal, the optional [isal] extra): the same checksum
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # (measured: 57.6 against 4.3 GB/s, 0.06 against 0.86 µs per 3.7 kB DECTRIS frame)
+    _crc32 = zlib.crc32
 
 
 #: the record kinds (``op``) this build knows (FORMATS.md § "The journal")
@@ -128,7 +132,7 @@ def iter_records(path: str | Path, start: int | None = None) -> Iterator[Record 
             if len(payload) < size:
                 yield f"a record cut short at byte {pos} ({len(payload)} of {size} bytes)"
                 return
-            if zlib.crc32(payload) != crc or size < _HEADER.size:
+            if _crc32(payload) != crc or size < _HEADER.size:
                 yield f"a record whose CRC fails at byte {pos}"
                 return
             (hlen,) = _HEADER.unpack_from(payload, 0)
@@ -211,7 +215,7 @@ class Journal:
         crc = 0
         size = 0
         for piece in pieces:
-            crc = zlib.crc32(piece, crc)
+            crc = _crc32(piece, crc)
             size += memoryview(piece).nbytes
         try:
             _write_all(self._fd, [_RECORD.pack(size, crc), *pieces])

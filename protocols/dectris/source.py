@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import multiprocessing
 import os
 import struct
@@ -344,14 +345,32 @@ def _ready() -> int:
 class DecodePool:
     """The decoding workers: ``workers`` threads, or (``processes``) worker processes whose
     binned frames come back through shared memory, in :attr:`slots` slots of one job each.
-    Results are taken back with :meth:`result` in submission order (a slot is free again once
-    its job's result is taken)."""
+    Results are taken back with :meth:`result` in submission order.
 
-    def __init__(self, workers: int, processes: bool) -> None:
+    A job's binned frames are handed on as a view of its slot (no copy) while at most
+    :attr:`lend_max` slots are lent so; such a slot serves another job only once nothing
+    references its frames any more (the frame store has copied them, the spool and every
+    message holding them are done: the slot's own array's reference count says so, as for the
+    store's mappings). Past that many, the frames are copied out (:meth:`_copy_out`) and the
+    slot is free at once, so that frames held for long (a scan waiting for positions, a
+    cancelled scan's close) never stop the decoding: :attr:`slots` − :attr:`lend_max` slots are
+    always there for the jobs in flight."""
+
+    def __init__(self, workers: int, processes: bool, lend_max: int | None = None) -> None:
         self.workers, self.processes = workers, processes
-        self.slots = 2 * workers + 2
+        #: slots for the jobs in flight (what the receiver submits before it takes results)
+        in_flight = 2 * workers + 2
+        #: slots whose frames may be out as views at once (0: every job's frames are copied out)
+        self.lend_max = in_flight if lend_max is None else max(0, int(lend_max))
+        self.slots = in_flight + self.lend_max
         self._free: deque[int] = deque(range(self.slots))
+        self._lent: set[int] = set()
         self._shm: shared_memory.SharedMemory | None = None
+        #: each slot's bytes as an array over this process's own mapping of the shared memory
+        #: (not the SharedMemory's buffer: that one cannot be closed while views of it live,
+        #: and a lent slot's frames may outlive the pool); views of a slot's frames reference
+        #: its array, and the mapping goes once the last of them does
+        self._slot_arrays: list[np.ndarray] = []
         self._slot_bytes = 0
         #: arrays the slots' binned frames are copied into, handed out again once nothing
         #: references them (:meth:`_copy_out`)
@@ -382,13 +401,36 @@ class DecodePool:
             return False
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.generation += 1
-        self._free = deque(range(self.slots))
+        # the broken pool's jobs held theirs; lent slots stay lent until let go of
+        self._free = deque(i for i in range(self.slots) if i not in self._lent)
         self._pool = self._start()
         return True
 
+    def _reclaim(self) -> int:
+        """Lent slots whose frames nothing references any more become free; how many did."""
+        back = 0
+        for i in list(self._lent):
+            # the list's reference and getrefcount's own: no view of the slot is alive (a view
+            # of a view references the slot's array too: NumPy keeps the owner as the base)
+            if sys.getrefcount(self._slot_arrays[i]) == 2:
+                self._lent.discard(i)
+                self._free.append(i)
+                back += 1
+        return back
+
+    def free_slots(self) -> int:
+        """Slots free for a job now (lent slots let go of included)."""
+        self._reclaim()
+        return len(self._free)
+
+    @property
+    def lent(self) -> int:
+        """Slots whose frames are out as views (let go of or not: :meth:`free_slots`)."""
+        return len(self._lent)
+
     @property
     def has_free_slot(self) -> bool:
-        return not self.processes or bool(self._free)
+        return not self.processes or bool(self._free) or self._reclaim() > 0
 
     def submit(self, items: list[bytes | Image], channel: str | None, reducer: Any,
                decode: bool) -> Future[DecodedBatch]:
@@ -406,7 +448,11 @@ class DecodePool:
                     need = len(items) * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
                     if need > self._slot_bytes:
                         self._grow(need)
-                    index = self._free.popleft()
+                    if not self._free:
+                        self._reclaim()
+                    # the slot freed last: its pages are the ones faulted in already (a slot
+                    # used for the first time costs its page faults in the worker and here)
+                    index = self._free.pop()
                     assert self._shm is not None
                     slot = (self._shm.name, index * self._slot_bytes, self._slot_bytes)
                 future = self._pool.submit(_process_job, items, channel, reducer, decode, slot)
@@ -419,11 +465,17 @@ class DecodePool:
         return future
 
     def _grow(self, need: int) -> None:
-        """Larger slots (only when none is in use: the caller takes every result first)."""
-        assert len(self._free) == self.slots, "slots grow only while no job holds one"
+        """Larger slots (only when no job holds one: the caller takes every result first).
+        Frames still lent out keep the old mapping alive (their arrays reference it) after its
+        shared memory is closed and unlinked here."""
+        assert len(self._free) + len(self._lent) == self.slots, "slots grow only while no job holds one"
         old = self._shm
         self._slot_bytes = max(need, 2 * self._slot_bytes)
         self._shm = shared_memory.SharedMemory(create=True, size=self.slots * self._slot_bytes)
+        mapping = mmap.mmap(self._shm._fd, self.slots * self._slot_bytes)  # type: ignore[attr-defined]
+        self._slot_arrays = [np.frombuffer(mapping, np.uint8, self._slot_bytes, i * self._slot_bytes)
+                             for i in range(self.slots)]
+        self._free, self._lent = deque(range(self.slots)), set()
         self._out = [b for b in self._out if b.nbytes >= self._slot_bytes]  # the smaller go with their frames
         if old is not None:
             old.close()
@@ -434,24 +486,47 @@ class DecodePool:
                 and items * reducer.frame_side ** 2 * reducer.out_dtype.itemsize > self._slot_bytes)
 
     def result(self, future: Future[DecodedBatch]) -> DecodedBatch:
-        """The job's result, its binned frames copied out of shared memory; raises what the
-        job raised (BrokenProcessPool when its worker process died)."""
+        """The job's result, its binned frames a view of its slot (lent: the slot is free
+        again once nothing references them) or, past :attr:`lend_max` lent slots, copied out
+        of shared memory; raises what the job raised (BrokenProcessPool when its worker
+        process died)."""
         slot = getattr(future, "slot", None)
+        # (a restart freed the slots of the broken pool's jobs)
+        own = slot is not None and getattr(future, "generation", 0) == self.generation
         try:
             batch = future.result()
+        except BaseException:
+            if own:
+                self._free.append(slot)
+            raise
         finally:
             self.outstanding -= 1
-            if slot is not None and getattr(future, "generation", 0) == self.generation:
-                self._free.append(slot)  # (a restart freed the slots of the broken pool's jobs)
         if self.processes:
             self.process_cpu_s += batch.cpu_s
             batch.reducer = getattr(future, "reducer", None)
-        if batch.in_slot:
-            assert self._shm is not None and slot is not None and batch.reducer is not None
-            m, k = batch.reducer.frame_side, batch.decoded
-            view = np.ndarray((k, m, m), batch.reducer.out_dtype, self._shm.buf, slot * self._slot_bytes)
-            batch.counts, batch.in_slot = self._copy_out(view), False  # the slot serves the next job
+        if not batch.in_slot:
+            if own:
+                self._free.append(slot)
+            return batch
+        assert slot is not None and batch.reducer is not None
+        m, k, dtype = batch.reducer.frame_side, batch.decoded, batch.reducer.out_dtype
+        view = self._slot_arrays[slot][:k * m * m * dtype.itemsize].view(dtype).reshape(k, m, m)
+        batch.in_slot = False
+        if own and self._room_to_lend():
+            self._lent.add(slot)
+            batch.counts = view
+            return batch
+        batch.counts = self._copy_out(view)  # the slot serves the next job
+        del view
+        if own:
+            self._free.append(slot)
         return batch
+
+    def _room_to_lend(self) -> bool:
+        """Whether fewer than :attr:`lend_max` slots are lent (those let go of count no more)."""
+        if len(self._lent) >= self.lend_max:
+            self._reclaim()
+        return len(self._lent) < self.lend_max
 
     def _copy_out(self, view: np.ndarray) -> np.ndarray:
         """A copy of a slot's frames, in a kept array that nothing references any more (the
@@ -477,6 +552,8 @@ class DecodePool:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._out = []  # frames still referenced keep their arrays; the rest go now
+        # frames still lent out keep the mapping (their arrays reference it); the rest go now
+        self._slot_arrays, self._lent, self._free = [], set(), deque()
         if self._shm is not None:
             self._shm.close()
             self._shm.unlink()
