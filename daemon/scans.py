@@ -1453,16 +1453,21 @@ class ScanManager:
             # kept all the same: counting only those on disk would call a whole scan partial,
             # and name fewer frames than its receipt and spool hold once the writes are done
             held = ledger.admitted
-            if session.recovered or session.spec.expected_frames is None or held >= ledger.expected:
+            if session.spec.expected_frames is None or held >= ledger.expected:
                 log.warning("no frames for %.0f s: ending scan with what it has", limit,
                             extra={"scan_id": session.scan_id})
                 self.end_scan(session, reason="acquisition_timeout")
                 continue
-            # the sender went silent mid-scan (killed, crashed, cable): a partial reconstruction
-            # labelled "finished" would hide the loss, so the scan stops with its frames kept in
-            # the spool, and `finish_scan` reconstructs them if the operator wants that
-            reason = (f"acquisition_timeout: no frame for {limit:.0f} s after {held} of "
-                      f"{ledger.expected} frames (the sender stopped without scan_end); the frames are "
+            # the sender went silent mid-scan (killed, crashed, cable), or no producer came back
+            # to a scan recovered open after a restart: a partial reconstruction labelled
+            # "finished" would hide the loss (a subscriber takes scan.finished for the whole
+            # scan), so the scan stops with its frames kept in the spool, and `finish_scan`
+            # reconstructs them if the operator wants that. A recovered scan is no exception:
+            # the daemon's restart does not make 500 of 1024 frames a complete scan.
+            why = ("the producer did not return after the daemon's restart" if session.recovered
+                   else "the sender stopped without scan_end")
+            reason = (f"acquisition_timeout: no frame for {limit:g} s after {held} of "
+                      f"{ledger.expected} frames ({why}); the frames are "
                       "kept in the spool: control `finish_scan` reconstructs them")
             log.warning(reason, extra={"scan_id": session.scan_id})
             self.abort_scan(session, reason)

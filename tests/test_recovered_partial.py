@@ -1,0 +1,77 @@
+"""Field QA of fieldqa8 (d09c75f): a scan recovered open after a restart, to which no producer
+returns, and the wording of two refusals/docs around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+
+def _config(tmp_path: Path, **extra):
+    from cryoptycho.daemon.config import ServiceConfig
+
+    return ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*",
+                         metrics_enabled=False, spool_dir=tmp_path / "s", results_dir=tmp_path / "r",
+                         resolution_interval_s=0, **extra)
+
+
+def test_a_recovered_partial_scan_no_producer_returns_to_is_aborted_not_finished(tmp_path):
+    """A scan recovered open (the daemon stopped mid-scan) that no producer came back to was
+    ended after recover_wait_s and reported `finished` with 18 of 36 frames — scan.finished, a
+    result, a receipt saying finished — while the live path (a sender gone silent) aborts a
+    partial scan, and PROTOCOL § 4.5 says a partial scan is never reported finished on its own.
+    It is now stopped as the live path stops one: aborted, the reason naming the held and
+    declared counts and the producer that did not return, its frames kept in the spool, and
+    `finish_scan` reconstructs them on request."""
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import read_spool
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=6, m=32)
+    n = len(scan.frames)
+    half = n // 2
+    bg = BackgroundService(_config(tmp_path))
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as one):
+            one.start_scan(**scan.start_fields("part"))
+            one.send_frames(scan.frames[:half])
+            assert one.flush().acknowledged == half
+            one.scan = None  # stopped with the daemon: its spool stays open for the next start
+    finally:
+        bg.stop()
+    assert read_spool(tmp_path / "s" / "part.spool.h5", frames=False).status == "open"
+
+    bg = BackgroundService(_config(tmp_path, recover_wait_s=0.2))
+    svc = bg.service
+    try:
+        with ControlClient(svc.endpoints["control"], timeout_s=30) as ctl:
+            summary = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "part"
+                                             and s["state"] in ("finished", "aborted", "failed")), None),
+                               120, "the recovered scan to stop")
+            assert summary["state"] == "aborted", summary
+            assert summary["recovered"] is True and summary["result_path"] is None
+            assert f"after {half} of {n} frames" in summary["error"], summary
+            assert "did not return after the daemon's restart" in summary["error"], summary
+            assert "finish_scan" in summary["error"]
+            receipt = ctl.receipt("part")
+            assert receipt["state"] == "aborted", receipt  # final: it takes no more frames (§4.5 step 3)
+            assert receipt["frames"]["received"] == half and receipt["expected_frames"] == n
+            assert receipt["missing"][:3] == [half, half + 1, half + 2], receipt
+            assert not list((tmp_path / "r").glob("part*"))
+            kept = read_spool(tmp_path / "s" / "part.spool.h5")
+            assert kept.status == "aborted"
+            np.testing.assert_array_equal(np.sort(kept.indices), np.arange(half))
+            # nothing received is lost: the operator reconstructs it on request, as a live one
+            assert ctl.finish_scan("part")["state"] != "aborted"
+            done = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "part"
+                                          and s["state"] == "finished"), None), 120, "the finish_scan result")
+        with h5py.File(done["result_path"]) as f:
+            assert f["raw/entry_1/data_1/data"].shape[0] == half
+    finally:
+        bg.stop()
