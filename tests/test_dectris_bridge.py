@@ -744,9 +744,10 @@ class _Control:
 
     def __init__(self) -> None:
         self.state = "unknown"
+        self.extra: dict[str, Any] = {}  #: further receipt fields (starts_refused, start_time_s)
 
     def receipt(self, scan_id: str) -> dict[str, Any]:
-        return {"scan_id": scan_id, "state": self.state, "refused_at": None, "error": None}
+        return {"scan_id": scan_id, "state": self.state, "refused_at": None, "error": None, **self.extra}
 
     def status(self) -> dict[str, Any]:
         return {"running": [], "waiting": []}
@@ -840,6 +841,49 @@ def test_a_daemon_that_reads_nothing_costs_the_bridge_at_most_max_held_bytes(
     nxt, _ = _convert(_series(user={"scan": USER_SCAN}, series_id=2, series_unique_id="01NEXT"), BridgeConfig())
     gate.put(nxt[:1])
     assert _next(sock).scan_id == nxt[0].scan_id and gate.pending is not None
+
+
+def test_a_series_named_like_another_senders_scan_is_refused_not_sent_into_it(
+        gate_rig: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    """Two bridges named a series identically at the same moment: the daemon took the other
+    one's scan_start and refused this one's (unique_scan), and its receipt said so
+    (starts_refused, start_time_s: the other sender's stamp). The gate read only `state`
+    ("acquiring": accepted) and sent the whole series into the other bridge's scan, where
+    the daemon filed its frames (of one index, the first to arrive). It reads those fields as
+    the SDK does now: the series is refused by name, counted, and none of its frames sent."""
+    gate, control, _clock, sock, out, stats = gate_rig
+    gate.put(out[:1])
+    start = _next(sock)
+    # the other sender's start was read, this one's not yet: waited for, nothing sent
+    control.state, control.extra = "acquiring", {"starts_refused": 0, "start_time_s": start.time_s - 0.25}
+    gate.put(out[1:])
+    assert gate.busy and not sock.poll(0)
+    control.extra = {"starts_refused": 1, "start_time_s": start.time_s - 0.25}  # ... then refused
+    with caplog.at_level(logging.ERROR):
+        gate.put([])
+    assert not sock.poll(200), "a frame of the refused series was sent into the other sender's scan"
+    assert not gate.busy and gate.held_bytes == 0
+    assert stats.series_refused == 1 and stats.series_errors == 1 and stats.series_lost == 0
+    assert any(start.scan_id in r.getMessage() and "another sender" in r.getMessage() for r in caplog.records)
+
+
+def test_the_gates_own_scan_is_delivered_when_a_second_start_of_its_id_was_refused(
+        gate_rig: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    """The other side of the collision: the daemon holds this bridge's scan (its start_time_s is
+    this start's stamp) and refused another sender's start. The series is delivered, with a
+    warning that another sender uses the id."""
+    gate, control, _clock, sock, out, stats = gate_rig
+    gate.put(out[:1])
+    start = _next(sock)
+    control.state, control.extra = "acquiring", {"starts_refused": 1, "start_time_s": start.time_s}
+    with caplog.at_level(logging.WARNING):
+        gate.put(out[1:])
+    rest = []
+    while not (rest and isinstance(rest[-1], ScanEnd)):
+        rest.append(_next(sock))
+    assert [type(m) for m in rest] == [type(m) for m in out[1:]]
+    assert not gate.busy and stats.series_refused == 0
+    assert any("another sender uses the id" in r.getMessage() for r in caplog.records)
 
 
 def test_frames_sent_counts_what_the_producer_took_not_what_was_converted() -> None:
