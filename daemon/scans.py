@@ -381,10 +381,33 @@ class ScanManager:
         stem = self.config.results_dir / file_stem(scan_id)
         taken = [p for p in output_paths(stem, self.config.output_formats).values() if p.exists()]
         if taken:
+            spool_of = self._spool_named(taken[0])
+            if spool_of is not None:
+                # spool_dir is results_dir: scan "x.spool"'s result file is scan "x"'s spool (a
+                # live one, often), which "already has a result … from before a restart" misnamed
+                raise ScanRefused("scan_id", "unique_scan_id",
+                                  f"scan {scan_id!r} would write its result to {taken[0]}, which is {spool_of} "
+                                  "(spool_dir and results_dir are one directory): its result would overwrite "
+                                  "those frames; send the scan under another id, or give results_dir a "
+                                  "directory of its own")
             raise ScanRefused("scan_id", "unique_scan_id",
                               f"scan {scan_id!r} already has a result ({taken[0]}, from before a restart or "
                               "older than the scans the daemon lists): its result would overwrite it; send "
                               "the scan under another id, or move the file away")
+
+    def _spool_named(self, path: Path) -> str | None:
+        """What ``path`` is if it is a spool file of ``spool_dir`` (words for a refusal: whose,
+        live or kept), else None."""
+        path = path.resolve()
+        if not path.name.endswith(".spool.h5") or path.parent != Path(self.config.spool_dir).resolve():
+            return None
+        for sid in list(self.sessions):
+            if spool_path(self.config.spool_dir, sid).resolve() == path:
+                live = "receiving frames" if sid in self.spools else "kept with its scan"
+                return f"the spool of scan {sid!r} ({live})"
+        stem = path.name.removesuffix(".spool.h5")
+        whose = "" if "~" in stem else f" of scan {stem.replace('%3A', ':')!r}"  # (a hashed stem names no id)
+        return f"a spool file{whose}, kept from before a restart or not recovered"
 
     def set_waiting_options(self, session: Session, overrides: dict[str, Any]) -> ReconOptions:
         """Change the options of a scan that waits for a worker (``overrides`` as set_options

@@ -75,3 +75,38 @@ def test_a_recovered_partial_scan_no_producer_returns_to_is_aborted_not_finished
             assert f["raw/entry_1/data_1/data"].shape[0] == half
     finally:
         bg.stop()
+
+
+def test_a_scan_id_whose_result_would_be_a_live_spool_is_refused_naming_that_spool(tmp_path):
+    """With spool_dir == results_dir, scan id "x.spool" writes its result to x.spool.h5: scan
+    "x"'s live spool. The refusal (and the receipt's `taken`) said "already has a result
+    (…, from before a restart …)" — a file that is neither a result nor from before a restart."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=6, m=32)
+    one_dir = tmp_path / "d"
+    bg = BackgroundService(ServiceConfig(ingest="tcp://127.0.0.1:*", publish="tcp://127.0.0.1:*",
+                                         control="tcp://127.0.0.1:*", metrics_enabled=False, spool_dir=one_dir,
+                                         results_dir=one_dir, resolution_interval_s=0))
+    svc = bg.service
+    try:
+        with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
+              Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as one):
+            one.start_scan(**scan.start_fields("x"))
+            one.send_frames(scan.frames[:4])
+            assert one.flush().acknowledged == 4
+            taken = ctl.receipt("x.spool")["taken"]
+            assert taken is not None and "already has a result" not in taken, taken
+            assert "the spool of scan 'x' (receiving frames)" in taken and str(one_dir / "x.spool.h5") in taken
+            assert "results_dir" in taken
+            one.abort("test over")
+            wait_for(lambda: ctl.receipt("x")["state"] == "aborted", 60, "the scan to stop")
+            # kept with its (listed) scan now, still not called a result
+            taken = ctl.receipt("x.spool")["taken"]
+            assert "the spool of scan 'x' (kept with its scan)" in taken, taken
+    finally:
+        bg.stop()
