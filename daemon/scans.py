@@ -1179,7 +1179,8 @@ class ScanManager:
             raise RuntimeError(f"the spool could not be closed ({type(closed.error).__name__}: {closed.error}); "
                                f"{closed.kept}")
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,
-                                 **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
+                                 **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()},
+                                 **session.completeness()}
         if session.figures.get("resolution_m") is not None:
             extra["resolution_m"] = float(session.figures["resolution_m"])
         # the live parallax fit's aberrations (worker._note_parallax)

@@ -4,6 +4,7 @@ returns, and the wording of two refusals/docs around it."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -28,8 +29,10 @@ def test_a_recovered_partial_scan_no_producer_returns_to_is_aborted_not_finished
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.storage.spool import read_spool
     from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.messages import Result as ScanResult
     from cryoptycho.protocols.producer import Producer
-    from daemon_support import synthetic_scan, wait_for
+    from cryoptycho.protocols.subscriber import Subscriber
+    from daemon_support import synthetic_scan, wait_for, wait_subscribed
 
     scan = synthetic_scan(n_side=6, m=32)
     n = len(scan.frames)
@@ -67,12 +70,25 @@ def test_a_recovered_partial_scan_no_producer_returns_to_is_aborted_not_finished
             kept = read_spool(tmp_path / "s" / "part.spool.h5")
             assert kept.status == "aborted"
             np.testing.assert_array_equal(np.sort(kept.indices), np.arange(half))
-            # nothing received is lost: the operator reconstructs it on request, as a live one
-            assert ctl.finish_scan("part")["state"] != "aborted"
+            # nothing received is lost: the operator reconstructs it on request, as a live one;
+            # its result says it is partial, in the file and to subscribers
+            sub = Subscriber(svc.endpoints["publish"], topics=("result", "error"), latest_only=False)
+            try:
+                wait_subscribed(SimpleNamespace(ingest=svc.endpoints["ingest"], log=lambda: ""), sub)
+                assert ctl.finish_scan("part")["state"] != "aborted"
+                result = wait_for(lambda: next((e for e in iter(lambda: sub.recv(timeout_s=0.2), None)
+                                                if isinstance(e, ScanResult)), None), 120, "the finish_scan result")
+            finally:
+                sub.close()
             done = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "part"
-                                          and s["state"] == "finished"), None), 120, "the finish_scan result")
+                                          and s["state"] == "finished"), None), 120, "the scan to be listed finished")
+        told = {k: result.metadata.get(k) for k in ("frames_received", "frames_expected", "partial")}
+        assert told == {"frames_received": half, "frames_expected": n, "partial": True}, result.metadata
+        assert result.metadata["end_reason"] == "finish_scan"
         with h5py.File(done["result_path"]) as f:
             assert f["raw/entry_1/data_1/data"].shape[0] == half
+            extra = dict(f["extra"].attrs)
+        assert (extra["frames_received"], extra["frames_expected"], bool(extra["partial"])) == (half, n, True), extra
     finally:
         bg.stop()
 
