@@ -1593,7 +1593,8 @@ class ScanManager:
     def _register_reopened(self, session: Session, contents: Any, need: dict[str, int],
                            spool: SpoolWriter) -> Session:
         spec = contents.spec
-        reopened = Session(spec, need)
+        # a scan recovered after a restart stays one when re-opened (its summary and result say so)
+        reopened = Session(spec, need, recovered=session.recovered)
         reopened.ledger.stored(int(reopened.ledger.admit(contents.indices).sum()))
         reopened.ended, reopened.end_reason = True, "finish_scan"
         # the stopped record is replaced by the live one (history trimming may have dropped it)
