@@ -18,7 +18,7 @@ def _config(tmp_path: Path, **extra):
                          resolution_interval_s=0, **extra)
 
 
-def test_a_recovered_partial_scan_no_producer_returns_to_is_aborted_not_finished(tmp_path):
+def test_a_recovered_partial_scan_no_producer_returns_to_is_aborted_not_finished(tmp_path, monkeypatch):
     """A scan recovered open (the daemon stopped mid-scan) that no producer came back to was
     ended after recover_wait_s and reported `finished` with 18 of 36 frames — scan.finished, a
     result, a receipt saying finished — while the live path (a sender gone silent) aborts a
@@ -50,6 +50,13 @@ def test_a_recovered_partial_scan_no_producer_returns_to_is_aborted_not_finished
         bg.stop()
     assert read_spool(tmp_path / "s" / "part.spool.h5", frames=False).status == "open"
 
+    # what the restarted daemon publishes (recorded as posted: a subscriber could join too late)
+    from cryoptycho.daemon.publisher import Outbox
+
+    posted: list[tuple[str, object]] = []
+    real_post = Outbox.post
+    monkeypatch.setattr(Outbox, "post", lambda self, topic, payload: (posted.append((topic, payload)),
+                                                                      real_post(self, topic, payload))[1])
     bg = BackgroundService(_config(tmp_path, recover_wait_s=0.2))
     svc = bg.service
     try:
@@ -62,6 +69,13 @@ def test_a_recovered_partial_scan_no_producer_returns_to_is_aborted_not_finished
             assert f"after {half} of {n} frames" in summary["error"], summary
             assert "did not return after the daemon's restart" in summary["error"], summary
             assert "finish_scan" in summary["error"]
+            # (posted just after the state changed, on the worker's thread: waited for)
+            wait_for(lambda: ("scan.aborted", "part") in [(t, getattr(p, "get", dict().get)("scan_id"))
+                                                          for t, p in list(posted)], 60, "scan.aborted")
+            events = [(t, p) for t, p in list(posted) if t.startswith("scan.") and p["scan_id"] == "part"]
+            assert [t for t, _ in events][-1] == "scan.aborted", events
+            assert "scan.finished" not in [t for t, _ in events] and not any(t == "result" for t, _ in posted)
+            assert "did not return after the daemon's restart" in events[-1][1]["reason"]
             receipt = ctl.receipt("part")
             assert receipt["state"] == "aborted", receipt  # final: it takes no more frames (§4.5 step 3)
             assert receipt["frames"]["received"] == half and receipt["expected_frames"] == n
