@@ -70,8 +70,8 @@ def test_a_recovered_partial_scan_no_producer_returns_to_is_aborted_not_finished
             assert "did not return after the daemon's restart" in summary["error"], summary
             assert "finish_scan" in summary["error"]
             # (posted just after the state changed, on the worker's thread: waited for)
-            wait_for(lambda: ("scan.aborted", "part") in [(t, getattr(p, "get", dict().get)("scan_id"))
-                                                          for t, p in list(posted)], 60, "scan.aborted")
+            wait_for(lambda: any(t == "scan.aborted" and p["scan_id"] == "part" for t, p in list(posted)),
+                     60, "scan.aborted")
             events = [(t, p) for t, p in list(posted) if t.startswith("scan.") and p["scan_id"] == "part"]
             assert [t for t, _ in events][-1] == "scan.aborted", events
             assert "scan.finished" not in [t for t, _ in events] and not any(t == "result" for t, _ in posted)
