@@ -324,18 +324,23 @@ def test_a_resumed_series_goes_on_in_its_scan_and_refuses_images_it_holds() -> N
     assert conv.stats["missing_images"] == 0
 
 
-def test_a_new_series_after_a_resumed_one_ends_it_with_what_it_holds(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_new_series_after_a_resumed_one_aborts_it_with_what_it_holds_kept(caplog: pytest.LogCaptureFixture) -> None:
     """The detector moved on while the daemon was down: the resumed series' rest will not come
-    (one series at a time, in order). Its scan was aborted (a reconstruction only on request);
-    it now ends with the frames it holds and is reconstructed, as the daemon ends a recovered
-    scan whose sender stays silent. A series cut short while the daemon ran is still aborted."""
+    (one series at a time, in order). Its scan is partial, and stopped as the daemon stops a
+    recovered scan whose producer does not return and a live one whose sender went silent:
+    aborted, the reason naming the images held of those declared, its frames kept in the spool
+    for `finish_scan` — not a ScanEnd, which the daemon reports `finished` (until d09c75f the
+    converter ended it so, matching the daemon's recovery then). A series cut short while the
+    daemon ran is aborted too."""
     _msgs, conv, scan = _resumed(3)
     second = _decoded(_series(user={"scan": USER_SCAN}, series_id=2, series_unique_id="01SECOND"))
     with caplog.at_level(logging.WARNING):
         out = [m for msg in second[:3] for m in conv.feed(msg)]  # its start and two images
-    assert not any(isinstance(m, Abort) for m in out)
-    assert out[0] == ScanEnd(scan.scan_id, 3) and isinstance(out[1], ScanStart)
-    assert "resumed in recovered scan" in caplog.text and "the 3 of its 6 images it holds" in caplog.text
+    assert not any(isinstance(m, ScanEnd) and m.scan_id == scan.scan_id for m in out)
+    assert isinstance(out[0], Abort) and out[0].scan_id == scan.scan_id and isinstance(out[1], ScanStart)
+    assert "3 of its 6 images held" in out[0].reason and "after the daemon's restart" in out[0].reason
+    assert "finish_scan" in out[0].reason
+    assert "resumed in recovered scan" in caplog.text
     third = _decoded(_series(user={"scan": USER_SCAN}, series_id=3, series_unique_id="01THIRD"))
     out = [m for msg in third for m in conv.feed(msg)]
     assert isinstance(out[0], Abort) and "replaced by series 3" in out[0].reason  # (not resumed)
