@@ -446,10 +446,33 @@ class ScanManager:
         stem = self.config.results_dir / file_stem(scan_id)
         taken = [p for p in output_paths(stem, self.config.output_formats).values() if p.exists()]
         if taken:
+            spool_of = self._spool_named(taken[0])
+            if spool_of is not None:
+                # spool_dir is results_dir: scan "x.spool"'s result file is scan "x"'s spool (a
+                # live one, often), which "already has a result … from before a restart" misnamed
+                raise ScanRefused("scan_id", "unique_scan_id",
+                                  f"scan {scan_id!r} would write its result to {taken[0]}, which is {spool_of} "
+                                  "(spool_dir and results_dir are one directory): its result would overwrite "
+                                  "those frames; send the scan under another id, or give results_dir a "
+                                  "directory of its own")
             raise ScanRefused("scan_id", "unique_scan_id",
                               f"scan {scan_id!r} already has a result ({taken[0]}, from before a restart or "
                               "older than the scans the daemon lists): its result would overwrite it; send "
                               "the scan under another id, or move the file away")
+
+    def _spool_named(self, path: Path) -> str | None:
+        """What ``path`` is if it is a spool file of ``spool_dir`` (words for a refusal: whose,
+        live or kept), else None."""
+        path = path.resolve()
+        if not path.name.endswith(".spool.h5") or path.parent != Path(self.config.spool_dir).resolve():
+            return None
+        for sid in list(self.sessions):
+            if spool_path(self.config.spool_dir, sid).resolve() == path:
+                live = "receiving frames" if sid in self.spools else "kept with its scan"
+                return f"the spool of scan {sid!r} ({live})"
+        stem = path.name.removesuffix(".spool.h5")
+        whose = "" if "~" in stem else f" of scan {stem.replace('%3A', ':')!r}"  # (a hashed stem names no id)
+        return f"a spool file{whose}, kept from before a restart or not recovered"
 
     def set_waiting_options(self, session: Session, overrides: dict[str, Any]) -> ReconOptions:
         """Change the options of a scan that waits for a worker (``overrides`` as set_options
@@ -1236,7 +1259,8 @@ class ScanManager:
             raise RuntimeError(f"the spool could not be closed ({type(closed.error).__name__}: {closed.error}); "
                                f"{closed.kept}")
         extra: dict[str, Any] = {"scan_id": session.scan_id, "recovered": session.recovered,
-                                 **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()}}
+                                 **{f"frames_{k}": v for k, v in session.ledger.as_dict().items()},
+                                 **session.completeness()}
         if session.figures.get("resolution_m") is not None:
             extra["resolution_m"] = float(session.figures["resolution_m"])
         # the live parallax fit's aberrations (worker._note_parallax)
@@ -1536,16 +1560,21 @@ class ScanManager:
             # kept all the same: counting only those on disk would call a whole scan partial,
             # and name fewer frames than its receipt and spool hold once the writes are done
             held = ledger.admitted
-            if session.recovered or session.spec.expected_frames is None or held >= ledger.expected:
+            if session.spec.expected_frames is None or held >= ledger.expected:
                 log.warning("no frames for %.0f s: ending scan with what it has", limit,
                             extra={"scan_id": session.scan_id})
                 self.end_scan(session, reason="acquisition_timeout")
                 continue
-            # the sender went silent mid-scan (killed, crashed, cable): a partial reconstruction
-            # labelled "finished" would hide the loss, so the scan stops with its frames kept in
-            # the spool, and `finish_scan` reconstructs them if the operator wants that
-            reason = (f"acquisition_timeout: no frame for {limit:.0f} s after {held} of "
-                      f"{ledger.expected} frames (the sender stopped without scan_end); the frames are "
+            # the sender went silent mid-scan (killed, crashed, cable), or no producer came back
+            # to a scan recovered open after a restart: a partial reconstruction labelled
+            # "finished" would hide the loss (a subscriber takes scan.finished for the whole
+            # scan), so the scan stops with its frames kept in the spool, and `finish_scan`
+            # reconstructs them if the operator wants that. A recovered scan is no exception:
+            # the daemon's restart does not make 500 of 1024 frames a complete scan.
+            why = ("the producer did not return after the daemon's restart" if session.recovered
+                   else "the sender stopped without scan_end")
+            reason = (f"acquisition_timeout: no frame for {limit:g} s after {held} of "
+                      f"{ledger.expected} frames ({why}); the frames are "
                       "kept in the spool: control `finish_scan` reconstructs them")
             log.warning(reason, extra={"scan_id": session.scan_id})
             self.abort_scan(session, reason)
@@ -1647,7 +1676,8 @@ class ScanManager:
     def _register_reopened(self, session: Session, contents: Any, need: dict[str, int],
                            spool: SpoolWriter) -> Session:
         spec = contents.spec
-        reopened = Session(spec, need)
+        # a scan recovered after a restart stays one when re-opened (its summary and result say so)
+        reopened = Session(spec, need, recovered=session.recovered)
         reopened.ledger.stored(int(reopened.ledger.admit(contents.indices).sum()))
         reopened.ended, reopened.end_reason = True, "finish_scan"
         # the stopped record is replaced by the live one (history trimming may have dropped it)

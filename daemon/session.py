@@ -174,6 +174,19 @@ class Session:
         #: that close), which then leaves the file alone: a receipt said it was closed so
         self.spool_status: str | None = None
 
+    def completeness(self) -> dict[str, Any]:
+        """What a result says of how much of the declared scan it holds: frames received (distinct
+        indices), declared (``expected_frames``, when declared), ``partial`` (fewer than declared:
+        a scan stopped early, or a partial one an operator reconstructed with ``finish_scan``),
+        and why it ended. A subscriber must not take a partial result for the whole scan."""
+        out: dict[str, Any] = {"frames_received": self.ledger.received}
+        if self.spec.expected_frames is not None:
+            out["frames_expected"] = int(self.spec.expected_frames)
+            out["partial"] = self.ledger.received < self.spec.expected_frames
+        if self.end_reason is not None:
+            out["end_reason"] = self.end_reason
+        return out
+
     def transition(self, new: State, error: str | None = None) -> bool:
         """Move to ``new``; False (and no change) if the session is already final."""
         with self.lock:

@@ -574,6 +574,9 @@ class ScanWorker:
         result = result_message(s.scan_id, state, self.engine.positions(),
                                 files, s.figures.get("loss"), s.figures.get("resolution_m"))
         result.metadata.update(parallax)
+        # frames held of those declared, and why it ended: a partial scan reconstructed on request
+        # (finish_scan) or stopped early is not to be taken for the whole scan downstream
+        result.metadata.update(s.completeness())
         s.transition(State.FINISHED)
         self.outbox.post("result", result)
         self.outbox.post("scan.finished", {"scan_id": s.scan_id, "result_path": s.result_path})

@@ -304,11 +304,18 @@ def test_kill_9_then_recover_from_spool(tmp_path, scan):
     np.testing.assert_array_equal(np.sort(spooled.indices), np.arange(160))
     np.testing.assert_array_equal(spooled.frames[np.argsort(spooled.indices)], scan.frames[:160])
 
-    # the restarted daemon finds the scan, waits briefly for its producer, then finishes it
+    # the restarted daemon finds the scan and waits briefly for its producer; none comes, and the
+    # scan (160 of its frames) is aborted with them kept, as a live one whose sender went silent;
+    # finish_scan reconstructs them
     daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=1")
     try:
         sub = Subscriber(daemon.publish, latest_only=False)
         with ControlClient(daemon.control, timeout_s=30) as ctl:
+            stopped = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "crash"
+                                             and s["state"] in ("finished", "aborted", "failed")), None),
+                               90, "the recovered scan to stop", daemon)
+            assert stopped["state"] == "aborted" and f"after 160 of {len(scan.frames)} frames" in stopped["error"], stopped
+            ctl.finish_scan("crash")
             wait_for(lambda: any(s["scan_id"] == "crash" and s["state"] == "finished" for s in ctl.list_scans()),
                      90, "the recovered scan to finish", daemon)
             info = next(s for s in ctl.list_scans() if s["scan_id"] == "crash")

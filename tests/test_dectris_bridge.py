@@ -324,18 +324,23 @@ def test_a_resumed_series_goes_on_in_its_scan_and_refuses_images_it_holds() -> N
     assert conv.stats["missing_images"] == 0
 
 
-def test_a_new_series_after_a_resumed_one_ends_it_with_what_it_holds(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_new_series_after_a_resumed_one_aborts_it_with_what_it_holds_kept(caplog: pytest.LogCaptureFixture) -> None:
     """The detector moved on while the daemon was down: the resumed series' rest will not come
-    (one series at a time, in order). Its scan was aborted (a reconstruction only on request);
-    it now ends with the frames it holds and is reconstructed, as the daemon ends a recovered
-    scan whose sender stays silent. A series cut short while the daemon ran is still aborted."""
+    (one series at a time, in order). Its scan is partial, and stopped as the daemon stops a
+    recovered scan whose producer does not return and a live one whose sender went silent:
+    aborted, the reason naming the images held of those declared, its frames kept in the spool
+    for `finish_scan` — not a ScanEnd, which the daemon reports `finished` (until d09c75f the
+    converter ended it so, matching the daemon's recovery then). A series cut short while the
+    daemon ran is aborted too."""
     _msgs, conv, scan = _resumed(3)
     second = _decoded(_series(user={"scan": USER_SCAN}, series_id=2, series_unique_id="01SECOND"))
     with caplog.at_level(logging.WARNING):
         out = [m for msg in second[:3] for m in conv.feed(msg)]  # its start and two images
-    assert not any(isinstance(m, Abort) for m in out)
-    assert out[0] == ScanEnd(scan.scan_id, 3) and isinstance(out[1], ScanStart)
-    assert "resumed in recovered scan" in caplog.text and "the 3 of its 6 images it holds" in caplog.text
+    assert not any(isinstance(m, ScanEnd) and m.scan_id == scan.scan_id for m in out)
+    assert isinstance(out[0], Abort) and out[0].scan_id == scan.scan_id and isinstance(out[1], ScanStart)
+    assert "3 of its 6 images held" in out[0].reason and "after the daemon's restart" in out[0].reason
+    assert "finish_scan" in out[0].reason
+    assert "resumed in recovered scan" in caplog.text
     third = _decoded(_series(user={"scan": USER_SCAN}, series_id=3, series_unique_id="01THIRD"))
     out = [m for msg in third for m in conv.feed(msg)]
     assert isinstance(out[0], Abort) and "replaced by series 3" in out[0].reason  # (not resumed)
@@ -744,9 +749,10 @@ class _Control:
 
     def __init__(self) -> None:
         self.state = "unknown"
+        self.extra: dict[str, Any] = {}  #: further receipt fields (starts_refused, start_time_s)
 
     def receipt(self, scan_id: str) -> dict[str, Any]:
-        return {"scan_id": scan_id, "state": self.state, "refused_at": None, "error": None}
+        return {"scan_id": scan_id, "state": self.state, "refused_at": None, "error": None, **self.extra}
 
     def status(self) -> dict[str, Any]:
         return {"running": [], "waiting": []}
@@ -840,6 +846,49 @@ def test_a_daemon_that_reads_nothing_costs_the_bridge_at_most_max_held_bytes(
     nxt, _ = _convert(_series(user={"scan": USER_SCAN}, series_id=2, series_unique_id="01NEXT"), BridgeConfig())
     gate.put(nxt[:1])
     assert _next(sock).scan_id == nxt[0].scan_id and gate.pending is not None
+
+
+def test_a_series_named_like_another_senders_scan_is_refused_not_sent_into_it(
+        gate_rig: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    """Two bridges named a series identically at the same moment: the daemon took the other
+    one's scan_start and refused this one's (unique_scan), and its receipt said so
+    (starts_refused, start_time_s: the other sender's stamp). The gate read only `state`
+    ("acquiring": accepted) and sent the whole series into the other bridge's scan, where
+    the daemon filed its frames (of one index, the first to arrive). It reads those fields as
+    the SDK does now: the series is refused by name, counted, and none of its frames sent."""
+    gate, control, _clock, sock, out, stats = gate_rig
+    gate.put(out[:1])
+    start = _next(sock)
+    # the other sender's start was read, this one's not yet: waited for, nothing sent
+    control.state, control.extra = "acquiring", {"starts_refused": 0, "start_time_s": start.time_s - 0.25}
+    gate.put(out[1:])
+    assert gate.busy and not sock.poll(0)
+    control.extra = {"starts_refused": 1, "start_time_s": start.time_s - 0.25}  # ... then refused
+    with caplog.at_level(logging.ERROR):
+        gate.put([])
+    assert not sock.poll(200), "a frame of the refused series was sent into the other sender's scan"
+    assert not gate.busy and gate.held_bytes == 0
+    assert stats.series_refused == 1 and stats.series_errors == 1 and stats.series_lost == 0
+    assert any(start.scan_id in r.getMessage() and "another sender" in r.getMessage() for r in caplog.records)
+
+
+def test_the_gates_own_scan_is_delivered_when_a_second_start_of_its_id_was_refused(
+        gate_rig: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    """The other side of the collision: the daemon holds this bridge's scan (its start_time_s is
+    this start's stamp) and refused another sender's start. The series is delivered, with a
+    warning that another sender uses the id."""
+    gate, control, _clock, sock, out, stats = gate_rig
+    gate.put(out[:1])
+    start = _next(sock)
+    control.state, control.extra = "acquiring", {"starts_refused": 1, "start_time_s": start.time_s}
+    with caplog.at_level(logging.WARNING):
+        gate.put(out[1:])
+    rest = []
+    while not (rest and isinstance(rest[-1], ScanEnd)):
+        rest.append(_next(sock))
+    assert [type(m) for m in rest] == [type(m) for m in out[1:]]
+    assert not gate.busy and stats.series_refused == 0
+    assert any("another sender uses the id" in r.getMessage() for r in caplog.records)
 
 
 def test_frames_sent_counts_what_the_producer_took_not_what_was_converted() -> None:

@@ -93,6 +93,11 @@ def test_result_on_a_full_disk_fails_the_scan_and_keeps_every_acknowledged_frame
                           "--set", f"disk_reserve_bytes={NO_DISK_HAS}")
     try:
         with ControlClient(daemon.control, timeout_s=30) as ctl:
+            # no producer comes back: aborted with its 40 frames kept (not a partial "finished"),
+            # and reconstructed on request, as an operator would
+            wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "late"
+                                   and s["state"] == "aborted"), None), 120, "the recovered scan to stop", daemon)
+            ctl.finish_scan("late")
             info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "late"
                                           and s["state"] in ("finished", "failed")), None),
                             120, "the recovered scan to end", daemon)

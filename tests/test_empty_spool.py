@@ -22,8 +22,9 @@ def _scan_files(spool_dir: Path) -> list[str]:
 
 def test_a_scan_killed_before_its_first_frame_leaves_no_spool_once_it_ends(tmp_path: Path) -> None:
     """kill -9 of the real daemon once a scan_start is accepted and its spool made, before any
-    frame: the next start recovers the scan (a producer may come back), nothing comes, it fails
-    ("ended without a single frame"), and its spool — no frame in it — is removed, logged; a
+    frame: the next start recovers the scan (a producer may come back), nothing comes, it is
+    aborted as a live scan whose sender went silent is (0 of 16 frames; until d09c75f it was
+    ended and failed, "ended without a single frame"), and its spool — no frame in it — is removed, logged; a
     third start finds nothing. Before: the failed empty spool stayed in the directory for ever."""
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
@@ -49,9 +50,9 @@ def test_a_scan_killed_before_its_first_frame_leaves_no_spool_once_it_ends(tmp_p
             info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "nothing"
                                           and s["state"] in ("finished", "failed", "aborted")), None),
                             60, "the recovered scan to end", daemon)
-            assert info["state"] == "failed" and info["recovered"], info
-            assert info["frames"]["received"] == 0
-            # removed on the daemon's closer thread after the failure: wait for it
+            assert info["state"] == "aborted" and info["recovered"], info
+            assert info["frames"]["received"] == 0 and "after 0 of 16 frames" in info["error"], info
+            # removed on the daemon's closer thread after the abort: wait for it
             wait_for(lambda: _scan_files(spool_dir) == [], 60, "the empty spool to be removed", daemon)
     finally:
         assert daemon.stop() == 0

@@ -74,6 +74,23 @@ def _kill_traced(proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+def _recovered_result(ctl: ControlClient, daemon, scan_id: str) -> dict:
+    """The recovered scan's summary once it has a result. No producer comes back: a scan that
+    lacks frames is aborted after recover_wait_s with its frames kept in the spool (as a live
+    scan whose sender went silent), and `finish_scan` reconstructs them, as an operator would."""
+    def stopped() -> dict | None:
+        return next((s for s in ctl.list_scans() if s["scan_id"] == scan_id
+                     and s["state"] in ("finished", "failed", "aborted")), None)
+
+    info = wait_for(stopped, 120, "the recovered scan to stop", daemon)
+    if info["state"] == "aborted":
+        assert "did not return after the daemon's restart" in info["error"], info
+        ctl.finish_scan(scan_id)
+        info = wait_for(lambda: (s := stopped()) is not None and s["state"] != "aborted" and s, 120,
+                        "the recovered scan's finish_scan result", daemon)
+    return info
+
+
 def test_a_daemon_killed_while_spooling_keeps_every_acknowledged_frame(tmp_path: Path) -> None:
     scan = synthetic_scan(n_side=16, m=32)  # 256 frames
     strace = _strace_works()
@@ -109,9 +126,7 @@ def test_a_daemon_killed_while_spooling_keeps_every_acknowledged_frame(tmp_path:
     daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=1")
     try:
         with ControlClient(daemon.control, timeout_s=30) as ctl:
-            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "killed"
-                                          and s["state"] in ("finished", "failed")), None),
-                            120, "the recovered scan to finish", daemon)
+            info = _recovered_result(ctl, daemon, "killed")
         assert info["state"] == "finished" and info["recovered"] is True, (info, daemon.log())
         with h5py.File(info["result_path"]) as f:
             import hdf5plugin  # noqa: F401  (registers the bitshuffle filter)
@@ -175,9 +190,7 @@ def test_a_daemon_killed_while_spooling_a_detector_scan_keeps_every_acknowledged
     daemon = start_daemon(tmp_path, *FAST, "--set", "recover_wait_s=1")
     try:
         with ControlClient(daemon.control, timeout_s=30) as ctl:
-            info = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == scan_id
-                                          and s["state"] in ("finished", "failed")), None),
-                            120, "the recovered scan to finish", daemon)
+            info = _recovered_result(ctl, daemon, scan_id)
         assert info["state"] == "finished" and info["recovered"] is True, (info, daemon.log())
         with h5py.File(info["result_path"]) as f:
             import hdf5plugin  # noqa: F401  (registers the bitshuffle filter)

@@ -8,6 +8,7 @@ dectris2://HOST:31001`` reads the detector itself: :mod:`.source`); the conversi
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -370,6 +371,24 @@ class StartGate:
             return False
         if answer["state"] == "unknown" or (answer["state"] == "refused" and answer.get("refused_at") == self._stale):
             return self._overdue(start)  # not read yet (its ingest socket is served apart from control)
+        if answer["state"] != "refused" and "starts_refused" in answer:  # (absent from older daemons)
+            theirs = answer.get("start_time_s")
+            if not _same_start(theirs, start.time_s):
+                # another sender's scan of this id (a second bridge named its series alike at
+                # the same moment): this start is not read yet, or was refused as not unique —
+                # the daemon files every sender's frames under the one scan, so none are sent
+                if not answer["starts_refused"]:
+                    return self._overdue(start)
+                return self._taken_by_another(start, answer)
+            if answer["starts_refused"] and not self._resent:
+                # (this gate's own second start, after a restart, is refused as a duplicate too)
+                msg = (f"the daemon refused {answer['starts_refused']} more scan_start of scan {start.scan_id} "
+                       "while it held this bridge's: another sender uses the id; frames it sent may be filed "
+                       "under this series' scan (of one frame index the daemon keeps the first). Give every "
+                       "series its own name")
+                log.warning("%s", msg)
+                self.converter.report(SeriesNotice("warning", self._series_of(start.scan_id), "scan_start", msg,
+                                                   start.scan_id))
         self.pending = None
         if answer["state"] != "refused":
             if self._waiting_id == start.scan_id:
@@ -396,6 +415,20 @@ class StartGate:
         self.stats.series_refused += 1
         self.stats.series_errors += 1
         self._refused(start.scan_id, f"the daemon refused scan {start.scan_id}: {reason}; none of its frames is kept")
+        return True
+
+    def _taken_by_another(self, start: ScanStart, answer: dict[str, Any]) -> bool:
+        """The daemon holds another sender's scan of the pending start's id and refused this
+        one (unique_scan): the series is refused, said and counted, and none of its frames sent."""
+        self.pending = None
+        self.producer.scan = None  # refused: there is nothing to abort (an abort would end theirs)
+        self.stats.series_refused += 1
+        self.stats.series_errors += 1
+        self._refused(start.scan_id, (
+            f"the daemon refused scan {start.scan_id}: it holds another sender's scan of this id (started at "
+            f"time_s {answer.get('start_time_s')}, this bridge's at {start.time_s}; {answer['starts_refused']} "
+            "scan_start of the id refused): two senders named a series alike; none of its frames is sent. "
+            "Give every series its own name"))
         return True
 
     def _overdue(self, start: ScanStart) -> bool:
@@ -439,9 +472,13 @@ class StartGate:
         waiting = int(status.get("waiting_total", len(status.get("waiting", []))))
         return cap is None or waiting < int(cap) + free
 
-    def _refused(self, scan_id: str, message: str) -> None:
+    def _series_of(self, scan_id: str) -> int | None:
+        """The detector series the converter streams as ``scan_id`` (None once it is over)."""
         plan = self.converter.plan
-        series = plan.start.series_id if plan is not None and plan.scan_id == scan_id else None
+        return plan.start.series_id if plan is not None and plan.scan_id == scan_id else None
+
+    def _refused(self, scan_id: str, message: str) -> None:
+        series = self._series_of(scan_id)
         self.converter.report(SeriesNotice("rejected", series, "scan_start", message, scan_id))
         if series is not None:  # still streaming: the converter drops it
             # (what it finishes on the way, a series that waited for positions, still leaves)
@@ -472,6 +509,13 @@ class StartGate:
         if self.pending is not None and self.pending.scan_id == sid:  # its frames, sent no further
             self._forget_pending(reason)
         self._lose(sid, reason)
+
+
+def _same_start(theirs: Any, mine: float | None) -> bool:
+    """Whether a receipt's ``start_time_s`` is this sender's scan_start stamp (a stamp that
+    cannot be compared, nil or NaN, decides nothing: counted as the same, as the SDK does)."""
+    comparable = all(isinstance(t, (int, float)) and not math.isnan(t) for t in (theirs, mine))
+    return theirs == mine if comparable else True
 
 
 def _nbytes(msg: IngestMessage) -> int:

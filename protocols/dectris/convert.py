@@ -302,12 +302,19 @@ class SeriesConverter:
         elif old is not None and old.scan_start is not None and old.resumed:
             # a detector streams one series at a time, in order: the rest of the series resumed
             # after the restart will not come (the detector moved on while the daemon was down).
-            # The scan ends with what it holds, as the daemon ends any recovered scan whose sender
-            # stays silent (recover_wait_s), instead of being aborted
-            log.warning("DECTRIS series %s, resumed in recovered scan %s, was replaced by series %s before "
-                        "its end: the scan ends with the %d of its %d images it holds", old.start.series_id,
-                        old.scan_id, start.series_id, old.sent + len(old.batch), old.expected)
-            out += self._finish(old)
+            # The scan is partial: aborted with its frames kept in the spool, as the daemon stops
+            # any recovered scan whose sender does not return (recover_wait_s) and a live one whose
+            # sender went silent — a partial scan is never reported finished on its own
+            # (PROTOCOL.md § 4.5); control `finish_scan` reconstructs it on request
+            held = old.sent + len(old.batch)
+            why = (f"detector series {old.start.series_id}, resumed in recovered scan {old.scan_id} after the "
+                   f"daemon's restart, was replaced by series {start.series_id} before its end: {held} of its "
+                   f"{old.expected} images held; the frames are kept in the spool: control `finish_scan` "
+                   "reconstructs them")
+            log.warning("DECTRIS %s", why)
+            out += self._take_batch(old)  # (the images it holds reach the spool before the abort)
+            self._drop_positions({None, old.start.series_id})
+            out.append(Abort(old.scan_id, why))
         elif old is not None and old.scan_start is not None:
             out.append(Abort(self.plan.scan_id, f"detector series {self.plan.start.series_id} "
                              f"was replaced by series {start.series_id} before its end"))
