@@ -109,8 +109,6 @@ def test_two_threads_reading_headers_leave_the_garbage_collector_on(monkeypatch)
     assert on, "the garbage collector was left disabled after both headers were read"
 
 
-@pytest.mark.xfail(strict=True, reason="review12: a waiting parked scan's set_options re-open (keep_waiting_options "
-                   "→ _unpark) takes the admission lock meant for the worker's re-open and lets go of it at its close")
 def test_a_set_options_reopen_does_not_spend_the_admission_lock_of_the_workers_reopen(tmp_path, monkeypatch):
     """daemon/scans.py: admission (_spool_held) keeps a shared flock on a parked scan's spool until
     its worker's re-open (_unpark pops it from _admission_locks), so that no program takes the file
