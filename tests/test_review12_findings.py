@@ -68,8 +68,6 @@ class _Interleaved:
         gc.enable()
 
 
-@pytest.mark.xfail(strict=True, reason="review12: read_header saves and restores the process-wide gc flag "
-                   "per call: two threads reading headers can leave the collector off for good")
 def test_two_threads_reading_headers_leave_the_garbage_collector_on(monkeypatch):
     """protocols/wire.py read_header: ``collecting = gc.isenabled(); gc.disable(); … finally: if
     collecting: gc.enable()``. Thread A disables; thread B reads "off" and is switched out; A
