@@ -155,6 +155,28 @@ def _check_tree(header: dict[str, Any], max_values: int | None = None) -> None:
         depth += 1
 
 
+def values_over(head: Any, max_values: int) -> int | None:
+    """How many values (maps, lists, strings, numbers: as :func:`read_header` counts them for
+    ``max_header_values``) the packed header ``head`` holds, where more than ``max_values``;
+    None where not. A header of no more bytes than ``max_values`` is not decoded: every value
+    takes at least one byte."""
+    view = byte_view(head)
+    if view.nbytes <= max_values:
+        return None
+    level: list[Any] = [msgpack.unpackb(view, raw=False, strict_map_key=False)]
+    values = 0
+    while level:
+        values += len(level)
+        below: list[Any] = []
+        for node in level:
+            if isinstance(node, dict):
+                below.extend(node.values())
+            elif isinstance(node, list):
+                below.extend(node)
+        level = below
+    return values if values > max_values else None
+
+
 def _refuse_in_tree(header: dict[str, Any]) -> None:
     """Raise the :class:`ProtocolError` naming the first value :func:`_check_tree` found wrong.
     Depth first, the path kept as one list of keys: its text is made for the value refused only

@@ -19,8 +19,6 @@ from cryoptycho.protocols.limits import Limits
 from daemon_support import loopback_config
 
 
-@pytest.mark.xfail(strict=True, reason="review12: encode_reply bounds a reply's bytes (max_header_bytes) but not "
-                   "its values (max_header_values): a reply our own client cannot read is sent as is")
 def test_a_reply_over_the_clients_value_limit_is_answered_readably(tmp_path):
     """``set_options`` echoes the options it set. ``aberrations`` has no length bound, so a request
     within the daemon's max_header_values (65,536) sets a list that, with the ~100 other options
