@@ -22,8 +22,8 @@ from .client import SocketClient, connect
 from .errors import ControlError, ControlTimeout, ProtocolError
 from .limits import Limits, control_max_part_bytes
 from .messages import Reply, Request, decode, encode
-from .wire import values_over
 from .security import ClientCurve
+from .wire import values_over
 
 log = logging.getLogger(__name__)
 
