@@ -1102,8 +1102,10 @@ class ScanManager:
         that got in between the close and this (microseconds) is met by the worker's re-open as
         before admission kept a lock (:meth:`_reopen_later`)."""
         scan_id = session.scan_id
-        if not session.started or session.state.final:
-            return  # not admitted: admission takes its own lock; over: nothing re-opens it
+        if not session.started or session.state.final or self.stopping:
+            # not admitted: admission takes its own lock; over, or the daemon stopping (its
+            # admission locks let go of): nothing re-opens it
+            return
         try:
             share = hold_against_writers(spool_path(self.config.spool_dir, scan_id))
         except SpoolInUse:
