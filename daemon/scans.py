@@ -502,6 +502,7 @@ class ScanManager:
                     writer.set_options(options)
                 finally:
                     writer.close()
+                    self._rehold_admitted(session)
 
             self.after_disk(reopened, done)
             return
@@ -1114,6 +1115,34 @@ class ScanManager:
         if noted:
             log.info("spool %s let go of by the other program: the scan starts", path.name, extra={"scan_id": scan_id})
         return False
+
+    def _rehold_admitted(self, session: Session) -> None:
+        """Spool thread, after set_options' re-open of a waiting scan's closed spool
+        (:meth:`keep_waiting_options`): where the scan was admitted meanwhile, that re-open took
+        the shared lock admission keeps for the worker's re-open (queued behind it on this
+        thread) and let go of it at its close; it is taken again, so that a program opening the
+        file for writing before the worker's re-open is refused, as right after admission. One
+        that got in between the close and this (microseconds) is met by the worker's re-open as
+        before admission kept a lock (:meth:`_reopen_later`)."""
+        scan_id = session.scan_id
+        if not session.started or session.state.final or self.stopping:
+            # not admitted: admission takes its own lock; over, or the daemon stopping (its
+            # admission locks let go of): nothing re-opens it
+            return
+        try:
+            share = hold_against_writers(spool_path(self.config.spool_dir, scan_id))
+        except SpoolInUse:
+            return
+        if share is None:
+            return
+        with self._raw_lock:
+            stale, self._admission_locks[scan_id] = self._admission_locks.get(scan_id), share
+        if stale is not None:
+            stale.close()
+        if session.state.final:  # settled meanwhile (its lock dropped before this one was kept)
+            share = self._drop_admission_lock(scan_id)
+            if share is not None:
+                share.close()
 
     def _drop_admission_lock(self, scan_id: str) -> BinaryIO | None:
         """The shared lock admission took on the scan's spool (None: none), no longer kept here."""

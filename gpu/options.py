@@ -122,6 +122,24 @@ class StreamOptions(_Strict):
     the side that overflowed, so a scan that runs past its declared field re-pads rarely."""
 
 
+AberrationName = Literal["C10", "C12a", "C12b", "C21a", "C21b", "C30"]
+"""A coefficient gpu/probes.py's ABERRATIONS knows (tests/test_control_reply_bounds.py checks
+that the two agree; this module does not import the engine's)."""
+
+
+def _distinct_names(names: list[str]) -> list[str]:
+    repeated = sorted({name for i, name in enumerate(names) if name in names[:i]})
+    if repeated:
+        raise ValueError(f"{', '.join(repeated)} named more than once: each coefficient is fitted once")
+    return names
+
+
+#: coefficients to fit: each known name at most once. Unbounded, a set_options of 65,000 names was
+#: applied, and echoed in a reply of more values than a client reads, at every later defaults reply
+AberrationNames = Annotated[list[AberrationName], Field(max_length=len(AberrationName.__args__)),
+                            AfterValidator(_distinct_names)]
+
+
 def _known_algorithm(name: str) -> str:
     from .engines import get_algorithm  # the registry imports this module
 
@@ -305,7 +323,7 @@ class ReconOptions(_Strict):
     (gpu/aberrations.py: a few parameters instead of M×M free pixels), alternating with the
     object CG. Exclusive with ``refine_probe`` (which must then be false, or "auto" deciding
     false)."""
-    aberrations: list[Literal["C10", "C12a", "C12b", "C21a", "C21b", "C30"]] = Field(
+    aberrations: AberrationNames = Field(
         default_factory=lambda: ["C10", "C12a", "C12b", "C21a", "C21b", "C30"], min_length=1)
     """Coefficients refined by ``refine_aberrations``: defocus, two-fold astigmatism (two
     components), coma (two), spherical aberration."""
@@ -351,7 +369,7 @@ class ReconOptions(_Strict):
     tell. On the realistic preset it gains +0.055 / +0.093 phase correlation on the proteasome
     at 20 / 100 e⁻/Å² and +0.013 / +0.051 on hemoglobin, whose data at 5–20 e⁻/Å² hardly pin
     the probe (MEASUREMENTS.md, "Parallax estimate of the probe aberrations")."""
-    parallax_aberrations: list[Literal["C10", "C12a", "C12b", "C21a", "C21b", "C30"]] = Field(
+    parallax_aberrations: AberrationNames = Field(
         default_factory=lambda: ["C10", "C12a", "C12b"], min_length=1)
     """Coefficients the parallax fit estimates (defocus first, then the others)."""
     parallax_range_m: float = Field(60e-9, gt=0)

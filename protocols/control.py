@@ -23,6 +23,7 @@ from .errors import ControlError, ControlTimeout, ProtocolError
 from .limits import Limits, control_max_part_bytes
 from .messages import Reply, Request, decode, encode
 from .security import ClientCurve
+from .wire import values_over
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,8 @@ def handle(
 
 def encode_reply(reply: Reply, method: str, limits: Limits | None = None) -> list[Any]:
     """The parts of ``reply``; one that cannot be encoded, or whose header is larger than a
-    client reads (``max_header_bytes``: the client refuses it, and the caller learns nothing
-    but a protocol error), is answered as a failure that says so instead — itself within
+    client reads (``max_header_bytes``, or more values than ``max_header_values``: the client
+    refuses it, and the caller learns nothing but a protocol error), is answered as a failure that says so instead — itself within
     ``max_header_bytes``, however small that is set."""
     limits = limits or Limits()
     try:
@@ -141,6 +142,13 @@ def encode_reply(reply: Reply, method: str, limits: Limits | None = None) -> lis
             f"reply of {method!r} would be {size} bytes, more than the {limits.max_header_bytes} "
             "a client reads (max_header_bytes); this is a daemon bug, please report it",
             "max_header_bytes", reply.time_s, limits,
+        )
+    values = values_over(parts[0], limits.max_header_values)
+    if values is not None:
+        return _failure(
+            f"reply of {method!r} would hold {values} values, more than the {limits.max_header_values} "
+            "a client reads (max_header_values); this is a daemon bug, please report it",
+            "max_header_values", reply.time_s, limits,
         )
     return parts
 

@@ -48,10 +48,11 @@ class Limits(BaseModel):
     max_header_values: int = Field(65536, ge=256)
     """Most values (maps, lists, strings, numbers, each counted once) one header may hold. Every
     Python object msgpack builds costs the receiver's thread CPU while it holds the interpreter
-    lock: a 1 MiB header of a million one-byte values took the daemon's manager loop 0.6–1.0 s
-    per message, no other peer served meanwhile. Real headers hold a few hundred (scan_start
+    lock: a 1 MiB header of a million one-byte values took the daemon's manager loop 1.1–1.6 s
+    of CPU per message (0.3–0.4 s of it msgpack's decode alone), no other peer served meanwhile. Real headers hold a few hundred (scan_start
     with every option and a 200-key metadata map: 627), replies far fewer than the limit (the
-    largest, list_scans: 512 summaries of a few dozen values)."""
+    largest, list_scans: 512 summaries of a few dozen values); a reply that would hold more is
+    answered as a failure that says so (protocols/control.py, encode_reply)."""
     max_frames_per_scan: int = Field(16 * MiB, ge=1)
     """Largest ``expected_frames`` a scan may declare."""
     max_scan_id_length: int = Field(128, ge=1, le=1024)

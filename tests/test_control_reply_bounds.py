@@ -171,3 +171,45 @@ def test_a_reply_larger_than_a_client_reads_is_answered_as_a_named_failure():
         assert isinstance(reply, Reply) and reply.success is ok
         if not ok:
             assert reply.result["rule"] == "max_header_bytes" and "'huge'" in reply.msg, reply
+
+
+def test_a_reply_of_more_values_than_a_client_reads_is_answered_as_a_named_failure():
+    """As for bytes, for values (review12): a reply within ``max_header_bytes`` whose header
+    holds more than ``max_header_values`` values (a one-byte value each: 65,537 zeros are 64 kB)
+    was sent as it was, and the client refused it, the caller learning only a ProtocolError. It
+    is now a failed reply (rule ``max_header_values``) that names the method; a reply at the
+    limit is sent as it is."""
+    from cryoptycho.protocols.control import handle
+    from cryoptycho.protocols.limits import Limits
+    from cryoptycho.protocols.messages import Reply, Request, decode, encode
+
+    limits = Limits()
+    # the reply's envelope (the reply map, its keys' values, the result map) holds a few values
+    # besides the list: "many" is over by far, "most" under by far, both of one list
+    table = {"many": lambda: {"list": [0] * limits.max_header_values},
+             "most": lambda: {"list": [0] * (limits.max_header_values - 100)}}
+    for method, ok in (("many", False), ("most", True)):
+        parts = handle([b"client", *encode(Request(method, {}))], table, limits)
+        reply = decode(parts[1:], limits)  # what the client reads, with its default limits
+        assert isinstance(reply, Reply) and reply.success is ok
+        if not ok:
+            assert reply.result["rule"] == "max_header_values" and "'many'" in reply.msg, reply
+        else:
+            assert len(reply.result["list"]) == limits.max_header_values - 100
+
+
+def test_aberration_lists_are_bounded_to_the_known_names_each_once(tmp_path):
+    """``aberrations`` and ``parallax_aberrations`` name coefficients of gpu/probes.py's
+    ABERRATIONS, each at most once: a list of 65,472 names was applied and then echoed in every
+    later defaults reply, each over the client's max_header_values (review12)."""
+    from cryoptycho.gpu.options import AberrationName, ReconOptions
+    from cryoptycho.gpu.probes import ABERRATIONS
+    from pydantic import ValidationError
+
+    assert AberrationName.__args__ == ABERRATIONS  # the options' names are the engine's
+    assert ReconOptions(aberrations=list(ABERRATIONS)).aberrations == list(ABERRATIONS)
+    for field in ("aberrations", "parallax_aberrations"):
+        for names, says in ((["C10"] * (len(ABERRATIONS) + 1), "at most"), (["C10", "C12a", "C10"], "C10 named more")):
+            with pytest.raises(ValidationError, match=says) as err:
+                ReconOptions(**{field: names})
+            assert err.value.errors()[0]["loc"] == (field,)

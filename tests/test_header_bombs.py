@@ -1,5 +1,5 @@
 """No peer stalls the daemon's manager loop with a header bomb: a 1 MiB header of a million tiny
-values (within ``max_header_bytes``) cost the loop 0.6-1.0 s of CPU per message — msgpack
+values (within ``max_header_bytes``) cost the loop 1.1–1.6 s of CPU per message — msgpack
 building and freeing a million objects, read once to decode it and twice more to account for it
 (is it a scan_start? how many frames?), and on the control socket once more to log its method —
 during which no other peer was served (decoding on another thread would not help: msgpack holds

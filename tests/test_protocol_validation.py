@@ -1040,7 +1040,7 @@ def _bomb(flat: bool) -> bytes:
 
 @pytest.mark.parametrize("flat", [True, False], ids=["one list", "nested lists"])
 def test_a_header_of_a_million_values_is_refused_by_its_count(monkeypatch, flat):
-    """A 1 MiB header of a million empty lists cost the daemon's manager loop 0.6-1.0 s of CPU
+    """A 1 MiB header of a million empty lists cost the daemon's manager loop 1.1–1.6 s of CPU
     (msgpack building and freeing a million objects, the garbage collector walking them over and
     over, the tree check walking them), every other peer waiting: its values are now limited
     (``max_header_values``). One list that long is refused by msgpack at its length, before one

@@ -69,7 +69,7 @@ def test_a_scan_finishes_where_the_file_system_refuses_directory_fsync(
 
 def test_an_io_error_on_a_directory_fsync_still_fails_the_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """EIO is not 'unsupported': the rename may not be on disk, and the caller must know."""
-    from cryoptycho.daemon.storage.result import replace_durably
+    from cryoptycho.daemon.storage.whole import replace_durably
 
     part, path = tmp_path / ".r.h5.part", tmp_path / "r.h5"
     part.write_bytes(b"x")
@@ -83,7 +83,7 @@ def test_a_result_whose_fsync_fails_leaves_no_hidden_part_file(tmp_path: Path, m
     """The result's own fsync failing (EIO, a full thin-provisioned volume's ENOSPC): the write
     fails, the scan with it (its spool kept), and no hidden ``.S.h5.part`` is left in the results
     directory (FORMATS.md: a failing write never leaves one; before, this one stayed, a result's size)."""
-    from cryoptycho.daemon.storage.result import replace_durably
+    from cryoptycho.daemon.storage.whole import replace_durably
 
     part, path = tmp_path / ".r.h5.part", tmp_path / "r.h5"
     part.write_bytes(b"x" * 4096)

@@ -19,8 +19,6 @@ from cryoptycho.protocols.limits import Limits
 from daemon_support import loopback_config
 
 
-@pytest.mark.xfail(strict=True, reason="review12: encode_reply bounds a reply's bytes (max_header_bytes) but not "
-                   "its values (max_header_values): a reply our own client cannot read is sent as is")
 def test_a_reply_over_the_clients_value_limit_is_answered_readably(tmp_path):
     """``set_options`` echoes the options it set. ``aberrations`` has no length bound, so a request
     within the daemon's max_header_values (65,536) sets a list that, with the ~100 other options
@@ -68,8 +66,6 @@ class _Interleaved:
         gc.enable()
 
 
-@pytest.mark.xfail(strict=True, reason="review12: read_header saves and restores the process-wide gc flag "
-                   "per call: two threads reading headers can leave the collector off for good")
 def test_two_threads_reading_headers_leave_the_garbage_collector_on(monkeypatch):
     """protocols/wire.py read_header: ``collecting = gc.isenabled(); gc.disable(); … finally: if
     collecting: gc.enable()``. Thread A disables; thread B reads "off" and is switched out; A
@@ -109,8 +105,6 @@ def test_two_threads_reading_headers_leave_the_garbage_collector_on(monkeypatch)
     assert on, "the garbage collector was left disabled after both headers were read"
 
 
-@pytest.mark.xfail(strict=True, reason="review12: a waiting parked scan's set_options re-open (keep_waiting_options "
-                   "→ _unpark) takes the admission lock meant for the worker's re-open and lets go of it at its close")
 def test_a_set_options_reopen_does_not_spend_the_admission_lock_of_the_workers_reopen(tmp_path, monkeypatch):
     """daemon/scans.py: admission (_spool_held) keeps a shared flock on a parked scan's spool until
     its worker's re-open (_unpark pops it from _admission_locks), so that no program takes the file

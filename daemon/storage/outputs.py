@@ -18,12 +18,12 @@ result is always written, because it is the record the others are views of (``ba
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
+from cryoptycho.daemon.storage.whole import write_whole
 
 if TYPE_CHECKING:  # the configuration imports this module: keep it free of h5py and the engine
     from cryoptycho.daemon.storage.result import RawHook
@@ -104,19 +104,6 @@ def save_outputs(
     return written
 
 
-def _whole(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write`` a file under a hidden name, renamed to ``path`` once whole (as the result
-    file is: a tool watching the directory never opens half an image)."""
-    part = path.with_name(f".{path.name}.part")
-    try:
-        write(part)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, path)
-    return path
-
-
 def _write_mrc(path: Path, phase: np.ndarray, pixel_size_m: float) -> Path:
     import mrcfile  # only the exports need it: keep the module import light
 
@@ -125,7 +112,7 @@ def _write_mrc(path: Path, phase: np.ndarray, pixel_size_m: float) -> Path:
             mrc.set_data(phase)
             mrc.voxel_size = pixel_size_m * 1e10
 
-    return _whole(path, write)
+    return write_whole(path, write)
 
 
 def _write_png(path: Path, phase: np.ndarray) -> Path:
@@ -134,4 +121,4 @@ def _write_png(path: Path, phase: np.ndarray) -> Path:
     lo, hi = np.percentile(phase, [0.5, 99.5])
     scaled = np.clip((phase - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
     image = Image.fromarray((scaled * 255).round().astype(np.uint8))
-    return _whole(path, lambda part: image.save(part, format="PNG"))
+    return write_whole(path, lambda part: image.save(part, format="PNG"))

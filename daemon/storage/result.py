@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
 import socket
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from cryoptycho.daemon.storage.h5format import (
     photon_equivalent_energy_eV,
     write_nav_shape,
 )
-from cryoptycho.daemon.storage.journal import fsync_path
+from cryoptycho.daemon.storage.whole import write_whole
 from cryoptycho.gpu.data import PtychoData
 from cryoptycho.gpu.state import ReconState
 
@@ -75,35 +74,10 @@ def write_result(
     px = d["pixel_size_m"]
     oy, ox = (float(v) for v in d["origin_m"])
     ny, nx = d["object"].shape
-    # written under a hidden name and renamed when whole: a tool that watches the results
-    # directory (or a crash, or a failing raw hook) never leaves a half-written result under
-    # the name of a finished one
-    part = path.with_name(f".{path.name}.part")
-    try:
-        _write(part, path.name, d, state, data, extra, raw, positions, float(energy), px, oy, ox, ny, nx)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    replace_durably(part, path)
-    return path
-
-
-def replace_durably(part: Path, path: Path) -> None:
-    """Rename the whole file ``part`` to ``path``, on disk when this returns: the file's data
-    fsynced before the rename (else a power loss may leave ``path`` naming an empty or partial
-    file: ext4's delayed allocation, XFS), its directory after (else the rename itself may be
-    lost). The daemon deletes a scan's spool — the only other copy of its frames — right after
-    its result is written: the page cache alone is not a copy (h5py's ``flush`` reaches only the
-    OS, and HDF5's sec2 driver never fsyncs, hence the fsync of the closed file by its path)."""
-    try:
-        fsync_path(part)
-    except BaseException:
-        # (EIO, ENOSPC on a thin volume): the write fails, and leaves no hidden copy of a
-        # result's size behind (a failing write never leaves one: FORMATS.md)
-        part.unlink(missing_ok=True)
-        raise
-    os.replace(part, path)
-    fsync_path(path.parent)
+    # written under a hidden name and renamed when whole (storage/whole.py), on disk when this
+    # returns: the daemon deletes the scan's spool next
+    return write_whole(path, lambda part: _write(part, path.name, d, state, data, extra, raw, positions,
+                                                 float(energy), px, oy, ox, ny, nx), durable=True)
 
 
 def add_raw(path: str | Path, raw: RawHook) -> None:
@@ -112,9 +86,9 @@ def add_raw(path: str | Path, raw: RawHook) -> None:
     (ptychodus' detector distance, position indexes, nav_shape), as :func:`write_result` would
     have written them. The result is rewritten under a hidden name and renamed when whole."""
     path = Path(path)
-    part = path.with_name(f".{path.name}.part")
-    shutil.copyfile(path, part)
-    try:
+
+    def rewrite(part: Path) -> None:
+        shutil.copyfile(path, part)
         with h5py.File(part, "r+") as f:
             if "raw" in f:
                 raise ValueError(f"{path} already holds a /raw group")
@@ -133,10 +107,8 @@ def add_raw(path: str | Path, raw: RawHook) -> None:
                               metadata=None if scan_id is None else {"scan_id": str(scan_id)})
             if "extra" in f and "raw_pending" in f["extra"].attrs:
                 del f["extra"].attrs["raw_pending"]
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    replace_durably(part, path)  # (over the result without /raw: its frames' spool is deleted next)
+
+    write_whole(path, rewrite, durable=True)  # (over the result without /raw: its frames' spool is deleted next)
 
 
 def _write(part: Path, name: str, d: dict[str, Any], state: ReconState, data: PtychoData | None,

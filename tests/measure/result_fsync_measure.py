@@ -1,6 +1,6 @@
 """What making a result durable costs (not a test): a 65,536-frame spool's raw part copied into a
 result file under a hidden name and renamed — as the daemon's finish and its waited raw copy
-(``add_raw``) write it — with and without ``result.replace_durably`` (fsync of the file before the
+(``add_raw``) write it — with and without ``whole.replace_durably`` (fsync of the file before the
 rename, of its directory after) and the spool directory's fsync after its unlink, alternating:
 
     python tests/measure/result_fsync_measure.py [--frames 65536] [--side 64] [--dose 0.1] [--rounds 4] [--dir DIR]
