@@ -531,6 +531,37 @@ def test_worker_processes_frames_are_lent_as_views_of_their_slot_until_let_go_of
     np.testing.assert_array_equal(again, expect[24:])
 
 
+def test_a_finished_jobs_frames_survive_a_worker_restart_before_they_are_taken() -> None:
+    """A job that finished before a worker process died (killed while idle: the OOM killer, an
+    operator) keeps its slot until its result is taken: the restart's new workers never write
+    the next job's frames over it. Before, the restart freed every slot, the next job got the
+    finished one's (the last one freed, LIFO) and the finished job's frames, taken after it,
+    were the next job's: wrong frames in a scan that goes on, with no error anywhere."""
+    import os
+    import signal
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(16, seed=11)
+    images = _series(frames, "restart")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    pool = DecodePool(1, processes=True)
+    try:
+        finished = pool.submit(images[:8], CHANNEL, reducer, True)
+        _wait(finished.done, "the first job to finish")
+        for pid in pool.pids():
+            os.kill(pid, signal.SIGKILL)
+        _wait(lambda: getattr(pool._pool, "_broken", False), "the pool to see its worker die")
+        after = pool.submit(images[8:], CHANNEL, reducer, True)  # new workers first, then the job
+        assert pool.generation == 1
+        _wait(after.done, "the job of the new workers to finish")
+        np.testing.assert_array_equal(pool.result(finished).counts, expect[:8])
+        np.testing.assert_array_equal(pool.result(after).counts, expect[8:])
+    finally:
+        pool.close()
+
+
 def test_worker_processes_frames_are_copied_into_arrays_no_one_holds() -> None:
     """The copy out of a worker process's shared-memory slot (no slot left to lend, here none
     at all) goes into a kept array only once nothing references that array: frames still held

@@ -399,10 +399,12 @@ class DecodePool:
         its other jobs fail too, and restart nothing more). Whether it restarted."""
         if generation != self.generation:
             return False
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # waited for: a broken pool fails its jobs before it terminates their workers, and a
+        # worker still running writes into its job's slot, which that job's failure freed
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.generation += 1
-        # the broken pool's jobs held theirs; lent slots stay lent until let go of
-        self._free = deque(i for i in range(self.slots) if i not in self._lent)
+        # the broken pool's jobs keep their slots until their results are taken (:meth:`result`):
+        # one that finished before a worker died holds frames still to be taken
         self._pool = self._start()
         return True
 
@@ -490,9 +492,9 @@ class DecodePool:
         again once nothing references them) or, past :attr:`lend_max` lent slots, copied out
         of shared memory; raises what the job raised (BrokenProcessPool when its worker
         process died)."""
+        # (of this generation of workers or of one before: a restart frees no job's slot)
         slot = getattr(future, "slot", None)
-        # (a restart freed the slots of the broken pool's jobs)
-        own = slot is not None and getattr(future, "generation", 0) == self.generation
+        own = slot is not None
         try:
             batch = future.result()
         except BaseException:
