@@ -17,6 +17,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
+import zmq
 from cryoptycho.daemon.config import ServiceConfig
 from cryoptycho.daemon.service import BackgroundService
 from cryoptycho.daemon.storage.spool import DATA, DERIVED, DETECTOR_FRAMES
@@ -509,11 +510,18 @@ def test_worker_processes_frames_are_lent_as_views_of_their_slot_until_let_go_of
         held = job(0)
         assert in_a_slot(held) and pool.lent == 1  # a view of its slot, not a copy
         part = held[2:5][:, ::2]  # a view of a view keeps the slot as well
+        # so do the buffer protocol's exports, which are no NumPy view of the slot's array: an
+        # array over a memoryview of the frames, and a zero-copy ZeroMQ frame of one of them
+        # (a send still queued) hold the exporting view through the buffer they took
+        exported = np.frombuffer(memoryview(held[5:7]).cast("B"), np.uint8)
+        sent = zmq.Frame(held[7], copy=False)
         del held
         for i in range(3 * pool.slots):  # jobs come and go (each let go of at once): the slots turn over
             lo = 8 * (1 + i % 3)
             np.testing.assert_array_equal(job(lo), expect[lo:lo + 8])
             np.testing.assert_array_equal(part, expect[2:5][:, ::2])  # never overwritten while held
+            assert exported.tobytes() == expect[5:7].tobytes() and sent.bytes == expect[7].tobytes()
+        del exported, sent
         second = job(8)
         assert in_a_slot(second) and pool.lent == 2  # the last lent slot
         third = job(16)  # none left to lend: copied out, its slot free at once
