@@ -570,6 +570,49 @@ def test_a_finished_jobs_frames_survive_a_worker_restart_before_they_are_taken()
         pool.close()
 
 
+def test_a_restart_ends_every_worker_of_the_broken_pool_a_stopped_one_too() -> None:
+    """New workers start only once every worker of the broken pool is gone — a worker still
+    running a job of it would write that job's frames into a slot its failure freed, under a
+    later job's — and a stopped worker (a debugger's, SIGSTOP) neither survives the restart nor
+    holds it up: the pool's own SIGTERM does not end a stopped process."""
+    import os
+    import signal
+    import threading
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(8, seed=12)
+    images = _series(frames, "stopped")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    pool = DecodePool(2, processes=True)
+    old = pool.pids()
+    try:
+        os.kill(old[0], signal.SIGSTOP)
+        os.kill(old[1], signal.SIGKILL)
+        _wait(lambda: getattr(pool._pool, "_broken", False), "the pool to see its worker die")
+        done: list[Any] = []
+        restart = threading.Thread(target=lambda: done.append(pool.restart(0)), daemon=True)
+        restart.start()
+        restart.join(120)  # (a hang guard: the restart returns at once when it works)
+        assert done == [True], "the restart waited on the stopped worker"
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False  # (its parent waited for it: no zombie either)
+
+        assert all(gone(pid) for pid in old), "a worker of the broken pool outlived the restart"
+        batch = pool.result(pool.submit(images, CHANNEL, reducer, True))  # the new workers decode
+        np.testing.assert_array_equal(batch.counts, reducer(frames)[0])
+    finally:
+        for pid in old:  # (the stopped one, were it left)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pool.close()
+
+
 def test_worker_processes_frames_are_copied_into_arrays_no_one_holds() -> None:
     """The copy out of a worker process's shared-memory slot (no slot left to lend, here none
     at all) goes into a kept array only once nothing references that array: frames still held

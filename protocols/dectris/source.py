@@ -399,8 +399,15 @@ class DecodePool:
         its other jobs fail too, and restart nothing more). Whether it restarted."""
         if generation != self.generation:
             return False
-        # waited for: a broken pool fails its jobs before it terminates their workers, and a
-        # worker still running writes into its job's slot, which that job's failure freed
+        # the broken pool's workers killed and waited for: it fails their jobs before it
+        # terminates them, and one still running writes into its job's slot, which that job's
+        # failure freed; killed (SIGKILL), for a stopped one outlives the pool's SIGTERM and
+        # the wait would not end
+        for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+            try:
+                process.kill()
+            except ValueError:  # the pool closed its Process object: that worker was waited for
+                pass
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.generation += 1
         # the broken pool's jobs keep their slots until their results are taken (:meth:`result`):
