@@ -613,6 +613,50 @@ def test_a_restart_ends_every_worker_of_the_broken_pool_a_stopped_one_too() -> N
         pool.close()
 
 
+def test_lent_slots_are_dropped_where_the_shared_memory_cannot_hold_them(monkeypatch, caplog) -> None:
+    """The lent slots double the pool's shared memory, a file of /dev/shm (a tmpfs: 64 MB in a
+    container by default) whose pages are taken only when first written: past its room, a
+    worker process writing a job's frames dies of SIGBUS, its scan fails, and so does every
+    scan after it (seen with /dev/shm mounted at 200 kB: 4 slots fit, the merged pool's 8 did
+    not). The pool reserves its pages when it makes the block; where the lent slots do not fit
+    (here: an ENOSPC for more than the in-flight slots' bytes), it lends none, copies every
+    job's frames out as before lending, and says so."""
+    import errno
+    import os
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(16, seed=13)
+    images = _series(frames, "shm")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    job_bytes = 8 * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
+    pool = DecodePool(1, processes=True)
+    in_flight = 2 * 1 + 2  # the slots for the jobs in flight of one worker
+    room = in_flight * job_bytes  # /dev/shm's room: the in-flight slots, not the lent ones
+    real = getattr(os, "posix_fallocate", None)
+    reserved: list[int] = []
+
+    def fallocate(fd: int, offset: int, size: int) -> None:
+        if size > room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        reserved.append(size)
+        if real is not None:
+            real(fd, offset, size)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cryoptycho.protocols.dectris.source"):
+            held = [pool.result(pool.submit(images[lo:lo + 8], CHANNEL, reducer, True)).counts for lo in (0, 8)]
+        assert reserved == [room]  # the block made again for the in-flight slots alone, reserved
+        assert pool.lend_max == 0 and pool.slots == in_flight and pool.lent == 0
+        assert not any(np.shares_memory(h, a) for h in held for a in pool._slot_arrays)  # copied out
+        np.testing.assert_array_equal(np.concatenate(held), expect)
+        assert "the 4 lent slots dropped" in caplog.text and "/dev/shm" in caplog.text
+    finally:
+        pool.close()
+
+
 def test_worker_processes_frames_are_copied_into_arrays_no_one_holds() -> None:
     """The copy out of a worker process's shared-memory slot (no slot left to lend, here none
     at all) goes into a kept array only once nothing references that array: frames still held
