@@ -523,10 +523,9 @@ class DecodePool:
                 os.posix_fallocate(shm._fd, 0, size)  # type: ignore[attr-defined]
                 return shm
             except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    shm.close()
-                    shm.unlink()
-                    raise
+                if exc.errno != errno.ENOSPC:  # no reserving there (not a tmpfs): as before, unreserved
+                    log.info("DECTRIS decoding: the shared memory's pages cannot be reserved (%s)", exc)
+                    return shm
                 shm.close()
                 shm.unlink()  # (its reserved pages go with it)
                 free = _shm_free()
