@@ -17,6 +17,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
+import zmq
 from cryoptycho.daemon.config import ServiceConfig
 from cryoptycho.daemon.service import BackgroundService
 from cryoptycho.daemon.storage.spool import DATA, DERIVED, DETECTOR_FRAMES
@@ -509,11 +510,18 @@ def test_worker_processes_frames_are_lent_as_views_of_their_slot_until_let_go_of
         held = job(0)
         assert in_a_slot(held) and pool.lent == 1  # a view of its slot, not a copy
         part = held[2:5][:, ::2]  # a view of a view keeps the slot as well
+        # so do the buffer protocol's exports, which are no NumPy view of the slot's array: an
+        # array over a memoryview of the frames, and a zero-copy ZeroMQ frame of one of them
+        # (a send still queued) hold the exporting view through the buffer they took
+        exported = np.frombuffer(memoryview(held[5:7]).cast("B"), np.uint8)
+        sent = zmq.Frame(held[7], copy=False)
         del held
         for i in range(3 * pool.slots):  # jobs come and go (each let go of at once): the slots turn over
             lo = 8 * (1 + i % 3)
             np.testing.assert_array_equal(job(lo), expect[lo:lo + 8])
             np.testing.assert_array_equal(part, expect[2:5][:, ::2])  # never overwritten while held
+            assert exported.tobytes() == expect[5:7].tobytes() and sent.bytes == expect[7].tobytes()
+        del exported, sent
         second = job(8)
         assert in_a_slot(second) and pool.lent == 2  # the last lent slot
         third = job(16)  # none left to lend: copied out, its slot free at once
@@ -529,6 +537,124 @@ def test_worker_processes_frames_are_lent_as_views_of_their_slot_until_let_go_of
         pool.close()
     # the mapping outlives the pool for frames still held (a close taking a cancelled scan's frames)
     np.testing.assert_array_equal(again, expect[24:])
+
+
+def test_a_finished_jobs_frames_survive_a_worker_restart_before_they_are_taken() -> None:
+    """A job that finished before a worker process died (killed while idle: the OOM killer, an
+    operator) keeps its slot until its result is taken: the restart's new workers never write
+    the next job's frames over it. Before, the restart freed every slot, the next job got the
+    finished one's (the last one freed, LIFO) and the finished job's frames, taken after it,
+    were the next job's: wrong frames in a scan that goes on, with no error anywhere."""
+    import os
+    import signal
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(16, seed=11)
+    images = _series(frames, "restart")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    pool = DecodePool(1, processes=True)
+    try:
+        finished = pool.submit(images[:8], CHANNEL, reducer, True)
+        _wait(finished.done, "the first job to finish")
+        for pid in pool.pids():
+            os.kill(pid, signal.SIGKILL)
+        _wait(lambda: getattr(pool._pool, "_broken", False), "the pool to see its worker die")
+        after = pool.submit(images[8:], CHANNEL, reducer, True)  # new workers first, then the job
+        assert pool.generation == 1
+        _wait(after.done, "the job of the new workers to finish")
+        np.testing.assert_array_equal(pool.result(finished).counts, expect[:8])
+        np.testing.assert_array_equal(pool.result(after).counts, expect[8:])
+    finally:
+        pool.close()
+
+
+def test_a_restart_ends_every_worker_of_the_broken_pool_a_stopped_one_too() -> None:
+    """New workers start only once every worker of the broken pool is gone — a worker still
+    running a job of it would write that job's frames into a slot its failure freed, under a
+    later job's — and a stopped worker (a debugger's, SIGSTOP) neither survives the restart nor
+    holds it up: the pool's own SIGTERM does not end a stopped process."""
+    import os
+    import signal
+    import threading
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(8, seed=12)
+    images = _series(frames, "stopped")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    pool = DecodePool(2, processes=True)
+    old = pool.pids()
+    try:
+        os.kill(old[0], signal.SIGSTOP)
+        os.kill(old[1], signal.SIGKILL)
+        _wait(lambda: getattr(pool._pool, "_broken", False), "the pool to see its worker die")
+        done: list[Any] = []
+        restart = threading.Thread(target=lambda: done.append(pool.restart(0)), daemon=True)
+        restart.start()
+        restart.join(120)  # (a hang guard: the restart returns at once when it works)
+        assert done == [True], "the restart waited on the stopped worker"
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False  # (its parent waited for it: no zombie either)
+
+        assert all(gone(pid) for pid in old), "a worker of the broken pool outlived the restart"
+        batch = pool.result(pool.submit(images, CHANNEL, reducer, True))  # the new workers decode
+        np.testing.assert_array_equal(batch.counts, reducer(frames)[0])
+    finally:
+        for pid in old:  # (the stopped one, were it left)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pool.close()
+
+
+def test_lent_slots_are_dropped_where_the_shared_memory_cannot_hold_them(monkeypatch, caplog) -> None:
+    """The lent slots double the pool's shared memory, a file of /dev/shm (a tmpfs: 64 MB in a
+    container by default) whose pages are taken only when first written: past its room, a
+    worker process writing a job's frames dies of SIGBUS, its scan fails, and so does every
+    scan after it (seen with /dev/shm mounted at 200 kB: 4 slots fit, the merged pool's 8 did
+    not). The pool reserves its pages when it makes the block; where the lent slots do not fit
+    (here: an ENOSPC for more than the in-flight slots' bytes), it lends none, copies every
+    job's frames out as before lending, and says so."""
+    import errno
+    import os
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(16, seed=13)
+    images = _series(frames, "shm")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    job_bytes = 8 * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
+    pool = DecodePool(1, processes=True)
+    in_flight = 2 * 1 + 2  # the slots for the jobs in flight of one worker
+    room = in_flight * job_bytes  # /dev/shm's room: the in-flight slots, not the lent ones
+    real = getattr(os, "posix_fallocate", None)
+    reserved: list[int] = []
+
+    def fallocate(fd: int, offset: int, size: int) -> None:
+        if size > room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        reserved.append(size)
+        if real is not None:
+            real(fd, offset, size)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cryoptycho.protocols.dectris.source"):
+            held = [pool.result(pool.submit(images[lo:lo + 8], CHANNEL, reducer, True)).counts for lo in (0, 8)]
+        assert reserved == [room]  # the block made again for the in-flight slots alone, reserved
+        assert pool.lend_max == 0 and pool.slots == in_flight and pool.lent == 0
+        assert not any(np.shares_memory(h, a) for h in held for a in pool._slot_arrays)  # copied out
+        np.testing.assert_array_equal(np.concatenate(held), expect)
+        assert "the 4 lent slots dropped" in caplog.text and "/dev/shm" in caplog.text
+    finally:
+        pool.close()
 
 
 def test_worker_processes_frames_are_copied_into_arrays_no_one_holds() -> None:

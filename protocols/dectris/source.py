@@ -19,6 +19,7 @@ Three stages, on threads:
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import mmap
@@ -337,6 +338,19 @@ def _process_job(items: list[bytes], channel: str | None, reducer: Any, decode: 
     return out
 
 
+def _shm_free() -> str:
+    """The room left in /dev/shm, for a message."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError as exc:
+        return f"unknown: {exc}"
+    return _mb(st.f_bavail * st.f_frsize)
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.3g} MB"
+
+
 def _ready() -> int:
     """A no-op job: the worker has started and imported this module."""
     return os.getpid()
@@ -359,8 +373,9 @@ class DecodePool:
     def __init__(self, workers: int, processes: bool, lend_max: int | None = None) -> None:
         self.workers, self.processes = workers, processes
         #: slots for the jobs in flight (what the receiver submits before it takes results)
-        in_flight = 2 * workers + 2
-        #: slots whose frames may be out as views at once (0: every job's frames are copied out)
+        self.in_flight = in_flight = 2 * workers + 2
+        #: slots whose frames may be out as views at once (0: every job's frames are copied out;
+        #: set to 0 where the shared memory cannot hold these slots too, :meth:`_reserve`)
         self.lend_max = in_flight if lend_max is None else max(0, int(lend_max))
         self.slots = in_flight + self.lend_max
         self._free: deque[int] = deque(range(self.slots))
@@ -399,10 +414,19 @@ class DecodePool:
         its other jobs fail too, and restart nothing more). Whether it restarted."""
         if generation != self.generation:
             return False
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # the broken pool's workers killed and waited for: it fails their jobs before it
+        # terminates them, and one still running writes into its job's slot, which that job's
+        # failure freed; killed (SIGKILL), for a stopped one outlives the pool's SIGTERM and
+        # the wait would not end
+        for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+            try:
+                process.kill()
+            except ValueError:  # the pool closed its Process object: that worker was waited for
+                pass
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.generation += 1
-        # the broken pool's jobs held theirs; lent slots stay lent until let go of
-        self._free = deque(i for i in range(self.slots) if i not in self._lent)
+        # the broken pool's jobs keep their slots until their results are taken (:meth:`result`):
+        # one that finished before a worker died holds frames still to be taken
         self._pool = self._start()
         return True
 
@@ -471,7 +495,7 @@ class DecodePool:
         assert len(self._free) + len(self._lent) == self.slots, "slots grow only while no job holds one"
         old = self._shm
         self._slot_bytes = max(need, 2 * self._slot_bytes)
-        self._shm = shared_memory.SharedMemory(create=True, size=self.slots * self._slot_bytes)
+        self._shm = self._reserve()
         mapping = mmap.mmap(self._shm._fd, self.slots * self._slot_bytes)  # type: ignore[attr-defined]
         self._slot_arrays = [np.frombuffer(mapping, np.uint8, self._slot_bytes, i * self._slot_bytes)
                              for i in range(self.slots)]
@@ -480,6 +504,43 @@ class DecodePool:
         if old is not None:
             old.close()
             old.unlink()
+
+    def _reserve(self) -> shared_memory.SharedMemory:
+        """A shared-memory block of :attr:`slots` slots, its pages reserved at once. A block is
+        a file of /dev/shm (a tmpfs, 64 MB in a container by default), whose pages are taken
+        only as they are first written: one past the tmpfs' room is a SIGBUS in the worker
+        process writing a job's frames there (its pool breaks, the scan fails, and so does each
+        scan after it). Where the lent slots do not fit as well, none is lent (the frames are
+        copied out, as with ``lend_max`` 0); where the slots for the jobs in flight do not
+        either, the block is used unreserved (as before lending: workers may die of it), and
+        the shortage is logged with the sizes."""
+        while True:
+            size = self.slots * self._slot_bytes
+            shm = shared_memory.SharedMemory(create=True, size=size)
+            if not hasattr(os, "posix_fallocate"):  # (macOS: no tmpfs to reserve in either)
+                return shm
+            try:
+                os.posix_fallocate(shm._fd, 0, size)  # type: ignore[attr-defined]
+                return shm
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:  # no reserving there (not a tmpfs): as before, unreserved
+                    log.info("DECTRIS decoding: the shared memory's pages cannot be reserved (%s)", exc)
+                    return shm
+                shm.close()
+                shm.unlink()  # (its reserved pages go with it)
+                free = _shm_free()
+                if self.lend_max == 0:
+                    log.error("DECTRIS decoding: the shared memory (/dev/shm, %s free) cannot hold the "
+                              "%d slots of %s for the jobs in flight: a worker process writing past "
+                              "its room dies (SIGBUS) and fails its scan; give /dev/shm more room (for a "
+                              "container: --shm-size) or use fewer workers", free, self.slots,
+                              _mb(self._slot_bytes))
+                    return shared_memory.SharedMemory(create=True, size=size)
+                log.warning("DECTRIS decoding: the shared memory (/dev/shm, %s free) cannot hold %d "
+                            "slots of %s: the %d lent slots dropped, every job's binned frames are "
+                            "copied out of its slot (give /dev/shm more room to lend them)", free,
+                            self.slots, _mb(self._slot_bytes), self.lend_max)
+                self.lend_max, self.slots = 0, self.in_flight
 
     def needs_grow(self, items: int, reducer: Any) -> bool:
         return (self.processes and reducer is not None
@@ -490,9 +551,9 @@ class DecodePool:
         again once nothing references them) or, past :attr:`lend_max` lent slots, copied out
         of shared memory; raises what the job raised (BrokenProcessPool when its worker
         process died)."""
+        # (of this generation of workers or of one before: a restart frees no job's slot)
         slot = getattr(future, "slot", None)
-        # (a restart freed the slots of the broken pool's jobs)
-        own = slot is not None and getattr(future, "generation", 0) == self.generation
+        own = slot is not None
         try:
             batch = future.result()
         except BaseException:
