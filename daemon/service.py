@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ from cryoptycho.protocols.messages import (
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 from cryoptycho.protocols.sources import DetectorFrames, RecoveredScan, UnpositionedFrames
 from cryoptycho.protocols.topics import encode_event
-from cryoptycho.protocols.wire import read_header, unpack
+from cryoptycho.protocols.wire import encodable, read_header, unpack
 from prometheus_client import start_http_server
 
 from .config import ServiceConfig
@@ -903,7 +903,15 @@ class Service:
                 message = to_message(topic, payload)
                 if isinstance(message, ErrorEvent):  # (posted by the scans and workers: not clipped yet)
                     message = self._bounded(message)
-                parts = encode_event(message)
+                try:
+                    parts = encode_event(message)
+                except UnicodeEncodeError:
+                    # a path quoted from a directory whose name is no UTF-8 (``--spool-dir`` given
+                    # in bytes Python holds as surrogates): the event goes out with them written
+                    # \xff, not lost for a "could not be published"
+                    parts = encode_event(replace(message, **{
+                        f.name: encodable(getattr(message, f.name)) for f in fields(message)
+                        if isinstance(getattr(message, f.name), (str, dict, list, tuple))}))
             except Exception as exc:  # a post the wire cannot carry: say so instead of dying
                 text = f"{type(exc).__name__}: {exc}"
                 log.error("cannot publish %s: %s", topic, text, exc_info=exc)
