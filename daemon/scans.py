@@ -95,6 +95,12 @@ RAW_RETRY_S = 2.0
 #: how often a raw copy that failed (a full disk, the result moved away or held by root's chattr)
 #: is tried again: its cause is an operator's to remove, and the next start is maybe weeks away
 RAW_FAILED_RETRY_S = 60.0
+#: looks at the spool and results directories (:meth:`ScanManager.off_manager`) waiting for the
+#: file-checks thread at most; a receipt past it is answered ``file_checks_busy`` at once. Those
+#: of one scan id wait as one look (a producer polling its scan's receipt asks the same): only
+#: distinct ids count, so this is reached only where the file system stopped answering, and a
+#: client flooding receipts then queued one stat job per request, without bound
+FILE_CHECKS_QUEUED = 256
 
 
 class _Pending(NamedTuple):
@@ -243,6 +249,11 @@ class ScanManager:
         #: ``taken``): each is a stat, and on a slow or hung network file system it held the
         #: manager loop, every peer waiting (see :meth:`off_manager`)
         self._file_checks = ThreadPoolExecutor(1, thread_name_prefix="file-checks")
+        #: key → who waits for its look, queued and not started (its waiters join it); with the
+        #: count of looks queued, under _checks_lock (the file-checks thread takes them)
+        self._checks_queued: dict[str, list[Callable[[Any, Exception | None], None]]] = {}
+        self._checks_waiting = 0
+        self._checks_lock = threading.Lock()
         self._launcher.submit(lambda: None).result()
         # the engine module is imported now rather than inside the first scan_start, where its
         # import (~50 ms) would hold up the manager loop; so are the algorithm plug-ins (their
@@ -391,19 +402,46 @@ class ScanManager:
             return exc.message
         return None
 
-    def off_manager(self, check: Callable[[], Any], done: Callable[[Any, Exception | None], None]) -> None:
+    def off_manager(self, check: Callable[[], Any], done: Callable[[Any, Exception | None], None],
+                    key: str | None = None) -> None:
         """Run ``check`` (a look at the file systems) on the file-checks thread, then ``done(its
         result, None)`` — or ``done(None, its exception)`` — on the manager thread at its next
         :meth:`reap`, as :meth:`after_disk` does. Not behind the spool thread's writes: a
         receipt of an unknown scan waits for no scan's frames. Once the daemon stops, ``check``
-        runs at once."""
+        runs at once. ``key``: a look queued for the same key, not started yet, answers this
+        one too (it is made after this request came). Past FILE_CHECKS_QUEUED looks waiting,
+        ``done`` gets a ProtocolError (rule ``file_checks_busy``) at once."""
+        with self._checks_lock:
+            waiters = None if key is None else self._checks_queued.get(key)
+            if waiters is not None:
+                waiters.append(done)
+                return
+            busy = self._checks_waiting >= FILE_CHECKS_QUEUED
+            if not busy:
+                waiters = [done]
+                self._checks_waiting += 1
+                if key is not None:
+                    self._checks_queued[key] = waiters
+        if busy:
+            done(None, ProtocolError(
+                "scan_id", "file_checks_busy",
+                f"{FILE_CHECKS_QUEUED} looks at the spool and results directories wait already (at most "
+                f"{FILE_CHECKS_QUEUED}, FILE_CHECKS_QUEUED): their file system answers slowly or not at all; "
+                "ask again later"))
+            return
+        assert waiters is not None
 
         def task() -> None:
+            with self._checks_lock:  # started: a later request is not answered by a look made before it
+                self._checks_waiting -= 1
+                if key is not None and self._checks_queued.get(key) is waiters:
+                    del self._checks_queued[key]
             try:
                 result, error = check(), None
             except Exception as exc:  # noqa: BLE001 - handed to ``done``, which answers with it
                 result, error = None, exc
-            self._disk_done.put(functools.partial(done, result, error))
+            for each in waiters:
+                self._disk_done.put(functools.partial(each, result, error))
             self.outbox.wake()
 
         try:

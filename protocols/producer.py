@@ -404,6 +404,11 @@ class Producer(SocketClient):
         except ControlTimeout:
             return None
         except ControlError as exc:
+            result = getattr(exc.reply, "result", None)
+            if isinstance(result, dict) and result.get("rule") == "file_checks_busy":
+                # the daemon's look at its directories is behind (a hung network file system, or
+                # another client flooding receipts): asked again, as when it does not answer
+                return None
             raise DeliveryError(
                 f"the daemon at {self.control} cannot acknowledge scan {scan_id!r} ({exc.msg}); "
                 "an older daemon has no `receipt`: use confirm=False to send unconfirmed",
