@@ -1372,7 +1372,7 @@ class ScanManager:
                     # spool — an I/O error on its directory — is logged and counted here or nowhere)
                     if not self._retire_copied(scan_id, spool_file):
                         continue  # (held again at once: its mark is tried at the next pass)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - logged with its traceback through ``failed`` (Bounded)
                     # e.g. a full disk, the result moved away: the spool and its marker stay, tried
                     # again (before, only at the next start: a disk freed meanwhile did not count)
                     why = f"{type(exc).__name__}: {exc}"

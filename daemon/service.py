@@ -551,8 +551,10 @@ class Service:
             entry = groups.setdefault(cause, (why, []))
             entry[1].append(f"{scan_id} (result {result}, spool {spool_file})")
         for cause, (why, listed) in groups.items():
-            said, then = (("their spools are still open for writing in another program", "copies them once that "
-                           "program lets go") if not cause else (f"their copies failed ({why})", "tries again"))
+            if not cause:
+                said, then = "their spools are still open for writing in another program", "copies them once it lets go"
+            else:
+                said, then = f"their copies failed ({why})", "tries again"
             log.warning("%d results lack their raw frames (/raw): %s; the spools are kept, each with its marker "
                         "(<spool>%s): the next start %s: %s", len(listed), said, PENDING_SUFFIX, then, named(listed))
 
