@@ -1761,18 +1761,23 @@ class ScanManager:
                 removed.log(logging.INFO, "empty spools of failed or aborted scans", "removed spool %s: its scan "
                             "failed or was aborted before its first frame (it held no frame)", empty.name)
         removed.summary(logging.INFO, "spool files removed that held no frame")
+        refused, waiting = Bounded(log), Bounded(log)
         for path in unfinished_spools(self.config.spool_dir):
             held = held_for_writing(path)
             if held is not None:
-                self._recover_later(path, held)
+                self._recover_later(path, held, waiting)
                 continue
             try:
                 found = self._examine(path)
             except (OSError, ValueError, KeyError) as exc:
-                self._not_recovered(path, exc)
+                self._not_recovered(path, exc, refused)
                 continue
             if found is not None:
                 recovered.append(self._register_recovered(*found))
+        refused.summary(logging.ERROR, "spools this daemon cannot recover (each published as an error event)",
+                        "each is left as it is, tried again at every start")
+        waiting.summary(logging.WARNING, "spools open for writing in another program", "each is recovered once "
+                        "that program closes it")
         self.admit()
         return recovered
 
@@ -1801,8 +1806,11 @@ class ScanManager:
             path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
         return contents, need, spool
 
-    def _not_recovered(self, path: Path, exc: BaseException) -> None:
-        log.error("cannot recover spool %s: %s", path, exc)
+    def _not_recovered(self, path: Path, exc: BaseException, said: Bounded | None = None) -> None:
+        if said is None:
+            log.error("cannot recover spool %s: %s", path, exc)
+        else:  # (a start's pass over the spool directory)
+            said.log(logging.ERROR, type(exc).__name__, "cannot recover spool %s: %s", path, exc)
         self.unrecovered.add(path)
         self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",
                                    "message": f"{path}: {exc}", "scan_id": None})
@@ -1823,7 +1831,7 @@ class ScanManager:
                                            "frames": session.ledger.as_dict()})
         return spec.scan_id
 
-    def _recover_later(self, path: Path, held: SpoolInUse) -> None:
+    def _recover_later(self, path: Path, held: SpoolInUse, said: Bounded) -> None:
         """A start's unfinished spool that another program holds open for writing (an operator's
         ``h5py.File(spool, "r+")``): not read beside it (written beside a writer, frames came back
         unreadable), nor left to the next start as before ("cannot recover spool"): looked at
@@ -1831,7 +1839,7 @@ class ScanManager:
         message = (f"{path} is open for writing in another program (HDF5's exclusive file lock), beside which the "
                    "daemon does not read it: its scan is recovered once that program closes the file (h5py: "
                    "File.close(), or end that Python session)")
-        log.warning("%s", message)
+        said.log(logging.WARNING, "held for writing", "%s", message)
         self.outbox.post("error", {"field": "spool", "rule": "spool_in_use", "message": message, "scan_id": None})
         self.unrecovered.add(path)  # (the stop's report names it while it waits)
         self._held_at_start[path] = time.monotonic()

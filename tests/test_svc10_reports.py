@@ -141,3 +141,27 @@ def test_the_stops_report_says_a_held_spool_waits_for_its_writer(
     report = [m for m in said if "unfinished spool files stay in" in m]
     assert len(report) == 1 and "open for writing in another program" in report[0], said
     assert "recovers them once it has" in report[0], report
+
+
+def test_a_start_and_stop_beside_hundreds_of_unrecoverable_spools_log_bounded_lists(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Spool files a start cannot recover (not HDF5 here): a line each at the start, and the
+    stop's report listed every name in one line. Now the first few, then a count."""
+    from cryoptycho.daemon.service import BackgroundService
+    from daemon_support import loopback_config
+
+    cfg = loopback_config(tmp_path)
+    cfg.spool_dir.mkdir(parents=True)
+    names = [f"{i:04d}{'u' * 200}" for i in range(N_PENDING)]
+    for name in names:
+        (cfg.spool_dir / f"{name}.spool.h5").write_bytes(b"not an HDF5 file")
+    caplog.set_level(logging.INFO)
+    BackgroundService(cfg).stop()
+    said = [r.getMessage() for r in caplog.records]
+    each = [m for m in said if m.startswith("cannot recover spool")]
+    assert 0 < len(each) < N_PENDING // 4, len(each)  # before: one per spool
+    assert any(f"{N_PENDING - len(each)} more spools this daemon cannot recover" in m for m in said), said[-5:]
+    stop = [m for m in said if "could not recover stay in" in m]
+    assert len(stop) == 1 and sum(name in stop[0] for name in names) < N_PENDING // 4, stop
+    more = re.search(r"… and (\d+) more$", stop[0])
+    assert more is not None and int(more[1]) + sum(name in stop[0] for name in names) == N_PENDING, stop
