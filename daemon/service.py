@@ -548,13 +548,18 @@ class Service:
         groups: dict[str, tuple[str, list[str]]] = {}
         for scan_id, (spool_file, result) in sorted(self.scans.raw_pending().items()):
             why, cause = failures.get(scan_id, ("", ""))
-            entry = groups.setdefault(cause, (why, []))
+            # by an OSError's errno, else by the exception's type: a cause quoting its paths
+            # ("result … is not that of spool …") differs for every scan
+            entry = groups.setdefault(cause.split(":", 1)[0], (why, []))
             entry[1].append(f"{scan_id} (result {result}, spool {spool_file})")
-        for cause, (why, listed) in groups.items():
-            if not cause:
-                said, then = "their spools are still open for writing in another program", "copies them once it lets go"
+        for kind, (why, listed) in groups.items():
+            if not kind:
+                said, then = ("their spools are still open for writing in another program",
+                              "copies them once that program lets go")
             else:
-                said, then = f"their copies failed ({why})", "tries again"
+                said = f"their copies failed ({why})" if len(listed) == 1 else \
+                    f"their copies failed ({kind}; the first named: {why})"
+                then = "tries again"
             log.warning("%d results lack their raw frames (/raw): %s; the spools are kept, each with its marker "
                         "(<spool>%s): the next start %s: %s", len(listed), said, PENDING_SUFFIX, then, named(listed))
 

@@ -404,8 +404,7 @@ class Producer(SocketClient):
         except ControlTimeout:
             return None
         except ControlError as exc:
-            result = getattr(exc.reply, "result", None)
-            if isinstance(result, dict) and result.get("rule") == "file_checks_busy":
+            if exc.busy:
                 # the daemon's look at its directories is behind (a hung network file system, or
                 # another client flooding receipts): asked again, as when it does not answer
                 return None
