@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 import zmq
-from daemon_support import loopback_config, wait_for
+from daemon_support import loopback_config, synthetic_scan, wait_for
 
 SAME, DISTINCT = 300, 300
 
@@ -48,6 +48,7 @@ def hung(tmp_path, monkeypatch):
 def test_a_flood_of_receipts_while_the_look_hangs_is_bounded(hung) -> None:
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.messages import Reply, Request, decode, encode
+    from cryoptycho.protocols.errors import ProducerTimeout
     from cryoptycho.protocols.producer import Producer
 
     svc, entered, release, looks = hung
@@ -70,9 +71,12 @@ def test_a_flood_of_receipts_while_the_look_hangs_is_bounded(hung) -> None:
         # others are answered busy as they are read (before: none was, and 600 looks queued)
         limit = 256
         wait_for(lambda: busy._value.get() >= DISTINCT - (limit - 1), 60, "the receipts past the bound to be refused")
-        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as producer:
-            # the SDK asks again (None: no answer yet), where it raised DeliveryError on a failure
-            assert producer._ask("slow-sdk") is None
+        with Producer(svc.endpoints["ingest"], control=svc.endpoints["control"], send_timeout_s=1.0) as producer:
+            # the SDK asks again, as when no answer comes, and its timeout names the daemon's
+            # answer (before: DeliveryError "cannot acknowledge" at the first busy reply)
+            scan = synthetic_scan(n_side=4, m=32)
+            with pytest.raises(ProducerTimeout, match="ask again later"):
+                producer.start_scan(**scan.start_fields("slow-sdk"))
         release.set()
         replies = []
         for _ in ids:
