@@ -56,7 +56,7 @@ from .ingest import (
     release_free_memory,
     resident_bytes,
 )
-from .logs import named
+from .logs import LOG_ITEMS_MAX, named
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier
 from .publisher import ErrorThrottle, Outbox, to_message
@@ -531,15 +531,16 @@ class Service:
             if not unclosed:
                 log.info("stopped with no unfinished scan")
             return
-        listed = ", ".join(f"{s.scan_id} ({'ended' if s.ended else 'open'}, {s.ledger.received} frames)"
-                           for s in kept)
+        # (a detector's series wait in the spool however many there are: named as the lists above)
+        listed = named(f"{s.scan_id} ({'ended' if s.ended else 'open'}, {s.ledger.received} frames)" for s in kept)
+        ids = {"kept": [s.scan_id for s in kept[:LOG_ITEMS_MAX]]}
         if self.config.recover:
             log.info("%d unfinished scans kept in the spool for the next start to finish: %s", len(kept), listed,
-                     extra={"kept": [s.scan_id for s in kept]})
+                     extra=ids)
         else:
             log.warning("%d unfinished scans kept in the spool, and recover is off: the next start leaves them "
                         "(`cryoptycho replay` or `reconstruct` their spool files in %s): %s", len(kept),
-                        self.config.spool_dir, listed, extra={"kept": [s.scan_id for s in kept]})
+                        self.config.spool_dir, listed, extra=ids)
 
     def _report_raw_pending(self) -> None:
         """The stop's lines for the results that lack their raw frames: one per reason (still held,
