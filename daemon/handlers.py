@@ -324,7 +324,7 @@ def build_table(service: Service) -> dict[str, Handler]:
             # manager loop for every receipt a producer polled, every peer waiting
             return service.reply_later(
                 "receipt", lambda done: service.scans.off_manager(
-                    lambda: service.scans.why_files_taken(scan_id), done), with_taken)
+                    lambda: service.scans.why_files_taken(scan_id), done, key=scan_id), with_taken)
         # the scan as the manager sees it now, whose frames read so far are counted once the
         # spool thread has written them: it reads the count after every write asked for before,
         # so every frame this receipt counts is on disk and none read before it is missed (the

@@ -38,6 +38,7 @@ from cryoptycho.protocols.sources import DetectorFrames, RawChunks
 from pydantic import ValidationError
 
 from .config import ServiceConfig
+from .logs import Bounded
 from .metrics import ServiceMetrics
 from .publisher import Outbox
 from .scan import ScanSpec
@@ -94,6 +95,12 @@ RAW_RETRY_S = 2.0
 #: how often a raw copy that failed (a full disk, the result moved away or held by root's chattr)
 #: is tried again: its cause is an operator's to remove, and the next start is maybe weeks away
 RAW_FAILED_RETRY_S = 60.0
+#: looks at the spool and results directories (:meth:`ScanManager.off_manager`) waiting for the
+#: file-checks thread at most; a receipt past it is answered ``file_checks_busy`` at once. Those
+#: of one scan id wait as one look (a producer polling its scan's receipt asks the same): only
+#: distinct ids count, so this is reached only where the file system stopped answering, and a
+#: client flooding receipts then queued one stat job per request, without bound
+FILE_CHECKS_QUEUED = 256
 
 
 class _Pending(NamedTuple):
@@ -214,6 +221,9 @@ class ScanManager:
         #: path → when last looked at; and those let go of, being examined (manager thread only)
         self._held_at_start: dict[Path, float] = {}
         self._late_recoveries: dict[Path, Future[tuple[Any, int, SpoolWriter | None] | None]] = {}
+        #: where those are examined: on the raw-copy thread they waited behind a detector spool's
+        #: copy (gigabytes, minutes), its scan unrecovered all that while
+        self._recoverer = ThreadPoolExecutor(1, thread_name_prefix="late-recovery")
         #: spool files :meth:`recover` refused (why logged there), for the stop's report
         self.unrecovered: set[Path] = set()
         #: scan id → set once the spool thread closed the spool of a scan whose worker has its end
@@ -239,6 +249,11 @@ class ScanManager:
         #: ``taken``): each is a stat, and on a slow or hung network file system it held the
         #: manager loop, every peer waiting (see :meth:`off_manager`)
         self._file_checks = ThreadPoolExecutor(1, thread_name_prefix="file-checks")
+        #: key → who waits for its look, queued and not started (its waiters join it); with the
+        #: count of looks queued, under _checks_lock (the file-checks thread takes them)
+        self._checks_queued: dict[str, list[Callable[[Any, Exception | None], None]]] = {}
+        self._checks_waiting = 0
+        self._checks_lock = threading.Lock()
         self._launcher.submit(lambda: None).result()
         # the engine module is imported now rather than inside the first scan_start, where its
         # import (~50 ms) would hold up the manager loop; so are the algorithm plug-ins (their
@@ -387,19 +402,46 @@ class ScanManager:
             return exc.message
         return None
 
-    def off_manager(self, check: Callable[[], Any], done: Callable[[Any, Exception | None], None]) -> None:
+    def off_manager(self, check: Callable[[], Any], done: Callable[[Any, Exception | None], None],
+                    key: str | None = None) -> None:
         """Run ``check`` (a look at the file systems) on the file-checks thread, then ``done(its
         result, None)`` — or ``done(None, its exception)`` — on the manager thread at its next
         :meth:`reap`, as :meth:`after_disk` does. Not behind the spool thread's writes: a
         receipt of an unknown scan waits for no scan's frames. Once the daemon stops, ``check``
-        runs at once."""
+        runs at once. ``key``: a look queued for the same key, not started yet, answers this
+        one too (it is made after this request came). Past FILE_CHECKS_QUEUED looks waiting,
+        ``done`` gets a ProtocolError (rule ``file_checks_busy``) at once."""
+        with self._checks_lock:
+            waiters = None if key is None else self._checks_queued.get(key)
+            if waiters is not None:
+                waiters.append(done)
+                return
+            busy = self._checks_waiting >= FILE_CHECKS_QUEUED
+            if not busy:
+                waiters = [done]
+                self._checks_waiting += 1
+                if key is not None:
+                    self._checks_queued[key] = waiters
+        if busy:
+            done(None, ProtocolError(
+                "scan_id", "file_checks_busy",
+                f"{FILE_CHECKS_QUEUED} looks at the spool and results directories wait already (at most "
+                f"{FILE_CHECKS_QUEUED}, FILE_CHECKS_QUEUED): their file system answers slowly or not at all; "
+                "ask again later"))
+            return
+        assert waiters is not None
 
         def task() -> None:
+            with self._checks_lock:  # started: a later request is not answered by a look made before it
+                self._checks_waiting -= 1
+                if key is not None and self._checks_queued.get(key) is waiters:
+                    del self._checks_queued[key]
             try:
                 result, error = check(), None
             except Exception as exc:  # noqa: BLE001 - handed to ``done``, which answers with it
                 result, error = None, exc
-            self._disk_done.put(functools.partial(done, result, error))
+            for each in waiters:
+                self._disk_done.put(functools.partial(each, result, error))
             self.outbox.wake()
 
         try:
@@ -1369,18 +1411,21 @@ class ScanManager:
                 self._raw_retrying = False
 
     def _retry_raw(self, pending: dict[str, tuple[Path, Path]]) -> None:
+        # (one line per copy, each naming two paths: thousands of copies failing for one cause,
+        # a full disk, wrote tens of MB of log in one pass)
+        copied, failed = Bounded(log), Bounded(log)
         try:
             for scan_id, (spool_file, result) in pending.items():
                 try:
                     if not complete_raw_copy(spool_file, result, self.config.disk_reserve_bytes):
                         continue  # still held: tried again at the next pass
-                    log.info("raw frames of spool %s copied into result %s (the program holding the spool let go)",
-                             spool_file, result, extra={"scan_id": scan_id})
+                    copied.log(logging.INFO, "copied", "raw frames of spool %s copied into result %s (the program "
+                               "holding the spool let go)", spool_file, result, extra={"scan_id": scan_id})
                     # (inside the try: this pass's future is never read, so a failure to retire the
                     # spool — an I/O error on its directory — is logged and counted here or nowhere)
                     if not self._retire_copied(scan_id, spool_file):
                         continue  # (held again at once: its mark is tried at the next pass)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - logged with its traceback through ``failed`` (Bounded)
                     # e.g. a full disk, the result moved away: the spool and its marker stay, tried
                     # again (before, only at the next start: a disk freed meanwhile did not count)
                     why = f"{type(exc).__name__}: {exc}"
@@ -1391,16 +1436,20 @@ class ScanManager:
                         again = self._raw_failed.get(scan_id, (0.0, "", ""))[2] == cause
                         self._raw_failed[scan_id] = (time.monotonic(), why, cause)
                     if not again:
-                        log.error("cannot copy the raw frames of spool %s into result %s (%s); the spool and its "
-                                  "marker %s stay, and the copy is tried again every %g s and at the next start",
-                                  spool_file, result, why, pending_marker(spool_file), RAW_FAILED_RETRY_S,
-                                  exc_info=exc, extra={"scan_id": scan_id})
+                        failed.log(logging.ERROR, cause, "cannot copy the raw frames of spool %s into result %s "
+                                   "(%s); the spool and its marker %s stay, and the copy is tried again every %g s "
+                                   "and at the next start", spool_file, result, why, pending_marker(spool_file),
+                                   RAW_FAILED_RETRY_S, exc_info=exc, extra={"scan_id": scan_id})
                         self.metrics.internal_errors.labels(where="spool").inc()
                     continue
                 with self._raw_lock:
                     self._raw_pending.pop(scan_id, None)
                     self._raw_failed.pop(scan_id, None)
         finally:
+            copied.summary(logging.INFO, "raw copies done (the programs holding their spools let go)")
+            failed.summary(logging.ERROR, "raw copies failed",
+                           f"their spools and markers stay, tried again every {RAW_FAILED_RETRY_S:g} s and at the "
+                           "next start (`status` raw_pending lists them)")
             with self._raw_lock:
                 self._raw_retrying = False
 
@@ -1422,6 +1471,11 @@ class ScanManager:
     def raw_pending(self) -> dict[str, tuple[Path, Path]]:
         with self._raw_lock:
             return dict(self._raw_pending)
+
+    def raw_failures(self) -> dict[str, tuple[str, str]]:
+        """scan id → (why, its cause) of each pending raw copy whose last try failed."""
+        with self._raw_lock:
+            return {scan_id: (why, cause) for scan_id, (_, why, cause) in self._raw_failed.items()}
 
     def raw_failure(self, scan_id: str) -> str | None:
         """Why the pending raw copy of ``scan_id`` last failed (None: it did not, or was not tried)."""
@@ -1757,24 +1811,32 @@ class ScanManager:
     def recover(self) -> list[str]:
         """Re-open the unfinished scans of the spool directory (after a crash or a drain)."""
         recovered = []
+        removed = Bounded(log)  # (a line each: a directory of thousands wrote as many)
         for part in discard_half_created(self.config.spool_dir):
-            log.warning("removed %s: a spool file the daemon was killed creating (it held no frame)", part)
+            removed.log(logging.WARNING, "half-created spool files", "removed %s: a spool file the daemon was "
+                        "killed creating (it held no frame)", part)
         for empty in empty_final_spools(self.config.spool_dir):  # (kept by earlier releases)
             if remove_if_empty(empty) is not None:
-                log.info("removed spool %s: its scan failed or was aborted before its first frame "
-                         "(it held no frame)", empty.name)
+                removed.log(logging.INFO, "empty spools of failed or aborted scans", "removed spool %s: its scan "
+                            "failed or was aborted before its first frame (it held no frame)", empty.name)
+        removed.summary(logging.INFO, "spool files removed that held no frame")
+        refused, waiting = Bounded(log), Bounded(log)
         for path in unfinished_spools(self.config.spool_dir):
             held = held_for_writing(path)
             if held is not None:
-                self._recover_later(path, held)
+                self._recover_later(path, held, waiting)
                 continue
             try:
                 found = self._examine(path)
             except (OSError, ValueError, KeyError) as exc:
-                self._not_recovered(path, exc)
+                self._not_recovered(path, exc, refused)
                 continue
             if found is not None:
                 recovered.append(self._register_recovered(*found))
+        refused.summary(logging.ERROR, "spools this daemon cannot recover (each published as an error event)",
+                        "each is left as it is, tried again at every start")
+        waiting.summary(logging.WARNING, "spools open for writing in another program", "each is recovered once "
+                        "that program closes it")
         self.admit()
         return recovered
 
@@ -1803,8 +1865,11 @@ class ScanManager:
             path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
         return contents, need, spool
 
-    def _not_recovered(self, path: Path, exc: BaseException) -> None:
-        log.error("cannot recover spool %s: %s", path, exc)
+    def _not_recovered(self, path: Path, exc: BaseException, said: Bounded | None = None) -> None:
+        if said is None:
+            log.error("cannot recover spool %s: %s", path, exc)
+        else:  # (a start's pass over the spool directory)
+            said.log(logging.ERROR, type(exc).__name__, "cannot recover spool %s: %s", path, exc)
         self.unrecovered.add(path)
         self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",
                                    "message": f"{path}: {exc}", "scan_id": None})
@@ -1825,7 +1890,7 @@ class ScanManager:
                                            "frames": session.ledger.as_dict()})
         return spec.scan_id
 
-    def _recover_later(self, path: Path, held: SpoolInUse) -> None:
+    def _recover_later(self, path: Path, held: SpoolInUse, said: Bounded) -> None:
         """A start's unfinished spool that another program holds open for writing (an operator's
         ``h5py.File(spool, "r+")``): not read beside it (written beside a writer, frames came back
         unreadable), nor left to the next start as before ("cannot recover spool"): looked at
@@ -1833,7 +1898,7 @@ class ScanManager:
         message = (f"{path} is open for writing in another program (HDF5's exclusive file lock), beside which the "
                    "daemon does not read it: its scan is recovered once that program closes the file (h5py: "
                    "File.close(), or end that Python session)")
-        log.warning("%s", message)
+        said.log(logging.WARNING, "held for writing", "%s", message)
         self.outbox.post("error", {"field": "spool", "rule": "spool_in_use", "message": message, "scan_id": None})
         self.unrecovered.add(path)  # (the stop's report names it while it waits)
         self._held_at_start[path] = time.monotonic()
@@ -1883,34 +1948,47 @@ class ScanManager:
                 continue
             del self._held_at_start[path]
             log.info("spool %s let go of by the other program: recovering its scan", path.name)
-            self._late_recoveries[path] = self._raw_copier.submit(self._examine, path)
+            self._late_recoveries[path] = self._recoverer.submit(self._examine, path)
         if recovered:
             self.admit()
         return recovered
+
+    def held_at_start(self) -> set[Path]:
+        """The unfinished spools a start found held for writing that still wait for their writer
+        to close them (manager thread, or after :meth:`close`)."""
+        return set(self._held_at_start)
 
     def load_raw_pending(self) -> None:
         """The results a stop left without their raw frames (their spools' markers): copied by
         retry_raw_copies, whether ``recover`` is on or not: the scan is over, only its result
         lacks the frames. Their spools are not scans to recover (unfinished_spools skips them)."""
+        # (a line each, two paths in it: thousands of results waiting wrote tens of MB at a start)
+        bad, gone, waits = Bounded(log), Bounded(log), Bounded(log)
         for marker in pending_markers(self.config.spool_dir):
             try:
                 spool_file, scan_id, result = read_pending(marker)
             except ValueError as exc:
                 # (it keeps its spool from recovery: said, with what to do, or the spool stayed unexplained)
                 spool_file = marker.with_name(marker.name[: -len(PENDING_SUFFIX)])
-                log.error("%s; it is left as it is, and so is its spool %s: neither recovered nor copied into a "
-                          "result while the marker is there. Write it again as {\"scan_id\": …, \"result\": the "
-                          "result file lacking /raw}, or remove it (a start with recover on then reconstructs the scan "
-                          "from the spool again)", exc, spool_file.name)
+                bad.log(logging.ERROR, "malformed", "%s; it is left as it is, and so is its spool %s: neither "
+                        "recovered nor copied into a result while the marker is there. Write it again as "
+                        "{\"scan_id\": …, \"result\": the result file lacking /raw}, or remove it (a start with "
+                        "recover on then reconstructs the scan from the spool again)", exc, spool_file.name)
                 continue
             if not spool_file.exists():
-                log.warning("removed %s: its spool %s is gone", marker, spool_file.name)
+                gone.log(logging.WARNING, "spool gone", "removed %s: its spool %s is gone", marker, spool_file.name)
                 marker.unlink()
                 continue
-            log.info("result %s still lacks its raw frames (/raw): copying them from spool %s once no other "
-                     "program holds it for writing", result, spool_file, extra={"scan_id": scan_id})
+            waits.log(logging.INFO, "waiting", "result %s still lacks its raw frames (/raw): copying them from "
+                      "spool %s once no other program holds it for writing", result, spool_file,
+                      extra={"scan_id": scan_id})
             with self._raw_lock:
                 self._raw_pending[scan_id] = (spool_file, result)
+        bad.summary(logging.ERROR, "raw-pending markers that are not ones", "each is left as it is, and so is its "
+                    "spool: write it again as {\"scan_id\": …, \"result\": …}, or remove it")
+        gone.summary(logging.WARNING, "raw-pending markers removed: their spools are gone")
+        waits.summary(logging.INFO, "results still lack their raw frames (/raw)", "copied from their spools once "
+                      "no other program holds them (`status` raw_pending lists them)")
 
     def interrupt(self, ended_too: bool) -> None:
         """Shutdown: stop workers without a final state (their scans stay in the spool and are
@@ -1929,15 +2007,25 @@ class ScanManager:
         self._closer.shutdown(wait=True)
         # (a pass under way ends with its copy: one cut short leaves only a hidden .part result)
         self._raw_copier.shutdown(wait=True, cancel_futures=True)
+        self._recoverer.shutdown(wait=True, cancel_futures=True)
         self._launcher.shutdown(wait=True)
         self._file_checks.shutdown(wait=True)
         with self._raw_lock:  # (admitted at the stop, their re-open not run)
             shares, self._admission_locks = list(self._admission_locks.values()), {}
         for share in shares:
             share.close()
-        for future in self._late_recoveries.values():  # examined, not registered: the next start's
-            found = None if future.cancelled() or future.exception() is not None else future.result()
-            if found is not None and found[2] is not None:
-                found[2].close()
+        for path, future in self._late_recoveries.items():  # examined, not registered: the next start's
+            failed = None if future.cancelled() else future.exception()
+            if isinstance(failed, SpoolInUse):  # taken for writing again: still waits for its writer
+                self._held_at_start[path] = time.monotonic()
+            elif failed is not None:  # (as retry_held_recoveries would have: said, and named at the stop)
+                log.error("cannot recover spool %s: %s", path, failed)
+            else:
+                found = None if future.cancelled() else future.result()
+                if found is not None and found[2] is not None:
+                    found[2].close()
+                # (let go of, and not refused: the stop's report counts it among the spools the
+                # next start recovers, not those this daemon could not)
+                self.unrecovered.discard(path)
         self._late_recoveries.clear()
         self.run_disk_done()  # answers to requests that waited for the spool thread

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ from cryoptycho.protocols.messages import (
 from cryoptycho.protocols.schema import SCAN_ID_PATTERN
 from cryoptycho.protocols.sources import DetectorFrames, RecoveredScan, UnpositionedFrames
 from cryoptycho.protocols.topics import encode_event
-from cryoptycho.protocols.wire import read_header, unpack
+from cryoptycho.protocols.wire import encodable, read_header, unpack
 from prometheus_client import start_http_server
 
 from .config import ServiceConfig
@@ -56,12 +56,13 @@ from .ingest import (
     release_free_memory,
     resident_bytes,
 )
+from .logs import LOG_ITEMS_MAX, named
 from .metrics import ServiceMetrics
 from .notify import SystemdNotifier
 from .publisher import ErrorThrottle, Outbox, to_message
 from .scan import ScanSpec, outline_from_scan_start, spec_from_scan_start, start_from_spec
 from .scans import ScanManager, ScanRefused
-from .storage.rawcopy import pending_marker
+from .storage.rawcopy import PENDING_SUFFIX
 from .storage.spool import spool_path, unfinished_spools
 
 log = logging.getLogger("cryoptycho.service")
@@ -499,43 +500,69 @@ class Service:
         kept = [s for s in self.scans.sessions.values() if not s.state.final]
         known = {spool_path(self.config.spool_dir, s.scan_id) for s in kept}
         unfinished = unfinished_spools(self.config.spool_dir)
-        # scans whose spool close failed: their journal keeps every frame (not "could not recover")
+        # scans whose spool close failed: their journal keeps every frame (not "could not recover").
+        # Each list below names its first few and counts the rest (named()): one line per item, two
+        # 3 kB paths in each, made a stop with 5,000 pending raw copies write tens of MB of log
         unclosed = [f"{sid}: {why}" for sid, why in self.scans.unclosed.items()
                     if spool_path(self.config.spool_dir, sid) in unfinished]
         if unclosed:
-            log.warning("%d spool files could not be closed: %s", len(unclosed), "; ".join(unclosed))
+            log.warning("%d spool files could not be closed: %s", len(unclosed), named(unclosed))
         known |= {spool_path(self.config.spool_dir, sid) for sid in self.scans.unclosed}
-        stranded = [p.name for p in unfinished if p not in known and p in self.scans.unrecovered]
+        # found held for writing at the start and still held: not refused, waiting for the writer
+        held = self.scans.held_at_start()
+        waiting = [p.name for p in unfinished if p not in known and p in held]
+        if waiting:
+            log.warning("%d unfinished spool files stay in %s, open for writing in another program, which this daemon "
+                        "waited for to close them: the next start recovers them once it has (h5py: File.close(), or "
+                        "end that Python session): %s", len(waiting), self.config.spool_dir, named(waiting))
+        stranded = [p.name for p in unfinished if p not in known and p not in held and p in self.scans.unrecovered]
         if stranded:  # refused at the start ("cannot recover spool"): tried again at every start
             log.warning("%d unfinished spool files this daemon could not recover stay in %s (the reasons "
-                        "were logged at the start): %s", len(stranded), self.config.spool_dir, ", ".join(stranded))
+                        "were logged at the start): %s", len(stranded), self.config.spool_dir, named(stranded))
         # e.g. a scan stopped whose final status could not be written, or spools left with recover off
         left = [p.name for p in unfinished if p not in known and p not in self.scans.unrecovered]
         if left:
             log.warning("%d unfinished spool files stay in %s with their journals, which keep their frames: %s; %s",
-                        len(left), self.config.spool_dir, ", ".join(left),
+                        len(left), self.config.spool_dir, named(left),
                         "the next start rebuilds and recovers them" if self.config.recover else
                         "recover is off (`cryoptycho replay` or `reconstruct` read them through their journals)")
-        for scan_id, (spool_file, result) in self.scans.raw_pending().items():
-            failed = self.scans.raw_failure(scan_id)
-            why, then = (("is still open for writing in another program", "copies them once that program lets go")
-                         if failed is None else (f"could not be copied from ({failed})", "tries again"))
-            log.warning("result %s lacks its raw frames (/raw): its spool %s %s; kept, with its marker %s: the next "
-                        "start %s", result, spool_file, why, pending_marker(spool_file), then,
-                        extra={"scan_id": scan_id})
+        self._report_raw_pending()
         if not kept:
             if not unclosed:
                 log.info("stopped with no unfinished scan")
             return
-        listed = ", ".join(f"{s.scan_id} ({'ended' if s.ended else 'open'}, {s.ledger.received} frames)"
-                           for s in kept)
+        # (a detector's series wait in the spool however many there are: named as the lists above)
+        listed = named(f"{s.scan_id} ({'ended' if s.ended else 'open'}, {s.ledger.received} frames)" for s in kept)
+        ids = {"kept": [s.scan_id for s in kept[:LOG_ITEMS_MAX]]}
         if self.config.recover:
             log.info("%d unfinished scans kept in the spool for the next start to finish: %s", len(kept), listed,
-                     extra={"kept": [s.scan_id for s in kept]})
+                     extra=ids)
         else:
             log.warning("%d unfinished scans kept in the spool, and recover is off: the next start leaves them "
                         "(`cryoptycho replay` or `reconstruct` their spool files in %s): %s", len(kept),
-                        self.config.spool_dir, listed, extra={"kept": [s.scan_id for s in kept]})
+                        self.config.spool_dir, listed, extra=ids)
+
+    def _report_raw_pending(self) -> None:
+        """The stop's lines for the results that lack their raw frames: one per reason (still held,
+        or each cause of a failed copy), naming the first few."""
+        failures = self.scans.raw_failures()
+        groups: dict[str, tuple[str, list[str]]] = {}
+        for scan_id, (spool_file, result) in sorted(self.scans.raw_pending().items()):
+            why, cause = failures.get(scan_id, ("", ""))
+            # by an OSError's errno, else by the exception's type: a cause quoting its paths
+            # ("result … is not that of spool …") differs for every scan
+            entry = groups.setdefault(cause.split(":", 1)[0], (why, []))
+            entry[1].append(f"{scan_id} (result {result}, spool {spool_file})")
+        for kind, (why, listed) in groups.items():
+            if not kind:
+                said, then = ("their spools are still open for writing in another program",
+                              "copies them once that program lets go")
+            else:
+                said = f"their copies failed ({why})" if len(listed) == 1 else \
+                    f"their copies failed ({kind}; the first named: {why})"
+                then = "tries again"
+            log.warning("%d results lack their raw frames (/raw): %s; the spools are kept, each with its marker "
+                        "(<spool>%s): the next start %s: %s", len(listed), said, PENDING_SUFFIX, then, named(listed))
 
     def close(self) -> None:
         self._prepare_pool.shutdown(wait=True)
@@ -884,7 +911,15 @@ class Service:
                 message = to_message(topic, payload)
                 if isinstance(message, ErrorEvent):  # (posted by the scans and workers: not clipped yet)
                     message = self._bounded(message)
-                parts = encode_event(message)
+                try:
+                    parts = encode_event(message)
+                except UnicodeEncodeError:
+                    # a path quoted from a directory whose name is no UTF-8 (``--spool-dir`` given
+                    # in bytes Python holds as surrogates): the event goes out with them written
+                    # \xff, not lost for a "could not be published"
+                    parts = encode_event(replace(message, **{
+                        f.name: encodable(getattr(message, f.name)) for f in fields(message)
+                        if isinstance(getattr(message, f.name), (str, dict, list, tuple))}))
             except Exception as exc:  # a post the wire cannot carry: say so instead of dying
                 text = f"{type(exc).__name__}: {exc}"
                 log.error("cannot publish %s: %s", topic, text, exc_info=exc)

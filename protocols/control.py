@@ -13,7 +13,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
 import zmq
@@ -23,7 +23,7 @@ from .errors import ControlError, ControlTimeout, ProtocolError
 from .limits import Limits, control_max_part_bytes
 from .messages import Reply, Request, decode, encode
 from .security import ClientCurve
-from .wire import values_over
+from .wire import encodable, values_over
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,14 @@ def handle(
 def encode_reply(reply: Reply, method: str, limits: Limits | None = None) -> list[Any]:
     """The parts of ``reply``; one that cannot be encoded, or whose header is larger than a
     client reads (``max_header_bytes``, or more values than ``max_header_values``: the client
-    refuses it, and the caller learns nothing but a protocol error), is answered as a failure that says so instead — itself within
-    ``max_header_bytes``, however small that is set."""
+    refuses it, and the caller learns nothing but a protocol error), is answered as a failure
+    that says so instead — itself within ``max_header_bytes``, however small that is set."""
     limits = limits or Limits()
     try:
-        parts = encode(reply)
+        try:
+            parts = encode(reply)
+        except UnicodeEncodeError:  # a path quoted from a non-UTF-8 directory name (wire.encodable)
+            parts = encode(replace(reply, msg=encodable(reply.msg), result=encodable(reply.result)))
     except Exception as exc:  # noqa: BLE001 - a result msgpack cannot carry is still answered
         return _failure(f"reply of {method!r} could not be encoded: {exc}", "encodable", reply.time_s, limits)
     size = memoryview(parts[0]).nbytes

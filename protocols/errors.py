@@ -79,3 +79,10 @@ class ControlError(RuntimeError):
         self.method = method
         self.msg = msg
         self.reply = reply
+
+    @property
+    def busy(self) -> bool:
+        """The daemon could not look now and asks to be asked again (rule ``file_checks_busy``:
+        its look at the spool and results directories is behind, PROTOCOL.md § 6)."""
+        result = getattr(self.reply, "result", None)
+        return isinstance(result, dict) and result.get("rule") == "file_checks_busy"

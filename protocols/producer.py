@@ -51,6 +51,8 @@ DEFAULT_INGEST = "tcp://127.0.0.1:5600"
 #: the daemon's default layout: ingest port, publish port + 1, control port + 2
 CONTROL_PORT_OFFSET = 2
 _FINAL_STATES = ("finished", "aborted", "failed")
+#: seconds a producer waits before it asks again after a ``file_checks_busy`` receipt
+BUSY_PAUSE_S = 0.1
 
 
 def control_endpoint_for(ingest: str) -> str:
@@ -170,6 +172,8 @@ class Producer(SocketClient):
         self._stale_refusal: float | None = None  #: an earlier refusal of the open scan's id
         self._started = 0.0
         self._stalled = False  #: a send or confirmation timed out: close() does not linger
+        #: the daemon's last ``file_checks_busy`` answer, until it answers a receipt: a timeout names it
+        self._busy: str | None = None
         #: the daemon's max_message_bytes, from its receipt before a scan (None: not told). Its
         #: ingest socket disconnects a sender as soon as a larger part arrives, and the message
         #: is lost: messages are sized below it, and one that cannot be is refused here, by name
@@ -400,15 +404,23 @@ class Producer(SocketClient):
         ``"unknown"`` while it has not read the scan's start (control and ingest are separate
         sockets, so control may be served first)."""
         try:
-            return self._control_client().receipt(scan_id)
+            answer = self._control_client().receipt(scan_id)
         except ControlTimeout:
             return None
         except ControlError as exc:
+            if exc.busy:
+                # the daemon's look at its directories is behind (a hung network file system, or
+                # another client flooding receipts): asked again, as when it does not answer
+                self._busy = exc.msg
+                time.sleep(BUSY_PAUSE_S)  # (answered at once: _check_new_scan asks again at once)
+                return None
             raise DeliveryError(
                 f"the daemon at {self.control} cannot acknowledge scan {scan_id!r} ({exc.msg}); "
                 "an older daemon has no `receipt`: use confirm=False to send unconfirmed",
                 scan_id, self.frames_given, 0,
             ) from None
+        self._busy = None
+        return answer
 
     def _check_new_scan(self, scan_id: str) -> None:
         """Before a scan starts: the daemon answers, and holds no scan of that id (whose receipt
@@ -423,6 +435,9 @@ class Producer(SocketClient):
                         "`replay --client-key ... --server-key ...`" if self._curve is None else
                         "or the daemon refused this client's CURVE keys")
                 # the first thing to check comes first: a new user replays before `serve` is up
+                if self._busy is not None:
+                    raise ProducerTimeout(f"the daemon at {self.control} answered no receipt of scan {scan_id!r} for "
+                                          f"{self.send_timeout_s} s: {self._busy}")
                 raise ProducerTimeout(
                     f"no answer from the daemon's control socket {self.control} for "
                     f"{self.send_timeout_s} s: is a daemon running there (`cryoptycho serve`)? "
@@ -495,7 +510,8 @@ class Producer(SocketClient):
             if timeout is not None and time.monotonic() - progress_at > timeout:
                 held = 0 if last is None else int(last["frames"]["received"])
                 if answer is None:
-                    why = f"no answer from its control socket {self.control}"
+                    why = (f"no answer from its control socket {self.control}" if self._busy is None
+                           else f"its receipts answered busy: {self._busy}")
                 elif last is None:
                     why = ("it has not read the scan's start: still queued behind other data, or "
                            "refused before it was recorded (see the published `error` events)")

@@ -97,6 +97,29 @@ def pack(
     return parts
 
 
+def encodable(value: Any) -> Any:
+    """``value`` (a str, or a tree of dicts and lists) with every string UTF-8 can carry: a
+    path's undecodable bytes, which Python holds as lone surrogates (``surrogateescape``: a
+    non-UTF-8 ``--spool-dir``), are written as ``\\xff``, any other lone surrogate as
+    ``\\udxxx``. msgpack refused such a string, and the daemon's event quoting it (a result
+    path, an error naming a spool) was lost. Only strings that need it are rebuilt."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            pass
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate no undecodable byte became
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {encodable(k): encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encodable(v) for v in value]
+    return value
+
+
 class _Extension:
     """A msgpack extension value as decoded (``ext_hook``), refused by :func:`_check_tree`
     where it sits: raised from the hook, the refusal named only ``header`` for a value deep

@@ -338,7 +338,10 @@ class StartGate:
         the delivery receipts) raises :class:`ControlError`: run_bridge(confirm=False) there."""
         try:
             answer = self.control.receipt(scan_id)
-        except ControlTimeout:
+        except (ControlTimeout, ControlError) as exc:
+            if isinstance(exc, ControlError) and not exc.busy:
+                raise
+            # (busy: the daemon's look at its directories is behind; asked again as a silence is)
             now = time.monotonic()
             self._silent_since = self._silent_since or now
             if self.timeout_s is not None and now - self._silent_since > self.timeout_s:
