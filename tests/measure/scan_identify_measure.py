@@ -227,24 +227,87 @@ def cost(data, args) -> None:  # type: ignore[no-untyped-def]
                           "res_1bit_A": round(ev.resolutions["particle/pooled/1-bit"] * 1e10, 2)}), flush=True)
 
 
+def halves(data, args) -> None:  # type: ignore[no-untyped-def]
+    """The two halves' score (as ``aberration_search_halves`` scores a probe) of trial scan maps
+    against the nominal positions: the object fitted to one binomial half at each trial's
+    positions (``--iterations`` CG, the bench's prior at half the dose), the mean of both halves'
+    data terms position by position; gain G > 0 when the trial explains the counts better, its
+    standard error √(K var d) from the paired per-position differences, z = G / se."""
+    from cryoptycho.gpu.metrics import fit_affine
+    from cryoptycho.gpu.options import ReconOptions
+    from cryoptycho.gpu.reconstruct import (_data_terms, _halves, _initial_probe, _parallax_corrected,
+                                            counts_per_object_pixel, measured_probe_power, prepare,
+                                            refine_full_batch)
+
+    base = ReconOptions(iterations=args.iterations, refine_probe=False, parallax=False)
+    probe = to_numpy(_parallax_corrected(_initial_probe(data, base, np, None), data, base.merged({"parallax": "auto"}),
+                                         np.asarray(data.positions))[0])
+    problem = prepare(dataclasses.replace(data, probe=probe, probe_model=None), base)
+    opts = problem.options.with_probe_decision(measured_probe_power(problem.counts_fft, problem.mask), True)
+    if opts.mu0 == "auto":
+        opts = opts.with_mu0_decision(counts_per_object_pixel(problem.counts_fft, problem.mask, problem.probe,
+                                                              problem.batch))
+    fit_counts, test_counts, fixed, kappa, power = _halves(problem, opts, 15)
+    geo = problem.geometry
+    nom = np.asarray(geo.to_pixels(problem.positions), dtype=np.float64)
+    true = np.asarray(geo.to_pixels(np.asarray(data.truth_positions)), dtype=np.float64)
+    b, _, c = fit_affine(nom, true)
+    u, _, vt = np.linalg.svd(b)
+    rot = u @ vt
+    iso = math.sqrt(abs(np.linalg.det(b)))
+    trials = {"nominal": np.eye(2), "true affine": b, "mirrored (2I - B)": 2 * np.eye(2) - b,
+              "true similarity": iso * rot}
+    hi = np.asarray(geo.object_shape, dtype=np.float64) - np.asarray(geo.probe_shape) - 1.0
+    rows = {}
+    for name, m in trials.items():
+        t = time.perf_counter()
+        pos = c + (nom - c) @ m.T
+        if np.any(pos < 0) or np.any(pos > hi):
+            print(json.dumps({"trial": name, "skipped": "off the canvas"}), flush=True)
+            continue
+        batch = make_batch(pos, geo.object_shape, geo.probe_shape, xp=problem.xp)
+        obj, fitted, _ = refine_full_batch(problem.object, problem.probe, fit_counts, batch, problem.mask, fixed,
+                                           args.iterations, kappa=kappa, probe_power=power)
+        te = _data_terms(obj, fitted, test_counts, batch, problem, opts)
+        fi = _data_terms(obj, fitted, fit_counts, batch, problem, opts)
+        rows[name] = (0.5 * (te + fi), te, fi)
+        print(f"#   {name}: {time.perf_counter() - t:.0f} s", flush=True)
+    s0, t0_, f0 = rows["nominal"]
+    k = len(s0)
+    for name, (s_, te, fi) in rows.items():
+        if name == "nominal":
+            continue
+        d = s0 - s_
+        se = math.sqrt(k * float(np.var(d, ddof=1)))
+        dt, df = t0_ - te, f0 - fi
+        print(json.dumps({"trial": name, "map": [round(float(x), 5) for x in trials[name].ravel()],
+                          "gain_halves": round(float(d.sum()), 1), "se": round(se, 1),
+                          "z": round(float(d.sum()) / se, 2),
+                          "gain_held_out": round(float(dt.sum()), 1),
+                          "z_held_out": round(float(dt.sum()) / math.sqrt(k * float(np.var(dt, ddof=1))), 2),
+                          "gain_fitted": round(float(df.sum()), 1)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("sample")
     ap.add_argument("dose", type=float)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--part", choices=["crb", "cost"], default="crb")
+    ap.add_argument("--part", choices=["crb", "cost", "halves"], default="crb")
     ap.add_argument("--lowpass", default="")
     ap.add_argument("--aberrations", action="store_true")
     ap.add_argument("--crb-iterations", type=int, default=200)
-    ap.add_argument("--iterations", type=int, default=40)
+    ap.add_argument("--iterations", type=int, default=None, help="CG (default: cost 40, halves 30)")
     args = ap.parse_args()
+    if args.iterations is None:
+        args.iterations = 30 if args.part == "halves" else 40
     t0 = time.perf_counter()
     data = simulate_ptychography(load_model(args.sample).centred(), dose=args.dose, frame_size=64,
                                  pixel_size=0.8e-10, seed=args.seed, probe_seed=args.seed,
                                  errors=ExperimentErrors.realistic(args.seed))
     print(f"# {args.sample} {args.dose:g} seed {args.seed}: {len(data.positions)} positions, "
           f"simulated in {time.perf_counter() - t0:.0f} s", flush=True)
-    (crb if args.part == "crb" else cost)(data, args)
+    {"crb": crb, "cost": cost, "halves": halves}[args.part](data, args)
     print(f"# total {time.perf_counter() - t0:.0f} s", flush=True)
 
 
