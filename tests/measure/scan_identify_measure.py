@@ -242,7 +242,8 @@ def halves(data, args) -> None:  # type: ignore[no-untyped-def]
     base = ReconOptions(iterations=args.iterations, refine_probe=False, parallax=False)
     probe = to_numpy(_parallax_corrected(_initial_probe(data, base, np, None), data, base.merged({"parallax": "auto"}),
                                          np.asarray(data.positions))[0])
-    problem = prepare(dataclasses.replace(data, probe=probe, probe_model=None), base)
+    # scan_search=True: prepare leaves the canvas room for a few per cent of scan map (it does not search)
+    problem = prepare(dataclasses.replace(data, probe=probe, probe_model=None), base.merged({"scan_search": True}))
     opts = problem.options.with_probe_decision(measured_probe_power(problem.counts_fft, problem.mask), True)
     if opts.mu0 == "auto":
         opts = opts.with_mu0_decision(counts_per_object_pixel(problem.counts_fft, problem.mask, problem.probe,
