@@ -359,6 +359,8 @@ def main() -> None:
     ap.add_argument("--part", choices=["crb", "cost", "halves", "estimate"], default="crb")
     ap.add_argument("--lowpass", default="")
     ap.add_argument("--aberrations", action="store_true")
+    ap.add_argument("--true-positions", action="store_true",
+                    help="halves / estimate: about the true positions (the map left is 0: the vertices are the bias)")
     ap.add_argument("--step", type=float, default=1.5, help="estimate: the trials' step along each part, per cent")
     ap.add_argument("--crb-iterations", type=int, default=200)
     ap.add_argument("--iterations", type=int, default=None, help="CG (default: cost 40, halves 30)")
@@ -369,6 +371,8 @@ def main() -> None:
     data = simulate_ptychography(load_model(args.sample).centred(), dose=args.dose, frame_size=64,
                                  pixel_size=0.8e-10, seed=args.seed, probe_seed=args.seed,
                                  errors=ExperimentErrors.realistic(args.seed))
+    if args.true_positions:
+        data = dataclasses.replace(data, positions=data.truth_positions)
     print(f"# {args.sample} {args.dose:g} seed {args.seed}: {len(data.positions)} positions, "
           f"simulated in {time.perf_counter() - t0:.0f} s", flush=True)
     {"crb": crb, "cost": cost, "halves": halves, "estimate": halves}[args.part](data, args)
