@@ -280,19 +280,17 @@ class Subscriber(SocketClient):
         with reader.cond:
             while True:
                 self._check(reader)
-                # wait for the drain asked for (bounded by the deadline too: it cannot stall
-                # a recv that has nothing to wait for), then for anything new
-                if reader.served >= ticket:
-                    item = reader.pop()
-                    if item is not None:
-                        break
+                if reader.served < ticket:
+                    # the drain asked for comes first, whatever the timeout (recv(0) drains
+                    # too): the reader answers it after at most DRAIN_BATCH messages
+                    reader.cond.wait()
+                    continue
+                item = reader.pop()
+                if item is not None:
+                    break
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
-                    # out of time: what is pending, even if the drain has not ended, or None
-                    item = reader.pop()
-                    if item is None:
-                        return None
-                    break
+                    return None
                 reader.cond.wait(wait)
         if isinstance(item, ProtocolError):
             raise item
