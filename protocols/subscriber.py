@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .client import SocketClient, connect
 from .errors import ProtocolError
@@ -64,7 +65,7 @@ class _Reader:
     """The socket, its reader thread and what it has read; holds no reference to the
     ``Subscriber``, so an unclosed one is still collected (and its reader stopped)."""
 
-    def __init__(self, sock: zmq.Socket, latest_only: bool, skip_invalid: bool, limits: Limits,
+    def __init__(self, sock: zmq.Socket, monitor: zmq.Socket, latest_only: bool, skip_invalid: bool, limits: Limits,
                  max_backlog: int) -> None:
         self.sock = sock
         self.latest_only = latest_only
@@ -74,6 +75,11 @@ class _Reader:
         self.invalid = 0
         self.skipped = 0
         self.dropped = 0
+        #: connections made / lost: more than one connection means the daemon dropped or lost
+        #: this subscriber once, and what it published meanwhile was not received
+        self.connections = 0
+        self.disconnections = 0
+        self.monitor = monitor
         self.unreported_drops = 0
         self.cond = threading.Condition()
         # seq → item; a conflated topic's pending item is replaced by deleting its entry and
@@ -117,8 +123,11 @@ class _Reader:
             poller = zmq.Poller()
             poller.register(self.sock, zmq.POLLIN)
             poller.register(self.wake_r.fileno(), zmq.POLLIN)
+            poller.register(self.monitor, zmq.POLLIN)
             while True:
                 ready = dict(poller.poll())
+                if self.monitor in ready:
+                    self._count_connections()
                 if self.wake_r.fileno() in ready:
                     self._clear_wake()
                 # read after clearing the wake bytes: a request whose byte was consumed here
@@ -136,11 +145,23 @@ class _Reader:
             with self.cond:
                 self.failure = exc
         finally:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass  # the context is terminated: the monitor is going anyway
+            self.monitor.close(linger=0)
             self.sock.close(linger=0)
             self.wake_r.close()
             with self.cond:
                 self.finished = True
                 self.cond.notify_all()
+
+    def _count_connections(self) -> None:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            with self.cond:
+                self.connections += event == zmq.EVENT_CONNECTED
+                self.disconnections += event == zmq.EVENT_DISCONNECTED
 
     def _clear_wake(self) -> None:
         while True:
@@ -246,11 +267,23 @@ class Subscriber(SocketClient):
         self.latest_only = latest_only
         self.skip_invalid = skip_invalid
         self.limits = limits or Limits()
-        sock = connect(zmq.SUB, endpoint, curve=curve, context=context, rcvhwm=rcvhwm)
-        for t in topics:
-            sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+        monitors: list[zmq.Socket] = []
+
+        def prepare(sock: zmq.Socket) -> None:
+            for t in topics:
+                sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+            # attached before connecting: a connection made first is not told to a monitor
+            monitors.append(sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED))
+
+        try:
+            sock = connect(zmq.SUB, endpoint, curve=curve, context=context, rcvhwm=rcvhwm,
+                           before_connect=prepare)
+        except BaseException:
+            for monitor in monitors:
+                monitor.close(linger=0)
+            raise
         self._socket = sock
-        self._reader = _Reader(sock, latest_only, skip_invalid, self.limits, max_backlog)
+        self._reader = _Reader(sock, monitors[0], latest_only, skip_invalid, self.limits, max_backlog)
         self._reader.thread.start()
         # an unclosed subscriber still stops its reader (and closes its socket) when collected
         self._finalizer = weakref.finalize(self, _Reader.stop, self._reader)
@@ -269,6 +302,12 @@ class Subscriber(SocketClient):
     def dropped(self) -> int:
         """Ordered events dropped because more than ``max_backlog`` waited unread."""
         return self._reader.dropped
+
+    @property
+    def connections(self) -> int:
+        """Connections made to the daemon so far; more than one means it was lost (or dropped
+        this subscriber) and reconnected, and events published meanwhile were missed."""
+        return self._reader.connections
 
     def recv(self, timeout_s: float | None = None) -> Event | None:
         """The next event, or None when nothing arrives within ``timeout_s`` (None = wait).

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,7 +100,7 @@ def test_a_slow_reader_stays_connected_and_gets_the_final_result():
         while not got:  # until the subscription has reached the PUB socket
             pub.send(ScanEvent("a", "acquiring"))
             time.sleep(0.05)
-        previews = lambda: sum(isinstance(e, Preview) for e in got)  # noqa: E731
+        previews = lambda: sum(isinstance(e, Preview) for e in got)
         seen = previews()
         i = 0
         # for 3 of the caller's slow reads (9 heartbeat timeouts at least): before, the PUB
@@ -126,6 +125,7 @@ def test_a_slow_reader_stays_connected_and_gets_the_final_result():
             f"{pub.disconnected} disconnection(s)")
         assert isinstance(got[-2], ScanEvent) and got[-2].event == "finished"
         assert (pub.accepted, pub.disconnected) == (1, 0), "a live, reading subscriber was dropped"
+        assert sub.connections == 1  # told by the subscriber too
         assert sub.dropped == 0
         assert sub.skipped > 0  # it was slow: stale previews were skipped, not queued
     finally:
