@@ -3,7 +3,8 @@
 ZMQ_CONFLATE cannot be used (it breaks multipart messages), so latest-only delivery is done
 here. A reader thread drains the SUB socket all the time, whatever the caller does; of what is
 pending it keeps only the newest ``preview``/``metrics`` per scan, while scan events, results
-and errors are all kept, in order (up to ``max_backlog``; beyond it the oldest are dropped and
+and errors are all kept, in order (up to ``max_backlog`` events and ``max_backlog_bytes``; beyond
+them the oldest are dropped and
 the next ``recv`` raises :class:`EventsDropped`). Every ``recv`` first has the reader drain what
 has already arrived, so it returns the newest image there is.
 
@@ -37,6 +38,9 @@ from .topics import CONFLATED_TOPICS, Event, decode_event, topic_of
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5601"
 #: ordered events (everything when ``latest_only=False``) held for a caller that does not read
 DEFAULT_MAX_BACKLOG = 10_000
+#: and their bytes: with ``latest_only=False`` previews are ordered events too (5 MB each for a
+#: 660 x 660 canvas), and a caller that stopped reading must not take the host's memory
+DEFAULT_MAX_BACKLOG_BYTES = 1 << 30
 #: messages one drain reads before it answers a waiting ``recv``: under a flood faster than
 #: decoding, "drain until the socket is empty" would never end
 DRAIN_BATCH = 1000
@@ -46,12 +50,14 @@ log = logging.getLogger(__name__)
 
 class EventsDropped(RuntimeError):
     """Raised once by ``recv`` where the oldest ``count`` ordered events were dropped because
-    more than ``max_backlog`` waited unread; the following ``recv`` goes on with the rest."""
+    more than ``max_backlog`` (or ``max_backlog_bytes``) waited unread; the following ``recv``
+    goes on with the rest."""
 
-    def __init__(self, count: int, max_backlog: int) -> None:
+    def __init__(self, count: int, max_backlog: int, max_backlog_bytes: int) -> None:
         super().__init__(
-            f"{count} published events were dropped unread: more than {max_backlog} waited "
-            "(read faster, raise max_backlog, or reconcile through the control socket's list_scans)"
+            f"{count} published events were dropped unread: more than {max_backlog} events or "
+            f"{max_backlog_bytes} bytes waited (read faster, raise max_backlog/max_backlog_bytes, "
+            "or reconcile through the control socket's list_scans)"
         )
         self.count = count
 
@@ -66,12 +72,13 @@ class _Reader:
     ``Subscriber``, so an unclosed one is still collected (and its reader stopped)."""
 
     def __init__(self, sock: zmq.Socket, monitor: zmq.Socket, latest_only: bool, skip_invalid: bool, limits: Limits,
-                 max_backlog: int) -> None:
+                 max_backlog: int, max_backlog_bytes: int) -> None:
         self.sock = sock
         self.latest_only = latest_only
         self.skip_invalid = skip_invalid
         self.limits = limits
         self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
         self.invalid = 0
         self.skipped = 0
         self.dropped = 0
@@ -87,6 +94,8 @@ class _Reader:
         self.pending: OrderedDict[int, Event | ProtocolError] = OrderedDict()
         self.latest: dict[tuple[str, str], int] = {}  # conflated (topic, scan) → its seq in pending
         self.ordered = 0  # pending items that are not conflated
+        self.ordered_bytes = 0  # and their message sizes
+        self.sizes: dict[int, int] = {}  # seq → message size, of ordered items
         self.seq = 0
         self.requested = 0  # drain requests made by callers
         self.served = 0  # drain requests answered by the reader
@@ -185,9 +194,9 @@ class _Reader:
                 if self.skip_invalid:
                     continue
                 item = exc
-            self._add(item)
+            self._add(item, sum(len(part) for part in parts))
 
-    def _add(self, item: Event | ProtocolError) -> None:
+    def _add(self, item: Event | ProtocolError, size: int) -> None:
         with self.cond:
             self.seq += 1
             key = None
@@ -200,8 +209,13 @@ class _Reader:
                 self.latest[key] = self.seq
             else:
                 self.ordered += 1
+                self.ordered_bytes += size
+                self.sizes[self.seq] = size
             self.pending[self.seq] = item
-            if self.ordered > self.max_backlog:
+            # the newest event is kept whatever its size
+            while self.ordered > self.max_backlog or (
+                self.ordered > 1 and self.ordered_bytes > self.max_backlog_bytes
+            ):
                 self._drop_oldest_ordered()
             self.cond.notify_all()
 
@@ -211,6 +225,7 @@ class _Reader:
             if not self._conflated(seq, item):
                 del self.pending[seq]
                 self.ordered -= 1
+                self.ordered_bytes -= self.sizes.pop(seq)
                 self.dropped += 1
                 self.unreported_drops += 1
                 return
@@ -226,7 +241,7 @@ class _Reader:
         """The next pending item (caller holds ``cond``), or None."""
         if self.unreported_drops:
             count, self.unreported_drops = self.unreported_drops, 0
-            raise EventsDropped(count, self.max_backlog)
+            raise EventsDropped(count, self.max_backlog, self.max_backlog_bytes)
         if not self.pending:
             return None
         seq, item = self.pending.popitem(last=False)
@@ -234,6 +249,7 @@ class _Reader:
             del self.latest[(topic_of(item), item.scan_id)]  # type: ignore[union-attr]
         else:
             self.ordered -= 1
+            self.ordered_bytes -= self.sizes.pop(seq)
         return item
 
 
@@ -244,7 +260,8 @@ class Subscriber(SocketClient):
     timeout. A malformed message raises :class:`ProtocolError` at its place in the stream
     (pass ``skip_invalid=True`` to drop and count it in ``invalid`` instead). A reader thread
     keeps the socket drained, so a caller that reads slowly stays connected; at most
-    ``max_backlog`` scan events, results and errors wait for it (the oldest beyond are dropped,
+    ``max_backlog`` scan events, results and errors (``max_backlog_bytes`` of them) wait for it
+    (the oldest beyond are dropped,
     counted in ``dropped``, and the next ``recv`` raises :class:`EventsDropped`).
     """
 
@@ -260,9 +277,11 @@ class Subscriber(SocketClient):
         curve: ClientCurve | None = None,
         context: zmq.Context | None = None,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
+        max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES,
     ) -> None:
-        if max_backlog < 1:
-            raise ValueError(f"max_backlog must be at least 1, not {max_backlog}")
+        if max_backlog < 1 or max_backlog_bytes < 1:
+            raise ValueError(f"max_backlog and max_backlog_bytes must be at least 1, not "
+                             f"{max_backlog} and {max_backlog_bytes}")
         self.endpoint = endpoint
         self.latest_only = latest_only
         self.skip_invalid = skip_invalid
@@ -283,7 +302,8 @@ class Subscriber(SocketClient):
                 monitor.close(linger=0)
             raise
         self._socket = sock
-        self._reader = _Reader(sock, monitors[0], latest_only, skip_invalid, self.limits, max_backlog)
+        self._reader = _Reader(sock, monitors[0], latest_only, skip_invalid, self.limits, max_backlog,
+                              max_backlog_bytes)
         self._reader.thread.start()
         # an unclosed subscriber still stops its reader (and closes its socket) when collected
         self._finalizer = weakref.finalize(self, _Reader.stop, self._reader)
@@ -300,7 +320,8 @@ class Subscriber(SocketClient):
 
     @property
     def dropped(self) -> int:
-        """Ordered events dropped because more than ``max_backlog`` waited unread."""
+        """Ordered events dropped because more than ``max_backlog`` (or ``max_backlog_bytes``)
+        waited unread."""
         return self._reader.dropped
 
     @property

@@ -203,6 +203,34 @@ def test_a_backlog_over_its_cap_is_told_once_and_the_newest_events_kept():
         ctx.term()
 
 
+def test_a_backlog_over_its_byte_cap_keeps_the_newest_previews_when_all_are_wanted():
+    """With ``latest_only=False`` every preview is kept: a caller that stopped reading must
+    not take the host's memory (before, its receive HWM bounded what waited, and the daemon
+    dropped the rest)."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind("inproc://bytes")
+    size = len(b"".join(bytes(p) for p in encode_event(_preview(0))))
+    sub = Subscriber("inproc://bytes", context=ctx, rcvhwm=1000, latest_only=False,
+                     max_backlog_bytes=int(2.5 * size))
+    try:
+        while sub.recv(timeout_s=0.05) is None:
+            pub.send_multipart(encode_event(ScanEvent("warm", "accepted")))
+        while sub.recv(timeout_s=0.05) is not None:
+            pass
+        for i in range(6):
+            pub.send_multipart(encode_event(_preview(i)))
+        with pytest.raises(EventsDropped) as info:
+            sub.recv(timeout_s=5)
+        assert info.value.count == 4
+        assert [sub.recv(timeout_s=5).iteration for _ in range(2)] == [4, 5]
+        assert sub.recv(timeout_s=0.05) is None
+    finally:
+        sub.close()
+        pub.close(0)
+        ctx.term()
+
+
 def test_a_failed_reader_thread_is_raised_to_the_caller():
     ctx = zmq.Context()
     sub = Subscriber("inproc://nobody", context=ctx)
