@@ -82,10 +82,9 @@ class _Reader:
         self.invalid = 0
         self.skipped = 0
         self.dropped = 0
-        #: connections made / lost: more than one connection means the daemon dropped or lost
-        #: this subscriber once, and what it published meanwhile was not received
+        #: connections made: more than one means the daemon dropped or lost this subscriber
+        #: once, and what it published meanwhile was not received
         self.connections = 0
-        self.disconnections = 0
         self.monitor = monitor
         self.unreported_drops = 0
         self.cond = threading.Condition()
@@ -170,7 +169,6 @@ class _Reader:
             event = recv_monitor_message(self.monitor)["event"]
             with self.cond:
                 self.connections += event == zmq.EVENT_CONNECTED
-                self.disconnections += event == zmq.EVENT_DISCONNECTED
 
     def _clear_wake(self) -> None:
         while True:
@@ -292,7 +290,7 @@ class Subscriber(SocketClient):
             for t in topics:
                 sock.setsockopt(zmq.SUBSCRIBE, t.encode())
             # attached before connecting: a connection made first is not told to a monitor
-            monitors.append(sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED))
+            monitors.append(sock.get_monitor_socket(zmq.EVENT_CONNECTED))
 
         try:
             sock = connect(zmq.SUB, endpoint, curve=curve, context=context, rcvhwm=rcvhwm,
