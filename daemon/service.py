@@ -85,8 +85,10 @@ PUB_HWM = 64
 #: without closing the connection, or so far behind that its socket stopped reading — is
 #: disconnected, and the PUB_HWM messages queued for it are released (previews of the whole
 #: canvas, 5.2 MB each for 660 × 660: one stopped subscriber raised the daemon's peak resident
-#: memory by 178 MB, held until it read again). A live subscriber reconnects by itself and
-#: misses only what PUB_HWM dropped.
+#: memory by 178 MB, held until it read again). A live subscriber reconnects by itself; what was
+#: in flight and what was published until then is lost. A slow but alive reader answers late
+#: if its socket is read only when it wants the next event (the PING waits behind the previews
+#: queued before it): the SDK's Subscriber reads its socket on a thread of its own.
 PUB_HEARTBEAT_IVL_MS = 2000
 PUB_HEARTBEAT_TIMEOUT_MS = 10000
 #: error events published one by one per second; the rest are summarised (publisher.ErrorThrottle),

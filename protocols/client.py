@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -28,9 +29,12 @@ def connect(
     curve: ClientCurve | None = None,
     context: zmq.Context | None = None,
     heartbeat: bool = True,
+    before_connect: Callable[[zmq.Socket], object] | None = None,
     **options: Any,
 ) -> zmq.Socket:
-    """A ``kind`` socket with ``options`` (zmq attribute → value) and CURVE, connected."""
+    """A ``kind`` socket with ``options`` (zmq attribute → value) and CURVE, connected;
+    ``before_connect(socket)`` runs just before (a monitor attached later can miss the
+    connection)."""
     sock = (context or zmq.Context.instance()).socket(kind)
     try:
         for name, value in options.items():
@@ -41,6 +45,8 @@ def connect(
             sock.heartbeat_ivl = HEARTBEAT_MS
             sock.heartbeat_timeout = 3 * HEARTBEAT_MS
         apply_curve(sock, curve)
+        if before_connect is not None:
+            before_connect(sock)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:

@@ -61,7 +61,7 @@ from cryoptycho.protocols.messages import (
     ScanStart,
     encode,
 )
-from cryoptycho.protocols.subscriber import Subscriber
+from cryoptycho.protocols.subscriber import EventsDropped, Subscriber
 from prometheus_client.parser import text_string_to_metric_families
 
 #: the manager loop must answer within this (issue 12, item 4)
@@ -156,7 +156,7 @@ class FuzzDaemon:
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.setsockopt(zmq.SNDTIMEO, 60_000)  # a bound on a failure: the daemon may pause ingest on a busy host
         self.push.connect(self.ready["ingest"])
-        self.sub = Subscriber(self.ready["publish"], latest_only=False, rcvhwm=100_000)
+        self.sub = Subscriber(self.ready["publish"], latest_only=False, rcvhwm=100_000, max_backlog=100_000)
         self.control = ControlClient(self.ready["control"], timeout_s=30, retries=1)
         self.metrics_url = f"http://127.0.0.1:{self.ready['metrics_port']}/metrics"
 
@@ -458,6 +458,8 @@ class Harness:
             return self.d.sub.recv(timeout_s=timeout_s)
         except ProtocolError as exc:
             raise FuzzFailure(f"the daemon published an event its subscribers refuse: {exc}") from None
+        except EventsDropped as exc:  # the accounting of every error needs every event
+            raise FuzzFailure(f"the fuzzer's subscriber fell behind: {exc}") from None
 
     def _on_event(self, ev: Any) -> None:
         if isinstance(ev, ErrorEvent):

@@ -18,7 +18,7 @@ from cryoptycho.protocols.client import InvalidEndpoint, check_endpoint
 from cryoptycho.protocols.control import DEFAULT_CONTROL, ControlClient
 from cryoptycho.protocols.errors import ControlError, ControlTimeout
 from cryoptycho.protocols.security import ClientCurve
-from cryoptycho.protocols.subscriber import DEFAULT_PUBLISH, Subscriber
+from cryoptycho.protocols.subscriber import DEFAULT_PUBLISH, EventsDropped, Subscriber
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
@@ -194,7 +194,11 @@ def command(publish: str, control: str, save_dir: Path | None, exit_after_result
                           "watching for its events anyway)[/yellow]")
         deadline = time.monotonic() + timeout if timeout > 0 else None
         while deadline is None or time.monotonic() < deadline:
-            ev = sub.recv(timeout_s=0.5)
+            try:
+                ev = sub.recv(timeout_s=0.5)
+            except EventsDropped as exc:
+                console.print(f"[yellow]{exc}[/yellow]")
+                continue
             if ev is not None:
                 board.on_event(ev)
             if exit_after_results and board.results >= exit_after_results:

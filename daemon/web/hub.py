@@ -24,7 +24,7 @@ from cryoptycho.protocols.control import ControlClient
 from cryoptycho.protocols.errors import ControlError, ControlTimeout
 from cryoptycho.protocols.messages import ErrorEvent, Metrics, Preview, Result, ScanEvent
 from cryoptycho.protocols.security import ClientCurve
-from cryoptycho.protocols.subscriber import Subscriber
+from cryoptycho.protocols.subscriber import EventsDropped, Subscriber
 
 from . import images
 
@@ -180,7 +180,11 @@ class Hub:
         try:
             with Subscriber(self.publish_endpoint, latest_only=True, skip_invalid=True, curve=self.curve) as sub:
                 while not self._stop.is_set():
-                    event = sub.recv(timeout_s=0.2)
+                    try:
+                        event = sub.recv(timeout_s=0.2)
+                    except EventsDropped as exc:  # logged, not fatal: the viewer goes on with newer events
+                        log.warning("viewer subscriber: %s", exc)
+                        continue
                     if event is not None:
                         self.apply(event)
         except BaseException as exc:  # surfaced through /healthz and the log, never swallowed
