@@ -343,8 +343,56 @@ def test_a_new_series_after_a_resumed_one_aborts_it_with_what_it_holds_kept(capl
     assert "resumed in recovered scan" in caplog.text
     third = _decoded(_series(user={"scan": USER_SCAN}, series_id=3, series_unique_id="01THIRD"))
     out = [m for msg in third for m in conv.feed(msg)]
-    assert isinstance(out[0], Abort) and "replaced by series 3" in out[0].reason  # (not resumed)
+    # (not resumed; its two images leave before its abort: test_a_series_replaced_before_its_end_*)
+    assert isinstance(out[0], Frames) and out[0].indices.tolist() == [0, 1]
+    assert isinstance(out[1], Abort) and "replaced by series 3" in out[1].reason
     assert isinstance(out[-1], ScanEnd) and out[-1].scan_id != scan.scan_id
+
+
+@pytest.mark.parametrize("per_message", [64, 3])
+def test_a_series_replaced_before_its_end_sends_every_image_it_holds_before_its_abort(
+        per_message: int, caplog: pytest.LogCaptureFixture) -> None:
+    """The detector starts another series after 4 of 6 images (an acquisition cancelled and
+    restarted): the images of the partial batch not yet sent leave before the abort, bit for
+    bit as the detector sent them, and the reason says how many the scan holds. Until this
+    the converter dropped the batch: all 4 images lost with ``frames_per_message`` 64, the
+    fourth with 3 (a batch partly filled)."""
+    frames = _frames(6, seed=21)
+    first = _decoded(_series(frames, user={"scan": USER_SCAN}))
+    second = _decoded(_series(_frames(6, seed=22), user={"scan": USER_SCAN}, series_id=2,
+                              series_unique_id="01SECOND"))
+    conv = SeriesConverter(BridgeConfig(detector_pixel_angle_rad=1e-3, frames_per_message=per_message))
+    out = [m for msg in first[:1 + 4] for m in conv.feed(msg)]
+    scan = out[0]
+    assert isinstance(scan, ScanStart)
+    with caplog.at_level(logging.WARNING):
+        out += conv.feed(second[0])
+    mine = [m for m in out if getattr(m, "scan_id", None) == scan.scan_id]
+    sent = [m for m in mine if isinstance(m, Frames)]
+    assert isinstance(mine[-1], Abort) and not any(isinstance(m, ScanEnd) for m in mine)
+    assert np.concatenate([m.indices for m in sent]).tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(np.concatenate([m.data for m in sent]), frames[:4])  # bin 1: as sent
+    assert "replaced by series 2" in mine[-1].reason and "4 of its 6 images held" in mine[-1].reason
+    assert "finish_scan" in mine[-1].reason and "4 of its 6 images held" in caplog.text
+    assert conv.stats["frames_sent"] == 4
+
+
+def test_a_stream_stopped_mid_series_sends_the_images_it_holds_before_its_abort() -> None:
+    """The converter stopped in a series (the bridge or the daemon's source stopping, the
+    detector's stream gone, a decoding failure): its partial batch leaves before the abort,
+    the reason counting it. A scan its receiver refused keeps nothing (``keep=False``)."""
+    frames = _frames(6, seed=23)
+    msgs = _decoded(_series(frames, user={"scan": USER_SCAN}))
+    conv = SeriesConverter(BridgeConfig(detector_pixel_angle_rad=1e-3))
+    out = [m for msg in msgs[:1 + 5] for m in conv.feed(msg)]
+    out += conv.stop("the DECTRIS bridge stopped before the series ended")
+    sent = [m for m in out if isinstance(m, Frames)]
+    np.testing.assert_array_equal(np.concatenate([m.data for m in sent]), frames[:5])
+    assert isinstance(out[-1], Abort) and "stopped before the series ended: 5 of its 6 images held" in out[-1].reason
+    refused = SeriesConverter(BridgeConfig(detector_pixel_angle_rad=1e-3))
+    out = [m for msg in msgs[:1 + 5] for m in refused.feed(msg)]
+    out = refused.refused(out[0].scan_id, "positions_m", "out of range")
+    assert [type(m) for m in out] == [Abort]
 
 
 # ------------------------------------------------------------------------------ over sockets

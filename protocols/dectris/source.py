@@ -666,6 +666,21 @@ class DirectConverter(SeriesConverter):
                         "the saturation value (our protocol carries no per-frame mask)",
                         plan.scan_id, int(ids[np.flatnonzero(saturated)[0]]))
 
+    def _release_waiting(self, plan: _Plan) -> list[IngestMessage]:
+        """An aborted scan's images still waiting for side-channel positions are kept in its
+        spool as the detector sent them, like images past its positions (until this they
+        were dropped with the abort)."""
+        kind = self._held_kind.pop(plan.scan_id, None)
+        ids = sorted(plan.waiting)
+        raw = [self._held.pop((plan.scan_id, i), None) for i in ids]
+        if kind is None or not ids or any(r is None for r in raw):
+            return []
+        plan.waiting = {}
+        plan.unpositioned += len(ids)
+        self.stats["unpositioned_images"] += len(ids)
+        return [UnpositionedFrames(plan.scan_id, np.array(ids, np.int64),  # type: ignore[list-item]
+                                   RawChunks(kind.shape, kind.dtype, raw))]  # type: ignore[arg-type]
+
     def _take_batch(self, plan: _Plan) -> list[IngestMessage]:
         """Frames released by side-channel positions leave with the chunks they were held with."""
         out: list[Any] = []
