@@ -1043,6 +1043,55 @@ def test_a_failing_decoding_job_fails_its_scan_not_the_source(service, monkeypat
     assert service.thread.is_alive() and service.error is None
 
 
+def test_a_failing_decoding_job_keeps_the_series_other_images_in_its_aborted_scan(service, monkeypatch) -> None:
+    """A job of the first series raises while the next job of that series is in flight: the
+    scan fails with the reason once its series is over, and every image of its other jobs —
+    in flight at the failure, or sent after it — reaches the spool first; the reason counts
+    the images lost with the failed job. Until this the scan was aborted at the failure and
+    the converter, left without a scan, dropped every later image of the series."""
+    from cryoptycho.protocols.dectris import source as source_module
+
+    real = source_module.decode_job
+    calls = {"n": 0}
+    lock = threading.Lock()
+    next_started = threading.Event()
+    lost: list[bytes] = []
+
+    def failing(items: list[Any], *args: Any, **kw: Any) -> Any:
+        with lock:
+            calls["n"] += 1
+            n = calls["n"]
+        if n == 3:
+            next_started.set()
+        if n == 2:  # the first job after the series' first image (alone, it builds the reducer)
+            # held until the next job of its series is in the other worker's hands: in flight
+            assert next_started.wait(120), "the next job never started"
+            lost.extend(items)
+            raise RuntimeError("a bug in a decoding job")
+        return real(items, *args, **kw)
+
+    monkeypatch.setattr(source_module, "decode_job", failing)
+    frames = _frames(40, seed=15)
+    first, second = _series(frames, "job-bug-kept"), _series(_frames(24, seed=16), "after-bug-kept")
+    _, stats = _stream(service, [first, second], processes=False)
+    assert stats.series_errors == 1 and lost
+    session = _aborted(service, "job-bug-kept-series1")
+    assert _ended(service, "after-bug-kept-series1").ledger.as_dict()["received"] == 24
+    service.service.scans.flush_disk()
+    assert session.ledger.as_dict()["received"] == 40 - len(lost)
+    assert f"RuntimeError: a bug in a decoding job; {len(lost)} images of the failed jobs are lost" in session.error
+    assert f"{40 - len(lost)} of its 40 images held" in session.error
+    failed_ids = {first.index(m) - 1 for m in lost}
+    spool = service.service.config.spool_dir / "job-bug-kept-series1.spool.h5"
+    service.stop()  # the spool is read once the daemon has let go of it
+    with h5py.File(spool, "r") as f:
+        idx = f[DATA]["frame_index"][:]
+        assert sorted(idx.tolist()) == sorted(set(range(40)) - failed_ids)
+        # the detector's payloads, byte for byte, in the rows of the images kept
+        det = f[DATA][DETECTOR_FRAMES]
+        assert det.shape[0] == 40 - len(lost)
+
+
 @pytest.mark.parametrize("processes", [False, True])
 def test_a_series_whose_header_was_corrected_arrives_whole(service, processes: bool) -> None:
     """A header value set aside (a beam centre of (0, 0)) makes the converter's series start a
