@@ -463,6 +463,8 @@ class DecodePool:
         future.reducer = reducer  # type: ignore[attr-defined]
         future.generation = self.generation  # type: ignore[attr-defined]
         future.images = len(items)  # type: ignore[attr-defined]  (counted when the job is lost)
+        #: what the job was given: run again by new workers when its worker process dies
+        future.job = (items, channel, reducer, decode)  # type: ignore[attr-defined]
         return future
 
     def _grow(self, need: int) -> None:
@@ -740,6 +742,7 @@ class DectrisSource(Source):
                                taken=getattr(sink, "scan_id_taken", None))
         stats = SourceStats()
         job_errors = [0]
+        retried = [0]  #: jobs run again after their worker process died
 
         log_error = ErrorLogLimiter(log, f"DECTRIS stream {self.url}")
 
@@ -861,6 +864,31 @@ class DectrisSource(Source):
             if failed is not None and conv.plan is failed["plan"]:
                 deliver(conv.stop(f"{failed['reason']}; {failed['lost']} images of the failed jobs are lost"))
 
+        def take(fut: Future[DecodedBatch]) -> DecodedBatch:
+            """The job's result. A job lost with a dead worker process — the pool breaks, and
+            every job in flight fails with it — still has its images here: it is run once
+            more by new workers, in its turn (the order of arrival holds), so that a worker
+            killed (out of memory, a signal) loses nothing. Until this every image in flight
+            was lost and the scan aborted. A job that fails again (an image that kills the
+            decoder) is lost: :func:`job_failed`."""
+            try:
+                return pool.result(fut)
+            except BrokenProcessPool as exc:
+                job = getattr(fut, "job", None)
+                if job is None or getattr(fut, "retried", False):
+                    raise
+                if pool.restart(getattr(fut, "generation", pool.generation)):
+                    log.warning("DECTRIS stream %s: a decoding worker process died (%s); its jobs in flight "
+                                "are run again by new workers", self.url, exc)
+                again = pool.submit(*job)
+                again.retried = True  # type: ignore[attr-defined]
+                retried[0] += 1
+                try:
+                    return pool.result(again)
+                except BrokenProcessPool:
+                    pool.restart(getattr(again, "generation", pool.generation))  # (job_failed's is stale)
+                    raise
+
         def consume(block: bool, one: bool = False) -> None:
             """Results of the head of the queue, in arrival order, while they are ready (or
             while more jobs are in flight than the workers can start: bounded memory)."""
@@ -871,7 +899,7 @@ class DectrisSource(Source):
                 pending.popleft()
                 if fut is not None:
                     try:
-                        batch = pool.result(fut)
+                        batch = take(fut)
                     except Exception as exc:  # noqa: BLE001 - fails the scan, never the source
                         job_failed(exc, getattr(fut, "generation", pool.generation), getattr(fut, "images", 0))
                         if one:
@@ -958,6 +986,7 @@ class DectrisSource(Source):
         stats.decode_errors = receiver.decode_errors + job_errors[0]
         stats.rejected_images = dict(conv.rejected)
         stats.extra = {"converter": dict(conv.stats), "frames_decoded": self.decoder.decoded,
+                       "jobs_retried": retried[0],
                        "workers": self.workers, "processes": self.processes,
                        "process_cpu_s": round(pool.process_cpu_s, 3)}
         return stats
