@@ -1371,3 +1371,35 @@ def test_a_resumed_series_takes_the_images_past_its_positions_as_before_the_rest
         # images past the positions: handed on each time, the spool keeps each once (image 9)
         assert [int(i) for m in out if isinstance(m, UnpositionedFrames) for i in m.image_ids] == [9, 10, 11]
         assert after.rejected == {"duplicate": 1}, images  # image 2, positioned, held before the restart
+
+
+def test_a_replaced_series_keeps_its_images_waiting_for_positions_as_unpositioned_frames() -> None:
+    """The daemon's source, positions on the side channel: 6 images arrived, positions for 2
+    of them; then the detector starts another series. The 4 images still waiting for their
+    positions are kept (the spool's unpositioned frames, the detector's bytes as they came) and
+    the abort counts all 6. Until this they were dropped with the abort."""
+    from cryoptycho.protocols.dectris.decode import decode_v2
+    from cryoptycho.protocols.dectris.source import DirectConverter, decode_job
+    from cryoptycho.protocols.messages import Abort
+    from cryoptycho.protocols.sources import UnpositionedFrames
+
+    def series(frames: np.ndarray, **kw: Any) -> list[bytes]:
+        return list(v2_messages(SimSeries(frames, compression="bslz4", **kw)))  # no scan: the side channel's
+
+    first = series(_frames(10, seed=17))
+    second = series(_frames(4, seed=18), series_id=2, series_unique_id="S2")
+    conv = DirectConverter(BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3,
+                                        detector_pixel_angle_rad=ANGLE, position_wait_s=0), side_channel=True)
+    out: list[Any] = list(conv.feed(decode_v2(first[0])))
+    for raw in first[1:1 + 6]:  # one image a job, unbinned: the converter bins them
+        out += conv.feed_batch(decode_job([raw], CHANNEL, None, True))
+    assert conv.plan is not None and conv.plan.streamed and len(conv.plan.waiting) == 6
+    out += conv.add_positions(None, np.array([0, 1], np.uint32), np.zeros((2, 2)))
+    out += conv.flush()
+    out += conv.feed(decode_v2(second[0]))
+    kept = [m for m in out if isinstance(m, UnpositionedFrames)]
+    assert len(kept) == 1 and kept[0].image_ids.tolist() == [2, 3, 4, 5]
+    assert kept[0].raw.chunks == [_payload(raw) for raw in first[3:7]]  # as the detector sent them
+    (abort,) = [m for m in out if isinstance(m, Abort)]
+    assert out.index(abort) > out.index(kept[0])
+    assert "replaced by series 2" in abort.reason and "6 of its 10 images held" in abort.reason
