@@ -343,8 +343,56 @@ def test_a_new_series_after_a_resumed_one_aborts_it_with_what_it_holds_kept(capl
     assert "resumed in recovered scan" in caplog.text
     third = _decoded(_series(user={"scan": USER_SCAN}, series_id=3, series_unique_id="01THIRD"))
     out = [m for msg in third for m in conv.feed(msg)]
-    assert isinstance(out[0], Abort) and "replaced by series 3" in out[0].reason  # (not resumed)
+    # (not resumed; its two images leave before its abort: test_a_series_replaced_before_its_end_*)
+    assert isinstance(out[0], Frames) and out[0].indices.tolist() == [0, 1]
+    assert isinstance(out[1], Abort) and "replaced by series 3" in out[1].reason
     assert isinstance(out[-1], ScanEnd) and out[-1].scan_id != scan.scan_id
+
+
+@pytest.mark.parametrize("per_message", [64, 3])
+def test_a_series_replaced_before_its_end_sends_every_image_it_holds_before_its_abort(
+        per_message: int, caplog: pytest.LogCaptureFixture) -> None:
+    """The detector starts another series after 4 of 6 images (an acquisition cancelled and
+    restarted): the images of the partial batch not yet sent leave before the abort, bit for
+    bit as the detector sent them, and the reason says how many the scan holds. Until this
+    the converter dropped the batch: all 4 images lost with ``frames_per_message`` 64, the
+    fourth with 3 (a batch partly filled)."""
+    frames = _frames(6, seed=21)
+    first = _decoded(_series(frames, user={"scan": USER_SCAN}))
+    second = _decoded(_series(_frames(6, seed=22), user={"scan": USER_SCAN}, series_id=2,
+                              series_unique_id="01SECOND"))
+    conv = SeriesConverter(BridgeConfig(detector_pixel_angle_rad=1e-3, frames_per_message=per_message))
+    out = [m for msg in first[:1 + 4] for m in conv.feed(msg)]
+    scan = out[0]
+    assert isinstance(scan, ScanStart)
+    with caplog.at_level(logging.WARNING):
+        out += conv.feed(second[0])
+    mine = [m for m in out if getattr(m, "scan_id", None) == scan.scan_id]
+    sent = [m for m in mine if isinstance(m, Frames)]
+    assert isinstance(mine[-1], Abort) and not any(isinstance(m, ScanEnd) for m in mine)
+    assert np.concatenate([m.indices for m in sent]).tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(np.concatenate([m.data for m in sent]), frames[:4])  # bin 1: as sent
+    assert "replaced by series 2" in mine[-1].reason and "4 of its 6 images held" in mine[-1].reason
+    assert "finish_scan" in mine[-1].reason and "4 of its 6 images held" in caplog.text
+    assert conv.stats["frames_sent"] == 4
+
+
+def test_a_stream_stopped_mid_series_sends_the_images_it_holds_before_its_abort() -> None:
+    """The converter stopped in a series (the bridge or the daemon's source stopping, the
+    detector's stream gone, a decoding failure): its partial batch leaves before the abort,
+    the reason counting it. A scan its receiver refused keeps nothing (``keep=False``)."""
+    frames = _frames(6, seed=23)
+    msgs = _decoded(_series(frames, user={"scan": USER_SCAN}))
+    conv = SeriesConverter(BridgeConfig(detector_pixel_angle_rad=1e-3))
+    out = [m for msg in msgs[:1 + 5] for m in conv.feed(msg)]
+    out += conv.stop("the DECTRIS bridge stopped before the series ended")
+    sent = [m for m in out if isinstance(m, Frames)]
+    np.testing.assert_array_equal(np.concatenate([m.data for m in sent]), frames[:5])
+    assert isinstance(out[-1], Abort) and "stopped before the series ended: 5 of its 6 images held" in out[-1].reason
+    refused = SeriesConverter(BridgeConfig(detector_pixel_angle_rad=1e-3))
+    out = [m for msg in msgs[:1 + 5] for m in refused.feed(msg)]
+    out = refused.refused(out[0].scan_id, "positions_m", "out of range")
+    assert [type(m) for m in out] == [Abort]
 
 
 # ------------------------------------------------------------------------------ over sockets
@@ -915,3 +963,80 @@ def test_frames_sent_counts_what_the_producer_took_not_what_was_converted() -> N
     with pytest.raises(ProducerTimeout):
         dispatch(Stalled(), messages, None, stats)  # type: ignore[arg-type]
     assert stats.frames_sent == 6
+
+
+def test_a_series_replaced_before_its_end_reaches_a_daemons_spool_as_the_detector_sent_it(tmp_path: Any) -> None:
+    """End to end: a simulated detector sends 40 of a series' 48 images, then starts another
+    series; the bridge carries both into a real daemon. The first scan is aborted with its 40
+    images in the spool, equal to the detector's frames (bin 1, no crop: the frames as sent).
+    ``flush_interval_s`` is long, so the 40 images are still the converter's partial batch when
+    the next start comes (the point of interest, held without any timing): until this they were
+    dropped, and the aborted scan held none of them."""
+    from cryoptycho.daemon.config import ServiceConfig
+    from cryoptycho.daemon.service import BackgroundService
+    from cryoptycho.daemon.storage.spool import read_spool, spool_path
+
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
+                        metrics_enabled=False, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                        resolution_interval_s=0, drain_timeout_s=0)
+    bg = BackgroundService(cfg)
+    frames = _frames(48, size=32, seed=31)
+
+    def user(scan_id: str, n: int) -> dict:
+        return {"scan": {"kind": "raster", "shape": [1, n], "step_m": [STEP, STEP]}, "scan_id": scan_id}
+
+    first = list(v2_messages(_series(frames, user=user("cut", 48))))
+    second = list(v2_messages(_series(_frames(24, size=32, seed=32), user=user("next", 24), series_id=2,
+                                      series_unique_id="01SECOND")))
+    try:
+        ingest, control = bg.service.endpoints["ingest"], bg.service.endpoints["control"]
+        with SimSender(2) as sender:
+            stop = threading.Event()
+            result: dict[str, Any] = {}
+            config = BridgeConfig(detector_pixel_angle_rad=1e-3, energy_eV=300e3, flush_interval_s=3600)
+            runner = threading.Thread(target=lambda: result.update(stats=run_bridge(
+                sender.url, ingest, config, stop, max_series=1, control=control)), daemon=True)
+            runner.start()
+            timer = threading.Timer(300.0, stop.set)  # a safety net, not a timing assertion
+            timer.start()
+            try:
+                for m in first[:1 + 40] + second:
+                    sender.send_raw(m)
+                runner.join(120)
+            finally:
+                timer.cancel()
+                stop.set()
+        assert not runner.is_alive()
+        scans = bg.service.scans
+
+        def settled(scan_id: str) -> Any:
+            s = scans.sessions.get(scan_id)
+            return s if s is not None and (s.ended or s.state.value == "aborted") else None
+
+        cut = _wait_for(lambda: settled("cut-series1"), "the cut scan to be aborted")
+        nxt = _wait_for(lambda: settled("next-series2"), "the next scan to end")
+        scans.flush_disk()
+        assert cut.ledger.as_dict()["received"] == 40
+        assert cut.state.value == "aborted" and "40 of its 48 images held" in (cut.error or "")
+        assert nxt.ledger.as_dict()["received"] == 24
+        path = spool_path(cfg.spool_dir, "cut-series1")
+        bg.stop()
+        spooled = read_spool(path)
+        order = np.argsort(spooled.indices)
+        assert spooled.indices[order].tolist() == list(range(40))
+        np.testing.assert_array_equal(spooled.frames[order], frames[:40])
+    finally:
+        if bg.thread.is_alive():
+            bg.stop()
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 120.0) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")

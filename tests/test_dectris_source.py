@@ -1114,7 +1114,11 @@ def _aborted(service: BackgroundService, scan_id: str) -> Any:
     return _wait(check, f"scan {scan_id} to be aborted")
 
 
-def test_a_dead_worker_process_fails_its_scan_and_the_next_scan_is_taken(service) -> None:
+def test_a_dead_worker_process_loses_no_image_and_the_next_scan_is_taken(service) -> None:
+    """Worker processes killed with jobs of a series in their hands: the pool breaks, every job
+    in flight fails with it, and each is run once more by new workers in its turn — the scan
+    ends whole, every image in the spool. Until this the scan was aborted ("the frames it held
+    are lost") and every image in flight, and every later image of the series, dropped."""
     import os
     import signal
 
@@ -1135,16 +1139,33 @@ def test_a_dead_worker_process_fails_its_scan_and_the_next_scan_is_taken(service
             os.kill(pid, signal.SIGKILL)
         killed.extend(pids)
         # the lost jobs are reported (and new workers started) before the next series comes
-        _wait(lambda: source.pool.outstanding == 0 and source.pool.generation == 1, "the lost jobs to fail")
+        _wait(lambda: source.pool.outstanding == 0 and source.pool.generation == 1, "the lost jobs to be run again")
 
     first, second = _series(_frames(40, seed=8), "crash"), _series(_frames(24, seed=9), "after-crash")
     _, stats = _stream(service, [first, second], processes=True, between=kill_the_workers)
-    assert killed and stats.series_errors == 1
-    session = _aborted(service, "crash-series1")
-    assert "decoding worker process died" in (session.error or "")
+    assert killed
+    session = _wait(lambda: (s := service.service.scans.sessions.get("crash-series1")) is not None
+                    and (s.ended or s.state.value == "aborted") and s, "the crashed series' scan to end")
+    service.service.scans.flush_disk()
+    assert session.state.value != "aborted", session.error
+    assert session.ledger.as_dict()["received"] == 40
+    assert stats.series_errors == 0 and stats.extra["jobs_retried"] >= 1
     after = _ended(service, "after-crash-series1")  # new workers took the next series whole
     assert after.ledger.as_dict()["received"] == 24
     assert service.thread.is_alive() and service.error is None
+    spool = service.service.config.spool_dir / "crash-series1.spool.h5"
+    service.stop()  # the spool is read once the daemon has let go of it
+    sent = [_payload(m) for m in first[1:-1]]
+    with h5py.File(spool, "r") as f:
+        idx = f[DATA]["frame_index"][:]
+        assert sorted(idx.tolist()) == list(range(40))
+        det = f[DATA][DETECTOR_FRAMES]
+        mask, chunk = det.id.read_direct_chunk((0, 0, 0))
+        rows = det.chunks[0]
+        zero = bslz4_compress(np.zeros((SIDE, SIDE), np.uint16))
+        # the blocks the detector sent, byte for byte, in the order the spool holds them
+        body = b"".join(sent[i][12:] for i in idx) + zero[12:] * (rows - 40)
+        assert mask == 0 and chunk == struct.pack(">QI", rows * SIDE * SIDE * 2, 8192) + body
 
 
 def test_a_failing_decoding_job_fails_its_scan_not_the_source(service, monkeypatch) -> None:
@@ -1167,6 +1188,55 @@ def test_a_failing_decoding_job_fails_its_scan_not_the_source(service, monkeypat
     assert "RuntimeError: a bug in a decoding job" in (session.error or "")
     assert _ended(service, "after-bug-series1").ledger.as_dict()["received"] == 24
     assert service.thread.is_alive() and service.error is None
+
+
+def test_a_failing_decoding_job_keeps_the_series_other_images_in_its_aborted_scan(service, monkeypatch) -> None:
+    """A job of the first series raises while the next job of that series is in flight: the
+    scan fails with the reason once its series is over, and every image of its other jobs —
+    in flight at the failure, or sent after it — reaches the spool first; the reason counts
+    the images lost with the failed job. Until this the scan was aborted at the failure and
+    the converter, left without a scan, dropped every later image of the series."""
+    from cryoptycho.protocols.dectris import source as source_module
+
+    real = source_module.decode_job
+    calls = {"n": 0}
+    lock = threading.Lock()
+    next_started = threading.Event()
+    lost: list[bytes] = []
+
+    def failing(items: list[Any], *args: Any, **kw: Any) -> Any:
+        with lock:
+            calls["n"] += 1
+            n = calls["n"]
+        if n == 3:
+            next_started.set()
+        if n == 2:  # the first job after the series' first image (alone, it builds the reducer)
+            # held until the next job of its series is in the other worker's hands: in flight
+            assert next_started.wait(120), "the next job never started"
+            lost.extend(items)
+            raise RuntimeError("a bug in a decoding job")
+        return real(items, *args, **kw)
+
+    monkeypatch.setattr(source_module, "decode_job", failing)
+    frames = _frames(40, seed=15)
+    first, second = _series(frames, "job-bug-kept"), _series(_frames(24, seed=16), "after-bug-kept")
+    _, stats = _stream(service, [first, second], processes=False)
+    assert stats.series_errors == 1 and lost
+    session = _aborted(service, "job-bug-kept-series1")
+    assert _ended(service, "after-bug-kept-series1").ledger.as_dict()["received"] == 24
+    service.service.scans.flush_disk()
+    assert session.ledger.as_dict()["received"] == 40 - len(lost)
+    assert f"RuntimeError: a bug in a decoding job; {len(lost)} images of the failed jobs are lost" in session.error
+    assert f"{40 - len(lost)} of its 40 images held" in session.error
+    failed_ids = {first.index(m) - 1 for m in lost}
+    spool = service.service.config.spool_dir / "job-bug-kept-series1.spool.h5"
+    service.stop()  # the spool is read once the daemon has let go of it
+    with h5py.File(spool, "r") as f:
+        idx = f[DATA]["frame_index"][:]
+        assert sorted(idx.tolist()) == sorted(set(range(40)) - failed_ids)
+        # the detector's payloads, byte for byte, in the rows of the images kept
+        det = f[DATA][DETECTOR_FRAMES]
+        assert det.shape[0] == 40 - len(lost)
 
 
 @pytest.mark.parametrize("processes", [False, True])
@@ -1427,3 +1497,35 @@ def test_a_resumed_series_takes_the_images_past_its_positions_as_before_the_rest
         # images past the positions: handed on each time, the spool keeps each once (image 9)
         assert [int(i) for m in out if isinstance(m, UnpositionedFrames) for i in m.image_ids] == [9, 10, 11]
         assert after.rejected == {"duplicate": 1}, images  # image 2, positioned, held before the restart
+
+
+def test_a_replaced_series_keeps_its_images_waiting_for_positions_as_unpositioned_frames() -> None:
+    """The daemon's source, positions on the side channel: 6 images arrived, positions for 2
+    of them; then the detector starts another series. The 4 images still waiting for their
+    positions are kept (the spool's unpositioned frames, the detector's bytes as they came) and
+    the abort counts all 6. Until this they were dropped with the abort."""
+    from cryoptycho.protocols.dectris.decode import decode_v2
+    from cryoptycho.protocols.dectris.source import DirectConverter, decode_job
+    from cryoptycho.protocols.messages import Abort
+    from cryoptycho.protocols.sources import UnpositionedFrames
+
+    def series(frames: np.ndarray, **kw: Any) -> list[bytes]:
+        return list(v2_messages(SimSeries(frames, compression="bslz4", **kw)))  # no scan: the side channel's
+
+    first = series(_frames(10, seed=17))
+    second = series(_frames(4, seed=18), series_id=2, series_unique_id="S2")
+    conv = DirectConverter(BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3,
+                                        detector_pixel_angle_rad=ANGLE, position_wait_s=0), side_channel=True)
+    out: list[Any] = list(conv.feed(decode_v2(first[0])))
+    for raw in first[1:1 + 6]:  # one image a job, unbinned: the converter bins them
+        out += conv.feed_batch(decode_job([raw], CHANNEL, None, True))
+    assert conv.plan is not None and conv.plan.streamed and len(conv.plan.waiting) == 6
+    out += conv.add_positions(None, np.array([0, 1], np.uint32), np.zeros((2, 2)))
+    out += conv.flush()
+    out += conv.feed(decode_v2(second[0]))
+    kept = [m for m in out if isinstance(m, UnpositionedFrames)]
+    assert len(kept) == 1 and kept[0].image_ids.tolist() == [2, 3, 4, 5]
+    assert kept[0].raw.chunks == [_payload(raw) for raw in first[3:7]]  # as the detector sent them
+    (abort,) = [m for m in out if isinstance(m, Abort)]
+    assert out.index(abort) > out.index(kept[0])
+    assert "replaced by series 2" in abort.reason and "6 of its 10 images held" in abort.reason

@@ -205,7 +205,7 @@ def _give_up(exc: ProducerTimeout, prod: Producer, converter: SeriesConverter, g
         gate.pending, gate.held, gate.held_bytes = None, deque(), 0
     plan = converter.plan
     series = {plan.scan_id: plan.start.series_id} if plan is not None else {}
-    lost += [m.scan_id for m in converter.stop(reason)]
+    lost += [m.scan_id for m in converter.stop(reason, keep=False)]  # (nothing more is sent)
     for scan_id in dict.fromkeys(lost):
         stats.series_lost += 1
         stats.series_errors += 1
@@ -485,7 +485,7 @@ class StartGate:
         self.converter.report(SeriesNotice("rejected", series, "scan_start", message, scan_id))
         if series is not None:  # still streaming: the converter drops it
             # (what it finishes on the way, a series that waited for positions, still leaves)
-            self.held.extend(m for m in self.converter.stop(message) if m.scan_id != scan_id)
+            self.held.extend(m for m in self.converter.stop(message, keep=False) if m.scan_id != scan_id)
         self._discard(scan_id)
 
     def _lose(self, scan_id: str, reason: str) -> None:

@@ -194,6 +194,7 @@ class _Plan:
     batch_data: np.ndarray | None = None  #: (frames_per_message, M, M), rows filled in order
     batch_since: float = 0.0
     waiting: dict[int, np.ndarray] = field(default_factory=dict)  #: image id → frame, no position yet
+    unpositioned: int = 0  #: images kept without a position (the daemon's own source)
     resumed: bool = False  #: the series of a scan recovered after a restart (:meth:`SeriesConverter.resume`)
 
 
@@ -266,7 +267,7 @@ class SeriesConverter:
         series = self.plan.start.series_id if self.plan is not None and self.plan.scan_id == scan_id else None
         self._notice(SeriesNotice("rejected", series, field, f"scan {scan_id} refused by the ingest "
                                   f"protocol: {reason}", scan_id))
-        return self.stop(reason)
+        return self.stop(reason, keep=False)
 
     @property
     def rejected(self) -> dict[str, int]:
@@ -306,18 +307,14 @@ class SeriesConverter:
             # any recovered scan whose sender does not return (recover_wait_s) and a live one whose
             # sender went silent — a partial scan is never reported finished on its own
             # (PROTOCOL.md § 4.5); control `finish_scan` reconstructs it on request
-            held = old.sent + len(old.batch)
-            why = (f"detector series {old.start.series_id}, resumed in recovered scan {old.scan_id} after the "
-                   f"daemon's restart, was replaced by series {start.series_id} before its end: {held} of its "
-                   f"{old.expected} images held; the frames are kept in the spool: control `finish_scan` "
-                   "reconstructs them")
-            log.warning("DECTRIS %s", why)
-            out += self._take_batch(old)  # (the images it holds reach the spool before the abort)
-            self._drop_positions({None, old.start.series_id})
-            out.append(Abort(old.scan_id, why))
+            out += self._abort(old, f"detector series {old.start.series_id}, resumed in recovered scan "
+                                    f"{old.scan_id} after the daemon's restart, was replaced by series "
+                                    f"{start.series_id} before its end", log_level=logging.WARNING)
         elif old is not None and old.scan_start is not None:
-            out.append(Abort(self.plan.scan_id, f"detector series {self.plan.start.series_id} "
-                             f"was replaced by series {start.series_id} before its end"))
+            # the detector began another series (an acquisition cancelled and restarted): the
+            # images this series sent are kept like a resumed one's, its batch not yet sent first
+            out += self._abort(old, f"detector series {old.start.series_id} was replaced by series "
+                                    f"{start.series_id} before its end", log_level=logging.WARNING)
         # checked before the tracker takes the start: an image count it sets aside must not bound the ids
         try:
             start, warnings = check_header(start)
@@ -711,13 +708,49 @@ class SeriesConverter:
                   "later waits for its positions again", len(self._positions), sorted(dropped, key=str))
         self._drop_positions(dropped)
 
-    def stop(self, reason: str) -> list[IngestMessage]:
-        """End a series still waiting for positions, abort the scan in progress (shutdown)."""
+    def stop(self, reason: str, keep: bool = True) -> list[IngestMessage]:
+        """End a series still waiting for positions, abort the scan in progress (shutdown, a
+        stream that stopped, a decoding failure). With ``keep`` the images the scan holds and
+        has not sent yet (its partial batch) leave before the abort, so that they reach the
+        spool; without (a scan its receiver refused) they are dropped with it."""
         out = self._finish(self._closing) if self._closing is not None else []
         plan, self.plan = self.plan, None
         if plan is not None and plan.scan_start is not None:
-            out.append(Abort(plan.scan_id, reason))
+            if keep:
+                out += self._abort(plan, reason)
+            else:
+                plan.batch, plan.batch_data = [], None
+                out.append(Abort(plan.scan_id, reason))
         return out
+
+    def _abort(self, plan: _Plan, reason: str, log_level: int = logging.ERROR) -> list[IngestMessage]:
+        """Abort ``plan``'s scan before its series ended. Every image it received goes first —
+        the partial batch, and what waits for side-channel positions where the receiver keeps
+        frames without one — and the reason says how many images the scan holds: an aborted
+        scan keeps its frames in the spool (control `finish_scan` reconstructs them). Until
+        this, a series replaced by the next start, or a stream stopped, lost the batch not yet
+        sent (up to ``frames_per_message`` images the detector had sent)."""
+        out = self._take_batch(plan)
+        out += self._release_waiting(plan)
+        dropped = len(plan.waiting)
+        if dropped:
+            self.stats["images_without_position"] += dropped
+        plan.waiting = {}
+        self._drop_positions({None, plan.start.series_id})
+        kept = plan.sent + plan.unpositioned
+        why = (f"{reason}: {kept} of its {plan.expected} images held; the frames are kept in the spool: "
+               "control `finish_scan` reconstructs them")
+        if dropped:
+            why += (f" ({dropped} more images still waiting for a side-channel position are dropped: "
+                    "our ingest protocol carries no frame without a position)")
+        log.log(log_level, "DECTRIS scan %s aborted: %s", plan.scan_id, why)
+        out.append(Abort(plan.scan_id, why))
+        return out
+
+    def _release_waiting(self, plan: _Plan) -> list[IngestMessage]:
+        """The images of an aborted scan still waiting for side-channel positions, as messages
+        that keep them (none here: a frame of our ingest protocol needs a position)."""
+        return []
 
 
 def unlike_start(start: SeriesStart, shape: tuple[int, ...], dtype: Any) -> str | None:

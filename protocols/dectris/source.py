@@ -486,6 +486,9 @@ class DecodePool:
         future.slot = index  # type: ignore[attr-defined]
         future.reducer = reducer  # type: ignore[attr-defined]
         future.generation = self.generation  # type: ignore[attr-defined]
+        future.images = len(items)  # type: ignore[attr-defined]  (counted when the job is lost)
+        #: what the job was given: run again by new workers when its worker process dies
+        future.job = (items, channel, reducer, decode)  # type: ignore[attr-defined]
         return future
 
     def _grow(self, need: int) -> None:
@@ -727,6 +730,21 @@ class DirectConverter(SeriesConverter):
                         "the saturation value (our protocol carries no per-frame mask)",
                         plan.scan_id, int(ids[np.flatnonzero(saturated)[0]]))
 
+    def _release_waiting(self, plan: _Plan) -> list[IngestMessage]:
+        """An aborted scan's images still waiting for side-channel positions are kept in its
+        spool as the detector sent them, like images past its positions (until this they
+        were dropped with the abort)."""
+        kind = self._held_kind.pop(plan.scan_id, None)
+        ids = sorted(plan.waiting)
+        raw = [self._held.pop((plan.scan_id, i), None) for i in ids]
+        if kind is None or not ids or any(r is None for r in raw):
+            return []
+        plan.waiting = {}
+        plan.unpositioned += len(ids)
+        self.stats["unpositioned_images"] += len(ids)
+        return [UnpositionedFrames(plan.scan_id, np.array(ids, np.int64),  # type: ignore[list-item]
+                                   RawChunks(kind.shape, kind.dtype, raw))]  # type: ignore[arg-type]
+
     def _take_batch(self, plan: _Plan) -> list[IngestMessage]:
         """Frames released by side-channel positions leave with the chunks they were held with."""
         out: list[Any] = []
@@ -785,6 +803,7 @@ class DectrisSource(Source):
                                taken=getattr(sink, "scan_id_taken", None))
         stats = SourceStats()
         job_errors = [0]
+        retried = [0]  #: jobs run again after their worker process died
 
         log_error = ErrorLogLimiter(log, f"DECTRIS stream {self.url}")
 
@@ -813,7 +832,8 @@ class DectrisSource(Source):
         #: channel; the last start received and the last fed to the converter; series ended
         #: images submitted since the last start received
         state: dict[str, Any] = {"channel": cfg.channel, "start": None, "fed": None, "plan": None, "ended": 0,
-                                 "images": 0, "held": False, "held_since": 0.0}
+                                 "images": 0, "held": False, "held_since": 0.0,
+                                 "failed": None}
         if resumed is not None:  # the series the daemon was killed in: its images come on, not its start
             state.update(start=resumed, fed=resumed, plan=conv.plan, images=conv.plan.sent,  # type: ignore[union-attr]
                          channel=conv.plan.channel)  # type: ignore[union-attr]
@@ -865,28 +885,70 @@ class DectrisSource(Source):
             for m in messages:
                 sink.put(m)
 
-        def job_failed(exc: BaseException, generation: int) -> None:
-            """A job raised (a bug) or its worker process died: the scan in progress fails
-            with the reason, the source goes on with the next series (and new workers)."""
+        def job_failed(exc: BaseException, generation: int, lost: int) -> None:
+            """A job raised (a bug) or its worker process died (``lost``: the images it held):
+            the scan in progress fails with the reason once its series is over (its end, the
+            next start, or the source stopping: :func:`fail_scan`), so that the images of its
+            other jobs — in flight behind the failed one, or still to come — reach the spool
+            first. Until this the scan was aborted at once and those images dropped (the
+            converter had no scan for them). The source goes on with the next series (and
+            new workers)."""
             if isinstance(exc, BrokenProcessPool):
                 pool.restart(generation)  # (once for all the jobs of the broken pool)
-                reason = (f"a DECTRIS decoding worker process died ({exc}); the frames it held "
-                          "are lost")
+                reason = f"a DECTRIS decoding worker process died ({exc})"
             else:
                 reason = f"DECTRIS decoding failed: {type(exc).__name__}: {exc}"
             plan = conv.plan
             if plan is None:  # nothing in progress to fail (the series failed with a job before)
-                log.error("DECTRIS stream %s: %s", self.url, reason)
+                log.error("DECTRIS stream %s: %s; %d images lost", self.url, reason, lost)
+                return
+            failed = state["failed"]
+            if failed is not None and failed["plan"] is plan:  # another job of the failing series
+                failed["lost"] += lost
+                log.error("DECTRIS stream %s: %s; %d more images of scan %s lost", self.url, reason, lost,
+                          plan.scan_id)
                 return
             stats.series_errors += 1
             scan_id = plan.scan_id
-            log.error("DECTRIS stream %s: %s; scan %s fails", self.url, reason, scan_id, exc_info=exc)
-            deliver(conv.stop(reason))
-            if self.on_notice is not None and plan is not None:
+            log.error("DECTRIS stream %s: %s; %d images lost; scan %s fails at the end of its series",
+                      self.url, reason, lost, scan_id, exc_info=exc)
+            state["failed"] = {"plan": plan, "reason": reason, "lost": lost}
+            if self.on_notice is not None:
                 try:
                     self.on_notice(SeriesNotice("skipped", plan.start.series_id, "decoding", reason, scan_id))
                 except Exception:  # the listener's failure must not stop the stream
                     log.exception("DECTRIS notice listener failed on a decoding failure")
+
+        def fail_scan() -> None:
+            """Abort the scan whose job failed, now that its series' images are all taken."""
+            failed, state["failed"] = state["failed"], None
+            if failed is not None and conv.plan is failed["plan"]:
+                deliver(conv.stop(f"{failed['reason']}; {failed['lost']} images of the failed jobs are lost"))
+
+        def take(fut: Future[DecodedBatch]) -> DecodedBatch:
+            """The job's result. A job lost with a dead worker process — the pool breaks, and
+            every job in flight fails with it — still has its images here: it is run once
+            more by new workers, in its turn (the order of arrival holds), so that a worker
+            killed (out of memory, a signal) loses nothing. Until this every image in flight
+            was lost and the scan aborted. A job that fails again (an image that kills the
+            decoder) is lost: :func:`job_failed`."""
+            try:
+                return pool.result(fut)
+            except BrokenProcessPool as exc:
+                job = getattr(fut, "job", None)
+                if job is None or getattr(fut, "retried", False):
+                    raise
+                if pool.restart(getattr(fut, "generation", pool.generation)):
+                    log.warning("DECTRIS stream %s: a decoding worker process died (%s); its jobs in flight "
+                                "are run again by new workers", self.url, exc)
+                again = pool.submit(*job)
+                again.retried = True  # type: ignore[attr-defined]
+                retried[0] += 1
+                try:
+                    return pool.result(again)
+                except BrokenProcessPool:
+                    pool.restart(getattr(again, "generation", pool.generation))  # (job_failed's is stale)
+                    raise
 
         def consume(block: bool, one: bool = False) -> None:
             """Results of the head of the queue, in arrival order, while they are ready (or
@@ -898,9 +960,9 @@ class DectrisSource(Source):
                 pending.popleft()
                 if fut is not None:
                     try:
-                        batch = pool.result(fut)
+                        batch = take(fut)
                     except Exception as exc:  # noqa: BLE001 - fails the scan, never the source
-                        job_failed(exc, getattr(fut, "generation", pool.generation))
+                        job_failed(exc, getattr(fut, "generation", pool.generation), getattr(fut, "images", 0))
                         if one:
                             return
                         continue
@@ -911,12 +973,13 @@ class DectrisSource(Source):
                     try:
                         converted = conv.feed_batch(batch)
                     except Exception as exc:  # noqa: BLE001 - fails the scan, never the source (the daemon)
-                        job_failed(exc, pool.generation)
+                        job_failed(exc, pool.generation, len(batch))
                         converted = []
                     deliver(converted)
                     if one:
                         return
                     continue
+                fail_scan()  # (a series' start or end: its jobs before it are all taken)
                 try:
                     deliver(conv.feed(msg))  # type: ignore[arg-type]
                 except (DectrisError, ValueError) as exc:
@@ -969,6 +1032,7 @@ class DectrisSource(Source):
                     consume(block=True)
             submit()  # images held back for alignment are decoded and delivered too
             consume(block=True)
+            fail_scan()
             deliver(conv.stop("the DECTRIS source stopped before the series ended"))
         except SinkClosed:
             log.info("DECTRIS source %s: the daemon stopped taking frames", self.url)
@@ -983,6 +1047,7 @@ class DectrisSource(Source):
         stats.decode_errors = receiver.decode_errors + job_errors[0]
         stats.rejected_images = dict(conv.rejected)
         stats.extra = {"converter": dict(conv.stats), "frames_decoded": self.decoder.decoded,
+                       "jobs_retried": retried[0],
                        "workers": self.workers, "processes": self.processes,
                        "process_cpu_s": round(pool.process_cpu_s, 3)}
         return stats
