@@ -613,6 +613,107 @@ def test_a_restart_ends_every_worker_of_the_broken_pool_a_stopped_one_too() -> N
         pool.close()
 
 
+def _no_processes(monkeypatch: Any) -> None:
+    """Worker processes cannot be started from now on: the executor's semaphores find no room
+    in /dev/shm (what a full /dev/shm gives; EMFILE or a failed spawn raise alike)."""
+    import errno
+    import os
+
+    from cryoptycho.protocols.dectris import source as source_module
+
+    def full(*args: Any, **kw: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(source_module, "ProcessPoolExecutor", full)
+
+
+def test_workers_that_cannot_be_restarted_give_way_to_threads_and_say_so(monkeypatch, caplog) -> None:
+    """A restart whose new worker processes cannot start (ENOSPC for their semaphores in a
+    full /dev/shm, EMFILE, a failed spawn) raised out of the pool's submit and stopped the
+    DECTRIS source: the daemon no longer took any series. The pool now decodes on threads
+    instead, says why (log, listener), and a job that finished before the worker died keeps
+    its frames; a pool that cannot start its processes at all starts on threads likewise."""
+    import os
+    import signal
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(16, seed=14)
+    images = _series(frames, "fallback")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    said: list[str] = []
+    pool = DecodePool(1, processes=True, on_degraded=said.append)
+    try:
+        finished = pool.submit(images[:8], CHANNEL, reducer, True)
+        _wait(finished.done, "the first job to finish")
+        _no_processes(monkeypatch)
+        for pid in pool.pids():
+            os.kill(pid, signal.SIGKILL)
+        _wait(lambda: getattr(pool._pool, "_broken", False), "the pool to see its worker die")
+        with caplog.at_level(logging.ERROR, logger="cryoptycho.protocols.dectris.source"):
+            after = pool.submit(images[8:], CHANNEL, reducer, True)  # restart fails: threads
+        assert not pool.processes and pool.pids() == []
+        assert len(said) == 1 and "No space left on device" in said[0] and "threads" in said[0]
+        assert pool.fallback == said[0] and said[0] in caplog.text
+        np.testing.assert_array_equal(pool.result(finished).counts, expect[:8])  # kept
+        np.testing.assert_array_equal(pool.result(after).counts, expect[8:])
+    finally:
+        pool.close()
+    fresh = DecodePool(1, processes=True, on_degraded=said.append)  # (still no processes to be had)
+    try:
+        assert fresh.fallback is not None and len(said) == 2
+        np.testing.assert_array_equal(fresh.result(fresh.submit(images, CHANNEL, reducer, True)).counts, expect)
+    finally:
+        fresh.close()
+
+
+def test_a_close_kills_a_stopped_worker_and_returns(caplog) -> None:
+    """The pool's close waited for its worker processes: a stopped (SIGSTOP) or hung worker
+    held the DECTRIS source's stop, and with it the daemon's, for ever (systemd killed the
+    daemon after its timeout). The close now waits a bounded time, kills the worker (naming
+    its pid), unlinks the shared memory all the same, and frames lent out stay valid."""
+    import os
+    import signal
+    import threading
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(8, seed=15)
+    images = _series(frames, "close")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    pool = DecodePool(2, processes=True)
+    pids = pool.pids()
+    lent = pool.result(pool.submit(images, CHANNEL, reducer, True)).counts
+    assert pool.lent == 1
+    name = pool._shm.name  # type: ignore[union-attr]
+    try:
+        os.kill(pids[0], signal.SIGSTOP)
+        done: list[Any] = []
+        with caplog.at_level(logging.WARNING, logger="cryoptycho.protocols.dectris.source"):
+            closing = threading.Thread(target=lambda: done.append(pool.close()), daemon=True)
+            closing.start()
+            closing.join(120)  # (a hang guard: the close's own wait is 10 s)
+        assert done, "the close waited on the stopped worker"
+        # (the other worker may be killed too: the stopped one may hold the queue's read lock)
+        assert pids[0] in done[0] and f"worker process {pids[0]} did not end" in caplog.text
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False  # (a zombie too: its parent did not reap it)
+
+        assert all(gone(pid) for pid in pids)
+        assert not os.path.exists(f"/dev/shm/{name}")  # unlinked all the same
+        np.testing.assert_array_equal(lent, reducer(frames)[0])  # the lent frames outlive the pool
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_lent_slots_are_dropped_where_the_shared_memory_cannot_hold_them(monkeypatch, caplog) -> None:
     """The lent slots double the pool's shared memory, a file of /dev/shm (a tmpfs: 64 MB in a
     container by default) whose pages are taken only when first written: past its room, a
