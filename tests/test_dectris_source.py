@@ -643,7 +643,8 @@ def test_workers_that_cannot_be_restarted_give_way_to_threads_and_say_so(monkeyp
     reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
     expect = reducer(frames)[0]
     said: list[str] = []
-    pool = DecodePool(1, processes=True, on_degraded=said.append)
+    pool = DecodePool(1, processes=True)
+    pool.on_degraded = said.append
     try:
         finished = pool.submit(images[:8], CHANNEL, reducer, True)
         _wait(finished.done, "the first job to finish")
@@ -1169,13 +1170,13 @@ def test_batch_acceptance_matches_one_image_at_a_time() -> None:
 
 
 def _stream(service: BackgroundService, series: list[list[bytes]], *, processes: bool,
-            between: Any = None) -> tuple[DectrisSource, Any]:
+            between: Any = None, on_notice: Any = None) -> tuple[DectrisSource, Any]:
     """Push ``series`` (lists of messages) through one source run; ``between(source, sender,
     rest)`` runs once the first series' first frames are spooled, and sends the rest of its
     images itself."""
     with SimSender(2) as sender:
         source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
-                               workers=2, batch=8, processes=processes)
+                               workers=2, batch=8, processes=processes, on_notice=on_notice)
         stop = threading.Event()
         result: dict[str, Any] = {}
         runner = threading.Thread(target=lambda: result.update(stats=source.run(
@@ -1244,6 +1245,51 @@ def test_a_dead_worker_process_fails_its_scan_and_the_next_scan_is_taken(service
     session = _aborted(service, "crash-series1")
     assert "decoding worker process died" in (session.error or "")
     after = _ended(service, "after-crash-series1")  # new workers took the next series whole
+    assert after.ledger.as_dict()["received"] == 24
+    assert service.thread.is_alive() and service.error is None
+
+
+def test_a_failed_restart_fails_its_scan_and_the_next_scan_is_decoded_on_threads(service, monkeypatch) -> None:
+    """Workers that die and cannot be replaced (no room in /dev/shm for the new pool's
+    semaphores) stopped the DECTRIS source with the OSError: the series in progress was left
+    open and no later series was taken. Now the scan in progress fails naming both, its frames
+    spooled before the failure are kept, a ``degraded`` notice goes out (an ``error`` event and
+    a count, in the daemon), and the next series is decoded whole on threads."""
+    import os
+    import signal
+
+    notices: list[Any] = []
+    kept: list[int] = []  # frames spooled before the workers died
+
+    def kill_the_workers(source: DectrisSource, sender: SimSender, rest: list[bytes]) -> None:
+        assert source.pool is not None
+        _wait(lambda: source.pool.outstanding == 0, "the first jobs to be taken back")
+        pids = source.pool.pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        for m in rest:
+            sender.send_raw(m)
+        _wait(lambda: source.pool.outstanding > 0, "jobs in the stopped workers' hands")
+        service.service.scans.flush_disk()
+        kept.append(service.service.scans.sessions["no-shm-series1"].ledger.received)
+        _no_processes(monkeypatch)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        # (before the fix the source's thread ended here with the OSError, and took no more series)
+        _wait(lambda: source.pool.outstanding == 0, "the lost jobs to fail")
+
+    first, second = _series(_frames(40, seed=16), "no-shm"), _series(_frames(24, seed=17), "on-threads")
+    source, stats = _stream(service, [first, second], processes=True, between=kill_the_workers,
+                            on_notice=notices.append)
+    assert stats.series_errors == 1 and stats.extra["decoding_fallback"] is not None
+    session = _aborted(service, "no-shm-series1")
+    assert "decoding worker process died" in (session.error or "")
+    assert "No space left on device" in (session.error or "") and "threads" in (session.error or "")
+    assert kept[0] > 0 and session.ledger.as_dict()["received"] >= kept[0]  # those spooled are kept
+    degraded = [n for n in notices if n.outcome == "degraded"]
+    assert len(degraded) == 1 and degraded[0].rule == "dectris_decoding_degraded"
+    assert "No space left on device" in degraded[0].message
+    after = _ended(service, "on-threads-series1")  # decoded on threads, whole
     assert after.ledger.as_dict()["received"] == 24
     assert service.thread.is_alive() and service.error is None
 
