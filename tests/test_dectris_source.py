@@ -759,6 +759,77 @@ def test_lent_slots_are_dropped_where_the_shared_memory_cannot_hold_them(monkeyp
         pool.close()
 
 
+def test_lent_slots_dropped_for_a_shortage_are_tried_again_when_the_slots_grow(monkeypatch, caplog) -> None:
+    """Lent slots dropped because /dev/shm was short were dropped for good: the pool never
+    lent again, though the room came back. They are tried again whenever the slots grow."""
+    import errno
+    import os
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(24, seed=18)
+    images = _series(frames, "relend")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    job_bytes = 8 * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
+    pool = DecodePool(1, processes=True)
+    room = [(2 * 1 + 2) * job_bytes]  # the in-flight slots of 8 frames fit, not the lent ones
+    real = getattr(os, "posix_fallocate", None)
+
+    def fallocate(fd: int, offset: int, size: int) -> None:
+        if size > room[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if real is not None:
+            real(fd, offset, size)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cryoptycho.protocols.dectris.source"):
+            small = pool.result(pool.submit(images[:8], CHANNEL, reducer, True)).counts
+        assert pool.lend_max == 0 and pool.lent == 0 and "lent slots dropped" in caplog.text
+        room[0] = 1 << 40  # room again
+        big = pool.result(pool.submit(images[8:], CHANNEL, reducer, True)).counts  # 16 frames: larger slots
+        assert pool.lend_max == 4 and pool.slots == 8 and pool.lent == 1
+        assert any(np.shares_memory(big, a) for a in pool._slot_arrays)  # lent again
+        np.testing.assert_array_equal(np.concatenate([small, big]), expect)
+    finally:
+        pool.close()
+
+
+def test_slots_that_cannot_be_made_leave_the_frames_to_come_back_through_the_pipes(monkeypatch, caplog) -> None:
+    """A shared-memory block that cannot be made (EMFILE from shm_open: no file descriptors
+    left, or a full /dev/shm) raised out of the pool's submit and stopped the DECTRIS source.
+    The job's binned frames now come back through the worker processes' pipes instead (as
+    without slots), said once, and jobs that size do not try again."""
+    import errno
+    import os
+
+    from multiprocessing import shared_memory
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(16, seed=19)
+    images = _series(frames, "no-block")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    pool = DecodePool(1, processes=True)
+    tries: list[int] = []
+
+    def no_block(*args: Any, **kw: Any) -> Any:
+        tries.append(1)
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(shared_memory, "SharedMemory", no_block)
+    try:
+        with caplog.at_level(logging.ERROR, logger="cryoptycho.protocols.dectris.source"):
+            got = [pool.result(pool.submit(images[lo:lo + 8], CHANNEL, reducer, True)).counts for lo in (0, 8)]
+        np.testing.assert_array_equal(np.concatenate(got), expect)
+        assert tries == [1] and "Too many open files" in caplog.text and pool._shm is None
+        assert not pool.needs_grow(8, reducer)  # (the source waits for every job before a growth)
+    finally:
+        pool.close()
+
+
 def test_worker_processes_frames_are_copied_into_arrays_no_one_holds() -> None:
     """The copy out of a worker process's shared-memory slot (no slot left to lend, here none
     at all) goes into a kept array only once nothing references that array: frames still held

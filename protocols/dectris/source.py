@@ -441,6 +441,9 @@ class DecodePool:
         #: its array, and the mapping goes once the last of them does
         self._slot_arrays: list[np.ndarray] = []
         self._slot_bytes = 0
+        #: the largest job whose slots could not be made (:meth:`_grow` failed): jobs up to that
+        #: size go without a slot (their frames come back pickled) rather than retry each time
+        self._unmapped = 0
         #: arrays the slots' binned frames are copied into, handed out again once nothing
         #: references them (:meth:`_copy_out`)
         self._out: list[np.ndarray] = []
@@ -548,10 +551,20 @@ class DecodePool:
             if not self.processes:
                 future = self._pool.submit(decode_job, items, channel, reducer, decode)
             else:
-                if decode and reducer is not None:
-                    need = len(items) * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
-                    if need > self._slot_bytes:
+                need = 0 if not decode or reducer is None else \
+                    len(items) * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
+                if need > self._slot_bytes and need > self._unmapped:
+                    try:
                         self._grow(need)
+                    except OSError as exc:
+                        # (shm_open's EMFILE, a full /dev/shm): not tried again for jobs this
+                        # size, each of which the source would wait for every job before
+                        self._unmapped = need
+                        log.error("DECTRIS decoding: no shared memory for the jobs' binned frames "
+                                  "(slots of %s: %s; /dev/shm %s free): they come back through the "
+                                  "worker processes' pipes instead (more CPU per frame)", _mb(need), exc,
+                                  _shm_free())
+                if 0 < need <= self._slot_bytes:
                     if not self._free:
                         self._reclaim()
                     # the slot freed last: its pages are the ones faulted in already (a slot
@@ -572,12 +585,26 @@ class DecodePool:
     def _grow(self, need: int) -> None:
         """Larger slots (only when no job holds one: the caller takes every result first).
         Frames still lent out keep the old mapping alive (their arrays reference it) after its
-        shared memory is closed and unlinked here."""
+        shared memory is closed and unlinked here. Lent slots dropped for a shortage of
+        /dev/shm are tried again (it may have room now). Raises OSError (the slots as they were)
+        where no block can be made or mapped."""
         assert len(self._free) + len(self._lent) == self.slots, "slots grow only while no job holds one"
         old = self._shm
-        self._slot_bytes = max(need, 2 * self._slot_bytes)
-        self._shm = self._reserve()
-        mapping = mmap.mmap(self._shm._fd, self.slots * self._slot_bytes)  # type: ignore[attr-defined]
+        was = self.lend_max, self.slots
+        slot_bytes = max(need, 2 * self._slot_bytes)
+        self.lend_max, self.slots = self._lend_wanted, self.in_flight + self._lend_wanted
+        try:
+            shm = self._reserve(slot_bytes)
+            try:
+                mapping = mmap.mmap(shm._fd, self.slots * slot_bytes)  # type: ignore[attr-defined]
+            except BaseException:
+                shm.close()
+                shm.unlink()
+                raise
+        except BaseException:
+            self.lend_max, self.slots = was
+            raise
+        self._shm, self._slot_bytes = shm, slot_bytes
         self._slot_arrays = [np.frombuffer(mapping, np.uint8, self._slot_bytes, i * self._slot_bytes)
                              for i in range(self.slots)]
         self._free, self._lent = deque(range(self.slots)), set()
@@ -586,7 +613,7 @@ class DecodePool:
             old.close()
             old.unlink()
 
-    def _reserve(self) -> shared_memory.SharedMemory:
+    def _reserve(self, slot_bytes: int) -> shared_memory.SharedMemory:
         """A shared-memory block of :attr:`slots` slots, its pages reserved at once. A block is
         a file of /dev/shm (a tmpfs, 64 MB in a container by default), whose pages are taken
         only as they are first written: one past the tmpfs' room is a SIGBUS in the worker
@@ -596,7 +623,7 @@ class DecodePool:
         either, the block is used unreserved (as before lending: workers may die of it), and
         the shortage is logged with the sizes."""
         while True:
-            size = self.slots * self._slot_bytes
+            size = self.slots * slot_bytes
             shm = shared_memory.SharedMemory(create=True, size=size)
             if not hasattr(os, "posix_fallocate"):  # (macOS: no tmpfs to reserve in either)
                 return shm
@@ -615,17 +642,19 @@ class DecodePool:
                               "%d slots of %s for the jobs in flight: a worker process writing past "
                               "its room dies (SIGBUS) and fails its scan; give /dev/shm more room (for a "
                               "container: --shm-size) or use fewer workers", free, self.slots,
-                              _mb(self._slot_bytes))
+                              _mb(slot_bytes))
                     return shared_memory.SharedMemory(create=True, size=size)
                 log.warning("DECTRIS decoding: the shared memory (/dev/shm, %s free) cannot hold %d "
                             "slots of %s: the %d lent slots dropped, every job's binned frames are "
                             "copied out of its slot (give /dev/shm more room to lend them)", free,
-                            self.slots, _mb(self._slot_bytes), self.lend_max)
+                            self.slots, _mb(slot_bytes), self.lend_max)
                 self.lend_max, self.slots = 0, self.in_flight
 
     def needs_grow(self, items: int, reducer: Any) -> bool:
-        return (self.processes and reducer is not None
-                and items * reducer.frame_side ** 2 * reducer.out_dtype.itemsize > self._slot_bytes)
+        if not self.processes or reducer is None:
+            return False
+        need = items * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
+        return need > self._slot_bytes and need > self._unmapped
 
     def result(self, future: Future[DecodedBatch]) -> DecodedBatch:
         """The job's result, its binned frames a view of its slot (lent: the slot is free
