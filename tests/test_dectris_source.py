@@ -1435,6 +1435,38 @@ def test_serve_decodes_in_worker_processes_when_configured(tmp_path: Path) -> No
         sim.wait(10)
 
 
+def test_serve_stops_though_a_decoding_worker_is_stopped(tmp_path: Path) -> None:
+    """A stopped (SIGSTOP: a debugger) or hung decoding worker process held the daemon's stop
+    for ever — its source's close waited for the worker, and so did the interpreter's exit —
+    until systemd killed the daemon. The stop now ends: the worker is killed, by pid, in the log."""
+    import os
+    import signal
+    import socket
+
+    from daemon_support import start_daemon, wait_for
+
+    with socket.socket() as s:  # a port nothing listens on: the source waits for its detector
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon = start_daemon(tmp_path, "--source", f"dectris2://127.0.0.1:{port}",
+                          "--set", "dectris.worker_processes=true")
+    workers: list[int] = []
+    try:
+        wait_for(lambda: "worker processes ready" in daemon.log(), 90, "the decoding workers to start", daemon)
+        workers = _spawned_children(daemon.proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGSTOP)
+        assert daemon.stop() == 0, daemon.log()  # (its own timeout: 120 s, then a failure)
+        assert f"worker process {workers[0]} did not end" in daemon.log()
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+
+
 def _spawned_children(pid: int) -> list[int]:
     """Processes that ``pid`` started with multiprocessing's spawn (Linux /proc)."""
     out = []

@@ -464,6 +464,8 @@ class DecodePool:
         except BaseException:
             _end_processes(pool, 0, "after the pool failed to start")  # (the ones that did start)
             raise
+        log.info("DECTRIS decoding: %d worker processes ready (pids %s)", self.workers,
+                 ", ".join(map(str, getattr(pool, "_processes", None) or {})))
         return pool
 
     def _start_or_fall_back(self, what: str) -> ThreadPoolExecutor | ProcessPoolExecutor:
