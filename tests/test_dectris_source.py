@@ -1329,8 +1329,15 @@ def test_a_failed_restart_fails_its_scan_and_the_next_scan_is_decoded_on_threads
     import os
     import signal
 
+    from cryoptycho.daemon.commands.serve import dectris_notice_handler
+
     notices: list[Any] = []
     kept: list[int] = []  # frames spooled before the workers died
+    handle = dectris_notice_handler(service.service)  # (the daemon's: counted, published)
+
+    def on_notice(notice: Any) -> None:
+        notices.append(notice)
+        handle(notice)
 
     def kill_the_workers(source: DectrisSource, sender: SimSender, rest: list[bytes]) -> None:
         assert source.pool is not None
@@ -1351,7 +1358,7 @@ def test_a_failed_restart_fails_its_scan_and_the_next_scan_is_decoded_on_threads
 
     first, second = _series(_frames(40, seed=16), "no-shm"), _series(_frames(24, seed=17), "on-threads")
     source, stats = _stream(service, [first, second], processes=True, between=kill_the_workers,
-                            on_notice=notices.append)
+                            on_notice=on_notice)
     assert stats.series_errors == 1 and stats.extra["decoding_fallback"] is not None
     session = _aborted(service, "no-shm-series1")
     assert "decoding worker process died" in (session.error or "")
@@ -1360,6 +1367,7 @@ def test_a_failed_restart_fails_its_scan_and_the_next_scan_is_decoded_on_threads
     degraded = [n for n in notices if n.outcome == "degraded"]
     assert len(degraded) == 1 and degraded[0].rule == "dectris_decoding_degraded"
     assert "No space left on device" in degraded[0].message
+    assert service.service.metrics.registry.get_sample_value("cryoptycho_dectris_decoding_degraded_total") == 1
     after = _ended(service, "on-threads-series1")  # decoded on threads, whole
     assert after.ledger.as_dict()["received"] == 24
     assert service.thread.is_alive() and service.error is None
