@@ -803,7 +803,6 @@ def test_slots_that_cannot_be_made_leave_the_frames_to_come_back_through_the_pip
     without slots), said once, and jobs that size do not try again."""
     import errno
     import os
-
     from multiprocessing import shared_memory
 
     from cryoptycho.protocols.dectris.source import DecodePool
@@ -1357,8 +1356,8 @@ def test_a_failed_restart_fails_its_scan_and_the_next_scan_is_decoded_on_threads
         _wait(lambda: source.pool.outstanding == 0, "the lost jobs to fail")
 
     first, second = _series(_frames(40, seed=16), "no-shm"), _series(_frames(24, seed=17), "on-threads")
-    source, stats = _stream(service, [first, second], processes=True, between=kill_the_workers,
-                            on_notice=on_notice)
+    _, stats = _stream(service, [first, second], processes=True, between=kill_the_workers,
+                       on_notice=on_notice)
     assert stats.series_errors == 1 and stats.extra["decoding_fallback"] is not None
     session = _aborted(service, "no-shm-series1")
     assert "decoding worker process died" in (session.error or "")

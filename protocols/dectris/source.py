@@ -475,7 +475,7 @@ class DecodePool:
         instead of stopping with the error (and the daemon, deaf to the detector, with it)."""
         try:
             return self._start()
-        except Exception as exc:  # noqa: BLE001 - any failure to start is a fallback, and said so
+        except Exception as exc:  # (any failure to start is a fallback, and said so)
             if not self.processes:
                 raise  # (threads: nothing to fall back to)
             reason = (f"the DECTRIS decoding worker processes could not {what} ({type(exc).__name__}: "
