@@ -88,6 +88,9 @@ class ServiceMetrics:
         self.dectris_undecodable = Counter(
             f"{p}_dectris_messages_undecodable", "DECTRIS messages that could not be decoded at all "
             "(truncated, corrupt CBOR, broken multipart), by what was wrong", ["field"], registry=r)
+        self.dectris_decoding_degraded = Counter(
+            f"{p}_dectris_decoding_degraded", "Times the DECTRIS source's decoding worker processes could "
+            "not be started (or restarted) and it fell back to decoding on threads", registry=r)
         self.rollbacks = Counter(f"{p}_rollbacks", "Engine states rolled back after NaN or divergence", registry=r)
         self.up = Gauge(f"{p}_up", "1 while the service loop runs", registry=r)
         self.disk_free = Gauge(

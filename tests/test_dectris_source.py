@@ -613,6 +613,108 @@ def test_a_restart_ends_every_worker_of_the_broken_pool_a_stopped_one_too() -> N
         pool.close()
 
 
+def _no_processes(monkeypatch: Any) -> None:
+    """Worker processes cannot be started from now on: the executor's semaphores find no room
+    in /dev/shm (what a full /dev/shm gives; EMFILE or a failed spawn raise alike)."""
+    import errno
+    import os
+
+    from cryoptycho.protocols.dectris import source as source_module
+
+    def full(*args: Any, **kw: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(source_module, "ProcessPoolExecutor", full)
+
+
+def test_workers_that_cannot_be_restarted_give_way_to_threads_and_say_so(monkeypatch, caplog) -> None:
+    """A restart whose new worker processes cannot start (ENOSPC for their semaphores in a
+    full /dev/shm, EMFILE, a failed spawn) raised out of the pool's submit and stopped the
+    DECTRIS source: the daemon no longer took any series. The pool now decodes on threads
+    instead, says why (log, listener), and a job that finished before the worker died keeps
+    its frames; a pool that cannot start its processes at all starts on threads likewise."""
+    import os
+    import signal
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(16, seed=14)
+    images = _series(frames, "fallback")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    said: list[str] = []
+    pool = DecodePool(1, processes=True)
+    pool.on_degraded = said.append
+    try:
+        finished = pool.submit(images[:8], CHANNEL, reducer, True)
+        _wait(finished.done, "the first job to finish")
+        _no_processes(monkeypatch)
+        for pid in pool.pids():
+            os.kill(pid, signal.SIGKILL)
+        _wait(lambda: getattr(pool._pool, "_broken", False), "the pool to see its worker die")
+        with caplog.at_level(logging.ERROR, logger="cryoptycho.protocols.dectris.source"):
+            after = pool.submit(images[8:], CHANNEL, reducer, True)  # restart fails: threads
+        assert not pool.processes and pool.pids() == []
+        assert len(said) == 1 and "No space left on device" in said[0] and "threads" in said[0]
+        assert pool.fallback == said[0] and said[0] in caplog.text
+        np.testing.assert_array_equal(pool.result(finished).counts, expect[:8])  # kept
+        np.testing.assert_array_equal(pool.result(after).counts, expect[8:])
+    finally:
+        pool.close()
+    fresh = DecodePool(1, processes=True, on_degraded=said.append)  # (still no processes to be had)
+    try:
+        assert fresh.fallback is not None and len(said) == 2
+        np.testing.assert_array_equal(fresh.result(fresh.submit(images, CHANNEL, reducer, True)).counts, expect)
+    finally:
+        fresh.close()
+
+
+def test_a_close_kills_a_stopped_worker_and_returns(caplog) -> None:
+    """The pool's close waited for its worker processes: a stopped (SIGSTOP) or hung worker
+    held the DECTRIS source's stop, and with it the daemon's, for ever (systemd killed the
+    daemon after its timeout). The close now waits a bounded time, kills the worker (naming
+    its pid), unlinks the shared memory all the same, and frames lent out stay valid."""
+    import os
+    import signal
+    import threading
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(8, seed=15)
+    images = _series(frames, "close")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    pool = DecodePool(2, processes=True)
+    pids = pool.pids()
+    lent = pool.result(pool.submit(images, CHANNEL, reducer, True)).counts
+    assert pool.lent == 1
+    name = pool._shm.name  # type: ignore[union-attr]
+    try:
+        os.kill(pids[0], signal.SIGSTOP)
+        done: list[Any] = []
+        with caplog.at_level(logging.WARNING, logger="cryoptycho.protocols.dectris.source"):
+            closing = threading.Thread(target=lambda: done.append(pool.close()), daemon=True)
+            closing.start()
+            closing.join(120)  # (a hang guard: the close's own wait is 10 s)
+        assert done, "the close waited on the stopped worker"
+        # (the other worker may be killed too: the stopped one may hold the queue's read lock)
+        assert pids[0] in done[0] and f"worker process {pids[0]} did not end" in caplog.text
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False  # (a zombie too: its parent did not reap it)
+
+        assert all(gone(pid) for pid in pids)
+        assert not os.path.exists(f"/dev/shm/{name}")  # unlinked all the same
+        np.testing.assert_array_equal(lent, reducer(frames)[0])  # the lent frames outlive the pool
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_lent_slots_are_dropped_where_the_shared_memory_cannot_hold_them(monkeypatch, caplog) -> None:
     """The lent slots double the pool's shared memory, a file of /dev/shm (a tmpfs: 64 MB in a
     container by default) whose pages are taken only when first written: past its room, a
@@ -653,6 +755,76 @@ def test_lent_slots_are_dropped_where_the_shared_memory_cannot_hold_them(monkeyp
         assert not any(np.shares_memory(h, a) for h in held for a in pool._slot_arrays)  # copied out
         np.testing.assert_array_equal(np.concatenate(held), expect)
         assert "the 4 lent slots dropped" in caplog.text and "/dev/shm" in caplog.text
+    finally:
+        pool.close()
+
+
+def test_lent_slots_dropped_for_a_shortage_are_tried_again_when_the_slots_grow(monkeypatch, caplog) -> None:
+    """Lent slots dropped because /dev/shm was short were dropped for good: the pool never
+    lent again, though the room came back. They are tried again whenever the slots grow."""
+    import errno
+    import os
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(24, seed=18)
+    images = _series(frames, "relend")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    job_bytes = 8 * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
+    pool = DecodePool(1, processes=True)
+    room = [(2 * 1 + 2) * job_bytes]  # the in-flight slots of 8 frames fit, not the lent ones
+    real = getattr(os, "posix_fallocate", None)
+
+    def fallocate(fd: int, offset: int, size: int) -> None:
+        if size > room[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if real is not None:
+            real(fd, offset, size)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cryoptycho.protocols.dectris.source"):
+            small = pool.result(pool.submit(images[:8], CHANNEL, reducer, True)).counts
+        assert pool.lend_max == 0 and pool.lent == 0 and "lent slots dropped" in caplog.text
+        room[0] = 1 << 40  # room again
+        big = pool.result(pool.submit(images[8:], CHANNEL, reducer, True)).counts  # 16 frames: larger slots
+        assert pool.lend_max == 4 and pool.slots == 8 and pool.lent == 1
+        assert any(np.shares_memory(big, a) for a in pool._slot_arrays)  # lent again
+        np.testing.assert_array_equal(np.concatenate([small, big]), expect)
+    finally:
+        pool.close()
+
+
+def test_slots_that_cannot_be_made_leave_the_frames_to_come_back_through_the_pipes(monkeypatch, caplog) -> None:
+    """A shared-memory block that cannot be made (EMFILE from shm_open: no file descriptors
+    left, or a full /dev/shm) raised out of the pool's submit and stopped the DECTRIS source.
+    The job's binned frames now come back through the worker processes' pipes instead (as
+    without slots), said once, and jobs that size do not try again."""
+    import errno
+    import os
+    from multiprocessing import shared_memory
+
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    frames = _frames(16, seed=19)
+    images = _series(frames, "no-block")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    expect = reducer(frames)[0]
+    pool = DecodePool(1, processes=True)
+    tries: list[int] = []
+
+    def no_block(*args: Any, **kw: Any) -> Any:
+        tries.append(1)
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(shared_memory, "SharedMemory", no_block)
+    try:
+        with caplog.at_level(logging.ERROR, logger="cryoptycho.protocols.dectris.source"):
+            got = [pool.result(pool.submit(images[lo:lo + 8], CHANNEL, reducer, True)).counts for lo in (0, 8)]
+        np.testing.assert_array_equal(np.concatenate(got), expect)
+        assert tries == [1] and "Too many open files" in caplog.text and pool._shm is None
+        assert not pool.needs_grow(8, reducer)  # (the source waits for every job before a growth)
     finally:
         pool.close()
 
@@ -1068,13 +1240,13 @@ def test_batch_acceptance_matches_one_image_at_a_time() -> None:
 
 
 def _stream(service: BackgroundService, series: list[list[bytes]], *, processes: bool,
-            between: Any = None) -> tuple[DectrisSource, Any]:
+            between: Any = None, on_notice: Any = None) -> tuple[DectrisSource, Any]:
     """Push ``series`` (lists of messages) through one source run; ``between(source, sender,
     rest)`` runs once the first series' first frames are spooled, and sends the rest of its
     images itself."""
     with SimSender(2) as sender:
         source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
-                               workers=2, batch=8, processes=processes)
+                               workers=2, batch=8, processes=processes, on_notice=on_notice)
         stop = threading.Event()
         result: dict[str, Any] = {}
         runner = threading.Thread(target=lambda: result.update(stats=source.run(
@@ -1166,6 +1338,59 @@ def test_a_dead_worker_process_loses_no_image_and_the_next_scan_is_taken(service
         # the blocks the detector sent, byte for byte, in the order the spool holds them
         body = b"".join(sent[i][12:] for i in idx) + zero[12:] * (rows - 40)
         assert mask == 0 and chunk == struct.pack(">QI", rows * SIDE * SIDE * 2, 8192) + body
+
+
+def test_a_failed_restart_keeps_its_scan_whole_and_the_next_scan_is_decoded_on_threads(service, monkeypatch) -> None:
+    """Workers that die and cannot be replaced (no room in /dev/shm for the new pool's
+    semaphores) stopped the DECTRIS source with the OSError: the series in progress was left
+    open and no later series was taken. Now the jobs lost with the dead workers run again on
+    the threads the pool falls back to, so the scan in progress ends whole; a ``degraded``
+    notice goes out (an ``error`` event and a count, in the daemon), and the next series is
+    decoded whole on threads."""
+    import os
+    import signal
+
+    from cryoptycho.daemon.commands.serve import dectris_notice_handler
+
+    notices: list[Any] = []
+    kept: list[int] = []  # frames spooled before the workers died
+    handle = dectris_notice_handler(service.service)  # (the daemon's: counted, published)
+
+    def on_notice(notice: Any) -> None:
+        notices.append(notice)
+        handle(notice)
+
+    def kill_the_workers(source: DectrisSource, sender: SimSender, rest: list[bytes]) -> None:
+        assert source.pool is not None
+        _wait(lambda: source.pool.outstanding == 0, "the first jobs to be taken back")
+        pids = source.pool.pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        for m in rest:
+            sender.send_raw(m)
+        _wait(lambda: source.pool.outstanding > 0, "jobs in the stopped workers' hands")
+        service.service.scans.flush_disk()
+        kept.append(service.service.scans.sessions["no-shm-series1"].ledger.received)
+        _no_processes(monkeypatch)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        # (before the fix the source's thread ended here with the OSError, and took no more series)
+        _wait(lambda: source.pool.outstanding == 0, "the lost jobs to fail")
+
+    first, second = _series(_frames(40, seed=16), "no-shm"), _series(_frames(24, seed=17), "on-threads")
+    _, stats = _stream(service, [first, second], processes=True, between=kill_the_workers,
+                       on_notice=on_notice)
+    assert stats.series_errors == 0 and stats.extra["decoding_fallback"] is not None
+    assert stats.extra["jobs_retried"] >= 1  # the dead workers' jobs, run again on threads
+    session = _ended(service, "no-shm-series1")
+    assert kept[0] > 0 and session.ledger.as_dict()["received"] == 40  # nothing lost
+    degraded = [n for n in notices if n.outcome == "degraded"]
+    assert len(degraded) == 1 and degraded[0].rule == "dectris_decoding_degraded"
+    assert "No space left on device" in degraded[0].message
+    assert service.service.metrics.registry.get_sample_value("cryoptycho_dectris_decoding_degraded_total") == 1
+    after = _ended(service, "on-threads-series1")  # decoded on threads, whole
+    assert after.ledger.as_dict()["received"] == 24
+    assert service.thread.is_alive() and service.error is None
 
 
 def test_a_failing_decoding_job_fails_its_scan_not_the_source(service, monkeypatch) -> None:
@@ -1285,6 +1510,38 @@ def test_serve_decodes_in_worker_processes_when_configured(tmp_path: Path) -> No
     finally:
         sim.kill()
         sim.wait(10)
+
+
+def test_serve_stops_though_a_decoding_worker_is_stopped(tmp_path: Path) -> None:
+    """A stopped (SIGSTOP: a debugger) or hung decoding worker process held the daemon's stop
+    for ever — its source's close waited for the worker, and so did the interpreter's exit —
+    until systemd killed the daemon. The stop now ends: the worker is killed, by pid, in the log."""
+    import os
+    import signal
+    import socket
+
+    from daemon_support import start_daemon, wait_for
+
+    with socket.socket() as s:  # a port nothing listens on: the source waits for its detector
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon = start_daemon(tmp_path, "--source", f"dectris2://127.0.0.1:{port}",
+                          "--set", "dectris.worker_processes=true")
+    workers: list[int] = []
+    try:
+        wait_for(lambda: "worker processes ready" in daemon.log(), 90, "the decoding workers to start", daemon)
+        workers = _spawned_children(daemon.proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGSTOP)
+        assert daemon.stop() == 0, daemon.log()  # (its own timeout: 120 s, then a failure)
+        assert f"worker process {workers[0]} did not end" in daemon.log()
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
 
 
 def _spawned_children(pid: int) -> list[int]:

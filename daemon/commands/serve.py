@@ -169,7 +169,8 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def dectris_notice_handler(service: Any) -> Any:
     """What the service does with a DECTRIS series notice (protocols/dectris/convert.SeriesNotice):
     count it (``cryoptycho_dectris_series_total`` by outcome and field, or
-    ``cryoptycho_dectris_header_warnings_total`` by field) and publish it as an ``error`` event
+    ``cryoptycho_dectris_header_warnings_total`` by field, or
+    ``cryoptycho_dectris_decoding_degraded_total``) and publish it as an ``error`` event
     (field ``dectris.<key>``, rule ``dectris_series_skipped`` / ``_rejected`` /
     ``dectris_header_implausible``). Called on the source's thread: both are thread-safe."""
     import time
@@ -181,6 +182,8 @@ def dectris_notice_handler(service: Any) -> Any:
             service.metrics.dectris_header_warnings.labels(field=notice.field).inc()
         elif notice.outcome == "undecodable":
             service.metrics.dectris_undecodable.labels(field=notice.field).inc()
+        elif notice.outcome == "degraded":
+            service.metrics.dectris_decoding_degraded.inc()
         else:
             service.metrics.dectris_series.labels(outcome=notice.outcome, field=notice.field).inc()
         # through the service's error path: rate-limited, clipped, a bad scan id kept out of scan_id

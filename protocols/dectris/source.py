@@ -356,6 +356,53 @@ def _ready() -> int:
     return os.getpid()
 
 
+#: how long :meth:`DecodePool.close` waits for its worker processes to end before it kills them
+#: (a stopped or hung worker otherwise held the daemon's stop until systemd killed it; well
+#: under serve's wait for its source, SOURCE_STOP_S)
+CLOSE_WAIT_S = 10.0
+
+
+def _end_processes(pool: ProcessPoolExecutor, wait_s: float, why: str) -> list[int]:
+    """Shut ``pool`` down, its worker processes given ``wait_s`` to end (0: killed at once),
+    then killed (SIGKILL: a stopped process outlives the pool's SIGTERM) and reaped; the pids
+    killed. Never waits past ``wait_s`` plus the kills' reaping."""
+    from multiprocessing.connection import wait as wait_sentinels
+
+    processes = dict(getattr(pool, "_processes", None) or {})
+    pool.shutdown(wait=False, cancel_futures=True)
+    sentinels: dict[int, Any] = {}
+    for pid, process in processes.items():
+        try:
+            sentinels[process.sentinel] = (pid, process)
+        except ValueError:  # the pool closed its Process object: that worker was waited for
+            pass
+    deadline = time.monotonic() + wait_s
+    while sentinels:  # (a sentinel is ready once its process ended, whoever reaps it)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        for ended in wait_sentinels(list(sentinels), left):
+            sentinels.pop(ended, None)
+    killed = []
+    for pid, process in sentinels.values():
+        if wait_s > 0:
+            log.warning("DECTRIS decoding: worker process %d did not end %s (stopped or hung); "
+                        "killed (SIGKILL)", pid, why)
+        try:
+            process.kill()
+            process.join(CLOSE_WAIT_S)  # reaped: SIGKILL ends a stopped process too
+        except ValueError:  # closed by the pool meanwhile: it was waited for
+            pass
+        killed.append(pid)
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:  # (it ends once its workers have: it sees them gone)
+        manager.join(CLOSE_WAIT_S)
+        if manager.is_alive():
+            log.error("DECTRIS decoding: the worker pool's manager thread did not end after its "
+                      "workers had; left behind")
+    return killed
+
+
 class DecodePool:
     """The decoding workers: ``workers`` threads, or (``processes``) worker processes whose
     binned frames come back through shared memory, in :attr:`slots` slots of one job each.
@@ -370,13 +417,20 @@ class DecodePool:
     cancelled scan's close) never stop the decoding: :attr:`slots` − :attr:`lend_max` slots are
     always there for the jobs in flight."""
 
-    def __init__(self, workers: int, processes: bool, lend_max: int | None = None) -> None:
+    def __init__(self, workers: int, processes: bool, lend_max: int | None = None,
+                 on_degraded: Callable[[str], None] | None = None) -> None:
         self.workers, self.processes = workers, processes
+        #: called (with the reason, logged already) when worker processes cannot be started and
+        #: the pool decodes on threads instead
+        self.on_degraded = on_degraded
+        #: why the pool decodes on threads though worker processes were asked for (None: it does not)
+        self.fallback: str | None = None
         #: slots for the jobs in flight (what the receiver submits before it takes results)
         self.in_flight = in_flight = 2 * workers + 2
         #: slots whose frames may be out as views at once (0: every job's frames are copied out;
         #: set to 0 where the shared memory cannot hold these slots too, :meth:`_reserve`)
         self.lend_max = in_flight if lend_max is None else max(0, int(lend_max))
+        self._lend_wanted = self.lend_max  #: (tried again at each growth after a shortage dropped them)
         self.slots = in_flight + self.lend_max
         self._free: deque[int] = deque(range(self.slots))
         self._lent: set[int] = set()
@@ -387,13 +441,16 @@ class DecodePool:
         #: its array, and the mapping goes once the last of them does
         self._slot_arrays: list[np.ndarray] = []
         self._slot_bytes = 0
+        #: the largest job whose slots could not be made (:meth:`_grow` failed): jobs up to that
+        #: size go without a slot (their frames come back pickled) rather than retry each time
+        self._unmapped = 0
         #: arrays the slots' binned frames are copied into, handed out again once nothing
         #: references them (:meth:`_copy_out`)
         self._out: list[np.ndarray] = []
         self.process_cpu_s = 0.0  #: CPU time of the jobs run in worker processes
         self.generation = 0  #: how many times the workers were restarted
         self.outstanding = 0  #: jobs submitted whose result was not taken yet
-        self._pool: ThreadPoolExecutor | ProcessPoolExecutor = self._start()
+        self._pool: ThreadPoolExecutor | ProcessPoolExecutor = self._start_or_fall_back("start")
 
     def _start(self) -> ThreadPoolExecutor | ProcessPoolExecutor:
         if not self.processes:
@@ -401,9 +458,37 @@ class DecodePool:
         # spawn, not fork: the daemon's threads may hold locks (and ZeroMQ contexts) a forked
         # child would inherit in an unusable state
         pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        for f in [pool.submit(_ready) for _ in range(self.workers)]:
-            f.result(timeout=120)  # started before the first scan, not during it
+        try:
+            for f in [pool.submit(_ready) for _ in range(self.workers)]:
+                f.result(timeout=120)  # started before the first scan, not during it
+        except BaseException:
+            _end_processes(pool, 0, "after the pool failed to start")  # (the ones that did start)
+            raise
+        log.info("DECTRIS decoding: %d worker processes ready (pids %s)", self.workers,
+                 ", ".join(map(str, getattr(pool, "_processes", None) or {})))
         return pool
+
+    def _start_or_fall_back(self, what: str) -> ThreadPoolExecutor | ProcessPoolExecutor:
+        """New workers; where worker processes cannot be had (no room in /dev/shm for their
+        semaphores: ENOSPC, no file descriptors left: EMFILE, a spawn that fails or dies),
+        threads, which need none of that: the source goes on taking series, more slowly,
+        instead of stopping with the error (and the daemon, deaf to the detector, with it)."""
+        try:
+            return self._start()
+        except Exception as exc:  # (any failure to start is a fallback, and said so)
+            if not self.processes:
+                raise  # (threads: nothing to fall back to)
+            reason = (f"the DECTRIS decoding worker processes could not {what} ({type(exc).__name__}: "
+                      f"{exc}; /dev/shm {_shm_free()} free); decoding on {self.workers} threads "
+                      "instead (slower) until the daemon is restarted")
+            log.error("%s", reason, exc_info=exc)
+            self.processes, self.fallback = False, reason
+            if self.on_degraded is not None:
+                try:
+                    self.on_degraded(reason)
+                except Exception:  # the listener's failure must not stop the decoding
+                    log.exception("DECTRIS decoding: the fallback's listener failed")
+            return self._start()
 
     def pids(self) -> list[int]:
         """The worker processes' ids (none for threads)."""
@@ -427,7 +512,7 @@ class DecodePool:
         self.generation += 1
         # the broken pool's jobs keep their slots until their results are taken (:meth:`result`):
         # one that finished before a worker died holds frames still to be taken
-        self._pool = self._start()
+        self._pool = self._start_or_fall_back("be restarted after one died")
         return True
 
     def _reclaim(self) -> int:
@@ -468,10 +553,20 @@ class DecodePool:
             if not self.processes:
                 future = self._pool.submit(decode_job, items, channel, reducer, decode)
             else:
-                if decode and reducer is not None:
-                    need = len(items) * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
-                    if need > self._slot_bytes:
+                need = 0 if not decode or reducer is None else \
+                    len(items) * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
+                if need > self._slot_bytes and need > self._unmapped:
+                    try:
                         self._grow(need)
+                    except OSError as exc:
+                        # (shm_open's EMFILE, a full /dev/shm): not tried again for jobs this
+                        # size, each of which the source would wait for every job before
+                        self._unmapped = need
+                        log.error("DECTRIS decoding: no shared memory for the jobs' binned frames "
+                                  "(slots of %s: %s; /dev/shm %s free): they come back through the "
+                                  "worker processes' pipes instead (more CPU per frame)", _mb(need), exc,
+                                  _shm_free())
+                if 0 < need <= self._slot_bytes:
                     if not self._free:
                         self._reclaim()
                     # the slot freed last: its pages are the ones faulted in already (a slot
@@ -489,17 +584,32 @@ class DecodePool:
         future.images = len(items)  # type: ignore[attr-defined]  (counted when the job is lost)
         #: what the job was given: run again by new workers when its worker process dies
         future.job = (items, channel, reducer, decode)  # type: ignore[attr-defined]
+        future.processes = self.processes  # type: ignore[attr-defined]
         return future
 
     def _grow(self, need: int) -> None:
         """Larger slots (only when no job holds one: the caller takes every result first).
         Frames still lent out keep the old mapping alive (their arrays reference it) after its
-        shared memory is closed and unlinked here."""
+        shared memory is closed and unlinked here. Lent slots dropped for a shortage of
+        /dev/shm are tried again (it may have room now). Raises OSError (the slots as they were)
+        where no block can be made or mapped."""
         assert len(self._free) + len(self._lent) == self.slots, "slots grow only while no job holds one"
         old = self._shm
-        self._slot_bytes = max(need, 2 * self._slot_bytes)
-        self._shm = self._reserve()
-        mapping = mmap.mmap(self._shm._fd, self.slots * self._slot_bytes)  # type: ignore[attr-defined]
+        was = self.lend_max, self.slots
+        slot_bytes = max(need, 2 * self._slot_bytes)
+        self.lend_max, self.slots = self._lend_wanted, self.in_flight + self._lend_wanted
+        try:
+            shm = self._reserve(slot_bytes)
+            try:
+                mapping = mmap.mmap(shm._fd, self.slots * slot_bytes)  # type: ignore[attr-defined]
+            except BaseException:
+                shm.close()
+                shm.unlink()
+                raise
+        except BaseException:
+            self.lend_max, self.slots = was
+            raise
+        self._shm, self._slot_bytes = shm, slot_bytes
         self._slot_arrays = [np.frombuffer(mapping, np.uint8, self._slot_bytes, i * self._slot_bytes)
                              for i in range(self.slots)]
         self._free, self._lent = deque(range(self.slots)), set()
@@ -508,7 +618,7 @@ class DecodePool:
             old.close()
             old.unlink()
 
-    def _reserve(self) -> shared_memory.SharedMemory:
+    def _reserve(self, slot_bytes: int) -> shared_memory.SharedMemory:
         """A shared-memory block of :attr:`slots` slots, its pages reserved at once. A block is
         a file of /dev/shm (a tmpfs, 64 MB in a container by default), whose pages are taken
         only as they are first written: one past the tmpfs' room is a SIGBUS in the worker
@@ -518,7 +628,7 @@ class DecodePool:
         either, the block is used unreserved (as before lending: workers may die of it), and
         the shortage is logged with the sizes."""
         while True:
-            size = self.slots * self._slot_bytes
+            size = self.slots * slot_bytes
             shm = shared_memory.SharedMemory(create=True, size=size)
             if not hasattr(os, "posix_fallocate"):  # (macOS: no tmpfs to reserve in either)
                 return shm
@@ -537,17 +647,19 @@ class DecodePool:
                               "%d slots of %s for the jobs in flight: a worker process writing past "
                               "its room dies (SIGBUS) and fails its scan; give /dev/shm more room (for a "
                               "container: --shm-size) or use fewer workers", free, self.slots,
-                              _mb(self._slot_bytes))
+                              _mb(slot_bytes))
                     return shared_memory.SharedMemory(create=True, size=size)
                 log.warning("DECTRIS decoding: the shared memory (/dev/shm, %s free) cannot hold %d "
                             "slots of %s: the %d lent slots dropped, every job's binned frames are "
                             "copied out of its slot (give /dev/shm more room to lend them)", free,
-                            self.slots, _mb(self._slot_bytes), self.lend_max)
+                            self.slots, _mb(slot_bytes), self.lend_max)
                 self.lend_max, self.slots = 0, self.in_flight
 
     def needs_grow(self, items: int, reducer: Any) -> bool:
-        return (self.processes and reducer is not None
-                and items * reducer.frame_side ** 2 * reducer.out_dtype.itemsize > self._slot_bytes)
+        if not self.processes or reducer is None:
+            return False
+        need = items * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
+        return need > self._slot_bytes and need > self._unmapped
 
     def result(self, future: Future[DecodedBatch]) -> DecodedBatch:
         """The job's result, its binned frames a view of its slot (lent: the slot is free
@@ -565,7 +677,7 @@ class DecodePool:
             raise
         finally:
             self.outstanding -= 1
-        if self.processes:
+        if getattr(future, "processes", self.processes):  # (a worker process's job: a fallback may have come since)
             self.process_cpu_s += batch.cpu_s
             batch.reducer = getattr(future, "reducer", None)
         if not batch.in_slot:
@@ -613,8 +725,16 @@ class DecodePool:
         np.copyto(out, view)
         return out
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> list[int]:
+        """Stop the workers: worker processes get ``wait_s`` to end, then are killed (a stopped
+        or hung one held the daemon's stop for ever: systemd's SIGKILL of the whole daemon
+        ended it); the shared memory is unlinked either way, and frames lent out stay valid
+        (their arrays keep this process's mapping). The pids killed."""
+        killed: list[int] = []
+        if isinstance(self._pool, ThreadPoolExecutor):  # (threads cannot be killed; a job is bounded)
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            killed = _end_processes(self._pool, wait_s, f"within {wait_s:g} s of the decoding's close")
         self._out = []  # frames still referenced keep their arrays; the rest go now
         # frames still lent out keep the mapping (their arrays reference it); the rest go now
         self._slot_arrays, self._lent, self._free = [], set(), deque()
@@ -622,6 +742,7 @@ class DecodePool:
             self._shm.close()
             self._shm.unlink()
             self._shm = None
+        return killed
 
 
 class DirectConverter(SeriesConverter):
@@ -820,7 +941,18 @@ class DectrisSource(Source):
         recovered = getattr(sink, "recovered_scans", None)
         if recovered is not None:
             resumed = conv.resume(recovered(), self.version)
-        pool = self.pool = DecodePool(self.workers, self.processes)
+        def on_degraded(reason: str) -> None:
+            """Worker processes could not be started: published and counted (the pool logged it)."""
+            if self.on_notice is None:
+                return
+            plan = conv.plan
+            try:
+                self.on_notice(SeriesNotice("degraded", None if plan is None else plan.start.series_id,
+                                            "worker_processes", reason, None if plan is None else plan.scan_id))
+            except Exception:  # the listener's failure must not stop the stream
+                log.exception("DECTRIS notice listener failed on the decoding's fallback to threads")
+
+        pool = self.pool = DecodePool(self.workers, self.processes, on_degraded=on_degraded)
         receiver = DectrisReceiver(self.endpoint, self.version, context=ctx, on_error=on_error,
                                    channels=[cfg.channel] if cfg.channel else None)
         from .bridge import open_side_channel  # (imported here as _drain_side_channel is, below)
@@ -894,8 +1026,11 @@ class DectrisSource(Source):
             converter had no scan for them). The source goes on with the next series (and
             new workers)."""
             if isinstance(exc, BrokenProcessPool):
-                pool.restart(generation)  # (once for all the jobs of the broken pool)
+                before = pool.fallback
+                pool.restart(generation)  # (once for all the jobs of the broken pool; never raises)
                 reason = f"a DECTRIS decoding worker process died ({exc})"
+                if pool.fallback is not None and pool.fallback is not before:
+                    reason += f"; {pool.fallback}"
             else:
                 reason = f"DECTRIS decoding failed: {type(exc).__name__}: {exc}"
             plan = conv.plan
@@ -1049,6 +1184,7 @@ class DectrisSource(Source):
         stats.extra = {"converter": dict(conv.stats), "frames_decoded": self.decoder.decoded,
                        "jobs_retried": retried[0],
                        "workers": self.workers, "processes": self.processes,
+                       "decoding_fallback": pool.fallback,
                        "process_cpu_s": round(pool.process_cpu_s, 3)}
         return stats
 
