@@ -683,9 +683,9 @@ class ScanManager:
             self.metrics.frames_dropped.labels(reason="duplicate").inc(dup)
         if not keep.any():
             return 0
-        raw = reducer = None
+        raw = reducer = peak = None
         if detector is not None:
-            raw, reducer = detector.raw, detector.reducer
+            raw, reducer, peak = detector.raw, detector.reducer, detector.peak
         if not keep.all():
             frames, indices, positions = frames[keep], indices[keep], positions[keep]
             raw = None if raw is None else raw.select(keep)
@@ -713,7 +713,7 @@ class ScanManager:
             self.metrics.frames_received.inc(n)
             self.metrics.last_frame.set(time.time())
             if worker is not None:
-                worker.put(FrameBatch(frames, positions, arrived))
+                worker.put(FrameBatch(frames, positions, arrived, peak))
 
         self._on_disk(session.scan_id, write, frames.nbytes)
         return n

@@ -43,6 +43,9 @@ class FrameBatch:
     frames: np.ndarray  #: (n, M, M) wire dtype, detector order
     positions_m: np.ndarray  #: (n, 2)
     arrived: float = field(default_factory=time.monotonic)
+    #: never below the frames' largest count where given (a detector reducer's bound), for an
+    #: engine whose add_frames takes it (``takes_peak``): it skips its own max pass
+    peak: int | None = None
 
 
 @dataclass
@@ -283,7 +286,10 @@ class ScanWorker:
                             self._new_half_engine, s.spec.pixel_size_m,
                             cfg.resolution_share, seed=self.options.seed + 1,
                         )
-                self.engine.add_frames(item.frames, item.positions_m)
+                if item.peak is not None and getattr(self.engine, "takes_peak", False):
+                    self.engine.add_frames(item.frames, item.positions_m, peak=item.peak)
+                else:  # the engine interface (gpu/engines.py LiveEngine): plugin engines too
+                    self.engine.add_frames(item.frames, item.positions_m)
                 store = getattr(self.engine, "frame_store", None)
                 if first_frames and isinstance(store, FrameStore):
                     # the scan's declared frames are faulted in ahead of the appends on a thread

@@ -383,12 +383,21 @@ class StreamingReconstructor:
 
     # --- frames in --------------------------------------------------------------------------
 
-    def add_frames(self, frames: Any, positions_m: Any, indices: Any | None = None) -> None:
+    #: add_frames takes ``peak`` (daemon/worker.py passes a detector reducer's bound)
+    takes_peak = True
+
+    def add_frames(self, frames: Any, positions_m: Any, indices: Any | None = None,
+                   peak: int | None = None) -> None:
         """Add ``frames`` (n, M, M) counts in detector order at probe positions (n, 2) metres.
 
         ``indices`` are the frames' scan indices (default: arrival order). Positions outside
-        the canvas grow it (new pixels get the initial object value).
+        the canvas grow it (new pixels get the initial object value). ``peak``: a bound of the
+        frames' largest count, never below it, where the caller measured it (a detector
+        reducer, while binning): host unsigned frames then skip the max pass over them. It is
+        trusted: a peak below a count would wrap that count in a narrow store's byte rows.
         """
+        if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, np.integer)) or peak < 0):
+            raise ValueError(f"peak must be a count (an integer ≥ 0) or None, got {peak!r}")
         store = self.frame_store
         frames_mod = array_module(frames)
         if not hasattr(frames, "dtype"):
@@ -423,7 +432,7 @@ class StreamingReconstructor:
             checks.append(~(frames < 0).any())
         self._batch_top = None
         if frames_mod is np:
-            counted = self._host_counts(frames)
+            counted = self._host_counts(frames, peak)
         else:
             self._peak = None
             valid = frames if self.mask is None else frames * self._mask_host_dev(frames_mod)
@@ -457,18 +466,20 @@ class StreamingReconstructor:
     @property
     def peak_count(self) -> int | None:
         """The largest count of every frame received, where it was measured on the way (host
-        unsigned frames of 16 or 32 bits), else None: what the spool's close stores the frames'
+        unsigned frames of 16 or 32 bits; or a bound of it that add_frames was given, exact
+        where over 255, e.g. a DECTRIS reducer's), else None: what the spool's close stores the frames'
         counts in (spool.py HeldPeak)."""
         return self._peak
 
-    def _host_counts(self, frames: np.ndarray) -> float:
+    def _host_counts(self, frames: np.ndarray, peak: int | None = None) -> float:
         """Σ counts over the valid detector pixels of host ``frames``. Integer counts are
         summed as integers (exact) and the masked-off pixels subtracted (no masked copy of
         the frames); where a frame's sum cannot overflow 32 bits (uint16 up to 256 × 256
         pixels, or frames whose largest count says so: 2×2-binned uint16 frames are uint32),
         per frame in 32 bits: ≈ 3× faster than a float64 or 64-bit sum (96×96 uint32 frames:
         2.8 → 1.3 µs each, the max included); uint16 frames whose largest count allows it, four
-        counts to a 64-bit word (:func:`_lane_sum`)."""
+        counts to a 64-bit word (:func:`_lane_sum`). ``peak``: the caller's bound of the largest
+        count (add_frames), taken instead of the max pass."""
         if frames.dtype.kind in "ui" and frames.dtype.itemsize <= 4:
             flat = frames.reshape(frames.shape[0], -1)
             narrow = flat.shape[1] * np.iinfo(frames.dtype).max < 2**32
@@ -476,7 +487,7 @@ class StreamingReconstructor:
                 # wide frames: rules out a 32-bit overflow of the sums; uint16 frames (binned
                 # counts of a detector that declares a saturation value): the spool's close
                 # stores them as uint8 where it allows (half the bytes to bitshuffle and compress)
-                top = self._batch_top = int(flat.max())
+                top = self._batch_top = int(flat.max()) if peak is None else int(peak)
                 self._peak = None if self._peak is None else max(self._peak, top)  # (peak_count)
             else:
                 self._peak = None  # not measured: nothing narrower to store, no overflow to rule out

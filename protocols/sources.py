@@ -54,11 +54,16 @@ class DetectorFrames:
     frames, one chunk per frame of ``frames.data``). ``reducer``: what made ``frames.data`` of
     ``raw`` (a detector family's reducer, e.g.
     :class:`cryoptycho.protocols.dectris.binning.FrameReducer`): the spool then keeps only
-    ``raw`` while the scan is open and derives the binned frames from it."""
+    ``raw`` while the scan is open and derives the binned frames from it. ``peak``: never
+    below the frames' largest count where given (a wrong one would wrap counts in a narrow
+    frame store: only a reducer's measure is passed)."""
 
     frames: Frames
     raw: RawChunks | None = None
     reducer: Any = None
+    #: a bound of ``frames.data``'s largest count, never below it (the reducer measured it while
+    #: binning: the engine then skips its own max pass over the frames), else None
+    peak: int | None = None
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,9 @@ def _job_as_alone(job: tuple, saturation: int | None) -> None:
             assert batch.counts.dtype == counts.dtype
             assert batch.counts[row].tobytes() == counts.tobytes()
             assert bool(batch.saturated[row]) == saturated
+        # the job's peak (the engine's narrow store trusts it): not below any count, exact past a byte
+        true = int(batch.counts.max()) if len(good) else 0
+        assert batch.peak >= true and (batch.peak <= 255) == (true <= 255)
 
 
 @settings(max_examples=80, deadline=None)

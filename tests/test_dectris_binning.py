@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cryoptycho.protocols.dectris.binning import FrameReducer
+from cryoptycho.gpu.framestore import NARROW_MAX
+from cryoptycho.protocols.dectris.binning import PEAK_EXACT_ABOVE, FrameReducer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -207,6 +208,41 @@ def test_every_binning_path_agrees_with_the_definition(case: tuple) -> None:
         one, flag = red.reduce_frame(frame)
         np.testing.assert_array_equal(one.astype(np.int64), want[i])
         assert flag == bool((red.static_valid & ~want_valid[i]).any())
+    rows[:] = 7
+    batch, saturated, peak = red.reduce_batch_peak(frames, out=rows[1:-1])
+    np.testing.assert_array_equal(batch.astype(np.int64), want)
+    assert saturated.tolist() == (red.static_valid & ~want_valid).any(axis=(1, 2)).tolist()
+    _check_peak(peak, int(want.max()))
+
+
+def _check_peak(peak: int, true: int) -> None:
+    """A reducer's peak (what the engine's narrow store trusts): never below the largest
+    count, exact past the narrow store's byte, so that it decides a byte as the max would."""
+    assert isinstance(peak, int) and peak >= true
+    assert (peak <= NARROW_MAX) == (true <= NARROW_MAX)
+    if peak > PEAK_EXACT_ABOVE:
+        assert peak == true
+
+
+def test_the_reducers_peak_is_the_narrow_stores_byte() -> None:
+    """The peak's exactness threshold is the store's (protocols cannot import gpu)."""
+    assert PEAK_EXACT_ABOVE == NARROW_MAX
+
+
+@pytest.mark.parametrize("level", [0, 1, 63, 64, 65, 200, 0x3FFF, 0xFFFE, 0xFFFF])
+@pytest.mark.parametrize("b", [2, 3, 4])
+def test_the_peak_of_a_batch_bounds_its_counts(level: int, b: int) -> None:
+    """192×192 uint16 frames at a given largest count (the flag 65,535 included: saturated),
+    bin 2, 3 and 4: the bound bin² × the window's largest count is not below the binned peak,
+    and the peak is the binned max itself past 255 (around 4 × 63 = 252 / 4 × 64 = 256)."""
+    rng = np.random.default_rng(level + b)
+    crop = 192 - 192 % b
+    frames = rng.integers(0, level + 1, (4, 192, 192), dtype=np.uint32).astype(np.uint16)
+    frames[1, 10:10 + b, 20:20 + b] = level  # one bin at b² × level
+    red = FrameReducer.build((192, 192), np.uint16, crop=crop, bin=b)
+    counts, _, peak = red.reduce_batch_peak(frames)
+    _check_peak(peak, int(counts.max()))
+    assert red.reduce_batch_peak(frames[:0])[2] == 0
 
 
 @pytest.mark.parametrize("peak", [0x3FFF, 0x4000, 0x7FFF, 0x8000, 0xFFFE])

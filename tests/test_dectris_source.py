@@ -187,6 +187,17 @@ def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine
             n = int(f[DATA].attrs["count"])
             closed.append((self.derived_rows.copy(), f[DATA]["data"][:], derive_rows(f, reducer, 0, n)))
 
+    # every batch reaches the engine with the reducer's peak, never below its largest count
+    from cryoptycho.gpu.stream import StreamingReconstructor
+    given: list[tuple[int | None, int]] = []
+    real_add = StreamingReconstructor.add_frames
+
+    def add_frames(self: Any, frames: Any, positions_m: Any, indices: Any = None, peak: Any = None) -> None:
+        given.append((peak, int(frames.max())))
+        real_add(self, frames, positions_m, indices, peak)
+
+    monkeypatch.setattr(StreamingReconstructor, "add_frames", add_frames)
+
     monkeypatch.setattr(SpoolWriter, "close", close)
     config = service.service.config  # (a short refinement: the daemon stops sooner)
     config.options = config.options.model_copy(update={"parallax": False, "iterations": 1})
@@ -200,6 +211,7 @@ def test_a_scans_binned_frames_are_spooled_at_its_end_from_the_frames_its_engine
     assert derived.dtype == binned and 0 < derived.max() <= 255 and written.dtype == np.uint8
     np.testing.assert_array_equal(written, derived)
     assert held_dtypes and set(held_dtypes) == {np.dtype(np.uint8) if narrow else np.dtype(binned)}
+    assert given and all(peak is not None and true <= peak <= 255 for peak, true in given)
 
 
 def test_an_aborted_scans_binned_frames_are_spooled_from_the_frames_its_worker_held(service, monkeypatch) -> None:

@@ -4,6 +4,9 @@ a detector scan's spool stores its binned frames in at the scan's end (spool.py 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from cryoptycho.gpu import framestore
+from cryoptycho.gpu.operators import from_fft_order
 from cryoptycho.gpu.options import ReconOptions
 from cryoptycho.gpu.stream import StreamingReconstructor
 from daemon_support import synthetic_scan
@@ -52,3 +55,29 @@ def test_the_largest_count_of_frames_it_does_not_measure_is_not_known() -> None:
     engine = _engine(scan, np.uint8)
     engine.add_frames(np.minimum(scan.frames, 255).astype(np.uint8), scan.positions)
     assert engine.peak_count is None
+
+
+def test_a_given_peak_replaces_the_max_pass_and_the_frames_are_held_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """add_frames' ``peak`` (a DECTRIS reducer's bound of the batch's largest count): the
+    engine takes it instead of measuring, holds the frames bit for bit as without it (byte rows
+    while the bound is ≤ 255, widened at the bound over it), and reports it as the peak."""
+    monkeypatch.setattr(framestore, "_MAP_BYTES", 1)  # a narrow store (the daemon's are ≥ 1 MiB)
+    scan = synthetic_scan(n_side=8)
+    frames = scan.frames.astype(np.uint32)
+    assert frames.max() < 64
+    measured, given = _engine(scan, np.uint32), _engine(scan, np.uint32)
+    measured.add_frames(frames[:4], scan.positions[:4])
+    given.add_frames(frames[:4], scan.positions[:4], peak=4 * int(frames[:4].max()))
+    assert given.frame_store.frames.dtype == measured.frame_store.frames.dtype == np.uint8
+    assert given.peak_count == 4 * frames[:4].max() >= measured.peak_count
+    frames[6, 3, 2] = 300
+    measured.add_frames(frames[4:], scan.positions[4:])
+    given.add_frames(frames[4:], scan.positions[4:], peak=300)
+    assert given.frame_store.frames.dtype == measured.frame_store.frames.dtype == np.uint32
+    assert given.peak_count == measured.peak_count == 300
+    for engine in (given, measured):
+        np.testing.assert_array_equal(from_fft_order(engine.frame_store.frames[:len(frames)]), frames)
+    for bad in (-1, 2.5, True, "7"):
+        with pytest.raises(ValueError, match="peak must be a count"):
+            given.add_frames(frames[:1], scan.positions[:1], peak=bad)
+    assert given.n_frames == len(frames)

@@ -846,7 +846,7 @@ def measure_stages(frames: np.ndarray, seconds: float, rounds: int, batch: int =
             expected_frames=repeats * n, energy_eV=spec.energy_eV)
         for _ in range(repeats):
             for m, pos in zip(direct, positions):
-                engine.add_frames(m.frames.data, pos)
+                engine.add_frames(m.frames.data, pos, peak=m.peak)  # as the daemon's worker does
         return repeats * n
 
     declared = {start.scan_id: start}

@@ -146,6 +146,18 @@ class FrameReducer:
         third of the per-frame cost of :meth:`reduce_frame` at 192 → 96). The counts are
         written into ``out`` (n, M, M) ``out_dtype`` when given (rows of the job's batch:
         no temporary and no copy into it)."""
+        counts, saturated, _ = self.reduce_batch_peak(stack, out)
+        return counts, saturated
+
+    def reduce_batch_peak(self, stack: np.ndarray,
+                          out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """:meth:`reduce_batch` and a bound of the counts' largest value (0 for no frame),
+        never below it, and exact where either is over :data:`PEAK_EXACT_ABOVE`: the engine
+        takes it instead of a max pass over the binned frames (read from memory by then) to
+        decide whether its store's rows fit a byte, which the bound decides as the exact peak
+        would. The bound is free: bin² × the window's largest count, which the saturation
+        check measured already; past :data:`PEAK_EXACT_ABOVE` the binned counts' own max,
+        while they are in cache."""
         n, m = stack.shape[0], self.frame_side
         if out is None:
             out = np.empty((n, m, m), self.out_dtype)
@@ -153,11 +165,19 @@ class FrameReducer:
             raise ValueError(f"out is {out.shape} {out.dtype}, the counts are {(n, m, m)} {self.out_dtype}")
         window = self._window(stack)
         peak = int(window.max()) if n else 0
-        if peak <= saturation_threshold(stack.dtype, self.saturation_value):
-            return _block_sum(window, self.bin, out, peak), np.zeros(n, bool)
-        counts, valid = self(stack)
-        out[...] = counts
-        return out, (self.static_valid[None] & ~valid).any(axis=(1, 2))
+        top = saturation_threshold(stack.dtype, self.saturation_value)
+        if peak <= top:
+            _block_sum(window, self.bin, out, peak)
+            saturated = np.zeros(n, bool)
+        else:
+            counts, valid = self(stack)
+            out[...] = counts
+            saturated = (self.static_valid[None] & ~valid).any(axis=(1, 2))
+            peak = top  # saturated pixels count as the saturation value
+        bound = peak * self.bin * self.bin
+        if bound > PEAK_EXACT_ABOVE:
+            bound = int(out.max())
+        return out, saturated, bound
 
     def _window(self, stack: np.ndarray, copy: bool = False) -> np.ndarray:
         """(n, c, c) window with masked pixels 0: a view of the images when it lies on the
@@ -219,6 +239,11 @@ def _block_sum(window: np.ndarray, b: int, out: np.ndarray, peak: int | None = N
         out += rows[..., j::b]
     return out
 
+
+#: the largest count a bound of :meth:`FrameReducer.reduce_batch_peak` may give without being the
+#: exact peak: the narrow frame store's (gpu/framestore.py NARROW_MAX), so that the bound keeps
+#: rows as bytes exactly where the exact peak would
+PEAK_EXACT_ABOVE = 255
 
 #: largest uint16 count for which two add without a carry out of their 16-bit lane
 _PAIR_PEAK = 0x7FFF

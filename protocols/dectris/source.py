@@ -110,6 +110,8 @@ class DecodedBatch:
     reducer: Any = None  #: the FrameReducer the binned frames came from
     counts: np.ndarray | None = None  #: (k, M, M) binned frames
     saturated: np.ndarray | None = None  #: (k,) whether a valid bin of the frame saturated
+    #: a bound of ``counts``' largest value, never below it (FrameReducer.reduce_batch_peak)
+    peak: int | None = None
     frames: np.ndarray | None = None  #: (k, H, W) the detector frames, when not binned
     decoded: int = 0  #: frames decompressed
     cpu_s: float = 0.0  #: CPU time of the job (its thread's clock)
@@ -226,8 +228,12 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
     together, block_bytes = (bslz4_batch_plan(blobs, dtype, shape)  # type: ignore[arg-type]
                              if None not in blobs else (np.zeros(n, bool), 0))
 
+    peak = 0
+
     def bin_rows(stack: np.ndarray, rows: slice) -> None:
-        saturated[rows] = reducer.reduce_batch(stack, out=counts[rows])[1]
+        nonlocal peak
+        _, saturated[rows], top = reducer.reduce_batch_peak(stack, out=counts[rows])
+        peak = max(peak, top)
 
     j = 0
     while j < n:
@@ -284,7 +290,7 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
         out.unique_ids = [u for u, ok in zip(out.unique_ids, keep) if ok]
     out.decoded = k
     if binning:
-        out.counts, out.saturated = counts[:k], saturated[:k]
+        out.counts, out.saturated, out.peak = counts[:k], saturated[:k], peak
     else:
         out.frames = frames[:k]
     out.cpu_s = time.thread_time() - c0
@@ -806,9 +812,10 @@ class DirectConverter(SeriesConverter):
                       int(np.count_nonzero(keep)), batch.shape, reducer.detector_shape)
             return out
         if batch.reducer is reducer and batch.counts is not None:
-            counts, saturated = batch.counts[accepted], batch.saturated[accepted]  # type: ignore[index]
+            # (the batch's peak bounds any of its rows')
+            counts, saturated, peak = batch.counts[accepted], batch.saturated[accepted], batch.peak  # type: ignore[index]
         elif batch.frames is not None:  # decoded before the series' first frame built its reducer
-            counts, saturated = reducer.reduce_batch(batch.frames[accepted])
+            counts, saturated, peak = reducer.reduce_batch_peak(batch.frames[accepted])
         else:  # binned by another series' reducer of the same detector shape
             self.stats["skipped_images"] += int(np.count_nonzero(keep))
             log.error("scan %s: %d images were binned for another series; skipped", plan.scan_id,
@@ -837,7 +844,7 @@ class DirectConverter(SeriesConverter):
         self.stats["frames_sent"] += len(ids)
         out.append(DetectorFrames(
             Frames(plan.scan_id, ids, counts, positions),
-            raw=RawChunks(batch.shape, batch.dtype, raw), reducer=reducer))
+            raw=RawChunks(batch.shape, batch.dtype, raw), reducer=reducer, peak=peak))
         return out
 
     def _count_saturated(self, plan: _Plan, ids: np.ndarray, saturated: np.ndarray) -> None:
