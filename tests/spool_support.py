@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,3 +108,20 @@ def scan_ended(ctl: Any, scan_id: str) -> dict:
 
     return wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == scan_id
                                   and s["state"] in ("finished", "failed")), None), 120, "the scan to end")
+
+
+def gate_finish(monkeypatch: Any, scan_id: str) -> threading.Event:
+    """Holds ``scan_id``'s finish (``ScanManager.finish_result``) until the returned event is
+    set, so that with one worker a scan ending meanwhile waits parked, its spool closed."""
+    from cryoptycho.daemon.scans import ScanManager
+
+    go = threading.Event()
+    finish = ScanManager.finish_result
+
+    def finish_gated(self: ScanManager, session: Any, state: Any) -> dict[str, str]:
+        if session.scan_id == scan_id:
+            assert go.wait(120), f"{scan_id}'s finish was never let go of"
+        return finish(self, session, state)
+
+    monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
+    return go

@@ -16,26 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from spool_support import scan_ended
+from spool_support import gate_finish, scan_ended
 
 
 def test_a_parked_scans_removed_spool_fails_that_scan_and_the_queue_moves_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
     from daemon_support import loopback_config, synthetic_scan, wait_for
 
-    go = threading.Event()
-    finish = ScanManager.finish_result
-
-    def finish_gated(self: ScanManager, session: Any, state: Any) -> dict[str, str]:
-        if session.scan_id == "a":
-            assert go.wait(120)
-        return finish(self, session, state)
-
-    monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
+    go = gate_finish(monkeypatch, "a")  # b ends while a runs: it waits parked
     scan = synthetic_scan(n_side=4, m=32)
     cfg = loopback_config(tmp_path, refine_time_budget_s=2, max_concurrent_scans=1)
     bg = BackgroundService(cfg)
@@ -135,22 +126,13 @@ def test_two_held_parked_scans_start_in_the_order_let_go_of_and_a_free_one_goes_
     """b and c parked, each spool held ``"r+"`` by another process, d free behind them (one
     slot): d runs meanwhile; c, let go of first, starts; b, let go of after, too — every held
     scan starts once released, none is starved, each wait said once."""
-    from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
     from daemon_support import loopback_config, synthetic_scan, wait_for
     from spool_support import held_open, scan_state
 
-    go = threading.Event()
-    finish = ScanManager.finish_result
-
-    def finish_gated(self: ScanManager, session: Any, state: Any) -> dict[str, str]:
-        if session.scan_id == "a":
-            assert go.wait(120)
-        return finish(self, session, state)
-
-    monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
+    go = gate_finish(monkeypatch, "a")  # b ends while a runs: it waits parked
     scan = synthetic_scan(n_side=4, m=32)
     cfg = loopback_config(tmp_path, refine_time_budget_s=2, max_concurrent_scans=1)
     bg = BackgroundService(cfg)

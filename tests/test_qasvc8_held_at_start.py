@@ -6,32 +6,21 @@ rule ``spool_in_use``) and recovers the scan during the run once the program let
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Any
 
 import h5py
 import pytest
-from spool_support import held_open, scan_ended
+from spool_support import gate_finish, held_open, scan_ended
 
 
 def test_a_spool_held_for_writing_at_a_start_is_recovered_once_let_go_of(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
     from daemon_support import loopback_config, synthetic_scan, wait_for
 
-    go = threading.Event()
-    finish = ScanManager.finish_result
-
-    def finish_gated(self: ScanManager, session: Any, state: Any) -> dict[str, str]:
-        if session.scan_id == "a":
-            assert go.wait(120)
-        return finish(self, session, state)
-
-    monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
+    go = gate_finish(monkeypatch, "a")  # b ends while a runs: it waits parked
     scan = synthetic_scan(n_side=4, m=32)
     cfg = loopback_config(tmp_path, refine_time_budget_s=2, max_concurrent_scans=1)
     spool = cfg.spool_dir / "b.spool.h5"

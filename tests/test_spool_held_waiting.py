@@ -7,13 +7,12 @@ lets go; the result holds every frame."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 import h5py
 import pytest
-from spool_support import held_open, scan_ended, scan_state
+from spool_support import gate_finish, held_open, scan_ended, scan_state
 
 
 @pytest.mark.parametrize("taken_after_the_look", [False, True], ids=["held-at-its-turn", "taken-after-admission"])
@@ -24,22 +23,13 @@ def test_a_waiting_scans_spool_held_for_writing_delays_the_scan_and_fails_nothin
     is made to see no holder): the worker's re-open on the spool thread meets it, and is asked
     again until that program lets go."""
     import cryoptycho.daemon.scans as scans_module
-    from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
     from daemon_support import loopback_config, synthetic_scan, wait_for
 
     # a's finish waits until the holder has the spool of b: b's turn comes after that, whatever the load
-    go = threading.Event()
-    finish = ScanManager.finish_result
-
-    def finish_gated(self: ScanManager, session: Any, state: Any) -> dict[str, str]:
-        if session.scan_id == "a":
-            assert go.wait(120)
-        return finish(self, session, state)
-
-    monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
+    go = gate_finish(monkeypatch, "a")  # b ends while a runs: it waits parked
     if taken_after_the_look:
         # (admission's look takes a shared lock that keeps a writer out until the re-open: only
         # where the file system has no flock does a writer get in between; as there, it sees none)
@@ -84,22 +74,13 @@ def test_a_scan_waiting_for_its_held_spool_at_a_stop_is_finished_by_the_next_sta
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The daemon stops while the scan waits for the other program: it stays ``ended`` in the
     spool with its journal, and the next start (the holder gone) reconstructs it whole."""
-    from cryoptycho.daemon.scans import ScanManager
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.daemon.storage.spool import journal_path
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
     from daemon_support import loopback_config, synthetic_scan, wait_for
 
-    go = threading.Event()
-    finish = ScanManager.finish_result
-
-    def finish_gated(self: ScanManager, session: Any, state: Any) -> dict[str, str]:
-        if session.scan_id == "a":
-            assert go.wait(120)
-        return finish(self, session, state)
-
-    monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
+    go = gate_finish(monkeypatch, "a")  # b ends while a runs: it waits parked
     scan = synthetic_scan(n_side=4, m=32)
     cfg = loopback_config(tmp_path, refine_time_budget_s=2, max_concurrent_scans=1)
     spool = cfg.spool_dir / "b.spool.h5"
