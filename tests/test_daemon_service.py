@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 from cryoptycho.protocols.control import ControlClient
-from cryoptycho.protocols.errors import ControlError
+from cryoptycho.protocols.errors import ControlError, DeliveryError
 from cryoptycho.protocols.messages import ErrorEvent, Frames, Preview, Result, ScanEvent, encode
 from cryoptycho.protocols.producer import Producer
 from cryoptycho.protocols.subscriber import Subscriber
@@ -230,16 +230,21 @@ def test_concurrent_scans_bad_messages_and_a_stalled_subscriber(tmp_path, scan):
         halfway = {"conc-a": threading.Event(), "conc-b": threading.Event()}
         resume = threading.Event()
 
+        raised: dict[str, BaseException] = {}
+
         def stream(scan_id: str, data: Scan) -> None:
-            with Producer(daemon.ingest, control=daemon.control) as producer:
-                producer.start_scan(**data.start_fields(scan_id))
-                for lo in range(0, len(data.frames), 32):
-                    if lo == 128:  # the bad messages arrive while both scans acquire
-                        halfway[scan_id].set()
-                        resume.wait(60)
-                    producer.send_frames(data.frames[lo : lo + 32])
-                    time.sleep(0.02)
-                producer.end_scan()
+            try:
+                with Producer(daemon.ingest, control=daemon.control) as producer:
+                    producer.start_scan(**data.start_fields(scan_id))
+                    for lo in range(0, len(data.frames), 32):
+                        if lo == 128:  # the bad messages arrive while both scans acquire
+                            halfway[scan_id].set()
+                            resume.wait(60)
+                        producer.send_frames(data.frames[lo : lo + 32])
+                        time.sleep(0.02)
+                    producer.end_scan()
+            except BaseException as exc:  # asserted on below: a thread's exception is otherwise only a warning
+                raised[scan_id] = exc
 
         threads = [threading.Thread(target=stream, args=a, daemon=True) for a in (("conc-a", scan), ("conc-b", other))]
         for t in threads:
@@ -254,6 +259,10 @@ def test_concurrent_scans_bad_messages_and_a_stalled_subscriber(tmp_path, scan):
         resume.set()
         for t in threads:
             t.join(60)
+        # the second scan_start of "conc-a" (one of the bad messages) was refused while the daemon
+        # held the scan: its sender is told at end_scan that the scan may hold another sender's frames
+        assert set(raised) == {"conc-a"} and isinstance(raised["conc-a"], DeliveryError), raised
+        assert "refused 1 more scan_start" in str(raised["conc-a"]), raised
 
         def finished_scans() -> set[str]:
             ends = [e for e in list(events) if isinstance(e, ScanEvent) and e.event in ("finished", "failed")]

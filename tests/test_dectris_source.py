@@ -598,6 +598,7 @@ def test_a_restart_ends_every_worker_of_the_broken_pool_a_stopped_one_too() -> N
     reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
     pool = DecodePool(2, processes=True)
     old = pool.pids()
+    reaped = False
     try:
         os.kill(old[0], signal.SIGSTOP)
         os.kill(old[1], signal.SIGKILL)
@@ -616,10 +617,11 @@ def test_a_restart_ends_every_worker_of_the_broken_pool_a_stopped_one_too() -> N
             return False  # (its parent waited for it: no zombie either)
 
         assert all(gone(pid) for pid in old), "a worker of the broken pool outlived the restart"
+        reaped = True  # (their pids are free: one may be another process's by the finally)
         batch = pool.result(pool.submit(images, CHANNEL, reducer, True))  # the new workers decode
         np.testing.assert_array_equal(batch.counts, reducer(frames)[0])
     finally:
-        for pid in old:  # (the stopped one, were it left)
+        for pid in () if reaped else old:  # (the stopped one, were it left)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         pool.close()
