@@ -243,7 +243,7 @@ def test_concurrent_scans_bad_messages_and_a_stalled_subscriber(tmp_path, scan):
                         producer.send_frames(data.frames[lo : lo + 32])
                         time.sleep(0.02)
                     producer.end_scan()
-            except BaseException as exc:  # asserted on below: a thread's exception is otherwise only a warning
+            except BaseException as exc:  # noqa: BLE001 - asserted on below: a thread's exception is otherwise only a warning
                 raised[scan_id] = exc
 
         threads = [threading.Thread(target=stream, args=a, daemon=True) for a in (("conc-a", scan), ("conc-b", other))]
