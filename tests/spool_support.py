@@ -125,3 +125,17 @@ def gate_finish(monkeypatch: Any, scan_id: str) -> threading.Event:
 
     monkeypatch.setattr(ScanManager, "finish_result", finish_gated)
     return go
+
+
+def park_behind(producer: Any, service: Any, scan: Any, first: str = "a", second: str = "b") -> None:
+    """Sends ``first`` and ``second`` whole; with one worker (``first``'s finish held by
+    :func:`gate_finish`) ``second`` ends while ``first`` runs: returns once its spool is
+    closed and it waits parked for a worker."""
+    from daemon_support import wait_for
+
+    for scan_id in (first, second):
+        producer.start_scan(**scan.start_fields(scan_id))
+        producer.send_frames(scan.frames)
+        producer.end_scan()
+    wait_for(lambda: (closed := service.scans._parked.get(second)) is not None and closed.is_set(), 60,
+             f"{second}'s spool to be closed while {second} waits")

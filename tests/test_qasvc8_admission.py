@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from spool_support import gate_finish, scan_ended
+from spool_support import gate_finish, park_behind, scan_ended
 
 
 def test_a_parked_scans_removed_spool_fails_that_scan_and_the_queue_moves_on(
@@ -24,7 +24,7 @@ def test_a_parked_scans_removed_spool_fails_that_scan_and_the_queue_moves_on(
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
-    from daemon_support import loopback_config, synthetic_scan, wait_for
+    from daemon_support import loopback_config, synthetic_scan
 
     go = gate_finish(monkeypatch, "a")  # b ends while a runs: it waits parked
     scan = synthetic_scan(n_side=4, m=32)
@@ -34,12 +34,7 @@ def test_a_parked_scans_removed_spool_fails_that_scan_and_the_queue_moves_on(
     try:
         with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
               Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
-            for scan_id in ("a", "b"):  # b ends while a runs: its spool closed, waiting for a worker
-                p.start_scan(**scan.start_fields(scan_id))
-                p.send_frames(scan.frames)
-                p.end_scan()
-            wait_for(lambda: (closed := svc.scans._parked.get("b")) is not None and closed.is_set(), 60,
-                     "b's spool to be closed while b waits")
+            park_behind(p, svc, scan)  # b ends while a runs: its spool closed, waiting
             (cfg.spool_dir / "b.spool.h5").unlink()  # an operator's rm
             go.set()
             assert scan_ended(ctl, "a")["state"] == "finished"
@@ -71,7 +66,7 @@ def test_a_writer_cannot_take_an_admitted_scans_spool_before_its_reopen(
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.producer import Producer
-    from daemon_support import loopback_config, synthetic_scan, wait_for
+    from daemon_support import loopback_config, synthetic_scan
     from spool_support import try_open
 
     go, admitted, reopen = threading.Event(), threading.Event(), threading.Event()
@@ -98,12 +93,7 @@ def test_a_writer_cannot_take_an_admitted_scans_spool_before_its_reopen(
     try:
         with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
               Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
-            for scan_id in ("a", "b"):
-                p.start_scan(**scan.start_fields(scan_id))
-                p.send_frames(scan.frames)
-                p.end_scan()
-            wait_for(lambda: (closed := svc.scans._parked.get("b")) is not None and closed.is_set(), 60,
-                     "b's spool to be closed while b waits")
+            park_behind(p, svc, scan)  # b ends while a runs: its spool closed, waiting
             go.set()
             assert scan_ended(ctl, "a")["state"] == "finished"
             assert admitted.wait(120)  # b started, its re-open not made yet

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from spool_support import gate_finish, held_open, scan_ended
+from spool_support import gate_finish, held_open, park_behind, scan_ended
 
 
 def test_a_spool_held_for_writing_at_a_start_is_recovered_once_let_go_of(
@@ -29,12 +29,7 @@ def test_a_spool_held_for_writing_at_a_start_is_recovered_once_let_go_of(
     try:
         with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
               Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
-            for scan_id in ("a", "b"):  # b ends while a runs: its spool closed, waiting for a worker
-                p.start_scan(**scan.start_fields(scan_id))
-                p.send_frames(scan.frames)
-                p.end_scan()
-            wait_for(lambda: (closed := svc.scans._parked.get("b")) is not None and closed.is_set(), 60,
-                     "b's spool to be closed while b waits")
+            park_behind(p, svc, scan)  # b ends while a runs: its spool closed, waiting
             with held_open(spool, "r+"):
                 go.set()
                 assert scan_ended(ctl, "a")["state"] == "finished"

@@ -118,7 +118,7 @@ def test_a_set_options_reopen_does_not_spend_the_admission_lock_of_the_workers_r
     from cryoptycho.daemon.service import BackgroundService
     from cryoptycho.protocols.producer import Producer
     from daemon_support import synthetic_scan, wait_for
-    from spool_support import scan_ended, try_open
+    from spool_support import park_behind, scan_ended, try_open
 
     go, in_window, reopen = threading.Event(), threading.Event(), threading.Event()
     finish, unpark = ScanManager.finish_result, ScanManager._unpark
@@ -159,12 +159,7 @@ def test_a_set_options_reopen_does_not_spend_the_admission_lock_of_the_workers_r
     try:
         with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
               Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
-            for scan_id in ("a", "b"):  # b ends while a runs: parked, waiting for the only slot
-                p.start_scan(**scan.start_fields(scan_id))
-                p.send_frames(scan.frames)
-                p.end_scan()
-            wait_for(lambda: (closed := svc.scans._parked.get("b")) is not None and closed.is_set(), 60,
-                     "b's spool to be closed while b waits")
+            park_behind(p, svc, scan)  # b ends while a runs: its spool closed, waiting
             asker.start()
             wait_for(lambda: len(calls) == 1, 60, "set_options' re-open of b to reach the spool thread")
             go.set()  # a finishes; b is admitted (its spool looked at, the lock kept) and started

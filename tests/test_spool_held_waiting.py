@@ -12,7 +12,7 @@ from typing import Any
 
 import h5py
 import pytest
-from spool_support import gate_finish, held_open, scan_ended, scan_state
+from spool_support import gate_finish, held_open, park_behind, scan_ended, scan_state
 
 
 @pytest.mark.parametrize("taken_after_the_look", [False, True], ids=["held-at-its-turn", "taken-after-admission"])
@@ -46,12 +46,7 @@ def test_a_waiting_scans_spool_held_for_writing_delays_the_scan_and_fails_nothin
     try:
         with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
               Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
-            for scan_id in ("a", "b"):  # b ends while a runs: b's spool is closed, waiting for a worker
-                p.start_scan(**scan.start_fields(scan_id))
-                p.send_frames(scan.frames)
-                p.end_scan()
-            wait_for(lambda: (closed := svc.scans._parked.get("b")) is not None and closed.is_set(), 60,
-                     "b's spool to be closed while b waits")
+            park_behind(p, svc, scan)  # b ends while a runs: its spool closed, waiting
             with held_open(spool, "r+"):
                 go.set()
                 # a's end makes b's turn: before, b failed here (its spool's re-open refused)
@@ -89,12 +84,7 @@ def test_a_scan_waiting_for_its_held_spool_at_a_stop_is_finished_by_the_next_sta
     try:
         with (ControlClient(svc.endpoints["control"], timeout_s=30) as ctl,
               Producer(svc.endpoints["ingest"], control=svc.endpoints["control"]) as p):
-            for scan_id in ("a", "b"):
-                p.start_scan(**scan.start_fields(scan_id))
-                p.send_frames(scan.frames)
-                p.end_scan()
-            wait_for(lambda: (closed := svc.scans._parked.get("b")) is not None and closed.is_set(), 60,
-                     "b's spool to be closed while b waits")
+            park_behind(p, svc, scan)  # b ends while a runs: its spool closed, waiting
             with held_open(spool, "r+"):
                 go.set()
                 assert scan_ended(ctl, "a")["state"] == "finished"
