@@ -132,6 +132,11 @@ class ServiceConfig(BaseSettings):
     """Requests one control client may have queued unread (ZMQ_RCVHWM of the control socket;
     ZeroMQ's default is 1000): with ``control_max_part_bytes`` it bounds what a client can make
     the daemon hold (PROTOCOL.md § 1, Message size)."""
+    control_pending_replies: int = Field(64, ge=1)
+    """Replies one control client may have waiting to be sent (behind a reply made later, e.g. a
+    receipt's look at a hung file system: replies keep request order); a request past it is
+    answered ``control_busy`` without being handled, so a client that pipelines requests without
+    end cannot grow the daemon's memory (each reply is up to ``max_header_bytes``)."""
 
     preview_hz: float = Field(5.0, gt=0, le=100)
     """Live previews per second per scan (latest-only)."""
