@@ -96,6 +96,11 @@ class ServiceConfig(BaseSettings):
     """At start, finish the unfinished scans found in the spool directory."""
     recover_wait_s: float = Field(30.0, ge=0)
     """A recovered scan whose producer never sent scan_end waits this long for more frames."""
+    recover_finish_partial: bool = False
+    """A recovered scan that still lacks frames after ``recover_wait_s`` (its producer did not
+    return after the restart) is ended and reconstructed from what it holds, its result marked
+    ``partial`` (``end_reason: "recover_finish_partial"``), instead of being aborted to wait for
+    an operator's ``finish_scan``: for an unattended facility that wants every scan's result."""
     acquisition_timeout_s: float = Field(600.0, gt=0)
     """A scan that receives nothing for this long while acquiring is ended with what it has."""
 

@@ -1654,6 +1654,14 @@ class ScanManager:
             # scan), so the scan stops with its frames kept in the spool, and `finish_scan`
             # reconstructs them if the operator wants that. A recovered scan is no exception:
             # the daemon's restart does not make 500 of 1024 frames a complete scan.
+            if session.recovered and self.config.recover_finish_partial:
+                # (opted in: an unattended facility wants the result; it says it is partial)
+                log.warning("no frame for %g s after %d of %d frames (the producer did not return after the "
+                            "daemon's restart): reconstructing what the scan holds (recover_finish_partial), "
+                            "its result marked partial", limit, held, ledger.expected,
+                            extra={"scan_id": session.scan_id})
+                self.end_scan(session, reason="recover_finish_partial")
+                continue
             why = ("the producer did not return after the daemon's restart" if session.recovered
                    else "the sender stopped without scan_end")
             reason = (f"acquisition_timeout: no frame for {limit:g} s after {held} of "
