@@ -96,6 +96,11 @@ class ServiceConfig(BaseSettings):
     """At start, finish the unfinished scans found in the spool directory."""
     recover_wait_s: float = Field(30.0, ge=0)
     """A recovered scan whose producer never sent scan_end waits this long for more frames."""
+    recover_finish_partial: bool = False
+    """A recovered scan that still lacks frames after ``recover_wait_s`` (its producer did not
+    return after the restart) is ended and reconstructed from what it holds, its result marked
+    ``partial`` (``end_reason: "recover_finish_partial"``), instead of being aborted to wait for
+    an operator's ``finish_scan``: for an unattended facility that wants every scan's result."""
     acquisition_timeout_s: float = Field(600.0, gt=0)
     """A scan that receives nothing for this long while acquiring is ended with what it has."""
 
@@ -132,6 +137,11 @@ class ServiceConfig(BaseSettings):
     """Requests one control client may have queued unread (ZMQ_RCVHWM of the control socket;
     ZeroMQ's default is 1000): with ``control_max_part_bytes`` it bounds what a client can make
     the daemon hold (PROTOCOL.md § 1, Message size)."""
+    control_pending_replies: int = Field(64, ge=1)
+    """Replies one control client may have waiting to be sent (behind a reply made later, e.g. a
+    receipt's look at a hung file system: replies keep request order); a request past it is
+    answered ``control_busy`` without being handled, so a client that pipelines requests without
+    end cannot grow the daemon's memory (each reply is up to ``max_header_bytes``)."""
 
     preview_hz: float = Field(5.0, gt=0, le=100)
     """Live previews per second per scan (latest-only)."""

@@ -91,6 +91,9 @@ class ServiceMetrics:
         self.dectris_decoding_degraded = Counter(
             f"{p}_dectris_decoding_degraded", "Times the DECTRIS source's decoding worker processes could "
             "not be started (or restarted) and it fell back to decoding on threads", registry=r)
+        self.dectris_decoding_fallback = Gauge(
+            f"{p}_dectris_decoding_fallback", "1 while the DECTRIS source decodes on threads because its "
+            "worker processes could not be started (tried again at series starts), else 0", registry=r)
         self.rollbacks = Counter(f"{p}_rollbacks", "Engine states rolled back after NaN or divergence", registry=r)
         self.up = Gauge(f"{p}_up", "1 while the service loop runs", registry=r)
         self.disk_free = Gauge(

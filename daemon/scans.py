@@ -38,7 +38,7 @@ from cryoptycho.protocols.sources import DetectorFrames, RawChunks
 from pydantic import ValidationError
 
 from .config import ServiceConfig
-from .logs import Bounded
+from .logs import Bounded, named
 from .metrics import ServiceMetrics
 from .publisher import Outbox
 from .scan import ScanSpec
@@ -1654,6 +1654,14 @@ class ScanManager:
             # scan), so the scan stops with its frames kept in the spool, and `finish_scan`
             # reconstructs them if the operator wants that. A recovered scan is no exception:
             # the daemon's restart does not make 500 of 1024 frames a complete scan.
+            if session.recovered and self.config.recover_finish_partial:
+                # (opted in: an unattended facility wants the result; it says it is partial)
+                log.warning("no frame for %g s after %d of %d frames (the producer did not return after the "
+                            "daemon's restart): reconstructing what the scan holds (recover_finish_partial), "
+                            "its result marked partial", limit, held, ledger.expected,
+                            extra={"scan_id": session.scan_id})
+                self.end_scan(session, reason="recover_finish_partial")
+                continue
             why = ("the producer did not return after the daemon's restart" if session.recovered
                    else "the sender stopped without scan_end")
             reason = (f"acquisition_timeout: no frame for {limit:g} s after {held} of "
@@ -1821,20 +1829,28 @@ class ScanManager:
                             "failed or was aborted before its first frame (it held no frame)", empty.name)
         removed.summary(logging.INFO, "spool files removed that held no frame")
         refused, waiting = Bounded(log), Bounded(log)
+        # the spools past the first LOG_ITEMS_MAX of each kind: published as one event, not one
+        # each (1,000 bad spools posted 1,000 error events at once, past every subscriber's queue)
+        refused_past: list[Path] = []
+        waiting_past: list[Path] = []
         for path in unfinished_spools(self.config.spool_dir):
             held = held_for_writing(path)
             if held is not None:
-                self._recover_later(path, held, waiting)
+                self._recover_later(path, held, waiting, waiting_past)
                 continue
             try:
                 found = self._examine(path)
             except (OSError, ValueError, KeyError) as exc:
-                self._not_recovered(path, exc, refused)
+                self._not_recovered(path, exc, refused, refused_past)
                 continue
             if found is not None:
                 recovered.append(self._register_recovered(*found))
-        refused.summary(logging.ERROR, "spools this daemon cannot recover (each published as an error event)",
+        self._post_past(refused, refused_past, "recoverable_spool", "cannot be recovered by this daemon",
                         "each is left as it is, tried again at every start")
+        self._post_past(waiting, waiting_past, "spool_in_use", "are open for writing in another program (HDF5's "
+                        "exclusive file lock)", "each is recovered once that program closes it")
+        refused.summary(logging.ERROR, "spools this daemon cannot recover (published as error events: the first "
+                        f"{refused.most} one by one, the rest in one)", "each is left as it is, tried again at every start")
         waiting.summary(logging.WARNING, "spools open for writing in another program", "each is recovered once "
                         "that program closes it")
         self.admit()
@@ -1865,14 +1881,32 @@ class ScanManager:
             path, fsync=self.config.spool_fsync, reserve_bytes=self.config.disk_reserve_bytes)
         return contents, need, spool
 
-    def _not_recovered(self, path: Path, exc: BaseException, said: Bounded | None = None) -> None:
+    def _not_recovered(self, path: Path, exc: BaseException, said: Bounded | None = None,
+                       past: list[Path] | None = None) -> None:
+        """Log and publish a spool that cannot be recovered; in a start's pass (``said``), one
+        past its first LOG_ITEMS_MAX goes to ``past`` instead, for :meth:`_post_past`."""
+        self.unrecovered.add(path)
         if said is None:
             log.error("cannot recover spool %s: %s", path, exc)
         else:  # (a start's pass over the spool directory)
+            one_by_one = past is None or said.logged < said.most
             said.log(logging.ERROR, type(exc).__name__, "cannot recover spool %s: %s", path, exc)
-        self.unrecovered.add(path)
+            if not one_by_one:
+                past.append(path)  # type: ignore[union-attr]
+                return
         self.outbox.post("error", {"field": "spool", "rule": "recoverable_spool",
                                    "message": f"{path}: {exc}", "scan_id": None})
+
+    def _post_past(self, said: Bounded, past: list[Path], rule: str, what: str, then: str) -> None:
+        """One ``error`` event for the spools of a start's pass not published one by one (past
+        the first ``said.most``): their number, causes as counted for the log, the first names."""
+        if not past:
+            return
+        causes = "; ".join(f"{n} × {cause}" for cause, n in said.left.most_common(said.most))
+        message = (f"{len(past)} more spool files in {self.config.spool_dir} {what} (after the first {said.most}, "
+                   f"each published on its own): {named(p.name for p in past)}"
+                   + (f"; causes: {causes}" if causes else "") + f"; {then}")
+        self.outbox.post("error", {"field": "spool", "rule": rule, "message": message, "scan_id": None})
 
     def _register_recovered(self, contents: Any, need: int, spool: SpoolWriter | None) -> str:
         spec = contents.spec
@@ -1890,7 +1924,7 @@ class ScanManager:
                                            "frames": session.ledger.as_dict()})
         return spec.scan_id
 
-    def _recover_later(self, path: Path, held: SpoolInUse, said: Bounded) -> None:
+    def _recover_later(self, path: Path, held: SpoolInUse, said: Bounded, past: list[Path]) -> None:
         """A start's unfinished spool that another program holds open for writing (an operator's
         ``h5py.File(spool, "r+")``): not read beside it (written beside a writer, frames came back
         unreadable), nor left to the next start as before ("cannot recover spool"): looked at
@@ -1898,8 +1932,12 @@ class ScanManager:
         message = (f"{path} is open for writing in another program (HDF5's exclusive file lock), beside which the "
                    "daemon does not read it: its scan is recovered once that program closes the file (h5py: "
                    "File.close(), or end that Python session)")
+        if said.logged >= said.most:  # (published with the others past the first: _post_past)
+            past.append(path)
+        else:
+            self.outbox.post("error", {"field": "spool", "rule": "spool_in_use", "message": message,
+                                       "scan_id": None})
         said.log(logging.WARNING, "held for writing", "%s", message)
-        self.outbox.post("error", {"field": "spool", "rule": "spool_in_use", "message": message, "scan_id": None})
         self.unrecovered.add(path)  # (the stop's report names it while it waits)
         self._held_at_start[path] = time.monotonic()
 

@@ -32,6 +32,7 @@ from cryoptycho.protocols.messages import (
     Abort,
     ErrorEvent,
     Frames,
+    Reply,
     Request,
     ScanEnd,
     ScanEvent,
@@ -854,6 +855,8 @@ class Service:
 
     def _answer(self, parts: list[Any]) -> None:
         self._later = None
+        if self._refused_busy(parts):
+            return
         reply = handle(parts, self.table, self.limits)
         later, self._later = self._later, None
         if not reply:
@@ -878,6 +881,41 @@ class Service:
                 done(None, exc)
         self._send_ready(client)
 
+    def _refused_busy(self, parts: list[Any]) -> bool:
+        """Answer a request ``control_busy`` unhandled when its client has
+        ``control_pending_replies`` replies waiting already (behind one made later: a receipt's
+        look at a hung file system). A DEALER client may pipeline requests without reading, and
+        each held a reply of up to ``max_header_bytes`` for as long as the first waited: one
+        buggy client grew the daemon without bound. The refusals keep request order as every
+        reply does, so they wait too, counted in one entry rather than held one by one."""
+        if len(parts) < 2:
+            return False
+        client = bytes(parts[0].buffer) if isinstance(parts[0], zmq.Frame) else bytes(parts[0])
+        pending = self._replies.get(client)
+        most = self.config.control_pending_replies
+        if pending is None or len(pending) < most:
+            return False
+        method = _method_of(parts)
+        if method in self.table:
+            self.metrics.control_requests.labels(method=method, success="false").inc()
+        last = pending[-1]
+        if last.repeat:  # the refusal before this one is still held: one more of the same
+            last.repeat += 1
+            return True
+        envelope = [bytes(p.buffer) if isinstance(p, zmq.Frame) else bytes(p) for p in split_envelope(parts)[0]]
+        reply = Reply(False, f"{len(pending)} replies to this client wait already (at most {most}, "
+                             "control_pending_replies) behind a request whose answer is delayed: this request "
+                             "was not handled; read the replies, then ask again",
+                      {"field": "control", "rule": "control_busy"}, time.time())
+        pending.append(_PendingReply(envelope + encode_reply(reply, method, self.limits), repeat=1))
+        return True
+
+    def control_replies_held(self) -> dict[str, int]:
+        """Control clients with replies waiting to be sent, and the entries held for them (a run
+        of ``control_busy`` refusals is one): read from another thread, a moment's picture."""
+        queues = list(self._replies.values())
+        return {"clients": len(queues), "entries": sum(len(q) for q in queues)}
+
     def reply_later(self, method: str, start: Callable[[Done], None],
                     answer: Callable[[Any, Exception | None], dict[str, Any]]) -> Later:
         """Called by a control handler whose answer needs the spool thread: the reply to this
@@ -899,7 +937,9 @@ class Service:
     def _send_ready(self, client: bytes) -> None:
         pending = self._replies.get(client)
         while pending and pending[0].parts is not None:
-            self.control.send_multipart(pending.popleft().parts, zmq.NOBLOCK, copy=False)
+            slot = pending.popleft()
+            for _ in range(max(slot.repeat, 1)):
+                self.control.send_multipart(slot.parts, zmq.NOBLOCK, copy=False)
         if pending is not None and not pending:
             del self._replies[client]
 
@@ -1020,6 +1060,8 @@ class BackgroundService:
 @dataclass
 class _PendingReply:
     parts: list[Any] | None  #: None until the reply is made
+    #: a ``control_busy`` refusal sent this many times (requests refused in a row), else 0
+    repeat: int = 0
 
 
 def _message_of(msg: Any, nbytes: int) -> str:

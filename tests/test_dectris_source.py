@@ -1409,6 +1409,78 @@ def test_a_failed_restart_keeps_its_scan_whole_and_the_next_scan_is_decoded_on_t
     assert service.thread.is_alive() and service.error is None
 
 
+def test_the_decoding_returns_to_processes_at_a_later_series_start(service, monkeypatch) -> None:
+    """Worker processes that could not start (a full /dev/shm) left the source decoding on
+    threads for the rest of the daemon's life, its degraded alert on for ever. Now they are
+    tried again at series starts (with backoff): here the try at the first series start still
+    fails, the one at the second succeeds; the second series is decoded in worker processes, a
+    ``restored`` notice goes out and the fallback gauge is 0 again."""
+    from cryoptycho.daemon.commands.serve import dectris_notice_handler
+    from cryoptycho.protocols.dectris import source as source_module
+
+    real = source_module.ProcessPoolExecutor
+    monkeypatch.setattr(source_module, "RETRY_PROCESSES_S", 0.0)  # (due at each series start)
+    notices: list[Any] = []
+    handle = dectris_notice_handler(service.service)
+    gauge = []
+
+    def on_notice(notice: Any) -> None:
+        notices.append(notice)
+        handle(notice)
+        gauge.append(service.service.metrics.registry.get_sample_value("cryoptycho_dectris_decoding_fallback"))
+
+    def processes_again(source: DectrisSource, sender: SimSender, rest: list[bytes]) -> None:
+        assert source.pool is not None and not source.pool.processes  # (the first series' try failed)
+        monkeypatch.setattr(source_module, "ProcessPoolExecutor", real)  # /dev/shm has room again
+        for m in rest:
+            sender.send_raw(m)
+
+    _no_processes(monkeypatch)
+    first, second = _series(_frames(24, seed=18), "on-threads"), _series(_frames(24, seed=19), "in-processes")
+    _, stats = _stream(service, [first, second], processes=True, between=processes_again,
+                            on_notice=on_notice)
+    assert [(n.outcome, n.rule) for n in notices if n.field == "worker_processes"] == [
+        ("degraded", "dectris_decoding_degraded"), ("restored", "dectris_decoding_restored")], notices
+    assert gauge[-1] == 0 and 1 in gauge
+    assert service.service.metrics.registry.get_sample_value("cryoptycho_dectris_decoding_degraded_total") == 1
+    assert stats.extra["decoding_fallback"] is None and stats.extra["process_cpu_s"] > 0  # (the second series')
+    assert _ended(service, "on-threads-series1").ledger.as_dict()["received"] == 24
+    assert _ended(service, "in-processes-series1").ledger.as_dict()["received"] == 24
+    assert service.thread.is_alive() and service.error is None
+
+
+def test_worker_processes_are_tried_again_with_a_growing_wait(monkeypatch, caplog) -> None:
+    """After a fallback to threads, a try of worker processes is due only after its wait, which
+    doubles after each failed try; once they start, the fallback is over and its listener told."""
+    from cryoptycho.protocols.dectris import source as source_module
+    from cryoptycho.protocols.dectris.source import DecodePool
+
+    real = source_module.ProcessPoolExecutor
+    monkeypatch.setattr(source_module, "RETRY_PROCESSES_S", 0.5)
+    _no_processes(monkeypatch)
+    frames = _frames(8, seed=20)
+    images = _series(frames, "retry")[1:-1]
+    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
+    restored: list[str] = []
+    pool = DecodePool(1, processes=True, on_restored=restored.append)
+    try:
+        assert pool.fallback is not None and "tried again at a series start 0.5 s" in pool.fallback
+        _wait(pool.retry_due, "the first try to be due")
+        with caplog.at_level(logging.WARNING, logger="cryoptycho.protocols.dectris.source"):
+            assert pool.retry_processes() is False  # (still no room)
+        assert "tried again in 1 s or more" in caplog.text and not pool.processes
+        monkeypatch.setattr(source_module, "ProcessPoolExecutor", real)
+        _wait(pool.retry_due, "the second try to be due")
+        assert pool.retry_processes() is True
+        assert pool.processes and pool.pids() and pool.fallback is None and not pool.retry_due()
+        assert len(restored) == 1 and "started again" in restored[0] and "No space left" in restored[0]
+        np.testing.assert_array_equal(pool.result(pool.submit(images, CHANNEL, reducer, True)).counts,
+                                      reducer(frames)[0])
+        assert pool.process_cpu_s > 0
+    finally:
+        pool.close()
+
+
 def test_a_failing_decoding_job_fails_its_scan_not_the_source(service, monkeypatch) -> None:
     from cryoptycho.protocols.dectris import source as source_module
 

@@ -140,3 +140,48 @@ def test_a_scan_id_whose_result_would_be_a_live_spool_is_refused_naming_that_spo
             assert "the spool of scan 'x' (kept with its scan)" in taken, taken
     finally:
         bg.stop()
+
+
+def test_recover_finish_partial_reconstructs_a_recovered_partial_scan_by_itself(tmp_path):
+    """Opted in (``recover_finish_partial = true`` in the daemon's config file), a scan the
+    daemon was killed in, to which no producer returns, is reconstructed from what it holds
+    after ``recover_wait_s``: finished, its result marked partial, no operator's `finish_scan`
+    needed (before: the key did not exist, and the scan waited aborted)."""
+    import signal
+
+    from cryoptycho.protocols.control import ControlClient
+    from cryoptycho.protocols.producer import Producer
+    from daemon_support import start_daemon, synthetic_scan, wait_for
+
+    scan = synthetic_scan(n_side=6, m=32)
+    n = len(scan.frames)
+    half = n // 2
+    daemon = start_daemon(tmp_path)
+    try:
+        with Producer(daemon.ingest, control=daemon.control) as one:
+            one.start_scan(**scan.start_fields("unattended"))
+            one.send_frames(scan.frames[:half])
+            assert one.flush().acknowledged == half
+            one.scan = None  # its producer is gone with the daemon
+    finally:
+        daemon.stop(signal.SIGKILL)  # a crash mid-scan: its spool stays open for the next start
+    config = tmp_path / "site.toml"
+    config.write_text("recover_finish_partial = true\nrecover_wait_s = 0.2\nrefine_time_budget_s = 5\n"
+                      "[options]\niterations = 2\n")
+    daemon = start_daemon(tmp_path, "--config", str(config))
+    try:
+        with ControlClient(daemon.control, timeout_s=30) as ctl:
+            summary = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == "unattended"
+                                             and s["state"] in ("finished", "aborted", "failed")), None),
+                               120, "the recovered scan to stop", daemon)
+            receipt = ctl.receipt("unattended")
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert summary["state"] == "finished" and summary["recovered"] is True, summary
+    assert receipt["end_reason"] == "recover_finish_partial" and receipt["frames"]["received"] == half, receipt
+    with h5py.File(summary["result_path"]) as f:
+        assert f["raw/entry_1/data_1/data"].shape[0] == half
+        extra = dict(f["extra"].attrs)
+    assert (extra["frames_received"], extra["frames_expected"], bool(extra["partial"])) == (half, n, True), extra
+    assert extra["end_reason"] == "recover_finish_partial", extra
+    assert "reconstructing what the scan holds (recover_finish_partial)" in daemon.log()

@@ -37,7 +37,8 @@ def hung(tmp_path, monkeypatch):
         return paths(stem, formats)
 
     monkeypatch.setattr(outputs, "output_paths", blocking)
-    bg = BackgroundService(loopback_config(tmp_path))
+    # one DEALER pipelines all its receipts: its replies wait, in order, past the default bound
+    bg = BackgroundService(loopback_config(tmp_path, control_pending_replies=2 * (SAME + DISTINCT)))
     try:
         yield bg.service, entered, release, looks
     finally:

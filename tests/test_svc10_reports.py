@@ -165,3 +165,84 @@ def test_a_start_and_stop_beside_hundreds_of_unrecoverable_spools_log_bounded_li
     assert len(stop) == 1 and sum(name in stop[0] for name in names) < N_PENDING // 4, stop
     more = re.search(r"… and (\d+) more$", stop[0])
     assert more is not None and int(more[1]) + sum(name in stop[0] for name in names) == N_PENDING, stop
+
+
+def _errors(manager: Any) -> list[dict[str, Any]]:
+    return [payload for topic, payload in manager.outbox.take() if topic == "error"]
+
+
+def test_a_start_beside_hundreds_of_unrecoverable_spools_publishes_a_bounded_number_of_events(
+        tmp_path: Path) -> None:
+    """Each spool a start could not recover posted an error event of its own: 1,000 bad spools,
+    1,000 events at once (subscribers' queues hold 64: most were dropped, unseen). Now the first
+    LOG_ITEMS_MAX each have their own, as their log lines do, and one event names and counts the
+    rest."""
+    from cryoptycho.daemon.logs import LOG_ITEMS_MAX
+
+    (tmp_path / "s").mkdir()
+    names = [f"bad{i:04d}" for i in range(N_PENDING)]
+    for name in names:
+        (tmp_path / "s" / f"{name}.spool.h5").write_bytes(b"not an HDF5 file")
+    manager = _manager(tmp_path)
+    try:
+        assert manager.recover() == []
+        errors = _errors(manager)
+    finally:
+        manager.close()
+    assert all(e["rule"] == "recoverable_spool" and e["field"] == "spool" for e in errors), errors[:2]
+    assert len(errors) == LOG_ITEMS_MAX + 1, len(errors)  # before: N_PENDING
+    each, summary = errors[:-1], errors[-1]["message"]
+    assert all(e["message"].startswith(str(tmp_path / "s")) for e in each), each[:2]
+    rest = N_PENDING - LOG_ITEMS_MAX
+    assert summary.startswith(f"{rest} more spool files in {tmp_path / 's'} cannot be recovered"), summary
+    named_here = [n for n in names if f"{n}.spool.h5" in summary]
+    more = re.search(r"… and (\d+) more", summary)
+    assert named_here and more is not None and len(named_here) + int(more[1]) == rest, summary
+    # every spool accounted for: the ones with their own event are not named again
+    assert not [n for n in named_here if any(n in e["message"] for e in each)]
+    assert f"{rest} × " in summary and "tried again at every start" in summary, summary
+    assert len(manager.unrecovered) == N_PENDING
+
+
+_HOLD_ALL = """
+import sys, h5py
+files = [h5py.File(p, "r+") for p in sys.argv[1:]]
+print("open", flush=True)
+sys.stdin.readline()
+for f in files:
+    f.close()
+"""
+
+
+def test_a_start_beside_many_spools_held_for_writing_publishes_a_bounded_number_of_events(
+        tmp_path: Path) -> None:
+    """As above for the spools a start finds open for writing in another program (each waits for
+    it): one event each for the first LOG_ITEMS_MAX, then one for the rest."""
+    import subprocess
+    import sys
+
+    from cryoptycho.daemon.logs import LOG_ITEMS_MAX
+
+    (tmp_path / "s").mkdir()
+    held = LOG_ITEMS_MAX + 5
+    spools = [small_spool(tmp_path / "s", f"held{i:02d}", "ended") for i in range(held)]
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_ALL, *map(str, spools)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        manager = _manager(tmp_path)
+        try:
+            assert manager.recover() == []
+            errors = _errors(manager)
+        finally:
+            manager.close()
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        assert holder.wait(30) == 0
+    assert all(e["rule"] == "spool_in_use" for e in errors), errors[:2]
+    assert len(errors) == LOG_ITEMS_MAX + 1, len(errors)  # before: one per spool
+    summary = errors[-1]["message"]
+    assert summary.startswith(f"5 more spool files in {tmp_path / 's'} are open for writing"), summary
+    assert sum(f"{p.name}" in summary for p in spools) == 5, summary
+    assert "recovered once that program closes it" in summary, summary

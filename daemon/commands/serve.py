@@ -170,9 +170,11 @@ def dectris_notice_handler(service: Any) -> Any:
     """What the service does with a DECTRIS series notice (protocols/dectris/convert.SeriesNotice):
     count it (``cryoptycho_dectris_series_total`` by outcome and field, or
     ``cryoptycho_dectris_header_warnings_total`` by field, or
-    ``cryoptycho_dectris_decoding_degraded_total``) and publish it as an ``error`` event
+    ``cryoptycho_dectris_decoding_degraded_total``; ``cryoptycho_dectris_decoding_fallback`` is 1
+    from a ``degraded`` notice to a ``restored`` one) and publish it as an ``error`` event
     (field ``dectris.<key>``, rule ``dectris_series_skipped`` / ``_rejected`` /
-    ``dectris_header_implausible``). Called on the source's thread: both are thread-safe."""
+    ``dectris_header_implausible`` / ``dectris_decoding_restored`` …). Called on the source's
+    thread: both are thread-safe."""
     import time
 
     from cryoptycho.protocols.messages import ErrorEvent
@@ -184,6 +186,9 @@ def dectris_notice_handler(service: Any) -> Any:
             service.metrics.dectris_undecodable.labels(field=notice.field).inc()
         elif notice.outcome == "degraded":
             service.metrics.dectris_decoding_degraded.inc()
+            service.metrics.dectris_decoding_fallback.set(1)
+        elif notice.outcome == "restored":
+            service.metrics.dectris_decoding_fallback.set(0)
         else:
             service.metrics.dectris_series.labels(outcome=notice.outcome, field=notice.field).inc()
         # through the service's error path: rate-limited, clipped, a bad scan id kept out of scan_id

@@ -160,7 +160,7 @@ class SeriesNotice:
     not be decoded at all (undecodable). Published by the daemon as an ``error`` event with rule
     :attr:`rule` and field ``dectris.<field>``, and counted."""
 
-    outcome: Literal["skipped", "rejected", "warning", "undecodable", "degraded"]
+    outcome: Literal["skipped", "rejected", "warning", "undecodable", "degraded", "restored"]
     series_id: int | None
     field: str  #: the header, configuration or user_data key concerned
     message: str
@@ -174,7 +174,9 @@ class SeriesNotice:
 RULES = {"skipped": "dectris_series_skipped", "rejected": "dectris_series_rejected",
          "warning": "dectris_header_implausible", "undecodable": "dectris_message_undecodable",
          # the source's worker processes could not start: it decodes on threads (source.DecodePool)
-         "degraded": "dectris_decoding_degraded"}
+         "degraded": "dectris_decoding_degraded",
+         # and started again at a later series start: the fallback is over
+         "restored": "dectris_decoding_restored"}
 
 
 @dataclass

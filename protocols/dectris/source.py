@@ -366,6 +366,13 @@ def _ready() -> int:
 #: (a stopped or hung worker otherwise held the daemon's stop until systemd killed it; well
 #: under serve's wait for its source, SOURCE_STOP_S)
 CLOSE_WAIT_S = 10.0
+#: after the decoding fell back to threads, worker processes are tried again at the first series
+#: start this many seconds later, then at twice the wait after each failure, up to
+#: RETRY_PROCESSES_MAX_S: a transient cause (/dev/shm full for a while, a descriptor shortage)
+#: degraded the source for the rest of the daemon's life, and a lasting one costs a spawn attempt
+#: (seconds, at a series start) ever more rarely
+RETRY_PROCESSES_S = 60.0
+RETRY_PROCESSES_MAX_S = 3600.0
 
 
 def _end_processes(pool: ProcessPoolExecutor, wait_s: float, why: str) -> list[int]:
@@ -424,11 +431,18 @@ class DecodePool:
     always there for the jobs in flight."""
 
     def __init__(self, workers: int, processes: bool, lend_max: int | None = None,
-                 on_degraded: Callable[[str], None] | None = None) -> None:
+                 on_degraded: Callable[[str], None] | None = None,
+                 on_restored: Callable[[str], None] | None = None) -> None:
         self.workers, self.processes = workers, processes
         #: called (with the reason, logged already) when worker processes cannot be started and
         #: the pool decodes on threads instead
         self.on_degraded = on_degraded
+        #: called (with what happened, logged already) when worker processes started again after
+        #: a fallback (:meth:`retry_processes`)
+        self.on_restored = on_restored
+        #: after a fallback: the wait before the next try of worker processes, and when it is due
+        self._retry_s = RETRY_PROCESSES_S
+        self._retry_at = 0.0
         #: why the pool decodes on threads though worker processes were asked for (None: it does not)
         self.fallback: str | None = None
         #: slots for the jobs in flight (what the receiver submits before it takes results)
@@ -486,15 +500,55 @@ class DecodePool:
                 raise  # (threads: nothing to fall back to)
             reason = (f"the DECTRIS decoding worker processes could not {what} ({type(exc).__name__}: "
                       f"{exc}; /dev/shm {_shm_free()} free); decoding on {self.workers} threads "
-                      "instead (slower) until the daemon is restarted")
+                      f"instead (slower); worker processes are tried again at a series start "
+                      f"{self._retry_s:g} s or more from now")
             log.error("%s", reason, exc_info=exc)
             self.processes, self.fallback = False, reason
+            self._retry_at = time.monotonic() + self._retry_s
             if self.on_degraded is not None:
                 try:
                     self.on_degraded(reason)
                 except Exception:  # the listener's failure must not stop the decoding
                     log.exception("DECTRIS decoding: the fallback's listener failed")
             return self._start()
+
+    def retry_due(self) -> bool:
+        """Whether the pool decodes on threads after a fallback and its next try of worker
+        processes is due (:meth:`retry_processes`)."""
+        return self.fallback is not None and time.monotonic() >= self._retry_at
+
+    def retry_processes(self) -> bool:
+        """Worker processes again, where the pool fell back to threads and the try is due
+        (the caller has taken every job's result: none is in the threads' hands). On success
+        the fallback is over (``on_restored``); on failure the pool stays on threads and the
+        next try waits twice as long (at most RETRY_PROCESSES_MAX_S). Whether it switched."""
+        if not self.retry_due() or self.outstanding:
+            return False
+        self.processes = True  # (what _start builds)
+        try:
+            pool = self._start()
+        except Exception as exc:  # noqa: BLE001 - still on threads, said so, tried again later
+            self.processes = False
+            self._retry_s = min(2 * self._retry_s, RETRY_PROCESSES_MAX_S)
+            self._retry_at = time.monotonic() + self._retry_s
+            log.warning("DECTRIS decoding: worker processes still cannot start (%s: %s; /dev/shm %s free); "
+                        "decoding on threads, tried again in %g s or more", type(exc).__name__, exc,
+                        _shm_free(), self._retry_s)
+            return False
+        threads, self._pool = self._pool, pool
+        threads.shutdown(wait=True)  # (idle: every job's result was taken)
+        self.generation += 1
+        was, self.fallback = self.fallback, None
+        self._retry_s, self._retry_at = RETRY_PROCESSES_S, 0.0
+        said = f"the DECTRIS decoding worker processes started again: decoding in {self.workers} processes " \
+               f"(after: {was})"
+        log.warning("%s", said)
+        if self.on_restored is not None:
+            try:
+                self.on_restored(said)
+            except Exception:  # the listener's failure must not stop the decoding
+                log.exception("DECTRIS decoding: the restore's listener failed")
+        return True
 
     def pids(self) -> list[int]:
         """The worker processes' ids (none for threads)."""
@@ -959,7 +1013,17 @@ class DectrisSource(Source):
             except Exception:  # the listener's failure must not stop the stream
                 log.exception("DECTRIS notice listener failed on the decoding's fallback to threads")
 
-        pool = self.pool = DecodePool(self.workers, self.processes, on_degraded=on_degraded)
+        def on_restored(said: str) -> None:
+            """Worker processes started again after a fallback: published (the pool logged it)."""
+            if self.on_notice is None:
+                return
+            try:
+                self.on_notice(SeriesNotice("restored", None, "worker_processes", said))
+            except Exception:  # the listener's failure must not stop the stream
+                log.exception("DECTRIS notice listener failed on the decoding's return to processes")
+
+        pool = self.pool = DecodePool(self.workers, self.processes, on_degraded=on_degraded,
+                                      on_restored=on_restored)
         receiver = DectrisReceiver(self.endpoint, self.version, context=ctx, on_error=on_error,
                                    channels=[cfg.channel] if cfg.channel else None)
         from .bridge import open_side_channel  # (imported here as _drain_side_channel is, below)
@@ -1147,6 +1211,9 @@ class DectrisSource(Source):
                         continue
                     submit()
                     if isinstance(item, SeriesStart):
+                        if pool.retry_due():  # between series: worker processes again, after a fallback
+                            consume(block=True)  # (no job left in the threads' hands)
+                            pool.retry_processes()
                         state["start"], state["images"] = item, 0
                         if cfg.channel is None and item.channels:
                             state["channel"] = item.channels[0]
