@@ -179,3 +179,40 @@ def test_a_sender_that_vanishes_mid_series_keeps_what_it_sent(tmp_path) -> None:
         assert daemon.running()
     finally:
         daemon.stop()
+
+
+def test_the_header_walk_counts_values_and_depth_as_cbor2_builds_them() -> None:
+    """check_cbor against cbor2 itself: a message at the limits passes and decodes, one value or
+    one level more is refused by name; indefinite-length items, tags, floats and byte strings of
+    any size (one value each) are walked, and a malformed item is left for cbor2 to name."""
+    from cryoptycho.protocols.dectris.bounds import check_cbor
+    from cryoptycho.protocols.dectris.schema import DecodeError
+
+    def values(obj: Any) -> int:
+        if isinstance(obj, cbor2.CBORTag):
+            return 1 + values(obj.value)
+        if isinstance(obj, dict):
+            return 1 + sum(values(k) + values(v) for k, v in obj.items())
+        if isinstance(obj, list):
+            return 1 + sum(values(v) for v in obj)
+        return 1
+
+    msg = {"type": "start", "mask": cbor2.CBORTag(40, [[2, 2], cbor2.CBORTag(69, b"\0" * 1_000_000)]),
+           "f": [1.5, -2, None, True, "text", 2**70], "user_data": {"a": [[[[0]]]]}}
+    raw = cbor2.dumps(msg)
+    n = values(msg) + 1  # (2**70 is a bignum: tag 2 around its bytes)
+    check_cbor(raw, n)
+    with pytest.raises(DecodeError, match=f"more than {n - 1} values"):
+        check_cbor(raw, n - 1)
+    check_cbor(raw, n, max_depth=6)  # top map, user_data's map, 4 lists
+    with pytest.raises(DecodeError, match="deeper than 5 levels"):
+        check_cbor(raw, n, max_depth=5)
+    # indefinite-length map, array and string (chunks), as a streaming encoder writes them
+    indefinite = b"\xbf" + cbor2.dumps("k") + b"\x9f\x01\x02\xff" + cbor2.dumps("s") + b"\x7f\x61a\x61b\xff\xff"
+    assert cbor2.loads(indefinite) == {"k": [1, 2], "s": "ab"}
+    check_cbor(indefinite, 9)  # map, "k", array, 1, 2, "s", the string and each of its 2 chunks
+    with pytest.raises(DecodeError):
+        check_cbor(indefinite, 8)
+    check_cbor(b"\x9b\xff\xff\xff\xff\xff\xff\xff\xff", 10)  # truncated: cbor2's to name
+    with pytest.raises(DecodeError, match="more than 10 values"):
+        check_cbor(b"\x9b\x00\x00\x00\x01\x00\x00\x00\x00" + b"\x00" * 100, 10)

@@ -196,10 +196,14 @@ def load_plain_v2(raw: bytes) -> Any:
     that load fails (not V2, a fault: :func:`split_v2_image`'s own load names it)."""
     if not raw.startswith(V2_MAGIC):
         return None
+    if len(raw) > _SCAN_IMAGES_OVER:  # (the images' path: :func:`_check_bounds` inlined, 0.6 µs an image)
+        try:
+            check_cbor(memoryview(raw), DEFAULT_LIMITS.max_header_values)
+        except DecodeError:
+            return None
     try:
-        _check_bounds(raw, None)
         return cbor2.loads(memoryview(raw)[len(V2_MAGIC):])
-    except (cbor2.CBORDecodeError, DecodeError):
+    except cbor2.CBORDecodeError:
         return None
 
 
@@ -314,6 +318,10 @@ def decode_v2(raw: bytes, channels: Collection[str] | None = None, limits: Limit
     (None = all); a requested channel that the image lacks is an error. ``limits``: the
     bounds on its values and nesting (:func:`_check_bounds`; None: the defaults)."""
     return _v2_message(_parse_v2(raw, limits), channels)
+
+
+#: an image larger than this is walked before it is loaded (:func:`_check_bounds`)
+_SCAN_IMAGES_OVER = DEFAULT_LIMITS.max_header_bytes
 
 
 def _check_bounds(raw: bytes, limits: Limits | None) -> None:
