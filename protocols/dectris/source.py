@@ -1204,7 +1204,7 @@ class DectrisSource(Source):
             send them again), until a read finds none or :data:`STOP_DRAIN_S` passed."""
             until = time.monotonic() + STOP_DRAIN_S
             while time.monotonic() < until and not done():
-                drained = receiver.drain_split(0.01, DRAIN_PARTS)
+                drained = receiver.drain_split(0.05, DRAIN_PARTS)  # (a loaded IO thread may lag)
                 if not drained:
                     return
                 take_drained(drained)
