@@ -151,6 +151,15 @@ class DirectIngest:
         self._items: deque[tuple[Any, float]] = deque()
         self._frames = 0
         self._closed = False
+        #: set once the daemon stops: a source then delivers what it holds and leaves its scan
+        #: open for the next start to resume (FrameSink.stopping), instead of aborting it
+        self.stopping = False
+        #: the stop events of the sources running into this sink, and whether each has returned
+        #: (:meth:`attach`): the daemon's stop sets them and reads on until they return, so
+        #: that the images a source holds reach the spool before the sink closes
+        self._sources: list[tuple[threading.Event, threading.Event]] = []
+        #: the daemon's limits, which a source bounds what its peer sends with (FrameSink.limits)
+        self.limits: Limits | None = None
         self._cond = threading.Condition()
         self._rx, self._tx = socket.socketpair()
         self._rx.setblocking(False)
@@ -171,8 +180,44 @@ class DirectIngest:
             self._items.append((msg, time.monotonic()))
             self._frames += n
             first = len(self._items) == 1
+            self._cond.notify_all()  # (a stopping daemon waits in wait_readable)
         if first:
             self._wake()
+
+    def attach(self, stop: threading.Event) -> threading.Event:
+        """A source about to run into this sink, watching ``stop``: the daemon's stop sets it
+        (:meth:`stop_sources`) and takes the source's messages until the returned event is set
+        (by the source's thread, once :meth:`Source.run` returned, whatever way)."""
+        ended = threading.Event()
+        with self._cond:
+            self._sources.append((stop, ended))
+        return ended
+
+    def stop_sources(self) -> None:
+        """The daemon stops: every source is asked to deliver what it holds and return."""
+        with self._cond:
+            self.stopping = True
+            sources = list(self._sources)
+        for stop, _ in sources:
+            stop.set()
+
+    @property
+    def sources_running(self) -> int:
+        """Sources attached that have not returned yet."""
+        with self._cond:
+            return sum(not ended.is_set() for _, ended in self._sources)
+
+    @property
+    def waiting(self) -> int:
+        """Messages put and not taken yet."""
+        with self._cond:
+            return len(self._items)
+
+    def wait_readable(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for a message (the daemon's stop, reading its sources out)."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout_s)
 
     def scan_id_taken(self, scan_id: str) -> bool:
         """Whether the daemon would refuse a scan of this id as not unique (FrameSink)."""

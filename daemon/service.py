@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -121,6 +122,11 @@ DISK_CHECK_S = 10.0
 #: supervisor sends a second soft signal later on purpose: systemd, docker stop and Kubernetes
 #: follow the first with SIGKILL after their grace period.)
 SECOND_SIGNAL_AFTER_S = 1.0
+#: how long a stopping daemon reads on from its detector sources (``--source``) for the images
+#: they hold (received, being decoded, not yet delivered) before it closes their sink; a source
+#: bounds its own stop well within this (protocols/dectris/source.py STOP_JOBS_S), so this only
+#: ends a source that is itself stuck: what it still held is then lost, and said so in the log
+SOURCES_STOP_S = 30.0
 #: seconds a metrics client may stay silent mid-request (a scrape sends its request at once)
 METRICS_CLIENT_TIMEOUT_S = 5.0
 
@@ -274,6 +280,7 @@ class Service:
         self._auth: Any = None  #: the CURVE authenticator (ZAP handler), when CURVE is on
         #: sources in this process (``--source``) deliver here, validated like the ingest socket
         self.direct = DirectIngest(scan_id_taken=self.scans.scan_id_taken)
+        self.direct.limits = self.limits
         #: the reply the control handler now running asked to make later (:meth:`reply_later`)
         self._later: tuple[str, Callable[[Done], None], Callable[[Any, Exception | None], dict[str, Any]]] | None = None
         #: per control client (ROUTER identity), its replies not sent yet, in request order: one
@@ -469,6 +476,7 @@ class Service:
         spool, recovered at the next start); scans past scan_end may finish within
         ``drain_timeout_s``, then they are interrupted too and recovered like the others."""
         self.notifier.stopping()
+        self._drain_sources()
         self.direct.close()
         if self._preparing is not None:  # registered like any accepted scan: recovered at the next start
             self._preparing[1].exception()
@@ -496,6 +504,38 @@ class Service:
         self.scans.close()
         self.metrics.up.set(0)
         self._guarded("housekeeping", self._report_kept)  # a report that fails must not fail the stop
+
+    def _drain_sources(self) -> None:
+        """Ask the detector sources to stop and take every message they deliver until they
+        have returned (at most :data:`SOURCES_STOP_S`), before their sink closes and the scans
+        are interrupted: images a source had received — in its socket's queue, being decoded,
+        in its converter — reach the spool, and the scan stays open for the next start to resume.
+        Until this the sink was closed first, and whatever the source delivered after was lost."""
+        direct = self.direct
+        direct.stop_sources()
+        if not direct.sources_running and not direct.waiting:
+            return
+        deadline = time.monotonic() + SOURCES_STOP_S
+        while True:
+            if self._preparing is not None and self._preparing[1].done():
+                self._finish_start()
+            if self._preparing is None:
+                # (back-pressure is not waited for: what the sources still hold is bounded, and
+                # the scans are interrupted next, their frames spooled either way)
+                while direct.waiting and self._preparing is None:
+                    self._read_direct()
+            if not direct.sources_running and not direct.waiting and self._preparing is None:
+                return
+            if time.monotonic() >= deadline:
+                break
+            self._guarded("housekeeping", self.scans.reap)
+            if self._preparing is not None:
+                futures_wait([self._preparing[1]], min(0.05, max(0.0, deadline - time.monotonic())))
+            else:
+                direct.wait_readable(0.05)
+        lost = [(type(m).__name__, getattr(m, "scan_id", None)) for m, _ in direct.take(direct.waiting)]
+        log.error("the detector source did not stop within %.0f s of the daemon's stop: the images it still "
+                  "held are not spooled (%d messages waiting dropped: %s)", SOURCES_STOP_S, len(lost), lost[:10])
 
     def _report_kept(self) -> None:
         """Tell the operator which scans stopped without a final state: they are in the spool,

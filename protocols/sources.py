@@ -110,6 +110,14 @@ class FrameSink(Protocol):
         the series it was receiving. Optional: a sink without it resumes nothing."""
         ...
 
+    #: True once the daemon stops (optional; absent: False). A source stopped then delivers
+    #: every image it holds and leaves the scan in progress open, for the restarted daemon to
+    #: resume (:meth:`recovered_scans`); stopped while the sink goes on, it aborts that scan.
+    stopping: bool
+    #: the daemon's limits (optional; absent: the defaults): a source bounds the messages its
+    #: peer sends with them (max_message_bytes, max_header_values; protocols/dectris/bounds.py)
+    limits: Any
+
 
 @dataclass
 class SourceStats:

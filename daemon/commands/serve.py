@@ -147,10 +147,11 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
     finally:
         bridge_stop.set()
         if source_thread is not None:
-            # the source's last words (its stop line, the count of errors it held back, the
-            # abort of a series still open) come after it sees the stop: a daemon thread not
-            # waited for was cut off by the exit. Closing the sink frees a put() held by
-            # back-pressure.
+            # the daemon's drain waited for the source already (its images are spooled); this
+            # join is for a run() that raised, whose drain did not: the source's last words
+            # (its stop line, the count of errors it held back) come after it sees the stop, and
+            # a daemon thread not waited for was cut off by the exit. Closing the sink frees a
+            # put() held by back-pressure.
             service.direct.close()
             source_thread.join(SOURCE_STOP_S)
             if source_thread.is_alive():
@@ -209,6 +210,10 @@ def _start_source(config: Any, stop: threading.Event, service: Any) -> threading
     settings = getattr(config, cls.config_section) if cls.config_section else None
     source = cls(url, settings, workers=config.source_workers, on_notice=dectris_notice_handler(service))
 
+    # the daemon's stop sets ``stop`` and takes what the source still delivers until ``ended``
+    # (Service._drain_sources): the images it holds reach the spool before the sink closes
+    ended = service.direct.attach(stop)
+
     def target() -> None:
         try:
             _say_if_unreachable(url)
@@ -217,6 +222,8 @@ def _start_source(config: Any, stop: threading.Event, service: Any) -> threading
         except Exception:
             log.exception("detector source failed; stopping the service", extra={"source": url})
             service.request_stop()
+        finally:
+            ended.set()
 
     thread = threading.Thread(target=target, name="source", daemon=True)
     thread.start()

@@ -160,7 +160,7 @@ class SeriesNotice:
     not be decoded at all (undecodable). Published by the daemon as an ``error`` event with rule
     :attr:`rule` and field ``dectris.<field>``, and counted."""
 
-    outcome: Literal["skipped", "rejected", "warning", "undecodable", "degraded", "restored"]
+    outcome: Literal["skipped", "rejected", "warning", "undecodable", "degraded", "restored", "lost"]
     series_id: int | None
     field: str  #: the header, configuration or user_data key concerned
     message: str
@@ -176,7 +176,9 @@ RULES = {"skipped": "dectris_series_skipped", "rejected": "dectris_series_reject
          # the source's worker processes could not start: it decodes on threads (source.DecodePool)
          "degraded": "dectris_decoding_degraded",
          # and started again at a later series start: the fallback is over
-         "restored": "dectris_decoding_restored"}
+         "restored": "dectris_decoding_restored",
+         # images of a decoding job a stopping daemon could not wait for (a hung worker; source.STOP_JOBS_S)
+         "lost": "dectris_images_lost"}
 
 
 @dataclass
@@ -725,6 +727,22 @@ class SeriesConverter:
             else:
                 plan.batch, plan.batch_data = [], None
                 out.append(Abort(plan.scan_id, reason))
+        return out
+
+    def checkpoint(self, reason: str) -> list[IngestMessage]:
+        """The daemon stops in the middle of a series: every image held leaves — the series
+        ended and waiting for side-channel positions is finished, the scan in progress sends its
+        partial batch and (where the receiver keeps them) the images waiting for positions as
+        unpositioned frames — but that scan is not aborted: it stays open in the spool, and the
+        restarted daemon's source resumes the series in it (:meth:`resume`; its images come on).
+        :meth:`stop` aborted it, which a resumed series cannot go on in."""
+        out = self._finish(self._closing) if self._closing is not None else []
+        plan, self.plan = self.plan, None
+        if plan is not None and plan.scan_start is not None:
+            out += self._take_batch(plan)
+            out += self._release_waiting(plan)
+            log.info("DECTRIS scan %s left open (%s): %d of its %d images held, kept in the spool for the next "
+                     "start to resume", plan.scan_id, reason, plan.sent + plan.unpositioned, plan.expected)
         return out
 
     def _abort(self, plan: _Plan, reason: str, log_level: int = logging.ERROR) -> list[IngestMessage]:

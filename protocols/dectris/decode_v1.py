@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import replace
 from fractions import Fraction
@@ -11,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .bounds import load_json
 from .codec import v1_decode
 from .schema import (
     DecodeError,
@@ -34,11 +34,13 @@ _V1_TABLES = {"dflatfield-1.0": "flatfield", "dpixelmask-1.0": "pixel_mask",
 
 
 def _json_part(part: bytes) -> dict[str, Any] | None:
+    """A JSON object part, else None (pixel data, a part too large or too deeply nested for a
+    header: .bounds.load_json; a RecursionError of the JSON decoder stopped the daemon)."""
     if part[:1] != b"{":
         return None
     try:
-        obj = json.loads(part)
-    except (ValueError, UnicodeDecodeError):
+        obj = load_json(part)
+    except DecodeError:
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -60,8 +62,8 @@ def _user_value(part: bytes) -> Any:
     except UnicodeDecodeError:
         return part
     try:
-        return json.loads(text)
-    except ValueError:
+        return load_json(part, what="V1 appendix")
+    except DecodeError:  # (not JSON, larger than a header may be, or nested too deep: kept as text)
         return text
 
 
@@ -184,7 +186,7 @@ def _int(obj: dict[str, Any], key: str) -> int:
 
 
 def _v1_header(parts: list[bytes]) -> SeriesStart:
-    head = json.loads(parts[0])
+    head = load_json(parts[0])
     series = _int(head, "series")
     detail = head.get("header_detail", "basic")
     config: dict[str, Any] = {}
@@ -284,7 +286,7 @@ def _v1_table(desc: dict[str, Any], blob: bytes) -> np.ndarray:
 
 
 def _v1_image(parts: list[bytes]) -> Image:
-    head = json.loads(parts[0])
+    head = load_json(parts[0])
     series, frame = _int(head, "series"), _int(head, "frame")
     desc = _json_part(parts[1])
     if desc is None or desc.get("htype") != "dimage_d-1.0":

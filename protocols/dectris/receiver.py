@@ -20,6 +20,8 @@ import numpy as np
 import zmq
 
 from ..client import SocketClient, connect
+from ..limits import Limits
+from .bounds import DEFAULT_LIMITS
 from .decode import V1Parser, decode_v2, is_v2_image
 from .decode_v1 import looks_v1
 from .schema import (
@@ -77,6 +79,7 @@ class DectrisReceiver(SocketClient):
         context: zmq.Context | None = None,
         rcvhwm: int = 10000,
         on_error: Callable[[DectrisError], None] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         if version not in (1, 2):
             raise ValueError(f"stream version must be 1 or 2, got {version!r}")
@@ -89,8 +92,13 @@ class DectrisReceiver(SocketClient):
         self._pending: deque[tuple[bytes, bool]] = deque()  #: drained parts not yet decoded
         self._in_multipart = False
         self._multipart_v1 = False  #: the multipart message under way opened like a V1 one
+        #: bounds on a message (max_message_bytes) and a header's values and nesting (.bounds)
+        self.limits = DEFAULT_LIMITS if limits is None else limits
+        # a message larger than max_message_bytes is refused by ZeroMQ as it arrives (it drops
+        # that connection, and reconnects): never held in memory whole
         self._socket = connect(
-            zmq.PULL, endpoint, context=context, heartbeat=False, rcvhwm=rcvhwm, linger=0
+            zmq.PULL, endpoint, context=context, heartbeat=False, rcvhwm=rcvhwm, linger=0,
+            maxmsgsize=self.limits.max_message_bytes,
         )
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
@@ -157,7 +165,7 @@ class DectrisReceiver(SocketClient):
                 self._multipart_part(part, more)
             else:
                 try:
-                    msg = decode_v2(part, self.channels)
+                    msg = decode_v2(part, self.channels, self.limits)
                 except DecodeError as exc:
                     self._v2_error(part, exc)
                     continue
@@ -200,7 +208,7 @@ class DectrisReceiver(SocketClient):
                 out.append(part)
             else:
                 try:
-                    out.append(decode_v2(part, self.channels))
+                    out.append(decode_v2(part, self.channels, self.limits))
                 except DecodeError as exc:
                     self._v2_error(part, exc)
         return out
@@ -213,7 +221,7 @@ class DectrisReceiver(SocketClient):
             self._multipart_error()
             return []
         try:
-            return [decode_v2(part, self.channels)]
+            return [decode_v2(part, self.channels, self.limits)]
         except DecodeError as exc:
             self._v2_error(part, exc)
             return []

@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
@@ -53,6 +54,7 @@ from ..sources import (
     UnpositionedFrames,
 )
 from .binning import scratch
+from .bounds import DEFAULT_LIMITS
 from .codec import bslz4_array, bslz4_batch, bslz4_batch_plan
 from .convert import BridgeConfig, IngestMessage, SeriesConverter, SeriesNotice, _Plan, unlike_start
 from .decode import _DTYPES as _TYPED_DTYPES
@@ -80,8 +82,17 @@ DRAIN_PARTS = 256
 #: frames binned together by a worker: enough to share NumPy's per-call cost, few enough
 #: (1.2 MB at 192×192 uint16) to stay in the core's cache
 SUB_BATCH = 16
+#: the most bytes one decoded image may have: the wire's cap on a decompressed array (limits.max_message_bytes)
+MAX_IMAGE_BYTES = DEFAULT_LIMITS.max_message_bytes
 #: the largest id an image may carry: the batch keeps them as int64 (CBOR and JSON ids may be larger)
 _ID_MAX = (1 << 63) - 1
+#: a stopping daemon (FrameSink.stopping): the source takes what its socket already holds for
+#: at most this long (the images the detector sent before the stop; a detector still streaming
+#: is cut off after it), then waits at most :data:`STOP_JOBS_S` for its decoding jobs. A job not
+#: done by then (a hung worker) is dropped, its images named in the log and an ``error`` event
+#: (rule ``dectris_images_lost``): the stop stays bounded (the daemon's SOURCES_STOP_S is more)
+STOP_DRAIN_S = 2.0
+STOP_JOBS_S = 10.0
 
 
 def spool_chunk(payload: bytes, nbytes: int) -> bytes:
@@ -184,6 +195,11 @@ def decode_job(items: list[bytes | Image], channel: str | None, reducer: Any, de
         try:
             if fields is None:
                 series_id, unique_id, image_id, payload = _item_parts(item, channel, loaded)
+            if math.prod(payload.shape) * payload.dtype.itemsize > MAX_IMAGE_BYTES:
+                # (an error of this image: the job's frames array of that size raised ValueError or
+                # MemoryError, which failed the whole job and its scan)
+                raise DecodeError(f"image {image_id} is {payload.shape[0]} × {payload.shape[1]} {payload.dtype}: "
+                                  f"more than {MAX_IMAGE_BYTES} bytes decoded (the limit max_message_bytes)")
             if not (-_ID_MAX <= image_id <= _ID_MAX and -_ID_MAX <= series_id <= _ID_MAX):
                 # an error of this image: the batch's int64 ids raised OverflowError, a failed scan
                 raise DecodeError(f"image id {image_id} of series {series_id} does not fit in 64 bits")
@@ -470,6 +486,7 @@ class DecodePool:
         self.process_cpu_s = 0.0  #: CPU time of the jobs run in worker processes
         self.generation = 0  #: how many times the workers were restarted
         self.outstanding = 0  #: jobs submitted whose result was not taken yet
+        self.abandoned = 0  #: jobs dropped at a stop, still running (a hung worker): close waits for none
         self._pool: ThreadPoolExecutor | ProcessPoolExecutor = self._start_or_fall_back("start")
 
     def _start(self) -> ThreadPoolExecutor | ProcessPoolExecutor:
@@ -785,14 +802,15 @@ class DecodePool:
         np.copyto(out, view)
         return out
 
-    def close(self, wait_s: float = CLOSE_WAIT_S) -> list[int]:
+    def close(self, wait_s: float = CLOSE_WAIT_S, hung_ok: bool = False) -> list[int]:
         """Stop the workers: worker processes get ``wait_s`` to end, then are killed (a stopped
         or hung one held the daemon's stop for ever: systemd's SIGKILL of the whole daemon
         ended it); the shared memory is unlinked either way, and frames lent out stay valid
         (their arrays keep this process's mapping). The pids killed."""
         killed: list[int] = []
         if isinstance(self._pool, ThreadPoolExecutor):  # (threads cannot be killed; a job is bounded)
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # ``hung_ok``: a job was dropped as hung at the stop: its thread is left to end by itself
+            self._pool.shutdown(wait=not hung_ok, cancel_futures=True)
         else:
             killed = _end_processes(self._pool, wait_s, f"within {wait_s:g} s of the decoding's close")
         self._out = []  # frames still referenced keep their arrays; the rest go now
@@ -1025,7 +1043,8 @@ class DectrisSource(Source):
         pool = self.pool = DecodePool(self.workers, self.processes, on_degraded=on_degraded,
                                       on_restored=on_restored)
         receiver = DectrisReceiver(self.endpoint, self.version, context=ctx, on_error=on_error,
-                                   channels=[cfg.channel] if cfg.channel else None)
+                                   channels=[cfg.channel] if cfg.channel else None,
+                                   limits=getattr(sink, "limits", None))
         from .bridge import open_side_channel  # (imported here as _drain_side_channel is, below)
 
         side = open_side_channel(ctx, cfg)
@@ -1036,7 +1055,7 @@ class DectrisSource(Source):
         #: images submitted since the last start received
         state: dict[str, Any] = {"channel": cfg.channel, "start": None, "fed": None, "plan": None, "ended": 0,
                                  "images": 0, "held": False, "held_since": 0.0,
-                                 "failed": None}
+                                 "failed": None, "lost_at_stop": 0}
         if resumed is not None:  # the series the daemon was killed in: its images come on, not its start
             state.update(start=resumed, fed=resumed, plan=conv.plan, images=conv.plan.sent,  # type: ignore[union-attr]
                          channel=conv.plan.channel)  # type: ignore[union-attr]
@@ -1156,13 +1175,40 @@ class DectrisSource(Source):
                     pool.restart(getattr(again, "generation", pool.generation))  # (job_failed's is stale)
                     raise
 
-        def consume(block: bool, one: bool = False) -> None:
+        def abandon(fut: Future[DecodedBatch], waited_s: float) -> None:
+            """A job not done when the stop's wait ran out (a hung worker): dropped, its images
+            named (they belong to the series fed last: everything before the job is fed)."""
+            lost = getattr(fut, "images", 0)
+            fut.cancel()
+            pool.abandoned += 1
+            plan = conv.plan
+            scan_id = None if plan is None else plan.scan_id
+            state["lost_at_stop"] += lost
+            reason = (f"{lost} images in a decoding job not done {waited_s:g} s after the stop (a hung decoding "
+                      f"worker) are dropped, not spooled")
+            log.error("DECTRIS stream %s: %s; scan %s keeps the images before them", self.url, reason, scan_id,
+                      extra={"scan_id": scan_id} if scan_id is not None else None)
+            if self.on_notice is not None:
+                try:
+                    self.on_notice(SeriesNotice("lost", None if plan is None else plan.start.series_id,
+                                                "decoding", reason, scan_id))
+                except Exception:  # the listener's failure must not stop the stream
+                    log.exception("DECTRIS notice listener failed on images lost at the stop")
+
+        def consume(block: bool, one: bool = False, deadline: float | None = None) -> None:
             """Results of the head of the queue, in arrival order, while they are ready (or
-            while more jobs are in flight than the workers can start: bounded memory)."""
+            while more jobs are in flight than the workers can start: bounded memory).
+            ``deadline`` (monotonic; the stop): a job still running then is dropped (:func:`abandon`)."""
             while pending:
                 msg, fut = pending[0]
                 if fut is not None and not fut.done() and not block and len(pending) <= 2 * self.workers:
                     return
+                if fut is not None and deadline is not None and not fut.done():
+                    futures_wait([fut], max(0.0, deadline - time.monotonic()))
+                    if not fut.done():
+                        pending.popleft()
+                        abandon(fut, STOP_JOBS_S)
+                        continue
                 pending.popleft()
                 if fut is not None:
                     try:
@@ -1198,29 +1244,45 @@ class DectrisSource(Source):
         def done() -> bool:
             return max_series is not None and state["ended"] >= max_series and not conv.closing
 
+        def take_drained(drained: list[bytes | Message]) -> None:
+            """The receiver's messages: images gathered into jobs, starts and ends queued."""
+            for item in drained:
+                if isinstance(item, (bytes, Image)):
+                    gathered.append(item)
+                    if len(gathered) >= self.batch or (len(gathered) == 1 and job_kind()[2]):
+                        submit(aligned=True)  # (a full batch also re-aligns after a flush)
+                    continue
+                submit()
+                if isinstance(item, SeriesStart):
+                    if pool.retry_due() and not stopping:  # between series: worker processes again,
+                        consume(block=True)  # after a fallback (no job left in the threads' hands)
+                        pool.retry_processes()
+                    state["start"], state["images"] = item, 0
+                    if cfg.channel is None and item.channels:
+                        state["channel"] = item.channels[0]
+                pending.append((item, None))
+                if max_series is not None and isinstance(item, SeriesEnd) and \
+                        state["ended"] + sum(isinstance(m, SeriesEnd) for m, _ in pending) >= max_series:
+                    return  # what follows belongs to series this run does not take
+
+        def take_what_was_sent() -> None:
+            """The daemon stops: the images the detector sent before the stop and the socket
+            holds are taken too (closing the socket dropped them, and the detector does not
+            send them again), until a read finds none or :data:`STOP_DRAIN_S` passed."""
+            until = time.monotonic() + STOP_DRAIN_S
+            while time.monotonic() < until and not done():
+                drained = receiver.drain_split(0.05, DRAIN_PARTS)  # (a loaded IO thread may lag)
+                if not drained:
+                    return
+                take_drained(drained)
+
+        stopping = False
         try:
             while not stop.is_set() and not done():
                 if side is not None:
                     deliver(_side_positions(side, conv, stats))
                 drained = receiver.drain_split(min(0.05, cfg.flush_interval_s), DRAIN_PARTS)
-                for item in drained:
-                    if isinstance(item, (bytes, Image)):
-                        gathered.append(item)
-                        if len(gathered) >= self.batch or (len(gathered) == 1 and job_kind()[2]):
-                            submit(aligned=True)  # (a full batch also re-aligns after a flush)
-                        continue
-                    submit()
-                    if isinstance(item, SeriesStart):
-                        if pool.retry_due():  # between series: worker processes again, after a fallback
-                            consume(block=True)  # (no job left in the threads' hands)
-                            pool.retry_processes()
-                        state["start"], state["images"] = item, 0
-                        if cfg.channel is None and item.channels:
-                            state["channel"] = item.channels[0]
-                    pending.append((item, None))
-                    if max_series is not None and isinstance(item, SeriesEnd) and \
-                            state["ended"] + sum(isinstance(m, SeriesEnd) for m, _ in pending) >= max_series:
-                        break  # what follows belongs to series this run does not take
+                take_drained(drained)
                 # images short of alignment wait for the next drain while images keep coming:
                 # as long as drains come back full (the source is behind: the next drain takes
                 # more at once), else for at most the flush interval (what a batch of the bridge
@@ -1239,15 +1301,24 @@ class DectrisSource(Source):
                 log_error.flush()
                 if max_series is not None and any(isinstance(m, SeriesEnd) for m, _ in pending):
                     consume(block=True)
+            # the daemon stops (its sink says so): what was received is delivered and the scan
+            # in progress stays open, kept in the spool for the restarted daemon to resume
+            # (recovered_scans); a source stopped on its own aborts it (the daemon goes on)
+            stopping = stop.is_set() and bool(getattr(sink, "stopping", False))
+            if stopping:
+                take_what_was_sent()
             submit()  # images held back for alignment are decoded and delivered too
-            consume(block=True)
+            consume(block=True, deadline=time.monotonic() + STOP_JOBS_S if stopping else None)
             fail_scan()
-            deliver(conv.stop("the DECTRIS source stopped before the series ended"))
+            if stopping:
+                deliver(conv.checkpoint("the daemon stopped"))
+            else:
+                deliver(conv.stop("the DECTRIS source stopped before the series ended"))
         except SinkClosed:
             log.info("DECTRIS source %s: the daemon stopped taking frames", self.url)
         finally:
             log_error.flush(force=True)
-            pool.close()
+            pool.close(hung_ok=bool(pool.abandoned))
             receiver.close()
             if side is not None:
                 side.close(linger=0)
@@ -1256,7 +1327,7 @@ class DectrisSource(Source):
         stats.decode_errors = receiver.decode_errors + job_errors[0]
         stats.rejected_images = dict(conv.rejected)
         stats.extra = {"converter": dict(conv.stats), "frames_decoded": self.decoder.decoded,
-                       "jobs_retried": retried[0],
+                       "jobs_retried": retried[0], "images_lost_at_stop": state["lost_at_stop"],
                        "workers": self.workers, "processes": self.processes,
                        "decoding_fallback": pool.fallback,
                        "process_cpu_s": round(pool.process_cpu_s, 3)}

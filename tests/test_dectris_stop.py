@@ -1,0 +1,172 @@
+"""The daemon stopped in the middle of a DECTRIS series (``serve --source dectris2://…``): the
+images its source holds — received, being decoded, not delivered yet — reach the spool before
+the source's sink closes, and the scan stays open for the next start (daemon/SERVICE.md,
+"DECTRIS source at a stop"). In process (the service and the source as ``serve`` wires them),
+a decoding job held at a gate standing for a slow or hung worker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from cryoptycho.daemon.commands import serve
+from cryoptycho.daemon.config import ServiceConfig
+from cryoptycho.daemon.service import BackgroundService
+from cryoptycho.daemon.storage.spool import DATA, read_detector_frames
+from cryoptycho.protocols.control import ControlClient
+from cryoptycho.protocols.dectris import source as dectris_source
+from cryoptycho.protocols.dectris.sim import SimSender, SimSeries, v2_messages
+from daemon_support import wait_for
+
+CHANNEL = "threshold_1"
+SIDE = 64
+#: scattering angle of one detector pixel: the binned 32×32 frames sample the default probe
+ANGLE = 5e-4
+SCAN = "stopped-in-series1"  #: the scan of the series (user_data names "stopped-in")
+
+
+def _frames(n: int, seed: int = 0) -> np.ndarray:
+    yy, xx = np.mgrid[:SIDE, :SIDE] - SIDE // 2
+    lam = np.where(yy**2 + xx**2 <= (SIDE / 5) ** 2, 3.0, 0.05)
+    return np.random.default_rng(seed).poisson(lam, (n, SIDE, SIDE)).astype(np.uint16)
+
+
+def _series(frames: np.ndarray, scan_id: str) -> list[bytes]:
+    user = {"cryoptycho": {"scan": {"kind": "raster", "shape": [1, len(frames)], "step_m": [2e-10, 2e-10]},
+                           "detector_pixel_angle_rad": ANGLE, "scan_id": scan_id}}
+    return list(v2_messages(SimSeries(frames, compression="bslz4", user_data=user)))
+
+
+def _config(tmp_path: Path, **kw: Any) -> ServiceConfig:
+    cfg = ServiceConfig(ingest="tcp://127.0.0.1:0", publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0",
+                        metrics_enabled=False, spool_dir=tmp_path / "spool", results_dir=tmp_path / "results",
+                        resolution_interval_s=0, drain_timeout_s=0,
+                        dectris={"channel": CHANNEL, "crop": SIDE, "bin": 2, "energy_eV": 300e3}, **kw)
+    cfg.options = cfg.options.model_copy(update={"parallax": False, "iterations": 1})
+    return cfg
+
+
+class _Gate:
+    """Decoding jobs submitted once :attr:`hold` is set wait for :attr:`release` (a slow or hung
+    worker); :attr:`entered` is set when the first of them is held."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.hold, self.entered, self.release = threading.Event(), threading.Event(), threading.Event()
+        real = dectris_source.decode_job
+
+        def job(*args: Any, **kw: Any) -> Any:
+            if self.hold.is_set():
+                self.entered.set()
+                assert self.release.wait(120), "the held decoding job was never let go of"
+            return real(*args, **kw)
+
+        monkeypatch.setattr(dectris_source, "decode_job", job)
+
+
+@pytest.fixture
+def sender() -> Iterator[SimSender]:
+    with SimSender(2) as s:
+        yield s
+
+
+def _stop_in_a_held_job(tmp_path: Path, sender: SimSender, gate: _Gate, frames: np.ndarray,
+                        release_at_stop: bool) -> tuple[BackgroundService, threading.Thread]:
+    """A daemon with its DECTRIS source (as ``serve`` starts it) takes the first 8 images of a
+    series of 24 into the spool; the next 8 are held in a decoding job when the daemon is stopped.
+    ``release_at_stop``: the job is let go of once the stop reached the source (its stop event
+    set) or closed the source's sink (before the fix, at once), else never (a hung worker)."""
+    bg = BackgroundService(_config(tmp_path, source=sender.url))
+    source_stop = threading.Event()
+    thread = serve._start_source(bg.service.config, source_stop, bg.service)
+    messages = _series(frames, "stopped-in")  # start, its images, end
+    for m in messages[:1 + 8]:
+        sender.send_raw(m)
+    wait_for(lambda: (s := bg.service.scans.sessions.get(SCAN)) is not None and s.ledger.received == 8, 120,
+             "the first 8 images in the spool")
+    gate.hold.set()
+    for m in messages[1 + 8:1 + 16]:  # (not the end: the series is open at the stop)
+        sender.send_raw(m)
+    assert gate.entered.wait(120), "no decoding job was held"
+    bg.service.request_stop("test")
+    if release_at_stop:
+        wait_for(lambda: source_stop.is_set() or bg.service.direct._closed, 60, "the stop to reach the source")
+        gate.release.set()
+    bg.stop()
+    return bg, thread
+
+
+def _recovered(tmp_path: Path) -> tuple[BackgroundService, dict]:
+    """The restarted daemon (no source): the scan is recovered open and, no image coming,
+    aborted with its frames kept, as any recovered scan whose sender does not come back."""
+    bg = BackgroundService(_config(tmp_path, recover_wait_s=0))
+    with ControlClient(bg.service.endpoints["control"], timeout_s=30) as ctl:
+        scan = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == SCAN
+                                      and s["state"] == "aborted"), None), 120, "the recovered scan to stop")
+    return bg, scan
+
+
+def test_images_being_decoded_at_the_daemons_stop_reach_the_spool_and_finish_scan_reconstructs_them(
+        tmp_path, sender, monkeypatch) -> None:
+    """16 images of a series of 24 were sent, the last 8 in a decoding job when the daemon
+    stopped: the stop closed the source's sink first, and the job's frames, delivered after, were
+    lost (8 of the 16 in the spool). Now the stop takes them first: all 16 are in the spool, the
+    scan is left open (not aborted), the restarted daemon recovers it with 16 frames, and
+    finish_scan reconstructs them."""
+    gate = _Gate(monkeypatch)
+    frames = _frames(24, seed=3)
+    bg, thread = _stop_in_a_held_job(tmp_path, sender, gate, frames, release_at_stop=True)
+    session = bg.service.scans.sessions[SCAN]
+    assert session.ledger.received == 16, session.ledger.received
+    assert not thread.is_alive()  # (the drain waited for the source)
+    assert not session.state.final, session.state  # left open: the next start resumes or recovers it
+
+    bg, scan = _recovered(tmp_path)
+    try:
+        assert scan["recovered"] is True and scan["frames"]["received"] == 16, scan
+        with ControlClient(bg.service.endpoints["control"], timeout_s=30) as ctl:
+            ctl.finish_scan(SCAN)
+            done = wait_for(lambda: next((s for s in ctl.list_scans() if s["scan_id"] == SCAN
+                                          and s["state"] in ("finished", "failed")), None), 120, "finish_scan")
+        assert done["state"] == "finished" and done["frames"]["received"] == 16, done
+    finally:
+        bg.stop()
+    with h5py.File(done["result_path"], "r") as f:
+        index = f["raw"][DATA]["frame_index"][()]
+        detector = read_detector_frames(f["raw"])
+    assert sorted(index.tolist()) == list(range(16))
+    assert detector is not None and detector.tobytes() == frames[index].tobytes()
+
+
+def test_a_hung_decoding_job_at_the_stop_is_dropped_by_name_and_the_stop_ends(
+        tmp_path, sender, monkeypatch, caplog) -> None:
+    """A decoding job that never ends (a hung worker) cannot hold the stop: after STOP_JOBS_S the
+    source drops it, names the images and the scan in the log and an error event (rule
+    dectris_images_lost), and returns; the images before it are kept."""
+    monkeypatch.setattr(dectris_source, "STOP_JOBS_S", 0.5, raising=False)  # (absent before the fix)
+    gate = _Gate(monkeypatch)
+    events: list[Any] = []
+    publish = BackgroundService.__init__
+
+    def record_errors(self: BackgroundService, config: ServiceConfig) -> None:
+        publish(self, config)
+        real = self.service.publish_error
+        self.service.publish_error = lambda event: (events.append(event), real(event))[1]  # type: ignore[method-assign]
+
+    monkeypatch.setattr(BackgroundService, "__init__", record_errors)
+    caplog.set_level(logging.ERROR, logger="cryoptycho.protocols.dectris.source")
+    try:
+        bg, thread = _stop_in_a_held_job(tmp_path, sender, gate, _frames(24, seed=5), release_at_stop=False)
+        assert not thread.is_alive()
+        assert bg.service.scans.sessions[SCAN].ledger.received == 8
+        assert f"8 images in a decoding job not done 0.5 s after the stop (a hung decoding worker) are dropped" \
+               f", not spooled; scan {SCAN} keeps the images before them" in caplog.text, caplog.text
+        lost = [e for e in events if e.rule == "dectris_images_lost"]
+        assert len(lost) == 1 and lost[0].scan_id == SCAN and lost[0].field == "dectris.decoding", events
+    finally:
+        gate.release.set()  # (the hung job's thread ends)
