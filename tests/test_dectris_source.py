@@ -879,48 +879,6 @@ def test_worker_processes_frames_are_copied_into_arrays_no_one_holds() -> None:
         pool.close()
 
 
-def test_decoding_threads_bin_into_arrays_no_one_holds() -> None:
-    """A decoding thread's job bins into a kept array only once nothing references it: frames
-    still held (by a frame store that has not copied them yet, a message in a queue) are never
-    overwritten by a later job's, and an array let go of serves the next job (its pages
-    faulted in already) instead of a new one."""
-    from cryoptycho.protocols.dectris.source import DecodePool
-
-    frames = _frames(24, seed=7)
-    images = _series(frames, "thread-arrays")[1:-1]
-    reducer = FrameReducer.build((SIDE, SIDE), np.uint16, crop=SIDE, bin=2)
-    expect = reducer(frames)[0]
-    pool = DecodePool(1, processes=False)
-    try:
-        def job(lo: int) -> np.ndarray:
-            batch = pool.result(pool.submit(images[lo:lo + 8], CHANNEL, reducer, True))
-            assert batch.counts is not None and batch.decoded == 8
-            return batch.counts
-
-        held = job(0)  # kept, as a frame store's inbox keeps frames
-        second = job(8)
-        assert not np.shares_memory(held, second)
-        np.testing.assert_array_equal(held, expect[:8])  # untouched by the second job
-        np.testing.assert_array_equal(second, expect[8:16])
-        kept = [b.ctypes.data for b in pool._jobs if np.shares_memory(b, held)]  # no reference kept
-        assert len(kept) == 1 and len(pool._jobs) == 2
-        del held  # its frames are taken: the array is free again
-        third = job(16)
-        assert third.ctypes.data == kept[0]  # reused, not a fresh array
-        assert len(pool._jobs) == 2
-        np.testing.assert_array_equal(third, expect[16:])
-        np.testing.assert_array_equal(second, expect[8:16])  # still held: still its own frames
-        # a part of a job's frames holds the whole array
-        part = third[3:5]
-        del third
-        fourth = job(0)
-        assert not np.shares_memory(fourth, part)
-        np.testing.assert_array_equal(part, expect[19:21])
-        np.testing.assert_array_equal(fourth, expect[:8])
-    finally:
-        pool.close()
-
-
 def test_failed_jobs_and_a_cancelled_scans_held_frames_leak_no_pooled_array() -> None:
     """DecodePool._copy_out hands kept arrays out again by their reference count. Neither a job
     that raises (a bug's path: nothing is copied out, its slot comes back), nor a batch with an

@@ -453,9 +453,6 @@ class DecodePool:
         #: arrays the slots' binned frames are copied into, handed out again once nothing
         #: references them (:meth:`_copy_out`)
         self._out: list[np.ndarray] = []
-        #: arrays the decoding threads bin their jobs into, handed out again once nothing
-        #: references them (:meth:`_job_array`)
-        self._jobs: list[np.ndarray] = []
         self.process_cpu_s = 0.0  #: CPU time of the jobs run in worker processes
         self.generation = 0  #: how many times the workers were restarted
         self.outstanding = 0  #: jobs submitted whose result was not taken yet
@@ -560,8 +557,7 @@ class DecodePool:
         self.outstanding += 1
         try:
             if not self.processes:
-                counts_out = self._job_array(len(items), reducer) if decode and reducer is not None else None
-                future = self._pool.submit(decode_job, items, channel, reducer, decode, counts_out)
+                future = self._pool.submit(decode_job, items, channel, reducer, decode)
             else:
                 need = 0 if not decode or reducer is None else \
                     len(items) * reducer.frame_side ** 2 * reducer.out_dtype.itemsize
@@ -735,30 +731,6 @@ class DecodePool:
         np.copyto(out, view)
         return out
 
-    def _job_array(self, images: int, reducer: Any) -> np.ndarray:
-        """Where a decoding thread's job bins ``images`` frames: a kept array that nothing
-        references any more (the frame store has copied the frames of its last job, and every
-        message and view of them is gone: its reference count says so, as for
-        :meth:`_copy_out`), else a new one, kept while at most :attr:`slots` are. A new array
-        per job (9.4 MB for 256 frames of 96×96 uint32) came partly from fresh pages whenever
-        the allocator had given the last ones back: measured in the daemon 0.2–1.0 page faults
-        per frame on the decoding thread, 1.6–2.9 µs of its system time per frame."""
-        m, dtype = reducer.frame_side, np.dtype(reducer.out_dtype)
-        nbytes = images * m * m * dtype.itemsize
-        for i in range(len(self._jobs)):
-            # the list's reference and getrefcount's own: no job, message or view holds it, and
-            # only this method hands it out (a job in flight holds its view until it ends)
-            if sys.getrefcount(self._jobs[i]) == 2 and self._jobs[i].nbytes >= nbytes:
-                buf = self._jobs[i]
-                break
-        else:
-            # room for a whole job (BATCH frames) however many this one has: every kept array
-            # then serves any job
-            buf = np.empty(max(nbytes, BATCH * m * m * dtype.itemsize), np.uint8)
-            if len(self._jobs) < self.slots:
-                self._jobs.append(buf)
-        return buf[:nbytes].view(dtype).reshape(images, m, m)
-
     def close(self, wait_s: float = CLOSE_WAIT_S) -> list[int]:
         """Stop the workers: worker processes get ``wait_s`` to end, then are killed (a stopped
         or hung one held the daemon's stop for ever: systemd's SIGKILL of the whole daemon
@@ -769,7 +741,7 @@ class DecodePool:
             self._pool.shutdown(wait=True, cancel_futures=True)
         else:
             killed = _end_processes(self._pool, wait_s, f"within {wait_s:g} s of the decoding's close")
-        self._out, self._jobs = [], []  # frames still referenced keep their arrays; the rest go now
+        self._out = []  # frames still referenced keep their arrays; the rest go now
         # frames still lent out keep the mapping (their arrays reference it); the rest go now
         self._slot_arrays, self._lent, self._free = [], set(), deque()
         if self._shm is not None:
