@@ -1,5 +1,5 @@
 """Field QA of fieldqa9 (main ec52969): `finish_scan` of a stopped scan whose spool the daemon
-kept, asked after a restart of the daemon."""
+kept, asked after a restart of the daemon; `worker_processes` with a Stream V1 source."""
 
 from __future__ import annotations
 
@@ -103,3 +103,21 @@ def test_finish_scan_refuses_a_kept_spool_that_is_not_a_stopped_scans(tmp_path):
             assert refused.value.reply.result["rule"] == "stopped_scan" and "'finished'" in str(refused.value), refused.value
     finally:
         bg.stop()
+
+
+def test_worker_processes_for_a_stream_v1_source_is_said_to_be_ignored(caplog):
+    """`[dectris] worker_processes = true` with `--source dectris1://…` decoded on threads (V1
+    images are decoded by the receiver) and the daemon's log said nothing of it: an operator
+    who set it for a V1 detector could not tell it had no effect."""
+    import logging
+
+    from cryoptycho.protocols.dectris.source import DectrisSource
+
+    with caplog.at_level(logging.WARNING, logger="cryoptycho.protocols.dectris.source"):
+        v1 = DectrisSource("dectris1://127.0.0.1:9999", {"worker_processes": True})
+    assert v1.processes is False
+    assert any("worker_processes = true applies to Stream V2 only" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cryoptycho.protocols.dectris.source"):
+        v2 = DectrisSource("dectris2://127.0.0.1:31001", {"worker_processes": True})
+    assert v2.processes is True and not caplog.records
