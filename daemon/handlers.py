@@ -398,8 +398,10 @@ def build_table(service: Service) -> dict[str, Handler]:
         one the daemon no longer holds too (a restart, or more than HISTORY scans since), from
         the spool it kept. Answered once the spool thread has done so (the spool is read there,
         not here)."""
+        # (an id no scan can have is unknown, as before: a name of 10,000 characters would
+        # fail the file system's look with ENAMETOOLONG)
         if (isinstance(scan_id, str) and scan_id not in service.scans.sessions
-                and re.fullmatch(SCAN_ID_PATTERN, scan_id)):
+                and len(scan_id) <= service.limits.max_scan_id_length and re.fullmatch(SCAN_ID_PATTERN, scan_id)):
             def start(done: Callable[[Any, Exception | None], None]) -> None:
                 service.scans.finish_kept(scan_id, done)
         else:

@@ -67,6 +67,9 @@ def test_finish_scan_after_a_restart_reconstructs_a_kept_aborted_spool(tmp_path)
             with pytest.raises(ControlError) as missing:
                 ctl.finish_scan("never-seen")
             assert missing.value.reply.result["rule"] == "known_scan" and "no spool file never-seen.spool.h5" in str(missing.value)
+            with pytest.raises(ControlError) as too_long:  # no file system look for a name no scan can have
+                ctl.finish_scan("x" * 5000)
+            assert too_long.value.reply.result["rule"] == "known_scan", too_long.value
     finally:
         bg.stop()
 
