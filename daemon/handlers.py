@@ -394,9 +394,21 @@ def build_table(service: Service) -> dict[str, Handler]:
 
     def finish_scan(scan_id: str) -> dict[str, Any]:
         """Reconstruct what a scan received, now: ends an open scan whose producer is gone, or
-        re-opens a scan stopped without a result (acquisition timeout, cancel) from its spool.
-        Answered once the spool thread has done so (the spool is read there, not here)."""
-        session = _session(service, scan_id)
+        re-opens a scan stopped without a result (acquisition timeout, cancel) from its spool —
+        one the daemon no longer holds too (a restart, or more than HISTORY scans since), from
+        the spool it kept. Answered once the spool thread has done so (the spool is read there,
+        not here)."""
+        # (an id no scan can have is unknown, as before: a name of 10,000 characters would
+        # fail the file system's look with ENAMETOOLONG)
+        if (isinstance(scan_id, str) and scan_id not in service.scans.sessions
+                and len(scan_id) <= service.limits.max_scan_id_length and re.fullmatch(SCAN_ID_PATTERN, scan_id)):
+            def start(done: Callable[[Any, Exception | None], None]) -> None:
+                service.scans.finish_kept(scan_id, done)
+        else:
+            session = _session(service, scan_id)
+
+            def start(done: Callable[[Any, Exception | None], None]) -> None:
+                service.scans.finish_scan(session, done)
 
         def answer(live: Any, error: Exception | None) -> dict[str, Any]:
             if isinstance(error, ScanRefused):
@@ -405,7 +417,7 @@ def build_table(service: Service) -> dict[str, Handler]:
                 raise error
             return {"scan_id": live.scan_id, "state": live.state.value, "frames": live.ledger.as_dict()}
 
-        return service.reply_later("finish_scan", lambda done: service.scans.finish_scan(session, done), answer)
+        return service.reply_later("finish_scan", start, answer)
 
     table = {
         "ping": ping,

@@ -1717,6 +1717,59 @@ class ScanManager:
         self.after_disk(lambda: self._reopen_spool(session.scan_id),
                         lambda opened, err: self._reopened(session, opened, err))
 
+    def finish_kept(self, scan_id: str, done: Callable[[Session | None, Exception | None], None]) -> None:
+        """Control `finish_scan` of a scan the daemon no longer holds (it restarted, or more than
+        HISTORY scans came since) whose spool it kept because the scan stopped without a result
+        (status aborted or failed: not recovered at start). The abort reason tells the operator
+        that `finish_scan` reconstructs those frames; until fieldqa9 (main ec52969) the request
+        was refused as an unknown scan once the daemon had restarted. Answered as
+        :meth:`finish_scan` is."""
+        waiters = self._reopening.get(scan_id)
+        if waiters is not None:  # a repeated request while the first one's re-open is under way
+            waiters.append(done)
+            return
+        if self.stopping:
+            done(None, ScanRefused("scan_id", "service_stopping", "the service is shutting down"))
+            return
+        self._reopening[scan_id] = [done]
+        self.after_disk(lambda: self._reopen_kept(scan_id),
+                        lambda opened, err: self._reopened_kept(scan_id, opened, err))
+
+    def _reopen_kept(self, scan_id: str) -> tuple[Any, dict[str, int], SpoolWriter]:
+        """Spool thread: :meth:`_reopen_spool` for a kept spool of a stopped scan, refused by
+        name for any other file (a finished scan's kept spool, an open one another daemon of
+        the directory may hold)."""
+        path = spool_path(self.config.spool_dir, scan_id)
+        if not path.exists():
+            raise ScanRefused("scan_id", "known_scan", f"unknown scan {scan_id!r}: the daemon holds no scan "
+                                                       f"of that id and no spool file {path.name}")
+        try:
+            status = read_spool(path, frames=False).status
+        except BlockingIOError as exc:
+            raise ScanRefused("scan_id", "spool_in_use", f"scan {scan_id!r}: its spool {SpoolInUse(path, exc)}") from exc
+        except (OSError, ValueError) as exc:
+            raise ScanRefused("scan_id", "spool_readable", f"scan {scan_id!r}: its spool {path} cannot be "
+                                                           f"read ({type(exc).__name__}: {exc})") from exc
+        if status not in ("aborted", "failed"):
+            raise ScanRefused("scan_id", "stopped_scan", f"scan {scan_id!r} is not held by the daemon and its "
+                                                         f"spool {path.name} has status {status!r}: only a stopped "
+                                                         "scan's kept spool (aborted or failed) is re-opened")
+        return self._reopen_spool(scan_id)
+
+    def _reopened_kept(self, scan_id: str, opened: Any, error: Exception | None) -> None:
+        """Manager thread: register a kept spool re-opened by :meth:`_reopen_kept`, as a scan
+        recovered from before a restart (its summary and result say so)."""
+        if error is None and scan_id in self.sessions:
+            # cannot come from a scan_start (the spool makes the id taken); refused as one would be
+            error = ScanRefused("scan_id", "unique_scan_id", f"scan {scan_id!r} already exists")
+            opened[2].close()
+        if error is not None:
+            for done in self._reopening.pop(scan_id, []):
+                done(None, error)
+            return
+        contents, need, _spool = opened
+        self._reopened(Session(contents.spec, need, recovered=True), opened, None)
+
     def _reopen_spool(self, scan_id: str) -> tuple[Any, dict[str, int], SpoolWriter]:
         """Spool thread: read a stopped scan's spool and open it again for its worker."""
         self._wait_closed(scan_id)

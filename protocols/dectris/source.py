@@ -983,6 +983,10 @@ class DectrisSource(Source):
         if processes is None:
             processes = self.config.worker_processes
         self.processes = bool(processes) and self.version == 2
+        if processes and self.version != 2:
+            # an operator who set it for a V1 detector was given threads without a word
+            log.warning("DECTRIS source %s: [dectris] worker_processes = true applies to Stream V2 only; "
+                        "Stream V1 images are decoded by the receiver, on threads", url)
         self.context = context
         self.decoder = Decoder()
         self.pool: DecodePool | None = None  #: the decoding workers while :meth:`run` runs
