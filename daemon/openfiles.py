@@ -65,9 +65,7 @@ def raise_soft_limit() -> OpenFileLimit:
     (two files each) ran out of the soft one. Logged with the figures; a refused raise is a
     warning (the limit is checked against :func:`floor` next)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    cap = lambda n: UNLIMITED_CAP if n == resource.RLIM_INFINITY else n  # noqa: E731
-    before = cap(soft)
-    want = cap(hard)
+    before, want = _finite(soft), _finite(hard)
     if soft != resource.RLIM_INFINITY and soft < want:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
@@ -82,6 +80,10 @@ def raise_soft_limit() -> OpenFileLimit:
     return OpenFileLimit(before, want, before)
 
 
+def _finite(limit: int) -> int:
+    return UNLIMITED_CAP if limit == resource.RLIM_INFINITY else limit
+
+
 def refusal(limit: OpenFileLimit, config: Any) -> str | None:
     """Why the daemon must not start with ``limit`` (None: it may), naming the limit, the floor
     and how to raise it."""
@@ -92,7 +94,7 @@ def refusal(limit: OpenFileLimit, config: Any) -> str | None:
             f"this daemon needs ({BASE} for itself, {PEERS} for its peers' connections, {PER_SCAN} per scan for "
             f"max_concurrent_scans {config.max_concurrent_scans} + max_queued_scans {config.max_queued_scans}"
             + (f", {PER_WORKER_PROCESS} per DECTRIS worker process" if _worker_processes(config) else "")
-            + "): run out of descriptors, ZeroMQ aborts the daemon and scans are lost. Raise the hard limit: "
+            + "): out of descriptors, ZeroMQ would abort the daemon and detector series would be lost. Raise the hard limit: "
             f"LimitNOFILE={SUGGESTED} in the systemd unit (deploy/systemd/cryoptycho@.service), "
             f"`ulimit -n {SUGGESTED}` in the shell that starts it (as root or within `ulimit -Hn`), "
             f"--ulimit nofile={SUGGESTED} for docker run (deploy/README.md, Open files)")

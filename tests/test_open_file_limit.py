@@ -28,15 +28,21 @@ def _max_open_files(pid: int) -> tuple[int, int]:
     raise AssertionError("no 'Max open files' in /proc/<pid>/limits")
 
 
-def test_serve_refuses_to_start_below_the_open_file_floor_naming_it(tmp_path) -> None:
-    def lower() -> None:  # soft = hard = LOW in the child only, as `ulimit -n 40` does
-        resource.setrlimit(resource.RLIMIT_NOFILE, (LOW, LOW))
+def _under_limit(soft: int, hard: int) -> tuple[str, ...]:
+    """A command prefix that runs the rest under RLIMIT_NOFILE (soft, hard), as `ulimit -n` or
+    systemd's LimitNOFILE= would (a preexec_fn is unsafe in a test process with threads)."""
+    code = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+            f"({soft}, {hard})); os.execv(sys.argv[1], sys.argv[1:])")
+    return (sys.executable, "-c", code)
 
+
+def test_serve_refuses_to_start_below_the_open_file_floor_naming_it(tmp_path) -> None:
+    # soft = hard = LOW, as `ulimit -n 40` sets them: nothing to raise
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cryoptycho.daemon.cli", "serve", "--ingest", "tcp://127.0.0.1:*",
-         "--publish", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*", "--metrics-port", "0",
-         "--spool-dir", str(tmp_path / "spool"), "--results-dir", str(tmp_path / "results")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lower)
+        [*_under_limit(LOW, LOW), sys.executable, "-m", "cryoptycho.daemon.cli", "serve",
+         "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
+         "--metrics-port", "0", "--spool-dir", str(tmp_path / "spool"), "--results-dir", str(tmp_path / "results")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stdout.readline()  # the ready line of a daemon that started, or "" at exit
         if first:
@@ -73,7 +79,7 @@ def test_serve_raises_the_soft_open_file_limit_to_the_hard_one_and_logs_it(tmp_p
     if hard < 1024:
         pytest.skip(f"the hard open-file limit here ({hard}) is below what the daemon is raised to in this test")
     soft = 64
-    daemon = start_daemon(tmp_path, prefix=("prlimit", f"--nofile={soft}:{hard}", "--"))
+    daemon = start_daemon(tmp_path, prefix=_under_limit(soft, hard))
     try:
         assert _max_open_files(daemon.proc.pid) == (hard, hard)
     finally:
@@ -121,3 +127,22 @@ def test_a_spool_that_cannot_be_opened_for_want_of_descriptors_is_a_named_refusa
         assert svc.metrics.internal_errors.labels(where="ingest")._value.get() == 0
     finally:
         bg.stop()
+
+
+def test_the_deployed_units_and_compose_file_give_the_daemon_more_than_its_floor() -> None:
+    """A unit without LimitNOFILE= runs under the host's default soft 1,024 (raised by serve) or,
+    on older systemd, soft = hard = 4,096 or less: the figure is in the units, above the floor."""
+    from pathlib import Path
+
+    import yaml
+    from cryoptycho.daemon.config import load_config
+    from cryoptycho.daemon.openfiles import floor
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    need = floor(load_config(None, {}))
+    for unit in ("cryoptycho@.service", "cryoptycho-broker.service"):
+        lines = [line for line in (deploy / "systemd" / unit).read_text().splitlines()
+                 if line.startswith("LimitNOFILE=")]
+        assert len(lines) == 1 and int(lines[0].split("=", 1)[1]) >= need, (unit, lines)
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    assert compose["services"]["cryoptycho"]["ulimits"]["nofile"] >= need
