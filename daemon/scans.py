@@ -322,6 +322,16 @@ class ScanManager:
             return SpoolWriter.create(self.config.spool_dir, spec, fsync=self.config.spool_fsync,
                                       reserve_bytes=self.config.disk_reserve_bytes)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # out of descriptors (the process' RLIMIT_NOFILE, or the system's): named, not an
+                # internal error, so the producer and the operator see the limit to raise
+                path = spool_path(self.config.spool_dir, spec.scan_id)
+                log.error("scan %s refused: its spool %s cannot be opened (%s, %s): raise the open-file "
+                          "limit (LimitNOFILE=, ulimit -n; daemon/SERVICE.md, Open files)", spec.scan_id, path,
+                          errno.errorcode[exc.errno], exc.strerror or exc, extra={"scan_id": spec.scan_id})
+                raise ScanRefused("spool_dir", "open_files",
+                                  f"spool {path} cannot be opened: {errno.errorcode[exc.errno]} "
+                                  f"({exc.strerror or exc}); the daemon's open-file limit must be raised") from None
             if exc.errno != errno.ENOSPC:
                 raise
             raise ScanRefused("spool_dir", "disk_space", exc.strerror or str(exc)) from None

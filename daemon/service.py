@@ -286,6 +286,9 @@ class Service:
         #: per control client (ROUTER identity), its replies not sent yet, in request order: one
         #: made later holds back the replies to that client's later requests, never another's
         self._replies: dict[bytes, deque[_PendingReply]] = {}
+        #: clients refused ``control_busy`` since their replies last drained: logged once per
+        #: such episode, not per request (a client pipelining without end would flood the log)
+        self._busy_logged: set[bytes] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -942,6 +945,12 @@ class Service:
         if last.repeat:  # the refusal before this one is still held: one more of the same
             last.repeat += 1
             return True
+        if client not in self._busy_logged:
+            self._busy_logged.add(client)
+            log.warning("control client %s has %d replies waiting (control_pending_replies %d) behind a delayed "
+                        "one: its requests are refused control_busy, unhandled, until it reads them (logged once "
+                        "until its replies are sent)", client[:32].hex() + ("…" if len(client) > 32 else ""),
+                        len(pending), most)
         envelope = [bytes(p.buffer) if isinstance(p, zmq.Frame) else bytes(p) for p in split_envelope(parts)[0]]
         reply = Reply(False, f"{len(pending)} replies to this client wait already (at most {most}, "
                              "control_pending_replies) behind a request whose answer is delayed: this request "
@@ -982,6 +991,7 @@ class Service:
                 self.control.send_multipart(slot.parts, zmq.NOBLOCK, copy=False)
         if pending is not None and not pending:
             del self._replies[client]
+            self._busy_logged.discard(client)  # its episode is over: the next one is logged again
 
     # -- publish -----------------------------------------------------------------------------
     def _flush_outbox(self) -> None:

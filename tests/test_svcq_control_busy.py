@@ -41,11 +41,16 @@ def hung(tmp_path, monkeypatch):
         bg.stop()
 
 
-def test_requests_pipelined_behind_a_delayed_reply_are_bounded(hung) -> None:
+def test_requests_pipelined_behind_a_delayed_reply_are_bounded(hung, caplog) -> None:
+    """... and the episode is logged once for the client (it was logged nowhere: an operator
+    could not tell why a client's requests went unanswered), not once per refused request."""
+    import logging
+
     from cryoptycho.protocols.control import ControlClient
     from cryoptycho.protocols.messages import Reply, Request, decode, encode
 
     svc, entered, release = hung
+    caplog.set_level(logging.WARNING, logger="cryoptycho.service")
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.RCVTIMEO, 120_000)
     dealer.setsockopt(zmq.SNDTIMEO, 60_000)
@@ -80,3 +85,5 @@ def test_requests_pipelined_behind_a_delayed_reply_are_bounded(hung) -> None:
     assert "control_pending_replies" in busy[0].msg and f"at most {MOST}" in busy[0].msg, busy[0].msg
     assert after.success and after.result["pong"] is True
     assert svc.control_replies_held() == {"clients": 0, "entries": 0}
+    said = [r.getMessage() for r in caplog.records if "control_busy" in r.getMessage()]
+    assert len(said) == 1 and "control_pending_replies" in said[0] and f"{MOST} replies waiting" in said[0], said

@@ -39,25 +39,6 @@ def _set_pairs(pairs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _raise_open_file_limit() -> None:
-    """The soft limit on open files up to the hard one. A detector's series wait uncapped, each
-    holding its spool's two files: under the usual soft limit of 1,024 (systemd's default, a
-    login shell's) some 500 queued series ran out of descriptors, and every later series was
-    lost ("Too many open files" opening its spool). The hard limit is systemd's 524,288 by
-    default (LimitNOFILE= sets both)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # an unlimited hard limit is still capped by the kernel's fs.nr_open (1,048,576 by default)
-    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the open-file limit from %d to %d (%s): about %d detector "
-                        "series can wait at once", soft, want, exc, soft // 2)
-
-
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML configuration file (keys as in daemon/SERVICE.md).")
@@ -116,7 +97,7 @@ def command(config_path: Path | None, sets: tuple[str, ...], backend: str | None
 
     _check_writable(config)
     setup_logging(config.log_format, config.log_level)
-    _raise_open_file_limit()
+    _check_open_files(config)
     spool_lock = _lock_spool_dir(Path(config.spool_dir))  # noqa: F841 - held until the process exits
     for name in unknown_environment():
         log.warning("environment variable %s sets no setting of the service and is ignored "
@@ -281,6 +262,16 @@ def _lock_spool_dir(spool_dir: Path) -> Any:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     return handle
+
+
+def _check_open_files(config: Any) -> None:
+    """Raise the open-file limit to the hard one and refuse to start below the daemon's floor
+    (daemon/openfiles.py): a daemon that runs out of descriptors is aborted by ZeroMQ."""
+    from cryoptycho.daemon.openfiles import raise_soft_limit, refusal
+
+    why = refusal(raise_soft_limit(), config)
+    if why is not None:
+        raise click.ClickException(why)
 
 
 def _check_writable(config: Any) -> None:
