@@ -189,8 +189,6 @@ class _StoppingRecorder:
                 for i in m.frames.indices]
 
 
-@pytest.mark.xfail(strict=True, reason="review13: a hung job ahead of a blocking wait (the next series' first "
-                                       "image, or more jobs than 2 × workers) held the source's stop for ever")
 def test_a_hung_job_ahead_of_the_next_series_start_does_not_hold_the_stop(monkeypatch, caplog) -> None:
     """A decoding job hangs (a hung worker) and the detector goes on: the next series' first
     image goes alone and the source waits for every job before it, the hung one too. That wait
