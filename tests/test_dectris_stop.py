@@ -197,8 +197,8 @@ def test_a_hung_job_ahead_of_the_next_series_start_does_not_hold_the_stop(monkey
     naming its images, and delivers what came after it."""
     from cryoptycho.protocols.dectris.bridge import BridgeConfig
     from cryoptycho.protocols.dectris.receiver import DectrisReceiver
-    from cryoptycho.protocols.dectris.source import DectrisSource
     from cryoptycho.protocols.dectris.schema import SeriesStart
+    from cryoptycho.protocols.dectris.source import DectrisSource
 
     monkeypatch.setattr(dectris_source, "STOP_JOBS_S", 0.5, raising=False)
     hold, entered, release = threading.Event(), threading.Event(), threading.Event()
