@@ -256,3 +256,53 @@ def test_a_hung_job_ahead_of_the_next_series_start_does_not_hold_the_stop(monkey
     assert out[0].extra["images_lost_at_stop"] == 8, out[0].extra
     assert "8 images in a decoding job not done 0.5 s after the stop" in caplog.text, caplog.text
     assert sink.image_ids("after-hung-series1") == [0], sink.messages  # (the job after the hung one)
+
+
+@pytest.mark.xfail(strict=True, reason="review13: a series start drained with the stop already set tried worker "
+                                       "processes again (a spawn, up to 120 s) inside the daemon's stop")
+def test_no_retry_of_worker_processes_once_the_stop_is_set(monkeypatch) -> None:
+    """After a fallback to threads, worker processes are tried again at a series start; not at a
+    stop: a start drained in the same read that the stop came during was tried all the same (the
+    check read ``stopping``, set only after the loop), spawning processes (seconds; up to the
+    pool's 120 s start timeout) that the stop closes at once, within the daemon's SOURCES_STOP_S."""
+    from cryoptycho.protocols.dectris.bridge import BridgeConfig
+    from cryoptycho.protocols.dectris.receiver import DectrisReceiver
+    from cryoptycho.protocols.dectris.schema import SeriesStart
+    from cryoptycho.protocols.dectris.source import DecodePool, DectrisSource
+
+    stop = threading.Event()
+    tries: list[bool] = []  #: per try of worker processes, whether the stop was set
+    monkeypatch.setattr(DecodePool, "retry_due", lambda self: True)
+    monkeypatch.setattr(DecodePool, "retry_processes", lambda self: tries.append(stop.is_set()) or False)
+    starts = [0]
+    drain = DectrisReceiver.drain_split
+
+    def stop_with_the_second_start(self: Any, *args: Any, **kw: Any) -> Any:
+        out = drain(self, *args, **kw)
+        starts[0] += sum(isinstance(m, SeriesStart) for m in out)
+        if starts[0] >= 2:
+            stop.set()  # (the daemon's stop came while this read was under way)
+        return out
+
+    monkeypatch.setattr(DectrisReceiver, "drain_split", stop_with_the_second_start)
+    sink = _StoppingRecorder()
+    out: list[Any] = []
+    with SimSender(2) as sender:
+        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
+                               workers=1)
+        runner = threading.Thread(target=lambda: out.append(source.run(sink, stop)), daemon=True)
+        runner.start()
+        try:
+            assert source.ready.wait(120), "the source did not start"
+            for m in _series(_frames(4, seed=9), "first"):
+                sender.send_raw(m)
+            wait_for(lambda: tries, 120, "the try at the first series' start")
+            for m in _series(_frames(4, seed=10), "second")[:2]:
+                sender.send_raw(m)
+            runner.join(120)
+        finally:
+            stop.set()
+            runner.join(120)
+    assert out, "the source did not return"
+    assert tries == [False], tries  # (the first series' start; none with the stop set)
+    assert sink.image_ids("second-series1") == [0]  # (the stop's drain still took the second series)
