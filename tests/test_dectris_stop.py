@@ -258,8 +258,6 @@ def test_a_hung_job_ahead_of_the_next_series_start_does_not_hold_the_stop(monkey
     assert sink.image_ids("after-hung-series1") == [0], sink.messages  # (the job after the hung one)
 
 
-@pytest.mark.xfail(strict=True, reason="review13: a series start drained with the stop already set tried worker "
-                                       "processes again (a spawn, up to 120 s) inside the daemon's stop")
 def test_no_retry_of_worker_processes_once_the_stop_is_set(monkeypatch) -> None:
     """After a fallback to threads, worker processes are tried again at a series start; not at a
     stop: a start drained in the same read that the stop came during was tried all the same (the

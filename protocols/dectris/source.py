@@ -1275,7 +1275,7 @@ class DectrisSource(Source):
                     continue
                 submit()
                 if isinstance(item, SeriesStart):
-                    if pool.retry_due() and not stopping:  # between series: worker processes again,
+                    if pool.retry_due() and not stop.is_set():  # between series: worker processes again,
                         consume(block=True)  # after a fallback (no job left in the threads' hands)
                         pool.retry_processes()
                     state["start"], state["images"] = item, 0
