@@ -237,8 +237,6 @@ def _shared_dag(levels: int) -> bytes:
     return b"\x99" + len(items).to_bytes(2, "big") + b"".join(items)
 
 
-@pytest.mark.xfail(strict=True, reason="review13: value sharing (tags 28/29) passed the header walk: a 6-byte "
-                                       "cycle raised RecursionError out of the receiving thread (the daemon stopped)")
 def test_shared_values_are_refused_before_they_are_built(tmp_path, v2) -> None:
     """cbor2 decodes RFC 8949 value sharing (tag 28 marks a value, tag 29 refers to it) and
     string references (tags 256/25). No DECTRIS message uses them, and the walk counted each
