@@ -216,3 +216,58 @@ def test_the_header_walk_counts_values_and_depth_as_cbor2_builds_them() -> None:
     check_cbor(b"\x9b\xff\xff\xff\xff\xff\xff\xff\xff", 10)  # truncated: cbor2's to name
     with pytest.raises(DecodeError, match="more than 10 values"):
         check_cbor(b"\x9b\x00\x00\x00\x01\x00\x00\x00\x00" + b"\x00" * 100, 10)
+
+
+def _start_with_user_data(item: bytes, series_id: int = 9) -> bytes:
+    """A start message whose user_data is the raw CBOR ``item``."""
+    head = cbor2.dumps({"type": "start", "series_id": series_id, "series_unique_id": "shared",
+                        "channels": [CHANNEL]})
+    return MAGIC + bytes([head[0] + 1]) + head[1:] + cbor2.dumps("user_data") + item
+
+
+#: 28([29(0)]): an array holding itself (cbor2 decodes value sharing, RFC 8949 tags 28/29, by default)
+CYCLE = b"\xd8\x1c\x81\xd8\x1d\x00"
+
+
+def _shared_dag(levels: int) -> bytes:
+    """[28("x"), 28([29(0), 29(0)]), 28([29(1), 29(1)]), …]: ~8 bytes a level, and each level
+    twice the one before once walked as a tree (2^levels strings)."""
+    items = [b"\xd8\x1c" + cbor2.dumps("x")]
+    items += [b"\xd8\x1c\x82" + (b"\xd8\x1d" + cbor2.dumps(i)) * 2 for i in range(levels)]
+    return b"\x99" + len(items).to_bytes(2, "big") + b"".join(items)
+
+
+def test_shared_values_are_refused_before_they_are_built(tmp_path, v2) -> None:
+    """cbor2 decodes RFC 8949 value sharing (tag 28 marks a value, tag 29 refers to it) and
+    string references (tags 256/25). No DECTRIS message uses them, and the walk counted each
+    reference as one value: a start whose user_data is a 6-byte array holding itself raised
+    RecursionError out of decode_v2 (caught nowhere: the source failed and stopped the daemon),
+    and a few hundred bytes of shared arrays expand to 2^levels values once read as a tree (the
+    start's user_data is walked into the scan's metadata). Both are refused by name now, and the
+    series after them arrives whole."""
+    from cryoptycho.protocols.dectris.bounds import check_cbor
+    from cryoptycho.protocols.dectris.decode import decode_v2
+    from cryoptycho.protocols.dectris.schema import DecodeError
+
+    assert isinstance(cbor2.loads(CYCLE)[0], list)  # (cbor2 builds the cycle)
+    with pytest.raises(DecodeError, match="tag 28"):
+        decode_v2(_start_with_user_data(CYCLE))
+    with pytest.raises(DecodeError, match="tag 28"):
+        check_cbor(_shared_dag(40), 65536)
+    stringref = b"\xd9\x01\x00\x83" + cbor2.dumps("y" * 64) + b"\xd8\x19\x00" * 2
+    assert cbor2.loads(stringref) == ["y" * 64] * 3  # (cbor2 builds string references too)
+    with pytest.raises(DecodeError, match="tag 256"):
+        check_cbor(stringref, 65536)
+    daemon = _Daemon(tmp_path, v2)
+    try:
+        v2.send_raw(_start_with_user_data(CYCLE))
+        v2.send_raw(_start_with_user_data(_shared_dag(40), series_id=10))
+        for m in _series(_frames(12, seed=2), "after-shared"):
+            v2.send_raw(m)
+        session = daemon.scan("after-shared-series1")
+        assert session.ledger.received == 12, session.ledger.received
+        assert daemon.running()
+        said = daemon.errors("dectris_message_undecodable")
+        assert sum("tag 28" in m for m in said) == 2, said
+    finally:
+        daemon.stop()

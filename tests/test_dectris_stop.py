@@ -170,3 +170,137 @@ def test_a_hung_decoding_job_at_the_stop_is_dropped_by_name_and_the_stop_ends(
         assert len(lost) == 1 and lost[0].scan_id == SCAN and lost[0].field == "dectris.decoding", events
     finally:
         gate.release.set()  # (the hung job's thread ends)
+
+
+class _StoppingRecorder:
+    """A sink of a daemon that is stopping (FrameSink.stopping): it keeps what the source delivers."""
+
+    stopping = True
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def put(self, msg: Any) -> None:
+        self.messages.append(msg)
+
+    def image_ids(self, scan_id: str) -> list[int]:
+        from cryoptycho.protocols.sources import DetectorFrames
+        return [int(i) for m in self.messages if isinstance(m, DetectorFrames) and m.frames.scan_id == scan_id
+                for i in m.frames.indices]
+
+
+def test_a_hung_job_ahead_of_the_next_series_start_does_not_hold_the_stop(monkeypatch, caplog) -> None:
+    """A decoding job hangs (a hung worker) and the detector goes on: the next series' first
+    image goes alone and the source waits for every job before it, the hung one too. That wait
+    did not look at the stop: the daemon's drain gave up after SOURCES_STOP_S and the source's
+    thread stayed blocked. Now a stopping source drops the hung job after STOP_JOBS_S there too,
+    naming its images, and delivers what came after it."""
+    from cryoptycho.protocols.dectris.bridge import BridgeConfig
+    from cryoptycho.protocols.dectris.receiver import DectrisReceiver
+    from cryoptycho.protocols.dectris.schema import SeriesStart
+    from cryoptycho.protocols.dectris.source import DectrisSource
+
+    monkeypatch.setattr(dectris_source, "STOP_JOBS_S", 0.5, raising=False)
+    hold, entered, release = threading.Event(), threading.Event(), threading.Event()
+    real = dectris_source.decode_job
+
+    def job(*args: Any, **kw: Any) -> Any:  # the first job submitted once ``hold`` is set hangs
+        if hold.is_set() and not entered.is_set():
+            entered.set()
+            assert release.wait(120), "the held decoding job was never let go of"
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dectris_source, "decode_job", job)
+    starts = [0]
+    second_start = threading.Event()
+    drain = DectrisReceiver.drain_split
+
+    def counting(self: Any, *args: Any, **kw: Any) -> Any:
+        out = drain(self, *args, **kw)
+        starts[0] += sum(isinstance(m, SeriesStart) for m in out)
+        if starts[0] >= 2:
+            second_start.set()
+        return out
+
+    monkeypatch.setattr(DectrisReceiver, "drain_split", counting)
+    first = _series(_frames(24, seed=7), "hung-ahead")
+    second = _series(_frames(8, seed=8), "after-hung")
+    sink = _StoppingRecorder()
+    stop = threading.Event()
+    out: list[Any] = []
+    caplog.set_level(logging.ERROR, logger="cryoptycho.protocols.dectris.source")
+    with SimSender(2) as sender:
+        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
+                               workers=2)
+        runner = threading.Thread(target=lambda: out.append(source.run(sink, stop)), daemon=True)
+        runner.start()
+        try:
+            assert source.ready.wait(120), "the source did not start"
+            for m in first[:1 + 8]:
+                sender.send_raw(m)
+            wait_for(lambda: len(sink.image_ids("hung-ahead-series1")) == 8, 120, "the first 8 images delivered")
+            hold.set()
+            for m in first[1 + 8:1 + 16]:
+                sender.send_raw(m)
+            assert entered.wait(120), "no decoding job was held"
+            for m in [first[-1], *second[:2]]:  # the end, the next series' start and its first image
+                sender.send_raw(m)
+            assert second_start.wait(120), "the next series' start was not received"
+            stop.set()
+            runner.join(60)  # (STOP_JOBS_S is 0.5 s here)
+            assert not runner.is_alive(), "the source's stop waited for the hung decoding job"
+        finally:
+            stop.set()
+            release.set()
+            runner.join(120)
+    assert out[0].extra["images_lost_at_stop"] == 8, out[0].extra
+    assert "8 images in a decoding job not done 0.5 s after the stop" in caplog.text, caplog.text
+    assert sink.image_ids("after-hung-series1") == [0], sink.messages  # (the job after the hung one)
+
+
+def test_no_retry_of_worker_processes_once_the_stop_is_set(monkeypatch) -> None:
+    """After a fallback to threads, worker processes are tried again at a series start; not at a
+    stop: a start drained in the same read that the stop came during was tried all the same (the
+    check read ``stopping``, set only after the loop), spawning processes (seconds; up to the
+    pool's 120 s start timeout) that the stop closes at once, within the daemon's SOURCES_STOP_S."""
+    from cryoptycho.protocols.dectris.bridge import BridgeConfig
+    from cryoptycho.protocols.dectris.receiver import DectrisReceiver
+    from cryoptycho.protocols.dectris.schema import SeriesStart
+    from cryoptycho.protocols.dectris.source import DecodePool, DectrisSource
+
+    stop = threading.Event()
+    tries: list[bool] = []  #: per try of worker processes, whether the stop was set
+    monkeypatch.setattr(DecodePool, "retry_due", lambda self: True)
+    monkeypatch.setattr(DecodePool, "retry_processes", lambda self: tries.append(stop.is_set()) or False)
+    starts = [0]
+    drain = DectrisReceiver.drain_split
+
+    def stop_with_the_second_start(self: Any, *args: Any, **kw: Any) -> Any:
+        out = drain(self, *args, **kw)
+        starts[0] += sum(isinstance(m, SeriesStart) for m in out)
+        if starts[0] >= 2:
+            stop.set()  # (the daemon's stop came while this read was under way)
+        return out
+
+    monkeypatch.setattr(DectrisReceiver, "drain_split", stop_with_the_second_start)
+    sink = _StoppingRecorder()
+    out: list[Any] = []
+    with SimSender(2) as sender:
+        source = DectrisSource(sender.url, BridgeConfig(channel=CHANNEL, crop=SIDE, bin=2, energy_eV=300e3),
+                               workers=1)
+        runner = threading.Thread(target=lambda: out.append(source.run(sink, stop)), daemon=True)
+        runner.start()
+        try:
+            assert source.ready.wait(120), "the source did not start"
+            for m in _series(_frames(4, seed=9), "first"):
+                sender.send_raw(m)
+            wait_for(lambda: tries, 120, "the try at the first series' start")
+            for m in _series(_frames(4, seed=10), "second")[:2]:
+                sender.send_raw(m)
+            runner.join(120)
+        finally:
+            stop.set()
+            runner.join(120)
+    assert out, "the source did not return"
+    assert tries == [False], tries  # (the first series' start; none with the stop set)
+    assert sink.image_ids("second-series1") == [0]  # (the stop's drain still took the second series)

@@ -8,9 +8,10 @@ took the source's receiving thread 5.8 s of CPU (the limit on one message is
 taken whole into the scan's metadata. :func:`check_cbor` walks the message's item heads — no
 object built, string bodies skipped — and refuses it, naming the limit, as soon as it holds
 more values than ``max_header_values`` or nests maps and arrays deeper than ``MAX_DEPTH``: at
-most that many steps, whatever the message's size. Byte strings (an image's compressed
-channel, a pixel mask) count as one value each, so a start with its masks and flatfield passes
-however large they are. Stream V1 headers are JSON parts: :func:`load_json` refuses one larger
+most that many steps, whatever the message's size; a reference to a value built before (CBOR
+tags 25, 28, 29, 256, which cbor2 decodes) is refused: no DECTRIS message uses one. Byte
+strings (an image's compressed channel, a pixel mask) count as one value each, so a start with
+its masks and flatfield passes however large they are. Stream V1 headers are JSON parts: :func:`load_json` refuses one larger
 than ``max_header_bytes`` (real ones are a few kB; pixel data travel in binary parts, never
 parsed) and names one nested past the JSON decoder's recursion limit (a RecursionError raised
 out of the receiving thread stopped the daemon).
@@ -28,6 +29,12 @@ from .schema import DecodeError
 #: the limits of a decoder not given the daemon's own (worker processes, the bridge)
 DEFAULT_LIMITS = Limits()
 _ARGUMENT_BYTES = {24: 1, 25: 2, 26: 4, 27: 8}
+#: tags cbor2 decodes into references to a value built before (RFC 8949 value sharing, the
+#: stringref extension): no DECTRIS message uses them, and a reference counts one value here
+#: however large what it stands for: a 6-byte array holding itself raised RecursionError out of
+#: the receiving thread (the daemon stopped), shared arrays ~8 bytes a level expand to 2^levels
+_REFERENCE_TAGS = {25: "a string reference", 28: "a shared value", 29: "a reference to a shared value",
+                   256: "a string reference namespace"}
 
 
 def check_cbor(data: bytes | memoryview, max_values: int, max_depth: int = MAX_DEPTH,
@@ -87,6 +94,10 @@ def check_cbor(data: bytes | memoryview, max_values: int, max_depth: int = MAX_D
                                       "the limit max_depth")
                 stack.append([count, True])
         elif major == 6:
+            if arg in _REFERENCE_TAGS:
+                raise DecodeError(f"the {what} uses CBOR tag {arg} ({_REFERENCE_TAGS[arg]}): values shared or "
+                                  "referenced are not in a detector's messages (a reference can make a cycle, or "
+                                  "repeat a value without bound)")
             stack.append([1, False])  # the tagged item
 
 

@@ -93,6 +93,8 @@ _ID_MAX = (1 << 63) - 1
 #: (rule ``dectris_images_lost``): the stop stays bounded (the daemon's SOURCES_STOP_S is more)
 STOP_DRAIN_S = 2.0
 STOP_JOBS_S = 10.0
+#: how often a wait for a decoding job looks at the stop (a hung job must not hide it)
+STOP_POLL_S = 0.1
 
 
 def spool_chunk(payload: bytes, nbytes: int) -> bytes:
@@ -643,9 +645,9 @@ class DecodePool:
                                   "(slots of %s: %s; /dev/shm %s free): they come back through the "
                                   "worker processes' pipes instead (more CPU per frame)", _mb(need), exc,
                                   _shm_free())
-                if 0 < need <= self._slot_bytes:
-                    if not self._free:
-                        self._reclaim()
+                if 0 < need <= self._slot_bytes and (self._free or self._reclaim()):
+                    # (no slot free: jobs dropped as hung at a stop keep theirs, for their worker may
+                    # still write there; this job's frames come back through the pipe instead)
                     # the slot freed last: its pages are the ones faulted in already (a slot
                     # used for the first time costs its page faults in the worker and here)
                     index = self._free.pop()
@@ -1059,7 +1061,7 @@ class DectrisSource(Source):
         #: images submitted since the last start received
         state: dict[str, Any] = {"channel": cfg.channel, "start": None, "fed": None, "plan": None, "ended": 0,
                                  "images": 0, "held": False, "held_since": 0.0,
-                                 "failed": None, "lost_at_stop": 0}
+                                 "failed": None, "lost_at_stop": 0, "stop_by": None}
         if resumed is not None:  # the series the daemon was killed in: its images come on, not its start
             state.update(start=resumed, fed=resumed, plan=conv.plan, images=conv.plan.sent,  # type: ignore[union-attr]
                          channel=conv.plan.channel)  # type: ignore[union-attr]
@@ -1098,8 +1100,8 @@ class DectrisSource(Source):
                 items = gathered[:take]
                 if pool.needs_grow(len(items), reducer):
                     consume(block=True)  # every slot free before they grow
-                while not pool.has_free_slot:
-                    consume(block=True, one=True)
+                while not pool.has_free_slot and pending:  # (none left: jobs dropped at the stop hold
+                    consume(block=True, one=True)          # theirs, and this one goes without: pool.submit)
                 future = pool.submit(items, state["channel"], reducer, decode)
                 del gathered[:len(items)]
                 state["images"] += len(items)
@@ -1199,20 +1201,39 @@ class DectrisSource(Source):
                 except Exception:  # the listener's failure must not stop the stream
                     log.exception("DECTRIS notice listener failed on images lost at the stop")
 
-        def consume(block: bool, one: bool = False, deadline: float | None = None) -> None:
+        def stop_deadline() -> float | None:
+            """When a stopping daemon's source gives up on a decoding job: :data:`STOP_JOBS_S`
+            after it first saw the stop (None while the daemon does not stop)."""
+            if state["stop_by"] is None and stop.is_set() and getattr(sink, "stopping", False):
+                state["stop_by"] = time.monotonic() + STOP_JOBS_S
+            return state["stop_by"]
+
+        def wait_job(fut: Future[DecodedBatch]) -> bool:
+            """Wait for a job; once the daemon stops, until :func:`stop_deadline` at most. Every
+            blocking wait comes here (a series' first image waits for the jobs before it, more
+            jobs than the workers start, a free slot), so that a hung job cannot hold the
+            stop there either: the stop is looked at every :data:`STOP_POLL_S`. Whether it is done."""
+            while not fut.done():
+                by = stop_deadline()
+                if by is None:
+                    futures_wait([fut], STOP_POLL_S)
+                else:
+                    futures_wait([fut], max(0.0, by - time.monotonic()))
+                    return fut.done()
+            return True
+
+        def consume(block: bool, one: bool = False) -> None:
             """Results of the head of the queue, in arrival order, while they are ready (or
-            while more jobs are in flight than the workers can start: bounded memory).
-            ``deadline`` (monotonic; the stop): a job still running then is dropped (:func:`abandon`)."""
+            while more jobs are in flight than the workers can start: bounded memory). A job
+            still running at the stop's deadline is dropped (:func:`wait_job`, :func:`abandon`)."""
             while pending:
                 msg, fut = pending[0]
                 if fut is not None and not fut.done() and not block and len(pending) <= 2 * self.workers:
                     return
-                if fut is not None and deadline is not None and not fut.done():
-                    futures_wait([fut], max(0.0, deadline - time.monotonic()))
-                    if not fut.done():
-                        pending.popleft()
-                        abandon(fut, STOP_JOBS_S)
-                        continue
+                if fut is not None and not wait_job(fut):
+                    pending.popleft()
+                    abandon(fut, STOP_JOBS_S)
+                    continue
                 pending.popleft()
                 if fut is not None:
                     try:
@@ -1258,7 +1279,7 @@ class DectrisSource(Source):
                     continue
                 submit()
                 if isinstance(item, SeriesStart):
-                    if pool.retry_due() and not stopping:  # between series: worker processes again,
+                    if pool.retry_due() and not stop.is_set():  # between series: worker processes again,
                         consume(block=True)  # after a fallback (no job left in the threads' hands)
                         pool.retry_processes()
                     state["start"], state["images"] = item, 0
@@ -1312,7 +1333,7 @@ class DectrisSource(Source):
             if stopping:
                 take_what_was_sent()
             submit()  # images held back for alignment are decoded and delivered too
-            consume(block=True, deadline=time.monotonic() + STOP_JOBS_S if stopping else None)
+            consume(block=True)  # (bounded at a daemon's stop: stop_deadline)
             fail_scan()
             if stopping:
                 deliver(conv.checkpoint("the daemon stopped"))
