@@ -222,6 +222,12 @@ def warm_frame_store(nbytes: int) -> threading.Thread | None:
     thread.start()
     return thread
 
+#: ``control_busy`` refusals sent to a client in a row at most (libzmq's default send queue per
+#: peer): a DEALER pipelining past this without reading loses the rest of its replies, which the
+#: router would have dropped unsent anyway
+REFUSALS_SENT_MAX = 1000
+
+
 class Service:
     """The live reconstruction service. ``start()`` binds, ``run()`` loops, ``stop()`` drains."""
 
@@ -943,7 +949,9 @@ class Service:
             self.metrics.control_requests.labels(method=method, success="false").inc()
         last = pending[-1]
         if last.repeat:  # the refusal before this one is still held: one more of the same
-            last.repeat += 1
+            # (up to the send queue ZeroMQ gives a peer: past it the router drops a reply to a
+            # client that does not read anyway, and sending millions of them stalled this thread)
+            last.repeat = min(last.repeat + 1, REFUSALS_SENT_MAX)
             return True
         if client not in self._busy_logged:
             self._busy_logged.add(client)

@@ -87,3 +87,38 @@ def test_requests_pipelined_behind_a_delayed_reply_are_bounded(hung, caplog) -> 
     assert svc.control_replies_held() == {"clients": 0, "entries": 0}
     said = [r.getMessage() for r in caplog.records if "control_busy" in r.getMessage()]
     assert len(said) == 1 and "control_pending_replies" in said[0] and f"{MOST} replies waiting" in said[0], said
+
+
+def test_refusals_in_a_row_are_sent_at_most_a_send_queue_of_them(hung, monkeypatch) -> None:
+    """A client pipelining past ZeroMQ's send queue without reading: the refusals were counted
+    without bound and all sent in one loop of the manager thread when the delayed reply came
+    (6.8 µs each, most dropped by the router unsent). Now at most REFUSALS_SENT_MAX are sent; the
+    rest are counted refused, and the client is answered again once it has read."""
+    from cryoptycho.daemon import service as service_module
+    from cryoptycho.protocols.messages import Request, decode, encode
+
+    most_sent = 50
+    monkeypatch.setattr(service_module, "REFUSALS_SENT_MAX", most_sent)
+    svc, entered, release = hung
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RCVTIMEO, 120_000)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(svc.endpoints["control"])
+    try:
+        dealer.send_multipart([b"", *encode(Request("receipt", {"scan_id": "slow-first"}))])
+        assert entered.wait(60), "the files were not looked for"
+        for _ in range(PINGS):
+            dealer.send_multipart([b"", *encode(Request("ping", {}))])
+        refused = svc.metrics.control_requests.labels(method="ping", success="false")
+        wait_for(lambda: refused._value.get() >= PINGS - (MOST - 1), 60, "the pings past the bound to be refused")
+        release.set()
+        replies = [decode(dealer.recv_multipart()[1:]) for _ in range(1 + (MOST - 1) + most_sent)]
+        dealer.send_multipart([b"", *encode(Request("ping", {}))])
+        after = decode(dealer.recv_multipart()[1:])  # the next reply is this ping's: nothing more was sent
+    finally:
+        release.set()
+        dealer.close(linger=0)
+    busy = replies[MOST:]
+    assert all(not r.success and r.result["rule"] == "control_busy" for r in busy), busy[:2]
+    assert after.success and after.result.get("pong") is True, after
+    assert refused._value.get() == PINGS - (MOST - 1)
