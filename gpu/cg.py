@@ -27,11 +27,14 @@ from typing import Any
 from .backend import (
     array_module,
     dev_float,
+    fast_fft_length,
     fft2,
     host_floats,
     ifft2,
+    irfft2,
     on_device,
     real_of,
+    rfft2,
     scalar_as,
 )
 
@@ -144,9 +147,9 @@ class LowFrequencyPreconditioner:
     first iterations (MEASUREMENTS.md, "Low frequencies per band": it lost phase correlation at
     10–20 CG on the proteasome at 100 e⁻/Å²). u is taken once, when the preconditioner is
     built, so P stays fixed during a CG run. W > 0, u unitary and the split keep P symmetric
-    positive definite (in Re⟨·,·⟩), as CG requires. The field is zero-padded to twice its size
-    before the FFT so the filter does not couple opposite edges of the canvas. ``q_c`` is in
-    cycles per pixel."""
+    positive definite (in Re⟨·,·⟩), as CG requires. The field is zero-padded to at least twice
+    its size (a fast FFT length) so the filter does not couple opposite edges of the canvas; the
+    phase is a real field, filtered with real FFTs. ``q_c`` is in cycles per pixel."""
 
     def __init__(self, diag: Any, q_c: float, boost: float, reference: Any = None) -> None:
         if not (q_c > 0 and math.isfinite(q_c)):
@@ -159,11 +162,13 @@ class LowFrequencyPreconditioner:
         if reference is not None and tuple(reference.shape) != self.shape:
             raise ValueError(f"the reference object's shape {tuple(reference.shape)} is not the "
                              f"preconditioner's {self.shape}")
-        self.padded = tuple(2 * n for n in self.shape)
+        self.padded = tuple(fast_fft_length(2 * n) for n in self.shape)
         qy = xp.fft.fftfreq(self.padded[0])[:, None]
         qx = xp.fft.fftfreq(self.padded[1])[None, :]
         ratio = (qy**2 + qx**2) / q_c**2
         self.weight = (1.0 / xp.maximum(1.0 / boost, xp.minimum(1.0, ratio))).astype(self.sqrt_diag.dtype)
+        #: W on rfft2's half plane (W depends on q² only: the +/− Nyquist columns agree)
+        self.half_weight = self.weight[:, : self.padded[1] // 2 + 1]
         self.phase: Any = None
         if reference is not None:
             mag = abs(reference)
@@ -180,9 +185,12 @@ class LowFrequencyPreconditioner:
     def __call__(self, g: Any) -> Any:
         if self.phase is None:
             return (self._filtered(g * self.sqrt_diag) * self.sqrt_diag).astype(g.dtype, copy=False)
+        xp = array_module(g)
+        ny, nx = self.shape
         h = self.phase.conj() * (g * self.sqrt_diag)
-        # F⁻¹ W F of a real field is real (W is even in q): the imaginary part is round-off
-        im = self._filtered(h.imag.astype(g.dtype)).real
+        pad = xp.zeros(self.padded, dtype=self.sqrt_diag.dtype)
+        pad[:ny, :nx] = h.imag
+        im = irfft2(rfft2(pad) * self.half_weight, self.padded)[:ny, :nx]
         return (self.phase * (h.real + 1j * im) * self.sqrt_diag).astype(g.dtype, copy=False)
 
 
