@@ -144,8 +144,8 @@ class LowFrequencyPreconditioner:
     each pattern's counts), so its curvature does not fall at low q; boosting it too (the first
     version, ``reference=None`` here) put those modes' preconditioned curvature ≈ ``boost``
     times the rest, CG's step shrank to suit them and every other band was held back for the
-    first iterations (MEASUREMENTS.md, "Low frequencies per band": it lost phase correlation at
-    10–20 CG on the proteasome at 100 e⁻/Å²). u is taken once, when the preconditioner is
+    first iterations (it lost phase correlation at 10–20 CG on the proteasome at 100 e⁻/Å²:
+    MEASUREMENTS.md, "The boost on the phase only, and by default"). u is taken once, when the preconditioner is
     built, so P stays fixed during a CG run. W > 0, u unitary and the split keep P symmetric
     positive definite (in Re⟨·,·⟩), as CG requires. The field is zero-padded to at least twice
     its size (a fast FFT length) so the filter does not couple opposite edges of the canvas; the
