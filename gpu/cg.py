@@ -27,11 +27,14 @@ from typing import Any
 from .backend import (
     array_module,
     dev_float,
+    fast_fft_length,
     fft2,
     host_floats,
     ifft2,
+    irfft2,
     on_device,
     real_of,
+    rfft2,
     scalar_as,
 )
 
@@ -124,9 +127,11 @@ def _scaled(g: Vars, precond: dict[str, Any], keys: set[str]) -> Vars:
 
 
 class LowFrequencyPreconditioner:
-    """P g = s · F⁻¹[W(q) · F(s · g)] with s = √diag: the diagonal preconditioner ``diag``
-    (illumination + damping)⁻¹ split symmetrically around a Fourier filter that boosts the
-    spatial frequencies below ``q_c`` by up to ``boost``:
+    """P g = s · u · (Re h + i F⁻¹[W(q) · F(Im h)]), h = u* · s · g, with s = √diag (the
+    diagonal preconditioner ``diag``, (illumination + damping)⁻¹, split symmetrically) and
+    u = reference / |reference| (the object's local phase factor): a Fourier filter that boosts
+    the spatial frequencies below ``q_c`` by up to ``boost`` in the object's *phase* direction
+    only,
 
         W(q) = 1 / max(1 / boost, min(1, |q|² / q_c²)).
 
@@ -135,11 +140,18 @@ class LowFrequencyPreconditioner:
     ∝ q² too, so the Hessian's eigenvalues at low q fall as q² — the slow modes of the diagonally
     preconditioned gradient (gpu/STREAMING.md "The update rule" measured the same on the live
     steps). W cancels that q² (an H⁻¹/Sobolev gradient), the cap keeping the gauge (q = 0)
-    bounded. W > 0 and the split keep P symmetric positive definite, as CG requires. The
-    gradient is zero-padded to twice its size before the FFT so the filter does not couple
-    opposite edges of the canvas. ``q_c`` is in cycles per pixel."""
+    bounded. Only the phase: the data see a slowly varying *amplitude* directly (it scales
+    each pattern's counts), so its curvature does not fall at low q; boosting it too (the first
+    version, ``reference=None`` here) put those modes' preconditioned curvature ≈ ``boost``
+    times the rest, CG's step shrank to suit them and every other band was held back for the
+    first iterations (it lost phase correlation at 10–20 CG on the proteasome at 100 e⁻/Å²:
+    MEASUREMENTS.md, "The boost on the phase only, and by default"). u is taken once, when the preconditioner is
+    built, so P stays fixed during a CG run. W > 0, u unitary and the split keep P symmetric
+    positive definite (in Re⟨·,·⟩), as CG requires. The field is zero-padded to at least twice
+    its size (a fast FFT length) so the filter does not couple opposite edges of the canvas; the
+    phase is a real field, filtered with real FFTs. ``q_c`` is in cycles per pixel."""
 
-    def __init__(self, diag: Any, q_c: float, boost: float) -> None:
+    def __init__(self, diag: Any, q_c: float, boost: float, reference: Any = None) -> None:
         if not (q_c > 0 and math.isfinite(q_c)):
             raise ValueError(f"the low-frequency preconditioner needs a cut-off q_c > 0, got {q_c!r}")
         if not (boost >= 1 and math.isfinite(boost)):
@@ -147,19 +159,39 @@ class LowFrequencyPreconditioner:
         xp = array_module(diag)
         self.sqrt_diag = xp.sqrt(diag)
         self.shape = tuple(diag.shape)
-        self.padded = tuple(2 * n for n in self.shape)
+        if reference is not None and tuple(reference.shape) != self.shape:
+            raise ValueError(f"the reference object's shape {tuple(reference.shape)} is not the "
+                             f"preconditioner's {self.shape}")
+        self.padded = tuple(fast_fft_length(2 * n) for n in self.shape)
         qy = xp.fft.fftfreq(self.padded[0])[:, None]
         qx = xp.fft.fftfreq(self.padded[1])[None, :]
         ratio = (qy**2 + qx**2) / q_c**2
         self.weight = (1.0 / xp.maximum(1.0 / boost, xp.minimum(1.0, ratio))).astype(self.sqrt_diag.dtype)
+        #: W on rfft2's half plane (W depends on q² only: the +/− Nyquist columns agree)
+        self.half_weight = self.weight[:, : self.padded[1] // 2 + 1]
+        self.phase: Any = None
+        if reference is not None:
+            mag = abs(reference)
+            # a zero pixel has no phase direction: any unit factor keeps P symmetric positive definite
+            self.phase = xp.where(mag > 0, reference / xp.where(mag > 0, mag, 1), 1).astype(reference.dtype)
+
+    def _filtered(self, h: Any) -> Any:
+        xp = array_module(h)
+        ny, nx = self.shape
+        pad = xp.zeros(self.padded, dtype=h.dtype)
+        pad[:ny, :nx] = h
+        return ifft2(fft2(pad) * self.weight)[:ny, :nx]
 
     def __call__(self, g: Any) -> Any:
+        if self.phase is None:
+            return (self._filtered(g * self.sqrt_diag) * self.sqrt_diag).astype(g.dtype, copy=False)
         xp = array_module(g)
         ny, nx = self.shape
-        pad = xp.zeros(self.padded, dtype=g.dtype)
-        pad[:ny, :nx] = g * self.sqrt_diag
-        out = ifft2(fft2(pad) * self.weight)[:ny, :nx]
-        return (out * self.sqrt_diag).astype(g.dtype, copy=False)
+        h = self.phase.conj() * (g * self.sqrt_diag)
+        pad = xp.zeros(self.padded, dtype=self.sqrt_diag.dtype)
+        pad[:ny, :nx] = h.imag
+        im = irfft2(rfft2(pad) * self.half_weight, self.padded)[:ny, :nx]
+        return (self.phase * (h.real + 1j * im) * self.sqrt_diag).astype(g.dtype, copy=False)
 
 
 def probe_cutoff(probe: Any) -> float:

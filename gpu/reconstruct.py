@@ -631,7 +631,9 @@ def refine_full_batch(
         "probe": 1.0 / max(float(batch.size) * obj_power, 1e-30),
     }
     if opts.lowfreq_boost > 1:
-        precond["object"] = LowFrequencyPreconditioner(precond["object"], probe_cutoff(probe), opts.lowfreq_boost)
+        # (the start's phase factors: the boost acts on the object's phase, not its amplitude)
+        precond["object"] = LowFrequencyPreconditioner(precond["object"], probe_cutoff(probe), opts.lowfreq_boost,
+                                                       reference=obj)
 
     def active(it: int) -> set[str]:
         fun.want_probe = opts.refine_probe and it >= opts.probe_start_iteration
@@ -660,7 +662,7 @@ def refine_full_batch(
             precond["object"] = object_precond(moved, x["probe"])
             if opts.lowfreq_boost > 1:  # (as built before CG: a position update keeps the boost)
                 precond["object"] = LowFrequencyPreconditioner(precond["object"], probe_cutoff(x["probe"]),
-                                                               opts.lowfreq_boost)
+                                                               opts.lowfreq_boost, reference=x["object"])
             return True
         return False
 

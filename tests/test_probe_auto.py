@@ -56,7 +56,9 @@ def test_offline_decision(xp, counts, noiseless, options, refined) -> None:  # t
     assert state.options["refine_probe"] is refined
     assert ReconOptions.from_dict(state.options).refine_probe is refined  # the saved file reloads
     if refined:
-        assert _moved(state.probe, data.probe) > 1e-4
+        # (≥ 4.9e-5 here: the default low-frequency boost fits the object sooner, leaving the
+        # probe less to absorb than the 1e-4 the diagonal preconditioner's runs moved it by)
+        assert _moved(state.probe, data.probe) > 1e-5
     else:
         assert _moved(state.probe, data.probe) < 1e-6
 

@@ -66,12 +66,14 @@ def test_refined_probe_costs_only_a_phase_ramp_without_prior():
 def test_reconstruct_fixes_the_ramp_gauge_of_a_refined_probe():
     """The same noiseless, prior-free refinement through ``reconstruct``: the ramp the probe
     picked up is handed back (the probe's spectral centroid returns to the starting probe's),
-    so the object itself, not only its deramped copy, is the truth."""
+    so the object itself, not only its deramped copy, is the truth. With the diagonal CG
+    preconditioner, which lets the ramp drift most (NRMSE 0.021 before the fix); the default
+    low-frequency phase boost drifts 20× less (0.0011) and ends at 0.0006 (checked last)."""
     from cryoptycho.gpu.reconstruct import reconstruct
 
     data = synthetic_dataset(1e5, grid=6, seed=0, noiseless=True, radius_px=(2.5, 5.0))
     region = scored_region(data.truth_object, 12)
-    opts = {"iterations": 60, "refine_probe": True, "mu0": 0.0, "seed": 0}
+    opts = {"iterations": 60, "refine_probe": True, "mu0": 0.0, "seed": 0, "lowfreq_boost": 1.0}
     state = reconstruct(data, opts)
     raw = nrmse(to_numpy(state.object), data.truth_object, region)
     pb = prepare(data, ReconOptions(**opts))
@@ -80,6 +82,8 @@ def test_reconstruct_fixes_the_ramp_gauge_of_a_refined_probe():
     before = nrmse(to_numpy(unfixed), data.truth_object, region)
     assert raw < 0.3 * before, (before, raw)
     assert raw < 5e-3
+    boosted = reconstruct(data, {**opts, "lowfreq_boost": ReconOptions().lowfreq_boost})
+    assert nrmse(to_numpy(boosted.object), data.truth_object, region) < 5e-3
 
 
 def test_scores_remove_the_phase_ramp_gauge():

@@ -2,11 +2,13 @@
 preconditioner" (not a test; run by hand):
 
     CRYOPTYCHO_STRUCTURES=/work/shared/data/structures \\
-        python tests/measure/lowfreq_precond_measure.py --sample ribosome --dose 20 [--boosts 1,30]
+        python tests/measure/lowfreq_precond_measure.py --sample ribosome --dose 20 [--boosts 1,10,10w] [--seed 1]
 
 The `lowfreq_measure.py` geometry (thin object, 48×48 frames, 1.6 Å pixels, 5 mrad randomized
-probe, noise and probe seed 0), oracle probe and positions, μ₀ auto, the same random start.
-For each preconditioner (``lowfreq_boost`` 1 = diagonal, the default) one CG run of
+probe, probe seed 0, noise and start seed ``--seed``), oracle probe and positions, μ₀ auto,
+the same random start. For each preconditioner (``lowfreq_boost`` 1 = diagonal; a boost
+written ``10w``: the first version, which boosted the whole complex gradient — amplitude
+too — instead of the phase only) one CG run of
 ``--iterations``; the object is scored at the listed iterations of that same run (CG's
 iterates do not depend on the iteration limit): phase correlation, phase NRMSE, complex NRMSE,
 pooled 1-bit FRC, and per frequency band the FRC and the relative spectral error of the phase
@@ -83,21 +85,29 @@ def main() -> None:
     ap.add_argument("--dose", type=float, default=20.0)
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--at", default="10,20,40,60")
-    ap.add_argument("--boosts", default="1,30")
+    ap.add_argument("--boosts", default="1,10,10w")
+    ap.add_argument("--seed", type=int, default=0, help="noise and random start seed (the probe's stays 0)")
     ap.add_argument("--paper-geometry", action="store_true",
                     help="bench paper's geometry: 64×64 frames, 0.8 Å pixels, its default aperture, multislice")
     ap.add_argument("--json")
     args = ap.parse_args()
     at = sorted({int(a) for a in args.at.split(",")})
     if args.paper_geometry:
-        data = simulate_ptychography(args.sample, dose=args.dose, seed=0, probe_seed=0)
+        data = simulate_ptychography(args.sample, dose=args.dose, seed=args.seed, probe_seed=0)
     else:
-        data = simulate_ptychography(args.sample, dose=args.dose, seed=0, probe_seed=0, frame_size=48,
+        data = simulate_ptychography(args.sample, dose=args.dose, seed=args.seed, probe_seed=0, frame_size=48,
                                      pixel_size=1.6e-10, multislice=False, semiangle=5e-3)
     print(f"{args.sample} {args.dose:g} e⁻/Å²: {len(data.frames)} positions", flush=True)
     real_minimize = rc.minimize
+    real_precond = rc.LowFrequencyPreconditioner
+
+    def whole(diag, q_c, boost, reference=None):  # type: ignore[no-untyped-def]
+        return real_precond(diag, q_c, boost)  # no reference: the whole complex gradient is filtered
+
     rows = []
-    for boost in (float(b) for b in args.boosts.split(",")):
+    for token in args.boosts.split(","):
+        boost = float(token.rstrip("w"))
+        rc.LowFrequencyPreconditioner = whole if token.endswith("w") else real_precond
         snaps: dict[int, np.ndarray] = {}
 
         def spy(fun, x, n, left, callback, *a, snaps=snaps, **kw):  # type: ignore[no-untyped-def]
@@ -109,7 +119,8 @@ def main() -> None:
 
         rc.minimize = spy
         # the oracle: the simulation's exact probe, never corrected by the parallax fit (as bench paper)
-        opts = ReconOptions(iterations=args.iterations, refine_probe=False, lowfreq_boost=boost, parallax=False)
+        opts = ReconOptions(iterations=args.iterations, refine_probe=False, lowfreq_boost=boost, parallax=False,
+                            seed=args.seed)
         t0 = time.perf_counter()
         p = rc.prepare(data, opts)
         counts = rc.counts_per_object_pixel(p.counts_fft, p.mask, p.probe, p.batch)
@@ -118,17 +129,18 @@ def main() -> None:
                                               kappa=p.kappa, probe_power=p.probe_power)
         seconds = time.perf_counter() - t0
         rc.minimize = real_minimize
+        rc.LowFrequencyPreconditioner = real_precond
         snaps.setdefault(len(losses), to_numpy(obj))
         for k in sorted(snaps):
             ev = evaluate_against_truth(snaps[k], p.geometry.origin, data.truth_object, data.truth_origin,
                                         data.real_pixel_size, data.positions)
-            row = {"boost": boost, "iteration": k, "phase_corr": ev.phase_correlation,
+            row = {"boost": token, "seed": args.seed, "mu0": opts.with_mu0_decision(counts).mu0, "iteration": k, "phase_corr": ev.phase_correlation,
                    "phase_nrmse": ev.phase_nrmse, "nrmse": ev.nrmse,
                    "frc_1bit_pooled_A": ev.resolutions["particle/pooled/1-bit"] * 1e10,
                    "band_frc": band_frc(ev), "band_err": band_errors(snaps[k], p.geometry.origin, data, ev),
                    "loss": losses[k - 1] if k - 1 < len(losses) else float("nan"), "seconds": seconds}
             rows.append(row)
-            print(f"boost {boost:g} it {k}: corr {row['phase_corr']:.3f} phase-NRMSE {row['phase_nrmse']:.3f} "
+            print(f"boost {token} it {k}: corr {row['phase_corr']:.3f} phase-NRMSE {row['phase_nrmse']:.3f} "
                   f"NRMSE {row['nrmse']:.4f} 1-bit {row['frc_1bit_pooled_A']:.1f} Å loss {row['loss']:.1f} | "
                   f"band FRC {' '.join(f'{v:.2f}' for v in row['band_frc'])} | band err "
                   f"{' '.join(f'{v:.3f}' for v in row['band_err'])} ({seconds:.0f} s run)", flush=True)
