@@ -142,11 +142,19 @@ for name, value in json.loads(sys.argv.pop(1)).items():
     module, attr = name.rsplit(".", 1)
     target = importlib.import_module(module)
     if not hasattr(target, attr):  # a renamed constant must fail the test, not go unscaled
-        raise SystemExit(f"start_daemon(scaled=...): {module} has no {attr}")
+        raise SystemExit(f"cli_command(scaled=...): {module} has no {attr}")
     setattr(target, attr, value)
 from cryoptycho.daemon.cli import main
 main()
 """
+
+
+def cli_command(scaled: dict[str, float] | None = None) -> list[str]:
+    """The command that runs the CLI (`python -m cryoptycho.daemon.cli`), with the module
+    constants ``scaled`` set in its process first (see start_daemon)."""
+    if not scaled:
+        return [sys.executable, "-m", "cryoptycho.daemon.cli"]
+    return [sys.executable, "-c", _SCALED_CLI, json.dumps(scaled)]
 
 
 def start_daemon(workdir: Path, *args: str, timeout: float = 60, prefix: tuple[str, ...] = (),
@@ -156,9 +164,8 @@ def start_daemon(workdir: Path, *args: str, timeout: float = 60, prefix: tuple[s
     ("cryoptycho.daemon.service.PUB_HEARTBEAT_TIMEOUT_MS": 2000) set in the daemon's process
     before it starts, for a test of a timeout that would otherwise wait out the production
     value (as tests/test_subscriber_heartbeat.py scales the PUB socket's heartbeats down)."""
-    entry = ["-c", _SCALED_CLI, json.dumps(scaled)] if scaled else ["-m", "cryoptycho.daemon.cli"]
     cmd = [
-        *prefix, sys.executable, *entry, "serve",
+        *prefix, *cli_command(scaled), "serve",
         "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*",
         "--control", "tcp://127.0.0.1:*", "--metrics-port", "0",
         "--spool-dir", str(workdir / "spool"), "--results-dir", str(workdir / "results"),
