@@ -134,11 +134,38 @@ class Daemon:
         return rc
 
 
-def start_daemon(workdir: Path, *args: str, timeout: float = 60, prefix: tuple[str, ...] = ()) -> Daemon:
+#: `python -c` program that sets module attributes (JSON, its first argument) and then runs the
+#: CLI on the remaining arguments, as `python -m cryoptycho.daemon.cli` would
+_SCALED_CLI = """\
+import importlib, json, sys
+for name, value in json.loads(sys.argv.pop(1)).items():
+    module, attr = name.rsplit(".", 1)
+    target = importlib.import_module(module)
+    if not hasattr(target, attr):  # a renamed constant must fail the test, not go unscaled
+        raise SystemExit(f"cli_command(scaled=...): {module} has no {attr}")
+    setattr(target, attr, value)
+from cryoptycho.daemon.cli import main
+main()
+"""
+
+
+def cli_command(scaled: dict[str, float] | None = None) -> list[str]:
+    """The command that runs the CLI (`python -m cryoptycho.daemon.cli`), with the module
+    constants ``scaled`` set in its process first (see start_daemon)."""
+    if not scaled:
+        return [sys.executable, "-m", "cryoptycho.daemon.cli"]
+    return [sys.executable, "-c", _SCALED_CLI, json.dumps(scaled)]
+
+
+def start_daemon(workdir: Path, *args: str, timeout: float = 60, prefix: tuple[str, ...] = (),
+                 scaled: dict[str, float] | None = None) -> Daemon:
     """Start the real daemon on loopback with random ports; waits for its ready line.
-    ``prefix``: a command the daemon runs under (e.g. strace)."""
+    ``prefix``: a command the daemon runs under (e.g. strace). ``scaled``: module constants
+    ("cryoptycho.daemon.service.PUB_HEARTBEAT_TIMEOUT_MS": 2000) set in the daemon's process
+    before it starts, for a test of a timeout that would otherwise wait out the production
+    value (as tests/test_subscriber_heartbeat.py scales the PUB socket's heartbeats down)."""
     cmd = [
-        *prefix, sys.executable, "-m", "cryoptycho.daemon.cli", "serve",
+        *prefix, *cli_command(scaled), "serve",
         "--ingest", "tcp://127.0.0.1:*", "--publish", "tcp://127.0.0.1:*",
         "--control", "tcp://127.0.0.1:*", "--metrics-port", "0",
         "--spool-dir", str(workdir / "spool"), "--results-dir", str(workdir / "results"),

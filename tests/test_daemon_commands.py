@@ -56,7 +56,9 @@ def test_watch_follows_a_scan_and_saves_images(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    out = tmp_path / "demo"
+    # a folder whose paths are longer than a piped console is wide (80 columns): rich folded
+    # them, and the test passed or failed with the length of pytest's temporary folder
+    out = tmp_path / "a-results-folder-named-long-enough-that-its-files-paths-pass-80-columns" / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "cryoptycho.daemon.cli", "demo", "--out", str(out), "--rate", "2000",
          "--refine-s", "3"],
@@ -68,7 +70,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert set(report["resolution_vs_truth_m"]) == {"1-bit", "1/2-bit", "0.143"}
     for path in report["files"].values():
         assert Path(path).is_file(), path  # absolute: --out was absolute
-    assert "report.json" in proc.stdout
+    printed = [line.rsplit(maxsplit=1)[-1] for line in proc.stdout.splitlines() if line.startswith("  ")]
+    assert str(out / "report.json") in printed, proc.stdout  # each path whole on its own line
 
 
 def test_serve_bridges_a_dectris_stream(tmp_path):

@@ -1616,8 +1616,11 @@ def test_serve_stops_though_a_decoding_worker_is_stopped(tmp_path: Path) -> None
     with socket.socket() as s:  # a port nothing listens on: the source waits for its detector
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # the close's wait for its workers scaled down 5x (2 s, not 10 s): the same kill, waited for
+    # in a fifth of the time
     daemon = start_daemon(tmp_path, "--source", f"dectris2://127.0.0.1:{port}",
-                          "--set", "dectris.worker_processes=true")
+                          "--set", "dectris.worker_processes=true",
+                          scaled={"cryoptycho.protocols.dectris.source.CLOSE_WAIT_S": 2.0})
     workers: list[int] = []
     try:
         wait_for(lambda: "worker processes ready" in daemon.log(), 90, "the decoding workers to start", daemon)

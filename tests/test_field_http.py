@@ -24,7 +24,8 @@ def test_silent_metrics_clients_are_cut_off_and_do_not_pile_up_threads(tmp_path)
     out: 30 clients that sent half a request held 30 threads for as long as they liked (a
     slowloris with thousands would exhaust a container's pids limit, and the daemon could not
     start a scan's worker). Idle connections are now closed; scrapes go on meanwhile."""
-    daemon = start_daemon(tmp_path)
+    # the idle limit scaled down 5x (1 s, not 5 s): the same hang-up, waited for in a fifth of the time
+    daemon = start_daemon(tmp_path, scaled={"cryoptycho.daemon.service.METRICS_CLIENT_TIMEOUT_S": 1.0})
     socks: list[socket.socket] = []
     try:
         port = daemon.ready["metrics_port"]

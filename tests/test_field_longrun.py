@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cryoptycho.daemon.bench.view import viewer_server
-from daemon_support import start_daemon, start_dectris_sim, wait_for
+from daemon_support import cli_command, start_daemon, start_dectris_sim, wait_for
 
 pytestmark = pytest.mark.subprocess
 
@@ -40,8 +40,11 @@ def test_the_viewer_hangs_up_on_clients_that_never_finish_a_request(tmp_path):
 
     daemon = start_daemon(tmp_path)
     socks: list[socket.socket] = []
+    # the viewer's header deadline scaled down 5x (2 s, not 10 s): the same hang-up, waited for in
+    # a fifth of the time
+    cli = cli_command({"cryoptycho.daemon.web.server.REQUEST_HEADER_TIMEOUT_S": 2.0})
     try:
-        with viewer_server(daemon.publish, daemon.control) as url:
+        with viewer_server(daemon.publish, daemon.control, cli=cli) as url:
             port = int(url.rsplit(":", 1)[1].strip("/"))
             with websockets.sync.client.connect(f"ws://127.0.0.1:{port}/ws", max_size=None) as page:
                 assert '"hello"' in page.recv(timeout=60)

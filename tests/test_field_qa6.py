@@ -169,7 +169,10 @@ def test_a_subscriber_that_stops_answering_is_disconnected_and_its_queue_freed(t
 
     from daemon_support import wait_for
 
-    daemon = start_daemon(tmp_path)
+    # the heartbeats scaled down 5x (a 2 s timeout, not 10 s): the drop is the same mechanism,
+    # waited for in a fifth of the time
+    daemon = start_daemon(tmp_path, scaled={"cryoptycho.daemon.service.PUB_HEARTBEAT_IVL_MS": 400,
+                                            "cryoptycho.daemon.service.PUB_HEARTBEAT_TIMEOUT_MS": 2000})
     port = int(daemon.publish.rsplit(":", 1)[1])
     code = ("import sys, zmq\n"
             "s = zmq.Context().socket(zmq.SUB); s.setsockopt(zmq.SUBSCRIBE, b''); s.connect(sys.argv[1])\n"

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +91,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def viewer_server(publish: str, control: str, timeout_s: float = 30.0) -> Iterator[str]:
-    """Run `cryoptycho view` for a daemon as a subprocess; yields its URL once it answers."""
+def viewer_server(publish: str, control: str, timeout_s: float = 30.0,
+                  cli: Sequence[str] = (sys.executable, "-m", "cryoptycho.daemon.cli")) -> Iterator[str]:
+    """Run `cryoptycho view` for a daemon as a subprocess; yields its URL once it answers.
+    ``cli``: the command that runs the CLI (a test's may set module constants first)."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "cryoptycho.daemon.cli", "view", "--publish", publish,
-           "--control", control, "--port", str(port)]
+    cmd = [*cli, "view", "--publish", publish, "--control", control, "--port", str(port)]
     url = f"http://127.0.0.1:{port}/"
     with tempfile.TemporaryFile(mode="w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -88,7 +88,7 @@ def command(out: Path, sample: str, dose: float, probe: str, rate: float, refine
         write_dataset(out / "dataset.h5", data)
     n = len(data.frames)
     console.print(f"simulated {n} frames of {data.frame_shape[0]}×{data.frame_shape[1]} "
-                  f"({time.monotonic() - t0:.1f} s) → {out / 'dataset.h5'}")
+                  f"({time.monotonic() - t0:.1f} s) → {out / 'dataset.h5'}", soft_wrap=True)
 
     config = load_config(overrides={
         "ingest": "tcp://127.0.0.1:*", "publish": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*",
@@ -144,9 +144,12 @@ def command(out: Path, sample: str, dose: float, probe: str, rate: float, refine
     report = _report(out, data, result, state, elapsed, dose, seed)
     report["refine_probe"] = refine_probe
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    console.print(f"\n[bold]done in {time.monotonic() - t0:.0f} s[/bold] — results in {out.resolve()}:")
+    # paths whole on one line each (soft_wrap): rich folds a long one at the console's width (80
+    # columns when piped), and a path cut in two cannot be copied or grepped
+    console.print(f"\n[bold]done in {time.monotonic() - t0:.0f} s[/bold] — results in {out.resolve()}:",
+                  soft_wrap=True)
     for label, path in report["files"].items():
-        console.print(f"  {label:<22} {path}")
+        console.print(f"  {label:<22} {path}", soft_wrap=True)
     for line in summary_lines(report, sample, dose):
         console.print(line)
 

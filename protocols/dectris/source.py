@@ -804,11 +804,13 @@ class DecodePool:
         np.copyto(out, view)
         return out
 
-    def close(self, wait_s: float = CLOSE_WAIT_S, hung_ok: bool = False) -> list[int]:
-        """Stop the workers: worker processes get ``wait_s`` to end, then are killed (a stopped
-        or hung one held the daemon's stop for ever: systemd's SIGKILL of the whole daemon
-        ended it); the shared memory is unlinked either way, and frames lent out stay valid
-        (their arrays keep this process's mapping). The pids killed."""
+    def close(self, wait_s: float | None = None, hung_ok: bool = False) -> list[int]:
+        """Stop the workers: worker processes get ``wait_s`` (default CLOSE_WAIT_S) to end, then
+        are killed (a stopped or hung one held the daemon's stop for ever: systemd's SIGKILL of
+        the whole daemon ended it); the shared memory is unlinked either way, and frames lent out
+        stay valid (their arrays keep this process's mapping). The pids killed."""
+        # (read at the call, not bound at the definition: a test scales the module's value down)
+        wait_s = CLOSE_WAIT_S if wait_s is None else wait_s
         killed: list[int] = []
         if isinstance(self._pool, ThreadPoolExecutor):  # (threads cannot be killed; a job is bounded)
             # ``hung_ok``: a job was dropped as hung at the stop: its thread is left to end by itself
