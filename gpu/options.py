@@ -186,7 +186,7 @@ class ReconOptions(_Strict):
     mu0: float | Literal["auto"] = "auto"
     """Weight of the Tikhonov gradient prior (eq. 12), scaled by κ (gpu/priors.py), ≥ 0, or
     "auto" (the default): chosen from the data's counts per illuminated object pixel e by the
-    law of ``priors.auto_mu0`` (μ₀ = 0.01 (e / 7.5)^−0.64 within [1e-3, 0.013]), decided when
+    law of ``priors.auto_mu0`` (μ₀ = 0.01 (e / 7.5)^−0.64 within [1e-3, 0.018]), decided when
     the engine starts (offline: from the dataset; live: from the frames received so far) and
     saved as the number it chose. A fixed μ₀ is best at one dose only: on hemoglobin (0.8 Å pixels) the best of a
     grid 0.003…0.3 was 0.03–0.1 at 5 e⁻/Å², 0.01–0.03 at 20 and 0.003–0.01 at 100, on the
