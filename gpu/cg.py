@@ -17,6 +17,7 @@ Gradients are conjugate Wirtinger derivatives (CONVENTIONS.md): f(x + t d) ≈ f
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import deque
@@ -174,6 +175,20 @@ class LowFrequencyPreconditioner:
             mag = abs(reference)
             # a zero pixel has no phase direction: any unit factor keeps P symmetric positive definite
             self.phase = xp.where(mag > 0, reference / xp.where(mag > 0, mag, 1), 1).astype(reference.dtype)
+
+    def rebased(self, diag: Any, reference: Any) -> "LowFrequencyPreconditioner":
+        """The same filter (its weights shared, not rebuilt) about another diagonal and
+        reference object of this shape: the live steps' normaliser and object change every
+        step, the canvas (and so the weights) only when it grows."""
+        if tuple(diag.shape) != self.shape or tuple(reference.shape) != self.shape:
+            raise ValueError(f"rebased on shapes {tuple(diag.shape)}, {tuple(reference.shape)}; "
+                             f"the filter is built for {self.shape}")
+        xp = array_module(diag)
+        out = copy.copy(self)
+        out.sqrt_diag = xp.sqrt(diag)
+        mag = abs(reference)
+        out.phase = xp.where(mag > 0, reference / xp.where(mag > 0, mag, 1), 1).astype(reference.dtype)
+        return out
 
     def _filtered(self, h: Any) -> Any:
         xp = array_module(h)

@@ -54,6 +54,9 @@ class StreamOptions(_Strict):
     """Nesterov momentum of the object update, as the decay of the velocity over one sweep
     of the data (per step: momentum ** (batch / frames)). The low spatial frequencies of the
     phase converge slowly under a diagonal preconditioner; momentum carries them along."""
+    lowfreq_boost: float = Field(1.0, ge=1.0, le=1e6)
+    """The live object step's low-frequency boost of the phase (as ``lowfreq_boost`` does for
+    CG: gpu/cg.py ``LowFrequencyPreconditioner``), applied to each step's direction; 1: off."""
     subpixel_quantum: float = Field(1e-3, gt=0, le=0.5)
     """Pixels to which the live steps round the probe's sub-pixel offsets. Each distinct
     offset in a batch costs an FFT pair, and jittered stage positions are all distinct;
