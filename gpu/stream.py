@@ -855,7 +855,7 @@ class StreamingReconstructor:
             # the coarsest grid that still holds the boosted band (q_c ≤ its Nyquist, 0.5)
             coarsen = max(1, int(0.5 / self._lowfreq_qc))
             self._lowfreq = LowFrequencyPreconditioner(ones, self._lowfreq_qc, self.options.stream.lowfreq_boost,
-                                                       coarsen=coarsen)
+                                                       reference=ones.astype(self._cdtype), coarsen=coarsen)
         return self._lowfreq
 
     def _mask_host_dev(self, xp: Any) -> Any:
