@@ -55,6 +55,46 @@ def test_with_a_reference_only_the_phase_direction_is_filtered_and_the_map_stays
         LowFrequencyPreconditioner(diag, q_c=0.1, boost=2.0, reference=reference[:-1])
 
 
+def test_rebased_is_the_preconditioner_built_anew_about_the_new_diagonal_and_object() -> None:
+    """The live steps rebase one filter on each step's normaliser and object (the weights are
+    built once per canvas): the same map as a preconditioner built from scratch."""
+    rng = np.random.default_rng(7)
+    shape = (18, 23)
+    first = LowFrequencyPreconditioner(np.ones(shape), q_c=0.12, boost=10.0)
+    diag = rng.uniform(0.2, 3.0, shape)
+    obj = rng.uniform(0.5, 1.5, shape) * np.exp(1j * rng.uniform(-3, 3, shape))
+    a, _ = _pair(shape, 8)
+    fresh = LowFrequencyPreconditioner(diag, q_c=0.12, boost=10.0, reference=obj)
+    np.testing.assert_allclose(first.rebased(diag, obj)(a), fresh(a), rtol=1e-12, atol=1e-12)
+    assert first.phase is None  # the original is left as it was
+    with pytest.raises(ValueError, match="shape"):
+        first.rebased(diag[:-1], obj[:-1])
+
+
+def test_the_coarse_grid_filter_stays_spd_and_boosts_as_the_full_one() -> None:
+    """``coarsen`` (the live steps): W − 1 applied on a 4× coarser grid is still a symmetric
+    positive definite map, the identity on the amplitude direction, and boosts a smooth phase
+    pattern as the full-grid filter does."""
+    rng = np.random.default_rng(3)
+    shape = (37, 45)
+    diag = rng.uniform(0.5, 2.0, shape)
+    reference = rng.uniform(0.5, 1.5, shape) * np.exp(1j * rng.uniform(-3, 3, shape))
+    coarse = LowFrequencyPreconditioner(diag, q_c=0.05, boost=10.0, reference=reference, coarsen=4)
+    full = LowFrequencyPreconditioner(diag, q_c=0.05, boost=10.0, reference=reference)
+    a, b = _pair(shape, 4)
+    assert np.vdot(a, coarse(b)).real == pytest.approx(np.vdot(coarse(a), b).real, rel=1e-10)
+    assert np.vdot(a, coarse(a)).real > 0 and np.vdot(b, coarse(b)).real > 0
+    u = reference / abs(reference)
+    amplitude = u * rng.normal(size=shape)
+    np.testing.assert_allclose(coarse(amplitude), diag * amplitude, rtol=1e-10, atol=1e-12)
+    yy, xx = np.mgrid[:37, :45]
+    smooth = 1j * u * np.exp(-((yy - 18.0) ** 2 + (xx - 22.0) ** 2) / 200.0)
+    gains = [np.vdot(smooth, p(smooth)).real / np.vdot(smooth, diag * smooth).real for p in (coarse, full)]
+    assert gains[0] > 5.0 and gains[0] == pytest.approx(gains[1], rel=0.05), gains
+    with pytest.raises(ValueError, match="coarsen"):
+        LowFrequencyPreconditioner(diag, q_c=0.05, boost=10.0, reference=reference, coarsen=0)
+
+
 def test_the_phase_boost_speeds_the_phase_without_slowing_a_directly_seen_amplitude() -> None:
     """f(x) = ‖∇ Im x − g‖² + c‖Re x − a‖² + ε‖x‖² (reference u = 1: the phase is Im x): the
     phase is seen only through its gradient (ptychography's wide phase patterns), the amplitude

@@ -94,7 +94,8 @@ def scan():
     {},  # defaults: Tikhonov prior, Poisson model, poisson-floor truncation
     {"refine_probe": True, "stream": {"probe_warmup_steps": 0, "batch_size": 16}},
     {"prior": "none", "truncation": "none", "noise_model": "amplitude"},
-], ids=["defaults", "probe", "plain-amplitude"])
+    {"stream": {"lowfreq_boost": 10.0}},  # the phase boost's FFTs over the canvas
+], ids=["defaults", "probe", "plain-amplitude", "lowfreq-boost"])
 def test_no_synchronisation_in_a_mini_batch_step(scan, options):
     engine = _engine(scan, **options)
     half = len(scan.frames) // 2
