@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +71,45 @@ class _Gate:
         monkeypatch.setattr(dectris_source, "decode_job", job)
 
 
+class _Reads:
+    """The source's reads of its socket paused while a burst is sent (:meth:`paused`): the burst
+    is in the socket before the next read, so its images are one decoding job however slowly a
+    loaded host runs the sending thread (a job is cut at each read that finds the socket empty
+    for 50 ms, or 50 ms after its first images were held back for alignment)."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        from cryoptycho.protocols.dectris.receiver import DectrisReceiver
+
+        self.open, self.parked = threading.Event(), threading.Event()
+        self.open.set()
+        real = DectrisReceiver.drain_split
+
+        def drain(receiver: Any, *args: Any, **kw: Any) -> Any:
+            if not self.open.is_set():
+                self.parked.set()
+                assert self.open.wait(120), "the source's reads were never let go on"
+            return real(receiver, *args, **kw)
+
+        monkeypatch.setattr(DectrisReceiver, "drain_split", drain)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self.parked.clear()
+        self.open.clear()
+        try:
+            assert self.parked.wait(120), "the source did not come back to read its socket"
+            yield
+        finally:
+            self.open.set()
+
+
 @pytest.fixture
 def sender() -> Iterator[SimSender]:
     with SimSender(2) as s:
         yield s
 
 
-def _stop_in_a_held_job(tmp_path: Path, sender: SimSender, gate: _Gate, frames: np.ndarray,
+def _stop_in_a_held_job(tmp_path: Path, sender: SimSender, gate: _Gate, reads: _Reads, frames: np.ndarray,
                         release_at_stop: bool) -> tuple[BackgroundService, threading.Thread]:
     """A daemon with its DECTRIS source (as ``serve`` starts it) takes the first 8 images of a
     series of 24 into the spool; the next 8 are held in a decoding job when the daemon is stopped.
@@ -90,8 +124,9 @@ def _stop_in_a_held_job(tmp_path: Path, sender: SimSender, gate: _Gate, frames: 
     wait_for(lambda: (s := bg.service.scans.sessions.get(SCAN)) is not None and s.ledger.received == 8, 120,
              "the first 8 images in the spool")
     gate.hold.set()
-    for m in messages[1 + 8:1 + 16]:  # (not the end: the series is open at the stop)
-        sender.send_raw(m)
+    with reads.paused():  # (the 8 in one job: the one held)
+        for m in messages[1 + 8:1 + 16]:  # (not the end: the series is open at the stop)
+            sender.send_raw(m)
     assert gate.entered.wait(120), "no decoding job was held"
     bg.service.request_stop("test")
     if release_at_stop:
@@ -120,7 +155,7 @@ def test_images_being_decoded_at_the_daemons_stop_reach_the_spool_and_finish_sca
     finish_scan reconstructs them."""
     gate = _Gate(monkeypatch)
     frames = _frames(24, seed=3)
-    bg, thread = _stop_in_a_held_job(tmp_path, sender, gate, frames, release_at_stop=True)
+    bg, thread = _stop_in_a_held_job(tmp_path, sender, gate, _Reads(monkeypatch), frames, release_at_stop=True)
     session = bg.service.scans.sessions[SCAN]
     assert session.ledger.received == 16, session.ledger.received
     assert not thread.is_alive()  # (the drain waited for the source)
@@ -161,7 +196,8 @@ def test_a_hung_decoding_job_at_the_stop_is_dropped_by_name_and_the_stop_ends(
     monkeypatch.setattr(BackgroundService, "__init__", record_errors)
     caplog.set_level(logging.ERROR, logger="cryoptycho.protocols.dectris.source")
     try:
-        bg, thread = _stop_in_a_held_job(tmp_path, sender, gate, _frames(24, seed=5), release_at_stop=False)
+        bg, thread = _stop_in_a_held_job(tmp_path, sender, gate, _Reads(monkeypatch), _frames(24, seed=5),
+                                         release_at_stop=False)
         assert not thread.is_alive()
         assert bg.service.scans.sessions[SCAN].ledger.received == 8
         assert f"8 images in a decoding job not done 0.5 s after the stop (a hung decoding worker) are dropped" \
@@ -211,6 +247,7 @@ def test_a_hung_job_ahead_of_the_next_series_start_does_not_hold_the_stop(monkey
         return real(*args, **kw)
 
     monkeypatch.setattr(dectris_source, "decode_job", job)
+    reads = _Reads(monkeypatch)
     starts = [0]
     second_start = threading.Event()
     drain = DectrisReceiver.drain_split
@@ -240,8 +277,9 @@ def test_a_hung_job_ahead_of_the_next_series_start_does_not_hold_the_stop(monkey
                 sender.send_raw(m)
             wait_for(lambda: len(sink.image_ids("hung-ahead-series1")) == 8, 120, "the first 8 images delivered")
             hold.set()
-            for m in first[1 + 8:1 + 16]:
-                sender.send_raw(m)
+            with reads.paused():  # (the 8 in one job: the one that hangs)
+                for m in first[1 + 8:1 + 16]:
+                    sender.send_raw(m)
             assert entered.wait(120), "no decoding job was held"
             for m in [first[-1], *second[:2]]:  # the end, the next series' start and its first image
                 sender.send_raw(m)
@@ -278,7 +316,13 @@ def test_no_retry_of_worker_processes_once_the_stop_is_set(monkeypatch) -> None:
     def stop_with_the_second_start(self: Any, *args: Any, **kw: Any) -> Any:
         out = drain(self, *args, **kw)
         starts[0] += sum(isinstance(m, SeriesStart) for m in out)
-        if starts[0] >= 2:
+        if starts[0] >= 2 and not stop.is_set():
+            # the second series' first image in this read too: sent just after its start, it
+            # could come after the stop's last read (50 ms) on a loaded host, and the test's
+            # send of it then blocked for ever, the source's socket closed
+            deadline = time.monotonic() + 120
+            while not isinstance(out[-1], bytes) and time.monotonic() < deadline:
+                out += drain(self, *args, **kw)
             stop.set()  # (the daemon's stop came while this read was under way)
         return out
 
