@@ -193,7 +193,7 @@ class LowFrequencyPreconditioner:
             # a zero pixel has no phase direction: any unit factor keeps P symmetric positive definite
             self.phase = xp.where(mag > 0, reference / xp.where(mag > 0, mag, 1), 1).astype(reference.dtype)
 
-    def rebased(self, diag: Any, reference: Any) -> "LowFrequencyPreconditioner":
+    def rebased(self, diag: Any, reference: Any) -> LowFrequencyPreconditioner:
         """The same filter (its weights shared, not rebuilt) about another diagonal and
         reference object of this shape: the live steps' normaliser and object change every
         step, the canvas (and so the weights) only when it grows."""
