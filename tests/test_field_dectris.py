@@ -62,7 +62,11 @@ def test_a_32_bit_detector_without_a_saturation_value_is_binned_not_skipped(tmp_
     frames = _frames(16, np.uint32)
     frames[3, 40, 40] = 2**32 - 1  # DECTRIS flags a defective pixel with the dtype's maximum
     with SimSender(2) as sender:
-        daemon = _serve(tmp_path, sender)
+        # probe refinement off: the defective pixel, counted as the saturation value (2³²/bin²),
+        # makes the mean counts per pattern 6.7e7, so refine_probe "auto" refines the probe and
+        # the live engine diverged on these random frames in 1 of 4-8 runs (scan failed, frames
+        # kept; seen in CI 2026-12-08): an engine defect of its own, not what this test guards
+        daemon = _serve(tmp_path, sender, "--set", "options.refine_probe=false")
         try:
             for m in _series(frames, "eiger32"):
                 sender.send_raw(m)
