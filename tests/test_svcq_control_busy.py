@@ -41,6 +41,16 @@ def hung(tmp_path, monkeypatch):
         bg.stop()
 
 
+
+def _dealer(svc) -> zmq.Socket:
+    """A DEALER control client that pipelines without reading (timeouts only against a hang)."""
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RCVTIMEO, 120_000)
+    dealer.setsockopt(zmq.SNDTIMEO, 60_000)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(svc.endpoints["control"])
+    return dealer
+
 def test_requests_pipelined_behind_a_delayed_reply_are_bounded(hung, caplog) -> None:
     """... and the episode is logged once for the client (it was logged nowhere: an operator
     could not tell why a client's requests went unanswered), not once per refused request."""
@@ -51,11 +61,7 @@ def test_requests_pipelined_behind_a_delayed_reply_are_bounded(hung, caplog) -> 
 
     svc, entered, release = hung
     caplog.set_level(logging.WARNING, logger="cryoptycho.service")
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.RCVTIMEO, 120_000)
-    dealer.setsockopt(zmq.SNDTIMEO, 60_000)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(svc.endpoints["control"])
+    dealer = _dealer(svc)
     try:
         dealer.send_multipart([b"", *encode(Request("receipt", {"scan_id": "slow-first"}))])
         assert entered.wait(60), "the files were not looked for"
@@ -100,10 +106,7 @@ def test_refusals_in_a_row_are_sent_at_most_a_send_queue_of_them(hung, monkeypat
     most_sent = 50
     monkeypatch.setattr(service_module, "REFUSALS_SENT_MAX", most_sent)
     svc, entered, release = hung
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.RCVTIMEO, 120_000)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(svc.endpoints["control"])
+    dealer = _dealer(svc)
     try:
         dealer.send_multipart([b"", *encode(Request("receipt", {"scan_id": "slow-first"}))])
         assert entered.wait(60), "the files were not looked for"
